@@ -1,0 +1,29 @@
+"""fastopt: fused optimizer steps for NumPy code.
+
+>>> import numpy as np, fastopt
+>>> params = fastopt.pack([np.ones((3, 2), np.float32), np.zeros(2, np.float32)])
+>>> grads = params.zeros_like()
+>>> opt = fastopt.AdamW(params, lr=1e-3)
+>>> opt.step(grads)          # one fused kernel call for the whole model
+
+Backends: ``numpy`` (the reference), ``numba`` (CPU, parallel) and
+``cython`` (OpenMP); ``backend="auto"`` picks the fastest available.
+Nothing heavy is imported here: Numba loads on first use.
+"""
+
+from . import functional
+from .backends import (available_backends, backend_info, get_num_threads,
+                       set_num_threads)
+from .clip import clip_by_global_norm, global_norm
+from .optim import SGD, Adam, AdamW, Optimizer
+from .params import FlatArrays, flat_zeros, pack
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SGD", "Adam", "AdamW", "Optimizer",
+    "global_norm", "clip_by_global_norm",
+    "FlatArrays", "pack", "flat_zeros",
+    "available_backends", "backend_info", "set_num_threads", "get_num_threads",
+    "functional",
+]

@@ -1,0 +1,120 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises ValueError/TypeError naming the argument and what was
+expected, and runs before anything is written, so a rejected call leaves
+parameters and optimizer state exactly as they were.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def key(where: str, name: str) -> str:
+    """``lr`` for the constructor's arguments, ``param_groups[1]['lr']`` in a group."""
+    return f"{where}['{name}']" if where else name
+
+
+def check_real(name, value, *, low=None, high=None, low_open=False,
+               high_open=False) -> float:
+    """``value`` as a finite float inside the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def check_bool(name, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_betas(betas) -> tuple:
+    try:
+        beta1, beta2 = betas
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+    return (check_real("betas[0]", beta1, low=0.0, high=1.0, high_open=True),
+            check_real("betas[1]", beta2, low=0.0, high=1.0, high_open=True))
+
+
+def as_array_list(name, arrays) -> list:
+    """A list of ndarrays from one array or a sequence of them."""
+    if isinstance(arrays, np.ndarray):
+        return [arrays]
+    if not isinstance(arrays, (list, tuple)):
+        raise TypeError(f"{name} must be an ndarray or a list of ndarrays, "
+                        f"got {type(arrays).__name__}")
+    for i, a in enumerate(arrays):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name}[{i}] must be an ndarray, got {type(a).__name__}")
+    return list(arrays)
+
+
+def check_float_array(name, a, *, writable) -> None:
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only; the step updates it in place")
+
+
+def check_like(name, arrays, ref_name, refs, *, writable) -> None:
+    """``arrays`` match ``refs`` one to one in length, shape and dtype."""
+    if len(arrays) != len(refs):
+        raise ValueError(f"{name} has {len(arrays)} arrays but {ref_name} has {len(refs)}")
+    for i, (a, r) in enumerate(zip(arrays, refs)):
+        check_float_array(f"{name}[{i}]", a, writable=writable)
+        if a.shape != r.shape:
+            raise ValueError(f"{name}[{i}] has shape {a.shape} but {ref_name}[{i}] "
+                             f"has shape {r.shape}")
+        if a.dtype != r.dtype:
+            raise TypeError(f"{name}[{i}] has dtype {a.dtype} but {ref_name}[{i}] "
+                            f"has dtype {r.dtype}")
+
+
+def _bounds(a):
+    start = a.__array_interface__["data"][0]
+    return start, start + a.nbytes
+
+
+def check_disjoint(written, read=()) -> None:
+    """No written array overlaps any other array, written or read.
+
+    ``written`` and ``read`` are lists of ``(label, ndarray)``. A sweep over
+    the sorted byte ranges: O(n log n) for n arrays.
+    """
+    spans = []
+    for is_written, items in ((True, written), (False, read)):
+        for label, a in items:
+            if a.nbytes:
+                lo, hi = _bounds(a)
+                spans.append((lo, hi, is_written, label))
+    spans.sort(key=lambda s: s[0])
+    # Track the earlier span reaching furthest: any later span starting
+    # before its end overlaps it. Read-read overlaps are harmless, so keep
+    # the furthest written span and the furthest span of any kind.
+    far_any = far_written = None
+    for span in spans:
+        lo, hi, is_written, label = span
+        for prev in (far_written, far_any if is_written else None):
+            if prev is not None and lo < prev[1]:
+                raise ValueError(f"{label} overlaps {prev[3]} in memory; arrays the "
+                                 "step writes must not alias any other argument")
+        if far_any is None or hi > far_any[1]:
+            far_any = span
+        if is_written and (far_written is None or hi > far_written[1]):
+            far_written = span

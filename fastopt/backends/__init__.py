@@ -1,0 +1,96 @@
+"""Backend registry.
+
+A backend is a small math-only module exposing the same four functions over
+1-D contiguous arrays, updated in place:
+
+``adam_update(p, g, m, v, vmax, s)``, ``sgd_update(p, g, buf, s)``,
+``sumsq(x) -> float`` and ``scale(x, c)``,
+
+with the per-step scalars ``s`` from :mod:`fastopt.backends.scalars`.
+Modules load lazily: ``import fastopt`` does not import Numba.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# Preference order for backend="auto": fastest first (see `fastopt bench`).
+_MODULES = {
+    "numba": "fastopt.backends.numba_cpu",
+    "cython": "fastopt.backends.cython_cpu",
+    "numpy": "fastopt.backends.reference",
+}
+_ALIASES = {"reference": "numpy"}
+_loaded: dict = {}
+_failed: dict = {}
+
+
+def _load(name: str):
+    if name in _loaded:
+        return _loaded[name]
+    if name in _failed:
+        return None
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except ImportError as exc:  # optional backend missing: remember why
+        _failed[name] = exc
+        return None
+    _loaded[name] = mod
+    return mod
+
+
+def available_backends() -> list:
+    """Names of the backends that import on this machine, fastest first."""
+    return [n for n in _MODULES if _load(n) is not None]
+
+
+def get_backend(name: str = "auto"):
+    """The backend module for ``name`` ("auto", "numba", "cython", "numpy")."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    name = _ALIASES.get(name, name)
+    if name == "auto":
+        for candidate in _MODULES:
+            mod = _load(candidate)
+            if mod is not None:
+                return mod
+    if name not in _MODULES:
+        raise ValueError(
+            f"backend must be one of {['auto', *_MODULES]}, got {name!r}")
+    mod = _load(name)
+    if mod is None:
+        raise ValueError(f"backend {name!r} is not available here: {_failed[name]}")
+    return mod
+
+
+def backend_info() -> dict:
+    """What each backend is and whether it runs threaded."""
+    info = {}
+    for name in _MODULES:
+        mod = _load(name)
+        if mod is None:
+            info[name] = {"available": False, "reason": str(_failed[name])}
+        else:
+            info[name] = {"available": True, "threaded": bool(mod.threaded)}
+            if hasattr(mod, "get_num_threads"):
+                info[name]["num_threads"] = mod.get_num_threads()
+    return info
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for every threaded CPU backend (Numba prange and OpenMP).
+
+    The step kernels never call BLAS, so limiting these threads is enough to
+    avoid oversubscription inside a step.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    for name in ("numba", "cython"):
+        mod = _load(name)
+        if mod is not None:
+            mod.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    mod = _load("numba") or _load("cython")
+    return mod.get_num_threads() if mod is not None else 1

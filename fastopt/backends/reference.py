@@ -1,0 +1,82 @@
+"""Pure NumPy reference backend: the readable specification.
+
+Every fast backend is tested against these functions. They follow
+torch.optim's update equations term by term, compute in the array's dtype
+(float64 arrays are exact float64), and favour clarity over speed:
+temporaries are fine here.
+
+All functions take 1-D contiguous arrays and update them in place. The
+optional state arrays (``vmax`` for amsgrad, ``buf`` for momentum) are None
+when that feature is off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .scalars import AdamScalars, SGDScalars
+
+name = "numpy"
+threaded = False
+
+
+def adam_update(p, g, m, v, vmax, s: AdamScalars) -> None:
+    r"""One Adam/AdamW step.
+
+    .. math::
+        g &\leftarrow c\,g + \lambda_{L2}\,p \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g \\
+        v &\leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        \hat v &= \max(\hat v, v) \text{ (amsgrad) else } v \\
+        p &\leftarrow \delta\,p - \frac{\eta}{1-\beta_1^t}
+              \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    with ``c`` the clip/maximize factor and ``delta = 1 - lr * wd`` (AdamW).
+    """
+    t = p.dtype.type
+    grad = g * t(s.grad_scale)
+    if s.use_l2:
+        grad = grad + t(s.l2) * p
+    m[...] = t(s.beta1) * m + t(s.one_minus_beta1) * grad
+    v[...] = t(s.beta2) * v + t(s.one_minus_beta2) * grad * grad
+    if vmax is not None:  # amsgrad
+        np.maximum(vmax, v, out=vmax)
+        second = vmax
+    else:
+        second = v
+    denom = np.sqrt(second) / t(s.bc2_sqrt) + t(s.eps)
+    p[...] = p * t(s.decay) - t(s.step_size) * m / denom
+
+
+def sgd_update(p, g, buf, s: SGDScalars) -> None:
+    r"""One SGD step with torch's momentum buffer.
+
+    .. math::
+        g &\leftarrow c\,g + \lambda\,p \\
+        b &\leftarrow \mu_t b + (1-\tau_t) g \\
+        d &= g + \mu b \text{ (nesterov) else } b \\
+        p &\leftarrow p - \eta\, d
+
+    ``mu_t, 1 - tau_t`` are ``0, 1`` on the first step (``b = g``).
+    """
+    t = p.dtype.type
+    grad = g * t(s.grad_scale)
+    if s.use_l2:
+        grad = grad + t(s.l2) * p
+    if buf is not None:  # momentum
+        buf[...] = t(s.buf_decay) * buf + t(s.grad_coef) * grad
+        direction = grad + t(s.momentum) * buf if s.nesterov else buf
+    else:
+        direction = grad
+    p[...] = p - t(s.lr) * direction
+
+
+def sumsq(x) -> float:
+    """Sum of squares, accumulated in float64."""
+    x64 = x.astype(np.float64, copy=False)
+    return float(np.dot(x64, x64))
+
+
+def scale(x, c: float) -> None:
+    """``x *= c`` in the array's dtype."""
+    x *= x.dtype.type(c)

@@ -1,0 +1,94 @@
+"""Per-step scalars, computed once on the host in float64.
+
+Whether amsgrad or momentum is on is told by the state array itself
+(``vmax`` / ``buf`` is None when off), not by a flag here.
+
+Every backend receives the same tuples and casts each value to the array
+dtype before its element loop, so the per-element math runs in the array's
+own precision (a float64 scalar inside a float32 loop would silently promote
+the whole loop and halve its speed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+
+class AdamScalars(NamedTuple):
+    step_size: float        # lr / (1 - beta1**t)
+    bc2_sqrt: float         # sqrt(1 - beta2**t)
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    l2: float               # Adam's L2 term added to the gradient
+    decay: float            # AdamW's decoupled decay factor 1 - lr*wd
+    grad_scale: float       # clip coefficient, negated for maximize
+    use_l2: bool
+
+
+class SGDScalars(NamedTuple):
+    lr: float
+    l2: float
+    grad_scale: float
+    buf_decay: float        # momentum, or 0 on the first step (buf = g)
+    grad_coef: float        # 1 - dampening, or 1 on the first step
+    momentum: float         # nesterov look-ahead weight
+    use_l2: bool
+    nesterov: bool
+
+
+def adam_scalars(*, lr, beta1, beta2, eps, weight_decay, decoupled, step,
+                 grad_scale=1.0, maximize=False) -> AdamScalars:
+    """Scalars for Adam (``decoupled=False``) or AdamW at 1-based ``step``."""
+    lr, beta1, beta2, eps, weight_decay, grad_scale = map(
+        float, (lr, beta1, beta2, eps, weight_decay, grad_scale))
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    l2 = 0.0 if decoupled else weight_decay
+    return AdamScalars(
+        step_size=lr / bc1,
+        bc2_sqrt=math.sqrt(bc2),
+        beta1=beta1, one_minus_beta1=1.0 - beta1,
+        beta2=beta2, one_minus_beta2=1.0 - beta2,
+        eps=eps,
+        l2=l2,
+        decay=1.0 - lr * weight_decay if decoupled else 1.0,
+        grad_scale=-grad_scale if maximize else grad_scale,
+        use_l2=l2 != 0.0,
+    )
+
+
+def sgd_scalars(*, lr, momentum, dampening, nesterov, weight_decay, first_step,
+                grad_scale=1.0, maximize=False) -> SGDScalars:
+    """Scalars for SGD with torch's momentum buffer semantics.
+
+    On the first step torch sets ``buf = g``; the kernels express that as
+    ``buf = 0 * buf + 1 * g`` on a zero-initialised buffer, which is exact,
+    so one kernel serves both cases.
+    """
+    lr, momentum, dampening, weight_decay, grad_scale = map(
+        float, (lr, momentum, dampening, weight_decay, grad_scale))
+    return SGDScalars(
+        lr=lr,
+        l2=weight_decay,
+        grad_scale=-grad_scale if maximize else grad_scale,
+        buf_decay=0.0 if first_step else momentum,
+        grad_coef=1.0 if first_step else 1.0 - dampening,
+        momentum=momentum,
+        use_l2=weight_decay != 0.0,
+        nesterov=bool(nesterov),
+    )
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """torch's ``clip_grad_norm_`` factor ``min(1, max_norm / (norm + 1e-6))``.
+
+    A NaN norm gives a NaN factor (as torch's clamp does), so a non-finite
+    gradient poisons the update visibly instead of being silently skipped;
+    Python's ``min(1.0, nan)`` would return 1.0 and hide it.
+    """
+    coef = max_norm / (norm + 1e-6)
+    return coef if (coef < 1.0 or coef != coef) else 1.0

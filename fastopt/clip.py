@@ -1,0 +1,49 @@
+"""Global-norm gradient clipping (torch's ``clip_grad_norm_`` semantics)."""
+
+from __future__ import annotations
+
+import math
+
+from . import _validate as V
+from .backends import get_backend
+from .backends.scalars import clip_coefficient
+from .params import FlatArrays
+
+
+def _flat_grads(grads, *, writable):
+    """1-D views to reduce over: one for a FlatArrays, one per array otherwise."""
+    if isinstance(grads, FlatArrays):
+        V.check_float_array("grads", grads.data, writable=writable)
+        return [grads.data]
+    arrays = V.as_array_list("grads", grads)
+    for i, g in enumerate(arrays):
+        V.check_float_array(f"grads[{i}]", g, writable=writable)
+    return [g.reshape(-1) for g in arrays]
+
+
+def global_norm(grads, *, backend="auto") -> float:
+    r""":math:`\sqrt{\sum_i \lVert g_i \rVert_2^2}` over all arrays, in float64.
+
+    The sum runs over fixed chunks in a fixed order, so the result does not
+    depend on the thread count. A NaN or inf anywhere gives NaN or inf.
+    """
+    be = get_backend(backend)
+    return math.sqrt(sum(be.sumsq(g) for g in _flat_grads(grads, writable=False)))
+
+
+def clip_by_global_norm(grads, max_norm, *, backend="auto") -> float:
+    """Scale ``grads`` in place so their global norm is at most ``max_norm``.
+
+    Multiplies by torch's ``min(1, max_norm / (norm + 1e-6))`` and returns
+    the norm before clipping. Optimizers take ``max_grad_norm=`` to do this
+    inside the step without modifying the gradients.
+    """
+    max_norm = V.check_real("max_norm", max_norm, low=0.0, low_open=True)
+    be = get_backend(backend)
+    flats = _flat_grads(grads, writable=True)
+    norm = math.sqrt(sum(be.sumsq(g) for g in flats))
+    coef = clip_coefficient(norm, max_norm)
+    if coef != 1.0:
+        for g in flats:
+            be.scale(g, coef)
+    return norm

@@ -1,0 +1,109 @@
+"""Functional layer: one optimizer step over arrays and state you own.
+
+For NumPy code that keeps its own state instead of an optimizer object::
+
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    for t in range(1, steps + 1):
+        fastopt.functional.adamw(w, grad(w), m, v, step=t, lr=1e-3)
+
+Every argument may be one ndarray or a list of them (matched one to one);
+when all of them are :class:`~fastopt.params.FlatArrays`, each is stepped as
+its one flat buffer in a single kernel call. Everything is checked before
+anything is written.
+"""
+
+from __future__ import annotations
+
+from . import _validate as V
+from .backends import get_backend
+from .backends.scalars import adam_scalars, sgd_scalars
+from .params import FlatArrays
+
+
+def _flatten(named, optional=()):
+    """Check the named arrays and return one 1-D view list per argument."""
+    present = {k: a for k, a in named.items() if not (k in optional and a is None)}
+    if all(isinstance(a, FlatArrays) for a in present.values()):
+        first = next(iter(present))
+        for k, a in present.items():   # shapes must match tensor by tensor too
+            V.check_like(k, list(a), first, list(present[first]), writable=k != "grads")
+        lists = {k: [a.data] for k, a in present.items()}
+    else:
+        lists = {k: V.as_array_list(k, a) for k, a in present.items()}
+        first = next(iter(lists))
+        for k, arrays in lists.items():
+            V.check_like(k, arrays, first, lists[first], writable=k != "grads")
+        lists = {k: [x.reshape(-1) for x in arrays] for k, arrays in lists.items()}
+    V.check_disjoint([(f"{k}[{i}]", x) for k, xs in lists.items() if k != "grads"
+                      for i, x in enumerate(xs)],
+                     [(f"grads[{i}]", x) for i, x in enumerate(lists["grads"])])
+    n = len(lists[first])
+    return [lists.get(k, [None] * n) for k in named]
+
+
+def _check_step(step):
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (the 1-based step count), got {step!r}")
+    return step
+
+
+def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step,
+         lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False,
+         maximize=False, grad_scale=1.0, backend="auto"):
+    """Adam step ``step`` (1-based) in place; see :class:`fastopt.Adam`.
+
+    ``max_exp_avg_sqs`` turns amsgrad on; ``decoupled=True`` gives AdamW;
+    ``grad_scale`` multiplies the gradient (e.g. a clip coefficient).
+    """
+    beta1, beta2 = V.check_betas(betas)
+    s = adam_scalars(
+        lr=V.check_real("lr", lr, low=0.0), beta1=beta1, beta2=beta2,
+        eps=V.check_real("eps", eps, low=0.0, low_open=True),
+        weight_decay=V.check_real("weight_decay", weight_decay, low=0.0),
+        decoupled=V.check_bool("decoupled", decoupled), step=_check_step(step),
+        grad_scale=V.check_real("grad_scale", grad_scale),
+        maximize=V.check_bool("maximize", maximize))
+    be = get_backend(backend)
+    columns = _flatten(dict(params=params, grads=grads, exp_avgs=exp_avgs,
+                            exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs),
+                       optional=("max_exp_avg_sqs",))
+    for p, g, m, v, vmax in zip(*columns):
+        be.adam_update(p, g, m, v, vmax, s)
+
+
+def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step,
+          lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False,
+          grad_scale=1.0, backend="auto"):
+    """AdamW step: :func:`adam` with decoupled weight decay."""
+    adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr,
+         betas=betas, eps=eps, weight_decay=weight_decay, decoupled=True,
+         maximize=maximize, grad_scale=grad_scale, backend=backend)
+
+
+def sgd(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.0,
+        nesterov=False, weight_decay=0.0, maximize=False, first_step=False,
+        grad_scale=1.0, backend="auto"):
+    """SGD step in place; see :class:`fastopt.SGD`.
+
+    With momentum, pass zero-initialised ``momentum_buffers`` and
+    ``first_step=True`` on the first call (torch's ``buf = g``).
+    """
+    momentum = V.check_real("momentum", momentum, low=0.0)
+    dampening = V.check_real("dampening", dampening)
+    nesterov = V.check_bool("nesterov", nesterov)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov needs momentum > 0 and dampening == 0")
+    if momentum != 0 and momentum_buffers is None:
+        raise ValueError("momentum != 0 needs momentum_buffers")
+    s = sgd_scalars(lr=V.check_real("lr", lr, low=0.0), momentum=momentum,
+                    dampening=dampening, nesterov=nesterov,
+                    weight_decay=V.check_real("weight_decay", weight_decay, low=0.0),
+                    first_step=V.check_bool("first_step", first_step),
+                    grad_scale=V.check_real("grad_scale", grad_scale),
+                    maximize=V.check_bool("maximize", maximize))
+    be = get_backend(backend)
+    columns = _flatten(dict(params=params, grads=grads,
+                            momentum_buffers=momentum_buffers if momentum else None),
+                       optional=("momentum_buffers",))
+    for p, g, buf in zip(*columns):
+        be.sgd_update(p, g, buf, s)

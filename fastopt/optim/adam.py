@@ -1,0 +1,72 @@
+"""Adam and AdamW (one kernel; AdamW is Adam with decoupled weight decay)."""
+
+from __future__ import annotations
+
+from .. import _validate as V
+from ..backends.scalars import adam_scalars
+from .base import Optimizer
+
+
+class Adam(Optimizer):
+    r"""Adam (Kingma & Ba, 2015) with torch.optim.Adam's exact update.
+
+    .. math::
+        g_t &\leftarrow \pm g_t + \lambda \theta_{t-1} \\
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        \hat v_t &= \max(\hat v_{t-1}, v_t) \text{ if amsgrad else } v_t \\
+        \theta_t &= \theta_{t-1} - \frac{\eta}{1-\beta_1^t}
+            \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    ``weight_decay`` here is L2 added to the gradient; see :class:`AdamW`
+    for decoupled decay. ``max_grad_norm`` clips the global gradient norm
+    inside the step (torch's ``clip_grad_norm_`` coefficient).
+    """
+
+    _decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, amsgrad=False, maximize=False, *,
+                 backend="auto", max_grad_norm=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize)
+        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm)
+
+    def _check_hypers(self, group, where=""):
+        return dict(
+            group,
+            lr=V.check_real(V.key(where, "lr"), group["lr"], low=0.0),
+            betas=V.check_betas(group["betas"]),
+            eps=V.check_real(V.key(where, "eps"), group["eps"], low=0.0, low_open=True),
+            weight_decay=V.check_real(V.key(where, "weight_decay"), group["weight_decay"],
+                                      low=0.0),
+            amsgrad=V.check_bool(V.key(where, "amsgrad"), group["amsgrad"]),
+            maximize=V.check_bool(V.key(where, "maximize"), group["maximize"]),
+        )
+
+    def _step_group(self, backend, h, state, runs, segments, coef):
+        s = adam_scalars(lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
+                         eps=h["eps"], weight_decay=h["weight_decay"],
+                         decoupled=self._decoupled, step=state["step"] + 1,
+                         grad_scale=coef, maximize=h["maximize"])
+        for ri, p, g, lo, hi in segments:
+            m = self._state_buffer(state, runs, ri, "exp_avg")
+            v = self._state_buffer(state, runs, ri, "exp_avg_sq")
+            vmax = (self._state_buffer(state, runs, ri, "max_exp_avg_sq")[lo:hi]
+                    if h["amsgrad"] else None)
+            backend.adam_update(p, g, m[lo:hi], v[lo:hi], vmax, s)
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay,
+    ``theta <- theta * (1 - lr * weight_decay)`` before the Adam update,
+    exactly as torch.optim.AdamW."""
+
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=1e-2, amsgrad=False, maximize=False, *,
+                 backend="auto", max_grad_norm=None):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize, backend=backend,
+                         max_grad_norm=max_grad_norm)

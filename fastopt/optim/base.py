@@ -1,0 +1,185 @@
+"""Optimizer base class: param groups, per-run state, validation, dispatch.
+
+The math lives in the backends; this class owns everything around it:
+
+* param groups with their own hyperparameters (torch-style dicts in
+  ``param_groups``, editable between steps, re-validated at every step);
+* **runs**: within a group, arrays that lie end to end in one buffer (the
+  views of :func:`fastopt.pack`) are stepped as one flat array, so a packed
+  model costs one kernel call per group whatever its tensor count;
+* optimizer state, one flat buffer per run and state name;
+* gradient resolution: a :class:`~fastopt.params.FlatArrays` of gradients
+  with the params' layout maps straight onto the runs (checked once, then
+  cached by identity); any other list is checked and stepped array by array;
+* optional global-norm clipping folded into the update kernel
+  (``max_grad_norm``): one read pass for the norm, the coefficient applied
+  inside the update, the caller's gradients left untouched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import _validate as V
+from ..backends import get_backend
+from ..backends.scalars import clip_coefficient
+from ..params import FlatArrays, memory_runs
+
+
+class Optimizer:
+    """Base class. Subclasses define ``_defaults_check`` and ``_step_group``."""
+
+    def __init__(self, params, defaults: dict, *, backend="auto", max_grad_norm=None):
+        self._backend = get_backend(backend)
+        self.defaults = self._check_hypers(dict(defaults))
+        self.max_grad_norm = (None if max_grad_norm is None else
+                              V.check_real("max_grad_norm", max_grad_norm, low=0.0,
+                                           low_open=True))
+        self.param_groups = []
+        for gi, spec in enumerate(self._group_specs(params)):
+            group = {**self.defaults, **{k: v for k, v in spec.items() if k != "params"}}
+            unknown = set(group) - set(self.defaults)
+            if unknown:
+                raise ValueError(f"param group {gi} has unknown keys {sorted(unknown)}")
+            group = self._check_hypers(group, where=f"param_groups[{gi}]")
+            arrays = V.as_array_list(f"param_groups[{gi}]['params']", spec["params"])
+            if not arrays:
+                raise ValueError(f"param group {gi} has no parameters")
+            for i, a in enumerate(arrays):
+                V.check_float_array(f"param_groups[{gi}]['params'][{i}]", a, writable=True)
+            group["params"] = arrays
+            self.param_groups.append(group)
+        self._params = [a for g in self.param_groups for a in g["params"]]
+        V.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)])
+        self._layout = tuple((a.shape, a.dtype) for a in self._params)
+        self._build_runs()
+        self.state = [{"step": 0, "runs": [{} for _ in g["runs"]]}
+                      for g in self._run_info]
+        self.grad_norm = None   # pre-clip global norm of the last step's grads
+        self._cached = (None, None)
+
+    # -- construction helpers ---------------------------------------------
+    @staticmethod
+    def _group_specs(params):
+        if isinstance(params, np.ndarray):
+            return [{"params": [params]}]
+        if isinstance(params, (list, tuple)) and params and all(
+                isinstance(p, dict) for p in params):
+            for gi, spec in enumerate(params):
+                if "params" not in spec:
+                    raise ValueError(f"param group {gi} has no 'params' key")
+            return list(params)
+        if isinstance(params, (list, tuple)):
+            if not params:
+                raise ValueError("params is empty: nothing to optimize")
+            return [{"params": params}]
+        raise TypeError("params must be an ndarray, a list of ndarrays or a list of "
+                        f"param-group dicts, got {type(params).__name__}")
+
+    def _build_runs(self):
+        """Split each group into runs and precompute per-tensor views."""
+        self._run_info = []
+        first = 0   # index of the group's first tensor among all params
+        for group in self.param_groups:
+            runs = []
+            for start, stop, flat in memory_runs(group["params"]):
+                sizes = [a.size for a in group["params"][start:stop]]
+                local = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+                runs.append({"start": first + start, "stop": first + stop, "flat": flat,
+                             "local": local})
+            self._run_info.append({"runs": runs})
+            first += len(group["params"])
+        sizes = [a.size for a in self._params]
+        self._elem_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+
+    # -- gradients ------------------------------------------------------------
+    def _segments(self, grads):
+        """Per group, ``(run_index, p, g, lo, hi)``: 1-D param and grad arrays
+        and the slice of the run's state buffers they map to."""
+        if grads is self._cached[0]:
+            return self._cached[1]
+        if isinstance(grads, FlatArrays):
+            segments = self._flat_segments(grads)
+            self._cached = (grads, segments)
+            return segments
+        grads = V.as_array_list("grads", grads)
+        V.check_like("grads", grads, "params", self._params, writable=False)
+        V.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)],
+                         [(f"grads[{i}]", g) for i, g in enumerate(grads)])
+        segments = []
+        for info in self._run_info:
+            segs = []
+            for ri, run in enumerate(info["runs"]):
+                local = run["local"]
+                for k in range(run["start"], run["stop"]):
+                    lo = local[k - run["start"]]
+                    hi = local[k - run["start"] + 1]
+                    segs.append((ri, self._params[k].reshape(-1), grads[k].reshape(-1),
+                                 lo, hi))
+            segments.append(segs)
+        return segments
+
+    def _flat_segments(self, grads: FlatArrays):
+        layout = tuple((s, grads.dtype) for s in grads.shapes)
+        if layout != self._layout:
+            if len(grads) != len(self._params):
+                raise ValueError(f"grads has {len(grads)} arrays but params has "
+                                 f"{len(self._params)}")
+            V.check_like("grads", list(grads), "params", self._params, writable=False)
+        data = grads.data
+        V.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)],
+                         [("grads", data)])
+        off = self._elem_offsets
+        return [[(ri, run["flat"], data[off[run["start"]]:off[run["stop"]]], 0,
+                  run["flat"].size) for ri, run in enumerate(info["runs"])]
+                for info in self._run_info]
+
+    # -- the step ---------------------------------------------------------------
+    def step(self, grads):
+        """Update every parameter in place from ``grads``.
+
+        ``grads`` is a list of arrays matching the params one to one, or a
+        :class:`~fastopt.params.FlatArrays` with the params' layout (the fast
+        path: one kernel call per group). Returns the pre-clip global
+        gradient norm when ``max_grad_norm`` is set, else None.
+        """
+        segments = self._segments(grads)
+        hypers = [self._check_hypers(g, where=f"param_groups[{gi}]")
+                  for gi, g in enumerate(self.param_groups)]
+        backend = self._backend
+        norm, coef = None, 1.0
+        if self.max_grad_norm is not None:
+            norm = math.sqrt(sum(backend.sumsq(seg[2]) for segs in segments
+                                 for seg in segs))
+            coef = clip_coefficient(norm, self.max_grad_norm)
+        for gi, h in enumerate(hypers):
+            self._step_group(backend, h, self.state[gi], self._run_info[gi]["runs"],
+                             segments[gi], coef)
+            self.state[gi]["step"] += 1
+        self.grad_norm = norm
+        return norm
+
+    def _state_buffer(self, state, runs, ri, name):
+        """The run's flat state buffer ``name``, zero-allocated on first use."""
+        bufs = state["runs"][ri]
+        if name not in bufs:
+            bufs[name] = np.zeros_like(runs[ri]["flat"])
+        return bufs[name]
+
+    # -- subclass hooks ---------------------------------------------------------
+    def _check_hypers(self, group, where=""):
+        raise NotImplementedError
+
+    def _step_group(self, backend, hypers, state, runs, segments, coef):
+        raise NotImplementedError
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    def __repr__(self):
+        n = sum(a.size for a in self._params)
+        return (f"{type(self).__name__}({len(self._params)} arrays, {n} elements, "
+                f"{len(self.param_groups)} group(s), backend={self.backend!r})")

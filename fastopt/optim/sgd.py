@@ -1,0 +1,55 @@
+"""Stochastic gradient descent with momentum, dampening and Nesterov."""
+
+from __future__ import annotations
+
+from .. import _validate as V
+from ..backends.scalars import sgd_scalars
+from .base import Optimizer
+
+
+class SGD(Optimizer):
+    r"""SGD with torch.optim.SGD's exact update.
+
+    .. math::
+        g_t &\leftarrow \pm g_t + \lambda \theta_{t-1} \\
+        b_t &= \mu b_{t-1} + (1-\tau) g_t \quad (b_1 = g_1) \\
+        d_t &= g_t + \mu b_t \text{ if nesterov else } b_t \\
+        \theta_t &= \theta_{t-1} - \eta d_t
+
+    With ``momentum=0`` no buffer is kept and ``d_t = g_t``.
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False,
+                 weight_decay=0.0, maximize=False, *, backend="auto",
+                 max_grad_norm=None):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        nesterov=nesterov, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm)
+
+    def _check_hypers(self, group, where=""):
+        h = dict(
+            group,
+            lr=V.check_real(V.key(where, "lr"), group["lr"], low=0.0),
+            momentum=V.check_real(V.key(where, "momentum"), group["momentum"], low=0.0),
+            dampening=V.check_real(V.key(where, "dampening"), group["dampening"]),
+            nesterov=V.check_bool(V.key(where, "nesterov"), group["nesterov"]),
+            weight_decay=V.check_real(V.key(where, "weight_decay"), group["weight_decay"],
+                                      low=0.0),
+            maximize=V.check_bool(V.key(where, "maximize"), group["maximize"]),
+        )
+        if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
+            raise ValueError(f"{where or 'SGD'}: nesterov needs momentum > 0 and dampening == 0, "
+                             f"got momentum={h['momentum']}, dampening={h['dampening']}")
+        return h
+
+    def _step_group(self, backend, h, state, runs, segments, coef):
+        has_momentum = h["momentum"] != 0.0
+        # torch starts each momentum buffer as a copy of the first gradient.
+        first = has_momentum and "momentum_buffer" not in state["runs"][0]
+        s = sgd_scalars(lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"],
+                        nesterov=h["nesterov"], weight_decay=h["weight_decay"],
+                        first_step=first, grad_scale=coef, maximize=h["maximize"])
+        for ri, p, g, lo, hi in segments:
+            buf = (self._state_buffer(state, runs, ri, "momentum_buffer")[lo:hi]
+                   if has_momentum else None)
+            backend.sgd_update(p, g, buf, s)

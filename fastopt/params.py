@@ -1,0 +1,146 @@
+"""Flat multi-tensor buffers: many arrays, one allocation.
+
+A model is dozens to thousands of arrays. Stepping them one by one costs a
+kernel launch (and a Python round trip) per array; packing them into one
+contiguous buffer lets an optimizer step the whole model with one kernel call
+(the problem PyTorch's foreach/fused paths and apex's ``multi_tensor_apply``
+solve). :func:`pack` copies arrays into one buffer and hands back views that
+replace the originals::
+
+    params = fastopt.pack([w1, b1, w2, b2])   # FlatArrays: a tuple of views
+    grads = params.zeros_like()               # same layout, for the gradients
+    opt = fastopt.AdamW(params)
+    ...                                        # backprop writes into grads[i]
+    opt.step(grads)                            # one fused kernel call
+
+:class:`FlatArrays` is a tuple, so its views cannot be swapped out behind the
+buffer's back: an optimizer that has checked it once can trust it afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["FlatArrays", "pack", "flat_zeros", "memory_runs"]
+
+
+class FlatArrays(tuple):
+    """A tuple of array views laid end to end in one 1-D buffer, ``data``.
+
+    Build one with :func:`pack` or :func:`flat_zeros`; ``views[i]`` occupies
+    ``data[offsets[i]:offsets[i + 1]]``.
+    """
+
+    def __new__(cls, data, shapes):
+        if not isinstance(data, np.ndarray) or data.ndim != 1 or not data.flags.c_contiguous:
+            raise TypeError("FlatArrays needs a contiguous 1-D ndarray as its buffer")
+        shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        offsets = [0]
+        for s in shapes:
+            offsets.append(offsets[-1] + math.prod(s))
+        if offsets[-1] != data.size:
+            raise ValueError(
+                f"shapes hold {offsets[-1]} elements but the buffer has {data.size}")
+        views = [data[a:b].reshape(s) for a, b, s in zip(offsets, offsets[1:], shapes)]
+        self = super().__new__(cls, views)
+        self._data, self._shapes, self._offsets = data, shapes, tuple(offsets)
+        return self
+
+    @property
+    def data(self) -> np.ndarray:
+        """The one 1-D buffer every view lives in."""
+        return self._data
+
+    @property
+    def shapes(self) -> tuple:
+        return self._shapes
+
+    @property
+    def offsets(self) -> tuple:
+        """Element offsets of each view in ``data`` (length ``len(self) + 1``)."""
+        return self._offsets
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    def zeros_like(self) -> "FlatArrays":
+        """A new zero-filled FlatArrays with the same shapes and dtype."""
+        return flat_zeros(self.shapes, self.dtype)
+
+    def __reduce__(self):
+        return (FlatArrays, (self.data, self.shapes))
+
+    def __repr__(self):
+        return (f"FlatArrays({len(self)} arrays, {self.data.size} elements, "
+                f"dtype={self.dtype})")
+
+
+def flat_zeros(shapes, dtype=np.float32) -> FlatArrays:
+    """Zero-filled arrays of the given shapes sharing one buffer."""
+    shapes = [tuple(s) if np.iterable(s) else (int(s),) for s in shapes]
+    dtype = np.dtype(dtype)
+    size = sum(math.prod(s) for s in shapes)
+    return FlatArrays(np.zeros(size, dtype=dtype), shapes)
+
+
+def pack(arrays, dtype=None) -> FlatArrays:
+    """Copy ``arrays`` into one contiguous buffer and return views into it.
+
+    Use the returned views in place of the originals (the originals are not
+    touched). ``dtype`` defaults to the arrays' common dtype.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    if not arrays:
+        raise ValueError("pack() needs at least one array")
+    if dtype is None:
+        dtype = np.result_type(*arrays)
+    out = flat_zeros([a.shape for a in arrays], dtype)
+    for view, a in zip(out, arrays):
+        view[...] = a
+    return out
+
+
+def _root(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def memory_runs(arrays):
+    """Split ``arrays`` into maximal runs laid end to end in one buffer.
+
+    Returns a list of ``(start, stop, flat)``: ``arrays[start:stop]`` are
+    C-contiguous, share a dtype and a root buffer, and follow each other in
+    memory with no gap, so ``flat`` (a 1-D view over all of them) can be
+    stepped with one kernel call. Arrays that fit no run come back alone,
+    with ``flat = a.reshape(-1)``.
+    """
+    runs = []
+    i = 0
+    n = len(arrays)
+    while i < n:
+        a = arrays[i]
+        root = _root(a)
+        j = i + 1
+        end = _address(a) + a.nbytes
+        while (j < n and arrays[j].dtype == a.dtype and arrays[j].flags.c_contiguous
+               and _root(arrays[j]) is root and _address(arrays[j]) == end):
+            end += arrays[j].nbytes
+            j += 1
+        if j - i > 1 and root.flags.c_contiguous:
+            start = (_address(a) - _address(root)) // a.itemsize
+            stop = (end - _address(root)) // a.itemsize
+            flat = root.reshape(-1)[start:stop]
+        else:
+            j = i + 1
+            flat = a.reshape(-1)
+        runs.append((i, j, flat))
+        i = j
+    return runs
