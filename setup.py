@@ -3,12 +3,14 @@
 Flags: ``-O3 -fno-math-errno``. Without ``-fno-math-errno`` gcc will not
 vectorise ``sqrtf`` (it must keep errno for negative input); unlike
 ``-ffast-math`` it keeps NaN/inf semantics. No ``-march=native``: the wheel
-must run on any x86-64 that imports it. If the compiler cannot build an
+must run on any x86-64 that imports it, so a second build of the same
+kernels for x86-64-v3 is imported only where the CPU has AVX2 and FMA. If the compiler cannot build an
 OpenMP program the extension is built serial, and
 ``fastopt.backend_info()`` reports it.
 """
 
 import os
+import platform
 import sys
 import tempfile
 
@@ -45,20 +47,29 @@ class BuildExt(build_ext):
                   file=sys.stderr)
         for ext in self.extensions:
             if not msvc:
-                ext.extra_compile_args = BASE_FLAGS + ([OPENMP_FLAG] if openmp else [])
+                simd = SIMD_VARIANTS[ext.name.rsplit(".", 1)[1]]
+                ext.extra_compile_args = (BASE_FLAGS + simd
+                                          + ([OPENMP_FLAG] if openmp else []))
                 ext.extra_link_args = [OPENMP_FLAG] if openmp else []
         super().build_extensions()
+
+
+# The same kernels built twice: for any x86-64, and for x86-64-v3 (AVX2 +
+# FMA), which fastopt imports only when the CPU reports those features. The
+# portable build runs its divisions and square roots 4 lanes wide; v3 runs 8.
+SIMD_VARIANTS = {"kernels": []}
+if platform.machine().lower() in ("x86_64", "amd64"):
+    SIMD_VARIANTS["kernels_v3"] = ["-march=x86-64-v3"]
 
 
 def extensions():
     from Cython.Build import cythonize
 
-    ext = Extension(
-        "fastopt.backends._cython.kernels",
-        ["fastopt/backends/_cython/kernels.pyx"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    )
-    return cythonize([ext], compiler_directives={"language_level": 3})
+    exts = [Extension(f"fastopt.backends._cython.{name}",
+                      [f"fastopt/backends/_cython/{name}.pyx"],
+                      depends=["fastopt/backends/_cython/kernels_impl.pxi"])
+            for name in SIMD_VARIANTS]
+    return cythonize(exts, compiler_directives={"language_level": 3})
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

@@ -72,6 +72,8 @@ def backend_info() -> dict:
             info[name] = {"available": False, "reason": str(_failed[name])}
         else:
             info[name] = {"available": True, "threaded": bool(mod.threaded)}
+            if hasattr(mod, "simd"):
+                info[name]["simd"] = mod.simd
             if hasattr(mod, "get_num_threads"):
                 info[name]["num_threads"] = mod.get_num_threads()
     return info

@@ -1,9 +1,35 @@
-"""Cython + OpenMP backend: thin adapter over the compiled ``kernels`` module."""
+"""Cython + OpenMP backend: thin adapter over the compiled kernels.
+
+The kernels are built twice from one source (see setup.py); the x86-64-v3
+build (AVX2 + FMA) is used when NumPy reports that this CPU has both.
+"""
 
 from __future__ import annotations
 
-from ._cython import kernels as _k
 from .scalars import AdamScalars, SGDScalars
+
+
+def _cpu_has(*features) -> bool:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as cpu
+    except ImportError:  # NumPy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as cpu
+    return all(cpu.get(f, False) for f in features)
+
+
+# X86_V3 is NumPy's own check for the whole x86-64-v3 feature set (newer
+# NumPy); the explicit list covers NumPy versions without that key.
+_V3 = ("X86_V3",) if _cpu_has("X86_V3") else (
+    "AVX", "AVX2", "FMA3", "F16C", "BMI", "BMI2", "LZCNT", "MOVBE")
+
+try:
+    if not _cpu_has(*_V3):
+        raise ImportError("CPU lacks AVX2/FMA")
+    from ._cython import kernels_v3 as _k
+    simd = "x86-64-v3"
+except ImportError:
+    from ._cython import kernels as _k
+    simd = "baseline"
 
 name = "cython"
 threaded = _k.OPENMP
