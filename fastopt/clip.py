@@ -18,6 +18,8 @@ def _flat_grads(grads, *, writable):
     arrays = V.as_array_list("grads", grads)
     for i, g in enumerate(arrays):
         V.check_float_array(f"grads[{i}]", g, writable=writable)
+    if writable:  # an array listed twice (or overlapping views) would be scaled twice
+        V.check_disjoint([(f"grads[{i}]", g) for i, g in enumerate(arrays)])
     return [g.reshape(-1) for g in arrays]
 
 

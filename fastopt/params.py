@@ -130,14 +130,19 @@ def memory_runs(arrays):
         root = _root(a)
         j = i + 1
         end = _address(a) + a.nbytes
+        # An empty view joins any run: NumPy gives it its buffer's start
+        # address, not its offset, so the address test would split the run.
         while (j < n and arrays[j].dtype == a.dtype and arrays[j].flags.c_contiguous
-               and _root(arrays[j]) is root and _address(arrays[j]) == end):
+               and _root(arrays[j]) is root
+               and (arrays[j].size == 0 or _address(arrays[j]) == end)):
             end += arrays[j].nbytes
             j += 1
         if j - i > 1 and root.flags.c_contiguous:
-            start = (_address(a) - _address(root)) // a.itemsize
-            stop = (end - _address(root)) // a.itemsize
-            flat = root.reshape(-1)[start:stop]
+            # Slice the root's bytes, then view them in the arrays' dtype:
+            # the root may hold another dtype (e.g. a uint8 arena of views).
+            start = _address(a) - _address(root)
+            stop = end - _address(root)
+            flat = root.reshape(-1).view(np.uint8)[start:stop].view(a.dtype)
         else:
             j = i + 1
             flat = a.reshape(-1)

@@ -80,7 +80,12 @@ def _adam_chunk(p, g, m, v, vmax, start, stop, step_size, bc2_sqrt, beta1, omb1,
         m[i] = mi
         v[i] = vi
         if vmax is not None:  # amsgrad; resolved at compile time
-            vi = max(vmax[i], vi)
+            # np.maximum semantics: a NaN on either side propagates. The
+            # builtin max(a, b) keeps ``a`` when b is NaN, which would hide
+            # a NaN gradient in the amsgrad state.
+            vm = vmax[i]
+            if vm > vi or vm != vm:
+                vi = vm
             vmax[i] = vi
         denom = _sqrt(vi) / bc2_sqrt + eps
         p[i] = p[i] * decay - step_size * mi / denom

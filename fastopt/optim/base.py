@@ -148,12 +148,15 @@ class Optimizer:
         segments = self._segments(grads)
         hypers = [self._check_hypers(g, where=f"param_groups[{gi}]")
                   for gi, g in enumerate(self.param_groups)]
+        max_norm = self.max_grad_norm   # public attribute: re-checked like the groups
+        if max_norm is not None:
+            max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True)
         backend = self._backend
         norm, coef = None, 1.0
-        if self.max_grad_norm is not None:
+        if max_norm is not None:
             norm = math.sqrt(sum(backend.sumsq(seg[2]) for segs in segments
                                  for seg in segs))
-            coef = clip_coefficient(norm, self.max_grad_norm)
+            coef = clip_coefficient(norm, max_norm)
         for gi, h in enumerate(hypers):
             self._step_group(backend, h, self.state[gi], self._run_info[gi]["runs"],
                              segments[gi], coef)
