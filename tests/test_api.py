@@ -1,0 +1,150 @@
+"""Public API surface: lazy imports, backend registry, thread control."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt.backends import get_backend
+
+
+def run_python(code):
+    """Run ``code`` in a fresh interpreter; fail with its stderr if it fails."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_import_does_not_load_numba():
+    run_python("""
+        import sys
+        import fastopt
+        heavy = {'numba', 'llvmlite', 'torch', 'fastopt.backends.numba_cpu',
+                 'fastopt.backends.cython_cpu'}
+        loaded = heavy & set(sys.modules)
+        assert not loaded, loaded
+    """)
+
+
+def test_numpy_backend_never_loads_numba():
+    """The reference backend works end to end without importing Numba;
+    asking for the list of backends is what loads them."""
+    run_python("""
+        import sys
+        import numpy as np
+        import fastopt
+        p = fastopt.pack([np.ones(3), np.ones(2)])
+        g = p.zeros_like()
+        fastopt.Adam(p, backend="numpy", max_grad_norm=1.0).step(g)
+        fastopt.SGD(list(p), backend="reference", momentum=0.9).step(list(g))
+        fastopt.functional.adamw(p, g, p.zeros_like(), p.zeros_like(), step=1,
+                                 backend="numpy")
+        fastopt.clip_by_global_norm(g, 1.0, backend="numpy")
+        fastopt.global_norm(g, backend="numpy")
+        assert 'numba' not in sys.modules
+        fastopt.available_backends()
+        assert 'numba' in sys.modules
+    """)
+
+
+def test_available_backends():
+    names = fastopt.available_backends()
+    assert names[-1] == "numpy" and "numpy" in names
+    assert len(set(names)) == len(names)
+    assert set(names) <= {"numba", "cython", "numpy"}
+    if importlib.util.find_spec("numba") is not None:
+        assert "numba" in names
+    if importlib.util.find_spec("fastopt.backends._cython.kernels") is not None:
+        assert "cython" in names
+    # Fastest first, in the registry's preference order.
+    order = ["numba", "cython", "numpy"]
+    assert names == [n for n in order if n in names]
+    # "auto" is the first available one.
+    assert get_backend("auto") is get_backend(names[0])
+    assert fastopt.SGD([np.ones(2)], lr=0.1).backend == names[0]
+
+
+def test_get_backend_names_and_alias():
+    assert get_backend("reference") is get_backend("numpy")
+    assert get_backend("numpy").name == "numpy"
+    for name in fastopt.available_backends():
+        mod = get_backend(name)
+        assert mod.name == name
+        for fn in ("adam_update", "sgd_update", "sumsq", "scale"):
+            assert callable(getattr(mod, fn)), (name, fn)
+    with pytest.raises(ValueError, match=r"backend must be one of .*got 'fortran'"):
+        get_backend("fortran")
+    with pytest.raises(TypeError, match="backend must be a string"):
+        get_backend(1)
+
+
+def test_backend_info():
+    info = fastopt.backend_info()
+    assert set(info) == {"numba", "cython", "numpy"}
+    available = set(fastopt.available_backends())
+    for name, entry in info.items():
+        assert entry["available"] == (name in available)
+        if not entry["available"]:
+            assert entry["reason"]
+    assert info["numpy"]["threaded"] is False
+    if info["numba"]["available"]:
+        assert info["numba"]["threaded"] is True
+        assert info["numba"]["num_threads"] == get_backend("numba").get_num_threads()
+    if info["cython"]["available"]:
+        # Reports whether the extension was built with OpenMP.
+        kernels = get_backend("cython")._k
+        assert info["cython"]["threaded"] is bool(kernels.OPENMP)
+        assert isinstance(info["cython"]["threaded"], bool)
+        assert info["cython"]["num_threads"] == kernels.get_num_threads()
+        if not kernels.OPENMP:
+            assert info["cython"]["num_threads"] == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, 2.0, True, False, "2", None, [2]])
+def test_set_num_threads_validates(bad, restore_threads):
+    before = fastopt.get_num_threads()
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        fastopt.set_num_threads(bad)
+    assert fastopt.get_num_threads() == before
+
+
+def test_set_num_threads_reaches_every_threaded_backend(restore_threads):
+    fastopt.set_num_threads(1)
+    assert fastopt.get_num_threads() == 1
+    info = fastopt.backend_info()
+    for name in ("numba", "cython"):
+        if info[name]["available"]:
+            assert info[name]["num_threads"] == 1
+    # The kernels still run (serially) and still give the right answer.
+    x = np.arange(100_000, dtype=np.float64)
+    assert fastopt.global_norm([x]) == pytest.approx(float(np.linalg.norm(x)), rel=1e-12)
+
+
+def test_public_names():
+    for name in fastopt.__all__:
+        assert hasattr(fastopt, name), name
+    assert isinstance(fastopt.__version__, str)
+    assert issubclass(fastopt.AdamW, fastopt.Adam)
+    assert issubclass(fastopt.Adam, fastopt.Optimizer)
+    assert issubclass(fastopt.SGD, fastopt.Optimizer)
+    opt = fastopt.AdamW(fastopt.pack([np.ones((2, 2), np.float32)]), backend="numpy")
+    assert repr(opt) == "AdamW(1 arrays, 4 elements, 1 group(s), backend='numpy')"
+    assert opt.defaults["weight_decay"] == 1e-2   # torch's AdamW default
+    assert fastopt.Adam([np.ones(1)]).defaults["weight_decay"] == 0.0
+
+
+def test_step_updates_in_place_and_returns_none():
+    w = np.ones(3)
+    flat = fastopt.pack([np.ones(2)])
+    view = flat[0]
+    assert fastopt.SGD([w], lr=0.5).step([np.ones(3)]) is None
+    np.testing.assert_array_equal(w, 0.5)
+    fastopt.SGD(flat, lr=0.5).step(flat.zeros_like())
+    assert flat[0] is view

@@ -1,0 +1,527 @@
+"""Bad input gets a clear error, and nothing is lost.
+
+Every rejected call must raise ValueError/TypeError naming the offending
+argument, and leave parameters and optimizer state bit-identical to what
+they were (checked after a few valid steps, so that state exists). After a
+rejected step the optimizer must carry on exactly like a twin that never
+saw the bad call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import fastopt
+from conftest import (BACKENDS, assert_bit_identical, assert_same_tree,
+                      optimizer_snapshot, rng_array)
+
+# Two params share a shape, so a gradient can alias a *different* param.
+SHAPES = [(4, 3), (3,), (4, 3)]
+OPTIMIZERS = {
+    "Adam": lambda p, **kw: fastopt.Adam(p, lr=1e-2, amsgrad=True, weight_decay=0.1, **kw),
+    "AdamW": lambda p, **kw: fastopt.AdamW(p, lr=1e-2, **kw),
+    "SGD": lambda p, **kw: fastopt.SGD(p, lr=0.1, momentum=0.9, **kw),
+}
+LAYOUTS = ["flat", "list"]
+
+
+def make_params(layout, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = [rng_array(rng, s, dtype) for s in SHAPES]
+    return fastopt.pack(arrays) if layout == "flat" else arrays
+
+
+def good_grads(params, seed):
+    """Valid gradients for ``params``: FlatArrays for a FlatArrays, else a list."""
+    rng = np.random.default_rng(seed)
+    if isinstance(params, fastopt.FlatArrays):
+        g = params.zeros_like()
+        for view in g:
+            view[...] = rng_array(rng, view.shape, view.dtype)
+        return g
+    return [rng_array(rng, p.shape, p.dtype) for p in params]
+
+
+def trained_pair(name, layout, backend, groups=False, **kw):
+    """Two identical optimizers (and their params), 3 valid steps in."""
+    pair = []
+    for _ in range(2):
+        params = make_params(layout)
+        spec = ([{"params": list(params[:2])}, {"params": [params[2]], "lr": 0.05}]
+                if groups else params)
+        opt = OPTIMIZERS[name](spec, backend=backend, **kw)
+        for t in range(3):
+            opt.step(good_grads(params, seed=t))
+        pair.append((opt, params))
+    return pair
+
+
+def assert_rejected_then_unchanged(pair, call, exc, match):
+    """``call(opt, params)`` raises; state is untouched; the optimizer goes on
+    bit for bit like its twin."""
+    (opt, params), (twin, twin_params) = pair
+    before = optimizer_snapshot(opt, params)
+    with pytest.raises(exc, match=match):
+        call(opt, params)
+    assert_same_tree(optimizer_snapshot(opt, params), before)
+    opt.step(good_grads(params, seed=99))
+    twin.step(good_grads(twin_params, seed=99))
+    assert_same_tree(optimizer_snapshot(opt, params), optimizer_snapshot(twin, twin_params))
+
+
+def as_list(grads):
+    return [np.array(g, copy=True) for g in grads]
+
+
+def _replace(grads, i, new):
+    grads = as_list(grads)
+    grads[i] = new
+    return grads
+
+
+def _overlapping_view(params):
+    """A gradient for params[1] that straddles params[0]/params[1] in memory
+    (FlatArrays) or shares memory with params[0] (separate arrays)."""
+    if isinstance(params, fastopt.FlatArrays):
+        n = params[1].size
+        return params.data[params.offsets[1] - 1:params.offsets[1] - 1 + n]
+    return params[0].reshape(-1)[:3]
+
+
+# (id, grads builder, exception, message pattern)
+BAD_GRADS = [
+    ("too-few", lambda p, g: as_list(g)[:-1], ValueError, r"grads has 2 arrays but params has 3"),
+    ("too-many", lambda p, g: as_list(g) + [as_list(g)[0]], ValueError, r"grads has 4 arrays"),
+    ("shape", lambda p, g: _replace(g, 1, np.zeros(4, p[1].dtype)), ValueError,
+     r"grads\[1\] has shape \(4,\) but params\[1\] has shape \(3,\)"),
+    ("dtype", lambda p, g: _replace(g, 0, np.asarray(g[0], np.float64)), TypeError,
+     r"grads\[0\] has dtype float64 but params\[0\] has dtype float32"),
+    ("int-dtype", lambda p, g: _replace(g, 2, np.ones(SHAPES[2], np.int32)), TypeError,
+     r"grads\[2\] must be float32 or float64"),
+    ("float16", lambda p, g: _replace(g, 1, np.ones(3, np.float16)), TypeError,
+     r"grads\[1\] must be float32 or float64"),
+    ("fortran-order", lambda p, g: _replace(g, 0, np.asfortranarray(g[0])), ValueError,
+     r"grads\[0\] must be C-contiguous"),
+    ("strided", lambda p, g: _replace(g, 1, np.zeros(6, np.float32)[::2]), ValueError,
+     r"grads\[1\] must be C-contiguous"),
+    ("not-an-array", lambda p, g: _replace(g, 1, [0.0, 0.0, 0.0]), TypeError,
+     r"grads\[1\] must be an ndarray"),
+    ("not-a-list", lambda p, g: 3.0, TypeError, r"grads must be an ndarray or a list"),
+    ("dict", lambda p, g: {"a": g[0]}, TypeError, r"grads must be"),
+    ("params-themselves", lambda p, g: list(p), ValueError, r"overlaps"),
+    ("other-param", lambda p, g: _replace(g, 0, p[2]), ValueError,
+     r"grads\[0\] overlaps params\[2\]|params\[2\] overlaps grads\[0\]"),
+    ("overlapping-view", lambda p, g: _replace(g, 1, _overlapping_view(p)), ValueError,
+     r"overlaps"),
+    ("flat-wrong-shapes", lambda p, g: fastopt.flat_zeros([(3, 4), (3,), (4, 3)], np.float32),
+     ValueError, r"grads\[0\] has shape \(3, 4\)"),
+    ("flat-wrong-count", lambda p, g: fastopt.flat_zeros(SHAPES[:2], np.float32),
+     ValueError, r"grads has 2 arrays but params has 3"),
+    ("flat-wrong-dtype", lambda p, g: fastopt.flat_zeros(SHAPES, np.float64), TypeError,
+     r"grads\[0\] has dtype float64"),
+    ("flat-int", lambda p, g: fastopt.flat_zeros(SHAPES, np.int64), TypeError,
+     r"grads\[0\] must be float32 or float64"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("build,exc,match", [c[1:] for c in BAD_GRADS],
+                         ids=[c[0] for c in BAD_GRADS])
+def test_bad_grads_rejected_without_writing(name, layout, backend, build, exc, match):
+    pair = trained_pair(name, layout, backend)
+
+    def call(opt, params):
+        opt.step(build(params, good_grads(params, seed=5)))
+
+    assert_rejected_then_unchanged(pair, call, exc, match)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_flat_grads_aliasing_flat_params(name, backend):
+    pair = trained_pair(name, "flat", backend)
+    assert_rejected_then_unchanged(pair, lambda opt, params: opt.step(params),
+                                   ValueError, r"overlaps")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_flat_grads_partially_overlapping_flat_params(name):
+    """Gradient buffer and parameter buffer are shifted windows of one array."""
+    n = sum(math.prod(s) for s in SHAPES)
+    big = np.zeros(2 * n, np.float32)
+    params = fastopt.FlatArrays(big[:n], SHAPES)
+    params.data[:] = 1.0
+    grads = fastopt.FlatArrays(big[n - 1:2 * n - 1], SHAPES)
+    opt = OPTIMIZERS[name](params)
+    opt.step(good_grads(params, 0))
+    before = optimizer_snapshot(opt, params)
+    big_before = big.copy()
+    with pytest.raises(ValueError, match="overlaps"):
+        opt.step(grads)
+    assert_same_tree(optimizer_snapshot(opt, params), before)
+    assert_bit_identical(big, big_before)
+
+
+# Group edits between steps: re-validated at every step, before any write.
+BAD_GROUP_EDITS = {
+    "Adam": [
+        ("lr", -1e-3, ValueError, r"param_groups\[{g}\]\['lr'\] must be >= 0"),
+        ("lr", float("nan"), ValueError, r"param_groups\[{g}\]\['lr'\] must be finite"),
+        ("lr", float("inf"), ValueError, r"param_groups\[{g}\]\['lr'\] must be finite"),
+        ("lr", "0.1", TypeError, r"param_groups\[{g}\]\['lr'\] must be a real number"),
+        ("betas", (1.0, 0.999), ValueError, r"betas\[0\] must be < 1.0"),
+        ("betas", (0.9, -0.1), ValueError, r"betas\[1\] must be >= 0"),
+        ("betas", 0.9, TypeError, r"betas must be a pair"),
+        ("eps", 0.0, ValueError, r"param_groups\[{g}\]\['eps'\] must be > 0"),
+        ("weight_decay", -0.1, ValueError, r"param_groups\[{g}\]\['weight_decay'\]"),
+        ("amsgrad", "yes", TypeError, r"param_groups\[{g}\]\['amsgrad'\] must be a bool"),
+        ("maximize", 1, TypeError, r"param_groups\[{g}\]\['maximize'\] must be a bool"),
+    ],
+    "SGD": [
+        ("lr", -0.1, ValueError, r"param_groups\[{g}\]\['lr'\]"),
+        ("momentum", -0.5, ValueError, r"param_groups\[{g}\]\['momentum'\]"),
+        ("weight_decay", -1.0, ValueError, r"param_groups\[{g}\]\['weight_decay'\]"),
+        ("nesterov", None, TypeError, r"param_groups\[{g}\]\['nesterov'\] must be a bool"),
+    ],
+}
+BAD_GROUP_CASES = [(name, g, *case) for name, cases in BAD_GROUP_EDITS.items()
+                   for case in cases for g in (0, 1)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name,group,key,value,exc,match", BAD_GROUP_CASES,
+                         ids=[f"{c[0]}-g{c[1]}-{c[2]}={c[3]!r}" for c in BAD_GROUP_CASES])
+def test_bad_group_edit_rejected_at_step(name, group, key, value, exc, match, layout):
+    """An invalid value in group 1 must not let group 0 be stepped first."""
+    pair = trained_pair(name, layout, "auto", groups=True)
+
+    def call(opt, params):
+        good = opt.param_groups[group][key]
+        opt.param_groups[group][key] = value
+        try:
+            opt.step(good_grads(params, seed=7))
+        finally:
+            opt.param_groups[group][key] = good
+
+    assert_rejected_then_unchanged(pair, call, exc, match.format(g=group))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("edit", [dict(nesterov=True, momentum=0.0),
+                                  dict(nesterov=True, dampening=0.1)])
+def test_sgd_nesterov_edit_rejected_at_step(layout, edit):
+    pair = trained_pair("SGD", layout, "auto", groups=True)
+
+    def call(opt, params):
+        saved = dict(opt.param_groups[1])
+        opt.param_groups[1].update(edit)
+        try:
+            opt.step(good_grads(params, seed=7))
+        finally:
+            opt.param_groups[1].clear()
+            opt.param_groups[1].update(saved)
+
+    assert_rejected_then_unchanged(pair, call, ValueError,
+                                   r"param_groups\[1\].*nesterov needs momentum > 0")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("value,exc", [(0.0, ValueError), (-1.0, ValueError),
+                                       (float("nan"), ValueError), ("1", TypeError)])
+def test_bad_max_grad_norm_attribute_rejected_at_step(name, value, exc):
+    pair = trained_pair(name, "flat", "auto", max_grad_norm=1.0)
+
+    def call(opt, params):
+        opt.max_grad_norm = value
+        try:
+            opt.step(good_grads(params, seed=7))
+        finally:
+            opt.max_grad_norm = 1.0
+
+    assert_rejected_then_unchanged(pair, call, exc, r"max_grad_norm")
+
+
+# -- construction ----------------------------------------------------------------
+
+def _params(dtype=np.float32):
+    return [np.ones((4, 3), dtype), np.ones(3, dtype)]
+
+
+def _readonly():
+    p = _params()
+    p[1].flags.writeable = False
+    return p
+
+
+def _overlapping():
+    buf = np.zeros(20, np.float32)
+    return [buf[:10], buf[5:15]]
+
+
+def _noncontiguous():
+    return [np.ones((4, 3), np.float32), np.ones((3, 2), np.float32)[:, 0]]
+
+
+_shared = np.ones(5, np.float32)
+
+BAD_CONSTRUCTION = [
+    ("noncontiguous", "SGD", dict(params=_noncontiguous()), ValueError,
+     r"param_groups\[0\]\['params'\]\[1\] must be C-contiguous"),
+    ("fortran", "Adam", dict(params=[np.asfortranarray(np.ones((4, 3), np.float32))]),
+     ValueError, r"param_groups\[0\]\['params'\]\[0\] must be C-contiguous"),
+    ("readonly", "Adam", dict(params=_readonly()), ValueError,
+     r"param_groups\[0\]\['params'\]\[1\] is read-only"),
+    ("int", "SGD", dict(params=[np.ones(3, np.int64)]), TypeError,
+     r"param_groups\[0\]\['params'\]\[0\] must be float32 or float64"),
+    ("float16", "Adam", dict(params=[np.ones(3, np.float16)]), TypeError,
+     r"must be float32 or float64"),
+    ("duplicate", "Adam", dict(params=[_shared, np.ones(2), _shared]), ValueError,
+     r"params\[2\] overlaps params\[0\]|params\[0\] overlaps params\[2\]"),
+    ("duplicate-across-groups", "SGD",
+     dict(params=[{"params": [_shared]}, {"params": [_shared], "lr": 0.1}]), ValueError,
+     r"overlaps"),
+    ("overlapping-views", "AdamW", dict(params=_overlapping()), ValueError, r"overlaps"),
+    ("not-an-array", "SGD", dict(params=[np.ones(3), [1.0, 2.0]]), TypeError,
+     r"param_groups\[0\]\['params'\]\[1\] must be an ndarray"),
+    ("scalar", "SGD", dict(params=3.0), TypeError, r"params must be"),
+    ("empty", "Adam", dict(params=[]), ValueError, r"params is empty"),
+    ("empty-group", "Adam", dict(params=[{"params": []}]), ValueError,
+     r"param group 0 has no parameters"),
+    ("group-without-params", "Adam", dict(params=[{"lr": 0.1}]), ValueError,
+     r"param group 0 has no 'params' key"),
+    ("unknown-group-key", "Adam", dict(params=[{"params": _params(), "lrr": 0.1}]),
+     ValueError, r"param group 0 has unknown keys \['lrr'\]"),
+    ("unknown-group-key-2", "SGD",
+     dict(params=[{"params": _params()[:1]}, {"params": _params()[1:], "betas": (0.9, 0.9)}]),
+     ValueError, r"param group 1 has unknown keys \['betas'\]"),
+    ("lr<0", "Adam", dict(lr=-1e-3), ValueError, r"^lr must be >= 0"),
+    ("lr-nan", "SGD", dict(lr=float("nan")), ValueError, r"^lr must be finite"),
+    ("lr-str", "AdamW", dict(lr="1e-3"), TypeError, r"^lr must be a real number"),
+    ("lr-bool", "AdamW", dict(lr=True), TypeError, r"^lr must be a real number"),
+    ("beta1=1", "Adam", dict(betas=(1.0, 0.999)), ValueError, r"betas\[0\] must be < 1.0"),
+    ("beta1<0", "Adam", dict(betas=(-0.1, 0.999)), ValueError, r"betas\[0\] must be >= 0"),
+    ("beta2=1", "AdamW", dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\] must be < 1.0"),
+    ("beta2>1", "AdamW", dict(betas=(0.9, 1.5)), ValueError, r"betas\[1\]"),
+    ("betas-scalar", "Adam", dict(betas=0.9), TypeError, r"betas must be a pair"),
+    ("betas-triple", "Adam", dict(betas=(0.9, 0.99, 0.999)), TypeError, r"betas must be a pair"),
+    ("eps=0", "Adam", dict(eps=0.0), ValueError, r"^eps must be > 0"),
+    ("eps<0", "AdamW", dict(eps=-1e-8), ValueError, r"^eps must be > 0"),
+    ("wd<0", "AdamW", dict(weight_decay=-0.01), ValueError, r"^weight_decay must be >= 0"),
+    ("sgd-wd<0", "SGD", dict(weight_decay=-0.01), ValueError, r"^weight_decay must be >= 0"),
+    ("amsgrad-int", "Adam", dict(amsgrad=1), TypeError, r"^amsgrad must be a bool"),
+    ("maximize-str", "SGD", dict(maximize="no"), TypeError, r"^maximize must be a bool"),
+    ("momentum<0", "SGD", dict(momentum=-0.9), ValueError, r"^momentum must be >= 0"),
+    ("nesterov-no-momentum", "SGD", dict(nesterov=True), ValueError,
+     r"nesterov needs momentum > 0"),
+    ("nesterov-dampening", "SGD", dict(nesterov=True, momentum=0.9, dampening=0.5),
+     ValueError, r"nesterov needs momentum > 0 and dampening == 0"),
+    ("group-lr<0", "Adam", dict(params=[{"params": _params(), "lr": -1.0}]), ValueError,
+     r"param_groups\[0\]\['lr'\] must be >= 0"),
+    ("group-nesterov", "SGD",
+     dict(params=[{"params": _params()[:1]}, {"params": _params()[1:], "nesterov": True}]),
+     ValueError, r"param_groups\[1\]: nesterov needs momentum"),
+    ("backend-name", "Adam", dict(backend="cuda9"), ValueError,
+     r"backend must be one of \['auto', 'numba', 'cython', 'numpy'\], got 'cuda9'"),
+    ("backend-type", "SGD", dict(backend=None), TypeError, r"backend must be a string"),
+    ("max_grad_norm=0", "Adam", dict(max_grad_norm=0.0), ValueError,
+     r"^max_grad_norm must be > 0"),
+    ("max_grad_norm<0", "SGD", dict(max_grad_norm=-1.0), ValueError,
+     r"^max_grad_norm must be > 0"),
+    ("max_grad_norm-inf", "SGD", dict(max_grad_norm=float("inf")), ValueError,
+     r"^max_grad_norm must be finite"),
+    ("max_grad_norm-str", "AdamW", dict(max_grad_norm="1"), TypeError, r"^max_grad_norm"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,exc,match", [c[1:] for c in BAD_CONSTRUCTION],
+                         ids=[c[0] for c in BAD_CONSTRUCTION])
+def test_bad_construction(name, kwargs, exc, match):
+    kwargs = dict(kwargs)
+    params = kwargs.pop("params", None)
+    if params is None:
+        params = _params()
+    kwargs.setdefault("lr", 0.1)
+    arrays = [a for spec in (params if isinstance(params, list) else [params])
+              for a in (spec.get("params", []) if isinstance(spec, dict) else [spec])
+              if isinstance(a, np.ndarray)]
+    before = [a.copy() for a in arrays]
+    with pytest.raises(exc, match=match):
+        getattr(fastopt, name)(params, **kwargs)
+    for a, b in zip(arrays, before):
+        assert_bit_identical(a, b)
+
+
+def test_valid_edge_hyperparameters_are_accepted():
+    """The bounds themselves: lr=0, beta=0, wd=0 are valid and do what they say."""
+    p = np.ones(3)
+    fastopt.Adam([p], lr=0.0, betas=(0.0, 0.0)).step([np.ones(3)])
+    np.testing.assert_array_equal(p, np.ones(3))   # lr = 0 leaves p alone
+    fastopt.SGD([p], lr=0.5, momentum=0.0, nesterov=False).step([np.ones(3)])
+    np.testing.assert_array_equal(p, np.full(3, 0.5))
+    fastopt.SGD(p, lr=np.float32(0.5), maximize=np.bool_(True)).step(np.ones(3))
+    np.testing.assert_array_equal(p, np.ones(3))
+
+
+# -- functional API --------------------------------------------------------------
+
+def functional_state(dtype=np.float64, n=(5, 3)):
+    rng = np.random.default_rng(0)
+    p = [rng_array(rng, s, dtype) for s in ((n[0],), (n[1],))]
+    g = [rng_array(rng, x.shape, dtype) for x in p]
+    m = [rng_array(rng, x.shape, dtype, 0.1) for x in p]
+    v = [np.abs(rng_array(rng, x.shape, dtype, 0.1)) for x in p]
+    vmax = [x.copy() for x in v]
+    return p, g, m, v, vmax
+
+
+def assert_functional_rejected(arrays, call, exc, match):
+    before = [[a.copy() for a in group] for group in arrays]
+    with pytest.raises(exc, match=match):
+        call()
+    for group, group_before in zip(arrays, before):
+        for a, b in zip(group, group_before):
+            assert_bit_identical(a, b)
+
+
+@pytest.mark.parametrize("fn", ["adam", "adamw"])
+@pytest.mark.parametrize("step", [0, -1, 1.5, True, "3", None, 2.0])
+def test_functional_adam_bad_step(fn, step):
+    p, g, m, v, vmax = functional_state()
+    assert_functional_rejected(
+        [p, m, v, vmax],
+        lambda: getattr(fastopt.functional, fn)(p, g, m, v, vmax, step=step),
+        ValueError, r"step must be an int >= 1")
+
+
+def _shifted(a):
+    return a[1:]
+
+
+FUNCTIONAL_BAD = [
+    ("grads-shape", lambda p, g, m, v, x: dict(grads=[g[0], np.zeros(4)]), ValueError,
+     r"grads\[1\] has shape \(4,\) but params\[1\] has shape \(3,\)"),
+    ("exp_avgs-count", lambda p, g, m, v, x: dict(exp_avgs=m[:1]), ValueError,
+     r"exp_avgs has 1 arrays but params has 2"),
+    ("exp_avg_sqs-dtype", lambda p, g, m, v, x: dict(exp_avg_sqs=[v[0], v[1].astype(np.float32)]),
+     TypeError, r"exp_avg_sqs\[1\] has dtype float32"),
+    ("max-readonly", lambda p, g, m, v, x: dict(max_exp_avg_sqs=[x[0], _ro(x[1])]), ValueError,
+     r"max_exp_avg_sqs\[1\] is read-only"),
+    ("exp_avgs-is-params", lambda p, g, m, v, x: dict(exp_avgs=p), ValueError, r"overlaps"),
+    ("m-is-v", lambda p, g, m, v, x: dict(exp_avgs=v), ValueError, r"overlaps"),
+    ("grads-alias-m", lambda p, g, m, v, x: dict(grads=[m[0].copy(), m[1]]), ValueError,
+     r"overlaps"),
+    ("params-noncontiguous", lambda p, g, m, v, x: dict(params=[np.zeros(10)[::2], p[1]]),
+     ValueError, r"params\[0\] must be C-contiguous"),
+    ("lr<0", lambda p, g, m, v, x: dict(lr=-1.0), ValueError, r"^lr must be >= 0"),
+    ("eps=0", lambda p, g, m, v, x: dict(eps=0.0), ValueError, r"^eps"),
+    ("betas", lambda p, g, m, v, x: dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
+    ("grad_scale-nan", lambda p, g, m, v, x: dict(grad_scale=float("nan")), ValueError,
+     r"grad_scale must be finite"),
+    ("backend", lambda p, g, m, v, x: dict(backend="gpu"), ValueError, r"backend must be"),
+]
+
+
+def _ro(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize("make,exc,match", [c[1:] for c in FUNCTIONAL_BAD],
+                         ids=[c[0] for c in FUNCTIONAL_BAD])
+def test_functional_adam_rejects(make, exc, match):
+    p, g, m, v, vmax = functional_state()
+    args = dict(params=p, grads=g, exp_avgs=m, exp_avg_sqs=v, max_exp_avg_sqs=vmax)
+    args.update(make(p, g, m, v, vmax))
+    assert_functional_rejected([p, m, v, vmax],
+                               lambda: fastopt.functional.adam(**args, step=3), exc, match)
+
+
+def test_functional_adam_rejects_mismatched_flat_layout():
+    params = fastopt.pack([np.ones(5), np.ones(3)])
+    m = fastopt.flat_zeros([(3,), (5,)], np.float64)
+    v = params.zeros_like()
+    assert_functional_rejected(
+        [[params.data, m.data, v.data]],
+        lambda: fastopt.functional.adam(params, params.zeros_like(), m, v, step=1),
+        ValueError, r"exp_avgs\[0\] has shape \(3,\) but params\[0\] has shape \(5,\)")
+
+
+@pytest.mark.parametrize("kwargs,buffers,match", [
+    (dict(nesterov=True), False, r"nesterov needs momentum > 0"),
+    (dict(nesterov=True, momentum=0.9, dampening=0.1), True, r"nesterov needs"),
+    (dict(momentum=0.9), False, r"momentum != 0 needs momentum_buffers"),
+    (dict(momentum=-0.9), True, r"^momentum must be >= 0"),
+    (dict(weight_decay=-1.0), False, r"^weight_decay must be >= 0"),
+    (dict(lr=float("inf")), False, r"^lr must be finite"),
+    (dict(momentum=0.9, first_step="yes"), True, r"^first_step must be a bool"),
+])
+def test_functional_sgd_rejects(kwargs, buffers, match):
+    p, g, m, _, _ = functional_state()
+    kwargs = {"lr": 0.1, **kwargs}
+    exc = TypeError if "first_step" in kwargs else ValueError
+    assert_functional_rejected(
+        [p, m],
+        lambda: fastopt.functional.sgd(p, g, m if buffers else None, **kwargs), exc, match)
+
+
+def test_functional_sgd_rejects_bad_buffers():
+    p, g, m, _, _ = functional_state()
+    assert_functional_rejected(
+        [p, m], lambda: fastopt.functional.sgd(p, g, [m[0], np.zeros(7)], lr=0.1, momentum=0.9),
+        ValueError, r"momentum_buffers\[1\] has shape \(7,\)")
+    assert_functional_rejected(
+        [p, m], lambda: fastopt.functional.sgd(p, g, p, lr=0.1, momentum=0.9),
+        ValueError, r"overlaps")
+
+
+# -- clipping ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("max_norm,exc,match", [
+    (0.0, ValueError, r"^max_norm must be > 0"), (-1.0, ValueError, r"^max_norm must be > 0"),
+    (float("nan"), ValueError, r"^max_norm must be finite"),
+    (None, TypeError, r"^max_norm must be a real number")])
+def test_clip_rejects_bad_max_norm(max_norm, exc, match):
+    grads = [np.full(3, 10.0), np.full(2, 10.0)]
+    assert_functional_rejected([grads], lambda: fastopt.clip_by_global_norm(grads, max_norm),
+                               exc, match)
+
+
+def test_clip_rejects_readonly_and_aliased_grads():
+    g = np.full(4, 10.0)
+    ro = _ro(np.full(3, 10.0))
+    assert_functional_rejected([[g, ro]], lambda: fastopt.clip_by_global_norm([g, ro], 1.0),
+                               ValueError, r"grads\[1\] is read-only")
+    # The same array twice (or overlapping views) would be scaled twice.
+    assert_functional_rejected([[g]], lambda: fastopt.clip_by_global_norm([g, g], 1.0),
+                               ValueError, r"overlaps")
+    buf = np.full(10, 10.0)
+    assert_functional_rejected([[buf]],
+                               lambda: fastopt.clip_by_global_norm([buf[:6], buf[4:]], 1.0),
+                               ValueError, r"overlaps")
+    assert_functional_rejected([[g]], lambda: fastopt.clip_by_global_norm(
+        [g, np.ones(3, np.int32)], 1.0), TypeError, r"grads\[1\] must be float32 or float64")
+    flat = fastopt.pack([np.full(3, 10.0)])
+    flat.data.flags.writeable = False
+    with pytest.raises(ValueError, match=r"grads is read-only"):
+        fastopt.clip_by_global_norm(flat, 1.0)
+
+
+def test_global_norm_checks_but_accepts_readonly():
+    ro = _ro(np.full(4, 2.0))
+    assert fastopt.global_norm([ro]) == 4.0
+    # Reading the same array twice is fine for a norm (nothing is written).
+    assert fastopt.global_norm([ro, ro]) == pytest.approx(math.sqrt(32.0), rel=1e-15)
+    with pytest.raises(TypeError, match=r"grads\[0\] must be float32 or float64"):
+        fastopt.global_norm([np.ones(3, np.int64)])
+    with pytest.raises(ValueError, match=r"grads\[1\] must be C-contiguous"):
+        fastopt.global_norm([ro, np.ones((3, 4)).T])
+    with pytest.raises(TypeError, match=r"grads must be"):
+        fastopt.global_norm(1.0)
+    with pytest.raises(ValueError, match=r"backend must be"):
+        fastopt.global_norm([ro], backend="nope")
