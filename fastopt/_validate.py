@@ -41,13 +41,22 @@ def check_bool(name, value) -> bool:
     return bool(value)
 
 
-def check_betas(betas) -> tuple:
+def check_betas(betas, name="betas") -> tuple:
     try:
         beta1, beta2 = betas
     except (TypeError, ValueError):
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
-    return (check_real("betas[0]", beta1, low=0.0, high=1.0, high_open=True),
-            check_real("betas[1]", beta2, low=0.0, high=1.0, high_open=True))
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {betas!r}") from None
+    return (check_real(f"{name}[0]", beta1, low=0.0, high=1.0, high_open=True),
+            check_real(f"{name}[1]", beta2, low=0.0, high=1.0, high_open=True))
+
+
+def check_int(name, value, *, low) -> int:
+    """An integer (Python or NumPy, not bool) >= ``low``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
 
 
 def as_array_list(name, arrays) -> list:

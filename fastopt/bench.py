@@ -188,7 +188,7 @@ def cold_start(backend="numba", dtype="float32"):
     """Seconds from a new process to the first AdamW step done, Numba's
     on-disk cache cold (empty cache dir) and warm (second run, same dir)."""
     code = ("import time; t0 = time.perf_counter(); import numpy as np, fastopt; "
-            f"p = fastopt.pack([np.ones(1000, '{dtype}')]); g = p.zeros_like(); "
+            f"p = fastopt.pack([np.ones(1 << 20, '{dtype}')]); g = p.zeros_like(); "
             f"fastopt.AdamW(p, backend='{backend}').step(g); "
             "print(time.perf_counter() - t0)")
     times = {}

@@ -42,9 +42,7 @@ def _flatten(named, optional=()):
 
 
 def _check_step(step):
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step must be an int >= 1 (the 1-based step count), got {step!r}")
-    return step
+    return V.check_int("step (the 1-based step count)", step, low=1)
 
 
 def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step,

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-__all__ = ["FlatArrays", "pack", "flat_zeros", "memory_runs"]
+__all__ = ["FlatArrays", "pack", "flat_zeros", "memory_runs", "in_memory_order"]
 
 
 class FlatArrays(tuple):
@@ -111,6 +111,19 @@ def _root(a: np.ndarray) -> np.ndarray:
 
 def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
+
+
+def in_memory_order(arrays) -> bool:
+    """Whether arrays sharing a buffer appear in the list in address order."""
+    last = {}
+    for a in arrays:
+        if a.size == 0:   # NumPy may give an empty view any address
+            continue
+        root, addr = id(_root(a)), _address(a)
+        if addr < last.get(root, addr):
+            return False
+        last[root] = addr
+    return True
 
 
 def memory_runs(arrays):

@@ -107,12 +107,22 @@ def test_backend_info():
             assert info["cython"]["num_threads"] == 1
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, 2.0, True, False, "2", None, [2]])
-def test_set_num_threads_validates(bad, restore_threads):
+@pytest.mark.parametrize("bad, error, message", [
+    (0, ValueError, "n must be >= 1"), (-1, ValueError, "n must be >= 1"),
+    (1.5, TypeError, "n must be an int"), (2.0, TypeError, "n must be an int"),
+    (True, TypeError, "n must be an int"), (False, TypeError, "n must be an int"),
+    ("2", TypeError, "n must be an int"), (None, TypeError, "n must be an int"),
+    ([2], TypeError, "n must be an int")])
+def test_set_num_threads_validates(bad, error, message, restore_threads):
     before = fastopt.get_num_threads()
-    with pytest.raises(ValueError, match="n must be a positive int"):
+    with pytest.raises(error, match=message):
         fastopt.set_num_threads(bad)
     assert fastopt.get_num_threads() == before
+
+
+def test_set_num_threads_accepts_numpy_ints(restore_threads):
+    fastopt.set_num_threads(np.int64(1))
+    assert fastopt.get_num_threads() == 1
 
 
 def test_set_num_threads_reaches_every_threaded_backend(restore_threads):

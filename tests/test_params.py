@@ -327,3 +327,20 @@ def test_empty_tensor_keeps_one_call_per_step(monkeypatch, backend):
     opt.step(grads)
     assert counters["adam_update"].sizes == [10, 10]
     np.testing.assert_allclose(params.data, 0.8, rtol=1e-7)   # two steps of lr * 1/(1 + eps)
+
+
+def test_groups_out_of_memory_order_reject_flat_grads_but_accept_lists(backend):
+    """Groups listing a packed buffer's views out of memory order make a
+    FlatArrays of grads ambiguous (param order vs memory order): rejected,
+    with nothing written; a list in param order still works."""
+    P = fastopt.pack([np.full(3, 1.0), np.full(3, 2.0), np.full(3, 3.0)])
+    opt = fastopt.SGD([{"params": [P[0], P[2]]}, {"params": [P[1]]}], lr=0.5,
+                      backend=backend)
+    G = P.zeros_like()
+    G.data[:] = np.repeat([10.0, 20.0, 30.0], 3)
+    before = P.data.copy()
+    with pytest.raises(ValueError, match="out of memory order"):
+        opt.step(G)
+    np.testing.assert_array_equal(P.data, before)
+    opt.step([G[0], G[2], G[1]])        # param order: P[0], P[2], P[1]
+    np.testing.assert_allclose(P.data, before - 0.5 * G.data)

@@ -174,9 +174,9 @@ BAD_GROUP_EDITS = {
         ("lr", float("nan"), ValueError, r"param_groups\[{g}\]\['lr'\] must be finite"),
         ("lr", float("inf"), ValueError, r"param_groups\[{g}\]\['lr'\] must be finite"),
         ("lr", "0.1", TypeError, r"param_groups\[{g}\]\['lr'\] must be a real number"),
-        ("betas", (1.0, 0.999), ValueError, r"betas\[0\] must be < 1.0"),
-        ("betas", (0.9, -0.1), ValueError, r"betas\[1\] must be >= 0"),
-        ("betas", 0.9, TypeError, r"betas must be a pair"),
+        ("betas", (1.0, 0.999), ValueError, r"param_groups\[{g}\]\['betas'\]\[0\] must be < 1.0"),
+        ("betas", (0.9, -0.1), ValueError, r"param_groups\[{g}\]\['betas'\]\[1\] must be >= 0"),
+        ("betas", 0.9, TypeError, r"param_groups\[{g}\]\['betas'\] must be a pair"),
         ("eps", 0.0, ValueError, r"param_groups\[{g}\]\['eps'\] must be > 0"),
         ("weight_decay", -0.1, ValueError, r"param_groups\[{g}\]\['weight_decay'\]"),
         ("amsgrad", "yes", TypeError, r"param_groups\[{g}\]\['amsgrad'\] must be a bool"),
@@ -389,13 +389,22 @@ def assert_functional_rejected(arrays, call, exc, match):
 
 
 @pytest.mark.parametrize("fn", ["adam", "adamw"])
-@pytest.mark.parametrize("step", [0, -1, 1.5, True, "3", None, 2.0])
-def test_functional_adam_bad_step(fn, step):
+@pytest.mark.parametrize("step, error, message", [
+    (0, ValueError, r"must be >= 1"), (-1, ValueError, r"must be >= 1"),
+    (1.5, TypeError, r"must be an int"), (True, TypeError, r"must be an int"),
+    ("3", TypeError, r"must be an int"), (None, TypeError, r"must be an int"),
+    (2.0, TypeError, r"must be an int")])
+def test_functional_adam_bad_step(fn, step, error, message):
     p, g, m, v, vmax = functional_state()
     assert_functional_rejected(
         [p, m, v, vmax],
         lambda: getattr(fastopt.functional, fn)(p, g, m, v, vmax, step=step),
-        ValueError, r"step must be an int >= 1")
+        error, r"^step \(the 1-based step count\) " + message)
+
+
+def test_functional_accepts_numpy_int_step():
+    p, g, m, v, vmax = functional_state()
+    fastopt.functional.adam(p, g, m, v, vmax, step=np.int64(3))
 
 
 def _shifted(a):

@@ -85,8 +85,8 @@ def set_num_threads(n: int) -> None:
     The step kernels never call BLAS, so limiting these threads is enough to
     avoid oversubscription inside a step.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    from .._validate import check_int
+    n = check_int("n", n, low=1)
     for name in ("numba", "cython"):
         mod = _load(name)
         if mod is not None:

@@ -36,7 +36,7 @@ class Adam(Optimizer):
         return dict(
             group,
             lr=V.check_real(V.key(where, "lr"), group["lr"], low=0.0),
-            betas=V.check_betas(group["betas"]),
+            betas=V.check_betas(group["betas"], V.key(where, "betas")),
             eps=V.check_real(V.key(where, "eps"), group["eps"], low=0.0, low_open=True),
             weight_decay=V.check_real(V.key(where, "weight_decay"), group["weight_decay"],
                                       low=0.0),

@@ -25,7 +25,7 @@ import numpy as np
 from .. import _validate as V
 from ..backends import get_backend
 from ..backends.scalars import clip_coefficient
-from ..params import FlatArrays, memory_runs
+from ..params import FlatArrays, in_memory_order, memory_runs
 
 
 class Optimizer:
@@ -54,6 +54,11 @@ class Optimizer:
         self._params = [a for g in self.param_groups for a in g["params"]]
         V.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)])
         self._layout = tuple((a.shape, a.dtype) for a in self._params)
+        # A FlatArrays of grads is matched to params in param order. If the
+        # groups list a packed buffer's views out of memory order, the grads'
+        # own layout (e.g. params.zeros_like()) would follow memory order
+        # instead and gradients could silently land on the wrong params.
+        self._memory_ordered = in_memory_order(self._params)
         self._build_runs()
         self.state = [{"step": 0, "runs": [{} for _ in g["runs"]]}
                       for g in self._run_info]
@@ -122,6 +127,11 @@ class Optimizer:
         return segments
 
     def _flat_segments(self, grads: FlatArrays):
+        if not self._memory_ordered:
+            raise ValueError(
+                "grads is a FlatArrays, but the param groups list views of one buffer "
+                "out of memory order, so its layout is ambiguous; pass grads as a list "
+                "in param-group order, or pack each group separately")
         layout = tuple((s, grads.dtype) for s in grads.shapes)
         if layout != self._layout:
             if len(grads) != len(self._params):
