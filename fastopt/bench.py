@@ -74,8 +74,8 @@ def _stream_kernels():
                 m[i] += gi
                 v[i] += gi
 
-        @njit(parallel=True, cache=True)
-        def read1(g):  # one read pass, like a norm
+        @njit(parallel=True, cache=True, fastmath=True)
+        def read1(g):  # one read pass, like a norm (fastmath: vectorised sum)
             acc = 0.0
             for i in prange(g.size):
                 acc += g[i]
@@ -97,19 +97,26 @@ def numpy_adamw(p, g, m, v, step, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=1e-2):
 
 # -- timing ------------------------------------------------------------------
 
-def _time(fn, rounds, min_block=0.02):
-    """Minimum mean seconds per call over ``rounds`` blocks of calls."""
-    fn()                                     # warm up: compile, fault pages in
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-7)
-    calls = max(1, int(min_block / once))
-    best = float("inf")
-    for _ in range(rounds):
+def _time_all(fns, rounds, min_block=0.02):
+    """Minimum mean seconds per call of each function.
+
+    Rounds are interleaved (every implementation once per round) so that a
+    slow spell of a shared machine hits all of them alike and the same-run
+    ratios stay meaningful.
+    """
+    calls = {}
+    for name, fn in fns.items():
+        fn()                                 # warm up: compile, fault pages in
         t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
+        fn()
+        calls[name] = max(1, int(min_block / max(time.perf_counter() - t0, 1e-7)))
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / calls[name])
     return best
 
 
@@ -124,26 +131,28 @@ def _adamw_case(case, shapes, dtype, rounds, backends, clip=False):
     dt = np.dtype(dtype)
     n = sum(int(np.prod(s)) for s in shapes)
     step_bytes = (ADAM_BYTES + (1 if clip else 0)) * n * dt.itemsize
-    mk = lambda impl, secs, note="": Result(case, impl, n, len(shapes), dt.name, secs,
-                                           step_bytes, note)
-    out = []
     kw = dict(lr=1e-3, weight_decay=1e-2)
     clip_kw = dict(max_grad_norm=1.0) if clip else {}
+    fns, notes = {}, {"roofline": "streaming kernel, same bytes",
+                      "numpy": "straightforward NumPy"}
 
     # roofline: the same bytes with no math (+ a read pass for the norm)
     stream = _stream_kernels()
     p, g, m, v = (_rand(n, dt, s) for s in range(4))
-    t = _time(lambda: stream["rw4_3"](p, g, m, v), rounds)
     if clip:
-        t += _time(lambda: stream["read1"](g), rounds)
-    out.append(mk("roofline", t, "streaming kernel, same bytes"))
+        fns["roofline"] = lambda: (stream["read1"](g), stream["rw4_3"](p, g, m, v))
+    else:
+        fns["roofline"] = lambda: stream["rw4_3"](p, g, m, v)
 
-    for be in backends:
+    def fastopt_step(be):
         params = fastopt.pack([_rand(s, dt, 1) for s in shapes])
         grads = params.zeros_like()
         grads.data[:] = _rand(n, dt, 2)
         opt = fastopt.AdamW(params, backend=be, **kw, **clip_kw)
-        out.append(mk(be, _time(lambda: opt.step(grads), rounds)))
+        return lambda: opt.step(grads)
+
+    for be in backends:
+        fns[be] = fastopt_step(be)
 
     # straightforward NumPy: one tensor at a time, as a user's loop would
     ps = [_rand(s, dt, 1) for s in shapes]
@@ -162,26 +171,29 @@ def _adamw_case(case, shapes, dtype, rounds, backends, clip=False):
             gs_eff = gs
         for a, b, c_, d in zip(ps, gs_eff, ms, vs):
             numpy_adamw(a, b, c_, d, state["t"])
-    out.append(mk("numpy", _time(numpy_step, rounds), "straightforward NumPy"))
+    fns["numpy"] = numpy_step
 
     torch = _torch()
     for variant in ("fused", "foreach"):
         impl = f"torch-{variant}"
         if torch is None:
-            out.append(mk(impl, None, "torch not installed"))
+            fns[impl], notes[impl] = None, "torch not installed"
             continue
         tps = [torch.from_numpy(_rand(s, dt, 1)) for s in shapes]
         for tp in tps:
             tp.grad = torch.from_numpy(_rand(tp.shape, dt, 2))
         topt = torch.optim.AdamW(tps, **kw, **{variant: True})
         if clip:
-            def tstep():
+            def tstep(tps=tps, topt=topt):
                 torch.nn.utils.clip_grad_norm_(tps, 1.0, foreach=True)
                 topt.step()
+            fns[impl] = tstep
         else:
-            tstep = topt.step
-        out.append(mk(impl, _time(tstep, rounds)))
-    return out
+            fns[impl] = topt.step
+
+    times = _time_all({k: f for k, f in fns.items() if f is not None}, rounds)
+    return [Result(case, impl, n, len(shapes), dt.name, times.get(impl), step_bytes,
+                   notes.get(impl, "")) for impl in fns]
 
 
 def cold_start(backend="numba", dtype="float32"):
