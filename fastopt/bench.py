@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -41,7 +41,6 @@ class Result:
     seconds: float | None            # per step; None when not run
     bytes_per_step: int
     note: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def gbps(self):
