@@ -23,14 +23,18 @@ def _flat_grads(grads, *, writable):
     return [g.reshape(-1) for g in arrays]
 
 
+def norm_of(backend, flats) -> float:
+    """Global L2 norm of 1-D arrays with an already chosen backend module."""
+    return math.sqrt(sum(backend.sumsq(g) for g in flats))
+
+
 def global_norm(grads, *, backend="auto") -> float:
     r""":math:`\sqrt{\sum_i \lVert g_i \rVert_2^2}` over all arrays, in float64.
 
     The sum runs over fixed chunks in a fixed order, so the result does not
     depend on the thread count. A NaN or inf anywhere gives NaN or inf.
     """
-    be = get_backend(backend)
-    return math.sqrt(sum(be.sumsq(g) for g in _flat_grads(grads, writable=False)))
+    return norm_of(get_backend(backend), _flat_grads(grads, writable=False))
 
 
 def clip_by_global_norm(grads, max_norm, *, backend="auto") -> float:
@@ -43,7 +47,7 @@ def clip_by_global_norm(grads, max_norm, *, backend="auto") -> float:
     max_norm = V.check_real("max_norm", max_norm, low=0.0, low_open=True)
     be = get_backend(backend)
     flats = _flat_grads(grads, writable=True)
-    norm = math.sqrt(sum(be.sumsq(g) for g in flats))
+    norm = norm_of(be, flats)
     coef = clip_coefficient(norm, max_norm)
     if coef != 1.0:
         for g in flats:

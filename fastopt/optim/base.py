@@ -18,13 +18,12 @@ The math lives in the backends; this class owns everything around it:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .. import _validate as V
 from ..backends import get_backend
 from ..backends.scalars import clip_coefficient
+from ..clip import norm_of
 from ..params import FlatArrays, in_memory_order, memory_runs
 
 
@@ -164,8 +163,7 @@ class Optimizer:
         backend = self._backend
         norm, coef = None, 1.0
         if max_norm is not None:
-            norm = math.sqrt(sum(backend.sumsq(seg[2]) for segs in segments
-                                 for seg in segs))
+            norm = norm_of(backend, [seg[2] for segs in segments for seg in segs])
             coef = clip_coefficient(norm, max_norm)
         for gi, h in enumerate(hypers):
             self._step_group(backend, h, self.state[gi], self._run_info[gi]["runs"],
