@@ -11,7 +11,7 @@ Backends: ``numpy`` (the reference), ``numba`` (CPU, parallel) and
 Nothing heavy is imported here: Numba loads on first use.
 """
 
-from . import functional
+from . import functional, schedules
 from .backends import (available_backends, backend_info, get_num_threads,
                        set_num_threads)
 from .clip import clip_by_global_norm, global_norm
@@ -25,5 +25,5 @@ __all__ = [
     "global_norm", "clip_by_global_norm",
     "FlatArrays", "pack", "flat_zeros",
     "available_backends", "backend_info", "set_num_threads", "get_num_threads",
-    "functional",
+    "functional", "schedules",
 ]

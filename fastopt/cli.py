@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "bench": "fastopt._cmd_bench",
     "info": "fastopt._cmd_info",
+    "plot-schedule": "fastopt._cmd_plot_schedule",
 }
 
 

@@ -32,7 +32,8 @@ class Optimizer:
 
     def __init__(self, params, defaults: dict, *, backend="auto", max_grad_norm=None):
         self._backend = get_backend(backend)
-        self.defaults = self._check_hypers(dict(defaults))
+        self.iterations = 0     # step() calls so far: the schedules' position
+        self.defaults = self._validated(dict(defaults))
         self.max_grad_norm = (None if max_grad_norm is None else
                               V.check_real("max_grad_norm", max_grad_norm, low=0.0,
                                            low_open=True))
@@ -42,7 +43,7 @@ class Optimizer:
             unknown = set(group) - set(self.defaults)
             if unknown:
                 raise ValueError(f"param group {gi} has unknown keys {sorted(unknown)}")
-            group = self._check_hypers(group, where=f"param_groups[{gi}]")
+            group = self._validated(group, where=f"param_groups[{gi}]")
             arrays = V.as_array_list(f"param_groups[{gi}]['params']", spec["params"])
             if not arrays:
                 raise ValueError(f"param group {gi} has no parameters")
@@ -62,6 +63,7 @@ class Optimizer:
         self.state = [{"step": 0, "runs": [{} for _ in g["runs"]]}
                       for g in self._run_info]
         self.grad_norm = None   # pre-clip global norm of the last step's grads
+        self.last_lr = None     # per group, the lr the last step used
         self._cached = (None, None)
 
     # -- construction helpers ---------------------------------------------
@@ -155,7 +157,7 @@ class Optimizer:
         gradient norm when ``max_grad_norm`` is set, else None.
         """
         segments = self._segments(grads)
-        hypers = [self._check_hypers(g, where=f"param_groups[{gi}]")
+        hypers = [self._resolve(g, where=f"param_groups[{gi}]")
                   for gi, g in enumerate(self.param_groups)]
         max_norm = self.max_grad_norm   # public attribute: re-checked like the groups
         if max_norm is not None:
@@ -169,7 +171,9 @@ class Optimizer:
             self._step_group(backend, h, self.state[gi], self._run_info[gi]["runs"],
                              segments[gi], coef)
             self.state[gi]["step"] += 1
+        self.iterations += 1
         self.grad_norm = norm
+        self.last_lr = [h["lr"] for h in hypers]
         return norm
 
     def _state_buffer(self, state, runs, ri, name):
@@ -178,6 +182,29 @@ class Optimizer:
         if name not in bufs:
             bufs[name] = np.zeros_like(runs[ri]["flat"])
         return bufs[name]
+
+    # -- hyperparameters --------------------------------------------------------
+    def _resolve(self, group, where=""):
+        """The group's hypers checked, with a schedule's lr evaluated at
+        ``self.iterations`` (host float64, once per step: nothing recompiles)."""
+        lr = group["lr"]
+        if callable(lr):
+            try:
+                value = lr(self.iterations)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{V.key(where, 'lr')}: the schedule failed at step "
+                                 f"{self.iterations}: {exc}") from None
+            V.check_real(f"{V.key(where, 'lr')} (schedule value at step {self.iterations})",
+                         value, low=0.0)
+            group = dict(group, lr=value)
+        return self._check_hypers(group, where)
+
+    def _validated(self, group, where=""):
+        """Checked and normalised hypers to store; a schedule stays a schedule."""
+        checked = self._resolve(group, where)
+        if callable(group["lr"]):
+            checked["lr"] = group["lr"]
+        return checked
 
     # -- subclass hooks ---------------------------------------------------------
     def _check_hypers(self, group, where=""):

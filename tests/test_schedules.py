@@ -1,0 +1,182 @@
+"""Learning-rate schedules: values against torch.optim.lr_scheduler, the
+closed form, composition, serialisation and use inside the optimizers."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import schedules as S
+
+torch = pytest.importorskip("torch")
+
+RTOL = 1e-12   # closed form vs torch's recursive updates: float64 rounding only
+
+
+def torch_lrs(make_sched, n, base_lr=0.1):
+    """The lr torch uses at each of ``n`` optimizer steps (step 0 first)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=base_lr)
+    sched = make_sched(opt)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+    return np.array(out)
+
+
+def ours(sched, n):
+    return np.array([sched(t) for t in range(n)])
+
+
+L = torch.optim.lr_scheduler
+
+CASES = [
+    ("LinearLR", lambda o: L.LinearLR(o, start_factor=0.25, end_factor=1.0, total_iters=7),
+     S.linear(0.025, 0.1, 7), 20),
+    ("LinearLR-down", lambda o: L.LinearLR(o, start_factor=1.0, end_factor=0.1, total_iters=13),
+     S.linear(0.1, 0.01, 13), 30),
+    ("CosineAnnealingLR", lambda o: L.CosineAnnealingLR(o, T_max=50, eta_min=1e-3),
+     S.cosine_decay(0.1, 50, final_value=1e-3), 51),
+    ("CosineAnnealingLR-alpha", lambda o: L.CosineAnnealingLR(o, T_max=17, eta_min=0.01),
+     S.cosine_decay(0.1, 17, alpha=0.1), 18),
+    ("StepLR", lambda o: L.StepLR(o, step_size=5, gamma=0.5), S.step_decay(0.1, 0.5, step_size=5), 40),
+    ("MultiStepLR", lambda o: L.MultiStepLR(o, milestones=[3, 10, 11], gamma=0.1),
+     S.step_decay(0.1, 0.1, milestones=[10, 3, 11]), 20),
+    ("ExponentialLR", lambda o: L.ExponentialLR(o, gamma=0.95), S.exponential(0.1, 0.95), 100),
+    ("OneCycleLR-cos", lambda o: L.OneCycleLR(o, max_lr=0.1, total_steps=100, cycle_momentum=False),
+     S.one_cycle(0.1, 100), 100),
+    ("OneCycleLR-linear", lambda o: L.OneCycleLR(o, max_lr=0.1, total_steps=37, pct_start=0.25,
+                                                 anneal_strategy="linear", cycle_momentum=False),
+     S.one_cycle(0.1, 37, pct_start=0.25, anneal="linear"), 37),
+    ("OneCycleLR-3phase", lambda o: L.OneCycleLR(o, max_lr=0.1, total_steps=50, three_phase=True,
+                                                 div_factor=10, final_div_factor=100,
+                                                 cycle_momentum=False),
+     S.one_cycle(0.1, 50, three_phase=True, div_factor=10, final_div_factor=100), 50),
+    ("SequentialLR", lambda o: L.SequentialLR(o, [L.LinearLR(o, start_factor=0.1, total_iters=5),
+                                                  L.CosineAnnealingLR(o, T_max=20, eta_min=1e-3)],
+                                              milestones=[5]),
+     S.join([S.linear(0.01, 0.1, 5), S.cosine_decay(0.1, 20, final_value=1e-3)], [5]), 26),
+]
+
+
+@pytest.mark.parametrize("name,make,sched,n", CASES, ids=[c[0] for c in CASES])
+def test_matches_torch(name, make, sched, n):
+    np.testing.assert_allclose(ours(sched, n), torch_lrs(make, n), rtol=RTOL, atol=0)
+
+
+def test_deliberate_differences_from_torch():
+    # Past T_max torch's cosine rises again (period 2*T_max); ours holds the floor.
+    t = torch_lrs(lambda o: L.CosineAnnealingLR(o, T_max=10, eta_min=0.0), 15)
+    c = S.cosine_decay(0.1, 10)
+    assert t[14] > 0 and c(14) == 0.0
+    # one_cycle holds its final value past total_steps (torch raises).
+    oc = S.one_cycle(0.1, 10)
+    assert oc(10) == oc(9) == oc(1000)
+
+
+def test_formulas():
+    w = S.warmup_cosine(peak_value=1.0, warmup_steps=10, total_steps=110, alpha=0.1)
+    assert w(0) == 0.0 and w(5) == 0.5 and w(10) == 1.0
+    assert w(60) == pytest.approx(0.55, rel=1e-15)
+    assert w(110) == pytest.approx(0.1, rel=1e-15) and w(10**6) == w(110)
+    assert S.constant(3e-4)(123) == 3e-4
+    assert S.warmup(1.0, 4)(2) == 0.5 and S.warmup(1.0, 4)(99) == 1.0
+    assert S.linear(1.0, 0.0, 10, transition_begin=5)(5) == 1.0
+    assert S.linear(1.0, 0.0, 10, transition_begin=5)(10) == 0.5
+    j = S.join([S.constant(1.0), S.constant(2.0), S.exponential(4.0, 0.5)], [3, 6])
+    assert [j(t) for t in range(9)] == [1, 1, 1, 2, 2, 2, 4, 2, 1]
+    assert S.cosine_decay(2.0, 4, alpha=0.25)(4) == 0.5
+
+
+@pytest.mark.parametrize("sched", [c[2] for c in CASES] + [
+    S.constant(0.5), S.warmup_cosine(1e-3, 5, 50, final_value=1e-5)])
+def test_round_trip(sched):
+    spec = json.loads(json.dumps(sched.to_dict()))
+    back = S.from_dict(spec)
+    assert back == sched and repr(back) == repr(sched)
+    assert ours(back, 60).tobytes() == ours(sched, 60).tobytes()
+
+
+@pytest.mark.parametrize("bad,err", [
+    (lambda: S.linear(1.0, 0.0, 0), ValueError),
+    (lambda: S.cosine_decay(-1.0, 10), ValueError),
+    (lambda: S.step_decay(1.0, 0.1), ValueError),
+    (lambda: S.step_decay(1.0, 0.1, step_size=2, milestones=[3]), ValueError),
+    (lambda: S.join([S.constant(1.0), S.constant(2.0)], [3, 4]), ValueError),
+    (lambda: S.join([S.constant(1.0), S.constant(2.0), S.constant(3.0)], [4, 4]), ValueError),
+    (lambda: S.one_cycle(1.0, 10, anneal="cosine"), ValueError),
+    (lambda: S.exponential(1.0, float("nan")), ValueError),
+    (lambda: S.from_dict({"kind": "nope"}), ValueError),
+    (lambda: S.from_dict({"kind": "constant", "valu": 1.0}), ValueError),
+    (lambda: S.constant(1.0)(-1), ValueError),
+    (lambda: S.constant(1.0)(1.5), TypeError),
+])
+def test_bad_arguments(bad, err):
+    with pytest.raises(err):
+        bad()
+
+
+def test_optimizer_uses_schedule_per_group_and_matches_torch():
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal(6)
+    grads = [rng.standard_normal(6) for _ in range(12)]
+    sched = S.warmup_cosine(0.1, 3, 10, alpha=0.0)
+    a, b = w0[:3].copy(), w0[3:].copy()
+    opt = fastopt.SGD([{"params": [a]}, {"params": [b], "lr": 0.05}], lr=sched,
+                      momentum=0.9, backend="numpy")
+    ta = torch.nn.Parameter(torch.tensor(w0[:3]))
+    tb = torch.nn.Parameter(torch.tensor(w0[3:]))
+    topt = torch.optim.SGD([{"params": [ta]}, {"params": [tb]}], lr=0.1, momentum=0.9)
+    lam = L.LambdaLR(topt, [lambda t: sched(t) / 0.1, lambda t: 0.5])
+    for t, g in enumerate(grads):
+        opt.step([g[:3].copy(), g[3:].copy()])
+        assert opt.last_lr == [sched(t), 0.05]
+        ta.grad, tb.grad = torch.tensor(g[:3]), torch.tensor(g[3:])
+        topt.step()
+        lam.step()
+    np.testing.assert_allclose(a, ta.detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(b, tb.detach().numpy(), rtol=1e-12)
+    assert opt.iterations == len(grads)
+
+
+def test_changing_lr_between_steps_does_not_recompile():
+    pytest.importorskip("numba")
+    p = np.zeros(8, np.float32)
+    g = np.ones(8, np.float32)
+    opt = fastopt.AdamW(p, lr=S.exponential(1e-3, 0.9), backend="numba")
+    opt.step(g)
+    from fastopt.backends import numba_cpu
+    before = len(numba_cpu._adam_chunk.signatures)
+    for lr in (S.constant(1e-2), 3e-4, S.linear(1e-3, 0.0, 5)):
+        opt.param_groups[0]["lr"] = lr
+        opt.step(g)
+    assert len(numba_cpu._adam_chunk.signatures) == before
+
+
+def test_bad_schedule_value_rejected_before_writing():
+    p = np.ones(4)
+    opt = fastopt.SGD(p, lr=S.constant(0.1), backend="numpy")
+    opt.param_groups[0]["lr"] = lambda t: float("nan")
+    with pytest.raises(ValueError, match="schedule value at step 0"):
+        opt.step(np.ones(4))
+    assert (p == 1).all() and opt.iterations == 0
+
+
+def test_plot_schedule_cli(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from fastopt.cli import main
+    out = tmp_path / "lr.png"
+    rc = main(["plot-schedule", "warmup_cosine(1e-3, 10, 100)",
+               json.dumps(S.one_cycle(1e-3, 100).to_dict()), "--steps", "120", "-o", str(out)])
+    assert rc == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot-schedule", "__import__('os').getcwd()"]) == 2
+    assert "unknown schedule" in capsys.readouterr().err
