@@ -27,10 +27,11 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, amsgrad=False, maximize=False, *,
-                 backend="auto", max_grad_norm=None):
+                 backend="auto", max_grad_norm=None, **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize)
-        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
+                         **options)
 
     def _check_hypers(self, group, where=""):
         return dict(
@@ -66,7 +67,7 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=1e-2, amsgrad=False, maximize=False, *,
-                 backend="auto", max_grad_norm=None):
+                 backend="auto", max_grad_norm=None, **options):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, backend=backend,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, **options)

@@ -13,10 +13,17 @@ The math lives in the backends; this class owns everything around it:
   cached by identity); any other list is checked and stepped array by array;
 * optional global-norm clipping folded into the update kernel
   (``max_grad_norm``): one read pass for the norm, the coefficient applied
-  inside the update, the caller's gradients left untouched.
+  inside the update, the caller's gradients left untouched;
+* ``skip_nonfinite``: the same read pass (one extra pass over the grads when
+  clipping is off) tells whether any gradient is NaN/inf, and such a step
+  is skipped without writing anything;
+* learning-rate schedules (:mod:`fastopt.schedules`): a group's ``lr`` may
+  be a schedule, evaluated at ``iterations`` once per step on the host.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -27,12 +34,39 @@ from ..clip import norm_of
 from ..params import FlatArrays, in_memory_order, memory_runs
 
 
-class Optimizer:
-    """Base class. Subclasses define ``_defaults_check`` and ``_step_group``."""
+def _all_finite(norm, flats) -> bool:
+    """Whether every gradient is finite, given their global norm.
 
-    def __init__(self, params, defaults: dict, *, backend="auto", max_grad_norm=None):
+    The norm is a float64 sum of squares: any NaN gives NaN and any inf gives
+    inf (squares are >= 0, so no inf - inf), and for finite float32/16
+    inputs the sum cannot overflow (n * 3.4e38**2 << 1.8e308). Only float64
+    gradients above ~1e154 can overflow it to inf while finite; that rare
+    case is settled by an exact check.
+    """
+    if math.isfinite(norm):
+        return True
+    if norm != math.inf:
+        return False
+    return all(bool(np.isfinite(f).all()) for f in flats)
+
+
+class Optimizer:
+    """Base class. Subclasses define ``_check_hypers`` and ``_step_group``.
+
+    Keyword options every optimizer takes: ``backend``, ``max_grad_norm``
+    (global-norm clipping inside the step), ``skip_nonfinite`` (skip a step
+    whose gradients hold NaN/inf; counted in ``skipped_steps``).
+
+    After each step: ``grad_norm`` (pre-clip global norm, when computed),
+    ``last_lr`` (per group), ``iterations`` (step calls, applied or skipped).
+    """
+
+    def __init__(self, params, defaults: dict, *, backend="auto", max_grad_norm=None,
+                 skip_nonfinite=False):
         self._backend = get_backend(backend)
         self.iterations = 0     # step() calls so far: the schedules' position
+        self.skipped_steps = 0  # steps skipped for a non-finite gradient
+        self.skip_nonfinite = V.check_bool("skip_nonfinite", skip_nonfinite)
         self.defaults = self._validated(dict(defaults))
         self.max_grad_norm = (None if max_grad_norm is None else
                               V.check_real("max_grad_norm", max_grad_norm, low=0.0,
@@ -154,23 +188,38 @@ class Optimizer:
         ``grads`` is a list of arrays matching the params one to one, or a
         :class:`~fastopt.params.FlatArrays` with the params' layout (the fast
         path: one kernel call per group). Returns the pre-clip global
-        gradient norm when ``max_grad_norm`` is set, else None.
+        gradient norm when it was computed (``max_grad_norm`` set, or
+        ``skip_nonfinite``), else None; it is also ``self.grad_norm``, and
+        the lr each group used is ``self.last_lr``.
+
+        With ``skip_nonfinite`` a NaN or inf anywhere in ``grads`` skips the
+        step: params and state are left untouched (the step counts used for
+        bias correction do not advance), ``self.skipped_steps`` counts it,
+        and schedules still advance (``self.iterations``), as in a torch
+        loop that calls ``scheduler.step()`` every iteration.
         """
         segments = self._segments(grads)
         hypers = [self._resolve(g, where=f"param_groups[{gi}]")
                   for gi, g in enumerate(self.param_groups)]
-        max_norm = self.max_grad_norm   # public attribute: re-checked like the groups
+        max_norm = self.max_grad_norm   # public attributes: re-checked like the groups
         if max_norm is not None:
             max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True)
+        check = V.check_bool("skip_nonfinite", self.skip_nonfinite)
         backend = self._backend
-        norm, coef = None, 1.0
-        if max_norm is not None:
-            norm = norm_of(backend, [seg[2] for segs in segments for seg in segs])
-            coef = clip_coefficient(norm, max_norm)
-        for gi, h in enumerate(hypers):
-            self._step_group(backend, h, self.state[gi], self._run_info[gi]["runs"],
-                             segments[gi], coef)
-            self.state[gi]["step"] += 1
+        norm, coef, skip = None, 1.0, False
+        if max_norm is not None or check:
+            flats = [seg[2] for segs in segments for seg in segs]
+            norm = norm_of(backend, flats)
+            skip = check and not _all_finite(norm, flats)
+            if max_norm is not None:
+                coef = clip_coefficient(norm, max_norm)
+        if skip:
+            self.skipped_steps += 1
+        else:
+            for gi, h in enumerate(hypers):
+                self._step_group(backend, h, self.state[gi], self._run_info[gi]["runs"],
+                                 segments[gi], coef)
+                self.state[gi]["step"] += 1
         self.iterations += 1
         self.grad_norm = norm
         self.last_lr = [h["lr"] for h in hypers]

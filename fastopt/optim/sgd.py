@@ -21,10 +21,11 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False,
                  weight_decay=0.0, maximize=False, *, backend="auto",
-                 max_grad_norm=None):
+                 max_grad_norm=None, **options):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         nesterov=nesterov, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
+                         **options)
 
     def _check_hypers(self, group, where=""):
         h = dict(
