@@ -14,6 +14,7 @@ Nothing heavy is imported here: Numba loads on first use.
 from . import functional, schedules
 from .backends import (available_backends, backend_info, get_num_threads,
                        set_num_threads)
+from .checkpoint import CheckpointError, load, save
 from .clip import clip_by_global_norm, global_norm
 from .optim import SGD, Adam, AdamW, Optimizer
 from .params import FlatArrays, flat_zeros, pack
@@ -26,4 +27,5 @@ __all__ = [
     "FlatArrays", "pack", "flat_zeros",
     "available_backends", "backend_info", "set_num_threads", "get_num_threads",
     "functional", "schedules",
+    "save", "load", "CheckpointError",
 ]

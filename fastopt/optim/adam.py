@@ -24,6 +24,10 @@ class Adam(Optimizer):
     """
 
     _decoupled = False
+    _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def _required_state(self, hypers, step):
+        return {"exp_avg", "exp_avg_sq"} if step else set()
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, amsgrad=False, maximize=False, *,

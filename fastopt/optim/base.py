@@ -32,6 +32,7 @@ from ..backends import get_backend
 from ..backends.scalars import clip_coefficient
 from ..clip import norm_of
 from ..params import FlatArrays, in_memory_order, memory_runs
+from ..schedules import Schedule, from_dict
 
 
 def _all_finite(norm, flats) -> bool:
@@ -48,6 +49,11 @@ def _all_finite(norm, flats) -> bool:
     if norm != math.inf:
         return False
     return all(bool(np.isfinite(f).all()) for f in flats)
+
+
+def _brief(layout):
+    text = ", ".join(f"{d['dtype']}{d['shape']}" for d in layout[:4])
+    return f"[{text}{', ...' if len(layout) > 4 else ''}] ({len(layout)} arrays)"
 
 
 class Optimizer:
@@ -231,6 +237,166 @@ class Optimizer:
         if name not in bufs:
             bufs[name] = np.zeros_like(runs[ri]["flat"])
         return bufs[name]
+
+    # -- checkpoints ------------------------------------------------------------
+    #: state buffer names this optimizer may hold (subclasses extend)
+    _state_names: tuple = ()
+
+    def _required_state(self, hypers, step) -> set:
+        """Buffers a group must have after ``step`` applied steps."""
+        return set()
+
+    def _group_dtype(self, gi):
+        """The one dtype of group ``gi``'s state buffers (a checkpoint stores
+        each buffer as one flat array per group, whatever the packing)."""
+        dtypes = {np.dtype(run["flat"].dtype) for run in self._run_info[gi]["runs"]}
+        if len(dtypes) != 1:
+            raise ValueError(f"param group {gi} mixes dtypes {sorted(map(str, dtypes))}; "
+                             "checkpoints need one dtype per group (split the group)")
+        return dtypes.pop()
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly, as plain data and arrays (copies).
+
+        ``{"type", "iterations", "skipped_steps", "options", "param_groups",
+        "state"}``: hyperparameters per group (a schedule as its
+        ``to_dict()`` spec under ``{"schedule": ...}``) with the params'
+        shapes and dtypes; per group the applied step count and each state
+        buffer as one flat array over the group's elements in param order,
+        so a checkpoint does not depend on how the params were packed. The
+        params themselves are not included (see :func:`fastopt.save`).
+        """
+        groups, state = [], []
+        for gi, group in enumerate(self.param_groups):
+            hyp = {}
+            for k, v in group.items():
+                if k == "params":
+                    continue
+                if callable(v):
+                    if not isinstance(v, Schedule):
+                        raise TypeError(
+                            f"param_groups[{gi}]['{k}'] is a plain callable; only "
+                            "fastopt.schedules schedules can be saved in a state_dict")
+                    v = {"schedule": v.to_dict()}
+                elif isinstance(v, tuple):
+                    v = list(v)
+                hyp[k] = v
+            hyp["params"] = [{"shape": list(a.shape), "dtype": str(a.dtype)}
+                             for a in group["params"]]
+            groups.append(hyp)
+            self._group_dtype(gi)
+            runs = self.state[gi]["runs"]
+            names = sorted({n for r in runs for n in r})
+            bufs = {}
+            for n in names:
+                if not all(n in r for r in runs):
+                    raise RuntimeError(f"state buffer {n!r} exists for only some runs")
+                bufs[n] = np.concatenate([r[n] for r in runs]) if len(runs) > 1 \
+                    else runs[0][n].copy()
+            state.append({"step": self.state[gi]["step"], "buffers": bufs})
+        return {"type": type(self).__name__, "iterations": self.iterations,
+                "skipped_steps": self.skipped_steps,
+                "options": self._options_dict(),
+                "param_groups": groups, "state": state}
+
+    def _options_dict(self) -> dict:
+        return {"max_grad_norm": self.max_grad_norm, "skip_nonfinite": self.skip_nonfinite}
+
+    def load_state_dict(self, state_dict) -> None:
+        """Restore :meth:`state_dict` output. Everything is checked first: a
+        checkpoint that does not match (another optimizer type, other shapes
+        or dtypes, missing or unknown keys) raises ValueError/TypeError and
+        leaves this optimizer exactly as it was."""
+        self._prepare_load(state_dict)()
+
+    def _prepare_load(self, sd):
+        """Check ``sd`` against this optimizer; return a function that applies it
+        (and cannot fail), so callers can check several things before writing."""
+        def need(d, keys, where):
+            if not isinstance(d, dict):
+                raise TypeError(f"checkpoint: {where} must be a dict, got {type(d).__name__}")
+            missing = [k for k in keys if k not in d]
+            if missing:
+                raise ValueError(f"checkpoint: {where} is missing keys {missing}")
+
+        need(sd, ("type", "iterations", "skipped_steps", "options", "param_groups", "state"),
+             "the state_dict")
+        if sd["type"] != type(self).__name__:
+            raise ValueError(f"checkpoint is for an optimizer of type {sd['type']}, not "
+                             f"{type(self).__name__}")
+        iterations = V.check_int("checkpoint iterations", sd["iterations"], low=0)
+        skipped = V.check_int("checkpoint skipped_steps", sd["skipped_steps"], low=0)
+        apply_options = self._prepare_options(sd["options"])
+        if not isinstance(sd["param_groups"], list) or \
+                len(sd["param_groups"]) != len(self.param_groups):
+            raise ValueError(f"checkpoint has {len(sd['param_groups'])} param groups, this "
+                             f"optimizer has {len(self.param_groups)}")
+        if not isinstance(sd["state"], list) or len(sd["state"]) != len(self.param_groups):
+            raise ValueError("checkpoint: 'state' must list one entry per param group")
+        new_hypers, new_state = [], []
+        for gi, (hyp, st) in enumerate(zip(sd["param_groups"], sd["state"])):
+            where = f"checkpoint param_groups[{gi}]"
+            need(hyp, list(self.defaults) + ["params"], f"param_groups[{gi}]")
+            unknown = set(hyp) - set(self.defaults) - {"params"}
+            if unknown:
+                raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
+            layout = [{"shape": list(a.shape), "dtype": str(a.dtype)}
+                      for a in self.param_groups[gi]["params"]]
+            if hyp["params"] != layout:
+                raise ValueError(f"{where}: params {_brief(hyp['params'])} do not match this "
+                                 f"optimizer's {_brief(layout)}")
+            group = {k: v for k, v in hyp.items() if k != "params"}
+            if isinstance(group["lr"], dict):
+                need(group["lr"], ("schedule",), f"{where}['lr']")
+                group["lr"] = from_dict(group["lr"]["schedule"])
+            group = self._validated(group, where=where)
+            need(st, ("step", "buffers"), f"state[{gi}]")
+            step = V.check_int(f"checkpoint state[{gi}]['step']", st["step"], low=0)
+            runs = self._run_info[gi]["runs"]
+            dtype = self._group_dtype(gi)
+            n = sum(r["flat"].size for r in runs)
+            bufs = st["buffers"]
+            need(bufs, sorted(self._required_state(group, step)), f"state[{gi}]")
+            unknown = set(bufs) - set(self._state_names)
+            if unknown:
+                raise ValueError(f"checkpoint state[{gi}] has unknown buffers {sorted(unknown)}"
+                                 f" for {type(self).__name__} (expected some of "
+                                 f"{list(self._state_names)})")
+            for name, a in bufs.items():
+                if not isinstance(a, np.ndarray) or a.shape != (n,) or a.dtype != dtype:
+                    got = (f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray)
+                           else type(a).__name__)
+                    raise ValueError(f"checkpoint state[{gi}]['{name}'] is {got}, expected "
+                                     f"{dtype}[{n}]")
+            split = np.cumsum([0] + [r["flat"].size for r in runs]).tolist()
+            new_runs = [{name: np.array(a[lo:hi], copy=True) for name, a in bufs.items()}
+                        for lo, hi in zip(split, split[1:])]
+            new_hypers.append(group)
+            new_state.append({"step": step, "runs": new_runs})
+
+        def apply():
+            for group, hyp in zip(self.param_groups, new_hypers):
+                group.update(hyp)
+            self.state = new_state
+            self.iterations = iterations
+            self.skipped_steps = skipped
+            apply_options()
+        return apply
+
+    def _prepare_options(self, options):
+        if not isinstance(options, dict):
+            raise TypeError("checkpoint: 'options' must be a dict")
+        missing = [k for k in ("max_grad_norm", "skip_nonfinite") if k not in options]
+        if missing:
+            raise ValueError(f"checkpoint: options is missing keys {missing}")
+        mgn = options["max_grad_norm"]
+        mgn = None if mgn is None else V.check_real("checkpoint max_grad_norm", mgn,
+                                                    low=0.0, low_open=True)
+        skip = V.check_bool("checkpoint skip_nonfinite", options["skip_nonfinite"])
+
+        def apply():
+            self.max_grad_norm, self.skip_nonfinite = mgn, skip
+        return apply
 
     # -- hyperparameters --------------------------------------------------------
     def _resolve(self, group, where=""):

@@ -27,6 +27,8 @@ class SGD(Optimizer):
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
                          **options)
 
+    _state_names = ("momentum_buffer",)
+
     def _check_hypers(self, group, where=""):
         h = dict(
             group,

@@ -1,0 +1,192 @@
+"""Checkpoints: params, optimizer state and your own metadata in one ``.npz``.
+
+::
+
+    fastopt.save("ckpt.npz", params=params, optimizer=opt, extra={"epoch": 3})
+    ...                                   # a fresh process: build params and opt as before
+    ckpt = fastopt.load("ckpt.npz", params=params, optimizer=opt)
+    ckpt["extra"]["epoch"]                # 3
+
+The file is a plain NumPy ``.npz`` read with ``allow_pickle=False``: every
+array is stored as itself (bfloat16 as its uint16 bits, since NumPy has no
+name for it), and the structure around them (hyperparameters, schedule
+specs, step counts, array dtypes) as JSON in a string array ``__meta__``.
+Nothing in a checkpoint can run code when loaded.
+
+Resuming is exact: N steps equal k steps, save, load (in a new process),
+N - k steps, bit for bit, on every backend. :func:`load` checks the whole
+checkpoint against ``params`` and ``optimizer`` before writing anything; on
+any mismatch it raises :class:`CheckpointError` (a ValueError) and both are
+left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+import zlib
+
+import numpy as np
+
+from .params import FlatArrays
+
+__all__ = ["save", "load", "CheckpointError"]
+
+FORMAT = "fastopt-checkpoint/1"
+_META = "__meta__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match what it is loaded into."""
+
+
+def _extension_dtype(name):
+    """NumPy dtypes stored by their bits (``kind == "V"``), found by name."""
+    if name == "bfloat16":
+        import ml_dtypes   # only when a checkpoint holds bfloat16
+        return np.dtype(ml_dtypes.bfloat16)
+    raise CheckpointError(f"the checkpoint holds an array of unknown dtype {name!r}")
+
+
+def _encode(obj, arrays, path="root"):
+    """Replace arrays by ``{"__array__": key, "dtype": name}`` references."""
+    if isinstance(obj, np.ndarray):
+        key = f"a{len(arrays)}"
+        dtype = str(obj.dtype)
+        stored = np.ascontiguousarray(obj)
+        if obj.dtype.kind == "V":   # e.g. ml_dtypes.bfloat16: store the bits
+            if obj.dtype.names is not None or obj.dtype.itemsize != 2:
+                raise TypeError(f"cannot store dtype {obj.dtype} in a checkpoint (at {path})")
+            stored = stored.view(np.uint16)
+        arrays[key] = stored
+        return {"__array__": key, "dtype": dtype}
+    if isinstance(obj, dict):
+        for k in obj:
+            if not isinstance(k, str):
+                raise TypeError(f"checkpoint keys must be strings, got {k!r} at {path}")
+        if "__array__" in obj:
+            raise ValueError(f"'__array__' is a reserved key (at {path})")
+        return {k: _encode(v, arrays, f"{path}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v, arrays, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint (at {path}); "
+                    "use arrays, numbers, strings, lists and dicts")
+
+
+def _decode(obj, arrays):
+    if isinstance(obj, dict):
+        if "__array__" in obj:
+            a = arrays[obj["__array__"]]
+            if str(a.dtype) != obj["dtype"]:
+                a = a.view(_extension_dtype(obj["dtype"]))
+            return a
+        return {k: _decode(v, arrays) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, arrays) for v in obj]
+    return obj
+
+
+def _param_list(params):
+    from . import _validate as V
+    if isinstance(params, FlatArrays):
+        return list(params)
+    return V.as_array_list("params", params)
+
+
+def save(path, *, params=None, optimizer=None, extra=None) -> None:
+    """Write ``params`` (arrays), ``optimizer.state_dict()`` and ``extra``
+    (JSON-able data and arrays) to ``path`` as one ``.npz``.
+
+    The file is written next to ``path`` and renamed into place, so an
+    interrupted save never leaves a half-written checkpoint under ``path``.
+    """
+    tree = {"format": FORMAT}
+    if params is not None:
+        tree["params"] = [np.asarray(a) for a in _param_list(params)]
+    if optimizer is not None:
+        tree["optimizer"] = optimizer.state_dict()
+    if extra is not None:
+        tree["extra"] = extra
+    arrays = {}
+    meta = _encode(tree, arrays)
+    arrays[_META] = np.array(json.dumps(meta))
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read(path) -> dict:
+    """The checkpoint's contents, ``{"format", "params"?, "optimizer"?, "extra"?}``,
+    without loading it into anything."""
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(str(arrays.pop(_META)[()]))
+        tree = _decode(meta, arrays)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile,
+            zlib.error, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a readable fastopt checkpoint "
+                              f"({type(exc).__name__}: {exc}); is it truncated?") from None
+    if not isinstance(tree, dict) or tree.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a fastopt checkpoint (format "
+                              f"{tree.get('format') if isinstance(tree, dict) else None!r}, "
+                              f"expected {FORMAT!r})")
+    return tree
+
+
+def load(path, *, params=None, optimizer=None) -> dict:
+    """Read a checkpoint and load it into ``params`` (copied in place) and
+    ``optimizer`` (``load_state_dict``); returns its contents.
+
+    Both are checked in full before either is written: any mismatch raises
+    :class:`CheckpointError` and changes nothing.
+    """
+    tree = read(path)
+    try:
+        apply = []
+        if params is not None:
+            apply.append(_prepare_params(_param_list(params), tree))
+        if optimizer is not None:
+            if "optimizer" not in tree:
+                raise CheckpointError(f"{path} holds no optimizer state")
+            apply.append(optimizer._prepare_load(tree["optimizer"]))
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} does not match: {exc}") from None
+    for fn in apply:
+        fn()
+    return tree
+
+
+def _prepare_params(params, tree):
+    if "params" not in tree:
+        raise CheckpointError("the checkpoint holds no params")
+    saved = tree["params"]
+    if len(saved) != len(params):
+        raise CheckpointError(f"the checkpoint holds {len(saved)} params, got {len(params)}")
+    for i, (a, b) in enumerate(zip(params, saved)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise CheckpointError(f"params[{i}] is {a.dtype}{list(a.shape)} but the "
+                                  f"checkpoint has {b.dtype}{list(b.shape)}")
+        if not a.flags.writeable:
+            raise CheckpointError(f"params[{i}] is read-only")
+
+    def apply():
+        for a, b in zip(params, saved):
+            a[...] = b
+    return apply

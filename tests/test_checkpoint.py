@@ -1,0 +1,263 @@
+"""Checkpoints: exact resume (also across processes), clear errors that
+change nothing, and the .npz format (no pickle)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import BACKENDS, assert_same_tree, snapshot
+
+import fastopt
+from fastopt import schedules as S
+
+SHAPES = [(40, 30), (30,), (5, 3)]
+
+
+def make_params(dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return fastopt.pack([rng.standard_normal(s).astype(dtype) for s in SHAPES])
+
+
+def grad_at(params, t, seed=100):
+    g = params.zeros_like()
+    g.data[:] = np.random.default_rng(seed + t).standard_normal(g.data.size) * 3
+    if t == 3:
+        g.data[7] = np.nan          # a skipped step inside the run
+    return g
+
+
+def make_opt(kind, params, backend):
+    sched = S.warmup_cosine(1e-2, 2, 9, alpha=0.1)
+    if kind == "adamw":
+        return fastopt.AdamW(params, lr=sched, amsgrad=True, backend=backend,
+                             max_grad_norm=5.0, skip_nonfinite=True)
+    if kind == "adam":
+        return fastopt.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 1e-3}],
+                            lr=S.step_decay(1e-2, 0.5, milestones=[2, 5]), weight_decay=0.1,
+                            backend=backend, skip_nonfinite=True)
+    return fastopt.SGD(params, lr=S.exponential(0.05, 0.9), momentum=0.9, nesterov=True,
+                       backend=backend, skip_nonfinite=True)
+
+
+def run(opt, params, start, stop):
+    for t in range(start, stop):
+        opt.step(grad_at(params, t))
+
+
+def full_snapshot(opt, params):
+    return {"params": [np.array(p, copy=True) for p in params], "state": snapshot(opt.state),
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            "counts": (opt.iterations, opt.skipped_steps, opt.max_grad_norm,
+                       opt.skip_nonfinite)}
+
+
+N, K = 8, 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["adamw", "adam", "sgd"])
+def test_resume_is_bit_exact(tmp_path, backend, kind):
+    p_ref = make_params()
+    o_ref = make_opt(kind, p_ref, backend)
+    run(o_ref, p_ref, 0, N)
+
+    p = make_params()
+    o = make_opt(kind, p, backend)
+    run(o, p, 0, K)
+    fastopt.save(tmp_path / "c.npz", params=p, optimizer=o)
+    p2 = make_params(seed=9)                     # a fresh model with other values
+    o2 = make_opt(kind, p2, backend)
+    fastopt.load(tmp_path / "c.npz", params=p2, optimizer=o2)
+    run(o2, p2, K, N)
+    assert_same_tree(full_snapshot(o2, p2), full_snapshot(o_ref, p_ref))
+    assert o2.skipped_steps == 1
+
+
+def test_resume_in_a_fresh_process(tmp_path):
+    """k steps here, save; N - k steps in a new Python process, per backend."""
+    ckpts = {}
+    for backend in BACKENDS:
+        p = make_params()
+        o = make_opt("adamw", p, backend)
+        run(o, p, 0, K)
+        ckpts[backend] = str(tmp_path / f"{backend}.npz")
+        fastopt.save(ckpts[backend], params=p, optimizer=o, extra={"backend": backend})
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import fastopt
+        from test_checkpoint import make_params, make_opt, run
+        for backend, path in {ckpts!r}.items():
+            p = make_params(seed=3)
+            o = make_opt("adamw", p, backend)
+            assert fastopt.load(path, params=p, optimizer=o)["extra"] == {{"backend": backend}}
+            run(o, p, {K}, {N})
+            fastopt.save(path + ".out.npz", params=p, optimizer=o)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    for backend, path in ckpts.items():
+        p = make_params()
+        o = make_opt("adamw", p, backend)
+        run(o, p, 0, N)
+        got = fastopt.checkpoint.read(path + ".out.npz")
+        assert_same_tree(got["params"], [np.array(a) for a in p])
+        assert_same_tree(got["optimizer"], o.state_dict())
+
+
+def test_state_dict_round_trip_independent_of_packing():
+    packed = make_params()
+    o = make_opt("adamw", packed, "numpy")
+    run(o, packed, 0, 3)
+    sd = o.state_dict()
+    loose = [np.array(a, copy=True) for a in packed]          # one run per array
+    o2 = fastopt.AdamW(loose, backend="numpy")
+    o2.load_state_dict(sd)
+    for t in range(3, 6):
+        g = grad_at(packed, t)
+        o.step(g)
+        o2.step([np.array(x) for x in g])
+    for a, b in zip(packed, loose):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_state_dict_is_a_copy_and_json_safe():
+    p = make_params()
+    o = make_opt("sgd", p, "numpy")
+    run(o, p, 0, 2)
+    sd = o.state_dict()
+    buf = sd["state"][0]["buffers"]["momentum_buffer"]
+    before = buf.copy()
+    run(o, p, 2, 3)
+    assert buf.tobytes() == before.tobytes()
+    meta = {k: v for k, v in sd.items() if k != "state"}
+    assert json.loads(json.dumps(meta)) == meta
+
+
+def test_file_format_has_no_pickle(tmp_path):
+    p = make_params()
+    o = make_opt("adamw", p, "numpy")
+    run(o, p, 0, 2)
+    fastopt.save(tmp_path / "c.npz", params=p, optimizer=o, extra={"note": "x", "w": np.arange(3)})
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as z:
+        assert all(z[k].dtype != object for k in z.files)
+        meta = json.loads(str(z["__meta__"]))
+    assert meta["format"] == "fastopt-checkpoint/1"
+    back = fastopt.load(tmp_path / "c.npz")
+    assert back["extra"]["note"] == "x" and back["extra"]["w"].tolist() == [0, 1, 2]
+
+
+def test_plain_callable_lr_cannot_be_saved():
+    o = fastopt.SGD(np.zeros(3), lr=lambda t: 0.1, backend="numpy")
+    with pytest.raises(TypeError, match="plain callable"):
+        o.state_dict()
+
+
+# -- mismatches: a clear error, and nothing changes -------------------------------
+
+def _mutate(name):
+    def f(tree):
+        sd = tree["optimizer"]
+        if name == "type":
+            sd["type"] = "Adam"
+        elif name == "missing-key":
+            del sd["iterations"]
+        elif name == "missing-buffer":
+            del sd["state"][0]["buffers"]["exp_avg_sq"]
+        elif name == "unknown-buffer":
+            sd["state"][0]["buffers"]["momentum_buffer"] = sd["state"][0]["buffers"]["exp_avg"]
+        elif name == "buffer-shape":
+            sd["state"][0]["buffers"]["exp_avg"] = sd["state"][0]["buffers"]["exp_avg"][:-1]
+        elif name == "buffer-dtype":
+            b = sd["state"][0]["buffers"]
+            b["exp_avg"] = b["exp_avg"].astype(np.float64)
+        elif name == "param-shape":
+            sd["param_groups"][0]["params"][1]["shape"] = [31]
+        elif name == "bad-hyper":
+            sd["param_groups"][0]["eps"] = -1.0
+        elif name == "bad-schedule":
+            sd["param_groups"][0]["lr"] = {"schedule": {"kind": "warp"}}
+        elif name == "groups":
+            sd["param_groups"].append(sd["param_groups"][0])
+        elif name == "params-shape":
+            tree["params"][0] = tree["params"][0][:, :2].copy()
+        elif name == "params-count":
+            tree["params"].pop()
+        return tree
+    return f
+
+
+MUTATIONS = ["type", "missing-key", "missing-buffer", "unknown-buffer", "buffer-shape",
+             "buffer-dtype", "param-shape", "bad-hyper", "bad-schedule", "groups",
+             "params-shape", "params-count"]
+
+
+@pytest.mark.parametrize("name", MUTATIONS)
+def test_mismatched_checkpoint_changes_nothing(tmp_path, name):
+    p = make_params()
+    o = make_opt("adamw", p, "numpy")
+    run(o, p, 0, 2)
+    tree = _mutate(name)(fastopt.checkpoint.read(_saved(tmp_path, o, p)))
+    target_p = make_params(seed=5)
+    target = make_opt("adamw", target_p, "numpy")
+    run(target, target_p, 0, 1)
+    before = full_snapshot(target, target_p)
+    with pytest.raises((fastopt.CheckpointError, ValueError, TypeError)) as err:
+        apply_p = fastopt.checkpoint._prepare_params(list(target_p), tree)
+        target._prepare_load(tree["optimizer"])
+        apply_p()
+    print(name, "->", err.value)
+    assert_same_tree(full_snapshot(target, target_p), before)
+
+
+def _saved(tmp_path, o, p):
+    path = tmp_path / "good.npz"
+    fastopt.save(path, params=p, optimizer=o)
+    return path
+
+
+def test_other_optimizer_type_via_file(tmp_path):
+    p = make_params()
+    o = make_opt("sgd", p, "numpy")
+    run(o, p, 0, 2)
+    path = _saved(tmp_path, o, p)
+    tp = make_params(seed=2)
+    t = make_opt("adamw", tp, "numpy")
+    before = full_snapshot(t, tp)
+    with pytest.raises(fastopt.CheckpointError, match="type SGD, not AdamW"):
+        fastopt.load(path, params=tp, optimizer=t)
+    assert_same_tree(full_snapshot(t, tp), before)   # params not written either
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.95, 10])
+def test_truncated_or_garbage_file(tmp_path, cut):
+    p = make_params()
+    o = make_opt("adamw", p, "numpy")
+    run(o, p, 0, 2)
+    data = _saved(tmp_path, o, p).read_bytes()
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(data[:int(len(data) * cut)] if cut < 1 else b"not a zip file" * cut)
+    before = full_snapshot(o, p)
+    with pytest.raises(fastopt.CheckpointError, match="not a readable fastopt checkpoint"):
+        fastopt.load(bad, params=p, optimizer=o)
+    assert_same_tree(full_snapshot(o, p), before)
+
+
+def test_wrong_dtype_params(tmp_path):
+    p = make_params()
+    o = make_opt("adam", p, "numpy")
+    run(o, p, 0, 2)
+    path = _saved(tmp_path, o, p)
+    p64 = make_params(np.float64)
+    o64 = make_opt("adam", p64, "numpy")
+    before = full_snapshot(o64, p64)
+    with pytest.raises(fastopt.CheckpointError, match="float32"):
+        fastopt.load(path, params=p64, optimizer=o64)
+    with pytest.raises(fastopt.CheckpointError, match="float32"):
+        fastopt.load(path, optimizer=o64)
+    assert_same_tree(full_snapshot(o64, p64), before)
