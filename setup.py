@@ -72,4 +72,21 @@ def extensions():
     return cythonize(exts, compiler_directives={"language_level": 3})
 
 
+# fastopt.nn kernels (MLP forward/backward): gemm through scipy's cython_blas,
+# so one portable build is enough (the time is in BLAS). Same flags as the
+# optimizer kernels; BuildExt reads each extension's SIMD flags by short name.
+NN_EXTENSIONS = ["nn_kernels"]   # fastopt/nn/_cython/<name>.pyx
+_core_extensions = extensions
+
+
+def extensions():  # noqa: F811  (the optimizer kernels plus the nn kernels)
+    from Cython.Build import cythonize
+
+    core = _core_extensions()
+    SIMD_VARIANTS.update({name: [] for name in NN_EXTENSIONS})
+    nn = [Extension(f"fastopt.nn._cython.{name}", [f"fastopt/nn/_cython/{name}.pyx"])
+          for name in NN_EXTENSIONS]
+    return core + cythonize(nn, compiler_directives={"language_level": 3})
+
+
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

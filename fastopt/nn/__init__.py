@@ -1,0 +1,22 @@
+"""Neural networks on fastopt's flat buffers: MLPs and batched ensembles.
+
+>>> from fastopt.nn import MLP, Ensemble
+>>> net = MLP((784, 256, 256, 10), activation="relu", seed=0)
+>>> opt = fastopt.AdamW(net.param_groups(), lr=1e-3)
+>>> loss = net.train_step(opt, X, y)          # forward, backward, one AdamW call
+
+>>> ens = Ensemble(5, (784, 64, 10), seed=0)   # 5 models, stacked weights
+>>> opt = fastopt.AdamW(ens.param_groups(lr=[1e-1, 1e-2, 1e-3, 1e-4, 1e-5]))
+>>> losses = ens.train_step(opt, X, y)         # all five, batched
+
+Backends for the fused passes: ``cython`` (BLAS through
+``scipy.linalg.cython_blas``, OpenMP), ``numba`` (np.dot + ``@njit``
+kernels) and ``numpy`` (the reference). CUDA: not yet (fastopt has no CUDA
+backend yet).
+"""
+
+from .activations import ACTIVATIONS, LOSSES, parse_layers
+from .model import MLP, Ensemble, available_backends
+
+__all__ = ["MLP", "Ensemble", "ACTIVATIONS", "LOSSES", "parse_layers",
+           "available_backends"]

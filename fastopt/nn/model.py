@@ -1,0 +1,483 @@
+"""MLPs and batched ensembles of MLPs on one flat parameter buffer.
+
+One class does the work for K models at once, :class:`Ensemble`; a single
+:class:`MLP` is the K = 1 case with a 2-D interface. Layout:
+
+* **Parameters** live in one :class:`~fastopt.params.FlatArrays` (``params``),
+  model after model: model k's ``W0, b0, W1, b1, ...`` are one contiguous run
+  of ``P`` elements at ``data[k * P:(k + 1) * P]``. The optimizer built on
+  :meth:`Ensemble.param_groups` therefore steps the whole ensemble with one
+  kernel call (shared hyperparameters) or one call per model (a learning rate
+  and weight decay per model), never one per tensor.
+* **Stacked views** ``weights[l]`` ``[K, n_in, n_out]`` and ``biases[l]``
+  ``[K, n_out]`` look into the same buffer with a stride of ``P`` between
+  models; the backward pass writes the gradient into the same layout in
+  ``grads``.
+* **Workspaces** (pre-activations, activations, upstream gradients, labels)
+  are allocated on the first batch of a given size and reused afterwards:
+  a training step allocates nothing.
+
+Per layer, forward is a BLAS matmul then one fused pass (bias add +
+activation); backward is the loss kernel (softmax/MSE gradient and the last
+bias gradient in one pass), then per layer a BLAS matmul for the weight
+gradient, a BLAS matmul for the upstream gradient and one fused pass
+(activation derivative x upstream gradient, bias gradient reduced in the
+same pass).
+
+Every input is checked before anything is written: on a bad batch the model,
+its gradients and the optimizer are exactly as before the call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from collections import OrderedDict
+
+import numpy as np
+
+from ..params import FlatArrays, flat_zeros
+from .activations import DEFAULT_INIT, LOSSES, activation_id, parse_layers
+
+_MODULES = {
+    "cython": "fastopt.nn._cython_backend",
+    "numba": "fastopt.nn._numba",
+    "numpy": "fastopt.nn._ref",
+}
+_loaded: dict = {}
+_failed: dict = {}
+
+
+def _load(name):
+    if name in _loaded:
+        return _loaded[name]
+    if name in _failed:
+        return None
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except ImportError as exc:
+        _failed[name] = exc
+        return None
+    _loaded[name] = mod
+    return mod
+
+
+def available_backends() -> list:
+    """nn backends that import here, in ``backend="auto"`` preference order."""
+    return [n for n in _MODULES if _load(n) is not None]
+
+
+def get_backend(name="auto"):
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    name = {"reference": "numpy"}.get(name, name)
+    if name == "auto":
+        for n in _MODULES:
+            mod = _load(n)
+            if mod is not None:
+                return mod
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {['auto', *_MODULES]}, got {name!r}")
+    mod = _load(name)
+    if mod is None:
+        raise ValueError(f"nn backend {name!r} is not available here: {_failed[name]}")
+    return mod
+
+
+def _seeds(seed, k):
+    if seed is None or isinstance(seed, numbers.Integral):
+        base = 0 if seed is None else int(seed)
+        return [base + i for i in range(k)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != k:
+        raise ValueError(f"seed has {len(seeds)} entries but the ensemble has {k} models")
+    return seeds
+
+
+def _per_model(name, value, k, low=0.0):
+    """A scalar or a length-k sequence of non-negative finite reals, as floats."""
+    if np.ndim(value) == 0:
+        vals = [value] * k
+    else:
+        vals = list(np.asarray(value).reshape(-1)) if isinstance(value, np.ndarray) else list(value)
+        if len(vals) != k:
+            raise ValueError(f"{name} has {len(vals)} values but the ensemble has {k} models")
+    out = []
+    for i, v in enumerate(vals):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name}[{i}] must be a real number, got {v!r}")
+        v = float(v)
+        if not math.isfinite(v) or v < low:
+            raise ValueError(f"{name}[{i}] must be finite and >= {low}, got {v}")
+        out.append(v)
+    return out
+
+
+class Ensemble:
+    """K MLPs with the same layer sizes, trained together with batched matmuls.
+
+    Parameters
+    ----------
+    k : int
+        Number of models.
+    sizes : sequence of int
+        Layer widths including input and output, e.g. ``(784, 64, 10)``.
+    activation : str
+        Hidden activation: relu, leaky_relu, tanh, sigmoid, gelu, identity.
+        The output layer is linear (the loss applies softmax).
+    loss : {"cross_entropy", "mse"}
+        Softmax cross-entropy on integer labels, or mean squared error on
+        float targets ``[B, n_out]``. Both are means over the batch.
+    init : {"auto", "he", "xavier"}
+        He (normal, std sqrt(2/fan_in)) or Xavier/Glorot (uniform,
+        +-sqrt(6/(fan_in + fan_out))); "auto" picks He for the ReLU family
+        and gelu, Xavier for tanh/sigmoid. Biases start at zero.
+    seed : int or sequence of k ints
+        Model i is initialised from ``np.random.default_rng(seed + i)`` (or
+        ``seed[i]``), so ``MLP(sizes, seed=seed + i)`` is the same model.
+    dtype : float32 or float64
+    backend : "auto", "cython", "numba" or "numpy"
+        Kernels for the fused passes (the reference "numpy" is the spec).
+    alpha : float
+        leaky_relu's negative slope.
+    """
+
+    def __init__(self, k, sizes, activation="relu", loss="cross_entropy", *, init="auto",
+                 seed=0, dtype=np.float32, backend="auto", alpha=0.01):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"k (number of models) must be an int >= 1, got {k!r}")
+        sizes = parse_layers(sizes)
+        if len(sizes) < 2:
+            raise ValueError(f"sizes needs at least input and output widths, got {sizes}")
+        self.k = int(k)
+        self.sizes = sizes
+        self.act = activation_id(activation)
+        self.activation = activation
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+        self.loss = loss
+        self.alpha = float(alpha)
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        self.dtype = dtype
+        if init == "auto":
+            init = DEFAULT_INIT[activation]
+        if init not in ("he", "xavier"):
+            raise ValueError(f"init must be 'auto', 'he' or 'xavier', got {init!r}")
+        self.init = init
+        self._kern = get_backend(backend)
+
+        shapes = []
+        for n_in, n_out in zip(sizes, sizes[1:]):
+            shapes += [(n_in, n_out), (n_out,)]
+        self.params = flat_zeros(shapes * self.k, dtype)
+        self.grads = self.params.zeros_like()
+        self.n_per_model = self.params.data.size // self.k
+        self.weights, self.biases = self._stacked(self.params)
+        self._gweights, self._gbiases = self._stacked(self.grads)
+        for i, s in enumerate(_seeds(seed, self.k)):
+            rng = np.random.default_rng(s)
+            for l, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+                if init == "he":
+                    w = rng.standard_normal((n_in, n_out)) * math.sqrt(2.0 / n_in)
+                else:
+                    lim = math.sqrt(6.0 / (n_in + n_out))
+                    w = rng.uniform(-lim, lim, (n_in, n_out))
+                self.weights[l][i] = w
+        self._ws = OrderedDict()
+        self._opt_checked = None
+
+    # -- layout ---------------------------------------------------------------
+    def _stacked(self, flat: FlatArrays):
+        """Per layer, ``[K, n_in, n_out]`` and ``[K, n_out]`` views into ``flat``."""
+        per = flat.data.reshape(self.k, self.n_per_model if hasattr(self, "n_per_model")
+                                else flat.data.size // self.k)
+        ws, bs = [], []
+        off = 0
+        item = flat.data.itemsize
+        for n_in, n_out in zip(self.sizes, self.sizes[1:]):
+            w = np.lib.stride_tricks.as_strided(
+                per[:, off:], (self.k, n_in, n_out), (per.strides[0], n_out * item, item))
+            off += n_in * n_out
+            b = per[:, off:off + n_out]
+            off += n_out
+            ws.append(w)
+            bs.append(b)
+        return ws, bs
+
+    @property
+    def backend(self) -> str:
+        return self._kern.name
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def param_groups(self, lr=None, weight_decay=None) -> list:
+        """Param groups for a fastopt optimizer over this ensemble.
+
+        With scalar (or omitted) ``lr`` and ``weight_decay``: one group
+        holding every tensor, which the optimizer steps as one kernel call
+        over the whole buffer. With a sequence of K values for either: one
+        group per model (model k's tensors are one contiguous run, so one
+        kernel call per model), each with its own ``lr``/``weight_decay``.
+        """
+        per_model = np.ndim(lr) > 0 or np.ndim(weight_decay) > 0
+        if not per_model:
+            g = {"params": list(self.params)}
+            if lr is not None:
+                g["lr"] = _per_model("lr", lr, 1)[0]
+            if weight_decay is not None:
+                g["weight_decay"] = _per_model("weight_decay", weight_decay, 1)[0]
+            return [g]
+        lrs = None if lr is None else _per_model("lr", lr, self.k)
+        wds = None if weight_decay is None else _per_model("weight_decay", weight_decay, self.k)
+        n = 2 * self.n_layers
+        groups = []
+        for i in range(self.k):
+            g = {"params": list(self.params[i * n:(i + 1) * n])}
+            if lrs is not None:
+                g["lr"] = lrs[i]
+            if wds is not None:
+                g["weight_decay"] = wds[i]
+            groups.append(g)
+        return groups
+
+    # -- input checks ------------------------------------------------------------
+    def _check_x(self, X, name="X"):
+        """X as ``[K, B, n_in]`` (a broadcast view when shared) plus whether shared."""
+        if not isinstance(X, np.ndarray):
+            X = np.asarray(X)
+        if X.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
+        n_in = self.sizes[0]
+        if X.ndim == 2:
+            shared = True
+        elif X.ndim == 3:
+            shared = False
+            if X.shape[0] != self.k:
+                raise ValueError(f"{name} has {X.shape[0]} per-model batches but the "
+                                 f"ensemble has {self.k} models")
+        else:
+            raise ValueError(f"{name} must be [batch, {n_in}] or [k, batch, {n_in}], got "
+                             f"shape {X.shape}")
+        if X.shape[-1] != n_in:
+            raise ValueError(f"{name} has {X.shape[-1]} features but the model expects "
+                             f"{n_in} (layer sizes {self.sizes})")
+        if X.shape[-2] == 0:
+            raise ValueError(f"{name} is an empty batch (0 samples)")
+        if X.dtype.kind == "f":
+            # float64 sum of float32 cannot overflow; NaN/inf propagate to it.
+            total = float(np.add.reduce(X, axis=None, dtype=np.float64))
+            if not math.isfinite(total) and not np.isfinite(X).all():
+                bad = int(np.count_nonzero(~np.isfinite(X)))
+                raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
+        return X, shared
+
+    def _check_targets(self, y, X, shared):
+        B = X.shape[-2]
+        if not isinstance(y, np.ndarray):
+            y = np.asarray(y)
+        want = (B,) if shared else (self.k, B)
+        if self.loss == "cross_entropy":
+            if y.dtype.kind not in "iu":
+                raise TypeError(f"labels y must be integers (class indices), got dtype "
+                                f"{y.dtype}")
+            if y.shape != want and not (not shared and y.shape == (B,)):
+                raise ValueError(f"labels y must have shape {want} to match X, got {y.shape}")
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= self.sizes[-1]:
+                raise ValueError(f"labels y must be in [0, {self.sizes[-1] - 1}], got values "
+                                 f"in [{lo}, {hi}]")
+        else:
+            want = want + (self.sizes[-1],)
+            if y.dtype.kind not in "fiu":
+                raise TypeError(f"targets y must hold real numbers, got dtype {y.dtype}")
+            if y.shape != want and not (not shared and y.shape == want[1:]):
+                raise ValueError(f"targets y must have shape {want} to match X, got {y.shape}")
+            if y.dtype.kind == "f" and not np.isfinite(y).all():
+                raise ValueError("targets y contain NaN or infinite values")
+        return y
+
+    # -- workspaces ------------------------------------------------------------
+    def _workspace(self, B, shared, need_x):
+        key = (B, shared, need_x)
+        ws = self._ws.get(key)
+        if ws is not None:
+            self._ws.move_to_end(key)
+            return ws
+        K, dt = self.k, self.dtype
+        Z = [np.empty((K, B, n), dt) for n in self.sizes[1:]]
+        A = [np.empty_like(z) for z in Z[:-1]] + [Z[-1]]
+        ws = {
+            "Z": Z, "A": A,
+            "D": [np.empty_like(z) for z in Z],
+            "X": (np.empty((B, self.sizes[0]), dt) if shared else
+                  np.empty((K, B, self.sizes[0]), dt)) if need_x else None,
+            "y": (np.empty((K, B), np.int64) if self.loss == "cross_entropy" else
+                  np.empty((K, B, self.sizes[-1]), dt)),
+            "losses": np.empty(K, np.float64),
+        }
+        self._ws[key] = ws
+        while len(self._ws) > 4:
+            self._ws.popitem(last=False)
+        return ws
+
+    def _prepare(self, X):
+        X, shared = self._check_x(X)
+        need_x = not (X.dtype == self.dtype and X.flags.c_contiguous)
+        ws = self._workspace(X.shape[-2], shared, need_x)
+        if need_x:
+            np.copyto(ws["X"], X, casting="unsafe")
+            X = ws["X"]
+        X3 = np.broadcast_to(X, (self.k,) + X.shape) if shared else X
+        return X3, shared, ws
+
+    # -- compute ------------------------------------------------------------------
+    def _forward(self, X3, ws):
+        kern, act, alpha = self._kern, self.act, self.alpha
+        inp = X3
+        last = self.n_layers - 1
+        for l in range(self.n_layers):
+            kern.linear(inp, self.weights[l], ws["Z"][l])
+            kern.bias_act(ws["Z"][l], self.biases[l], ws["A"][l], 0 if l == last else act,
+                          alpha)
+            inp = ws["A"][l]
+        return ws["Z"][last]
+
+    def _backward(self, X3, ws):
+        kern, act, alpha = self._kern, self.act, self.alpha
+        Z, A, D = ws["Z"], ws["A"], ws["D"]
+        L = self.n_layers
+        if self.loss == "cross_entropy":
+            kern.softmax_xent(Z[-1], ws["y"], D[-1], self._gbiases[-1], ws["losses"])
+        else:
+            kern.mse(Z[-1], ws["y"], D[-1], self._gbiases[-1], ws["losses"])
+        for l in range(L - 1, -1, -1):
+            kern.linear_grad_w(A[l - 1] if l else X3, D[l], self._gweights[l])
+            if l:
+                kern.linear_grad_x(D[l], self.weights[l], D[l - 1])
+                kern.act_grad(D[l - 1], Z[l - 1], A[l - 1], self._gbiases[l - 1], act, alpha)
+        return ws["losses"]
+
+    def loss_and_grad(self, X, y):
+        """Forward + backward over one batch per model.
+
+        ``X``: ``[B, n_in]`` (every model sees the same batch) or
+        ``[K, B, n_in]`` (a batch per model); ``y``: labels ``[B]``/``[K, B]``
+        (cross-entropy) or targets ``[B, n_out]``/``[K, B, n_out]`` (MSE).
+        Writes the gradients into ``self.grads`` and returns the K mean
+        losses (a view into a workspace, float64; copy it to keep it).
+        """
+        X, shared = self._check_x(X)
+        y = self._check_targets(y, X, shared)
+        X3, shared, ws = self._prepare(X)
+        np.copyto(ws["y"], y, casting="unsafe")
+        self._forward(X3, ws)
+        return self._backward(X3, ws)
+
+    def _check_optimizer(self, opt):
+        if self._opt_checked is opt:
+            return
+        ps = [p for g in getattr(opt, "param_groups", ()) for p in g["params"]]
+        if (len(ps) != len(self.params)
+                or not all(np.shares_memory(p, self.params.data) for p in ps)):
+            raise ValueError("optimizer was not built on this model's params; use e.g. "
+                             "fastopt.AdamW(model.param_groups(...))")
+        self._opt_checked = opt
+
+    def train_step(self, opt, X, y):
+        """``loss_and_grad`` then ``opt.step(self.grads)``; returns the losses."""
+        self._check_optimizer(opt)
+        losses = self.loss_and_grad(X, y)
+        opt.step(self.grads)
+        return losses
+
+    def _outputs(self, X):
+        X3, _, ws = self._prepare(X)
+        return self._forward(X3, ws).copy()
+
+    def forward(self, X):
+        """Network outputs (logits for cross-entropy) ``[K, B, n_out]``, a new array."""
+        return self._outputs(X)
+
+    def predict(self, X, batch_size=1024):
+        """Predicted classes ``[K, B]`` (cross-entropy) or outputs (MSE)."""
+        X, shared = self._check_x(X)
+        B = X.shape[-2]
+        outs = []
+        for s in range(0, B, batch_size):
+            xb = X[s:s + batch_size] if shared else X[:, s:s + batch_size]
+            outs.append(self._outputs(xb))
+        out = np.concatenate(outs, axis=1)
+        return out.argmax(axis=2) if self.loss == "cross_entropy" else out
+
+    def accuracy(self, X, y, batch_size=1024):
+        """Fraction of correct labels per model, ``[K]``."""
+        pred = Ensemble.predict(self, X, batch_size)
+        return (pred == np.asarray(y)).mean(axis=-1)
+
+    def model(self, i) -> "MLP":
+        """A standalone copy of model ``i`` as an :class:`MLP`."""
+        m = MLP(self.sizes, self.activation, self.loss, init=self.init, dtype=self.dtype,
+                backend=self.backend, alpha=self.alpha)
+        n = self.n_per_model
+        m.params.data[:] = self.params.data[i * n:(i + 1) * n]
+        return m
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(k={self.k}, sizes={self.sizes}, "
+                f"activation={self.activation!r}, loss={self.loss!r}, dtype={self.dtype}, "
+                f"backend={self.backend!r})")
+
+
+class MLP(Ensemble):
+    """A single MLP: the K = 1 :class:`Ensemble` with a 2-D interface.
+
+    >>> net = MLP((784, 256, 256, 10), "relu", seed=0)
+    >>> opt = fastopt.AdamW(net.param_groups(), lr=1e-3)
+    >>> loss = net.train_step(opt, X_batch, y_batch)    # one fused AdamW call
+
+    ``params`` (one flat buffer), ``grads`` (same layout), ``W[l]`` and
+    ``b[l]`` (2-D and 1-D views of the layer's weights and bias).
+    """
+
+    def __init__(self, sizes, activation="relu", loss="cross_entropy", *, init="auto",
+                 seed=0, dtype=np.float32, backend="auto", alpha=0.01):
+        super().__init__(1, sizes, activation, loss, init=init, seed=[int(seed)],
+                         dtype=dtype, backend=backend, alpha=alpha)
+
+    @property
+    def W(self):
+        return [w[0] for w in self.weights]
+
+    @property
+    def b(self):
+        return [b[0] for b in self.biases]
+
+    def _check_x(self, X, name="X"):
+        X = X if isinstance(X, np.ndarray) else np.asarray(X)
+        if X.ndim != 2:
+            raise ValueError(f"{name} must be [batch, {self.sizes[0]}], got shape {X.shape}")
+        return super()._check_x(X, name)
+
+    def loss_and_grad(self, X, y):
+        """Mean loss (float) of one batch; gradients into ``self.grads``."""
+        return float(super().loss_and_grad(X, y)[0])
+
+    def train_step(self, opt, X, y):
+        self._check_optimizer(opt)
+        loss = self.loss_and_grad(X, y)
+        opt.step(self.grads)
+        return loss
+
+    def forward(self, X):
+        return super().forward(X)[0]
+
+    def predict(self, X, batch_size=1024):
+        return super().predict(X, batch_size)[0]
+
+    def accuracy(self, X, y, batch_size=1024):
+        return float(super().accuracy(X, y, batch_size)[0])
