@@ -1,0 +1,120 @@
+"""Bad input to fastopt.nn: a clear error naming the problem, nothing written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt.nn import MLP, Ensemble, available_backends
+
+from conftest import assert_same_tree, optimizer_snapshot
+
+
+def _setup(backend, k=None, loss="cross_entropy"):
+    rng = np.random.default_rng(0)
+    net = (MLP((6, 5, 3), "relu", loss, seed=0, backend=backend) if k is None else
+           Ensemble(k, (6, 5, 3), "relu", loss, seed=0, backend=backend))
+    opt = fastopt.AdamW(net.param_groups(), lr=1e-2)
+    X = rng.standard_normal((4, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 4) if loss == "cross_entropy" else rng.standard_normal((4, 3))
+    net.train_step(opt, X, y)   # state exists, grads non-zero
+    return net, opt, X, y
+
+
+def _bad_mlp_inputs(X, y):
+    Xnan = X.copy()
+    Xnan[2, 3] = np.nan
+    Xinf = X.copy()
+    Xinf[0, 0] = np.inf
+    return [
+        ("wrong feature dim", X[:, :5], y, ValueError, "has 5 features but the model expects 6"),
+        ("1-D X", X[0], y, ValueError, r"X must be \[batch, 6\]"),
+        ("labels out of range", X, np.array([0, 1, 2, 3]), ValueError,
+         r"labels y must be in \[0, 2\], got values in \[0, 3\]"),
+        ("negative labels", X, np.array([0, -1, 2, 1]), ValueError, r"labels y must be in"),
+        ("float labels", X, y.astype(np.float64), TypeError, "labels y must be integers"),
+        ("label count", X, y[:3], ValueError, r"labels y must have shape \(4,\)"),
+        ("NaN input", Xnan, y, ValueError, "X contains 1 NaN or infinite"),
+        ("inf input", Xinf, y, ValueError, "X contains 1 NaN or infinite"),
+        ("empty batch", X[:0], y[:0], ValueError, "empty batch"),
+        ("complex X", X.astype(np.complex64), y, TypeError, "X must hold real numbers"),
+    ]
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_bad_batches_leave_model_and_optimizer_untouched(backend):
+    net, opt, X, y = _setup(backend)
+    for what, Xb, yb, exc, msg in _bad_mlp_inputs(X, y):
+        before = optimizer_snapshot(opt, list(net.params))
+        grads = net.grads.data.copy()
+        with pytest.raises(exc, match=msg):
+            net.train_step(opt, Xb, yb)
+        assert_same_tree(optimizer_snapshot(opt, list(net.params)), before, what)
+        assert grads.tobytes() == net.grads.data.tobytes(), what
+    # and it still trains afterwards
+    net.train_step(opt, X, y)
+
+
+def test_bad_mse_targets():
+    net, opt, X, y = _setup("numpy", loss="mse")
+    before = net.params.data.copy()
+    with pytest.raises(ValueError, match=r"targets y must have shape \(4, 3\)"):
+        net.train_step(opt, X, y[:, :2])
+    bad = y.copy()
+    bad[1, 1] = np.nan
+    with pytest.raises(ValueError, match="targets y contain NaN"):
+        net.train_step(opt, X, bad)
+    assert before.tobytes() == net.params.data.tobytes()
+
+
+def test_bad_ensemble_batches():
+    ens, opt, X, y = _setup("numpy", k=3)
+    before = optimizer_snapshot(opt, list(ens.params))
+    with pytest.raises(ValueError, match="X has 2 per-model batches but the ensemble has 3"):
+        ens.train_step(opt, np.stack([X, X]), y)
+    with pytest.raises(ValueError, match=r"labels y must have shape \(3, 4\)"):
+        ens.train_step(opt, np.stack([X] * 3), np.stack([y, y]))
+    with pytest.raises(ValueError, match=r"must be \[batch, 6\] or \[k, batch, 6\]"):
+        ens.train_step(opt, X[None, None], y)
+    assert_same_tree(optimizer_snapshot(opt, list(ens.params)), before)
+
+
+def test_optimizer_must_be_built_on_the_model():
+    net, _, X, y = _setup("numpy")
+    other = MLP((6, 5, 3), seed=1)
+    opt = fastopt.AdamW(other.param_groups())
+    before = net.params.data.copy()
+    with pytest.raises(ValueError, match="optimizer was not built on this model"):
+        net.train_step(opt, X, y)
+    assert before.tobytes() == net.params.data.tobytes()
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="layer spec"):
+        MLP("784,,10")
+    with pytest.raises(ValueError, match="at least input and output"):
+        MLP((784,))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        MLP((4, 2), "swish")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        MLP((4, 2), loss="hinge")
+    with pytest.raises(ValueError, match="init must be"):
+        MLP((4, 2), init="orthogonal")
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        MLP((4, 2), dtype=np.float16)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MLP((4, 2), backend="cuda")
+    with pytest.raises(ValueError, match="k .number of models. must be an int >= 1"):
+        Ensemble(0, (4, 2))
+    with pytest.raises(ValueError, match="seed has 2 entries"):
+        Ensemble(3, (4, 2), seed=[1, 2])
+
+
+def test_integer_and_float64_inputs_are_converted():
+    net, opt, X, y = _setup("numpy")
+    a = net.loss_and_grad(X.astype(np.float64), y)
+    b = net.loss_and_grad(X, y.astype(np.int32))
+    assert a == b
+    Xi = (np.arange(24).reshape(4, 6) % 3).astype(np.uint8)
+    assert np.isfinite(net.loss_and_grad(Xi, y))
