@@ -72,21 +72,31 @@ def as_array_list(name, arrays) -> list:
     return list(arrays)
 
 
-def check_float_array(name, a, *, writable) -> None:
-    if a.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+#: 16-bit storage accepted where the caller keeps a float32 master copy
+LOW_PRECISION_NAMES = ("float16", "bfloat16")
+
+
+def check_float_array(name, a, *, writable, allow_low_precision=False) -> None:
+    if a.dtype not in FLOAT_DTYPES and not (
+            allow_low_precision and a.dtype.name in LOW_PRECISION_NAMES):
+        also = (" (or float16/bfloat16, stepped through a float32 master copy)"
+                if allow_low_precision else "")
+        raise TypeError(f"{name} must be float32 or float64{also}, got {a.dtype}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
     if writable and not a.flags.writeable:
         raise ValueError(f"{name} is read-only; the step updates it in place")
 
 
-def check_like(name, arrays, ref_name, refs, *, writable) -> None:
+def check_like(name, arrays, ref_name, refs, *, writable, allow_low_precision=False) -> None:
     """``arrays`` match ``refs`` one to one in length, shape and dtype."""
     if len(arrays) != len(refs):
         raise ValueError(f"{name} has {len(arrays)} arrays but {ref_name} has {len(refs)}")
     for i, (a, r) in enumerate(zip(arrays, refs)):
-        check_float_array(f"{name}[{i}]", a, writable=writable)
+        # 16-bit arrays only beside 16-bit references (grads of 16-bit params)
+        check_float_array(f"{name}[{i}]", a, writable=writable,
+                          allow_low_precision=(allow_low_precision
+                                               and r.dtype.name in LOW_PRECISION_NAMES))
         if a.shape != r.shape:
             raise ValueError(f"{name}[{i}] has shape {a.shape} but {ref_name}[{i}] "
                              f"has shape {r.shape}")

@@ -278,7 +278,8 @@ BAD_CONSTRUCTION = [
      r"param_groups\[0\]\['params'\]\[1\] is read-only"),
     ("int", "SGD", dict(params=[np.ones(3, np.int64)]), TypeError,
      r"param_groups\[0\]\['params'\]\[0\] must be float32 or float64"),
-    ("float16", "Adam", dict(params=[np.ones(3, np.float16)]), TypeError,
+    # float16/bfloat16 params are supported since mixed precision (issue #4)
+    ("longdouble", "Adam", dict(params=[np.ones(3, np.longdouble)]), TypeError,
      r"must be float32 or float64"),
     ("duplicate", "Adam", dict(params=[_shared, np.ones(2), _shared]), ValueError,
      r"params\[2\] overlaps params\[0\]|params\[0\] overlaps params\[2\]"),

@@ -6,6 +6,7 @@ build (AVX2 + FMA) is used when NumPy reports that this CPU has both.
 
 from __future__ import annotations
 
+from .lowp import bits
 from .scalars import AdamScalars, SGDScalars
 
 
@@ -35,15 +36,28 @@ name = "cython"
 threaded = _k.OPENMP
 
 
-def adam_update(p, g, m, v, vmax, s: AdamScalars) -> None:
-    _k.adam_update(p, g, m, v, vmax, *s)
+# 16-bit arrays go in as integer views of their bits (uint16: bfloat16,
+# int16: float16); ``out`` is the 16-bit params under mixed precision.
+
+def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None) -> None:
+    _k.adam_update(p, bits(g), m, v, vmax, bits(out), *s)
 
 
-def sgd_update(p, g, buf, s: SGDScalars) -> None:
-    _k.sgd_update(p, g, buf, *s)
+def sgd_update(p, g, buf, s: SGDScalars, out=None) -> None:
+    _k.sgd_update(p, bits(g), buf, bits(out), *s)
 
 
-sumsq = _k.sumsq
+def sumsq(x) -> float:
+    return _k.sumsq(bits(x))
+
+
+def widen(src, dst) -> None:
+    _k.widen(bits(src), dst)
+
+
+def narrow(src, dst) -> None:
+    _k.narrow(src, bits(dst))
+
 scale = _k.scale
 set_num_threads = _k.set_num_threads
 get_num_threads = _k.get_num_threads

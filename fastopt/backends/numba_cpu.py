@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 from numba.core import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
+from .lowp import bits
 from .scalars import AdamScalars, SGDScalars
 
 name = "numba"
@@ -68,11 +69,135 @@ def _span(c, n):
     return np.uint64(c * CHUNK), np.uint64(min(n, (c + 1) * CHUNK))
 
 
+# -- 16-bit storage ---------------------------------------------------------------
+# Low-precision arrays arrive as integer views of their bits: uint16 is
+# bfloat16, int16 is float16 (see lowp.py for the formulas). ``_widen`` and
+# ``_narrow`` dispatch on that type at compile time; for float32/float64
+# arrays they are the identity, so the fast path compiles exactly as before.
+
+@intrinsic
+def _f32_from_bits(typingctx, x):
+    """Reinterpret the low 32 bits of an unsigned integer as float32 (an LLVM
+    bitcast; Numba widens uint32 arithmetic to uint64, so truncate first)."""
+    if not (isinstance(x, types.Integer) and not x.signed and x.bitwidth >= 32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if x.bitwidth > 32:
+            v = builder.trunc(v, context.get_value_type(types.uint32))
+        return builder.bitcast(v, context.get_value_type(types.float32))
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def _bits_from_f32(typingctx, x):
+    """Reinterpret a float32 as uint32 (an LLVM bitcast)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return types.uint32(x), codegen
+
+
+_U32 = np.uint32
+
+
 @_jit
-def _adam_chunk(p, g, m, v, vmax, start, stop, step_size, bc2_sqrt, beta1, omb1,
+def _bf16_to_f32(h):
+    return _f32_from_bits(_U32(h) << _U32(16))
+
+
+@_jit
+def _f32_to_bf16(x):
+    b = _bits_from_f32(x)
+    r = _U32((b + _U32(0x7FFF) + ((b >> _U32(16)) & _U32(1))) >> _U32(16))
+    if x != x:  # NaN: ml_dtypes' quiet NaN, sign kept
+        r = ((b >> _U32(16)) & _U32(0x8000)) | _U32(0x7FC0)
+    return np.uint16(r)
+
+
+@_jit
+def _f16_to_f32(h):
+    u = _U32(h) & _U32(0xFFFF)
+    em = u & _U32(0x7FFF)
+    f = _bits_from_f32(_f32_from_bits(em << _U32(13)) * np.float32(2.0 ** 112))
+    if em >= _U32(0x7C00):  # inf / NaN
+        f = (em << _U32(13)) | _U32(0x7F800000)
+    return _f32_from_bits(f | ((u & _U32(0x8000)) << _U32(16)))
+
+
+@_jit
+def _f32_to_f16(x):
+    b = _bits_from_f32(x)
+    sign = (b >> _U32(16)) & _U32(0x8000)
+    a = b & _U32(0x7FFFFFFF)
+    # normal halves: round to nearest even on the 13 dropped bits
+    r = _U32((a - _U32(112 << 23) + _U32(0xFFF) + ((a >> _U32(13)) & _U32(1))) >> _U32(13))
+    if a < _U32(0x38800000):  # below 2**-14: subnormal half, via |x| + 0.5
+        r = _U32(_bits_from_f32(_f32_from_bits(a) + np.float32(0.5)) - _U32(0x3F000000))
+    if a >= _U32(0x47800000):  # >= 65536: inf
+        r = _U32(0x7C00)
+    if a > _U32(0x7F800000):  # NaN: NumPy keeps the top mantissa bits
+        m = (a & _U32(0x7FFFFF)) >> _U32(13)
+        r = _U32(0x7C00) | m | _U32(m == _U32(0))
+    return np.int16(r | sign)
+
+
+def _widen(x):
+    """Stored value -> compute value (identity for float32/float64)."""
+
+
+def _narrow(x, like):
+    """float32 ``x`` -> the storage type of array ``like``."""
+
+
+@overload(_widen, jit_options=_OPTIONS)
+def _widen_impl(x):
+    if isinstance(x, types.Float):
+        return lambda x: x
+    if x == types.uint16:
+        return lambda x: _bf16_to_f32(x)
+    if x == types.int16:
+        return lambda x: _f16_to_f32(x)
+    return None
+
+
+@overload(_narrow, jit_options=_OPTIONS)
+def _narrow_impl(x, like):
+    if like.dtype == types.uint16:
+        return lambda x, like: _f32_to_bf16(x)
+    if like.dtype == types.int16:
+        return lambda x, like: _f32_to_f16(x)
+    return None
+
+
+@_jit
+def _widen_array(src, dst):
+    for i in range(src.size):
+        dst[i] = _widen(src[i])
+
+
+@_jit
+def _narrow_array(src, dst):
+    for i in range(src.size):
+        dst[i] = _narrow(src[i], dst)
+
+
+# -- the kernels ---------------------------------------------------------------------
+# One general kernel per algorithm. ``p`` (and the state) are in the compute
+# dtype; ``g`` is in the params' storage dtype; ``out`` is None, or (mixed
+# precision) the 16-bit params, written as the rounded ``p`` in the same pass.
+# None arguments are resolved at compile time: no branch in the loop.
+
+@_jit
+def _adam_chunk(p, g, m, v, vmax, out, start, stop, step_size, bc2_sqrt, beta1, omb1,
                 beta2, omb2, eps, l2, decay, grad_scale, use_l2):
     for i in range(start, stop):
-        gi = g[i] * grad_scale
+        gi = _widen(g[i]) * grad_scale
         if use_l2:
             gi += l2 * p[i]
         mi = beta1 * m[i] + omb1 * gi
@@ -88,22 +213,25 @@ def _adam_chunk(p, g, m, v, vmax, start, stop, step_size, bc2_sqrt, beta1, omb1,
                 vi = vm
             vmax[i] = vi
         denom = _sqrt(vi) / bc2_sqrt + eps
-        p[i] = p[i] * decay - step_size * mi / denom
+        pi = p[i] * decay - step_size * mi / denom
+        p[i] = pi
+        if out is not None:  # mixed precision; resolved at compile time
+            out[i] = _narrow(pi, out)
 
 
 @_pjit
-def _adam_parallel(p, g, m, v, vmax, *scalars):
+def _adam_parallel(p, g, m, v, vmax, out, *scalars):
     n = p.size
     for c in prange((n + CHUNK - 1) // CHUNK):
         start, stop = _span(c, n)
-        _adam_chunk(p, g, m, v, vmax, start, stop, *scalars)
+        _adam_chunk(p, g, m, v, vmax, out, start, stop, *scalars)
 
 
 @_jit
-def _sgd_chunk(p, g, buf, start, stop, lr, l2, grad_scale, buf_decay, grad_coef,
+def _sgd_chunk(p, g, buf, out, start, stop, lr, l2, grad_scale, buf_decay, grad_coef,
                momentum, use_l2, nesterov):
     for i in range(start, stop):
-        gi = g[i] * grad_scale
+        gi = _widen(g[i]) * grad_scale
         if use_l2:
             gi += l2 * p[i]
         if buf is not None:  # momentum; resolved at compile time
@@ -113,22 +241,25 @@ def _sgd_chunk(p, g, buf, start, stop, lr, l2, grad_scale, buf_decay, grad_coef,
                 gi += momentum * b
             else:
                 gi = b
-        p[i] = p[i] - lr * gi
+        pi = p[i] - lr * gi
+        p[i] = pi
+        if out is not None:  # mixed precision; resolved at compile time
+            out[i] = _narrow(pi, out)
 
 
 @_pjit
-def _sgd_parallel(p, g, buf, *scalars):
+def _sgd_parallel(p, g, buf, out, *scalars):
     n = p.size
     for c in prange((n + CHUNK - 1) // CHUNK):
         start, stop = _span(c, n)
-        _sgd_chunk(p, g, buf, start, stop, *scalars)
+        _sgd_chunk(p, g, buf, out, start, stop, *scalars)
 
 
 @_jit
 def _sumsq_chunk(x, start, stop):
     acc = 0.0  # float64 accumulator on purpose
     for i in range(start, stop):
-        xi = np.float64(x[i])
+        xi = np.float64(_widen(x[i]))
         acc += xi * xi
     return acc
 
@@ -167,27 +298,41 @@ def _cast(t, values):
     return tuple(x if isinstance(x, bool) else t(x) for x in values)
 
 
-def adam_update(p, g, m, v, vmax, s: AdamScalars) -> None:
+def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None) -> None:
     scalars = _cast(p.dtype.type, s)
-    # vmax / buf are None when amsgrad / momentum are off: Numba then compiles
-    # a specialisation without that array, which keeps the loop vectorisable.
+    # vmax / buf / out are None when amsgrad / momentum / mixed precision are
+    # off: Numba then compiles a specialisation without that array, which
+    # keeps the loop vectorisable.
+    g, out = bits(g), bits(out)
     if p.size <= SERIAL_MAX:
-        _adam_chunk(p, g, m, v, vmax, _U0, np.uint64(p.size), *scalars)
+        _adam_chunk(p, g, m, v, vmax, out, _U0, np.uint64(p.size), *scalars)
     else:
-        _adam_parallel(p, g, m, v, vmax, *scalars)
+        _adam_parallel(p, g, m, v, vmax, out, *scalars)
 
 
-def sgd_update(p, g, buf, s: SGDScalars) -> None:
+def sgd_update(p, g, buf, s: SGDScalars, out=None) -> None:
     scalars = _cast(p.dtype.type, s)
+    g, out = bits(g), bits(out)
     if p.size <= SERIAL_MAX:
-        _sgd_chunk(p, g, buf, _U0, np.uint64(p.size), *scalars)
+        _sgd_chunk(p, g, buf, out, _U0, np.uint64(p.size), *scalars)
     else:
-        _sgd_parallel(p, g, buf, *scalars)
+        _sgd_parallel(p, g, buf, out, *scalars)
+
+
+def widen(src, dst) -> None:
+    """16-bit ``src`` (bfloat16/float16) -> float32 ``dst``, elementwise."""
+    _widen_array(bits(src), dst)
+
+
+def narrow(src, dst) -> None:
+    """float32 ``src`` -> 16-bit ``dst`` (bfloat16/float16), rounded to nearest even."""
+    _narrow_array(src, bits(dst))
 
 
 def sumsq(x) -> float:
     # One chunk is summed identically by both paths, so the result is the
     # same whichever runs.
+    x = bits(x)
     if x.size <= CHUNK:
         return float(_sumsq_chunk(x, _U0, np.uint64(x.size)))
     return float(_sumsq_parallel(x))

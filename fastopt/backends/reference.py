@@ -8,6 +8,12 @@ temporaries are fine here.
 All functions take 1-D contiguous arrays and update them in place. The
 optional state arrays (``vmax`` for amsgrad, ``buf`` for momentum) are None
 when that feature is off.
+
+Mixed precision: ``p`` and the state are float32 (the master copy), ``g``
+is float16/bfloat16, and ``out`` (None otherwise) is the 16-bit params,
+set to the rounded ``p`` after the update. The conversions are NumPy's and
+ml_dtypes' own casts (round to nearest even): the compiled backends
+reproduce them bit for bit.
 """
 
 from __future__ import annotations
@@ -20,7 +26,17 @@ name = "numpy"
 threaded = False
 
 
-def adam_update(p, g, m, v, vmax, s: AdamScalars) -> None:
+def _wide(g, t):
+    return g if g.dtype == t else g.astype(t)
+
+
+def _write_back(p, out):
+    if out is not None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[...] = p.astype(out.dtype)
+
+
+def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None) -> None:
     r"""One Adam/AdamW step.
 
     .. math::
@@ -34,7 +50,7 @@ def adam_update(p, g, m, v, vmax, s: AdamScalars) -> None:
     with ``c`` the clip/maximize factor and ``delta = 1 - lr * wd`` (AdamW).
     """
     t = p.dtype.type
-    grad = g * t(s.grad_scale)
+    grad = _wide(g, p.dtype) * t(s.grad_scale)
     if s.use_l2:
         grad = grad + t(s.l2) * p
     m[...] = t(s.beta1) * m + t(s.one_minus_beta1) * grad
@@ -46,9 +62,10 @@ def adam_update(p, g, m, v, vmax, s: AdamScalars) -> None:
         second = v
     denom = np.sqrt(second) / t(s.bc2_sqrt) + t(s.eps)
     p[...] = p * t(s.decay) - t(s.step_size) * m / denom
+    _write_back(p, out)
 
 
-def sgd_update(p, g, buf, s: SGDScalars) -> None:
+def sgd_update(p, g, buf, s: SGDScalars, out=None) -> None:
     r"""One SGD step with torch's momentum buffer.
 
     .. math::
@@ -60,7 +77,7 @@ def sgd_update(p, g, buf, s: SGDScalars) -> None:
     ``mu_t, 1 - tau_t`` are ``0, 1`` on the first step (``b = g``).
     """
     t = p.dtype.type
-    grad = g * t(s.grad_scale)
+    grad = _wide(g, p.dtype) * t(s.grad_scale)
     if s.use_l2:
         grad = grad + t(s.l2) * p
     if buf is not None:  # momentum
@@ -69,6 +86,18 @@ def sgd_update(p, g, buf, s: SGDScalars) -> None:
     else:
         direction = grad
     p[...] = p - t(s.lr) * direction
+    _write_back(p, out)
+
+
+def widen(src, dst) -> None:
+    """16-bit ``src`` -> float32 ``dst`` (NumPy's / ml_dtypes' cast)."""
+    dst[...] = src.astype(np.float32)
+
+
+def narrow(src, dst) -> None:
+    """float32 ``src`` -> 16-bit ``dst``, round to nearest even."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        dst[...] = src.astype(dst.dtype)
 
 
 def sumsq(x) -> float:

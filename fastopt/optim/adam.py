@@ -59,7 +59,8 @@ class Adam(Optimizer):
             v = self._state_buffer(state, runs, ri, "exp_avg_sq")
             vmax = (self._state_buffer(state, runs, ri, "max_exp_avg_sq")[lo:hi]
                     if h["amsgrad"] else None)
-            backend.adam_update(p, g, m[lo:hi], v[lo:hi], vmax, s)
+            w, out = self._targets(state, ri, p, lo, hi)
+            backend.adam_update(w, g, m[lo:hi], v[lo:hi], vmax, s, out)
 
 
 class AdamW(Adam):

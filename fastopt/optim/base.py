@@ -29,10 +29,12 @@ import numpy as np
 
 from .. import _validate as V
 from ..backends import get_backend
+from ..backends.lowp import compute_dtype, is_low_precision
 from ..backends.scalars import clip_coefficient
 from ..clip import norm_of
 from ..params import FlatArrays, in_memory_order, memory_runs
 from ..schedules import Schedule, from_dict
+from .loss_scale import LossScaler
 
 
 def _all_finite(norm, flats) -> bool:
@@ -68,8 +70,12 @@ class Optimizer:
     """
 
     def __init__(self, params, defaults: dict, *, backend="auto", max_grad_norm=None,
-                 skip_nonfinite=False):
+                 skip_nonfinite=False, loss_scaler=None):
         self._backend = get_backend(backend)
+        if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
+            raise TypeError("loss_scaler must be a fastopt.LossScaler or None, got "
+                            f"{type(loss_scaler).__name__}")
+        self.loss_scaler = loss_scaler
         self.iterations = 0     # step() calls so far: the schedules' position
         self.skipped_steps = 0  # steps skipped for a non-finite gradient
         self.skip_nonfinite = V.check_bool("skip_nonfinite", skip_nonfinite)
@@ -88,7 +94,8 @@ class Optimizer:
             if not arrays:
                 raise ValueError(f"param group {gi} has no parameters")
             for i, a in enumerate(arrays):
-                V.check_float_array(f"param_groups[{gi}]['params'][{i}]", a, writable=True)
+                V.check_float_array(f"param_groups[{gi}]['params'][{i}]", a, writable=True,
+                                    allow_low_precision=True)
             group["params"] = arrays
             self.param_groups.append(group)
         self._params = [a for g in self.param_groups for a in g["params"]]
@@ -100,8 +107,12 @@ class Optimizer:
         # instead and gradients could silently land on the wrong params.
         self._memory_ordered = in_memory_order(self._params)
         self._build_runs()
-        self.state = [{"step": 0, "runs": [{} for _ in g["runs"]]}
-                      for g in self._run_info]
+        # Mixed precision: a 16-bit run gets a float32 master copy, the
+        # weights the step really updates (its 16-bit params are the rounded
+        # master, written in the same pass).
+        self.state = [{"step": 0, "runs": [
+            {"master": run["flat"].astype(np.float32)} if is_low_precision(run["flat"].dtype)
+            else {} for run in g["runs"]]} for g in self._run_info]
         self.grad_norm = None   # pre-clip global norm of the last step's grads
         self.last_lr = None     # per group, the lr the last step used
         self._cached = (None, None)
@@ -151,7 +162,8 @@ class Optimizer:
             self._cached = (grads, segments)
             return segments
         grads = V.as_array_list("grads", grads)
-        V.check_like("grads", grads, "params", self._params, writable=False)
+        V.check_like("grads", grads, "params", self._params, writable=False,
+                     allow_low_precision=True)
         V.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)],
                          [(f"grads[{i}]", g) for i, g in enumerate(grads)])
         segments = []
@@ -178,7 +190,8 @@ class Optimizer:
             if len(grads) != len(self._params):
                 raise ValueError(f"grads has {len(grads)} arrays but params has "
                                  f"{len(self._params)}")
-            V.check_like("grads", list(grads), "params", self._params, writable=False)
+            V.check_like("grads", list(grads), "params", self._params, writable=False,
+                         allow_low_precision=True)
         data = grads.data
         V.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)],
                          [("grads", data)])
@@ -194,15 +207,17 @@ class Optimizer:
         ``grads`` is a list of arrays matching the params one to one, or a
         :class:`~fastopt.params.FlatArrays` with the params' layout (the fast
         path: one kernel call per group). Returns the pre-clip global
-        gradient norm when it was computed (``max_grad_norm`` set, or
-        ``skip_nonfinite``), else None; it is also ``self.grad_norm``, and
-        the lr each group used is ``self.last_lr``.
+        gradient norm when it was computed (``max_grad_norm`` set,
+        ``skip_nonfinite`` or a ``loss_scaler``; unscaled), else None; it is
+        also ``self.grad_norm``, and the lr each group used is
+        ``self.last_lr``.
 
-        With ``skip_nonfinite`` a NaN or inf anywhere in ``grads`` skips the
-        step: params and state are left untouched (the step counts used for
-        bias correction do not advance), ``self.skipped_steps`` counts it,
-        and schedules still advance (``self.iterations``), as in a torch
-        loop that calls ``scheduler.step()`` every iteration.
+        With ``skip_nonfinite`` or a ``loss_scaler``, a NaN or inf anywhere
+        in ``grads`` skips the step: params and state are left untouched (the
+        step counts used for bias correction do not advance),
+        ``self.skipped_steps`` counts it, the loss scale backs off, and
+        schedules still advance (``self.iterations``), as in a torch loop
+        that calls ``scheduler.step()`` every iteration.
         """
         segments = self._segments(grads)
         hypers = [self._resolve(g, where=f"param_groups[{gi}]")
@@ -210,13 +225,16 @@ class Optimizer:
         max_norm = self.max_grad_norm   # public attributes: re-checked like the groups
         if max_norm is not None:
             max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True)
-        check = V.check_bool("skip_nonfinite", self.skip_nonfinite)
+        scaler = self.loss_scaler
+        check = V.check_bool("skip_nonfinite", self.skip_nonfinite) or scaler is not None
+        inv_scale = 1.0 if scaler is None else 1.0 / scaler.scale
         backend = self._backend
         norm, coef, skip = None, 1.0, False
         if max_norm is not None or check:
             flats = [seg[2] for segs in segments for seg in segs]
             norm = norm_of(backend, flats)
             skip = check and not _all_finite(norm, flats)
+            norm *= inv_scale          # the norm of the unscaled gradients
             if max_norm is not None:
                 coef = clip_coefficient(norm, max_norm)
         if skip:
@@ -224,19 +242,30 @@ class Optimizer:
         else:
             for gi, h in enumerate(hypers):
                 self._step_group(backend, h, self.state[gi], self._run_info[gi]["runs"],
-                                 segments[gi], coef)
+                                 segments[gi], coef * inv_scale)
                 self.state[gi]["step"] += 1
+        if scaler is not None:
+            scaler.update(found_inf=skip)
         self.iterations += 1
         self.grad_norm = norm
         self.last_lr = [h["lr"] for h in hypers]
         return norm
 
     def _state_buffer(self, state, runs, ri, name):
-        """The run's flat state buffer ``name``, zero-allocated on first use."""
+        """The run's flat state buffer ``name``, zero-allocated on first use
+        (float32 for 16-bit params)."""
         bufs = state["runs"][ri]
         if name not in bufs:
-            bufs[name] = np.zeros_like(runs[ri]["flat"])
+            flat = runs[ri]["flat"]
+            bufs[name] = np.zeros(flat.size, compute_dtype(flat.dtype))
         return bufs[name]
+
+    @staticmethod
+    def _targets(state, ri, p, lo, hi):
+        """``(weights the kernel updates, 16-bit params to write or None)``:
+        the master copy's slice under mixed precision, else ``p`` itself."""
+        master = state["runs"][ri].get("master")
+        return (p, None) if master is None else (master[lo:hi], p)
 
     # -- checkpoints ------------------------------------------------------------
     #: state buffer names this optimizer may hold (subclasses extend)
@@ -249,7 +278,7 @@ class Optimizer:
     def _group_dtype(self, gi):
         """The one dtype of group ``gi``'s state buffers (a checkpoint stores
         each buffer as one flat array per group, whatever the packing)."""
-        dtypes = {np.dtype(run["flat"].dtype) for run in self._run_info[gi]["runs"]}
+        dtypes = {compute_dtype(run["flat"].dtype) for run in self._run_info[gi]["runs"]}
         if len(dtypes) != 1:
             raise ValueError(f"param group {gi} mixes dtypes {sorted(map(str, dtypes))}; "
                              "checkpoints need one dtype per group (split the group)")
@@ -300,7 +329,9 @@ class Optimizer:
                 "param_groups": groups, "state": state}
 
     def _options_dict(self) -> dict:
-        return {"max_grad_norm": self.max_grad_norm, "skip_nonfinite": self.skip_nonfinite}
+        return {"max_grad_norm": self.max_grad_norm, "skip_nonfinite": self.skip_nonfinite,
+                "loss_scaler": (None if self.loss_scaler is None
+                                else self.loss_scaler.state_dict())}
 
     def load_state_dict(self, state_dict) -> None:
         """Restore :meth:`state_dict` output. Everything is checked first: a
@@ -356,8 +387,11 @@ class Optimizer:
             dtype = self._group_dtype(gi)
             n = sum(r["flat"].size for r in runs)
             bufs = st["buffers"]
-            need(bufs, sorted(self._required_state(group, step)), f"state[{gi}]")
-            unknown = set(bufs) - set(self._state_names)
+            required = self._required_state(group, step)
+            if any(is_low_precision(r["flat"].dtype) for r in runs):
+                required = required | {"master"}
+            need(bufs, sorted(required), f"state[{gi}]")
+            unknown = set(bufs) - set(self._state_names) - (required & {"master"})
             if unknown:
                 raise ValueError(f"checkpoint state[{gi}] has unknown buffers {sorted(unknown)}"
                                  f" for {type(self).__name__} (expected some of "
@@ -386,16 +420,25 @@ class Optimizer:
     def _prepare_options(self, options):
         if not isinstance(options, dict):
             raise TypeError("checkpoint: 'options' must be a dict")
-        missing = [k for k in ("max_grad_norm", "skip_nonfinite") if k not in options]
+        missing = [k for k in ("max_grad_norm", "skip_nonfinite", "loss_scaler")
+                   if k not in options]
         if missing:
             raise ValueError(f"checkpoint: options is missing keys {missing}")
         mgn = options["max_grad_norm"]
         mgn = None if mgn is None else V.check_real("checkpoint max_grad_norm", mgn,
                                                     low=0.0, low_open=True)
         skip = V.check_bool("checkpoint skip_nonfinite", options["skip_nonfinite"])
+        scaler = (None if options["loss_scaler"] is None
+                  else LossScaler.from_state_dict(options["loss_scaler"]))
 
         def apply():
             self.max_grad_norm, self.skip_nonfinite = mgn, skip
+            if scaler is None:
+                self.loss_scaler = None
+            elif self.loss_scaler is None:
+                self.loss_scaler = scaler
+            else:   # keep the user's object: they read .scale from it
+                self.loss_scaler.__dict__.update(scaler.__dict__)
         return apply
 
     # -- hyperparameters --------------------------------------------------------

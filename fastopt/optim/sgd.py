@@ -55,4 +55,5 @@ class SGD(Optimizer):
         for ri, p, g, lo, hi in segments:
             buf = (self._state_buffer(state, runs, ri, "momentum_buffer")[lo:hi]
                    if has_momentum else None)
-            backend.sgd_update(p, g, buf, s)
+            w, out = self._targets(state, ri, p, lo, hi)
+            backend.sgd_update(w, g, buf, s, out)

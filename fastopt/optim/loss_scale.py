@@ -1,0 +1,109 @@
+"""Dynamic loss scaling for float16/bfloat16 training (torch's GradScaler rules).
+
+Multiply the loss by ``scaler.scale`` before backprop so small float16
+gradients do not flush to zero; give the scaler to the optimizer, and the
+step does the rest in its one pass::
+
+    scaler = fastopt.LossScaler()
+    opt = fastopt.AdamW(params16, lr=1e-3, loss_scaler=scaler)
+    for batch in data:
+        backward(params16, grads16, batch, loss_scale=scaler.scale)
+        opt.step(grads16)        # unscale (folded into the update), check, step, update scale
+
+Unscaling costs nothing extra: ``1 / scale`` is folded into the step's
+gradient factor (with the clip coefficient, if any). The global-norm read
+pass tells whether any gradient is NaN/inf; if so the step writes nothing
+(params, master weights, moments and step counts untouched), the skip is
+counted in ``opt.skipped_steps``, and the scale backs off. After
+``growth_interval`` finite steps in a row it grows.
+
+The update rule is torch's ``GradScaler.update`` (``_amp_update_scale_``),
+with the scale kept in float32 as torch keeps it:
+
+* non-finite step: ``scale *= backoff_factor``; the streak restarts at 0;
+* finite step: the streak grows by one; at ``growth_interval`` the scale is
+  multiplied by ``growth_factor`` (unless that overflows float32) and the
+  streak restarts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import _validate as V
+
+
+def _f32(x) -> float:
+    return float(np.float32(x))
+
+
+class LossScaler:
+    """Dynamic loss scale with torch.amp.GradScaler's defaults and rules.
+
+    Parameters
+    ----------
+    init_scale : float
+        Starting scale (``2**16``).
+    growth_factor : float
+        Multiplier after ``growth_interval`` finite steps in a row (2.0).
+    backoff_factor : float
+        Multiplier after a step with non-finite gradients (0.5).
+    growth_interval : int
+        Finite steps in a row before growing (2000).
+    """
+
+    def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
+                 growth_interval=2000):
+        self.init_scale = V.check_real("init_scale", init_scale, low=0.0, low_open=True)
+        self.growth_factor = V.check_real("growth_factor", growth_factor, low=1.0,
+                                          low_open=True)
+        self.backoff_factor = V.check_real("backoff_factor", backoff_factor, low=0.0,
+                                           high=1.0, low_open=True, high_open=True)
+        self.growth_interval = V.check_int("growth_interval", growth_interval, low=1)
+        self.scale = _f32(self.init_scale)
+        if not math.isfinite(self.scale):
+            raise ValueError(f"init_scale {init_scale} overflows float32")
+        self.growth_tracker = 0     # finite steps in a row since the last change
+
+    def update(self, found_inf: bool) -> None:
+        """Back off after a non-finite step; grow after a streak of finite ones."""
+        if found_inf:
+            self.scale = _f32(self.scale * self.backoff_factor)
+            self.growth_tracker = 0
+            return
+        self.growth_tracker += 1
+        if self.growth_tracker == self.growth_interval:
+            grown = _f32(self.scale * self.growth_factor)
+            if math.isfinite(grown):
+                self.scale = grown
+            self.growth_tracker = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker,
+                "init_scale": self.init_scale, "growth_factor": self.growth_factor,
+                "backoff_factor": self.backoff_factor,
+                "growth_interval": self.growth_interval}
+
+    @classmethod
+    def from_state_dict(cls, sd) -> "LossScaler":
+        """A scaler restored from :meth:`state_dict`; checks every field."""
+        if not isinstance(sd, dict):
+            raise TypeError("loss scaler state must be a dict")
+        keys = ("scale", "growth_tracker", "init_scale", "growth_factor",
+                "backoff_factor", "growth_interval")
+        missing = [k for k in keys if k not in sd]
+        if missing:
+            raise ValueError(f"loss scaler state is missing keys {missing}")
+        new = cls(sd["init_scale"], sd["growth_factor"], sd["backoff_factor"],
+                  sd["growth_interval"])
+        new.scale = V.check_real("loss scaler scale", sd["scale"], low=0.0, low_open=True)
+        new.growth_tracker = V.check_int("loss scaler growth_tracker", sd["growth_tracker"],
+                                         low=0)
+        return new
+
+    def __repr__(self):
+        return (f"LossScaler(scale={self.scale}, growth_tracker={self.growth_tracker}, "
+                f"growth_factor={self.growth_factor}, backoff_factor={self.backoff_factor}, "
+                f"growth_interval={self.growth_interval})")

@@ -1,0 +1,223 @@
+"""Mixed precision: 16-bit params and grads, float32 master weights, loss scaling.
+
+The fused 16-bit kernels must (1) convert exactly like ml_dtypes (bfloat16)
+and NumPy (float16), (2) be the float32 kernel plus those conversions, bit
+for bit, and (3) never write anything on a non-finite step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import BACKENDS, FAST_BACKENDS, LARGE, assert_same_tree, snapshot
+
+import fastopt
+from fastopt.backends import get_backend
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+LOW = [BF16, F16]
+IDS = ["bf16", "f16"]
+
+
+def _conversion_backends():
+    mods = [get_backend(b) for b in FAST_BACKENDS]
+    try:   # the portable Cython build too, where the v3 one is in use
+        from fastopt.backends._cython import kernels as baseline
+        from fastopt.backends.lowp import bits
+
+        class Baseline:
+            name = "cython-baseline"
+            widen = staticmethod(lambda s, d: baseline.widen(bits(s), d))
+            narrow = staticmethod(lambda s, d: baseline.narrow(s, bits(d)))
+        mods.append(Baseline)
+    except ImportError:
+        pass
+    return mods
+
+
+CONVERTERS = _conversion_backends()
+
+
+@pytest.mark.parametrize("be", CONVERTERS, ids=[m.name for m in CONVERTERS])
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+def test_conversions_bit_exact(be, dtype):
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dtype)
+    wide = np.empty(every.size, np.float32)
+    be.widen(every, wide)
+    assert wide.tobytes() == every.astype(np.float32).tobytes()
+    # float32 values at and around every rounding boundary, plus random bit patterns
+    base = wide.view(np.uint32)
+    deltas = np.array([0, 1, 0xFFF, 0x1000, 0x1001, 0x7FFF, 0x8000, 0x8001, -1, -0xFFF,
+                       -0x1000, -0x1001, -0x8000], np.int64).astype(np.uint32)
+    rand = np.random.default_rng(0).integers(0, 1 << 32, 300_000, dtype=np.uint64)
+    x = np.concatenate([(base[:, None] + deltas[None, :]).ravel(),
+                        rand.astype(np.uint32)]).view(np.float32)
+    got = np.empty(x.size, dtype)
+    be.narrow(x, got)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x.astype(dtype)
+    bad = np.flatnonzero(got.view(np.uint16) != want.view(np.uint16))
+    assert bad.size == 0, [(hex(x.view(np.uint32)[i]), hex(got.view(np.uint16)[i]),
+                            hex(want.view(np.uint16)[i])) for i in bad[:5]]
+
+
+def _grads(p, t, scale=1.0):
+    g = p.zeros_like()
+    g.data[:] = (np.random.default_rng(50 + t).standard_normal(g.data.size) * scale
+                 ).astype(p.dtype)
+    return g
+
+
+def _params(dtype, n=LARGE):
+    rng = np.random.default_rng(7)
+    return fastopt.pack([rng.standard_normal(n).astype(dtype),
+                         rng.standard_normal((3, 5)).astype(dtype)])
+
+
+OPTS = {
+    "adamw": lambda p, **kw: fastopt.AdamW(p, lr=1e-2, amsgrad=True, **kw),
+    "adam": lambda p, **kw: fastopt.Adam(p, lr=1e-2, weight_decay=0.1, maximize=True, **kw),
+    "sgd": lambda p, **kw: fastopt.SGD(p, lr=1e-2, momentum=0.9, nesterov=True,
+                                       weight_decay=1e-3, **kw),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("opt", sorted(OPTS))
+def test_mixed_step_is_float32_step_plus_rounding(backend, dtype, opt):
+    """Master weights follow the float32 optimizer fed the widened grads (bit
+    for bit on the reference; within rounding on the compiled backends, whose
+    float32 and 16-bit specialisations LLVM/gcc may contract into FMAs
+    differently); the 16-bit params are exactly the rounded master."""
+    p16 = _params(dtype)
+    p32 = fastopt.pack([np.asarray(a, np.float32) for a in p16])
+    o16 = OPTS[opt](p16, backend=backend, max_grad_norm=50.0)
+    o32 = OPTS[opt](p32, backend=backend, max_grad_norm=50.0)
+    for t in range(3):
+        g16 = _grads(p16, t)
+        g32 = p32.zeros_like()
+        g32.data[:] = g16.data.astype(np.float32)
+        assert o16.step(g16) == o32.step(g32)
+        master = o16.state[0]["runs"][0]["master"]
+        assert p16.data.tobytes() == master.astype(dtype).tobytes()
+        for name, buf in [("master", p32.data), *o32.state[0]["runs"][0].items()]:
+            got = o16.state[0]["runs"][0][name]
+            if backend == "numpy":
+                assert got.tobytes() == buf.tobytes(), name
+            else:
+                np.testing.assert_allclose(got, buf, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+def test_fast_backends_match_reference(backend, dtype):
+    ref_p, fast_p = _params(dtype), _params(dtype)
+    ref = fastopt.AdamW(ref_p, lr=1e-2, backend="numpy")
+    fast = fastopt.AdamW(fast_p, lr=1e-2, backend=backend)
+    for t in range(3):
+        ref.step(_grads(ref_p, t))
+        fast.step(_grads(fast_p, t))
+    mr, mf = ref.state[0]["runs"][0]["master"], fast.state[0]["runs"][0]["master"]
+    np.testing.assert_allclose(mf, mr, rtol=1e-5, atol=1e-6)
+    # params are the backend's own master, rounded
+    assert fast_p.data.tobytes() == mf.astype(dtype).tobytes()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("how", ["loss_scaler", "skip_nonfinite"])
+def test_nonfinite_skips_and_backs_off(backend, dtype, how):
+    p = _params(dtype)
+    scaler = fastopt.LossScaler(init_scale=256.0, growth_interval=2)
+    kw = {"loss_scaler": scaler} if how == "loss_scaler" else {"skip_nonfinite": True}
+    o = fastopt.AdamW(p, backend=backend, **kw)
+    o.step(_grads(p, 0, scale=256.0))
+    before = {"p": p.data.copy(), "state": snapshot(o.state)}
+    g = _grads(p, 1, scale=256.0)
+    g.data[LARGE + 3] = np.inf if dtype == F16 else np.nan
+    assert not np.isfinite(o.step(g))
+    assert_same_tree({"p": p.data, "state": o.state}, before)
+    assert o.skipped_steps == 1
+    if how == "loss_scaler":
+        assert scaler.scale == 128.0 and scaler.growth_tracker == 0
+        o.step(_grads(p, 2, scale=128.0))
+        o.step(_grads(p, 3, scale=128.0))
+        assert scaler.scale == 256.0 and scaler.growth_tracker == 0
+
+
+def test_loss_scaler_matches_torch_gradscaler():
+    """Scale sequence and trajectory against torch.amp.GradScaler (float32
+    params, where torch's AdamW is the reference) with injected infs."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    w0 = rng.standard_normal(64).astype(np.float32)
+    coefs = [rng.standard_normal(64).astype(np.float32) for _ in range(12)]
+    for i in (2, 3, 7):
+        coefs[i][5] = np.inf
+    tp = torch.nn.Parameter(torch.tensor(w0))
+    topt = torch.optim.AdamW([tp], lr=1e-2)
+    tscaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
+    w = w0.copy()
+    scaler = fastopt.LossScaler(init_scale=2.0 ** 10, growth_interval=3)
+    opt = fastopt.AdamW(w, lr=1e-2, loss_scaler=scaler, backend="numpy")
+    for c in coefs:
+        assert scaler.scale == tscaler.get_scale()
+        topt.zero_grad()
+        tscaler.scale((tp * torch.tensor(c)).sum()).backward()
+        tscaler.step(topt)
+        tscaler.update()
+        opt.step(c * np.float32(scaler.scale))     # d(scale * sum(c * w))/dw
+    assert scaler.scale == tscaler.get_scale()
+    np.testing.assert_allclose(w, tp.detach().numpy(), rtol=1e-6)
+    assert opt.skipped_steps == 3 and opt.state[0]["step"] == 9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_precision_resume_is_exact(tmp_path, backend):
+    def make(p):
+        return fastopt.AdamW(p, lr=fastopt.schedules.warmup_cosine(1e-2, 2, 8), backend=backend,
+                             loss_scaler=fastopt.LossScaler(init_scale=64.0, growth_interval=2))
+
+    def run(o, p, a, b):
+        for t in range(a, b):
+            g = _grads(p, t, scale=o.loss_scaler.scale)
+            if t == 2:
+                g.data[0] = np.inf
+            o.step(g)
+
+    ref_p = _params(BF16, n=1000)
+    ref = make(ref_p)
+    run(ref, ref_p, 0, 7)
+    p = _params(BF16, n=1000)
+    o = make(p)
+    run(o, p, 0, 4)
+    fastopt.save(tmp_path / "c.npz", params=p, optimizer=o)
+    p2 = _params(BF16, n=1000)
+    p2.data[:] = 0
+    o2 = make(p2)
+    fastopt.load(tmp_path / "c.npz", params=p2, optimizer=o2)
+    assert p2.dtype == BF16
+    run(o2, p2, 4, 7)
+    assert p2.data.tobytes() == ref_p.data.tobytes()
+    assert_same_tree(o2.state_dict(), ref.state_dict())
+    # a bfloat16 checkpoint does not load into a float16 or float32 optimizer
+    for dtype in (F16, np.float32):
+        q = _params(dtype, n=1000)
+        oq = fastopt.AdamW(q, backend=backend)
+        with pytest.raises(fastopt.CheckpointError, match="bfloat16"):
+            fastopt.load(tmp_path / "c.npz", params=q, optimizer=oq)
+
+
+def test_validation():
+    p = _params(BF16, n=10)
+    o = fastopt.AdamW(p)
+    with pytest.raises(TypeError, match="dtype float32 but params"):
+        o.step([np.zeros(a.shape, np.float32) for a in p])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fastopt.functional.adamw(p[0], p[0].copy(), p[0].copy(), p[0].copy(), step=1)
+    with pytest.raises(TypeError, match="loss_scaler"):
+        fastopt.AdamW(p, loss_scaler=2.0 ** 16)
+    with pytest.raises(ValueError, match="backoff_factor"):
+        fastopt.LossScaler(backoff_factor=1.5)
