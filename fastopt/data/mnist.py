@@ -148,7 +148,8 @@ def mnist_split(path=None, n_train=8000, seed=0, dtype=np.float32):
     if not 0 < n_train < n:
         raise ValueError(f"n_train must be in [1, {n - 1}], got {n_train}")
     order = np.random.default_rng(seed).permutation(n)
-    X = images.reshape(n, -1).astype(dtype) / dtype(255)
+    dtype = np.dtype(dtype)
+    X = images.reshape(n, -1).astype(dtype) / dtype.type(255)
     y = labels.astype(np.int64)
     tr, te = order[:n_train], order[n_train:]
     return X[tr], y[tr], X[te], y[te]

@@ -38,6 +38,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ..params import FlatArrays, flat_zeros
+from ..schedules import Schedule
 from .activations import DEFAULT_INIT, LOSSES, activation_id, parse_layers
 
 _MODULES = {
@@ -96,7 +97,8 @@ def _seeds(seed, k):
 
 
 def _per_model(name, value, k, low=0.0):
-    """A scalar or a length-k sequence of non-negative finite reals, as floats."""
+    """A scalar or a length-k sequence of non-negative finite reals (as floats)
+    or :mod:`fastopt.schedules` schedules (passed through)."""
     if np.ndim(value) == 0:
         vals = [value] * k
     else:
@@ -105,6 +107,9 @@ def _per_model(name, value, k, low=0.0):
             raise ValueError(f"{name} has {len(vals)} values but the ensemble has {k} models")
     out = []
     for i, v in enumerate(vals):
+        if isinstance(v, Schedule):   # checked by the optimizer at each step
+            out.append(v)
+            continue
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
             raise TypeError(f"{name}[{i}] must be a real number, got {v!r}")
         v = float(v)
@@ -218,7 +223,8 @@ class Ensemble:
     def param_groups(self, lr=None, weight_decay=None) -> list:
         """Param groups for a fastopt optimizer over this ensemble.
 
-        With scalar (or omitted) ``lr`` and ``weight_decay``: one group
+        ``lr`` may be a number or a :mod:`fastopt.schedules` schedule, or a
+        sequence of K of them. With scalar (or omitted) ``lr`` and ``weight_decay``: one group
         holding every tensor, which the optimizer steps as one kernel call
         over the whole buffer. With a sequence of K values for either: one
         group per model (model k's tensors are one contiguous run, so one
@@ -418,6 +424,30 @@ class Ensemble:
         """Fraction of correct labels per model, ``[K]``."""
         pred = Ensemble.predict(self, X, batch_size)
         return (pred == np.asarray(y)).mean(axis=-1)
+
+    def evaluate(self, X, y, batch_size=1024):
+        """Mean loss and accuracy per model on a held-out set: two ``[K]`` arrays
+        (accuracy is NaN for MSE). Chunked forward passes, no gradients."""
+        X, shared = self._check_x(X)
+        y = self._check_targets(y, X, shared)
+        B = X.shape[-2]
+        loss = np.zeros(self.k)
+        correct = np.zeros(self.k)
+        for s in range(0, B, batch_size):
+            xb = X[s:s + batch_size] if shared else X[:, s:s + batch_size]
+            yb = y[..., s:s + batch_size] if self.loss == "cross_entropy" else (
+                y[s:s + batch_size] if y.ndim == 2 else y[:, s:s + batch_size])
+            z = self._outputs(xb).astype(np.float64)
+            if self.loss == "cross_entropy":
+                yb = np.broadcast_to(yb, z.shape[:2])
+                m = z.max(axis=2, keepdims=True)
+                lse = (m + np.log(np.exp(z - m).sum(axis=2, keepdims=True)))[..., 0]
+                loss += (lse - np.take_along_axis(z, yb[..., None], 2)[..., 0]).sum(axis=1)
+                correct += (z.argmax(axis=2) == yb).sum(axis=1)
+            else:
+                loss += ((z - yb) ** 2).mean(axis=2).sum(axis=1)
+        acc = correct / B if self.loss == "cross_entropy" else np.full(self.k, np.nan)
+        return loss / B, acc
 
     def model(self, i) -> "MLP":
         """A standalone copy of model ``i`` as an :class:`MLP`."""

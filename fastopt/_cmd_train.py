@@ -1,0 +1,199 @@
+"""``fastopt train``: train an MLP (or an lr sweep as one batched ensemble) on MNIST.
+
+    fastopt train --data mnist --hidden 256,256 --optimizer adamw --lr 1e-3 \\
+        --schedule warmup-cosine --epochs 15
+    fastopt train --data mnist --hidden 256,256 --ensemble-lrs 1e-1,1e-2,1e-3,1e-4,1e-5
+
+Data: the fixed seeded 8k train / 2k held-out split of the MNIST test set
+(:func:`fastopt.data.mnist_split`). Prints a progress bar with the loss and
+throughput, the held-out accuracy per epoch, and writes ``metrics.json`` and
+``curves.png`` (loss and accuracy per epoch, one curve per lr) to ``--out``.
+"""
+
+from __future__ import annotations
+
+HELP = "train an MLP (or a batched lr sweep) on MNIST: progress, held-out accuracy, curves"
+
+
+def _floats(text):
+    import argparse
+    try:
+        vals = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    if not vals or any(not v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return vals
+
+
+def _hidden(text):
+    import argparse
+
+    from fastopt.nn.activations import parse_layers
+    try:
+        return parse_layers(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def add_arguments(parser):
+    parser.add_argument("--data", default="mnist", choices=["mnist"], help="dataset (mnist)")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory with the MNIST IDX files (default: $FASTOPT_DATA, "
+                             "then ../shared/data/mnist)")
+    parser.add_argument("--hidden", type=_hidden, default=(256, 256),
+                        help="hidden widths, e.g. 256,256 (default)")
+    parser.add_argument("--activation", default="relu",
+                        choices=["relu", "leaky_relu", "tanh", "sigmoid", "gelu"])
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
+    parser.add_argument("--lr", type=float, default=1e-3, help="(peak) learning rate")
+    parser.add_argument("--ensemble-lrs", type=_floats, default=None,
+                        help="comma-separated lrs: train one model per lr in one batched run")
+    parser.add_argument("--schedule", default="constant", choices=["constant", "warmup-cosine"])
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="warmup-cosine warmup (default: 5%% of all steps)")
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help="default: the optimizer's (AdamW 1e-2, others 0)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--max-grad-norm", type=float, default=None)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0, help="init, split and shuffle seed")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--backend", default="auto", help="nn backend: auto, cython, numba, numpy")
+    parser.add_argument("--target", type=float, default=0.94,
+                        help="report the training time to reach this held-out accuracy")
+    parser.add_argument("--out", default="train-results", help="output directory")
+    parser.add_argument("--no-plot", action="store_true", help="skip curves.png")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+class _Progress:
+    """A one-line progress bar on stderr: epoch, batches, loss, throughput."""
+
+    def __init__(self, epochs, n_train, stream, enabled=True):
+        self.epochs, self.n_train, self.stream, self.enabled = epochs, n_train, stream, enabled
+        self.last = 0.0
+
+    def batch(self, epoch, i, n_batches, losses, seconds):
+        import time
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.1 and i + 1 < n_batches):
+            return
+        self.last = now
+        width = 24
+        done = int(width * (i + 1) / n_batches)
+        seen = (epoch - 1) * self.n_train + min((i + 1) * (self.n_train // n_batches + 1),
+                                                self.n_train)
+        rate = seen / seconds if seconds > 0 else 0.0
+        loss = min(float(l) for l in losses) if len(losses) > 1 else float(losses[0])
+        tag = "best loss" if len(losses) > 1 else "loss"
+        self.stream.write(f"\repoch {epoch:>3}/{self.epochs} [{'#' * done}{'.' * (width - done)}]"
+                          f" {i + 1:>4}/{n_batches} {tag} {loss:.4f}  {rate:,.0f} samples/s ")
+        self.stream.flush()
+
+    def end_line(self):
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _plot(history, labels, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history["epochs"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, label in enumerate(labels):
+        ax1.plot(epochs, [r["train_loss"][k] for r in history["epochs"]], label=f"{label} train")
+        ax1.plot(epochs, [r["val_loss"][k] for r in history["epochs"]], "--",
+                 label=f"{label} held-out")
+        ax2.plot(epochs, [100 * r["val_acc"][k] for r in history["epochs"]], label=label)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("cross-entropy")
+    ax1.set_yscale("log")
+    ax1.set_title("loss")
+    ax1.legend(fontsize=7)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("held-out accuracy (%)")
+    ax2.set_title("accuracy")
+    if history.get("target"):
+        ax2.axhline(100 * history["target"], color="grey", lw=0.8, ls=":")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args):
+    import json
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    import fastopt
+    from fastopt.data import mnist_split
+    from fastopt.nn import Ensemble
+    from fastopt.nn.training import fit, make_optimizer
+
+    try:
+        Xtr, ytr, Xte, yte = mnist_split(args.data_dir, dtype=np.dtype(args.dtype))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fastopt train: {exc}", file=sys.stderr)
+        return 2
+    lrs = args.ensemble_lrs
+    k = len(lrs) if lrs else 1
+    if args.epochs < 1 or args.batch_size < 1:
+        print("fastopt train: --epochs and --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    sizes = (Xtr.shape[1], *args.hidden, 10)
+    # One level of parallelism: BLAS threads in the matmuls, so the fused
+    # optimizer kernels run on one thread (see fastopt/nn/model.py).
+    fastopt.set_num_threads(1)
+    model = Ensemble(k, sizes, args.activation, seed=args.seed, dtype=args.dtype,
+                     backend=args.backend)
+    steps = args.epochs * -(-Xtr.shape[0] // args.batch_size)
+    try:
+        opt = make_optimizer(model, args.optimizer, args.lr, lrs=lrs, schedule=args.schedule,
+                             total_steps=steps, warmup_steps=args.warmup_steps,
+                             weight_decay=args.weight_decay, momentum=args.momentum,
+                             max_grad_norm=args.max_grad_norm)
+    except (TypeError, ValueError) as exc:
+        print(f"fastopt train: {exc}", file=sys.stderr)
+        return 2
+    labels = [f"lr={v:g}" for v in (lrs or [args.lr])]
+    print(f"fastopt train: {k} model(s) {'-'.join(map(str, sizes))} {args.activation}, "
+          f"{args.optimizer} {', '.join(labels)}, schedule {args.schedule}, "
+          f"{args.epochs} epochs x {steps // args.epochs} steps, batch {args.batch_size}, "
+          f"backend {model.backend}, {Xtr.shape[0]} train / {Xte.shape[0]} held-out")
+    bar = _Progress(args.epochs, Xtr.shape[0], sys.stderr, not args.quiet)
+
+    def on_epoch(epoch, rec):
+        bar.end_line()
+        accs = "  ".join(f"{lab} {100 * a:.2f}%" for lab, a in zip(labels, rec["val_acc"]))
+        print(f"epoch {epoch:>3}: held-out accuracy {accs}  ({rec['seconds']:.1f} s, "
+              f"{rec['samples_per_s']:,.0f} samples/s{' per model' if k == 1 else ' x ' + str(k)})",
+              flush=True)
+
+    history = fit(model, opt, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
+                  seed=args.seed, X_val=Xte, y_val=yte, target=args.target,
+                  on_batch=bar.batch, on_epoch=on_epoch)
+    final = history["epochs"][-1]["val_acc"]
+    for lab, a, t in zip(labels, final, history["time_to_target"]):
+        reach = (f", reached {100 * args.target:.0f}% after {t:.1f} s of training"
+                 if t is not None else f", never reached {100 * args.target:.0f}%")
+        print(f"held-out accuracy {lab}: {100 * a:.2f}%{reach}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"config": {k_: (list(v) if isinstance(v, tuple) else v)
+                          for k_, v in vars(args).items() if k_ != "func"},
+               "sizes": list(sizes), "backend": model.backend, "labels": labels,
+               "final_val_acc": final, **history}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"wrote {out / 'metrics.json'}")
+    if not args.no_plot:
+        _plot(history, labels, out / "curves.png")
+        print(f"wrote {out / 'curves.png'}")
+    return 0

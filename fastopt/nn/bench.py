@@ -1,0 +1,379 @@
+"""Benchmarks for fastopt.nn: same-run ratios against PyTorch (CPU) and NumPy.
+
+Each function returns a dict (JSON-safe) of times and ratios measured in one
+process run with the implementations interleaved round by round; a time is
+the minimum over rounds of the mean step time in that round, so the ratios
+compare like with like on a shared, noisy machine. The asv suite can call
+these; ``python -m fastopt.nn.bench`` prints all three.
+
+* :func:`bench_train_step`: one training step (forward, backward, AdamW) of
+  784-256-256-10, batch 256, float32, against torch (``fused=True`` AdamW)
+  and a hand-written NumPy version; plus the fraction of the same-run sgemm
+  throughput the step reaches.
+* :func:`bench_ensemble`: K=16 models 784-64-10, batch 128 each (its own
+  mini-batch per model), one step; against the 16 trained one after the
+  other in torch and in fastopt, and torch written the fast way (stacked
+  weights, ``torch.baddbmm``, fused AdamW).
+* :func:`bench_mnist`: time to 94% held-out accuracy on the 8k/2k MNIST
+  split, fastopt vs the same recipe (same initial weights, batches and lr
+  schedule) in torch.
+
+Threads: one level of parallelism. BLAS (and torch's intra-op pool) use
+every core; fastopt's fused optimizer kernels run on one thread
+(``fastopt.set_num_threads(1)``) because they run between BLAS calls.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+import fastopt
+
+from .model import MLP, Ensemble, available_backends
+
+
+def _blas_info():
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    return [{k: i.get(k) for k in ("internal_api", "prefix", "version", "architecture",
+                                   "num_threads")} for i in threadpool_info()]
+
+
+def _interleaved(fns: dict, rounds=7, min_time=0.05):
+    """Mean time per call of each fn, min over ``rounds`` interleaved rounds."""
+    reps = {}
+    for name, fn in fns.items():
+        fn()
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        one = max(time.perf_counter() - t0, 1e-6)
+        reps[name] = max(1, int(min_time / one))
+    best = {name: math.inf for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = reps[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / n)
+    return best
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _mlp_flops(sizes, batch):
+    """Matmul flops of one training step: forward, weight grads, input grads
+    (none for the first layer)."""
+    f = 0
+    for l, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        f += 2 * batch * a * b * (3 if l else 2)
+    return f
+
+
+def _numpy_step(sizes, batch, rng, lr=1e-3, wd=1e-2):
+    """A straightforward NumPy MLP step (relu, softmax CE, AdamW), as one
+    would write it by hand: temporaries everywhere, AdamW per tensor."""
+    Ws = [(rng.standard_normal((a, b)) * math.sqrt(2 / a)).astype(np.float32)
+          for a, b in zip(sizes, sizes[1:])]
+    bs = [np.zeros(b, np.float32) for b in sizes[1:]]
+    params = [p for pair in zip(Ws, bs) for p in pair]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    X = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], batch)
+    t = [0]
+
+    def step():
+        acts, pre = [X], []
+        for l, (W, b) in enumerate(zip(Ws, bs)):
+            z = acts[-1] @ W + b
+            pre.append(z)
+            acts.append(np.maximum(z, 0) if l < len(Ws) - 1 else z)
+        z = acts[-1]
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        p = e / e.sum(axis=1, keepdims=True)
+        d = p
+        d[np.arange(batch), y] -= 1
+        d /= batch
+        grads = [None] * len(params)
+        for l in range(len(Ws) - 1, -1, -1):
+            grads[2 * l] = acts[l].T @ d
+            grads[2 * l + 1] = d.sum(axis=0)
+            if l:
+                d = (d @ Ws[l].T) * (pre[l - 1] > 0)
+        t[0] += 1
+        bc1, bc2 = 1 - 0.9 ** t[0], 1 - 0.999 ** t[0]
+        for p_, g, m_, v_ in zip(params, grads, m, v):
+            p_ *= 1 - lr * wd
+            m_ *= 0.9
+            m_ += 0.1 * g
+            v_ *= 0.999
+            v_ += 0.001 * g * g
+            p_ -= (lr / bc1) * m_ / (np.sqrt(v_) / math.sqrt(bc2) + 1e-8)
+    return step
+
+
+def bench_train_step(sizes=(784, 256, 256, 10), batch=256, rounds=7, backends=None):
+    """One float32 training step (forward, backward, AdamW); same-run ratios."""
+    rng = np.random.default_rng(0)
+    threads = fastopt.get_num_threads()
+    fastopt.set_num_threads(1)
+    try:
+        X = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+        y = rng.integers(0, sizes[-1], batch)
+        fns = {}
+        for be in backends or [b for b in available_backends() if b != "numpy"]:
+            net = MLP(sizes, seed=0, backend=be)
+            opt = fastopt.AdamW(net.param_groups(), lr=1e-3)
+            fns[f"fastopt-{be}"] = (lambda net=net, opt=opt: net.train_step(opt, X, y))
+        fns["numpy"] = _numpy_step(sizes, batch, rng)
+        # The step's matmuls alone, through the same BLAS into reused outputs.
+        shapes = []
+        for l, (a, b) in enumerate(zip(sizes, sizes[1:])):
+            shapes.append(((batch, a), (a, b)))           # forward
+            shapes.append(((a, batch), (batch, b)))       # weight grad
+            if l:
+                shapes.append(((batch, b), (b, a)))       # input grad
+        mats = [(rng.standard_normal(s1).astype(np.float32),
+                 rng.standard_normal(s2).astype(np.float32),
+                 np.empty((s1[0], s2[1]), np.float32)) for s1, s2 in shapes]
+
+        def gemms():
+            for a, b, c in mats:
+                np.dot(a, b, out=c)
+        fns["sgemm (the step's matmuls)"] = gemms
+        big = rng.standard_normal((1024, 1024)).astype(np.float32)
+        big_out = np.empty_like(big)
+        fns["sgemm 1024^3"] = lambda: np.dot(big, big, out=big_out)
+        torch = _torch()
+        if torch is not None:
+            torch.manual_seed(0)
+            layers = []
+            for l, (a, b) in enumerate(zip(sizes, sizes[1:])):
+                layers.append(torch.nn.Linear(a, b))
+                if l < len(sizes) - 2:
+                    layers.append(torch.nn.ReLU())
+            tm = torch.nn.Sequential(*layers)
+            topt = torch.optim.AdamW(tm.parameters(), lr=1e-3, fused=True)
+            tX, ty = torch.from_numpy(X), torch.from_numpy(y)
+
+            def torch_step():
+                topt.zero_grad(set_to_none=False)
+                torch.nn.functional.cross_entropy(tm(tX), ty).backward()
+                topt.step()
+            fns["torch"] = torch_step
+        times = _interleaved(fns, rounds)
+    finally:
+        fastopt.set_num_threads(threads)
+    flops = _mlp_flops(sizes, batch)
+    out = {"case": f"train step {'-'.join(map(str, sizes))} batch {batch} float32 AdamW",
+           "times_s": times, "step_gflops": {}, "blas": _blas_info()}
+    sgemm_step = flops / times["sgemm (the step's matmuls)"]
+    sgemm_big = 2 * 1024 ** 3 / times["sgemm 1024^3"]
+    out["sgemm_gflops"] = {"step shapes": sgemm_step / 1e9, "1024^3": sgemm_big / 1e9}
+    for name, t in times.items():
+        if name.startswith("fastopt"):
+            r = {"vs_numpy": times["numpy"] / t,
+                 "fraction_of_sgemm_step_shapes": (flops / t) / sgemm_step,
+                 "fraction_of_sgemm_1024": (flops / t) / sgemm_big}
+            if "torch" in times:
+                r["vs_torch"] = times["torch"] / t
+            out[name] = r
+        if not name.startswith("sgemm"):
+            out["step_gflops"][name] = flops / t / 1e9
+    return out
+
+
+def bench_ensemble(k=16, sizes=(784, 64, 10), batch=128, rounds=7, backends=None):
+    """K models, each its own mini-batch, one training step; same-run ratios."""
+    rng = np.random.default_rng(0)
+    threads = fastopt.get_num_threads()
+    fastopt.set_num_threads(1)
+    try:
+        X = rng.standard_normal((k, batch, sizes[0])).astype(np.float32)
+        y = rng.integers(0, sizes[-1], (k, batch))
+        lrs = [10.0 ** -(1 + 4 * i / max(k - 1, 1)) for i in range(k)]
+        fns = {}
+        for be in backends or [b for b in available_backends() if b != "numpy"]:
+            ens = Ensemble(k, sizes, seed=0, backend=be)
+            opt = fastopt.AdamW(ens.param_groups(lr=lrs))       # K groups: K kernel calls
+            fns[f"fastopt-{be} ensemble"] = (lambda e=ens, o=opt: e.train_step(o, X, y))
+            ens1 = Ensemble(k, sizes, seed=0, backend=be)
+            opt1 = fastopt.AdamW(ens1.param_groups(lr=1e-3))    # 1 group: 1 kernel call
+            fns[f"fastopt-{be} ensemble, shared lr"] = (
+                lambda e=ens1, o=opt1: e.train_step(o, X, y))
+            nets = [MLP(sizes, seed=i, backend=be) for i in range(k)]
+            opts = [fastopt.AdamW(n.param_groups(), lr=lrs[i]) for i, n in enumerate(nets)]
+
+            def one_by_one(nets=nets, opts=opts):
+                for i in range(k):
+                    nets[i].train_step(opts[i], X[i], y[i])
+            fns[f"fastopt-{be} one by one"] = one_by_one
+        torch = _torch()
+        if torch is not None:
+            torch.manual_seed(0)
+            tX, ty = torch.from_numpy(X), torch.from_numpy(y)
+            models = [torch.nn.Sequential(torch.nn.Linear(sizes[0], sizes[1]), torch.nn.ReLU(),
+                                          torch.nn.Linear(sizes[1], sizes[2]))
+                      for _ in range(k)]
+            topts = [torch.optim.AdamW(m.parameters(), lr=lrs[i], fused=True)
+                     for i, m in enumerate(models)]
+
+            def torch_one_by_one():
+                for i in range(k):
+                    topts[i].zero_grad(set_to_none=False)
+                    torch.nn.functional.cross_entropy(models[i](tX[i]), ty[i]).backward()
+                    topts[i].step()
+            fns["torch one by one"] = torch_one_by_one
+            W1 = torch.nn.Parameter(torch.randn(k, sizes[0], sizes[1]) * 0.05)
+            b1 = torch.nn.Parameter(torch.zeros(k, 1, sizes[1]))
+            W2 = torch.nn.Parameter(torch.randn(k, sizes[1], sizes[2]) * 0.05)
+            b2 = torch.nn.Parameter(torch.zeros(k, 1, sizes[2]))
+            bopt = torch.optim.AdamW([W1, b1, W2, b2], lr=1e-3, fused=True)
+
+            def torch_bmm():
+                bopt.zero_grad(set_to_none=False)
+                h = torch.relu(torch.baddbmm(b1, tX, W1))
+                o = torch.baddbmm(b2, h, W2)
+                # sum of the K per-model mean losses: each model's own gradient
+                loss = torch.nn.functional.cross_entropy(
+                    o.reshape(-1, sizes[2]), ty.reshape(-1), reduction="sum") / batch
+                loss.backward()
+                bopt.step()
+            fns["torch bmm fused (shared lr)"] = torch_bmm
+        times = _interleaved(fns, rounds)
+    finally:
+        fastopt.set_num_threads(threads)
+    out = {"case": f"ensemble K={k} {'-'.join(map(str, sizes))} batch {batch} float32 AdamW",
+           "times_s": times, "blas": _blas_info()}
+    for name, t in times.items():
+        if name.startswith("fastopt") and "one by one" not in name:
+            be = name.split()[0]
+            r = {"vs_fastopt_one_by_one": times[f"{be} one by one"] / t}
+            if torch is not None:
+                r["vs_torch_one_by_one"] = times["torch one by one"] / t
+                r["vs_torch_bmm_fused"] = times["torch bmm fused (shared lr)"] / t
+            out[name] = r
+    return out
+
+
+def bench_mnist(hidden=(256, 256), epochs=15, batch=128, lr=1e-3, target=0.94, seed=0,
+                backend="auto", data_dir=None, torch_too=True):
+    """Time to ``target`` held-out accuracy on the 8k/2k MNIST split, fastopt
+    vs the same recipe in torch (same initial weights, same batches, AdamW
+    with the same warmup-cosine lr per step). Training time only (the
+    per-epoch evaluation is not counted), fastopt and torch alternate epochs
+    so machine noise hits both alike."""
+    from ..data import mnist_split
+    from .training import fit, make_optimizer
+
+    Xtr, ytr, Xte, yte = mnist_split(data_dir)
+    sizes = (Xtr.shape[1], *hidden, 10)
+    steps = epochs * -(-Xtr.shape[0] // batch)
+    threads = fastopt.get_num_threads()
+    fastopt.set_num_threads(1)
+    try:
+        net = MLP(sizes, seed=seed, backend=backend)
+        init = net.params.data.copy()
+        opt = make_optimizer(net, "adamw", lr, schedule="warmup-cosine", total_steps=steps)
+        sched = opt.param_groups[0]["lr"]
+        torch = _torch() if torch_too else None
+        res = {"case": f"MNIST 8k/2k {'-'.join(map(str, sizes))} AdamW lr {lr} "
+                       f"warmup-cosine batch {batch}, {epochs} epochs",
+               "backend": net.backend, "target": target}
+        if torch is not None:
+            torch.manual_seed(seed)
+            layers = []
+            for l, (a, b) in enumerate(zip(sizes, sizes[1:])):
+                lin = torch.nn.Linear(a, b)
+                with torch.no_grad():
+                    lin.weight.copy_(torch.from_numpy(net.W[l].T.copy()))
+                    lin.bias.zero_()
+                layers.append(lin)
+                if l < len(sizes) - 2:
+                    layers.append(torch.nn.ReLU())
+            tm = torch.nn.Sequential(*layers)
+            topt = torch.optim.AdamW(tm.parameters(), lr=lr, fused=True)
+            tsched = torch.optim.lr_scheduler.LambdaLR(topt, lambda s: sched(s) / lr)
+            tX, ty = torch.from_numpy(Xtr), torch.from_numpy(ytr)
+            tXe = torch.from_numpy(Xte)
+        rng_f = np.random.default_rng(seed)
+        orders = [rng_f.permutation(Xtr.shape[0]) for _ in range(epochs)]
+        t_fast = t_torch = 0.0
+        hist = {"fastopt": [], "torch": []}
+        reach = {"fastopt": None, "torch": None}
+        xbuf = {}
+        ybuf = {}
+        for e in range(epochs):
+            order = orders[e]
+            t0 = time.perf_counter()
+            for s in range(0, order.size, batch):
+                idx = order[s:s + batch]
+                b = idx.size
+                if b not in xbuf:
+                    xbuf[b] = np.empty((b, Xtr.shape[1]), np.float32)
+                    ybuf[b] = np.empty(b, np.int64)
+                np.take(Xtr, idx, axis=0, out=xbuf[b])
+                np.take(ytr, idx, axis=0, out=ybuf[b])
+                net.train_step(opt, xbuf[b], ybuf[b])
+            t_fast += time.perf_counter() - t0
+            acc = net.accuracy(Xte, yte)
+            hist["fastopt"].append({"epoch": e + 1, "seconds": t_fast, "val_acc": acc})
+            if acc >= target and reach["fastopt"] is None:
+                reach["fastopt"] = t_fast
+            if torch is not None:
+                oi = torch.from_numpy(order)
+                t0 = time.perf_counter()
+                for s in range(0, order.size, batch):
+                    idx = oi[s:s + batch]
+                    topt.zero_grad(set_to_none=False)
+                    torch.nn.functional.cross_entropy(tm(tX[idx]), ty[idx]).backward()
+                    topt.step()
+                    tsched.step()
+                t_torch += time.perf_counter() - t0
+                with torch.no_grad():
+                    tacc = float((tm(tXe).argmax(1).numpy() == yte).mean())
+                hist["torch"].append({"epoch": e + 1, "seconds": t_torch, "val_acc": tacc})
+                if tacc >= target and reach["torch"] is None:
+                    reach["torch"] = t_torch
+    finally:
+        fastopt.set_num_threads(threads)
+    res.update(history=hist, time_to_target_s=reach,
+               final_val_acc={k: v[-1]["val_acc"] for k, v in hist.items() if v},
+               train_seconds={"fastopt": t_fast, "torch": t_torch if torch else None})
+    if torch is not None and reach["fastopt"] and reach["torch"]:
+        res["time_to_target_ratio_fastopt_over_torch"] = reach["fastopt"] / reach["torch"]
+    if torch is not None:
+        res["epoch_time_ratio_fastopt_over_torch"] = t_fast / t_torch
+    _ = fit  # the same loop as fastopt train (fit), unrolled here to interleave with torch
+    return res
+
+
+def _print(res):
+    import json
+    print(json.dumps(res, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    import sys
+    which = sys.argv[1:] or ["step", "ensemble", "mnist"]
+    if "step" in which:
+        _print(bench_train_step())
+    if "ensemble" in which:
+        _print(bench_ensemble())
+    if "mnist" in which:
+        r = bench_mnist()
+        r.pop("history")
+        _print(r)

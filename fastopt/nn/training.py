@@ -1,0 +1,109 @@
+"""A minimal training loop over in-memory arrays, shared by ``fastopt train``
+and :mod:`fastopt.nn.bench`.
+
+Per epoch: a seeded shuffle, mini-batches gathered into one reused buffer
+(``np.take(..., out=)``), ``model.train_step`` per batch, then an
+evaluation on the held-out set. Training time excludes the evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import fastopt
+
+from .model import Ensemble
+
+OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
+SCHEDULES = ("constant", "warmup-cosine")
+
+
+def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule="constant",
+                   total_steps=None, warmup_steps=None, weight_decay=None, momentum=0.9,
+                   max_grad_norm=None, backend="auto"):
+    """An optimizer over ``model.param_groups``: one group (one kernel call)
+    for a single lr, or one group per model for ``lrs`` (an lr sweep).
+
+    ``schedule="warmup-cosine"``: :class:`fastopt.schedules.warmup_cosine`
+    with each model's lr as the peak, ``warmup_steps`` (default 5% of
+    ``total_steps``) of linear warmup from 0, cosine decay to 10% of the peak
+    at ``total_steps``.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+    peaks = list(lrs) if lrs is not None else [lr]
+    if lrs is not None and len(peaks) != model.k:
+        raise ValueError(f"{len(peaks)} learning rates for an ensemble of {model.k} models")
+    if schedule == "warmup-cosine":
+        if total_steps is None:
+            raise ValueError("warmup-cosine needs total_steps")
+        w = warmup_steps if warmup_steps is not None else max(1, total_steps // 20)
+        peaks = [fastopt.schedules.warmup_cosine(p, min(w, total_steps - 1), total_steps)
+                 for p in peaks]
+    groups = model.param_groups(lr=peaks if lrs is not None else peaks[0])
+    cls = getattr(fastopt, OPTIMIZERS[name])
+    kw = dict(backend=backend, max_grad_norm=max_grad_norm)
+    if name == "sgd":
+        kw["momentum"] = momentum
+    if weight_decay is not None:
+        kw["weight_decay"] = weight_decay
+    return cls(groups, **kw)
+
+
+def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y_val=None,
+        target=None, on_batch=None, on_epoch=None):
+    """Train for ``epochs``; every model sees the same shuffled batches.
+
+    Returns a history dict: per epoch the mean training loss per model,
+    held-out loss and accuracy per model, cumulative training seconds and
+    samples/s; ``time_to_target`` (seconds of training until the first epoch
+    whose held-out accuracy reached ``target``, per model, None if never).
+    ``on_batch(epoch, i, n_batches, losses, seconds)`` and
+    ``on_epoch(epoch, record)`` are progress hooks.
+    """
+    n = X.shape[0]
+    if n == 0:
+        raise ValueError("empty training set")
+    if X.dtype != model.dtype:
+        X = X.astype(model.dtype)
+    rng = np.random.default_rng(seed)
+    n_batches = -(-n // batch_size)
+    xbuf = {batch_size: np.empty((batch_size, X.shape[1]), model.dtype)}
+    ybuf = {batch_size: np.empty(batch_size, y.dtype)}
+    history = {"epochs": [], "time_to_target": [None] * model.k, "target": target}
+    elapsed = 0.0
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(n)
+        total = np.zeros(model.k)
+        t0 = time.perf_counter()
+        for i in range(n_batches):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            b = idx.size
+            if b not in xbuf:
+                xbuf[b] = np.empty((b, X.shape[1]), model.dtype)
+                ybuf[b] = np.empty(b, y.dtype)
+            np.take(X, idx, axis=0, out=xbuf[b])
+            np.take(y, idx, axis=0, out=ybuf[b])
+            losses = model.train_step(opt, xbuf[b], ybuf[b])
+            total += np.asarray(losses) * b
+            if on_batch is not None:
+                on_batch(epoch, i, n_batches, losses, elapsed + time.perf_counter() - t0)
+        elapsed += time.perf_counter() - t0
+        rec = {"epoch": epoch, "train_loss": (total / n).tolist(), "seconds": elapsed,
+               "samples_per_s": epoch * n / elapsed}
+        if X_val is not None:
+            vl, va = Ensemble.evaluate(model, X_val, y_val)
+            rec["val_loss"] = vl.tolist()
+            rec["val_acc"] = va.tolist()
+            if target is not None:
+                for k, a in enumerate(va):
+                    if a >= target and history["time_to_target"][k] is None:
+                        history["time_to_target"][k] = elapsed
+        history["epochs"].append(rec)
+        if on_epoch is not None:
+            on_epoch(epoch, rec)
+    return history
