@@ -16,6 +16,7 @@ COMMANDS = {
     "bench": "fastopt._cmd_bench",
     "info": "fastopt._cmd_info",
     "plot-schedule": "fastopt._cmd_plot_schedule",
+    "train": "fastopt._cmd_train",
 }
 
 
