@@ -66,27 +66,70 @@ def _df(z, a, act, alpha):
 @njit(**_OPTS)
 def _bias_act(Z, b, A, act, alpha):
     K, B, n = Z.shape
-    for r in range(K * B):
-        k = r // B
-        i = r - k * B
-        for j in range(n):
-            z = Z[k, i, j] + b[k, j]
-            Z[k, i, j] = z
-            A[k, i, j] = _f(np.float64(z), act, alpha)
+    al = Z.dtype.type(alpha)
+    zero = Z.dtype.type(0)
+    for k in range(K):
+        bk = b[k]
+        for i in range(B):
+            z = Z[k, i]
+            a = A[k, i]
+            # the activation is chosen once per row: the simple ones vectorise
+            if act == 1:
+                for j in range(n):
+                    v = z[j] + bk[j]
+                    z[j] = v
+                    a[j] = v if v > 0 else zero
+            elif act == 2:
+                for j in range(n):
+                    v = z[j] + bk[j]
+                    z[j] = v
+                    a[j] = v if v > 0 else al * v
+            else:
+                for j in range(n):
+                    v = z[j] + bk[j]
+                    z[j] = v
+                    a[j] = _f(np.float64(v), act, alpha)
 
 
 @njit(**_OPTS)
 def _act_grad(D, Z, A, gb, act, alpha):
     K, B, n = D.shape
+    al = D.dtype.type(alpha)
+    one = D.dtype.type(1)
+    zero = D.dtype.type(0)
     for k in range(K):
+        g = gb[k]
         for j in range(n):
-            gb[k, j] = 0.0
+            g[j] = zero
         for i in range(B):
-            for j in range(n):
-                d = D[k, i, j] * _df(np.float64(Z[k, i, j]), np.float64(A[k, i, j]),
-                                     act, alpha)
-                D[k, i, j] = d
-                gb[k, j] += D[k, i, j]
+            d = D[k, i]
+            z = Z[k, i]
+            a = A[k, i]
+            if act == 1:
+                for j in range(n):
+                    v = d[j] if z[j] > 0 else zero
+                    d[j] = v
+                    g[j] += v
+            elif act == 2:
+                for j in range(n):
+                    v = d[j] if z[j] > 0 else al * d[j]
+                    d[j] = v
+                    g[j] += v
+            elif act == 3:
+                for j in range(n):
+                    v = d[j] * (one - a[j] * a[j])
+                    d[j] = v
+                    g[j] += v
+            elif act == 4:
+                for j in range(n):
+                    v = d[j] * a[j] * (one - a[j])
+                    d[j] = v
+                    g[j] += v
+            else:
+                for j in range(n):
+                    v = d[j] * _df(np.float64(z[j]), np.float64(a[j]), act, alpha)
+                    d[j] = v
+                    g[j] += v
 
 
 @njit(**_OPTS)

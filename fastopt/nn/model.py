@@ -275,8 +275,9 @@ class Ensemble:
         if X.shape[-2] == 0:
             raise ValueError(f"{name} is an empty batch (0 samples)")
         if X.dtype.kind == "f":
-            # float64 sum of float32 cannot overflow; NaN/inf propagate to it.
-            total = float(np.add.reduce(X, axis=None, dtype=np.float64))
+            # One fast pass: NaN/inf propagate to the sum. A sum that overflows
+            # on finite values is checked exactly before raising.
+            total = float(np.add.reduce(X, axis=None))
             if not math.isfinite(total) and not np.isfinite(X).all():
                 bad = int(np.count_nonzero(~np.isfinite(X)))
                 raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")

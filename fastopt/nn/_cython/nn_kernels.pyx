@@ -123,35 +123,90 @@ cdef inline double _df(double z, double a, int act, double alpha) noexcept nogil
     return 1.0
 
 
+cdef inline void _bias_act_row(floating *z, const floating *b, floating *a, Py_ssize_t n,
+                               int act, double alpha) noexcept nogil:
+    """One row: ``z += b``; ``a = f(z)``. The activation is chosen once per row,
+    so the simple ones run as vectorisable loops."""
+    cdef Py_ssize_t j
+    cdef floating v, al = <floating>alpha
+    if act == 1:
+        for j in range(n):
+            v = z[j] + b[j]
+            z[j] = v
+            a[j] = v if v > 0 else 0
+    elif act == 2:
+        for j in range(n):
+            v = z[j] + b[j]
+            z[j] = v
+            a[j] = v if v > 0 else al * v
+    else:
+        for j in range(n):
+            v = z[j] + b[j]
+            z[j] = v
+            a[j] = <floating>_f(v, act, alpha)
+
+
+cdef inline void _act_grad_row(floating *d, const floating *z, const floating *a,
+                               floating *g, Py_ssize_t n, int act,
+                               double alpha) noexcept nogil:
+    """One row: ``d *= f'(z)``; ``g += d``."""
+    cdef Py_ssize_t j
+    cdef floating v, al = <floating>alpha
+    if act == 1:
+        for j in range(n):
+            v = d[j] if z[j] > 0 else 0
+            d[j] = v
+            g[j] += v
+    elif act == 2:
+        for j in range(n):
+            v = d[j] if z[j] > 0 else al * d[j]
+            d[j] = v
+            g[j] += v
+    elif act == 3:
+        for j in range(n):
+            v = d[j] * (1 - a[j] * a[j])
+            d[j] = v
+            g[j] += v
+    elif act == 4:
+        for j in range(n):
+            v = d[j] * a[j] * (1 - a[j])
+            d[j] = v
+            g[j] += v
+    else:
+        for j in range(n):
+            v = <floating>(d[j] * _df(z[j], a[j], act, alpha))
+            d[j] = v
+            g[j] += v
+
+
 def bias_act(floating[:, :, ::1] Z, const floating[:, :] b, floating[:, :, ::1] A,
              int act, double alpha):
-    """``Z += b``; ``A = f(Z)`` in one pass."""
-    cdef Py_ssize_t r, k, i, j
+    """``Z += b``; ``A = f(Z)`` in one pass. ``b`` rows must be contiguous."""
+    cdef Py_ssize_t k, i
     cdef Py_ssize_t K = Z.shape[0], B = Z.shape[1], n = Z.shape[2]
-    cdef floating z
-    for r in range(K * B):
-        k = r // B
-        i = r - k * B
-        for j in range(n):
-            z = Z[k, i, j] + b[k, j]
-            Z[k, i, j] = z
-            A[k, i, j] = <floating>_f(z, act, alpha)
+    if n == 0:
+        return
+    with nogil:
+        for k in range(K):
+            for i in range(B):
+                _bias_act_row(&Z[k, i, 0], &b[k, 0], &A[k, i, 0], n, act, alpha)
 
 
 def act_grad(floating[:, :, ::1] D, const floating[:, :, ::1] Z,
              const floating[:, :, ::1] A, floating[:, :] gb, int act, double alpha):
-    """``D *= f'(Z)``; ``gb[k] = sum_i D[k, i]`` in the same pass."""
+    """``D *= f'(Z)``; ``gb[k] = sum_i D[k, i]`` in the same pass. ``gb`` rows
+    must be contiguous."""
     cdef Py_ssize_t k, i, j
     cdef Py_ssize_t K = D.shape[0], B = D.shape[1], n = D.shape[2]
-    cdef floating d
-    for k in range(K):
-        for j in range(n):
-            gb[k, j] = 0
-        for i in range(B):
+    if n == 0:
+        return
+    with nogil:
+        for k in range(K):
             for j in range(n):
-                d = <floating>(D[k, i, j] * _df(Z[k, i, j], A[k, i, j], act, alpha))
-                D[k, i, j] = d
-                gb[k, j] += d
+                gb[k, j] = 0
+            for i in range(B):
+                _act_grad_row(&D[k, i, 0], &Z[k, i, 0], &A[k, i, 0], &gb[k, 0], n, act,
+                              alpha)
 
 
 def softmax_xent(const floating[:, :, ::1] Z, const int64_t[:, ::1] y,
