@@ -1,33 +1,78 @@
-"""asv benchmarks for the fused optimizer step (placeholder suite; the
-benchmark-suite issue grows it into the full matrix)."""
+"""The fused optimizer step: latency, memory, and same-run ratios against
+NumPy, PyTorch and the memory roofline."""
 
-import numpy as np
+import itertools
 
-import fastopt
+from . import common
 
 
 class AdamWStep:
-    params = ([1 << 16, 1 << 22], ["numba", "cython", "numpy"])
-    param_names = ["size", "backend"]
+    """Latency of one AdamW step over one tensor, for every implementation."""
 
-    def setup(self, size, backend):
-        if backend not in fastopt.available_backends():
-            raise NotImplementedError(f"{backend} not available")
-        rng = np.random.default_rng(0)
-        self.p = fastopt.pack([rng.standard_normal(size).astype(np.float32)])
-        self.g = self.p.zeros_like()
-        self.g.data[:] = rng.standard_normal(size)
-        self.opt = fastopt.AdamW(self.p, backend=backend)
-        self.opt.step(self.g)   # compile outside the timing
+    kind = "adamw"
+    params = (common.SIZES, common.DTYPES, common.CPU_IMPLS)
+    param_names = ["size", "dtype", "impl"]
 
-    def time_step(self, size, backend):
-        self.opt.step(self.g)
+    def setup(self, size, dtype, impl):
+        self.step = common.build_step(impl, self.kind, [(size,)], dtype)
 
-    def track_gbps(self, size, backend):
-        import time
-        t0 = time.perf_counter()
-        for _ in range(5):
-            self.opt.step(self.g)
-        return 7 * 4 * size * 5 / (time.perf_counter() - t0) / 1e9
+    def time_step(self, size, dtype, impl):
+        self.step()
 
-    track_gbps.unit = "GB/s"
+
+class SGDNesterovStep(AdamWStep):
+    """Latency of one SGD step (Nesterov momentum 0.9), float32."""
+
+    kind = "sgd"
+    params = (common.SIZES, ["float32"], common.CPU_IMPLS)
+
+
+class StepMemory:
+    """Memory of one AdamW step over 4M float32 parameters (16 MB a copy)."""
+
+    params = common.CPU_IMPLS
+    param_names = ["impl"]
+
+    def setup(self, impl):
+        self.step = common.build_step(impl, "adamw", [(1 << 22,)])
+
+    def peakmem_step(self, impl):
+        # Whole-process peak RSS (asv's definition): params and state are the
+        # same for every impl, so the differences are the step's temporaries.
+        self.step()
+
+    def track_temporary_bytes(self, impl):
+        return common.temporary_bytes(self.step)
+
+    track_temporary_bytes.unit = "bytes"
+
+
+class _Ratios(common._RatioTracks):
+    """Same-run ratios for the fastopt backends, measured once per run in
+    setup_cache (all implementations interleaved in one process)."""
+
+    kind = None
+    params = (common.SIZES, common.DTYPES, common.FASTOPT_BACKENDS)
+    param_names = ["size", "dtype", "backend"]
+
+    def setup_cache(self):
+        # Subclasses share this function's source line, which is asv's cache
+        # key, so one cache holds every kind's matrix.
+        cases = {(cls.kind, n, dt): (cls.kind, [(n,)], dt, False)
+                 for cls in (AdamWRatios, SGDNesterovRatios)
+                 for n, dt, _ in itertools.product(*cls.params)}
+        return common.ratio_matrix(cases, common.FASTOPT_BACKENDS)
+
+    setup_cache.timeout = common.CACHE_TIMEOUT
+
+    def case_key(self, size, dtype):
+        return (self.kind, size, dtype)
+
+
+class AdamWRatios(_Ratios):
+    kind = "adamw"
+
+
+class SGDNesterovRatios(_Ratios):
+    kind = "sgd"
+    params = (common.SIZES, ["float32"], common.FASTOPT_BACKENDS)

@@ -1,10 +1,11 @@
-"""The standard benchmark matrix behind ``fastopt bench``.
+"""Same-run measurements of the optimizer step: ``fastopt bench``, the asv
+suite and the CI regression guard all measure through this module.
 
-Every number is a same-run comparison on this machine: fastopt's backends,
-a straightforward NumPy step, PyTorch's fused and foreach optimizers (when
-torch is installed) and a *streaming kernel* that moves the same bytes as
-the step with trivial arithmetic, i.e. the memory roofline for that step,
-measured in the same process. Report ratios, not absolute times: on a small
+Every number is a comparison taken in one process on one machine: fastopt's
+backends, a straightforward NumPy step, PyTorch's fused, foreach and
+for-loop optimizers (when torch is installed) and a *streaming kernel* that
+moves the same bytes as the step with trivial arithmetic, i.e. the memory
+roofline for that step. Report ratios, not absolute times: on a small
 shared machine absolute times drift from run to run.
 
 Timing: each implementation is warmed up first (so Numba compilation stays
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,28 +30,24 @@ import numpy as np
 
 import fastopt
 
-ADAM_BYTES = 7   # AdamW reads p, g, m, v and writes p, m, v: 7 arrays' worth
+# Arrays of the parameter dtype each step reads or writes, per element:
+# AdamW reads p, g, m, v and writes p, m, v; SGD with momentum reads p, g, buf
+# and writes p, buf. Clipping adds one read of g for the norm.
+ARRAYS_MOVED = {"adamw": 7, "sgd": 5}
+KINDS = tuple(ARRAYS_MOVED)
+HYPERS = {"adamw": dict(lr=1e-3, weight_decay=1e-2),
+          "sgd": dict(lr=1e-2, momentum=0.9, nesterov=True)}
+CPU_BACKENDS = ("numba", "cython")
+BASELINES = ("roofline", "numpy", "torch-fused", "torch-foreach", "torch-forloop")
+GPU_IMPLS = ("cuda", "torch-cuda")
 
 
-@dataclass
-class Result:
-    case: str
-    impl: str
-    elements: int
-    tensors: int
-    dtype: str
-    seconds: float | None            # per step; None when not run
-    bytes_per_step: int
-    note: str = ""
-
-    @property
-    def gbps(self):
-        return self.bytes_per_step / self.seconds / 1e9 if self.seconds else None
+def step_bytes(kind, n, dtype, clip=False):
+    """Bytes one step moves through memory (the roofline's byte count)."""
+    return (ARRAYS_MOVED[kind] + (1 if clip else 0)) * n * np.dtype(dtype).itemsize
 
 
-# -- baselines ---------------------------------------------------------------
-
-def _torch():
+def torch_or_none():
     try:
         import torch
     except ImportError:
@@ -57,16 +55,34 @@ def _torch():
     return torch
 
 
+def gpu_name():
+    """The GPU's name, or None when this machine has none (checked without
+    initialising CUDA in this process when torch is absent)."""
+    torch = torch_or_none()
+    if torch is not None:
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        names = out.stdout.strip().splitlines()
+        return names[0] if out.returncode == 0 and names else None
+    return None
+
+
+# -- the roofline ------------------------------------------------------------
+
 _STREAM = {}
 
 
 def _stream_kernels():
-    """Numba kernels that move a step's bytes with no real math: the roofline."""
+    """Numba kernels that move a step's bytes with no real math."""
     if not _STREAM:
         from numba import njit, prange
 
         @njit(parallel=True, cache=True)
-        def rw4_3(p, g, m, v):  # reads 4 arrays, writes 3, like AdamW
+        def rw4_3(p, g, m, v):
+            # Reads 4 arrays, writes 3: AdamW's traffic. Called with m is v it
+            # reads p, g, buf and writes p, buf: SGD-with-momentum's traffic.
             for i in prange(p.size):
                 gi = g[i]
                 p[i] += gi
@@ -84,9 +100,15 @@ def _stream_kernels():
     return _STREAM
 
 
-def numpy_adamw(p, g, m, v, step, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=1e-2):
+# -- implementations -----------------------------------------------------------
+
+def _rand(shape_or_n, dtype, seed):
+    return np.random.default_rng(seed).standard_normal(shape_or_n).astype(dtype)
+
+
+def numpy_adamw(p, g, m, v, step, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2):
     """A straightforward NumPy AdamW, as a NumPy user would write it."""
-    p *= 1 - lr * wd
+    p *= 1 - lr * weight_decay
     m[:] = b1 * m + (1 - b1) * g
     v[:] = b2 * v + (1 - b2) * g * g
     m_hat = m / (1 - b1 ** step)
@@ -94,9 +116,110 @@ def numpy_adamw(p, g, m, v, step, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=1e-2):
     p -= lr * m_hat / (np.sqrt(v_hat) + eps)
 
 
+def numpy_sgd(p, g, buf, step, lr=1e-2, momentum=0.9, nesterov=True):
+    """A straightforward NumPy SGD with Nesterov momentum."""
+    if step == 1:
+        buf[:] = g
+    else:
+        buf *= momentum
+        buf += g
+    p -= lr * (g + momentum * buf if nesterov else buf)
+
+
+def _numpy_step(kind, shapes, dt, clip):
+    ps = [_rand(s, dt, 1) for s in shapes]
+    gs = [_rand(s, dt, 2) for s in shapes]
+    nstate = 2 if kind == "adamw" else 1
+    states = [[np.zeros(s, dt) for _ in range(nstate)] for s in shapes]
+    update = numpy_adamw if kind == "adamw" else numpy_sgd
+    count = {"t": 0}
+
+    def step():
+        count["t"] += 1
+        grads = gs
+        if clip:
+            norm = np.sqrt(sum(float(np.dot(x.ravel(), x.ravel())) for x in gs))
+            c = min(1.0, 1.0 / (norm + 1e-6))
+            grads = [x * c for x in gs]
+        for p, g, st in zip(ps, grads, states):
+            update(p, g, *st, count["t"], **HYPERS[kind])
+    return step
+
+
+def _fastopt_step(kind, shapes, dt, clip, backend):
+    n = sum(int(np.prod(s)) for s in shapes)
+    params = fastopt.pack([_rand(s, dt, 1) for s in shapes])
+    grads = params.zeros_like()
+    grads.data[:] = _rand(n, dt, 2)
+    cls = fastopt.AdamW if kind == "adamw" else fastopt.SGD
+    opt = cls(params, backend=backend, max_grad_norm=1.0 if clip else None, **HYPERS[kind])
+    return lambda: opt.step(grads)
+
+
+def _roofline_step(kind, shapes, dt, clip):
+    n = sum(int(np.prod(s)) for s in shapes)
+    k = _stream_kernels()
+    p, g, m = (_rand(n, dt, s) for s in range(3))
+    v = _rand(n, dt, 3) if kind == "adamw" else m
+    if clip:
+        return lambda: (k["read1"](g), k["rw4_3"](p, g, m, v))
+    return lambda: k["rw4_3"](p, g, m, v)
+
+
+def _torch_step(kind, shapes, dt, clip, variant):
+    torch = torch_or_none()
+    if torch is None:
+        return None, "torch not installed"
+    tps = [torch.from_numpy(_rand(s, dt, 1)) for s in shapes]
+    for tp in tps:
+        tp.grad = torch.from_numpy(_rand(tp.shape, dt, 2))
+    flag = {"fused": dict(fused=True), "foreach": dict(foreach=True),
+            "forloop": dict(foreach=False)}[variant]
+    cls = torch.optim.AdamW if kind == "adamw" else torch.optim.SGD
+    try:
+        topt = cls(tps, **HYPERS[kind], **flag)
+    except (RuntimeError, TypeError, ValueError) as e:   # variant not in this torch
+        return None, f"torch {torch.__version__}: {e}"
+    if not clip:
+        return topt.step, ""
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(tps, 1.0, foreach=variant != "forloop")
+        topt.step()
+    return step, ""
+
+
+def make_step(impl, kind, shapes, dtype="float32", clip=False):
+    """A zero-argument callable doing one step of ``impl``, and a note.
+
+    ``impl`` is a fastopt backend name, ``"roofline"``, ``"numpy"``,
+    ``"torch-fused"``, ``"torch-foreach"`` or ``"torch-forloop"``; ``kind``
+    is ``"adamw"`` or ``"sgd"`` (Nesterov momentum); ``shapes`` the tensors,
+    packed in one buffer for fastopt. The callable is None when the
+    implementation cannot run here, and the note says why.
+    """
+    if kind not in ARRAYS_MOVED:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    dt = np.dtype(dtype)
+    if impl == "roofline":
+        return _roofline_step(kind, shapes, dt, clip), "streaming kernel, same bytes"
+    if impl == "numpy":
+        return _numpy_step(kind, shapes, dt, clip), "straightforward NumPy"
+    if impl.startswith("torch-") and impl != "torch-cuda":
+        return _torch_step(kind, shapes, dt, clip, impl.split("-", 1)[1])
+    if impl in GPU_IMPLS:
+        gpu = gpu_name()
+        if gpu is None:
+            return None, "no GPU"
+        return None, f"{gpu}: GPU runs are recorded by the CUDA issue's script"
+    if impl in fastopt.available_backends():
+        return _fastopt_step(kind, shapes, dt, clip, impl), ""
+    return None, f"backend {impl!r} not available"
+
+
 # -- timing ------------------------------------------------------------------
 
-def _time_all(fns, rounds, min_block=0.02):
+def time_all(fns, rounds, min_block=0.02):
     """Minimum mean seconds per call of each function.
 
     Rounds are interleaved (every implementation once per round) so that a
@@ -119,80 +242,106 @@ def _time_all(fns, rounds, min_block=0.02):
     return best
 
 
-def _rand(shape_or_n, dtype, seed):
-    return np.random.default_rng(seed).standard_normal(shape_or_n).astype(dtype)
+@dataclass
+class Result:
+    case: str
+    impl: str
+    kind: str
+    elements: int
+    tensors: int
+    dtype: str
+    seconds: float | None            # per step; None when not run
+    bytes_per_step: int
+    note: str = ""
+
+    @property
+    def gbps(self):
+        return self.bytes_per_step / self.seconds / 1e9 if self.seconds else None
 
 
-# -- cases ---------------------------------------------------------------------
-
-def _adamw_case(case, shapes, dtype, rounds, backends, clip=False):
-    """AdamW over ``shapes`` packed in one buffer, against every baseline."""
-    dt = np.dtype(dtype)
+def compare(case, kind, shapes, dtype="float32", clip=False, impls=None, rounds=4):
+    """Time ``impls`` (default: every CPU backend and baseline) on one case,
+    interleaved; one :class:`Result` per implementation."""
+    impls = impls or (*CPU_BACKENDS, *BASELINES)
     n = sum(int(np.prod(s)) for s in shapes)
-    step_bytes = (ADAM_BYTES + (1 if clip else 0)) * n * dt.itemsize
-    kw = dict(lr=1e-3, weight_decay=1e-2)
-    clip_kw = dict(max_grad_norm=1.0) if clip else {}
-    fns, notes = {}, {"roofline": "streaming kernel, same bytes",
-                      "numpy": "straightforward NumPy"}
+    built = {impl: make_step(impl, kind, shapes, dtype, clip) for impl in impls}
+    times = time_all({k: fn for k, (fn, _) in built.items() if fn is not None}, rounds)
+    nbytes = step_bytes(kind, n, dtype, clip)
+    return [Result(case, impl, kind, n, len(shapes), np.dtype(dtype).name,
+                   times.get(impl), nbytes, note) for impl, (_, note) in built.items()]
 
-    # roofline: the same bytes with no math (+ a read pass for the norm)
-    stream = _stream_kernels()
-    p, g, m, v = (_rand(n, dt, s) for s in range(4))
-    if clip:
-        fns["roofline"] = lambda: (stream["read1"](g), stream["rw4_3"](p, g, m, v))
-    else:
-        fns["roofline"] = lambda: stream["rw4_3"](p, g, m, v)
 
-    def fastopt_step(be):
-        params = fastopt.pack([_rand(s, dt, 1) for s in shapes])
-        grads = params.zeros_like()
-        grads.data[:] = _rand(n, dt, 2)
-        opt = fastopt.AdamW(params, backend=be, **kw, **clip_kw)
-        return lambda: opt.step(grads)
+def speedups(results):
+    """Ratios within each case, keyed by impl: ``roofline`` (fraction of the
+    streaming kernel's speed), ``numpy`` and ``torch`` (fused) speedups."""
+    by_impl = {r.impl: r.seconds for r in results}
+    out = {}
+    for r in results:
+        s = r.seconds
+        out[r.impl] = {
+            name: (by_impl[ref] / s if s and by_impl.get(ref) else None)
+            for name, ref in (("roofline", "roofline"), ("numpy", "numpy"),
+                              ("torch", "torch-fused"))}
+    return out
 
-    for be in backends:
-        fns[be] = fastopt_step(be)
 
-    # straightforward NumPy: one tensor at a time, as a user's loop would
-    ps = [_rand(s, dt, 1) for s in shapes]
-    gs = [_rand(s, dt, 2) for s in shapes]
-    ms = [np.zeros(s, dt) for s in shapes]
-    vs = [np.zeros(s, dt) for s in shapes]
-    state = {"t": 0}
+# -- the `fastopt bench` matrix -------------------------------------------------
 
-    def numpy_step():
-        state["t"] += 1
-        if clip:
-            norm = np.sqrt(sum(float(np.dot(x.ravel(), x.ravel())) for x in gs))
-            c = min(1.0, 1.0 / (norm + 1e-6))
-            gs_eff = [x * c for x in gs]
-        else:
-            gs_eff = gs
-        for a, b, c_, d in zip(ps, gs_eff, ms, vs):
-            numpy_adamw(a, b, c_, d, state["t"])
-    fns["numpy"] = numpy_step
+SWEEP_CASE = "adamw sweep"
 
-    torch = _torch()
-    for variant in ("fused", "foreach"):
-        impl = f"torch-{variant}"
-        if torch is None:
-            fns[impl], notes[impl] = None, "torch not installed"
-            continue
-        tps = [torch.from_numpy(_rand(s, dt, 1)) for s in shapes]
-        for tp in tps:
-            tp.grad = torch.from_numpy(_rand(tp.shape, dt, 2))
-        topt = torch.optim.AdamW(tps, **kw, **{variant: True})
-        if clip:
-            def tstep(tps=tps, topt=topt):
-                torch.nn.utils.clip_grad_norm_(tps, 1.0, foreach=True)
-                topt.step()
-            fns[impl] = tstep
-        else:
-            fns[impl] = topt.step
 
-    times = _time_all({k: f for k, f in fns.items() if f is not None}, rounds)
-    return [Result(case, impl, n, len(shapes), dt.name, times.get(impl), step_bytes,
-                   notes.get(impl, "")) for impl in fns]
+def plan(full=False):
+    """``(case, kind, shapes, dtype, clip)`` rows of the standard matrix."""
+    sizes = ([1 << 10, 1 << 13, 1 << 16, 1 << 19, 1 << 22, 1 << 24, 1 << 26] if full
+             else [1 << 10, 1 << 15, 1 << 20, 1 << 24])
+    rows = [(SWEEP_CASE, "adamw", [(n,)], "float32", False) for n in sizes]
+    rows += [
+        ("adamw 1000 x 1k", "adamw", [(1000,)] * 1000, "float32", False),
+        ("clip+adamw 200 x 5k", "adamw", [(5000,)] * 200, "float32", True),
+        ("sgd nesterov 1 x 16M", "sgd", [(1 << 24,)], "float32", False),
+    ]
+    if full:
+        rows += [("adamw float64 1 x 16M", "adamw", [(1 << 24,)], "float64", False),
+                 ("sgd nesterov 1000 x 1k", "sgd", [(1000,)] * 1000, "float32", False)]
+    return rows
+
+
+def run(full=False, progress=None, rows=None, cold=True):
+    """Run the matrix; returns a JSON-able report (results and metadata)."""
+    rounds = 7 if full else 4
+    rows = plan(full) if rows is None else rows
+    impls = (*CPU_BACKENDS, *BASELINES, *GPU_IMPLS)
+    results = []
+    total = len(rows) + (1 if cold else 0)
+    for i, (case, kind, shapes, dtype, clip) in enumerate(rows):
+        if progress:
+            progress(i, total, f"{case} {sum(int(np.prod(s)) for s in shapes)}")
+        res = compare(case, kind, shapes, dtype, clip, impls, rounds)
+        ratio = speedups(res)
+        results += [dict(asdict(r), gbps=r.gbps, **{f"vs_{k}": v for k, v in
+                                                    ratio[r.impl].items()})
+                    for r in res]
+    cold_starts = {}
+    if cold:
+        if progress:
+            progress(len(rows), total, "cold start")
+        cold_starts = {be: cold_start(be) for be in CPU_BACKENDS
+                       if be in fastopt.available_backends()}
+    if progress:
+        progress(total, total, "done")
+    torch = torch_or_none()
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "numpy": np.__version__,
+                    "torch": torch.__version__ if torch else "not installed",
+                    "gpu": gpu_name() or "no GPU",
+                    "fastopt": fastopt.__version__,
+                    "fastopt_threads": fastopt.get_num_threads(),
+                    "backends": fastopt.backend_info()},
+        "results": results,
+        "cold_start": cold_starts,
+    }
 
 
 def cold_start(backend="numba", dtype="float32"):
@@ -214,64 +363,7 @@ def cold_start(backend="numba", dtype="float32"):
     return times
 
 
-def run(full=False, progress=None):
-    """Run the matrix; returns a JSON-able dict with results and metadata."""
-    rounds = 7 if full else 4
-    backends = [b for b in ("numba", "cython") if b in fastopt.available_backends()]
-    plan = [
-        ("adamw 1 x 16M", [(1 << 24,)], False),
-        ("adamw 1000 x 1k", [(1000,)] * 1000, False),
-        ("clip+adamw 200 x 5k", [(5000,)] * 200, True),
-        ("adamw 1 x 1k (overhead)", [(1000,)], False),
-    ]
-    if full:
-        plan += [("adamw 1 x 1M", [(1 << 20,)], False),
-                 ("adamw 1 x 64M", [(1 << 26,)], False)]
-    results = []
-    for i, (case, shapes, clip) in enumerate(plan):
-        if progress:
-            progress(i, len(plan) + 1, case)
-        results += _adamw_case(case, shapes, np.float32, rounds, backends, clip=clip)
-    if progress:
-        progress(len(plan), len(plan) + 1, "cold start")
-    cold = {be: cold_start(be) for be in backends}
-    torch = _torch()
-    return {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": np.__version__,
-                    "torch": torch.__version__ if torch else "not installed",
-                    "gpu": "no GPU" if not _has_gpu() else "GPU present",
-                    "fastopt_threads": fastopt.get_num_threads(),
-                    "backends": fastopt.backend_info()},
-        "results": [dict(asdict(r), gbps=r.gbps) for r in results],
-        "cold_start": cold,
-    }
-
-
-def _has_gpu():
-    torch = _torch()
-    return bool(torch is not None and torch.cuda.is_available())
-
-
 # -- report -----------------------------------------------------------------------
-
-def ratios(results):
-    """Per row: fraction of roofline, speedup vs NumPy and vs torch fused."""
-    by_case = {}
-    for r in results:
-        by_case.setdefault(r["case"], {})[r["impl"]] = r
-    rows = []
-    for case, impls in by_case.items():
-        base = {k: impls.get(k, {}).get("seconds") for k in ("roofline", "numpy", "torch-fused")}
-        for impl, r in impls.items():
-            s = r["seconds"]
-            rows.append(dict(r,
-                             roof=base["roofline"] / s if s and base["roofline"] else None,
-                             vs_numpy=base["numpy"] / s if s and base["numpy"] else None,
-                             vs_torch=base["torch-fused"] / s if s and base["torch-fused"] else None))
-    return rows
-
 
 def format_table(report) -> str:
     def f(x, fmt):
@@ -282,27 +374,151 @@ def format_table(report) -> str:
             return "-"
         return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
 
-    head = (f"{'case':<24} {'impl':<12} {'elements':>10} {'time':>10} {'GB/s':>7} "
+    head = (f"{'case':<22} {'impl':<13} {'elements':>10} {'time':>10} {'GB/s':>7} "
             f"{'%roof':>6} {'vs numpy':>9} {'vs torch':>9}  note")
     lines = [head, "-" * len(head)]
-    for r in ratios(report["results"]):
+    for r in report["results"]:
+        roof = r["vs_roofline"]
         lines.append(
-            f"{r['case']:<24} {r['impl']:<12} {r['elements']:>10} {t(r['seconds']):>10} "
-            f"{f(r['gbps'], '.1f'):>7} {f(r['roof'] and 100 * r['roof'], '.0f'):>6} "
+            f"{r['case']:<22} {r['impl']:<13} {r['elements']:>10} {t(r['seconds']):>10} "
+            f"{f(r['gbps'], '.1f'):>7} {f(roof and 100 * roof, '.0f'):>6} "
             f"{f(r['vs_numpy'], '.2f'):>9} {f(r['vs_torch'], '.2f'):>9}  {r['note']}")
     lines.append("")
-    lines.append("vs torch = torch.optim.AdamW(fused=True) time / this time "
-                 "(clip case: clip_grad_norm_(foreach=True) + fused AdamW)")
+    lines.append("%roof = streaming kernel moving the same bytes / this time; "
+                 "vs torch = torch.optim.<opt>(fused=True) time / this time")
     for be, c in report.get("cold_start", {}).items():
         lines.append(f"cold start ({be}): first AdamW step done "
                      f"{c['cold']['to_first_step']:.2f} s after start with Numba's cache "
                      f"cold, {c['warm']['to_first_step']:.2f} s warm")
     m = report["machine"]
     lines.append(f"machine: {m['processor'] or m['platform']}, {m['cpus']} CPUs, "
-                 f"torch {m['torch']}, {m['gpu']}")
+                 f"torch {m['torch']}, GPU: {m['gpu']}")
     return "\n".join(lines)
 
 
 def save(report, path):
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
+
+
+IMPL_STYLE = {   # colour, marker: fastopt solid, baselines dashed
+    "numba": ("C0", "o", "-"), "cython": ("C1", "s", "-"),
+    "numpy": ("C2", "^", "--"), "torch-fused": ("C3", "v", "--"),
+    "torch-foreach": ("C4", "<", "--"), "torch-forloop": ("C5", ">", "--"),
+}
+
+
+def plot(report, path):
+    """Throughput and time per step vs size, per implementation, with the
+    same-run roofline drawn. Needs matplotlib; returns False without it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in report["results"] if r["case"] == SWEEP_CASE and r["seconds"]]
+    fig, (ax_bw, ax_t) = plt.subplots(1, 2, figsize=(12, 4.6))
+    series = {}
+    for r in rows:
+        series.setdefault(r["impl"], []).append((r["elements"], r["gbps"], r["seconds"]))
+    for impl, pts in series.items():
+        pts.sort()
+        x = [p[0] for p in pts]
+        if impl == "roofline":
+            kw = dict(color="black", linestyle=":", linewidth=2.2,
+                      label="roofline (streaming kernel, same bytes)")
+        else:
+            c, mk, ls = IMPL_STYLE.get(impl, ("C7", "x", "-"))
+            kw = dict(color=c, marker=mk, linestyle=ls, label=impl)
+        ax_bw.plot(x, [p[1] for p in pts], **kw)
+        ax_t.plot(x, [p[2] * 1e6 for p in pts], **kw)
+    for ax in (ax_bw, ax_t):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("parameters (float32, one tensor)")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_bw.set_ylabel("effective GB/s (28 bytes per element)")
+    ax_bw.set_title("AdamW step throughput")
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("time per step (us)")
+    ax_t.set_title("AdamW step latency")
+    ax_t.legend(fontsize=8)
+    m = report["machine"]
+    fig.suptitle(f"fastopt {m.get('fastopt', '')} on {m['cpus']} CPUs "
+                 f"({m['processor'] or m['platform']}); torch {m['torch']}; "
+                 f"GPU: {m['gpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -- mixed precision (issue #4) --------------------------------------------------
+# Uses fastopt's public API, NumPy, torch and time_all above.
+
+def mixed_precision_case(n=1 << 22, rounds=5, block=0.2, backends=None):
+    """bf16 params + float32 master AdamW step vs torch's fused AdamW on bf16.
+
+    Implementations, all AdamW with the same hyperparameters, ``n`` elements
+    in one tensor:
+
+    * ``fastopt-<backend> bf16+master``: bf16 params and grads, float32
+      master weights and moments. One pass reads g (2 B), master, m, v
+      (4 B each) and writes master, m, v (4 B each) and the rounded params
+      (2 B): **28 bytes per element**, as many as a float32 step.
+    * ``fastopt-<backend> float32``: the plain float32 step (28 B/element).
+    * ``torch-fused bf16``: ``torch.optim.AdamW(fused=True)`` on bf16 params.
+      torch keeps no master copy: params, m and v are all bf16 and updated in
+      place, reading p, g, m, v (2 B each) and writing p, m, v (2 B each):
+      **14 bytes per element**, with the update rounded to bf16 every step.
+    * ``torch-fused float32``: the float32 fused step (28 B/element).
+
+    Rounds are interleaved (every implementation once per round) and each
+    time is the minimum over rounds of the mean over a block of calls, so a
+    slow spell of a shared machine hits all alike; compare the ratios.
+    Returns ``{"elements", "results": {impl: {"seconds", "bytes_per_element",
+    "gbps", "vs_torch_fused_bf16"}}, "notes"}``.
+    """
+    import ml_dtypes
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal(n).astype(np.float32)
+    g0 = rng.standard_normal(n).astype(np.float32) * np.float32(1e-2)
+    hyper = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    fns, nbytes, notes = {}, {}, {}
+    for be in backends or [b for b in ("numba", "cython") if b in fastopt.available_backends()]:
+        for dt, label in ((bf16, "bf16+master"), (np.dtype(np.float32), "float32")):
+            p = fastopt.pack([w0.astype(dt)])
+            g = p.zeros_like()
+            g.data[:] = g0.astype(dt)
+            opt = fastopt.AdamW(p, backend=be, **hyper)
+            fns[f"fastopt-{be} {label}"] = (lambda o, gr: lambda: o.step(gr))(opt, g)
+            nbytes[f"fastopt-{be} {label}"] = 28
+    try:
+        import torch
+    except ImportError:
+        torch = None
+        notes["torch"] = "torch not installed"
+    if torch is not None:
+        for tdt, label, nb in ((torch.bfloat16, "bf16", 14), (torch.float32, "float32", 28)):
+            tp = torch.from_numpy(w0.copy()).to(tdt)
+            tp.grad = torch.from_numpy(g0.copy()).to(tdt)
+            try:
+                topt = torch.optim.AdamW([tp], fused=True, **hyper)
+                topt.step()
+            except (RuntimeError, TypeError, ValueError) as exc:
+                notes[f"torch-fused {label}"] = f"not supported: {exc}"
+                continue
+            fns[f"torch-fused {label}"] = topt.step
+            nbytes[f"torch-fused {label}"] = nb
+        notes["torch_threads"] = torch.get_num_threads()
+    notes["fastopt_threads"] = fastopt.get_num_threads()
+
+    best = time_all(fns, rounds, min_block=block)
+    ref = best.get("torch-fused bf16")
+    results = {name: {"seconds": s, "bytes_per_element": nbytes[name],
+                      "gbps": nbytes[name] * n / s / 1e9,
+                      "vs_torch_fused_bf16": ref / s if ref else None}
+               for name, s in best.items()}
+    return {"elements": n, "results": results, "notes": notes}

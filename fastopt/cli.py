@@ -14,6 +14,7 @@ import sys
 # command name -> module implementing it (see the module docstring for the protocol)
 COMMANDS = {
     "bench": "fastopt._cmd_bench",
+    "check-perf": "fastopt._cmd_check_perf",
     "info": "fastopt._cmd_info",
     "plot-schedule": "fastopt._cmd_plot_schedule",
     "train": "fastopt._cmd_train",

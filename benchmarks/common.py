@@ -1,0 +1,115 @@
+"""Shared pieces of the asv suite.
+
+Every measurement goes through :mod:`fastopt.bench`, the module behind
+``fastopt bench`` and the CI regression guard, so the three report the same
+quantities. asv skips a parameter combination whose ``setup`` raises
+NotImplementedError: that is how a missing torch, backend or GPU shows up
+("n/a" in the tables) instead of failing the run.
+"""
+
+import tracemalloc
+
+import fastopt
+from fastopt import bench
+
+# Implementations timed by the ``time_*`` benchmarks: fastopt's fast
+# backends, then the baselines. "numpy" is the straightforward NumPy step a
+# user would write (not fastopt's reference backend).
+CPU_IMPLS = ["numba", "cython", "numpy", "torch-fused", "torch-foreach", "torch-forloop"]
+# Implementations whose ratios the ``track_*`` benchmarks report.
+FASTOPT_BACKENDS = ["numba", "cython"]
+
+SIZES = [1 << 10, 1 << 16, 1 << 20, 1 << 24]
+DTYPES = ["float32", "float64"]
+
+# setup_cache measures a whole matrix in one process (the ratios must be
+# same-run); give it room on a slow machine.
+CACHE_TIMEOUT = 900
+
+
+def build_step(impl, kind, shapes, dtype="float32", clip=False):
+    """A warmed-up step callable, or NotImplementedError (asv: skipped)."""
+    fn, note = bench.make_step(impl, kind, shapes, dtype, clip)
+    if fn is None:
+        raise NotImplementedError(note)
+    fn()   # compile (Numba) and fault pages in outside the timing
+    return fn
+
+
+def require_backend(name):
+    if name not in fastopt.available_backends():
+        raise NotImplementedError(f"backend {name!r} not available")
+
+
+def temporary_bytes(fn):
+    """Peak bytes allocated by one call of ``fn`` beyond what it started with
+    (NumPy reports its buffers to tracemalloc): 0 for an in-place kernel."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        fn()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def ratio_matrix(cases, impls, rounds=3):
+    """``{case_key: {impl: {"gbps", "roofline", "numpy", "torch"}}}`` for
+    ``cases = {key: (kind, shapes, dtype, clip)}``, each case timed in one
+    interleaved comparison."""
+    out = {}
+    for key, (kind, shapes, dtype, clip) in cases.items():
+        results = bench.compare(str(key), kind, shapes, dtype, clip,
+                                impls=(*impls, "roofline", "numpy", "torch-fused"),
+                                rounds=rounds)
+        ratios = bench.speedups(results)
+        out[key] = {r.impl: dict(ratios[r.impl], gbps=r.gbps) for r in results}
+    return out
+
+
+def lookup(cache, key, impl, metric):
+    """A cached ratio, or NotImplementedError when it could not be measured."""
+    value = cache.get(key, {}).get(impl, {}).get(metric)
+    if value is None:
+        raise NotImplementedError(f"{impl} {metric} not measured for {key}")
+    return value
+
+
+class _RatioTracks:
+    """``track_*`` benchmarks of same-run ratios, for a subclass that defines
+
+    * ``params``/``param_names`` whose last entry is the fastopt backend;
+    * ``setup_cache`` returning :func:`ratio_matrix` (define it in the
+      subclass: asv keys the cache by the function's source line, so an
+      inherited one would be shared between classes);
+    * ``case_key(*params)``: the cache key of the case the params select.
+
+    The leading underscore keeps asv from collecting this base class itself.
+    """
+
+    def setup(self, cache, *params):
+        require_backend(params[-1])
+
+    def _get(self, cache, params, metric):
+        return lookup(cache, self.case_key(*params[:-1]), params[-1], metric)
+
+    def track_gbps(self, cache, *params):
+        return self._get(cache, params, "gbps")
+
+    track_gbps.unit = "GB/s"
+
+    def track_fraction_of_roofline(self, cache, *params):
+        return self._get(cache, params, "roofline")
+
+    track_fraction_of_roofline.unit = "fraction of streaming kernel"
+
+    def track_speedup_vs_numpy(self, cache, *params):
+        return self._get(cache, params, "numpy")
+
+    track_speedup_vs_numpy.unit = "x NumPy"
+
+    def track_speedup_vs_torch_fused(self, cache, *params):
+        return self._get(cache, params, "torch")
+
+    track_speedup_vs_torch_fused.unit = "x torch fused"

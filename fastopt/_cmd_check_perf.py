@@ -1,0 +1,27 @@
+"""``fastopt check-perf``: fail when a same-run speed ratio drops below its
+committed floor (the CI regression guard; see fastopt/perfguard.py)."""
+
+import sys
+
+HELP = "check same-run speed ratios against the floors committed in the repository"
+
+
+def add_arguments(parser):
+    from .perfguard import DEFAULT_FLOORS
+
+    parser.add_argument("--floors", default=DEFAULT_FLOORS,
+                        help="floors file (default: %(default)s)")
+    parser.add_argument("--attempts", type=int, default=None,
+                        help="measurements before a ratio below its floor fails "
+                             "(default: the file's, else 3)")
+
+
+def run(args):
+    from . import perfguard
+
+    spec = perfguard.load_floors(args.floors)
+    checks = perfguard.run_checks(
+        spec, attempts=args.attempts,
+        progress=lambda msg: print(f"measuring {msg}", file=sys.stderr, flush=True))
+    print(perfguard.report(checks, args.floors))
+    return 0 if all(ch.ok for ch in checks) else 1

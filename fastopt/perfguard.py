@@ -1,0 +1,139 @@
+"""Performance regression guard for CI on small, shared, noisy machines.
+
+Absolute times on such machines drift by tens of percent from run to run,
+so the guard never compares them. It compares **same-run ratios** (fastopt
+vs a straightforward NumPy step, fastopt vs a streaming kernel that moves
+the same bytes, all timed interleaved in one process) against **floors**
+committed in the repository (``benchmarks/floors.json``). A ratio below its
+floor is measured again, up to ``attempts`` times, and only a ratio that
+stays below on every attempt fails: a noisy spell passes, a real slowdown
+(a kernel that lost vectorisation, parallelism or fusion) does not.
+
+Floors sit well under the ratios measured on the reference machine (the
+file says what was measured), low enough to survive noise and high enough
+to catch a 2x slowdown of the fused step. Lower one only in the commit that
+explains why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from . import bench
+
+METRICS = {
+    "roofline": "fraction of the streaming kernel's speed",
+    "numpy": "speedup vs straightforward NumPy",
+    "torch": "speedup vs torch fused",
+}
+DEFAULT_FLOORS = os.path.join("benchmarks", "floors.json")
+
+
+@dataclass
+class Check:
+    case: str
+    impl: str
+    metric: str
+    floor: float
+    measured: list = field(default_factory=list)   # one ratio per attempt
+    times: dict = field(default_factory=dict)      # last attempt: impl -> seconds
+
+    @property
+    def best(self):
+        vals = [v for v in self.measured if v is not None]
+        return max(vals) if vals else None
+
+    @property
+    def ok(self):
+        return self.best is not None and self.best >= self.floor
+
+
+def load_floors(path=DEFAULT_FLOORS):
+    """Read and check a floors file; errors name the file and the entry."""
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"floors file {path!r} not found (run from the "
+                                "repository root or pass --floors)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"floors file {path!r} is not valid JSON: {e}") from None
+    cases = spec.get("cases")
+    if not isinstance(cases, list) or not cases:
+        raise ValueError(f"floors file {path!r} needs a non-empty 'cases' list")
+    for i, c in enumerate(cases):
+        missing = {"case", "kind", "shape", "floors"} - set(c)
+        if missing:
+            raise ValueError(f"{path}: cases[{i}] lacks {sorted(missing)}")
+        if c["kind"] not in bench.KINDS:
+            raise ValueError(f"{path}: cases[{i}] kind {c['kind']!r} not in {bench.KINDS}")
+        for impl, metrics in c["floors"].items():
+            for metric, floor in metrics.items():
+                if metric not in METRICS:
+                    raise ValueError(f"{path}: cases[{i}] ({c['case']}) {impl}: unknown "
+                                     f"metric {metric!r}; use one of {sorted(METRICS)}")
+                if not isinstance(floor, (int, float)) or floor <= 0:
+                    raise ValueError(f"{path}: cases[{i}] ({c['case']}) {impl} {metric}: "
+                                     f"floor must be a positive number, got {floor!r}")
+    return spec
+
+
+def _measure(c, rounds):
+    impls = [i for i in c["floors"] if i in bench.CPU_BACKENDS or i == "numpy"]
+    needed = {"roofline", "numpy"} | ({"torch-fused"} if any(
+        "torch" in m for m in c["floors"].values()) else set())
+    shapes = [tuple(c["shape"])] * c.get("tensors", 1)
+    results = bench.compare(c["case"], c["kind"], shapes,
+                            c.get("dtype", "float32"), c.get("clip", False),
+                            impls=(*impls, *sorted(needed - set(impls))), rounds=rounds)
+    return bench.speedups(results), {r.impl: r.seconds for r in results}
+
+
+def run_checks(spec, attempts=None, rounds=None, progress=None):
+    """Measure every case; re-measure cases with a check below its floor."""
+    attempts = attempts or spec.get("attempts", 3)
+    rounds = rounds or spec.get("rounds", 5)
+    checks = []
+    for c in spec["cases"]:
+        mine = [Check(c["case"], impl, metric, float(floor))
+                for impl, metrics in c["floors"].items()
+                for metric, floor in metrics.items()]
+        for attempt in range(attempts):
+            if progress:
+                progress(f"{c['case']} (attempt {attempt + 1})")
+            ratios, times = _measure(c, rounds)
+            for ch in mine:
+                if not ch.ok:
+                    ch.measured.append(ratios.get(ch.impl, {}).get(ch.metric))
+                    ch.times = times
+            if all(ch.ok for ch in mine):
+                break
+        checks += mine
+    return checks
+
+
+def report(checks, floors_path=DEFAULT_FLOORS) -> str:
+    lines = [f"{'case':<24} {'impl':<7} {'metric':<9} {'floor':>7} {'best':>7}  result"]
+    for ch in checks:
+        best = "-" if ch.best is None else f"{ch.best:.2f}"
+        lines.append(f"{ch.case:<24} {ch.impl:<7} {ch.metric:<9} {ch.floor:>7.2f} "
+                     f"{best:>7}  {'ok' if ch.ok else 'REGRESSION'}")
+    failed = [ch for ch in checks if not ch.ok]
+    for ch in failed:
+        tried = ", ".join("n/a" if v is None else f"{v:.2f}" for v in ch.measured)
+        times = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in ch.times.items() if v)
+        lines += ["",
+                  f"PERFORMANCE REGRESSION in '{ch.case}': {ch.impl} "
+                  f"{METRICS[ch.metric]} is below its floor {ch.floor:.2f} on every "
+                  f"attempt ({tried}).",
+                  f"  last attempt, time per step: {times}"]
+    if failed:
+        lines += ["",
+                  f"The floors live in {floors_path}. Ratios are same-run, so machine "
+                  "noise alone rarely explains this; profile the kernel (Numba: "
+                  "inspect_asm / inspect_llvm for float64 promotion or lost "
+                  "vectorisation). If the slowdown is intended, lower the floor in the "
+                  "same commit and say why."]
+    return "\n".join(lines)

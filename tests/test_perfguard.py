@@ -1,0 +1,119 @@
+"""The CI performance regression guard (``fastopt check-perf``).
+
+``test_committed_floors_hold`` is the guard itself: it measures the
+same-run ratios named in benchmarks/floors.json and fails CI when one stays
+below its floor. The other tests show that the guard's logic works: it
+re-measures before failing, it catches a planted slowdown, and its message
+says what regressed and where the floors live.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import fastopt
+from fastopt import perfguard
+from fastopt.backends import get_backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLOORS = os.path.join(ROOT, "benchmarks", "floors.json")
+
+
+def _spec(cases, attempts=3):
+    return {"attempts": attempts, "rounds": 3, "cases": cases}
+
+
+def test_committed_floors_hold():
+    spec = perfguard.load_floors(FLOORS)
+    checks = perfguard.run_checks(spec)
+    assert checks and all(ch.ok for ch in checks), "\n" + perfguard.report(checks, FLOORS)
+
+
+def _adamw_16m_case(backend):
+    case = next(c for c in perfguard.load_floors(FLOORS)["cases"]
+                if c["case"] == "adamw 1 x 16M")
+    return dict(case, floors={backend: case["floors"][backend]})
+
+
+@pytest.mark.parametrize("backend", [b for b in ("numba", "cython")
+                                     if b in fastopt.available_backends()])
+def test_planted_slowdown_is_caught(monkeypatch, backend):
+    """A kernel that does its memory traffic three times over (what a lost
+    fusion or vectorisation looks like) fails the committed floors."""
+    module = get_backend(backend)
+    fast = module.adam_update
+
+    def slowed(*args):
+        for _ in range(3):
+            fast(*args)
+    monkeypatch.setattr(module, "adam_update", slowed)
+    checks = perfguard.run_checks(_spec([_adamw_16m_case(backend)], attempts=2))
+    failed = [ch for ch in checks if not ch.ok]
+    assert failed, perfguard.report(checks)
+    # the roofline ratio is the sharp one (a 3x slower step sits at about a
+    # third of it); the NumPy speedup may or may not drop below its floor
+    assert "roofline" in {ch.metric for ch in failed}
+    assert all(len(ch.measured) == 2 for ch in failed)      # re-measured first
+    text = perfguard.report(checks, "benchmarks/floors.json")
+    assert f"PERFORMANCE REGRESSION in 'adamw 1 x 16M': {backend}" in text
+    assert "fraction of the streaming kernel's speed is below its floor 0.60" in text
+    assert "benchmarks/floors.json" in text
+
+
+def test_noise_passes_after_a_remeasure(monkeypatch):
+    """Low once, fine the second time: passes, with both ratios recorded."""
+    values = iter([0.3, 0.9])
+    monkeypatch.setattr(perfguard, "_measure", lambda c, rounds: (
+        {"numba": {"roofline": next(values)}}, {"numba": 1e-3}))
+    case = {"case": "x", "kind": "adamw", "shape": [8], "floors": {"numba": {"roofline": 0.5}}}
+    (check,) = perfguard.run_checks(_spec([case]))
+    assert check.ok and check.measured == [0.3, 0.9]
+
+
+def test_persistent_drop_fails_after_every_attempt(monkeypatch):
+    calls = []
+    monkeypatch.setattr(perfguard, "_measure", lambda c, rounds: (
+        calls.append(1) or ({"numba": {"numpy": 1.5}}, {"numba": 2e-3, "numpy": 3e-3})))
+    case = {"case": "x", "kind": "adamw", "shape": [8], "floors": {"numba": {"numpy": 4}}}
+    (check,) = perfguard.run_checks(_spec([case], attempts=3))
+    assert not check.ok and len(calls) == 3 and check.measured == [1.5, 1.5, 1.5]
+    text = perfguard.report([check])
+    assert "speedup vs straightforward NumPy is below its floor 4.00" in text
+    assert "(1.50, 1.50, 1.50)" in text and "numba 2.000 ms" in text
+
+
+def test_unmeasurable_ratio_fails(monkeypatch):
+    monkeypatch.setattr(perfguard, "_measure", lambda c, rounds: ({}, {}))
+    case = {"case": "x", "kind": "adamw", "shape": [8], "floors": {"numba": {"numpy": 1}}}
+    (check,) = perfguard.run_checks(_spec([case], attempts=1))
+    assert not check.ok and "n/a" in perfguard.report([check])
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{", "not valid JSON"),
+    ('{"cases": []}', "non-empty 'cases'"),
+    ('{"cases": [{"case": "a", "kind": "adamw", "floors": {}}]}', "lacks \\['shape'\\]"),
+    ('{"cases": [{"case": "a", "kind": "lion", "shape": [4], "floors": {}}]}', "kind 'lion'"),
+    ('{"cases": [{"case": "a", "kind": "sgd", "shape": [4], '
+     '"floors": {"numba": {"speed": 2}}}]}', "unknown metric 'speed'"),
+    ('{"cases": [{"case": "a", "kind": "sgd", "shape": [4], '
+     '"floors": {"numba": {"numpy": -1}}}]}', "positive number"),
+])
+def test_bad_floors_file(tmp_path, content, match):
+    path = tmp_path / "floors.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        perfguard.load_floors(str(path))
+
+
+def test_missing_floors_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--floors"):
+        perfguard.load_floors(str(tmp_path / "nope.json"))
+
+
+def test_committed_floors_file_is_valid():
+    spec = perfguard.load_floors(FLOORS)
+    assert json.load(open(FLOORS))["attempts"] == spec["attempts"] >= 2
