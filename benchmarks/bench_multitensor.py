@@ -8,7 +8,7 @@ import fastopt
 
 from . import common
 
-TENSOR_COUNTS = [10, 100, 1000]
+TENSOR_COUNTS = [10, 1000]
 ELEMENTS = 1000
 
 

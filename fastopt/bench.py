@@ -103,7 +103,9 @@ def _stream_kernels():
 # -- implementations -----------------------------------------------------------
 
 def _rand(shape_or_n, dtype, seed):
-    return np.random.default_rng(seed).standard_normal(shape_or_n).astype(dtype)
+    # generated in the target dtype: 16M float64 normals cast down would take
+    # longer than the steps they feed
+    return np.random.default_rng(seed).standard_normal(shape_or_n, dtype=np.dtype(dtype))
 
 
 def numpy_adamw(p, g, m, v, step, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2):

@@ -1,0 +1,67 @@
+"""GPU: the AdamW step on device arrays against torch on CUDA and the
+card's copy bandwidth. Every combination skips ("n/a") on a machine without
+an NVIDIA GPU, so the suite runs unchanged everywhere.
+
+fastopt's own CUDA backend is built by the CUDA issue; until
+``"cuda" in fastopt.available_backends()`` its rows skip with that reason
+and only the torch baseline and the roofline are measured.
+"""
+
+import fastopt
+from fastopt import bench
+
+SIZES = [1 << 20, 1 << 26]
+IMPLS = ["cuda", "torch-cuda-fused", "torch-cuda-foreach", "roofline-d2d-copy"]
+
+
+def _torch_cuda():
+    torch = bench.torch_or_none()
+    if torch is None or not torch.cuda.is_available():
+        raise NotImplementedError("no GPU (or torch without CUDA)")
+    return torch
+
+
+class CudaAdamWStep:
+    params = (SIZES, IMPLS)
+    param_names = ["size", "impl"]
+    timeout = 300
+
+    def setup(self, size, impl):
+        if bench.gpu_name() is None:
+            raise NotImplementedError("no GPU")
+        if impl == "cuda":
+            if "cuda" not in fastopt.available_backends():
+                raise NotImplementedError("fastopt's CUDA backend is not in this build")
+            raise NotImplementedError("wire the CUDA backend's device-array step here "
+                                      "when it lands")
+        torch = _torch_cuda()
+        self.sync = torch.cuda.synchronize
+        p = torch.randn(size, device="cuda")
+        if impl == "roofline-d2d-copy":
+            # 28 bytes/element moved as 3.5 float32 copies' worth (read + write)
+            src = torch.randn(size * 7 // 2, device="cuda")
+            dst = torch.empty_like(src)
+            self.step = lambda: dst.copy_(src)
+        else:
+            p.grad = torch.randn_like(p)
+            opt = torch.optim.AdamW([p], lr=1e-3, **{"fused": True} if impl.endswith("fused")
+                                    else {"foreach": True})
+            self.step = opt.step
+        self.step()
+        self.sync()
+
+    def time_step(self, size, impl):
+        self.step()
+        self.sync()
+
+    def track_gbps(self, size, impl):
+        import time
+        reps = 20
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            self.step()
+        self.sync()
+        return bench.step_bytes("adamw", size, "float32") * reps / (time.perf_counter() - t0) / 1e9
+
+    track_gbps.unit = "GB/s"
