@@ -145,16 +145,16 @@ def _softmax_xent(Z, y, D, gb, losses):
             for j in range(1, n):
                 m = max(m, np.float64(Z[k, i, j]))
             s = 0.0
-            for j in range(n):
-                s += math.exp(Z[k, i, j] - m)
-            lse = m + math.log(s)
+            for j in range(n):       # one exp per element, kept in D
+                p = math.exp(Z[k, i, j] - m)
+                s += p
+                D[k, i, j] = p
             t = y[k, i]
-            total += lse - Z[k, i, t]
+            total += m + math.log(s) - Z[k, i, t]
+            p = inv_b / s
             for j in range(n):
-                p = math.exp(Z[k, i, j] - lse)
-                if j == t:
-                    p -= 1.0
-                D[k, i, j] = p * inv_b
+                d = D[k, i, j] * p - (inv_b if j == t else 0.0)
+                D[k, i, j] = d
                 gb[k, j] += D[k, i, j]
         losses[k] = total * inv_b
 

@@ -65,6 +65,38 @@ def _interleaved(fns: dict, rounds=7, min_time=0.05):
     return best
 
 
+class _Threads:
+    """``threads=None``: every library at its default (BLAS and torch use all
+    cores). ``threads=1``: BLAS (threadpoolctl) and torch limited to one
+    thread for the whole measurement, which is the stabler comparison on a
+    loaded 2-core machine. fastopt's optimizer kernels run on one thread in
+    both (they run between BLAS calls)."""
+
+    def __init__(self, threads):
+        self.threads = threads
+
+    def __enter__(self):
+        self.saved = fastopt.get_num_threads()
+        fastopt.set_num_threads(1)
+        self.limits = None
+        torch = _torch()
+        self.torch_threads = torch.get_num_threads() if torch is not None else None
+        if self.threads is not None:
+            from threadpoolctl import threadpool_limits
+            self.limits = threadpool_limits(self.threads)
+            if torch is not None:
+                torch.set_num_threads(self.threads)
+        return self
+
+    def __exit__(self, *exc):
+        if self.limits is not None:
+            self.limits.restore_original_limits()
+        torch = _torch()
+        if torch is not None and self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        fastopt.set_num_threads(self.saved)
+
+
 def _torch():
     try:
         import torch
@@ -125,12 +157,11 @@ def _numpy_step(sizes, batch, rng, lr=1e-3, wd=1e-2):
     return step
 
 
-def bench_train_step(sizes=(784, 256, 256, 10), batch=256, rounds=7, backends=None):
+def bench_train_step(sizes=(784, 256, 256, 10), batch=256, rounds=7, backends=None,
+                     threads=None):
     """One float32 training step (forward, backward, AdamW); same-run ratios."""
     rng = np.random.default_rng(0)
-    threads = fastopt.get_num_threads()
-    fastopt.set_num_threads(1)
-    try:
+    with _Threads(threads):
         X = rng.standard_normal((batch, sizes[0])).astype(np.float32)
         y = rng.integers(0, sizes[-1], batch)
         fns = {}
@@ -175,11 +206,11 @@ def bench_train_step(sizes=(784, 256, 256, 10), batch=256, rounds=7, backends=No
                 topt.step()
             fns["torch"] = torch_step
         times = _interleaved(fns, rounds)
-    finally:
-        fastopt.set_num_threads(threads)
+        blas = _blas_info()
     flops = _mlp_flops(sizes, batch)
     out = {"case": f"train step {'-'.join(map(str, sizes))} batch {batch} float32 AdamW",
-           "times_s": times, "step_gflops": {}, "blas": _blas_info()}
+           "threads": threads or "default", "times_s": times, "step_gflops": {},
+           "blas": blas}
     sgemm_step = flops / times["sgemm (the step's matmuls)"]
     sgemm_big = 2 * 1024 ** 3 / times["sgemm 1024^3"]
     out["sgemm_gflops"] = {"step shapes": sgemm_step / 1e9, "1024^3": sgemm_big / 1e9}
@@ -196,12 +227,11 @@ def bench_train_step(sizes=(784, 256, 256, 10), batch=256, rounds=7, backends=No
     return out
 
 
-def bench_ensemble(k=16, sizes=(784, 64, 10), batch=128, rounds=7, backends=None):
+def bench_ensemble(k=16, sizes=(784, 64, 10), batch=128, rounds=7, backends=None,
+                   threads=None):
     """K models, each its own mini-batch, one training step; same-run ratios."""
     rng = np.random.default_rng(0)
-    threads = fastopt.get_num_threads()
-    fastopt.set_num_threads(1)
-    try:
+    with _Threads(threads):
         X = rng.standard_normal((k, batch, sizes[0])).astype(np.float32)
         y = rng.integers(0, sizes[-1], (k, batch))
         lrs = [10.0 ** -(1 + 4 * i / max(k - 1, 1)) for i in range(k)]
@@ -254,10 +284,9 @@ def bench_ensemble(k=16, sizes=(784, 64, 10), batch=128, rounds=7, backends=None
                 bopt.step()
             fns["torch bmm fused (shared lr)"] = torch_bmm
         times = _interleaved(fns, rounds)
-    finally:
-        fastopt.set_num_threads(threads)
+        blas = _blas_info()
     out = {"case": f"ensemble K={k} {'-'.join(map(str, sizes))} batch {batch} float32 AdamW",
-           "times_s": times, "blas": _blas_info()}
+           "threads": threads or "default", "times_s": times, "blas": blas}
     for name, t in times.items():
         if name.startswith("fastopt") and "one by one" not in name:
             be = name.split()[0]
@@ -270,7 +299,7 @@ def bench_ensemble(k=16, sizes=(784, 64, 10), batch=128, rounds=7, backends=None
 
 
 def bench_mnist(hidden=(256, 256), epochs=15, batch=128, lr=1e-3, target=0.94, seed=0,
-                backend="auto", data_dir=None, torch_too=True):
+                backend="auto", data_dir=None, torch_too=True, threads=None):
     """Time to ``target`` held-out accuracy on the 8k/2k MNIST split, fastopt
     vs the same recipe in torch (same initial weights, same batches, AdamW
     with the same warmup-cosine lr per step). Training time only (the
@@ -282,9 +311,7 @@ def bench_mnist(hidden=(256, 256), epochs=15, batch=128, lr=1e-3, target=0.94, s
     Xtr, ytr, Xte, yte = mnist_split(data_dir)
     sizes = (Xtr.shape[1], *hidden, 10)
     steps = epochs * -(-Xtr.shape[0] // batch)
-    threads = fastopt.get_num_threads()
-    fastopt.set_num_threads(1)
-    try:
+    with _Threads(threads):
         net = MLP(sizes, seed=seed, backend=backend)
         init = net.params.data.copy()
         opt = make_optimizer(net, "adamw", lr, schedule="warmup-cosine", total_steps=steps)
@@ -348,8 +375,7 @@ def bench_mnist(hidden=(256, 256), epochs=15, batch=128, lr=1e-3, target=0.94, s
                 hist["torch"].append({"epoch": e + 1, "seconds": t_torch, "val_acc": tacc})
                 if tacc >= target and reach["torch"] is None:
                     reach["torch"] = t_torch
-    finally:
-        fastopt.set_num_threads(threads)
+    res["threads"] = threads or "default"
     res.update(history=hist, time_to_target_s=reach,
                final_val_acc={k: v[-1]["val_acc"] for k, v in hist.items() if v},
                train_seconds={"fastopt": t_fast, "torch": t_torch if torch else None})
@@ -366,14 +392,21 @@ def _print(res):
     print(json.dumps(res, indent=1, default=float))
 
 
+def _summary(res):
+    """The ratios only (drop BLAS details and histories) for printing."""
+    return {k: v for k, v in res.items() if k not in ("blas", "history")}
+
+
 if __name__ == "__main__":
-    import sys
-    which = sys.argv[1:] or ["step", "ensemble", "mnist"]
-    if "step" in which:
-        _print(bench_train_step())
-    if "ensemble" in which:
-        _print(bench_ensemble())
-    if "mnist" in which:
-        r = bench_mnist()
-        r.pop("history")
-        _print(r)
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("which", nargs="*", default=["step", "ensemble", "mnist"])
+    ap.add_argument("--threads", type=int, default=None,
+                    help="limit BLAS and torch to this many threads (default: theirs)")
+    a = ap.parse_args()
+    if "step" in a.which:
+        _print(_summary(bench_train_step(threads=a.threads)))
+    if "ensemble" in a.which:
+        _print(_summary(bench_ensemble(threads=a.threads)))
+    if "mnist" in a.which:
+        _print(_summary(bench_mnist(threads=a.threads)))

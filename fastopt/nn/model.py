@@ -277,7 +277,8 @@ class Ensemble:
         if X.dtype.kind == "f":
             # One fast pass: NaN/inf propagate to the sum. A sum that overflows
             # on finite values is checked exactly before raising.
-            total = float(np.add.reduce(X, axis=None))
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = float(np.add.reduce(X, axis=None))
             if not math.isfinite(total) and not np.isfinite(X).all():
                 bad = int(np.count_nonzero(~np.isfinite(X)))
                 raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
@@ -332,8 +333,8 @@ class Ensemble:
             self._ws.popitem(last=False)
         return ws
 
-    def _prepare(self, X):
-        X, shared = self._check_x(X)
+    def _prepare(self, X, checked=False):
+        X, shared = (X, X.ndim == 2) if checked else self._check_x(X)
         need_x = not (X.dtype == self.dtype and X.flags.c_contiguous)
         ws = self._workspace(X.shape[-2], shared, need_x)
         if need_x:
@@ -380,7 +381,7 @@ class Ensemble:
         """
         X, shared = self._check_x(X)
         y = self._check_targets(y, X, shared)
-        X3, shared, ws = self._prepare(X)
+        X3, shared, ws = self._prepare(X, checked=True)
         np.copyto(ws["y"], y, casting="unsafe")
         self._forward(X3, ws)
         return self._backward(X3, ws)

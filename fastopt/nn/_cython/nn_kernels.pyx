@@ -226,16 +226,15 @@ def softmax_xent(const floating[:, :, ::1] Z, const int64_t[:, ::1] y,
                 if Z[k, i, j] > m:
                     m = Z[k, i, j]
             s = 0.0
-            for j in range(n):
-                s = s + exp(Z[k, i, j] - m)
-            lse = m + log(s)
+            for j in range(n):       # one exp per element, kept in D
+                p = exp(Z[k, i, j] - m)
+                s = s + p
+                D[k, i, j] = <floating>p
             t = y[k, i]
-            total = total + lse - Z[k, i, t]
+            total = total + m + log(s) - Z[k, i, t]
+            p = inv_b / s
             for j in range(n):
-                p = exp(Z[k, i, j] - lse)
-                if j == t:
-                    p = p - 1.0
-                d = <floating>(p * inv_b)
+                d = <floating>(D[k, i, j] * p - (inv_b if j == t else 0.0))
                 D[k, i, j] = d
                 gb[k, j] += d
         losses[k] = total * inv_b
