@@ -16,6 +16,7 @@ propagate and stay visible.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
@@ -75,76 +76,95 @@ def _span(c, n):
 # ``_narrow`` dispatch on that type at compile time; for float32/float64
 # arrays they are the identity, so the fast path compiles exactly as before.
 
+# The conversions are written as LLVM IR on 32-bit integers: in Python
+# syntax Numba widens uint32 arithmetic to uint64, which halves the vector
+# width of these loops.
+
+def _ir_consts(width):
+    t = ir.IntType(width)
+    return t, (lambda v: ir.Constant(t, v))
+
+
 @intrinsic
-def _f32_from_bits(typingctx, x):
-    """Reinterpret the low 32 bits of an unsigned integer as float32 (an LLVM
-    bitcast; Numba widens uint32 arithmetic to uint64, so truncate first)."""
-    if not (isinstance(x, types.Integer) and not x.signed and x.bitwidth >= 32):
+def _bf16_to_f32(typingctx, h):
+    """bfloat16 bits (uint16) -> float32: ``h << 16``, exact."""
+    if h != types.uint16:
         return None
 
     def codegen(context, builder, signature, args):
-        v = args[0]
-        if x.bitwidth > 32:
-            v = builder.trunc(v, context.get_value_type(types.uint32))
-        return builder.bitcast(v, context.get_value_type(types.float32))
+        i32, c = _ir_consts(32)
+        b = builder.shl(builder.zext(args[0], i32), c(16))
+        return builder.bitcast(b, ir.FloatType())
 
-    return types.float32(x), codegen
+    return types.float32(h), codegen
 
 
 @intrinsic
-def _bits_from_f32(typingctx, x):
-    """Reinterpret a float32 as uint32 (an LLVM bitcast)."""
+def _f32_to_bf16(typingctx, x):
+    """float32 -> bfloat16 bits, round to nearest even; NaN -> 0x7fc0 | sign."""
     if x != types.float32:
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+        i32, c = _ir_consts(32)
+        b = builder.bitcast(args[0], i32)
+        hi = builder.lshr(b, c(16))
+        r = builder.lshr(builder.add(builder.add(b, c(0x7FFF)), builder.and_(hi, c(1))), c(16))
+        nan = builder.or_(builder.and_(hi, c(0x8000)), c(0x7FC0))
+        isnan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(isnan, nan, r), ir.IntType(16))
 
-    return types.uint32(x), codegen
-
-
-_U32 = np.uint32
-
-
-@_jit
-def _bf16_to_f32(h):
-    return _f32_from_bits(_U32(h) << _U32(16))
+    return types.uint16(x), codegen
 
 
-@_jit
-def _f32_to_bf16(x):
-    b = _bits_from_f32(x)
-    r = _U32((b + _U32(0x7FFF) + ((b >> _U32(16)) & _U32(1))) >> _U32(16))
-    if x != x:  # NaN: ml_dtypes' quiet NaN, sign kept
-        r = ((b >> _U32(16)) & _U32(0x8000)) | _U32(0x7FC0)
-    return np.uint16(r)
+@intrinsic
+def _f16_to_f32(typingctx, h):
+    """float16 bits (int16) -> float32, exact (subnormals, inf, NaN payloads)."""
+    if h != types.int16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32, c = _ir_consts(32)
+        f32 = ir.FloatType()
+        u = builder.zext(args[0], i32)
+        em = builder.and_(u, c(0x7FFF))
+        shifted = builder.shl(em, c(13))
+        scaled = builder.fmul(builder.bitcast(shifted, f32), ir.Constant(f32, 2.0 ** 112))
+        special = builder.icmp_unsigned(">=", em, c(0x7C00))
+        f = builder.select(special, builder.or_(shifted, c(0x7F800000)),
+                           builder.bitcast(scaled, i32))
+        sign = builder.shl(builder.and_(u, c(0x8000)), c(16))
+        return builder.bitcast(builder.or_(f, sign), f32)
+
+    return types.float32(h), codegen
 
 
-@_jit
-def _f16_to_f32(h):
-    u = _U32(h) & _U32(0xFFFF)
-    em = u & _U32(0x7FFF)
-    f = _bits_from_f32(_f32_from_bits(em << _U32(13)) * np.float32(2.0 ** 112))
-    if em >= _U32(0x7C00):  # inf / NaN
-        f = (em << _U32(13)) | _U32(0x7F800000)
-    return _f32_from_bits(f | ((u & _U32(0x8000)) << _U32(16)))
+@intrinsic
+def _f32_to_f16(typingctx, x):
+    """float32 -> float16 bits, round to nearest even, NaN as NumPy converts it."""
+    if x != types.float32:
+        return None
 
+    def codegen(context, builder, signature, args):
+        i32, c = _ir_consts(32)
+        f32 = ir.FloatType()
+        b = builder.bitcast(args[0], i32)
+        sign = builder.and_(builder.lshr(b, c(16)), c(0x8000))
+        a = builder.and_(b, c(0x7FFFFFFF))
+        odd = builder.and_(builder.lshr(a, c(13)), c(1))
+        normal = builder.lshr(builder.add(builder.add(builder.sub(a, c(112 << 23)), c(0xFFF)),
+                                          odd), c(13))
+        half = builder.fadd(builder.bitcast(a, f32), ir.Constant(f32, 0.5))
+        sub = builder.sub(builder.bitcast(half, i32), c(0x3F000000))
+        m = builder.lshr(builder.and_(a, c(0x7FFFFF)), c(13))
+        nan = builder.or_(builder.or_(c(0x7C00), m),
+                          builder.zext(builder.icmp_unsigned("==", m, c(0)), i32))
+        r = builder.select(builder.icmp_unsigned("<", a, c(0x38800000)), sub, normal)
+        r = builder.select(builder.icmp_unsigned(">=", a, c(0x47800000)), c(0x7C00), r)
+        r = builder.select(builder.icmp_unsigned(">", a, c(0x7F800000)), nan, r)
+        return builder.trunc(builder.or_(r, sign), ir.IntType(16))
 
-@_jit
-def _f32_to_f16(x):
-    b = _bits_from_f32(x)
-    sign = (b >> _U32(16)) & _U32(0x8000)
-    a = b & _U32(0x7FFFFFFF)
-    # normal halves: round to nearest even on the 13 dropped bits
-    r = _U32((a - _U32(112 << 23) + _U32(0xFFF) + ((a >> _U32(13)) & _U32(1))) >> _U32(13))
-    if a < _U32(0x38800000):  # below 2**-14: subnormal half, via |x| + 0.5
-        r = _U32(_bits_from_f32(_f32_from_bits(a) + np.float32(0.5)) - _U32(0x3F000000))
-    if a >= _U32(0x47800000):  # >= 65536: inf
-        r = _U32(0x7C00)
-    if a > _U32(0x7F800000):  # NaN: NumPy keeps the top mantissa bits
-        m = (a & _U32(0x7FFFFF)) >> _U32(13)
-        r = _U32(0x7C00) | m | _U32(m == _U32(0))
-    return np.int16(r | sign)
+    return types.int16(x), codegen
 
 
 def _widen(x):

@@ -40,16 +40,22 @@ cdef extern from *:
     #include <string.h>
     static inline float fo_f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
     static inline uint32_t fo_bits_from_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+    /* Branch-free select: with ?: gcc sinks the float work feeding one side
+       into a branch (it may trap) and then will not vectorise the loop. */
+    static inline uint32_t fo_sel(int c, uint32_t a, uint32_t b) {
+        uint32_t m = 0u - (uint32_t)c; return (a & m) | (b & ~m);
+    }
     static inline float fo_bf16_to_f32(uint16_t h) { return fo_f32_from_bits((uint32_t)h << 16); }
     static inline uint16_t fo_f32_to_bf16(float x) {
         uint32_t b = fo_bits_from_f32(x);
         uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-        return (uint16_t)(x != x ? (((b >> 16) & 0x8000u) | 0x7FC0u) : r);
+        return (uint16_t)fo_sel((b & 0x7FFFFFFFu) > 0x7F800000u,
+                                ((b >> 16) & 0x8000u) | 0x7FC0u, r);
     }
     static inline float fo_f16_to_f32(int16_t hs) {
         uint32_t u = (uint16_t)hs, em = u & 0x7FFFu;
         uint32_t f = fo_bits_from_f32(fo_f32_from_bits(em << 13) * 0x1p112f);
-        f = em >= 0x7C00u ? ((em << 13) | 0x7F800000u) : f;
+        f = fo_sel(em >= 0x7C00u, (em << 13) | 0x7F800000u, f);
         return fo_f32_from_bits(f | ((u & 0x8000u) << 16));
     }
     static inline int16_t fo_f32_to_f16(float x) {
@@ -57,9 +63,9 @@ cdef extern from *:
         uint32_t r = (a - (112u << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
         uint32_t sub = fo_bits_from_f32(fo_f32_from_bits(a) + 0.5f) - 0x3F000000u;
         uint32_t m = (a & 0x7FFFFFu) >> 13;
-        r = a < 0x38800000u ? sub : r;
-        r = a >= 0x47800000u ? 0x7C00u : r;
-        r = a > 0x7F800000u ? (0x7C00u | m | (uint32_t)(m == 0)) : r;
+        r = fo_sel(a < 0x38800000u, sub, r);
+        r = fo_sel(a >= 0x47800000u, 0x7C00u, r);
+        r = fo_sel(a > 0x7F800000u, 0x7C00u | m | (uint32_t)(m == 0), r);
         return (int16_t)(uint16_t)(r | sign);
     }
     """
@@ -133,7 +139,7 @@ cdef inline bint _serial(Py_ssize_t n) noexcept nogil:
     return n <= SERIAL_MAX or _num_threads == 1
 
 
-cdef void _adam_chunk(floating* p, const storage* g, floating* m, floating* v,
+cdef inline void _adam_loop(floating* p, const storage* g, floating* m, floating* v,
                       floating* vmax, storage* out, Py_ssize_t start, Py_ssize_t stop,
                       floating step_size, floating bc2_sqrt, floating beta1,
                       floating omb1, floating beta2, floating omb2, floating eps,
@@ -163,6 +169,30 @@ cdef void _adam_chunk(floating* p, const storage* g, floating* m, floating* v,
         pi = p[i] * decay - step_size * mi / (_sqrt(vi) * inv_bc2 + eps)
         p[i] = pi
         _store(out, i, pi)
+
+
+cdef void _adam_chunk(floating* p, const storage* g, floating* m, floating* v,
+                      floating* vmax, storage* out, Py_ssize_t start, Py_ssize_t stop,
+                      floating step_size, floating bc2_sqrt, floating beta1,
+                      floating omb1, floating beta2, floating omb2, floating eps,
+                      floating l2, floating decay, floating grad_scale,
+                      bint use_l2) noexcept nogil:
+    # Unswitched by hand: each call below inlines the loop with constant
+    # flags, so every variant is branch-free and vectorises. gcc unswitches
+    # the float32 loop by itself, but gives up on the larger 16-bit bodies.
+    if vmax == NULL:
+        if use_l2:
+            _adam_loop(p, g, m, v, NULL, out, start, stop, step_size, bc2_sqrt, beta1,
+                       omb1, beta2, omb2, eps, l2, decay, grad_scale, True)
+        else:
+            _adam_loop(p, g, m, v, NULL, out, start, stop, step_size, bc2_sqrt, beta1,
+                       omb1, beta2, omb2, eps, l2, decay, grad_scale, False)
+    elif use_l2:
+        _adam_loop(p, g, m, v, vmax, out, start, stop, step_size, bc2_sqrt, beta1,
+                   omb1, beta2, omb2, eps, l2, decay, grad_scale, True)
+    else:
+        _adam_loop(p, g, m, v, vmax, out, start, stop, step_size, bc2_sqrt, beta1,
+                   omb1, beta2, omb2, eps, l2, decay, grad_scale, False)
 
 
 def adam_update(floating[::1] p, const storage[::1] g, floating[::1] m,
