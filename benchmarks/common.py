@@ -68,11 +68,14 @@ def ratio_matrix(cases, impls, rounds=3):
     return out
 
 
-def lookup(cache, key, impl, metric):
-    """A cached ratio, or NotImplementedError when it could not be measured."""
-    value = cache.get(key, {}).get(impl, {}).get(metric)
+def lookup(cache, *keys):
+    """``cache[k0][k1]...``, or NotImplementedError (asv: n/a) when any level
+    is missing or the value could not be measured."""
+    value = cache
+    for k in keys:
+        value = value.get(k) if isinstance(value, dict) else None
     if value is None:
-        raise NotImplementedError(f"{impl} {metric} not measured for {key}")
+        raise NotImplementedError(f"not measured: {' / '.join(map(str, keys))}")
     return value
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import itertools
 import json
 import os
 import re
@@ -154,3 +155,56 @@ def test_dashboard_draws_a_graph(served, tmp_path):
     assert 'class="flot-base"' in dom           # flot drew the plot's canvas
     assert "impl-numba" in dom                 # with a legend entry per series
     assert not _js_errors(console), console
+
+
+def _small_combinations(params):
+    """Every categorical value, but only the smallest of each numeric param."""
+    if params and not isinstance(params[0], (list, tuple)):
+        params = [params]
+    choices = [[min(p)] if all(isinstance(v, int) for v in p) else list(p) for p in params]
+    return list(itertools.product(*choices))
+
+
+def _benchmark_classes():
+    import importlib
+    import pkgutil
+    sys.path.insert(0, ROOT)
+    try:
+        pkg = importlib.import_module("benchmarks")
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("bench_"):
+                continue
+            module = importlib.import_module(f"benchmarks.{info.name}")
+            for name, cls in vars(module).items():
+                if (isinstance(cls, type) and not name.startswith("_")
+                        and cls.__module__ == module.__name__
+                        and not hasattr(cls, "setup_cache")):
+                    yield f"{info.name}.{name}", cls
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.mark.parametrize("name, cls", list(_benchmark_classes()),
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_every_timing_benchmark_runs_at_its_smallest_size(name, cls):
+    """Each benchmark body runs (or skips with a reason) at its smallest
+    size for every implementation: a broken benchmark fails here, not in
+    the middle of an asv run."""
+    ran, skipped = 0, set()
+    for combo in _small_combinations(getattr(cls, "params", [])):
+        bench = cls()
+        try:
+            if hasattr(bench, "setup"):
+                bench.setup(*combo)
+        except NotImplementedError as e:
+            skipped.add(str(e))
+            continue
+        for attr in dir(bench):
+            if attr.startswith(("time_", "track_", "peakmem_")):
+                value = getattr(bench, attr)(*combo)
+                if attr.startswith("track_"):
+                    assert value is not None and value >= 0, (attr, combo)
+        ran += 1
+    if not ran and skipped and all("no GPU" in r for r in skipped):
+        pytest.skip("no GPU on this machine")
+    assert ran, f"{name}: every combination skipped: {sorted(skipped)}"

@@ -1,0 +1,63 @@
+"""MLP training step (forward, backward, fused AdamW) against PyTorch on the
+CPU and a hand-written NumPy version; fraction of same-run sgemm speed."""
+
+import numpy as np
+
+import fastopt
+
+from . import common
+
+ARCH = (784, 256, 256, 10)
+
+
+def _nn():
+    from fastopt import nn
+    return nn
+
+
+class MLPTrainStep:
+    params = ([32, 256], ["relu", "gelu"], ["numba", "cython", "numpy"])
+    param_names = ["batch", "activation", "backend"]
+
+    def setup(self, batch, activation, backend):
+        nn = _nn()
+        if backend not in nn.available_backends():
+            raise NotImplementedError(f"nn backend {backend!r} not available")
+        rng = np.random.default_rng(0)
+        self.X = rng.standard_normal((batch, ARCH[0]), dtype=np.float32)
+        self.y = rng.integers(0, ARCH[-1], batch)
+        self.net = nn.MLP(ARCH, activation=activation, seed=0, backend=backend)
+        self.opt = fastopt.AdamW(self.net.param_groups(), lr=1e-3)
+        self.net.train_step(self.opt, self.X, self.y)
+
+    def time_train_step(self, batch, activation, backend):
+        self.net.train_step(self.opt, self.X, self.y)
+
+
+class MLPTrainStepRatios:
+    """784-256-256-10, batch 256, float32, AdamW: speedups over torch (CPU,
+    fused AdamW) and hand-written NumPy, and the fraction of the speed of the
+    step's own matmuls run alone through the same BLAS."""
+
+    params = [["numba", "cython"]]
+    param_names = ["backend"]
+
+    def setup_cache(self):
+        return _nn().bench.bench_train_step(ARCH, batch=256, rounds=3)
+
+    setup_cache.timeout = common.CACHE_TIMEOUT
+
+    def track_speedup_vs_torch(self, cache, backend):
+        return common.lookup(cache, f"fastopt-{backend}", "vs_torch")
+
+    track_speedup_vs_torch.unit = "x torch"
+
+    def track_speedup_vs_numpy(self, cache, backend):
+        return common.lookup(cache, f"fastopt-{backend}", "vs_numpy")
+
+    track_speedup_vs_numpy.unit = "x NumPy"
+
+    def track_fraction_of_sgemm(self, cache, backend):
+        return common.lookup(cache, f"fastopt-{backend}", "fraction_of_sgemm_step_shapes")
+
+    track_fraction_of_sgemm.unit = "fraction of the step's sgemm"
