@@ -29,3 +29,12 @@ __all__ = [
     "functional", "schedules",
     "save", "load", "CheckpointError",
 ]
+
+
+def __getattr__(name):
+    # fastopt.nn (MLPs, ensembles) and fastopt.data (dataset readers) load on
+    # first use, so `import fastopt` stays light.
+    if name in ("nn", "data"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastopt' has no attribute {name!r}")

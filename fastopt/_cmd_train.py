@@ -194,6 +194,10 @@ def run(args):
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"wrote {out / 'metrics.json'}")
     if not args.no_plot:
-        _plot(history, labels, out / "curves.png")
-        print(f"wrote {out / 'curves.png'}")
+        try:
+            _plot(history, labels, out / "curves.png")
+            print(f"wrote {out / 'curves.png'}")
+        except ImportError:
+            print("matplotlib is not installed: no curves.png (pip install matplotlib)",
+                  file=sys.stderr)
     return 0

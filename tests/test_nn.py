@@ -232,3 +232,13 @@ def test_workspaces_are_reused():
     assert len(net._ws) == 1
     ws2 = next(iter(net._ws.values()))
     assert [id(a) for a in ws2["Z"] + ws2["A"] + ws2["D"]] == ids
+
+
+def test_import_fastopt_stays_light():
+    import subprocess
+    import sys
+    code = ("import sys, fastopt; assert 'numba' not in sys.modules; "
+            "assert 'matplotlib' not in sys.modules; assert 'fastopt.nn' not in sys.modules; "
+            "m = fastopt.nn.MLP((3, 2), backend='numpy'); assert 'numba' not in sys.modules; "
+            "assert fastopt.data.read_idx")
+    subprocess.run([sys.executable, "-c", code], check=True)
