@@ -76,6 +76,9 @@ class _Threads:
         self.threads = threads
 
     def __enter__(self):
+        # Load every BLAS first (the cython backend's is scipy's OpenBLAS,
+        # loaded on import): threadpoolctl only limits libraries already loaded.
+        available_backends()
         self.saved = fastopt.get_num_threads()
         fastopt.set_num_threads(1)
         self.limits = None
