@@ -43,7 +43,8 @@ class MLPTrainStepRatios:
     param_names = ["backend"]
 
     def setup_cache(self):
-        return _nn().bench.bench_train_step(ARCH, batch=256, rounds=3)
+        from fastopt.nn import bench
+        return bench.bench_train_step(ARCH, batch=256, rounds=3)
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 
