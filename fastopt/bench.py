@@ -58,6 +58,8 @@ def torch_or_none():
 def gpu_name():
     """The GPU's name, or None when this machine has none (checked without
     initialising CUDA in this process when torch is absent)."""
+    if not (os.path.exists("/proc/driver/nvidia") or shutil.which("nvidia-smi")):
+        return None       # no NVIDIA driver: skip importing torch just to ask
     torch = torch_or_none()
     if torch is not None:
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

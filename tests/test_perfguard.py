@@ -117,3 +117,17 @@ def test_missing_floors_file(tmp_path):
 def test_committed_floors_file_is_valid():
     spec = perfguard.load_floors(FLOORS)
     assert json.load(open(FLOORS))["attempts"] == spec["attempts"] >= 2
+
+
+@pytest.mark.parametrize("ratio, code", [(2.0, 0), (0.5, 1)])
+def test_check_perf_command_exit_code(monkeypatch, tmp_path, capsys, ratio, code):
+    from fastopt.cli import main
+    path = tmp_path / "floors.json"
+    path.write_text(json.dumps({"attempts": 2, "cases": [
+        {"case": "tiny", "kind": "sgd", "shape": [64], "floors": {"numba": {"numpy": 1.0}}}]}))
+    monkeypatch.setattr(perfguard, "_measure", lambda c, rounds: (
+        {"numba": {"numpy": ratio}}, {"numba": 1e-3}))
+    assert main(["check-perf", "--floors", str(path)]) == code
+    out = capsys.readouterr()
+    assert ("REGRESSION" in out.out) == bool(code)
+    assert "measuring tiny (attempt 1)" in out.err
