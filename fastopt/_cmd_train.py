@@ -61,6 +61,9 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="init, split and shuffle seed")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--backend", default="auto", help="nn backend: auto, cython, numba, numpy")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="BLAS threads (threadpoolctl); default: BLAS's own. On a busy "
+                             "machine 1 can be much faster (see docs/performance.md)")
     parser.add_argument("--target", type=float, default=0.94,
                         help="report the training time to reach this held-out accuracy")
     parser.add_argument("--out", default="train-results", help="output directory")
@@ -106,10 +109,13 @@ def _plot(history, labels, path):
     epochs = [r["epoch"] for r in history["epochs"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for k, label in enumerate(labels):
-        ax1.plot(epochs, [r["train_loss"][k] for r in history["epochs"]], label=f"{label} train")
-        ax1.plot(epochs, [r["val_loss"][k] for r in history["epochs"]], "--",
+        c = f"C{k % 10}"
+        ax1.plot(epochs, [r["train_loss"][k] for r in history["epochs"]], color=c,
+                 label=f"{label} train")
+        ax1.plot(epochs, [r["val_loss"][k] for r in history["epochs"]], "--", color=c,
                  label=f"{label} held-out")
-        ax2.plot(epochs, [100 * r["val_acc"][k] for r in history["epochs"]], label=label)
+        ax2.plot(epochs, [100 * r["val_acc"][k] for r in history["epochs"]], color=c,
+                 label=label)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("cross-entropy")
     ax1.set_yscale("log")
@@ -177,9 +183,22 @@ def run(args):
               f"{rec['samples_per_s']:,.0f} samples/s{' per model' if k == 1 else ' x ' + str(k)})",
               flush=True)
 
-    history = fit(model, opt, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
-                  seed=args.seed, X_val=Xte, y_val=yte, target=args.target,
-                  on_batch=bar.batch, on_epoch=on_epoch)
+    limits = None
+    if args.threads is not None:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            print("fastopt train: --threads needs threadpoolctl (pip install threadpoolctl)",
+                  file=sys.stderr)
+            return 2
+        limits = threadpool_limits(args.threads, user_api="blas")
+    try:
+        history = fit(model, opt, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
+                      seed=args.seed, X_val=Xte, y_val=yte, target=args.target,
+                      on_batch=bar.batch, on_epoch=on_epoch)
+    finally:
+        if limits is not None:
+            limits.restore_original_limits()
     final = history["epochs"][-1]["val_acc"]
     for lab, a, t in zip(labels, final, history["time_to_target"]):
         reach = (f", reached {100 * args.target:.0f}% after {t:.1f} s of training"

@@ -51,6 +51,7 @@ def test_train_ensemble_sweep(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     rc = main(["train", "--data-dir", str(data), "--hidden", "16", "--epochs", "1",
                "--ensemble-lrs", "1e-2,1e-3,1e-5", "--batch-size", "256", "--quiet",
+               "--threads", "1",
                "--no-plot", "--out", str(out)])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())

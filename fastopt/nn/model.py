@@ -197,8 +197,7 @@ class Ensemble:
     # -- layout ---------------------------------------------------------------
     def _stacked(self, flat: FlatArrays):
         """Per layer, ``[K, n_in, n_out]`` and ``[K, n_out]`` views into ``flat``."""
-        per = flat.data.reshape(self.k, self.n_per_model if hasattr(self, "n_per_model")
-                                else flat.data.size // self.k)
+        per = flat.data.reshape(self.k, self.n_per_model)
         ws, bs = [], []
         off = 0
         item = flat.data.itemsize
@@ -329,7 +328,7 @@ class Ensemble:
             "losses": np.empty(K, np.float64),
         }
         self._ws[key] = ws
-        while len(self._ws) > 4:
+        while len(self._ws) > 8:   # e.g. train + last partial batch + eval chunks
             self._ws.popitem(last=False)
         return ws
 
