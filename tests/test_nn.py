@@ -105,7 +105,7 @@ def test_softmax_cross_entropy_is_stable_for_huge_logits():
     for backend in NN_BACKENDS:
         mod = fastopt.nn.model.get_backend(backend)
         D = np.empty_like(Z)
-        gb = np.empty((1, 3))
+        gb = np.empty((1, 5))[:, :3]   # strided like the model's bias-gradient views
         losses = np.empty(1)
         mod.softmax_xent(Z, y, D, gb, losses)
         assert np.isfinite(losses).all() and np.isfinite(D).all(), backend
