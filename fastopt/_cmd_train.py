@@ -74,8 +74,9 @@ def add_arguments(parser):
 class _Progress:
     """A one-line progress bar on stderr: epoch, batches, loss, throughput."""
 
-    def __init__(self, epochs, n_train, stream, enabled=True):
+    def __init__(self, epochs, n_train, batch_size, stream, enabled=True):
         self.epochs, self.n_train, self.stream, self.enabled = epochs, n_train, stream, enabled
+        self.batch_size = batch_size
         self.last = 0.0
 
     def batch(self, epoch, i, n_batches, losses, seconds):
@@ -86,8 +87,7 @@ class _Progress:
         self.last = now
         width = 24
         done = int(width * (i + 1) / n_batches)
-        seen = (epoch - 1) * self.n_train + min((i + 1) * (self.n_train // n_batches + 1),
-                                                self.n_train)
+        seen = (epoch - 1) * self.n_train + min((i + 1) * self.batch_size, self.n_train)
         rate = seen / seconds if seconds > 0 else 0.0
         loss = min(float(l) for l in losses) if len(losses) > 1 else float(losses[0])
         tag = "best loss" if len(losses) > 1 else "loss"
@@ -174,7 +174,7 @@ def run(args):
           f"{args.optimizer} {', '.join(labels)}, schedule {args.schedule}, "
           f"{args.epochs} epochs x {steps // args.epochs} steps, batch {args.batch_size}, "
           f"backend {model.backend}, {Xtr.shape[0]} train / {Xte.shape[0]} held-out")
-    bar = _Progress(args.epochs, Xtr.shape[0], sys.stderr, not args.quiet)
+    bar = _Progress(args.epochs, Xtr.shape[0], args.batch_size, sys.stderr, not args.quiet)
 
     def on_epoch(epoch, rec):
         bar.end_line()

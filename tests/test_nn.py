@@ -242,3 +242,25 @@ def test_import_fastopt_stays_light():
             "m = fastopt.nn.MLP((3, 2), backend='numpy'); assert 'numba' not in sys.modules; "
             "assert fastopt.data.read_idx")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_clipping_and_schedules_plug_in():
+    """max_grad_norm sees the model's flat gradient; a schedule sets each step's lr."""
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((16, 5))
+    y = rng.integers(0, 3, 16)
+    net = MLP((5, 6, 3), dtype=np.float64, seed=0)
+    sched = fastopt.schedules.warmup_cosine(1e-2, 2, 10)
+    opt = fastopt.AdamW(net.param_groups(lr=sched), max_grad_norm=0.05)
+    ref = MLP((5, 6, 3), dtype=np.float64, seed=0, backend="numpy")
+    ref_opt = fastopt.AdamW(ref.param_groups(), lr=0.0)
+    for step in range(4):
+        net.loss_and_grad(X, y)
+        norm = fastopt.global_norm(net.grads)
+        assert opt.step(net.grads) == pytest.approx(norm, rel=1e-12)
+        # the same step by hand: clip the gradients, set the scheduled lr
+        ref.loss_and_grad(X, y)
+        fastopt.clip_by_global_norm(ref.grads, 0.05)
+        ref_opt.param_groups[0]["lr"] = sched(step)
+        ref_opt.step(ref.grads)
+        np.testing.assert_allclose(net.params.data, ref.params.data, rtol=1e-10, atol=1e-14)

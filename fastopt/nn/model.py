@@ -146,6 +146,10 @@ class Ensemble:
         Kernels for the fused passes (the reference "numpy" is the spec).
     alpha : float
         leaky_relu's negative slope.
+
+    An optimizer built with ``max_grad_norm`` clips the global norm of
+    everything it steps: over an ensemble, the joint norm of all K models'
+    gradients (not each model's own), since clipping is one norm per step.
     """
 
     def __init__(self, k, sizes, activation="relu", loss="cross_entropy", *, init="auto",
