@@ -380,7 +380,7 @@ class Optimizer:
             if isinstance(group["lr"], dict):
                 need(group["lr"], ("schedule",), f"{where}['lr']")
                 group["lr"] = from_dict(group["lr"]["schedule"])
-            group = self._validated(group, where=where)
+            group = self._validated(group, where=where, position=iterations)
             need(st, ("step", "buffers"), f"state[{gi}]")
             step = V.check_int(f"checkpoint state[{gi}]['step']", st["step"], low=0)
             runs = self._run_info[gi]["runs"]
@@ -442,24 +442,25 @@ class Optimizer:
         return apply
 
     # -- hyperparameters --------------------------------------------------------
-    def _resolve(self, group, where=""):
+    def _resolve(self, group, where="", position=None):
         """The group's hypers checked, with a schedule's lr evaluated at
-        ``self.iterations`` (host float64, once per step: nothing recompiles)."""
+        ``position`` (default ``self.iterations``; host float64, once per
+        step: nothing recompiles)."""
         lr = group["lr"]
         if callable(lr):
+            k = self.iterations if position is None else position
             try:
-                value = lr(self.iterations)
+                value = lr(k)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{V.key(where, 'lr')}: the schedule failed at step "
-                                 f"{self.iterations}: {exc}") from None
-            V.check_real(f"{V.key(where, 'lr')} (schedule value at step {self.iterations})",
-                         value, low=0.0)
+                                 f"{k}: {exc}") from None
+            V.check_real(f"{V.key(where, 'lr')} (schedule value at step {k})", value, low=0.0)
             group = dict(group, lr=value)
         return self._check_hypers(group, where)
 
-    def _validated(self, group, where=""):
+    def _validated(self, group, where="", position=None):
         """Checked and normalised hypers to store; a schedule stays a schedule."""
-        checked = self._resolve(group, where)
+        checked = self._resolve(group, where, position)
         if callable(group["lr"]):
             checked["lr"] = group["lr"]
         return checked
