@@ -18,9 +18,14 @@ these; ``python -m fastopt.nn.bench`` prints all three.
   split, fastopt vs the same recipe (same initial weights, batches and lr
   schedule) in torch.
 
-Threads: one level of parallelism. BLAS (and torch's intra-op pool) use
-every core; fastopt's fused optimizer kernels run on one thread
-(``fastopt.set_num_threads(1)``) because they run between BLAS calls.
+Threads (``threads=``): by default 1, i.e. BLAS (through threadpoolctl)
+and torch limited to one thread. On a shared 2-core machine that is the
+stable comparison: with threaded BLAS every step that interleaves matmuls
+with other work waits for idle BLAS workers to be rescheduled, and the
+times of every implementation vary several-fold from run to run (see
+docs/performance.md). ``threads=None`` leaves every library at its default.
+fastopt's fused optimizer kernels run on one thread in both cases
+(``fastopt.set_num_threads(1)``): they run between BLAS calls.
 """
 
 from __future__ import annotations
@@ -67,10 +72,9 @@ def _interleaved(fns: dict, rounds=7, min_time=0.05):
 
 class _Threads:
     """``threads=None``: every library at its default (BLAS and torch use all
-    cores). ``threads=1``: BLAS (threadpoolctl) and torch limited to one
-    thread for the whole measurement, which is the stabler comparison on a
-    loaded 2-core machine. fastopt's optimizer kernels run on one thread in
-    both (they run between BLAS calls)."""
+    cores). ``threads=n``: BLAS (threadpoolctl) and torch limited to n
+    threads for the whole measurement. fastopt's optimizer kernels run on
+    one thread in both (they run between BLAS calls)."""
 
     def __init__(self, threads):
         self.threads = threads
@@ -161,7 +165,7 @@ def _numpy_step(sizes, batch, rng, lr=1e-3, wd=1e-2):
 
 
 def bench_train_step(sizes=(784, 256, 256, 10), batch=256, rounds=7, backends=None,
-                     threads=None):
+                     threads=1):
     """One float32 training step (forward, backward, AdamW); same-run ratios."""
     rng = np.random.default_rng(0)
     with _Threads(threads):
@@ -231,7 +235,7 @@ def bench_train_step(sizes=(784, 256, 256, 10), batch=256, rounds=7, backends=No
 
 
 def bench_ensemble(k=16, sizes=(784, 64, 10), batch=128, rounds=7, backends=None,
-                   threads=None):
+                   threads=1):
     """K models, each its own mini-batch, one training step; same-run ratios."""
     rng = np.random.default_rng(0)
     with _Threads(threads):
@@ -302,7 +306,7 @@ def bench_ensemble(k=16, sizes=(784, 64, 10), batch=128, rounds=7, backends=None
 
 
 def bench_mnist(hidden=(256, 256), epochs=15, batch=128, lr=1e-3, target=0.94, seed=0,
-                backend="auto", data_dir=None, torch_too=True, threads=None):
+                backend="auto", data_dir=None, torch_too=True, threads=1):
     """Time to ``target`` held-out accuracy on the 8k/2k MNIST split, fastopt
     vs the same recipe in torch (same initial weights, same batches, AdamW
     with the same warmup-cosine lr per step). Training time only (the
@@ -404,9 +408,11 @@ if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("which", nargs="*", default=["step", "ensemble", "mnist"])
-    ap.add_argument("--threads", type=int, default=None,
-                    help="limit BLAS and torch to this many threads (default: theirs)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="BLAS and torch threads (default 1, the stable comparison on a "
+                         "shared machine; 0: each library's own default)")
     a = ap.parse_args()
+    a.threads = a.threads or None
     if "step" in a.which:
         _print(_summary(bench_train_step(threads=a.threads)))
     if "ensemble" in a.which:
