@@ -60,7 +60,8 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="init, split and shuffle seed")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--backend", default="auto", help="nn backend: auto, cython, numba, numpy")
+    parser.add_argument("--backend", default="auto", choices=["auto", "cython", "numba", "numpy"],
+                        help="nn backend (CUDA: not yet)")
     parser.add_argument("--threads", type=int, default=None,
                         help="BLAS threads (threadpoolctl); default: BLAS's own. On a busy "
                              "machine 1 can be much faster (see docs/performance.md)")
@@ -158,10 +159,10 @@ def run(args):
     # One level of parallelism: BLAS threads in the matmuls, so the fused
     # optimizer kernels run on one thread (see fastopt/nn/model.py).
     fastopt.set_num_threads(1)
-    model = Ensemble(k, sizes, args.activation, seed=args.seed, dtype=args.dtype,
-                     backend=args.backend)
     steps = args.epochs * -(-Xtr.shape[0] // args.batch_size)
     try:
+        model = Ensemble(k, sizes, args.activation, seed=args.seed, dtype=args.dtype,
+                         backend=args.backend)
         opt = make_optimizer(model, args.optimizer, args.lr, lrs=lrs, schedule=args.schedule,
                              total_steps=steps, warmup_steps=args.warmup_steps,
                              weight_decay=args.weight_decay, momentum=args.momentum,
