@@ -226,10 +226,10 @@ def adam_update(floating[::1] p, const storage[::1] g, floating[::1] m,
                             s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, use_l2)
 
 
-cdef void _sgd_chunk(floating* p, const storage* g, floating* buf, storage* out,
-                     Py_ssize_t start, Py_ssize_t stop, floating lr, floating l2,
-                     floating grad_scale, floating buf_decay, floating grad_coef,
-                     floating momentum, bint use_l2, bint nesterov) noexcept nogil:
+cdef inline void _sgd_loop(floating* p, const storage* g, floating* buf, storage* out,
+                           Py_ssize_t start, Py_ssize_t stop, floating lr, floating l2,
+                           floating grad_scale, floating buf_decay, floating grad_coef,
+                           floating momentum, bint use_l2, bint nesterov) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating gi, b, pi
     for i in range(start, stop):
@@ -246,6 +246,33 @@ cdef void _sgd_chunk(floating* p, const storage* g, floating* buf, storage* out,
         pi = p[i] - lr * gi
         p[i] = pi
         _store(out, i, pi)
+
+
+cdef void _sgd_chunk(floating* p, const storage* g, floating* buf, storage* out,
+                     Py_ssize_t start, Py_ssize_t stop, floating lr, floating l2,
+                     floating grad_scale, floating buf_decay, floating grad_coef,
+                     floating momentum, bint use_l2, bint nesterov) noexcept nogil:
+    # Unswitched by hand, as _adam_chunk (nesterov only matters with a buffer).
+    if buf == NULL:
+        if use_l2:
+            _sgd_loop(p, g, NULL, out, start, stop, lr, l2, grad_scale, buf_decay,
+                      grad_coef, momentum, True, False)
+        else:
+            _sgd_loop(p, g, NULL, out, start, stop, lr, l2, grad_scale, buf_decay,
+                      grad_coef, momentum, False, False)
+    elif use_l2:
+        if nesterov:
+            _sgd_loop(p, g, buf, out, start, stop, lr, l2, grad_scale, buf_decay,
+                      grad_coef, momentum, True, True)
+        else:
+            _sgd_loop(p, g, buf, out, start, stop, lr, l2, grad_scale, buf_decay,
+                      grad_coef, momentum, True, False)
+    elif nesterov:
+        _sgd_loop(p, g, buf, out, start, stop, lr, l2, grad_scale, buf_decay,
+                  grad_coef, momentum, False, True)
+    else:
+        _sgd_loop(p, g, buf, out, start, stop, lr, l2, grad_scale, buf_decay,
+                  grad_coef, momentum, False, False)
 
 
 def sgd_update(floating[::1] p, const storage[::1] g, floating[::1] buf,
