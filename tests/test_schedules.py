@@ -180,3 +180,12 @@ def test_plot_schedule_cli(tmp_path, capsys):
     assert rc == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot-schedule", "__import__('os').getcwd()"]) == 2
     assert "unknown schedule" in capsys.readouterr().err
+
+
+def test_plot_schedule_without_matplotlib(monkeypatch, capsys, tmp_path):
+    import sys
+    from fastopt.cli import main
+    monkeypatch.setitem(sys.modules, "matplotlib", None)    # import fails
+    assert main(["plot-schedule", "constant(1e-3)", "-o", str(tmp_path / "x.png")]) == 1
+    assert "needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
