@@ -126,3 +126,15 @@ def test_shared_labels_broadcast_to_own_batches():
     np.testing.assert_array_equal(a.loss_and_grad(X, y),
                                   b.loss_and_grad(X, np.broadcast_to(y, (K, 10))))
     np.testing.assert_array_equal(a.grads.data, b.grads.data)
+
+
+def test_model_major_and_layer_major_orders_agree():
+    rng = np.random.default_rng(4)
+    X, y = rng.standard_normal((K, 10, SIZES[0])), rng.integers(0, 3, (K, 10))
+    nets = []
+    for order in ("model", "layer"):
+        ens = Ensemble(K, SIZES, "tanh", dtype=np.float64, seed=1)
+        ens.order = order
+        nets.append((ens.loss_and_grad(X, y).copy(), ens.grads.data.copy()))
+    np.testing.assert_array_equal(nets[0][0], nets[1][0])
+    np.testing.assert_array_equal(nets[0][1], nets[1][1])
