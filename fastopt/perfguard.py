@@ -5,8 +5,8 @@ so the guard never compares them. It compares **same-run ratios** (fastopt
 vs a straightforward NumPy step, fastopt vs a streaming kernel that moves
 the same bytes, all timed interleaved in one process) against **floors**
 committed in the repository (``benchmarks/floors.json``). A ratio below its
-floor is measured again, up to ``attempts`` times, and only a ratio that
-stays below on every attempt fails: a noisy spell passes, a real slowdown
+floor is measured again, up to ``attempts`` times with growing pauses
+between, and only a ratio that stays below on every attempt fails: a noisy spell passes, a real slowdown
 (a kernel that lost vectorisation, parallelism or fusion) does not.
 
 Floors sit well under the ratios measured on the reference machine (the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 
 from . import bench
@@ -60,6 +61,11 @@ def load_floors(path=DEFAULT_FLOORS):
                                 "repository root or pass --floors)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"floors file {path!r} is not valid JSON: {e}") from None
+    for key, low in (("attempts", 1), ("rounds", 1), ("pause_s", 0)):
+        value = spec.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+            raise ValueError(f"floors file {path!r}: {key} must be a number >= {low}, "
+                             f"got {value!r}")
     cases = spec.get("cases")
     if not isinstance(cases, list) or not cases:
         raise ValueError(f"floors file {path!r} needs a non-empty 'cases' list")
@@ -95,12 +101,18 @@ def run_checks(spec, attempts=None, rounds=None, progress=None):
     """Measure every case; re-measure cases with a check below its floor."""
     attempts = attempts or spec.get("attempts", 3)
     rounds = rounds or spec.get("rounds", 5)
+    # a busy spell of a shared machine (another job's threads competing for
+    # the cores) hurts threaded kernels more than single-threaded NumPy; give
+    # it time to pass before measuring again
+    pause = spec.get("pause_s", 2.0)
     checks = []
     for c in spec["cases"]:
         mine = [Check(c["case"], impl, metric, float(floor))
                 for impl, metrics in c["floors"].items()
                 for metric, floor in metrics.items()]
         for attempt in range(attempts):
+            if attempt:
+                time.sleep(pause * attempt)
             if progress:
                 progress(f"{c['case']} (attempt {attempt + 1})")
             ratios, times = _measure(c, rounds)

@@ -23,7 +23,7 @@ FLOORS = os.path.join(ROOT, "benchmarks", "floors.json")
 
 
 def _spec(cases, attempts=3):
-    return {"attempts": attempts, "rounds": 3, "cases": cases}
+    return {"attempts": attempts, "rounds": 3, "pause_s": 0, "cases": cases}
 
 
 def test_committed_floors_hold():
@@ -94,6 +94,7 @@ def test_unmeasurable_ratio_fails(monkeypatch):
 
 @pytest.mark.parametrize("content, match", [
     ("{", "not valid JSON"),
+    ('{"attempts": 0, "cases": []}', "attempts must be a number >= 1"),
     ('{"cases": []}', "non-empty 'cases'"),
     ('{"cases": [{"case": "a", "kind": "adamw", "floors": {}}]}', "lacks \\['shape'\\]"),
     ('{"cases": [{"case": "a", "kind": "lion", "shape": [4], "floors": {}}]}', "kind 'lion'"),
@@ -123,7 +124,7 @@ def test_committed_floors_file_is_valid():
 def test_check_perf_command_exit_code(monkeypatch, tmp_path, capsys, ratio, code):
     from fastopt.cli import main
     path = tmp_path / "floors.json"
-    path.write_text(json.dumps({"attempts": 2, "cases": [
+    path.write_text(json.dumps({"attempts": 2, "pause_s": 0, "cases": [
         {"case": "tiny", "kind": "sgd", "shape": [64], "floors": {"numba": {"numpy": 1.0}}}]}))
     monkeypatch.setattr(perfguard, "_measure", lambda c, rounds: (
         {"numba": {"numpy": ratio}}, {"numba": 1e-3}))
