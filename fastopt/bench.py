@@ -84,14 +84,18 @@ def _stream_kernels():
     if not _STREAM:
         from numba import njit, prange
 
-        def rw4_3(p, g, m, v):
-            # Reads 4 arrays, writes 3: AdamW's traffic. Called with m is v it
-            # reads p, g, buf and writes p, buf: SGD-with-momentum's traffic.
+        def rw4_3(p, g, m, v):  # reads 4 arrays, writes 3: AdamW's traffic
             for i in prange(p.size):
                 gi = g[i]
                 p[i] += gi
                 m[i] += gi
                 v[i] += gi
+
+        def rw3_2(p, g, b):  # reads 3, writes 2: SGD with momentum's traffic
+            for i in prange(p.size):
+                gi = g[i]
+                p[i] += gi
+                b[i] += gi
 
         def read1(g):  # one read pass, like a norm (fastmath: vectorised sum)
             acc = 0.0
@@ -101,6 +105,7 @@ def _stream_kernels():
 
         for parallel, suffix in ((True, ""), (False, "_serial")):
             _STREAM["rw4_3" + suffix] = njit(parallel=parallel, cache=True)(rw4_3)
+            _STREAM["rw3_2" + suffix] = njit(parallel=parallel, cache=True)(rw3_2)
             _STREAM["read1" + suffix] = njit(parallel=parallel, cache=True,
                                              fastmath=True)(read1)
     return _STREAM
@@ -171,12 +176,14 @@ def _roofline_step(kind, shapes, dt, clip):
     n = sum(int(np.prod(s)) for s in shapes)
     k = _stream_kernels()
     suffix = "_serial" if n <= SERIAL_MAX else ""
-    rw, read = k["rw4_3" + suffix], k["read1" + suffix]
-    p, g, m = (_rand(n, dt, s) for s in range(3))
-    v = _rand(n, dt, 3) if kind == "adamw" else m
+    read = k["read1" + suffix]
+    name, nread = ("rw4_3", 4) if kind == "adamw" else ("rw3_2", 3)
+    rw = k[name + suffix]
+    arrays = [_rand(n, dt, s) for s in range(nread)]    # p, g, then the state
+    g = arrays[1]
     if clip:
-        return lambda: (read(g), rw(p, g, m, v))
-    return lambda: rw(p, g, m, v)
+        return lambda: (read(g), rw(*arrays))
+    return lambda: rw(*arrays)
 
 
 def _torch_step(kind, shapes, dt, clip, variant):

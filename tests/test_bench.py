@@ -62,6 +62,11 @@ def test_roofline_moves_the_steps_arrays():
     k["rw4_3"](p, g, m, v)
     assert (p == 3).all() and (m == 5).all() and (v == 6).all() and (g == 2).all()
     assert k["read1"](g) == pytest.approx(20.0)
+    b = np.full(10, 5.0, np.float32)
+    k["rw3_2"](p, g, b)
+    assert (p == 5).all() and (b == 7).all()
+    for name in ("rw4_3", "rw3_2", "read1"):    # the serial twins compute the same
+        assert k[name + "_serial"].py_func is k[name].py_func
     assert bench.step_bytes("adamw", 10, "float32") == 7 * 40
     assert bench.step_bytes("sgd", 10, "float64", clip=True) == 6 * 80
 
