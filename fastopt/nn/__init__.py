@@ -9,10 +9,11 @@
 >>> opt = fastopt.AdamW(ens.param_groups(lr=[1e-1, 1e-2, 1e-3, 1e-4, 1e-5]))
 >>> losses = ens.train_step(opt, X, y)         # all five, batched
 
-Backends for the fused passes: ``cython`` (BLAS through
-``scipy.linalg.cython_blas``, OpenMP), ``numba`` (np.dot + ``@njit``
-kernels) and ``numpy`` (the reference). CUDA: not yet (fastopt has no CUDA
-backend yet).
+Backends (``backend="auto"`` takes the first available): ``numba`` (np.dot
+through NumPy's BLAS + ``@njit`` fused passes, cached after the first
+compile), ``cython`` (gemm through ``scipy.linalg.cython_blas`` + compiled
+fused passes; no JIT) and ``numpy`` (the reference). CUDA: not yet (fastopt
+has no CUDA backend yet).
 """
 
 from .activations import ACTIVATIONS, LOSSES, parse_layers

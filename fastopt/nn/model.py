@@ -41,9 +41,12 @@ from ..params import FlatArrays, flat_zeros
 from ..schedules import Schedule
 from .activations import DEFAULT_INIT, LOSSES, activation_id, parse_layers
 
+# backend="auto" preference, fastest first (fastopt.nn.bench): numba's np.dot
+# goes through NumPy's OpenBLAS, a few % faster here than SciPy's behind
+# cython_blas. The cython backend needs no JIT (no first-run compile).
 _MODULES = {
-    "cython": "fastopt.nn._cython_backend",
     "numba": "fastopt.nn._numba",
+    "cython": "fastopt.nn._cython_backend",
     "numpy": "fastopt.nn._ref",
 }
 _loaded: dict = {}
