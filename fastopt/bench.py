@@ -103,11 +103,14 @@ def _stream_kernels():
                 acc += g[i]
             return acc
 
+        # Only the threaded kernels are cached: Numba's on-disk cache is keyed
+        # by the Python function, so a serial twin compiled from the same
+        # function would share (and could load) the threaded one's entry.
         for parallel, suffix in ((True, ""), (False, "_serial")):
-            _STREAM["rw4_3" + suffix] = njit(parallel=parallel, cache=True)(rw4_3)
-            _STREAM["rw3_2" + suffix] = njit(parallel=parallel, cache=True)(rw3_2)
-            _STREAM["read1" + suffix] = njit(parallel=parallel, cache=True,
-                                             fastmath=True)(read1)
+            jit = dict(parallel=parallel, cache=parallel)
+            _STREAM["rw4_3" + suffix] = njit(**jit)(rw4_3)
+            _STREAM["rw3_2" + suffix] = njit(**jit)(rw3_2)
+            _STREAM["read1" + suffix] = njit(**jit, fastmath=True)(read1)
     return _STREAM
 
 
