@@ -39,33 +39,14 @@ from __future__ import annotations
 
 import bisect
 import math
-import numbers
+
+from ._validate import check_int as _int
+from ._validate import check_real as _real
 
 __all__ = ["Schedule", "constant", "linear", "warmup", "cosine_decay", "warmup_cosine",
            "step_decay", "exponential", "one_cycle", "join", "from_dict"]
 
 _KINDS: dict = {}
-
-
-def _real(name, value, *, low=None, low_open=False, high=None, high_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
-    return value
-
-
-def _int(name, value, *, low) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
 
 
 def _step(step) -> int:
