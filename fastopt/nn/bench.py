@@ -37,6 +37,7 @@ import numpy as np
 
 import fastopt
 
+from ..bench import time_all, torch_or_none
 from .model import MLP, Ensemble, available_backends
 
 
@@ -47,27 +48,6 @@ def _blas_info():
         return None
     return [{k: i.get(k) for k in ("internal_api", "prefix", "version", "architecture",
                                    "num_threads")} for i in threadpool_info()]
-
-
-def _interleaved(fns: dict, rounds=7, min_time=0.05):
-    """Mean time per call of each fn, min over ``rounds`` interleaved rounds."""
-    reps = {}
-    for name, fn in fns.items():
-        fn()
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        one = max(time.perf_counter() - t0, 1e-6)
-        reps[name] = max(1, int(min_time / one))
-    best = {name: math.inf for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            n = reps[name]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / n)
-    return best
 
 
 class _Threads:
@@ -86,7 +66,7 @@ class _Threads:
         self.saved = fastopt.get_num_threads()
         fastopt.set_num_threads(1)
         self.limits = None
-        torch = _torch()
+        torch = torch_or_none()
         self.torch_threads = torch.get_num_threads() if torch is not None else None
         if self.threads is not None:
             from threadpoolctl import threadpool_limits
@@ -98,18 +78,10 @@ class _Threads:
     def __exit__(self, *exc):
         if self.limits is not None:
             self.limits.restore_original_limits()
-        torch = _torch()
+        torch = torch_or_none()
         if torch is not None and self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         fastopt.set_num_threads(self.saved)
-
-
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
 
 
 def _mlp_flops(sizes, batch):
@@ -195,7 +167,7 @@ def bench_train_step(sizes=(784, 256, 256, 10), batch=256, rounds=7, backends=No
         big = rng.standard_normal((1024, 1024)).astype(np.float32)
         big_out = np.empty_like(big)
         fns["sgemm 1024^3"] = lambda: np.dot(big, big, out=big_out)
-        torch = _torch()
+        torch = torch_or_none()
         if torch is not None:
             torch.manual_seed(0)
             layers = []
@@ -212,7 +184,7 @@ def bench_train_step(sizes=(784, 256, 256, 10), batch=256, rounds=7, backends=No
                 torch.nn.functional.cross_entropy(tm(tX), ty).backward()
                 topt.step()
             fns["torch"] = torch_step
-        times = _interleaved(fns, rounds)
+        times = time_all(fns, rounds, min_block=0.05)
         blas = _blas_info()
     flops = _mlp_flops(sizes, batch)
     out = {"case": f"train step {'-'.join(map(str, sizes))} batch {batch} float32 AdamW",
@@ -258,7 +230,7 @@ def bench_ensemble(k=16, sizes=(784, 64, 10), batch=128, rounds=7, backends=None
                 for i in range(k):
                     nets[i].train_step(opts[i], X[i], y[i])
             fns[f"fastopt-{be} one by one"] = one_by_one
-        torch = _torch()
+        torch = torch_or_none()
         if torch is not None:
             torch.manual_seed(0)
             tX, ty = torch.from_numpy(X), torch.from_numpy(y)
@@ -290,7 +262,7 @@ def bench_ensemble(k=16, sizes=(784, 64, 10), batch=128, rounds=7, backends=None
                 loss.backward()
                 bopt.step()
             fns["torch bmm fused (shared lr)"] = torch_bmm
-        times = _interleaved(fns, rounds)
+        times = time_all(fns, rounds, min_block=0.05)
         blas = _blas_info()
     out = {"case": f"ensemble K={k} {'-'.join(map(str, sizes))} batch {batch} float32 AdamW",
            "threads": threads or "default", "times_s": times, "blas": blas}
@@ -357,7 +329,7 @@ def bench_mnist(hidden=(256, 256), epochs=15, batch=128, lr=1e-3, target=0.94, s
         init = net.params.data.copy()
         opt = make_optimizer(net, "adamw", lr, schedule="warmup-cosine", total_steps=steps)
         sched = opt.param_groups[0]["lr"]
-        torch = _torch() if torch_too else None
+        torch = torch_or_none() if torch_too else None
         res = {"case": f"MNIST 8k/2k {'-'.join(map(str, sizes))} AdamW lr {lr} "
                        f"warmup-cosine batch {batch}, {epochs} epochs",
                "backend": net.backend, "target": target}
