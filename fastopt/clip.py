@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from . import _validate as V
-from .backends import get_backend
+from .backends import backend_for, get_backend
 from .backends.scalars import clip_coefficient
 from .params import FlatArrays
 
@@ -23,6 +23,14 @@ def _flat_grads(grads, *, writable):
     return [g.reshape(-1) for g in arrays]
 
 
+def _device_flats(be, grads):
+    arrays = [grads] if not isinstance(grads, (list, tuple)) else list(grads)
+    flats = [be.flat(be.check_array(f"grads[{i}]", g)) for i, g in enumerate(arrays)]
+    named = [(f"grads[{i}]", g) for i, g in enumerate(flats)]
+    be.check_devices(named)
+    return flats, named
+
+
 def norm_of(backend, flats) -> float:
     """Global L2 norm of 1-D arrays with an already chosen backend module."""
     return math.sqrt(sum(backend.sumsq(g) for g in flats))
@@ -34,18 +42,31 @@ def global_norm(grads, *, backend="auto") -> float:
     The sum runs over fixed chunks in a fixed order, so the result does not
     depend on the thread count. A NaN or inf anywhere gives NaN or inf.
     """
-    return norm_of(get_backend(backend), _flat_grads(grads, writable=False))
+    be = get_backend(backend_for(backend, grads))
+    if getattr(be, "device", False):   # device arrays: the two-stage GPU reduction
+        return be.norm_control(_device_flats(be, grads)[0]).norm()
+    return norm_of(be, _flat_grads(grads, writable=False))
 
 
 def clip_by_global_norm(grads, max_norm, *, backend="auto") -> float:
     """Scale ``grads`` in place so their global norm is at most ``max_norm``.
 
     Multiplies by torch's ``min(1, max_norm / (norm + 1e-6))`` and returns
-    the norm before clipping. Optimizers take ``max_grad_norm=`` to do this
+    the norm before clipping (on device arrays: a ``DeviceNorm``, read
+    with ``float()``). Optimizers take ``max_grad_norm=`` to do this
     inside the step without modifying the gradients.
     """
     max_norm = V.check_real("max_norm", max_norm, low=0.0, low_open=True)
-    be = get_backend(backend)
+    be = get_backend(backend_for(backend, grads))
+    if getattr(be, "device", False):
+        # coefficient decided and applied on the device; the norm comes back
+        # as a DeviceNorm (float(norm) fetches it), so nothing waits here
+        flats, named = _device_flats(be, grads)
+        be.check_disjoint(named)
+        ctrl = be.norm_control(flats, max_norm=max_norm)
+        for g in flats:
+            be.scale(g, 1.0, ctrl=ctrl)
+        return be.DeviceNorm(ctrl)
     flats = _flat_grads(grads, writable=True)
     norm = norm_of(be, flats)
     coef = clip_coefficient(norm, max_norm)

@@ -7,6 +7,8 @@ For NumPy code that keeps its own state instead of an optimizer object::
         fastopt.functional.adamw(w, grad(w), m, v, step=t, lr=1e-3)
 
 Every argument may be one ndarray or a list of them (matched one to one);
+device arrays (``backend="cuda"``, or "auto" given device params) work the
+same way, float32/float64 on the device;
 when all of them are :class:`~fastopt.params.FlatArrays`, each is stepped as
 its one flat buffer in a single kernel call. Everything is checked before
 anything is written.
@@ -15,7 +17,7 @@ anything is written.
 from __future__ import annotations
 
 from . import _validate as V
-from .backends import get_backend
+from .backends import backend_for, get_backend
 from .backends.scalars import adam_scalars, sgd_scalars
 from .params import FlatArrays
 
@@ -41,6 +43,42 @@ def _flatten(named, optional=()):
     return [lists.get(k, [None] * n) for k in named]
 
 
+def _flatten_device(be, named, optional=()):
+    """:func:`_flatten` for device arrays (backend "cuda"): one 1-D device
+    view list per argument, all checked before anything is launched."""
+    present = {k: a for k, a in named.items() if not (k in optional and a is None)}
+    lists = {}
+    for k, a in present.items():
+        arrays = [a] if not isinstance(a, (list, tuple)) else list(a)
+        lists[k] = [be.check_array(f"{k}[{i}]", x, dtypes=be.FLOAT_DTYPES)
+                    for i, x in enumerate(arrays)]
+    first = next(iter(lists))
+    ref = lists[first]
+    for k, arrays in lists.items():
+        if len(arrays) != len(ref):
+            raise ValueError(f"{k} has {len(arrays)} arrays but {first} has {len(ref)}")
+        for i, (x, r) in enumerate(zip(arrays, ref)):
+            if tuple(x.shape) != tuple(r.shape):
+                raise ValueError(f"{k}[{i}] has shape {tuple(x.shape)} but {first}[{i}] "
+                                 f"has shape {tuple(r.shape)}")
+            if x.dtype != r.dtype:
+                raise TypeError(f"{k}[{i}] has dtype {x.dtype} but {first}[{i}] has "
+                                f"dtype {r.dtype}")
+    written = [(f"{k}[{i}]", x) for k, xs in lists.items() if k != "grads"
+               for i, x in enumerate(xs)]
+    read = [(f"grads[{i}]", x) for i, x in enumerate(lists["grads"])]
+    be.check_devices(written + read)
+    be.check_disjoint(written, read)
+    n = len(ref)
+    return [[be.flat(x) for x in lists[k]] if k in lists else [None] * n for k in named]
+
+
+def _columns(be, named, optional):
+    if getattr(be, "device", False):
+        return _flatten_device(be, named, optional)
+    return _flatten(named, optional)
+
+
 def _check_step(step):
     return V.check_int("step (the 1-based step count)", step, low=1)
 
@@ -61,9 +99,9 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step,
         decoupled=V.check_bool("decoupled", decoupled), step=_check_step(step),
         grad_scale=V.check_real("grad_scale", grad_scale),
         maximize=V.check_bool("maximize", maximize))
-    be = get_backend(backend)
-    columns = _flatten(dict(params=params, grads=grads, exp_avgs=exp_avgs,
-                            exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs),
+    be = get_backend(backend_for(backend, params))
+    columns = _columns(be, dict(params=params, grads=grads, exp_avgs=exp_avgs,
+                                exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs),
                        optional=("max_exp_avg_sqs",))
     for p, g, m, v, vmax in zip(*columns):
         be.adam_update(p, g, m, v, vmax, s)
@@ -99,9 +137,9 @@ def sgd(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.0
                     first_step=V.check_bool("first_step", first_step),
                     grad_scale=V.check_real("grad_scale", grad_scale),
                     maximize=V.check_bool("maximize", maximize))
-    be = get_backend(backend)
-    columns = _flatten(dict(params=params, grads=grads,
-                            momentum_buffers=momentum_buffers if momentum else None),
+    be = get_backend(backend_for(backend, params))
+    columns = _columns(be, dict(params=params, grads=grads,
+                                momentum_buffers=momentum_buffers if momentum else None),
                        optional=("momentum_buffers",))
     for p, g, buf in zip(*columns):
         be.sgd_update(p, g, buf, s)

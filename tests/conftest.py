@@ -25,8 +25,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-#: Every backend that imports here (the reference "numpy" is always there).
-BACKENDS = fastopt.available_backends()
+#: Every host-array backend that imports here (the reference "numpy" is always
+#: there). The device backend ("cuda") has its own tests: tests/test_cuda*.py.
+BACKENDS = [b for b in fastopt.available_backends() if b != "cuda"]
 #: The compiled, threaded backends (everything but the reference).
 FAST_BACKENDS = [b for b in BACKENDS if b != "numpy"]
 

@@ -55,10 +55,12 @@ def test_numpy_backend_never_loads_numba():
 
 
 def test_available_backends():
-    names = fastopt.available_backends()
+    everything = fastopt.available_backends()
+    assert set(everything) <= {"numba", "cython", "numpy", "cuda"}
+    assert everything[-1] in ("numpy", "cuda")   # cuda only where a GPU/simulator is usable
+    names = [n for n in everything if n != "cuda"]
     assert names[-1] == "numpy" and "numpy" in names
     assert len(set(names)) == len(names)
-    assert set(names) <= {"numba", "cython", "numpy"}
     if importlib.util.find_spec("numba") is not None:
         assert "numba" in names
     if importlib.util.find_spec("fastopt.backends._cython.kernels") is not None:
@@ -66,7 +68,7 @@ def test_available_backends():
     # Fastest first, in the registry's preference order.
     order = ["numba", "cython", "numpy"]
     assert names == [n for n in order if n in names]
-    # "auto" is the first available one.
+    # "auto" is the first available host backend, never cuda.
     assert get_backend("auto") is get_backend(names[0])
     assert fastopt.SGD([np.ones(2)], lr=0.1).backend == names[0]
 
@@ -74,7 +76,7 @@ def test_available_backends():
 def test_get_backend_names_and_alias():
     assert get_backend("reference") is get_backend("numpy")
     assert get_backend("numpy").name == "numpy"
-    for name in fastopt.available_backends():
+    for name in fastopt.available_backends():   # cuda too, where it is usable
         mod = get_backend(name)
         assert mod.name == name
         for fn in ("adam_update", "sgd_update", "sumsq", "scale"):
@@ -87,7 +89,7 @@ def test_get_backend_names_and_alias():
 
 def test_backend_info():
     info = fastopt.backend_info()
-    assert set(info) == {"numba", "cython", "numpy"}
+    assert set(info) == {"numba", "cython", "numpy", "cuda"}
     available = set(fastopt.available_backends())
     for name, entry in info.items():
         assert entry["available"] == (name in available)

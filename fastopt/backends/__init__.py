@@ -8,6 +8,11 @@ A backend is a small math-only module exposing the same four functions over
 
 with the per-step scalars ``s`` from :mod:`fastopt.backends.scalars`.
 Modules load lazily: ``import fastopt`` does not import Numba.
+
+``"cuda"`` (:mod:`fastopt.backends.numba_cuda`) works on device arrays. It
+is listed only where it imports (numba-cuda installed and a GPU, or the CUDA
+simulator, usable), and ``"auto"`` never picks it: host arrays stay on the
+CPU backends (the optimizers pick it for device arrays themselves).
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ _MODULES = {
     "numba": "fastopt.backends.numba_cpu",
     "cython": "fastopt.backends.cython_cpu",
     "numpy": "fastopt.backends.reference",
+    "cuda": "fastopt.backends.numba_cuda",
 }
+#: backends whose arrays live on a device: never chosen by "auto" for host arrays
+DEVICE_BACKENDS = ("cuda",)
 _ALIASES = {"reference": "numpy"}
 _loaded: dict = {}
 _failed: dict = {}
@@ -32,7 +40,7 @@ def _load(name: str):
         return None
     try:
         mod = importlib.import_module(_MODULES[name])
-    except ImportError as exc:  # optional backend missing: remember why
+    except ImportError as exc:  # optional backend missing (or no GPU): remember why
         _failed[name] = exc
         return None
     _loaded[name] = mod
@@ -45,12 +53,17 @@ def available_backends() -> list:
 
 
 def get_backend(name: str = "auto"):
-    """The backend module for ``name`` ("auto", "numba", "cython", "numpy")."""
+    """The backend module for ``name`` ("auto", "numba", "cython", "numpy", "cuda").
+
+    "auto" is the fastest available CPU backend; "cuda" must be asked for
+    (or is picked by the optimizers when their params are device arrays)."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     name = _ALIASES.get(name, name)
     if name == "auto":
         for candidate in _MODULES:
+            if candidate in DEVICE_BACKENDS:
+                continue
             mod = _load(candidate)
             if mod is not None:
                 return mod
@@ -61,6 +74,26 @@ def get_backend(name: str = "auto"):
     if mod is None:
         raise ValueError(f"backend {name!r} is not available here: {_failed[name]}")
     return mod
+
+
+def is_device_array(a) -> bool:
+    """A GPU array: exposes ``__cuda_array_interface__`` (numba, CuPy, torch
+    CUDA), or is the CUDA simulator's stand-in. Never imports numba."""
+    if isinstance(a, (list, tuple)):
+        a = a[0] if a else None
+        if isinstance(a, dict):   # param groups: look at the first group's params
+            return is_device_array(a.get("params"))
+    return a is not None and not isinstance(a, (str, bytes, dict)) and \
+        type(a).__module__ != "numpy" and (hasattr(a, "__cuda_array_interface__")
+                                           or type(a).__name__ == "FakeCUDAArray")
+
+
+def backend_for(name, arrays) -> str:
+    """``name``, except that "auto" becomes "cuda" for device arrays (host
+    arrays keep "auto": it never picks cuda for them)."""
+    if name == "auto" and is_device_array(arrays):
+        return "cuda"
+    return name
 
 
 def backend_info() -> dict:

@@ -18,7 +18,9 @@ The math lives in the backends; this class owns everything around it:
   clipping is off) tells whether any gradient is NaN/inf, and such a step
   is skipped without writing anything;
 * learning-rate schedules (:mod:`fastopt.schedules`): a group's ``lr`` may
-  be a schedule, evaluated at ``iterations`` once per step on the host.
+  be a schedule, evaluated at ``iterations`` once per step on the host;
+* device arrays (``backend="cuda"``, or "auto" given device params): the
+  same step with params, grads and state on the GPU (see ``_device_step``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import math
 import numpy as np
 
 from .. import _validate as V
-from ..backends import get_backend
+from ..backends import backend_for, get_backend
 from ..backends.lowp import compute_dtype, is_low_precision
 from ..backends.scalars import clip_coefficient
 from ..clip import norm_of
@@ -53,6 +55,26 @@ def _all_finite(norm, flats) -> bool:
     return all(bool(np.isfinite(f).all()) for f in flats)
 
 
+def _is_device_array(a) -> bool:
+    """A GPU array (``__cuda_array_interface__``, or the CUDA simulator's)."""
+    return not isinstance(a, (np.ndarray, list, tuple, dict)) and (
+        hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray")
+
+
+class _DeviceSteps:
+    """The device backend with this step's control block bound to its calls,
+    so ``_step_group`` (unchanged) launches kernels that read it."""
+
+    def __init__(self, backend, ctrl):
+        self._be, self._ctrl = backend, ctrl
+
+    def adam_update(self, p, g, m, v, vmax, s, out=None):
+        self._be.adam_update(p, g, m, v, vmax, s, out, ctrl=self._ctrl)
+
+    def sgd_update(self, p, g, buf, s, out=None):
+        self._be.sgd_update(p, g, buf, s, out, ctrl=self._ctrl)
+
+
 def _brief(layout):
     text = ", ".join(f"{d['dtype']}{d['shape']}" for d in layout[:4])
     return f"[{text}{', ...' if len(layout) > 4 else ''}] ({len(layout)} arrays)"
@@ -71,7 +93,10 @@ class Optimizer:
 
     def __init__(self, params, defaults: dict, *, backend="auto", max_grad_norm=None,
                  skip_nonfinite=False, loss_scaler=None):
-        self._backend = get_backend(backend)
+        self._backend = get_backend(backend_for(backend, params))
+        # Device arrays (backend "cuda") take their own checks, runs and step;
+        # the host path below is unchanged by them.
+        self._device = bool(getattr(self._backend, "device", False))
         if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
             raise TypeError("loss_scaler must be a fastopt.LossScaler or None, got "
                             f"{type(loss_scaler).__name__}")
@@ -90,28 +115,36 @@ class Optimizer:
             if unknown:
                 raise ValueError(f"param group {gi} has unknown keys {sorted(unknown)}")
             group = self._validated(group, where=f"param_groups[{gi}]")
-            arrays = V.as_array_list(f"param_groups[{gi}]['params']", spec["params"])
+            if self._device:
+                arrays = self._device_arrays(f"param_groups[{gi}]['params']", spec["params"])
+            else:
+                arrays = V.as_array_list(f"param_groups[{gi}]['params']", spec["params"])
+                for i, a in enumerate(arrays):
+                    V.check_float_array(f"param_groups[{gi}]['params'][{i}]", a,
+                                        writable=True, allow_low_precision=True)
             if not arrays:
                 raise ValueError(f"param group {gi} has no parameters")
-            for i, a in enumerate(arrays):
-                V.check_float_array(f"param_groups[{gi}]['params'][{i}]", a, writable=True,
-                                    allow_low_precision=True)
             group["params"] = arrays
             self.param_groups.append(group)
         self._params = [a for g in self.param_groups for a in g["params"]]
-        V.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)])
+        if self._device:
+            named = [(f"params[{i}]", a) for i, a in enumerate(self._params)]
+            self._backend.check_devices(named)
+            self._backend.check_disjoint(named)
+        else:
+            V.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)])
         self._layout = tuple((a.shape, a.dtype) for a in self._params)
         # A FlatArrays of grads is matched to params in param order. If the
         # groups list a packed buffer's views out of memory order, the grads'
         # own layout (e.g. params.zeros_like()) would follow memory order
         # instead and gradients could silently land on the wrong params.
-        self._memory_ordered = in_memory_order(self._params)
+        self._memory_ordered = self._device or in_memory_order(self._params)
         self._build_runs()
         # Mixed precision: a 16-bit run gets a float32 master copy, the
         # weights the step really updates (its 16-bit params are the rounded
         # master, written in the same pass).
         self.state = [{"step": 0, "runs": [
-            {"master": run["flat"].astype(np.float32)} if is_low_precision(run["flat"].dtype)
+            {"master": self._master_copy(run["flat"])} if self._is_low(run["flat"].dtype)
             else {} for run in g["runs"]]} for g in self._run_info]
         self.grad_norm = None   # pre-clip global norm of the last step's grads
         self.last_lr = None     # per group, the lr the last step used
@@ -120,7 +153,7 @@ class Optimizer:
     # -- construction helpers ---------------------------------------------
     @staticmethod
     def _group_specs(params):
-        if isinstance(params, np.ndarray):
+        if isinstance(params, np.ndarray) or _is_device_array(params):
             return [{"params": [params]}]
         if isinstance(params, (list, tuple)) and params and all(
                 isinstance(p, dict) for p in params):
@@ -141,7 +174,11 @@ class Optimizer:
         first = 0   # index of the group's first tensor among all params
         for group in self.param_groups:
             runs = []
-            for start, stop, flat in memory_runs(group["params"]):
+            # On the device each array is its own run: pass one flat device
+            # buffer as the params (and one as the grads) for one launch.
+            found = (memory_runs(group["params"]) if not self._device else
+                     [(k, k + 1, self._backend.flat(a)) for k, a in enumerate(group["params"])])
+            for start, stop, flat in found:
                 sizes = [a.size for a in group["params"][start:stop]]
                 local = np.concatenate([[0], np.cumsum(sizes)]).tolist()
                 runs.append({"start": first + start, "stop": first + stop, "flat": flat,
@@ -219,6 +256,8 @@ class Optimizer:
         schedules still advance (``self.iterations``), as in a torch loop
         that calls ``scheduler.step()`` every iteration.
         """
+        if self._device:
+            return self._device_step(grads)
         segments = self._segments(grads)
         hypers = [self._resolve(g, where=f"param_groups[{gi}]")
                   for gi, g in enumerate(self.param_groups)]
@@ -257,7 +296,11 @@ class Optimizer:
         bufs = state["runs"][ri]
         if name not in bufs:
             flat = runs[ri]["flat"]
-            bufs[name] = np.zeros(flat.size, compute_dtype(flat.dtype))
+            if self._device:
+                be = self._backend
+                bufs[name] = be.zeros(flat.size, be.compute_dtype(flat.dtype))
+            else:
+                bufs[name] = np.zeros(flat.size, compute_dtype(flat.dtype))
         return bufs[name]
 
     @staticmethod
@@ -266,6 +309,100 @@ class Optimizer:
         the master copy's slice under mixed precision, else ``p`` itself."""
         master = state["runs"][ri].get("master")
         return (p, None) if master is None else (master[lo:hi], p)
+
+    # -- device arrays ----------------------------------------------------------
+    def _device_arrays(self, name, arrays):
+        """Checked device arrays (numba views of them) from one or a list."""
+        be = self._backend
+        if _is_device_array(arrays) or isinstance(arrays, np.ndarray):
+            arrays = [arrays]
+        if not isinstance(arrays, (list, tuple)):
+            raise TypeError(f"{name} must be a device array or a list of them, got "
+                            f"{type(arrays).__name__}")
+        return [be.check_array(f"{name}[{i}]", a) for i, a in enumerate(arrays)]
+
+    def _is_low(self, dtype):
+        return self._backend.is_low_precision(dtype) if self._device else is_low_precision(dtype)
+
+    def _master_copy(self, flat):
+        return self._backend.to_master(flat) if self._device else flat.astype(np.float32)
+
+    def _compute_dtype(self, dtype):
+        return self._backend.compute_dtype(dtype) if self._device else compute_dtype(dtype)
+
+    def _device_step(self, grads):
+        """:meth:`step` on the device.
+
+        The global-norm pass (when clipping, ``skip_nonfinite`` or a loss
+        scaler asks for it) leaves the clip coefficient and the skip flag in
+        device memory, and the update kernels read them there: with clipping
+        alone nothing waits for the GPU, and the returned norm is a
+        :class:`~fastopt.backends.numba_cuda.DeviceNorm` (``float(norm)``
+        fetches it). When a step can be skipped (``skip_nonfinite`` or a
+        loss scaler) the host reads the 8-byte flag once after launching the
+        step, to keep step counts and the loss scale exact (as torch's
+        GradScaler reads ``found_inf``); the kernels never wait for it.
+        """
+        be = self._backend
+        if be.is_device_array(grads) or isinstance(grads, np.ndarray):
+            grads = [grads]
+        if not isinstance(grads, (list, tuple)):
+            raise TypeError("grads must be a device array or a list of them, got "
+                            f"{type(grads).__name__}")
+        if len(grads) != len(self._params):
+            raise ValueError(f"grads has {len(grads)} arrays but params has "
+                             f"{len(self._params)}")
+        flats = []
+        for i, (g, p) in enumerate(zip(grads, self._params)):
+            g = be.check_array(f"grads[{i}]", g)
+            if tuple(g.shape) != tuple(p.shape):
+                raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] "
+                                 f"has shape {tuple(p.shape)}")
+            if g.dtype != p.dtype:
+                raise TypeError(f"grads[{i}] has dtype {g.dtype} but params[{i}] has "
+                                f"dtype {p.dtype}")
+            flats.append(be.flat(g))
+        gnamed = [(f"grads[{i}]", g) for i, g in enumerate(flats)]
+        be.check_devices(gnamed)
+        be.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)], gnamed)
+        hypers = [self._resolve(g, where=f"param_groups[{gi}]")
+                  for gi, g in enumerate(self.param_groups)]
+        max_norm = self.max_grad_norm
+        if max_norm is not None:
+            max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True)
+        scaler = self.loss_scaler
+        check = V.check_bool("skip_nonfinite", self.skip_nonfinite) or scaler is not None
+        inv_scale = 1.0 if scaler is None else 1.0 / scaler.scale
+        # -- everything is checked: launch --
+        ctrl = None
+        if max_norm is not None or check:
+            ctrl = be.norm_control(flats, max_norm=max_norm or 0.0, inv_scale=inv_scale,
+                                   check=check)
+        steps = _DeviceSteps(be, ctrl)
+        before = [[set(r) for r in st["runs"]] for st in self.state]
+        for gi, h in enumerate(hypers):
+            runs = self._run_info[gi]["runs"]
+            segs = [(ri, run["flat"], flats[run["start"]], 0, run["flat"].size)
+                    for ri, run in enumerate(runs)]
+            self._step_group(steps, h, self.state[gi], runs, segs, 1.0)
+        skip = bool(check and ctrl.skipped())
+        if skip:
+            self.skipped_steps += 1
+            # the kernels wrote nothing: forget buffers this step created, so
+            # e.g. SGD's first momentum step is still its first next time
+            for st, keys in zip(self.state, before):
+                for bufs, had in zip(st["runs"], keys):
+                    for name in set(bufs) - had:
+                        del bufs[name]
+        else:
+            for st in self.state:
+                st["step"] += 1
+        if scaler is not None:
+            scaler.update(found_inf=skip)
+        self.iterations += 1
+        self.grad_norm = None if ctrl is None else be.DeviceNorm(ctrl)
+        self.last_lr = [h["lr"] for h in hypers]
+        return self.grad_norm
 
     # -- checkpoints ------------------------------------------------------------
     #: state buffer names this optimizer may hold (subclasses extend)
@@ -278,7 +415,8 @@ class Optimizer:
     def _group_dtype(self, gi):
         """The one dtype of group ``gi``'s state buffers (a checkpoint stores
         each buffer as one flat array per group, whatever the packing)."""
-        dtypes = {compute_dtype(run["flat"].dtype) for run in self._run_info[gi]["runs"]}
+        dtypes = {np.dtype(self._compute_dtype(run["flat"].dtype))
+                  for run in self._run_info[gi]["runs"]}
         if len(dtypes) != 1:
             raise ValueError(f"param group {gi} mixes dtypes {sorted(map(str, dtypes))}; "
                              "checkpoints need one dtype per group (split the group)")
@@ -320,8 +458,10 @@ class Optimizer:
             for n in names:
                 if not all(n in r for r in runs):
                     raise RuntimeError(f"state buffer {n!r} exists for only some runs")
-                bufs[n] = np.concatenate([r[n] for r in runs]) if len(runs) > 1 \
-                    else runs[0][n].copy()
+                parts = [r[n] for r in runs]
+                if self._device:   # one copy back to the host per buffer
+                    parts = [a.copy_to_host() for a in parts]
+                bufs[n] = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
             state.append({"step": self.state[gi]["step"], "buffers": bufs})
         return {"type": type(self).__name__, "iterations": self.iterations,
                 "skipped_steps": self.skipped_steps,
@@ -388,7 +528,7 @@ class Optimizer:
             n = sum(r["flat"].size for r in runs)
             bufs = st["buffers"]
             required = self._required_state(group, step)
-            if any(is_low_precision(r["flat"].dtype) for r in runs):
+            if any(self._is_low(r["flat"].dtype) for r in runs):
                 required = required | {"master"}
             need(bufs, sorted(required), f"state[{gi}]")
             unknown = set(bufs) - set(self._state_names) - (required & {"master"})
@@ -405,6 +545,9 @@ class Optimizer:
             split = np.cumsum([0] + [r["flat"].size for r in runs]).tolist()
             new_runs = [{name: np.array(a[lo:hi], copy=True) for name, a in bufs.items()}
                         for lo, hi in zip(split, split[1:])]
+            if self._device:
+                new_runs = [{name: self._backend.to_device(a) for name, a in r.items()}
+                            for r in new_runs]
             new_hypers.append(group)
             new_state.append({"step": step, "runs": new_runs})
 

@@ -1,0 +1,245 @@
+"""The CUDA kernels of the ``cuda`` backend (see ``numba_cuda.py``).
+
+Kept apart from the backend so they import (and compile to PTX with
+``numba.cuda.compile_ptx``) on a machine without a GPU: the backend module
+refuses to import there, this one does not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import config, cuda, types
+from numba.core.extending import overload
+
+#: threads per block (a power of two: the tree reduction needs it). The
+#: simulator runs each thread as a Python thread, so it gets small blocks.
+THREADS = 64 if getattr(config, "ENABLE_CUDASIM", False) else 256
+
+_BF16_BITS = np.dtype(np.uint16)
+
+
+# -- 16-bit storage ---------------------------------------------------------------
+# Python bodies serve the simulator (it runs kernels as Python); the
+# overloads below are what the CUDA target compiles.
+
+def _widen(x):
+    """Stored value -> compute value (float32 for 16-bit storage)."""
+    if isinstance(x, np.uint16):
+        return np.array([np.uint32(x) << np.uint32(16)], np.uint32).view(np.float32)[0]
+    if isinstance(x, np.float16):
+        return np.float32(x)
+    return x
+
+
+def _narrow(x, like):
+    """float32 ``x`` -> the storage type of array ``like``."""
+    if like.dtype == _BF16_BITS:
+        b = int(np.array([x], np.float32).view(np.uint32)[0])
+        if x != x:
+            return np.uint16(((b >> 16) & 0x8000) | 0x7FC0)
+        return np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+    return like.dtype.type(x)
+
+
+@overload(_widen, target="cuda")
+def _widen_cuda(x):
+    if isinstance(x, types.Float) and x.bitwidth >= 32:
+        return lambda x: x
+    if x == types.float16:
+        return lambda x: types.float32(x)
+    if x == types.uint16:
+        def bf16(x):
+            # bit cast through a one-element local array: NVVM turns it into
+            # one ``mov.b32`` (no local memory traffic)
+            tmp = cuda.local.array(1, types.uint32)
+            tmp[0] = types.uint32(x) << types.uint32(16)
+            return tmp.view(np.float32)[0]
+        return bf16
+    return None
+
+
+@overload(_narrow, target="cuda")
+def _narrow_cuda(x, like):
+    if like.dtype == types.float16:
+        return lambda x, like: types.float16(x)
+    if like.dtype == types.uint16:
+        def bf16(x, like):
+            tmp = cuda.local.array(1, types.float32)
+            tmp[0] = x
+            b = tmp.view(np.uint32)[0]
+            if x != x:   # NaN: quiet NaN with the sign kept (ml_dtypes' choice)
+                return types.uint16(((b >> types.uint32(16)) & types.uint32(0x8000))
+                                    | types.uint32(0x7FC0))
+            r = (b + types.uint32(0x7FFF) + ((b >> types.uint32(16)) & types.uint32(1)))
+            return types.uint16(r >> types.uint32(16))
+        return bf16
+    if isinstance(like.dtype, types.Float):
+        return lambda x, like: x
+    return None
+
+
+# -- kernels -------------------------------------------------------------------------
+# ``fc`` is the step's control block in the compute dtype: fc[0] multiplies
+# the gradient (clip coefficient / loss scale), fc[1] != 0 skips the step.
+
+@cuda.jit
+def _adam_kernel(p, g, m, v, vmax, out, fc, step_size, bc2_sqrt, beta1, omb1, beta2,
+                 omb2, eps, l2, decay, grad_scale, use_l2, amsgrad, mixed):
+    if fc[1]:       # the step was judged non-finite on the device: write nothing
+        return
+    gs = grad_scale * fc[0]
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, p.size, stride):
+        gi = _widen(g[i]) * gs
+        pi = p[i]
+        if use_l2:
+            gi += l2 * pi
+        mi = beta1 * m[i] + omb1 * gi
+        vi = beta2 * v[i] + omb2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        if amsgrad:
+            vm = vmax[i]
+            if vm > vi or vm != vm:   # np.maximum: NaN on either side propagates
+                vi = vm
+            vmax[i] = vi
+        denom = math.sqrt(vi) / bc2_sqrt + eps
+        pi = pi * decay - step_size * mi / denom
+        p[i] = pi
+        if mixed:
+            out[i] = _narrow(pi, out)
+
+
+@cuda.jit
+def _sgd_kernel(p, g, buf, out, fc, lr, l2, grad_scale, buf_decay, grad_coef, momentum,
+                use_l2, has_buf, nesterov, mixed):
+    if fc[1]:       # the step was judged non-finite on the device: write nothing
+        return
+    gs = grad_scale * fc[0]
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, p.size, stride):
+        gi = _widen(g[i]) * gs
+        pi = p[i]
+        if use_l2:
+            gi += l2 * pi
+        if has_buf:
+            b = buf_decay * buf[i] + grad_coef * gi
+            buf[i] = b
+            if nesterov:
+                gi += momentum * b
+            else:
+                gi = b
+        pi = pi - lr * gi
+        p[i] = pi
+        if mixed:
+            out[i] = _narrow(pi, out)
+
+
+@cuda.jit
+def _sumsq_partial_kernel(x, partial, bad, offset):
+    """Stage 1: one float64 partial sum of squares (and a non-finite flag)
+    per block, reduced in shared memory in a fixed tree order."""
+    acc = cuda.shared.array(THREADS, types.float64)
+    flag = cuda.shared.array(THREADS, types.int32)
+    t = cuda.threadIdx.x
+    s = np.float64(0.0)
+    f = np.int32(0)
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        xi = np.float64(_widen(x[i]))
+        s += xi * xi
+        if not math.isfinite(xi):
+            f = np.int32(1)
+    acc[t] = s
+    flag[t] = f
+    cuda.syncthreads()
+    half = THREADS // 2
+    while half > 0:
+        if t < half:
+            acc[t] += acc[t + half]
+            flag[t] |= flag[t + half]
+        cuda.syncthreads()
+        half //= 2
+    if t == 0:
+        partial[offset + cuda.blockIdx.x] = acc[0]
+        bad[offset + cuda.blockIdx.x] = flag[0]
+
+
+@cuda.jit
+def _finalize_kernel(partial, bad, count, ctrl64, ctrl32, max_norm, inv_scale, check):
+    """Stage 2 (one thread): add the partials in index order, then decide the
+    clip coefficient and the skip on the device.
+
+    ctrl64 = [sum of squares, norm of the unscaled grads, grad factor, skip];
+    ctrl32 = [grad factor, skip] for the float32 kernels.
+    """
+    if cuda.grid(1) != 0:
+        return
+    total = np.float64(0.0)
+    anybad = np.int32(0)
+    for k in range(count):
+        total += partial[k]
+        anybad |= bad[k]
+    norm = math.sqrt(total) * inv_scale
+    coef = np.float64(1.0)
+    if max_norm > 0.0:
+        c = max_norm / (norm + 1e-6)    # torch's clip_grad_norm_ factor
+        if c < 1.0 or c != c:
+            coef = c
+    skip = np.float64(1.0) if (check and anybad != 0) else np.float64(0.0)
+    factor = coef * inv_scale
+    ctrl64[0] = total
+    ctrl64[1] = norm
+    ctrl64[2] = factor
+    ctrl64[3] = skip
+    ctrl32[0] = np.float32(factor)
+    ctrl32[1] = np.float32(skip)
+
+
+@cuda.jit
+def _scale_kernel(x, fc, c):
+    if fc[1]:       # the step was judged non-finite on the device: write nothing
+        return
+    cc = c * fc[0]
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        x[i] *= cc
+
+
+@cuda.jit
+def _convert_kernel(src, dst):
+    """widen (16-bit -> float32) or narrow (float32 -> 16-bit), by dtype."""
+    for i in range(cuda.grid(1), dst.size, cuda.gridsize(1)):
+        dst[i] = _narrow(_widen(src[i]), dst)
+
+
+#: every kernel, for the PTX checks: name -> (dispatcher, "elementwise"|"reduction")
+KERNELS = {
+    "adam": (_adam_kernel, "elementwise"),
+    "sgd": (_sgd_kernel, "elementwise"),
+    "scale": (_scale_kernel, "elementwise"),
+    "convert": (_convert_kernel, "elementwise"),
+    "sumsq_partial": (_sumsq_partial_kernel, "reduction"),
+    "finalize": (_finalize_kernel, "reduction"),
+}
+
+
+
+def ptx_signatures(dtype="float32", storage=None):
+    """Kernel name -> type signature for ``compile_ptx``, for params and state
+    in ``dtype`` and grads/params storage ``storage`` (default ``dtype``;
+    "float16", or "uint16" for bfloat16 bits, with a float32 ``dtype``)."""
+    c = dtype
+    st = storage or dtype
+    A, S = f"{c}[::1]", f"{st}[::1]"
+    return {
+        "adam": f"({A},{S},{A},{A},{A},{S},{A}," + ",".join([c] * 10) + ",b1,b1,b1)",
+        "sgd": f"({A},{S},{A},{S},{A}," + ",".join([c] * 6) + ",b1,b1,b1,b1)",
+        "scale": f"({A},{A},{c})",
+        "convert": f"({S},{A})" if st != c else f"({A},{A})",
+        "sumsq_partial": f"({S},float64[::1],int32[::1],int64)",
+        "finalize": "(float64[::1],int32[::1],int64,float64[::1],float32[::1],float64,"
+                    "float64,b1)",
+    }

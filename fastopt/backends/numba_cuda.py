@@ -1,0 +1,402 @@
+"""CUDA backend: ``@cuda.jit`` kernels from the ``numba-cuda`` package.
+
+Same four math functions as the CPU backends (``adam_update``,
+``sgd_update``, ``sumsq``, ``scale``, plus ``widen``/``narrow``), over 1-D
+C-contiguous **device** arrays, updated in place where they live. Anything
+exposing ``__cuda_array_interface__`` is accepted (numba device arrays, CuPy,
+torch CUDA tensors); a host NumPy array is an error, never a silent copy.
+
+Kernel conventions (DESIGN.md):
+
+* One general kernel per algorithm. The variants (amsgrad, momentum,
+  Nesterov, L2 vs decoupled decay, maximize, mixed precision) are runtime
+  flags that are uniform across the grid, so no thread diverges, and the
+  array dtypes specialise the compiled code.
+* Grid-stride loops; the grid is sized from the device (``BLOCKS_PER_SM``
+  blocks of ``THREADS`` per multiprocessor, fewer for small arrays).
+* Scalars are computed once per step in float64 on the host
+  (:mod:`fastopt.backends.scalars`) and cast to the compute dtype before the
+  launch: the float32 kernels contain no double-precision arithmetic (checked
+  on the PTX by ``tests/test_cuda_ptx.py``).
+* No fastmath: IEEE division and sqrt, and NaN/inf stay visible.
+* The global norm is a two-stage reduction: each block sums its grid-stride
+  share of squares in float64, reduces them in shared memory in a fixed tree
+  order and writes one partial (plus a non-finite flag); a one-thread final
+  pass adds the partials in index order. The result is deterministic for a
+  given launch configuration. No warp intrinsics, so it runs under the CUDA
+  simulator (``NUMBA_ENABLE_CUDASIM=1``).
+* Clipping and the non-finite skip are decided **on the device**: the final
+  pass writes a small control block (``StepControl``): the norm, the gradient
+  factor ``clip_coef / loss_scale`` and a skip flag. The update kernels read
+  the factor and the flag from device memory (a set flag makes every thread
+  return before writing), so nothing crosses back to the host inside a step;
+  ``StepControl.norm()`` / ``skipped()`` synchronise when called.
+
+Mixed precision: ``float16`` device arrays are IEEE half (native ``cvt``
+instructions, round to nearest even); **bfloat16 is passed as a ``uint16``
+device array of its bits** (``__cuda_array_interface__`` has no bfloat16
+type string), converted with the same formulas as :mod:`fastopt.backends.lowp`.
+
+Importing this module raises ImportError when numba-cuda is missing or no GPU
+(and no simulator) is usable, so the registry lists ``"cuda"`` only where it
+can run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from numba import config as _config
+    from numba import cuda
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(f"numba.cuda is not importable ({exc}); "
+                      "pip install 'fastopt[cuda]'") from None
+
+from ._cuda_kernels import (THREADS, _adam_kernel, _convert_kernel, _finalize_kernel,
+                            _scale_kernel, _sgd_kernel, _sumsq_partial_kernel)
+from .scalars import AdamScalars, SGDScalars
+
+SIMULATOR = bool(getattr(_config, "ENABLE_CUDASIM", False))
+
+if not cuda.is_available():
+    raise ImportError("no usable CUDA GPU (numba.cuda.is_available() is False); "
+                      "install numba-cuda[cu13] and an NVIDIA driver, or set "
+                      "NUMBA_ENABLE_CUDASIM=1 for the simulator")
+
+name = "cuda"
+threaded = True
+#: marks a backend whose arrays live on a device (the optimizers branch on it)
+device = True
+
+BLOCKS_PER_SM = 8        # 8 x 256 = 2048 resident threads per SM on sm_80/sm_90
+_SIM_MAX_BLOCKS = 2      # the simulator runs every thread in Python: keep grids small
+
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+_F16 = np.dtype(np.float16)
+_BF16_BITS = np.dtype(np.uint16)
+#: storage dtypes a device param may have (uint16 = bfloat16 bits)
+STORAGE_DTYPES = (_F32, _F64, _F16, _BF16_BITS)
+
+
+# -- launch configuration --------------------------------------------------------------
+
+_max_blocks_cache: dict = {}
+
+
+def max_blocks() -> int:
+    """Blocks that fill the current device (BLOCKS_PER_SM per multiprocessor)."""
+    if SIMULATOR:
+        return _SIM_MAX_BLOCKS
+    dev = cuda.get_current_device()
+    key = dev.id
+    if key not in _max_blocks_cache:
+        _max_blocks_cache[key] = int(dev.MULTIPROCESSOR_COUNT) * BLOCKS_PER_SM
+    return _max_blocks_cache[key]
+
+
+def blocks_for(n: int) -> int:
+    return max(1, min((n + THREADS - 1) // THREADS, max_blocks()))
+
+
+# -- device arrays -----------------------------------------------------------------------
+
+def is_device_array(a) -> bool:
+    """Whether ``a`` is a device array this backend takes (not a host ndarray)."""
+    if isinstance(a, np.ndarray):
+        return False
+    if hasattr(type(a), "__cuda_array_interface__") or hasattr(a, "__cuda_array_interface__"):
+        return True
+    if SIMULATOR:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+        return isinstance(a, FakeCUDAArray)
+    return False
+
+
+def as_device(name, a):
+    """``a`` as a numba device array (zero copy), or a clear TypeError."""
+    if isinstance(a, np.ndarray):
+        raise TypeError(f"{name} is a host NumPy array; backend='cuda' steps device arrays "
+                        "where they live (numba.cuda.to_device(a), a CuPy array or a torch "
+                        "CUDA tensor), it never copies host data implicitly")
+    if not is_device_array(a):
+        raise TypeError(f"{name} must be a device array (anything exposing "
+                        f"__cuda_array_interface__), got {type(a).__name__}")
+    if SIMULATOR:
+        return a
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    return a if isinstance(a, DeviceNDArray) else cuda.as_cuda_array(a)
+
+
+def _pointer(a) -> int:
+    if SIMULATOR:
+        return a._ary.__array_interface__["data"][0]
+    return a.__cuda_array_interface__["data"][0]
+
+
+def device_of(a) -> int:
+    """The ordinal of the GPU holding ``a`` (0 under the simulator)."""
+    if SIMULATOR:
+        return 0
+    try:
+        from cuda.bindings import driver as drv
+        err, ordinal = drv.cuPointerGetAttribute(
+            drv.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, _pointer(a))
+        if int(err) == 0:
+            return int(ordinal)
+    except Exception:   # pragma: no cover - bindings missing: trust the current device
+        pass
+    return cuda.get_current_device().id
+
+
+def _contiguous(a) -> bool:
+    if SIMULATOR:
+        return bool(a._ary.flags.c_contiguous)
+    return bool(a.is_c_contiguous())
+
+
+def check_array(name, a, *, dtypes=STORAGE_DTYPES):
+    """Convert and check one device array; returns the numba device array."""
+    d = as_device(name, a)
+    if np.dtype(d.dtype) not in dtypes:
+        raise TypeError(f"{name} must be one of {[str(t) for t in dtypes]} on the device "
+                        f"(uint16 holds bfloat16 bits), got {d.dtype}")
+    if not _contiguous(d):
+        raise ValueError(f"{name} must be C-contiguous")
+    return d
+
+
+def check_devices(named) -> None:
+    """Every array on the current device; raises ValueError naming the odd one."""
+    if SIMULATOR or not named:
+        return
+    here = cuda.get_current_device().id
+    for label, a in named:
+        dev = device_of(a)
+        if dev != here:
+            raise ValueError(f"{label} is on GPU {dev} but the step runs on GPU {here} "
+                             "(mixed devices); move it or select that device first")
+
+
+def check_disjoint(written, read=()) -> None:
+    """No written device array overlaps any other argument (by pointer span)."""
+    spans = []
+    for is_w, items in ((True, written), (False, read)):
+        for label, a in items:
+            nbytes = a.size * np.dtype(a.dtype).itemsize
+            if nbytes:
+                lo = _pointer(a)
+                spans.append((lo, lo + nbytes, is_w, label))
+    spans.sort(key=lambda s: s[0])
+    far_any = far_w = None
+    for span in spans:
+        lo, hi, is_w, label = span
+        for prev in (far_w, far_any if is_w else None):
+            if prev is not None and lo < prev[1]:
+                raise ValueError(f"{label} overlaps {prev[3]} in device memory; arrays the "
+                                 "step writes must not alias any other argument")
+        if far_any is None or hi > far_any[1]:
+            far_any = span
+        if is_w and (far_w is None or hi > far_w[1]):
+            far_w = span
+
+
+def flat(a):
+    """1-D view of a C-contiguous device array."""
+    return a if a.ndim == 1 else a.reshape(a.size)
+
+
+def zeros(n, dtype):
+    """A zeroed 1-D device array (state buffers, allocated once)."""
+    return cuda.to_device(np.zeros(n, dtype))
+
+
+def compute_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    return _F32 if dtype in (_F16, _BF16_BITS) else dtype
+
+
+def is_low_precision(dtype) -> bool:
+    return np.dtype(dtype) in (_F16, _BF16_BITS)
+
+
+def to_master(a):
+    """float32 device copy of 16-bit device params (the master weights)."""
+    m = cuda.device_array(a.size, np.float32)
+    widen(a, m)
+    return m
+
+
+# -- per-step control block ----------------------------------------------------------------
+
+_unit: dict = {}
+
+
+def _unit_control(dtype):
+    """A constant control block: factor 1, no skip (steps without norm)."""
+    key = (np.dtype(dtype).str, None if SIMULATOR else cuda.get_current_device().id)
+    if key not in _unit:
+        _unit[key] = cuda.to_device(np.array([1.0, 0.0], dtype))
+    return _unit[key]
+
+
+class StepControl:
+    """Device-resident result of the global-norm pass of one step.
+
+    ``ctrl64 = [sumsq, norm, factor, skip]`` and its float32 twin
+    ``[factor, skip]`` stay on the device; the update kernels read them.
+    ``norm()`` and ``skipped()`` copy 8 bytes back, which waits for the step:
+    call them only when the value is needed.
+    """
+
+    def __init__(self, ctrl64, ctrl32):
+        self.ctrl64, self.ctrl32 = ctrl64, ctrl32
+        self._host = None
+
+    def for_dtype(self, dtype):
+        return self.ctrl32 if np.dtype(dtype) == _F32 else self.ctrl64[2:4]
+
+    def _read(self):
+        if self._host is None:
+            self._host = self.ctrl64.copy_to_host()
+        return self._host
+
+    def norm(self) -> float:
+        return float(self._read()[1])
+
+    def skipped(self) -> bool:
+        return bool(self._read()[3] != 0.0)
+
+
+class DeviceNorm:
+    """A global norm that is still on the device: ``float(x)`` fetches it
+    (and waits for the step that computed it); nothing syncs before."""
+
+    __slots__ = ("_ctrl",)
+
+    def __init__(self, ctrl: StepControl):
+        self._ctrl = ctrl
+
+    def __float__(self):
+        return self._ctrl.norm()
+
+    def __repr__(self):
+        return f"DeviceNorm({float(self)!r})"
+
+    def __format__(self, spec):
+        return format(float(self), spec)
+
+    def _cmp(self, other, op):
+        return op(float(self), float(other))
+
+    def __eq__(self, other):
+        return self._cmp(other, float.__eq__)
+
+    def __lt__(self, other):
+        return self._cmp(other, float.__lt__)
+
+    def __gt__(self, other):
+        return self._cmp(other, float.__gt__)
+
+    def __hash__(self):
+        return hash(float(self))
+
+
+def norm_control(flats, *, max_norm=0.0, inv_scale=1.0, check=False) -> StepControl:
+    """Launch the two-stage global-norm reduction over 1-D device arrays and
+    decide clip coefficient and skip on the device. Does not synchronise."""
+    nblocks = [blocks_for(x.size) for x in flats]
+    total = max(1, sum(nblocks))
+    partial = cuda.device_array(total, np.float64)
+    bad = cuda.device_array(total, np.int32)
+    off = 0
+    for x, nb in zip(flats, nblocks):
+        _sumsq_partial_kernel[nb, THREADS](x, partial, bad, off)
+        off += nb
+    ctrl64 = cuda.device_array(4, np.float64)
+    ctrl32 = cuda.device_array(2, np.float32)
+    _finalize_kernel[1, 1](partial, bad, off, ctrl64, ctrl32, float(max_norm),
+                           float(inv_scale), bool(check))
+    return StepControl(ctrl64, ctrl32)
+
+
+# -- the backend interface --------------------------------------------------------------
+
+def _cast(t, values):
+    return tuple(x if isinstance(x, bool) else t(x) for x in values)
+
+
+def _fc(p, ctrl):
+    return _unit_control(p.dtype) if ctrl is None else ctrl.for_dtype(p.dtype)
+
+
+def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None, ctrl=None) -> None:
+    """One Adam/AdamW step on device arrays (see reference.adam_update)."""
+    n = p.size
+    if n == 0:
+        return
+    sc = _cast(np.dtype(p.dtype).type, s)
+    amsgrad = vmax is not None
+    mixed = out is not None
+    _adam_kernel[blocks_for(n), THREADS](
+        p, g, m, v, vmax if amsgrad else v, out if mixed else p, _fc(p, ctrl),
+        *sc, amsgrad, mixed)
+
+
+def sgd_update(p, g, buf, s: SGDScalars, out=None, ctrl=None) -> None:
+    """One SGD step on device arrays (see reference.sgd_update)."""
+    n = p.size
+    if n == 0:
+        return
+    t = np.dtype(p.dtype).type
+    has_buf = buf is not None
+    mixed = out is not None
+    _sgd_kernel[blocks_for(n), THREADS](
+        p, g, buf if has_buf else p, out if mixed else p, _fc(p, ctrl),
+        t(s.lr), t(s.l2), t(s.grad_scale), t(s.buf_decay), t(s.grad_coef), t(s.momentum),
+        s.use_l2, has_buf, s.nesterov, mixed)
+
+
+def sumsq(x) -> float:
+    """Sum of squares in float64 (waits for the result)."""
+    return float(norm_control([x]).ctrl64.copy_to_host()[0])
+
+
+def scale(x, c: float, ctrl=None) -> None:
+    """``x *= c`` (times the control block's factor, unless it says skip)."""
+    if x.size:
+        _scale_kernel[blocks_for(x.size), THREADS](x, _fc(x, ctrl), np.dtype(x.dtype).type(c))
+
+
+def widen(src, dst) -> None:
+    """16-bit device ``src`` -> float32 device ``dst``."""
+    if dst.size:
+        _convert_kernel[blocks_for(dst.size), THREADS](src, dst)
+
+
+def narrow(src, dst) -> None:
+    """float32 device ``src`` -> 16-bit device ``dst`` (round to nearest even)."""
+    if dst.size:
+        _convert_kernel[blocks_for(dst.size), THREADS](src, dst)
+
+
+def synchronize() -> None:
+    cuda.synchronize()
+
+
+def set_num_threads(n: int) -> None:   # the CPU thread count does not apply
+    pass
+
+
+def get_num_threads() -> int:
+    return 1
+
+
+def to_device(a):
+    """Host array -> new device array (checkpoint loading)."""
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+#: dtypes the functional API takes on the device (no master copy there)
+FLOAT_DTYPES = (_F32, _F64)

@@ -1,0 +1,276 @@
+"""The ``cuda`` backend against the reference backend, on device arrays.
+
+Runs under the CUDA simulator in CI (via tests/test_cuda_sim.py) and for
+real wherever a GPU is usable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import N, close, dev, host
+
+import fastopt
+from fastopt.backends import numba_cuda as C
+from fastopt.backends import reference as R
+from fastopt.backends.scalars import adam_scalars, sgd_scalars
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
+def _normal(rng, n, dtype, scale=1.0):
+    return (rng.standard_normal(n) * scale).astype(dtype)
+
+
+# -- kernels vs the reference ------------------------------------------------------------
+
+ADAM_CASES = [  # dtype, amsgrad, maximize, decoupled, weight_decay
+    (F32, False, False, True, 0.01),
+    (F32, True, True, False, 0.1),
+    (F32, False, False, False, 0.0),
+    (F64, True, False, True, 0.01),
+    (F64, False, True, False, 0.1),
+]
+
+
+@pytest.mark.parametrize("dtype,amsgrad,maximize,decoupled,wd", ADAM_CASES)
+def test_adam_kernel_matches_reference(rng, dtype, amsgrad, maximize, decoupled, wd):
+    p = _normal(rng, N, dtype)
+    m, v = np.zeros(N, dtype), np.zeros(N, dtype)
+    vmax = np.zeros(N, dtype) if amsgrad else None
+    dp, dm, dv = dev(p), dev(m), dev(v)
+    dvmax = dev(vmax) if amsgrad else None
+    for step in (1, 2):
+        g = _normal(rng, N, dtype)
+        s = adam_scalars(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=wd,
+                         decoupled=decoupled, step=step, grad_scale=0.5, maximize=maximize)
+        C.adam_update(dp, dev(g), dm, dv, dvmax, s)
+        R.adam_update(p, g, m, v, vmax, s)
+    close(host(dp), p, "p")
+    close(host(dm), m, "m")
+    close(host(dv), v, "v")
+    if amsgrad:
+        close(host(dvmax), vmax, "vmax")
+
+
+SGD_CASES = [  # dtype, momentum, dampening, nesterov, weight_decay, maximize
+    (F32, 0.0, 0.0, False, 0.0, False),
+    (F32, 0.9, 0.1, False, 0.01, True),
+    (F32, 0.9, 0.0, True, 0.01, False),
+    (F64, 0.9, 0.0, True, 0.0, True),
+]
+
+
+@pytest.mark.parametrize("dtype,momentum,dampening,nesterov,wd,maximize", SGD_CASES)
+def test_sgd_kernel_matches_reference(rng, dtype, momentum, dampening, nesterov, wd,
+                                      maximize):
+    p = _normal(rng, N, dtype)
+    buf = np.zeros(N, dtype) if momentum else None
+    dp = dev(p)
+    dbuf = dev(buf) if momentum else None
+    for step in (1, 2, 3):
+        g = _normal(rng, N, dtype)
+        s = sgd_scalars(lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                        weight_decay=wd, first_step=step == 1, maximize=maximize)
+        C.sgd_update(dp, dev(g), dbuf, s)
+        R.sgd_update(p, g, buf, s)
+    close(host(dp), p, "p")
+    if momentum:
+        close(host(dbuf), buf, "buf")
+
+
+# -- the global norm ---------------------------------------------------------------------------
+
+def test_norm_two_stage_matches_reference_and_is_deterministic(rng):
+    xs = [_normal(rng, n, F32, 3.0) for n in (N, 5, 1, C.THREADS + 1)]
+    ds = [dev(x) for x in xs]
+    expect = sum(R.sumsq(x) for x in xs)
+    ctrl = C.norm_control(ds)
+    got = ctrl.ctrl64.copy_to_host()[0]
+    np.testing.assert_allclose(got, expect, rtol=1e-12)
+    again = C.norm_control(ds).ctrl64.copy_to_host()[0]
+    assert got == again                        # same launch, same bits
+    assert fastopt.global_norm(ds) == pytest.approx(np.sqrt(expect), rel=1e-12)
+    assert C.sumsq(ds[0]) == pytest.approx(R.sumsq(xs[0]), rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_norm_sees_nonfinite(rng, bad):
+    x = _normal(rng, N, F32)
+    x[N // 3] = bad
+    ctrl = C.norm_control([dev(x)], check=True)
+    assert ctrl.skipped()
+    assert np.isnan(ctrl.norm()) if bad != bad else ctrl.norm() == np.inf
+
+
+def test_clip_by_global_norm_on_device(rng):
+    gs = [_normal(rng, n, F32, 2.0) for n in (N, 17)]
+    ds = [dev(g) for g in gs]
+    norm = fastopt.clip_by_global_norm(ds, 1.0)
+    expect = fastopt.clip_by_global_norm(gs, 1.0, backend="numpy")
+    assert float(norm) == pytest.approx(expect, rel=1e-12)
+    for d, g in zip(ds, gs):
+        close(host(d), g)
+
+
+# -- optimizers on device arrays --------------------------------------------------------------
+
+def _pair(rng, cls, dtype=F32, sizes=(N, 33), **kw):
+    hp = [_normal(rng, n, dtype) for n in sizes]
+    dp = [dev(p) for p in hp]
+    return hp, dp, cls(hp, backend="numpy", **kw), cls(dp, **kw)
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (fastopt.AdamW, dict(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, amsgrad=True)),
+    (fastopt.Adam, dict(lr=1e-2, weight_decay=0.01, maximize=True)),
+    (fastopt.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, max_grad_norm=0.5)),
+])
+def test_optimizer_matches_reference(rng, cls, kw):
+    hp, dp, ref, gpu = _pair(rng, cls, **kw)
+    assert gpu.backend == "cuda"               # "auto" + device arrays
+    for _ in range(3):
+        g = [_normal(rng, p.size, p.dtype, 3.0) for p in hp]
+        n_ref = ref.step(g)
+        n_gpu = gpu.step([dev(x) for x in g])
+        if n_ref is not None:
+            assert float(n_gpu) == pytest.approx(n_ref, rel=1e-12)
+    for a, b in zip(dp, hp):
+        close(host(a), b)
+    assert gpu.state[0]["step"] == 3
+
+
+def test_one_launch_for_a_flat_buffer(rng, monkeypatch):
+    """Many tensors packed in one device buffer: one update launch a step."""
+    launches = []
+    real = C._adam_kernel
+
+    class Counting:
+        def __getitem__(self, cfg):
+            launches.append(cfg)
+            return real[cfg]
+    monkeypatch.setattr(C, "_adam_kernel", Counting())
+    shapes = [(3, 4), (5,), (7, 2)] * 20
+    flat = fastopt.pack([np.ones(s, np.float32) for s in shapes])
+    opt = fastopt.AdamW(dev(flat.data), lr=1e-3)
+    opt.step(dev(np.full(flat.data.size, 0.5, np.float32)))
+    assert len(launches) == 1
+
+
+def test_nonfinite_step_writes_nothing(rng):
+    hp, dp, ref, gpu = _pair(rng, fastopt.SGD, lr=0.1, momentum=0.9, dampening=0.5,
+                             skip_nonfinite=True, max_grad_norm=1.0)
+    g = [_normal(rng, p.size, F32) for p in hp]
+    g[1][3] = np.nan
+    before = [host(d) for d in dp]
+    norm = gpu.step([dev(x) for x in g])
+    assert np.isnan(float(norm))
+    assert gpu.skipped_steps == 1 and gpu.state[0]["step"] == 0
+    for a, b in zip(dp, before):
+        np.testing.assert_array_equal(host(a), b)
+    # the first applied step is still torch's first momentum step (buf = g)
+    g = [_normal(rng, p.size, F32) for p in hp]
+    ref.step(g)
+    gpu.step([dev(x) for x in g])
+    for a, b in zip(dp, hp):
+        close(host(a), b)
+
+
+@pytest.mark.parametrize("low", ["bfloat16", "float16"])
+def test_mixed_precision_with_loss_scaler(rng, low):
+    """16-bit params and grads on the device (bfloat16 as uint16 bits), a
+    float32 master, loss scaling folded into the step, overflow skipped."""
+    lowdt = BF16 if low == "bfloat16" else np.dtype(np.float16)
+    view = np.uint16 if low == "bfloat16" else np.float16
+    p16 = _normal(rng, N, lowdt)
+    dp16 = dev(p16.view(view))
+    ref = fastopt.AdamW([p16], lr=1e-2, backend="numpy", max_grad_norm=1.0,
+                        loss_scaler=fastopt.LossScaler(init_scale=1024.0))
+    gpu = fastopt.AdamW([dp16], lr=1e-2, backend="cuda", max_grad_norm=1.0,
+                        loss_scaler=fastopt.LossScaler(init_scale=1024.0))
+    for k in range(3):
+        g = (rng.standard_normal(N) * 1024.0).astype(lowdt)
+        if k == 1:
+            g[5] = np.inf
+        ref.step([g])
+        gpu.step([dev(g.view(view))])
+    assert gpu.skipped_steps == ref.skipped_steps == 1
+    assert gpu.loss_scaler.scale == ref.loss_scaler.scale
+    master = host(gpu.state[0]["runs"][0]["master"])
+    close(master, ref.state[0]["runs"][0]["master"], "master")
+    # the 16-bit params are exactly the rounded device master
+    np.testing.assert_array_equal(host(dp16), master.astype(lowdt).view(view))
+
+
+def test_state_dict_roundtrip_on_device(rng):
+    hp, dp, _, gpu = _pair(rng, fastopt.AdamW, lr=1e-2)
+    g = [dev(_normal(rng, p.size, F32)) for p in hp]
+    gpu.step(g)
+    sd = gpu.state_dict()
+    assert isinstance(sd["state"][0]["buffers"]["exp_avg"], np.ndarray)
+    twin_p = [dev(host(d)) for d in dp]
+    twin = fastopt.AdamW(twin_p, lr=1e-2)
+    twin.load_state_dict(sd)
+    gpu.step(g)
+    twin.step(g)
+    for a, b in zip(dp, twin_p):
+        np.testing.assert_array_equal(host(a), host(b))
+
+
+def test_functional_on_device(rng):
+    p = _normal(rng, N, F32)
+    g = _normal(rng, N, F32)
+    m, v = np.zeros(N, F32), np.zeros(N, F32)
+    dp, dm, dv = dev(p), dev(m), dev(v)
+    fastopt.functional.adamw(dp, dev(g), dm, dv, step=1, lr=1e-2)
+    fastopt.functional.adamw(p, g, m, v, step=1, lr=1e-2, backend="numpy")
+    close(host(dp), p)
+    buf = np.zeros(N, F32)
+    dbuf = dev(buf)
+    fastopt.functional.sgd(dp, dev(g), dbuf, lr=0.1, momentum=0.9, first_step=True)
+    fastopt.functional.sgd(p, g, buf, lr=0.1, momentum=0.9, first_step=True,
+                           backend="numpy")
+    close(host(dp), p)
+
+
+# -- bad input: a clear error, nothing written ----------------------------------------------
+
+def test_host_array_is_refused():
+    with pytest.raises(TypeError, match="host NumPy array"):
+        fastopt.AdamW([np.ones(4, np.float32)], backend="cuda")
+    opt = fastopt.AdamW([dev(np.ones(4, np.float32))])
+    with pytest.raises(TypeError, match=r"grads\[0\] is a host NumPy array"):
+        opt.step([np.ones(4, np.float32)])
+    # and "auto" never takes cuda for host arrays
+    assert fastopt.AdamW([np.ones(4, np.float32)]).backend != "cuda"
+
+
+def test_bad_grads_write_nothing(rng):
+    hp, dp, _, gpu = _pair(rng, fastopt.Adam, lr=1e-2, max_grad_norm=1.0)
+    before = [host(d) for d in dp]
+    good = [dev(_normal(rng, p.size, F32)) for p in hp]
+    with pytest.raises(ValueError, match="has shape"):
+        gpu.step([good[0], dev(np.ones(5, F32))])
+    with pytest.raises(TypeError, match="dtype"):
+        gpu.step([good[0], dev(np.ones(hp[1].size, F64))])
+    with pytest.raises(ValueError, match="has 1 arrays"):
+        gpu.step([good[0]])
+    with pytest.raises(ValueError, match="overlaps"):
+        gpu.step([dp[0], good[1]])       # grads aliasing the params
+    with pytest.raises(ValueError, match="overlaps"):
+        fastopt.AdamW([dp[0], dp[0]])
+    for a, b in zip(dp, before):
+        np.testing.assert_array_equal(host(a), b)
+    assert gpu.state[0]["step"] == 0 and gpu.state[0]["runs"][0] == {}
+
+
+def test_mixed_devices_are_refused(monkeypatch, rng):
+    """A second GPU cannot be simulated: pretend one array lives there."""
+    monkeypatch.setattr(C, "SIMULATOR", False)
+    monkeypatch.setattr(C, "device_of", lambda a: 1 if a.size == 7 else 0)
+    monkeypatch.setattr(C.cuda, "get_current_device",
+                        lambda: type("D", (), {"id": 0})())
+    with pytest.raises(ValueError, match="mixed devices"):
+        C.check_devices([("params[0]", dev(np.ones(3))), ("grads[0]", dev(np.ones(7)))])

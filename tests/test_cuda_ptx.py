@@ -1,0 +1,123 @@
+"""Compile every CUDA kernel to PTX for sm_80 and sm_90 and read the code.
+
+``numba.cuda.compile_ptx`` needs no GPU (numba-cuda's cu13 extra brings
+NVVM). The float32 kernels must contain no double-precision instruction at
+all (a stray Python float literal would promote the math to float64 and
+halve the throughput); the float64 accumulation of the global norm is
+allowed only in its two reduction kernels. Division and sqrt must be the
+IEEE ``.rn`` forms (no fastmath), and the reduction must not use warp
+shuffles (the CUDA simulator has none).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import types
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None,
+                                reason="numba-cuda not installed (pip install 'fastopt[cuda]')")
+
+CCS = [(8, 0), (9, 0)]
+#: float32 math with each storage: float32, float16, bfloat16 bits (uint16)
+F32_VARIANTS = [("float32", None), ("float32", "float16"), ("float32", "uint16")]
+
+
+@pytest.fixture(scope="module")
+def K():
+    # compile_ptx compiles the kernel for the cc it is given, but numba-cuda
+    # (0.30) compiles each *device function* a kernel calls (here the
+    # @overload'ed 16-bit conversions) for the current device's cc, which
+    # needs a GPU context. Without a GPU, tell it a device exists; the cc
+    # only selects NVVM's target for that device function's IR.
+    import numba.cuda.dispatcher as dispatcher
+    from numba import cuda
+    real = dispatcher.get_current_device
+    if not cuda.is_available():
+        dispatcher.get_current_device = lambda: types.SimpleNamespace(
+            compute_capability=(8, 0))
+    try:
+        from fastopt.backends import _cuda_kernels
+        yield _cuda_kernels
+    finally:
+        dispatcher.get_current_device = real
+
+
+_PTX: dict = {}
+
+
+def ptx_of(K, name, dtype, storage, cc):
+    from numba import cuda
+    key = (name, dtype, storage, cc)
+    if key not in _PTX:
+        kernel, _ = K.KERNELS[name]
+        sig = K.ptx_signatures(dtype, storage)[name]
+        _PTX[key], _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
+    return _PTX[key]
+
+
+def instructions(ptx):
+    """PTX instruction lines (no directives, labels or comments)."""
+    out = []
+    for line in ptx.splitlines():
+        s = line.strip()
+        if not s or s.startswith(("//", ".", "{", "}", "$")):
+            continue
+        if s.startswith("@"):           # predicated: keep the instruction part
+            s = s.split(None, 1)[1]
+        out.append(s)
+    return out
+
+
+def f64_ops(ptx):
+    """Opcodes that touch double precision (any ``.f64`` type suffix)."""
+    return sorted({s.split()[0] for s in instructions(ptx) if ".f64" in s.split()[0]})
+
+
+def test_checker_catches_a_promoted_kernel():
+    """Positive control: a float literal in float32 code is float64 math."""
+    from numba import cuda
+
+    def promoted(x):
+        i = cuda.grid(1)
+        if i < x.size:
+            x[i] = x[i] * 0.1
+    ptx, _ = cuda.compile_ptx(promoted, "(float32[::1],)", cc=(8, 0))
+    assert "mul.f64" in f64_ops(ptx) or "mul.rn.f64" in f64_ops(ptx), f64_ops(ptx)
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda c: f"sm_{c[0]}{c[1]}")
+@pytest.mark.parametrize("dtype,storage", F32_VARIANTS, ids=["f32", "f16", "bf16"])
+def test_float32_kernels_have_no_double_precision(K, dtype, storage, cc):
+    for name, (_, kind) in K.KERNELS.items():
+        ptx = ptx_of(K, name, dtype, storage, cc)
+        assert f".target sm_{cc[0]}{cc[1]}" in ptx
+        ops = f64_ops(ptx)
+        if kind == "elementwise":
+            assert not ops, f"{name} ({storage or dtype} storage) uses float64: {ops}"
+        else:   # the norm: float64 accumulation on purpose, IEEE rounding
+            assert any(o.startswith(("add.f64", "add.rn.f64", "fma.rn.f64")) for o in ops), ops
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda c: f"sm_{c[0]}{c[1]}")
+def test_ieee_division_and_sqrt_no_fastmath(K, cc):
+    ptx = ptx_of(K, "adam", "float32", None, cc)
+    ops = {s.split()[0] for s in instructions(ptx)}
+    assert "sqrt.rn.f32" in ops and "div.rn.f32" in ops, sorted(ops)
+    assert not any(".approx" in o or ".ftz" in o for o in ops), sorted(ops)
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda c: f"sm_{c[0]}{c[1]}")
+def test_reduction_uses_shared_memory_not_warp_shuffles(K, cc):
+    for storage in (None, "float16", "uint16"):
+        ptx = ptx_of(K, "sumsq_partial", "float32", storage, cc)
+        assert ".shared" in ptx and "bar.sync" in ptx
+        assert not re.search(r"\bshfl\.", ptx) and "vote." not in ptx
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda c: f"sm_{c[0]}{c[1]}")
+def test_float64_kernels_compile(K, cc):
+    for name in K.KERNELS:
+        assert ".entry" in ptx_of(K, name, "float64", None, cc)
