@@ -1,0 +1,369 @@
+"""One prepared GPU check for the ``cuda`` backend: tests + measurements.
+
+Run on a machine with an NVIDIA GPU, numba-cuda (``pip install
+'fastopt[cuda]'``) and, for the baselines, torch with CUDA::
+
+    python benchmarks/gpu_check.py                 # ~2-4 minutes on an H100/H200
+    python benchmarks/gpu_check.py --skip-tests    # measurements only
+    python benchmarks/gpu_check.py --quick         # fewer repetitions
+
+It installs nothing and needs no network. In one process, on one card:
+
+1. runs the CUDA tests for real (``tests/cuda_sim``, ``tests/test_cuda_ptx.py``)
+   in a subprocess and records the outcome;
+2. measures the device-to-device copy bandwidth (``cuMemcpyDtoD`` of as many
+   bytes as one AdamW step at 64M elements moves): the roofline;
+3. fastopt AdamW float32 at 64M elements, achieved GB/s for its 28
+   bytes/element, and the fraction of the copy roofline (target >= 0.80);
+4. torch ``AdamW(fused=True)`` on the same tensors, if torch with CUDA is
+   importable (target: fastopt >= 1.0x torch);
+5. 1000 tensors x 1000 elements: fastopt stepping one packed device buffer
+   (one launch) vs torch fused over 1000 tensors (target >= 5x);
+6. bfloat16 params and grads with a float32 master (fastopt; torch fused
+   AdamW on bfloat16 params, no master, as the nearest torch row).
+
+Times are wall clock around ``reps`` steps between two synchronisations,
+best of several trials (so host-side overhead per step is included, as a
+user sees it). Results go to ``benchmarks/results/gpu.json`` (card, driver,
+versions, date, every number, which targets were met) and a summary is
+printed. Without a GPU it exits with status 2 and a clear message, writing
+nothing. Every measurement is guarded: one that fails is recorded with its
+error and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu.json"
+ADAMW_BYTES = 28            # float32 AdamW: read p, g, m, v; write p, m, v
+BIG = 1 << 26               # 64M elements
+MANY, EACH = 1000, 1000     # the many-small-tensors case
+TARGETS = {"adamw_fp32_64M_roofline_fraction": 0.80,
+           "adamw_fp32_64M_vs_torch_fused": 1.0,
+           "many_1000x1000_vs_torch_fused": 5.0}
+
+
+class NoGPU(RuntimeError):
+    pass
+
+
+def _import_fastopt():
+    sys.path.insert(0, str(ROOT))
+    import fastopt
+    return fastopt
+
+
+def require_gpu(simulate=False):
+    """numba.cuda with a usable GPU, or NoGPU saying what is missing."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") and not simulate:
+        raise NoGPU("NUMBA_ENABLE_CUDASIM is set: this check measures real hardware; "
+                    "unset it")
+    try:
+        from numba import cuda
+    except ImportError as exc:
+        raise NoGPU(f"numba.cuda is not importable ({exc}); pip install 'fastopt[cuda]'")
+    try:
+        import numba_cuda  # noqa: F401  (the maintained CUDA target)
+    except ImportError:
+        raise NoGPU("numba-cuda is not installed; pip install 'fastopt[cuda]'") from None
+    if not cuda.is_available():
+        raise NoGPU("no usable CUDA GPU here (numba.cuda.is_available() is False)")
+    fastopt = _import_fastopt()
+    if "cuda" not in fastopt.available_backends():
+        info = fastopt.backend_info()["cuda"]
+        raise NoGPU(f"fastopt's cuda backend is unavailable: {info.get('reason')}")
+    return cuda, fastopt
+
+
+def torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return None, "torch not installed"
+    if not torch.cuda.is_available():
+        return None, f"torch {torch.__version__} has no CUDA here"
+    return torch, None
+
+
+def card_info(cuda):
+    dev = cuda.get_current_device()
+    name = getattr(dev, "name", "CUDA simulator")
+    info = {"name": name.decode() if isinstance(name, bytes) else str(name),
+            "compute_capability": ".".join(map(str, getattr(dev, "compute_capability", ()))),
+            "multiprocessors": int(getattr(dev, "MULTIPROCESSOR_COUNT", 0))}
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            drv, mem = [s.strip() for s in out.stdout.strip().splitlines()[0].split(",")]
+            info["driver"], info["memory"] = drv, mem
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from numba.cuda.cudadrv import driver
+        info.setdefault("driver_cuda_version", ".".join(map(str, driver.driver.get_version())))
+    except Exception:   # noqa: BLE001 - informational only
+        pass
+    return info
+
+
+def versions():
+    out = {"python": platform.python_version()}
+    for mod in ("numpy", "numba", "numba_cuda", "torch"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:   # noqa: BLE001
+            out[mod] = None
+    try:
+        out["fastopt_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+            timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["fastopt_commit"] = None
+    return out
+
+
+def best_time(step, sync, reps, trials, warmup=2):
+    """Best wall-clock seconds per ``step()`` over ``trials`` runs of ``reps``."""
+    for _ in range(warmup):
+        step()
+    sync()
+    best = float("inf")
+    for _ in range(trials):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def run_tests(timeout):
+    """The CUDA tests, for real, in a subprocess (simulator off)."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           "tests/cuda_sim", "tests/test_cuda_ptx.py"]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "summary": f"timed out after {timeout} s", "seconds": timeout}
+    lines = [ln for ln in (proc.stdout + proc.stderr).strip().splitlines() if ln.strip()]
+    return {"ok": proc.returncode == 0, "returncode": proc.returncode,
+            "summary": lines[-1] if lines else "", "seconds": round(time.perf_counter() - t0, 1),
+            "tail": "\n".join(lines[-30:]) if proc.returncode else None}
+
+
+def measure(results, key, fn):
+    """Run one measurement; record its numbers or its error."""
+    t0 = time.perf_counter()
+    try:
+        results[key] = fn()
+    except Exception as exc:   # noqa: BLE001 - keep the other measurements
+        results[key] = {"error": f"{type(exc).__name__}: {exc}"}
+    results[key]["wall_s"] = round(time.perf_counter() - t0, 2)
+    print(f"  {key}: {json.dumps({k: v for k, v in results[key].items() if k != 'wall_s'})}",
+          flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON path")
+    ap.add_argument("--skip-tests", action="store_true", help="measurements only")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--test-timeout", type=int, default=180)
+    # a dry run of this script's own code under the CUDA simulator, with tiny
+    # sizes (tests/test_cuda_gpu_check.py); its numbers mean nothing
+    ap.add_argument("--simulate", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    global BIG, MANY, EACH
+    if args.simulate:
+        if not os.environ.get("NUMBA_ENABLE_CUDASIM"):
+            ap.error("--simulate needs NUMBA_ENABLE_CUDASIM=1 in the environment")
+        BIG, MANY, EACH = 1 << 10, 4, 100
+        args.skip_tests, args.quick = True, True
+
+    try:
+        cuda, fastopt = require_gpu(simulate=args.simulate)
+    except NoGPU as exc:
+        print(f"gpu_check: no GPU run possible: {exc}", file=sys.stderr)
+        return 2
+
+    import numpy as np
+
+    from fastopt.backends import numba_cuda as C
+
+    torch, torch_why = torch_cuda()
+    trials, reps = (3, 10) if args.quick else (5, 30)
+    if args.simulate:
+        trials, reps = 1, 1
+    sync = cuda.synchronize
+    tsync = torch.cuda.synchronize if torch is not None else None
+    t_start = time.perf_counter()
+    report = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "card": card_info(cuda), "versions": versions(),
+              "torch_cuda": torch is not None, "torch_note": torch_why,
+              "simulated": bool(args.simulate),
+              "method": "wall clock over reps steps between synchronisations, best of "
+                        f"{trials} trials of {reps}; GB/s = bytes moved / time",
+              "targets": TARGETS, "results": {}}
+    print(f"gpu_check on {report['card']['name']} (cc {report['card']['compute_capability']}, "
+          f"driver {report['card'].get('driver', '?')})", flush=True)
+
+    if not args.skip_tests:
+        print("running the CUDA tests on the GPU ...", flush=True)
+        report["tests"] = run_tests(args.test_timeout)
+        print(f"  tests: {report['tests']['summary']}", flush=True)
+
+    R = report["results"]
+    rng = np.random.default_rng(0)
+
+    def roofline():
+        n = BIG * ADAMW_BYTES // 8          # float32 elements: read + write = 28 B x 64M
+        src = cuda.device_array(n, np.float32)   # contents do not matter to a copy
+        dst = cuda.device_array_like(src)
+        t = best_time(lambda: dst.copy_to_device(src), sync, reps, trials)
+        moved = 2 * src.nbytes
+        del src, dst
+        return {"bytes_per_copy": moved, "seconds": t, "gbps": moved / t / 1e9}
+
+    measure(R, "d2d_copy_roofline", roofline)
+    roof = R["d2d_copy_roofline"].get("gbps")
+
+    def adamw_fp32():
+        p = cuda.to_device(rng.standard_normal(BIG, dtype=np.float32))
+        g = cuda.to_device(rng.standard_normal(BIG, dtype=np.float32))
+        opt = fastopt.AdamW(p, lr=1e-3, weight_decay=1e-2)
+        t = best_time(lambda: opt.step(g), sync, reps, trials)
+        out = {"elements": BIG, "seconds": t, "gbps": ADAMW_BYTES * BIG / t / 1e9}
+        if roof:
+            out["roofline_fraction"] = out["gbps"] / roof
+        return out
+
+    measure(R, "fastopt_adamw_fp32_64M", adamw_fp32)
+
+    def adamw_fp32_clip():
+        p = cuda.to_device(rng.standard_normal(BIG, dtype=np.float32))
+        g = cuda.to_device(rng.standard_normal(BIG, dtype=np.float32))
+        opt = fastopt.AdamW(p, lr=1e-3, max_grad_norm=1.0)
+        t = best_time(lambda: opt.step(g), sync, reps, trials)
+        moved = (ADAMW_BYTES + 4) * BIG          # + one read pass for the norm
+        return {"elements": BIG, "seconds": t, "gbps": moved / t / 1e9,
+                "roofline_fraction": moved / t / 1e9 / roof if roof else None}
+
+    measure(R, "fastopt_clip_adamw_fp32_64M", adamw_fp32_clip)
+
+    def torch_adamw(n, count, dtype="float32"):
+        dt = getattr(torch, dtype)
+        ps = [torch.randn(n, device="cuda", dtype=dt, requires_grad=True)
+              for _ in range(count)]
+        for q in ps:
+            q.grad = torch.randn_like(q)
+        opt = torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, fused=True)
+        t = best_time(opt.step, tsync, reps, trials)
+        return {"elements": n * count, "tensors": count, "seconds": t,
+                "gbps": ADAMW_BYTES * n * count / t / 1e9}
+
+    if torch is not None:
+        measure(R, "torch_fused_adamw_fp32_64M", lambda: torch_adamw(BIG, 1))
+    else:
+        R["torch_fused_adamw_fp32_64M"] = {"skipped": torch_why}
+
+    def many_fastopt():
+        n = MANY * EACH
+        p = cuda.to_device(rng.standard_normal(n, dtype=np.float32))   # one packed buffer
+        g = cuda.to_device(rng.standard_normal(n, dtype=np.float32))
+        opt = fastopt.AdamW(p, lr=1e-3, weight_decay=1e-2)
+        t = best_time(lambda: opt.step(g), sync, reps * 3, trials)
+        # the kernel alone, without the optimizer's per-step host checks
+        m, v = cuda.to_device(np.zeros(n, np.float32)), cuda.to_device(np.zeros(n, np.float32))
+        from fastopt.backends.scalars import adam_scalars
+        s = adam_scalars(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2,
+                         decoupled=True, step=1)
+        tk = best_time(lambda: C.adam_update(p, g, m, v, None, s), sync, reps * 3, trials)
+        return {"tensors": MANY, "elements": n, "seconds": t, "kernel_call_seconds": tk,
+                "gbps": ADAMW_BYTES * n / t / 1e9}
+
+    measure(R, "fastopt_adamw_1000x1000_packed", many_fastopt)
+    if torch is not None:
+        measure(R, "torch_fused_adamw_1000x1000", lambda: torch_adamw(EACH, MANY))
+    else:
+        R["torch_fused_adamw_1000x1000"] = {"skipped": torch_why}
+
+    def bf16_master():
+        import ml_dtypes
+        p16 = rng.standard_normal(BIG, dtype=np.float32).astype(ml_dtypes.bfloat16)
+        p = cuda.to_device(p16.view(np.uint16))            # bfloat16 bits on the device
+        g = cuda.to_device(p16.view(np.uint16))
+        opt = fastopt.AdamW(p, lr=1e-3, weight_decay=1e-2)  # float32 master inside
+        t = best_time(lambda: opt.step(g), sync, reps, trials)
+        # bytes: p16 write 2, g16 read 2, master rw 8, m rw 8, v rw 8
+        out = {"elements": BIG, "seconds": t, "gbps": ADAMW_BYTES * BIG / t / 1e9}
+        if roof:
+            out["roofline_fraction"] = out["gbps"] / roof
+        return out
+
+    measure(R, "fastopt_adamw_bf16_master_64M", bf16_master)
+    if torch is not None:
+        measure(R, "torch_fused_adamw_bf16_64M_no_master",
+                lambda: torch_adamw(BIG, 1, "bfloat16"))
+
+    # -- targets ---------------------------------------------------------------------
+    def ratio(a, b):
+        ta, tb = R.get(a, {}).get("seconds"), R.get(b, {}).get("seconds")
+        return tb / ta if ta and tb else None
+
+    met = {}
+    frac = R.get("fastopt_adamw_fp32_64M", {}).get("roofline_fraction")
+    met["adamw_fp32_64M_roofline_fraction"] = frac
+    met["adamw_fp32_64M_vs_torch_fused"] = ratio("fastopt_adamw_fp32_64M",
+                                                 "torch_fused_adamw_fp32_64M")
+    met["many_1000x1000_vs_torch_fused"] = ratio("fastopt_adamw_1000x1000_packed",
+                                                 "torch_fused_adamw_1000x1000")
+    report["measured"] = met
+    report["targets_met"] = {k: (None if met[k] is None else bool(met[k] >= TARGETS[k]))
+                             for k in TARGETS}
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(summary(report))
+    print(f"wrote {args.out}")
+    tests_ok = args.skip_tests or report["tests"]["ok"]
+    return 0 if tests_ok else 1
+
+
+def summary(report) -> str:
+    m, t = report["measured"], report["targets_met"]
+    lines = [f"card: {report['card']['name']}  driver: {report['card'].get('driver', '?')}"]
+    if "tests" in report:
+        lines.append(f"tests: {'ok' if report['tests']['ok'] else 'FAILED'} "
+                     f"({report['tests']['summary']})")
+    for k, v in report["results"].items():
+        if "gbps" in v:
+            lines.append(f"{k:40s} {v['seconds'] * 1e3:9.3f} ms  {v['gbps']:8.1f} GB/s")
+        else:
+            lines.append(f"{k:40s} {v.get('error') or v.get('skipped')}")
+    for k, target in TARGETS.items():
+        val = m.get(k)
+        shown = "n/a" if val is None else f"{val:.2f}"
+        verdict = {True: "met", False: "MISSED", None: "unmeasured"}[t.get(k)]
+        lines.append(f"target {k}: {shown} (>= {target}) {verdict}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""benchmarks/gpu_check.py: the parts that run without a GPU.
+
+Without a GPU it must exit 2 with a clear message and write nothing; under
+the CUDA simulator (``--simulate``, tiny sizes) its whole measuring and
+reporting path runs and writes a well-formed results file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastopt
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def _run(args, env_extra=None, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif("cuda" in fastopt.available_backends(), reason="a GPU is usable here")
+def test_without_a_gpu_it_says_so_and_writes_nothing(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = _run(["--out", str(out)])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "gpu_check: no GPU run possible:" in proc.stderr
+    assert not out.exists()
+
+
+def test_refuses_the_simulator_for_real_numbers(tmp_path):
+    proc = _run(["--out", str(tmp_path / "x.json")], {"NUMBA_ENABLE_CUDASIM": "1"})
+    assert proc.returncode == 2 and "NUMBA_ENABLE_CUDASIM" in proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None,
+                    reason="numba-cuda not installed")
+def test_simulated_dry_run_writes_the_results_file(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = _run(["--simulate", "--out", str(out)], {"NUMBA_ENABLE_CUDASIM": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["simulated"] is True
+    assert {"date", "card", "versions", "results", "targets", "measured",
+            "targets_met"} <= set(report)
+    res = report["results"]
+    for key in ("d2d_copy_roofline", "fastopt_adamw_fp32_64M", "fastopt_clip_adamw_fp32_64M",
+                "fastopt_adamw_1000x1000_packed", "fastopt_adamw_bf16_master_64M"):
+        assert "error" not in res[key], res[key]
+        assert res[key]["gbps"] > 0
+    assert set(report["targets_met"]) == set(report["targets"])
+    assert "target adamw_fp32_64M_roofline_fraction" in proc.stdout
