@@ -47,10 +47,11 @@ from __future__ import annotations
 import numpy as np
 
 try:
+    import numba_cuda  # noqa: F401  (the maintained CUDA target that numba.cuda resolves to)
     from numba import config as _config
     from numba import cuda
 except ImportError as exc:  # pragma: no cover - depends on the install
-    raise ImportError(f"numba.cuda is not importable ({exc}); "
+    raise ImportError(f"numba-cuda is not importable ({exc}); "
                       "pip install 'fastopt[cuda]'") from None
 
 from ._cuda_kernels import (THREADS, _adam_kernel, _convert_kernel, _finalize_kernel,
@@ -308,8 +309,7 @@ def norm_control(flats, *, max_norm=0.0, inv_scale=1.0, check=False) -> StepCont
     decide clip coefficient and skip on the device. Does not synchronise."""
     nblocks = [blocks_for(x.size) for x in flats]
     total = max(1, sum(nblocks))
-    partial = cuda.device_array(total, np.float64)
-    bad = cuda.device_array(total, np.int32)
+    partial, bad = _scratch(total)
     off = 0
     for x, nb in zip(flats, nblocks):
         _sumsq_partial_kernel[nb, THREADS](x, partial, bad, off)
@@ -319,6 +319,22 @@ def norm_control(flats, *, max_norm=0.0, inv_scale=1.0, check=False) -> StepCont
     _finalize_kernel[1, 1](partial, bad, off, ctrl64, ctrl32, float(max_norm),
                            float(inv_scale), bool(check))
     return StepControl(ctrl64, ctrl32)
+
+
+_scratch_cache: dict = {}
+
+
+def _scratch(n):
+    """Stage-1 partials and flags, reused from step to step (grown to a power
+    of two when needed). Every launch goes to the default stream, so a later
+    step's stage 1 cannot overtake an earlier step's stage 2."""
+    key = None if SIMULATOR else cuda.get_current_device().id
+    have = _scratch_cache.get(key)
+    if have is None or have[0].size < n:
+        size = 1 << max(6, (n - 1).bit_length())
+        have = (cuda.device_array(size, np.float64), cuda.device_array(size, np.int32))
+        _scratch_cache[key] = have
+    return have
 
 
 # -- the backend interface --------------------------------------------------------------
