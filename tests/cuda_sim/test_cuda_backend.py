@@ -268,9 +268,22 @@ def test_bad_grads_write_nothing(rng):
 
 def test_mixed_devices_are_refused(monkeypatch, rng):
     """A second GPU cannot be simulated: pretend one array lives there."""
-    monkeypatch.setattr(C, "SIMULATOR", False)
+    monkeypatch.setattr(C, "_CHECK_DEVICES", True)
     monkeypatch.setattr(C, "device_of", lambda a: 1 if a.size == 7 else 0)
-    monkeypatch.setattr(C.cuda, "get_current_device",
-                        lambda: type("D", (), {"id": 0})())
+    monkeypatch.setattr(C, "current_device_id", lambda: 0)
     with pytest.raises(ValueError, match="mixed devices"):
         C.check_devices([("params[0]", dev(np.ones(3))), ("grads[0]", dev(np.ones(7)))])
+
+
+def test_optimizer_refuses_grads_on_another_gpu(monkeypatch, rng):
+    hp, dp, _, gpu = _pair(rng, fastopt.SGD, lr=0.1)
+    before = [host(d) for d in dp]
+    grads = [dev(_normal(rng, p.size, F32)) for p in hp]
+    monkeypatch.setattr(C, "_CHECK_DEVICES", True)
+    monkeypatch.setattr(C, "device_of", lambda a: 1 if a.size == 33 else 0)
+    monkeypatch.setattr(C, "current_device_id", lambda: 0)
+    with pytest.raises(ValueError, match=r"grads\[1\] is on GPU 1 .*mixed devices"):
+        gpu.step(grads)
+    monkeypatch.undo()
+    for a, b in zip(dp, before):
+        np.testing.assert_array_equal(host(a), b)
