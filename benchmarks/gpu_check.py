@@ -284,10 +284,13 @@ def main(argv=None):
 
     def many_fastopt():
         n = MANY * EACH
-        p = cuda.to_device(rng.standard_normal(n, dtype=np.float32))   # one packed buffer
-        g = cuda.to_device(rng.standard_normal(n, dtype=np.float32))
-        opt = fastopt.AdamW(p, lr=1e-3, weight_decay=1e-2)
-        t = best_time(lambda: opt.step(g), sync, reps * 3, trials)
+        # 1000 tensors packed in one device buffer (the device twin of fastopt.pack)
+        params = C.pack([rng.standard_normal(EACH, dtype=np.float32) for _ in range(MANY)])
+        grads = params.zeros_like()
+        grads.data.copy_to_device(rng.standard_normal(n, dtype=np.float32))
+        opt = fastopt.AdamW(params, lr=1e-3, weight_decay=1e-2)
+        t = best_time(lambda: opt.step(grads), sync, reps * 3, trials)
+        p, g = params.data, grads.data
         # the kernel alone, without the optimizer's per-step host checks
         m, v = cuda.to_device(np.zeros(n, np.float32)), cuda.to_device(np.zeros(n, np.float32))
         from fastopt.backends.scalars import adam_scalars

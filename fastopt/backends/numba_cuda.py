@@ -424,3 +424,72 @@ def to_device(a):
 
 #: dtypes the functional API takes on the device (no master copy there)
 FLOAT_DTYPES = (_F32, _F64)
+
+
+# -- flat multi-tensor buffers on the device -------------------------------------------------
+
+class DeviceFlatArrays(tuple):
+    """Device views laid end to end in one 1-D device buffer, ``data``: the
+    device twin of :class:`fastopt.FlatArrays`. An optimizer given one as
+    params steps all its views with one launch per step; give it grads as a
+    ``DeviceFlatArrays`` of the same layout (``params.zeros_like()``) too.
+    """
+
+    def __new__(cls, data, shapes):
+        data = check_array("data", data)
+        if data.ndim != 1:
+            raise TypeError("DeviceFlatArrays needs a 1-D device buffer")
+        shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        offsets = [0]
+        for s in shapes:
+            offsets.append(offsets[-1] + int(np.prod(s, dtype=np.int64)))
+        if offsets[-1] != data.size:
+            raise ValueError(f"shapes hold {offsets[-1]} elements but the buffer has "
+                             f"{data.size}")
+        views = [data[a:b].reshape(s) for a, b, s in zip(offsets, offsets[1:], shapes)]
+        self = super().__new__(cls, views)
+        self._data, self._shapes, self._offsets = data, shapes, tuple(offsets)
+        return self
+
+    @property
+    def data(self):
+        return self._data
+
+    @property
+    def shapes(self) -> tuple:
+        return self._shapes
+
+    @property
+    def offsets(self) -> tuple:
+        return self._offsets
+
+    @property
+    def dtype(self):
+        return self._data.dtype
+
+    def zeros_like(self) -> "DeviceFlatArrays":
+        """A zeroed buffer with the same layout (for the gradients)."""
+        return DeviceFlatArrays(zeros(self._data.size, self._data.dtype), self._shapes)
+
+    def copy_to_host(self) -> list:
+        host = self._data.copy_to_host()
+        return [host[a:b].reshape(s) for a, b, s in zip(self._offsets, self._offsets[1:],
+                                                        self._shapes)]
+
+
+def pack(arrays, dtype=None) -> DeviceFlatArrays:
+    """Copy host arrays (or device arrays, via the host) into one new device
+    buffer; use the returned views from then on."""
+    host = [np.asarray(a.copy_to_host() if hasattr(a, "copy_to_host") else a)
+            for a in arrays]
+    if not host:
+        raise ValueError("pack needs at least one array")
+    dt = np.dtype(dtype) if dtype is not None else host[0].dtype
+    buf = np.concatenate([h.astype(dt, copy=False).reshape(-1) for h in host])
+    return DeviceFlatArrays(cuda.to_device(buf), [h.shape for h in host])
+
+
+def flat_zeros(shapes, dtype=np.float32) -> DeviceFlatArrays:
+    """A zeroed device buffer laid out as ``shapes``."""
+    n = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
+    return DeviceFlatArrays(zeros(n, dtype), shapes)

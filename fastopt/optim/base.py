@@ -109,6 +109,7 @@ class Optimizer:
                               V.check_real("max_grad_norm", max_grad_norm, low=0.0,
                                            low_open=True))
         self.param_groups = []
+        self._device_flat = {}     # group index -> DeviceFlatArrays buffer (device only)
         for gi, spec in enumerate(self._group_specs(params)):
             group = {**self.defaults, **{k: v for k, v in spec.items() if k != "params"}}
             unknown = set(group) - set(self.defaults)
@@ -117,6 +118,8 @@ class Optimizer:
             group = self._validated(group, where=f"param_groups[{gi}]")
             if self._device:
                 arrays = self._device_arrays(f"param_groups[{gi}]['params']", spec["params"])
+                if isinstance(spec["params"], self._backend.DeviceFlatArrays):
+                    self._device_flat[gi] = spec["params"].data
             else:
                 arrays = V.as_array_list(f"param_groups[{gi}]['params']", spec["params"])
                 for i, a in enumerate(arrays):
@@ -155,6 +158,8 @@ class Optimizer:
     def _group_specs(params):
         if isinstance(params, np.ndarray) or _is_device_array(params):
             return [{"params": [params]}]
+        if type(params).__name__ == "DeviceFlatArrays":   # its views, one group
+            return [{"params": params}]
         if isinstance(params, (list, tuple)) and params and all(
                 isinstance(p, dict) for p in params):
             for gi, spec in enumerate(params):
@@ -174,10 +179,15 @@ class Optimizer:
         first = 0   # index of the group's first tensor among all params
         for group in self.param_groups:
             runs = []
-            # On the device each array is its own run: pass one flat device
-            # buffer as the params (and one as the grads) for one launch.
-            found = (memory_runs(group["params"]) if not self._device else
-                     [(k, k + 1, self._backend.flat(a)) for k, a in enumerate(group["params"])])
+            # On the device a DeviceFlatArrays group is one run (one launch);
+            # any other device array is its own run.
+            gi = len(self._run_info)
+            if not self._device:
+                found = memory_runs(group["params"])
+            elif gi in self._device_flat:
+                found = [(0, len(group["params"]), self._device_flat[gi])]
+            else:
+                found = [(k, k + 1, self._backend.flat(a)) for k, a in enumerate(group["params"])]
             for start, stop, flat in found:
                 sizes = [a.size for a in group["params"][start:stop]]
                 local = np.concatenate([[0], np.cumsum(sizes)]).tolist()
@@ -314,6 +324,8 @@ class Optimizer:
     def _device_arrays(self, name, arrays):
         """Checked device arrays (numba views of them) from one or a list."""
         be = self._backend
+        if isinstance(arrays, be.DeviceFlatArrays):
+            return list(arrays)
         if _is_device_array(arrays) or isinstance(arrays, np.ndarray):
             arrays = [arrays]
         if not isinstance(arrays, (list, tuple)):
@@ -344,6 +356,11 @@ class Optimizer:
         GradScaler reads ``found_inf``); the kernels never wait for it.
         """
         be = self._backend
+        if isinstance(grads, be.DeviceFlatArrays):
+            # immutable like FlatArrays: checked once, then cached by identity
+            if grads is not self._cached[0]:
+                self._cached = (grads, self._device_flat_grads(grads))
+            return self._device_step_checked(self._cached[1], None)
         if be.is_device_array(grads) or isinstance(grads, np.ndarray):
             grads = [grads]
         if not isinstance(grads, (list, tuple)):
@@ -365,6 +382,46 @@ class Optimizer:
         gnamed = [(f"grads[{i}]", g) for i, g in enumerate(flats)]
         be.check_devices(gnamed)
         be.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)], gnamed)
+        segments = []
+        for info in self._run_info:
+            segs = []
+            for ri, run in enumerate(info["runs"]):
+                local = run["local"]
+                for k in range(run["start"], run["stop"]):
+                    lo, hi = local[k - run["start"]], local[k - run["start"] + 1]
+                    p = run["flat"] if run["stop"] - run["start"] == 1 else \
+                        be.flat(self._params[k])
+                    segs.append((ri, p, flats[k], lo, hi))
+            segments.append(segs)
+        return self._device_step_checked(segments, flats)
+
+    def _device_flat_grads(self, grads):
+        """Segments for grads given as a DeviceFlatArrays: one per run."""
+        be = self._backend
+        if grads.shapes != tuple(tuple(p.shape) for p in self._params):
+            raise ValueError(f"grads holds {len(grads.shapes)} arrays of shapes "
+                             f"{list(grads.shapes)[:4]}... that do not match the params' "
+                             f"{[tuple(p.shape) for p in self._params][:4]}...")
+        if grads.dtype != self._params[0].dtype or any(
+                p.dtype != grads.dtype for p in self._params):
+            raise TypeError(f"grads has dtype {grads.dtype} but the params have "
+                            f"{sorted({str(p.dtype) for p in self._params})}")
+        data = grads.data
+        be.check_devices([("grads", data)])
+        be.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)],
+                          [("grads", data)])
+        off = self._elem_offsets
+        return [[(ri, run["flat"], data[off[run["start"]]:off[run["stop"]]], 0,
+                  run["flat"].size) for ri, run in enumerate(info["runs"])]
+                for info in self._run_info]
+
+    def _device_step_checked(self, segments, flats):
+        """The device step once grads are checked: ``segments`` per group as
+        in :meth:`_segments`, ``flats`` the 1-D grads to reduce (None: the
+        segments' own)."""
+        be = self._backend
+        if flats is None:
+            flats = [seg[2] for segs in segments for seg in segs]
         hypers = [self._resolve(g, where=f"param_groups[{gi}]")
                   for gi, g in enumerate(self.param_groups)]
         max_norm = self.max_grad_norm
@@ -381,10 +438,8 @@ class Optimizer:
         steps = _DeviceSteps(be, ctrl)
         before = [[set(r) for r in st["runs"]] for st in self.state]
         for gi, h in enumerate(hypers):
-            runs = self._run_info[gi]["runs"]
-            segs = [(ri, run["flat"], flats[run["start"]], 0, run["flat"].size)
-                    for ri, run in enumerate(runs)]
-            self._step_group(steps, h, self.state[gi], runs, segs, 1.0)
+            self._step_group(steps, h, self.state[gi], self._run_info[gi]["runs"],
+                             segments[gi], 1.0)
         skip = bool(check and ctrl.skipped())
         if skip:
             self.skipped_steps += 1

@@ -287,3 +287,49 @@ def test_optimizer_refuses_grads_on_another_gpu(monkeypatch, rng):
     monkeypatch.undo()
     for a, b in zip(dp, before):
         np.testing.assert_array_equal(host(a), b)
+
+
+@pytest.mark.parametrize("grads_as", ["flat", "views"])
+def test_device_pack_steps_many_tensors_in_one_launch(rng, monkeypatch, grads_as):
+    """numba_cuda.pack: the device twin of fastopt.pack. Grads as a
+    DeviceFlatArrays of the same layout give one launch per step; a list of
+    views works too (a launch per view) and gives the same result."""
+    shapes = [(3, 4), (5,), (7, 2), (1,)] * 3
+    host = [_normal(rng, int(np.prod(s)), F32).reshape(s) for s in shapes]
+    ref_p = fastopt.pack(host)
+    params = C.pack(host)
+    assert [tuple(v.shape) for v in params] == shapes
+    ref = fastopt.AdamW(ref_p, lr=1e-2, max_grad_norm=1.0, backend="numpy")
+    opt = fastopt.AdamW(params, lr=1e-2, max_grad_norm=1.0)
+    launches = []
+    real = C._adam_kernel
+
+    class Counting:
+        def __getitem__(self, cfg):
+            launches.append(cfg)
+            return real[cfg]
+    monkeypatch.setattr(C, "_adam_kernel", Counting())
+    for _ in range(2):
+        g = ref_p.zeros_like()
+        g.data[...] = _normal(rng, g.data.size, F32, 2.0)
+        ref.step(g)
+        if grads_as == "flat":
+            dg = params.zeros_like()
+            dg.data.copy_to_device(g.data)
+            opt.step(dg)
+        else:
+            opt.step([dev(x) for x in g])
+    assert len(launches) == (2 if grads_as == "flat" else 2 * len(shapes))
+    close(params.data.copy_to_host(), ref_p.data)
+    for v, r in zip(params.copy_to_host(), ref_p):
+        close(v, r)
+
+
+def test_device_pack_bad_grads(rng):
+    params = C.pack([np.ones((2, 3), F32), np.ones(4, F32)])
+    opt = fastopt.SGD(params, lr=0.1)
+    with pytest.raises(ValueError, match="do not match"):
+        opt.step(C.flat_zeros([(6,), (4,)], F32))
+    with pytest.raises(TypeError, match="dtype"):
+        opt.step(C.flat_zeros([(2, 3), (4,)], F64))
+    np.testing.assert_array_equal(params.data.copy_to_host(), np.ones(10, F32))
