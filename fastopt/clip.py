@@ -23,9 +23,11 @@ def _flat_grads(grads, *, writable):
     return [g.reshape(-1) for g in arrays]
 
 
-def _device_flats(be, grads):
+def _device_flats(be, grads, dtypes=None):
     arrays = [grads] if not isinstance(grads, (list, tuple)) else list(grads)
-    flats = [be.flat(be.check_array(f"grads[{i}]", g)) for i, g in enumerate(arrays)]
+    dtypes = dtypes or be.STORAGE_DTYPES
+    flats = [be.flat(be.check_array(f"grads[{i}]", g, dtypes=dtypes))
+             for i, g in enumerate(arrays)]
     named = [(f"grads[{i}]", g) for i, g in enumerate(flats)]
     be.check_devices(named)
     return flats, named
@@ -61,7 +63,7 @@ def clip_by_global_norm(grads, max_norm, *, backend="auto") -> float:
     if getattr(be, "device", False):
         # coefficient decided and applied on the device; the norm comes back
         # as a DeviceNorm (float(norm) fetches it), so nothing waits here
-        flats, named = _device_flats(be, grads)
+        flats, named = _device_flats(be, grads, be.FLOAT_DTYPES)   # scaled in place
         be.check_disjoint(named)
         ctrl = be.norm_control(flats, max_norm=max_norm)
         for g in flats:

@@ -30,6 +30,9 @@ def test_cuda_backend_under_the_simulator():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    passed = re.search(r"(\d+) passed", out)
-    assert passed and int(passed.group(1)) >= 20, out[-2000:]
-    assert "skipped" not in out.splitlines()[-1], out[-2000:]
+    last = out.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", last)
+    assert passed and int(passed.group(1)) >= 30, out[-2000:]
+    # only the real-GPU torch interop test may skip under the simulator
+    skipped = re.search(r"(\d+) skipped", last)
+    assert not skipped or int(skipped.group(1)) <= 1, out[-2000:]

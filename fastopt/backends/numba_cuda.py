@@ -107,7 +107,8 @@ def is_device_array(a) -> bool:
     """Whether ``a`` is a device array this backend takes (not a host ndarray)."""
     if isinstance(a, np.ndarray):
         return False
-    if hasattr(type(a), "__cuda_array_interface__") or hasattr(a, "__cuda_array_interface__"):
+    # on the instance: torch CPU tensors have the property, and it raises
+    if hasattr(a, "__cuda_array_interface__"):
         return True
     if SIMULATOR:
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
@@ -127,7 +128,16 @@ def as_device(name, a):
     if SIMULATOR:
         return a
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
-    return a if isinstance(a, DeviceNDArray) else cuda.as_cuda_array(a)
+    if isinstance(a, DeviceNDArray):
+        return a
+    desc = a.__cuda_array_interface__
+    # The kernels run on the legacy default stream, which is ordered with the
+    # legacy (1) and per-thread (2) default streams: importing an array from
+    # those needs no host-side stream synchronisation (numba's default would
+    # wait for the producer's stream on every import, every step). An array
+    # from another stream is synchronised, to be correct.
+    return cuda.from_cuda_array_interface(desc, owner=a,
+                                          sync=desc.get("stream") not in (None, 1, 2))
 
 
 def _pointer(a) -> int:
@@ -217,8 +227,14 @@ def flat(a):
 
 
 def zeros(n, dtype):
-    """A zeroed 1-D device array (state buffers, allocated once)."""
-    return cuda.to_device(np.zeros(n, dtype))
+    """A zeroed 1-D device array (state buffers, allocated once): a driver
+    memset on a GPU, no host buffer of the array's size."""
+    if SIMULATOR or n == 0:
+        return cuda.to_device(np.zeros(n, dtype))
+    from numba.cuda.cudadrv import driver
+    d = cuda.device_array(n, dtype)
+    driver.device_memset(d, 0, n * np.dtype(dtype).itemsize)
+    return d
 
 
 def compute_dtype(dtype) -> np.dtype:
@@ -255,8 +271,8 @@ class StepControl:
 
     ``ctrl64 = [sumsq, norm, factor, skip]`` and its float32 twin
     ``[factor, skip]`` stay on the device; the update kernels read them.
-    ``norm()`` and ``skipped()`` copy 8 bytes back, which waits for the step:
-    call them only when the value is needed.
+    ``norm()`` and ``skipped()`` copy those 32 bytes back once, which waits
+    for the step: call them only when the value is needed.
     """
 
     def __init__(self, ctrl64, ctrl32):

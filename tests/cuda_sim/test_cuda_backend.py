@@ -333,3 +333,49 @@ def test_device_pack_bad_grads(rng):
     with pytest.raises(TypeError, match="dtype"):
         opt.step(C.flat_zeros([(2, 3), (4,)], F64))
     np.testing.assert_array_equal(params.data.copy_to_host(), np.ones(10, F32))
+
+
+def test_clip_refuses_16bit_device_grads_but_norm_reads_them(rng):
+    g = _normal(rng, 50, BF16)
+    d = dev(g.view(np.uint16))
+    with pytest.raises(TypeError, match="float32"):
+        fastopt.clip_by_global_norm([d], 1.0)
+    assert fastopt.global_norm([d]) == pytest.approx(
+        np.sqrt(R.sumsq(g.astype(np.float32))), rel=1e-12)
+    np.testing.assert_array_equal(host(d), g.view(np.uint16))
+
+
+def _torch_cuda():
+    if C.SIMULATOR:
+        pytest.skip("torch CUDA tensors need a real GPU")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    return torch
+
+
+def test_torch_cuda_tensors_in_place_match_torch_adamw():
+    """Real GPU only: torch tensors through __cuda_array_interface__, updated
+    where they live, match torch.optim.AdamW."""
+    torch = _torch_cuda()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ours = [torch.randn(n, device="cuda", generator=gen) for n in (N, 31)]
+    theirs = [t.clone().requires_grad_(True) for t in ours]
+    opt = fastopt.AdamW(ours, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        gs = [torch.randn(t.shape, device="cuda", generator=gen) * 3 for t in ours]
+        opt.step(gs)
+        for t, g in zip(theirs, gs):
+            t.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        ref.step()
+    torch.cuda.synchronize()
+    for a, b in zip(ours, theirs):
+        close(a.cpu().numpy(), b.detach().cpu().numpy())
+
+
+def test_torch_host_tensor_is_refused():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="device array"):
+        fastopt.AdamW([torch.ones(3)], backend="cuda")
