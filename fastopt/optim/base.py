@@ -281,8 +281,8 @@ class Optimizer:
         norm, coef, skip = None, 1.0, False
         if max_norm is not None or check:
             flats = [seg[2] for segs in segments for seg in segs]
-            norm = norm_of(backend, flats)
-            skip = check and not _all_finite(norm, flats)
+            norm, finite = self._grad_stats(backend, flats, check)
+            skip = check and not finite
             norm *= inv_scale          # the norm of the unscaled gradients
             if max_norm is not None:
                 coef = clip_coefficient(norm, max_norm)
@@ -299,6 +299,14 @@ class Optimizer:
         self.grad_norm = norm
         self.last_lr = [h["lr"] for h in hypers]
         return norm
+
+    def _grad_stats(self, backend, flats, check):
+        """``(global norm, all finite?)`` of the step's gradients ``flats``
+        (``all finite`` is only needed when ``check``). The hook where a
+        sharded optimizer (:mod:`fastopt.distributed`) combines its partial
+        sums of squares and finite flags across ranks with one allreduce."""
+        norm = norm_of(backend, flats)
+        return norm, (not check) or _all_finite(norm, flats)
 
     def _state_buffer(self, state, runs, ri, name):
         """The run's flat state buffer ``name``, zero-allocated on first use
