@@ -12,13 +12,18 @@ shuffles (the CUDA simulator has none).
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import types
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None,
-                                reason="numba-cuda not installed (pip install 'fastopt[cuda]')")
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None,
+                       reason="numba-cuda not installed (pip install 'fastopt[cuda]')"),
+    pytest.mark.skipif(bool(os.environ.get("NUMBA_ENABLE_CUDASIM")),
+                       reason="the CUDA simulator does not compile to PTX"),
+]
 
 CCS = [(8, 0), (9, 0)]
 #: float32 math with each storage: float32, float16, bfloat16 bits (uint16)

@@ -1,9 +1,12 @@
-"""CUDA backend tests: run under the CUDA simulator or on a real GPU.
+"""Helpers of the CUDA backend tests: run under the CUDA simulator or on a real GPU.
 
 ``tests/test_cuda_sim.py`` runs this folder in a subprocess with
 ``NUMBA_ENABLE_CUDASIM=1`` (it must be set before numba is imported). In a
 plain ``pytest`` run the same tests run for real where a GPU is usable and
-skip otherwise. Sizes are small: the simulator runs every thread in Python.
+skip otherwise (importing this module skips the importing test module).
+Sizes are small: the simulator runs every thread in Python. A helper module,
+not a conftest.py: a second ``conftest`` would shadow tests/conftest.py,
+which the other test modules import by that name.
 """
 
 from __future__ import annotations
@@ -43,8 +46,3 @@ def close(actual, expected, what=""):
     dt = expected.dtype if expected.dtype in RTOL else np.dtype(np.float32)
     np.testing.assert_allclose(np.asarray(actual, np.float64), expected.astype(np.float64),
                                rtol=RTOL[dt], atol=ATOL[dt], err_msg=what)
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(1234)
