@@ -167,9 +167,17 @@ def run_tests(timeout):
             "tail": "\n".join(lines[-30:]) if proc.returncode else None}
 
 
+_DEADLINE = [float("inf")]
+
+
 def measure(results, key, fn):
-    """Run one measurement; record its numbers or its error."""
+    """Run one measurement; record its numbers or its error (or that the
+    time budget ran out before it)."""
     t0 = time.perf_counter()
+    if t0 > _DEADLINE[0]:
+        results[key] = {"skipped": "time budget (--budget-s) spent", "wall_s": 0.0}
+        print(f"  {key}: skipped, time budget spent", flush=True)
+        return
     try:
         results[key] = fn()
     except Exception as exc:   # noqa: BLE001 - keep the other measurements
@@ -185,6 +193,8 @@ def main(argv=None):
     ap.add_argument("--skip-tests", action="store_true", help="measurements only")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--test-timeout", type=int, default=180)
+    ap.add_argument("--budget-s", type=float, default=270.0,
+                    help="stop starting measurements after this many seconds (default 270)")
     # a dry run of this script's own code under the CUDA simulator, with tiny
     # sizes (tests/test_cuda_gpu_check.py); its numbers mean nothing
     ap.add_argument("--simulate", action="store_true", help=argparse.SUPPRESS)
@@ -213,6 +223,7 @@ def main(argv=None):
     sync = cuda.synchronize
     tsync = torch.cuda.synchronize if torch is not None else None
     t_start = time.perf_counter()
+    _DEADLINE[0] = t_start + args.budget_s
     report = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "card": card_info(cuda), "versions": versions(),
               "torch_cuda": torch is not None, "torch_note": torch_why,
