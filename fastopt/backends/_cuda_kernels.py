@@ -84,7 +84,7 @@ def _narrow_cuda(x, like):
 # ``fc`` is the step's control block in the compute dtype: fc[0] multiplies
 # the gradient (clip coefficient / loss scale), fc[1] != 0 skips the step.
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _adam_kernel(p, g, m, v, vmax, out, fc, step_size, bc2_sqrt, beta1, omb1, beta2,
                  omb2, eps, l2, decay, grad_scale, use_l2, amsgrad, mixed):
     if fc[1]:       # the step was judged non-finite on the device: write nothing
@@ -113,7 +113,7 @@ def _adam_kernel(p, g, m, v, vmax, out, fc, step_size, bc2_sqrt, beta1, omb1, be
             out[i] = _narrow(pi, out)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _sgd_kernel(p, g, buf, out, fc, lr, l2, grad_scale, buf_decay, grad_coef, momentum,
                 use_l2, has_buf, nesterov, mixed):
     if fc[1]:       # the step was judged non-finite on the device: write nothing
@@ -139,7 +139,7 @@ def _sgd_kernel(p, g, buf, out, fc, lr, l2, grad_scale, buf_decay, grad_coef, mo
             out[i] = _narrow(pi, out)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _sumsq_partial_kernel(x, partial, bad, offset):
     """Stage 1: one float64 partial sum of squares (and a non-finite flag)
     per block, reduced in shared memory in a fixed tree order."""
@@ -168,7 +168,7 @@ def _sumsq_partial_kernel(x, partial, bad, offset):
         bad[offset + cuda.blockIdx.x] = flag[0]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _finalize_kernel(partial, bad, count, ctrl64, ctrl32, max_norm, inv_scale, check):
     """Stage 2 (one thread): add the partials in index order, then decide the
     clip coefficient and the skip on the device.
@@ -199,7 +199,7 @@ def _finalize_kernel(partial, bad, count, ctrl64, ctrl32, max_norm, inv_scale, c
     ctrl32[1] = np.float32(skip)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _scale_kernel(x, fc, c):
     if fc[1]:       # the step was judged non-finite on the device: write nothing
         return
@@ -208,7 +208,7 @@ def _scale_kernel(x, fc, c):
         x[i] *= cc
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _convert_kernel(src, dst):
     """widen (16-bit -> float32) or narrow (float32 -> 16-bit), by dtype."""
     for i in range(cuda.grid(1), dst.size, cuda.gridsize(1)):
