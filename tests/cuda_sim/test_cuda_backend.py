@@ -384,3 +384,28 @@ def test_torch_host_tensor_is_refused():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="device array"):
         fastopt.AdamW([torch.ones(3)], backend="cuda")
+
+
+def test_param_groups_and_schedule_on_device(rng):
+    hw, hb = _normal(rng, N, F32), _normal(rng, 9, F32)
+    dw, db = dev(hw), dev(hb)
+    sched = fastopt.schedules.warmup_cosine(peak_value=1e-2, warmup_steps=2, total_steps=10)
+
+    def make(w, b):
+        return [{"params": [w]}, {"params": [b], "weight_decay": 0.0, "lr": 1e-3}]
+    ref = fastopt.AdamW(make(hw, hb), lr=sched, weight_decay=0.1, backend="numpy")
+    gpu = fastopt.AdamW(make(dw, db), lr=sched, weight_decay=0.1)
+    assert gpu.backend == "cuda"
+    for _ in range(3):
+        gw, gb = _normal(rng, N, F32), _normal(rng, 9, F32)
+        ref.step([gw, gb])
+        gpu.step([dev(gw), dev(gb)])
+    assert gpu.last_lr == ref.last_lr
+    close(host(dw), hw)
+    close(host(db), hb)
+
+
+def test_functional_refuses_host_arrays_on_cuda():
+    z = np.zeros(4, F32)
+    with pytest.raises(TypeError, match="host NumPy array"):
+        fastopt.functional.adamw(z, z.copy(), z.copy(), z.copy(), step=1, backend="cuda")
