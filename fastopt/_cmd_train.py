@@ -4,6 +4,12 @@
         --schedule warmup-cosine --epochs 15
     fastopt train --data mnist --hidden 256,256 --ensemble-lrs 1e-1,1e-2,1e-3,1e-4,1e-5
 
+Under ``mpiexec -n N fastopt train ...`` (``pip install 'fastopt[mpi]'``) the
+same command trains data-parallel: each rank computes the gradient of its
+slice of every batch, the gradients are averaged over MPI (``--shard-state``:
+optimizer state sharded across ranks, ZeRO-1/2), and rank 0 prints and
+writes the results.
+
 Data: the fixed seeded 8k train / 2k held-out split of the MNIST test set
 (:func:`fastopt.data.mnist_split`). Prints a progress bar with the loss and
 throughput, the held-out accuracy per epoch, and writes ``metrics.json`` and
@@ -70,6 +76,9 @@ def add_arguments(parser):
     parser.add_argument("--out", default="train-results", help="output directory")
     parser.add_argument("--no-plot", action="store_true", help="skip curves.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--shard-state", action="store_true",
+                        help="under mpiexec: shard the optimizer state across ranks "
+                             "(ZeRO-1/2) instead of replicating it")
 
 
 class _Progress:
@@ -133,7 +142,56 @@ def _plot(history, labels, path):
     plt.close(fig)
 
 
+def _world():
+    """The MPI communicator when launched by ``mpiexec -n N`` (N > 1), else None."""
+    from fastopt.distributed import launched_size
+    if launched_size() <= 1:
+        return None
+    from fastopt.distributed import world
+    return world()
+
+
 def run(args):
+    import sys
+
+    try:
+        comm = _world()
+    except ImportError as exc:
+        print(f"fastopt train: launched under an MPI launcher but {exc}", file=sys.stderr)
+        return 2
+    if comm is None:
+        if args.shard_state:
+            print("fastopt train: --shard-state needs several ranks (mpiexec -n N)",
+                  file=sys.stderr)
+            return 2
+        return _run(args, None)
+    import os
+    import traceback
+
+    from fastopt.distributed import DistributedError
+    rank = comm.Get_rank()
+    saved = sys.stdout
+    if rank != 0:   # rank 0 reports; the others stay silent
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")
+    try:
+        return _run(args, comm)
+    except DistributedError as exc:   # every rank raised it: exit together
+        if rank == 0:
+            print(f"fastopt train: {exc}", file=sys.stderr)
+        return 1
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.write(f"fastopt train: rank {rank} failed; aborting every rank\n")
+        sys.stderr.flush()
+        comm.Abort(1)
+    finally:
+        if sys.stdout is not saved:
+            sys.stdout.close()
+            sys.stdout = saved
+
+
+def _run(args, comm):
     import json
     import sys
     from pathlib import Path
@@ -166,7 +224,8 @@ def run(args):
         opt = make_optimizer(model, args.optimizer, args.lr, lrs=lrs, schedule=args.schedule,
                              total_steps=steps, warmup_steps=args.warmup_steps,
                              weight_decay=args.weight_decay, momentum=args.momentum,
-                             max_grad_norm=args.max_grad_norm)
+                             max_grad_norm=args.max_grad_norm, comm=comm,
+                             shard_state=args.shard_state)
     except (TypeError, ValueError) as exc:
         print(f"fastopt train: {exc}", file=sys.stderr)
         return 2
@@ -174,7 +233,9 @@ def run(args):
     print(f"fastopt train: {k} model(s) {'-'.join(map(str, sizes))} {args.activation}, "
           f"{args.optimizer} {', '.join(labels)}, schedule {args.schedule}, "
           f"{args.epochs} epochs x {steps // args.epochs} steps, batch {args.batch_size}, "
-          f"backend {model.backend}, {Xtr.shape[0]} train / {Xte.shape[0]} held-out")
+          f"backend {model.backend}, {Xtr.shape[0]} train / {Xte.shape[0]} held-out"
+          + ("" if comm is None else f", {comm.Get_size()} MPI ranks ("
+             f"{'sharded' if args.shard_state else 'replicated'} optimizer state)"))
     bar = _Progress(args.epochs, Xtr.shape[0], args.batch_size, sys.stderr, not args.quiet)
 
     def on_epoch(epoch, rec):
@@ -196,7 +257,7 @@ def run(args):
     try:
         history = fit(model, opt, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
                       seed=args.seed, X_val=Xte, y_val=yte, target=args.target,
-                      on_batch=bar.batch, on_epoch=on_epoch)
+                      on_batch=bar.batch, on_epoch=on_epoch, comm=comm)
     finally:
         if limits is not None:
             limits.restore_original_limits()
@@ -205,6 +266,8 @@ def run(args):
         reach = (f", reached {100 * args.target:.0f}% after {t:.1f} s of training"
                  if t is not None else f", never reached {100 * args.target:.0f}%")
         print(f"held-out accuracy {lab}: {100 * a:.2f}%{reach}")
+    if comm is not None and comm.Get_rank() != 0:
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"config": {k_: (list(v) if isinstance(v, tuple) else v)

@@ -116,14 +116,24 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     meta = _encode(tree, arrays)
     arrays[_META] = np.array(json.dumps(meta))
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    def write():
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    # A distributed optimizer (fastopt.distributed) has every rank gather the
+    # state above and rank 0 alone write, and tells every rank how that went.
+    coordinate = getattr(optimizer, "_coordinate_save", None)
+    if coordinate is None:
+        write()
+    else:
+        coordinate(write)
 
 
 def read(path) -> dict:

@@ -22,9 +22,13 @@ SCHEDULES = ("constant", "warmup-cosine")
 
 def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule="constant",
                    total_steps=None, warmup_steps=None, weight_decay=None, momentum=0.9,
-                   max_grad_norm=None, backend="auto"):
+                   max_grad_norm=None, backend="auto", comm=None, shard_state=False):
     """An optimizer over ``model.param_groups``: one group (one kernel call)
     for a single lr, or one group per model for ``lrs`` (an lr sweep).
+
+    With an MPI communicator ``comm`` (:mod:`fastopt.distributed`): a
+    :class:`~fastopt.distributed.DataParallel` optimizer, or with
+    ``shard_state`` a :class:`~fastopt.distributed.ShardedOptimizer`.
 
     ``schedule="warmup-cosine"``: :class:`fastopt.schedules.warmup_cosine`
     with each model's lr as the peak, ``warmup_steps`` (default 5% of
@@ -51,11 +55,16 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
         kw["momentum"] = momentum
     if weight_decay is not None:
         kw["weight_decay"] = weight_decay
+    if comm is not None:
+        from .. import distributed
+        if shard_state:
+            return distributed.ShardedOptimizer(cls, groups, comm=comm, **kw)
+        return distributed.DataParallel(cls(groups, **kw), comm=comm)
     return cls(groups, **kw)
 
 
 def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y_val=None,
-        target=None, on_batch=None, on_epoch=None):
+        target=None, on_batch=None, on_epoch=None, comm=None):
     """Train for ``epochs``; every model sees the same shuffled batches.
 
     Returns a history dict: per epoch the mean training loss per model,
@@ -64,7 +73,19 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
     whose held-out accuracy reached ``target``, per model, None if never).
     ``on_batch(epoch, i, n_batches, losses, seconds)`` and
     ``on_epoch(epoch, record)`` are progress hooks.
+
+    With an MPI communicator ``comm`` (and an optimizer from
+    :mod:`fastopt.distributed`), every rank draws the same shuffled batches
+    and computes the gradient of its contiguous slice of each one; the step
+    weights the ranks by their slice sizes, so the update is the single
+    process's on the whole batch (to float rounding). Losses and held-out
+    metrics are combined over ranks (each evaluates a slice of the held-out
+    set); times are this rank's.
     """
+    if comm is not None:
+        return _fit_distributed(model, opt, X, y, epochs=epochs, batch_size=batch_size,
+                                seed=seed, X_val=X_val, y_val=y_val, target=target,
+                                on_batch=on_batch, on_epoch=on_epoch, comm=comm)
     n = X.shape[0]
     if n == 0:
         raise ValueError("empty training set")
@@ -98,6 +119,78 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
         if X_val is not None:
             vl, va = Ensemble.evaluate(model, X_val, y_val)
             rec["val_loss"] = vl.tolist()
+            rec["val_acc"] = va.tolist()
+            if target is not None:
+                for k, a in enumerate(va):
+                    if a >= target and history["time_to_target"][k] is None:
+                        history["time_to_target"][k] = elapsed
+        history["epochs"].append(rec)
+        if on_epoch is not None:
+            on_epoch(epoch, rec)
+    return history
+
+
+def _slice(n, rank, size):
+    """This rank's contiguous part of ``range(n)`` (sizes differ by at most 1)."""
+    return n * rank // size, n * (rank + 1) // size
+
+
+def _fit_distributed(model, opt, X, y, *, epochs, batch_size, seed, X_val, y_val, target,
+                     on_batch, on_epoch, comm):
+    from mpi4py import MPI
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    n = X.shape[0]
+    if n == 0:
+        raise ValueError("empty training set")
+    if X.dtype != model.dtype:
+        X = X.astype(model.dtype)
+    model._check_optimizer(opt)
+    rng = np.random.default_rng(seed)
+    n_batches = -(-n // batch_size)
+    bufs = {}
+    history = {"epochs": [], "time_to_target": [None] * model.k, "target": target,
+               "world_size": size}
+    elapsed = 0.0
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(n)
+        total = np.zeros(model.k)
+        t0 = time.perf_counter()
+        for i in range(n_batches):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            lo, hi = _slice(idx.size, rank, size)
+            b = hi - lo
+            error, losses = None, np.zeros(model.k)
+            try:
+                if b:
+                    if b not in bufs:
+                        bufs[b] = (np.empty((b, X.shape[1]), model.dtype), np.empty(b, y.dtype))
+                    xb, yb = bufs[b]
+                    np.take(X, idx[lo:hi], axis=0, out=xb)
+                    np.take(y, idx[lo:hi], axis=0, out=yb)
+                    losses = model.loss_and_grad(xb, yb)
+                else:   # fewer samples than ranks: this rank adds nothing
+                    model.grads.data[...] = 0
+            except Exception as exc:   # noqa: BLE001 - every rank raises it in the step
+                error = exc
+            opt.step(model.grads, weight=b / idx.size, error=error)
+            total += np.asarray(losses) * b
+            if on_batch is not None:
+                on_batch(epoch, i, n_batches, losses, elapsed + time.perf_counter() - t0)
+        elapsed += time.perf_counter() - t0
+        comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+        rec = {"epoch": epoch, "train_loss": (total / n).tolist(), "seconds": elapsed,
+               "samples_per_s": epoch * n / elapsed}
+        if X_val is not None:
+            vlo, vhi = _slice(X_val.shape[0], rank, size)
+            sums = np.zeros(2 * model.k)
+            if vhi > vlo:
+                vl, va = Ensemble.evaluate(model, X_val[vlo:vhi], y_val[vlo:vhi])
+                sums[:model.k] = np.asarray(vl) * (vhi - vlo)
+                sums[model.k:] = np.asarray(va) * (vhi - vlo)
+            comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+            va = sums[model.k:] / X_val.shape[0]
+            rec["val_loss"] = (sums[:model.k] / X_val.shape[0]).tolist()
             rec["val_acc"] = va.tolist()
             if target is not None:
                 for k, a in enumerate(va):

@@ -1,0 +1,306 @@
+"""Distributed optimizer tests, run on every rank under ``mpiexec -n K``.
+
+Not collected by the normal run (no ``test_`` prefix): tests/test_distributed.py
+launches ``mpiexec -n 2`` and ``-n 3 python -m pytest tests/mpi/mpi_optim.py``.
+Every rank runs the same tests in the same order, so collectives match;
+the launcher's timeout turns a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import distributed as dist
+
+MPI = pytest.importorskip("mpi4py.MPI")
+COMM = MPI.COMM_WORLD
+RANK, N = COMM.Get_rank(), COMM.Get_size()
+SHAPES = [(37, 5), (11,), (64, 3), (1,), (29,)]   # 418 elements: shards split tensors
+
+
+def make_params(dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return fastopt.pack([rng.standard_normal(s).astype(dtype) for s in SHAPES])
+
+
+def rank_grads(step, r, dtype, scale=1.0):
+    """What rank r's backward pass produced at ``step`` (reproducible anywhere)."""
+    rng = np.random.default_rng(1000 * step + r)
+    return [(scale * rng.standard_normal(s)).astype(dtype) for s in SHAPES]
+
+
+def mean_grads(step, dtype, weights=None):
+    """The global gradient a single process would see: the ranks' sum in rank
+    order, then the 1/N average (or the ranks' own weights first)."""
+    parts = [rank_grads(step, r, dtype) for r in range(N)]
+    out = []
+    for k in range(len(SHAPES)):
+        if weights is None:
+            acc = parts[0][k].copy()
+            for r in range(1, N):
+                acc += parts[r][k]
+            acc *= dtype(1.0 / N)
+        else:
+            acc = parts[0][k] * dtype(weights[0])
+            for r in range(1, N):
+                acc += parts[r][k] * dtype(weights[r])
+        out.append(acc)
+    return out
+
+
+def tol(dtype):
+    return dict(rtol=1e-12, atol=1e-14) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
+
+
+OPTIMIZERS = {
+    "adamw": (fastopt.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "sgd-nesterov": (fastopt.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+}
+
+
+def run_both(mode, name, dtype, clip, steps=4, weights=None, groups=None):
+    cls, hyp = OPTIMIZERS[name]
+    hyp = dict(hyp, max_grad_norm=clip)
+    ref_p = make_params(dtype)
+    ref = cls(groups(ref_p) if groups else ref_p, **hyp)
+    # the reference takes its grads as a list in param-group order
+    order = [next(k for k, v in enumerate(ref_p) if v is a)
+             for g in ref.param_groups for a in g["params"]]
+    p = make_params(dtype)
+    if mode == "dp":
+        opt = dist.DataParallel(cls(groups(p) if groups else p, **hyp))
+    else:
+        opt = dist.ShardedOptimizer(cls, groups(p) if groups else p, **hyp)
+    g = p.zeros_like()
+    for step in range(steps):
+        for view, a in zip(g, rank_grads(step, RANK, dtype)):
+            view[...] = a
+        norm = opt.step(g, weight=None if weights is None else weights[RANK])
+        mg = mean_grads(step, dtype, weights)
+        ref_norm = ref.step([mg[k] for k in order])
+        if clip is not None:
+            assert norm == pytest.approx(ref_norm, rel=1e-6)
+    return ref_p, p, opt
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_matches_single_process(mode, name, dtype, clip):
+    ref_p, p, opt = run_both(mode, name, dtype, clip)
+    for a, b in zip(p, ref_p):
+        np.testing.assert_allclose(a, b, **tol(dtype))
+    # every rank holds the same parameters
+    data = p.data.copy()
+    COMM.Bcast(data, root=0)
+    np.testing.assert_array_equal(data, p.data)
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+def test_uneven_weights_and_groups(mode):
+    weights = [(r + 1) / (N * (N + 1) / 2) for r in range(N)]   # sums to 1
+
+    def groups(p):
+        if mode == "dp":   # a replicated optimizer takes FlatArrays grads in memory order
+            return [{"params": [p[0], p[1]], "weight_decay": 0.0}, {"params": list(p[2:])}]
+        # sharded: biases in their own group, listed before the weights
+        return [{"params": [p[1], p[3], p[4]], "weight_decay": 0.0},
+                {"params": [p[0], p[2]]}]
+
+    ref_p, p, _ = run_both(mode, "adamw", np.float64, 0.5, weights=weights, groups=groups)
+    for a, b in zip(p, ref_p):
+        np.testing.assert_allclose(a, b, **tol(np.float64))
+
+
+def test_bucketed_allreduce_equals_one():
+    p1, p2 = make_params(np.float32), make_params(np.float32)
+    o1 = dist.DataParallel(fastopt.AdamW(p1, lr=1e-2))
+    o2 = dist.DataParallel(fastopt.AdamW(p2, lr=1e-2), bucket_elems=50)
+    g1, g2 = p1.zeros_like(), p2.zeros_like()
+    for step in range(3):
+        for v1, v2, a in zip(g1, g2, rank_grads(step, RANK, np.float32)):
+            v1[...] = a
+            v2[...] = a
+        o1.step(g1)
+        o2.step(g2)
+    np.testing.assert_array_equal(p1.data, p2.data)
+
+
+def test_sharded_state_is_one_nth():
+    p = make_params(np.float32)
+    opt = dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-3)
+    g = p.zeros_like()
+    opt.step(g)
+    lo, hi = opt.shard
+    assert opt.state_nbytes() == 2 * 4 * (hi - lo)      # exp_avg + exp_avg_sq, shard only
+    sizes = COMM.allgather(hi - lo)
+    assert sum(sizes) == p.data.size and max(sizes) - min(sizes) <= 33   # starts rounded to 16 elements
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+def test_nonfinite_on_one_rank_skips_everywhere(mode):
+    p = make_params(np.float32)
+    before = p.data.copy()
+    opt = (dist.DataParallel(fastopt.AdamW(p, lr=1e-2, skip_nonfinite=True)) if mode == "dp"
+           else dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2, skip_nonfinite=True))
+    g = p.zeros_like()
+    g.data[:] = 0.1
+    if RANK == N - 1:
+        g.data[3] = np.nan        # an element that rank 0 owns when sharded
+    opt.step(g)
+    assert opt.skipped_steps == 1 and opt.iterations == 1
+    np.testing.assert_array_equal(p.data, before)
+    g.data[:] = 0.1
+    if RANK == 0:
+        g.data[-1] = np.inf       # owned by the last rank
+    opt.step(g)
+    assert opt.skipped_steps == 2
+    np.testing.assert_array_equal(p.data, before)
+    g.data[:] = 0.1
+    opt.step(g)
+    assert opt.skipped_steps == 2
+    assert not np.array_equal(p.data, before)
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+def test_error_on_one_rank_raises_everywhere(mode):
+    p = make_params(np.float32)
+    opt = (dist.DataParallel(fastopt.AdamW(p, lr=1e-2)) if mode == "dp"
+           else dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2))
+    before = p.data.copy()
+    good = p.zeros_like()
+    bad = fastopt.flat_zeros([(3,)], np.float32) if RANK == N - 1 else good
+    with pytest.raises(dist.DistributedError, match=f"rank {N - 1}: .*Error"):
+        opt.step(bad)
+    with pytest.raises(dist.DistributedError, match="rank 0: ValueError: bad input"):
+        opt.step(good, error=ValueError("bad input") if RANK == 0 else None)
+    np.testing.assert_array_equal(p.data, before)
+    assert opt.iterations == 0
+    opt.step(good)                # still usable afterwards
+    assert opt.iterations == 1
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+def test_layout_mismatch_detected_at_setup(mode):
+    shapes = [(10, 3), (7 + (RANK == N - 1),)]
+    p = fastopt.flat_zeros(shapes, np.float32)
+    with pytest.raises(dist.DistributedError, match="layouts differ"):
+        if mode == "dp":
+            dist.DataParallel(fastopt.AdamW(p))
+        else:
+            dist.ShardedOptimizer(fastopt.AdamW, p)
+
+
+def test_setup_error_on_one_rank():
+    p = make_params(np.float32)
+    with pytest.raises(dist.DistributedError, match=f"rank {N - 1}: ValueError"):
+        dist.ShardedOptimizer(fastopt.AdamW, p, lr=-1.0 if RANK == N - 1 else 1e-3)
+
+
+def shared_dir():
+    path = tempfile.mkdtemp(prefix="fastopt-mpi-") if RANK == 0 else None
+    return COMM.bcast(path, root=0)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_sharded_checkpoint_loads_in_one_process_and_back(clip):
+    d = shared_dir()
+    sched = fastopt.schedules.warmup_cosine(1e-2, 2, 10)
+    p = make_params(np.float32)
+    opt = dist.ShardedOptimizer(fastopt.AdamW, p, lr=sched, max_grad_norm=clip)
+    g = p.zeros_like()
+    for step in range(3):
+        for view, a in zip(g, rank_grads(step, RANK, np.float32)):
+            view[...] = a
+        opt.step(g)
+    path = os.path.join(d, "sharded.npz")
+    fastopt.save(path, params=p, optimizer=opt, extra={"step": 3})
+    # a single process (each rank on its own, no communication) resumes it
+    q = make_params(np.float32, seed=9)
+    single = fastopt.AdamW(q, lr=sched, max_grad_norm=clip)
+    fastopt.load(path, params=q, optimizer=single)
+    np.testing.assert_array_equal(q.data, p.data)
+    sd_sharded = opt.state_dict()
+    sd_single = single.state_dict()
+    for k in ("exp_avg", "exp_avg_sq"):
+        np.testing.assert_array_equal(sd_sharded["state"][0]["buffers"][k],
+                                      sd_single["state"][0]["buffers"][k])
+    # both go on with the same global gradients
+    for step in range(3, 5):
+        for view, a in zip(g, rank_grads(step, RANK, np.float32)):
+            view[...] = a
+        opt.step(g)
+        single.step(mean_grads(step, np.float32))
+    np.testing.assert_allclose(p.data, q.data, **tol(np.float32))
+    # and a single-process checkpoint loads into a sharded optimizer
+    path2 = os.path.join(d, "single.npz")
+    if RANK == 0:
+        fastopt.save(path2, params=q, optimizer=single)
+    COMM.Barrier()
+    r = make_params(np.float32, seed=5)
+    opt2 = dist.ShardedOptimizer(fastopt.AdamW, r, lr=sched, max_grad_norm=clip)
+    fastopt.load(path2, params=r, optimizer=opt2)
+    assert opt2.iterations == 5
+    np.testing.assert_array_equal(r.data, q.data)
+    sd2 = opt2.state_dict()
+    for k in ("exp_avg", "exp_avg_sq"):
+        np.testing.assert_array_equal(sd2["state"][0]["buffers"][k],
+                                      single.state_dict()["state"][0]["buffers"][k])
+
+
+def test_mismatched_checkpoint_changes_nothing():
+    d = shared_dir()
+    p = make_params(np.float32)
+    opt = dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2)
+    path = os.path.join(d, "other.npz")
+    if RANK == 0:
+        other = fastopt.flat_zeros([(5,)], np.float32)
+        fastopt.save(path, params=other, optimizer=fastopt.AdamW(other))
+    COMM.Barrier()
+    with pytest.raises(fastopt.CheckpointError):
+        fastopt.load(path, optimizer=opt)
+    assert opt.iterations == 0
+
+
+def test_fit_matches_single_process():
+    from fastopt.nn import MLP
+    from fastopt.nn.training import fit, make_optimizer
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((203, 12))
+    y = rng.integers(0, 4, 203)
+    results = []
+    for comm, shard in ((None, False), (COMM, False), (COMM, True)):
+        net = MLP((12, 16, 4), seed=1, dtype="float64", backend="numpy")
+        opt = make_optimizer(net, "adamw", 1e-2, max_grad_norm=1.0, comm=comm,
+                             shard_state=shard)
+        hist = fit(net, opt, X, y, epochs=2, batch_size=32, seed=3, X_val=X[:50],
+                   y_val=y[:50], comm=comm)
+        results.append((net.params.data.copy(), hist))
+    for params, hist in results[1:]:
+        np.testing.assert_allclose(params, results[0][0], rtol=1e-10, atol=1e-12)
+        for a, b in zip(hist["epochs"], results[0][1]["epochs"]):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-10)
+            assert a["val_acc"] == pytest.approx(b["val_acc"], rel=1e-12)
+
+
+def test_fit_bad_input_on_one_rank_raises_everywhere():
+    from fastopt.nn import MLP
+    from fastopt.nn.training import fit, make_optimizer
+
+    X = np.ones((40, 6))
+    if RANK == N - 1:
+        X[:] = np.nan             # only this rank's data is bad
+    y = np.zeros(40, dtype=np.int64)
+    net = MLP((6, 8, 3), seed=1, dtype="float64", backend="numpy")
+    opt = make_optimizer(net, "adamw", 1e-2, comm=COMM, shard_state=True)
+    before = net.params.data.copy()
+    with pytest.raises(dist.DistributedError, match=f"rank {N - 1}: ValueError"):
+        fit(net, opt, X, y, epochs=1, batch_size=8, comm=COMM)
+    np.testing.assert_array_equal(net.params.data, before)
