@@ -32,9 +32,9 @@ __all__ = [
 
 
 def __getattr__(name):
-    # fastopt.nn (MLPs, ensembles) and fastopt.data (dataset readers) load on
-    # first use, so `import fastopt` stays light.
-    if name in ("nn", "data"):
+    # fastopt.nn (MLPs, ensembles), fastopt.data (dataset readers) and
+    # fastopt.distributed (MPI) load on first use, so `import fastopt` stays light.
+    if name in ("nn", "data", "distributed"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fastopt' has no attribute {name!r}")
