@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "bench": "fastopt._cmd_bench",
     "check-perf": "fastopt._cmd_check_perf",
+    "examples": "fastopt._cmd_examples",
     "info": "fastopt._cmd_info",
     "plot-schedule": "fastopt._cmd_plot_schedule",
     "train": "fastopt._cmd_train",

@@ -1,0 +1,54 @@
+"""``fastopt examples NAME``: run one of the optimization lessons and draw its picture.
+
+    fastopt examples gd-paths -o gd.png
+    fastopt examples lr-sweep --small --no-plot
+
+The lessons live in :mod:`fastopt.examples` (installed with the package);
+each prints the facts it claims. ``fastopt examples list`` names them.
+"""
+
+from __future__ import annotations
+
+HELP = "run an optimization lesson (backprop, gd-paths, lr-sweep, adam, schedules) to a PNG"
+
+
+def add_arguments(parser):
+    from fastopt.examples import EXAMPLES
+
+    parser.add_argument("name", choices=[*EXAMPLES, "list"], metavar="NAME",
+                        help=f"one of {', '.join(EXAMPLES)}, or 'list'")
+    parser.add_argument("-o", "--output", default=None,
+                        help="image file (default NAME.png in the current directory)")
+    parser.add_argument("--small", action="store_true",
+                        help="the seconds-long configuration the tests use")
+    parser.add_argument("--no-plot", action="store_true", help="print the facts only")
+    parser.add_argument("--data-dir", default=None,
+                        help="lr-sweep: directory with the MNIST t10k IDX files (default: "
+                             "$FASTOPT_DATA, then ../shared/data/mnist)")
+
+
+def run(args):
+    import sys
+
+    from fastopt import examples
+
+    if args.name == "list":
+        for name in examples.EXAMPLES:
+            print(f"{name:<10} {examples.summary(name)}")
+        return 0
+    output = None if args.no_plot else (args.output or f"{args.name}.png")
+    if output is not None:
+        try:
+            from fastopt.examples._plot import pyplot
+            pyplot()
+        except ImportError as exc:
+            print(f"fastopt examples: {exc} (--no-plot)", file=sys.stderr)
+            return 1
+    kwargs = {"data_dir": args.data_dir} if args.name == "lr-sweep" else {}
+    module = examples._module(args.name)
+    try:
+        module.run(output=output, small=args.small, **kwargs)
+    except FileNotFoundError as exc:
+        print(f"fastopt examples {args.name}: {exc}", file=sys.stderr)
+        return 2
+    return 0
