@@ -109,6 +109,14 @@ def test_lr_sweep_verdict_rules():
     # initial 2.3: a NaN and a blow-up fail; 0.3 is best; 2.2 gained < 1/4 of 2.0
     v = verdicts(2.3, [float("nan"), 1.0, 0.3, 2.2], [math.inf, 5.0, 2.3, 2.3])
     assert v == ["fails", "fails", "good", "crawls"]
+    # no better than the start, without a blow-up: crawls
+    assert verdicts(2.3, [2.4, 2.3, 1.0], [2.4, 2.3, 2.3]) == ["crawls", "crawls", "good"]
+
+
+def test_examples_ship_with_the_package():
+    setuptools = pytest.importorskip("setuptools")
+    found = setuptools.find_packages(str(ROOT), include=["fastopt*"])   # pyproject's rule
+    assert "fastopt.examples" in found
 
 
 def test_lr_sweep_without_data_is_a_clear_error(tmp_path, capsys):

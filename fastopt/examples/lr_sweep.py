@@ -16,7 +16,8 @@ before training (the same for all five) and ``L`` after:
   first steps overshoot to several times the starting loss and the model
   never catches up with the good rates);
 * **crawls** (too small): no blow-up, but ``L0 - L`` is less than a quarter
-  of the best model's improvement (it is still near where it started);
+  of the best model's improvement (it is still near where it started; a
+  run that ends no better than it started, without a blow-up, crawls too);
 * **good** otherwise. The best lr is the one with the lowest ``L``.
 
 The lesson: the usable range is about two decades wide, and you find it by
@@ -42,7 +43,8 @@ def verdicts(initial, final, peak, crawl=CRAWL, blowup=BLOWUP):
     """
     final = np.asarray(final, np.float64)
     peak = np.asarray(peak, np.float64)
-    failed = ~np.isfinite(final) | ~np.isfinite(peak) | (peak > blowup * initial)
+    with np.errstate(invalid="ignore"):
+        failed = ~np.isfinite(final) | ~np.isfinite(peak) | (peak > blowup * initial)
     ok = ~failed
     best_gain = (initial - final[ok]).max() if ok.any() else 0.0
     out = []
@@ -71,19 +73,23 @@ def run(output=None, small=False, verbose=True, data_dir=None, lrs=LRS) -> dict:
     X, y, Xv, yv = mnist_split(data_dir)
     X, y = X[:n_train], y[:n_train]
     k = len(lrs)
-    fastopt.set_num_threads(1)     # BLAS threads do the matmuls; one level of parallelism
     model = Ensemble(k, (784, hidden, 10), "relu", seed=[0] * k)   # same init for all
     opt = fastopt.Adam(model.param_groups(lr=list(lrs)))
     initial = float(model.evaluate(Xv, yv)[0][0])
     rng = np.random.default_rng(0)
     curves = []
-    with np.errstate(all="ignore"):
-        for _ in range(epochs):
-            order = rng.permutation(n_train)
-            for s in range(0, n_train - batch + 1, batch):
-                idx = order[s:s + batch]
-                curves.append(model.train_step(opt, X[idx], y[idx]).copy())
-        final, acc = model.evaluate(Xv, yv)
+    threads = fastopt.get_num_threads()
+    fastopt.set_num_threads(1)     # BLAS threads do the matmuls: one level of parallelism
+    try:
+        with np.errstate(all="ignore"):
+            for _ in range(epochs):
+                order = rng.permutation(n_train)
+                for s in range(0, n_train - batch + 1, batch):
+                    idx = order[s:s + batch]
+                    curves.append(model.train_step(opt, X[idx], y[idx]).copy())
+            final, acc = model.evaluate(Xv, yv)
+    finally:
+        fastopt.set_num_threads(threads)
     curves = np.array(curves)                      # [steps, k]
     peak = np.where(np.isfinite(curves), curves, np.inf).max(axis=0)
     v = verdicts(initial, final, peak)
