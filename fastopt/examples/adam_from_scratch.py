@@ -87,7 +87,6 @@ def run(output=None, small=False, verbose=True, lr_adam=0.03, tol=1e-6) -> dict:
     fused = fastopt_path(x0, grad, steps, lambda p: fastopt.Adam(p, lr=lr_adam))
     sgd = fastopt_path(x0, grad, steps, lambda p: fastopt.SGD(p, lr=lr_sgd))
     diff = float(np.abs(scratch - fused).max())
-    rel = float((np.abs(scratch - fused) / np.maximum(np.abs(scratch), 1e-300)).max())
     la = [loss(x) for x in scratch]
     lf = [loss(x) for x in fused]
     ls = [loss(x) for x in sgd]
@@ -95,7 +94,7 @@ def run(output=None, small=False, verbose=True, lr_adam=0.03, tol=1e-6) -> dict:
     faster = n_adam is not None and (n_sgd is None or n_adam < n_sgd)
     facts = {"dim": DIM, "condition": float(LAM.max() / LAM.min()), "steps": steps,
              "lr_adam": lr_adam, "lr_sgd": lr_sgd, "tol": tol,
-             "max_abs_diff_fused_vs_scratch": diff, "max_rel_diff_fused_vs_scratch": rel,
+             "max_abs_diff_fused_vs_scratch": diff,
              "bitwise_equal": bool(np.array_equal(scratch, fused)),
              "steps_adam": n_adam, "steps_sgd": n_sgd, "adam_faster": faster,
              "final_loss_adam": la[-1], "final_loss_fastopt_adam": lf[-1],
@@ -110,8 +109,8 @@ def run(output=None, small=False, verbose=True, lr_adam=0.03, tol=1e-6) -> dict:
         f"  Adam from scratch, lr={lr_adam}:       {n(n_adam)} (final loss {la[-1]:.2e})",
         f"  SGD, best constant lr=2/(1+100)={lr_sgd:.4f}: {n(n_sgd)} (final loss {ls[-1]:.2e})",
         f"  -> {'Adam' if faster else 'SGD'} converges faster here",
-        f"  fastopt.Adam vs from scratch over {steps} steps: max |dx| = {diff:.1e} "
-        f"(relative {rel:.1e}; {'bit-identical' if facts['bitwise_equal'] else 'float rounding'})")
+        f"  fastopt.Adam vs from scratch over {steps} steps: max |dx| = {diff:.1e} with x "
+        f"starting at 1 ({'bit-identical' if facts['bitwise_equal'] else 'float rounding'})")
     if output is not None:
         _draw(output, la, lf, ls, facts)
         say(verbose, f"wrote {output}")
