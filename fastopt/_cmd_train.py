@@ -203,11 +203,16 @@ def _run(args, comm):
     from fastopt.nn import Ensemble
     from fastopt.nn.training import fit, make_optimizer
 
+    from fastopt.distributed import agree
     try:
         Xtr, ytr, Xte, yte = mnist_split(args.data_dir, dtype=np.dtype(args.dtype))
     except (FileNotFoundError, ValueError) as exc:
+        if comm is not None:   # the other ranks must not wait for this one
+            agree(comm, exc, what="loading the data")
         print(f"fastopt train: {exc}", file=sys.stderr)
         return 2
+    if comm is not None:
+        agree(comm, None, what="loading the data")
     lrs = args.ensemble_lrs
     k = len(lrs) if lrs else 1
     if args.epochs < 1 or args.batch_size < 1:

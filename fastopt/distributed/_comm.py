@@ -102,4 +102,4 @@ def agree(comm, error=None, what="the step"):
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     text = "; ".join(f"rank {r}: {m}" for r, m in failed)
     raise DistributedError(f"{what} failed on {len(failed)} of {comm.Get_size()} ranks "
-                           f"({text}); no rank applied it") from error
+                           f"({text}); every rank raises this") from error

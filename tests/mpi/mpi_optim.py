@@ -102,6 +102,15 @@ def test_matches_single_process(mode, name, dtype, clip):
     np.testing.assert_array_equal(data, p.data)
 
 
+@pytest.mark.parametrize("backend", [b for b in fastopt.available_backends() if b != "cuda"])
+def test_every_cpu_backend(backend):
+    OPTIMIZERS["adamw-" + backend] = (fastopt.AdamW, dict(lr=1e-2, backend=backend))
+    for mode in ("dp", "shard"):
+        ref_p, p, opt = run_both(mode, "adamw-" + backend, np.float32, 0.5, steps=2)
+        assert opt.backend == backend
+        np.testing.assert_allclose(p.data, ref_p.data, **tol(np.float32))
+
+
 @pytest.mark.parametrize("mode", ["dp", "shard"])
 def test_uneven_weights_and_groups(mode):
     weights = [(r + 1) / (N * (N + 1) / 2) for r in range(N)]   # sums to 1
@@ -304,3 +313,28 @@ def test_fit_bad_input_on_one_rank_raises_everywhere():
     with pytest.raises(dist.DistributedError, match=f"rank {N - 1}: ValueError"):
         fit(net, opt, X, y, epochs=1, batch_size=8, comm=COMM)
     np.testing.assert_array_equal(net.params.data, before)
+
+
+def test_replicated_checkpoint_resumes_sharded():
+    d = shared_dir()
+    p = make_params(np.float64)
+    dp = dist.DataParallel(fastopt.SGD(p, lr=1e-2, momentum=0.9))
+    g = p.zeros_like()
+    for step in range(2):
+        for view, a in zip(g, rank_grads(step, RANK, np.float64)):
+            view[...] = a
+        dp.step(g)
+    path = os.path.join(d, "replicated.npz")
+    fastopt.save(path, params=p, optimizer=dp)
+    q = make_params(np.float64, seed=4)
+    zero = dist.ShardedOptimizer(fastopt.SGD, q, lr=1e-2, momentum=0.9)
+    fastopt.load(path, params=q, optimizer=zero)
+    gq = q.zeros_like()
+    for step in range(2, 4):
+        for view, view_q, a in zip(g, gq, rank_grads(step, RANK, np.float64)):
+            view[...] = a
+            view_q[...] = a
+        dp.step(g)
+        zero.step(gq)
+    np.testing.assert_allclose(q.data, p.data, **tol(np.float64))
+    assert zero.iterations == dp.iterations == 4
