@@ -28,8 +28,10 @@ Buffers travel through mpi4py's buffer interface (no pickling); only setup
 checks and error messages are pickled. Every step starts with a 4-byte
 Allreduce of an error flag, so a rank that fails (bad input, an exception in
 its backward pass) makes every rank raise :class:`DistributedError` instead
-of leaving the others blocked in a collective. float32 and float64 host
-arrays; 16-bit params and device arrays are not supported yet.
+of leaving the others blocked in a collective. Host arrays: float32 and
+float64, and float16/bfloat16 (mixed precision: gradients reduced in float32,
+then rounded; the float32 master copy is sharded with the rest of the
+state). Device arrays (CUDA-aware MPI) are not supported yet.
 """
 
 from ._comm import DistributedError, agree, launched_size, world

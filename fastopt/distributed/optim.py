@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from .. import _validate as V
+from ..backends.lowp import is_low_precision
 from ..optim.base import Optimizer, _all_finite, _brief
 from ..params import FlatArrays, _address, _root, memory_runs
 from ..schedules import from_dict
@@ -46,6 +47,22 @@ def _check_weight(weight):
 def _scale(a, factor):
     if factor != 1.0:
         np.multiply(a, a.dtype.type(factor), out=a)
+
+
+def _wire(a):
+    """``[array, MPI type]`` that moves ``a`` bit for bit (16-bit floats as uint16)."""
+    if is_low_precision(a.dtype):
+        return [a.view(np.uint16), mpi().UINT16_T]
+    return [a, mpi_dtype(a.dtype)]
+
+
+def _reduce_buffer(a, scratch):
+    """The buffer to reduce in place of ``a``: ``a`` itself, or for 16-bit
+    floats (MPI has no 16-bit float sum) a float32 copy in ``scratch``."""
+    if not is_low_precision(a.dtype):
+        return a
+    np.copyto(scratch, a, casting="unsafe")
+    return scratch
 
 
 class _Distributed:
@@ -87,7 +104,7 @@ class _Distributed:
     def _broadcast(self, arrays):
         """Make every rank start from rank 0's parameters."""
         for _, _, flat in memory_runs(arrays):
-            self.comm.Bcast([flat, mpi_dtype(flat.dtype)], root=0)
+            self.comm.Bcast(_wire(flat), root=0)
 
     # -- the optimizer's public attributes ------------------------------------
     iterations = property(lambda self: self._inner.iterations)
@@ -149,7 +166,8 @@ class DataParallel(_Distributed):
                 raise TypeError("DataParallel wraps a fastopt optimizer over host arrays, got "
                                 f"{type(optimizer).__name__}")
             for p in optimizer._params:
-                mpi_dtype(p.dtype)
+                if not is_low_precision(p.dtype):
+                    mpi_dtype(p.dtype)
             if bucket_elems is not None:
                 bucket_elems = V.check_int("bucket_elems", bucket_elems, low=1)
             sig = self._signature(type(optimizer).__name__,
@@ -160,6 +178,7 @@ class DataParallel(_Distributed):
         self._inner = optimizer
         self.bucket_elems = bucket_elems
         self._cached = None
+        self._scratch = None    # float32 reduction buffer for 16-bit grads
         if broadcast:
             self._broadcast(optimizer._params)
 
@@ -201,14 +220,20 @@ class DataParallel(_Distributed):
                 error = exc
         agree(self.comm, error)
         MPI = mpi()
+        if is_low_precision(data.dtype) and (self._scratch is None
+                                             or self._scratch.size != data.size):
+            self._scratch = np.empty(data.size, np.float32)
+        buf = _reduce_buffer(data, self._scratch)
         if w is not None:
-            _scale(data, w)
-        n = data.size
+            _scale(buf, w)
+        n = buf.size
         step = self.bucket_elems or max(n, 1)
         for lo in range(0, n, step):
-            self.comm.Allreduce(MPI.IN_PLACE, data[lo:lo + step], op=MPI.SUM)
+            self.comm.Allreduce(MPI.IN_PLACE, buf[lo:lo + step], op=MPI.SUM)
         if w is None:
-            _scale(data, 1.0 / self.world_size)
+            _scale(buf, 1.0 / self.world_size)
+        if buf is not data:    # round to the grads' 16-bit dtype (to nearest even)
+            np.copyto(data, buf, casting="unsafe")
         # a ring allreduce sends 2 (N-1)/N of the buffer per rank
         self.bytes_per_step = int(2 * (self.world_size - 1) * data.nbytes // self.world_size)
         return self._inner.step(grads)
@@ -259,7 +284,7 @@ class ShardedOptimizer(_Distributed):
             error = exc
         self._setup_agree(sig, error, "ShardedOptimizer setup")
         if broadcast:
-            self.comm.Bcast([self._buffer, self._mpi_type], root=0)
+            self.comm.Bcast(_wire(self._buffer), root=0)
 
     # -- setup ----------------------------------------------------------------
     def _build(self, cls, params, options):
@@ -273,7 +298,8 @@ class ShardedOptimizer(_Distributed):
             raise ValueError("params is empty: nothing to optimize")
         root = _root(flat[0])
         dtype = flat[0].dtype
-        self._mpi_type = mpi_dtype(dtype)
+        low = is_low_precision(dtype)
+        self._mpi_type = mpi_dtype(np.float32 if low else dtype)   # the reduction's type
         if root.ndim != 1 or not root.flags.c_contiguous or root.dtype != dtype:
             raise ValueError("ShardedOptimizer needs params that are views of one contiguous "
                              "1-D buffer, e.g. fastopt.pack(...) or model.param_groups()")
@@ -337,6 +363,9 @@ class ShardedOptimizer(_Distributed):
             self.param_groups.append({**inner._validated(hyp, where=f"param_groups[{gi}]"),
                                       "params": g})
         self._gshard = np.zeros(hi - lo, dtype)
+        # 16-bit grads are reduced in float32, then rounded for the step
+        self._send32 = np.empty(n, np.float32) if low else None
+        self._gshard32 = np.empty(hi - lo, np.float32) if low else self._gshard
         order = [(s, e) for ps in pieces for s, e, _, _ in ps]
         if inner._memory_ordered and order == sorted(order):
             self._local_grads = FlatArrays(self._gshard, [(e - s,) for s, e in order])
@@ -399,15 +428,18 @@ class ShardedOptimizer(_Distributed):
                 error = exc
         agree(self.comm, error)
         MPI = mpi()
+        send = _reduce_buffer(data, self._send32)
         if w is not None:
-            _scale(data, w)
-        self.comm.Reduce_scatter([data, self._mpi_type], [self._gshard, self._mpi_type],
+            _scale(send, w)
+        self.comm.Reduce_scatter([send, self._mpi_type], [self._gshard32, self._mpi_type],
                                  recvcounts=self._counts, op=MPI.SUM)
         if w is None:
-            _scale(self._gshard, 1.0 / self.world_size)
+            _scale(self._gshard32, 1.0 / self.world_size)
+        if self._gshard32 is not self._gshard:
+            np.copyto(self._gshard, self._gshard32, casting="unsafe")
         norm = self._inner.step(self._local_grads)
-        self.comm.Allgatherv(MPI.IN_PLACE, [self._buffer, self._counts, self.bounds[:-1],
-                                            self._mpi_type])
+        wire, kind = _wire(self._buffer)
+        self.comm.Allgatherv(MPI.IN_PLACE, [wire, self._counts, self.bounds[:-1], kind])
         nbytes = self._buffer.nbytes
         self.bytes_per_step = int(2 * (self.world_size - 1) * nbytes // self.world_size)
         return norm

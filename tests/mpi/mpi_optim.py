@@ -338,3 +338,42 @@ def test_replicated_checkpoint_resumes_sharded():
         zero.step(gq)
     np.testing.assert_allclose(q.data, p.data, **tol(np.float64))
     assert zero.iterations == dp.iterations == 4
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+@pytest.mark.parametrize("low", ["float16", "bfloat16"])
+def test_mixed_precision_matches_single_process(mode, low):
+    import ml_dtypes
+
+    dtype = np.dtype(ml_dtypes.bfloat16 if low == "bfloat16" else np.float16)
+    ref_p, p = make_params(dtype), make_params(dtype)
+    ref = fastopt.AdamW(ref_p, lr=1e-2, max_grad_norm=0.5)
+    opt = (dist.DataParallel(fastopt.AdamW(p, lr=1e-2, max_grad_norm=0.5)) if mode == "dp"
+           else dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2, max_grad_norm=0.5))
+    g = p.zeros_like()
+    for step in range(3):
+        for view, a in zip(g, rank_grads(step, RANK, dtype)):
+            view[...] = a
+        opt.step(g)
+        # one process: the float32 mean of the ranks' 16-bit grads, rounded
+        parts = [[a.astype(np.float32) for a in rank_grads(step, r, dtype)] for r in range(N)]
+        mean = []
+        for k in range(len(SHAPES)):
+            acc = parts[0][k].copy()
+            for r in range(1, N):
+                acc += parts[r][k]
+            mean.append((acc * np.float32(1.0 / N)).astype(dtype))
+        ref.step(mean)
+    ref_master = ref.state_dict()["state"][0]["buffers"]["master"]
+    master = opt.state_dict()["state"][0]["buffers"]["master"]
+    np.testing.assert_allclose(master, ref_master, rtol=2e-5, atol=2e-6)
+    same = np.mean(p.data.astype(np.float32) == ref_p.data.astype(np.float32))
+    assert same > 0.99     # the 16-bit params are the rounded masters
+    # a sharded checkpoint (with its master copy) loads in one process
+    d = shared_dir()
+    path = os.path.join(d, "lowp.npz")
+    fastopt.save(path, params=p, optimizer=opt)
+    q = make_params(dtype, seed=3)
+    single = fastopt.AdamW(q, lr=1e-2, max_grad_norm=0.5)
+    fastopt.load(path, params=q, optimizer=single)
+    np.testing.assert_array_equal(single.state_dict()["state"][0]["buffers"]["master"], master)
