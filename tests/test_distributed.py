@@ -7,7 +7,9 @@ parameter buffer unevenly. The tests that run on every rank are in
 tests/mpi/mpi_optim.py.
 
 Open MPI refuses to run as root unless told; the environment below allows
-it (and oversubscription: 3 ranks on a 2-core machine). MPICH needs neither.
+it, and oversubscription (3 ranks on a 2-core machine: the variable is
+OMPI_MCA_rmaps_base_oversubscribe up to Open MPI 4, PRTE_MCA_... from 5).
+MPICH (the mpich wheel, what CI installs) needs none of them.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def _mpiexec():
 MPIEXEC = _mpiexec()
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found")
 ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-       "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONUNBUFFERED": "1"}
+       "OMPI_MCA_rmaps_base_oversubscribe": "1",
+       "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "PYTHONUNBUFFERED": "1"}
 
 
 def mpirun(n, args, timeout=120):
