@@ -69,7 +69,8 @@ def add_arguments(parser):
     parser.add_argument("--backend", default="auto", choices=["auto", "cython", "numba", "numpy"],
                         help="nn backend (CUDA: not yet)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="BLAS threads (threadpoolctl); default: BLAS's own. On a busy "
+                        help="BLAS threads (threadpoolctl); default: BLAS's own (under "
+                             "mpiexec: cores / ranks). On a busy "
                              "machine 1 can be much faster (see docs/performance.md)")
     parser.add_argument("--target", type=float, default=0.94,
                         help="report the training time to reach this held-out accuracy")
@@ -170,6 +171,12 @@ def run(args):
 
     from fastopt.distributed import DistributedError
     rank = comm.Get_rank()
+    if args.threads is None:   # share the cores: N ranks x BLAS threads each would oversubscribe
+        try:
+            import threadpoolctl  # noqa: F401
+            args.threads = max(1, (os.cpu_count() or 1) // comm.Get_size())
+        except ImportError:
+            pass
     saved = sys.stdout
     if rank != 0:   # rank 0 reports; the others stay silent
         args.quiet = True
