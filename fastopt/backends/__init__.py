@@ -17,7 +17,7 @@ CPU backends (the optimizers pick it for device arrays themselves).
 
 from __future__ import annotations
 
-import importlib
+from .._registry import LazyModules
 
 # Preference order for backend="auto": fastest first (see `fastopt bench`).
 _MODULES = {
@@ -29,27 +29,13 @@ _MODULES = {
 #: backends whose arrays live on a device: never chosen by "auto" for host arrays
 DEVICE_BACKENDS = ("cuda",)
 _ALIASES = {"reference": "numpy"}
-_loaded: dict = {}
-_failed: dict = {}
-
-
-def _load(name: str):
-    if name in _loaded:
-        return _loaded[name]
-    if name in _failed:
-        return None
-    try:
-        mod = importlib.import_module(_MODULES[name])
-    except ImportError as exc:  # optional backend missing (or no GPU): remember why
-        _failed[name] = exc
-        return None
-    _loaded[name] = mod
-    return mod
+_REGISTRY = LazyModules(_MODULES, "backend", _ALIASES, never_auto=DEVICE_BACKENDS)
+_load = _REGISTRY.load
 
 
 def available_backends() -> list:
     """Names of the backends that import on this machine, fastest first."""
-    return [n for n in _MODULES if _load(n) is not None]
+    return _REGISTRY.available()
 
 
 def get_backend(name: str = "auto"):
@@ -57,23 +43,7 @@ def get_backend(name: str = "auto"):
 
     "auto" is the fastest available CPU backend; "cuda" must be asked for
     (or is picked by the optimizers when their params are device arrays)."""
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a string, got {type(name).__name__}")
-    name = _ALIASES.get(name, name)
-    if name == "auto":
-        for candidate in _MODULES:
-            if candidate in DEVICE_BACKENDS:
-                continue
-            mod = _load(candidate)
-            if mod is not None:
-                return mod
-    if name not in _MODULES:
-        raise ValueError(
-            f"backend must be one of {['auto', *_MODULES]}, got {name!r}")
-    mod = _load(name)
-    if mod is None:
-        raise ValueError(f"backend {name!r} is not available here: {_failed[name]}")
-    return mod
+    return _REGISTRY.get(name)
 
 
 def is_device_array(a) -> bool:
@@ -102,7 +72,7 @@ def backend_info() -> dict:
     for name in _MODULES:
         mod = _load(name)
         if mod is None:
-            info[name] = {"available": False, "reason": str(_failed[name])}
+            info[name] = {"available": False, "reason": _REGISTRY.reason(name)}
         else:
             info[name] = {"available": True, "threaded": bool(mod.threaded)}
             if hasattr(mod, "simd"):

@@ -30,13 +30,13 @@ its gradients and the optimizer are exactly as before the call.
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 from collections import OrderedDict
 
 import numpy as np
 
+from .._registry import LazyModules
 from ..params import FlatArrays, flat_zeros
 from ..schedules import Schedule
 from .activations import DEFAULT_INIT, LOSSES, activation_id, parse_layers
@@ -49,44 +49,16 @@ _MODULES = {
     "cython": "fastopt.nn._cython_backend",
     "numpy": "fastopt.nn._ref",
 }
-_loaded: dict = {}
-_failed: dict = {}
-
-
-def _load(name):
-    if name in _loaded:
-        return _loaded[name]
-    if name in _failed:
-        return None
-    try:
-        mod = importlib.import_module(_MODULES[name])
-    except ImportError as exc:
-        _failed[name] = exc
-        return None
-    _loaded[name] = mod
-    return mod
+_REGISTRY = LazyModules(_MODULES, "nn backend", {"reference": "numpy"})
 
 
 def available_backends() -> list:
     """nn backends that import here, in ``backend="auto"`` preference order."""
-    return [n for n in _MODULES if _load(n) is not None]
+    return _REGISTRY.available()
 
 
 def get_backend(name="auto"):
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a string, got {type(name).__name__}")
-    name = {"reference": "numpy"}.get(name, name)
-    if name == "auto":
-        for n in _MODULES:
-            mod = _load(n)
-            if mod is not None:
-                return mod
-    if name not in _MODULES:
-        raise ValueError(f"backend must be one of {['auto', *_MODULES]}, got {name!r}")
-    mod = _load(name)
-    if mod is None:
-        raise ValueError(f"nn backend {name!r} is not available here: {_failed[name]}")
-    return mod
+    return _REGISTRY.get(name)
 
 
 def _seeds(seed, k):
