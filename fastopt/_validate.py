@@ -110,17 +110,19 @@ def _bounds(a):
     return start, start + a.nbytes
 
 
-def check_disjoint(written, read=()) -> None:
+def check_disjoint(written, read=(), *, bounds=_bounds, memory="memory") -> None:
     """No written array overlaps any other array, written or read.
 
-    ``written`` and ``read`` are lists of ``(label, ndarray)``. A sweep over
-    the sorted byte ranges: O(n log n) for n arrays.
+    ``written`` and ``read`` are lists of ``(label, array)``; ``bounds(a)``
+    gives an array's ``(first, past-the-end)`` byte addresses (host arrays
+    by default; the CUDA backend passes device pointers and says "device
+    memory"). A sweep over the sorted byte ranges: O(n log n) for n arrays.
     """
     spans = []
     for is_written, items in ((True, written), (False, read)):
         for label, a in items:
-            if a.nbytes:
-                lo, hi = _bounds(a)
+            lo, hi = bounds(a)
+            if hi > lo:
                 spans.append((lo, hi, is_written, label))
     spans.sort(key=lambda s: s[0])
     # Track the earlier span reaching furthest: any later span starting
@@ -131,7 +133,7 @@ def check_disjoint(written, read=()) -> None:
         lo, hi, is_written, label = span
         for prev in (far_written, far_any if is_written else None):
             if prev is not None and lo < prev[1]:
-                raise ValueError(f"{label} overlaps {prev[3]} in memory; arrays the "
+                raise ValueError(f"{label} overlaps {prev[3]} in {memory}; arrays the "
                                  "step writes must not alias any other argument")
         if far_any is None or hi > far_any[1]:
             far_any = span

@@ -54,6 +54,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(f"numba-cuda is not importable ({exc}); "
                       "pip install 'fastopt[cuda]'") from None
 
+from .. import _validate as V
 from ._cuda_kernels import (THREADS, _adam_kernel, _convert_kernel, _finalize_kernel,
                             _scale_kernel, _sgd_kernel, _sumsq_partial_kernel)
 from .scalars import AdamScalars, SGDScalars
@@ -198,27 +199,15 @@ def check_devices(named) -> None:
                              "(mixed devices); move it or select that device first")
 
 
+def _device_bounds(a):
+    nbytes = a.size * np.dtype(a.dtype).itemsize
+    lo = _pointer(a) if nbytes else 0      # empty arrays hold no memory to alias
+    return lo, lo + nbytes
+
+
 def check_disjoint(written, read=()) -> None:
     """No written device array overlaps any other argument (by pointer span)."""
-    spans = []
-    for is_w, items in ((True, written), (False, read)):
-        for label, a in items:
-            nbytes = a.size * np.dtype(a.dtype).itemsize
-            if nbytes:
-                lo = _pointer(a)
-                spans.append((lo, lo + nbytes, is_w, label))
-    spans.sort(key=lambda s: s[0])
-    far_any = far_w = None
-    for span in spans:
-        lo, hi, is_w, label = span
-        for prev in (far_w, far_any if is_w else None):
-            if prev is not None and lo < prev[1]:
-                raise ValueError(f"{label} overlaps {prev[3]} in device memory; arrays the "
-                                 "step writes must not alias any other argument")
-        if far_any is None or hi > far_any[1]:
-            far_any = span
-        if is_w and (far_w is None or hi > far_w[1]):
-            far_w = span
+    V.check_disjoint(written, read, bounds=_device_bounds, memory="device memory")
 
 
 def flat(a):

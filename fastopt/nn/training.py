@@ -118,16 +118,22 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
                "samples_per_s": epoch * n / elapsed}
         if X_val is not None:
             vl, va = Ensemble.evaluate(model, X_val, y_val)
-            rec["val_loss"] = vl.tolist()
-            rec["val_acc"] = va.tolist()
-            if target is not None:
-                for k, a in enumerate(va):
-                    if a >= target and history["time_to_target"][k] is None:
-                        history["time_to_target"][k] = elapsed
+            _record_validation(history, rec, vl, va, target, elapsed)
         history["epochs"].append(rec)
         if on_epoch is not None:
             on_epoch(epoch, rec)
     return history
+
+
+def _record_validation(history, rec, val_loss, val_acc, target, elapsed):
+    """Store an epoch's held-out loss/accuracy per model, and the training
+    seconds at which each model first reached ``target`` accuracy."""
+    rec["val_loss"] = np.asarray(val_loss).tolist()
+    rec["val_acc"] = np.asarray(val_acc).tolist()
+    if target is not None:
+        for k, acc in enumerate(val_acc):
+            if acc >= target and history["time_to_target"][k] is None:
+                history["time_to_target"][k] = elapsed
 
 
 def _slice(n, rank, size):
@@ -189,13 +195,8 @@ def _fit_distributed(model, opt, X, y, *, epochs, batch_size, seed, X_val, y_val
                 sums[:model.k] = np.asarray(vl) * (vhi - vlo)
                 sums[model.k:] = np.asarray(va) * (vhi - vlo)
             comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
-            va = sums[model.k:] / X_val.shape[0]
-            rec["val_loss"] = (sums[:model.k] / X_val.shape[0]).tolist()
-            rec["val_acc"] = va.tolist()
-            if target is not None:
-                for k, a in enumerate(va):
-                    if a >= target and history["time_to_target"][k] is None:
-                        history["time_to_target"][k] = elapsed
+            _record_validation(history, rec, sums[:model.k] / X_val.shape[0],
+                               sums[model.k:] / X_val.shape[0], target, elapsed)
         history["epochs"].append(rec)
         if on_epoch is not None:
             on_epoch(epoch, rec)
