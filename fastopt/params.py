@@ -26,16 +26,19 @@ import numpy as np
 __all__ = ["FlatArrays", "pack", "flat_zeros", "memory_runs", "in_memory_order"]
 
 
-class FlatArrays(tuple):
-    """A tuple of array views laid end to end in one 1-D buffer, ``data``.
-
-    Build one with :func:`pack` or :func:`flat_zeros`; ``views[i]`` occupies
-    ``data[offsets[i]:offsets[i + 1]]``.
+class PackedViews(tuple):
+    """Views laid end to end in one 1-D buffer, ``data``: what host
+    :class:`FlatArrays` and the CUDA backend's ``DeviceFlatArrays`` share.
+    ``views[i]`` occupies ``data[offsets[i]:offsets[i + 1]]``. Subclasses
+    check their kind of buffer in ``_check_buffer``.
     """
 
+    @classmethod
+    def _check_buffer(cls, data):
+        raise NotImplementedError
+
     def __new__(cls, data, shapes):
-        if not isinstance(data, np.ndarray) or data.ndim != 1 or not data.flags.c_contiguous:
-            raise TypeError("FlatArrays needs a contiguous 1-D ndarray as its buffer")
+        data = cls._check_buffer(data)
         shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         offsets = [0]
         for s in shapes:
@@ -49,7 +52,7 @@ class FlatArrays(tuple):
         return self
 
     @property
-    def data(self) -> np.ndarray:
+    def data(self):
         """The one 1-D buffer every view lives in."""
         return self._data
 
@@ -64,7 +67,21 @@ class FlatArrays(tuple):
 
     @property
     def dtype(self) -> np.dtype:
-        return self.data.dtype
+        return self._data.dtype
+
+
+class FlatArrays(PackedViews):
+    """A tuple of array views laid end to end in one 1-D buffer, ``data``.
+
+    Build one with :func:`pack` or :func:`flat_zeros`; ``views[i]`` occupies
+    ``data[offsets[i]:offsets[i + 1]]``.
+    """
+
+    @classmethod
+    def _check_buffer(cls, data):
+        if not isinstance(data, np.ndarray) or data.ndim != 1 or not data.flags.c_contiguous:
+            raise TypeError("FlatArrays needs a contiguous 1-D ndarray as its buffer")
+        return data
 
     def zeros_like(self) -> "FlatArrays":
         """A new zero-filled FlatArrays with the same shapes and dtype."""

@@ -55,6 +55,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
                       "pip install 'fastopt[cuda]'") from None
 
 from .. import _validate as V
+from ..params import PackedViews
 from ._cuda_kernels import (THREADS, _adam_kernel, _convert_kernel, _finalize_kernel,
                             _scale_kernel, _sgd_kernel, _sumsq_partial_kernel)
 from .scalars import AdamScalars, SGDScalars
@@ -433,44 +434,19 @@ FLOAT_DTYPES = (_F32, _F64)
 
 # -- flat multi-tensor buffers on the device -------------------------------------------------
 
-class DeviceFlatArrays(tuple):
+class DeviceFlatArrays(PackedViews):
     """Device views laid end to end in one 1-D device buffer, ``data``: the
     device twin of :class:`fastopt.FlatArrays`. An optimizer given one as
     params steps all its views with one launch per step; give it grads as a
     ``DeviceFlatArrays`` of the same layout (``params.zeros_like()``) too.
     """
 
-    def __new__(cls, data, shapes):
+    @classmethod
+    def _check_buffer(cls, data):
         data = check_array("data", data)
         if data.ndim != 1:
             raise TypeError("DeviceFlatArrays needs a 1-D device buffer")
-        shapes = tuple(tuple(int(d) for d in s) for s in shapes)
-        offsets = [0]
-        for s in shapes:
-            offsets.append(offsets[-1] + int(np.prod(s, dtype=np.int64)))
-        if offsets[-1] != data.size:
-            raise ValueError(f"shapes hold {offsets[-1]} elements but the buffer has "
-                             f"{data.size}")
-        views = [data[a:b].reshape(s) for a, b, s in zip(offsets, offsets[1:], shapes)]
-        self = super().__new__(cls, views)
-        self._data, self._shapes, self._offsets = data, shapes, tuple(offsets)
-        return self
-
-    @property
-    def data(self):
-        return self._data
-
-    @property
-    def shapes(self) -> tuple:
-        return self._shapes
-
-    @property
-    def offsets(self) -> tuple:
-        return self._offsets
-
-    @property
-    def dtype(self):
-        return self._data.dtype
+        return data
 
     def zeros_like(self) -> "DeviceFlatArrays":
         """A zeroed buffer with the same layout (for the gradients)."""
