@@ -97,12 +97,16 @@ def check_like(name, arrays, ref_name, refs, *, writable, allow_low_precision=Fa
         check_float_array(f"{name}[{i}]", a, writable=writable,
                           allow_low_precision=(allow_low_precision
                                                and r.dtype.name in LOW_PRECISION_NAMES))
-        if a.shape != r.shape:
-            raise ValueError(f"{name}[{i}] has shape {a.shape} but {ref_name}[{i}] "
-                             f"has shape {r.shape}")
-        if a.dtype != r.dtype:
-            raise TypeError(f"{name}[{i}] has dtype {a.dtype} but {ref_name}[{i}] "
-                            f"has dtype {r.dtype}")
+        check_same_layout(f"{name}[{i}]", a, f"{ref_name}[{i}]", r)
+
+
+def check_same_layout(name, a, ref_name, ref) -> None:
+    """``a`` has ``ref``'s shape and dtype (host or device arrays)."""
+    if tuple(a.shape) != tuple(ref.shape):
+        raise ValueError(f"{name} has shape {tuple(a.shape)} but {ref_name} "
+                         f"has shape {tuple(ref.shape)}")
+    if a.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {a.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
 def _bounds(a):

@@ -58,12 +58,7 @@ def _flatten_device(be, named, optional=()):
         if len(arrays) != len(ref):
             raise ValueError(f"{k} has {len(arrays)} arrays but {first} has {len(ref)}")
         for i, (x, r) in enumerate(zip(arrays, ref)):
-            if tuple(x.shape) != tuple(r.shape):
-                raise ValueError(f"{k}[{i}] has shape {tuple(x.shape)} but {first}[{i}] "
-                                 f"has shape {tuple(r.shape)}")
-            if x.dtype != r.dtype:
-                raise TypeError(f"{k}[{i}] has dtype {x.dtype} but {first}[{i}] has "
-                                f"dtype {r.dtype}")
+            V.check_same_layout(f"{k}[{i}]", x, f"{first}[{i}]", r)
     written = [(f"{k}[{i}]", x) for k, xs in lists.items() if k != "grads"
                for i, x in enumerate(xs)]
     read = [(f"grads[{i}]", x) for i, x in enumerate(lists["grads"])]

@@ -213,16 +213,22 @@ class Optimizer:
                      allow_low_precision=True)
         V.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)],
                          [(f"grads[{i}]", g) for i, g in enumerate(grads)])
+        return self._per_array_segments(lambda k, run: self._params[k].reshape(-1),
+                                        [g.reshape(-1) for g in grads])
+
+    def _per_array_segments(self, param_flat, grad_flats):
+        """Per group, ``(run_index, p, g, lo, hi)`` for grads given array by
+        array: ``param_flat(k, run)`` is param k as a 1-D array, ``lo:hi`` its
+        slice of the run's state buffers."""
         segments = []
         for info in self._run_info:
             segs = []
             for ri, run in enumerate(info["runs"]):
                 local = run["local"]
                 for k in range(run["start"], run["stop"]):
-                    lo = local[k - run["start"]]
-                    hi = local[k - run["start"] + 1]
-                    segs.append((ri, self._params[k].reshape(-1), grads[k].reshape(-1),
-                                 lo, hi))
+                    j = k - run["start"]
+                    segs.append((ri, param_flat(k, run), grad_flats[k], local[j],
+                                 local[j + 1]))
             segments.append(segs)
         return segments
 
@@ -380,27 +386,14 @@ class Optimizer:
         flats = []
         for i, (g, p) in enumerate(zip(grads, self._params)):
             g = be.check_array(f"grads[{i}]", g)
-            if tuple(g.shape) != tuple(p.shape):
-                raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] "
-                                 f"has shape {tuple(p.shape)}")
-            if g.dtype != p.dtype:
-                raise TypeError(f"grads[{i}] has dtype {g.dtype} but params[{i}] has "
-                                f"dtype {p.dtype}")
+            V.check_same_layout(f"grads[{i}]", g, f"params[{i}]", p)
             flats.append(be.flat(g))
         gnamed = [(f"grads[{i}]", g) for i, g in enumerate(flats)]
         be.check_devices(gnamed)
         be.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)], gnamed)
-        segments = []
-        for info in self._run_info:
-            segs = []
-            for ri, run in enumerate(info["runs"]):
-                local = run["local"]
-                for k in range(run["start"], run["stop"]):
-                    lo, hi = local[k - run["start"]], local[k - run["start"] + 1]
-                    p = run["flat"] if run["stop"] - run["start"] == 1 else \
-                        be.flat(self._params[k])
-                    segs.append((ri, p, flats[k], lo, hi))
-            segments.append(segs)
+        segments = self._per_array_segments(
+            lambda k, run: (run["flat"] if run["stop"] - run["start"] == 1
+                            else be.flat(self._params[k])), flats)
         return self._device_step_checked(segments, flats)
 
     def _device_flat_grads(self, grads):
