@@ -86,14 +86,12 @@ def run(args):
     except ValueError as exc:
         print(f"fastopt plot-schedule: {exc}", file=sys.stderr)
         return 2
-    try:
-        import matplotlib
-    except ImportError:
+    from ._plotting import agg_pyplot
+    plt = agg_pyplot()
+    if plt is None:
         print("fastopt plot-schedule needs matplotlib: pip install matplotlib "
               "(or the bench extra: pip install 'fastopt[bench]')", file=sys.stderr)
         return 1
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     steps = args.steps or max([1000] * (not any(map(_length, scheds)))
                               + [int(_length(s) * 1.1) + 1 for s in scheds])

@@ -113,9 +113,10 @@ class _Progress:
 
 
 def _plot(history, labels, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ._plotting import agg_pyplot
+    plt = agg_pyplot()
+    if plt is None:
+        raise ImportError("matplotlib is not installed")
 
     epochs = [r["epoch"] for r in history["epochs"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))

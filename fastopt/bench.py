@@ -436,11 +436,9 @@ IMPL_STYLE = {   # colour, marker: fastopt solid, baselines dashed
 def plot(report, path):
     """Throughput and time per step vs size, per implementation, with the
     same-run roofline drawn. Needs matplotlib; returns False without it."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from ._plotting import agg_pyplot
+    plt = agg_pyplot()
+    if plt is None:
         return False
     rows = [r for r in report["results"] if r["case"] == SWEEP_CASE and r["seconds"]]
     fig, (ax_bw, ax_t) = plt.subplots(1, 2, figsize=(12, 4.6))

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+from .._plotting import agg_pyplot
+
 
 def pyplot():
     """``matplotlib.pyplot`` on the Agg backend (files only, no display)."""
-    try:
-        import matplotlib
-    except ImportError:
+    plt = agg_pyplot()
+    if plt is None:
         raise ImportError("the examples draw with matplotlib, which is not installed: "
                           "pip install matplotlib (or pip install 'fastopt[train]'), "
-                          "or run without a picture") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+                          "or run without a picture")
     return plt
 
 
