@@ -160,3 +160,21 @@ def test_step_updates_in_place_and_returns_none():
     np.testing.assert_array_equal(w, 0.5)
     fastopt.SGD(flat, lr=0.5).step(flat.zeros_like())
     assert flat[0] is view
+
+
+def test_group_edits_are_checked_after_a_step_cached_the_check():
+    """Hypers are re-checked only when they change; edits in place count."""
+    p = fastopt.pack([np.ones(10, np.float32)])
+    g = p.zeros_like()
+    opt = fastopt.AdamW(p)
+    opt.param_groups[0]["betas"] = [0.9, 0.999]
+    opt.step(g)
+    before = p.data.copy()
+    opt.param_groups[0]["betas"][0] = 2.0            # same list object, edited
+    with pytest.raises(ValueError, match=r"betas'\]\[0\] must be < 1.0"):
+        opt.step(g)
+    opt.param_groups[0]["betas"] = (0.9, 0.999)
+    opt.param_groups[0]["eps"] = np.array([1e-8])    # not comparable by ==
+    with pytest.raises(TypeError, match="eps'\\] must be a real number"):
+        opt.step(g)
+    np.testing.assert_array_equal(p.data, before)

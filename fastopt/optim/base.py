@@ -655,7 +655,27 @@ class Optimizer:
                                  f"{k}: {exc}") from None
             V.check_real(f"{V.key(where, 'lr')} (schedule value at step {k})", value, low=0.0)
             group = dict(group, lr=value)
-        return self._check_hypers(group, where)
+        return self._checked_hypers(group, where)
+
+    def _checked_hypers(self, group, where):
+        """``_check_hypers(group)``, re-run only when a hyperparameter other
+        than lr changed since the last step (groups are editable between
+        steps, and every value must be checked before it is used; a full
+        check is most of a small model's step time). lr is checked every
+        time: a schedule gives a new value each step."""
+        snapshot = {k: (v[:] if type(v) is list else v)    # a copy sees in-place edits
+                    for k, v in group.items() if k != "params" and k != "lr"}
+        cache = self.__dict__.setdefault("_hypers_cache", {})
+        hit = cache.get(where)
+        try:
+            same = hit is not None and hit[0] == snapshot
+        except (TypeError, ValueError):   # e.g. an array put in a group: check it fully
+            same = False
+        if same:
+            return dict(hit[1], lr=V.check_real(V.key(where, "lr"), group["lr"], low=0.0))
+        checked = self._check_hypers(group, where)
+        cache[where] = (snapshot, dict(checked))
+        return checked
 
     def _validated(self, group, where="", position=None):
         """Checked and normalised hypers to store; a schedule stays a schedule."""
