@@ -178,3 +178,31 @@ def test_group_edits_are_checked_after_a_step_cached_the_check():
     with pytest.raises(TypeError, match="eps'\\] must be a real number"):
         opt.step(g)
     np.testing.assert_array_equal(p.data, before)
+
+
+def _env_after_import(env_overrides):
+    import json
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(env_overrides)
+    code = ("import json, os, fastopt; i = fastopt.backend_info(); "
+            "print(json.dumps([os.environ.get('GOMP_SPINCOUNT'), "
+            "[i[b].get('openmp_wait') for b in ('numba', 'cython') if i[b]['available']]]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def test_import_shortens_openmp_spin_unless_the_user_chose():
+    """Idle libgomp workers spinning for ms steal the cores from the BLAS calls
+    of a training loop; fastopt sets a short spin before libgomp loads."""
+    spin, reports = _env_after_import({})
+    assert spin == "1000"
+    for r in reports:
+        assert r == {"GOMP_SPINCOUNT": "1000", "OMP_WAIT_POLICY": None, "set_by": "fastopt"}
+    spin, reports = _env_after_import({"GOMP_SPINCOUNT": "77"})
+    assert spin == "77"
+    assert all(r["set_by"] == "user" and r["GOMP_SPINCOUNT"] == "77" for r in reports)
+    spin, reports = _env_after_import({"OMP_WAIT_POLICY": "active"})
+    assert spin is None
+    assert all(r["set_by"] == "user" and r["OMP_WAIT_POLICY"] == "active" for r in reports)

@@ -79,7 +79,14 @@ def backend_info() -> dict:
                 info[name]["simd"] = mod.simd
             if hasattr(mod, "get_num_threads"):
                 info[name]["num_threads"] = mod.get_num_threads()
+            if mod.threaded:
+                info[name]["openmp_wait"] = _openmp_wait()
     return info
+
+
+def _openmp_wait() -> dict:
+    from .. import _OPENMP_SET_BY, _openmp
+    return dict(_openmp.wait_policy(), set_by=_OPENMP_SET_BY)
 
 
 def set_num_threads(n: int) -> None:
