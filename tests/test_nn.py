@@ -264,3 +264,30 @@ def test_clipping_and_schedules_plug_in():
         ref_opt.param_groups[0]["lr"] = sched(step)
         ref_opt.step(ref.grads)
         np.testing.assert_allclose(net.params.data, ref.params.data, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("k, order", [(1, "auto"), (3, "model"), (3, "layer")])
+def test_on_grads_ready_reports_each_final_layer_once(k, order):
+    """Each callback range already holds its final gradient (checked against a
+    plain backward), ranges tile the buffer exactly once, last layer first."""
+    rng = np.random.default_rng(5)
+    sizes = (6, 5, 4, 3)
+    net = Ensemble(k, sizes, seed=1, dtype=np.float64, backend="numpy")
+    net.order = order
+    X, y = _batch(rng, "cross_entropy", 7, 6, 3, k)
+    net.loss_and_grad(X, y)
+    want = net.grads.data.copy()
+    net.grads.data[:] = np.nan
+    seen, order_seen = np.zeros(want.size, int), []
+
+    def ready(lo, hi):
+        np.testing.assert_array_equal(net.grads.data[lo:hi], want[lo:hi])
+        seen[lo:hi] += 1
+        order_seen.append(((lo % net.n_per_model), lo // net.n_per_model))
+
+    net.loss_and_grad(X, y, on_grads_ready=ready)
+    assert (seen == 1).all()
+    for model in range(k):
+        offs = [o for o, m in order_seen if m == model]
+        assert offs == sorted(offs, reverse=True) and len(offs) == len(sizes) - 1
+    np.testing.assert_array_equal(net.grads.data, want)

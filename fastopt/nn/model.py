@@ -350,15 +350,31 @@ class Ensemble:
             inp = A[l]
         return Z[last]
 
-    def _backward(self, X3, v):
+    def _layer_ranges(self):
+        """Per layer, its ``[lo, hi)`` element range within one model's run of
+        the flat buffer (``W_l`` then ``b_l``, contiguous)."""
+        ranges, off = [], 0
+        for n_in, n_out in zip(self.sizes, self.sizes[1:]):
+            ranges.append((off, off + n_in * n_out + n_out))
+            off += n_in * n_out + n_out
+        return ranges
+
+    def _backward(self, X3, v, models, on_grads_ready=None):
         kern, act, alpha = self._kern, self.act, self.alpha
         Z, A, D, gW, gb = v["Z"], v["A"], v["D"], v["gW"], v["gb"]
         if self.loss == "cross_entropy":
             kern.softmax_xent(Z[-1], v["y"], D[-1], gb[-1], v["losses"])
         else:
             kern.mse(Z[-1], v["y"], D[-1], gb[-1], v["losses"])
+        ranges = self._layer_ranges() if on_grads_ready is not None else None
         for l in range(self.n_layers - 1, -1, -1):
             kern.linear_grad_w(A[l - 1] if l else X3, D[l], gW[l])
+            if ranges is not None:
+                # layer l's bias gradient came from the pass before this
+                # matmul, so its W and b gradients are final here
+                lo, hi = ranges[l]
+                for k in models:
+                    on_grads_ready(k * self.n_per_model + lo, k * self.n_per_model + hi)
             if l:
                 kern.linear_grad_x(D[l], v["W"][l], D[l - 1])
                 kern.act_grad(D[l - 1], Z[l - 1], A[l - 1], gb[l - 1], act, alpha)
@@ -371,7 +387,7 @@ class Ensemble:
             return self.k > 1
         return self.order == "model"
 
-    def loss_and_grad(self, X, y):
+    def loss_and_grad(self, X, y, *, on_grads_ready=None):
         """Forward + backward over one batch per model.
 
         ``X``: ``[B, n_in]`` (every model sees the same batch) or
@@ -379,6 +395,13 @@ class Ensemble:
         (cross-entropy) or targets ``[B, n_out]``/``[K, B, n_out]`` (MSE).
         Writes the gradients into ``self.grads`` and returns the K mean
         losses (a view into a workspace, float64; copy it to keep it).
+
+        ``on_grads_ready(lo, hi)``, if given, is called during the backward
+        pass each time ``self.grads.data[lo:hi]`` (one layer of one model)
+        holds its final value, last layer first; the rest of the backward
+        pass is still to run, so work started there (e.g. a non-blocking
+        allreduce of that slice) overlaps it. The callback must not write
+        to the gradients of layers not yet reported.
         """
         X, shared = self._check_x(X)
         y = self._check_targets(y, X, shared)
@@ -388,11 +411,11 @@ class Ensemble:
             for k in range(self.k):
                 v = self._views(ws, k)
                 self._forward(X3[k:k + 1], v)
-                self._backward(X3[k:k + 1], v)
+                self._backward(X3[k:k + 1], v, (k,), on_grads_ready)
         else:
             v = self._views(ws)
             self._forward(X3, v)
-            self._backward(X3, v)
+            self._backward(X3, v, range(self.k), on_grads_ready)
         return ws["losses"]
 
     def _check_optimizer(self, opt):
@@ -504,9 +527,10 @@ class MLP(Ensemble):
             raise ValueError(f"{name} must be [batch, {self.sizes[0]}], got shape {X.shape}")
         return super()._check_x(X, name)
 
-    def loss_and_grad(self, X, y):
-        """Mean loss (float) of one batch; gradients into ``self.grads``."""
-        return float(super().loss_and_grad(X, y)[0])
+    def loss_and_grad(self, X, y, *, on_grads_ready=None):
+        """Mean loss (float) of one batch; gradients into ``self.grads``
+        (``on_grads_ready``: see :meth:`Ensemble.loss_and_grad`)."""
+        return float(super().loss_and_grad(X, y, on_grads_ready=on_grads_ready)[0])
 
     def train_step(self, opt, X, y):
         self._check_optimizer(opt)
