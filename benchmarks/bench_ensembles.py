@@ -33,28 +33,33 @@ class EnsembleTrainStep:
 
 
 class EnsembleRatios:
-    """K=16 of 784-64-10, batch 128 each, per-model lrs: same-run speedups."""
+    """K=16 of 784-64-10, batch 128 each, per-model lrs: same-run speedups.
+    ``threads`` as in :class:`bench_mlp.MLPTrainStepRatios`."""
 
-    params = [["numba", "cython"]]
-    param_names = ["backend"]
+    params = [["1", "default"], ["numba", "cython"]]
+    param_names = ["threads", "backend"]
 
     def setup_cache(self):
         from fastopt.nn import bench
-        return bench.bench_ensemble(16, ARCH, batch=BATCH, rounds=3)
+        return {"1": bench.bench_ensemble(16, ARCH, batch=BATCH, rounds=3, threads=1),
+                "default": bench.bench_ensemble(16, ARCH, batch=BATCH, rounds=3, threads=None)}
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 
-    def track_speedup_vs_torch_one_by_one(self, cache, backend):
-        return common.lookup(cache, f"fastopt-{backend} ensemble", "vs_torch_one_by_one")
+    def _get(self, cache, threads, backend, metric):
+        return common.lookup(cache, threads, f"fastopt-{backend} ensemble", metric)
+
+    def track_speedup_vs_torch_one_by_one(self, cache, threads, backend):
+        return self._get(cache, threads, backend, "vs_torch_one_by_one")
 
     track_speedup_vs_torch_one_by_one.unit = "x torch, 16 models in turn"
 
-    def track_speedup_vs_torch_bmm_fused(self, cache, backend):
-        return common.lookup(cache, f"fastopt-{backend} ensemble", "vs_torch_bmm_fused")
+    def track_speedup_vs_torch_bmm_fused(self, cache, threads, backend):
+        return self._get(cache, threads, backend, "vs_torch_bmm_fused")
 
     track_speedup_vs_torch_bmm_fused.unit = "x torch bmm + fused AdamW"
 
-    def track_speedup_vs_fastopt_one_by_one(self, cache, backend):
-        return common.lookup(cache, f"fastopt-{backend} ensemble", "vs_fastopt_one_by_one")
+    def track_speedup_vs_fastopt_one_by_one(self, cache, threads, backend):
+        return self._get(cache, threads, backend, "vs_fastopt_one_by_one")
 
     track_speedup_vs_fastopt_one_by_one.unit = "x fastopt, 16 models in turn"

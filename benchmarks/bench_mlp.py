@@ -37,28 +37,33 @@ class MLPTrainStep:
 class MLPTrainStepRatios:
     """784-256-256-10, batch 256, float32, AdamW: speedups over torch (CPU,
     fused AdamW) and hand-written NumPy, and the fraction of the speed of the
-    step's own matmuls run alone through the same BLAS."""
+    step's own matmuls run alone through the same BLAS. ``threads``: "1"
+    (every library on one thread, all in one process) or "default" (each
+    library's own thread count, each implementation in its own process:
+    thread pools of different libraries in one process distort each other)."""
 
-    params = [["numba", "cython"]]
-    param_names = ["backend"]
+    params = [["1", "default"], ["numba", "cython"]]
+    param_names = ["threads", "backend"]
 
     def setup_cache(self):
         from fastopt.nn import bench
-        return bench.bench_train_step(ARCH, batch=256, rounds=3)
+        return {"1": bench.bench_train_step(ARCH, batch=256, rounds=3, threads=1),
+                "default": bench.bench_train_step(ARCH, batch=256, rounds=3, threads=None)}
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 
-    def track_speedup_vs_torch(self, cache, backend):
-        return common.lookup(cache, f"fastopt-{backend}", "vs_torch")
+    def track_speedup_vs_torch(self, cache, threads, backend):
+        return common.lookup(cache, threads, f"fastopt-{backend}", "vs_torch")
 
     track_speedup_vs_torch.unit = "x torch"
 
-    def track_speedup_vs_numpy(self, cache, backend):
-        return common.lookup(cache, f"fastopt-{backend}", "vs_numpy")
+    def track_speedup_vs_numpy(self, cache, threads, backend):
+        return common.lookup(cache, threads, f"fastopt-{backend}", "vs_numpy")
 
     track_speedup_vs_numpy.unit = "x NumPy"
 
-    def track_fraction_of_sgemm(self, cache, backend):
-        return common.lookup(cache, f"fastopt-{backend}", "fraction_of_sgemm_step_shapes")
+    def track_fraction_of_sgemm(self, cache, threads, backend):
+        return common.lookup(cache, threads, f"fastopt-{backend}",
+                             "fraction_of_sgemm_step_shapes")
 
     track_fraction_of_sgemm.unit = "fraction of the step's sgemm"

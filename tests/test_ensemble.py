@@ -138,3 +138,70 @@ def test_model_major_and_layer_major_orders_agree():
         nets.append((ens.loss_and_grad(X, y).copy(), ens.grads.data.copy()))
     np.testing.assert_array_equal(nets[0][0], nets[1][0])
     np.testing.assert_array_equal(nets[0][1], nets[1][1])
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+    return [(i["filepath"], i["num_threads"]) for i in threadpool_info()
+            if i["user_api"] == "blas"]
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "numpy"])
+def test_models_split_over_threads_match_serial(backend, monkeypatch):
+    import threading
+    """threads=3 runs the models' forward/backward on 3 threads (BLAS on one
+    thread each), with the same result as one model after another."""
+    rng = np.random.default_rng(6)
+    k = 7
+    X, y = rng.standard_normal((k, 10, SIZES[0])), rng.integers(0, 3, (k, 10))
+    out = {}
+    blas_before = _blas_threads()
+    for threads in (1, 3):
+        ens = Ensemble(k, SIZES, "gelu", dtype=np.float64, seed=1, backend=backend)
+        ens.threads = threads
+        seen = {}
+        models = ens._models
+
+        def record(X3, ws, run, on_grads_ready=None, models=models, seen=seen):
+            seen[tuple(run)] = threading.get_ident()
+            return models(X3, ws, run, on_grads_ready)
+        monkeypatch.setattr(ens, "_models", record)
+        out[threads] = (ens.loss_and_grad(X, y).copy(), ens.grads.data.copy())
+        if threads == 1:
+            assert list(seen) == [tuple(range(k))]
+        else:
+            assert sorted(seen) == [(0, 1), (2, 3), (4, 5, 6)]
+            # the caller takes the first run; the pool's two workers the others
+            # (one worker may take both when it is quick)
+            assert seen[(0, 1)] == threading.get_ident()
+            assert len(set(seen.values())) >= 2
+    np.testing.assert_allclose(out[3][0], out[1][0], rtol=1e-13)
+    np.testing.assert_allclose(out[3][1], out[1][1], rtol=1e-12, atol=1e-15)
+    assert _blas_threads() == blas_before        # BLAS threads restored
+
+
+def test_worker_error_propagates_and_restores_blas(monkeypatch):
+    ens = Ensemble(4, SIZES, dtype=np.float64, seed=1, backend="numba")
+    ens.threads = 2
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((4, 10, SIZES[0])), rng.integers(0, 3, (4, 10))
+    blas_before = _blas_threads()
+
+    def boom(*a, **kw):
+        raise RuntimeError("kernel failed")
+    monkeypatch.setattr(ens._kern, "softmax_xent", boom)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        ens.loss_and_grad(X, y)
+    assert _blas_threads() == blas_before
+
+
+def test_grad_hook_keeps_models_on_the_calling_thread():
+    """on_grads_ready callbacks (MPI calls) come from the caller's thread."""
+    import threading
+    ens = Ensemble(4, SIZES, dtype=np.float64, seed=1, backend="numba")
+    ens.threads = 2
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((4, 10, SIZES[0])), rng.integers(0, 3, (4, 10))
+    threads = set()
+    ens.loss_and_grad(X, y, on_grads_ready=lambda lo, hi: threads.add(threading.get_ident()))
+    assert threads == {threading.get_ident()}

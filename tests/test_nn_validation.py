@@ -118,3 +118,18 @@ def test_integer_and_float64_inputs_are_converted():
     assert a == b
     Xi = (np.arange(24).reshape(4, 6) % 3).astype(np.uint8)
     assert np.isfinite(net.loss_and_grad(Xi, y))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_huge_finite_inputs_are_not_mistaken_for_nan(dtype, contiguous):
+    """The fast finite check overflows on huge finite values; it must then
+    look exactly, not reject the batch (and still find a real NaN)."""
+    net = MLP((6, 5, 3), seed=0, backend="numpy", dtype=np.float64)
+    big = np.finfo(dtype).max / 4
+    X = np.full((4, 12), big, dtype)[:, ::2] if not contiguous else np.full((4, 6), big, dtype)
+    net.loss_and_grad(X, np.array([0, 1, 2, 0]))        # no error
+    X = X.copy()
+    X[1, 2] = np.nan
+    with pytest.raises(ValueError, match="X contains 1 NaN or infinite"):
+        net.loss_and_grad(X, np.array([0, 1, 2, 0]))

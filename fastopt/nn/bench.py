@@ -18,14 +18,19 @@ these; ``python -m fastopt.nn.bench`` prints all three.
   split, fastopt vs the same recipe (same initial weights, batches and lr
   schedule) in torch.
 
-Threads (``threads=``): by default 1, i.e. BLAS (through threadpoolctl)
-and torch limited to one thread. On a shared 2-core machine that is the
-stable comparison: with threaded BLAS every step that interleaves matmuls
-with other work waits for idle BLAS workers to be rescheduled, and the
-times of every implementation vary several-fold from run to run (see
-docs/performance.md). ``threads=None`` leaves every library at its default.
-fastopt's fused optimizer kernels run on one thread in both cases
-(``fastopt.set_num_threads(1)``): they run between BLAS calls.
+Threads (``threads=``):
+
+* ``threads=1`` (the default): every implementation in this process, BLAS
+  (through threadpoolctl), torch and fastopt's kernels on one thread. The
+  stable comparison on a shared machine, and the one that isolates the code
+  from the thread pools.
+* ``threads=None``: each library at its own default thread count, as a user
+  runs it. The step and ensemble benchmarks then time each implementation
+  in its own process (:mod:`fastopt._isolated`): in one process, a pool
+  still spinning after one implementation's call (NumPy's OpenBLAS,
+  SciPy's, torch's OpenMP) slows the next, and the ratios measured the
+  neighbours (docs/performance.md). :func:`bench_mnist` alternates epochs in
+  one process and is only meaningful at ``threads=1``.
 """
 
 from __future__ import annotations
@@ -136,20 +141,34 @@ def _numpy_step(sizes, batch, rng, lr=1e-3, wd=1e-2):
     return step
 
 
-def bench_train_step(sizes=(784, 256, 256, 10), batch=256, rounds=7, backends=None,
-                     threads=1):
-    """One float32 training step (forward, backward, AdamW); same-run ratios."""
+def _step_data(sizes, batch):
     rng = np.random.default_rng(0)
-    with _Threads(threads):
-        X = rng.standard_normal((batch, sizes[0])).astype(np.float32)
-        y = rng.integers(0, sizes[-1], batch)
-        fns = {}
-        for be in backends or [b for b in available_backends() if b != "numpy"]:
-            net = MLP(sizes, seed=0, backend=be)
-            opt = fastopt.AdamW(net.param_groups(), lr=1e-3)
-            fns[f"fastopt-{be}"] = (lambda net=net, opt=opt: net.train_step(opt, X, y))
-        fns["numpy"] = _numpy_step(sizes, batch, rng)
-        # The step's matmuls alone, through the same BLAS into reused outputs.
+    X = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], batch)
+    return rng, X, y
+
+
+def _torch_mlp(torch, sizes):
+    layers = []
+    for l, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if l < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
+def make_step_impl(impl, sizes=(784, 256, 256, 10), batch=256):
+    """The callable that runs one training step of ``impl`` (a name from
+    :func:`step_impls`); every process builds the same data from seed 0."""
+    sizes = tuple(sizes)
+    rng, X, y = _step_data(sizes, batch)
+    if impl.startswith("fastopt-"):
+        net = MLP(sizes, seed=0, backend=impl.split("-", 1)[1])
+        opt = fastopt.AdamW(net.param_groups(), lr=1e-3)
+        return lambda: net.train_step(opt, X, y)
+    if impl == "numpy":
+        return _numpy_step(sizes, batch, rng)
+    if impl == "sgemm (the step's matmuls)":
         shapes = []
         for l, (a, b) in enumerate(zip(sizes, sizes[1:])):
             shapes.append(((batch, a), (a, b)))           # forward
@@ -163,33 +182,64 @@ def bench_train_step(sizes=(784, 256, 256, 10), batch=256, rounds=7, backends=No
         def gemms():
             for a, b, c in mats:
                 np.dot(a, b, out=c)
-        fns["sgemm (the step's matmuls)"] = gemms
+        return gemms
+    if impl == "sgemm 1024^3":
         big = rng.standard_normal((1024, 1024)).astype(np.float32)
         big_out = np.empty_like(big)
-        fns["sgemm 1024^3"] = lambda: np.dot(big, big, out=big_out)
+        return lambda: np.dot(big, big, out=big_out)
+    if impl == "torch":
         torch = torch_or_none()
-        if torch is not None:
-            torch.manual_seed(0)
-            layers = []
-            for l, (a, b) in enumerate(zip(sizes, sizes[1:])):
-                layers.append(torch.nn.Linear(a, b))
-                if l < len(sizes) - 2:
-                    layers.append(torch.nn.ReLU())
-            tm = torch.nn.Sequential(*layers)
-            topt = torch.optim.AdamW(tm.parameters(), lr=1e-3, fused=True)
-            tX, ty = torch.from_numpy(X), torch.from_numpy(y)
+        torch.manual_seed(0)
+        tm = _torch_mlp(torch, sizes)
+        topt = torch.optim.AdamW(tm.parameters(), lr=1e-3, fused=True)
+        tX, ty = torch.from_numpy(X), torch.from_numpy(y)
 
-            def torch_step():
-                topt.zero_grad(set_to_none=False)
-                torch.nn.functional.cross_entropy(tm(tX), ty).backward()
-                topt.step()
-            fns["torch"] = torch_step
-        times = time_all(fns, rounds, min_block=0.05)
-        blas = _blas_info()
+        def torch_step():
+            topt.zero_grad(set_to_none=False)
+            torch.nn.functional.cross_entropy(tm(tX), ty).backward()
+            topt.step()
+        return torch_step
+    raise ValueError(f"unknown train-step implementation {impl!r}")
+
+
+def step_impls(backends=None):
+    names = [f"fastopt-{b}" for b in backends or _compiled_backends()]
+    names += ["numpy", "sgemm (the step's matmuls)", "sgemm 1024^3"]
+    return names + (["torch"] if torch_or_none() is not None else [])
+
+
+def _compiled_backends():
+    return [b for b in available_backends() if b != "numpy"]
+
+
+def _time_impls(factory, names, kwargs, rounds, threads):
+    """``threads=n``: all in this process, libraries limited to n threads.
+    ``threads=None``: each library at its defaults, each implementation in
+    its own process (:mod:`fastopt._isolated`); the BLAS details then come
+    from this process, which loads the same libraries."""
+    if threads is None:
+        from .._isolated import Impl, time_isolated
+        impls = {n: Impl(f"{__name__}:{factory.__name__}", dict(kwargs, impl=n),
+                         ("torch",) if n.startswith("torch") else ())
+                 for n in names}
+        times = time_isolated(impls, rounds=rounds)
+        available_backends()
+        return times, _blas_info()
+    with _Threads(threads):
+        fns = {n: factory(n, **kwargs) for n in names}
+        return time_all(fns, rounds, min_block=0.05), _blas_info()
+
+
+def bench_train_step(sizes=(784, 256, 256, 10), batch=256, rounds=7, backends=None,
+                     threads=1):
+    """One float32 training step (forward, backward, AdamW); same-run ratios."""
+    sizes = tuple(sizes)
+    times, blas = _time_impls(make_step_impl, step_impls(backends),
+                              {"sizes": list(sizes), "batch": batch}, rounds, threads)
     flops = _mlp_flops(sizes, batch)
     out = {"case": f"train step {'-'.join(map(str, sizes))} batch {batch} float32 AdamW",
-           "threads": threads or "default", "times_s": times, "step_gflops": {},
-           "blas": blas}
+           "threads": threads or "default", "isolated_processes": threads is None,
+           "times_s": times, "step_gflops": {}, "blas": blas}
     sgemm_step = flops / times["sgemm (the step's matmuls)"]
     sgemm_big = 2 * 1024 ** 3 / times["sgemm 1024^3"]
     out["sgemm_gflops"] = {"step shapes": sgemm_step / 1e9, "1024^3": sgemm_big / 1e9}
@@ -206,71 +256,91 @@ def bench_train_step(sizes=(784, 256, 256, 10), batch=256, rounds=7, backends=No
     return out
 
 
-def bench_ensemble(k=16, sizes=(784, 64, 10), batch=128, rounds=7, backends=None,
-                   threads=1):
-    """K models, each its own mini-batch, one training step; same-run ratios."""
+def _ensemble_lrs(k):
+    return [10.0 ** -(1 + 4 * i / max(k - 1, 1)) for i in range(k)]
+
+
+def make_ensemble_impl(impl, k=16, sizes=(784, 64, 10), batch=128):
+    """One training step of K models, each on its own mini-batch, for
+    ``impl`` (a name from :func:`ensemble_impls`); per-model lrs (a sweep)
+    except where the name says "shared lr"."""
+    sizes = tuple(sizes)
     rng = np.random.default_rng(0)
-    with _Threads(threads):
-        X = rng.standard_normal((k, batch, sizes[0])).astype(np.float32)
-        y = rng.integers(0, sizes[-1], (k, batch))
-        lrs = [10.0 ** -(1 + 4 * i / max(k - 1, 1)) for i in range(k)]
-        fns = {}
-        for be in backends or [b for b in available_backends() if b != "numpy"]:
-            ens = Ensemble(k, sizes, seed=0, backend=be)
-            opt = fastopt.AdamW(ens.param_groups(lr=lrs))       # K groups: K kernel calls
-            fns[f"fastopt-{be} ensemble"] = (lambda e=ens, o=opt: e.train_step(o, X, y))
-            ens1 = Ensemble(k, sizes, seed=0, backend=be)
-            opt1 = fastopt.AdamW(ens1.param_groups(lr=1e-3))    # 1 group: 1 kernel call
-            fns[f"fastopt-{be} ensemble, shared lr"] = (
-                lambda e=ens1, o=opt1: e.train_step(o, X, y))
+    X = rng.standard_normal((k, batch, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], (k, batch))
+    lrs = _ensemble_lrs(k)
+    if impl.startswith("fastopt-"):
+        be, how = impl[len("fastopt-"):].split(" ", 1)
+        if how == "one by one":
             nets = [MLP(sizes, seed=i, backend=be) for i in range(k)]
             opts = [fastopt.AdamW(n.param_groups(), lr=lrs[i]) for i, n in enumerate(nets)]
 
-            def one_by_one(nets=nets, opts=opts):
+            def one_by_one():
                 for i in range(k):
                     nets[i].train_step(opts[i], X[i], y[i])
-            fns[f"fastopt-{be} one by one"] = one_by_one
-        torch = torch_or_none()
-        if torch is not None:
-            torch.manual_seed(0)
-            tX, ty = torch.from_numpy(X), torch.from_numpy(y)
-            models = [torch.nn.Sequential(torch.nn.Linear(sizes[0], sizes[1]), torch.nn.ReLU(),
-                                          torch.nn.Linear(sizes[1], sizes[2]))
-                      for _ in range(k)]
-            topts = [torch.optim.AdamW(m.parameters(), lr=lrs[i], fused=True)
-                     for i, m in enumerate(models)]
+            return one_by_one
+        ens = Ensemble(k, sizes, seed=0, backend=be)
+        # per-model lrs: one param group (one kernel call) per model
+        opt = fastopt.AdamW(ens.param_groups(lr=1e-3 if "shared lr" in how else lrs))
+        return lambda: ens.train_step(opt, X, y)
+    torch = torch_or_none()
+    torch.manual_seed(0)
+    tX, ty = torch.from_numpy(X), torch.from_numpy(y)
+    if impl == "torch one by one":
+        models = [_torch_mlp(torch, sizes) for _ in range(k)]
+        topts = [torch.optim.AdamW(m.parameters(), lr=lrs[i], fused=True)
+                 for i, m in enumerate(models)]
 
-            def torch_one_by_one():
-                for i in range(k):
-                    topts[i].zero_grad(set_to_none=False)
-                    torch.nn.functional.cross_entropy(models[i](tX[i]), ty[i]).backward()
-                    topts[i].step()
-            fns["torch one by one"] = torch_one_by_one
-            W1 = torch.nn.Parameter(torch.randn(k, sizes[0], sizes[1]) * 0.05)
-            b1 = torch.nn.Parameter(torch.zeros(k, 1, sizes[1]))
-            W2 = torch.nn.Parameter(torch.randn(k, sizes[1], sizes[2]) * 0.05)
-            b2 = torch.nn.Parameter(torch.zeros(k, 1, sizes[2]))
-            bopt = torch.optim.AdamW([W1, b1, W2, b2], lr=1e-3, fused=True)
+        def torch_one_by_one():
+            for i in range(k):
+                topts[i].zero_grad(set_to_none=False)
+                torch.nn.functional.cross_entropy(models[i](tX[i]), ty[i]).backward()
+                topts[i].step()
+        return torch_one_by_one
+    if impl == "torch bmm fused (shared lr)":
+        W1 = torch.nn.Parameter(torch.randn(k, sizes[0], sizes[1]) * 0.05)
+        b1 = torch.nn.Parameter(torch.zeros(k, 1, sizes[1]))
+        W2 = torch.nn.Parameter(torch.randn(k, sizes[1], sizes[2]) * 0.05)
+        b2 = torch.nn.Parameter(torch.zeros(k, 1, sizes[2]))
+        bopt = torch.optim.AdamW([W1, b1, W2, b2], lr=1e-3, fused=True)
 
-            def torch_bmm():
-                bopt.zero_grad(set_to_none=False)
-                h = torch.relu(torch.baddbmm(b1, tX, W1))
-                o = torch.baddbmm(b2, h, W2)
-                # sum of the K per-model mean losses: each model's own gradient
-                loss = torch.nn.functional.cross_entropy(
-                    o.reshape(-1, sizes[2]), ty.reshape(-1), reduction="sum") / batch
-                loss.backward()
-                bopt.step()
-            fns["torch bmm fused (shared lr)"] = torch_bmm
-        times = time_all(fns, rounds, min_block=0.05)
-        blas = _blas_info()
+        def torch_bmm():
+            bopt.zero_grad(set_to_none=False)
+            h = torch.relu(torch.baddbmm(b1, tX, W1))
+            o = torch.baddbmm(b2, h, W2)
+            # sum of the K per-model mean losses: each model's own gradient
+            loss = torch.nn.functional.cross_entropy(
+                o.reshape(-1, sizes[2]), ty.reshape(-1), reduction="sum") / batch
+            loss.backward()
+            bopt.step()
+        return torch_bmm
+    raise ValueError(f"unknown ensemble implementation {impl!r}")
+
+
+def ensemble_impls(backends=None):
+    names = []
+    for be in backends or _compiled_backends():
+        names += [f"fastopt-{be} ensemble", f"fastopt-{be} ensemble, shared lr",
+                  f"fastopt-{be} one by one"]
+    if torch_or_none() is not None:
+        names += ["torch one by one", "torch bmm fused (shared lr)"]
+    return names
+
+
+def bench_ensemble(k=16, sizes=(784, 64, 10), batch=128, rounds=7, backends=None,
+                   threads=1):
+    """K models, each its own mini-batch, one training step; same-run ratios."""
+    sizes = tuple(sizes)
+    times, blas = _time_impls(make_ensemble_impl, ensemble_impls(backends),
+                              {"k": k, "sizes": list(sizes), "batch": batch}, rounds, threads)
     out = {"case": f"ensemble K={k} {'-'.join(map(str, sizes))} batch {batch} float32 AdamW",
-           "threads": threads or "default", "times_s": times, "blas": blas}
+           "threads": threads or "default", "isolated_processes": threads is None,
+           "times_s": times, "blas": blas}
     for name, t in times.items():
         if name.startswith("fastopt") and "one by one" not in name:
             be = name.split()[0]
             r = {"vs_fastopt_one_by_one": times[f"{be} one by one"] / t}
-            if torch is not None:
+            if "torch one by one" in times:
                 r["vs_torch_one_by_one"] = times["torch one by one"] / t
                 r["vs_torch_bmm_fused"] = times["torch bmm fused (shared lr)"] / t
             out[name] = r
@@ -415,8 +485,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("which", nargs="*", default=["step", "ensemble", "mnist"])
     ap.add_argument("--threads", type=int, default=1,
-                    help="BLAS and torch threads (default 1, the stable comparison on a "
-                         "shared machine; 0: each library's own default)")
+                    help="BLAS and torch threads, all implementations in this process "
+                         "(default 1); 0: each library's own default thread count, each "
+                         "implementation in its own process (fastopt._isolated)")
     a = ap.parse_args()
     a.threads = a.threads or None
     if "step" in a.which:

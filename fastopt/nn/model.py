@@ -37,6 +37,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .._registry import LazyModules
+from . import _blas
 from ..params import FlatArrays, flat_zeros
 from ..schedules import Schedule
 from .activations import DEFAULT_INIT, LOSSES, activation_id, parse_layers
@@ -50,6 +51,18 @@ _MODULES = {
     "numpy": "fastopt.nn._ref",
 }
 _REGISTRY = LazyModules(_MODULES, "nn backend", {"reference": "numpy"})
+
+
+_pools = {}
+
+
+def _pool(n):
+    """A process-wide pool of ``n`` worker threads, created on first use."""
+    pool = _pools.get(n)
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+        pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="fastopt-nn")
+    return pool
 
 
 def available_backends() -> list:
@@ -175,6 +188,11 @@ class Ensemble:
         #: "auto", "model" (each model's forward+backward in turn) or "layer"
         #: (each layer for all K models in turn); the results are identical.
         self.order = "auto"
+        #: Threads the K models are split over in model order, each running
+        #: its models' matmuls on one BLAS thread (None: as many as
+        #: :func:`fastopt.get_num_threads`; 1: one model after another with
+        #: BLAS's own threads). Results are identical either way.
+        self.threads = None
 
     # -- layout ---------------------------------------------------------------
     def _stacked(self, flat: FlatArrays):
@@ -256,10 +274,15 @@ class Ensemble:
         if X.shape[-2] == 0:
             raise ValueError(f"{name} is an empty batch (0 samples)")
         if X.dtype.kind == "f":
-            # One fast pass: NaN/inf propagate to the sum. A sum that overflows
-            # on finite values is checked exactly before raising.
+            # One fast pass: NaN/inf propagate to the sum of squares (a BLAS
+            # dot, ~3x faster than np.sum here). A sum that overflows on
+            # finite values is checked exactly before raising.
             with np.errstate(over="ignore", invalid="ignore"):
-                total = float(np.add.reduce(X, axis=None))
+                if X.flags.c_contiguous and X.dtype in (np.float32, np.float64):
+                    flat = X.reshape(-1)
+                    total = float(np.dot(flat, flat))
+                else:
+                    total = float(np.add.reduce(X, axis=None))
             if not math.isfinite(total) and not np.isfinite(X).all():
                 bad = int(np.count_nonzero(~np.isfinite(X)))
                 raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
@@ -408,15 +431,49 @@ class Ensemble:
         X3, shared, ws = self._prepare(X, checked=True)
         np.copyto(ws["y"], y, casting="unsafe")
         if self._model_major():
-            for k in range(self.k):
-                v = self._views(ws, k)
-                self._forward(X3[k:k + 1], v)
-                self._backward(X3[k:k + 1], v, (k,), on_grads_ready)
+            n_threads = self._model_threads() if on_grads_ready is None else 1
+            if n_threads > 1:
+                self._models_in_parallel(X3, ws, n_threads)
+            else:
+                self._models(X3, ws, range(self.k), on_grads_ready)
         else:
             v = self._views(ws)
             self._forward(X3, v)
             self._backward(X3, v, range(self.k), on_grads_ready)
         return ws["losses"]
+
+    def _models(self, X3, ws, models, on_grads_ready=None):
+        for k in models:
+            v = self._views(ws, k)
+            self._forward(X3[k:k + 1], v)
+            self._backward(X3[k:k + 1], v, (k,), on_grads_ready)
+
+    def _model_threads(self):
+        if self.k < 2 or self._kern.name == "numpy":   # the reference stays simple
+            return 1
+        if self.threads is None:
+            from .. import get_num_threads
+            return min(self.k, get_num_threads())
+        return min(self.k, self.threads)
+
+    def _models_in_parallel(self, X3, ws, n_threads):
+        """Models split in contiguous runs over ``n_threads`` threads. Each
+        model writes only its own workspace and gradient slices, and the
+        kernels release the GIL (Numba ``nogil``, Cython ``with nogil``,
+        BLAS), so the runs proceed side by side; small matmuls (784x64 at
+        batch 128) scale better this way than through BLAS's threads."""
+        for k in range(self.k):      # build the per-model views up front, in one thread
+            self._views(ws, k)
+        runs = [range(self.k * i // n_threads, self.k * (i + 1) // n_threads)
+                for i in range(n_threads)]
+        pool = _pool(n_threads - 1)
+        with _blas.single_threaded_blas():
+            futures = [pool.submit(self._models, X3, ws, r) for r in runs[1:]]
+            try:
+                self._models(X3, ws, runs[0])     # this thread takes the first run
+            finally:
+                for f in futures:
+                    f.result()
 
     def _check_optimizer(self, opt):
         if self._opt_checked is opt:

@@ -1,0 +1,133 @@
+"""Time implementations each in its own process, interleaved round by round.
+
+Several thread pools in one process do not share the cores fairly: NumPy's
+OpenBLAS, SciPy's OpenBLAS (the cython nn backend), torch's OpenMP and MKL,
+fastopt's OpenMP. A pool whose workers are still spinning after one
+implementation's call slows the next implementation in the same process, so
+in-process comparisons at each library's default thread count measure the
+neighbours as much as the code (docs/performance.md shows a 2x artefact).
+Here every implementation lives in a worker process that loads only what it
+needs; the parent asks one worker at a time for a timed block, pausing
+between blocks so the previous worker's threads have gone to sleep. Rounds
+are interleaved, so the same-run ratios stay meaningful on a noisy machine.
+
+A worker is ``python -c`` running :func:`_serve`: it imports the ``preload``
+modules first (torch first, so torch's own libgomp reads the environment
+before fastopt's import sets ``GOMP_SPINCOUNT``; see :mod:`fastopt._openmp`),
+then calls ``factory(**kwargs)`` (``"module:function"``) for the function to
+time. The protocol is one line per message on stdin/stdout, prefixed so that
+library chatter on stdout is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+_TAG = "@@fastopt-isolated "
+_BOOT = "from fastopt._isolated import _serve; _serve()"
+
+
+@dataclass
+class Impl:
+    """One implementation to time: ``factory(**kwargs)`` returns the callable."""
+    factory: str
+    kwargs: dict = field(default_factory=dict)
+    preload: tuple = ()
+
+
+def _serve():
+    spec = json.loads(os.environ["FASTOPT_ISOLATED_SPEC"])
+    import importlib
+    for mod in spec["preload"]:
+        importlib.import_module(mod)
+    modname, fname = spec["factory"].split(":")
+    fn = getattr(importlib.import_module(modname), fname)(**spec["kwargs"])
+    for _ in range(3):                        # warm up: compile, fault pages in
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    print(_TAG + json.dumps({"ready": once}), flush=True)
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if "quit" in msg:
+            break
+        calls = max(1, int(msg["block_s"] / once))
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        once = (time.perf_counter() - t0) / calls
+        print(_TAG + json.dumps({"seconds": once}), flush=True)
+
+
+class _Worker:
+    def __init__(self, name, impl: Impl, env):
+        self.name = name
+        spec = {"factory": impl.factory, "kwargs": impl.kwargs, "preload": list(impl.preload)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=dict(env, FASTOPT_ISOLATED_SPEC=json.dumps(spec)), text=True)
+
+    def read(self):
+        for line in self.proc.stdout:
+            if line.startswith(_TAG):
+                return json.loads(line[len(_TAG):])
+        code = self.proc.wait()
+        raise RuntimeError(f"benchmark worker {self.name!r} exited with code {code} "
+                           "before answering (its error is printed above)")
+
+    def ask(self, msg):
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"quit": 1}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def worker_env():
+    """The environment a worker starts from: this process's, minus the OpenMP
+    spin setting that ``import fastopt`` made here (a worker decides its own:
+    a torch worker keeps torch's default, a fastopt worker sets it again)."""
+    env = dict(os.environ)
+    from . import _OPENMP_SET_BY
+    if _OPENMP_SET_BY == "fastopt":
+        env.pop("GOMP_SPINCOUNT", None)
+    return env
+
+
+def time_isolated(impls: dict, rounds=5, block_s=0.2, pause_s=0.3) -> dict:
+    """Minimum over ``rounds`` of the mean seconds per call of each
+    implementation (``{name: Impl}``), each in its own process.
+
+    Workers start and warm up one at a time, then each round asks every
+    worker in turn for a block of calls lasting about ``block_s``, with
+    ``pause_s`` of quiet before each block.
+    """
+    env = worker_env()
+    workers = {}
+    try:
+        for name, impl in impls.items():
+            workers[name] = w = _Worker(name, impl, env)
+            w.read()                                   # ready: built and warmed up
+        best = dict.fromkeys(impls, float("inf"))
+        for _ in range(rounds):
+            for name, w in workers.items():
+                time.sleep(pause_s)
+                best[name] = min(best[name], w.ask({"block_s": block_s})["seconds"])
+        return best
+    finally:
+        for w in workers.values():
+            w.close()
