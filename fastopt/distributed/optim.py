@@ -15,10 +15,18 @@ bit when the single process forms the same sum; with more ranks it may
 differ in the last bits. Global norms add per-rank float64 partial sums of
 squares (one 16-byte Allreduce), so the clip coefficient matches the
 single-process one to float64 rounding.
+
+Overlapped reduction (:meth:`DataParallel.backward_hook`): the same sum per
+element, in buckets posted with ``MPI_Iallreduce`` during the backward pass;
+each element is still one ``MPI_SUM`` over the ranks followed by the same
+scaling, so with two ranks it equals the blocking path bit for bit, and with
+more ranks it may differ in the last bits only if the MPI library picks a
+different algorithm for a different message size.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 
@@ -32,6 +40,9 @@ from ..schedules import from_dict
 from ._comm import DistributedError, agree, mpi, mpi_dtype, world
 
 __all__ = ["DataParallel", "ShardedOptimizer"]
+
+#: Smallest overlapped bucket when ``bucket_elems`` is not given (256 KiB of float32).
+OVERLAP_BUCKET_ELEMS = 1 << 16
 
 
 def _layout(arrays):
@@ -63,6 +74,35 @@ def _reduce_buffer(a, scratch):
         return a
     np.copyto(scratch, a, casting="unsafe")
     return scratch
+
+
+def _plan_buckets(offsets, min_elems):
+    """Overlap buckets in posting order: runs of whole arrays taken from the
+    end of the buffer (where the backward pass starts), each closed once it
+    holds at least ``min_elems`` elements; the last one (at offset 0) may be
+    smaller. ``offsets``: the arrays' element offsets, then the total."""
+    buckets, hi = [], offsets[-1]
+    for lo in reversed(offsets[:-1]):
+        if hi - lo >= min_elems:
+            buckets.append((lo, hi))
+            hi = lo
+    if hi > 0:
+        buckets.append((0, hi))
+    return buckets
+
+
+class _Round:
+    """One overlapped reduction: from :meth:`DataParallel.backward_hook` to
+    the :meth:`DataParallel.step` that finishes it."""
+
+    def __init__(self, grads, weight, error, data, buf, buckets):
+        self.grads, self.weight, self.error = grads, weight, error
+        self.data, self.buf = data, buf     # buf: data, its float32 copy, or zeros
+        self.buckets = buckets              # posting order: decreasing offsets
+        self.starts = [lo for lo, _ in reversed(buckets)]   # ascending, for bisect
+        self.left = [hi - lo for lo, hi in buckets]        # elements not yet reported
+        self.posted = 0                     # buckets[:posted] are in flight
+        self.requests = []
 
 
 class _Distributed:
@@ -152,7 +192,10 @@ class DataParallel(_Distributed):
 
     ``step`` averages ``grads`` in place across ranks (one in-place
     Allreduce on the flat buffer, or one per ``bucket_elems`` elements), then
-    runs the wrapped optimizer's fused step, identical on every rank. At
+    runs the wrapped optimizer's fused step, identical on every rank.
+    :meth:`backward_hook` overlaps the averaging with the backward pass
+    instead (non-blocking allreduces of buckets of at least
+    ``bucket_elems`` elements, posted as the layers' gradients are final). At
     construction the parameter layouts of all ranks are compared (a
     mismatch raises :class:`DistributedError` on every rank) and rank 0's
     parameters are broadcast (``broadcast=False`` skips it).
@@ -179,6 +222,8 @@ class DataParallel(_Distributed):
         self.bucket_elems = bucket_elems
         self._cached = None
         self._scratch = None    # float32 reduction buffer for 16-bit grads
+        self._round = None      # the overlapped reduction in progress
+        self._plan = None       # (min_elems, buckets) for overlapped reductions
         if broadcast:
             self._broadcast(optimizer._params)
 
@@ -200,6 +245,144 @@ class DataParallel(_Distributed):
         self._cached = grads
         return grads.data
 
+    def _reduction_buffer(self, data):
+        """``data`` itself, or (16-bit grads) the float32 scratch buffer."""
+        if is_low_precision(data.dtype) and (self._scratch is None
+                                             or self._scratch.size != data.size):
+            self._scratch = np.empty(data.size, np.float32)
+        return data if not is_low_precision(data.dtype) else self._scratch
+
+    def _buckets(self):
+        """The overlap buckets: a function of the parameter layout alone
+        (identical on every rank, checked at setup) and ``bucket_elems``."""
+        size = self.bucket_elems or OVERLAP_BUCKET_ELEMS
+        if self._plan is None or self._plan[0] != size:
+            self._plan = (size, _plan_buckets(self._inner._elem_offsets, size))
+        return self._plan[1]
+
+    def backward_hook(self, grads, weight=None):
+        """Start an overlapped average of ``grads``; returns the callback for
+        ``model.loss_and_grad(X, y, on_grads_ready=hook)``.
+
+        ::
+
+            hook = opt.backward_hook(model.grads, weight=w)
+            try:
+                model.loss_and_grad(xb, yb, on_grads_ready=hook)
+            except Exception as exc:
+                error = exc
+            opt.step(model.grads, weight=w, error=error)   # waits, scales, steps
+
+        ``hook(lo, hi)`` says that ``grads.data[lo:hi]`` holds its final value.
+        The buffer is cut into buckets of whole arrays, from its end (the last
+        layer, whose gradient the backward pass finishes first), each of at
+        least ``bucket_elems`` elements (default :data:`OVERLAP_BUCKET_ELEMS`);
+        as soon as every element of the next bucket has been reported, it is
+        scaled by ``weight`` (if given) and handed to a non-blocking in-place
+        ``MPI_Iallreduce``, and the rest of the backward pass runs while it
+        travels. Buckets are always posted in the same order (decreasing
+        offsets), whatever order the ranges arrive in, so every rank issues
+        the same sequence of collectives.
+
+        :meth:`step` then posts the buckets not yet posted (all of them when
+        the backward pass failed part way or never ran, e.g. a rank without
+        samples), waits for every request, and only then agrees on errors:
+        a rank that failed still takes part in every reduction, so nobody
+        waits forever, and every rank raises :class:`DistributedError`.
+        Problems with ``grads`` or ``weight`` found here are reported the
+        same way, by that ``step``. Every rank must use the hook for the same
+        steps; ``step`` must get the same ``grads`` and ``weight``.
+        """
+        if self._round is not None:
+            raise RuntimeError("an overlapped reduction is in progress: call step() to "
+                               "finish it before starting another")
+        buckets = self._buckets()
+        error, w, data, buf = None, None, None, None
+        try:
+            data = self._grad_buffer(grads)
+            w = _check_weight(weight)
+            buf = self._reduction_buffer(data)
+        except Exception as exc:   # noqa: BLE001 - reported by step(), on every rank
+            error = exc
+        if error is not None:      # take part in the reductions with zeros
+            dtype = self._inner._params[0].dtype
+            buf = np.zeros(self._inner._elem_offsets[-1],
+                           np.float32 if is_low_precision(dtype) else dtype)
+            data = None
+        rnd = self._round = _Round(grads, w, error, data, buf, buckets)
+
+        def hook(lo, hi):
+            if self._round is not rnd:
+                raise RuntimeError("this backward hook's reduction has already finished; "
+                                   "get a new hook from backward_hook() for each step")
+            if rnd.error is None:
+                self._report(rnd, lo, hi)
+        return hook
+
+    def _report(self, rnd, lo, hi):
+        n = len(rnd.buf)
+        if not (0 <= lo <= hi <= n):
+            raise ValueError(f"on_grads_ready({lo}, {hi}): not a range of the "
+                             f"{n}-element gradient buffer")
+        B = len(rnd.buckets)
+        i = bisect.bisect_right(rnd.starts, lo) - 1     # ascending index of lo's bucket
+        while i < B and rnd.starts[i] < hi:
+            j = B - 1 - i                                # posting index
+            blo, bhi = rnd.buckets[j]
+            rnd.left[j] -= min(hi, bhi) - max(lo, blo)
+            if rnd.left[j] < 0 or j < rnd.posted:
+                raise ValueError(f"on_grads_ready({lo}, {hi}): part of this range was "
+                                 "reported before")
+            i += 1
+        while rnd.posted < B and rnd.left[rnd.posted] == 0:
+            self._post(rnd)
+        if rnd.requests:     # let MPI move the buckets in flight along
+            mpi().Request.Testall(rnd.requests)
+
+    def _post(self, rnd):
+        lo, hi = rnd.buckets[rnd.posted]
+        view = rnd.buf[lo:hi]
+        if rnd.error is None:
+            if rnd.buf is not rnd.data:
+                np.copyto(view, rnd.data[lo:hi], casting="unsafe")
+            if rnd.weight is not None:
+                _scale(view, rnd.weight)
+        else:          # this rank failed: it adds zeros (nobody steps anyway)
+            view[...] = 0
+        MPI = mpi()
+        rnd.requests.append(self.comm.Iallreduce(MPI.IN_PLACE, [view, mpi_dtype(view.dtype)],
+                                                 op=MPI.SUM))
+        rnd.posted += 1
+
+    def _finish_round(self, grads, weight, error):
+        """The step's part of an overlapped reduction: post what is left,
+        wait for all of it, then agree on errors."""
+        rnd = self._round
+        if error is None:
+            error = rnd.error
+        if error is None:
+            try:
+                if grads is not rnd.grads:
+                    raise ValueError("step() got other grads than backward_hook()")
+                w = _check_weight(weight)
+                if w != rnd.weight:
+                    raise ValueError(f"step(weight={weight!r}) but backward_hook() "
+                                     f"was given weight={rnd.weight!r}")
+                for gi, g in enumerate(self._inner.param_groups):
+                    self._inner._resolve(g, where=f"param_groups[{gi}]")
+            except Exception as exc:   # noqa: BLE001 - shared with every rank
+                error = exc
+        if error is not None:
+            rnd.error = error         # the rest goes out as zeros
+        try:
+            while rnd.posted < len(rnd.buckets):
+                self._post(rnd)
+            mpi().Request.Waitall(rnd.requests)
+        finally:
+            self._round = None
+        agree(self.comm, error)
+        return rnd.data, rnd.buf, rnd.weight
+
     def step(self, grads, weight=None, *, error=None):
         """Average ``grads`` over ranks in place, then step.
 
@@ -208,7 +391,11 @@ class DataParallel(_Distributed):
         are then summed with these weights. Default: 1/world_size each.
         ``error``: an exception this rank hit while computing its gradients;
         every rank then raises :class:`DistributedError` instead of stepping.
+        After :meth:`backward_hook`, this finishes that overlapped reduction.
         """
+        if self._round is not None:
+            data, buf, w = self._finish_round(grads, weight, error)
+            return self._apply(grads, data, buf, w)
         w = None
         if error is None:
             try:
@@ -220,16 +407,19 @@ class DataParallel(_Distributed):
                 error = exc
         agree(self.comm, error)
         MPI = mpi()
-        if is_low_precision(data.dtype) and (self._scratch is None
-                                             or self._scratch.size != data.size):
-            self._scratch = np.empty(data.size, np.float32)
-        buf = _reduce_buffer(data, self._scratch)
+        buf = self._reduction_buffer(data)
+        if buf is not data:
+            np.copyto(buf, data, casting="unsafe")
         if w is not None:
             _scale(buf, w)
         n = buf.size
         step = self.bucket_elems or max(n, 1)
         for lo in range(0, n, step):
             self.comm.Allreduce(MPI.IN_PLACE, buf[lo:lo + step], op=MPI.SUM)
+        return self._apply(grads, data, buf, w)
+
+    def _apply(self, grads, data, buf, w):
+        """After the reduction: the 1/N scaling, 16-bit rounding, the step."""
         if w is None:
             _scale(buf, 1.0 / self.world_size)
         if buf is not data:    # round to the grads' 16-bit dtype (to nearest even)
