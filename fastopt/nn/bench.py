@@ -219,7 +219,7 @@ def _time_impls(factory, names, kwargs, rounds, threads):
     from this process, which loads the same libraries."""
     if threads is None:
         from .._isolated import Impl, time_isolated
-        impls = {n: Impl(f"{__name__}:{factory.__name__}", dict(kwargs, impl=n),
+        impls = {n: Impl(f"fastopt.nn.bench:{factory.__name__}", dict(kwargs, impl=n),
                          ("torch",) if n.startswith("torch") else ())
                  for n in names}
         times = time_isolated(impls, rounds=rounds)
