@@ -6,9 +6,10 @@
 
 Under ``mpiexec -n N fastopt train ...`` (``pip install 'fastopt[mpi]'``) the
 same command trains data-parallel: each rank computes the gradient of its
-slice of every batch, the gradients are averaged over MPI (``--shard-state``:
-optimizer state sharded across ranks, ZeRO-1/2), and rank 0 prints and
-writes the results.
+slice of every batch, the gradients are averaged over MPI, layer by layer
+while the backward pass goes on (``--no-overlap``: after it; ``--shard-state``:
+optimizer state sharded across ranks, ZeRO-1/2, reduced after the backward
+pass), and rank 0 prints and writes the results.
 
 Data: the fixed seeded 8k train / 2k held-out split of the MNIST test set
 (:func:`fastopt.data.mnist_split`). Prints a progress bar with the loss and
@@ -80,6 +81,9 @@ def add_arguments(parser):
     parser.add_argument("--shard-state", action="store_true",
                         help="under mpiexec: shard the optimizer state across ranks "
                              "(ZeRO-1/2) instead of replicating it")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="under mpiexec, replicated state: average the gradients after "
+                             "the backward pass instead of layer by layer during it")
 
 
 class _Progress:
@@ -243,12 +247,13 @@ def _run(args, comm):
         print(f"fastopt train: {exc}", file=sys.stderr)
         return 2
     labels = [f"lr={v:g}" for v in (lrs or [args.lr])]
+    mode = ("sharded optimizer state" if args.shard_state else "replicated optimizer state"
+            + ("" if args.no_overlap else ", allreduce overlapped with backward"))
     print(f"fastopt train: {k} model(s) {'-'.join(map(str, sizes))} {args.activation}, "
           f"{args.optimizer} {', '.join(labels)}, schedule {args.schedule}, "
           f"{args.epochs} epochs x {steps // args.epochs} steps, batch {args.batch_size}, "
           f"backend {model.backend}, {Xtr.shape[0]} train / {Xte.shape[0]} held-out"
-          + ("" if comm is None else f", {comm.Get_size()} MPI ranks ("
-             f"{'sharded' if args.shard_state else 'replicated'} optimizer state)"))
+          + ("" if comm is None else f", {comm.Get_size()} MPI ranks ({mode})"))
     bar = _Progress(args.epochs, Xtr.shape[0], args.batch_size, sys.stderr, not args.quiet)
 
     def on_epoch(epoch, rec):
@@ -270,7 +275,8 @@ def _run(args, comm):
     try:
         history = fit(model, opt, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
                       seed=args.seed, X_val=Xte, y_val=yte, target=args.target,
-                      on_batch=bar.batch, on_epoch=on_epoch, comm=comm)
+                      on_batch=bar.batch, on_epoch=on_epoch, comm=comm,
+                      overlap=not args.no_overlap)
     finally:
         if limits is not None:
             limits.restore_original_limits()

@@ -63,6 +63,31 @@ def test_distributed_suite(n):
     assert out.stdout.count(" passed") == n
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_overlap_suite(n):
+    """Overlapped gradient averaging (DataParallel.backward_hook): equal to
+    the blocking path and to one process, and no hang when a rank fails part
+    way through its backward pass, has bad arguments, or has no samples.
+    Each test arms a 60 s watchdog on every rank (``-s`` so its stack dump is
+    seen); the launcher's timeout backs it up."""
+    out = mpirun(n, [sys.executable, "-m", "pytest", "tests/mpi/mpi_overlap.py", "-q", "-x",
+                     "-s", "-p", "no:cacheprovider"], timeout=150)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    assert out.stdout.count(" passed") == n
+
+
+def test_overlap_buckets_are_whole_arrays_from_the_end():
+    from fastopt.distributed.optim import _plan_buckets
+
+    offsets = [0, 100, 110, 400, 402, 500]      # 5 arrays
+    assert _plan_buckets(offsets, 1) == [(402, 500), (400, 402), (110, 400), (100, 110),
+                                         (0, 100)]
+    assert _plan_buckets(offsets, 50) == [(402, 500), (110, 402), (0, 110)]
+    assert _plan_buckets(offsets, 300) == [(110, 500), (0, 110)]     # the last may be small
+    assert _plan_buckets(offsets, 10**6) == [(0, 500)]
+    assert _plan_buckets([0, 0, 7, 7], 1) == [(0, 7)]                # empty arrays
+
+
 @pytest.mark.parametrize("how", ["exit", "raise"])
 def test_a_rank_that_dies_ends_the_job(how):
     out = mpirun(2, [sys.executable, "tests/mpi/crash.py", how], timeout=60)
@@ -81,9 +106,11 @@ def _mnist_available():
     return True
 
 
-def test_train_command_under_mpiexec(tmp_path):
+@pytest.mark.parametrize("mode", ["--shard-state", "--overlap"])
+def test_train_command_under_mpiexec(tmp_path, mode):
     """``fastopt train`` unchanged under mpiexec: the same float64 run on one
-    process and on two ranks (sharded state) gives the same losses."""
+    process and on two ranks (sharded state; replicated state with the
+    allreduce overlapped with backward, the default) gives the same losses."""
     if not _mnist_available():
         pytest.skip("MNIST files not found")
     args = ["-m", "fastopt.cli", "train", "--epochs", "1", "--hidden", "32", "--dtype", "float64",
@@ -91,10 +118,13 @@ def test_train_command_under_mpiexec(tmp_path):
     single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert single.returncode == 0, single.stderr
-    out = mpirun(2, [sys.executable, *args, "--shard-state", "--out", str(tmp_path / "two")])
+    flags = [mode] if mode == "--shard-state" else []
+    out = mpirun(2, [sys.executable, *args, *flags, "--out", str(tmp_path / "two")])
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("held-out accuracy lr=0.001:") == 1     # rank 0 reports
-    assert "2 MPI ranks (sharded optimizer state)" in out.stdout
+    assert ("2 MPI ranks (sharded optimizer state)" if flags else
+            "2 MPI ranks (replicated optimizer state, allreduce overlapped with backward)"
+            ) in out.stdout
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())["epochs"][-1]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())["epochs"][-1]
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-9)

@@ -64,7 +64,7 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
 
 
 def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y_val=None,
-        target=None, on_batch=None, on_epoch=None, comm=None):
+        target=None, on_batch=None, on_epoch=None, comm=None, overlap=True):
     """Train for ``epochs``; every model sees the same shuffled batches.
 
     Returns a history dict: per epoch the mean training loss per model,
@@ -80,12 +80,17 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
     weights the ranks by their slice sizes, so the update is the single
     process's on the whole batch (to float rounding). Losses and held-out
     metrics are combined over ranks (each evaluates a slice of the held-out
-    set); times are this rank's.
+    set); times are this rank's. ``overlap`` (replicated optimizer only:
+    :class:`~fastopt.distributed.DataParallel`): average each layer's
+    gradients with a non-blocking allreduce while the backward pass goes on
+    (:meth:`~fastopt.distributed.DataParallel.backward_hook`); False reduces
+    the whole buffer after the backward pass. Same result either way.
     """
     if comm is not None:
         return _fit_distributed(model, opt, X, y, epochs=epochs, batch_size=batch_size,
                                 seed=seed, X_val=X_val, y_val=y_val, target=target,
-                                on_batch=on_batch, on_epoch=on_epoch, comm=comm)
+                                on_batch=on_batch, on_epoch=on_epoch, comm=comm,
+                                overlap=overlap)
     n = X.shape[0]
     if n == 0:
         raise ValueError("empty training set")
@@ -142,9 +147,10 @@ def _slice(n, rank, size):
 
 
 def _fit_distributed(model, opt, X, y, *, epochs, batch_size, seed, X_val, y_val, target,
-                     on_batch, on_epoch, comm):
+                     on_batch, on_epoch, comm, overlap):
     from mpi4py import MPI
 
+    hooked = overlap and hasattr(opt, "backward_hook")   # DataParallel, not sharded
     rank, size = comm.Get_rank(), comm.Get_size()
     n = X.shape[0]
     if n == 0:
@@ -167,6 +173,10 @@ def _fit_distributed(model, opt, X, y, *, epochs, batch_size, seed, X_val, y_val
             lo, hi = _slice(idx.size, rank, size)
             b = hi - lo
             error, losses = None, np.zeros(model.k)
+            weight = b / idx.size
+            # every rank starts the overlapped reduction, samples or not: the
+            # step posts whatever buckets the backward pass did not
+            hook = opt.backward_hook(model.grads, weight=weight) if hooked else None
             try:
                 if b:
                     if b not in bufs:
@@ -174,12 +184,12 @@ def _fit_distributed(model, opt, X, y, *, epochs, batch_size, seed, X_val, y_val
                     xb, yb = bufs[b]
                     np.take(X, idx[lo:hi], axis=0, out=xb)
                     np.take(y, idx[lo:hi], axis=0, out=yb)
-                    losses = model.loss_and_grad(xb, yb)
+                    losses = model.loss_and_grad(xb, yb, on_grads_ready=hook)
                 else:   # fewer samples than ranks: this rank adds nothing
                     model.grads.data[...] = 0
             except Exception as exc:   # noqa: BLE001 - every rank raises it in the step
                 error = exc
-            opt.step(model.grads, weight=b / idx.size, error=error)
+            opt.step(model.grads, weight=weight, error=error)
             total += np.asarray(losses) * b
             if on_batch is not None:
                 on_batch(epoch, i, n_batches, losses, elapsed + time.perf_counter() - t0)
