@@ -132,6 +132,24 @@ def test_train_command_under_mpiexec(tmp_path, mode):
     assert two["val_acc"] == one["val_acc"]
 
 
+def test_bench_mlp_cases_train_alike():
+    """``python -m fastopt.distributed.bench mlp`` under mpiexec: blocking,
+    overlapped and sharded rows, each the same training run."""
+    if not _mnist_available():
+        pytest.skip("MNIST files not found")
+    out = mpirun(2, [sys.executable, "-m", "fastopt.distributed.bench", "mlp", "--epochs", "1",
+                     "--threads", "1", "--bucket-elems", "1"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["case"].split("), ")[1] for r in rows] == [
+        "replicated state, allreduce after backward",
+        "replicated state, allreduce overlapped with backward", "sharded state"]
+    assert rows[1]["buckets"] == 6 and rows[1]["ratio_to_blocking_median"] > 0
+    losses = [r["train_loss_last_epoch"] for r in rows]
+    assert losses[1] == losses[0]        # two ranks: the same sums, bit for bit
+    assert losses[2] == pytest.approx(losses[0], rel=1e-5)
+
+
 def test_launched_size_reads_the_launcher_environment(monkeypatch):
     for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
         monkeypatch.delenv(var, raising=False)

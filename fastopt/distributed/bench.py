@@ -5,6 +5,7 @@
     python -m fastopt.distributed.bench step            # 1 process: the baseline
     mpiexec -n 2 python -m fastopt.distributed.bench step
     mpiexec -n 2 python -m fastopt.distributed.bench mlp
+    mpiexec -n 3 python -m fastopt.distributed.bench mlp --bucket-elems 1
 
 ``step``: AdamW over ``--size`` float32 elements (default 4M): median time
 of the plain optimizer (1 process), of :class:`DataParallel` and
@@ -12,8 +13,14 @@ of the plain optimizer (1 process), of :class:`DataParallel` and
 collectives on the same buffers, the fused step on this rank's share);
 bytes each rank sends per step (ring-algorithm count) and optimizer-state
 bytes per rank. ``mlp``: one epoch of ``fit`` (MNIST 784-256-256-10,
-batch 128, AdamW) replicated and sharded. Rank 0 prints one JSON line per
-case. Kernel threads: ``--threads`` per rank (default: cores / ranks).
+batch 128, AdamW): one process (the plain optimizer), or under mpiexec
+replicated with the allreduce after the backward pass, replicated with it
+overlapped (``DataParallel.backward_hook``; ``--bucket-elems``: smallest
+bucket), and sharded. The cases take turns, one epoch each, ``--epochs``
+rounds; each reports its median epoch (slowest rank) and the overlapped
+case also the median of its per-round ratio to the blocking one. Rank 0
+prints one JSON line per case. Kernel threads: ``--threads`` per rank
+(default: cores / ranks).
 """
 
 from __future__ import annotations
@@ -85,30 +92,57 @@ def bench_step(comm, size, repeat):
     return rows
 
 
-def bench_mlp(comm, epochs):
-    import fastopt
+def bench_mlp(comm, epochs, bucket_elems=None):
+    """One epoch per case, the cases interleaved ``epochs`` times (so a
+    change in the machine's load hits them alike); per case the median
+    epoch, and for the overlapped case the median of its per-round ratio to
+    the blocking one."""
     from fastopt.data import mnist_split
     from fastopt.nn import MLP
     from fastopt.nn.training import fit, make_optimizer
 
     N = comm.Get_size()
     X, y, Xv, yv = mnist_split()
-    rows = []
-    for shard in ((False,) if N == 1 else (False, True)):
+    cases = [("1 process" if N == 1 else "replicated state, allreduce after backward",
+              False, False)]
+    if N > 1:
+        cases += [("replicated state, allreduce overlapped with backward", False, True),
+                  ("sharded state", True, False)]
+    runs = []
+    for name, shard, overlap in cases:
         net = MLP((784, 256, 256, 10), seed=0)
-        opt = make_optimizer(net, "adamw", 1e-3, comm=comm, shard_state=shard)
-        fit(net, opt, X[:1024], y[:1024], epochs=1, batch_size=128, comm=comm)   # warm up
-        comm.Barrier()
-        t0 = time.perf_counter()
-        hist = fit(net, opt, X, y, epochs=epochs, batch_size=128, seed=1, comm=comm)
-        t = comm.allreduce(time.perf_counter() - t0, op=_max()) / epochs
-        rows.append({"case": f"MLP epoch (8000 samples, batch 128), "
-                             f"{'sharded' if shard else 'replicated'} state",
-                     "ranks": N, "params": int(net.params.data.size), "s_per_epoch": t,
-                     "samples_per_s": X.shape[0] / t,
-                     "train_loss": hist["epochs"][-1]["train_loss"][0],
-                     "bytes_sent_per_rank_per_step": opt.bytes_per_step,
-                     "state_bytes_per_rank": opt.state_nbytes()})
+        on = comm if N > 1 else None     # 1 process: the plain optimizer and loop
+        opt = make_optimizer(net, "adamw", 1e-3, comm=on, shard_state=shard)
+        if overlap:
+            opt.bucket_elems = bucket_elems
+        fit(net, opt, X[:1024], y[:1024], epochs=1, batch_size=128, comm=on,
+            overlap=overlap)   # warm up
+        runs.append({"name": name, "net": net, "opt": opt, "comm": on, "overlap": overlap,
+                     "times": []})
+    for rnd in range(epochs):
+        for r in runs:
+            comm.Barrier()
+            t0 = time.perf_counter()
+            hist = fit(r["net"], r["opt"], X, y, epochs=1, batch_size=128, seed=rnd,
+                       comm=r["comm"], overlap=r["overlap"])
+            r["times"].append(comm.allreduce(time.perf_counter() - t0, op=_max()))
+            r["loss"] = hist["epochs"][-1]["train_loss"][0]
+    base = runs[0]["times"]
+    rows = []
+    for r in runs:
+        times, opt = r["times"], r["opt"]
+        t = float(np.median(times))
+        row = {"case": f"MLP epoch (8000 samples, batch 128), {r['name']}", "ranks": N,
+               "params": int(r["net"].params.data.size), "s_per_epoch": t,
+               "min_max_s": [min(times), max(times)], "samples_per_s": X.shape[0] / t,
+               "train_loss_last_epoch": r["loss"],
+               "bytes_sent_per_rank_per_step": getattr(opt, "bytes_per_step", 0),
+               "state_bytes_per_rank": (opt.state_nbytes() if N > 1 else
+                                        sum(a.nbytes for a in opt.state[0]["runs"][0].values()))}
+        if r["overlap"]:
+            row["ratio_to_blocking_median"] = float(np.median(np.divide(times, base)))
+            row["buckets"] = len(opt._buckets())
+        rows.append(row)
     return rows
 
 
@@ -117,8 +151,11 @@ def main(argv=None):
     parser.add_argument("what", choices=["step", "mlp"])
     parser.add_argument("--size", type=int, default=1 << 22)
     parser.add_argument("--repeat", type=int, default=15)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=5,
+                        help="mlp: rounds, one epoch of every case per round")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--bucket-elems", type=int, default=None,
+                        help="mlp: smallest overlapped bucket (default: the library's)")
     args = parser.parse_args(argv)
 
     import fastopt
@@ -131,7 +168,7 @@ def main(argv=None):
     from threadpoolctl import threadpool_limits
     with threadpool_limits(threads, user_api="blas"):
         rows = bench_step(comm, args.size, args.repeat) if args.what == "step" else \
-            bench_mlp(comm, args.epochs)
+            bench_mlp(comm, args.epochs, args.bucket_elems)
     if comm.Get_rank() == 0:
         for r in rows:
             print(json.dumps({**r, "threads_per_rank": threads}))
