@@ -11,18 +11,13 @@ Backends: ``numpy`` (the reference), ``numba`` (CPU, parallel) and
 Nothing heavy is imported here: Numba loads on first use.
 """
 
-from . import _openmp
-
-# Before anything can load libgomp (Numba's omp layer, the Cython kernels).
-_OPENMP_SET_BY = _openmp.configure()
-
-from . import functional, schedules  # noqa: E402
-from .backends import (available_backends, backend_info,  # noqa: E402
-                       get_num_threads, set_num_threads)
-from .checkpoint import CheckpointError, load, save  # noqa: E402
-from .clip import clip_by_global_norm, global_norm  # noqa: E402
-from .optim import SGD, Adam, AdamW, LossScaler, Optimizer  # noqa: E402
-from .params import FlatArrays, flat_zeros, pack  # noqa: E402
+from . import functional, schedules
+from .backends import (available_backends, backend_info, get_num_threads,
+                       set_num_threads)
+from .checkpoint import CheckpointError, load, save
+from .clip import clip_by_global_norm, global_norm
+from .optim import SGD, Adam, AdamW, LossScaler, Optimizer
+from .params import FlatArrays, flat_zeros, pack
 
 __version__ = "0.1.0"
 

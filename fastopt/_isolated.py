@@ -12,10 +12,9 @@ between blocks so the previous worker's threads have gone to sleep. Rounds
 are interleaved, so the same-run ratios stay meaningful on a noisy machine.
 
 A worker is ``python -c`` running :func:`_serve`: it imports the ``preload``
-modules first (torch first, so torch's own libgomp reads the environment
-before fastopt's import sets ``GOMP_SPINCOUNT``; see :mod:`fastopt._openmp`),
-then calls ``factory(**kwargs)`` (``"module:function"``) for the function to
-time. The protocol is one line per message on stdin/stdout, prefixed so that
+modules first (torch for the torch baselines, as a torch user's script
+does), then calls ``factory(**kwargs)`` (``"module:function"``) for the
+function to time. The protocol is one line per message on stdin/stdout, prefixed so that
 library chatter on stdout is ignored.
 """
 
@@ -98,14 +97,10 @@ class _Worker:
 
 
 def worker_env():
-    """The environment a worker starts from: this process's, minus the OpenMP
-    spin setting that ``import fastopt`` made here (a worker decides its own:
-    a torch worker keeps torch's default, a fastopt worker sets it again)."""
-    env = dict(os.environ)
-    from . import _OPENMP_SET_BY
-    if _OPENMP_SET_BY == "fastopt":
-        env.pop("GOMP_SPINCOUNT", None)
-    return env
+    """The environment a worker starts from: this process's. (fastopt sets
+    its OpenMP spin count only while loading its kernels, see
+    :mod:`fastopt._openmp`, so a torch worker sees what torch users see.)"""
+    return dict(os.environ)
 
 
 def time_isolated(impls: dict, rounds=5, block_s=0.2, pause_s=0.3) -> dict:

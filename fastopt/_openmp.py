@@ -1,39 +1,76 @@
-"""How long idle OpenMP worker threads busy-wait, set before libgomp loads.
+"""How long idle OpenMP worker threads busy-wait: a short spin for fastopt's own.
 
 fastopt's threaded kernels (Numba's ``omp`` threading layer and the Cython
 extension) run on GNU OpenMP. After a parallel region, libgomp's workers
-spin for ``GOMP_SPINCOUNT`` iterations (300,000 by default, several ms here)
-before they sleep. In a training loop the optimizer step alternates with
-BLAS matmuls, whose own worker threads then find every core taken by
+spin for ``GOMP_SPINCOUNT`` iterations (300,000 by default, milliseconds
+here) before they sleep. In a training loop the optimizer step alternates
+with BLAS matmuls, whose worker threads then find the cores taken by
 spinning OpenMP threads: on this 2-core machine a 784-256-256-10 MLP step
-(2 ms of matmuls, 0.07 ms of AdamW) took 8 ms instead of 2.2 ms. A short
-spin (1,000 iterations, a few microseconds) keeps back-to-back steps as fast
-as before (measured at 64k-16M elements) and lets BLAS have the cores.
+(2 ms of matmuls, 0.07 ms of AdamW) took 8 ms instead of 2.2 ms. With a
+short spin (1,000 iterations) back-to-back optimizer steps are as fast as
+before (measured at 64k-16M elements) and BLAS gets the cores.
 
-libgomp reads the variable once, when it is loaded, so this runs when
-``fastopt`` is imported. A value the user set (``GOMP_SPINCOUNT`` or
-``OMP_WAIT_POLICY``) wins. It has no effect on a libgomp that another
-library loaded before fastopt was imported; :func:`fastopt.backend_info`
-reports the setting in force.
+libgomp reads the variable once, when it is loaded. So the variable is set
+only while fastopt loads its OpenMP code (:func:`short_spin`) and removed
+right after: a library that loads its own libgomp later keeps its default
+(torch bundles one, and its fused AdamW ran 3-4x slower with this setting).
+A value the user set (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``) is left
+alone, and a libgomp that was loaded before fastopt's (by Numba parallel
+code the user ran earlier, say) keeps what it read then.
+:func:`fastopt.backend_info` reports which case applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 SPINCOUNT = "1000"
 _USER_VARS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+_decided = {}        # filled by the first load: what applies in this process
 
 
-def configure() -> str:
-    """Set ``GOMP_SPINCOUNT`` unless the user chose a wait policy; returns
-    who decided ("fastopt" or "user")."""
-    if any(v in os.environ for v in _USER_VARS):
-        return "user"
-    os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
-    return "fastopt"
+def _our_libgomp_loaded() -> bool:
+    """Whether the system libgomp (the one Numba and our extension link) is
+    mapped already. torch's bundled copy is a separate library."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libgomp" in line and "/torch/" not in line for line in f)
+    except OSError:          # not Linux: nothing to check
+        return False
+
+
+@contextlib.contextmanager
+def short_spin():
+    """Run a block that may load libgomp with ``GOMP_SPINCOUNT`` set to
+    :data:`SPINCOUNT` (unless the user chose), then restore the environment."""
+    if _decided:                              # decided at the first load
+        yield
+        return
+    user = {v: os.environ[v] for v in _USER_VARS if v in os.environ}
+    if user:
+        _decided.update(user, set_by="user")
+    elif _our_libgomp_loaded():
+        _decided.update(set_by="default (libgomp was loaded before fastopt's kernels)")
+    else:
+        os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+        try:
+            yield
+        finally:
+            os.environ.pop("GOMP_SPINCOUNT", None)
+            _decided.update(GOMP_SPINCOUNT=SPINCOUNT, set_by="fastopt")
+        return
+    yield
+
+
+def start_numba_threads():
+    """Start Numba's thread pool now, inside :func:`short_spin` (it loads
+    libgomp for the ``omp`` layer); later parallel calls reuse it."""
+    with short_spin():
+        from numba.np.ufunc.parallel import _launch_threads
+        _launch_threads()
 
 
 def wait_policy() -> dict:
-    """The OpenMP wait settings in this process's environment."""
-    return {v: os.environ.get(v) for v in _USER_VARS}
+    """What the OpenMP wait setting of fastopt's kernels is, and who chose it."""
+    return dict(_decided) if _decided else {"set_by": "not loaded yet"}

@@ -84,6 +84,9 @@ def _stream_kernels():
     if not _STREAM:
         from numba import njit, prange
 
+        from ._openmp import start_numba_threads
+        start_numba_threads()     # the same thread pool (and spin) as fastopt's kernels
+
         def rw4_3(p, g, m, v):  # reads 4 arrays, writes 3: AdamW's traffic
             for i in prange(p.size):
                 gi = g[i]

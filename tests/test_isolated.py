@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-import fastopt
-from fastopt import _isolated
 from fastopt._isolated import Impl, time_isolated
 
 
@@ -28,12 +24,3 @@ def test_worker_failure_names_the_worker():
                       block_s=0.01, pause_s=0.0)
 
 
-def test_workers_do_not_inherit_fastopt_openmp_setting(monkeypatch):
-    """A torch worker must see the environment torch users have, not the
-    spin count that `import fastopt` set in this process."""
-    if fastopt._OPENMP_SET_BY == "fastopt":
-        assert os.environ["GOMP_SPINCOUNT"] == "1000"
-        assert "GOMP_SPINCOUNT" not in _isolated.worker_env()
-    monkeypatch.setattr(fastopt, "_OPENMP_SET_BY", "user")
-    monkeypatch.setenv("GOMP_SPINCOUNT", "42")
-    assert _isolated.worker_env()["GOMP_SPINCOUNT"] == "42"

@@ -85,8 +85,8 @@ def backend_info() -> dict:
 
 
 def _openmp_wait() -> dict:
-    from .. import _OPENMP_SET_BY, _openmp
-    return dict(_openmp.wait_policy(), set_by=_OPENMP_SET_BY)
+    from .. import _openmp
+    return _openmp.wait_policy()
 
 
 def set_num_threads(n: int) -> None:

@@ -6,6 +6,7 @@ build (AVX2 + FMA) is used when NumPy reports that this CPU has both.
 
 from __future__ import annotations
 
+from .._openmp import short_spin
 from .lowp import bits
 from .scalars import AdamScalars, SGDScalars
 
@@ -23,14 +24,15 @@ def _cpu_has(*features) -> bool:
 _V3 = ("X86_V3",) if _cpu_has("X86_V3") else (
     "AVX", "AVX2", "FMA3", "F16C", "BMI", "BMI2", "LZCNT", "MOVBE")
 
-try:
-    if not _cpu_has(*_V3):
-        raise ImportError("CPU lacks AVX2/FMA")
-    from ._cython import kernels_v3 as _k
-    simd = "x86-64-v3"
-except ImportError:
-    from ._cython import kernels as _k
-    simd = "baseline"
+with short_spin():         # the extension links libgomp: see fastopt._openmp
+    try:
+        if not _cpu_has(*_V3):
+            raise ImportError("CPU lacks AVX2/FMA")
+        from ._cython import kernels_v3 as _k
+        simd = "x86-64-v3"
+    except ImportError:
+        from ._cython import kernels as _k
+        simd = "baseline"
 
 name = "cython"
 threaded = _k.OPENMP

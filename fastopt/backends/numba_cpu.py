@@ -21,11 +21,13 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
 
+from .._openmp import start_numba_threads
 from .lowp import bits
 from .scalars import AdamScalars, SGDScalars
 
 name = "numba"
 threaded = True
+start_numba_threads()     # the omp layer loads libgomp: see fastopt._openmp
 
 # contract: fused multiply-add; arcp/reassoc: vectorised division and
 # reductions; nsz: ignore the sign of zero. No nnan/ninf/afn.
