@@ -78,18 +78,13 @@ def run(output=None, small=False, verbose=True, data_dir=None, lrs=LRS) -> dict:
     initial = float(model.evaluate(Xv, yv)[0][0])
     rng = np.random.default_rng(0)
     curves = []
-    threads = fastopt.get_num_threads()
-    fastopt.set_num_threads(1)     # BLAS threads do the matmuls: one level of parallelism
-    try:
-        with np.errstate(all="ignore"):
-            for _ in range(epochs):
-                order = rng.permutation(n_train)
-                for s in range(0, n_train - batch + 1, batch):
-                    idx = order[s:s + batch]
-                    curves.append(model.train_step(opt, X[idx], y[idx]).copy())
-            final, acc = model.evaluate(Xv, yv)
-    finally:
-        fastopt.set_num_threads(threads)
+    with np.errstate(all="ignore"):
+        for _ in range(epochs):
+            order = rng.permutation(n_train)
+            for s in range(0, n_train - batch + 1, batch):
+                idx = order[s:s + batch]
+                curves.append(model.train_step(opt, X[idx], y[idx]).copy())
+        final, acc = model.evaluate(Xv, yv)
     curves = np.array(curves)                      # [steps, k]
     peak = np.where(np.isfinite(curves), curves, np.inf).max(axis=0)
     v = verdicts(initial, final, peak)
