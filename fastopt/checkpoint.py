@@ -14,7 +14,9 @@ specs, step counts, array dtypes) as JSON in a string array ``__meta__``.
 Nothing in a checkpoint can run code when loaded.
 
 Resuming is exact: N steps equal k steps, save, load (in a new process),
-N - k steps, bit for bit, on every backend. :func:`load` checks the whole
+N - k steps, bit for bit, on every backend. Params and optimizer state on
+the GPU (``backend="cuda"``) are copied to the host to save and back into
+the same device arrays to load. :func:`load` checks the whole
 checkpoint against ``params`` and ``optimizer`` before writing anything; on
 any mismatch it raises :class:`CheckpointError` (a ValueError) and both are
 left exactly as they were.
@@ -92,10 +94,42 @@ def _decode(obj, arrays):
 
 
 def _param_list(params):
+    """Host params as ndarrays; device params (``__cuda_array_interface__``:
+    numba, CuPy, torch CUDA) as numba device views, checked by the cuda
+    backend."""
     from . import _validate as V
+    from .params import PackedViews
+    if isinstance(params, PackedViews):
+        params = list(params)
+    items = [params] if isinstance(params, np.ndarray) else params
+    try:
+        items = list(items)
+    except TypeError:
+        items = [items]
+    if any(_on_device(a) for a in items):
+        from .backends import numba_cuda
+        return [numba_cuda.as_device(f"params[{i}]", a) for i, a in enumerate(items)]
     if isinstance(params, FlatArrays):
         return list(params)
     return V.as_array_list("params", params)
+
+
+def _on_device(a) -> bool:
+    """A GPU array, found without importing numba-cuda for host arrays."""
+    if isinstance(a, np.ndarray):
+        return False
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    # the CUDA simulator's arrays have no interface; they only exist once it is loaded
+    import sys
+    if "numba.cuda" in sys.modules:
+        from .backends import numba_cuda
+        return numba_cuda.is_device_array(a)
+    return False
+
+
+def _to_host(a):
+    return a.copy_to_host() if _on_device(a) else np.asarray(a)
 
 
 def save(path, *, params=None, optimizer=None, extra=None) -> None:
@@ -107,7 +141,8 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     """
     tree = {"format": FORMAT}
     if params is not None:
-        tree["params"] = [np.asarray(a) for a in _param_list(params)]
+        # device params: one copy to the host each (checkpoints are host files)
+        tree["params"] = [_to_host(a) for a in _param_list(params)]
     if optimizer is not None:
         tree["optimizer"] = optimizer.state_dict()
     if extra is not None:
@@ -193,10 +228,13 @@ def _prepare_params(params, tree):
         if a.shape != b.shape or a.dtype != b.dtype:
             raise CheckpointError(f"params[{i}] is {a.dtype}{list(a.shape)} but the "
                                   f"checkpoint has {b.dtype}{list(b.shape)}")
-        if not a.flags.writeable:
+        if not _on_device(a) and not a.flags.writeable:
             raise CheckpointError(f"params[{i}] is read-only")
 
     def apply():
         for a, b in zip(params, saved):
-            a[...] = b
+            if _on_device(a):
+                a.copy_to_device(np.ascontiguousarray(b))   # in place, where it lives
+            else:
+                a[...] = b
     return apply

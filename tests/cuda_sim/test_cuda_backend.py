@@ -409,3 +409,52 @@ def test_functional_refuses_host_arrays_on_cuda():
     z = np.zeros(4, F32)
     with pytest.raises(TypeError, match="host NumPy array"):
         fastopt.functional.adamw(z, z.copy(), z.copy(), z.copy(), step=1, backend="cuda")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_checkpoint_with_device_params_resumes_exactly(rng, tmp_path, packed):
+    """fastopt.save/load with params and state on the device: 2 steps, save,
+    load into fresh device arrays, 2 more steps == 4 steps, bit for bit."""
+    shapes = [(7, 3), (5,), (40,)]
+    init = [_normal(rng, int(np.prod(s)), F32).reshape(s) for s in shapes]
+    grads = [[dev(_normal(rng, int(np.prod(s)), F32).reshape(s)) for s in shapes]
+             for _ in range(4)]
+
+    def params_from(host_arrays):
+        if packed:
+            flat = C.pack([dev(a) for a in host_arrays])
+            return flat, list(flat)
+        arrays = [dev(a) for a in host_arrays]
+        return arrays, arrays
+
+    straight, straight_views = params_from(init)
+    opt = fastopt.AdamW(straight, lr=1e-2, backend="cuda")
+    for g in grads:
+        opt.step(g)
+
+    first, first_views = params_from(init)
+    opt1 = fastopt.AdamW(first, lr=1e-2, backend="cuda")
+    for g in grads[:2]:
+        opt1.step(g)
+    fastopt.save(tmp_path / "ckpt.npz", params=first, optimizer=opt1, extra={"at": 2})
+    zeros = [np.zeros(s, F32) for s in shapes]
+    resumed, resumed_views = params_from(zeros)
+    opt2 = fastopt.AdamW(resumed, lr=1e-2, backend="cuda")
+    ckpt = fastopt.load(tmp_path / "ckpt.npz", params=resumed, optimizer=opt2)
+    assert ckpt["extra"] == {"at": 2}
+    for a, b in zip(resumed_views, first_views):       # copied in place, on the device
+        np.testing.assert_array_equal(host(a), host(b))
+    for g in grads[2:]:
+        opt2.step(g)
+    for a, b in zip(resumed_views, straight_views):
+        np.testing.assert_array_equal(host(a), host(b))
+
+
+def test_checkpoint_mismatch_on_device_writes_nothing(rng, tmp_path):
+    p = [dev(_normal(rng, 10, F32))]
+    fastopt.save(tmp_path / "c.npz", params=p)
+    other = [dev(_normal(rng, 11, F32))]
+    before = host(other[0]).copy()
+    with pytest.raises(fastopt.CheckpointError, match=r"params\[0\] is float32\[11\]"):
+        fastopt.load(tmp_path / "c.npz", params=other)
+    np.testing.assert_array_equal(host(other[0]), before)
