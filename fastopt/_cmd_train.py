@@ -6,10 +6,10 @@
 
 Under ``mpiexec -n N fastopt train ...`` (``pip install 'fastopt[mpi]'``) the
 same command trains data-parallel: each rank computes the gradient of its
-slice of every batch, the gradients are averaged over MPI, layer by layer
-while the backward pass goes on (``--no-overlap``: after it; ``--shard-state``:
-optimizer state sharded across ranks, ZeRO-1/2, reduced after the backward
-pass), and rank 0 prints and writes the results.
+slice of every batch, the gradients are averaged over MPI after the
+backward pass (``--overlap``: layer by layer during it; ``--shard-state``:
+optimizer state sharded across ranks, ZeRO-1/2), and rank 0 prints and
+writes the results.
 
 Data: the fixed seeded 8k train / 2k held-out split of the MNIST test set
 (:func:`fastopt.data.mnist_split`). Prints a progress bar with the loss and
@@ -81,9 +81,10 @@ def add_arguments(parser):
     parser.add_argument("--shard-state", action="store_true",
                         help="under mpiexec: shard the optimizer state across ranks "
                              "(ZeRO-1/2) instead of replicating it")
-    parser.add_argument("--no-overlap", action="store_true",
-                        help="under mpiexec, replicated state: average the gradients after "
-                             "the backward pass instead of layer by layer during it")
+    parser.add_argument("--overlap", action="store_true",
+                        help="under mpiexec, replicated state: average the gradients layer "
+                             "by layer during the backward pass (non-blocking allreduces) "
+                             "instead of after it")
 
 
 class _Progress:
@@ -165,10 +166,14 @@ def run(args):
     except ImportError as exc:
         print(f"fastopt train: launched under an MPI launcher but {exc}", file=sys.stderr)
         return 2
+    if args.overlap and args.shard_state:
+        print("fastopt train: --overlap is for replicated state; sharded state reduces "
+              "after the backward pass", file=sys.stderr)
+        return 2
     if comm is None:
-        if args.shard_state:
-            print("fastopt train: --shard-state needs several ranks (mpiexec -n N)",
-                  file=sys.stderr)
+        if args.shard_state or args.overlap:
+            print(f"fastopt train: {'--shard-state' if args.shard_state else '--overlap'} "
+                  "needs several ranks (mpiexec -n N)", file=sys.stderr)
             return 2
         return _run(args, None)
     import os
@@ -248,7 +253,7 @@ def _run(args, comm):
         return 2
     labels = [f"lr={v:g}" for v in (lrs or [args.lr])]
     mode = ("sharded optimizer state" if args.shard_state else "replicated optimizer state"
-            + ("" if args.no_overlap else ", allreduce overlapped with backward"))
+            + (", allreduce overlapped with backward" if args.overlap else ""))
     print(f"fastopt train: {k} model(s) {'-'.join(map(str, sizes))} {args.activation}, "
           f"{args.optimizer} {', '.join(labels)}, schedule {args.schedule}, "
           f"{args.epochs} epochs x {steps // args.epochs} steps, batch {args.batch_size}, "
@@ -276,7 +281,7 @@ def _run(args, comm):
         history = fit(model, opt, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
                       seed=args.seed, X_val=Xte, y_val=yte, target=args.target,
                       on_batch=bar.batch, on_epoch=on_epoch, comm=comm,
-                      overlap=not args.no_overlap)
+                      overlap=args.overlap)
     finally:
         if limits is not None:
             limits.restore_original_limits()

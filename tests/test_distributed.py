@@ -110,7 +110,7 @@ def _mnist_available():
 def test_train_command_under_mpiexec(tmp_path, mode):
     """``fastopt train`` unchanged under mpiexec: the same float64 run on one
     process and on two ranks (sharded state; replicated state with the
-    allreduce overlapped with backward, the default) gives the same losses."""
+    allreduce overlapped with backward) gives the same losses."""
     if not _mnist_available():
         pytest.skip("MNIST files not found")
     args = ["-m", "fastopt.cli", "train", "--epochs", "1", "--hidden", "32", "--dtype", "float64",
@@ -118,11 +118,10 @@ def test_train_command_under_mpiexec(tmp_path, mode):
     single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert single.returncode == 0, single.stderr
-    flags = [mode] if mode == "--shard-state" else []
-    out = mpirun(2, [sys.executable, *args, *flags, "--out", str(tmp_path / "two")])
+    out = mpirun(2, [sys.executable, *args, mode, "--out", str(tmp_path / "two")])
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("held-out accuracy lr=0.001:") == 1     # rank 0 reports
-    assert ("2 MPI ranks (sharded optimizer state)" if flags else
+    assert ("2 MPI ranks (sharded optimizer state)" if mode == "--shard-state" else
             "2 MPI ranks (replicated optimizer state, allreduce overlapped with backward)"
             ) in out.stdout
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())["epochs"][-1]
@@ -130,6 +129,18 @@ def test_train_command_under_mpiexec(tmp_path, mode):
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-9)
     np.testing.assert_allclose(two["val_loss"], one["val_loss"], rtol=1e-9)
     assert two["val_acc"] == one["val_acc"]
+
+
+@pytest.mark.parametrize("flags", [["--overlap"], ["--shard-state"],
+                                   ["--overlap", "--shard-state"]])
+def test_train_mpi_flags_refused_where_they_mean_nothing(flags):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")}
+    out = subprocess.run([sys.executable, "-m", "fastopt.cli", "train", *flags], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert ("is for replicated state" if len(flags) == 2 else "needs several ranks") \
+        in out.stderr
 
 
 def test_bench_mlp_cases_train_alike():

@@ -103,6 +103,7 @@ class _Round:
         self.left = [hi - lo for lo, hi in buckets]        # elements not yet reported
         self.posted = 0                     # buckets[:posted] are in flight
         self.requests = []
+        self.mpi_type = mpi_dtype(buf.dtype)
 
 
 class _Distributed:
@@ -223,6 +224,7 @@ class DataParallel(_Distributed):
         self._cached = None
         self._scratch = None    # float32 reduction buffer for 16-bit grads
         self._round = None      # the overlapped reduction in progress
+        self._MPI = mpi()
         self._plan = None       # (min_elems, buckets) for overlapped reductions
         if broadcast:
             self._broadcast(optimizer._params)
@@ -337,7 +339,7 @@ class DataParallel(_Distributed):
         while rnd.posted < B and rnd.left[rnd.posted] == 0:
             self._post(rnd)
         if rnd.requests:     # let MPI move the buckets in flight along
-            mpi().Request.Testall(rnd.requests)
+            self._MPI.Request.Testall(rnd.requests)
 
     def _post(self, rnd):
         lo, hi = rnd.buckets[rnd.posted]
@@ -349,8 +351,8 @@ class DataParallel(_Distributed):
                 _scale(view, rnd.weight)
         else:          # this rank failed: it adds zeros (nobody steps anyway)
             view[...] = 0
-        MPI = mpi()
-        rnd.requests.append(self.comm.Iallreduce(MPI.IN_PLACE, [view, mpi_dtype(view.dtype)],
+        MPI = self._MPI
+        rnd.requests.append(self.comm.Iallreduce(MPI.IN_PLACE, [view, rnd.mpi_type],
                                                  op=MPI.SUM))
         rnd.posted += 1
 
@@ -377,7 +379,7 @@ class DataParallel(_Distributed):
         try:
             while rnd.posted < len(rnd.buckets):
                 self._post(rnd)
-            mpi().Request.Waitall(rnd.requests)
+            self._MPI.Request.Waitall(rnd.requests)
         finally:
             self._round = None
         agree(self.comm, error)

@@ -64,7 +64,7 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
 
 
 def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y_val=None,
-        target=None, on_batch=None, on_epoch=None, comm=None, overlap=True):
+        target=None, on_batch=None, on_epoch=None, comm=None, overlap=False):
     """Train for ``epochs``; every model sees the same shuffled batches.
 
     Returns a history dict: per epoch the mean training loss per model,
@@ -80,11 +80,13 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
     weights the ranks by their slice sizes, so the update is the single
     process's on the whole batch (to float rounding). Losses and held-out
     metrics are combined over ranks (each evaluates a slice of the held-out
-    set); times are this rank's. ``overlap`` (replicated optimizer only:
-    :class:`~fastopt.distributed.DataParallel`): average each layer's
-    gradients with a non-blocking allreduce while the backward pass goes on
-    (:meth:`~fastopt.distributed.DataParallel.backward_hook`); False reduces
-    the whole buffer after the backward pass. Same result either way.
+    set); times are this rank's. ``overlap=True`` (replicated optimizer
+    only: :class:`~fastopt.distributed.DataParallel`): average the layers'
+    gradients with non-blocking allreduces while the backward pass goes on
+    (:meth:`~fastopt.distributed.DataParallel.backward_hook`) instead of
+    the whole buffer after it. Same result either way; off by default
+    because it measured 2-3% slower on the 2-core VM, where MPICH moves
+    a non-blocking collective only inside MPI calls (docs/performance.md).
     """
     if comm is not None:
         return _fit_distributed(model, opt, X, y, epochs=epochs, batch_size=batch_size,

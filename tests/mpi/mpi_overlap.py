@@ -315,6 +315,6 @@ def test_fit_bad_input_on_one_rank_raises_everywhere():
     opt.bucket_elems = 1
     before = net.params.data.copy()
     with pytest.raises(dist.DistributedError, match=f"rank {N - 1}: ValueError"):
-        fit(net, opt, X, y, epochs=1, batch_size=8, comm=COMM)
+        fit(net, opt, X, y, epochs=1, batch_size=8, comm=COMM, overlap=True)
     np.testing.assert_array_equal(net.params.data, before)
     assert opt._round is None
