@@ -19,7 +19,9 @@ train ...``)::
         opt.step(grads)
 
 * :class:`DataParallel`: replicated optimizer; the gradient buffer is
-  averaged with one in-place ``Allreduce`` (optionally in buckets).
+  averaged with one in-place ``Allreduce`` (optionally in buckets), or with
+  :meth:`DataParallel.backward_hook`, bucket by bucket with non-blocking
+  ``Iallreduce`` calls posted while the MLP's backward pass goes on.
 * :class:`ShardedOptimizer`: ZeRO stage 1/2; each rank keeps optimizer
   state for a contiguous 1/N of the buffer: ``Reduce_scatter`` of the
   gradients, the fused step on the shard, ``Allgatherv`` of the params.

@@ -268,7 +268,7 @@ class DataParallel(_Distributed):
 
         ::
 
-            hook = opt.backward_hook(model.grads, weight=w)
+            hook, error = opt.backward_hook(model.grads, weight=w), None
             try:
                 model.loss_and_grad(xb, yb, on_grads_ready=hook)
             except Exception as exc:
