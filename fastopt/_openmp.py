@@ -6,14 +6,20 @@ spin for ``GOMP_SPINCOUNT`` iterations (300,000 by default, milliseconds
 here) before they sleep. In a training loop the optimizer step alternates
 with BLAS matmuls, whose worker threads then find the cores taken by
 spinning OpenMP threads: on this 2-core machine a 784-256-256-10 MLP step
-(2 ms of matmuls, 0.07 ms of AdamW) took 8 ms instead of 2.2 ms. With a
-short spin (1,000 iterations) back-to-back optimizer steps are as fast as
-before (measured at 64k-16M elements) and BLAS gets the cores.
+(2 ms of matmuls, 0.07 ms of AdamW) took 8 ms instead of 2.1 ms. With a
+short spin back-to-back optimizer steps are as fast as before (measured at
+1k-16M elements) and BLAS gets the cores. How short: the step took 2.0-2.1 ms
+at 1,000-5,000 iterations, 2.2-2.7 ms at 10,000, 3.1 ms at 30,000. But a
+library that shares this libgomp (torch does when fastopt's kernels load
+first: its libgomp has the same soname) pays for wake-ups below ~3,000:
+torch's fused AdamW on 1k elements took 57-67 us at 1,000-2,000 against 31
+us at its default. 5,000 keeps both (measured 2.1 ms and 32-40 us).
 
 libgomp reads the variable once, when it is loaded. So the variable is set
 only while fastopt loads its OpenMP code (:func:`short_spin`) and removed
-right after: a library that loads its own libgomp later keeps its default
-(torch bundles one, and its fused AdamW ran 3-4x slower with this setting).
+right after: a library that loads its own libgomp copy later reads its own
+default (with 1,000 left in the environment, torch's fused AdamW ran 3-4x
+slower).
 A value the user set (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``) is left
 alone, and a libgomp that was loaded before fastopt's (by Numba parallel
 code the user ran earlier, say) keeps what it read then.
@@ -25,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-SPINCOUNT = "1000"
+SPINCOUNT = "5000"
 _USER_VARS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 _decided = {}        # filled by the first load: what applies in this process
 
