@@ -70,9 +70,9 @@ def add_arguments(parser):
     parser.add_argument("--backend", default="auto", choices=["auto", "cython", "numba", "numpy"],
                         help="nn backend (CUDA: not yet)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="BLAS threads (threadpoolctl); default: BLAS's own (under "
-                             "mpiexec: cores / ranks). On a busy "
-                             "machine 1 can be much faster (see docs/performance.md)")
+                        help="threads for BLAS (threadpoolctl) and for fastopt's kernels "
+                             "and ensemble models; default: each library's own (under "
+                             "mpiexec: cores / ranks)")
     parser.add_argument("--target", type=float, default=0.94,
                         help="report the training time to reach this held-out accuracy")
     parser.add_argument("--out", default="train-results", help="output directory")
@@ -236,9 +236,11 @@ def _run(args, comm):
         print("fastopt train: --epochs and --batch-size must be >= 1", file=sys.stderr)
         return 2
     sizes = (Xtr.shape[1], *args.hidden, 10)
-    # One level of parallelism: BLAS threads in the matmuls, so the fused
-    # optimizer kernels run on one thread (see fastopt/nn/model.py).
-    fastopt.set_num_threads(1)
+    # One level of parallelism at a time (see fastopt/nn/model.py): BLAS
+    # threads inside one model's matmuls, fastopt's threads for the optimizer
+    # kernels and for splitting an ensemble's models; --threads caps both.
+    if args.threads is not None:
+        fastopt.set_num_threads(args.threads)
     steps = args.epochs * -(-Xtr.shape[0] // args.batch_size)
     try:
         model = Ensemble(k, sizes, args.activation, seed=args.seed, dtype=args.dtype,

@@ -205,3 +205,23 @@ def test_grad_hook_keeps_models_on_the_calling_thread():
     threads = set()
     ens.loss_and_grad(X, y, on_grads_ready=lambda lo, hi: threads.add(threading.get_ident()))
     assert threads == {threading.get_ident()}
+
+
+def test_optimizer_threads_during_train_step(monkeypatch, restore_threads):
+    """After BLAS-threaded matmuls the optimizer runs on one thread (BLAS's
+    spinning workers hold the other cores); after a model-parallel ensemble,
+    whose BLAS ran single-threaded, on fastopt's threads. Restored after."""
+    fastopt.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    for k, threads, want in ((1, None, 1), (4, 1, 1), (4, 2, 2)):
+        ens = Ensemble(k, SIZES, dtype=np.float64, seed=1, backend="numba")
+        ens.threads = threads
+        opt = fastopt.AdamW(ens.param_groups(), lr=1e-2)
+        seen = []
+        step = opt.step
+        monkeypatch.setattr(opt, "step", lambda g, step=step: (
+            seen.append(fastopt.get_num_threads()), step(g))[1])
+        X, y = rng.standard_normal((k, 10, SIZES[0])), rng.integers(0, 3, (k, 10))
+        ens.train_step(opt, X, y)
+        assert seen == [want], (k, threads)
+        assert fastopt.get_num_threads() == 2

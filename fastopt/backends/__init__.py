@@ -17,6 +17,8 @@ CPU backends (the optimizers pick it for device arrays themselves).
 
 from __future__ import annotations
 
+import contextlib
+
 from .._registry import LazyModules
 
 # Preference order for backend="auto": fastest first (see `fastopt bench`).
@@ -101,6 +103,21 @@ def set_num_threads(n: int) -> None:
         mod = _load(name)
         if mod is not None:
             mod.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def kernel_threads(n: int):
+    """Every threaded CPU backend on ``n`` threads for the block, then as
+    before (on this thread: Numba's count is per thread)."""
+    mods = [m for m in (_load("numba"), _load("cython")) if m is not None]
+    saved = [m.get_num_threads() for m in mods]
+    for m in mods:
+        m.set_num_threads(n)
+    try:
+        yield
+    finally:
+        for m, k in zip(mods, saved):
+            m.set_num_threads(k)
 
 
 def get_num_threads() -> int:

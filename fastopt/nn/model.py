@@ -190,9 +190,12 @@ class Ensemble:
         self.order = "auto"
         #: Threads the K models are split over in model order, each running
         #: its models' matmuls on one BLAS thread (None: as many as
-        #: :func:`fastopt.get_num_threads`; 1: one model after another with
-        #: BLAS's own threads). Results are identical either way.
-        self.threads = None
+        #: :func:`fastopt.get_num_threads`). The default, 1, runs one model
+        #: after another with BLAS's own threads: on the 2-core test machine
+        #: that was faster (K=16 784-64-10, batch 128: 3.4 ms against 4.9 ms
+        #: split over 2 threads; the small matmuls share the memory system
+        #: better inside one BLAS call). Results are identical either way.
+        self.threads = 1
 
     # -- layout ---------------------------------------------------------------
     def _stacked(self, flat: FlatArrays):
@@ -460,8 +463,7 @@ class Ensemble:
         """Models split in contiguous runs over ``n_threads`` threads. Each
         model writes only its own workspace and gradient slices, and the
         kernels release the GIL (Numba ``nogil``, Cython ``with nogil``,
-        BLAS), so the runs proceed side by side; small matmuls (784x64 at
-        batch 128) scale better this way than through BLAS's threads."""
+        BLAS), so the runs proceed side by side."""
         for k in range(self.k):      # build the per-model views up front, in one thread
             self._views(ws, k)
         runs = [range(self.k * i // n_threads, self.k * (i + 1) // n_threads)
@@ -489,8 +491,20 @@ class Ensemble:
         """``loss_and_grad`` then ``opt.step(self.grads)``; returns the losses."""
         self._check_optimizer(opt)
         losses = self.loss_and_grad(X, y)
-        opt.step(self.grads)
+        self._step(opt)
         return losses
+
+    def _step(self, opt):
+        if self._model_threads() > 1:
+            opt.step(self.grads)      # BLAS ran on one thread: its pool is idle
+            return
+        # BLAS's idle workers keep spinning between matmuls; the optimizer
+        # kernels' own second thread would share a core with them. On one
+        # thread the step was faster at every size measured (784-256-256-10
+        # batch 128: 1.16 vs 1.43 ms; 10M params: equal), docs/performance.md.
+        from ..backends import kernel_threads
+        with kernel_threads(1):
+            opt.step(self.grads)
 
     def _outputs(self, X):
         X3, _, ws = self._prepare(X)
@@ -592,7 +606,7 @@ class MLP(Ensemble):
     def train_step(self, opt, X, y):
         self._check_optimizer(opt)
         loss = self.loss_and_grad(X, y)
-        opt.step(self.grads)
+        self._step(opt)
         return loss
 
     def forward(self, X):
