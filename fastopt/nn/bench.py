@@ -419,8 +419,9 @@ class _MnistTrainer:
                 if b not in self.xbuf:
                     self.xbuf[b] = np.empty((b, self.Xtr.shape[1]), np.float32)
                     self.ybuf[b] = np.empty(b, np.int64)
-                np.take(self.Xtr, idx, axis=0, out=self.xbuf[b])
-                np.take(self.ytr, idx, axis=0, out=self.ybuf[b])
+                # as fit does (indices from a permutation, see training.py)
+                np.take(self.Xtr, idx, axis=0, out=self.xbuf[b], mode="clip")
+                np.take(self.ytr, idx, axis=0, out=self.ybuf[b], mode="clip")
                 self.net.train_step(self.opt, self.xbuf[b], self.ybuf[b])
             return time.perf_counter() - t0
         torch = self.torch

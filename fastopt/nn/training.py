@@ -114,8 +114,11 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
             if b not in xbuf:
                 xbuf[b] = np.empty((b, X.shape[1]), model.dtype)
                 ybuf[b] = np.empty(b, y.dtype)
-            np.take(X, idx, axis=0, out=xbuf[b])
-            np.take(y, idx, axis=0, out=ybuf[b])
+            # idx is a slice of a permutation, always in range: mode="clip"
+            # skips the temporary that the default mode="raise" makes with
+            # out= (a 128x784 float32 gather: 42 -> 14 us)
+            np.take(X, idx, axis=0, out=xbuf[b], mode="clip")
+            np.take(y, idx, axis=0, out=ybuf[b], mode="clip")
             losses = model.train_step(opt, xbuf[b], ybuf[b])
             total += np.asarray(losses) * b
             if on_batch is not None:
@@ -184,8 +187,8 @@ def _fit_distributed(model, opt, X, y, *, epochs, batch_size, seed, X_val, y_val
                     if b not in bufs:
                         bufs[b] = (np.empty((b, X.shape[1]), model.dtype), np.empty(b, y.dtype))
                     xb, yb = bufs[b]
-                    np.take(X, idx[lo:hi], axis=0, out=xb)
-                    np.take(y, idx[lo:hi], axis=0, out=yb)
+                    np.take(X, idx[lo:hi], axis=0, out=xb, mode="clip")
+                    np.take(y, idx[lo:hi], axis=0, out=yb, mode="clip")
                     losses = model.loss_and_grad(xb, yb, on_grads_ready=hook)
                 else:   # fewer samples than ranks: this rank adds nothing
                     model.grads.data[...] = 0
