@@ -215,3 +215,16 @@ def test_libgomp_loaded_earlier_is_reported():
             "    for i in numba.prange(a.size): a[i] += 1\nf(np.zeros(10))\n")
     _, reports = _openmp_after_loading({}, preload=f"exec({code!r}); ")
     assert all(r["set_by"].startswith("default (libgomp was loaded before") for r in reports)
+
+
+def test_kernel_threads_restores_even_on_error(restore_threads):
+    from fastopt.backends import kernel_threads
+    fastopt.set_num_threads(2)
+    with pytest.raises(RuntimeError, match="inside"):
+        with kernel_threads(1):
+            assert fastopt.get_num_threads() == 1
+            info = fastopt.backend_info()
+            assert all(info[b]["num_threads"] == 1 for b in ("numba", "cython")
+                       if info[b]["available"] and info[b]["threaded"])
+            raise RuntimeError("inside")
+    assert fastopt.get_num_threads() == 2
