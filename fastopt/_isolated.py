@@ -13,7 +13,9 @@ are interleaved, so the same-run ratios stay meaningful on a noisy machine.
 
 A worker is ``python -c`` running :func:`_serve`: it imports the ``preload``
 modules first (torch for the torch baselines, as a torch user's script
-does), then calls ``factory(**kwargs)`` (``"module:function"``) for the
+does), with this process's environment (fastopt sets its OpenMP spin count
+only while loading its kernels, so a torch worker sees what torch users
+see), then calls ``factory(**kwargs)`` (``"module:function"``) for the
 function to time. The protocol is one line per message on stdin/stdout, prefixed so that
 library chatter on stdout is ignored.
 """
@@ -65,12 +67,12 @@ def _serve():
 
 
 class _Worker:
-    def __init__(self, name, impl: Impl, env):
+    def __init__(self, name, impl: Impl):
         self.name = name
         spec = {"factory": impl.factory, "kwargs": impl.kwargs, "preload": list(impl.preload)}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            env=dict(env, FASTOPT_ISOLATED_SPEC=json.dumps(spec)), text=True)
+            env=dict(os.environ, FASTOPT_ISOLATED_SPEC=json.dumps(spec)), text=True)
 
     def read(self):
         for line in self.proc.stdout:
@@ -96,13 +98,6 @@ class _Worker:
                 self.proc.wait()
 
 
-def worker_env():
-    """The environment a worker starts from: this process's. (fastopt sets
-    its OpenMP spin count only while loading its kernels, see
-    :mod:`fastopt._openmp`, so a torch worker sees what torch users see.)"""
-    return dict(os.environ)
-
-
 def time_isolated(impls: dict, rounds=5, block_s=0.2, pause_s=0.3) -> dict:
     """Minimum over ``rounds`` of the mean seconds per call of each
     implementation (``{name: Impl}``), each in its own process.
@@ -111,11 +106,10 @@ def time_isolated(impls: dict, rounds=5, block_s=0.2, pause_s=0.3) -> dict:
     worker in turn for a block of calls lasting about ``block_s``, with
     ``pause_s`` of quiet before each block.
     """
-    env = worker_env()
     workers = {}
     try:
         for name, impl in impls.items():
-            workers[name] = w = _Worker(name, impl, env)
+            workers[name] = w = _Worker(name, impl)
             w.read()                                   # ready: built and warmed up
         best = dict.fromkeys(impls, float("inf"))
         for _ in range(rounds):

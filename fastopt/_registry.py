@@ -20,6 +20,10 @@ class LazyModules:
         self._loaded: dict = {}
         self._failed: dict = {}
 
+    def loaded(self, name: str):
+        """The module if it has been loaded already, else None (never imports)."""
+        return self._loaded.get(name)
+
     def load(self, name: str):
         """The module, or None when it does not import here (see reason())."""
         if name in self._loaded:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 
+from .. import _openmp
 from .._registry import LazyModules
 
 # Preference order for backend="auto": fastest first (see `fastopt bench`).
@@ -82,13 +83,8 @@ def backend_info() -> dict:
             if hasattr(mod, "get_num_threads"):
                 info[name]["num_threads"] = mod.get_num_threads()
             if mod.threaded:
-                info[name]["openmp_wait"] = _openmp_wait()
+                info[name]["openmp_wait"] = _openmp.wait_policy()
     return info
-
-
-def _openmp_wait() -> dict:
-    from .. import _openmp
-    return _openmp.wait_policy()
 
 
 def set_num_threads(n: int) -> None:
@@ -109,7 +105,8 @@ def set_num_threads(n: int) -> None:
 def kernel_threads(n: int):
     """Every threaded CPU backend on ``n`` threads for the block, then as
     before (on this thread: Numba's count is per thread)."""
-    mods = [m for m in (_load("numba"), _load("cython")) if m is not None]
+    # only the ones already loaded: a hot-path call must not import a backend
+    mods = [m for m in map(_REGISTRY.loaded, ("numba", "cython")) if m is not None]
     saved = [m.get_num_threads() for m in mods]
     for m in mods:
         m.set_num_threads(n)

@@ -385,15 +385,15 @@ class _MnistTrainer:
     ``accuracy()`` is the held-out accuracy (not timed)."""
 
     def __init__(self, impl, data, sizes, steps, batch, lr, seed, backend):
-        from .training import make_optimizer
+        from .training import _BatchGatherer, make_optimizer
         Xtr, ytr, Xte, yte = data
         self.impl, self.batch, self.Xte, self.yte = impl, batch, Xte, yte
         net = MLP(sizes, seed=seed, backend=backend)
         opt = make_optimizer(net, "adamw", lr, schedule="warmup-cosine", total_steps=steps)
         self.backend = net.backend
         if impl == "fastopt":
-            self.net, self.opt, self.Xtr, self.ytr = net, opt, Xtr, ytr
-            self.xbuf, self.ybuf = {}, {}
+            self.net, self.opt = net, opt
+            self.gather = _BatchGatherer(Xtr, ytr, np.float32)    # as fit does
             return
         torch = self.torch = torch_or_none()
         sched = opt.param_groups[0]["lr"]
@@ -414,15 +414,7 @@ class _MnistTrainer:
         if self.impl == "fastopt":
             t0 = time.perf_counter()
             for s in range(0, order.size, batch):
-                idx = order[s:s + batch]
-                b = idx.size
-                if b not in self.xbuf:
-                    self.xbuf[b] = np.empty((b, self.Xtr.shape[1]), np.float32)
-                    self.ybuf[b] = np.empty(b, np.int64)
-                # as fit does (indices from a permutation, see training.py)
-                np.take(self.Xtr, idx, axis=0, out=self.xbuf[b], mode="clip")
-                np.take(self.ytr, idx, axis=0, out=self.ybuf[b], mode="clip")
-                self.net.train_step(self.opt, self.xbuf[b], self.ybuf[b])
+                self.net.train_step(self.opt, *self.gather(order[s:s + batch]))
             return time.perf_counter() - t0
         torch = self.torch
         oi = torch.from_numpy(order)
@@ -483,13 +475,12 @@ def _mnist_in_own_process(impl, kwargs):
     import subprocess
     import sys
 
-    from .._isolated import worker_env
     pre = "import torch; " if impl == "torch" else ""
     code = (pre + "import json, sys; from fastopt.nn.bench import _mnist_train; "
             "kw = json.loads(sys.argv[1]); "
             "print('@@' + json.dumps(_mnist_train([sys.argv[2]], **kw), default=float))")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs), impl],
-                         env=worker_env(), capture_output=True, text=True)
+                         capture_output=True, text=True)
     lines = [l for l in out.stdout.splitlines() if l.startswith("@@")]
     if out.returncode or not lines:
         raise RuntimeError(f"MNIST benchmark of {impl!r} failed:\n{out.stderr[-2000:]}")

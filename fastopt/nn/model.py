@@ -37,6 +37,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .._registry import LazyModules
+from ..backends import kernel_threads
 from . import _blas
 from ..params import FlatArrays, flat_zeros
 from ..schedules import Schedule
@@ -502,7 +503,6 @@ class Ensemble:
         # kernels' own second thread would share a core with them. On one
         # thread the step was faster at every size measured (784-256-256-10
         # batch 128: 1.16 vs 1.43 ms; 10M params: equal), docs/performance.md.
-        from ..backends import kernel_threads
         with kernel_threads(1):
             opt.step(self.grads)
 
