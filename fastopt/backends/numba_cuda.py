@@ -12,8 +12,9 @@ Kernel conventions (DESIGN.md):
   Nesterov, L2 vs decoupled decay, maximize, mixed precision) are runtime
   flags that are uniform across the grid, so no thread diverges, and the
   array dtypes specialise the compiled code.
-* Grid-stride loops; the grid is sized from the device (``BLOCKS_PER_SM``
-  blocks of ``THREADS`` per multiprocessor, fewer for small arrays).
+* Grid-stride loops; the grid is one wave of resident blocks, sized from
+  the device and the compiled kernel by the occupancy API (fewer blocks for
+  small arrays).
 * Scalars are computed once per step in float64 on the host
   (:mod:`fastopt.backends.scalars`) and cast to the compute dtype before the
   launch: the float32 kernels contain no double-precision arithmetic (checked
@@ -72,7 +73,7 @@ threaded = True
 #: marks a backend whose arrays live on a device (the optimizers branch on it)
 device = True
 
-BLOCKS_PER_SM = 8        # 8 x 256 = 2048 resident threads per SM on sm_80/sm_90
+BLOCKS_PER_SM = 8        # grid cap when the occupancy API cannot answer (2048 threads/SM)
 _SIM_MAX_BLOCKS = 2      # the simulator runs every thread in Python: keep grids small
 
 _F32 = np.dtype(np.float32)
@@ -84,23 +85,47 @@ STORAGE_DTYPES = (_F32, _F64, _F16, _BF16_BITS)
 
 
 # -- launch configuration --------------------------------------------------------------
+# Grid-stride kernels launched with at most one wave of resident blocks: as
+# many blocks of THREADS as the device holds at once *for that compiled
+# kernel* (its registers decide; the occupancy API says how many), so no
+# partial second wave runs at low occupancy. Asked once per kernel, dtype
+# combination and device, then cached.
 
-_max_blocks_cache: dict = {}
+_resident_cache: dict = {}
 
 
 def max_blocks() -> int:
-    """Blocks that fill the current device (BLOCKS_PER_SM per multiprocessor)."""
+    """Upper bound of blocks for the current device (BLOCKS_PER_SM per SM)."""
     if SIMULATOR:
         return _SIM_MAX_BLOCKS
     dev = cuda.get_current_device()
-    key = dev.id
-    if key not in _max_blocks_cache:
-        _max_blocks_cache[key] = int(dev.MULTIPROCESSOR_COUNT) * BLOCKS_PER_SM
-    return _max_blocks_cache[key]
+    return int(dev.MULTIPROCESSOR_COUNT) * BLOCKS_PER_SM
 
 
-def blocks_for(n: int) -> int:
-    return max(1, min((n + THREADS - 1) // THREADS, max_blocks()))
+def resident_blocks(kernel, key, args) -> int:
+    """Blocks of THREADS of ``kernel``, specialised for ``args`` (whose
+    dtypes ``key`` names), that are resident on the current device at once."""
+    if SIMULATOR:
+        return _SIM_MAX_BLOCKS
+    dkey = (kernel, cuda.get_current_device().id, key)
+    got = _resident_cache.get(dkey)
+    if got is None:
+        try:
+            compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+            got = int(compiled.max_cooperative_grid_blocks(THREADS))
+        except Exception:   # pragma: no cover - occupancy API unavailable: SM count x 8
+            got = 0
+        if got <= 0:
+            got = max_blocks()
+        _resident_cache[dkey] = got
+    return got
+
+
+def _launch(kernel, key, n, args) -> int:
+    """Launch ``kernel(*args)`` over ``n`` elements; returns the block count."""
+    blocks = max(1, min((n + THREADS - 1) // THREADS, resident_blocks(kernel, key, args)))
+    kernel[blocks, THREADS](*args)
+    return blocks
 
 
 # -- device arrays -----------------------------------------------------------------------
@@ -321,9 +346,12 @@ class DeviceNorm:
 def norm_control(flats, *, max_norm=0.0, inv_scale=1.0, check=False) -> StepControl:
     """Launch the two-stage global-norm reduction over 1-D device arrays and
     decide clip coefficient and skip on the device. Does not synchronise."""
-    nblocks = [blocks_for(x.size) for x in flats]
-    total = max(1, sum(nblocks))
-    partial, bad = _scratch(total)
+    partial, bad = _scratch(1)          # any size: only their types set the grid
+    nblocks = [max(1, min((x.size + THREADS - 1) // THREADS,
+                          resident_blocks(_sumsq_partial_kernel, x.dtype,
+                                          (x, partial, bad, 0))))
+               for x in flats]
+    partial, bad = _scratch(max(1, sum(nblocks)))
     off = 0
     for x, nb in zip(flats, nblocks):
         _sumsq_partial_kernel[nb, THREADS](x, partial, bad, off)
@@ -369,9 +397,9 @@ def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None, ctrl=None) -> None:
     sc = _cast(np.dtype(p.dtype).type, s)
     amsgrad = vmax is not None
     mixed = out is not None
-    _adam_kernel[blocks_for(n), THREADS](
-        p, g, m, v, vmax if amsgrad else v, out if mixed else p, _fc(p, ctrl),
-        *sc, amsgrad, mixed)
+    _launch(_adam_kernel, (p.dtype, g.dtype, None if out is None else out.dtype), n,
+            (p, g, m, v, vmax if amsgrad else v, out if mixed else p, _fc(p, ctrl),
+             *sc, amsgrad, mixed))
 
 
 def sgd_update(p, g, buf, s: SGDScalars, out=None, ctrl=None) -> None:
@@ -382,10 +410,10 @@ def sgd_update(p, g, buf, s: SGDScalars, out=None, ctrl=None) -> None:
     t = np.dtype(p.dtype).type
     has_buf = buf is not None
     mixed = out is not None
-    _sgd_kernel[blocks_for(n), THREADS](
-        p, g, buf if has_buf else p, out if mixed else p, _fc(p, ctrl),
-        t(s.lr), t(s.l2), t(s.grad_scale), t(s.buf_decay), t(s.grad_coef), t(s.momentum),
-        s.use_l2, has_buf, s.nesterov, mixed)
+    _launch(_sgd_kernel, (p.dtype, g.dtype, None if out is None else out.dtype), n,
+            (p, g, buf if has_buf else p, out if mixed else p, _fc(p, ctrl),
+             t(s.lr), t(s.l2), t(s.grad_scale), t(s.buf_decay), t(s.grad_coef),
+             t(s.momentum), s.use_l2, has_buf, s.nesterov, mixed))
 
 
 def sumsq(x) -> float:
@@ -396,19 +424,19 @@ def sumsq(x) -> float:
 def scale(x, c: float, ctrl=None) -> None:
     """``x *= c`` (times the control block's factor, unless it says skip)."""
     if x.size:
-        _scale_kernel[blocks_for(x.size), THREADS](x, _fc(x, ctrl), np.dtype(x.dtype).type(c))
+        _launch(_scale_kernel, x.dtype, x.size, (x, _fc(x, ctrl), np.dtype(x.dtype).type(c)))
 
 
 def widen(src, dst) -> None:
     """16-bit device ``src`` -> float32 device ``dst``."""
     if dst.size:
-        _convert_kernel[blocks_for(dst.size), THREADS](src, dst)
+        _launch(_convert_kernel, (src.dtype, dst.dtype), dst.size, (src, dst))
 
 
 def narrow(src, dst) -> None:
     """float32 device ``src`` -> 16-bit device ``dst`` (round to nearest even)."""
     if dst.size:
-        _convert_kernel[blocks_for(dst.size), THREADS](src, dst)
+        _launch(_convert_kernel, (src.dtype, dst.dtype), dst.size, (src, dst))
 
 
 def synchronize() -> None:
