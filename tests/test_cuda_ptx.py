@@ -81,8 +81,9 @@ def f64_ops(ptx):
     return sorted({s.split()[0] for s in instructions(ptx) if ".f64" in s.split()[0]})
 
 
-def test_checker_catches_a_promoted_kernel():
-    """Positive control: a float literal in float32 code is float64 math."""
+def test_checker_catches_a_promoted_kernel(K):
+    """Positive control: a float literal in float32 code is float64 math.
+    (``K``: fastopt's kernel module loads numba-cuda's typing first.)"""
     from numba import cuda
 
     def promoted(x):
@@ -126,3 +127,32 @@ def test_reduction_uses_shared_memory_not_warp_shuffles(K, cc):
 def test_float64_kernels_compile(K, cc):
     for name in K.KERNELS:
         assert ".entry" in ptx_of(K, name, "float64", None, cc)
+
+
+def test_kernels_compile_with_numpy_2_5_namespace():
+    """numba-cuda 0.30.4 registers ``np.row_stack``, which NumPy 2.5 removed:
+    the first kernel compile failed on the GPU machine (numpy 2.5.2). With
+    the namespace as NumPy 2.5 has it, every kernel still compiles, and
+    ``np.row_stack`` is gone again afterwards."""
+    import subprocess
+    import sys
+    code = """
+import types
+import numpy as np
+del np.row_stack                       # NumPy 2.5's namespace
+np.__all__ = [x for x in np.__all__ if x != "row_stack"]
+import numba.cuda.dispatcher as dispatcher
+from numba import cuda
+if not cuda.is_available():            # as in the K fixture above
+    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(8, 0))
+from fastopt.backends import _cuda_kernels as K
+for name, (kernel, _) in K.KERNELS.items():
+    cuda.compile_ptx(kernel.py_func, K.ptx_signatures()[name], cc=(9, 0))
+assert not hasattr(np, "row_stack")
+print("compiled", len(K.KERNELS))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compiled 6" in out.stdout

@@ -13,6 +13,35 @@ import numpy as np
 from numba import config, cuda, types
 from numba.core.extending import overload
 
+
+def _numpy_2_5_stand_in(tup):   # pragma: no cover - never called
+    raise AttributeError("numpy.row_stack was removed in NumPy 2.5; use numpy.vstack")
+
+
+def _load_cuda_array_typing():
+    """Load numba-cuda's NumPy array typing with NumPy >= 2.5 too.
+
+    numba-cuda (0.30.4, the newest release when written) registers an
+    overload for ``np.row_stack`` whenever NumPy >= 2.0, but NumPy 2.5
+    removed it, so the first kernel compile fails with "module 'numpy' has
+    no attribute 'row_stack'" (seen on an H200 with numpy 2.5.2; numba's CPU
+    target already checks for < 2.5). While that module loads, ``np.row_stack``
+    is a stand-in nothing calls; it is removed right after, so NumPy's
+    namespace is left as it was.
+    """
+    if hasattr(np, "row_stack") or getattr(config, "ENABLE_CUDASIM", False):
+        return
+    np.row_stack = _numpy_2_5_stand_in
+    try:
+        import numba.cuda.np.arrayobj  # noqa: F401
+    except ImportError:   # pragma: no cover - another numba-cuda layout: nothing to do
+        pass
+    finally:
+        del np.row_stack
+
+
+_load_cuda_array_typing()
+
 #: threads per block (a power of two: the tree reduction needs it). The
 #: simulator runs each thread as a Python thread, so it gets small blocks.
 THREADS = 64 if getattr(config, "ENABLE_CUDASIM", False) else 256
