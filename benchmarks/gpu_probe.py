@@ -40,7 +40,9 @@ MANY, EACH = 1000, 1000
 
 
 def event_seconds(cuda, fn, reps=10, warmup=3, inner=1):
-    """Median device seconds of ``inner`` calls of ``fn`` (CUDA events)."""
+    """Median device seconds per call over ``inner`` calls of ``fn`` between two
+    CUDA events (several calls, so the host's launch cost hides behind the
+    queued work, as in a training loop)."""
     for _ in range(warmup):
         fn()
     cuda.synchronize()
@@ -151,7 +153,7 @@ def main(argv=None):
         nbytes = 28 * BIG
         src = cuda.device_array(nbytes // 8, f32)
         dst = cuda.device_array_like(src)
-        t = event_seconds(cuda, lambda: dst.copy_to_device(src))
+        t = event_seconds(cuda, lambda: dst.copy_to_device(src), inner=10)
         out["d2d_copy"] = {"seconds": t, "gbps": 2 * src.nbytes / t / 1e9}
 
         @cuda.jit
@@ -159,7 +161,7 @@ def main(argv=None):
             for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
                 y[i] = x[i]
         blocks = C.resident_blocks(copy_kernel, "probe", (src, dst))
-        t = event_seconds(cuda, lambda: copy_kernel[blocks, K.THREADS](src, dst))
+        t = event_seconds(cuda, lambda: copy_kernel[blocks, K.THREADS](src, dst), inner=10)
         out["numba_copy_kernel"] = {"blocks": blocks, "seconds": t,
                                     "gbps": 2 * src.nbytes / t / 1e9}
         del src, dst
@@ -167,15 +169,15 @@ def main(argv=None):
         grids["one_per_element"] = (BIG + K.THREADS - 1) // K.THREADS
         grids["fastopt_default"] = C.resident_blocks(K._adam_kernel, "probe", big_args)
         for name, nb in grids.items():
-            t = event_seconds(cuda, lambda: K._adam_kernel[nb, K.THREADS](*big_args))
+            t = event_seconds(cuda, lambda: K._adam_kernel[nb, K.THREADS](*big_args), inner=10)
             out[f"adam_{name}"] = {"blocks": nb, "seconds": t, "gbps": nbytes / t / 1e9}
         opt = fastopt.AdamW(p, lr=1e-3, weight_decay=1e-2)
-        t = event_seconds(cuda, lambda: opt.step(g))
+        t = event_seconds(cuda, lambda: opt.step(g), inner=10)
         out["opt_step_adamw_fp32"] = {"seconds": t, "gbps": nbytes / t / 1e9}
         opt = fastopt.AdamW(p, lr=1e-3, max_grad_norm=1.0)
-        t = event_seconds(cuda, lambda: opt.step(g))
+        t = event_seconds(cuda, lambda: opt.step(g), inner=10)
         out["opt_step_clip_adamw_fp32"] = {"seconds": t, "gbps": (nbytes + 4 * BIG) / t / 1e9}
-        t = event_seconds(cuda, lambda: C.norm_control([g]))
+        t = event_seconds(cuda, lambda: C.norm_control([g]), inner=10)
         out["norm_only"] = {"seconds": t, "gbps": 4 * BIG / t / 1e9}
         return out
 
@@ -203,9 +205,18 @@ def main(argv=None):
                                               inner=50)
         out["adam_1M_dispatcher_launch"] = wall_seconds(
             cuda.synchronize, lambda: K._adam_kernel[nb, K.THREADS](*a))
-        compiled = K._adam_kernel.compile(tuple(K._adam_kernel.typeof_pyval(x) for x in a))
-        out["adam_1M_compiled_launch"] = wall_seconds(
-            cuda.synchronize, lambda: compiled.launch(a, (nb, 1, 1), (K.THREADS, 1, 1), 0, 0))
+        # the pieces of a backend call, each alone (host seconds per call)
+        out["get_current_device"] = wall_seconds(cuda.synchronize, cuda.get_current_device)
+        out["unit_control"] = wall_seconds(cuda.synchronize, lambda: C._unit_control(f32))
+        out["resident_blocks_cached"] = wall_seconds(
+            cuda.synchronize, lambda: C.resident_blocks(K._adam_kernel, "probe", a))
+        out["configure"] = wall_seconds(cuda.synchronize, lambda: K._adam_kernel[nb, K.THREADS])
+        out["scalars"] = wall_seconds(cuda.synchronize, lambda: adam_scalars(
+            lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, decoupled=True,
+            step=3))
+        out["device_array_2x"] = wall_seconds(
+            cuda.synchronize, lambda: (cuda.device_array(4, np.float64),
+                                       cuda.device_array(2, np.float32)))
         out["adam_1M_backend_call"] = wall_seconds(
             cuda.synchronize, lambda: C.adam_update(pm, gm, mm, vm, None, s))
         out["opt_step_packed_1000x1000"] = wall_seconds(cuda.synchronize,
@@ -237,13 +248,13 @@ def main(argv=None):
                     o = torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, **{mode: True})
                     out[f"{mode}_{label}_wall"] = wall_seconds(
                         torch.cuda.synchronize, o.step, calls=100 if count > 1 else 30)
-                    out[f"{mode}_{label}_device"] = event_seconds(cuda, o.step)
+                    out[f"{mode}_{label}_device"] = event_seconds(cuda, o.step, inner=10)
                 del ps, o
             # fastopt stepping torch tensors (interop path, one 64M tensor)
             tp = torch.randn(BIG, device="cuda")
             tg = torch.randn(BIG, device="cuda")
             o = fastopt.AdamW(tp, lr=1e-3, weight_decay=1e-2)
-            out["fastopt_on_torch_64M_device"] = event_seconds(cuda, lambda: o.step(tg))
+            out["fastopt_on_torch_64M_device"] = event_seconds(cuda, lambda: o.step(tg), inner=10)
             small = [torch.randn(EACH, device="cuda") for _ in range(10)]
             sg = [torch.randn_like(x) for x in small]
             o = fastopt.AdamW(small, lr=1e-3)

@@ -139,8 +139,9 @@ def test_kernels_compile_with_numpy_2_5_namespace():
     code = """
 import types
 import numpy as np
-del np.row_stack                       # NumPy 2.5's namespace
-np.__all__ = [x for x in np.__all__ if x != "row_stack"]
+if hasattr(np, "row_stack"):           # NumPy < 2.5: make its namespace 2.5's
+    del np.row_stack
+    np.__all__ = [x for x in np.__all__ if x != "row_stack"]
 import numba.cuda.dispatcher as dispatcher
 from numba import cuda
 if not cuda.is_available():            # as in the K fixture above

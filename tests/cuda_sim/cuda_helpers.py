@@ -31,6 +31,9 @@ ATOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-13}
 #: a size that is not a multiple of the block size, smaller than one grid
 #: under the simulator, and several grid strides long on it
 N = 3 * C.THREADS * C.max_blocks() // 2 + 7 if C.SIMULATOR else 100_003
+#: a size of nine full grid strides and a tail: the norm's four-way unrolled
+#: loop runs twice, then its one-at-a-time tail
+LONG = 9 * C.THREADS * C.max_blocks() + 5
 
 
 def dev(a):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cuda_helpers import N, close, dev, host  # skips the module where CUDA is unusable
+from cuda_helpers import LONG, N, close, dev, host  # skips the module where CUDA is unusable
 
 import fastopt
 from fastopt.backends import numba_cuda as C
@@ -89,7 +89,7 @@ def test_sgd_kernel_matches_reference(rng, dtype, momentum, dampening, nesterov,
 # -- the global norm ---------------------------------------------------------------------------
 
 def test_norm_two_stage_matches_reference_and_is_deterministic(rng):
-    xs = [_normal(rng, n, F32, 3.0) for n in (N, 5, 1, C.THREADS + 1)]
+    xs = [_normal(rng, n, F32, 3.0) for n in (N, 5, LONG, 1, C.THREADS + 1)]
     ds = [dev(x) for x in xs]
     expect = sum(R.sumsq(x) for x in xs)
     ctrl = C.norm_control(ds)
@@ -101,10 +101,16 @@ def test_norm_two_stage_matches_reference_and_is_deterministic(rng):
     assert C.sumsq(ds[0]) == pytest.approx(R.sumsq(xs[0]), rel=1e-12)
 
 
+#: positions in each of the unrolled loop's four lanes and in its tail
+_STRIDE = C.THREADS * C.max_blocks()
+BAD_AT = [N // 3, 1, _STRIDE + 2, 2 * _STRIDE + 3, 3 * _STRIDE + 4, LONG - 1]
+
+
+@pytest.mark.parametrize("at", BAD_AT)
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_norm_sees_nonfinite(rng, bad):
-    x = _normal(rng, N, F32)
-    x[N // 3] = bad
+def test_norm_sees_nonfinite(rng, bad, at):
+    x = _normal(rng, LONG, F32)
+    x[at] = bad
     ctrl = C.norm_control([dev(x)], check=True)
     assert ctrl.skipped()
     assert np.isnan(ctrl.norm()) if bad != bad else ctrl.norm() == np.inf
