@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import _validate as V
 from ..backends.scalars import adam_scalars
-from .base import Optimizer
+from .base import Optimizer, span
 
 
 class Adam(Optimizer):
@@ -57,10 +57,10 @@ class Adam(Optimizer):
         for ri, p, g, lo, hi in segments:
             m = self._state_buffer(state, runs, ri, "exp_avg")
             v = self._state_buffer(state, runs, ri, "exp_avg_sq")
-            vmax = (self._state_buffer(state, runs, ri, "max_exp_avg_sq")[lo:hi]
+            vmax = (span(self._state_buffer(state, runs, ri, "max_exp_avg_sq"), lo, hi)
                     if h["amsgrad"] else None)
             w, out = self._targets(state, ri, p, lo, hi)
-            backend.adam_update(w, g, m[lo:hi], v[lo:hi], vmax, s, out)
+            backend.adam_update(w, g, span(m, lo, hi), span(v, lo, hi), vmax, s, out)
 
 
 class AdamW(Adam):

@@ -55,6 +55,13 @@ def _all_finite(norm, flats) -> bool:
     return all(bool(np.isfinite(f).all()) for f in flats)
 
 
+def span(a, lo, hi):
+    """``a[lo:hi]`` of a 1-D buffer, or ``a`` itself when that is all of it:
+    a device array's slice is a new Python object that costs microseconds
+    per step (a packed group steps its whole buffers)."""
+    return a if lo == 0 and hi == a.shape[0] else a[lo:hi]
+
+
 def _is_device_array(a) -> bool:
     """A GPU array (``__cuda_array_interface__``, or the CUDA simulator's)."""
     return not isinstance(a, (np.ndarray, list, tuple, dict)) and (
@@ -332,7 +339,7 @@ class Optimizer:
         """``(weights the kernel updates, 16-bit params to write or None)``:
         the master copy's slice under mixed precision, else ``p`` itself."""
         master = state["runs"][ri].get("master")
-        return (p, None) if master is None else (master[lo:hi], p)
+        return (p, None) if master is None else (span(master, lo, hi), p)
 
     # -- device arrays ----------------------------------------------------------
     def _device_arrays(self, name, arrays):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import _validate as V
 from ..backends.scalars import sgd_scalars
-from .base import Optimizer
+from .base import Optimizer, span
 
 
 class SGD(Optimizer):
@@ -53,7 +53,7 @@ class SGD(Optimizer):
                         nesterov=h["nesterov"], weight_decay=h["weight_decay"],
                         first_step=first, grad_scale=coef, maximize=h["maximize"])
         for ri, p, g, lo, hi in segments:
-            buf = (self._state_buffer(state, runs, ri, "momentum_buffer")[lo:hi]
+            buf = (span(self._state_buffer(state, runs, ri, "momentum_buffer"), lo, hi)
                    if has_momentum else None)
             w, out = self._targets(state, ri, p, lo, hi)
             backend.sgd_update(w, g, buf, s, out)

@@ -101,6 +101,23 @@ def test_norm_two_stage_matches_reference_and_is_deterministic(rng):
     assert C.sumsq(ds[0]) == pytest.approx(R.sumsq(xs[0]), rel=1e-12)
 
 
+def test_norm_final_pass_over_more_partials_than_threads(rng):
+    """Stage 2 with more partials than its block has threads (each thread
+    then adds a strided share before the tree)."""
+    from fastopt.backends._cuda_kernels import _finalize_kernel
+    count = 3 * C.THREADS + 5
+    partial = rng.random(count) * 10.0
+    for bad_at in (None, count - 1):
+        bad = np.zeros(count, np.int32)
+        if bad_at is not None:
+            bad[bad_at] = 1
+        ctrl = C.StepControl.take()
+        _finalize_kernel[1, C.THREADS](dev(partial), dev(bad), count, ctrl.ctrl64,
+                                       ctrl.ctrl32, 0.0, 1.0, True)
+        assert ctrl.ctrl64.copy_to_host()[0] == pytest.approx(partial.sum(), rel=1e-12)
+        assert ctrl.skipped() == (bad_at is not None)
+
+
 #: positions in each of the unrolled loop's four lanes and in its tail
 _STRIDE = C.THREADS * C.max_blocks()
 BAD_AT = [N // 3, 1, _STRIDE + 2, 2 * _STRIDE + 3, 3 * _STRIDE + 4, LONG - 1]
@@ -124,6 +141,24 @@ def test_clip_by_global_norm_on_device(rng):
     assert float(norm) == pytest.approx(expect, rel=1e-12)
     for d, g in zip(ds, gs):
         close(host(d), g)
+
+
+def test_control_blocks_are_reused_and_held_norms_stay_valid(rng):
+    """Control blocks return to a free list when their step is dropped (no
+    allocation per step), while a norm still held keeps its own block."""
+    gs = [_normal(rng, N, F32, 1.0 + k) for k in range(4)]
+    ds = [dev(g) for g in gs]
+    ctrl = C.norm_control([ds[0]])
+    first = ctrl.ctrl64
+    del ctrl
+    again = C.norm_control([ds[1]])
+    assert again.ctrl64 is first                   # taken back from the free list
+    p = dev(_normal(rng, N, F32))
+    opt = fastopt.AdamW(p, lr=1e-3, max_grad_norm=1.0)
+    held = [opt.step(d) for d in ds]               # every step's DeviceNorm kept
+    assert len({id(n._ctrl.ctrl64) for n in held}) == len(held)
+    for norm, g in zip(held, gs):
+        assert float(norm) == pytest.approx(np.sqrt(R.sumsq(g)), rel=1e-12)
 
 
 # -- optimizers on device arrays --------------------------------------------------------------
