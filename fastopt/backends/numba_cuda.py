@@ -45,6 +45,8 @@ can run.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 try:
@@ -286,6 +288,11 @@ _free_controls: dict = {}
 _FREE_CONTROLS_MAX = 8
 
 
+def _give_back_control(free, pair):
+    if len(free) < _FREE_CONTROLS_MAX:
+        free.append(pair)
+
+
 class StepControl:
     """Device-resident result of the global-norm pass of one step.
 
@@ -300,28 +307,28 @@ class StepControl:
     overwrite them; that is safe because every launch goes to the default
     stream, so it runs after every kernel that read them, and a StepControl
     (or DeviceNorm) still referenced keeps its own pair.
+
+    The pair goes back through ``weakref.finalize``, which holds it, never
+    through ``__del__``: when the cyclic GC collects a StepControl (an
+    optimizer in a reference cycle holds its last norm), arrays that it alone
+    referenced are collected with it and numba frees their device memory
+    first, so a ``__del__`` putting them back in the list handed out freed
+    memory, and the next norm pass wrote into whatever was allocated there
+    (seen on the H200: a new optimizer's moments).
     """
 
-    def __init__(self, ctrl64, ctrl32, key=None):
+    def __init__(self, ctrl64, ctrl32):
         self.ctrl64, self.ctrl32 = ctrl64, ctrl32
         self._host = None
-        self._key = key
 
     @classmethod
     def take(cls) -> "StepControl":
-        key = None if SIMULATOR else current_device_id()
-        free = _free_controls.get(key)
-        if free:
-            return cls(*free.pop(), key=key)
-        return cls(cuda.device_array(4, np.float64), cuda.device_array(2, np.float32), key)
-
-    def __del__(self):
-        try:
-            free = _free_controls.setdefault(self._key, [])
-            if len(free) < _FREE_CONTROLS_MAX:
-                free.append((self.ctrl64, self.ctrl32))
-        except Exception:   # noqa: BLE001 - interpreter shutdown: nothing to keep
-            pass
+        free = _free_controls.setdefault(None if SIMULATOR else current_device_id(), [])
+        pair = free.pop() if free else (cuda.device_array(4, np.float64),
+                                        cuda.device_array(2, np.float32))
+        ctrl = cls(*pair)
+        weakref.finalize(ctrl, _give_back_control, free, pair).atexit = False
+        return ctrl
 
     def for_dtype(self, dtype):
         return self.ctrl32 if np.dtype(dtype) == _F32 else self.ctrl64[2:4]

@@ -161,6 +161,23 @@ def test_control_blocks_are_reused_and_held_norms_stay_valid(rng):
         assert float(norm) == pytest.approx(np.sqrt(R.sumsq(g)), rel=1e-12)
 
 
+def test_control_block_collected_in_a_cycle_stays_alive_for_reuse(rng):
+    """A StepControl collected by the cyclic GC (an optimizer in a reference
+    cycle holding its last norm) must not hand back arrays the GC collected
+    with it: on a GPU their memory was already freed, and the next norm pass
+    wrote into a new optimizer's moments."""
+    import gc
+    import weakref
+    ctrl = C.norm_control([dev(_normal(rng, N, F32))])
+    alive = weakref.ref(ctrl.ctrl64)
+    cycle = {"ctrl": ctrl}
+    cycle["self"] = cycle
+    del ctrl, cycle
+    gc.collect()
+    assert alive() is not None, "the pooled control block was collected"
+    assert C.norm_control([dev(_normal(rng, 5, F32))]).ctrl64 is alive()
+
+
 # -- optimizers on device arrays --------------------------------------------------------------
 
 def _pair(rng, cls, dtype=F32, sizes=(N, 33), **kw):
