@@ -115,7 +115,7 @@ def main(argv=None):
     def adam_args(p, g, m, v, out=None, ctrl=None):
         sc = tuple(x if isinstance(x, bool) else f32(x) for x in s)
         return (p, g, m, v, v, p if out is None else out, C._fc(p, ctrl), *sc, False,
-                out is not None)
+                out is not None, C.vector_ok(p, g, m, v, out))
 
     # -- big fp32 buffers ------------------------------------------------------------
     p = cuda.to_device(rng.standard_normal(BIG, dtype=f32))
@@ -132,7 +132,7 @@ def main(argv=None):
             "adam_bf16_master": (K._adam_kernel, adam_args(*small[:1], p16, *small[2:],
                                                            out=p16)),
             "sgd_fp32": (K._sgd_kernel, (p, g, m, p, C._fc(p, None), *[f32(0.1)] * 6,
-                                         False, True, True, False)),
+                                         False, True, True, False, True)),
             "sumsq_fp32": (K._sumsq_partial_kernel,
                            (g, *C._scratch(1), 0)),
             "convert_bf16_to_fp32": (K._convert_kernel, (p16, small[0])),

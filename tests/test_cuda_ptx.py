@@ -157,3 +157,16 @@ print("compiled", len(K.KERNELS))
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "compiled 6" in out.stdout
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda c: f"sm_{c[0]}{c[1]}")
+@pytest.mark.parametrize("dtype,storage", F32_VARIANTS, ids=["f32", "f16", "bf16"])
+def test_update_kernels_have_vector_loads_and_stores(K, dtype, storage, cc):
+    """The vector path moves four elements per instruction: 16-byte float32
+    loads/stores, 8-byte ones for 16-bit grads and params (NVVM alone keeps
+    four scalar loads: it cannot prove an array's alignment)."""
+    for name in ("adam", "sgd"):
+        ops = {s.split()[0] for s in instructions(ptx_of(K, name, dtype, storage, cc))}
+        assert {"ld.global.v4.f32", "st.global.v4.f32"} <= ops, (name, sorted(ops))
+        if storage:
+            assert {"ld.global.v4.u16", "st.global.v4.u16"} <= ops, (name, sorted(ops))

@@ -123,8 +123,18 @@ def resident_blocks(kernel, key, args) -> int:
     return got
 
 
+def vector_ok(*arrays) -> bool:
+    """Whether every array (None: absent) starts at a multiple of four
+    elements' size, so the update kernels may move four elements per load
+    and store (``ld.global.v4.f32`` for float32). Fresh device allocations
+    always are; views into a packed buffer are when their offset is a
+    multiple of four elements."""
+    return all(a is None or _pointer(a) % (4 * a.dtype.itemsize) == 0 for a in arrays)
+
+
 def _launch(kernel, key, n, args) -> int:
-    """Launch ``kernel(*args)`` over ``n`` elements; returns the block count."""
+    """Launch ``kernel(*args)`` over ``n`` work items (elements, or groups
+    of four on the vector path); returns the block count."""
     blocks = max(1, min((n + THREADS - 1) // THREADS, resident_blocks(kernel, key, args)))
     kernel[blocks, THREADS](*args)
     return blocks
@@ -432,9 +442,11 @@ def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None, ctrl=None) -> None:
     sc = _cast(np.dtype(p.dtype).type, s)
     amsgrad = vmax is not None
     mixed = out is not None
-    _launch(_adam_kernel, (p.dtype, g.dtype, None if out is None else out.dtype), n,
+    vec = vector_ok(p, g, m, v, vmax, out)
+    _launch(_adam_kernel, (p.dtype, g.dtype, None if out is None else out.dtype),
+            (n + 3) // 4 if vec else n,
             (p, g, m, v, vmax if amsgrad else v, out if mixed else p, _fc(p, ctrl),
-             *sc, amsgrad, mixed))
+             *sc, amsgrad, mixed, vec))
 
 
 def sgd_update(p, g, buf, s: SGDScalars, out=None, ctrl=None) -> None:
@@ -445,10 +457,12 @@ def sgd_update(p, g, buf, s: SGDScalars, out=None, ctrl=None) -> None:
     t = np.dtype(p.dtype).type
     has_buf = buf is not None
     mixed = out is not None
-    _launch(_sgd_kernel, (p.dtype, g.dtype, None if out is None else out.dtype), n,
+    vec = vector_ok(p, g, buf, out)
+    _launch(_sgd_kernel, (p.dtype, g.dtype, None if out is None else out.dtype),
+            (n + 3) // 4 if vec else n,
             (p, g, buf if has_buf else p, out if mixed else p, _fc(p, ctrl),
              t(s.lr), t(s.l2), t(s.grad_scale), t(s.buf_decay), t(s.grad_coef),
-             t(s.momentum), s.use_l2, has_buf, s.nesterov, mixed))
+             t(s.momentum), s.use_l2, has_buf, s.nesterov, mixed, vec))
 
 
 def sumsq(x) -> float:

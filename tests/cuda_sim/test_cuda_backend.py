@@ -40,18 +40,37 @@ ADAM_CASES = [  # dtype, amsgrad, maximize, decoupled, weight_decay
 ]
 
 
+def dev_at(a, offset):
+    """A device copy of ``a`` that starts ``offset`` elements after a 64-byte
+    boundary: offset 0 is aligned for four-element vectors, offset 1 is not
+    (so the update kernels take their scalar loop over every element)."""
+    pad = 64 // a.dtype.itemsize
+    whole = dev(np.zeros(a.size + 2 * pad, a.dtype))
+    start = (-C._pointer(whole) % 64) // a.dtype.itemsize + offset
+    view = whole[start:start + a.size]
+    view.copy_to_device(a)
+    return view
+
+
+#: 0: aligned arrays, the vector loop (+ the scalar tail); 1: the scalar loop only
+OFFSETS = pytest.mark.parametrize("offset", [0, 1], ids=["vector", "scalar"])
+
+
+@OFFSETS
 @pytest.mark.parametrize("dtype,amsgrad,maximize,decoupled,wd", ADAM_CASES)
-def test_adam_kernel_matches_reference(rng, dtype, amsgrad, maximize, decoupled, wd):
+def test_adam_kernel_matches_reference(rng, dtype, amsgrad, maximize, decoupled, wd,
+                                       offset):
     p = _normal(rng, N, dtype)
     m, v = np.zeros(N, dtype), np.zeros(N, dtype)
     vmax = np.zeros(N, dtype) if amsgrad else None
-    dp, dm, dv = dev(p), dev(m), dev(v)
-    dvmax = dev(vmax) if amsgrad else None
+    dp, dm, dv = dev_at(p, offset), dev_at(m, offset), dev_at(v, offset)
+    dvmax = dev_at(vmax, offset) if amsgrad else None
+    assert C.vector_ok(dp, dm, dv, dvmax) == (offset == 0)
     for step in (1, 2):
         g = _normal(rng, N, dtype)
         s = adam_scalars(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=wd,
                          decoupled=decoupled, step=step, grad_scale=0.5, maximize=maximize)
-        C.adam_update(dp, dev(g), dm, dv, dvmax, s)
+        C.adam_update(dp, dev_at(g, offset), dm, dv, dvmax, s)
         R.adam_update(p, g, m, v, vmax, s)
     close(host(dp), p, "p")
     close(host(dm), m, "m")
@@ -68,18 +87,20 @@ SGD_CASES = [  # dtype, momentum, dampening, nesterov, weight_decay, maximize
 ]
 
 
+@OFFSETS
 @pytest.mark.parametrize("dtype,momentum,dampening,nesterov,wd,maximize", SGD_CASES)
 def test_sgd_kernel_matches_reference(rng, dtype, momentum, dampening, nesterov, wd,
-                                      maximize):
+                                      maximize, offset):
     p = _normal(rng, N, dtype)
     buf = np.zeros(N, dtype) if momentum else None
-    dp = dev(p)
-    dbuf = dev(buf) if momentum else None
+    dp = dev_at(p, offset)
+    dbuf = dev_at(buf, offset) if momentum else None
+    assert C.vector_ok(dp, dbuf) == (offset == 0)
     for step in (1, 2, 3):
         g = _normal(rng, N, dtype)
         s = sgd_scalars(lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=wd, first_step=step == 1, maximize=maximize)
-        C.sgd_update(dp, dev(g), dbuf, s)
+        C.sgd_update(dp, dev_at(g, offset), dbuf, s)
         R.sgd_update(p, g, buf, s)
     close(host(dp), p, "p")
     if momentum:
