@@ -52,6 +52,15 @@ def dev_at(a, offset):
     return view
 
 
+def test_pointer_is_the_interface_pointer_also_for_views(rng):
+    d = dev(_normal(rng, 64, F32))
+    for a in (d, d[1:], d[5:9]):
+        want = (a._ary.__array_interface__ if C.SIMULATOR
+                else a.__cuda_array_interface__)["data"][0]
+        assert C._pointer(a) == want
+    assert C._pointer(d[1:]) - C._pointer(d) == 4
+
+
 #: 0: aligned arrays, the vector loop (+ the scalar tail); 1: the scalar loop only
 OFFSETS = pytest.mark.parametrize("offset", [0, 1], ids=["vector", "scalar"])
 
