@@ -254,6 +254,14 @@ def main(argv=None):
     measure(R, "d2d_copy_roofline", roofline)
     roof = R["d2d_copy_roofline"].get("gbps")
 
+    def step_rate(opt, g, moved=ADAMW_BYTES * BIG):
+        """Time ``opt.step(g)``; GB/s for ``moved`` bytes a step."""
+        t = best_time(lambda: opt.step(g), sync, reps, trials)
+        out = {"elements": BIG, "seconds": t, "gbps": moved / t / 1e9}
+        if roof:
+            out["roofline_fraction"] = out["gbps"] / roof
+        return out
+
     def adamw_fp32():
         p = cuda.to_device(rng.standard_normal(BIG, dtype=np.float32))
         g = cuda.to_device(rng.standard_normal(BIG, dtype=np.float32))
@@ -263,12 +271,7 @@ def main(argv=None):
         opt.step(g)          # the first step: kernel compile or on-disk cache load
         sync()
         first = time.perf_counter() - t0
-        t = best_time(lambda: opt.step(g), sync, reps, trials)
-        out = {"elements": BIG, "seconds": t, "gbps": ADAMW_BYTES * BIG / t / 1e9,
-               "first_step_seconds": first}
-        if roof:
-            out["roofline_fraction"] = out["gbps"] / roof
-        return out
+        return step_rate(opt, g) | {"first_step_seconds": first}
 
     measure(R, "fastopt_adamw_fp32_64M", adamw_fp32)
 
@@ -278,23 +281,16 @@ def main(argv=None):
         p = cuda.to_device(rng.standard_normal(BIG + 1, dtype=np.float32))[1:]
         g = cuda.to_device(rng.standard_normal(BIG + 1, dtype=np.float32))[1:]
         assert not C.vector_ok(p, g)
-        opt = fastopt.AdamW(p, lr=1e-3, weight_decay=1e-2)
-        t = best_time(lambda: opt.step(g), sync, reps, trials)
-        out = {"elements": BIG, "seconds": t, "gbps": ADAMW_BYTES * BIG / t / 1e9}
-        if roof:
-            out["roofline_fraction"] = out["gbps"] / roof
-        return out
+        return step_rate(fastopt.AdamW(p, lr=1e-3, weight_decay=1e-2), g)
 
     measure(R, "fastopt_adamw_fp32_64M_unaligned_scalar_path", adamw_fp32_scalar_path)
 
     def adamw_fp32_clip():
         p = cuda.to_device(rng.standard_normal(BIG, dtype=np.float32))
         g = cuda.to_device(rng.standard_normal(BIG, dtype=np.float32))
-        opt = fastopt.AdamW(p, lr=1e-3, max_grad_norm=1.0)
-        t = best_time(lambda: opt.step(g), sync, reps, trials)
-        moved = (ADAMW_BYTES + 4) * BIG          # + one read pass for the norm
-        return {"elements": BIG, "seconds": t, "gbps": moved / t / 1e9,
-                "roofline_fraction": moved / t / 1e9 / roof if roof else None}
+        # + one read pass for the norm
+        return step_rate(fastopt.AdamW(p, lr=1e-3, max_grad_norm=1.0), g,
+                         moved=(ADAMW_BYTES + 4) * BIG)
 
     measure(R, "fastopt_clip_adamw_fp32_64M", adamw_fp32_clip)
 
@@ -351,13 +347,8 @@ def main(argv=None):
         p16 = rng.standard_normal(BIG, dtype=np.float32).astype(ml_dtypes.bfloat16)
         p = cuda.to_device(p16.view(np.uint16))            # bfloat16 bits on the device
         g = cuda.to_device(p16.view(np.uint16))
-        opt = fastopt.AdamW(p, lr=1e-3, weight_decay=1e-2)  # float32 master inside
-        t = best_time(lambda: opt.step(g), sync, reps, trials)
-        # bytes: p16 write 2, g16 read 2, master rw 8, m rw 8, v rw 8
-        out = {"elements": BIG, "seconds": t, "gbps": ADAMW_BYTES * BIG / t / 1e9}
-        if roof:
-            out["roofline_fraction"] = out["gbps"] / roof
-        return out
+        # float32 master inside; bytes: p16 write 2, g16 read 2, master, m, v rw 8 each
+        return step_rate(fastopt.AdamW(p, lr=1e-3, weight_decay=1e-2), g)
 
     measure(R, "fastopt_adamw_bf16_master_64M", bf16_master)
     if torch is not None:

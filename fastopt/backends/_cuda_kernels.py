@@ -205,6 +205,22 @@ def _sgd_math(gi, pi, bi, lr, l2, buf_decay, grad_coef, momentum, use_l2, has_bu
     return pi - lr * gi, bi
 
 
+@cuda.jit(device=True)
+def _put_params4(p, out, i, x0, x1, x2, x3, mixed):
+    """Store four updated params, and their 16-bit copies when ``mixed``."""
+    _store4(p, i, x0, x1, x2, x3)
+    if mixed:
+        _store4(out, i, _narrow(x0, out), _narrow(x1, out), _narrow(x2, out),
+                _narrow(x3, out))
+
+
+@cuda.jit(device=True)
+def _put_param(p, out, i, x, mixed):
+    p[i] = x
+    if mixed:
+        out[i] = _narrow(x, out)
+
+
 # -- kernels -------------------------------------------------------------------------
 # ``fc`` is the step's control block in the compute dtype: fc[0] multiplies
 # the gradient (clip coefficient / loss scale), fc[1] != 0 skips the step.
@@ -239,10 +255,7 @@ def _adam_kernel(p, g, m, v, vmax, out, fc, step_size, bc2_sqrt, beta1, omb1, be
             _store4(v, i, v0, v1, v2, v3)
             if amsgrad:
                 _store4(vmax, i, w0, w1, w2, w3)
-            _store4(p, i, p0, p1, p2, p3)
-            if mixed:
-                _store4(out, i, _narrow(p0, out), _narrow(p1, out), _narrow(p2, out),
-                        _narrow(p3, out))
+            _put_params4(p, out, i, p0, p1, p2, p3, mixed)
         done = n - n % 4
     for i in range(done + start, n, stride):
         pi, mi, vi, wi = _adam_math(_widen(g[i]) * gs, p[i], m[i], v[i],
@@ -253,9 +266,7 @@ def _adam_kernel(p, g, m, v, vmax, out, fc, step_size, bc2_sqrt, beta1, omb1, be
         v[i] = vi
         if amsgrad:
             vmax[i] = wi
-        p[i] = pi
-        if mixed:
-            out[i] = _narrow(pi, out)
+        _put_param(p, out, i, pi, mixed)
 
 
 @cuda.jit(cache=True)
@@ -281,19 +292,14 @@ def _sgd_kernel(p, g, buf, out, fc, lr, l2, grad_scale, buf_decay, grad_coef, mo
             p3, b3 = _sgd_math(_widen(g3) * gs, p3, b3, *a)
             if has_buf:
                 _store4(buf, i, b0, b1, b2, b3)
-            _store4(p, i, p0, p1, p2, p3)
-            if mixed:
-                _store4(out, i, _narrow(p0, out), _narrow(p1, out), _narrow(p2, out),
-                        _narrow(p3, out))
+            _put_params4(p, out, i, p0, p1, p2, p3, mixed)
         done = n - n % 4
     for i in range(done + start, n, stride):
         pi, bi = _sgd_math(_widen(g[i]) * gs, p[i], buf[i] if has_buf else p[i], lr, l2,
                            buf_decay, grad_coef, momentum, use_l2, has_buf, nesterov)
         if has_buf:
             buf[i] = bi
-        p[i] = pi
-        if mixed:
-            out[i] = _narrow(pi, out)
+        _put_param(p, out, i, pi, mixed)
 
 
 @cuda.jit(device=True)
