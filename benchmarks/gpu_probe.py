@@ -166,7 +166,7 @@ def main(argv=None):
                                     "gbps": 2 * src.nbytes / t / 1e9}
         del src, dst
         grids = {f"{k}_per_sm": k * sms for k in (1, 2, 3, 4, 6, 8, 12, 16, 32)}
-        grids["one_per_element"] = (BIG + K.THREADS - 1) // K.THREADS
+        grids["n_over_256"] = (BIG + K.THREADS - 1) // K.THREADS   # 4x the vector path's need
         grids["fastopt_default"] = C.resident_blocks(K._adam_kernel, "probe", big_args)
         for name, nb in grids.items():
             t = event_seconds(cuda, lambda: K._adam_kernel[nb, K.THREADS](*big_args), inner=10)

@@ -45,6 +45,7 @@ can run.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import numpy as np
@@ -132,10 +133,15 @@ def vector_ok(*arrays) -> bool:
     return all(a is None or _pointer(a) % (4 * a.dtype.itemsize) == 0 for a in arrays)
 
 
+def grid_blocks(kernel, key, n, args) -> int:
+    """Blocks for ``n`` work items: one per THREADS items, at most one wave."""
+    return max(1, min((n + THREADS - 1) // THREADS, resident_blocks(kernel, key, args)))
+
+
 def _launch(kernel, key, n, args) -> int:
     """Launch ``kernel(*args)`` over ``n`` work items (elements, or groups
     of four on the vector path); returns the block count."""
-    blocks = max(1, min((n + THREADS - 1) // THREADS, resident_blocks(kernel, key, args)))
+    blocks = grid_blocks(kernel, key, n, args)
     kernel[blocks, THREADS](*args)
     return blocks
 
@@ -296,7 +302,19 @@ def _unit_control(dtype):
     return _unit[key]
 
 
-#: control blocks no StepControl holds, per device, for later steps
+def _stream_key():
+    """Key of the queue this thread's launches go to. Every launch goes to
+    the default stream: the legacy one (numba's default) is one queue per
+    device, so buffers reused from step to step are ordered for every host
+    thread; with ``NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM=1`` each host thread
+    has its own, so reused buffers are kept per thread."""
+    dev = None if SIMULATOR else current_device_id()
+    if getattr(_config, "CUDA_PER_THREAD_DEFAULT_STREAM", 0):
+        return dev, threading.get_ident()
+    return dev
+
+
+#: control blocks no StepControl holds, per device (and stream), for later steps
 _free_controls: dict = {}
 _FREE_CONTROLS_MAX = 8
 
@@ -318,8 +336,9 @@ class StepControl:
     back to it when the StepControl is collected: allocating them cost
     ~0.1 ms of host time per step on an H200 machine. A later step may then
     overwrite them; that is safe because every launch goes to the default
-    stream, so it runs after every kernel that read them, and a StepControl
-    (or DeviceNorm) still referenced keeps its own pair.
+    stream (one queue per device, or per host thread under the per-thread
+    default stream: ``_stream_key``), so it runs after every kernel that read
+    them, and a StepControl (or DeviceNorm) still referenced keeps its own pair.
 
     The pair goes back through ``weakref.finalize``, which holds it, never
     through ``__del__``: when the cyclic GC collects a StepControl (an
@@ -336,7 +355,7 @@ class StepControl:
 
     @classmethod
     def take(cls) -> "StepControl":
-        free = _free_controls.setdefault(None if SIMULATOR else current_device_id(), [])
+        free = _free_controls.setdefault(_stream_key(), [])
         pair = free.pop() if free else (cuda.device_array(4, np.float64),
                                         cuda.device_array(2, np.float32))
         ctrl = cls(*pair)
@@ -396,9 +415,7 @@ def norm_control(flats, *, max_norm=0.0, inv_scale=1.0, check=False) -> StepCont
     """Launch the two-stage global-norm reduction over 1-D device arrays and
     decide clip coefficient and skip on the device. Does not synchronise."""
     partial, bad = _scratch(1)          # any size: only their types set the grid
-    nblocks = [max(1, min((x.size + THREADS - 1) // THREADS,
-                          resident_blocks(_sumsq_partial_kernel, x.dtype,
-                                          (x, partial, bad, 0))))
+    nblocks = [grid_blocks(_sumsq_partial_kernel, x.dtype, x.size, (x, partial, bad, 0))
                for x in flats]
     partial, bad = _scratch(max(1, sum(nblocks)))
     off = 0
@@ -417,8 +434,9 @@ _scratch_cache: dict = {}
 def _scratch(n):
     """Stage-1 partials and flags, reused from step to step (grown to a power
     of two when needed). Every launch goes to the default stream, so a later
-    step's stage 1 cannot overtake an earlier step's stage 2."""
-    key = None if SIMULATOR else cuda.get_current_device().id
+    step's stage 1 cannot overtake an earlier step's stage 2 (per host
+    thread under the per-thread default stream: see ``_stream_key``)."""
+    key = _stream_key()
     have = _scratch_cache.get(key)
     if have is None or have[0].size < n:
         size = 1 << max(6, (n - 1).bit_length())
@@ -470,7 +488,8 @@ def sgd_update(p, g, buf, s: SGDScalars, out=None, ctrl=None) -> None:
 
 def sumsq(x) -> float:
     """Sum of squares in float64 (waits for the result)."""
-    return float(norm_control([x]).ctrl64.copy_to_host()[0])
+    ctrl = norm_control([x])     # held while read: its block goes back to the free list
+    return float(ctrl.ctrl64.copy_to_host()[0])
 
 
 def scale(x, c: float, ctrl=None) -> None:

@@ -28,11 +28,13 @@ from fastopt.backends import numba_cuda as C  # noqa: E402
 #: like NumPy; a GPU contracts to FMA, so leave float32 rounding room
 RTOL = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-12}
 ATOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-13}
-#: a size that is not a multiple of the block size, smaller than one grid
-#: under the simulator, and several grid strides long on it
+#: a size that is not a multiple of the block size or of four; one pass of
+#: the grid-stride loops (a grid covers it: 1.5 grids of elements under the
+#: simulator, but the vector loop's groups of four fit one grid)
 N = 3 * C.THREADS * C.max_blocks() // 2 + 7 if C.SIMULATOR else 100_003
-#: a size of nine full grid strides and a tail: the norm's four-way unrolled
-#: loop runs twice, then its one-at-a-time tail
+#: nine full grids of elements and a tail, for any grid up to max_blocks():
+#: the update kernels' vector loop makes two or three passes and the norm's
+#: four-way unrolled loop runs twice, each then its one-at-a-time tail
 LONG = 9 * C.THREADS * C.max_blocks() + 5
 
 

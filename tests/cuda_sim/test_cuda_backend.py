@@ -12,6 +12,7 @@ from cuda_helpers import LONG, N, close, dev, host  # skips the module where CUD
 
 import fastopt
 from fastopt.backends import numba_cuda as C
+from fastopt.backends._cuda_kernels import _sumsq_partial_kernel
 from fastopt.backends import reference as R
 from fastopt.backends.scalars import adam_scalars, sgd_scalars
 
@@ -88,6 +89,32 @@ def test_adam_kernel_matches_reference(rng, dtype, amsgrad, maximize, decoupled,
         close(host(dvmax), vmax, "vmax")
 
 
+@OFFSETS
+def test_update_kernels_over_several_grid_strides(rng, offset):
+    """LONG elements: every thread makes several passes of the vector loop
+    (and of the scalar loop when misaligned), then the tail; Adam with
+    amsgrad and SGD with Nesterov momentum against the reference."""
+    p, m, v, w, b = (_normal(rng, LONG, F32) for _ in range(5))
+    m, v, w, b = np.zeros_like(m), np.zeros_like(v), np.zeros_like(w), np.zeros_like(b)
+    q = p.copy()
+    dp, dm, dv, dw = (dev_at(a, offset) for a in (p, m, v, w))
+    dq, db = dev_at(q, offset), dev_at(b, offset)
+    assert C.vector_ok(dp, dm, dv, dw) == (offset == 0)
+    for step in (1, 2):
+        g = _normal(rng, LONG, F32)
+        s = adam_scalars(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01,
+                         decoupled=True, step=step)
+        C.adam_update(dp, dev_at(g, offset), dm, dv, dw, s)
+        R.adam_update(p, g, m, v, w, s)
+        t = sgd_scalars(lr=0.05, momentum=0.9, dampening=0.0, nesterov=True,
+                        weight_decay=0.0, first_step=step == 1)
+        C.sgd_update(dq, dev_at(g, offset), db, t)
+        R.sgd_update(q, g, b, t)
+    for got, want, what in ((dp, p, "p"), (dm, m, "m"), (dv, v, "v"), (dw, w, "vmax"),
+                            (dq, q, "sgd p"), (db, b, "sgd buf")):
+        close(host(got), want, what)
+
+
 SGD_CASES = [  # dtype, momentum, dampening, nesterov, weight_decay, maximize
     (F32, 0.0, 0.0, False, 0.0, False),
     (F32, 0.9, 0.1, False, 0.01, True),
@@ -149,7 +176,15 @@ def test_norm_final_pass_over_more_partials_than_threads(rng):
 
 
 #: positions in each of the unrolled loop's four lanes and in its tail
-_STRIDE = C.THREADS * C.max_blocks()
+def _norm_stride():
+    """The norm's stage-1 grid stride for a float32 array this long (the
+    occupancy API's block count on a GPU)."""
+    x = dev(np.zeros(LONG, F32))
+    return C.THREADS * C.grid_blocks(_sumsq_partial_kernel, x.dtype, LONG,
+                                     (x, *C._scratch(1), 0))
+
+
+_STRIDE = _norm_stride()
 BAD_AT = [N // 3, 1, _STRIDE + 2, 2 * _STRIDE + 3, 3 * _STRIDE + 4, LONG - 1]
 
 
