@@ -188,10 +188,7 @@ def as_device(name, a):
 def _pointer(a) -> int:
     if SIMULATOR:
         return a._ary.__array_interface__["data"][0]
-    try:   # a numba device array: its pointer, without building the interface dict
-        return a.gpu_data.device_pointer_value or 0
-    except AttributeError:
-        return a.__cuda_array_interface__["data"][0]
+    return a.__cuda_array_interface__["data"][0]
 
 
 def device_of(a) -> int:
