@@ -61,17 +61,8 @@ def event_seconds(cuda, fn, reps=10, warmup=3, inner=1):
 def wall_seconds(sync, fn, calls=300, trials=5):
     """Best wall seconds per call over ``trials`` runs of ``calls`` calls
     (one synchronisation per run: the host cost when it exceeds the GPU's)."""
-    for _ in range(10):
-        fn()
-    sync()
-    best = float("inf")
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best
+    from benchmarks.gpu_check import best_time
+    return best_time(fn, sync, calls, trials, warmup=10)
 
 
 def guarded(out, key, fn):
