@@ -106,7 +106,7 @@ def main(argv=None):
     def adam_args(p, g, m, v, out=None, ctrl=None):
         sc = tuple(x if isinstance(x, bool) else f32(x) for x in s)
         return (p, g, m, v, v, p if out is None else out, C._fc(p, ctrl), *sc, False,
-                out is not None, C.vector_ok(p, g, m, v, out))
+                out is not None)
 
     # -- big fp32 buffers ------------------------------------------------------------
     p = cuda.to_device(rng.standard_normal(BIG, dtype=f32))
@@ -120,10 +120,13 @@ def main(argv=None):
         small = [C.zeros(1024, f32) for _ in range(4)]
         cases = {
             "adam_fp32": (K._adam_kernel, big_args),
+            "adam_vec_fp32": (K._adam_vec_kernel, big_args),
             "adam_bf16_master": (K._adam_kernel, adam_args(*small[:1], p16, *small[2:],
                                                            out=p16)),
+            "adam_vec_bf16_master": (K._adam_vec_kernel, adam_args(*small[:1], p16,
+                                                                   *small[2:], out=p16)),
             "sgd_fp32": (K._sgd_kernel, (p, g, m, p, C._fc(p, None), *[f32(0.1)] * 6,
-                                         False, True, True, False, True)),
+                                         False, True, True, False)),
             "sumsq_fp32": (K._sumsq_partial_kernel,
                            (g, *C._scratch(1), 0)),
             "convert_bf16_to_fp32": (K._convert_kernel, (p16, small[0])),
@@ -158,10 +161,14 @@ def main(argv=None):
         del src, dst
         grids = {f"{k}_per_sm": k * sms for k in (1, 2, 3, 4, 6, 8, 12, 16, 32)}
         grids["n_over_256"] = (BIG + K.THREADS - 1) // K.THREADS   # 4x the vector path's need
-        grids["fastopt_default"] = C.resident_blocks(K._adam_kernel, "probe", big_args)
+        grids["fastopt_default"] = C.resident_blocks(K._adam_vec_kernel, "probe", big_args)
         for name, nb in grids.items():
-            t = event_seconds(cuda, lambda: K._adam_kernel[nb, K.THREADS](*big_args), inner=10)
-            out[f"adam_{name}"] = {"blocks": nb, "seconds": t, "gbps": nbytes / t / 1e9}
+            t = event_seconds(cuda, lambda: K._adam_vec_kernel[nb, K.THREADS](*big_args),
+                              inner=10)
+            out[f"adam_vec_{name}"] = {"blocks": nb, "seconds": t, "gbps": nbytes / t / 1e9}
+        nb = C.resident_blocks(K._adam_kernel, "probe", big_args)
+        t = event_seconds(cuda, lambda: K._adam_kernel[nb, K.THREADS](*big_args), inner=10)
+        out["adam_scalar_kernel"] = {"blocks": nb, "seconds": t, "gbps": nbytes / t / 1e9}
         opt = fastopt.AdamW(p, lr=1e-3, weight_decay=1e-2)
         t = event_seconds(cuda, lambda: opt.step(g), inner=10)
         out["opt_step_adamw_fp32"] = {"seconds": t, "gbps": nbytes / t / 1e9}

@@ -60,8 +60,9 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from .. import _validate as V
 from ..params import PackedViews
-from ._cuda_kernels import (THREADS, _adam_kernel, _convert_kernel, _finalize_kernel,
-                            _scale_kernel, _sgd_kernel, _sumsq_partial_kernel)
+from ._cuda_kernels import (THREADS, _adam_kernel, _adam_vec_kernel, _convert_kernel,
+                            _finalize_kernel, _scale_kernel, _sgd_kernel, _sgd_vec_kernel,
+                            _sumsq_partial_kernel)
 from .scalars import AdamScalars, SGDScalars
 
 SIMULATOR = bool(getattr(_config, "ENABLE_CUDASIM", False))
@@ -461,10 +462,11 @@ def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None, ctrl=None) -> None:
     amsgrad = vmax is not None
     mixed = out is not None
     vec = vector_ok(p, g, m, v, vmax, out)
-    _launch(_adam_kernel, (p.dtype, g.dtype, None if out is None else out.dtype),
+    _launch(_adam_vec_kernel if vec else _adam_kernel,
+            (p.dtype, g.dtype, None if out is None else out.dtype),
             (n + 3) // 4 if vec else n,
             (p, g, m, v, vmax if amsgrad else v, out if mixed else p, _fc(p, ctrl),
-             *sc, amsgrad, mixed, vec))
+             *sc, amsgrad, mixed))
 
 
 def sgd_update(p, g, buf, s: SGDScalars, out=None, ctrl=None) -> None:
@@ -476,11 +478,12 @@ def sgd_update(p, g, buf, s: SGDScalars, out=None, ctrl=None) -> None:
     has_buf = buf is not None
     mixed = out is not None
     vec = vector_ok(p, g, buf, out)
-    _launch(_sgd_kernel, (p.dtype, g.dtype, None if out is None else out.dtype),
+    _launch(_sgd_vec_kernel if vec else _sgd_kernel,
+            (p.dtype, g.dtype, None if out is None else out.dtype),
             (n + 3) // 4 if vec else n,
             (p, g, buf if has_buf else p, out if mixed else p, _fc(p, ctrl),
              t(s.lr), t(s.l2), t(s.grad_scale), t(s.buf_decay), t(s.grad_coef),
-             t(s.momentum), s.use_l2, has_buf, s.nesterov, mixed, vec))
+             t(s.momentum), s.use_l2, has_buf, s.nesterov, mixed))
 
 
 def sumsq(x) -> float:

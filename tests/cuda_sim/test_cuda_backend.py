@@ -270,16 +270,25 @@ def test_optimizer_matches_reference(rng, cls, kw):
     assert gpu.state[0]["step"] == 3
 
 
-def test_one_launch_for_a_flat_buffer(rng, monkeypatch):
-    """Many tensors packed in one device buffer: one update launch a step."""
+def count_adam_launches(monkeypatch):
+    """A list that records each launch of the Adam kernels (scalar or vector)."""
     launches = []
-    real = C._adam_kernel
 
     class Counting:
+        def __init__(self, real):
+            self.real = real
+
         def __getitem__(self, cfg):
             launches.append(cfg)
-            return real[cfg]
-    monkeypatch.setattr(C, "_adam_kernel", Counting())
+            return self.real[cfg]
+    for name in ("_adam_kernel", "_adam_vec_kernel"):
+        monkeypatch.setattr(C, name, Counting(getattr(C, name)))
+    return launches
+
+
+def test_one_launch_for_a_flat_buffer(rng, monkeypatch):
+    """Many tensors packed in one device buffer: one update launch a step."""
+    launches = count_adam_launches(monkeypatch)
     shapes = [(3, 4), (5,), (7, 2)] * 20
     flat = fastopt.pack([np.ones(s, np.float32) for s in shapes])
     opt = fastopt.AdamW(dev(flat.data), lr=1e-3)
@@ -429,14 +438,7 @@ def test_device_pack_steps_many_tensors_in_one_launch(rng, monkeypatch, grads_as
     assert [tuple(v.shape) for v in params] == shapes
     ref = fastopt.AdamW(ref_p, lr=1e-2, max_grad_norm=1.0, backend="numpy")
     opt = fastopt.AdamW(params, lr=1e-2, max_grad_norm=1.0)
-    launches = []
-    real = C._adam_kernel
-
-    class Counting:
-        def __getitem__(self, cfg):
-            launches.append(cfg)
-            return real[cfg]
-    monkeypatch.setattr(C, "_adam_kernel", Counting())
+    launches = count_adam_launches(monkeypatch)
     for _ in range(2):
         g = ref_p.zeros_like()
         g.data[...] = _normal(rng, g.data.size, F32, 2.0)
