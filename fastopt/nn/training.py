@@ -93,32 +93,51 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
                                 seed=seed, X_val=X_val, y_val=y_val, target=target,
                                 on_batch=on_batch, on_epoch=on_epoch, comm=comm,
                                 overlap=overlap)
+    def step(gather, idx):
+        return model.train_step(opt, *gather(idx)), idx.size
+
+    def validate():
+        return Ensemble.evaluate(model, X_val, y_val)
+
+    return _run_epochs(model, opt, X, y, epochs=epochs, batch_size=batch_size, seed=seed,
+                       target=target, on_batch=on_batch, on_epoch=on_epoch, step=step,
+                       validate=None if X_val is None else validate)
+
+
+def _run_epochs(model, opt, X, y, *, epochs, batch_size, seed, target, on_batch, on_epoch,
+                step, validate, end_epoch=None, **history_extra):
+    """The epoch loop both ``fit`` paths share: seeded shuffles, batches
+    gathered into reused buffers, ``step(gather, idx) -> (losses, samples)``
+    per batch, ``end_epoch(totals)`` to combine the loss sums (over ranks),
+    ``validate() -> (loss, acc)`` per epoch, and the history records."""
     n = X.shape[0]
     if n == 0:
         raise ValueError("empty training set")
     if X.dtype != model.dtype:
         X = X.astype(model.dtype)
+    model._check_optimizer(opt)
     rng = np.random.default_rng(seed)
     n_batches = -(-n // batch_size)
     gather = _BatchGatherer(X, y, model.dtype)
-    history = {"epochs": [], "time_to_target": [None] * model.k, "target": target}
+    history = {"epochs": [], "time_to_target": [None] * model.k, "target": target,
+               **history_extra}
     elapsed = 0.0
     for epoch in range(1, epochs + 1):
         order = rng.permutation(n)
         total = np.zeros(model.k)
         t0 = time.perf_counter()
         for i in range(n_batches):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            b = idx.size
-            losses = model.train_step(opt, *gather(idx))
+            losses, b = step(gather, order[i * batch_size:(i + 1) * batch_size])
             total += np.asarray(losses) * b
             if on_batch is not None:
                 on_batch(epoch, i, n_batches, losses, elapsed + time.perf_counter() - t0)
         elapsed += time.perf_counter() - t0
+        if end_epoch is not None:
+            end_epoch(total)
         rec = {"epoch": epoch, "train_loss": (total / n).tolist(), "seconds": elapsed,
                "samples_per_s": epoch * n / elapsed}
-        if X_val is not None:
-            vl, va = Ensemble.evaluate(model, X_val, y_val)
+        if validate is not None:
+            vl, va = validate()
             _record_validation(history, rec, vl, va, target, elapsed)
         history["epochs"].append(rec)
         if on_epoch is not None:
@@ -170,57 +189,40 @@ def _fit_distributed(model, opt, X, y, *, epochs, batch_size, seed, X_val, y_val
 
     hooked = overlap and hasattr(opt, "backward_hook")   # DataParallel, not sharded
     rank, size = comm.Get_rank(), comm.Get_size()
-    n = X.shape[0]
-    if n == 0:
-        raise ValueError("empty training set")
-    if X.dtype != model.dtype:
-        X = X.astype(model.dtype)
-    model._check_optimizer(opt)
-    rng = np.random.default_rng(seed)
-    n_batches = -(-n // batch_size)
-    gather = _BatchGatherer(X, y, model.dtype)
-    history = {"epochs": [], "time_to_target": [None] * model.k, "target": target,
-               "world_size": size}
-    elapsed = 0.0
-    for epoch in range(1, epochs + 1):
-        order = rng.permutation(n)
-        total = np.zeros(model.k)
-        t0 = time.perf_counter()
-        for i in range(n_batches):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            lo, hi = _slice(idx.size, rank, size)
-            b = hi - lo
-            error, losses = None, np.zeros(model.k)
-            weight = b / idx.size
-            # every rank starts the overlapped reduction, samples or not: the
-            # step posts whatever buckets the backward pass did not
-            hook = opt.backward_hook(model.grads, weight=weight) if hooked else None
-            try:
-                if b:
-                    losses = model.loss_and_grad(*gather(idx[lo:hi]), on_grads_ready=hook)
-                else:   # fewer samples than ranks: this rank adds nothing
-                    model.grads.data[...] = 0
-            except Exception as exc:   # noqa: BLE001 - every rank raises it in the step
-                error = exc
-            opt.step(model.grads, weight=weight, error=error)
-            total += np.asarray(losses) * b
-            if on_batch is not None:
-                on_batch(epoch, i, n_batches, losses, elapsed + time.perf_counter() - t0)
-        elapsed += time.perf_counter() - t0
+
+    def step(gather, idx):
+        lo, hi = _slice(idx.size, rank, size)
+        b = hi - lo
+        error, losses = None, np.zeros(model.k)
+        weight = b / idx.size
+        # every rank starts the overlapped reduction, samples or not: the
+        # step posts whatever buckets the backward pass did not
+        hook = opt.backward_hook(model.grads, weight=weight) if hooked else None
+        try:
+            if b:
+                losses = model.loss_and_grad(*gather(idx[lo:hi]), on_grads_ready=hook)
+            else:   # fewer samples than ranks: this rank adds nothing
+                model.grads.data[...] = 0
+        except Exception as exc:   # noqa: BLE001 - every rank raises it in the step
+            error = exc
+        opt.step(model.grads, weight=weight, error=error)
+        return losses, b
+
+    def end_epoch(total):
         comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
-        rec = {"epoch": epoch, "train_loss": (total / n).tolist(), "seconds": elapsed,
-               "samples_per_s": epoch * n / elapsed}
-        if X_val is not None:
-            vlo, vhi = _slice(X_val.shape[0], rank, size)
-            sums = np.zeros(2 * model.k)
-            if vhi > vlo:
-                vl, va = Ensemble.evaluate(model, X_val[vlo:vhi], y_val[vlo:vhi])
-                sums[:model.k] = np.asarray(vl) * (vhi - vlo)
-                sums[model.k:] = np.asarray(va) * (vhi - vlo)
-            comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
-            _record_validation(history, rec, sums[:model.k] / X_val.shape[0],
-                               sums[model.k:] / X_val.shape[0], target, elapsed)
-        history["epochs"].append(rec)
-        if on_epoch is not None:
-            on_epoch(epoch, rec)
-    return history
+
+    def validate():
+        # each rank evaluates its slice of the held-out set; sums over ranks
+        vlo, vhi = _slice(X_val.shape[0], rank, size)
+        sums = np.zeros(2 * model.k)
+        if vhi > vlo:
+            vl, va = Ensemble.evaluate(model, X_val[vlo:vhi], y_val[vlo:vhi])
+            sums[:model.k] = np.asarray(vl) * (vhi - vlo)
+            sums[model.k:] = np.asarray(va) * (vhi - vlo)
+        comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        return sums[:model.k] / X_val.shape[0], sums[model.k:] / X_val.shape[0]
+
+    return _run_epochs(model, opt, X, y, epochs=epochs, batch_size=batch_size, seed=seed,
+                       target=target, on_batch=on_batch, on_epoch=on_epoch, step=step,
+                       end_epoch=end_epoch, validate=None if X_val is None else validate,
+                       world_size=size)

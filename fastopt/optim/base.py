@@ -255,6 +255,11 @@ class Optimizer:
         data = grads.data
         V.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)],
                          [("grads", data)])
+        return self._run_segments(data)
+
+    def _run_segments(self, data):
+        """Segments for grads given as one flat buffer laid out like the
+        params (host or device): one per run, its slice of ``data``."""
         off = self._elem_offsets
         return [[(ri, run["flat"], data[off[run["start"]]:off[run["stop"]]], 0,
                   run["flat"].size) for ri, run in enumerate(info["runs"])]
@@ -418,10 +423,7 @@ class Optimizer:
         be.check_devices([("grads", data)])
         be.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)],
                           [("grads", data)])
-        off = self._elem_offsets
-        return [[(ri, run["flat"], data[off[run["start"]]:off[run["stop"]]], 0,
-                  run["flat"].size) for ri, run in enumerate(info["runs"])]
-                for info in self._run_info]
+        return self._run_segments(data)
 
     def _device_step_checked(self, segments, flats):
         """The device step once grads are checked: ``segments`` per group as

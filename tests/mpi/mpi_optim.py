@@ -34,6 +34,12 @@ def rank_grads(step, r, dtype, scale=1.0):
     return [(scale * rng.standard_normal(s)).astype(dtype) for s in SHAPES]
 
 
+def load_rank_grads(g, step, dtype):
+    """Write this rank's ``rank_grads(step)`` into the packed grads ``g``."""
+    for view, a in zip(g, rank_grads(step, RANK, dtype)):
+        view[...] = a
+
+
 def mean_grads(step, dtype, weights=None):
     """The global gradient a single process would see: the ranks' sum in rank
     order, then the 1/N average (or the ranks' own weights first)."""
@@ -78,8 +84,7 @@ def run_both(mode, name, dtype, clip, steps=4, weights=None, groups=None):
         opt = dist.ShardedOptimizer(cls, groups(p) if groups else p, **hyp)
     g = p.zeros_like()
     for step in range(steps):
-        for view, a in zip(g, rank_grads(step, RANK, dtype)):
-            view[...] = a
+        load_rank_grads(g, step, dtype)
         norm = opt.step(g, weight=None if weights is None else weights[RANK])
         mg = mean_grads(step, dtype, weights)
         ref_norm = ref.step([mg[k] for k in order])
@@ -225,8 +230,7 @@ def test_sharded_checkpoint_loads_in_one_process_and_back(clip):
     opt = dist.ShardedOptimizer(fastopt.AdamW, p, lr=sched, max_grad_norm=clip)
     g = p.zeros_like()
     for step in range(3):
-        for view, a in zip(g, rank_grads(step, RANK, np.float32)):
-            view[...] = a
+        load_rank_grads(g, step, np.float32)
         opt.step(g)
     path = os.path.join(d, "sharded.npz")
     fastopt.save(path, params=p, optimizer=opt, extra={"step": 3})
@@ -242,8 +246,7 @@ def test_sharded_checkpoint_loads_in_one_process_and_back(clip):
                                       sd_single["state"][0]["buffers"][k])
     # both go on with the same global gradients
     for step in range(3, 5):
-        for view, a in zip(g, rank_grads(step, RANK, np.float32)):
-            view[...] = a
+        load_rank_grads(g, step, np.float32)
         opt.step(g)
         single.step(mean_grads(step, np.float32))
     np.testing.assert_allclose(p.data, q.data, **tol(np.float32))
@@ -321,8 +324,7 @@ def test_replicated_checkpoint_resumes_sharded():
     dp = dist.DataParallel(fastopt.SGD(p, lr=1e-2, momentum=0.9))
     g = p.zeros_like()
     for step in range(2):
-        for view, a in zip(g, rank_grads(step, RANK, np.float64)):
-            view[...] = a
+        load_rank_grads(g, step, np.float64)
         dp.step(g)
     path = os.path.join(d, "replicated.npz")
     fastopt.save(path, params=p, optimizer=dp)
@@ -352,8 +354,7 @@ def test_mixed_precision_matches_single_process(mode, low):
            else dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2, max_grad_norm=0.5))
     g = p.zeros_like()
     for step in range(3):
-        for view, a in zip(g, rank_grads(step, RANK, dtype)):
-            view[...] = a
+        load_rank_grads(g, step, dtype)
         opt.step(g)
         # one process: the float32 mean of the ranks' 16-bit grads, rounded
         parts = [[a.astype(np.float32) for a in rank_grads(step, r, dtype)] for r in range(N)]
