@@ -162,9 +162,9 @@ def test_models_split_over_threads_match_serial(backend, monkeypatch):
         seen = {}
         models = ens._models
 
-        def record(X3, ws, run, on_grads_ready=None, models=models, seen=seen):
+        def record(X3, ws, run, on_grads_ready=None, sp=None, models=models, seen=seen):
             seen[tuple(run)] = threading.get_ident()
-            return models(X3, ws, run, on_grads_ready)
+            return models(X3, ws, run, on_grads_ready, sp)
         monkeypatch.setattr(ens, "_models", record)
         out[threads] = (ens.loss_and_grad(X, y).copy(), ens.grads.data.copy())
         if threads == 1:

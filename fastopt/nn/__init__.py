@@ -12,8 +12,15 @@
 Backends (``backend="auto"`` takes the first available): ``numba`` (np.dot
 through NumPy's BLAS + ``@njit`` fused passes, cached after the first
 compile), ``cython`` (gemm through ``scipy.linalg.cython_blas`` + compiled
-fused passes; no JIT) and ``numpy`` (the reference). CUDA: not yet (fastopt
-has no CUDA backend yet).
+fused passes; no JIT) and ``numpy`` (the reference). CUDA: not yet (the
+optimizers step device arrays, but the MLP's forward and backward run on
+host arrays only).
+
+Sparse inputs: when most of a batch is exact zeros (MNIST: 81%), both
+compiled backends run the first layer over the non-zeros only
+(``sparse_input="auto"``, Numba kernels in :mod:`._sparse`), which made the
+MNIST step 784-256-256-10 ~1.3x faster here; results agree with the dense
+matmuls to rounding.
 """
 
 from .activations import ACTIVATIONS, LOSSES, parse_layers

@@ -197,6 +197,13 @@ class Ensemble:
         #: split over 2 threads; the small matmuls share the memory system
         #: better inside one BLAS call). Results are identical either way.
         self.threads = 1
+        #: The first layer over the input's non-zeros only (:mod:`._sparse`):
+        #: "auto" (the compiled backends, when a cost model of the batch's
+        #: density and the layer's width says it is faster; MNIST at 784-256
+        #: is), True (always, on the compiled backends) or False (dense BLAS
+        #: matmuls). The results agree to rounding; the numpy reference is
+        #: always dense.
+        self.sparse_input = "auto"
 
     # -- layout ---------------------------------------------------------------
     def _stacked(self, flat: FlatArrays):
@@ -341,7 +348,10 @@ class Ensemble:
             self._ws.popitem(last=False)
         return ws
 
-    def _prepare(self, X, checked=False):
+    def _prepare(self, X, checked=False, grad=False):
+        """``(X3, shared, ws, sp)``: the batch as ``[K, B, n_in]`` in the
+        model dtype, its workspace, and its sparse index (None: dense first
+        layer), with the column index too when ``grad``."""
         X, shared = (X, X.ndim == 2) if checked else self._check_x(X)
         need_x = not (X.dtype == self.dtype and X.flags.c_contiguous)
         ws = self._workspace(X.shape[-2], shared, need_x)
@@ -349,7 +359,41 @@ class Ensemble:
             np.copyto(ws["X"], X, casting="unsafe")
             X = ws["X"]
         X3 = np.broadcast_to(X, (self.k,) + X.shape) if shared else X
-        return X3, shared, ws
+        return X3, shared, ws, self._sparse_index(X if shared else X3, shared, ws, grad)
+
+    def _sparse_index(self, X, shared, ws, grad):
+        """The non-zero index of the batch ``X`` (``[B, n]`` shared or
+        ``[K, B, n]``) when the first layer should run sparse, else None."""
+        mode = self.sparse_input
+        if not (mode is True or mode is False or (isinstance(mode, str) and mode == "auto")):
+            raise ValueError(f"sparse_input must be 'auto', True or False, got {mode!r}")
+        if mode is False or self._kern.name == "numpy":
+            return None
+        from . import _sparse
+        Xs = X.reshape((1,) + X.shape) if shared else X
+        n_out, per_batch = self.sizes[1], self.k if shared else 1
+        if mode == "auto":
+            # a few rows first: dense data pays a few microseconds, not a pass
+            head = Xs[0, :8]
+            if not _sparse.worth_it(np.count_nonzero(head) / head.size, n_out, per_batch):
+                return None
+        sp = ws.get("sparse")
+        if sp is None:
+            sp = ws["sparse"] = _sparse.workspace(*Xs.shape, self.dtype)
+        nnz = _sparse.index_rows(Xs, sp["val"], sp["idx"], sp["cnt"])
+        if mode == "auto" and not _sparse.worth_it(nnz / Xs.size, n_out, per_batch):
+            return None
+        if grad:
+            _sparse.index_cols(sp["val"], sp["idx"], sp["cnt"], sp["cval"], sp["crow"],
+                               sp["cptr"])
+        return sp
+
+    @staticmethod
+    def _sparse_slice(sp, k):
+        """Model ``k``'s part of a sparse index (all of it when shared)."""
+        if sp is None or sp["cnt"].shape[0] == 1:
+            return sp
+        return {name: a[k:k + 1] for name, a in sp.items()}
 
     # -- compute ------------------------------------------------------------------
     def _views(self, ws, k=None):
@@ -366,13 +410,17 @@ class Ensemble:
         ws[key] = v
         return v
 
-    def _forward(self, X3, v):
+    def _forward(self, X3, v, sp=None):
         kern, act, alpha = self._kern, self.act, self.alpha
         inp = X3
         last = self.n_layers - 1
         Z, A = v["Z"], v["A"]
         for l in range(self.n_layers):
-            kern.linear(inp, v["W"][l], Z[l])
+            if l == 0 and sp is not None:
+                from ._sparse import linear
+                linear(sp["val"], sp["idx"], sp["cnt"], v["W"][0], Z[0])
+            else:
+                kern.linear(inp, v["W"][l], Z[l])
             kern.bias_act(Z[l], v["b"][l], A[l], 0 if l == last else act, alpha)
             inp = A[l]
         return Z[last]
@@ -386,7 +434,7 @@ class Ensemble:
             off += n_in * n_out + n_out
         return ranges
 
-    def _backward(self, X3, v, models, on_grads_ready=None):
+    def _backward(self, X3, v, models, on_grads_ready=None, sp=None):
         kern, act, alpha = self._kern, self.act, self.alpha
         Z, A, D, gW, gb = v["Z"], v["A"], v["D"], v["gW"], v["gb"]
         if self.loss == "cross_entropy":
@@ -395,7 +443,11 @@ class Ensemble:
             kern.mse(Z[-1], v["y"], D[-1], gb[-1], v["losses"])
         ranges = self._layer_ranges() if on_grads_ready is not None else None
         for l in range(self.n_layers - 1, -1, -1):
-            kern.linear_grad_w(A[l - 1] if l else X3, D[l], gW[l])
+            if l == 0 and sp is not None:
+                from ._sparse import linear_grad_w
+                linear_grad_w(sp["cval"], sp["crow"], sp["cptr"], D[0], gW[0])
+            else:
+                kern.linear_grad_w(A[l - 1] if l else X3, D[l], gW[l])
             if ranges is not None:
                 # layer l's bias gradient came from the pass before this
                 # matmul, so its W and b gradients are final here
@@ -432,25 +484,26 @@ class Ensemble:
         """
         X, shared = self._check_x(X)
         y = self._check_targets(y, X, shared)
-        X3, shared, ws = self._prepare(X, checked=True)
+        X3, shared, ws, sp = self._prepare(X, checked=True, grad=True)
         np.copyto(ws["y"], y, casting="unsafe")
         if self._model_major():
             n_threads = self._model_threads() if on_grads_ready is None else 1
             if n_threads > 1:
-                self._models_in_parallel(X3, ws, n_threads)
+                self._models_in_parallel(X3, ws, n_threads, sp)
             else:
-                self._models(X3, ws, range(self.k), on_grads_ready)
+                self._models(X3, ws, range(self.k), on_grads_ready, sp)
         else:
             v = self._views(ws)
-            self._forward(X3, v)
-            self._backward(X3, v, range(self.k), on_grads_ready)
+            self._forward(X3, v, sp)
+            self._backward(X3, v, range(self.k), on_grads_ready, sp)
         return ws["losses"]
 
-    def _models(self, X3, ws, models, on_grads_ready=None):
+    def _models(self, X3, ws, models, on_grads_ready=None, sp=None):
         for k in models:
             v = self._views(ws, k)
-            self._forward(X3[k:k + 1], v)
-            self._backward(X3[k:k + 1], v, (k,), on_grads_ready)
+            spk = self._sparse_slice(sp, k)
+            self._forward(X3[k:k + 1], v, spk)
+            self._backward(X3[k:k + 1], v, (k,), on_grads_ready, spk)
 
     def _model_threads(self):
         if self.k < 2 or self._kern.name == "numpy":   # the reference stays simple
@@ -460,7 +513,7 @@ class Ensemble:
             return min(self.k, get_num_threads())
         return min(self.k, self.threads)
 
-    def _models_in_parallel(self, X3, ws, n_threads):
+    def _models_in_parallel(self, X3, ws, n_threads, sp=None):
         """Models split in contiguous runs over ``n_threads`` threads. Each
         model writes only its own workspace and gradient slices, and the
         kernels release the GIL (Numba ``nogil``, Cython ``with nogil``,
@@ -471,9 +524,9 @@ class Ensemble:
                 for i in range(n_threads)]
         pool = _pool(n_threads - 1)
         with _blas.single_threaded_blas():
-            futures = [pool.submit(self._models, X3, ws, r) for r in runs[1:]]
+            futures = [pool.submit(self._models, X3, ws, r, None, sp) for r in runs[1:]]
             try:
-                self._models(X3, ws, runs[0])     # this thread takes the first run
+                self._models(X3, ws, runs[0], None, sp)   # this thread takes the first run
             finally:
                 for f in futures:
                     f.result()
@@ -507,8 +560,8 @@ class Ensemble:
             opt.step(self.grads)
 
     def _outputs(self, X):
-        X3, _, ws = self._prepare(X)
-        return self._forward(X3, self._views(ws)).copy()
+        X3, _, ws, sp = self._prepare(X)
+        return self._forward(X3, self._views(ws), sp).copy()
 
     def forward(self, X):
         """Network outputs (logits for cross-entropy) ``[K, B, n_out]``, a new array."""
