@@ -84,6 +84,8 @@ def test_cost_model_decisions():
     assert not _sparse.worth_it(0.19, 64, 1)     # an MNIST batch per 64-unit model
     assert not _sparse.worth_it(0.6, 256, 1)     # dense-ish data
     assert not _sparse.worth_it(1.0, 4096, 64)
+    assert not _sparse.worth_it(0.19, 256, 1, blas_threads=2)   # about even: dense
+    assert _sparse.worth_it(0.05, 256, 1, blas_threads=2)
 
 
 def _train(model, opt, batches):
@@ -123,8 +125,10 @@ def _count_sparse_calls(monkeypatch):
 
 @pytest.mark.parametrize("backend", COMPILED)
 def test_auto_takes_the_sparse_layer_only_where_it_pays(backend, monkeypatch):
+    from fastopt.nn import _blas
     rng = np.random.default_rng(2)
     calls = _count_sparse_calls(monkeypatch)
+    monkeypatch.setattr(_blas, "blas_threads", lambda: 1)
     net = MLP((784, 256, 10), seed=0, backend=backend)
     opt = fastopt.AdamW(net.param_groups())
     y = rng.integers(0, 10, 32)
@@ -137,6 +141,10 @@ def test_auto_takes_the_sparse_layer_only_where_it_pays(backend, monkeypatch):
     assert len(calls) == 1
     net.sparse_input = True                      # forced, even on dense data
     net.train_step(opt, rng.standard_normal((32, 784)).astype(np.float32), y)
+    assert len(calls) == 2
+    net.sparse_input = "auto"                    # dense matmuls on 8 BLAS threads win
+    monkeypatch.setattr(_blas, "blas_threads", lambda: 8)
+    net.train_step(opt, _sparse_batch(rng, (32, 784), density=0.15), y)
     assert len(calls) == 2
 
 

@@ -29,6 +29,12 @@ def _blas_libraries():
     return _controllers
 
 
+def blas_threads() -> int:
+    """Threads the loaded BLAS libraries run a matmul on now (the most of
+    them; ~2 us: a C call per library)."""
+    return max((c.num_threads for c in _blas_libraries()), default=1)
+
+
 _depth = 0
 _saved = []
 

@@ -17,9 +17,7 @@ weight gradient ``gW = X^T @ D``; the input needs no gradient) over them:
 
 Each non-zero costs one fused multiply-add per output over a whole row of
 ``W`` (or ``D``); eight non-zeros are combined per pass over the output row
-so that row is loaded and stored once per eight. Work is split over
-samples (forward) and over features (gradient), which are independent, so
-the result does not depend on the thread count.
+so that row is loaded and stored once per eight.
 
 Arrays are stacked like the other kernels: ``Kx`` is 1 when every model
 sees the same batch (indexed once for all K models) or K for a batch per
@@ -31,32 +29,43 @@ meeting an inf/NaN weight contributes 0 here and NaN in a dense product.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-# No nnan/ninf: NaN must stay visible (DESIGN.md).
+# No nnan/ninf: NaN must stay visible (DESIGN.md). Serial, like the other
+# fused passes of the MLP (fastopt.nn._numba): BLAS's threads are the one
+# level of parallelism. A prange version was slower in a training loop at
+# 2 threads (MNIST 784-256-256-10 epoch 0.23-0.25 s against 0.11 s serial and
+# 0.14-0.17 s dense): its team and BLAS's spinning workers took turns.
 _OPTS = dict(fastmath={"contract", "arcp", "reassoc", "nsz"}, cache=True, nogil=True,
-             error_model="numpy", parallel=True)
+             error_model="numpy")
 
 # Cost model for "auto", in units of one dense multiply-add of the BLAS
-# matmul. Measured on the 2-core test machine (AVX-512, float32, batch 128,
-# 784 inputs, one thread; OpenBLAS at ~90 GFLOP/s): indexing both ways costs
-# ~59 units per input element; each non-zero ~158 + 1.7 * n_out units in the
-# forward pass and as much in the gradient. At MNIST's density (0.19) that
-# makes the sparse layer ~1.7x faster than sgemm for 256 outputs, ~1.2x for
-# 64 outputs when 16 models share the batch, and slower for 64 outputs with
-# a batch per model (measured: 0.78 vs 1.10 ms, 3.7 vs 5.0 ms, 6.9 vs 6.0 ms).
+# matmul on one thread. Measured on the 2-core test machine (AVX-512,
+# float32, batch 128, 784 inputs; OpenBLAS at ~90 GFLOP/s per core):
+# indexing both ways costs ~59 units per input element; each non-zero
+# ~158 + 1.7 * n_out units in the forward pass and as much in the gradient.
+# The sparse kernels run on one thread and the dense matmuls on all of
+# BLAS's, so the dense side is divided by BLAS's thread count. On one thread
+# at MNIST's density (0.19) that makes the sparse layer ~1.7x faster than
+# sgemm for 256 outputs, ~1.2x for 64 outputs when 16 models share the batch,
+# and slower for 64 outputs with a batch per model (measured: 0.78 vs 1.10
+# ms, 3.7 vs 5.0 ms, 6.9 vs 6.0 ms). On two BLAS threads MNIST into 256
+# units is about even (a training epoch took 0.09-0.14 s sparse and
+# 0.08-0.10 s dense, interleaved), and the model picks dense.
 _INDEX_COST = 59.0
 _NONZERO_COST = 158.0
 _PER_OUTPUT_COST = 1.7
 
 
-def worth_it(density, n_out, models_per_batch):
+def worth_it(density, n_out, models_per_batch, blas_threads=1):
     """Whether the sparse layer should beat the dense matmuls: ``density``
     of non-zero inputs, ``n_out`` outputs, ``models_per_batch`` models
-    reading each indexed batch (K when shared, else 1)."""
+    reading each indexed batch (K when shared, else 1), dense matmuls on
+    ``blas_threads`` threads."""
     per_input = (_INDEX_COST / models_per_batch
                  + 2.0 * density * (_NONZERO_COST + _PER_OUTPUT_COST * n_out))
-    return per_input < 2.0 * n_out      # dense: a multiply-add per output, twice
+    # dense: a multiply-add per output, forward and gradient
+    return per_input < 2.0 * n_out / max(1, blas_threads)
 
 
 @njit(**_OPTS)
@@ -65,7 +74,7 @@ def index_rows(X, val, idx, cnt):
     ``cnt`` ``[Kx, B]``; returns the number of non-zeros."""
     Kx, B, n = X.shape
     total = 0
-    for r in prange(Kx * B):
+    for r in range(Kx * B):
         k = r // B
         i = r - k * B
         x_row = X[k, i]
@@ -88,7 +97,7 @@ def index_cols(val, idx, cnt, cval, crow, cptr):
     value and sample, feature ``j``'s entries at ``cptr[k, j]:cptr[k, j + 1]``
     (``cptr`` ``[Kx, n + 1]``), samples in increasing order."""
     Kx, B, n = val.shape
-    for k in prange(Kx):
+    for k in range(Kx):
         p = cptr[k]
         for j in range(n + 1):
             p[j] = 0
@@ -110,7 +119,7 @@ def index_cols(val, idx, cnt, cval, crow, cptr):
         p[0] = 0
 
 
-@njit(inline="always", **{k: v for k, v in _OPTS.items() if k != "parallel"})
+@njit(inline="always", **_OPTS)
 def _axpy_rows(out, rows, values, entries, lo, hi):
     """``out += sum(values[e] * rows[entries[e]] for e in lo:hi)``, eight
     entries per pass over ``out``."""
@@ -141,7 +150,7 @@ def linear(val, idx, cnt, W, Z):
     K, B, m = Z.shape
     Kx = cnt.shape[0]
     zero = Z.dtype.type(0)
-    for r in prange(K * B):
+    for r in range(K * B):
         k = r // B
         i = r - k * B
         kx = k if Kx > 1 else 0
@@ -158,7 +167,7 @@ def linear_grad_w(cval, crow, cptr, D, gW):
     K, n, m = gW.shape
     Kx = cptr.shape[0]
     zero = gW.dtype.type(0)
-    for r in prange(K * n):
+    for r in range(K * n):
         k = r // n
         j = r - k * n
         kx = k if Kx > 1 else 0

@@ -365,6 +365,9 @@ def _warm_up(impls, sizes, batch, backend, Xtr, ytr, Xte, yte, torch, steps=5):
             if i == 0:
                 first[impl] = time.perf_counter() - t0
         net.accuracy(Xte, yte)
+        if impl == "fastopt":     # the sparse-input kernels too, whichever path it took
+            net.sparse_input = True
+            net.train_step(opt, Xtr[:batch], ytr[:batch])
     if "torch" in impls:
         tm = _torch_mlp(torch, sizes)
         topt = torch.optim.AdamW(tm.parameters(), lr=1e-3, fused=True)

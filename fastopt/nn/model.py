@@ -199,10 +199,10 @@ class Ensemble:
         self.threads = 1
         #: The first layer over the input's non-zeros only (:mod:`._sparse`):
         #: "auto" (the compiled backends, when a cost model of the batch's
-        #: density and the layer's width says it is faster; MNIST at 784-256
-        #: is), True (always, on the compiled backends) or False (dense BLAS
-        #: matmuls). The results agree to rounding; the numpy reference is
-        #: always dense.
+        #: density, the layer's width and BLAS's thread count says it is
+        #: faster; MNIST into 256 units on one thread is), True (always, on
+        #: the compiled backends) or False (dense BLAS matmuls). The results
+        #: agree to rounding; the numpy reference is always dense.
         self.sparse_input = "auto"
 
     # -- layout ---------------------------------------------------------------
@@ -371,17 +371,19 @@ class Ensemble:
             return None
         from . import _sparse
         Xs = X.reshape((1,) + X.shape) if shared else X
-        n_out, per_batch = self.sizes[1], self.k if shared else 1
+        # the cost model's inputs but the density
+        costs = (self.sizes[1], self.k if shared else 1, _blas.blas_threads())
         if mode == "auto":
-            # a few rows first: dense data pays a few microseconds, not a pass
-            head = Xs[0, :8]
-            if not _sparse.worth_it(np.count_nonzero(head) / head.size, n_out, per_batch):
+            # some rows first: dense data (and a borderline density) pays a
+            # few microseconds, not an indexing pass
+            head = Xs[0, :32]
+            if not _sparse.worth_it(np.count_nonzero(head) / head.size, *costs):
                 return None
         sp = ws.get("sparse")
         if sp is None:
             sp = ws["sparse"] = _sparse.workspace(*Xs.shape, self.dtype)
         nnz = _sparse.index_rows(Xs, sp["val"], sp["idx"], sp["cnt"])
-        if mode == "auto" and not _sparse.worth_it(nnz / Xs.size, n_out, per_batch):
+        if mode == "auto" and not _sparse.worth_it(nnz / Xs.size, *costs):
             return None
         if grad:
             _sparse.index_cols(sp["val"], sp["idx"], sp["cnt"], sp["cval"], sp["crow"],
