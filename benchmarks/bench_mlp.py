@@ -67,3 +67,31 @@ class MLPTrainStepRatios:
                              "fraction_of_sgemm_step_shapes")
 
     track_fraction_of_sgemm.unit = "fraction of the step's sgemm"
+
+
+class MNISTSparseInputStep:
+    """One 784-256-256-10 AdamW step on a real MNIST batch (81% zeros), the
+    first layer as ``sparse_input`` decides: "auto" (what users get),
+    "sparse" (forced) and "dense" (BLAS matmuls). Needs the MNIST files
+    (``$FASTOPT_DATA`` or ``../shared/data/mnist``)."""
+
+    params = (["numba", "cython"], ["auto", "sparse", "dense"])
+    param_names = ["backend", "first_layer"]
+
+    def setup(self, backend, first_layer):
+        nn = _nn()
+        if backend not in nn.available_backends():
+            raise NotImplementedError(f"nn backend {backend!r} not available")
+        from fastopt.data import mnist_split
+        try:
+            X, y = mnist_split()[:2]
+        except FileNotFoundError as exc:
+            raise NotImplementedError(str(exc)) from None
+        self.X, self.y = np.ascontiguousarray(X[:128]), y[:128]
+        self.net = nn.MLP(ARCH, seed=0, backend=backend)
+        self.net.sparse_input = {"auto": "auto", "sparse": True, "dense": False}[first_layer]
+        self.opt = fastopt.AdamW(self.net.param_groups(), lr=1e-3)
+        self.net.train_step(self.opt, self.X, self.y)
+
+    def time_train_step(self, backend, first_layer):
+        self.net.train_step(self.opt, self.X, self.y)

@@ -40,21 +40,23 @@ _OPTS = dict(fastmath={"contract", "arcp", "reassoc", "nsz"}, cache=True, nogil=
              error_model="numpy")
 
 # Cost model for "auto", in units of one dense multiply-add of the BLAS
-# matmul on one thread. Measured on the 2-core test machine (AVX-512,
-# float32, batch 128, 784 inputs; OpenBLAS at ~90 GFLOP/s per core):
-# indexing both ways costs ~59 units per input element; each non-zero
-# ~158 + 1.7 * n_out units in the forward pass and as much in the gradient.
-# The sparse kernels run on one thread and the dense matmuls on all of
-# BLAS's, so the dense side is divided by BLAS's thread count. On one thread
-# at MNIST's density (0.19) that makes the sparse layer ~1.7x faster than
-# sgemm for 256 outputs, ~1.2x for 64 outputs when 16 models share the batch,
-# and slower for 64 outputs with a batch per model (measured: 0.78 vs 1.10
-# ms, 3.7 vs 5.0 ms, 6.9 vs 6.0 ms). On two BLAS threads MNIST into 256
-# units is about even (a training epoch took 0.09-0.14 s sparse and
-# 0.08-0.10 s dense, interleaved), and the model picks dense.
-_INDEX_COST = 59.0
-_NONZERO_COST = 158.0
-_PER_OUTPUT_COST = 1.7
+# matmul on one thread (0.021 ns here). Fitted to kernel timings on the
+# 2-core test machine (AVX-512, float32, batch 128, 784 inputs, one thread;
+# OpenBLAS at ~95 GFLOP/s): indexing both ways costs ~60 units per input
+# element; each non-zero ~89 + 2.35 * n_out units in the forward pass and as
+# much in the gradient (at n_out = 256: 260 + 315 us for MNIST's 19.5k
+# non-zeros; at 64: 118 + 82 us). The sparse kernels run on one thread and
+# the dense matmuls on all of BLAS's, so the dense side is divided by BLAS's
+# thread count (ideal scaling: the model leans to dense). On one thread at
+# MNIST's density (0.19) the sparse layer is ~1.4x faster than sgemm for 256
+# outputs and ~1.6x for 64 outputs when 16 models share the batch (index
+# built once), and slower for 64 outputs with a batch per model (measured:
+# layer time 0.78 vs 1.10 ms, 3.7 vs 5.0 ms, 6.9 vs 6.0 ms). On two BLAS
+# threads MNIST into 256 units is slower sparse (a full step 1.48 vs 1.29
+# ms), and the model picks sparse there only below ~14% density.
+_INDEX_COST = 60.0
+_NONZERO_COST = 89.0
+_PER_OUTPUT_COST = 2.35
 
 
 def worth_it(density, n_out, models_per_batch, blas_threads=1):
