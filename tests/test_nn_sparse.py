@@ -106,8 +106,10 @@ def test_sparse_and_dense_training_agree(backend, shared):
         ens = Ensemble(K, (40, 24, 5), "tanh", seed=2, backend=backend)
         ens.sparse_input = mode
         opt = fastopt.AdamW(ens.param_groups(lr=[1e-2, 1e-3, 3e-3]))
+        out[mode, "fwd0"] = ens.forward(batches[0][0])   # inference first: rows only
         out[mode] = _train(ens, opt, batches)
         out[mode, "fwd"] = ens.forward(batches[0][0])
+    np.testing.assert_allclose(out[True, "fwd0"], out[False, "fwd0"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out[True], out[False], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(out[True, "fwd"], out[False, "fwd"], rtol=1e-4, atol=1e-5)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -63,6 +64,11 @@ def _install_abort_hook(comm):
         sys.stderr.write(f"fastopt.distributed: uncaught {kind.__name__} on rank "
                          f"{comm.Get_rank()} of {comm.Get_size()}; aborting every rank\n")
         sys.stderr.flush()
+        # mpiexec forwards each rank's stderr through a pipe and stops
+        # forwarding once the abort kills the job: give it a moment, or the
+        # traceback and this line can be lost (seen once, on a
+        # busy 2-core machine, in a full test run).
+        time.sleep(0.25)
         comm.Abort(1)
 
     hook._fastopt_abort = True

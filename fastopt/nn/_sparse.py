@@ -179,9 +179,18 @@ def linear_grad_w(cval, crow, cptr, D, gW):
         _axpy_rows(g, D[k], cval[kx], crow[kx], cptr[kx, j], cptr[kx, j + 1])
 
 
-def workspace(Kx, B, n, dtype):
-    """Buffers for the row and column indexes of a ``[Kx, B, n]`` batch."""
-    return {"val": np.empty((Kx, B, n), dtype), "idx": np.empty((Kx, B, n), np.int32),
-            "cnt": np.empty((Kx, B), np.int64),
-            "cval": np.empty((Kx, B * n), dtype), "crow": np.empty((Kx, B * n), np.int32),
-            "cptr": np.empty((Kx, n + 1), np.int64)}
+def workspace(Kx, B, n, dtype, columns=True):
+    """Buffers for the row index of a ``[Kx, B, n]`` batch, and with
+    ``columns`` for its column index too (training; inference needs rows only)."""
+    ws = {"val": np.empty((Kx, B, n), dtype), "idx": np.empty((Kx, B, n), np.int32),
+          "cnt": np.empty((Kx, B), np.int64)}
+    if columns:
+        add_columns(ws)
+    return ws
+
+
+def add_columns(ws):
+    """Add the column-index buffers to a :func:`workspace` made without them."""
+    Kx, B, n = ws["val"].shape
+    ws.update(cval=np.empty((Kx, B * n), ws["val"].dtype),
+              crow=np.empty((Kx, B * n), np.int32), cptr=np.empty((Kx, n + 1), np.int64))

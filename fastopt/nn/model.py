@@ -381,11 +381,13 @@ class Ensemble:
                 return None
         sp = ws.get("sparse")
         if sp is None:
-            sp = ws["sparse"] = _sparse.workspace(*Xs.shape, self.dtype)
+            sp = ws["sparse"] = _sparse.workspace(*Xs.shape, self.dtype, columns=grad)
         nnz = _sparse.index_rows(Xs, sp["val"], sp["idx"], sp["cnt"])
         if mode == "auto" and not _sparse.worth_it(nnz / Xs.size, *costs):
             return None
         if grad:
+            if "cval" not in sp:
+                _sparse.add_columns(sp)
             _sparse.index_cols(sp["val"], sp["idx"], sp["cnt"], sp["cval"], sp["crow"],
                                sp["cptr"])
         return sp
