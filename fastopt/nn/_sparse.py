@@ -76,20 +76,19 @@ def index_rows(X, val, idx, cnt):
     ``cnt`` ``[Kx, B]``; returns the number of non-zeros."""
     Kx, B, n = X.shape
     total = 0
-    for r in range(Kx * B):
-        k = r // B
-        i = r - k * B
-        x_row = X[k, i]
-        v_row = val[k, i]
-        i_row = idx[k, i]
-        c = 0
-        for j in range(n):
-            x = x_row[j]
-            v_row[c] = x
-            i_row[c] = j
-            c += x != 0       # NaN counts as non-zero and stays visible
-        cnt[k, i] = c
-        total += c
+    for k in range(Kx):
+        for i in range(B):
+            x_row = X[k, i]
+            v_row = val[k, i]
+            i_row = idx[k, i]
+            c = 0
+            for j in range(n):
+                x = x_row[j]
+                v_row[c] = x
+                i_row[c] = j
+                c += x != 0       # NaN counts as non-zero and stays visible
+            cnt[k, i] = c
+            total += c
     return total
 
 
@@ -122,10 +121,13 @@ def index_cols(val, idx, cnt, cval, crow, cptr):
 
 
 @njit(inline="always", **_OPTS)
-def _axpy_rows(out, rows, values, entries, lo, hi):
-    """``out += sum(values[e] * rows[entries[e]] for e in lo:hi)``, eight
+def _sum_rows(out, rows, values, entries, lo, hi):
+    """``out = sum(values[e] * rows[entries[e]] for e in lo:hi)``, eight
     entries per pass over ``out``."""
     m = out.shape[0]
+    zero = out.dtype.type(0)
+    for o in range(m):
+        out[o] = zero
     e = lo
     while e + 8 <= hi:
         x0, x1, x2, x3 = values[e], values[e + 1], values[e + 2], values[e + 3]
@@ -149,34 +151,24 @@ def _axpy_rows(out, rows, values, entries, lo, hi):
 @njit(**_OPTS)
 def linear(val, idx, cnt, W, Z):
     """``Z[k] = X[k'] @ W[k]`` from the CSR of X (``k' = 0`` when shared)."""
-    K, B, m = Z.shape
-    Kx = cnt.shape[0]
-    zero = Z.dtype.type(0)
-    for r in range(K * B):
-        k = r // B
-        i = r - k * B
-        kx = k if Kx > 1 else 0
-        z = Z[k, i]
-        for o in range(m):
-            z[o] = zero
-        _axpy_rows(z, W[k], val[kx, i], idx[kx, i], 0, cnt[kx, i])
+    shared = cnt.shape[0] == 1
+    for k in range(Z.shape[0]):
+        kx = 0 if shared else k
+        Wk, Zk, vk, ik, ck = W[k], Z[k], val[kx], idx[kx], cnt[kx]
+        for i in range(Zk.shape[0]):
+            _sum_rows(Zk[i], Wk, vk[i], ik[i], 0, ck[i])
 
 
 @njit(**_OPTS)
 def linear_grad_w(cval, crow, cptr, D, gW):
     """``gW[k] = X[k']^T @ D[k]`` from the CSC of X (``k' = 0`` when shared);
     a feature with no non-zero in the batch gets a zero row."""
-    K, n, m = gW.shape
-    Kx = cptr.shape[0]
-    zero = gW.dtype.type(0)
-    for r in range(K * n):
-        k = r // n
-        j = r - k * n
-        kx = k if Kx > 1 else 0
-        g = gW[k, j]
-        for o in range(m):
-            g[o] = zero
-        _axpy_rows(g, D[k], cval[kx], crow[kx], cptr[kx, j], cptr[kx, j + 1])
+    shared = cptr.shape[0] == 1
+    for k in range(gW.shape[0]):
+        kx = 0 if shared else k
+        gk, Dk, vk, rk, p = gW[k], D[k], cval[kx], crow[kx], cptr[kx]
+        for j in range(gk.shape[0]):
+            _sum_rows(gk[j], Dk, vk, rk, p[j], p[j + 1])
 
 
 def workspace(Kx, B, n, dtype, columns=True):
