@@ -72,8 +72,10 @@ class MLPTrainStepRatios:
 class MNISTSparseInputStep:
     """One 784-256-256-10 AdamW step on a real MNIST batch (81% zeros), the
     first layer as ``sparse_input`` decides: "auto" (what users get),
-    "sparse" (forced) and "dense" (BLAS matmuls). Needs the MNIST files
-    (``$FASTOPT_DATA`` or ``../shared/data/mnist``)."""
+    "sparse" (forced) and "dense" (BLAS matmuls). Needs the MNIST files:
+    ``$FASTOPT_DATA``, or ``../shared/data/mnist`` beside the repository,
+    which only ``--python=same`` runs find (asv's own virtualenvs install
+    the package elsewhere: set ``FASTOPT_DATA`` for those), else n/a."""
 
     params = (["numba", "cython"], ["auto", "sparse", "dense"])
     param_names = ["backend", "first_layer"]

@@ -43,3 +43,20 @@ def test_mnist_race_runs_the_same_recipe(threads):
     assert acc["fastopt"] > 0.5
     assert r["time_to_target_ratio_fastopt_over_torch"] == pytest.approx(
         r["time_to_target_s"]["fastopt"] / r["time_to_target_s"]["torch"])
+
+
+def test_mnist_race_where_an_implementation_never_reaches_the_target(monkeypatch):
+    """Isolated runs only report the implementations that reached the target:
+    the ratios of the others are left out, not a KeyError."""
+    def fake(impl, kwargs):
+        reached = impl == "fastopt"
+        return {"history": {impl: [{"epoch": 1, "seconds": 1.0, "val_acc": 0.5}]},
+                "time_to_target_s": {impl: 1.0} if reached else {},
+                "train_seconds": {impl: 2.0 if reached else 3.0},
+                "first_step_s": {impl: 0.1}, "backend": "numba", "sizes": [784, 32, 10]}
+    monkeypatch.setattr(bench, "_mnist_in_own_process", fake)
+    monkeypatch.setattr(bench, "torch_or_none", lambda: object())
+    r = bench.bench_mnist(threads=None, repeats=1)
+    assert not any(k.startswith("time_to_target_ratio") for k in r)
+    assert r["epoch_time_ratio_fastopt_over_torch"] == pytest.approx(2 / 3)
+    assert r["epoch_time_ratio_fastopt_dense_over_torch"] == pytest.approx(1.0)

@@ -94,35 +94,60 @@ def _train(model, opt, batches):
     return model.params.data.copy()
 
 
+def _count_sparse_calls(monkeypatch):
+    """Calls of the sparse forward and weight-gradient kernels, by name."""
+    calls = []
+    for name in ("linear", "linear_grad_w"):
+        real = getattr(_sparse, name)
+
+        def counting(*args, real=real, name=name):
+            calls.append(name)
+            return real(*args)
+        monkeypatch.setattr(_sparse, name, counting)
+    return calls
+
+
+# float64 data into a float32 model, integers, a non-contiguous view: all are
+# converted into the workspace before indexing
+INPUTS = {"float32": lambda X: X, "float64": lambda X: X.astype(np.float64),
+          "int": lambda X: (X * 4).astype(np.int64),
+          "strided": lambda X: np.repeat(X, 2, axis=-1)[..., ::2]}
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "own"])
-def test_sparse_and_dense_training_agree(backend, shared):
+@pytest.mark.parametrize("order, threads", [("model", 1), ("layer", 1), ("model", 2)])
+@pytest.mark.parametrize("inputs", list(INPUTS))
+def test_sparse_and_dense_training_agree(backend, shared, order, threads, inputs,
+                                         monkeypatch):
     rng = np.random.default_rng(1)
     K, B = 3, 16
     shape = (B, 40) if shared else (K, B, 40)
-    batches = [(_sparse_batch(rng, shape), rng.integers(0, 5, shape[:-1])) for _ in range(4)]
+    batches = [(INPUTS[inputs](_sparse_batch(rng, shape)), rng.integers(0, 5, shape[:-1]))
+               for _ in range(4)]
+    calls = _count_sparse_calls(monkeypatch)
     out = {}
     for mode in (False, True):
         ens = Ensemble(K, (40, 24, 5), "tanh", seed=2, backend=backend)
         ens.sparse_input = mode
+        ens.order, ens.threads = order, threads
         opt = fastopt.AdamW(ens.param_groups(lr=[1e-2, 1e-3, 3e-3]))
         out[mode, "fwd0"] = ens.forward(batches[0][0])   # inference first: rows only
         out[mode] = _train(ens, opt, batches)
         out[mode, "fwd"] = ens.forward(batches[0][0])
+        out[mode, "eval"] = ens.evaluate(batches[1][0], batches[1][1], batch_size=5)
+        if not mode:
+            assert not calls
+    # the sparse run really ran sparse: in training once per model (model
+    # order) or once for all (layer order); inference is stacked: forward x2
+    # and evaluate's 4 chunks of 5
+    per_step = K if order == "model" else 1
+    assert calls.count("linear_grad_w") == 4 * per_step
+    assert calls.count("linear") == 4 * per_step + 2 + 4
+    np.testing.assert_allclose(out[True, "eval"][0], out[False, "eval"][0], rtol=1e-5)
     np.testing.assert_allclose(out[True, "fwd0"], out[False, "fwd0"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out[True], out[False], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(out[True, "fwd"], out[False, "fwd"], rtol=1e-4, atol=1e-5)
-
-
-def _count_sparse_calls(monkeypatch):
-    calls = []
-    real = _sparse.linear
-
-    def counting(*args):
-        calls.append(1)
-        return real(*args)
-    monkeypatch.setattr(_sparse, "linear", counting)
-    return calls
 
 
 @pytest.mark.parametrize("backend", COMPILED)
@@ -135,19 +160,52 @@ def test_auto_takes_the_sparse_layer_only_where_it_pays(backend, monkeypatch):
     opt = fastopt.AdamW(net.param_groups())
     y = rng.integers(0, 10, 32)
     net.train_step(opt, _sparse_batch(rng, (32, 784), density=0.15), y)
-    assert len(calls) == 1
+    assert calls.count("linear") == 1
     net.train_step(opt, rng.standard_normal((32, 784)).astype(np.float32), y)
-    assert len(calls) == 1                       # dense data: BLAS
+    assert calls.count("linear") == 1                       # dense data: BLAS
     net.sparse_input = False
     net.train_step(opt, _sparse_batch(rng, (32, 784), density=0.15), y)
-    assert len(calls) == 1
+    assert calls.count("linear") == 1
     net.sparse_input = True                      # forced, even on dense data
     net.train_step(opt, rng.standard_normal((32, 784)).astype(np.float32), y)
-    assert len(calls) == 2
+    assert calls.count("linear") == 2
     net.sparse_input = "auto"                    # dense matmuls on 8 BLAS threads win
     monkeypatch.setattr(_blas, "blas_threads", lambda: 8)
     net.train_step(opt, _sparse_batch(rng, (32, 784), density=0.15), y)
-    assert len(calls) == 2
+    assert calls.count("linear") == 2
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_auto_checks_the_whole_batch_after_the_sample(backend, monkeypatch):
+    """The first 32 rows look sparse, the rest is dense: the exact density
+    decides (dense), after the index pass."""
+    from fastopt.nn import _blas
+    rng = np.random.default_rng(7)
+    calls = _count_sparse_calls(monkeypatch)
+    monkeypatch.setattr(_blas, "blas_threads", lambda: 1)
+    X = rng.standard_normal((96, 784)).astype(np.float32)
+    X[:32] = _sparse_batch(rng, (32, 784), density=0.05)
+    net = MLP((784, 256, 10), seed=0, backend=backend)
+    net.loss_and_grad(X, rng.integers(0, 10, 96))
+    assert not calls
+    net.loss_and_grad(X[:32], rng.integers(0, 10, 32))
+    assert calls
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_cost_model_sees_one_blas_thread_when_models_are_split(backend, monkeypatch):
+    from fastopt.nn import _blas
+    seen = []
+    real = _sparse.worth_it
+    monkeypatch.setattr(_sparse, "worth_it", lambda *a: seen.append(a[3]) or real(*a))
+    monkeypatch.setattr(_blas, "blas_threads", lambda: 2)
+    rng = np.random.default_rng(8)
+    X = _sparse_batch(rng, (16, 40))
+    ens = Ensemble(4, (40, 16, 3), seed=0, backend=backend)
+    ens.loss_and_grad(X, rng.integers(0, 3, 16))
+    ens.threads = 2          # two threads of models, BLAS on one thread each
+    ens.loss_and_grad(X, rng.integers(0, 3, 16))
+    assert seen[0] == 2 and seen[-1] == 1
 
 
 def test_reference_backend_stays_dense(monkeypatch):
@@ -159,16 +217,40 @@ def test_reference_backend_stays_dense(monkeypatch):
     assert not calls
 
 
-@pytest.mark.parametrize("bad", ["yes", 1, None, np.True_])
-def test_bad_sparse_input_setting_changes_nothing(bad):
+@pytest.mark.parametrize("bad", ["yes", "Auto", 1, 0, None, 0.5])
+def test_bad_sparse_input_setting_is_refused(bad):
     net = MLP((30, 8, 3), backend=(COMPILED + ["numpy"])[0])
-    before = net.params.data.copy()
-    net.sparse_input = bad
-    X = _sparse_batch(np.random.default_rng(4), (16, 30))
+    net.sparse_input = False
     with pytest.raises(ValueError, match="sparse_input"):
-        net.loss_and_grad(X, np.zeros(16, np.int64))
-    np.testing.assert_array_equal(net.params.data, before)
-    assert not net.grads.data.any()
+        net.sparse_input = bad
+    assert net.sparse_input is False          # the old setting stays
+
+
+def test_numpy_bools_are_accepted():
+    net = MLP((30, 8, 3), backend="numpy")
+    net.sparse_input = np.True_
+    assert net.sparse_input is True
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_a_nan_weight_on_an_all_zero_feature_is_skipped_as_documented(backend):
+    """The one documented difference from the dense product: a zero input
+    skips its weight row, so a NaN there does not reach this batch's loss;
+    a NaN weight on a feature with a non-zero input does, as in dense."""
+    rng = np.random.default_rng(9)
+    X = _sparse_batch(rng, (16, 30))          # feature 3 is zero in every sample
+    y = rng.integers(0, 3, 16)
+    losses = {}
+    for mode in (True, False):
+        net = MLP((30, 8, 3), "tanh", seed=0, backend=backend)
+        net.sparse_input = mode
+        net.W[0][3, 2] = np.nan
+        losses[mode, "zero"] = net.loss_and_grad(X, y)
+        net.W[0][3, 2] = 0.0
+        net.W[0][5, 2] = np.nan               # feature 5 has non-zeros
+        losses[mode, "used"] = net.loss_and_grad(X, y)
+    assert np.isfinite(losses[True, "zero"]) and np.isnan(losses[False, "zero"])
+    assert np.isnan(losses[True, "used"]) and np.isnan(losses[False, "used"])
 
 
 @pytest.mark.parametrize("backend", COMPILED)

@@ -67,7 +67,8 @@ def _install_abort_hook(comm):
         # mpiexec forwards each rank's stderr through a pipe and stops
         # forwarding once the abort kills the job: give it a moment, or the
         # traceback and this line can be lost (seen once, on a
-        # busy 2-core machine, in a full test run).
+        # busy 2-core machine, in a full test run). A mitigation, not a
+        # guarantee: MPI offers no flush of the launcher's forwarding.
         time.sleep(0.25)
         comm.Abort(1)
 

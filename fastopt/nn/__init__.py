@@ -17,10 +17,11 @@ optimizers step device arrays, but the MLP's forward and backward run on
 host arrays only).
 
 Sparse inputs: when most of a batch is exact zeros (MNIST: 81%), both
-compiled backends run the first layer over the non-zeros only
-(``sparse_input="auto"``, Numba kernels in :mod:`._sparse`), which made the
-MNIST step 784-256-256-10 ~1.3x faster here; results agree with the dense
-matmuls to rounding.
+compiled backends can run the first layer over the non-zeros only
+(``sparse_input``, Numba kernels in :mod:`._sparse`); "auto" takes it where a
+cost model says it is faster: on one thread MNIST 784-256-256-10 trained
+~1.2x faster per epoch here, on two BLAS threads it stays dense. Results
+agree with the dense matmuls to rounding (see ``Ensemble.sparse_input``).
 """
 
 from .activations import ACTIVATIONS, LOSSES, parse_layers

@@ -34,8 +34,9 @@ from numba import njit
 # No nnan/ninf: NaN must stay visible (DESIGN.md). Serial, like the other
 # fused passes of the MLP (fastopt.nn._numba): BLAS's threads are the one
 # level of parallelism. A prange version was slower in a training loop at
-# 2 threads (MNIST 784-256-256-10 epoch 0.23-0.25 s against 0.11 s serial and
-# 0.14-0.17 s dense): its team and BLAS's spinning workers took turns.
+# 2 threads (MNIST 784-256-256-10 epoch 0.23-0.25 s against 0.09-0.14 s for
+# the serial kernels or the dense matmuls): its team and BLAS's spinning
+# workers took turns.
 _OPTS = dict(fastmath={"contract", "arcp", "reassoc", "nsz"}, cache=True, nogil=True,
              error_model="numpy")
 
@@ -49,7 +50,7 @@ _OPTS = dict(fastmath={"contract", "arcp", "reassoc", "nsz"}, cache=True, nogil=
 # the dense matmuls on all of BLAS's, so the dense side is divided by BLAS's
 # thread count (ideal scaling: the model leans to dense). On one thread at
 # MNIST's density (0.19) the sparse layer is ~1.4x faster than sgemm for 256
-# outputs and ~1.6x for 64 outputs when 16 models share the batch (index
+# outputs and ~1.35x for 64 outputs when 16 models share the batch (index
 # built once), and slower for 64 outputs with a batch per model (measured:
 # layer time 0.78 vs 1.10 ms, 3.7 vs 5.0 ms, 6.9 vs 6.0 ms). On two BLAS
 # threads MNIST into 256 units is slower sparse (a full step 1.48 vs 1.29

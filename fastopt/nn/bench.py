@@ -557,7 +557,7 @@ def bench_mnist(hidden=(256, 256), epochs=15, batch=128, lr=1e-3, target=0.94, s
     for i in impls:
         if i == "torch" or "torch" not in spent:
             continue
-        if reach[i] and reach["torch"]:
+        if reach.get(i) and reach.get("torch"):   # None or absent: never reached
             res[f"time_to_target_ratio_{i}_over_torch"] = reach[i] / reach["torch"]
         res[f"epoch_time_ratio_{i}_over_torch"] = spent[i] / spent["torch"]
     return res

@@ -197,13 +197,32 @@ class Ensemble:
         #: split over 2 threads; the small matmuls share the memory system
         #: better inside one BLAS call). Results are identical either way.
         self.threads = 1
-        #: The first layer over the input's non-zeros only (:mod:`._sparse`):
-        #: "auto" (the compiled backends, when a cost model of the batch's
-        #: density, the layer's width and BLAS's thread count says it is
-        #: faster; MNIST into 256 units on one thread is), True (always, on
-        #: the compiled backends) or False (dense BLAS matmuls). The results
-        #: agree to rounding; the numpy reference is always dense.
         self.sparse_input = "auto"
+
+    @property
+    def sparse_input(self):
+        """The first layer over the input's non-zeros only (:mod:`._sparse`):
+        "auto" (the default: on the compiled backends, when a cost model of the
+        batch's density, the layer's width and BLAS's thread count says it is
+        faster; MNIST into 256 units on one thread is, on two it is not),
+        True (always, on the compiled backends) or False (dense BLAS matmuls).
+
+        Results agree with the dense path to rounding, with one difference:
+        a zero input skips its weight row, so an inf/NaN weight that meets only
+        zero inputs in a batch does not reach that batch's loss (a dense
+        product gives NaN). Such a weight comes from an earlier step whose
+        loss or gradients were already non-finite. The numpy reference is
+        always dense. The index buffers take up to ~4x the batch's size per
+        workspace while training."""
+        return self._sparse_input
+
+    @sparse_input.setter
+    def sparse_input(self, mode):
+        if isinstance(mode, (bool, np.bool_)):
+            mode = bool(mode)
+        elif not (isinstance(mode, str) and mode == "auto"):
+            raise ValueError(f"sparse_input must be 'auto', True or False, got {mode!r}")
+        self._sparse_input = mode
 
     # -- layout ---------------------------------------------------------------
     def _stacked(self, flat: FlatArrays):
@@ -364,15 +383,15 @@ class Ensemble:
     def _sparse_index(self, X, shared, ws, grad):
         """The non-zero index of the batch ``X`` (``[B, n]`` shared or
         ``[K, B, n]``) when the first layer should run sparse, else None."""
-        mode = self.sparse_input
-        if not (mode is True or mode is False or (isinstance(mode, str) and mode == "auto")):
-            raise ValueError(f"sparse_input must be 'auto', True or False, got {mode!r}")
+        mode = self._sparse_input
         if mode is False or self._kern.name == "numpy":
             return None
         from . import _sparse
         Xs = X.reshape((1,) + X.shape) if shared else X
-        # the cost model's inputs but the density
-        costs = (self.sizes[1], self.k if shared else 1, _blas.blas_threads())
+        # the cost model's inputs but the density; models split over threads
+        # run BLAS on one thread each
+        split = self._model_major() and self._model_threads() > 1
+        costs = (self.sizes[1], self.k if shared else 1, 1 if split else _blas.blas_threads())
         if mode == "auto":
             # some rows first: dense data (and a borderline density) pays a
             # few microseconds, not an indexing pass
