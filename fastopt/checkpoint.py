@@ -31,6 +31,7 @@ import zlib
 
 import numpy as np
 
+from .backends import is_device_array
 from .params import FlatArrays
 
 __all__ = ["save", "load", "CheckpointError"]
@@ -106,7 +107,7 @@ def _param_list(params):
         items = list(items)
     except TypeError:
         items = [items]
-    if any(_on_device(a) for a in items):
+    if any(is_device_array(a) for a in items):
         from .backends import numba_cuda
         return [numba_cuda.as_device(f"params[{i}]", a) for i, a in enumerate(items)]
     if isinstance(params, FlatArrays):
@@ -114,22 +115,8 @@ def _param_list(params):
     return V.as_array_list("params", params)
 
 
-def _on_device(a) -> bool:
-    """A GPU array, found without importing numba-cuda for host arrays."""
-    if isinstance(a, np.ndarray):
-        return False
-    if hasattr(a, "__cuda_array_interface__"):
-        return True
-    # the CUDA simulator's arrays have no interface; they only exist once it is loaded
-    import sys
-    if "numba.cuda" in sys.modules:
-        from .backends import numba_cuda
-        return numba_cuda.is_device_array(a)
-    return False
-
-
 def _to_host(a):
-    return a.copy_to_host() if _on_device(a) else np.asarray(a)
+    return a.copy_to_host() if is_device_array(a) else np.asarray(a)
 
 
 def save(path, *, params=None, optimizer=None, extra=None) -> None:
@@ -228,12 +215,12 @@ def _prepare_params(params, tree):
         if a.shape != b.shape or a.dtype != b.dtype:
             raise CheckpointError(f"params[{i}] is {a.dtype}{list(a.shape)} but the "
                                   f"checkpoint has {b.dtype}{list(b.shape)}")
-        if not _on_device(a) and not a.flags.writeable:
+        if not is_device_array(a) and not a.flags.writeable:
             raise CheckpointError(f"params[{i}] is read-only")
 
     def apply():
         for a, b in zip(params, saved):
-            if _on_device(a):
+            if is_device_array(a):
                 a.copy_to_device(np.ascontiguousarray(b))   # in place, where it lives
             else:
                 a[...] = b

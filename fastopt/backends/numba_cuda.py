@@ -453,34 +453,35 @@ def _fc(p, ctrl):
     return _unit_control(p.dtype) if ctrl is None else ctrl.for_dtype(p.dtype)
 
 
+def _update(kernel, vec_kernel, p, g, out, arrays, args) -> None:
+    """Launch an update kernel over ``p``'s elements: its four-wide loop
+    (``vec_kernel``) when every one of ``arrays`` allows it."""
+    vec = vector_ok(*arrays)
+    _launch(vec_kernel if vec else kernel,
+            (p.dtype, g.dtype, None if out is None else out.dtype),
+            (p.size + 3) // 4 if vec else p.size, args)
+
+
 def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None, ctrl=None) -> None:
     """One Adam/AdamW step on device arrays (see reference.adam_update)."""
-    n = p.size
-    if n == 0:
+    if p.size == 0:
         return
     sc = _cast(np.dtype(p.dtype).type, s)
     amsgrad = vmax is not None
     mixed = out is not None
-    vec = vector_ok(p, g, m, v, vmax, out)
-    _launch(_adam_vec_kernel if vec else _adam_kernel,
-            (p.dtype, g.dtype, None if out is None else out.dtype),
-            (n + 3) // 4 if vec else n,
+    _update(_adam_kernel, _adam_vec_kernel, p, g, out, (p, g, m, v, vmax, out),
             (p, g, m, v, vmax if amsgrad else v, out if mixed else p, _fc(p, ctrl),
              *sc, amsgrad, mixed))
 
 
 def sgd_update(p, g, buf, s: SGDScalars, out=None, ctrl=None) -> None:
     """One SGD step on device arrays (see reference.sgd_update)."""
-    n = p.size
-    if n == 0:
+    if p.size == 0:
         return
     t = np.dtype(p.dtype).type
     has_buf = buf is not None
     mixed = out is not None
-    vec = vector_ok(p, g, buf, out)
-    _launch(_sgd_vec_kernel if vec else _sgd_kernel,
-            (p.dtype, g.dtype, None if out is None else out.dtype),
-            (n + 3) // 4 if vec else n,
+    _update(_sgd_kernel, _sgd_vec_kernel, p, g, out, (p, g, buf, out),
             (p, g, buf if has_buf else p, out if mixed else p, _fc(p, ctrl),
              t(s.lr), t(s.l2), t(s.grad_scale), t(s.buf_decay), t(s.grad_coef),
              t(s.momentum), s.use_l2, has_buf, s.nesterov, mixed))
@@ -498,16 +499,19 @@ def scale(x, c: float, ctrl=None) -> None:
         _launch(_scale_kernel, x.dtype, x.size, (x, _fc(x, ctrl), np.dtype(x.dtype).type(c)))
 
 
-def widen(src, dst) -> None:
-    """16-bit device ``src`` -> float32 device ``dst``."""
+def _convert(src, dst) -> None:
     if dst.size:
         _launch(_convert_kernel, (src.dtype, dst.dtype), dst.size, (src, dst))
+
+
+def widen(src, dst) -> None:
+    """16-bit device ``src`` -> float32 device ``dst``."""
+    _convert(src, dst)
 
 
 def narrow(src, dst) -> None:
     """float32 device ``src`` -> 16-bit device ``dst`` (round to nearest even)."""
-    if dst.size:
-        _launch(_convert_kernel, (src.dtype, dst.dtype), dst.size, (src, dst))
+    _convert(src, dst)
 
 
 def synchronize() -> None:

@@ -554,8 +554,8 @@ def bench_mnist(hidden=(256, 256), epochs=15, batch=128, lr=1e-3, target=0.94, s
            "history": hist, "time_to_target_s": reach,
            "final_val_acc": {k: v[-1]["val_acc"] for k, v in hist.items() if v},
            "train_seconds": spent}
-    for i in impls:
-        if i == "torch" or "torch" not in spent:
+    for i in impls if "torch" in spent else ():
+        if i == "torch":
             continue
         if reach.get(i) and reach.get("torch"):   # None or absent: never reached
             res[f"time_to_target_ratio_{i}_over_torch"] = reach[i] / reach["torch"]

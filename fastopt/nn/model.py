@@ -378,7 +378,7 @@ class Ensemble:
             np.copyto(ws["X"], X, casting="unsafe")
             X = ws["X"]
         X3 = np.broadcast_to(X, (self.k,) + X.shape) if shared else X
-        return X3, shared, ws, self._sparse_index(X if shared else X3, shared, ws, grad)
+        return X3, shared, ws, self._sparse_index(X, shared, ws, grad)
 
     def _sparse_index(self, X, shared, ws, grad):
         """The non-zero index of the batch ``X`` (``[B, n]`` shared or
@@ -678,12 +678,6 @@ class MLP(Ensemble):
         """Mean loss (float) of one batch; gradients into ``self.grads``
         (``on_grads_ready``: see :meth:`Ensemble.loss_and_grad`)."""
         return float(super().loss_and_grad(X, y, on_grads_ready=on_grads_ready)[0])
-
-    def train_step(self, opt, X, y):
-        self._check_optimizer(opt)
-        loss = self.loss_and_grad(X, y)
-        self._step(opt)
-        return loss
 
     def forward(self, X):
         return super().forward(X)[0]
