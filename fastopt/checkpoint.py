@@ -20,12 +20,21 @@ the same device arrays to load. :func:`load` checks the whole
 checkpoint against ``params`` and ``optimizer`` before writing anything; on
 any mismatch it raises :class:`CheckpointError` (a ValueError) and both are
 left exactly as they were.
+
+Saving is crash-safe: everything is checked (object arrays, unsupported
+types, the target directory) before a byte is written; the file is written
+to ``<path>.tmp-<pid>-<random>`` next to ``path``, flushed and fsynced,
+renamed over ``path`` and the directory fsynced, so the previous checkpoint
+stays readable until the new one is complete, even if the process is killed
+(SIGKILL, power loss). A temporary file left by a killed save is removed by
+the next save of the same ``path`` once its process is gone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import zipfile
 import zlib
 
@@ -57,6 +66,11 @@ def _encode(obj, arrays, path="root"):
     if isinstance(obj, np.ndarray):
         key = f"a{len(arrays)}"
         dtype = str(obj.dtype)
+        if obj.dtype.hasobject:
+            # np.savez would pickle it, and load (allow_pickle=False) could not
+            # read it back: refuse before anything is written
+            raise TypeError(f"cannot store an array of Python objects (dtype {obj.dtype}) "
+                            f"in a checkpoint (at {path}); use a numeric or string dtype")
         stored = np.ascontiguousarray(obj)
         if obj.dtype.kind == "V":   # e.g. ml_dtypes.bfloat16: store the bits
             if obj.dtype.names is not None or obj.dtype.itemsize != 2:
@@ -123,8 +137,13 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     """Write ``params`` (arrays), ``optimizer.state_dict()`` and ``extra``
     (JSON-able data and arrays) to ``path`` as one ``.npz``.
 
-    The file is written next to ``path`` and renamed into place, so an
-    interrupted save never leaves a half-written checkpoint under ``path``.
+    Everything is checked before anything is written: an array of Python
+    objects anywhere (``extra`` or state) raises TypeError naming where it
+    is, a missing directory raises FileNotFoundError naming ``path``; the
+    previous file under ``path`` is then untouched. The file is written next
+    to ``path``, fsynced and renamed into place, so an interrupted save
+    (even SIGKILL) never leaves a half-written checkpoint under ``path``;
+    the next save removes the temporary file a killed one left behind.
     """
     tree = {"format": FORMAT}
     if params is not None:
@@ -140,14 +159,9 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     path = os.fspath(path)
 
     def write():
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _check_target(path)
+        _remove_stale_temps(path)
+        _write_atomically(path, arrays)
 
     # A distributed optimizer (fastopt.distributed) has every rank gather the
     # state above and rank 0 alone write, and tells every rank how that went.
@@ -156,6 +170,93 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
         write()
     else:
         coordinate(write)
+
+
+_TMP = ".tmp-"
+
+
+def _check_target(path):
+    """A clear error naming the user's path, instead of the OS error about
+    the hidden temporary file that the write would otherwise hit."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"cannot save checkpoint {path!r}: {folder!r} is not a "
+                                 "directory")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot save checkpoint {path!r}: directory {folder!r} "
+                                "does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot save checkpoint {path!r}: it is a directory")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process: alive
+        return True
+    except OSError:           # cannot tell (e.g. no signal support): keep the file
+        return True
+    return True
+
+
+def _remove_stale_temps(path):
+    """Remove ``<path>.tmp-<pid>...`` files whose process is gone (a save
+    killed by SIGKILL cannot clean up after itself). Files of live processes
+    on this machine (another save in flight) are left alone."""
+    folder, name = os.path.split(os.path.abspath(path))
+    prefix = name + _TMP
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) else ""
+        if not pid.isdigit() or int(pid) <= 0 or _pid_alive(int(pid)):
+            continue
+        try:
+            os.remove(os.path.join(folder, entry))
+        except OSError:   # already gone, or not ours to remove: not worth failing a save
+            pass
+
+
+def _write_atomically(path, arrays):
+    """Write, flush, fsync, rename, fsync the directory: after a crash
+    ``path`` holds either the old checkpoint or the whole new one."""
+    # pid (for stale-file cleanup) plus a random part, so that two threads
+    # saving the same path never write into one temporary file
+    tmp = f"{path}{_TMP}{os.getpid()}-{secrets.token_hex(4)}"
+    # O_EXCL: never write into a file someone else created; 0o666 & umask:
+    # the same permissions as the plain open() this replaced
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with open(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:   # also KeyboardInterrupt: no orphan left behind
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_dir(folder):
+    """Make the rename itself durable (POSIX); not possible everywhere."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read(path) -> dict:

@@ -1,0 +1,160 @@
+"""Hardening of ``fastopt.save`` (issue 19): nothing is written unless all
+of it can be read back, a save killed at any point leaves the last good
+checkpoint readable and no temporary files for long, and a missing
+directory is named as such."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import stat
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import fastopt
+
+
+def _temps(folder):
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
+
+
+def _good(tmp_path):
+    path = tmp_path / "c.npz"
+    opt = fastopt.AdamW([np.ones(4, np.float32)], backend="numpy")
+    opt.step([np.ones(4, np.float32)])
+    fastopt.save(path, params=[np.ones(4, np.float32)], optimizer=opt, extra={"epoch": 1})
+    return path, opt
+
+
+@pytest.mark.parametrize("extra", [
+    {"x": np.array([object()], dtype=object)},
+    {"nested": [1, {"x": np.array([None, 2], dtype=object)}]},
+])
+def test_object_arrays_are_refused_and_the_previous_file_is_untouched(tmp_path, extra):
+    path, opt = _good(tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match=r"\['x'\]"):
+        fastopt.save(path, params=[np.zeros(4, np.float32)], optimizer=opt, extra=extra)
+    assert path.read_bytes() == before
+    assert _temps(tmp_path) == []
+    assert fastopt.load(path)["extra"] == {"epoch": 1}
+
+
+def test_object_array_in_optimizer_state_is_refused(tmp_path):
+    path, opt = _good(tmp_path)
+    before = path.read_bytes()
+
+    class Odd:
+        def state_dict(self):
+            return {"buf": np.array([1, "a"], dtype=object)}
+    with pytest.raises(TypeError, match=r"\['optimizer'\]\['buf'\]"):
+        fastopt.save(path, optimizer=Odd())
+    assert path.read_bytes() == before
+
+
+def test_missing_directory_is_named_before_anything_is_written(tmp_path):
+    target = tmp_path / "no-such-dir" / "c.npz"
+    with pytest.raises(FileNotFoundError, match="does not exist") as err:
+        fastopt.save(target, params=[np.ones(3)])
+    message = str(err.value)
+    assert str(target) in message and ".tmp" not in message
+    assert not (tmp_path / "no-such-dir").exists()
+
+
+def test_directory_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a directory") as err:
+        fastopt.save(tmp_path / "f" / "c.npz", params=[np.ones(3)])
+    assert ".tmp" not in str(err.value)
+
+
+def test_save_fsyncs_the_file_and_the_directory(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    fastopt.save(tmp_path / "c.npz", params=[np.ones(3)])
+    assert synced == ["file", "dir"]     # the data before the rename, the rename after
+    umask = os.umask(0)                  # created with the umask's permissions, as open()
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "c.npz").stat().st_mode) == 0o666 & ~umask
+
+
+def _dead_pid():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_saves_killed_at_random_points(tmp_path):
+    """A child saves over and over and is SIGKILLed after a random delay,
+    several times: the checkpoint always loads (the last good one), and the
+    next save removes every temporary file the killed saves left."""
+    path = tmp_path / "c.npz"
+    big = np.random.default_rng(0).standard_normal(1 << 18)   # 2 MB: most time is writing
+    rng = random.Random(19)
+    last = -1
+    for _ in range(6):
+        pid = os.fork()
+        if pid == 0:   # the child: no pytest machinery, just saves, until killed
+            try:
+                for i in range(last + 1, 10 ** 9):
+                    fastopt.save(path, params=[big], extra={"i": i})
+            finally:
+                os._exit(1)
+        deadline = time.monotonic() + 5
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0.0, 0.03))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        got = fastopt.load(path)       # never a half-written file
+        assert got["extra"]["i"] >= last and got["params"][0].tobytes() == big.tobytes()
+        last = got["extra"]["i"]
+    # an orphan of a dead process, whatever the kills above happened to leave
+    (tmp_path / f"c.npz.tmp-{_dead_pid()}").write_bytes(b"half a checkpoint")
+    # a temporary file of a live process (another save in flight) is kept
+    live = tmp_path / f"c.npz.tmp-{os.getpid()}-abcd"
+    live.write_bytes(b"in flight")
+    other = tmp_path / f"other.npz.tmp-{_dead_pid()}"       # another target's: not ours
+    other.write_bytes(b"x")
+    fastopt.save(path, params=[big], extra={"i": "parent"})
+    assert _temps(tmp_path) == sorted([live.name, other.name])
+    assert fastopt.load(path)["extra"]["i"] == "parent"
+
+
+def test_killed_save_in_a_fresh_process_is_cleaned(tmp_path):
+    """The same with a separate interpreter that is killed while writing
+    (np.savez made slow), so the orphan is certain."""
+    import subprocess
+    path = tmp_path / "c.npz"
+    fastopt.save(path, params=[np.arange(3.0)], extra={"i": 0})
+    code = (
+        "import sys, time, numpy as np, fastopt\n"
+        "real = np.savez\n"
+        "def slow(f, **a):\n"
+        "    f.write(b'PK partial'); f.flush(); print('writing', flush=True); time.sleep(60)\n"
+        "np.savez = slow\n"
+        f"fastopt.save({str(path)!r}, params=[np.arange(3.0)], extra={{'i': 1}})\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        assert len(_temps(tmp_path)) == 1
+        child.kill()
+        child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert fastopt.load(path)["extra"] == {"i": 0}
+    fastopt.save(path, params=[np.arange(3.0)], extra={"i": 2})
+    assert _temps(tmp_path) == []
