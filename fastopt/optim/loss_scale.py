@@ -24,6 +24,15 @@ with the scale kept in float32 as torch keeps it:
 * finite step: the streak grows by one; at ``growth_interval`` the scale is
   multiplied by ``growth_factor`` (unless that overflows float32) and the
   streak restarts.
+
+One addition: the scale never backs off below ``min_scale`` (``2**-24``).
+torch has no floor, so gradients that are NaN on every step (a NaN in the
+data, a diverged model) halve the scale to 0 after about 166 skips, and
+from then on ``1 / scale`` is a division by zero. ``2**-24`` is 40 halvings
+below the default start, far below any scale a healthy run reaches (so the
+sequence is torch's wherever torch's is usable), and ``1 / 2**-24`` is
+exact and finite. ``consecutive_skips`` counts the non-finite steps in a
+row, so a training loop can notice that every step is being skipped.
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ def _f32(x) -> float:
     return float(np.float32(x))
 
 
+MIN_SCALE = 2.0 ** -24
+
+
 class LossScaler:
     """Dynamic loss scale with torch.amp.GradScaler's defaults and rules.
 
@@ -52,10 +64,24 @@ class LossScaler:
         Multiplier after a step with non-finite gradients (0.5).
     growth_interval : int
         Finite steps in a row before growing (2000).
+    min_scale : float or None
+        The scale never backs off below this (finite, > 0; default ``2**-24``,
+        or ``init_scale`` if that is smaller). Not in torch, whose scale
+        reaches 0 under endless non-finite gradients.
+
+    Attributes
+    ----------
+    scale : float
+        The current scale (float32 value).
+    growth_tracker : int
+        Finite steps in a row since the scale last changed.
+    consecutive_skips : int
+        Non-finite (skipped) steps in a row; 0 after a finite step. A large
+        value means the gradients are never finite, whatever the scale.
     """
 
     def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000):
+                 growth_interval=2000, min_scale=None):
         self.init_scale = V.check_real("init_scale", init_scale, low=0.0, low_open=True)
         self.growth_factor = V.check_real("growth_factor", growth_factor, low=1.0,
                                           low_open=True)
@@ -63,16 +89,32 @@ class LossScaler:
                                            high=1.0, low_open=True, high_open=True)
         self.growth_interval = V.check_int("growth_interval", growth_interval, low=1)
         self.scale = _f32(self.init_scale)
-        if not math.isfinite(self.scale):
-            raise ValueError(f"init_scale {init_scale} overflows float32")
+        if not math.isfinite(self.scale) or self.scale == 0.0:
+            raise ValueError(f"init_scale {init_scale} "
+                             f"{'underflows' if self.scale == 0.0 else 'overflows'} float32")
+        self.min_scale = self._check_min_scale(min_scale)
         self.growth_tracker = 0     # finite steps in a row since the last change
+        self.consecutive_skips = 0  # non-finite steps in a row
+
+    def _check_min_scale(self, min_scale):
+        if min_scale is None:
+            return min(MIN_SCALE, self.scale)
+        value = V.check_real("min_scale", min_scale, low=0.0, low_open=True)
+        if _f32(value) == 0.0:   # the scale is a float32: the floor must be one too
+            raise ValueError(f"min_scale {min_scale} underflows float32")
+        if value > self.init_scale:
+            raise ValueError(f"min_scale {min_scale} is above init_scale {self.init_scale}")
+        return _f32(value)
 
     def update(self, found_inf: bool) -> None:
-        """Back off after a non-finite step; grow after a streak of finite ones."""
+        """Back off after a non-finite step (not below ``min_scale``); grow
+        after a streak of finite ones."""
         if found_inf:
-            self.scale = _f32(self.scale * self.backoff_factor)
+            self.scale = max(_f32(self.scale * self.backoff_factor), self.min_scale)
             self.growth_tracker = 0
+            self.consecutive_skips += 1
             return
+        self.consecutive_skips = 0
         self.growth_tracker += 1
         if self.growth_tracker == self.growth_interval:
             grown = _f32(self.scale * self.growth_factor)
@@ -84,11 +126,16 @@ class LossScaler:
         return {"scale": self.scale, "growth_tracker": self.growth_tracker,
                 "init_scale": self.init_scale, "growth_factor": self.growth_factor,
                 "backoff_factor": self.backoff_factor,
-                "growth_interval": self.growth_interval}
+                "growth_interval": self.growth_interval, "min_scale": self.min_scale,
+                "consecutive_skips": self.consecutive_skips}
 
     @classmethod
     def from_state_dict(cls, sd) -> "LossScaler":
-        """A scaler restored from :meth:`state_dict`; checks every field."""
+        """A scaler restored from :meth:`state_dict`; checks every field.
+
+        State saved before ``min_scale`` and ``consecutive_skips`` existed
+        loads with the default floor and 0; a saved scale below the floor
+        (on its way to 0) is raised to it."""
         if not isinstance(sd, dict):
             raise TypeError("loss scaler state must be a dict")
         keys = ("scale", "growth_tracker", "init_scale", "growth_factor",
@@ -97,13 +144,17 @@ class LossScaler:
         if missing:
             raise ValueError(f"loss scaler state is missing keys {missing}")
         new = cls(sd["init_scale"], sd["growth_factor"], sd["backoff_factor"],
-                  sd["growth_interval"])
-        new.scale = V.check_real("loss scaler scale", sd["scale"], low=0.0, low_open=True)
+                  sd["growth_interval"], sd.get("min_scale"))
+        scale = V.check_real("loss scaler scale", sd["scale"], low=0.0, low_open=True)
+        new.scale = max(scale, new.min_scale)
         new.growth_tracker = V.check_int("loss scaler growth_tracker", sd["growth_tracker"],
                                          low=0)
+        new.consecutive_skips = V.check_int("loss scaler consecutive_skips",
+                                            sd.get("consecutive_skips", 0), low=0)
         return new
 
     def __repr__(self):
         return (f"LossScaler(scale={self.scale}, growth_tracker={self.growth_tracker}, "
+                f"consecutive_skips={self.consecutive_skips}, "
                 f"growth_factor={self.growth_factor}, backoff_factor={self.backoff_factor}, "
-                f"growth_interval={self.growth_interval})")
+                f"growth_interval={self.growth_interval}, min_scale={self.min_scale})")
