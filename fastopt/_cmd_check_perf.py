@@ -3,14 +3,15 @@ committed floor (the CI regression guard; see fastopt/perfguard.py)."""
 
 import sys
 
-HELP = "check same-run speed ratios against the floors committed in the repository"
+HELP = "check same-run speed ratios against the floors shipped with fastopt"
 
 
 def add_arguments(parser):
-    from .perfguard import DEFAULT_FLOORS
-
-    parser.add_argument("--floors", default=DEFAULT_FLOORS,
-                        help="floors file (default: %(default)s)")
+    # default None: perfguard reads the floors shipped inside the package
+    # (importlib.resources), so the command works from any directory
+    parser.add_argument("--floors", default=None,
+                        help="floors file (default: the one shipped with fastopt, "
+                             "fastopt/floors.json)")
     parser.add_argument("--attempts", type=int, default=None,
                         help="measurements before a ratio below its floor fails "
                              "(default: the file's, else 3)")

@@ -4,7 +4,10 @@ Absolute times on such machines drift by tens of percent from run to run,
 so the guard never compares them. It compares **same-run ratios** (fastopt
 vs a straightforward NumPy step, fastopt vs a streaming kernel that moves
 the same bytes, all timed interleaved in one process) against **floors**
-committed in the repository (``benchmarks/floors.json``). A ratio below its
+shipped with the package (``fastopt/floors.json``, read with
+importlib.resources so an installed ``fastopt check-perf`` finds them; the
+repository's ``benchmarks/floors.json`` is kept identical to it by
+tests/test_hardening_perfguard.py). A ratio below its
 floor is measured again, up to ``attempts`` times with growing pauses
 between, and only a ratio that stays below on every attempt fails: a noisy spell passes, a real slowdown
 (a kernel that lost vectorisation, parallelism or fusion) does not.
@@ -18,9 +21,9 @@ explains why.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 
 from . import bench
 
@@ -29,7 +32,16 @@ METRICS = {
     "numpy": "speedup vs straightforward NumPy",
     "torch": "speedup vs torch fused",
 }
-DEFAULT_FLOORS = os.path.join("benchmarks", "floors.json")
+
+
+def shipped_floors():
+    """The floors file inside the installed package (package data, see
+    pyproject.toml), wherever the command runs from."""
+    return resources.files("fastopt").joinpath("floors.json")
+
+
+# for messages and --help; load_floors() reads the resource itself
+DEFAULT_FLOORS = str(shipped_floors())
 
 
 @dataclass
@@ -51,14 +63,20 @@ class Check:
         return self.best is not None and self.best >= self.floor
 
 
-def load_floors(path=DEFAULT_FLOORS):
-    """Read and check a floors file; errors name the file and the entry."""
+def load_floors(path=None):
+    """Read and check a floors file (default: the one shipped with fastopt);
+    errors name the file and the entry."""
     try:
-        with open(path) as f:
-            spec = json.load(f)
+        if path is None:
+            path = DEFAULT_FLOORS
+            spec = json.loads(shipped_floors().read_text())
+        else:
+            with open(path) as f:
+                spec = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"floors file {path!r} not found (run from the "
-                                "repository root or pass --floors)") from None
+        hint = ("the install lacks its package data; reinstall fastopt"
+                if path == DEFAULT_FLOORS else "pass an existing file to --floors")
+        raise FileNotFoundError(f"floors file {path!r} not found ({hint})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"floors file {path!r} is not valid JSON: {e}") from None
     for key, low in (("attempts", 1), ("rounds", 1), ("pause_s", 0)):
@@ -126,7 +144,8 @@ def run_checks(spec, attempts=None, rounds=None, progress=None):
     return checks
 
 
-def report(checks, floors_path=DEFAULT_FLOORS) -> str:
+def report(checks, floors_path=None) -> str:
+    floors_path = floors_path or DEFAULT_FLOORS
     lines = [f"{'case':<24} {'impl':<7} {'metric':<9} {'floor':>7} {'best':>7}  result"]
     for ch in checks:
         best = "-" if ch.best is None else f"{ch.best:.2f}"
