@@ -1,4 +1,10 @@
-"""``fastopt bench``: the optimizer step against NumPy, PyTorch and the roofline."""
+"""``fastopt bench``: the optimizer step against NumPy, PyTorch and the roofline.
+
+``--out`` is checked before anything is measured (exit 2 if it cannot be a
+directory). Ctrl-C stops at once: the cases that finished are written to
+``bench.json`` (``"interrupted": true``) and ``bench.png``, one line is
+printed, and the exit code is 130.
+"""
 
 import os
 import sys
@@ -40,20 +46,75 @@ class ProgressBar:
 
 def run(args):
     from . import bench
+    from .cli import EXIT_INTERRUPTED, output_dir_problem
 
-    rows = None
+    # before minutes of measuring, not after them
+    problem = output_dir_problem(args.out, ("bench.json", "bench.png"))
+    if problem:
+        print(f"fastopt bench: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
+    rows = bench.plan(args.full)
     if args.quick:
-        rows = [r for r in bench.plan() if r[2][0][0] <= 1 << 15 and len(r[2]) == 1]
-    report = bench.run(full=args.full, progress=ProgressBar(), rows=rows,
-                       cold=not (args.quick or args.no_cold_start))
+        rows = [r for r in rows if r[2][0][0] <= 1 << 15 and len(r[2]) == 1]
+    report, interrupted = _measure(bench, rows, args.full,
+                                   cold=not (args.quick or args.no_cold_start),
+                                   progress=ProgressBar())
+    if report is None:
+        print("fastopt bench: interrupted before any case finished; nothing written",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if interrupted:
+        paths = _write(bench, report, args.out)
+        print(f"fastopt bench: interrupted; {_cases(report)} of {len(rows)} cases finished, "
+              f"results of those in {', '.join(paths)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(bench.format_table(report))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench.json")
-    bench.save(report, path)
-    print(f"results: {path}")
-    chart = os.path.join(args.out, "bench.png")
-    if bench.plot(report, chart):
-        print(f"chart:   {chart}")
+    paths = _write(bench, report, args.out)
+    print(f"results: {paths[0]}")
+    if len(paths) > 1:
+        print(f"chart:   {paths[1]}")
     else:
         print("chart:   skipped (matplotlib not installed: pip install matplotlib)")
     return 0
+
+
+def _measure(bench, rows, full, cold, progress):
+    """``bench.run`` one case at a time, so that a Ctrl-C (KeyboardInterrupt,
+    at once) keeps the cases that finished; the one being measured is
+    dropped, its timings incomplete. Returns ``(report or None, interrupted)``."""
+    import numpy as np
+
+    total = len(rows) + (1 if cold else 0)
+    report, results = None, []
+    try:
+        for i, row in enumerate(rows):
+            progress(i, total, f"{row[0]} {sum(int(np.prod(s)) for s in row[2])}")
+            report = bench.run(full=full, rows=[row], cold=False)
+            results += report["results"]
+            report["results"] = results
+        if cold:
+            progress(len(rows), total, "cold start")
+            cold_starts = bench.run(full=full, rows=[], cold=True)
+            report = dict(cold_starts, results=results) if report is None else \
+                dict(report, cold_start=cold_starts["cold_start"])
+        progress(total, total, "done")
+    except KeyboardInterrupt:
+        if getattr(progress, "tty", False):   # end the bar's line before the message
+            progress.stream.write("\n")
+        if report is not None:
+            report["interrupted"] = True
+        return report, True
+    return report, False
+
+
+def _cases(report):
+    return len({(r["case"], r["elements"], r["tensors"], r["dtype"]) for r in report["results"]})
+
+
+def _write(bench, report, out):
+    """bench.json and (with matplotlib) bench.png in ``out``; the paths written."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "bench.json")
+    bench.save(report, path)
+    chart = os.path.join(out, "bench.png")
+    return [path, chart] if bench.plot(report, chart) else [path]

@@ -15,9 +15,17 @@ Data: the fixed seeded 8k train / 2k held-out split of the MNIST test set
 (:func:`fastopt.data.mnist_split`). Prints a progress bar with the loss and
 throughput, the held-out accuracy per epoch, and writes ``metrics.json`` and
 ``curves.png`` (loss and accuracy per epoch, one curve per lr) to ``--out``.
+
+``--out`` is checked before anything starts (exit 2 if it cannot be a
+directory). Ctrl-C stops training after the current step, writes the
+metrics and curves of the epochs that finished (``"interrupted": true``),
+prints one line and exits 130; a second Ctrl-C stops at once. Under
+mpiexec, Ctrl-C aborts the job as before.
 """
 
 from __future__ import annotations
+
+from .cli import positive_int
 
 HELP = "train an MLP (or a batched lr sweep) on MNIST: progress, held-out accuracy, curves"
 
@@ -69,7 +77,7 @@ def add_arguments(parser):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--backend", default="auto", choices=["auto", "cython", "numba", "numpy"],
                         help="nn backend (CUDA: not yet)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="threads for BLAS (threadpoolctl) and for fastopt's kernels "
                              "and ensemble models; default: each library's own (under "
                              "mpiexec: cores / ranks)")
@@ -209,18 +217,26 @@ def run(args):
 
 
 def _run(args, comm):
-    import json
     import sys
-    from pathlib import Path
 
     import numpy as np
 
     import fastopt
+    from fastopt.cli import output_dir_problem
     from fastopt.data import mnist_split
+    from fastopt.distributed import agree
     from fastopt.nn import Ensemble
     from fastopt.nn.training import fit, make_optimizer
 
-    from fastopt.distributed import agree
+    # rank 0 alone writes, so its view of --out is the one that counts
+    problem = None if comm is not None and comm.Get_rank() else output_dir_problem(
+        args.out, ("metrics.json", "curves.png"))
+    if comm is not None:
+        agree(comm, problem and ValueError(f"--out {args.out}: {problem}"),
+              what="checking --out")
+    if problem:
+        print(f"fastopt train: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     try:
         Xtr, ytr, Xte, yte = mnist_split(args.data_dir, dtype=np.dtype(args.dtype))
     except (FileNotFoundError, ValueError) as exc:
@@ -262,8 +278,10 @@ def _run(args, comm):
           f"backend {model.backend}, {Xtr.shape[0]} train / {Xte.shape[0]} held-out"
           + ("" if comm is None else f", {comm.Get_size()} MPI ranks ({mode})"))
     bar = _Progress(args.epochs, Xtr.shape[0], args.batch_size, sys.stderr, not args.quiet)
+    records = []   # finished epochs, kept here too: fit returns nothing when interrupted
 
     def on_epoch(epoch, rec):
+        records.append(rec)
         bar.end_line()
         accs = "  ".join(f"{lab} {100 * a:.2f}%" for lab, a in zip(labels, rec["val_acc"]))
         print(f"epoch {epoch:>3}: held-out accuracy {accs}  ({rec['seconds']:.1f} s, "
@@ -279,34 +297,126 @@ def _run(args, comm):
                   file=sys.stderr)
             return 2
         limits = threadpool_limits(args.threads, user_api="blas")
-    try:
-        history = fit(model, opt, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
-                      seed=args.seed, X_val=Xte, y_val=yte, target=args.target,
-                      on_batch=bar.batch, on_epoch=on_epoch, comm=comm,
-                      overlap=args.overlap)
-    finally:
-        if limits is not None:
-            limits.restore_original_limits()
-    final = history["epochs"][-1]["val_acc"]
-    for lab, a, t in zip(labels, final, history["time_to_target"]):
-        reach = (f", reached {100 * args.target:.0f}% after {t:.1f} s of training"
-                 if t is not None else f", never reached {100 * args.target:.0f}%")
-        print(f"held-out accuracy {lab}: {100 * a:.2f}%{reach}")
-    if comm is not None and comm.Get_rank() != 0:
-        return 0
+    # Under MPI every rank would stop at a different step and the others would
+    # wait in a collective: Ctrl-C keeps its old meaning there (abort the job).
+    stop = _StopOnCtrlC(enabled=comm is None)
+
+    def on_batch(*a):
+        bar.batch(*a)
+        if stop.requested:
+            raise _Stopped
+
+    interrupted = False
+    with stop:   # also while writing: a first Ctrl-C then no longer tears metrics.json
+        try:
+            history = fit(model, opt, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
+                          seed=args.seed, X_val=Xte, y_val=yte, target=args.target,
+                          on_batch=on_batch, on_epoch=on_epoch, comm=comm,
+                          overlap=args.overlap)
+        except (_Stopped, KeyboardInterrupt):
+            if comm is not None:
+                raise
+            interrupted = True
+            history = _history_so_far(records, args.target, k)
+        finally:
+            if limits is not None:
+                limits.restore_original_limits()
+        if interrupted:
+            bar.end_line()
+            return _finish_interrupted(args, history, labels, sizes, model.backend)
+        final = history["epochs"][-1]["val_acc"]
+        for lab, a, t in zip(labels, final, history["time_to_target"]):
+            reach = (f", reached {100 * args.target:.0f}% after {t:.1f} s of training"
+                     if t is not None else f", never reached {100 * args.target:.0f}%")
+            print(f"held-out accuracy {lab}: {100 * a:.2f}%{reach}")
+        if comm is not None and comm.Get_rank() != 0:
+            return 0
+        for path in _write_results(args, history, labels, sizes, model.backend):
+            print(f"wrote {path}")
+    return 0
+
+
+class _Stopped(Exception):
+    """Raised from the batch hook at the first step boundary after a Ctrl-C."""
+
+
+class _StopOnCtrlC:
+    """While active, a first Ctrl-C (SIGINT) only sets ``requested``; the
+    training loop checks it after each step, so no step or epoch record is
+    torn. A second Ctrl-C raises KeyboardInterrupt at once, as usual. Only
+    the default handler is replaced (not one an embedding program set, nor
+    SIG_IGN under nohup), and only in the main thread, where Python allows it."""
+
+    def __init__(self, enabled=True):
+        self.enabled, self.requested, self._old = enabled, False, None
+
+    def __enter__(self):
+        import signal
+        import threading
+        if (self.enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            import signal
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+        return False
+
+
+def _history_so_far(records, target, k):
+    """What fit() would have returned for the epochs that finished:
+    time_to_target is the training time of the first epoch at ``target``."""
+    reached = [next((r["seconds"] for r in records
+                     if target is not None and r["val_acc"][j] >= target), None)
+               for j in range(k)]
+    return {"epochs": records, "time_to_target": reached, "target": target}
+
+
+def _finish_interrupted(args, history, labels, sizes, backend):
+    """After Ctrl-C: the finished epochs' metrics and curves, one line, 130."""
+    import sys
+
+    from .cli import EXIT_INTERRUPTED
+    done = len(history["epochs"])
+    if done:
+        paths = _write_results(args, history, labels, sizes, backend, interrupted=True)
+        what = f"results of those in {', '.join(map(str, paths))}"
+    else:
+        what = "nothing written"
+    print(f"fastopt train: interrupted; {done} of {args.epochs} epochs finished, {what}",
+          file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def _write_results(args, history, labels, sizes, backend, interrupted=False):
+    """metrics.json and (unless --no-plot, or without matplotlib) curves.png
+    in --out; returns the paths written."""
+    import json
+    import sys
+    from pathlib import Path
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    final = history["epochs"][-1]["val_acc"]
     metrics = {"config": {k_: (list(v) if isinstance(v, tuple) else v)
                           for k_, v in vars(args).items() if k_ != "func"},
-               "sizes": list(sizes), "backend": model.backend, "labels": labels,
-               "final_val_acc": final, **history}
+               "sizes": list(sizes), "backend": backend, "labels": labels,
+               "final_val_acc": final, "interrupted": interrupted, **history}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(f"wrote {out / 'metrics.json'}")
+    written = [out / "metrics.json"]
     if not args.no_plot:
         try:
             _plot(history, labels, out / "curves.png")
-            print(f"wrote {out / 'curves.png'}")
+            written.append(out / "curves.png")
         except ImportError:
             print("matplotlib is not installed: no curves.png (pip install matplotlib)",
                   file=sys.stderr)
-    return 0
+    return written

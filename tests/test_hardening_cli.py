@@ -1,0 +1,153 @@
+"""Hardening of ``fastopt train`` and ``fastopt bench`` (issue 19): output
+paths are checked before any work, ``--threads 0`` is a usage error, and
+Ctrl-C ends a run with the results of what finished, one line and exit 130
+instead of a traceback and nothing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from test_train import _fake_mnist
+
+from fastopt import bench
+from fastopt.cli import main
+from fastopt.nn import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the job started although its output path is unusable")
+
+
+def test_train_out_under_a_file_fails_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "fit", _must_not_run)
+    (tmp_path / "existing_file").write_text("x")
+    data = _fake_mnist(tmp_path / "mnist", n=8100)
+    out = tmp_path / "existing_file" / "sub"
+    rc = main(["train", "--data-dir", str(data), "--quiet", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and "not a directory" in err
+
+
+def test_train_out_that_is_a_file_fails_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "fit", _must_not_run)
+    (tmp_path / "f").write_text("x")
+    rc = main(["train", "--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "f")])
+    assert rc == 2     # the --out check comes first, before loading the data
+    assert "is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_train_threads_must_be_positive(value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--threads", value, "--out", "/nonexistent/never-used"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--threads" in err and ">= 1" in err and "Traceback" not in err
+
+
+def test_bench_out_that_is_a_file_fails_before_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run", _must_not_run)
+    monkeypatch.setattr(bench, "compare", _must_not_run)
+    f = tmp_path / "results.txt"
+    f.write_text("keep me")
+    assert main(["bench", "--quick", "--out", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(f) in err and "not a directory" in err
+    assert f.read_text() == "keep me"
+
+
+def _child(code, cwd):
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                [ROOT, os.path.join(ROOT, "tests")])))
+
+
+def _interrupt_when(child, stream, marker, timeout=60):
+    """Send SIGINT once ``marker`` shows up in the child's ``stream``;
+    returns (returncode, stdout, stderr)."""
+    seen = []
+    try:
+        for line in getattr(child, stream):
+            seen.append(line)
+            if marker in line:
+                child.send_signal(signal.SIGINT)
+                break
+        out, err = child.communicate(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    if stream == "stdout":
+        out = "".join(seen) + out
+    else:
+        err = "".join(seen) + err
+    return child.returncode, out, err
+
+
+def test_train_ctrl_c_writes_finished_epochs(tmp_path):
+    """SIGINT after the first epoch of a long run: metrics and curves of the
+    finished epochs, one line on stderr, exit 130."""
+    data = _fake_mnist(tmp_path / "mnist", n=8200)
+    out = tmp_path / "out"
+    child = _child(f"""
+        import sys
+        from fastopt.cli import main
+        sys.exit(main(["train", "--data-dir", {str(data)!r}, "--hidden", "8",
+                       "--backend", "numpy", "--epochs", "100000", "--batch-size", "2000",
+                       "--quiet", "--out", {str(out)!r}]))
+    """, tmp_path)
+    rc, stdout, stderr = _interrupt_when(child, "stdout", "epoch   1:")
+    assert rc == 130, stderr
+    assert "Traceback" not in stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "of 100000 epochs" in lines[0]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["interrupted"] is True
+    assert 1 <= len(m["epochs"]) < 100000
+    assert m["final_val_acc"] == m["epochs"][-1]["val_acc"]
+    assert [r["epoch"] for r in m["epochs"]] == list(range(1, len(m["epochs"]) + 1))
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_ctrl_c_writes_finished_cases(tmp_path):
+    """SIGINT while the second case is being measured: bench.json holds the
+    first, one line on stderr, exit 130. (Timings reduced to NumPy, one
+    round, and the second case held open, so the signal lands inside it.)"""
+    out = tmp_path / "out"
+    child = _child(f"""
+        import sys, time
+        sys.modules["torch"] = None
+        from fastopt import bench
+        from fastopt.cli import main
+        real = bench.compare
+        calls = []
+
+        def compare(case, kind, shapes, dtype, clip, impls, rounds):
+            calls.append(case)
+            if len(calls) == 2:
+                time.sleep(60)       # "measuring" until the Ctrl-C comes
+            return real(case, kind, shapes, dtype, clip, ("numpy",), 1)
+        bench.compare = compare
+        sys.exit(main(["bench", "--quick", "--out", {str(out)!r}]))
+    """, tmp_path)
+    rc, stdout, stderr = _interrupt_when(child, "stderr", "1/2")
+    assert rc == 130, stderr
+    assert "Traceback" not in stderr
+    last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
+    assert "interrupted" in last and "1 of 2 cases" in last
+    report = json.loads((out / "bench.json").read_text())
+    assert report["interrupted"] is True
+    assert {(r["elements"], r["impl"]) for r in report["results"] if r["seconds"]} == \
+        {(1 << 10, "numpy")}
