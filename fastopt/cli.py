@@ -83,3 +83,7 @@ def output_dir_problem(path, files=()):
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot be created: {parent} is not writable"
     return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
