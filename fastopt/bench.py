@@ -16,6 +16,7 @@ rounds, the usual estimator of what the code can do on a noisy machine.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -168,13 +169,26 @@ def _numpy_step(kind, shapes, dt, clip):
     return step
 
 
-def _fastopt_step(kind, shapes, dt, clip, backend):
+#: how fastopt gets the arrays: ``packed`` (one buffer, FlatArrays grads) or
+#: ``list`` (separate arrays, and a new list of new gradient arrays every
+#: step, as NumPy backprop code makes them)
+LAYOUTS = ("packed", "list")
+_FRESH = 3     # gradient lists a list-layout step cycles through
+
+
+def _fastopt_step(kind, shapes, dt, clip, backend, layout="packed"):
     n = sum(int(np.prod(s)) for s in shapes)
+    cls = fastopt.AdamW if kind == "adamw" else fastopt.SGD
+    hyper = dict(backend=backend, max_grad_norm=1.0 if clip else None, **HYPERS[kind])
+    if layout == "list":
+        opt = cls([_rand(s, dt, 1) for s in shapes], **hyper)
+        fresh = itertools.cycle([[_rand(s, dt, 2 + i) for s in shapes]
+                                 for i in range(_FRESH)]).__next__
+        return lambda: opt.step(fresh())
     params = fastopt.pack([_rand(s, dt, 1) for s in shapes])
     grads = params.zeros_like()
     grads.data[:] = _rand(n, dt, 2)
-    cls = fastopt.AdamW if kind == "adamw" else fastopt.SGD
-    opt = cls(params, backend=backend, max_grad_norm=1.0 if clip else None, **HYPERS[kind])
+    opt = cls(params, **hyper)
     return lambda: opt.step(grads)
 
 
@@ -215,17 +229,20 @@ def _torch_step(kind, shapes, dt, clip, variant):
     return step, ""
 
 
-def make_step(impl, kind, shapes, dtype="float32", clip=False):
+def make_step(impl, kind, shapes, dtype="float32", clip=False, layout="packed"):
     """A zero-argument callable doing one step of ``impl``, and a note.
 
     ``impl`` is a fastopt backend name, ``"roofline"``, ``"numpy"``,
     ``"torch-fused"``, ``"torch-foreach"`` or ``"torch-forloop"``; ``kind``
-    is ``"adamw"`` or ``"sgd"`` (Nesterov momentum); ``shapes`` the tensors,
-    packed in one buffer for fastopt. The callable is None when the
+    is ``"adamw"`` or ``"sgd"`` (Nesterov momentum); ``shapes`` the tensors;
+    ``layout`` how fastopt holds them (see :data:`LAYOUTS`; the baselines
+    always take separate arrays). The callable is None when the
     implementation cannot run here, and the note says why.
     """
     if kind not in ARRAYS_MOVED:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     dt = np.dtype(dtype)
     if impl == "roofline":
         return _roofline_step(kind, shapes, dt, clip), "streaming kernel, same bytes"
@@ -239,7 +256,7 @@ def make_step(impl, kind, shapes, dtype="float32", clip=False):
             return None, "no GPU"
         return None, f"{gpu}: GPU runs are recorded by the CUDA issue's script"
     if impl in fastopt.available_backends():
-        return _fastopt_step(kind, shapes, dt, clip, impl), ""
+        return _fastopt_step(kind, shapes, dt, clip, impl, layout), ""
     return None, f"backend {impl!r} not available"
 
 
@@ -279,28 +296,43 @@ class Result:
     seconds: float | None            # per step; None when not run
     bytes_per_step: int
     note: str = ""
+    layout: str = "packed"
 
     @property
     def gbps(self):
         return self.bytes_per_step / self.seconds / 1e9 if self.seconds else None
 
 
-def compare(case, kind, shapes, dtype="float32", clip=False, impls=None, rounds=4):
+def compare(case, kind, shapes, dtype="float32", clip=False, impls=None, rounds=4,
+            layout="packed"):
     """Time ``impls`` (default: every CPU backend and baseline) on one case,
     interleaved; one :class:`Result` per implementation."""
     impls = impls or (*CPU_BACKENDS, *BASELINES)
     n = sum(int(np.prod(s)) for s in shapes)
-    built = {impl: make_step(impl, kind, shapes, dtype, clip) for impl in impls}
+    built = {impl: make_step(impl, kind, shapes, dtype, clip, layout) for impl in impls}
     times = time_all({k: fn for k, (fn, _) in built.items() if fn is not None}, rounds)
     nbytes = step_bytes(kind, n, dtype, clip)
     return [Result(case, impl, kind, n, len(shapes), np.dtype(dtype).name,
-                   times.get(impl), nbytes, note) for impl, (_, note) in built.items()]
+                   times.get(impl), nbytes, note, layout)
+            for impl, (_, note) in built.items()]
+
+
+TORCH_PATHS = ("torch-fused", "torch-foreach", "torch-forloop")
+
+
+def fastest_torch(results):
+    """``(impl, seconds)`` of torch's fastest path in this case, or ``(None, None)``."""
+    timed = [(r.seconds, r.impl) for r in results if r.impl in TORCH_PATHS and r.seconds]
+    return (min(timed)[1], min(timed)[0]) if timed else (None, None)
 
 
 def speedups(results):
     """Ratios within each case, keyed by impl: ``roofline`` (fraction of the
-    streaming kernel's speed), ``numpy`` and ``torch`` (fused) speedups."""
+    streaming kernel's speed), ``numpy``, ``torch`` (fused) and
+    ``torch_best`` (torch's fastest path in this case, whichever it was)
+    speedups."""
     by_impl = {r.impl: r.seconds for r in results}
+    best_impl, best = fastest_torch(results)
     out = {}
     for r in results:
         s = r.seconds
@@ -308,6 +340,8 @@ def speedups(results):
             name: (by_impl[ref] / s if s and by_impl.get(ref) else None)
             for name, ref in (("roofline", "roofline"), ("numpy", "numpy"),
                               ("torch", "torch-fused"))}
+        out[r.impl]["torch_best"] = best / s if s and best else None
+        out[r.impl]["torch_best_impl"] = best_impl
     return out
 
 
@@ -316,19 +350,34 @@ def speedups(results):
 SWEEP_CASE = "adamw sweep"
 
 
+MLP_SHAPES = [(784, 256), (256,), (256, 256), (256,), (256, 10), (10,)]
+
+
 def plan(full=False):
-    """``(case, kind, shapes, dtype, clip)`` rows of the standard matrix."""
+    """``(case, kind, shapes, dtype, clip, layout)`` rows of the standard matrix."""
     sizes = ([1 << 10, 1 << 13, 1 << 16, 1 << 19, 1 << 22, 1 << 24, 1 << 26] if full
              else [1 << 10, 1 << 15, 1 << 20, 1 << 24])
-    rows = [(SWEEP_CASE, "adamw", [(n,)], "float32", False) for n in sizes]
+    rows = [(SWEEP_CASE, "adamw", [(n,)], "float32", False, "packed") for n in sizes]
     rows += [
-        ("adamw 1000 x 1k", "adamw", [(1000,)] * 1000, "float32", False),
-        ("clip+adamw 200 x 5k", "adamw", [(5000,)] * 200, "float32", True),
-        ("sgd nesterov 1 x 16M", "sgd", [(1 << 24,)], "float32", False),
+        ("adamw 1000 x 1k", "adamw", [(1000,)] * 1000, "float32", False, "packed"),
+        ("clip+adamw 200 x 5k", "adamw", [(5000,)] * 200, "float32", True, "packed"),
+        ("sgd nesterov 1 x 16M", "sgd", [(1 << 24,)], "float32", False, "packed"),
+    ]
+    # Plain lists, as NumPy code holds them: separate arrays, new gradient
+    # arrays every step.
+    rows += [
+        ("list adamw 1000 x 1k", "adamw", [(1000,)] * 1000, "float32", False, "list"),
+        ("list clip+adamw 200 x 5k", "adamw", [(5000,)] * 200, "float32", True, "list"),
+        ("list adamw 10 x 1k", "adamw", [(1000,)] * 10, "float32", False, "list"),
+        ("list adamw mlp", "adamw", MLP_SHAPES, "float32", False, "list"),
+        ("list adamw 1 x 1", "adamw", [(1,)], "float32", False, "list"),
+        ("list adamw 1 x 16M", "adamw", [(1 << 24,)], "float32", False, "list"),
     ]
     if full:
-        rows += [("adamw float64 1 x 16M", "adamw", [(1 << 24,)], "float64", False),
-                 ("sgd nesterov 1000 x 1k", "sgd", [(1000,)] * 1000, "float32", False)]
+        rows += [("adamw float64 1 x 16M", "adamw", [(1 << 24,)], "float64", False, "packed"),
+                 ("sgd nesterov 1000 x 1k", "sgd", [(1000,)] * 1000, "float32", False, "packed"),
+                 ("list adamw float64 1000 x 1k", "adamw", [(1000,)] * 1000, "float64",
+                  False, "list")]
     return rows
 
 
@@ -339,10 +388,10 @@ def run(full=False, progress=None, rows=None, cold=True):
     impls = (*CPU_BACKENDS, *BASELINES, *GPU_IMPLS)
     results = []
     total = len(rows) + (1 if cold else 0)
-    for i, (case, kind, shapes, dtype, clip) in enumerate(rows):
+    for i, (case, kind, shapes, dtype, clip, *layout) in enumerate(rows):
         if progress:
             progress(i, total, f"{case} {sum(int(np.prod(s)) for s in shapes)}")
-        res = compare(case, kind, shapes, dtype, clip, impls, rounds)
+        res = compare(case, kind, shapes, dtype, clip, impls, rounds, *layout)
         ratio = speedups(res)
         results += [dict(asdict(r), gbps=r.gbps, **{f"vs_{k}": v for k, v in
                                                     ratio[r.impl].items()})
@@ -400,18 +449,26 @@ def format_table(report) -> str:
             return "-"
         return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
 
-    head = (f"{'case':<22} {'impl':<13} {'elements':>10} {'time':>10} {'GB/s':>7} "
-            f"{'%roof':>6} {'vs numpy':>9} {'vs torch':>9}  note")
+    head = (f"{'case':<26} {'impl':<13} {'elements':>10} {'time':>10} {'GB/s':>7} "
+            f"{'%roof':>6} {'vs numpy':>9} {'vs torch':>9} {'vs best':>8}  note")
     lines = [head, "-" * len(head)]
     for r in report["results"]:
         roof = r["vs_roofline"]
+        best = r.get("vs_torch_best")
+        note = r["note"]
+        if best is not None and r["impl"] not in TORCH_PATHS:
+            note = f"best torch: {r.get('vs_torch_best_impl')}" + (f"; {note}" if note else "")
         lines.append(
-            f"{r['case']:<22} {r['impl']:<13} {r['elements']:>10} {t(r['seconds']):>10} "
+            f"{r['case']:<26} {r['impl']:<13} {r['elements']:>10} {t(r['seconds']):>10} "
             f"{f(r['gbps'], '.1f'):>7} {f(roof and 100 * roof, '.0f'):>6} "
-            f"{f(r['vs_numpy'], '.2f'):>9} {f(r['vs_torch'], '.2f'):>9}  {r['note']}")
+            f"{f(r['vs_numpy'], '.2f'):>9} {f(r['vs_torch'], '.2f'):>9} "
+            f"{f(best, '.2f'):>8}  {note}")
     lines.append("")
     lines.append("%roof = streaming kernel moving the same bytes / this time; "
-                 "vs torch = torch.optim.<opt>(fused=True) time / this time")
+                 "vs torch = torch.optim.<opt>(fused=True) time / this time; "
+                 "vs best = torch's fastest path in the same case (fused, foreach or "
+                 "for-loop) / this time; 'list' cases: separate arrays and new gradient "
+                 "arrays every step")
     for be, c in report.get("cold_start", {}).items():
         cold, warm = c["cold"]["to_first_step"], c["warm"]["to_first_step"]
         lines.append(f"cold start ({be}): first AdamW step done {cold:.2f} s after start "

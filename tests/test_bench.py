@@ -136,6 +136,6 @@ def test_cli_quick_with_core_install_only(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "torch not installed" in out.stdout
     assert "vs numpy" in out.stdout and "%roof" in out.stdout
-    assert "2/2" in out.stderr          # the progress bar reached the end
+    assert "3/3" in out.stderr          # the progress bar reached the end
     data = json.loads((tmp_path / "bench.json").read_text())
     assert {r["impl"] for r in data["results"]} >= {"numba", "numpy", "roofline"}

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt.backends import reference as ref_backend
 from fastopt.nn import MLP, Ensemble, available_backends
 
 K = 3
@@ -76,29 +75,32 @@ def test_float32_ensemble_close_to_one_by_one():
                                    atol=1e-6)
 
 
-def _count_calls(monkeypatch):
+def _count_calls(monkeypatch, backend):
+    """Sizes of the optimizer's native calls (one per param group)."""
     calls = []
-    orig = ref_backend.adam_update
+    module = fastopt.backends.get_backend(backend)
+    orig = module.step
 
-    def counting(*args, **kw):
-        calls.append(args[0].size)
-        return orig(*args, **kw)
+    def counting(table, *args, **kw):
+        calls.append(table.nelem)
+        return orig(table, *args, **kw)
 
-    monkeypatch.setattr(ref_backend, "adam_update", counting)
+    monkeypatch.setattr(module, "step", counting)
     return calls
 
 
-def test_kernel_calls_per_step(monkeypatch):
+@pytest.mark.parametrize("backend", ["numba", "cython"])
+def test_kernel_calls_per_step(monkeypatch, backend):
     """One kernel call for shared hyperparameters, one per model for a sweep."""
-    calls = _count_calls(monkeypatch)
+    calls = _count_calls(monkeypatch, backend)
     ens = Ensemble(4, (5, 7, 3), seed=0)
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((8, 5)), rng.integers(0, 3, 8)
-    opt = fastopt.AdamW(ens.param_groups(lr=1e-3), backend="numpy")
+    opt = fastopt.AdamW(ens.param_groups(lr=1e-3), backend=backend)
     ens.train_step(opt, X, y)
     assert calls == [ens.params.data.size]
     calls.clear()
-    opt = fastopt.AdamW(ens.param_groups(lr=[1e-1, 1e-2, 1e-3, 1e-4]), backend="numpy")
+    opt = fastopt.AdamW(ens.param_groups(lr=[1e-1, 1e-2, 1e-3, 1e-4]), backend=backend)
     ens.train_step(opt, X, y)
     assert calls == [ens.n_per_model] * 4
 

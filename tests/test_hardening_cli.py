@@ -134,19 +134,19 @@ def test_bench_ctrl_c_writes_finished_cases(tmp_path):
         real = bench.compare
         calls = []
 
-        def compare(case, kind, shapes, dtype, clip, impls, rounds):
+        def compare(case, kind, shapes, dtype, clip, impls, rounds, layout="packed"):
             calls.append(case)
             if len(calls) == 2:
                 time.sleep(60)       # "measuring" until the Ctrl-C comes
-            return real(case, kind, shapes, dtype, clip, ("numpy",), 1)
+            return real(case, kind, shapes, dtype, clip, ("numpy",), 1, layout)
         bench.compare = compare
         sys.exit(main(["bench", "--quick", "--out", {str(out)!r}]))
     """, tmp_path)
-    rc, stdout, stderr = _interrupt_when(child, "stderr", "1/2")
+    rc, stdout, stderr = _interrupt_when(child, "stderr", "1/3")
     assert rc == 130, stderr
     assert "Traceback" not in stderr
     last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
-    assert "interrupted" in last and "1 of 2 cases" in last
+    assert "interrupted" in last and "1 of 3 cases" in last
     report = json.loads((out / "bench.json").read_text())
     assert report["interrupted"] is True
     assert {(r["elements"], r["impl"]) for r in report["results"] if r["seconds"]} == \

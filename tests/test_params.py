@@ -177,9 +177,10 @@ class CallCounter:
     def __init__(self, fn):
         self.fn, self.sizes = fn, []
 
-    def __call__(self, p, *args):
-        self.sizes.append(p.size)
-        return self.fn(p, *args)
+    def __call__(self, p, *args, **kwargs):
+        # a table (one call over many arrays) or one array
+        self.sizes.append(p.nelem if hasattr(p, "nelem") else p.size)
+        return self.fn(p, *args, **kwargs)
 
 
 def count_calls(monkeypatch, backend, *names):
@@ -199,6 +200,15 @@ def grad_sequence(dtype, steps=4, seed=0):
     return [[rng_array(rng, s, dtype) for s in MODEL] for _ in range(steps)]
 
 
+def native_calls(backend, kernel):
+    """``(step function, norm function)`` a backend runs once per group:
+    the table step of a compiled backend, else the per-array kernel (the
+    NumPy reference walks the arrays)."""
+    if getattr(get_backend(backend), "compiled_tables", False):
+        return "step", "sumsq_table"
+    return kernel, "sumsq"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,kernel,kwargs", [
     ("Adam", "adam_update", dict(lr=1e-2, amsgrad=True)),
@@ -207,75 +217,57 @@ def grad_sequence(dtype, steps=4, seed=0):
     ("SGD", "sgd_update", dict(lr=0.1)),
 ])
 @pytest.mark.parametrize("max_grad_norm", [None, 1.0])
-def test_one_backend_call_per_group(monkeypatch, backend, name, kernel, kwargs,
-                                    max_grad_norm):
+def test_one_native_call_per_group_whatever_the_layout(monkeypatch, backend, name, kernel,
+                                                       kwargs, max_grad_norm):
+    """Packed params with FlatArrays grads, separate arrays with new list
+    grads, packed params with list grads: a compiled backend steps each
+    group in one call (and, clipping two groups, takes one norm call per
+    group); the reference walks the arrays. Results are bit-identical."""
     dtype = np.float64
     init = [rng_array(np.random.default_rng(1), s, dtype) for s in MODEL]
     n = sum(sizes(MODEL))
     grads = grad_sequence(dtype)
-
-    # 1. Packed params, FlatArrays grads: one call per group per step, over the
-    #    group's whole run (and one sumsq per group for the norm).
-    packed = fastopt.pack(init)
-    groups = [{"params": list(packed[:4])}, {"params": list(packed[4:]), "lr": 0.05}]
-    opt_flat = getattr(fastopt, name)(groups, backend=backend,
-                                      max_grad_norm=max_grad_norm, **kwargs)
-    gbuf = packed.zeros_like()
-    counters = count_calls(monkeypatch, backend, kernel, "sumsq")
+    step_fn, norm_fn = native_calls(backend, kernel)
+    compiled = step_fn == "step"
     group_sizes = [sum(sizes(MODEL[:4])), sum(sizes(MODEL[4:]))]
-    for t, g in enumerate(grads):
-        for view, x in zip(gbuf, g):
-            view[...] = x
-        opt_flat.step(gbuf)
-        assert counters[kernel].sizes == group_sizes * (t + 1)
-        assert counters["sumsq"].sizes == (group_sizes * (t + 1) if max_grad_norm else [])
-    monkeypatch.undo()
+    per_step = group_sizes if compiled else sizes(MODEL)
 
-    # 2. Separate arrays, list grads: one call per tensor per step.
+    def run(params, as_flat):
+        groups = [{"params": list(params[:4])}, {"params": list(params[4:]), "lr": 0.05}]
+        opt = getattr(fastopt, name)(groups, backend=backend,
+                                     max_grad_norm=max_grad_norm, **kwargs)
+        counters = count_calls(monkeypatch, backend, step_fn, norm_fn)
+        gbuf = fastopt.pack([np.zeros(s, dtype) for s in MODEL])
+        for t, g in enumerate(grads):
+            if as_flat:
+                for view, x in zip(gbuf, g):
+                    view[...] = x
+                opt.step(gbuf)
+            else:
+                opt.step([x.copy() for x in g])      # new gradient arrays every step
+            assert counters[step_fn].sizes == per_step * (t + 1)
+            assert counters[norm_fn].sizes == (per_step * (t + 1) if max_grad_norm else [])
+        monkeypatch.undo()
+        return opt
+
+    packed = fastopt.pack(init)
+    opt_flat = run(packed, as_flat=True)
     arrays = [a.copy() for a in init]
-    groups = [{"params": arrays[:4]}, {"params": arrays[4:], "lr": 0.05}]
-    opt_list = getattr(fastopt, name)(groups, backend=backend,
-                                      max_grad_norm=max_grad_norm, **kwargs)
-    counters = count_calls(monkeypatch, backend, kernel)
-    for t, g in enumerate(grads):
-        opt_list.step(g)
-        assert counters[kernel].sizes == sizes(MODEL) * (t + 1)
-    monkeypatch.undo()
-
-    # 3. Packed params but list grads: still one call per tensor, same state.
+    opt_list = run(arrays, as_flat=False)
     packed2 = fastopt.pack(init)
-    groups = [{"params": list(packed2[:4])}, {"params": list(packed2[4:]), "lr": 0.05}]
-    opt_mixed = getattr(fastopt, name)(groups, backend=backend,
-                                       max_grad_norm=max_grad_norm, **kwargs)
-    counters = count_calls(monkeypatch, backend, kernel)
-    for g in grads:
-        opt_mixed.step(g)
-    assert len(counters[kernel].sizes) == len(MODEL) * len(grads)
-    monkeypatch.undo()
-
-    # Identical results whichever way the arrays went through the kernels
-    # (elementwise kernels: chunking cannot change a value). With clipping,
-    # the norm of one flat buffer is summed in another order than the sum of
-    # per-array norms, so the coefficient may differ in the last bit.
-    def same(x, y, what=""):
-        if max_grad_norm is None:
-            assert_bit_identical(x, y, what)
-        else:
-            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14, err_msg=what)
+    opt_mixed = run(packed2, as_flat=False)
 
     for p_flat, p_list, p_mixed in zip(packed, arrays, packed2):
-        same(p_flat, p_list)
-        assert_bit_identical(p_mixed, p_list)   # per-array norms on both sides
-    assert opt_mixed.grad_norm == opt_list.grad_norm
-    if max_grad_norm:
-        assert opt_flat.grad_norm == pytest.approx(opt_list.grad_norm, rel=1e-14)
+        assert_bit_identical(p_flat, p_list)
+        assert_bit_identical(p_mixed, p_list)
+    assert opt_mixed.grad_norm == opt_list.grad_norm == opt_flat.grad_norm
     for gi in range(2):
-        flat_state = opt_flat.state[gi]["runs"]
-        list_state = opt_list.state[gi]["runs"]
-        assert len(flat_state) == 1 and len(list_state) == len(groups[gi]["params"])
-        for key in flat_state[0]:
-            same(flat_state[0][key], np.concatenate([r[key] for r in list_state]), key)
-    assert sum(x.size for s in opt_flat.state for r in s["runs"] for x in r.values()) == \
+        flat_state = opt_flat.state[gi]["flat"]
+        assert set(flat_state) == set(opt_list.state[gi]["flat"])
+        for key in flat_state:
+            assert flat_state[key].size == group_sizes[gi]
+            assert_bit_identical(flat_state[key], opt_list.state[gi]["flat"][key], key)
+    assert sum(x.size for s in opt_list.state for x in s["flat"].values()) == \
         n * {"Adam": 3, "AdamW": 2, "SGD": 1 if kwargs.get("momentum") else 0}[name]
 
 
@@ -322,10 +314,12 @@ def test_empty_tensor_keeps_one_call_per_step(monkeypatch, backend):
     grads = params.zeros_like()
     grads.data[:] = 1.0
     opt = fastopt.Adam(params, lr=0.1, backend=backend)
-    counters = count_calls(monkeypatch, backend, "adam_update")
+    step_fn, _ = native_calls(backend, "adam_update")
+    counters = count_calls(monkeypatch, backend, step_fn)
     opt.step(grads)
     opt.step(grads)
-    assert counters["adam_update"].sizes == [10, 10]
+    per_step = [10] if step_fn == "step" else [6, 0, 4, 0]
+    assert counters[step_fn].sizes == per_step * 2
     np.testing.assert_allclose(params.data, 0.8, rtol=1e-7)   # two steps of lr * 1/(1 + eps)
 
 

@@ -1,14 +1,16 @@
 """Cython + OpenMP backend: thin adapter over the compiled kernels.
 
-The kernels are built twice from one source (see setup.py); the x86-64-v3
-build (AVX2 + FMA) is used when NumPy reports that this CPU has both.
+The kernels are built from one source for three targets (see setup.py):
+the best one this CPU runs is imported, as NumPy dispatches its own SIMD
+loops: x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA), or baseline x86-64.
 """
 
 from __future__ import annotations
 
 from .._openmp import short_spin
 from .lowp import bits
-from .scalars import AdamScalars, SGDScalars
+from .scalars import AdamScalars, SGDScalars, adam_element, sgd_element
+from .tables import address
 
 
 def _cpu_has(*features) -> bool:
@@ -19,34 +21,74 @@ def _cpu_has(*features) -> bool:
     return all(cpu.get(f, False) for f in features)
 
 
-# X86_V3 is NumPy's own check for the whole x86-64-v3 feature set (newer
-# NumPy); the explicit list covers NumPy versions without that key.
+# X86_V3/X86_V4 are NumPy's own checks for the whole feature sets (newer
+# NumPy); the explicit lists cover NumPy versions without those keys.
 _V3 = ("X86_V3",) if _cpu_has("X86_V3") else (
     "AVX", "AVX2", "FMA3", "F16C", "BMI", "BMI2", "LZCNT", "MOVBE")
+_V4 = ("X86_V4",) if _cpu_has("X86_V4") else (
+    *_V3, "AVX512F", "AVX512CD", "AVX512BW", "AVX512DQ", "AVX512VL")
+
+
+def _import_kernels():
+    """The fastest build this CPU can run: ``(module, name)``."""
+    for name, needs in (("kernels_v4", _V4), ("kernels_v3", _V3)):
+        if _cpu_has(*needs):
+            try:
+                mod = __import__(f"{__package__}._cython.{name}", fromlist=["step"])
+            except ImportError:      # a build without this variant (not x86-64)
+                continue
+            return mod, {"kernels_v4": "x86-64-v4", "kernels_v3": "x86-64-v3"}[name]
+    from ._cython import kernels
+    return kernels, "baseline"
+
 
 with short_spin():         # the extension links libgomp: see fastopt._openmp
-    try:
-        if not _cpu_has(*_V3):
-            raise ImportError("CPU lacks AVX2/FMA")
-        from ._cython import kernels_v3 as _k
-        simd = "x86-64-v3"
-    except ImportError:
-        from ._cython import kernels as _k
-        simd = "baseline"
+    _k, simd = _import_kernels()
 
 name = "cython"
 threaded = _k.OPENMP
+compiled_tables = True     # steps a whole param group in one call (tables.py)
 
 
-# 16-bit arrays go in as integer views of their bits (uint16: bfloat16,
-# int16: float16); ``out`` is the 16-bit params under mixed precision.
+def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0):
+    """One step over ``table`` (see :mod:`fastopt.backends.tables`) with the
+    group's state ``buffers`` in kernel order; returns ``(unscaled norm,
+    skipped)``."""
+    a = table.addrs
+    state = table.state_addresses(buffers)
+    return _k.step(el.op, table.compute, table.store, a["waddr"], a["oaddr"], a["gaddr"],
+                   a["soff"], a["pk"], a["plo"], a["phi"], a["tasks"], table.ntasks,
+                   table.nelem, state[0], state[1], state[2], el.values, el.flags, gscale,
+                   max_norm, inv_scale, norm_mode, a["partial"])
+
+
+def gather(table, grads) -> bool:
+    """Point ``table`` at ``grads`` (a list of arrays), each checked in C;
+    False when one does not pass (the caller's full checks say why)."""
+    w = table.written
+    return _k.gather(grads, table.params, table.addrs["gaddr"], address(w) if w.size else 0,
+                     w.size // 2) == -1
+
+
+def sumsq_table(table) -> float:
+    a = table.addrs
+    return _k.sumsq_table(table.compute, table.store, a["gaddr"], a["pk"], a["plo"], a["phi"],
+                          a["tasks"], table.ntasks, table.nelem, a["partial"])
+
+
+# Per-array entry points (the functional API). 16-bit arrays go in as
+# integer views of their bits (uint16: bfloat16, int16: float16); ``out`` is
+# the 16-bit params under mixed precision.
 
 def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None) -> None:
-    _k.adam_update(p, bits(g), m, v, vmax, bits(out), *s)
+    el = adam_element(s, vmax is not None)
+    _k.update(el.op, p, bits(g), bits(out), m, v, vmax, el.values, el.flags, el.grad_scale)
 
 
 def sgd_update(p, g, buf, s: SGDScalars, out=None) -> None:
-    _k.sgd_update(p, bits(g), buf, bits(out), *s)
+    el = sgd_element(s, buf is not None)
+    _k.update(el.op, p, bits(g), bits(out), buf, None, None, el.values, el.flags,
+              el.grad_scale)
 
 
 def sumsq(x) -> float:

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange
+from numba import carray, njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
 
 from .._openmp import start_numba_threads
+from . import elements
 from .lowp import bits
-from .scalars import AdamScalars, SGDScalars
+from .scalars import (AdamElement, AdamScalars, SGDElement, SGDScalars, adam_element,
+                      sgd_element)
 
 name = "numba"
 threaded = True
@@ -40,24 +42,13 @@ SERIAL_MAX = 1 << 15     # below this a thread-pool launch costs more than it sa
 _OPTIONS = dict(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
 _jit = njit(**_OPTIONS)
 _pjit = njit(parallel=True, **_OPTIONS)
-
-
-@intrinsic
-def _sqrt(typingctx, x):
-    """sqrt as the ``llvm.sqrt`` intrinsic, in the argument's own precision.
-
-    Numba lowers ``math.sqrt``/``np.sqrt`` on scalars to a libm call
-    (``sqrtf``), which LLVM will not vectorise; the intrinsic vectorises to
-    ``vsqrtps`` and still returns NaN for negative input.
-    """
-    if not isinstance(x, types.Float):
-        return None
-
-    def codegen(context, builder, signature, args):
-        fn = builder.module.declare_intrinsic("llvm.sqrt", [args[0].type])
-        return builder.call(fn, args)
-
-    return x(x), codegen
+# The update loops (no reductions) without reassoc/arcp: with them LLVM may
+# hoist loop-invariant products such as lr * grad_scale out of one loop and
+# not another, and the same step would round differently in the per-array
+# and the table drivers.
+_UPDATE = dict(_OPTIONS, fastmath={"contract", "nsz"})
+_ujit = njit(**_UPDATE)
+_upjit = njit(parallel=True, **_UPDATE)
 
 
 # Chunk bounds are unsigned: with a signed runtime start Numba must emit a
@@ -209,72 +200,283 @@ def _narrow_array(src, dst):
         dst[i] = _narrow(src[i], dst)
 
 
-# -- the kernels ---------------------------------------------------------------------
-# One general kernel per algorithm. ``p`` (and the state) are in the compute
-# dtype; ``g`` is in the params' storage dtype; ``out`` is None, or (mixed
-# precision) the 16-bit params, written as the rounded ``p`` in the same pass.
-# None arguments are resolved at compile time: no branch in the loop.
+# -- the drivers ---------------------------------------------------------------------
+# The math is in fastopt.backends.elements (one function per optimizer).
+# These loops know nothing of it: ``_element`` picks the function at compile
+# time by the type of the step's scalars (AdamElement, SGDElement), and a
+# state buffer the options do not use is None (so the loop has no code for
+# it, and LLVM's runtime alias checks see only real arrays). ``w`` is what
+# the step updates (the params, or their float32 master copy), ``g`` the
+# gradients as stored, ``out`` None or (mixed precision) the 16-bit params,
+# written as the rounded weight in the same pass.
+
+def _element(c, w, g, i, s0, s1, s2, flags):
+    """Update element ``i``: the state in ``s0..s2``, the new weight returned."""
+
+
+@overload(_element, jit_options=_UPDATE)
+def _element_impl(c, w, g, i, s0, s1, s2, flags):
+    kind = getattr(c, "instance_class", None)
+    if kind is AdamElement:
+        if s2 is None or isinstance(s2, types.NoneType):
+            def adam(c, w, g, i, s0, s1, s2, flags):
+                p, s0[i], s1[i], _ = elements.adam(w, g, s0[i], s1[i], g, c, flags)
+                return p
+            return adam
+
+        def amsgrad(c, w, g, i, s0, s1, s2, flags):
+            p, s0[i], s1[i], s2[i] = elements.adam(w, g, s0[i], s1[i], s2[i], c, flags)
+            return p
+        return amsgrad
+    if kind is SGDElement:
+        if s0 is None or isinstance(s0, types.NoneType):
+            def plain(c, w, g, i, s0, s1, s2, flags):
+                return elements.sgd(w, g, g, c, flags)[0]
+            return plain
+
+        def momentum(c, w, g, i, s0, s1, s2, flags):
+            p, s0[i] = elements.sgd(w, g, s0[i], c, flags)
+            return p
+        return momentum
+    return None
+
+
+@_ujit
+def _apply(c, w, g, out, s0, s1, s2, n, gs, flags):
+    for i in range(n):
+        p = _element(c, w[i], _widen(g[i]) * gs, i, s0, s1, s2, flags)
+        w[i] = p
+        if out is not None:    # mixed precision; resolved at compile time
+            out[i] = _narrow(p, out)
+
+
+def _part(a, lo, hi):
+    """``a[lo:hi]``, or None for None."""
+
+
+@overload(_part, jit_options=_UPDATE)
+def _part_impl(a, lo, hi):
+    if a is None or isinstance(a, types.NoneType):
+        return lambda a, lo, hi: None
+    return lambda a, lo, hi: a[lo:hi]
+
+
+@_ujit
+def _flat_chunk(c, w, g, out, s0, s1, s2, lo, hi, gs, flags):
+    _apply(c, w[lo:hi], g[lo:hi], _part(out, lo, hi), _part(s0, lo, hi), _part(s1, lo, hi),
+           _part(s2, lo, hi), hi - lo, gs, flags)
+
+
+@_upjit
+def _flat_parallel(c, w, g, out, s0, s1, s2, gs, flags):
+    n = w.size
+    for k in prange((n + CHUNK - 1) // CHUNK):
+        lo, hi = _span(k, n)
+        _flat_chunk(c, w, g, out, s0, s1, s2, lo, hi, gs, flags)
+
+
+def _scalars(el, t):
+    """The element scalars as their NamedTuple of dtype ``t`` values: a
+    float64 scalar inside a float32 loop would promote the whole loop."""
+    return el.kind(*[t(x) for x in el.values])
+
+
+def _update(el, p, g, out, s0, s1, s2):
+    """One step of one 1-D array (the functional API's layout)."""
+    t = p.dtype.type
+    c, gs = _scalars(el, t), t(el.grad_scale)
+    g, out = bits(g), bits(out)
+    if p.size <= SERIAL_MAX:
+        _flat_chunk(c, p, g, out, s0, s1, s2, _U0, np.uint64(p.size), gs, el.flags)
+    else:
+        _flat_parallel(c, p, g, out, s0, s1, s2, gs, el.flags)
+
+
+# -- tables: a whole param group in one call (see fastopt/backends/tables.py) -----
+
+@intrinsic
+def _as_pointer(typingctx, addr, like):
+    """An int64 address as a pointer to ``like``'s element type."""
+    sig = types.CPointer(like.dtype)(addr, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@intrinsic
+def _load_i64(typingctx, addr):
+    """The int64 at an address."""
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.load(ptr)
+
+    return types.int64(addr), codegen
+
+
+@intrinsic
+def _load_i32(typingctx, addr):
+    """The int32 at an address, widened to int64."""
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(32).as_pointer())
+        return builder.sext(builder.load(ptr), ir.IntType(64))
+
+    return types.int64(addr), codegen
+
+
+@_ujit
+def _task_update(t, c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
+                 like_w, like_g, like_o, gs, flags):
+    for j in range(tasks[t], tasks[t + 1]):
+        k = pk[j]
+        lo = plo[j]
+        n = phi[j] - lo
+        o = soff[k] + lo
+        w = carray(_as_pointer(waddr[k], like_w), (phi[j],))[lo:]
+        g = carray(_as_pointer(gaddr[k], like_g), (phi[j],))[lo:]
+        # unsigned trip count: signed indices make Numba check for negative
+        # ones on every access, and LLVM then will not vectorise the loop
+        nu = np.uint64(n)
+        s0, s1, s2 = _part(st0, o, o + n), _part(st1, o, o + n), _part(st2, o, o + n)
+        if oaddr is None:           # resolved at compile time
+            _apply(c, w, g, None, s0, s1, s2, nu, gs, flags)
+        else:
+            out = carray(_as_pointer(oaddr[k], like_o), (phi[j],))[lo:]
+            _apply(c, w, g, out, s0, s1, s2, nu, gs, flags)
+
 
 @_jit
-def _adam_chunk(p, g, m, v, vmax, out, start, stop, step_size, bc2_sqrt, beta1, omb1,
-                beta2, omb2, eps, l2, decay, grad_scale, use_l2):
-    for i in range(start, stop):
-        gi = _widen(g[i]) * grad_scale
-        if use_l2:
-            gi += l2 * p[i]
-        mi = beta1 * m[i] + omb1 * gi
-        vi = beta2 * v[i] + omb2 * gi * gi
-        m[i] = mi
-        v[i] = vi
-        if vmax is not None:  # amsgrad; resolved at compile time
-            # np.maximum semantics: a NaN on either side propagates. The
-            # builtin max(a, b) keeps ``a`` when b is NaN, which would hide
-            # a NaN gradient in the amsgrad state.
-            vm = vmax[i]
-            if vm > vi or vm != vm:
-                vi = vm
-            vmax[i] = vi
-        denom = _sqrt(vi) / bc2_sqrt + eps
-        pi = p[i] * decay - step_size * mi / denom
-        p[i] = pi
-        if out is not None:  # mixed precision; resolved at compile time
-            out[i] = _narrow(pi, out)
+def _task_sumsq(t, gaddr, pk, plo, phi, tasks, like_g):
+    acc = 0.0
+    for j in range(tasks[t], tasks[t + 1]):
+        g = carray(_as_pointer(gaddr[pk[j]], like_g), (phi[j],))
+        acc += _sumsq_chunk(g, np.uint64(plo[j]), np.uint64(phi[j]))
+    return acc
+
+
+@_jit
+def _decide(partial, max_norm, inv_scale, norm_mode):
+    """``(unscaled norm, coefficient, skip?)`` from the per-task partial sums,
+    added in task order (independent of the thread count)."""
+    total = 0.0
+    for t in range(partial.size):
+        total += partial[t]
+    norm = np.sqrt(total) * inv_scale
+    coef = inv_scale
+    if max_norm > 0:
+        clip = max_norm / (norm + 1e-6)     # torch's clip_grad_norm_ factor
+        if clip < 1.0 or clip != clip:
+            coef *= clip
+    return norm, coef, norm_mode == 2 and not (norm - norm == 0)
+
+
+@_jit
+def _table_serial(c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
+                  like_w, like_g, like_o, gscale, flags, max_norm, inv_scale, norm_mode,
+                  partial):
+    ntasks = tasks.size - 1
+    norm, coef, skip = 0.0, 1.0, False
+    if norm_mode:
+        for t in range(ntasks):
+            partial[t] = _task_sumsq(t, gaddr, pk, plo, phi, tasks, like_g)
+        norm, coef, skip = _decide(partial[:ntasks], max_norm, inv_scale, norm_mode)
+    if not skip:
+        gs = like_w.dtype.type(gscale * coef)
+        for t in range(ntasks):
+            _task_update(t, c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1,
+                         st2, like_w, like_g, like_o, gs, flags)
+    return norm, skip
 
 
 @_pjit
-def _adam_parallel(p, g, m, v, vmax, out, *scalars):
-    n = p.size
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        start, stop = _span(c, n)
-        _adam_chunk(p, g, m, v, vmax, out, start, stop, *scalars)
-
-
-@_jit
-def _sgd_chunk(p, g, buf, out, start, stop, lr, l2, grad_scale, buf_decay, grad_coef,
-               momentum, use_l2, nesterov):
-    for i in range(start, stop):
-        gi = _widen(g[i]) * grad_scale
-        if use_l2:
-            gi += l2 * p[i]
-        if buf is not None:  # momentum; resolved at compile time
-            b = buf_decay * buf[i] + grad_coef * gi
-            buf[i] = b
-            if nesterov:
-                gi += momentum * b
-            else:
-                gi = b
-        pi = p[i] - lr * gi
-        p[i] = pi
-        if out is not None:  # mixed precision; resolved at compile time
-            out[i] = _narrow(pi, out)
+def _table_parallel(c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
+                    like_w, like_g, like_o, gscale, flags, max_norm, inv_scale, norm_mode,
+                    partial):
+    # Two parallel loops (Numba has no barrier inside one): the workers are
+    # still spinning from the first when the second starts.
+    ntasks = tasks.size - 1
+    norm, coef, skip = 0.0, 1.0, False
+    if norm_mode:
+        for t in prange(ntasks):
+            partial[t] = _task_sumsq(t, gaddr, pk, plo, phi, tasks, like_g)
+        norm, coef, skip = _decide(partial[:ntasks], max_norm, inv_scale, norm_mode)
+    if not skip:
+        gs = like_w.dtype.type(gscale * coef)
+        for t in prange(ntasks):
+            _task_update(t, c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1,
+                         st2, like_w, like_g, like_o, gs, flags)
+    return norm, skip
 
 
 @_pjit
-def _sgd_parallel(p, g, buf, out, *scalars):
-    n = p.size
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        start, stop = _span(c, n)
-        _sgd_chunk(p, g, buf, out, start, stop, *scalars)
+def _sumsq_tasks_parallel(gaddr, pk, plo, phi, tasks, like_g, partial):
+    for t in prange(tasks.size - 1):
+        partial[t] = _task_sumsq(t, gaddr, pk, plo, phi, tasks, like_g)
+
+
+@_jit
+def _sumsq_tasks(gaddr, pk, plo, phi, tasks, like_g, partial, parallel):
+    ntasks = tasks.size - 1
+    if parallel:
+        _sumsq_tasks_parallel(gaddr, pk, plo, phi, tasks, like_g, partial)
+    else:
+        for t in range(ntasks):
+            partial[t] = _task_sumsq(t, gaddr, pk, plo, phi, tasks, like_g)
+    total = 0.0
+    for t in range(ntasks):      # task order: independent of the thread count
+        total += partial[t]
+    return total
+
+
+@_jit
+def _gather(ids, ndarray_type, descrs, itemsizes, ndims, dims, dim_start, gaddr, written):
+    """Read each gradient's data address from its PyArrayObject (``ids``:
+    the objects' addresses), checking it as ``_validate.check_like`` would:
+    exactly an ndarray, the param's dtype object, C-contiguous, the param's
+    shape; and that its bytes overlap none of the sorted, disjoint
+    ``written`` ranges. Returns -1, or the index of the first gradient that
+    does not pass (the caller's full checks then say why; nothing is written
+    through these addresses here).
+
+    NumPy's array struct (the same layout since NumPy 1.7, and in 2.x):
+    ob_refcnt, ob_type, data, nd (int), dimensions, strides, base, descr,
+    flags (int).
+    """
+    nw = written.size // 2
+    for k in range(ids.size):
+        a = ids[k]
+        if _load_i64(a + 8) != ndarray_type:          # ob_type: exactly ndarray
+            return k
+        if _load_i64(a + 56) != descrs[k]:            # descr: the param's dtype
+            return k
+        if not (_load_i32(a + 64) & 1):               # NPY_ARRAY_C_CONTIGUOUS
+            return k
+        nd = _load_i32(a + 24)
+        if nd != ndims[k]:
+            return k
+        dp = _load_i64(a + 32)
+        size = 1
+        for d in range(nd):
+            dk = _load_i64(dp + 8 * d)
+            if dk != dims[dim_start[k] + d]:
+                return k
+            size *= dk
+        lo = _load_i64(a + 16)
+        hi = lo + size * itemsizes[k]
+        if hi > lo and nw:
+            # the first written range ending after lo overlaps if it starts before hi
+            left, right = 0, nw
+            while left < right:
+                mid = (left + right) >> 1
+                if written[2 * mid + 1] <= lo:
+                    left = mid + 1
+                else:
+                    right = mid
+            if left < nw and written[2 * left] < hi:
+                return k
+        gaddr[k] = lo
+    return -1
 
 
 @_jit
@@ -314,31 +516,72 @@ def _scale_parallel(x, c):
         _scale_chunk(x, start, stop, c)
 
 
-def _cast(t, values):
-    # Every non-flag scalar becomes the array's dtype: an int or a float64
-    # here would promote the whole float32 loop to float64.
-    return tuple(x if isinstance(x, bool) else t(x) for x in values)
-
-
 def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None) -> None:
-    scalars = _cast(p.dtype.type, s)
-    # vmax / buf / out are None when amsgrad / momentum / mixed precision are
-    # off: Numba then compiles a specialisation without that array, which
-    # keeps the loop vectorisable.
-    g, out = bits(g), bits(out)
-    if p.size <= SERIAL_MAX:
-        _adam_chunk(p, g, m, v, vmax, out, _U0, np.uint64(p.size), *scalars)
-    else:
-        _adam_parallel(p, g, m, v, vmax, out, *scalars)
+    # vmax / out are None when amsgrad / mixed precision are off
+    _update(adam_element(s, vmax is not None), p, g, out, m, v, vmax)
 
 
 def sgd_update(p, g, buf, s: SGDScalars, out=None) -> None:
-    scalars = _cast(p.dtype.type, s)
-    g, out = bits(g), bits(out)
-    if p.size <= SERIAL_MAX:
-        _sgd_chunk(p, g, buf, out, _U0, np.uint64(p.size), *scalars)
-    else:
-        _sgd_parallel(p, g, buf, out, *scalars)
+    _update(sgd_element(s, buf is not None), p, g, out, buf, None, None)
+
+
+compiled_tables = True    # steps a whole param group in one call (tables.py)
+_NDARRAY = id(np.ndarray)
+
+
+def _table_info(table):
+    """What the Numba drivers need beyond the table itself, built once."""
+    info = table.__dict__.get("_numba")
+    if info is None:
+        store = bits(np.empty(0, table.grad_dtype))
+        dims = [d for p in table.params for d in p.shape]
+        starts = np.cumsum([0] + [p.ndim for p in table.params])[:-1]
+        info = table._numba = dict(
+            like_w=np.empty(0, table.dtype),
+            like_g=store, like_o=None if table.oaddr is None else store,
+            dtype=table.dtype.type,
+            descrs=np.asarray([id(p.dtype) for p in table.params], np.int64),
+            itemsizes=np.asarray([p.itemsize for p in table.params], np.int64),
+            ndims=np.asarray([p.ndim for p in table.params], np.int64),
+            dims=np.asarray(dims, np.int64), dim_start=starts.astype(np.int64),
+            ids=np.zeros(len(table.params), np.int64))
+    return info
+
+
+def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0):
+    """One step over ``table`` (see :mod:`fastopt.backends.tables`) with the
+    group's state ``buffers`` in kernel order; returns ``(unscaled norm,
+    skipped)``."""
+    info = _table_info(table)
+    table.state_addresses(buffers)    # keeps the table's written ranges current
+    st0, st1, st2 = (list(buffers) + [None] * 3)[:3]
+    parallel = table.nelem > SERIAL_MAX and table.ntasks > 1
+    run = _table_parallel if parallel else _table_serial
+    norm, skip = run(_scalars(el, info["dtype"]), table.waddr, table.oaddr, table.gaddr,
+                     table.soff, table.pk, table.plo, table.phi, table.tasks, st0, st1, st2,
+                     info["like_w"], info["like_g"], info["like_o"], float(gscale), el.flags,
+                     float(max_norm), float(inv_scale), norm_mode, table.partial)
+    return float(norm), bool(skip)
+
+
+def gather(table, grads) -> bool:
+    """Point ``table`` at ``grads`` (a list of arrays), each checked in
+    compiled code; False when one does not pass (the caller's full checks
+    say why)."""
+    info = _table_info(table)
+    ids = info["ids"]
+    if type(grads) not in (list, tuple) or len(grads) != ids.size:
+        return False
+    ids[:] = np.fromiter(map(id, grads), np.int64, ids.size)
+    return _gather(ids, _NDARRAY, info["descrs"], info["itemsizes"], info["ndims"],
+                   info["dims"], info["dim_start"], table.gaddr, table.written) == -1
+
+
+def sumsq_table(table) -> float:
+    info = _table_info(table)
+    return float(_sumsq_tasks(table.gaddr, table.pk, table.plo, table.phi, table.tasks,
+                              info["like_g"], table.partial,
+                              table.nelem > SERIAL_MAX and table.ntasks > 1))
 
 
 def widen(src, dst) -> None:

@@ -92,3 +92,62 @@ def clip_coefficient(norm: float, max_norm: float) -> float:
     """
     coef = max_norm / (norm + 1e-6)
     return coef if (coef < 1.0 or coef != coef) else 1.0
+
+
+# -- the table kernels' view of the same scalars ----------------------------------
+# The compiled step over many arrays (``step`` in the Cython and Numba CPU
+# backends) takes one optimizer id, the scalars its element function reads,
+# in the order it reads them, and bit flags for the options that change the
+# formula. The flag values are shared by the element functions of both
+# languages (kernels_impl.pxi, elements.py).
+
+OP_ADAM, OP_SGD = 0, 1
+F_L2 = 1          # weight decay added to the gradient (Adam's L2, SGD's)
+F_AMSGRAD = 2     # Adam: the running max of the second moment
+F_MOMENTUM = 2    # SGD: a momentum buffer
+F_NESTEROV = 4    # SGD: Nesterov look-ahead
+
+
+class AdamElement(NamedTuple):
+    """The Adam element function's scalars (the compute dtype's values in
+    the kernels; the division by the bias correction becomes a multiply)."""
+    step_size: float        # lr / (1 - beta1**t)
+    inv_bc2: float          # 1 / sqrt(1 - beta2**t)
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    l2: float
+    decay: float
+
+
+class SGDElement(NamedTuple):
+    """The SGD element function's scalars."""
+    lr: float
+    l2: float
+    buf_decay: float        # 0 on the first step (buf = g)
+    grad_coef: float        # 1 - dampening; 1 on the first step
+    momentum: float
+
+
+class ElementStep(NamedTuple):
+    op: int               # OP_ADAM / OP_SGD
+    values: tuple         # float64 scalars in the element function's order
+    flags: int
+    grad_scale: float     # maximize sign (the clip coefficient is applied inside)
+    kind: type            # the NamedTuple of ``values`` (AdamElement, SGDElement)
+
+
+def adam_element(s: AdamScalars, amsgrad: bool) -> ElementStep:
+    values = (s.step_size, 1.0 / s.bc2_sqrt, s.beta1, s.one_minus_beta1, s.beta2,
+              s.one_minus_beta2, s.eps, s.l2, s.decay)
+    flags = (F_L2 if s.use_l2 else 0) | (F_AMSGRAD if amsgrad else 0)
+    return ElementStep(OP_ADAM, values, flags, s.grad_scale, AdamElement)
+
+
+def sgd_element(s: SGDScalars, momentum: bool) -> ElementStep:
+    values = (s.lr, s.l2, s.buf_decay, s.grad_coef, s.momentum)
+    flags = ((F_L2 if s.use_l2 else 0) | (F_MOMENTUM if momentum else 0)
+             | (F_NESTEROV if momentum and s.nesterov else 0))
+    return ElementStep(OP_SGD, values, flags, s.grad_scale, SGDElement)

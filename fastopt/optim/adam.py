@@ -49,6 +49,16 @@ class Adam(Optimizer):
             maximize=V.check_bool(V.key(where, "maximize"), group["maximize"]),
         )
 
+    def _scalars(self, h, state, coef=1.0):
+        return adam_scalars(lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
+                            eps=h["eps"], weight_decay=h["weight_decay"],
+                            decoupled=self._decoupled, step=state["step"] + 1,
+                            grad_scale=coef, maximize=h["maximize"])
+
+    def _element_step(self, h, state):
+        names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if h["amsgrad"] else ())
+        return self._scalars(h, state), names
+
     def _step_group(self, backend, h, state, runs, segments, coef):
         s = adam_scalars(lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
                          eps=h["eps"], weight_decay=h["weight_decay"],

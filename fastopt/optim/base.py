@@ -33,6 +33,7 @@ from .. import _validate as V
 from ..backends import backend_for, get_backend
 from ..backends.lowp import compute_dtype, is_low_precision
 from ..backends.scalars import clip_coefficient
+from ..backends.tables import element_of, group_tables, step_per_array
 from ..clip import norm_of
 from ..params import FlatArrays, in_memory_order, memory_runs
 from ..schedules import Schedule, from_dict
@@ -143,6 +144,8 @@ class Optimizer:
             self._backend.check_disjoint(named)
         else:
             V.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)])
+        for gi, group in enumerate(self.param_groups):
+            self._check_one_dtype(gi, group["params"])
         self._layout = tuple((a.shape, a.dtype) for a in self._params)
         # A FlatArrays of grads is matched to params in param order. If the
         # groups list a packed buffer's views out of memory order, the grads'
@@ -156,9 +159,14 @@ class Optimizer:
         self.state = [{"step": 0, "runs": [
             {"master": self._master_copy(run["flat"])} if self._is_low(run["flat"].dtype)
             else {} for run in g["runs"]]} for g in self._run_info]
+        if not self._device:
+            for st in self.state:
+                st["flat"] = {}    # state name -> one buffer over the group (host)
         self.grad_norm = None   # pre-clip global norm of the last step's grads
         self.last_lr = None     # per group, the lr the last step used
         self._cached = (None, None)
+        self._tables = None     # host: per group, the compiled step's tables
+        self._bound = None      # host: the FlatArrays of grads the tables point at
 
     # -- construction helpers ---------------------------------------------
     @staticmethod
@@ -179,6 +187,15 @@ class Optimizer:
             return [{"params": params}]
         raise TypeError("params must be an ndarray, a list of ndarrays or a list of "
                         f"param-group dicts, got {type(params).__name__}")
+
+    def _check_one_dtype(self, gi, arrays):
+        """A group keeps its state in one buffer per name, so its params
+        share one compute dtype (float32 and its 16-bit forms, or float64)."""
+        dtypes = {str(np.dtype(self._compute_dtype(a.dtype))) for a in arrays}
+        if len(dtypes) > 1:
+            raise ValueError(f"param group {gi} mixes {' and '.join(sorted(dtypes))} params; "
+                             "a group's state is one buffer per name, so put arrays of "
+                             "each dtype in a param group of their own")
 
     def _build_runs(self):
         """Split each group into runs and precompute per-tensor views."""
@@ -286,7 +303,12 @@ class Optimizer:
         """
         if self._device:
             return self._device_step(grads)
-        segments = self._segments(grads)
+        return self._host_step(grads)
+
+    # -- the host step: one compiled call per group (and gradient dtype) --------
+    def _host_step(self, grads):
+        tables = self._host_tables()
+        self._bind_grads(tables, grads)          # checks every gradient first
         hypers = [self._resolve(g, where=f"param_groups[{gi}]")
                   for gi, g in enumerate(self.param_groups)]
         max_norm = self.max_grad_norm   # public attributes: re-checked like the groups
@@ -295,28 +317,197 @@ class Optimizer:
         scaler = self.loss_scaler
         check = V.check_bool("skip_nonfinite", self.skip_nonfinite) or scaler is not None
         inv_scale = 1.0 if scaler is None else 1.0 / scaler.scale
-        backend = self._backend
+        be = self._backend
+        # Everything the step needs is allocated before the first write, so
+        # an error (MemoryError included) leaves params and state as they were.
+        created = []
+        plans = []
+        for gi, h in enumerate(hypers):
+            s, names = self._element_step(h, self.state[gi])
+            plans.append((s, [self._group_buffer(gi, n, created) for n in names]))
+        norm_mode = 2 if check else (1 if max_norm is not None else 0)
+        all_tables = [t for ts in tables for t in ts]
+        compiled = getattr(be, "compiled_tables", False)
+        # One table and the optimizer's own statistics: the norm pass, the
+        # skip decision and the update are one native call.
+        fused = compiled and len(all_tables) == 1 and "_grad_stats" not in self.__dict__
         norm, coef, skip = None, 1.0, False
-        if max_norm is not None or check:
-            flats = [seg[2] for segs in segments for seg in segs]
-            norm, finite = self._grad_stats(backend, flats, check)
+        if norm_mode and not fused:
+            norm, finite = self._table_stats(be, all_tables, compiled, check)
             skip = check and not finite
             norm *= inv_scale          # the norm of the unscaled gradients
             if max_norm is not None:
                 coef = clip_coefficient(norm, max_norm)
+        try:
+            if not skip:
+                for (s, bufs), ts in zip(plans, tables):
+                    for t in ts:
+                        if not compiled:
+                            step_per_array(be, t, s, bufs, coef * inv_scale)
+                        elif fused:
+                            norm, skip = self._fused_call(be, t, s, bufs, max_norm,
+                                                          inv_scale, norm_mode)
+                        else:
+                            el = element_of(s, len(bufs))
+                            be.step(t, el, bufs, el.grad_scale * coef * inv_scale)
+        except BaseException:
+            # only reachable before the kernels wrote (they raise nothing)
+            self._forget(created)
+            raise
         if skip:
+            self._forget(created)     # e.g. SGD's first momentum step stays its first
             self.skipped_steps += 1
         else:
-            for gi, h in enumerate(hypers):
-                self._step_group(backend, h, self.state[gi], self._run_info[gi]["runs"],
-                                 segments[gi], coef * inv_scale)
-                self.state[gi]["step"] += 1
+            for st in self.state:
+                st["step"] += 1
         if scaler is not None:
             scaler.update(found_inf=skip)
         self.iterations += 1
         self.grad_norm = norm
         self.last_lr = [h["lr"] for h in hypers]
         return norm
+
+    def _fused_call(self, be, t, s, bufs, max_norm, inv_scale, norm_mode):
+        """Norm, skip decision and update of the only table in one call;
+        returns ``(unscaled norm, skipped)``."""
+        el = element_of(s, len(bufs))
+        norm, skip = be.step(t, el, bufs, el.grad_scale, max_norm=max_norm or 0.0,
+                             inv_scale=inv_scale, norm_mode=norm_mode)
+        if not norm_mode:
+            return None, False
+        if skip and norm == math.inf and t.compute == 64:
+            # float64 squares above ~1e154 overflow the sum while every
+            # gradient is finite: only an exact check may skip then
+            if all(bool(np.isfinite(g).all()) for g in self._grad_views(t)):
+                coef = inv_scale * (1.0 if max_norm is None else
+                                    clip_coefficient(norm, max_norm))
+                be.step(t, el, bufs, el.grad_scale * coef)
+                skip = False
+        return norm, skip
+
+    def _host_tables(self):
+        if self._tables is None:
+            self._tables = [self._group_tables(gi) for gi in range(len(self.param_groups))]
+        return self._tables
+
+    def _group_tables(self, gi):
+        """The compiled step's tables for group ``gi``: weights are the params
+        (or the slices of their run's float32 master copy), state offsets the
+        params' element offsets in the group."""
+        params = self.param_groups[gi]["params"]
+        first = self._run_info[gi]["runs"][0]["start"]
+        weights, outs = [], []
+        for run, bufs in zip(self._run_info[gi]["runs"], self.state[gi]["runs"]):
+            master = bufs.get("master")
+            for j, k in enumerate(range(run["start"], run["stop"])):
+                p = params[k - first].reshape(-1)
+                if master is None:
+                    weights.append(p)
+                    outs.append(None)
+                else:
+                    weights.append(master[run["local"][j]:run["local"][j + 1]])
+                    outs.append(p)
+        offsets = np.concatenate([[0], np.cumsum([a.size for a in params])[:-1]])
+        tables = group_tables(params, weights, outs, offsets.astype(np.int64))
+        for t in tables:
+            t.index_global = [first + k for k in t.index]
+        return tables
+
+    def _grad_views(self, table):
+        """The table's gradients as 1-D arrays (for the NumPy reference and
+        for norms computed outside the compiled step)."""
+        if table.grads is None:
+            table.grads = [self._bound_list[i].reshape(-1) for i in table.index_global]
+        return table.grads
+
+    def _bind_grads(self, tables, grads):
+        """Point every table at this step's gradients, checked in full before
+        anything is written: a FlatArrays with the params' layout (checked
+        once, then cached by identity), a dict keyed like the params, or a
+        list of arrays (new every step: read at C speed where the backend can)."""
+        if isinstance(grads, FlatArrays):
+            if grads is not self._bound:
+                self._flat_segments(grads)     # layout, dtype and aliasing checks
+                off = self._elem_offsets
+                for ts in tables:
+                    for t in ts:
+                        t.grads_from_flat(grads.data, [off[i] for i in t.index_global])
+                self._bound = grads
+            return
+        self._bound = None
+        grads = self._grads_as_list(grads)
+        self._bound_list = grads
+        gather = getattr(self._backend, "gather", None)
+        if gather is not None:
+            ok = True
+            single = len(tables) == 1 and len(tables[0]) == 1
+            for ts in tables:
+                for t in ts:
+                    t.grads = None
+                    sub = grads if single else [grads[i] for i in t.index_global] \
+                        if type(grads) in (list, tuple) and \
+                        len(grads) == len(self._params) else None
+                    ok = ok and sub is not None and gather(t, sub)
+            if ok:
+                return
+        # the full checks: they raise with the message, or pass for inputs
+        # the compiled reader does not take (subclasses, say)
+        grads = V.as_array_list("grads", grads)
+        V.check_like("grads", grads, "params", self._params, writable=False,
+                     allow_low_precision=True)
+        written = [(f"params[{i}]", a) for i, a in enumerate(self._params)]
+        written += [(f"optimizer state {n!r} of group {gi}", b)
+                    for gi, st in enumerate(self.state) for n, b in st["flat"].items()]
+        V.check_disjoint(written, [(f"grads[{i}]", g) for i, g in enumerate(grads)])
+        for ts in tables:
+            for t in ts:
+                t.grads_from_arrays([grads[i].reshape(-1) for i in t.index_global])
+
+    def _grads_as_list(self, grads):
+        """``grads`` as a list in param order (a dict by the params' keys)."""
+        if grads is None:
+            raise TypeError("grads is None: step() needs the gradients, one array per "
+                            "param (a list, or a FlatArrays from params.zeros_like())")
+        if isinstance(grads, np.ndarray):
+            return [grads]
+        return grads
+
+    def _element_step(self, hypers, state):
+        """``(step scalars, state buffer names in kernel order)`` for one
+        group's next step (subclasses)."""
+        raise NotImplementedError
+
+    def _group_buffer(self, gi, name, created):
+        """Group ``gi``'s flat state buffer ``name``, zero-allocated on first
+        use (with its runs' views); ``created`` collects new ones."""
+        st = self.state[gi]
+        flat = st["flat"]
+        if name not in flat:
+            runs = self._run_info[gi]["runs"]
+            n = sum(r["flat"].size for r in runs)
+            flat[name] = buf = np.zeros(n, self._group_dtype(gi))
+            lo = 0
+            for run, bufs in zip(runs, st["runs"]):
+                bufs[name] = buf[lo:lo + run["flat"].size]
+                lo += run["flat"].size
+            created.append((gi, name))
+        return flat[name]
+
+    def _forget(self, created):
+        for gi, name in created:
+            del self.state[gi]["flat"][name]
+            for bufs in self.state[gi]["runs"]:
+                del bufs[name]
+
+    def _table_stats(self, be, tables, compiled, check):
+        """``(global norm, all finite?)`` of the gradients of ``tables``: one
+        compiled reduction per table, unless ``_grad_stats`` was replaced
+        (a sharded optimizer combines its ranks' sums there)."""
+        if compiled and "_grad_stats" not in self.__dict__:
+            norm = math.sqrt(sum(be.sumsq_table(t) for t in tables))
+            return norm, (not check) or _all_finite(   # views only if the norm is inf
+                norm, (g for t in tables for g in self._grad_views(t)))
+        return self._grad_stats(be, [g for t in tables for g in self._grad_views(t)], check)
 
     def _grad_stats(self, backend, flats, check):
         """``(global norm, all finite?)`` of the step's gradients ``flats``
@@ -608,18 +799,25 @@ class Optimizer:
                     raise ValueError(f"checkpoint state[{gi}]['{name}'] is {got}, expected "
                                      f"{dtype}[{n}]")
             split = np.cumsum([0] + [r["flat"].size for r in runs]).tolist()
-            new_runs = [{name: np.array(a[lo:hi], copy=True) for name, a in bufs.items()}
-                        for lo, hi in zip(split, split[1:])]
             if self._device:
-                new_runs = [{name: self._backend.to_device(a) for name, a in r.items()}
-                            for r in new_runs]
+                new_runs = [{name: self._backend.to_device(np.array(a[lo:hi], copy=True))
+                             for name, a in bufs.items()} for lo, hi in zip(split, split[1:])]
+                entry = {"step": step, "runs": new_runs}
+            else:   # one buffer per name over the group, its runs' views of it
+                whole = {name: np.array(a, copy=True) for name, a in bufs.items()}
+                new_runs = [{name: a[lo:hi] for name, a in whole.items()}
+                            for lo, hi in zip(split, split[1:])]
+                entry = {"step": step, "runs": new_runs,
+                         "flat": {n: a for n, a in whole.items() if n != "master"}}
             new_hypers.append(group)
-            new_state.append({"step": step, "runs": new_runs})
+            new_state.append(entry)
 
         def apply():
             for group, hyp in zip(self.param_groups, new_hypers):
                 group.update(hyp)
             self.state = new_state
+            self._tables = None       # the master copies (weights) are new arrays
+            self._bound = None
             self.iterations = iterations
             self.skipped_steps = skipped
             apply_options()

@@ -45,6 +45,15 @@ class SGD(Optimizer):
                              f"got momentum={h['momentum']}, dampening={h['dampening']}")
         return h
 
+    def _element_step(self, h, state):
+        has_momentum = h["momentum"] != 0.0
+        # torch starts each momentum buffer as a copy of the first gradient.
+        first = has_momentum and "momentum_buffer" not in state["flat"]
+        s = sgd_scalars(lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"],
+                        nesterov=h["nesterov"], weight_decay=h["weight_decay"],
+                        first_step=first, maximize=h["maximize"])
+        return s, ("momentum_buffer",) if has_momentum else ()
+
     def _step_group(self, backend, h, state, runs, segments, coef):
         has_momentum = h["momentum"] != 0.0
         # torch starts each momentum buffer as a copy of the first gradient.

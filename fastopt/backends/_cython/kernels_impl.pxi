@@ -15,7 +15,8 @@ source is one; only the compiler's target differs.
 
 import numpy as np
 
-from cython.parallel cimport prange
+cimport numpy as cnp
+from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt, sqrtf
 
 cdef extern from *:
@@ -23,14 +24,18 @@ cdef extern from *:
     #ifdef _OPENMP
     #include <omp.h>
     #define FASTOPT_OPENMP 1
+    /* Cython ends a prange inside a parallel block with `omp for nowait` */
+    #define fastopt_barrier() _Pragma("omp barrier")
     static int fastopt_max_threads(void) { return omp_get_max_threads(); }
     #else
     #define FASTOPT_OPENMP 0
+    #define fastopt_barrier()
     static int fastopt_max_threads(void) { return 1; }
     #endif
     """
     int FASTOPT_OPENMP
     int fastopt_max_threads() nogil
+    void fastopt_barrier() nogil
 
 # 16-bit storage: bfloat16 arrives as a uint16 view, float16 as an int16 view
 # (lowp.py explains the formulas; the Numba backend uses the same ones).
@@ -93,6 +98,7 @@ cdef enum:
     CHUNK = 16384        # elements per parallel work item
     SERIAL_MAX = 32768   # below this, threads cost more than they save
 
+cnp.import_array()
 OPENMP = bool(FASTOPT_OPENMP)
 cdef int _num_threads = fastopt_max_threads()
 
@@ -139,163 +145,466 @@ cdef inline bint _serial(Py_ssize_t n) noexcept nogil:
     return n <= SERIAL_MAX or _num_threads == 1
 
 
-cdef inline void _adam_loop(floating* p, const storage* g, floating* m, floating* v,
-                      floating* vmax, storage* out, Py_ssize_t start, Py_ssize_t stop,
-                      floating step_size, floating bc2_sqrt, floating beta1,
-                      floating omb1, floating beta2, floating omb2, floating eps,
-                      floating l2, floating decay, floating grad_scale,
-                      bint use_l2) noexcept nogil:
+# -- the per-element math, once per optimizer family ------------------------------
+# Each update is one ``cdef inline`` function of one element: the weight and
+# the state values are in/out pointers to locals (registers once inlined),
+# ``g`` is the scaled gradient, ``c`` the step's scalars in the compute type
+# (their order is fastopt.backends.scalars' ``*_ELEMENT`` tuples) and
+# ``flags`` the options that change the formula. The drivers below know
+# nothing of the optimizer; they reach it through ``_apply``. The Numba
+# backend's twin of each function is in fastopt/backends/elements.py.
+
+cdef enum:
+    F_L2 = 1          # L2 weight decay added to the gradient (Adam, SGD)
+    F_AMSGRAD = 2     # Adam: max of the second moments
+    F_MOMENTUM = 2    # SGD: a momentum buffer
+    F_NESTEROV = 4    # SGD: Nesterov look-ahead
+
+cdef enum:
+    OP_ADAM = 0
+    OP_SGD = 1
+
+# Compile-time tags that pick the element function in the generic drivers
+# (a fused type over them specialises each driver once per optimizer).
+ctypedef struct AdamOp:
+    char tag
+ctypedef struct SgdOp:
+    char tag
+ctypedef fused Op:
+    AdamOp
+    SgdOp
+
+
+cdef inline void _adam_elem(floating* p, floating g, floating* m, floating* v,
+                            floating* vmax, const floating* c, int flags) noexcept nogil:
+    # c: step_size, inv_bc2 = 1/sqrt(1 - beta2**t), beta1, 1 - beta1, beta2,
+    #    1 - beta2, eps, l2, decay. One division per element instead of
+    #    torch's two: gcc (without -ffast-math) will not turn a loop-invariant
+    #    division into a multiply, and on the portable build divisions and
+    #    square roots, not memory, bound this loop. Differs by at most an ulp.
+    cdef floating mi, vi
+    if flags & F_L2:
+        g = g + c[7] * p[0]
+    mi = c[2] * m[0] + c[3] * g
+    vi = c[4] * v[0] + c[5] * g * g
+    m[0] = mi
+    v[0] = vi
+    if flags & F_AMSGRAD:
+        # np.maximum semantics: a NaN on either side propagates.
+        if vmax[0] > vi or vmax[0] != vmax[0]:
+            vi = vmax[0]
+        vmax[0] = vi
+    p[0] = p[0] * c[8] - c[0] * mi / (_sqrt(vi) * c[1] + c[6])
+
+
+cdef inline void _sgd_elem(floating* p, floating g, floating* buf,
+                           const floating* c, int flags) noexcept nogil:
+    # c: lr, l2, buf_decay (0 on the first step), grad_coef (1 - dampening,
+    #    1 on the first step), momentum.
+    cdef floating b
+    if flags & F_L2:
+        g = g + c[1] * p[0]
+    if flags & F_MOMENTUM:
+        b = c[2] * buf[0] + c[3] * g
+        buf[0] = b
+        if flags & F_NESTEROV:
+            g = g + c[4] * b
+        else:
+            g = b
+    p[0] = p[0] - c[0] * g
+
+
+# -- generic drivers -----------------------------------------------------------
+# ``_span``: one contiguous stretch of one array. ``p`` is what the step
+# updates (the params, or their float32 master copy), ``g`` the gradients as
+# stored, ``out`` the 16-bit params under mixed precision (else unused),
+# ``s0..s2`` the state at the same elements (unused slots point at a used
+# one and are never touched).
+
+cdef inline void _span(Op* op, floating* p, const storage* g, storage* out,
+                       floating* s0, floating* s1, floating* s2, Py_ssize_t n,
+                       const floating* c, floating gs, int flags) noexcept nogil:
     cdef Py_ssize_t i
-    cdef floating gi, mi, vi, pi
-    # One division per element instead of torch's two: gcc (without
-    # -ffast-math) will not turn the loop-invariant division by bc2_sqrt into
-    # a multiply by itself, and on the portable SSE2 build divisions and
-    # square roots, not memory, bound this loop. Differs from torch by at
-    # most an ulp.
-    cdef floating inv_bc2 = 1 / bc2_sqrt
-    for i in range(start, stop):
-        gi = _load(g, i, grad_scale) * grad_scale
-        if use_l2:
-            gi = gi + l2 * p[i]
-        mi = beta1 * m[i] + omb1 * gi
-        vi = beta2 * v[i] + omb2 * gi * gi
-        m[i] = mi
-        v[i] = vi
-        if vmax != NULL:
-            # np.maximum semantics: a NaN on either side propagates.
-            if vmax[i] > vi or vmax[i] != vmax[i]:
-                vi = vmax[i]
-            vmax[i] = vi
-        pi = p[i] * decay - step_size * mi / (_sqrt(vi) * inv_bc2 + eps)
+    cdef floating gi, pi
+    for i in range(n):
+        gi = _load(g, i, gs) * gs
+        pi = p[i]
+        if Op is AdamOp:
+            _adam_elem(&pi, gi, &s0[i], &s1[i], &s2[i], c, flags)
+        else:
+            _sgd_elem(&pi, gi, &s0[i], c, flags)
         p[i] = pi
         _store(out, i, pi)
 
 
-cdef void _adam_chunk(floating* p, const storage* g, floating* m, floating* v,
-                      floating* vmax, storage* out, Py_ssize_t start, Py_ssize_t stop,
-                      floating step_size, floating bc2_sqrt, floating beta1,
-                      floating omb1, floating beta2, floating omb2, floating eps,
-                      floating l2, floating decay, floating grad_scale,
-                      bint use_l2) noexcept nogil:
-    # Unswitched by hand: each call below inlines the loop with constant
-    # flags, so every variant is branch-free and vectorises. gcc unswitches
-    # the float32 loop by itself, but gives up on the larger 16-bit bodies.
-    if vmax == NULL:
-        if use_l2:
-            _adam_loop(p, g, m, v, NULL, out, start, stop, step_size, bc2_sqrt, beta1,
-                       omb1, beta2, omb2, eps, l2, decay, grad_scale, True)
-        else:
-            _adam_loop(p, g, m, v, NULL, out, start, stop, step_size, bc2_sqrt, beta1,
-                       omb1, beta2, omb2, eps, l2, decay, grad_scale, False)
-    elif use_l2:
-        _adam_loop(p, g, m, v, vmax, out, start, stop, step_size, bc2_sqrt, beta1,
-                   omb1, beta2, omb2, eps, l2, decay, grad_scale, True)
+cdef void _span_unswitched(Op* op, floating* p, const storage* g, storage* out,
+                           floating* s0, floating* s1, floating* s2, Py_ssize_t n,
+                           const floating* c, floating gs, int flags) noexcept nogil:
+    # Unswitched by hand: each call inlines the loop with constant flags, so
+    # every variant is branch-free and vectorises (gcc unswitches small
+    # float32 bodies itself, but gives up on the larger 16-bit ones).
+    if flags == 0:
+        _span(op, p, g, out, s0, s1, s2, n, c, gs, 0)
+    elif flags == 1:
+        _span(op, p, g, out, s0, s1, s2, n, c, gs, 1)
+    elif flags == 2:
+        _span(op, p, g, out, s0, s1, s2, n, c, gs, 2)
+    elif flags == 3:
+        _span(op, p, g, out, s0, s1, s2, n, c, gs, 3)
+    elif flags == 4:
+        _span(op, p, g, out, s0, s1, s2, n, c, gs, 4)
+    elif flags == 5:
+        _span(op, p, g, out, s0, s1, s2, n, c, gs, 5)
+    elif flags == 6:
+        _span(op, p, g, out, s0, s1, s2, n, c, gs, 6)
     else:
-        _adam_loop(p, g, m, v, vmax, out, start, stop, step_size, bc2_sqrt, beta1,
-                   omb1, beta2, omb2, eps, l2, decay, grad_scale, False)
+        _span(op, p, g, out, s0, s1, s2, n, c, gs, 7)
 
 
-def adam_update(floating[::1] p, const storage[::1] g, floating[::1] m,
-                floating[::1] v, floating[::1] vmax, storage[::1] out, double step_size,
-                double bc2_sqrt, double beta1, double omb1, double beta2,
-                double omb2, double eps, double l2, double decay,
-                double grad_scale, bint use_l2):
-    """One Adam/AdamW step in place; ``vmax`` is None unless amsgrad; ``out``
-    is None unless ``g`` is 16-bit (then the rounded ``p`` is written there)."""
-    cdef Py_ssize_t n = p.shape[0], c
-    if n == 0:
-        return
-    cdef floating* pp = &p[0]
-    cdef const storage* gp = &g[0]
-    cdef storage* op = &out[0] if out is not None else NULL
-    cdef floating* mp = &m[0]
-    cdef floating* vp = &v[0]
-    cdef floating* vmp = &vmax[0] if vmax is not None else NULL
-    # Scalars drop to the array dtype once, outside the loop.
-    cdef floating s0 = <floating>step_size, s1 = <floating>bc2_sqrt
-    cdef floating s2 = <floating>beta1, s3 = <floating>omb1, s4 = <floating>beta2
-    cdef floating s5 = <floating>omb2, s6 = <floating>eps, s7 = <floating>l2
-    cdef floating s8 = <floating>decay, s9 = <floating>grad_scale
-    with nogil:
-        if _serial(n):
-            _adam_chunk(pp, gp, mp, vp, vmp, op, 0, n, s0, s1, s2, s3, s4, s5, s6,
-                        s7, s8, s9, use_l2)
-        else:
-            for c in prange(_nchunks(n), schedule="static", num_threads=_num_threads):
-                _adam_chunk(pp, gp, mp, vp, vmp, op, c * CHUNK, min(n, (c + 1) * CHUNK),
-                            s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, use_l2)
+# A step's work, whatever the layout, is a table over the arrays
+# (fastopt/backends/tables.py builds it once per param group): for array k
+# its weight, 16-bit output and gradient addresses, its size and its offset
+# in the group's flat state buffers; then *pieces* (array, lo, hi), no longer
+# than CHUNK, and *tasks*: runs of consecutive pieces of about CHUNK elements
+# in all. Threads take whole tasks, so a thousand small arrays and one large
+# array split alike, and the norm's per-task partial sums are added in task
+# order (the result does not depend on the thread count).
+
+ctypedef long long i64
+
+cdef struct Table:
+    const i64* waddr    # weights the step updates (params or master copy)
+    const i64* oaddr    # 16-bit params to write (mixed precision) or NULL
+    const i64* gaddr    # gradients
+    const i64* soff     # element offset of each array in the state buffers
+    const i64* pk       # piece -> array
+    const i64* plo      # piece -> first element
+    const i64* phi      # piece -> past its last element
+    const i64* tasks    # task t = pieces tasks[t] .. tasks[t + 1]
+    Py_ssize_t ntasks
 
 
-cdef inline void _sgd_loop(floating* p, const storage* g, floating* buf, storage* out,
-                           Py_ssize_t start, Py_ssize_t stop, floating lr, floating l2,
-                           floating grad_scale, floating buf_decay, floating grad_coef,
-                           floating momentum, bint use_l2, bint nesterov) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef floating gi, b, pi
-    for i in range(start, stop):
-        gi = _load(g, i, grad_scale) * grad_scale
-        if use_l2:
-            gi = gi + l2 * p[i]
-        if buf != NULL:
-            b = buf_decay * buf[i] + grad_coef * gi
-            buf[i] = b
-            if nesterov:
-                gi = gi + momentum * b
+cdef inline double _task_sumsq(const Table* tb, Py_ssize_t t, storage* like) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double acc = 0
+    for j in range(tb.tasks[t], tb.tasks[t + 1]):
+        acc += _sumsq_chunk(<const storage*><size_t>tb.gaddr[tb.pk[j]] + tb.plo[j], 0,
+                            tb.phi[j] - tb.plo[j])
+    return acc
+
+
+cdef inline void _task_update(Op* op, const Table* tb, Py_ssize_t t, storage* like,
+                              floating* st0, floating* st1, floating* st2,
+                              const floating* c, floating gs, int flags) noexcept nogil:
+    cdef Py_ssize_t j, k, lo, o
+    cdef storage* out
+    for j in range(tb.tasks[t], tb.tasks[t + 1]):
+        k = tb.pk[j]
+        lo = tb.plo[j]
+        o = tb.soff[k] + lo
+        out = NULL if tb.oaddr == NULL else <storage*><size_t>tb.oaddr[k] + lo
+        _span_unswitched(op, <floating*><size_t>tb.waddr[k] + lo,
+                         <const storage*><size_t>tb.gaddr[k] + lo, out,
+                         st0 + o, st1 + o, st2 + o, tb.phi[j] - lo, c, gs, flags)
+
+
+cdef inline double _combine(const double* partial, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t t
+    cdef double total = 0
+    for t in range(n):      # fixed order: independent of the thread count
+        total += partial[t]
+    return total
+
+
+cdef inline double _clip_coef(double norm, double max_norm) noexcept nogil:
+    # torch's clip_grad_norm_ factor; a NaN norm gives a NaN factor
+    cdef double coef = max_norm / (norm + 1e-6)
+    if coef < 1.0 or coef != coef:
+        return coef
+    return 1.0
+
+
+cdef double _run(Op* op, const Table* tb, storage* like, floating* st0, floating* st1,
+                 floating* st2, const double* scal, int nscal, int flags, double gscale,
+                 double max_norm, double inv_scale, int norm_mode, double* partial,
+                 bint serial, int* skipped) noexcept nogil:
+    """One step over a table: (optionally) the norm pass, then the update.
+
+    ``norm_mode``: 0 none; 1 compute the norm (clip with ``max_norm`` > 0);
+    2 as 1 and skip the update when the norm is not finite. Both passes run
+    in one parallel region, separated by a barrier: every thread
+    then adds the partials itself (the same numbers, the same order), so no
+    thread waits for a second wake-up. Returns the unscaled global norm.
+    """
+    cdef floating c[16]
+    cdef Py_ssize_t t, i
+    cdef double norm = 0, coef = 1
+    cdef floating gs
+    cdef int skip = 0
+    for i in range(nscal):
+        c[i] = <floating>scal[i]
+    if st1 == NULL:
+        st1 = st0
+    if st2 == NULL:
+        st2 = st1
+    if serial:
+        if norm_mode:
+            for t in range(tb.ntasks):
+                partial[t] = _task_sumsq(tb, t, like)
+            norm, coef, skip = _decide(partial, tb.ntasks, max_norm, inv_scale, norm_mode)
+        if not skip:
+            gs = <floating>(gscale * coef)
+            for t in range(tb.ntasks):
+                _task_update(op, tb, t, like, st0, st1, st2, c, gs, flags)
+    else:
+        with parallel(num_threads=_num_threads):
+            if norm_mode:
+                for t in prange(tb.ntasks, schedule="static"):
+                    partial[t] = _task_sumsq(tb, t, like)
+                fastopt_barrier()      # every partial written before any thread adds them
+                norm, coef, skip = _decide(partial, tb.ntasks, max_norm, inv_scale,
+                                           norm_mode)
             else:
-                gi = b
-        pi = p[i] - lr * gi
-        p[i] = pi
-        _store(out, i, pi)
+                norm, coef, skip = 0, 1, 0
+            gs = <floating>(gscale * coef)
+            for t in prange(tb.ntasks, schedule="static"):
+                if not skip:
+                    _task_update(op, tb, t, like, st0, st1, st2, c, gs, flags)
+        if norm_mode:   # the region's copies were private: decide again here
+            norm, coef, skip = _decide(partial, tb.ntasks, max_norm, inv_scale, norm_mode)
+    skipped[0] = skip
+    return norm
 
 
-cdef void _sgd_chunk(floating* p, const storage* g, floating* buf, storage* out,
-                     Py_ssize_t start, Py_ssize_t stop, floating lr, floating l2,
-                     floating grad_scale, floating buf_decay, floating grad_coef,
-                     floating momentum, bint use_l2, bint nesterov) noexcept nogil:
-    # Unswitched by hand, as _adam_chunk (nesterov only matters with a buffer).
-    if buf == NULL:
-        if use_l2:
-            _sgd_loop(p, g, NULL, out, start, stop, lr, l2, grad_scale, buf_decay,
-                      grad_coef, momentum, True, False)
+cdef inline (double, double, int) _decide(const double* partial, Py_ssize_t n,
+                                          double max_norm, double inv_scale,
+                                          int norm_mode) noexcept nogil:
+    """``(unscaled norm, clip coefficient x inv_scale, skip?)`` from the partials."""
+    cdef double norm = sqrt(_combine(partial, n)) * inv_scale
+    cdef double coef = inv_scale
+    if max_norm > 0:
+        coef = coef * _clip_coef(norm, max_norm)
+    return norm, coef, norm_mode == 2 and not (norm - norm == 0)
+
+
+cdef double _dispatch(int op, int compute, int store, const Table* tb, i64 st0, i64 st1,
+                      i64 st2, const double* scal, int nscal, int flags, double gscale,
+                      double max_norm, double inv_scale, int norm_mode, double* partial,
+                      bint serial, int* skipped) noexcept nogil:
+    """Pick the specialisation: optimizer x compute type x gradient storage
+    (0: the compute type, 1: bfloat16, 2: float16)."""
+    cdef AdamOp* adam = NULL
+    cdef SgdOp* sgd = NULL
+    cdef float* f = NULL
+    cdef double* d = NULL
+    cdef bf16_bits* bf = NULL
+    cdef f16_bits* hf = NULL
+    cdef float* f0 = <float*><size_t>st0
+    cdef float* f1 = <float*><size_t>st1
+    cdef float* f2 = <float*><size_t>st2
+    cdef double* d0 = <double*><size_t>st0
+    cdef double* d1 = <double*><size_t>st1
+    cdef double* d2 = <double*><size_t>st2
+    if compute == 64:
+        if op == OP_ADAM:
+            return _run(adam, tb, d, d0, d1, d2, scal, nscal, flags, gscale, max_norm,
+                        inv_scale, norm_mode, partial, serial, skipped)
+        return _run(sgd, tb, d, d0, d1, d2, scal, nscal, flags, gscale, max_norm,
+                    inv_scale, norm_mode, partial, serial, skipped)
+    if store == 1:
+        if op == OP_ADAM:
+            return _run(adam, tb, bf, f0, f1, f2, scal, nscal, flags, gscale, max_norm,
+                        inv_scale, norm_mode, partial, serial, skipped)
+        return _run(sgd, tb, bf, f0, f1, f2, scal, nscal, flags, gscale, max_norm,
+                    inv_scale, norm_mode, partial, serial, skipped)
+    if store == 2:
+        if op == OP_ADAM:
+            return _run(adam, tb, hf, f0, f1, f2, scal, nscal, flags, gscale, max_norm,
+                        inv_scale, norm_mode, partial, serial, skipped)
+        return _run(sgd, tb, hf, f0, f1, f2, scal, nscal, flags, gscale, max_norm,
+                    inv_scale, norm_mode, partial, serial, skipped)
+    if op == OP_ADAM:
+        return _run(adam, tb, f, f0, f1, f2, scal, nscal, flags, gscale, max_norm,
+                    inv_scale, norm_mode, partial, serial, skipped)
+    return _run(sgd, tb, f, f0, f1, f2, scal, nscal, flags, gscale, max_norm,
+                inv_scale, norm_mode, partial, serial, skipped)
+
+
+def step(int op, int compute, int store, i64 waddr, i64 oaddr, i64 gaddr, i64 soff,
+         i64 pk, i64 plo, i64 phi, i64 tasks, Py_ssize_t ntasks, Py_ssize_t nelem,
+         i64 st0, i64 st1, i64 st2, tuple scal, int flags, double gscale,
+         double max_norm, double inv_scale, int norm_mode, i64 partial):
+    """One optimizer step over a table (see ``Table``); every argument after
+    the first three is a number or the address of an int64/float64 array
+    that fastopt.backends.tables keeps alive and has validated; ``scal``
+    holds the optimizer's element scalars (float64, at most 16).
+
+    Returns ``(norm, skipped)``: the unscaled global norm (0.0 when
+    ``norm_mode`` is 0) and whether the update was skipped."""
+    cdef Table tb
+    cdef int skipped = 0
+    cdef double norm
+    cdef double sc[16]
+    cdef Py_ssize_t i, nscal = len(scal)
+    if nscal > 16:
+        raise ValueError("at most 16 scalars")
+    for i in range(nscal):
+        sc[i] = scal[i]
+    tb.waddr = <const i64*><size_t>waddr
+    tb.oaddr = <const i64*><size_t>oaddr
+    tb.gaddr = <const i64*><size_t>gaddr
+    tb.soff = <const i64*><size_t>soff
+    tb.pk = <const i64*><size_t>pk
+    tb.plo = <const i64*><size_t>plo
+    tb.phi = <const i64*><size_t>phi
+    tb.tasks = <const i64*><size_t>tasks
+    tb.ntasks = ntasks
+    with nogil:
+        norm = _dispatch(op, compute, store, &tb, st0, st1, st2, sc, <int>nscal, flags, gscale, max_norm, inv_scale, norm_mode,
+                         <double*><size_t>partial, _serial(nelem) or ntasks < 2, &skipped)
+    return norm, bool(skipped)
+
+
+def sumsq_table(int compute, int store, i64 gaddr, i64 pk, i64 plo, i64 phi, i64 tasks,
+                Py_ssize_t ntasks, Py_ssize_t nelem, i64 partial):
+    """Sum of squares of a table's gradients (float64, fixed order): the
+    global norm of several param groups is one of these per group."""
+    cdef Table tb
+    cdef Py_ssize_t t
+    cdef double* part = <double*><size_t>partial
+    cdef float* f = NULL
+    cdef double* d = NULL
+    cdef bf16_bits* bf = NULL
+    cdef f16_bits* hf = NULL
+    tb.gaddr = <const i64*><size_t>gaddr
+    tb.pk = <const i64*><size_t>pk
+    tb.plo = <const i64*><size_t>plo
+    tb.phi = <const i64*><size_t>phi
+    tb.tasks = <const i64*><size_t>tasks
+    tb.ntasks = ntasks
+    with nogil:
+        if _serial(nelem) or ntasks < 2:
+            for t in range(ntasks):
+                part[t] = _sumsq_any(&tb, t, compute, store)
         else:
-            _sgd_loop(p, g, NULL, out, start, stop, lr, l2, grad_scale, buf_decay,
-                      grad_coef, momentum, False, False)
-    elif use_l2:
-        if nesterov:
-            _sgd_loop(p, g, buf, out, start, stop, lr, l2, grad_scale, buf_decay,
-                      grad_coef, momentum, True, True)
-        else:
-            _sgd_loop(p, g, buf, out, start, stop, lr, l2, grad_scale, buf_decay,
-                      grad_coef, momentum, True, False)
-    elif nesterov:
-        _sgd_loop(p, g, buf, out, start, stop, lr, l2, grad_scale, buf_decay,
-                  grad_coef, momentum, False, True)
-    else:
-        _sgd_loop(p, g, buf, out, start, stop, lr, l2, grad_scale, buf_decay,
-                  grad_coef, momentum, False, False)
+            for t in prange(ntasks, schedule="static", num_threads=_num_threads):
+                part[t] = _sumsq_any(&tb, t, compute, store)
+    return _combine(part, ntasks)
 
 
-def sgd_update(floating[::1] p, const storage[::1] g, floating[::1] buf,
-               storage[::1] out, double lr, double l2, double grad_scale, double buf_decay,
-               double grad_coef, double momentum, bint use_l2, bint nesterov):
-    """One SGD step in place; ``buf`` is None without momentum."""
-    cdef Py_ssize_t n = p.shape[0], c
+cdef inline double _sumsq_any(const Table* tb, Py_ssize_t t, int compute,
+                              int store) noexcept nogil:
+    cdef float* f = NULL
+    cdef double* d = NULL
+    cdef bf16_bits* bf = NULL
+    cdef f16_bits* hf = NULL
+    if compute == 64:
+        return _task_sumsq(tb, t, d)
+    if store == 1:
+        return _task_sumsq(tb, t, bf)
+    if store == 2:
+        return _task_sumsq(tb, t, hf)
+    return _task_sumsq(tb, t, f)
+
+
+def update(int op, floating[::1] p, const storage[::1] g, storage[::1] out,
+           floating[::1] s0, floating[::1] s1, floating[::1] s2, tuple scal, int flags,
+           double gscale):
+    """One step of one 1-D array in place (the functional API's layout):
+    ``s0..s2`` the state buffers the element function reads (None when
+    unused), ``out`` the 16-bit params under mixed precision (else None)."""
+    cdef Py_ssize_t n = p.shape[0], c, i, nscal = len(scal)
     if n == 0:
         return
+    cdef floating cs[16]
+    cdef floating gs = <floating>gscale
+    cdef AdamOp* adam = NULL
+    cdef SgdOp* sgd = NULL
+    for i in range(nscal):
+        cs[i] = <floating>scal[i]
     cdef floating* pp = &p[0]
     cdef const storage* gp = &g[0]
-    cdef storage* op = &out[0] if out is not None else NULL
-    cdef floating* bp = &buf[0] if buf is not None else NULL
-    cdef floating s0 = <floating>lr, s1 = <floating>l2, s2 = <floating>grad_scale
-    cdef floating s3 = <floating>buf_decay, s4 = <floating>grad_coef
-    cdef floating s5 = <floating>momentum
+    cdef storage* op_ = &out[0] if out is not None else NULL
+    cdef floating* a0 = &s0[0] if s0 is not None else NULL
+    cdef floating* a1 = &s1[0] if s1 is not None else a0
+    cdef floating* a2 = &s2[0] if s2 is not None else a1
     with nogil:
         if _serial(n):
-            _sgd_chunk(pp, gp, bp, op, 0, n, s0, s1, s2, s3, s4, s5, use_l2, nesterov)
+            if op == OP_ADAM:
+                _span_unswitched(adam, pp, gp, op_, a0, a1, a2, n, cs, gs, flags)
+            else:
+                _span_unswitched(sgd, pp, gp, op_, a0, a1, a2, n, cs, gs, flags)
         else:
             for c in prange(_nchunks(n), schedule="static", num_threads=_num_threads):
-                _sgd_chunk(pp, gp, bp, op, c * CHUNK, min(n, (c + 1) * CHUNK),
-                           s0, s1, s2, s3, s4, s5, use_l2, nesterov)
+                i = c * CHUNK
+                if op == OP_ADAM:
+                    _span_unswitched(adam, pp + i, gp + i, _off(op_, i), a0 + i, a1 + i,
+                                     a2 + i, min(n - i, CHUNK), cs, gs, flags)
+                else:
+                    _span_unswitched(sgd, pp + i, gp + i, _off(op_, i), a0 + i, a1 + i,
+                                     a2 + i, min(n - i, CHUNK), cs, gs, flags)
+
+
+cdef inline storage* _off(storage* a, Py_ssize_t i) noexcept nogil:
+    return NULL if a == NULL else a + i
+
+
+# -- gradients as users hold them: a list of separate arrays ---------------------
+
+def gather(grads, list params, i64 out, i64 written, Py_ssize_t nwritten):
+    """Write the data address of each of ``grads`` (a list or tuple of arrays,
+    new every step) to the int64 array at ``out``, checking each against
+    ``params[k]`` as ``fastopt._validate.check_like`` would (an ndarray of
+    the same dtype and shape, C-contiguous) and that it overlaps none of the
+    ``nwritten`` sorted, disjoint byte ranges ``[lo, hi)`` at ``written``
+    (everything the step writes).
+
+    Returns -1 when all pass, else the index of the first grad that does
+    not: the caller then runs the full Python checks for the message.
+    Nothing is written through these addresses here."""
+    cdef Py_ssize_t k, n = len(params), a, b, mid
+    cdef i64* dst = <i64*><size_t>out
+    cdef const i64* w = <const i64*><size_t>written
+    cdef cnp.ndarray g, p
+    cdef i64 lo, hi
+    cdef object seq
+    if type(grads) is list:
+        seq = grads
+    elif type(grads) is tuple:
+        seq = grads
+    else:
+        return 0
+    if len(seq) != n:
+        return 0
+    for k in range(n):
+        item = seq[k]
+        if not cnp.PyArray_Check(item):
+            return k
+        g = <cnp.ndarray>item
+        p = <cnp.ndarray>params[k]
+        if (cnp.PyArray_DESCR(g) != cnp.PyArray_DESCR(p)
+                and not cnp.PyArray_EquivTypes(g.dtype, p.dtype)):
+            return k
+        if not cnp.PyArray_IS_C_CONTIGUOUS(g) or cnp.PyArray_NDIM(g) != cnp.PyArray_NDIM(p):
+            return k
+        if not cnp.PyArray_CompareLists(cnp.PyArray_DIMS(g), cnp.PyArray_DIMS(p),
+                                        cnp.PyArray_NDIM(g)):
+            return k
+        lo = <i64><size_t>cnp.PyArray_DATA(g)
+        hi = lo + cnp.PyArray_NBYTES(g)
+        if hi > lo and nwritten:
+            # the first written range ending after lo; overlap if it starts before hi
+            a, b = 0, nwritten
+            while a < b:
+                mid = (a + b) >> 1
+                if w[2 * mid + 1] <= lo:
+                    a = mid + 1
+                else:
+                    b = mid
+            if a < nwritten and w[2 * a] < hi:
+                return k
+        dst[k] = lo
+    return -1
 
 
 cdef double _sumsq_chunk(const storage* x, Py_ssize_t start,

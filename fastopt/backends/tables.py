@@ -1,0 +1,182 @@
+"""A param group as the compiled step sees it: one table, one native call.
+
+A model is dozens to thousands of arrays, held the way their user holds
+them: views of one packed buffer, a plain list, a dict. The compiled CPU
+backends step all of a group's arrays in one call, whatever the layout,
+from a :class:`StepTable` built once per group:
+
+* per array ``k``: the address of the weights the step updates (the param,
+  or its float32 master copy under mixed precision), of the 16-bit param to
+  write back (mixed precision only), of its gradient (refreshed every step:
+  users make new gradient arrays each step), its size and its offset in the
+  group's flat state buffers (one buffer per state name, whatever the
+  layout);
+* *pieces* ``(k, lo, hi)`` of at most ``CHUNK`` elements, and *tasks*: runs
+  of consecutive pieces of about ``CHUNK`` elements. Threads take whole
+  tasks, so a thousand small arrays and one large one split alike (PyTorch's
+  fused/foreach kernels and apex's ``multi_tensor_apply`` chunk the same
+  way), and a norm's per-task partial sums are added in task order: the
+  result does not depend on the thread count.
+
+Everything here is plain NumPy; the kernels that read a table are in
+``_cython/kernels_impl.pxi`` and ``numba_cpu.py``. Backends without a
+compiled step (the NumPy reference) walk the same table array by array
+(:func:`step_per_array`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .lowp import compute_dtype, is_low_precision
+from .scalars import AdamScalars, SGDScalars, adam_element, sgd_element
+
+CHUNK = 1 << 14          # elements per piece and (about) per task
+_I64 = np.int64
+
+
+def address(a) -> int:
+    """The data address of a host array."""
+    return a.__array_interface__["data"][0]
+
+
+def storage_code(dtype) -> int:
+    """How the kernels read a gradient: 0 the compute type, 1 bfloat16 bits,
+    2 float16 bits."""
+    name = np.dtype(dtype).name
+    return {"bfloat16": 1, "float16": 2}.get(name, 0)
+
+
+def plan(sizes, chunk=CHUNK):
+    """``(pk, plo, phi, tasks)`` for arrays of ``sizes`` (see the module doc)."""
+    pk, plo, phi = [], [], []
+    for k, n in enumerate(sizes):
+        for lo in range(0, n, chunk):
+            pk.append(k)
+            plo.append(lo)
+            phi.append(min(n, lo + chunk))
+    tasks, acc = [0], 0
+    for j in range(len(pk)):
+        acc += phi[j] - plo[j]
+        if acc >= chunk:
+            tasks.append(j + 1)
+            acc = 0
+    if tasks[-1] != len(pk):
+        tasks.append(len(pk))
+    return tuple(np.asarray(x, _I64) for x in (pk, plo, phi, tasks))
+
+
+def merged_ranges(arrays) -> np.ndarray:
+    """Sorted, disjoint byte ranges ``[lo0, hi0, lo1, hi1, ...]`` covered by
+    ``arrays`` (what a step writes): grads are checked against them."""
+    spans = sorted((address(a), address(a) + a.nbytes) for a in arrays if a.nbytes)
+    out = []
+    for lo, hi in spans:
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return np.asarray(out, _I64).reshape(-1)
+
+
+class StepTable:
+    """One param group's arrays of one storage dtype, as the kernels read them.
+
+    ``weights[k]``: 1-D compute-dtype array the step updates; ``outs[k]``:
+    the 16-bit param written back (None unless mixed precision);
+    ``params[k]``: the user's array (what a gradient must match);
+    ``index[k]``: its position among the group's params; ``offsets[k]``: its
+    element offset in the group's state buffers.
+    """
+
+    def __init__(self, weights, outs, params, index, offsets):
+        self.weights, self.outs, self.params = list(weights), outs, list(params)
+        self.index = list(index)
+        self.sizes = [int(w.size) for w in weights]
+        self.nelem = sum(self.sizes)
+        self.dtype = compute_dtype(params[0].dtype)
+        self.grad_dtype = params[0].dtype
+        self.compute = 64 if self.dtype == np.float64 else 32
+        self.store = storage_code(self.grad_dtype)
+        self.waddr = np.asarray([address(w) for w in weights], _I64)
+        self.oaddr = (None if outs is None else np.asarray([address(o) for o in outs], _I64))
+        self.soff = np.asarray(offsets, _I64)
+        self.pk, self.plo, self.phi, self.tasks = plan(self.sizes)
+        self.ntasks = len(self.tasks) - 1
+        self.partial = np.zeros(max(self.ntasks, 1))
+        self.gaddr = np.zeros(len(weights), _I64)
+        self.grads = None         # 1-D gradient views, for backends that walk arrays
+        self.index_global = self.index   # positions among all the optimizer's params
+        self.written = merged_ranges(self._writes())
+        self._state = (None, (0, 0, 0))
+        a = address
+        self.addrs = dict(waddr=a(self.waddr), oaddr=0 if outs is None else a(self.oaddr),
+                          gaddr=a(self.gaddr), soff=a(self.soff), pk=a(self.pk),
+                          plo=a(self.plo), phi=a(self.phi), tasks=a(self.tasks),
+                          partial=a(self.partial))
+
+    def state_addresses(self, buffers) -> tuple:
+        """Addresses of the group's state buffers in kernel slot order (0 for
+        an unused slot), cached while the buffers are the same objects."""
+        key = tuple(map(id, buffers))
+        if self._state[0] != key:
+            addrs = [address(b) for b in buffers] + [0] * (3 - len(buffers))
+            self._state = (key, tuple(addrs))
+            self.written = merged_ranges(self._writes() + list(buffers))
+        return self._state[1]
+
+    def _writes(self):
+        return list(self.weights) + list(self.outs or ())
+
+    def grads_from_flat(self, data, starts):
+        """Gradient addresses from one flat buffer: array k at element ``starts[k]``."""
+        base, item = address(data), data.itemsize
+        self.gaddr[:] = base + np.asarray(starts, _I64) * item
+        self.grads = [data[s:s + n] for s, n in zip(starts, self.sizes)]
+
+    def grads_from_arrays(self, flats):
+        """Gradient addresses (and 1-D views) from checked arrays."""
+        self.gaddr[:] = [address(g) for g in flats]
+        self.grads = flats
+
+
+def group_tables(params, weights, outs, offsets):
+    """The tables of one param group: one per gradient storage dtype (a
+    group mixing float32 and bfloat16 params steps each kind in its own call).
+
+    ``weights[k]``/``outs[k]`` as in :class:`StepTable` for every param of
+    the group; ``offsets[k]`` the element offset of param ``k``."""
+    kinds = {}
+    for k, p in enumerate(params):
+        kinds.setdefault(p.dtype, []).append(k)
+    tables = []
+    for dt, ks in kinds.items():
+        low = is_low_precision(dt)
+        tables.append(StepTable([weights[k] for k in ks],
+                                [outs[k] for k in ks] if low else None,
+                                [params[k] for k in ks], ks, [offsets[k] for k in ks]))
+    return tables
+
+
+def element_of(s, nstate):
+    """The compiled kernels' :class:`~fastopt.backends.scalars.ElementStep`
+    for an optimizer's step scalars and its number of state buffers."""
+    if isinstance(s, AdamScalars):
+        return adam_element(s, amsgrad=nstate == 3)
+    if isinstance(s, SGDScalars):
+        return sgd_element(s, momentum=nstate == 1)
+    raise TypeError(f"no element function for {type(s).__name__}")
+
+
+def step_per_array(be, table, s, buffers, coef):
+    """The table's step array by array with ``be``'s per-array functions:
+    for backends without a compiled table step (the NumPy reference)."""
+    s = s._replace(grad_scale=s.grad_scale * coef)
+    for k, (w, g) in enumerate(zip(table.weights, table.grads)):
+        lo = int(table.soff[k])
+        st = [b[lo:lo + w.size] for b in buffers]
+        out = None if table.outs is None else table.outs[k]
+        if isinstance(s, AdamScalars):
+            be.adam_update(w, g, st[0], st[1], st[2] if len(st) == 3 else None, s, out)
+        else:
+            be.sgd_update(w, g, st[0] if st else None, s, out)
