@@ -88,16 +88,22 @@ def check_float_array(name, a, *, writable, allow_low_precision=False) -> None:
         raise ValueError(f"{name} is read-only; the step updates it in place")
 
 
-def check_like(name, arrays, ref_name, refs, *, writable, allow_low_precision=False) -> None:
-    """``arrays`` match ``refs`` one to one in length, shape and dtype."""
+def check_like(name, arrays, ref_name, refs, *, writable, allow_low_precision=False,
+               labels=None) -> None:
+    """``arrays`` match ``refs`` one to one in length, shape and dtype;
+    ``labels[i]`` names item ``i`` (``[i]`` by default, ``['W']`` for params
+    held by name)."""
     if len(arrays) != len(refs):
         raise ValueError(f"{name} has {len(arrays)} arrays but {ref_name} has {len(refs)}")
     for i, (a, r) in enumerate(zip(arrays, refs)):
+        lab = f"[{i}]" if labels is None else labels[i]
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name}{lab} must be an ndarray, got {type(a).__name__}")
         # 16-bit arrays only beside 16-bit references (grads of 16-bit params)
-        check_float_array(f"{name}[{i}]", a, writable=writable,
+        check_float_array(f"{name}{lab}", a, writable=writable,
                           allow_low_precision=(allow_low_precision
                                                and r.dtype.name in LOW_PRECISION_NAMES))
-        check_same_layout(f"{name}[{i}]", a, f"{ref_name}[{i}]", r)
+        check_same_layout(f"{name}{lab}", a, f"{ref_name}{lab}", r)
 
 
 def check_same_layout(name, a, ref_name, ref) -> None:

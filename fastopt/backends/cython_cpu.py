@@ -10,7 +10,6 @@ from __future__ import annotations
 from .._openmp import short_spin
 from .lowp import bits
 from .scalars import AdamScalars, SGDScalars, adam_element, sgd_element
-from .tables import address
 
 
 def _cpu_has(*features) -> bool:
@@ -54,20 +53,16 @@ def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0):
     """One step over ``table`` (see :mod:`fastopt.backends.tables`) with the
     group's state ``buffers`` in kernel order; returns ``(unscaled norm,
     skipped)``."""
-    a = table.addrs
-    state = table.state_addresses(buffers)
-    return _k.step(el.op, table.compute, table.store, a["waddr"], a["oaddr"], a["gaddr"],
-                   a["soff"], a["pk"], a["plo"], a["phi"], a["tasks"], table.ntasks,
-                   table.nelem, state[0], state[1], state[2], el.values, el.flags, gscale,
-                   max_norm, inv_scale, norm_mode, a["partial"])
+    st0, st1, st2 = table.state_addresses(buffers)
+    return _k.step(table.header_addr, el.op, st0, st1, st2, el.values, el.flags, gscale,
+                   max_norm, inv_scale, norm_mode)
 
 
 def gather(table, grads) -> bool:
     """Point ``table`` at ``grads`` (a list of arrays), each checked in C;
     False when one does not pass (the caller's full checks say why)."""
-    w = table.written
-    return _k.gather(grads, table.params, table.addrs["gaddr"], address(w) if w.size else 0,
-                     w.size // 2) == -1
+    return _k.gather(grads, table.params, table.addrs["gaddr"], table.written_addr,
+                     table.written.size // 2) == -1
 
 
 def sumsq_table(table) -> float:

@@ -42,11 +42,13 @@ SERIAL_MAX = 1 << 15     # below this a thread-pool launch costs more than it sa
 _OPTIONS = dict(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
 _jit = njit(**_OPTIONS)
 _pjit = njit(parallel=True, **_OPTIONS)
-# The update loops (no reductions) without reassoc/arcp: with them LLVM may
-# hoist loop-invariant products such as lr * grad_scale out of one loop and
-# not another, and the same step would round differently in the per-array
-# and the table drivers.
-_UPDATE = dict(_OPTIONS, fastmath={"contract", "nsz"})
+# The update loops (no reductions) without fast-math: with reassoc/arcp LLVM
+# may hoist loop-invariant products such as lr * grad_scale out of one loop
+# and not another, and with contract fuse multiply-adds in one inlining
+# context and not another, so the same step would round differently in the
+# per-array and the table drivers. Strict IEEE order costs nothing here:
+# these loops wait on memory.
+_UPDATE = dict(_OPTIONS, fastmath=False)
 _ujit = njit(**_UPDATE)
 _upjit = njit(parallel=True, **_UPDATE)
 

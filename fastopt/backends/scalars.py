@@ -43,21 +43,19 @@ class SGDScalars(NamedTuple):
 def adam_scalars(*, lr, beta1, beta2, eps, weight_decay, decoupled, step,
                  grad_scale=1.0, maximize=False) -> AdamScalars:
     """Scalars for Adam (``decoupled=False``) or AdamW at 1-based ``step``."""
-    lr, beta1, beta2, eps, weight_decay, grad_scale = map(
-        float, (lr, beta1, beta2, eps, weight_decay, grad_scale))
-    bc1 = 1.0 - beta1 ** step
-    bc2 = 1.0 - beta2 ** step
+    # positional construction: part of every step's fixed cost
+    lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
+    weight_decay, grad_scale = float(weight_decay), float(grad_scale)
     l2 = 0.0 if decoupled else weight_decay
     return AdamScalars(
-        step_size=lr / bc1,
-        bc2_sqrt=math.sqrt(bc2),
-        beta1=beta1, one_minus_beta1=1.0 - beta1,
-        beta2=beta2, one_minus_beta2=1.0 - beta2,
-        eps=eps,
-        l2=l2,
-        decay=1.0 - lr * weight_decay if decoupled else 1.0,
-        grad_scale=-grad_scale if maximize else grad_scale,
-        use_l2=l2 != 0.0,
+        lr / (1.0 - beta1 ** step),                        # step_size
+        math.sqrt(1.0 - beta2 ** step),                    # bc2_sqrt
+        beta1, 1.0 - beta1, beta2, 1.0 - beta2,
+        float(eps),
+        l2,
+        1.0 - lr * weight_decay if decoupled else 1.0,     # decay
+        -grad_scale if maximize else grad_scale,
+        l2 != 0.0,                                         # use_l2
     )
 
 
@@ -140,10 +138,11 @@ class ElementStep(NamedTuple):
 
 
 def adam_element(s: AdamScalars, amsgrad: bool) -> ElementStep:
-    values = (s.step_size, 1.0 / s.bc2_sqrt, s.beta1, s.one_minus_beta1, s.beta2,
-              s.one_minus_beta2, s.eps, s.l2, s.decay)
-    flags = (F_L2 if s.use_l2 else 0) | (F_AMSGRAD if amsgrad else 0)
-    return ElementStep(OP_ADAM, values, flags, s.grad_scale, AdamElement)
+    # AdamScalars' fields in AdamElement's order, bc2_sqrt inverted (by
+    # position: this is part of every step's fixed cost)
+    values = (s[0], 1.0 / s[1]) + s[2:9]
+    flags = (F_L2 if s[10] else 0) | (F_AMSGRAD if amsgrad else 0)
+    return ElementStep(OP_ADAM, values, flags, s[9], AdamElement)
 
 
 def sgd_element(s: SGDScalars, momentum: bool) -> ElementStep:

@@ -107,13 +107,18 @@ class StepTable:
         self.gaddr = np.zeros(len(weights), _I64)
         self.grads = None         # 1-D gradient views, for backends that walk arrays
         self.index_global = self.index   # positions among all the optimizer's params
-        self.written = merged_ranges(self._writes())
+        self._set_written(self._writes())
         self._state = (None, (0, 0, 0))
         a = address
         self.addrs = dict(waddr=a(self.waddr), oaddr=0 if outs is None else a(self.oaddr),
                           gaddr=a(self.gaddr), soff=a(self.soff), pk=a(self.pk),
                           plo=a(self.plo), phi=a(self.phi), tasks=a(self.tasks),
                           partial=a(self.partial))
+        # the same, in the order of the Cython kernels' H_* positions
+        self.header = np.asarray(list(self.addrs.values())[:8]
+                                 + [self.ntasks, self.nelem, self.addrs["partial"],
+                                    self.compute, self.store], _I64)
+        self.header_addr = address(self.header)
 
     def state_addresses(self, buffers) -> tuple:
         """Addresses of the group's state buffers in kernel slot order (0 for
@@ -122,8 +127,13 @@ class StepTable:
         if self._state[0] != key:
             addrs = [address(b) for b in buffers] + [0] * (3 - len(buffers))
             self._state = (key, tuple(addrs))
-            self.written = merged_ranges(self._writes() + list(buffers))
+            self._set_written(self._writes() + list(buffers))
         return self._state[1]
+
+    def _set_written(self, arrays):
+        """Everything the step writes, as sorted byte ranges grads must miss."""
+        self.written = merged_ranges(arrays)
+        self.written_addr = address(self.written) if self.written.size else 0
 
     def _writes(self):
         return list(self.weights) + list(self.outs or ())

@@ -29,7 +29,7 @@ class Adam(Optimizer):
     def _required_state(self, hypers, step):
         return {"exp_avg", "exp_avg_sq"} if step else set()
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+    def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, amsgrad=False, maximize=False, *,
                  backend="auto", max_grad_norm=None, **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -80,7 +80,7 @@ class AdamW(Adam):
 
     _decoupled = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+    def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=1e-2, amsgrad=False, maximize=False, *,
                  backend="auto", max_grad_norm=None, **options):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,

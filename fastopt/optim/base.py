@@ -38,6 +38,7 @@ from ..clip import norm_of
 from ..params import FlatArrays, in_memory_order, memory_runs
 from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler
+from .named import KeyTree
 
 
 def _all_finite(norm, flats) -> bool:
@@ -54,6 +55,25 @@ def _all_finite(norm, flats) -> bool:
     if norm != math.inf:
         return False
     return all(bool(np.isfinite(f).all()) for f in flats)
+
+
+_MISSING = object()
+
+
+def _unchanged(group, snapshot) -> bool:
+    """Whether ``group`` holds the hyperparameters of ``snapshot`` (besides
+    params and lr): by identity first, the step's hot path."""
+    if len(group) != len(snapshot) + 2:
+        return False
+    for k, v in snapshot.items():
+        w = group.get(k, _MISSING)
+        if w is not v:
+            try:
+                if w != v:
+                    return False
+            except (TypeError, ValueError):   # e.g. an array put in a group
+                return False
+    return True
 
 
 def span(a, lo, hi):
@@ -84,7 +104,8 @@ class _DeviceSteps:
 
 
 def _brief(layout):
-    text = ", ".join(f"{d['dtype']}{d['shape']}" for d in layout[:4])
+    text = ", ".join(f"{d.get('name', '') and d['name'] + ': '}{d.get('dtype')}{d.get('shape')}"
+                     for d in layout[:4])
     return f"[{text}{', ...' if len(layout) > 4 else ''}] ({len(layout)} arrays)"
 
 
@@ -101,13 +122,11 @@ class Optimizer:
 
     def __init__(self, params, defaults: dict, *, backend="auto", max_grad_norm=None,
                  skip_nonfinite=False, loss_scaler=None):
-        self._backend = get_backend(backend_for(backend, params))
-        # Device arrays (backend "cuda") take their own checks, runs and step;
-        # the host path below is unchanged by them.
-        self._device = bool(getattr(self._backend, "device", False))
         if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
             raise TypeError("loss_scaler must be a fastopt.LossScaler or None, got "
                             f"{type(loss_scaler).__name__}")
+        self._backend_name = backend
+        self._backend = None if params is None else get_backend(backend_for(backend, params))
         self.loss_scaler = loss_scaler
         self.iterations = 0     # step() calls so far: the schedules' position
         self.skipped_steps = 0  # steps skipped for a non-finite gradient
@@ -117,6 +136,35 @@ class Optimizer:
                               V.check_real("max_grad_norm", max_grad_norm, low=0.0,
                                            low_open=True))
         self.param_groups = []
+        self.state = []
+        self.grad_norm = None   # pre-clip global norm of the last step's grads
+        self.last_lr = None     # per group, the lr the last step used
+        self._names = None      # a KeyTree when the params were given by name
+        self._given = None      # the params object bind() took (step(params=) checks it)
+        if params is not None:
+            self.bind(params)
+
+    def bind(self, params) -> None:
+        """Attach the params this optimizer updates, once: for clients that
+        build their layers after the optimizer (``fastopt.AdamW(lr=1e-3)``,
+        then ``opt.bind(params)`` or ``opt.step(grads, params=params)``).
+
+        ``params``: an array; a list of arrays; a list of param-group dicts
+        (``{"params": ..., "lr": ...}``); or a dict of name -> array, nested
+        dicts of layers too (``{"layer1": {"W": w, "b": b}}``), whose
+        gradients then come as a dict with the same keys. Everything is
+        checked before anything is kept.
+        """
+        if self.param_groups:
+            raise RuntimeError(f"this {type(self).__name__} already has its params; "
+                               "make another optimizer for other params")
+        if params is None:
+            raise TypeError("params is None: pass the arrays to optimize")
+        backend = get_backend(backend_for(self._backend_name, params))
+        self._backend = backend
+        # Device arrays (backend "cuda") take their own checks, runs and step.
+        self._device = bool(getattr(backend, "device", False))
+        groups, names = [], None
         self._device_flat = {}     # group index -> DeviceFlatArrays buffer (device only)
         for gi, spec in enumerate(self._group_specs(params)):
             group = {**self.defaults, **{k: v for k, v in spec.items() if k != "params"}}
@@ -124,28 +172,46 @@ class Optimizer:
             if unknown:
                 raise ValueError(f"param group {gi} has unknown keys {sorted(unknown)}")
             group = self._validated(group, where=f"param_groups[{gi}]")
+            where = f"param_groups[{gi}]['params']"
+            given = spec["params"]
+            if isinstance(given, dict):
+                tree, given = KeyTree.of(given, where)
+                if gi and names is None:
+                    raise ValueError(f"{where} is a dict but the groups before it are "
+                                     "not: give every group's params by name, or none")
+                names = tree if names is None else names.merge(tree, where)
+            elif names is not None:
+                raise ValueError(f"{where} is not a dict but the groups before it are: "
+                                 "give every group's params by name, or none")
             if self._device:
-                arrays = self._device_arrays(f"param_groups[{gi}]['params']", spec["params"])
-                if isinstance(spec["params"], self._backend.DeviceFlatArrays):
-                    self._device_flat[gi] = spec["params"].data
+                arrays = self._device_arrays(where, given)
+                if isinstance(given, backend.DeviceFlatArrays):
+                    self._device_flat[gi] = given.data
             else:
-                arrays = V.as_array_list(f"param_groups[{gi}]['params']", spec["params"])
+                arrays = V.as_array_list(where, given)
                 for i, a in enumerate(arrays):
-                    V.check_float_array(f"param_groups[{gi}]['params'][{i}]", a,
-                                        writable=True, allow_low_precision=True)
+                    V.check_float_array(f"{where}[{i}]", a, writable=True,
+                                        allow_low_precision=True)
             if not arrays:
                 raise ValueError(f"param group {gi} has no parameters")
             group["params"] = arrays
-            self.param_groups.append(group)
-        self._params = [a for g in self.param_groups for a in g["params"]]
+            groups.append(group)
+        all_params = [a for g in groups for a in g["params"]]
+        labels = ([f"params{lab}" for lab in names.labels] if names is not None
+                  else [f"params[{i}]" for i in range(len(all_params))])
         if self._device:
-            named = [(f"params[{i}]", a) for i, a in enumerate(self._params)]
-            self._backend.check_devices(named)
-            self._backend.check_disjoint(named)
+            named = list(zip(labels, all_params))
+            backend.check_devices(named)
+            backend.check_disjoint(named)
         else:
-            V.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)])
-        for gi, group in enumerate(self.param_groups):
+            V.check_disjoint(list(zip(labels, all_params)))
+        for gi, group in enumerate(groups):
             self._check_one_dtype(gi, group["params"])
+        # -- everything checked: keep it --
+        self.param_groups = groups
+        self._params = all_params
+        self._names = names
+        self._given = params
         self._layout = tuple((a.shape, a.dtype) for a in self._params)
         # A FlatArrays of grads is matched to params in param order. If the
         # groups list a packed buffer's views out of memory order, the grads'
@@ -162,8 +228,6 @@ class Optimizer:
         if not self._device:
             for st in self.state:
                 st["flat"] = {}    # state name -> one buffer over the group (host)
-        self.grad_norm = None   # pre-clip global norm of the last step's grads
-        self.last_lr = None     # per group, the lr the last step used
         self._cached = (None, None)
         self._tables = None     # host: per group, the compiled step's tables
         self._bound = None      # host: the FlatArrays of grads the tables point at
@@ -173,6 +237,8 @@ class Optimizer:
     def _group_specs(params):
         if isinstance(params, np.ndarray) or _is_device_array(params):
             return [{"params": [params]}]
+        if isinstance(params, dict):           # arrays by name (one group)
+            return [{"params": params}]
         if type(params).__name__ == "DeviceFlatArrays":   # its views, one group
             return [{"params": params}]
         if isinstance(params, (list, tuple)) and params and all(
@@ -185,8 +251,8 @@ class Optimizer:
             if not params:
                 raise ValueError("params is empty: nothing to optimize")
             return [{"params": params}]
-        raise TypeError("params must be an ndarray, a list of ndarrays or a list of "
-                        f"param-group dicts, got {type(params).__name__}")
+        raise TypeError("params must be an ndarray, a list of ndarrays, a dict of name -> "
+                        f"ndarray or a list of param-group dicts, got {type(params).__name__}")
 
     def _check_one_dtype(self, gi, arrays):
         """A group keeps its state in one buffer per name, so its params
@@ -283,12 +349,15 @@ class Optimizer:
                 for info in self._run_info]
 
     # -- the step ---------------------------------------------------------------
-    def step(self, grads):
+    def step(self, grads, params=None):
         """Update every parameter in place from ``grads``.
 
-        ``grads`` is a list of arrays matching the params one to one, or a
-        :class:`~fastopt.params.FlatArrays` with the params' layout (the fast
-        path: one kernel call per group). Returns the pre-clip global
+        ``grads`` is a list of arrays matching the params one to one (new
+        arrays every step are fine: one compiled call per group reads them),
+        a dict with the params' keys when they were given by name, or a
+        :class:`~fastopt.params.FlatArrays` with the params' layout. ``params``
+        binds an optimizer made without params (see :meth:`bind`); after
+        that it must be the same params. Returns the pre-clip global
         gradient norm when it was computed (``max_grad_norm`` set,
         ``skip_nonfinite`` or a ``loss_scaler``; unscaled), else None; it is
         also ``self.grad_norm``, and the lr each group used is
@@ -301,16 +370,42 @@ class Optimizer:
         schedules still advance (``self.iterations``), as in a torch loop
         that calls ``scheduler.step()`` every iteration.
         """
+        if params is not None and params is not self._given:
+            self._bind_or_check(params)
+        if not self.param_groups:
+            raise RuntimeError(f"this {type(self).__name__} has no params yet: pass "
+                               "step(grads, params=...) or call bind(params) first")
         if self._device:
             return self._device_step(grads)
         return self._host_step(grads)
 
+    def _bind_or_check(self, params):
+        """``step(params=...)``: bind the first time, then insist on the same arrays."""
+        if not self.param_groups:
+            self.bind(params)
+            return
+        specs = self._group_specs(params)
+        arrays = []
+        for spec in specs:
+            given = spec["params"]
+            if isinstance(given, dict):
+                given = KeyTree.of(given, "params")[1]
+            arrays += [given] if isinstance(given, np.ndarray) else list(given)
+        if len(arrays) != len(self._params) or any(
+                a is not b for a, b in zip(arrays, self._params)):
+            raise ValueError(f"params are not the arrays this {type(self).__name__} "
+                             "updates: it steps its params in place, so pass the same "
+                             "arrays every step (or make a new optimizer)")
+        self._given = params
+
     # -- the host step: one compiled call per group (and gradient dtype) --------
     def _host_step(self, grads):
-        tables = self._host_tables()
+        # This path is the fixed cost of every step (a 1-element model's
+        # whole step): keep it to plain lookups once nothing has changed.
+        tables = self._tables or self._host_tables()
         self._bind_grads(tables, grads)          # checks every gradient first
-        hypers = [self._resolve(g, where=f"param_groups[{gi}]")
-                  for gi, g in enumerate(self.param_groups)]
+        wheres = self._wheres
+        hypers = [self._resolve(g, wheres[gi]) for gi, g in enumerate(self.param_groups)]
         max_norm = self.max_grad_norm   # public attributes: re-checked like the groups
         if max_norm is not None:
             max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True)
@@ -323,33 +418,36 @@ class Optimizer:
         created = []
         plans = []
         for gi, h in enumerate(hypers):
-            s, names = self._element_step(h, self.state[gi])
-            plans.append((s, [self._group_buffer(gi, n, created) for n in names]))
+            st = self.state[gi]
+            s, names = self._element_step(h, st)
+            flat = st["flat"]
+            plans.append((s, [flat[n] if n in flat else self._group_buffer(gi, n, created)
+                              for n in names]))
         norm_mode = 2 if check else (1 if max_norm is not None else 0)
-        all_tables = [t for ts in tables for t in ts]
-        compiled = getattr(be, "compiled_tables", False)
+        compiled = self._compiled
         # One table and the optimizer's own statistics: the norm pass, the
         # skip decision and the update are one native call.
-        fused = compiled and len(all_tables) == 1 and "_grad_stats" not in self.__dict__
+        fused = self._single and "_grad_stats" not in self.__dict__
         norm, coef, skip = None, 1.0, False
         if norm_mode and not fused:
-            norm, finite = self._table_stats(be, all_tables, compiled, check)
+            norm, finite = self._table_stats(be, self._all_tables, compiled, check)
             skip = check and not finite
             norm *= inv_scale          # the norm of the unscaled gradients
             if max_norm is not None:
                 coef = clip_coefficient(norm, max_norm)
         try:
-            if not skip:
+            if fused:
+                s, bufs = plans[0]
+                norm, skip = self._fused_call(be, tables[0][0], s, bufs, max_norm, inv_scale,
+                                              norm_mode)
+            elif not skip:
                 for (s, bufs), ts in zip(plans, tables):
                     for t in ts:
-                        if not compiled:
-                            step_per_array(be, t, s, bufs, coef * inv_scale)
-                        elif fused:
-                            norm, skip = self._fused_call(be, t, s, bufs, max_norm,
-                                                          inv_scale, norm_mode)
-                        else:
+                        if compiled:
                             el = element_of(s, len(bufs))
                             be.step(t, el, bufs, el.grad_scale * coef * inv_scale)
+                        else:
+                            step_per_array(be, t, s, bufs, coef * inv_scale)
         except BaseException:
             # only reachable before the kernels wrote (they raise nothing)
             self._forget(created)
@@ -386,8 +484,12 @@ class Optimizer:
         return norm, skip
 
     def _host_tables(self):
-        if self._tables is None:
-            self._tables = [self._group_tables(gi) for gi in range(len(self.param_groups))]
+        """Build the groups' tables (again after a load: new master copies)."""
+        self._tables = [self._group_tables(gi) for gi in range(len(self.param_groups))]
+        self._all_tables = [t for ts in self._tables for t in ts]
+        self._wheres = [f"param_groups[{gi}]" for gi in range(len(self.param_groups))]
+        self._compiled = getattr(self._backend, "compiled_tables", False)
+        self._single = self._compiled and len(self._all_tables) == 1
         return self._tables
 
     def _group_tables(self, gi):
@@ -452,13 +554,16 @@ class Optimizer:
                 return
         # the full checks: they raise with the message, or pass for inputs
         # the compiled reader does not take (subclasses, say)
-        grads = V.as_array_list("grads", grads)
-        V.check_like("grads", grads, "params", self._params, writable=False,
-                     allow_low_precision=True)
-        written = [(f"params[{i}]", a) for i, a in enumerate(self._params)]
+        if not isinstance(grads, (list, tuple)):
+            grads = V.as_array_list("grads", grads)
+        labels = self._names.labels if self._names is not None else None
+        V.check_like("grads", list(grads), "params", self._params, writable=False,
+                     allow_low_precision=True, labels=labels)
+        labels = labels or [f"[{i}]" for i in range(len(grads))]
+        written = [(f"params{lab}", a) for lab, a in zip(labels, self._params)]
         written += [(f"optimizer state {n!r} of group {gi}", b)
                     for gi, st in enumerate(self.state) for n, b in st["flat"].items()]
-        V.check_disjoint(written, [(f"grads[{i}]", g) for i, g in enumerate(grads)])
+        V.check_disjoint(written, [(f"grads{lab}", g) for lab, g in zip(labels, grads)])
         for ts in tables:
             for t in ts:
                 t.grads_from_arrays([grads[i].reshape(-1) for i in t.index_global])
@@ -470,6 +575,11 @@ class Optimizer:
                             "param (a list, or a FlatArrays from params.zeros_like())")
         if isinstance(grads, np.ndarray):
             return [grads]
+        if isinstance(grads, dict):
+            if self._names is None:
+                raise TypeError("grads must be a list of arrays in param order: it is a "
+                                "dict, but the params were not given by name")
+            return self._names.read(grads)
         return grads
 
     def _element_step(self, hypers, state):
@@ -704,8 +814,7 @@ class Optimizer:
                 elif isinstance(v, tuple):
                     v = list(v)
                 hyp[k] = v
-            hyp["params"] = [{"shape": list(a.shape), "dtype": str(a.dtype)}
-                             for a in group["params"]]
+            hyp["params"] = self._layout_of(gi)
             groups.append(hyp)
             self._group_dtype(gi)
             runs = self.state[gi]["runs"]
@@ -767,8 +876,12 @@ class Optimizer:
             unknown = set(hyp) - set(self.defaults) - {"params"}
             if unknown:
                 raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
-            layout = [{"shape": list(a.shape), "dtype": str(a.dtype)}
-                      for a in self.param_groups[gi]["params"]]
+            layout = self._layout_of(gi)
+            if not isinstance(hyp["params"], list) or not all(
+                    isinstance(d, dict) for d in hyp["params"]):
+                raise ValueError(f"{where}['params'] must be a list of dicts")
+            if not any("name" in d for d in hyp["params"]):    # saved without names
+                layout = [{k: v for k, v in d.items() if k != "name"} for d in layout]
             if hyp["params"] != layout:
                 raise ValueError(f"{where}: params {_brief(hyp['params'])} do not match this "
                                  f"optimizer's {_brief(layout)}")
@@ -870,16 +983,17 @@ class Optimizer:
         steps, and every value must be checked before it is used; a full
         check is most of a small model's step time). lr is checked every
         time: a schedule gives a new value each step."""
-        snapshot = {k: (v[:] if type(v) is list else v)    # a copy sees in-place edits
-                    for k, v in group.items() if k != "params" and k != "lr"}
         cache = self.__dict__.setdefault("_hypers_cache", {})
         hit = cache.get(where)
-        try:
-            same = hit is not None and hit[0] == snapshot
-        except (TypeError, ValueError):   # e.g. an array put in a group: check it fully
-            same = False
-        if same:
-            return dict(hit[1], lr=V.check_real(V.key(where, "lr"), group["lr"], low=0.0))
+        if hit is not None and _unchanged(group, hit[0]):
+            lr = group["lr"]
+            checked = hit[1].copy()
+            # a plain non-negative float is the common case: checked inline
+            checked["lr"] = lr if (type(lr) is float and 0.0 <= lr < math.inf) else \
+                V.check_real(V.key(where, "lr"), lr, low=0.0)
+            return checked
+        snapshot = {k: (v[:] if type(v) is list else v)    # a copy sees in-place edits
+                    for k, v in group.items() if k != "params" and k != "lr"}
         checked = self._check_hypers(group, where)
         cache[where] = (snapshot, dict(checked))
         return checked
@@ -900,9 +1014,23 @@ class Optimizer:
 
     @property
     def backend(self) -> str:
-        return self._backend.name
+        return self._backend.name if self._backend is not None else self._backend_name
+
+    def _layout_of(self, gi) -> list:
+        """Group ``gi``'s params as a checkpoint records them: shape, dtype,
+        and the name when the params were given by name."""
+        first = sum(len(g["params"]) for g in self.param_groups[:gi])
+        out = []
+        for i, a in enumerate(self.param_groups[gi]["params"]):
+            d = {"shape": list(a.shape), "dtype": str(a.dtype)}
+            if self._names is not None:
+                d["name"] = self._names.names[first + i]
+            out.append(d)
+        return out
 
     def __repr__(self):
+        if not self.param_groups:
+            return f"{type(self).__name__}(no params yet, backend={self.backend!r})"
         n = sum(a.size for a in self._params)
         return (f"{type(self).__name__}({len(self._params)} arrays, {n} elements, "
                 f"{len(self.param_groups)} group(s), backend={self.backend!r})")

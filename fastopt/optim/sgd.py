@@ -19,7 +19,7 @@ class SGD(Optimizer):
     With ``momentum=0`` no buffer is kept and ``d_t = g_t``.
     """
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False,
+    def __init__(self, params=None, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False,
                  weight_decay=0.0, maximize=False, *, backend="auto",
                  max_grad_norm=None, **options):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,

@@ -430,17 +430,25 @@ cdef double _dispatch(int op, int compute, int store, const Table* tb, i64 st0, 
                 inv_scale, norm_mode, partial, serial, skipped)
 
 
-def step(int op, int compute, int store, i64 waddr, i64 oaddr, i64 gaddr, i64 soff,
-         i64 pk, i64 plo, i64 phi, i64 tasks, Py_ssize_t ntasks, Py_ssize_t nelem,
-         i64 st0, i64 st1, i64 st2, tuple scal, int flags, double gscale,
-         double max_norm, double inv_scale, int norm_mode, i64 partial):
-    """One optimizer step over a table (see ``Table``); every argument after
-    the first three is a number or the address of an int64/float64 array
-    that fastopt.backends.tables keeps alive and has validated; ``scal``
-    holds the optimizer's element scalars (float64, at most 16).
+# Positions in a table's header (fastopt.backends.tables.StepTable.header):
+# the addresses of its int64/float64 arrays and its sizes, fixed for the
+# table's life, so a step passes one address instead of a dozen arguments.
+cdef enum:
+    H_WADDR, H_OADDR, H_GADDR, H_SOFF, H_PK, H_PLO, H_PHI, H_TASKS, H_NTASKS, \
+        H_NELEM, H_PARTIAL, H_COMPUTE, H_STORE
+
+
+def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
+         double gscale, double max_norm, double inv_scale, int norm_mode):
+    """One optimizer step over a table (see ``Table``): ``header`` is the
+    address of the table's int64 header, ``st0..st2`` the addresses of the
+    group's state buffers (0 when unused), ``scal`` the optimizer's element
+    scalars (float64, at most 16). fastopt.backends.tables keeps every
+    array alive and has validated it.
 
     Returns ``(norm, skipped)``: the unscaled global norm (0.0 when
     ``norm_mode`` is 0) and whether the update was skipped."""
+    cdef const i64* h = <const i64*><size_t>header
     cdef Table tb
     cdef int skipped = 0
     cdef double norm
@@ -450,18 +458,20 @@ def step(int op, int compute, int store, i64 waddr, i64 oaddr, i64 gaddr, i64 so
         raise ValueError("at most 16 scalars")
     for i in range(nscal):
         sc[i] = scal[i]
-    tb.waddr = <const i64*><size_t>waddr
-    tb.oaddr = <const i64*><size_t>oaddr
-    tb.gaddr = <const i64*><size_t>gaddr
-    tb.soff = <const i64*><size_t>soff
-    tb.pk = <const i64*><size_t>pk
-    tb.plo = <const i64*><size_t>plo
-    tb.phi = <const i64*><size_t>phi
-    tb.tasks = <const i64*><size_t>tasks
-    tb.ntasks = ntasks
+    tb.waddr = <const i64*><size_t>h[H_WADDR]
+    tb.oaddr = <const i64*><size_t>h[H_OADDR]
+    tb.gaddr = <const i64*><size_t>h[H_GADDR]
+    tb.soff = <const i64*><size_t>h[H_SOFF]
+    tb.pk = <const i64*><size_t>h[H_PK]
+    tb.plo = <const i64*><size_t>h[H_PLO]
+    tb.phi = <const i64*><size_t>h[H_PHI]
+    tb.tasks = <const i64*><size_t>h[H_TASKS]
+    tb.ntasks = h[H_NTASKS]
     with nogil:
-        norm = _dispatch(op, compute, store, &tb, st0, st1, st2, sc, <int>nscal, flags, gscale, max_norm, inv_scale, norm_mode,
-                         <double*><size_t>partial, _serial(nelem) or ntasks < 2, &skipped)
+        norm = _dispatch(op, <int>h[H_COMPUTE], <int>h[H_STORE], &tb, st0, st1, st2, sc,
+                         <int>nscal, flags, gscale, max_norm, inv_scale, norm_mode,
+                         <double*><size_t>h[H_PARTIAL], _serial(h[H_NELEM]) or tb.ntasks < 2,
+                         &skipped)
     return norm, bool(skipped)
 
 

@@ -1,0 +1,93 @@
+"""Params held by name: a dict of arrays, or dicts of layers.
+
+NumPy training code often keeps a model as ``{"W1": ..., "b1": ...}`` or
+``{"layer1": {"W": ..., "b": ...}, ...}`` and its backprop returns
+gradients in a dict of the same shape. The optimizer steps the arrays in
+the dict's order (its insertion order); a :class:`KeyTree` remembers that
+order so a gradient dict is read back in it, checked key by key.
+"""
+
+from __future__ import annotations
+
+
+class KeyTree:
+    """The nested keys of a params dict, leaves in order.
+
+    ``paths[i]`` is the key path of array ``i``; ``labels[i]`` its printable
+    suffix (``['layer1']['W']``); ``names[i]`` its dotted name
+    (``layer1.W``), what checkpoints record.
+    """
+
+    def __init__(self, tree: dict):
+        self.tree = tree            # key -> subtree dict, or None for an array
+        self.paths = list(_leaf_paths(tree, ()))
+        self.labels = ["".join(f"[{k!r}]" for k in p) for p in self.paths]
+        self.names = [".".join(map(str, p)) for p in self.paths]
+        self.flat = all(len(p) == 1 for p in self.paths)
+        self._keys = [p[0] for p in self.paths] if self.flat else None
+
+    @classmethod
+    def of(cls, params: dict, where: str):
+        """The tree of ``params`` and its arrays in order; anything but a
+        dict or an array at a leaf is refused, naming its key."""
+        arrays = []
+        return cls(_shape_of(params, where, arrays)), arrays
+
+    def merge(self, other: "KeyTree", where: str) -> "KeyTree":
+        """One tree over two param groups' dicts (their top keys must differ)."""
+        both = set(self.tree) & set(other.tree)
+        if both:
+            raise ValueError(f"{where}: key {sorted(map(repr, both))[0]} is in two param "
+                             "groups; names must be unique across groups")
+        return KeyTree({**self.tree, **other.tree})
+
+    def read(self, grads, name: str = "grads") -> list:
+        """``grads`` (a dict shaped like the params) as a list in param order."""
+        if self.flat and type(grads) is dict and len(grads) == len(self._keys):
+            try:
+                return [grads[k] for k in self._keys]
+            except KeyError:
+                pass                      # say which key, below
+        out = []
+        _read(grads, self.tree, name, out)
+        return out
+
+
+def _shape_of(d, where, arrays):
+    if not isinstance(d, dict):
+        raise TypeError(f"{where} must be a dict, got {type(d).__name__}")
+    if not d:
+        raise ValueError(f"{where} is an empty dict: nothing to optimize")
+    tree = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            tree[k] = _shape_of(v, f"{where}[{k!r}]", arrays)
+        else:
+            tree[k] = None
+            arrays.append(v)
+    return tree
+
+
+def _leaf_paths(tree, prefix):
+    for k, sub in tree.items():
+        if sub is None:
+            yield prefix + (k,)
+        else:
+            yield from _leaf_paths(sub, prefix + (k,))
+
+
+def _read(g, tree, where, out):
+    if not isinstance(g, dict):
+        raise TypeError(f"{where} must be a dict with the params' keys, got "
+                        f"{type(g).__name__}")
+    if g.keys() != tree.keys():
+        missing = [k for k in tree if k not in g]
+        extra = [k for k in g if k not in tree]
+        what = (f"is missing {where}[{missing[0]!r}]" if missing
+                else f"has {where}[{extra[0]!r}], which is not a param")
+        raise ValueError(f"{where} {what}; gradients must have the params' keys")
+    for k, sub in tree.items():
+        if sub is None:
+            out.append(g[k])
+        else:
+            _read(g[k], sub, f"{where}[{k!r}]", out)
