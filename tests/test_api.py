@@ -66,7 +66,7 @@ def test_available_backends():
     if importlib.util.find_spec("fastopt.backends._cython.kernels") is not None:
         assert "cython" in names
     # Fastest first, in the registry's preference order.
-    order = ["numba", "cython", "numpy"]
+    order = ["cython", "numba", "numpy"]
     assert names == [n for n in order if n in names]
     # "auto" is the first available host backend, never cuda.
     assert get_backend("auto") is get_backend(names[0])

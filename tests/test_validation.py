@@ -327,7 +327,7 @@ BAD_CONSTRUCTION = [
      dict(params=[{"params": _params()[:1]}, {"params": _params()[1:], "nesterov": True}]),
      ValueError, r"param_groups\[1\]: nesterov needs momentum"),
     ("backend-name", "Adam", dict(backend="cuda9"), ValueError,
-     r"backend must be one of \['auto', 'numba', 'cython', 'numpy', 'cuda'\], got 'cuda9'"),
+     r"backend must be one of \['auto', 'cython', 'numba', 'numpy', 'cuda'\], got 'cuda9'"),
     ("backend-type", "SGD", dict(backend=None), TypeError, r"backend must be a string"),
     ("max_grad_norm=0", "Adam", dict(max_grad_norm=0.0), ValueError,
      r"^max_grad_norm must be > 0"),

@@ -49,13 +49,14 @@ threaded = _k.OPENMP
 compiled_tables = True     # steps a whole param group in one call (tables.py)
 
 
-def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0):
+def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
+         parallel=True):
     """One step over ``table`` (see :mod:`fastopt.backends.tables`) with the
     group's state ``buffers`` in kernel order; returns ``(unscaled norm,
     skipped)``."""
     st0, st1, st2 = table.state_addresses(buffers)
     return _k.step(table.header_addr, el.op, st0, st1, st2, el.values, el.flags, gscale,
-                   max_norm, inv_scale, norm_mode)
+                   max_norm, inv_scale, norm_mode, parallel)
 
 
 def gather(table, grads) -> bool:

@@ -550,14 +550,15 @@ def _table_info(table):
     return info
 
 
-def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0):
+def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
+         parallel=True):
     """One step over ``table`` (see :mod:`fastopt.backends.tables`) with the
     group's state ``buffers`` in kernel order; returns ``(unscaled norm,
     skipped)``."""
     info = _table_info(table)
     table.state_addresses(buffers)    # keeps the table's written ranges current
     st0, st1, st2 = (list(buffers) + [None] * 3)[:3]
-    parallel = table.nelem > SERIAL_MAX and table.ntasks > 1
+    parallel = parallel and table.nelem > SERIAL_MAX and table.ntasks > 1
     run = _table_parallel if parallel else _table_serial
     norm, skip = run(_scalars(el, info["dtype"]), table.waddr, table.oaddr, table.gaddr,
                      table.soff, table.pk, table.plo, table.phi, table.tasks, st0, st1, st2,

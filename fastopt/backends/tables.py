@@ -30,6 +30,7 @@ import numpy as np
 
 from .lowp import compute_dtype, is_low_precision
 from .scalars import AdamScalars, SGDScalars, adam_element, sgd_element
+from .threads import ThreadChoice
 
 CHUNK = 1 << 14          # elements per piece and (about) per task
 _I64 = np.int64
@@ -105,6 +106,7 @@ class StepTable:
         self.ntasks = len(self.tasks) - 1
         self.partial = np.zeros(max(self.ntasks, 1))
         self.gaddr = np.zeros(len(weights), _I64)
+        self.threads = ThreadChoice()    # serial or threaded, from its own timings
         self.grads = None         # 1-D gradient views, for backends that walk arrays
         self.index_global = self.index   # positions among all the optimizer's params
         self._set_written(self._writes())

@@ -445,7 +445,10 @@ class Optimizer:
                     for t in ts:
                         if compiled:
                             el = element_of(s, len(bufs))
-                            be.step(t, el, bufs, el.grad_scale * coef * inv_scale)
+                            parallel = t.threads.pick(t.nelem, be.get_num_threads())
+                            be.step(t, el, bufs, el.grad_scale * coef * inv_scale,
+                                    parallel=parallel)
+                            t.threads.record()
                         else:
                             step_per_array(be, t, s, bufs, coef * inv_scale)
         except BaseException:
@@ -469,8 +472,10 @@ class Optimizer:
         """Norm, skip decision and update of the only table in one call;
         returns ``(unscaled norm, skipped)``."""
         el = element_of(s, len(bufs))
+        parallel = t.threads.pick(t.nelem, be.get_num_threads())
         norm, skip = be.step(t, el, bufs, el.grad_scale, max_norm=max_norm or 0.0,
-                             inv_scale=inv_scale, norm_mode=norm_mode)
+                             inv_scale=inv_scale, norm_mode=norm_mode, parallel=parallel)
+        t.threads.record()
         if not norm_mode:
             return None, False
         if skip and norm == math.inf and t.compute == 64:

@@ -439,12 +439,14 @@ cdef enum:
 
 
 def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
-         double gscale, double max_norm, double inv_scale, int norm_mode):
+         double gscale, double max_norm, double inv_scale, int norm_mode, bint threaded):
     """One optimizer step over a table (see ``Table``): ``header`` is the
     address of the table's int64 header, ``st0..st2`` the addresses of the
     group's state buffers (0 when unused), ``scal`` the optimizer's element
     scalars (float64, at most 16). fastopt.backends.tables keeps every
-    array alive and has validated it.
+    array alive and has validated it. ``threaded``: use the thread team (the
+    caller's choice, see fastopt.backends.threads); small tables and one
+    thread run serially whatever it says.
 
     Returns ``(norm, skipped)``: the unscaled global norm (0.0 when
     ``norm_mode`` is 0) and whether the update was skipped."""
@@ -470,7 +472,8 @@ def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
     with nogil:
         norm = _dispatch(op, <int>h[H_COMPUTE], <int>h[H_STORE], &tb, st0, st1, st2, sc,
                          <int>nscal, flags, gscale, max_norm, inv_scale, norm_mode,
-                         <double*><size_t>h[H_PARTIAL], _serial(h[H_NELEM]) or tb.ntasks < 2,
+                         <double*><size_t>h[H_PARTIAL],
+                         not threaded or _serial(h[H_NELEM]) or tb.ntasks < 2,
                          &skipped)
     return norm, bool(skipped)
 
