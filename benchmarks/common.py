@@ -116,3 +116,21 @@ class _RatioTracks:
         return self._get(cache, params, "torch")
 
     track_speedup_vs_torch_fused.unit = "x torch fused"
+
+
+# -- the step inside a training loop (bench_in_loop.py) --------------------------
+
+# fastopt on a plain list and packed (grads copied in), naive NumPy Adam,
+# torch fused Adam: see fastopt.bench.in_loop_case.
+IN_LOOP_IMPLS = ["cython", "numba", "cython-packed", "numba-packed", "numpy", "torch-fused"]
+
+
+def build_in_loop(impl, sizes, batch, warmup=3):
+    """A warmed-up :class:`fastopt.bench.InLoopImpl` (NumPy MLP trained with
+    ``impl``), or NotImplementedError (asv: skipped)."""
+    loop, note = bench.make_in_loop_impl(impl, sizes, batch)
+    if loop is None:
+        raise NotImplementedError(note)
+    loop.train(warmup)      # compile (Numba), fault pages in, start the pools
+    loop.hot(warmup)
+    return loop
