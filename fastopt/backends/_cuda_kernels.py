@@ -14,6 +14,9 @@ from numba import config, cuda, types
 from llvmlite import ir
 from numba.core.extending import intrinsic, overload
 
+from . import elements
+from .scalars import F_AMSGRAD, F_MOMENTUM, AdamElement, SGDElement
+
 
 def _numpy_2_5_stand_in(tup):   # pragma: no cover - never called
     raise AttributeError("numpy.row_stack was removed in NumPy 2.5; use numpy.vstack")
@@ -170,54 +173,12 @@ def _store4_cuda(a, i, x0, x1, x2, x3):
     return lambda a, i, x0, x1, x2, x3: _store4_vector(a, i, x0, x1, x2, x3)
 
 
-# -- per-element math, shared by the scalar and the vector loops ------------------------
-
-@cuda.jit(device=True)
-def _adam_moments(gi, pi, mi, vi, beta1, omb1, beta2, omb2, l2, use_l2):
-    """Adam's new first and second moments of one element."""
-    if use_l2:
-        gi += l2 * pi
-    return beta1 * mi + omb1 * gi, beta2 * vi + omb2 * gi * gi
-
-
-@cuda.jit(device=True)
-def _amsgrad_max(vm, vi):
-    """np.maximum(vm, vi): NaN on either side propagates."""
-    if vm > vi or vm != vm:
-        return vm
-    return vi
-
-
-@cuda.jit(device=True)
-def _adam_param(pi, mi, vi, step_size, bc2_sqrt, eps, decay):
-    """The parameter after the step, from its moments."""
-    return pi * decay - step_size * mi / (math.sqrt(vi) / bc2_sqrt + eps)
-
-
-@cuda.jit(device=True)
-def _adam_math(gi, pi, mi, vi, vm, step_size, bc2_sqrt, beta1, omb1, beta2, omb2, eps,
-               l2, decay, use_l2, amsgrad):
-    """One element of Adam/AdamW (the vector loop's lanes): returns
-    (p, m, v, vmax) after the step."""
-    mi, vi = _adam_moments(gi, pi, mi, vi, beta1, omb1, beta2, omb2, l2, use_l2)
-    vu = _amsgrad_max(vm, vi) if amsgrad else vi
-    return _adam_param(pi, mi, vu, step_size, bc2_sqrt, eps, decay), mi, vi, vu
-
-
-@cuda.jit(device=True)
-def _sgd_math(gi, pi, bi, lr, l2, buf_decay, grad_coef, momentum, use_l2, has_buf,
-              nesterov):
-    """One element of SGD: returns (p, momentum buffer) after the step."""
-    if use_l2:
-        gi += l2 * pi
-    if has_buf:
-        bi = buf_decay * bi + grad_coef * gi
-        if nesterov:
-            gi += momentum * bi
-        else:
-            gi = bi
-    return pi - lr * gi, bi
-
+# -- storing the updated params ----------------------------------------------------------
+# The per-element math is not here: every kernel calls the functions of
+# ``fastopt.backends.elements`` (``elements.adam``, ``elements.sgd``), the
+# ones the CPU Numba backend calls, with the step's scalars ``c`` (an
+# AdamElement / SGDElement of compute-dtype values) and option ``flags``
+# (scalars.F_*): both are kernel arguments, uniform across the grid.
 
 @cuda.jit(device=True)
 def _put_params4(p, out, i, x0, x1, x2, x3, mixed):
@@ -238,32 +199,31 @@ def _put_param(p, out, i, x, mixed):
 # -- the scalar loops (whole kernels, or the tail after the vector loop) -----------------
 
 @cuda.jit(device=True)
-def _adam_elements(p, g, m, v, vmax, out, gs, begin, stride, step_size, bc2_sqrt, beta1,
-                   omb1, beta2, omb2, eps, l2, decay, use_l2, amsgrad, mixed):
-    """Adam over elements ``begin, begin + stride, ... < p.size``. The same
-    math as the vector lanes (``_adam_math``), but each moment is stored as
-    soon as it is known and ``vmax`` read only when needed: fewer live
-    registers (38 vs 42 for fp32, ptxas sm_90), so more resident blocks."""
+def _adam_elements(p, g, m, v, vmax, out, gs, begin, stride, c, flags, mixed):
+    """Adam over elements ``begin, begin + stride, ... < p.size``:
+    ``elements.adam`` in its three steps, each result stored as soon as it
+    is known and ``vmax`` read only when needed: fewer live registers than
+    one call storing at the end (38 vs 44 for fp32, ptxas sm_90), so more
+    resident blocks."""
+    amsgrad = flags & F_AMSGRAD
     for i in range(begin, p.size, stride):
         pi = p[i]
-        mi, vi = _adam_moments(_widen(g[i]) * gs, pi, m[i], v[i], beta1, omb1, beta2,
-                               omb2, l2, use_l2)
+        mi, vi = elements.adam_moments(pi, _widen(g[i]) * gs, m[i], v[i], c, flags)
         m[i] = mi
         v[i] = vi
         if amsgrad:
-            vi = _amsgrad_max(vmax[i], vi)
+            vi = elements.amsgrad_max(vmax[i], vi)
             vmax[i] = vi
-        _put_param(p, out, i, _adam_param(pi, mi, vi, step_size, bc2_sqrt, eps, decay),
-                   mixed)
+        _put_param(p, out, i, elements.adam_param(pi, mi, vi, c), mixed)
 
 
 @cuda.jit(device=True)
-def _sgd_elements(p, g, buf, out, gs, begin, stride, lr, l2, buf_decay, grad_coef,
-                  momentum, use_l2, has_buf, nesterov, mixed):
-    """SGD over elements ``begin, begin + stride, ... < p.size``."""
+def _sgd_elements(p, g, buf, out, gs, begin, stride, c, flags, mixed):
+    """SGD over elements ``begin, begin + stride, ... < p.size``. ``buf`` is
+    read and written only with momentum on."""
+    has_buf = flags & F_MOMENTUM
     for i in range(begin, p.size, stride):
-        pi, bi = _sgd_math(_widen(g[i]) * gs, p[i], buf[i] if has_buf else p[i], lr, l2,
-                           buf_decay, grad_coef, momentum, use_l2, has_buf, nesterov)
+        pi, bi = elements.sgd(p[i], _widen(g[i]) * gs, buf[i] if has_buf else p[i], c, flags)
         if has_buf:
             buf[i] = bi
         _put_param(p, out, i, pi, mixed)
@@ -272,33 +232,33 @@ def _sgd_elements(p, g, buf, out, gs, begin, stride, lr, l2, buf_decay, grad_coe
 # -- kernels -------------------------------------------------------------------------
 # ``fc`` is the step's control block in the compute dtype: fc[0] multiplies
 # the gradient (clip coefficient / loss scale), fc[1] != 0 skips the step.
+# ``c`` is the element function's NamedTuple of scalars in the compute dtype,
+# ``grad_scale`` the maximize sign, ``flags`` the scalars.F_* bits, ``mixed``
+# whether ``out`` (16-bit params) is written too: see ``adam_args``.
 #
 # Each update comes as two kernels with the same arguments: the scalar one,
 # and the ``_vec`` one for arrays that are all aligned for four-element
 # vectors (grid-stride over groups of four, then the scalar loop over the
 # last ``size % 4``). Two kernels, not one with a runtime flag: the vector
-# loop's registers (58 vs 38 for fp32 Adam, ptxas for sm_90) would lower the
+# loop's registers (60 vs 38 for fp32 Adam, ptxas for sm_90) would lower the
 # scalar loop's occupancy too, and unaligned views then ran at 0.58 of the
 # copy roofline on the H200 instead of 0.90.
 
 @cuda.jit(cache=True)
-def _adam_kernel(p, g, m, v, vmax, out, fc, step_size, bc2_sqrt, beta1, omb1, beta2,
-                 omb2, eps, l2, decay, grad_scale, use_l2, amsgrad, mixed):
+def _adam_kernel(p, g, m, v, vmax, out, fc, c, grad_scale, flags, mixed):
     if fc[1]:       # the step was judged non-finite on the device: write nothing
         return
     _adam_elements(p, g, m, v, vmax, out, grad_scale * fc[0], cuda.grid(1),
-                   cuda.gridsize(1), step_size, bc2_sqrt, beta1, omb1, beta2, omb2, eps,
-                   l2, decay, use_l2, amsgrad, mixed)
+                   cuda.gridsize(1), c, flags, mixed)
 
 
 @cuda.jit(cache=True)
-def _adam_vec_kernel(p, g, m, v, vmax, out, fc, step_size, bc2_sqrt, beta1, omb1, beta2,
-                     omb2, eps, l2, decay, grad_scale, use_l2, amsgrad, mixed):
+def _adam_vec_kernel(p, g, m, v, vmax, out, fc, c, grad_scale, flags, mixed):
     if fc[1]:
         return
     gs = grad_scale * fc[0]
     stride = cuda.gridsize(1)
-    a = (step_size, bc2_sqrt, beta1, omb1, beta2, omb2, eps, l2, decay, use_l2, amsgrad)
+    amsgrad = flags & F_AMSGRAD
     for j in range(cuda.grid(1), p.size // 4, stride):
         i = 4 * j
         g0, g1, g2, g3 = _load4(g, i)
@@ -306,49 +266,48 @@ def _adam_vec_kernel(p, g, m, v, vmax, out, fc, step_size, bc2_sqrt, beta1, omb1
         m0, m1, m2, m3 = _load4(m, i)
         v0, v1, v2, v3 = _load4(v, i)
         w0, w1, w2, w3 = _load4(vmax, i) if amsgrad else (v0, v1, v2, v3)
-        p0, m0, v0, w0 = _adam_math(_widen(g0) * gs, p0, m0, v0, w0, *a)
-        p1, m1, v1, w1 = _adam_math(_widen(g1) * gs, p1, m1, v1, w1, *a)
-        p2, m2, v2, w2 = _adam_math(_widen(g2) * gs, p2, m2, v2, w2, *a)
-        p3, m3, v3, w3 = _adam_math(_widen(g3) * gs, p3, m3, v3, w3, *a)
+        p0, m0, v0, w0 = elements.adam(p0, _widen(g0) * gs, m0, v0, w0, c, flags)
+        p1, m1, v1, w1 = elements.adam(p1, _widen(g1) * gs, m1, v1, w1, c, flags)
+        p2, m2, v2, w2 = elements.adam(p2, _widen(g2) * gs, m2, v2, w2, c, flags)
+        p3, m3, v3, w3 = elements.adam(p3, _widen(g3) * gs, m3, v3, w3, c, flags)
         _store4(m, i, m0, m1, m2, m3)
         _store4(v, i, v0, v1, v2, v3)
         if amsgrad:
             _store4(vmax, i, w0, w1, w2, w3)
         _put_params4(p, out, i, p0, p1, p2, p3, mixed)
     _adam_elements(p, g, m, v, vmax, out, gs, p.size - p.size % 4 + cuda.grid(1), stride,
-                   *a, mixed)
+                   c, flags, mixed)
 
 
 @cuda.jit(cache=True)
-def _sgd_kernel(p, g, buf, out, fc, lr, l2, grad_scale, buf_decay, grad_coef, momentum,
-                use_l2, has_buf, nesterov, mixed):
+def _sgd_kernel(p, g, buf, out, fc, c, grad_scale, flags, mixed):
     if fc[1]:       # the step was judged non-finite on the device: write nothing
         return
-    _sgd_elements(p, g, buf, out, grad_scale * fc[0], cuda.grid(1), cuda.gridsize(1), lr,
-                  l2, buf_decay, grad_coef, momentum, use_l2, has_buf, nesterov, mixed)
+    _sgd_elements(p, g, buf, out, grad_scale * fc[0], cuda.grid(1), cuda.gridsize(1), c,
+                  flags, mixed)
 
 
 @cuda.jit(cache=True)
-def _sgd_vec_kernel(p, g, buf, out, fc, lr, l2, grad_scale, buf_decay, grad_coef, momentum,
-                    use_l2, has_buf, nesterov, mixed):
+def _sgd_vec_kernel(p, g, buf, out, fc, c, grad_scale, flags, mixed):
     if fc[1]:
         return
     gs = grad_scale * fc[0]
     stride = cuda.gridsize(1)
-    a = (lr, l2, buf_decay, grad_coef, momentum, use_l2, has_buf, nesterov)
+    has_buf = flags & F_MOMENTUM
     for j in range(cuda.grid(1), p.size // 4, stride):
         i = 4 * j
         g0, g1, g2, g3 = _load4(g, i)
         p0, p1, p2, p3 = _load4(p, i)
         b0, b1, b2, b3 = _load4(buf, i) if has_buf else (p0, p1, p2, p3)
-        p0, b0 = _sgd_math(_widen(g0) * gs, p0, b0, *a)
-        p1, b1 = _sgd_math(_widen(g1) * gs, p1, b1, *a)
-        p2, b2 = _sgd_math(_widen(g2) * gs, p2, b2, *a)
-        p3, b3 = _sgd_math(_widen(g3) * gs, p3, b3, *a)
+        p0, b0 = elements.sgd(p0, _widen(g0) * gs, b0, c, flags)
+        p1, b1 = elements.sgd(p1, _widen(g1) * gs, b1, c, flags)
+        p2, b2 = elements.sgd(p2, _widen(g2) * gs, b2, c, flags)
+        p3, b3 = elements.sgd(p3, _widen(g3) * gs, b3, c, flags)
         if has_buf:
             _store4(buf, i, b0, b1, b2, b3)
         _put_params4(p, out, i, p0, p1, p2, p3, mixed)
-    _sgd_elements(p, g, buf, out, gs, p.size - p.size % 4 + cuda.grid(1), stride, *a, mixed)
+    _sgd_elements(p, g, buf, out, gs, p.size - p.size % 4 + cuda.grid(1), stride, c, flags,
+                  mixed)
 
 
 @cuda.jit(device=True)
@@ -481,19 +440,24 @@ KERNELS = {
 
 
 def ptx_signatures(dtype="float32", storage=None):
-    """Kernel name -> type signature for ``compile_ptx``, for params and state
+    """Kernel name -> argument types for ``compile_ptx``, for params and state
     in ``dtype`` and grads/params storage ``storage`` (default ``dtype``;
-    "float16", or "uint16" for bfloat16 bits, with a float32 ``dtype``)."""
-    c = dtype
-    st = storage or dtype
-    A, S = f"{c}[::1]", f"{st}[::1]"
-    adam = f"({A},{S},{A},{A},{A},{S},{A}," + ",".join([c] * 10) + ",b1,b1,b1)"
-    sgd = f"({A},{S},{A},{S},{A}," + ",".join([c] * 6) + ",b1,b1,b1,b1)"
+    "float16", or "uint16" for bfloat16 bits, with a float32 ``dtype``).
+    The update kernels' scalars are their element NamedTuple of ``dtype``
+    values, as ``adam_args``/``sgd_args`` in numba_cuda.py pass them."""
+    c = getattr(types, dtype)
+    st = getattr(types, storage or dtype)
+    A, S = c[::1], st[::1]
+    ctl = (c, types.int64, types.boolean)            # grad_scale, flags, mixed
+    adam = (A, S, A, A, A, S, A, types.NamedUniTuple(c, len(AdamElement._fields),
+                                                      AdamElement)) + ctl
+    sgd = (A, S, A, S, A, types.NamedUniTuple(c, len(SGDElement._fields), SGDElement)) + ctl
+    f64, i32 = types.float64[::1], types.int32[::1]
     return {
         "adam": adam, "adam_vec": adam, "sgd": sgd, "sgd_vec": sgd,
-        "scale": f"({A},{A},{c})",
-        "convert": f"({S},{A})" if st != c else f"({A},{A})",
-        "sumsq_partial": f"({S},float64[::1],int32[::1],int64)",
-        "finalize": "(float64[::1],int32[::1],int64,float64[::1],float32[::1],float64,"
-                    "float64,b1)",
+        "scale": (A, A, c),
+        "convert": (S, A) if st != c else (A, A),
+        "sumsq_partial": (S, f64, i32, types.int64),
+        "finalize": (f64, i32, types.int64, f64, types.float32[::1], types.float64,
+                     types.float64, types.boolean),
     }

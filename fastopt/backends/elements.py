@@ -15,24 +15,40 @@ into whichever jitted code calls them, so the CPU drivers in
 nothing of the optimizer. The NumPy reference
 (:mod:`fastopt.backends.reference`) writes the same formulas as array
 expressions, and the Cython kernels have one twin per function
-(``_cython/kernels_impl.pxi``).
+(``_cython/kernels_impl.pxi``). The CUDA kernels
+(:mod:`fastopt.backends._cuda_kernels`) call these same functions: numba-cuda
+compiles them into its device code, and the CUDA simulator, which runs
+kernels as Python, calls them as the plain functions they also are.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from numba.core import types
-from numba.extending import intrinsic, register_jitable
+from numba.extending import intrinsic, overload, register_jitable
 
 from .scalars import F_AMSGRAD, F_L2, F_MOMENTUM, F_NESTEROV
 
 
+def sqrt(x):
+    """Square root in the argument's own precision, NaN for negative input.
+
+    Called as Python (the CUDA simulator runs kernels as Python) it is
+    NumPy's; compiled code (the CPU and CUDA targets: the overload below is
+    generic) gets the ``llvm.sqrt`` intrinsic.
+    """
+    return np.sqrt(x)
+
+
 @intrinsic
-def sqrt(typingctx, x):
+def _llvm_sqrt(typingctx, x):
     """sqrt as the ``llvm.sqrt`` intrinsic, in the argument's own precision.
 
-    Numba lowers ``math.sqrt``/``np.sqrt`` on scalars to a libm call
-    (``sqrtf``), which LLVM will not vectorise; the intrinsic vectorises to
-    ``vsqrtps`` and still returns NaN for negative input.
+    On the CPU, Numba lowers ``math.sqrt``/``np.sqrt`` on scalars to a libm
+    call (``sqrtf``), which LLVM will not vectorise; the intrinsic vectorises
+    to ``vsqrtps`` and still returns NaN for negative input. NVVM compiles it
+    to the IEEE ``sqrt.rn`` instruction (the same as ``math.sqrt`` there, no
+    fastmath).
     """
     if not isinstance(x, types.Float):
         return None
@@ -44,22 +60,48 @@ def sqrt(typingctx, x):
     return x(x), codegen
 
 
+@overload(sqrt)
+def _sqrt_impl(x):
+    if isinstance(x, types.Float):
+        return lambda x: _llvm_sqrt(x)
+    return None
+
+
 @register_jitable
 def adam(p, g, m, v, vmax, c, flags):
     """Adam/AdamW (torch.optim.Adam's update; ``c`` an AdamElement)."""
-    if flags & F_L2:
-        g = g + c.l2 * p
-    m = c.beta1 * m + c.one_minus_beta1 * g
-    v = c.beta2 * v + c.one_minus_beta2 * g * g
+    m, v = adam_moments(p, g, m, v, c, flags)
     second = v
     if flags & F_AMSGRAD:
-        # np.maximum semantics: a NaN on either side propagates (the builtin
-        # max would keep vmax when v is NaN and hide a NaN gradient)
-        if vmax > v or vmax != vmax:
-            second = vmax
-        vmax = second
-    p = p * c.decay - c.step_size * m / (sqrt(second) * c.inv_bc2 + c.eps)
-    return p, m, v, vmax
+        second = vmax = amsgrad_max(vmax, v)
+    return adam_param(p, m, second, c), m, v, vmax
+
+
+# ``adam`` in its three steps, for a caller that stores each result as soon
+# as it is known (the CUDA scalar loop: fewer live registers)
+
+@register_jitable
+def adam_moments(p, g, m, v, c, flags):
+    """Adam's new first and second moments."""
+    if flags & F_L2:
+        g = g + c.l2 * p
+    return c.beta1 * m + c.one_minus_beta1 * g, c.beta2 * v + c.one_minus_beta2 * g * g
+
+
+@register_jitable
+def amsgrad_max(vmax, v):
+    """The running max of the second moment, with np.maximum semantics: a
+    NaN on either side propagates (the builtin max would keep vmax when v is
+    NaN and hide a NaN gradient)."""
+    if vmax > v or vmax != vmax:
+        return vmax
+    return v
+
+
+@register_jitable
+def adam_param(p, m, second, c):
+    """The weight after the step, from the moments."""
+    return p * c.decay - c.step_size * m / (sqrt(second) * c.inv_bc2 + c.eps)
 
 
 @register_jitable

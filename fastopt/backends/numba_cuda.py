@@ -15,10 +15,14 @@ Kernel conventions (DESIGN.md):
 * Grid-stride loops; the grid is one wave of resident blocks, sized from
   the device and the compiled kernel by the occupancy API (fewer blocks for
   small arrays).
+* The per-element math is :mod:`fastopt.backends.elements`, the functions
+  the CPU Numba backend calls too: the kernels load, call ``elements.adam``
+  / ``elements.sgd`` and store.
 * Scalars are computed once per step in float64 on the host
-  (:mod:`fastopt.backends.scalars`) and cast to the compute dtype before the
-  launch: the float32 kernels contain no double-precision arithmetic (checked
-  on the PTX by ``tests/test_cuda_ptx.py``).
+  (:mod:`fastopt.backends.scalars`, then ``adam_element``/``sgd_element``)
+  and cast to the compute dtype before the launch, passed as the element
+  function's NamedTuple: the float32 kernels contain no double-precision
+  arithmetic (checked on the PTX by ``tests/test_cuda_ptx.py``).
 * No fastmath: IEEE division and sqrt, and NaN/inf stay visible.
 * The global norm is a two-stage reduction: each block sums its grid-stride
   share of squares in float64, reduces them in shared memory in a fixed tree
@@ -63,7 +67,7 @@ from ..params import PackedViews
 from ._cuda_kernels import (THREADS, _adam_kernel, _adam_vec_kernel, _convert_kernel,
                             _finalize_kernel, _scale_kernel, _sgd_kernel, _sgd_vec_kernel,
                             _sumsq_partial_kernel)
-from .scalars import AdamScalars, SGDScalars
+from .scalars import AdamScalars, SGDScalars, adam_element, sgd_element
 
 SIMULATOR = bool(getattr(_config, "ENABLE_CUDASIM", False))
 
@@ -445,10 +449,6 @@ def _scratch(n):
 
 # -- the backend interface --------------------------------------------------------------
 
-def _cast(t, values):
-    return tuple(x if isinstance(x, bool) else t(x) for x in values)
-
-
 def _fc(p, ctrl):
     return _unit_control(p.dtype) if ctrl is None else ctrl.for_dtype(p.dtype)
 
@@ -462,29 +462,43 @@ def _update(kernel, vec_kernel, p, g, out, arrays, args) -> None:
             (p.size + 3) // 4 if vec else p.size, args)
 
 
+def _element_args(el, p, out, ctrl):
+    """The update kernels' trailing arguments: the control block, the element
+    scalars as their NamedTuple in the compute dtype (a float64 value in a
+    float32 kernel would promote its math), the maximize sign, the option
+    flags and whether ``out`` is written."""
+    t = np.dtype(p.dtype).type
+    return (_fc(p, ctrl), el.kind(*[t(x) for x in el.values]), t(el.grad_scale), el.flags,
+            out is not None)
+
+
+def adam_args(p, g, m, v, vmax, s: AdamScalars, out=None, ctrl=None) -> tuple:
+    """The arguments of ``_adam_kernel``/``_adam_vec_kernel`` for one step
+    (absent arrays replaced by ones the kernel then never touches)."""
+    return (p, g, m, v, v if vmax is None else vmax, p if out is None else out,
+            *_element_args(adam_element(s, vmax is not None), p, out, ctrl))
+
+
+def sgd_args(p, g, buf, s: SGDScalars, out=None, ctrl=None) -> tuple:
+    """The arguments of ``_sgd_kernel``/``_sgd_vec_kernel`` for one step."""
+    return (p, g, p if buf is None else buf, p if out is None else out,
+            *_element_args(sgd_element(s, buf is not None), p, out, ctrl))
+
+
 def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None, ctrl=None) -> None:
     """One Adam/AdamW step on device arrays (see reference.adam_update)."""
     if p.size == 0:
         return
-    sc = _cast(np.dtype(p.dtype).type, s)
-    amsgrad = vmax is not None
-    mixed = out is not None
     _update(_adam_kernel, _adam_vec_kernel, p, g, out, (p, g, m, v, vmax, out),
-            (p, g, m, v, vmax if amsgrad else v, out if mixed else p, _fc(p, ctrl),
-             *sc, amsgrad, mixed))
+            adam_args(p, g, m, v, vmax, s, out, ctrl))
 
 
 def sgd_update(p, g, buf, s: SGDScalars, out=None, ctrl=None) -> None:
     """One SGD step on device arrays (see reference.sgd_update)."""
     if p.size == 0:
         return
-    t = np.dtype(p.dtype).type
-    has_buf = buf is not None
-    mixed = out is not None
     _update(_sgd_kernel, _sgd_vec_kernel, p, g, out, (p, g, buf, out),
-            (p, g, buf if has_buf else p, out if mixed else p, _fc(p, ctrl),
-             t(s.lr), t(s.l2), t(s.grad_scale), t(s.buf_decay), t(s.grad_coef),
-             t(s.momentum), s.use_l2, has_buf, s.nesterov, mixed))
+            sgd_args(p, g, buf, s, out, ctrl))
 
 
 def sumsq(x) -> float:

@@ -143,6 +143,47 @@ def test_sgd_kernel_matches_reference(rng, dtype, momentum, dampening, nesterov,
         close(host(dbuf), buf, "buf")
 
 
+@OFFSETS
+def test_update_kernels_run_the_shared_element_functions(rng, monkeypatch, offset):
+    """The kernels have no per-element math of their own: every element goes
+    through fastopt.backends.elements, the functions the CPU Numba backend
+    compiles too (the vector lanes call ``adam``, the scalar loop its three
+    steps). The simulator runs kernels as Python, so wrappers count the calls."""
+    from fastopt.backends import _cuda_kernels as K
+    from fastopt.backends import elements
+    if not C.SIMULATOR:
+        pytest.skip("counts Python calls: simulator only")
+    calls = {}
+    for name in ("adam", "adam_moments", "amsgrad_max", "adam_param", "sgd"):
+        calls[name] = []
+
+        def counted(*args, _real=getattr(elements, name), _seen=calls[name]):
+            _seen.append(1)             # list.append: safe across the simulator's threads
+            return _real(*args)
+        monkeypatch.setattr(elements, name, counted)
+    assert K.elements is elements
+    n = 8 * C.THREADS + 3               # groups of four, then a tail of three
+    p = _normal(rng, n, F32)
+    m, v, w, b = (np.zeros(n, F32) for _ in range(4))
+    q = p.copy()
+    dp, dm, dv, dw, dq, db = (dev_at(a, offset) for a in (p, m, v, w, q, b))
+    g = _normal(rng, n, F32)
+    s = adam_scalars(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
+                     decoupled=False, step=1)
+    C.adam_update(dp, dev_at(g, offset), dm, dv, dw, s)
+    R.adam_update(p, g, m, v, w, s)
+    t = sgd_scalars(lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0,
+                    first_step=True)
+    C.sgd_update(dq, dev_at(g, offset), db, t)
+    R.sgd_update(q, g, b, t)
+    lanes = n - n % 4 if offset == 0 else 0
+    counts = {k: len(c) for k, c in calls.items()}
+    assert counts == {"adam": lanes, "adam_moments": n, "amsgrad_max": n, "adam_param": n,
+                      "sgd": n}, counts
+    close(host(dp), p, "p")
+    close(host(dw), w, "vmax")
+    close(host(dq), q, "sgd p")
+
 # -- the global norm ---------------------------------------------------------------------------
 
 def test_norm_two_stage_matches_reference_and_is_deterministic(rng):
