@@ -69,9 +69,47 @@ def short_spin():
     yield
 
 
+# -- fork --------------------------------------------------------------------------
+# GNU OpenMP is not fork-safe: a child of a process that has run a parallel
+# region hangs (the Cython kernels) or is killed by Numba ("fork() called from
+# a process already using GNU OpenMP") at its first parallel region, because
+# the parent's worker threads do not exist in the child. NumPy's OpenBLAS
+# handles the same problem with pthread_atfork. Here a forked child (os.fork,
+# multiprocessing's "fork" start method) steps with serial kernels: every
+# threaded backend is set to one thread, which runs no OpenMP region at all.
+# Processes started with "spawn" or "forkserver" are new and thread as usual.
+
+_in_forked_child = False
+_at_fork_hooks = []      # backends' "one thread from now on" setters
+
+
+def in_forked_child() -> bool:
+    """Whether this process is a fork of one that may have run OpenMP."""
+    return _in_forked_child
+
+
+def on_fork_serial(setter):
+    """Register ``setter(1)`` to run in every forked child."""
+    _at_fork_hooks.append(setter)
+
+
+def _after_fork_in_child():
+    global _in_forked_child
+    _in_forked_child = True
+    for setter in _at_fork_hooks:
+        setter(1)
+
+
+if hasattr(os, "register_at_fork"):       # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def start_numba_threads():
     """Start Numba's thread pool now, inside :func:`short_spin` (it loads
-    libgomp for the ``omp`` layer); later parallel calls reuse it."""
+    libgomp for the ``omp`` layer); later parallel calls reuse it. Not in a
+    forked child: it steps serially (see above)."""
+    if _in_forked_child:
+        return
     with short_spin():
         from numba.np.ufunc.parallel import _launch_threads
         _launch_threads()

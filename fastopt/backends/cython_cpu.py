@@ -7,7 +7,7 @@ loops: x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA), or baseline x86-64.
 
 from __future__ import annotations
 
-from .._openmp import short_spin
+from .._openmp import in_forked_child, on_fork_serial, short_spin
 from .lowp import bits
 from .scalars import AdamScalars, SGDScalars, adam_element, sgd_element
 
@@ -99,5 +99,14 @@ def narrow(src, dst) -> None:
     _k.narrow(src, bits(dst))
 
 scale = _k.scale
-set_num_threads = _k.set_num_threads
 get_num_threads = _k.get_num_threads
+
+
+def set_num_threads(n: int) -> None:
+    # a forked child stays on one thread: OpenMP's team is the parent's
+    _k.set_num_threads(1 if in_forked_child() else n)
+
+
+on_fork_serial(_k.set_num_threads)
+if in_forked_child():      # first imported after a fork
+    _k.set_num_threads(1)

@@ -21,7 +21,7 @@ from numba import carray, njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from .._openmp import start_numba_threads
+from .._openmp import in_forked_child, start_numba_threads
 from . import elements
 from .lowp import bits
 from .scalars import (AdamElement, AdamScalars, SGDElement, SGDScalars, adam_element,
@@ -288,7 +288,7 @@ def _update(el, p, g, out, s0, s1, s2):
     t = p.dtype.type
     c, gs = _scalars(el, t), t(el.grad_scale)
     g, out = bits(g), bits(out)
-    if p.size <= SERIAL_MAX:
+    if p.size <= SERIAL_MAX or in_forked_child():
         _flat_chunk(c, p, g, out, s0, s1, s2, _U0, np.uint64(p.size), gs, el.flags)
     else:
         _flat_parallel(c, p, g, out, s0, s1, s2, gs, el.flags)
@@ -558,7 +558,8 @@ def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
     info = _table_info(table)
     table.state_addresses(buffers)    # keeps the table's written ranges current
     st0, st1, st2 = (list(buffers) + [None] * 3)[:3]
-    parallel = parallel and table.nelem > SERIAL_MAX and table.ntasks > 1
+    parallel = (parallel and table.nelem > SERIAL_MAX and table.ntasks > 1
+                and not in_forked_child())
     run = _table_parallel if parallel else _table_serial
     norm, skip = run(_scalars(el, info["dtype"]), table.waddr, table.oaddr, table.gaddr,
                      table.soff, table.pk, table.plo, table.phi, table.tasks, st0, st1, st2,
@@ -584,7 +585,8 @@ def sumsq_table(table) -> float:
     info = _table_info(table)
     return float(_sumsq_tasks(table.gaddr, table.pk, table.plo, table.phi, table.tasks,
                               info["like_g"], table.partial,
-                              table.nelem > SERIAL_MAX and table.ntasks > 1))
+                              table.nelem > SERIAL_MAX and table.ntasks > 1
+                              and not in_forked_child()))
 
 
 def widen(src, dst) -> None:
@@ -601,14 +603,14 @@ def sumsq(x) -> float:
     # One chunk is summed identically by both paths, so the result is the
     # same whichever runs.
     x = bits(x)
-    if x.size <= CHUNK:
+    if x.size <= CHUNK or in_forked_child():
         return float(_sumsq_chunk(x, _U0, np.uint64(x.size)))
     return float(_sumsq_parallel(x))
 
 
 def scale(x, c: float) -> None:
     c = x.dtype.type(c)
-    if x.size <= SERIAL_MAX:
+    if x.size <= SERIAL_MAX or in_forked_child():
         _scale_chunk(x, _U0, np.uint64(x.size), c)
     else:
         _scale_parallel(x, c)
@@ -616,9 +618,10 @@ def scale(x, c: float) -> None:
 
 def set_num_threads(n: int) -> None:
     import numba
-    numba.set_num_threads(n)
+    if not in_forked_child():       # a forked child steps serially (fastopt._openmp)
+        numba.set_num_threads(n)
 
 
 def get_num_threads() -> int:
     import numba
-    return numba.get_num_threads()
+    return 1 if in_forked_child() else numba.get_num_threads()

@@ -26,6 +26,8 @@ The math lives in the backends; this class owns everything around it:
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 
 import numpy as np
 
@@ -141,6 +143,8 @@ class Optimizer:
         self.last_lr = None     # per group, the lr the last step used
         self._names = None      # a KeyTree when the params were given by name
         self._given = None      # the params object bind() took (step(params=) checks it)
+        self._group_lists, self._group_sizes = [], []
+        self._lock = threading.RLock()
         if params is not None:
             self.bind(params)
 
@@ -167,46 +171,9 @@ class Optimizer:
         groups, names = [], None
         self._device_flat = {}     # group index -> DeviceFlatArrays buffer (device only)
         for gi, spec in enumerate(self._group_specs(params)):
-            group = {**self.defaults, **{k: v for k, v in spec.items() if k != "params"}}
-            unknown = set(group) - set(self.defaults)
-            if unknown:
-                raise ValueError(f"param group {gi} has unknown keys {sorted(unknown)}")
-            group = self._validated(group, where=f"param_groups[{gi}]")
-            where = f"param_groups[{gi}]['params']"
-            given = spec["params"]
-            if isinstance(given, dict):
-                tree, given = KeyTree.of(given, where)
-                if gi and names is None:
-                    raise ValueError(f"{where} is a dict but the groups before it are "
-                                     "not: give every group's params by name, or none")
-                names = tree if names is None else names.merge(tree, where)
-            elif names is not None:
-                raise ValueError(f"{where} is not a dict but the groups before it are: "
-                                 "give every group's params by name, or none")
-            if self._device:
-                arrays = self._device_arrays(where, given)
-                if isinstance(given, backend.DeviceFlatArrays):
-                    self._device_flat[gi] = given.data
-            else:
-                arrays = V.as_array_list(where, given)
-                for i, a in enumerate(arrays):
-                    V.check_float_array(f"{where}[{i}]", a, writable=True,
-                                        allow_low_precision=True)
-            if not arrays:
-                raise ValueError(f"param group {gi} has no parameters")
-            group["params"] = arrays
+            group, names = self._checked_group(gi, spec, names)
             groups.append(group)
-        all_params = [a for g in groups for a in g["params"]]
-        labels = ([f"params{lab}" for lab in names.labels] if names is not None
-                  else [f"params[{i}]" for i in range(len(all_params))])
-        if self._device:
-            named = list(zip(labels, all_params))
-            backend.check_devices(named)
-            backend.check_disjoint(named)
-        else:
-            V.check_disjoint(list(zip(labels, all_params)))
-        for gi, group in enumerate(groups):
-            self._check_one_dtype(gi, group["params"])
+        all_params = self._checked_params(groups, names)
         # -- everything checked: keep it --
         self.param_groups = groups
         self._params = all_params
@@ -231,6 +198,8 @@ class Optimizer:
         self._cached = (None, None)
         self._tables = None     # host: per group, the compiled step's tables
         self._bound = None      # host: the FlatArrays of grads the tables point at
+        self._group_lists = [g["params"] for g in self.param_groups]
+        self._group_sizes = [len(g["params"]) for g in self.param_groups]
 
     # -- construction helpers ---------------------------------------------
     @staticmethod
@@ -370,14 +339,143 @@ class Optimizer:
         schedules still advance (``self.iterations``), as in a torch loop
         that calls ``scheduler.step()`` every iteration.
         """
-        if params is not None and params is not self._given:
-            self._bind_or_check(params)
-        if not self.param_groups:
-            raise RuntimeError(f"this {type(self).__name__} has no params yet: pass "
-                               "step(grads, params=...) or call bind(params) first")
+        # One optimizer stepped from two threads: the steps run one after the
+        # other (each sees the other's whole update), as if called in turn.
+        with self._lock:
+            if params is not None and params is not self._given:
+                self._bind_or_check(params)
+            if not self.param_groups:
+                raise RuntimeError(f"this {type(self).__name__} has no params yet: pass "
+                                   "step(grads, params=...) or call bind(params) first")
+            self._check_groups_unchanged()
+            if self._device:
+                return self._device_step(grads)
+            return self._host_step(grads)
+
+    def __getstate__(self):
+        # Tables hold raw addresses of this optimizer's arrays: a copy (deepcopy,
+        # pickle) rebuilds its own from its own arrays at its first step.
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        state.update(_tables=None, _bound=None, _bound_list=None)
+        if state.get("_backend") is not None:      # a module: kept by name
+            state["_backend"] = state["_backend"].name
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if isinstance(self._backend, str):
+            self._backend = get_backend(self._backend)
+        self._lock = threading.RLock()
+
+    def _check_groups_unchanged(self):
+        """Params added to (or removed from) a group's list after construction
+        would be silently ignored by the step and break its checkpoint:
+        refused, naming add_param_group."""
+        for gi, (group, lst, n) in enumerate(zip(self.param_groups, self._group_lists,
+                                                 self._group_sizes)):
+            params = group["params"]
+            if params is not lst or len(params) != n:
+                raise ValueError(
+                    f"param_groups[{gi}]['params'] changed after the optimizer was made "
+                    f"({n} arrays then, {len(params)} now); an optimizer steps the "
+                    "arrays it was given: add new ones with add_param_group(), or make "
+                    "a new optimizer")
+
+    def zero_grad(self, grads) -> None:
+        """Zero ``grads`` in place, for loops that accumulate into one set of
+        gradient arrays: a FlatArrays (one fill of its buffer), a list or a
+        dict of arrays shaped like the params."""
+        if isinstance(grads, FlatArrays):
+            grads.data.fill(0)
+            return
+        arrays = self._grads_as_list(grads)
+        V.check_like("grads", list(arrays), "params", self._params, writable=True,
+                     allow_low_precision=True,
+                     labels=self._names.labels if self._names is not None else None)
+        for g in arrays:
+            g.fill(0)
+
+    def _checked_group(self, gi, spec, names):
+        """Group ``gi`` from its spec, checked: ``(group, names)``, ``names``
+        the KeyTree of every group so far when they are given by name."""
+        group = {**self.defaults, **{k: v for k, v in spec.items() if k != "params"}}
+        unknown = set(group) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"param group {gi} has unknown keys {sorted(unknown)}")
+        group = self._validated(group, where=f"param_groups[{gi}]")
+        where = f"param_groups[{gi}]['params']"
+        given = spec["params"]
+        if isinstance(given, dict):
+            tree, given = KeyTree.of(given, where)
+            if gi and names is None:
+                raise ValueError(f"{where} is a dict but the groups before it are "
+                                 "not: give every group's params by name, or none")
+            names = tree if names is None else names.merge(tree, where)
+        elif names is not None:
+            raise ValueError(f"{where} is not a dict but the groups before it are: "
+                             "give every group's params by name, or none")
         if self._device:
-            return self._device_step(grads)
-        return self._host_step(grads)
+            arrays = self._device_arrays(where, given)
+            if isinstance(given, self._backend.DeviceFlatArrays):
+                self._device_flat[gi] = given.data
+        else:
+            arrays = V.as_array_list(where, given)
+            for i, a in enumerate(arrays):
+                V.check_float_array(f"{where}[{i}]", a, writable=True,
+                                    allow_low_precision=True)
+        if not arrays:
+            raise ValueError(f"param group {gi} has no parameters")
+        group["params"] = arrays
+        return group, names
+
+    def _checked_params(self, groups, names) -> list:
+        """Every group's arrays, checked together (no two overlap; one dtype
+        per group); the flat list of them."""
+        all_params = [a for g in groups for a in g["params"]]
+        labels = ([f"params{lab}" for lab in names.labels] if names is not None
+                  else [f"params[{i}]" for i in range(len(all_params))])
+        if self._device:
+            named = list(zip(labels, all_params))
+            self._backend.check_devices(named)
+            self._backend.check_disjoint(named)
+        else:
+            V.check_disjoint(list(zip(labels, all_params)))
+        for gi, group in enumerate(groups):
+            self._check_one_dtype(gi, group["params"])
+        return all_params
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group of params to step from now on (torch's name and
+        semantics): ``{"params": ..., <hyperparameters>}``, the missing ones
+        from the defaults. Checked in full first; the groups already there
+        keep their state."""
+        with self._lock:
+            if not isinstance(param_group, dict) or "params" not in param_group:
+                raise TypeError("param_group must be a dict with a 'params' key")
+            if not self.param_groups:
+                self.bind([param_group])
+                return
+            if self._device:
+                raise NotImplementedError("add_param_group with device arrays: make the "
+                                          "optimizer with every group instead")
+            gi = len(self.param_groups)
+            group, names = self._checked_group(gi, param_group, self._names)
+            groups = self.param_groups + [group]
+            self._params = self._checked_params(groups, names)
+            # -- checked: keep it --
+            self.param_groups.append(group)
+            self._names = names
+            self._layout = tuple((a.shape, a.dtype) for a in self._params)
+            self._memory_ordered = in_memory_order(self._params)
+            self._build_runs()          # the earlier groups' runs come out as before
+            self.state.append({"step": 0, "flat": {}, "runs": [
+                {"master": self._master_copy(run["flat"])} if self._is_low(run["flat"].dtype)
+                else {} for run in self._run_info[gi]["runs"]]})
+            self._group_lists.append(group["params"])
+            self._group_sizes.append(len(group["params"]))
+            self._tables, self._bound, self._cached = None, None, (None, None)
+            self._given = None
 
     def _bind_or_check(self, params):
         """``step(params=...)``: bind the first time, then insist on the same arrays."""
@@ -416,26 +514,26 @@ class Optimizer:
         # Everything the step needs is allocated before the first write, so
         # an error (MemoryError included) leaves params and state as they were.
         created = []
-        plans = []
-        for gi, h in enumerate(hypers):
-            st = self.state[gi]
-            s, names = self._element_step(h, st)
-            flat = st["flat"]
-            plans.append((s, [flat[n] if n in flat else self._group_buffer(gi, n, created)
-                              for n in names]))
         norm_mode = 2 if check else (1 if max_norm is not None else 0)
         compiled = self._compiled
         # One table and the optimizer's own statistics: the norm pass, the
         # skip decision and the update are one native call.
         fused = self._single and "_grad_stats" not in self.__dict__
         norm, coef, skip = None, 1.0, False
-        if norm_mode and not fused:
-            norm, finite = self._table_stats(be, self._all_tables, compiled, check)
-            skip = check and not finite
-            norm *= inv_scale          # the norm of the unscaled gradients
-            if max_norm is not None:
-                coef = clip_coefficient(norm, max_norm)
         try:
+            plans = []
+            for gi, h in enumerate(hypers):
+                st = self.state[gi]
+                s, names = self._element_step(h, st)
+                flat = st["flat"]
+                plans.append((s, [flat[n] if n in flat else
+                                  self._group_buffer(gi, n, created) for n in names]))
+            if norm_mode and not fused:
+                norm, finite = self._table_stats(be, self._all_tables, compiled, check)
+                skip = check and not finite
+                norm *= inv_scale          # the norm of the unscaled gradients
+                if max_norm is not None:
+                    coef = clip_coefficient(norm, max_norm)
             if fused:
                 s, bufs = plans[0]
                 norm, skip = self._fused_call(be, tables[0][0], s, bufs, max_norm, inv_scale,
@@ -452,17 +550,23 @@ class Optimizer:
                         else:
                             step_per_array(be, t, s, bufs, coef * inv_scale)
         except BaseException:
-            # only reachable before the kernels wrote (they raise nothing)
+            # only reachable before the kernels wrote (they raise nothing):
+            # buffers this step made go, and with them any trace of it
             self._forget(created)
             raise
         if skip:
             self._forget(created)     # e.g. SGD's first momentum step stays its first
+        return self._finish_step(skip, norm, hypers)
+
+    def _finish_step(self, skip, norm, hypers):
+        """The counters after a step (host or device) ran or was skipped."""
+        if skip:
             self.skipped_steps += 1
         else:
             for st in self.state:
                 st["step"] += 1
-        if scaler is not None:
-            scaler.update(found_inf=skip)
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(found_inf=skip)
         self.iterations += 1
         self.grad_norm = norm
         self.last_lr = [h["lr"] for h in hypers]
@@ -599,20 +703,20 @@ class Optimizer:
         flat = st["flat"]
         if name not in flat:
             runs = self._run_info[gi]["runs"]
-            n = sum(r["flat"].size for r in runs)
-            flat[name] = buf = np.zeros(n, self._group_dtype(gi))
+            buf = np.zeros(sum(r["flat"].size for r in runs), self._group_dtype(gi))
+            created.append((gi, name))     # before the first write: _forget undoes it
+            flat[name] = buf
             lo = 0
             for run, bufs in zip(runs, st["runs"]):
                 bufs[name] = buf[lo:lo + run["flat"].size]
                 lo += run["flat"].size
-            created.append((gi, name))
         return flat[name]
 
     def _forget(self, created):
         for gi, name in created:
-            del self.state[gi]["flat"][name]
+            self.state[gi]["flat"].pop(name, None)
             for bufs in self.state[gi]["runs"]:
-                del bufs[name]
+                bufs.pop(name, None)
 
     def _table_stats(self, be, tables, compiled, check):
         """``(global norm, all finite?)`` of the gradients of ``tables``: one
@@ -758,22 +862,13 @@ class Optimizer:
                              segments[gi], 1.0)
         skip = bool(check and ctrl.skipped())
         if skip:
-            self.skipped_steps += 1
             # the kernels wrote nothing: forget buffers this step created, so
             # e.g. SGD's first momentum step is still its first next time
             for st, keys in zip(self.state, before):
                 for bufs, had in zip(st["runs"], keys):
                     for name in set(bufs) - had:
                         del bufs[name]
-        else:
-            for st in self.state:
-                st["step"] += 1
-        if scaler is not None:
-            scaler.update(found_inf=skip)
-        self.iterations += 1
-        self.grad_norm = None if ctrl is None else be.DeviceNorm(ctrl)
-        self.last_lr = [h["lr"] for h in hypers]
-        return self.grad_norm
+        return self._finish_step(skip, None if ctrl is None else be.DeviceNorm(ctrl), hypers)
 
     # -- checkpoints ------------------------------------------------------------
     #: state buffer names this optimizer may hold (subclasses extend)
@@ -956,6 +1051,13 @@ class Optimizer:
                   else LossScaler.from_state_dict(options["loss_scaler"]))
 
         def apply():
+            # The checkpoint's settings win (a resume must step as the saved
+            # run did); a constructor setting it replaces is said, not hidden.
+            for name, saved in (("max_grad_norm", mgn), ("skip_nonfinite", skip)):
+                if getattr(self, name) != saved:
+                    warnings.warn(f"load_state_dict: the checkpoint's {name}={saved!r} "
+                                  f"replaces this optimizer's {getattr(self, name)!r}",
+                                  stacklevel=4)
             self.max_grad_norm, self.skip_nonfinite = mgn, skip
             if scaler is None:
                 self.loss_scaler = None

@@ -391,10 +391,24 @@ cdef double _dispatch(int op, int compute, int store, const Table* tb, i64 st0, 
                       i64 st2, const double* scal, int nscal, int flags, double gscale,
                       double max_norm, double inv_scale, int norm_mode, double* partial,
                       bint serial, int* skipped) noexcept nogil:
-    """Pick the specialisation: optimizer x compute type x gradient storage
-    (0: the compute type, 1: bfloat16, 2: float16)."""
+    """Pick the optimizer's specialisation (one line per optimizer)."""
     cdef AdamOp* adam = NULL
     cdef SgdOp* sgd = NULL
+    if op == OP_ADAM:
+        return _dispatch_types(adam, compute, store, tb, st0, st1, st2, scal, nscal, flags,
+                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
+                               skipped)
+    return _dispatch_types(sgd, compute, store, tb, st0, st1, st2, scal, nscal, flags,
+                           gscale, max_norm, inv_scale, norm_mode, partial, serial, skipped)
+
+
+cdef inline double _dispatch_types(Op* op, int compute, int store, const Table* tb, i64 st0,
+                                   i64 st1, i64 st2, const double* scal, int nscal,
+                                   int flags, double gscale, double max_norm,
+                                   double inv_scale, int norm_mode, double* partial,
+                                   bint serial, int* skipped) noexcept nogil:
+    """Pick the compute type x gradient storage specialisation (storage 0:
+    the compute type, 1: bfloat16, 2: float16)."""
     cdef float* f = NULL
     cdef double* d = NULL
     cdef bf16_bits* bf = NULL
@@ -402,32 +416,18 @@ cdef double _dispatch(int op, int compute, int store, const Table* tb, i64 st0, 
     cdef float* f0 = <float*><size_t>st0
     cdef float* f1 = <float*><size_t>st1
     cdef float* f2 = <float*><size_t>st2
-    cdef double* d0 = <double*><size_t>st0
-    cdef double* d1 = <double*><size_t>st1
-    cdef double* d2 = <double*><size_t>st2
     if compute == 64:
-        if op == OP_ADAM:
-            return _run(adam, tb, d, d0, d1, d2, scal, nscal, flags, gscale, max_norm,
-                        inv_scale, norm_mode, partial, serial, skipped)
-        return _run(sgd, tb, d, d0, d1, d2, scal, nscal, flags, gscale, max_norm,
-                    inv_scale, norm_mode, partial, serial, skipped)
+        return _run(op, tb, d, <double*><size_t>st0, <double*><size_t>st1,
+                    <double*><size_t>st2, scal, nscal, flags, gscale, max_norm, inv_scale,
+                    norm_mode, partial, serial, skipped)
     if store == 1:
-        if op == OP_ADAM:
-            return _run(adam, tb, bf, f0, f1, f2, scal, nscal, flags, gscale, max_norm,
-                        inv_scale, norm_mode, partial, serial, skipped)
-        return _run(sgd, tb, bf, f0, f1, f2, scal, nscal, flags, gscale, max_norm,
-                    inv_scale, norm_mode, partial, serial, skipped)
+        return _run(op, tb, bf, f0, f1, f2, scal, nscal, flags, gscale, max_norm, inv_scale,
+                    norm_mode, partial, serial, skipped)
     if store == 2:
-        if op == OP_ADAM:
-            return _run(adam, tb, hf, f0, f1, f2, scal, nscal, flags, gscale, max_norm,
-                        inv_scale, norm_mode, partial, serial, skipped)
-        return _run(sgd, tb, hf, f0, f1, f2, scal, nscal, flags, gscale, max_norm,
-                    inv_scale, norm_mode, partial, serial, skipped)
-    if op == OP_ADAM:
-        return _run(adam, tb, f, f0, f1, f2, scal, nscal, flags, gscale, max_norm,
-                    inv_scale, norm_mode, partial, serial, skipped)
-    return _run(sgd, tb, f, f0, f1, f2, scal, nscal, flags, gscale, max_norm,
-                inv_scale, norm_mode, partial, serial, skipped)
+        return _run(op, tb, hf, f0, f1, f2, scal, nscal, flags, gscale, max_norm, inv_scale,
+                    norm_mode, partial, serial, skipped)
+    return _run(op, tb, f, f0, f1, f2, scal, nscal, flags, gscale, max_norm, inv_scale,
+                norm_mode, partial, serial, skipped)
 
 
 # Positions in a table's header (fastopt.backends.tables.StepTable.header):
@@ -654,8 +654,12 @@ def sumsq(const storage[::1] x):
     cdef double[::1] partial = np.empty(nchunks, dtype=np.float64)
     cdef double total = 0
     with nogil:
-        for c in prange(nchunks, schedule="static", num_threads=_num_threads):
-            partial[c] = _sumsq_chunk(xp, c * CHUNK, min(n, (c + 1) * CHUNK))
+        if _num_threads == 1:       # no OpenMP region at all (forked children)
+            for c in range(nchunks):
+                partial[c] = _sumsq_chunk(xp, c * CHUNK, min(n, (c + 1) * CHUNK))
+        else:
+            for c in prange(nchunks, schedule="static", num_threads=_num_threads):
+                partial[c] = _sumsq_chunk(xp, c * CHUNK, min(n, (c + 1) * CHUNK))
         for c in range(nchunks):  # fixed order
             total += partial[c]
     return total

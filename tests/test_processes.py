@@ -1,0 +1,156 @@
+"""Processes and threads: a forked child steps (serially), multiprocessing
+works with every start method, one optimizer stepped from two threads
+serialises, copies do not write into the original."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing as mp
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import fastopt
+
+COMPILED = [b for b in ("cython", "numba") if b in fastopt.available_backends()]
+N = 1 << 17           # above the serial size: the parent's steps use the thread team
+
+
+def run_steps(backend, steps=5, n=N):
+    """A fixed little run; its final params (deterministic)."""
+    p = [np.linspace(-1, 1, n, dtype=np.float32), np.ones(7, np.float32)]
+    opt = fastopt.AdamW(p, lr=1e-2, backend=backend, max_grad_norm=1.0)
+    for t in range(steps):
+        opt.step([np.full(n, 0.01 * (t + 1), np.float32), np.full(7, -1.0, np.float32)])
+    return np.concatenate([a.ravel() for a in p])
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_os_fork_after_threaded_steps(backend):
+    """The parent runs threaded steps, forks; the child steps (serial
+    kernels, since the OpenMP team is the parent's) and gets the same bits."""
+    code = textwrap.dedent(f"""
+        import os, sys, numpy as np
+        sys.path.insert(0, {str(__import__('os').path.dirname(__file__))!r})
+        from test_processes import run_steps
+        import fastopt
+        want = run_steps({backend!r})             # threaded in the parent
+        pid = os.fork()
+        if pid == 0:
+            from fastopt._openmp import in_forked_child
+            ok = in_forked_child() and np.array_equal(run_steps({backend!r}), want)
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _worker(args):
+    backend, steps = args
+    return run_steps(backend, steps)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_multiprocessing_pool_every_start_method(method):
+    backend = COMPILED[0] if COMPILED else "numpy"
+    code = textwrap.dedent(f"""
+        import sys, multiprocessing as mp, numpy as np
+        sys.path.insert(0, {str(__import__('os').path.dirname(__file__))!r})
+        from test_processes import run_steps, _worker
+        if __name__ == "__main__":
+            want = run_steps({backend!r}, 3)          # the parent used its threads first
+            with mp.get_context({method!r}).Pool(2) as pool:
+                got = pool.map(_worker, [({backend!r}, 3)] * 3)
+            sys.exit(0 if all(np.array_equal(g, want) for g in got) else 3)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend", ["numpy", *COMPILED])
+def test_one_optimizer_two_threads_serialises(backend):
+    """Steps from two threads run one after the other: with the same
+    gradient every step, the result is exactly 2 x 30 steps in a row."""
+    def make():
+        p = [np.linspace(0, 1, 5000, dtype=np.float32)]
+        return p, fastopt.Adam(p, lr=1e-3, backend=backend)
+
+    p, opt = make()
+    g = [np.full(5000, 0.5, np.float32)]
+
+    def worker():
+        for _ in range(30):
+            opt.step(g)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    q, serial = make()
+    for _ in range(60):
+        serial.step(g)
+    assert opt.iterations == 60 and opt.state[0]["step"] == 60
+    np.testing.assert_array_equal(p[0], q[0])
+
+
+@pytest.mark.parametrize("backend", ["numpy", *COMPILED])
+def test_a_copy_steps_its_own_arrays(backend):
+    p = [np.ones(100, np.float32)]
+    opt = fastopt.SGD(p, lr=0.5, momentum=0.9, backend=backend)
+    opt.step([np.ones(100, np.float32)])
+    twin = copy.deepcopy(opt)
+    twin.step([np.ones(100, np.float32)])
+    np.testing.assert_array_equal(p[0], 0.5)              # the original is untouched
+    np.testing.assert_allclose(twin.param_groups[0]["params"][0], 0.5 - 0.5 * 1.9)
+
+
+def test_params_appended_after_construction_are_refused():
+    p = [np.ones(3)]
+    opt = fastopt.SGD(p, lr=0.1)
+    opt.param_groups[0]["params"].append(np.ones(2))
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\] changed after"):
+        opt.step([np.ones(3), np.ones(2)])
+    np.testing.assert_array_equal(p[0], 1.0)
+
+
+def test_add_param_group_steps_the_new_group_and_keeps_the_old_state():
+    a, b = np.ones(3), np.ones(2)
+    opt = fastopt.SGD([a], lr=0.1, momentum=0.9)
+    opt.step([np.ones(3)])
+    with pytest.raises(ValueError, match="overlaps"):
+        opt.add_param_group({"params": [a[:2]]})
+    opt.add_param_group({"params": [b], "lr": 0.5})
+    opt.step([np.ones(3), np.ones(2)])
+    np.testing.assert_allclose(a, 1 - 0.1 - 0.1 * 1.9)     # momentum kept
+    np.testing.assert_allclose(b, 0.5)                      # its first step: buf = g
+    assert [s["step"] for s in opt.state] == [2, 1]
+    twin = fastopt.SGD([{"params": [a.copy()]}, {"params": [b.copy()]}], lr=0.1,
+                       momentum=0.9)
+    twin.load_state_dict(opt.state_dict())
+    assert twin.param_groups[1]["lr"] == 0.5
+
+
+def test_zero_grad_and_load_state_dict_settings():
+    p = fastopt.pack([np.ones(3), np.ones(2)])
+    g = p.zeros_like()
+    g.data[:] = 5.0
+    opt = fastopt.SGD(p, lr=0.1, max_grad_norm=1.0)
+    opt.zero_grad(g)
+    assert not g.data.any()
+    lists = [np.ones(3), np.ones(2)]
+    opt.zero_grad(lists)
+    assert not any(x.any() for x in lists)
+    sd = opt.state_dict()
+    other = fastopt.SGD(fastopt.pack([np.ones(3), np.ones(2)]), lr=0.1)
+    with pytest.warns(UserWarning, match="max_grad_norm=1.0 replaces this optimizer's None"):
+        other.load_state_dict(sd)
+    assert other.max_grad_norm == 1.0
