@@ -86,7 +86,7 @@ def main(argv=None):
     import fastopt
     from fastopt.backends import _cuda_kernels as K
     from fastopt.backends import numba_cuda as C
-    from fastopt.backends.scalars import adam_scalars
+    from fastopt.backends.scalars import adam_scalars, sgd_scalars
     try:
         import torch
         if not torch.cuda.is_available():
@@ -104,9 +104,7 @@ def main(argv=None):
     f32 = np.float32
 
     def adam_args(p, g, m, v, out=None, ctrl=None):
-        sc = tuple(x if isinstance(x, bool) else f32(x) for x in s)
-        return (p, g, m, v, v, p if out is None else out, C._fc(p, ctrl), *sc, False,
-                out is not None)
+        return C.adam_args(p, g, m, v, None, s, out, ctrl)
 
     # -- big fp32 buffers ------------------------------------------------------------
     p = cuda.to_device(rng.standard_normal(BIG, dtype=f32))
@@ -125,8 +123,9 @@ def main(argv=None):
                                                            out=p16)),
             "adam_vec_bf16_master": (K._adam_vec_kernel, adam_args(*small[:1], p16,
                                                                    *small[2:], out=p16)),
-            "sgd_fp32": (K._sgd_kernel, (p, g, m, p, C._fc(p, None), *[f32(0.1)] * 6,
-                                         False, True, True, False)),
+            "sgd_fp32": (K._sgd_kernel, C.sgd_args(p, g, m, sgd_scalars(
+                lr=0.1, momentum=0.1, dampening=0.9, nesterov=True, weight_decay=0.0,
+                first_step=False))),
             "sumsq_fp32": (K._sumsq_partial_kernel,
                            (g, *C._scratch(1), 0)),
             "convert_bf16_to_fp32": (K._convert_kernel, (p16, small[0])),
