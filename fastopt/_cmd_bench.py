@@ -23,6 +23,8 @@ def add_arguments(parser):
                         help="folder for bench.json and bench.png (default: %(default)s)")
     parser.add_argument("--no-cold-start", action="store_true",
                         help="skip the new-process compile/cache timing")
+    parser.add_argument("--no-loop", action="store_true",
+                        help="skip the step timed inside a NumPy MLP training loop")
 
 
 class ProgressBar:
@@ -69,6 +71,18 @@ def run(args):
               f"results of those in {', '.join(paths)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(bench.format_table(report))
+    if not (args.quick or args.no_loop):
+        # the step where users call it: after the BLAS forward/backward pass
+        try:
+            report["in_loop"] = bench.in_loop_case()
+        except KeyboardInterrupt:
+            report["interrupted"] = True
+            paths = _write(bench, report, args.out)
+            print(f"fastopt bench: interrupted in the training-loop case; results of the "
+                  f"matrix in {', '.join(paths)}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        print()
+        print(bench.format_in_loop(report["in_loop"]))
     paths = _write(bench, report, args.out)
     print(f"results: {paths[0]}")
     if len(paths) > 1:
