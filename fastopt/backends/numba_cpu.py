@@ -15,6 +15,8 @@ propagate and stay visible.
 
 from __future__ import annotations
 
+import types as types_
+
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange
@@ -240,6 +242,37 @@ def _element_impl(c, w, g, i, s0, s1, s2, flags):
             p, s0[i] = elements.sgd(w, g, s0[i], c, flags)
             return p
         return momentum
+    from .scalars import F_CENTERED, AdagradElement, LionElement, RMSpropElement
+    if kind is RMSpropElement:
+        # s0 square_avg; then grad_avg (centered) and/or momentum_buffer
+        if s1 is None or isinstance(s1, types.NoneType):
+            def rms(c, w, g, i, s0, s1, s2, flags):
+                p, s0[i], _, _ = elements.rmsprop(w, g, s0[i], g, g, c, flags)
+                return p
+            return rms
+        if s2 is None or isinstance(s2, types.NoneType):
+            def rms_one(c, w, g, i, s0, s1, s2, flags):   # s1: grad_avg or momentum
+                if flags & F_CENTERED:
+                    p, s0[i], s1[i], _ = elements.rmsprop(w, g, s0[i], s1[i], g, c, flags)
+                else:
+                    p, s0[i], _, s1[i] = elements.rmsprop(w, g, s0[i], g, s1[i], c, flags)
+                return p
+            return rms_one
+
+        def rms_both(c, w, g, i, s0, s1, s2, flags):
+            p, s0[i], s1[i], s2[i] = elements.rmsprop(w, g, s0[i], s1[i], s2[i], c, flags)
+            return p
+        return rms_both
+    if kind is AdagradElement:
+        def adagrad(c, w, g, i, s0, s1, s2, flags):
+            p, s0[i] = elements.adagrad(w, g, s0[i], c, flags)
+            return p
+        return adagrad
+    if kind is LionElement:
+        def lion(c, w, g, i, s0, s1, s2, flags):
+            p, s0[i] = elements.lion(w, g, s0[i], c, flags)
+            return p
+        return lion
     return None
 
 
@@ -373,30 +406,14 @@ def _decide(partial, max_norm, inv_scale, norm_mode):
     return norm, coef, norm_mode == 2 and not (norm - norm == 0)
 
 
-@_jit
-def _table_serial(c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
-                  like_w, like_g, like_o, gscale, flags, max_norm, inv_scale, norm_mode,
-                  partial):
-    ntasks = tasks.size - 1
-    norm, coef, skip = 0.0, 1.0, False
-    if norm_mode:
-        for t in range(ntasks):
-            partial[t] = _task_sumsq(t, gaddr, pk, plo, phi, tasks, like_g)
-        norm, coef, skip = _decide(partial[:ntasks], max_norm, inv_scale, norm_mode)
-    if not skip:
-        gs = like_w.dtype.type(gscale * coef)
-        for t in range(ntasks):
-            _task_update(t, c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1,
-                         st2, like_w, like_g, like_o, gs, flags)
-    return norm, skip
-
-
-@_pjit
-def _table_parallel(c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
-                    like_w, like_g, like_o, gscale, flags, max_norm, inv_scale, norm_mode,
-                    partial):
-    # Two parallel loops (Numba has no barrier inside one): the workers are
-    # still spinning from the first when the second starts.
+def _table_step(c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
+                like_w, like_g, like_o, gscale, flags, max_norm, inv_scale, norm_mode,
+                partial):
+    """One step over a table: the norm pass (``norm_mode`` 1: for clipping,
+    2: and skip a non-finite step), then the update. Compiled twice below:
+    threaded (``prange`` is a parallel loop: two parallel regions, as Numba
+    has no barrier inside one; the workers are still spinning from the first
+    when the second starts) and serial (``prange`` is ``range``)."""
     ntasks = tasks.size - 1
     norm, coef, skip = 0.0, 1.0, False
     if norm_mode:
@@ -409,6 +426,20 @@ def _table_parallel(c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1,
             _task_update(t, c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1,
                          st2, like_w, like_g, like_o, gs, flags)
     return norm, skip
+
+
+def _named(fn, name):
+    """``fn``'s code under another name: Numba's on-disk cache is keyed by the
+    function's name, so two compilations of one function with different
+    options would otherwise share (and load) each other's entries."""
+    twin = types_.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__,
+                               fn.__closure__)
+    twin.__qualname__ = name
+    return twin
+
+
+_table_serial = _jit(_named(_table_step, "_table_serial"))
+_table_parallel = _pjit(_named(_table_step, "_table_parallel"))
 
 
 @_pjit

@@ -12,7 +12,8 @@ batch 128, 2 cores): 0.55-0.60 ms threaded against 0.19-0.21 ms serial.
 No fixed size threshold serves both, and the right answer depends on the
 user's loop, which the step cannot see. So each table times its own steps
 in both modes and keeps the faster one: :class:`ThreadChoice` runs the
-first steps alternately serial and threaded, then the mode with the lower
+first steps alternately serial and threaded (each mode's first step, which
+may compile or fault pages in, is not counted), then the mode with the lower
 median of its recent times, and retries the other mode every
 ``RETRY`` steps so that a changed loop (a new phase, other threads) is
 noticed. Both modes compute bit-identical results (the norm's partial sums
@@ -36,10 +37,11 @@ RETRY = 50
 class ThreadChoice:
     """The serial/threaded decision of one table (see the module doc)."""
 
-    __slots__ = ("times", "steps", "mode", "last")
+    __slots__ = ("times", "steps", "mode", "last", "warm")
 
     def __init__(self):
         self.times = ([], [])      # recent seconds per step: serial, threaded
+        self.warm = [False, False]  # a mode's first step (compiling, faulting pages in) is not timed
         self.steps = 0
         self.mode = None           # the mode the last step used
         self.last = None           # perf_counter() when that step started
@@ -65,11 +67,14 @@ class ThreadChoice:
         if self.mode is None:
             return
         seconds = time.perf_counter() - self.last
+        self.steps += 1
+        if not self.warm[self.mode]:
+            self.warm[self.mode] = True
+            return
         times = self.times[self.mode]
         times.append(seconds)
         if len(times) > WINDOW:
             del times[0]
-        self.steps += 1
 
     def describe(self) -> str:
         """What it chose and why, for ``fastopt info`` and reports."""
