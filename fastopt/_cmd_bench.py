@@ -100,12 +100,14 @@ def _measure(bench, rows, full, cold, progress):
 
     total = len(rows) + (1 if cold else 0)
     report, results = None, []
+    since = bench.load_snapshot()
     try:
         for i, row in enumerate(rows):
             progress(i, total, f"{row[0]} {sum(int(np.prod(s)) for s in row[2])}")
             report = bench.run(full=full, rows=[row], cold=False)
             results += report["results"]
             report["results"] = results
+            report["load"] = bench.load_since(since)     # over every case so far
         if cold:
             progress(len(rows), total, "cold start")
             cold_starts = bench.run(full=full, rows=[], cold=True)

@@ -262,8 +262,10 @@ def make_step(impl, kind, shapes, dtype="float32", clip=False, layout="packed"):
 
 # -- timing ------------------------------------------------------------------
 
-def time_all(fns, rounds, min_block=0.02):
-    """Minimum mean seconds per call of each function.
+def time_all(fns, rounds, min_block=0.02, medians=None):
+    """Minimum mean seconds per call of each function (and, into the dict
+    ``medians`` when given, the median over the rounds: with the minimum,
+    the spread of the repeats).
 
     Rounds are interleaved (every implementation once per round) so that a
     slow spell of a shared machine hits all of them alike and the same-run
@@ -275,14 +277,16 @@ def time_all(fns, rounds, min_block=0.02):
         t0 = time.perf_counter()
         fn()
         calls[name] = max(1, int(min_block / max(time.perf_counter() - t0, 1e-7)))
-    best = dict.fromkeys(fns, float("inf"))
+    seen = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             for _ in range(calls[name]):
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / calls[name])
-    return best
+            seen[name].append((time.perf_counter() - t0) / calls[name])
+    if medians is not None:
+        medians.update({name: float(np.median(v)) for name, v in seen.items()})
+    return {name: min(v) for name, v in seen.items()}
 
 
 @dataclass
@@ -297,6 +301,7 @@ class Result:
     bytes_per_step: int
     note: str = ""
     layout: str = "packed"
+    median_seconds: float | None = None   # median over the rounds (seconds: the minimum)
 
     @property
     def gbps(self):
@@ -310,10 +315,12 @@ def compare(case, kind, shapes, dtype="float32", clip=False, impls=None, rounds=
     impls = impls or (*CPU_BACKENDS, *BASELINES)
     n = sum(int(np.prod(s)) for s in shapes)
     built = {impl: make_step(impl, kind, shapes, dtype, clip, layout) for impl in impls}
-    times = time_all({k: fn for k, (fn, _) in built.items() if fn is not None}, rounds)
+    medians = {}
+    times = time_all({k: fn for k, (fn, _) in built.items() if fn is not None}, rounds,
+                     medians=medians)
     nbytes = step_bytes(kind, n, dtype, clip)
     return [Result(case, impl, kind, n, len(shapes), np.dtype(dtype).name,
-                   times.get(impl), nbytes, note, layout)
+                   times.get(impl), nbytes, note, layout, medians.get(impl))
             for impl, (_, note) in built.items()]
 
 
@@ -385,6 +392,7 @@ def run(full=False, progress=None, rows=None, cold=True):
     """Run the matrix; returns a JSON-able report (results and metadata)."""
     rounds = 7 if full else 4
     rows = plan(full) if rows is None else rows
+    since = load_snapshot()
     impls = (*CPU_BACKENDS, *BASELINES, *GPU_IMPLS)
     results = []
     total = len(rows) + (1 if cold else 0)
@@ -396,6 +404,7 @@ def run(full=False, progress=None, rows=None, cold=True):
         results += [dict(asdict(r), gbps=r.gbps, **{f"vs_{k}": v for k, v in
                                                     ratio[r.impl].items()})
                     for r in res]
+    load = load_since(since)    # before the cold starts: their processes are ours
     cold_starts = {}
     if cold:
         if progress:
@@ -406,6 +415,7 @@ def run(full=False, progress=None, rows=None, cold=True):
         progress(total, total, "done")
     torch = torch_or_none()
     return {
+        "load": load,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "python": platform.python_version(),
                     "numpy": np.__version__,
@@ -413,6 +423,7 @@ def run(full=False, progress=None, rows=None, cold=True):
                     "gpu": gpu_name() or "no GPU",
                     "fastopt": fastopt.__version__,
                     "fastopt_threads": fastopt.get_num_threads(),
+                    "torch_threads": torch.get_num_threads() if torch else None,
                     "backends": fastopt.backend_info()},
         "results": results,
         "cold_start": cold_starts,
@@ -449,8 +460,8 @@ def format_table(report) -> str:
             return "-"
         return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
 
-    head = (f"{'case':<26} {'impl':<13} {'elements':>10} {'time':>10} {'GB/s':>7} "
-            f"{'%roof':>6} {'vs numpy':>9} {'vs torch':>9} {'vs best':>8}  note")
+    head = (f"{'case':<26} {'impl':<13} {'elements':>10} {'time':>10} {'spread':>6} "
+            f"{'GB/s':>7} {'%roof':>6} {'vs numpy':>9} {'vs torch':>9} {'vs best':>8}  note")
     lines = [head, "-" * len(head)]
     for r in report["results"]:
         roof = r["vs_roofline"]
@@ -458,9 +469,11 @@ def format_table(report) -> str:
         note = r["note"]
         if best is not None and r["impl"] not in TORCH_PATHS:
             note = f"best torch: {r.get('vs_torch_best_impl')}" + (f"; {note}" if note else "")
+        med = r.get("median_seconds")
+        spread = med / r["seconds"] if med and r["seconds"] else None
         lines.append(
             f"{r['case']:<26} {r['impl']:<13} {r['elements']:>10} {t(r['seconds']):>10} "
-            f"{f(r['gbps'], '.1f'):>7} {f(roof and 100 * roof, '.0f'):>6} "
+            f"{f(spread, '.2f'):>6} {f(r['gbps'], '.1f'):>7} {f(roof and 100 * roof, '.0f'):>6} "
             f"{f(r['vs_numpy'], '.2f'):>9} {f(r['vs_torch'], '.2f'):>9} "
             f"{f(best, '.2f'):>8}  {note}")
     lines.append("")
@@ -468,7 +481,8 @@ def format_table(report) -> str:
                  "vs torch = torch.optim.<opt>(fused=True) time / this time; "
                  "vs best = torch's fastest path in the same case (fused, foreach or "
                  "for-loop) / this time; 'list' cases: separate arrays and new gradient "
-                 "arrays every step")
+                 "arrays every step; time = the fastest round's mean, spread = median round "
+                 "/ fastest round")
     for be, c in report.get("cold_start", {}).items():
         cold, warm = c["cold"]["to_first_step"], c["warm"]["to_first_step"]
         lines.append(f"cold start ({be}): first AdamW step done {cold:.2f} s after start "
@@ -477,7 +491,17 @@ def format_table(report) -> str:
                      "(compiled ahead of time)")
     m = report["machine"]
     lines.append(f"machine: {m['processor'] or m['platform']}, {m['cpus']} CPUs, "
-                 f"torch {m['torch']}, GPU: {m['gpu']}")
+                 f"torch {m['torch']}, GPU: {m['gpu']}; threads: fastopt "
+                 f"{m.get('fastopt_threads')}, torch {m.get('torch_threads')}")
+    load = report.get("load")
+    if load:
+        other = load["other_processes"]
+        lines.append(f"load average {load['loadavg_before'][0]:.2f} before, "
+                     f"{load['loadavg_after'][0]:.2f} after; {other['note']}")
+        if other.get("other_cpu_fraction", 0) >= 0.02:
+            lines.append("WARNING: another process used the CPUs during this run; threaded "
+                         "steps (fastopt's and torch's) wait for descheduled threads, so "
+                         "these ratios are not those of an idle machine: rerun when idle")
     return "\n".join(lines)
 
 
@@ -802,6 +826,19 @@ def _cpu_ticks():
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = v
     return user + nice + system + irq + softirq, steal, sum(int(x) for x in s[11:15])
+
+
+def load_snapshot():
+    """Where the machine's load stands now, for :func:`load_since`."""
+    return time.perf_counter(), os.getloadavg(), _cpu_ticks()
+
+
+def load_since(snapshot) -> dict:
+    """Load averages and other processes' CPU use since ``snapshot``: a
+    benchmark on a machine something else was using says so."""
+    t0, load0, ticks0 = snapshot
+    return {"loadavg_before": load0, "loadavg_after": os.getloadavg(),
+            "other_processes": _other_cpu(ticks0, _cpu_ticks(), time.perf_counter() - t0)}
 
 
 def _other_cpu(before, after, wall):

@@ -189,3 +189,13 @@ def test_a_group_of_float32_and_float64_is_refused_at_construction():
         fastopt.Adam([np.ones(3, np.float32), np.ones(3)], lr=0.1)
     # each dtype in its own group is fine
     fastopt.Adam([{"params": [np.ones(3, np.float32)]}, {"params": [np.ones(3)]}], lr=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_none_says_what_it_needs(backend):
+    p = [np.ones(3)]
+    opt = fastopt.SGD(p, lr=0.1, backend=backend)
+    with pytest.raises(TypeError, match="grads is None: step\\(\\) needs the gradients"):
+        opt.step(None)
+    np.testing.assert_array_equal(p[0], 1.0)
+    assert opt.iterations == 0
