@@ -517,6 +517,32 @@ IMPL_STYLE = {   # colour, marker: fastopt solid, baselines dashed
 }
 
 
+def _plot_cases(ax, report):
+    """The headline cases (everything but the sweep): each fastopt backend's
+    speedup over torch's fastest path in that case, as horizontal bars."""
+    cases = list(dict.fromkeys(r["case"] for r in report["results"]
+                               if r["case"] != SWEEP_CASE))
+    by = {(r["case"], r["impl"]): r for r in report["results"]}
+    backends = [b for b in CPU_BACKENDS if any((c, b) in by for c in cases)]
+    height = 0.8 / max(len(backends), 1)
+    for k, be in enumerate(backends):
+        vals = [(by.get((c, be)) or {}).get("vs_torch_best") or 0.0 for c in cases]
+        c, _, _ = IMPL_STYLE.get(be, ("C7", "x", "-"))
+        ys = [i + k * height for i in range(len(cases))]
+        ax.barh(ys, vals, height=height, color=c, label=be)
+        for y, v in zip(ys, vals):
+            if v:
+                ax.text(v, y, f" {v:.1f}x", va="center", fontsize=7)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))])
+    ax.set_yticklabels(cases, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("speedup over torch's fastest path (same run)")
+    ax.set_title("headline cases ('list': new gradient arrays every step)")
+    ax.legend(fontsize=8, loc="lower right")
+
+
 def plot(report, path):
     """Throughput and time per step vs size, per implementation, with the
     same-run roofline drawn. Needs matplotlib; returns False without it."""
@@ -525,7 +551,9 @@ def plot(report, path):
     if plt is None:
         return False
     rows = [r for r in report["results"] if r["case"] == SWEEP_CASE and r["seconds"]]
-    fig, (ax_bw, ax_t) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (ax_bw, ax_t, ax_cases) = plt.subplots(1, 3, figsize=(18, 4.8),
+                                                gridspec_kw={"width_ratios": [1, 1, 1.2]})
+    _plot_cases(ax_cases, report)
     series = {}
     for r in rows:
         series.setdefault(r["impl"], []).append((r["elements"], r["gbps"], r["seconds"]))

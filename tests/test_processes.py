@@ -154,3 +154,32 @@ def test_zero_grad_and_load_state_dict_settings():
     with pytest.warns(UserWarning, match="max_grad_norm=1.0 replaces this optimizer's None"):
         other.load_state_dict(sd)
     assert other.max_grad_norm == 1.0
+
+
+def test_a_scheduled_lr_reads_as_the_number_the_next_step_uses():
+    """torch users read opt.param_groups[i]["lr"] to log the lr: with a
+    schedule it is the number the next step uses; writing a number replaces
+    the schedule, assigning a schedule takes over; checkpoints keep it."""
+    from fastopt import schedules as S
+
+    sched = S.linear(1.0, 0.0, 10)
+    p = [np.ones(3)]
+    opt = fastopt.SGD(p, lr=sched)
+    group = opt.param_groups[0]
+    assert group["lr"] == sched(0) and isinstance(group["lr"], float)
+    opt.step([np.ones(3)])
+    assert opt.last_lr == [sched(0)] and group["lr"] == sched(1)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["lr"] == {"schedule": sched.to_dict()}
+    twin = fastopt.SGD([np.ones(3)], lr=0.3)
+    twin.load_state_dict(sd)
+    assert twin.param_groups[0]["lr"] == sched(1)
+    twin.step([np.ones(3)])
+    assert twin.last_lr == [sched(1)]
+    group["lr"] = 0.5                                   # a number replaces the schedule
+    opt.step([np.ones(3)])
+    opt.step([np.ones(3)])
+    assert opt.last_lr == [0.5] and group["lr"] == 0.5
+    group["lr"] = S.constant(0.25)                      # a schedule takes over
+    opt.step([np.ones(3)])
+    assert opt.last_lr == [0.25] and group["lr"] == 0.25

@@ -144,6 +144,7 @@ class Optimizer:
         self._names = None      # a KeyTree when the params were given by name
         self._given = None      # the params object bind() took (step(params=) checks it)
         self._group_lists, self._group_sizes = [], []
+        self._schedules, self._lr_shown = {}, {}    # group -> lr schedule, shown value
         self._lock = threading.RLock()
         if params is not None:
             self.bind(params)
@@ -200,6 +201,8 @@ class Optimizer:
         self._bound = None      # host: the FlatArrays of grads the tables point at
         self._group_lists = [g["params"] for g in self.param_groups]
         self._group_sizes = [len(g["params"]) for g in self.param_groups]
+        self._schedules, self._lr_shown = {}, {}
+        self._show_lr()
 
     # -- construction helpers ---------------------------------------------
     @staticmethod
@@ -476,6 +479,7 @@ class Optimizer:
             self._group_sizes.append(len(group["params"]))
             self._tables, self._bound, self._cached = None, None, (None, None)
             self._given = None
+            self._show_lr()
 
     def _bind_or_check(self, params):
         """``step(params=...)``: bind the first time, then insist on the same arrays."""
@@ -503,7 +507,8 @@ class Optimizer:
         tables = self._tables or self._host_tables()
         self._bind_grads(tables, grads)          # checks every gradient first
         wheres = self._wheres
-        hypers = [self._resolve(g, wheres[gi]) for gi, g in enumerate(self.param_groups)]
+        hypers = [self._resolve(self._with_schedule(gi, g), wheres[gi])
+                  for gi, g in enumerate(self.param_groups)]
         max_norm = self.max_grad_norm   # public attributes: re-checked like the groups
         if max_norm is not None:
             max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True)
@@ -570,7 +575,43 @@ class Optimizer:
         self.iterations += 1
         self.grad_norm = norm
         self.last_lr = [h["lr"] for h in hypers]
+        if self._schedules:
+            self._show_lr()
         return norm
+
+    # -- schedules: kept apart, group["lr"] shows the number --------------------
+    def _with_schedule(self, gi, group):
+        """Group ``gi`` with its lr schedule in place of the number it shows.
+
+        A schedule given for lr (or assigned to ``group["lr"]`` later) is kept
+        here, and ``group["lr"]`` reads as the value the next step will use,
+        as after a torch scheduler's step. A number the user writes over that
+        value replaces the schedule."""
+        lr = group["lr"]
+        if callable(lr):
+            self._schedules[gi] = lr
+        else:
+            sched = self._schedules.get(gi)
+            if sched is None:
+                return group
+            if lr is not self._lr_shown.get(gi):      # the user wrote a number
+                del self._schedules[gi]
+                return group
+            lr = sched
+        return dict(group, lr=lr)
+
+    def _show_lr(self):
+        """Write each scheduled group's next lr into ``group["lr"]``."""
+        for gi, group in enumerate(self.param_groups):
+            self._with_schedule(gi, group)             # take up a newly assigned one
+            sched = self._schedules.get(gi)
+            if sched is not None:
+                try:
+                    value = float(sched(self.iterations))
+                except (TypeError, ValueError):
+                    value = group["lr"] if not callable(group["lr"]) else float("nan")
+                group["lr"] = value
+                self._lr_shown[gi] = value
 
     def _fused_call(self, be, t, s, bufs, max_norm, inv_scale, norm_mode):
         """Norm, skip decision and update of the only table in one call;
@@ -842,7 +883,7 @@ class Optimizer:
         be = self._backend
         if flats is None:
             flats = [seg[2] for segs in segments for seg in segs]
-        hypers = [self._resolve(g, where=f"param_groups[{gi}]")
+        hypers = [self._resolve(self._with_schedule(gi, g), where=f"param_groups[{gi}]")
                   for gi, g in enumerate(self.param_groups)]
         max_norm = self.max_grad_norm
         if max_norm is not None:
@@ -902,7 +943,7 @@ class Optimizer:
         groups, state = [], []
         for gi, group in enumerate(self.param_groups):
             hyp = {}
-            for k, v in group.items():
+            for k, v in self._with_schedule(gi, group).items():
                 if k == "params":
                     continue
                 if callable(v):
@@ -1029,11 +1070,13 @@ class Optimizer:
             for group, hyp in zip(self.param_groups, new_hypers):
                 group.update(hyp)
             self.state = new_state
+            self._schedules, self._lr_shown = {}, {}
             self._tables = None       # the master copies (weights) are new arrays
             self._bound = None
             self.iterations = iterations
             self.skipped_steps = skipped
             apply_options()
+            self._show_lr()
         return apply
 
     def _prepare_options(self, options):
