@@ -547,7 +547,7 @@ class ShardedOptimizer(_Distributed):
         inner = cls(local_specs, **options)
         if inner._device:
             raise TypeError("ShardedOptimizer shards host arrays; device arrays are not supported")
-        inner._grad_stats = self._grad_stats    # norms and finite flags over all shards
+        inner.grad_stats = self._grad_stats     # norms and finite flags over all shards
         self._inner, self._cls = inner, cls
         self.param_groups = []
         for gi, (spec, g) in enumerate(zip(specs, arrays)):

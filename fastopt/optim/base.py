@@ -146,6 +146,12 @@ class Optimizer:
         self._group_lists, self._group_sizes = [], []
         self._schedules, self._lr_shown = {}, {}    # group -> lr schedule, shown value
         self._lock = threading.RLock()
+        #: Extension point: ``grad_stats(backend, grads, check) -> (norm, all
+        #: finite?)`` over the step's 1-D gradient arrays, replacing the
+        #: optimizer's own norm pass (then not fused into the update). A
+        #: sharded optimizer (fastopt.distributed) combines its ranks' partial
+        #: sums of squares and finite flags here with one allreduce.
+        self.grad_stats = None
         if params is not None:
             self.bind(params)
 
@@ -523,7 +529,7 @@ class Optimizer:
         compiled = self._compiled
         # One table and the optimizer's own statistics: the norm pass, the
         # skip decision and the update are one native call.
-        fused = self._single and "_grad_stats" not in self.__dict__
+        fused = self._single and self.grad_stats is None
         norm, coef, skip = None, 1.0, False
         try:
             plans = []
@@ -761,21 +767,16 @@ class Optimizer:
 
     def _table_stats(self, be, tables, compiled, check):
         """``(global norm, all finite?)`` of the gradients of ``tables``: one
-        compiled reduction per table, unless ``_grad_stats`` was replaced
-        (a sharded optimizer combines its ranks' sums there)."""
-        if compiled and "_grad_stats" not in self.__dict__:
+        compiled reduction per table, or the :attr:`grad_stats` hook."""
+        if self.grad_stats is not None:
+            return self.grad_stats(be, [g for t in tables for g in self._grad_views(t)],
+                                   check)
+        if compiled:
             norm = math.sqrt(sum(be.sumsq_table(t) for t in tables))
-            return norm, (not check) or _all_finite(   # views only if the norm is inf
-                norm, (g for t in tables for g in self._grad_views(t)))
-        return self._grad_stats(be, [g for t in tables for g in self._grad_views(t)], check)
-
-    def _grad_stats(self, backend, flats, check):
-        """``(global norm, all finite?)`` of the step's gradients ``flats``
-        (``all finite`` is only needed when ``check``). The hook where a
-        sharded optimizer (:mod:`fastopt.distributed`) combines its partial
-        sums of squares and finite flags across ranks with one allreduce."""
-        norm = norm_of(backend, flats)
-        return norm, (not check) or _all_finite(norm, flats)
+        else:
+            norm = norm_of(be, (g for t in tables for g in self._grad_views(t)))
+        return norm, (not check) or _all_finite(   # views only if the norm is inf
+            norm, (g for t in tables for g in self._grad_views(t)))
 
     def _state_buffer(self, state, runs, ri, name):
         """The run's flat state buffer ``name``, zero-allocated on first use

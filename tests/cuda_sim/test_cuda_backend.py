@@ -624,3 +624,21 @@ def test_checkpoint_mismatch_on_device_writes_nothing(rng, tmp_path):
     with pytest.raises(fastopt.CheckpointError, match=r"params\[0\] is float32\[11\]"):
         fastopt.load(tmp_path / "c.npz", params=other)
     np.testing.assert_array_equal(host(other[0]), before)
+
+
+def test_fastopt_cuda_is_the_public_home_of_the_device_helpers(rng):
+    """``fastopt.cuda.pack`` and friends are the backend's own objects, and a
+    model packed with them steps in one launch like the reference."""
+    from fastopt import cuda
+
+    assert cuda.pack is C.pack and cuda.DeviceFlatArrays is C.DeviceFlatArrays
+    init = [_normal(rng, 12, F32), _normal(rng, 5, F32)]
+    params = cuda.pack(init)
+    grads = params.zeros_like()
+    g = _normal(rng, 17, F32)
+    grads.data.copy_to_device(g)
+    opt = fastopt.AdamW(params, lr=1e-2)
+    ref = fastopt.AdamW([a.copy() for a in init], lr=1e-2, backend="numpy")
+    opt.step(grads)
+    ref.step([g[:12], g[12:]])
+    close(host(params.data), np.concatenate(ref.param_groups[0]["params"]), "params")
