@@ -27,9 +27,9 @@ DTYPES = ["float32", "float64"]
 CACHE_TIMEOUT = 900
 
 
-def build_step(impl, kind, shapes, dtype="float32", clip=False):
+def build_step(impl, kind, shapes, dtype="float32", clip=False, layout="packed"):
     """A warmed-up step callable, or NotImplementedError (asv: skipped)."""
-    fn, note = bench.make_step(impl, kind, shapes, dtype, clip)
+    fn, note = bench.make_step(impl, kind, shapes, dtype, clip, layout)
     if fn is None:
         raise NotImplementedError(note)
     fn()   # compile (Numba) and fault pages in outside the timing
@@ -55,14 +55,15 @@ def temporary_bytes(fn):
 
 
 def ratio_matrix(cases, impls, rounds=3):
-    """``{case_key: {impl: {"gbps", "roofline", "numpy", "torch"}}}`` for
-    ``cases = {key: (kind, shapes, dtype, clip)}``, each case timed in one
-    interleaved comparison."""
+    """``{case_key: {impl: {"gbps", "roofline", "numpy", "torch", "torch_best"}}}``
+    for ``cases = {key: (kind, shapes, dtype, clip)}``, each case timed in one
+    interleaved comparison (with every torch path, so that ``torch_best`` is
+    torch's fastest in that case)."""
     out = {}
-    for key, (kind, shapes, dtype, clip) in cases.items():
+    for key, (kind, shapes, dtype, clip, *layout) in cases.items():
         results = bench.compare(str(key), kind, shapes, dtype, clip,
-                                impls=(*impls, "roofline", "numpy", "torch-fused"),
-                                rounds=rounds)
+                                impls=(*impls, "roofline", "numpy", *bench.TORCH_PATHS),
+                                rounds=rounds, layout=layout[0] if layout else "packed")
         ratios = bench.speedups(results)
         out[key] = {r.impl: dict(ratios[r.impl], gbps=r.gbps) for r in results}
     return out
@@ -116,6 +117,13 @@ class _RatioTracks:
         return self._get(cache, params, "torch")
 
     track_speedup_vs_torch_fused.unit = "x torch fused"
+
+    def track_speedup_vs_torch_best(self, cache, *params):
+        """Against torch's fastest path in the same run (fused, foreach or
+        for-loop, whichever won that case)."""
+        return self._get(cache, params, "torch_best")
+
+    track_speedup_vs_torch_best.unit = "x torch's fastest"
 
 
 # -- the step inside a training loop (bench_in_loop.py) --------------------------

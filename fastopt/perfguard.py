@@ -30,8 +30,10 @@ from . import bench
 METRICS = {
     "roofline": "fraction of the streaming kernel's speed",
     "numpy": "speedup vs straightforward NumPy",
-    "torch": "speedup vs torch fused",
+    "torch": "speedup vs torch's fastest path (fused, foreach or for-loop, same run)",
 }
+# the ratio each metric reads from bench.speedups
+_RATIO = {"roofline": "roofline", "numpy": "numpy", "torch": "torch_best"}
 
 
 def shipped_floors():
@@ -106,7 +108,7 @@ def load_floors(path=None):
 
 def _measure(c, rounds):
     impls = [i for i in c["floors"] if i in bench.CPU_BACKENDS or i == "numpy"]
-    needed = {"roofline", "numpy"} | ({"torch-fused"} if any(
+    needed = {"roofline", "numpy"} | (set(bench.TORCH_PATHS) if any(
         "torch" in m for m in c["floors"].values()) else set())
     shapes = [tuple(c["shape"])] * c.get("tensors", 1)
     results = bench.compare(c["case"], c["kind"], shapes,
@@ -136,7 +138,7 @@ def run_checks(spec, attempts=None, rounds=None, progress=None):
             ratios, times = _measure(c, rounds)
             for ch in mine:
                 if not ch.ok:
-                    ch.measured.append(ratios.get(ch.impl, {}).get(ch.metric))
+                    ch.measured.append(ratios.get(ch.impl, {}).get(_RATIO[ch.metric]))
                     ch.times = times
             if all(ch.ok for ch in mine):
                 break
