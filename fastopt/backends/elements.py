@@ -117,3 +117,60 @@ def sgd(p, g, buf, c, flags):
             g = buf
     p = p - c.lr * g
     return p, buf
+
+
+# RMSprop, Adagrad and Lion. Their flags are imported here rather than at
+# the top so the additions stay in one block.
+from .scalars import F_CENTERED, F_INITIAL  # noqa: E402
+
+
+@register_jitable
+def rmsprop(p, g, sq, ga, buf, c, flags):
+    """torch.optim.RMSprop's update (``c`` an RMSpropElement): ``sq`` the
+    square average, ``ga`` the gradient average (F_CENTERED), ``buf`` the
+    momentum buffer (F_MOMENTUM)."""
+    if flags & F_L2:
+        g = g + c.l2 * p
+    sq = c.alpha * sq + c.one_minus_alpha * g * g
+    if flags & F_CENTERED:
+        ga = c.alpha * ga + c.one_minus_alpha * g
+        avg = sqrt(sq - ga * ga) + c.eps
+    else:
+        avg = sqrt(sq) + c.eps
+    if flags & F_MOMENTUM:
+        buf = c.momentum * buf + g / avg
+        p = p - c.lr * buf
+    else:
+        p = p - c.lr * g / avg
+    return p, sq, ga, buf
+
+
+@register_jitable
+def adagrad(p, g, acc, c, flags):
+    """torch.optim.Adagrad's update (``c`` an AdagradElement): ``acc`` the
+    sum of squared gradients; on its first step (F_INITIAL) it starts from
+    ``c.initial`` (torch's initial_accumulator_value) instead of the buffer."""
+    if flags & F_L2:
+        g = g + c.l2 * p
+    if flags & F_INITIAL:
+        acc = c.initial
+    acc = acc + g * g
+    p = p - c.clr * g / (sqrt(acc) + c.eps)
+    return p, acc
+
+
+@register_jitable
+def lion(p, g, m, c, flags):
+    """Lion (Chen et al. 2023, Algorithm 2; ``c`` a LionElement): the
+    weight moves by ``lr * sign(beta1 m + (1 - beta1) g)``, sign(0) = 0,
+    and a NaN stays NaN (the comparisons are false for it)."""
+    u = c.beta1 * m + c.one_minus_beta1 * g
+    if u > 0:
+        d = c.lr
+    elif u < 0:
+        d = -c.lr
+    else:
+        d = u * c.lr            # lr * sign(u) for u = +-0 and NaN
+    p = p * c.decay - d
+    m = c.beta2 * m + c.one_minus_beta2 * g
+    return p, m

@@ -109,3 +109,73 @@ def sumsq(x) -> float:
 def scale(x, c: float) -> None:
     """``x *= c`` in the array's dtype."""
     x *= x.dtype.type(c)
+
+
+def rmsprop_update(p, g, square_avg, grad_avg, buf, s, out=None) -> None:
+    r"""One torch.optim.RMSprop step (``s`` an RMSpropScalars); ``grad_avg``
+    is None unless centered, ``buf`` None unless momentum > 0.
+
+    .. math::
+        g &\leftarrow c\,g + \lambda\,p \\
+        v &\leftarrow \alpha v + (1-\alpha) g^2 \\
+        \bar g &\leftarrow \alpha \bar g + (1-\alpha) g,\quad
+            \tilde v = v - \bar g^2 \text{ (centered) else } v \\
+        b &\leftarrow \mu b + g / (\sqrt{\tilde v} + \epsilon),\quad p \leftarrow p - \eta b
+            \text{ (momentum)} \\
+        p &\leftarrow p - \eta\, g / (\sqrt{\tilde v} + \epsilon) \text{ (otherwise)}
+    """
+    t = p.dtype.type
+    grad = _wide(g, p.dtype) * t(s.grad_scale)
+    if s.l2 != 0.0:
+        grad = grad + t(s.l2) * p
+    square_avg[...] = t(s.alpha) * square_avg + t(s.one_minus_alpha) * grad * grad
+    if grad_avg is not None:  # centered
+        grad_avg[...] = t(s.alpha) * grad_avg + t(s.one_minus_alpha) * grad
+        avg = np.sqrt(square_avg - grad_avg * grad_avg) + t(s.eps)
+    else:
+        avg = np.sqrt(square_avg) + t(s.eps)
+    if buf is not None:  # momentum
+        buf[...] = t(s.momentum) * buf + grad / avg
+        p[...] = p - t(s.lr) * buf
+    else:
+        p[...] = p - t(s.lr) * grad / avg
+    _write_back(p, out)
+
+
+def adagrad_update(p, g, acc, s, out=None) -> None:
+    r"""One torch.optim.Adagrad step (``s`` an AdagradScalars).
+
+    .. math::
+        g &\leftarrow c\,g + \lambda\,p \\
+        S &\leftarrow S + g^2 \quad (S_0 = \text{initial\_accumulator\_value}) \\
+        p &\leftarrow p - \frac{\eta}{1 + (t-1)\,\eta_{decay}}\, \frac{g}{\sqrt{S} + \epsilon}
+
+    On the first step (``s.first_step``) the zero-allocated ``acc`` is taken
+    to hold ``s.initial``, as torch's ``full_like`` would have filled it.
+    """
+    t = p.dtype.type
+    grad = _wide(g, p.dtype) * t(s.grad_scale)
+    if s.l2 != 0.0:
+        grad = grad + t(s.l2) * p
+    start = np.full_like(acc, s.initial) if s.first_step else acc
+    acc[...] = start + grad * grad
+    p[...] = p - t(s.clr) * grad / (np.sqrt(acc) + t(s.eps))
+    _write_back(p, out)
+
+
+def lion_update(p, g, m, s, out=None) -> None:
+    r"""One Lion step (Chen et al. 2023, Algorithm 2; ``s`` a LionScalars).
+
+    .. math::
+        u &= \beta_1 m + (1-\beta_1)\, c\,g \\
+        p &\leftarrow p\,(1 - \eta\lambda) - \eta\, \mathrm{sign}(u) \\
+        m &\leftarrow \beta_2 m + (1-\beta_2)\, c\,g
+
+    ``sign(0) = 0``; a NaN gradient gives NaN (``np.sign(nan)`` is NaN).
+    """
+    t = p.dtype.type
+    grad = _wide(g, p.dtype) * t(s.grad_scale)
+    u = t(s.beta1) * m + t(s.one_minus_beta1) * grad
+    p[...] = p * t(s.decay) - t(s.lr) * np.sign(u)
+    m[...] = t(s.beta2) * m + t(s.one_minus_beta2) * grad
+    _write_back(p, out)

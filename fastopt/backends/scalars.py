@@ -150,3 +150,124 @@ def sgd_element(s: SGDScalars, momentum: bool) -> ElementStep:
     flags = ((F_L2 if s.use_l2 else 0) | (F_MOMENTUM if momentum else 0)
              | (F_NESTEROV if momentum and s.nesterov else 0))
     return ElementStep(OP_SGD, values, flags, s.grad_scale, SGDElement)
+
+
+# -- RMSprop, Adagrad, Lion ---------------------------------------------------------
+# The same three pieces as Adam's and SGD's: the step's scalars (host,
+# float64), the element function's view of them, and its flag bits (each
+# optimizer reads its own flags; the values may repeat across optimizers).
+
+OP_RMSPROP, OP_ADAGRAD, OP_LION = 2, 3, 4
+F_CENTERED = 4    # RMSprop: subtract the squared running mean of the gradient
+F_INITIAL = 2     # Adagrad: the accumulator starts from initial_accumulator_value
+#                   (its first step; F_L2 and F_MOMENTUM (RMSprop) as above)
+
+
+class RMSpropScalars(NamedTuple):
+    lr: float
+    alpha: float
+    one_minus_alpha: float
+    eps: float
+    l2: float               # weight decay added to the gradient
+    momentum: float         # 0: no momentum buffer
+    grad_scale: float       # clip coefficient, negated for maximize
+    centered: bool
+
+
+class AdagradScalars(NamedTuple):
+    clr: float              # lr / (1 + (t - 1) * lr_decay)
+    eps: float
+    l2: float
+    initial: float          # initial_accumulator_value
+    grad_scale: float
+    first_step: bool        # the accumulator buffer is new: start it at ``initial``
+
+
+class LionScalars(NamedTuple):
+    lr: float
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    decay: float            # decoupled decay factor 1 - lr*wd
+    grad_scale: float
+
+
+def rmsprop_scalars(*, lr, alpha, eps, weight_decay, momentum, centered,
+                    grad_scale=1.0, maximize=False) -> RMSpropScalars:
+    """Scalars for torch.optim.RMSprop's update."""
+    lr, alpha, eps, weight_decay, momentum, grad_scale = map(
+        float, (lr, alpha, eps, weight_decay, momentum, grad_scale))
+    return RMSpropScalars(lr, alpha, 1.0 - alpha, eps, weight_decay, momentum,
+                          -grad_scale if maximize else grad_scale, bool(centered))
+
+
+def adagrad_scalars(*, lr, lr_decay, eps, weight_decay, initial_accumulator_value, step,
+                    first_step, grad_scale=1.0, maximize=False) -> AdagradScalars:
+    """Scalars for torch.optim.Adagrad at 1-based ``step``.
+
+    torch fills the accumulator with ``initial_accumulator_value`` when it
+    makes it; here the buffer is zero-allocated with the rest of the state,
+    and on its first step (``first_step``) the element function starts from
+    ``initial`` instead of reading it (flag ``F_INITIAL``): the same value,
+    with nothing written before the step's checks are done.
+    """
+    lr, lr_decay, grad_scale = float(lr), float(lr_decay), float(grad_scale)
+    return AdagradScalars(lr / (1.0 + (step - 1) * lr_decay), float(eps), float(weight_decay),
+                          float(initial_accumulator_value),
+                          -grad_scale if maximize else grad_scale, bool(first_step))
+
+
+def lion_scalars(*, lr, beta1, beta2, weight_decay, grad_scale=1.0,
+                 maximize=False) -> LionScalars:
+    """Scalars for Lion (Chen et al. 2023, Algorithm 2)."""
+    lr, beta1, beta2, weight_decay, grad_scale = map(
+        float, (lr, beta1, beta2, weight_decay, grad_scale))
+    return LionScalars(lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay,
+                       -grad_scale if maximize else grad_scale)
+
+
+class RMSpropElement(NamedTuple):
+    """The RMSprop element function's scalars."""
+    lr: float
+    alpha: float
+    one_minus_alpha: float
+    eps: float
+    l2: float
+    momentum: float
+
+
+class AdagradElement(NamedTuple):
+    """The Adagrad element function's scalars."""
+    clr: float
+    eps: float
+    l2: float
+    initial: float
+
+
+class LionElement(NamedTuple):
+    """The Lion element function's scalars."""
+    lr: float
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    decay: float
+
+
+def rmsprop_element(s: RMSpropScalars) -> ElementStep:
+    """State in kernel order: square_avg, then grad_avg (centered), then
+    momentum_buffer (momentum > 0)."""
+    flags = ((F_L2 if s.l2 != 0.0 else 0) | (F_CENTERED if s.centered else 0)
+             | (F_MOMENTUM if s.momentum > 0.0 else 0))
+    return ElementStep(OP_RMSPROP, tuple(s[:6]), flags, s.grad_scale, RMSpropElement)
+
+
+def adagrad_element(s: AdagradScalars) -> ElementStep:
+    flags = (F_L2 if s.l2 != 0.0 else 0) | (F_INITIAL if s.first_step else 0)
+    return ElementStep(OP_ADAGRAD, (s.clr, s.eps, s.l2, s.initial), flags, s.grad_scale,
+                       AdagradElement)
+
+
+def lion_element(s: LionScalars) -> ElementStep:
+    return ElementStep(OP_LION, tuple(s[:6]), 0, s.grad_scale, LionElement)

@@ -177,12 +177,20 @@ def element_of(s, nstate):
         return adam_element(s, amsgrad=nstate == 3)
     if isinstance(s, SGDScalars):
         return sgd_element(s, momentum=nstate == 1)
+    from . import scalars as S
+    if isinstance(s, S.RMSpropScalars):
+        return S.rmsprop_element(s)
+    if isinstance(s, S.AdagradScalars):
+        return S.adagrad_element(s)
+    if isinstance(s, S.LionScalars):
+        return S.lion_element(s)
     raise TypeError(f"no element function for {type(s).__name__}")
 
 
 def step_per_array(be, table, s, buffers, coef):
     """The table's step array by array with ``be``'s per-array functions:
     for backends without a compiled table step (the NumPy reference)."""
+    from .scalars import AdagradScalars, LionScalars, RMSpropScalars
     s = s._replace(grad_scale=s.grad_scale * coef)
     for k, (w, g) in enumerate(zip(table.weights, table.grads)):
         lo = int(table.soff[k])
@@ -190,5 +198,13 @@ def step_per_array(be, table, s, buffers, coef):
         out = None if table.outs is None else table.outs[k]
         if isinstance(s, AdamScalars):
             be.adam_update(w, g, st[0], st[1], st[2] if len(st) == 3 else None, s, out)
+        elif isinstance(s, RMSpropScalars):   # square_avg [grad_avg] [momentum_buffer]
+            ga = st[1] if s.centered else None
+            buf = st[-1] if s.momentum > 0.0 else None
+            be.rmsprop_update(w, g, st[0], ga, buf, s, out)
+        elif isinstance(s, AdagradScalars):
+            be.adagrad_update(w, g, st[0], s, out)
+        elif isinstance(s, LionScalars):
+            be.lion_update(w, g, st[0], s, out)
         else:
             be.sgd_update(w, g, st[0] if st else None, s, out)

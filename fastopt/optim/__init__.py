@@ -1,8 +1,11 @@
 """Optimizer classes."""
 
+from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .base import Optimizer
 from .loss_scale import LossScaler
+from .lion import Lion
+from .rmsprop import RMSprop
 from .sgd import SGD
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LossScaler"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Lion", "LossScaler"]

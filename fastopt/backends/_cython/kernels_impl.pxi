@@ -170,9 +170,18 @@ ctypedef struct AdamOp:
     char tag
 ctypedef struct SgdOp:
     char tag
+ctypedef struct RmspropOp:
+    char tag
+ctypedef struct AdagradOp:
+    char tag
+ctypedef struct LionOp:
+    char tag
 ctypedef fused Op:
     AdamOp
     SgdOp
+    RmspropOp
+    AdagradOp
+    LionOp
 
 
 cdef inline void _adam_elem(floating* p, floating g, floating* m, floating* v,
@@ -214,6 +223,70 @@ cdef inline void _sgd_elem(floating* p, floating g, floating* buf,
     p[0] = p[0] - c[0] * g
 
 
+# RMSprop, Adagrad, Lion (fastopt.backends.scalars: OP_*, F_* and the
+# *Element tuples give the values and the scalars' order)
+cdef enum:
+    OP_RMSPROP = 2
+    OP_ADAGRAD = 3
+    OP_LION = 4
+    F_CENTERED = 4    # RMSprop: centered (F_L2, F_MOMENTUM as above)
+    F_INITIAL = 2     # Adagrad: first step, the sum starts at initial_accumulator_value
+
+
+cdef inline void _rmsprop_elem(floating* p, floating g, floating* sq, floating* ga,
+                               floating* buf, const floating* c, int flags) noexcept nogil:
+    # c: lr, alpha, 1 - alpha, eps, l2, momentum. ``ga`` is read only when
+    #    centered, ``buf`` only with momentum.
+    cdef floating s, a, avg, b
+    if flags & F_L2:
+        g = g + c[4] * p[0]
+    s = c[1] * sq[0] + c[2] * g * g
+    sq[0] = s
+    if flags & F_CENTERED:
+        a = c[1] * ga[0] + c[2] * g
+        ga[0] = a
+        avg = _sqrt(s - a * a) + c[3]
+    else:
+        avg = _sqrt(s) + c[3]
+    if flags & F_MOMENTUM:
+        b = c[5] * buf[0] + g / avg
+        buf[0] = b
+        p[0] = p[0] - c[0] * b
+    else:
+        p[0] = p[0] - c[0] * g / avg
+
+
+cdef inline void _adagrad_elem(floating* p, floating g, floating* acc,
+                               const floating* c, int flags) noexcept nogil:
+    # c: clr = lr / (1 + (t - 1) * lr_decay), eps, l2, initial_accumulator_value
+    cdef floating s
+    if flags & F_L2:
+        g = g + c[2] * p[0]
+    if flags & F_INITIAL:
+        s = c[3]
+    else:
+        s = acc[0]
+    s = s + g * g
+    acc[0] = s
+    p[0] = p[0] - c[0] * g / (_sqrt(s) + c[1])
+
+
+cdef inline void _lion_elem(floating* p, floating g, floating* m,
+                            const floating* c, int flags) noexcept nogil:
+    # c: lr, beta1, 1 - beta1, beta2, 1 - beta2, decay = 1 - lr * wd.
+    #    lr * sign(u) with sign(0) = 0; a NaN u stays NaN.
+    cdef floating u = c[1] * m[0] + c[2] * g
+    cdef floating d
+    if u > <floating>0:
+        d = c[0]
+    elif u < <floating>0:
+        d = -c[0]
+    else:
+        d = u * c[0]
+    p[0] = p[0] * c[5] - d
+    m[0] = c[3] * m[0] + c[4] * g
+
+
 # -- generic drivers -----------------------------------------------------------
 # ``_span``: one contiguous stretch of one array. ``p`` is what the step
 # updates (the params, or their float32 master copy), ``g`` the gradients as
@@ -231,6 +304,13 @@ cdef inline void _span(Op* op, floating* p, const storage* g, storage* out,
         pi = p[i]
         if Op is AdamOp:
             _adam_elem(&pi, gi, &s0[i], &s1[i], &s2[i], c, flags)
+        elif Op is RmspropOp:    # s1: grad_avg when centered, else the momentum buffer
+            _rmsprop_elem(&pi, gi, &s0[i], &s1[i],
+                          &s2[i] if flags & F_CENTERED else &s1[i], c, flags)
+        elif Op is AdagradOp:
+            _adagrad_elem(&pi, gi, &s0[i], c, flags)
+        elif Op is LionOp:
+            _lion_elem(&pi, gi, &s0[i], c, flags)
         else:
             _sgd_elem(&pi, gi, &s0[i], c, flags)
         p[i] = pi
@@ -394,8 +474,23 @@ cdef double _dispatch(int op, int compute, int store, const Table* tb, i64 st0, 
     """Pick the optimizer's specialisation (one line per optimizer)."""
     cdef AdamOp* adam = NULL
     cdef SgdOp* sgd = NULL
+    cdef RmspropOp* rmsprop = NULL
+    cdef AdagradOp* adagrad = NULL
+    cdef LionOp* lion = NULL
     if op == OP_ADAM:
         return _dispatch_types(adam, compute, store, tb, st0, st1, st2, scal, nscal, flags,
+                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
+                               skipped)
+    if op == OP_RMSPROP:
+        return _dispatch_types(rmsprop, compute, store, tb, st0, st1, st2, scal, nscal, flags,
+                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
+                               skipped)
+    if op == OP_ADAGRAD:
+        return _dispatch_types(adagrad, compute, store, tb, st0, st1, st2, scal, nscal, flags,
+                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
+                               skipped)
+    if op == OP_LION:
+        return _dispatch_types(lion, compute, store, tb, st0, st1, st2, scal, nscal, flags,
                                gscale, max_norm, inv_scale, norm_mode, partial, serial,
                                skipped)
     return _dispatch_types(sgd, compute, store, tb, st0, st1, st2, scal, nscal, flags,

@@ -1,0 +1,63 @@
+"""Adagrad (torch.optim.Adagrad's update)."""
+
+from __future__ import annotations
+
+from .. import _validate as V
+from ..backends.scalars import adagrad_scalars
+from .rmsprop import HostOnly
+
+
+class Adagrad(HostOnly):
+    r"""Adagrad with torch.optim.Adagrad's exact update.
+
+    .. math::
+        g_t &\leftarrow \pm g_t + \lambda \theta_{t-1} \\
+        S_t &= S_{t-1} + g_t^2 \quad (S_0 = \text{initial\_accumulator\_value}) \\
+        \theta_t &= \theta_{t-1} - \frac{\eta}{1 + (t-1)\,\eta_{decay}}
+            \frac{g_t}{\sqrt{S_t} + \epsilon}
+
+    State (torch's name): ``sum``. Like every state buffer here it is
+    allocated zeroed, before anything is written, at the group's first
+    step; that step's kernels start the sum from
+    ``initial_accumulator_value`` instead of reading the buffer (flag
+    ``F_INITIAL``), so the value torch fills it with is there after the
+    first step and nothing is written before the step's checks are done.
+    A step skipped for a non-finite gradient drops the new buffer, so the
+    next step is the first again. Host arrays only (no CUDA kernel).
+    """
+
+    _state_names = ("sum",)
+
+    def __init__(self, params=None, lr=1e-2, lr_decay=0, weight_decay=0,
+                 initial_accumulator_value=0, eps=1e-10, maximize=False, *,
+                 backend="auto", max_grad_norm=None, **options):
+        defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value, eps=eps,
+                        maximize=maximize)
+        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
+                         **options)
+
+    def _check_hypers(self, group, where=""):
+        # torch's checks: every real >= 0
+        def real(name):
+            return V.check_real(V.key(where, name), group[name], low=0.0)
+
+        return dict(group, lr=real("lr"), lr_decay=real("lr_decay"),
+                    weight_decay=real("weight_decay"),
+                    initial_accumulator_value=real("initial_accumulator_value"),
+                    eps=real("eps"),
+                    maximize=V.check_bool(V.key(where, "maximize"), group["maximize"]))
+
+    def _required_state(self, hypers, step):
+        return {"sum"} if step else set()
+
+    def _element_step(self, h, state):
+        # no "sum" yet: the base class allocates it zeroed for this step,
+        # whose kernels start from initial_accumulator_value instead
+        first = "sum" not in state["flat"]
+        s = adagrad_scalars(lr=h["lr"], lr_decay=h["lr_decay"], eps=h["eps"],
+                            weight_decay=h["weight_decay"],
+                            initial_accumulator_value=h["initial_accumulator_value"],
+                            step=state["step"] + 1, first_step=first,
+                            maximize=h["maximize"])
+        return s, ("sum",)

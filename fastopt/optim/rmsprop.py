@@ -1,0 +1,93 @@
+"""RMSprop (torch.optim.RMSprop's update), and the host-only guard shared by
+the optimizers that have no CUDA kernel (RMSprop, Adagrad, Lion)."""
+
+from __future__ import annotations
+
+from .. import _validate as V
+from ..backends import is_device_array
+from ..backends.scalars import rmsprop_scalars
+from .base import Optimizer
+
+
+def refuse_device(name, backend, params) -> None:
+    """Refuse device params (or ``backend="cuda"``) for an optimizer that has
+    only CPU kernels, before anything is made or kept."""
+    if backend == "cuda":
+        raise ValueError(f"{name} has no CUDA kernel (backend='cuda'): it steps host NumPy "
+                         "arrays with the CPU backends; on the GPU use Adam, AdamW or SGD")
+    if params is not None and (is_device_array(params)
+                               or type(params).__name__ == "DeviceFlatArrays"):
+        raise TypeError(f"{name} has no CUDA kernel: its params must be host NumPy arrays, "
+                        "got device arrays; on the GPU use Adam, AdamW or SGD, or step "
+                        "host copies")
+
+
+class HostOnly(Optimizer):
+    """An optimizer with CPU kernels only: device params are refused when
+    they are given (the constructor, :meth:`bind`, ``step(params=...)``),
+    never found out mid-step."""
+
+    def __init__(self, params, defaults, *, backend="auto", **options):
+        refuse_device(type(self).__name__, backend, params)
+        super().__init__(params, defaults, backend=backend, **options)
+
+    def bind(self, params) -> None:
+        refuse_device(type(self).__name__, self._backend_name, params)
+        super().bind(params)
+
+
+class RMSprop(HostOnly):
+    r"""RMSprop with torch.optim.RMSprop's exact update.
+
+    .. math::
+        g_t &\leftarrow \pm g_t + \lambda \theta_{t-1} \\
+        v_t &= \alpha v_{t-1} + (1-\alpha) g_t^2 \\
+        \bar g_t &= \alpha \bar g_{t-1} + (1-\alpha) g_t,\quad
+            \tilde v_t = v_t - \bar g_t^2 \text{ if centered else } v_t \\
+        b_t &= \mu b_{t-1} + g_t / (\sqrt{\tilde v_t} + \epsilon),\quad
+            \theta_t = \theta_{t-1} - \eta b_t \text{ if } \mu > 0 \\
+        \theta_t &= \theta_{t-1} - \eta\, g_t / (\sqrt{\tilde v_t} + \epsilon)
+            \text{ otherwise}
+
+    State (torch's names): ``square_avg``, ``grad_avg`` (centered),
+    ``momentum_buffer`` (momentum > 0). Host arrays only (no CUDA kernel).
+    """
+
+    _state_names = ("square_avg", "grad_avg", "momentum_buffer")
+
+    def __init__(self, params=None, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0,
+                 momentum=0, centered=False, maximize=False, *, backend="auto",
+                 max_grad_norm=None, **options):
+        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                        momentum=momentum, centered=centered, maximize=maximize)
+        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
+                         **options)
+
+    def _check_hypers(self, group, where=""):
+        # torch's checks: every real >= 0 (eps = 0 and alpha > 1 are allowed, as there)
+        return dict(
+            group,
+            lr=V.check_real(V.key(where, "lr"), group["lr"], low=0.0),
+            alpha=V.check_real(V.key(where, "alpha"), group["alpha"], low=0.0),
+            eps=V.check_real(V.key(where, "eps"), group["eps"], low=0.0),
+            weight_decay=V.check_real(V.key(where, "weight_decay"), group["weight_decay"],
+                                      low=0.0),
+            momentum=V.check_real(V.key(where, "momentum"), group["momentum"], low=0.0),
+            centered=V.check_bool(V.key(where, "centered"), group["centered"]),
+            maximize=V.check_bool(V.key(where, "maximize"), group["maximize"]),
+        )
+
+    @staticmethod
+    def _buffers(h) -> tuple:
+        """The state buffers the step reads, in kernel order."""
+        return (("square_avg",) + (("grad_avg",) if h["centered"] else ())
+                + (("momentum_buffer",) if h["momentum"] > 0 else ()))
+
+    def _required_state(self, hypers, step):
+        return set(self._buffers(hypers)) if step else set()
+
+    def _element_step(self, h, state):
+        s = rmsprop_scalars(lr=h["lr"], alpha=h["alpha"], eps=h["eps"],
+                            weight_decay=h["weight_decay"], momentum=h["momentum"],
+                            centered=h["centered"], maximize=h["maximize"])
+        return s, self._buffers(h)
