@@ -167,6 +167,7 @@ def test_a_scheduled_lr_reads_as_the_number_the_next_step_uses():
     opt = fastopt.SGD(p, lr=sched)
     group = opt.param_groups[0]
     assert group["lr"] == sched(0) and isinstance(group["lr"], float)
+    assert opt.lr_schedule(0) is sched
     opt.step([np.ones(3)])
     assert opt.last_lr == [sched(0)] and group["lr"] == sched(1)
     sd = opt.state_dict()
@@ -179,7 +180,7 @@ def test_a_scheduled_lr_reads_as_the_number_the_next_step_uses():
     group["lr"] = 0.5                                   # a number replaces the schedule
     opt.step([np.ones(3)])
     opt.step([np.ones(3)])
-    assert opt.last_lr == [0.5] and group["lr"] == 0.5
+    assert opt.last_lr == [0.5] and group["lr"] == 0.5 and opt.lr_schedule(0) is None
     group["lr"] = S.constant(0.25)                      # a schedule takes over
     opt.step([np.ones(3)])
     assert opt.last_lr == [0.25] and group["lr"] == 0.25

@@ -411,7 +411,7 @@ class _MnistTrainer:
             self.gather = _BatchGatherer(Xtr, ytr, np.float32)    # as fit does
             return
         torch = self.torch = torch_or_none()
-        sched = opt.param_groups[0]["lr"]
+        sched = opt.lr_schedule(0)
         torch.manual_seed(seed)
         tm = _torch_mlp(torch, sizes)
         with torch.no_grad():      # the same initial weights as fastopt's

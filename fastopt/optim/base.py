@@ -586,6 +586,13 @@ class Optimizer:
         return norm
 
     # -- schedules: kept apart, group["lr"] shows the number --------------------
+    def lr_schedule(self, group: int = 0):
+        """The lr schedule driving param group ``group``, or None when its
+        lr is a plain number (``param_groups[group]["lr"]`` shows the value
+        the next step uses either way)."""
+        self._with_schedule(group, self.param_groups[group])   # one assigned since
+        return self._schedules.get(group)
+
     def _with_schedule(self, gi, group):
         """Group ``gi`` with its lr schedule in place of the number it shows.
 
