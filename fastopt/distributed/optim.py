@@ -243,7 +243,7 @@ class DataParallel(_Distributed):
         if not isinstance(grads, FlatArrays):
             raise TypeError("grads must be a FlatArrays (e.g. params.zeros_like()): the "
                             f"average is one Allreduce over its buffer, got {type(grads).__name__}")
-        self._inner._segments(grads)     # the optimizer's own checks, cached by identity
+        self._inner.check_grads(grads)   # the optimizer's own checks, cached by identity
         self._cached = grads
         return grads.data
 

@@ -267,22 +267,31 @@ class Optimizer:
         self._elem_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
 
     # -- gradients ------------------------------------------------------------
-    def _segments(self, grads):
-        """Per group, ``(run_index, p, g, lo, hi)``: 1-D param and grad arrays
-        and the slice of the run's state buffers they map to."""
-        if grads is self._cached[0]:
-            return self._cached[1]
+    def check_grads(self, grads) -> None:
+        """Check ``grads`` against the params as :meth:`step` does, writing
+        nothing: for wrappers (fastopt.distributed) that reduce gradients
+        before stepping. A FlatArrays is checked once, then cached by identity."""
         if isinstance(grads, FlatArrays):
-            segments = self._flat_segments(grads)
-            self._cached = (grads, segments)
-            return segments
-        grads = V.as_array_list("grads", grads)
-        V.check_like("grads", grads, "params", self._params, writable=False,
-                     allow_low_precision=True)
-        V.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)],
-                         [(f"grads[{i}]", g) for i, g in enumerate(grads)])
-        return self._per_array_segments(lambda k, run: self._params[k].reshape(-1),
-                                        [g.reshape(-1) for g in grads])
+            if grads is not self._cached[0]:
+                self._cached = (grads, self._flat_segments(grads))
+            return
+        self._check_grad_list(self._grads_as_list(grads))
+
+    def _check_grad_list(self, grads) -> list:
+        """The full checks of a list of gradients (each array's dtype, shape,
+        contiguity, and no overlap with anything the step writes), naming
+        the array by index or key; the checked list."""
+        if not isinstance(grads, (list, tuple)):
+            grads = V.as_array_list("grads", grads)
+        labels = self._names.labels if self._names is not None else None
+        V.check_like("grads", list(grads), "params", self._params, writable=False,
+                     allow_low_precision=True, labels=labels)
+        labels = labels or [f"[{i}]" for i in range(len(grads))]
+        written = [(f"params{lab}", a) for lab, a in zip(labels, self._params)]
+        written += [(f"optimizer state {n!r} of group {gi}", b)
+                    for gi, st in enumerate(self.state) for n, b in st.get("flat", {}).items()]
+        V.check_disjoint(written, [(f"grads{lab}", g) for lab, g in zip(labels, grads)])
+        return grads
 
     def _per_array_segments(self, param_flat, grad_flats):
         """Per group, ``(run_index, p, g, lo, hi)`` for grads given array by
@@ -717,16 +726,7 @@ class Optimizer:
                 return
         # the full checks: they raise with the message, or pass for inputs
         # the compiled reader does not take (subclasses, say)
-        if not isinstance(grads, (list, tuple)):
-            grads = V.as_array_list("grads", grads)
-        labels = self._names.labels if self._names is not None else None
-        V.check_like("grads", list(grads), "params", self._params, writable=False,
-                     allow_low_precision=True, labels=labels)
-        labels = labels or [f"[{i}]" for i in range(len(grads))]
-        written = [(f"params{lab}", a) for lab, a in zip(labels, self._params)]
-        written += [(f"optimizer state {n!r} of group {gi}", b)
-                    for gi, st in enumerate(self.state) for n, b in st["flat"].items()]
-        V.check_disjoint(written, [(f"grads{lab}", g) for lab, g in zip(labels, grads)])
+        grads = self._check_grad_list(grads)
         for ts in tables:
             for t in ts:
                 t.grads_from_arrays([grads[i].reshape(-1) for i in t.index_global])
@@ -886,7 +886,7 @@ class Optimizer:
 
     def _device_step_checked(self, segments, flats):
         """The device step once grads are checked: ``segments`` per group as
-        in :meth:`_segments`, ``flats`` the 1-D grads to reduce (None: the
+        in :meth:`_per_array_segments`, ``flats`` the 1-D grads to reduce (None: the
         segments' own)."""
         be = self._backend
         if flats is None:
