@@ -36,6 +36,7 @@ from ..backends import backend_for, get_backend
 from ..backends.lowp import compute_dtype, is_low_precision
 from ..backends.scalars import clip_coefficient
 from ..backends.tables import element_of, group_tables, step_per_array
+from ..backends.threads import SERIAL_MAX
 from ..clip import norm_of
 from ..params import FlatArrays, in_memory_order, memory_runs
 from ..schedules import Schedule, from_dict
@@ -563,10 +564,13 @@ class Optimizer:
                     for t in ts:
                         if compiled:
                             el = element_of(s, len(bufs))
-                            parallel = t.threads.pick(t.nelem, be.get_num_threads())
+                            timed = t.nelem > SERIAL_MAX
+                            parallel = timed and t.threads.pick(t.nelem,
+                                                                be.get_num_threads())
                             be.step(t, el, bufs, el.grad_scale * coef * inv_scale,
                                     parallel=parallel)
-                            t.threads.record()
+                            if timed:
+                                t.threads.record()
                         else:
                             step_per_array(be, t, s, bufs, coef * inv_scale)
         except BaseException:
@@ -639,10 +643,12 @@ class Optimizer:
         """Norm, skip decision and update of the only table in one call;
         returns ``(unscaled norm, skipped)``."""
         el = element_of(s, len(bufs))
-        parallel = t.threads.pick(t.nelem, be.get_num_threads())
+        timed = t.nelem > SERIAL_MAX           # smaller tables always run serially
+        parallel = timed and t.threads.pick(t.nelem, be.get_num_threads())
         norm, skip = be.step(t, el, bufs, el.grad_scale, max_norm=max_norm or 0.0,
                              inv_scale=inv_scale, norm_mode=norm_mode, parallel=parallel)
-        t.threads.record()
+        if timed:
+            t.threads.record()
         if not norm_mode:
             return None, False
         if skip and norm == math.inf and t.compute == 64:
@@ -709,6 +715,12 @@ class Optimizer:
                 self._bound = grads
             return
         self._bound = None
+        if self._single and type(grads) is list:      # the common case, kept short
+            t = self._all_tables[0]
+            t.grads = None
+            self._bound_list = grads
+            if self._backend.gather(t, grads):
+                return
         grads = self._grads_as_list(grads)
         self._bound_list = grads
         gather = getattr(self._backend, "gather", None)
