@@ -16,13 +16,15 @@ from .backends import (available_backends, backend_info, get_num_threads,
                        set_num_threads)
 from .checkpoint import CheckpointError, load, save
 from .clip import clip_by_global_norm, global_norm
-from .optim import SGD, Adagrad, Adam, AdamW, Lion, LossScaler, Optimizer, RMSprop
+from .optim import (SGD, Adagrad, Adam, Adamax, AdamW, Lion, LossScaler, NAdam, Optimizer,
+                    RAdam, RMSprop)
 from .params import FlatArrays, flat_zeros, pack
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Lion", "Optimizer", "LossScaler",
+    "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Lion", "Adamax", "NAdam", "RAdam",
+    "Optimizer", "LossScaler",
     "global_norm", "clip_by_global_norm",
     "FlatArrays", "pack", "flat_zeros",
     "available_backends", "backend_info", "set_num_threads", "get_num_threads",

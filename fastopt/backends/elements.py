@@ -174,3 +174,56 @@ def lion(p, g, m, c, flags):
     p = p * c.decay - d
     m = c.beta2 * m + c.one_minus_beta2 * g
     return p, m
+
+
+# Adamax, NAdam and RAdam (torch.optim's updates). Their flags are imported
+# here for the same reason.
+from .scalars import F_RECTIFIED  # noqa: E402
+
+
+@register_jitable
+def adamax(p, g, m, u, c, flags):
+    """torch.optim.Adamax's update (``c`` an AdamaxElement): ``m`` the first
+    moment, ``u`` the exponentially weighted infinity norm
+    ``max(beta2 u, |g| + eps)``, with torch.maximum's semantics (a NaN on
+    either side propagates)."""
+    if flags & F_L2:
+        g = g + c.l2 * p
+    m = c.beta1 * m + c.one_minus_beta1 * g
+    a = abs(g) + c.eps
+    u = c.beta2 * u
+    if not (u > a or u != u):
+        u = a
+    p = p - c.clr * m / u
+    return p, m, u
+
+
+@register_jitable
+def nadam(p, g, m, v, c, flags):
+    """torch.optim.NAdam's update (``c`` a NAdamElement): the momentum
+    schedule's two coefficients (this step's gradient and the next step's
+    momentum, each over one minus the running product of the mu's) are
+    host scalars."""
+    if flags & F_L2:
+        g = g + c.l2 * p
+    m = c.beta1 * m + c.one_minus_beta1 * g
+    v = c.beta2 * v + c.one_minus_beta2 * g * g
+    denom = sqrt(v * c.inv_bc2) + c.eps
+    p = p * c.decay - (c.grad_coef * g + c.avg_coef * m) / denom
+    return p, m, v
+
+
+@register_jitable
+def radam(p, g, m, v, c, flags):
+    """torch.optim.RAdam's update (``c`` a RAdamElement): the rectified
+    adaptive step when F_RECTIFIED (rho_t > 5; the rectification is in
+    ``c.adaptive_lr``), else the bias-corrected momentum alone."""
+    if flags & F_L2:
+        g = g + c.l2 * p
+    m = c.beta1 * m + c.one_minus_beta1 * g
+    v = c.beta2 * v + c.one_minus_beta2 * g * g
+    if flags & F_RECTIFIED:
+        p = p * c.decay - c.adaptive_lr * m / (sqrt(v) + c.eps)
+    else:
+        p = p * c.decay - c.sgd_lr * m
+    return p, m, v

@@ -273,6 +273,22 @@ def _element_impl(c, w, g, i, s0, s1, s2, flags):
             p, s0[i] = elements.lion(w, g, s0[i], c, flags)
             return p
         return lion
+    from .scalars import AdamaxElement, NAdamElement, RAdamElement
+    if kind is AdamaxElement:           # s0 exp_avg, s1 exp_inf
+        def adamax(c, w, g, i, s0, s1, s2, flags):
+            p, s0[i], s1[i] = elements.adamax(w, g, s0[i], s1[i], c, flags)
+            return p
+        return adamax
+    if kind is NAdamElement:            # s0 exp_avg, s1 exp_avg_sq
+        def nadam(c, w, g, i, s0, s1, s2, flags):
+            p, s0[i], s1[i] = elements.nadam(w, g, s0[i], s1[i], c, flags)
+            return p
+        return nadam
+    if kind is RAdamElement:            # s0 exp_avg, s1 exp_avg_sq
+        def radam(c, w, g, i, s0, s1, s2, flags):
+            p, s0[i], s1[i] = elements.radam(w, g, s0[i], s1[i], c, flags)
+            return p
+        return radam
     return None
 
 

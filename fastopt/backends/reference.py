@@ -179,3 +179,73 @@ def lion_update(p, g, m, s, out=None) -> None:
     p[...] = p * t(s.decay) - t(s.lr) * np.sign(u)
     m[...] = t(s.beta2) * m + t(s.one_minus_beta2) * grad
     _write_back(p, out)
+
+
+def adamax_update(p, g, exp_avg, exp_inf, s, out=None) -> None:
+    r"""One torch.optim.Adamax step (``s`` an AdamaxScalars).
+
+    .. math::
+        g &\leftarrow c\,g + \lambda\,p \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g \\
+        u &\leftarrow \max(\beta_2 u, |g| + \epsilon) \\
+        p &\leftarrow p - \frac{\eta}{1-\beta_1^t}\, \frac{m}{u}
+
+    ``np.maximum`` propagates a NaN, as torch.maximum does.
+    """
+    t = p.dtype.type
+    grad = _wide(g, p.dtype) * t(s.grad_scale)
+    if s.l2 != 0.0:
+        grad = grad + t(s.l2) * p
+    exp_avg[...] = t(s.beta1) * exp_avg + t(s.one_minus_beta1) * grad
+    exp_inf[...] = np.maximum(t(s.beta2) * exp_inf, np.abs(grad) + t(s.eps))
+    p[...] = p - t(s.clr) * exp_avg / exp_inf
+    _write_back(p, out)
+
+
+def nadam_update(p, g, exp_avg, exp_avg_sq, s, out=None) -> None:
+    r"""One torch.optim.NAdam step (``s`` a NAdamScalars).
+
+    .. math::
+        g &\leftarrow c\,g + \lambda\,p \text{ (L2)},\quad
+            p \leftarrow p\,(1 - \eta\lambda) \text{ (decoupled)} \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g,\quad
+        v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        p &\leftarrow p - \frac{\eta (1-\mu_t)}{1 - \prod_{i\le t}\mu_i}
+            \frac{g}{\sqrt{v/(1-\beta_2^t)} + \epsilon}
+          - \frac{\eta\,\mu_{t+1}}{1 - \prod_{i\le t+1}\mu_i}
+            \frac{m}{\sqrt{v/(1-\beta_2^t)} + \epsilon}
+    """
+    t = p.dtype.type
+    grad = _wide(g, p.dtype) * t(s.grad_scale)
+    if s.l2 != 0.0:
+        grad = grad + t(s.l2) * p
+    exp_avg[...] = t(s.beta1) * exp_avg + t(s.one_minus_beta1) * grad
+    exp_avg_sq[...] = t(s.beta2) * exp_avg_sq + t(s.one_minus_beta2) * grad * grad
+    denom = np.sqrt(exp_avg_sq * t(s.inv_bc2)) + t(s.eps)
+    p[...] = p * t(s.decay) - (t(s.grad_coef) * grad + t(s.avg_coef) * exp_avg) / denom
+    _write_back(p, out)
+
+
+def radam_update(p, g, exp_avg, exp_avg_sq, s, out=None) -> None:
+    r"""One torch.optim.RAdam step (``s`` a RAdamScalars).
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1-\beta_1) g,\quad
+        v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        p &\leftarrow p - \frac{\eta}{1-\beta_1^t}\, r_t \sqrt{1-\beta_2^t}\,
+            \frac{m}{\sqrt v + \epsilon} \text{ if } \rho_t > 5
+            \text{ else } p - \frac{\eta}{1-\beta_1^t} m
+
+    (after the L2 term or the decoupled decay, as NAdam's).
+    """
+    t = p.dtype.type
+    grad = _wide(g, p.dtype) * t(s.grad_scale)
+    if s.l2 != 0.0:
+        grad = grad + t(s.l2) * p
+    exp_avg[...] = t(s.beta1) * exp_avg + t(s.one_minus_beta1) * grad
+    exp_avg_sq[...] = t(s.beta2) * exp_avg_sq + t(s.one_minus_beta2) * grad * grad
+    if s.rectified:
+        p[...] = p * t(s.decay) - t(s.adaptive_lr) * exp_avg / (np.sqrt(exp_avg_sq) + t(s.eps))
+    else:
+        p[...] = p * t(s.decay) - t(s.sgd_lr) * exp_avg
+    _write_back(p, out)

@@ -271,3 +271,170 @@ def adagrad_element(s: AdagradScalars) -> ElementStep:
 
 def lion_element(s: LionScalars) -> ElementStep:
     return ElementStep(OP_LION, tuple(s[:6]), 0, s.grad_scale, LionElement)
+
+
+# -- Adamax, NAdam, RAdam -------------------------------------------------------------
+# torch.optim's updates. What depends only on the step (bias corrections,
+# NAdam's momentum schedule and its running product, RAdam's rectification
+# and its switch to the un-adapted update) is computed here, on the host, in
+# float64; the element functions see constants and a flag.
+
+OP_ADAMAX, OP_NADAM, OP_RADAM = 5, 6, 7
+F_RECTIFIED = 2   # RAdam: rho_t > 5, the rectified adaptive update (F_L2 as above)
+
+
+class AdamaxScalars(NamedTuple):
+    clr: float              # lr / (1 - beta1**t)
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    eps: float
+    l2: float               # weight decay added to the gradient
+    grad_scale: float       # clip coefficient, negated for maximize
+
+
+class NAdamScalars(NamedTuple):
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    inv_bc2: float          # 1 / (1 - beta2**t)
+    eps: float
+    l2: float               # weight decay added to the gradient (not decoupled)
+    decay: float            # decoupled decay factor 1 - lr*wd (else 1)
+    grad_coef: float        # lr (1 - mu_t) / (1 - prod_{i<=t} mu_i)
+    avg_coef: float         # lr mu_{t+1} / (1 - prod_{i<=t+1} mu_i)
+    grad_scale: float
+    mu_product: float       # prod_{i<=t} mu_i: the group's running product after this step
+
+
+class RAdamScalars(NamedTuple):
+    adaptive_lr: float      # lr / (1 - beta1**t) * r_t * sqrt(1 - beta2**t)
+    sgd_lr: float           # lr / (1 - beta1**t)
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    l2: float
+    decay: float            # decoupled decay factor 1 - lr*wd (else 1)
+    grad_scale: float
+    rectified: bool         # rho_t > 5: the adaptive update, else the SGD-like one
+
+
+def adamax_scalars(*, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0,
+                   maximize=False) -> AdamaxScalars:
+    """Scalars for torch.optim.Adamax at 1-based ``step``."""
+    lr, beta1, beta2, grad_scale = float(lr), float(beta1), float(beta2), float(grad_scale)
+    return AdamaxScalars(lr / (1.0 - beta1 ** step), beta1, 1.0 - beta1, beta2, float(eps),
+                         float(weight_decay), -grad_scale if maximize else grad_scale)
+
+
+def nadam_mu(beta1, momentum_decay, step) -> float:
+    """NAdam's momentum coefficient mu_t (torch's formula, float64)."""
+    return beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+
+
+def nadam_scalars(*, lr, beta1, beta2, eps, weight_decay, momentum_decay, decoupled, step,
+                  mu_product, grad_scale=1.0, maximize=False) -> NAdamScalars:
+    """Scalars for torch.optim.NAdam at 1-based ``step``; ``mu_product`` is
+    the running product of the mu's of the steps before (1.0 at the first).
+    The returned ``mu_product`` includes this step's mu: the optimizer keeps
+    it once the step has run."""
+    lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
+    weight_decay, momentum_decay = float(weight_decay), float(momentum_decay)
+    grad_scale = float(grad_scale)
+    mu = nadam_mu(beta1, momentum_decay, step)
+    mu_next = nadam_mu(beta1, momentum_decay, step + 1)
+    prod = float(mu_product) * mu
+    prod_next = prod * mu_next
+    return NAdamScalars(
+        beta1, 1.0 - beta1, beta2, 1.0 - beta2,
+        1.0 / (1.0 - beta2 ** step),
+        float(eps),
+        0.0 if decoupled else weight_decay,
+        1.0 - lr * weight_decay if decoupled else 1.0,
+        lr * (1.0 - mu) / (1.0 - prod),
+        lr * mu_next / (1.0 - prod_next),
+        -grad_scale if maximize else grad_scale,
+        prod,
+    )
+
+
+def radam_scalars(*, lr, beta1, beta2, eps, weight_decay, decoupled, step, grad_scale=1.0,
+                  maximize=False) -> RAdamScalars:
+    """Scalars for torch.optim.RAdam at 1-based ``step``: the length of the
+    approximated SMA rho_t, and from it the rectification r_t and the switch
+    (rho_t > 5) between the adaptive and the SGD-like update."""
+    lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
+    weight_decay, grad_scale = float(weight_decay), float(grad_scale)
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * (beta2 ** step) / bc2
+    rectified = rho_t > 5.0
+    rect = (((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+             / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)) ** 0.5 if rectified else 0.0)
+    return RAdamScalars(
+        lr / bc1 * rect * bc2 ** 0.5, lr / bc1,
+        beta1, 1.0 - beta1, beta2, 1.0 - beta2, float(eps),
+        0.0 if decoupled else weight_decay,
+        1.0 - lr * weight_decay if decoupled else 1.0,
+        -grad_scale if maximize else grad_scale,
+        bool(rectified),
+    )
+
+
+class AdamaxElement(NamedTuple):
+    """The Adamax element function's scalars."""
+    clr: float
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    eps: float
+    l2: float
+
+
+class NAdamElement(NamedTuple):
+    """The NAdam element function's scalars."""
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    inv_bc2: float
+    eps: float
+    l2: float
+    decay: float
+    grad_coef: float
+    avg_coef: float
+
+
+class RAdamElement(NamedTuple):
+    """The RAdam element function's scalars."""
+    adaptive_lr: float
+    sgd_lr: float
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    l2: float
+    decay: float
+
+
+def adamax_element(s: AdamaxScalars) -> ElementStep:
+    """State in kernel order: exp_avg, exp_inf."""
+    return ElementStep(OP_ADAMAX, tuple(s[:6]), F_L2 if s.l2 != 0.0 else 0, s.grad_scale,
+                       AdamaxElement)
+
+
+def nadam_element(s: NAdamScalars) -> ElementStep:
+    """State in kernel order: exp_avg, exp_avg_sq."""
+    return ElementStep(OP_NADAM, tuple(s[:10]), F_L2 if s.l2 != 0.0 else 0, s.grad_scale,
+                       NAdamElement)
+
+
+def radam_element(s: RAdamScalars) -> ElementStep:
+    """State in kernel order: exp_avg, exp_avg_sq."""
+    flags = (F_L2 if s.l2 != 0.0 else 0) | (F_RECTIFIED if s.rectified else 0)
+    return ElementStep(OP_RADAM, tuple(s[:9]), flags, s.grad_scale, RAdamElement)

@@ -184,13 +184,20 @@ def element_of(s, nstate):
         return S.adagrad_element(s)
     if isinstance(s, S.LionScalars):
         return S.lion_element(s)
+    if isinstance(s, S.AdamaxScalars):
+        return S.adamax_element(s)
+    if isinstance(s, S.NAdamScalars):
+        return S.nadam_element(s)
+    if isinstance(s, S.RAdamScalars):
+        return S.radam_element(s)
     raise TypeError(f"no element function for {type(s).__name__}")
 
 
 def step_per_array(be, table, s, buffers, coef):
     """The table's step array by array with ``be``'s per-array functions:
     for backends without a compiled table step (the NumPy reference)."""
-    from .scalars import AdagradScalars, LionScalars, RMSpropScalars
+    from .scalars import (AdagradScalars, AdamaxScalars, LionScalars, NAdamScalars,
+                          RAdamScalars, RMSpropScalars)
     s = s._replace(grad_scale=s.grad_scale * coef)
     for k, (w, g) in enumerate(zip(table.weights, table.grads)):
         lo = int(table.soff[k])
@@ -206,5 +213,11 @@ def step_per_array(be, table, s, buffers, coef):
             be.adagrad_update(w, g, st[0], s, out)
         elif isinstance(s, LionScalars):
             be.lion_update(w, g, st[0], s, out)
+        elif isinstance(s, AdamaxScalars):
+            be.adamax_update(w, g, st[0], st[1], s, out)
+        elif isinstance(s, NAdamScalars):
+            be.nadam_update(w, g, st[0], st[1], s, out)
+        elif isinstance(s, RAdamScalars):
+            be.radam_update(w, g, st[0], st[1], s, out)
         else:
             be.sgd_update(w, g, st[0] if st else None, s, out)

@@ -176,12 +176,21 @@ ctypedef struct AdagradOp:
     char tag
 ctypedef struct LionOp:
     char tag
+ctypedef struct AdamaxOp:
+    char tag
+ctypedef struct NadamOp:
+    char tag
+ctypedef struct RadamOp:
+    char tag
 ctypedef fused Op:
     AdamOp
     SgdOp
     RmspropOp
     AdagradOp
     LionOp
+    AdamaxOp
+    NadamOp
+    RadamOp
 
 
 cdef inline void _adam_elem(floating* p, floating g, floating* m, floating* v,
@@ -287,6 +296,64 @@ cdef inline void _lion_elem(floating* p, floating g, floating* m,
     m[0] = c[3] * m[0] + c[4] * g
 
 
+# Adamax, NAdam, RAdam (fastopt.backends.scalars: OP_*, F_RECTIFIED and the
+# *Element tuples)
+cdef enum:
+    OP_ADAMAX = 5
+    OP_NADAM = 6
+    OP_RADAM = 7
+    F_RECTIFIED = 2   # RAdam: rho_t > 5, the rectified adaptive update (F_L2 as above)
+
+
+cdef inline void _adamax_elem(floating* p, floating g, floating* m, floating* u,
+                              const floating* c, int flags) noexcept nogil:
+    # c: clr = lr / (1 - beta1**t), beta1, 1 - beta1, beta2, eps, l2.
+    #    u = max(beta2 u, |g| + eps), a NaN on either side propagating.
+    cdef floating mi, ui, a
+    if flags & F_L2:
+        g = g + c[5] * p[0]
+    mi = c[1] * m[0] + c[2] * g
+    a = (g if g >= <floating>0 else -g) + c[4]
+    ui = c[3] * u[0]
+    if not (ui > a or ui != ui):
+        ui = a
+    m[0] = mi
+    u[0] = ui
+    p[0] = p[0] - c[0] * mi / ui
+
+
+cdef inline void _nadam_elem(floating* p, floating g, floating* m, floating* v,
+                             const floating* c, int flags) noexcept nogil:
+    # c: beta1, 1 - beta1, beta2, 1 - beta2, 1 / (1 - beta2**t), eps, l2, decay,
+    #    grad_coef, avg_coef (NAdam's momentum schedule, host scalars)
+    cdef floating mi, vi, denom
+    if flags & F_L2:
+        g = g + c[6] * p[0]
+    mi = c[0] * m[0] + c[1] * g
+    vi = c[2] * v[0] + c[3] * g * g
+    m[0] = mi
+    v[0] = vi
+    denom = _sqrt(vi * c[4]) + c[5]
+    p[0] = p[0] * c[7] - (c[8] * g + c[9] * mi) / denom
+
+
+cdef inline void _radam_elem(floating* p, floating g, floating* m, floating* v,
+                             const floating* c, int flags) noexcept nogil:
+    # c: adaptive_lr (with the rectification), sgd_lr = lr / (1 - beta1**t),
+    #    beta1, 1 - beta1, beta2, 1 - beta2, eps, l2, decay
+    cdef floating mi, vi
+    if flags & F_L2:
+        g = g + c[7] * p[0]
+    mi = c[2] * m[0] + c[3] * g
+    vi = c[4] * v[0] + c[5] * g * g
+    m[0] = mi
+    v[0] = vi
+    if flags & F_RECTIFIED:
+        p[0] = p[0] * c[8] - c[0] * mi / (_sqrt(vi) + c[6])
+    else:
+        p[0] = p[0] * c[8] - c[1] * mi
+
+
 # -- generic drivers -----------------------------------------------------------
 # ``_span``: one contiguous stretch of one array. ``p`` is what the step
 # updates (the params, or their float32 master copy), ``g`` the gradients as
@@ -311,6 +378,12 @@ cdef inline void _span(Op* op, floating* p, const storage* g, storage* out,
             _adagrad_elem(&pi, gi, &s0[i], c, flags)
         elif Op is LionOp:
             _lion_elem(&pi, gi, &s0[i], c, flags)
+        elif Op is AdamaxOp:
+            _adamax_elem(&pi, gi, &s0[i], &s1[i], c, flags)
+        elif Op is NadamOp:
+            _nadam_elem(&pi, gi, &s0[i], &s1[i], c, flags)
+        elif Op is RadamOp:
+            _radam_elem(&pi, gi, &s0[i], &s1[i], c, flags)
         else:
             _sgd_elem(&pi, gi, &s0[i], c, flags)
         p[i] = pi
@@ -477,6 +550,9 @@ cdef double _dispatch(int op, int compute, int store, const Table* tb, i64 st0, 
     cdef RmspropOp* rmsprop = NULL
     cdef AdagradOp* adagrad = NULL
     cdef LionOp* lion = NULL
+    cdef AdamaxOp* adamax = NULL
+    cdef NadamOp* nadam = NULL
+    cdef RadamOp* radam = NULL
     if op == OP_ADAM:
         return _dispatch_types(adam, compute, store, tb, st0, st1, st2, scal, nscal, flags,
                                gscale, max_norm, inv_scale, norm_mode, partial, serial,
@@ -491,6 +567,18 @@ cdef double _dispatch(int op, int compute, int store, const Table* tb, i64 st0, 
                                skipped)
     if op == OP_LION:
         return _dispatch_types(lion, compute, store, tb, st0, st1, st2, scal, nscal, flags,
+                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
+                               skipped)
+    if op == OP_ADAMAX:
+        return _dispatch_types(adamax, compute, store, tb, st0, st1, st2, scal, nscal, flags,
+                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
+                               skipped)
+    if op == OP_NADAM:
+        return _dispatch_types(nadam, compute, store, tb, st0, st1, st2, scal, nscal, flags,
+                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
+                               skipped)
+    if op == OP_RADAM:
+        return _dispatch_types(radam, compute, store, tb, st0, st1, st2, scal, nscal, flags,
                                gscale, max_norm, inv_scale, norm_mode, partial, serial,
                                skipped)
     return _dispatch_types(sgd, compute, store, tb, st0, st1, st2, scal, nscal, flags,
