@@ -167,3 +167,13 @@ def test_launched_size_reads_the_launcher_environment(monkeypatch):
     assert launched_size() == 1
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     assert launched_size() == 4
+
+
+def test_sharded_nadam_is_refused_rather_than_resumed_wrong():
+    """NAdam keeps a per-group momentum product outside the state buffers the
+    sharded optimizer merges: refused with a clear error (one rank)."""
+    pytest.importorskip("mpi4py")
+    import fastopt
+    from fastopt.distributed import DistributedError, ShardedOptimizer
+    with pytest.raises(DistributedError, match="does not shard NAdam"):
+        ShardedOptimizer(fastopt.NAdam, [np.ones(4)], lr=1e-3)

@@ -482,6 +482,11 @@ class ShardedOptimizer(_Distributed):
     def _build(self, cls, params, options):
         if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
             raise TypeError(f"optimizer_cls must be a fastopt optimizer class, got {cls!r}")
+        if cls.__name__ == "NAdam":
+            # its running momentum product is per-group state outside the
+            # buffers this class merges across ranks: a resume would lose it
+            raise NotImplementedError("ShardedOptimizer does not shard NAdam yet (its "
+                                      "per-group momentum product); use DataParallel")
         specs = Optimizer._group_specs(params)
         arrays = [V.as_array_list(f"param_groups[{gi}]['params']", s["params"])
                   for gi, s in enumerate(specs)]
