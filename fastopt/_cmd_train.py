@@ -60,7 +60,8 @@ def add_arguments(parser):
                         help="hidden widths, e.g. 256,256 (default)")
     parser.add_argument("--activation", default="relu",
                         choices=["relu", "leaky_relu", "tanh", "sigmoid", "gelu"])
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
+    from .nn.training import OPTIMIZERS   # numpy and fastopt only: no Numba, no torch
+    parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
     parser.add_argument("--lr", type=float, default=1e-3, help="(peak) learning rate")
     parser.add_argument("--ensemble-lrs", type=_floats, default=None,
                         help="comma-separated lrs: train one model per lr in one batched run")

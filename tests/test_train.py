@@ -69,3 +69,18 @@ def test_train_bad_arguments(tmp_path, capsys):
     assert "comma-separated numbers" in capsys.readouterr().err
     rc = main(["train", "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path)])
     assert rc == 2 and "never downloads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,lr", [("rmsprop", 1e-3), ("adagrad", 3e-2), ("adamax", 3e-3),
+                                     ("nadam", 3e-3), ("radam", 3e-3), ("lion", 3e-4)])
+def test_train_accepts_every_optimizer(tmp_path, name, lr):
+    """``fastopt train --optimizer NAME`` for the whole family: one epoch on
+    the fake digits learns them."""
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    rc = main(["train", "--data-dir", str(data), "--hidden", "32", "--epochs", "1",
+               "--optimizer", name, "--lr", str(lr), "--batch-size", "128", "--quiet",
+               "--no-plot", "--out", str(out)])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["final_val_acc"][0] > 0.8, (name, m["final_val_acc"])

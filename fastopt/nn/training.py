@@ -16,7 +16,9 @@ import fastopt
 
 from .model import Ensemble
 
-OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
+OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "rmsprop": "RMSprop",
+              "adagrad": "Adagrad", "adamax": "Adamax", "nadam": "NAdam", "radam": "RAdam",
+              "lion": "Lion"}
 SCHEDULES = ("constant", "warmup-cosine")
 
 
