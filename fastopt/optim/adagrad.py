@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .. import _validate as V
 from ..backends.scalars import adagrad_scalars
+from .base import FLAG, NONNEG
 from .rmsprop import HostOnly
 
 
@@ -37,16 +37,9 @@ class Adagrad(HostOnly):
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
                          **options)
 
-    def _check_hypers(self, group, where=""):
-        # torch's checks: every real >= 0
-        def real(name):
-            return V.check_real(V.key(where, name), group[name], low=0.0)
-
-        return dict(group, lr=real("lr"), lr_decay=real("lr_decay"),
-                    weight_decay=real("weight_decay"),
-                    initial_accumulator_value=real("initial_accumulator_value"),
-                    eps=real("eps"),
-                    maximize=V.check_bool(V.key(where, "maximize"), group["maximize"]))
+    # torch's checks: every real >= 0
+    _hypers = dict(lr=NONNEG, lr_decay=NONNEG, weight_decay=NONNEG,
+                   initial_accumulator_value=NONNEG, eps=NONNEG, maximize=FLAG)
 
     def _required_state(self, hypers, step):
         return {"sum"} if step else set()

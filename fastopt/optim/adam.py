@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from .. import _validate as V
 from ..backends.scalars import adam_scalars
-from .base import Optimizer, span
+from .base import BETAS, FLAG, NONNEG, Optimizer, POSITIVE, span
 
 
 class Adam(Optimizer):
@@ -37,17 +36,8 @@ class Adam(Optimizer):
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
                          **options)
 
-    def _check_hypers(self, group, where=""):
-        return dict(
-            group,
-            lr=V.check_real(V.key(where, "lr"), group["lr"], low=0.0),
-            betas=V.check_betas(group["betas"], V.key(where, "betas")),
-            eps=V.check_real(V.key(where, "eps"), group["eps"], low=0.0, low_open=True),
-            weight_decay=V.check_real(V.key(where, "weight_decay"), group["weight_decay"],
-                                      low=0.0),
-            amsgrad=V.check_bool(V.key(where, "amsgrad"), group["amsgrad"]),
-            maximize=V.check_bool(V.key(where, "maximize"), group["maximize"]),
-        )
+    _hypers = dict(lr=NONNEG, betas=BETAS, eps=POSITIVE, weight_decay=NONNEG, amsgrad=FLAG,
+                   maximize=FLAG)
 
     def _scalars(self, h, state, coef=1.0):
         return adam_scalars(lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],

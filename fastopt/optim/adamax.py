@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .. import _validate as V
 from ..backends.scalars import adamax_scalars
+from .base import BETAS, FLAG, NONNEG
 from .rmsprop import HostOnly
 
 
@@ -30,17 +30,8 @@ class Adamax(HostOnly):
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
                          **options)
 
-    def _check_hypers(self, group, where=""):
-        # torch's checks: lr, eps, weight_decay >= 0, 0 <= beta < 1
-        return dict(
-            group,
-            lr=V.check_real(V.key(where, "lr"), group["lr"], low=0.0),
-            betas=V.check_betas(group["betas"], V.key(where, "betas")),
-            eps=V.check_real(V.key(where, "eps"), group["eps"], low=0.0),
-            weight_decay=V.check_real(V.key(where, "weight_decay"), group["weight_decay"],
-                                      low=0.0),
-            maximize=V.check_bool(V.key(where, "maximize"), group["maximize"]),
-        )
+    # torch's checks: lr, eps, weight_decay >= 0, 0 <= beta < 1
+    _hypers = dict(lr=NONNEG, betas=BETAS, eps=NONNEG, weight_decay=NONNEG, maximize=FLAG)
 
     def _required_state(self, hypers, step):
         return {"exp_avg", "exp_inf"} if step else set()

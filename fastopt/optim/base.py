@@ -62,6 +62,9 @@ def _all_finite(norm, flats) -> bool:
 
 _MISSING = object()
 
+# kinds of hyperparameter (Optimizer._hypers)
+NONNEG, POSITIVE, REAL, BETAS, FLAG = "nonneg", "positive", "real", "betas", "flag"
+
 
 def _unchanged(group, snapshot) -> bool:
     """Whether ``group`` holds the hyperparameters of ``snapshot`` (besides
@@ -1176,8 +1179,25 @@ class Optimizer:
         return checked
 
     # -- subclass hooks ---------------------------------------------------------
+    #: hyperparameter name -> kind (NONNEG, POSITIVE, REAL, BETAS, FLAG), in the
+    #: order they are checked: each optimizer declares its own
+    _hypers: dict = {}
+
     def _check_hypers(self, group, where=""):
-        raise NotImplementedError
+        """The group's hyperparameters checked by :attr:`_hypers` and
+        normalised (floats, bools, a beta pair), naming the key on error."""
+        checked = dict(group)
+        for name, kind in self._hypers.items():
+            key, value = V.key(where, name), group[name]
+            if kind == BETAS:
+                checked[name] = V.check_betas(value, key)
+            elif kind == FLAG:
+                checked[name] = V.check_bool(key, value)
+            elif kind == REAL:
+                checked[name] = V.check_real(key, value)
+            else:
+                checked[name] = V.check_real(key, value, low=0.0, low_open=kind == POSITIVE)
+        return checked
 
     def _step_group(self, backend, hypers, state, runs, segments, coef):
         raise NotImplementedError

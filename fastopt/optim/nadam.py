@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .. import _validate as V
 from ..backends.scalars import nadam_scalars
+from .base import BETAS, FLAG, NONNEG
 from .rmsprop import HostOnly
 
 
@@ -44,19 +45,9 @@ class NAdam(HostOnly):
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
                          **options)
 
-    def _check_hypers(self, group, where=""):
-        # torch's checks: lr, eps, weight_decay, momentum_decay >= 0, 0 <= beta < 1
-        def real(name):
-            return V.check_real(V.key(where, name), group[name], low=0.0)
-
-        return dict(
-            group, lr=real("lr"), eps=real("eps"), weight_decay=real("weight_decay"),
-            momentum_decay=real("momentum_decay"),
-            betas=V.check_betas(group["betas"], V.key(where, "betas")),
-            decoupled_weight_decay=V.check_bool(V.key(where, "decoupled_weight_decay"),
-                                                group["decoupled_weight_decay"]),
-            maximize=V.check_bool(V.key(where, "maximize"), group["maximize"]),
-        )
+    # torch's checks: lr, eps, weight_decay, momentum_decay >= 0, 0 <= beta < 1
+    _hypers = dict(lr=NONNEG, eps=NONNEG, weight_decay=NONNEG, momentum_decay=NONNEG, betas=BETAS,
+                   decoupled_weight_decay=FLAG, maximize=FLAG)
 
     def _required_state(self, hypers, step):
         return {"exp_avg", "exp_avg_sq"} if step else set()

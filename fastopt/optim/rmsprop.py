@@ -3,10 +3,9 @@ the optimizers that have no CUDA kernel (RMSprop, Adagrad, Lion)."""
 
 from __future__ import annotations
 
-from .. import _validate as V
 from ..backends import is_device_array
 from ..backends.scalars import rmsprop_scalars
-from .base import Optimizer
+from .base import FLAG, NONNEG, Optimizer
 
 
 def refuse_device(name, backend, params) -> None:
@@ -63,19 +62,9 @@ class RMSprop(HostOnly):
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
                          **options)
 
-    def _check_hypers(self, group, where=""):
-        # torch's checks: every real >= 0 (eps = 0 and alpha > 1 are allowed, as there)
-        return dict(
-            group,
-            lr=V.check_real(V.key(where, "lr"), group["lr"], low=0.0),
-            alpha=V.check_real(V.key(where, "alpha"), group["alpha"], low=0.0),
-            eps=V.check_real(V.key(where, "eps"), group["eps"], low=0.0),
-            weight_decay=V.check_real(V.key(where, "weight_decay"), group["weight_decay"],
-                                      low=0.0),
-            momentum=V.check_real(V.key(where, "momentum"), group["momentum"], low=0.0),
-            centered=V.check_bool(V.key(where, "centered"), group["centered"]),
-            maximize=V.check_bool(V.key(where, "maximize"), group["maximize"]),
-        )
+    # torch's checks: every real >= 0 (eps = 0 and alpha > 1 are allowed, as there)
+    _hypers = dict(lr=NONNEG, alpha=NONNEG, eps=NONNEG, weight_decay=NONNEG, momentum=NONNEG,
+                   centered=FLAG, maximize=FLAG)
 
     @staticmethod
     def _buffers(h) -> tuple:

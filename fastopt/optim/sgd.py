@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from .. import _validate as V
 from ..backends.scalars import sgd_scalars
-from .base import Optimizer, span
+from .base import FLAG, NONNEG, Optimizer, REAL, span
 
 
 class SGD(Optimizer):
@@ -29,17 +28,11 @@ class SGD(Optimizer):
 
     _state_names = ("momentum_buffer",)
 
+    _hypers = dict(lr=NONNEG, momentum=NONNEG, dampening=REAL, nesterov=FLAG, weight_decay=NONNEG,
+                   maximize=FLAG)
+
     def _check_hypers(self, group, where=""):
-        h = dict(
-            group,
-            lr=V.check_real(V.key(where, "lr"), group["lr"], low=0.0),
-            momentum=V.check_real(V.key(where, "momentum"), group["momentum"], low=0.0),
-            dampening=V.check_real(V.key(where, "dampening"), group["dampening"]),
-            nesterov=V.check_bool(V.key(where, "nesterov"), group["nesterov"]),
-            weight_decay=V.check_real(V.key(where, "weight_decay"), group["weight_decay"],
-                                      low=0.0),
-            maximize=V.check_bool(V.key(where, "maximize"), group["maximize"]),
-        )
+        h = super()._check_hypers(group, where)
         if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
             raise ValueError(f"{where or 'SGD'}: nesterov needs momentum > 0 and dampening == 0, "
                              f"got momentum={h['momentum']}, dampening={h['dampening']}")
