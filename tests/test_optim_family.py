@@ -19,16 +19,12 @@ import fastopt
 from fastopt.backends import get_backend
 from fastopt.backends.scalars import clip_coefficient
 
+from family_helpers import (DTYPE_IDS, DTYPES, PATHS, SHAPES, STEPS, TORCH_TOL,
+                            FakeDeviceArray, Side, assert_close, concat_state,
+                            problem)
+
 from conftest import (BACKENDS, assert_bit_identical, assert_same_tree, optimizer_snapshot,
                       rng_array)
-
-STEPS = 60
-SHAPES = [(6, 4), (4,), (4, 5), (5,), (3, 1, 2)]
-DTYPES = [np.float32, np.float64]
-DTYPE_IDS = ["float32", "float64"]
-PATHS = ["packed", "list"]
-# relative tolerance, with an absolute floor of the same size (params are ~1)
-TORCH_TOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-10}
 
 RMSPROP_CONFIGS = [
     dict(lr=1e-2),
@@ -55,44 +51,6 @@ FAMILY = {
 }
 STATE = {"RMSprop": ["square_avg", "grad_avg", "momentum_buffer"], "Adagrad": ["sum"],
          "Lion": ["exp_avg"]}
-
-
-def problem(dtype, seed=0, steps=STEPS, scales=(1.0,)):
-    """Initial params and ``steps`` gradient lists."""
-    rng = np.random.default_rng(seed)
-    init = [rng_array(rng, s, dtype) for s in SHAPES]
-    grads = []
-    for _ in range(steps):
-        scale = rng.choice(scales)
-        grads.append([rng_array(rng, s, dtype, scale=scale) for s in SHAPES])
-    return init, grads
-
-
-class Side:
-    """fastopt's params and grads as a user passes them: packed or a list."""
-
-    def __init__(self, init, path):
-        self.path = path
-        if path == "packed":
-            self.params = fastopt.pack([a.copy() for a in init])
-            self.buf = self.params.zeros_like()
-        else:
-            self.params = [a.copy() for a in init]
-
-    def grads(self, g):
-        if self.path == "packed":
-            for view, x in zip(self.buf, g):
-                view[...] = x
-            return self.buf
-        return [x.copy() for x in g]     # new arrays every step
-
-
-def concat_state(opt, name):
-    return np.concatenate([run[name] for run in opt.state[0]["runs"]])
-
-
-def assert_close(actual, expected, tol, what):
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol, err_msg=what)
 
 
 # -- torch.optim trajectories ------------------------------------------------------
@@ -418,16 +376,6 @@ def test_one_native_call_per_group(monkeypatch, name, backend):
 
 
 # -- device arrays ----------------------------------------------------------------------
-
-class FakeDeviceArray:
-    """Looks like a GPU array to fastopt (``__cuda_array_interface__``)."""
-
-    shape, dtype = (4,), np.dtype(np.float32)
-
-    @property
-    def __cuda_array_interface__(self):
-        return {"shape": (4,), "typestr": "<f4", "data": (0, False), "version": 3}
-
 
 @pytest.mark.parametrize("name", list(FAMILY))
 def test_device_params_refused_up_front(name):

@@ -1,0 +1,66 @@
+"""Helpers shared by the optimizer-family tests (test_optim_family*.py):
+the problem, params as a user passes them, state and closeness checks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import fastopt
+
+from conftest import rng_array
+
+STEPS = 60
+SHAPES = [(6, 4), (4,), (4, 5), (5,), (3, 1, 2)]
+DTYPES = [np.float32, np.float64]
+DTYPE_IDS = ["float32", "float64"]
+PATHS = ["packed", "list"]
+# relative tolerance, with an absolute floor of the same size (params are ~1)
+TORCH_TOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-10}
+
+
+def problem(dtype, seed=0, steps=STEPS, scales=(1.0,)):
+    """Initial params and ``steps`` gradient lists."""
+    rng = np.random.default_rng(seed)
+    init = [rng_array(rng, s, dtype) for s in SHAPES]
+    grads = []
+    for _ in range(steps):
+        scale = rng.choice(scales)
+        grads.append([rng_array(rng, s, dtype, scale=scale) for s in SHAPES])
+    return init, grads
+
+
+class Side:
+    """fastopt's params and grads as a user passes them: packed or a list."""
+
+    def __init__(self, init, path):
+        self.path = path
+        if path == "packed":
+            self.params = fastopt.pack([a.copy() for a in init])
+            self.buf = self.params.zeros_like()
+        else:
+            self.params = [a.copy() for a in init]
+
+    def grads(self, g):
+        if self.path == "packed":
+            for view, x in zip(self.buf, g):
+                view[...] = x
+            return self.buf
+        return [x.copy() for x in g]     # new arrays every step
+
+
+def concat_state(opt, name):
+    return np.concatenate([run[name] for run in opt.state[0]["runs"]])
+
+
+def assert_close(actual, expected, tol, what):
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol, err_msg=what)
+
+
+class FakeDeviceArray:
+    """Looks like a GPU array to fastopt (``__cuda_array_interface__``)."""
+
+    shape, dtype = (4,), np.dtype(np.float32)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": (4,), "typestr": "<f4", "data": (0, False), "version": 3}
