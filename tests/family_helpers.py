@@ -64,3 +64,20 @@ class FakeDeviceArray:
     @property
     def __cuda_array_interface__(self):
         return {"shape": (4,), "typestr": "<f4", "data": (0, False), "version": 3}
+
+
+#: each optimizer of the family with the settings the shared tests use
+FAMILY = {
+    "RMSprop": dict(lr=1e-2, centered=True, momentum=0.9, weight_decay=0.01),
+    "Adagrad": dict(lr=5e-2, lr_decay=0.01, initial_accumulator_value=0.5),
+    "Lion": dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+    "Adamax": dict(lr=1e-2, weight_decay=0.01),
+    "NAdam": dict(lr=1e-2, weight_decay=0.01, momentum_decay=0.01),
+    "RAdam": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01,
+                  decoupled_weight_decay=True),
+}
+#: the state buffers each keeps
+STATE = {"RMSprop": ["square_avg", "grad_avg", "momentum_buffer"], "Adagrad": ["sum"],
+         "Lion": ["exp_avg"],
+         "Adamax": ["exp_avg", "exp_inf"], "NAdam": ["exp_avg", "exp_avg_sq"],
+         "RAdam": ["exp_avg", "exp_avg_sq"]}
