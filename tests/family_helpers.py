@@ -4,6 +4,7 @@ the problem, params as a user passes them, state and closeness checks."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import fastopt
 
@@ -54,6 +55,24 @@ def concat_state(opt, name):
 
 def assert_close(actual, expected, tol, what):
     np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol, err_msg=what)
+
+
+def check_against_torch(opt, side, want, dtype):
+    """The run's params, state buffers (torch's names) and step count equal
+    torch's ``want = (params, state[, mu_product])``."""
+    want_params, want_state, want_mu = (*want, None)[:3]
+    tol = TORCH_TOL[np.dtype(dtype)]
+    for i, (p, w) in enumerate(zip(side.params, want_params)):
+        assert p.dtype == w.dtype
+        assert_close(p, w, tol, f"param {i}")
+    # the same state buffers as torch, by torch's names
+    assert sorted(opt.state[0]["flat"]) == sorted(want_state)
+    for key, w in want_state.items():
+        assert_close(concat_state(opt, key), w, tol, key)
+    assert opt.state[0]["step"] == STEPS
+    if want_mu is not None:     # torch's is float32 under its float32 default
+        assert opt.state[0]["mu_product"] == pytest.approx(
+            want_mu, rel=1e-14 if dtype == np.float64 else 1e-6)
 
 
 class FakeDeviceArray:

@@ -16,7 +16,7 @@ import pytest
 
 import fastopt
 
-from family_helpers import (FAMILY, DTYPE_IDS, DTYPES, PATHS, STEPS, TORCH_TOL, Side,
+from family_helpers import (FAMILY, check_against_torch, DTYPE_IDS, DTYPES, PATHS, Side,
                             assert_close, concat_state, problem)
 
 from conftest import BACKENDS, rng_array
@@ -74,15 +74,7 @@ def test_trajectory_matches_torch(name, kwargs, backend, dtype, path):
     assert opt.backend == backend
     for g in grads:
         assert opt.step(side.grads(g)) is None
-    tol = TORCH_TOL[np.dtype(dtype)]
-    for i, (p, want) in enumerate(zip(side.params, want_params)):
-        assert p.dtype == want.dtype
-        assert_close(p, want, tol, f"param {i}")
-    # the same state buffers as torch, by torch's names
-    assert sorted(opt.state[0]["flat"]) == sorted(want_state)
-    for key, want in want_state.items():
-        assert_close(concat_state(opt, key), want, tol, key)
-    assert opt.state[0]["step"] == STEPS
+    check_against_torch(opt, side, (want_params, want_state), dtype)
 
 
 # -- Lion: the paper's Algorithm 2 ---------------------------------------------------

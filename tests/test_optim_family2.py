@@ -20,8 +20,8 @@ import pytest
 import fastopt
 from fastopt.backends.scalars import radam_scalars
 
-from family_helpers import (FAMILY, STATE, DTYPE_IDS, DTYPES, PATHS, STEPS, TORCH_TOL, Side,
-                            assert_close, concat_state, problem)
+from family_helpers import (FAMILY, STATE, check_against_torch, DTYPE_IDS, DTYPES, PATHS,
+                            Side, problem)
 
 from conftest import BACKENDS, assert_bit_identical, assert_same_tree, optimizer_snapshot
 
@@ -89,22 +89,6 @@ def torch_run(name, items, dtype, changes=()):
              for k in keys}
     mu = opt.state[tparams[0]].get("mu_product")
     return params, state, None if mu is None else float(mu)
-
-
-def check_against_torch(opt, side, want, dtype):
-    want_params, want_state, want_mu = want
-    tol = TORCH_TOL[np.dtype(dtype)]
-    for i, (p, w) in enumerate(zip(side.params, want_params)):
-        assert p.dtype == w.dtype
-        assert_close(p, w, tol, f"param {i}")
-    # the same state buffers as torch, by torch's names
-    assert sorted(opt.state[0]["flat"]) == sorted(want_state)
-    for key, w in want_state.items():
-        assert_close(concat_state(opt, key), w, tol, key)
-    assert opt.state[0]["step"] == STEPS
-    if want_mu is not None:     # torch's is float32 under its float32 default
-        assert opt.state[0]["mu_product"] == pytest.approx(
-            want_mu, rel=1e-14 if dtype == np.float64 else 1e-6)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from .lowp import compute_dtype, is_low_precision
-from .scalars import AdamScalars, SGDScalars, adam_element, sgd_element
+from . import scalars as S
 from .threads import ThreadChoice
 
 CHUNK = 1 << 14          # elements per piece and (about) per task
@@ -170,54 +170,52 @@ def group_tables(params, weights, outs, offsets):
     return tables
 
 
+# Step scalars -> the compiled kernels' element step (with the number of
+# state buffers, where it says which options are on).
+_ELEMENTS = {
+    S.AdamScalars: lambda s, nstate: S.adam_element(s, amsgrad=nstate == 3),
+    S.SGDScalars: lambda s, nstate: S.sgd_element(s, momentum=nstate == 1),
+    S.RMSpropScalars: lambda s, nstate: S.rmsprop_element(s),
+    S.AdagradScalars: lambda s, nstate: S.adagrad_element(s),
+    S.LionScalars: lambda s, nstate: S.lion_element(s),
+    S.AdamaxScalars: lambda s, nstate: S.adamax_element(s),
+    S.NAdamScalars: lambda s, nstate: S.nadam_element(s),
+    S.RAdamScalars: lambda s, nstate: S.radam_element(s),
+}
+
+
 def element_of(s, nstate):
     """The compiled kernels' :class:`~fastopt.backends.scalars.ElementStep`
     for an optimizer's step scalars and its number of state buffers."""
-    if isinstance(s, AdamScalars):
-        return adam_element(s, amsgrad=nstate == 3)
-    if isinstance(s, SGDScalars):
-        return sgd_element(s, momentum=nstate == 1)
-    from . import scalars as S
-    if isinstance(s, S.RMSpropScalars):
-        return S.rmsprop_element(s)
-    if isinstance(s, S.AdagradScalars):
-        return S.adagrad_element(s)
-    if isinstance(s, S.LionScalars):
-        return S.lion_element(s)
-    if isinstance(s, S.AdamaxScalars):
-        return S.adamax_element(s)
-    if isinstance(s, S.NAdamScalars):
-        return S.nadam_element(s)
-    if isinstance(s, S.RAdamScalars):
-        return S.radam_element(s)
-    raise TypeError(f"no element function for {type(s).__name__}")
+    make = _ELEMENTS.get(type(s))
+    if make is None:
+        raise TypeError(f"no element function for {type(s).__name__}")
+    return make(s, nstate)
 
 
 def step_per_array(be, table, s, buffers, coef):
     """The table's step array by array with ``be``'s per-array functions:
     for backends without a compiled table step (the NumPy reference)."""
-    from .scalars import (AdagradScalars, AdamaxScalars, LionScalars, NAdamScalars,
-                          RAdamScalars, RMSpropScalars)
     s = s._replace(grad_scale=s.grad_scale * coef)
     for k, (w, g) in enumerate(zip(table.weights, table.grads)):
         lo = int(table.soff[k])
         st = [b[lo:lo + w.size] for b in buffers]
         out = None if table.outs is None else table.outs[k]
-        if isinstance(s, AdamScalars):
+        if isinstance(s, S.AdamScalars):
             be.adam_update(w, g, st[0], st[1], st[2] if len(st) == 3 else None, s, out)
-        elif isinstance(s, RMSpropScalars):   # square_avg [grad_avg] [momentum_buffer]
+        elif isinstance(s, S.RMSpropScalars):   # square_avg [grad_avg] [momentum_buffer]
             ga = st[1] if s.centered else None
             buf = st[-1] if s.momentum > 0.0 else None
             be.rmsprop_update(w, g, st[0], ga, buf, s, out)
-        elif isinstance(s, AdagradScalars):
+        elif isinstance(s, S.AdagradScalars):
             be.adagrad_update(w, g, st[0], s, out)
-        elif isinstance(s, LionScalars):
+        elif isinstance(s, S.LionScalars):
             be.lion_update(w, g, st[0], s, out)
-        elif isinstance(s, AdamaxScalars):
+        elif isinstance(s, S.AdamaxScalars):
             be.adamax_update(w, g, st[0], st[1], s, out)
-        elif isinstance(s, NAdamScalars):
+        elif isinstance(s, S.NAdamScalars):
             be.nadam_update(w, g, st[0], st[1], s, out)
-        elif isinstance(s, RAdamScalars):
+        elif isinstance(s, S.RAdamScalars):
             be.radam_update(w, g, st[0], st[1], s, out)
         else:
             be.sgd_update(w, g, st[0] if st else None, s, out)
