@@ -24,7 +24,7 @@ def add_arguments(parser):
     parser.add_argument("--no-plot", action="store_true", help="print the facts only")
     parser.add_argument("--data-dir", default=None,
                         help="lr-sweep: directory with the MNIST t10k IDX files (default: "
-                             "$FASTOPT_DATA, then ../shared/data/mnist)")
+                             "$FASTOPT_DATA; in a development checkout, its data folder)")
 
 
 def run(args):

@@ -102,8 +102,11 @@ def test_search_order(tmp_path, tiny, monkeypatch):
     assert load_mnist(other)[0].shape == (3, 28, 28)   # explicit path beats the env var
     monkeypatch.setenv("FASTOPT_DATA", str(tmp_path / "nowhere"))
     monkeypatch.setattr(mnist_mod, "_repo_default", lambda: tmp_path / "no-default")
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+    with pytest.raises(FileNotFoundError, match="never downloads") as err:
         load_mnist()
+    # the three ways to point at the data, by the names a user types
+    for way in ("--data-dir DIR", "path=DIR", "FASTOPT_DATA"):
+        assert way in str(err.value)
     with pytest.raises(ValueError, match="split must be one of"):
         load_mnist(other, split="valid")
 

@@ -5,9 +5,10 @@ Where the files are looked for, first match wins:
 1. an explicit ``path`` (a directory holding the IDX files),
 2. the ``FASTOPT_DATA`` environment variable: a directory holding the files,
    or a data root with an ``mnist/`` subdirectory,
-3. ``../shared/data/mnist`` relative to the repository root (the directory
-   that holds the ``fastopt`` package), where this project's tests and
-   benchmarks find the 10k test set.
+3. in a development checkout only: the data folder kept beside the
+   repository (``../shared/data/mnist`` relative to the repository root),
+   where the project's own tests and benchmarks find the 10k test set. An
+   installed package has no such folder: use 1 or 2.
 
 The IDX format: a big-endian header (two zero bytes, a type code, the number
 of dimensions, then one uint32 per dimension), then the data. MNIST images
@@ -105,8 +106,9 @@ def find_mnist(path=None, split="t10k") -> Path:
         tried.append(f"{d} ({how})")
     raise FileNotFoundError(
         f"MNIST {split} files ({_FILES['images'].format(split=split)}[.gz] and labels) not "
-        f"found; looked in: {'; '.join(tried)}. Pass path=..., or set FASTOPT_DATA. "
-        "fastopt never downloads data.")
+        f"found; looked in: {'; '.join(tried)}. Point fastopt at the directory holding "
+        "them: --data-dir DIR on the command line, path=DIR in Python, or the FASTOPT_DATA "
+        "environment variable. fastopt never downloads data.")
 
 
 def _file(d: Path, kind: str, split: str) -> Path:
