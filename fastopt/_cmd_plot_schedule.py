@@ -6,14 +6,11 @@ constructor with literal arguments, or as the JSON of its ``to_dict()``::
     fastopt plot-schedule "warmup_cosine(peak_value=1e-3, warmup_steps=100, total_steps=1000)" \\
         "one_cycle(1e-3, 1000)" --steps 1200 -o lr.png
 
-The text is parsed with :mod:`ast` (names of schedules and literal values
-only), never evaluated.
+The text is parsed by :func:`fastopt.schedules.parse_schedule` (names of
+schedules and literal values only), never evaluated.
 """
 
 from __future__ import annotations
-
-import ast
-import json
 
 HELP = "draw lr schedules (fastopt.schedules) over steps to a PNG/SVG/PDF"
 
@@ -27,59 +24,10 @@ def add_arguments(parser):
     parser.add_argument("--log", action="store_true", help="logarithmic lr axis")
 
 
-def _literal(node):
-    if isinstance(node, ast.Call):
-        return _parse_call(node)
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_literal(e) for e in node.elts]
-    return ast.literal_eval(node)
-
-
-def _parse_call(node):
-    from . import schedules as S
-
-    if not isinstance(node.func, ast.Name) or node.func.id not in S.__all__ or \
-            node.func.id in ("Schedule", "from_dict"):
-        raise ValueError(f"unknown schedule {ast.unparse(node.func)!r}; one of "
-                         f"{[n for n in S.__all__ if n not in ('Schedule', 'from_dict')]}")
-    args = [_literal(a) for a in node.args]
-    kwargs = {k.arg: _literal(k.value) for k in node.keywords}
-    return getattr(S, node.func.id)(*args, **kwargs)
-
-
-def parse_schedule(text: str):
-    """A schedule from ``name(args...)`` or a JSON ``to_dict()`` spec."""
-    from . import schedules as S
-
-    text = text.strip()
-    if text.startswith("{"):
-        return S.from_dict(json.loads(text))
-    try:
-        tree = ast.parse(text, mode="eval").body
-    except SyntaxError as exc:
-        raise ValueError(f"cannot parse schedule {text!r}: {exc.msg}") from None
-    if not isinstance(tree, ast.Call):
-        raise ValueError(f"a schedule is written as name(args...), got {text!r}")
-    try:
-        return _parse_call(tree)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{text!r}: {exc}") from None
-
-
-def _length(sched):
-    a = getattr(sched, "_args", {})
-    for key in ("total_steps", "decay_steps", "transition_steps"):
-        if key in a:
-            return a[key] + a.get("transition_begin", 0)
-    if "boundaries" in a:
-        return a["boundaries"][-1] + (_length(a["schedules"][-1]) or a["boundaries"][-1])
-    if "milestones" in a:
-        return a["milestones"][-1] * 2
-    return 0
-
-
 def run(args):
     import sys
+
+    from .schedules import parse_schedule, settles_at
 
     try:
         scheds = [parse_schedule(t) for t in args.schedules]
@@ -93,8 +41,8 @@ def run(args):
               "(or the bench extra: pip install 'fastopt[bench]')", file=sys.stderr)
         return 1
 
-    steps = args.steps or max([1000] * (not any(map(_length, scheds)))
-                              + [int(_length(s) * 1.1) + 1 for s in scheds])
+    steps = args.steps or max([1000] * (not any(map(settles_at, scheds)))
+                              + [int(settles_at(s) * 1.1) + 1 for s in scheds])
     if steps < 1:
         print("fastopt plot-schedule: --steps must be >= 1", file=sys.stderr)
         return 2

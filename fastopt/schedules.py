@@ -37,14 +37,21 @@ Each schedule serialises to a plain dict (``to_dict()``, JSON-safe) and back
 
 from __future__ import annotations
 
+import ast
 import bisect
+import json
 import math
 
 from ._validate import check_int as _int
 from ._validate import check_real as _real
 
 __all__ = ["Schedule", "constant", "linear", "warmup", "cosine_decay", "warmup_cosine",
-           "step_decay", "exponential", "one_cycle", "join", "from_dict"]
+           "step_decay", "exponential", "one_cycle", "join", "from_dict", "parse_schedule",
+           "settles_at"]
+
+#: the names a schedule string may call (``parse_schedule``)
+CONSTRUCTORS = ("constant", "linear", "warmup", "cosine_decay", "warmup_cosine", "step_decay",
+                "exponential", "one_cycle", "join")
 
 _KINDS: dict = {}
 
@@ -360,3 +367,59 @@ class one_cycle(Schedule):
                                self._args["anneal"])
             begin = end
         raise AssertionError("unreachable")
+
+
+# -- schedules written as text (the CLI's --lr-schedule, fastopt plot-schedule) --------
+
+def _literal(node):
+    if isinstance(node, ast.Call):
+        return _parse_call(node)
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(e) for e in node.elts]
+    return ast.literal_eval(node)
+
+
+def _parse_call(node):
+    if not isinstance(node.func, ast.Name) or node.func.id not in CONSTRUCTORS:
+        raise ValueError(f"unknown schedule {ast.unparse(node.func)!r}; one of "
+                         f"{list(CONSTRUCTORS)}")
+    args = [_literal(a) for a in node.args]
+    kwargs = {k.arg: _literal(k.value) for k in node.keywords}
+    return globals()[node.func.id](*args, **kwargs)
+
+
+def parse_schedule(text: str) -> Schedule:
+    """A schedule from its text: a call of a constructor with literal
+    arguments (``"warmup_cosine(1e-3, 100, 1000)"``, nested calls allowed in
+    :func:`join`) or the JSON of its ``to_dict()``. The text is parsed with
+    :mod:`ast` (constructor names and literal values only), never evaluated.
+    """
+    text = text.strip()
+    if text.startswith("{"):
+        return from_dict(json.loads(text))
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError as exc:
+        raise ValueError(f"cannot parse schedule {text!r}: {exc.msg}") from None
+    if not isinstance(tree, ast.Call):
+        raise ValueError(f"a schedule is written as name(args...), got {text!r}")
+    try:
+        return _parse_call(tree)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
+
+
+def settles_at(schedule: Schedule) -> int:
+    """The step after which ``schedule`` changes no more (its decay or
+    transition ends), or 0 when it has no such step (constant, exponential
+    without an end); step decay counts one more interval past its last
+    milestone. What a plot of it should cover."""
+    a = getattr(schedule, "_args", {})
+    for key in ("total_steps", "decay_steps", "transition_steps"):
+        if key in a:
+            return a[key] + a.get("transition_begin", 0)
+    if "boundaries" in a:
+        return a["boundaries"][-1] + (settles_at(a["schedules"][-1]) or a["boundaries"][-1])
+    if "milestones" in a:
+        return a["milestones"][-1] * 2
+    return 0

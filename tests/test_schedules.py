@@ -173,6 +173,37 @@ def test_bad_schedule_value_rejected_before_writing():
     assert (p == 1).all() and opt.iterations == 0
 
 
+def test_parse_schedule_builds_the_same_schedules_as_the_constructors():
+    text = "join([linear(0.0, 1e-3, 10), cosine_decay(1e-3, 90, alpha=0.1)], [10])"
+    parsed = S.parse_schedule(text)
+    built = S.join([S.linear(0.0, 1e-3, 10), S.cosine_decay(1e-3, 90, alpha=0.1)], [10])
+    assert parsed.to_dict() == built.to_dict()
+    assert [parsed(t) for t in range(120)] == [built(t) for t in range(120)]
+    spec = S.one_cycle(1e-3, 100).to_dict()
+    assert S.parse_schedule(json.dumps(spec)).to_dict() == spec
+
+
+@pytest.mark.parametrize("text, message", [
+    ("__import__('os').getcwd()", "unknown schedule"),
+    ("from_dict({'kind': 'constant', 'value': 1.0})", "unknown schedule"),
+    ("parse_schedule('constant(1)')", "unknown schedule"),
+    ("constant(1e-3) + 1", "written as name"),
+    ("constant(1e-3", "cannot parse"),
+    ("cosine_decay(1e-3, -5)", "cosine_decay"),
+])
+def test_parse_schedule_refuses_anything_but_constructor_calls(text, message):
+    with pytest.raises(ValueError, match=message):
+        S.parse_schedule(text)
+
+
+def test_settles_at_is_where_the_schedule_stops_changing():
+    assert S.settles_at(S.warmup_cosine(1e-3, 10, 100)) == 100
+    assert S.settles_at(S.constant(1e-3)) == 0
+    sched = S.parse_schedule("join([constant(1.0), linear(1.0, 0.0, 50)], [20])")
+    assert S.settles_at(sched) == 70
+    assert sched(69) != sched(70) == sched(500)
+
+
 def test_plot_schedule_cli(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from fastopt.cli import main
