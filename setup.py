@@ -37,6 +37,30 @@ def _compiler_has_openmp(compiler) -> bool:
     return True
 
 
+# Every compiled extension, once: (module, source, extra compile flags).
+#
+# The optimizer kernels are built three times from one source: for any
+# x86-64, for x86-64-v3 (AVX2 + FMA) and for x86-64-v4 (AVX-512), each
+# imported only where the CPU reports its features
+# (fastopt/backends/cython_cpu.py). The portable build runs its divisions and
+# square roots 4 lanes wide, v3 8 and v4 16. The fastopt.nn kernels (MLP
+# forward/backward) call gemm through scipy's cython_blas, so one portable
+# build is enough (the time is in BLAS).
+_KERNELS = "fastopt/backends/_cython/kernels.pyx"
+IMPL = "fastopt/backends/_cython/kernels_impl.pxi"   # included by every kernels*.pyx
+EXTENSIONS = [("fastopt.backends._cython.kernels", _KERNELS, [])]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    EXTENSIONS += [
+        ("fastopt.backends._cython.kernels_v3", _KERNELS.replace(".pyx", "_v3.pyx"),
+         ["-march=x86-64-v3"]),
+        # 512-bit vectors: without the preference gcc keeps AVX-512 code 256 bits wide
+        ("fastopt.backends._cython.kernels_v4", _KERNELS.replace(".pyx", "_v4.pyx"),
+         ["-march=x86-64-v4", "-mprefer-vector-width=512"]),
+    ]
+EXTENSIONS.append(("fastopt.nn._cython.nn_kernels", "fastopt/nn/_cython/nn_kernels.pyx", []))
+SIMD_FLAGS = {name: flags for name, _, flags in EXTENSIONS}
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         msvc = self.compiler.compiler_type == "msvc"
@@ -47,22 +71,10 @@ class BuildExt(build_ext):
                   file=sys.stderr)
         for ext in self.extensions:
             if not msvc:
-                simd = SIMD_VARIANTS[ext.name.rsplit(".", 1)[1]]
-                ext.extra_compile_args = (BASE_FLAGS + simd
+                ext.extra_compile_args = (BASE_FLAGS + SIMD_FLAGS[ext.name]
                                           + ([OPENMP_FLAG] if openmp else []))
                 ext.extra_link_args = [OPENMP_FLAG] if openmp else []
         super().build_extensions()
-
-
-# The same kernels built three times: for any x86-64, for x86-64-v3 (AVX2 +
-# FMA) and for x86-64-v4 (AVX-512), each imported only where the CPU reports
-# its features (fastopt/backends/cython_cpu.py). The portable build runs its
-# divisions and square roots 4 lanes wide, v3 8 and v4 16.
-SIMD_VARIANTS = {"kernels": []}
-if platform.machine().lower() in ("x86_64", "amd64"):
-    SIMD_VARIANTS["kernels_v3"] = ["-march=x86-64-v3"]
-    # 512-bit vectors: without the preference gcc keeps AVX-512 code 256 bits wide
-    SIMD_VARIANTS["kernels_v4"] = ["-march=x86-64-v4", "-mprefer-vector-width=512"]
 
 
 def extensions():
@@ -70,31 +82,13 @@ def extensions():
 
     import numpy
 
-    # the list path reads the arrays' C structs (numpy's headers)
-    exts = [Extension(f"fastopt.backends._cython.{name}",
-                      [f"fastopt/backends/_cython/{name}.pyx"],
-                      depends=["fastopt/backends/_cython/kernels_impl.pxi"],
+    # numpy's headers: the optimizers' list path reads the arrays' C structs
+    exts = [Extension(name, [source],
+                      depends=[IMPL] if source.startswith("fastopt/backends") else [],
                       include_dirs=[numpy.get_include()],
                       define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
-            for name in SIMD_VARIANTS]
+            for name, source, _ in EXTENSIONS]
     return cythonize(exts, compiler_directives={"language_level": 3})
-
-
-# fastopt.nn kernels (MLP forward/backward): gemm through scipy's cython_blas,
-# so one portable build is enough (the time is in BLAS). Same flags as the
-# optimizer kernels; BuildExt reads each extension's SIMD flags by short name.
-NN_EXTENSIONS = ["nn_kernels"]   # fastopt/nn/_cython/<name>.pyx
-_core_extensions = extensions
-
-
-def extensions():  # noqa: F811  (the optimizer kernels plus the nn kernels)
-    from Cython.Build import cythonize
-
-    core = _core_extensions()
-    SIMD_VARIANTS.update({name: [] for name in NN_EXTENSIONS})
-    nn = [Extension(f"fastopt.nn._cython.{name}", [f"fastopt/nn/_cython/{name}.pyx"])
-          for name in NN_EXTENSIONS]
-    return core + cythonize(nn, compiler_directives={"language_level": 3})
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
