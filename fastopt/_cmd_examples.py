@@ -9,7 +9,8 @@ each prints the facts it claims. ``fastopt examples list`` names them.
 
 from __future__ import annotations
 
-HELP = "run an optimization lesson (backprop, gd-paths, lr-sweep, adam, schedules) to a PNG"
+HELP = ("run an optimization lesson (backprop, gd-paths, lr-sweep, adam, schedules, saddle, "
+        "optimizer-zoo) to a PNG")
 
 
 def add_arguments(parser):
@@ -33,8 +34,9 @@ def run(args):
     from fastopt import examples
 
     if args.name == "list":
+        width = max(map(len, examples.EXAMPLES))
         for name in examples.EXAMPLES:
-            print(f"{name:<10} {examples.summary(name)}")
+            print(f"{name:<{width}}  {examples.summary(name)}")
         return 0
     output = None if args.no_plot else (args.output or f"{args.name}.png")
     if output is not None:

@@ -12,6 +12,10 @@ lr-sweep       five learning rates in one batched Ensemble run on MNIST:
 adam           Adam in ten lines of NumPy vs SGD on an ill-conditioned
                quadratic; fastopt.Adam takes the same iterates
 schedules      warmup+cosine, step decay and one-cycle, as an optimizer sees them
+saddle         plain GD stalls near a saddle's ridge; momentum, gradient noise
+               and Adam escape (x^2 - y^2 and the flat x^2 - y^4)
+optimizer-zoo  every fastopt optimizer on x^2 + 10 y^2 and on Rosenbrock, each
+               at its best lr: paths and losses
 =============  ==============================================================
 
 Run one with ``fastopt examples NAME -o picture.png [--small]`` or from
@@ -36,6 +40,8 @@ EXAMPLES = {
     "lr-sweep": "fastopt.examples.lr_sweep",
     "adam": "fastopt.examples.adam_from_scratch",
     "schedules": "fastopt.examples.schedule_gallery",
+    "saddle": "fastopt.examples.saddle",
+    "optimizer-zoo": "fastopt.examples.optimizer_zoo",
 }
 
 __all__ = ["EXAMPLES", "run_example", "summary"]

@@ -23,7 +23,29 @@ def save(fig, path, dpi=80):
     plt.close(fig)
 
 
+def save_palette(fig, path, dpi=80, colors=128):
+    """:func:`save`, then rewrite the PNG with a palette of ``colors`` colours: a
+    busy picture (many antialiased paths) shrinks ~3x and looks the same.
+    Needs Pillow (a dependency of matplotlib)."""
+    from PIL import Image
+
+    save(fig, path, dpi=dpi)
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
+                                           dither=Image.Dither.NONE)
+    small.save(path, format="PNG", optimize=True)
+
+
 def say(verbose, *lines):
     if verbose:
         for line in lines:
             print(line)
+
+
+def report(verbose, lines, output, draw):
+    """The end of an example's ``run``: print ``lines``, then ``draw(output)``
+    and say so when a picture was asked for."""
+    say(verbose, *lines)
+    if output is not None:
+        draw(output)
+        say(verbose, f"wrote {output}")

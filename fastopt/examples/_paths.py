@@ -1,0 +1,45 @@
+"""Iterates of a fastopt optimizer on a small test function, as a user writes the loop.
+
+The parameters are one NumPy array ``p`` (a point in the plane, say), held
+in a plain list by the optimizer; each step computes the gradient at ``p``
+and hands it over. :func:`trajectory` records ``p`` after every step and
+stops early when asked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def gradient_step(opt, p, grad, noise=None):
+    """One first-order step: ``opt.step([grad(p) (+ noise())])``, as a closure."""
+    g = np.empty_like(p)
+
+    def advance():
+        g[:] = grad(p)
+        if noise is not None:
+            np.add(g, noise(), out=g)
+        opt.step([g])
+    return advance
+
+
+def trajectory(p, advance, steps, stop=None):
+    """Call ``advance()`` (which updates ``p`` in place) up to ``steps`` times.
+
+    Returns ``(path [n + 1, dim], stopped)``: ``p`` before and after every
+    step, and the first step after which ``stop(p)`` was true (``None``:
+    it never was; the run then has all ``steps`` steps).
+    """
+    path = [p.copy()]
+    for step in range(1, steps + 1):
+        advance()
+        path.append(p.copy())
+        if stop is not None and stop(p):
+            return np.array(path), step
+    return np.array(path), None
+
+
+def first_below(values, level):
+    """First index whose value is below ``level``, or None."""
+    hit = np.nonzero(np.asarray(values) < level)[0]
+    return int(hit[0]) if hit.size else None
