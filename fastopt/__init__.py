@@ -18,6 +18,7 @@ from .checkpoint import CheckpointError, load, save
 from .clip import clip_by_global_norm, global_norm
 from .optim import (SGD, Adagrad, Adam, Adamax, AdamW, Lion, LossScaler, NAdam, Optimizer,
                     RAdam, RMSprop)
+from .optim import SAM
 from .params import FlatArrays, flat_zeros, pack
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "functional", "schedules",
     "save", "load", "CheckpointError",
 ]
+__all__ += ["SAM"]
 
 
 def __getattr__(name):

@@ -1,0 +1,334 @@
+r"""Sharpness-Aware Minimization around any fastopt optimizer.
+
+Foret et al. 2021, "Sharpness-Aware Minimization for Efficiently Improving
+Generalization" (Algorithm 1), and its adaptive form, ASAM (Kwon et al.
+2021), whose perturbation is scaled elementwise by :math:`|p|`. Each
+training step evaluates the gradient twice::
+
+    loss, grads = loss_and_grad(params)
+    sam.perturb(grads)              # p <- p + e: the worst nearby point
+    loss, grads = loss_and_grad(params)
+    sam.step(grads)                 # p <- p - e, then the base step with these grads
+
+The math (:mod:`fastopt.backends.flat_ops`) is a global-norm pass and a
+scaled copy of the gradients added to the params: one compiled call per
+param group (both passes in one call for a one-group optimizer).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+
+import numpy as np
+
+from .. import _validate as V
+from ..backends import get_backend
+from ..backends.flat_ops import ops_for, sam_scale
+from ..backends.tables import group_tables
+from ..params import FlatArrays
+from .base import Optimizer
+
+
+class SAM:
+    r"""Sharpness-Aware Minimization (SAM/ASAM) around ``base_optimizer``.
+
+    .. math::
+        e &= \rho\, \frac{g}{\lVert g \rVert_2}
+            \quad\text{(adaptive: } e = \rho\, \frac{p^2 \odot g}
+            {\lVert |p| \odot g \rVert_2}\text{)} \\
+        p &\leftarrow p + e \quad\text{(perturb; the caller computes } g'
+            \text{ there)} \\
+        p &\leftarrow p - e, \text{ then the base optimizer's step with } g'
+
+    The norm is global: over every array of every param group, in float64.
+    A zero gradient gives ``e = 0`` (the paper's reference code adds 1e-12
+    to the norm instead; without it a zero gradient would be 0/0).
+
+    ``base_optimizer``: any fastopt optimizer stepped with gradients (SGD,
+    AdamW, ...) that already has its params, in any layout (packed, a list,
+    a dict, param groups); SAM updates those same arrays. ``param_groups``
+    are the base optimizer's own (lr schedules, hyperparameter edits and
+    checkpoints keep working).
+
+    * :meth:`perturb` with non-finite gradients skips the perturbation:
+      params untouched, a RuntimeWarning, ``skipped_perturbs`` counted; the
+      following :meth:`step` is then the base optimizer's plain step (which
+      skips non-finite gradients itself when it was made with
+      ``skip_nonfinite=True``).
+    * :meth:`step` without :meth:`perturb`, or :meth:`perturb` twice, is a
+      RuntimeError; wrong gradients are refused before anything is written.
+    * State: ``state[gi]["e_w"]``, the group's perturbation as one flat
+      buffer (the optimizers' layout), kept in :meth:`state_dict` with
+      whether the params are perturbed, nested with the base's state.
+    """
+
+    def __init__(self, base_optimizer, rho=0.05, adaptive=False):
+        if isinstance(base_optimizer, SAM):
+            raise TypeError("SAM wraps a plain optimizer, not another SAM")
+        if not isinstance(base_optimizer, Optimizer) or getattr(base_optimizer,
+                                                                "steps_with_closure", False):
+            raise TypeError("base_optimizer must be a fastopt optimizer stepped with "
+                            f"gradients (SGD, AdamW, ...), got {type(base_optimizer).__name__}")
+        if not base_optimizer.param_groups:
+            raise ValueError("base_optimizer has no params yet: make it with its params "
+                             "(or bind them) before wrapping it in SAM")
+        if base_optimizer.backend == "cuda":
+            raise ValueError("SAM has no CUDA kernels yet: it perturbs host NumPy params "
+                             "(numpy, numba or cython backends)")
+        for gi, group in enumerate(base_optimizer.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.dtype not in V.FLOAT_DTYPES:
+                    raise TypeError(f"SAM: param_groups[{gi}]['params'][{i}] is {p.dtype}; "
+                                    "SAM perturbs the params in place and takes float32 or "
+                                    "float64 params only (no mixed precision)")
+        self.base_optimizer = base_optimizer
+        self.rho = V.check_real("rho", rho, low=0.0)
+        self.adaptive = V.check_bool("adaptive", adaptive)
+        self.perturbed = False       # the params are at p + e
+        self.skipped_perturbs = 0    # perturbs skipped for non-finite gradients
+        self.grad_norm = None        # the last perturb's norm (||g||, or || |p| g ||)
+        self._skipped = False        # the last perturb was skipped: step is a plain step
+        self._lock = threading.RLock()
+        self._layout_key = None
+        self._build()
+
+    # -- the base optimizer's view ------------------------------------------------
+    @property
+    def param_groups(self) -> list:
+        return self.base_optimizer.param_groups
+
+    @property
+    def defaults(self) -> dict:
+        return self.base_optimizer.defaults
+
+    @property
+    def iterations(self) -> int:
+        return self.base_optimizer.iterations
+
+    @property
+    def last_lr(self):
+        return self.base_optimizer.last_lr
+
+    @property
+    def backend(self) -> str:
+        return self.base_optimizer.backend
+
+    def lr_schedule(self, group: int = 0):
+        return self.base_optimizer.lr_schedule(group)
+
+    def zero_grad(self, grads) -> None:
+        self.base_optimizer.zero_grad(grads)
+
+    # -- layout: one table and one e buffer per group ------------------------------
+    def _key(self):
+        return tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
+
+    def _build(self):
+        """Per group: its table (params as 1-D views, e offsets) and its e
+        buffer. Again after ``add_param_group`` on the base (not while perturbed)."""
+        groups = self.param_groups
+        sizes = [p.size for g in groups for p in g["params"]]
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+        self._tables, self.state, first = [], [], 0
+        for group in groups:
+            params = group["params"]
+            offsets = np.concatenate([[0], np.cumsum([p.size for p in params])[:-1]])
+            e = np.zeros(sum(p.size for p in params), params[0].dtype)
+            ts = group_tables(params, [p.reshape(-1) for p in params], [None] * len(params),
+                              offsets.astype(np.int64))
+            for t in ts:
+                t.index_global = [first + k for k in t.index]
+                t.state_addresses([e])      # grads must not overlap e either
+            self._tables.append(ts)
+            self.state.append({"e_w": e})
+            first += len(params)
+        self._all = [t for ts in self._tables for t in ts]
+        self._layout_key = self._key()
+
+    def _current_tables(self):
+        if self._layout_key != self._key():
+            if self.perturbed:
+                raise RuntimeError("SAM: the base optimizer's param groups changed while "
+                                   "the params are perturbed; call step(grads) first")
+            self._build()
+        return self._tables
+
+    # -- gradients ------------------------------------------------------------------
+    def _bind(self, grads):
+        """Point every table at ``grads``, checked in full before anything is
+        written (as the optimizers' step checks them)."""
+        base = self.base_optimizer
+        if isinstance(grads, FlatArrays):
+            base.check_grads(grads)          # layout, dtype, aliasing (cached by identity)
+            V.check_disjoint(self._e_named(), [("grads", grads.data)])
+            for t in self._all:
+                t.grads_from_flat(grads.data, [self._offsets[i] for i in t.index_global])
+            return
+        grads = base._grads_as_list(grads)   # a dict by the params' keys -> a list
+        gather = getattr(get_backend(self.backend), "gather", None)
+        if gather is not None and type(grads) in (list, tuple) and \
+                len(grads) == len(self._offsets) - 1 and all(
+                    gather(t, [grads[i] for i in t.index_global]) for t in self._all):
+            return      # checked in compiled code: dtype, shape, contiguity, no overlap
+        grads = V.as_array_list("grads", grads)
+        base.check_grads(grads)              # raises, naming the array
+        V.check_disjoint(self._e_named(), [(f"grads[{i}]", g) for i, g in enumerate(grads)])
+        for t in self._all:
+            t.grads_from_arrays([grads[i].reshape(-1) for i in t.index_global])
+
+    def _e_named(self):
+        return [(f"SAM state 'e_w' of group {gi}", st["e_w"]) for gi, st in
+                enumerate(self.state)]
+
+    # -- the two halves of a step ------------------------------------------------------
+    def perturb(self, grads) -> float:
+        """Move the params to ``p + e`` from ``grads`` (the gradients at the
+        current params, in their layout); returns the norm used (``||g||``,
+        adaptive ``|| |p| g ||``), also ``self.grad_norm``.
+
+        Non-finite gradients: nothing is written, a RuntimeWarning says so,
+        and the next :meth:`step` is the base optimizer's plain step."""
+        with self._lock:
+            if self.perturbed:
+                raise RuntimeError("SAM.perturb called twice: the params are already "
+                                   "perturbed; compute the gradients there and call "
+                                   "step(grads) first")
+            tables = self._current_tables()
+            self._bind(grads)
+            ops = ops_for(self.backend)
+            if len(self._all) == 1:          # the norm pass and the update in one call
+                total = ops.sam_fused(self._all[0], self.state[0]["e_w"], self.rho,
+                                      self.adaptive)
+            else:
+                total = sum(ops.sam_sumsq(t, self.adaptive) for t in self._all)
+                if math.isfinite(total):
+                    scale = sam_scale(self.rho, total)
+                    for ts, st in zip(tables, self.state):
+                        for t in ts:
+                            ops.sam_perturb(t, st["e_w"], scale, self.adaptive)
+            self.grad_norm = math.sqrt(total)
+            self._skipped = not math.isfinite(total)
+            if self._skipped:
+                self.skipped_perturbs += 1
+                warnings.warn("SAM.perturb: the gradients hold NaN or inf; the params were "
+                              "not perturbed, and the next step(grads) is the base "
+                              "optimizer's plain step", RuntimeWarning, stacklevel=2)
+            else:
+                self.perturbed = True
+            return self.grad_norm
+
+    def step(self, grads):
+        """Undo the perturbation (``p -= e``) and apply the base optimizer's
+        step with ``grads``, the gradients computed at the perturbed point.
+        Returns what the base step returns.
+
+        ``grads`` are checked before the params are restored. Should the
+        base step itself refuse (say, a bad hyperparameter written into a
+        param group), the params stay restored to the unperturbed point and
+        the error is raised: call :meth:`perturb` again."""
+        with self._lock:
+            if not self.perturbed and not self._skipped:
+                raise RuntimeError("SAM.step called without perturb: call "
+                                   "sam.perturb(grads) at the current params, compute the "
+                                   "gradients at the perturbed point, then sam.step(grads)")
+            if self.perturbed:
+                self._bind(grads)        # the checks, before the params are restored
+                ops = ops_for(self.backend)
+                for ts, st in zip(self._tables, self.state):
+                    for t in ts:
+                        ops.sam_restore(t, st["e_w"])
+            self.perturbed = self._skipped = False
+            return self.base_optimizer.step(grads)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """``{"type": "SAM", "rho", "adaptive", "perturbed", "perturb_skipped",
+        "skipped_perturbs", "e_w", "base"}``: ``e_w`` one flat array per
+        group while perturbed (else None), ``base`` the base optimizer's
+        :meth:`~fastopt.Optimizer.state_dict`. The params are not included
+        (see :func:`fastopt.save`): a checkpoint taken between
+        :meth:`perturb` and :meth:`step` holds the perturbed params, and the
+        resumed :meth:`step` restores them."""
+        return {"type": "SAM", "rho": self.rho, "adaptive": self.adaptive,
+                "perturbed": self.perturbed, "perturb_skipped": self._skipped,
+                "skipped_perturbs": self.skipped_perturbs,
+                "e_w": [st["e_w"].copy() for st in self.state] if self.perturbed else None,
+                "base": self.base_optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict) -> None:
+        """Restore :meth:`state_dict` output, checked in full first (the
+        base's part included): on a mismatch nothing changes."""
+        self._prepare_load(state_dict)()
+
+    def _prepare_load(self, sd):
+        """Check ``sd``; return a function that applies it (what
+        :func:`fastopt.load` calls)."""
+        if not isinstance(sd, dict):
+            raise TypeError(f"checkpoint: the state_dict must be a dict, got {type(sd).__name__}")
+        keys = ("type", "rho", "adaptive", "perturbed", "perturb_skipped",
+                "skipped_perturbs", "e_w", "base")
+        missing = [k for k in keys if k not in sd]
+        if missing:
+            raise ValueError(f"checkpoint: the SAM state_dict is missing keys {missing}")
+        if sd["type"] != "SAM":
+            raise ValueError(f"checkpoint is for an optimizer of type {sd['type']}, not SAM")
+        rho = V.check_real("checkpoint rho", sd["rho"], low=0.0)
+        adaptive = V.check_bool("checkpoint adaptive", sd["adaptive"])
+        perturbed = V.check_bool("checkpoint perturbed", sd["perturbed"])
+        skipped = V.check_bool("checkpoint perturb_skipped", sd["perturb_skipped"])
+        count = V.check_int("checkpoint skipped_perturbs", sd["skipped_perturbs"], low=0)
+        if self._layout_key != self._key():
+            self._build()
+        e_w = sd["e_w"]
+        if perturbed:
+            if not isinstance(e_w, list) or len(e_w) != len(self.state):
+                raise ValueError(f"checkpoint: e_w must list one array per param group "
+                                 f"({len(self.state)}) when perturbed")
+            for gi, (a, st) in enumerate(zip(e_w, self.state)):
+                want = st["e_w"]
+                if not isinstance(a, np.ndarray) or a.shape != want.shape or \
+                        a.dtype != want.dtype:
+                    got = f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else \
+                        type(a).__name__
+                    raise ValueError(f"checkpoint: e_w[{gi}] is {got}, expected "
+                                     f"{want.dtype}[{want.size}]")
+        elif e_w is not None:
+            raise ValueError("checkpoint: e_w must be None when not perturbed")
+        apply_base = self.base_optimizer._prepare_load(sd["base"])
+
+        def apply():
+            apply_base()
+            for name, saved, mine in (("rho", rho, self.rho), ("adaptive", adaptive,
+                                                                 self.adaptive)):
+                if saved != mine:
+                    warnings.warn(f"load_state_dict: the checkpoint's SAM {name}={saved!r} "
+                                  f"replaces this SAM's {mine!r}", stacklevel=4)
+            self.rho, self.adaptive = rho, adaptive
+            self.perturbed, self._skipped, self.skipped_perturbs = perturbed, skipped, count
+            if perturbed:
+                for a, st in zip(e_w, self.state):
+                    st["e_w"][...] = a
+        return apply
+
+    def __getstate__(self):
+        # tables hold raw addresses of this object's arrays: a copy rebuilds its own
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        state["_layout_key"] = None
+        state.pop("_tables", None)
+        state.pop("_all", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        saved = [st["e_w"] for st in self.state]
+        self._build()
+        for st, e in zip(self.state, saved):
+            st["e_w"][...] = e
+
+    def __repr__(self):
+        return (f"SAM(rho={self.rho}, adaptive={self.adaptive}, "
+                f"base_optimizer={self.base_optimizer!r})")
