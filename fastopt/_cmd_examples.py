@@ -10,7 +10,7 @@ each prints the facts it claims. ``fastopt examples list`` names them.
 from __future__ import annotations
 
 HELP = ("run an optimization lesson (backprop, gd-paths, lr-sweep, adam, schedules, saddle, "
-        "optimizer-zoo) to a PNG")
+        "optimizer-zoo, sam) to a PNG")
 
 
 def add_arguments(parser):

@@ -54,7 +54,7 @@ def test_optimizer_zoo_every_optimizer_runs_and_the_facts_hold(tmp_path):
     f = _run("optimizer-zoo", tmp_path)
     names = set(optimizers())
     assert {"SGD", "SGD momentum", "Nesterov", "Adam", "AdamW", "RMSprop", "Adagrad",
-            "Adamax", "NAdam", "RAdam", "Lion"} <= names
+            "Adamax", "NAdam", "RAdam", "Lion", "SAM"} <= names
     bowl, ros = f["problems"]["bowl"], f["problems"]["rosenbrock"]
     for problem in (bowl, ros):
         assert set(problem["optimizers"]) == names
@@ -68,11 +68,14 @@ def test_optimizer_zoo_every_optimizer_runs_and_the_facts_hold(tmp_path):
     assert bowl["optimizers"]["SGD"]["steps_to_tol"] == 79
     assert set(bowl["settled"]) == names - {"Lion"}
     assert 1e-3 <= bowl["optimizers"]["Lion"]["final_loss"] < 2e-3    # its +-lr 2-cycle
-    # Rosenbrock: heavy ball settles first; plain SGD and RAdam not within the budget
+    # Rosenbrock: heavy ball settles first; plain SGD and RAdam not within the budget,
+    # nor SAM: its gradient rho uphill across the valley is ~50 even at the minimum
     steps = {n: r["steps_to_tol"] for n, r in ros["optimizers"].items()}
     assert min(ros["settled"], key=steps.get) == "SGD momentum" and steps["SGD momentum"] < 300
     assert steps["SGD"] is None and steps["RAdam"] is None
     assert steps["Adam"] < 2000
+    assert steps["SAM"] is None and ros["optimizers"]["SAM"]["final_loss"] > 1e-2
+    assert bowl["optimizers"]["SAM"]["steps_to_tol"] < 200
 
 
 def test_optimizer_zoo_lrs_are_what_tune_finds():
@@ -91,3 +94,30 @@ def test_optimizer_zoo_settled_and_resting_loss():
     assert settled(cycle) is None and resting_loss(cycle) == 1e-2
     late = np.r_[np.ones(20), 1e-6]                    # below only at the very end
     assert settled(late) is None and math.isclose(resting_loss(late), 1.0)
+
+
+# -- SAM: sharp vs flat minimum ----------------------------------------------
+
+def test_sam_leaves_the_sharp_minimum_sgd_settles_in(tmp_path):
+    f = _run("sam", tmp_path)
+    n = f["starts"]
+    assert f["sharpness"]["sharp"] > 10 * f["sharpness"]["flat"]
+    assert f["lr_times_sharpness"] < 2          # SGD is stable at the sharp minimum
+    sgd, sam = f["sgd"], f["sam"]
+    assert sum(sgd.values()) == sum(sam.values()) == n
+    assert sgd["sharp"] >= 0.75 * n and sgd["neither"] == 0
+    assert sam["flat"] == n
+    assert all(t is not None and t < 60 for t in f["sam_steps_to_flat"])
+    assert f["final_loss"]["SGD"] < 1e-12 and f["final_loss"]["SAM"] < 1e-3
+
+
+def test_sam_landscape_minima_have_equal_depth_and_the_stated_curvatures():
+    from fastopt.examples.sam_minima import MINIMA, grad, loss, valley_curvature
+
+    for x, y in MINIMA.values():
+        assert loss(x, y) == 0 and not grad(np.array([x, y])).any()
+    assert valley_curvature(-1.0) == pytest.approx(29.47, abs=0.01)
+    assert valley_curvature(1.0) == pytest.approx(0.834, abs=0.001)
+    p, h = np.array([0.3, -0.7]), 1e-6             # the gradient is the loss's
+    num = [(loss(*(p + d)) - loss(*(p - d))) / (2 * h) for d in np.eye(2) * h]
+    assert grad(p) == pytest.approx(num, rel=1e-7)

@@ -16,6 +16,8 @@ saddle         plain GD stalls near a saddle's ridge; momentum, gradient noise
                and Adam escape (x^2 - y^2 and the flat x^2 - y^4)
 optimizer-zoo  every fastopt optimizer on x^2 + 10 y^2 and on Rosenbrock, each
                at its best lr: paths and losses
+sam            SGD settles in a sharp minimum; SAM bounces out of it and rests
+               in a flat one of the same depth
 =============  ==============================================================
 
 Run one with ``fastopt examples NAME -o picture.png [--small]`` or from
@@ -42,6 +44,7 @@ EXAMPLES = {
     "schedules": "fastopt.examples.schedule_gallery",
     "saddle": "fastopt.examples.saddle",
     "optimizer-zoo": "fastopt.examples.optimizer_zoo",
+    "sam": "fastopt.examples.sam_minima",
 }
 
 __all__ = ["EXAMPLES", "run_example", "summary"]

@@ -23,6 +23,28 @@ def gradient_step(opt, p, grad, noise=None):
     return advance
 
 
+def sam_step(sam, p, grad):
+    """One SAM step as a closure: the gradient at ``p``, ``sam.perturb`` (``p``
+    moves to the worst nearby point), the gradient there, ``sam.step`` (``p``
+    moves back, then the base optimizer steps with that second gradient)."""
+    g = np.empty_like(p)
+
+    def advance():
+        g[:] = grad(p)
+        sam.perturb([g])
+        g[:] = grad(p)
+        sam.step([g])
+    return advance
+
+
+def step_for(opt, p, grad):
+    """The step closure ``opt`` takes: :func:`sam_step` for a ``fastopt.SAM``,
+    :func:`gradient_step` for the rest."""
+    from ..optim.sam import SAM
+
+    return sam_step(opt, p, grad) if isinstance(opt, SAM) else gradient_step(opt, p, grad)
+
+
 def trajectory(p, advance, steps, stop=None):
     """Call ``advance()`` (which updates ``p`` in place) up to ``steps`` times.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .._plotting import agg_pyplot
 
 
@@ -34,6 +36,18 @@ def save_palette(fig, path, dpi=80, colors=128):
         small = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
                                            dither=Image.Dither.NONE)
     small.save(path, format="PNG", optimize=True)
+
+
+def contour_map(ax, f, xlim, ylim, levels, title):
+    """A map of ``f(x, y)`` on ``ax``: grey contours at ``levels`` over the
+    frame ``xlim`` x ``ylim``, the axes named x and y."""
+    xs, ys = np.meshgrid(np.linspace(*xlim, 300), np.linspace(*ylim, 200))
+    ax.contour(xs, ys, f(xs, ys), levels=levels, colors="0.75", linewidths=0.6)
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_title(title, fontsize=10)
 
 
 def say(verbose, *lines):

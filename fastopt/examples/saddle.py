@@ -37,7 +37,7 @@ import math
 import numpy as np
 
 from ._paths import gradient_step, trajectory
-from ._plot import pyplot, report, save_palette
+from ._plot import contour_map, pyplot, report, save_palette
 
 LR = 0.01
 BETA = 0.9
@@ -143,13 +143,13 @@ COLORS = {"GD": "C0", "momentum": "C1", "noisy GD": "C2", "Adam": "C3"}
 def _draw(path, paths, facts):
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), gridspec_kw={"width_ratios": [1, 1.4]})
-    xs, ys = np.meshgrid(np.linspace(-1.2, 1.2, 200), np.linspace(-1.2, 1.2, 200))
     for row, (title, (f, _, y0)) in zip(axes, SADDLES.items()):
         runs, noisy = paths[title]
         info = facts["saddles"][title]
         ax1, ax2 = row
-        ax1.contour(xs, ys, f(xs, ys), levels=np.linspace(-1.2, 1.2, 13), colors="0.7",
-                    linewidths=0.7)
+        name = title.replace("^2", "$^2$").replace("^4", "$^4$")
+        contour_map(ax1, f, (-1.2, 1.2), (-1.2, 1.2), np.linspace(-1.2, 1.2, 13),
+                    f"f = {name}, start (1, {y0:g})")
         for m in METHODS:     # GD wide and pale: momentum's path runs on top of it
             arr = runs[m][0]
             wide = m == "GD"
@@ -157,12 +157,6 @@ def _draw(path, paths, facts):
                      color=COLORS[m], label=m)
         ax1.plot(START_X, y0, "ks", ms=5)
         ax1.plot(0, 0, "kx", ms=7)
-        ax1.set_xlim(-1.2, 1.2)
-        ax1.set_ylim(-1.2, 1.2)
-        ax1.set_xlabel("x")
-        ax1.set_ylabel("y")
-        ax1.set_title(f"f = {title.replace('^2', '$^2$').replace('^4', '$^4$')}, "
-                      f"start (1, {y0:g})", fontsize=10)
         for arr, _ in noisy:
             ax2.loglog(*_from_step_1(arr), color=COLORS["noisy GD"], lw=0.5, alpha=0.25)
         for m in METHODS:
