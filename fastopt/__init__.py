@@ -19,6 +19,7 @@ from .clip import clip_by_global_norm, global_norm
 from .optim import (SGD, Adagrad, Adam, Adamax, AdamW, Lion, LossScaler, NAdam, Optimizer,
                     RAdam, RMSprop)
 from .optim import SAM
+from .optim import LBFGS
 from .params import FlatArrays, flat_zeros, pack
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "save", "load", "CheckpointError",
 ]
 __all__ += ["SAM"]
+__all__ += ["LBFGS"]
 
 
 def __getattr__(name):

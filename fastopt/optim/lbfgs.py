@@ -1,0 +1,425 @@
+r"""L-BFGS with torch.optim.LBFGS's algorithm and semantics over fastopt params.
+
+Nocedal & Wright, *Numerical Optimization* (2nd ed.), Algorithm 7.4 (the
+two-loop recursion) and 7.5 (L-BFGS), with torch's choices: the initial
+inverse Hessian :math:`H_0 = \frac{y^\top s}{y^\top y} I` from the newest
+pair, a pair kept only when :math:`y^\top s > 10^{-10}`, a first step of
+:math:`\min(1, 1/\lVert g \rVert_1)\,\mathrm{lr}`, then ``lr`` (or the strong
+Wolfe line search of :mod:`fastopt.optim.line_search`), and the same
+stopping tests, so that trajectories equal torch's.
+
+The vectors are flat: the params as one vector in param order (a packed
+group *is* that vector; other layouts are stepped run by run), the
+gradients gathered into one. The two-loop recursion's dot products and
+axpys are the fused kernels of :mod:`fastopt.backends.flat_ops` (an axpy
+and the next dot product in one pass), and the history is a preallocated
+ring (:class:`History`) that keeps a new pair without copying it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _validate as V
+from ..backends.flat_ops import ops_for
+from ..params import FlatArrays
+from .base import NONNEG
+from .line_search import Trial, strong_wolfe
+from .named import KeyTree
+from .rmsprop import HostOnly, refuse_device
+
+LINE_SEARCHES = (None, "strong_wolfe")
+#: a curvature pair is kept only when y . s exceeds this (torch's constant)
+CURVATURE_MIN = 1e-10
+
+
+class History:
+    """The newest ``m`` curvature pairs ``(s_i, y_i)`` with ``ro_i = 1 / (y_i . s_i)``.
+
+    Rows of two preallocated ``(m + 1) x n`` blocks, ``S`` and ``Y``; ``rows``
+    lists the rows that hold pairs, oldest first. The one other row,
+    ``spare``, holds the previous gradient (``Y[spare]``, torch's
+    ``prev_flat_grad``) and the direction (``S[spare]``, ``d``): the next
+    pair is formed there in place (``y = g - prev``, ``s = t d``), and
+    keeping it only moves row numbers: the spare row joins the ring and
+    the evicted oldest row (or an unused one) becomes the spare.
+    """
+
+    def __init__(self, m, n, dtype):
+        self.m = m
+        self.S = np.empty((m + 1, n), dtype)   # untouched rows cost no memory yet
+        self.Y = np.empty((m + 1, n), dtype)
+        self.rows, self.ro, self.spare = [], [], 0
+
+    @property
+    def prev_grad(self):
+        return self.Y[self.spare]
+
+    @property
+    def direction(self):
+        return self.S[self.spare]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def clear(self):
+        self.rows, self.ro = [], []
+
+    def keep(self, ro):
+        """The pair formed in the spare row becomes the newest."""
+        self.rows.append(self.spare)
+        self.ro.append(ro)
+        if len(self.rows) > self.m:
+            self.spare = self.rows.pop(0)
+            del self.ro[0]
+        else:
+            self.spare = min(set(range(self.m + 1)) - set(self.rows))
+
+    def pairs(self):
+        """``(s, y, ro)`` oldest first."""
+        return [(self.S[r], self.Y[r], ro) for r, ro in zip(self.rows, self.ro)]
+
+    @classmethod
+    def of(cls, m, n, dtype, s, y, ro, prev_grad=None, direction=None):
+        """A history of size ``m`` holding the pairs ``s``/``y``/``ro``
+        (oldest first; the newest ``m`` of them) and the spare row's vectors."""
+        out = cls(m, n, dtype)
+        k = min(len(ro), m)
+        start = len(ro) - k
+        out.S[:k], out.Y[:k] = s[start:], y[start:]
+        out.rows, out.ro, out.spare = list(range(k)), [float(r) for r in ro[start:]], k
+        if prev_grad is not None:
+            out.Y[k], out.S[k] = prev_grad, direction
+        return out
+
+
+class LBFGS(HostOnly):
+    r"""L-BFGS, stepped with a closure: ``opt.step(closure)``, where
+    ``closure()`` evaluates the loss and its gradients at the current params
+    and returns ``(loss, grads)`` (grads in the params' layout: a list, a
+    dict by the params' keys, or a FlatArrays).
+
+    One ``step`` runs up to ``max_iter`` iterations (``max_eval`` closure
+    calls, default ``max_iter * 5 // 4``) and returns the first loss. Each
+    iteration moves along :math:`d = -H g`, :math:`H` the inverse Hessian
+    of the last ``history_size`` curvature pairs (two-loop recursion), by
+    ``lr`` (the first iteration ever: :math:`\min(1, 1/\lVert g\rVert_1)\,
+    \mathrm{lr}`) or, with ``line_search_fn="strong_wolfe"``, by a step that
+    satisfies the strong Wolfe conditions. It stops at
+    :math:`\max|g| \le` ``tolerance_grad``, or when the directional
+    derivative, the step or the loss change falls below ``tolerance_change``.
+
+    torch's semantics: one param group; the state (``state[0]``:
+    ``func_evals``, ``n_iter``, ``d``, ``t``, ``H_diag``, ``prev_flat_grad``,
+    ``prev_loss``, and the pairs, ``old_dirs`` (y), ``old_stps`` (s) and
+    ``ro`` in :meth:`state_dict`) carries over from one ``step`` to the
+    next. float32 or float64 params on the host; full-batch (deterministic)
+    closures are what it is for.
+
+    An exception from the closure (or from its gradients' checks) stops the
+    step: the params stay where the last completed move left them (a line
+    search's trial point is undone), and the state is that of a step that
+    ended there.
+    """
+
+    steps_with_closure = True     # SAM and the training loop tell it apart by this
+    _hypers = dict(lr=NONNEG, tolerance_grad=NONNEG, tolerance_change=NONNEG)
+    _state_names = ()
+
+    def __init__(self, params=None, lr=1, max_iter=20, max_eval=None, tolerance_grad=1e-7,
+                 tolerance_change=1e-9, history_size=100, line_search_fn=None, *,
+                 backend="auto"):
+        if max_eval is None:
+            max_eval = V.check_int("max_iter", max_iter, low=1) * 5 // 4
+        defaults = dict(lr=lr, max_iter=max_iter, max_eval=max_eval,
+                        tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+                        history_size=history_size, line_search_fn=line_search_fn)
+        super().__init__(params, defaults, backend=backend)
+
+    def _check_hypers(self, group, where=""):
+        h = super()._check_hypers(group, where)
+        for name in ("max_iter", "max_eval", "history_size"):
+            h[name] = V.check_int(V.key(where, name), group[name], low=1)
+        if group["line_search_fn"] not in LINE_SEARCHES:
+            raise ValueError(f"{V.key(where, 'line_search_fn')} must be None or "
+                             f"'strong_wolfe', got {group['line_search_fn']!r}")
+        return h
+
+    # -- params: one group of float32/float64 host arrays --------------------------
+    def bind(self, params) -> None:
+        refuse_device("LBFGS", self._backend_name, params)
+        specs = self._group_specs(params)
+        if len(specs) != 1:
+            raise ValueError(f"LBFGS takes one param group (torch's rule: its state is one "
+                             f"vector over every param), got {len(specs)}")
+        given = specs[0]["params"]
+        arrays = (KeyTree.of(given, "params")[1] if isinstance(given, dict)
+                  else V.as_array_list("params", given))
+        for i, a in enumerate(arrays):
+            V.check_float_array(f"params[{i}]", a, writable=True)
+        super().bind(params)
+        # the params as one vector: each run is a contiguous slice of it
+        spans, lo = [], 0
+        for run in self._run_info[0]["runs"]:
+            spans.append((lo, lo + run["flat"].size, run["flat"]))
+            lo += run["flat"].size
+        self._spans, self._n = spans, lo
+        self.state = [self._new_lbfgs_state()]
+
+    def add_param_group(self, param_group) -> None:
+        if self.param_groups:
+            raise ValueError("LBFGS takes one param group; it cannot add another")
+        super().add_param_group(param_group)
+
+    def _new_lbfgs_state(self):
+        return {"step": 0, "runs": [{} for _ in self._spans], "flat": {},
+                "func_evals": 0, "n_iter": 0, "t": None, "H_diag": 1.0, "prev_loss": None,
+                "history": None}
+
+    def _add(self, ops, t, d):
+        """params += t d."""
+        for lo, hi, run in self._spans:
+            ops.axpy(t, d[lo:hi], run)
+
+    def _params_copy(self):
+        x = np.empty(self._n, self._spans[0][2].dtype)
+        for lo, hi, run in self._spans:
+            x[lo:hi] = run
+        return x
+
+    def _set_params(self, x):
+        for lo, hi, run in self._spans:
+            run[...] = x[lo:hi]
+
+    def _evaluate(self, closure):
+        """``(loss, flat gradient)`` from the closure, checked: a new flat array."""
+        out = closure()
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError("LBFGS: closure() must return (loss, grads), the loss at the "
+                            f"current params and its gradients; got {type(out).__name__}")
+        loss, grads = out
+        try:
+            loss = float(np.asarray(loss, dtype=np.float64).reshape(()))
+        except (TypeError, ValueError):
+            raise TypeError("LBFGS: the loss closure() returned must be one real number, "
+                            f"got {type(loss).__name__}") from None
+        self.check_grads(grads)           # shapes, dtypes, no overlap with the params
+        if isinstance(grads, FlatArrays):
+            return loss, grads.data.copy()
+        return loss, np.concatenate([g.reshape(-1) for g in self._grads_as_list(grads)])
+
+    # -- the step -------------------------------------------------------------------
+    def _history(self, st, m):
+        """The group's ring, allocated on first use (and again, keeping the
+        newest pairs, if ``history_size`` was changed)."""
+        hist = st["history"]
+        if hist is None:
+            hist = History(m, self._n, self._group_dtype(0))
+        elif hist.m != m:
+            pairs = hist.pairs()
+            hist = History.of(m, self._n, hist.S.dtype, [s for s, _, _ in pairs],
+                              [y for _, y, _ in pairs], [r for _, _, r in pairs],
+                              hist.prev_grad, hist.direction)
+        st["history"] = hist
+        return hist
+
+    def step(self, closure):
+        """One L-BFGS step (up to ``max_iter`` iterations); returns the loss
+        of the first closure call (at the params as they were)."""
+        if not callable(closure):
+            raise TypeError("LBFGS.step needs a closure: closure() -> (loss, grads) at the "
+                            "current params")
+        with self._lock:
+            if not self.param_groups:
+                raise RuntimeError("this LBFGS has no params yet: call bind(params) first")
+            self._check_groups_unchanged()
+            h = self._resolve(self._with_schedule(0, self.param_groups[0]), "param_groups[0]")
+            ops = ops_for(self.backend)
+            st = self.state[0]
+            hist = self._history(st, h["history_size"])
+            loss, g = self._evaluate(closure)
+            first_loss = loss
+            st["func_evals"] += 1
+            try:
+                self._iterate(closure, h, ops, st, hist, loss, g)
+            finally:
+                self._finish_step(False, None, [h])
+            return first_loss
+
+    def _iterate(self, closure, h, ops, st, hist, loss, g):
+        lr, max_iter, max_eval = h["lr"], h["max_iter"], h["max_eval"]
+        tol_change = h["tolerance_change"]
+        g_sum, g_max = ops.abs_sum_max(g)
+        if g_max <= h["tolerance_grad"]:
+            return
+        evals, n_iter = 1, 0
+        while n_iter < max_iter:
+            n_iter += 1
+            st["n_iter"] += 1
+            # -- the direction: d = -H g -------------------------------------------------
+            if st["n_iter"] == 1:
+                hist.clear()
+                st["H_diag"] = 1.0
+                np.negative(g, out=hist.direction)
+            else:
+                ys, yy = ops.pair_dots(st["t"], g, hist.prev_grad, hist.direction)
+                if ys > CURVATURE_MIN:
+                    hist.keep(1.0 / ys)
+                    st["H_diag"] = ys / yy
+                two_loop(ops, hist, g, st["H_diag"], hist.direction)
+            d = hist.direction
+            hist.prev_grad[...] = g
+            st["prev_loss"] = prev_loss = loss
+            # -- the step length ------------------------------------------------------------
+            if st["n_iter"] == 1:
+                t = min(1.0, 1.0 / g_sum if g_sum else float("inf")) * lr
+            else:
+                t = lr
+            st["t"] = t
+            gtd = ops.dot(g, d)
+            if gtd > -tol_change:
+                break
+            d_max = ops.abs_sum_max(d)[1]
+            if h["line_search_fn"] is not None:
+                x0 = self._params_copy()
+
+                def trial(t):
+                    self._add(ops, t, d)
+                    try:
+                        f, gt = self._evaluate(closure)
+                    finally:
+                        self._set_params(x0)
+                    return Trial(t, f, gt, ops.dot(gt, d))
+
+                best, used = strong_wolfe(trial, t, Trial(0.0, loss, g, gtd), d_max,
+                                          tolerance_change=tol_change,
+                                          max_ls=max_eval - evals)
+                st["t"] = t = best.t
+                self._add(ops, t, d)
+                loss, g = best.f, best.g
+                g_sum, g_max = ops.abs_sum_max(g)
+            else:
+                self._add(ops, t, d)
+                used = 0
+                if n_iter != max_iter:   # the last iteration's loss is the next step's first
+                    loss, g = self._evaluate(closure)
+                    g_sum, g_max = ops.abs_sum_max(g)
+                    used = 1
+            evals += used
+            st["func_evals"] += used
+            # -- stopping tests ---------------------------------------------------------------
+            if n_iter == max_iter or evals >= max_eval:
+                break
+            if g_max <= h["tolerance_grad"]:
+                break
+            if d_max * abs(t) <= tol_change or abs(loss - prev_loss) < tol_change:
+                break
+
+    # -- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The base optimizer's checkpoint (type, iterations, hyperparameters
+        with the params' layout) plus ``"lbfgs"``: torch's state names, the
+        pairs oldest first (``old_dirs``: y, ``old_stps``: s, each ``[k, n]``;
+        ``ro``: ``[k]`` float64), vectors as copies."""
+        sd = super().state_dict()
+        st = self.state[0]
+        hist = st["history"]
+        pairs = hist.pairs() if hist is not None else []
+        started = st["n_iter"] > 0
+        n, dtype = self._n, self._group_dtype(0)
+        sd["lbfgs"] = {
+            "func_evals": st["func_evals"], "n_iter": st["n_iter"], "t": st["t"],
+            "H_diag": st["H_diag"], "prev_loss": st["prev_loss"],
+            "d": hist.direction.copy() if started else None,
+            "prev_flat_grad": hist.prev_grad.copy() if started else None,
+            "old_dirs": np.array([y for _, y, _ in pairs], dtype).reshape(-1, n),
+            "old_stps": np.array([s for s, _, _ in pairs], dtype).reshape(-1, n),
+            "ro": np.array([r for _, _, r in pairs], np.float64)}
+        return sd
+
+    def _prepare_load(self, sd):
+        apply_base = super()._prepare_load(sd)
+        if "lbfgs" not in sd or not isinstance(sd["lbfgs"], dict):
+            raise ValueError("checkpoint: the LBFGS state_dict has no 'lbfgs' dict")
+        ls = sd["lbfgs"]
+        keys = ("func_evals", "n_iter", "t", "H_diag", "prev_loss", "d", "prev_flat_grad",
+                "old_dirs", "old_stps", "ro")
+        missing = [k for k in keys if k not in ls]
+        if missing:
+            raise ValueError(f"checkpoint: lbfgs is missing keys {missing}")
+        evals = V.check_int("checkpoint lbfgs func_evals", ls["func_evals"], low=0)
+        n_iter = V.check_int("checkpoint lbfgs n_iter", ls["n_iter"], low=0)
+        n, dtype = self._n, self._group_dtype(0)
+
+        def array(name, shape, want=dtype):
+            a = ls[name]
+            if not isinstance(a, np.ndarray) or a.dtype != want or a.shape != shape:
+                got = f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else \
+                    type(a).__name__
+                raise ValueError(f"checkpoint: lbfgs {name} is {got}, expected "
+                                 f"{np.dtype(want)}{list(shape)}")
+            return a
+
+        ro = ls["ro"]
+        k = ro.shape[0] if isinstance(ro, np.ndarray) and ro.ndim == 1 else -1
+        ro = array("ro", (max(k, 0),), np.float64)
+        s, y = array("old_stps", (k, n)), array("old_dirs", (k, n))
+        started = n_iter > 0
+        scalars = {}
+        for name in ("t", "H_diag", "prev_loss"):
+            value = ls[name]
+            if started or name == "H_diag":
+                value = V.check_real(f"checkpoint lbfgs {name}", value)
+            elif value is not None:
+                raise ValueError(f"checkpoint: lbfgs {name} must be None before the first "
+                                 "iteration")
+            scalars[name] = value
+        if started:
+            d, prev = array("d", (n,)), array("prev_flat_grad", (n,))
+        elif ls["d"] is not None or ls["prev_flat_grad"] is not None or k:
+            raise ValueError("checkpoint: lbfgs holds vectors but n_iter is 0")
+        else:
+            d = prev = None
+        m = V.check_int("checkpoint history_size", sd["param_groups"][0]["history_size"],
+                        low=1)
+        if k > m:
+            raise ValueError(f"checkpoint: lbfgs holds {k} pairs, more than its history_size "
+                             f"{m}")
+        hist = History.of(m, n, dtype, s, y, ro, prev, d)
+
+        def apply():
+            apply_base()
+            st = self._new_lbfgs_state()
+            st.update(func_evals=evals, n_iter=n_iter, history=hist, **scalars)
+            st["step"] = self.state[0]["step"]
+            self.state = [st]
+        return apply
+
+
+def two_loop(ops, hist, g, h_diag, q):
+    r"""``q = -H g`` by the two-loop recursion (N&W Algorithm 7.4), with
+    :math:`H_0 = h_{diag} I`; each axpy is fused with the next dot product."""
+    np.negative(g, out=q)
+    pairs = hist.pairs()
+    k = len(pairs)
+    alpha = [0.0] * k
+    if k:
+        c = ops.dot(pairs[-1][0], q)
+    for i in range(k - 1, -1, -1):            # newest to oldest: alpha_i = ro_i s_i . q
+        s, y, ro = pairs[i]
+        alpha[i] = c * ro
+        if i:
+            c = ops.axpy_dot(-alpha[i], y, q, pairs[i - 1][0])
+        else:
+            ops.axpy(-alpha[i], y, q)
+    if not k:
+        q *= q.dtype.type(h_diag)
+        return
+    c = ops.scale_dot(h_diag, q, pairs[0][1])
+    for i in range(k):                        # oldest to newest: beta_i = ro_i y_i . r
+        s, y, ro = pairs[i]
+        step = alpha[i] - c * ro
+        if i + 1 < k:
+            c = ops.axpy_dot(step, s, q, pairs[i + 1][1])
+        else:
+            ops.axpy(step, s, q)
