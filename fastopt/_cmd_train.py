@@ -3,6 +3,8 @@
     fastopt train --data mnist --hidden 256,256 --optimizer adamw --lr 1e-3 \\
         --schedule warmup-cosine --epochs 15
     fastopt train --data mnist --hidden 256,256 --ensemble-lrs 1e-1,1e-2,1e-3,1e-4,1e-5
+    fastopt train --optimizer sgd --lr 0.05 --sam 0.05        # SAM: two gradients a step
+    fastopt train --optimizer lbfgs --batch-size 8000         # L-BFGS: full batch only
 
 Under ``mpiexec -n N fastopt train ...`` (``pip install 'fastopt[mpi]'``) the
 same command trains data-parallel: each rank computes the gradient of its
@@ -41,6 +43,17 @@ def _floats(text):
     return vals
 
 
+def _rho(text):
+    import argparse
+    try:
+        rho = float(text)
+    except ValueError:
+        rho = -1.0
+    if not rho > 0 or rho == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive SAM radius, got {text!r}")
+    return rho
+
+
 def _hidden(text):
     import argparse
 
@@ -62,7 +75,12 @@ def add_arguments(parser):
                         choices=["relu", "leaky_relu", "tanh", "sigmoid", "gelu"])
     from .nn.training import OPTIMIZERS   # numpy and fastopt only: no Numba, no torch
     parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
-    parser.add_argument("--lr", type=float, default=1e-3, help="(peak) learning rate")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="(peak) learning rate (default 1e-3; lbfgs: 1, its first trial "
+                             "step)")
+    parser.add_argument("--sam", type=_rho, default=None, metavar="RHO",
+                        help="wrap the optimizer in SAM with radius RHO (e.g. 0.05): each "
+                             "step computes the gradients twice")
     parser.add_argument("--ensemble-lrs", type=_floats, default=None,
                         help="comma-separated lrs: train one model per lr in one batched run")
     parser.add_argument("--schedule", default="constant", choices=["constant", "warmup-cosine"])
@@ -227,7 +245,7 @@ def _run(args, comm):
     from fastopt.data import mnist_split
     from fastopt.distributed import agree
     from fastopt.nn import Ensemble
-    from fastopt.nn.training import fit, make_optimizer
+    from fastopt.nn.training import fit, full_batch_problem, make_optimizer
 
     # rank 0 alone writes, so its view of --out is the one that counts
     problem = None if comm is not None and comm.Get_rank() else output_dir_problem(
@@ -252,6 +270,13 @@ def _run(args, comm):
     if args.epochs < 1 or args.batch_size < 1:
         print("fastopt train: --epochs and --batch-size must be >= 1", file=sys.stderr)
         return 2
+    problem = full_batch_problem(args.optimizer, args.batch_size, Xtr.shape[0])
+    if problem:
+        print(f"fastopt train: --optimizer {problem}: add --batch-size {Xtr.shape[0]}",
+              file=sys.stderr)
+        return 2
+    if args.lr is None:
+        args.lr = 1.0 if args.optimizer == "lbfgs" else 1e-3
     sizes = (Xtr.shape[1], *args.hidden, 10)
     # One level of parallelism at a time (see fastopt/nn/model.py): BLAS
     # threads inside one model's matmuls, fastopt's threads for the optimizer
@@ -266,7 +291,7 @@ def _run(args, comm):
                              total_steps=steps, warmup_steps=args.warmup_steps,
                              weight_decay=args.weight_decay, momentum=args.momentum,
                              max_grad_norm=args.max_grad_norm, comm=comm,
-                             shard_state=args.shard_state)
+                             shard_state=args.shard_state, sam=args.sam)
     except (TypeError, ValueError) as exc:
         print(f"fastopt train: {exc}", file=sys.stderr)
         return 2
@@ -274,7 +299,8 @@ def _run(args, comm):
     mode = ("sharded optimizer state" if args.shard_state else "replicated optimizer state"
             + (", allreduce overlapped with backward" if args.overlap else ""))
     print(f"fastopt train: {k} model(s) {'-'.join(map(str, sizes))} {args.activation}, "
-          f"{args.optimizer} {', '.join(labels)}, schedule {args.schedule}, "
+          f"{args.optimizer}{'' if args.sam is None else f' + SAM rho={args.sam:g}'} "
+          f"{', '.join(labels)}, schedule {args.schedule}, "
           f"{args.epochs} epochs x {steps // args.epochs} steps, batch {args.batch_size}, "
           f"backend {model.backend}, {Xtr.shape[0]} train / {Xte.shape[0]} held-out"
           + ("" if comm is None else f", {comm.Get_size()} MPI ranks ({mode})"))

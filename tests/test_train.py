@@ -84,3 +84,78 @@ def test_train_accepts_every_optimizer(tmp_path, name, lr):
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["final_val_acc"][0] > 0.8, (name, m["final_val_acc"])
+
+
+def test_train_with_sam_computes_two_gradients_a_step(tmp_path, monkeypatch, capsys):
+    """``--sam RHO`` wraps the optimizer in SAM: each batch evaluates the
+    gradients at p and at p + e (two backward passes), and it learns."""
+    from fastopt.nn import Ensemble
+    calls = []
+    inner = Ensemble.loss_and_grad
+
+    def counted(self, *args, **kw):
+        calls.append(1)
+        return inner(self, *args, **kw)
+
+    monkeypatch.setattr(Ensemble, "loss_and_grad", counted)
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    rc = main(["train", "--data-dir", str(data), "--hidden", "32", "--epochs", "1",
+               "--optimizer", "sgd", "--lr", "0.05", "--sam", "0.05", "--batch-size", "256",
+               "--quiet", "--no-plot", "--out", str(out)])
+    assert rc == 0
+    assert "sgd + SAM rho=0.05" in capsys.readouterr().out
+    assert len(calls) == 2 * 32          # 8000 samples in batches of 256: 32 steps
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["sam"] == 0.05 and m["final_val_acc"][0] > 0.8
+
+
+def test_train_lbfgs_full_batch(tmp_path):
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    rc = main(["train", "--data-dir", str(data), "--hidden", "32", "--epochs", "2",
+               "--optimizer", "lbfgs", "--batch-size", "8000", "--quiet", "--no-plot",
+               "--out", str(out)])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["lr"] == 1.0                     # lbfgs's own default
+    losses = [r["train_loss"][0] for r in m["epochs"]]
+    assert losses[1] < losses[0] and m["final_val_acc"][0] > 0.8
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--optimizer", "lbfgs"], "add --batch-size 8000"),        # the default batch of 128
+    (["--optimizer", "lbfgs", "--batch-size", "8000", "--sam", "0.05"], "not lbfgs"),
+    (["--optimizer", "lbfgs", "--batch-size", "8000", "--max-grad-norm", "1"],
+     "no --max-grad-norm"),
+    (["--sam", "0.05", "--ensemble-lrs", "1e-2,1e-3"], "not an --ensemble-lrs sweep"),
+])
+def test_train_refuses_what_sam_and_lbfgs_cannot_do(tmp_path, capsys, argv, message):
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    rc = main(["train", "--data-dir", str(data), "--hidden", "8", "--epochs", "1", "--quiet",
+               "--no-plot", "--out", str(out), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (out / "metrics.json").exists()
+
+
+def test_train_rejects_a_bad_sam_radius(capsys):
+    for bad in ("0", "-0.1", "x", "inf"):
+        with pytest.raises(SystemExit):
+            main(["train", "--sam", bad])
+        assert "positive SAM radius" in capsys.readouterr().err
+
+
+def test_fit_refuses_lbfgs_on_mini_batches():
+    from fastopt.nn import Ensemble
+    from fastopt.nn.training import fit, make_optimizer
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((64, 5)).astype(np.float32), rng.integers(0, 3, 64)
+    model = Ensemble(1, (5, 4, 3), seed=0)
+    opt = make_optimizer(model, "lbfgs", 1.0)
+    with pytest.raises(ValueError, match="batch_size=64"):
+        fit(model, opt, X, y, epochs=1, batch_size=16)
+    history = fit(model, opt, X, y, epochs=3, batch_size=64)
+    losses = [r["train_loss"][0] for r in history["epochs"]]
+    assert losses[2] < losses[0]

@@ -18,15 +18,31 @@ from .model import Ensemble
 
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "rmsprop": "RMSprop",
               "adagrad": "Adagrad", "adamax": "Adamax", "nadam": "NAdam", "radam": "RAdam",
-              "lion": "Lion"}
+              "lion": "Lion", "lbfgs": "LBFGS"}
 SCHEDULES = ("constant", "warmup-cosine")
+
+
+def full_batch_problem(opt_name, batch_size, n_train):
+    """Why ``batch_size`` does not suit ``opt_name`` (then say how to fix
+    it), or None: L-BFGS's line search and curvature pairs compare
+    evaluations of one fixed objective, so it trains on the whole set."""
+    if opt_name == "lbfgs" and batch_size < n_train:
+        return (f"lbfgs is full-batch (its line search and curvature pairs need one fixed "
+                f"loss), but the batches hold {batch_size} of {n_train} samples")
+    return None
 
 
 def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule="constant",
                    total_steps=None, warmup_steps=None, weight_decay=None, momentum=0.9,
-                   max_grad_norm=None, backend="auto", comm=None, shard_state=False):
+                   max_grad_norm=None, backend="auto", comm=None, shard_state=False,
+                   sam=None):
     """An optimizer over ``model.param_groups``: one group (one kernel call)
     for a single lr, or one group per model for ``lrs`` (an lr sweep).
+
+    ``sam=rho``: the optimizer wrapped in :class:`fastopt.SAM` (each
+    training step then computes the gradients twice). ``name="lbfgs"``:
+    :class:`fastopt.LBFGS` with the strong Wolfe line search, for one
+    model trained full-batch (``lr`` is its first trial step).
 
     With an MPI communicator ``comm`` (:mod:`fastopt.distributed`): a
     :class:`~fastopt.distributed.DataParallel` optimizer, or with
@@ -50,6 +66,10 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
         w = warmup_steps if warmup_steps is not None else max(1, total_steps // 20)
         peaks = [fastopt.schedules.warmup_cosine(p, min(w, total_steps - 1), total_steps)
                  for p in peaks]
+    _check_combination(name, lrs, comm, sam, weight_decay, max_grad_norm)
+    if name == "lbfgs":
+        return fastopt.LBFGS(model.params, lr=peaks[0], line_search_fn="strong_wolfe",
+                             backend=backend)
     groups = model.param_groups(lr=peaks if lrs is not None else peaks[0])
     cls = getattr(fastopt, OPTIMIZERS[name])
     kw = dict(backend=backend, max_grad_norm=max_grad_norm)
@@ -62,7 +82,27 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
         if shard_state:
             return distributed.ShardedOptimizer(cls, groups, comm=comm, **kw)
         return distributed.DataParallel(cls(groups, **kw), comm=comm)
-    return cls(groups, **kw)
+    opt = cls(groups, **kw)
+    return opt if sam is None else fastopt.SAM(opt, rho=sam)
+
+
+def _check_combination(name, lrs, comm, sam, weight_decay, max_grad_norm):
+    """Refuse what SAM and L-BFGS cannot do here, naming the option."""
+    if sam is not None or name == "lbfgs":
+        what = "--optimizer lbfgs" if name == "lbfgs" else "--sam"
+        if lrs is not None:
+            raise ValueError(f"{what} trains one model: its step couples every parameter "
+                             "(one gradient norm, one line search), so not an --ensemble-lrs "
+                             "sweep")
+        if comm is not None:
+            raise ValueError(f"{what} runs in one process, not under mpiexec")
+    if name == "lbfgs":
+        if sam is not None:
+            raise ValueError("--sam wraps an optimizer stepped with gradients, not lbfgs")
+        for flag, value in (("--weight-decay", weight_decay), ("--max-grad-norm",
+                                                                max_grad_norm)):
+            if value is not None:
+                raise ValueError(f"--optimizer lbfgs takes no {flag}")
 
 
 def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y_val=None,
@@ -95,8 +135,7 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
                                 seed=seed, X_val=X_val, y_val=y_val, target=target,
                                 on_batch=on_batch, on_epoch=on_epoch, comm=comm,
                                 overlap=overlap)
-    def step(gather, idx):
-        return model.train_step(opt, *gather(idx)), idx.size
+    step = _step_function(model, opt, X.shape[0], batch_size)
 
     def validate():
         return Ensemble.evaluate(model, X_val, y_val)
@@ -104,6 +143,34 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
     return _run_epochs(model, opt, X, y, epochs=epochs, batch_size=batch_size, seed=seed,
                        target=target, on_batch=on_batch, on_epoch=on_epoch, step=step,
                        validate=None if X_val is None else validate)
+
+
+def _step_function(model, opt, n_train, batch_size):
+    """``step(gather, idx) -> (losses, samples)`` for ``opt``: one gradient
+    and step per batch; SAM's two gradients (at p, then at p + e); or an
+    L-BFGS step whose closure evaluates the whole batch."""
+    if isinstance(opt, fastopt.SAM):
+        def sam_step(gather, idx):
+            X_b, y_b = gather(idx)
+            losses = model.loss_and_grad(X_b, y_b).copy()
+            opt.perturb(model.grads)
+            model.train_step(opt, X_b, y_b)
+            return losses, idx.size
+        return sam_step
+    if getattr(opt, "steps_with_closure", False):
+        problem = full_batch_problem("lbfgs", batch_size, n_train)
+        if problem:
+            raise ValueError(f"{problem}; pass batch_size={n_train}")
+
+        def closure_step(gather, idx):
+            X_b, y_b = gather(idx)
+            loss = opt.step(lambda: (model.loss_and_grad(X_b, y_b)[0], model.grads))
+            return np.array([loss]), idx.size
+        return closure_step
+
+    def step(gather, idx):
+        return model.train_step(opt, *gather(idx)), idx.size
+    return step
 
 
 def _run_epochs(model, opt, X, y, *, epochs, batch_size, seed, target, on_batch, on_epoch,
