@@ -1,9 +1,8 @@
-"""The fused optimizer step: latency, memory, and same-run ratios against
-NumPy, PyTorch and the memory roofline."""
+"""AdamW and SGD over one tensor by size and dtype: latency, memory, and
+same-run ratios against NumPy, PyTorch and the memory roofline. (Every
+optimizer's named cases, plain lists included: bench_cases.py.)"""
 
 import itertools
-
-from fastopt import bench
 
 from . import common
 
@@ -78,44 +77,3 @@ class AdamWRatios(_Ratios):
 class SGDNesterovRatios(_Ratios):
     kind = "sgd"
     params = (common.SIZES, ["float32"], common.FASTOPT_BACKENDS)
-
-
-# -- plain lists: separate arrays, new gradient arrays every step --------------------
-# The cases of `fastopt bench`'s "list" rows (fastopt.bench.plan), by name.
-LIST_CASES = {case.split(" ", 2)[2]: shapes
-              for case, kind, shapes, dtype, clip, layout in bench.plan()
-              if layout == "list" and kind == "adamw" and not clip
-              and case.split(" ", 2)[2] != "1 x 16M"}
-
-
-class ListAdamWStep:
-    """Latency of one AdamW step over a plain list of arrays, with a new list
-    of new gradient arrays every step (as NumPy backprop code makes them),
-    for every implementation (the baselines always take separate arrays)."""
-
-    params = (list(LIST_CASES), common.CPU_IMPLS)
-    param_names = ["case", "impl"]
-
-    def setup(self, case, impl):
-        self.step = common.build_step(impl, "adamw", LIST_CASES[case], layout="list")
-
-    def time_step(self, case, impl):
-        self.step()
-
-
-class ListAdamWRatios(common._RatioTracks):
-    """Same-run ratios of the list cases (against NumPy, torch fused and
-    torch's fastest path, the roofline)."""
-
-    params = (list(LIST_CASES), common.FASTOPT_BACKENDS)
-    param_names = ["case", "backend"]
-
-    def setup_cache(self):
-        cases = {case: ("adamw", shapes, "float32", False, "list")
-                 for case, shapes in LIST_CASES.items()}
-        return common.ratio_matrix(cases, common.FASTOPT_BACKENDS)
-
-    setup_cache.timeout = common.CACHE_TIMEOUT
-
-    def case_key(self, case):
-        return case

@@ -56,7 +56,8 @@ def temporary_bytes(fn):
 
 def ratio_matrix(cases, impls, rounds=3):
     """``{case_key: {impl: {"gbps", "roofline", "numpy", "torch", "torch_best"}}}``
-    for ``cases = {key: (kind, shapes, dtype, clip)}``, each case timed in one
+    for ``cases = {key: (kind, shapes, dtype, clip[, layout])}`` (a
+    :class:`fastopt.bench.Row` without its name), each case timed in one
     interleaved comparison (with every torch path, so that ``torch_best`` is
     torch's fastest in that case)."""
     out = {}
@@ -69,14 +70,23 @@ def ratio_matrix(cases, impls, rounds=3):
     return out
 
 
+try:
+    # raised inside a benchmark (not its setup), only this subclass of
+    # NotImplementedError makes asv record n/a instead of a failure
+    from asv_runner.benchmarks.mark import SkipNotImplemented
+except ImportError:          # run outside asv (tests): any NotImplementedError
+    SkipNotImplemented = NotImplementedError
+
+
 def lookup(cache, *keys):
-    """``cache[k0][k1]...``, or NotImplementedError (asv: n/a) when any level
-    is missing or the value could not be measured."""
+    """``cache[k0][k1]...``, or SkipNotImplemented (asv: n/a) when any level
+    is missing or the value could not be measured (no torch, or an optimizer
+    torch lacks, for the torch ratios)."""
     value = cache
     for k in keys:
         value = value.get(k) if isinstance(value, dict) else None
     if value is None:
-        raise NotImplementedError(f"not measured: {' / '.join(map(str, keys))}")
+        raise SkipNotImplemented(f"not measured: {' / '.join(map(str, keys))}")
     return value
 
 

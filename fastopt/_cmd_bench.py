@@ -19,12 +19,28 @@ def add_arguments(parser):
                        help="more sizes (up to 64M), float64, more rounds (a few minutes)")
     level.add_argument("--quick", action="store_true",
                        help="two small cases, to check an install (seconds)")
+    level.add_argument("--optimizers", metavar="NAMES", type=_optimizers,
+                       help="instead of the standard matrix, each named optimizer on one 16M "
+                            "array (vs the roofline) and a list of 1000 x 1k arrays (vs "
+                            "torch's fastest path): comma-separated kinds of "
+                            "fastopt.bench.KIND (adamw, sgd, rmsprop, lion, ...), 'family' "
+                            "(all but adamw and sgd) or 'all'")
     parser.add_argument("--out", default="bench-results",
                         help="folder for bench.json and bench.png (default: %(default)s)")
     parser.add_argument("--no-cold-start", action="store_true",
                         help="skip the new-process compile/cache timing")
     parser.add_argument("--no-loop", action="store_true",
                         help="skip the step timed inside a NumPy MLP training loop")
+
+
+def _optimizers(text):
+    import argparse
+
+    from . import bench
+    try:
+        return bench.parse_optimizers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class ProgressBar:
@@ -55,11 +71,13 @@ def run(args):
     if problem:
         print(f"fastopt bench: --out {args.out}: {problem}", file=sys.stderr)
         return 2
-    rows = bench.plan(args.full)
+    rows = bench.plan(args.full, optimizers=args.optimizers)
     if args.quick:
         rows = [r for r in rows if r[2][0][0] <= 1 << 15 and len(r[2]) == 1]
+    # the cold start and the training loop are AdamW's: not part of --optimizers
     report, interrupted = _measure(bench, rows, args.full,
-                                   cold=not (args.quick or args.no_cold_start),
+                                   cold=not (args.quick or args.no_cold_start
+                                             or args.optimizers),
                                    progress=ProgressBar())
     if report is None:
         print("fastopt bench: interrupted before any case finished; nothing written",
@@ -71,7 +89,7 @@ def run(args):
               f"results of those in {', '.join(paths)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(bench.format_table(report))
-    if not (args.quick or args.no_loop):
+    if not (args.quick or args.no_loop or args.optimizers):
         # the step where users call it: after the BLAS forward/backward pass
         try:
             report["in_loop"] = bench.in_loop_case()

@@ -16,6 +16,7 @@ rounds, the usual estimator of what the code can do on a noisy machine.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -26,18 +27,60 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 import fastopt
 
-# Arrays of the parameter dtype each step reads or writes, per element:
-# AdamW reads p, g, m, v and writes p, m, v; SGD with momentum reads p, g, buf
-# and writes p, buf. Clipping adds one read of g for the norm.
-ARRAYS_MOVED = {"adamw": 7, "sgd": 5}
-KINDS = tuple(ARRAYS_MOVED)
-HYPERS = {"adamw": dict(lr=1e-3, weight_decay=1e-2),
-          "sgd": dict(lr=1e-2, momentum=0.9, nesterov=True)}
+from . import bench_numpy
+
+
+class Kind(NamedTuple):
+    """An optimizer as the benchmarks run it: one entry of :data:`KIND`."""
+
+    label: str          # how case names call it ("sgd nesterov 1 x 16M")
+    optimizer: str      # the class in fastopt and in torch.optim
+    hypers: dict        # given alike to fastopt, torch and the NumPy step
+    numpy_step: object  # the NumPy step a user writes (fastopt.bench_numpy)
+    # memory passes of one step over each element: (arrays read, arrays
+    # written) of the parameter dtype; the roofline streams the same
+    passes: tuple
+    in_torch: bool = True   # False: torch.optim has no such class
+
+
+def _one_pass(state):
+    """A fused single-pass step with ``state`` buffers: reads p, g and the
+    state, writes p and the state (AdamW: 4 read, 3 written)."""
+    return ((2 + state, 1 + state),)
+
+
+#: Every optimizer the benchmarks know, by kind. The hyperparameters are
+#: torch's defaults except where a benchmark needs the common setting
+#: (AdamW's and Lion's weight decay, SGD's Nesterov momentum).
+KIND = {
+    "adamw": Kind("adamw", "AdamW", dict(lr=1e-3, weight_decay=1e-2),
+                  bench_numpy.adamw, _one_pass(2)),
+    "sgd": Kind("sgd nesterov", "SGD", dict(lr=1e-2, momentum=0.9, nesterov=True),
+                bench_numpy.sgd, _one_pass(1)),
+    "rmsprop": Kind("rmsprop", "RMSprop", dict(lr=1e-2), bench_numpy.rmsprop, _one_pass(1)),
+    "rmsprop-centered": Kind("rmsprop centered", "RMSprop", dict(lr=1e-2, centered=True),
+                             bench_numpy.rmsprop, _one_pass(2)),
+    "adagrad": Kind("adagrad", "Adagrad", dict(lr=1e-2), bench_numpy.adagrad, _one_pass(1)),
+    "adamax": Kind("adamax", "Adamax", dict(lr=2e-3), bench_numpy.adamax, _one_pass(2)),
+    "nadam": Kind("nadam", "NAdam", dict(lr=2e-3), bench_numpy.nadam, _one_pass(2)),
+    "radam": Kind("radam", "RAdam", dict(lr=1e-3), bench_numpy.radam, _one_pass(2)),
+    "lion": Kind("lion", "Lion", dict(lr=1e-4, weight_decay=1e-2), bench_numpy.lion,
+                 _one_pass(1), in_torch=False),
+}
+KINDS = tuple(KIND)
+#: the optimizers beyond the original two (AdamW, SGD), each measured on
+#: :func:`family_rows` (``fastopt bench --optimizers``)
+FAMILY = tuple(k for k in KINDS if k not in ("adamw", "sgd"))
+# Arrays of the parameter dtype each step moves per element (AdamW 7, SGD 5).
+ARRAYS_MOVED = {k: sum(r + w for r, w in spec.passes) for k, spec in KIND.items()}
+HYPERS = {k: spec.hypers for k, spec in KIND.items()}
+
 CPU_BACKENDS = ("numba", "cython")
 BASELINES = ("roofline", "numpy", "torch-fused", "torch-foreach", "torch-forloop")
 GPU_IMPLS = ("cuda", "torch-cuda")
@@ -78,30 +121,42 @@ _STREAM = {}
 
 
 def _stream_kernels():
-    """Numba kernels that move a step's bytes with no real math: ``rw4_3``
-    and ``read1`` are threaded, ``*_serial`` the same loops on one thread
-    (up to ``SERIAL_MAX`` elements a thread launch costs more than the loop, which is
-    why fastopt's kernels run serially there too)."""
+    """Numba kernels that move a step's bytes with no real math, keyed
+    ``rw<read>_<written>`` by the arrays each reads and writes (``rw4_3``:
+    AdamW's traffic, ``rw3_2``: SGD with momentum's), and ``read1``, one read
+    pass like a norm. ``*_serial``: the same loops on one thread (up to
+    ``SERIAL_MAX`` elements a thread launch costs more than the loop, which
+    is why fastopt's kernels run serially there too)."""
     if not _STREAM:
         from numba import njit, prange
 
         from ._openmp import start_numba_threads
         start_numba_threads()     # the same thread pool (and spin) as fastopt's kernels
 
-        def rw4_3(p, g, m, v):  # reads 4 arrays, writes 3: AdamW's traffic
+        def rw4_3(p, g, m, v):
             for i in prange(p.size):
                 gi = g[i]
                 p[i] += gi
                 m[i] += gi
                 v[i] += gi
 
-        def rw3_2(p, g, b):  # reads 3, writes 2: SGD with momentum's traffic
+        def rw3_2(p, g, b):
             for i in prange(p.size):
                 gi = g[i]
                 p[i] += gi
                 b[i] += gi
 
-        def read1(g):  # one read pass, like a norm (fastmath: vectorised sum)
+        def rw4_2(p, g, m, v):   # a first pass that updates the state only
+            for i in prange(p.size):
+                gi = g[i]
+                m[i] += gi
+                v[i] += gi + p[i]
+
+        def rw3_1(p, m, v):      # a second pass that writes the weights
+            for i in prange(p.size):
+                p[i] += m[i] + v[i]
+
+        def read1(g):  # fastmath: a vectorised sum
             acc = 0.0
             for i in prange(g.size):
                 acc += g[i]
@@ -112,8 +167,8 @@ def _stream_kernels():
         # function would share (and could load) the threaded one's entry.
         for parallel, suffix in ((True, ""), (False, "_serial")):
             jit = dict(parallel=parallel, cache=parallel)
-            _STREAM["rw4_3" + suffix] = njit(**jit)(rw4_3)
-            _STREAM["rw3_2" + suffix] = njit(**jit)(rw3_2)
+            for fn in (rw4_3, rw3_2, rw4_2, rw3_1):
+                _STREAM[fn.__name__ + suffix] = njit(**jit)(fn)
             _STREAM["read1" + suffix] = njit(**jit, fastmath=True)(read1)
     return _STREAM
 
@@ -129,32 +184,11 @@ def _rand(shape_or_n, dtype, seed):
     return np.random.default_rng(seed).standard_normal(shape_or_n, dtype=np.dtype(dtype))
 
 
-def numpy_adamw(p, g, m, v, step, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2):
-    """A straightforward NumPy AdamW, as a NumPy user would write it."""
-    p *= 1 - lr * weight_decay
-    m[:] = b1 * m + (1 - b1) * g
-    v[:] = b2 * v + (1 - b2) * g * g
-    m_hat = m / (1 - b1 ** step)
-    v_hat = v / (1 - b2 ** step)
-    p -= lr * m_hat / (np.sqrt(v_hat) + eps)
-
-
-def numpy_sgd(p, g, buf, step, lr=1e-2, momentum=0.9, nesterov=True):
-    """A straightforward NumPy SGD with Nesterov momentum."""
-    if step == 1:
-        buf[:] = g
-    else:
-        buf *= momentum
-        buf += g
-    p -= lr * (g + momentum * buf if nesterov else buf)
-
-
 def _numpy_step(kind, shapes, dt, clip):
     ps = [_rand(s, dt, 1) for s in shapes]
     gs = [_rand(s, dt, 2) for s in shapes]
-    nstate = 2 if kind == "adamw" else 1
-    states = [[np.zeros(s, dt) for _ in range(nstate)] for s in shapes]
-    update = numpy_adamw if kind == "adamw" else numpy_sgd
+    states = [{} for _ in shapes]
+    spec = KIND[kind]
     count = {"t": 0}
 
     def step():
@@ -165,7 +199,7 @@ def _numpy_step(kind, shapes, dt, clip):
             c = min(1.0, 1.0 / (norm + 1e-6))
             grads = [x * c for x in gs]
         for p, g, st in zip(ps, grads, states):
-            update(p, g, *st, count["t"], **HYPERS[kind])
+            spec.numpy_step(p, g, st, count["t"], **spec.hypers)
     return step
 
 
@@ -178,7 +212,7 @@ _FRESH = 3     # gradient lists a list-layout step cycles through
 
 def _fastopt_step(kind, shapes, dt, clip, backend, layout="packed"):
     n = sum(int(np.prod(s)) for s in shapes)
-    cls = fastopt.AdamW if kind == "adamw" else fastopt.SGD
+    cls = getattr(fastopt, KIND[kind].optimizer)
     hyper = dict(backend=backend, max_grad_norm=1.0 if clip else None, **HYPERS[kind])
     if layout == "list":
         opt = cls([_rand(s, dt, 1) for s in shapes], **hyper)
@@ -193,31 +227,47 @@ def _fastopt_step(kind, shapes, dt, clip, backend, layout="packed"):
 
 
 def _roofline_step(kind, shapes, dt, clip):
+    """The step's memory passes (:attr:`Kind.passes`) as streaming kernels
+    over arrays of its size (one pool: a later pass reads what an earlier
+    one wrote, as the step's passes do), after one read of g to clip."""
     n = sum(int(np.prod(s)) for s in shapes)
     k = _stream_kernels()
     suffix = "_serial" if n <= SERIAL_MAX else ""
-    read = k["read1" + suffix]
-    name, nread = ("rw4_3", 4) if kind == "adamw" else ("rw3_2", 3)
-    rw = k[name + suffix]
-    arrays = [_rand(n, dt, s) for s in range(nread)]    # p, g, then the state
-    g = arrays[1]
+    passes = KIND[kind].passes
+    arrays = [_rand(n, dt, s) for s in range(max(r for r, _ in passes))]   # p, g, state
+    kernels = [(k[f"rw{r}_{w}{suffix}"], arrays[:r]) for r, w in passes]
     if clip:
-        return lambda: (read(g), rw(*arrays))
-    return lambda: rw(*arrays)
+        kernels.insert(0, (k["read1" + suffix], arrays[1:2]))
+
+    def step():
+        for kernel, args in kernels:
+            kernel(*args)
+    if len(kernels) > 1:
+        return step
+    kernel, args = kernels[0]     # no loop around the one call: it times 1-element steps
+    return lambda: kernel(*args)
+
+
+TORCH_VARIANTS = {"fused": dict(fused=True), "foreach": dict(foreach=True),
+                  "forloop": dict(foreach=False)}
 
 
 def _torch_step(kind, shapes, dt, clip, variant):
     torch = torch_or_none()
     if torch is None:
         return None, "torch not installed"
+    spec = KIND[kind]
+    if not spec.in_torch:
+        return None, f"torch.optim has no {spec.optimizer}: numpy is its baseline"
+    cls = getattr(torch.optim, spec.optimizer)
+    flag = TORCH_VARIANTS[variant]
+    if next(iter(flag)) not in inspect.signature(cls).parameters:
+        return None, f"torch.optim.{spec.optimizer} has no {variant} path"
     tps = [torch.from_numpy(_rand(s, dt, 1)) for s in shapes]
     for tp in tps:
         tp.grad = torch.from_numpy(_rand(tp.shape, dt, 2))
-    flag = {"fused": dict(fused=True), "foreach": dict(foreach=True),
-            "forloop": dict(foreach=False)}[variant]
-    cls = torch.optim.AdamW if kind == "adamw" else torch.optim.SGD
     try:
-        topt = cls(tps, **HYPERS[kind], **flag)
+        topt = cls(tps, **spec.hypers, **flag)
     except (RuntimeError, TypeError, ValueError) as e:   # variant not in this torch
         return None, f"torch {torch.__version__}: {e}"
     if not clip:
@@ -234,12 +284,13 @@ def make_step(impl, kind, shapes, dtype="float32", clip=False, layout="packed"):
 
     ``impl`` is a fastopt backend name, ``"roofline"``, ``"numpy"``,
     ``"torch-fused"``, ``"torch-foreach"`` or ``"torch-forloop"``; ``kind``
-    is ``"adamw"`` or ``"sgd"`` (Nesterov momentum); ``shapes`` the tensors;
-    ``layout`` how fastopt holds them (see :data:`LAYOUTS`; the baselines
-    always take separate arrays). The callable is None when the
-    implementation cannot run here, and the note says why.
+    one of :data:`KINDS` (the optimizer and its hyperparameters, see
+    :data:`KIND`); ``shapes`` the tensors; ``layout`` how fastopt holds
+    them (see :data:`LAYOUTS`; the baselines always take separate arrays).
+    The callable is None when the implementation cannot run here (no torch,
+    a torch path or optimizer torch lacks, no GPU), and the note says why.
     """
-    if kind not in ARRAYS_MOVED:
+    if kind not in KIND:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -360,32 +411,87 @@ SWEEP_CASE = "adamw sweep"
 MLP_SHAPES = [(784, 256), (256,), (256, 256), (256,), (256, 10), (10,)]
 
 
-def plan(full=False):
-    """``(case, kind, shapes, dtype, clip, layout)`` rows of the standard matrix."""
+class Row(NamedTuple):
+    """One case of the matrix: its name and what it measures."""
+
+    case: str
+    kind: str                 # a key of KIND
+    shapes: list              # the tensors
+    dtype: str = "float32"
+    clip: bool = False        # max_grad_norm=1 (fastopt) / clip_grad_norm_ (torch)
+    layout: str = "packed"    # see LAYOUTS
+
+
+def family_rows(kind):
+    """The two workloads every optimizer is measured on, defined once for
+    ``fastopt bench``, the asv suite and the CI guard:
+
+    * ``"<label> 1 x 16M"``: one array of 16M float32 elements, far beyond
+      the caches: the step is memory-bound, read it against the roofline
+      (the streaming kernel moving the same bytes, same run);
+    * ``"list <label> 1000 x 1k"``: 1000 arrays of 1000 as a plain list,
+      new gradient arrays every step: the per-array overhead, read it
+      against torch's fastest path (for an optimizer torch lacks, against
+      the NumPy step).
+    """
+    label = KIND[kind].label
+    return [Row(f"{label} 1 x 16M", kind, [(1 << 24,)]),
+            Row(f"list {label} 1000 x 1k", kind, [(1000,)] * 1000, layout="list")]
+
+
+def parse_optimizers(text):
+    """The kinds a ``--optimizers`` value names: a comma-separated list of
+    :data:`KINDS`, ``"family"`` (:data:`FAMILY`) or ``"all"``."""
+    kinds = []
+    for name in (s.strip() for s in text.split(",")):
+        if name in ("all", "family"):
+            kinds += KINDS if name == "all" else FAMILY
+        elif name in KIND:
+            kinds.append(name)
+        else:
+            raise ValueError(f"unknown optimizer {name!r}: use {', '.join(KINDS)}, "
+                             "'family' or 'all', comma-separated")
+    return tuple(dict.fromkeys(kinds))
+
+
+def plan(full=False, optimizers=None):
+    """:class:`Row` s of the standard matrix, or with ``optimizers`` (kinds)
+    only the :func:`family_rows` of those."""
+    if optimizers:
+        return [row for kind in optimizers for row in family_rows(kind)]
     sizes = ([1 << 10, 1 << 13, 1 << 16, 1 << 19, 1 << 22, 1 << 24, 1 << 26] if full
              else [1 << 10, 1 << 15, 1 << 20, 1 << 24])
-    rows = [(SWEEP_CASE, "adamw", [(n,)], "float32", False, "packed") for n in sizes]
+    rows = [Row(SWEEP_CASE, "adamw", [(n,)]) for n in sizes]
     rows += [
-        ("adamw 1000 x 1k", "adamw", [(1000,)] * 1000, "float32", False, "packed"),
-        ("clip+adamw 200 x 5k", "adamw", [(5000,)] * 200, "float32", True, "packed"),
-        ("sgd nesterov 1 x 16M", "sgd", [(1 << 24,)], "float32", False, "packed"),
+        Row("adamw 1000 x 1k", "adamw", [(1000,)] * 1000),
+        Row("clip+adamw 200 x 5k", "adamw", [(5000,)] * 200, clip=True),
+        family_rows("sgd")[0],
     ]
     # Plain lists, as NumPy code holds them: separate arrays, new gradient
     # arrays every step.
     rows += [
-        ("list adamw 1000 x 1k", "adamw", [(1000,)] * 1000, "float32", False, "list"),
-        ("list clip+adamw 200 x 5k", "adamw", [(5000,)] * 200, "float32", True, "list"),
-        ("list adamw 10 x 1k", "adamw", [(1000,)] * 10, "float32", False, "list"),
-        ("list adamw mlp", "adamw", MLP_SHAPES, "float32", False, "list"),
-        ("list adamw 1 x 1", "adamw", [(1,)], "float32", False, "list"),
-        ("list adamw 1 x 16M", "adamw", [(1 << 24,)], "float32", False, "list"),
+        family_rows("adamw")[1],
+        Row("list clip+adamw 200 x 5k", "adamw", [(5000,)] * 200, clip=True, layout="list"),
+        Row("list adamw 10 x 1k", "adamw", [(1000,)] * 10, layout="list"),
+        Row("list adamw mlp", "adamw", MLP_SHAPES, layout="list"),
+        Row("list adamw 1 x 1", "adamw", [(1,)], layout="list"),
+        Row("list adamw 1 x 16M", "adamw", [(1 << 24,)], layout="list"),
     ]
     if full:
-        rows += [("adamw float64 1 x 16M", "adamw", [(1 << 24,)], "float64", False, "packed"),
-                 ("sgd nesterov 1000 x 1k", "sgd", [(1000,)] * 1000, "float32", False, "packed"),
-                 ("list adamw float64 1000 x 1k", "adamw", [(1000,)] * 1000, "float64",
-                  False, "list")]
+        rows += [Row("adamw float64 1 x 16M", "adamw", [(1 << 24,)], "float64"),
+                 Row("sgd nesterov 1000 x 1k", "sgd", [(1000,)] * 1000),
+                 Row("list adamw float64 1000 x 1k", "adamw", [(1000,)] * 1000, "float64",
+                     layout="list")]
     return rows
+
+
+def workloads():
+    """Every named case, by name: the standard matrix's (the sweep aside)
+    and each optimizer's :func:`family_rows`. The asv suite and the CI
+    guard's floors name their cases from here."""
+    rows = [r for r in plan(full=True) if r.case != SWEEP_CASE]
+    rows += [r for kind in KINDS for r in family_rows(kind)]
+    return {r.case: r for r in rows}
 
 
 def run(full=False, progress=None, rows=None, cold=True):
@@ -460,19 +566,24 @@ def format_table(report) -> str:
             return "-"
         return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
 
-    head = (f"{'case':<26} {'impl':<13} {'elements':>10} {'time':>10} {'spread':>6} "
+    width = max([26] + [len(r["case"]) for r in report["results"]])
+    head = (f"{'case':<{width}} {'impl':<13} {'elements':>10} {'time':>10} {'spread':>6} "
             f"{'GB/s':>7} {'%roof':>6} {'vs numpy':>9} {'vs torch':>9} {'vs best':>8}  note")
     lines = [head, "-" * len(head)]
     for r in report["results"]:
         roof = r["vs_roofline"]
         best = r.get("vs_torch_best")
         note = r["note"]
-        if best is not None and r["impl"] not in TORCH_PATHS:
-            note = f"best torch: {r.get('vs_torch_best_impl')}" + (f"; {note}" if note else "")
+        if r["impl"] not in TORCH_PATHS and r["seconds"]:
+            spec = KIND.get(r.get("kind"))
+            peer = (f"best torch: {r.get('vs_torch_best_impl')}" if best is not None else
+                    f"no torch {spec.optimizer}: its baseline is numpy"
+                    if spec and not spec.in_torch and r["impl"] in CPU_BACKENDS else "")
+            note = "; ".join(x for x in (peer, note) if x)
         med = r.get("median_seconds")
         spread = med / r["seconds"] if med and r["seconds"] else None
         lines.append(
-            f"{r['case']:<26} {r['impl']:<13} {r['elements']:>10} {t(r['seconds']):>10} "
+            f"{r['case']:<{width}} {r['impl']:<13} {r['elements']:>10} {t(r['seconds']):>10} "
             f"{f(spread, '.2f'):>6} {f(r['gbps'], '.1f'):>7} {f(roof and 100 * roof, '.0f'):>6} "
             f"{f(r['vs_numpy'], '.2f'):>9} {f(r['vs_torch'], '.2f'):>9} "
             f"{f(best, '.2f'):>8}  {note}")
@@ -483,6 +594,9 @@ def format_table(report) -> str:
                  "for-loop) / this time; 'list' cases: separate arrays and new gradient "
                  "arrays every step; time = the fastest round's mean, spread = median round "
                  "/ fastest round")
+    kinds = [k for k in KIND if any(r.get("kind") == k for r in report["results"])]
+    lines.append("bytes per element and step (what GB/s and the roofline count): " + ", ".join(
+        f"{k} {step_bytes(k, 1, 'float32')}" for k in kinds) + " (float32; +4 with clipping)")
     for be, c in report.get("cold_start", {}).items():
         cold, warm = c["cold"]["to_first_step"], c["warm"]["to_first_step"]
         lines.append(f"cold start ({be}): first AdamW step done {cold:.2f} s after start "
@@ -519,14 +633,18 @@ IMPL_STYLE = {   # colour, marker: fastopt solid, baselines dashed
 
 def _plot_cases(ax, report):
     """The headline cases (everything but the sweep): each fastopt backend's
-    speedup over torch's fastest path in that case, as horizontal bars."""
+    speedup over torch's fastest path in that case (over NumPy for an
+    optimizer torch lacks, said in the label), as horizontal bars."""
     cases = list(dict.fromkeys(r["case"] for r in report["results"]
                                if r["case"] != SWEEP_CASE))
     by = {(r["case"], r["impl"]): r for r in report["results"]}
+    no_torch = {r["case"] for r in report["results"]
+                if r.get("kind") in KIND and not KIND[r["kind"]].in_torch}
     backends = [b for b in CPU_BACKENDS if any((c, b) in by for c in cases)]
     height = 0.8 / max(len(backends), 1)
     for k, be in enumerate(backends):
-        vals = [(by.get((c, be)) or {}).get("vs_torch_best") or 0.0 for c in cases]
+        vals = [(by.get((c, be)) or {}).get("vs_numpy" if c in no_torch else "vs_torch_best")
+                or 0.0 for c in cases]
         c, _, _ = IMPL_STYLE.get(be, ("C7", "x", "-"))
         ys = [i + k * height for i in range(len(cases))]
         ax.barh(ys, vals, height=height, color=c, label=be)
@@ -534,13 +652,15 @@ def _plot_cases(ax, report):
             if v:
                 ax.text(v, y, f" {v:.1f}x", va="center", fontsize=7)
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))])
-    ax.set_yticklabels(cases, fontsize=8)
+    ax.set_yticklabels([f"{c} (vs numpy)" if c in no_torch else c for c in cases],
+                       fontsize=8)
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("speedup over torch's fastest path (same run)")
     ax.set_title("headline cases ('list': new gradient arrays every step)")
-    ax.legend(fontsize=8, loc="lower right")
+    if cases:
+        ax.legend(fontsize=8, loc="best")
 
 
 def plot(report, path):
@@ -551,6 +671,11 @@ def plot(report, path):
     if plt is None:
         return False
     rows = [r for r in report["results"] if r["case"] == SWEEP_CASE and r["seconds"]]
+    if not rows:       # no size sweep (--optimizers): the cases alone
+        n_cases = len({r["case"] for r in report["results"]})
+        fig, ax_cases = plt.subplots(figsize=(9, 1.5 + 0.35 * n_cases))
+        _plot_cases(ax_cases, report)
+        return _save_figure(fig, plt, report, path)
     fig, (ax_bw, ax_t, ax_cases) = plt.subplots(1, 3, figsize=(18, 4.8),
                                                 gridspec_kw={"width_ratios": [1, 1, 1.2]})
     _plot_cases(ax_cases, report)
@@ -578,6 +703,10 @@ def plot(report, path):
     ax_t.set_ylabel("time per step (us)")
     ax_t.set_title("AdamW step latency")
     ax_t.legend(fontsize=8)
+    return _save_figure(fig, plt, report, path)
+
+
+def _save_figure(fig, plt, report, path):
     m = report["machine"]
     fig.suptitle(f"fastopt {m.get('fastopt', '')} on {m['cpus']} CPUs "
                  f"({m['processor'] or m['platform']}); torch {m['torch']}; "

@@ -89,12 +89,18 @@ def load_floors(path=None):
     cases = spec.get("cases")
     if not isinstance(cases, list) or not cases:
         raise ValueError(f"floors file {path!r} needs a non-empty 'cases' list")
+    named = bench.workloads()
     for i, c in enumerate(cases):
-        missing = {"case", "kind", "shape", "floors"} - set(c)
+        missing = {"case", "floors"} - set(c)
+        spelled = {"kind", "shape"} & set(c)
+        if spelled or c.get("case") not in named:
+            missing |= {"kind", "shape"} - spelled
         if missing:
-            raise ValueError(f"{path}: cases[{i}] lacks {sorted(missing)}")
-        if c["kind"] not in bench.KINDS:
-            raise ValueError(f"{path}: cases[{i}] kind {c['kind']!r} not in {bench.KINDS}")
+            hint = "" if spelled else " (nor does its case name a workload of fastopt.bench)"
+            raise ValueError(f"{path}: cases[{i}] lacks {sorted(missing)}{hint}")
+        if spelled:
+            _check_spelled(path, i, c, named.get(c["case"]))
+        kind = case_row(c).kind
         for impl, metrics in c["floors"].items():
             for metric, floor in metrics.items():
                 if metric not in METRICS:
@@ -103,17 +109,55 @@ def load_floors(path=None):
                 if not isinstance(floor, (int, float)) or floor <= 0:
                     raise ValueError(f"{path}: cases[{i}] ({c['case']}) {impl} {metric}: "
                                      f"floor must be a positive number, got {floor!r}")
+                if metric == "torch" and not bench.KIND[kind].in_torch:
+                    raise ValueError(f"{path}: cases[{i}] ({c['case']}) {impl}: torch has no "
+                                     f"{bench.KIND[kind].optimizer}; floor its numpy metric")
     return spec
 
 
+def _check_spelled(path, i, c, named):
+    """A case spelled out (kind, shape, ...) is valid, and where its name is
+    a workload of fastopt.bench it is that workload: a floor means the same
+    case as the table's row and the asv benchmark of that name."""
+    if c["kind"] not in bench.KINDS:
+        raise ValueError(f"{path}: cases[{i}] kind {c['kind']!r} not in {bench.KINDS}")
+    if c.get("layout", "packed") not in bench.LAYOUTS:
+        raise ValueError(f"{path}: cases[{i}] layout {c['layout']!r} not in {bench.LAYOUTS}")
+    row = case_row(c)
+    if named is not None and row != named:
+        diff = [f"{k} {_show(row, k)} (fastopt.bench: {_show(named, k)})"
+                for k in row._fields if getattr(row, k) != getattr(named, k)]
+        raise ValueError(f"{path}: cases[{i}] ({c['case']}) is not fastopt.bench's workload of "
+                         f"that name: {'; '.join(diff)}. Drop kind/shape/... to measure the "
+                         "workload, or rename the case")
+
+
+def _show(row, field):
+    value = getattr(row, field)
+    if field == "shapes" and len(set(value)) == 1:
+        return f"{len(value)} x {value[0]}"        # not 1000 tuples
+    return value
+
+
+def case_row(c):
+    """The :class:`fastopt.bench.Row` a floors entry measures: the one its
+    ``kind``, ``shape`` and optional ``tensors``, ``dtype``, ``clip``,
+    ``layout`` spell out, else the workload its ``case`` names
+    (:func:`fastopt.bench.workloads`)."""
+    if "kind" not in c:
+        return bench.workloads()[c["case"]]
+    return bench.Row(c["case"], c["kind"], [tuple(c["shape"])] * c.get("tensors", 1),
+                     c.get("dtype", "float32"), c.get("clip", False), c.get("layout", "packed"))
+
+
 def _measure(c, rounds):
+    row = case_row(c)
     impls = [i for i in c["floors"] if i in bench.CPU_BACKENDS or i == "numpy"]
     needed = {"roofline", "numpy"} | (set(bench.TORCH_PATHS) if any(
         "torch" in m for m in c["floors"].values()) else set())
-    shapes = [tuple(c["shape"])] * c.get("tensors", 1)
-    results = bench.compare(c["case"], c["kind"], shapes,
-                            c.get("dtype", "float32"), c.get("clip", False),
-                            impls=(*impls, *sorted(needed - set(impls))), rounds=rounds)
+    results = bench.compare(row.case, row.kind, row.shapes, row.dtype, row.clip,
+                            impls=(*impls, *sorted(needed - set(impls))), rounds=rounds,
+                            layout=row.layout)
     return bench.speedups(results), {r.impl: r.seconds for r in results}
 
 
@@ -148,10 +192,11 @@ def run_checks(spec, attempts=None, rounds=None, progress=None):
 
 def report(checks, floors_path=None) -> str:
     floors_path = floors_path or DEFAULT_FLOORS
-    lines = [f"{'case':<24} {'impl':<7} {'metric':<9} {'floor':>7} {'best':>7}  result"]
+    width = max([24] + [len(ch.case) for ch in checks])
+    lines = [f"{'case':<{width}} {'impl':<7} {'metric':<9} {'floor':>7} {'best':>7}  result"]
     for ch in checks:
         best = "-" if ch.best is None else f"{ch.best:.2f}"
-        lines.append(f"{ch.case:<24} {ch.impl:<7} {ch.metric:<9} {ch.floor:>7.2f} "
+        lines.append(f"{ch.case:<{width}} {ch.impl:<7} {ch.metric:<9} {ch.floor:>7.2f} "
                      f"{best:>7}  {'ok' if ch.ok else 'REGRESSION'}")
     failed = [ch for ch in checks if not ch.ok]
     for ch in failed:

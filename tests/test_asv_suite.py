@@ -14,6 +14,7 @@ import functools
 import http.server
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -25,8 +26,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASV = [sys.executable, "-m", "asv"]
-# a timing benchmark and a same-run ratio benchmark, both quick
-BENCH_REGEX = r"GlobalNorm\.time_global_norm|ClipAdamWRatios\.track_speedup_vs_numpy"
+# a timing benchmark, a same-run ratio benchmark and the comparison's
+# smallest case (asv matches a parameterized name with its params), all quick
+TINY_CASE = "list adamw 1 x 1"
+BENCH_REGEX = (r"GlobalNorm\.time_global_norm|ClipAdamWRatios\.track_speedup_vs_numpy"
+               rf"|bench_cases\.Step\.time_step\('{TINY_CASE}'")
 GRAPH = "bench_clipping.GlobalNorm.time_global_norm"
 
 pytest.importorskip("asv")
@@ -84,6 +88,7 @@ def dashboard(tmp_path_factory):
     return tmp / "html", head
 
 
+@pytest.mark.perf
 def test_quick_run_records_results(dashboard):
     html, head = dashboard
     results = [p for p in (html.parent / "results").rglob("*.json")
@@ -95,6 +100,14 @@ def test_quick_run_records_results(dashboard):
     assert "bench_clipping.ClipAdamWRatios.track_speedup_vs_numpy" in names
     speedups = data["results"]["bench_clipping.ClipAdamWRatios.track_speedup_vs_numpy"][0]
     assert all(s is None or s > 1 for s in speedups)   # fused clip+step beats NumPy
+    sys.path.insert(0, ROOT)
+    try:
+        from benchmarks import bench_cases
+    finally:
+        sys.path.pop(0)
+    times = dict(zip(itertools.product(bench_cases.CASES, bench_cases.IMPLS),
+                     data["results"]["bench_cases.Step.time_step"][0]))
+    assert all(times[(TINY_CASE, impl)] > 0 for impl in ("numba", "numpy", "roofline"))
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +159,10 @@ def test_dashboard_lists_the_benchmarks(served, tmp_path):
     assert "failed to load" not in dom, "the dashboard fell back to its error page"
     assert 'id="summarylist-table-0"' in dom
     assert GRAPH in dom
+    # sorted by name: the comparison's rows first
+    table = dom[dom.index('id="summarylist-table-0"'):]
+    first_row = re.search(r"<tbody>\s*<tr[^>]*>(.*?)</tr>", table, flags=re.S).group(1)
+    assert "bench_cases." in first_row
     assert "ClipAdamWRatios.track_speedup_vs_numpy" in dom
     assert not _js_errors(console), console
 
@@ -157,15 +174,40 @@ def test_dashboard_draws_a_graph(served, tmp_path):
     assert not _js_errors(console), console
 
 
-def _small_combinations(params):
-    """Every categorical value, but only the smallest of each numeric param."""
+def test_dashboard_compares_implementations_at_one_commit(served, tmp_path):
+    """The link docs/benchmarking.md gives for one case's implementations
+    (x-axis switched to impl): a bar per implementation, one series."""
+    with open(os.path.join(ROOT, "docs", "benchmarking.md")) as f:
+        link = re.search(r"index\.html#bench_cases\.Step\.time_step\?[^\s`]+", f.read()).group(0)
+    link = re.sub(r"p-case=%27[^&]*%27", "p-case=%27" + TINY_CASE.replace(" ", "%20") + "%27",
+                  link)
+    dom, console = _render(f"{served}/{link}", tmp_path)
+    assert 'class="flot-base"' in dom
+    ticks = re.findall(r'class="flot-tick-label tickLabel"[^>]*>([^<]*)<', dom)
+    assert {"numba", "numpy", "torch-foreach", "roofline"} <= set(ticks)
+    assert re.findall(r'class="legendLabel">([^<]*)<', dom) == [
+        f"case-{TINY_CASE}; commit-last"]
+    assert not _js_errors(console), console
+
+
+def _small_combinations(cls):
+    """Every categorical value, but only the smallest of each numeric param
+    and of a ``case`` param naming the module's CASES (fastopt.bench rows:
+    the one with the fewest elements; the others differ in size and kind
+    only, and every kind's steps are tested in tests/test_bench.py)."""
+    params = getattr(cls, "params", [])
     if params and not isinstance(params[0], (list, tuple)):
         params = [params]
-    choices = [[min(p)] if all(isinstance(v, int) for v in p) else list(p) for p in params]
+    names = getattr(cls, "param_names", [])
+    cases = getattr(sys.modules[cls.__module__], "CASES", {})
+    choices = [[min(p)] if all(isinstance(v, int) for v in p) else
+               [min(p, key=lambda c: sum(map(math.prod, cases[c].shapes)))]
+               if name == "case" and set(p) <= set(cases) else list(p)
+               for name, p in itertools.zip_longest(names, params)]
     return list(itertools.product(*choices))
 
 
-def _benchmark_classes():
+def _benchmark_classes(setup_cache=False):
     import importlib
     import pkgutil
     sys.path.insert(0, ROOT)
@@ -178,7 +220,7 @@ def _benchmark_classes():
             for name, cls in vars(module).items():
                 if (isinstance(cls, type) and not name.startswith("_")
                         and cls.__module__ == module.__name__
-                        and not hasattr(cls, "setup_cache")):
+                        and (setup_cache or not hasattr(cls, "setup_cache"))):
                     yield f"{info.name}.{name}", cls
     finally:
         sys.path.pop(0)
@@ -191,7 +233,7 @@ def test_every_timing_benchmark_runs_at_its_smallest_size(name, cls):
     size for every implementation: a broken benchmark fails here, not in
     the middle of an asv run."""
     ran, skipped = 0, set()
-    for combo in _small_combinations(getattr(cls, "params", [])):
+    for combo in _small_combinations(cls):
         bench = cls()
         try:
             if hasattr(bench, "setup"):
@@ -210,3 +252,65 @@ def test_every_timing_benchmark_runs_at_its_smallest_size(name, cls):
     if not ran and any("MNIST" in r and "not found" in r for r in skipped):
         pytest.skip("MNIST files not found (../shared/data/mnist or FASTOPT_DATA)")
     assert ran, f"{name}: every combination skipped: {sorted(skipped)}"
+
+
+# -- the comparison, first ------------------------------------------------------------
+
+def _benchmark_names():
+    """asv's names (module.Class.method) of every benchmark, in its order."""
+    return sorted(f"{name}.{attr}" for name, cls in _benchmark_classes(setup_cache=True)
+                  for attr in dir(cls) if attr.startswith(("time_", "track_", "peakmem_")))
+
+
+def test_the_comparison_sorts_first():
+    """asv's list view sorts by name: the same-run ratios of every case come
+    first, then every implementation's time per case."""
+    names = _benchmark_names()
+    first = [n for n in names if n.startswith("bench_cases.")]
+    assert names[:len(first)] == first
+    assert first[0].startswith("bench_cases.Ratios.track_")
+    assert first[-1] == "bench_cases.Step.time_step"
+
+
+def test_the_cases_are_fastopt_bench_s():
+    """Every case is fastopt.bench's workload of that name (one definition
+    for the table, asv and the CI guard), every optimizer's two included."""
+    sys.path.insert(0, ROOT)
+    try:
+        from benchmarks import bench_cases
+    finally:
+        sys.path.pop(0)
+    from fastopt import bench
+    work = bench.workloads()
+    assert all(work[name] == row for name, row in bench_cases.CASES.items())
+    for kind in bench.KINDS:
+        assert all(r.case in bench_cases.CASES for r in bench.family_rows(kind))
+    assert bench_cases.Ratios.params[0] == bench_cases.Step.params[0] == list(bench_cases.CASES)
+    assert {"numpy", "roofline", *bench.TORCH_PATHS} <= set(bench_cases.Step.params[1])
+
+
+def test_ratio_tracks_read_their_case_and_skip_what_torch_lacks(monkeypatch):
+    """The Ratios tracks on a tiny measured matrix: a number per case and
+    backend, and asv's skip (n/a, not a failure) for torch's ratio of an
+    optimizer torch lacks."""
+    sys.path.insert(0, ROOT)
+    try:
+        from benchmarks import bench_cases, common
+    finally:
+        sys.path.pop(0)
+    from fastopt import bench
+    tiny = {"lion": bench.Row("lion", "lion", [(1000,)] * 2, layout="list"),
+            "rmsprop": bench.Row("rmsprop", "rmsprop", [(1000,)] * 2, layout="list")}
+    monkeypatch.setattr(bench_cases, "CASES", tiny)
+    monkeypatch.setattr(common, "ratio_matrix", functools.partial(common.ratio_matrix, rounds=1))
+    ratios = bench_cases.Ratios()
+    cache = ratios.setup_cache()
+    backend = common.FASTOPT_BACKENDS[0]
+    ratios.setup(cache, "rmsprop", backend)
+    assert ratios.track_speedup_vs_torch_best(cache, "rmsprop", backend) > 0
+    assert ratios.track_speedup_vs_numpy(cache, "lion", backend) > 0
+    with pytest.raises(common.SkipNotImplemented, match="not measured: lion"):
+        ratios.track_speedup_vs_torch_best(cache, "lion", backend)
+    if common.SkipNotImplemented is not NotImplementedError:     # asv_runner is here
+        from asv_runner.benchmarks.mark import SkipNotImplemented
+        assert common.SkipNotImplemented is SkipNotImplemented

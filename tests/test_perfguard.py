@@ -26,6 +26,7 @@ def _spec(cases, attempts=3):
     return {"attempts": attempts, "rounds": 3, "pause_s": 0, "cases": cases}
 
 
+@pytest.mark.perf
 def test_committed_floors_hold():
     spec = perfguard.load_floors(FLOORS)
     checks = perfguard.run_checks(spec)
@@ -38,6 +39,7 @@ def _adamw_16m_case(backend):
     return dict(case, floors={backend: case["floors"][backend]})
 
 
+@pytest.mark.perf
 @pytest.mark.parametrize("backend", [b for b in ("numba", "cython")
                                      if b in fastopt.available_backends()])
 def test_planted_slowdown_is_caught(monkeypatch, backend):
@@ -98,7 +100,17 @@ def test_unmeasurable_ratio_fails(monkeypatch):
     ('{"attempts": 0, "cases": []}', "attempts must be a number >= 1"),
     ('{"cases": []}', "non-empty 'cases'"),
     ('{"cases": [{"case": "a", "kind": "adamw", "floors": {}}]}', "lacks \\['shape'\\]"),
-    ('{"cases": [{"case": "a", "kind": "lion", "shape": [4], "floors": {}}]}', "kind 'lion'"),
+    ('{"cases": [{"case": "a", "kind": "adam", "shape": [4], "floors": {}}]}', "kind 'adam'"),
+    ('{"cases": [{"case": "a", "floors": {}}]}',
+     "lacks \\['kind', 'shape'\\] \\(nor does its case name a workload"),
+    ('{"cases": [{"case": "a", "kind": "sgd", "shape": [4], "layout": "dict", "floors": {}}]}',
+     "layout 'dict'"),
+    ('{"cases": [{"case": "list lion 1000 x 1k", "floors": {"numba": {"torch": 2}}}]}',
+     "torch has no Lion; floor its numpy metric"),
+    ('{"cases": [{"case": "sgd nesterov 1 x 16M", "kind": "sgd", "shape": [1000], '
+     '"tensors": 1000, "floors": {}}]}',
+     "is not fastopt.bench's workload of that name: shapes 1000 x \\(1000,\\) "
+     "\\(fastopt.bench: 1 x \\(16777216,\\)\\)"),
     ('{"cases": [{"case": "a", "kind": "sgd", "shape": [4], '
      '"floors": {"numba": {"speed": 2}}}]}', "unknown metric 'speed'"),
     ('{"cases": [{"case": "a", "kind": "sgd", "shape": [4], '
@@ -109,6 +121,36 @@ def test_bad_floors_file(tmp_path, content, match):
     path.write_text(content)
     with pytest.raises(ValueError, match=match):
         perfguard.load_floors(str(path))
+
+
+def test_a_case_named_by_its_workload(monkeypatch, tmp_path):
+    """``{"case": <name of a fastopt.bench workload>, "floors": ...}``
+    measures that workload, its layout included: the guard's case is the
+    table's row and the asv benchmark of the same name."""
+    path = tmp_path / "floors.json"
+    path.write_text(json.dumps({"cases": [
+        {"case": "list rmsprop centered 1000 x 1k", "floors": {"numba": {"torch": 1.0}}}]}))
+    (case,) = perfguard.load_floors(str(path))["cases"]
+    seen = {}
+
+    def compare(name, kind, shapes, dtype, clip, impls, rounds, layout):
+        seen.update(name=name, kind=kind, shapes=shapes, layout=layout, impls=impls)
+        return []
+    monkeypatch.setattr(perfguard.bench, "compare", compare)
+    perfguard._measure(case, rounds=1)
+    row = perfguard.bench.workloads()["list rmsprop centered 1000 x 1k"]
+    assert seen == dict(name=row.case, kind="rmsprop-centered", shapes=row.shapes,
+                        layout="list", impls=seen["impls"])
+    assert set(seen["impls"]) == {"numba", "numpy", "roofline", *perfguard.bench.TORCH_PATHS}
+
+
+def test_committed_cases_are_the_tables_workloads():
+    """Every committed floor names a case of fastopt.bench and measures
+    exactly it (load_floors refuses a spelled-out case that differs)."""
+    spec = perfguard.load_floors(FLOORS)
+    named = perfguard.bench.workloads()
+    for c in spec["cases"]:
+        assert perfguard.case_row(c) == named[c["case"]]
 
 
 def test_missing_floors_file(tmp_path):
