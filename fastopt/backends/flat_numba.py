@@ -22,7 +22,6 @@ import numpy as np
 from numba import carray, njit, prange
 
 from .._openmp import in_forked_child
-from .flat_ops import sam_scale   # noqa: F401  (part of this module's interface)
 from .numba_cpu import _as_pointer, _named, get_num_threads
 from .tables import CHUNK
 from .threads import SERIAL_MAX

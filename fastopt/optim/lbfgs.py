@@ -27,6 +27,7 @@ from .base import NONNEG
 from .line_search import Trial, strong_wolfe
 from .named import KeyTree
 from .rmsprop import HostOnly, refuse_device
+from .state_checks import require_array, require_keys
 
 LINE_SEARCHES = (None, "strong_wolfe")
 #: a curvature pair is kept only when y . s exceeds this (torch's constant)
@@ -339,26 +340,16 @@ class LBFGS(HostOnly):
 
     def _prepare_load(self, sd):
         apply_base = super()._prepare_load(sd)
-        if "lbfgs" not in sd or not isinstance(sd["lbfgs"], dict):
-            raise ValueError("checkpoint: the LBFGS state_dict has no 'lbfgs' dict")
+        require_keys(sd, ("lbfgs",), "the LBFGS state_dict")
         ls = sd["lbfgs"]
-        keys = ("func_evals", "n_iter", "t", "H_diag", "prev_loss", "d", "prev_flat_grad",
-                "old_dirs", "old_stps", "ro")
-        missing = [k for k in keys if k not in ls]
-        if missing:
-            raise ValueError(f"checkpoint: lbfgs is missing keys {missing}")
+        require_keys(ls, ("func_evals", "n_iter", "t", "H_diag", "prev_loss", "d",
+                          "prev_flat_grad", "old_dirs", "old_stps", "ro"), "lbfgs")
         evals = V.check_int("checkpoint lbfgs func_evals", ls["func_evals"], low=0)
         n_iter = V.check_int("checkpoint lbfgs n_iter", ls["n_iter"], low=0)
         n, dtype = self._n, self._group_dtype(0)
 
         def array(name, shape, want=dtype):
-            a = ls[name]
-            if not isinstance(a, np.ndarray) or a.dtype != want or a.shape != shape:
-                got = f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else \
-                    type(a).__name__
-                raise ValueError(f"checkpoint: lbfgs {name} is {got}, expected "
-                                 f"{np.dtype(want)}{list(shape)}")
-            return a
+            return require_array(ls[name], shape, want, f"lbfgs {name}")
 
         ro = ls["ro"]
         k = ro.shape[0] if isinstance(ro, np.ndarray) and ro.ndim == 1 else -1

@@ -29,6 +29,7 @@ from ..backends.flat_ops import ops_for, sam_scale
 from ..backends.tables import group_tables
 from ..params import FlatArrays
 from .base import Optimizer
+from .state_checks import require_array, require_keys
 
 
 class SAM:
@@ -265,13 +266,8 @@ class SAM:
     def _prepare_load(self, sd):
         """Check ``sd``; return a function that applies it (what
         :func:`fastopt.load` calls)."""
-        if not isinstance(sd, dict):
-            raise TypeError(f"checkpoint: the state_dict must be a dict, got {type(sd).__name__}")
-        keys = ("type", "rho", "adaptive", "perturbed", "perturb_skipped",
-                "skipped_perturbs", "e_w", "base")
-        missing = [k for k in keys if k not in sd]
-        if missing:
-            raise ValueError(f"checkpoint: the SAM state_dict is missing keys {missing}")
+        require_keys(sd, ("type", "rho", "adaptive", "perturbed", "perturb_skipped",
+                          "skipped_perturbs", "e_w", "base"), "the SAM state_dict")
         if sd["type"] != "SAM":
             raise ValueError(f"checkpoint is for an optimizer of type {sd['type']}, not SAM")
         rho = V.check_real("checkpoint rho", sd["rho"], low=0.0)
@@ -287,13 +283,7 @@ class SAM:
                 raise ValueError(f"checkpoint: e_w must list one array per param group "
                                  f"({len(self.state)}) when perturbed")
             for gi, (a, st) in enumerate(zip(e_w, self.state)):
-                want = st["e_w"]
-                if not isinstance(a, np.ndarray) or a.shape != want.shape or \
-                        a.dtype != want.dtype:
-                    got = f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else \
-                        type(a).__name__
-                    raise ValueError(f"checkpoint: e_w[{gi}] is {got}, expected "
-                                     f"{want.dtype}[{want.size}]")
+                require_array(a, st["e_w"].shape, st["e_w"].dtype, f"e_w[{gi}]")
         elif e_w is not None:
             raise ValueError("checkpoint: e_w must be None when not perturbed")
         apply_base = self.base_optimizer._prepare_load(sd["base"])
