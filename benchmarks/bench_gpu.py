@@ -7,7 +7,9 @@ a float32 device array, through the optimizer as a user calls it. They skip
 where ``"cuda" not in fastopt.available_backends()`` (no numba-cuda, or no
 GPU). ``benchmarks/gpu_check.py`` is the one-shot check that also runs the
 CUDA tests and writes ``benchmarks/results/gpu.json``; docs/gpu.md says
-what has and has not been measured.
+what has and has not been measured. ``CudaMLPStep``/``CudaEnsembleStep``:
+the MLP's training step on the GPU (``fastopt.nn`` with ``backend="cuda"``)
+against torch, the cases of ``benchmarks/gpu_check_nn.py``.
 """
 
 import fastopt
@@ -78,3 +80,52 @@ class CudaAdamWStep:
         return bench.step_bytes("adamw", size, "float32") * reps / (time.perf_counter() - t0) / 1e9
 
     track_gbps.unit = "GB/s"
+
+
+class CudaMLPStep:
+    """One AdamW training step of an MLP 784-256-256-10 at batch 256 on the
+    GPU: fastopt's ``backend="cuda"`` with its products on the numba kernels
+    or on cuBLAS (where CuPy or nvmath-python imports), against torch on CUDA
+    (Linear/ReLU, fused AdamW, eager). ``CudaEnsembleStep``: 64 such models
+    at once (one shared batch), torch as ``baddbmm`` over stacked weights.
+    The cases are ``benchmarks/gpu_check_nn.py``'s; they skip without a GPU."""
+
+    params = (["fastopt-numba", "fastopt-cublas", "torch-cuda-eager"],)
+    param_names = ["impl"]
+    timeout = 300
+    models = 1
+
+    def setup(self, impl):
+        if bench.gpu_name() is None:
+            raise NotImplementedError("no GPU")
+        from . import gpu_check_nn as G
+        sizes, B = G.SIZES["mlp"], G.SIZES["batch"]
+        if impl.startswith("fastopt"):
+            if "cuda" not in fastopt.available_backends():
+                raise NotImplementedError("fastopt's CUDA backend is unavailable here")
+            from numba import cuda
+
+            from fastopt.nn import _cuda
+            found = _cuda.engines()
+            engine = "numba" if impl == "fastopt-numba" else (found[1:] or [None])[0]
+            if engine is None:
+                raise NotImplementedError("neither CuPy nor nvmath-python imports here")
+            self.step, _ = G.fastopt_step(sizes, B, self.models, engine)
+            self.sync = cuda.synchronize
+        else:
+            torch = _torch_cuda()
+            self.step = (G.torch_mlp_step(torch, sizes, B) if self.models == 1 else
+                         G.torch_ensemble_step(torch, self.models, sizes, B))
+            self.sync = torch.cuda.synchronize
+        self.step()
+        self.sync()
+
+    def time_step(self, impl):
+        self.step()
+        self.sync()
+
+
+class CudaEnsembleStep(CudaMLPStep):
+    __doc__ = CudaMLPStep.__doc__
+    params = (["fastopt-numba", "fastopt-cublas", "torch-cuda-bmm"],)
+    models = 64

@@ -19,6 +19,8 @@ def run(args):
     for name, info in fastopt.backend_info().items():
         print(f"  {name:<7} {info}")
     print(f"backend='auto' picks {auto_backend()!r} for host arrays (packed, lists, dicts)")
+    from fastopt.nn._cuda_blas import describe
+    print(f"nn matmul on CUDA: {describe()}")
     np.dot(np.ones((64, 64)), np.ones((64, 64)))      # load BLAS's pool so it is listed
     pools = thread_pools()
     print(f"threads: fastopt {pools['fastopt_threads']}, Numba threading layer "

@@ -104,7 +104,7 @@ def test_bad_constructor_arguments():
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         MLP((4, 2), dtype=np.float16)
     with pytest.raises(ValueError, match="backend must be one of"):
-        MLP((4, 2), backend="cuda")
+        MLP((4, 2), backend="opencl")
     with pytest.raises(ValueError, match="k .number of models. must be an int >= 1"):
         Ensemble(0, (4, 2))
     with pytest.raises(ValueError, match="seed has 2 entries"):

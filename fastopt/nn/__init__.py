@@ -12,9 +12,11 @@
 Backends (``backend="auto"`` takes the first available): ``numba`` (np.dot
 through NumPy's BLAS + ``@njit`` fused passes, cached after the first
 compile), ``cython`` (gemm through ``scipy.linalg.cython_blas`` + compiled
-fused passes; no JIT) and ``numpy`` (the reference). CUDA: not yet (the
-optimizers step device arrays, but the MLP's forward and backward run on
-host arrays only).
+fused passes; no JIT) and ``numpy`` (the reference). ``backend="cuda"``,
+asked for by name (:mod:`._cuda`): params, grads, workspaces and the
+optimizer state on the GPU, the products through cuBLAS (CuPy or
+nvmath-python, where one imports) or tiled numba kernels, the fused passes
+as CUDA kernels; a training step reads back only the losses.
 
 Sparse inputs: when most of a batch is exact zeros (MNIST: 81%), both
 compiled backends can run the first layer over the non-zeros only

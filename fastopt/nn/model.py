@@ -26,6 +26,9 @@ same pass).
 
 Every input is checked before anything is written: on a bad batch the model,
 its gradients and the optimizer are exactly as before the call.
+
+``backend="cuda"`` keeps the same layout on the GPU (:mod:`._cuda`: params,
+grads and workspaces are device buffers, the same passes are CUDA kernels).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .._registry import LazyModules
-from ..backends import kernel_threads
+from ..backends import is_device_array, kernel_threads
 from . import _blas
 from ..params import FlatArrays, flat_zeros
 from ..schedules import Schedule
@@ -72,7 +75,21 @@ def available_backends() -> list:
 
 
 def get_backend(name="auto"):
+    if name == "cuda":
+        return _cuda_backend()
     return _REGISTRY.get(name)
+
+
+def _cuda_backend():
+    """:mod:`fastopt.nn._cuda`, or a ValueError saying in one line why not.
+    Asked for by name only: "auto" stays on the CPU backends, and
+    :func:`available_backends` lists those (importing numba-cuda to probe
+    for a GPU is not free)."""
+    try:
+        from . import _cuda
+    except ImportError as exc:
+        raise ValueError(f"nn backend 'cuda' is not available here: {exc}") from None
+    return _cuda
 
 
 def _seeds(seed, k):
@@ -108,6 +125,11 @@ def _per_model(name, value, k, low=0.0):
     return out
 
 
+def _host(a):
+    """``a`` as a NumPy array (a device array is copied back)."""
+    return a.copy_to_host() if is_device_array(a) else np.asarray(a)
+
+
 class Ensemble:
     """K MLPs with the same layer sizes, trained together with batched matmuls.
 
@@ -131,8 +153,14 @@ class Ensemble:
         Model i is initialised from ``np.random.default_rng(seed + i)`` (or
         ``seed[i]``), so ``MLP(sizes, seed=seed + i)`` is the same model.
     dtype : float32 or float64
-    backend : "auto", "cython", "numba" or "numpy"
+    backend : "auto", "cython", "numba", "numpy" or "cuda"
         Kernels for the fused passes (the reference "numpy" is the spec).
+        "cuda" (:mod:`fastopt.nn._cuda`): params, grads, workspaces and the
+        optimizer state on the GPU; ``params``/``grads`` are then
+        :class:`fastopt.cuda.DeviceFlatArrays` with the CPU layout (the same
+        seed gives the same initial weights), batches may be host or device
+        arrays, a step reads back only the K losses, and the stacked host
+        views ``weights``/``biases`` are None.
     alpha : float
         leaky_relu's negative slope.
 
@@ -165,16 +193,15 @@ class Ensemble:
         if init not in ("he", "xavier"):
             raise ValueError(f"init must be 'auto', 'he' or 'xavier', got {init!r}")
         self.init = init
+        self._device = backend == "cuda"
         self._kern = get_backend(backend)
 
         shapes = []
         for n_in, n_out in zip(sizes, sizes[1:]):
             shapes += [(n_in, n_out), (n_out,)]
         self.params = flat_zeros(shapes * self.k, dtype)
-        self.grads = self.params.zeros_like()
         self.n_per_model = self.params.data.size // self.k
         self.weights, self.biases = self._stacked(self.params)
-        self._gweights, self._gbiases = self._stacked(self.grads)
         for i, s in enumerate(_seeds(seed, self.k)):
             rng = np.random.default_rng(s)
             for l, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
@@ -184,6 +211,13 @@ class Ensemble:
                     lim = math.sqrt(6.0 / (n_in + n_out))
                     w = rng.uniform(-lim, lim, (n_in, n_out))
                 self.weights[l][i] = w
+        if self._device:     # initialised on the host as on the CPU, then moved
+            self._net = self._kern.DeviceNet(self, self.params)
+            self.params, self.grads = self._net.params, self._net.grads
+            self.weights = self.biases = None
+        else:
+            self.grads = self.params.zeros_like()
+            self._gweights, self._gbiases = self._stacked(self.grads)
         self._ws = OrderedDict()
         self._opt_checked = None
         #: "auto", "model" (each model's forward+backward in turn) or "layer"
@@ -261,7 +295,8 @@ class Ensemble:
         """
         per_model = np.ndim(lr) > 0 or np.ndim(weight_decay) > 0
         if not per_model:
-            g = {"params": list(self.params)}
+            # on the device the packed buffer itself: one launch per step
+            g = {"params": self.params if self._device else list(self.params)}
             if lr is not None:
                 g["lr"] = _per_model("lr", lr, 1)[0]
             if weight_decay is not None:
@@ -272,7 +307,8 @@ class Ensemble:
         n = 2 * self.n_layers
         groups = []
         for i in range(self.k):
-            g = {"params": list(self.params[i * n:(i + 1) * n])}
+            g = {"params": (self._net.model_params(i) if self._device
+                            else list(self.params[i * n:(i + 1) * n]))}
             if lrs is not None:
                 g["lr"] = lrs[i]
             if wds is not None:
@@ -282,27 +318,18 @@ class Ensemble:
 
     # -- input checks ------------------------------------------------------------
     def _check_x(self, X, name="X"):
-        """X as ``[K, B, n_in]`` (a broadcast view when shared) plus whether shared."""
+        """X as ``[K, B, n_in]`` (a broadcast view when shared) plus whether
+        shared. A device batch (backend "cuda") is checked for its shape,
+        dtype and placement; its values stay unread (that would wait for
+        the GPU)."""
+        if self._device and is_device_array(X):
+            X = self._kern.device_input(name, X, dtype=self.dtype)
+            return X, self._check_x_shape(X.shape, name)
         if not isinstance(X, np.ndarray):
             X = np.asarray(X)
         if X.dtype.kind not in "fiu":
             raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
-        n_in = self.sizes[0]
-        if X.ndim == 2:
-            shared = True
-        elif X.ndim == 3:
-            shared = False
-            if X.shape[0] != self.k:
-                raise ValueError(f"{name} has {X.shape[0]} per-model batches but the "
-                                 f"ensemble has {self.k} models")
-        else:
-            raise ValueError(f"{name} must be [batch, {n_in}] or [k, batch, {n_in}], got "
-                             f"shape {X.shape}")
-        if X.shape[-1] != n_in:
-            raise ValueError(f"{name} has {X.shape[-1]} features but the model expects "
-                             f"{n_in} (layer sizes {self.sizes})")
-        if X.shape[-2] == 0:
-            raise ValueError(f"{name} is an empty batch (0 samples)")
+        shared = self._check_x_shape(X.shape, name)
         if X.dtype.kind == "f":
             # One fast pass: NaN/inf propagate to the sum of squares (a BLAS
             # dot, ~3x faster than np.sum here). A sum that overflows on
@@ -318,9 +345,37 @@ class Ensemble:
                 raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
         return X, shared
 
+    def _check_x_shape(self, shape, name):
+        """Whether a batch of this shape is shared by all models (2-D) or
+        one per model (3-D); a ValueError naming what is wrong otherwise."""
+        shape = tuple(shape)   # the CUDA simulator's shapes take no negative index
+        n_in = self.sizes[0]
+        if len(shape) == 2:
+            shared = True
+        elif len(shape) == 3:
+            shared = False
+            if shape[0] != self.k:
+                raise ValueError(f"{name} has {shape[0]} per-model batches but the "
+                                 f"ensemble has {self.k} models")
+        else:
+            raise ValueError(f"{name} must be [batch, {n_in}] or [k, batch, {n_in}], got "
+                             f"shape {shape}")
+        if shape[-1] != n_in:
+            raise ValueError(f"{name} has {shape[-1]} features but the model expects "
+                             f"{n_in} (layer sizes {self.sizes})")
+        if shape[-2] == 0:
+            raise ValueError(f"{name} is an empty batch (0 samples)")
+        return shared
+
     def _check_targets(self, y, X, shared):
-        B = X.shape[-2]
-        if not isinstance(y, np.ndarray):
+        """``y`` checked against the batch ``X``. Device labels/targets
+        (backend "cuda") are checked for shape, dtype and placement only (an
+        out-of-range label gives a NaN loss and NaN gradients instead)."""
+        B = tuple(X.shape)[-2]
+        device = self._device and is_device_array(y)
+        if device:      # a numba view (zero copy): NumPy's dtype and shape
+            y = self._kern.device_input("y", y)
+        elif not isinstance(y, np.ndarray):
             y = np.asarray(y)
         want = (B,) if shared else (self.k, B)
         if self.loss == "cross_entropy":
@@ -329,6 +384,8 @@ class Ensemble:
                                 f"{y.dtype}")
             if y.shape != want and not (not shared and y.shape == (B,)):
                 raise ValueError(f"labels y must have shape {want} to match X, got {y.shape}")
+            if device:
+                return y
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= self.sizes[-1]:
                 raise ValueError(f"labels y must be in [0, {self.sizes[-1] - 1}], got values "
@@ -339,6 +396,12 @@ class Ensemble:
                 raise TypeError(f"targets y must hold real numbers, got dtype {y.dtype}")
             if y.shape != want and not (not shared and y.shape == want[1:]):
                 raise ValueError(f"targets y must have shape {want} to match X, got {y.shape}")
+            if device:
+                if y.dtype != self.dtype:
+                    raise TypeError(f"targets y on the device must be {self.dtype} (the "
+                                    f"model's dtype; device data is not converted), got "
+                                    f"{y.dtype}")
+                return y
             if y.dtype.kind == "f" and not np.isfinite(y).all():
                 raise ValueError("targets y contain NaN or infinite values")
         return y
@@ -504,7 +567,13 @@ class Ensemble:
         pass is still to run, so work started there (e.g. a non-blocking
         allreduce of that slice) overlaps it. The callback must not write
         to the gradients of layers not yet reported.
+
+        On the device (backend "cuda") the losses are a new host array (the
+        one copy back per batch), and ``on_grads_ready`` is refused.
         """
+        if self._device:
+            return self._device_loss_and_grad(X, y, on_grads_ready).copy_to_host().astype(
+                np.float64)
         X, shared = self._check_x(X)
         y = self._check_targets(y, X, shared)
         X3, shared, ws, sp = self._prepare(X, checked=True, grad=True)
@@ -520,6 +589,16 @@ class Ensemble:
             self._forward(X3, v, sp)
             self._backward(X3, v, range(self.k), on_grads_ready, sp)
         return ws["losses"]
+
+    def _device_loss_and_grad(self, X, y, on_grads_ready=None):
+        """Checks, then launches forward and backward on the device; the K
+        losses stay there (nothing waits for the GPU)."""
+        if on_grads_ready is not None:
+            raise NotImplementedError("on_grads_ready is not supported on backend 'cuda' (the "
+                                      "gradients are final only when the GPU gets there)")
+        X, shared = self._check_x(X)
+        y = self._check_targets(y, X, shared)
+        return self._net.loss_and_grad(X, shared, y)
 
     def _models(self, X3, ws, models, on_grads_ready=None, sp=None):
         for k in models:
@@ -558,15 +637,27 @@ class Ensemble:
         if self._opt_checked is opt:
             return
         ps = [p for g in getattr(opt, "param_groups", ()) for p in g["params"]]
-        if (len(ps) != len(self.params)
-                or not all(np.shares_memory(p, self.params.data) for p in ps)):
+        if len(ps) != len(self.params) or not (
+                self._net.owns(ps) if self._device else
+                all(isinstance(p, np.ndarray) and np.shares_memory(p, self.params.data)
+                    for p in ps)):
             raise ValueError("optimizer was not built on this model's params; use e.g. "
                              "fastopt.AdamW(model.param_groups(...))")
         self._opt_checked = opt
 
-    def train_step(self, opt, X, y):
-        """``loss_and_grad`` then ``opt.step(self.grads)``; returns the losses."""
+    def train_step(self, opt, X, y, *, sync=True):
+        """``loss_and_grad`` then ``opt.step(self.grads)``; returns the losses.
+
+        On the device (backend "cuda") the optimizer's step is launched
+        before the losses are read back, so the host waits once per step;
+        with ``sync=False`` it does not wait at all and the K losses come as
+        a device array (a workspace the next batch of the same size
+        overwrites: copy it to keep it). Host backends ignore ``sync``."""
         self._check_optimizer(opt)
+        if self._device:
+            losses = self._device_loss_and_grad(X, y)
+            opt.step(self.grads)
+            return losses.copy_to_host().astype(np.float64) if sync else losses
         losses = self.loss_and_grad(X, y)
         self._step(opt)
         return losses
@@ -583,17 +674,20 @@ class Ensemble:
             opt.step(self.grads)
 
     def _outputs(self, X):
+        if self._device:
+            return self._net.forward(*self._check_x(X))
         X3, _, ws, sp = self._prepare(X)
         return self._forward(X3, self._views(ws), sp).copy()
 
     def forward(self, X):
-        """Network outputs (logits for cross-entropy) ``[K, B, n_out]``, a new array."""
+        """Network outputs (logits for cross-entropy) ``[K, B, n_out]``, a new
+        host array (on every backend)."""
         return self._outputs(X)
 
     def predict(self, X, batch_size=1024):
         """Predicted classes ``[K, B]`` (cross-entropy) or outputs (MSE)."""
         X, shared = self._check_x(X)
-        B = X.shape[-2]
+        B = tuple(X.shape)[-2]
         outs = []
         for s in range(0, B, batch_size):
             xb = X[s:s + batch_size] if shared else X[:, s:s + batch_size]
@@ -604,14 +698,14 @@ class Ensemble:
     def accuracy(self, X, y, batch_size=1024):
         """Fraction of correct labels per model, ``[K]``."""
         pred = Ensemble.predict(self, X, batch_size)
-        return (pred == np.asarray(y)).mean(axis=-1)
+        return (pred == _host(y)).mean(axis=-1)
 
     def evaluate(self, X, y, batch_size=1024):
         """Mean loss and accuracy per model on a held-out set: two ``[K]`` arrays
         (accuracy is NaN for MSE). Chunked forward passes, no gradients."""
         X, shared = self._check_x(X)
-        y = self._check_targets(y, X, shared)
-        B = X.shape[-2]
+        y = _host(self._check_targets(y, X, shared))
+        B = tuple(X.shape)[-2]
         loss = np.zeros(self.k)
         correct = np.zeros(self.k)
         for s in range(0, B, batch_size):
@@ -635,7 +729,10 @@ class Ensemble:
         m = MLP(self.sizes, self.activation, self.loss, init=self.init, dtype=self.dtype,
                 backend=self.backend, alpha=self.alpha)
         n = self.n_per_model
-        m.params.data[:] = self.params.data[i * n:(i + 1) * n]
+        if self._device:
+            m.params.data.copy_to_device(self.params.data[i * n:(i + 1) * n])
+        else:
+            m.params.data[:] = self.params.data[i * n:(i + 1) * n]
         return m
 
     def __repr__(self):
@@ -662,14 +759,16 @@ class MLP(Ensemble):
 
     @property
     def W(self):
-        return [w[0] for w in self.weights]
+        """The weights ``[n_in, n_out]`` per layer (device views on "cuda")."""
+        return list(self.params[0::2]) if self._device else [w[0] for w in self.weights]
 
     @property
     def b(self):
-        return [b[0] for b in self.biases]
+        return list(self.params[1::2]) if self._device else [b[0] for b in self.biases]
 
     def _check_x(self, X, name="X"):
-        X = X if isinstance(X, np.ndarray) else np.asarray(X)
+        if not (self._device and is_device_array(X)):
+            X = X if isinstance(X, np.ndarray) else np.asarray(X)
         if X.ndim != 2:
             raise ValueError(f"{name} must be [batch, {self.sizes[0]}], got shape {X.shape}")
         return super()._check_x(X, name)
@@ -678,6 +777,13 @@ class MLP(Ensemble):
         """Mean loss (float) of one batch; gradients into ``self.grads``
         (``on_grads_ready``: see :meth:`Ensemble.loss_and_grad`)."""
         return float(super().loss_and_grad(X, y, on_grads_ready=on_grads_ready)[0])
+
+    def train_step(self, opt, X, y, *, sync=True):
+        """``loss_and_grad`` then ``opt.step(self.grads)``; returns the loss
+        (a float; with ``sync=False`` on backend "cuda", a one-element device
+        array: see :meth:`Ensemble.train_step`)."""
+        loss = super().train_step(opt, X, y, sync=sync)
+        return loss if isinstance(loss, float) or not sync else float(loss[0])
 
     def forward(self, X):
         return super().forward(X)[0]
