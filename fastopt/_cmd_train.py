@@ -67,8 +67,8 @@ def _hidden(text):
 def add_arguments(parser):
     parser.add_argument("--data", default="mnist", choices=["mnist"], help="dataset (mnist)")
     parser.add_argument("--data-dir", default=None,
-                        help="directory with the MNIST IDX files (default: $FASTOPT_DATA, "
-                             "then ../shared/data/mnist)")
+                        help="directory with the MNIST IDX files (default: $FASTOPT_DATA; "
+                             "in a development checkout, its data folder)")
     parser.add_argument("--hidden", type=_hidden, default=(256, 256),
                         help="hidden widths, e.g. 256,256 (default)")
     parser.add_argument("--activation", default="relu",
@@ -95,7 +95,10 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="init, split and shuffle seed")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--backend", default="auto", choices=["auto", "cython", "numba", "numpy"],
-                        help="nn backend (CUDA: not yet)")
+                        help="CPU nn backend (with --device cpu)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: weights, gradients, optimizer state and batches on the GPU "
+                             "(needs numba-cuda and a GPU); default cpu")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="threads for BLAS (threadpoolctl) and for fastopt's kernels "
                              "and ensemble models; default: each library's own (under "
@@ -275,6 +278,10 @@ def _run(args, comm):
         print(f"fastopt train: --optimizer {problem}: add --batch-size {Xtr.shape[0]}",
               file=sys.stderr)
         return 2
+    problem = _device_problem(args, comm)
+    if problem:
+        print(f"fastopt train: --device cuda: {problem}", file=sys.stderr)
+        return 2
     if args.lr is None:
         args.lr = 1.0 if args.optimizer == "lbfgs" else 1e-3
     sizes = (Xtr.shape[1], *args.hidden, 10)
@@ -286,7 +293,7 @@ def _run(args, comm):
     steps = args.epochs * -(-Xtr.shape[0] // args.batch_size)
     try:
         model = Ensemble(k, sizes, args.activation, seed=args.seed, dtype=args.dtype,
-                         backend=args.backend)
+                         backend="cuda" if args.device == "cuda" else args.backend)
         opt = make_optimizer(model, args.optimizer, args.lr, lrs=lrs, schedule=args.schedule,
                              total_steps=steps, warmup_steps=args.warmup_steps,
                              weight_decay=args.weight_decay, momentum=args.momentum,
@@ -361,6 +368,19 @@ def _run(args, comm):
         for path in _write_results(args, history, labels, sizes, model.backend):
             print(f"wrote {path}")
     return 0
+
+
+def _device_problem(args, comm):
+    """Why this run cannot train on the GPU (None when it can, or runs on the CPU)."""
+    if args.device != "cuda":
+        return None
+    if comm is not None:
+        return "data-parallel training (mpiexec) runs on the CPU only; run one process"
+    if args.sam is not None or args.optimizer == "lbfgs":
+        return "SAM and L-BFGS step host arrays only; drop --sam / pick another --optimizer"
+    if args.backend != "auto":
+        return f"--backend {args.backend} is a CPU nn backend; leave it out"
+    return None
 
 
 class _Stopped(Exception):

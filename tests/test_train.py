@@ -140,6 +140,27 @@ def test_train_refuses_what_sam_and_lbfgs_cannot_do(tmp_path, capsys, argv, mess
     assert not (out / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--sam", "0.05"], "SAM and L-BFGS step host arrays only"),
+    (["--optimizer", "lbfgs", "--batch-size", "8000"], "SAM and L-BFGS step host arrays only"),
+    (["--backend", "numba"], "--backend numba is a CPU nn backend"),
+    # no GPU here (and no simulator): the model's own refusal, in one line
+    ([], "nn backend 'cuda' is not available here"),
+])
+def test_train_on_the_gpu_refuses_clearly_what_it_cannot_do(tmp_path, capsys, argv, message):
+    if not argv:
+        from numba import cuda
+        if cuda.is_available():
+            pytest.skip("a GPU is here: the run would train")
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    rc = main(["train", "--device", "cuda", "--data-dir", str(data), "--hidden", "8",
+               "--epochs", "1", "--quiet", "--no-plot", "--out", str(out), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (out / "metrics.json").exists()
+
+
 def test_train_rejects_a_bad_sam_radius(capsys):
     for bad in ("0", "-0.1", "x", "inf"):
         with pytest.raises(SystemExit):
