@@ -37,12 +37,25 @@ def sam_step(sam, p, grad):
     return advance
 
 
-def step_for(opt, p, grad):
+def closure_step(opt, p, loss, grad):
+    """One step of an optimizer that evaluates the function itself (L-BFGS):
+    ``opt.step(closure)``, the closure returning ``(loss, [gradient])`` at ``p``."""
+    def advance():
+        opt.step(lambda: (loss(*p), [grad(p)]))
+    return advance
+
+
+def step_for(opt, p, loss, grad):
     """The step closure ``opt`` takes: :func:`sam_step` for a ``fastopt.SAM``,
+    :func:`closure_step` for one stepped with a closure (L-BFGS),
     :func:`gradient_step` for the rest."""
     from ..optim.sam import SAM
 
-    return sam_step(opt, p, grad) if isinstance(opt, SAM) else gradient_step(opt, p, grad)
+    if isinstance(opt, SAM):
+        return sam_step(opt, p, grad)
+    if getattr(opt, "steps_with_closure", False):
+        return closure_step(opt, p, loss, grad)
+    return gradient_step(opt, p, grad)
 
 
 def trajectory(p, advance, steps, stop=None):
