@@ -18,6 +18,7 @@ from .checkpoint import CheckpointError, load, save
 from .clip import clip_by_global_norm, global_norm
 from .optim import (SGD, Adagrad, Adam, Adamax, AdamW, Lion, LossScaler, NAdam, Optimizer,
                     RAdam, RMSprop)
+from .optim import LAMB
 from .optim import SAM
 from .optim import LBFGS
 from .params import FlatArrays, flat_zeros, pack
@@ -33,6 +34,7 @@ __all__ = [
     "functional", "schedules",
     "save", "load", "CheckpointError",
 ]
+__all__ += ["LAMB"]
 __all__ += ["SAM"]
 __all__ += ["LBFGS"]
 

@@ -31,21 +31,27 @@ def problem(dtype, seed=0, steps=STEPS, scales=(1.0,)):
 
 
 class Side:
-    """fastopt's params and grads as a user passes them: packed or a list."""
+    """fastopt's params and grads as a user passes them: packed, a list, or
+    a dict by name (``arrays``: the params in order, whatever the layout)."""
 
     def __init__(self, init, path):
         self.path = path
         if path == "packed":
             self.params = fastopt.pack([a.copy() for a in init])
             self.buf = self.params.zeros_like()
+        elif path == "dict":
+            self.params = {f"w{i}": a.copy() for i, a in enumerate(init)}
         else:
             self.params = [a.copy() for a in init]
+        self.arrays = list(self.params.values() if path == "dict" else self.params)
 
     def grads(self, g):
         if self.path == "packed":
             for view, x in zip(self.buf, g):
                 view[...] = x
             return self.buf
+        if self.path == "dict":
+            return {f"w{i}": x.copy() for i, x in enumerate(g)}
         return [x.copy() for x in g]     # new arrays every step
 
 
@@ -94,9 +100,10 @@ FAMILY = {
     "NAdam": dict(lr=1e-2, weight_decay=0.01, momentum_decay=0.01),
     "RAdam": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01,
                   decoupled_weight_decay=True),
+    "LAMB": dict(lr=1e-2, weight_decay=0.01),
 }
 #: the state buffers each keeps
 STATE = {"RMSprop": ["square_avg", "grad_avg", "momentum_buffer"], "Adagrad": ["sum"],
          "Lion": ["exp_avg"],
          "Adamax": ["exp_avg", "exp_inf"], "NAdam": ["exp_avg", "exp_avg_sq"],
-         "RAdam": ["exp_avg", "exp_avg_sq"]}
+         "RAdam": ["exp_avg", "exp_avg_sq"], "LAMB": ["exp_avg", "exp_avg_sq"]}

@@ -1,5 +1,5 @@
 """What every optimizer of the family (RMSprop, Adagrad, Lion, Adamax, NAdam,
-RAdam) must do on the kernel layer, whatever its math: fused clipping and
+RAdam, LAMB) must do on the kernel layer, whatever its math: fused clipping and
 the non-finite skip, bad hyperparameters refused with nothing written,
 checkpoints that resume bit for bit, one native call per group, device
 params refused. Their update math is tested in test_optim_family*.py."""
@@ -125,6 +125,12 @@ BAD = [
     ("RAdam", dict(decoupled_weight_decay=1), TypeError, "decoupled_weight_decay"),
     ("RAdam", dict(weight_decay="0.1"), TypeError, "weight_decay"),
     ("RAdam", dict(lr=-1e-3), ValueError, "lr"),
+    ("LAMB", dict(lr=-1e-3), ValueError, "lr"),
+    ("LAMB", dict(eps=0.0), ValueError, "eps"),
+    ("LAMB", dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
+    ("LAMB", dict(weight_decay=float("nan")), ValueError, "weight_decay"),
+    ("LAMB", dict(bias_correction="no"), TypeError, "bias_correction"),
+    ("LAMB", dict(maximize=1), TypeError, "maximize"),
 ]
 
 

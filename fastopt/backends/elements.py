@@ -227,3 +227,44 @@ def radam(p, g, m, v, c, flags):
     else:
         p = p * c.decay - c.sgd_lr * m
     return p, m, v
+
+
+# LAMB (You et al. 2020, Algorithm 2): a two-phase update (see
+# ElementStep.phases). Its flag is imported here for the same reason.
+from .scalars import F_DECAY  # noqa: E402
+
+
+@register_jitable
+def lamb_direction(p, m, v, c, flags):
+    """LAMB's update direction ``r = m_hat / (sqrt(v_hat) + eps) + wd p``
+    from the new moments (``c`` a LAMBElement)."""
+    r = c.inv_bc1 * m / (sqrt(v) * c.inv_sqrt_bc2 + c.eps)
+    if flags & F_DECAY:
+        r = r + c.weight_decay * p
+    return r
+
+
+@register_jitable
+def lamb_moments(p, g, m, v, c, flags):
+    """Phase one: the new moments, and the direction ``r`` whose norm (with
+    the weight's) the tensor's trust ratio needs."""
+    m = c.beta1 * m + c.one_minus_beta1 * g
+    v = c.beta2 * v + c.one_minus_beta2 * g * g
+    return m, v, lamb_direction(p, m, v, c, flags)
+
+
+@register_jitable
+def lamb_step_size(lr, p_sumsq, r_sumsq):
+    """One tensor's step size ``lr * ||p|| / ||r||`` (float64, from its sums
+    of squares); ``lr`` alone when either norm is 0. A NaN norm gives NaN:
+    a non-finite gradient shows in the whole tensor, never hidden."""
+    if p_sumsq == 0 or r_sumsq == 0:
+        return lr
+    return lr * (sqrt(p_sumsq) / sqrt(r_sumsq))
+
+
+@register_jitable
+def lamb_param(p, m, v, c, flags, size):
+    """Phase two: the weight moved by the tensor's step size along ``r``
+    (recomputed from the moments phase one wrote, bit for bit the same)."""
+    return p - size * lamb_direction(p, m, v, c, flags)

@@ -292,6 +292,55 @@ def _element_impl(c, w, g, i, s0, s1, s2, flags):
     return None
 
 
+# Two-phase element steps (ElementStep.phases == 2, LAMB): phase one updates
+# the state and hands back two values per element, whose squares the driver
+# sums per array; each array's factor is made of its two sums; phase two
+# writes the weight with its array's factor.
+
+def _element_sums(c, w, g, i, s0, s1, s2, flags):
+    """Phase one at element ``i``: the state updated, two values returned."""
+
+
+def _element_finish(c, w, i, s0, s1, s2, flags, f):
+    """Phase two at element ``i`` with its array's factor ``f``: the new weight."""
+
+
+def _array_factor(c, a, b):
+    """An array's factor (float64) from its two sums of squares."""
+
+
+def _kind(c):
+    return getattr(c, "instance_class", None)
+
+
+@overload(_element_sums, jit_options=_UPDATE)
+def _element_sums_impl(c, w, g, i, s0, s1, s2, flags):
+    from .scalars import LAMBElement
+    if _kind(c) is LAMBElement:         # s0 exp_avg, s1 exp_avg_sq; sums p^2, r^2
+        def lamb(c, w, g, i, s0, s1, s2, flags):
+            s0[i], s1[i], r = elements.lamb_moments(w, g, s0[i], s1[i], c, flags)
+            return w, r
+        return lamb
+    return None
+
+
+@overload(_element_finish, jit_options=_UPDATE)
+def _element_finish_impl(c, w, i, s0, s1, s2, flags, f):
+    from .scalars import LAMBElement
+    if _kind(c) is LAMBElement:
+        return lambda c, w, i, s0, s1, s2, flags, f: elements.lamb_param(
+            w, s0[i], s1[i], c, flags, f)
+    return None
+
+
+@overload(_array_factor, jit_options=_UPDATE)
+def _array_factor_impl(c, a, b):
+    from .scalars import LAMBElement
+    if _kind(c) is LAMBElement:
+        return lambda c, a, b: elements.lamb_step_size(np.float64(c.lr), a, b)
+    return None
+
+
 @_ujit
 def _apply(c, w, g, out, s0, s1, s2, n, gs, flags):
     for i in range(n):
@@ -376,25 +425,110 @@ def _load_i32(typingctx, addr):
     return types.int64(addr), codegen
 
 
+def _piece(addr, pk, plo, phi, j, like):
+    """Piece ``j`` (elements ``plo[j]:phi[j]`` of array ``pk[j]``) of the
+    arrays at ``addr``, typed as ``like``; None for None."""
+
+
+@overload(_piece, jit_options=_UPDATE)
+def _piece_impl(addr, pk, plo, phi, j, like):
+    if addr is None or isinstance(addr, types.NoneType):
+        return lambda addr, pk, plo, phi, j, like: None
+    return lambda addr, pk, plo, phi, j, like: carray(
+        _as_pointer(addr[pk[j]], like), (phi[j],))[plo[j]:]
+
+
+@_ujit
+def _state_pieces(st0, st1, st2, soff, pk, plo, phi, j):
+    """Piece ``j`` of each state buffer, and its length, unsigned: signed
+    indices make Numba check for negative ones on every access, and LLVM
+    then will not vectorise the loop."""
+    n = phi[j] - plo[j]
+    o = soff[pk[j]] + plo[j]
+    return (_part(st0, o, o + n), _part(st1, o, o + n), _part(st2, o, o + n),
+            np.uint64(n))
+
+
 @_ujit
 def _task_update(t, c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
                  like_w, like_g, like_o, gs, flags):
     for j in range(tasks[t], tasks[t + 1]):
-        k = pk[j]
-        lo = plo[j]
-        n = phi[j] - lo
-        o = soff[k] + lo
-        w = carray(_as_pointer(waddr[k], like_w), (phi[j],))[lo:]
-        g = carray(_as_pointer(gaddr[k], like_g), (phi[j],))[lo:]
-        # unsigned trip count: signed indices make Numba check for negative
-        # ones on every access, and LLVM then will not vectorise the loop
-        nu = np.uint64(n)
-        s0, s1, s2 = _part(st0, o, o + n), _part(st1, o, o + n), _part(st2, o, o + n)
-        if oaddr is None:           # resolved at compile time
-            _apply(c, w, g, None, s0, s1, s2, nu, gs, flags)
-        else:
-            out = carray(_as_pointer(oaddr[k], like_o), (phi[j],))[lo:]
-            _apply(c, w, g, out, s0, s1, s2, nu, gs, flags)
+        s0, s1, s2, n = _state_pieces(st0, st1, st2, soff, pk, plo, phi, j)
+        _apply(c, _piece(waddr, pk, plo, phi, j, like_w), _piece(gaddr, pk, plo, phi, j, like_g),
+               _piece(oaddr, pk, plo, phi, j, like_o), s0, s1, s2, n, gs, flags)
+
+
+# Phase one's sums: accumulator i of 64 adds the squares of elements i,
+# i + 64, ... of the piece, in the elementwise loop itself (it vectorises as
+# the one-pass updates do), and the 64 are added in order at the end. A
+# single running sum would keep the loop scalar: LLVM and gcc vectorise a
+# float reduction only where they may reorder it. The Cython kernels sum in
+# the same order.
+_LANES = np.uint64(64)
+
+
+@_ujit
+def _sums(c, w, g, s0, s1, s2, n, gs, flags):
+    """Phase one over a piece: the float64 sums of squares of the two values."""
+    a = np.zeros(_LANES)
+    b = np.zeros(_LANES)
+    lo = _U0
+    while lo < n:
+        for i in range(min(_LANES, n - lo)):
+            k = lo + i
+            x, y = _element_sums(c, w[k], _widen(g[k]) * gs, k, s0, s1, s2, flags)
+            xf, yf = np.float64(x), np.float64(y)
+            a[i] += xf * xf
+            b[i] += yf * yf
+        lo += _LANES
+    sa = sb = 0.0
+    for i in range(_LANES):
+        sa += a[i]
+        sb += b[i]
+    return sa, sb
+
+
+@_ujit
+def _finish(c, w, out, s0, s1, s2, n, f, flags):
+    """Phase two over a piece of one array, with the array's factor ``f``."""
+    for i in range(n):
+        p = _element_finish(c, w[i], i, s0, s1, s2, flags, f)
+        w[i] = p
+        if out is not None:    # mixed precision; resolved at compile time
+            out[i] = _narrow(p, out)
+
+
+@_ujit
+def _task_sums(t, c, waddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2, like_w,
+               like_g, gs, flags, psum):
+    """Phase one over task ``t``: piece ``j``'s two sums in ``psum[2j:2j+2]``."""
+    for j in range(tasks[t], tasks[t + 1]):
+        s0, s1, s2, n = _state_pieces(st0, st1, st2, soff, pk, plo, phi, j)
+        psum[2 * j], psum[2 * j + 1] = _sums(
+            c, _piece(waddr, pk, plo, phi, j, like_w), _piece(gaddr, pk, plo, phi, j, like_g),
+            s0, s1, s2, n, gs, flags)
+
+
+@_ujit
+def _array_factors(c, pfirst, psum, factor, k):
+    """Array ``k``'s factor from its pieces' sums, added in piece order (the
+    result does not depend on which thread ran which piece)."""
+    a = 0.0
+    b = 0.0
+    for j in range(pfirst[k], pfirst[k + 1]):
+        a += psum[2 * j]
+        b += psum[2 * j + 1]
+    factor[k] = _array_factor(c, a, b)
+
+
+@_ujit
+def _task_finish(t, c, waddr, oaddr, soff, pk, plo, phi, tasks, st0, st1, st2, like_w,
+                 like_o, flags, factor):
+    """Phase two over task ``t``, each piece with its array's factor."""
+    for j in range(tasks[t], tasks[t + 1]):
+        s0, s1, s2, n = _state_pieces(st0, st1, st2, soff, pk, plo, phi, j)
+        _finish(c, _piece(waddr, pk, plo, phi, j, like_w), _piece(oaddr, pk, plo, phi, j, like_o),
+                s0, s1, s2, n, like_w.dtype.type(factor[pk[j]]), flags)
 
 
 @_jit
@@ -424,12 +558,19 @@ def _decide(partial, max_norm, inv_scale, norm_mode):
 
 def _table_step(c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
                 like_w, like_g, like_o, gscale, flags, max_norm, inv_scale, norm_mode,
-                partial):
+                partial, one_phase, two_phase):
     """One step over a table: the norm pass (``norm_mode`` 1: for clipping,
     2: and skip a non-finite step), then the update. Compiled twice below:
-    threaded (``prange`` is a parallel loop: two parallel regions, as Numba
-    has no barrier inside one; the workers are still spinning from the first
-    when the second starts) and serial (``prange`` is ``range``)."""
+    threaded (``prange`` is a parallel loop: one parallel region per loop,
+    as Numba has no barrier inside one; the workers are still spinning from
+    the one before when the next starts) and serial (``prange`` is ``range``).
+
+    The update is one pass (``one_phase`` True, ``two_phase`` None) or two
+    (ElementStep.phases; ``one_phase`` None, ``two_phase`` the table's
+    ``(pfirst, psum, factor)``, see tables.StepTable): phase one per task,
+    the per-array factors from the pieces' sums, phase two per task. Numba
+    settles ``argument is None`` at compile time, so each compilation holds
+    only its own update (an element type has the functions of one kind)."""
     ntasks = tasks.size - 1
     norm, coef, skip = 0.0, 1.0, False
     if norm_mode:
@@ -438,9 +579,20 @@ def _table_step(c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2
         norm, coef, skip = _decide(partial[:ntasks], max_norm, inv_scale, norm_mode)
     if not skip:
         gs = like_w.dtype.type(gscale * coef)
-        for t in prange(ntasks):
-            _task_update(t, c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1,
-                         st2, like_w, like_g, like_o, gs, flags)
+        if one_phase is not None:       # resolved at compile time
+            for t in prange(ntasks):
+                _task_update(t, c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1,
+                             st2, like_w, like_g, like_o, gs, flags)
+        if two_phase is not None:
+            pfirst, psum, factor = two_phase
+            for t in prange(ntasks):
+                _task_sums(t, c, waddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
+                           like_w, like_g, gs, flags, psum)
+            for k in prange(pfirst.size - 1):
+                _array_factors(c, pfirst, psum, factor, k)
+            for t in prange(ntasks):
+                _task_finish(t, c, waddr, oaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
+                             like_w, like_o, flags, factor)
     return norm, skip
 
 
@@ -611,7 +763,9 @@ def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
     norm, skip = run(_scalars(el, info["dtype"]), table.waddr, table.oaddr, table.gaddr,
                      table.soff, table.pk, table.plo, table.phi, table.tasks, st0, st1, st2,
                      info["like_w"], info["like_g"], info["like_o"], float(gscale), el.flags,
-                     float(max_norm), float(inv_scale), norm_mode, table.partial)
+                     float(max_norm), float(inv_scale), norm_mode, table.partial,
+                     *((True, None) if el.phases == 1 else
+                       (None, (table.pfirst, table.psum, table.factor))))
     return float(norm), bool(skip)
 
 

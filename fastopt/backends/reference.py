@@ -249,3 +249,30 @@ def radam_update(p, g, exp_avg, exp_avg_sq, s, out=None) -> None:
     else:
         p[...] = p * t(s.decay) - t(s.sgd_lr) * exp_avg
     _write_back(p, out)
+
+
+def lamb_update(p, g, exp_avg, exp_avg_sq, s, out=None) -> None:
+    r"""One LAMB step of one tensor (You et al. 2020, Algorithm 2; ``s`` a
+    LAMBScalars).
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1-\beta_1)\, c\,g,\quad
+        v \leftarrow \beta_2 v + (1-\beta_2)\, c^2 g^2 \\
+        r &= \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon} + \lambda p \\
+        p &\leftarrow p - \eta\, \frac{\lVert p \rVert}{\lVert r \rVert}\, r
+
+    (no bias correction: the two divisors are 1). The trust ratio
+    ``||p|| / ||r||`` is 1 when either norm is 0; the norms are float64.
+    """
+    t = p.dtype.type
+    grad = _wide(g, p.dtype) * t(s.grad_scale)
+    exp_avg[...] = t(s.beta1) * exp_avg + t(s.one_minus_beta1) * grad
+    exp_avg_sq[...] = t(s.beta2) * exp_avg_sq + t(s.one_minus_beta2) * grad * grad
+    r = (exp_avg / t(s.bc1)) / (np.sqrt(exp_avg_sq / t(s.bc2)) + t(s.eps))
+    if s.weight_decay != 0.0:
+        r = r + t(s.weight_decay) * p
+    p_norm = np.sqrt(sumsq(p))
+    r_norm = np.sqrt(sumsq(r))
+    trust = 1.0 if p_norm == 0.0 or r_norm == 0.0 else p_norm / r_norm
+    p[...] = p - t(s.lr * trust) * r
+    _write_back(p, out)

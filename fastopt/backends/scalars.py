@@ -135,6 +135,10 @@ class ElementStep(NamedTuple):
     flags: int
     grad_scale: float     # maximize sign (the clip coefficient is applied inside)
     kind: type            # the NamedTuple of ``values`` (AdamElement, SGDElement)
+    # 1: one pass (the element function writes the weight); 2: a first pass
+    # updates the state and sums two squared quantities per array, a per-array
+    # factor is made of the sums, and a second pass writes the weight (LAMB)
+    phases: int = 1
 
 
 def adam_element(s: AdamScalars, amsgrad: bool) -> ElementStep:
@@ -438,3 +442,57 @@ def radam_element(s: RAdamScalars) -> ElementStep:
     """State in kernel order: exp_avg, exp_avg_sq."""
     flags = (F_L2 if s.l2 != 0.0 else 0) | (F_RECTIFIED if s.rectified else 0)
     return ElementStep(OP_RADAM, tuple(s[:9]), flags, s.grad_scale, RAdamElement)
+
+
+# -- LAMB ---------------------------------------------------------------------------
+# You et al. 2020, Algorithm 2: Adam's direction plus decoupled decay, scaled
+# per tensor by the trust ratio ||p|| / ||r||. The first of its two phases
+# (ElementStep.phases = 2) updates the moments and sums p^2 and r^2 per
+# array; the second writes p - lr * trust * r.
+
+OP_LAMB = 8
+F_DECAY = 1       # LAMB: the weight decay term wd * p in the update direction
+
+
+class LAMBScalars(NamedTuple):
+    lr: float
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    bc1: float              # 1 - beta1**t (1 without bias correction)
+    bc2: float              # 1 - beta2**t (1 without bias correction)
+    eps: float
+    weight_decay: float
+    grad_scale: float       # clip coefficient, negated for maximize
+
+
+class LAMBElement(NamedTuple):
+    """The LAMB element functions' scalars (the bias corrections as
+    multipliers: ``sqrt(v / bc2) = sqrt(v) * inv_sqrt_bc2``)."""
+    lr: float
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    inv_bc1: float
+    inv_sqrt_bc2: float
+    eps: float
+    weight_decay: float
+
+
+def lamb_scalars(*, lr, beta1, beta2, eps, weight_decay, bias_correction, step,
+                 grad_scale=1.0, maximize=False) -> LAMBScalars:
+    """Scalars for LAMB at 1-based ``step``."""
+    lr, beta1, beta2, grad_scale = float(lr), float(beta1), float(beta2), float(grad_scale)
+    bc1 = 1.0 - beta1 ** step if bias_correction else 1.0
+    bc2 = 1.0 - beta2 ** step if bias_correction else 1.0
+    return LAMBScalars(lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, bc1, bc2, float(eps),
+                       float(weight_decay), -grad_scale if maximize else grad_scale)
+
+
+def lamb_element(s: LAMBScalars) -> ElementStep:
+    """State in kernel order: exp_avg, exp_avg_sq. Two phases."""
+    values = s[:5] + (1.0 / s.bc1, 1.0 / math.sqrt(s.bc2), s.eps, s.weight_decay)
+    return ElementStep(OP_LAMB, values, F_DECAY if s.weight_decay != 0.0 else 0,
+                       s.grad_scale, LAMBElement, 2)

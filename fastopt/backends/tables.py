@@ -16,7 +16,12 @@ from a :class:`StepTable` built once per group:
   tasks, so a thousand small arrays and one large one split alike (PyTorch's
   fused/foreach kernels and apex's ``multi_tensor_apply`` chunk the same
   way), and a norm's per-task partial sums are added in task order: the
-  result does not depend on the thread count.
+  result does not depend on the thread count;
+* for updates with a per-array reduction between two passes (LAMB's trust
+  ratio, ``ElementStep.phases == 2``): each array's range of pieces
+  (``pfirst``), room for two float64 sums per piece (``psum``) and one
+  factor per array (``factor``). The pieces' sums are added per array in
+  piece order, so these too do not depend on the thread count.
 
 Everything here is plain NumPy; the kernels that read a table are in
 ``_cython/kernels_impl.pxi`` and ``numba_cpu.py``. Backends without a
@@ -105,6 +110,10 @@ class StepTable:
         self.pk, self.plo, self.phi, self.tasks = plan(self.sizes)
         self.ntasks = len(self.tasks) - 1
         self.partial = np.zeros(max(self.ntasks, 1))
+        # two-phase updates: array k's pieces are pfirst[k]:pfirst[k + 1]
+        self.pfirst = np.searchsorted(self.pk, np.arange(len(self.sizes) + 1)).astype(_I64)
+        self.psum = np.zeros(max(2 * self.pk.size, 1))
+        self.factor = np.zeros(max(len(self.sizes), 1))
         self.gaddr = np.zeros(len(weights), _I64)
         self.threads = ThreadChoice()    # serial or threaded, from its own timings
         self.grads = None         # 1-D gradient views, for backends that walk arrays
@@ -115,11 +124,14 @@ class StepTable:
         self.addrs = dict(waddr=a(self.waddr), oaddr=0 if outs is None else a(self.oaddr),
                           gaddr=a(self.gaddr), soff=a(self.soff), pk=a(self.pk),
                           plo=a(self.plo), phi=a(self.phi), tasks=a(self.tasks),
-                          partial=a(self.partial))
+                          partial=a(self.partial), pfirst=a(self.pfirst),
+                          psum=a(self.psum), factor=a(self.factor))
         # the same, in the order of the Cython kernels' H_* positions
         self.header = np.asarray(list(self.addrs.values())[:8]
                                  + [self.ntasks, self.nelem, self.addrs["partial"],
-                                    self.compute, self.store], _I64)
+                                    self.compute, self.store, self.addrs["pfirst"],
+                                    len(self.sizes), self.addrs["psum"],
+                                    self.addrs["factor"]], _I64)
         self.header_addr = address(self.header)
 
     def state_addresses(self, buffers) -> tuple:
@@ -181,6 +193,7 @@ _ELEMENTS = {
     S.AdamaxScalars: lambda s, nstate: S.adamax_element(s),
     S.NAdamScalars: lambda s, nstate: S.nadam_element(s),
     S.RAdamScalars: lambda s, nstate: S.radam_element(s),
+    S.LAMBScalars: lambda s, nstate: S.lamb_element(s),
 }
 
 
@@ -217,5 +230,7 @@ def step_per_array(be, table, s, buffers, coef):
             be.nadam_update(w, g, st[0], st[1], s, out)
         elif isinstance(s, S.RAdamScalars):
             be.radam_update(w, g, st[0], st[1], s, out)
+        elif isinstance(s, S.LAMBScalars):
+            be.lamb_update(w, g, st[0], st[1], s, out)
         else:
             be.sgd_update(w, g, st[0] if st else None, s, out)

@@ -487,6 +487,10 @@ class ShardedOptimizer(_Distributed):
             # buffers this class merges across ranks: a resume would lose it
             raise NotImplementedError("ShardedOptimizer does not shard NAdam yet (its "
                                       "per-group momentum product); use DataParallel")
+        if cls.__name__ == "LAMB":
+            # its trust ratio needs each tensor's whole norm; a shard holds parts of tensors
+            raise NotImplementedError("ShardedOptimizer does not shard LAMB (its per-tensor "
+                                      "trust ratio needs whole tensors); use DataParallel")
         specs = Optimizer._group_specs(params)
         arrays = [V.as_array_list(f"param_groups[{gi}]['params']", s["params"])
                   for gi, s in enumerate(specs)]

@@ -18,7 +18,7 @@ from .model import Ensemble
 
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "rmsprop": "RMSprop",
               "adagrad": "Adagrad", "adamax": "Adamax", "nadam": "NAdam", "radam": "RAdam",
-              "lion": "Lion", "lbfgs": "LBFGS"}
+              "lion": "Lion", "lamb": "LAMB", "lbfgs": "LBFGS"}
 SCHEDULES = ("constant", "warmup-cosine")
 
 

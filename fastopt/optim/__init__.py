@@ -4,6 +4,7 @@ from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
 from .base import Optimizer
+from .lamb import LAMB
 from .lbfgs import LBFGS
 from .loss_scale import LossScaler
 from .lion import Lion
@@ -15,5 +16,6 @@ from .sgd import SGD
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Lion", "Adamax", "NAdam",
            "RAdam", "LossScaler"]
+__all__ += ["LAMB"]
 __all__ += ["SAM"]
 __all__ += ["LBFGS"]

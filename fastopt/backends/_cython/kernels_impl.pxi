@@ -182,6 +182,8 @@ ctypedef struct NadamOp:
     char tag
 ctypedef struct RadamOp:
     char tag
+ctypedef struct LambOp:
+    char tag
 ctypedef fused Op:
     AdamOp
     SgdOp
@@ -191,6 +193,7 @@ ctypedef fused Op:
     AdamaxOp
     NadamOp
     RadamOp
+    LambOp
 
 
 cdef inline void _adam_elem(floating* p, floating g, floating* m, floating* v,
@@ -354,6 +357,43 @@ cdef inline void _radam_elem(floating* p, floating g, floating* m, floating* v,
         p[0] = p[0] * c[8] - c[1] * mi
 
 
+# LAMB (fastopt.backends.scalars: OP_LAMB, F_DECAY, LAMBElement): a
+# two-phase update (ElementStep.phases; the drivers' ``_span_sums``,
+# ``_array_factor`` and ``_span_finish``)
+cdef enum:
+    OP_LAMB = 8
+    F_DECAY = 1       # LAMB: the weight decay term wd * p in the update direction
+
+
+cdef inline floating _lamb_dir(floating p, floating m, floating v, const floating* c,
+                               int flags) noexcept nogil:
+    # c: lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 / (1 - beta1**t),
+    #    1 / sqrt(1 - beta2**t), eps, wd (the corrections 1 without bias correction).
+    #    r = m_hat / (sqrt(v_hat) + eps) + wd p
+    cdef floating r = c[5] * m / (_sqrt(v) * c[6] + c[7])
+    if flags & F_DECAY:
+        r = r + c[8] * p
+    return r
+
+
+cdef inline void _lamb_moments(floating p, floating g, floating* m, floating* v,
+                               const floating* c, int flags, floating* r) noexcept nogil:
+    # phase one: the new moments and the direction r (its norm and the
+    # weight's make the tensor's trust ratio)
+    cdef floating mi = c[1] * m[0] + c[2] * g
+    cdef floating vi = c[3] * v[0] + c[4] * g * g
+    m[0] = mi
+    v[0] = vi
+    r[0] = _lamb_dir(p, mi, vi, c, flags)
+
+
+cdef inline double _lamb_step_size(double lr, double p_sumsq, double r_sumsq) noexcept nogil:
+    # lr * ||p|| / ||r||, lr alone when either norm is 0; a NaN norm gives NaN
+    if p_sumsq == 0 or r_sumsq == 0:
+        return lr
+    return lr * (sqrt(p_sumsq) / sqrt(r_sumsq))
+
+
 # -- generic drivers -----------------------------------------------------------
 # ``_span``: one contiguous stretch of one array. ``p`` is what the step
 # updates (the params, or their float32 master copy), ``g`` the gradients as
@@ -414,6 +454,73 @@ cdef void _span_unswitched(Op* op, floating* p, const storage* g, storage* out,
         _span(op, p, g, out, s0, s1, s2, n, c, gs, 7)
 
 
+# Two-phase updates (ElementStep.phases == 2): phase one updates the state
+# and gives two values per element, whose squares are summed (float64, in
+# element order) per piece; each array's factor is made of its pieces'
+# sums; phase two writes the weights with their array's factor. Each
+# optimizer of this kind has one line in each of the four functions below.
+
+cdef inline bint _two_phase(Op* op) noexcept nogil:
+    return Op is LambOp
+
+
+cdef enum:
+    SUM_LANES = 64    # phase one's float64 accumulators per sum
+
+
+cdef inline void _span_sums(Op* op, const floating* p, const storage* g, floating* s0,
+                            floating* s1, floating* s2, Py_ssize_t n, const floating* c,
+                            floating gs, int flags, double* sums) noexcept nogil:
+    # Accumulator i of 64 adds the squares of elements i, i + 64, ... in the
+    # elementwise loop itself (it vectorises as the one-pass updates do), and
+    # the 64 are added in order at the end. A single running sum would keep
+    # the loop scalar: gcc reorders no float sum without -ffast-math. The
+    # Numba kernels sum in the same order.
+    cdef Py_ssize_t lo = 0, i
+    cdef floating x = 0, y = 0
+    cdef double a[SUM_LANES]
+    cdef double b[SUM_LANES]
+    cdef double sa = 0, sb = 0
+    for i in range(SUM_LANES):
+        a[i] = 0
+        b[i] = 0
+    while lo < n:
+        for i in range(min(<Py_ssize_t>SUM_LANES, n - lo)):
+            if Op is LambOp:        # sums of p^2 and r^2
+                x = p[lo + i]
+                _lamb_moments(x, _load(g, lo + i, gs) * gs, &s0[lo + i], &s1[lo + i], c,
+                              flags, &y)
+            a[i] += <double>x * <double>x
+            b[i] += <double>y * <double>y
+        lo += SUM_LANES
+    for i in range(SUM_LANES):
+        sa += a[i]
+        sb += b[i]
+    sums[0] = sa
+    sums[1] = sb
+
+
+cdef inline double _array_factor(Op* op, double a, double b,
+                                 const floating* c) noexcept nogil:
+    if Op is LambOp:
+        return _lamb_step_size(<double>c[0], a, b)
+    else:
+        return 1
+
+
+cdef inline void _span_finish(Op* op, floating* p, storage* out, floating* s0, floating* s1,
+                              floating* s2, Py_ssize_t n, const floating* c, floating f,
+                              int flags) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating pi
+    for i in range(n):
+        pi = p[i]
+        if Op is LambOp:
+            pi = pi - f * _lamb_dir(pi, s0[i], s1[i], c, flags)
+        p[i] = pi
+        _store(out, i, pi)
+
+
 # A step's work, whatever the layout, is a table over the arrays
 # (fastopt/backends/tables.py builds it once per param group): for array k
 # its weight, 16-bit output and gradient addresses, its size and its offset
@@ -435,6 +542,10 @@ cdef struct Table:
     const i64* phi      # piece -> past its last element
     const i64* tasks    # task t = pieces tasks[t] .. tasks[t + 1]
     Py_ssize_t ntasks
+    const i64* pfirst   # array k = pieces pfirst[k] .. pfirst[k + 1]
+    Py_ssize_t narrays
+    double* psum        # two-phase updates: two sums per piece,
+    double* factor      # and one factor per array
 
 
 cdef inline double _task_sumsq(const Table* tb, Py_ssize_t t, storage* like) noexcept nogil:
@@ -461,6 +572,47 @@ cdef inline void _task_update(Op* op, const Table* tb, Py_ssize_t t, storage* li
                          st0 + o, st1 + o, st2 + o, tb.phi[j] - lo, c, gs, flags)
 
 
+cdef inline void _task_sums(Op* op, const Table* tb, Py_ssize_t t, storage* like,
+                            floating* st0, floating* st1, floating* st2,
+                            const floating* c, floating gs, int flags) noexcept nogil:
+    # phase one: piece j's two sums in psum[2j], psum[2j + 1]
+    cdef Py_ssize_t j, k, lo, o
+    for j in range(tb.tasks[t], tb.tasks[t + 1]):
+        k = tb.pk[j]
+        lo = tb.plo[j]
+        o = tb.soff[k] + lo
+        _span_sums(op, <const floating*><size_t>tb.waddr[k] + lo,
+                   <const storage*><size_t>tb.gaddr[k] + lo, st0 + o, st1 + o, st2 + o,
+                   tb.phi[j] - lo, c, gs, flags, tb.psum + 2 * j)
+
+
+cdef inline void _array_factors(Op* op, const Table* tb, Py_ssize_t k,
+                                const floating* c) noexcept nogil:
+    # array k's factor from its pieces' sums, added in piece order (whichever
+    # thread ran each piece)
+    cdef Py_ssize_t j
+    cdef double a = 0, b = 0
+    for j in range(tb.pfirst[k], tb.pfirst[k + 1]):
+        a += tb.psum[2 * j]
+        b += tb.psum[2 * j + 1]
+    tb.factor[k] = _array_factor(op, a, b, c)
+
+
+cdef inline void _task_finish(Op* op, const Table* tb, Py_ssize_t t, storage* like,
+                              floating* st0, floating* st1, floating* st2,
+                              const floating* c, int flags) noexcept nogil:
+    # phase two: each piece with its array's factor
+    cdef Py_ssize_t j, k, lo, o
+    cdef storage* out
+    for j in range(tb.tasks[t], tb.tasks[t + 1]):
+        k = tb.pk[j]
+        lo = tb.plo[j]
+        o = tb.soff[k] + lo
+        out = NULL if tb.oaddr == NULL else <storage*><size_t>tb.oaddr[k] + lo
+        _span_finish(op, <floating*><size_t>tb.waddr[k] + lo, out, st0 + o, st1 + o, st2 + o,
+                     tb.phi[j] - lo, c, <floating>tb.factor[k], flags)
+
+
 cdef inline double _combine(const double* partial, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t t
     cdef double total = 0
@@ -484,10 +636,12 @@ cdef double _run(Op* op, const Table* tb, storage* like, floating* st0, floating
     """One step over a table: (optionally) the norm pass, then the update.
 
     ``norm_mode``: 0 none; 1 compute the norm (clip with ``max_norm`` > 0);
-    2 as 1 and skip the update when the norm is not finite. Both passes run
-    in one parallel region, separated by a barrier: every thread
+    2 as 1 and skip the update when the norm is not finite. All passes run
+    in one parallel region, separated by barriers: every thread
     then adds the partials itself (the same numbers, the same order), so no
-    thread waits for a second wake-up. Returns the unscaled global norm.
+    thread waits for a second wake-up. A two-phase update (``_two_phase``)
+    is three passes: phase one per task, the per-array factors, phase two
+    per task. Returns the unscaled global norm.
     """
     cdef floating c[16]
     cdef Py_ssize_t t, i
@@ -507,8 +661,16 @@ cdef double _run(Op* op, const Table* tb, storage* like, floating* st0, floating
             norm, coef, skip = _decide(partial, tb.ntasks, max_norm, inv_scale, norm_mode)
         if not skip:
             gs = <floating>(gscale * coef)
-            for t in range(tb.ntasks):
-                _task_update(op, tb, t, like, st0, st1, st2, c, gs, flags)
+            if _two_phase(op):
+                for t in range(tb.ntasks):
+                    _task_sums(op, tb, t, like, st0, st1, st2, c, gs, flags)
+                for t in range(tb.narrays):
+                    _array_factors(op, tb, t, c)
+                for t in range(tb.ntasks):
+                    _task_finish(op, tb, t, like, st0, st1, st2, c, flags)
+            else:
+                for t in range(tb.ntasks):
+                    _task_update(op, tb, t, like, st0, st1, st2, c, gs, flags)
     else:
         with parallel(num_threads=_num_threads):
             if norm_mode:
@@ -520,9 +682,22 @@ cdef double _run(Op* op, const Table* tb, storage* like, floating* st0, floating
             else:
                 norm, coef, skip = 0, 1, 0
             gs = <floating>(gscale * coef)
-            for t in prange(tb.ntasks, schedule="static"):
-                if not skip:
-                    _task_update(op, tb, t, like, st0, st1, st2, c, gs, flags)
+            if _two_phase(op):     # the same branch in every thread
+                for t in prange(tb.ntasks, schedule="static"):
+                    if not skip:
+                        _task_sums(op, tb, t, like, st0, st1, st2, c, gs, flags)
+                fastopt_barrier()      # every piece's sums before any array's factor
+                for t in prange(tb.narrays, schedule="static"):
+                    if not skip:
+                        _array_factors(op, tb, t, c)
+                fastopt_barrier()      # every factor before phase two
+                for t in prange(tb.ntasks, schedule="static"):
+                    if not skip:
+                        _task_finish(op, tb, t, like, st0, st1, st2, c, flags)
+            else:
+                for t in prange(tb.ntasks, schedule="static"):
+                    if not skip:
+                        _task_update(op, tb, t, like, st0, st1, st2, c, gs, flags)
         if norm_mode:   # the region's copies were private: decide again here
             norm, coef, skip = _decide(partial, tb.ntasks, max_norm, inv_scale, norm_mode)
     skipped[0] = skip
@@ -553,6 +728,7 @@ cdef double _dispatch(int op, int compute, int store, const Table* tb, i64 st0, 
     cdef AdamaxOp* adamax = NULL
     cdef NadamOp* nadam = NULL
     cdef RadamOp* radam = NULL
+    cdef LambOp* lamb = NULL
     if op == OP_ADAM:
         return _dispatch_types(adam, compute, store, tb, st0, st1, st2, scal, nscal, flags,
                                gscale, max_norm, inv_scale, norm_mode, partial, serial,
@@ -579,6 +755,10 @@ cdef double _dispatch(int op, int compute, int store, const Table* tb, i64 st0, 
                                skipped)
     if op == OP_RADAM:
         return _dispatch_types(radam, compute, store, tb, st0, st1, st2, scal, nscal, flags,
+                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
+                               skipped)
+    if op == OP_LAMB:
+        return _dispatch_types(lamb, compute, store, tb, st0, st1, st2, scal, nscal, flags,
                                gscale, max_norm, inv_scale, norm_mode, partial, serial,
                                skipped)
     return _dispatch_types(sgd, compute, store, tb, st0, st1, st2, scal, nscal, flags,
@@ -618,7 +798,7 @@ cdef inline double _dispatch_types(Op* op, int compute, int store, const Table* 
 # table's life, so a step passes one address instead of a dozen arguments.
 cdef enum:
     H_WADDR, H_OADDR, H_GADDR, H_SOFF, H_PK, H_PLO, H_PHI, H_TASKS, H_NTASKS, \
-        H_NELEM, H_PARTIAL, H_COMPUTE, H_STORE
+        H_NELEM, H_PARTIAL, H_COMPUTE, H_STORE, H_PFIRST, H_NARRAYS, H_PSUM, H_FACTOR
 
 
 def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
@@ -652,6 +832,10 @@ def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
     tb.phi = <const i64*><size_t>h[H_PHI]
     tb.tasks = <const i64*><size_t>h[H_TASKS]
     tb.ntasks = h[H_NTASKS]
+    tb.pfirst = <const i64*><size_t>h[H_PFIRST]
+    tb.narrays = h[H_NARRAYS]
+    tb.psum = <double*><size_t>h[H_PSUM]
+    tb.factor = <double*><size_t>h[H_FACTOR]
     with nogil:
         norm = _dispatch(op, <int>h[H_COMPUTE], <int>h[H_STORE], &tb, st0, st1, st2, sc,
                          <int>nscal, flags, gscale, max_norm, inv_scale, norm_mode,
