@@ -54,7 +54,7 @@ def test_optimizer_zoo_every_optimizer_runs_and_the_facts_hold(tmp_path):
     f = _run("optimizer-zoo", tmp_path)
     names = set(optimizers())
     assert {"SGD", "SGD momentum", "Nesterov", "Adam", "AdamW", "RMSprop", "Adagrad",
-            "Adamax", "NAdam", "RAdam", "Lion", "SAM", "L-BFGS"} <= names
+            "Adamax", "NAdam", "RAdam", "Lion", "LAMB", "SAM", "L-BFGS"} <= names
     bowl, ros = f["problems"]["bowl"], f["problems"]["rosenbrock"]
     for problem in (bowl, ros):
         assert set(problem["optimizers"]) == names
@@ -78,6 +78,8 @@ def test_optimizer_zoo_every_optimizer_runs_and_the_facts_hold(tmp_path):
     assert steps["Adam"] < 2000
     assert steps["SAM"] is None and ros["optimizers"]["SAM"]["final_loss"] > 1e-2
     assert bowl["optimizers"]["SAM"]["steps_to_tol"] < 200
+    # LAMB's steps are lr ||p|| long: they shrink at the bowl's minimum (0, 0), not at (1, 1)
+    assert bowl["optimizers"]["LAMB"]["steps_to_tol"] < 100 and steps["LAMB"] is None
     # L-BFGS, one gradient per step, is first on both
     for problem in (bowl, ros):
         rows = problem["optimizers"]

@@ -34,7 +34,10 @@ steps, Nesterov ~600, Adam ~1500, AdamW, Adamax, Adagrad, Lion and RMSprop
 in 2700-4300; plain SGD (its stable ``lr`` is set by the valley's steep
 walls, so it crawls along the floor), NAdam and RAdam (whose first steps
 are un-normalised momentum steps, so a large ``lr`` diverges on the walls)
-do not within 5000, and neither does SAM: it takes its gradient ``rho``
+do not within 5000. Neither does LAMB: its trust ratio makes every step
+``lr * ||p||`` long, which shrinks near the bowl's minimum at the origin
+but not near (1, 1), where it keeps taking steps of ``lr * sqrt(2)``
+across the narrow valley. Nor does SAM: it takes its gradient ``rho``
 uphill, and across a valley of curvature 1000 that gradient is ~``1000
 rho = 50`` even at the minimum, so it cannot rest on the floor (its loss
 hovers near 0.1 at its best ``lr``). On the bowl, curvature 20 at most,
@@ -89,6 +92,7 @@ def optimizers():
         "NAdam": lambda ps, lr: fastopt.NAdam(ps, lr=lr),
         "RAdam": lambda ps, lr: fastopt.RAdam(ps, lr=lr),
         "Lion": lambda ps, lr: fastopt.Lion(ps, lr=lr),
+        "LAMB": lambda ps, lr: fastopt.LAMB(ps, lr=lr),
         # SAM around SGD with momentum, as in Foret et al.'s experiments; rho its default
         "SAM": lambda ps, lr: fastopt.SAM(fastopt.SGD(ps, lr=lr, momentum=0.9)),
         # one iteration (one gradient) per step() like the rest, no line search
@@ -100,10 +104,10 @@ def optimizers():
 LRS = {
     "bowl": {"SGD": 3e-2, "SGD momentum": 3e-3, "Nesterov": 3e-2, "Adam": 1.0, "AdamW": 1.0,
              "RMSprop": 1e-2, "Adagrad": 1.0, "Adamax": 1.0, "NAdam": 1e-1, "RAdam": 3e-1,
-             "Lion": 1e-2, "SAM": 3e-3, "L-BFGS": 1.0},
+             "Lion": 1e-2, "LAMB": 3e-1, "SAM": 3e-3, "L-BFGS": 1.0},
     "rosenbrock": {"SGD": 1e-3, "SGD momentum": 3e-3, "Nesterov": 1e-3, "Adam": 3e-2,
                    "AdamW": 3e-2, "RMSprop": 1e-3, "Adagrad": 1.0, "Adamax": 3e-2,
-                   "NAdam": 3e-3, "RAdam": 3e-3, "Lion": 1e-3, "SAM": 1e-4,
+                   "NAdam": 3e-3, "RAdam": 3e-3, "Lion": 1e-3, "LAMB": 1e-2, "SAM": 1e-4,
                    "L-BFGS": 1.0},
 }
 
