@@ -34,7 +34,7 @@ class Ratios(common._RatioTracks):
     """Same-run ratios of every case, for each fastopt backend: all
     implementations of a case timed interleaved in one process, once per
     asv run (``setup_cache``). ``track_speedup_vs_torch_best`` is n/a for an
-    optimizer torch lacks (Lion): read ``track_speedup_vs_numpy`` there."""
+    optimizer torch lacks (Lion, LAMB): read ``track_speedup_vs_numpy`` there."""
 
     params = (list(CASES), common.FASTOPT_BACKENDS)
     param_names = ["case", "backend"]

@@ -56,8 +56,9 @@ def _one_pass(state):
 
 
 #: Every optimizer the benchmarks know, by kind. The hyperparameters are
-#: torch's defaults except where a benchmark needs the common setting
-#: (AdamW's and Lion's weight decay, SGD's Nesterov momentum).
+#: torch's defaults (LAMB: fastopt's) except where a benchmark needs the
+#: common setting (AdamW's, Lion's and LAMB's weight decay, SGD's Nesterov
+#: momentum).
 KIND = {
     "adamw": Kind("adamw", "AdamW", dict(lr=1e-3, weight_decay=1e-2),
                   bench_numpy.adamw, _one_pass(2)),
@@ -72,6 +73,10 @@ KIND = {
     "radam": Kind("radam", "RAdam", dict(lr=1e-3), bench_numpy.radam, _one_pass(2)),
     "lion": Kind("lion", "Lion", dict(lr=1e-4, weight_decay=1e-2), bench_numpy.lion,
                  _one_pass(1), in_torch=False),
+    # two passes: the moments (and each array's ||p||^2, ||r||^2), then the
+    # weights, recomputing r from p, m, v
+    "lamb": Kind("lamb", "LAMB", dict(lr=1e-3, weight_decay=1e-2), bench_numpy.lamb,
+                 ((4, 2), (3, 1)), in_torch=False),
 }
 KINDS = tuple(KIND)
 #: the optimizers beyond the original two (AdamW, SGD), each measured on

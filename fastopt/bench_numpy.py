@@ -113,3 +113,16 @@ def lion(p, g, state, t, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
     p *= 1 - lr * weight_decay
     p -= lr * np.sign(b1 * m + (1 - b1) * g)
     m[:] = b2 * m + (1 - b2) * g
+
+
+def lamb(p, g, state, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+    """Adam's direction plus decoupled decay, scaled per array by the trust
+    ratio ||p|| / ||r|| (1 where either norm is 0)."""
+    b1, b2 = betas
+    m, v = _zeros(state, p, "m", "v")
+    m[:] = b1 * m + (1 - b1) * g
+    v[:] = b2 * v + (1 - b2) * g * g
+    r = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps) + weight_decay * p
+    p_norm, r_norm = np.linalg.norm(p), np.linalg.norm(r)
+    trust = p_norm / r_norm if p_norm > 0 and r_norm > 0 else 1.0
+    p -= lr * trust * r

@@ -57,6 +57,18 @@ def test_bytes_per_element_count_the_optimizers_state(kind):
     assert bench.step_bytes(kind, 10, "float32") == (3 + 2 * buffers) * 40
 
 
+def test_lamb_bytes_are_its_two_passes():
+    """LAMB needs each array's norms before it can write the weights: pass
+    one reads p, g, m, v and writes m, v; pass two reads p, m, v and writes p
+    (40 B per float32 element), and the roofline streams both passes."""
+    assert bench.KIND["lamb"].passes == ((4, 2), (3, 1))
+    assert bench.step_bytes("lamb", 10, "float32") == 10 * 40
+    p = np.ones(8, np.float32)
+    opt = fastopt.LAMB([p], backend="numpy", **bench.HYPERS["lamb"])
+    opt.step([np.ones(8, np.float32)])
+    assert sorted(opt.state[0]["flat"]) == ["exp_avg", "exp_avg_sq"]
+
+
 def _torch_path_exists(kind, impl):
     spec = bench.KIND[kind]
     if not spec.in_torch:
@@ -72,7 +84,7 @@ def _torch_path_exists(kind, impl):
 def test_make_step_runs_or_says_why_not(impl, kind, clip):
     fn, note = bench.make_step(impl, kind, SHAPES, "float32", clip)
     if impl in bench.TORCH_PATHS and not _torch_path_exists(kind, impl):
-        # torch has no fused RMSprop, Adamax, NAdam, RAdam, and no Lion at all
+        # torch has no fused RMSprop, Adamax, NAdam, RAdam, and no Lion or LAMB
         assert fn is None
         optimizer = bench.KIND[kind].optimizer
         assert note == (f"torch.optim.{optimizer} has no {impl[6:]} path"
