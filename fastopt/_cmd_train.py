@@ -291,14 +291,19 @@ def _run(args, comm):
     if args.threads is not None:
         fastopt.set_num_threads(args.threads)
     steps = args.epochs * -(-Xtr.shape[0] // args.batch_size)
+    parallel = None
+    if comm is not None:
+        from fastopt.distributed.training import DataParallelTraining
+        parallel = DataParallelTraining(comm, shard_state=args.shard_state,
+                                        overlap=args.overlap)
     try:
         model = Ensemble(k, sizes, args.activation, seed=args.seed, dtype=args.dtype,
                          backend="cuda" if args.device == "cuda" else args.backend)
         opt = make_optimizer(model, args.optimizer, args.lr, lrs=lrs, schedule=args.schedule,
                              total_steps=steps, warmup_steps=args.warmup_steps,
                              weight_decay=args.weight_decay, momentum=args.momentum,
-                             max_grad_norm=args.max_grad_norm, comm=comm,
-                             shard_state=args.shard_state, sam=args.sam)
+                             max_grad_norm=args.max_grad_norm, parallel=parallel,
+                             sam=args.sam)
     except (TypeError, ValueError) as exc:
         print(f"fastopt train: {exc}", file=sys.stderr)
         return 2
@@ -345,8 +350,7 @@ def _run(args, comm):
         try:
             history = fit(model, opt, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
                           seed=args.seed, X_val=Xte, y_val=yte, target=args.target,
-                          on_batch=on_batch, on_epoch=on_epoch, comm=comm,
-                          overlap=args.overlap)
+                          on_batch=on_batch, on_epoch=on_epoch, parallel=parallel)
         except (_Stopped, KeyboardInterrupt):
             if comm is not None:
                 raise

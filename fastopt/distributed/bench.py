@@ -101,6 +101,8 @@ def bench_mlp(comm, epochs, bucket_elems=None):
     from fastopt.nn import MLP
     from fastopt.nn.training import fit, make_optimizer
 
+    from .training import DataParallelTraining
+
     N = comm.Get_size()
     X, y, Xv, yv = mnist_split()
     cases = [("1 process" if N == 1 else "replicated state, allreduce after backward",
@@ -111,20 +113,21 @@ def bench_mlp(comm, epochs, bucket_elems=None):
     runs = []
     for name, shard, overlap in cases:
         net = MLP((784, 256, 256, 10), seed=0)
-        on = comm if N > 1 else None     # 1 process: the plain optimizer and loop
-        opt = make_optimizer(net, "adamw", 1e-3, comm=on, shard_state=shard)
+        # 1 process: the plain optimizer and loop
+        par = (DataParallelTraining(comm, shard_state=shard, overlap=overlap) if N > 1
+               else None)
+        opt = make_optimizer(net, "adamw", 1e-3, parallel=par)
         if overlap:
             opt.bucket_elems = bucket_elems
-        fit(net, opt, X[:1024], y[:1024], epochs=1, batch_size=128, comm=on,
-            overlap=overlap)   # warm up
-        runs.append({"name": name, "net": net, "opt": opt, "comm": on, "overlap": overlap,
+        fit(net, opt, X[:1024], y[:1024], epochs=1, batch_size=128, parallel=par)  # warm up
+        runs.append({"name": name, "net": net, "opt": opt, "parallel": par, "overlap": overlap,
                      "times": []})
     for rnd in range(epochs):
         for r in runs:
             comm.Barrier()
             t0 = time.perf_counter()
             hist = fit(r["net"], r["opt"], X, y, epochs=1, batch_size=128, seed=rnd,
-                       comm=r["comm"], overlap=r["overlap"])
+                       parallel=r["parallel"])
             r["times"].append(comm.allreduce(time.perf_counter() - t0, op=_max()))
             r["loss"] = hist["epochs"][-1]["train_loss"][0]
     base = runs[0]["times"]

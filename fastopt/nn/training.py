@@ -4,6 +4,12 @@ and :mod:`fastopt.nn.bench`.
 Per epoch: a seeded shuffle, mini-batches gathered into one reused buffer
 (``np.take(..., out=)``), ``model.train_step`` per batch, then an
 evaluation on the held-out set. Training time excludes the evaluation.
+
+Data-parallel training plugs in from above: ``parallel=`` takes an object
+with ``optimizer(cls, groups, options)``, ``step_function(model, opt)``,
+``end_epoch(totals)``, ``validate(model, X_val, y_val)`` and ``world_size``
+(:class:`fastopt.distributed.training.DataParallelTraining` over MPI); this
+module never imports the distributed layer.
 """
 
 from __future__ import annotations
@@ -34,8 +40,7 @@ def full_batch_problem(opt_name, batch_size, n_train):
 
 def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule="constant",
                    total_steps=None, warmup_steps=None, weight_decay=None, momentum=0.9,
-                   max_grad_norm=None, backend="auto", comm=None, shard_state=False,
-                   sam=None):
+                   max_grad_norm=None, backend="auto", parallel=None, sam=None):
     """An optimizer over ``model.param_groups``: one group (one kernel call)
     for a single lr, or one group per model for ``lrs`` (an lr sweep).
 
@@ -44,9 +49,9 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
     :class:`fastopt.LBFGS` with the strong Wolfe line search, for one
     model trained full-batch (``lr`` is its first trial step).
 
-    With an MPI communicator ``comm`` (:mod:`fastopt.distributed`): a
-    :class:`~fastopt.distributed.DataParallel` optimizer, or with
-    ``shard_state`` a :class:`~fastopt.distributed.ShardedOptimizer`.
+    With a ``parallel`` plug-in (see the module docstring), the optimizer it
+    makes of the class and groups (over MPI: a data-parallel optimizer with
+    replicated or sharded state).
 
     ``schedule="warmup-cosine"``: :class:`fastopt.schedules.warmup_cosine`
     with each model's lr as the peak, ``warmup_steps`` (default 5% of
@@ -66,7 +71,7 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
         w = warmup_steps if warmup_steps is not None else max(1, total_steps // 20)
         peaks = [fastopt.schedules.warmup_cosine(p, min(w, total_steps - 1), total_steps)
                  for p in peaks]
-    _check_combination(name, lrs, comm, sam, weight_decay, max_grad_norm)
+    _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm)
     if name == "lbfgs":
         return fastopt.LBFGS(model.params, lr=peaks[0], line_search_fn="strong_wolfe",
                              backend=backend)
@@ -77,16 +82,13 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
         kw["momentum"] = momentum
     if weight_decay is not None:
         kw["weight_decay"] = weight_decay
-    if comm is not None:
-        from .. import distributed
-        if shard_state:
-            return distributed.ShardedOptimizer(cls, groups, comm=comm, **kw)
-        return distributed.DataParallel(cls(groups, **kw), comm=comm)
+    if parallel is not None:
+        return parallel.optimizer(cls, groups, kw)
     opt = cls(groups, **kw)
     return opt if sam is None else fastopt.SAM(opt, rho=sam)
 
 
-def _check_combination(name, lrs, comm, sam, weight_decay, max_grad_norm):
+def _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm):
     """Refuse what SAM and L-BFGS cannot do here, naming the option."""
     if sam is not None or name == "lbfgs":
         what = "--optimizer lbfgs" if name == "lbfgs" else "--sam"
@@ -94,7 +96,7 @@ def _check_combination(name, lrs, comm, sam, weight_decay, max_grad_norm):
             raise ValueError(f"{what} trains one model: its step couples every parameter "
                              "(one gradient norm, one line search), so not an --ensemble-lrs "
                              "sweep")
-        if comm is not None:
+        if parallel is not None:
             raise ValueError(f"{what} runs in one process, not under mpiexec")
     if name == "lbfgs":
         if sam is not None:
@@ -106,7 +108,7 @@ def _check_combination(name, lrs, comm, sam, weight_decay, max_grad_norm):
 
 
 def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y_val=None,
-        target=None, on_batch=None, on_epoch=None, comm=None, overlap=False):
+        target=None, on_batch=None, on_epoch=None, parallel=None):
     """Train for ``epochs``; every model sees the same shuffled batches.
 
     Returns a history dict: per epoch the mean training loss per model,
@@ -116,33 +118,27 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
     ``on_batch(epoch, i, n_batches, losses, seconds)`` and
     ``on_epoch(epoch, record)`` are progress hooks.
 
-    With an MPI communicator ``comm`` (and an optimizer from
-    :mod:`fastopt.distributed`), every rank draws the same shuffled batches
-    and computes the gradient of its contiguous slice of each one; the step
-    weights the ranks by their slice sizes, so the update is the single
-    process's on the whole batch (to float rounding). Losses and held-out
-    metrics are combined over ranks (each evaluates a slice of the held-out
-    set); times are this rank's. ``overlap=True`` (replicated optimizer
-    only: :class:`~fastopt.distributed.DataParallel`): average the layers'
-    gradients with non-blocking allreduces while the backward pass goes on
-    (:meth:`~fastopt.distributed.DataParallel.backward_hook`) instead of
-    the whole buffer after it. Same result either way; off by default
-    because it measured 2-3% slower on the 2-core VM, where MPICH moves
-    a non-blocking collective only inside MPI calls (docs/performance.md).
+    ``parallel``: a data-parallel plug-in (see the module docstring), which
+    then makes each step, combines the epoch's losses and the held-out
+    metrics, and whose optimizer ``opt`` must be (``make_optimizer(...,
+    parallel=)``).
     """
-    if comm is not None:
-        return _fit_distributed(model, opt, X, y, epochs=epochs, batch_size=batch_size,
-                                seed=seed, X_val=X_val, y_val=y_val, target=target,
-                                on_batch=on_batch, on_epoch=on_epoch, comm=comm,
-                                overlap=overlap)
-    step = _step_function(model, opt, X.shape[0], batch_size)
+    if parallel is None:
+        step = _step_function(model, opt, X.shape[0], batch_size)
 
-    def validate():
-        return Ensemble.evaluate(model, X_val, y_val)
+        def validate():
+            return Ensemble.evaluate(model, X_val, y_val)
+        end_epoch, extra = None, {}
+    else:
+        step = parallel.step_function(model, opt)
 
+        def validate():
+            return parallel.validate(model, X_val, y_val)
+        end_epoch, extra = parallel.end_epoch, {"world_size": parallel.world_size}
     return _run_epochs(model, opt, X, y, epochs=epochs, batch_size=batch_size, seed=seed,
                        target=target, on_batch=on_batch, on_epoch=on_epoch, step=step,
-                       validate=None if X_val is None else validate)
+                       end_epoch=end_epoch, validate=None if X_val is None else validate,
+                       **extra)
 
 
 def _step_function(model, opt, n_train, batch_size):
@@ -245,53 +241,3 @@ class _BatchGatherer:
         np.take(self.X, idx, axis=0, out=xb, mode="clip")
         np.take(self.y, idx, axis=0, out=yb, mode="clip")
         return xb, yb
-
-
-def _slice(n, rank, size):
-    """This rank's contiguous part of ``range(n)`` (sizes differ by at most 1)."""
-    return n * rank // size, n * (rank + 1) // size
-
-
-def _fit_distributed(model, opt, X, y, *, epochs, batch_size, seed, X_val, y_val, target,
-                     on_batch, on_epoch, comm, overlap):
-    from mpi4py import MPI
-
-    hooked = overlap and hasattr(opt, "backward_hook")   # DataParallel, not sharded
-    rank, size = comm.Get_rank(), comm.Get_size()
-
-    def step(gather, idx):
-        lo, hi = _slice(idx.size, rank, size)
-        b = hi - lo
-        error, losses = None, np.zeros(model.k)
-        weight = b / idx.size
-        # every rank starts the overlapped reduction, samples or not: the
-        # step posts whatever buckets the backward pass did not
-        hook = opt.backward_hook(model.grads, weight=weight) if hooked else None
-        try:
-            if b:
-                losses = model.loss_and_grad(*gather(idx[lo:hi]), on_grads_ready=hook)
-            else:   # fewer samples than ranks: this rank adds nothing
-                model.grads.data[...] = 0
-        except Exception as exc:   # noqa: BLE001 - every rank raises it in the step
-            error = exc
-        opt.step(model.grads, weight=weight, error=error)
-        return losses, b
-
-    def end_epoch(total):
-        comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
-
-    def validate():
-        # each rank evaluates its slice of the held-out set; sums over ranks
-        vlo, vhi = _slice(X_val.shape[0], rank, size)
-        sums = np.zeros(2 * model.k)
-        if vhi > vlo:
-            vl, va = Ensemble.evaluate(model, X_val[vlo:vhi], y_val[vlo:vhi])
-            sums[:model.k] = np.asarray(vl) * (vhi - vlo)
-            sums[model.k:] = np.asarray(va) * (vhi - vlo)
-        comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
-        return sums[:model.k] / X_val.shape[0], sums[model.k:] / X_val.shape[0]
-
-    return _run_epochs(model, opt, X, y, epochs=epochs, batch_size=batch_size, seed=seed,
-                       target=target, on_batch=on_batch, on_epoch=on_epoch, step=step,
-                       end_epoch=end_epoch, validate=None if X_val is None else validate,
-                       world_size=size)

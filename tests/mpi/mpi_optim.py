@@ -282,6 +282,7 @@ def test_mismatched_checkpoint_changes_nothing():
 
 def test_fit_matches_single_process():
     from fastopt.nn import MLP
+    from fastopt.distributed.training import DataParallelTraining
     from fastopt.nn.training import fit, make_optimizer
 
     rng = np.random.default_rng(0)
@@ -290,10 +291,10 @@ def test_fit_matches_single_process():
     results = []
     for comm, shard in ((None, False), (COMM, False), (COMM, True)):
         net = MLP((12, 16, 4), seed=1, dtype="float64", backend="numpy")
-        opt = make_optimizer(net, "adamw", 1e-2, max_grad_norm=1.0, comm=comm,
-                             shard_state=shard)
+        par = None if comm is None else DataParallelTraining(comm, shard_state=shard)
+        opt = make_optimizer(net, "adamw", 1e-2, max_grad_norm=1.0, parallel=par)
         hist = fit(net, opt, X, y, epochs=2, batch_size=32, seed=3, X_val=X[:50],
-                   y_val=y[:50], comm=comm)
+                   y_val=y[:50], parallel=par)
         results.append((net.params.data.copy(), hist))
     for params, hist in results[1:]:
         np.testing.assert_allclose(params, results[0][0], rtol=1e-10, atol=1e-12)
@@ -304,6 +305,7 @@ def test_fit_matches_single_process():
 
 def test_fit_bad_input_on_one_rank_raises_everywhere():
     from fastopt.nn import MLP
+    from fastopt.distributed.training import DataParallelTraining
     from fastopt.nn.training import fit, make_optimizer
 
     X = np.ones((40, 6))
@@ -311,10 +313,11 @@ def test_fit_bad_input_on_one_rank_raises_everywhere():
         X[:] = np.nan             # only this rank's data is bad
     y = np.zeros(40, dtype=np.int64)
     net = MLP((6, 8, 3), seed=1, dtype="float64", backend="numpy")
-    opt = make_optimizer(net, "adamw", 1e-2, comm=COMM, shard_state=True)
+    par = DataParallelTraining(COMM, shard_state=True)
+    opt = make_optimizer(net, "adamw", 1e-2, parallel=par)
     before = net.params.data.copy()
     with pytest.raises(dist.DistributedError, match=f"rank {N - 1}: ValueError"):
-        fit(net, opt, X, y, epochs=1, batch_size=8, comm=COMM)
+        fit(net, opt, X, y, epochs=1, batch_size=8, parallel=par)
     np.testing.assert_array_equal(net.params.data, before)
 
 

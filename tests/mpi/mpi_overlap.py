@@ -19,6 +19,7 @@ import fastopt
 from fastopt import distributed as dist
 from fastopt.distributed.optim import OVERLAP_BUCKET_ELEMS
 from fastopt.nn import MLP
+from fastopt.distributed.training import DataParallelTraining
 from fastopt.nn.training import fit, make_optimizer
 
 MPI = pytest.importorskip("mpi4py.MPI")
@@ -278,10 +279,11 @@ def _fit_runs(X, y, batch_size, configs, **kw):
     out = []
     for comm, shard, overlap in configs:
         net = MLP((X.shape[1], 16, 4), seed=1, dtype="float64", backend="numpy")
-        opt = make_optimizer(net, "adamw", 1e-2, max_grad_norm=1.0, comm=comm,
-                             shard_state=shard)
-        hist = fit(net, opt, X, y, epochs=2, batch_size=batch_size, seed=3, comm=comm,
-                   overlap=overlap, **kw)
+        par = (None if comm is None else
+               DataParallelTraining(comm, shard_state=shard, overlap=overlap))
+        opt = make_optimizer(net, "adamw", 1e-2, max_grad_norm=1.0, parallel=par)
+        hist = fit(net, opt, X, y, epochs=2, batch_size=batch_size, seed=3, parallel=par,
+                   **kw)
         out.append((net.params.data.copy(), hist))
     return out
 
@@ -311,11 +313,12 @@ def test_fit_bad_input_on_one_rank_raises_everywhere():
         X[:] = np.nan
     y = np.zeros(40, dtype=np.int64)
     net = MLP((6, 8, 3), seed=1, dtype="float64", backend="numpy")
-    opt = make_optimizer(net, "adamw", 1e-2, comm=COMM)
+    par = DataParallelTraining(COMM, overlap=True)
+    opt = make_optimizer(net, "adamw", 1e-2, parallel=par)
     opt.bucket_elems = 1
     before = net.params.data.copy()
     with pytest.raises(dist.DistributedError, match=f"rank {N - 1}: ValueError"):
-        fit(net, opt, X, y, epochs=1, batch_size=8, comm=COMM, overlap=True)
+        fit(net, opt, X, y, epochs=1, batch_size=8, parallel=par)
     np.testing.assert_array_equal(net.params.data, before)
     assert opt._round is None
 
@@ -334,8 +337,9 @@ def test_ensemble_ranges_out_of_buffer_order(order):
     for overlap in (False, True):
         ens = Ensemble(3, (7, 16, 4), seed=1, dtype="float64", backend="numpy")
         ens.order = order
-        opt = make_optimizer(ens, "adamw", 1e-2, lrs=[1e-2, 3e-3, 1e-3], comm=COMM)
+        par = DataParallelTraining(COMM, overlap=overlap)
+        opt = make_optimizer(ens, "adamw", 1e-2, lrs=[1e-2, 3e-3, 1e-3], parallel=par)
         opt.bucket_elems = 1
-        fit(ens, opt, X, y, epochs=1, batch_size=16, seed=3, comm=COMM, overlap=overlap)
+        fit(ens, opt, X, y, epochs=1, batch_size=16, seed=3, parallel=par)
         params.append(ens.params.data.copy())
     assert_same_sum(params[1], params[0])
