@@ -285,7 +285,7 @@ def _run(args, comm):
     if args.lr is None:
         args.lr = 1.0 if args.optimizer == "lbfgs" else 1e-3
     sizes = (Xtr.shape[1], *args.hidden, 10)
-    # One level of parallelism at a time (see fastopt/nn/model.py): BLAS
+    # One level of parallelism at a time (see fastopt/nn/layers.py): BLAS
     # threads inside one model's matmuls, fastopt's threads for the optimizer
     # kernels and for splitting an ensemble's models; --threads caps both.
     if args.threads is not None:

@@ -103,7 +103,7 @@ def test_softmax_cross_entropy_is_stable_for_huge_logits():
     Z = np.array([[[1000.0, 0.0, -1000.0], [-1e4, 1e4, 0.0]]])
     y = np.array([[0, 0]])
     for backend in NN_BACKENDS:
-        mod = fastopt.nn.model.get_backend(backend)
+        mod = fastopt.nn.backends.get_backend(backend)
         D = np.empty_like(Z)
         gb = np.empty((1, 5))[:, :3]   # strided like the model's bias-gradient views
         losses = np.empty(1)

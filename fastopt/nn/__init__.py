@@ -27,7 +27,9 @@ agree with the dense matmuls to rounding (see ``Ensemble.sparse_input``).
 """
 
 from .activations import ACTIVATIONS, LOSSES, parse_layers
-from .model import MLP, Ensemble, available_backends
+from .backends import available_backends
+from .ensemble import Ensemble
+from .mlp import MLP
 
 __all__ = ["MLP", "Ensemble", "ACTIVATIONS", "LOSSES", "parse_layers",
            "available_backends"]

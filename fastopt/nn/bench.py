@@ -43,7 +43,9 @@ import numpy as np
 import fastopt
 
 from ..bench import time_all, torch_or_none
-from .model import MLP, Ensemble, available_backends
+from .backends import available_backends
+from .ensemble import Ensemble
+from .mlp import MLP
 
 
 def _blas_info():

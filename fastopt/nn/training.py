@@ -20,7 +20,7 @@ import numpy as np
 
 import fastopt
 
-from .model import Ensemble
+from .ensemble import Ensemble
 
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "rmsprop": "RMSprop",
               "adagrad": "Adagrad", "adamax": "Adamax", "nadam": "NAdam", "radam": "RAdam",

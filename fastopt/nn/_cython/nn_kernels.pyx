@@ -9,7 +9,7 @@ between models is arbitrary (a stride-0 broadcast for a shared
 batch, ``P`` elements for views into the flat parameter buffer). Row-major
 ``C = A @ B`` is column-major ``C^T = B^T A^T``, so every call below swaps
 its operands. Every shape and stride is checked in Python
-(``fastopt.nn.model``) before these run.
+(``fastopt.nn.inputs`` and ``fastopt.nn.layers``) before these run.
 
 The activation is a runtime id (see ``fastopt.nn.activations``) of one
 kernel; transcendentals are evaluated in double and stored in the array
