@@ -426,8 +426,8 @@ def test_cuda_backend_without_a_gpu_refuses_in_one_line():
 
 @not_simulated
 def test_info_names_what_runs_the_products(monkeypatch, capsys):
-    from fastopt import _cmd_info
-    _cmd_info.run(types.SimpleNamespace())
+    from fastopt.cli import info
+    info.run(types.SimpleNamespace())
     lines = [ln for ln in capsys.readouterr().out.splitlines()
              if ln.startswith("nn matmul on CUDA: ")]
     assert len(lines) == 1

@@ -27,14 +27,14 @@ def add_arguments(parser):
 def run(args):
     import sys
 
-    from .schedules import parse_schedule, settles_at
+    from ..schedules import parse_schedule, settles_at
 
     try:
         scheds = [parse_schedule(t) for t in args.schedules]
     except ValueError as exc:
         print(f"fastopt plot-schedule: {exc}", file=sys.stderr)
         return 2
-    from ._plotting import agg_pyplot
+    from .._plotting import agg_pyplot
     plt = agg_pyplot()
     if plt is None:
         print("fastopt plot-schedule needs matplotlib: pip install matplotlib "

@@ -36,7 +36,7 @@ def add_arguments(parser):
 def _optimizers(text):
     import argparse
 
-    from . import bench
+    from .. import bench
     try:
         return bench.parse_optimizers(text)
     except ValueError as e:
@@ -63,8 +63,8 @@ class ProgressBar:
 
 
 def run(args):
-    from . import bench
-    from .cli import EXIT_INTERRUPTED, output_dir_problem
+    from .. import bench
+    from .common import EXIT_INTERRUPTED, output_dir_problem
 
     # before minutes of measuring, not after them
     problem = output_dir_problem(args.out, ("bench.json", "bench.png"))

@@ -27,7 +27,7 @@ mpiexec, Ctrl-C aborts the job as before.
 
 from __future__ import annotations
 
-from .cli import positive_int
+from .common import positive_int
 
 HELP = "train an MLP (or a batched lr sweep) on MNIST: progress, held-out accuracy, curves"
 
@@ -73,7 +73,7 @@ def add_arguments(parser):
                         help="hidden widths, e.g. 256,256 (default)")
     parser.add_argument("--activation", default="relu",
                         choices=["relu", "leaky_relu", "tanh", "sigmoid", "gelu"])
-    from .nn.training import OPTIMIZERS   # numpy and fastopt only: no Numba, no torch
+    from ..nn.training import OPTIMIZERS   # numpy and fastopt only: no Numba, no torch
     parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
     parser.add_argument("--lr", type=float, default=None,
                         help="(peak) learning rate (default 1e-3; lbfgs: 1, its first trial "
@@ -148,7 +148,7 @@ class _Progress:
 
 
 def _plot(history, labels, path):
-    from ._plotting import agg_pyplot
+    from .._plotting import agg_pyplot
     plt = agg_pyplot()
     if plt is None:
         raise ImportError("matplotlib is not installed")
@@ -244,7 +244,7 @@ def _run(args, comm):
     import numpy as np
 
     import fastopt
-    from fastopt.cli import output_dir_problem
+    from .common import output_dir_problem
     from fastopt.data import mnist_split
     from fastopt.distributed import agree
     from fastopt.nn import Ensemble
@@ -435,7 +435,7 @@ def _finish_interrupted(args, history, labels, sizes, backend):
     """After Ctrl-C: the finished epochs' metrics and curves, one line, 130."""
     import sys
 
-    from .cli import EXIT_INTERRUPTED
+    from .common import EXIT_INTERRUPTED
     done = len(history["epochs"])
     if done:
         paths = _write_results(args, history, labels, sizes, backend, interrupted=True)

@@ -18,7 +18,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    from . import perfguard
+    from .. import perfguard
 
     spec = perfguard.load_floors(args.floors)
     checks = perfguard.run_checks(
