@@ -117,13 +117,13 @@ def main(argv=None):
         p16 = C.zeros(1024, np.uint16)
         small = [C.zeros(1024, f32) for _ in range(4)]
         cases = {
-            "adam_fp32": (K._adam_kernel, big_args),
-            "adam_vec_fp32": (K._adam_vec_kernel, big_args),
-            "adam_bf16_master": (K._adam_kernel, adam_args(*small[:1], p16, *small[2:],
-                                                           out=p16)),
-            "adam_vec_bf16_master": (K._adam_vec_kernel, adam_args(*small[:1], p16,
-                                                                   *small[2:], out=p16)),
-            "sgd_fp32": (K._sgd_kernel, C.sgd_args(p, g, m, sgd_scalars(
+            "adam_fp32": (K._update_kernel, big_args),
+            "adam_vec_fp32": (K._update_vec_kernel, big_args),
+            "adam_bf16_master": (K._update_kernel, adam_args(*small[:1], p16, *small[2:],
+                                                             out=p16)),
+            "adam_vec_bf16_master": (K._update_vec_kernel, adam_args(*small[:1], p16,
+                                                                     *small[2:], out=p16)),
+            "sgd_fp32": (K._update_kernel, C.sgd_args(p, g, m, sgd_scalars(
                 lr=0.1, momentum=0.1, dampening=0.9, nesterov=True, weight_decay=0.0,
                 first_step=False))),
             "sumsq_fp32": (K._sumsq_partial_kernel,
@@ -160,13 +160,13 @@ def main(argv=None):
         del src, dst
         grids = {f"{k}_per_sm": k * sms for k in (1, 2, 3, 4, 6, 8, 12, 16, 32)}
         grids["n_over_256"] = (BIG + K.THREADS - 1) // K.THREADS   # 4x the vector path's need
-        grids["fastopt_default"] = C.resident_blocks(K._adam_vec_kernel, "probe", big_args)
+        grids["fastopt_default"] = C.resident_blocks(K._update_vec_kernel, "probe", big_args)
         for name, nb in grids.items():
-            t = event_seconds(cuda, lambda: K._adam_vec_kernel[nb, K.THREADS](*big_args),
+            t = event_seconds(cuda, lambda: K._update_vec_kernel[nb, K.THREADS](*big_args),
                               inner=10)
             out[f"adam_vec_{name}"] = {"blocks": nb, "seconds": t, "gbps": nbytes / t / 1e9}
-        nb = C.resident_blocks(K._adam_kernel, "probe", big_args)
-        t = event_seconds(cuda, lambda: K._adam_kernel[nb, K.THREADS](*big_args), inner=10)
+        nb = C.resident_blocks(K._update_kernel, "probe", big_args)
+        t = event_seconds(cuda, lambda: K._update_kernel[nb, K.THREADS](*big_args), inner=10)
         out["adam_scalar_kernel"] = {"blocks": nb, "seconds": t, "gbps": nbytes / t / 1e9}
         opt = fastopt.AdamW(p, lr=1e-3, weight_decay=1e-2)
         t = event_seconds(cuda, lambda: opt.step(g), inner=10)
@@ -197,17 +197,17 @@ def main(argv=None):
         pm, gm = params.data, grads.data
         mm, vm = C.zeros(n, f32), C.zeros(n, f32)
         a = adam_args(pm, gm, mm, vm)
-        nb = C.resident_blocks(K._adam_kernel, "probe", a)
-        out["adam_1M_device"] = event_seconds(cuda, lambda: K._adam_kernel[nb, K.THREADS](*a),
+        nb = C.resident_blocks(K._update_kernel, "probe", a)
+        out["adam_1M_device"] = event_seconds(cuda, lambda: K._update_kernel[nb, K.THREADS](*a),
                                               inner=50)
         out["adam_1M_dispatcher_launch"] = wall_seconds(
-            cuda.synchronize, lambda: K._adam_kernel[nb, K.THREADS](*a))
+            cuda.synchronize, lambda: K._update_kernel[nb, K.THREADS](*a))
         # the pieces of a backend call, each alone (host seconds per call)
         out["get_current_device"] = wall_seconds(cuda.synchronize, cuda.get_current_device)
         out["unit_control"] = wall_seconds(cuda.synchronize, lambda: C._unit_control(f32))
         out["resident_blocks_cached"] = wall_seconds(
-            cuda.synchronize, lambda: C.resident_blocks(K._adam_kernel, "probe", a))
-        out["configure"] = wall_seconds(cuda.synchronize, lambda: K._adam_kernel[nb, K.THREADS])
+            cuda.synchronize, lambda: C.resident_blocks(K._update_kernel, "probe", a))
+        out["configure"] = wall_seconds(cuda.synchronize, lambda: K._update_kernel[nb, K.THREADS])
         out["scalars"] = wall_seconds(cuda.synchronize, lambda: adam_scalars(
             lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, decoupled=True,
             step=3))

@@ -22,17 +22,23 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None,
                                 reason="numba-cuda not installed (pip install 'fastopt[cuda]')")
 
 
-def test_cuda_backend_under_the_simulator():
+def run_under_simulator(*pytest_args, timeout=300):
+    """``pytest *pytest_args`` in a subprocess with ``NUMBA_ENABLE_CUDASIM=1``
+    (it must be set before numba is imported), which must pass: ``(its
+    output, the count of each outcome of its summary line)``."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/cuda_sim", "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", *pytest_args, "-q", "-p", "no:cacheprovider",
          "-p", "no:randomly"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     last = out.strip().splitlines()[-1]
-    passed = re.search(r"(\d+) passed", last)
-    assert passed and int(passed.group(1)) >= 30, out[-2000:]
+    return out, {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", last)}
+
+
+def test_cuda_backend_under_the_simulator():
+    out, counts = run_under_simulator("tests/cuda_sim")
+    assert counts.get("passed", 0) >= 30, out[-2000:]
     # only the real-GPU torch interop test may skip under the simulator
-    skipped = re.search(r"(\d+) skipped", last)
-    assert not skipped or int(skipped.group(1)) <= 1, out[-2000:]
+    assert counts.get("skipped", 0) <= 1, out[-2000:]

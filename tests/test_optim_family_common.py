@@ -225,9 +225,30 @@ def test_one_native_call_per_group(monkeypatch, name, backend):
 
 # -- device arrays ----------------------------------------------------------------------
 
+def _outcome(make, cls):
+    """``None``, or the type and message of what ``make(cls)`` raised."""
+    try:
+        make(cls)
+    except Exception as exc:     # noqa: BLE001 - compared, not hidden
+        return type(exc), str(exc)
+    return None
+
+
 @pytest.mark.parametrize("name", list(FAMILY))
-def test_device_params_refused_up_front(name):
+def test_device_params_go_to_cuda_or_are_refused_up_front(name):
+    """An optimizer whose element function the CUDA backend dispatches to
+    takes device params as Adam does: backend "cuda" (tests/test_cuda_family.py
+    steps them under the simulator); here, without a usable GPU, it fails
+    exactly as Adam does. A host-only one (HostOnly) refuses them before
+    anything is made or kept."""
+    from fastopt.optim.rmsprop import HostOnly
     cls = getattr(fastopt, name)
+    if not issubclass(cls, HostOnly):
+        for make in (lambda c: c([FakeDeviceArray()]),
+                     lambda c: c([np.ones(4, np.float32)], backend="cuda"),
+                     lambda c: c().step([FakeDeviceArray()], params=[FakeDeviceArray()])):
+            assert _outcome(make, cls) == _outcome(make, fastopt.Adam)
+        return
     with pytest.raises(TypeError, match=f"{name} has no CUDA kernel"):
         cls([FakeDeviceArray()])
     with pytest.raises(ValueError, match="no CUDA kernel"):

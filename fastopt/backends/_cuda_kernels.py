@@ -15,7 +15,8 @@ from llvmlite import ir
 from numba.core.extending import intrinsic, overload
 
 from . import elements
-from .scalars import F_AMSGRAD, F_MOMENTUM, AdamElement, SGDElement
+from .scalars import (F_CENTERED, AdagradElement, AdamaxElement, AdamElement, LionElement,
+                      NAdamElement, RAdamElement, RMSpropElement, SGDElement)
 
 
 def _numpy_2_5_stand_in(tup):   # pragma: no cover - never called
@@ -173,12 +174,92 @@ def _store4_cuda(a, i, x0, x1, x2, x3):
     return lambda a, i, x0, x1, x2, x3: _store4_vector(a, i, x0, x1, x2, x3)
 
 
+# -- the element function, picked by the scalars' type ------------------------------------
+# The per-element math is not here: it is the functions of
+# ``fastopt.backends.elements`` (the ones the CPU Numba backend calls), with
+# the step's scalars ``c`` (an AdamElement, SGDElement, RMSpropElement, ...
+# of compute-dtype values) and option ``flags`` (scalars.F_*): both kernel
+# arguments, uniform across the grid. The update kernels below know nothing
+# of the optimizer: they hand an element and its three state slots (s0, s1,
+# s2: the buffers in the order the optimizer's ``_element_step`` names
+# them) to ``_step``, which calls the element function of ``c``'s type. A
+# slot the optimizer does not use carries its value through unchanged.
+
+def _one_state(element):
+    """``element(p, g, s, c, flags) -> (p, s)`` over the three slots."""
+    def over_slots(c, p, g, a, b, d, flags):
+        p, a = element(p, g, a, c, flags)
+        return p, a, b, d
+    over_slots.element, over_slots.states = element, 1
+    return over_slots
+
+
+def _two_states(element):
+    """``element(p, g, s, t, c, flags) -> (p, s, t)`` over the three slots."""
+    def over_slots(c, p, g, a, b, d, flags):
+        p, a, b = element(p, g, a, b, c, flags)
+        return p, a, b, d
+    over_slots.element, over_slots.states = element, 2
+    return over_slots
+
+
+def _adam_slots(c, p, g, a, b, d, flags):
+    """exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad)."""
+    return elements.adam(p, g, a, b, d, c, flags)
+
+
+def _rmsprop_slots(c, p, g, a, b, d, flags):
+    """square_avg; then grad_avg (centered) and/or momentum_buffer, so slot
+    1 is the momentum buffer when not centered."""
+    if flags & F_CENTERED:
+        return elements.rmsprop(p, g, a, b, d, c, flags)
+    p, a, d, b = elements.rmsprop(p, g, a, d, b, c, flags)
+    return p, a, b, d
+
+
+_adam_slots.element, _adam_slots.states = elements.adam, 3
+_rmsprop_slots.element, _rmsprop_slots.states = elements.rmsprop, 3
+
+#: element scalars' type -> its element function over the three slots
+OVER_SLOTS = {
+    AdamElement: _adam_slots,
+    SGDElement: _one_state(elements.sgd),
+    RMSpropElement: _rmsprop_slots,
+    AdagradElement: _one_state(elements.adagrad),
+    LionElement: _one_state(elements.lion),
+    AdamaxElement: _two_states(elements.adamax),
+    NAdamElement: _two_states(elements.nadam),
+    RAdamElement: _two_states(elements.radam),
+}
+
+
+def _step(c, p, g, a, b, d, flags):
+    """One element's update by the element function of ``c``'s type:
+    ``(p, a, b, d)`` after the step. (The simulator runs this body; the
+    CUDA target compiles the overload's pick, once per scalars type.)"""
+    return OVER_SLOTS[type(c)](c, p, g, a, b, d, flags)
+
+
+@overload(_step, target="cuda")
+def _step_cuda(c, p, g, a, b, d, flags):
+    return OVER_SLOTS.get(getattr(c, "instance_class", None))
+
+
+def _slots_used(c, nstate):
+    """``nstate``, capped by the most slots ``c``'s optimizer ever uses: a
+    constant once compiled, so the kernels for a one-buffer optimizer (SGD,
+    Lion, ...) have no code for slots 1 and 2 (42 vs 46 registers for the
+    fp32 SGD vector kernel, ptxas sm_90)."""
+    return min(nstate, OVER_SLOTS[type(c)].states)
+
+
+@overload(_slots_used, target="cuda")
+def _slots_used_cuda(c, nstate):
+    most = OVER_SLOTS[c.instance_class].states
+    return lambda c, nstate: min(nstate, most)
+
+
 # -- storing the updated params ----------------------------------------------------------
-# The per-element math is not here: every kernel calls the functions of
-# ``fastopt.backends.elements`` (``elements.adam``, ``elements.sgd``), the
-# ones the CPU Numba backend calls, with the step's scalars ``c`` (an
-# AdamElement / SGDElement of compute-dtype values) and option ``flags``
-# (scalars.F_*): both are kernel arguments, uniform across the grid.
 
 @cuda.jit(device=True)
 def _put_params4(p, out, i, x0, x1, x2, x3, mixed):
@@ -196,118 +277,83 @@ def _put_param(p, out, i, x, mixed):
         out[i] = _narrow(x, out)
 
 
-# -- the scalar loops (whole kernels, or the tail after the vector loop) -----------------
+# -- the scalar loop (whole kernel, or the tail after the vector loop) -------------------
 
 @cuda.jit(device=True)
-def _adam_elements(p, g, m, v, vmax, out, gs, begin, stride, c, flags, mixed):
-    """Adam over elements ``begin, begin + stride, ... < p.size``:
-    ``elements.adam`` in its three steps, each result stored as soon as it
-    is known and ``vmax`` read only when needed: fewer live registers than
-    one call storing at the end (38 vs 44 for fp32, ptxas sm_90), so more
-    resident blocks."""
-    amsgrad = flags & F_AMSGRAD
-    for i in range(begin, p.size, stride):
-        pi = p[i]
-        mi, vi = elements.adam_moments(pi, _widen(g[i]) * gs, m[i], v[i], c, flags)
-        m[i] = mi
-        v[i] = vi
-        if amsgrad:
-            vi = elements.amsgrad_max(vmax[i], vi)
-            vmax[i] = vi
-        _put_param(p, out, i, elements.adam_param(pi, mi, vi, c), mixed)
-
-
-@cuda.jit(device=True)
-def _sgd_elements(p, g, buf, out, gs, begin, stride, c, flags, mixed):
-    """SGD over elements ``begin, begin + stride, ... < p.size``. ``buf`` is
-    read and written only with momentum on."""
-    has_buf = flags & F_MOMENTUM
-    for i in range(begin, p.size, stride):
-        pi, bi = elements.sgd(p[i], _widen(g[i]) * gs, buf[i] if has_buf else p[i], c, flags)
-        if has_buf:
-            buf[i] = bi
-        _put_param(p, out, i, pi, mixed)
+def _update_elements(w, g, s0, s1, s2, out, gs, begin, stride, c, flags, nstate, mixed):
+    """Elements ``begin, begin + stride, ... < w.size``; the first
+    ``nstate`` slots are read and written, the others never touched."""
+    nstate = _slots_used(c, nstate)
+    for i in range(begin, w.size, stride):
+        p = w[i]
+        a = s0[i] if nstate > 0 else p
+        b = s1[i] if nstate > 1 else p
+        d = s2[i] if nstate > 2 else p
+        p, a, b, d = _step(c, p, _widen(g[i]) * gs, a, b, d, flags)
+        if nstate > 0:
+            s0[i] = a
+        if nstate > 1:
+            s1[i] = b
+        if nstate > 2:
+            s2[i] = d
+        _put_param(w, out, i, p, mixed)
 
 
 # -- kernels -------------------------------------------------------------------------
-# ``fc`` is the step's control block in the compute dtype: fc[0] multiplies
-# the gradient (clip coefficient / loss scale), fc[1] != 0 skips the step.
-# ``c`` is the element function's NamedTuple of scalars in the compute dtype,
-# ``grad_scale`` the maximize sign, ``flags`` the scalars.F_* bits, ``mixed``
-# whether ``out`` (16-bit params) is written too: see ``adam_args``.
+# ``w`` is what the step updates (the params, or their float32 master copy),
+# ``g`` the gradients as stored, ``s0..s2`` the state slots (an unused one is
+# any array of the compute dtype: ``w``), ``out`` the 16-bit params written
+# when ``mixed``. ``fc`` is the step's control block in the compute dtype:
+# fc[0] multiplies the gradient (clip coefficient / loss scale), fc[1] != 0
+# skips the step. ``c`` is the element function's NamedTuple of scalars in
+# the compute dtype, ``grad_scale`` the maximize sign, ``flags`` the
+# scalars.F_* bits, ``nstate`` how many slots are real: see ``update_args``
+# in numba_cuda.py.
 #
-# Each update comes as two kernels with the same arguments: the scalar one,
+# The update comes as two kernels with the same arguments: the scalar one,
 # and the ``_vec`` one for arrays that are all aligned for four-element
 # vectors (grid-stride over groups of four, then the scalar loop over the
 # last ``size % 4``). Two kernels, not one with a runtime flag: the vector
-# loop's registers (60 vs 38 for fp32 Adam, ptxas for sm_90) would lower the
+# loop's registers (60 vs 40 for fp32 Adam, ptxas for sm_90) would lower the
 # scalar loop's occupancy too, and unaligned views then ran at 0.58 of the
-# copy roofline on the H200 instead of 0.90.
+# copy roofline on the H200 instead of 0.90. Each is compiled once per
+# scalars type (optimizer) and dtypes.
 
 @cuda.jit(cache=True)
-def _adam_kernel(p, g, m, v, vmax, out, fc, c, grad_scale, flags, mixed):
+def _update_kernel(w, g, s0, s1, s2, out, fc, c, grad_scale, flags, nstate, mixed):
     if fc[1]:       # the step was judged non-finite on the device: write nothing
         return
-    _adam_elements(p, g, m, v, vmax, out, grad_scale * fc[0], cuda.grid(1),
-                   cuda.gridsize(1), c, flags, mixed)
+    _update_elements(w, g, s0, s1, s2, out, grad_scale * fc[0], cuda.grid(1),
+                     cuda.gridsize(1), c, flags, nstate, mixed)
 
 
 @cuda.jit(cache=True)
-def _adam_vec_kernel(p, g, m, v, vmax, out, fc, c, grad_scale, flags, mixed):
+def _update_vec_kernel(w, g, s0, s1, s2, out, fc, c, grad_scale, flags, nstate, mixed):
     if fc[1]:
         return
     gs = grad_scale * fc[0]
     stride = cuda.gridsize(1)
-    amsgrad = flags & F_AMSGRAD
-    for j in range(cuda.grid(1), p.size // 4, stride):
+    nstate = _slots_used(c, nstate)
+    for j in range(cuda.grid(1), w.size // 4, stride):
         i = 4 * j
         g0, g1, g2, g3 = _load4(g, i)
-        p0, p1, p2, p3 = _load4(p, i)
-        m0, m1, m2, m3 = _load4(m, i)
-        v0, v1, v2, v3 = _load4(v, i)
-        w0, w1, w2, w3 = _load4(vmax, i) if amsgrad else (v0, v1, v2, v3)
-        p0, m0, v0, w0 = elements.adam(p0, _widen(g0) * gs, m0, v0, w0, c, flags)
-        p1, m1, v1, w1 = elements.adam(p1, _widen(g1) * gs, m1, v1, w1, c, flags)
-        p2, m2, v2, w2 = elements.adam(p2, _widen(g2) * gs, m2, v2, w2, c, flags)
-        p3, m3, v3, w3 = elements.adam(p3, _widen(g3) * gs, m3, v3, w3, c, flags)
-        _store4(m, i, m0, m1, m2, m3)
-        _store4(v, i, v0, v1, v2, v3)
-        if amsgrad:
-            _store4(vmax, i, w0, w1, w2, w3)
-        _put_params4(p, out, i, p0, p1, p2, p3, mixed)
-    _adam_elements(p, g, m, v, vmax, out, gs, p.size - p.size % 4 + cuda.grid(1), stride,
-                   c, flags, mixed)
-
-
-@cuda.jit(cache=True)
-def _sgd_kernel(p, g, buf, out, fc, c, grad_scale, flags, mixed):
-    if fc[1]:       # the step was judged non-finite on the device: write nothing
-        return
-    _sgd_elements(p, g, buf, out, grad_scale * fc[0], cuda.grid(1), cuda.gridsize(1), c,
-                  flags, mixed)
-
-
-@cuda.jit(cache=True)
-def _sgd_vec_kernel(p, g, buf, out, fc, c, grad_scale, flags, mixed):
-    if fc[1]:
-        return
-    gs = grad_scale * fc[0]
-    stride = cuda.gridsize(1)
-    has_buf = flags & F_MOMENTUM
-    for j in range(cuda.grid(1), p.size // 4, stride):
-        i = 4 * j
-        g0, g1, g2, g3 = _load4(g, i)
-        p0, p1, p2, p3 = _load4(p, i)
-        b0, b1, b2, b3 = _load4(buf, i) if has_buf else (p0, p1, p2, p3)
-        p0, b0 = elements.sgd(p0, _widen(g0) * gs, b0, c, flags)
-        p1, b1 = elements.sgd(p1, _widen(g1) * gs, b1, c, flags)
-        p2, b2 = elements.sgd(p2, _widen(g2) * gs, b2, c, flags)
-        p3, b3 = elements.sgd(p3, _widen(g3) * gs, b3, c, flags)
-        if has_buf:
-            _store4(buf, i, b0, b1, b2, b3)
-        _put_params4(p, out, i, p0, p1, p2, p3, mixed)
-    _sgd_elements(p, g, buf, out, gs, p.size - p.size % 4 + cuda.grid(1), stride, c, flags,
-                  mixed)
+        p0, p1, p2, p3 = _load4(w, i)
+        a0, a1, a2, a3 = _load4(s0, i) if nstate > 0 else (p0, p1, p2, p3)
+        b0, b1, b2, b3 = _load4(s1, i) if nstate > 1 else (p0, p1, p2, p3)
+        d0, d1, d2, d3 = _load4(s2, i) if nstate > 2 else (p0, p1, p2, p3)
+        p0, a0, b0, d0 = _step(c, p0, _widen(g0) * gs, a0, b0, d0, flags)
+        p1, a1, b1, d1 = _step(c, p1, _widen(g1) * gs, a1, b1, d1, flags)
+        p2, a2, b2, d2 = _step(c, p2, _widen(g2) * gs, a2, b2, d2, flags)
+        p3, a3, b3, d3 = _step(c, p3, _widen(g3) * gs, a3, b3, d3, flags)
+        if nstate > 0:
+            _store4(s0, i, a0, a1, a2, a3)
+        if nstate > 1:
+            _store4(s1, i, b0, b1, b2, b3)
+        if nstate > 2:
+            _store4(s2, i, d0, d1, d2, d3)
+        _put_params4(w, out, i, p0, p1, p2, p3, mixed)
+    _update_elements(w, g, s0, s1, s2, out, gs, w.size - w.size % 4 + cuda.grid(1), stride,
+                     c, flags, nstate, mixed)
 
 
 @cuda.jit(device=True)
@@ -425,12 +471,17 @@ def _convert_kernel(src, dst):
         dst[i] = _narrow(_widen(src[i]), dst)
 
 
-#: every kernel, for the PTX checks: name -> (dispatcher, "elementwise"|"reduction")
+#: the optimizers the update kernels step, by name: their element scalars' type
+ELEMENTS = {"adam": AdamElement, "sgd": SGDElement, "rmsprop": RMSpropElement,
+            "adagrad": AdagradElement, "lion": LionElement, "adamax": AdamaxElement,
+            "nadam": NAdamElement, "radam": RAdamElement}
+
+#: every kernel specialization, for the PTX checks: name -> (dispatcher,
+#: "elementwise"|"reduction"); "<optimizer>" and "<optimizer>_vec" are the
+#: two update kernels compiled for that optimizer's element function
 KERNELS = {
-    "adam": (_adam_kernel, "elementwise"),
-    "adam_vec": (_adam_vec_kernel, "elementwise"),
-    "sgd": (_sgd_kernel, "elementwise"),
-    "sgd_vec": (_sgd_vec_kernel, "elementwise"),
+    **{name: (_update_kernel, "elementwise") for name in ELEMENTS},
+    **{name + "_vec": (_update_vec_kernel, "elementwise") for name in ELEMENTS},
     "scale": (_scale_kernel, "elementwise"),
     "convert": (_convert_kernel, "elementwise"),
     "sumsq_partial": (_sumsq_partial_kernel, "reduction"),
@@ -438,23 +489,22 @@ KERNELS = {
 }
 
 
-
 def ptx_signatures(dtype="float32", storage=None):
     """Kernel name -> argument types for ``compile_ptx``, for params and state
     in ``dtype`` and grads/params storage ``storage`` (default ``dtype``;
     "float16", or "uint16" for bfloat16 bits, with a float32 ``dtype``).
     The update kernels' scalars are their element NamedTuple of ``dtype``
-    values, as ``adam_args``/``sgd_args`` in numba_cuda.py pass them."""
+    values, as ``update_args`` in numba_cuda.py passes them."""
     c = getattr(types, dtype)
     st = getattr(types, storage or dtype)
     A, S = c[::1], st[::1]
-    ctl = (c, types.int64, types.boolean)            # grad_scale, flags, mixed
-    adam = (A, S, A, A, A, S, A, types.NamedUniTuple(c, len(AdamElement._fields),
-                                                      AdamElement)) + ctl
-    sgd = (A, S, A, S, A, types.NamedUniTuple(c, len(SGDElement._fields), SGDElement)) + ctl
+    ctl = (c, types.int64, types.int64, types.boolean)   # grad_scale, flags, nstate, mixed
     f64, i32 = types.float64[::1], types.int32[::1]
-    return {
-        "adam": adam, "adam_vec": adam, "sgd": sgd, "sgd_vec": sgd,
+    sigs = {}
+    for name, kind in ELEMENTS.items():
+        scalars = types.NamedUniTuple(c, len(kind._fields), kind)
+        sigs[name] = sigs[name + "_vec"] = (A, S, A, A, A, S, A, scalars) + ctl
+    return sigs | {
         "scale": (A, A, c),
         "convert": (S, A) if st != c else (A, A),
         "sumsq_partial": (S, f64, i32, types.int64),

@@ -1,25 +1,31 @@
 """CUDA backend: ``@cuda.jit`` kernels from the ``numba-cuda`` package.
 
-Same four math functions as the CPU backends (``adam_update``,
-``sgd_update``, ``sumsq``, ``scale``, plus ``widen``/``narrow``), over 1-D
-C-contiguous **device** arrays, updated in place where they live. Anything
-exposing ``__cuda_array_interface__`` is accepted (numba device arrays, CuPy,
-torch CUDA tensors); a host NumPy array is an error, never a silent copy.
+One update function for every optimizer of the family, ``update(el, w, g,
+states, out, ctrl)`` (SGD, Adam/AdamW, RMSprop, Adagrad, Adamax, NAdam,
+RAdam, Lion: ``el`` says which), plus ``adam_update``/``sgd_update`` (the
+functional API's), ``sumsq``, ``scale``, ``widen``/``narrow`` and the
+device norm pass (``norm_control``), over 1-D C-contiguous **device**
+arrays, updated in place where they live. Anything exposing
+``__cuda_array_interface__`` is accepted (numba device arrays, CuPy, torch
+CUDA tensors); a host NumPy array is an error, never a silent copy.
 
 Kernel conventions (DESIGN.md):
 
-* One general kernel per algorithm. The variants (amsgrad, momentum,
-  Nesterov, L2 vs decoupled decay, maximize, mixed precision) are runtime
-  flags that are uniform across the grid, so no thread diverges, and the
-  array dtypes specialise the compiled code.
+* One generic update kernel (and its four-wide twin) for every optimizer:
+  it loads an element, its gradient and up to three state values, calls
+  the element function picked at compile time by the type of the step's
+  scalars (``_cuda_kernels._step``, as the CPU Numba driver's ``_element``
+  does) and stores. The variants (amsgrad, momentum, Nesterov, centered,
+  L2 vs decoupled decay, maximize, mixed precision) are runtime flags that
+  are uniform across the grid, so no thread diverges; the optimizer and
+  the array dtypes specialise the compiled code.
 * Grid-stride loops; the grid is one wave of resident blocks, sized from
   the device and the compiled kernel by the occupancy API (fewer blocks for
   small arrays).
 * The per-element math is :mod:`fastopt.backends.elements`, the functions
-  the CPU Numba backend calls too: the kernels load, call ``elements.adam``
-  / ``elements.sgd`` and store.
+  the CPU Numba backend calls too.
 * Scalars are computed once per step in float64 on the host
-  (:mod:`fastopt.backends.scalars`, then ``adam_element``/``sgd_element``)
+  (:mod:`fastopt.backends.scalars`, then its ``*_element`` functions)
   and cast to the compute dtype before the launch, passed as the element
   function's NamedTuple: the float32 kernels contain no double-precision
   arithmetic (checked on the PTX by ``tests/test_cuda_ptx.py``).
@@ -64,10 +70,9 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from .. import _validate as V
 from ..params import PackedViews
-from ._cuda_kernels import (THREADS, _adam_kernel, _adam_vec_kernel, _convert_kernel,
-                            _finalize_kernel, _scale_kernel, _sgd_kernel, _sgd_vec_kernel,
-                            _sumsq_partial_kernel)
-from .scalars import AdamScalars, SGDScalars, adam_element, sgd_element
+from ._cuda_kernels import (THREADS, _convert_kernel, _finalize_kernel, _scale_kernel,
+                            _sumsq_partial_kernel, _update_kernel, _update_vec_kernel)
+from .scalars import AdamScalars, ElementStep, SGDScalars, adam_element, sgd_element
 
 SIMULATOR = bool(getattr(_config, "ENABLE_CUDASIM", False))
 
@@ -78,7 +83,7 @@ if not cuda.is_available():
 
 name = "cuda"
 threaded = True
-#: marks a backend whose arrays live on a device (the optimizers branch on it)
+#: marks a backend whose arrays live on a device (the optimizers take the device placement)
 device = True
 
 BLOCKS_PER_SM = 8        # grid cap when the occupancy API cannot answer (2048 threads/SM)
@@ -453,52 +458,67 @@ def _fc(p, ctrl):
     return _unit_control(p.dtype) if ctrl is None else ctrl.for_dtype(p.dtype)
 
 
-def _update(kernel, vec_kernel, p, g, out, arrays, args) -> None:
-    """Launch an update kernel over ``p``'s elements: its four-wide loop
-    (``vec_kernel``) when every one of ``arrays`` allows it."""
-    vec = vector_ok(*arrays)
-    _launch(vec_kernel if vec else kernel,
-            (p.dtype, g.dtype, None if out is None else out.dtype),
-            (p.size + 3) // 4 if vec else p.size, args)
-
-
-def _element_args(el, p, out, ctrl):
-    """The update kernels' trailing arguments: the control block, the element
-    scalars as their NamedTuple in the compute dtype (a float64 value in a
-    float32 kernel would promote its math), the maximize sign, the option
-    flags and whether ``out`` is written."""
-    t = np.dtype(p.dtype).type
-    return (_fc(p, ctrl), el.kind(*[t(x) for x in el.values]), t(el.grad_scale), el.flags,
+def update_args(el: ElementStep, w, g, states=(), out=None, ctrl=None) -> tuple:
+    """The arguments of ``_update_kernel``/``_update_vec_kernel`` for one
+    step of ``el``'s optimizer: ``states`` its buffers in the order its
+    element function reads them (at most three; absent slots and ``out``
+    are replaced by ``w``, which the kernel then never touches there), the
+    control block, the element scalars as their NamedTuple in the compute
+    dtype (a float64 value in a float32 kernel would promote its math), the
+    maximize sign, the option flags, how many slots are real and whether
+    ``out`` is written."""
+    t = np.dtype(w.dtype).type
+    s0, s1, s2 = (tuple(states) + (w, w, w))[:3]
+    return (w, g, s0, s1, s2, w if out is None else out, _fc(w, ctrl),
+            el.kind(*[t(x) for x in el.values]), t(el.grad_scale), el.flags, len(states),
             out is not None)
 
 
+def update(el: ElementStep, w, g, states=(), out=None, ctrl=None) -> None:
+    """One step of any optimizer of the family on 1-D device arrays: ``el``
+    its element step (``scalars.*_element``), ``w`` the weights (the params,
+    or their float32 master), ``g`` the gradients, ``states`` its state
+    buffers in kernel order, ``out`` the 16-bit params to write (mixed
+    precision), ``ctrl`` the step's :class:`StepControl` (clip factor and
+    skip flag on the device; None: factor 1, never skip). The four-wide
+    kernel runs when every array allows it (:func:`vector_ok`)."""
+    if w.size == 0:
+        return
+    vec = vector_ok(w, g, out, *states)
+    _launch(_update_vec_kernel if vec else _update_kernel,
+            (el.kind, w.dtype, g.dtype, None if out is None else out.dtype),
+            (w.size + 3) // 4 if vec else w.size, update_args(el, w, g, states, out, ctrl))
+
+
+# Adam and SGD by their arrays, as the functional API (fastopt.functional)
+# and the probes call them: ``update``'s first four arguments.
+
+def _adam(p, g, m, v, vmax, s: AdamScalars):
+    return adam_element(s, vmax is not None), p, g, (m, v) if vmax is None else (m, v, vmax)
+
+
+def _sgd(p, g, buf, s: SGDScalars):
+    return sgd_element(s, buf is not None), p, g, () if buf is None else (buf,)
+
+
 def adam_args(p, g, m, v, vmax, s: AdamScalars, out=None, ctrl=None) -> tuple:
-    """The arguments of ``_adam_kernel``/``_adam_vec_kernel`` for one step
-    (absent arrays replaced by ones the kernel then never touches)."""
-    return (p, g, m, v, v if vmax is None else vmax, p if out is None else out,
-            *_element_args(adam_element(s, vmax is not None), p, out, ctrl))
+    """:func:`update_args` of an Adam/AdamW step (vmax None: no amsgrad)."""
+    return update_args(*_adam(p, g, m, v, vmax, s), out, ctrl)
 
 
 def sgd_args(p, g, buf, s: SGDScalars, out=None, ctrl=None) -> tuple:
-    """The arguments of ``_sgd_kernel``/``_sgd_vec_kernel`` for one step."""
-    return (p, g, p if buf is None else buf, p if out is None else out,
-            *_element_args(sgd_element(s, buf is not None), p, out, ctrl))
+    """:func:`update_args` of an SGD step (buf None: no momentum)."""
+    return update_args(*_sgd(p, g, buf, s), out, ctrl)
 
 
 def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None, ctrl=None) -> None:
     """One Adam/AdamW step on device arrays (see reference.adam_update)."""
-    if p.size == 0:
-        return
-    _update(_adam_kernel, _adam_vec_kernel, p, g, out, (p, g, m, v, vmax, out),
-            adam_args(p, g, m, v, vmax, s, out, ctrl))
+    update(*_adam(p, g, m, v, vmax, s), out, ctrl)
 
 
 def sgd_update(p, g, buf, s: SGDScalars, out=None, ctrl=None) -> None:
     """One SGD step on device arrays (see reference.sgd_update)."""
-    if p.size == 0:
-        return
-    _update(_sgd_kernel, _sgd_vec_kernel, p, g, out, (p, g, buf, out),
-            sgd_args(p, g, buf, s, out, ctrl))
+    update(*_sgd(p, g, buf, s), out, ctrl)
 
 
 def sumsq(x) -> float:

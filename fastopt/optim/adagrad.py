@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from ..backends.scalars import adagrad_scalars
-from .base import FLAG, NONNEG
-from .rmsprop import HostOnly
+from .base import FLAG, NONNEG, Optimizer
 
 
-class Adagrad(HostOnly):
+class Adagrad(Optimizer):
     r"""Adagrad with torch.optim.Adagrad's exact update.
 
     .. math::
@@ -23,7 +22,7 @@ class Adagrad(HostOnly):
     ``F_INITIAL``), so the value torch fills it with is there after the
     first step and nothing is written before the step's checks are done.
     A step skipped for a non-finite gradient drops the new buffer, so the
-    next step is the first again. Host arrays only (no CUDA kernel).
+    next step is the first again.
     """
 
     _state_names = ("sum",)

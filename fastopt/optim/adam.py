@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..backends.scalars import adam_scalars
-from .base import BETAS, FLAG, NONNEG, Optimizer, POSITIVE, span
+from .base import BETAS, FLAG, NONNEG, Optimizer, POSITIVE
 
 
 class Adam(Optimizer):
@@ -39,28 +39,11 @@ class Adam(Optimizer):
     _hypers = dict(lr=NONNEG, betas=BETAS, eps=POSITIVE, weight_decay=NONNEG, amsgrad=FLAG,
                    maximize=FLAG)
 
-    def _scalars(self, h, state, coef=1.0):
-        return adam_scalars(lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
-                            eps=h["eps"], weight_decay=h["weight_decay"],
-                            decoupled=self._decoupled, step=state["step"] + 1,
-                            grad_scale=coef, maximize=h["maximize"])
-
     def _element_step(self, h, state):
-        names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if h["amsgrad"] else ())
-        return self._scalars(h, state), names
-
-    def _step_group(self, backend, h, state, runs, segments, coef):
-        s = adam_scalars(lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
-                         eps=h["eps"], weight_decay=h["weight_decay"],
-                         decoupled=self._decoupled, step=state["step"] + 1,
-                         grad_scale=coef, maximize=h["maximize"])
-        for ri, p, g, lo, hi in segments:
-            m = self._state_buffer(state, runs, ri, "exp_avg")
-            v = self._state_buffer(state, runs, ri, "exp_avg_sq")
-            vmax = (span(self._state_buffer(state, runs, ri, "max_exp_avg_sq"), lo, hi)
-                    if h["amsgrad"] else None)
-            w, out = self._targets(state, ri, p, lo, hi)
-            backend.adam_update(w, g, span(m, lo, hi), span(v, lo, hi), vmax, s, out)
+        s = adam_scalars(lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1], eps=h["eps"],
+                         weight_decay=h["weight_decay"], decoupled=self._decoupled,
+                         step=state["step"] + 1, maximize=h["maximize"])
+        return s, ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if h["amsgrad"] else ())
 
 
 class AdamW(Adam):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from ..backends.scalars import adamax_scalars
-from .base import BETAS, FLAG, NONNEG
-from .rmsprop import HostOnly
+from .base import BETAS, FLAG, NONNEG, Optimizer
 
 
-class Adamax(HostOnly):
+class Adamax(Optimizer):
     r"""Adamax (Kingma & Ba 2015, section 7.1) with torch.optim.Adamax's exact update.
 
     .. math::
@@ -18,7 +17,7 @@ class Adamax(HostOnly):
 
     (``eps`` inside the max, as torch computes it; a NaN gradient propagates
     through the max, as torch.maximum's does). State (torch's names):
-    ``exp_avg``, ``exp_inf``. Host arrays only (no CUDA kernel).
+    ``exp_avg``, ``exp_inf``.
     """
 
     _state_names = ("exp_avg", "exp_inf")

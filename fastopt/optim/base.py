@@ -19,8 +19,11 @@ The math lives in the backends; this class owns everything around it:
   is skipped without writing anything;
 * learning-rate schedules (:mod:`fastopt.schedules`): a group's ``lr`` may
   be a schedule, evaluated at ``iterations`` once per step on the host;
-* device arrays (``backend="cuda"``, or "auto" given device params): the
-  same step with params, grads and state on the GPU (see ``_device_step``).
+* where the arrays live is a placement (:mod:`fastopt.optim.placement`)
+  chosen when the params are bound: host NumPy arrays, or device arrays
+  (``backend="cuda"``, or "auto" given device params) with grads and state
+  on the GPU. The step delegates to it; an optimizer class declares only
+  its math (``_element_step``) and runs on both.
 """
 
 from __future__ import annotations
@@ -33,15 +36,15 @@ import numpy as np
 
 from .. import _validate as V
 from ..backends import backend_for, get_backend
-from ..backends.lowp import compute_dtype, is_low_precision
 from ..backends.scalars import clip_coefficient
 from ..backends.tables import element_of, group_tables, step_per_array
 from ..backends.threads import SERIAL_MAX
 from ..clip import norm_of
-from ..params import FlatArrays, in_memory_order, memory_runs
+from ..params import FlatArrays
 from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler
 from .named import KeyTree
+from .placement import placement_for
 
 
 def _all_finite(norm, flats) -> bool:
@@ -82,31 +85,10 @@ def _unchanged(group, snapshot) -> bool:
     return True
 
 
-def span(a, lo, hi):
-    """``a[lo:hi]`` of a 1-D buffer, or ``a`` itself when that is all of it:
-    a device array's slice is a new Python object that costs microseconds
-    per step (a packed group steps its whole buffers)."""
-    return a if lo == 0 and hi == a.shape[0] else a[lo:hi]
-
-
 def _is_device_array(a) -> bool:
     """A GPU array (``__cuda_array_interface__``, or the CUDA simulator's)."""
     return not isinstance(a, (np.ndarray, list, tuple, dict)) and (
         hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray")
-
-
-class _DeviceSteps:
-    """The device backend with this step's control block bound to its calls,
-    so ``_step_group`` (unchanged) launches kernels that read it."""
-
-    def __init__(self, backend, ctrl):
-        self._be, self._ctrl = backend, ctrl
-
-    def adam_update(self, p, g, m, v, vmax, s, out=None):
-        self._be.adam_update(p, g, m, v, vmax, s, out, ctrl=self._ctrl)
-
-    def sgd_update(self, p, g, buf, s, out=None):
-        self._be.sgd_update(p, g, buf, s, out, ctrl=self._ctrl)
 
 
 def _brief(layout):
@@ -116,7 +98,9 @@ def _brief(layout):
 
 
 class Optimizer:
-    """Base class. Subclasses define ``_check_hypers`` and ``_step_group``.
+    """Base class. Subclasses declare their hyperparameters (``_hypers``) and
+    their math (``_element_step``); where the arrays live is the placement's
+    (host or device, chosen at bind), so every optimizer runs on both.
 
     Keyword options every optimizer takes: ``backend``, ``max_grad_norm``
     (global-norm clipping inside the step), ``skip_nonfinite`` (skip a step
@@ -133,6 +117,7 @@ class Optimizer:
                             f"{type(loss_scaler).__name__}")
         self._backend_name = backend
         self._backend = None if params is None else get_backend(backend_for(backend, params))
+        self._placement = None   # host or device, chosen by bind()
         self.loss_scaler = loss_scaler
         self.iterations = 0     # step() calls so far: the schedules' position
         self.skipped_steps = 0  # steps skipped for a non-finite gradient
@@ -177,16 +162,16 @@ class Optimizer:
             raise TypeError("params is None: pass the arrays to optimize")
         backend = get_backend(backend_for(self._backend_name, params))
         self._backend = backend
-        # Device arrays (backend "cuda") take their own checks, runs and step.
-        self._device = bool(getattr(backend, "device", False))
-        groups, names = [], None
-        self._device_flat = {}     # group index -> DeviceFlatArrays buffer (device only)
+        # host or device arrays: their checks, runs, buffers and step
+        self._placement = placement_for(backend)
+        groups, names, packed = [], None, {}
         for gi, spec in enumerate(self._group_specs(params)):
-            group, names = self._checked_group(gi, spec, names)
+            group, names, packed[gi] = self._checked_group(gi, spec, names)
             groups.append(group)
         all_params = self._checked_params(groups, names)
         # -- everything checked: keep it --
         self.param_groups = groups
+        self._packed = packed      # group -> the one buffer its params were given as (device)
         self._params = all_params
         self._names = names
         self._given = params
@@ -195,17 +180,9 @@ class Optimizer:
         # groups list a packed buffer's views out of memory order, the grads'
         # own layout (e.g. params.zeros_like()) would follow memory order
         # instead and gradients could silently land on the wrong params.
-        self._memory_ordered = self._device or in_memory_order(self._params)
+        self._memory_ordered = self._placement.memory_ordered(self._params)
         self._build_runs()
-        # Mixed precision: a 16-bit run gets a float32 master copy, the
-        # weights the step really updates (its 16-bit params are the rounded
-        # master, written in the same pass).
-        self.state = [{"step": 0, "runs": [
-            {"master": self._master_copy(run["flat"])} if self._is_low(run["flat"].dtype)
-            else {} for run in g["runs"]]} for g in self._run_info]
-        if not self._device:
-            for st in self.state:
-                st["flat"] = {}    # state name -> one buffer over the group (host)
+        self.state = [self._fresh_state(gi) for gi in range(len(groups))]
         self._cached = (None, None)
         self._tables = None     # host: per group, the compiled step's tables
         self._bound = None      # host: the FlatArrays of grads the tables point at
@@ -213,6 +190,22 @@ class Optimizer:
         self._group_sizes = [len(g["params"]) for g in self.param_groups]
         self._schedules, self._lr_shown = {}, {}
         self._show_lr()
+
+    @property
+    def _device(self) -> bool:
+        """Whether the params are device arrays (the device placement)."""
+        return self._placement is not None and self._placement.device
+
+    def _fresh_state(self, gi) -> dict:
+        """Group ``gi``'s state before its first step: no buffers yet (state
+        name -> one buffer over the group in ``flat``, with each run's view
+        of it in ``runs``), and for each 16-bit run its float32 master copy,
+        the weights the step really updates (its 16-bit params are the
+        rounded master, written in the same pass)."""
+        pl = self._placement
+        return {"step": 0, "flat": {}, "runs": [
+            {"master": pl.master_copy(run["flat"])} if pl.is_low(run["flat"].dtype) else {}
+            for run in self._run_info[gi]["runs"]]}
 
     # -- construction helpers ---------------------------------------------
     @staticmethod
@@ -239,7 +232,7 @@ class Optimizer:
     def _check_one_dtype(self, gi, arrays):
         """A group keeps its state in one buffer per name, so its params
         share one compute dtype (float32 and its 16-bit forms, or float64)."""
-        dtypes = {str(np.dtype(self._compute_dtype(a.dtype))) for a in arrays}
+        dtypes = {str(np.dtype(self._placement.compute_dtype(a.dtype))) for a in arrays}
         if len(dtypes) > 1:
             raise ValueError(f"param group {gi} mixes {' and '.join(sorted(dtypes))} params; "
                              "a group's state is one buffer per name, so put arrays of "
@@ -249,17 +242,9 @@ class Optimizer:
         """Split each group into runs and precompute per-tensor views."""
         self._run_info = []
         first = 0   # index of the group's first tensor among all params
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             runs = []
-            # On the device a DeviceFlatArrays group is one run (one launch);
-            # any other device array is its own run.
-            gi = len(self._run_info)
-            if not self._device:
-                found = memory_runs(group["params"])
-            elif gi in self._device_flat:
-                found = [(0, len(group["params"]), self._device_flat[gi])]
-            else:
-                found = [(k, k + 1, self._backend.flat(a)) for k, a in enumerate(group["params"])]
+            found = self._placement.runs(group["params"], self._packed.get(gi))
             for start, stop, flat in found:
                 sizes = [a.size for a in group["params"][start:stop]]
                 local = np.concatenate([[0], np.cumsum(sizes)]).tolist()
@@ -269,6 +254,7 @@ class Optimizer:
             first += len(group["params"])
         sizes = [a.size for a in self._params]
         self._elem_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+        self._wheres = [f"param_groups[{gi}]" for gi in range(len(self.param_groups))]
 
     # -- gradients ------------------------------------------------------------
     def check_grads(self, grads) -> None:
@@ -370,16 +356,14 @@ class Optimizer:
                 raise RuntimeError(f"this {type(self).__name__} has no params yet: pass "
                                    "step(grads, params=...) or call bind(params) first")
             self._check_groups_unchanged()
-            if self._device:
-                return self._device_step(grads)
-            return self._host_step(grads)
+            return self._placement.step(self, grads)
 
     def __getstate__(self):
         # Tables hold raw addresses of this optimizer's arrays: a copy (deepcopy,
         # pickle) rebuilds its own from its own arrays at its first step.
         state = self.__dict__.copy()
         state.pop("_lock", None)
-        state.update(_tables=None, _bound=None, _bound_list=None)
+        state.update(_tables=None, _bound=None, _bound_list=None, _placement=None)
         if state.get("_backend") is not None:      # a module: kept by name
             state["_backend"] = state["_backend"].name
         return state
@@ -388,6 +372,8 @@ class Optimizer:
         self.__dict__.update(state)
         if isinstance(self._backend, str):
             self._backend = get_backend(self._backend)
+        if self.param_groups:
+            self._placement = placement_for(self._backend)
         self._lock = threading.RLock()
 
     def _check_groups_unchanged(self):
@@ -419,8 +405,9 @@ class Optimizer:
             g.fill(0)
 
     def _checked_group(self, gi, spec, names):
-        """Group ``gi`` from its spec, checked: ``(group, names)``, ``names``
-        the KeyTree of every group so far when they are given by name."""
+        """Group ``gi`` from its spec, checked: ``(group, names, packed)``,
+        ``names`` the KeyTree of every group so far when they are given by
+        name, ``packed`` the one buffer the params came as (device) or None."""
         group = {**self.defaults, **{k: v for k, v in spec.items() if k != "params"}}
         unknown = set(group) - set(self.defaults)
         if unknown:
@@ -437,19 +424,11 @@ class Optimizer:
         elif names is not None:
             raise ValueError(f"{where} is not a dict but the groups before it are: "
                              "give every group's params by name, or none")
-        if self._device:
-            arrays = self._device_arrays(where, given)
-            if isinstance(given, self._backend.DeviceFlatArrays):
-                self._device_flat[gi] = given.data
-        else:
-            arrays = V.as_array_list(where, given)
-            for i, a in enumerate(arrays):
-                V.check_float_array(f"{where}[{i}]", a, writable=True,
-                                    allow_low_precision=True)
+        arrays, packed = self._placement.group_arrays(where, given)
         if not arrays:
             raise ValueError(f"param group {gi} has no parameters")
         group["params"] = arrays
-        return group, names
+        return group, names, packed
 
     def _checked_params(self, groups, names) -> list:
         """Every group's arrays, checked together (no two overlap; one dtype
@@ -457,12 +436,7 @@ class Optimizer:
         all_params = [a for g in groups for a in g["params"]]
         labels = ([f"params{lab}" for lab in names.labels] if names is not None
                   else [f"params[{i}]" for i in range(len(all_params))])
-        if self._device:
-            named = list(zip(labels, all_params))
-            self._backend.check_devices(named)
-            self._backend.check_disjoint(named)
-        else:
-            V.check_disjoint(list(zip(labels, all_params)))
+        self._placement.check_params(list(zip(labels, all_params)))
         for gi, group in enumerate(groups):
             self._check_one_dtype(gi, group["params"])
         return all_params
@@ -478,22 +452,18 @@ class Optimizer:
             if not self.param_groups:
                 self.bind([param_group])
                 return
-            if self._device:
-                raise NotImplementedError("add_param_group with device arrays: make the "
-                                          "optimizer with every group instead")
             gi = len(self.param_groups)
-            group, names = self._checked_group(gi, param_group, self._names)
+            group, names, packed = self._checked_group(gi, param_group, self._names)
             groups = self.param_groups + [group]
             self._params = self._checked_params(groups, names)
             # -- checked: keep it --
             self.param_groups.append(group)
+            self._packed[gi] = packed
             self._names = names
             self._layout = tuple((a.shape, a.dtype) for a in self._params)
-            self._memory_ordered = in_memory_order(self._params)
+            self._memory_ordered = self._placement.memory_ordered(self._params)
             self._build_runs()          # the earlier groups' runs come out as before
-            self.state.append({"step": 0, "flat": {}, "runs": [
-                {"master": self._master_copy(run["flat"])} if self._is_low(run["flat"].dtype)
-                else {} for run in self._run_info[gi]["runs"]]})
+            self.state.append(self._fresh_state(gi))
             self._group_lists.append(group["params"])
             self._group_sizes.append(len(group["params"]))
             self._tables, self._bound, self._cached = None, None, (None, None)
@@ -525,15 +495,7 @@ class Optimizer:
         # whole step): keep it to plain lookups once nothing has changed.
         tables = self._tables or self._host_tables()
         self._bind_grads(tables, grads)          # checks every gradient first
-        wheres = self._wheres
-        hypers = [self._resolve(self._with_schedule(gi, g), wheres[gi])
-                  for gi, g in enumerate(self.param_groups)]
-        max_norm = self.max_grad_norm   # public attributes: re-checked like the groups
-        if max_norm is not None:
-            max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True)
-        scaler = self.loss_scaler
-        check = V.check_bool("skip_nonfinite", self.skip_nonfinite) or scaler is not None
-        inv_scale = 1.0 if scaler is None else 1.0 / scaler.scale
+        hypers, max_norm, check, inv_scale = self._step_options()
         be = self._backend
         # Everything the step needs is allocated before the first write, so
         # an error (MemoryError included) leaves params and state as they were.
@@ -547,11 +509,9 @@ class Optimizer:
         try:
             plans = []
             for gi, h in enumerate(hypers):
-                st = self.state[gi]
-                s, names = self._element_step(h, st)
-                flat = st["flat"]
-                plans.append((s, [flat[n] if n in flat else
-                                  self._group_buffer(gi, n, created) for n in names]))
+                s, names = self._group_state(gi, h, created)
+                flat = self.state[gi]["flat"]
+                plans.append((s, [flat[n] for n in names]))
             if norm_mode and not fused:
                 norm, finite = self._table_stats(be, self._all_tables, compiled, check)
                 skip = check and not finite
@@ -584,6 +544,22 @@ class Optimizer:
         if skip:
             self._forget(created)     # e.g. SGD's first momentum step stays its first
         return self._finish_step(skip, norm, hypers)
+
+    def _step_options(self):
+        """``(hypers per group, max_norm, check, inv_scale)`` of the next
+        step, every one checked: the groups' hyperparameters (a schedule's
+        lr evaluated), the clipping norm, whether a non-finite gradient
+        skips the step, and one over the loss scale."""
+        wheres = self._wheres
+        hypers = [self._resolve(self._with_schedule(gi, g), wheres[gi])
+                  for gi, g in enumerate(self.param_groups)]
+        max_norm = self.max_grad_norm   # public attributes: re-checked like the groups
+        if max_norm is not None:
+            max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True)
+        scaler = self.loss_scaler
+        check = V.check_bool("skip_nonfinite", self.skip_nonfinite) or scaler is not None
+        inv_scale = 1.0 if scaler is None else 1.0 / scaler.scale
+        return hypers, max_norm, check, inv_scale
 
     def _finish_step(self, skip, norm, hypers):
         """The counters after a step (host or device) ran or was skipped."""
@@ -668,7 +644,6 @@ class Optimizer:
         """Build the groups' tables (again after a load: new master copies)."""
         self._tables = [self._group_tables(gi) for gi in range(len(self.param_groups))]
         self._all_tables = [t for ts in self._tables for t in ts]
-        self._wheres = [f"param_groups[{gi}]" for gi in range(len(self.param_groups))]
         self._compiled = getattr(self._backend, "compiled_tables", False)
         self._single = self._compiled and len(self._all_tables) == 1
         return self._tables
@@ -765,20 +740,30 @@ class Optimizer:
         group's next step (subclasses)."""
         raise NotImplementedError
 
+    def _group_state(self, gi, hypers, created):
+        """``(step scalars, state buffer names in kernel order)`` of group
+        ``gi``'s next step (its ``_element_step``), every buffer it names
+        allocated (zeroed) if new; ``created`` collects those."""
+        st = self.state[gi]
+        s, names = self._element_step(hypers, st)
+        flat = st["flat"]
+        for n in names:
+            if n not in flat:
+                self._group_buffer(gi, n, created)
+        return s, names
+
     def _group_buffer(self, gi, name, created):
         """Group ``gi``'s flat state buffer ``name``, zero-allocated on first
         use (with its runs' views); ``created`` collects new ones."""
         st = self.state[gi]
         flat = st["flat"]
         if name not in flat:
-            runs = self._run_info[gi]["runs"]
-            buf = np.zeros(sum(r["flat"].size for r in runs), self._group_dtype(gi))
+            buf, views = self._placement.state_buffer(
+                [r["flat"].size for r in self._run_info[gi]["runs"]], self._group_dtype(gi))
             created.append((gi, name))     # before the first write: _forget undoes it
             flat[name] = buf
-            lo = 0
-            for run, bufs in zip(runs, st["runs"]):
-                bufs[name] = buf[lo:lo + run["flat"].size]
-                lo += run["flat"].size
+            for bufs, view in zip(st["runs"], views):
+                bufs[name] = view
         return flat[name]
 
     def _forget(self, created):
@@ -800,140 +785,6 @@ class Optimizer:
         return norm, (not check) or _all_finite(   # views only if the norm is inf
             norm, (g for t in tables for g in self._grad_views(t)))
 
-    def _state_buffer(self, state, runs, ri, name):
-        """The run's flat state buffer ``name``, zero-allocated on first use
-        (float32 for 16-bit params)."""
-        bufs = state["runs"][ri]
-        if name not in bufs:
-            flat = runs[ri]["flat"]
-            if self._device:
-                be = self._backend
-                bufs[name] = be.zeros(flat.size, be.compute_dtype(flat.dtype))
-            else:
-                bufs[name] = np.zeros(flat.size, compute_dtype(flat.dtype))
-        return bufs[name]
-
-    @staticmethod
-    def _targets(state, ri, p, lo, hi):
-        """``(weights the kernel updates, 16-bit params to write or None)``:
-        the master copy's slice under mixed precision, else ``p`` itself."""
-        master = state["runs"][ri].get("master")
-        return (p, None) if master is None else (span(master, lo, hi), p)
-
-    # -- device arrays ----------------------------------------------------------
-    def _device_arrays(self, name, arrays):
-        """Checked device arrays (numba views of them) from one or a list."""
-        be = self._backend
-        if isinstance(arrays, be.DeviceFlatArrays):
-            return list(arrays)
-        if _is_device_array(arrays) or isinstance(arrays, np.ndarray):
-            arrays = [arrays]
-        if not isinstance(arrays, (list, tuple)):
-            raise TypeError(f"{name} must be a device array or a list of them, got "
-                            f"{type(arrays).__name__}")
-        return [be.check_array(f"{name}[{i}]", a) for i, a in enumerate(arrays)]
-
-    def _is_low(self, dtype):
-        return self._backend.is_low_precision(dtype) if self._device else is_low_precision(dtype)
-
-    def _master_copy(self, flat):
-        return self._backend.to_master(flat) if self._device else flat.astype(np.float32)
-
-    def _compute_dtype(self, dtype):
-        return self._backend.compute_dtype(dtype) if self._device else compute_dtype(dtype)
-
-    def _device_step(self, grads):
-        """:meth:`step` on the device.
-
-        The global-norm pass (when clipping, ``skip_nonfinite`` or a loss
-        scaler asks for it) leaves the clip coefficient and the skip flag in
-        device memory, and the update kernels read them there: with clipping
-        alone nothing waits for the GPU, and the returned norm is a
-        :class:`~fastopt.backends.numba_cuda.DeviceNorm` (``float(norm)``
-        fetches it). When a step can be skipped (``skip_nonfinite`` or a
-        loss scaler) the host reads the 8-byte flag once after launching the
-        step, to keep step counts and the loss scale exact (as torch's
-        GradScaler reads ``found_inf``); the kernels never wait for it.
-        """
-        be = self._backend
-        if isinstance(grads, be.DeviceFlatArrays):
-            # immutable like FlatArrays: checked once, then cached by identity
-            if grads is not self._cached[0]:
-                self._cached = (grads, self._device_flat_grads(grads))
-            return self._device_step_checked(self._cached[1], None)
-        if be.is_device_array(grads) or isinstance(grads, np.ndarray):
-            grads = [grads]
-        if not isinstance(grads, (list, tuple)):
-            raise TypeError("grads must be a device array or a list of them, got "
-                            f"{type(grads).__name__}")
-        if len(grads) != len(self._params):
-            raise ValueError(f"grads has {len(grads)} arrays but params has "
-                             f"{len(self._params)}")
-        flats = []
-        for i, (g, p) in enumerate(zip(grads, self._params)):
-            g = be.check_array(f"grads[{i}]", g)
-            V.check_same_layout(f"grads[{i}]", g, f"params[{i}]", p)
-            flats.append(be.flat(g))
-        gnamed = [(f"grads[{i}]", g) for i, g in enumerate(flats)]
-        be.check_devices(gnamed)
-        be.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)], gnamed)
-        segments = self._per_array_segments(
-            lambda k, run: (run["flat"] if run["stop"] - run["start"] == 1
-                            else be.flat(self._params[k])), flats)
-        return self._device_step_checked(segments, flats)
-
-    def _device_flat_grads(self, grads):
-        """Segments for grads given as a DeviceFlatArrays: one per run."""
-        be = self._backend
-        if grads.shapes != tuple(tuple(p.shape) for p in self._params):
-            raise ValueError(f"grads holds {len(grads.shapes)} arrays of shapes "
-                             f"{list(grads.shapes)[:4]}... that do not match the params' "
-                             f"{[tuple(p.shape) for p in self._params][:4]}...")
-        if grads.dtype != self._params[0].dtype or any(
-                p.dtype != grads.dtype for p in self._params):
-            raise TypeError(f"grads has dtype {grads.dtype} but the params have "
-                            f"{sorted({str(p.dtype) for p in self._params})}")
-        data = grads.data
-        be.check_devices([("grads", data)])
-        be.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(self._params)],
-                          [("grads", data)])
-        return self._run_segments(data)
-
-    def _device_step_checked(self, segments, flats):
-        """The device step once grads are checked: ``segments`` per group as
-        in :meth:`_per_array_segments`, ``flats`` the 1-D grads to reduce (None: the
-        segments' own)."""
-        be = self._backend
-        if flats is None:
-            flats = [seg[2] for segs in segments for seg in segs]
-        hypers = [self._resolve(self._with_schedule(gi, g), where=f"param_groups[{gi}]")
-                  for gi, g in enumerate(self.param_groups)]
-        max_norm = self.max_grad_norm
-        if max_norm is not None:
-            max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True)
-        scaler = self.loss_scaler
-        check = V.check_bool("skip_nonfinite", self.skip_nonfinite) or scaler is not None
-        inv_scale = 1.0 if scaler is None else 1.0 / scaler.scale
-        # -- everything is checked: launch --
-        ctrl = None
-        if max_norm is not None or check:
-            ctrl = be.norm_control(flats, max_norm=max_norm or 0.0, inv_scale=inv_scale,
-                                   check=check)
-        steps = _DeviceSteps(be, ctrl)
-        before = [[set(r) for r in st["runs"]] for st in self.state]
-        for gi, h in enumerate(hypers):
-            self._step_group(steps, h, self.state[gi], self._run_info[gi]["runs"],
-                             segments[gi], 1.0)
-        skip = bool(check and ctrl.skipped())
-        if skip:
-            # the kernels wrote nothing: forget buffers this step created, so
-            # e.g. SGD's first momentum step is still its first next time
-            for st, keys in zip(self.state, before):
-                for bufs, had in zip(st["runs"], keys):
-                    for name in set(bufs) - had:
-                        del bufs[name]
-        return self._finish_step(skip, None if ctrl is None else be.DeviceNorm(ctrl), hypers)
-
     # -- checkpoints ------------------------------------------------------------
     #: state buffer names this optimizer may hold (subclasses extend)
     _state_names: tuple = ()
@@ -945,7 +796,7 @@ class Optimizer:
     def _group_dtype(self, gi):
         """The one dtype of group ``gi``'s state buffers (a checkpoint stores
         each buffer as one flat array per group, whatever the packing)."""
-        dtypes = {np.dtype(self._compute_dtype(run["flat"].dtype))
+        dtypes = {np.dtype(self._placement.compute_dtype(run["flat"].dtype))
                   for run in self._run_info[gi]["runs"]}
         if len(dtypes) != 1:
             raise ValueError(f"param group {gi} mixes dtypes {sorted(map(str, dtypes))}; "
@@ -987,9 +838,7 @@ class Optimizer:
             for n in names:
                 if not all(n in r for r in runs):
                     raise RuntimeError(f"state buffer {n!r} exists for only some runs")
-                parts = [r[n] for r in runs]
-                if self._device:   # one copy back to the host per buffer
-                    parts = [a.copy_to_host() for a in parts]
+                parts = [self._placement.to_host(r[n]) for r in runs]
                 bufs[n] = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
             state.append({"step": self.state[gi]["step"], "buffers": bufs})
         return {"type": type(self).__name__, "iterations": self.iterations,
@@ -1061,7 +910,7 @@ class Optimizer:
             n = sum(r["flat"].size for r in runs)
             bufs = st["buffers"]
             required = self._required_state(group, step)
-            if any(self._is_low(r["flat"].dtype) for r in runs):
+            if any(self._placement.is_low(r["flat"].dtype) for r in runs):
                 required = required | {"master"}
             need(bufs, sorted(required), f"state[{gi}]")
             unknown = set(bufs) - set(self._state_names) - (required & {"master"})
@@ -1075,17 +924,14 @@ class Optimizer:
                            else type(a).__name__)
                     raise ValueError(f"checkpoint state[{gi}]['{name}'] is {got}, expected "
                                      f"{dtype}[{n}]")
-            split = np.cumsum([0] + [r["flat"].size for r in runs]).tolist()
-            if self._device:
-                new_runs = [{name: self._backend.to_device(np.array(a[lo:hi], copy=True))
-                             for name, a in bufs.items()} for lo, hi in zip(split, split[1:])]
-                entry = {"step": step, "runs": new_runs}
-            else:   # one buffer per name over the group, its runs' views of it
-                whole = {name: np.array(a, copy=True) for name, a in bufs.items()}
-                new_runs = [{name: a[lo:hi] for name, a in whole.items()}
-                            for lo, hi in zip(split, split[1:])]
-                entry = {"step": step, "runs": new_runs,
-                         "flat": {n: a for n, a in whole.items() if n != "master"}}
+            # one buffer per name over the group (a copy, where the params
+            # live), its runs' views of it
+            made = {name: self._placement.state_buffer([r["flat"].size for r in runs], dtype, a)
+                    for name, a in bufs.items()}
+            new_runs = [{name: views[ri] for name, (_, views) in made.items()}
+                        for ri in range(len(runs))]
+            entry = {"step": step, "runs": new_runs,
+                     "flat": {n: buf for n, (buf, _) in made.items() if n != "master"}}
             new_hypers.append(group)
             new_state.append(entry)
 
@@ -1198,9 +1044,6 @@ class Optimizer:
             else:
                 checked[name] = V.check_real(key, value, low=0.0, low_open=kind == POSITIVE)
         return checked
-
-    def _step_group(self, backend, hypers, state, runs, segments, coef):
-        raise NotImplementedError
 
     @property
     def backend(self) -> str:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from ..backends.scalars import lion_scalars
-from .base import BETAS, FLAG, NONNEG
-from .rmsprop import HostOnly
+from .base import BETAS, FLAG, NONNEG, Optimizer
 
 
-class Lion(HostOnly):
+class Lion(Optimizer):
     r"""Lion, Algorithm 2 of Chen et al. (2023), with decoupled weight decay.
 
     .. math::
@@ -19,7 +18,6 @@ class Lion(HostOnly):
     zero step). ``maximize`` negates the gradient. State: ``exp_avg``.
     Lion's steps all have size ``lr``: use a learning rate 3-10x smaller
     than AdamW's and a weight decay 3-10x larger (the paper's advice).
-    Host arrays only (no CUDA kernel).
     """
 
     _state_names = ("exp_avg",)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from .. import _validate as V
 from ..backends.scalars import nadam_scalars
-from .base import BETAS, FLAG, NONNEG
-from .rmsprop import HostOnly
+from .base import BETAS, FLAG, NONNEG, Optimizer
 
 
-class NAdam(HostOnly):
+class NAdam(Optimizer):
     r"""NAdam (Dozat 2016) with torch.optim.NAdam's exact update.
 
     .. math::
@@ -30,8 +29,7 @@ class NAdam(HostOnly):
     host as torch does (so a change of ``betas`` or ``momentum_decay``
     mid-run is followed as there). It is updated only once a step has run
     (a skipped or refused step leaves it), and checkpoints carry it:
-    ``state_dict()["state"][i]["mu_product"]``. Host arrays only (no CUDA
-    kernel).
+    ``state_dict()["state"][i]["mu_product"]``.
     """
 
     _state_names = ("exp_avg", "exp_avg_sq")

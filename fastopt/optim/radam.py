@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from ..backends.scalars import radam_scalars
-from .base import BETAS, FLAG, NONNEG
-from .rmsprop import HostOnly
+from .base import BETAS, FLAG, NONNEG, Optimizer
 
 
-class RAdam(HostOnly):
+class RAdam(Optimizer):
     r"""RAdam (Liu et al. 2020) with torch.optim.RAdam's exact update.
 
     .. math::
@@ -25,7 +24,6 @@ class RAdam(HostOnly):
 
     rho_t, r_t and the switch depend only on the step: they are host
     scalars and a flag. State (torch's names): ``exp_avg``, ``exp_avg_sq``.
-    Host arrays only (no CUDA kernel).
     """
 
     _state_names = ("exp_avg", "exp_avg_sq")

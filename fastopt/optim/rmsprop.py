@@ -1,5 +1,6 @@
-"""RMSprop (torch.optim.RMSprop's update), and the host-only guard shared by
-the optimizers that have no CUDA kernel (RMSprop, Adagrad, Lion)."""
+"""RMSprop (torch.optim.RMSprop's update), and the host-only guard for an
+optimizer the CUDA backend cannot step (``HostOnly``: LAMB, whose per-tensor
+trust ratio is not an elementwise update)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ from ..backends.scalars import rmsprop_scalars
 from .base import FLAG, NONNEG, Optimizer
 
 
+#: what the refusals suggest instead: the optimizers that step device arrays
+ON_THE_GPU = "SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam or Lion"
+
+
 def refuse_device(name, backend, params) -> None:
     """Refuse device params (or ``backend="cuda"``) for an optimizer that has
     only CPU kernels, before anything is made or kept."""
     if backend == "cuda":
         raise ValueError(f"{name} has no CUDA kernel (backend='cuda'): it steps host NumPy "
-                         "arrays with the CPU backends; on the GPU use Adam, AdamW or SGD")
+                         f"arrays with the CPU backends; on the GPU use {ON_THE_GPU}")
     if params is not None and (is_device_array(params)
                                or type(params).__name__ == "DeviceFlatArrays"):
         raise TypeError(f"{name} has no CUDA kernel: its params must be host NumPy arrays, "
-                        "got device arrays; on the GPU use Adam, AdamW or SGD, or step "
+                        f"got device arrays; on the GPU use {ON_THE_GPU}, or step "
                         "host copies")
 
 
@@ -35,7 +40,7 @@ class HostOnly(Optimizer):
         super().bind(params)
 
 
-class RMSprop(HostOnly):
+class RMSprop(Optimizer):
     r"""RMSprop with torch.optim.RMSprop's exact update.
 
     .. math::
@@ -49,7 +54,7 @@ class RMSprop(HostOnly):
             \text{ otherwise}
 
     State (torch's names): ``square_avg``, ``grad_avg`` (centered),
-    ``momentum_buffer`` (momentum > 0). Host arrays only (no CUDA kernel).
+    ``momentum_buffer`` (momentum > 0).
     """
 
     _state_names = ("square_avg", "grad_avg", "momentum_buffer")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..backends.scalars import sgd_scalars
-from .base import FLAG, NONNEG, Optimizer, REAL, span
+from .base import FLAG, NONNEG, Optimizer, REAL
 
 
 class SGD(Optimizer):
@@ -46,16 +46,3 @@ class SGD(Optimizer):
                         nesterov=h["nesterov"], weight_decay=h["weight_decay"],
                         first_step=first, maximize=h["maximize"])
         return s, ("momentum_buffer",) if has_momentum else ()
-
-    def _step_group(self, backend, h, state, runs, segments, coef):
-        has_momentum = h["momentum"] != 0.0
-        # torch starts each momentum buffer as a copy of the first gradient.
-        first = has_momentum and "momentum_buffer" not in state["runs"][0]
-        s = sgd_scalars(lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"],
-                        nesterov=h["nesterov"], weight_decay=h["weight_decay"],
-                        first_step=first, grad_scale=coef, maximize=h["maximize"])
-        for ri, p, g, lo, hi in segments:
-            buf = (span(self._state_buffer(state, runs, ri, "momentum_buffer"), lo, hi)
-                   if has_momentum else None)
-            w, out = self._targets(state, ri, p, lo, hi)
-            backend.sgd_update(w, g, buf, s, out)

@@ -146,22 +146,29 @@ def test_sgd_kernel_matches_reference(rng, dtype, momentum, dampening, nesterov,
 @OFFSETS
 def test_update_kernels_run_the_shared_element_functions(rng, monkeypatch, offset):
     """The kernels have no per-element math of their own: every element goes
-    through fastopt.backends.elements, the functions the CPU Numba backend
-    compiles too (the vector lanes call ``adam``, the scalar loop its three
-    steps). The simulator runs kernels as Python, so wrappers count the calls."""
+    through ``_cuda_kernels._step``, which calls the element function of
+    fastopt.backends.elements (the ones the CPU Numba backend compiles too)
+    picked by the type of the step's scalars. The simulator runs kernels as
+    Python, so wrappers count the calls per optimizer."""
     from fastopt.backends import _cuda_kernels as K
     from fastopt.backends import elements
+    from fastopt.backends import scalars as S
     if not C.SIMULATOR:
         pytest.skip("counts Python calls: simulator only")
+    assert {kind: fn.element for kind, fn in K.OVER_SLOTS.items()} == {
+        S.AdamElement: elements.adam, S.SGDElement: elements.sgd,
+        S.RMSpropElement: elements.rmsprop, S.AdagradElement: elements.adagrad,
+        S.LionElement: elements.lion, S.AdamaxElement: elements.adamax,
+        S.NAdamElement: elements.nadam, S.RAdamElement: elements.radam}
     calls = {}
-    for name in ("adam", "adam_moments", "amsgrad_max", "adam_param", "sgd"):
-        calls[name] = []
+    for kind, fn in list(K.OVER_SLOTS.items()):
+        calls[kind.__name__] = []
 
-        def counted(*args, _real=getattr(elements, name), _seen=calls[name]):
+        def counted(*args, _real=fn, _seen=calls[kind.__name__]):
             _seen.append(1)             # list.append: safe across the simulator's threads
             return _real(*args)
-        monkeypatch.setattr(elements, name, counted)
-    assert K.elements is elements
+        counted.states = fn.states
+        monkeypatch.setitem(K.OVER_SLOTS, kind, counted)
     n = 8 * C.THREADS + 3               # groups of four, then a tail of three
     p = _normal(rng, n, F32)
     m, v, w, b = (np.zeros(n, F32) for _ in range(4))
@@ -176,10 +183,8 @@ def test_update_kernels_run_the_shared_element_functions(rng, monkeypatch, offse
                     first_step=True)
     C.sgd_update(dq, dev_at(g, offset), db, t)
     R.sgd_update(q, g, b, t)
-    lanes = n - n % 4 if offset == 0 else 0
-    counts = {k: len(c) for k, c in calls.items()}
-    assert counts == {"adam": lanes, "adam_moments": n, "amsgrad_max": n, "adam_param": n,
-                      "sgd": n}, counts
+    counts = {k: len(c) for k, c in calls.items() if c}
+    assert counts == {"AdamElement": n, "SGDElement": n}, counts
     close(host(dp), p, "p")
     close(host(dw), w, "vmax")
     close(host(dq), q, "sgd p")
@@ -311,8 +316,8 @@ def test_optimizer_matches_reference(rng, cls, kw):
     assert gpu.state[0]["step"] == 3
 
 
-def count_adam_launches(monkeypatch):
-    """A list that records each launch of the Adam kernels (scalar or vector)."""
+def count_update_launches(monkeypatch):
+    """A list that records each launch of the update kernels (scalar or vector)."""
     launches = []
 
     class Counting:
@@ -322,14 +327,14 @@ def count_adam_launches(monkeypatch):
         def __getitem__(self, cfg):
             launches.append(cfg)
             return self.real[cfg]
-    for name in ("_adam_kernel", "_adam_vec_kernel"):
+    for name in ("_update_kernel", "_update_vec_kernel"):
         monkeypatch.setattr(C, name, Counting(getattr(C, name)))
     return launches
 
 
 def test_one_launch_for_a_flat_buffer(rng, monkeypatch):
     """Many tensors packed in one device buffer: one update launch a step."""
-    launches = count_adam_launches(monkeypatch)
+    launches = count_update_launches(monkeypatch)
     shapes = [(3, 4), (5,), (7, 2)] * 20
     flat = fastopt.pack([np.ones(s, np.float32) for s in shapes])
     opt = fastopt.AdamW(dev(flat.data), lr=1e-3)
@@ -479,7 +484,7 @@ def test_device_pack_steps_many_tensors_in_one_launch(rng, monkeypatch, grads_as
     assert [tuple(v.shape) for v in params] == shapes
     ref = fastopt.AdamW(ref_p, lr=1e-2, max_grad_norm=1.0, backend="numpy")
     opt = fastopt.AdamW(params, lr=1e-2, max_grad_norm=1.0)
-    launches = count_adam_launches(monkeypatch)
+    launches = count_update_launches(monkeypatch)
     for _ in range(2):
         g = ref_p.zeros_like()
         g.data[...] = _normal(rng, g.data.size, F32, 2.0)

@@ -1,0 +1,266 @@
+"""Where an optimizer's arrays live: a placement, chosen when params are bound.
+
+An optimizer class declares its math (``_element_step``: the step's scalars
+and the state buffers its element function reads, in order) and the base
+class owns what does not depend on where the arrays are: param groups,
+hyperparameters, schedules, counters, checkpoints. A placement owns what
+does, behind one small interface:
+
+* taking and checking a group's arrays (``group_arrays``, ``check_params``)
+  and splitting them into runs, the arrays stepped as one (``runs``);
+* the dtype the step computes in, float32 master copies of 16-bit params,
+  state buffers (one per name over a group, with each run's view of it),
+  copies to the host for checkpoints;
+* the step (``step(opt, grads)``).
+
+:class:`HostPlacement` holds NumPy arrays and runs the compiled host step
+(one native call per group: ``Optimizer._host_step``).
+:class:`DevicePlacement` holds device arrays (``__cuda_array_interface__``)
+and launches the device norm pass and one generic update kernel per run
+(:func:`fastopt.backends.numba_cuda.update`), for any optimizer whose
+element function the CUDA backend dispatches to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _validate as V
+from ..backends.lowp import compute_dtype, is_low_precision
+from ..backends.tables import element_of
+from ..params import in_memory_order, memory_runs
+
+
+def span(a, lo, hi):
+    """``a[lo:hi]`` of a 1-D buffer, or ``a`` itself when that is all of it:
+    a device array's slice is a new Python object that costs microseconds
+    per step (a packed group steps its whole buffers)."""
+    return a if lo == 0 and hi == a.shape[0] else a[lo:hi]
+
+
+def _bounds(sizes):
+    """``(lo, hi)`` of consecutive pieces of ``sizes`` elements."""
+    lo, out = 0, []
+    for n in sizes:
+        out.append((lo, lo + n))
+        lo += n
+    return out
+
+
+def _views(buf, room, sizes):
+    """Views of ``sizes`` elements at the starts of pieces of ``room``."""
+    return [span(buf, lo, lo + n) for (lo, _), n in zip(_bounds(room), sizes)]
+
+
+def placement_for(backend):
+    """The placement of a backend's arrays: the device for ``backend.device``."""
+    return DevicePlacement(backend) if getattr(backend, "device", False) else HostPlacement()
+
+
+class HostPlacement:
+    """Host NumPy arrays, stepped by the compiled CPU backends."""
+
+    device = False
+
+    @staticmethod
+    def group_arrays(where, given):
+        """``(checked arrays, packed buffer or None)`` of one group's params
+        (runs of views are found by address on the host: :meth:`runs`)."""
+        arrays = V.as_array_list(where, given)
+        for i, a in enumerate(arrays):
+            V.check_float_array(f"{where}[{i}]", a, writable=True, allow_low_precision=True)
+        return arrays, None
+
+    @staticmethod
+    def check_params(named):
+        V.check_disjoint(named)
+
+    @staticmethod
+    def runs(params, packed):
+        """``(start, stop, flat)`` per run: arrays lying end to end in memory."""
+        return memory_runs(params)
+
+    memory_ordered = staticmethod(in_memory_order)
+    compute_dtype = staticmethod(compute_dtype)
+    is_low = staticmethod(is_low_precision)
+
+    @staticmethod
+    def master_copy(flat):
+        return flat.astype(np.float32)
+
+    @staticmethod
+    def state_buffer(sizes, dtype, data=None):
+        """One buffer over a group's runs of ``sizes`` elements, laid end to
+        end (the compiled step addresses it by element offset), and each
+        run's view: zeros, or a copy of ``data`` (a checkpoint's host array)."""
+        buf = np.zeros(sum(sizes), dtype) if data is None else np.array(data, copy=True)
+        return buf, _views(buf, sizes, sizes)
+
+    @staticmethod
+    def to_host(a):
+        return a
+
+    @staticmethod
+    def step(opt, grads):
+        return opt._host_step(grads)
+
+
+class DevicePlacement:
+    """Device arrays (backend ``"cuda"``): params, grads and state on the GPU.
+
+    A group given as one ``DeviceFlatArrays`` is one run (one launch per
+    step); any other device array is a run of its own. Every launch goes
+    to the default stream; nothing waits for the GPU inside a step except
+    the 8-byte skip flag when a step may be skipped (see :meth:`step`).
+    """
+
+    device = True
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def group_arrays(self, where, given):
+        be = self.backend
+        if isinstance(given, be.DeviceFlatArrays):
+            return list(given), given.data
+        if be.is_device_array(given) or isinstance(given, np.ndarray):
+            given = [given]
+        if not isinstance(given, (list, tuple)):
+            raise TypeError(f"{where} must be a device array or a list of them, got "
+                            f"{type(given).__name__}")
+        return [be.check_array(f"{where}[{i}]", a) for i, a in enumerate(given)], None
+
+    def check_params(self, named):
+        self.backend.check_devices(named)
+        self.backend.check_disjoint(named)
+
+    def runs(self, params, packed):
+        if packed is not None:
+            return [(0, len(params), packed)]
+        return [(k, k + 1, self.backend.flat(a)) for k, a in enumerate(params)]
+
+    @staticmethod
+    def memory_ordered(params):
+        return True      # device grads come as a list or a DeviceFlatArrays, never a FlatArrays
+
+    def compute_dtype(self, dtype):
+        return self.backend.compute_dtype(dtype)
+
+    def is_low(self, dtype):
+        return self.backend.is_low_precision(dtype)
+
+    def master_copy(self, flat):
+        return self.backend.to_master(flat)
+
+    def state_buffer(self, sizes, dtype, data=None):
+        """As :meth:`HostPlacement.state_buffer`, with each run's view
+        starting at a multiple of four elements: aligned for the four-wide
+        update kernel, as a fresh allocation is (one run's view is the
+        whole buffer). ``data`` is copied to the device once."""
+        room = [-(-n // 4) * 4 for n in sizes]
+        if data is None:
+            buf = self.backend.zeros(sum(room), dtype)
+        else:
+            host = np.zeros(sum(room), dtype)
+            for (lo, hi), (a, b) in zip(_bounds(room), _bounds(sizes)):
+                host[lo:lo + b - a] = data[a:b]
+            buf = self.backend.to_device(host)
+        return buf, _views(buf, room, sizes)
+
+    @staticmethod
+    def to_host(a):
+        return a.copy_to_host()
+
+    # -- the step -------------------------------------------------------------------
+    def step(self, opt, grads):
+        """:meth:`Optimizer.step` on the device.
+
+        The global-norm pass (when clipping, ``skip_nonfinite`` or a loss
+        scaler asks for it) leaves the clip coefficient and the skip flag in
+        device memory, and the update kernels read them there: with clipping
+        alone nothing waits for the GPU, and the returned norm is a
+        :class:`~fastopt.backends.numba_cuda.DeviceNorm` (``float(norm)``
+        fetches it). When a step can be skipped (``skip_nonfinite`` or a
+        loss scaler) the host reads the 8-byte flag once after launching the
+        step, to keep step counts and the loss scale exact (as torch's
+        GradScaler reads ``found_inf``); the kernels never wait for it.
+        """
+        be = self.backend
+        if isinstance(grads, be.DeviceFlatArrays):
+            # immutable like FlatArrays: checked once, then cached by identity
+            if grads is not opt._cached[0]:
+                opt._cached = (grads, self._flat_grad_segments(opt, grads))
+            segments = opt._cached[1]
+            return self._launch(opt, segments, [seg[2] for segs in segments for seg in segs])
+        flats = self._grad_list(opt, grads)
+        segments = opt._per_array_segments(
+            lambda k, run: (run["flat"] if run["stop"] - run["start"] == 1
+                            else be.flat(opt._params[k])), flats)
+        return self._launch(opt, segments, flats)
+
+    def _grad_list(self, opt, grads):
+        """Grads given array by array, checked against the params: 1-D views."""
+        be, params = self.backend, opt._params
+        if be.is_device_array(grads) or isinstance(grads, np.ndarray):
+            grads = [grads]
+        if not isinstance(grads, (list, tuple)):
+            raise TypeError("grads must be a device array or a list of them, got "
+                            f"{type(grads).__name__}")
+        if len(grads) != len(params):
+            raise ValueError(f"grads has {len(grads)} arrays but params has {len(params)}")
+        flats = []
+        for i, (g, p) in enumerate(zip(grads, params)):
+            g = be.check_array(f"grads[{i}]", g)
+            V.check_same_layout(f"grads[{i}]", g, f"params[{i}]", p)
+            flats.append(be.flat(g))
+        named = [(f"grads[{i}]", g) for i, g in enumerate(flats)]
+        be.check_devices(named)
+        be.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(params)], named)
+        return flats
+
+    def _flat_grad_segments(self, opt, grads):
+        """Segments for grads given as a DeviceFlatArrays: one per run."""
+        be, params = self.backend, opt._params
+        if grads.shapes != tuple(tuple(p.shape) for p in params):
+            raise ValueError(f"grads holds {len(grads.shapes)} arrays of shapes "
+                             f"{list(grads.shapes)[:4]}... that do not match the params' "
+                             f"{[tuple(p.shape) for p in params][:4]}...")
+        if grads.dtype != params[0].dtype or any(p.dtype != grads.dtype for p in params):
+            raise TypeError(f"grads has dtype {grads.dtype} but the params have "
+                            f"{sorted({str(p.dtype) for p in params})}")
+        data = grads.data
+        be.check_devices([("grads", data)])
+        be.check_disjoint([(f"params[{i}]", a) for i, a in enumerate(params)],
+                          [("grads", data)])
+        return opt._run_segments(data)
+
+    def _launch(self, opt, segments, flats):
+        """The step once grads are checked: ``segments`` per group as in
+        :meth:`Optimizer._per_array_segments`, ``flats`` the 1-D grads whose
+        norm the step may need."""
+        be = self.backend
+        hypers, max_norm, check, inv_scale = opt._step_options()
+        # every state buffer is allocated before anything is launched
+        created = []
+        try:
+            plans = [opt._group_state(gi, h, created) for gi, h in enumerate(hypers)]
+        except BaseException:
+            opt._forget(created)
+            raise
+        ctrl = None
+        if max_norm is not None or check:
+            ctrl = be.norm_control(flats, max_norm=max_norm or 0.0, inv_scale=inv_scale,
+                                   check=check)
+        for (s, names), segs, st in zip(plans, segments, opt.state):
+            el = element_of(s, len(names))
+            for ri, p, g, lo, hi in segs:
+                bufs = st["runs"][ri]
+                master = bufs.get("master")
+                w, out = (p, None) if master is None else (span(master, lo, hi), p)
+                be.update(el, w, g, [span(bufs[n], lo, hi) for n in names], out, ctrl)
+        skip = bool(check and ctrl.skipped())
+        if skip:
+            # the kernels wrote nothing: forget buffers this step created, so
+            # e.g. SGD's first momentum step is still its first next time
+            opt._forget(created)
+        return opt._finish_step(skip, None if ctrl is None else be.DeviceNorm(ctrl), hypers)
