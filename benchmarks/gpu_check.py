@@ -20,7 +20,13 @@ It installs nothing and needs no network. In one process, on one card:
 5. 1000 tensors x 1000 elements: fastopt stepping one packed device buffer
    (one launch) vs torch fused over 1000 tensors (target >= 5x);
 6. bfloat16 params and grads with a float32 master (fastopt; torch fused
-   AdamW on bfloat16 params, no master, as the nearest torch row).
+   AdamW on bfloat16 params, no master, as the nearest torch row);
+7. the rest of the family on the device (SGD, RMSprop, Adagrad, Adamax,
+   NAdam, RAdam, Lion: one generic update kernel): for each, a check (10
+   steps at 1M elements against the NumPy reference on the host and, where
+   torch has the optimizer, torch on CUDA) and the float32 step at 64M
+   elements against torch's fastest path (foreach or fused, whichever
+   torch offers and wins; named in the results).
 
 Times are wall clock around ``reps`` steps between two synchronisations,
 best of several trials (so host-side overhead per step is included, as a
@@ -43,11 +49,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu.json"
 ADAMW_BYTES = 28            # float32 AdamW: read p, g, m, v; write p, m, v
 BIG = 1 << 26               # 64M elements
 MANY, EACH = 1000, 1000     # the many-small-tensors case
+#: the family on the device: each optimizer's settings (torch's names and
+#: meanings; torch.optim has all but Lion). AdamW is measured above.
+FAMILY = {"SGD": dict(lr=1e-2, momentum=0.9), "RMSprop": dict(lr=1e-3, momentum=0.9),
+          "Adagrad": dict(lr=1e-2), "Adamax": dict(lr=2e-3), "NAdam": dict(lr=2e-3),
+          "RAdam": dict(lr=1e-3), "Lion": dict(lr=1e-4, weight_decay=0.1)}
+CHECK_N, CHECK_STEPS = 1 << 20, 10
+#: a checked element agrees to this relative error (floor 1 in the divisor:
+#: params are ~1); a few may not (Lion's sign of a value within rounding of 0)
+CHECK_RTOL, CHECK_MAX_OFF = 1e-5, 1e-5
 TARGETS = {"adamw_fp32_64M_roofline_fraction": 0.80,
            "adamw_fp32_64M_vs_torch_fused": 1.0,
            "many_1000x1000_vs_torch_fused": 5.0}
@@ -153,8 +170,10 @@ def best_time(step, sync, reps, trials, warmup=2):
 def run_tests(timeout):
     """The CUDA tests, for real, in a subprocess (simulator off)."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    # (test_cuda_family.py runs its device tests for real here; its simulator
+    # run is for machines without a GPU)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "tests/cuda_sim", "tests/test_cuda_ptx.py"]
+           "tests/cuda_sim", "tests/test_cuda_ptx.py", "tests/test_cuda_family.py"]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -192,18 +211,19 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON path")
     ap.add_argument("--skip-tests", action="store_true", help="measurements only")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--test-timeout", type=int, default=180)
+    ap.add_argument("--test-timeout", type=int, default=300)
     ap.add_argument("--budget-s", type=float, default=270.0,
                     help="stop starting measurements after this many seconds (default 270)")
     # a dry run of this script's own code under the CUDA simulator, with tiny
     # sizes (tests/test_cuda_gpu_check.py); its numbers mean nothing
     ap.add_argument("--simulate", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global BIG, MANY, EACH
+    global BIG, MANY, EACH, CHECK_N, CHECK_STEPS
     if args.simulate:
         if not os.environ.get("NUMBA_ENABLE_CUDASIM"):
             ap.error("--simulate needs NUMBA_ENABLE_CUDASIM=1 in the environment")
         BIG, MANY, EACH = 1 << 10, 4, 100
+        CHECK_N, CHECK_STEPS = 300, 3
         args.skip_tests, args.quick = True, True
 
     try:
@@ -212,21 +232,29 @@ def main(argv=None):
         print(f"gpu_check: no GPU run possible: {exc}", file=sys.stderr)
         return 2
 
-    import numpy as np
-
     from fastopt.backends import numba_cuda as C
 
     torch, torch_why = torch_cuda()
+    tdev = "cuda"
+    if args.simulate and torch is None:
+        # the dry run takes the torch rows too, on CPU tensors (its numbers
+        # mean nothing), so their code runs before a GPU run depends on it
+        try:
+            import torch
+            tdev, torch_why = "cpu", None
+        except ImportError:
+            pass
     trials, reps = (3, 10) if args.quick else (5, 30)
     if args.simulate:
         trials, reps = 1, 1
     sync = cuda.synchronize
-    tsync = torch.cuda.synchronize if torch is not None else None
+    tsync = (torch.cuda.synchronize if tdev == "cuda" else lambda: None) if torch is not None \
+        else None
     t_start = time.perf_counter()
     _DEADLINE[0] = t_start + args.budget_s
     report = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "card": card_info(cuda), "versions": versions(),
-              "torch_cuda": torch is not None, "torch_note": torch_why,
+              "torch_cuda": torch is not None and tdev == "cuda", "torch_note": torch_why,
               "simulated": bool(args.simulate),
               "method": "wall clock over reps steps between synchronisations, best of "
                         f"{trials} trials of {reps}; GB/s = bytes moved / time",
@@ -296,7 +324,7 @@ def main(argv=None):
 
     def torch_adamw(n, count, dtype="float32", clip=False):
         dt = getattr(torch, dtype)
-        ps = [torch.randn(n, device="cuda", dtype=dt, requires_grad=True)
+        ps = [torch.randn(n, device=tdev, dtype=dt, requires_grad=True)
               for _ in range(count)]
         for q in ps:
             q.grad = torch.randn_like(q)
@@ -356,11 +384,79 @@ def main(argv=None):
         measure(R, "torch_fused_adamw_bf16_64M_no_master",
                 lambda: torch_adamw(BIG, 1, "bfloat16"))
 
-    # -- targets ---------------------------------------------------------------------
     def ratio(a, b):
+        """How many times faster ``a`` ran than ``b`` (None: either missing)."""
         ta, tb = R.get(a, {}).get("seconds"), R.get(b, {}).get("seconds")
         return tb / ta if ta and tb else None
 
+    # -- the family: a check each, and the step against torch's fastest path ----------
+    def family_check(name):
+        cls, kw = getattr(fastopt, name), FAMILY[name]
+        init = rng.standard_normal(CHECK_N, dtype=np.float32)
+        grads = [rng.standard_normal(CHECK_N, dtype=np.float32) for _ in range(CHECK_STEPS)]
+        p, host = cuda.to_device(init), init.copy()
+        opt, ref = cls(p, **kw), cls([host], backend="numpy", **kw)
+        for g in grads:
+            opt.step(cuda.to_device(g))
+            ref.step([g])
+        got = p.copy_to_host()
+        out = {"elements": CHECK_N, "steps": CHECK_STEPS,
+               "vs_reference": agreement(got, host)}
+        tcls = None if torch is None else getattr(torch.optim, name, None)
+        if tcls is not None:
+            tp = torch.tensor(init, device=tdev, requires_grad=True)
+            topt = tcls([tp], **kw)
+            for g in grads:
+                tp.grad = torch.tensor(g, device=tdev)
+                topt.step()
+            out["vs_torch"] = agreement(got, tp.detach().cpu().numpy())
+        out["ok"] = all(v["ok"] for k, v in out.items() if k.startswith("vs_"))
+        return out
+
+    def family_step(name):
+        p = cuda.to_device(rng.standard_normal(BIG, dtype=np.float32))
+        g = cuda.to_device(rng.standard_normal(BIG, dtype=np.float32))
+        opt = getattr(fastopt, name)(p, **FAMILY[name])
+        opt.step(g)          # compiles (or loads) this optimizer's kernel, makes its state
+        states = len(opt.state[0]["flat"])
+        return step_rate(opt, g, moved=family_bytes(states)) | {"state_buffers": states}
+
+    def torch_family_step(name, impl, states):
+        q = torch.randn(BIG, device=tdev, requires_grad=True)
+        q.grad = torch.randn_like(q)
+        opt = getattr(torch.optim, name)([q], **FAMILY[name], **{impl: True})
+        t = best_time(opt.step, tsync, reps, trials)
+        return {"elements": BIG, "impl": impl, "seconds": t,
+                "gbps": family_bytes(states) / t / 1e9}
+
+    family = {}
+    for name in FAMILY:
+        key = name.lower()
+        measure(R, f"check_{key}_vs_reference_and_torch", lambda: family_check(name))
+        measure(R, f"fastopt_{key}_fp32_64M", lambda: family_step(name))
+        states = R[f"fastopt_{key}_fp32_64M"].get("state_buffers")
+        rows = {}
+        if torch is None or not hasattr(torch.optim, name):
+            why = torch_why or f"torch {torch.__version__} has no {name}"
+        elif states is None:
+            why = "fastopt's step did not run"
+        else:
+            why = None
+            for impl in torch_impls(getattr(torch.optim, name)):
+                rows[impl] = f"torch_{impl}_{key}_fp32_64M"
+                measure(R, rows[impl], lambda: torch_family_step(name, impl, states))
+        if why:
+            R[f"torch_{key}_fp32_64M"] = {"skipped": why}
+        timed = [i for i in rows if R[rows[i]].get("seconds")]
+        best = min(timed, key=lambda i: R[rows[i]]["seconds"], default=None)
+        family[name] = {
+            "checked_ok": R[f"check_{key}_vs_reference_and_torch"].get("ok"),
+            "torch_fastest": best,
+            "vs_torch_fastest": None if best is None else ratio(f"fastopt_{key}_fp32_64M",
+                                                                rows[best])}
+    report["family"] = family
+
+    # -- targets ---------------------------------------------------------------------
     met = {}
     frac = R.get("fastopt_adamw_fp32_64M", {}).get("roofline_fraction")
     met["adamw_fp32_64M_roofline_fraction"] = frac
@@ -385,7 +481,30 @@ def main(argv=None):
     print(summary(report))
     print(f"wrote {args.out}")
     tests_ok = args.skip_tests or report["tests"]["ok"]
-    return 0 if tests_ok else 1
+    checks_ok = all(f["checked_ok"] is not False for f in family.values())
+    return 0 if tests_ok and checks_ok else 1
+
+
+def family_bytes(states):
+    """Bytes a float32 step moves: p read and written, g read, each state
+    buffer read and written."""
+    return 4 * (3 + 2 * states) * BIG
+
+
+def agreement(got, want):
+    """How closely ``got`` follows ``want`` elementwise (see CHECK_RTOL)."""
+    err = np.abs(got.astype(np.float64) - want) / np.maximum(np.abs(want), 1.0)
+    off = float(np.mean(~(err <= CHECK_RTOL)))       # NaN counts as off
+    return {"max_rel_err": float(np.max(err)), "fraction_off": off,
+            "ok": off <= CHECK_MAX_OFF}
+
+
+def torch_impls(tcls):
+    """torch's multi-tensor paths for ``tcls``: foreach, and fused where its
+    signature has it (a fused path CUDA lacks fails its measurement, said)."""
+    import inspect
+    params = inspect.signature(tcls).parameters
+    return [impl for impl in ("foreach", "fused") if impl in params]
 
 
 def summary(report) -> str:
@@ -397,10 +516,18 @@ def summary(report) -> str:
     for k, v in report["results"].items():
         if "gbps" in v:
             lines.append(f"{k:40s} {v['seconds'] * 1e3:9.3f} ms  {v['gbps']:8.1f} GB/s")
+        elif "ok" in v:      # a family check
+            errs = ", ".join(f"{w[3:]} {v[w]['max_rel_err']:.1e}" for w in v if w[:3] == "vs_")
+            lines.append(f"{k:40s} {'ok' if v['ok'] else 'FAILED'} (max rel err: {errs})")
         else:
             lines.append(f"{k:40s} {v.get('error') or v.get('skipped')}")
     for k, val in report.get("reported", {}).items():
         lines.append(f"reported {k}: {'n/a' if val is None else f'{val:.2f}'}")
+    for name, f in report.get("family", {}).items():
+        vs = f["vs_torch_fastest"]
+        lines.append(f"family {name}: check {'ok' if f['checked_ok'] else 'FAILED'}, "
+                     f"vs torch {f['torch_fastest'] or '-'}: "
+                     f"{'n/a' if vs is None else f'{vs:.2f}x'}")
     for k, target in TARGETS.items():
         val = m.get(k)
         shown = "n/a" if val is None else f"{val:.2f}"

@@ -14,12 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import fastopt
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+FAMILY = ["SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Lion"]
 
 
 def _run(args, env_extra=None, timeout=240):
@@ -60,3 +62,44 @@ def test_simulated_dry_run_writes_the_results_file(tmp_path):
         assert res[key]["gbps"] > 0
     assert set(report["targets_met"]) == set(report["targets"])
     assert "target adamw_fp32_64M_roofline_fraction" in proc.stdout
+    # the family: each optimizer checked against the reference (and torch,
+    # on CPU tensors in the dry run, where torch has it) and timed
+    family = report["family"]
+    assert set(family) == set(FAMILY)
+    torch = importlib.util.find_spec("torch") is not None
+    for name in FAMILY:
+        key = name.lower()
+        check = res[f"check_{key}_vs_reference_and_torch"]
+        assert check["ok"] is True and check["vs_reference"]["fraction_off"] == 0, check
+        assert ("vs_torch" in check) == (torch and name != "Lion"), check
+        assert res[f"fastopt_{key}_fp32_64M"]["gbps"] > 0
+        assert family[name]["checked_ok"] is True
+        if torch and name != "Lion":
+            best = family[name]["torch_fastest"]
+            assert best in ("foreach", "fused")
+            assert res[f"torch_{best}_{key}_fp32_64M"]["gbps"] > 0
+            assert family[name]["vs_torch_fastest"] > 0
+        else:
+            assert family[name]["vs_torch_fastest"] is None
+        assert f"family {name}: check ok" in proc.stdout
+    assert "no Lion" in res["torch_lion_fp32_64M"].get("skipped", "") or not torch
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_family_check_agreement_sees_a_difference():
+    """The family check's comparison fails on a wrong element or a NaN, and
+    passes within its relative tolerance."""
+    gc = _script()
+    want = np.linspace(-3.0, 3.0, 200_001).astype(np.float32)
+    assert gc.agreement(want * np.float32(1 + 1e-6), want)["ok"]
+    for bad in (1.5, np.nan):
+        got = want.copy()
+        got[10:20] = bad
+        out = gc.agreement(got, want)
+        assert not out["ok"] and out["fraction_off"] == pytest.approx(10 / want.size)
