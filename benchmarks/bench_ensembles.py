@@ -40,7 +40,7 @@ class EnsembleRatios:
     param_names = ["threads", "backend"]
 
     def setup_cache(self):
-        from fastopt.nn import bench
+        from fastopt.bench import nn as bench
         return {"1": bench.bench_ensemble(16, ARCH, batch=BATCH, rounds=3, threads=1),
                 "default": bench.bench_ensemble(16, ARCH, batch=BATCH, rounds=3, threads=None)}
 

@@ -46,7 +46,7 @@ class MLPTrainStepRatios:
     param_names = ["threads", "backend"]
 
     def setup_cache(self):
-        from fastopt.nn import bench
+        from fastopt.bench import nn as bench
         return {"1": bench.bench_train_step(ARCH, batch=256, rounds=3, threads=1),
                 "default": bench.bench_train_step(ARCH, batch=256, rounds=3, threads=None)}
 

@@ -144,11 +144,11 @@ def test_train_mpi_flags_refused_where_they_mean_nothing(flags):
 
 
 def test_bench_mlp_cases_train_alike():
-    """``python -m fastopt.distributed.bench mlp`` under mpiexec: blocking,
+    """``python -m fastopt.bench.distributed mlp`` under mpiexec: blocking,
     overlapped and sharded rows, each the same training run."""
     if not _mnist_available():
         pytest.skip("MNIST files not found")
-    out = mpirun(2, [sys.executable, "-m", "fastopt.distributed.bench", "mlp", "--epochs", "1",
+    out = mpirun(2, [sys.executable, "-m", "fastopt.bench.distributed", "mlp", "--epochs", "1",
                      "--threads", "1", "--bucket-elems", "1"])
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import fastopt
-from fastopt import perfguard
+from fastopt.bench import guard as perfguard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.dirname(os.path.abspath(fastopt.__file__))
@@ -45,7 +45,7 @@ def test_floors_are_package_data():
         pytest.importorskip("tomli")
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
-    assert "floors.json" in data.get("fastopt", [])
+    assert "floors.json" in data.get("fastopt.bench", [])
 
 
 def test_repository_copy_matches_the_shipped_floors():

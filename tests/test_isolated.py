@@ -1,4 +1,4 @@
-"""fastopt._isolated: one process per implementation, interleaved rounds."""
+"""fastopt.bench.isolated: one process per implementation, interleaved rounds."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from fastopt._isolated import Impl, time_isolated
+from fastopt.bench.isolated import Impl, time_isolated
 
 
 def test_times_each_implementation_in_its_own_process():
     kw = {"sizes": [8, 4, 3], "batch": 4}
-    factory = "fastopt.nn.bench:make_step_impl"
+    factory = "fastopt.bench.nn:make_step_impl"
     start = time.perf_counter()
     times = time_isolated({"fast": Impl(factory, dict(kw, impl="fastopt-numpy")),
                            "plain": Impl(factory, dict(kw, impl="numpy"))},
@@ -27,7 +27,7 @@ def test_times_each_implementation_in_its_own_process():
 
 def test_worker_failure_names_the_worker():
     with pytest.raises(RuntimeError, match="worker 'broken' exited with code 1"):
-        time_isolated({"broken": Impl("fastopt.nn.bench:make_step_impl",
+        time_isolated({"broken": Impl("fastopt.bench.nn:make_step_impl",
                                       {"impl": "no such implementation"})}, rounds=1,
                       block_s=0.01, pause_s=0.0)
 

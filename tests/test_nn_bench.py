@@ -1,4 +1,4 @@
-"""fastopt.nn.bench: the ratios are what they claim, and the MNIST race is
+"""fastopt.bench.nn: the ratios are what they claim, and the MNIST race is
 between the same recipe in fastopt and torch."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 from fastopt.bench import torch_or_none
 from fastopt.data import find_mnist
-from fastopt.nn import bench
+from fastopt.bench import nn as bench
 
 
 def test_train_step_ratios_are_same_run_time_ratios():

@@ -15,7 +15,7 @@ import os
 import pytest
 
 import fastopt
-from fastopt import perfguard
+from fastopt.bench import guard as perfguard
 from fastopt.backends import get_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -47,9 +47,12 @@ class ProgressBar:
     """A one-line progress bar on stderr with elapsed time; quiet when stderr
     is not a terminal except for one line per case (readable in CI logs)."""
 
-    def __init__(self, stream=sys.stderr, width=24):
-        self.stream, self.width, self.t0 = stream, width, time.perf_counter()
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
+    def __init__(self, stream=None, width=24):
+        # sys.stderr when called, not when this module was imported (a test
+        # harness or a caller may have swapped it since)
+        self.stream = sys.stderr if stream is None else stream
+        self.width, self.t0 = width, time.perf_counter()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def __call__(self, i, total, label):
         done = int(self.width * i / total)

@@ -1,5 +1,5 @@
 """``fastopt check-perf``: fail when a same-run speed ratio drops below its
-committed floor (the CI regression guard; see fastopt/perfguard.py)."""
+committed floor (the CI regression guard; see fastopt/bench/guard.py)."""
 
 import sys
 
@@ -7,18 +7,18 @@ HELP = "check same-run speed ratios against the floors shipped with fastopt"
 
 
 def add_arguments(parser):
-    # default None: perfguard reads the floors shipped inside the package
+    # default None: the guard reads the floors shipped inside the package
     # (importlib.resources), so the command works from any directory
     parser.add_argument("--floors", default=None,
                         help="floors file (default: the one shipped with fastopt, "
-                             "fastopt/floors.json)")
+                             "fastopt/bench/floors.json)")
     parser.add_argument("--attempts", type=int, default=None,
                         help="measurements before a ratio below its floor fails "
                              "(default: the file's, else 3)")
 
 
 def run(args):
-    from .. import perfguard
+    from ..bench import guard as perfguard
 
     spec = perfguard.load_floors(args.floors)
     checks = perfguard.run_checks(

@@ -2,10 +2,10 @@
 
 ::
 
-    python -m fastopt.distributed.bench step            # 1 process: the baseline
-    mpiexec -n 2 python -m fastopt.distributed.bench step
-    mpiexec -n 2 python -m fastopt.distributed.bench mlp
-    mpiexec -n 3 python -m fastopt.distributed.bench mlp --bucket-elems 1
+    python -m fastopt.bench.distributed step            # 1 process: the baseline
+    mpiexec -n 2 python -m fastopt.bench.distributed step
+    mpiexec -n 2 python -m fastopt.bench.distributed mlp
+    mpiexec -n 3 python -m fastopt.bench.distributed mlp --bucket-elems 1
 
 ``step``: AdamW over ``--size`` float32 elements (default 4M): median time
 of the plain optimizer (1 process), of :class:`DataParallel` and
@@ -101,7 +101,7 @@ def bench_mlp(comm, epochs, bucket_elems=None):
     from fastopt.nn import MLP
     from fastopt.nn.training import fit, make_optimizer
 
-    from .training import DataParallelTraining
+    from ..distributed.training import DataParallelTraining
 
     N = comm.Get_size()
     X, y, Xv, yv = mnist_split()
@@ -150,7 +150,7 @@ def bench_mlp(comm, epochs, bucket_elems=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastopt.distributed.bench")
+    parser = argparse.ArgumentParser(prog="python -m fastopt.bench.distributed")
     parser.add_argument("what", choices=["step", "mlp"])
     parser.add_argument("--size", type=int, default=1 << 22)
     parser.add_argument("--repeat", type=int, default=15)

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 _TAG = "@@fastopt-isolated "
-_BOOT = "from fastopt._isolated import _serve; _serve()"
+_BOOT = "from fastopt.bench.isolated import _serve; _serve()"
 
 
 @dataclass

@@ -33,7 +33,7 @@ import numpy as np
 
 import fastopt
 
-from . import bench_numpy
+from . import baselines as bench_numpy
 
 
 class Kind(NamedTuple):
@@ -135,7 +135,7 @@ def _stream_kernels():
     if not _STREAM:
         from numba import njit, prange
 
-        from ._openmp import start_numba_threads
+        from .._openmp import start_numba_threads
         start_numba_threads()     # the same thread pool (and spin) as fastopt's kernels
 
         def rw4_3(p, g, m, v):
@@ -671,7 +671,7 @@ def _plot_cases(ax, report):
 def plot(report, path):
     """Throughput and time per step vs size, per implementation, with the
     same-run roofline drawn. Needs matplotlib; returns False without it."""
-    from ._plotting import agg_pyplot
+    from .._plotting import agg_pyplot
     plt = agg_pyplot()
     if plt is None:
         return False

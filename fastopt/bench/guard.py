@@ -4,7 +4,7 @@ Absolute times on such machines drift by tens of percent from run to run,
 so the guard never compares them. It compares **same-run ratios** (fastopt
 vs a straightforward NumPy step, fastopt vs a streaming kernel that moves
 the same bytes, all timed interleaved in one process) against **floors**
-shipped with the package (``fastopt/floors.json``, read with
+shipped with the package (``fastopt/bench/floors.json``, read with
 importlib.resources so an installed ``fastopt check-perf`` finds them; the
 repository's ``benchmarks/floors.json`` is kept identical to it by
 tests/test_hardening_perfguard.py). A ratio below its
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 
-from . import bench
+from .. import bench
 
 METRICS = {
     "roofline": "fraction of the streaming kernel's speed",
@@ -39,7 +39,7 @@ _RATIO = {"roofline": "roofline", "numpy": "numpy", "torch": "torch_best"}
 def shipped_floors():
     """The floors file inside the installed package (package data, see
     pyproject.toml), wherever the command runs from."""
-    return resources.files("fastopt").joinpath("floors.json")
+    return resources.files("fastopt.bench").joinpath("floors.json")
 
 
 # for messages and --help; load_floors() reads the resource itself

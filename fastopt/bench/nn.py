@@ -4,7 +4,7 @@ Each function returns a dict (JSON-safe) of times and ratios measured in one
 process run with the implementations interleaved round by round; a time is
 the minimum over rounds of the mean step time in that round, so the ratios
 compare like with like on a shared, noisy machine. The asv suite can call
-these; ``python -m fastopt.nn.bench`` prints all three.
+these; ``python -m fastopt.bench.nn`` prints all three.
 
 * :func:`bench_train_step`: one training step (forward, backward, AdamW) of
   784-256-256-10, batch 256, float32, against torch (``fused=True`` AdamW)
@@ -26,7 +26,7 @@ Threads (``threads=``):
   from the thread pools.
 * ``threads=None``: each library at its own default thread count, as a user
   runs it. The step and ensemble benchmarks then time each implementation
-  in its own process (:mod:`fastopt._isolated`): in one process, a pool
+  in its own process (:mod:`fastopt.bench.isolated`): in one process, a pool
   still spinning after one implementation's call (NumPy's OpenBLAS,
   SciPy's, torch's OpenMP) slows the next, and the ratios measured the
   neighbours (docs/performance.md). :func:`bench_mnist` alternates epochs in
@@ -42,10 +42,10 @@ import numpy as np
 
 import fastopt
 
-from ..bench import time_all, torch_or_none
-from .backends import available_backends
-from .ensemble import Ensemble
-from .mlp import MLP
+from ..nn.backends import available_backends
+from ..nn.ensemble import Ensemble
+from ..nn.mlp import MLP
+from . import time_all, torch_or_none
 
 
 def _blas_info():
@@ -217,11 +217,11 @@ def _compiled_backends():
 def _time_impls(factory, names, kwargs, rounds, threads):
     """``threads=n``: all in this process, libraries limited to n threads.
     ``threads=None``: each library at its defaults, each implementation in
-    its own process (:mod:`fastopt._isolated`); the BLAS details then come
+    its own process (:mod:`fastopt.bench.isolated`); the BLAS details then come
     from this process, which loads the same libraries."""
     if threads is None:
-        from .._isolated import Impl, time_isolated
-        impls = {n: Impl(f"fastopt.nn.bench:{factory.__name__}", dict(kwargs, impl=n),
+        from .isolated import Impl, time_isolated
+        impls = {n: Impl(f"fastopt.bench.nn:{factory.__name__}", dict(kwargs, impl=n),
                          ("torch",) if n.startswith("torch") else ())
                  for n in names}
         times = time_isolated(impls, rounds=rounds)
@@ -402,7 +402,7 @@ class _MnistTrainer:
     ``accuracy()`` is the held-out accuracy (not timed)."""
 
     def __init__(self, impl, data, sizes, steps, batch, lr, seed, backend):
-        from .training import _BatchGatherer, make_optimizer
+        from ..nn.training import _BatchGatherer, make_optimizer
         Xtr, ytr, Xte, yte = data
         self.impl, self.batch, self.Xte, self.yte = impl, batch, Xte, yte
         net = _fastopt_mlp(impl, sizes, seed, backend)
@@ -487,13 +487,13 @@ def _mnist_train(impls, hidden, epochs, batch, lr, target, seed, backend, data_d
 
 def _mnist_in_own_process(impl, kwargs):
     """:func:`_mnist_train` of one implementation in a fresh process whose
-    environment is the one that library's users have (see _isolated)."""
+    environment is the one that library's users have (see fastopt.bench.isolated)."""
     import json
     import subprocess
     import sys
 
     pre = "import torch; " if impl == "torch" else ""
-    code = (pre + "import json, sys; from fastopt.nn.bench import _mnist_train; "
+    code = (pre + "import json, sys; from fastopt.bench.nn import _mnist_train; "
             "kw = json.loads(sys.argv[1]); "
             "print('@@' + json.dumps(_mnist_train([sys.argv[2]], **kw), default=float))")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs), impl],
@@ -582,7 +582,7 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=1,
                     help="BLAS and torch threads, all implementations in this process "
                          "(default 1); 0: each library's own default thread count, each "
-                         "implementation in its own process (fastopt._isolated)")
+                         "implementation in its own process (fastopt.bench.isolated)")
     a = ap.parse_args()
     a.threads = a.threads or None
     if "step" in a.which:
