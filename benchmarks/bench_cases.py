@@ -1,10 +1,10 @@
 """fastopt against NumPy, PyTorch and the memory roofline, case by case:
 the dashboard's first rows (this module's name sorts first in asv's list).
 
-The cases are ``fastopt bench``'s, by name (``fastopt.bench.workloads``):
+The cases are ``fastopt bench``'s, by name (``fastopt.bench.cases.workloads``):
 every optimizer on one 16M float32 array and on a plain list of 1000
-arrays of 1000 (``fastopt.bench.family_rows``), and the smaller plain-list
-AdamW cases of the standard matrix. A case is defined there once; the table,
+arrays of 1000 (``fastopt.bench.cases.family_rows``), and the smaller
+plain-list AdamW cases of the standard matrix. A case is defined there once; the table,
 these benchmarks and the CI guard's floors mean the same thing by its name.
 
 Read at one commit (docs/benchmarking.md, "Reading the dashboard"):
@@ -13,18 +13,16 @@ the case and the fastopt backend as its parameters; ``Step`` times every
 implementation of a case (graph it with the x-axis set to ``impl``).
 """
 
-import math
-
-from fastopt import bench
+from fastopt.bench import cases
 
 from . import common
 
 # every optimizer's two workloads, then the standard matrix's other plain
 # lists (new gradient arrays every step) up to 1M elements
-CASES = {r.case: r for kind in bench.KINDS for r in bench.family_rows(kind)}
-CASES.update((r.case, r) for r in bench.plan()
+CASES = {r.case: r for kind in cases.KINDS for r in cases.family_rows(kind)}
+CASES.update((r.case, r) for r in cases.plan()
              if r.layout == "list" and not r.clip and r.case not in CASES
-             and sum(map(math.prod, r.shapes)) <= 1 << 20)
+             and r.elements <= 1 << 20)
 # fastopt's backends, the baselines, and the streaming kernel that moves the
 # step's bytes (its time is the memory-bound limit)
 IMPLS = [*common.CPU_IMPLS, "roofline"]
@@ -40,8 +38,7 @@ class Ratios(common._RatioTracks):
     param_names = ["case", "backend"]
 
     def setup_cache(self):
-        return common.ratio_matrix({name: row[1:] for name, row in CASES.items()},
-                                   common.FASTOPT_BACKENDS)
+        return common.ratio_matrix(CASES, common.FASTOPT_BACKENDS)
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 

@@ -4,11 +4,13 @@ the AdamW step (fastopt) vs clip_grad_norm_ + step (torch) vs NumPy."""
 import numpy as np
 
 import fastopt
+from fastopt.bench import cases, machine
 
 from . import common
 
 NORM_IMPLS = ["numba", "cython", "numpy", "torch"]
-CLIP_SHAPES = [(5000,)] * 200   # a model of 200 tensors, 1M parameters
+# a model of 200 tensors, 1M parameters, clipped to global norm 1
+CLIP = cases.workloads()["clip+adamw 200 x 5k"]
 
 
 class GlobalNorm:
@@ -23,7 +25,7 @@ class GlobalNorm:
             # what a NumPy user writes: accumulate in float64 for accuracy
             self.norm = lambda: np.sqrt(np.dot(g.astype(np.float64), g.astype(np.float64)))
         elif impl == "torch":
-            torch = common.bench.torch_or_none()
+            torch = machine.torch_or_none()
             if torch is None:
                 raise NotImplementedError("torch not installed")
             t = torch.from_numpy(g)
@@ -45,7 +47,7 @@ class ClipAdamW:
     param_names = ["impl"]
 
     def setup(self, impl):
-        self.step = common.build_step(impl, "adamw", CLIP_SHAPES, clip=True)
+        self.step = common.build_step(impl, CLIP.kind, CLIP.shapes, CLIP.dtype, CLIP.clip)
 
     def time_step(self, impl):
         self.step()
@@ -63,8 +65,7 @@ class ClipAdamWRatios(common._RatioTracks):
     param_names = ["backend"]
 
     def setup_cache(self):
-        return common.ratio_matrix({"clip": ("adamw", CLIP_SHAPES, "float32", True)},
-                                   common.FASTOPT_BACKENDS)
+        return common.ratio_matrix({"clip": CLIP}, common.FASTOPT_BACKENDS)
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 

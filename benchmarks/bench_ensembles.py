@@ -5,11 +5,11 @@ fast way (stacked weights, baddbmm, fused AdamW)."""
 import numpy as np
 
 import fastopt
+from fastopt.bench import cases
 
 from . import common
 
-ARCH = (784, 64, 10)
-BATCH = 128
+ARCH, BATCH = cases.ENSEMBLE.sizes, cases.ENSEMBLE.batch
 
 
 class EnsembleTrainStep:
@@ -33,16 +33,16 @@ class EnsembleTrainStep:
 
 
 class EnsembleRatios:
-    """K=16 of 784-64-10, batch 128 each, per-model lrs: same-run speedups.
-    ``threads`` as in :class:`bench_mlp.MLPTrainStepRatios`."""
+    """``cases.ENSEMBLE`` (K=16 of 784-64-10, batch 128 each), per-model lrs:
+    same-run speedups. ``threads`` as in :class:`bench_mlp.MLPTrainStepRatios`."""
 
     params = [["1", "default"], ["numba", "cython"]]
     param_names = ["threads", "backend"]
 
     def setup_cache(self):
-        from fastopt.bench import nn as bench
-        return {"1": bench.bench_ensemble(16, ARCH, batch=BATCH, rounds=3, threads=1),
-                "default": bench.bench_ensemble(16, ARCH, batch=BATCH, rounds=3, threads=None)}
+        from fastopt.bench import nn
+        return {"1": nn.bench_ensemble(rounds=3, threads=1),
+                "default": nn.bench_ensemble(rounds=3, threads=None)}
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 

@@ -13,14 +13,14 @@ against torch, the cases of ``benchmarks/gpu_check_nn.py``.
 """
 
 import fastopt
-from fastopt import bench
+from fastopt.bench import cases, machine
 
 SIZES = [1 << 20, 1 << 26]
 IMPLS = ["cuda", "torch-cuda-fused", "torch-cuda-foreach", "roofline-d2d-copy"]
 
 
 def _torch_cuda():
-    torch = bench.torch_or_none()
+    torch = machine.torch_or_none()
     if torch is None or not torch.cuda.is_available():
         raise NotImplementedError("no GPU (or torch without CUDA)")
     return torch
@@ -32,7 +32,7 @@ class CudaAdamWStep:
     timeout = 300
 
     def setup(self, size, impl):
-        if bench.gpu_name() is None:
+        if machine.gpu_name() is None:
             raise NotImplementedError("no GPU")
         if impl == "cuda":
             if "cuda" not in fastopt.available_backends():
@@ -77,7 +77,7 @@ class CudaAdamWStep:
         for _ in range(reps):
             self.step()
         self.sync()
-        return bench.step_bytes("adamw", size, "float32") * reps / (time.perf_counter() - t0) / 1e9
+        return cases.step_bytes("adamw", size, "float32") * reps / (time.perf_counter() - t0) / 1e9
 
     track_gbps.unit = "GB/s"
 
@@ -96,7 +96,7 @@ class CudaMLPStep:
     models = 1
 
     def setup(self, impl):
-        if bench.gpu_name() is None:
+        if machine.gpu_name() is None:
             raise NotImplementedError("no GPU")
         from . import gpu_check_nn as G
         sizes, B = G.SIZES["mlp"], G.SIZES["batch"]

@@ -1,16 +1,18 @@
-"""The Adam step inside a NumPy training loop (784-256-256-10 MLP, batch
-128, float32): right after the forward/backward matmuls, whose BLAS threads
-are still spinning, rather than back to back; and the whole training step.
-Against naive NumPy Adam and torch's fused Adam (see
-``fastopt.bench.in_loop_case``)."""
+"""The Adam step inside a NumPy training loop (``cases.IN_LOOP``: a
+784-256-256-10 MLP, batch 128, float32): right after the forward/backward
+matmuls, whose BLAS threads are still spinning, rather than back to back;
+and the whole training step. Against naive NumPy Adam and torch's fused
+Adam (see ``fastopt.bench.in_loop.in_loop_case``)."""
 
-from fastopt import bench
+from fastopt.bench import cases, in_loop
 
 from . import common
 
-ARCH = (784, 256, 256, 10)
-BATCH = 128
+ARCH, BATCH = cases.IN_LOOP.sizes, cases.IN_LOOP.batch
 ITERS = 5   # training iterations per timed call
+# fastopt on a plain list and packed (grads copied in), naive NumPy Adam,
+# torch fused Adam
+IMPLS = ["cython", "numba", "cython-packed", "numba-packed", "numpy", "torch-fused"]
 
 # Seconds per training iteration of what a benchmark times, summed over the
 # calls: the ``timer`` of the time_* benchmarks below, so that asv's samples
@@ -23,6 +25,17 @@ def _per_iteration_clock():
     return _elapsed[0]
 
 
+def _warmed_up(impl, warmup=3):
+    """A warmed-up :class:`fastopt.bench.in_loop.InLoopImpl`, or
+    NotImplementedError (asv: skipped)."""
+    loop, note = in_loop.make_in_loop_impl(impl, ARCH, BATCH)
+    if loop is None:
+        raise NotImplementedError(note)
+    loop.train(warmup)      # compile (Numba), fault pages in, start the pools
+    loop.hot(warmup)
+    return loop
+
+
 class InLoopAdamStep:
     """Per training iteration: ``time_step_in_loop`` the optimizer step alone
     (``opt.step(grads)``, grads new from the backward pass), ``time_train_step``
@@ -30,11 +43,11 @@ class InLoopAdamStep:
     (grads copied into a FlatArrays each step), naive NumPy Adam, torch fused
     Adam over ``torch.from_numpy`` views."""
 
-    params = [common.IN_LOOP_IMPLS]
+    params = [IMPLS]
     param_names = ["impl"]
 
     def setup(self, impl):
-        self.loop = common.build_in_loop(impl, ARCH, BATCH)
+        self.loop = _warmed_up(impl)
 
     def time_step_in_loop(self, impl):
         _elapsed[0] += self.loop.train(ITERS)[0]
@@ -48,17 +61,17 @@ class InLoopAdamStep:
 
 
 class _InLoopCase:
-    """Same-run ratios from one ``bench.in_loop_case`` run (every
-    implementation interleaved in one process), measured once per asv run."""
+    """Same-run ratios from one ``in_loop_case`` run (every implementation
+    interleaved in one process), measured once per asv run."""
 
-    params = [common.IN_LOOP_IMPLS]
+    params = [IMPLS]
     param_names = ["impl"]
 
     def setup_cache(self):
         # Subclasses share this function's source line (asv's cache key): one
         # measurement feeds every ratio.
-        return bench.in_loop_case(impls=common.IN_LOOP_IMPLS, sizes=ARCH, batch=BATCH,
-                                  steps=20, rounds=5, packed=None)
+        return in_loop.in_loop_case(impls=IMPLS, sizes=ARCH, batch=BATCH, steps=20, rounds=5,
+                                    packed=None)
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 

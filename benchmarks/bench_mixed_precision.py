@@ -6,7 +6,7 @@ bf16 every step)."""
 import numpy as np
 
 import fastopt
-from fastopt import bench
+from fastopt.bench import cases, mixed_precision
 
 from . import common
 
@@ -14,45 +14,12 @@ SIZES = [1 << 20, 1 << 24]
 DTYPES = ["bfloat16", "float16", "float32"]
 
 
-def _dtype(name):
-    if name == "bfloat16":
-        try:
-            import ml_dtypes
-        except ImportError:
-            raise NotImplementedError("ml_dtypes not installed") from None
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
 class MixedPrecisionAdamWStep:
     params = (SIZES, DTYPES, common.FASTOPT_BACKENDS + ["torch-fused"])
     param_names = ["size", "dtype", "impl"]
 
     def setup(self, size, dtype, impl):
-        rng = np.random.default_rng(0)
-        w = rng.standard_normal(size, dtype=np.float32)
-        g = rng.standard_normal(size, dtype=np.float32) * np.float32(1e-2)
-        if impl == "torch-fused":
-            torch = bench.torch_or_none()
-            if torch is None:
-                raise NotImplementedError("torch not installed")
-            tdt = getattr(torch, dtype)
-            p = torch.from_numpy(w).to(tdt)
-            p.grad = torch.from_numpy(g).to(tdt)
-            try:
-                self.step = torch.optim.AdamW([p], lr=1e-3, fused=True).step
-                self.step()
-            except RuntimeError as e:      # a dtype this torch cannot fuse on CPU
-                raise NotImplementedError(str(e)) from None
-            return
-        common.require_backend(impl)
-        dt = _dtype(dtype)
-        params = fastopt.pack([w.astype(dt)])
-        grads = params.zeros_like()
-        grads.data[:] = g.astype(dt)
-        opt = fastopt.AdamW(params, lr=1e-3, backend=impl)
-        self.step = lambda: opt.step(grads)
-        self.step()
+        self.step = mixed_precision.adamw_step(impl, dtype, *mixed_precision.data(size))
 
     def time_step(self, size, dtype, impl):
         self.step()
@@ -62,12 +29,13 @@ class LossScaledStep:
     """bf16 AdamW with dynamic loss scaling: unscale folded into the step,
     plus the non-finite check's read of the grads."""
 
-    params = ([1 << 22], ["none", "loss_scaler"], common.FASTOPT_BACKENDS)
+    params = ([cases.MIXED_PRECISION_ELEMENTS], ["none", "loss_scaler"],
+              common.FASTOPT_BACKENDS)
     param_names = ["size", "scaling", "backend"]
 
     def setup(self, size, scaling, backend):
         common.require_backend(backend)
-        dt = _dtype("bfloat16")
+        dt = mixed_precision.dtype("bfloat16")
         rng = np.random.default_rng(0)
         params = fastopt.pack([rng.standard_normal(size, dtype=np.float32).astype(dt)])
         grads = params.zeros_like()
@@ -82,14 +50,15 @@ class LossScaledStep:
 
 
 class MixedPrecisionRatios:
-    """Same-run speedups over torch fused AdamW on bf16 params (4M elements)."""
+    """Same-run speedups over torch fused AdamW on bf16 params
+    (``cases.MIXED_PRECISION_ELEMENTS``, 4M elements)."""
 
     params = [common.FASTOPT_BACKENDS]
     param_names = ["backend"]
 
     def setup_cache(self):
-        _dtype("bfloat16")
-        return bench.mixed_precision_case(n=1 << 22, rounds=3, block=0.05)
+        mixed_precision.dtype("bfloat16")
+        return mixed_precision.mixed_precision_case(rounds=3, block=0.05)
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 

@@ -4,10 +4,11 @@ CPU and a hand-written NumPy version; fraction of same-run sgemm speed."""
 import numpy as np
 
 import fastopt
+from fastopt.bench import cases
 
 from . import common
 
-ARCH = (784, 256, 256, 10)
+ARCH = cases.TRAIN_STEP.sizes
 
 
 def _nn():
@@ -16,7 +17,7 @@ def _nn():
 
 
 class MLPTrainStep:
-    params = ([32, 256], ["relu", "gelu"], ["numba", "cython", "numpy"])
+    params = ([32, cases.TRAIN_STEP.batch], ["relu", "gelu"], ["numba", "cython", "numpy"])
     param_names = ["batch", "activation", "backend"]
 
     def setup(self, batch, activation, backend):
@@ -35,9 +36,10 @@ class MLPTrainStep:
 
 
 class MLPTrainStepRatios:
-    """784-256-256-10, batch 256, float32, AdamW: speedups over torch (CPU,
-    fused AdamW) and hand-written NumPy, and the fraction of the speed of the
-    step's own matmuls run alone through the same BLAS. ``threads``: "1"
+    """``cases.TRAIN_STEP`` (784-256-256-10, batch 256, float32, AdamW):
+    speedups over torch (CPU, fused AdamW) and hand-written NumPy, and the
+    fraction of the speed of the step's own matmuls run alone through the
+    same BLAS. ``threads``: "1"
     (every library on one thread, all in one process) or "default" (each
     library's own thread count, each implementation in its own process:
     thread pools of different libraries in one process distort each other)."""
@@ -46,9 +48,9 @@ class MLPTrainStepRatios:
     param_names = ["threads", "backend"]
 
     def setup_cache(self):
-        from fastopt.bench import nn as bench
-        return {"1": bench.bench_train_step(ARCH, batch=256, rounds=3, threads=1),
-                "default": bench.bench_train_step(ARCH, batch=256, rounds=3, threads=None)}
+        from fastopt.bench import nn
+        return {"1": nn.bench_train_step(rounds=3, threads=1),
+                "default": nn.bench_train_step(rounds=3, threads=None)}
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 
@@ -89,7 +91,8 @@ class MNISTSparseInputStep:
             X, y = mnist_split()[:2]
         except FileNotFoundError as exc:
             raise NotImplementedError(str(exc)) from None
-        self.X, self.y = np.ascontiguousarray(X[:128]), y[:128]
+        batch = cases.MNIST.batch
+        self.X, self.y = np.ascontiguousarray(X[:batch]), y[:batch]
         self.net = nn.MLP(ARCH, seed=0, backend=backend)
         self.net.sparse_input = {"auto": "auto", "sparse": True, "dense": False}[first_layer]
         self.opt = fastopt.AdamW(self.net.param_groups(), lr=1e-3)

@@ -5,11 +5,14 @@ multi-tensor foreach/fused paths."""
 import numpy as np
 
 import fastopt
+from fastopt.bench import cases
 
 from . import common
 
 TENSOR_COUNTS = [10, 1000]
 ELEMENTS = 1000
+#: the 1000 x 1k case, packed, as fastopt bench names it
+MANY = cases.workloads()["adamw 1000 x 1k"]
 
 
 class ManyTensorsAdamW:
@@ -41,9 +44,7 @@ class ManyTensorsRatios(common._RatioTracks):
     param_names = ["backend"]
 
     def setup_cache(self):
-        return common.ratio_matrix(
-            {"1000x1k": ("adamw", [(ELEMENTS,)] * 1000, "float32", False)},
-            common.FASTOPT_BACKENDS)
+        return common.ratio_matrix({"1000x1k": MANY}, common.FASTOPT_BACKENDS)
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 

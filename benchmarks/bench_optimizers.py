@@ -4,6 +4,8 @@ optimizer's named cases, plain lists included: bench_cases.py.)"""
 
 import itertools
 
+from fastopt.bench import cases
+
 from . import common
 
 
@@ -59,10 +61,10 @@ class _Ratios(common._RatioTracks):
     def setup_cache(self):
         # Subclasses share this function's source line, which is asv's cache
         # key, so one cache holds every kind's matrix.
-        cases = {(cls.kind, n, dt): (cls.kind, [(n,)], dt, False)
-                 for cls in (AdamWRatios, SGDNesterovRatios)
-                 for n, dt, _ in itertools.product(*cls.params)}
-        return common.ratio_matrix(cases, common.FASTOPT_BACKENDS)
+        rows = {(cls.kind, n, dt): cases.one_tensor(cls.kind, n, dt)
+                for cls in (AdamWRatios, SGDNesterovRatios)
+                for n, dt, _ in itertools.product(*cls.params)}
+        return common.ratio_matrix(rows, common.FASTOPT_BACKENDS)
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 

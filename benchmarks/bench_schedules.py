@@ -6,6 +6,7 @@ import numpy as np
 
 import fastopt
 from fastopt import schedules
+from fastopt.bench import machine
 
 from . import common
 
@@ -45,7 +46,7 @@ class ScheduledAdamWStep:
         shapes = [(1000,)] * 10
         rng = np.random.default_rng(0)
         if impl == "torch-fused":
-            torch = common.bench.torch_or_none()
+            torch = machine.torch_or_none()
             if torch is None:
                 raise NotImplementedError("torch not installed")
             tps = [torch.from_numpy(rng.standard_normal(s, dtype=np.float32)) for s in shapes]

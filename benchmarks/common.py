@@ -1,8 +1,9 @@
 """Shared pieces of the asv suite.
 
-Every measurement goes through :mod:`fastopt.bench`, the module behind
-``fastopt bench`` and the CI regression guard, so the three report the same
-quantities. asv skips a parameter combination whose ``setup`` raises
+Every measurement goes through :mod:`fastopt.bench`, the package behind
+``fastopt bench`` and the CI regression guard, and every case comes from
+:mod:`fastopt.bench.cases`, so the three report the same quantities of the
+same workloads. asv skips a parameter combination whose ``setup`` raises
 NotImplementedError: that is how a missing torch, backend or GPU shows up
 ("n/a" in the tables) instead of failing the run.
 """
@@ -10,17 +11,17 @@ NotImplementedError: that is how a missing torch, backend or GPU shows up
 import tracemalloc
 
 import fastopt
-from fastopt import bench
+from fastopt.bench import cases, ratios, steps
 
 # Implementations timed by the ``time_*`` benchmarks: fastopt's fast
 # backends, then the baselines. "numpy" is the straightforward NumPy step a
 # user would write (not fastopt's reference backend).
-CPU_IMPLS = ["numba", "cython", "numpy", "torch-fused", "torch-foreach", "torch-forloop"]
+CPU_IMPLS = [*cases.CPU_BACKENDS, "numpy", *cases.TORCH_PATHS]
 # Implementations whose ratios the ``track_*`` benchmarks report.
-FASTOPT_BACKENDS = ["numba", "cython"]
+FASTOPT_BACKENDS = list(cases.CPU_BACKENDS)
 
-SIZES = [1 << 10, 1 << 16, 1 << 20, 1 << 24]
-DTYPES = ["float32", "float64"]
+SIZES = cases.ASV_SIZES
+DTYPES = cases.ASV_DTYPES
 
 # setup_cache measures a whole matrix in one process (the ratios must be
 # same-run); give it room on a slow machine.
@@ -29,7 +30,7 @@ CACHE_TIMEOUT = 900
 
 def build_step(impl, kind, shapes, dtype="float32", clip=False, layout="packed"):
     """A warmed-up step callable, or NotImplementedError (asv: skipped)."""
-    fn, note = bench.make_step(impl, kind, shapes, dtype, clip, layout)
+    fn, note = steps.make_step(impl, kind, shapes, dtype, clip, layout)
     if fn is None:
         raise NotImplementedError(note)
     fn()   # compile (Numba) and fault pages in outside the timing
@@ -54,19 +55,17 @@ def temporary_bytes(fn):
         tracemalloc.stop()
 
 
-def ratio_matrix(cases, impls, rounds=3):
+def ratio_matrix(rows, impls, rounds=3):
     """``{case_key: {impl: {"gbps", "roofline", "numpy", "torch", "torch_best"}}}``
-    for ``cases = {key: (kind, shapes, dtype, clip[, layout])}`` (a
-    :class:`fastopt.bench.Row` without its name), each case timed in one
+    for ``rows = {key: fastopt.bench.cases.Row}``, each case timed in one
     interleaved comparison (with every torch path, so that ``torch_best`` is
     torch's fastest in that case)."""
     out = {}
-    for key, (kind, shapes, dtype, clip, *layout) in cases.items():
-        results = bench.compare(str(key), kind, shapes, dtype, clip,
-                                impls=(*impls, "roofline", "numpy", *bench.TORCH_PATHS),
-                                rounds=rounds, layout=layout[0] if layout else "packed")
-        ratios = bench.speedups(results)
-        out[key] = {r.impl: dict(ratios[r.impl], gbps=r.gbps) for r in results}
+    for key, row in rows.items():
+        results = ratios.compare(row, impls=(*impls, "roofline", "numpy", *cases.TORCH_PATHS),
+                                 rounds=rounds)
+        speedups = ratios.speedups(results)
+        out[key] = {r.impl: dict(speedups[r.impl], gbps=r.gbps) for r in results}
     return out
 
 
@@ -134,21 +133,3 @@ class _RatioTracks:
         return self._get(cache, params, "torch_best")
 
     track_speedup_vs_torch_best.unit = "x torch's fastest"
-
-
-# -- the step inside a training loop (bench_in_loop.py) --------------------------
-
-# fastopt on a plain list and packed (grads copied in), naive NumPy Adam,
-# torch fused Adam: see fastopt.bench.in_loop_case.
-IN_LOOP_IMPLS = ["cython", "numba", "cython-packed", "numba-packed", "numpy", "torch-fused"]
-
-
-def build_in_loop(impl, sizes, batch, warmup=3):
-    """A warmed-up :class:`fastopt.bench.InLoopImpl` (NumPy MLP trained with
-    ``impl``), or NotImplementedError (asv: skipped)."""
-    loop, note = bench.make_in_loop_impl(impl, sizes, batch)
-    if loop is None:
-        raise NotImplementedError(note)
-    loop.train(warmup)      # compile (Numba), fault pages in, start the pools
-    loop.hot(warmup)
-    return loop

@@ -15,6 +15,7 @@ import pytest
 
 import fastopt
 from fastopt import bench
+from fastopt.bench import baselines, cases, in_loop, machine, matrix, roofline
 
 from conftest import FAST_BACKENDS
 
@@ -74,7 +75,7 @@ def _torch_path_exists(kind, impl):
     if not spec.in_torch:
         return False
     variant = impl.split("-", 1)[1]
-    flag = next(iter(bench.TORCH_VARIANTS[variant]))
+    flag = next(iter(baselines.TORCH_VARIANTS[variant]))
     return flag in inspect.signature(getattr(torch.optim, spec.optimizer)).parameters
 
 
@@ -98,7 +99,7 @@ def test_make_step_runs_or_says_why_not(impl, kind, clip):
 
 
 def test_roofline_moves_the_steps_arrays():
-    k = bench._stream_kernels()
+    k = roofline.stream_kernels()
     p, g, m, v = (np.full(10, x, np.float32) for x in (1.0, 2.0, 3.0, 4.0))
     k["rw4_3"](p, g, m, v)
     assert (p == 3).all() and (m == 5).all() and (v == 6).all() and (g == 2).all()
@@ -202,10 +203,10 @@ def test_cli_optimizers_runs_only_their_rows(monkeypatch, tmp_path, capsys):
     """``fastopt bench --optimizers``: the named optimizers' workloads (made
     tiny here), no training-loop case, no cold start."""
     from fastopt.cli import main
-    monkeypatch.setattr(bench, "family_rows", lambda kind: [
+    monkeypatch.setattr(cases, "family_rows", lambda kind: [
         bench.Row(f"list {kind} 2 x 1k", kind, [(1000,)] * 2, layout="list")])
-    monkeypatch.setattr(bench, "in_loop_case", lambda **kw: pytest.fail("in-loop ran"))
-    monkeypatch.setattr(bench, "cold_start", lambda *a: pytest.fail("cold start ran"))
+    monkeypatch.setattr(in_loop, "in_loop_case", lambda **kw: pytest.fail("in-loop ran"))
+    monkeypatch.setattr(matrix, "cold_start", lambda *a: pytest.fail("cold start ran"))
     assert main(["bench", "--optimizers", "lion,nadam", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     assert {r["case"] for r in data["results"]} == {"list lion 2 x 1k", "list nadam 2 x 1k"}
@@ -222,8 +223,8 @@ def test_cli_rejects_an_unknown_optimizer(capsys):
 
 
 def test_compare_and_speedups():
-    res = bench.compare("tiny", "adamw", SHAPES, impls=("numba", "roofline", "numpy"),
-                        rounds=1)
+    res = bench.compare(bench.Row("tiny", "adamw", SHAPES),
+                        impls=("numba", "roofline", "numpy"), rounds=1)
     assert [r.impl for r in res] == ["numba", "roofline", "numpy"]
     assert all(r.seconds > 0 and r.gbps > 0 for r in res)
     ratios = bench.speedups(res)
@@ -232,12 +233,12 @@ def test_compare_and_speedups():
     assert ratios["numba"]["torch"] is None     # torch-fused was not timed
 
 
-TINY_ROWS = [(bench.SWEEP_CASE, "adamw", [(n,)], "float32", False) for n in (256, 4096)]
+TINY_ROWS = [bench.Row(bench.SWEEP_CASE, "adamw", [(n,)]) for n in (256, 4096)]
 
 
 def test_report_without_torch_or_gpu(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "torch_or_none", lambda: None)
-    monkeypatch.setattr(bench, "gpu_name", lambda: None)
+    monkeypatch.setattr(machine, "torch_or_none", lambda: None)
+    monkeypatch.setattr(machine, "gpu_name", lambda: None)
     seen = []
     report = bench.run(rows=TINY_ROWS, cold=False,
                        progress=lambda i, n, label: seen.append((i, n)))

@@ -1,4 +1,4 @@
-"""``fastopt.bench.in_loop_case``: the Adam step inside a NumPy training loop.
+"""``fastopt.bench.in_loop``: the Adam step inside a NumPy training loop.
 
 The loop must be a real training loop (correct gradients, the loss falls,
 every implementation trains the same model to the same loss), the report
@@ -13,6 +13,7 @@ import pytest
 
 import fastopt
 from fastopt import bench
+from fastopt.bench import machine
 
 from conftest import FAST_BACKENDS
 
@@ -140,7 +141,7 @@ def test_case_records_openblas_num_threads(monkeypatch):
 
 
 def test_without_torch_the_torch_row_is_a_note(monkeypatch):
-    monkeypatch.setattr(bench, "torch_or_none", lambda: None)
+    monkeypatch.setattr(machine, "torch_or_none", lambda: None)
     rep = bench.in_loop_case(impls=("numpy", "torch-fused"), packed=None, **QUICK)
     row = rep["results"]["torch-fused"]
     assert row["step_in_loop_s"] is None and row["note"] == "torch not installed"

@@ -8,7 +8,7 @@ import sys
 
 from fastopt import bench
 
-ROW = ("tiny", "adamw", [(1000,)] * 4, "float32", False, "list")
+ROW = bench.Row("tiny", "adamw", [(1000,)] * 4, layout="list")
 
 
 def test_a_busy_machine_is_said_in_the_table():

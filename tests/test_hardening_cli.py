@@ -1,4 +1,4 @@
-"""Hardening of ``fastopt train`` and ``fastopt bench`` (issue 19): output
+"""Hardening of ``fastopt train`` and ``fastopt bench``: output
 paths are checked before any work, ``--threads 0`` is a usage error, and
 Ctrl-C ends a run with the results of what finished, one line and exit 130
 instead of a traceback and nothing."""
@@ -16,7 +16,7 @@ import textwrap
 import pytest
 from test_train import _fake_mnist
 
-from fastopt import bench
+from fastopt.bench import matrix, ratios
 from fastopt.cli import main
 from fastopt.nn import training
 
@@ -56,8 +56,8 @@ def test_train_threads_must_be_positive(value, capsys):
 
 
 def test_bench_out_that_is_a_file_fails_before_measuring(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "run", _must_not_run)
-    monkeypatch.setattr(bench, "compare", _must_not_run)
+    monkeypatch.setattr(matrix, "run", _must_not_run)
+    monkeypatch.setattr(ratios, "compare", _must_not_run)
     f = tmp_path / "results.txt"
     f.write_text("keep me")
     assert main(["bench", "--quick", "--out", str(f)]) == 2
@@ -129,17 +129,17 @@ def test_bench_ctrl_c_writes_finished_cases(tmp_path):
     child = _child(f"""
         import sys, time
         sys.modules["torch"] = None
-        from fastopt import bench
+        from fastopt.bench import ratios
         from fastopt.cli import main
-        real = bench.compare
+        real = ratios.compare
         calls = []
 
-        def compare(case, kind, shapes, dtype, clip, impls, rounds, layout="packed"):
-            calls.append(case)
+        def compare(row, impls=None, rounds=4):
+            calls.append(row.case)
             if len(calls) == 2:
                 time.sleep(60)       # "measuring" until the Ctrl-C comes
-            return real(case, kind, shapes, dtype, clip, ("numpy",), 1, layout)
-        bench.compare = compare
+            return real(row, ("numpy",), 1)
+        ratios.compare = compare
         sys.exit(main(["bench", "--quick", "--out", {str(out)!r}]))
     """, tmp_path)
     rc, stdout, stderr = _interrupt_when(child, "stderr", "1/3")

@@ -17,32 +17,41 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import bench
+from fastopt.bench import cases, steps
 
 pytest.importorskip("pytest_benchmark")
 
 IMPLS = [*(b for b in ("numba", "cython") if b in fastopt.available_backends()),
          "numpy", "torch-fused", "torch-foreach"]
-CASES = {   # group -> (kind, shapes, clip)
-    "adamw 1 x 1M": ("adamw", [(1 << 20,)], False),
-    "adamw 1000 x 1k": ("adamw", [(1000,)] * 1000, False),
-    "clip+adamw 200 x 5k": ("adamw", [(5000,)] * 200, True),
-    "sgd nesterov 1 x 1M": ("sgd", [(1 << 20,)], False),
+# group -> case: two of fastopt bench's named cases and two 1M steps
+CASES = {
+    "adamw 1 x 1M": cases.one_tensor("adamw", 1 << 20),
+    "adamw 1000 x 1k": cases.workloads()["adamw 1000 x 1k"],
+    "clip+adamw 200 x 5k": cases.workloads()["clip+adamw 200 x 5k"],
+    "sgd nesterov 1 x 1M": cases.one_tensor("sgd", 1 << 20),
 }
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("group", list(CASES))
 def test_step(benchmark, group, impl):
-    kind, shapes, clip = CASES[group]
-    step, note = bench.make_step(impl, kind, shapes, clip=clip)
+    """The timed call is the case's step: the parameters it holds moved
+    (all but the few whose update is below float32 rounding: SGD's step is
+    lr * g, and some of a million normal g are tiny)."""
+    row = CASES[group]
+    step, note = steps.make_step(impl, row.kind, row.shapes, row.dtype, row.clip, row.layout)
     if step is None:
         pytest.skip(note)
     benchmark.group = group
-    benchmark.extra_info["bytes_per_step"] = bench.step_bytes(
-        kind, sum(int(np.prod(s)) for s in shapes), "float32", clip)
+    benchmark.extra_info["bytes_per_step"] = cases.step_bytes(row.kind, row.elements,
+                                                              row.dtype, row.clip)
     step()                                   # compile outside the timing
+    before = [p.copy() for p in step.params]
+    assert sum(p.size for p in before) == row.elements
     benchmark(step)
+    moved = sum(int(np.count_nonzero(new != old)) for old, new in zip(before, step.params))
+    assert moved > 0.99 * row.elements
+    assert all(np.isfinite(p).all() for p in step.params)
 
 
 @pytest.mark.parametrize("impl", [b for b in ("numba", "cython", "numpy")

@@ -1,13 +1,14 @@
-"""fastopt.bench.nn: the ratios are what they claim, and the MNIST race is
-between the same recipe in fastopt and torch."""
+"""fastopt.bench.nn and fastopt.bench.mnist: the ratios are what they
+claim, and the MNIST race is between the same recipe in fastopt and torch."""
 
 from __future__ import annotations
 
 import pytest
 
-from fastopt.bench import torch_or_none
-from fastopt.data import find_mnist
+from fastopt.bench import machine, mnist
 from fastopt.bench import nn as bench
+from fastopt.bench.machine import torch_or_none
+from fastopt.data import find_mnist
 
 
 def test_train_step_ratios_are_same_run_time_ratios():
@@ -34,7 +35,7 @@ def test_mnist_race_runs_the_same_recipe(threads):
         find_mnist()
     except FileNotFoundError:
         pytest.skip("MNIST not found")
-    r = bench.bench_mnist(hidden=(32,), epochs=2, batch=128, target=0.5, threads=threads,
+    r = mnist.bench_mnist(hidden=(32,), epochs=2, batch=128, target=0.5, threads=threads,
                           repeats=1)
     assert r["isolated_processes"] is (threads is None)
     acc = r["final_val_acc"]
@@ -54,9 +55,9 @@ def test_mnist_race_where_an_implementation_never_reaches_the_target(monkeypatch
                 "time_to_target_s": {impl: 1.0} if reached else {},
                 "train_seconds": {impl: 2.0 if reached else 3.0},
                 "first_step_s": {impl: 0.1}, "backend": "numba", "sizes": [784, 32, 10]}
-    monkeypatch.setattr(bench, "_mnist_in_own_process", fake)
-    monkeypatch.setattr(bench, "torch_or_none", lambda: object())
-    r = bench.bench_mnist(threads=None, repeats=1)
+    monkeypatch.setattr(mnist, "_mnist_in_own_process", fake)
+    monkeypatch.setattr(machine, "torch_or_none", lambda: object())
+    r = mnist.bench_mnist(threads=None, repeats=1)
     assert not any(k.startswith("time_to_target_ratio") for k in r)
     assert r["epoch_time_ratio_fastopt_over_torch"] == pytest.approx(2 / 3)
     assert r["epoch_time_ratio_fastopt_dense_over_torch"] == pytest.approx(1.0)

@@ -1,8 +1,9 @@
 """The CI performance regression guard (``fastopt check-perf``).
 
 ``test_committed_floors_hold`` is the guard itself: it measures the
-same-run ratios named in benchmarks/floors.json and fails CI when one stays
-below its floor. The other tests show that the guard's logic works: it
+same-run ratios named in fastopt/bench/floors.json (the floors ``fastopt
+check-perf`` ships with) and fails CI when one stays below its floor, after
+re-measuring it. The other tests show that the guard's logic works: it
 re-measures before failing, it catches a planted slowdown, and its message
 says what regressed and where the floors live.
 """
@@ -10,16 +11,15 @@ says what regressed and where the floors live.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 import fastopt
+from fastopt.bench import cases
 from fastopt.bench import guard as perfguard
 from fastopt.backends import get_backend
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLOORS = os.path.join(ROOT, "benchmarks", "floors.json")
+FLOORS = str(perfguard.shipped_floors())
 
 
 def _spec(cases, attempts=3):
@@ -60,10 +60,10 @@ def test_planted_slowdown_is_caught(monkeypatch, backend):
     # third of it); the NumPy speedup may or may not drop below its floor
     assert "roofline" in {ch.metric for ch in failed}
     assert all(len(ch.measured) == 2 for ch in failed)      # re-measured first
-    text = perfguard.report(checks, "benchmarks/floors.json")
+    text = perfguard.report(checks, "fastopt/bench/floors.json")
     assert f"PERFORMANCE REGRESSION in 'adamw 1 x 16M': {backend}" in text
     assert "fraction of the streaming kernel's speed is below its floor 0.60" in text
-    assert "benchmarks/floors.json" in text
+    assert "fastopt/bench/floors.json" in text
 
 
 def test_noise_passes_after_a_remeasure(monkeypatch):
@@ -109,8 +109,8 @@ def test_unmeasurable_ratio_fails(monkeypatch):
      "torch has no Lion; floor its numpy metric"),
     ('{"cases": [{"case": "sgd nesterov 1 x 16M", "kind": "sgd", "shape": [1000], '
      '"tensors": 1000, "floors": {}}]}',
-     "is not fastopt.bench's workload of that name: shapes 1000 x \\(1000,\\) "
-     "\\(fastopt.bench: 1 x \\(16777216,\\)\\)"),
+     "is not the workload of that name in fastopt.bench.cases: shapes 1000 x \\(1000,\\) "
+     "\\(fastopt.bench.cases: 1 x \\(16777216,\\)\\)"),
     ('{"cases": [{"case": "a", "kind": "sgd", "shape": [4], '
      '"floors": {"numba": {"speed": 2}}}]}', "unknown metric 'speed'"),
     ('{"cases": [{"case": "a", "kind": "sgd", "shape": [4], '
@@ -133,22 +133,21 @@ def test_a_case_named_by_its_workload(monkeypatch, tmp_path):
     (case,) = perfguard.load_floors(str(path))["cases"]
     seen = {}
 
-    def compare(name, kind, shapes, dtype, clip, impls, rounds, layout):
-        seen.update(name=name, kind=kind, shapes=shapes, layout=layout, impls=impls)
+    def compare(row, impls, rounds):
+        seen.update(row=row, impls=impls)
         return []
-    monkeypatch.setattr(perfguard.bench, "compare", compare)
+    monkeypatch.setattr(perfguard.ratios, "compare", compare)
     perfguard._measure(case, rounds=1)
-    row = perfguard.bench.workloads()["list rmsprop centered 1000 x 1k"]
-    assert seen == dict(name=row.case, kind="rmsprop-centered", shapes=row.shapes,
-                        layout="list", impls=seen["impls"])
-    assert set(seen["impls"]) == {"numba", "numpy", "roofline", *perfguard.bench.TORCH_PATHS}
+    row = cases.workloads()["list rmsprop centered 1000 x 1k"]
+    assert seen["row"] == row and (row.kind, row.layout) == ("rmsprop-centered", "list")
+    assert set(seen["impls"]) == {"numba", "numpy", "roofline", *cases.TORCH_PATHS}
 
 
 def test_committed_cases_are_the_tables_workloads():
     """Every committed floor names a case of fastopt.bench and measures
     exactly it (load_floors refuses a spelled-out case that differs)."""
     spec = perfguard.load_floors(FLOORS)
-    named = perfguard.bench.workloads()
+    named = cases.workloads()
     for c in spec["cases"]:
         assert perfguard.case_row(c) == named[c["case"]]
 

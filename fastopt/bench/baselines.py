@@ -1,23 +1,33 @@
-"""The optimizer steps a NumPy user would write: the "numpy" baseline of
-``fastopt bench``, the asv suite and the CI guard.
+"""The baselines: what a NumPy or a PyTorch user writes, timed beside fastopt.
 
-Each function updates one parameter array in place from its gradient, the
-way the textbook formula reads: whole-array expressions, temporaries and
-all, one array at a time. ``state`` is that array's dict (empty before its
-first step, filled here as torch.optim fills its per-parameter state) and
-``t`` the 1-based step. Hyperparameters are named as in fastopt and
-torch.optim, so one dict configures all three (``fastopt.bench.KIND``).
+* The optimizer steps a NumPy user would write (the "numpy" implementation
+  of every case): each function updates one parameter array in place from
+  its gradient, the way the textbook formula reads: whole-array
+  expressions, temporaries and all, one array at a time. ``state`` is that
+  array's dict (empty before its first step, filled here as torch.optim
+  fills its per-parameter state) and ``t`` the 1-based step.
+  Hyperparameters are named as in fastopt and torch.optim, so one dict
+  configures all three (:data:`fastopt.bench.cases.KIND`).
+* :func:`torch_optimizer_step`: ``torch.optim`` over the same arrays, by
+  path (fused, foreach, for-loop).
+* A NumPy user's MLP (:func:`mlp_init`, :func:`mlp_forward_backward`) and
+  Adam written the obvious way (:class:`NumpyAdam`), for the training-loop
+  and train-step cases; :func:`torch_mlp`, the same network in torch.
 
 These are baselines, not specifications: fastopt's spec is its reference
-backend. tests/test_bench.py checks that each one computes the same step as
-fastopt, since a speedup over a different optimizer means nothing.
+backend. tests/test_bench.py checks that each optimizer step computes the
+same step as fastopt, since a speedup over a different optimizer means
+nothing.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import numpy as np
+
+from . import machine
 
 # A benchmark feeds the same gradients every step, which drives centered
 # RMSprop's v - avg**2 down to rounding noise; a negative one gives NaN, as
@@ -126,3 +136,143 @@ def lamb(p, g, state, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0
     p_norm, r_norm = np.linalg.norm(p), np.linalg.norm(r)
     trust = p_norm / r_norm if p_norm > 0 and r_norm > 0 else 1.0
     p -= lr * trust * r
+
+
+# -- a case's step, as NumPy and torch users write it ---------------------------------
+
+def numpy_optimizer_step(numpy_step, hypers, ps, gs, clip):
+    """A callable stepping every array of ``ps`` with ``numpy_step`` (one of
+    the functions above) and gradients ``gs``; with ``clip``, the gradients
+    scaled to global norm 1 first, as a user clips in NumPy."""
+    states = [{} for _ in ps]
+    count = {"t": 0}
+
+    def step():
+        count["t"] += 1
+        grads = gs
+        if clip:
+            norm = np.sqrt(sum(float(np.dot(x.ravel(), x.ravel())) for x in gs))
+            c = min(1.0, 1.0 / (norm + 1e-6))
+            grads = [x * c for x in gs]
+        for p, g, st in zip(ps, grads, states):
+            numpy_step(p, g, st, count["t"], **hypers)
+    return step
+
+
+#: torch.optim's paths over many tensors, and the flag that selects each
+TORCH_VARIANTS = {"fused": dict(fused=True), "foreach": dict(foreach=True),
+                  "forloop": dict(foreach=False)}
+
+
+def torch_optimizer_step(spec, ps, gs, clip, variant):
+    """``(callable, note)``: ``torch.optim.<spec.optimizer>`` on the path
+    ``variant`` (:data:`TORCH_VARIANTS`) over ``torch.from_numpy`` views of
+    ``ps`` (the step updates those arrays) with gradients ``gs``; with
+    ``clip``, ``clip_grad_norm_`` first. The callable is None where torch
+    cannot run it (not installed, no such optimizer or path), and the note
+    says why."""
+    torch = machine.torch_or_none()
+    if torch is None:
+        return None, "torch not installed"
+    if not spec.in_torch:
+        return None, f"torch.optim has no {spec.optimizer}: numpy is its baseline"
+    cls = getattr(torch.optim, spec.optimizer)
+    flag = TORCH_VARIANTS[variant]
+    if next(iter(flag)) not in inspect.signature(cls).parameters:
+        return None, f"torch.optim.{spec.optimizer} has no {variant} path"
+    tps = [torch.from_numpy(p) for p in ps]
+    for tp, g in zip(tps, gs):
+        tp.grad = torch.from_numpy(g)
+    try:
+        topt = cls(tps, **spec.hypers, **flag)
+    except (RuntimeError, TypeError, ValueError) as e:   # variant not in this torch
+        return None, f"torch {torch.__version__}: {e}"
+    if not clip:
+        return topt.step, ""
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(tps, 1.0, foreach=variant != "forloop")
+        topt.step()
+    return step, ""
+
+
+# -- a NumPy user's MLP ------------------------------------------------------------------
+
+def mlp_init(sizes, seed=0):
+    """Float32 weights of an MLP in a plain list ``[W0, b0, W1, b1, ...]``
+    (He-initialised ``W`` of shape (in, out), zero biases)."""
+    rng = np.random.default_rng(seed)
+    ws = []
+    for a, b in zip(sizes, sizes[1:]):
+        ws.append((rng.standard_normal((a, b), dtype=np.float32)
+                   * np.float32(np.sqrt(2.0 / a))))
+        ws.append(np.zeros(b, np.float32))
+    return ws
+
+
+def mlp_forward_backward(ws, X, y):
+    """Loss and gradients of a ReLU MLP with softmax cross-entropy, written
+    the way a NumPy user writes it: ``@`` matmuls through NumPy's BLAS and a
+    new list of new gradient arrays, in the order of ``ws``."""
+    n_layers = len(ws) // 2
+    acts = [X]
+    z = X
+    for l in range(n_layers):
+        z = acts[-1] @ ws[2 * l] + ws[2 * l + 1]
+        if l < n_layers - 1:
+            acts.append(np.maximum(z, 0))
+    rows = np.arange(len(y))
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=1, keepdims=True)
+    loss = float(np.mean(np.log(s[:, 0]) - z[rows, y]))
+    d = e / s
+    d[rows, y] -= 1
+    d /= len(y)
+    grads = [None] * len(ws)
+    for l in range(n_layers - 1, -1, -1):
+        grads[2 * l] = acts[l].T @ d
+        grads[2 * l + 1] = d.sum(axis=0)
+        if l:
+            d = (d @ ws[2 * l].T) * (acts[l] > 0)
+    return loss, grads
+
+
+class NumpyAdam:
+    """Adam written the obvious way in NumPy, one array at a time (state
+    rebuilt as new arrays every step, temporaries and all)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.lr, self.betas, self.eps = list(params), lr, betas, eps
+        self.m = [np.zeros_like(p) for p in self.params]
+        self.v = [np.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def step(self, grads):
+        self.t += 1
+        b1, b2 = self.betas
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            self.m[i] = b1 * self.m[i] + (1 - b1) * g
+            self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
+            m_hat = self.m[i] / (1 - b1 ** self.t)
+            v_hat = self.v[i] / (1 - b2 ** self.t)
+            p -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+
+def torch_mlp(torch, sizes):
+    """The same ReLU MLP as a ``torch.nn.Sequential`` of Linear layers."""
+    layers = []
+    for l, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if l < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
+def torch_train_step(torch, model, opt, X, y):
+    """One training step in torch, as its users write it: gradients zeroed
+    (kept allocated), cross-entropy of ``model(X)`` against ``y`` backward,
+    ``opt.step()``."""
+    opt.zero_grad(set_to_none=False)
+    torch.nn.functional.cross_entropy(model(X), y).backward()
+    opt.step()

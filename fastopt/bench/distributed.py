@@ -7,13 +7,15 @@
     mpiexec -n 2 python -m fastopt.bench.distributed mlp
     mpiexec -n 3 python -m fastopt.bench.distributed mlp --bucket-elems 1
 
-``step``: AdamW over ``--size`` float32 elements (default 4M): median time
+``step``: AdamW over ``--size`` float32 elements (default 4M,
+:data:`fastopt.bench.cases.DISTRIBUTED_STEP_ELEMENTS`): median time
 of the plain optimizer (1 process), of :class:`DataParallel` and
 :class:`ShardedOptimizer` steps, and of their parts timed alone (the
 collectives on the same buffers, the fused step on this rank's share);
 bytes each rank sends per step (ring-algorithm count) and optimizer-state
-bytes per rank. ``mlp``: one epoch of ``fit`` (MNIST 784-256-256-10,
-batch 128, AdamW): one process (the plain optimizer), or under mpiexec
+bytes per rank. ``mlp``: one epoch of ``fit`` on MNIST with the recipe's
+network, batch and lr (:data:`fastopt.bench.cases.MNIST`: 784-256-256-10,
+batch 128, AdamW 1e-3): one process (the plain optimizer), or under mpiexec
 replicated with the allreduce after the backward pass, replicated with it
 overlapped (``DataParallel.backward_hook``; ``--bucket-elems``: smallest
 bucket), and sharded. The cases take turns, one epoch each, ``--epochs``
@@ -31,6 +33,8 @@ import os
 import time
 
 import numpy as np
+
+from .cases import DISTRIBUTED_STEP_ELEMENTS, MNIST
 
 
 def _median_time(fn, comm, repeat):
@@ -112,21 +116,22 @@ def bench_mlp(comm, epochs, bucket_elems=None):
                   ("sharded state", True, False)]
     runs = []
     for name, shard, overlap in cases:
-        net = MLP((784, 256, 256, 10), seed=0)
+        net = MLP((X.shape[1], *MNIST.hidden, 10), seed=0)
         # 1 process: the plain optimizer and loop
         par = (DataParallelTraining(comm, shard_state=shard, overlap=overlap) if N > 1
                else None)
-        opt = make_optimizer(net, "adamw", 1e-3, parallel=par)
+        opt = make_optimizer(net, "adamw", MNIST.lr, parallel=par)
         if overlap:
             opt.bucket_elems = bucket_elems
-        fit(net, opt, X[:1024], y[:1024], epochs=1, batch_size=128, parallel=par)  # warm up
+        fit(net, opt, X[:1024], y[:1024], epochs=1, batch_size=MNIST.batch,
+            parallel=par)  # warm up
         runs.append({"name": name, "net": net, "opt": opt, "parallel": par, "overlap": overlap,
                      "times": []})
     for rnd in range(epochs):
         for r in runs:
             comm.Barrier()
             t0 = time.perf_counter()
-            hist = fit(r["net"], r["opt"], X, y, epochs=1, batch_size=128, seed=rnd,
+            hist = fit(r["net"], r["opt"], X, y, epochs=1, batch_size=MNIST.batch, seed=rnd,
                        parallel=r["parallel"])
             r["times"].append(comm.allreduce(time.perf_counter() - t0, op=_max()))
             r["loss"] = hist["epochs"][-1]["train_loss"][0]
@@ -135,7 +140,8 @@ def bench_mlp(comm, epochs, bucket_elems=None):
     for r in runs:
         times, opt = r["times"], r["opt"]
         t = float(np.median(times))
-        row = {"case": f"MLP epoch (8000 samples, batch 128), {r['name']}", "ranks": N,
+        row = {"case": f"MLP epoch ({X.shape[0]} samples, batch {MNIST.batch}), {r['name']}",
+               "ranks": N,
                "params": int(r["net"].params.data.size), "s_per_epoch": t,
                "min_max_s": [min(times), max(times)], "samples_per_s": X.shape[0] / t,
                "train_loss_last_epoch": r["loss"],
@@ -152,7 +158,7 @@ def bench_mlp(comm, epochs, bucket_elems=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastopt.bench.distributed")
     parser.add_argument("what", choices=["step", "mlp"])
-    parser.add_argument("--size", type=int, default=1 << 22)
+    parser.add_argument("--size", type=int, default=DISTRIBUTED_STEP_ELEMENTS)
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--epochs", type=int, default=5,
                         help="mlp: rounds, one epoch of every case per round")

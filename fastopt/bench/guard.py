@@ -5,12 +5,13 @@ so the guard never compares them. It compares **same-run ratios** (fastopt
 vs a straightforward NumPy step, fastopt vs a streaming kernel that moves
 the same bytes, all timed interleaved in one process) against **floors**
 shipped with the package (``fastopt/bench/floors.json``, read with
-importlib.resources so an installed ``fastopt check-perf`` finds them; the
-repository's ``benchmarks/floors.json`` is kept identical to it by
-tests/test_hardening_perfguard.py). A ratio below its
-floor is measured again, up to ``attempts`` times with growing pauses
-between, and only a ratio that stays below on every attempt fails: a noisy spell passes, a real slowdown
-(a kernel that lost vectorisation, parallelism or fusion) does not.
+importlib.resources so an installed ``fastopt check-perf`` finds them). A
+floor names a case of :func:`fastopt.bench.cases.workloads`, so it measures
+the table's row and the asv benchmark of that name. A ratio below its floor
+is measured again, up to ``attempts`` times with growing pauses between,
+and only a ratio that stays below on every attempt fails: a noisy spell
+passes, a real slowdown (a kernel that lost vectorisation, parallelism or
+fusion) does not.
 
 Floors sit well under the ratios measured on the reference machine (the
 file says what was measured), low enough to survive noise and high enough
@@ -25,14 +26,14 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 
-from .. import bench
+from . import cases, ratios
 
 METRICS = {
     "roofline": "fraction of the streaming kernel's speed",
     "numpy": "speedup vs straightforward NumPy",
     "torch": "speedup vs torch's fastest path (fused, foreach or for-loop, same run)",
 }
-# the ratio each metric reads from bench.speedups
+# the ratio each metric reads from ratios.speedups
 _RATIO = {"roofline": "roofline", "numpy": "numpy", "torch": "torch_best"}
 
 
@@ -86,17 +87,18 @@ def load_floors(path=None):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
             raise ValueError(f"floors file {path!r}: {key} must be a number >= {low}, "
                              f"got {value!r}")
-    cases = spec.get("cases")
-    if not isinstance(cases, list) or not cases:
+    entries = spec.get("cases")
+    if not isinstance(entries, list) or not entries:
         raise ValueError(f"floors file {path!r} needs a non-empty 'cases' list")
-    named = bench.workloads()
-    for i, c in enumerate(cases):
+    named = cases.workloads()
+    for i, c in enumerate(entries):
         missing = {"case", "floors"} - set(c)
         spelled = {"kind", "shape"} & set(c)
         if spelled or c.get("case") not in named:
             missing |= {"kind", "shape"} - spelled
         if missing:
-            hint = "" if spelled else " (nor does its case name a workload of fastopt.bench)"
+            hint = ("" if spelled else
+                    " (nor does its case name a workload in fastopt.bench.cases)")
             raise ValueError(f"{path}: cases[{i}] lacks {sorted(missing)}{hint}")
         if spelled:
             _check_spelled(path, i, c, named.get(c["case"]))
@@ -109,27 +111,27 @@ def load_floors(path=None):
                 if not isinstance(floor, (int, float)) or floor <= 0:
                     raise ValueError(f"{path}: cases[{i}] ({c['case']}) {impl} {metric}: "
                                      f"floor must be a positive number, got {floor!r}")
-                if metric == "torch" and not bench.KIND[kind].in_torch:
+                if metric == "torch" and not cases.KIND[kind].in_torch:
                     raise ValueError(f"{path}: cases[{i}] ({c['case']}) {impl}: torch has no "
-                                     f"{bench.KIND[kind].optimizer}; floor its numpy metric")
+                                     f"{cases.KIND[kind].optimizer}; floor its numpy metric")
     return spec
 
 
 def _check_spelled(path, i, c, named):
     """A case spelled out (kind, shape, ...) is valid, and where its name is
-    a workload of fastopt.bench it is that workload: a floor means the same
-    case as the table's row and the asv benchmark of that name."""
-    if c["kind"] not in bench.KINDS:
-        raise ValueError(f"{path}: cases[{i}] kind {c['kind']!r} not in {bench.KINDS}")
-    if c.get("layout", "packed") not in bench.LAYOUTS:
-        raise ValueError(f"{path}: cases[{i}] layout {c['layout']!r} not in {bench.LAYOUTS}")
+    a workload in fastopt.bench.cases it is that workload: a floor means the
+    same case as the table's row and the asv benchmark of that name."""
+    if c["kind"] not in cases.KINDS:
+        raise ValueError(f"{path}: cases[{i}] kind {c['kind']!r} not in {cases.KINDS}")
+    if c.get("layout", "packed") not in cases.LAYOUTS:
+        raise ValueError(f"{path}: cases[{i}] layout {c['layout']!r} not in {cases.LAYOUTS}")
     row = case_row(c)
     if named is not None and row != named:
-        diff = [f"{k} {_show(row, k)} (fastopt.bench: {_show(named, k)})"
+        diff = [f"{k} {_show(row, k)} (fastopt.bench.cases: {_show(named, k)})"
                 for k in row._fields if getattr(row, k) != getattr(named, k)]
-        raise ValueError(f"{path}: cases[{i}] ({c['case']}) is not fastopt.bench's workload of "
-                         f"that name: {'; '.join(diff)}. Drop kind/shape/... to measure the "
-                         "workload, or rename the case")
+        raise ValueError(f"{path}: cases[{i}] ({c['case']}) is not the workload of that name "
+                         f"in fastopt.bench.cases: {'; '.join(diff)}. Drop kind/shape/... to "
+                         "measure the workload, or rename the case")
 
 
 def _show(row, field):
@@ -140,25 +142,24 @@ def _show(row, field):
 
 
 def case_row(c):
-    """The :class:`fastopt.bench.Row` a floors entry measures: the one its
+    """The :class:`fastopt.bench.cases.Row` a floors entry measures: the one its
     ``kind``, ``shape`` and optional ``tensors``, ``dtype``, ``clip``,
     ``layout`` spell out, else the workload its ``case`` names
-    (:func:`fastopt.bench.workloads`)."""
+    (:func:`fastopt.bench.cases.workloads`)."""
     if "kind" not in c:
-        return bench.workloads()[c["case"]]
-    return bench.Row(c["case"], c["kind"], [tuple(c["shape"])] * c.get("tensors", 1),
+        return cases.workloads()[c["case"]]
+    return cases.Row(c["case"], c["kind"], [tuple(c["shape"])] * c.get("tensors", 1),
                      c.get("dtype", "float32"), c.get("clip", False), c.get("layout", "packed"))
 
 
 def _measure(c, rounds):
     row = case_row(c)
-    impls = [i for i in c["floors"] if i in bench.CPU_BACKENDS or i == "numpy"]
-    needed = {"roofline", "numpy"} | (set(bench.TORCH_PATHS) if any(
+    impls = [i for i in c["floors"] if i in cases.CPU_BACKENDS or i == "numpy"]
+    needed = {"roofline", "numpy"} | (set(cases.TORCH_PATHS) if any(
         "torch" in m for m in c["floors"].values()) else set())
-    results = bench.compare(row.case, row.kind, row.shapes, row.dtype, row.clip,
-                            impls=(*impls, *sorted(needed - set(impls))), rounds=rounds,
-                            layout=row.layout)
-    return bench.speedups(results), {r.impl: r.seconds for r in results}
+    results = ratios.compare(row, impls=(*impls, *sorted(needed - set(impls))),
+                             rounds=rounds)
+    return ratios.speedups(results), {r.impl: r.seconds for r in results}
 
 
 def run_checks(spec, attempts=None, rounds=None, progress=None):

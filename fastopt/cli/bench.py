@@ -6,7 +6,6 @@ directory). Ctrl-C stops at once: the cases that finished are written to
 printed, and the exit code is 130.
 """
 
-import os
 import sys
 import time
 
@@ -18,13 +17,13 @@ def add_arguments(parser):
     level.add_argument("--full", action="store_true",
                        help="more sizes (up to 64M), float64, more rounds (a few minutes)")
     level.add_argument("--quick", action="store_true",
-                       help="two small cases, to check an install (seconds)")
+                       help="three small cases, to check an install (seconds)")
     level.add_argument("--optimizers", metavar="NAMES", type=_optimizers,
                        help="instead of the standard matrix, each named optimizer on one 16M "
                             "array (vs the roofline) and a list of 1000 x 1k arrays (vs "
                             "torch's fastest path): comma-separated kinds of "
-                            "fastopt.bench.KIND (adamw, sgd, rmsprop, lion, ...), 'family' "
-                            "(all but adamw and sgd) or 'all'")
+                            "fastopt.bench.cases.KIND (adamw, sgd, rmsprop, lion, ...), "
+                            "'family' (all but adamw and sgd) or 'all'")
     parser.add_argument("--out", default="bench-results",
                         help="folder for bench.json and bench.png (default: %(default)s)")
     parser.add_argument("--no-cold-start", action="store_true",
@@ -36,9 +35,9 @@ def add_arguments(parser):
 def _optimizers(text):
     import argparse
 
-    from .. import bench
+    from ..bench import cases
     try:
-        return bench.parse_optimizers(text)
+        return cases.parse_optimizers(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -66,7 +65,7 @@ class ProgressBar:
 
 
 def run(args):
-    from .. import bench
+    from ..bench import cases, in_loop, matrix, report
     from .common import EXIT_INTERRUPTED, output_dir_problem
 
     # before minutes of measuring, not after them
@@ -74,37 +73,37 @@ def run(args):
     if problem:
         print(f"fastopt bench: --out {args.out}: {problem}", file=sys.stderr)
         return 2
-    rows = bench.plan(args.full, optimizers=args.optimizers)
-    if args.quick:
-        rows = [r for r in rows if r[2][0][0] <= 1 << 15 and len(r[2]) == 1]
+    rows = cases.plan(args.full, optimizers=args.optimizers, quick=args.quick)
+    progress = ProgressBar()
     # the cold start and the training loop are AdamW's: not part of --optimizers
-    report, interrupted = _measure(bench, rows, args.full,
-                                   cold=not (args.quick or args.no_cold_start
-                                             or args.optimizers),
-                                   progress=ProgressBar())
-    if report is None:
-        print("fastopt bench: interrupted before any case finished; nothing written",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if interrupted:
-        paths = _write(bench, report, args.out)
-        print(f"fastopt bench: interrupted; {_cases(report)} of {len(rows)} cases finished, "
+    measured = matrix.run(args.full, progress, rows,
+                          cold=not (args.quick or args.no_cold_start or args.optimizers),
+                          interruptible=True)
+    if measured is None or measured.get("interrupted"):
+        if progress.tty:          # end the bar's line before the message
+            progress.stream.write("\n")
+        if measured is None:
+            print("fastopt bench: interrupted before any case finished; nothing written",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        paths = report.write(measured, args.out)
+        print(f"fastopt bench: interrupted; {_cases(measured)} of {len(rows)} cases finished, "
               f"results of those in {', '.join(paths)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(bench.format_table(report))
+    print(report.format_table(measured))
     if not (args.quick or args.no_loop or args.optimizers):
         # the step where users call it: after the BLAS forward/backward pass
         try:
-            report["in_loop"] = bench.in_loop_case()
+            measured["in_loop"] = in_loop.in_loop_case()
         except KeyboardInterrupt:
-            report["interrupted"] = True
-            paths = _write(bench, report, args.out)
+            measured["interrupted"] = True
+            paths = report.write(measured, args.out)
             print(f"fastopt bench: interrupted in the training-loop case; results of the "
                   f"matrix in {', '.join(paths)}", file=sys.stderr)
             return EXIT_INTERRUPTED
         print()
-        print(bench.format_in_loop(report["in_loop"]))
-    paths = _write(bench, report, args.out)
+        print(report.format_in_loop(measured["in_loop"]))
+    paths = report.write(measured, args.out)
     print(f"results: {paths[0]}")
     if len(paths) > 1:
         print(f"chart:   {paths[1]}")
@@ -113,45 +112,6 @@ def run(args):
     return 0
 
 
-def _measure(bench, rows, full, cold, progress):
-    """``bench.run`` one case at a time, so that a Ctrl-C (KeyboardInterrupt,
-    at once) keeps the cases that finished; the one being measured is
-    dropped, its timings incomplete. Returns ``(report or None, interrupted)``."""
-    import numpy as np
-
-    total = len(rows) + (1 if cold else 0)
-    report, results = None, []
-    since = bench.load_snapshot()
-    try:
-        for i, row in enumerate(rows):
-            progress(i, total, f"{row[0]} {sum(int(np.prod(s)) for s in row[2])}")
-            report = bench.run(full=full, rows=[row], cold=False)
-            results += report["results"]
-            report["results"] = results
-            report["load"] = bench.load_since(since)     # over every case so far
-        if cold:
-            progress(len(rows), total, "cold start")
-            cold_starts = bench.run(full=full, rows=[], cold=True)
-            report = dict(cold_starts, results=results) if report is None else \
-                dict(report, cold_start=cold_starts["cold_start"])
-        progress(total, total, "done")
-    except KeyboardInterrupt:
-        if getattr(progress, "tty", False):   # end the bar's line before the message
-            progress.stream.write("\n")
-        if report is not None:
-            report["interrupted"] = True
-        return report, True
-    return report, False
-
-
-def _cases(report):
-    return len({(r["case"], r["elements"], r["tensors"], r["dtype"]) for r in report["results"]})
-
-
-def _write(bench, report, out):
-    """bench.json and (with matplotlib) bench.png in ``out``; the paths written."""
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "bench.json")
-    bench.save(report, path)
-    chart = os.path.join(out, "bench.png")
-    return [path, chart] if bench.plot(report, chart) else [path]
+def _cases(measured):
+    return len({(r["case"], r["elements"], r["tensors"], r["dtype"])
+                for r in measured["results"]})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .._registry import LazyModules
 
-# backend="auto" preference, fastest first (fastopt.bench.nn): numba's np.dot
+# backend="auto" preference, fastest first (the nn benchmarks): numba's np.dot
 # goes through NumPy's OpenBLAS, a few % faster here than SciPy's behind
 # cython_blas. The cython backend needs no JIT (no first-run compile).
 _MODULES = {

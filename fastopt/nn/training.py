@@ -1,5 +1,5 @@
 """A minimal training loop over in-memory arrays, shared by ``fastopt train``
-and :mod:`fastopt.bench.nn`.
+and the MNIST benchmark.
 
 Per epoch: a seeded shuffle, mini-batches gathered into one reused buffer
 (``np.take(..., out=)``), ``model.train_step`` per batch, then an
