@@ -36,13 +36,12 @@ class EnsembleRatios:
     """``cases.ENSEMBLE`` (K=16 of 784-64-10, batch 128 each), per-model lrs:
     same-run speedups. ``threads`` as in :class:`bench_mlp.MLPTrainStepRatios`."""
 
-    params = [["1", "default"], ["numba", "cython"]]
+    params = [common.THREADS, ["numba", "cython"]]
     param_names = ["threads", "backend"]
 
     def setup_cache(self):
         from fastopt.bench import nn
-        return {"1": nn.bench_ensemble(rounds=3, threads=1),
-                "default": nn.bench_ensemble(rounds=3, threads=None)}
+        return common.by_threads(nn.bench_ensemble)
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 

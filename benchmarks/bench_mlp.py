@@ -44,13 +44,12 @@ class MLPTrainStepRatios:
     library's own thread count, each implementation in its own process:
     thread pools of different libraries in one process distort each other)."""
 
-    params = [["1", "default"], ["numba", "cython"]]
+    params = [common.THREADS, ["numba", "cython"]]
     param_names = ["threads", "backend"]
 
     def setup_cache(self):
         from fastopt.bench import nn
-        return {"1": nn.bench_train_step(rounds=3, threads=1),
-                "default": nn.bench_train_step(rounds=3, threads=None)}
+        return common.by_threads(nn.bench_train_step)
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 

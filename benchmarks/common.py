@@ -69,6 +69,18 @@ def ratio_matrix(rows, impls, rounds=3):
     return out
 
 
+#: the ``threads`` param of the nn ratio classes: every library on one
+#: thread in one process, or each at its default in its own process
+THREADS = ["1", "default"]
+
+
+def by_threads(bench_fn):
+    """``{threads: bench_fn(...)}`` for each of :data:`THREADS`: a
+    :mod:`fastopt.bench.nn` benchmark's ratios (3 rounds) for the
+    ``setup_cache`` of a class with a ``threads`` param."""
+    return {"1": bench_fn(rounds=3, threads=1), "default": bench_fn(rounds=3, threads=None)}
+
+
 try:
     # raised inside a benchmark (not its setup), only this subclass of
     # NotImplementedError makes asv record n/a instead of a failure
