@@ -24,7 +24,8 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 
 from .._openmp import in_forked_child, start_numba_threads
-from . import elements
+from . import compact, compact_jit, elements
+from .compact import check_compact
 from .lowp import bits
 from .scalars import (AdamElement, AdamScalars, SGDElement, SGDScalars, adam_element,
                       sgd_element)
@@ -453,9 +454,115 @@ def _state_pieces(st0, st1, st2, soff, pk, plo, phi, j):
 def _task_update(t, c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
                  like_w, like_g, like_o, gs, flags):
     for j in range(tasks[t], tasks[t + 1]):
-        s0, s1, s2, n = _state_pieces(st0, st1, st2, soff, pk, plo, phi, j)
-        _apply(c, _piece(waddr, pk, plo, phi, j, like_w), _piece(gaddr, pk, plo, phi, j, like_g),
-               _piece(oaddr, pk, plo, phi, j, like_o), s0, s1, s2, n, gs, flags)
+        _apply_piece(c, _piece(waddr, pk, plo, phi, j, like_w),
+                     _piece(gaddr, pk, plo, phi, j, like_g),
+                     _piece(oaddr, pk, plo, phi, j, like_o),
+                     st0, st1, st2, soff, pk, plo, phi, j, gs, flags)
+
+
+# -- compact state (fastopt/backends/compact.py) ---------------------------------------
+# A state slot is a float array (the update reads and writes it in place) or,
+# for compact state, a tuple ``(codes, absmax, key)``: codes uint16
+# (bfloat16 bits), int8 (signed 8-bit) or uint8 (unsigned 8-bit), the float32
+# absmax per block (8-bit) and the uint32 rounding key (bfloat16). A compact
+# piece is stepped a block at a time: each slot decoded into float32 scratch,
+# the unchanged ``_apply`` over the block, the scratch encoded back. The
+# codes' type picks the codec at compile time: float state compiles as before.
+
+def _apply_piece(c, w, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, flags):
+    """Update piece ``j`` (``w``, ``g``, ``out`` its weights, gradients and
+    16-bit params) and its state at the same elements of ``st0..st2``."""
+
+
+def _is_none(a):
+    return a is None or isinstance(a, types.NoneType)
+
+
+@overload(_apply_piece, jit_options=_UPDATE)
+def _apply_piece_impl(c, w, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, flags):
+    if not isinstance(st0, types.BaseTuple):      # float state (or none): in place
+        def in_place(c, w, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, flags):
+            s0, s1, s2, n = _state_pieces(st0, st1, st2, soff, pk, plo, phi, j)
+            _apply(c, w, g, out, s0, s1, s2, n, gs, flags)
+        return in_place
+
+    def blockwise(c, w, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, flags):
+        n = np.uint64(phi[j] - plo[j])
+        o = np.uint64(soff[pk[j]] + plo[j])     # a multiple of BLOCK for 8-bit state
+        x0 = np.empty(_BLOCK, np.float32)
+        x1 = np.empty(_BLOCK, np.float32)
+        x2 = np.empty(_BLOCK, np.float32)
+        b = _U0
+        while b < n:
+            m = min(_BLOCK, n - b)
+            s0 = _decode_block(st0, o + b, m, x0)
+            s1 = _decode_block(st1, o + b, m, x1)
+            s2 = _decode_block(st2, o + b, m, x2)
+            _apply(c, w[b:b + m], g[b:b + m], _part(out, b, b + m), s0, s1, s2, m, gs, flags)
+            _encode_block(st0, o + b, m, x0)
+            _encode_block(st1, o + b, m, x1)
+            _encode_block(st2, o + b, m, x2)
+            b += _BLOCK
+    return blockwise
+
+
+_BLOCK = np.uint64(compact.BLOCK)
+
+
+def _decode_block(slot, o, m, x):
+    """Slot ``slot``'s elements ``o .. o + m - 1`` decoded into ``x[:m]``
+    (returned), None for an unused slot."""
+
+
+def _encode_block(slot, o, m, x):
+    """``x[:m]`` encoded as slot ``slot``'s elements ``o .. o + m - 1``."""
+
+
+@overload(_decode_block, jit_options=_UPDATE)
+def _decode_block_impl(slot, o, m, x):
+    if _is_none(slot):
+        return lambda slot, o, m, x: None
+    if slot.types[0].dtype == types.uint16:
+        def bf16(slot, o, m, x):
+            codes = slot[0]
+            for i in range(m):
+                x[i] = compact_jit.f32_from_bits(compact_jit.bf16_decode_one(codes[o + i]))
+            return x[:m]
+        return bf16
+    signed = slot.types[0].dtype == types.int8
+
+    def q8(slot, o, m, x):
+        codes = slot[0]
+        scale = slot[1][o // _BLOCK]
+        for i in range(m):
+            x[i] = compact_jit.q8_decode_one(codes[o + i], scale, signed)
+        return x[:m]
+    return q8
+
+
+@overload(_encode_block, jit_options=_UPDATE)
+def _encode_block_impl(slot, o, m, x):
+    if _is_none(slot):
+        return lambda slot, o, m, x: None
+    if slot.types[0].dtype == types.uint16:
+        def bf16(slot, o, m, x):
+            codes, key = slot[0], slot[2]
+            for i in range(m):
+                codes[o + i] = compact_jit.bf16_encode_sr_one(compact_jit.f32_bits(x[i]), key,
+                                                              o + i)
+        return bf16
+    signed = slot.types[0].dtype == types.int8
+
+    def q8(slot, o, m, x):
+        codes, absmax, key = slot
+        top = np.uint32(0)
+        for i in range(m):
+            top = max(top, compact_jit.absmax_bits_one(x[i]))
+        scale = compact_jit.f32_from_bits(np.uint32(top))
+        absmax[o // _BLOCK] = scale
+        for i in range(m):
+            codes[o + i] = compact_jit.q8_encode_one(x[i], scale, signed, key, o + i)
+    return q8
 
 
 # Phase one's sums: accumulator i of 64 adds the squares of elements i,
@@ -728,6 +835,7 @@ def sgd_update(p, g, buf, s: SGDScalars, out=None) -> None:
 
 compiled_tables = True    # steps a whole param group in one call (tables.py)
 _NDARRAY = id(np.ndarray)
+_NO_ABSMAX = np.empty(0, np.float32)     # a bfloat16 slot's (unread) absmax
 
 
 def _table_info(table):
@@ -750,12 +858,17 @@ def _table_info(table):
 
 
 def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
-         parallel=True):
+         parallel=True, compact=None):
     """One step over ``table`` (see :mod:`fastopt.backends.tables`) with the
     group's state ``buffers`` in kernel order; returns ``(unscaled norm,
-    skipped)``."""
+    skipped)``. ``compact``: None for float state, else the
+    :class:`~fastopt.backends.compact.CompactStep` of code ``buffers``."""
     info = _table_info(table)
-    table.state_addresses(buffers)    # keeps the table's written ranges current
+    table.state_addresses(buffers, compact)    # keeps the table's written ranges current
+    if compact is not None:
+        check_compact(table, el)
+        buffers = [(b, _NO_ABSMAX if a is None else a, np.uint32(k))
+                   for b, a, k in zip(buffers, compact.absmax, compact.keys)]
     st0, st1, st2 = (list(buffers) + [None] * 3)[:3]
     parallel = (parallel and table.nelem > SERIAL_MAX and table.ntasks > 1
                 and not in_forked_child())

@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from .lowp import compute_dtype, is_low_precision
+from . import compact as C
 from . import scalars as S
 from .threads import ThreadChoice
 
@@ -134,14 +135,17 @@ class StepTable:
                                     self.addrs["factor"]], _I64)
         self.header_addr = address(self.header)
 
-    def state_addresses(self, buffers) -> tuple:
+    def state_addresses(self, buffers, compact=None) -> tuple:
         """Addresses of the group's state buffers in kernel slot order (0 for
-        an unused slot), cached while the buffers are the same objects."""
-        key = tuple(map(id, buffers))
+        an unused slot), cached while the buffers are the same objects.
+        ``compact`` (a :class:`~fastopt.backends.compact.CompactStep`): its
+        absmax arrays are written too."""
+        extra = () if compact is None else tuple(a for a in compact.absmax if a is not None)
+        key = tuple(map(id, buffers)) + tuple(map(id, extra))
         if self._state[0] != key:
             addrs = [address(b) for b in buffers] + [0] * (3 - len(buffers))
             self._state = (key, tuple(addrs))
-            self._set_written(self._writes() + list(buffers))
+            self._set_written(self._writes() + list(buffers) + list(extra))
         return self._state[1]
 
     def _set_written(self, arrays):
@@ -206,31 +210,46 @@ def element_of(s, nstate):
     return make(s, nstate)
 
 
-def step_per_array(be, table, s, buffers, coef):
+def step_per_array(be, table, s, buffers, coef, compact=None):
     """The table's step array by array with ``be``'s per-array functions:
-    for backends without a compiled table step (the NumPy reference)."""
+    for backends without a compiled table step (the NumPy reference).
+
+    Compact state (``compact`` a :class:`~fastopt.backends.compact.CompactStep`,
+    ``buffers`` the codes): each array's state is decoded to float32, stepped
+    by the same functions, and encoded again (:mod:`fastopt.backends.compact`)."""
     s = s._replace(grad_scale=s.grad_scale * coef)
     for k, (w, g) in enumerate(zip(table.weights, table.grads)):
         lo = int(table.soff[k])
-        st = [b[lo:lo + w.size] for b in buffers]
-        out = None if table.outs is None else table.outs[k]
-        if isinstance(s, S.AdamScalars):
-            be.adam_update(w, g, st[0], st[1], st[2] if len(st) == 3 else None, s, out)
-        elif isinstance(s, S.RMSpropScalars):   # square_avg [grad_avg] [momentum_buffer]
-            ga = st[1] if s.centered else None
-            buf = st[-1] if s.momentum > 0.0 else None
-            be.rmsprop_update(w, g, st[0], ga, buf, s, out)
-        elif isinstance(s, S.AdagradScalars):
-            be.adagrad_update(w, g, st[0], s, out)
-        elif isinstance(s, S.LionScalars):
-            be.lion_update(w, g, st[0], s, out)
-        elif isinstance(s, S.AdamaxScalars):
-            be.adamax_update(w, g, st[0], st[1], s, out)
-        elif isinstance(s, S.NAdamScalars):
-            be.nadam_update(w, g, st[0], st[1], s, out)
-        elif isinstance(s, S.RAdamScalars):
-            be.radam_update(w, g, st[0], st[1], s, out)
-        elif isinstance(s, S.LAMBScalars):
-            be.lamb_update(w, g, st[0], st[1], s, out)
+        if compact is None:
+            st = [b[lo:lo + w.size] for b in buffers]
         else:
-            be.sgd_update(w, g, st[0] if st else None, s, out)
+            st = [C.decode_span(b, a, lo, w.size) for b, a in zip(buffers, compact.absmax)]
+        _update_array(be, s, w, g, st, None if table.outs is None else table.outs[k])
+        if compact is not None:
+            for x, b, a, key in zip(st, buffers, compact.absmax, compact.keys):
+                C.encode_span(x, b, a, lo, key)
+
+
+def _update_array(be, s, w, g, st, out):
+    """One array's step with ``be``'s per-array function of ``s``'s optimizer
+    (``st``: its state, 1-D float arrays in kernel order)."""
+    if isinstance(s, S.AdamScalars):
+        be.adam_update(w, g, st[0], st[1], st[2] if len(st) == 3 else None, s, out)
+    elif isinstance(s, S.RMSpropScalars):   # square_avg [grad_avg] [momentum_buffer]
+        ga = st[1] if s.centered else None
+        buf = st[-1] if s.momentum > 0.0 else None
+        be.rmsprop_update(w, g, st[0], ga, buf, s, out)
+    elif isinstance(s, S.AdagradScalars):
+        be.adagrad_update(w, g, st[0], s, out)
+    elif isinstance(s, S.LionScalars):
+        be.lion_update(w, g, st[0], s, out)
+    elif isinstance(s, S.AdamaxScalars):
+        be.adamax_update(w, g, st[0], st[1], s, out)
+    elif isinstance(s, S.NAdamScalars):
+        be.nadam_update(w, g, st[0], st[1], s, out)
+    elif isinstance(s, S.RAdamScalars):
+        be.radam_update(w, g, st[0], st[1], s, out)
+    elif isinstance(s, S.LAMBScalars):
+        be.lamb_update(w, g, st[0], st[1], s, out)
+    else:
+        be.sgd_update(w, g, st[0] if st else None, s, out)

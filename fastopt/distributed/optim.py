@@ -491,6 +491,10 @@ class ShardedOptimizer(_Distributed):
             # its trust ratio needs each tensor's whole norm; a shard holds parts of tensors
             raise NotImplementedError("ShardedOptimizer does not shard LAMB (its per-tensor "
                                       "trust ratio needs whole tensors); use DataParallel")
+        if options.get("state_dtype", "float32") != "float32":
+            # its checkpoints gather float state buffers element by element
+            raise NotImplementedError("ShardedOptimizer does not shard compact state "
+                                      "(state_dtype) yet; use DataParallel")
         specs = Optimizer._group_specs(params)
         arrays = [V.as_array_list(f"param_groups[{gi}]['params']", s["params"])
                   for gi, s in enumerate(specs)]

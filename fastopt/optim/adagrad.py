@@ -26,6 +26,7 @@ class Adagrad(Optimizer):
     """
 
     _state_names = ("sum",)
+    _nonnegative_state = ("sum",)
 
     def __init__(self, params=None, lr=1e-2, lr_decay=0, weight_decay=0,
                  initial_accumulator_value=0, eps=1e-10, maximize=False, *,

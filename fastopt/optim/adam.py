@@ -24,6 +24,7 @@ class Adam(Optimizer):
 
     _decoupled = False
     _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _nonnegative_state = ("exp_avg_sq", "max_exp_avg_sq")
 
     def _required_state(self, hypers, step):
         return {"exp_avg", "exp_avg_sq"} if step else set()

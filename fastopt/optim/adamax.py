@@ -21,6 +21,7 @@ class Adamax(Optimizer):
     """
 
     _state_names = ("exp_avg", "exp_inf")
+    _nonnegative_state = ("exp_inf",)
 
     def __init__(self, params=None, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  maximize=False, *, backend="auto", max_grad_norm=None, **options):

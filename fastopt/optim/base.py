@@ -45,6 +45,7 @@ from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler
 from .named import KeyTree
 from .placement import placement_for
+from .state_format import StateFormat
 
 
 def _all_finite(norm, flats) -> bool:
@@ -104,17 +105,21 @@ class Optimizer:
 
     Keyword options every optimizer takes: ``backend``, ``max_grad_norm``
     (global-norm clipping inside the step), ``skip_nonfinite`` (skip a step
-    whose gradients hold NaN/inf; counted in ``skipped_steps``).
+    whose gradients hold NaN/inf; counted in ``skipped_steps``),
+    ``state_dtype`` (``"float32"``, or compact state: ``"bfloat16"`` or
+    ``"int8"``, see :mod:`fastopt.optim.state_format`) and ``state_seed``
+    (the seed of compact state's stochastic rounding).
 
     After each step: ``grad_norm`` (pre-clip global norm, when computed),
     ``last_lr`` (per group), ``iterations`` (step calls, applied or skipped).
     """
 
     def __init__(self, params, defaults: dict, *, backend="auto", max_grad_norm=None,
-                 skip_nonfinite=False, loss_scaler=None):
+                 skip_nonfinite=False, loss_scaler=None, state_dtype="float32", state_seed=0):
         if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
             raise TypeError("loss_scaler must be a fastopt.LossScaler or None, got "
                             f"{type(loss_scaler).__name__}")
+        self._state_format = StateFormat.of(type(self), state_dtype, state_seed, backend)
         self._backend_name = backend
         self._backend = None if params is None else get_backend(backend_for(backend, params))
         self._placement = None   # host or device, chosen by bind()
@@ -437,6 +442,7 @@ class Optimizer:
         labels = ([f"params{lab}" for lab in names.labels] if names is not None
                   else [f"params[{i}]" for i in range(len(all_params))])
         self._placement.check_params(list(zip(labels, all_params)))
+        self._state_format.check_params(self._placement.device, zip(labels, all_params))
         for gi, group in enumerate(groups):
             self._check_one_dtype(gi, group["params"])
         return all_params
@@ -508,10 +514,11 @@ class Optimizer:
         norm, coef, skip = None, 1.0, False
         try:
             plans = []
+            fmt = self._state_format
             for gi, h in enumerate(hypers):
                 s, names = self._group_state(gi, h, created)
-                flat = self.state[gi]["flat"]
-                plans.append((s, [flat[n] for n in names]))
+                st = self.state[gi]
+                plans.append((s, [st["flat"][n] for n in names], fmt.step_args(gi, names, st)))
             if norm_mode and not fused:
                 norm, finite = self._table_stats(be, self._all_tables, compiled, check)
                 skip = check and not finite
@@ -519,11 +526,11 @@ class Optimizer:
                 if max_norm is not None:
                     coef = clip_coefficient(norm, max_norm)
             if fused:
-                s, bufs = plans[0]
+                s, bufs, cs = plans[0]
                 norm, skip = self._fused_call(be, tables[0][0], s, bufs, max_norm, inv_scale,
-                                              norm_mode)
+                                              norm_mode, cs)
             elif not skip:
-                for (s, bufs), ts in zip(plans, tables):
+                for (s, bufs, cs), ts in zip(plans, tables):
                     for t in ts:
                         if compiled:
                             el = element_of(s, len(bufs))
@@ -531,11 +538,11 @@ class Optimizer:
                             parallel = timed and t.threads.pick(t.nelem,
                                                                 be.get_num_threads())
                             be.step(t, el, bufs, el.grad_scale * coef * inv_scale,
-                                    parallel=parallel)
+                                    parallel=parallel, compact=cs)
                             if timed:
                                 t.threads.record()
                         else:
-                            step_per_array(be, t, s, bufs, coef * inv_scale)
+                            step_per_array(be, t, s, bufs, coef * inv_scale, cs)
         except BaseException:
             # only reachable before the kernels wrote (they raise nothing):
             # buffers this step made go, and with them any trace of it
@@ -618,14 +625,15 @@ class Optimizer:
                 group["lr"] = value
                 self._lr_shown[gi] = value
 
-    def _fused_call(self, be, t, s, bufs, max_norm, inv_scale, norm_mode):
+    def _fused_call(self, be, t, s, bufs, max_norm, inv_scale, norm_mode, compact):
         """Norm, skip decision and update of the only table in one call;
         returns ``(unscaled norm, skipped)``."""
         el = element_of(s, len(bufs))
         timed = t.nelem > SERIAL_MAX           # smaller tables always run serially
         parallel = timed and t.threads.pick(t.nelem, be.get_num_threads())
         norm, skip = be.step(t, el, bufs, el.grad_scale, max_norm=max_norm or 0.0,
-                             inv_scale=inv_scale, norm_mode=norm_mode, parallel=parallel)
+                             inv_scale=inv_scale, norm_mode=norm_mode, parallel=parallel,
+                             compact=compact)
         if timed:
             t.threads.record()
         if not norm_mode:
@@ -665,8 +673,8 @@ class Optimizer:
                 else:
                     weights.append(master[run["local"][j]:run["local"][j + 1]])
                     outs.append(p)
-        offsets = np.concatenate([[0], np.cumsum([a.size for a in params])[:-1]])
-        tables = group_tables(params, weights, outs, offsets.astype(np.int64))
+        offsets = self._state_format.offsets([a.size for a in params])
+        tables = group_tables(params, weights, outs, offsets)
         for t in tables:
             t.index_global = [first + k for k in t.index]
         return tables
@@ -754,9 +762,15 @@ class Optimizer:
 
     def _group_buffer(self, gi, name, created):
         """Group ``gi``'s flat state buffer ``name``, zero-allocated on first
-        use (with its runs' views); ``created`` collects new ones."""
+        use (with its runs' views; compact codes have none, and an 8-bit
+        buffer comes with its absmax array); ``created`` collects new ones."""
         st = self.state[gi]
         flat = st["flat"]
+        if name not in flat and self._state_format.compact:     # codes over the group
+            for n, buf in self._state_format.new_buffers(
+                    name, [a.size for a in self.param_groups[gi]["params"]]).items():
+                created.append((gi, n))
+                flat[n] = buf
         if name not in flat:
             buf, views = self._placement.state_buffer(
                 [r["flat"].size for r in self._run_info[gi]["runs"]], self._group_dtype(gi))
@@ -788,6 +802,11 @@ class Optimizer:
     # -- checkpoints ------------------------------------------------------------
     #: state buffer names this optimizer may hold (subclasses extend)
     _state_names: tuple = ()
+    #: the state buffers that are never negative (second moments,
+    #: accumulators: unsigned codes under ``state_dtype="int8"``); None: the
+    #: optimizer has no compact state, for the reason in ``_no_compact_state``
+    _nonnegative_state = None
+    _no_compact_state = "its step is not an elementwise update of its state buffers."
 
     def _required_state(self, hypers, step) -> set:
         """Buffers a group must have after ``step`` applied steps."""
@@ -840,16 +859,26 @@ class Optimizer:
                     raise RuntimeError(f"state buffer {n!r} exists for only some runs")
                 parts = [self._placement.to_host(r[n]) for r in runs]
                 bufs[n] = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+            if self._state_format.compact:      # the codes as they are (host only)
+                bufs.update({n: b.copy() for n, b in self.state[gi]["flat"].items()})
             state.append({"step": self.state[gi]["step"], "buffers": bufs})
         return {"type": type(self).__name__, "iterations": self.iterations,
                 "skipped_steps": self.skipped_steps,
                 "options": self._options_dict(),
                 "param_groups": groups, "state": state}
 
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state allocated so far: every state buffer
+        (moments, momentum; under compact state its codes and absmax
+        arrays), not the float32 master copies of 16-bit params (weights).
+        A buffer appears at the first step that uses it."""
+        return sum(int(b.nbytes) for st in self.state for b in st["flat"].values())
+
     def _options_dict(self) -> dict:
         return {"max_grad_norm": self.max_grad_norm, "skip_nonfinite": self.skip_nonfinite,
                 "loss_scaler": (None if self.loss_scaler is None
-                                else self.loss_scaler.state_dict())}
+                                else self.loss_scaler.state_dict()),
+                "state_dtype": self._state_format.name, "state_seed": self._state_format.seed}
 
     def load_state_dict(self, state_dict) -> None:
         """Restore :meth:`state_dict` output. Everything is checked first: a
@@ -912,26 +941,34 @@ class Optimizer:
             required = self._required_state(group, step)
             if any(self._placement.is_low(r["flat"].dtype) for r in runs):
                 required = required | {"master"}
+            fmt = self._state_format
+            sizes = [a.size for a in self.param_groups[gi]["params"]]
+            required = fmt.buffer_names(required - {"master"}) | (required & {"master"})
             need(bufs, sorted(required), f"state[{gi}]")
-            unknown = set(bufs) - set(self._state_names) - (required & {"master"})
+            unknown = set(bufs) - fmt.buffer_names(self._state_names) - (required & {"master"})
             if unknown:
                 raise ValueError(f"checkpoint state[{gi}] has unknown buffers {sorted(unknown)}"
                                  f" for {type(self).__name__} (expected some of "
-                                 f"{list(self._state_names)})")
+                                 f"{sorted(fmt.buffer_names(self._state_names))})")
             for name, a in bufs.items():
-                if not isinstance(a, np.ndarray) or a.shape != (n,) or a.dtype != dtype:
+                want, size = ((dtype, n) if name == "master" else
+                              fmt.buffer_spec(name, sizes, dtype))
+                if not isinstance(a, np.ndarray) or a.shape != (size,) or a.dtype != want:
                     got = (f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray)
                            else type(a).__name__)
                     raise ValueError(f"checkpoint state[{gi}]['{name}'] is {got}, expected "
-                                     f"{dtype}[{n}]")
+                                     f"{want}[{size}]")
             # one buffer per name over the group (a copy, where the params
-            # live), its runs' views of it
+            # live), its runs' views of it; compact codes: a copy, no views
+            compact = {name: np.array(a, copy=True) for name, a in bufs.items()
+                       if fmt.compact and name != "master"}
             made = {name: self._placement.state_buffer([r["flat"].size for r in runs], dtype, a)
-                    for name, a in bufs.items()}
+                    for name, a in bufs.items() if name not in compact}
             new_runs = [{name: views[ri] for name, (_, views) in made.items()}
                         for ri in range(len(runs))]
             entry = {"step": step, "runs": new_runs,
-                     "flat": {n: buf for n, (buf, _) in made.items() if n != "master"}}
+                     "flat": {**{n: buf for n, (buf, _) in made.items() if n != "master"},
+                              **compact}}
             new_hypers.append(group)
             new_state.append(entry)
 
@@ -961,16 +998,27 @@ class Optimizer:
         skip = V.check_bool("checkpoint skip_nonfinite", options["skip_nonfinite"])
         scaler = (None if options["loss_scaler"] is None
                   else LossScaler.from_state_dict(options["loss_scaler"]))
+        # compact state: the checkpoint's codes are in its own format (a
+        # checkpoint from before compact state has float state, seed 0)
+        fmt = self._state_format
+        saved_dtype = options.get("state_dtype", "float32")
+        if saved_dtype != fmt.name:
+            raise ValueError(
+                f"checkpoint keeps its optimizer state as {saved_dtype!r}, this optimizer as "
+                f"{fmt.name!r}; state is not converted between formats: make the optimizer "
+                f"with state_dtype={saved_dtype!r} to resume from this checkpoint")
+        seed = V.check_int("checkpoint state_seed", options.get("state_seed", 0), low=0)
 
         def apply():
             # The checkpoint's settings win (a resume must step as the saved
             # run did); a constructor setting it replaces is said, not hidden.
-            for name, saved in (("max_grad_norm", mgn), ("skip_nonfinite", skip)):
-                if getattr(self, name) != saved:
+            for name, saved, now in (("max_grad_norm", mgn, self.max_grad_norm),
+                                     ("skip_nonfinite", skip, self.skip_nonfinite),
+                                     ("state_seed", seed, fmt.seed)):
+                if now != saved:
                     warnings.warn(f"load_state_dict: the checkpoint's {name}={saved!r} "
-                                  f"replaces this optimizer's {getattr(self, name)!r}",
-                                  stacklevel=4)
-            self.max_grad_norm, self.skip_nonfinite = mgn, skip
+                                  f"replaces this optimizer's {now!r}", stacklevel=4)
+            self.max_grad_norm, self.skip_nonfinite, fmt.seed = mgn, skip, seed
             if scaler is None:
                 self.loss_scaler = None
             elif self.loss_scaler is None:

@@ -42,6 +42,11 @@ class LAMB(HostOnly):
     """
 
     _state_names = ("exp_avg", "exp_avg_sq")
+    # no compact state (state_dtype): phase one sums r of the moments before
+    # rounding, phase two would recompute r from the rounded stored moments
+    _no_compact_state = ("its two-phase step recomputes each update from the stored moments "
+                         "after summing its norms, so rounded state would make the trust "
+                         "ratio's norms disagree with the update.")
 
     def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  bias_correction=True, maximize=False, *, backend="auto", max_grad_norm=None,

@@ -21,6 +21,7 @@ class Lion(Optimizer):
     """
 
     _state_names = ("exp_avg",)
+    _nonnegative_state = ()
 
     def __init__(self, params=None, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
                  maximize=False, *, backend="auto", max_grad_norm=None, **options):

@@ -33,6 +33,7 @@ class NAdam(Optimizer):
     """
 
     _state_names = ("exp_avg", "exp_avg_sq")
+    _nonnegative_state = ("exp_avg_sq",)
 
     def __init__(self, params=None, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False, *,

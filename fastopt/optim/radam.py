@@ -27,6 +27,7 @@ class RAdam(Optimizer):
     """
 
     _state_names = ("exp_avg", "exp_avg_sq")
+    _nonnegative_state = ("exp_avg_sq",)
 
     def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  decoupled_weight_decay=False, maximize=False, *, backend="auto",

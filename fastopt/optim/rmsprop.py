@@ -58,6 +58,7 @@ class RMSprop(Optimizer):
     """
 
     _state_names = ("square_avg", "grad_avg", "momentum_buffer")
+    _nonnegative_state = ("square_avg",)
 
     def __init__(self, params=None, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0,
                  momentum=0, centered=False, maximize=False, *, backend="auto",
@@ -70,6 +71,16 @@ class RMSprop(Optimizer):
     # torch's checks: every real >= 0 (eps = 0 and alpha > 1 are allowed, as there)
     _hypers = dict(lr=NONNEG, alpha=NONNEG, eps=NONNEG, weight_decay=NONNEG, momentum=NONNEG,
                    centered=FLAG, maximize=FLAG)
+
+    def _check_hypers(self, group, where=""):
+        h = super()._check_hypers(group, where)
+        if h["centered"] and self._state_format.compact:
+            raise ValueError(
+                f"{where or 'RMSprop'}: centered=True with state_dtype="
+                f"{self._state_format.name!r} is refused: the step takes sqrt(square_avg - "
+                "grad_avg**2), and rounding both can make the difference negative (a NaN "
+                "step); use centered=False or state_dtype='float32'")
+        return h
 
     @staticmethod
     def _buffers(h) -> tuple:

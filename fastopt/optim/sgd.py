@@ -27,6 +27,7 @@ class SGD(Optimizer):
                          **options)
 
     _state_names = ("momentum_buffer",)
+    _nonnegative_state = ()
 
     _hypers = dict(lr=NONNEG, momentum=NONNEG, dampening=REAL, nesterov=FLAG, weight_decay=NONNEG,
                    maximize=FLAG)

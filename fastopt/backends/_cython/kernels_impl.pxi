@@ -79,6 +79,79 @@ cdef extern from *:
     float fo_f16_to_f32(short h) noexcept nogil
     short fo_f32_to_f16(float x) noexcept nogil
 
+# Compact optimizer state: the C twins of fastopt/backends/compact.py's codecs
+# (the NumPy functions there are the specification; same bits).
+cdef extern from *:
+    """
+    /* stochastic rounding to bfloat16: 16 random bits from (key, index) */
+    static inline uint32_t fo_sr_bits(uint32_t key, uint32_t index) {
+        uint32_t h = (index ^ key) * 0x9E3779B1u;
+        h ^= h >> 16;
+        h ^= h >> 8;
+        return h & 0xFFFFu;
+    }
+    static inline uint16_t fo_bf16_sr(float x, uint32_t key, uint32_t index) {
+        uint32_t b = fo_bits_from_f32(x);
+        return (uint16_t)fo_sel((b & 0x7FFFFFFFu) > 0x7F800000u, (b >> 16) | 0x0040u,
+                                (b + fo_sr_bits(key, index)) >> 16);
+    }
+    /* the 8-bit log grid: 3 mantissa bits under 4 (signed) or 5 (unsigned)
+       exponent bits of |x| / absmax, the lowest binade's float exponent
+       field 113 / 97, linear steps of 2**-17 / 2**-33 below it */
+    static inline float fo_q8_magnitude(uint32_t mag, uint32_t low_field, float ulp) {
+        uint32_t e = mag >> 3, m = mag & 7u;
+        uint32_t normal = ((e + low_field - 1u) << 23) | (m << 20);
+        return fo_f32_from_bits(fo_sel(e > 0u, normal, fo_bits_from_f32((float)m * ulp)));
+    }
+    static inline float fo_q8_decode_signed(int8_t c, float scale) {
+        uint32_t neg = c < 0;
+        float v = fo_q8_magnitude((uint32_t)(neg ? -(int)c : (int)c), 113u, 0x1p-17f);
+        return fo_f32_from_bits(fo_bits_from_f32(v) | (neg << 31)) * scale;
+    }
+    static inline float fo_q8_decode_unsigned(uint8_t c, float scale) {
+        return fo_q8_magnitude(c, 97u, 0x1p-33f) * scale;
+    }
+    /* |x| as bits: their integer order is the float order (NaN above inf) */
+    static inline uint32_t fo_abs_bits(float x) { return fo_bits_from_f32(x) & 0x7FFFFFFFu; }
+    /* the code magnitude of rel (>= 0, or NaN), rounded up with the
+       probability of the dropped bits (rnd: 20 random bits) */
+    static inline uint32_t fo_q8_code(float rel, uint32_t low_field, float edge,
+                                      float sub_scale, uint32_t top, uint32_t keep_positive,
+                                      uint32_t rnd) {
+        uint32_t b = fo_abs_bits(rel);
+        uint32_t r = (b + rnd) >> 20;
+        uint32_t normal = (((r >> 3) - low_field + 1u) << 3) | (r & 7u);
+        /* below the lowest binade: linear steps of its ulp, counted in 2**-20
+           steps (exact; clamped so that unused lanes convert in range) */
+        uint32_t sub = ((uint32_t)(int32_t)((rel < edge ? rel : edge) * sub_scale) + rnd) >> 20;
+        uint32_t code = fo_sel((b >> 23) >= low_field, normal, sub);
+        code = fo_sel(keep_positive & (code == 0u) & (b != 0u), 1u, code);
+        return code < top ? code : top;
+    }
+    /* scale > 0 (a block of absmax 0, or NaN, is all code 0) */
+    static inline int8_t fo_q8_encode_signed(float x, float scale, uint32_t key,
+                                             uint32_t index) {
+        uint32_t mag = fo_q8_code(fo_f32_from_bits(fo_abs_bits(x)) / scale, 113u, 0x1p-14f,
+                                  0x1p37f, 120u, 0u, fo_sr_bits(key, index) << 4);
+        uint32_t neg = (fo_bits_from_f32(x) >> 31) & (mag > 0u);
+        return (int8_t)fo_sel(neg, 0u - mag, mag);
+    }
+    static inline uint8_t fo_q8_encode_unsigned(float x, float scale, uint32_t key,
+                                                uint32_t index) {
+        return (uint8_t)fo_q8_code(fo_f32_from_bits(fo_abs_bits(x)) / scale, 97u, 0x1p-30f,
+                                   0x1p53f, 248u, 1u, fo_sr_bits(key, index) << 4);
+    }
+    """
+    float fo_f32_from_bits(unsigned int u) noexcept nogil
+    unsigned short fo_bf16_sr(float x, unsigned int key, unsigned int index) noexcept nogil
+    float fo_q8_decode_signed(signed char c, float scale) noexcept nogil
+    float fo_q8_decode_unsigned(unsigned char c, float scale) noexcept nogil
+    unsigned int fo_abs_bits(float x) noexcept nogil
+    signed char fo_q8_encode_signed(float x, float scale, unsigned int key,
+                                    unsigned int index) noexcept nogil
+    unsigned char fo_q8_encode_unsigned(float x, float scale, unsigned int key,
+                                        unsigned int index) noexcept nogil
+
 ctypedef fused floating:
     float
     double
@@ -521,6 +594,108 @@ cdef inline void _span_finish(Op* op, floating* p, storage* out, floating* s0, f
         _store(out, i, pi)
 
 
+# -- compact state (fastopt/backends/compact.py) ---------------------------------
+# A piece of compact state is stepped a block at a time: each state slot
+# decoded into float32 scratch on the stack (L1-resident), the unchanged
+# ``_span_unswitched`` over the block with the scratch as its state, the
+# scratch encoded back, rounded stochastically with the element's index in
+# the group's buffer (8-bit: relative to the block's new absmax). A runtime
+# switch per piece (``Table.compact``): the float path is as before.
+
+cdef enum:
+    BLOCK = 256         # elements per absmax block (compact.BLOCK)
+    STATE_BF16 = 1
+    STATE_8BIT = 2
+
+cdef struct Compact:
+    int kind            # STATE_BF16 or STATE_8BIT
+    int nslots          # state buffers the element function reads (1..3)
+    void* codes[3]      # uint16 bits; int8 (signed) or uint8 (unsigned) codes
+    float* absmax[3]    # 8-bit: one float32 per block of the buffer
+    unsigned int key[3]     # the rounding key of each buffer
+    int is_signed[3]    # 8-bit: int8 codes (else uint8)
+
+
+cdef inline void _decode_block(const Compact* cs, int s, Py_ssize_t o, Py_ssize_t m,
+                               floating* x) noexcept nogil:
+    # slot s's elements o .. o + m - 1 as floats in x (o: a multiple of BLOCK)
+    cdef Py_ssize_t i
+    cdef const unsigned short* h
+    cdef const signed char* sc
+    cdef const unsigned char* uc
+    cdef float scale
+    if cs.kind == STATE_BF16:
+        h = <const unsigned short*>cs.codes[s] + o
+        for i in range(m):
+            x[i] = fo_bf16_to_f32(h[i])
+        return
+    scale = cs.absmax[s][o // BLOCK]
+    if cs.is_signed[s]:
+        sc = <const signed char*>cs.codes[s] + o
+        for i in range(m):
+            x[i] = fo_q8_decode_signed(sc[i], scale)
+    else:
+        uc = <const unsigned char*>cs.codes[s] + o
+        for i in range(m):
+            x[i] = fo_q8_decode_unsigned(uc[i], scale)
+
+
+cdef inline void _encode_block(const Compact* cs, int s, Py_ssize_t o, Py_ssize_t m,
+                               const floating* x) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef unsigned short* h
+    cdef signed char* sc
+    cdef unsigned char* uc
+    cdef unsigned int top = 0, b, key
+    cdef float scale
+    if cs.kind == STATE_BF16:
+        h = <unsigned short*>cs.codes[s] + o
+        key = cs.key[s]
+        for i in range(m):
+            h[i] = fo_bf16_sr(<float>x[i], key, <unsigned int>(o + i))
+        return
+    for i in range(m):         # the block's absmax: an integer max over |x|'s bits
+        b = fo_abs_bits(<float>x[i])
+        top = b if b > top else top
+    scale = fo_f32_from_bits(top)
+    cs.absmax[s][o // BLOCK] = scale
+    sc = <signed char*>cs.codes[s] + o
+    uc = <unsigned char*>cs.codes[s] + o
+    key = cs.key[s]
+    if not scale > 0:          # all zero (or a NaN block): code 0, as compact.py
+        for i in range(m):
+            uc[i] = 0
+    elif cs.is_signed[s]:
+        for i in range(m):
+            sc[i] = fo_q8_encode_signed(<float>x[i], scale, key, <unsigned int>(o + i))
+    else:
+        for i in range(m):
+            uc[i] = fo_q8_encode_unsigned(<float>x[i], scale, key, <unsigned int>(o + i))
+
+
+cdef void _span_compact(Op* op, floating* p, const storage* g, storage* out,
+                        const Compact* cs, Py_ssize_t o, Py_ssize_t n, const floating* c,
+                        floating gs, int flags) noexcept nogil:
+    # ``o``: the piece's first element in the group's state buffers
+    cdef floating x0[BLOCK]
+    cdef floating x1[BLOCK]
+    cdef floating x2[BLOCK]
+    cdef floating* x[3]
+    cdef Py_ssize_t b = 0, m
+    cdef int s
+    x[0] = &x0[0]
+    x[1] = &x1[0] if cs.nslots > 1 else x[0]    # unused slots alias a used one, untouched
+    x[2] = &x2[0] if cs.nslots > 2 else x[1]
+    while b < n:
+        m = min(<Py_ssize_t>BLOCK, n - b)
+        for s in range(cs.nslots):
+            _decode_block(cs, s, o + b, m, x[s])
+        _span_unswitched(op, p + b, g + b, _off(out, b), x[0], x[1], x[2], m, c, gs, flags)
+        for s in range(cs.nslots):
+            _encode_block(cs, s, o + b, m, x[s])
+        b += BLOCK
+
+
 # A step's work, whatever the layout, is a table over the arrays
 # (fastopt/backends/tables.py builds it once per param group): for array k
 # its weight, 16-bit output and gradient addresses, its size and its offset
@@ -546,6 +721,7 @@ cdef struct Table:
     Py_ssize_t narrays
     double* psum        # two-phase updates: two sums per piece,
     double* factor      # and one factor per array
+    const Compact* compact   # NULL: float state; else the compact state's codes
 
 
 cdef inline double _task_sumsq(const Table* tb, Py_ssize_t t, storage* like) noexcept nogil:
@@ -567,9 +743,14 @@ cdef inline void _task_update(Op* op, const Table* tb, Py_ssize_t t, storage* li
         lo = tb.plo[j]
         o = tb.soff[k] + lo
         out = NULL if tb.oaddr == NULL else <storage*><size_t>tb.oaddr[k] + lo
-        _span_unswitched(op, <floating*><size_t>tb.waddr[k] + lo,
-                         <const storage*><size_t>tb.gaddr[k] + lo, out,
-                         st0 + o, st1 + o, st2 + o, tb.phi[j] - lo, c, gs, flags)
+        if tb.compact == NULL:
+            _span_unswitched(op, <floating*><size_t>tb.waddr[k] + lo,
+                             <const storage*><size_t>tb.gaddr[k] + lo, out,
+                             st0 + o, st1 + o, st2 + o, tb.phi[j] - lo, c, gs, flags)
+        else:
+            _span_compact(op, <floating*><size_t>tb.waddr[k] + lo,
+                          <const storage*><size_t>tb.gaddr[k] + lo, out, tb.compact, o,
+                          tb.phi[j] - lo, c, gs, flags)
 
 
 cdef inline void _task_sums(Op* op, const Table* tb, Py_ssize_t t, storage* like,
@@ -802,7 +983,8 @@ cdef enum:
 
 
 def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
-         double gscale, double max_norm, double inv_scale, int norm_mode, bint threaded):
+         double gscale, double max_norm, double inv_scale, int norm_mode, bint threaded,
+         tuple compact=None):
     """One optimizer step over a table (see ``Table``): ``header`` is the
     address of the table's int64 header, ``st0..st2`` the addresses of the
     group's state buffers (0 when unused), ``scal`` the optimizer's element
@@ -810,6 +992,10 @@ def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
     array alive and has validated it. ``threaded``: use the thread team (the
     caller's choice, see fastopt.backends.threads); small tables and one
     thread run serially whatever it says.
+
+    ``compact``: None for float state, else ``(kind, codes, absmax, keys,
+    signed)``, one entry per state buffer in each tuple (see ``Compact``;
+    float32 compute, one-phase updates only: cython_cpu checks).
 
     Returns ``(norm, skipped)``: the unscaled global norm (0.0 when
     ``norm_mode`` is 0) and whether the update was skipped."""
@@ -819,10 +1005,24 @@ def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
     cdef double norm
     cdef double sc[16]
     cdef Py_ssize_t i, nscal = len(scal)
+    cdef Compact cs
     if nscal > 16:
         raise ValueError("at most 16 scalars")
     for i in range(nscal):
         sc[i] = scal[i]
+    tb.compact = NULL
+    if compact is not None:
+        kind, codes, absmax, keys, signed = compact
+        cs.kind = kind
+        cs.nslots = len(codes)
+        if not 1 <= cs.nslots <= 3:
+            raise ValueError("compact state: 1 to 3 buffers")
+        for i in range(cs.nslots):
+            cs.codes[i] = <void*><size_t><i64>codes[i]
+            cs.absmax[i] = <float*><size_t><i64>absmax[i]
+            cs.key[i] = <unsigned int>keys[i]
+            cs.is_signed[i] = signed[i]
+        tb.compact = &cs
     tb.waddr = <const i64*><size_t>h[H_WADDR]
     tb.oaddr = <const i64*><size_t>h[H_OADDR]
     tb.gaddr = <const i64*><size_t>h[H_GADDR]

@@ -1,0 +1,129 @@
+"""How an optimizer keeps its state: float values, or compact codes.
+
+``state_dtype`` (an option of every optimizer with an elementwise update):
+
+* ``"float32"`` (default): one buffer per state name and param group, in
+  the params' compute dtype (float32, or float64 for float64 params);
+* ``"bfloat16"``: the same buffers as uint16 bfloat16 bits, rounded
+  stochastically (2 bytes per value instead of 4);
+* ``"int8"``: 8-bit codes on a logarithmic grid with a float32 absmax per
+  block of 256 (about 1 byte per value); signed codes (int8) for the
+  buffers that take both signs, unsigned (uint8, never 0 for a positive
+  value) for those an optimizer declares non-negative
+  (``Optimizer._nonnegative_state``: second moments, accumulators).
+
+The codecs and the layout are :mod:`fastopt.backends.compact`'s; this module
+is the optimizer's side: the choice and its checks, the buffers, the
+per-step rounding keys, and the buffers' checkpoint form. An 8-bit buffer's
+absmax array is kept beside it in the group's state as ``name + ABSMAX``.
+
+The rounding key of a bfloat16 buffer at a step mixes ``state_seed``, the
+step number (the group's applied steps + 1: a skipped step draws the same
+bits again) and the buffer (its group and name): a run resumed from a
+checkpoint rounds exactly as the uninterrupted one, whatever the threads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _validate as V
+from ..backends import compact as C
+
+#: the state_dtype of float state
+FLOAT = "float32"
+#: suffix of an 8-bit state buffer's absmax array (in the group's state and checkpoints)
+ABSMAX = ".absmax"
+
+
+class StateFormat:
+    """An optimizer's ``state_dtype`` and ``state_seed``, checked (see the module doc)."""
+
+    __slots__ = ("name", "seed", "names", "nonnegative")
+
+    def __init__(self, name, seed, names, nonnegative):
+        self.name, self.seed = name, seed
+        self.names, self.nonnegative = tuple(names), frozenset(nonnegative)
+
+    @classmethod
+    def of(cls, opt_cls, state_dtype, state_seed, backend="auto") -> "StateFormat":
+        """The format ``opt_cls`` keeps its state in, or a clear refusal."""
+        if not isinstance(state_dtype, str) or state_dtype not in C.STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {', '.join(map(repr, C.STATE_DTYPES))}, "
+                             f"got {state_dtype!r}")
+        seed = V.check_int("state_seed", state_seed, low=0)
+        if seed >= 1 << 64:
+            raise ValueError(f"state_seed must be below 2**64, got {seed}")
+        nonnegative = opt_cls._nonnegative_state
+        if state_dtype != FLOAT and nonnegative is None:
+            raise ValueError(
+                f"{opt_cls.__name__} has no compact state (state_dtype={state_dtype!r}): "
+                f"{opt_cls._no_compact_state} Use state_dtype='float32'.")
+        fmt = cls(state_dtype, seed, opt_cls._state_names, nonnegative or ())
+        fmt.check_params(backend == "cuda", ())
+        return fmt
+
+    @property
+    def compact(self) -> bool:
+        return self.name != FLOAT
+
+    def check_params(self, device: bool, named) -> None:
+        """Refuse what compact state cannot step, before anything is kept:
+        device arrays (no CUDA kernel yet) and float64 params."""
+        if not self.compact:
+            return
+        if device:
+            raise ValueError(f"state_dtype={self.name!r}: compact optimizer state is host-only "
+                             "for now (the CUDA backend has no kernel for it); use "
+                             "state_dtype='float32' for device params")
+        for label, a in named:
+            if np.dtype(a.dtype) == np.float64:
+                raise TypeError(f"{label} is float64: compact state (state_dtype={self.name!r}) "
+                                "holds float32 values at best, so it is for float32 and 16-bit "
+                                "params; use state_dtype='float32' for float64 params")
+
+    # -- layout ---------------------------------------------------------------------
+    def offsets(self, sizes) -> np.ndarray:
+        """Each array's element offset in its group's state buffers (8-bit:
+        padded to a multiple of the block, see compact.block_offsets)."""
+        if self.name == "int8":
+            return C.block_offsets(sizes)
+        return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+    def new_buffers(self, name, sizes) -> dict:
+        """Compact state buffer ``name`` for a group of arrays of ``sizes``,
+        zero (each code 0 is the value 0): ``{name: codes}``, with
+        ``name + ABSMAX`` for 8-bit state."""
+        signed = name not in self.nonnegative
+        dtype = C.code_dtype(self.name, signed)
+        if self.name != "int8":
+            return {name: np.zeros(sum(sizes), dtype)}
+        blocks = sum(C.nblocks(n) for n in sizes)
+        return {name: np.zeros(blocks * C.BLOCK, dtype),
+                name + ABSMAX: np.zeros(blocks, np.float32)}
+
+    def buffer_spec(self, name, sizes, dtype):
+        """``(dtype, length)`` a checkpoint's buffer ``name`` must have
+        (``dtype``: the float state's)."""
+        n = sum(sizes)
+        if not self.compact:
+            return np.dtype(dtype), n
+        if name.endswith(ABSMAX):
+            return np.dtype(np.float32), sum(C.nblocks(k) for k in sizes)
+        codes = C.code_dtype(self.name, name not in self.nonnegative)
+        return codes, (sum(C.nblocks(k) for k in sizes) * C.BLOCK if self.name == "int8" else n)
+
+    def buffer_names(self, names) -> set:
+        """The checkpoint names of state buffers ``names`` (with absmax arrays)."""
+        names = set(names)
+        return names | {n + ABSMAX for n in names} if self.name == "int8" else names
+
+    # -- the step -------------------------------------------------------------------
+    def step_args(self, gi, names, state):
+        """The backends' ``compact`` argument for group ``gi``'s next step
+        (state buffers ``names`` in kernel order), None for float state."""
+        if not self.compact or not names:
+            return None
+        flat, step = state["flat"], state["step"] + 1
+        keys = tuple(C.sr_key(self.seed, step, (gi << 8) | self.names.index(n)) for n in names)
+        return C.CompactStep(keys, tuple(flat.get(n + ABSMAX) for n in names))
