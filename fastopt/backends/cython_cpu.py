@@ -8,12 +8,9 @@ loops: x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA), or baseline x86-64.
 from __future__ import annotations
 
 from .._openmp import in_forked_child, on_fork_serial, short_spin
-import numpy as np
-
 from .compact import check_compact
 from .lowp import bits
 from .scalars import AdamScalars, SGDScalars, adam_element, sgd_element
-from .tables import address
 
 
 def _cpu_has(*features) -> bool:
@@ -64,12 +61,10 @@ def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
         return _k.step(table.header_addr, el.op, st0, st1, st2, el.values, el.flags, gscale,
                        max_norm, inv_scale, norm_mode, parallel)
     check_compact(table, el)
-    codes = tuple(address(b) for b in buffers)
-    kind = 1 if buffers[0].dtype == np.uint16 else 2        # bfloat16 / 8-bit (Compact)
+    kind, codes, absmax, signed = table.compact_header
     return _k.step(table.header_addr, el.op, 0, 0, 0, el.values, el.flags, gscale,
                    max_norm, inv_scale, norm_mode, parallel,
-                   (kind, codes, tuple(0 if a is None else address(a) for a in compact.absmax),
-                    compact.keys, tuple(b.dtype == np.int8 for b in buffers)))
+                   (kind, codes, absmax, compact.keys, signed))
 
 
 def gather(table, grads) -> bool:

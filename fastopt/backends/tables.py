@@ -121,6 +121,7 @@ class StepTable:
         self.index_global = self.index   # positions among all the optimizer's params
         self._set_written(self._writes())
         self._state = (None, (0, 0, 0))
+        self.compact_header = None    # set by state_addresses for compact state
         a = address
         self.addrs = dict(waddr=a(self.waddr), oaddr=0 if outs is None else a(self.oaddr),
                           gaddr=a(self.gaddr), soff=a(self.soff), pk=a(self.pk),
@@ -146,6 +147,12 @@ class StepTable:
             addrs = [address(b) for b in buffers] + [0] * (3 - len(buffers))
             self._state = (key, tuple(addrs))
             self._set_written(self._writes() + list(buffers) + list(extra))
+            # compact state, as the Cython kernels take it: kind (1 bfloat16, 2
+            # 8-bit), the codes' and absmax arrays' addresses, int8 (signed) codes
+            self.compact_header = None if compact is None else (
+                1 if buffers[0].dtype == np.uint16 else 2, tuple(addrs[:len(buffers)]),
+                tuple(0 if a is None else address(a) for a in compact.absmax),
+                tuple(b.dtype == np.int8 for b in buffers))
         return self._state[1]
 
     def _set_written(self, arrays):

@@ -39,11 +39,12 @@ ABSMAX = ".absmax"
 class StateFormat:
     """An optimizer's ``state_dtype`` and ``state_seed``, checked (see the module doc)."""
 
-    __slots__ = ("name", "seed", "names", "nonnegative")
+    __slots__ = ("name", "seed", "ids", "nonnegative")
 
     def __init__(self, name, seed, names, nonnegative):
         self.name, self.seed = name, seed
-        self.names, self.nonnegative = tuple(names), frozenset(nonnegative)
+        self.ids = {n: i for i, n in enumerate(names)}      # a buffer's part of its key
+        self.nonnegative = frozenset(nonnegative)
 
     @classmethod
     def of(cls, opt_cls, state_dtype, state_seed, backend="auto") -> "StateFormat":
@@ -124,6 +125,6 @@ class StateFormat:
         (state buffers ``names`` in kernel order), None for float state."""
         if not self.compact or not names:
             return None
-        flat, step = state["flat"], state["step"] + 1
-        keys = tuple(C.sr_key(self.seed, step, (gi << 8) | self.names.index(n)) for n in names)
-        return C.CompactStep(keys, tuple(flat.get(n + ABSMAX) for n in names))
+        flat, step, seed, ids = state["flat"], state["step"] + 1, self.seed, self.ids
+        return C.CompactStep(tuple([C.sr_key(seed, step, (gi << 8) | ids[n]) for n in names]),
+                             tuple([flat.get(n + ABSMAX) for n in names]))
