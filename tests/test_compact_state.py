@@ -408,3 +408,35 @@ def test_adams_slowly_moving_second_moment_follows_the_float32_one():
         assert v.mean() == pytest.approx(exact, rel=2e-3), fmt
         assert abs(v.mean() - v0) > 0.1                        # it moved
         assert v.std() > 0                                      # each rounded on its own
+
+
+# -- fastopt train --state-dtype ----------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_train_with_compact_state(tmp_path, capsys, fmt):
+    """One epoch on the fake digits learns them with compact AdamW state."""
+    import json
+
+    from fastopt.cli import main
+    from test_train import _fake_mnist
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    rc = main(["train", "--data-dir", str(data), "--hidden", "32", "--epochs", "1",
+               "--lr", "3e-3", "--state-dtype", fmt, "--quiet", "--no-plot", "--out", str(out)])
+    assert rc == 0 and f"({fmt} state)" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["state_dtype"] == fmt and m["final_val_acc"][0] > 0.8
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--optimizer", "lbfgs", "--batch-size", "8000"], "lbfgs takes no --state-dtype"),
+    (["--optimizer", "lamb"], "LAMB has no compact state"),
+])
+def test_train_refuses_compact_state_where_there_is_none(tmp_path, capsys, argv, message):
+    from fastopt.cli import main
+    from test_train import _fake_mnist
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    rc = main(["train", "--data-dir", str(data), "--hidden", "8", "--epochs", "1", "--quiet",
+               "--no-plot", "--out", str(tmp_path / "out"), "--state-dtype", "int8", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err

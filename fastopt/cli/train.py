@@ -5,6 +5,7 @@
     fastopt train --data mnist --hidden 256,256 --ensemble-lrs 1e-1,1e-2,1e-3,1e-4,1e-5
     fastopt train --optimizer sgd --lr 0.05 --sam 0.05        # SAM: two gradients a step
     fastopt train --optimizer lbfgs --batch-size 8000         # L-BFGS: full batch only
+    fastopt train --state-dtype bfloat16                      # compact optimizer state
 
 Under ``mpiexec -n N fastopt train ...`` (``pip install 'fastopt[mpi]'``) the
 same command trains data-parallel: each rank computes the gradient of its
@@ -90,6 +91,10 @@ def add_arguments(parser):
                         help="default: the optimizer's (AdamW 1e-2, others 0)")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--max-grad-norm", type=float, default=None)
+    parser.add_argument("--state-dtype", default="float32",
+                        choices=["float32", "bfloat16", "int8"],
+                        help="optimizer state: float32, or compact (bfloat16: 2 bytes a "
+                        "value, int8: about 1), both stochastically rounded")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="init, split and shuffle seed")
@@ -303,7 +308,7 @@ def _run(args, comm):
                              total_steps=steps, warmup_steps=args.warmup_steps,
                              weight_decay=args.weight_decay, momentum=args.momentum,
                              max_grad_norm=args.max_grad_norm, parallel=parallel,
-                             sam=args.sam)
+                             sam=args.sam, state_dtype=args.state_dtype)
     except (TypeError, ValueError) as exc:
         print(f"fastopt train: {exc}", file=sys.stderr)
         return 2
@@ -311,7 +316,8 @@ def _run(args, comm):
     mode = ("sharded optimizer state" if args.shard_state else "replicated optimizer state"
             + (", allreduce overlapped with backward" if args.overlap else ""))
     print(f"fastopt train: {k} model(s) {'-'.join(map(str, sizes))} {args.activation}, "
-          f"{args.optimizer}{'' if args.sam is None else f' + SAM rho={args.sam:g}'} "
+          f"{args.optimizer}{'' if args.sam is None else f' + SAM rho={args.sam:g}'}"
+          f"{'' if args.state_dtype == 'float32' else f' ({args.state_dtype} state)'} "
           f"{', '.join(labels)}, schedule {args.schedule}, "
           f"{args.epochs} epochs x {steps // args.epochs} steps, batch {args.batch_size}, "
           f"backend {model.backend}, {Xtr.shape[0]} train / {Xte.shape[0]} held-out"

@@ -40,7 +40,8 @@ def full_batch_problem(opt_name, batch_size, n_train):
 
 def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule="constant",
                    total_steps=None, warmup_steps=None, weight_decay=None, momentum=0.9,
-                   max_grad_norm=None, backend="auto", parallel=None, sam=None):
+                   max_grad_norm=None, backend="auto", parallel=None, sam=None,
+                   state_dtype="float32"):
     """An optimizer over ``model.param_groups``: one group (one kernel call)
     for a single lr, or one group per model for ``lrs`` (an lr sweep).
 
@@ -52,6 +53,9 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
     With a ``parallel`` plug-in (see the module docstring), the optimizer it
     makes of the class and groups (over MPI: a data-parallel optimizer with
     replicated or sharded state).
+
+    ``state_dtype``: the optimizer's state as float32, or compact
+    (``"bfloat16"``, ``"int8"``: see :mod:`fastopt.optim.state_format`).
 
     ``schedule="warmup-cosine"``: :class:`fastopt.schedules.warmup_cosine`
     with each model's lr as the peak, ``warmup_steps`` (default 5% of
@@ -71,7 +75,7 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
         w = warmup_steps if warmup_steps is not None else max(1, total_steps // 20)
         peaks = [fastopt.schedules.warmup_cosine(p, min(w, total_steps - 1), total_steps)
                  for p in peaks]
-    _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm)
+    _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm, state_dtype)
     if name == "lbfgs":
         return fastopt.LBFGS(model.params, lr=peaks[0], line_search_fn="strong_wolfe",
                              backend=backend)
@@ -82,13 +86,15 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
         kw["momentum"] = momentum
     if weight_decay is not None:
         kw["weight_decay"] = weight_decay
+    if state_dtype != "float32":
+        kw["state_dtype"] = state_dtype
     if parallel is not None:
         return parallel.optimizer(cls, groups, kw)
     opt = cls(groups, **kw)
     return opt if sam is None else fastopt.SAM(opt, rho=sam)
 
 
-def _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm):
+def _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm, state_dtype):
     """Refuse what SAM and L-BFGS cannot do here, naming the option."""
     if sam is not None or name == "lbfgs":
         what = "--optimizer lbfgs" if name == "lbfgs" else "--sam"
@@ -101,10 +107,14 @@ def _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm):
     if name == "lbfgs":
         if sam is not None:
             raise ValueError("--sam wraps an optimizer stepped with gradients, not lbfgs")
-        for flag, value in (("--weight-decay", weight_decay), ("--max-grad-norm",
-                                                                max_grad_norm)):
+        compact = None if state_dtype == "float32" else state_dtype
+        for flag, value in (("--weight-decay", weight_decay),
+                            ("--max-grad-norm", max_grad_norm), ("--state-dtype", compact)):
             if value is not None:
                 raise ValueError(f"--optimizer lbfgs takes no {flag}")
+    if state_dtype != "float32" and getattr(parallel, "shard_state", False):
+        raise ValueError(f"--state-dtype {state_dtype} keeps compact optimizer state, which "
+                         "--shard-state does not shard yet; drop one of them")
 
 
 def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y_val=None,
