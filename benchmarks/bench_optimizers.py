@@ -1,6 +1,8 @@
 """AdamW and SGD over one tensor by size and dtype: latency, memory, and
-same-run ratios against NumPy, PyTorch and the memory roofline. (Every
-optimizer's named cases, plain lists included: bench_cases.py.)"""
+same-run ratios against NumPy, PyTorch and the memory roofline; AdamW with
+each optimizer-state dtype (float32, and compact bfloat16 / int8 state) at
+16M and 64M. (Every optimizer's named cases, plain lists included:
+bench_cases.py.)"""
 
 import itertools
 
@@ -79,3 +81,40 @@ class AdamWRatios(_Ratios):
 class SGDNesterovRatios(_Ratios):
     kind = "sgd"
     params = (common.SIZES, ["float32"], common.FASTOPT_BACKENDS)
+
+
+#: AdamW with each optimizer-state dtype over 16M and 64M float32 params
+#: (``fastopt bench``'s ``adamw <state> state 1 x <n>M`` rows, by name)
+STATE_CASES = {r.case: r for r in cases.state_rows()}
+
+
+class CompactStateRatios(common._RatioTracks):
+    """Same-run ratios of AdamW with float32, bfloat16 or int8 state: against
+    torch's fused AdamW (float32 state) and the streaming kernel that moves
+    the step's own bytes (28, 20 and about 16 per element)."""
+
+    params = (list(STATE_CASES), common.FASTOPT_BACKENDS)
+    param_names = ["case", "backend"]
+
+    def setup_cache(self):
+        return common.ratio_matrix(STATE_CASES, common.FASTOPT_BACKENDS)
+
+    setup_cache.timeout = common.CACHE_TIMEOUT
+
+    def case_key(self, case):
+        return case
+
+
+class CompactStateStep:
+    """Seconds per AdamW step with each state dtype, every implementation
+    (the baselines keep float32 state)."""
+
+    params = (list(STATE_CASES), [*common.CPU_IMPLS, "roofline"])
+    param_names = ["case", "impl"]
+
+    def setup(self, case, impl):
+        row = STATE_CASES[case]
+        self.step = common.build_step(impl, row.kind, row.shapes, row.dtype, state=row.state)
+
+    def time_step(self, case, impl):
+        self.step()

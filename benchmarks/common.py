@@ -28,9 +28,10 @@ DTYPES = cases.ASV_DTYPES
 CACHE_TIMEOUT = 900
 
 
-def build_step(impl, kind, shapes, dtype="float32", clip=False, layout="packed"):
+def build_step(impl, kind, shapes, dtype="float32", clip=False, layout="packed",
+               state="float32"):
     """A warmed-up step callable, or NotImplementedError (asv: skipped)."""
-    fn, note = steps.make_step(impl, kind, shapes, dtype, clip, layout)
+    fn, note = steps.make_step(impl, kind, shapes, dtype, clip, layout, state)
     if fn is None:
         raise NotImplementedError(note)
     fn()   # compile (Numba) and fault pages in outside the timing

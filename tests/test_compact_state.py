@@ -440,3 +440,32 @@ def test_train_refuses_compact_state_where_there_is_none(tmp_path, capsys, argv,
                "--no-plot", "--out", str(tmp_path / "out"), "--state-dtype", "int8", *argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+# -- benchmark rows ------------------------------------------------------------------------
+
+def test_the_benchmarks_measure_each_state_dtype_against_its_own_bytes():
+    """``fastopt bench`` and asv: AdamW at 16M (and 64M with --full) with
+    each state dtype, the roofline streaming the step's own bytes."""
+    import os
+    import sys
+
+    from fastopt import bench
+    from fastopt.bench import cases
+    names = [f"adamw {st} state 1 x {m}M" for m in (16, 64) for st in cases.STATE_DTYPES]
+    assert [r.case for r in cases.state_rows()] == names
+    assert [r.case for r in bench.plan() if r.state != "float32"] == names[1:3]
+    assert all(cases.workloads()[r.case] == r for r in cases.state_rows())
+    per_element = {st: cases.step_bytes("adamw", 1 << 20, "float32", state=st) / (1 << 20)
+                   for st in cases.STATE_DTYPES}
+    assert per_element == {"float32": 28, "bfloat16": 20, "int8": 16.0625}
+    res = bench.compare(cases.Row("tiny", "adamw", [(5000,)], state="int8"),
+                        impls=(FAST_BACKENDS[0], "roofline", "numpy"), rounds=1)
+    assert all(r.seconds > 0 and r.bytes_per_step == int(5000 * 16.0625) for r in res)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        from benchmarks import bench_optimizers
+    finally:
+        sys.path.pop(0)
+    assert list(bench_optimizers.STATE_CASES) == names
+    assert bench_optimizers.CompactStateRatios.params[0] == list(bench_optimizers.STATE_CASES)

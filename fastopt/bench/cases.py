@@ -89,9 +89,23 @@ GPU_IMPLS = ("cuda", "torch-cuda")
 LAYOUTS = ("packed", "list")
 
 
-def step_bytes(kind, n, dtype, clip=False):
-    """Bytes one step moves through memory (the roofline's byte count)."""
-    return (ARRAYS_MOVED[kind] + (1 if clip else 0)) * n * np.dtype(dtype).itemsize
+#: the optimizer's state dtypes (``state_dtype``: float32, or compact state)
+STATE_DTYPES = ("float32", "bfloat16", "int8")
+#: bytes of a compact state value: bfloat16 bits; an 8-bit code with its
+#: share of its block's float32 absmax (fastopt.backends.compact.BLOCK = 256)
+STATE_BYTES = {"bfloat16": 2.0, "int8": 1.0 + 4.0 / 256}
+
+
+def step_bytes(kind, n, dtype, clip=False, state="float32"):
+    """Bytes one step moves through memory (the roofline's byte count).
+    Compact ``state``: the state buffers' passes at their own width (a
+    one-pass kind: each buffer read and written once)."""
+    item = np.dtype(dtype).itemsize
+    moved = (ARRAYS_MOVED[kind] + (1 if clip else 0)) * n * item
+    if state == "float32":
+        return moved
+    buffers = KIND[kind].passes[0][1] - 1          # written besides p
+    return int(moved - 2 * buffers * n * (item - STATE_BYTES[state]))
 
 
 # -- the optimizer-step cases -----------------------------------------------------------
@@ -105,6 +119,7 @@ class Row(NamedTuple):
     dtype: str = "float32"
     clip: bool = False        # max_grad_norm=1 (fastopt) / clip_grad_norm_ (torch)
     layout: str = "packed"    # see LAYOUTS
+    state: str = "float32"    # fastopt's state_dtype (see STATE_DTYPES); baselines: float32
 
     @property
     def elements(self):
@@ -139,6 +154,21 @@ def family_rows(kind):
     label = KIND[kind].label
     return [Row(f"{label} 1 x 16M", kind, [(1 << 24,)]),
             Row(f"list {label} 1000 x 1k", kind, [(1000,)] * 1000, layout="list")]
+
+
+#: the compact-state cases' sizes: 16M float32 params (64 MB a copy, past the
+#: caches) and, in ``fastopt bench --full``, 64M
+STATE_SIZES = (1 << 24, 1 << 26)
+
+
+def state_rows(sizes=STATE_SIZES):
+    """AdamW over one array of float32 params with each optimizer-state
+    dtype: ``"adamw <state> state 1 x 16M"``. The baselines (torch fused,
+    NumPy) keep float32 state; the roofline streams the step's own bytes
+    (20 per element with bfloat16 state, about 16 with int8, 28 with
+    float32: :func:`step_bytes`)."""
+    return [Row(f"adamw {st} state 1 x {n >> 20}M", "adamw", [(n,)], state=st)
+            for n in sizes for st in STATE_DTYPES]
 
 
 def parse_optimizers(text):
@@ -187,6 +217,7 @@ def _standard(full):
         Row("list adamw 1 x 1", "adamw", [(1,)], layout="list"),
         Row("list adamw 1 x 16M", "adamw", [(1 << 24,)], layout="list"),
     ]
+    rows += state_rows(STATE_SIZES if full else STATE_SIZES[:1])
     if full:
         rows += [Row("adamw float64 1 x 16M", "adamw", [(1 << 24,)], "float64"),
                  Row("sgd nesterov 1000 x 1k", "sgd", [(1000,)] * 1000),

@@ -35,12 +35,12 @@ def compare(row, impls=None, rounds=4):
     implementation, in the order of ``impls``."""
     impls = impls or (*cases.CPU_BACKENDS, *cases.BASELINES)
     built = {impl: steps.make_step(impl, row.kind, row.shapes, row.dtype, row.clip,
-                                   row.layout)
+                                   row.layout, row.state)
              for impl in impls}
     medians = {}
     times = timing.time_all({k: fn for k, (fn, _) in built.items() if fn is not None},
                             rounds, medians=medians)
-    nbytes = cases.step_bytes(row.kind, row.elements, row.dtype, row.clip)
+    nbytes = cases.step_bytes(row.kind, row.elements, row.dtype, row.clip, row.state)
     return [Result(row.case, impl, row.kind, row.elements, len(row.shapes),
                    np.dtype(row.dtype).name, times.get(impl), nbytes, note, row.layout,
                    medians.get(impl))

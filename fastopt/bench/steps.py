@@ -40,9 +40,11 @@ def _observable(fn, params):
     return fn
 
 
-def _fastopt_step(kind, shapes, dt, clip, backend, layout):
+def _fastopt_step(kind, shapes, dt, clip, backend, layout, state):
     cls = getattr(fastopt, cases.KIND[kind].optimizer)
     hyper = dict(backend=backend, max_grad_norm=1.0 if clip else None, **cases.HYPERS[kind])
+    if state != "float32":
+        hyper["state_dtype"] = state
     if layout == "list":
         ps = [rand(s, dt, 1) for s in shapes]
         opt = cls(ps, **hyper)
@@ -56,15 +58,20 @@ def _fastopt_step(kind, shapes, dt, clip, backend, layout):
     return _observable(lambda: opt.step(grads), [params.data])
 
 
-def _roofline_step(kind, n, dt, clip):
+def _roofline_step(kind, n, dt, clip, state="float32"):
     """The step's memory passes (:attr:`cases.Kind.passes`) as streaming
-    kernels over arrays of its size, p first."""
+    kernels over arrays of its size, p first; compact ``state`` as arrays of
+    its codes' width (an 8-bit buffer's absmax, 1/64 of its bytes, aside)."""
     passes = cases.KIND[kind].passes
     arrays = [rand(n, dt, s) for s in range(max(r for r, _ in passes))]   # p, g, state
+    if state != "float32":
+        from ..backends.compact import code_dtype
+        arrays[2:] = [np.zeros(n, code_dtype(state, signed=True)) for _ in arrays[2:]]
     return _observable(roofline.streaming_step(passes, arrays, clip), arrays[:1])
 
 
-def make_step(impl, kind, shapes, dtype="float32", clip=False, layout="packed"):
+def make_step(impl, kind, shapes, dtype="float32", clip=False, layout="packed",
+              state="float32"):
     """A zero-argument callable doing one step of ``impl``, and a note.
 
     ``impl`` is a fastopt backend name, ``"roofline"``, ``"numpy"``,
@@ -72,7 +79,9 @@ def make_step(impl, kind, shapes, dtype="float32", clip=False, layout="packed"):
     one of :data:`cases.KINDS` (the optimizer and its hyperparameters, see
     :data:`cases.KIND`); ``shapes`` the tensors; ``layout`` how fastopt
     holds them (see :data:`cases.LAYOUTS`; the baselines always take
-    separate arrays). The callable's ``params`` are the arrays it updates.
+    separate arrays); ``state`` fastopt's ``state_dtype`` (the baselines
+    keep float32 state; the roofline streams the step's own bytes). The
+    callable's ``params`` are the arrays it updates.
     The callable is None when the implementation cannot run here (no torch,
     a torch path or optimizer torch lacks, no GPU), and the note says why.
     """
@@ -84,7 +93,7 @@ def make_step(impl, kind, shapes, dtype="float32", clip=False, layout="packed"):
     spec = cases.KIND[kind]
     if impl == "roofline":
         n = sum(int(np.prod(s)) for s in shapes)
-        return _roofline_step(kind, n, dt, clip), "streaming kernel, same bytes"
+        return _roofline_step(kind, n, dt, clip, state), "streaming kernel, same bytes"
     if impl == "numpy" or impl in cases.TORCH_PATHS:
         ps = [rand(s, dt, 1) for s in shapes]
         gs = [rand(s, dt, 2) for s in shapes]
@@ -101,5 +110,5 @@ def make_step(impl, kind, shapes, dtype="float32", clip=False, layout="packed"):
             return None, "no GPU"
         return None, f"{gpu}: GPU steps are timed by benchmarks/gpu_check.py, not here"
     if impl in fastopt.available_backends():
-        return _fastopt_step(kind, shapes, dt, clip, impl, layout), ""
+        return _fastopt_step(kind, shapes, dt, clip, impl, layout, state), ""
     return None, f"backend {impl!r} not available"
