@@ -45,31 +45,29 @@ def bf16_encode_sr_one(b, key, index):
     return (b + random_bits_one(key, index)) >> np.uint32(16)
 
 
+# -- float <-> bits ----------------------------------------------------------------------
+
+def _bitcast(src, dst, llvm_type, doc):
+    """An intrinsic reinterpreting a ``src`` scalar's bits as ``dst``."""
+    def cast(typingctx, x):
+        if x != src:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_type)
+
+        return dst(x), codegen
+    cast.__doc__ = doc
+    return intrinsic(cast)
+
+
+f32_from_bits = _bitcast(types.uint32, types.float32, ir.FloatType(),
+                         "The float32 whose bits are the uint32 ``b`` (compiled code only).")
+f32_bits = _bitcast(types.float32, types.uint32, ir.IntType(32),
+                    "The bits (uint32) of the float32 ``x`` (compiled code only).")
+
+
 # -- the 8-bit grid ---------------------------------------------------------------------
-
-@intrinsic
-def f32_from_bits(typingctx, b):
-    """The float32 whose bits are the uint32 ``b`` (compiled code only)."""
-    if b != types.uint32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(b), codegen
-
-
-@intrinsic
-def f32_bits(typingctx, x):
-    """The bits (uint32) of the float32 ``x`` (compiled code only)."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(x), codegen
-
 
 _SIGNED_LOW, SIGNED_TOP = C.SIGNED_GRID            # 113, 120
 _UNSIGNED_LOW, UNSIGNED_TOP = C.UNSIGNED_GRID      # 97, 248
@@ -135,3 +133,40 @@ def absmax_bits_one(x):
     order is the float order, with NaN above inf, so a block's absmax is an
     integer max (NaN when the block holds one, as ``np.max``)."""
     return f32_bits(x) & np.uint32(0x7FFFFFFF)
+
+
+# -- a block of one state buffer ------------------------------------------------------------
+# ``codes[o:o + m]`` (``o`` a multiple of BLOCK for 8-bit codes, whose block's
+# absmax is ``absmax[o // BLOCK]``); ``bf16`` and ``signed`` say which codec
+# (constants where the drivers call these: the other branch is never taken).
+
+BLOCK = np.uint64(C.BLOCK)    # unsigned: the drivers' indices are
+
+
+@register_jitable
+def decode_block(codes, absmax, o, m, x, bf16, signed):
+    """``codes[o:o + m]`` decoded into ``x[:m]``."""
+    if bf16:
+        for i in range(m):
+            x[i] = f32_from_bits(bf16_decode_one(codes[o + i]))
+    else:
+        scale = absmax[o // BLOCK]
+        for i in range(m):
+            x[i] = q8_decode_one(codes[o + i], scale, signed)
+
+
+@register_jitable
+def encode_block(codes, absmax, key, o, m, x, bf16, signed):
+    """``x[:m]`` encoded as ``codes[o:o + m]``, rounded stochastically with
+    ``key`` and the indices ``o + i``; 8-bit against the block's new absmax."""
+    if bf16:
+        for i in range(m):
+            codes[o + i] = bf16_encode_sr_one(f32_bits(x[i]), key, o + i)
+        return
+    top = np.uint32(0)
+    for i in range(m):
+        top = max(top, absmax_bits_one(x[i]))
+    scale = f32_from_bits(np.uint32(top))
+    absmax[o // BLOCK] = scale
+    for i in range(m):
+        codes[o + i] = q8_encode_one(x[i], scale, signed, key, o + i)

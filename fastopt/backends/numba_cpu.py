@@ -24,7 +24,7 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 
 from .._openmp import in_forked_child, start_numba_threads
-from . import compact, compact_jit, elements
+from . import compact_jit, elements
 from .compact import check_compact
 from .lowp import bits
 from .scalars import (AdamElement, AdamScalars, SGDElement, SGDScalars, adam_element,
@@ -506,7 +506,7 @@ def _apply_piece_impl(c, w, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, fl
     return blockwise
 
 
-_BLOCK = np.uint64(compact.BLOCK)
+_BLOCK = compact_jit.BLOCK
 
 
 def _decode_block(slot, o, m, x):
@@ -518,51 +518,31 @@ def _encode_block(slot, o, m, x):
     """``x[:m]`` encoded as slot ``slot``'s elements ``o .. o + m - 1``."""
 
 
+def _codec(slot):
+    """``(bfloat16?, signed?)`` of a compact slot's codes (typing time)."""
+    dtype = slot.types[0].dtype
+    return dtype == types.uint16, dtype == types.int8
+
+
 @overload(_decode_block, jit_options=_UPDATE)
 def _decode_block_impl(slot, o, m, x):
     if _is_none(slot):
         return lambda slot, o, m, x: None
-    if slot.types[0].dtype == types.uint16:
-        def bf16(slot, o, m, x):
-            codes = slot[0]
-            for i in range(m):
-                x[i] = compact_jit.f32_from_bits(compact_jit.bf16_decode_one(codes[o + i]))
-            return x[:m]
-        return bf16
-    signed = slot.types[0].dtype == types.int8
+    bf16, signed = _codec(slot)
 
-    def q8(slot, o, m, x):
-        codes = slot[0]
-        scale = slot[1][o // _BLOCK]
-        for i in range(m):
-            x[i] = compact_jit.q8_decode_one(codes[o + i], scale, signed)
+    def decode(slot, o, m, x):
+        compact_jit.decode_block(slot[0], slot[1], o, m, x, bf16, signed)
         return x[:m]
-    return q8
+    return decode
 
 
 @overload(_encode_block, jit_options=_UPDATE)
 def _encode_block_impl(slot, o, m, x):
     if _is_none(slot):
         return lambda slot, o, m, x: None
-    if slot.types[0].dtype == types.uint16:
-        def bf16(slot, o, m, x):
-            codes, key = slot[0], slot[2]
-            for i in range(m):
-                codes[o + i] = compact_jit.bf16_encode_sr_one(compact_jit.f32_bits(x[i]), key,
-                                                              o + i)
-        return bf16
-    signed = slot.types[0].dtype == types.int8
-
-    def q8(slot, o, m, x):
-        codes, absmax, key = slot
-        top = np.uint32(0)
-        for i in range(m):
-            top = max(top, compact_jit.absmax_bits_one(x[i]))
-        scale = compact_jit.f32_from_bits(np.uint32(top))
-        absmax[o // _BLOCK] = scale
-        for i in range(m):
-            codes[o + i] = compact_jit.q8_encode_one(x[i], scale, signed, key, o + i)
-    return q8
+    bf16, signed = _codec(slot)
+    return lambda slot, o, m, x: compact_jit.encode_block(slot[0], slot[1], slot[2], o, m,
+                                                          x, bf16, signed)
 
 
 # Phase one's sums: accumulator i of 64 adds the squares of elements i,
