@@ -469,3 +469,18 @@ def test_the_benchmarks_measure_each_state_dtype_against_its_own_bytes():
         sys.path.pop(0)
     assert list(bench_optimizers.STATE_CASES) == names
     assert bench_optimizers.CompactStateRatios.params[0] == list(bench_optimizers.STATE_CASES)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_nan_gradient_shows_in_params_and_state(fmt):
+    """Without skip_nonfinite a NaN gradient is not rounded away: the param
+    and its state values become NaN (8-bit: the NaN's whole block), as with
+    float state."""
+    init, grads = problem(2, sizes=(600,))
+    grads[1][0][300] = np.nan
+    params, opt = run(fastopt.AdamW, init, grads, lr=1e-2, state_dtype=fmt)
+    assert np.isnan(params[0][300]) and np.isfinite(np.delete(params[0], 300)).all()
+    for name, v in decoded(opt).items():
+        nan = np.isnan(v)
+        assert nan[300], name
+        assert nan.sum() == (1 if fmt == "bfloat16" else C.BLOCK), (name, nan.sum())
