@@ -484,3 +484,11 @@ def test_a_nan_gradient_shows_in_params_and_state(fmt):
         nan = np.isnan(v)
         assert nan[300], name
         assert nan.sum() == (1 if fmt == "bfloat16" else C.BLOCK), (name, nan.sum())
+
+
+def test_sharded_optimizer_refuses_compact_state():
+    """Its checkpoints gather float state element by element: refused (one rank)."""
+    pytest.importorskip("mpi4py")
+    from fastopt.distributed import DistributedError, ShardedOptimizer
+    with pytest.raises(DistributedError, match="does not shard compact state"):
+        ShardedOptimizer(fastopt.AdamW, [np.ones(4, np.float32)], state_dtype="int8")
