@@ -2,14 +2,16 @@
 
 One generic CUDA update kernel (and its four-wide twin) steps SGD,
 Adam/AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam and Lion: it calls the
-element function picked by the type of the step's scalars. This file checks
-each optimizer through it, three ways:
+element function picked by the type of the step's scalars. LAMB's
+two-phase step is three generic kernels (per-piece sums, per-array
+factors, the weights) that call its phase functions the same way. This
+file checks each optimizer through them, three ways:
 
 * PTX (this process; no GPU needed, skipped under the simulator): each
-  optimizer's two update kernels compile for sm_90 in float32 (float32,
+  optimizer's update kernels compile for sm_90 in float32 (float32,
   float16 and bfloat16-bits storage) and float64, and the float32 ones
-  contain no double-precision instruction (Adam's and SGD's: in
-  test_cuda_ptx.py);
+  contain no double-precision instruction outside LAMB's two float64
+  reductions (Adam's and SGD's: in test_cuda_ptx.py);
 * device steps (where the ``cuda`` backend is usable: a GPU, or the CUDA
   simulator): two or three hyperparameter settings per optimizer, 10 steps
   on the device equal to the same optimizer on the NumPy reference backend;
@@ -67,6 +69,10 @@ SETTINGS = {
     "RAdam": [dict(lr=1e-2),
               dict(lr=1e-2, weight_decay=0.01, decoupled_weight_decay=True),
               dict(lr=1e-2, weight_decay=0.1, maximize=True)],
+    # (arrays spanning several pieces: tests/cuda_sim/test_cuda_lamb.py)
+    "LAMB": [dict(lr=1e-2),
+             dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, bias_correction=False,
+                  maximize=True)],
 }
 CASES = [(name, k) for name, settings in SETTINGS.items() for k in range(len(settings))]
 CASE_IDS = [f"{name}-{k}" for name, k in CASES]
@@ -76,6 +82,8 @@ KERNEL_OF = {"SGD": "sgd", "AdamW": "adam", "RMSprop": "rmsprop", "Adagrad": "ad
 #: the specializations compiled here (test_cuda_ptx.py checks Adam's and SGD's
 #: on sm_80 and sm_90, their registers and vector loads)
 NEW = [KERNEL_OF[n] for n in ("RMSprop", "Adagrad", "Lion", "Adamax", "NAdam", "RAdam")]
+#: the two-phase steps' kernels' names in _cuda_kernels.KERNELS: name + _sums, ...
+TWO_PHASE_OF = {"LAMB": "lamb"}
 
 STEPS = 10
 SHAPES = [(7, 11), (130,), (5,)]          # a few hundred elements; sizes not multiples of 4
@@ -102,9 +110,41 @@ def _opcodes(text):
 def test_every_optimizer_has_its_update_kernels(K):
     assert set(K.ELEMENTS) == set(KERNEL_OF.values())
     assert set(K.OVER_SLOTS) == set(K.ELEMENTS.values())
+    assert set(K.TWO_PHASE_ELEMENTS) == set(TWO_PHASE_OF.values())
+    assert set(K.TWO_PHASE) == set(K.TWO_PHASE_ELEMENTS.values())
+    assert set(KERNEL_OF) | set(TWO_PHASE_OF) == set(SETTINGS)
     for name in K.ELEMENTS:
         assert K.KERNELS[name][0] is K._update_kernel
         assert K.KERNELS[name + "_vec"][0] is K._update_vec_kernel
+    for name in K.TWO_PHASE_ELEMENTS:
+        assert [K.KERNELS[name + k][0] for k in ("_sums", "_factors", "_finish")] == [
+            K._sums_kernel, K._factors_kernel, K._finish_kernel]
+
+
+@ptx
+@pytest.mark.parametrize("storage", [None, "float16", "uint16"], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("name", list(TWO_PHASE_OF.values()))
+def test_two_phase_kernels_float32(K, name, storage):
+    """The weights' pass (with and without an offset) has no double
+    precision; the sums and factors accumulate in float64 on purpose (the
+    element math itself stays float32: its fma/sqrt/div are .f32)."""
+    for kernel in (name + "_finish", name + "_finish_shifted"):
+        text = ptx_of(K, kernel, "float32", storage, SM90)
+        assert not f64_ops(text), (kernel, storage, f64_ops(text))
+    for kernel in (name + "_sums", name + "_factors"):
+        ops = _opcodes(ptx_of(K, kernel, "float32", storage, SM90))
+        assert any(o.startswith(("add.f64", "add.rn.f64")) for o in ops), (kernel, sorted(ops))
+        assert not any(".approx" in o or ".ftz" in o for o in ops), (kernel, sorted(ops))
+    sums = _opcodes(ptx_of(K, name + "_sums", "float32", storage, SM90))
+    assert {"sqrt.rn.f32", "div.rn.f32"} <= sums and ".shared" in ptx_of(
+        K, name + "_sums", "float32", storage, SM90)
+
+
+@ptx
+@pytest.mark.parametrize("name", list(TWO_PHASE_OF.values()))
+def test_two_phase_kernels_float64(K, name):
+    for kernel in ("_sums", "_factors", "_finish", "_finish_shifted"):
+        assert ".entry" in ptx_of(K, name + kernel, "float64", None, SM90)
 
 
 @ptx

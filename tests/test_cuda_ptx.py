@@ -3,7 +3,10 @@
 The update kernels are generic over the optimizer (compiled once per
 element function): here as Adam's and SGD's specializations, the two the
 storage and register checks below were measured on; the other optimizers'
-are compiled by tests/test_cuda_family.py.
+are compiled by tests/test_cuda_family.py. Also the device flat operations
+(L-BFGS's vector kernels, SAM's perturbation: _flat_cuda_kernels.py), and
+the update kernels with an offset (SAM's restore fused into the step),
+whose code without one is the code they had before offsets existed.
 
 ``numba.cuda.compile_ptx`` needs no GPU (numba-cuda's cu13 extra brings
 NVVM). The float32 kernels must contain no double-precision instruction at
@@ -143,7 +146,7 @@ def test_float64_kernels_compile(K, cc):
         assert ".entry" in ptx_of(K, name, "float64", None, cc)
 
 
-def test_kernels_compile_with_numpy_2_5_namespace():
+def test_kernels_compile_with_numpy_2_5_namespace(K):
     """numba-cuda 0.30.4 registers ``np.row_stack``, which NumPy 2.5 removed:
     the first kernel compile failed on the GPU machine (numpy 2.5.2). With
     the namespace as NumPy 2.5 has it, every kernel still compiles (the
@@ -173,7 +176,7 @@ print("compiled", len(names))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 6" in out.stdout
+    assert f"compiled {len(checked(K)) - 2 * len(UPDATES) + 2}" in out.stdout
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda c: f"sm_{c[0]}{c[1]}")
@@ -223,3 +226,56 @@ def test_scalar_kernels_keep_their_registers_apart_from_the_vector_loop(K, stora
         assert scalar <= vector, (name, scalar, vector)
         if name == "adam":   # 8-register allocation units: 40 vs 64 per thread today
             assert -(-scalar // 8) < -(-vector // 8), (scalar, vector)
+
+
+# -- the flat operations' kernels (L-BFGS, SAM) ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def FK(K):
+    from fastopt.backends import _flat_cuda_kernels
+    return _flat_cuda_kernels
+
+
+def flat_ptx_of(FK, name, dtype, cc=(9, 0)):
+    key = ("flat", name, dtype, cc)
+    if key not in _PTX:
+        kernel, _ = FK.KERNELS[name]
+        _PTX[key], _ = cuda_compile(kernel.py_func, FK.ptx_signatures(dtype)[name], cc)
+    return _PTX[key]
+
+
+def cuda_compile(fn, sig, cc):
+    from numba import cuda
+    return cuda.compile_ptx(fn, sig, cc=cc)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_flat_kernels_compile(FK, dtype):
+    for name, (_, kind) in FK.KERNELS.items():
+        ptx = flat_ptx_of(FK, name, dtype)
+        assert ".entry" in ptx
+        if dtype == "float32" and kind == "elementwise":
+            assert not f64_ops(ptx), (name, f64_ops(ptx))
+
+
+def test_flat_vector_kernel_float32(FK):
+    """The vector kernel's elementwise math is float32 (its axpy a fused or
+    plain float32 multiply-add); its sums are float64, in shared memory,
+    without warp shuffles; IEEE forms only."""
+    ptx = flat_ptx_of(FK, "vector", "float32")
+    ops = {s.split()[0] for s in instructions(ptx)}
+    assert ops & {"fma.rn.f32", "mul.rn.f32", "mul.f32"}, sorted(ops)
+    assert any(o.startswith(("add.f64", "add.rn.f64", "fma.rn.f64")) for o in ops), sorted(ops)
+    assert ".shared" in ptx and "bar.sync" in ptx and not re.search(r"\bshfl\.", ptx)
+    assert not any(".approx" in o or ".ftz" in o for o in ops), sorted(ops)
+
+
+def test_offset_adds_one_load_per_element(K):
+    """With an offset the four-wide kernel reads one more vector per group
+    of four (``p - e``), and without one exactly Adam's arrays: g, p and
+    its three state slots (the offset's code is compiled out)."""
+    def v4_loads(name):
+        return sum(1 for s in instructions(ptx_of(K, name, "float32", None, (9, 0)))
+                   if s.split()[0] == "ld.global.v4.f32")
+    assert v4_loads("adam_vec") == 5
+    assert v4_loads("adam_vec_shifted") == 6

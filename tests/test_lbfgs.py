@@ -22,43 +22,11 @@ import pytest
 
 import fastopt
 from conftest import BACKENDS, FAST_BACKENDS, LARGE, assert_same_tree
+from lbfgs_problems import logistic_problem, rosenbrock, rosenbrock_start
 
 torch = pytest.importorskip("torch")
 
 TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
-
-
-# -- problems: (loss, flat gradient) of a flat float64 vector -----------------------------
-
-def rosenbrock(x):
-    x = x.astype(np.float64)
-    a, b = x[:-1], x[1:]
-    f = np.sum(100 * (b - a * a) ** 2 + (1 - a) ** 2)
-    g = np.zeros_like(x)
-    g[:-1] = -400 * a * (b - a * a) - 2 * (1 - a)
-    g[1:] += 200 * (b - a * a)
-    return float(f), g
-
-
-def logistic_problem(n=200, d=12, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, d))
-    y = (X @ rng.standard_normal(d) + 0.5 * rng.standard_normal(n) > 0).astype(float)
-
-    def loss(x):                       # x = [W (d), b (1)], with an L2 penalty on W
-        x = x.astype(np.float64)
-        w, b = x[:d], x[d]
-        z = X @ w + b
-        r = (1 / (1 + np.exp(-z)) - y) / n
-        f = np.mean(np.logaddexp(0, z) - y * z) + 0.005 * np.sum(w * w)
-        return float(f), np.concatenate([X.T @ r + 0.01 * w, [r.sum()]])
-    return loss
-
-
-def rosenbrock_start(n):
-    x = np.full(n, -1.2)
-    x[1::2] = 1.0
-    return x
 
 
 SHAPES_OF = {"rosen2": [(2,)], "rosen6": [(2, 2), (2,)], "logistic": [(3, 4), (1,)]}
@@ -362,8 +330,14 @@ def test_bad_arguments_are_refused():
         fastopt.LBFGS([{"params": [np.zeros(2)]}, {"params": [np.zeros(2)], "lr": 0.1}])
     with pytest.raises(TypeError, match="float32 or float64"):
         fastopt.LBFGS([np.zeros(3, np.float16)])
-    with pytest.raises(ValueError, match="no CUDA kernel"):
+    # backend="cuda" with host arrays: refused as for any optimizer (its
+    # device steps are tests/cuda_sim/test_cuda_lbfgs.py's)
+    with pytest.raises(Exception) as lbfgs_error:
         fastopt.LBFGS(p, backend="cuda")
+    with pytest.raises(Exception) as adam_error:
+        fastopt.Adam(p, backend="cuda")
+    assert (type(lbfgs_error.value), str(lbfgs_error.value)) == (
+        type(adam_error.value), str(adam_error.value))
     with pytest.raises(TypeError, match="closure"):
         fastopt.LBFGS(p).step([np.zeros(3)])
     with pytest.raises(TypeError, match="stepped with gradients"):

@@ -15,8 +15,8 @@ from llvmlite import ir
 from numba.core.extending import intrinsic, overload
 
 from . import elements
-from .scalars import (F_CENTERED, AdagradElement, AdamaxElement, AdamElement, LionElement,
-                      NAdamElement, RAdamElement, RMSpropElement, SGDElement)
+from .scalars import (F_CENTERED, AdagradElement, AdamaxElement, AdamElement, LAMBElement,
+                      LionElement, NAdamElement, RAdamElement, RMSpropElement, SGDElement)
 
 
 def _numpy_2_5_stand_in(tup):   # pragma: no cover - never called
@@ -245,18 +245,120 @@ def _step_cuda(c, p, g, a, b, d, flags):
     return OVER_SLOTS.get(getattr(c, "instance_class", None))
 
 
+# -- two-phase element steps (ElementStep.phases == 2: LAMB) ------------------------------
+# As on the CPU (numba_cpu's _element_sums / _array_factor / _element_finish):
+# phase one updates an element's state and hands back two values, whose
+# squares the kernel sums per piece of an array; each array's factor is
+# made of its pieces' sums; phase two writes the weight with its array's
+# factor. Per optimizer, three functions over the three slots:
+#   one(c, p, g, a, b, d, flags) -> (a, b, d, x, y)
+#   two(c, p, a, b, d, flags, f) -> p
+#   factor(c, sx, sy) -> the array's float64 factor
+
+def _lamb_one(c, p, g, a, b, d, flags):
+    """exp_avg, exp_avg_sq; sums p^2 and r^2 (r the update direction)."""
+    a, b, r = elements.lamb_moments(p, g, a, b, c, flags)
+    return a, b, d, p, r
+
+
+def _lamb_two(c, p, a, b, d, flags, f):
+    return elements.lamb_param(p, a, b, c, flags, f)
+
+
+def _lamb_factor(c, sx, sy):
+    return elements.lamb_step_size(np.float64(c.lr), sx, sy)
+
+
+#: element scalars' type -> (phase one, phase two, factor, slots used)
+TWO_PHASE = {LAMBElement: (_lamb_one, _lamb_two, _lamb_factor, 2)}
+
+
+def _phase_one(c, p, g, a, b, d, flags):
+    return TWO_PHASE[type(c)][0](c, p, g, a, b, d, flags)
+
+
+def _phase_two(c, p, a, b, d, flags, f):
+    return TWO_PHASE[type(c)][1](c, p, a, b, d, flags, f)
+
+
+def _array_factor(c, sx, sy):
+    return TWO_PHASE[type(c)][2](c, sx, sy)
+
+
+def _two_phase_of(c, k):
+    """The CUDA target's pick: function ``k`` of ``c``'s optimizer."""
+    got = TWO_PHASE.get(getattr(c, "instance_class", None))
+    return None if got is None else got[k]
+
+
+@overload(_phase_one, target="cuda")
+def _phase_one_cuda(c, p, g, a, b, d, flags):
+    return _two_phase_of(c, 0)
+
+
+@overload(_phase_two, target="cuda")
+def _phase_two_cuda(c, p, a, b, d, flags, f):
+    return _two_phase_of(c, 1)
+
+
+@overload(_array_factor, target="cuda")
+def _array_factor_cuda(c, sx, sy):
+    return _two_phase_of(c, 2)
+
+
+#: element scalars' type -> the most state slots its optimizer uses
+SLOTS = {**{kind: fn.states for kind, fn in OVER_SLOTS.items()},
+         **{kind: fns[3] for kind, fns in TWO_PHASE.items()}}
+
+
 def _slots_used(c, nstate):
     """``nstate``, capped by the most slots ``c``'s optimizer ever uses: a
     constant once compiled, so the kernels for a one-buffer optimizer (SGD,
     Lion, ...) have no code for slots 1 and 2 (42 vs 46 registers for the
     fp32 SGD vector kernel, ptxas sm_90)."""
-    return min(nstate, OVER_SLOTS[type(c)].states)
+    return min(nstate, SLOTS[type(c)])
 
 
 @overload(_slots_used, target="cuda")
 def _slots_used_cuda(c, nstate):
-    most = OVER_SLOTS[c.instance_class].states
+    most = SLOTS[c.instance_class]
     return lambda c, nstate: min(nstate, most)
+
+
+# -- an offset subtracted from the weights as they are read --------------------------------
+# ``off`` is a buffer laid out like the state (SAM's perturbation ``e``: the
+# step restores ``p - e`` and updates it in the same pass), or ``()`` for
+# none: the overloads then return their input, so a kernel compiled without
+# an offset has exactly the code it had before offsets existed. A skipped
+# step (the non-finite skip) still restores the weights.
+
+def _shift(p, off, i):
+    return p if isinstance(off, tuple) else p - off[i]
+
+
+def _shift4(p0, p1, p2, p3, off, i):
+    if isinstance(off, tuple):
+        return p0, p1, p2, p3
+    o0, o1, o2, o3 = _load4(off, i)
+    return p0 - o0, p1 - o1, p2 - o2, p3 - o3
+
+
+@overload(_shift, target="cuda")
+def _shift_cuda(p, off, i):
+    if isinstance(off, types.BaseTuple):
+        return lambda p, off, i: p
+    return lambda p, off, i: p - off[i]
+
+
+@overload(_shift4, target="cuda")
+def _shift4_cuda(p0, p1, p2, p3, off, i):
+    if isinstance(off, types.BaseTuple):
+        return lambda p0, p1, p2, p3, off, i: (p0, p1, p2, p3)
+
+    def shifted(p0, p1, p2, p3, off, i):
+        o0, o1, o2, o3 = _load4(off, i)
+        return p0 - o0, p1 - o1, p2 - o2, p3 - o3
+    return shifted
 
 
 # -- storing the updated params ----------------------------------------------------------
@@ -277,32 +379,71 @@ def _put_param(p, out, i, x, mixed):
         out[i] = _narrow(x, out)
 
 
+# -- the restore of a skipped step that was handed an offset ------------------------------
+
+@cuda.jit(device=True)
+def _restore_elements(w, out, off, begin, stride, mixed):
+    for i in range(begin, w.size, stride):
+        _put_param(w, out, i, w[i] - off[i], mixed)
+
+
+def _restore(w, out, off, begin, stride, mixed):
+    """``w -= off`` over the grid's elements (nothing without an offset)."""
+    if not isinstance(off, tuple):
+        _restore_elements(w, out, off, begin, stride, mixed)
+
+
+@overload(_restore, target="cuda")
+def _restore_cuda(w, out, off, begin, stride, mixed):
+    if isinstance(off, types.BaseTuple):
+        return lambda w, out, off, begin, stride, mixed: None
+    return lambda w, out, off, begin, stride, mixed: _restore_elements(
+        w, out, off, begin, stride, mixed)
+
+
+# -- one element's state slots ------------------------------------------------------
+
+@cuda.jit(device=True)
+def _load_slots(s0, s1, s2, i, p, nstate):
+    """Element ``i`` of the first ``nstate`` slots; ``p`` for the others
+    (never read from memory, handed back unchanged)."""
+    a = s0[i] if nstate > 0 else p
+    b = s1[i] if nstate > 1 else p
+    d = s2[i] if nstate > 2 else p
+    return a, b, d
+
+
+@cuda.jit(device=True)
+def _store_slots(s0, s1, s2, i, a, b, d, nstate):
+    """Element ``i`` of the first ``nstate`` slots written."""
+    if nstate > 0:
+        s0[i] = a
+    if nstate > 1:
+        s1[i] = b
+    if nstate > 2:
+        s2[i] = d
+
+
 # -- the scalar loop (whole kernel, or the tail after the vector loop) -------------------
 
 @cuda.jit(device=True)
-def _update_elements(w, g, s0, s1, s2, out, gs, begin, stride, c, flags, nstate, mixed):
+def _update_elements(w, g, s0, s1, s2, off, out, gs, begin, stride, c, flags, nstate, mixed):
     """Elements ``begin, begin + stride, ... < w.size``; the first
     ``nstate`` slots are read and written, the others never touched."""
     nstate = _slots_used(c, nstate)
     for i in range(begin, w.size, stride):
-        p = w[i]
-        a = s0[i] if nstate > 0 else p
-        b = s1[i] if nstate > 1 else p
-        d = s2[i] if nstate > 2 else p
+        p = _shift(w[i], off, i)
+        a, b, d = _load_slots(s0, s1, s2, i, p, nstate)
         p, a, b, d = _step(c, p, _widen(g[i]) * gs, a, b, d, flags)
-        if nstate > 0:
-            s0[i] = a
-        if nstate > 1:
-            s1[i] = b
-        if nstate > 2:
-            s2[i] = d
+        _store_slots(s0, s1, s2, i, a, b, d, nstate)
         _put_param(w, out, i, p, mixed)
 
 
 # -- kernels -------------------------------------------------------------------------
 # ``w`` is what the step updates (the params, or their float32 master copy),
 # ``g`` the gradients as stored, ``s0..s2`` the state slots (an unused one is
-# any array of the compute dtype: ``w``), ``out`` the 16-bit params written
+# any array of the compute dtype: ``w``), ``off`` an offset subtracted from
+# ``w`` as it is read (``()``: none), ``out`` the 16-bit params written
 # when ``mixed``. ``fc`` is the step's control block in the compute dtype:
 # fc[0] multiplies the gradient (clip coefficient / loss scale), fc[1] != 0
 # skips the step. ``c`` is the element function's NamedTuple of scalars in
@@ -320,16 +461,18 @@ def _update_elements(w, g, s0, s1, s2, out, gs, begin, stride, c, flags, nstate,
 # scalars type (optimizer) and dtypes.
 
 @cuda.jit(cache=True)
-def _update_kernel(w, g, s0, s1, s2, out, fc, c, grad_scale, flags, nstate, mixed):
+def _update_kernel(w, g, s0, s1, s2, off, out, fc, c, grad_scale, flags, nstate, mixed):
     if fc[1]:       # the step was judged non-finite on the device: write nothing
+        _restore(w, out, off, cuda.grid(1), cuda.gridsize(1), mixed)
         return
-    _update_elements(w, g, s0, s1, s2, out, grad_scale * fc[0], cuda.grid(1),
+    _update_elements(w, g, s0, s1, s2, off, out, grad_scale * fc[0], cuda.grid(1),
                      cuda.gridsize(1), c, flags, nstate, mixed)
 
 
 @cuda.jit(cache=True)
-def _update_vec_kernel(w, g, s0, s1, s2, out, fc, c, grad_scale, flags, nstate, mixed):
+def _update_vec_kernel(w, g, s0, s1, s2, off, out, fc, c, grad_scale, flags, nstate, mixed):
     if fc[1]:
+        _restore(w, out, off, cuda.grid(1), cuda.gridsize(1), mixed)
         return
     gs = grad_scale * fc[0]
     stride = cuda.gridsize(1)
@@ -338,6 +481,7 @@ def _update_vec_kernel(w, g, s0, s1, s2, out, fc, c, grad_scale, flags, nstate, 
         i = 4 * j
         g0, g1, g2, g3 = _load4(g, i)
         p0, p1, p2, p3 = _load4(w, i)
+        p0, p1, p2, p3 = _shift4(p0, p1, p2, p3, off, i)
         a0, a1, a2, a3 = _load4(s0, i) if nstate > 0 else (p0, p1, p2, p3)
         b0, b1, b2, b3 = _load4(s1, i) if nstate > 1 else (p0, p1, p2, p3)
         d0, d1, d2, d3 = _load4(s2, i) if nstate > 2 else (p0, p1, p2, p3)
@@ -352,36 +496,76 @@ def _update_vec_kernel(w, g, s0, s1, s2, out, fc, c, grad_scale, flags, nstate, 
         if nstate > 2:
             _store4(s2, i, d0, d1, d2, d3)
         _put_params4(w, out, i, p0, p1, p2, p3, mixed)
-    _update_elements(w, g, s0, s1, s2, out, gs, w.size - w.size % 4 + cuda.grid(1), stride,
-                     c, flags, nstate, mixed)
+    _update_elements(w, g, s0, s1, s2, off, out, gs, w.size - w.size % 4 + cuda.grid(1),
+                     stride, c, flags, nstate, mixed)
+
+
+# -- block reductions ------------------------------------------------------------------
+
+@cuda.jit(device=True)
+def _combine(a, b, largest):
+    """``a + b``, or with ``largest`` the larger (a NaN on either side wins)."""
+    if not largest:
+        return a + b
+    if b > a or b != b:
+        return b
+    return a
 
 
 @cuda.jit(device=True)
-def _block_reduce(acc, flag, t, s, f):
-    """Sum ``s`` and OR ``f`` over the block's THREADS threads into
-    ``acc[0]`` / ``flag[0]``: shared memory, a fixed tree order."""
-    acc[t] = s
-    flag[t] = f
+def _block_reduce(acc, acc2, t, x, y, y_largest):
+    """Over the block's THREADS threads: the sum of ``x`` into ``acc[0]``,
+    and of ``y`` (``y_largest``: the largest ``y``) into ``acc2[0]``; two
+    float64 shared arrays, a fixed tree order."""
+    acc[t] = x
+    acc2[t] = y
     cuda.syncthreads()
     half = THREADS // 2
     while half > 0:
         if t < half:
             acc[t] += acc[t + half]
-            flag[t] |= flag[t + half]
+            acc2[t] = _combine(acc2[t], acc2[t + half], y_largest)
         cuda.syncthreads()
         half //= 2
 
 
-@cuda.jit(cache=True)
-def _sumsq_partial_kernel(x, partial, bad, offset):
-    """Stage 1: one float64 partial sum of squares (and a non-finite flag)
-    per block, reduced in shared memory in a fixed tree order.
+@cuda.jit(device=True)
+def _add_partials(xs, ys, lo, hi, acc, acc2, y_largest):
+    """``xs[lo:hi]`` summed, and ``ys[lo:hi]`` summed (``y_largest``: the
+    largest), by the block's threads (each a fixed strided share, then the
+    tree) into ``acc[0]`` / ``acc2[0]``: a fixed order, whatever the grid."""
+    t = cuda.threadIdx.x
+    sx = np.float64(0.0)
+    sy = np.float64(0.0)
+    for k in range(lo + t, hi, THREADS):
+        sx += xs[k]
+        sy = _combine(sy, np.float64(ys[k]), y_largest)
+    _block_reduce(acc, acc2, t, sx, sy, y_largest)
+
+
+def _weigh(a, w, i):
+    """``a`` times ``w[i]`` in float64, or ``a`` for ``w = ()`` (no weights)."""
+    return a if isinstance(w, tuple) else a * np.float64(_widen(w[i]))
+
+
+@overload(_weigh, target="cuda")
+def _weigh_cuda(a, w, i):
+    if isinstance(w, types.BaseTuple):
+        return lambda a, w, i: a
+    return lambda a, w, i: a * np.float64(_widen(w[i]))
+
+
+@cuda.jit(device=True)
+def _sumsq_partial(x, w, partial, bad, offset):
+    """Stage 1: one float64 partial sum of squares of ``x`` (times ``w``
+    elementwise, unless ``w`` is ``()``) and a non-finite flag per block,
+    reduced in shared memory in a fixed tree order.
 
     Each thread keeps four loads in flight (four independent accumulators
     over four grid strides): with one load per iteration the memory system
     sat idle and the pass read 0.8 TB/s on an H200."""
     acc = cuda.shared.array(THREADS, types.float64)
-    flag = cuda.shared.array(THREADS, types.int32)
+    flag = cuda.shared.array(THREADS, types.float64)
     t = cuda.threadIdx.x
     n = x.size
     stride = cuda.gridsize(1)
@@ -390,30 +574,42 @@ def _sumsq_partial_kernel(x, partial, bad, offset):
     s1 = np.float64(0.0)
     s2 = np.float64(0.0)
     s3 = np.float64(0.0)
-    f = np.int32(0)
+    f = np.float64(0.0)
     while i + 3 * stride < n:
-        a0 = np.float64(_widen(x[i]))
-        a1 = np.float64(_widen(x[i + stride]))
-        a2 = np.float64(_widen(x[i + 2 * stride]))
-        a3 = np.float64(_widen(x[i + 3 * stride]))
+        a0 = _weigh(np.float64(_widen(x[i])), w, i)
+        a1 = _weigh(np.float64(_widen(x[i + stride])), w, i + stride)
+        a2 = _weigh(np.float64(_widen(x[i + 2 * stride])), w, i + 2 * stride)
+        a3 = _weigh(np.float64(_widen(x[i + 3 * stride])), w, i + 3 * stride)
         s0 += a0 * a0
         s1 += a1 * a1
         s2 += a2 * a2
         s3 += a3 * a3
         if not (math.isfinite(a0) and math.isfinite(a1) and math.isfinite(a2)
                 and math.isfinite(a3)):
-            f = np.int32(1)
+            f = np.float64(1.0)
         i += 4 * stride
     while i < n:
-        a0 = np.float64(_widen(x[i]))
+        a0 = _weigh(np.float64(_widen(x[i])), w, i)
         s0 += a0 * a0
         if not math.isfinite(a0):
-            f = np.int32(1)
+            f = np.float64(1.0)
         i += stride
-    _block_reduce(acc, flag, t, (s0 + s1) + (s2 + s3), f)
+    _block_reduce(acc, flag, t, (s0 + s1) + (s2 + s3), f, True)
     if t == 0:
         partial[offset + cuda.blockIdx.x] = acc[0]
-        bad[offset + cuda.blockIdx.x] = flag[0]
+        bad[offset + cuda.blockIdx.x] = np.int32(flag[0] != 0.0)
+
+
+@cuda.jit(cache=True)
+def _sumsq_partial_kernel(x, partial, bad, offset):
+    """Stage 1 of the global norm (see ``_sumsq_partial``)."""
+    _sumsq_partial(x, (), partial, bad, offset)
+
+
+@cuda.jit(cache=True)
+def _weighted_sumsq_partial_kernel(x, w, partial, bad, offset):
+    """Stage 1 of the norm of ``x * w`` (adaptive SAM's ``|p| g``)."""
+    _sumsq_partial(x, w, partial, bad, offset)
 
 
 @cuda.jit(cache=True)
@@ -427,15 +623,9 @@ def _finalize_kernel(partial, bad, count, ctrl64, ctrl32, max_norm, inv_scale, c
     ctrl32 = [grad factor, skip] for the float32 kernels.
     """
     acc = cuda.shared.array(THREADS, types.float64)
-    flag = cuda.shared.array(THREADS, types.int32)
-    t = cuda.threadIdx.x
-    s = np.float64(0.0)
-    f = np.int32(0)
-    for k in range(t, count, THREADS):
-        s += partial[k]
-        f |= bad[k]
-    _block_reduce(acc, flag, t, s, f)
-    if t != 0:
+    flag = cuda.shared.array(THREADS, types.float64)
+    _add_partials(partial, bad, 0, count, acc, flag, True)     # flags: any is the largest
+    if cuda.threadIdx.x != 0:
         return
     total = acc[0]
     anybad = flag[0]
@@ -453,6 +643,80 @@ def _finalize_kernel(partial, bad, count, ctrl64, ctrl32, max_norm, inv_scale, c
     ctrl64[3] = skip
     ctrl32[0] = np.float32(factor)
     ctrl32[1] = np.float32(skip)
+
+
+# -- two-phase steps over pieces: per-array sums, factors, then the weights ---------------
+# An array is cut in pieces of at most PIECE elements (a piece never spans
+# two arrays); ``plo[j]:phi[j]`` is piece ``j``'s element range, ``pk[j]``
+# its array, ``pfirst[k]:pfirst[k + 1]`` array ``k``'s pieces. Each block
+# takes whole pieces (grid-stride over them), its threads stride through a
+# piece's elements, and the shared-memory tree adds their sums: a piece's
+# sums, and so every factor, depend on PIECE and THREADS only, never on the
+# grid (no float atomics). Built once per layout by ``numba_cuda.pieces``.
+
+#: elements per piece (the simulator gets small pieces so tests span several)
+PIECE = 2 * THREADS if getattr(config, "ENABLE_CUDASIM", False) else 32 * THREADS
+
+
+@cuda.jit(cache=True)
+def _sums_kernel(w, g, s0, s1, s2, off, fc, c, grad_scale, flags, nstate, plo, phi, psx,
+                 psy):
+    """Phase one: the state updated; piece ``j``'s two float64 sums of
+    squares in ``psx[j]``, ``psy[j]``."""
+    if fc[1]:
+        return
+    acc = cuda.shared.array(THREADS, types.float64)
+    acc2 = cuda.shared.array(THREADS, types.float64)
+    t = cuda.threadIdx.x
+    gs = grad_scale * fc[0]
+    nstate = _slots_used(c, nstate)
+    for j in range(cuda.blockIdx.x, plo.size, cuda.gridDim.x):
+        sx = np.float64(0.0)
+        sy = np.float64(0.0)
+        for i in range(plo[j] + t, phi[j], THREADS):
+            p = _shift(w[i], off, i)
+            a, b, d = _load_slots(s0, s1, s2, i, p, nstate)
+            a, b, d, x, y = _phase_one(c, p, _widen(g[i]) * gs, a, b, d, flags)
+            _store_slots(s0, s1, s2, i, a, b, d, nstate)
+            x64 = np.float64(x)
+            y64 = np.float64(y)
+            sx += x64 * x64
+            sy += y64 * y64
+        _block_reduce(acc, acc2, t, sx, sy, False)
+        if t == 0:
+            psx[j] = acc[0]
+            psy[j] = acc2[0]
+
+
+@cuda.jit(cache=True)
+def _factors_kernel(psx, psy, pfirst, factor, fc, c):
+    """Array ``k``'s factor from its pieces' sums (a block per array),
+    stored in the compute dtype."""
+    if fc[1]:
+        return
+    acc = cuda.shared.array(THREADS, types.float64)
+    acc2 = cuda.shared.array(THREADS, types.float64)
+    for k in range(cuda.blockIdx.x, factor.size, cuda.gridDim.x):
+        _add_partials(psx, psy, pfirst[k], pfirst[k + 1], acc, acc2, False)
+        if cuda.threadIdx.x == 0:
+            factor[k] = _array_factor(c, acc[0], acc2[0])
+
+
+@cuda.jit(cache=True)
+def _finish_kernel(w, s0, s1, s2, off, out, fc, c, flags, nstate, mixed, plo, phi, pk,
+                   factor):
+    """Phase two: each piece's weights with its array's factor."""
+    if fc[1]:
+        _restore(w, out, off, cuda.grid(1), cuda.gridsize(1), mixed)
+        return
+    t = cuda.threadIdx.x
+    nstate = _slots_used(c, nstate)
+    for j in range(cuda.blockIdx.x, plo.size, cuda.gridDim.x):
+        f = factor[pk[j]]
+        for i in range(plo[j] + t, phi[j], THREADS):
+            p = _shift(w[i], off, i)
+            a, b, d = _load_slots(s0, s1, s2, i, p, nstate)
+            _put_param(w, out, i, _phase_two(c, p, a, b, d, flags, f), mixed)
 
 
 @cuda.jit(cache=True)
@@ -475,18 +739,33 @@ def _convert_kernel(src, dst):
 ELEMENTS = {"adam": AdamElement, "sgd": SGDElement, "rmsprop": RMSpropElement,
             "adagrad": AdagradElement, "lion": LionElement, "adamax": AdamaxElement,
             "nadam": NAdamElement, "radam": RAdamElement}
+#: the two-phase ones (the sums, factors and finish kernels), by name
+TWO_PHASE_ELEMENTS = {"lamb": LAMBElement}
 
 #: every kernel specialization, for the PTX checks: name -> (dispatcher,
 #: "elementwise"|"reduction"); "<optimizer>" and "<optimizer>_vec" are the
-#: two update kernels compiled for that optimizer's element function
+#: two update kernels compiled for that optimizer's element function,
+#: "<optimizer>_shifted" those with an offset buffer (SAM's restore fused
+#: into the step); "<optimizer>_sums/_factors/_finish" a two-phase step's
 KERNELS = {
     **{name: (_update_kernel, "elementwise") for name in ELEMENTS},
     **{name + "_vec": (_update_vec_kernel, "elementwise") for name in ELEMENTS},
+    "adam_shifted": (_update_kernel, "elementwise"),
+    "adam_vec_shifted": (_update_vec_kernel, "elementwise"),
+    **{name + "_sums": (_sums_kernel, "reduction") for name in TWO_PHASE_ELEMENTS},
+    **{name + "_factors": (_factors_kernel, "reduction") for name in TWO_PHASE_ELEMENTS},
+    **{name + "_finish": (_finish_kernel, "elementwise") for name in TWO_PHASE_ELEMENTS},
+    **{name + "_finish_shifted": (_finish_kernel, "elementwise")
+       for name in TWO_PHASE_ELEMENTS},
     "scale": (_scale_kernel, "elementwise"),
     "convert": (_convert_kernel, "elementwise"),
     "sumsq_partial": (_sumsq_partial_kernel, "reduction"),
+    "weighted_sumsq_partial": (_weighted_sumsq_partial_kernel, "reduction"),
     "finalize": (_finalize_kernel, "reduction"),
 }
+
+#: the type of ``off`` when a kernel is given no offset
+NO_OFFSET = types.Tuple(())
 
 
 def ptx_signatures(dtype="float32", storage=None):
@@ -499,15 +778,29 @@ def ptx_signatures(dtype="float32", storage=None):
     st = getattr(types, storage or dtype)
     A, S = c[::1], st[::1]
     ctl = (c, types.int64, types.int64, types.boolean)   # grad_scale, flags, nstate, mixed
-    f64, i32 = types.float64[::1], types.int32[::1]
+    f64, i32, i64 = types.float64[::1], types.int32[::1], types.int64[::1]
+
+    def scalars(kind):
+        return types.NamedUniTuple(c, len(kind._fields), kind)
+
     sigs = {}
     for name, kind in ELEMENTS.items():
-        scalars = types.NamedUniTuple(c, len(kind._fields), kind)
-        sigs[name] = sigs[name + "_vec"] = (A, S, A, A, A, S, A, scalars) + ctl
+        sigs[name] = sigs[name + "_vec"] = (A, S, A, A, A, NO_OFFSET, S, A,
+                                            scalars(kind)) + ctl
+    sigs["adam_shifted"] = sigs["adam_vec_shifted"] = (A, S, A, A, A, A, S, A,
+                                                       scalars(AdamElement)) + ctl
+    for name, kind in TWO_PHASE_ELEMENTS.items():
+        sigs[name + "_sums"] = (A, S, A, A, A, NO_OFFSET, A, scalars(kind), c, types.int64,
+                                types.int64, i64, i64, f64, f64)
+        sigs[name + "_factors"] = (f64, f64, i64, A, A, scalars(kind))
+        for suffix, off in (("_finish", NO_OFFSET), ("_finish_shifted", A)):
+            sigs[name + suffix] = (A, A, A, A, off, S, A, scalars(kind), types.int64,
+                                   types.int64, types.boolean, i64, i64, i64, A)
     return sigs | {
         "scale": (A, A, c),
         "convert": (S, A) if st != c else (A, A),
         "sumsq_partial": (S, f64, i32, types.int64),
+        "weighted_sumsq_partial": (S, S, f64, i32, types.int64),
         "finalize": (f64, i32, types.int64, f64, types.float32[::1], types.float64,
                      types.float64, types.boolean),
     }

@@ -22,6 +22,8 @@ import numpy as np
 from numba import carray, njit, prange
 
 from .._openmp import in_forked_child
+# the operations that are one NumPy call already (no reduction to fuse)
+from .flat_ops import copy, empty, from_host, negate, scale, to_host  # noqa: F401
 from .numba_cpu import _as_pointer, _named, get_num_threads
 from .tables import CHUNK
 from .threads import SERIAL_MAX

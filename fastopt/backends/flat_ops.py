@@ -7,10 +7,12 @@ This module is the NumPy reference, the readable specification;
 :mod:`fastopt.backends.flat_numba` is the compiled twin with the same
 functions (``@njit(parallel=True)``, fastmath off, reductions over fixed
 chunks summed in chunk order, so a result does not depend on the thread
-count). :func:`ops_for` picks one by backend name: "numpy" the reference,
-the compiled CPU backends ("numba", "cython") the Numba kernels. They agree
-to rounding: the updates are the same IEEE operations in the same order;
-only the order of a reduction's float64 additions differs.
+count), and :mod:`fastopt.backends.flat_cuda` the device twin (numba-cuda
+kernels over device vectors). :func:`ops_for` picks one by backend name:
+"numpy" the reference, the compiled CPU backends ("numba", "cython") the
+Numba kernels, "cuda" the device kernels. They agree to rounding: the
+updates are the same IEEE operations in the same order; only the order of
+a reduction's float64 additions differs.
 
 Conventions (as in :mod:`fastopt.backends.reference`): arrays are 1-D,
 contiguous, of one float dtype, updated in place; scalars arrive as Python
@@ -35,12 +37,16 @@ name = "numpy"
 
 def ops_for(backend: str):
     """The flat operations for a backend name: this module for "numpy",
-    the Numba kernels for the compiled CPU backends."""
+    the Numba kernels for the compiled CPU backends, the device kernels
+    for "cuda"."""
     if backend == "numpy":
         return sys.modules[__name__]
     if backend in ("numba", "cython"):
         from . import flat_numba
         return flat_numba
+    if backend == "cuda":
+        from . import flat_cuda
+        return flat_cuda
     raise ValueError(f"no flat operations for backend {backend!r}")
 
 
@@ -68,7 +74,7 @@ def axpy_dot(a, x, y, z) -> float:
 
 def scale_dot(a, y, z) -> float:
     """``y *= a``, then ``z . y``."""
-    y *= y.dtype.type(a)
+    scale(a, y)
     return dot(z, y)
 
 
@@ -84,6 +90,38 @@ def abs_sum_max(x) -> tuple:
     """``(sum |x|, max |x|)`` in float64; a NaN anywhere gives NaN max."""
     a = np.abs(_f64(x))
     return float(a.sum()), float(a.max()) if a.size else 0.0
+
+
+def scale(a, y) -> None:
+    """``y *= a``."""
+    y *= y.dtype.type(a)
+
+
+def negate(x, y) -> None:
+    """``y = -x``."""
+    np.negative(x, out=y)
+
+
+def copy(src, dst) -> None:
+    """``dst[...] = src``."""
+    dst[...] = src
+
+
+# -- vectors where they live (the device twin allocates and copies on the GPU) -----
+
+def empty(n, dtype):
+    """A new 1-D vector (contents undefined)."""
+    return np.empty(n, dtype)
+
+
+def to_host(x) -> np.ndarray:
+    """A host copy of a vector."""
+    return np.array(x, copy=True)
+
+
+def from_host(a):
+    """A new vector holding a copy of host array ``a``."""
+    return np.array(a, copy=True)
 
 
 # -- SAM over a param group's table ------------------------------------------------

@@ -2,8 +2,8 @@
 
 One update function for every optimizer of the family, ``update(el, w, g,
 states, out, ctrl)`` (SGD, Adam/AdamW, RMSprop, Adagrad, Adamax, NAdam,
-RAdam, Lion: ``el`` says which), plus ``adam_update``/``sgd_update`` (the
-functional API's), ``sumsq``, ``scale``, ``widen``/``narrow`` and the
+RAdam, Lion, and LAMB's two-phase step: ``el`` says which), plus
+``adam_update``/``sgd_update`` (the functional API's), ``sumsq``, ``scale``, ``widen``/``narrow`` and the
 device norm pass (``norm_control``), over 1-D C-contiguous **device**
 arrays, updated in place where they live. Anything exposing
 ``__cuda_array_interface__`` is accepted (numba device arrays, CuPy, torch
@@ -30,6 +30,13 @@ Kernel conventions (DESIGN.md):
   function's NamedTuple: the float32 kernels contain no double-precision
   arithmetic (checked on the PTX by ``tests/test_cuda_ptx.py``).
 * No fastmath: IEEE division and sqrt, and NaN/inf stay visible.
+* A two-phase step (LAMB: ``ElementStep.phases == 2``) is three generic
+  kernels over the run's arrays cut in pieces (:func:`pieces`): per-piece
+  float64 sums (a block per piece, the shared-memory tree), per-array
+  factors, then the weights; no float atomics, so the result does not
+  depend on the grid.
+* ``off`` (SAM's perturbation): a buffer subtracted from the weights as
+  the kernels read them; without one it is ``()`` and compiled away.
 * The global norm is a two-stage reduction: each block sums its grid-stride
   share of squares in float64, reduces them in shared memory in a fixed tree
   order and writes one partial (plus a non-finite flag); a one-block final
@@ -70,8 +77,10 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from .. import _validate as V
 from ..params import PackedViews
-from ._cuda_kernels import (THREADS, _convert_kernel, _finalize_kernel, _scale_kernel,
-                            _sumsq_partial_kernel, _update_kernel, _update_vec_kernel)
+from ._cuda_kernels import (PIECE, THREADS, _convert_kernel, _factors_kernel, _finalize_kernel,
+                            _finish_kernel, _scale_kernel, _sums_kernel, _sumsq_partial_kernel,
+                            _update_kernel, _update_vec_kernel,
+                            _weighted_sumsq_partial_kernel)
 from .scalars import AdamScalars, ElementStep, SGDScalars, adam_element, sgd_element
 
 SIMULATOR = bool(getattr(_config, "ENABLE_CUDASIM", False))
@@ -418,16 +427,23 @@ class DeviceNorm:
         return hash(float(self))
 
 
-def norm_control(flats, *, max_norm=0.0, inv_scale=1.0, check=False) -> StepControl:
+def norm_control(flats, *, max_norm=0.0, inv_scale=1.0, check=False,
+                 weights=None) -> StepControl:
     """Launch the two-stage global-norm reduction over 1-D device arrays and
-    decide clip coefficient and skip on the device. Does not synchronise."""
+    decide clip coefficient and skip on the device. Does not synchronise.
+    ``weights``: arrays like ``flats`` (or None): the norm of their
+    elementwise products (adaptive SAM's ``|p| g``)."""
     partial, bad = _scratch(1)          # any size: only their types set the grid
-    nblocks = [grid_blocks(_sumsq_partial_kernel, x.dtype, x.size, (x, partial, bad, 0))
-               for x in flats]
+    if weights is None:
+        kernel, args = _sumsq_partial_kernel, [(x,) for x in flats]
+    else:
+        kernel, args = _weighted_sumsq_partial_kernel, list(zip(flats, weights))
+    nblocks = [grid_blocks(kernel, (kernel, x[0].dtype), x[0].size, (*x, partial, bad, 0))
+               for x in args]
     partial, bad = _scratch(max(1, sum(nblocks)))
     off = 0
-    for x, nb in zip(flats, nblocks):
-        _sumsq_partial_kernel[nb, THREADS](x, partial, bad, off)
+    for x, nb in zip(args, nblocks):
+        kernel[nb, THREADS](*x, partial, bad, off)
         off += nb
     ctrl = StepControl.take()
     _finalize_kernel[1, THREADS](partial, bad, off, ctrl.ctrl64, ctrl.ctrl32,
@@ -458,36 +474,105 @@ def _fc(p, ctrl):
     return _unit_control(p.dtype) if ctrl is None else ctrl.for_dtype(p.dtype)
 
 
-def update_args(el: ElementStep, w, g, states=(), out=None, ctrl=None) -> tuple:
+def update_args(el: ElementStep, w, g, states=(), out=None, ctrl=None, off=None) -> tuple:
     """The arguments of ``_update_kernel``/``_update_vec_kernel`` for one
     step of ``el``'s optimizer: ``states`` its buffers in the order its
     element function reads them (at most three; absent slots and ``out``
     are replaced by ``w``, which the kernel then never touches there), the
-    control block, the element scalars as their NamedTuple in the compute
-    dtype (a float64 value in a float32 kernel would promote its math), the
+    offset (``()`` for none: no code for it is compiled), the control
+    block, the element scalars as their NamedTuple in the compute dtype (a
+    float64 value in a float32 kernel would promote its math), the
     maximize sign, the option flags, how many slots are real and whether
     ``out`` is written."""
     t = np.dtype(w.dtype).type
     s0, s1, s2 = (tuple(states) + (w, w, w))[:3]
-    return (w, g, s0, s1, s2, w if out is None else out, _fc(w, ctrl),
-            el.kind(*[t(x) for x in el.values]), t(el.grad_scale), el.flags, len(states),
-            out is not None)
+    return (w, g, s0, s1, s2, () if off is None else off, w if out is None else out,
+            _fc(w, ctrl), el.kind(*[t(x) for x in el.values]), t(el.grad_scale), el.flags,
+            len(states), out is not None)
 
 
-def update(el: ElementStep, w, g, states=(), out=None, ctrl=None) -> None:
+def update(el: ElementStep, w, g, states=(), out=None, ctrl=None, off=None,
+           pieces=None) -> None:
     """One step of any optimizer of the family on 1-D device arrays: ``el``
     its element step (``scalars.*_element``), ``w`` the weights (the params,
     or their float32 master), ``g`` the gradients, ``states`` its state
     buffers in kernel order, ``out`` the 16-bit params to write (mixed
     precision), ``ctrl`` the step's :class:`StepControl` (clip factor and
-    skip flag on the device; None: factor 1, never skip). The four-wide
-    kernel runs when every array allows it (:func:`vector_ok`)."""
+    skip flag on the device; None: factor 1, never skip), ``off`` an offset
+    laid out like the state and subtracted from ``w`` as the step reads it
+    (SAM's restore, fused: the step updates ``w - off``, and a skipped step
+    still writes ``w - off``), ``pieces`` the :func:`pieces` of ``w``'s
+    arrays (required by a two-phase step, ``el.phases == 2``: its per-array
+    sums). A one-phase step takes the four-wide kernel when every array
+    allows it (:func:`vector_ok`)."""
     if w.size == 0:
         return
-    vec = vector_ok(w, g, out, *states)
+    if el.phases == 2:
+        _two_phase(el, w, g, states, out, ctrl, off, pieces)
+        return
+    vec = vector_ok(w, g, out, off, *states)
     _launch(_update_vec_kernel if vec else _update_kernel,
-            (el.kind, w.dtype, g.dtype, None if out is None else out.dtype),
-            (w.size + 3) // 4 if vec else w.size, update_args(el, w, g, states, out, ctrl))
+            (el.kind, w.dtype, g.dtype, None if out is None else out.dtype, off is None),
+            (w.size + 3) // 4 if vec else w.size, update_args(el, w, g, states, out, ctrl, off))
+
+
+class Pieces:
+    """The layout of one run of arrays for a two-phase step, on the device:
+    each array cut in pieces of at most ``PIECE`` elements (``plo``/``phi``
+    their element ranges, ``pk`` their array, ``pfirst`` each array's first
+    piece), with the step's per-piece sums (``psx``, ``psy``) and per-array
+    factors. Built once per layout (see :func:`pieces`)."""
+
+    def __init__(self, bounds):
+        bounds = np.asarray(bounds, np.int64)
+        sizes = np.diff(bounds)
+        counts = -(-sizes // PIECE)                    # pieces per array (0 if empty)
+        pk = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
+        pfirst = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        plo = bounds[pk] + (np.arange(pk.size, dtype=np.int64) - pfirst[pk]) * PIECE
+        phi = np.minimum(plo + PIECE, bounds[pk + 1])
+        self.narrays, self.npieces = int(sizes.size), int(pk.size)
+        self.plo, self.phi, self.pk, self.pfirst = (cuda.to_device(a) for a in
+                                                    (plo, phi, pk, pfirst))
+        self.psx, self.psy = (cuda.device_array(max(1, self.npieces), np.float64)
+                              for _ in range(2))
+        self._factors = {}
+
+    def factor(self, dtype):
+        """The per-array factors, in the compute dtype the finish reads."""
+        key = np.dtype(dtype).str
+        if key not in self._factors:
+            self._factors[key] = cuda.device_array(max(1, self.narrays), dtype)
+        return self._factors[key]
+
+
+def pieces(bounds) -> Pieces:
+    """:class:`Pieces` of the arrays ``bounds[k]:bounds[k + 1]`` of a run."""
+    return Pieces(bounds)
+
+
+def _two_phase(el, w, g, states, out, ctrl, off, pc) -> None:
+    """Phase one (state, per-piece sums), the per-array factors, phase two
+    (the weights): three launches, ordered on the stream; every grid is
+    at most one wave of blocks striding over whole pieces (or arrays)."""
+    if not isinstance(pc, Pieces):
+        raise TypeError("a two-phase step needs the pieces of its arrays (numba_cuda.pieces)")
+    args = update_args(el, w, g, states, out, ctrl, off)
+    w_, g_, s0, s1, s2, off_, out_, fc, c, gs, flags, nstate, mixed = args
+    factor = pc.factor(w.dtype)
+    key = (el.kind, w.dtype, g.dtype, None if out is None else out.dtype, off is None)
+    sums = (w_, g_, s0, s1, s2, off_, fc, c, gs, flags, nstate, pc.plo, pc.phi, pc.psx,
+            pc.psy)
+    finish = (w_, s0, s1, s2, off_, out_, fc, c, flags, nstate, mixed, pc.plo, pc.phi, pc.pk,
+              factor)
+    if pc.npieces:
+        _sums_kernel[grid_blocks(_sums_kernel, key, pc.npieces * THREADS, sums), THREADS](*sums)
+    factors = (pc.psx, pc.psy, pc.pfirst, factor, fc, c)
+    _factors_kernel[grid_blocks(_factors_kernel, key, pc.narrays * THREADS, factors),
+                    THREADS](*factors)
+    if pc.npieces:
+        _finish_kernel[grid_blocks(_finish_kernel, key, pc.npieces * THREADS, finish),
+                       THREADS](*finish)
 
 
 # Adam and SGD by their arrays, as the functional API (fastopt.functional)

@@ -4,11 +4,10 @@ Training BERT in 76 minutes")."""
 from __future__ import annotations
 
 from ..backends.scalars import lamb_scalars
-from .base import BETAS, FLAG, NONNEG, POSITIVE
-from .rmsprop import HostOnly
+from .base import BETAS, FLAG, NONNEG, POSITIVE, Optimizer
 
 
-class LAMB(HostOnly):
+class LAMB(Optimizer):
     r"""LAMB, Algorithm 2 of You et al. (2020): Adam's direction with
     decoupled weight decay, scaled per tensor by the trust ratio.
 
@@ -26,7 +25,7 @@ class LAMB(HostOnly):
     ``bias_correction=False`` drops the two divisors. ``maximize`` negates
     the gradient. A NaN gradient gives NaN norms and so NaN weights in its
     whole tensor: never a silently skipped step (use ``skip_nonfinite``).
-    State: ``exp_avg``, ``exp_avg_sq``. Host arrays only (no CUDA kernel).
+    State: ``exp_avg``, ``exp_avg_sq``.
 
     Defaults: Algorithm 2 leaves beta1, beta2 and epsilon as inputs; betas
     (0.9, 0.999) and eps 1e-6 are those of the implementations that
@@ -38,7 +37,10 @@ class LAMB(HostOnly):
     The step is one native call per param group: a first pass updates the
     moments and sums ``theta^2`` and ``r^2`` per tensor (float64, in a fixed
     order: serial and threaded steps are bit-identical), a second writes
-    the weights.
+    the weights. On device arrays (the ``cuda`` backend) the same two
+    passes are kernels, with the per-tensor factors made between them by a
+    third, small one: per-piece sums added in a fixed tree order, so the
+    result does not depend on the launch's grid.
     """
 
     _state_names = ("exp_avg", "exp_avg_sq")

@@ -12,8 +12,16 @@ The vectors are flat: the params as one vector in param order (a packed
 group *is* that vector; other layouts are stepped run by run), the
 gradients gathered into one. The two-loop recursion's dot products and
 axpys are the fused kernels of :mod:`fastopt.backends.flat_ops` (an axpy
-and the next dot product in one pass), and the history is a preallocated
-ring (:class:`History`) that keeps a new pair without copying it.
+and the next dot product in one pass), and the history is a ring
+(:class:`History`) that keeps a new pair without copying it.
+
+On device params (the ``cuda`` backend) the vectors, the history and every
+update live on the GPU (:mod:`fastopt.backends.flat_cuda`); each dot product
+is read back by the host, which waits for it there: L-BFGS decides its next
+move on the host from those numbers (the two-loop coefficients, the
+curvature test, the step length and the stopping tests), so that wait is
+inherent to the algorithm, a few per iteration (2 per stored pair, and
+about 5 more).
 """
 
 from __future__ import annotations
@@ -21,12 +29,12 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _validate as V
+from ..backends import backend_for, get_backend
 from ..backends.flat_ops import ops_for
-from ..params import FlatArrays
-from .base import NONNEG
+from .base import NONNEG, Optimizer
 from .line_search import Trial, strong_wolfe
 from .named import KeyTree
-from .rmsprop import HostOnly, refuse_device
+from .placement import placement_for
 from .state_checks import require_array, require_keys
 
 LINE_SEARCHES = (None, "strong_wolfe")
@@ -37,28 +45,34 @@ CURVATURE_MIN = 1e-10
 class History:
     """The newest ``m`` curvature pairs ``(s_i, y_i)`` with ``ro_i = 1 / (y_i . s_i)``.
 
-    Rows of two preallocated ``(m + 1) x n`` blocks, ``S`` and ``Y``; ``rows``
-    lists the rows that hold pairs, oldest first. The one other row,
-    ``spare``, holds the previous gradient (``Y[spare]``, torch's
+    ``m + 1`` rows of ``S`` and of ``Y``, each a vector allocated on first
+    use (``ops.empty``: host or device, :mod:`fastopt.backends.flat_ops`);
+    ``rows`` lists the rows that hold pairs, oldest first. The one other
+    row, ``spare``, holds the previous gradient (``Y[spare]``, torch's
     ``prev_flat_grad``) and the direction (``S[spare]``, ``d``): the next
     pair is formed there in place (``y = g - prev``, ``s = t d``), and
     keeping it only moves row numbers: the spare row joins the ring and
     the evicted oldest row (or an unused one) becomes the spare.
     """
 
-    def __init__(self, m, n, dtype):
-        self.m = m
-        self.S = np.empty((m + 1, n), dtype)   # untouched rows cost no memory yet
-        self.Y = np.empty((m + 1, n), dtype)
+    def __init__(self, m, n, dtype, ops=None):
+        self.m, self.n, self.dtype = m, n, np.dtype(dtype)
+        self.ops = ops_for("numpy") if ops is None else ops
+        self.S, self.Y = [None] * (m + 1), [None] * (m + 1)   # rows made on first use
         self.rows, self.ro, self.spare = [], [], 0
+
+    def _row(self, block, r):
+        if block[r] is None:
+            block[r] = self.ops.empty(self.n, self.dtype)
+        return block[r]
 
     @property
     def prev_grad(self):
-        return self.Y[self.spare]
+        return self._row(self.Y, self.spare)
 
     @property
     def direction(self):
-        return self.S[self.spare]
+        return self._row(self.S, self.spare)
 
     def __len__(self):
         return len(self.rows)
@@ -80,21 +94,35 @@ class History:
         """``(s, y, ro)`` oldest first."""
         return [(self.S[r], self.Y[r], ro) for r, ro in zip(self.rows, self.ro)]
 
+    def resized(self, m):
+        """This history with room for ``m`` pairs: the newest ``m`` and the
+        spare row's vectors, the same vectors (no copies)."""
+        out = History(m, self.n, self.dtype, self.ops)
+        kept = self.rows[len(self.rows) - min(len(self.rows), m):]
+        k = len(kept)
+        out.S[:k], out.Y[:k] = [self.S[r] for r in kept], [self.Y[r] for r in kept]
+        out.S[k], out.Y[k] = self.S[self.spare], self.Y[self.spare]
+        out.rows, out.ro, out.spare = list(range(k)), self.ro[len(self.ro) - k:], k
+        return out
+
     @classmethod
-    def of(cls, m, n, dtype, s, y, ro, prev_grad=None, direction=None):
-        """A history of size ``m`` holding the pairs ``s``/``y``/``ro``
-        (oldest first; the newest ``m`` of them) and the spare row's vectors."""
-        out = cls(m, n, dtype)
+    def of(cls, m, n, dtype, s, y, ro, prev_grad=None, direction=None, ops=None):
+        """A history of size ``m`` holding the pairs ``s``/``y``/``ro`` (host
+        arrays, oldest first; the newest ``m`` of them) and the spare row's
+        vectors, copied to where ``ops`` keeps vectors."""
+        out = cls(m, n, dtype, ops)
         k = min(len(ro), m)
         start = len(ro) - k
-        out.S[:k], out.Y[:k] = s[start:], y[start:]
+        put = out.ops.from_host
+        out.S[:k] = [put(s[start + i]) for i in range(k)]
+        out.Y[:k] = [put(y[start + i]) for i in range(k)]
         out.rows, out.ro, out.spare = list(range(k)), [float(r) for r in ro[start:]], k
         if prev_grad is not None:
-            out.Y[k], out.S[k] = prev_grad, direction
+            out.Y[k], out.S[k] = put(prev_grad), put(direction)
         return out
 
 
-class LBFGS(HostOnly):
+class LBFGS(Optimizer):
     r"""L-BFGS, stepped with a closure: ``opt.step(closure)``, where
     ``closure()`` evaluates the loss and its gradients at the current params
     and returns ``(loss, grads)`` (grads in the params' layout: a list, a
@@ -114,8 +142,10 @@ class LBFGS(HostOnly):
     ``func_evals``, ``n_iter``, ``d``, ``t``, ``H_diag``, ``prev_flat_grad``,
     ``prev_loss``, and the pairs, ``old_dirs`` (y), ``old_stps`` (s) and
     ``ro`` in :meth:`state_dict`) carries over from one ``step`` to the
-    next. float32 or float64 params on the host; full-batch (deterministic)
-    closures are what it is for.
+    next. float32 or float64 params, host arrays or device arrays (the
+    ``cuda`` backend: the vectors and the history on the GPU, each dot
+    product read back by the host, see the module's docstring);
+    full-batch (deterministic) closures are what it is for.
 
     An exception from the closure (or from its gradients' checks) stops the
     step: the params stay where the last completed move left them (a line
@@ -148,16 +178,18 @@ class LBFGS(HostOnly):
 
     # -- params: one group of float32/float64 host arrays --------------------------
     def bind(self, params) -> None:
-        refuse_device("LBFGS", self._backend_name, params)
         specs = self._group_specs(params)
         if len(specs) != 1:
             raise ValueError(f"LBFGS takes one param group (torch's rule: its state is one "
                              f"vector over every param), got {len(specs)}")
         given = specs[0]["params"]
-        arrays = (KeyTree.of(given, "params")[1] if isinstance(given, dict)
-                  else V.as_array_list("params", given))
-        for i, a in enumerate(arrays):
-            V.check_float_array(f"params[{i}]", a, writable=True)
+        if isinstance(given, dict):
+            given = KeyTree.of(given, "params")[1]
+        # the vectors have the params' dtype: float32 or float64, no 16-bit storage
+        placement = placement_for(get_backend(backend_for(self._backend_name, params)))
+        for i, a in enumerate(placement.group_arrays("params", given)[0]):
+            if np.dtype(a.dtype) not in V.FLOAT_DTYPES:
+                raise TypeError(f"params[{i}] must be float32 or float64, got {a.dtype}")
         super().bind(params)
         # the params as one vector: each run is a contiguous slice of it
         spans, lo = [], 0
@@ -182,18 +214,19 @@ class LBFGS(HostOnly):
         for lo, hi, run in self._spans:
             ops.axpy(t, d[lo:hi], run)
 
-    def _params_copy(self):
-        x = np.empty(self._n, self._spans[0][2].dtype)
+    def _params_copy(self, ops):
+        x = ops.empty(self._n, self._group_dtype(0))
         for lo, hi, run in self._spans:
-            x[lo:hi] = run
+            ops.copy(run, x[lo:hi])
         return x
 
-    def _set_params(self, x):
+    def _set_params(self, ops, x):
         for lo, hi, run in self._spans:
-            run[...] = x[lo:hi]
+            ops.copy(x[lo:hi], run)
 
     def _evaluate(self, closure):
-        """``(loss, flat gradient)`` from the closure, checked: a new flat array."""
+        """``(loss, flat gradient)`` from the closure, checked: a new flat
+        vector where the params are."""
         out = closure()
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise TypeError("LBFGS: closure() must return (loss, grads), the loss at the "
@@ -204,23 +237,18 @@ class LBFGS(HostOnly):
         except (TypeError, ValueError):
             raise TypeError("LBFGS: the loss closure() returned must be one real number, "
                             f"got {type(loss).__name__}") from None
-        self.check_grads(grads)           # shapes, dtypes, no overlap with the params
-        if isinstance(grads, FlatArrays):
-            return loss, grads.data.copy()
-        return loss, np.concatenate([g.reshape(-1) for g in self._grads_as_list(grads)])
+        # shapes, dtypes, no overlap with the params; gathered into one vector
+        return loss, self._placement.gather(self, grads)
 
     # -- the step -------------------------------------------------------------------
-    def _history(self, st, m):
-        """The group's ring, allocated on first use (and again, keeping the
+    def _history(self, st, m, ops):
+        """The group's ring, made on first use (and again, keeping the
         newest pairs, if ``history_size`` was changed)."""
         hist = st["history"]
         if hist is None:
-            hist = History(m, self._n, self._group_dtype(0))
+            hist = History(m, self._n, self._group_dtype(0), ops)
         elif hist.m != m:
-            pairs = hist.pairs()
-            hist = History.of(m, self._n, hist.S.dtype, [s for s, _, _ in pairs],
-                              [y for _, y, _ in pairs], [r for _, _, r in pairs],
-                              hist.prev_grad, hist.direction)
+            hist = hist.resized(m)
         st["history"] = hist
         return hist
 
@@ -237,7 +265,7 @@ class LBFGS(HostOnly):
             h = self._resolve(self._with_schedule(0, self.param_groups[0]), "param_groups[0]")
             ops = ops_for(self.backend)
             st = self.state[0]
-            hist = self._history(st, h["history_size"])
+            hist = self._history(st, h["history_size"], ops)
             loss, g = self._evaluate(closure)
             first_loss = loss
             st["func_evals"] += 1
@@ -261,7 +289,7 @@ class LBFGS(HostOnly):
             if st["n_iter"] == 1:
                 hist.clear()
                 st["H_diag"] = 1.0
-                np.negative(g, out=hist.direction)
+                ops.negate(g, hist.direction)
             else:
                 ys, yy = ops.pair_dots(st["t"], g, hist.prev_grad, hist.direction)
                 if ys > CURVATURE_MIN:
@@ -269,7 +297,7 @@ class LBFGS(HostOnly):
                     st["H_diag"] = ys / yy
                 two_loop(ops, hist, g, st["H_diag"], hist.direction)
             d = hist.direction
-            hist.prev_grad[...] = g
+            ops.copy(g, hist.prev_grad)
             st["prev_loss"] = prev_loss = loss
             # -- the step length ------------------------------------------------------------
             if st["n_iter"] == 1:
@@ -282,14 +310,14 @@ class LBFGS(HostOnly):
                 break
             d_max = ops.abs_sum_max(d)[1]
             if h["line_search_fn"] is not None:
-                x0 = self._params_copy()
+                x0 = self._params_copy(ops)
 
                 def trial(t):
                     self._add(ops, t, d)
                     try:
                         f, gt = self._evaluate(closure)
                     finally:
-                        self._set_params(x0)
+                        self._set_params(ops, x0)
                     return Trial(t, f, gt, ops.dot(gt, d))
 
                 best, used = strong_wolfe(trial, t, Trial(0.0, loss, g, gtd), d_max,
@@ -328,13 +356,14 @@ class LBFGS(HostOnly):
         pairs = hist.pairs() if hist is not None else []
         started = st["n_iter"] > 0
         n, dtype = self._n, self._group_dtype(0)
+        host = ops_for(self.backend).to_host      # copies
         sd["lbfgs"] = {
             "func_evals": st["func_evals"], "n_iter": st["n_iter"], "t": st["t"],
             "H_diag": st["H_diag"], "prev_loss": st["prev_loss"],
-            "d": hist.direction.copy() if started else None,
-            "prev_flat_grad": hist.prev_grad.copy() if started else None,
-            "old_dirs": np.array([y for _, y, _ in pairs], dtype).reshape(-1, n),
-            "old_stps": np.array([s for s, _, _ in pairs], dtype).reshape(-1, n),
+            "d": host(hist.direction) if started else None,
+            "prev_flat_grad": host(hist.prev_grad) if started else None,
+            "old_dirs": np.array([host(y) for _, y, _ in pairs], dtype).reshape(-1, n),
+            "old_stps": np.array([host(s) for s, _, _ in pairs], dtype).reshape(-1, n),
             "ro": np.array([r for _, _, r in pairs], np.float64)}
         return sd
 
@@ -376,7 +405,7 @@ class LBFGS(HostOnly):
         if k > m:
             raise ValueError(f"checkpoint: lbfgs holds {k} pairs, more than its history_size "
                              f"{m}")
-        hist = History.of(m, n, dtype, s, y, ro, prev, d)
+        hist = History.of(m, n, dtype, s, y, ro, prev, d, ops_for(self.backend))
 
         def apply():
             apply_base()
@@ -390,7 +419,7 @@ class LBFGS(HostOnly):
 def two_loop(ops, hist, g, h_diag, q):
     r"""``q = -H g`` by the two-loop recursion (N&W Algorithm 7.4), with
     :math:`H_0 = h_{diag} I`; each axpy is fused with the next dot product."""
-    np.negative(g, out=q)
+    ops.negate(g, q)
     pairs = hist.pairs()
     k = len(pairs)
     alpha = [0.0] * k
@@ -404,7 +433,7 @@ def two_loop(ops, hist, g, h_diag, q):
         else:
             ops.axpy(-alpha[i], y, q)
     if not k:
-        q *= q.dtype.type(h_diag)
+        ops.scale(h_diag, q)
         return
     c = ops.scale_dot(h_diag, q, pairs[0][1])
     for i in range(k):                        # oldest to newest: beta_i = ro_i y_i . r

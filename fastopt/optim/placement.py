@@ -28,7 +28,7 @@ import numpy as np
 from .. import _validate as V
 from ..backends.lowp import compute_dtype, is_low_precision
 from ..backends.tables import element_of
-from ..params import in_memory_order, memory_runs
+from ..params import FlatArrays, in_memory_order, memory_runs
 
 
 def span(a, lo, hi):
@@ -104,6 +104,14 @@ class HostPlacement:
     def step(opt, grads):
         return opt._host_step(grads)
 
+    @staticmethod
+    def gather(opt, grads):
+        """``grads`` checked, as one new 1-D array in param order."""
+        opt.check_grads(grads)       # shapes, dtypes, no overlap with the params
+        if isinstance(grads, FlatArrays):
+            return grads.data.copy()
+        return np.concatenate([g.reshape(-1) for g in opt._grads_as_list(grads)])
+
 
 class DevicePlacement:
     """Device arrays (backend ``"cuda"``): params, grads and state on the GPU.
@@ -172,7 +180,7 @@ class DevicePlacement:
         return a.copy_to_host()
 
     # -- the step -------------------------------------------------------------------
-    def step(self, opt, grads):
+    def step(self, opt, grads, offsets=None):
         """:meth:`Optimizer.step` on the device.
 
         The global-norm pass (when clipping, ``skip_nonfinite`` or a loss
@@ -184,19 +192,42 @@ class DevicePlacement:
         loss scaler) the host reads the 8-byte flag once after launching the
         step, to keep step counts and the loss scale exact (as torch's
         GradScaler reads ``found_inf``); the kernels never wait for it.
+
+        ``offsets`` (an :class:`Offsets`): subtracted from the params as the
+        kernels read them (SAM's restore fused into the step, see there).
         """
+        segments, flats = self.checked_segments(opt, grads)
+        return self.launch(opt, segments, flats, offsets)
+
+    def checked_segments(self, opt, grads):
+        """``(segments, flats)`` of ``grads``, checked against the params
+        (nothing is written): per group ``(run, p, g, lo, hi)`` as in
+        :meth:`Optimizer._per_array_segments`, and the 1-D grads."""
         be = self.backend
         if isinstance(grads, be.DeviceFlatArrays):
             # immutable like FlatArrays: checked once, then cached by identity
             if grads is not opt._cached[0]:
                 opt._cached = (grads, self._flat_grad_segments(opt, grads))
             segments = opt._cached[1]
-            return self._launch(opt, segments, [seg[2] for segs in segments for seg in segs])
+            return segments, [seg[2] for segs in segments for seg in segs]
+        if isinstance(grads, dict):
+            grads = opt._grads_as_list(grads)
         flats = self._grad_list(opt, grads)
         segments = opt._per_array_segments(
             lambda k, run: (run["flat"] if run["stop"] - run["start"] == 1
                             else be.flat(opt._params[k])), flats)
-        return self._launch(opt, segments, flats)
+        return segments, flats
+
+    def gather(self, opt, grads):
+        """``grads`` checked, as one new 1-D device vector in param order."""
+        segments, flats = self.checked_segments(opt, grads)
+        out = self.backend.zeros(opt._elem_offsets[-1], opt._group_dtype(0))
+        lo = 0
+        for g in flats:
+            if g.size:
+                out[lo:lo + g.size].copy_to_device(g)
+            lo += g.size
+        return out
 
     def _grad_list(self, opt, grads):
         """Grads given array by array, checked against the params: 1-D views."""
@@ -234,10 +265,25 @@ class DevicePlacement:
                           [("grads", data)])
         return opt._run_segments(data)
 
-    def _launch(self, opt, segments, flats):
+    def _pieces(self, opt, gi, ri, lo, hi):
+        """The device :func:`~fastopt.backends.numba_cuda.pieces` of a
+        segment's arrays (a two-phase step sums per array): the run's arrays
+        when the segment is the whole run, else its one array. Built once per
+        segment and kept while the optimizer's runs are the same."""
+        cache = getattr(self, "_piece_cache", None)
+        if cache is None or cache[0] is not opt._run_info:
+            cache = self._piece_cache = (opt._run_info, {})
+        key = (gi, ri, lo, hi)
+        if key not in cache[1]:
+            local = opt._run_info[gi]["runs"][ri]["local"]
+            bounds = local if (lo, hi) == (0, local[-1]) else [0, hi - lo]
+            cache[1][key] = self.backend.pieces(bounds)
+        return cache[1][key]
+
+    def launch(self, opt, segments, flats, offsets=None):
         """The step once grads are checked: ``segments`` per group as in
         :meth:`Optimizer._per_array_segments`, ``flats`` the 1-D grads whose
-        norm the step may need."""
+        norm the step may need, ``offsets`` an :class:`Offsets` or None."""
         be = self.backend
         hypers, max_norm, check, inv_scale = opt._step_options()
         # every state buffer is allocated before anything is launched
@@ -247,20 +293,38 @@ class DevicePlacement:
         except BaseException:
             opt._forget(created)
             raise
+        if offsets is not None:
+            offsets.used = True          # from here on, the kernels restore the params
         ctrl = None
         if max_norm is not None or check:
             ctrl = be.norm_control(flats, max_norm=max_norm or 0.0, inv_scale=inv_scale,
                                    check=check)
-        for (s, names), segs, st in zip(plans, segments, opt.state):
+        for gi, ((s, names), segs, st) in enumerate(zip(plans, segments, opt.state)):
             el = element_of(s, len(names))
             for ri, p, g, lo, hi in segs:
                 bufs = st["runs"][ri]
                 master = bufs.get("master")
                 w, out = (p, None) if master is None else (span(master, lo, hi), p)
-                be.update(el, w, g, [span(bufs[n], lo, hi) for n in names], out, ctrl)
+                off = None if offsets is None else span(offsets.runs[gi][ri], lo, hi)
+                pieces = self._pieces(opt, gi, ri, lo, hi) if el.phases == 2 else None
+                be.update(el, w, g, [span(bufs[n], lo, hi) for n in names], out, ctrl, off,
+                          pieces)
         skip = bool(check and ctrl.skipped())
         if skip:
             # the kernels wrote nothing: forget buffers this step created, so
             # e.g. SGD's first momentum step is still its first next time
             opt._forget(created)
         return opt._finish_step(skip, None if ctrl is None else be.DeviceNorm(ctrl), hypers)
+
+
+class Offsets:
+    """Per group, per run: a device buffer's views laid out like the state
+    buffers (:meth:`DevicePlacement.state_buffer`), subtracted from the
+    params as a step reads them: SAM's perturbation ``e``, so that
+    restoring ``p - e`` and the base step are one pass. ``used`` turns true
+    once the step's checks have passed and its kernels are about to be
+    launched: from then on they restore the params (a skipped step too)."""
+
+    def __init__(self, runs):
+        self.runs = runs
+        self.used = False

@@ -13,6 +13,14 @@ training step evaluates the gradient twice::
 The math (:mod:`fastopt.backends.flat_ops`) is a global-norm pass and a
 scaled copy of the gradients added to the params: one compiled call per
 param group (both passes in one call for a one-group optimizer).
+
+On device params (a base optimizer on the ``cuda`` backend) the same steps
+are kernels (:mod:`fastopt.backends.flat_cuda`): the optimizers' device norm
+pass, the scale decided on the device, one perturbation launch per run of
+params; :meth:`SAM.perturb` then reads the norm back (whether to skip is
+decided by it, as on the host). :meth:`SAM.step` hands ``e`` to the base
+optimizer's device step as an offset: its kernels read ``p - e``, so the
+restore and the step are one pass over the params.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from ..backends.flat_ops import ops_for, sam_scale
 from ..backends.tables import group_tables
 from ..params import FlatArrays
 from .base import Optimizer
+from .placement import Offsets, span
 from .state_checks import require_array, require_keys
 
 
@@ -63,6 +72,10 @@ class SAM:
     * State: ``state[gi]["e_w"]``, the group's perturbation as one flat
       buffer (the optimizers' layout), kept in :meth:`state_dict` with
       whether the params are perturbed, nested with the base's state.
+    * Device params (a base optimizer on the ``cuda`` backend): the same
+      semantics, ``e`` on the device (laid out as the base's state
+      buffers), and :meth:`step` restores and steps in one pass (see the
+      module's docstring); :meth:`perturb` waits for its norm.
     """
 
     def __init__(self, base_optimizer, rho=0.05, adaptive=False):
@@ -75,12 +88,9 @@ class SAM:
         if not base_optimizer.param_groups:
             raise ValueError("base_optimizer has no params yet: make it with its params "
                              "(or bind them) before wrapping it in SAM")
-        if base_optimizer.backend == "cuda":
-            raise ValueError("SAM has no CUDA kernels yet: it perturbs host NumPy params "
-                             "(numpy, numba or cython backends)")
         for gi, group in enumerate(base_optimizer.param_groups):
             for i, p in enumerate(group["params"]):
-                if p.dtype not in V.FLOAT_DTYPES:
+                if np.dtype(p.dtype) not in V.FLOAT_DTYPES:
                     raise TypeError(f"SAM: param_groups[{gi}]['params'][{i}] is {p.dtype}; "
                                     "SAM perturbs the params in place and takes float32 or "
                                     "float64 params only (no mixed precision)")
@@ -126,15 +136,27 @@ class SAM:
     def _key(self):
         return tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
 
+    @property
+    def _on_device(self) -> bool:
+        return self.base_optimizer._device
+
     def _build(self):
-        """Per group: its table (params as 1-D views, e offsets) and its e
-        buffer. Again after ``add_param_group`` on the base (not while perturbed)."""
+        """Per group: its e buffer, and on the host its table (params as
+        1-D views, e offsets). Again after ``add_param_group`` on the base
+        (not while perturbed)."""
         groups = self.param_groups
         sizes = [p.size for g in groups for p in g["params"]]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
-        self._tables, self.state, first = [], [], 0
-        for group in groups:
+        self._tables, self.state, self._e_runs, first = [], [], [], 0
+        base = self.base_optimizer
+        for gi, group in enumerate(groups):
             params = group["params"]
+            if self._on_device:     # laid out as the base's state: its runs' views
+                buf, views = base._placement.state_buffer(
+                    [r["flat"].size for r in base._run_info[gi]["runs"]], base._group_dtype(gi))
+                self.state.append({"e_w": buf})
+                self._e_runs.append(views)
+                continue
             offsets = np.concatenate([[0], np.cumsum([p.size for p in params])[:-1]])
             e = np.zeros(sum(p.size for p in params), params[0].dtype)
             ts = group_tables(params, [p.reshape(-1) for p in params], [None] * len(params),
@@ -155,6 +177,22 @@ class SAM:
                                    "the params are perturbed; call step(grads) first")
             self._build()
         return self._tables
+
+    def _e_host(self, gi):
+        """Group ``gi``'s e as one host array over its params in order (a copy)."""
+        if self._on_device:
+            return np.concatenate([v.copy_to_host() for v in self._e_runs[gi]])
+        return self.state[gi]["e_w"].copy()
+
+    def _e_load(self, gi, a):
+        """Group ``gi``'s e from a host array laid out as :meth:`_e_host`'s."""
+        if not self._on_device:
+            self.state[gi]["e_w"][...] = a
+            return
+        base = self.base_optimizer
+        buf, views = base._placement.state_buffer(
+            [r["flat"].size for r in base._run_info[gi]["runs"]], base._group_dtype(gi), a)
+        self.state[gi]["e_w"], self._e_runs[gi] = buf, views
 
     # -- gradients ------------------------------------------------------------------
     def _bind(self, grads):
@@ -183,6 +221,15 @@ class SAM:
         return [(f"SAM state 'e_w' of group {gi}", st["e_w"]) for gi, st in
                 enumerate(self.state)]
 
+    def _device_segments(self, grads):
+        """The device grads checked as the base's step checks them (and
+        against e): per group ``(run, p, g, lo, hi)``."""
+        base = self.base_optimizer
+        segments, flats = base._placement.checked_segments(base, grads)
+        base._placement.backend.check_disjoint(
+            self._e_named(), [(f"grads[{i}]", g) for i, g in enumerate(flats)])
+        return segments, flats
+
     # -- the two halves of a step ------------------------------------------------------
     def perturb(self, grads) -> float:
         """Move the params to ``p + e`` from ``grads`` (the gradients at the
@@ -196,19 +243,8 @@ class SAM:
                 raise RuntimeError("SAM.perturb called twice: the params are already "
                                    "perturbed; compute the gradients there and call "
                                    "step(grads) first")
-            tables = self._current_tables()
-            self._bind(grads)
-            ops = ops_for(self.backend)
-            if len(self._all) == 1:          # the norm pass and the update in one call
-                total = ops.sam_fused(self._all[0], self.state[0]["e_w"], self.rho,
-                                      self.adaptive)
-            else:
-                total = sum(ops.sam_sumsq(t, self.adaptive) for t in self._all)
-                if math.isfinite(total):
-                    scale = sam_scale(self.rho, total)
-                    for ts, st in zip(tables, self.state):
-                        for t in ts:
-                            ops.sam_perturb(t, st["e_w"], scale, self.adaptive)
+            self._current_tables()
+            total = (self._perturb_device if self._on_device else self._perturb_host)(grads)
             self.grad_norm = math.sqrt(total)
             self._skipped = not math.isfinite(total)
             if self._skipped:
@@ -220,6 +256,36 @@ class SAM:
                 self.perturbed = True
             return self.grad_norm
 
+    def _perturb_host(self, grads) -> float:
+        """The host's passes; the sum of squares (non-finite: nothing written)."""
+        self._bind(grads)
+        ops = ops_for(self.backend)
+        if len(self._all) == 1:          # the norm pass and the update in one call
+            return ops.sam_fused(self._all[0], self.state[0]["e_w"], self.rho, self.adaptive)
+        total = sum(ops.sam_sumsq(t, self.adaptive) for t in self._all)
+        if math.isfinite(total):
+            scale = sam_scale(self.rho, total)
+            for ts, st in zip(self._tables, self.state):
+                for t in ts:
+                    ops.sam_perturb(t, st["e_w"], scale, self.adaptive)
+        return total
+
+    def _perturb_device(self, grads) -> float:
+        """The device's kernels: the norm pass, the scale (and whether to
+        skip) decided on the device, a perturbation launch per run; then
+        the sum of squares read back (waits for the GPU)."""
+        segments, _ = self._device_segments(grads)
+        be = self.base_optimizer._placement.backend
+        ops = ops_for("cuda")
+        segs = [(gi, seg) for gi, group in enumerate(segments) for seg in group]
+        ctrl = be.norm_control([g for _, (_, _, g, _, _) in segs],
+                               weights=[p for _, (_, p, _, _, _) in segs]
+                               if self.adaptive else None)
+        ops.sam_scale(ctrl, self.rho)
+        for gi, (ri, p, g, lo, hi) in segs:
+            ops.sam_perturb(p, g, span(self._e_runs[gi][ri], lo, hi), ctrl, self.adaptive)
+        return ops.sam_result(ctrl)
+
     def step(self, grads):
         """Undo the perturbation (``p -= e``) and apply the base optimizer's
         step with ``grads``, the gradients computed at the perturbed point.
@@ -228,12 +294,18 @@ class SAM:
         ``grads`` are checked before the params are restored. Should the
         base step itself refuse (say, a bad hyperparameter written into a
         param group), the params stay restored to the unperturbed point and
-        the error is raised: call :meth:`perturb` again."""
+        the error is raised: call :meth:`perturb` again.
+
+        On device params the restore is fused into the base step (its
+        kernels read ``p - e``; a step the base skips for non-finite
+        gradients still restores)."""
         with self._lock:
             if not self.perturbed and not self._skipped:
                 raise RuntimeError("SAM.step called without perturb: call "
                                    "sam.perturb(grads) at the current params, compute the "
                                    "gradients at the perturbed point, then sam.step(grads)")
+            if self.perturbed and self._on_device:
+                return self._restore_and_step_on_device(grads)
             if self.perturbed:
                 self._bind(grads)        # the checks, before the params are restored
                 ops = ops_for(self.backend)
@@ -242,6 +314,23 @@ class SAM:
                         ops.sam_restore(t, st["e_w"])
             self.perturbed = self._skipped = False
             return self.base_optimizer.step(grads)
+
+    def _restore_and_step_on_device(self, grads):
+        base = self.base_optimizer
+        with base._lock:
+            base._check_groups_unchanged()
+            segments, flats = self._device_segments(grads)   # refused: still perturbed
+            offsets = Offsets(self._e_runs)
+            self.perturbed = self._skipped = False
+            try:
+                return base._placement.launch(base, segments, flats, offsets)
+            except BaseException:
+                if not offsets.used:     # refused before its kernels: restore here
+                    ops = ops_for("cuda")
+                    for info, views in zip(base._run_info, self._e_runs):
+                        for run, e in zip(info["runs"], views):
+                            ops.axpy(-1.0, e, run["flat"])
+                raise
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -255,7 +344,8 @@ class SAM:
         return {"type": "SAM", "rho": self.rho, "adaptive": self.adaptive,
                 "perturbed": self.perturbed, "perturb_skipped": self._skipped,
                 "skipped_perturbs": self.skipped_perturbs,
-                "e_w": [st["e_w"].copy() for st in self.state] if self.perturbed else None,
+                "e_w": ([self._e_host(gi) for gi in range(len(self.state))]
+                        if self.perturbed else None),
                 "base": self.base_optimizer.state_dict()}
 
     def load_state_dict(self, state_dict) -> None:
@@ -282,8 +372,10 @@ class SAM:
             if not isinstance(e_w, list) or len(e_w) != len(self.state):
                 raise ValueError(f"checkpoint: e_w must list one array per param group "
                                  f"({len(self.state)}) when perturbed")
-            for gi, (a, st) in enumerate(zip(e_w, self.state)):
-                require_array(a, st["e_w"].shape, st["e_w"].dtype, f"e_w[{gi}]")
+            base = self.base_optimizer
+            for gi, a in enumerate(e_w):
+                n = sum(p.size for p in self.param_groups[gi]["params"])
+                require_array(a, (n,), base._group_dtype(gi), f"e_w[{gi}]")
         elif e_w is not None:
             raise ValueError("checkpoint: e_w must be None when not perturbed")
         apply_base = self.base_optimizer._prepare_load(sd["base"])
@@ -298,26 +390,27 @@ class SAM:
             self.rho, self.adaptive = rho, adaptive
             self.perturbed, self._skipped, self.skipped_perturbs = perturbed, skipped, count
             if perturbed:
-                for a, st in zip(e_w, self.state):
-                    st["e_w"][...] = a
+                for gi, a in enumerate(e_w):
+                    self._e_load(gi, a)
         return apply
 
     def __getstate__(self):
-        # tables hold raw addresses of this object's arrays: a copy rebuilds its own
+        # tables hold raw addresses of this object's arrays: a copy rebuilds
+        # its own, and its e buffers, from host copies of e
         state = self.__dict__.copy()
-        state.pop("_lock", None)
+        state["_saved_e"] = [self._e_host(gi) for gi in range(len(self.state))]
+        for name in ("_lock", "_tables", "_all", "state", "_e_runs"):
+            state.pop(name, None)
         state["_layout_key"] = None
-        state.pop("_tables", None)
-        state.pop("_all", None)
         return state
 
     def __setstate__(self, state):
+        saved = state.pop("_saved_e")
         self.__dict__.update(state)
         self._lock = threading.RLock()
-        saved = [st["e_w"] for st in self.state]
         self._build()
-        for st, e in zip(self.state, saved):
-            st["e_w"][...] = e
+        for gi, e in enumerate(saved):
+            self._e_load(gi, e)
 
     def __repr__(self):
         return (f"SAM(rho={self.rho}, adaptive={self.adaptive}, "
