@@ -22,11 +22,24 @@ It installs nothing and needs no network. In one process, on one card:
 6. bfloat16 params and grads with a float32 master (fastopt; torch fused
    AdamW on bfloat16 params, no master, as the nearest torch row);
 7. the rest of the family on the device (SGD, RMSprop, Adagrad, Adamax,
-   NAdam, RAdam, Lion: one generic update kernel): for each, a check (10
-   steps at 1M elements against the NumPy reference on the host and, where
-   torch has the optimizer, torch on CUDA) and the float32 step at 64M
-   elements against torch's fastest path (foreach or fused, whichever
-   torch offers and wins; named in the results).
+   NAdam, RAdam, Lion: one generic update kernel; LAMB: its two-phase
+   kernels): for each, a check (10 steps at 1M elements against the NumPy
+   reference on the host and, where torch has the optimizer, torch on
+   CUDA) and the float32 step at 64M elements against torch's fastest path
+   (foreach or fused, whichever torch offers and wins; named in the
+   results);
+8. SAM (around SGD with momentum) and L-BFGS on device params: a check
+   each against the same on the host (L-BFGS also against torch's LBFGS on
+   CUDA, float64), SAM's perturb + step round at 64M elements, and
+   L-BFGS's two-loop recursion (10 pairs, 64M elements) against the same
+   recursion in torch tensor operations;
+9. the MLP and ensemble checks of ``gpu_check_nn.py`` (report["nn"]).
+
+Every measurement shares one time budget (``--budget-s``, counted from
+the start, the tests included): once spent, the rest are recorded as
+skipped. The default run takes about 5 to 8 minutes: the tests (a few
+minutes, at most ``--test-timeout``), then measurements until the budget
+(400 s) is spent, plus the one running then (each well under a minute).
 
 Times are wall clock around ``reps`` steps between two synchronisations,
 best of several trials (so host-side overhead per step is included, as a
@@ -60,8 +73,15 @@ MANY, EACH = 1000, 1000     # the many-small-tensors case
 #: meanings; torch.optim has all but Lion). AdamW is measured above.
 FAMILY = {"SGD": dict(lr=1e-2, momentum=0.9), "RMSprop": dict(lr=1e-3, momentum=0.9),
           "Adagrad": dict(lr=1e-2), "Adamax": dict(lr=2e-3), "NAdam": dict(lr=2e-3),
-          "RAdam": dict(lr=1e-3), "Lion": dict(lr=1e-4, weight_decay=0.1)}
+          "RAdam": dict(lr=1e-3), "Lion": dict(lr=1e-4, weight_decay=0.1),
+          "LAMB": dict(lr=1e-3, weight_decay=0.01)}
+#: optimizers whose step is two passes (per-array sums, then the weights)
+TWO_PASS = {"LAMB"}
 CHECK_N, CHECK_STEPS = 1 << 20, 10
+#: SAM: its base optimizer and radius; L-BFGS: its check's options and step
+#: calls, and the pairs of the timed two-loop recursion
+SAM_BASE, SAM_RHO = dict(lr=1e-2, momentum=0.9), 0.05
+LBFGS_CHECK, LBFGS_CALLS, LBFGS_PAIRS = dict(max_iter=10, history_size=5), 2, 10
 #: a checked element agrees to this relative error (floor 1 in the divisor:
 #: params are ~1); a few may not (Lion's sign of a value within rounding of 0)
 CHECK_RTOL, CHECK_MAX_OFF = 1e-5, 1e-5
@@ -100,6 +120,15 @@ def require_gpu(simulate=False):
         info = fastopt.backend_info()["cuda"]
         raise NoGPU(f"fastopt's cuda backend is unavailable: {info.get('reason')}")
     return cuda, fastopt
+
+
+def _gpu_check_nn():
+    """benchmarks/gpu_check_nn.py as a module: its checks join this run's."""
+    here = str(ROOT / "benchmarks")
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import gpu_check_nn
+    return gpu_check_nn
 
 
 def torch_cuda():
@@ -173,7 +202,8 @@ def run_tests(timeout):
     # (test_cuda_family.py runs its device tests for real here; its simulator
     # run is for machines without a GPU)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "tests/cuda_sim", "tests/test_cuda_ptx.py", "tests/test_cuda_family.py"]
+           "tests/cuda_sim", "tests/test_cuda_ptx.py", "tests/test_cuda_family.py",
+           "tests/test_nn_cuda.py"]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -212,18 +242,21 @@ def main(argv=None):
     ap.add_argument("--skip-tests", action="store_true", help="measurements only")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--test-timeout", type=int, default=300)
-    ap.add_argument("--budget-s", type=float, default=270.0,
-                    help="stop starting measurements after this many seconds (default 270)")
+    ap.add_argument("--budget-s", type=float, default=400.0,
+                    help="stop starting measurements after this many seconds from the "
+                         "start, tests included (default 400: the whole run fits a "
+                         "10-minute device call)")
     # a dry run of this script's own code under the CUDA simulator, with tiny
     # sizes (tests/test_cuda_gpu_check.py); its numbers mean nothing
     ap.add_argument("--simulate", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global BIG, MANY, EACH, CHECK_N, CHECK_STEPS
+    global BIG, MANY, EACH, CHECK_N, CHECK_STEPS, LBFGS_CHECK, LBFGS_CALLS, LBFGS_PAIRS
     if args.simulate:
         if not os.environ.get("NUMBA_ENABLE_CUDASIM"):
             ap.error("--simulate needs NUMBA_ENABLE_CUDASIM=1 in the environment")
         BIG, MANY, EACH = 1 << 10, 4, 100
         CHECK_N, CHECK_STEPS = 300, 3
+        LBFGS_CHECK, LBFGS_CALLS, LBFGS_PAIRS = dict(max_iter=3, history_size=2), 1, 2
         args.skip_tests, args.quick = True, True
 
     try:
@@ -419,7 +452,8 @@ def main(argv=None):
         opt = getattr(fastopt, name)(p, **FAMILY[name])
         opt.step(g)          # compiles (or loads) this optimizer's kernel, makes its state
         states = len(opt.state[0]["flat"])
-        return step_rate(opt, g, moved=family_bytes(states)) | {"state_buffers": states}
+        moved = family_bytes(states, two_pass=name in TWO_PASS)
+        return step_rate(opt, g, moved=moved) | {"state_buffers": states}
 
     def torch_family_step(name, impl, states):
         q = torch.randn(BIG, device=tdev, requires_grad=True)
@@ -454,7 +488,150 @@ def main(argv=None):
             "torch_fastest": best,
             "vs_torch_fastest": None if best is None else ratio(f"fastopt_{key}_fp32_64M",
                                                                 rows[best])}
+
+    # -- SAM and L-BFGS on device params ----------------------------------------------------
+    def sam_pair(n, dtype=np.float32):
+        """SAM around SGD on ``n`` device params, and (n small) on the host."""
+        init = rng.standard_normal(n).astype(dtype)
+        p = cuda.to_device(init)
+        return p, init.copy(), fastopt.SAM(fastopt.SGD(p, **SAM_BASE), rho=SAM_RHO)
+
+    def sam_check():
+        p, host, sam = sam_pair(CHECK_N)
+        ref = fastopt.SAM(fastopt.SGD([host], backend="numpy", **SAM_BASE), rho=SAM_RHO)
+        for _ in range(CHECK_STEPS):
+            for method in ("perturb", "step"):
+                g = rng.standard_normal(CHECK_N, dtype=np.float32)
+                getattr(sam, method)(cuda.to_device(g))
+                getattr(ref, method)([g])
+        out = {"elements": CHECK_N, "rounds": CHECK_STEPS,
+               "vs_reference": agreement(p.copy_to_host(), host)}
+        return out | {"ok": out["vs_reference"]["ok"]}
+
+    def sam_round():
+        p, _, sam = sam_pair(BIG)
+        g = cuda.to_device(rng.standard_normal(BIG, dtype=np.float32))
+
+        def one_round():
+            sam.perturb(g)    # reads its norm back (whether to skip is decided by it)
+            sam.step(g)       # the restore fused into SGD's step
+        # perturb: the norm pass reads g, then p, g read and e, p written; the
+        # step: SGD with momentum (p, buf read and written, g read) reading e too
+        t = best_time(one_round, sync, reps, trials)
+        moved = (4 + 16 + 24) * BIG
+        out = {"elements": BIG, "seconds": t, "gbps": moved / t / 1e9}
+        if roof:
+            out["roofline_fraction"] = out["gbps"] / roof
+        return out
+
+    def quadratic(n, seed=1):
+        """A separable quadratic, 0.5 sum a (x - b)^2, a in [1, 10]: (loss, grad)."""
+        q = np.random.default_rng(seed)
+        a, b = q.uniform(1.0, 10.0, n), q.standard_normal(n)
+        return lambda x: (0.5 * float(np.sum(a * (x - b) ** 2)), a * (x - b))
+
+    def lbfgs_check():
+        problem = quadratic(CHECK_N)
+        init = np.zeros(CHECK_N)
+        p, host = cuda.to_device(init), init.copy()
+        opt = fastopt.LBFGS(p, **LBFGS_CHECK)
+        ref = fastopt.LBFGS([host], backend="numpy", **LBFGS_CHECK)
+
+        def on_device():
+            f, g = problem(p.copy_to_host())
+            return f, cuda.to_device(g)
+        for _ in range(LBFGS_CALLS):
+            opt.step(on_device)
+            ref.step(lambda: (lambda f, g: (f, [g]))(*problem(host)))
+        got = p.copy_to_host()
+        out = {"elements": CHECK_N, "step_calls": LBFGS_CALLS, **LBFGS_CHECK,
+               "vs_reference": agreement(got, host)}
+        if torch is not None:
+            tp = torch.tensor(init, device=tdev, requires_grad=True)
+            topt = torch.optim.LBFGS([tp], **LBFGS_CHECK)
+
+            def closure():
+                f, g = problem(tp.detach().cpu().numpy())
+                tp.grad = torch.tensor(g, device=tdev)
+                return torch.tensor(f, dtype=torch.float64)
+            for _ in range(LBFGS_CALLS):
+                topt.step(closure)
+            out["vs_torch"] = agreement(got, tp.detach().cpu().numpy())
+        out["ok"] = all(v["ok"] for k, v in out.items() if k.startswith("vs_"))
+        return out
+
+    def lbfgs_vectors(m):
+        """A history of ``m`` pairs, a gradient and the direction, on the device."""
+        from fastopt.backends import flat_cuda
+        from fastopt.optim.lbfgs import History
+        hist = History(m, BIG, np.float32, flat_cuda)
+        for _ in range(m):
+            s = rng.standard_normal(BIG, dtype=np.float32)
+            hist.S[hist.spare] = cuda.to_device(s)
+            hist.Y[hist.spare] = cuda.to_device(s * np.float32(2.0))   # y . s > 0
+            hist.keep(1.0 / (2.0 * float(s @ s)))
+        g = cuda.to_device(rng.standard_normal(BIG, dtype=np.float32))
+        return flat_cuda, hist, g, cuda.device_array(BIG, np.float32)
+
+    def two_loop_bytes(m):
+        """Bytes the two-loop recursion over ``m`` pairs moves per element:
+        q = -g (8), the first dot (8), m - 1 fused axpy + dot (16) and an
+        axpy (12) each way, the scaling fused with a dot (12)."""
+        return 8 + 8 + 2 * (16 * (m - 1) + 12) + 12
+
+    def lbfgs_two_loop():
+        from fastopt.optim.lbfgs import two_loop
+        ops, hist, g, q = lbfgs_vectors(LBFGS_PAIRS)
+        t = best_time(lambda: two_loop(ops, hist, g, 0.5, q), sync, reps, trials)
+        moved = two_loop_bytes(LBFGS_PAIRS) * BIG
+        out = {"elements": BIG, "pairs": LBFGS_PAIRS, "seconds": t, "gbps": moved / t / 1e9}
+        if roof:
+            out["roofline_fraction"] = out["gbps"] / roof
+        return out
+
+    def torch_two_loop():
+        """The same recursion in torch tensor operations on CUDA (what
+        torch.optim.LBFGS's direction costs), each dot read by the host;
+        its GB/s count the bytes fastopt's fused recursion moves."""
+        m = LBFGS_PAIRS
+        S = [torch.randn(BIG, device=tdev) for _ in range(m)]
+        Y = [2 * s for s in S]
+        ro = [1.0 / float(y.dot(s)) for s, y in zip(S, Y)]
+        g = torch.randn(BIG, device=tdev)
+
+        def recursion():
+            q = g.neg()
+            alpha = [0.0] * m
+            for i in range(m - 1, -1, -1):
+                alpha[i] = float(S[i].dot(q)) * ro[i]
+                q.add_(Y[i], alpha=-alpha[i])
+            q.mul_(0.5)
+            for i in range(m):
+                q.add_(S[i], alpha=alpha[i] - float(Y[i].dot(q)) * ro[i])
+            return q
+        t = best_time(recursion, tsync, reps, trials)
+        return {"elements": BIG, "pairs": m, "impl": "tensor_ops", "seconds": t,
+                "gbps": two_loop_bytes(m) * BIG / t / 1e9}
+
+    measure(R, "check_sam_vs_reference", sam_check)
+    measure(R, "fastopt_sam_sgd_round_fp32_64M", sam_round)
+    family["SAM"] = {"checked_ok": R["check_sam_vs_reference"].get("ok"),
+                     "torch_fastest": None, "vs_torch_fastest": None}
+    measure(R, "check_lbfgs_vs_reference_and_torch", lbfgs_check)
+    measure(R, "fastopt_lbfgs_two_loop_fp32_64M", lbfgs_two_loop)
+    if torch is not None:
+        measure(R, "torch_lbfgs_two_loop_fp32_64M", torch_two_loop)
+    else:
+        R["torch_lbfgs_two_loop_fp32_64M"] = {"skipped": torch_why}
+    vs = ratio("fastopt_lbfgs_two_loop_fp32_64M", "torch_lbfgs_two_loop_fp32_64M")
+    family["LBFGS"] = {"checked_ok": R["check_lbfgs_vs_reference_and_torch"].get("ok"),
+                       "torch_fastest": None if vs is None else "tensor_ops",
+                       "vs_torch_fastest": vs}
     report["family"] = family
+
+    # -- the MLP and ensemble checks (gpu_check_nn.py), on the same budget ----------------------
+    report["nn"] = _gpu_check_nn().nn_checks(simulate=args.simulate, quick=args.quick,
+                                          measure=measure, torch=torch, torch_note=torch_why)
 
     # -- targets ---------------------------------------------------------------------
     met = {}
@@ -481,13 +658,17 @@ def main(argv=None):
     print(summary(report))
     print(f"wrote {args.out}")
     tests_ok = args.skip_tests or report["tests"]["ok"]
-    checks_ok = all(f["checked_ok"] is not False for f in family.values())
+    checks_ok = (all(f["checked_ok"] is not False for f in family.values())
+                 and report["nn"]["all_equal"])
     return 0 if tests_ok and checks_ok else 1
 
 
-def family_bytes(states):
+def family_bytes(states, two_pass=False):
     """Bytes a float32 step moves: p read and written, g read, each state
-    buffer read and written."""
+    buffer read and written; a two-pass step (LAMB) reads p, g and its
+    state and writes its state, then reads p and its state and writes p."""
+    if two_pass:
+        return 4 * ((2 + 2 * states) + (2 + states)) * BIG
     return 4 * (3 + 2 * states) * BIG
 
 
@@ -528,6 +709,8 @@ def summary(report) -> str:
         lines.append(f"family {name}: check {'ok' if f['checked_ok'] else 'FAILED'}, "
                      f"vs torch {f['torch_fastest'] or '-'}: "
                      f"{'n/a' if vs is None else f'{vs:.2f}x'}")
+    if "nn" in report:
+        lines.append(_gpu_check_nn().summary(report["nn"]))
     for k, target in TARGETS.items():
         val = m.get(k)
         shown = "n/a" if val is None else f"{val:.2f}"

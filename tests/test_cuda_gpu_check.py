@@ -21,7 +21,8 @@ import fastopt
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-FAMILY = ["SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Lion"]
+FAMILY = ["SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Lion", "LAMB"]
+NOT_IN_TORCH = ("Lion", "LAMB")
 
 
 def _run(args, env_extra=None, timeout=240):
@@ -65,16 +66,16 @@ def test_simulated_dry_run_writes_the_results_file(tmp_path):
     # the family: each optimizer checked against the reference (and torch,
     # on CPU tensors in the dry run, where torch has it) and timed
     family = report["family"]
-    assert set(family) == set(FAMILY)
+    assert set(family) == set(FAMILY) | {"SAM", "LBFGS"}
     torch = importlib.util.find_spec("torch") is not None
     for name in FAMILY:
         key = name.lower()
         check = res[f"check_{key}_vs_reference_and_torch"]
         assert check["ok"] is True and check["vs_reference"]["fraction_off"] == 0, check
-        assert ("vs_torch" in check) == (torch and name != "Lion"), check
+        assert ("vs_torch" in check) == (torch and name not in NOT_IN_TORCH), check
         assert res[f"fastopt_{key}_fp32_64M"]["gbps"] > 0
         assert family[name]["checked_ok"] is True
-        if torch and name != "Lion":
+        if torch and name not in NOT_IN_TORCH:
             best = family[name]["torch_fastest"]
             assert best in ("foreach", "fused")
             assert res[f"torch_{best}_{key}_fp32_64M"]["gbps"] > 0
@@ -83,6 +84,17 @@ def test_simulated_dry_run_writes_the_results_file(tmp_path):
             assert family[name]["vs_torch_fastest"] is None
         assert f"family {name}: check ok" in proc.stdout
     assert "no Lion" in res["torch_lion_fp32_64M"].get("skipped", "") or not torch
+    # SAM and L-BFGS on device params: checked against the host (L-BFGS also
+    # against torch's LBFGS), SAM's round and L-BFGS's two-loop recursion timed
+    assert res["check_sam_vs_reference"]["ok"] is True, res["check_sam_vs_reference"]
+    lbfgs = res["check_lbfgs_vs_reference_and_torch"]
+    assert lbfgs["ok"] is True and ("vs_torch" in lbfgs) == torch, lbfgs
+    for key in ("fastopt_sam_sgd_round_fp32_64M", "fastopt_lbfgs_two_loop_fp32_64M"):
+        assert res[key]["gbps"] > 0, res[key]
+    assert family["SAM"]["checked_ok"] is True and family["LBFGS"]["checked_ok"] is True
+    # the MLP and ensemble checks of gpu_check_nn.py, in the same report
+    assert report["nn"]["all_equal"] is True and report["nn"]["engines"]
+    assert "nn engines:" in proc.stdout
 
 
 def _script():
