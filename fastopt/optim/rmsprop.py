@@ -1,43 +1,9 @@
-"""RMSprop (torch.optim.RMSprop's update), and the host-only guard for an
-optimizer the CUDA backend cannot step (``HostOnly``: LAMB, whose per-tensor
-trust ratio is not an elementwise update)."""
+"""RMSprop (torch.optim.RMSprop's update)."""
 
 from __future__ import annotations
 
-from ..backends import is_device_array
 from ..backends.scalars import rmsprop_scalars
 from .base import FLAG, NONNEG, Optimizer
-
-
-#: what the refusals suggest instead: the optimizers that step device arrays
-ON_THE_GPU = "SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam or Lion"
-
-
-def refuse_device(name, backend, params) -> None:
-    """Refuse device params (or ``backend="cuda"``) for an optimizer that has
-    only CPU kernels, before anything is made or kept."""
-    if backend == "cuda":
-        raise ValueError(f"{name} has no CUDA kernel (backend='cuda'): it steps host NumPy "
-                         f"arrays with the CPU backends; on the GPU use {ON_THE_GPU}")
-    if params is not None and (is_device_array(params)
-                               or type(params).__name__ == "DeviceFlatArrays"):
-        raise TypeError(f"{name} has no CUDA kernel: its params must be host NumPy arrays, "
-                        f"got device arrays; on the GPU use {ON_THE_GPU}, or step "
-                        "host copies")
-
-
-class HostOnly(Optimizer):
-    """An optimizer with CPU kernels only: device params are refused when
-    they are given (the constructor, :meth:`bind`, ``step(params=...)``),
-    never found out mid-step."""
-
-    def __init__(self, params, defaults, *, backend="auto", **options):
-        refuse_device(type(self).__name__, backend, params)
-        super().__init__(params, defaults, backend=backend, **options)
-
-    def bind(self, params) -> None:
-        refuse_device(type(self).__name__, self._backend_name, params)
-        super().bind(params)
 
 
 class RMSprop(Optimizer):
