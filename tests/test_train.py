@@ -141,8 +141,8 @@ def test_train_refuses_what_sam_and_lbfgs_cannot_do(tmp_path, capsys, argv, mess
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--sam", "0.05"], "SAM and L-BFGS step host arrays only"),
-    (["--optimizer", "lbfgs", "--batch-size", "8000"], "SAM and L-BFGS step host arrays only"),
+    (["--sam", "0.05"], "trains on the GPU with a plain optimizer"),
+    (["--optimizer", "lbfgs", "--batch-size", "8000"], "trains on the GPU with a plain optimizer"),
     (["--backend", "numba"], "--backend numba is a CPU nn backend"),
     # no GPU here (and no simulator): the model's own refusal, in one line
     ([], "nn backend 'cuda' is not available here"),

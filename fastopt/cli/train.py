@@ -387,7 +387,9 @@ def _device_problem(args, comm):
     if comm is not None:
         return "data-parallel training (mpiexec) runs on the CPU only; run one process"
     if args.sam is not None or args.optimizer == "lbfgs":
-        return "SAM and L-BFGS step host arrays only; drop --sam / pick another --optimizer"
+        return ("this command trains on the GPU with a plain optimizer (SAM and L-BFGS step "
+                "device arrays from Python, not yet in this loop); drop --sam / pick another "
+                "--optimizer")
     if args.backend != "auto":
         return f"--backend {args.backend} is a CPU nn backend; leave it out"
     return None
