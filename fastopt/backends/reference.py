@@ -202,6 +202,19 @@ def adamax_update(p, g, exp_avg, exp_inf, s, out=None) -> None:
     _write_back(p, out)
 
 
+def _adam_moments(p, g, exp_avg, exp_avg_sq, s, l2=0.0):
+    """The gradient (scaled by ``s.grad_scale``, plus ``l2 * p``) and Adam's
+    two moments updated in place with it (NAdam, RAdam, LAMB); returns the
+    gradient."""
+    t = p.dtype.type
+    grad = _wide(g, p.dtype) * t(s.grad_scale)
+    if l2 != 0.0:
+        grad = grad + t(l2) * p
+    exp_avg[...] = t(s.beta1) * exp_avg + t(s.one_minus_beta1) * grad
+    exp_avg_sq[...] = t(s.beta2) * exp_avg_sq + t(s.one_minus_beta2) * grad * grad
+    return grad
+
+
 def nadam_update(p, g, exp_avg, exp_avg_sq, s, out=None) -> None:
     r"""One torch.optim.NAdam step (``s`` a NAdamScalars).
 
@@ -216,11 +229,7 @@ def nadam_update(p, g, exp_avg, exp_avg_sq, s, out=None) -> None:
             \frac{m}{\sqrt{v/(1-\beta_2^t)} + \epsilon}
     """
     t = p.dtype.type
-    grad = _wide(g, p.dtype) * t(s.grad_scale)
-    if s.l2 != 0.0:
-        grad = grad + t(s.l2) * p
-    exp_avg[...] = t(s.beta1) * exp_avg + t(s.one_minus_beta1) * grad
-    exp_avg_sq[...] = t(s.beta2) * exp_avg_sq + t(s.one_minus_beta2) * grad * grad
+    grad = _adam_moments(p, g, exp_avg, exp_avg_sq, s, s.l2)
     denom = np.sqrt(exp_avg_sq * t(s.inv_bc2)) + t(s.eps)
     p[...] = p * t(s.decay) - (t(s.grad_coef) * grad + t(s.avg_coef) * exp_avg) / denom
     _write_back(p, out)
@@ -239,11 +248,7 @@ def radam_update(p, g, exp_avg, exp_avg_sq, s, out=None) -> None:
     (after the L2 term or the decoupled decay, as NAdam's).
     """
     t = p.dtype.type
-    grad = _wide(g, p.dtype) * t(s.grad_scale)
-    if s.l2 != 0.0:
-        grad = grad + t(s.l2) * p
-    exp_avg[...] = t(s.beta1) * exp_avg + t(s.one_minus_beta1) * grad
-    exp_avg_sq[...] = t(s.beta2) * exp_avg_sq + t(s.one_minus_beta2) * grad * grad
+    _adam_moments(p, g, exp_avg, exp_avg_sq, s, s.l2)
     if s.rectified:
         p[...] = p * t(s.decay) - t(s.adaptive_lr) * exp_avg / (np.sqrt(exp_avg_sq) + t(s.eps))
     else:
@@ -265,9 +270,7 @@ def lamb_update(p, g, exp_avg, exp_avg_sq, s, out=None) -> None:
     ``||p|| / ||r||`` is 1 when either norm is 0; the norms are float64.
     """
     t = p.dtype.type
-    grad = _wide(g, p.dtype) * t(s.grad_scale)
-    exp_avg[...] = t(s.beta1) * exp_avg + t(s.one_minus_beta1) * grad
-    exp_avg_sq[...] = t(s.beta2) * exp_avg_sq + t(s.one_minus_beta2) * grad * grad
+    _adam_moments(p, g, exp_avg, exp_avg_sq, s)
     r = (exp_avg / t(s.bc1)) / (np.sqrt(exp_avg_sq / t(s.bc2)) + t(s.eps))
     if s.weight_decay != 0.0:
         r = r + t(s.weight_decay) * p
