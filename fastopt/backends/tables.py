@@ -142,8 +142,13 @@ class StepTable:
         ``compact`` (a :class:`~fastopt.backends.compact.CompactStep`): its
         absmax arrays are written too."""
         extra = () if compact is None else tuple(a for a in compact.absmax if a is not None)
-        key = tuple(map(id, buffers)) + tuple(map(id, extra))
-        if self._state[0] != key:
+        # The key holds the arrays themselves, not their ids: a buffer a
+        # skipped step made and dropped is freed, and a new one could reuse its
+        # id at another address (a stale cached address is a use-after-free).
+        key = tuple(buffers) + extra
+        cached = self._state[0]
+        if cached is None or len(cached) != len(key) or any(
+                a is not b for a, b in zip(cached, key)):
             addrs = [address(b) for b in buffers] + [0] * (3 - len(buffers))
             self._state = (key, tuple(addrs))
             self._set_written(self._writes() + list(buffers) + list(extra))
