@@ -47,7 +47,8 @@ def _compiler_has_openmp(compiler) -> bool:
 # forward/backward) call gemm through scipy's cython_blas, so one portable
 # build is enough (the time is in BLAS).
 _KERNELS = "fastopt/backends/_cython/kernels.pyx"
-IMPL = "fastopt/backends/_cython/kernels_impl.pxi"   # included by every kernels*.pyx
+IMPL = ["fastopt/backends/_cython/kernels_impl.pxi",   # included by every kernels*.pyx
+        "fastopt/backends/_cython/compact_impl.pxi"]
 EXTENSIONS = [("fastopt.backends._cython.kernels", _KERNELS, [])]
 if platform.machine().lower() in ("x86_64", "amd64"):
     EXTENSIONS += [
@@ -84,7 +85,7 @@ def extensions():
 
     # numpy's headers: the optimizers' list path reads the arrays' C structs
     exts = [Extension(name, [source],
-                      depends=[IMPL] if source.startswith("fastopt/backends") else [],
+                      depends=IMPL if source.startswith("fastopt/backends") else [],
                       include_dirs=[numpy.get_include()],
                       define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
             for name, source, _ in EXTENSIONS]
