@@ -141,12 +141,14 @@ class StepTable:
         an unused slot), cached while the buffers are the same objects.
         ``compact`` (a :class:`~fastopt.backends.compact.CompactStep`): its
         absmax arrays are written too."""
+        cached = self._state[0]
+        if buffers is cached:          # the same tuple as the last step (immutable)
+            return self._state[1]
         extra = () if compact is None else tuple(a for a in compact.absmax if a is not None)
         # The key holds the arrays themselves, not their ids: a buffer a
         # skipped step made and dropped is freed, and a new one could reuse its
         # id at another address (a stale cached address is a use-after-free).
-        key = tuple(buffers) + extra
-        cached = self._state[0]
+        key = buffers if type(buffers) is tuple and not extra else tuple(buffers) + extra
         if cached is None or len(cached) != len(key) or any(
                 a is not b for a, b in zip(cached, key)):
             addrs = [address(b) for b in buffers] + [0] * (3 - len(buffers))
@@ -158,6 +160,8 @@ class StepTable:
                 1 if buffers[0].dtype == np.uint16 else 2, tuple(addrs[:len(buffers)]),
                 tuple(0 if a is None else address(a) for a in compact.absmax),
                 tuple(b.dtype == np.int8 for b in buffers))
+        elif key is not cached:
+            self._state = (key, self._state[1])   # the same arrays: the newest key hits next
         return self._state[1]
 
     def _set_written(self, arrays):

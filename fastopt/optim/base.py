@@ -46,6 +46,7 @@ from .loss_scale import LossScaler
 from .named import KeyTree
 from .placement import placement_for
 from .state_format import StateFormat
+from .step_plan import STALE, StepPlan
 
 
 def _all_finite(norm, flats) -> bool:
@@ -190,6 +191,7 @@ class Optimizer:
         self.state = [self._fresh_state(gi) for gi in range(len(groups))]
         self._cached = (None, None)
         self._tables = None     # host: per group, the compiled step's tables
+        self._plan = None       # the last step's plan (step_plan.py): the fast path
         self._bound = None      # host: the FlatArrays of grads the tables point at
         self._group_lists = [g["params"] for g in self.param_groups]
         self._group_sizes = [len(g["params"]) for g in self.param_groups]
@@ -355,6 +357,12 @@ class Optimizer:
         # One optimizer stepped from two threads: the steps run one after the
         # other (each sees the other's whole update), as if called in turn.
         with self._lock:
+            plan = self._plan       # the last step's plan: the fast path (step_plan.py)
+            if plan is not None and type(grads) is list and (params is None
+                                                             or params is self._given):
+                out = plan.run(self, grads)
+                if out is not STALE:
+                    return out
             if params is not None and params is not self._given:
                 self._bind_or_check(params)
             if not self.param_groups:
@@ -368,7 +376,7 @@ class Optimizer:
         # pickle) rebuilds its own from its own arrays at its first step.
         state = self.__dict__.copy()
         state.pop("_lock", None)
-        state.update(_tables=None, _bound=None, _bound_list=None, _placement=None)
+        state.update(_tables=None, _bound=None, _bound_list=None, _placement=None, _plan=None)
         if state.get("_backend") is not None:      # a module: kept by name
             state["_backend"] = state["_backend"].name
         return state
@@ -498,7 +506,9 @@ class Optimizer:
     # -- the host step: one compiled call per group (and gradient dtype) --------
     def _host_step(self, grads):
         # This path is the fixed cost of every step (a 1-element model's
-        # whole step): keep it to plain lookups once nothing has changed.
+        # whole step): this full path leaves a plan that runs the next step
+        # in its place while nothing has changed (step() tries it first).
+        self._plan = None
         tables = self._tables or self._host_tables()
         self._bind_grads(tables, grads)          # checks every gradient first
         hypers, max_norm, check, inv_scale = self._step_options()
@@ -519,6 +529,8 @@ class Optimizer:
                 s, names = self._group_state(gi, h, created)
                 st = self.state[gi]
                 plans.append((s, [st["flat"][n] for n in names], fmt.step_args(gi, names, st)))
+                if gi == 0:
+                    first_names = names
             if norm_mode and not fused:
                 norm, finite = self._table_stats(be, self._all_tables, compiled, check)
                 skip = check and not finite
@@ -550,7 +562,10 @@ class Optimizer:
             raise
         if skip:
             self._forget(created)     # e.g. SGD's first momentum step stays its first
-        return self._finish_step(skip, norm, hypers)
+        out = self._finish_step(skip, norm, hypers)
+        if fused:
+            self._plan = StepPlan.make(self, hypers, max_norm, check, first_names)
+        return out
 
     def _step_options(self):
         """``(hypers per group, max_norm, check, inv_scale)`` of the next
@@ -1071,6 +1086,8 @@ class Optimizer:
         if callable(group["lr"]):
             checked["lr"] = group["lr"]
         return checked
+
+    _plan = None      # the last step's plan (step_plan.py); none before the first step
 
     # -- subclass hooks ---------------------------------------------------------
     #: hyperparameter name -> kind (NONNEG, POSITIVE, REAL, BETAS, FLAG), in the

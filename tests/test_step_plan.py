@@ -1,0 +1,172 @@
+"""The step's fast path (fastopt/optim/step_plan.py): a step planned from the
+last one must do exactly what the full step does, and fall back to it
+whenever anything the plan was made from changed."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import fastopt
+
+BACKENDS = ["cython", "numba"]
+SHAPES = [(5, 3), (4,), (2, 2, 2)]
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda p, be: fastopt.SGD(p, lr=0.05, momentum=0.9, nesterov=True,
+                                              backend=be),
+    "adam": lambda p, be: fastopt.Adam(p, lr=1e-2, weight_decay=0.1, backend=be),
+    "adamw-amsgrad": lambda p, be: fastopt.AdamW(p, lr=1e-2, amsgrad=True, backend=be),
+    "rmsprop": lambda p, be: fastopt.RMSprop(p, lr=1e-2, momentum=0.5, centered=True,
+                                             backend=be),
+    "adagrad": lambda p, be: fastopt.Adagrad(p, lr=0.1, initial_accumulator_value=0.1,
+                                             backend=be),
+    "adamax": lambda p, be: fastopt.Adamax(p, lr=1e-2, backend=be),
+    "nadam": lambda p, be: fastopt.NAdam(p, lr=1e-2, backend=be),
+    "radam": lambda p, be: fastopt.RAdam(p, lr=1e-2, backend=be),
+    "lion": lambda p, be: fastopt.Lion(p, lr=1e-3, weight_decay=0.1, backend=be),
+    "lamb": lambda p, be: fastopt.LAMB(p, lr=1e-2, weight_decay=0.01, backend=be),
+}
+
+
+def _problem(dtype=np.float32, steps=12, seed=0):
+    rng = np.random.default_rng(seed)
+    init = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    grads = [[rng.standard_normal(s).astype(dtype) for s in SHAPES] for _ in range(steps)]
+    return init, grads
+
+
+def _run(make, init, grads, planned, between=None):
+    """Params and state after stepping ``grads`` (new arrays each step);
+    ``planned=False`` drops the plan before every step (the full path)."""
+    params = [a.copy() for a in init]
+    opt = make(params)
+    for k, g in enumerate(grads):
+        if not planned:
+            opt._plan = None
+        if between is not None:
+            between(opt, k)
+        opt.step([x.copy() for x in g])
+    return params, opt
+
+
+def _same(a, b):
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_planned_steps_equal_full_steps(name, backend):
+    init, grads = _problem()
+    make = lambda p: OPTIMIZERS[name](p, backend)  # noqa: E731
+    fast, opt = _run(make, init, grads, planned=True)
+    full, ref = _run(make, init, grads, planned=False)
+    assert opt._plan is not None        # the fast path ran
+    _same(fast, full)
+    assert opt.state_dict()["state"][0]["step"] == ref.state_dict()["state"][0]["step"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_planned_step_skips_the_full_path(backend, monkeypatch):
+    params = [np.zeros(4, np.float32)]
+    opt = fastopt.AdamW(params, backend=backend)
+    opt.step([np.ones(4, np.float32)])
+    calls = []
+    full = type(opt)._host_step
+    monkeypatch.setattr(type(opt), "_host_step", lambda self, g: calls.append(1) or full(self, g))
+    opt.step([np.ones(4, np.float32)])
+    assert calls == []
+    opt.param_groups[0]["eps"] = 1e-6      # a changed hyperparameter: the full path
+    opt.step([np.ones(4, np.float32)])
+    assert calls == [1]
+
+
+def _edits(opt, k):
+    """What a user changes between steps, one thing at a time."""
+    g = opt.param_groups[0]
+    if k == 2:
+        g["lr"] = 5e-3
+    elif k == 4:
+        g["betas"] = [0.8, 0.99]
+    elif k == 6:
+        g["betas"][0] = 0.5                  # in place: a list the plan copied
+    elif k == 7:
+        opt.max_grad_norm = 0.1
+    elif k == 8:
+        opt.skip_nonfinite = True
+    elif k == 9:
+        g["weight_decay"] = 0.3
+    elif k == 10:
+        g["lr"] = fastopt.schedules.cosine_decay(1e-2, 20)     # a schedule: the full path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_changes_between_steps_take_effect_as_in_full_steps(backend):
+    init, grads = _problem(steps=14)
+    make = lambda p: fastopt.AdamW(p, lr=1e-2, backend=backend)  # noqa: E731
+    fast, opt = _run(make, init, grads, planned=True, between=_edits)
+    full, _ = _run(make, init, grads, planned=False, between=_edits)
+    _same(fast, full)
+    assert opt.param_groups[0]["betas"][0] == 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_after_planned_steps_raises_and_writes_nothing(backend):
+    params = [np.ones(3, np.float32), np.ones(2, np.float32)]
+    opt = fastopt.Adam(params, lr=0.1, backend=backend)
+    for _ in range(3):
+        opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
+    before = copy.deepcopy((params, opt.state_dict()))
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        opt.step([np.ones(3, np.float32), np.ones(3, np.float32)])
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr"):
+        opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
+    opt.param_groups[0]["lr"] = 0.1
+    opt.param_groups[0]["params"].append(np.ones(1, np.float32))
+    with pytest.raises(ValueError, match="add_param_group"):
+        opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
+    opt.param_groups[0]["params"].pop()
+    _same(params, before[0])
+    assert opt.state_dict()["state"][0]["step"] == before[1]["state"][0]["step"]
+    opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])      # and it goes on
+    assert opt.state_dict()["state"][0]["step"] == 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checkpoint_loaded_mid_run_is_what_the_next_step_uses(backend):
+    init, grads = _problem(steps=8)
+    params = [a.copy() for a in init]
+    opt = fastopt.AdamW(params, lr=1e-2, backend=backend)
+    for g in grads[:3]:
+        opt.step([x.copy() for x in g])
+    saved = copy.deepcopy((params, opt.state_dict()))
+    for g in grads[3:6]:
+        opt.step([x.copy() for x in g])
+    for p, s in zip(params, saved[0]):     # back to step 3, as a resumed run does
+        p[...] = s
+    opt.load_state_dict(saved[1])
+    for g in grads[3:]:
+        opt.step([x.copy() for x in g])
+    straight, _ = _run(lambda p: fastopt.AdamW(p, lr=1e-2, backend=backend), init, grads,
+                       planned=False)
+    _same(params, straight)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_skipped_planned_step_changes_nothing(backend):
+    params = [np.ones(4, np.float32)]
+    opt = fastopt.SGD(params, lr=0.1, momentum=0.9, skip_nonfinite=True, backend=backend)
+    for _ in range(3):
+        opt.step([np.ones(4, np.float32)])
+    assert opt._plan is not None
+    before = copy.deepcopy((params, opt.state[0]["flat"], opt.state[0]["step"]))
+    opt.step([np.array([1.0, np.nan, 1.0, 1.0], np.float32)])
+    assert opt.skipped_steps == 1
+    _same(params, before[0])
+    assert opt.state[0]["flat"].keys() == before[1].keys()
+    _same(opt.state[0]["flat"].values(), before[1].values())
+    assert opt.state[0]["step"] == before[2]
