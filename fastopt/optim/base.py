@@ -29,6 +29,7 @@ The math lives in the backends; this class owns everything around it:
 from __future__ import annotations
 
 import math
+import operator
 import threading
 import warnings
 
@@ -66,6 +67,7 @@ def _all_finite(norm, flats) -> bool:
 
 
 _MISSING = object()
+_lr_of = operator.itemgetter("lr")
 
 # kinds of hyperparameter (Optimizer._hypers)
 NONNEG, POSITIVE, REAL, BETAS, FLAG = "nonneg", "positive", "real", "betas", "flag"
@@ -594,7 +596,7 @@ class Optimizer:
             self.loss_scaler.update(found_inf=skip)
         self.iterations += 1
         self.grad_norm = norm
-        self.last_lr = [h["lr"] for h in hypers]
+        self.last_lr = list(map(_lr_of, hypers))
         if self._schedules:
             self._show_lr()
         return norm
@@ -646,9 +648,9 @@ class Optimizer:
         el = element_of(s, len(bufs))
         timed = t.nelem > SERIAL_MAX           # smaller tables always run serially
         parallel = timed and t.threads.pick(t.nelem, be.get_num_threads())
-        norm, skip = be.step(t, el, bufs, el.grad_scale, max_norm=max_norm or 0.0,
-                             inv_scale=inv_scale, norm_mode=norm_mode, parallel=parallel,
-                             compact=compact)
+        # positional: part of every step's fixed cost
+        norm, skip = be.step(t, el, bufs, el.grad_scale, max_norm or 0.0, inv_scale, norm_mode,
+                             parallel, compact)
         if timed:
             t.threads.record()
         if not norm_mode:

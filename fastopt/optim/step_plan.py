@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import math
 
+from ..backends.tables import element_of
+from ..backends.threads import SERIAL_MAX
+
 #: returned by :meth:`StepPlan.run` when the plan no longer holds
 STALE = object()
 
@@ -31,7 +34,7 @@ STALE = object()
 class StepPlan:
     __slots__ = ("tables", "table", "group", "params", "nparams", "glen", "keys", "values",
                  "lr", "hypers", "state", "names", "buffers", "max_norm_given",
-                 "skip_given", "max_norm", "norm_mode")
+                 "skip_given", "max_norm", "norm_mode", "small", "nstate")
 
     @classmethod
     def make(cls, opt, hypers, max_norm, check, names):
@@ -62,6 +65,10 @@ class StepPlan:
         plan.max_norm_given, plan.skip_given = opt.max_grad_norm, opt.skip_nonfinite
         plan.max_norm = max_norm
         plan.norm_mode = 2 if check else (1 if max_norm is not None else 0)
+        # a table this small always runs serially (_fused_call); without a
+        # norm to compute the plan calls the backend itself
+        plan.small = plan.table.nelem <= SERIAL_MAX and plan.norm_mode == 0
+        plan.nstate = len(names)
         return plan
 
     def run(self, opt, grads):
@@ -97,6 +104,12 @@ class StepPlan:
         s, names = opt._element_step(self.hypers, self.state)
         if names != self.names:
             return STALE              # a state buffer to make: the full step makes it
+        if self.small:
+            # serial, no norm: _fused_call's own call for such a table, made
+            # here directly (a frame less of fixed cost)
+            el = element_of(s, self.nstate)
+            opt._backend.step(t, el, self.buffers, el.grad_scale, 0.0, 1.0, 0, False, None)
+            return opt._finish_step(False, None, [self.hypers])
         norm, skip = opt._fused_call(opt._backend, t, s, self.buffers, self.max_norm, 1.0,
                                      self.norm_mode, None)
         return opt._finish_step(skip, norm, [self.hypers])
