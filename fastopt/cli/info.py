@@ -32,4 +32,41 @@ def run(args):
             print("  " + ", ".join(f"{k}={v}" for k, v in p.items()))
     print(f"serial or threaded: each step table above {SERIAL_MAX} elements times its own "
           "steps both ways and keeps the faster (fastopt.backends.threads)")
+    print_state_bytes()
     return 0
+
+
+# optimizers as `fastopt train` and the benchmarks run them (SGD with momentum:
+# without it SGD keeps no state)
+_STATE_ROWS = (("SGD(momentum=0.9)", "SGD", dict(lr=0.1, momentum=0.9)),
+               ("Adam, AdamW", "AdamW", {}), ("Adam(amsgrad=True)", "Adam", dict(amsgrad=True)),
+               ("RMSprop", "RMSprop", {}), ("Adagrad", "Adagrad", {}), ("Adamax", "Adamax", {}),
+               ("NAdam", "NAdam", {}), ("RAdam", "RAdam", {}), ("Lion", "Lion", {}),
+               ("LAMB", "LAMB", {}))
+
+
+def state_bytes(opt_name, kwargs, state_dtype, n=1 << 16):
+    """Optimizer state bytes per float32 param element under ``state_dtype``,
+    as ``opt.state_nbytes()`` counts them after one step on ``n`` elements;
+    None where the optimizer refuses that state dtype."""
+    import numpy as np
+
+    import fastopt
+
+    p = [np.zeros(n, np.float32)]
+    try:
+        opt = getattr(fastopt, opt_name)(p, state_dtype=state_dtype, **kwargs)
+    except ValueError:
+        return None
+    opt.step([np.ones(n, np.float32)])
+    return opt.state_nbytes() / n
+
+
+def print_state_bytes():
+    from fastopt.backends.compact import STATE_DTYPES
+
+    print("optimizer state, bytes per float32 param element (opt.state_nbytes() after a "
+          f"step), state_dtype {' / '.join(STATE_DTYPES)}:")
+    for label, name, kwargs in _STATE_ROWS:
+        cells = [state_bytes(name, kwargs, d) for d in STATE_DTYPES]
+        print(f"  {label:<20} " + " / ".join("-" if c is None else f"{c:.2f}" for c in cells))
