@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba.core import types
-from numba.core.extending import intrinsic, register_jitable
+from numba.core.extending import intrinsic, overload, register_jitable
 
 from . import compact as C
 
@@ -24,9 +24,11 @@ from . import compact as C
 
 @register_jitable
 def random_bits_one(key, index):
-    # Numba widens uint32 products to 64 bits: keep the low 32 as NumPy does
-    h = np.uint32(((np.uint32(index) ^ np.uint32(key)) * np.uint32(0x9E3779B1))
-                  & np.uint32(0xFFFFFFFF))
+    # the product in 64 bits, its low 32 kept (as NumPy's uint32 product
+    # wraps): Numba widens uint32 products to 64 bits anyway, and a NumPy
+    # scalar run as Python (the CUDA simulator) must not overflow
+    h = np.uint32((np.uint64(np.uint32(index) ^ np.uint32(key)) * np.uint64(0x9E3779B1))
+                  & np.uint64(0xFFFFFFFF))
     h ^= h >> np.uint32(16)
     h ^= h >> np.uint32(8)
     return h & np.uint32(0xFFFF)
@@ -46,9 +48,23 @@ def bf16_encode_sr_one(b, key, index):
 
 
 # -- float <-> bits ----------------------------------------------------------------------
+# Plain Python functions (the CUDA simulator runs device code as Python) whose
+# generic overloads, for the CPU and CUDA targets alike, are bitcasts.
 
-def _bitcast(src, dst, llvm_type, doc):
-    """An intrinsic reinterpreting a ``src`` scalar's bits as ``dst``."""
+def f32_from_bits(b):
+    """The float32 whose bits are the uint32 ``b``."""
+    return np.uint32(b).view(np.float32)
+
+
+def f32_bits(x):
+    """The bits (uint32) of the float32 ``x``."""
+    return np.float32(x).view(np.uint32)
+
+
+def _bitcast(fn, src, dst, llvm_type):
+    """``fn``'s compiled form: an intrinsic reinterpreting a ``src`` scalar's
+    bits as ``dst``."""
+    @intrinsic
     def cast(typingctx, x):
         if x != src:
             return None
@@ -57,14 +73,16 @@ def _bitcast(src, dst, llvm_type, doc):
             return builder.bitcast(args[0], llvm_type)
 
         return dst(x), codegen
-    cast.__doc__ = doc
-    return intrinsic(cast)
+
+    @overload(fn)
+    def compiled(x):
+        if x == src:
+            return lambda x: cast(x)
+        return None
 
 
-f32_from_bits = _bitcast(types.uint32, types.float32, ir.FloatType(),
-                         "The float32 whose bits are the uint32 ``b`` (compiled code only).")
-f32_bits = _bitcast(types.float32, types.uint32, ir.IntType(32),
-                    "The bits (uint32) of the float32 ``x`` (compiled code only).")
+_bitcast(f32_from_bits, types.uint32, types.float32, ir.FloatType())
+_bitcast(f32_bits, types.float32, types.uint32, ir.IntType(32))
 
 
 # -- the 8-bit grid ---------------------------------------------------------------------
