@@ -170,3 +170,38 @@ def test_a_skipped_planned_step_changes_nothing(backend):
     assert opt.state[0]["flat"].keys() == before[1].keys()
     _same(opt.state[0]["flat"].values(), before[1].values())
     assert opt.state[0]["step"] == before[2]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_copy_made_mid_run_steps_on_its_own_arrays(backend):
+    init, grads = _problem(dtype=np.float64, steps=8)
+    params = {f"w{i}": a.copy() for i, a in enumerate(init)}
+    opt = fastopt.AdamW(params, lr=1e-2, backend=backend)
+    for g in grads[:4]:
+        opt.step({f"w{i}": x.copy() for i, x in enumerate(g)})
+    twin = copy.deepcopy(opt)          # its own params (deepcopy copies them) and state
+    twin_params = {k: v for k, v in zip(params, twin.param_groups[0]["params"])}
+    for g in grads[4:]:
+        opt.step({f"w{i}": x.copy() for i, x in enumerate(g)})
+        twin.step({f"w{i}": x.copy() for i, x in enumerate(g)})
+    for k in params:
+        np.testing.assert_array_equal(params[k], twin_params[k])
+        assert params[k] is not twin_params[k]
+    straight, _ = _run(lambda p: fastopt.AdamW(p, lr=1e-2, backend=backend), init, grads,
+                       planned=False)
+    _same(params.values(), straight)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grads_by_name_take_the_fast_path(backend, monkeypatch):
+    params = {"w": np.zeros((3, 2)), "b": np.zeros(2)}          # float64, by name
+    opt = fastopt.Adam(params, lr=0.1, backend=backend)
+    opt.step({"w": np.ones((3, 2)), "b": np.ones(2)})
+    calls = []
+    full = type(opt)._host_step
+    monkeypatch.setattr(type(opt), "_host_step", lambda self, g: calls.append(1) or full(self, g))
+    opt.step({"b": np.ones(2), "w": np.ones((3, 2))})           # any key order
+    assert calls == []
+    with pytest.raises(ValueError, match=r"missing grads\['b'\]"):
+        opt.step({"w": np.ones((3, 2)), "v": np.ones(2)})
+    assert opt.state[0]["step"] == 2

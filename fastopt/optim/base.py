@@ -360,9 +360,12 @@ class Optimizer:
         # other (each sees the other's whole update), as if called in turn.
         with self._lock:
             plan = self._plan       # the last step's plan: the fast path (step_plan.py)
-            if plan is not None and type(grads) is list and (params is None
-                                                             or params is self._given):
-                out = plan.run(self, grads)
+            if plan is not None and (params is None or params is self._given):
+                kind = type(grads)
+                if kind is dict and self._names is not None:
+                    out = plan.run(self, self._names.read(grads))
+                else:
+                    out = plan.run(self, grads) if kind is list else STALE
                 if out is not STALE:
                     return out
             if params is not None and params is not self._given:

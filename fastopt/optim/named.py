@@ -45,7 +45,7 @@ class KeyTree:
         """``grads`` (a dict shaped like the params) as a list in param order."""
         if self.flat and type(grads) is dict and len(grads) == len(self._keys):
             try:
-                return [grads[k] for k in self._keys]
+                return list(map(grads.__getitem__, self._keys))
             except KeyError:
                 pass                      # say which key, below
         out = []
