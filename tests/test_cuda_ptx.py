@@ -279,3 +279,48 @@ def test_offset_adds_one_load_per_element(K):
                    if s.split()[0] == "ld.global.v4.f32")
     assert v4_loads("adam_vec") == 5
     assert v4_loads("adam_vec_shifted") == 6
+
+
+# -- compact optimizer state (state_dtype bfloat16 / int8: _cuda_compact.py) ----------------
+
+@pytest.fixture(scope="module")
+def CK(K):
+    from fastopt.backends import _cuda_compact
+    return _cuda_compact
+
+
+#: the compact kernel's specializations checked here: Adam (three slots, both
+#: signednesses under int8, the offset) and SGD (one slot), each code format
+COMPACT_CHECKED = ("adam_bf16", "adam_q8", "adam_q8_shifted", "sgd_bf16", "sgd_q8")
+
+
+def compact_ptx_of(CK, name, storage=None, cc=(9, 0)):
+    key = ("compact", name, storage, cc)
+    if key not in _PTX:
+        kernel, _ = CK.KERNELS[name]
+        _PTX[key], _ = cuda_compile(kernel.py_func, CK.ptx_signatures("float32", storage)[name],
+                                    cc)
+    return _PTX[key]
+
+
+@pytest.mark.parametrize("storage", [None, "float16", "uint16"], ids=["f32", "f16", "bf16"])
+def test_compact_kernels_are_float32_with_integer_codecs(CK, storage):
+    """No double precision anywhere (the codecs are integer and bit
+    operations on float32 values), IEEE division and sqrt; 8-bit codes take
+    the block's absmax through shared memory (bar.sync, no warp shuffles),
+    bfloat16 codes need no block-wide step at all (compiled out)."""
+    for name in COMPACT_CHECKED:
+        ptx = compact_ptx_of(CK, name, storage)
+        ops = {s.split()[0] for s in instructions(ptx)}
+        assert not f64_ops(ptx), (name, f64_ops(ptx))
+        assert not any(".approx" in o or ".ftz" in o for o in ops), (name, sorted(ops))
+        assert not re.search(r"\bshfl\.", ptx), name
+        assert ("bar.sync" in ptx) == ("_q8" in name), name
+        if name.startswith("adam"):
+            assert "sqrt.rn.f32" in ops and "div.rn.f32" in ops, (name, sorted(ops))
+
+
+def test_compact_kernels_compile_for_the_whole_family(CK):
+    """Every optimizer the compact kernel steps, each code format, sm_80."""
+    for name in CK.KERNELS:
+        assert ".entry" in compact_ptx_of(CK, name, cc=(8, 0)), name

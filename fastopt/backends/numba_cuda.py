@@ -50,6 +50,12 @@ Kernel conventions (DESIGN.md):
   return before writing), so nothing crosses back to the host inside a step;
   ``StepControl.norm()`` / ``skipped()`` synchronise when called.
 
+Compact optimizer state (``state_dtype="bfloat16"``/``"int8"``):
+:func:`update_compact`, one fused kernel per run (``_cuda_compact``):
+decode, the same element function, encode with the CPU's stochastic
+rounding and 8-bit map, a thread block per absmax block; the codes and
+absmax arrays stay on the device.
+
 Mixed precision: ``float16`` device arrays are IEEE half (native ``cvt``
 instructions, round to nearest even); **bfloat16 is passed as a ``uint16``
 device array of its bits** (``__cuda_array_interface__`` has no bfloat16
@@ -81,6 +87,8 @@ from ._cuda_kernels import (PIECE, THREADS, _convert_kernel, _factors_kernel, _f
                             _finish_kernel, _scale_kernel, _sums_kernel, _sumsq_partial_kernel,
                             _update_kernel, _update_vec_kernel,
                             _weighted_sumsq_partial_kernel)
+from ._cuda_compact import _compact_kernel
+from .compact import BLOCK as C_BLOCK
 from .scalars import AdamScalars, ElementStep, SGDScalars, adam_element, sgd_element
 
 SIMULATOR = bool(getattr(_config, "ENABLE_CUDASIM", False))
@@ -573,6 +581,59 @@ def _two_phase(el, w, g, states, out, ctrl, off, pc) -> None:
     if pc.npieces:
         _finish_kernel[grid_blocks(_finish_kernel, key, pc.npieces * THREADS, finish),
                        THREADS](*finish)
+
+
+# -- compact optimizer state (state_dtype "bfloat16" / "int8": compact.py) ----------------
+
+class CompactBlocks:
+    """The absmax blocks of one run of arrays, on the device: block ``j``
+    steps ``bn[j]`` elements from ``bp[j]`` in the run's weights and
+    gradients and ``bs[j]`` in the group's code buffers (see
+    ``_cuda_compact``). Built once per layout (:func:`compact_blocks`)."""
+
+    def __init__(self, spans):
+        bp, bs, bn = [], [], []
+        for plo, slo, n in spans:
+            starts = np.arange(0, int(n), C_BLOCK, dtype=np.int64)
+            bp.append(plo + starts)
+            bs.append(slo + starts)
+            bn.append(np.minimum(int(n) - starts, C_BLOCK))
+        bp, bs, bn = (np.concatenate(x) if x else np.zeros(0, np.int64) for x in (bp, bs, bn))
+        self.count = int(bp.size)
+        self.bp, self.bs, self.bn = (cuda.to_device(np.ascontiguousarray(x, np.int64))
+                                     for x in (bp, bs, bn))
+
+
+def compact_blocks(spans) -> CompactBlocks:
+    """:class:`CompactBlocks` of a run's arrays, ``spans`` one
+    ``(offset in the run's weights, offset in the group's code buffers,
+    size)`` per array."""
+    return CompactBlocks(spans)
+
+
+def update_compact(el: ElementStep, w, g, codes, compact, blocks: CompactBlocks, out=None,
+                   ctrl=None, off=None) -> None:
+    """:func:`update` with compact state: ``codes`` the group's code buffers
+    in kernel order (uint16 bfloat16 bits, int8 or uint8), ``compact`` the
+    step's :class:`~fastopt.backends.compact.CompactStep` (rounding keys and
+    8-bit absmax arrays, all on the device), ``blocks`` the run's
+    :class:`CompactBlocks`. Float32 weights and one-phase updates only (the
+    optimizers refuse the rest first)."""
+    if np.dtype(w.dtype) != _F32 or el.phases != 1 or not 0 < len(codes) <= 3:
+        raise ValueError("compact state steps float32 weights with one-phase updates, "
+                         "one to three state buffers")
+    if blocks.count == 0:
+        return
+    c0, c1, c2 = (tuple(codes) + (codes[0], codes[0]))[:3]
+    key = (el.kind, c0.dtype, c1.dtype, g.dtype, None if out is None else out.dtype, off is None)
+    w, g, _, _, _, off, out, fc, c, gs, flags, _, mixed = update_args(el, w, g, (), out, ctrl,
+                                                                      off)
+    m0, m1, m2 = ((w if a is None else a) for a in (tuple(compact.absmax) + (None, None))[:3])
+    keys = tuple(np.uint32(k) for k in (tuple(compact.keys) + (0, 0))[:3])
+    args = (w, g, c0, c1, c2, m0, m1, m2, keys, blocks.bp, blocks.bs, blocks.bn, off, out, fc,
+            c, gs, flags, len(codes), mixed)
+    _compact_kernel[grid_blocks(_compact_kernel, key, blocks.count * THREADS, args),
+                    THREADS](*args)
 
 
 # Adam and SGD by their arrays, as the functional API (fastopt.functional)

@@ -18,7 +18,9 @@ does, behind one small interface:
 :class:`DevicePlacement` holds device arrays (``__cuda_array_interface__``)
 and launches the device norm pass and one generic update kernel per run
 (:func:`fastopt.backends.numba_cuda.update`), for any optimizer whose
-element function the CUDA backend dispatches to.
+element function the CUDA backend dispatches to; under compact state
+(``state_dtype``) one compact kernel per run instead
+(:func:`fastopt.backends.numba_cuda.update_compact`), the codes on the device.
 """
 
 from __future__ import annotations
@@ -280,6 +282,40 @@ class DevicePlacement:
             cache[1][key] = self.backend.pieces(bounds)
         return cache[1][key]
 
+    def _compact_blocks(self, opt, gi, ri, lo, hi):
+        """The device :func:`~fastopt.backends.numba_cuda.compact_blocks` of
+        a segment's arrays under compact state: each array's offset in the
+        segment and in its group's code buffers (``StateFormat.offsets``).
+        Built once per segment and kept while the optimizer's runs are the
+        same, as :meth:`_pieces`."""
+        cache = getattr(self, "_block_cache", None)
+        if cache is None or cache[0] is not opt._run_info:
+            cache = self._block_cache = (opt._run_info, {})
+        key = (gi, ri, lo, hi)
+        if key not in cache[1]:
+            runs = opt._run_info[gi]["runs"]
+            run, first = runs[ri], runs[0]["start"]
+            state_at = opt._state_format.offsets(
+                [a.size for a in opt.param_groups[gi]["params"]])
+            local = run["local"]
+            cache[1][key] = self.backend.compact_blocks(
+                [(local[j] - lo, int(state_at[k - first]), local[j + 1] - local[j])
+                 for j, k in enumerate(range(run["start"], run["stop"]))
+                 if lo <= local[j] and local[j + 1] <= hi])
+        return cache[1][key]
+
+    def _codes_to_device(self, opt):
+        """Compact state buffers that are host arrays (new codes, zeros,
+        or a checkpoint's, loaded) copied to the device, unchanged: the
+        state stays compact where the params live."""
+        if not opt._state_format.compact:
+            return
+        for st in opt.state:
+            flat = st["flat"]
+            for name, buf in flat.items():
+                if isinstance(buf, np.ndarray):
+                    flat[name] = self.backend.to_device(buf)
+
     def launch(self, opt, segments, flats, offsets=None):
         """The step once grads are checked: ``segments`` per group as in
         :meth:`Optimizer._per_array_segments`, ``flats`` the 1-D grads whose
@@ -290,6 +326,7 @@ class DevicePlacement:
         created = []
         try:
             plans = [opt._group_state(gi, h, created) for gi, h in enumerate(hypers)]
+            self._codes_to_device(opt)
         except BaseException:
             opt._forget(created)
             raise
@@ -299,13 +336,19 @@ class DevicePlacement:
         if max_norm is not None or check:
             ctrl = be.norm_control(flats, max_norm=max_norm or 0.0, inv_scale=inv_scale,
                                    check=check)
+        fmt = opt._state_format
         for gi, ((s, names), segs, st) in enumerate(zip(plans, segments, opt.state)):
             el = element_of(s, len(names))
+            compact = fmt.step_args(gi, names, st)
             for ri, p, g, lo, hi in segs:
                 bufs = st["runs"][ri]
                 master = bufs.get("master")
                 w, out = (p, None) if master is None else (span(master, lo, hi), p)
                 off = None if offsets is None else span(offsets.runs[gi][ri], lo, hi)
+                if compact is not None:
+                    be.update_compact(el, w, g, [st["flat"][n] for n in names], compact,
+                                      self._compact_blocks(opt, gi, ri, lo, hi), out, ctrl, off)
+                    continue
                 pieces = self._pieces(opt, gi, ri, lo, hi) if el.phases == 2 else None
                 be.update(el, w, g, [span(bufs[n], lo, hi) for n in names], out, ctrl, off,
                           pieces)

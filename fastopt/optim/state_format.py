@@ -70,13 +70,10 @@ class StateFormat:
 
     def check_params(self, device: bool, named) -> None:
         """Refuse what compact state cannot step, before anything is kept:
-        device arrays (no CUDA kernel yet) and float64 params."""
+        float64 params, on the host or (``device``) on the GPU, where the
+        codes live on the device too (``DevicePlacement``)."""
         if not self.compact:
             return
-        if device:
-            raise ValueError(f"state_dtype={self.name!r}: compact optimizer state is host-only "
-                             "for now (the CUDA backend has no kernel for it); use "
-                             "state_dtype='float32' for device params")
         for label, a in named:
             if np.dtype(a.dtype) == np.float64:
                 raise TypeError(f"{label} is float64: compact state (state_dtype={self.name!r}) "
