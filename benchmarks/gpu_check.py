@@ -33,7 +33,11 @@ It installs nothing and needs no network. In one process, on one card:
    CUDA, float64), SAM's perturb + step round at 64M elements, and
    L-BFGS's two-loop recursion (10 pairs, 64M elements) against the same
    recursion in torch tensor operations;
-9. the MLP and ensemble checks of ``gpu_check_nn.py`` (report["nn"]).
+9. the MLP and ensemble checks of ``gpu_check_nn.py`` (report["nn"]);
+10. compact optimizer state (``gpu_check_compact.py``, report["compact"]):
+    AdamW with bfloat16 and int8 state checked against the CPU Numba
+    backend, a device checkpoint round trip, and the step at 16M and 64M
+    elements with each state dtype against float32 state and torch fused.
 
 Every measurement shares one time budget (``--budget-s``, counted from
 the start, the tests included): once spent, the rest are recorded as
@@ -122,13 +126,17 @@ def require_gpu(simulate=False):
     return cuda, fastopt
 
 
-def _gpu_check_nn():
-    """benchmarks/gpu_check_nn.py as a module: its checks join this run's."""
+def _section(name):
+    """A benchmarks/gpu_check_*.py module: its checks join this run's."""
     here = str(ROOT / "benchmarks")
     if here not in sys.path:
         sys.path.insert(0, here)
-    import gpu_check_nn
-    return gpu_check_nn
+    import importlib
+    return importlib.import_module(name)
+
+
+def _gpu_check_nn():
+    return _section("gpu_check_nn")
 
 
 def torch_cuda():
@@ -417,6 +425,13 @@ def main(argv=None):
         measure(R, "torch_fused_adamw_bf16_64M_no_master",
                 lambda: torch_adamw(BIG, 1, "bfloat16"))
 
+    # -- compact optimizer state (gpu_check_compact.py), on the same budget -------------
+    report["compact"] = _section("gpu_check_compact").compact_checks(
+        fastopt=fastopt, cuda=cuda, measure=measure,
+        best_time=(lambda *a: best_time(*a, warmup=0)) if args.simulate else best_time,
+        simulate=args.simulate, quick=args.quick, torch=torch, tdev=tdev,
+        torch_note=torch_why, roof=roof)
+
     def ratio(a, b):
         """How many times faster ``a`` ran than ``b`` (None: either missing)."""
         ta, tb = R.get(a, {}).get("seconds"), R.get(b, {}).get("seconds")
@@ -659,7 +674,7 @@ def main(argv=None):
     print(f"wrote {args.out}")
     tests_ok = args.skip_tests or report["tests"]["ok"]
     checks_ok = (all(f["checked_ok"] is not False for f in family.values())
-                 and report["nn"]["all_equal"])
+                 and report["nn"]["all_equal"] and report["compact"]["all_ok"])
     return 0 if tests_ok and checks_ok else 1
 
 
@@ -711,6 +726,8 @@ def summary(report) -> str:
                      f"{'n/a' if vs is None else f'{vs:.2f}x'}")
     if "nn" in report:
         lines.append(_gpu_check_nn().summary(report["nn"]))
+    if "compact" in report:
+        lines.append(_section("gpu_check_compact").summary(report["compact"]))
     for k, target in TARGETS.items():
         val = m.get(k)
         shown = "n/a" if val is None else f"{val:.2f}"

@@ -95,6 +95,17 @@ def test_simulated_dry_run_writes_the_results_file(tmp_path):
     # the MLP and ensemble checks of gpu_check_nn.py, in the same report
     assert report["nn"]["all_equal"] is True and report["nn"]["engines"]
     assert "nn engines:" in proc.stdout
+    # compact state (gpu_check_compact.py): bit for bit with the CPU under the
+    # simulator, the device checkpoint round trip, each state dtype timed
+    compact = report["compact"]
+    assert compact["all_ok"] is True, compact["failed"]
+    for sd in ("bfloat16", "int8"):
+        check = compact["results"][f"check_adamw_{sd}_vs_cpu_numba"]
+        assert check["ok"] and check["bit_identical"], check
+        assert compact["results"][f"checkpoint_adamw_{sd}_device_round_trip"]["ok"] is True
+        assert compact["ratios"][f"{sd}_64M_vs_float32_state"] > 0
+    for sd in ("float32", "bfloat16", "int8"):
+        assert compact["results"][f"fastopt_adamw_{sd}_state_16M"]["gbps"] > 0
 
 
 def _script():
