@@ -54,12 +54,8 @@ def _state_on_host(opt):
 
 
 def _decoded(opt):
-    from fastopt.backends import compact as CC
-    st, fmt = _state_on_host(opt), opt._state_format
-    sizes = [a.size for a in opt.param_groups[0]["params"]]
-    return {n: np.concatenate([CC.decode_span(b, st.get(n + ".absmax"), int(o), k)
-                               for o, k in zip(fmt.offsets(sizes), sizes)])
-            for n, b in st.items() if not n.endswith(".absmax")}
+    return opt._state_format.decoded(_state_on_host(opt),
+                                     [a.size for a in opt.param_groups[0]["params"]])
 
 
 def _off(got, want, rtol):

@@ -111,6 +111,16 @@ class StateFormat:
         codes = C.code_dtype(self.name, name not in self.nonnegative)
         return codes, (sum(C.nblocks(k) for k in sizes) * C.BLOCK if self.name == "int8" else n)
 
+    def decoded(self, flat, sizes) -> dict:
+        """Each compact buffer of a group's state ``flat`` (host codes and
+        absmax arrays, e.g. a checkpoint's) as float32 values laid end to
+        end like params of ``sizes``: ``{name: values}``, to read or compare
+        compact state."""
+        offs = self.offsets(sizes)
+        return {n: np.concatenate([C.decode_span(b, flat.get(n + ABSMAX), int(o), k)
+                                   for o, k in zip(offs, sizes)])
+                for n, b in flat.items() if not n.endswith(ABSMAX)}
+
     def buffer_names(self, names) -> set:
         """The checkpoint names of state buffers ``names`` (with absmax arrays)."""
         names = set(names)

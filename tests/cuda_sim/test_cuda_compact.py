@@ -19,8 +19,10 @@ import pytest
 from cuda_helpers import dev, host  # skips the module where CUDA is unusable
 
 import fastopt
-from fastopt.backends import compact as CC
 from fastopt.backends import numba_cuda as C
+
+# the CPU side of the comparisons, as the host compact-state tests run it
+from test_compact_state import problem as host_problem, run as run_host  # noqa: E402
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -29,25 +31,16 @@ FORMATS = ["bfloat16", "int8"]
 #: an 8-bit layout of 2 + 1 + 1 absmax blocks (padded between arrays), more
 #: blocks than the simulator's grid, short last blocks
 SIZES = (300, 40, 5)
+
+
+def problem(steps):
+    """Params and ``steps`` gradients over SIZES (float32, seeded)."""
+    return host_problem(steps, SIZES)
+
+
 #: exact on the simulator; a GPU's FMAs move a value by an ulp and, rarely,
 #: a rounding by one code
 EXACT = C.SIMULATOR
-
-
-def problem(steps, sizes=SIZES, seed=0, scale=1.0):
-    rng = np.random.default_rng(seed)
-    init = [rng.standard_normal(n).astype(np.float32) for n in sizes]
-    grads = [[(rng.standard_normal(n) * scale).astype(np.float32) for n in sizes]
-             for _ in range(steps)]
-    return init, grads
-
-
-def run_host(cls, init, grads, **kw):
-    params = [a.copy() for a in init]
-    opt = cls(params, **kw)
-    for g in grads:
-        opt.step([x.copy() for x in g])
-    return params, opt
 
 
 def run_device(cls, init, grads, packed=False, opt=None, params=None, **kw):
@@ -69,11 +62,8 @@ def host_state(opt, gi=0):
 
 
 def decoded(opt, gi=0):
-    st, fmt = host_state(opt, gi), opt._state_format
-    sizes = [a.size for a in opt.param_groups[gi]["params"]]
-    return {n: np.concatenate([CC.decode_span(b, st.get(n + ".absmax"), int(o), k)
-                               for o, k in zip(fmt.offsets(sizes), sizes)])
-            for n, b in st.items() if not n.endswith(".absmax")}
+    return opt._state_format.decoded(host_state(opt, gi),
+                                     [a.size for a in opt.param_groups[gi]["params"]])
 
 
 def same_run(got, want, what=""):
