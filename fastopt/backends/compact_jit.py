@@ -1,7 +1,9 @@
 """Numba twins of the compact-state codecs (:mod:`fastopt.backends.compact`).
 
 One element at a time, for the compiled CPU drivers
-(:mod:`fastopt.backends.numba_cpu`): they compute the same bits as the NumPy
+(:mod:`fastopt.backends.numba_cpu`) and the CUDA kernel
+(:mod:`fastopt.backends._cuda_compact`; the CUDA simulator runs them as
+plain Python, so each also runs as Python, with NumPy scalars): they compute the same bits as the NumPy
 functions there, which are the specification (tested bit for bit on every
 code and around every rounding boundary). The Cython kernels' C twins are in
 ``_cython/kernels_impl.pxi``. Kept apart from :mod:`~fastopt.backends.compact`
