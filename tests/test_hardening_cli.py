@@ -66,11 +66,19 @@ def test_bench_out_that_is_a_file_fails_before_measuring(tmp_path, monkeypatch, 
     assert f.read_text() == "keep me"
 
 
+def _default_sigint():
+    # A test run started in the background by a non-interactive shell
+    # (`bash .ci/run &`) inherits SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: the child would never see the Ctrl-C these tests send.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _child(code, cwd):
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                                [ROOT, os.path.join(ROOT, "tests")])))
+                                [ROOT, os.path.join(ROOT, "tests")])),
+                            preexec_fn=_default_sigint)
 
 
 def _interrupt_when(child, stream, marker, timeout=60):
