@@ -879,8 +879,10 @@ class Optimizer:
                     raise RuntimeError(f"state buffer {n!r} exists for only some runs")
                 parts = [self._placement.to_host(r[n]) for r in runs]
                 bufs[n] = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
-            if self._state_format.compact:      # the codes as they are (host only)
-                bufs.update({n: b.copy() for n, b in self.state[gi]["flat"].items()})
+            if self._state_format.compact:      # the codes as they are, on the host
+                for n, b in self.state[gi]["flat"].items():
+                    h = self._placement.to_host(b)      # a device array has no copy()
+                    bufs[n] = h.copy() if h is b else h
             state.append({"step": self.state[gi]["step"], "buffers": bufs})
         return {"type": type(self).__name__, "iterations": self.iterations,
                 "skipped_steps": self.skipped_steps,

@@ -249,14 +249,10 @@ def test_float64_device_params_are_refused_with_compact_state():
         fastopt.AdamW(p, backend="cuda", state_dtype="int8")
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="Optimizer.state_dict copies compact buffers with .copy(), which a "
-                          "numba device array lacks: it must copy them through the "
-                          "placement's to_host (fastopt/optim/base.py, pending)")
 def test_state_dict_of_device_codes_works_without_a_copy_method(monkeypatch):
     """The simulator's device arrays forward ``.copy()`` to NumPy, a GPU's
     have none: without it, as on a GPU, ``state_dict`` still hands back
-    host codes. (Strict xfail until base.py copies through ``to_host``.)"""
+    host codes (copied through the placement's ``to_host``)."""
     if C.SIMULATOR:
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
         forward = FakeCUDAArray.__getattr__
