@@ -205,3 +205,66 @@ def test_grads_by_name_take_the_fast_path(backend, monkeypatch):
     with pytest.raises(ValueError, match=r"missing grads\['b'\]"):
         opt.step({"w": np.ones((3, 2)), "v": np.ones(2)})
     assert opt.state[0]["step"] == 2
+
+
+def _two_groups(params, backend, **kw):
+    """Weight decay on the matrices only: a group per kind, as users split them."""
+    mats = [p for p in params if p.ndim > 1]
+    rest = [p for p in params if p.ndim <= 1]
+    return fastopt.AdamW([{"params": mats, "weight_decay": 0.1},
+                          {"params": rest, "weight_decay": 0.0, "lr": 3e-3}],
+                         lr=1e-2, backend=backend, **kw)
+
+
+def _group_edits(opt, k):
+    if k == 3:
+        opt.param_groups[1]["lr"] = 1e-3
+    elif k == 5:
+        opt.param_groups[0]["betas"] = (0.8, 0.9)
+    elif k == 7:
+        opt.max_grad_norm = 0.5              # a norm over both groups: the full path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("big", [False, True], ids=["small", "threaded-size"])
+def test_param_groups_are_planned_and_equal_full_steps(backend, big):
+    # matrices first: the optimizer's param order is its groups' order
+    shapes = [(300, 200), (200, 10), (200,)] if big else [(5, 3), (2, 2, 2), (4,)]
+    rng = np.random.default_rng(3)
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(10)]
+
+    def run(planned):
+        params = [a.copy() for a in init]
+        opt = _two_groups(params, backend)
+        for k, g in enumerate(grads):
+            if not planned:
+                opt._plan = None
+            _group_edits(opt, k)
+            opt.step([x.copy() for x in g])
+        return params, opt
+
+    fast, opt = run(True)
+    full, _ = run(False)
+    _same(fast, full)
+    assert opt._plan is None               # clipping over two groups is not planned
+    fast2, opt2 = run(True)
+    opt2.max_grad_norm = None
+    opt2.step([x.copy() for x in grads[0]])
+    assert opt2._plan is not None and len(opt2._plan.groups) == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bad_grad_in_the_second_group_writes_nothing(backend):
+    params = [np.ones((2, 3), np.float32), np.ones(3, np.float32)]
+    opt = _two_groups(params, backend)
+    for _ in range(2):
+        opt.step([np.ones((2, 3), np.float32), np.ones(3, np.float32)])
+    assert opt._plan is not None
+    before = copy.deepcopy((params, [dict(st["flat"]) for st in opt.state]))
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        opt.step([np.ones((2, 3), np.float32), np.ones(4, np.float32)])
+    _same(params, before[0])
+    for st, flat in zip(opt.state, before[1]):
+        _same(st["flat"].values(), flat.values())
+        assert st["step"] == 2

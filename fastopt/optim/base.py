@@ -527,6 +527,7 @@ class Optimizer:
         # skip decision and the update are one native call.
         fused = self._single and self.grad_stats is None
         norm, coef, skip = None, 1.0, False
+        group_names = []
         try:
             plans = []
             fmt = self._state_format
@@ -534,8 +535,7 @@ class Optimizer:
                 s, names = self._group_state(gi, h, created)
                 st = self.state[gi]
                 plans.append((s, [st["flat"][n] for n in names], fmt.step_args(gi, names, st)))
-                if gi == 0:
-                    first_names = names
+                group_names.append(names)
             if norm_mode and not fused:
                 norm, finite = self._table_stats(be, self._all_tables, compiled, check)
                 skip = check and not finite
@@ -550,14 +550,8 @@ class Optimizer:
                 for (s, bufs, cs), ts in zip(plans, tables):
                     for t in ts:
                         if compiled:
-                            el = element_of(s, len(bufs))
-                            timed = t.nelem > SERIAL_MAX
-                            parallel = timed and t.threads.pick(t.nelem,
-                                                                be.get_num_threads())
-                            be.step(t, el, bufs, el.grad_scale * coef * inv_scale,
-                                    parallel=parallel, compact=cs)
-                            if timed:
-                                t.threads.record()
+                            self._table_update(be, t, element_of(s, len(bufs)), bufs,
+                                               coef * inv_scale, cs)
                         else:
                             step_per_array(be, t, s, bufs, coef * inv_scale, cs)
         except BaseException:
@@ -568,9 +562,19 @@ class Optimizer:
         if skip:
             self._forget(created)     # e.g. SGD's first momentum step stays its first
         out = self._finish_step(skip, norm, hypers)
-        if fused:
-            self._plan = StepPlan.make(self, hypers, max_norm, check, first_names)
+        if compiled and not skip:
+            self._plan = StepPlan.make(self, hypers, max_norm, check, group_names)
         return out
+
+    @staticmethod
+    def _table_update(be, t, el, bufs, scale, compact=None):
+        """One compiled table's update, no norm pass (gradients times
+        ``scale``): serial or threaded as the table's own timings say."""
+        timed = t.nelem > SERIAL_MAX           # smaller tables always run serially
+        parallel = timed and t.threads.pick(t.nelem, be.get_num_threads())
+        be.step(t, el, bufs, el.grad_scale * scale, 0.0, 1.0, 0, parallel, compact)
+        if timed:
+            t.threads.record()
 
     def _step_options(self):
         """``(hypers per group, max_norm, check, inv_scale)`` of the next

@@ -12,12 +12,14 @@ hyperparameter or option, a schedule, a new state buffer, grads the compiled
 reader refuses) falls back to the full step, which checks it all, raises
 where it must, and leaves a new plan.
 
-Only the common case is planned: one param group stepped by one compiled
-table (the norm pass, the skip decision and the update in one native call),
-float state, a number for lr, no loss scaler and no ``grad_stats`` hook.
-The plan runs the same code the full step runs for the per-step work
-(``_element_step``, ``_fused_call``, ``_finish_step``), so the two cannot
-drift apart; it only skips re-deriving what did not change.
+Planned: compiled tables, float state, a number for each group's lr, no
+loss scaler and no ``grad_stats`` hook; either one table (the norm pass, the
+skip decision and the update in one native call, with or without clipping
+and the non-finite skip) or several groups or tables without a norm to
+compute. The plan runs the same code the full step runs for the per-step
+work (``_element_step``, ``_fused_call``, ``_table_update``,
+``_finish_step``), so the two cannot drift apart; it only skips re-deriving
+what did not change.
 """
 
 from __future__ import annotations
@@ -31,44 +33,70 @@ from ..backends.threads import SERIAL_MAX
 STALE = object()
 
 
+class GroupPlan:
+    """One param group's part of a plan: its dict and what was checked of it,
+    its state entry and buffers, its tables."""
+
+    __slots__ = ("group", "params", "nparams", "glen", "keys", "values", "lr", "hypers",
+                 "state", "names", "buffers", "nstate", "tables", "grad_index")
+
+    def __init__(self, group, hypers, state, names, tables):
+        self.group, self.params, self.nparams = group, group["params"], len(group["params"])
+        self.glen = len(group)
+        self.keys = tuple(k for k in group if k != "params" and k != "lr")
+        # a copy of a list value sees in-place edits (tuple == compares it by value)
+        self.values = tuple(v[:] if type(v) is list else v for v in map(group.get, self.keys))
+        self.lr, self.hypers = group["lr"], hypers
+        self.state, self.names, self.nstate = state, names, len(names)
+        flat = state["flat"]
+        self.buffers = tuple(flat[n] for n in names)  # a tuple: a table caches its addresses
+        self.tables = tables
+        self.grad_index = [t.index_global for t in tables]
+
+    def holds(self, group):
+        """Whether ``group`` is still what was planned (lr may have a new
+        plain value: taken up here)."""
+        if (group is not self.group or len(group) != self.glen
+                or group["params"] is not self.params or len(self.params) != self.nparams
+                or tuple(map(group.get, self.keys)) != self.values):
+            return False
+        lr = group["lr"]
+        if lr is not self.lr:
+            if type(lr) is not float or not 0.0 <= lr < math.inf:
+                return False          # the full step checks it (and names the key)
+            self.hypers = dict(self.hypers, lr=lr)
+            self.lr = lr
+        return True
+
+
 class StepPlan:
-    __slots__ = ("tables", "table", "group", "params", "nparams", "glen", "keys", "values",
-                 "lr", "hypers", "state", "names", "buffers", "max_norm_given",
-                 "skip_given", "max_norm", "norm_mode", "small", "nstate")
+    __slots__ = ("tables", "groups", "single", "max_norm_given", "skip_given", "max_norm",
+                 "norm_mode", "small")
 
     @classmethod
     def make(cls, opt, hypers, max_norm, check, names):
-        """The plan of the step that just ran (its checked ``hypers`` per group,
-        ``max_norm`` and ``check`` as ``_step_options`` gave them, the first
-        group's state buffer ``names`` in kernel order), or None where the
-        fast path does not apply."""
-        if (not opt._single or opt.grad_stats is not None or opt.loss_scaler is not None
-                or opt._schedules or opt._state_format.compact or len(opt.param_groups) != 1):
+        """The plan of the step that just ran (its checked ``hypers`` and state
+        buffer ``names`` per group, ``max_norm`` and ``check`` as
+        ``_step_options`` gave them), or None where the fast path does not
+        apply."""
+        norm_mode = 2 if check else (1 if max_norm is not None else 0)
+        if (opt.grad_stats is not None or opt.loss_scaler is not None or opt._schedules
+                or opt._state_format.compact or (norm_mode and not opt._single)):
             return None
-        group, st = opt.param_groups[0], opt.state[0]
-        h = hypers[0]
-        if type(group["lr"]) is not float or group["lr"] != h["lr"]:
-            return None
-        flat = st["flat"]
-        if any(n not in flat for n in names):
-            return None
+        groups = []
+        for group, h, st, ns, ts in zip(opt.param_groups, hypers, opt.state, names,
+                                        opt._tables):
+            if (type(group["lr"]) is not float or group["lr"] != h["lr"]
+                    or any(n not in st["flat"] for n in ns)):
+                return None
+            groups.append(GroupPlan(group, h, st, ns, ts))
         plan = cls()
-        plan.tables, plan.table = opt._tables, opt._all_tables[0]
-        plan.group, plan.params, plan.nparams = group, group["params"], len(group["params"])
-        plan.glen = len(group)
-        plan.keys = tuple(k for k in group if k != "params" and k != "lr")
-        # a copy of a list value sees in-place edits (tuple == compares it by value)
-        plan.values = tuple(v[:] if type(v) is list else v for v in map(group.get, plan.keys))
-        plan.lr, plan.hypers = group["lr"], h
-        plan.state, plan.names = st, names
-        plan.buffers = tuple(flat[n] for n in names)    # a tuple: the table caches its addresses
+        plan.tables, plan.groups, plan.single = opt._tables, groups, opt._single
         plan.max_norm_given, plan.skip_given = opt.max_grad_norm, opt.skip_nonfinite
-        plan.max_norm = max_norm
-        plan.norm_mode = 2 if check else (1 if max_norm is not None else 0)
+        plan.max_norm, plan.norm_mode = max_norm, norm_mode
         # a table this small always runs serially (_fused_call); without a
         # norm to compute the plan calls the backend itself
-        plan.small = plan.table.nelem <= SERIAL_MAX and plan.norm_mode == 0
-        plan.nstate = len(names)
+        plan.small = opt._single and opt._all_tables[0].nelem <= SERIAL_MAX and not norm_mode
         return plan
 
     def run(self, opt, grads):
@@ -79,37 +107,51 @@ class StepPlan:
         replacing it always replaces too: a new param group, a checkpoint
         load or new state buffers come with new tables or a new state entry
         (a step that makes buffers is a full step, which drops the plan)."""
-        group = self.group
-        groups = opt.param_groups
-        if (opt._tables is not self.tables or groups[0] is not group or len(groups) != 1
-                or opt.state[0] is not self.state or len(group) != self.glen
-                or group["params"] is not self.params or len(self.params) != self.nparams
+        groups, plans = opt.param_groups, self.groups
+        if (opt._tables is not self.tables or len(groups) != len(plans)
                 or opt.max_grad_norm is not self.max_norm_given
                 or opt.skip_nonfinite is not self.skip_given
-                or opt.loss_scaler is not None or opt._schedules or opt.grad_stats is not None
-                or tuple(map(group.get, self.keys)) != self.values):
+                or opt.loss_scaler is not None or opt._schedules or opt.grad_stats is not None):
             return STALE
-        lr = group["lr"]
-        if lr is not self.lr:
-            if type(lr) is not float or not 0.0 <= lr < math.inf:
-                return STALE          # the full step checks it (and names the key)
-            self.hypers = dict(self.hypers, lr=lr)
-            self.lr = lr
-        t = self.table
-        t.grads = None
+        states = opt.state
+        for gi, g in enumerate(plans):
+            if states[gi] is not g.state or not g.holds(groups[gi]):
+                return STALE
+        be = opt._backend
         opt._bound = None
         opt._bound_list = grads
-        if not opt._backend.gather(t, grads):
-            return STALE              # the full checks say why (or take it)
-        s, names = opt._element_step(self.hypers, self.state)
-        if names != self.names:
-            return STALE              # a state buffer to make: the full step makes it
-        if self.small:
-            # serial, no norm: _fused_call's own call for such a table, made
-            # here directly (a frame less of fixed cost)
-            el = element_of(s, self.nstate)
-            opt._backend.step(t, el, self.buffers, el.grad_scale, 0.0, 1.0, 0, False, None)
-            return opt._finish_step(False, None, [self.hypers])
-        norm, skip = opt._fused_call(opt._backend, t, s, self.buffers, self.max_norm, 1.0,
-                                     self.norm_mode, None)
-        return opt._finish_step(skip, norm, [self.hypers])
+        if self.single:
+            g = plans[0]
+            t = g.tables[0]
+            t.grads = None
+            if not be.gather(t, grads):
+                return STALE          # the full checks say why (or take it)
+            s, names = opt._element_step(g.hypers, g.state)
+            if names != g.names:
+                return STALE          # a state buffer to make: the full step makes it
+            if self.small:
+                # serial, no norm: _fused_call's own call for such a table, made
+                # here directly (a frame less of fixed cost)
+                el = element_of(s, g.nstate)
+                be.step(t, el, g.buffers, el.grad_scale, 0.0, 1.0, 0, False, None)
+                return opt._finish_step(False, None, [g.hypers])
+            norm, skip = opt._fused_call(be, t, s, g.buffers, self.max_norm, 1.0,
+                                         self.norm_mode, None)
+            return opt._finish_step(skip, norm, [g.hypers])
+        if type(grads) is not list or len(grads) != len(opt._params):
+            return STALE
+        for g in plans:                     # every table reads its grads first
+            for t, index in zip(g.tables, g.grad_index):
+                t.grads = None
+                if not be.gather(t, [grads[i] for i in index]):
+                    return STALE
+        elements = []
+        for g in plans:
+            s, names = opt._element_step(g.hypers, g.state)
+            if names != g.names:
+                return STALE
+            elements.append(element_of(s, g.nstate))
+        for g, el in zip(plans, elements):  # nothing has been written before here
+            for t in g.tables:
+                opt._table_update(be, t, el, g.buffers, 1.0)
+        return opt._finish_step(False, None, [g.hypers for g in plans])
