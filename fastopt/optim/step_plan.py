@@ -53,19 +53,13 @@ class GroupPlan:
         self.tables = tables
         self.grad_index = [t.index_global for t in tables]
 
-    def holds(self, group):
-        """Whether ``group`` is still what was planned (lr may have a new
-        plain value: taken up here)."""
-        if (group is not self.group or len(group) != self.glen
-                or group["params"] is not self.params or len(self.params) != self.nparams
-                or tuple(map(group.get, self.keys)) != self.values):
+    def take_lr(self, lr):
+        """Take up a new plain value of lr; False when it is anything else
+        (the full step checks it and names the key)."""
+        if type(lr) is not float or not 0.0 <= lr < math.inf:
             return False
-        lr = group["lr"]
-        if lr is not self.lr:
-            if type(lr) is not float or not 0.0 <= lr < math.inf:
-                return False          # the full step checks it (and names the key)
-            self.hypers = dict(self.hypers, lr=lr)
-            self.lr = lr
+        self.hypers = dict(self.hypers, lr=lr)
+        self.lr = lr
         return True
 
 
@@ -114,8 +108,14 @@ class StepPlan:
                 or opt.loss_scaler is not None or opt._schedules or opt.grad_stats is not None):
             return STALE
         states = opt.state
-        for gi, g in enumerate(plans):
-            if states[gi] is not g.state or not g.holds(groups[gi]):
+        for gi, g in enumerate(plans):    # GroupPlan.holds, inline: fixed cost
+            group = groups[gi]
+            if (states[gi] is not g.state or group is not g.group or len(group) != g.glen
+                    or group["params"] is not g.params or len(g.params) != g.nparams
+                    or tuple(map(group.get, g.keys)) != g.values):
+                return STALE
+            lr = group["lr"]
+            if lr is not g.lr and not g.take_lr(lr):
                 return STALE
         be = opt._backend
         opt._bound = None
