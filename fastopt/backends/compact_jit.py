@@ -6,7 +6,7 @@ One element at a time, for the compiled CPU drivers
 plain Python, so each also runs as Python, with NumPy scalars): they compute the same bits as the NumPy
 functions there, which are the specification (tested bit for bit on every
 code and around every rounding boundary). The Cython kernels' C twins are in
-``_cython/kernels_impl.pxi``. Kept apart from :mod:`~fastopt.backends.compact`
+``_cython/compact_impl.pxi``. Kept apart from :mod:`~fastopt.backends.compact`
 so that the optimizers can use the formats without importing Numba.
 
 Numba widens uint32 arithmetic to 64 bits: products are masked back to 32
@@ -31,9 +31,9 @@ def random_bits_one(key, index):
     # scalar run as Python (the CUDA simulator) must not overflow
     h = np.uint32((np.uint64(np.uint32(index) ^ np.uint32(key)) * np.uint64(0x9E3779B1))
                   & np.uint64(0xFFFFFFFF))
-    h ^= h >> np.uint32(16)
-    h ^= h >> np.uint32(8)
-    return h & np.uint32(0xFFFF)
+    h = np.uint32(h ^ (h >> np.uint32(16)))     # (each step cast back: Numba widens it)
+    h = np.uint32(h ^ (h >> np.uint32(8)))
+    return np.uint32(h & np.uint32(0xFFFF))
 
 
 @register_jitable
@@ -93,58 +93,58 @@ _SIGNED_LOW, SIGNED_TOP = C.SIGNED_GRID            # 113, 120
 _UNSIGNED_LOW, UNSIGNED_TOP = C.UNSIGNED_GRID      # 97, 248
 
 
-@register_jitable
-def _magnitude_one(mag, low_field, ulp):
-    """float32 of a code magnitude (``_decode_magnitude``'s twin)."""
-    e = mag >> 3
-    m = mag & 7
-    if e > 0:
-        return f32_from_bits(np.uint32(((e + low_field - 1) << 23) | (m << 20)))
-    return np.float32(m) * ulp
+# Each grid's constants: the lowest binade's float exponent field, the
+# largest code magnitude, 2**(low - 127) (linear steps below it) and
+# 2**(150 - low) (a value there in 2**-20 steps of the grid's ulp).
+_SIGNED = (_SIGNED_LOW, SIGNED_TOP, np.float32(2.0 ** (_SIGNED_LOW - 127)),
+           np.float32(2.0 ** (150 - _SIGNED_LOW)))
+_UNSIGNED = (_UNSIGNED_LOW, UNSIGNED_TOP, np.float32(2.0 ** (_UNSIGNED_LOW - 127)),
+             np.float32(2.0 ** (150 - _UNSIGNED_LOW)))
+
+# The forms below are the C twins' (_cython/compact_impl.pxi): selects of
+# values computed on both sides, so that the block loops vectorise.
 
 
 @register_jitable
 def q8_decode_one(code, scale, signed):
     """float32 value of one 8-bit ``code`` (int8 when ``signed``, else
     uint8) in a block of absmax ``scale``: the scalar twin of
-    :func:`q8_decode_signed` / :func:`q8_decode_unsigned`."""
-    if signed:
-        c = np.int64(code)
-        v = _magnitude_one(-c if c < 0 else c, _SIGNED_LOW, np.float32(2.0 ** -17))
-        return (-v if c < 0 else v) * scale
-    return _magnitude_one(np.int64(code), _UNSIGNED_LOW, np.float32(2.0 ** -33)) * scale
-
-
-@register_jitable
-def _code_one(rel, low_field, top, keep_positive, rnd):
-    """Code magnitude of ``rel`` (>= 0, or NaN) rounded up with the
-    probability of the dropped bits (``rnd``: 20 random bits):
-    ``_encode_magnitude``'s twin."""
-    b = np.int64(f32_bits(rel)) & 0x7FFFFFFF
-    if (b >> 23) >= low_field:
-        r = (b + rnd) >> 20
-        code = (((r >> 3) - low_field + 1) << 3) | (r & 7)
-    else:       # linear steps of the lowest binade's ulp, counted in 2**-20 steps
-        steps = np.int64(rel * f32_from_bits(np.uint32((127 + 150 - low_field) << 23)))
-        code = (steps + rnd) >> 20
-        if keep_positive and code == 0 and b != 0:
-            code = 1
-    return min(code, top)
+    :func:`q8_decode_signed` / :func:`q8_decode_unsigned`. A magnitude of 8
+    or more is a float whose exponent and mantissa fields are the code's
+    shifted; below 8, linear steps of the lowest binade's ulp,
+    ``2 * that float - edge`` (exact)."""
+    low, _, edge, _ = _SIGNED if signed else _UNSIGNED
+    c = np.int64(code)
+    mag = -c if c < 0 else c
+    f = f32_from_bits(np.uint32((mag << 20) + ((low - 1) << 23)))
+    v = f if mag >= 8 else f * np.float32(2) - edge
+    return (-v if c < 0 else v) * scale
 
 
 @register_jitable
 def q8_encode_one(x, scale, signed, key, index):
     """The 8-bit code (as an int) of float32 ``x`` in a block of absmax
     ``scale``, rounded stochastically with the bits of (``key``, ``index``):
-    the scalar twin of :func:`q8_encode_signed` / :func:`q8_encode_unsigned`."""
+    the scalar twin of :func:`q8_encode_signed` / :func:`q8_encode_unsigned`.
+    (Each integer step cast back to uint32: Numba widens it to 64 bits, and
+    a block loop on 64-bit lanes takes twice the vector operations.)"""
     if not scale > np.float32(0):
         return 0
-    rel = abs(x) / scale
-    rnd = np.int64(random_bits_one(key, index)) << 4
+    low, top, edge, sub_scale = _SIGNED if signed else _UNSIGNED
+    b = np.uint32(f32_bits(abs(x) / scale) & np.uint32(0x7FFFFFFF))
+    rnd = np.uint32(random_bits_one(key, index) << np.uint32(4))
+    # below the lowest binade: the value in 2**-20 steps of its ulp, exact
+    # (clamped to the edge as integers: |rel|'s bits order as the floats)
+    steps = np.uint32(np.int32(f32_from_bits(np.uint32(min(b, f32_bits(edge)))) * sub_scale))
+    # at or above it: the exponent (counted from the lowest binade, code 8)
+    # and 3 mantissa bits; rounded up with the probability of the dropped bits
+    t = np.uint32(b - np.uint32((low - 1) << 23)) if b >= np.uint32(low << 23) else steps
+    code = np.uint32(np.uint32(t + rnd) >> np.uint32(20))
     if signed:
-        mag = _code_one(rel, _SIGNED_LOW, SIGNED_TOP, False, rnd)
-        return -mag if (f32_bits(x) >> np.uint32(31)) and mag > 0 else mag
-    return _code_one(rel, _UNSIGNED_LOW, UNSIGNED_TOP, True, rnd)
+        code = np.uint32(min(code, np.uint32(top)))
+        return -np.int64(code) if f32_bits(x) >> np.uint32(31) else np.int64(code)
+    code = np.uint32(max(code, np.uint32(b != np.uint32(0))))      # a positive value never gets 0
+    return np.int64(min(code, np.uint32(top)))
 
 
 @register_jitable
@@ -152,7 +152,7 @@ def absmax_bits_one(x):
     """The bits of ``|x|`` (uint32): for non-negative floats the integer
     order is the float order, with NaN above inf, so a block's absmax is an
     integer max (NaN when the block holds one, as ``np.max``)."""
-    return f32_bits(x) & np.uint32(0x7FFFFFFF)
+    return np.uint32(f32_bits(x) & np.uint32(0x7FFFFFFF))
 
 
 # -- a block of one state buffer ------------------------------------------------------------
@@ -178,15 +178,20 @@ def decode_block(codes, absmax, o, m, x, bf16, signed):
 @register_jitable
 def encode_block(codes, absmax, key, o, m, x, bf16, signed):
     """``x[:m]`` encoded as ``codes[o:o + m]``, rounded stochastically with
-    ``key`` and the indices ``o + i``; 8-bit against the block's new absmax."""
+    ``key`` and the indices ``o + i``; 8-bit against the block's new absmax.
+    (The index a uint32 counter of its own and the max in uint32: on 64-bit
+    lanes the loops take twice the vector operations.)"""
+    at = np.uint32(o)
     if bf16:
         for i in range(m):
-            codes[o + i] = bf16_encode_sr_one(f32_bits(x[i]), key, o + i)
+            codes[o + i] = bf16_encode_sr_one(f32_bits(x[i]), key, at)
+            at = np.uint32(at + np.uint32(1))
         return
     top = np.uint32(0)
     for i in range(m):
-        top = max(top, absmax_bits_one(x[i]))
-    scale = f32_from_bits(np.uint32(top))
+        top = np.uint32(max(top, absmax_bits_one(x[i])))
+    scale = f32_from_bits(top)
     absmax[o // BLOCK] = scale
     for i in range(m):
-        codes[o + i] = q8_encode_one(x[i], scale, signed, key, o + i)
+        codes[o + i] = q8_encode_one(x[i], scale, signed, key, at)
+        at = np.uint32(at + np.uint32(1))
