@@ -13,6 +13,8 @@ call per group, device refusal) is in test_optim_family_common.py.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
@@ -173,9 +175,16 @@ def test_serial_and_threaded_steps_are_bit_identical(backend, layout, monkeypatc
         pytest.skip("one thread: nothing runs threaded")
     calls = []
     real = module.step
-    monkeypatch.setattr(module, "step", lambda t, el, b, gs, **k: (
-        calls.append((el.phases, k["parallel"], t.ntasks > 1, t.nelem > SERIAL_MAX)),
-        real(t, el, b, gs, **k))[1])
+    signature = inspect.signature(real)
+
+    def step(*args, **kw):       # positional or by keyword, as the callers pass them
+        bound = signature.bind(*args, **kw)
+        bound.apply_defaults()
+        k = bound.arguments
+        t = k["table"]
+        calls.append((k["el"].phases, k["parallel"], t.ntasks > 1, t.nelem > SERIAL_MAX))
+        return real(*args, **kw)
+    monkeypatch.setattr(module, "step", step)
     init, grads = big_problem(np.float32, steps=4)
     results = []
     for threaded in (False, True):

@@ -11,6 +11,7 @@ from .._openmp import in_forked_child, on_fork_serial, short_spin
 from .compact import check_compact
 from .lowp import bits
 from .scalars import AdamScalars, SGDScalars, adam_element, sgd_element
+from .tables import check_unshifted
 
 
 def _cpu_has(*features) -> bool:
@@ -55,11 +56,19 @@ def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
     """One step over ``table`` (see :mod:`fastopt.backends.tables`) with the
     group's state ``buffers`` in kernel order; returns ``(unscaled norm,
     skipped)``. ``compact``: None for float state, else the
-    :class:`~fastopt.backends.compact.CompactStep` of code ``buffers``."""
+    :class:`~fastopt.backends.compact.CompactStep` of code ``buffers``.
+
+    A table offset (``table.shift``, SAM's restore) is read by the kernels
+    (its address is in the header) and cleared once a step applied it; a
+    skipped step leaves it pending (see :meth:`StepTable.set_shift`)."""
     st0, st1, st2 = table.state_addresses(buffers, compact)
     if compact is None:
-        return _k.step(table.header_addr, el.op, st0, st1, st2, el.values, el.flags, gscale,
-                       max_norm, inv_scale, norm_mode, parallel)
+        out = _k.step(table.header_addr, el.op, st0, st1, st2, el.values, el.flags, gscale,
+                      max_norm, inv_scale, norm_mode, parallel)
+        if table.shift is not None and not out[1]:
+            table.clear_shift()
+        return out
+    check_unshifted(table)
     check_compact(table, el)
     kind, codes, absmax, signed = table.compact_header
     return _k.step(table.header_addr, el.op, 0, 0, 0, el.values, el.flags, gscale,

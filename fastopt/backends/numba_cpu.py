@@ -29,6 +29,7 @@ from .compact import check_compact
 from .lowp import bits
 from .scalars import (AdamElement, AdamScalars, SGDElement, SGDScalars, adam_element,
                       sgd_element)
+from .tables import check_unshifted
 
 name = "numba"
 threaded = True
@@ -211,9 +212,11 @@ def _narrow_array(src, dst):
 # time by the type of the step's scalars (AdamElement, SGDElement), and a
 # state buffer the options do not use is None (so the loop has no code for
 # it, and LLVM's runtime alias checks see only real arrays). ``w`` is what
-# the step updates (the params, or their float32 master copy), ``g`` the
-# gradients as stored, ``out`` None or (mixed precision) the 16-bit params,
-# written as the rounded weight in the same pass.
+# the step updates (the params, or their float32 master copy), ``e`` None or
+# an offset the step reads the weights at (``w - e``: SAM's restore fused
+# into the step, see tables.StepTable.set_shift), ``g`` the gradients as
+# stored, ``out`` None or (mixed precision) the 16-bit params, written as
+# the rounded weight in the same pass.
 
 def _element(c, w, g, i, s0, s1, s2, flags):
     """Update element ``i``: the state in ``s0..s2``, the new weight returned."""
@@ -342,10 +345,22 @@ def _array_factor_impl(c, a, b):
     return None
 
 
+def _weight(w, e, i):
+    """Element ``i`` of the weights as the step reads them: ``w[i] - e[i]``,
+    or ``w[i]`` when ``e`` is None (settled at compile time: no code for it)."""
+
+
+@overload(_weight, jit_options=_UPDATE)
+def _weight_impl(w, e, i):
+    if e is None or isinstance(e, types.NoneType):
+        return lambda w, e, i: w[i]
+    return lambda w, e, i: w[i] - e[i]
+
+
 @_ujit
-def _apply(c, w, g, out, s0, s1, s2, n, gs, flags):
+def _apply(c, w, e, g, out, s0, s1, s2, n, gs, flags):
     for i in range(n):
-        p = _element(c, w[i], _widen(g[i]) * gs, i, s0, s1, s2, flags)
+        p = _element(c, _weight(w, e, i), _widen(g[i]) * gs, i, s0, s1, s2, flags)
         w[i] = p
         if out is not None:    # mixed precision; resolved at compile time
             out[i] = _narrow(p, out)
@@ -364,8 +379,8 @@ def _part_impl(a, lo, hi):
 
 @_ujit
 def _flat_chunk(c, w, g, out, s0, s1, s2, lo, hi, gs, flags):
-    _apply(c, w[lo:hi], g[lo:hi], _part(out, lo, hi), _part(s0, lo, hi), _part(s1, lo, hi),
-           _part(s2, lo, hi), hi - lo, gs, flags)
+    _apply(c, w[lo:hi], None, g[lo:hi], _part(out, lo, hi), _part(s0, lo, hi),
+           _part(s1, lo, hi), _part(s2, lo, hi), hi - lo, gs, flags)
 
 
 @_upjit
@@ -451,10 +466,11 @@ def _state_pieces(st0, st1, st2, soff, pk, plo, phi, j):
 
 
 @_ujit
-def _task_update(t, c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
+def _task_update(t, c, waddr, eaddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
                  like_w, like_g, like_o, gs, flags):
     for j in range(tasks[t], tasks[t + 1]):
         _apply_piece(c, _piece(waddr, pk, plo, phi, j, like_w),
+                     _piece(eaddr, pk, plo, phi, j, like_w),
                      _piece(gaddr, pk, plo, phi, j, like_g),
                      _piece(oaddr, pk, plo, phi, j, like_o),
                      st0, st1, st2, soff, pk, plo, phi, j, gs, flags)
@@ -469,9 +485,10 @@ def _task_update(t, c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1,
 # the unchanged ``_apply`` over the block, the scratch encoded back. The
 # codes' type picks the codec at compile time: float state compiles as before.
 
-def _apply_piece(c, w, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, flags):
-    """Update piece ``j`` (``w``, ``g``, ``out`` its weights, gradients and
-    16-bit params) and its state at the same elements of ``st0..st2``."""
+def _apply_piece(c, w, e, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, flags):
+    """Update piece ``j`` (``w``, ``e``, ``g``, ``out`` its weights, offset,
+    gradients and 16-bit params) and its state at the same elements of
+    ``st0..st2``."""
 
 
 def _is_none(a):
@@ -479,14 +496,14 @@ def _is_none(a):
 
 
 @overload(_apply_piece, jit_options=_UPDATE)
-def _apply_piece_impl(c, w, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, flags):
+def _apply_piece_impl(c, w, e, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, flags):
     if not isinstance(st0, types.BaseTuple):      # float state (or none): in place
-        def in_place(c, w, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, flags):
+        def in_place(c, w, e, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, flags):
             s0, s1, s2, n = _state_pieces(st0, st1, st2, soff, pk, plo, phi, j)
-            _apply(c, w, g, out, s0, s1, s2, n, gs, flags)
+            _apply(c, w, e, g, out, s0, s1, s2, n, gs, flags)
         return in_place
 
-    def blockwise(c, w, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, flags):
+    def blockwise(c, w, e, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, flags):
         n = np.uint64(phi[j] - plo[j])
         o = np.uint64(soff[pk[j]] + plo[j])     # a multiple of BLOCK for 8-bit state
         x0 = np.empty(_BLOCK, np.float32)
@@ -498,7 +515,8 @@ def _apply_piece_impl(c, w, g, out, st0, st1, st2, soff, pk, plo, phi, j, gs, fl
             s0 = _decode_block(st0, o + b, m, x0)
             s1 = _decode_block(st1, o + b, m, x1)
             s2 = _decode_block(st2, o + b, m, x2)
-            _apply(c, w[b:b + m], g[b:b + m], _part(out, b, b + m), s0, s1, s2, m, gs, flags)
+            _apply(c, w[b:b + m], _part(e, b, b + m), g[b:b + m], _part(out, b, b + m), s0, s1,
+                   s2, m, gs, flags)
             _encode_block(st0, o + b, m, x0)
             _encode_block(st1, o + b, m, x1)
             _encode_block(st2, o + b, m, x2)
@@ -555,7 +573,7 @@ _LANES = np.uint64(64)
 
 
 @_ujit
-def _sums(c, w, g, s0, s1, s2, n, gs, flags):
+def _sums(c, w, e, g, s0, s1, s2, n, gs, flags):
     """Phase one over a piece: the float64 sums of squares of the two values."""
     a = np.zeros(_LANES)
     b = np.zeros(_LANES)
@@ -563,7 +581,7 @@ def _sums(c, w, g, s0, s1, s2, n, gs, flags):
     while lo < n:
         for i in range(min(_LANES, n - lo)):
             k = lo + i
-            x, y = _element_sums(c, w[k], _widen(g[k]) * gs, k, s0, s1, s2, flags)
+            x, y = _element_sums(c, _weight(w, e, k), _widen(g[k]) * gs, k, s0, s1, s2, flags)
             xf, yf = np.float64(x), np.float64(y)
             a[i] += xf * xf
             b[i] += yf * yf
@@ -576,24 +594,24 @@ def _sums(c, w, g, s0, s1, s2, n, gs, flags):
 
 
 @_ujit
-def _finish(c, w, out, s0, s1, s2, n, f, flags):
+def _finish(c, w, e, out, s0, s1, s2, n, f, flags):
     """Phase two over a piece of one array, with the array's factor ``f``."""
     for i in range(n):
-        p = _element_finish(c, w[i], i, s0, s1, s2, flags, f)
+        p = _element_finish(c, _weight(w, e, i), i, s0, s1, s2, flags, f)
         w[i] = p
         if out is not None:    # mixed precision; resolved at compile time
             out[i] = _narrow(p, out)
 
 
 @_ujit
-def _task_sums(t, c, waddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2, like_w,
+def _task_sums(t, c, waddr, eaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2, like_w,
                like_g, gs, flags, psum):
     """Phase one over task ``t``: piece ``j``'s two sums in ``psum[2j:2j+2]``."""
     for j in range(tasks[t], tasks[t + 1]):
         s0, s1, s2, n = _state_pieces(st0, st1, st2, soff, pk, plo, phi, j)
         psum[2 * j], psum[2 * j + 1] = _sums(
-            c, _piece(waddr, pk, plo, phi, j, like_w), _piece(gaddr, pk, plo, phi, j, like_g),
-            s0, s1, s2, n, gs, flags)
+            c, _piece(waddr, pk, plo, phi, j, like_w), _piece(eaddr, pk, plo, phi, j, like_w),
+            _piece(gaddr, pk, plo, phi, j, like_g), s0, s1, s2, n, gs, flags)
 
 
 @_ujit
@@ -609,13 +627,14 @@ def _array_factors(c, pfirst, psum, factor, k):
 
 
 @_ujit
-def _task_finish(t, c, waddr, oaddr, soff, pk, plo, phi, tasks, st0, st1, st2, like_w,
+def _task_finish(t, c, waddr, eaddr, oaddr, soff, pk, plo, phi, tasks, st0, st1, st2, like_w,
                  like_o, flags, factor):
     """Phase two over task ``t``, each piece with its array's factor."""
     for j in range(tasks[t], tasks[t + 1]):
         s0, s1, s2, n = _state_pieces(st0, st1, st2, soff, pk, plo, phi, j)
-        _finish(c, _piece(waddr, pk, plo, phi, j, like_w), _piece(oaddr, pk, plo, phi, j, like_o),
-                s0, s1, s2, n, like_w.dtype.type(factor[pk[j]]), flags)
+        _finish(c, _piece(waddr, pk, plo, phi, j, like_w), _piece(eaddr, pk, plo, phi, j, like_w),
+                _piece(oaddr, pk, plo, phi, j, like_o), s0, s1, s2, n,
+                like_w.dtype.type(factor[pk[j]]), flags)
 
 
 @_jit
@@ -643,7 +662,7 @@ def _decide(partial, max_norm, inv_scale, norm_mode):
     return norm, coef, norm_mode == 2 and not (norm - norm == 0)
 
 
-def _table_step(c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
+def _table_step(c, waddr, eaddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
                 like_w, like_g, like_o, gscale, flags, max_norm, inv_scale, norm_mode,
                 partial, one_phase, two_phase):
     """One step over a table: the norm pass (``norm_mode`` 1: for clipping,
@@ -657,7 +676,9 @@ def _table_step(c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2
     ``(pfirst, psum, factor)``, see tables.StepTable): phase one per task,
     the per-array factors from the pieces' sums, phase two per task. Numba
     settles ``argument is None`` at compile time, so each compilation holds
-    only its own update (an element type has the functions of one kind)."""
+    only its own update (an element type has the functions of one kind).
+    ``eaddr``: None, or the table's offset column (the weights read as
+    ``w - e``); a skipped step writes nothing, offset or not."""
     ntasks = tasks.size - 1
     norm, coef, skip = 0.0, 1.0, False
     if norm_mode:
@@ -668,18 +689,18 @@ def _table_step(c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2
         gs = like_w.dtype.type(gscale * coef)
         if one_phase is not None:       # resolved at compile time
             for t in prange(ntasks):
-                _task_update(t, c, waddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1,
-                             st2, like_w, like_g, like_o, gs, flags)
+                _task_update(t, c, waddr, eaddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0,
+                             st1, st2, like_w, like_g, like_o, gs, flags)
         if two_phase is not None:
             pfirst, psum, factor = two_phase
             for t in prange(ntasks):
-                _task_sums(t, c, waddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
-                           like_w, like_g, gs, flags, psum)
+                _task_sums(t, c, waddr, eaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1,
+                           st2, like_w, like_g, gs, flags, psum)
             for k in prange(pfirst.size - 1):
                 _array_factors(c, pfirst, psum, factor, k)
             for t in prange(ntasks):
-                _task_finish(t, c, waddr, oaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
-                             like_w, like_o, flags, factor)
+                _task_finish(t, c, waddr, eaddr, oaddr, soff, pk, plo, phi, tasks, st0, st1,
+                             st2, like_w, like_o, flags, factor)
     return norm, skip
 
 
@@ -842,10 +863,16 @@ def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
     """One step over ``table`` (see :mod:`fastopt.backends.tables`) with the
     group's state ``buffers`` in kernel order; returns ``(unscaled norm,
     skipped)``. ``compact``: None for float state, else the
-    :class:`~fastopt.backends.compact.CompactStep` of code ``buffers``."""
+    :class:`~fastopt.backends.compact.CompactStep` of code ``buffers``.
+
+    A table offset (``table.shift``, SAM's restore) is read by the kernels
+    and cleared once a step applied it; a skipped step leaves it pending
+    (see :meth:`StepTable.set_shift`)."""
     info = _table_info(table)
     table.state_addresses(buffers, compact)    # keeps the table's written ranges current
+    shift = table.shift
     if compact is not None:
+        check_unshifted(table)
         check_compact(table, el)
         buffers = [(b, _NO_ABSMAX if a is None else a, np.uint32(k))
                    for b, a, k in zip(buffers, compact.absmax, compact.keys)]
@@ -853,12 +880,15 @@ def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
     parallel = (parallel and table.nelem > SERIAL_MAX and table.ntasks > 1
                 and not in_forked_child())
     run = _table_parallel if parallel else _table_serial
-    norm, skip = run(_scalars(el, info["dtype"]), table.waddr, table.oaddr, table.gaddr,
+    norm, skip = run(_scalars(el, info["dtype"]), table.waddr,
+                     None if shift is None else table.eaddr, table.oaddr, table.gaddr,
                      table.soff, table.pk, table.plo, table.phi, table.tasks, st0, st1, st2,
                      info["like_w"], info["like_g"], info["like_o"], float(gscale), el.flags,
                      float(max_norm), float(inv_scale), norm_mode, table.partial,
                      *((True, None) if el.phases == 1 else
                        (None, (table.pfirst, table.psum, table.factor))))
+    if shift is not None and not skip:
+        table.clear_shift()
     return float(norm), bool(skip)
 
 

@@ -21,7 +21,12 @@ from a :class:`StepTable` built once per group:
   ratio, ``ElementStep.phases == 2``): each array's range of pieces
   (``pfirst``), room for two float64 sums per piece (``psum``) and one
   factor per array (``factor``). The pieces' sums are added per array in
-  piece order, so these too do not depend on the thread count.
+  piece order, so these too do not depend on the thread count;
+* an optional *offset* per array (``shift``, SAM's perturbation ``e``):
+  while one is set the kernels read each weight as ``w - e`` and write the
+  stepped weight, so undoing the perturbation and the step are one pass
+  (:meth:`StepTable.set_shift`). The header's ``H_SHIFT`` slot is 0 without
+  one, and the drivers then run the loops they ran before offsets existed.
 
 Everything here is plain NumPy; the kernels that read a table are in
 ``_cython/kernels_impl.pxi`` and ``numba_cpu.py``. Backends without a
@@ -116,6 +121,9 @@ class StepTable:
         self.psum = np.zeros(max(2 * self.pk.size, 1))
         self.factor = np.zeros(max(len(self.sizes), 1))
         self.gaddr = np.zeros(len(weights), _I64)
+        self.eaddr = np.zeros(len(weights), _I64)   # the offset column (set_shift)
+        self.shift = None         # the offset arrays while one is set, else None
+        self._shift_checked = None    # the last offsets set_shift checked (a tuple)
         self.threads = ThreadChoice()    # serial or threaded, from its own timings
         self.grads = None         # 1-D gradient views, for backends that walk arrays
         self.index_global = self.index   # positions among all the optimizer's params
@@ -127,13 +135,14 @@ class StepTable:
                           gaddr=a(self.gaddr), soff=a(self.soff), pk=a(self.pk),
                           plo=a(self.plo), phi=a(self.phi), tasks=a(self.tasks),
                           partial=a(self.partial), pfirst=a(self.pfirst),
-                          psum=a(self.psum), factor=a(self.factor))
-        # the same, in the order of the Cython kernels' H_* positions
+                          psum=a(self.psum), factor=a(self.factor), eaddr=a(self.eaddr))
+        # the same, in the order of the Cython kernels' H_* positions; the
+        # last (H_SHIFT) is the offset column's address while one is set
         self.header = np.asarray(list(self.addrs.values())[:8]
                                  + [self.ntasks, self.nelem, self.addrs["partial"],
                                     self.compute, self.store, self.addrs["pfirst"],
                                     len(self.sizes), self.addrs["psum"],
-                                    self.addrs["factor"]], _I64)
+                                    self.addrs["factor"], 0], _I64)
         self.header_addr = address(self.header)
 
     def state_addresses(self, buffers, compact=None) -> tuple:
@@ -164,6 +173,42 @@ class StepTable:
             self._state = (key, self._state[1])   # the same arrays: the newest key hits next
         return self._state[1]
 
+    def set_shift(self, offsets) -> None:
+        """Make the next step read each weight as ``weights[k] - offsets[k]``
+        (1-D arrays of the weights' dtype and sizes, checked here) and write
+        the stepped weight: SAM's restore fused into the base step (a
+        tuple: the same tuple again is not checked again). The
+        backend's ``step`` clears it once a step has applied it; a step that
+        skips (non-finite gradients) leaves it set and writes nothing, so
+        the caller sees it still pending (:meth:`undo_shift`)."""
+        if offsets is not self._shift_checked:     # the same tuple again: checked already
+            if self.outs is not None:
+                raise ValueError("an offset reads the weights as they are stored: not with "
+                                 "16-bit params and their float32 master copy")
+            if type(offsets) is not tuple or len(offsets) != len(self.weights) or any(
+                    not isinstance(e, np.ndarray) or e.dtype != w.dtype or e.shape != w.shape
+                    or not e.flags.c_contiguous for e, w in zip(offsets, self.weights)):
+                raise ValueError("offsets must be a tuple of one 1-D contiguous array per "
+                                 "weight, of its dtype and size")
+            self.eaddr[:] = [address(e) for e in offsets]
+            self._shift_checked = offsets
+        self.shift = offsets
+        self.header[-1] = self.addrs["eaddr"]
+
+    def clear_shift(self) -> None:
+        """No offset: the next step reads the weights as they are."""
+        self.header[-1] = 0
+        self.shift = None
+
+    def undo_shift(self) -> None:
+        """Apply a still-pending offset on its own (``w -= e``) and clear it:
+        for a step that did not apply it (skipped, or refused before its
+        kernels ran)."""
+        if self.shift is not None:
+            for w, e in zip(self.weights, self.shift):
+                w -= e
+            self.clear_shift()
+
     def _set_written(self, arrays):
         """Everything the step writes, as sorted byte ranges grads must miss."""
         self.written = merged_ranges(arrays)
@@ -182,6 +227,14 @@ class StepTable:
         """Gradient addresses (and 1-D views) from checked arrays."""
         self.gaddr[:] = [address(g) for g in flats]
         self.grads = flats
+
+
+def check_unshifted(table) -> None:
+    """Compact state steps without an offset (SAM keeps its two passes
+    there): refuse one before anything is written."""
+    if table.shift is not None:
+        raise ValueError("a table offset (SAM's fused restore) is not read by the "
+                         "compact-state kernels")
 
 
 def group_tables(params, weights, outs, offsets):

@@ -14,6 +14,16 @@ The math (:mod:`fastopt.backends.flat_ops`) is a global-norm pass and a
 scaled copy of the gradients added to the params: one compiled call per
 param group (both passes in one call for a one-group optimizer).
 
+:meth:`SAM.step` on the compiled CPU backends (numba, cython) hands ``e``
+to the base optimizer's step tables as an offset
+(:meth:`~fastopt.backends.tables.StepTable.set_shift`): the kernels read
+each weight as ``p - e`` and write the stepped weight, so the restore and
+the base step are one pass over the params, and one native call for a
+one-group optimizer (the planned fast step of
+:mod:`fastopt.optim.step_plan` included: the offset travels in the table).
+The NumPy reference and compact optimizer state (``state_dtype``) keep two
+passes: ``p -= e``, then the base step.
+
 On device params (a base optimizer on the ``cuda`` backend) the same steps
 are kernels (:mod:`fastopt.backends.flat_cuda`): the optimizers' device norm
 pass, the scale decided on the device, one perturbation launch per run of
@@ -69,6 +79,10 @@ class SAM:
       ``skip_nonfinite=True``).
     * :meth:`step` without :meth:`perturb`, or :meth:`perturb` twice, is a
       RuntimeError; wrong gradients are refused before anything is written.
+    * A base step that skips non-finite gradients (``skip_nonfinite``)
+      still restores the params: they end at the unperturbed point, the
+      base's state untouched and ``skipped_steps`` counted, on every
+      backend and placement.
     * State: ``state[gi]["e_w"]``, the group's perturbation as one flat
       buffer (the optimizers' layout), kept in :meth:`state_dict` with
       whether the params are perturbed, nested with the base's state.
@@ -308,12 +322,55 @@ class SAM:
                 return self._restore_and_step_on_device(grads)
             if self.perturbed:
                 self._bind(grads)        # the checks, before the params are restored
+                shifts = self._base_shifts()
+                if shifts is not None:
+                    return self._restore_in_base_step(grads, shifts)
                 ops = ops_for(self.backend)
                 for ts, st in zip(self._tables, self.state):
                     for t in ts:
                         ops.sam_restore(t, st["e_w"])
             self.perturbed = self._skipped = False
             return self.base_optimizer.step(grads)
+
+    def _base_shifts(self):
+        """``[(table, e views)]`` over the base optimizer's step tables, each
+        table's weights paired with their slices of ``e``; None where the
+        base's step cannot read an offset (the NumPy reference, compact
+        state): then the restore is a pass of its own."""
+        base = self.base_optimizer
+        if not getattr(base._backend, "compiled_tables", False) or base._state_format.compact:
+            return None
+        tables = base._tables or base._host_tables()
+        key = (tables, tuple(st["e_w"] for st in self.state))
+        cached = getattr(self, "_shift_cache", None)
+        if cached is not None and cached[0][0] is key[0] and all(
+                a is b for a, b in zip(cached[0][1], key[1])):
+            return cached[1]
+        shifts = []
+        for ts, st, group in zip(tables, self.state, self.param_groups):
+            starts = np.cumsum([0] + [p.size for p in group["params"]])
+            e = st["e_w"]
+            for t in ts:
+                shifts.append((t, tuple(e[starts[k]:starts[k] + n]
+                                        for k, n in zip(t.index, t.sizes))))
+        self._shift_cache = (key, shifts)
+        return shifts
+
+    def _restore_in_base_step(self, grads, shifts):
+        """The base step with ``e`` as its tables' offset: the kernels that
+        apply it restore and step in one pass and clear it; what is still
+        pending afterwards (a skipped step, a step refused before its
+        kernels ran) is restored here, so the params never stay perturbed."""
+        base = self.base_optimizer
+        with base._lock:
+            for t, views in shifts:
+                t.set_shift(views)
+            self.perturbed = self._skipped = False
+            try:
+                return base.step(grads)
+            finally:
+                for t, _ in shifts:
+                    t.undo_shift()
 
     def _restore_and_step_on_device(self, grads):
         base = self.base_optimizer
@@ -399,7 +456,7 @@ class SAM:
         # its own, and its e buffers, from host copies of e
         state = self.__dict__.copy()
         state["_saved_e"] = [self._e_host(gi) for gi in range(len(self.state))]
-        for name in ("_lock", "_tables", "_all", "state", "_e_runs"):
+        for name in ("_lock", "_tables", "_all", "state", "_e_runs", "_shift_cache"):
             state.pop(name, None)
         state["_layout_key"] = None
         return state

@@ -211,7 +211,11 @@ def get_num_threads():
 # How a step's state is held: float buffers, or compact codes
 # (fastopt/backends/compact.py). Compile-time tags, like ``Op``: each driver
 # loop is specialised once per layout, so each one inlines with constant
-# flags and vectorises.
+# flags and vectorises. ``ShiftedState`` is float state whose weights are
+# first moved by an offset (``w - e``: SAM's restore fused into the step,
+# see tables.StepTable.set_shift and ``_span_restored``); only the float
+# loops take it, so the loops without an offset are exactly those compiled
+# before offsets existed.
 cdef enum:
     BLOCK = 256         # elements per absmax block (compact.BLOCK)
     STATE_BF16 = 1
@@ -223,8 +227,11 @@ ctypedef struct Bf16State:
     char tag
 ctypedef struct Q8State:
     char tag
+ctypedef struct ShiftedState:
+    char tag
 ctypedef fused Layout:
     FloatState
+    ShiftedState
     Bf16State
     Q8State
 
@@ -591,33 +598,74 @@ cdef inline void _span(Op* op, floating* p, const storage* g, storage* out,
         _store(out, i, pi)
 
 
-cdef flattened _span_unswitched(Op* op, Layout* lay, floating* p, const storage* g,
+# An offset (SAM's perturbation ``e``) is applied a block at a time: the
+# block's weights restored (``p -= e``, the same rounding as a pass of its
+# own), then stepped by ``_span`` while they are still in L1. Memory sees
+# one pass, and the element loop is the one without an offset: read inside
+# it, ``e`` is one pointer more for gcc's runtime alias checks, past their
+# limit for Adam (the loop then stays scalar: measured 3-5x slower).
+cdef enum:
+    SHIFT_BLOCK = 1024      # elements restored, then stepped (4-8 KiB of weights)
+
+
+cdef inline void _restore(floating* p, const floating* e, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        p[i] = p[i] - e[i]
+
+
+cdef inline void _span_restored(Op* op, floating* p, const floating* e, const storage* g,
                                 storage* out, floating* s0, floating* s1, floating* s2,
-                                const Compact* cs, Py_ssize_t o, Py_ssize_t n,
+                                Py_ssize_t n, const floating* c, floating gs,
+                                int flags) noexcept nogil:
+    cdef Py_ssize_t lo = 0, m
+    while lo < n:
+        m = min(<Py_ssize_t>SHIFT_BLOCK, n - lo)
+        _restore(p + lo, e + lo, m)
+        _span(op, p + lo, g + lo, _off(out, lo), s0 + lo, s1 + lo, s2 + lo, m, c, gs, flags)
+        lo += m
+
+
+cdef inline void _span_layout(Op* op, Layout* lay, floating* p, const floating* e,
+                              const storage* g, storage* out, floating* s0, floating* s1,
+                              floating* s2, const Compact* cs, float* scratch, Py_ssize_t o,
+                              Py_ssize_t n, const floating* c, floating gs,
+                              int flags) noexcept nogil:
+    # the offset's blocks here; float and compact state in ``_span_state``
+    if Layout is ShiftedState:
+        _span_restored(op, p, e, g, out, s0, s1, s2, n, c, gs, flags)
+    else:
+        _span_state(op, lay, p, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, flags)
+
+
+cdef flattened _span_unswitched(Op* op, Layout* lay, floating* p, const floating* e,
+                                const storage* g, storage* out, floating* s0, floating* s1,
+                                floating* s2, const Compact* cs, Py_ssize_t o, Py_ssize_t n,
                                 const floating* c, floating gs, int flags) noexcept nogil:
     # Unswitched by hand: each call inlines the loop with constant flags, so
     # every variant is branch-free and vectorises (gcc unswitches small
     # float32 bodies itself, but gives up on the larger 16-bit ones).
-    # ``lay``: float state at s0..s2, or compact state ``cs`` (see
-    # ``_span_state``). 8-bit state's block scratch lives in this frame.
+    # ``lay``: float state at s0..s2 (``ShiftedState``: the weights first
+    # moved by the offset ``e``), or compact state ``cs`` (see ``_span_state``).
+    # 8-bit state's block scratch lives in this frame.
     cdef float scratch[3 * BLOCK]
     flags = flags & _flag_bits(op)      # a constant per Op: the impossible cases fold away
     if flags == 0:
-        _span_state(op, lay, p, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 0)
+        _span_layout(op, lay, p, e, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 0)
     elif flags == 1:
-        _span_state(op, lay, p, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 1)
+        _span_layout(op, lay, p, e, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 1)
     elif flags == 2:
-        _span_state(op, lay, p, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 2)
+        _span_layout(op, lay, p, e, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 2)
     elif flags == 3:
-        _span_state(op, lay, p, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 3)
+        _span_layout(op, lay, p, e, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 3)
     elif flags == 4:
-        _span_state(op, lay, p, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 4)
+        _span_layout(op, lay, p, e, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 4)
     elif flags == 5:
-        _span_state(op, lay, p, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 5)
+        _span_layout(op, lay, p, e, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 5)
     elif flags == 6:
-        _span_state(op, lay, p, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 6)
+        _span_layout(op, lay, p, e, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 6)
     else:
-        _span_state(op, lay, p, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 7)
+        _span_layout(op, lay, p, e, g, out, s0, s1, s2, cs, scratch, o, n, c, gs, 7)
 
 
 # Two-phase updates (ElementStep.phases == 2): phase one updates the state
@@ -715,6 +763,7 @@ cdef struct Table:
     Py_ssize_t narrays
     double* psum        # two-phase updates: two sums per piece,
     double* factor      # and one factor per array
+    const i64* eaddr    # an offset read with the weights (``w - e``) or NULL
     const Compact* compact   # NULL: float state; else the compact state's codes
 
 
@@ -735,6 +784,7 @@ cdef inline void _task_update(Op* op, const Table* tb, Py_ssize_t t, storage* li
     cdef floating* p
     cdef const storage* g
     cdef FloatState* flt = NULL
+    cdef ShiftedState* shifted = NULL
     cdef Bf16State* bf16 = NULL
     cdef Q8State* q8 = NULL
     for j in range(tb.tasks[t], tb.tasks[t + 1]):
@@ -745,27 +795,37 @@ cdef inline void _task_update(Op* op, const Table* tb, Py_ssize_t t, storage* li
         p = <floating*><size_t>tb.waddr[k] + lo
         g = <const storage*><size_t>tb.gaddr[k] + lo
         n = tb.phi[j] - lo
-        if tb.compact == NULL:
-            _span_unswitched(op, flt, p, g, out, st0 + o, st1 + o, st2 + o, NULL, o, n, c, gs,
-                             flags)
-        elif tb.compact.kind == STATE_BF16:
-            _span_unswitched(op, bf16, p, g, out, st0, st1, st2, tb.compact, o, n, c, gs,
-                             flags)
+        if tb.compact != NULL:      # (never with an offset: cython_cpu refuses it)
+            if tb.compact.kind == STATE_BF16:
+                _span_unswitched(op, bf16, p, NULL, g, out, st0, st1, st2, tb.compact, o, n, c,
+                                 gs, flags)
+            else:
+                _span_unswitched(op, q8, p, NULL, g, out, st0, st1, st2, tb.compact, o, n, c,
+                                 gs, flags)
+        elif tb.eaddr == NULL:
+            _span_unswitched(op, flt, p, NULL, g, out, st0 + o, st1 + o, st2 + o, NULL, o, n,
+                             c, gs, flags)
         else:
-            _span_unswitched(op, q8, p, g, out, st0, st1, st2, tb.compact, o, n, c, gs, flags)
+            _span_unswitched(op, shifted, p, <const floating*><size_t>tb.eaddr[k] + lo, g, out,
+                             st0 + o, st1 + o, st2 + o, NULL, o, n, c, gs, flags)
 
 
 cdef inline void _task_sums(Op* op, const Table* tb, Py_ssize_t t, storage* like,
                             floating* st0, floating* st1, floating* st2,
                             const floating* c, floating gs, int flags) noexcept nogil:
-    # phase one: piece j's two sums in psum[2j], psum[2j + 1]
+    # phase one: piece j's two sums in psum[2j], psum[2j + 1]. An offset
+    # restores the piece's weights first (while they are in cache): phase
+    # two then reads them restored.
     cdef Py_ssize_t j, k, lo, o
+    cdef floating* p
     for j in range(tb.tasks[t], tb.tasks[t + 1]):
         k = tb.pk[j]
         lo = tb.plo[j]
         o = tb.soff[k] + lo
-        _span_sums(op, <const floating*><size_t>tb.waddr[k] + lo,
-                   <const storage*><size_t>tb.gaddr[k] + lo, st0 + o, st1 + o, st2 + o,
+        p = <floating*><size_t>tb.waddr[k] + lo
+        if tb.eaddr != NULL:
+            _restore(p, <const floating*><size_t>tb.eaddr[k] + lo, tb.phi[j] - lo)
+        _span_sums(op, p, <const storage*><size_t>tb.gaddr[k] + lo, st0 + o, st1 + o, st2 + o,
                    tb.phi[j] - lo, c, gs, flags, tb.psum + 2 * j)
 
 
@@ -981,7 +1041,8 @@ cdef inline double _dispatch_types(Op* op, int compute, int store, const Table* 
 # table's life, so a step passes one address instead of a dozen arguments.
 cdef enum:
     H_WADDR, H_OADDR, H_GADDR, H_SOFF, H_PK, H_PLO, H_PHI, H_TASKS, H_NTASKS, \
-        H_NELEM, H_PARTIAL, H_COMPUTE, H_STORE, H_PFIRST, H_NARRAYS, H_PSUM, H_FACTOR
+        H_NELEM, H_PARTIAL, H_COMPUTE, H_STORE, H_PFIRST, H_NARRAYS, H_PSUM, H_FACTOR, \
+        H_SHIFT
 
 
 def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
@@ -1038,6 +1099,7 @@ def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
     tb.narrays = h[H_NARRAYS]
     tb.psum = <double*><size_t>h[H_PSUM]
     tb.factor = <double*><size_t>h[H_FACTOR]
+    tb.eaddr = <const i64*><size_t>h[H_SHIFT]      # 0: no offset
     with nogil:
         norm = _dispatch(op, <int>h[H_COMPUTE], <int>h[H_STORE], &tb, st0, st1, st2, sc,
                          <int>nscal, flags, gscale, max_norm, inv_scale, norm_mode,
@@ -1114,18 +1176,20 @@ def update(int op, floating[::1] p, const storage[::1] g, storage[::1] out,
     with nogil:
         if _serial(n):
             if op == OP_ADAM:
-                _span_unswitched(adam, flt, pp, gp, op_, a0, a1, a2, NULL, 0, n, cs, gs, flags)
+                _span_unswitched(adam, flt, pp, NULL, gp, op_, a0, a1, a2, NULL, 0, n, cs, gs,
+                                 flags)
             else:
-                _span_unswitched(sgd, flt, pp, gp, op_, a0, a1, a2, NULL, 0, n, cs, gs, flags)
+                _span_unswitched(sgd, flt, pp, NULL, gp, op_, a0, a1, a2, NULL, 0, n, cs, gs,
+                                 flags)
         else:
             for c in prange(_nchunks(n), schedule="static", num_threads=_num_threads):
                 i = c * CHUNK
                 if op == OP_ADAM:
-                    _span_unswitched(adam, flt, pp + i, gp + i, _off(op_, i), a0 + i, a1 + i,
-                                     a2 + i, NULL, 0, min(n - i, CHUNK), cs, gs, flags)
+                    _span_unswitched(adam, flt, pp + i, NULL, gp + i, _off(op_, i), a0 + i,
+                                     a1 + i, a2 + i, NULL, 0, min(n - i, CHUNK), cs, gs, flags)
                 else:
-                    _span_unswitched(sgd, flt, pp + i, gp + i, _off(op_, i), a0 + i, a1 + i,
-                                     a2 + i, NULL, 0, min(n - i, CHUNK), cs, gs, flags)
+                    _span_unswitched(sgd, flt, pp + i, NULL, gp + i, _off(op_, i), a0 + i,
+                                     a1 + i, a2 + i, NULL, 0, min(n - i, CHUNK), cs, gs, flags)
 
 
 cdef inline storage* _off(storage* a, Py_ssize_t i) noexcept nogil:
