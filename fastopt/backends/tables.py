@@ -258,8 +258,8 @@ def group_tables(params, weights, outs, offsets):
 # Step scalars -> the compiled kernels' element step (with the number of
 # state buffers, where it says which options are on).
 _ELEMENTS = {
-    S.AdamScalars: lambda s, nstate: S.adam_element(s, amsgrad=nstate == 3),
-    S.SGDScalars: lambda s, nstate: S.sgd_element(s, momentum=nstate == 1),
+    S.AdamScalars: lambda s, nstate: S.adam_element(s, nstate == 3),       # amsgrad
+    S.SGDScalars: lambda s, nstate: S.sgd_element(s, nstate == 1),         # momentum
     S.RMSpropScalars: lambda s, nstate: S.rmsprop_element(s),
     S.AdagradScalars: lambda s, nstate: S.adagrad_element(s),
     S.LionScalars: lambda s, nstate: S.lion_element(s),
@@ -270,13 +270,19 @@ _ELEMENTS = {
 }
 
 
+def element_maker(kind):
+    """``make(s, nstate)``: :func:`element_of` for step scalars of type
+    ``kind``, looked up once (the step plan keeps it)."""
+    make = _ELEMENTS.get(kind)
+    if make is None:
+        raise TypeError(f"no element function for {kind.__name__}")
+    return make
+
+
 def element_of(s, nstate):
     """The compiled kernels' :class:`~fastopt.backends.scalars.ElementStep`
     for an optimizer's step scalars and its number of state buffers."""
-    make = _ELEMENTS.get(type(s))
-    if make is None:
-        raise TypeError(f"no element function for {type(s).__name__}")
-    return make(s, nstate)
+    return element_maker(type(s))(s, nstate)
 
 
 def step_per_array(be, table, s, buffers, coef, compact=None):

@@ -535,7 +535,7 @@ class Optimizer:
                 s, names = self._group_state(gi, h, created)
                 st = self.state[gi]
                 plans.append((s, [st["flat"][n] for n in names], fmt.step_args(gi, names, st)))
-                group_names.append(names)
+                group_names.append((type(s), names))
             if norm_mode and not fused:
                 norm, finite = self._table_stats(be, self._all_tables, compiled, check)
                 skip = check and not finite

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 
-from ..backends.tables import element_of
+from ..backends.tables import element_maker
 from ..backends.threads import SERIAL_MAX
 
 #: returned by :meth:`StepPlan.run` when the plan no longer holds
@@ -38,9 +38,9 @@ class GroupPlan:
     its state entry and buffers, its tables."""
 
     __slots__ = ("group", "params", "nparams", "glen", "keys", "values", "lr", "hypers",
-                 "state", "names", "buffers", "nstate", "tables", "grad_index")
+                 "state", "names", "buffers", "nstate", "tables", "grad_index", "make")
 
-    def __init__(self, group, hypers, state, names, tables):
+    def __init__(self, group, hypers, state, names, tables, kind):
         self.group, self.params, self.nparams = group, group["params"], len(group["params"])
         self.glen = len(group)
         self.keys = tuple(k for k in group if k != "params" and k != "lr")
@@ -52,6 +52,7 @@ class GroupPlan:
         self.buffers = tuple(flat[n] for n in names)  # a tuple: a table caches its addresses
         self.tables = tables
         self.grad_index = [t.index_global for t in tables]
+        self.make = element_maker(kind)      # scalars -> the kernels' element step
 
     def take_lr(self, lr):
         """Take up a new plain value of lr; False when it is anything else
@@ -68,22 +69,22 @@ class StepPlan:
                  "norm_mode", "small")
 
     @classmethod
-    def make(cls, opt, hypers, max_norm, check, names):
-        """The plan of the step that just ran (its checked ``hypers`` and state
-        buffer ``names`` per group, ``max_norm`` and ``check`` as
-        ``_step_options`` gave them), or None where the fast path does not
-        apply."""
+    def make(cls, opt, hypers, max_norm, check, steps):
+        """The plan of the step that just ran (its checked ``hypers`` and per
+        group ``(type of its step scalars, state buffer names)``, ``max_norm``
+        and ``check`` as ``_step_options`` gave them), or None where the fast
+        path does not apply."""
         norm_mode = 2 if check else (1 if max_norm is not None else 0)
         if (opt.grad_stats is not None or opt.loss_scaler is not None or opt._schedules
                 or opt._state_format.compact or (norm_mode and not opt._single)):
             return None
         groups = []
-        for group, h, st, ns, ts in zip(opt.param_groups, hypers, opt.state, names,
-                                        opt._tables):
+        for group, h, st, (kind, ns), ts in zip(opt.param_groups, hypers, opt.state, steps,
+                                                opt._tables):
             if (type(group["lr"]) is not float or group["lr"] != h["lr"]
                     or any(n not in st["flat"] for n in ns)):
                 return None
-            groups.append(GroupPlan(group, h, st, ns, ts))
+            groups.append(GroupPlan(group, h, st, ns, ts, kind))
         plan = cls()
         plan.tables, plan.groups, plan.single = opt._tables, groups, opt._single
         plan.max_norm_given, plan.skip_given = opt.max_grad_norm, opt.skip_nonfinite
@@ -132,7 +133,7 @@ class StepPlan:
             if self.small:
                 # serial, no norm: _fused_call's own call for such a table, made
                 # here directly (a frame less of fixed cost)
-                el = element_of(s, g.nstate)
+                el = g.make(s, g.nstate)
                 be.step(t, el, g.buffers, el.grad_scale, 0.0, 1.0, 0, False, None)
                 return opt._finish_step(False, None, [g.hypers])
             norm, skip = opt._fused_call(be, t, s, g.buffers, self.max_norm, 1.0,
@@ -150,7 +151,7 @@ class StepPlan:
             s, names = opt._element_step(g.hypers, g.state)
             if names != g.names:
                 return STALE
-            elements.append(element_of(s, g.nstate))
+            elements.append(g.make(s, g.nstate))
         for g, el in zip(plans, elements):  # nothing has been written before here
             for t in g.tables:
                 opt._table_update(be, t, el, g.buffers, 1.0)
