@@ -72,8 +72,12 @@ cdef extern from *:
            select: gcc would sink it into a branch and not vectorise) */
         uint32_t steps = (uint32_t)(int32_t)(fo_f32_from_bits(b < eb ? b : eb) * q.sub_scale);
         /* at or above it: the float's exponent and top 3 mantissa bits, the
-           exponent counted from the lowest binade (code 8) */
-        uint32_t t = fo_sel(b >= (q.low_field << 23), b - ((q.low_field - 1u) << 23), steps);
+           exponent counted from the lowest binade (code 8). No select: as
+           int32, this is negative below the binade under the lowest, below
+           steps in that binade (there steps = 2**22 + mantissa / 2), and at
+           or above steps = 2**23 from the lowest binade up (NaN included) */
+        int32_t above = (int32_t)(b - ((q.low_field - 1u) << 23));
+        uint32_t t = (uint32_t)(above > (int32_t)steps ? above : (int32_t)steps);
         uint32_t code = (t + rnd) >> 20;
         uint32_t sign = (uint32_t)((int32_t)xb >> 31);
         if (!q.is_signed) {     /* a positive value never gets code 0 */
