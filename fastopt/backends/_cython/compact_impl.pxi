@@ -15,9 +15,10 @@
 # ``Layout`` picks the loop per piece.
 
 # The 8-bit codecs, as compact.py computes them, in forms that vectorise
-# with few operations (each one measured: together the 8-bit AdamW step went
-# from 5.6x the float32 step's time to 3.7x on x86-64-v4, in cache, and from
-# 25x to 3.5x on x86-64-v3, whose encoding loops had stayed scalar).
+# with few operations (each one measured; together, one thread in cache, the
+# 8-bit AdamW step went from 4.6x the float32 step's time to 3.0x on
+# x86-64-v4, from 22x to 3.5x on x86-64-v3, whose encoding loops had stayed
+# scalar, and from 13x to 4.3x on the portable build: docs/performance.md).
 cdef extern from *:
     """
     /* One 8-bit grid's constants: signed (int8 codes of first moments) or
