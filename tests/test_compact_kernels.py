@@ -9,7 +9,8 @@ without FMA contraction, must leave the reference's codes and absmax arrays
 to the last bit, or a codec differs. Adam with betas of 1/2 and gradients of
 12 significant bits is such a step: its three state buffers (AMSGrad) cover
 both grids, every code from the linear range below the lowest binade to the
-top, and a block per slot at a time.
+top, and a block per slot at a time; and again with NaN, infinities and an
+overflowing square in the last step (IEEE-determined too).
 """
 
 from __future__ import annotations
@@ -60,22 +61,37 @@ def exact_adam(backend, grads, sizes):
     params = [rng.standard_normal(n).astype(np.float32) for n in sizes]
     opt = fastopt.Adam(params, lr=1e-3, betas=(0.5, 0.5), amsgrad=True, backend=backend,
                        state_dtype="int8")
-    for g in grads:
-        opt.step([x.copy() for x in g])
+    with np.errstate(over="ignore", invalid="ignore"):    # the non-finite step
+        for g in grads:
+            opt.step([x.copy() for x in g])
     return opt.state[0]["flat"]
 
 
 SIZES = (300, 70000, 5)     # crosses blocks, a chunk and SERIAL_MAX; a short last block
 
 
-@pytest.fixture(scope="module")
-def reference():
+def with_non_finite(grads):
+    """The last step's gradients with NaN, +-inf and a value whose square
+    overflows, each in a block of its own (non-finite blocks: absmax NaN or
+    inf, codes 0 or the top code, as NumPy's codecs leave them)."""
+    last = [g.copy() for g in grads[-1]]
+    for i, v in zip((3, 300, 600, 1000), (np.nan, np.inf, -np.inf, 2.0 ** 100)):
+        last[1][i] = v
+    return grads[:-1] + [last]
+
+
+@pytest.fixture(scope="module", params=["finite", "non-finite"])
+def reference(request):
     grads = exact_grads(np.random.default_rng(4), SIZES, 3)
+    if request.param == "non-finite":
+        grads = with_non_finite(grads)
     return grads, exact_adam("numpy", grads, SIZES)
 
 
 def test_the_exact_step_reaches_every_part_of_both_grids(reference):
     _, state = reference
+    absmax = state["exp_avg_sq.absmax"]
+    assert np.isfinite(absmax).sum() >= absmax.size - 4     # (non-finite: 4 blocks)
     m, v = state["exp_avg"].astype(np.int64), state["exp_avg_sq"].astype(np.int64)
     assert m.min() == -C.SIGNED_GRID[1] and m.max() == C.SIGNED_GRID[1]
     assert v.max() == C.UNSIGNED_GRID[1]
