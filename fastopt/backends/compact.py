@@ -6,7 +6,7 @@ float32, the optimizer's element function runs unchanged, and the new value
 is encoded again. This module is the specification of the two encodings
 (NumPy, whole arrays; no Numba import) and of the state layout; the compiled
 kernels' scalar twins (:mod:`fastopt.backends.compact_jit` for Numba,
-``_cython/kernels_impl.pxi`` for Cython) round exactly as the NumPy
+``_cython/compact_impl.pxi`` for Cython) round exactly as the NumPy
 functions do.
 
 **bfloat16, stochastic rounding** (``state_dtype="bfloat16"``). A float32

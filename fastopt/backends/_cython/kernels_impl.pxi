@@ -92,8 +92,9 @@ cdef extern from *:
     float fo_f16_to_f32(short h) noexcept nogil
     short fo_f32_to_f16(float x) noexcept nogil
 
-# Compact optimizer state: the C twins of fastopt/backends/compact.py's codecs
-# (the NumPy functions there are the specification; same bits).
+# Compact optimizer state: the bit helpers its C codecs share (the codecs
+# themselves are in compact_impl.pxi; compact.py's NumPy functions are the
+# specification, same bits).
 cdef extern from *:
     """
     /* stochastic rounding to bfloat16: 16 random bits from (key, index) */
@@ -111,69 +112,13 @@ cdef extern from *:
         uint32_t nan = 0u - (uint32_t)((b & 0x7FFFFFFFu) > 0x7F800000u);
         return (uint16_t)(((b + (fo_sr_bits(key, index) & ~nan)) >> 16) | (nan & 0x0040u));
     }
-    /* the 8-bit log grid: 3 mantissa bits under 4 (signed) or 5 (unsigned)
-       exponent bits of |x| / absmax, the lowest binade's float exponent
-       field 113 / 97, linear steps of 2**-17 / 2**-33 below it */
-    static inline float fo_q8_magnitude(uint32_t mag, uint32_t low_field, float ulp) {
-        uint32_t e = mag >> 3, m = mag & 7u;
-        uint32_t normal = ((e + low_field - 1u) << 23) | (m << 20);
-        return fo_f32_from_bits(fo_sel(e > 0u, normal, fo_bits_from_f32((float)m * ulp)));
-    }
     /* |x| as bits: their integer order is the float order (NaN above inf) */
     static inline uint32_t fo_abs_bits(float x) { return fo_bits_from_f32(x) & 0x7FFFFFFFu; }
-    /* the code magnitude of rel (>= 0, or NaN), rounded up with the
-       probability of the dropped bits (rnd: 20 random bits) */
-    static inline uint32_t fo_q8_code(float rel, uint32_t low_field, float edge,
-                                      float sub_scale, uint32_t top, uint32_t keep_positive,
-                                      uint32_t rnd) {
-        uint32_t b = fo_abs_bits(rel);
-        uint32_t r = (b + rnd) >> 20;
-        uint32_t normal = (((r >> 3) - low_field + 1u) << 3) | (r & 7u);
-        /* below the lowest binade: linear steps of its ulp, counted in 2**-20
-           steps (exact; clamped so that unused lanes convert in range) */
-        uint32_t sub = ((uint32_t)(int32_t)((rel < edge ? rel : edge) * sub_scale) + rnd) >> 20;
-        uint32_t code = fo_sel((b >> 23) >= low_field, normal, sub);
-        code = fo_sel(keep_positive & (code == 0u) & (b != 0u), 1u, code);
-        return code < top ? code : top;
-    }
-    /* One 8-bit grid's constants: signed (int8 codes of first moments) or
-       unsigned (uint8 codes of second moments). The drivers pass a constant
-       grid, so each loop has them as immediates. */
-    typedef struct {
-        uint32_t low_field, top, keep_positive;
-        uint32_t sign;              /* 0x80: int8 codes (a sign bit); 0: uint8 */
-        float ulp, edge, sub_scale;
-    } fo_q8_grid;
-    static inline fo_q8_grid fo_q8_grid_of(int is_signed) {
-        fo_q8_grid s = {113u, 120u, 0u, 0x80u, 0x1p-17f, 0x1p-14f, 0x1p37f};
-        fo_q8_grid u = {97u, 248u, 1u, 0u, 0x1p-33f, 0x1p-30f, 0x1p53f};
-        return is_signed ? s : u;
-    }
-    /* the value of code c (the code's 8 bits) in a block of absmax scale */
-    static inline float fo_q8_decode(uint32_t c, fo_q8_grid q, float scale) {
-        uint32_t neg = (c & q.sign) != 0u;          /* int8 c < 0: magnitude 256 - c */
-        float v = fo_q8_magnitude(fo_sel(neg, 256u - c, c), q.low_field, q.ulp);
-        return fo_f32_from_bits(fo_bits_from_f32(v) | (neg << 31)) * scale;
-    }
-    /* the code (8 bits) of x in a block of absmax scale > 0 (a block of
-       absmax 0, or NaN, is all code 0), rounded with 16 random bits */
-    static inline uint8_t fo_q8_encode(float x, float scale, fo_q8_grid q, uint32_t bits) {
-        uint32_t mag = fo_q8_code(fo_f32_from_bits(fo_abs_bits(x)) / scale, q.low_field,
-                                  q.edge, q.sub_scale, q.top, q.keep_positive, bits << 4);
-        uint32_t neg = (fo_bits_from_f32(x) >> 31) & (mag > 0u) & (q.sign != 0u);
-        return (uint8_t)fo_sel(neg, 0u - mag, mag);
-    }
     """
-    ctypedef struct fo_q8_grid:
-        pass
     float fo_f32_from_bits(unsigned int u) noexcept nogil
     unsigned int fo_sr_bits(unsigned int key, unsigned int index) noexcept nogil
     unsigned short fo_bf16_sr(float x, unsigned int key, unsigned int index) noexcept nogil
     unsigned int fo_abs_bits(float x) noexcept nogil
-    fo_q8_grid fo_q8_grid_of(int is_signed) noexcept nogil
-    float fo_q8_decode(unsigned int c, fo_q8_grid q, float scale) noexcept nogil
-    unsigned char fo_q8_encode(float x, float scale, fo_q8_grid q,
-                               unsigned int bits) noexcept nogil
 
 ctypedef fused floating:
     float
