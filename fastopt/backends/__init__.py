@@ -117,6 +117,8 @@ def backend_info() -> dict:
                 info[name]["num_threads"] = mod.get_num_threads()
             if mod.threaded:
                 info[name]["openmp_wait"] = _openmp.wait_policy()
+            if mod.threaded and hasattr(mod, "worker_placement"):
+                info[name]["worker_placement"] = mod.worker_placement
     return info
 
 

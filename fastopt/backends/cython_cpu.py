@@ -7,6 +7,9 @@ loops: x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA), or baseline x86-64.
 
 from __future__ import annotations
 
+import os
+import sys
+
 from .._openmp import in_forked_child, on_fork_serial, short_spin
 from .compact import check_compact
 from .lowp import bits
@@ -49,6 +52,25 @@ with short_spin():         # the extension links libgomp: see fastopt._openmp
 name = "cython"
 threaded = _k.OPENMP
 compiled_tables = True     # steps a whole param group in one call (tables.py)
+
+# The OpenMP workers are kept off the master thread's core (kernels_impl.pxi
+# says why): not where the user binds threads themselves, or turns it off.
+_BINDING_VARS = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
+
+
+def _worker_placement() -> str:
+    if not sys.platform.startswith("linux"):
+        return "off (Linux only)"
+    if os.environ.get("FASTOPT_PLACE_WORKERS") == "0":
+        return "off (FASTOPT_PLACE_WORKERS=0)"
+    bound = [v for v in _BINDING_VARS if os.environ.get(v)]
+    if bound:
+        return f"off ({bound[0]} is set: the user binds threads)"
+    return "on: workers kept off the master thread's core"
+
+
+worker_placement = _worker_placement()
+_k.set_place_workers(worker_placement.startswith("on"))
 
 
 def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
