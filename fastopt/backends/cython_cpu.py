@@ -66,7 +66,7 @@ def _worker_placement() -> str:
     bound = [v for v in _BINDING_VARS if os.environ.get(v)]
     if bound:
         return f"off ({bound[0]} is set: the user binds threads)"
-    return "on: workers kept off the master thread's core"
+    return "on: workers kept off the master thread's core (teams of up to 8 threads)"
 
 
 worker_placement = _worker_placement()

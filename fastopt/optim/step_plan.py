@@ -109,7 +109,7 @@ class StepPlan:
                 or opt.loss_scaler is not None or opt._schedules or opt.grad_stats is not None):
             return STALE
         states = opt.state
-        for gi, g in enumerate(plans):    # GroupPlan.holds, inline: fixed cost
+        for gi, g in enumerate(plans):    # each group's check, inline: fixed cost
             group = groups[gi]
             if (states[gi] is not g.state or group is not g.group or len(group) != g.glen
                     or group["params"] is not g.params or len(g.params) != g.nparams

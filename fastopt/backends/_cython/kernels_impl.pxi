@@ -54,7 +54,8 @@ cdef extern from *:
 # cores to the process's minus its own; each worker notes its thread id once.
 # A thread id is only used while it is a thread of this process (tgkill 0).
 # Off where the user binds threads (OMP_PROC_BIND, OMP_PLACES,
-# GOMP_CPU_AFFINITY) or sets FASTOPT_PLACE_WORKERS=0 (cython_cpu.py).
+# GOMP_CPU_AFFINITY) or sets FASTOPT_PLACE_WORKERS=0 (cython_cpu.py), and for
+# teams above 8 threads (not measured there; see fo_place_workers).
 cdef extern from *:
     """
     #if defined(__linux__) && defined(_OPENMP)
@@ -62,6 +63,7 @@ cdef extern from *:
     #include <unistd.h>
     #include <sys/syscall.h>
     #define FO_MAX_WORKERS 1024
+    #define FO_PLACE_MAX_THREADS 8
     static pid_t fo_worker_tid[FO_MAX_WORKERS];
     static volatile int fo_new_worker = 0;
     static int fo_master_cpu = -1, fo_place_on = 1;
@@ -75,7 +77,10 @@ cdef extern from *:
         cpu_set_t set;
         int cpu, i;
         pid_t me;
-        if (!fo_place_on || nthreads < 2) return;
+        /* measured on 2 cores only; a large team would pay a system call per
+           worker each time the master moves, for a queueing the kernel
+           rarely does when most cores are idle */
+        if (!fo_place_on || nthreads < 2 || nthreads > FO_PLACE_MAX_THREADS) return;
         cpu = sched_getcpu();
         if (cpu < 0 || (cpu == fo_master_cpu && !fo_new_worker)) return;
         fo_master_cpu = cpu;
