@@ -527,7 +527,7 @@ class Optimizer:
         # skip decision and the update are one native call.
         fused = self._single and self.grad_stats is None
         norm, coef, skip = None, 1.0, False
-        group_names = []
+        group_steps = []     # per group (type of its step scalars, buffer names): the plan
         try:
             plans = []
             fmt = self._state_format
@@ -535,7 +535,7 @@ class Optimizer:
                 s, names = self._group_state(gi, h, created)
                 st = self.state[gi]
                 plans.append((s, [st["flat"][n] for n in names], fmt.step_args(gi, names, st)))
-                group_names.append((type(s), names))
+                group_steps.append((type(s), names))
             if norm_mode and not fused:
                 norm, finite = self._table_stats(be, self._all_tables, compiled, check)
                 skip = check and not finite
@@ -563,18 +563,23 @@ class Optimizer:
             self._forget(created)     # e.g. SGD's first momentum step stays its first
         out = self._finish_step(skip, norm, hypers)
         if compiled and not skip:
-            self._plan = StepPlan.make(self, hypers, max_norm, check, group_names)
+            self._plan = StepPlan.make(self, hypers, max_norm, check, group_steps)
         return out
 
     @staticmethod
-    def _table_update(be, t, el, bufs, scale, compact=None):
-        """One compiled table's update, no norm pass (gradients times
-        ``scale``): serial or threaded as the table's own timings say."""
+    def _table_update(be, t, el, bufs, scale, compact=None, max_norm=0.0, inv_scale=1.0,
+                      norm_mode=0):
+        """One compiled table's step (gradients times ``scale``; with
+        ``norm_mode`` its norm pass and skip decision too), serial or threaded
+        as the table's own timings say: the backend's ``(norm, skipped)``."""
         timed = t.nelem > SERIAL_MAX           # smaller tables always run serially
         parallel = timed and t.threads.pick(t.nelem, be.get_num_threads())
-        be.step(t, el, bufs, el.grad_scale * scale, 0.0, 1.0, 0, parallel, compact)
+        # positional: part of every step's fixed cost
+        out = be.step(t, el, bufs, el.grad_scale * scale, max_norm, inv_scale, norm_mode,
+                      parallel, compact)
         if timed:
             t.threads.record()
+        return out
 
     def _step_options(self):
         """``(hypers per group, max_norm, check, inv_scale)`` of the next
@@ -653,13 +658,8 @@ class Optimizer:
         """Norm, skip decision and update of the only table in one call;
         returns ``(unscaled norm, skipped)``."""
         el = element_of(s, len(bufs))
-        timed = t.nelem > SERIAL_MAX           # smaller tables always run serially
-        parallel = timed and t.threads.pick(t.nelem, be.get_num_threads())
-        # positional: part of every step's fixed cost
-        norm, skip = be.step(t, el, bufs, el.grad_scale, max_norm or 0.0, inv_scale, norm_mode,
-                             parallel, compact)
-        if timed:
-            t.threads.record()
+        norm, skip = self._table_update(be, t, el, bufs, 1.0, compact, max_norm or 0.0,
+                                        inv_scale, norm_mode)
         if not norm_mode:
             return None, False
         if skip and norm == math.inf and t.compute == 64:
