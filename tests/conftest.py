@@ -60,6 +60,23 @@ def rng_array(rng, shape, dtype, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
+def count_native_steps(monkeypatch, module):
+    """The sizes (``table.nelem``) of ``module``'s native step calls from
+    now on: its ``step``, and the one-call list steps it binds for the step
+    plan (``list_step``, made after this is called)."""
+    calls = []
+    real_step = module.step
+    monkeypatch.setattr(module, "step", lambda t, *a, **k: (calls.append(t.nelem),
+                                                            real_step(t, *a, **k))[1])
+    bind = getattr(module, "list_step", None)
+    if bind is not None:
+        def counted_bind(t, buffers):
+            run = bind(t, buffers)
+            return lambda grads, el: (calls.append(t.nelem), run(grads, el))[1]
+        monkeypatch.setattr(module, "list_step", counted_bind)
+    return calls
+
+
 def assert_close(actual, expected, mag, rtol, what=""):
     """``|actual - expected| <= rtol * mag`` elementwise, NaN/inf where expected.
 

@@ -8,6 +8,8 @@ import pytest
 import fastopt
 from fastopt.nn import MLP, Ensemble, available_backends
 
+from conftest import count_native_steps
+
 K = 3
 SIZES = (6, 8, 5, 3)
 LRS = [3e-2, 1e-2, 1e-3]
@@ -77,16 +79,7 @@ def test_float32_ensemble_close_to_one_by_one():
 
 def _count_calls(monkeypatch, backend):
     """Sizes of the optimizer's native calls (one per param group)."""
-    calls = []
-    module = fastopt.backends.get_backend(backend)
-    orig = module.step
-
-    def counting(table, *args, **kw):
-        calls.append(table.nelem)
-        return orig(table, *args, **kw)
-
-    monkeypatch.setattr(module, "step", counting)
-    return calls
+    return count_native_steps(monkeypatch, fastopt.backends.get_backend(backend))
 
 
 @pytest.mark.parametrize("backend", ["numba", "cython"])

@@ -16,8 +16,8 @@ from fastopt.backends.scalars import clip_coefficient
 from family_helpers import (DTYPE_IDS, DTYPES, FAMILY, PATHS, SHAPES, STATE, FakeDeviceArray,
                             Side, assert_close, problem)
 
-from conftest import (BACKENDS, assert_bit_identical, assert_same_tree, optimizer_snapshot,
-                      rng_array)
+from conftest import (BACKENDS, assert_bit_identical, assert_same_tree, count_native_steps,
+                      optimizer_snapshot, rng_array)
 
 
 # -- fused clipping and the non-finite skip -------------------------------------------
@@ -202,10 +202,7 @@ def test_state_dict_resumes_bit_exactly(name, backend, dtype):
 @pytest.mark.parametrize("name", list(FAMILY))
 def test_one_native_call_per_group(monkeypatch, name, backend):
     module = get_backend(backend)
-    calls = []
-    real = module.step
-    monkeypatch.setattr(module, "step", lambda t, *a, **k: (calls.append(t.nelem),
-                                                            real(t, *a, **k))[1])
+    calls = count_native_steps(monkeypatch, module)
     rng = np.random.default_rng(0)
     params = [rng_array(rng, s, np.float32) for s in SHAPES]
     ref = [p.copy() for p in params]

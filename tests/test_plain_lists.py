@@ -11,7 +11,8 @@ import pytest
 import fastopt
 from fastopt.backends import get_backend
 
-from conftest import BACKENDS, assert_bit_identical, optimizer_snapshot, rng_array
+from conftest import (BACKENDS, assert_bit_identical, count_native_steps, optimizer_snapshot,
+                      rng_array)
 
 SHAPES = {"layer1": {"W": (6, 5), "b": (5,)}, "layer2": {"W": (5, 3), "b": (3,)}}
 
@@ -37,11 +38,7 @@ def count_steps(monkeypatch, backend):
     module = get_backend(backend)
     if not getattr(module, "compiled_tables", False):
         return None
-    calls = []
-    real = module.step
-    monkeypatch.setattr(module, "step", lambda t, *a, **k: (calls.append(t.nelem),
-                                                            real(t, *a, **k))[1])
-    return calls
+    return count_native_steps(monkeypatch, module)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

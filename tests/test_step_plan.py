@@ -67,6 +67,66 @@ def test_planned_steps_equal_full_steps(name, backend):
     assert opt._plan is not None        # the fast path ran
     _same(fast, full)
     assert opt.state_dict()["state"][0]["step"] == ref.state_dict()["state"][0]["step"]
+    # the counters a planned step keeps itself (NAdam's momentum product too)
+    assert (opt.iterations, opt.last_lr, opt.grad_norm, opt.skipped_steps) == (
+        ref.iterations, ref.last_lr, ref.grad_norm, ref.skipped_steps)
+    mine, theirs = opt.state_dict()["state"][0], ref.state_dict()["state"][0]
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        if k == "buffers":
+            _same([mine[k][n] for n in sorted(mine[k])], [theirs[k][n] for n in sorted(mine[k])])
+        else:
+            assert mine[k] == theirs[k], k
+
+
+def test_a_small_planned_step_is_one_native_call(monkeypatch):
+    """Cython steps a small table's list of new grads in one call: no
+    Python-level gather or step once the plan holds."""
+    from fastopt.backends import cython_cpu
+    params = [np.zeros((2, 3), np.float32), np.zeros(3, np.float32)]
+    opt = fastopt.AdamW(params, lr=0.1, backend="cython")
+    opt.step([np.ones((2, 3), np.float32), np.ones(3, np.float32)])
+    assert opt._plan.list_step is not None
+
+    def python_level(*args, **kwargs):
+        raise AssertionError("a Python-level backend call on the planned path")
+    monkeypatch.setattr(cython_cpu, "gather", python_level)
+    monkeypatch.setattr(cython_cpu, "step", python_level)
+    for _ in range(3):
+        opt.step([np.ones((2, 3), np.float32), np.ones(3, np.float32)])
+    assert opt.state[0]["step"] == 4
+    ref = [np.zeros((2, 3), np.float32), np.zeros(3, np.float32)]
+    monkeypatch.undo()
+    _run(lambda p: fastopt.AdamW(p, lr=0.1, backend="cython"), ref,
+         [[np.ones((2, 3), np.float32), np.ones(3, np.float32)]] * 4, planned=False)
+    with pytest.raises(ValueError, match=r"grads\[0\]"):   # a grad that is a param
+        opt.step([params[0], np.ones(3, np.float32)])
+    assert opt.state[0]["step"] == 4
+
+
+def test_the_list_step_refuses_a_table_with_an_offset():
+    params = [np.zeros(4, np.float32)]
+    opt = fastopt.AdamW(params, lr=0.1, backend="cython")
+    opt.step([np.ones(4, np.float32)])
+    plan, t = opt._plan, opt._all_tables[0]
+    t.set_shift((np.full(4, 0.5, np.float32),))
+    before = params[0].copy()
+    assert plan.list_step([np.ones(4, np.float32)], plan.groups[0].element()) is False
+    np.testing.assert_array_equal(params[0], before)       # nothing written, offset pending
+    assert t.shift is not None
+    t.clear_shift()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_subclass_with_its_own_math_is_planned_with_it(backend):
+    class DoubleLrAdam(fastopt.Adam):
+        def _element_step(self, h, state):
+            return super()._element_step(dict(h, lr=2 * h["lr"]), state)
+    init, grads = _problem()
+    fast, opt = _run(lambda p: DoubleLrAdam(p, lr=1e-2, backend=backend), init, grads, True)
+    full, _ = _run(lambda p: DoubleLrAdam(p, lr=1e-2, backend=backend), init, grads, False)
+    assert opt._plan is not None
+    _same(fast, full)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

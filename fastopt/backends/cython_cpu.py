@@ -105,6 +105,19 @@ def gather(table, grads) -> bool:
                      table.written.size // 2) == -1
 
 
+def list_step(table, buffers):
+    """``run(grads, el) -> bool`` (``el`` an ``ElementStep``): ``table``'s whole
+    serial step without a norm (the grads checked and read, then the update)
+    in one native call, for float state ``buffers`` (a tuple), valid while
+    they are the table's state; False when a grad does not pass or an offset
+    is set, with nothing written (see ``ListStep``)."""
+    st0, st1, st2 = table.state_addresses(buffers)        # may re-derive the written ranges
+    written = table.written
+    return _k.ListStep(table.params, table.addrs["gaddr"], table.written_addr,
+                       written.size // 2, table.header_addr, st0, st1, st2,
+                       (table, buffers, written)).run
+
+
 def sumsq_table(table) -> float:
     a = table.addrs
     return _k.sumsq_table(table.compute, table.store, a["gaddr"], a["pk"], a["plo"], a["phi"],

@@ -52,9 +52,7 @@ def adam_scalars(*, lr, beta1, beta2, eps, weight_decay, decoupled, step,
     lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
     weight_decay, grad_scale = float(weight_decay), float(grad_scale)
     l2 = 0.0 if decoupled else weight_decay
-    return _build(AdamScalars, (
-        lr / (1.0 - beta1 ** step),                        # step_size
-        math.sqrt(1.0 - beta2 ** step),                    # bc2_sqrt
+    return _build(AdamScalars, adam_bias(lr, beta1, beta2, step) + (
         beta1, 1.0 - beta1, beta2, 1.0 - beta2,
         float(eps),
         l2,
@@ -62,6 +60,12 @@ def adam_scalars(*, lr, beta1, beta2, eps, weight_decay, decoupled, step,
         -grad_scale if maximize else grad_scale,
         l2 != 0.0,                                         # use_l2
     ))
+
+
+def adam_bias(lr, beta1, beta2, step) -> tuple:
+    """``(step_size, bc2_sqrt)``: the only Adam scalars that change from one
+    step to the next (floats in, 1-based ``step``)."""
+    return lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)
 
 
 def sgd_scalars(*, lr, momentum, dampening, nesterov, weight_decay, first_step,
@@ -151,6 +155,21 @@ def adam_element(s: AdamScalars, amsgrad: bool) -> ElementStep:
     values = (s[0], 1.0 / s[1]) + s[2:9]
     flags = (F_L2 if s[10] else 0) | (F_AMSGRAD if amsgrad else 0)
     return _build(ElementStep, (OP_ADAM, values, flags, s[9], AdamElement, 1))
+
+
+def adam_stepper(el: ElementStep, lr, beta1, beta2, state):
+    """``at()``: Adam's element step ``el`` (made for any step) for the step
+    after the ``state["step"]`` steps taken, only its bias terms recomputed
+    (as :func:`adam_scalars` and :func:`adam_element` make them): a step
+    plan's per-step scalars while ``lr``, ``beta1``, ``beta2`` (floats) and
+    the rest of the hyperparameters hold."""
+    rest, op, flags, gscale, kind = el.values[2:], el.op, el.flags, el.grad_scale, el.kind
+
+    def at():
+        step_size, bc2_sqrt = adam_bias(lr, beta1, beta2, state["step"] + 1)
+        return _build(ElementStep, (op, (step_size, 1.0 / bc2_sqrt) + rest, flags, gscale,
+                                    kind, 1))
+    return at
 
 
 def sgd_element(s: SGDScalars, momentum: bool) -> ElementStep:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..backends.scalars import adam_scalars
+from ..backends.scalars import adam_scalars, adam_stepper
 from .base import BETAS, FLAG, NONNEG, Optimizer, POSITIVE
 
 
@@ -45,6 +45,14 @@ class Adam(Optimizer):
                          weight_decay=h["weight_decay"], decoupled=self._decoupled,
                          step=state["step"] + 1, maximize=h["maximize"])
         return s, ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if h["amsgrad"] else ())
+
+    def _plan_element(self, h, state, names, make):
+        if type(self)._element_step is not Adam._element_step:     # a subclass's own math
+            return super()._plan_element(h, state, names, make)
+        # the buffers follow from amsgrad alone; only the bias terms change
+        el = make(self._element_step(h, state)[0], len(names))
+        return adam_stepper(el, float(h["lr"]), float(h["betas"][0]), float(h["betas"][1]),
+                            state)
 
 
 class AdamW(Adam):

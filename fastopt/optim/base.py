@@ -544,8 +544,8 @@ class Optimizer:
                     coef = clip_coefficient(norm, max_norm)
             if fused:
                 s, bufs, cs = plans[0]
-                norm, skip = self._fused_call(be, tables[0][0], s, bufs, max_norm, inv_scale,
-                                              norm_mode, cs)
+                norm, skip = self._fused_call(be, tables[0][0], element_of(s, len(bufs)), bufs,
+                                              max_norm, inv_scale, norm_mode, cs)
             elif not skip:
                 for (s, bufs, cs), ts in zip(plans, tables):
                     for t in ts:
@@ -654,10 +654,9 @@ class Optimizer:
                 group["lr"] = value
                 self._lr_shown[gi] = value
 
-    def _fused_call(self, be, t, s, bufs, max_norm, inv_scale, norm_mode, compact):
-        """Norm, skip decision and update of the only table in one call;
-        returns ``(unscaled norm, skipped)``."""
-        el = element_of(s, len(bufs))
+    def _fused_call(self, be, t, el, bufs, max_norm, inv_scale, norm_mode, compact):
+        """Norm, skip decision and update of the only table in one call (``el``
+        the kernels' element step); returns ``(unscaled norm, skipped)``."""
         norm, skip = self._table_update(be, t, el, bufs, 1.0, compact, max_norm or 0.0,
                                         inv_scale, norm_mode)
         if not norm_mode:
@@ -771,6 +770,21 @@ class Optimizer:
         """``(step scalars, state buffer names in kernel order)`` for one
         group's next step (subclasses)."""
         raise NotImplementedError
+
+    def _plan_element(self, hypers, state, names, make):
+        """``at()``: the kernels' element step (``make(scalars, nstate)``) for
+        the next step of the group whose state entry is ``state``, or None
+        when that step needs state buffers other than ``names``: the step
+        plan's per-step work while ``hypers`` hold. This default runs
+        ``_element_step`` each time; an optimizer whose scalars change from
+        step to step only in a few terms (Adam's bias corrections) overrides
+        it to recompute just those."""
+        nstate = len(names)
+
+        def at():
+            s, now = self._element_step(hypers, state)
+            return make(s, nstate) if now == names else None
+        return at
 
     def _group_state(self, gi, hypers, created):
         """``(step scalars, state buffer names in kernel order)`` of group

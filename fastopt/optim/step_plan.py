@@ -37,10 +37,12 @@ class GroupPlan:
     """One param group's part of a plan: its dict and what was checked of it,
     its state entry and buffers, its tables."""
 
-    __slots__ = ("group", "params", "nparams", "glen", "keys", "values", "lr", "hypers",
-                 "state", "names", "buffers", "nstate", "tables", "grad_index", "make")
+    __slots__ = ("group", "params", "nparams", "glen", "keys", "values", "snapshot", "lr",
+                 "hypers", "state", "names", "buffers", "nstate", "tables", "grad_index",
+                 "make", "element", "opt")
 
-    def __init__(self, group, hypers, state, names, tables, kind):
+    def __init__(self, opt, group, hypers, state, names, tables, kind):
+        self.opt = opt
         self.group, self.params, self.nparams = group, group["params"], len(group["params"])
         self.glen = len(group)
         self.keys = tuple(k for k in group if k != "params" and k != "lr")
@@ -53,6 +55,32 @@ class GroupPlan:
         self.tables = tables
         self.grad_index = [t.index_global for t in tables]
         self.make = element_maker(kind)      # scalars -> the kernels' element step
+        self.element = opt._plan_element(hypers, state, names, self.make)  # () -> element
+        self._snap()
+
+    def _snap(self):
+        # The group's values as this plan took them, in the dict's order: one
+        # tuple compare checks them all (the same objects compare by identity;
+        # the params list is kept itself, other lists as copies).
+        self.snapshot = tuple(v[:] if type(v) is list and v is not self.params else v
+                              for v in self.group.values())
+
+    def holds(self, group, state) -> bool:
+        """Whether this group's part of the plan still holds (a new plain lr
+        is taken up)."""
+        if (state is not self.state or group is not self.group
+                or group["params"] is not self.params or len(self.params) != self.nparams):
+            return False
+        if tuple(group.values()) == self.snapshot:
+            return True
+        # something changed: a new lr (taken up) or anything else (stale)
+        if len(group) != self.glen or tuple(map(group.get, self.keys)) != self.values:
+            return False
+        lr = group["lr"]
+        if lr is not self.lr and not self.take_lr(lr):
+            return False
+        self._snap()
+        return True
 
     def take_lr(self, lr):
         """Take up a new plain value of lr; False when it is anything else
@@ -61,12 +89,13 @@ class GroupPlan:
             return False
         self.hypers = dict(self.hypers, lr=lr)
         self.lr = lr
+        self.element = self.opt._plan_element(self.hypers, self.state, self.names, self.make)
         return True
 
 
 class StepPlan:
     __slots__ = ("tables", "groups", "single", "max_norm_given", "skip_given", "max_norm",
-                 "norm_mode", "small")
+                 "norm_mode", "small", "list_step", "plain_finish")
 
     @classmethod
     def make(cls, opt, hypers, max_norm, check, steps):
@@ -84,7 +113,7 @@ class StepPlan:
             if (type(group["lr"]) is not float or group["lr"] != h["lr"]
                     or any(n not in st["flat"] for n in ns)):
                 return None
-            groups.append(GroupPlan(group, h, st, ns, ts, kind))
+            groups.append(GroupPlan(opt, group, h, st, ns, ts, kind))
         plan = cls()
         plan.tables, plan.groups, plan.single = opt._tables, groups, opt._single
         plan.max_norm_given, plan.skip_given = opt.max_grad_norm, opt.skip_nonfinite
@@ -92,6 +121,13 @@ class StepPlan:
         # a table this small always runs serially (_fused_call); without a
         # norm to compute the plan calls the backend itself
         plan.small = opt._single and opt._all_tables[0].nelem <= SERIAL_MAX and not norm_mode
+        # such a step as one native call, where the backend has one
+        bind = getattr(opt._backend, "list_step", None) if plan.small else None
+        plan.list_step = None if bind is None else bind(groups[0].tables[0], groups[0].buffers)
+        from .base import Optimizer      # (base imports this module)
+        # the counters need no call where the optimizer keeps nothing of its
+        # own at the end of a step (NAdam does: its momentum product)
+        plan.plain_finish = type(opt)._finish_step is Optimizer._finish_step
         return plan
 
     def run(self, opt, grads):
@@ -108,15 +144,10 @@ class StepPlan:
                 or opt.skip_nonfinite is not self.skip_given
                 or opt.loss_scaler is not None or opt._schedules or opt.grad_stats is not None):
             return STALE
-        states = opt.state
-        for gi, g in enumerate(plans):    # each group's check, inline: fixed cost
-            group = groups[gi]
-            if (states[gi] is not g.state or group is not g.group or len(group) != g.glen
-                    or group["params"] is not g.params or len(g.params) != g.nparams
-                    or tuple(map(group.get, g.keys)) != g.values):
-                return STALE
-            lr = group["lr"]
-            if lr is not g.lr and not g.take_lr(lr):
+        if self.list_step is not None:
+            return self._run_list_step(opt, grads, groups[0])
+        for g, group, state in zip(plans, groups, opt.state):
+            if not g.holds(group, state):
                 return STALE
         be = opt._backend
         opt._bound = None
@@ -125,18 +156,19 @@ class StepPlan:
             g = plans[0]
             t = g.tables[0]
             t.grads = None
-            if not be.gather(t, grads):
-                return STALE          # the full checks say why (or take it)
-            s, names = opt._element_step(g.hypers, g.state)
-            if names != g.names:
+            el = g.element()
+            if el is None:
                 return STALE          # a state buffer to make: the full step makes it
             if self.small:
-                # serial, no norm: _fused_call's own call for such a table, made
-                # here directly (a frame less of fixed cost)
-                el = g.make(s, g.nstate)
+                # serial, no norm: _table_update's own call for such a table,
+                # made here directly (a frame less of fixed cost)
+                if not be.gather(t, grads):
+                    return STALE      # the full checks say why (or take it)
                 be.step(t, el, g.buffers, el.grad_scale, 0.0, 1.0, 0, False, None)
                 return opt._finish_step(False, None, [g.hypers])
-            norm, skip = opt._fused_call(be, t, s, g.buffers, self.max_norm, 1.0,
+            if not be.gather(t, grads):
+                return STALE
+            norm, skip = opt._fused_call(be, t, el, g.buffers, self.max_norm, 1.0,
                                          self.norm_mode, None)
             return opt._finish_step(skip, norm, [g.hypers])
         if type(grads) is not list or len(grads) != len(opt._params):
@@ -148,11 +180,40 @@ class StepPlan:
                     return STALE
         elements = []
         for g in plans:
-            s, names = opt._element_step(g.hypers, g.state)
-            if names != g.names:
+            el = g.element()
+            if el is None:
                 return STALE
-            elements.append(g.make(s, g.nstate))
+            elements.append(el)
         for g, el in zip(plans, elements):  # nothing has been written before here
             for t in g.tables:
                 opt._table_update(be, t, el, g.buffers, 1.0)
         return opt._finish_step(False, None, [g.hypers for g in plans])
+
+    def _run_list_step(self, opt, grads, group):
+        """:meth:`run` for one small table whose backend steps a list of
+        grads in one native call (``list_step``): a small model's whole
+        step, so every call and lookup saved here is its speed."""
+        g = self.groups[0]
+        state = opt.state[0]
+        if (tuple(group.values()) != g.snapshot or state is not g.state or group is not g.group
+                or group["params"] is not g.params or len(g.params) != g.nparams):
+            if not g.holds(group, state):      # a new lr is taken up, anything else is not
+                return STALE
+        t = g.tables[0]
+        el = g.element()
+        if el is None or t.shift is not None:
+            return STALE         # a buffer to make, or SAM's offset: the full step
+        opt._bound = None
+        opt._bound_list = grads
+        t.grads = None
+        if not self.list_step(grads, el):
+            return STALE         # the full checks say why (or take the grads)
+        if not self.plain_finish:
+            return opt._finish_step(False, None, [g.hypers])
+        # _finish_step's counters for a step that ran without a norm, a loss
+        # scaler or a schedule (tests compare them with the full step's)
+        state["step"] += 1
+        opt.iterations += 1
+        opt.grad_norm = None
+        opt.last_lr = [g.lr]
+        return None

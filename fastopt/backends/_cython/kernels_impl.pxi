@@ -1067,6 +1067,35 @@ cdef enum:
         H_SHIFT
 
 
+cdef int _scalars(tuple scal, double* sc) except -1:
+    """An element step's scalars (at most 16) as doubles; their number."""
+    cdef Py_ssize_t i, n = len(scal)
+    if n > 16:
+        raise ValueError("at most 16 scalars")
+    for i in range(n):
+        sc[i] = scal[i]
+    return <int>n
+
+
+cdef inline void _load_table(Table* tb, const i64* h) noexcept:
+    """A table's arrays and counts from its int64 header (``H_*``); no compact state."""
+    tb.compact = NULL
+    tb.waddr = <const i64*><size_t>h[H_WADDR]
+    tb.oaddr = <const i64*><size_t>h[H_OADDR]
+    tb.gaddr = <const i64*><size_t>h[H_GADDR]
+    tb.soff = <const i64*><size_t>h[H_SOFF]
+    tb.pk = <const i64*><size_t>h[H_PK]
+    tb.plo = <const i64*><size_t>h[H_PLO]
+    tb.phi = <const i64*><size_t>h[H_PHI]
+    tb.tasks = <const i64*><size_t>h[H_TASKS]
+    tb.ntasks = h[H_NTASKS]
+    tb.pfirst = <const i64*><size_t>h[H_PFIRST]
+    tb.narrays = h[H_NARRAYS]
+    tb.psum = <double*><size_t>h[H_PSUM]
+    tb.factor = <double*><size_t>h[H_FACTOR]
+    tb.eaddr = <const i64*><size_t>h[H_SHIFT]      # 0: no offset
+
+
 def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
          double gscale, double max_norm, double inv_scale, int norm_mode, bint threaded,
          tuple compact=None):
@@ -1089,13 +1118,10 @@ def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
     cdef int skipped = 0
     cdef double norm
     cdef double sc[16]
-    cdef Py_ssize_t i, nscal = len(scal)
+    cdef Py_ssize_t i
+    cdef int nscal = _scalars(scal, sc)
     cdef Compact cs
-    if nscal > 16:
-        raise ValueError("at most 16 scalars")
-    for i in range(nscal):
-        sc[i] = scal[i]
-    tb.compact = NULL
+    _load_table(&tb, h)
     if compact is not None:
         kind, codes, absmax, keys, signed = compact
         cs.kind = kind
@@ -1108,20 +1134,6 @@ def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
             cs.key[i] = <unsigned int>keys[i]
             cs.is_signed[i] = signed[i]
         tb.compact = &cs
-    tb.waddr = <const i64*><size_t>h[H_WADDR]
-    tb.oaddr = <const i64*><size_t>h[H_OADDR]
-    tb.gaddr = <const i64*><size_t>h[H_GADDR]
-    tb.soff = <const i64*><size_t>h[H_SOFF]
-    tb.pk = <const i64*><size_t>h[H_PK]
-    tb.plo = <const i64*><size_t>h[H_PLO]
-    tb.phi = <const i64*><size_t>h[H_PHI]
-    tb.tasks = <const i64*><size_t>h[H_TASKS]
-    tb.ntasks = h[H_NTASKS]
-    tb.pfirst = <const i64*><size_t>h[H_PFIRST]
-    tb.narrays = h[H_NARRAYS]
-    tb.psum = <double*><size_t>h[H_PSUM]
-    tb.factor = <double*><size_t>h[H_FACTOR]
-    tb.eaddr = <const i64*><size_t>h[H_SHIFT]      # 0: no offset
     with nogil:
         norm = _dispatch(op, <int>h[H_COMPUTE], <int>h[H_STORE], &tb, st0, st1, st2, sc,
                          <int>nscal, flags, gscale, max_norm, inv_scale, norm_mode,
@@ -1231,6 +1243,10 @@ def gather(grads, list params, i64 out, i64 written, Py_ssize_t nwritten):
     Returns -1 when all pass, else the index of the first grad that does
     not: the caller then runs the full Python checks for the message.
     Nothing is written through these addresses here."""
+    return _gather(grads, params, out, written, nwritten)
+
+
+cdef Py_ssize_t _gather(grads, list params, i64 out, i64 written, Py_ssize_t nwritten):
     cdef Py_ssize_t k, n = len(params), a, b, mid
     cdef i64* dst = <i64*><size_t>out
     cdef const i64* w = <const i64*><size_t>written
@@ -1274,6 +1290,51 @@ def gather(grads, list params, i64 out, i64 written, Py_ssize_t nwritten):
                 return k
         dst[k] = lo
     return -1
+
+
+cdef class ListStep:
+    """A small table's whole step over a list of new gradient arrays, bound
+    once: the grads checked and pointed at (as ``gather``), then the serial
+    update without a norm pass (as ``step``), in one call from Python: the
+    step plan's fast path for small models, where the calls are the cost.
+
+    Built from a table's constant addresses while its state buffers are the
+    same objects (``keep`` holds what those addresses point into). A table
+    with an offset set (SAM's restore) is refused: ``step`` applies those."""
+
+    cdef list params
+    cdef i64 gaddr, written, header, st0, st1, st2
+    cdef Py_ssize_t nwritten
+    cdef object keep
+
+    def __init__(self, list params, i64 gaddr, i64 written, Py_ssize_t nwritten, i64 header,
+                 i64 st0, i64 st1, i64 st2, keep):
+        self.params, self.gaddr, self.written, self.nwritten = params, gaddr, written, nwritten
+        self.header, self.st0, self.st1, self.st2, self.keep = header, st0, st1, st2, keep
+
+    def run(self, grads, el not None):
+        """Step ``grads`` with the element step ``el`` (an ``ElementStep``:
+        op, values, flags, grad_scale first): True, or False when a grad
+        does not pass or an offset is set (nothing written)."""
+        cdef const i64* h = <const i64*><size_t>self.header
+        cdef Table tb
+        cdef int skipped = 0
+        cdef double sc[16]
+        if not isinstance(el, tuple):
+            raise TypeError("el must be an ElementStep")
+        cdef tuple e = <tuple>el           # a NamedTuple: a tuple subclass
+        cdef int op = e[0], flags = e[2]
+        cdef double gscale = e[3]
+        cdef int nscal = _scalars(e[1], sc)
+        if h[H_SHIFT] or _gather(grads, self.params, self.gaddr, self.written,
+                                 self.nwritten) != -1:
+            return False
+        _load_table(&tb, h)
+        with nogil:
+            _dispatch(op, <int>h[H_COMPUTE], <int>h[H_STORE], &tb, self.st0, self.st1,
+                      self.st2, sc, nscal, flags, gscale, 0.0, 1.0, 0,
+                      <double*><size_t>h[H_PARTIAL], True, &skipped)
+        return True
 
 
 cdef double _sumsq_chunk(const storage* x, Py_ssize_t start,
