@@ -7,7 +7,8 @@ import pytest
 
 import fastopt
 from fastopt.backends import get_backend
-from fastopt.backends.threads import RETRY, SERIAL_MAX, ThreadChoice
+from fastopt.backends import threads
+from fastopt.backends.threads import RETRY, RETRY_MAX, SERIAL_MAX, ThreadChoice
 
 from conftest import assert_bit_identical
 
@@ -47,6 +48,39 @@ def test_explores_then_keeps_the_faster_mode_and_retries_the_other(serial_s, thr
     # the loser only on retries: every RETRY steps, once
     assert len(losers) == 2 and all((4 + i) % RETRY == 0 for i in losers)
     assert "median serial" in c.describe()
+
+
+def timed_steps(monkeypatch, choice, serial_s, threaded_s, steps):
+    """``steps`` steps through pick and record, each mode taking a fixed
+    time on a fake clock; the step numbers that ran the slower mode."""
+    now = [0.0]
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: now[0])
+    slower = threaded_s > serial_s          # the mode (True: threaded) that loses
+    losers = []
+    for k in range(steps):
+        mode = choice.pick(1 << 20, threads=2)
+        now[0] += threaded_s if mode else serial_s
+        choice.record()
+        if mode == slower:
+            losers.append(k)
+    return losers
+
+
+@pytest.mark.parametrize("serial_s,threaded_s", [(9e-4, 1.6e-4), (1e-4, 4e-4)])
+def test_retries_that_lose_clearly_come_less_often(monkeypatch, serial_s, threaded_s):
+    c = ThreadChoice()
+    retries = [k for k in timed_steps(monkeypatch, c, serial_s, threaded_s, 5000) if k > 8]
+    assert retries[0] == RETRY                 # the first retry, after the exploration
+    gaps = [b - a for a, b in zip(retries, retries[1:])]
+    assert gaps[:4] == [2 * RETRY, 4 * RETRY, 8 * RETRY, RETRY_MAX]
+    assert set(gaps[3:]) == {RETRY_MAX}
+
+
+def test_a_retry_that_is_close_keeps_the_short_wait(monkeypatch):
+    c = ThreadChoice()
+    retries = [k for k in timed_steps(monkeypatch, c, 1.2e-4, 1e-4, 400) if k > 8]
+    assert retries[0] == RETRY
+    assert {b - a for a, b in zip(retries, retries[1:])} == {RETRY}
 
 
 @pytest.mark.parametrize("backend", COMPILED)
