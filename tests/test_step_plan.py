@@ -328,3 +328,40 @@ def test_a_bad_grad_in_the_second_group_writes_nothing(backend):
     for st, flat in zip(opt.state, before[1]):
         _same(st["flat"].values(), flat.values())
         assert st["step"] == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_packed_grads_bound_last_step_take_the_fast_path(backend, clip, monkeypatch):
+    """The same FlatArrays of grads every step (filled in place): planned
+    after the first step, bit for bit the full step; another FlatArrays, or
+    a list in between, goes through the full checks again."""
+    init, grads = _problem(steps=8)
+
+    def run(planned):
+        params = fastopt.pack([a.copy() for a in init])
+        opt = fastopt.AdamW(params, lr=1e-2, max_grad_norm=clip, backend=backend)
+        buf = params.zeros_like()
+        for g in grads:
+            if not planned:
+                opt._plan = None
+            for dst, x in zip(buf, g):
+                dst[...] = x
+            opt.step(buf)
+        return params, opt, buf
+    fast, opt, buf = run(True)
+    full, _, _ = run(False)
+    _same(fast, full)
+    calls = []
+    real = type(opt)._host_step
+    monkeypatch.setattr(type(opt), "_host_step", lambda self, g: calls.append(1) or real(self, g))
+    opt.step(buf)
+    assert calls == []
+    opt.step(buf.zeros_like())            # another FlatArrays: checked and bound in full
+    assert calls == [1]
+    opt.step([np.zeros(s, np.float32) for s in SHAPES])     # a list: the plan reads it
+    assert calls == [1]
+    opt.step(buf)                          # bound again in full (its addresses re-read)
+    assert calls == [1, 1]
+    with pytest.raises(ValueError):
+        opt.step(fastopt.pack([np.zeros(3, np.float32)]))      # another layout

@@ -362,10 +362,14 @@ class Optimizer:
             plan = self._plan       # the last step's plan: the fast path (step_plan.py)
             if plan is not None and (params is None or params is self._given):
                 kind = type(grads)
-                if kind is dict and self._names is not None:
+                if kind is list:
+                    out = plan.run(self, grads)
+                elif kind is dict and self._names is not None:
                     out = plan.run(self, self._names.read(grads))
+                elif grads is self._bound and grads is not None:   # the FlatArrays bound last step
+                    out = plan.run(self, grads, bound=True)
                 else:
-                    out = plan.run(self, grads) if kind is list else STALE
+                    out = STALE
                 if out is not STALE:
                     return out
             if params is not None and params is not self._given:

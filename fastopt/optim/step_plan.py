@@ -130,9 +130,11 @@ class StepPlan:
         plan.plain_finish = type(opt)._finish_step is Optimizer._finish_step
         return plan
 
-    def run(self, opt, grads):
+    def run(self, opt, grads, bound=False):
         """Step ``grads`` (a list) if nothing the plan was made from changed:
         the step's return value, or :data:`STALE` (nothing was written).
+        ``bound``: ``grads`` is the FlatArrays the tables read already (a
+        full step checked and bound it), so there is nothing to read.
 
         What only the optimizer's own code replaces is checked through what
         replacing it always replaces too: a new param group, a checkpoint
@@ -144,40 +146,41 @@ class StepPlan:
                 or opt.skip_nonfinite is not self.skip_given
                 or opt.loss_scaler is not None or opt._schedules or opt.grad_stats is not None):
             return STALE
-        if self.list_step is not None:
+        if self.list_step is not None and not bound:
             return self._run_list_step(opt, grads, groups[0])
         for g, group, state in zip(plans, groups, opt.state):
             if not g.holds(group, state):
                 return STALE
         be = opt._backend
-        opt._bound = None
-        opt._bound_list = grads
+        if not bound:
+            opt._bound = None
+            opt._bound_list = grads
         if self.single:
             g = plans[0]
             t = g.tables[0]
-            t.grads = None
             el = g.element()
             if el is None:
                 return STALE          # a state buffer to make: the full step makes it
+            if not bound:
+                t.grads = None
+                if not be.gather(t, grads):
+                    return STALE      # the full checks say why (or take it)
             if self.small:
                 # serial, no norm: _table_update's own call for such a table,
                 # made here directly (a frame less of fixed cost)
-                if not be.gather(t, grads):
-                    return STALE      # the full checks say why (or take it)
                 be.step(t, el, g.buffers, el.grad_scale, 0.0, 1.0, 0, False, None)
                 return opt._finish_step(False, None, [g.hypers])
-            if not be.gather(t, grads):
-                return STALE
             norm, skip = opt._fused_call(be, t, el, g.buffers, self.max_norm, 1.0,
                                          self.norm_mode, None)
             return opt._finish_step(skip, norm, [g.hypers])
-        if type(grads) is not list or len(grads) != len(opt._params):
-            return STALE
-        for g in plans:                     # every table reads its grads first
-            for t, index in zip(g.tables, g.grad_index):
-                t.grads = None
-                if not be.gather(t, [grads[i] for i in index]):
-                    return STALE
+        if not bound:
+            if type(grads) is not list or len(grads) != len(opt._params):
+                return STALE
+            for g in plans:                     # every table reads its grads first
+                for t, index in zip(g.tables, g.grad_index):
+                    t.grads = None
+                    if not be.gather(t, [grads[i] for i in index]):
+                        return STALE
         elements = []
         for g in plans:
             el = g.element()
