@@ -365,3 +365,16 @@ def test_packed_grads_bound_last_step_take_the_fast_path(backend, clip, monkeypa
     assert calls == [1, 1]
     with pytest.raises(ValueError):
         opt.step(fastopt.pack([np.zeros(3, np.float32)]))      # another layout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("big", [False, True])
+def test_a_hyperparameter_that_is_an_array_gets_the_full_checks_message(backend, big):
+    n = 40000 if big else 3          # the one-call list step, or the generic plan
+    params = [np.zeros(n, np.float32)]
+    opt = fastopt.AdamW(params, backend=backend)
+    opt.step([np.ones(n, np.float32)])
+    opt.param_groups[0]["eps"] = np.array([1e-8, 1e-8])
+    with pytest.raises((TypeError, ValueError), match="eps"):
+        opt.step([np.ones(n, np.float32)])
+    assert opt.state[0]["step"] == 1

@@ -71,11 +71,14 @@ class GroupPlan:
         if (state is not self.state or group is not self.group
                 or group["params"] is not self.params or len(self.params) != self.nparams):
             return False
-        if tuple(group.values()) == self.snapshot:
-            return True
-        # something changed: a new lr (taken up) or anything else (stale)
-        if len(group) != self.glen or tuple(map(group.get, self.keys)) != self.values:
-            return False
+        try:
+            if tuple(group.values()) == self.snapshot:
+                return True
+            # something changed: a new lr (taken up) or anything else (stale)
+            if len(group) != self.glen or tuple(map(group.get, self.keys)) != self.values:
+                return False
+        except Exception:      # a value that does not compare as one (an array): the
+            return False       # full step's checks name it
         lr = group["lr"]
         if lr is not self.lr and not self.take_lr(lr):
             return False
@@ -198,10 +201,14 @@ class StepPlan:
         step, so every call and lookup saved here is its speed."""
         g = self.groups[0]
         state = opt.state[0]
-        if (tuple(group.values()) != g.snapshot or state is not g.state or group is not g.group
-                or group["params"] is not g.params or len(g.params) != g.nparams):
-            if not g.holds(group, state):      # a new lr is taken up, anything else is not
-                return STALE
+        try:
+            changed = (tuple(group.values()) != g.snapshot or state is not g.state
+                       or group is not g.group or group["params"] is not g.params
+                       or len(g.params) != g.nparams)
+        except Exception:      # a value that does not compare as one: the full checks
+            return STALE
+        if changed and not g.holds(group, state):     # a new lr is taken up, nothing else
+            return STALE
         t = g.tables[0]
         el = g.element()
         if el is None or t.shift is not None:
