@@ -111,7 +111,8 @@ def test_the_list_step_refuses_a_table_with_an_offset():
     plan, t = opt._plan, opt._all_tables[0]
     t.set_shift((np.full(4, 0.5, np.float32),))
     before = params[0].copy()
-    assert plan.list_step([np.ones(4, np.float32)], plan.groups[0].element()) is False
+    el = plan.groups[0].element()
+    assert plan.list_step([np.ones(4, np.float32)], el, el.values) is False
     np.testing.assert_array_equal(params[0], before)       # nothing written, offset pending
     assert t.shift is not None
     t.clear_shift()

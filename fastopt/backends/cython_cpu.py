@@ -106,7 +106,8 @@ def gather(table, grads) -> bool:
 
 
 def list_step(table, buffers):
-    """``run(grads, el) -> bool`` (``el`` an ``ElementStep``): ``table``'s whole
+    """``run(grads, el, values) -> bool`` (``el`` an ``ElementStep``, ``values``
+    in place of its own): ``table``'s whole
     serial step without a norm (the grads checked and read, then the update)
     in one native call, for float state ``buffers`` (a tuple), valid while
     they are the table's state; False when a grad does not pass or an offset

@@ -157,19 +157,16 @@ def adam_element(s: AdamScalars, amsgrad: bool) -> ElementStep:
     return _build(ElementStep, (OP_ADAM, values, flags, s[9], AdamElement, 1))
 
 
-def adam_stepper(el: ElementStep, lr, beta1, beta2, state):
-    """``at()``: Adam's element step ``el`` (made for any step) for the step
-    after the ``state["step"]`` steps taken, only its bias terms recomputed
-    (as :func:`adam_scalars` and :func:`adam_element` make them): a step
-    plan's per-step scalars while ``lr``, ``beta1``, ``beta2`` (floats) and
-    the rest of the hyperparameters hold."""
-    rest, op, flags, gscale, kind = el.values[2:], el.op, el.flags, el.grad_scale, el.kind
-
-    def at():
+def adam_stepper(lr, beta1, beta2, state, rest):
+    """``values()``: Adam's element values (see :func:`adam_element`) for the
+    step after the ``state["step"]`` steps taken, only the bias terms
+    recomputed, ``rest`` (the values from the third on) kept: a step plan's
+    per-step scalars while ``lr``, ``beta1``, ``beta2`` (floats) and the
+    rest of the hyperparameters hold."""
+    def values():
         step_size, bc2_sqrt = adam_bias(lr, beta1, beta2, state["step"] + 1)
-        return _build(ElementStep, (op, (step_size, 1.0 / bc2_sqrt) + rest, flags, gscale,
-                                    kind, 1))
-    return at
+        return (step_size, 1.0 / bc2_sqrt) + rest
+    return values
 
 
 def sgd_element(s: SGDScalars, momentum: bool) -> ElementStep:

@@ -51,8 +51,8 @@ class Adam(Optimizer):
             return super()._plan_element(h, state, names, make)
         # the buffers follow from amsgrad alone; only the bias terms change
         el = make(self._element_step(h, state)[0], len(names))
-        return adam_stepper(el, float(h["lr"]), float(h["betas"][0]), float(h["betas"][1]),
-                            state)
+        return el, adam_stepper(float(h["lr"]), float(h["betas"][0]), float(h["betas"][1]),
+                                state, el.values[2:])
 
 
 class AdamW(Adam):

@@ -776,19 +776,21 @@ class Optimizer:
         raise NotImplementedError
 
     def _plan_element(self, hypers, state, names, make):
-        """``at()``: the kernels' element step (``make(scalars, nstate)``) for
-        the next step of the group whose state entry is ``state``, or None
-        when that step needs state buffers other than ``names``: the step
-        plan's per-step work while ``hypers`` hold. This default runs
-        ``_element_step`` each time; an optimizer whose scalars change from
-        step to step only in a few terms (Adam's bias corrections) overrides
-        it to recompute just those."""
+        """``(fixed, at)``: how the step plan makes the kernels' element step
+        (``make(scalars, nstate)``) for the next step of the group whose state
+        entry is ``state``, while ``hypers`` hold. This default runs
+        ``_element_step`` each time: ``fixed`` None and ``at()`` the element
+        step, or None when it needs state buffers other than ``names``. An
+        optimizer whose scalars change from step to step only in a few terms
+        (Adam's bias corrections) overrides it: ``fixed`` an element step
+        whose fields but ``values`` hold for every step, ``at()`` the step's
+        values, recomputing just those terms."""
         nstate = len(names)
 
         def at():
             s, now = self._element_step(hypers, state)
             return make(s, nstate) if now == names else None
-        return at
+        return None, at
 
     def _group_state(self, gi, hypers, created):
         """``(step scalars, state buffer names in kernel order)`` of group

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import math
 
+from ..backends.scalars import ElementStep
 from ..backends.tables import element_maker
 from ..backends.threads import SERIAL_MAX
 
 #: returned by :meth:`StepPlan.run` when the plan no longer holds
 STALE = object()
+
+_build = tuple.__new__
 
 
 class GroupPlan:
@@ -39,7 +42,7 @@ class GroupPlan:
 
     __slots__ = ("group", "params", "nparams", "glen", "keys", "values", "snapshot", "lr",
                  "hypers", "state", "names", "buffers", "nstate", "tables", "grad_index",
-                 "make", "element", "opt")
+                 "make", "fixed", "at", "opt")
 
     def __init__(self, opt, group, hypers, state, names, tables, kind):
         self.opt = opt
@@ -55,7 +58,7 @@ class GroupPlan:
         self.tables = tables
         self.grad_index = [t.index_global for t in tables]
         self.make = element_maker(kind)      # scalars -> the kernels' element step
-        self.element = opt._plan_element(hypers, state, names, self.make)  # () -> element
+        self.fixed, self.at = opt._plan_element(hypers, state, names, self.make)
         self._snap()
 
     def _snap(self):
@@ -85,6 +88,14 @@ class GroupPlan:
         self._snap()
         return True
 
+    def element(self):
+        """The kernels' element step for the group's next step, or None when
+        it needs a state buffer the plan does not have."""
+        fixed = self.fixed
+        if fixed is None:
+            return self.at()
+        return _build(ElementStep, (fixed[0], self.at()) + fixed[2:])
+
     def take_lr(self, lr):
         """Take up a new plain value of lr; False when it is anything else
         (the full step checks it and names the key)."""
@@ -92,7 +103,8 @@ class GroupPlan:
             return False
         self.hypers = dict(self.hypers, lr=lr)
         self.lr = lr
-        self.element = self.opt._plan_element(self.hypers, self.state, self.names, self.make)
+        self.fixed, self.at = self.opt._plan_element(self.hypers, self.state, self.names,
+                                                     self.make)
         return True
 
 
@@ -210,13 +222,20 @@ class StepPlan:
         if changed and not g.holds(group, state):     # a new lr is taken up, nothing else
             return STALE
         t = g.tables[0]
-        el = g.element()
-        if el is None or t.shift is not None:
-            return STALE         # a buffer to make, or SAM's offset: the full step
+        el = g.fixed
+        if el is not None:
+            values = g.at()           # the element step's other fields hold
+        else:
+            el = g.at()
+            if el is None:
+                return STALE          # a buffer to make: the full step makes it
+            values = el[1]
+        if t.shift is not None:
+            return STALE              # SAM's offset: the full step applies it
         opt._bound = None
         opt._bound_list = grads
         t.grads = None
-        if not self.list_step(grads, el):
+        if not self.list_step(grads, el, values):
             return STALE         # the full checks say why (or take the grads)
         if not self.plain_finish:
             return opt._finish_step(False, None, [g.hypers])

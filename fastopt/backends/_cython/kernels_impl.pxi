@@ -1312,10 +1312,11 @@ cdef class ListStep:
         self.params, self.gaddr, self.written, self.nwritten = params, gaddr, written, nwritten
         self.header, self.st0, self.st1, self.st2, self.keep = header, st0, st1, st2, keep
 
-    def run(self, grads, el not None):
+    def run(self, grads, el not None, tuple values):
         """Step ``grads`` with the element step ``el`` (an ``ElementStep``:
-        op, values, flags, grad_scale first): True, or False when a grad
-        does not pass or an offset is set (nothing written)."""
+        op, values, flags, grad_scale first) and ``values`` in place of its
+        own: True, or False when a grad does not pass or an offset is set
+        (nothing written)."""
         cdef const i64* h = <const i64*><size_t>self.header
         cdef Table tb
         cdef int skipped = 0
@@ -1325,7 +1326,7 @@ cdef class ListStep:
         cdef tuple e = <tuple>el           # a NamedTuple: a tuple subclass
         cdef int op = e[0], flags = e[2]
         cdef double gscale = e[3]
-        cdef int nscal = _scalars(e[1], sc)
+        cdef int nscal = _scalars(values, sc)
         if h[H_SHIFT] or _gather(grads, self.params, self.gaddr, self.written,
                                  self.nwritten) != -1:
             return False
