@@ -118,14 +118,25 @@ def test_the_list_step_refuses_a_table_with_an_offset():
     t.clear_shift()
 
 
+class DoubleLrAdam(fastopt.Adam):
+    def _element_step(self, h, state):
+        return super()._element_step(dict(h, lr=2 * h["lr"]), state)
+
+
+class DecayingSGD(fastopt.SGD):
+    """An lr that falls with the step: SGD's own scalars do not change from
+    step to step, this subclass's do."""
+
+    def _element_step(self, h, state):
+        return super()._element_step(dict(h, lr=h["lr"] / (1 + state["step"])), state)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_subclass_with_its_own_math_is_planned_with_it(backend):
-    class DoubleLrAdam(fastopt.Adam):
-        def _element_step(self, h, state):
-            return super()._element_step(dict(h, lr=2 * h["lr"]), state)
+@pytest.mark.parametrize("cls", [DoubleLrAdam, DecayingSGD])
+def test_a_subclass_with_its_own_math_is_planned_with_it(backend, cls):
     init, grads = _problem()
-    fast, opt = _run(lambda p: DoubleLrAdam(p, lr=1e-2, backend=backend), init, grads, True)
-    full, _ = _run(lambda p: DoubleLrAdam(p, lr=1e-2, backend=backend), init, grads, False)
+    fast, opt = _run(lambda p: cls(p, lr=1e-2, backend=backend), init, grads, True)
+    full, _ = _run(lambda p: cls(p, lr=1e-2, backend=backend), init, grads, False)
     assert opt._plan is not None
     _same(fast, full)
 

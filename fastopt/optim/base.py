@@ -784,8 +784,19 @@ class Optimizer:
         optimizer whose scalars change from step to step only in a few terms
         (Adam's bias corrections) overrides it: ``fixed`` an element step
         whose fields but ``values`` hold for every step, ``at()`` the step's
-        values, recomputing just those terms."""
+        values, recomputing just those terms. A class whose ``_element_step``
+        depends on nothing that changes from step to step once its buffers
+        exist names it ``_step_free_element_step`` (SGD, RMSprop, Lion): the
+        plan then reuses one element step."""
         nstate = len(names)
+        if type(self)._element_step is getattr(type(self), "_step_free_element_step", None):
+            # the class vouches that this _element_step depends on the
+            # hyperparameters and the buffers there are only, not on the step
+            s, now = self._element_step(hypers, state)
+            if now == names:
+                el = make(s, nstate)
+                values = el.values
+                return el, lambda: values
 
         def at():
             s, now = self._element_step(hypers, state)

@@ -38,3 +38,7 @@ class Lion(Optimizer):
         s = lion_scalars(lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
                          weight_decay=h["weight_decay"], maximize=h["maximize"])
         return s, ("exp_avg",)
+
+    # the scalars follow from the hyperparameters alone: the step
+    # plan may reuse them (Optimizer._plan_element)
+    _step_free_element_step = _element_step

@@ -62,3 +62,7 @@ class RMSprop(Optimizer):
                             weight_decay=h["weight_decay"], momentum=h["momentum"],
                             centered=h["centered"], maximize=h["maximize"])
         return s, self._buffers(h)
+
+    # the scalars follow from the hyperparameters alone: the step
+    # plan may reuse them (Optimizer._plan_element)
+    _step_free_element_step = _element_step

@@ -47,3 +47,8 @@ class SGD(Optimizer):
                         nesterov=h["nesterov"], weight_decay=h["weight_decay"],
                         first_step=first, maximize=h["maximize"])
         return s, ("momentum_buffer",) if has_momentum else ()
+
+    # the scalars follow from the hyperparameters alone (and, on the first
+    # step, from whether the buffer exists): the step plan may reuse them
+    # (Optimizer._plan_element)
+    _step_free_element_step = _element_step
