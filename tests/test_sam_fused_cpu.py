@@ -153,17 +153,18 @@ class Counting:
         monkeypatch.setattr(flat_numba, "sam_restore", no_restore)
 
 
+@pytest.mark.parametrize("clip", [1.0, None])      # None: a small table's one-call plan
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_restore_and_step_are_one_native_call(monkeypatch, backend, base):
+def test_restore_and_step_are_one_native_call(monkeypatch, backend, base, clip):
     rng = np.random.default_rng(1)
     params = [rng_array(rng, s, np.float32) for s in SHAPES]
-    sam = fastopt.SAM(BASES[base](params, backend, max_grad_norm=1.0), rho=RHO)
+    sam = fastopt.SAM(BASES[base](params, backend, max_grad_norm=clip), rho=RHO)
     planned = []
     real_run = step_plan.StepPlan.run
 
-    def spy(self, opt, grads):
-        out = real_run(self, opt, grads)
+    def spy(self, opt, grads, bound=False):
+        out = real_run(self, opt, grads, bound)
         planned.append(out is not step_plan.STALE)
         return out
     monkeypatch.setattr(step_plan.StepPlan, "run", spy)

@@ -107,11 +107,11 @@ def gather(table, grads) -> bool:
 
 def list_step(table, buffers):
     """``run(grads, el, values) -> bool`` (``el`` an ``ElementStep``, ``values``
-    in place of its own): ``table``'s whole
-    serial step without a norm (the grads checked and read, then the update)
-    in one native call, for float state ``buffers`` (a tuple), valid while
-    they are the table's state; False when a grad does not pass or an offset
-    is set, with nothing written (see ``ListStep``)."""
+    in place of its own): ``table``'s whole serial step without a norm (the
+    grads checked and read, then the update) in one native call, for float
+    state ``buffers`` (a tuple), valid while they are the table's state;
+    False when a grad does not pass or an offset is set, with nothing
+    written (see ``ListStep``)."""
     st0, st1, st2 = table.state_addresses(buffers)        # may re-derive the written ranges
     written = table.written
     return _k.ListStep(table.params, table.addrs["gaddr"], table.written_addr,

@@ -20,8 +20,9 @@ noticed. A retry that loses clearly (``LOSS`` times the kept mode's median)
 doubles the wait before the next one, up to ``RETRY_MAX`` steps: on this
 machine a serial step of 1M AdamW elements right after threaded ones took
 0.9 ms against 0.16 ms threaded (each core's half had been in its own
-cache), so a retry every 50 steps cost 9% of the mean step. Both modes compute bit-identical results (the norm's partial sums
-are per task, added in task order), so the choice changes speed only.
+cache), so a retry every 50 steps cost 9% of the mean step. Both modes
+compute bit-identical results (the norm's partial sums are per task, added
+in task order), so the choice changes speed only.
 
 Tables that are small, or a team of one thread, never go threaded.
 """

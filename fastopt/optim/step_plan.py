@@ -163,6 +163,11 @@ class StepPlan:
             return STALE
         if self.list_step is not None and not bound:
             return self._run_list_step(opt, grads, groups[0])
+        return self._run_tables(opt, grads, bound)
+
+    def _run_tables(self, opt, grads, bound):
+        """:meth:`run` through the backend's table step (after its own checks)."""
+        groups, plans = opt.param_groups, self.groups
         for g, group, state in zip(plans, groups, opt.state):
             if not g.holds(group, state):
                 return STALE
@@ -230,8 +235,8 @@ class StepPlan:
             if el is None:
                 return STALE          # a buffer to make: the full step makes it
             values = el[1]
-        if t.shift is not None:
-            return STALE              # SAM's offset: the full step applies it
+        if t.shift is not None:       # SAM's offset: the table step applies it
+            return self._run_tables(opt, grads, False)
         opt._bound = None
         opt._bound_list = grads
         t.grads = None
