@@ -68,13 +68,23 @@ def count_native_steps(monkeypatch, module):
     real_step = module.step
     monkeypatch.setattr(module, "step", lambda t, *a, **k: (calls.append(t.nelem),
                                                             real_step(t, *a, **k))[1])
-    bind = getattr(module, "list_step", None)
-    if bind is not None:
-        def counted_bind(t, buffers):
-            run = bind(t, buffers)
-            return lambda grads, el, values: (calls.append(t.nelem), run(grads, el, values))[1]
-        monkeypatch.setattr(module, "list_step", counted_bind)
+    count_list_steps(monkeypatch, module, calls)
     return calls
+
+
+def count_list_steps(monkeypatch, module, sizes):
+    """Record each table's size into ``sizes`` whenever a list step that
+    ``module.list_step`` binds from now on runs (one native call stepping
+    those tables, as ``step`` would one by one)."""
+    bind = getattr(module, "list_step", None)
+    if bind is None:
+        return
+
+    def counted_bind(tables, buffers, nparams):
+        run = bind(tables, buffers, nparams)
+        return lambda grads, els, values: (sizes.extend(t.nelem for t in tables),
+                                           run(grads, els, values))[1]
+    monkeypatch.setattr(module, "list_step", counted_bind)
 
 
 def assert_close(actual, expected, mag, rtol, what=""):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from conftest import BACKENDS, assert_bit_identical, rng_array
+from conftest import BACKENDS, assert_bit_identical, count_list_steps, rng_array
 from fastopt.backends import get_backend
 from fastopt.params import FlatArrays, memory_runs
 
@@ -189,6 +189,8 @@ def count_calls(monkeypatch, backend, *names):
     for fn in names:
         counters[fn] = CallCounter(getattr(module, fn))
         monkeypatch.setattr(module, fn, counters[fn])
+    if "step" in counters:        # the step plan's one-call steps of small tables
+        count_list_steps(monkeypatch, module, counters["step"].sizes)
     return counters
 
 

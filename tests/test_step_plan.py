@@ -112,7 +112,7 @@ def test_the_list_step_refuses_a_table_with_an_offset():
     t.set_shift((np.full(4, 0.5, np.float32),))
     before = params[0].copy()
     el = plan.groups[0].element()
-    assert plan.list_step([np.ones(4, np.float32)], el, el.values) is False
+    assert plan.list_step([np.ones(4, np.float32)], (el,), (el.values,)) is False
     np.testing.assert_array_equal(params[0], before)       # nothing written, offset pending
     assert t.shift is not None
     t.clear_shift()
@@ -390,3 +390,41 @@ def test_a_hyperparameter_that_is_an_array_gets_the_full_checks_message(backend,
     with pytest.raises((TypeError, ValueError), match="eps"):
         opt.step([np.ones(n, np.float32)])
     assert opt.state[0]["step"] == 1
+
+
+def test_small_groups_step_in_one_native_call(monkeypatch):
+    """Three groups (float32, float64, float32 without decay): after the
+    first step every table's grads are read and checked, then all are
+    updated, in one call; bit for bit the full step; a bad grad in the last
+    group leaves every group unwritten."""
+    from fastopt.backends import cython_cpu
+    rng = np.random.default_rng(3)
+
+    def model():
+        r = np.random.default_rng(3)
+        return [r.standard_normal((3, 2)).astype(np.float32), r.standard_normal(4),
+                r.standard_normal(5).astype(np.float32)]
+
+    def make(p):
+        return fastopt.AdamW([{"params": p[:1]}, {"params": p[1:2]},
+                              {"params": p[2:], "weight_decay": 0.0, "lr": 3e-3}],
+                             lr=1e-2, backend="cython")
+    grads = [[rng.standard_normal(a.shape).astype(a.dtype) for a in model()] for _ in range(6)]
+    fast, opt = _run(make, model(), grads, planned=True)
+    full, _ = _run(make, model(), grads, planned=False)
+    _same(fast, full)
+    assert opt._plan.list_step is not None and len(opt._plan.list_tables) == 3
+
+    def python_level(*args, **kwargs):
+        raise AssertionError("a Python-level backend call on the planned path")
+    monkeypatch.setattr(cython_cpu, "gather", python_level)
+    monkeypatch.setattr(cython_cpu, "step", python_level)
+    opt.step([g.copy() for g in grads[0]])
+    monkeypatch.undo()
+    before = copy.deepcopy((fast, [st["step"] for st in opt.state]))
+    bad = [g.copy() for g in grads[1]]
+    bad[2] = fast[2]                       # a grad that is a param: refused
+    with pytest.raises(ValueError, match=r"grads\[2\]"):
+        opt.step(bad)
+    _same(fast, before[0])
+    assert [st["step"] for st in opt.state] == before[1] == [7, 7, 7]

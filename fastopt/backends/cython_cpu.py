@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
+
 from .._openmp import in_forked_child, on_fork_serial, short_spin
 from .compact import check_compact
 from .lowp import bits
@@ -105,18 +107,23 @@ def gather(table, grads) -> bool:
                      table.written.size // 2) == -1
 
 
-def list_step(table, buffers):
-    """``run(grads, el, values) -> bool`` (``el`` an ``ElementStep``, ``values``
-    in place of its own): ``table``'s whole serial step without a norm (the
-    grads checked and read, then the update) in one native call, for float
-    state ``buffers`` (a tuple), valid while they are the table's state;
-    False when a grad does not pass or an offset is set, with nothing
-    written (see ``ListStep``)."""
-    st0, st1, st2 = table.state_addresses(buffers)        # may re-derive the written ranges
-    written = table.written
-    return _k.ListStep(table.params, table.addrs["gaddr"], table.written_addr,
-                       written.size // 2, table.header_addr, st0, st1, st2,
-                       (table, buffers, written)).run
+def list_step(tables, buffers, nparams):
+    """``run(grads, els, values) -> bool``: the whole serial step of
+    ``tables`` (small tables, one or more groups' worth) without a norm in
+    one native call: every table's grads checked and read from the list of
+    ``nparams`` arrays first, then each table updated with its element step
+    ``els[k]`` and ``values[k]`` in place of that one's values. For float
+    state ``buffers[k]`` (a tuple per table), valid while they are the
+    tables' state; False when a grad does not pass or an offset is set,
+    with nothing written (see ``ListStep``)."""
+    rows = np.zeros((len(tables), 7), np.int64)
+    keep = []
+    for k, (t, bufs) in enumerate(zip(tables, buffers)):
+        st = t.state_addresses(bufs)          # may re-derive the written ranges
+        rows[k] = (t.addrs["gaddr"], t.written_addr, t.written.size // 2, t.header_addr) + st
+        keep.append((t, bufs, t.written))
+    at = [None] if len(tables) == 1 else [tuple(t.index_global) for t in tables]
+    return _k.ListStep([t.params for t in tables], at, rows, nparams, keep).run
 
 
 def sumsq_table(table) -> float:

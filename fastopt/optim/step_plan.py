@@ -88,6 +88,23 @@ class GroupPlan:
         self._snap()
         return True
 
+    def next_element(self, group, state):
+        """``(element step, values)`` of the group's next step when this part
+        of the plan holds (a new plain lr taken up), else None."""
+        try:
+            changed = (tuple(group.values()) != self.snapshot or state is not self.state
+                       or group is not self.group or group["params"] is not self.params
+                       or len(self.params) != self.nparams)
+        except Exception:      # a value that does not compare as one: the full checks
+            return None
+        if changed and not self.holds(group, state):
+            return None
+        el = self.fixed
+        if el is not None:
+            return el, self.at()      # the element step's other fields hold
+        el = self.at()
+        return None if el is None else (el, el[1])     # None: a buffer to make
+
     def element(self):
         """The kernels' element step for the group's next step, or None when
         it needs a state buffer the plan does not have."""
@@ -110,7 +127,7 @@ class GroupPlan:
 
 class StepPlan:
     __slots__ = ("tables", "groups", "single", "max_norm_given", "skip_given", "max_norm",
-                 "norm_mode", "small", "list_step", "plain_finish")
+                 "norm_mode", "small", "list_step", "owner", "list_tables", "plain_finish")
 
     @classmethod
     def make(cls, opt, hypers, max_norm, check, steps):
@@ -136,9 +153,20 @@ class StepPlan:
         # a table this small always runs serially (_fused_call); without a
         # norm to compute the plan calls the backend itself
         plan.small = opt._single and opt._all_tables[0].nelem <= SERIAL_MAX and not norm_mode
-        # such a step as one native call, where the backend has one
-        bind = getattr(opt._backend, "list_step", None) if plan.small else None
-        plan.list_step = None if bind is None else bind(groups[0].tables[0], groups[0].buffers)
+        # Every table small and no norm: the whole step as one native call,
+        # where the backend has one (each table's grads read and checked
+        # before any is written)
+        bind = (getattr(opt._backend, "list_step", None) if not norm_mode
+                and all(t.nelem <= SERIAL_MAX for t in opt._all_tables) else None)
+        plan.list_step = plan.owner = plan.list_tables = None
+        if bind is not None:
+            tables = [(gi, t, g.buffers) for gi, g in enumerate(groups) for t in g.tables]
+            plan.list_tables = [t for _, t, _ in tables]
+            # table k's group, or None where group k has table k alone
+            owner = [gi for gi, _, _ in tables]
+            plan.owner = None if owner == list(range(len(groups))) else owner
+            plan.list_step = bind(plan.list_tables, [b for _, _, b in tables],
+                                  len(opt._params))
         from .base import Optimizer      # (base imports this module)
         # the counters need no call where the optimizer keeps nothing of its
         # own at the end of a step (NAdam does: its momentum product)
@@ -161,9 +189,35 @@ class StepPlan:
                 or opt.skip_nonfinite is not self.skip_given
                 or opt.loss_scaler is not None or opt._schedules or opt.grad_stats is not None):
             return STALE
-        if self.list_step is not None and not bound:
-            return self._run_list_step(opt, grads, groups[0])
-        return self._run_tables(opt, grads, bound)
+        if self.list_step is None or bound:
+            return self._run_tables(opt, grads, bound)
+        if not self.single:
+            return self._run_list_steps(opt, grads, groups)
+        # One small table whose backend steps the list of grads in one native
+        # call: a small model's whole step, so every call and lookup saved
+        # here is its speed.
+        g = plans[0]
+        state = opt.state[0]
+        step = g.next_element(groups[0], state)
+        if step is None:
+            return STALE
+        t = g.tables[0]
+        if t.shift is not None:       # SAM's offset: the table step applies it
+            return self._run_tables(opt, grads, False)
+        opt._bound = None
+        opt._bound_list = grads
+        t.grads = None
+        if not self.list_step(grads, (step[0],), (step[1],)):
+            return STALE         # the full checks say why (or take the grads)
+        if not self.plain_finish:
+            return opt._finish_step(False, None, [g.hypers])
+        # _finish_step's counters for a step that ran without a norm, a loss
+        # scaler or a schedule (tests compare them with the full step's)
+        state["step"] += 1
+        opt.iterations += 1
+        opt.grad_norm = None
+        opt.last_lr = [g.lr]
+        return None
 
     def _run_tables(self, opt, grads, bound):
         """:meth:`run` through the backend's table step (after its own checks)."""
@@ -212,42 +266,34 @@ class StepPlan:
                 opt._table_update(be, t, el, g.buffers, 1.0)
         return opt._finish_step(False, None, [g.hypers for g in plans])
 
-    def _run_list_step(self, opt, grads, group):
-        """:meth:`run` for one small table whose backend steps a list of
-        grads in one native call (``list_step``): a small model's whole
-        step, so every call and lookup saved here is its speed."""
-        g = self.groups[0]
-        state = opt.state[0]
-        try:
-            changed = (tuple(group.values()) != g.snapshot or state is not g.state
-                       or group is not g.group or group["params"] is not g.params
-                       or len(g.params) != g.nparams)
-        except Exception:      # a value that does not compare as one: the full checks
-            return STALE
-        if changed and not g.holds(group, state):     # a new lr is taken up, nothing else
-            return STALE
-        t = g.tables[0]
-        el = g.fixed
-        if el is not None:
-            values = g.at()           # the element step's other fields hold
-        else:
-            el = g.at()
-            if el is None:
-                return STALE          # a buffer to make: the full step makes it
-            values = el[1]
-        if t.shift is not None:       # SAM's offset: the table step applies it
-            return self._run_tables(opt, grads, False)
+    def _run_list_steps(self, opt, grads, groups):
+        """:meth:`run`'s one native call for several small groups or tables."""
+        plans = self.groups
+        els, values = [], []
+        for g, group, state in zip(plans, groups, opt.state):
+            step = g.next_element(group, state)
+            if step is None:
+                return STALE
+            els.append(step[0])
+            values.append(step[1])
+        tables = self.list_tables
+        for t in tables:
+            if t.shift is not None:       # SAM's offset: the table step applies it
+                return self._run_tables(opt, grads, False)
         opt._bound = None
         opt._bound_list = grads
-        t.grads = None
-        if not self.list_step(grads, el, values):
-            return STALE         # the full checks say why (or take the grads)
+        for t in tables:
+            t.grads = None
+        owner = self.owner
+        if owner is not None:             # a group with several tables
+            els, values = [els[gi] for gi in owner], [values[gi] for gi in owner]
+        if not self.list_step(grads, tuple(els), tuple(values)):
+            return STALE
         if not self.plain_finish:
-            return opt._finish_step(False, None, [g.hypers])
-        # _finish_step's counters for a step that ran without a norm, a loss
-        # scaler or a schedule (tests compare them with the full step's)
-        state["step"] += 1
+            return opt._finish_step(False, None, [g.hypers for g in plans])
+        for state in opt.state:       # _finish_step's counters, as for one table
+            state["step"] += 1
         opt.iterations += 1
         opt.grad_norm = None
-        opt.last_lr = [g.lr]
+        opt.last_lr = [g.lr for g in plans]
         return None

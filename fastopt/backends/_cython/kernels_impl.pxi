@@ -1077,7 +1077,7 @@ cdef int _scalars(tuple scal, double* sc) except -1:
     return <int>n
 
 
-cdef inline void _load_table(Table* tb, const i64* h) noexcept:
+cdef inline void _load_table(Table* tb, const i64* h) noexcept nogil:
     """A table's arrays and counts from its int64 header (``H_*``); no compact state."""
     tb.compact = NULL
     tb.waddr = <const i64*><size_t>h[H_WADDR]
@@ -1243,10 +1243,14 @@ def gather(grads, list params, i64 out, i64 written, Py_ssize_t nwritten):
     Returns -1 when all pass, else the index of the first grad that does
     not: the caller then runs the full Python checks for the message.
     Nothing is written through these addresses here."""
-    return _gather(grads, params, out, written, nwritten)
+    return _gather(grads, params, None, out, written, nwritten)
 
 
-cdef Py_ssize_t _gather(grads, list params, i64 out, i64 written, Py_ssize_t nwritten):
+cdef Py_ssize_t _gather(grads, list params, tuple at, i64 out, i64 written,
+                        Py_ssize_t nwritten):
+    # ``at``: None (grads[k] goes with params[k]), or each param's position
+    # in ``grads`` (a table's share of a longer list, whose length the
+    # caller checked)
     cdef Py_ssize_t k, n = len(params), a, b, mid
     cdef i64* dst = <i64*><size_t>out
     cdef const i64* w = <const i64*><size_t>written
@@ -1259,10 +1263,10 @@ cdef Py_ssize_t _gather(grads, list params, i64 out, i64 written, Py_ssize_t nwr
         seq = grads
     else:
         return 0
-    if len(seq) != n:
+    if at is None and len(seq) != n:
         return 0
     for k in range(n):
-        item = seq[k]
+        item = seq[k] if at is None else seq[<Py_ssize_t>at[k]]
         if not cnp.PyArray_Check(item):
             return k
         g = <cnp.ndarray>item
@@ -1292,49 +1296,83 @@ cdef Py_ssize_t _gather(grads, list params, i64 out, i64 written, Py_ssize_t nwr
     return -1
 
 
-cdef class ListStep:
-    """A small table's whole step over a list of new gradient arrays, bound
-    once: the grads checked and pointed at (as ``gather``), then the serial
-    update without a norm pass (as ``step``), in one call from Python: the
-    step plan's fast path for small models, where the calls are the cost.
+cdef enum:
+    # ListStep's int64 row per table
+    L_GADDR, L_WRITTEN, L_NWRITTEN, L_HEADER, L_ST0, L_ST1, L_ST2, L_COLUMNS
 
-    Built from a table's constant addresses while its state buffers are the
-    same objects (``keep`` holds what those addresses point into). A table
+
+cdef class ListStep:
+    """Small tables' whole step over a list of new gradient arrays, bound
+    once: every table's grads checked and pointed at (as ``gather``) and its
+    element step read, then, only if all passed, each table's serial update
+    without a norm pass (as ``step``), in one call from Python: the step
+    plan's fast path for small models, where the calls are the cost.
+
+    Built from the tables' constant addresses while their state buffers are
+    the same objects (``keep`` holds what those addresses point into):
+    ``params[k]`` table k's params, ``at[k]`` None (one table reading the
+    whole list) or the positions of its grads in the list, ``rows`` an
+    int64 array of ``L_COLUMNS`` addresses and counts per table. A table
     with an offset set (SAM's restore) is refused: ``step`` applies those."""
 
-    cdef list params
-    cdef i64 gaddr, written, header, st0, st1, st2
-    cdef Py_ssize_t nwritten
+    cdef list params, at
+    cdef Py_ssize_t ntables, total
+    cdef cnp.ndarray rows, scal, ints
     cdef object keep
 
-    def __init__(self, list params, i64 gaddr, i64 written, Py_ssize_t nwritten, i64 header,
-                 i64 st0, i64 st1, i64 st2, keep):
-        self.params, self.gaddr, self.written, self.nwritten = params, gaddr, written, nwritten
-        self.header, self.st0, self.st1, self.st2, self.keep = header, st0, st1, st2, keep
+    def __init__(self, list params, list at, rows, Py_ssize_t total, keep):
+        if (len(at) != len(params) or rows.dtype != np.int64 or rows.ndim != 2
+                or rows.shape[0] != len(params) or rows.shape[1] != L_COLUMNS
+                or not rows.flags.c_contiguous):
+            raise ValueError("one row of L_COLUMNS int64 per table, and one entry of at")
+        self.params, self.at, self.rows, self.total = params, at, rows, total
+        self.ntables = len(params)
+        self.keep = keep
+        # each table's element step, read before anything is written
+        self.scal = np.zeros((self.ntables, 17))     # the scalars, then grad_scale
+        self.ints = np.zeros((self.ntables, 3), np.int32)    # op, flags, the scalars' count
 
-    def run(self, grads, el not None, tuple values):
-        """Step ``grads`` with the element step ``el`` (an ``ElementStep``:
-        op, values, flags, grad_scale first) and ``values`` in place of its
-        own: True, or False when a grad does not pass or an offset is set
-        (nothing written)."""
-        cdef const i64* h = <const i64*><size_t>self.header
+    def run(self, grads, tuple els, tuple values):
+        """Step ``grads`` with table k's element step ``els[k]`` (an
+        ``ElementStep``: op, values, flags, grad_scale first) and
+        ``values[k]`` in place of its own: True, or False when a grad does
+        not pass or an offset is set (nothing written then)."""
+        cdef const i64* r = <const i64*>cnp.PyArray_DATA(self.rows)
+        cdef double* sc = <double*>cnp.PyArray_DATA(self.scal)
+        cdef int* ints = <int*>cnp.PyArray_DATA(self.ints)
+        cdef const i64* row
+        cdef const i64* h
         cdef Table tb
         cdef int skipped = 0
-        cdef double sc[16]
-        if not isinstance(el, tuple):
-            raise TypeError("el must be an ElementStep")
-        cdef tuple e = <tuple>el           # a NamedTuple: a tuple subclass
-        cdef int op = e[0], flags = e[2]
-        cdef double gscale = e[3]
-        cdef int nscal = _scalars(values, sc)
-        if h[H_SHIFT] or _gather(grads, self.params, self.gaddr, self.written,
-                                 self.nwritten) != -1:
+        cdef Py_ssize_t k
+        cdef tuple e
+        if len(els) != self.ntables or len(values) != self.ntables:
+            raise ValueError("one element step and one values tuple per table")
+        if self.ntables > 1 and (type(grads) is not list or len(grads) != self.total):
             return False
-        _load_table(&tb, h)
+        for k in range(self.ntables):       # every table's checks before any write
+            row = r + k * L_COLUMNS
+            if not isinstance(els[k], tuple):
+                raise TypeError("els must hold ElementSteps")
+            e = <tuple>els[k]           # a NamedTuple: a tuple subclass
+            ints[3 * k] = e[0]
+            ints[3 * k + 1] = e[2]
+            sc[17 * k + 16] = e[3]
+            ints[3 * k + 2] = _scalars(<tuple?>values[k], sc + 17 * k)
+            if (<const i64*><size_t>row[L_HEADER])[H_SHIFT]:
+                return False
+            if _gather(grads, <list>self.params[k], <tuple>self.at[k], row[L_GADDR],
+                       row[L_WRITTEN], row[L_NWRITTEN]) != -1:
+                return False
         with nogil:
-            _dispatch(op, <int>h[H_COMPUTE], <int>h[H_STORE], &tb, self.st0, self.st1,
-                      self.st2, sc, nscal, flags, gscale, 0.0, 1.0, 0,
-                      <double*><size_t>h[H_PARTIAL], True, &skipped)
+            for k in range(self.ntables):
+                row = r + k * L_COLUMNS
+                h = <const i64*><size_t>row[L_HEADER]
+                _load_table(&tb, h)
+                _dispatch(ints[3 * k], <int>h[H_COMPUTE], <int>h[H_STORE], &tb, row[L_ST0],
+                          row[L_ST1], row[L_ST2], sc + 17 * k, ints[3 * k + 2],
+                          ints[3 * k + 1], sc[17 * k + 16], 0.0, 1.0, 0,
+                          <double*><size_t>h[H_PARTIAL], True, &skipped)
         return True
 
 
