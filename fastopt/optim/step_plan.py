@@ -16,10 +16,16 @@ Planned: compiled tables, float state, a number for each group's lr, no
 loss scaler and no ``grad_stats`` hook; either one table (the norm pass, the
 skip decision and the update in one native call, with or without clipping
 and the non-finite skip) or several groups or tables without a norm to
-compute. The plan runs the same code the full step runs for the per-step
-work (``_element_step``, ``_fused_call``, ``_table_update``,
-``_finish_step``), so the two cannot drift apart; it only skips re-deriving
-what did not change.
+compute. Grads are a list (a dict by name is read into one), or the
+FlatArrays the tables were bound to last step. Where every table is small
+and there is no norm, a backend's ``list_step`` (Cython) makes the whole
+step one native call: every table's grads read and checked, then each
+updated. The plan runs the same code the full step runs for the per-step
+work (``_element_step`` through ``_plan_element``, ``_fused_call``,
+``_table_update``, ``_finish_step``; the list step sets ``_finish_step``'s
+counters itself where the optimizer adds nothing to them, and tests compare
+both), so the two cannot drift apart; it only skips re-deriving what did
+not change.
 """
 
 from __future__ import annotations
