@@ -97,6 +97,8 @@ class GroupPlan:
     def next_element(self, group, state):
         """``(element step, values)`` of the group's next step when this part
         of the plan holds (a new plain lr taken up), else None."""
+        # holds()'s checks, inline: calling it, and routing one table through
+        # _run_list_steps, measured 1.77 -> 2.43 us for a 1-element step
         try:
             changed = (tuple(group.values()) != self.snapshot or state is not self.state
                        or group is not self.group or group["params"] is not self.params
@@ -297,7 +299,7 @@ class StepPlan:
             return STALE
         if not self.plain_finish:
             return opt._finish_step(False, None, [g.hypers for g in plans])
-        for state in opt.state:       # _finish_step's counters, as for one table
+        for state in opt.state:       # _finish_step's counters, as run() sets them inline
             state["step"] += 1
         opt.iterations += 1
         opt.grad_norm = None
