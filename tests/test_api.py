@@ -214,7 +214,18 @@ def test_libgomp_loaded_earlier_is_reported():
     code = ("import numba, numpy as np\n@numba.njit(parallel=True)\ndef f(a):\n"
             "    for i in numba.prange(a.size): a[i] += 1\nf(np.zeros(10))\n")
     _, reports = _openmp_after_loading({}, preload=f"exec({code!r}); ")
-    assert all(r["set_by"].startswith("default (libgomp was loaded before") for r in reports)
+    assert reports and all(r["set_by"].startswith("default (libgomp was loaded before")
+                           for r in reports)
+    assert all(r["libgomp"].endswith(".so.1") or ".so.1." in r["libgomp"] for r in reports)
+
+
+def test_torchs_libgomp_loaded_first_is_reported():
+    """torch's bundled libgomp has the same soname: imported first, it is the
+    one fastopt's kernels run on, at its own (long) spin."""
+    pytest.importorskip("torch")
+    _, reports = _openmp_after_loading({}, preload="import torch; ")
+    assert reports and all(r["set_by"].startswith("default (torch's libgomp was loaded")
+                           and "/torch/" in r["libgomp"] for r in reports)
 
 
 def test_kernel_threads_restores_even_on_error(restore_threads):

@@ -31,7 +31,8 @@ def run(args):
         for p in pools["pools"]:
             print("  " + ", ".join(f"{k}={v}" for k, v in p.items()))
     print(f"serial or threaded: each step table above {SERIAL_MAX} elements times its own "
-          "steps both ways and keeps the faster (fastopt.backends.threads)")
+          "steps both ways and keeps the mode whose steps cost less on average, rare slow "
+          "ones included (fastopt.backends.threads)")
     print_state_bytes()
     return 0
 
