@@ -16,8 +16,9 @@ in both modes and keeps the faster one (:class:`ThreadChoice`):
 * It explores first: a few steps serial, then a few threaded.
 * Then it runs the mode whose expected step time is lower. A mode's expected
   time is its typical time (the median of its last ``WINDOW`` counted
-  steps) plus its tail: the average, over about its last ``TAIL_STEPS``
-  steps, of how far a step ran past twice the typical time.
+  steps) plus its tail: how far its steps ran past their typical time, on
+  average over about its last ``TAIL_STEPS`` steps (a decaying sum that
+  starts at zero, so that one slow step early on cannot rule a mode out).
 * Every ``RETRY`` steps it runs the other mode for ``RUN`` steps, so that a
   changed loop (a new phase, other threads) is noticed. Those steps replace
   that mode's typical time, which is stale by then; its tail is kept.
@@ -37,10 +38,12 @@ The measurements behind these rules, all on this 2-core machine:
   whole scheduler tick (about 4 ms) for their worker, behind OpenBLAS's
   spinning thread. A median never sees those steps, but the user pays for
   them. In one run, threaded steps had a median of 86 us and a mean of
-  209 us; serial steps had 122 us and 130 us. A few such steps in a row
-  are rare, so the tail needs a longer memory than the typical time:
+  209 us; serial steps had 122 us and 130 us. Such steps come one in
+  fifty, so the tail needs a longer memory than the typical time:
   forgetting it at each retry put that loop on threads half the time, for
-  a mean of 163 us.
+  a mean of 163 us. Steps a little slower than typical count too: an
+  estimate that counted only the steps past twice the typical time kept
+  a loop threaded at a mean of 230-280 us against 220-250 us serial.
 * **Rare retries.** A retry of 1M elements every 50 steps cost 9% of the
   mean step while it kept losing; hence the doubling wait.
 
