@@ -19,6 +19,9 @@ in both modes and keeps the faster one (:class:`ThreadChoice`):
   steps) plus its tail: how far its steps ran past their typical time, on
   average over about its last ``TAIL_STEPS`` steps (a decaying sum that
   starts at zero, so that one slow step early on cannot rule a mode out).
+  One step adds at most ``EXCESS_MAX`` typical times: a single 12 ms step
+  (the host took the core) among 0.1 ms ones otherwise kept a back-to-back
+  step serial for the next 2,000 steps, at 0.2 ms instead of 0.1 ms.
 * Every ``RETRY`` steps it runs the other mode for ``RUN`` steps, so that a
   changed loop (a new phase, other threads) is noticed. Those steps replace
   that mode's typical time, which is stale by then; its tail is kept.
@@ -67,6 +70,8 @@ SERIAL_MAX = 1 << 15
 WINDOW = 8
 #: about how many steps of a mode its tail is averaged over
 TAIL_STEPS = 128
+#: one step adds at most this many typical times to its mode's tail
+EXCESS_MAX = 40
 #: steps a retry (and each mode's turn in the exploration) runs; the first is not counted
 RUN = 3
 #: steps between retries of the mode not in use
@@ -136,7 +141,8 @@ class ThreadChoice:
             typical = self.typical[mode]
             if typical is not None:
                 keep = 1.0 - 1.0 / TAIL_STEPS
-                self.excess[mode] = keep * self.excess[mode] + (seconds - typical)
+                excess = min(seconds - typical, EXCESS_MAX * typical)
+                self.excess[mode] = keep * self.excess[mode] + excess
                 self.weight[mode] = keep * self.weight[mode] + 1.0
             times = self.times[mode]
             times.append(seconds)
