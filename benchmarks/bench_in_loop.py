@@ -70,8 +70,8 @@ class _InLoopCase:
     def setup_cache(self):
         # Subclasses share this function's source line (asv's cache key): one
         # measurement feeds every ratio.
-        return in_loop.in_loop_case(impls=IMPLS, sizes=ARCH, batch=BATCH, steps=20, rounds=5,
-                                    packed=None)
+        return in_loop.in_loop_case(impls=IMPLS + [in_loop.TORCH_ALONE], sizes=ARCH,
+                                    batch=BATCH, steps=20, rounds=5, packed=None)
 
     setup_cache.timeout = common.CACHE_TIMEOUT
 
@@ -113,3 +113,24 @@ class InLoopTorchRatios(_InLoopCase):
         return common.lookup(cache, "results", impl, "vs_torch_fused", "train_step")
 
     track_train_step_speedup_vs_torch_fused.unit = "x torch fused (train step)"
+
+
+class InLoopTorchAloneRatios(_InLoopCase):
+    """Against torch fused as its users run it: in a process of its own that
+    imports torch first (its own OpenMP runtime at its defaults)."""
+
+    def setup(self, cache, impl):
+        super().setup(cache, impl)
+        alone = cache["results"][in_loop.TORCH_ALONE]
+        if alone["step_in_loop_s"] is None:
+            raise NotImplementedError(alone["note"])
+
+    def track_step_speedup_vs_torch_alone(self, cache, impl):
+        return common.lookup(cache, "results", impl, "vs_torch_alone", "step_in_loop")
+
+    track_step_speedup_vs_torch_alone.unit = "x torch fused alone (step in loop)"
+
+    def track_train_step_speedup_vs_torch_alone(self, cache, impl):
+        return common.lookup(cache, "results", impl, "vs_torch_alone", "train_step")
+
+    track_train_step_speedup_vs_torch_alone.unit = "x torch fused alone (train step)"

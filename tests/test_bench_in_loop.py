@@ -155,3 +155,26 @@ def test_unavailable_backend_is_a_note():
     assert "not available" in rep["results"]["nosuch"]["note"]
     loop, note = bench.make_in_loop_impl("nosuch-packed", TINY, BATCH)
     assert loop is None and "not available" in note
+
+
+def test_torch_alone_runs_in_a_process_that_imports_torch_first():
+    """The "torch-fused-alone" row: torch as its users run it, its own
+    OpenMP runtime loaded at its defaults; the other rows get ratios to it."""
+    pytest.importorskip("torch")
+    rep = bench.in_loop_case(impls=("numpy", "torch-fused-alone"), packed=None, **QUICK)
+    row = rep["results"]["torch-fused-alone"]
+    assert row["step_in_loop_s"] > 0 and row["step_hot_s"] > 0
+    assert row["note"].startswith("own process, torch imported first")
+    assert row["loss_last"] < row["loss_first"]                  # it trained there
+    numpy_row = rep["results"]["numpy"]
+    assert numpy_row["vs_torch_alone"]["step_in_loop"] == pytest.approx(
+        row["step_in_loop_s"] / numpy_row["step_in_loop_s"])
+    assert "vs torch alone" in bench.format_in_loop(rep)
+
+
+def test_without_torch_the_torch_alone_row_is_a_note(monkeypatch):
+    monkeypatch.setattr(machine, "torch_or_none", lambda: None)
+    rep = bench.in_loop_case(impls=("numpy", "torch-fused-alone"), packed=None, **QUICK)
+    row = rep["results"]["torch-fused-alone"]
+    assert row["step_in_loop_s"] is None and row["note"] == "torch not installed"
+    assert rep["results"]["numpy"]["vs_torch_alone"] is None

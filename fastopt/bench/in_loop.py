@@ -12,8 +12,10 @@ same step hot.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -25,7 +27,12 @@ from . import machine, timing
 from .baselines import NumpyAdam, mlp_forward_backward, mlp_init
 from .cases import IN_LOOP, mlp_shapes
 
-IN_LOOP_IMPLS = ("cython", "numba", "numpy", "torch-fused")
+IN_LOOP_IMPLS = ("cython", "numba", "numpy", "torch-fused", "torch-fused-alone")
+#: torch as its users run it: in a process of its own, imported before
+#: anything else, so its bundled libgomp loads with its own defaults (the
+#: row "torch-fused" shares this process's libgomp, loaded with fastopt's
+#: short spin: see fastopt._openmp)
+TORCH_ALONE = "torch-fused-alone"
 IN_LOOP_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
@@ -149,6 +156,35 @@ def _fastest_backend(candidates, sizes, batch, data, lr):
     return min(best, key=best.get)
 
 
+def _torch_alone(sizes, batch, steps, rounds, lr, seed, warmup, settle, timeout=900):
+    """``in_loop_case``'s torch-fused row, measured in a new process that
+    imports torch first; ``(row, None)`` or ``(None, note)``."""
+    if machine.torch_or_none() is None:
+        return None, "torch not installed"
+    args = dict(impls=["torch-fused"], sizes=list(sizes), batch=batch, steps=steps,
+                rounds=rounds, packed=None, lr=lr, seed=seed, warmup=warmup, settle=settle)
+    code = ("import torch, json, sys\n"            # first: torch's own libgomp and defaults
+            "from fastopt.bench.in_loop import in_loop_case\n"
+            "print(json.dumps(in_loop_case(**json.loads(sys.argv[1]))))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"the process of its own took over {timeout} s"
+    if proc.returncode != 0:
+        return None, (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    row = report["results"]["torch-fused"]
+    if row["step_in_loop_s"] is None:
+        return None, row["note"]
+    pools = report["environment"]["thread_pools"]
+    gomp = [p.get("file") for p in pools if p.get("prefix") == "libgomp"] \
+        if isinstance(pools, list) else []
+    row["note"] = ("own process, torch imported first (its libgomp at its defaults"
+                   + (f": {', '.join(gomp)}" if gomp else "") + ")")
+    return row, None
+
+
 def in_loop_case(impls=IN_LOOP_IMPLS, sizes=IN_LOOP.sizes, batch=IN_LOOP.batch, steps=50,
                  rounds=9, packed="fastest", lr=1e-3, seed=0, warmup=5, settle=0.2):
     """The Adam step inside a NumPy training loop, next to the same step hot.
@@ -165,7 +201,15 @@ def in_loop_case(impls=IN_LOOP_IMPLS, sizes=IN_LOOP.sizes, batch=IN_LOOP.batch, 
     in ``impls``, a backend name for that one, None for none); ``"numpy"``,
     :class:`NumpyAdam`; ``"torch-fused"``, ``torch.optim.Adam(fused=True)``
     over ``torch.from_numpy`` views of the weights, each ``.grad`` set to
-    ``torch.from_numpy(g)`` every step (skipped with a note without torch).
+    ``torch.from_numpy(g)`` every step (skipped with a note without torch);
+    ``"torch-fused-alone"``, the same in a new process that imports torch
+    before anything else, as a torch user runs it. The difference is
+    libgomp's: in this process torch shares the libgomp fastopt's kernels
+    loaded with a short spin; imported first, torch loads its own copy with
+    its default spin, whose idle workers busy-wait through the BLAS
+    forward/backward pass and then wait for a time slice (measured here:
+    2.8-7.8 ms a step in the loop against 0.3-0.4 ms sharing fastopt's).
+    That row's times are measured alone, not interleaved with the others.
 
     Three times per implementation, all in this process:
 
@@ -183,7 +227,8 @@ def in_loop_case(impls=IN_LOOP_IMPLS, sizes=IN_LOOP.sizes, batch=IN_LOOP.batch, 
     so a slow spell hits all alike); each time is the median over ``rounds``
     of the round's mean. Ratios (same run): ``in_loop_vs_hot`` =
     step_in_loop_s / step_hot_s; ``vs_numpy`` and ``vs_torch_fused`` = that
-    implementation's time / this one's, for each of the three times.
+    implementation's time / this one's, for each of the three times;
+    ``vs_torch_alone`` the same against ``"torch-fused-alone"``.
     ``loss_first``/``loss_last``: the training loss at the first and the
     last iteration (the same for every implementation up to rounding: they
     train the same model). ``environment``: load averages, whether another
@@ -209,8 +254,15 @@ def in_loop_case(impls=IN_LOOP_IMPLS, sizes=IN_LOOP.sizes, batch=IN_LOOP.batch, 
         if be and f"{be}-packed" not in impls:
             at = max((impls.index(i) + 1 for i in listed), default=0)
             impls.insert(at, f"{be}-packed")
+    alone = None
+    if TORCH_ALONE in impls:
+        alone, note = _torch_alone(sizes, batch, steps, rounds, lr, seed, warmup, settle)
+        if alone is None:
+            notes[TORCH_ALONE] = note
     loops = {}
     for impl in impls:
+        if impl == TORCH_ALONE:
+            continue
         loop, note = make_in_loop_impl(impl, sizes, batch, data, lr, seed)
         if loop is None:
             notes[impl] = note
@@ -232,19 +284,27 @@ def in_loop_case(impls=IN_LOOP_IMPLS, sizes=IN_LOOP.sizes, batch=IN_LOOP.batch, 
             samples[impl]["step_in_loop"].append(step_s)
             samples[impl]["train_step"].append(total_s)
     med = {impl: {k: float(np.median(v)) for k, v in s.items()} for impl, s in samples.items()}
+    if alone is not None:
+        med[TORCH_ALONE] = {k: alone[f"{k}_s"] for k in ("step_in_loop", "train_step",
+                                                          "step_hot")}
     results = {}
     for impl in impls:
-        if impl not in loops:
+        if impl not in med:
             results[impl] = {"step_in_loop_s": None, "train_step_s": None,
                              "step_hot_s": None, "in_loop_vs_hot": None,
-                             "vs_numpy": None, "vs_torch_fused": None, "note": notes[impl]}
+                             "vs_numpy": None, "vs_torch_fused": None, "vs_torch_alone": None,
+                             "note": notes[impl]}
             continue
         m = med[impl]
         row = {"step_in_loop_s": m["step_in_loop"], "train_step_s": m["train_step"],
                "step_hot_s": m["step_hot"],
                "in_loop_vs_hot": m["step_in_loop"] / m["step_hot"]}
-        for key, ref in (("vs_numpy", "numpy"), ("vs_torch_fused", "torch-fused")):
+        for key, ref in (("vs_numpy", "numpy"), ("vs_torch_fused", "torch-fused"),
+                         ("vs_torch_alone", TORCH_ALONE)):
             row[key] = ({k: med[ref][k] / m[k] for k in m} if ref in med else None)
+        if impl == TORCH_ALONE:
+            results[impl] = {**alone, **row, "note": alone["note"]}
+            continue
         loop = loops[impl]
         row.update(loss_first=loop.loss_first, loss_last=loop.loss_last,
                    iterations=loop.iterations, rounds_s=samples[impl], note="")

@@ -196,8 +196,8 @@ def format_in_loop(report) -> str:
         return x(row[key][which]) if row.get(key) else "-"
 
     head = (f"{'impl':<15} {'step in loop':>12} {'train step':>11} {'step hot':>9} "
-            f"{'loop/hot':>8} {'vs numpy':>9} {'vs torch':>9} {'train vs numpy':>14} "
-            f"{'train vs torch':>14}  note")
+            f"{'loop/hot':>8} {'vs numpy':>9} {'vs torch':>9} {'vs torch alone':>14} "
+            f"{'train vs numpy':>14} {'train vs torch':>14}  note")
     lines = [report["case"] + f" ({report['params']} params); medians of "
              f"{report['rounds']} rounds x {report['steps']} steps", head, "-" * len(head)]
     for impl, r in report["results"].items():
@@ -206,6 +206,7 @@ def format_in_loop(report) -> str:
             f"{t(r['step_hot_s']):>9} {x(r['in_loop_vs_hot']):>8} "
             f"{vs(r, 'vs_numpy', 'step_in_loop'):>9} "
             f"{vs(r, 'vs_torch_fused', 'step_in_loop'):>9} "
+            f"{vs(r, 'vs_torch_alone', 'step_in_loop'):>14} "
             f"{vs(r, 'vs_numpy', 'train_step'):>14} "
             f"{vs(r, 'vs_torch_fused', 'train_step'):>14}  {r['note']}")
     lines.append("")
@@ -213,7 +214,9 @@ def format_in_loop(report) -> str:
                  "matmuls; train step: forward + backward + step; step hot: the step back "
                  "to back on the same grads; vs numpy / vs torch: naive NumPy Adam's / "
                  "torch fused Adam's time / this one's (step in loop, or train step), "
-                 "same run")
+                 "same run; vs torch alone: against torch fused in a process of its own "
+                 "that imports torch first (its own OpenMP runtime and defaults, as torch "
+                 "users run it)")
     env = report["environment"]
     for p in env["thread_pools"] or []:
         lines.append(
