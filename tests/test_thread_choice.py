@@ -166,6 +166,9 @@ def test_retries_that_lose_clearly_come_less_often(monkeypatch, serial_us, threa
     gaps = [b - a for a, b in zip(retries, retries[1:])]
     assert gaps[:4] == [2 * RETRY, 4 * RETRY, 8 * RETRY, RETRY_MAX]
     assert set(gaps[3:]) == {RETRY_MAX}
+    # each ends at its first counted step: the switch, then one more
+    loser = threaded_us > serial_us
+    assert all(used[k:k + 3] == [loser, loser, not loser] for k in retries)
 
 
 def test_a_retry_that_is_close_keeps_the_short_wait(monkeypatch):

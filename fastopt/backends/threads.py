@@ -27,7 +27,8 @@ in both modes and keeps the faster one (:class:`ThreadChoice`):
   that mode's typical time, which is stale by then; its tail is kept.
 * It leaves the mode in use only for one at least ``MARGIN`` faster, since
   each switch costs a step. A retry that loses clearly (``LOSS`` times the
-  kept mode) doubles the wait before the next one, up to ``RETRY_MAX``.
+  kept mode) ends at its first counted step and doubles the wait before
+  the next one, up to ``RETRY_MAX``.
 
 The measurements behind these rules, all on this 2-core machine:
 
@@ -87,14 +88,13 @@ MARGIN = 0.1
 class ThreadChoice:
     """The serial/threaded decision of one table (see the module doc)."""
 
-    __slots__ = ("times", "typical", "excess", "weight", "steps", "mode", "prev", "kept", "last",
+    __slots__ = ("times", "typical", "excess", "steps", "mode", "prev", "kept", "last",
                  "wait", "next_retry", "run_left", "run_start", "in_run")
 
     def __init__(self):
         self.times = ([], [])      # recent counted seconds per step: serial, threaded
         self.typical = [None, None]  # each mode's median when its last step was counted
         self.excess = [0.0, 0.0]   # each mode's decayed sum of (step - typical time)
-        self.weight = [0.0, 0.0]   # and the decayed count of those steps
         self.steps = 0             # timed steps so far
         self.mode = None           # the mode of the step pick opened (None: not timed)
         self.prev = None           # the mode of the step before it
@@ -143,12 +143,13 @@ class ThreadChoice:
                 keep = 1.0 - 1.0 / TAIL_STEPS
                 excess = min(seconds - typical, EXCESS_MAX * typical)
                 self.excess[mode] = keep * self.excess[mode] + excess
-                self.weight[mode] = keep * self.weight[mode] + 1.0
             times = self.times[mode]
             times.append(seconds)
             if len(times) > WINDOW:
                 del times[0]
             self.typical[mode] = _median(times)
+            if self.in_run and seconds > LOSS * self.expected(not mode):
+                self.run_left = 0        # lost clearly already: end the run here
         if self.in_run and not self.run_left:       # the retry run ended
             lost = not self.times[mode] or self.expected(mode) > LOSS * self.expected(not mode)
             self.wait = min(2 * self.wait, RETRY_MAX) if lost else RETRY
