@@ -213,3 +213,14 @@ def test_the_step_records_its_timings(backend):
     if get_backend(backend).get_num_threads() > 1:
         assert len(choice.times[0]) >= 2 and len(choice.times[1]) >= 2
         assert all(t > 0 for t in choice.times[0] + choice.times[1])
+
+
+def test_steps_that_raise_inside_a_retry_leave_the_choice_working(monkeypatch):
+    """A step that raises never reaches ``record``: a retry whose steps all
+    raised has no time for its mode, and the choice goes on."""
+    c = ThreadChoice()
+    drive(monkeypatch, c, fixed(100, 60), RETRY)      # threaded kept, a retry next
+    for _ in range(RUN):
+        assert c.pick(1 << 20, threads=2) is False     # the serial retry, never recorded
+    used, mean = drive(monkeypatch, c, fixed(100, 60), 3 * RETRY)
+    assert used[0] is True and mean < 1.1 * 60

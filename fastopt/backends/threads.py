@@ -114,7 +114,8 @@ class ThreadChoice:
         if self.run_left:                                 # a retry run goes on
             self.run_left -= 1
             mode = self.prev
-        elif len(self.times[0]) < 2 or len(self.times[1]) < 2:     # explore
+        elif self.kept is None and (len(self.times[0]) < 2 or len(self.times[1]) < 2):
+            # explore
             prev = self.prev
             mode = (prev if prev is not None and len(self.times[prev]) < 2
                     else len(self.times[1]) < len(self.times[0]))
@@ -162,8 +163,10 @@ class ThreadChoice:
         return self.excess[mode] / TAIL_STEPS
 
     def expected(self, mode) -> float:
-        """Seconds a step of ``mode`` is expected to take: typical plus tail."""
-        return _median(self.times[mode]) + self.tail(mode)
+        """Seconds a step of ``mode`` is expected to take: typical plus tail
+        (infinite with no counted step since its last retry began)."""
+        times = self.times[mode]
+        return _median(times) + self.tail(mode) if times else float("inf")
 
     def _keep(self) -> bool:
         """The mode to use now: the one expected to be faster, except that the
