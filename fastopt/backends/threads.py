@@ -113,7 +113,7 @@ class ThreadChoice:
             return False
         if self.run_left:                                 # a retry run goes on
             self.run_left -= 1
-            mode = self.prev
+            mode = self.mode
         elif self.kept is None and (len(self.times[0]) < 2 or len(self.times[1]) < 2):
             # explore
             prev = self.prev
