@@ -11,7 +11,7 @@ Backends: ``numpy`` (the reference), ``numba`` (CPU, parallel) and
 Nothing heavy is imported here: Numba loads on first use.
 """
 
-from . import functional, schedules
+from . import _openmp, functional, schedules
 from .backends import (available_backends, backend_info, get_num_threads,
                        set_num_threads)
 from .checkpoint import CheckpointError, load, save
@@ -24,6 +24,10 @@ from .optim import LBFGS
 from .params import FlatArrays, flat_zeros, pack
 
 __version__ = "0.1.0"
+
+# libgomp with a short idle spin, before torch (if imported next) loads its
+# own copy at its default spin: see fastopt._openmp.preload
+_openmp.preload()
 
 __all__ = [
     "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Lion", "Adamax", "NAdam", "RAdam",

@@ -25,7 +25,9 @@ alone, and a libgomp that was loaded before fastopt's keeps what it read
 then. That includes torch's bundled copy: it has the same soname, so when
 torch is imported first, fastopt's kernels run on torch's libgomp, at its
 default spin. Its workers then busy-wait about 8 ms after each parallel
-region (0.7 ms at fastopt's setting, measured here). Inside a NumPy training
+region (0.7 ms at fastopt's setting, measured here). ``import fastopt``
+therefore loads libgomp at once (:func:`preload`), so that torch imported
+after it shares that copy. Inside a NumPy training
 loop that made a threaded MLP step take 2.9 ms against 0.16 ms: the spinning
 worker is preempted by OpenBLAS's threads and waits out their time slice.
 The serial/threaded choice (:mod:`fastopt.backends.threads`) keeps such a
@@ -35,53 +37,74 @@ loop serial. :func:`fastopt.backend_info` reports which case applies.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 
 SPINCOUNT = "5000"
 _USER_VARS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 _decided = {}        # filled by the first load: what applies in this process
 
 
-def _loaded_libgomp():
-    """The path of the libgomp already mapped into this process, or None.
-    Numba and our extension link ``libgomp.so.1``; a copy with that soname
-    loaded earlier (the system's, or torch's bundled one) is the one they
-    get."""
+def _loaded_libgomps() -> list:
+    """The paths of the libgomp copies mapped into this process (none where
+    there is no /proc/self/maps to read)."""
     try:
         with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.split()[-1]
-                if "libgomp" in path.rsplit("/", 1)[-1]:
-                    return path
+            paths = [line.split()[-1] for line in f]
     except OSError:          # not Linux: nothing to check
-        pass
-    return None
+        return []
+    return list(dict.fromkeys(p for p in paths if "libgomp" in p.rsplit("/", 1)[-1]))
 
 
 @contextlib.contextmanager
 def short_spin():
     """Run a block that may load libgomp with ``GOMP_SPINCOUNT`` set to
-    :data:`SPINCOUNT` (unless the user chose), then restore the environment."""
+    :data:`SPINCOUNT` (unless the user chose), then restore the environment
+    and record which libgomp the block ended up with."""
     if _decided:                              # decided at the first load
         yield
         return
     user = {v: os.environ[v] for v in _USER_VARS if v in os.environ}
     if user:
         _decided.update(user, set_by="user")
-    elif (path := _loaded_libgomp()) is not None:
-        why = ("default (torch's libgomp was loaded before fastopt's kernels: import "
-               "fastopt's kernels first, or set GOMP_SPINCOUNT)" if "/torch/" in path
-               else "default (libgomp was loaded before fastopt's kernels)")
-        _decided.update(set_by=why, libgomp=path)
-    else:
-        os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
-        try:
-            yield
-        finally:
-            os.environ.pop("GOMP_SPINCOUNT", None)
-            _decided.update(GOMP_SPINCOUNT=SPINCOUNT, set_by="fastopt")
+        yield
         return
-    yield
+    before = _loaded_libgomps()
+    os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+    try:
+        yield
+    finally:
+        os.environ.pop("GOMP_SPINCOUNT", None)
+        after = _loaded_libgomps()
+        if not before or [p for p in after if p not in before]:
+            _decided.update(GOMP_SPINCOUNT=SPINCOUNT, set_by="fastopt")
+        else:     # a copy with the same soname was there already: the block uses it
+            torch = [p for p in before if "/torch/" in p]
+            path = (torch or before)[0]
+            _decided.update(
+                set_by=("default (torch's libgomp was loaded before fastopt's kernels: "
+                        "import fastopt before torch, or set GOMP_SPINCOUNT)" if torch else
+                        "default (libgomp was loaded before fastopt's kernels)"),
+                libgomp=path)
+
+
+def preload():
+    """Load libgomp now, with the short spin, if nothing has loaded one yet.
+
+    ``import fastopt`` calls this (a ``dlopen`` of about a millisecond; no
+    thread starts). torch imported afterwards then finds a libgomp with the
+    soname it needs and uses it, instead of loading its bundled copy at the
+    default spin: after ``import fastopt, torch`` both run at the short spin.
+    Nothing can change a libgomp that was loaded before (``import torch``
+    first); :func:`wait_policy` says so."""
+    if _decided or not sys.platform.startswith("linux") or _loaded_libgomps():
+        return
+    try:
+        with short_spin():
+            ctypes.CDLL("libgomp.so.1")
+    except OSError:          # no system libgomp: the kernels' own load decides
+        _decided.clear()
 
 
 # -- fork --------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -181,8 +183,6 @@ def test_group_edits_are_checked_after_a_step_cached_the_check():
 
 
 def _openmp_after_loading(env_overrides, preload=""):
-    import json
-    import os
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     env.update(env_overrides)
     code = (preload + "import json, os, fastopt; i = fastopt.backend_info(); "
@@ -217,6 +217,23 @@ def test_libgomp_loaded_earlier_is_reported():
     assert reports and all(r["set_by"].startswith("default (libgomp was loaded before")
                            for r in reports)
     assert all(r["libgomp"].endswith(".so.1") or ".so.1." in r["libgomp"] for r in reports)
+
+
+def test_import_fastopt_then_torch_shares_the_short_spin():
+    """``import fastopt`` loads libgomp with the short spin; torch imported
+    after it uses that copy rather than loading its own."""
+    pytest.importorskip("torch")
+    code = ("import json, fastopt, torch; torch.ones(1 << 16).sum(); "
+            "i = fastopt.backend_info(); "
+            "maps = [l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l]; "
+            "print(json.dumps([sorted(set(maps)), i['cython'].get('openmp_wait')]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    maps, report = json.loads(out)
+    assert len(maps) == 1 and "/torch/" not in maps[0]
+    if report is not None:
+        assert report == {"GOMP_SPINCOUNT": "5000", "set_by": "fastopt"}
 
 
 def test_torchs_libgomp_loaded_first_is_reported():
