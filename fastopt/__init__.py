@@ -8,7 +8,11 @@
 
 Backends: ``numpy`` (the reference), ``numba`` (CPU, parallel) and
 ``cython`` (OpenMP); ``backend="auto"`` picks the fastest available.
-Nothing heavy is imported here: Numba loads on first use.
+Nothing heavy is imported here: Numba loads on first use. libgomp (the
+OpenMP runtime of the threaded kernels) is loaded here, with a short idle
+spin, so that torch imported afterwards shares it; libgomp reads the OpenMP
+environment (``OMP_NUM_THREADS``...) then. ``FASTOPT_PRELOAD_OPENMP=0``
+leaves it for the first threaded step (see ``fastopt._openmp.preload``).
 """
 
 from . import _openmp, functional, schedules

@@ -47,14 +47,16 @@ _decided = {}        # filled by the first load: what applies in this process
 
 
 def _loaded_libgomps() -> list:
-    """The paths of the libgomp copies mapped into this process (none where
-    there is no /proc/self/maps to read)."""
+    """The paths of the copies of ``libgomp.so*`` mapped into this process
+    (the soname our extension and Numba link; a wheel's renamed copy, such
+    as ``libgomp-<hash>.so.1``, is another library). None where there is no
+    /proc/self/maps to read."""
     try:
         with open("/proc/self/maps") as f:
             paths = [line.split()[-1] for line in f]
     except OSError:          # not Linux: nothing to check
         return []
-    return list(dict.fromkeys(p for p in paths if "libgomp" in p.rsplit("/", 1)[-1]))
+    return list(dict.fromkeys(p for p in paths if p.rsplit("/", 1)[-1].startswith("libgomp.so")))
 
 
 @contextlib.contextmanager
@@ -97,8 +99,15 @@ def preload():
     soname it needs and uses it, instead of loading its bundled copy at the
     default spin: after ``import fastopt, torch`` both run at the short spin.
     Nothing can change a libgomp that was loaded before (``import torch``
-    first); :func:`wait_policy` says so."""
-    if _decided or not sys.platform.startswith("linux") or _loaded_libgomps():
+    first); :func:`wait_policy` says so.
+
+    libgomp reads all of its environment when it loads, so from ``import
+    fastopt`` on, ``OMP_NUM_THREADS`` and the other OpenMP variables set
+    later in the process have no effect on it (torch's OpenMP included).
+    ``FASTOPT_PRELOAD_OPENMP=0`` turns the preload off: libgomp then loads
+    with fastopt's first threaded kernel, as before."""
+    if (_decided or not sys.platform.startswith("linux")
+            or os.environ.get("FASTOPT_PRELOAD_OPENMP", "1") == "0" or _loaded_libgomps()):
         return
     try:
         with short_spin():

@@ -232,8 +232,20 @@ def test_import_fastopt_then_torch_shares_the_short_spin():
                          capture_output=True, text=True).stdout
     maps, report = json.loads(out)
     assert len(maps) == 1 and "/torch/" not in maps[0]
-    if report is not None:
-        assert report == {"GOMP_SPINCOUNT": "5000", "set_by": "fastopt"}
+    assert report == ({"GOMP_SPINCOUNT": "5000", "set_by": "fastopt"}
+                      if "cython" in fastopt.available_backends() else None)
+
+
+def test_the_preload_can_be_turned_off():
+    """``FASTOPT_PRELOAD_OPENMP=0``: no libgomp until a kernel needs one."""
+    code = ("import json, fastopt; "
+            "print(json.dumps([l.split()[-1] for l in open('/proc/self/maps') "
+            "if 'libgomp' in l]))")
+    for value, loaded in (("0", False), ("1", True)):
+        env = {**os.environ, "FASTOPT_PRELOAD_OPENMP": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        assert bool(json.loads(out)) is loaded, value
 
 
 def test_torchs_libgomp_loaded_first_is_reported():

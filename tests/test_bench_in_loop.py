@@ -165,11 +165,23 @@ def test_torch_alone_runs_in_a_process_that_imports_torch_first():
     row = rep["results"]["torch-fused-alone"]
     assert row["step_in_loop_s"] > 0 and row["step_hot_s"] > 0
     assert row["note"].startswith("own process, torch imported first")
+    assert any("/torch/" in p for p in row["libgomp"])            # torch's own copy
     assert row["loss_last"] < row["loss_first"]                  # it trained there
     numpy_row = rep["results"]["numpy"]
     assert numpy_row["vs_torch_alone"]["step_in_loop"] == pytest.approx(
         row["step_in_loop_s"] / numpy_row["step_in_loop_s"])
     assert "vs torch alone" in bench.format_in_loop(rep)
+
+
+def test_the_main_process_shares_fastopts_libgomp_with_torch():
+    """The "torch-fused" row's torch runs on the libgomp ``import fastopt``
+    loaded (the row the alone one is compared with)."""
+    pytest.importorskip("torch")
+    from fastopt import _openmp
+    if _openmp.wait_policy().get("set_by") != "fastopt":
+        pytest.skip("this process loaded libgomp before fastopt (torch imported first?)")
+    bench.in_loop_case(impls=("torch-fused",), packed=None, **QUICK)
+    assert not any("/torch/" in p for p in _openmp._loaded_libgomps())
 
 
 def test_without_torch_the_torch_alone_row_is_a_note(monkeypatch):

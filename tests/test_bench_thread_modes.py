@@ -63,3 +63,27 @@ def test_matrix_runs_each_variant_in_its_own_process():
     assert "note" in bad[broken[0]]
     table = thread_modes.format_matrix({**out, **bad})
     assert variant[0] in table and broken[0] in table and "auto/serial" in table
+
+
+@pytest.mark.skipif(not COMPILED, reason="no compiled backend")
+def test_the_torch_variant_runs_on_torchs_libgomp():
+    """The torch variant's process imports torch before fastopt, so torch's
+    bundled libgomp is the one loaded (fastopt's preload then does nothing)."""
+    pytest.importorskip("torch")
+    torch_first = [v for v in thread_modes.VARIANTS if v[2]]
+    out = thread_modes.thread_modes_matrix(variants=torch_first, backend=COMPILED[0],
+                                           settings=["hot"], **SMALL)
+    report = out[torch_first[0][0]]
+    assert "results" in report, report
+    assert "/torch/" in report["openmp_wait"]["libgomp"]
+    plain = thread_modes.thread_modes_matrix(variants=thread_modes.VARIANTS[:1],
+                                             backend=COMPILED[0], settings=["hot"], **SMALL)
+    plain = plain[thread_modes.VARIANTS[0][0]]
+    assert plain["openmp_wait"]["set_by"] == "fastopt"
+    assert not any("/torch/" in p for p in plain["libgomp"])
+
+
+def test_a_process_that_times_out_is_a_note():
+    out = thread_modes.thread_modes_matrix(variants=thread_modes.VARIANTS[:1], timeout=0.01,
+                                           **SMALL)
+    assert "took over" in out[thread_modes.VARIANTS[0][0]]["note"]

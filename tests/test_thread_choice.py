@@ -222,5 +222,36 @@ def test_steps_that_raise_inside_a_retry_leave_the_choice_working(monkeypatch):
     drive(monkeypatch, c, fixed(100, 60), RETRY)      # threaded kept, a retry next
     for _ in range(RUN):
         assert c.pick(1 << 20, threads=2) is False     # the serial retry, never recorded
+    wait = c.wait
+    used, _ = drive(monkeypatch, c, fixed(100, 60), 1)
+    assert used == [True] and not c.in_run
+    assert c.wait == wait and c.next_retry == c.run_start + wait     # no verdict
     used, mean = drive(monkeypatch, c, fixed(100, 60), 3 * RETRY)
-    assert used[0] is True and mean < 1.1 * 60
+    assert mean < 1.1 * 60
+
+
+def test_an_untimed_step_drops_the_retry_under_way(monkeypatch):
+    """A step taken with one thread (set_num_threads(1) for a while) is
+    serial and untimed: a retry under way ends there, with no verdict, and
+    no later step is judged against it."""
+    c = ThreadChoice()
+    drive(monkeypatch, c, fixed(100, 60), RETRY)
+    assert c.pick(1 << 20, threads=2) is False               # the retry starts
+    assert c.pick(1 << 20, threads=1) is False               # one thread: untimed
+    assert not c.in_run and c.run_left == 0 and c.prev is None
+    used, mean = drive(monkeypatch, c, fixed(100, 60), 2 * RETRY)
+    assert all(m in (True, False) for m in used) and mean < 1.1 * 60
+
+
+def test_a_retry_does_not_measure_against_a_stale_typical_time(monkeypatch):
+    """The retried mode's old typical time is dropped with its old steps:
+    a mode that got ten times faster meanwhile gets no negative tail."""
+    phase = [0]
+
+    def step_us(mode, prev):
+        return (500 if phase[0] == 0 else 50) if mode else 100
+    c = ThreadChoice()
+    drive(monkeypatch, c, step_us, 2 * RETRY)
+    phase[0] = 1
+    drive(monkeypatch, c, step_us, 2 * RETRY)
+    assert c.tail(True) >= -1e-9

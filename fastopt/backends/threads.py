@@ -109,19 +109,27 @@ class ThreadChoice:
     def pick(self, nelem, threads) -> bool:
         """Whether the next step runs threaded."""
         if nelem <= SERIAL_MAX or threads < 2:
-            self.mode = None
+            # untimed: a retry under way is dropped, and the next timed step
+            # counts as the first after a switch
+            self.mode = self.prev = None
+            self.run_left, self.in_run = 0, False
             return False
+        if self.in_run and not self.run_left:
+            # the run's last step raised (never recorded): no verdict, same wait
+            self.in_run = False
+            self.next_retry = self.run_start + self.wait
         if self.run_left:                                 # a retry run goes on
             self.run_left -= 1
             mode = self.mode
-        elif self.kept is None and (len(self.times[0]) < 2 or len(self.times[1]) < 2):
-            # explore
+        elif self.kept is None and min(len(self.times[0]), len(self.times[1])) < RUN - 1:
+            # explore: RUN steps of each mode, serial first
             prev = self.prev
-            mode = (prev if prev is not None and len(self.times[prev]) < 2
+            mode = (prev if prev is not None and len(self.times[prev]) < RUN - 1
                     else len(self.times[1]) < len(self.times[0]))
         elif self.kept is not None and self.steps >= self.next_retry:    # retry the other
             mode = not self.kept
             self.times[mode].clear()      # its typical time is RETRY steps stale
+            self.typical[mode] = None
             self.run_left, self.run_start, self.in_run = RUN - 1, self.steps, True
             self.next_retry = self.steps + self.wait
         else:
@@ -212,7 +220,8 @@ class FixedChoice:
 
 def _median(xs):
     s = sorted(xs)
-    return s[len(s) // 2]
+    half = len(s) // 2
+    return s[half] if len(s) % 2 else (s[half - 1] + s[half]) / 2
 
 
 def _us(x):

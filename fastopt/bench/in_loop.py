@@ -164,8 +164,11 @@ def _torch_alone(sizes, batch, steps, rounds, lr, seed, warmup, settle, timeout=
     args = dict(impls=["torch-fused"], sizes=list(sizes), batch=batch, steps=steps,
                 rounds=rounds, packed=None, lr=lr, seed=seed, warmup=warmup, settle=settle)
     code = ("import torch, json, sys\n"            # first: torch's own libgomp and defaults
+            "from fastopt import _openmp\n"
             "from fastopt.bench.in_loop import in_loop_case\n"
-            "print(json.dumps(in_loop_case(**json.loads(sys.argv[1]))))")
+            "report = in_loop_case(**json.loads(sys.argv[1]))\n"
+            "report['libgomp'] = _openmp._loaded_libgomps()\n"
+            "print(json.dumps(report))")
     try:
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)],
                               capture_output=True, text=True, timeout=timeout)
@@ -177,11 +180,10 @@ def _torch_alone(sizes, batch, steps, rounds, lr, seed, warmup, settle, timeout=
     row = report["results"]["torch-fused"]
     if row["step_in_loop_s"] is None:
         return None, row["note"]
-    pools = report["environment"]["thread_pools"]
-    gomp = [p.get("file") for p in pools if p.get("prefix") == "libgomp"] \
-        if isinstance(pools, list) else []
+    row["libgomp"] = report["libgomp"]
+    torchs = [p for p in report["libgomp"] if "/torch/" in p]
     row["note"] = ("own process, torch imported first (its libgomp at its defaults"
-                   + (f": {', '.join(gomp)}" if gomp else "") + ")")
+                   + (f": {torchs[0]}" if torchs else "") + ")")
     return row, None
 
 

@@ -15,7 +15,7 @@ same settings, interleaved in one process:
 
 :func:`thread_modes_matrix` runs that in new processes under each of
 :data:`VARIANTS`: the default thread pools, OpenBLAS on one thread or two,
-and torch loaded with its own pool running.
+and torch imported before fastopt, with its own pool running.
 
 ``python -m fastopt.bench.thread_modes`` prints the matrix.
 """
@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from fastopt import _openmp
 from fastopt.backends.threads import FixedChoice
 
 from . import timing
@@ -38,11 +39,11 @@ from .in_loop import InLoopImpl, mlp_data
 
 POLICIES = ("auto", "serial", "threaded")
 SETTINGS = ("hot", "pause", "loop")
-#: the process-wide variants: (name, environment additions, load torch)
+#: the process-wide variants: (name, environment additions, import torch first)
 VARIANTS = (("default threads", {}, False),
             ("OPENBLAS_NUM_THREADS=1", {"OPENBLAS_NUM_THREADS": "1"}, False),
             ("OPENBLAS_NUM_THREADS=2", {"OPENBLAS_NUM_THREADS": "2"}, False),
-            ("torch loaded", {}, True))
+            ("torch imported first", {}, True))
 
 
 def _use_policy(copy, policy, autos):
@@ -140,8 +141,8 @@ def thread_modes_case(backend="cython", sizes=IN_LOOP.sizes, batch=IN_LOOP.batch
             "environment": timing.load_since(since)}
 
 
-def _load_torch():
-    """Import torch and run one threaded op, so its pool exists and has run."""
+def _start_torch():
+    """Run one threaded torch op, so that its pool exists and has run."""
     import torch
     a = torch.ones(512, 512)
     (a @ a).sum().item()
@@ -149,19 +150,32 @@ def _load_torch():
 
 def thread_modes_matrix(variants=VARIANTS, backend="cython", timeout=600, **case):
     """:func:`thread_modes_case` in a new process per variant (the thread
-    environment is read when NumPy's BLAS loads): ``{variant name: report}``,
-    or a ``{"note": ...}`` where the process failed."""
+    environment is read when NumPy's BLAS and libgomp load): ``{variant
+    name: report}``, or a ``{"note": ...}`` where the process failed. A
+    torch variant's process imports torch before fastopt, as torch users
+    do, so that torch's own libgomp is the one loaded; each report's
+    ``libgomp`` lists the copies its process mapped, and ``openmp_wait``
+    which one fastopt's kernels run on (:func:`fastopt._openmp.wait_policy`)."""
     out = {}
     for name, env_add, torch in variants:
-        args = {"backend": backend, "torch": torch, **case}
-        env = {**os.environ, **env_add}
-        proc = subprocess.run([sys.executable, "-m", "fastopt.bench.thread_modes", "--one",
-                               json.dumps(args)], env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        if proc.returncode != 0:
-            out[name] = {"note": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+        args = json.dumps({"backend": backend, **case})
+        code = ("import torch\n" if torch else "") + (
+            "import sys\nfrom fastopt.bench import thread_modes\n"
+            + ("thread_modes._start_torch()\n" if torch else "")
+            + "sys.exit(thread_modes.main(['--one', sys.argv[1]]))")
+        try:
+            proc = subprocess.run([sys.executable, "-c", code, args],
+                                  env={**os.environ, **env_add}, capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            out[name] = {"note": f"took over {timeout} s"}
+            continue
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            out[name] = {"note": (proc.stderr.strip().splitlines()
+                                  or [f"exit code {proc.returncode}, no output"])[-1]}
         else:
-            out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            out[name] = json.loads(lines[-1])
     return out
 
 
@@ -183,10 +197,10 @@ def format_matrix(matrix) -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--one"]:
-        args = json.loads(argv[1])
-        if args.pop("torch"):
-            _load_torch()
-        print(json.dumps(thread_modes_case(**args)))
+        report = thread_modes_case(**json.loads(argv[1]))
+        report["libgomp"] = _openmp._loaded_libgomps()
+        report["openmp_wait"] = _openmp.wait_policy()
+        print(json.dumps(report))
         return 0
     print(format_matrix(thread_modes_matrix()))
     return 0
