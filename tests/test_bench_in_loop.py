@@ -190,3 +190,19 @@ def test_without_torch_the_torch_alone_row_is_a_note(monkeypatch):
     row = rep["results"]["torch-fused-alone"]
     assert row["step_in_loop_s"] is None and row["note"] == "torch not installed"
     assert rep["results"]["numpy"]["vs_torch_alone"] is None
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_rows_say_what_the_thread_choice_chose(backend):
+    """A table above the always-serial size reports its serial/threaded
+    choice (list and packed); small tables and the baselines report none."""
+    sizes = (256, 160, 10)                   # a 40960-element first layer
+    rep = bench.in_loop_case(impls=(backend, "numpy"), packed=backend,
+                             **{**QUICK, "sizes": sizes})
+    for impl in (backend, f"{backend}-packed"):
+        choice = rep["results"][impl]["thread_choice"]
+        if fastopt.get_num_threads() > 1:
+            assert choice.split(";")[0] in ("serial", "threaded") and "typical" in choice
+    assert rep["results"]["numpy"]["thread_choice"] == ""
+    tiny = bench.in_loop_case(impls=(backend,), packed=None, **QUICK)
+    assert tiny["results"][backend]["thread_choice"] == ""

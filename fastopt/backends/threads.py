@@ -194,8 +194,8 @@ class ThreadChoice:
         parts = [f"{name} {_us(_median(t) * 1e6 if t else None)} + tail "
                  f"{_us(self.tail(mode) * 1e6)}"
                  for mode, (name, t) in enumerate(zip(("serial", "threaded"), self.times))]
-        now = "threaded" if self.mode else "serial"
-        return f"{now}; typical step + tail: {', '.join(parts)}"
+        now = self.kept if self.kept is not None else self.mode     # not a retry's mode
+        return f"{'threaded' if now else 'serial'}; typical step + tail: {', '.join(parts)}"
 
 
 class FixedChoice:

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 import fastopt
+from fastopt.backends.threads import SERIAL_MAX
 
 from . import machine, timing
 from .baselines import NumpyAdam, mlp_forward_backward, mlp_init
@@ -82,6 +83,7 @@ def _loop_optimizer(impl, ws, lr):
         for dst, g in zip(gflat, grads):
             dst[...] = g
         opt.step(gflat)
+    packed_step.optimizer = opt
     return list(flat), packed_step
 
 
@@ -100,6 +102,13 @@ class InLoopImpl:
         self.hot_grads = mlp_forward_backward(hot_ws, *self.data[0])[1]
         self.iterations = 0
         self.loss_first = self.loss_last = None
+
+    def thread_choice(self):
+        """What the training optimizer's step tables chose, serial or
+        threaded, and why (fastopt only; "" for the others)."""
+        opt = getattr(self.step, "__self__", None) or getattr(self.step, "optimizer", None)
+        tables = getattr(opt, "_all_tables", None) or []
+        return "; ".join(t.threads.describe() for t in tables if t.nelem > SERIAL_MAX)
 
     def forward_backward(self):
         X, y = self.data[self.iterations % len(self.data)]
@@ -309,7 +318,8 @@ def in_loop_case(impls=IN_LOOP_IMPLS, sizes=IN_LOOP.sizes, batch=IN_LOOP.batch, 
             continue
         loop = loops[impl]
         row.update(loss_first=loop.loss_first, loss_last=loop.loss_last,
-                   iterations=loop.iterations, rounds_s=samples[impl], note="")
+                   iterations=loop.iterations, rounds_s=samples[impl], note="",
+                   thread_choice=loop.thread_choice())
         if impl.endswith("-packed"):
             row["note"] = "fastopt.pack; grads copied into a FlatArrays each step"
         elif impl == "torch-fused":

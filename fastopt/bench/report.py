@@ -217,6 +217,9 @@ def format_in_loop(report) -> str:
                  "same run; vs torch alone: against torch fused in a process of its own "
                  "that imports torch first (its own OpenMP runtime and defaults, as torch "
                  "users run it)")
+    for impl, r in report["results"].items():
+        if r.get("thread_choice"):
+            lines.append(f"{impl} in the loop chose {r['thread_choice']}")
     env = report["environment"]
     for p in env["thread_pools"] or []:
         lines.append(
