@@ -183,9 +183,11 @@ def _torch_alone(sizes, batch, steps, rounds, lr, seed, warmup, settle, timeout=
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, f"the process of its own took over {timeout} s"
-    if proc.returncode != 0:
-        return None, (proc.stderr.strip().splitlines() or ["failed"])[-1]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return None, (proc.stderr.strip().splitlines()
+                      or [f"exit code {proc.returncode}, no output"])[-1]
+    report = json.loads(lines[-1])
     row = report["results"]["torch-fused"]
     if row["step_in_loop_s"] is None:
         return None, row["note"]

@@ -75,9 +75,9 @@ def _paused(loop, n, pause):
 
 
 #: each setting's steps: on which of a copy's loops
-RUN = {"hot": lambda copy, n, pause: copy["hot"].hot(n),
-       "pause": lambda copy, n, pause: _paused(copy["pause"], n, pause),
-       "loop": lambda copy, n, pause: copy["loop"].train(n)[0]}
+SETTING_STEPS = {"hot": lambda copy, n, pause: copy["hot"].hot(n),
+                 "pause": lambda copy, n, pause: _paused(copy["pause"], n, pause),
+                 "loop": lambda copy, n, pause: copy["loop"].train(n)[0]}
 
 
 def thread_modes_case(backend="cython", sizes=IN_LOOP.sizes, batch=IN_LOOP.batch,
@@ -95,9 +95,10 @@ def thread_modes_case(backend="cython", sizes=IN_LOOP.sizes, batch=IN_LOOP.batch
       which copy's arrays it ran on.
     * Each copy keeps its own choices for its auto rounds. Before the
       rounds, each copy runs ``warmup`` steps in each setting under each
-      policy, so that the figures are the choice's steady state. While it
-      learns a loop, it can spend its first hundred steps on the mode that
-      proves slower.
+      policy, so that most of the choice's learning is done before the
+      rounds (a mode's tail builds up over about 128 of its steps; while it
+      learns a loop, the choice can spend those steps on the mode that
+      proves slower).
     * Each round waits ``settle`` seconds (OpenBLAS's workers stop
       spinning). Then it runs every setting, and in it ``steps`` steps of
       every policy.
@@ -108,7 +109,7 @@ def thread_modes_case(backend="cython", sizes=IN_LOOP.sizes, batch=IN_LOOP.batch
     data = mlp_data(sizes, batch)
     copies, autos = [], {}
     for _ in POLICIES:
-        copy = {s: InLoopImpl(backend, tuple(sizes), batch, data) for s in RUN}
+        copy = {s: InLoopImpl(backend, tuple(sizes), batch, data) for s in SETTING_STEPS}
         for loop in copy.values():                     # the tables exist from here on
             loop.train(1)
             loop.hot(1)
@@ -120,7 +121,7 @@ def thread_modes_case(backend="cython", sizes=IN_LOOP.sizes, batch=IN_LOOP.batch
         for policy in POLICIES:
             _use_policy(copy, policy, autos)
             for setting in settings:
-                RUN[setting](copy, warmup, pause)
+                SETTING_STEPS[setting](copy, warmup, pause)
     since = timing.load_snapshot()
     for r in range(rounds):
         time.sleep(settle)
@@ -129,7 +130,7 @@ def thread_modes_case(backend="cython", sizes=IN_LOOP.sizes, batch=IN_LOOP.batch
             _use_policy(copy, policy, autos)
         for setting in settings:
             for copy, policy in zip(copies, policies):
-                samples[setting][policy].append(RUN[setting](copy, steps, pause))
+                samples[setting][policy].append(SETTING_STEPS[setting](copy, steps, pause))
     results = {}
     for setting in settings:
         med = {p: float(np.median(samples[setting][p])) for p in POLICIES}
