@@ -26,9 +26,9 @@ then. That includes torch's bundled copy: it has the same soname, so when
 torch is imported first, fastopt's kernels run on torch's libgomp, at its
 default spin. Its workers then busy-wait about 8 ms after each parallel
 region (0.7 ms at fastopt's setting, measured here). Inside a NumPy
-training loop that made a threaded MLP step take 2.9 ms against 0.16 ms:
-the spinning worker is preempted by OpenBLAS's threads and waits out their
-time slice. The serial/threaded choice (:mod:`fastopt.backends.threads`)
+training loop that made a threaded MLP step take 2.9 ms against 0.18 ms
+(medians): the spinning worker is preempted by OpenBLAS's threads and
+waits out their time slice. The serial/threaded choice (:mod:`fastopt.backends.threads`)
 keeps such a loop serial. To avoid the case, ``import fastopt`` loads
 libgomp at once (:func:`preload`), so that torch imported after it shares
 that copy. :func:`fastopt.backend_info` reports which case applies.
