@@ -32,3 +32,22 @@ def test_worker_failure_names_the_worker():
                       block_s=0.01, pause_s=0.0)
 
 
+
+
+def test_run_once_returns_the_result_and_names_a_failure():
+    from fastopt.bench.isolated import run_once
+    assert run_once("fastopt.bench.cases:step_bytes",
+                    {"kind": "adamw", "n": 10, "dtype": "float32"}) == 280
+    with pytest.raises(RuntimeError, match="no_such_function in its own process failed"):
+        run_once("fastopt.bench.cases:no_such_function")
+
+
+def test_preloaded_modules_come_before_fastopt():
+    """torch imported first loads its own libgomp, as in a torch user's
+    script; without it the child has the one ``import fastopt`` loaded."""
+    pytest.importorskip("torch")
+    from fastopt.bench.isolated import run_once
+    with_torch = run_once("fastopt._openmp:_loaded_libgomps", preload=("torch",))
+    assert any("/torch/" in p for p in with_torch)
+    without = run_once("fastopt._openmp:_loaded_libgomps")
+    assert not any("/torch/" in p for p in without)

@@ -12,7 +12,6 @@ same step hot.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -24,7 +23,7 @@ import numpy as np
 import fastopt
 from fastopt.backends.threads import SERIAL_MAX
 
-from . import machine, timing
+from . import isolated, machine, timing
 from .baselines import NumpyAdam, mlp_forward_backward, mlp_init
 from .cases import IN_LOOP, mlp_shapes
 
@@ -172,22 +171,13 @@ def _torch_alone(sizes, batch, steps, rounds, lr, seed, warmup, settle, timeout=
         return None, "torch not installed"
     args = dict(impls=["torch-fused"], sizes=list(sizes), batch=batch, steps=steps,
                 rounds=rounds, packed=None, lr=lr, seed=seed, warmup=warmup, settle=settle)
-    code = ("import torch, json, sys\n"            # first: torch's own libgomp and defaults
-            "from fastopt import _openmp\n"
-            "from fastopt.bench.in_loop import in_loop_case\n"
-            "report = in_loop_case(**json.loads(sys.argv[1]))\n"
-            "report['libgomp'] = _openmp._loaded_libgomps()\n"
-            "print(json.dumps(report))")
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)],
-                              capture_output=True, text=True, timeout=timeout)
+    try:          # torch first: its own libgomp, at its defaults
+        report = isolated.run_once("fastopt.bench.in_loop:_case_and_libgomp", args,
+                                   preload=("torch",), timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, f"the process of its own took over {timeout} s"
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        return None, (proc.stderr.strip().splitlines()
-                      or [f"exit code {proc.returncode}, no output"])[-1]
-    report = json.loads(lines[-1])
+    except RuntimeError as e:
+        return None, str(e)
     row = report["results"]["torch-fused"]
     if row["step_in_loop_s"] is None:
         return None, row["note"]
@@ -196,6 +186,12 @@ def _torch_alone(sizes, batch, steps, rounds, lr, seed, warmup, settle, timeout=
     row["note"] = ("own process, torch imported first (its libgomp at its defaults"
                    + (f": {torchs[0]}" if torchs else "") + ")")
     return row, None
+
+
+def _case_and_libgomp(**case):
+    """:func:`in_loop_case`'s report, with the libgomp copies this process mapped."""
+    from fastopt import _openmp
+    return {**in_loop_case(**case), "libgomp": _openmp._loaded_libgomps()}
 
 
 def in_loop_case(impls=IN_LOOP_IMPLS, sizes=IN_LOOP.sizes, batch=IN_LOOP.batch, steps=50,

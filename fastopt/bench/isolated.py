@@ -12,11 +12,12 @@ between blocks so the previous worker's threads have gone to sleep. Rounds
 are interleaved, so the same-run ratios stay meaningful on a noisy machine.
 
 A worker is ``python -c`` running :func:`_serve`: it imports the ``preload``
-modules first (torch for the torch baselines, as a torch user's script
-does), with this process's environment (fastopt sets its OpenMP spin count
-only while loading its kernels, so a torch worker sees what torch users
-see), then calls ``factory(**kwargs)`` (``"module:function"``) for the
-function to time. The protocol is one line per message on stdin/stdout, prefixed so that
+modules before anything else, fastopt included (torch for the torch
+baselines, as a torch user's script does: torch then loads its own libgomp
+at its defaults, where ``import fastopt`` first would have given it
+fastopt's short-spin copy), with this process's environment, then calls
+``factory(**kwargs)`` (``"module:function"``) for the function to time.
+:func:`run_once` runs one function that way and returns its result. The protocol is one line per message on stdin/stdout, prefixed so that
 library chatter on stdout is ignored.
 """
 
@@ -30,7 +31,42 @@ import time
 from dataclasses import dataclass, field
 
 _TAG = "@@fastopt-isolated "
-_BOOT = "from fastopt.bench.isolated import _serve; _serve()"
+# the preload modules first: nothing of fastopt's may load before them
+_BOOT = ("import importlib, json, os\n"
+         "for m in json.loads(os.environ['FASTOPT_ISOLATED_SPEC'])['preload']:\n"
+         "    importlib.import_module(m)\n"
+         "from fastopt.bench.isolated import _serve\n"
+         "_serve()")
+_ONCE = ("import importlib, json, sys\n"
+         "for m in json.loads(sys.argv[1]):\n"
+         "    importlib.import_module(m)\n"
+         "from fastopt.bench.isolated import _run_once_child\n"
+         "_run_once_child(sys.argv[2], sys.argv[3])")
+
+
+def run_once(target, kwargs=None, preload=(), env=None, timeout=None):
+    """``target(**kwargs)`` (``"module:function"``, a JSON-able result) in a
+    new process that imports the ``preload`` modules before anything else,
+    with this process's environment plus ``env``; its result. RuntimeError
+    with the child's last error line when it fails;
+    ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _ONCE, json.dumps(list(preload)), target,
+         json.dumps(kwargs or {})],
+        env=dict(os.environ, **(env or {})), capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_TAG)]
+    if proc.returncode or not lines:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{target} in its own process failed (exit code "
+                           f"{proc.returncode}): {last}")
+    return json.loads(lines[-1][len(_TAG):])
+
+
+def _run_once_child(target, kwargs_json):
+    import importlib
+    modname, fname = target.split(":")
+    result = getattr(importlib.import_module(modname), fname)(**json.loads(kwargs_json))
+    print(_TAG + json.dumps(result, default=float), flush=True)
 
 
 @dataclass
@@ -42,10 +78,8 @@ class Impl:
 
 
 def _serve():
-    spec = json.loads(os.environ["FASTOPT_ISOLATED_SPEC"])
+    spec = json.loads(os.environ["FASTOPT_ISOLATED_SPEC"])     # preload: done by _BOOT
     import importlib
-    for mod in spec["preload"]:
-        importlib.import_module(mod)
     modname, fname = spec["factory"].split(":")
     fn = getattr(importlib.import_module(modname), fname)(**spec["kwargs"])
     for _ in range(3):                        # warm up: compile, fault pages in

@@ -153,20 +153,12 @@ def _mnist_train(impls, hidden, epochs, batch, lr, target, seed, backend, data_d
 def _mnist_in_own_process(impl, kwargs):
     """:func:`_mnist_train` of one implementation in a fresh process whose
     environment is the one that library's users have (see fastopt.bench.isolated)."""
-    import json
-    import subprocess
-    import sys
-
-    pre = "import torch; " if impl == "torch" else ""
-    code = (pre + "import json, sys; from fastopt.bench.mnist import _mnist_train; "
-            "kw = json.loads(sys.argv[1]); "
-            "print('@@' + json.dumps(_mnist_train([sys.argv[2]], **kw), default=float))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs), impl],
-                         capture_output=True, text=True)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("@@")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"MNIST benchmark of {impl!r} failed:\n{out.stderr[-2000:]}")
-    return json.loads(lines[-1][2:])
+    from .isolated import run_once
+    try:
+        return run_once("fastopt.bench.mnist:_mnist_train", dict(kwargs, impls=[impl]),
+                        preload=("torch",) if impl == "torch" else ())
+    except RuntimeError as e:
+        raise RuntimeError(f"MNIST benchmark of {impl!r} failed: {e}") from None
 
 
 def bench_mnist(hidden=MNIST.hidden, epochs=MNIST.epochs, batch=MNIST.batch, lr=MNIST.lr,

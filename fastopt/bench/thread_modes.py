@@ -22,8 +22,6 @@ and torch imported before fastopt, with its own pool running.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
@@ -33,7 +31,7 @@ import numpy as np
 from fastopt import _openmp
 from fastopt.backends.threads import FixedChoice
 
-from . import timing
+from . import isolated, timing
 from .cases import IN_LOOP
 from .in_loop import InLoopImpl, mlp_data
 
@@ -159,25 +157,24 @@ def thread_modes_matrix(variants=VARIANTS, backend="cython", timeout=600, **case
     which one fastopt's kernels run on (:func:`fastopt._openmp.wait_policy`)."""
     out = {}
     for name, env_add, torch in variants:
-        args = json.dumps({"backend": backend, **case})
-        code = ("import torch\n" if torch else "") + (
-            "import sys\nfrom fastopt.bench import thread_modes\n"
-            + ("thread_modes._start_torch()\n" if torch else "")
-            + "sys.exit(thread_modes.main(['--one', sys.argv[1]]))")
         try:
-            proc = subprocess.run([sys.executable, "-c", code, args],
-                                  env={**os.environ, **env_add}, capture_output=True,
-                                  text=True, timeout=timeout)
+            out[name] = isolated.run_once(
+                "fastopt.bench.thread_modes:_one_process",
+                {"start_torch": torch, "backend": backend, **case},
+                preload=("torch",) if torch else (), env=env_add, timeout=timeout)
         except subprocess.TimeoutExpired:
             out[name] = {"note": f"took over {timeout} s"}
-            continue
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            out[name] = {"note": (proc.stderr.strip().splitlines()
-                                  or [f"exit code {proc.returncode}, no output"])[-1]}
-        else:
-            out[name] = json.loads(lines[-1])
+        except RuntimeError as e:
+            out[name] = {"note": str(e)}
     return out
+
+
+def _one_process(start_torch=False, **case):
+    """One variant's part of :func:`thread_modes_matrix`, in its process."""
+    if start_torch:
+        _start_torch()
+    return {**thread_modes_case(**case), "libgomp": _openmp._loaded_libgomps(),
+            "openmp_wait": _openmp.wait_policy()}
 
 
 def format_matrix(matrix) -> str:
@@ -195,14 +192,7 @@ def format_matrix(matrix) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--one"]:
-        report = thread_modes_case(**json.loads(argv[1]))
-        report["libgomp"] = _openmp._loaded_libgomps()
-        report["openmp_wait"] = _openmp.wait_policy()
-        print(json.dumps(report))
-        return 0
+def main():
     print(format_matrix(thread_modes_matrix()))
     return 0
 
