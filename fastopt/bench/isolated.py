@@ -17,8 +17,9 @@ baselines, as a torch user's script does: torch then loads its own libgomp
 at its defaults, where ``import fastopt`` first would have given it
 fastopt's short-spin copy), with this process's environment, then calls
 ``factory(**kwargs)`` (``"module:function"``) for the function to time.
-:func:`run_once` runs one function that way and returns its result. The protocol is one line per message on stdin/stdout, prefixed so that
-library chatter on stdout is ignored.
+The protocol is one line per message on stdin/stdout, prefixed so that
+library chatter on stdout is ignored. :func:`run_once` runs one function
+the same way and returns its result.
 """
 
 from __future__ import annotations
