@@ -88,12 +88,11 @@ MARGIN = 0.1
 class ThreadChoice:
     """The serial/threaded decision of one table (see the module doc)."""
 
-    __slots__ = ("times", "typical", "excess", "steps", "mode", "prev", "kept", "last",
+    __slots__ = ("times", "excess", "steps", "mode", "prev", "kept", "last",
                  "wait", "next_retry", "run_left", "run_start", "in_run")
 
     def __init__(self):
         self.times = ([], [])      # recent counted seconds per step: serial, threaded
-        self.typical = [None, None]  # each mode's median when its last step was counted
         self.excess = [0.0, 0.0]   # each mode's decayed sum of (step - typical time)
         self.steps = 0             # timed steps so far
         self.mode = None           # the mode of the step pick opened (None: not timed)
@@ -129,7 +128,6 @@ class ThreadChoice:
         elif self.kept is not None and self.steps >= self.next_retry:    # retry the other
             mode = not self.kept
             self.times[mode].clear()      # its typical time is RETRY steps stale
-            self.typical[mode] = None
             self.run_left, self.run_start, self.in_run = RUN - 1, self.steps, True
             self.next_retry = self.steps + self.wait
         else:
@@ -147,16 +145,15 @@ class ThreadChoice:
         self.steps += 1
         switched, self.prev = mode != self.prev, mode
         if not switched:                 # the step after a switch pays for the switch
-            typical = self.typical[mode]
-            if typical is not None:
+            times = self.times[mode]
+            if times:                    # measured against the typical time before it
+                typical = _median(times)
                 keep = 1.0 - 1.0 / TAIL_STEPS
                 excess = min(seconds - typical, EXCESS_MAX * typical)
                 self.excess[mode] = keep * self.excess[mode] + excess
-            times = self.times[mode]
             times.append(seconds)
             if len(times) > WINDOW:
                 del times[0]
-            self.typical[mode] = _median(times)
             if self.in_run and seconds > LOSS * self.expected(not mode):
                 self.run_left = 0        # lost clearly already: end the run here
         if self.in_run and not self.run_left:       # the retry run ended

@@ -59,6 +59,14 @@ def _optimizers(copy):
             copy["pause"].hot_step.__self__]
 
 
+def _copy(backend, sizes, batch, data):
+    """One model copy: two :class:`InLoopImpl` give the three settings'
+    optimizers (the loop trains one's model; the hot and paused steps use
+    the second copies of both)."""
+    first, second = (InLoopImpl(backend, tuple(sizes), batch, data) for _ in range(2))
+    return {"loop": first, "hot": second, "pause": first}
+
+
 def _paused(loop, n, pause):
     """Mean seconds of ``n`` steps, each after ``pause`` seconds of sleep."""
     step, grads = loop.hot_step, loop.hot_grads
@@ -107,8 +115,8 @@ def thread_modes_case(backend="cython", sizes=IN_LOOP.sizes, batch=IN_LOOP.batch
     data = mlp_data(sizes, batch)
     copies, autos = [], {}
     for _ in POLICIES:
-        copy = {s: InLoopImpl(backend, tuple(sizes), batch, data) for s in SETTING_STEPS}
-        for loop in copy.values():                     # the tables exist from here on
+        copy = _copy(backend, sizes, batch, data)
+        for loop in {id(v): v for v in copy.values()}.values():    # the tables exist now
             loop.train(1)
             loop.hot(1)
         for opt in _optimizers(copy):
