@@ -36,6 +36,7 @@ import warnings
 import numpy as np
 
 from .. import _validate as V
+from .._memory import state_copy
 from ..backends import backend_for, get_backend
 from ..backends.scalars import clip_coefficient
 from ..backends.tables import element_of, group_tables, step_per_array
@@ -1017,7 +1018,7 @@ class Optimizer:
                                      f"{want}[{size}]")
             # one buffer per name over the group (a copy, where the params
             # live), its runs' views of it; compact codes: a copy, no views
-            compact = {name: np.array(a, copy=True) for name, a in bufs.items()
+            compact = {name: state_copy(a) for name, a in bufs.items()
                        if fmt.compact and name != "master"}
             made = {name: self._placement.state_buffer([r["flat"].size for r in runs], dtype, a)
                     for name, a in bufs.items() if name not in compact}

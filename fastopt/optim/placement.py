@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _validate as V
+from .._memory import state_copy, state_zeros
 from ..backends.lowp import compute_dtype, is_low_precision
 from ..backends.tables import element_of
 from ..params import FlatArrays, in_memory_order, memory_runs
@@ -95,7 +96,7 @@ class HostPlacement:
         """One buffer over a group's runs of ``sizes`` elements, laid end to
         end (the compiled step addresses it by element offset), and each
         run's view: zeros, or a copy of ``data`` (a checkpoint's host array)."""
-        buf = np.zeros(sum(sizes), dtype) if data is None else np.array(data, copy=True)
+        buf = state_zeros(sum(sizes), dtype) if data is None else state_copy(data)
         return buf, _views(buf, sizes, sizes)
 
     @staticmethod

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _validate as V
+from .._memory import state_zeros
 from ..backends import compact as C
 
 #: the state_dtype of float state
@@ -95,9 +96,9 @@ class StateFormat:
         signed = name not in self.nonnegative
         dtype = C.code_dtype(self.name, signed)
         if self.name != "int8":
-            return {name: np.zeros(sum(sizes), dtype)}
+            return {name: state_zeros(sum(sizes), dtype)}
         blocks = sum(C.nblocks(n) for n in sizes)
-        return {name: np.zeros(blocks * C.BLOCK, dtype),
+        return {name: state_zeros(blocks * C.BLOCK, dtype),
                 name + ABSMAX: np.zeros(blocks, np.float32)}
 
     def buffer_spec(self, name, sizes, dtype):

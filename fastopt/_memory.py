@@ -1,0 +1,52 @@
+"""Where a large optimizer-state buffer starts in memory.
+
+An optimizer makes its state buffers one after another, the same size: two
+``np.zeros`` of a power-of-two byte count ``S`` land exactly ``S + 4096``
+bytes apart (glibc maps each with a one-page header, the next map right
+below the last). On the development machine (2-core Zen 4 VM) a stream pair
+at that distance is pathological: the bfloat16 AdamW step at 64M
+parameters, whose m and v codes are two such buffers, took 27-29 ms with
+them ``S + 4096`` apart and 22-24 ms at ``S``, ``S + 1024``, ``S + 2048``,
+``S + 3072``, ``S + 5120`` or ``S + 7168`` (same process, one kernel,
+buffers carved from one allocation; docs/performance.md). Only that distance
+(within about 200 bytes) was slow, which looks like DRAM bank conflicts
+rather than anything in the cache.
+
+So a large state buffer starts 64-byte aligned (whole cache lines, for the
+512-bit loads) at an offset into its allocation that turns through four
+quarter pages, and consecutive buffers are never a whole number of pages
+plus one apart. Small buffers are ordinary arrays.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+#: buffers of at least this many bytes get a placed start
+LARGE = 1 << 22
+_LINE = 64
+_turn = itertools.count()
+
+
+def state_zeros(n: int, dtype) -> np.ndarray:
+    """A zero 1-D array of ``n`` elements of ``dtype``; a large one starts
+    64-byte aligned, at the next quarter page of its allocation (a view of
+    it: ``.base`` is that allocation)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(n) * dtype.itemsize
+    if nbytes < LARGE:
+        return np.zeros(n, dtype)
+    lead = 1024 * (next(_turn) % 4)
+    raw = np.zeros(nbytes + lead + _LINE, np.uint8)
+    start = lead + (-raw.ctypes.data) % _LINE
+    return raw[start:start + nbytes].view(dtype)
+
+
+def state_copy(a) -> np.ndarray:
+    """A copy of 1-D ``a`` placed as :func:`state_zeros` places it."""
+    a = np.asarray(a)
+    out = state_zeros(a.size, a.dtype)
+    out[...] = a.reshape(-1)
+    return out
