@@ -19,7 +19,13 @@ on average, and small changes accumulate. The random bits come from a
 counter-based hash of (key, element index), the key mixing the seed, the
 step and the state buffer: results do not depend on the thread count, and a
 resumed run draws the same bits as an uninterrupted one. The hash is one
-multiply and two xor-shifts, vectorisable and table-free.
+xor, one multiply and one shift, vectorisable and table-free: the top 16
+bits of ``(key ^ index) * 0x9E3779B1``. Each step's key is a fresh
+splitmix64 draw, so an element's bits are uniform from step to step; within
+a step, consecutive indices step through the top bits by the golden ratio
+(evenly spread, which stochastic rounding is content with). Two xor-shifts
+more, as the first version had, cost a quarter of the bfloat16 step's
+compute on x86-64-v4 and bought nothing measurable (docs/performance.md).
 
 **8-bit blockwise** (``state_dtype="int8"``). Values are stored relative to
 their block's absolute maximum (a float32 per block of :data:`BLOCK`
@@ -82,12 +88,10 @@ def sr_key(seed: int, step: int, buffer: int) -> int:
 
 
 def random_bits(key: int, index):
-    """16 random bits per element index (uint32 in [0, 65536)): the hash of
-    ``key ^ index``. NumPy twin of :func:`random_bits_one`."""
-    h = (np.asarray(index).astype(_U32) ^ _U32(key)) * _MIX
-    h ^= h >> _U32(16)
-    h ^= h >> _U32(8)
-    return h & _U32(0xFFFF)
+    """16 random bits per element index (uint32 in [0, 65536)): the top half
+    of the product of ``key ^ index`` with the Weyl multiplier. NumPy twin of
+    :func:`random_bits_one`."""
+    return ((np.asarray(index).astype(_U32) ^ _U32(key)) * _MIX) >> _U32(16)
 
 
 # -- bfloat16 with stochastic rounding -----------------------------------------------

@@ -31,9 +31,7 @@ def random_bits_one(key, index):
     # scalar run as Python (the CUDA simulator) must not overflow
     h = np.uint32((np.uint64(np.uint32(index) ^ np.uint32(key)) * np.uint64(0x9E3779B1))
                   & np.uint64(0xFFFFFFFF))
-    h = np.uint32(h ^ (h >> np.uint32(16)))     # (each step cast back: Numba widens it)
-    h = np.uint32(h ^ (h >> np.uint32(8)))
-    return np.uint32(h & np.uint32(0xFFFF))
+    return np.uint32(h >> np.uint32(16))
 
 
 @register_jitable

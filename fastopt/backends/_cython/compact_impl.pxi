@@ -57,10 +57,9 @@ cdef extern from *:
         return ((base ^ key) & ~0xFFu) * 0x9E3779B1u;
     }
     /* fo_sr_bits' 16 bits of the product h, shifted up by 4: 20-bit random
-       steps below a 3-bit mantissa ((h2 << 4) & 0xFFFF0, h2 = h1 ^ (h1 >> 8)) */
+       steps below a 3-bit mantissa */
     static inline uint32_t fo_sr_rnd20(uint32_t h) {
-        h ^= h >> 16;
-        return ((h << 4) ^ (h >> 4)) & 0xFFFF0u;
+        return (h >> 12) & 0xFFFF0u;
     }
     /* The code (low 8 bits) of x in a block of absmax scale > 0, rounded up
        with the probability of the dropped bits (rnd: 20 random bits). */

@@ -172,20 +172,22 @@ cdef extern from *:
 # specification, same bits).
 cdef extern from *:
     """
-    /* stochastic rounding to bfloat16: 16 random bits from (key, index) */
+    /* stochastic rounding to bfloat16: 16 random bits from (key, index),
+       the top half of the Weyl product (compact.random_bits) */
     static inline uint32_t fo_sr_bits(uint32_t key, uint32_t index) {
-        uint32_t h = (index ^ key) * 0x9E3779B1u;
-        h ^= h >> 16;
-        h ^= h >> 8;
-        return h & 0xFFFFu;
+        return ((index ^ key) * 0x9E3779B1u) >> 16;
     }
     static inline uint16_t fo_bf16_sr(float x, uint32_t key, uint32_t index) {
         /* a NaN keeps its top bits, made quiet; any other value gets the
-           random bits. Masks rather than a select of two results: gcc
-           narrows each side of a select to 16 bits apart, a pack apiece. */
+           random bits. The select is on the 32-bit sums, before the
+           narrowing (a select of the two 16-bit results, gcc narrowed each
+           side apart, a pack apiece), and tests the float (one compare into
+           a mask register on x86-64-v4): with the integer masks it had
+           before, the bfloat16 AdamW step measured 0.48 ns per element in
+           cache instead of 0.34 (one thread, x86-64-v4; 0.69 and 0.49 on v3) */
         uint32_t b = fo_bits_from_f32(x);
-        uint32_t nan = 0u - (uint32_t)((b & 0x7FFFFFFFu) > 0x7F800000u);
-        return (uint16_t)(((b + (fo_sr_bits(key, index) & ~nan)) >> 16) | (nan & 0x0040u));
+        uint32_t t = x != x ? (b | 0x00400000u) : b + fo_sr_bits(key, index);
+        return (uint16_t)(t >> 16);
     }
     /* |x| as bits: their integer order is the float order (NaN above inf) */
     static inline uint32_t fo_abs_bits(float x) { return fo_bits_from_f32(x) & 0x7FFFFFFFu; }
