@@ -23,9 +23,11 @@ xor, one multiply and one shift, vectorisable and table-free: the top 16
 bits of ``(key ^ index) * 0x9E3779B1``. Each step's key is a fresh
 splitmix64 draw, so an element's bits are uniform from step to step; within
 a step, consecutive indices step through the top bits by the golden ratio
-(evenly spread, which stochastic rounding is content with). Two xor-shifts
-more, as the first version had, cost a quarter of the bfloat16 step's
-compute on x86-64-v4 and bought nothing measurable (docs/performance.md).
+(evenly spread, which stochastic rounding is content with). The two
+xor-shifts more of the first version cost about 15% of the bfloat16 loop's
+compute in cache (x86-64-v4) and bought nothing measurable: the accuracy
+tasks of tests/test_compact_state.py gave the same losses and noise floors
+with either hash (docs/performance.md).
 
 **8-bit blockwise** (``state_dtype="int8"``). Values are stored relative to
 their block's absolute maximum (a float32 per block of :data:`BLOCK`

@@ -182,9 +182,11 @@ cdef extern from *:
            random bits. The select is on the 32-bit sums, before the
            narrowing (a select of the two 16-bit results, gcc narrowed each
            side apart, a pack apiece), and tests the float (one compare into
-           a mask register on x86-64-v4): with the integer masks it had
-           before, the bfloat16 AdamW step measured 0.48 ns per element in
-           cache instead of 0.34 (one thread, x86-64-v4; 0.69 and 0.49 on v3) */
+           a mask register on x86-64-v4). With the integer masks it had
+           before and the old two-xor-shift hash, a C replica of the
+           bfloat16 AdamW loop took 0.48 ns per element in cache instead of
+           0.34 (one thread, x86-64-v4; 0.69 and 0.49 on v3); the hash alone
+           was 0.07 of it. The step itself: 0.54 -> 0.41 (docs/performance.md) */
         uint32_t b = fo_bits_from_f32(x);
         uint32_t t = x != x ? (b | 0x00400000u) : b + fo_sr_bits(key, index);
         return (uint16_t)(t >> 16);
