@@ -428,3 +428,31 @@ def test_small_groups_step_in_one_native_call(monkeypatch):
         opt.step(bad)
     _same(fast, before[0])
     assert [st["step"] for st in opt.state] == before[1] == [7, 7, 7]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+@pytest.mark.parametrize("where", ["small", "threaded-size", "two-groups", "clipped"])
+def test_compact_state_is_planned_and_equal_full_steps(backend, fmt, where):
+    """Compact state's planned steps round with the same keys as full steps
+    (made from the step count each step): params and codes bit for bit."""
+    shapes = [(300, 200), (200, 10), (200,)] if where == "threaded-size" else SHAPES
+    rng = np.random.default_rng(5)
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(8)]
+
+    def make(p):
+        if where == "two-groups":
+            p = [{"params": p[:1], "lr": 1e-2}, {"params": p[1:], "lr": 3e-3}]
+        return fastopt.AdamW(p, lr=1e-2, state_dtype=fmt, backend=backend,
+                             max_grad_norm=1.0 if where == "clipped" else None)
+
+    fast, opt = _run(make, init, grads, planned=True)
+    full, ref = _run(make, init, grads, planned=False)
+    assert opt._plan is not None
+    _same(fast, full)
+    for mine, theirs in zip(opt.state_dict()["state"], ref.state_dict()["state"]):
+        assert mine["step"] == theirs["step"] == len(grads)
+        assert mine["buffers"].keys() == theirs["buffers"].keys()
+        for name in mine["buffers"]:
+            np.testing.assert_array_equal(mine["buffers"][name], theirs["buffers"][name])

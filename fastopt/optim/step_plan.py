@@ -12,7 +12,8 @@ hyperparameter or option, a schedule, a new state buffer, grads the compiled
 reader refuses) falls back to the full step, which checks it all, raises
 where it must, and leaves a new plan.
 
-Planned: compiled tables, float state, a number for each group's lr, no
+Planned: compiled tables, float or compact state (its rounding keys made
+for each step), a number for each group's lr, no
 loss scaler and no ``grad_stats`` hook; either one table (the norm pass, the
 skip decision and the update in one native call, with or without clipping
 and the non-finite skip) or several groups or tables without a norm to
@@ -48,10 +49,12 @@ class GroupPlan:
 
     __slots__ = ("group", "params", "nparams", "glen", "keys", "values", "snapshot", "lr",
                  "hypers", "state", "names", "buffers", "nstate", "tables", "grad_index",
-                 "make", "fixed", "at", "opt")
+                 "make", "fixed", "at", "opt", "index", "compact")
 
-    def __init__(self, opt, group, hypers, state, names, tables, kind):
-        self.opt = opt
+    def __init__(self, opt, index, group, hypers, state, names, tables, kind):
+        self.opt, self.index = opt, index
+        # compact state: the step's rounding keys are the step's own (made per step)
+        self.compact = opt._state_format if opt._state_format.compact else None
         self.group, self.params, self.nparams = group, group["params"], len(group["params"])
         self.glen = len(group)
         self.keys = tuple(k for k in group if k != "params" and k != "lr")
@@ -121,6 +124,12 @@ class GroupPlan:
             return self.at()
         return _build(ElementStep, (fixed[0], self.at()) + fixed[2:])
 
+    def compact_args(self):
+        """The backends' ``compact`` argument of the group's next step (None
+        for float state): its rounding keys depend on the step count."""
+        fmt = self.compact
+        return None if fmt is None else fmt.step_args(self.index, self.names, self.state)
+
     def take_lr(self, lr):
         """Take up a new plain value of lr; False when it is anything else
         (the full step checks it and names the key)."""
@@ -145,15 +154,15 @@ class StepPlan:
         path does not apply."""
         norm_mode = 2 if check else (1 if max_norm is not None else 0)
         if (opt.grad_stats is not None or opt.loss_scaler is not None or opt._schedules
-                or opt._state_format.compact or (norm_mode and not opt._single)):
+                or (norm_mode and not opt._single)):
             return None
         groups = []
-        for group, h, st, (kind, ns), ts in zip(opt.param_groups, hypers, opt.state, steps,
-                                                opt._tables):
+        for gi, (group, h, st, (kind, ns), ts) in enumerate(zip(opt.param_groups, hypers,
+                                                                opt.state, steps, opt._tables)):
             if (type(group["lr"]) is not float or group["lr"] != h["lr"]
                     or any(n not in st["flat"] for n in ns)):
                 return None
-            groups.append(GroupPlan(opt, group, h, st, ns, ts, kind))
+            groups.append(GroupPlan(opt, gi, group, h, st, ns, ts, kind))
         plan = cls()
         plan.tables, plan.groups, plan.single = opt._tables, groups, opt._single
         plan.max_norm_given, plan.skip_given = opt.max_grad_norm, opt.skip_nonfinite
@@ -164,7 +173,9 @@ class StepPlan:
         # Every table small and no norm: the whole step as one native call,
         # where the backend has one (each table's grads read and checked
         # before any is written)
+        # (compact state goes through the table step, which takes its keys)
         bind = (getattr(opt._backend, "list_step", None) if not norm_mode
+                and not opt._state_format.compact
                 and all(t.nelem <= SERIAL_MAX for t in opt._all_tables) else None)
         plan.list_step = plan.owner = plan.list_tables = None
         if bind is not None:
@@ -250,10 +261,10 @@ class StepPlan:
             if self.small:
                 # serial, no norm: _table_update's own call for such a table,
                 # made here directly (a frame less of fixed cost)
-                be.step(t, el, g.buffers, el.grad_scale, 0.0, 1.0, 0, False, None)
+                be.step(t, el, g.buffers, el.grad_scale, 0.0, 1.0, 0, False, g.compact_args())
                 return opt._finish_step(False, None, [g.hypers])
             norm, skip = opt._fused_call(be, t, el, g.buffers, self.max_norm, 1.0,
-                                         self.norm_mode, None)
+                                         self.norm_mode, g.compact_args())
             return opt._finish_step(skip, norm, [g.hypers])
         if not bound:
             if type(grads) is not list or len(grads) != len(opt._params):
@@ -270,8 +281,9 @@ class StepPlan:
                 return STALE
             elements.append(el)
         for g, el in zip(plans, elements):  # nothing has been written before here
+            cs = g.compact_args()
             for t in g.tables:
-                opt._table_update(be, t, el, g.buffers, 1.0)
+                opt._table_update(be, t, el, g.buffers, 1.0, cs)
         return opt._finish_step(False, None, [g.hypers for g in plans])
 
     def _run_list_steps(self, opt, grads, groups):
