@@ -35,6 +35,10 @@ from ._cuda_kernels import (ELEMENTS, NO_OFFSET, THREADS, _put_param, _restore, 
 from .compact import BLOCK
 from .scalars import AdamElement
 
+from .._numba_cache import install_cuda as _fresh_cache
+
+_fresh_cache()      # before the cache=True kernels: fastopt._numba_cache says why
+
 #: elements of an absmax block each thread steps (one on a GPU, where a thread
 #: block is as long as an absmax block; the simulator's blocks are shorter)
 PER_THREAD = BLOCK // THREADS

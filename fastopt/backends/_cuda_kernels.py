@@ -18,6 +18,10 @@ from . import elements
 from .scalars import (F_CENTERED, AdagradElement, AdamaxElement, AdamElement, LAMBElement,
                       LionElement, NAdamElement, RAdamElement, RMSpropElement, SGDElement)
 
+from .._numba_cache import install_cuda as _fresh_cache
+
+_fresh_cache()      # before the cache=True kernels: fastopt._numba_cache says why
+
 
 def _numpy_2_5_stand_in(tup):   # pragma: no cover - never called
     raise AttributeError("numpy.row_stack was removed in NumPy 2.5; use numpy.vstack")

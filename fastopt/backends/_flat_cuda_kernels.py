@@ -22,6 +22,10 @@ from numba import config, cuda, types
 
 from ._cuda_kernels import THREADS, _add_partials, _block_reduce, _combine
 
+from .._numba_cache import install_cuda as _fresh_cache
+
+_fresh_cache()      # before the cache=True kernels: fastopt._numba_cache says why
+
 #: elements per chunk (small under the simulator, so tests span several)
 CHUNK = 4 * THREADS if getattr(config, "ENABLE_CUDASIM", False) else 32 * THREADS
 

@@ -28,6 +28,10 @@ from .numba_cpu import _as_pointer, _named, get_num_threads
 from .tables import CHUNK
 from .threads import SERIAL_MAX
 
+from .._numba_cache import install as _fresh_cache
+
+_fresh_cache()      # before the cache=True kernels: fastopt._numba_cache says why
+
 name = "numba"
 
 _OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)

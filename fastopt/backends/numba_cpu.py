@@ -31,6 +31,10 @@ from .scalars import (AdamElement, AdamScalars, SGDElement, SGDScalars, adam_ele
                       sgd_element)
 from .tables import check_unshifted
 
+from .._numba_cache import install as _fresh_cache
+
+_fresh_cache()      # before the cache=True kernels: fastopt._numba_cache says why
+
 name = "numba"
 threaded = True
 start_numba_threads()     # the omp layer loads libgomp: see fastopt._openmp

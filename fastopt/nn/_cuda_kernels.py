@@ -31,6 +31,10 @@ from numba import config, cuda, types
 # loads numba-cuda's array typing with NumPy >= 2.5 too (see that module)
 from ..backends import _cuda_kernels  # noqa: F401
 
+from .._numba_cache import install_cuda as _fresh_cache
+
+_fresh_cache()      # before the cache=True kernels: fastopt._numba_cache says why
+
 SIMULATOR = bool(getattr(config, "ENABLE_CUDASIM", False))
 #: threads of the 1-D kernels (elementwise, one block per model for the
 #: loss). The simulator runs every thread as a Python thread and each

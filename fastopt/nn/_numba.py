@@ -21,6 +21,10 @@ from numba import njit
 
 from ._blas import linear, linear_grad_w, linear_grad_x  # noqa: F401  (backend API)
 
+from .._numba_cache import install as _fresh_cache
+
+_fresh_cache()      # before the cache=True kernels: fastopt._numba_cache says why
+
 name = "numba"
 # No nnan/ninf: NaN must stay visible (see DESIGN.md).
 _OPTS = dict(fastmath={"contract", "arcp", "reassoc", "nsz"}, cache=True, nogil=True,

@@ -31,6 +31,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .._numba_cache import install as _fresh_cache
+
+_fresh_cache()      # before the cache=True kernels: fastopt._numba_cache says why
+
 # No nnan/ninf: NaN must stay visible (DESIGN.md). Serial, like the other
 # fused passes of the MLP (fastopt.nn._numba): BLAS's threads are the one
 # level of parallelism. A prange version was slower in a training loop at
