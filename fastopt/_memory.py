@@ -44,9 +44,10 @@ def state_zeros(n: int, dtype) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype)
 
 
-def state_copy(a) -> np.ndarray:
-    """A copy of 1-D ``a`` placed as :func:`state_zeros` places it."""
+def state_copy(a, dtype=None) -> np.ndarray:
+    """A copy of ``a`` (its shape; in ``dtype``, by default its own) placed
+    as :func:`state_zeros` places it."""
     a = np.asarray(a)
-    out = state_zeros(a.size, a.dtype)
+    out = state_zeros(a.size, a.dtype if dtype is None else dtype)
     out[...] = a.reshape(-1)
-    return out
+    return out.reshape(a.shape)

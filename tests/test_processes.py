@@ -5,7 +5,7 @@ serialises, copies do not write into the original."""
 from __future__ import annotations
 
 import copy
-import multiprocessing as mp
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -111,6 +111,28 @@ def test_a_copy_steps_its_own_arrays(backend):
     twin.step([np.ones(100, np.float32)])
     np.testing.assert_array_equal(p[0], 0.5)              # the original is untouched
     np.testing.assert_allclose(twin.param_groups[0]["params"][0], 0.5 - 0.5 * 1.9)
+
+
+@pytest.mark.parametrize("backend", ["numpy", *COMPILED])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copys_checkpoint_holds_the_state_its_steps_wrote(backend, how):
+    """Two separate arrays are two runs, each with its view of the group's
+    state buffer: a copy must keep the views views of its buffer, or its
+    state_dict returns the moments as they were when it was copied."""
+    rng = np.random.default_rng(0)
+    p = [rng.standard_normal(50).astype(np.float32) for _ in range(2)]
+    grads = [[rng.standard_normal(50).astype(np.float32) for _ in range(2)] for _ in range(3)]
+    opt = fastopt.AdamW(p, lr=1e-2, backend=backend)
+    opt.step(grads[0])
+    assert len(opt.state[0]["runs"]) == 2
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    for o in (opt, twin):
+        for g in grads[1:]:
+            o.step(g)
+    mine, theirs = opt.state_dict()["state"][0], twin.state_dict()["state"][0]
+    assert mine["step"] == theirs["step"] == 3
+    for name in mine["buffers"]:
+        np.testing.assert_array_equal(theirs["buffers"][name], mine["buffers"][name])
 
 
 def test_params_appended_after_construction_are_refused():

@@ -22,7 +22,7 @@ def test_a_large_buffer_is_zero_aligned_and_its_own_size():
 def test_back_to_back_large_buffers_are_not_a_whole_number_of_pages_apart():
     """(Plain np.zeros of one power-of-two size, made back to back, land
     exactly size + 4096 bytes apart.) Placed ones move by a quarter page."""
-    size = 1 << 23
+    size = 1 << 25          # past glibc's largest mmap threshold: its own mapping
     placed = [M.state_zeros(size, np.uint8) for _ in range(4)]
     for a, b in zip(placed, placed[1:]):
         assert abs(a.ctypes.data - b.ctypes.data) % 4096 != 0
@@ -35,6 +35,10 @@ def test_small_buffers_are_plain_arrays_and_copies_keep_values():
     c = M.state_copy(src)
     np.testing.assert_array_equal(c, src)
     assert c.ctypes.data % 64 == 0 and not np.shares_memory(c, src)
+    grid = (src[:-1] % 1000).reshape(2, -1).astype(np.float16)
+    c = M.state_copy(grid, np.float32)          # a shape and a dtype kept or given
+    assert c.shape == grid.shape and c.dtype == np.float32
+    np.testing.assert_array_equal(c, grid.astype(np.float32))
 
 
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])

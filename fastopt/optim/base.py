@@ -397,7 +397,22 @@ class Optimizer:
             self._backend = get_backend(self._backend)
         if self.param_groups:
             self._placement = placement_for(self._backend)
+            self._rebuild_run_views()
         self._lock = threading.RLock()
+
+    def _rebuild_run_views(self):
+        """A copy (deepcopy, pickle) holds each state buffer and its runs'
+        views of it as separate arrays: the step writes the buffer and
+        ``state_dict`` reads the views, so the views are made views of the
+        copied buffer again. (A one-run group's view is the buffer itself,
+        and compact codes have no views.)"""
+        for info, st in zip(self._run_info, self.state):
+            runs = st["runs"]
+            sizes = [r["flat"].size for r in info["runs"]]
+            for name, buf in st["flat"].items():
+                if runs and all(name in r for r in runs):
+                    for r, view in zip(runs, self._placement.run_views(buf, sizes)):
+                        r[name] = view
 
     def _check_groups_unchanged(self):
         """Params added to (or removed from) a group's list after construction
@@ -672,7 +687,7 @@ class Optimizer:
             if all(bool(np.isfinite(g).all()) for g in self._grad_views(t)):
                 coef = inv_scale * (1.0 if max_norm is None else
                                     clip_coefficient(norm, max_norm))
-                be.step(t, el, bufs, el.grad_scale * coef)
+                be.step(t, el, bufs, el.grad_scale * coef, compact=compact)
                 skip = False
         return norm, skip
 

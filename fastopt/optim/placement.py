@@ -55,6 +55,11 @@ def _views(buf, room, sizes):
     return [span(buf, lo, lo + n) for (lo, _), n in zip(_bounds(room), sizes)]
 
 
+def _device_room(sizes):
+    """Each run's room in a device state buffer: whole groups of four elements."""
+    return [-(-n // 4) * 4 for n in sizes]
+
+
 def placement_for(backend):
     """The placement of a backend's arrays: the device for ``backend.device``."""
     return DevicePlacement(backend) if getattr(backend, "device", False) else HostPlacement()
@@ -89,7 +94,7 @@ class HostPlacement:
 
     @staticmethod
     def master_copy(flat):
-        return flat.astype(np.float32)
+        return state_copy(flat, np.float32)     # stepped with the state: placed like it
 
     @staticmethod
     def state_buffer(sizes, dtype, data=None):
@@ -97,7 +102,12 @@ class HostPlacement:
         end (the compiled step addresses it by element offset), and each
         run's view: zeros, or a copy of ``data`` (a checkpoint's host array)."""
         buf = state_zeros(sum(sizes), dtype) if data is None else state_copy(data)
-        return buf, _views(buf, sizes, sizes)
+        return buf, HostPlacement.run_views(buf, sizes)
+
+    @staticmethod
+    def run_views(buf, sizes):
+        """Each run's view of a state buffer made by :meth:`state_buffer`."""
+        return _views(buf, sizes, sizes)
 
     @staticmethod
     def to_host(a):
@@ -168,7 +178,7 @@ class DevicePlacement:
         starting at a multiple of four elements: aligned for the four-wide
         update kernel, as a fresh allocation is (one run's view is the
         whole buffer). ``data`` is copied to the device once."""
-        room = [-(-n // 4) * 4 for n in sizes]
+        room = _device_room(sizes)
         if data is None:
             buf = self.backend.zeros(sum(room), dtype)
         else:
@@ -176,7 +186,12 @@ class DevicePlacement:
             for (lo, hi), (a, b) in zip(_bounds(room), _bounds(sizes)):
                 host[lo:lo + b - a] = data[a:b]
             buf = self.backend.to_device(host)
-        return buf, _views(buf, room, sizes)
+        return buf, self.run_views(buf, sizes)
+
+    @staticmethod
+    def run_views(buf, sizes):
+        """Each run's view of a state buffer made by :meth:`state_buffer`."""
+        return _views(buf, _device_room(sizes), sizes)
 
     @staticmethod
     def to_host(a):

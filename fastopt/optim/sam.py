@@ -42,6 +42,7 @@ import warnings
 import numpy as np
 
 from .. import _validate as V
+from .._memory import state_zeros
 from ..backends import get_backend
 from ..backends.flat_ops import ops_for, sam_scale
 from ..backends.tables import group_tables
@@ -172,7 +173,7 @@ class SAM:
                 self._e_runs.append(views)
                 continue
             offsets = np.concatenate([[0], np.cumsum([p.size for p in params])[:-1]])
-            e = np.zeros(sum(p.size for p in params), params[0].dtype)
+            e = state_zeros(sum(p.size for p in params), params[0].dtype)   # read with the state
             ts = group_tables(params, [p.reshape(-1) for p in params], [None] * len(params),
                               offsets.astype(np.int64))
             for t in ts:
