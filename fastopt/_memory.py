@@ -14,8 +14,9 @@ rather than anything in the cache.
 
 So a large state buffer starts 64-byte aligned (whole cache lines, for the
 512-bit loads) at an offset into its allocation that turns through four
-quarter pages, and consecutive buffers are never a whole number of pages
-plus one apart. Small buffers are ordinary arrays.
+quarter pages, so two made one after the other are never a whole number of
+pages apart. Small buffers are ordinary arrays. The params' and grads'
+places matter too (docs/performance.md), and those are the user's.
 """
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ cdef extern from *:
            before and the old two-xor-shift hash, a C replica of the
            bfloat16 AdamW loop took 0.48 ns per element in cache instead of
            0.34 (one thread, x86-64-v4; 0.69 and 0.49 on v3); the hash alone
-           was 0.07 of it. The step itself: 0.54 -> 0.41 (docs/performance.md) */
+           was 0.07 ns of it. The step itself: 0.54 -> 0.41 (docs/performance.md) */
         uint32_t b = fo_bits_from_f32(x);
         uint32_t t = x != x ? (b | 0x00400000u) : b + fo_sr_bits(key, index);
         return (uint16_t)(t >> 16);
