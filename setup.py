@@ -48,6 +48,7 @@ def _compiler_has_openmp(compiler) -> bool:
 # build is enough (the time is in BLAS).
 _KERNELS = "fastopt/backends/_cython/kernels.pyx"
 IMPL = ["fastopt/backends/_cython/kernels_impl.pxi",   # included by every kernels*.pyx
+        "fastopt/backends/_cython/pool_impl.pxi",
         "fastopt/backends/_cython/compact_impl.pxi"]
 EXTENSIONS = [("fastopt.backends._cython.kernels", _KERNELS, [])]
 if platform.machine().lower() in ("x86_64", "amd64"):

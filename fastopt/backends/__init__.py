@@ -119,6 +119,10 @@ def backend_info() -> dict:
                 info[name]["openmp_wait"] = _openmp.wait_policy()
             if mod.threaded and hasattr(mod, "worker_placement"):
                 info[name]["worker_placement"] = mod.worker_placement
+            if mod.threaded and hasattr(mod, "thread_pool"):
+                kind, workers, spin = mod.thread_pool()
+                info[name]["thread_team"] = {"kind": kind, "workers_started": workers,
+                                             "spin_us": spin}
     return info
 
 

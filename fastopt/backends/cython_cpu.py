@@ -75,6 +75,24 @@ worker_placement = _worker_placement()
 _k.set_place_workers(worker_placement.startswith("on"))
 
 
+def _thread_pool_setting() -> tuple[bool, int]:
+    """Which team runs threaded steps (``_cython/pool_impl.pxi``):
+    ``FASTOPT_THREAD_POOL`` = ``fastopt`` (default, Linux) or ``openmp``;
+    ``FASTOPT_POOL_SPIN_US``: how long a worker waits awake for the next
+    job, in microseconds (default 50)."""
+    kind = os.environ.get("FASTOPT_THREAD_POOL", "fastopt").strip().lower()
+    if kind not in ("fastopt", "openmp"):
+        raise ValueError(f"FASTOPT_THREAD_POOL={kind!r}: expected 'fastopt' or 'openmp'")
+    spin = os.environ.get("FASTOPT_POOL_SPIN_US", "50").strip()
+    if not spin.isdigit() or int(spin) > 1_000_000:
+        raise ValueError(f"FASTOPT_POOL_SPIN_US={spin!r}: expected microseconds, 0 to 1000000")
+    return kind == "fastopt", int(spin)
+
+
+_k.set_thread_pool(*_thread_pool_setting())
+thread_pool = _k.thread_pool
+
+
 def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
          parallel=True, compact=None):
     """One step over ``table`` (see :mod:`fastopt.backends.tables`) with the

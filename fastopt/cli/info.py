@@ -33,6 +33,12 @@ def run(args):
     print(f"serial or threaded: each step table above {SERIAL_MAX} elements times its own "
           "steps both ways and keeps the mode whose steps cost less on average, rare slow "
           "ones included (fastopt.backends.threads)")
+    team = fastopt.backend_info().get("cython", {}).get("thread_team")
+    if team:
+        print(f"cython's threaded steps: {team['kind']} team"
+              + (" (tasks claimed by whichever thread runs; the step never waits for a "
+                 f"sleeping worker; workers wait {team['spin_us']} us awake, then sleep)"
+                 if team["kind"] == "fastopt" else " (static schedule, closing barrier)"))
     print_state_bytes()
     return 0
 

@@ -1,16 +1,19 @@
-"""Cython + OpenMP kernels: typed memoryviews, ``prange`` over fixed chunks.
+"""Cython kernels: the optimizer steps over step tables, and the
+functional API's loops over one array.
 
-Mirrors the Numba backend chunk for chunk: a ``nogil`` helper updates
-``[start, stop)`` of raw pointers (a plain loop gcc vectorises with
-``-O3 -fno-math-errno``), and the ``def`` entry points run it over fixed
-chunks under ``prange(schedule='static')``. The Python wrapper
+A ``nogil`` helper updates ``[start, stop)`` of raw pointers (a plain loop
+gcc vectorises with ``-O3 -fno-math-errno``). An optimizer step runs its
+table's tasks on fastopt's own thread team (``pool_impl.pxi``); the
+functional API's entry points run fixed chunks under
+``prange(schedule='static')`` (OpenMP). The Python wrapper
 (``cython_cpu.py``) has already validated every index and shape, so bounds
 and wraparound checks are off here.
 
-This body is compiled twice (see setup.py): ``kernels`` for baseline
-x86-64 (SSE2) and ``kernels_v3`` for x86-64-v3 (AVX2 + FMA), picked at import
-time by what the CPU reports, as NumPy dispatches its own SIMD loops. The
-source is one; only the compiler's target differs.
+This body is compiled three times (see setup.py): ``kernels`` for baseline
+x86-64 (SSE2), ``kernels_v3`` for x86-64-v3 (AVX2 + FMA) and ``kernels_v4``
+for x86-64-v4 (AVX-512), picked at import time by what the CPU reports, as
+NumPy dispatches its own SIMD loops. The source is one; only the compiler's
+target differs.
 """
 
 import numpy as np
@@ -24,23 +27,18 @@ cdef extern from *:
     #ifdef _OPENMP
     #include <omp.h>
     #define FASTOPT_OPENMP 1
-    /* Cython ends a prange inside a parallel block with `omp for nowait` */
-    #define fastopt_barrier() _Pragma("omp barrier")
     static int fastopt_max_threads(void) { return omp_get_max_threads(); }
-    static int fastopt_thread_num(void) { return omp_get_thread_num(); }
     #else
     #define FASTOPT_OPENMP 0
-    #define fastopt_barrier()
     static int fastopt_max_threads(void) { return 1; }
-    static int fastopt_thread_num(void) { return 0; }
     #endif
     """
     int FASTOPT_OPENMP
     int fastopt_max_threads() nogil
-    int fastopt_thread_num() nogil
-    void fastopt_barrier() nogil
 
-# Where the OpenMP workers run. In a NumPy training loop the step comes right
+# Where the workers run (fastopt's own team, pool_impl.pxi, and OpenMP's for
+# the loops that still use it). Measured with OpenMP's team, whose closing
+# barrier waited for each worker's share. In a NumPy training loop the step comes right
 # after BLAS calls, and OpenBLAS's workers keep spinning (yielding) on the
 # other cores for a while. A woken OpenMP worker is then often queued by the
 # kernel on the core of the thread that woke it, the master, which is busy
@@ -55,25 +53,19 @@ cdef extern from *:
 # A thread id is only used while it is a thread of this process (tgkill 0).
 # Off where the user binds threads (OMP_PROC_BIND, OMP_PLACES,
 # GOMP_CPU_AFFINITY) or sets FASTOPT_PLACE_WORKERS=0 (cython_cpu.py), and for
-# teams above 8 threads (not measured there; see fo_place_workers).
+# teams above 8 threads (not measured there; see fo_place_team).
 cdef extern from *:
     """
-    #if defined(__linux__) && defined(_OPENMP)
+    #if defined(__linux__)
     #include <sched.h>
     #include <unistd.h>
     #include <sys/syscall.h>
-    #define FO_MAX_WORKERS 1024
     #define FO_PLACE_MAX_THREADS 8
-    static pid_t fo_worker_tid[FO_MAX_WORKERS];
-    static volatile int fo_new_worker = 0;
-    static int fo_master_cpu = -1, fo_place_on = 1;
-    static void fo_note_worker(int num) {
-        if (fo_place_on && num > 0 && num < FO_MAX_WORKERS && fo_worker_tid[num] == 0) {
-            fo_worker_tid[num] = (pid_t)syscall(SYS_gettid);
-            fo_new_worker = 1;
-        }
-    }
-    static void fo_place_workers(int nthreads) {
+    static int fo_place_on = 1;
+    /* tids[1..nthreads-1]: the team's workers (0: not started yet);
+       *master_cpu: where the master was when they were last placed */
+    static void fo_place_team(const pid_t* tids, int nthreads, int* new_worker,
+                              int* master_cpu) {
         cpu_set_t set;
         int cpu, i;
         pid_t me;
@@ -82,29 +74,64 @@ cdef extern from *:
            rarely does when most cores are idle */
         if (!fo_place_on || nthreads < 2 || nthreads > FO_PLACE_MAX_THREADS) return;
         cpu = sched_getcpu();
-        if (cpu < 0 || (cpu == fo_master_cpu && !fo_new_worker)) return;
-        fo_master_cpu = cpu;
-        fo_new_worker = 0;
+        if (cpu < 0 || (cpu == *master_cpu
+                        && !__atomic_load_n(new_worker, __ATOMIC_ACQUIRE))) return;
+        *master_cpu = cpu;
+        __atomic_store_n(new_worker, 0, __ATOMIC_RELAXED);
         if (sched_getaffinity(0, sizeof set, &set) != 0 || CPU_COUNT(&set) < 2
                 || !CPU_ISSET(cpu, &set)) return;
         CPU_CLR(cpu, &set);
         me = getpid();
-        for (i = 1; i < nthreads && i < FO_MAX_WORKERS; i++) {
-            pid_t tid = fo_worker_tid[i];
+        for (i = 1; i < nthreads; i++) {
+            pid_t tid = __atomic_load_n(&tids[i], __ATOMIC_ACQUIRE);
             if (tid > 0 && syscall(SYS_tgkill, me, tid, 0) == 0)
                 sched_setaffinity(tid, sizeof set, &set);
         }
     }
-    static void fo_set_place_workers(int on) { fo_place_on = on; fo_master_cpu = -1; }
     #else
+    static void fo_place_team(const pid_t* tids, int nthreads, int* new_worker,
+                              int* master_cpu) {
+        (void)tids; (void)nthreads; (void)new_worker; (void)master_cpu;
+    }
+    #endif
+    #if defined(__linux__) && defined(_OPENMP)
+    #define FO_MAX_WORKERS 1024
+    /* OpenMP's team (the functional API's loops, and set_thread_pool(False)) */
+    static pid_t fo_worker_tid[FO_MAX_WORKERS];
+    static int fo_new_worker = 0, fo_master_cpu = -1, fo_pool_master_cpu = -1;
+    static void fo_note_worker(int num) {
+        if (fo_place_on && num > 0 && num < FO_MAX_WORKERS && fo_worker_tid[num] == 0) {
+            __atomic_store_n(&fo_worker_tid[num], (pid_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
+            __atomic_store_n(&fo_new_worker, 1, __ATOMIC_RELEASE);
+        }
+    }
+    static void fo_place_workers(int nthreads) {
+        if (nthreads < FO_MAX_WORKERS)
+            fo_place_team(fo_worker_tid, nthreads, &fo_new_worker, &fo_master_cpu);
+    }
+    #else
+    static int fo_pool_master_cpu = -1;
     static void fo_note_worker(int num) { (void)num; }
     static void fo_place_workers(int nthreads) { (void)nthreads; }
+    #endif
+    #if defined(__linux__)
+    static void fo_set_place_workers(int on) {
+        fo_place_on = on;
+    #if defined(_OPENMP)
+        fo_master_cpu = -1;
+    #endif
+        fo_pool_master_cpu = -1;
+    }
+    #else
     static void fo_set_place_workers(int on) { (void)on; }
     #endif
     """
     void fo_note_worker(int num) nogil
     void fo_place_workers(int nthreads) nogil
     void fo_set_place_workers(int on) nogil
+
+
+include "pool_impl.pxi"
 
 
 def set_place_workers(bint on):
@@ -896,81 +923,94 @@ cdef inline double _clip_coef(double norm, double max_norm) noexcept nogil:
     return 1.0
 
 
-cdef double _run(Op* op, const Table* tb, storage* like, floating* st0, floating* st1,
-                 floating* st2, const double* scal, int nscal, int flags, double gscale,
-                 double max_norm, double inv_scale, int norm_mode, double* partial,
-                 bint serial, int* skipped) noexcept nogil:
+# One step's arguments, shared by the threads that run its tasks (see
+# pool_impl.pxi): the master fills it, then runs each pass as a job of
+# tasks, setting ``phase`` (and, after the norm, ``gs``) between passes.
+cdef enum:
+    PH_SUMSQ = 0       # partial[t]: task t's sum of squared gradients
+    PH_UPDATE = 1      # task t's update
+    PH_SUMS = 2        # two-phase updates: phase one of task t (its pieces' sums)
+    PH_FACTORS = 3     # array t's factor from its pieces' sums
+    PH_FINISH = 4      # phase two of task t
+
+cdef struct StepJob:
+    const Table* tb
+    int op, compute, store, flags, nscal, phase
+    i64 st0, st1, st2
+    const double* scal      # the element scalars (float64)
+    double gs               # the gradients' factor (scale x clip coefficient)
+    double* partial         # the norm's per-task sums
+
+
+cdef double _run(StepJob* j, double gscale, double max_norm, double inv_scale,
+                 int norm_mode, bint serial, int* skipped) noexcept nogil:
     """One step over a table: (optionally) the norm pass, then the update.
 
     ``norm_mode``: 0 none; 1 compute the norm (clip with ``max_norm`` > 0);
-    2 as 1 and skip the update when the norm is not finite. All passes run
-    in one parallel region, separated by barriers: every thread
-    then adds the partials itself (the same numbers, the same order), so no
-    thread waits for a second wake-up. A two-phase update (``_two_phase``)
-    is three passes: phase one per task, the per-array factors, phase two
-    per task. Returns the unscaled global norm.
+    2 as 1 and skip the update when the norm is not finite. A two-phase
+    update (``_two_phase``) is three passes: phase one per task, the
+    per-array factors, phase two per task. Returns the unscaled global norm.
     """
-    cdef floating c[16]
-    cdef Py_ssize_t t, i
     cdef double norm = 0, coef = 1
-    cdef floating gs
     cdef int skip = 0
-    for i in range(nscal):
-        c[i] = <floating>scal[i]
+    cdef Py_ssize_t ntasks = j.tb.ntasks
+    if norm_mode:
+        _pass(j, PH_SUMSQ, ntasks, serial)
+        norm, coef, skip = _decide(j.partial, ntasks, max_norm, inv_scale, norm_mode)
+    if not skip:
+        j.gs = gscale * coef
+        if j.op == OP_LAMB:
+            _pass(j, PH_SUMS, ntasks, serial)
+            _pass(j, PH_FACTORS, j.tb.narrays, serial)
+            _pass(j, PH_FINISH, ntasks, serial)
+        else:
+            _pass(j, PH_UPDATE, ntasks, serial)
+    skipped[0] = skip
+    return norm
+
+
+cdef inline void _pass(StepJob* j, int phase, Py_ssize_t n, bint serial) noexcept nogil:
+    # one pass over n tasks: on this thread, or as a job of the thread team
+    j.phase = phase
+    if serial:
+        _dispatch(j, 0, n)
+    else:
+        fo_pool_run(_pool_task, j, n, _num_threads)
+
+
+cdef void _pool_task(void* job, long long t) noexcept nogil:
+    _dispatch(<StepJob*>job, <Py_ssize_t>t, <Py_ssize_t>t + 1)
+
+
+cdef inline void _tasks(Op* op, storage* like, floating* st0, floating* st1, floating* st2,
+                        const StepJob* j, Py_ssize_t t0, Py_ssize_t t1) noexcept nogil:
+    """Tasks ``t0..t1 - 1`` of the job's current pass, specialised."""
+    cdef floating c[16]
+    cdef floating gs = <floating>j.gs
+    cdef const Table* tb = j.tb
+    cdef Py_ssize_t t, i
+    for i in range(j.nscal):
+        c[i] = <floating>j.scal[i]
     if st1 == NULL:
         st1 = st0
     if st2 == NULL:
         st2 = st1
-    if serial:
-        if norm_mode:
-            for t in range(tb.ntasks):
-                partial[t] = _task_sumsq(tb, t, like)
-            norm, coef, skip = _decide(partial, tb.ntasks, max_norm, inv_scale, norm_mode)
-        if not skip:
-            gs = <floating>(gscale * coef)
-            if _two_phase(op):
-                for t in range(tb.ntasks):
-                    _task_sums(op, tb, t, like, st0, st1, st2, c, gs, flags)
-                for t in range(tb.narrays):
-                    _array_factors(op, tb, t, c)
-                for t in range(tb.ntasks):
-                    _task_finish(op, tb, t, like, st0, st1, st2, c, flags)
-            else:
-                for t in range(tb.ntasks):
-                    _task_update(op, tb, t, like, st0, st1, st2, c, gs, flags)
-    else:
-        fo_place_workers(_num_threads)
-        with parallel(num_threads=_num_threads):
-            fo_note_worker(fastopt_thread_num())
-            if norm_mode:
-                for t in prange(tb.ntasks, schedule="static"):
-                    partial[t] = _task_sumsq(tb, t, like)
-                fastopt_barrier()      # every partial written before any thread adds them
-                norm, coef, skip = _decide(partial, tb.ntasks, max_norm, inv_scale,
-                                           norm_mode)
-            else:
-                norm, coef, skip = 0, 1, 0
-            gs = <floating>(gscale * coef)
-            if _two_phase(op):     # the same branch in every thread
-                for t in prange(tb.ntasks, schedule="static"):
-                    if not skip:
-                        _task_sums(op, tb, t, like, st0, st1, st2, c, gs, flags)
-                fastopt_barrier()      # every piece's sums before any array's factor
-                for t in prange(tb.narrays, schedule="static"):
-                    if not skip:
-                        _array_factors(op, tb, t, c)
-                fastopt_barrier()      # every factor before phase two
-                for t in prange(tb.ntasks, schedule="static"):
-                    if not skip:
-                        _task_finish(op, tb, t, like, st0, st1, st2, c, flags)
-            else:
-                for t in prange(tb.ntasks, schedule="static"):
-                    if not skip:
-                        _task_update(op, tb, t, like, st0, st1, st2, c, gs, flags)
-        if norm_mode:   # the region's copies were private: decide again here
-            norm, coef, skip = _decide(partial, tb.ntasks, max_norm, inv_scale, norm_mode)
-    skipped[0] = skip
-    return norm
+    if j.phase == PH_SUMSQ:
+        for t in range(t0, t1):
+            j.partial[t] = _task_sumsq(tb, t, like)
+    elif j.phase == PH_UPDATE:
+        for t in range(t0, t1):
+            _task_update(op, tb, t, like, st0, st1, st2, c, gs, j.flags)
+    elif _two_phase(op):       # (the branches below exist only where they are used)
+        if j.phase == PH_SUMS:
+            for t in range(t0, t1):
+                _task_sums(op, tb, t, like, st0, st1, st2, c, gs, j.flags)
+        elif j.phase == PH_FACTORS:
+            for t in range(t0, t1):
+                _array_factors(op, tb, t, c)
+        else:
+            for t in range(t0, t1):
+                _task_finish(op, tb, t, like, st0, st1, st2, c, j.flags)
 
 
 cdef inline (double, double, int) _decide(const double* partial, Py_ssize_t n,
@@ -984,10 +1024,7 @@ cdef inline (double, double, int) _decide(const double* partial, Py_ssize_t n,
     return norm, coef, norm_mode == 2 and not (norm - norm == 0)
 
 
-cdef double _dispatch(int op, int compute, int store, const Table* tb, i64 st0, i64 st1,
-                      i64 st2, const double* scal, int nscal, int flags, double gscale,
-                      double max_norm, double inv_scale, int norm_mode, double* partial,
-                      bint serial, int* skipped) noexcept nogil:
+cdef void _dispatch(const StepJob* j, Py_ssize_t t0, Py_ssize_t t1) noexcept nogil:
     """Pick the optimizer's specialisation (one line per optimizer)."""
     cdef AdamOp* adam = NULL
     cdef SgdOp* sgd = NULL
@@ -998,68 +1035,46 @@ cdef double _dispatch(int op, int compute, int store, const Table* tb, i64 st0, 
     cdef NadamOp* nadam = NULL
     cdef RadamOp* radam = NULL
     cdef LambOp* lamb = NULL
-    if op == OP_ADAM:
-        return _dispatch_types(adam, compute, store, tb, st0, st1, st2, scal, nscal, flags,
-                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
-                               skipped)
-    if op == OP_RMSPROP:
-        return _dispatch_types(rmsprop, compute, store, tb, st0, st1, st2, scal, nscal, flags,
-                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
-                               skipped)
-    if op == OP_ADAGRAD:
-        return _dispatch_types(adagrad, compute, store, tb, st0, st1, st2, scal, nscal, flags,
-                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
-                               skipped)
-    if op == OP_LION:
-        return _dispatch_types(lion, compute, store, tb, st0, st1, st2, scal, nscal, flags,
-                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
-                               skipped)
-    if op == OP_ADAMAX:
-        return _dispatch_types(adamax, compute, store, tb, st0, st1, st2, scal, nscal, flags,
-                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
-                               skipped)
-    if op == OP_NADAM:
-        return _dispatch_types(nadam, compute, store, tb, st0, st1, st2, scal, nscal, flags,
-                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
-                               skipped)
-    if op == OP_RADAM:
-        return _dispatch_types(radam, compute, store, tb, st0, st1, st2, scal, nscal, flags,
-                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
-                               skipped)
-    if op == OP_LAMB:
-        return _dispatch_types(lamb, compute, store, tb, st0, st1, st2, scal, nscal, flags,
-                               gscale, max_norm, inv_scale, norm_mode, partial, serial,
-                               skipped)
-    return _dispatch_types(sgd, compute, store, tb, st0, st1, st2, scal, nscal, flags,
-                           gscale, max_norm, inv_scale, norm_mode, partial, serial, skipped)
+    if j.op == OP_ADAM:
+        _dispatch_types(adam, j, t0, t1)
+    elif j.op == OP_RMSPROP:
+        _dispatch_types(rmsprop, j, t0, t1)
+    elif j.op == OP_ADAGRAD:
+        _dispatch_types(adagrad, j, t0, t1)
+    elif j.op == OP_LION:
+        _dispatch_types(lion, j, t0, t1)
+    elif j.op == OP_ADAMAX:
+        _dispatch_types(adamax, j, t0, t1)
+    elif j.op == OP_NADAM:
+        _dispatch_types(nadam, j, t0, t1)
+    elif j.op == OP_RADAM:
+        _dispatch_types(radam, j, t0, t1)
+    elif j.op == OP_LAMB:
+        _dispatch_types(lamb, j, t0, t1)
+    else:
+        _dispatch_types(sgd, j, t0, t1)
 
 
-cdef inline double _dispatch_types(Op* op, int compute, int store, const Table* tb, i64 st0,
-                                   i64 st1, i64 st2, const double* scal, int nscal,
-                                   int flags, double gscale, double max_norm,
-                                   double inv_scale, int norm_mode, double* partial,
-                                   bint serial, int* skipped) noexcept nogil:
+cdef inline void _dispatch_types(Op* op, const StepJob* j, Py_ssize_t t0,
+                                 Py_ssize_t t1) noexcept nogil:
     """Pick the compute type x gradient storage specialisation (storage 0:
     the compute type, 1: bfloat16, 2: float16)."""
     cdef float* f = NULL
     cdef double* d = NULL
     cdef bf16_bits* bf = NULL
     cdef f16_bits* hf = NULL
-    cdef float* f0 = <float*><size_t>st0
-    cdef float* f1 = <float*><size_t>st1
-    cdef float* f2 = <float*><size_t>st2
-    if compute == 64:
-        return _run(op, tb, d, <double*><size_t>st0, <double*><size_t>st1,
-                    <double*><size_t>st2, scal, nscal, flags, gscale, max_norm, inv_scale,
-                    norm_mode, partial, serial, skipped)
-    if store == 1:
-        return _run(op, tb, bf, f0, f1, f2, scal, nscal, flags, gscale, max_norm, inv_scale,
-                    norm_mode, partial, serial, skipped)
-    if store == 2:
-        return _run(op, tb, hf, f0, f1, f2, scal, nscal, flags, gscale, max_norm, inv_scale,
-                    norm_mode, partial, serial, skipped)
-    return _run(op, tb, f, f0, f1, f2, scal, nscal, flags, gscale, max_norm, inv_scale,
-                norm_mode, partial, serial, skipped)
+    cdef float* f0 = <float*><size_t>j.st0
+    cdef float* f1 = <float*><size_t>j.st1
+    cdef float* f2 = <float*><size_t>j.st2
+    if j.compute == 64:
+        _tasks(op, d, <double*><size_t>j.st0, <double*><size_t>j.st1, <double*><size_t>j.st2,
+               j, t0, t1)
+    elif j.store == 1:
+        _tasks(op, bf, f0, f1, f2, j, t0, t1)
+    elif j.store == 2:
+        _tasks(op, hf, f0, f1, f2, j, t0, t1)
+    else:
+        _tasks(op, f, f0, f1, f2, j, t0, t1)
 
 
 # Positions in a table's header (fastopt.backends.tables.StepTable.header):
@@ -1100,6 +1115,23 @@ cdef inline void _load_table(Table* tb, const i64* h) noexcept nogil:
     tb.eaddr = <const i64*><size_t>h[H_SHIFT]      # 0: no offset
 
 
+cdef inline void _job_of(StepJob* j, const Table* tb, const i64* h, int op, i64 st0, i64 st1,
+                         i64 st2, const double* scal, int nscal, int flags) noexcept nogil:
+    """A step's job over table ``tb`` (loaded from header ``h``)."""
+    j.tb = tb
+    j.op = op
+    j.compute = <int>h[H_COMPUTE]
+    j.store = <int>h[H_STORE]
+    j.flags = flags
+    j.nscal = nscal
+    j.st0 = st0
+    j.st1 = st1
+    j.st2 = st2
+    j.scal = scal
+    j.gs = 1
+    j.partial = <double*><size_t>h[H_PARTIAL]
+
+
 def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
          double gscale, double max_norm, double inv_scale, int norm_mode, bint threaded,
          tuple compact=None):
@@ -1125,6 +1157,7 @@ def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
     cdef Py_ssize_t i
     cdef int nscal = _scalars(scal, sc)
     cdef Compact cs
+    cdef StepJob job
     _load_table(&tb, h)
     if compact is not None:
         kind, codes, absmax, keys, signed = compact
@@ -1139,11 +1172,9 @@ def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
             cs.is_signed[i] = signed[i]
         tb.compact = &cs
     with nogil:
-        norm = _dispatch(op, <int>h[H_COMPUTE], <int>h[H_STORE], &tb, st0, st1, st2, sc,
-                         <int>nscal, flags, gscale, max_norm, inv_scale, norm_mode,
-                         <double*><size_t>h[H_PARTIAL],
-                         not threaded or _serial(h[H_NELEM]) or tb.ntasks < 2,
-                         &skipped)
+        _job_of(&job, &tb, h, op, st0, st1, st2, sc, nscal, flags)
+        norm = _run(&job, gscale, max_norm, inv_scale, norm_mode,
+                    not threaded or _serial(h[H_NELEM]) or tb.ntasks < 2, &skipped)
     return norm, bool(skipped)
 
 
@@ -1347,6 +1378,7 @@ cdef class ListStep:
         cdef const i64* row
         cdef const i64* h
         cdef Table tb
+        cdef StepJob job
         cdef int skipped = 0
         cdef Py_ssize_t k
         cdef tuple e
@@ -1373,10 +1405,9 @@ cdef class ListStep:
                 row = r + k * L_COLUMNS
                 h = <const i64*><size_t>row[L_HEADER]
                 _load_table(&tb, h)
-                _dispatch(ints[3 * k], <int>h[H_COMPUTE], <int>h[H_STORE], &tb, row[L_ST0],
-                          row[L_ST1], row[L_ST2], sc + 17 * k, ints[3 * k + 2],
-                          ints[3 * k + 1], sc[17 * k + 16], 0.0, 1.0, 0,
-                          <double*><size_t>h[H_PARTIAL], True, &skipped)
+                _job_of(&job, &tb, h, ints[3 * k], row[L_ST0], row[L_ST1], row[L_ST2],
+                        sc + 17 * k, ints[3 * k + 2], ints[3 * k + 1])
+                _run(&job, sc[17 * k + 16], 0.0, 1.0, 0, True, &skipped)
         return True
 
 
