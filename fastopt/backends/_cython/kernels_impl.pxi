@@ -74,10 +74,11 @@ cdef extern from *:
            rarely does when most cores are idle */
         if (!fo_place_on || nthreads < 2 || nthreads > FO_PLACE_MAX_THREADS) return;
         cpu = sched_getcpu();
-        if (cpu < 0 || (cpu == *master_cpu
-                        && !__atomic_load_n(new_worker, __ATOMIC_ACQUIRE))) return;
+        if (cpu < 0) return;
+        /* taken and cleared in one step: a worker that notes its id after
+           this is placed at the next job */
+        if (!__atomic_exchange_n(new_worker, 0, __ATOMIC_ACQ_REL) && cpu == *master_cpu) return;
         *master_cpu = cpu;
-        __atomic_store_n(new_worker, 0, __ATOMIC_RELAXED);
         if (sched_getaffinity(0, sizeof set, &set) != 0 || CPU_COUNT(&set) < 2
                 || !CPU_ISSET(cpu, &set)) return;
         CPU_CLR(cpu, &set);

@@ -23,15 +23,17 @@
 # ``spin_us`` microseconds (default 50) for the next one, which catches the
 # phases of one step and back-to-back steps without a system call; then it
 # sleeps on a futex. A worker that woke to find the job done sleeps at once,
-# leaving the core to BLAS. Workers are started on first use, with every
-# signal blocked (Ctrl-C reaches the Python thread). A second Python thread
-# stepping while the team is busy runs its step serially; after fork() the
-# child starts its own workers if it asks for threads.
+# leaving the core to BLAS. Workers are started on first use, with the
+# asynchronous signals blocked (Ctrl-C reaches the Python thread). A second
+# Python thread stepping while the team is busy runs its step serially. A
+# forked child has no workers and runs its steps serially
+# (fastopt._openmp.on_fork_serial); its team state is reset all the same.
 #
-# Elsewhere than Linux (no futex) the job runs as an OpenMP loop, with the
-# static schedule and the closing barrier the steps had before this team;
-# ``set_thread_pool(False)`` (FASTOPT_THREAD_POOL=openmp) picks that path on
-# Linux too.
+# Elsewhere than Linux (no futex) each job runs as an OpenMP loop with a
+# static schedule, one parallel region per pass (the steps before this team
+# ran all passes in one region, with barriers between them: a clipped step
+# now wakes OpenMP's workers twice); ``set_thread_pool(False)``
+# (FASTOPT_THREAD_POOL=openmp) picks that path on Linux too.
 cdef extern from *:
     """
     #include <pthread.h>
@@ -65,19 +67,23 @@ cdef extern from *:
     #define FO_CLAIM_MASK ((1ull << FO_CLAIM_BITS) - 1)
     #define FO_EPOCH_MASK 0xFFFFFFull
     #define FO_POOL_MAX_TASKS ((long long)FO_CLAIM_MASK)
-    typedef struct { unsigned long long word; char pad[56]; } fo_claim_line;
+    typedef struct { unsigned long long word; char pad[56]; } __attribute__((aligned(64)))
+        fo_claim_line;
 
     static struct {
         /* the job, published before the claim words and `epoch` */
         fo_task_fn fn;
         void* ctx;
         long long n;
-        long long done;             /* tasks of this job finished */
-        unsigned int epoch;         /* the job number; the futex word */
-        int active;                 /* threads that take part (master included) */
+        /* on lines of their own: workers add to `done` while the master polls
+           it, and spinning workers poll `epoch` */
+        long long done __attribute__((aligned(64)));   /* tasks of this job finished */
+        unsigned int epoch __attribute__((aligned(64)));   /* the job number; the futex word */
+        int active __attribute__((aligned(64)));                 /* threads that take part (master included) */
         int sleepers;               /* workers in, or about to enter, futex_wait */
         int busy;                   /* a master is running a job */
         int nworkers;               /* workers started */
+        int max_team;               /* the team size a failed start left (0: none failed) */
         int spin_us;
         int own;                    /* 1: this team; 0: an OpenMP loop */
         int at_fork;                /* the fork handler is registered */
@@ -177,11 +183,18 @@ cdef extern from *:
         return NULL;
     }
 
-    /* In a forked child only the forking thread exists: no workers. */
+    /* In a forked child only the forking thread exists: no workers, and no
+       job in flight (every range used up, so that nothing of a job the
+       parent was running can be claimed). */
     static void fo_pool_after_fork(void) {
+        int r;
         fo_pool.nworkers = 0;
+        fo_pool.max_team = 0;
         fo_pool.busy = 0;
         fo_pool.sleepers = 0;
+        fo_pool.done = 0;
+        fo_pool.n = 0;
+        for (r = 0; r < FO_POOL_MAX; r++) fo_pool.claim[r].word = 0;
         memset(fo_pool.tid, 0, sizeof fo_pool.tid);
         fo_pool_master_cpu = -1;
     }
@@ -190,12 +203,20 @@ cdef extern from *:
     static int fo_pool_start(int want) {
         sigset_t all, old;
         if (want > FO_POOL_MAX) want = FO_POOL_MAX;
+        if (fo_pool.max_team && want > fo_pool.max_team) want = fo_pool.max_team;
         if (fo_pool.nworkers + 1 >= want) return want;
         if (!fo_pool.at_fork) {
             pthread_atfork(NULL, NULL, fo_pool_after_fork);
             fo_pool.at_fork = 1;
         }
+        /* asynchronous signals go to the Python thread (Ctrl-C); a fault in
+           a worker still reaches the handlers (faulthandler's traceback) */
         sigfillset(&all);
+        sigdelset(&all, SIGSEGV);
+        sigdelset(&all, SIGBUS);
+        sigdelset(&all, SIGFPE);
+        sigdelset(&all, SIGILL);
+        sigdelset(&all, SIGABRT);
         pthread_sigmask(SIG_SETMASK, &all, &old);
         while (fo_pool.nworkers + 1 < want) {
             pthread_t th;
@@ -206,7 +227,10 @@ cdef extern from *:
             ok = pthread_create(&th, &attr, fo_pool_worker,
                                 (void*)(intptr_t)(fo_pool.nworkers + 1)) == 0;
             pthread_attr_destroy(&attr);
-            if (!ok) break;
+            if (!ok) {              /* keep the team started so far; no retries */
+                fo_pool.max_team = fo_pool.nworkers + 1;
+                break;
+            }
             fo_pool.nworkers++;
         }
         pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -273,7 +297,7 @@ cdef extern from *:
         fo_pool_claim(e, 0, nthreads);
         /* tasks a worker claimed and still runs */
         while (__atomic_load_n(&fo_pool.done, __ATOMIC_ACQUIRE) < n) {
-            if (++spins > 100000) sched_yield();
+            if (++spins > 10000) sched_yield();     /* past ~0.2-1 ms: a preempted worker */
             else fo_cpu_relax();
         }
         __atomic_store_n(&fo_pool.busy, 0, __ATOMIC_RELEASE);
