@@ -7,6 +7,7 @@ stepping at once; a forked child; Ctrl-C reaching the Python thread."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -188,5 +189,31 @@ def test_a_forked_child_steps_and_ctrl_c_reaches_the_python_thread():
 def test_thread_pool_reports_its_kind():
     kind, workers, spin = _k.thread_pool()
     assert kind in ("fastopt", "openmp") and workers >= 0 and spin >= 0
+    if cython_cpu.threaded:
+        team = fastopt.backend_info()["cython"]["thread_team"]
+        assert team == {"kind": kind, "workers_started": _k.thread_pool()[1],
+                        "spin_us": spin}
     if sys.platform.startswith("linux"):
         assert kind == "fastopt" or os.environ.get("FASTOPT_THREAD_POOL") == "openmp"
+
+
+@pytest.mark.parametrize("env, expected, warned", [
+    ({"FASTOPT_THREAD_POOL": "openmp", "FASTOPT_POOL_SPIN_US": "0"}, ["openmp", 0], False),
+    ({"FASTOPT_POOL_SPIN_US": "120"}, ["fastopt", 120], False),
+    ({"FASTOPT_THREAD_POOL": "bogus", "FASTOPT_POOL_SPIN_US": "-3"}, ["fastopt", 50], True),
+])
+def test_the_environment_picks_the_team(env, expected, warned):
+    code = ("import json, warnings\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from fastopt.backends import cython_cpu as be\n"
+            "kind, _, spin = be.thread_pool()\n"
+            "print(json.dumps([kind, spin, [str(x.message) for x in w]]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHONPATH=ROOT, **env), cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    kind, spin, warnings = json.loads(out.stdout.strip().splitlines()[-1])
+    if not sys.platform.startswith("linux"):
+        expected[0] = "openmp"
+    assert [kind, spin] == expected
+    assert bool([m for m in warnings if "FASTOPT_" in m]) == warned, warnings

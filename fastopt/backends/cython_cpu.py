@@ -1,6 +1,8 @@
-"""Cython + OpenMP backend: thin adapter over the compiled kernels.
+"""Cython backend: thin adapter over the compiled kernels.
 
-The kernels are built from one source for three targets (see setup.py):
+A threaded optimizer step runs on fastopt's own thread team
+(``_cython/pool_impl.pxi``; OpenMP's outside Linux or with
+``FASTOPT_THREAD_POOL=openmp``), the functional API's loops on OpenMP. The kernels are built from one source for three targets (see setup.py):
 the best one this CPU runs is imported, as NumPy dispatches its own SIMD
 loops: x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA), or baseline x86-64.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -79,13 +82,18 @@ def _thread_pool_setting() -> tuple[bool, int]:
     """Which team runs threaded steps (``_cython/pool_impl.pxi``):
     ``FASTOPT_THREAD_POOL`` = ``fastopt`` (default, Linux) or ``openmp``;
     ``FASTOPT_POOL_SPIN_US``: how long a worker waits awake for the next
-    job, in microseconds (default 50)."""
+    job, in microseconds (default 50). A value it cannot use is named in a
+    warning and the default taken: the backend stays usable."""
     kind = os.environ.get("FASTOPT_THREAD_POOL", "fastopt").strip().lower()
     if kind not in ("fastopt", "openmp"):
-        raise ValueError(f"FASTOPT_THREAD_POOL={kind!r}: expected 'fastopt' or 'openmp'")
+        warnings.warn(f"FASTOPT_THREAD_POOL={kind!r} is not 'fastopt' or 'openmp': "
+                      "using 'fastopt'", RuntimeWarning, stacklevel=2)
+        kind = "fastopt"
     spin = os.environ.get("FASTOPT_POOL_SPIN_US", "50").strip()
     if not spin.isdigit() or int(spin) > 1_000_000:
-        raise ValueError(f"FASTOPT_POOL_SPIN_US={spin!r}: expected microseconds, 0 to 1000000")
+        warnings.warn(f"FASTOPT_POOL_SPIN_US={spin!r} is not microseconds from 0 to "
+                      "1000000: using 50", RuntimeWarning, stacklevel=2)
+        spin = "50"
     return kind == "fastopt", int(spin)
 
 

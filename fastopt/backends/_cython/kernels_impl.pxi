@@ -36,18 +36,18 @@ cdef extern from *:
     int FASTOPT_OPENMP
     int fastopt_max_threads() nogil
 
-# Where the workers run (fastopt's own team, pool_impl.pxi, and OpenMP's for
-# the loops that still use it). Measured with OpenMP's team, whose closing
-# barrier waited for each worker's share. In a NumPy training loop the step comes right
-# after BLAS calls, and OpenBLAS's workers keep spinning (yielding) on the
-# other cores for a while. A woken OpenMP worker is then often queued by the
-# kernel on the core of the thread that woke it, the master, which is busy
+# Where a step's workers run (fastopt's own team, pool_impl.pxi, or OpenMP's
+# with FASTOPT_THREAD_POOL=openmp). Measured with OpenMP's team, whose
+# closing barrier waited for each worker's share. In a NumPy training loop
+# the step comes right after BLAS calls, and OpenBLAS's workers keep
+# spinning (yielding) on the other cores for a while. A woken OpenMP worker
+# is then often queued by the kernel on the core of the thread that woke it, the master, which is busy
 # with its own share: the worker's share waits for it, and a threaded step
 # took 0.5-1.9 ms instead of ~0.1 ms (MLP 784-256-256-10, 2 cores; the hot
 # step suffered too once OpenBLAS had run). With each worker allowed every
 # core but the master's current one it ran in 0.10-0.17 ms (measured with
 # GOMP_CPU_AFFINITY, which pins the master too; fastopt never pins the
-# user's thread). So before each region the master, when it has moved to
+# user's thread). So before each job the master, when it has moved to
 # another core (sched_getcpu, no system call), sets its workers' allowed
 # cores to the process's minus its own; each worker notes its thread id once.
 # A thread id is only used while it is a thread of this process (tgkill 0).
@@ -97,7 +97,7 @@ cdef extern from *:
     #endif
     #if defined(__linux__) && defined(_OPENMP)
     #define FO_MAX_WORKERS 1024
-    /* OpenMP's team (the functional API's loops, and set_thread_pool(False)) */
+    /* OpenMP's team, when it runs a step (set_thread_pool(False)) */
     static pid_t fo_worker_tid[FO_MAX_WORKERS];
     static int fo_new_worker = 0, fo_master_cpu = -1, fo_pool_master_cpu = -1;
     static void fo_note_worker(int num) {
