@@ -19,7 +19,7 @@ target differs.
 import numpy as np
 
 cimport numpy as cnp
-from cython.parallel cimport parallel, prange
+from cython.parallel cimport prange
 from libc.math cimport sqrt, sqrtf
 
 cdef extern from *:
@@ -136,7 +136,7 @@ include "pool_impl.pxi"
 
 
 def set_place_workers(bint on):
-    """Keep the OpenMP workers off the master thread's core (see above)."""
+    """Keep a step's workers off the calling thread's core (see above)."""
     fo_set_place_workers(on)
 
 
@@ -1182,28 +1182,35 @@ def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
 def sumsq_table(int compute, int store, i64 gaddr, i64 pk, i64 plo, i64 phi, i64 tasks,
                 Py_ssize_t ntasks, Py_ssize_t nelem, i64 partial):
     """Sum of squares of a table's gradients (float64, fixed order): the
-    global norm of several param groups is one of these per group."""
+    global norm of several param groups is one of these per group. Threaded
+    on the step's team, like a step's own norm pass."""
     cdef Table tb
-    cdef Py_ssize_t t
+    cdef SumsqJob job
     cdef double* part = <double*><size_t>partial
-    cdef float* f = NULL
-    cdef double* d = NULL
-    cdef bf16_bits* bf = NULL
-    cdef f16_bits* hf = NULL
     tb.gaddr = <const i64*><size_t>gaddr
     tb.pk = <const i64*><size_t>pk
     tb.plo = <const i64*><size_t>plo
     tb.phi = <const i64*><size_t>phi
     tb.tasks = <const i64*><size_t>tasks
     tb.ntasks = ntasks
+    job.tb = &tb
+    job.compute = compute
+    job.store = store
+    job.part = part
     with nogil:
-        if _serial(nelem) or ntasks < 2:
-            for t in range(ntasks):
-                part[t] = _sumsq_any(&tb, t, compute, store)
-        else:
-            for t in prange(ntasks, schedule="static", num_threads=_num_threads):
-                part[t] = _sumsq_any(&tb, t, compute, store)
+        fo_pool_run(_sumsq_task, &job, ntasks, 1 if _serial(nelem) else _num_threads)
     return _combine(part, ntasks)
+
+
+cdef struct SumsqJob:
+    const Table* tb
+    int compute, store
+    double* part
+
+
+cdef void _sumsq_task(void* job, long long t) noexcept nogil:
+    cdef SumsqJob* j = <SumsqJob*>job
+    j.part[t] = _sumsq_any(j.tb, <Py_ssize_t>t, j.compute, j.store)
 
 
 cdef inline double _sumsq_any(const Table* tb, Py_ssize_t t, int compute,

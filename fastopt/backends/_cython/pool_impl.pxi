@@ -93,7 +93,7 @@ cdef extern from *:
            ones, so that each thread runs the same tasks from step to step
            (their data stays in its core's cache, as with a static schedule) */
         fo_claim_line claim[FO_POOL_MAX];
-    } fo_pool = {0};
+    } fo_pool = {.own = FO_POOL_FUTEX, .spin_us = 50};   /* cython_cpu sets both at import */
 
     static inline int fo_pool_elapsed_us(const struct timespec* t0) {
         struct timespec t;
@@ -321,7 +321,6 @@ cdef extern from *:
     int fo_pool_own() nogil
     int fo_pool_workers() nogil
     int fo_pool_spin_us() nogil
-    int FO_POOL_FUTEX
 
 
 def set_thread_pool(bint own, int spin_us=50):
@@ -335,5 +334,3 @@ def thread_pool():
     """``(kind, workers started, spin_us)``: kind "fastopt" or "openmp"."""
     return ("fastopt" if fo_pool_own() else "openmp"), fo_pool_workers(), fo_pool_spin_us()
 
-
-fo_pool_configure(1, 50)
