@@ -11,8 +11,11 @@ from . import common
 ARCH, BATCH = cases.IN_LOOP.sizes, cases.IN_LOOP.batch
 ITERS = 5   # training iterations per timed call
 # fastopt on a plain list and packed (grads copied in), naive NumPy Adam,
-# torch fused Adam
-IMPLS = ["cython", "numba", "cython-packed", "numba-packed", "numpy", "torch-fused"]
+# torch fused Adam, and the roofline: Adam's bytes streamed on one thread in
+# the same loop (its loop/hot is what the data's place costs any step there;
+# it has no speedup ratios)
+IMPLS = ["cython", "numba", "cython-packed", "numba-packed", "numpy", "torch-fused",
+         "roofline"]
 
 # Seconds per training iteration of what a benchmark times, summed over the
 # calls: the ``timer`` of the time_* benchmarks below, so that asv's samples

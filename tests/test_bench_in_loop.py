@@ -132,6 +132,32 @@ def test_case_reports_every_field():
     assert all(impl in table for impl in res) and "OPENBLAS_NUM_THREADS" in table
 
 
+def test_the_roofline_streams_adams_bytes_and_leaves_the_model_alone():
+    """The roofline row's step reads p and the fresh g and writes p, m and v
+    of every array (one thread, no math), keeping the weights where training
+    left them; its row has loop/hot and no ratios against the others."""
+    data = bench.mlp_data(TINY, BATCH, batches=2)
+    loop, note = bench.make_in_loop_impl("roofline", TINY, BATCH, data=data)
+    assert loop is not None, note
+    before = [w.copy() for w in loop.ws]
+    grads = loop.forward_backward()
+    loop.step(grads)
+    for w, b, g in zip(loop.ws, before, grads):
+        np.testing.assert_allclose(w, b + np.float32(1e-9) * g, rtol=1e-6, atol=1e-12)
+    loop.step(grads)
+    for (m, v), g in zip(loop.step.state, grads):      # m and v read and written
+        np.testing.assert_array_equal(m, 2 * g.reshape(-1))
+        np.testing.assert_array_equal(v, 2 * g.reshape(-1))
+    rep = bench.in_loop_case(impls=("numpy", "roofline"), packed=None, **QUICK)
+    row = rep["results"]["roofline"]
+    assert row["step_in_loop_s"] > 0 and row["step_hot_s"] > 0
+    assert row["in_loop_vs_hot"] == pytest.approx(row["step_in_loop_s"] / row["step_hot_s"])
+    assert row["vs_numpy"] is None and row["vs_torch_fused"] is None
+    table = bench.format_in_loop(rep)
+    assert "roofline: the same bytes on one thread took" in table
+    assert f"numpy {rep['results']['numpy']['in_loop_vs_hot'] / row['in_loop_vs_hot']:.2f}" in table
+
+
 def test_case_records_openblas_num_threads(monkeypatch):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     rep = bench.in_loop_case(impls=("numpy",), packed=None, **QUICK)

@@ -104,6 +104,75 @@ def test_a_small_planned_step_is_one_native_call(monkeypatch):
     assert opt.state[0]["step"] == 4
 
 
+BIG = [(300, 200), (200,)]        # one table past SERIAL_MAX: timed, serial or threaded
+
+
+def _big_grads(steps, seed=3):
+    rng = np.random.default_rng(seed)
+    return [[rng.standard_normal(s).astype(np.float32) for s in BIG] for _ in range(steps)]
+
+
+def test_a_large_planned_step_is_one_native_call_timed_by_its_choice(monkeypatch):
+    """One table past SERIAL_MAX: the plan steps it in one native call too,
+    with its ThreadChoice's pick and record around it, both modes tried, and
+    the same bits as full steps."""
+    from fastopt.backends import cython_cpu
+    rng = np.random.default_rng(2)
+    init = [rng.standard_normal(s).astype(np.float32) for s in BIG]
+    grads = _big_grads(16)
+    make = lambda p: fastopt.AdamW(p, lr=1e-2, weight_decay=0.1, backend="cython")  # noqa: E731
+    params = [a.copy() for a in init]
+    opt = make(params)
+    opt.step([x.copy() for x in grads[0]])
+    plan, table = opt._plan, opt._all_tables[0]
+    assert plan.list_step is not None and plan.timed
+    picked = []
+    run = plan.list_step
+    plan.list_step = lambda g, els, values, threaded=False: (       # noqa: E731
+        picked.append(threaded) or run(g, els, values, threaded))
+
+    def python_level(*args, **kwargs):
+        raise AssertionError("a Python-level backend call on the planned path")
+    monkeypatch.setattr(cython_cpu, "gather", python_level)
+    monkeypatch.setattr(cython_cpu, "step", python_level)
+    counted = table.threads.steps
+    for g in grads[1:]:
+        opt.step([x.copy() for x in g])
+    monkeypatch.undo()
+    assert len(picked) == len(grads) - 1
+    assert table.threads.steps == counted + len(grads) - 1     # every step recorded
+    if fastopt.get_num_threads() > 1:
+        assert set(picked) == {False, True}                    # both modes explored
+    full, ref = _run(make, init, grads, planned=False)
+    _same(params, full)
+    _same([opt.state[0]["flat"][n] for n in sorted(opt.state[0]["flat"])],
+          [ref.state[0]["flat"][n] for n in sorted(ref.state[0]["flat"])])
+    assert (opt.iterations, opt.state[0]["step"]) == (ref.iterations, ref.state[0]["step"])
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_a_bad_grad_on_the_large_planned_path_writes_nothing(threaded):
+    from fastopt.backends.threads import FixedChoice
+    params = [np.ones(s, np.float32) for s in BIG]
+    opt = fastopt.Adam(params, lr=0.1, backend="cython")
+    grads = _big_grads(4)
+    opt.step(grads[0])
+    opt._all_tables[0].threads = FixedChoice(threaded)
+    opt.step(grads[1])
+    assert opt._plan.timed
+    before = copy.deepcopy((params, opt.state_dict()))
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        opt.step([grads[2][0], np.ones(3, np.float32)])
+    _same(params, before[0])
+    after = opt.state_dict()
+    assert after["state"][0]["step"] == before[1]["state"][0]["step"] == 2
+    _same([after["state"][0]["buffers"][n] for n in sorted(after["state"][0]["buffers"])],
+          [before[1]["state"][0]["buffers"][n]
+           for n in sorted(before[1]["state"][0]["buffers"])])
+    opt.step(grads[3])            # and it goes on
+    assert opt.state[0]["step"] == 3
+
+
 def test_the_list_step_refuses_a_table_with_an_offset():
     params = [np.zeros(4, np.float32)]
     opt = fastopt.AdamW(params, lr=0.1, backend="cython")

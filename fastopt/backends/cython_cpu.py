@@ -134,9 +134,10 @@ def gather(table, grads) -> bool:
 
 
 def list_step(tables, buffers, nparams):
-    """``run(grads, els, values) -> bool``: the whole serial step of
-    ``tables`` (small tables, one or more groups' worth) without a norm in
-    one native call: every table's grads checked and read from the list of
+    """``run(grads, els, values, threaded=False) -> bool``: the whole step
+    of ``tables`` (small tables, one or more groups' worth, or one table of
+    any size, threaded when ``threaded`` says so) without a norm in one
+    native call: every table's grads checked and read from the list of
     ``nparams`` arrays first, then each table updated with its element step
     ``els[k]`` and ``values[k]`` in place of that one's values. For float
     state ``buffers[k]`` (a tuple per table), valid while they are the

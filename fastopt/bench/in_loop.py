@@ -23,11 +23,15 @@ import numpy as np
 import fastopt
 from fastopt.backends.threads import SERIAL_MAX
 
-from . import isolated, machine, timing
+from . import isolated, machine, roofline, timing
 from .baselines import NumpyAdam, mlp_forward_backward, mlp_init
 from .cases import IN_LOOP, mlp_shapes
 
-IN_LOOP_IMPLS = ("cython", "numba", "numpy", "torch-fused", "torch-fused-alone")
+IN_LOOP_IMPLS = ("cython", "numba", "numpy", "torch-fused", "torch-fused-alone", "roofline")
+#: Adam's bytes streamed on one thread over the same arrays, in the same loop
+#: (:func:`fastopt.bench.roofline.loop_streaming_step`): its loop/hot is what
+#: the data's place alone costs the step in the loop
+ROOFLINE = "roofline"
 #: torch as its users run it: in a process of its own, imported before
 #: anything else, so its bundled libgomp loads with its own defaults (the
 #: row "torch-fused" shares this process's libgomp, loaded with fastopt's
@@ -51,6 +55,8 @@ def _loop_optimizer(impl, ws, lr):
     FlatArrays (packed), set each tensor's ``.grad`` (torch)."""
     if impl == "numpy":
         return ws, NumpyAdam(ws, lr=lr).step
+    if impl == ROOFLINE:
+        return ws, roofline.loop_streaming_step(ws)
     if impl == "torch-fused":
         torch = machine.torch_or_none()
         if torch is None:
@@ -147,7 +153,8 @@ def make_in_loop_impl(impl, sizes=IN_LOOP.sizes, batch=IN_LOOP.batch, data=None,
     """An :class:`InLoopImpl`, and a note: ``(None, note)`` when ``impl``
     cannot run here. ``impl``: a fastopt backend (plain list of arrays),
     ``"<backend>-packed"`` (:func:`fastopt.pack`, grads copied in),
-    ``"numpy"`` (:class:`NumpyAdam`) or ``"torch-fused"``."""
+    ``"numpy"`` (:class:`NumpyAdam`), ``"torch-fused"`` or ``"roofline"``
+    (see :func:`in_loop_case`)."""
     try:
         return InLoopImpl(impl, tuple(sizes), batch, data, lr, seed), ""
     except NotImplementedError as e:
@@ -211,6 +218,12 @@ def in_loop_case(impls=IN_LOOP_IMPLS, sizes=IN_LOOP.sizes, batch=IN_LOOP.batch, 
     :class:`NumpyAdam`; ``"torch-fused"``, ``torch.optim.Adam(fused=True)``
     over ``torch.from_numpy`` views of the weights, each ``.grad`` set to
     ``torch.from_numpy(g)`` every step (skipped with a note without torch);
+    ``"roofline"``, no optimizer: Adam's bytes (p and the fresh g read, m
+    and v read and written, p written) streamed on one thread with no math
+    (:func:`fastopt.bench.roofline.loop_streaming_step`), so that its
+    ``in_loop_vs_hot`` is what the data's place alone costs a step in this
+    loop (which caches the forward/backward pass leaves the bytes in), with
+    no thread to wake; its ``vs_*`` ratios are None;
     ``"torch-fused-alone"``, the same in a new process that imports torch
     before anything else, as a torch user runs it. The difference is
     libgomp's: in this process torch shares the libgomp fastopt's kernels
@@ -310,7 +323,8 @@ def in_loop_case(impls=IN_LOOP_IMPLS, sizes=IN_LOOP.sizes, batch=IN_LOOP.batch, 
                "in_loop_vs_hot": m["step_in_loop"] / m["step_hot"]}
         for key, ref in (("vs_numpy", "numpy"), ("vs_torch_fused", "torch-fused"),
                          ("vs_torch_alone", TORCH_ALONE)):
-            row[key] = ({k: med[ref][k] / m[k] for k in m} if ref in med else None)
+            row[key] = ({k: med[ref][k] / m[k] for k in m}
+                        if ref in med and impl != ROOFLINE else None)
         if impl == TORCH_ALONE:
             results[impl] = {**alone, **row, "note": alone["note"]}
             continue
@@ -324,6 +338,9 @@ def in_loop_case(impls=IN_LOOP_IMPLS, sizes=IN_LOOP.sizes, batch=IN_LOOP.batch, 
             row["note"] = "torch.from_numpy views; .grad set each step"
         elif impl == "numpy":
             row["note"] = "naive NumPy Adam, per array"
+        elif impl == ROOFLINE:
+            row["note"] = ("Adam's bytes streamed on one thread, no math "
+                           "(loop/hot: what the data's place costs)")
         else:
             row["note"] = "plain list of arrays"
         results[impl] = row

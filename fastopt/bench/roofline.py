@@ -9,6 +9,8 @@ in every report is that loop's time over the step's.
 
 from __future__ import annotations
 
+import numpy as np
+
 _STREAM = {}
 
 SERIAL_MAX = 1 << 15   # fastopt's kernels (numba_cpu, Cython) run serially up to this size
@@ -86,3 +88,37 @@ def streaming_step(passes, arrays, clip=False):
         return step
     kernel, args = kernels[0]     # no loop around the one call: it times 1-element steps
     return lambda: kernel(*args)
+
+
+def loop_streaming_step(params):
+    """The roofline of an Adam step inside a training loop: a ``step(grads)``
+    that moves that step's bytes over the plain list ``params`` and the
+    gradients the loop just made (each array: p and g read, m and v read and
+    written, p written: 28 B per float32 element) on one thread.
+
+    ``p += 1e-9 * g`` keeps the model's weights where training left them
+    (its loss does not fall) while its forward/backward pass still reads
+    them. One thread, so that its time in the loop over its time hot is
+    where the loop leaves the bytes (which caches, or memory), with no
+    worker to wake: ``fastopt.bench.in_loop``'s roofline row."""
+    if "adam_traffic" not in _STREAM:
+        from numba import njit
+
+        @njit(cache=True)
+        def adam_traffic(p, g, m, v, a):
+            for i in range(p.size):
+                gi = g[i]
+                p[i] += a * gi
+                m[i] += gi
+                v[i] += gi
+        _STREAM["adam_traffic"] = adam_traffic
+    kernel = _STREAM["adam_traffic"]
+    flat = [p.reshape(-1) for p in params]
+    state = [(np.zeros_like(p), np.zeros_like(p)) for p in flat]
+    scales = [p.dtype.type(1e-9) for p in flat]     # p's own dtype: no float64 promotion
+
+    def step(grads):
+        for p, g, (m, v), a in zip(flat, grads, state, scales):
+            kernel(p, g.reshape(-1), m, v, a)
+    step.state = state      # (m, v) per array, for tests
+    return step

@@ -18,10 +18,14 @@ loss scaler and no ``grad_stats`` hook; either one table (the norm pass, the
 skip decision and the update in one native call, with or without clipping
 and the non-finite skip) or several groups or tables without a norm to
 compute. Grads are a list (a dict by name is read into one), or the
-FlatArrays the tables were bound to last step. Where every table is small
-and there is no norm, a backend's ``list_step`` (Cython) makes the whole
-step one native call: every table's grads read and checked, then each
-updated. The plan runs the same code the full step runs for the per-step
+FlatArrays the tables were bound to last step. Where there is no norm and
+either every table is small or there is one table, a backend's
+``list_step`` (Cython) makes the whole step one native call: every table's
+grads read and checked, then each updated (one large table on the thread
+team when its :class:`~fastopt.backends.threads.ThreadChoice` picks it).
+Inside a training loop the step's Python runs cold, after the
+forward/backward pass: there each call saved is worth about twice its hot
+time. The plan runs the same code the full step runs for the per-step
 work (``_element_step`` through ``_plan_element``, ``_fused_call``,
 ``_table_update``, ``_finish_step``; the list step sets ``_finish_step``'s
 counters itself where the optimizer adds nothing to them, and tests compare
@@ -144,7 +148,8 @@ class GroupPlan:
 
 class StepPlan:
     __slots__ = ("tables", "groups", "single", "max_norm_given", "skip_given", "max_norm",
-                 "norm_mode", "small", "list_step", "owner", "list_tables", "plain_finish")
+                 "norm_mode", "small", "list_step", "owner", "list_tables", "plain_finish",
+                 "timed", "num_threads")
 
     @classmethod
     def make(cls, opt, hypers, max_norm, check, steps):
@@ -170,13 +175,17 @@ class StepPlan:
         # a table this small always runs serially (_fused_call); without a
         # norm to compute the plan calls the backend itself
         plan.small = opt._single and opt._all_tables[0].nelem <= SERIAL_MAX and not norm_mode
-        # Every table small and no norm: the whole step as one native call,
-        # where the backend has one (each table's grads read and checked
-        # before any is written)
+        # Every table small, or one table, and no norm: the whole step as one
+        # native call, where the backend has one (each table's grads read and
+        # checked before any is written)
         # (compact state goes through the table step, which takes its keys)
         bind = (getattr(opt._backend, "list_step", None) if not norm_mode
                 and not opt._state_format.compact
-                and all(t.nelem <= SERIAL_MAX for t in opt._all_tables) else None)
+                and (opt._single or all(t.nelem <= SERIAL_MAX for t in opt._all_tables))
+                else None)
+        # one large table: serial or threaded as its timings say (_table_update)
+        plan.timed = opt._single and opt._all_tables[0].nelem > SERIAL_MAX
+        plan.num_threads = opt._backend.get_num_threads
         plan.list_step = plan.owner = plan.list_tables = None
         if bind is not None:
             tables = [(gi, t, g.buffers) for gi, g in enumerate(groups) for t in g.tables]
@@ -226,7 +235,15 @@ class StepPlan:
         opt._bound = None
         opt._bound_list = grads
         t.grads = None
-        if not self.list_step(grads, (step[0],), (step[1],)):
+        if self.timed:
+            # _table_update's pick and record around the one call (a pick
+            # left open by a refused call counts as a step that raised)
+            choice = t.threads
+            if not self.list_step(grads, (step[0],), (step[1],),
+                                  choice.pick(t.nelem, self.num_threads())):
+                return STALE
+            choice.record()
+        elif not self.list_step(grads, (step[0],), (step[1],)):
             return STALE         # the full checks say why (or take the grads)
         if not self.plain_finish:
             return opt._finish_step(False, None, [g.hypers])

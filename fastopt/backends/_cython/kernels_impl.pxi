@@ -1345,11 +1345,14 @@ cdef enum:
 
 
 cdef class ListStep:
-    """Small tables' whole step over a list of new gradient arrays, bound
-    once: every table's grads checked and pointed at (as ``gather``) and its
-    element step read, then, only if all passed, each table's serial update
+    """Tables' whole step over a list of new gradient arrays, bound once:
+    every table's grads checked and pointed at (as ``gather``) and its
+    element step read, then, only if all passed, each table's update
     without a norm pass (as ``step``), in one call from Python: the step
-    plan's fast path for small models, where the calls are the cost.
+    plan's fast path for small models, where the calls are the cost, and
+    for one large table (threaded or not as its ``ThreadChoice`` picks), whose
+    Python around the kernel runs cold after a training loop's
+    forward/backward pass.
 
     Built from the tables' constant addresses while their state buffers are
     the same objects (``keep`` holds what those addresses point into):
@@ -1375,11 +1378,13 @@ cdef class ListStep:
         self.scal = np.zeros((self.ntables, 17))     # the scalars, then grad_scale
         self.ints = np.zeros((self.ntables, 3), np.int32)    # op, flags, the scalars' count
 
-    def run(self, grads, tuple els, tuple values):
+    def run(self, grads, tuple els, tuple values, bint threaded=False):
         """Step ``grads`` with table k's element step ``els[k]`` (an
         ``ElementStep``: op, values, flags, grad_scale first) and
         ``values[k]`` in place of its own: True, or False when a grad does
-        not pass or an offset is set (nothing written then)."""
+        not pass or an offset is set (nothing written then). ``threaded``:
+        on the thread team (small tables and one thread run serially
+        whatever it says, as with ``step``)."""
         cdef const i64* r = <const i64*>cnp.PyArray_DATA(self.rows)
         cdef double* sc = <double*>cnp.PyArray_DATA(self.scal)
         cdef int* ints = <int*>cnp.PyArray_DATA(self.ints)
@@ -1415,7 +1420,8 @@ cdef class ListStep:
                 _load_table(&tb, h)
                 _job_of(&job, &tb, h, ints[3 * k], row[L_ST0], row[L_ST1], row[L_ST2],
                         sc + 17 * k, ints[3 * k + 2], ints[3 * k + 1])
-                _run(&job, sc[17 * k + 16], 0.0, 1.0, 0, True, &skipped)
+                _run(&job, sc[17 * k + 16], 0.0, 1.0, 0,
+                     not threaded or _serial(h[H_NELEM]) or tb.ntasks < 2, &skipped)
         return True
 
 
