@@ -88,11 +88,15 @@ MARGIN = 0.1
 class ThreadChoice:
     """The serial/threaded decision of one table (see the module doc)."""
 
-    __slots__ = ("times", "excess", "steps", "mode", "prev", "kept", "last",
+    __slots__ = ("times", "typical", "excess", "steps", "mode", "prev", "kept", "last",
                  "wait", "next_retry", "run_left", "run_start", "in_run")
 
     def __init__(self):
         self.times = ([], [])      # recent counted seconds per step: serial, threaded
+        # each mode's typical time, the median of its times (None: none), kept
+        # up to date as they change: one sort a step, not three (pick and
+        # record are Python on every large step, and cold inside a loop)
+        self.typical = [None, None]
         self.excess = [0.0, 0.0]   # each mode's decayed sum of (step - typical time)
         self.steps = 0             # timed steps so far
         self.mode = None           # the mode of the step pick opened (None: not timed)
@@ -128,6 +132,7 @@ class ThreadChoice:
         elif self.kept is not None and self.steps >= self.next_retry:    # retry the other
             mode = not self.kept
             self.times[mode].clear()      # its typical time is RETRY steps stale
+            self.typical[mode] = None
             self.run_left, self.run_start, self.in_run = RUN - 1, self.steps, True
             self.next_retry = self.steps + self.wait
         else:
@@ -146,14 +151,15 @@ class ThreadChoice:
         switched, self.prev = mode != self.prev, mode
         if not switched:                 # the step after a switch pays for the switch
             times = self.times[mode]
-            if times:                    # measured against the typical time before it
-                typical = _median(times)
+            typical = self.typical[mode]
+            if typical is not None:      # measured against the typical time before it
                 keep = 1.0 - 1.0 / TAIL_STEPS
                 excess = min(seconds - typical, EXCESS_MAX * typical)
                 self.excess[mode] = keep * self.excess[mode] + excess
             times.append(seconds)
             if len(times) > WINDOW:
                 del times[0]
+            self.typical[mode] = _median(times)
             if self.in_run and seconds > LOSS * self.expected(not mode):
                 self.run_left = 0        # lost clearly already: end the run here
         if self.in_run and not self.run_left:       # the retry run ended
@@ -170,13 +176,15 @@ class ThreadChoice:
     def expected(self, mode) -> float:
         """Seconds a step of ``mode`` is expected to take: typical plus tail
         (infinite with no counted step since its last retry began)."""
-        times = self.times[mode]
-        return _median(times) + self.tail(mode) if times else float("inf")
+        typical = self.typical[mode]
+        return float("inf") if typical is None else typical + self.excess[mode] / TAIL_STEPS
 
     def _keep(self) -> bool:
         """The mode to use now: the one expected to be faster, except that the
         mode in use is kept unless the other beats it by ``MARGIN``."""
-        serial, threaded = self.expected(False), self.expected(True)
+        (ts, tt), (es, et) = self.typical, self.excess      # expected(), inline
+        serial = float("inf") if ts is None else ts + es / TAIL_STEPS
+        threaded = float("inf") if tt is None else tt + et / TAIL_STEPS
         faster = threaded < serial
         kept = self.kept
         if kept is None or faster == kept:
