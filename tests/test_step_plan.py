@@ -112,15 +112,21 @@ def _big_grads(steps, seed=3):
     return [[rng.standard_normal(s).astype(np.float32) for s in BIG] for _ in range(steps)]
 
 
-def test_a_large_planned_step_is_one_native_call_timed_by_its_choice(monkeypatch):
+LARGE_CASES = [(name, np.float32) for name in sorted(OPTIMIZERS)] + [("adam", np.float64)]
+
+
+@pytest.mark.parametrize("name,dtype", LARGE_CASES)
+def test_a_large_planned_step_is_one_native_call_timed_by_its_choice(monkeypatch, name,
+                                                                     dtype, restore_threads):
     """One table past SERIAL_MAX: the plan steps it in one native call too,
     with its ThreadChoice's pick and record around it, both modes tried, and
     the same bits as full steps."""
     from fastopt.backends import cython_cpu
+    fastopt.set_num_threads(2)
     rng = np.random.default_rng(2)
-    init = [rng.standard_normal(s).astype(np.float32) for s in BIG]
-    grads = _big_grads(16)
-    make = lambda p: fastopt.AdamW(p, lr=1e-2, weight_decay=0.1, backend="cython")  # noqa: E731
+    init = [rng.standard_normal(s).astype(dtype) for s in BIG]
+    grads = [[g.astype(dtype) for g in gs] for gs in _big_grads(16)]
+    make = lambda p: OPTIMIZERS[name](p, "cython")  # noqa: E731
     params = [a.copy() for a in init]
     opt = make(params)
     opt.step([x.copy() for x in grads[0]])
@@ -141,8 +147,7 @@ def test_a_large_planned_step_is_one_native_call_timed_by_its_choice(monkeypatch
     monkeypatch.undo()
     assert len(picked) == len(grads) - 1
     assert table.threads.steps == counted + len(grads) - 1     # every step recorded
-    if fastopt.get_num_threads() > 1:
-        assert set(picked) == {False, True}                    # both modes explored
+    assert set(picked) == {False, True}                        # both modes explored
     full, ref = _run(make, init, grads, planned=False)
     _same(params, full)
     _same([opt.state[0]["flat"][n] for n in sorted(opt.state[0]["flat"])],
@@ -171,6 +176,39 @@ def test_a_bad_grad_on_the_large_planned_path_writes_nothing(threaded):
            for n in sorted(before[1]["state"][0]["buffers"])])
     opt.step(grads[3])            # and it goes on
     assert opt.state[0]["step"] == 3
+
+
+@pytest.mark.parametrize("at_retry", [False, True])
+def test_a_refused_large_step_leaves_the_choice_as_a_step_that_raised(at_retry,
+                                                                       restore_threads):
+    """A bad grad list refused by the one native call: the full step raises
+    before it picks again, so the choice counts no step (and, when that pick
+    opened a retry of the other mode, the retry goes on with the next steps)."""
+    from fastopt.backends.threads import RUN, _median
+    fastopt.set_num_threads(2)
+    params = [np.ones(s, np.float32) for s in BIG]
+    opt = fastopt.Adam(params, lr=1e-3, backend="cython")
+    grads = _big_grads(40)
+    for g in grads[:20]:                  # past the exploration
+        opt.step(g)
+    choice = opt._all_tables[0].threads
+    assert choice.kept is not None and not choice.in_run
+    if at_retry:
+        choice.next_retry = choice.steps          # the next pick opens a retry
+    counted = choice.steps
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        opt.step([grads[20][0], np.ones(3, np.float32)])
+    assert choice.steps == counted
+    assert choice.in_run is at_retry
+    if at_retry:
+        assert choice.run_left == RUN - 1 and choice.mode is not choice.kept
+    for g in grads[21:]:
+        opt.step(g)
+    assert choice.steps == counted + len(grads) - 21
+    assert not choice.in_run
+    for mode in (0, 1):
+        times = choice.times[mode]
+        assert choice.typical[mode] == (_median(times) if times else None)
 
 
 def test_the_list_step_refuses_a_table_with_an_offset():

@@ -41,6 +41,26 @@ def run_starts(used, mode):
     return [k for k, m in enumerate(used) if m == mode and (k == 0 or used[k - 1] != mode)]
 
 
+def test_typical_times_follow_the_times_whatever_the_sequence(monkeypatch):
+    """Each mode's cached typical time is the median of its counted times
+    (None with none) after every pick and record, through random step times,
+    picks left open (a step that raised) and untimed picks."""
+    now = [0.0]
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: now[0])
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        c = ThreadChoice()
+        for _ in range(1500):
+            threaded = c.pick(1 << 20, threads=1 if rng.random() < 0.02 else 2)
+            now[0] += (60 if threaded else 100) * rng.lognormal(0, 0.3) * 1e-6
+            if rng.random() > 0.03:            # else: the step raised, never recorded
+                c.record()
+            for mode in (0, 1):
+                times = c.times[mode]
+                assert c.typical[mode] == (threads._median(times) if times else None)
+        assert c.kept is not None
+
+
 def test_small_tables_and_one_thread_stay_serial():
     c = ThreadChoice()
     assert c.pick(SERIAL_MAX, threads=2) is False

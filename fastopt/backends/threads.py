@@ -177,14 +177,12 @@ class ThreadChoice:
         """Seconds a step of ``mode`` is expected to take: typical plus tail
         (infinite with no counted step since its last retry began)."""
         typical = self.typical[mode]
-        return float("inf") if typical is None else typical + self.excess[mode] / TAIL_STEPS
+        return float("inf") if typical is None else typical + self.tail(mode)
 
     def _keep(self) -> bool:
         """The mode to use now: the one expected to be faster, except that the
         mode in use is kept unless the other beats it by ``MARGIN``."""
-        (ts, tt), (es, et) = self.typical, self.excess      # expected(), inline
-        serial = float("inf") if ts is None else ts + es / TAIL_STEPS
-        threaded = float("inf") if tt is None else tt + et / TAIL_STEPS
+        serial, threaded = self.expected(False), self.expected(True)
         faster = threaded < serial
         kept = self.kept
         if kept is None or faster == kept:
@@ -196,9 +194,10 @@ class ThreadChoice:
         serial, threaded = self.times
         if not serial and not threaded:
             return "serial (small, or one thread)"
-        parts = [f"{name} {_us(_median(t) * 1e6 if t else None)} + tail "
+        parts = [f"{name} {_us(None if typical is None else typical * 1e6)} + tail "
                  f"{_us(self.tail(mode) * 1e6)}"
-                 for mode, (name, t) in enumerate(zip(("serial", "threaded"), self.times))]
+                 for mode, (name, typical) in enumerate(zip(("serial", "threaded"),
+                                                            self.typical))]
         now = self.kept if self.kept is not None else self.mode     # not a retry's mode
         return f"{'threaded' if now else 'serial'}; typical step + tail: {', '.join(parts)}"
 

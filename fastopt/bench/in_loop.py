@@ -27,11 +27,11 @@ from . import isolated, machine, roofline, timing
 from .baselines import NumpyAdam, mlp_forward_backward, mlp_init
 from .cases import IN_LOOP, mlp_shapes
 
-IN_LOOP_IMPLS = ("cython", "numba", "numpy", "torch-fused", "torch-fused-alone", "roofline")
 #: Adam's bytes streamed on one thread over the same arrays, in the same loop
 #: (:func:`fastopt.bench.roofline.loop_streaming_step`): its loop/hot is what
 #: the data's place alone costs the step in the loop
 ROOFLINE = "roofline"
+IN_LOOP_IMPLS = ("cython", "numba", "numpy", "torch-fused", "torch-fused-alone", ROOFLINE)
 #: torch as its users run it: in a process of its own, imported before
 #: anything else, so its bundled libgomp loads with its own defaults (the
 #: row "torch-fused" shares this process's libgomp, loaded with fastopt's
@@ -251,6 +251,9 @@ def in_loop_case(impls=IN_LOOP_IMPLS, sizes=IN_LOOP.sizes, batch=IN_LOOP.batch, 
     step_in_loop_s / step_hot_s; ``vs_numpy`` and ``vs_torch_fused`` = that
     implementation's time / this one's, for each of the three times;
     ``vs_torch_alone`` the same against ``"torch-fused-alone"``.
+    ``roofline_in_loop_vs_hot``: the roofline row's ``in_loop_vs_hot``
+    (None without it), and ``in_loop_vs_hot_over_roofline`` each other row's
+    over it (this process's rows).
     ``loss_first``/``loss_last``: the training loss at the first and the
     last iteration (the same for every implementation up to rounding: they
     train the same model). ``environment``: load averages, whether another
@@ -358,8 +361,16 @@ def in_loop_case(impls=IN_LOOP_IMPLS, sizes=IN_LOOP.sizes, batch=IN_LOOP.batch, 
     if env["thread_pools"] is None:
         notes["thread_pools"] = "threadpoolctl not installed: BLAS details unknown"
     n_params = sum(math.prod(s) for s in mlp_shapes(sizes))
+    # each row's loop/hot over the roofline's: what it loses in the loop
+    # beyond what its bytes do (rows of this process only)
+    roof = results.get(ROOFLINE, {}).get("in_loop_vs_hot")
+    over_roofline = ({impl: r["in_loop_vs_hot"] / roof for impl, r in results.items()
+                      if impl not in (ROOFLINE, TORCH_ALONE) and r["in_loop_vs_hot"]}
+                     if roof else None)
     return {"case": (f"NumPy MLP {'-'.join(map(str, sizes))}, batch {batch}, float32, "
                      f"Adam lr={lr:g}"),
             "sizes": list(sizes), "batch": batch, "params": int(n_params),
             "steps": steps, "rounds": rounds, "impls": impls,
-            "results": results, "notes": notes, "environment": env, "wall_s": wall}
+            "results": results, "roofline_in_loop_vs_hot": roof,
+            "in_loop_vs_hot_over_roofline": over_roofline,
+            "notes": notes, "environment": env, "wall_s": wall}

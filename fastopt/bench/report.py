@@ -217,14 +217,12 @@ def format_in_loop(report) -> str:
                  "same run; vs torch alone: against torch fused in a process of its own "
                  "that imports torch first (its own OpenMP runtime and defaults, as torch "
                  "users run it)")
-    roof = report["results"].get("roofline") or {}
-    if roof.get("in_loop_vs_hot"):
-        steps = [f"{impl} {r['in_loop_vs_hot'] / roof['in_loop_vs_hot']:.2f}"
-                 for impl, r in report["results"].items()
-                 if impl != "roofline" and r.get("in_loop_vs_hot")]
-        lines.append(f"roofline: the same bytes on one thread took {roof['in_loop_vs_hot']:.2f}x "
-                     "as long in the loop as hot (where the forward/backward pass leaves "
-                     "them); each step's loop/hot over that: " + ", ".join(steps))
+    roof, over = report.get("roofline_in_loop_vs_hot"), report.get("in_loop_vs_hot_over_roofline")
+    if roof:
+        lines.append(f"roofline: the same bytes on one thread took {roof:.2f}x as long in the "
+                     "loop as hot (where the forward/backward pass leaves them); each step's "
+                     "loop/hot over that: "
+                     + ", ".join(f"{impl} {x:.2f}" for impl, x in (over or {}).items()))
     for impl, r in report["results"].items():
         if r.get("thread_choice"):
             lines.append(f"{impl} in the loop chose {r['thread_choice']}")

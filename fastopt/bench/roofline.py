@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 _STREAM = {}
+_LOOP = {}      # loop_streaming_step's kernel (stream_kernels fills _STREAM whole)
 
 SERIAL_MAX = 1 << 15   # fastopt's kernels (numba_cpu, Cython) run serially up to this size
 
@@ -100,8 +101,10 @@ def loop_streaming_step(params):
     (its loss does not fall) while its forward/backward pass still reads
     them. One thread, so that its time in the loop over its time hot is
     where the loop leaves the bytes (which caches, or memory), with no
-    worker to wake: ``fastopt.bench.in_loop``'s roofline row."""
-    if "adam_traffic" not in _STREAM:
+    worker to wake: ``fastopt.bench.in_loop``'s roofline row. (The loop of
+    ``rw4_3_serial`` with a scale on p's increment: with ``p += g`` the
+    weights would run away.)"""
+    if "adam_traffic" not in _LOOP:
         from numba import njit
 
         @njit(cache=True)
@@ -111,8 +114,8 @@ def loop_streaming_step(params):
                 p[i] += a * gi
                 m[i] += gi
                 v[i] += gi
-        _STREAM["adam_traffic"] = adam_traffic
-    kernel = _STREAM["adam_traffic"]
+        _LOOP["adam_traffic"] = adam_traffic
+    kernel = _LOOP["adam_traffic"]
     flat = [p.reshape(-1) for p in params]
     state = [(np.zeros_like(p), np.zeros_like(p)) for p in flat]
     scales = [p.dtype.type(1e-9) for p in flat]     # p's own dtype: no float64 promotion

@@ -221,9 +221,9 @@ class StepPlan:
             return self._run_tables(opt, grads, bound)
         if not self.single:
             return self._run_list_steps(opt, grads, groups)
-        # One small table whose backend steps the list of grads in one native
-        # call: a small model's whole step, so every call and lookup saved
-        # here is its speed.
+        # One table whose backend steps the list of grads in one native call:
+        # a small model's whole step, so every call and lookup saved here is
+        # its speed; a large one's Python runs cold in a training loop.
         g = plans[0]
         state = opt.state[0]
         step = g.next_element(groups[0], state)
@@ -236,8 +236,11 @@ class StepPlan:
         opt._bound_list = grads
         t.grads = None
         if self.timed:
-            # _table_update's pick and record around the one call (a pick
-            # left open by a refused call counts as a step that raised)
+            # _table_update's pick and record around the one call. A refused
+            # call leaves its pick open, as a step that raised does: the
+            # native reader refuses exactly what the full step's checks
+            # reject (_check_grad_list), so the full step raises before it
+            # picks again (tests/test_step_plan.py checks both)
             choice = t.threads
             if not self.list_step(grads, (step[0],), (step[1],),
                                   choice.pick(t.nelem, self.num_threads())):
