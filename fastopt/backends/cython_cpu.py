@@ -2,7 +2,8 @@
 
 A threaded optimizer step runs on fastopt's own thread team
 (``_cython/pool_impl.pxi``; OpenMP's outside Linux or with
-``FASTOPT_THREAD_POOL=openmp``), the functional API's loops on OpenMP. The kernels are built from one source for three targets (see setup.py):
+``FASTOPT_THREAD_POOL=openmp``), the functional API's loops on OpenMP.
+The kernels are built from one source for three targets (see setup.py):
 the best one this CPU runs is imported, as NumPy dispatches its own SIMD
 loops: x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA), or baseline x86-64.
 """

@@ -1116,6 +1116,13 @@ cdef inline void _load_table(Table* tb, const i64* h) noexcept nogil:
     tb.eaddr = <const i64*><size_t>h[H_SHIFT]      # 0: no offset
 
 
+cdef inline bint _step_serial(bint threaded, const Table* tb, const i64* h) noexcept nogil:
+    """Whether a step runs on this thread: not asked to thread, a small
+    table, one thread, or a single task (the callers' ``threaded`` is the
+    table's ThreadChoice pick)."""
+    return not threaded or _serial(h[H_NELEM]) or tb.ntasks < 2
+
+
 cdef inline void _job_of(StepJob* j, const Table* tb, const i64* h, int op, i64 st0, i64 st1,
                          i64 st2, const double* scal, int nscal, int flags) noexcept nogil:
     """A step's job over table ``tb`` (loaded from header ``h``)."""
@@ -1175,7 +1182,7 @@ def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
     with nogil:
         _job_of(&job, &tb, h, op, st0, st1, st2, sc, nscal, flags)
         norm = _run(&job, gscale, max_norm, inv_scale, norm_mode,
-                    not threaded or _serial(h[H_NELEM]) or tb.ntasks < 2, &skipped)
+                    _step_serial(threaded, &tb, h), &skipped)
     return norm, bool(skipped)
 
 
@@ -1420,8 +1427,8 @@ cdef class ListStep:
                 _load_table(&tb, h)
                 _job_of(&job, &tb, h, ints[3 * k], row[L_ST0], row[L_ST1], row[L_ST2],
                         sc + 17 * k, ints[3 * k + 2], ints[3 * k + 1])
-                _run(&job, sc[17 * k + 16], 0.0, 1.0, 0,
-                     not threaded or _serial(h[H_NELEM]) or tb.ntasks < 2, &skipped)
+                _run(&job, sc[17 * k + 16], 0.0, 1.0, 0, _step_serial(threaded, &tb, h),
+                     &skipped)
         return True
 
 
