@@ -23,7 +23,11 @@
 # ``spin_us`` microseconds (default 50) for the next one, which catches the
 # phases of one step and back-to-back steps without a system call; then it
 # sleeps on a futex. A worker that woke to find the job done sleeps at once,
-# leaving the core to BLAS. Workers are started on first use, with the
+# leaving the core to BLAS. Waking a sleeping worker costs the master 13-15 us
+# in a training loop (the futex wake). Issuing it earlier, ahead of the step's
+# Python, saved nothing. Having the worker wake itself before the next step is
+# due took the core from BLAS's last matmul (docs/performance.md, "Waking the
+# worker inside the loop"). Workers are started on first use, with the
 # asynchronous signals blocked (Ctrl-C reaches the Python thread). A second
 # Python thread stepping while the team is busy runs its step serially. A
 # forked child has no workers and runs its steps serially
