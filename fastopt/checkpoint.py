@@ -129,6 +129,30 @@ def _param_list(params):
     return V.as_array_list("params", params)
 
 
+def _named_params(params):
+    """``(KeyTree, arrays in its order)`` for params given by name (a dict,
+    dicts of layers allowed), ``(None, arrays)`` otherwise."""
+    if not isinstance(params, dict):
+        return None, _param_list(params)
+    from .optim.named import KeyTree
+    names, arrays = KeyTree.of(params, "params")
+    for label, a in zip(names.labels, arrays):
+        if not isinstance(a, np.ndarray) and not is_device_array(a):
+            raise TypeError(f"params{label} must be an ndarray, got {type(a).__name__}")
+    return names, _param_list(arrays)
+
+
+def _nest(paths, values):
+    """The nested dict with ``values`` at the key ``paths``."""
+    out = {}
+    for path, v in zip(paths, values):
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = v
+    return out
+
+
 def _to_host(a):
     return a.copy_to_host() if is_device_array(a) else np.asarray(a)
 
@@ -147,8 +171,11 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     """
     tree = {"format": FORMAT}
     if params is not None:
-        # device params: one copy to the host each (checkpoints are host files)
-        tree["params"] = [_to_host(a) for a in _param_list(params)]
+        # device params: one copy to the host each (checkpoints are host files);
+        # params given by name are kept by name
+        names, arrays = _named_params(params)
+        host = [_to_host(a) for a in arrays]
+        tree["params"] = host if names is None else _nest(names.paths, host)
     if optimizer is not None:
         tree["optimizer"] = optimizer.state_dict()
     if extra is not None:
@@ -292,7 +319,7 @@ def load(path, *, params=None, optimizer=None) -> dict:
     try:
         apply = []
         if params is not None:
-            apply.append(_prepare_params(_param_list(params), tree))
+            apply.append(_prepare_params(params, tree))
         if optimizer is not None:
             if "optimizer" not in tree:
                 raise CheckpointError(f"{path} holds no optimizer state")
@@ -306,18 +333,40 @@ def load(path, *, params=None, optimizer=None) -> dict:
     return tree
 
 
-def _prepare_params(params, tree):
+def _prepare_params(given, tree):
     if "params" not in tree:
         raise CheckpointError("the checkpoint holds no params")
+    from .optim.named import KeyTree
+    names, params = _named_params(given)
     saved = tree["params"]
+    if isinstance(saved, dict):         # saved by name: matched by name
+        saved_names, saved_arrays = KeyTree.of(saved, "the checkpoint's params")
+        by_path = dict(zip(saved_names.paths, saved_arrays))
+        if names is None:               # a list: the names' order when saved
+            saved = saved_arrays
+        else:
+            for path, label in zip(names.paths, names.labels):
+                if path not in by_path:
+                    raise CheckpointError(f"the checkpoint has no params{label}")
+            extra = [label for path, label in zip(saved_names.paths, saved_names.labels)
+                     if path not in set(names.paths)]
+            if extra:
+                raise CheckpointError(f"the checkpoint has params{extra[0]}, which is not "
+                                      "in the params given")
+            saved = [by_path[p] for p in names.paths]
+    elif names is not None:
+        raise CheckpointError("the checkpoint holds its params as a list, not by name: "
+                              "load them as a list, in the order they were saved")
+    labels = ([f"params{label}" for label in names.labels] if names is not None
+              else [f"params[{i}]" for i in range(len(params))])
     if len(saved) != len(params):
         raise CheckpointError(f"the checkpoint holds {len(saved)} params, got {len(params)}")
-    for i, (a, b) in enumerate(zip(params, saved)):
+    for label, a, b in zip(labels, params, saved):
         if a.shape != b.shape or a.dtype != b.dtype:
-            raise CheckpointError(f"params[{i}] is {a.dtype}{list(a.shape)} but the "
+            raise CheckpointError(f"{label} is {a.dtype}{list(a.shape)} but the "
                                   f"checkpoint has {b.dtype}{list(b.shape)}")
         if not is_device_array(a) and not a.flags.writeable:
-            raise CheckpointError(f"params[{i}] is read-only")
+            raise CheckpointError(f"{label} is read-only")
 
     def apply():
         for a, b in zip(params, saved):

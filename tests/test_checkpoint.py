@@ -261,3 +261,49 @@ def test_wrong_dtype_params(tmp_path):
     with pytest.raises(fastopt.CheckpointError, match="float32"):
         fastopt.load(path, optimizer=o64)
     assert_same_tree(full_snapshot(o64, p64), before)
+
+
+def test_params_given_by_name_are_saved_and_loaded_by_name(tmp_path):
+    """A dict of params (layers nested) is saved by name and loaded by name,
+    into a dict in any key order or, in the saved order, into a list; a
+    missing, extra or reshaped param is named, with nothing loaded."""
+    def model(v):
+        return {"W": np.full((2, 3), v), "b": np.full(3, v), "out": {"W": np.full(3, v)}}
+
+    def grads_of(p):
+        return {"W": np.ones((2, 3)), "b": np.ones(3), "out": {"W": np.ones(3)}}
+
+    params = model(1.0)
+    opt = fastopt.Adam(params, lr=0.1)
+    opt.step(grads_of(params))
+    path = tmp_path / "named.npz"
+    fastopt.save(path, params=params, optimizer=opt)
+    assert list(fastopt.checkpoint.read(path)["params"]) == ["W", "b", "out"]
+
+    fresh = model(0.0)
+    opt2 = fastopt.Adam(fresh, lr=0.1)
+    fastopt.load(path, params=fresh, optimizer=opt2)
+    for a, b in ((fresh["W"], params["W"]), (fresh["out"]["W"], params["out"]["W"])):
+        np.testing.assert_array_equal(a, b)
+    opt.step(grads_of(params))
+    opt2.step(grads_of(fresh))
+    np.testing.assert_array_equal(fresh["b"], params["b"])
+
+    reordered = {"out": {"W": np.zeros(3)}, "b": np.zeros(3), "W": np.zeros((2, 3))}
+    fastopt.load(path, params=reordered)
+    np.testing.assert_array_equal(reordered["W"], fastopt.checkpoint.read(path)["params"]["W"])
+    as_list = [np.zeros((2, 3)), np.zeros(3), np.zeros(3)]
+    fastopt.load(path, params=as_list)
+    np.testing.assert_array_equal(as_list[0], reordered["W"])
+
+    for bad, message in (({"W": np.zeros((2, 3)), "b": np.zeros(3)}, r"\['out'\]\['W'\]"),
+                         ({**model(0.0), "c": np.zeros(1)}, r"no params\['c'\]"),
+                         ({**model(0.0), "b": np.zeros(4)}, r"params\['b'\] is float64\[4\]")):
+        snapshot = {k: np.copy(v) for k, v in bad.items() if isinstance(v, np.ndarray)}
+        with pytest.raises(fastopt.CheckpointError, match=message):
+            fastopt.load(path, params=bad)
+        for k, v in snapshot.items():
+            np.testing.assert_array_equal(bad[k], v)
+    fastopt.save(tmp_path / "list.npz", params=as_list)
+    with pytest.raises(fastopt.CheckpointError, match="as a list"):
+        fastopt.load(tmp_path / "list.npz", params=model(0.0))
