@@ -384,3 +384,25 @@ def test_an_error_inside_the_line_search_leaves_the_last_completed_move():
     with pytest.raises(RuntimeError, match="closure failed"):
         opt.step(failing)
     np.testing.assert_array_equal(side.flat(), ref.flat())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_copy_or_a_pickle_after_a_step_goes_on_as_the_original(backend):
+    """Its history keeps the flat operations' module (by name in a copy): a
+    deepcopy or pickle made mid-run steps exactly as the original does."""
+    import copy
+    import pickle
+
+    def run(opt, p):
+        return opt.step(lambda: (float(((p[0] - 1) ** 2 * np.arange(1, 4)).sum()),
+                                 [2 * (p[0] - 1) * np.arange(1, 4)]))
+
+    p = [np.zeros(3)]
+    opt = fastopt.LBFGS(p, backend=backend, max_iter=2)
+    run(opt, p)
+    copies = [copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    run(opt, p)
+    for c in copies:
+        q = c.param_groups[0]["params"]
+        run(c, q)
+        np.testing.assert_array_equal(q[0], p[0])

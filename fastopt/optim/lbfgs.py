@@ -26,6 +26,8 @@ about 5 more).
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 
 from .. import _validate as V
@@ -60,6 +62,14 @@ class History:
         self.ops = ops_for("numpy") if ops is None else ops
         self.S, self.Y = [None] * (m + 1), [None] * (m + 1)   # rows made on first use
         self.rows, self.ro, self.spare = [], [], 0
+
+    def __getstate__(self):
+        # ops is a module: kept by name, so that a copy or a pickle of the
+        # optimizer (its state holds this history) can be made
+        return {**self.__dict__, "ops": self.ops.__name__}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, ops=importlib.import_module(state["ops"]))
 
     def _row(self, block, r):
         if block[r] is None:
@@ -191,13 +201,26 @@ class LBFGS(Optimizer):
             if np.dtype(a.dtype) not in V.FLOAT_DTYPES:
                 raise TypeError(f"params[{i}] must be float32 or float64, got {a.dtype}")
         super().bind(params)
-        # the params as one vector: each run is a contiguous slice of it
+        self._set_spans()
+        self.state = [self._new_lbfgs_state()]
+
+    def _set_spans(self):
+        """The params as one vector: each run a contiguous slice of it."""
         spans, lo = [], 0
         for run in self._run_info[0]["runs"]:
             spans.append((lo, lo + run["flat"].size, run["flat"]))
             lo += run["flat"].size
         self._spans, self._n = spans, lo
-        self.state = [self._new_lbfgs_state()]
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.param_groups:
+            # A copy holds each run's flat view as an array of its own: the
+            # steps would write those, not the copy's params. Views of its own
+            # params again (its state keeps nothing per run).
+            self._build_runs()
+            self._set_spans()
+            self.state[0]["runs"] = [{} for _ in self._spans]
 
     def add_param_group(self, param_group) -> None:
         if self.param_groups:
