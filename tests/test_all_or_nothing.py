@@ -70,3 +70,118 @@ def test_an_error_between_groups_changes_nothing(monkeypatch, backend, exc):
     monkeypatch.undo()
     assert_same_tree(optimizer_snapshot(opt, params), before)
     assert opt.iterations == 1 and [s["step"] for s in opt.state] == [1, 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_interrupt_anywhere_in_building_the_tables_leaves_a_working_optimizer(backend):
+    """A Ctrl-C raised at any line of the first step's table building (a
+    trace function raises it, as Python would at a call) leaves the
+    optimizer as if that step never ran: the next steps match a run that was
+    never interrupted. (It once left ``_tables`` set without ``_single``:
+    every later step raised AttributeError.)"""
+    import sys
+    from fastopt.optim.base import Optimizer
+
+    code = Optimizer._host_tables.__code__
+
+    def tracer(on_line):
+        def trace(frame, event, arg):
+            if frame.f_code is not code:
+                return None
+
+            def line(f, ev, a):
+                if ev == "line":
+                    on_line(f.f_lineno)
+                return line
+            return line
+        return trace
+
+    reference, ref_opt = two_groups(backend, False)
+    lines = []
+    sys.settrace(tracer(lines.append))      # the lines a first step runs
+    try:
+        ref_opt.step(grads())
+    finally:
+        sys.settrace(None)
+    ref_opt.step(grads())
+    assert len(set(lines)) >= 4
+    for target in sorted(set(lines)):
+        params, opt = two_groups(backend, False)
+        fired = []
+
+        def interrupt(lineno):
+            if lineno == target and not fired:
+                fired.append(target)
+                raise KeyboardInterrupt
+        sys.settrace(tracer(interrupt))
+        try:
+            opt.step(grads())
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        assert fired, target
+        for _ in range(2):
+            opt.step(grads())
+        for a, b in zip(params, reference):
+            np.testing.assert_array_equal(a, b, err_msg=f"interrupted at line {target}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_grad_aliasing_another_groups_param_is_refused(backend):
+    """A grad that overlaps another group's param (which that group's update
+    may change before or after it is read) is refused, as within a group,
+    whichever group it belongs to, with nothing written."""
+    a, c = np.ones(5), np.ones(8)
+    opt = fastopt.SGD([{"params": [a]}, {"params": [c]}], lr=0.1, backend=backend)
+    with pytest.raises(ValueError, match=r"grads\[0\] overlaps params\[1\]"):
+        opt.step([c[:5], np.ones(8)])
+    a8 = np.ones(8)
+    opt2 = fastopt.SGD([{"params": [a8]}, {"params": [np.ones(3)]}], lr=0.1, backend=backend)
+    with pytest.raises(ValueError, match=r"grads\[1\] overlaps params\[0\]"):
+        opt2.step([np.ones(8), a8[:3]])
+    np.testing.assert_array_equal(a, 1.0)
+    np.testing.assert_array_equal(c, 1.0)
+    np.testing.assert_array_equal(a8, 1.0)
+    opt.step([np.ones(5), np.ones(8)])
+    np.testing.assert_allclose(a, 0.9)
+    np.testing.assert_allclose(c, 0.9)
+
+
+def test_the_reference_backend_refuses_a_param_made_read_only_later():
+    """The NumPy backend writes array by array: a param made read-only after
+    the optimizer was built is refused before the first write (it once
+    updated the arrays before it and then raised NumPy's own error), and
+    the step goes on once it is writable again."""
+    params = [np.ones(4), np.ones(3)]
+    opt = fastopt.Adam(params, lr=0.1, backend="numpy")
+    before = optimizer_snapshot(opt, params)
+    params[1].setflags(write=False)
+    with pytest.raises(ValueError, match=r"params\[1\] is read-only"):
+        opt.step([np.ones(4), np.ones(3)])
+    assert_same_tree(optimizer_snapshot(opt, params), before)
+    params[1].setflags(write=True)
+    opt.step([np.ones(4), np.ones(3)])
+    np.testing.assert_allclose(params[1], 0.9)
+    assert opt.iterations == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_key_added_to_a_group_later_is_refused_like_at_construction(backend):
+    """A misspelt hyperparameter written into a group after construction is
+    refused at the next step (it would be ignored), naming it, with nothing
+    written; the step goes on once it is gone. (It was taken silently, and
+    the optimizer's own state_dict then failed to load.)"""
+    params = [np.ones(4)]
+    opt = fastopt.Adam(params, lr=0.1, backend=backend)
+    for _ in range(2):                  # the second from the step plan
+        opt.step([np.ones(4)])
+    before = optimizer_snapshot(opt, params)
+    opt.param_groups[0]["weight_decy"] = 0.1
+    with pytest.raises(ValueError, match=r"unknown keys \['weight_decy'\]"):
+        opt.step([np.ones(4)])
+    assert_same_tree(optimizer_snapshot(opt, params), before)
+    del opt.param_groups[0]["weight_decy"]
+    opt.step([np.ones(4)])
+    opt.load_state_dict(opt.state_dict())
+    assert opt.iterations == 3

@@ -222,3 +222,28 @@ def test_plot_schedule_without_matplotlib(monkeypatch, capsys, tmp_path):
     assert main(["plot-schedule", "constant(1e-3)", "-o", str(tmp_path / "x.png")]) == 1
     assert "needs matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_copy_keeps_the_lr_schedule_and_its_place(how):
+    """A pickled (or deep-copied) optimizer keeps its schedule: the group's
+    lr is a new float object after pickling, which must not read as a number
+    the user wrote over the schedule."""
+    import copy
+    import pickle
+
+    sched = S.linear(1.0, 0.0, 10)
+    opt = fastopt.SGD([np.ones(4)], lr=sched)
+    for _ in range(3):
+        opt.step([np.ones(4)])
+    twin = pickle.loads(pickle.dumps(opt)) if how == "pickle" else copy.deepcopy(opt)
+    assert twin.lr_schedule(0) is not None
+    for _ in range(3):
+        opt.step([np.ones(4)])
+        twin.step([np.ones(4)])
+        assert twin.last_lr == opt.last_lr
+    np.testing.assert_array_equal(twin.param_groups[0]["params"][0],
+                                  opt.param_groups[0]["params"][0])
+    twin.param_groups[0]["lr"] = 0.25             # a number written over it still wins
+    twin.step([np.ones(4)])
+    assert twin.last_lr == [0.25] and twin.lr_schedule(0) is None

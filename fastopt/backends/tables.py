@@ -127,6 +127,7 @@ class StepTable:
         self.threads = ThreadChoice()    # serial or threaded, from its own timings
         self.grads = None         # 1-D gradient views, for backends that walk arrays
         self.index_global = self.index   # positions among all the optimizer's params
+        self._others = []         # what the step's other tables write (also_written)
         self._set_written(self._writes())
         self._state = (None, (0, 0, 0))
         self.compact_header = None    # set by state_addresses for compact state
@@ -210,9 +211,18 @@ class StepTable:
             self.clear_shift()
 
     def _set_written(self, arrays):
-        """Everything the step writes, as sorted byte ranges grads must miss."""
-        self.written = merged_ranges(arrays)
+        """Everything the step writes, as sorted byte ranges grads must miss:
+        ``arrays`` (this table's) and the other tables' params."""
+        self._own_written = list(arrays)
+        self.written = merged_ranges(self._own_written + self._others)
         self.written_addr = address(self.written) if self.written.size else 0
+
+    def also_written(self, arrays) -> None:
+        """The params the step's other tables write (other param groups', or
+        another dtype's in this group): this table's grads must miss them too,
+        since they may be updated before this table reads its grads."""
+        self._others = list(arrays)
+        self._set_written(self._own_written)
 
     def _writes(self):
         return list(self.weights) + list(self.outs or ())

@@ -387,12 +387,21 @@ class Optimizer:
         state = self.__dict__.copy()
         state.pop("_lock", None)
         state.update(_tables=None, _bound=None, _bound_list=None, _placement=None, _plan=None)
+        # A scheduled group's lr is the very float the schedule last wrote
+        # (_with_schedule tells the user's own number by identity); pickle
+        # makes two floats of one, so which groups still show it goes along
+        state["_lr_linked"] = [gi for gi, v in self._lr_shown.items()
+                               if gi < len(self.param_groups)
+                               and self.param_groups[gi]["lr"] is v]
         if state.get("_backend") is not None:      # a module: kept by name
             state["_backend"] = state["_backend"].name
         return state
 
     def __setstate__(self, state):
+        linked = state.pop("_lr_linked", ())
         self.__dict__.update(state)
+        for gi in linked:
+            self._lr_shown[gi] = self.param_groups[gi]["lr"]
         if isinstance(self._backend, str):
             self._backend = get_backend(self._backend)
         if self.param_groups:
@@ -417,9 +426,14 @@ class Optimizer:
     def _check_groups_unchanged(self):
         """Params added to (or removed from) a group's list after construction
         would be silently ignored by the step and break its checkpoint:
-        refused, naming add_param_group."""
+        refused, naming add_param_group. So is a key the optimizer does not
+        have (a misspelt hyperparameter would be ignored), as when it is made."""
         for gi, (group, lst, n) in enumerate(zip(self.param_groups, self._group_lists,
                                                  self._group_sizes)):
+            unknown = group.keys() - self.defaults.keys() - {"params"}
+            if unknown:
+                raise ValueError(f"param_groups[{gi}] has unknown keys {sorted(unknown)}; "
+                                 f"this {type(self).__name__} has {sorted(self.defaults)}")
             params = group["params"]
             if params is not lst or len(params) != n:
                 raise ValueError(
@@ -556,6 +570,16 @@ class Optimizer:
                 st = self.state[gi]
                 plans.append((s, [st["flat"][n] for n in names], fmt.step_args(gi, names, st)))
                 group_steps.append((type(s), names))
+            if not compiled:
+                # the reference backend writes array by array with NumPy, which
+                # refuses a param made read-only after construction where it
+                # comes: refused here first, so that nothing is written
+                # (the tables go too: their views of it were made read-only with
+                # it, and are made again once it is writable)
+                for i, p in enumerate(self._params):
+                    if not p.flags.writeable:
+                        self._tables = None
+                        raise ValueError(f"params[{i}] is read-only: the step writes it")
             if norm_mode and not fused:
                 norm, finite = self._table_stats(be, self._all_tables, compiled, check)
                 skip = check and not finite
@@ -693,11 +717,18 @@ class Optimizer:
 
     def _host_tables(self):
         """Build the groups' tables (again after a load: new master copies)."""
-        self._tables = [self._group_tables(gi) for gi in range(len(self.param_groups))]
-        self._all_tables = [t for ts in self._tables for t in ts]
-        self._compiled = getattr(self._backend, "compiled_tables", False)
-        self._single = self._compiled and len(self._all_tables) == 1
-        return self._tables
+        tables = [self._group_tables(gi) for gi in range(len(self.param_groups))]
+        all_tables = [t for ts in tables for t in ts]
+        if len(all_tables) > 1:     # a grad must miss every table's params
+            for t in all_tables:
+                t.also_written([a for u in all_tables if u is not t for a in u._writes()])
+        compiled = getattr(self._backend, "compiled_tables", False)
+        single = compiled and len(all_tables) == 1
+        # stored together, with no call in between: a Ctrl-C (raised at a
+        # call) cannot leave some of them from another build
+        self._tables, self._all_tables, self._compiled, self._single = (tables, all_tables,
+                                                                         compiled, single)
+        return tables
 
     def _group_tables(self, gi):
         """The compiled step's tables for group ``gi``: weights are the params
