@@ -185,3 +185,31 @@ def test_a_key_added_to_a_group_later_is_refused_like_at_construction(backend):
     opt.step([np.ones(4)])
     opt.load_state_dict(opt.state_dict())
     assert opt.iterations == 3
+
+
+def test_merged_ranges_are_the_union_of_the_ranges_sorted():
+    """The byte ranges a grad must miss: random ranges (overlapping, touching,
+    nested, repeated) merge as a plain sorted sweep merges them."""
+    from fastopt.backends.tables import merged_ranges
+
+    def sweep(pairs):
+        out = []
+        for lo, hi in sorted(pairs):
+            if out and lo <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], hi)
+            else:
+                out.append([lo, hi])
+        return np.asarray(out, np.int64).reshape(-1)
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        k = int(rng.integers(1, 9))
+        los = rng.integers(0, 60, k)
+        pairs = [(int(lo), int(lo + n)) for lo, n in zip(los, rng.integers(1, 20, k))]
+        np.testing.assert_array_equal(
+            merged_ranges([], np.asarray(pairs, np.int64).reshape(-1)), sweep(pairs))
+    base = np.zeros(100)
+    at = base.__array_interface__["data"][0]
+    np.testing.assert_array_equal(merged_ranges([base[:10], base[5:20], base[50:60]]) - at,
+                                  [0, 160, 400, 480])
+    assert merged_ranges([]).size == 0 and merged_ranges([base[:0]]).size == 0

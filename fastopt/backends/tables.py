@@ -78,17 +78,21 @@ def plan(sizes, chunk=CHUNK):
     return tuple(np.asarray(x, _I64) for x in (pk, plo, phi, tasks))
 
 
-def merged_ranges(arrays) -> np.ndarray:
+def merged_ranges(arrays, ranges=None) -> np.ndarray:
     """Sorted, disjoint byte ranges ``[lo0, hi0, lo1, hi1, ...]`` covered by
-    ``arrays`` (what a step writes): grads are checked against them."""
-    spans = sorted((address(a), address(a) + a.nbytes) for a in arrays if a.nbytes)
-    out = []
-    for lo, hi in spans:
-        if out and lo <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return np.asarray(out, _I64).reshape(-1)
+    ``arrays`` (what a step writes), and by ``ranges`` (more such ranges)
+    where given: grads are checked against them."""
+    pairs = np.asarray([(address(a), address(a) + a.nbytes) for a in arrays if a.nbytes],
+                       _I64).reshape(-1, 2)
+    if ranges is not None and ranges.size:
+        pairs = np.concatenate([pairs, ranges.reshape(-1, 2)])
+    if not len(pairs):
+        return np.zeros(0, _I64)
+    pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
+    reach = np.maximum.accumulate(pairs[:, 1])     # the furthest end so far
+    starts = np.flatnonzero(np.r_[True, pairs[1:, 0] > reach[:-1]])
+    ends = np.r_[starts[1:] - 1, len(pairs) - 1]
+    return np.column_stack([pairs[starts, 0], reach[ends]]).reshape(-1)
 
 
 class StepTable:
@@ -127,7 +131,7 @@ class StepTable:
         self.threads = ThreadChoice()    # serial or threaded, from its own timings
         self.grads = None         # 1-D gradient views, for backends that walk arrays
         self.index_global = self.index   # positions among all the optimizer's params
-        self._others = []         # what the step's other tables write (also_written)
+        self._others = None       # byte ranges the step's other tables write (also_written)
         self._set_written(self._writes())
         self._state = (None, (0, 0, 0))
         self.compact_header = None    # set by state_addresses for compact state
@@ -214,14 +218,15 @@ class StepTable:
         """Everything the step writes, as sorted byte ranges grads must miss:
         ``arrays`` (this table's) and the other tables' params."""
         self._own_written = list(arrays)
-        self.written = merged_ranges(self._own_written + self._others)
+        self.written = merged_ranges(self._own_written, self._others)
         self.written_addr = address(self.written) if self.written.size else 0
 
-    def also_written(self, arrays) -> None:
-        """The params the step's other tables write (other param groups', or
-        another dtype's in this group): this table's grads must miss them too,
-        since they may be updated before this table reads its grads."""
-        self._others = list(arrays)
+    def also_written(self, ranges) -> None:
+        """Byte ranges (as :func:`merged_ranges` makes them) of the params the
+        step's other tables write (other param groups', or another dtype's in
+        this group): this table's grads must miss them too, since those may
+        be updated before this table reads its grads."""
+        self._others = ranges
         self._set_written(self._own_written)
 
     def _writes(self):

@@ -39,7 +39,7 @@ from .. import _validate as V
 from .._memory import state_copy
 from ..backends import backend_for, get_backend
 from ..backends.scalars import clip_coefficient
-from ..backends.tables import element_of, group_tables, step_per_array
+from ..backends.tables import element_of, group_tables, merged_ranges, step_per_array
 from ..backends.threads import SERIAL_MAX
 from ..clip import norm_of
 from ..params import FlatArrays
@@ -720,8 +720,9 @@ class Optimizer:
         tables = [self._group_tables(gi) for gi in range(len(self.param_groups))]
         all_tables = [t for ts in tables for t in ts]
         if len(all_tables) > 1:     # a grad must miss every table's params
+            everything = merged_ranges([a for t in all_tables for a in t._writes()])
             for t in all_tables:
-                t.also_written([a for u in all_tables if u is not t for a in u._writes()])
+                t.also_written(everything)
         compiled = getattr(self._backend, "compiled_tables", False)
         single = compiled and len(all_tables) == 1
         # stored together, with no call in between: a Ctrl-C (raised at a
