@@ -348,8 +348,9 @@ def _prepare_params(given, tree):
             for path, label in zip(names.paths, names.labels):
                 if path not in by_path:
                     raise CheckpointError(f"the checkpoint has no params{label}")
+            given = set(names.paths)
             extra = [label for path, label in zip(saved_names.paths, saved_names.labels)
-                     if path not in set(names.paths)]
+                     if path not in given]
             if extra:
                 raise CheckpointError(f"the checkpoint has params{extra[0]}, which is not "
                                       "in the params given")

@@ -148,6 +148,33 @@ def test_a_grad_aliasing_another_groups_param_is_refused(backend):
     np.testing.assert_allclose(c, 0.9)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_grad_aliasing_another_groups_state_is_refused(backend):
+    """Group 0's exp_avg as group 1's grad (from the step plan, the steps
+    after the first): refused with nothing written, as by the NumPy backend."""
+    a, c = np.ones(5), np.ones(3)
+    opt = fastopt.Adam([{"params": [a]}, {"params": [c]}], lr=0.1, backend=backend)
+    for _ in range(2):
+        opt.step([np.full(5, 2.0), np.ones(3)])
+    before = optimizer_snapshot(opt, [a, c])
+    with pytest.raises(ValueError, match="overlaps optimizer state 'exp_avg' of group 0"):
+        opt.step([np.full(5, 2.0), opt.state[0]["flat"]["exp_avg"][:3]])
+    assert_same_tree(optimizer_snapshot(opt, [a, c]), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sam_refuses_a_grad_aliasing_another_groups_param(backend):
+    a, c = np.ones(5), np.ones(8)
+    sam = fastopt.SAM(fastopt.SGD([{"params": [a]}, {"params": [c]}], lr=0.1,
+                                  backend=backend), rho=0.05)
+    with pytest.raises(ValueError, match=r"grads\[0\] overlaps params\[1\]"):
+        sam.perturb([c[:5], np.ones(8)])
+    np.testing.assert_array_equal(c, 1.0)
+    sam.perturb([np.ones(5), np.ones(8)])
+    sam.step([np.ones(5), np.ones(8)])
+    np.testing.assert_allclose(a, 0.9)
+
+
 def test_the_reference_backend_refuses_a_param_made_read_only_later():
     """The NumPy backend writes array by array: a param made read-only after
     the optimizer was built is refused before the first write (it once

@@ -177,3 +177,26 @@ def test_sharded_nadam_is_refused_rather_than_resumed_wrong():
     from fastopt.distributed import DistributedError, ShardedOptimizer
     with pytest.raises(DistributedError, match="does not shard NAdam"):
         ShardedOptimizer(fastopt.NAdam, [np.ones(4)], lr=1e-3)
+
+
+def test_sharded_step_refuses_an_unknown_group_key_on_every_rank_and_recovers():
+    """A misspelt hyperparameter written into a group is refused before any
+    collective (every rank raises together), and once the user deletes it
+    the shard's own groups lose it too: the step goes on (one rank)."""
+    pytest.importorskip("mpi4py")
+    import fastopt
+    from fastopt.distributed import DistributedError, ShardedOptimizer
+    from mpi4py import MPI
+    params = fastopt.pack([np.ones(4, np.float32), np.ones(4, np.float32)])
+    opt = ShardedOptimizer(fastopt.AdamW, list(params), comm=MPI.COMM_SELF, lr=0.1)
+    grads = params.zeros_like()
+    grads.data[:] = 1
+    opt.step(grads)
+    before = params.data.copy()
+    opt.param_groups[0]["weight_decy"] = 0.1
+    with pytest.raises(DistributedError, match=r"unknown keys \['weight_decy'\]"):
+        opt.step(grads)
+    np.testing.assert_array_equal(params.data, before)
+    del opt.param_groups[0]["weight_decy"]
+    opt.step(grads)
+    assert not np.array_equal(params.data, before)

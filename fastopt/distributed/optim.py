@@ -614,8 +614,10 @@ class ShardedOptimizer(_Distributed):
     def _sync_hypers(self):
         """Copy the (editable) global group hyperparameters into the shard's groups."""
         for li, gi in enumerate(self._gmap):
-            self._inner.param_groups[li].update(
-                {k: v for k, v in self.param_groups[gi].items() if k != "params"})
+            inner, group = self._inner.param_groups[li], self.param_groups[gi]
+            for k in [k for k in inner if k != "params" and k not in group]:
+                del inner[k]              # removed by the user: gone from the shard's too
+            inner.update({k: v for k, v in group.items() if k != "params"})
         for li, g in enumerate(self._inner.param_groups):
             self._inner._resolve(g, where=f"param_groups[{self._gmap[li]}]")
 

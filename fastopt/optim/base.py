@@ -386,7 +386,8 @@ class Optimizer:
         # pickle) rebuilds its own from its own arrays at its first step.
         state = self.__dict__.copy()
         state.pop("_lock", None)
-        state.update(_tables=None, _bound=None, _bound_list=None, _placement=None, _plan=None)
+        state.update(_tables=None, _bound=None, _bound_list=None, _placement=None, _plan=None,
+                     _written_bufs=None)
         # A scheduled group's lr is the very float the schedule last wrote
         # (_with_schedule tells the user's own number by identity); pickle
         # makes two floats of one, so which groups still show it goes along
@@ -426,14 +427,9 @@ class Optimizer:
     def _check_groups_unchanged(self):
         """Params added to (or removed from) a group's list after construction
         would be silently ignored by the step and break its checkpoint:
-        refused, naming add_param_group. So is a key the optimizer does not
-        have (a misspelt hyperparameter would be ignored), as when it is made."""
+        refused, naming add_param_group."""
         for gi, (group, lst, n) in enumerate(zip(self.param_groups, self._group_lists,
                                                  self._group_sizes)):
-            unknown = group.keys() - self.defaults.keys() - {"params"}
-            if unknown:
-                raise ValueError(f"param_groups[{gi}] has unknown keys {sorted(unknown)}; "
-                                 f"this {type(self).__name__} has {sorted(self.defaults)}")
             params = group["params"]
             if params is not lst or len(params) != n:
                 raise ValueError(
@@ -606,9 +602,26 @@ class Optimizer:
         if skip:
             self._forget(created)     # e.g. SGD's first momentum step stays its first
         out = self._finish_step(skip, norm, hypers)
+        if compiled and len(self._all_tables) > 1:
+            self._refuse_all_written()
         if compiled and not skip:
             self._plan = StepPlan.make(self, hypers, max_norm, check, group_steps)
         return out
+
+    def _refuse_all_written(self):
+        """Make every table's grads miss all that any table writes: the
+        params (given as the tables are built) and, once they exist, every
+        group's state buffers (a grad aliasing another group's exp_avg was
+        taken by the compiled readers). Redone only when the buffers change."""
+        bufs = [b for st in self.state for b in st["flat"].values()]
+        known = self._written_bufs
+        if known is not None and len(known) == len(bufs) and all(
+                a is b for a, b in zip(known, bufs)):
+            return
+        everything = merged_ranges([a for t in self._all_tables for a in t._writes()] + bufs)
+        for t in self._all_tables:
+            t.also_written(everything)
+        self._written_bufs = bufs
 
     @staticmethod
     def _table_update(be, t, el, bufs, scale, compact=None, max_norm=0.0, inv_scale=1.0,
@@ -727,8 +740,9 @@ class Optimizer:
         single = compiled and len(all_tables) == 1
         # stored together, with no call in between: a Ctrl-C (raised at a
         # call) cannot leave some of them from another build
-        self._tables, self._all_tables, self._compiled, self._single = (tables, all_tables,
-                                                                         compiled, single)
+        # (_written_bufs None: the state buffers' ranges are given at the next full step)
+        self._tables, self._all_tables, self._compiled, self._single, self._written_bufs = (
+            tables, all_tables, compiled, single, None)
         return tables
 
     def _group_tables(self, gi):
@@ -1164,6 +1178,14 @@ class Optimizer:
             checked["lr"] = lr if (type(lr) is float and 0.0 <= lr < math.inf) else \
                 V.check_real(V.key(where, "lr"), lr, low=0.0)
             return checked
+        # A key the optimizer does not have (a misspelt hyperparameter, written
+        # into a group after construction) would be ignored: refused, as when
+        # it is made. (A key added or removed always misses the cache.)
+        defaults = self.__dict__.get("defaults")      # (None while they are checked)
+        unknown = defaults is not None and group.keys() - defaults.keys() - {"params"}
+        if unknown:
+            raise ValueError(f"{where or 'param group'} has unknown keys {sorted(unknown)}; "
+                             f"this {type(self).__name__} has {sorted(self.defaults)}")
         snapshot = {k: (v[:] if type(v) is list else v)    # a copy sees in-place edits
                     for k, v in group.items() if k != "params" and k != "lr"}
         checked = self._check_hypers(group, where)
