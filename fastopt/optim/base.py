@@ -566,6 +566,9 @@ class Optimizer:
                 st = self.state[gi]
                 plans.append((s, [st["flat"][n] for n in names], fmt.step_args(gi, names, st)))
                 group_steps.append((type(s), names))
+            if compiled and len(self._all_tables) > 1:
+                self._refuse_all_written()    # for the steps after this one (its grads
+                                              # were read): buffers it made count too
             if not compiled:
                 # the reference backend writes array by array with NumPy, which
                 # refuses a param made read-only after construction where it
@@ -602,8 +605,6 @@ class Optimizer:
         if skip:
             self._forget(created)     # e.g. SGD's first momentum step stays its first
         out = self._finish_step(skip, norm, hypers)
-        if compiled and len(self._all_tables) > 1:
-            self._refuse_all_written()
         if compiled and not skip:
             self._plan = StepPlan.make(self, hypers, max_norm, check, group_steps)
         return out
