@@ -244,6 +244,17 @@ class StepTable:
         self.grads = flats
 
 
+def refuse_each_other(tables, extra=()) -> list:
+    """Make each of a step's ``tables`` refuse grads that overlap what any of
+    them writes (their params) or ``extra`` (state buffers): a table's
+    grads may be read after another table was updated. Returns ``extra``."""
+    extra = list(extra)
+    everything = merged_ranges([a for t in tables for a in t._writes()] + extra)
+    for t in tables:
+        t.also_written(everything)
+    return extra
+
+
 def check_unshifted(table) -> None:
     """Compact state steps without an offset (SAM keeps its two passes
     there): refuse one before anything is written."""

@@ -39,7 +39,7 @@ from .. import _validate as V
 from .._memory import state_copy
 from ..backends import backend_for, get_backend
 from ..backends.scalars import clip_coefficient
-from ..backends.tables import element_of, group_tables, merged_ranges, step_per_array
+from ..backends.tables import element_of, group_tables, refuse_each_other, step_per_array
 from ..backends.threads import SERIAL_MAX
 from ..clip import norm_of
 from ..params import FlatArrays
@@ -619,10 +619,7 @@ class Optimizer:
         if known is not None and len(known) == len(bufs) and all(
                 a is b for a, b in zip(known, bufs)):
             return
-        everything = merged_ranges([a for t in self._all_tables for a in t._writes()] + bufs)
-        for t in self._all_tables:
-            t.also_written(everything)
-        self._written_bufs = bufs
+        self._written_bufs = refuse_each_other(self._all_tables, bufs)
 
     @staticmethod
     def _table_update(be, t, el, bufs, scale, compact=None, max_norm=0.0, inv_scale=1.0,
@@ -734,9 +731,7 @@ class Optimizer:
         tables = [self._group_tables(gi) for gi in range(len(self.param_groups))]
         all_tables = [t for ts in tables for t in ts]
         if len(all_tables) > 1:     # a grad must miss every table's params
-            everything = merged_ranges([a for t in all_tables for a in t._writes()])
-            for t in all_tables:
-                t.also_written(everything)
+            refuse_each_other(all_tables)
         compiled = getattr(self._backend, "compiled_tables", False)
         single = compiled and len(all_tables) == 1
         # stored together, with no call in between: a Ctrl-C (raised at a

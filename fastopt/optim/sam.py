@@ -45,7 +45,7 @@ from .. import _validate as V
 from .._memory import state_zeros
 from ..backends import get_backend
 from ..backends.flat_ops import ops_for, sam_scale
-from ..backends.tables import group_tables, merged_ranges
+from ..backends.tables import group_tables, refuse_each_other
 from ..params import FlatArrays
 from .base import Optimizer
 from .placement import Offsets, span
@@ -184,10 +184,7 @@ class SAM:
             first += len(params)
         self._all = [t for ts in self._tables for t in ts]
         if len(self._all) > 1:      # each table's grads must miss every group's params and e
-            everything = merged_ranges([a for t in self._all for a in t._writes()]
-                                       + [st["e_w"] for st in self.state])
-            for t in self._all:
-                t.also_written(everything)
+            refuse_each_other(self._all, [st["e_w"] for st in self.state])
         self._layout_key = self._key()
 
     def _current_tables(self):
