@@ -341,10 +341,10 @@ def _prepare_params(given, tree):
     saved = tree["params"]
     if isinstance(saved, dict):         # saved by name: matched by name
         saved_names, saved_arrays = KeyTree.of(saved, "the checkpoint's params")
-        by_path = dict(zip(saved_names.paths, saved_arrays))
         if names is None:               # a list: the names' order when saved
             saved = saved_arrays
         else:
+            by_path = dict(zip(saved_names.paths, saved_arrays))
             for path, label in zip(names.paths, names.labels):
                 if path not in by_path:
                     raise CheckpointError(f"the checkpoint has no params{label}")

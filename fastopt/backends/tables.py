@@ -78,12 +78,17 @@ def plan(sizes, chunk=CHUNK):
     return tuple(np.asarray(x, _I64) for x in (pk, plo, phi, tasks))
 
 
+def _byte_pairs(arrays) -> np.ndarray:
+    """``(start, end)`` byte addresses of each non-empty array, one row each."""
+    return np.asarray([(address(a), address(a) + a.nbytes) for a in arrays if a.nbytes],
+                      _I64).reshape(-1, 2)
+
+
 def merged_ranges(arrays, ranges=None) -> np.ndarray:
     """Sorted, disjoint byte ranges ``[lo0, hi0, lo1, hi1, ...]`` covered by
     ``arrays`` (what a step writes), and by ``ranges`` (more such ranges)
     where given: grads are checked against them."""
-    pairs = np.asarray([(address(a), address(a) + a.nbytes) for a in arrays if a.nbytes],
-                       _I64).reshape(-1, 2)
+    pairs = _byte_pairs(arrays)
     if ranges is not None and ranges.size:
         pairs = np.concatenate([pairs, ranges.reshape(-1, 2)])
     if not len(pairs):
@@ -252,8 +257,7 @@ class StepTable:
 
 def _covers(ranges, arrays) -> bool:
     """Whether the merged ``ranges`` hold every byte of ``arrays``."""
-    pairs = np.asarray([(address(a), address(a) + a.nbytes) for a in arrays if a.nbytes],
-                       _I64).reshape(-1, 2)
+    pairs = _byte_pairs(arrays)
     if not len(pairs):
         return True
     starts, ends = ranges[0::2], ranges[1::2]
