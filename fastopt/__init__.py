@@ -48,9 +48,10 @@ __all__ += ["LBFGS"]
 
 
 def __getattr__(name):
-    # fastopt.nn (MLPs, ensembles), fastopt.data (dataset readers) and
-    # fastopt.distributed (MPI) load on first use, so `import fastopt` stays light.
-    if name in ("nn", "data", "distributed"):
+    # fastopt.nn (MLPs, ensembles), fastopt.data (dataset readers),
+    # fastopt.distributed (MPI) and fastopt.cuda (device arrays) load on first
+    # use, so `import fastopt` stays light.
+    if name in ("nn", "data", "distributed", "cuda"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fastopt' has no attribute {name!r}")

@@ -33,6 +33,15 @@ def _device_flats(be, grads, dtypes=None):
     return flats, named
 
 
+def _by_name(grads):
+    """Grads given by name (a dict, nested dicts too) as their arrays in key
+    order, as an optimizer reads them; anything else as given."""
+    if isinstance(grads, dict):
+        from .optim.named import KeyTree      # (fastopt.optim imports this module)
+        return KeyTree.of(grads, "grads")[1]
+    return grads
+
+
 def norm_of(backend, flats) -> float:
     """Global L2 norm of 1-D arrays with an already chosen backend module."""
     return math.sqrt(sum(backend.sumsq(g) for g in flats))
@@ -43,7 +52,10 @@ def global_norm(grads, *, backend="auto") -> float:
 
     The sum runs over fixed chunks in a fixed order, so the result does not
     depend on the thread count. A NaN or inf anywhere gives NaN or inf.
+    ``grads``: an array, a list of them, a dict of them by name (nested
+    dicts too) or a FlatArrays.
     """
+    grads = _by_name(grads)
     be = get_backend(backend_for(backend, grads))
     if getattr(be, "device", False):   # device arrays: the two-stage GPU reduction
         return be.norm_control(_device_flats(be, grads)[0]).norm()
@@ -56,9 +68,11 @@ def clip_by_global_norm(grads, max_norm, *, backend="auto") -> float:
     Multiplies by torch's ``min(1, max_norm / (norm + 1e-6))`` and returns
     the norm before clipping (on device arrays: a ``DeviceNorm``, read
     with ``float()``). Optimizers take ``max_grad_norm=`` to do this
-    inside the step without modifying the gradients.
+    inside the step without modifying the gradients. ``grads`` as for
+    :func:`global_norm`.
     """
     max_norm = V.check_real("max_norm", max_norm, low=0.0, low_open=True)
+    grads = _by_name(grads)
     be = get_backend(backend_for(backend, grads))
     if getattr(be, "device", False):
         # coefficient decided and applied on the device; the norm comes back

@@ -131,3 +131,19 @@ def test_clip_zero_gradients():
     assert fastopt.clip_by_global_norm(grads, 1.0) == 0.0
     assert fastopt.global_norm([np.zeros(0)]) == 0.0
     assert not grads[0].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grads_by_name_are_clipped_as_the_list_of_their_arrays(backend):
+    """The README's dict grads work with the clipping functions too (nested
+    dicts read in key order, as an optimizer reads them)."""
+    rng = np.random.default_rng(3)
+    named = {"W1": rng.standard_normal((4, 3)), "head": {"W": rng.standard_normal(5),
+                                                         "b": rng.standard_normal(2)}}
+    arrays = [named["W1"].copy(), named["head"]["W"].copy(), named["head"]["b"].copy()]
+    assert fastopt.global_norm(named, backend=backend) == fastopt.global_norm(arrays,
+                                                                              backend=backend)
+    norm = fastopt.clip_by_global_norm(named, 0.5, backend=backend)
+    assert norm == fastopt.clip_by_global_norm(arrays, 0.5, backend=backend)
+    for a, b in zip([named["W1"], named["head"]["W"], named["head"]["b"]], arrays):
+        np.testing.assert_array_equal(a, b)

@@ -668,7 +668,7 @@ def _decide(partial, max_norm, inv_scale, norm_mode):
 
 def _table_step(c, waddr, eaddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, st1, st2,
                 like_w, like_g, like_o, gscale, flags, max_norm, inv_scale, norm_mode,
-                partial, one_phase, two_phase):
+                partial, outcome, one_phase, two_phase):
     """One step over a table: the norm pass (``norm_mode`` 1: for clipping,
     2: and skip a non-finite step), then the update. Compiled twice below:
     threaded (``prange`` is a parallel loop: one parallel region per loop,
@@ -682,7 +682,9 @@ def _table_step(c, waddr, eaddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, s
     settles ``argument is None`` at compile time, so each compilation holds
     only its own update (an element type has the functions of one kind).
     ``eaddr``: None, or the table's offset column (the weights read as
-    ``w - e``); a skipped step writes nothing, offset or not."""
+    ``w - e``); a skipped step writes nothing, offset or not. ``outcome``:
+    the table's (calls, norm, skipped), written last (what a step
+    interrupted by Ctrl-C did: fastopt.optim.interrupt)."""
     ntasks = tasks.size - 1
     norm, coef, skip = 0.0, 1.0, False
     if norm_mode:
@@ -705,6 +707,9 @@ def _table_step(c, waddr, eaddr, oaddr, gaddr, soff, pk, plo, phi, tasks, st0, s
             for t in prange(ntasks):
                 _task_finish(t, c, waddr, eaddr, oaddr, soff, pk, plo, phi, tasks, st0, st1,
                              st2, like_w, like_o, flags, factor)
+    outcome[1] = norm
+    outcome[2] = 1.0 if skip else 0.0
+    outcome[0] += 1.0
     return norm, skip
 
 
@@ -888,7 +893,7 @@ def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
                      None if shift is None else table.eaddr, table.oaddr, table.gaddr,
                      table.soff, table.pk, table.plo, table.phi, table.tasks, st0, st1, st2,
                      info["like_w"], info["like_g"], info["like_o"], float(gscale), el.flags,
-                     float(max_norm), float(inv_scale), norm_mode, table.partial,
+                     float(max_norm), float(inv_scale), norm_mode, table.partial, table.outcome,
                      *((True, None) if el.phases == 1 else
                        (None, (table.pfirst, table.psum, table.factor))))
     if shift is not None and not skip:

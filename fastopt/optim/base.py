@@ -45,6 +45,7 @@ from ..clip import norm_of
 from ..params import FlatArrays
 from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler
+from .interrupt import Mark, held
 from .named import KeyTree
 from .placement import placement_for
 from .state_format import StateFormat
@@ -107,7 +108,8 @@ class Optimizer:
     their math (``_element_step``); where the arrays live is the placement's
     (host or device, chosen at bind), so every optimizer runs on both.
 
-    Keyword options every optimizer takes: ``backend``, ``max_grad_norm``
+    Keyword options every optimizer stepped with gradients takes (L-BFGS,
+    stepped with a closure, takes ``backend`` only): ``backend``, ``max_grad_norm``
     (global-norm clipping inside the step), ``skip_nonfinite`` (skip a step
     whose gradients hold NaN/inf; counted in ``skipped_steps``),
     ``state_dtype`` (``"float32"``, or compact state: ``"bfloat16"`` or
@@ -558,56 +560,102 @@ class Optimizer:
         fused = self._single and self.grad_stats is None
         norm, coef, skip = None, 1.0, False
         group_steps = []     # per group (type of its step scalars, buffer names): the plan
+        mark = None          # taken just before the first kernel (compiled backends)
         try:
-            plans = []
-            fmt = self._state_format
-            for gi, h in enumerate(hypers):
-                s, names = self._group_state(gi, h, created)
-                st = self.state[gi]
-                plans.append((s, [st["flat"][n] for n in names], fmt.step_args(gi, names, st)))
-                group_steps.append((type(s), names))
-            if compiled and len(self._all_tables) > 1:
-                self._refuse_all_written()    # for the steps after this one (its grads
-                                              # were read): buffers it made count too
-            if not compiled:
-                # the reference backend writes array by array with NumPy, which
-                # refuses a param made read-only after construction where it
-                # comes: refused here first, so that nothing is written
-                # (the tables go too: their views of it were made read-only with
-                # it, and are made again once it is writable)
-                for i, p in enumerate(self._params):
-                    if not p.flags.writeable:
-                        self._tables = None
-                        raise ValueError(f"params[{i}] is read-only: the step writes it")
-            if norm_mode and not fused:
-                norm, finite = self._table_stats(be, self._all_tables, compiled, check)
-                skip = check and not finite
-                norm *= inv_scale          # the norm of the unscaled gradients
-                if max_norm is not None:
-                    coef = clip_coefficient(norm, max_norm)
-            if fused:
-                s, bufs, cs = plans[0]
-                norm, skip = self._fused_call(be, tables[0][0], element_of(s, len(bufs)), bufs,
-                                              max_norm, inv_scale, norm_mode, cs)
-            elif not skip:
-                for (s, bufs, cs), ts in zip(plans, tables):
-                    for t in ts:
+            try:
+                plans = []
+                fmt = self._state_format
+                for gi, h in enumerate(hypers):
+                    s, names = self._group_state(gi, h, created)
+                    st = self.state[gi]
+                    plans.append((s, [st["flat"][n] for n in names],
+                                  fmt.step_args(gi, names, st)))
+                    group_steps.append((type(s), names))
+                if compiled and len(self._all_tables) > 1:
+                    self._refuse_all_written()    # for the steps after this one (its grads
+                                                  # were read): buffers it made count too
+                if not compiled:
+                    # the reference backend writes array by array with NumPy, which
+                    # refuses a param made read-only after construction where it
+                    # comes: refused here first, so that nothing is written
+                    # (the tables go too: their views of it were made read-only
+                    # with it, and are made again once it is writable)
+                    for i, p in enumerate(self._params):
+                        if not p.flags.writeable:
+                            self._tables = None
+                            raise ValueError(f"params[{i}] is read-only: the step writes it")
+                if norm_mode and not fused:
+                    norm, finite = self._table_stats(be, self._all_tables, compiled, check)
+                    skip = check and not finite
+                    norm *= inv_scale          # the norm of the unscaled gradients
+                    if max_norm is not None:
+                        coef = clip_coefficient(norm, max_norm)
+                # each table's write, in order: (table, its kernels' element step
+                # (the step scalars for the reference backend), buffers, grad
+                # scale, compact args); none where a non-finite norm skips the step
+                work = [] if skip else [
+                    (t, element_of(s, len(bufs)) if compiled else s, bufs, coef * inv_scale, cs)
+                    for (s, bufs, cs), ts in zip(plans, tables) for t in ts]
+                if compiled:
+                    mark = Mark(self, [w[0] for w in work])
+                if fused:
+                    t, el, bufs, _, cs = work[0]
+                    norm, skip = self._fused_call(be, t, el, bufs, max_norm, inv_scale,
+                                                  norm_mode, cs)
+                else:
+                    for t, el, bufs, scale, cs in work:
                         if compiled:
-                            self._table_update(be, t, element_of(s, len(bufs)), bufs,
-                                               coef * inv_scale, cs)
+                            self._table_update(be, t, el, bufs, scale, cs)
                         else:
-                            step_per_array(be, t, s, bufs, coef * inv_scale, cs)
-        except BaseException:
-            # only reachable before the kernels wrote (they raise nothing):
-            # buffers this step made go, and with them any trace of it
-            self._forget(created)
+                            step_per_array(be, t, el, bufs, scale, cs)
+            except BaseException as e:
+                if isinstance(e, KeyboardInterrupt) and self._committed(mark, skip):
+                    raise           # a kernel ran: the step is completed below
+                # before any kernel ran (they raise nothing): buffers this
+                # step made go, and with them any trace of it
+                self._forget(created)
+                raise
+            if skip:
+                self._forget(created)     # e.g. SGD's first momentum step stays its first
+            out = self._finish_step(skip, norm, hypers)
+        except KeyboardInterrupt:
+            if not self._committed(mark, skip):
+                raise
+            held(self._complete_step, mark, be, work, fused, created, hypers, norm, skip,
+                 (max_norm, inv_scale, norm_mode))
             raise
-        if skip:
-            self._forget(created)     # e.g. SGD's first momentum step stays its first
-        out = self._finish_step(skip, norm, hypers)
         if compiled and not skip:
             self._plan = StepPlan.make(self, hypers, max_norm, check, group_steps)
         return out
+
+    @staticmethod
+    def _committed(mark, skip) -> bool:
+        """Whether an interrupted step is past its point of no return: a
+        kernel ran, or the norm pass skipped it (counted, nothing to write)."""
+        return mark is not None and (skip or mark.any_called())
+
+    def _complete_step(self, mark, be, work, fused, created, hypers, norm, skip, norm_args):
+        """An interrupted step made whole (fastopt.optim.interrupt): the
+        tables not yet written written, as the step would have, then the
+        counters counted once from the mark (idempotent: :func:`held` runs
+        it again after a further Ctrl-C)."""
+        if fused:       # one table, its norm pass in its kernel: that call ran
+            t, el, bufs, _, cs = work[0]
+            if t.outcome[0] - mark.calls[0] > 1:
+                # the exact re-step of _fused_result ran too: norm inf, not skipped
+                norm, skip = math.inf, False
+            else:
+                norm, skip = self._fused_result(be, t, el, bufs, t.outcome[1],
+                                                bool(t.outcome[2]), *norm_args, cs)
+        else:
+            for k, (t, el, bufs, scale, cs) in enumerate(work):
+                if not mark.called(k):
+                    self._table_update(be, t, el, bufs, scale, cs)
+        mark.clear_applied_shifts()
+        if skip:
+            self._forget(created)
+        mark.reset_counters(self)
+        self._finish_step(skip, norm, hypers)
 
     def _refuse_all_written(self):
         """Make every table's grads miss all that any table writes: the
@@ -651,6 +699,12 @@ class Optimizer:
         check = V.check_bool("skip_nonfinite", self.skip_nonfinite) or scaler is not None
         inv_scale = 1.0 if scaler is None else 1.0 / scaler.scale
         return hypers, max_norm, check, inv_scale
+
+    @classmethod
+    def _plain_finish(cls) -> bool:
+        """Whether this optimizer's counting after a step is the base one:
+        step counts, iterations and the rest, nothing of its own."""
+        return cls._finish_step is Optimizer._finish_step
 
     def _finish_step(self, skip, norm, hypers):
         """The counters after a step (host or device) ran or was skipped."""
@@ -714,6 +768,12 @@ class Optimizer:
         the kernels' element step); returns ``(unscaled norm, skipped)``."""
         norm, skip = self._table_update(be, t, el, bufs, 1.0, compact, max_norm or 0.0,
                                         inv_scale, norm_mode)
+        return self._fused_result(be, t, el, bufs, norm, skip, max_norm, inv_scale, norm_mode,
+                                  compact)
+
+    def _fused_result(self, be, t, el, bufs, norm, skip, max_norm, inv_scale, norm_mode,
+                      compact):
+        """:meth:`_fused_call`'s result from the kernel's ``(norm, skip)``."""
         if not norm_mode:
             return None, False
         if skip and norm == math.inf and t.compute == 64:

@@ -223,6 +223,8 @@ class LBFGS(Optimizer):
             self.state[0]["runs"] = [{} for _ in self._spans]
 
     def add_param_group(self, param_group) -> None:
+        """L-BFGS steps one param group: the first params only (an
+        optimizer made without them); another group is refused."""
         if self.param_groups:
             raise ValueError("LBFGS takes one param group; it cannot add another")
         super().add_param_group(param_group)

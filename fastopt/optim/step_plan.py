@@ -36,15 +36,18 @@ not change.
 from __future__ import annotations
 
 import math
+import operator
 
 from ..backends.scalars import ElementStep
 from ..backends.tables import element_maker
 from ..backends.threads import SERIAL_MAX
+from .interrupt import Mark, held
 
 #: returned by :meth:`StepPlan.run` when the plan no longer holds
 STALE = object()
 
 _build = tuple.__new__
+_step_of = operator.itemgetter("step")
 
 
 class GroupPlan:
@@ -148,8 +151,8 @@ class GroupPlan:
 
 class StepPlan:
     __slots__ = ("tables", "groups", "single", "max_norm_given", "skip_given", "max_norm",
-                 "norm_mode", "small", "list_step", "owner", "list_tables", "plain_finish",
-                 "timed", "num_threads")
+                 "norm_mode", "small", "list_step", "list_outcome", "owner", "list_tables",
+                 "plain_finish", "timed", "num_threads")
 
     @classmethod
     def make(cls, opt, hypers, max_norm, check, steps):
@@ -186,7 +189,7 @@ class StepPlan:
         # one large table: serial or threaded as its timings say (_table_update)
         plan.timed = opt._single and opt._all_tables[0].nelem > SERIAL_MAX
         plan.num_threads = opt._backend.get_num_threads
-        plan.list_step = plan.owner = plan.list_tables = None
+        plan.list_step = plan.list_outcome = plan.owner = plan.list_tables = None
         if bind is not None:
             tables = [(gi, t, g.buffers) for gi, g in enumerate(groups) for t in g.tables]
             plan.list_tables = [t for _, t, _ in tables]
@@ -195,10 +198,13 @@ class StepPlan:
             plan.owner = None if owner == list(range(len(groups))) else owner
             plan.list_step = bind(plan.list_tables, [b for _, _, b in tables],
                                   len(opt._params))
-        from .base import Optimizer      # (base imports this module)
+            # the list step writes all its tables in one native call or none:
+            # the first one's call count says whether a call that a Ctrl-C
+            # interrupted as it returned wrote (fastopt.optim.interrupt)
+            plan.list_outcome = plan.list_tables[0].outcome
         # the counters need no call where the optimizer keeps nothing of its
         # own at the end of a step (NAdam does: its momentum product)
-        plan.plain_finish = type(opt)._finish_step is Optimizer._finish_step
+        plan.plain_finish = opt._plain_finish()
         return plan
 
     def run(self, opt, grads, bound=False):
@@ -235,28 +241,44 @@ class StepPlan:
         opt._bound = None
         opt._bound_list = grads
         t.grads = None
-        if self.timed:
-            # _table_update's pick and record around the one call. A refused
-            # call leaves its pick open, as a step that raised does: the
-            # native reader refuses exactly what the full step's checks
-            # reject (_check_grad_list), so the full step raises before it
-            # picks again (tests/test_step_plan.py checks both)
-            choice = t.threads
-            if not self.list_step(grads, (step[0],), (step[1],),
-                                  choice.pick(t.nelem, self.num_threads())):
-                return STALE
-            choice.record()
-        elif not self.list_step(grads, (step[0],), (step[1],)):
-            return STALE         # the full checks say why (or take the grads)
-        if not self.plain_finish:
-            return opt._finish_step(False, None, [g.hypers])
-        # _finish_step's counters for a step that ran without a norm, a loss
-        # scaler or a schedule (tests compare them with the full step's)
-        state["step"] += 1
-        opt.iterations += 1
-        opt.grad_norm = None
-        opt.last_lr = [g.lr]
-        return None
+        list_outcome = self.list_outcome
+        calls, steps, iterations = list_outcome[0], state["step"], opt.iterations
+        mark = None if self.plain_finish else Mark(opt, [t])
+        try:
+            if self.timed:
+                # _table_update's pick and record around the one call. A refused
+                # call leaves its pick open, as a step that raised does: the
+                # native reader refuses exactly what the full step's checks
+                # reject (_check_grad_list), so the full step raises before it
+                # picks again (tests/test_step_plan.py checks both)
+                choice = t.threads
+                if not self.list_step(grads, (step[0],), (step[1],),
+                                      choice.pick(t.nelem, self.num_threads())):
+                    return STALE
+                choice.record()
+            elif not self.list_step(grads, (step[0],), (step[1],)):
+                return STALE         # the full checks say why (or take the grads)
+            if mark is not None:
+                return opt._finish_step(False, None, [g.hypers])
+            # _finish_step's counters for a step that ran without a norm, a loss
+            # scaler or a schedule (tests compare them with the full step's)
+            state["step"] += 1
+            opt.iterations += 1
+            opt.grad_norm = None
+            opt.last_lr = [g.lr]
+            return None
+        except KeyboardInterrupt:
+            if list_outcome[0] == calls:
+                raise                 # nothing written
+            # written: counted once, as above (fastopt.optim.interrupt)
+            if mark is not None:
+                held(_finish_again, opt, mark, [g.hypers])
+            else:
+                state["step"] = steps + 1
+                opt.iterations = iterations + 1
+                opt.grad_norm = None
+                opt.last_lr = [g.lr]
+            raise
 
     def _run_tables(self, opt, grads, bound):
         """:meth:`run` through the backend's table step (after its own checks)."""
@@ -278,14 +300,30 @@ class StepPlan:
                 t.grads = None
                 if not be.gather(t, grads):
                     return STALE      # the full checks say why (or take it)
-            if self.small:
-                # serial, no norm: _table_update's own call for such a table,
-                # made here directly (a frame less of fixed cost)
-                be.step(t, el, g.buffers, el.grad_scale, 0.0, 1.0, 0, False, g.compact_args())
-                return opt._finish_step(False, None, [g.hypers])
-            norm, skip = opt._fused_call(be, t, el, g.buffers, self.max_norm, 1.0,
-                                         self.norm_mode, g.compact_args())
-            return opt._finish_step(skip, norm, [g.hypers])
+            cs = g.compact_args()
+            if self.plain_finish:     # what a Mark holds, read inline (a Mark costs ~1 us)
+                mark, calls, steps = None, t.outcome[0], g.state["step"]
+                iterations, skipped = opt.iterations, opt.skipped_steps
+            else:
+                mark = Mark(opt, [t])
+            try:
+                if self.small:
+                    # serial, no norm: _table_update's own call for such a table,
+                    # made here directly (a frame less of fixed cost)
+                    be.step(t, el, g.buffers, el.grad_scale, 0.0, 1.0, 0, False, cs)
+                    return opt._finish_step(False, None, [g.hypers])
+                norm, skip = opt._fused_call(be, t, el, g.buffers, self.max_norm, 1.0,
+                                             self.norm_mode, cs)
+                return opt._finish_step(skip, norm, [g.hypers])
+            except KeyboardInterrupt:
+                if mark is None:
+                    mark = Mark.taken([t], [calls], [steps], iterations, skipped)
+                if not mark.any_called():
+                    raise             # nothing written
+                # written: completed and counted once (fastopt.optim.interrupt)
+                held(opt._complete_step, mark, be, [(t, el, g.buffers, 1.0, cs)], True, (),
+                     [g.hypers], None, False, (self.max_norm, 1.0, self.norm_mode))
+                raise
         if not bound:
             if type(grads) is not list or len(grads) != len(opt._params):
                 return STALE
@@ -300,11 +338,21 @@ class StepPlan:
             if el is None:
                 return STALE
             elements.append(el)
-        for g, el in zip(plans, elements):  # nothing has been written before here
-            cs = g.compact_args()
-            for t in g.tables:
-                opt._table_update(be, t, el, g.buffers, 1.0, cs)
-        return opt._finish_step(False, None, [g.hypers for g in plans])
+        # nothing has been written before here
+        work = [(t, el, g.buffers, 1.0, cs)
+                for g, el, cs in zip(plans, elements, map(GroupPlan.compact_args, plans))
+                for t in g.tables]
+        mark = Mark(opt, [w[0] for w in work])
+        try:
+            for t, el, bufs, scale, cs in work:
+                opt._table_update(be, t, el, bufs, scale, cs)
+            return opt._finish_step(False, None, [g.hypers for g in plans])
+        except KeyboardInterrupt:
+            if not mark.any_called():
+                raise
+            held(opt._complete_step, mark, be, work, False, (), [g.hypers for g in plans],
+                 None, False, None)
+            raise
 
     def _run_list_steps(self, opt, grads, groups):
         """:meth:`run`'s one native call for several small groups or tables."""
@@ -327,13 +375,40 @@ class StepPlan:
         owner = self.owner
         if owner is not None:             # a group with several tables
             els, values = [els[gi] for gi in owner], [values[gi] for gi in owner]
-        if not self.list_step(grads, tuple(els), tuple(values)):
-            return STALE
-        if not self.plain_finish:
-            return opt._finish_step(False, None, [g.hypers for g in plans])
-        for state in opt.state:       # _finish_step's counters, as run() sets them inline
-            state["step"] += 1
-        opt.iterations += 1
-        opt.grad_norm = None
-        opt.last_lr = [g.lr for g in plans]
-        return None
+        list_outcome = self.list_outcome
+        calls = list_outcome[0]
+        if self.plain_finish:
+            mark, steps, iterations = None, list(map(_step_of, opt.state)), opt.iterations
+        else:
+            mark = Mark(opt, tables)
+        try:
+            if not self.list_step(grads, tuple(els), tuple(values)):
+                return STALE
+            if mark is not None:
+                return opt._finish_step(False, None, [g.hypers for g in plans])
+            for state in opt.state:       # _finish_step's counters, as run() sets them inline
+                state["step"] += 1
+            opt.iterations += 1
+            opt.grad_norm = None
+            opt.last_lr = [g.lr for g in plans]
+            return None
+        except KeyboardInterrupt:
+            if list_outcome[0] == calls:
+                raise                 # nothing written
+            # written: counted once, as above (fastopt.optim.interrupt)
+            if mark is not None:
+                held(_finish_again, opt, mark, [g.hypers for g in plans])
+            else:
+                for state, n in zip(opt.state, steps):
+                    state["step"] = n + 1
+                opt.iterations = iterations + 1
+                opt.grad_norm = None
+                opt.last_lr = [g.lr for g in plans]
+            raise
+
+
+def _finish_again(opt, mark, hypers):
+    """The counters of a step whose writes are all done, counted once from
+    ``mark`` (idempotent, for :func:`~fastopt.optim.interrupt.held`)."""
+    mark.reset_counters(opt)
+    opt._finish_step(False, None, hypers)

@@ -1084,7 +1084,17 @@ cdef inline void _dispatch_types(Op* op, const StepJob* j, Py_ssize_t t0,
 cdef enum:
     H_WADDR, H_OADDR, H_GADDR, H_SOFF, H_PK, H_PLO, H_PHI, H_TASKS, H_NTASKS, \
         H_NELEM, H_PARTIAL, H_COMPUTE, H_STORE, H_PFIRST, H_NARRAYS, H_PSUM, H_FACTOR, \
-        H_SHIFT
+        H_OUTCOME, H_SHIFT
+
+
+cdef inline void _note_outcome(const i64* h, double norm, int skipped) noexcept nogil:
+    """The table's ``outcome`` (calls, norm, skipped), written as the step's
+    last act: a Ctrl-C is raised as the native call returns, and the
+    optimizer reads here what the call did (fastopt.optim.interrupt)."""
+    cdef double* o = <double*><size_t>h[H_OUTCOME]
+    o[1] = norm
+    o[2] = skipped
+    o[0] += 1
 
 
 cdef int _scalars(tuple scal, double* sc) except -1:
@@ -1183,6 +1193,7 @@ def step(i64 header, int op, i64 st0, i64 st1, i64 st2, tuple scal, int flags,
         _job_of(&job, &tb, h, op, st0, st1, st2, sc, nscal, flags)
         norm = _run(&job, gscale, max_norm, inv_scale, norm_mode,
                     _step_serial(threaded, &tb, h), &skipped)
+        _note_outcome(h, norm, skipped)
     return norm, bool(skipped)
 
 
@@ -1429,6 +1440,7 @@ cdef class ListStep:
                         sc + 17 * k, ints[3 * k + 2], ints[3 * k + 1])
                 _run(&job, sc[17 * k + 16], 0.0, 1.0, 0, _step_serial(threaded, &tb, h),
                      &skipped)
+                _note_outcome(h, 0.0, 0)
         return True
 
 

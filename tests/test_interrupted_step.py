@@ -1,0 +1,249 @@
+"""A Ctrl-C during a step's writes: the step is completed, then the
+KeyboardInterrupt goes on (fastopt.optim.interrupt). After it the optimizer
+is exactly as before the step or exactly as after it, params, state and
+counters together, and later steps match a run never interrupted.
+
+Python raises a KeyboardInterrupt between bytecodes: as a native call
+returns (its result lost), or at a later line. Both are injected: at every
+line event of the step's Python (a trace function raising it, as the
+tables test in test_all_or_nothing does), and at the return of each native
+call (a wrapper around it). A real SIGINT during large steps closes it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt.optim import base
+
+from conftest import FAST_BACKENDS, assert_same_tree, optimizer_snapshot
+
+OPTIM_DIR = os.path.dirname(base.__file__)
+
+
+def setups():
+    """(name, make(backend) -> (params, opt), grads(step) -> list): the
+    step's paths: one group without a norm (the list step), clipped (the
+    fused norm pass), two groups, a finish of its own (NAdam)."""
+    def arrays():
+        return [np.linspace(-1, 1, 12).reshape(3, 4), np.ones(5), np.full(6, 2.0)]
+
+    def grads(k):
+        return [np.full((3, 4), 0.3 - 0.1 * k), np.full(5, -0.2 + 0.05 * k), np.full(6, 0.1)]
+
+    def one(backend):
+        p = arrays()
+        return p, fastopt.Adam(p, lr=1e-2, backend=backend)
+
+    def clipped(backend):
+        p = arrays()
+        return p, fastopt.AdamW(p, lr=1e-2, backend=backend, max_grad_norm=0.5)
+
+    def two(backend):
+        p = arrays()
+        return p, fastopt.Adam([{"params": p[:2]}, {"params": [p[2]], "lr": 0.1}], lr=1e-2,
+                               backend=backend)
+
+    def nadam(backend):
+        p = arrays()
+        return p, fastopt.NAdam([{"params": p[:2]}, {"params": [p[2]], "lr": 0.1}], lr=1e-2,
+                                backend=backend)
+    return [("one", one, grads), ("clipped", clipped, grads), ("two", two, grads),
+            ("nadam", nadam, grads)]
+
+
+SETUPS = setups()
+
+
+def counters(opt):
+    # (NAdam's "mu_product_pending" is worked out by each step before its
+    # first write, used by that step only: an earlier step's is no state)
+    return (opt.iterations, opt.skipped_steps,
+            [{k: v for k, v in st.items()
+              if not isinstance(v, (dict, list)) and not k.endswith("_pending")}
+             for st in opt.state])
+
+
+def snapshot_of(opt, params):
+    snap = optimizer_snapshot(opt, params)
+    for st in snap["state"]:
+        for k in [k for k in st if k.endswith("_pending")]:
+            del st[k]
+    return snap
+
+
+def run_reference(make, grads, backend, steps):
+    """Snapshots after 0..steps uninterrupted steps."""
+    params, opt = make(backend)
+    snaps = [(snapshot_of(opt, params), counters(opt))]
+    for k in range(steps):
+        opt.step(grads(k))
+        snaps.append((snapshot_of(opt, params), counters(opt)))
+    return snaps
+
+
+def check_whole(opt, params, snaps, k):
+    """After an interrupted step k: as after step k-1 or as after step k."""
+    now = (snapshot_of(opt, params), counters(opt))
+    done = opt.iterations
+    assert done in (k, k + 1), (done, k)
+    assert now[1] == snaps[done][1]
+    assert_same_tree(now[0], snaps[done][0])
+    return done
+
+
+def trace_lines(on_line):
+    def trace(frame, event, arg):
+        if not frame.f_code.co_filename.startswith(OPTIM_DIR):
+            return None
+
+        def line(f, ev, a):
+            if ev == "line":
+                on_line()
+            return line
+        return line
+    return trace
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("name,make,grads", SETUPS, ids=[s[0] for s in SETUPS])
+@pytest.mark.parametrize("which", [0, 2], ids=["first-step", "planned-step"])
+def test_an_interrupt_at_any_line_of_a_step_leaves_it_whole(backend, name, make, grads, which):
+    snaps = run_reference(make, grads, backend, which + 3)
+    previous = sys.gettrace()
+    count = []
+    params, opt = make(backend)
+    for k in range(which):
+        opt.step(grads(k))
+    sys.settrace(trace_lines(lambda: count.append(1)))
+    try:
+        opt.step(grads(which))
+    finally:
+        sys.settrace(previous)
+    nlines = len(count)
+    assert nlines > 5
+    outcomes = set()
+    for target in range(nlines):
+        params, opt = make(backend)
+        for k in range(which):
+            opt.step(grads(k))
+        seen = []
+
+        def interrupt():
+            seen.append(1)
+            if len(seen) == target + 1:
+                raise KeyboardInterrupt
+        sys.settrace(trace_lines(interrupt))
+        try:
+            opt.step(grads(which))
+            interrupted = False
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            sys.settrace(previous)
+        assert interrupted, target
+        done = check_whole(opt, params, snaps, which)
+        outcomes.add(done)
+        for k in range(done, which + 3):       # and it goes on as if never interrupted
+            opt.step(grads(k))
+        assert_same_tree(snapshot_of(opt, params), snaps[which + 3][0])
+    assert outcomes == {which, which + 1}       # both sides of the first write were hit
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("name,make,grads", SETUPS, ids=[s[0] for s in SETUPS])
+def test_an_interrupt_as_a_kernel_returns_completes_the_step(monkeypatch, backend, name, make,
+                                                             grads):
+    """The interrupt raised as the native call returns, its result lost."""
+    snaps = run_reference(make, grads, backend, 5)
+    fired = []
+
+    def raising(real):
+        def call(*args, **kwargs):
+            out = real(*args, **kwargs)
+            if not fired:
+                fired.append(1)
+                raise KeyboardInterrupt
+            return out
+        return call
+
+    if backend == "cython":
+        from fastopt.backends import cython_cpu
+
+        class Kernels:
+            def __getattr__(self, name):
+                return getattr(real_k, name)
+        real_k = cython_cpu._k
+        proxy = Kernels()
+        proxy.step = raising(real_k.step)
+        monkeypatch.setattr(cython_cpu, "_k", proxy)
+    else:
+        from fastopt.backends import numba_cpu
+        monkeypatch.setattr(numba_cpu, "_table_serial", raising(numba_cpu._table_serial))
+        monkeypatch.setattr(numba_cpu, "_table_parallel", raising(numba_cpu._table_parallel))
+    for k in range(4):
+        params, opt = make(backend)
+        for j in range(k):
+            opt.step(grads(j))
+        if opt._plan is not None and opt._plan.list_step is not None:
+            opt._plan.list_step = raising(opt._plan.list_step)
+        fired.clear()
+        with pytest.raises(KeyboardInterrupt):
+            opt.step(grads(k))
+        assert check_whole(opt, params, snaps, k) == k + 1     # the kernel ran: all of it
+        for j in range(k + 1, 5):
+            opt.step(grads(j))
+        assert_same_tree(snapshot_of(opt, params), snaps[5][0])
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_a_real_ctrl_c_during_large_steps_leaves_each_step_whole(backend):
+    """SIGINT sent to the process at random times while 1M-element steps
+    run; every interrupted step is whole, and the run matches one that was
+    never interrupted."""
+    rng = np.random.default_rng(0)
+    n = 1 << 20
+    a = [rng.standard_normal(n).astype(np.float32), rng.standard_normal(1000).astype(np.float32)]
+    b = [x.copy() for x in a]
+    opt_a = fastopt.AdamW(a, lr=1e-3, backend=backend, max_grad_norm=1.0)
+    opt_b = fastopt.AdamW(b, lr=1e-3, backend=backend, max_grad_norm=1.0)
+    g = [rng.standard_normal(n).astype(np.float32), rng.standard_normal(1000).astype(np.float32)]
+    opt_a.step(g)
+    opt_b.step(g)
+    t0 = time.perf_counter()
+    opt_b.step(g)
+    step_time = time.perf_counter() - t0
+    interrupted = 0
+    main = threading.main_thread().ident
+    for trial in range(20):
+        delay = rng.uniform(0, 3 * step_time)
+
+        def send():
+            time.sleep(delay)
+            signal.pthread_kill(main, signal.SIGINT)
+        sender = threading.Thread(target=send)
+        try:
+            sender.start()
+            for _ in range(1000):
+                opt_a.step(g)
+                if opt_a.iterations > opt_b.iterations:
+                    opt_b.step(g)
+            pytest.fail("no interrupt arrived")
+        except KeyboardInterrupt:
+            interrupted += 1
+            sender.join()
+        if opt_a.iterations > opt_b.iterations:
+            opt_b.step(g)
+        assert opt_a.iterations == opt_b.iterations
+        assert [s["step"] for s in opt_a.state] == [s["step"] for s in opt_b.state]
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+        assert_same_tree(opt_a.state_dict()["state"], opt_b.state_dict()["state"])
+    assert interrupted == 20
