@@ -127,7 +127,8 @@ def backend_info() -> dict:
 
 
 def set_num_threads(n: int) -> None:
-    """Threads for every threaded CPU backend (Numba prange and OpenMP).
+    """Threads for every threaded CPU backend: Numba's ``prange``, and the
+    Cython step's own thread team (and its OpenMP loops).
 
     The step kernels never call BLAS, so limiting these threads is enough to
     avoid oversubscription inside a step.
@@ -157,5 +158,7 @@ def kernel_threads(n: int):
 
 
 def get_num_threads() -> int:
+    """The threads a threaded CPU step uses (:func:`set_num_threads`; by
+    default the CPUs this process may run on)."""
     mod = _load("numba") or _load("cython")
     return mod.get_num_threads() if mod is not None else 1
