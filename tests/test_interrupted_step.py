@@ -31,7 +31,8 @@ OPTIM_DIR = os.path.dirname(base.__file__)
 def setups():
     """(name, make(backend) -> (params, opt), grads(step) -> list): the
     step's paths: one group without a norm (the list step), clipped (the
-    fused norm pass), two groups, a finish of its own (NAdam)."""
+    fused norm pass), two groups, a finish of its own (NAdam), a norm that
+    overflows (the exact check and its second kernel call)."""
     def arrays():
         return [np.linspace(-1, 1, 12).reshape(3, 4), np.ones(5), np.full(6, 2.0)]
 
@@ -55,8 +56,10 @@ def setups():
         p = arrays()
         return p, fastopt.NAdam([{"params": p[:2]}, {"params": [p[2]], "lr": 0.1}], lr=1e-2,
                                 backend=backend)
+    def huge(k):            # finite, but their float64 squares overflow the norm's sum
+        return [np.full((3, 4), 1e160), np.full(5, -1e160 * (k + 1)), np.full(6, 1e155)]
     return [("one", one, grads), ("clipped", clipped, grads), ("two", two, grads),
-            ("nadam", nadam, grads)]
+            ("nadam", nadam, grads), ("overflow", clipped, huge)]
 
 
 SETUPS = setups()

@@ -642,11 +642,14 @@ class Optimizer:
         if fused:       # one table, its norm pass in its kernel: that call ran
             t, el, bufs, _, cs = work[0]
             if t.outcome[0] - mark.calls[0] > 1:
-                # the exact re-step of _fused_result ran too: norm inf, not skipped
+                # the exact re-step of _exact_skip ran too: norm inf, not skipped
                 norm, skip = math.inf, False
+            elif not norm_args[2]:
+                norm, skip = None, False
             else:
-                norm, skip = self._fused_result(be, t, el, bufs, t.outcome[1],
-                                                bool(t.outcome[2]), *norm_args, cs)
+                norm, skip = float(t.outcome[1]), bool(t.outcome[2])
+                if skip and norm == math.inf and t.compute == 64:
+                    skip = self._exact_skip(be, t, el, bufs, norm, *norm_args[:2], cs)
         else:
             for k, (t, el, bufs, scale, cs) in enumerate(work):
                 if not mark.called(k):
@@ -768,23 +771,22 @@ class Optimizer:
         the kernels' element step); returns ``(unscaled norm, skipped)``."""
         norm, skip = self._table_update(be, t, el, bufs, 1.0, compact, max_norm or 0.0,
                                         inv_scale, norm_mode)
-        return self._fused_result(be, t, el, bufs, norm, skip, max_norm, inv_scale, norm_mode,
-                                  compact)
-
-    def _fused_result(self, be, t, el, bufs, norm, skip, max_norm, inv_scale, norm_mode,
-                      compact):
-        """:meth:`_fused_call`'s result from the kernel's ``(norm, skip)``."""
         if not norm_mode:
             return None, False
         if skip and norm == math.inf and t.compute == 64:
-            # float64 squares above ~1e154 overflow the sum while every
-            # gradient is finite: only an exact check may skip then
-            if all(bool(np.isfinite(g).all()) for g in self._grad_views(t)):
-                coef = inv_scale * (1.0 if max_norm is None else
-                                    clip_coefficient(norm, max_norm))
-                be.step(t, el, bufs, el.grad_scale * coef, compact=compact)
-                skip = False
+            skip = self._exact_skip(be, t, el, bufs, norm, max_norm, inv_scale, compact)
         return norm, skip
+
+    def _exact_skip(self, be, t, el, bufs, norm, max_norm, inv_scale, compact) -> bool:
+        """Whether a float64 step whose norm came out inf skips: float64
+        squares above ~1e154 overflow the sum while every gradient is
+        finite, and only an exact check may skip then (else the step is
+        made here, clipped by the inf norm)."""
+        if all(bool(np.isfinite(g).all()) for g in self._grad_views(t)):
+            coef = inv_scale * (1.0 if max_norm is None else clip_coefficient(norm, max_norm))
+            be.step(t, el, bufs, el.grad_scale * coef, compact=compact)
+            return False
+        return True
 
     def _host_tables(self):
         """Build the groups' tables (again after a load: new master copies)."""
