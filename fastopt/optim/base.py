@@ -657,8 +657,7 @@ class Optimizer:
         mark.clear_applied_shifts()
         if skip:
             self._forget(created)
-        mark.reset_counters(self)
-        self._finish_step(skip, norm, hypers)
+        mark.recount(self, skip, norm, hypers)
 
     def _refuse_all_written(self):
         """Make every table's grads miss all that any table writes: the

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import operator
 
-_STEP = operator.itemgetter("step")
+#: a state entry's step count (the counters a mark holds for the base counting)
+step_of = operator.itemgetter("step")
 
 
 class Mark:
@@ -45,7 +46,7 @@ class Mark:
         self.calls = [t.outcome[0] for t in tables]
         # the step counts, or where the optimizer's _finish_step keeps more
         # (NAdam: its momentum product) shallow copies of the state entries
-        self.state = (list(map(_STEP, opt.state)) if opt._plain_finish()
+        self.state = (list(map(step_of, opt.state)) if opt._plain_finish()
                       else [dict(st) for st in opt.state])
         self.iterations = opt.iterations
         self.skipped = opt.skipped_steps
@@ -77,9 +78,14 @@ class Mark:
             if t.shift is not None and self.called(k) and not t.outcome[2]:
                 t.clear_shift()
 
-    def reset_counters(self, opt) -> None:
-        """The counters as they were at the mark (whatever part of the
-        step's own counting ran), so that counting again counts once."""
+    def recount(self, opt, skip, norm, hypers) -> None:
+        """Count a step whose writes are all done once, whatever part of
+        its own counting ran: the counters as they were at the mark, then
+        the step's ``_finish_step`` (idempotent, for :func:`held`)."""
+        self._reset_counters(opt)
+        opt._finish_step(skip, norm, hypers)
+
+    def _reset_counters(self, opt) -> None:
         for st, saved in zip(opt.state, self.state):
             if type(saved) is dict:
                 st.clear()

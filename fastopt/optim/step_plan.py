@@ -36,18 +36,16 @@ not change.
 from __future__ import annotations
 
 import math
-import operator
 
 from ..backends.scalars import ElementStep
 from ..backends.tables import element_maker
 from ..backends.threads import SERIAL_MAX
-from .interrupt import Mark, held
+from .interrupt import Mark, held, step_of
 
 #: returned by :meth:`StepPlan.run` when the plan no longer holds
 STALE = object()
 
 _build = tuple.__new__
-_step_of = operator.itemgetter("step")
 
 
 class GroupPlan:
@@ -270,14 +268,10 @@ class StepPlan:
         except KeyboardInterrupt:
             if list_outcome[0] == calls:
                 raise                 # nothing written
-            # written: counted once, as above (fastopt.optim.interrupt)
-            if mark is not None:
-                held(_finish_again, opt, mark, [g.hypers])
-            else:
-                state["step"] = steps + 1
-                opt.iterations = iterations + 1
-                opt.grad_norm = None
-                opt.last_lr = [g.lr]
+            # written: counted once (fastopt.optim.interrupt)
+            if mark is None:
+                mark = Mark.taken([t], [calls], [steps], iterations, opt.skipped_steps)
+            held(mark.recount, opt, False, None, [g.hypers])
             raise
 
     def _run_tables(self, opt, grads, bound):
@@ -378,7 +372,7 @@ class StepPlan:
         list_outcome = self.list_outcome
         calls = list_outcome[0]
         if self.plain_finish:
-            mark, steps, iterations = None, list(map(_step_of, opt.state)), opt.iterations
+            mark, steps, iterations = None, list(map(step_of, opt.state)), opt.iterations
         else:
             mark = Mark(opt, tables)
         try:
@@ -394,21 +388,9 @@ class StepPlan:
             return None
         except KeyboardInterrupt:
             if list_outcome[0] == calls:
-                raise                 # nothing written
-            # written: counted once, as above (fastopt.optim.interrupt)
-            if mark is not None:
-                held(_finish_again, opt, mark, [g.hypers for g in plans])
-            else:
-                for state, n in zip(opt.state, steps):
-                    state["step"] = n + 1
-                opt.iterations = iterations + 1
-                opt.grad_norm = None
-                opt.last_lr = [g.lr for g in plans]
+                raise                 # nothing written (all its tables, or none)
+            # written: counted once (fastopt.optim.interrupt)
+            if mark is None:
+                mark = Mark.taken(tables[:1], [calls], steps, iterations, opt.skipped_steps)
+            held(mark.recount, opt, False, None, [g.hypers for g in plans])
             raise
-
-
-def _finish_again(opt, mark, hypers):
-    """The counters of a step whose writes are all done, counted once from
-    ``mark`` (idempotent, for :func:`~fastopt.optim.interrupt.held`)."""
-    mark.reset_counters(opt)
-    opt._finish_step(False, None, hypers)
