@@ -893,7 +893,8 @@ def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
                      None if shift is None else table.eaddr, table.oaddr, table.gaddr,
                      table.soff, table.pk, table.plo, table.phi, table.tasks, st0, st1, st2,
                      info["like_w"], info["like_g"], info["like_o"], float(gscale), el.flags,
-                     float(max_norm), float(inv_scale), norm_mode, table.partial, table.outcome,
+                     float(max_norm), float(inv_scale), norm_mode, table.partial,
+                     table.outcome_array,
                      *((True, None) if el.phases == 1 else
                        (None, (table.pfirst, table.psum, table.factor))))
     if shift is not None and not skip:

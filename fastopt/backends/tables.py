@@ -141,8 +141,11 @@ class StepTable:
         self._state = (None, (0, 0, 0))
         self.compact_header = None    # set by state_addresses for compact state
         # written by the native step as its last act: calls, norm, skipped
-        # (what a step interrupted by Ctrl-C did: fastopt.optim.interrupt)
-        self.outcome = np.zeros(3)
+        # (what a step interrupted by Ctrl-C did: fastopt.optim.interrupt);
+        # read through a memoryview, whose items are Python floats (half
+        # the cost of an ndarray's, on every planned step)
+        self.outcome_array = np.zeros(3)
+        self.outcome = memoryview(self.outcome_array)
         a = address
         self.addrs = dict(waddr=a(self.waddr), oaddr=0 if outs is None else a(self.oaddr),
                           gaddr=a(self.gaddr), soff=a(self.soff), pk=a(self.pk),
@@ -155,7 +158,7 @@ class StepTable:
                                  + [self.ntasks, self.nelem, self.addrs["partial"],
                                     self.compute, self.store, self.addrs["pfirst"],
                                     len(self.sizes), self.addrs["psum"],
-                                    self.addrs["factor"], address(self.outcome), 0], _I64)
+                                    self.addrs["factor"], address(self.outcome_array), 0], _I64)
         self.header_addr = address(self.header)
 
     def state_addresses(self, buffers, compact=None) -> tuple:

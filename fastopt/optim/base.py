@@ -388,6 +388,7 @@ class Optimizer:
         # pickle) rebuilds its own from its own arrays at its first step.
         state = self.__dict__.copy()
         state.pop("_lock", None)
+        state.pop("_all_tables", None)     # made again with _tables
         state.update(_tables=None, _bound=None, _bound_list=None, _placement=None, _plan=None,
                      _written_bufs=None)
         # A scheduled group's lr is the very float the schedule last wrote
@@ -647,7 +648,7 @@ class Optimizer:
             elif not norm_args[2]:
                 norm, skip = None, False
             else:
-                norm, skip = float(t.outcome[1]), bool(t.outcome[2])
+                norm, skip = t.outcome[1], bool(t.outcome[2])
                 if skip and norm == math.inf and t.compute == 64:
                     skip = self._exact_skip(be, t, el, bufs, norm, *norm_args[:2], cs)
         else:
