@@ -32,6 +32,7 @@ the next save of the same ``path`` once its process is gone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -71,7 +72,9 @@ def _encode(obj, arrays, path="root"):
             # read it back: refuse before anything is written
             raise TypeError(f"cannot store an array of Python objects (dtype {obj.dtype}) "
                             f"in a checkpoint (at {path}); use a numeric or string dtype")
-        stored = np.ascontiguousarray(obj)
+        # C order, its shape kept (np.ascontiguousarray makes a 0-d array 1-d:
+        # a learnable scalar came back as shape (1,) and was refused)
+        stored = np.require(obj, requirements="C")
         if obj.dtype.kind == "V":   # e.g. ml_dtypes.bfloat16: store the bits
             if obj.dtype.names is not None or obj.dtype.itemsize != 2:
                 raise TypeError(f"cannot store dtype {obj.dtype} in a checkpoint (at {path})")
@@ -316,20 +319,23 @@ def load(path, *, params=None, optimizer=None) -> dict:
     :class:`CheckpointError` and changes nothing.
     """
     tree = read(path)
-    try:
-        apply = []
-        if params is not None:
-            apply.append(_prepare_params(params, tree))
-        if optimizer is not None:
-            if "optimizer" not in tree:
-                raise CheckpointError(f"{path} holds no optimizer state")
-            apply.append(optimizer._prepare_load(tree["optimizer"]))
-    except CheckpointError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path} does not match: {exc}") from None
-    for fn in apply:
-        fn()
+    # under the optimizer's lock, as its own load_state_dict: a step in
+    # another thread sees the state before the load or after it
+    with getattr(optimizer, "_lock", None) or contextlib.nullcontext():
+        try:
+            apply = []
+            if params is not None:
+                apply.append(_prepare_params(params, tree))
+            if optimizer is not None:
+                if "optimizer" not in tree:
+                    raise CheckpointError(f"{path} holds no optimizer state")
+                apply.append(optimizer._prepare_load(tree["optimizer"]))
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path} does not match: {exc}") from None
+        for fn in apply:
+            fn()
     return tree
 
 

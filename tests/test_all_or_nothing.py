@@ -260,3 +260,89 @@ def test_the_tables_of_one_step_share_one_array_of_written_ranges(backend):
     assert len(tables) == 3 and len({id(t.written) for t in tables}) == 1
     everything = merged_ranges(params + [b for st in opt.state for b in st["flat"].values()])
     np.testing.assert_array_equal(tables[0].written, everything)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("planned", [False, True])
+def test_a_param_replaced_in_its_groups_list_is_refused_by_name(backend, planned):
+    """``param_groups[0]["params"][1] = new`` used to be ignored: the step
+    went on updating the old array. Refused at the next step, naming it,
+    with nothing written; putting the same array back is fine."""
+    params = [np.ones(3), np.ones(2)]
+    opt = fastopt.Adam(params, lr=0.1, backend=backend)
+    grads = [np.ones(3), np.ones(2)]
+    if planned:
+        opt.step(grads)
+        opt.step(grads)
+    before = optimizer_snapshot(opt, params)
+    lst = opt.param_groups[0]["params"]
+    lst[1] = np.ones(2)
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\] was replaced"):
+        opt.step(grads)
+    assert_same_tree(optimizer_snapshot(opt, params), before)
+    lst[1] = params[1]                     # the array it was given: steps again
+    opt.step(grads)
+    assert opt.state[0]["step"] == (3 if planned else 1)
+    opt.param_groups[0]["params"] = list(params)    # another list, the same arrays
+    with pytest.raises(ValueError, match="was replaced by another list"):
+        opt.step(grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checkpoint_after_a_refused_append_says_why(backend):
+    """A state_dict (or fastopt.save) taken after params were appended to a
+    group raised IndexError (params by name) or wrote a checkpoint that
+    could not be loaded (a list): refused as the step refuses it."""
+    params = {"w": np.ones(3), "b": np.ones(2)}
+    opt = fastopt.Adam(params, lr=0.1, backend=backend)
+    opt.step({"w": np.ones(3), "b": np.ones(2)})
+    opt.param_groups[0]["params"].append(np.ones(4))
+    with pytest.raises(ValueError, match="add_param_group"):
+        opt.state_dict()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_deleted_hyperparameter_is_named(backend):
+    params = [np.ones(3)]
+    opt = fastopt.AdamW(params, lr=1e-3, backend=backend)
+    opt.step([np.ones(3)])
+    before = params[0].copy()
+    for key in ("eps", "lr"):
+        saved = opt.param_groups[0].pop(key)
+        with pytest.raises(ValueError, match=rf"missing keys \['{key}'\]"):
+            opt.step([np.ones(3)])
+        np.testing.assert_array_equal(params[0], before)
+        opt.param_groups[0][key] = saved
+    opt.step([np.ones(3)])
+    assert opt.state[0]["step"] == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_state_dict_taken_while_another_thread_steps_holds_one_step(backend):
+    """state_dict() from a checkpointing thread while the training thread
+    steps: each one holds the state of one step (it took moments from
+    several steps, unlike its own step count, in 11-13 of 40)."""
+    import threading
+    n = 1 << 18
+    params = [np.zeros(n, np.float32)]
+    opt = fastopt.Adam(params, lr=1e-3, backend=backend)
+    ref = fastopt.Adam([np.zeros(1, np.float32)], lr=1e-3, backend=backend)
+    grads = [np.full(n, 0.5, np.float32)]
+    expected = {}                       # step -> exp_avg of every element
+    for k in range(1, 41):
+        ref.step([np.full(1, 0.5, np.float32)])
+        expected[k] = float(ref.state_dict()["state"][0]["buffers"]["exp_avg"][0])
+    opt.step(grads)
+
+    def train():
+        for _ in range(39):
+            opt.step(grads)
+    worker = threading.Thread(target=train)
+    worker.start()
+    taken = []
+    while worker.is_alive():
+        taken.append(opt.state_dict())
+    worker.join()
+    for sd in taken:
+        m = sd["state"][0]["buffers"]["exp_avg"]
+        assert (m == np.float32(expected[sd["state"][0]["step"]])).all()

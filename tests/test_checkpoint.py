@@ -307,3 +307,25 @@ def test_params_given_by_name_are_saved_and_loaded_by_name(tmp_path):
     fastopt.save(tmp_path / "list.npz", params=as_list)
     with pytest.raises(fastopt.CheckpointError, match="as a list"):
         fastopt.load(tmp_path / "list.npz", params=model(0.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_scalar_param_and_a_scalar_extra_keep_their_shape(tmp_path, backend):
+    """A 0-d param (a learnable temperature) and a 0-d array in ``extra``
+    come back 0-d, and the checkpoint loads into the same model (a 0-d array
+    was stored 1-d, and the load refused its own checkpoint)."""
+    params = [np.ones((2, 2)), np.array(0.5)]
+    opt = fastopt.AdamW(params, lr=0.1, backend=backend)
+    opt.step([np.ones((2, 2)), np.array(1.0)])
+    path = tmp_path / "scalar.npz"
+    fastopt.save(path, params=params, optimizer=opt, extra={"best_loss": np.array(0.25)})
+    back = fastopt.load(path)
+    assert back["extra"]["best_loss"].shape == () and back["extra"]["best_loss"] == 0.25
+    assert [a.shape for a in back["params"]] == [(2, 2), ()]
+    into = [np.zeros((2, 2)), np.array(0.0)]
+    opt2 = fastopt.AdamW(into, lr=0.1, backend=backend)
+    fastopt.load(path, params=into, optimizer=opt2)
+    np.testing.assert_array_equal(into[1], params[1])
+    for o in (opt, opt2):
+        o.step([np.ones((2, 2)), np.array(1.0)])
+    np.testing.assert_array_equal(into[1], params[1])

@@ -134,8 +134,8 @@ def test_a_large_planned_step_is_one_native_call_timed_by_its_choice(monkeypatch
     assert plan.list_step is not None and plan.timed
     picked = []
     run = plan.list_step
-    plan.list_step = lambda g, els, values, threaded=False: (       # noqa: E731
-        picked.append(threaded) or run(g, els, values, threaded))
+    plan.list_step = lambda g, els, values, threaded=False, *count: (       # noqa: E731
+        picked.append(threaded) or run(g, els, values, threaded, *count))
 
     def python_level(*args, **kwargs):
         raise AssertionError("a Python-level backend call on the planned path")

@@ -135,15 +135,17 @@ def gather(table, grads) -> bool:
 
 
 def list_step(tables, buffers, nparams):
-    """``run(grads, els, values, threaded=False) -> bool``: the whole step
-    of ``tables`` (small tables, one or more groups' worth, or one table of
-    any size, threaded when ``threaded`` says so) without a norm in one
+    """``run(grads, els, values, threaded=False, opt=None, last_lr=None) ->
+    bool``: the whole step of ``tables`` (small tables, one or more groups'
+    worth, or one table of any size, threaded when ``threaded`` says so)
+    without a norm in one
     native call: every table's grads checked and read from the list of
     ``nparams`` arrays first, then each table updated with its element step
     ``els[k]`` and ``values[k]`` in place of that one's values. For float
     state ``buffers[k]`` (a tuple per table), valid while they are the
     tables' state; False when a grad does not pass or an offset is set,
-    with nothing written (see ``ListStep``)."""
+    with nothing written. ``opt``: the optimizer whose counters the same
+    call then advances (see ``ListStep``)."""
     rows = np.zeros((len(tables), 7), np.int64)
     keep = []
     for k, (t, bufs) in enumerate(zip(tables, buffers)):

@@ -47,6 +47,7 @@ from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler
 from .interrupt import Mark, held
 from .named import KeyTree
+from .param_list import ParamList
 from .placement import placement_for
 from .state_format import StateFormat
 from .step_plan import STALE, StepPlan
@@ -404,6 +405,9 @@ class Optimizer:
     def __setstate__(self, state):
         linked = state.pop("_lr_linked", ())
         self.__dict__.update(state)
+        for gi, group in enumerate(self.param_groups):    # pickled before ParamList
+            if type(group["params"]) is list and self._group_lists[gi] is group["params"]:
+                group["params"] = self._group_lists[gi] = ParamList(group["params"])
         for gi in linked:
             self._lr_shown[gi] = self.param_groups[gi]["lr"]
         if isinstance(self._backend, str):
@@ -428,18 +432,34 @@ class Optimizer:
                         r[name] = view
 
     def _check_groups_unchanged(self):
-        """Params added to (or removed from) a group's list after construction
-        would be silently ignored by the step and break its checkpoint:
-        refused, naming add_param_group."""
+        """Params added to, removed from or replaced in a group's list after
+        construction would be silently ignored by the step (it went on
+        updating the old arrays) and break its checkpoint: refused, naming
+        what changed and add_param_group."""
+        first = 0
         for gi, (group, lst, n) in enumerate(zip(self.param_groups, self._group_lists,
                                                  self._group_sizes)):
             params = group["params"]
-            if params is not lst or len(params) != n:
+            what, counts = None, f" ({n} arrays then, {len(params)} now)"
+            if params is not lst:
+                what = " was replaced by another list"
+            elif len(params) != n:
+                what = " changed"
+            elif params.edited:
+                given = self._params[first:first + n]
+                k = next((k for k, (a, b) in enumerate(zip(params, given)) if a is not b),
+                         None)
+                if k is not None:
+                    what, counts = f"[{k}] was replaced", ""
+                else:
+                    params.edited = False      # the same arrays again
+            if what is not None:
                 raise ValueError(
-                    f"param_groups[{gi}]['params'] changed after the optimizer was made "
-                    f"({n} arrays then, {len(params)} now); an optimizer steps the "
-                    "arrays it was given: add new ones with add_param_group(), or make "
-                    "a new optimizer")
+                    f"param_groups[{gi}]['params']{what} after the optimizer was made"
+                    f"{counts}; an optimizer steps the arrays it was given and holds their "
+                    "state: copy new values into them in place (p[...] = new), add new "
+                    "arrays with add_param_group(), or make a new optimizer")
+            first += n
 
     def zero_grad(self, grads) -> None:
         """Zero ``grads`` in place, for loops that accumulate into one set of
@@ -478,7 +498,7 @@ class Optimizer:
         arrays, packed = self._placement.group_arrays(where, given)
         if not arrays:
             raise ValueError(f"param group {gi} has no parameters")
-        group["params"] = arrays
+        group["params"] = ParamList(arrays)
         return group, names, packed
 
     def _checked_params(self, groups, names) -> list:
@@ -740,7 +760,9 @@ class Optimizer:
         here, and ``group["lr"]`` reads as the value the next step will use,
         as after a torch scheduler's step. A number the user writes over that
         value replaces the schedule."""
-        lr = group["lr"]
+        lr = group.get("lr", _MISSING)
+        if lr is _MISSING:
+            return group                  # deleted: _resolve names it
         if callable(lr):
             self._schedules[gi] = lr
         else:
@@ -1007,7 +1029,17 @@ class Optimizer:
         buffer as one flat array over the group's elements in param order,
         so a checkpoint does not depend on how the params were packed. The
         params themselves are not included (see :func:`fastopt.save`).
+
+        Taken under the optimizer's lock: a checkpoint made in another
+        thread while a training loop steps holds one step, not parts of two.
         """
+        with self._lock:
+            self._check_groups_unchanged()     # (else the layout and state disagree)
+            return self._state_dict()
+
+    def _state_dict(self) -> dict:
+        """:meth:`state_dict`'s contents (a subclass adds its own entries
+        here, under the lock)."""
         groups, state = [], []
         for gi, group in enumerate(self.param_groups):
             hyp = {}
@@ -1062,7 +1094,8 @@ class Optimizer:
         checkpoint that does not match (another optimizer type, other shapes
         or dtypes, missing or unknown keys) raises ValueError/TypeError and
         leaves this optimizer exactly as it was."""
-        self._prepare_load(state_dict)()
+        with self._lock:
+            self._prepare_load(state_dict)()
 
     def _prepare_load(self, sd):
         """Check ``sd`` against this optimizer; return a function that applies it
@@ -1209,7 +1242,9 @@ class Optimizer:
         """The group's hypers checked, with a schedule's lr evaluated at
         ``position`` (default ``self.iterations``; host float64, once per
         step: nothing recompiles)."""
-        lr = group["lr"]
+        lr = group.get("lr", _MISSING)
+        if lr is _MISSING:
+            self._refuse_missing(group, where)
         if callable(lr):
             k = self.iterations if position is None else position
             try:
@@ -1244,11 +1279,21 @@ class Optimizer:
         if unknown:
             raise ValueError(f"{where or 'param group'} has unknown keys {sorted(unknown)}; "
                              f"this {type(self).__name__} has {sorted(self.defaults)}")
+        if defaults is not None and defaults.keys() - group.keys():
+            self._refuse_missing(group, where)
         snapshot = {k: (v[:] if type(v) is list else v)    # a copy sees in-place edits
                     for k, v in group.items() if k != "params" and k != "lr"}
         checked = self._check_hypers(group, where)
         cache[where] = (snapshot, dict(checked))
         return checked
+
+    def _refuse_missing(self, group, where):
+        """A hyperparameter deleted from a group after construction: named
+        (it raised a bare KeyError from the checks)."""
+        missing = sorted(self.defaults.keys() - group.keys())
+        raise ValueError(f"{where or 'param group'} is missing keys {missing} (deleted after "
+                         f"the {type(self).__name__} was made?); set them again, e.g. "
+                         f"{missing[0]}={self.defaults[missing[0]]!r}")
 
     def _validated(self, group, where="", position=None):
         """Checked and normalised hypers to store; a schedule stays a schedule."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import operator
 
 #: a state entry's step count (the counters a mark holds for the base counting)
-step_of = operator.itemgetter("step")
+_step_of = operator.itemgetter("step")
 
 
 class Mark:
@@ -46,7 +46,7 @@ class Mark:
         self.calls = [t.outcome[0] for t in tables]
         # the step counts, or where the optimizer's _finish_step keeps more
         # (NAdam: its momentum product) shallow copies of the state entries
-        self.state = (list(map(step_of, opt.state)) if opt._plain_finish()
+        self.state = (list(map(_step_of, opt.state)) if opt._plain_finish()
                       else [dict(st) for st in opt.state])
         self.iterations = opt.iterations
         self.skipped = opt.skipped_steps

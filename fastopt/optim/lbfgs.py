@@ -370,12 +370,12 @@ class LBFGS(Optimizer):
                 break
 
     # -- checkpoints --------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def _state_dict(self) -> dict:
         """The base optimizer's checkpoint (type, iterations, hyperparameters
         with the params' layout) plus ``"lbfgs"``: torch's state names, the
         pairs oldest first (``old_dirs``: y, ``old_stps``: s, each ``[k, n]``;
         ``ro``: ``[k]`` float64), vectors as copies."""
-        sd = super().state_dict()
+        sd = super()._state_dict()
         st = self.state[0]
         hist = st["history"]
         pairs = hist.pairs() if hist is not None else []

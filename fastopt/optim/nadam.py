@@ -70,8 +70,8 @@ class NAdam(Optimizer):
 
     # -- checkpoints: the per-group product next to the step count ------------------
 
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
+    def _state_dict(self) -> dict:
+        sd = super()._state_dict()
         for st, entry in zip(self.state, sd["state"]):
             entry["mu_product"] = float(st.get("mu_product", 1.0))
         return sd

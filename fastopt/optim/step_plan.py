@@ -40,7 +40,7 @@ import math
 from ..backends.scalars import ElementStep
 from ..backends.tables import element_maker
 from ..backends.threads import SERIAL_MAX
-from .interrupt import Mark, held, step_of
+from .interrupt import Mark, held
 
 #: returned by :meth:`StepPlan.run` when the plan no longer holds
 STALE = object()
@@ -52,7 +52,7 @@ class GroupPlan:
     """One param group's part of a plan: its dict and what was checked of it,
     its state entry and buffers, its tables."""
 
-    __slots__ = ("group", "params", "nparams", "glen", "keys", "values", "snapshot", "lr",
+    __slots__ = ("group", "params", "glen", "keys", "values", "snapshot", "lr",
                  "hypers", "state", "names", "buffers", "nstate", "tables", "grad_index",
                  "make", "fixed", "at", "opt", "index", "compact")
 
@@ -60,7 +60,7 @@ class GroupPlan:
         self.opt, self.index = opt, index
         # compact state: the step's rounding keys are the step's own (made per step)
         self.compact = opt._state_format if opt._state_format.compact else None
-        self.group, self.params, self.nparams = group, group["params"], len(group["params"])
+        self.group, self.params = group, group["params"]
         self.glen = len(group)
         self.keys = tuple(k for k in group if k != "params" and k != "lr")
         # a copy of a list value sees in-place edits (tuple == compares it by value)
@@ -86,7 +86,7 @@ class GroupPlan:
         """Whether this group's part of the plan still holds (a new plain lr
         is taken up)."""
         if (state is not self.state or group is not self.group
-                or group["params"] is not self.params or len(self.params) != self.nparams):
+                or group["params"] is not self.params or self.params.edited):
             return False
         try:
             if tuple(group.values()) == self.snapshot:
@@ -110,7 +110,7 @@ class GroupPlan:
         try:
             changed = (tuple(group.values()) != self.snapshot or state is not self.state
                        or group is not self.group or group["params"] is not self.params
-                       or len(self.params) != self.nparams)
+                       or self.params.edited)
         except Exception:      # a value that does not compare as one: the full checks
             return None
         if changed and not self.holds(group, state):
@@ -239,9 +239,13 @@ class StepPlan:
         opt._bound = None
         opt._bound_list = grads
         t.grads = None
-        list_outcome = self.list_outcome
-        calls, steps, iterations = list_outcome[0], state["step"], opt.iterations
-        mark = None if self.plain_finish else Mark(opt, [t])
+        # The list step counts the step itself, in the same native call as
+        # its writes, where the base counting applies; else a Mark
+        # (fastopt.optim.interrupt)
+        if self.plain_finish:
+            mark, counted = None, opt
+        else:
+            mark, counted, calls = Mark(opt, [t]), None, self.list_outcome[0]
         try:
             if self.timed:
                 # _table_update's pick and record around the one call. A refused
@@ -251,27 +255,19 @@ class StepPlan:
                 # picks again (tests/test_step_plan.py checks both)
                 choice = t.threads
                 if not self.list_step(grads, (step[0],), (step[1],),
-                                      choice.pick(t.nelem, self.num_threads())):
+                                      choice.pick(t.nelem, self.num_threads()), counted,
+                                      [g.lr]):
                     return STALE
                 choice.record()
-            elif not self.list_step(grads, (step[0],), (step[1],)):
+            elif not self.list_step(grads, (step[0],), (step[1],), False, counted, [g.lr]):
                 return STALE         # the full checks say why (or take the grads)
             if mark is not None:
                 return opt._finish_step(False, None, [g.hypers])
-            # _finish_step's counters for a step that ran without a norm, a loss
-            # scaler or a schedule (tests compare them with the full step's)
-            state["step"] += 1
-            opt.iterations += 1
-            opt.grad_norm = None
-            opt.last_lr = [g.lr]
             return None
         except KeyboardInterrupt:
-            if list_outcome[0] == calls:
-                raise                 # nothing written
-            # written: counted once (fastopt.optim.interrupt)
-            if mark is None:
-                mark = Mark.taken([t], [calls], [steps], iterations, opt.skipped_steps)
-            held(mark.recount, opt, False, None, [g.hypers])
+            # counted with the writes, or nothing written: as it is
+            if mark is not None and self.list_outcome[0] != calls:
+                held(mark.recount, opt, False, None, [g.hypers])
             raise
 
     def _run_tables(self, opt, grads, bound):
@@ -369,28 +365,19 @@ class StepPlan:
         owner = self.owner
         if owner is not None:             # a group with several tables
             els, values = [els[gi] for gi in owner], [values[gi] for gi in owner]
-        list_outcome = self.list_outcome
-        calls = list_outcome[0]
-        if self.plain_finish:
-            mark, steps, iterations = None, list(map(step_of, opt.state)), opt.iterations
+        if self.plain_finish:        # counted by the list step (as in run())
+            mark, counted = None, opt
         else:
-            mark = Mark(opt, tables)
+            mark, counted, calls = Mark(opt, tables), None, self.list_outcome[0]
         try:
-            if not self.list_step(grads, tuple(els), tuple(values)):
+            if not self.list_step(grads, tuple(els), tuple(values), False, counted,
+                                  [g.lr for g in plans]):
                 return STALE
             if mark is not None:
                 return opt._finish_step(False, None, [g.hypers for g in plans])
-            for state in opt.state:       # _finish_step's counters, as run() sets them inline
-                state["step"] += 1
-            opt.iterations += 1
-            opt.grad_norm = None
-            opt.last_lr = [g.lr for g in plans]
             return None
         except KeyboardInterrupt:
-            if list_outcome[0] == calls:
-                raise                 # nothing written (all its tables, or none)
-            # written: counted once (fastopt.optim.interrupt)
-            if mark is None:
-                mark = Mark.taken(tables[:1], [calls], steps, iterations, opt.skipped_steps)
-            held(mark.recount, opt, False, None, [g.hypers for g in plans])
+            # counted with the writes, or nothing written: as it is
+            if mark is not None and self.list_outcome[0] != calls:
+                held(mark.recount, opt, False, None, [g.hypers for g in plans])
             raise
