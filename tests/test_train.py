@@ -180,3 +180,14 @@ def test_fit_refuses_lbfgs_on_mini_batches():
     history = fit(model, opt, X, y, epochs=3, batch_size=64)
     losses = [r["train_loss"][0] for r in history["epochs"]]
     assert losses[2] < losses[0]
+
+
+def test_momentum_is_refused_for_an_optimizer_without_one():
+    """``fastopt train --optimizer adam --momentum 0.9`` ignored the momentum."""
+    from fastopt.nn import Ensemble
+    from fastopt.nn.training import make_optimizer
+    model = Ensemble(1, (5, 4, 3), seed=0)
+    with pytest.raises(ValueError, match="momentum is an SGD setting; adam"):
+        make_optimizer(model, "adam", 1e-3, momentum=0.9)
+    assert make_optimizer(model, "sgd", 0.1).param_groups[0]["momentum"] == 0.9
+    assert make_optimizer(model, "sgd", 0.1, momentum=0.5).param_groups[0]["momentum"] == 0.5

@@ -89,7 +89,8 @@ def add_arguments(parser):
                         help="warmup-cosine warmup (default: 5%% of all steps)")
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="default: the optimizer's (AdamW 1e-2, others 0)")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--momentum", type=float, default=None,
+                        help="SGD momentum (default 0.9; only with --optimizer sgd)")
     parser.add_argument("--max-grad-norm", type=float, default=None)
     parser.add_argument("--state-dtype", default="float32",
                         choices=["float32", "bfloat16", "int8"],

@@ -39,7 +39,7 @@ def full_batch_problem(opt_name, batch_size, n_train):
 
 
 def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule="constant",
-                   total_steps=None, warmup_steps=None, weight_decay=None, momentum=0.9,
+                   total_steps=None, warmup_steps=None, weight_decay=None, momentum=None,
                    max_grad_norm=None, backend="auto", parallel=None, sam=None,
                    state_dtype="float32"):
     """An optimizer over ``model.param_groups``: one group (one kernel call)
@@ -54,6 +54,9 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
     makes of the class and groups (over MPI: a data-parallel optimizer with
     replicated or sharded state).
 
+    ``momentum``: SGD's (default 0.9); refused for the others, which do not
+    take one (it used to be ignored).
+
     ``state_dtype``: the optimizer's state as float32, or compact
     (``"bfloat16"``, ``"int8"``: see :mod:`fastopt.optim.state_format`).
 
@@ -64,6 +67,8 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+    if momentum is not None and name != "sgd":
+        raise ValueError(f"momentum is an SGD setting; {name} does not take it")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
     peaks = list(lrs) if lrs is not None else [lr]
@@ -83,7 +88,7 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
     cls = getattr(fastopt, OPTIMIZERS[name])
     kw = dict(backend=backend, max_grad_norm=max_grad_norm)
     if name == "sgd":
-        kw["momentum"] = momentum
+        kw["momentum"] = 0.9 if momentum is None else momentum
     if weight_decay is not None:
         kw["weight_decay"] = weight_decay
     if state_dtype != "float32":
