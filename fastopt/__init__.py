@@ -53,5 +53,8 @@ def __getattr__(name):
     # use, so `import fastopt` stays light.
     if name in ("nn", "data", "distributed", "cuda"):
         import importlib
-        return importlib.import_module(f".{name}", __name__)
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ImportError as exc:      # (hasattr and getattr(..., default) expect this)
+            raise AttributeError(f"fastopt.{name} is not available here: {exc}") from exc
     raise AttributeError(f"module 'fastopt' has no attribute {name!r}")

@@ -156,8 +156,9 @@ def _nest(paths, values):
     return out
 
 
-def _to_host(a):
-    return a.copy_to_host() if is_device_array(a) else np.asarray(a)
+def _host_copy(a):
+    """A copy on the host (a device array's copy is one already)."""
+    return a.copy_to_host() if is_device_array(a) else np.array(a, copy=True)
 
 
 def save(path, *, params=None, optimizer=None, extra=None) -> None:
@@ -173,14 +174,18 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     the next save removes the temporary file a killed one left behind.
     """
     tree = {"format": FORMAT}
-    if params is not None:
-        # device params: one copy to the host each (checkpoints are host files);
-        # params given by name are kept by name
-        names, arrays = _named_params(params)
-        host = [_to_host(a) for a in arrays]
-        tree["params"] = host if names is None else _nest(names.paths, host)
-    if optimizer is not None:
-        tree["optimizer"] = optimizer.state_dict()
+    # Under the optimizer's lock, as its step: params and state from one
+    # step when a thread checkpoints while the training loop steps (the
+    # params copied, as state_dict copies the state; written after)
+    with getattr(optimizer, "_lock", None) or contextlib.nullcontext():
+        if params is not None:
+            # device params: one copy to the host each (checkpoints are host
+            # files); params given by name are kept by name
+            names, arrays = _named_params(params)
+            host = [_host_copy(a) for a in arrays]
+            tree["params"] = host if names is None else _nest(names.paths, host)
+        if optimizer is not None:
+            tree["optimizer"] = optimizer.state_dict()
     if extra is not None:
         tree["extra"] = extra
     arrays = {}

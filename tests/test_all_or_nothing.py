@@ -10,7 +10,7 @@ import pytest
 import fastopt
 from fastopt.optim import base
 
-from conftest import BACKENDS, assert_same_tree, optimizer_snapshot
+from conftest import BACKENDS, FAST_BACKENDS, assert_same_tree, optimizer_snapshot
 
 
 def two_groups(backend, packed):
@@ -339,10 +339,96 @@ def test_a_state_dict_taken_while_another_thread_steps_holds_one_step(backend):
             opt.step(grads)
     worker = threading.Thread(target=train)
     worker.start()
-    taken = []
+    taken = [opt.state_dict()]
     while worker.is_alive():
         taken.append(opt.state_dict())
     worker.join()
     for sd in taken:
         m = sd["state"][0]["buffers"]["exp_avg"]
         assert (m == np.float32(expected[sd["state"][0]["step"]])).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_param_group_refuses_a_group_whose_param_was_replaced(backend):
+    """add_param_group reads the groups' arrays again: a param replaced
+    before it passed for one given and was stepped with the old one's state
+    (with another size: a crash)."""
+    params = [np.ones(4), np.ones(2)]
+    opt = fastopt.SGD(params, lr=0.1, momentum=0.9, backend=backend)
+    opt.step([np.ones(4), np.ones(2)])
+    opt.param_groups[0]["params"][0] = np.zeros(1000)
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\] was replaced"):
+        opt.add_param_group({"params": [np.ones(3)]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_state_dict_with_a_deleted_hyperparameter_is_refused(backend):
+    """(It wrote a checkpoint that its own load refused.)"""
+    opt = fastopt.AdamW([np.ones(3)], lr=1e-3, backend=backend)
+    opt.step([np.ones(3)])
+    for key in ("lr", "eps"):
+        saved = opt.param_groups[0].pop(key)
+        with pytest.raises(ValueError, match=rf"missing keys \['{key}'\]"):
+            opt.state_dict()
+        opt.param_groups[0][key] = saved
+    opt.param_groups[0]["epsilon"] = 1e-8
+    with pytest.raises(ValueError, match="unknown keys"):
+        opt.state_dict()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_save_from_another_thread_holds_params_and_state_of_one_step(backend, monkeypatch,
+                                                                     tmp_path):
+    """A step that runs while fastopt.save writes (another thread) is not in
+    the checkpoint: the params were kept as live arrays and written after
+    the state was copied."""
+    import threading
+    from fastopt import checkpoint
+    params = [np.ones(5)]
+    opt = fastopt.SGD(params, lr=0.1, backend=backend)
+    grads = [np.ones(5)]
+    opt.step(grads)
+    real = checkpoint._write_atomically
+
+    def write_while_stepping(*args):
+        t = threading.Thread(target=opt.step, args=(grads,))
+        t.start()
+        t.join()
+        return real(*args)
+    monkeypatch.setattr(checkpoint, "_write_atomically", write_while_stepping)
+    fastopt.save(tmp_path / "c.npz", params=params, optimizer=opt)
+    back = fastopt.load(tmp_path / "c.npz")
+    assert back["optimizer"]["iterations"] == 1 and opt.iterations == 2
+    np.testing.assert_array_equal(back["params"][0], np.full(5, 0.9))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_an_interrupt_while_the_plan_takes_a_new_lr_keeps_the_new_lr(backend, monkeypatch):
+    """The plan stored the new lr before the element step made from it: a
+    Ctrl-C between the two kept the old lr's step for good."""
+    params = [np.ones(3)]
+    opt = fastopt.SGD(params, lr=0.1, backend=backend)
+    for _ in range(2):
+        opt.step([np.ones(3)])
+    opt.param_groups[0]["lr"] = 0.5
+    real = type(opt)._plan_element
+    calls = []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(self, *args)
+    monkeypatch.setattr(type(opt), "_plan_element", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step([np.ones(3)])
+    np.testing.assert_array_equal(params[0], np.full(3, 0.8))      # nothing written
+    opt.step([np.ones(3)])
+    np.testing.assert_allclose(params[0], np.full(3, 0.3))          # with lr 0.5
+
+
+def test_fastopt_cuda_is_an_attribute_or_absent_never_an_import_error():
+    """hasattr / getattr with a default only expect AttributeError."""
+    present = hasattr(fastopt, "cuda")
+    assert getattr(fastopt, "cuda", None) is not None or not present

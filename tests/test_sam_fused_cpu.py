@@ -284,3 +284,32 @@ def test_table_offsets_are_checked_and_undone():
     assert t.shift is None and t.header[-1] == 0
     t.undo_shift()                                              # nothing pending: no-op
     np.testing.assert_array_equal(w[1], np.arange(3.0) - 2.0)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_an_interrupt_before_the_restoring_step_leaves_the_params_unperturbed(backend,
+                                                                            monkeypatch):
+    """A Ctrl-C while the offsets are set (before the base step) left the
+    params at p + e with ``perturbed`` False and an offset pending."""
+    params = [np.ones(5), np.full(3, 2.0)]
+    sam = fastopt.SAM(fastopt.SGD(params, lr=0.1, backend=backend), rho=0.5)
+    grads = [np.ones(5), np.ones(3)]
+    for _ in range(2):                    # the second one plans the fused restore
+        sam.perturb(grads)
+        sam.step(grads)
+    before = [p.copy() for p in params]
+    sam.perturb(grads)
+    real, calls = StepTable.set_shift, []
+
+    def interrupted(self, offsets):
+        real(self, offsets)
+        calls.append(1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(StepTable, "set_shift", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sam.step(grads)
+    monkeypatch.undo()
+    assert calls and not sam.perturbed
+    for p, b in zip(params, before):
+        np.testing.assert_array_equal(p, b)
+    assert all(t.shift is None for t in sam.base_optimizer._all_tables)

@@ -521,6 +521,9 @@ class Optimizer:
         with self._lock:
             if not isinstance(param_group, dict) or "params" not in param_group:
                 raise TypeError("param_group must be a dict with a 'params' key")
+            # (the groups' arrays are read again below: one replaced since
+            # would pass for one given, and be stepped with another's state)
+            self._check_groups_unchanged()
             if not self.param_groups:
                 self.bind([param_group])
                 return
@@ -1034,7 +1037,11 @@ class Optimizer:
         thread while a training loop steps holds one step, not parts of two.
         """
         with self._lock:
-            self._check_groups_unchanged()     # (else the layout and state disagree)
+            # what a step would refuse, refused here too: a checkpoint of it
+            # could not be loaded (the layout and the state would disagree)
+            self._check_groups_unchanged()
+            for gi, group in enumerate(self.param_groups):
+                self._check_group_keys(group, f"param_groups[{gi}]")
             return self._state_dict()
 
     def _state_dict(self) -> dict:
@@ -1274,18 +1281,23 @@ class Optimizer:
         # A key the optimizer does not have (a misspelt hyperparameter, written
         # into a group after construction) would be ignored: refused, as when
         # it is made. (A key added or removed always misses the cache.)
-        defaults = self.__dict__.get("defaults")      # (None while they are checked)
-        unknown = defaults is not None and group.keys() - defaults.keys() - {"params"}
-        if unknown:
-            raise ValueError(f"{where or 'param group'} has unknown keys {sorted(unknown)}; "
-                             f"this {type(self).__name__} has {sorted(self.defaults)}")
-        if defaults is not None and defaults.keys() - group.keys():
-            self._refuse_missing(group, where)
+        if self.__dict__.get("defaults") is not None:     # (None while they are checked)
+            self._check_group_keys(group, where)
         snapshot = {k: (v[:] if type(v) is list else v)    # a copy sees in-place edits
                     for k, v in group.items() if k != "params" and k != "lr"}
         checked = self._check_hypers(group, where)
         cache[where] = (snapshot, dict(checked))
         return checked
+
+    def _check_group_keys(self, group, where):
+        """A group's keys are the optimizer's hyperparameters: one added
+        after construction (a misspelt name) or deleted is refused, named."""
+        unknown = group.keys() - self.defaults.keys() - {"params"}
+        if unknown:
+            raise ValueError(f"{where or 'param group'} has unknown keys {sorted(unknown)}; "
+                             f"this {type(self).__name__} has {sorted(self.defaults)}")
+        if self.defaults.keys() - group.keys():
+            self._refuse_missing(group, where)
 
     def _refuse_missing(self, group, where):
         """A hyperparameter deleted from a group after construction: named

@@ -9,7 +9,8 @@ kernel, so an interrupt before that leaves the optimizer as it was
 (``Optimizer._host_step``); what one after it could leave half done is the
 rest of the step: later tables' kernels, and the counters
 (``state[i]["step"]``, ``iterations``, ``skipped_steps``, a loss scaler's
-scale, what ``_finish_step`` of a subclass keeps).
+scale, the scheduled lr shown in a group, what ``_finish_step`` of a
+subclass keeps).
 
 Each native step writes its table's ``outcome`` (calls, norm, skipped) as
 its last act, in the same call (``StepTable.outcome``). A :class:`Mark`
@@ -39,7 +40,7 @@ class Mark:
     counts of the tables the step writes: what an interrupted step is
     completed from."""
 
-    __slots__ = ("tables", "calls", "state", "iterations", "skipped", "scaler")
+    __slots__ = ("tables", "calls", "state", "iterations", "skipped", "scaler", "shown")
 
     def __init__(self, opt, tables):
         self.tables = tables
@@ -52,6 +53,11 @@ class Mark:
         self.skipped = opt.skipped_steps
         scaler = opt.loss_scaler
         self.scaler = None if scaler is None else dict(vars(scaler))
+        # scheduled lrs: the values shown in the groups and which ones they
+        # are (_finish_step writes the next ones; half written, a number
+        # unlike the one shown reads as the user's own and drops the schedule)
+        self.shown = None if not opt._schedules else (
+            dict(opt._schedules), dict(opt._lr_shown), [g["lr"] for g in opt.param_groups])
 
     @classmethod
     def taken(cls, tables, calls, steps, iterations, skipped):
@@ -60,7 +66,7 @@ class Mark:
         interrupt comes: ``Mark(opt, tables)`` costs about 1 us a step."""
         mark = cls.__new__(cls)
         mark.tables, mark.calls, mark.state = tables, calls, steps
-        mark.iterations, mark.skipped, mark.scaler = iterations, skipped, None
+        mark.iterations, mark.skipped, mark.scaler, mark.shown = iterations, skipped, None, None
         return mark
 
     def called(self, k) -> bool:
@@ -96,6 +102,14 @@ class Mark:
         opt.skipped_steps = self.skipped
         if self.scaler is not None:
             vars(opt.loss_scaler).update(self.scaler)
+        if self.shown is not None:
+            schedules, shown, lrs = self.shown
+            opt._schedules.clear()
+            opt._schedules.update(schedules)
+            opt._lr_shown.clear()
+            opt._lr_shown.update(shown)
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr
 
 
 def held(complete, *args):

@@ -366,14 +366,16 @@ class SAM:
         kernels ran) is restored here, so the params never stay perturbed."""
         base = self.base_optimizer
         with base._lock:
-            for t, views in shifts:
-                t.set_shift(views)
-            self.perturbed = self._skipped = False
             try:
+                for t, views in shifts:
+                    t.set_shift(views)
                 return base.step(grads)
             finally:
+                # (a Ctrl-C anywhere in the try, even before base.step, comes
+                # here: the params end unperturbed and say so)
                 for t, _ in shifts:
                     t.undo_shift()
+                self.perturbed = self._skipped = False
 
     def _restore_and_step_on_device(self, grads):
         base = self.base_optimizer
@@ -400,18 +402,21 @@ class SAM:
         :meth:`~fastopt.Optimizer.state_dict`. The params are not included
         (see :func:`fastopt.save`): a checkpoint taken between
         :meth:`perturb` and :meth:`step` holds the perturbed params, and the
-        resumed :meth:`step` restores them."""
-        return {"type": "SAM", "rho": self.rho, "adaptive": self.adaptive,
-                "perturbed": self.perturbed, "perturb_skipped": self._skipped,
-                "skipped_perturbs": self.skipped_perturbs,
-                "e_w": ([self._e_host(gi) for gi in range(len(self.state))]
-                        if self.perturbed else None),
-                "base": self.base_optimizer.state_dict()}
+        resumed :meth:`step` restores them. Taken under SAM's lock (and
+        the base's), as its steps: one thread's checkpoint holds one step."""
+        with self._lock, self.base_optimizer._lock:
+            return {"type": "SAM", "rho": self.rho, "adaptive": self.adaptive,
+                    "perturbed": self.perturbed, "perturb_skipped": self._skipped,
+                    "skipped_perturbs": self.skipped_perturbs,
+                    "e_w": ([self._e_host(gi) for gi in range(len(self.state))]
+                            if self.perturbed else None),
+                    "base": self.base_optimizer.state_dict()}
 
     def load_state_dict(self, state_dict) -> None:
         """Restore :meth:`state_dict` output, checked in full first (the
         base's part included): on a mismatch nothing changes."""
-        self._prepare_load(state_dict)()
+        with self._lock, self.base_optimizer._lock:
+            self._prepare_load(state_dict)()
 
     def _prepare_load(self, sd):
         """Check ``sd``; return a function that applies it (what

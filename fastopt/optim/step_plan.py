@@ -140,10 +140,11 @@ class GroupPlan:
         (the full step checks it and names the key)."""
         if type(lr) is not float or not 0.0 <= lr < math.inf:
             return False
-        self.hypers = dict(self.hypers, lr=lr)
-        self.lr = lr
-        self.fixed, self.at = self.opt._plan_element(self.hypers, self.state, self.names,
-                                                     self.make)
+        hypers = dict(self.hypers, lr=lr)
+        fixed, at = self.opt._plan_element(hypers, self.state, self.names, self.make)
+        # stored together, lr last: a Ctrl-C before leaves the old lr, taken
+        # up again at the next step (lr first kept the old element step for good)
+        self.hypers, self.fixed, self.at, self.lr = hypers, fixed, at, lr
         return True
 
 
