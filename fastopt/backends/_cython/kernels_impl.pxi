@@ -1452,9 +1452,8 @@ cdef class ListStep:
                      &skipped)
                 _note_outcome(h, 0.0, 0)
         if opt is not None:
-            # through the dicts, typed: generic attribute and item calls made
-            # this 310 ns against Python's 130 (its specialised bytecode);
-            # the optimizer's counters are plain instance attributes
+            # through the dicts, typed (the optimizer's counters are plain
+            # instance attributes): about 140 ns, as the same lines in Python
             for st in opt.state:
                 counted = <dict?>st
                 counted["step"] = counted["step"] + 1
