@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import _validate as V
 from .backends import backend_for, get_backend
 from .backends.scalars import clip_coefficient
@@ -11,16 +13,31 @@ from .params import FlatArrays
 
 
 def _flat_grads(grads, *, writable):
-    """1-D views to reduce over: one for a FlatArrays, one per array otherwise."""
+    """1-D arrays to reduce over: one for a FlatArrays, one per array
+    otherwise. Read only (``not writable``): 16-bit gradients too, as float32
+    copies (as an optimizer's step reads them); scaled in place: float32 and
+    float64 only."""
     if isinstance(grads, FlatArrays):
-        V.check_float_array("grads", grads.data, writable=writable)
-        return [grads.data]
+        _check("grads", grads.data, writable)
+        return [_float(grads.data)]
     arrays = V.as_array_list("grads", grads)
     for i, g in enumerate(arrays):
-        V.check_float_array(f"grads[{i}]", g, writable=writable)
+        _check(f"grads[{i}]", g, writable)
     if writable:  # an array listed twice (or overlapping views) would be scaled twice
         V.check_disjoint([(f"grads[{i}]", g) for i, g in enumerate(arrays)])
-    return [g.reshape(-1) for g in arrays]
+    return [_float(g.reshape(-1)) for g in arrays]
+
+
+def _check(name, a, writable):
+    if writable and a.dtype.name in V.LOW_PRECISION_NAMES:
+        raise TypeError(f"{name} is {a.dtype}: clip_by_global_norm scales float32 and float64 "
+                        "gradients in place; clip 16-bit ones inside the step with the "
+                        "optimizer's max_grad_norm=")
+    V.check_float_array(name, a, writable=writable, allow_low_precision=not writable)
+
+
+def _float(a):
+    return a if a.dtype in V.FLOAT_DTYPES else a.astype(np.float32)
 
 
 def _device_flats(be, grads, dtypes=None):
@@ -53,7 +70,8 @@ def global_norm(grads, *, backend="auto") -> float:
     The sum runs over fixed chunks in a fixed order, so the result does not
     depend on the thread count. A NaN or inf anywhere gives NaN or inf.
     ``grads``: an array, a list of them, a dict of them by name (nested
-    dicts too) or a FlatArrays.
+    dicts too) or a FlatArrays; float32, float64, or float16/bfloat16
+    (read as float32).
     """
     grads = _by_name(grads)
     be = get_backend(backend_for(backend, grads))
@@ -68,7 +86,8 @@ def clip_by_global_norm(grads, max_norm, *, backend="auto") -> float:
     Multiplies by torch's ``min(1, max_norm / (norm + 1e-6))`` and returns
     the norm before clipping (on device arrays: a ``DeviceNorm``, read
     with ``float()``). Optimizers take ``max_grad_norm=`` to do this
-    inside the step without modifying the gradients. ``grads`` as for
+    inside the step without modifying the gradients (16-bit gradients
+    too; this function scales float32 and float64 ones). ``grads`` as for
     :func:`global_norm`.
     """
     max_norm = V.check_real("max_norm", max_norm, low=0.0, low_open=True)

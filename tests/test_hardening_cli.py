@@ -159,3 +159,75 @@ def test_bench_ctrl_c_writes_finished_cases(tmp_path):
     assert report["interrupted"] is True
     assert {(r["elements"], r["impl"]) for r in report["results"] if r["seconds"]} == \
         {(1 << 10, "numpy")}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--threads", "100000"], "--threads 100000: 100000 threads asked for, but Numba's thread pool"),
+    (["--batch-size", "100000"], "--batch-size 100000 is more than the 8000 training samples"),
+    (["--warmup-steps", "5"], "--warmup-steps 5: only with --schedule warmup-cosine"),
+    (["--warmup-steps", "63", "--schedule", "warmup-cosine", "--epochs", "1"],
+     "--warmup-steps 63: the run has 63 steps in all"),
+])
+def test_train_refuses_settings_it_cannot_honour(tmp_path, monkeypatch, capsys, argv, message):
+    """One line and exit 2 before training: a thread count Numba cannot run
+    was a traceback, the others were accepted and ignored (a batch larger
+    than the data ran one step an epoch; a warmup past the end never
+    reached the peak lr, or was dropped under the constant schedule)."""
+    monkeypatch.setattr(training, "fit", _must_not_run)
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    rc = main(["train", "--data-dir", str(data), "--quiet", "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--target", "94"], "argument --target: expected a held-out accuracy as a "
+                                  "fraction in (0, 1] (0.94 for 94%), got '94'"),
+    (["train", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["train", "--epochs", "0"], "argument --epochs: must be >= 1"),
+    (["check-perf", "--attempts", "0"], "argument --attempts: must be >= 1, got 0"),
+    (["plot-schedule", "constant(1e-3)", "--steps", "0"], "argument --steps: must be >= 1"),
+])
+def test_usage_errors_name_the_option(capsys, argv, message):
+    """``--attempts 0`` and ``--steps 0`` fell back to defaults, ``--attempts
+    -3`` measured nothing and reported a regression, ``--target 94`` (a
+    percentage) reported "never reached 9400%"."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "not found"), ("{", "is not valid JSON"), ('{"cases": []}', "non-empty 'cases'")])
+def test_check_perf_bad_floors_file_is_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "floors.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["check-perf", "--floors", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and str(path) in err
+
+
+@pytest.mark.parametrize("command", [
+    ["plot-schedule", "constant(1e-3)"], ["examples", "backprop", "--small"]])
+@pytest.mark.parametrize("name,message", [
+    ("s.txt", ".txt is not an image format matplotlib writes"),
+    ("missing/x.png", "does not exist")])
+def test_image_output_checked_before_drawing(tmp_path, monkeypatch, capsys, command, name,
+                                             message):
+    """A bad extension or a missing folder was a matplotlib traceback (after
+    running a whole lesson, for ``examples``)."""
+    pytest.importorskip("matplotlib")
+    from fastopt.examples import backprop
+    monkeypatch.setattr(backprop, "run", _must_not_run)
+    rc = main([*command, "-o", str(tmp_path / name)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def test_plot_schedule_names_the_file_it_writes(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["plot-schedule", "constant(1e-3)", "-o", str(tmp_path / "lr")]) == 0
+    assert (tmp_path / "lr.png").exists()
+    assert f"wrote {tmp_path / 'lr.png'} " in capsys.readouterr().out

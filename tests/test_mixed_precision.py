@@ -210,6 +210,37 @@ def test_mixed_precision_resume_is_exact(tmp_path, backend):
             fastopt.load(tmp_path / "c.npz", params=q, optimizer=oq)
 
 
+@pytest.mark.parametrize("state_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_of_float32_and_16_bit_params_resumes_exactly(tmp_path, backend, state_dtype):
+    """A group may hold float32 params beside bfloat16 ones (one compute
+    dtype): only the 16-bit ones have a master copy. Its checkpoint was
+    refused ("state buffer 'master' exists for only some runs"); it saves,
+    loads and resumes bit for bit, the float32 params stepping themselves."""
+    def make():
+        return [np.linspace(-1, 1, 300).astype(np.float32),
+                np.linspace(-2, 2, 5).astype(BF16), np.linspace(0, 1, 7).astype(np.float32)]
+    rng = np.random.default_rng(0)
+    grads = [[rng.standard_normal(a.shape).astype(a.dtype) for a in make()] for _ in range(6)]
+    ref_p = make()
+    ref = fastopt.AdamW(ref_p, lr=1e-2, backend=backend, state_dtype=state_dtype)
+    for g in grads:
+        ref.step(g)
+    p = make()
+    o = fastopt.AdamW(p, lr=1e-2, backend=backend, state_dtype=state_dtype)
+    for g in grads[:3]:
+        o.step(g)
+    fastopt.save(tmp_path / "c.npz", params=p, optimizer=o)
+    p2 = [np.zeros_like(a) for a in make()]
+    o2 = fastopt.AdamW(p2, lr=1e-2, backend=backend, state_dtype=state_dtype)
+    fastopt.load(tmp_path / "c.npz", params=p2, optimizer=o2)
+    for g in grads[3:]:
+        o2.step(g)
+    for a, b in zip(p2, ref_p):
+        assert a.tobytes() == b.tobytes()
+    assert_same_tree(o2.state_dict(), ref.state_dict())
+
+
 def test_validation():
     p = _params(BF16, n=10)
     o = fastopt.AdamW(p)
@@ -221,3 +252,30 @@ def test_validation():
         fastopt.AdamW(p, loss_scaler=2.0 ** 16)
     with pytest.raises(ValueError, match="backoff_factor"):
         fastopt.LossScaler(backoff_factor=1.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_written_into_16_bit_params_take_effect_after_sync_master(backend):
+    """The float32 master copy is what a step updates: a value written into
+    a bfloat16 param in place is overwritten by the next step, unless
+    ``sync_master`` takes the master copies from the params first (after
+    several steps, so that the planned step's tables are replaced too)."""
+    def make():
+        return [np.ones(40, BF16), np.ones(3, np.float32)]
+
+    def grads():
+        return [np.ones(40, BF16), np.ones(3, np.float32)]
+    for sync in (False, True):
+        p = make()
+        o = fastopt.SGD(p, lr=0.5, backend=backend)
+        for _ in range(3):
+            o.step(grads())
+        p[0][...] = 5
+        p[1][...] = 7
+        if sync:
+            o.sync_master()
+        o.step(grads())
+        assert np.array_equal(p[0].astype(np.float32), np.full(40, 4.5 if sync else -1.0))
+        assert np.array_equal(p[1], np.full(3, 6.5, np.float32))   # its own weights either way
+        o.step(grads())
+        assert np.array_equal(p[0].astype(np.float32), np.full(40, 4.0 if sync else -1.5))

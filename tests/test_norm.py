@@ -147,3 +147,18 @@ def test_grads_by_name_are_clipped_as_the_list_of_their_arrays(backend):
     assert norm == fastopt.clip_by_global_norm(arrays, 0.5, backend=backend)
     for a, b in zip([named["W1"], named["head"]["W"], named["head"]["b"]], arrays):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_global_norm_reads_16_bit_gradients(backend):
+    """The optimizers step float16/bfloat16 gradients; global_norm read them
+    as a TypeError. It reads them as float32 (exact); clip_by_global_norm,
+    which scales in place, refuses them with the way to clip them."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(3)
+    grads = {"a": rng.standard_normal(300).astype(np.float16),
+             "b": rng.standard_normal((7, 5)).astype(ml_dtypes.bfloat16)}
+    want = reference_norm([g.astype(np.float32) for g in grads.values()])
+    assert fastopt.global_norm(grads, backend=backend) == pytest.approx(want, rel=1e-12)
+    with pytest.raises(TypeError, match=r"grads\[0\] is float16: .*max_grad_norm="):
+        fastopt.clip_by_global_norm(grads, 1.0, backend=backend)

@@ -55,3 +55,26 @@ def test_an_optimizers_large_state_is_placed_and_survives_a_checkpoint(fmt):
         np.testing.assert_array_equal(again.state[0]["flat"][name], b)
         if b.nbytes >= M.LARGE:
             assert again.state[0]["flat"][name].ctypes.data % 64 == 0
+
+
+def test_lbfgs_and_sam_count_their_own_state():
+    """``state_nbytes`` of L-BFGS is its history's vectors (it said 0 while
+    holding ``history_size + 1`` pairs of them), and SAM's is its base's plus
+    its perturbation buffer (it had none)."""
+    x = np.ones(1000)
+    lbfgs = fastopt.LBFGS([x], history_size=10)
+    assert lbfgs.state_nbytes() == 0
+    for _ in range(3):
+        lbfgs.step(lambda: (float(x @ x), [2 * x]))
+    hist = lbfgs.state[0]["history"]
+    rows = sum(v is not None for v in hist.S + hist.Y)
+    assert rows >= 2 and lbfgs.state_nbytes() == rows * x.nbytes
+    sd = lbfgs.state_dict()["lbfgs"]
+    assert lbfgs.state_nbytes() >= sd["old_dirs"].nbytes + sd["old_stps"].nbytes
+
+    p = np.ones(10, np.float32)
+    sam = fastopt.SAM(fastopt.SGD([p], lr=0.1, momentum=0.9))
+    sam.perturb([np.ones(10, np.float32)])
+    sam.step([np.ones(10, np.float32)])
+    assert sam.base_optimizer.state_nbytes() == p.nbytes          # the momentum buffer
+    assert sam.state_nbytes() == 2 * p.nbytes                      # and e_w

@@ -336,6 +336,16 @@ BAD_CONSTRUCTION = [
     ("max_grad_norm-inf", "SGD", dict(max_grad_norm=float("inf")), ValueError,
      r"^max_grad_norm must be finite"),
     ("max_grad_norm-str", "AdamW", dict(max_grad_norm="1"), TypeError, r"^max_grad_norm"),
+    # an unknown keyword is named with the optimizer's class (it was the
+    # base's "Optimizer.__init__()"), with a hint or the closest name taken
+    ("typo", "SGD", dict(momentun=0.9), TypeError,
+     r"^SGD\(\) got an unexpected keyword argument 'momentun': did you mean 'momentum'\?"),
+    ("unknown", "AdamW", dict(foo=1), TypeError,
+     r"^AdamW\(\) got .* 'foo': it takes lr, betas, .*state_seed$"),
+    ("torch-adam-decoupled", "Adam", dict(decoupled_weight_decay=True), TypeError,
+     r"^Adam\(\) got .*'decoupled_weight_decay': fastopt.AdamW is Adam with decoupled"),
+    ("lbfgs-state-dtype", "LBFGS", dict(state_dtype="int8"), TypeError,
+     r"^LBFGS\(\) got .*'state_dtype': L-BFGS is stepped with a closure"),
 ]
 
 

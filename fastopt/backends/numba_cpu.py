@@ -952,6 +952,11 @@ def scale(x, c: float) -> None:
 
 def set_num_threads(n: int) -> None:
     import numba
+    most = numba.config.NUMBA_NUM_THREADS
+    if n > most:     # Numba's own message names neither the limit's source nor a way out
+        raise ValueError(f"{n} threads asked for, but Numba's thread pool has {most} "
+                         "(NUMBA_NUM_THREADS, by default the number of CPUs; set it before "
+                         "the first import for more)")
     if not in_forked_child():       # a forked child steps serially (fastopt._openmp)
         numba.set_num_threads(n)
 

@@ -164,8 +164,10 @@ def _measure(c, rounds):
 
 def run_checks(spec, attempts=None, rounds=None, progress=None):
     """Measure every case; re-measure cases with a check below its floor."""
-    attempts = attempts or spec.get("attempts", 3)
-    rounds = rounds or spec.get("rounds", 5)
+    attempts = spec.get("attempts", 3) if attempts is None else attempts
+    rounds = spec.get("rounds", 5) if rounds is None else rounds
+    if attempts < 1 or rounds < 1:
+        raise ValueError(f"attempts and rounds must be >= 1, got {attempts} and {rounds}")
     # a busy spell of a shared machine (another job's threads competing for
     # the cores) hurts threaded kernels more than single-threaded NumPy; give
     # it time to pass before measuring again

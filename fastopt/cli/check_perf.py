@@ -3,6 +3,8 @@ committed floor (the CI regression guard; see fastopt/bench/guard.py)."""
 
 import sys
 
+from .common import positive_int
+
 HELP = "check same-run speed ratios against the floors shipped with fastopt"
 
 
@@ -12,7 +14,7 @@ def add_arguments(parser):
     parser.add_argument("--floors", default=None,
                         help="floors file (default: the one shipped with fastopt, "
                              "fastopt/bench/floors.json)")
-    parser.add_argument("--attempts", type=int, default=None,
+    parser.add_argument("--attempts", type=positive_int, default=None,
                         help="measurements before a ratio below its floor fails "
                              "(default: the file's, else 3)")
 
@@ -20,7 +22,11 @@ def add_arguments(parser):
 def run(args):
     from ..bench import guard as perfguard
 
-    spec = perfguard.load_floors(args.floors)
+    try:
+        spec = perfguard.load_floors(args.floors)
+    except (OSError, ValueError) as exc:      # the message names the file and the entry
+        print(f"fastopt check-perf: {exc}", file=sys.stderr)
+        return 2
     checks = perfguard.run_checks(
         spec, attempts=args.attempts,
         progress=lambda msg: print(f"measuring {msg}", file=sys.stderr, flush=True))

@@ -20,6 +20,45 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def image_path(path):
+    """``(path, problem)`` for an image that matplotlib will write to
+    ``path``: with no extension, ``.png`` added (as matplotlib would add it,
+    so that what is printed is the file written); ``problem`` (a phrase to
+    follow ``-o PATH:``) when the extension names no format matplotlib
+    writes or the file cannot be made, else None. Checked before the work
+    that draws it; creates nothing."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    root, ext = os.path.splitext(path)
+    if not ext:
+        path += ".png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext and ext[1:].lower() not in formats:
+        return path, (f"{ext} is not an image format matplotlib writes "
+                      f"(one of {', '.join('.' + f for f in sorted(formats))})")
+    full = os.path.abspath(path)
+    parent = os.path.dirname(full)
+    if os.path.isdir(full):
+        return path, "is a directory"
+    if not os.path.isdir(parent):
+        return path, f"its directory {parent} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+            os.path.exists(full) and not os.access(full, os.W_OK)):
+        return path, "is not writable"
+    return path, None
+
+
 def output_dir_problem(path, files=()):
     """Why ``path`` cannot be used as an output directory holding ``files``
     (a phrase to follow ``--out PATH:``), or None. Checked before a long job

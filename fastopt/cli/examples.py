@@ -46,6 +46,12 @@ def run(args):
         except ImportError as exc:
             print(f"fastopt examples: {exc} (--no-plot)", file=sys.stderr)
             return 1
+        from .common import image_path
+        given = output
+        output, problem = image_path(given)
+        if problem:     # before the lesson runs, not after
+            print(f"fastopt examples: -o {given}: {problem}", file=sys.stderr)
+            return 2
     kwargs = {"data_dir": args.data_dir} if args.name == "lr-sweep" else {}
     module = examples._module(args.name)
     try:

@@ -12,14 +12,17 @@ schedules and literal values only), never evaluated.
 
 from __future__ import annotations
 
+from .common import image_path, positive_int
+
 HELP = "draw lr schedules (fastopt.schedules) over steps to a PNG/SVG/PDF"
 
 
 def add_arguments(parser):
     parser.add_argument("schedules", nargs="+", metavar="SCHEDULE",
                         help='e.g. "cosine_decay(1e-3, 1000, alpha=0.1)" or a JSON spec')
-    parser.add_argument("--steps", type=int, default=None,
-                        help="steps to draw (default: 1000, or the longest schedule's length)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="steps to draw (default: 1000, or 10%% past where the longest "
+                             "schedule settles)")
     parser.add_argument("-o", "--output", default="lr.png", help="image file (default lr.png)")
     parser.add_argument("--log", action="store_true", help="logarithmic lr axis")
 
@@ -41,11 +44,12 @@ def run(args):
               "(or the bench extra: pip install 'fastopt[bench]')", file=sys.stderr)
         return 1
 
+    output, problem = image_path(args.output)
+    if problem:
+        print(f"fastopt plot-schedule: -o {args.output}: {problem}", file=sys.stderr)
+        return 2
     steps = args.steps or max([1000] * (not any(map(settles_at, scheds)))
                               + [int(settles_at(s) * 1.1) + 1 for s in scheds])
-    if steps < 1:
-        print("fastopt plot-schedule: --steps must be >= 1", file=sys.stderr)
-        return 2
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = range(steps)
     for s in scheds:
@@ -57,7 +61,7 @@ def run(args):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(args.output, dpi=120)
+    fig.savefig(output, dpi=120)
     plt.close(fig)
-    print(f"wrote {args.output} ({len(scheds)} schedule(s), {steps} steps)")
+    print(f"wrote {output} ({len(scheds)} schedule(s), {steps} steps)")
     return 0

@@ -28,7 +28,7 @@ mpiexec, Ctrl-C aborts the job as before.
 
 from __future__ import annotations
 
-from .common import positive_int
+from .common import non_negative_int, positive_int
 
 HELP = "train an MLP (or a batched lr sweep) on MNIST: progress, held-out accuracy, curves"
 
@@ -53,6 +53,18 @@ def _rho(text):
     if not rho > 0 or rho == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive SAM radius, got {text!r}")
     return rho
+
+
+def _fraction(text):
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a held-out accuracy as a fraction in (0, 1] (0.94 for 94%), got {text!r}")
+    return value
 
 
 def _hidden(text):
@@ -85,8 +97,9 @@ def add_arguments(parser):
     parser.add_argument("--ensemble-lrs", type=_floats, default=None,
                         help="comma-separated lrs: train one model per lr in one batched run")
     parser.add_argument("--schedule", default="constant", choices=["constant", "warmup-cosine"])
-    parser.add_argument("--warmup-steps", type=int, default=None,
-                        help="warmup-cosine warmup (default: 5%% of all steps)")
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=None,
+                        help="warmup-cosine warmup, fewer than all steps (default: 5%% of "
+                             "them; only with --schedule warmup-cosine)")
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="default: the optimizer's (AdamW 1e-2, others 0)")
     parser.add_argument("--momentum", type=float, default=None,
@@ -96,9 +109,11 @@ def add_arguments(parser):
                         choices=["float32", "bfloat16", "int8"],
                         help="optimizer state: float32, or compact (bfloat16: 2 bytes a "
                         "value, int8: about 1), both stochastically rounded")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0, help="init, split and shuffle seed")
+    parser.add_argument("--epochs", type=positive_int, default=15)
+    parser.add_argument("--batch-size", type=positive_int, default=128,
+                        help="at most the training samples (8000; default 128)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="init, split and shuffle seed")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--backend", default="auto", choices=["auto", "cython", "numba", "numpy"],
                         help="CPU nn backend (with --device cpu)")
@@ -109,8 +124,9 @@ def add_arguments(parser):
                         help="threads for BLAS (threadpoolctl) and for fastopt's kernels "
                              "and ensemble models; default: each library's own (under "
                              "mpiexec: cores / ranks)")
-    parser.add_argument("--target", type=float, default=0.94,
-                        help="report the training time to reach this held-out accuracy")
+    parser.add_argument("--target", type=_fraction, default=0.94,
+                        help="report the training time to reach this held-out accuracy, a "
+                             "fraction (default 0.94)")
     parser.add_argument("--out", default="train-results", help="output directory")
     parser.add_argument("--no-plot", action="store_true", help="skip curves.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -163,11 +179,12 @@ def _plot(history, labels, path):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for k, label in enumerate(labels):
         c = f"C{k % 10}"
-        ax1.plot(epochs, [r["train_loss"][k] for r in history["epochs"]], color=c,
+        # markers: a run of one epoch has one point a curve, no line
+        ax1.plot(epochs, [r["train_loss"][k] for r in history["epochs"]], ".-", color=c,
                  label=f"{label} train")
-        ax1.plot(epochs, [r["val_loss"][k] for r in history["epochs"]], "--", color=c,
+        ax1.plot(epochs, [r["val_loss"][k] for r in history["epochs"]], ".--", color=c,
                  label=f"{label} held-out")
-        ax2.plot(epochs, [100 * r["val_acc"][k] for r in history["epochs"]], color=c,
+        ax2.plot(epochs, [100 * r["val_acc"][k] for r in history["epochs"]], ".-", color=c,
                  label=label)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("cross-entropy")
@@ -276,8 +293,9 @@ def _run(args, comm):
         agree(comm, None, what="loading the data")
     lrs = args.ensemble_lrs
     k = len(lrs) if lrs else 1
-    if args.epochs < 1 or args.batch_size < 1:
-        print("fastopt train: --epochs and --batch-size must be >= 1", file=sys.stderr)
+    if args.batch_size > Xtr.shape[0]:
+        print(f"fastopt train: --batch-size {args.batch_size} is more than the "
+              f"{Xtr.shape[0]} training samples", file=sys.stderr)
         return 2
     problem = full_batch_problem(args.optimizer, args.batch_size, Xtr.shape[0])
     if problem:
@@ -295,8 +313,18 @@ def _run(args, comm):
     # threads inside one model's matmuls, fastopt's threads for the optimizer
     # kernels and for splitting an ensemble's models; --threads caps both.
     if args.threads is not None:
-        fastopt.set_num_threads(args.threads)
+        try:
+            fastopt.set_num_threads(args.threads)
+        except ValueError as exc:
+            print(f"fastopt train: --threads {args.threads}: {exc}", file=sys.stderr)
+            return 2
     steps = args.epochs * -(-Xtr.shape[0] // args.batch_size)
+    if args.warmup_steps is not None and (args.schedule != "warmup-cosine"
+                                          or args.warmup_steps >= steps):
+        print(f"fastopt train: --warmup-steps {args.warmup_steps}: "
+              + ("only with --schedule warmup-cosine" if args.schedule != "warmup-cosine"
+                 else f"the run has {steps} steps in all"), file=sys.stderr)
+        return 2
     parallel = None
     if comm is not None:
         from fastopt.distributed.training import DataParallelTraining

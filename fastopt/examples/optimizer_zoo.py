@@ -31,7 +31,7 @@ the loss below ``tol`` within about 30-120 steps once ``lr`` is tuned
 exactly ``+-lr``, ends in a 2-cycle around the minimum whose top is set by
 ``lr``. Rosenbrock separates them: heavy-ball momentum settles in about 200
 steps, Nesterov ~600, Adam ~1500, AdamW, Adamax, Adagrad, Lion and RMSprop
-in 2700-4300; plain SGD (its stable ``lr`` is set by the valley's steep
+in 2600-4300; plain SGD (its stable ``lr`` is set by the valley's steep
 walls, so it crawls along the floor), NAdam and RAdam (whose first steps
 are un-normalised momentum steps, so a large ``lr`` diverges on the walls)
 do not within 5000. Neither does LAMB: its trust ratio makes every step

@@ -23,6 +23,8 @@ class Adam(Optimizer):
     """
 
     _decoupled = False
+    _option_hints = {"decoupled_weight_decay": "fastopt.AdamW is Adam with decoupled weight "
+                                               "decay (torch's Adam(decoupled_weight_decay=True))"}
     _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _nonnegative_state = ("exp_avg_sq", "max_exp_avg_sq")
 
@@ -61,6 +63,8 @@ class AdamW(Adam):
     exactly as torch.optim.AdamW."""
 
     _decoupled = True
+    _option_hints = {"decoupled_weight_decay": "AdamW's weight decay is always decoupled "
+                                               "(fastopt.Adam's is L2, added to the gradient)"}
 
     def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=1e-2, amsgrad=False, maximize=False, *,

@@ -104,6 +104,27 @@ def _brief(layout):
     return f"[{text}{', ...' if len(layout) > 4 else ''}] ({len(layout)} arrays)"
 
 
+def refuse_options(cls, unknown):
+    """A TypeError naming ``cls`` (not the base's ``__init__``) and the first
+    keyword argument of ``unknown``, with the class's hint for it or the
+    closest name it takes."""
+    import difflib
+    import inspect
+
+    name = next(iter(unknown))
+    # L-BFGS takes its own keywords only, the others the base's options too
+    owners = (cls,) if getattr(cls, "steps_with_closure", False) else (cls, Optimizer)
+    taken = list(dict.fromkeys(
+        p.name for c in owners for p in inspect.signature(c.__init__).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in ("self", "params", "defaults")))
+    hint = cls._option_hints.get(name)
+    if hint is None:
+        close = difflib.get_close_matches(name, taken, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(taken)}"
+    raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {name!r}: {hint}")
+
+
 class Optimizer:
     """Base class. Subclasses declare their hyperparameters (``_hypers``) and
     their math (``_element_step``); where the arrays live is the placement's
@@ -121,8 +142,14 @@ class Optimizer:
     ``last_lr`` (per group), ``iterations`` (step calls, applied or skipped).
     """
 
+    #: a hint for a keyword argument this optimizer does not take (name -> text)
+    _option_hints: dict = {}
+
     def __init__(self, params, defaults: dict, *, backend="auto", max_grad_norm=None,
-                 skip_nonfinite=False, loss_scaler=None, state_dtype="float32", state_seed=0):
+                 skip_nonfinite=False, loss_scaler=None, state_dtype="float32", state_seed=0,
+                 **unknown):
+        if unknown:
+            refuse_options(type(self), unknown)
         if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
             raise TypeError("loss_scaler must be a fastopt.LossScaler or None, got "
                             f"{type(loss_scaler).__name__}")
@@ -1069,9 +1096,17 @@ class Optimizer:
             names = sorted({n for r in runs for n in r})
             bufs = {}
             for n in names:
-                if not all(n in r for r in runs):
-                    raise RuntimeError(f"state buffer {n!r} exists for only some runs")
-                parts = [self._placement.to_host(r[n]) for r in runs]
+                parts = []
+                for info, r in zip(self._run_info[gi]["runs"], runs):
+                    if n in r:
+                        parts.append(self._placement.to_host(r[n]))
+                    elif n == "master":
+                        # a float32 run beside 16-bit ones is its own master
+                        # copy: its values stand in the group's buffer (load
+                        # takes views of the 16-bit runs' parts only)
+                        parts.append(self._placement.to_host(info["flat"]))
+                    else:
+                        raise RuntimeError(f"state buffer {n!r} exists for only some runs")
                 bufs[n] = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
             if self._state_format.compact:      # the codes as they are, on the host
                 for n, b in self.state[gi]["flat"].items():
@@ -1082,6 +1117,21 @@ class Optimizer:
                 "skipped_steps": self.skipped_steps,
                 "options": self._options_dict(),
                 "param_groups": groups, "state": state}
+
+    def sync_master(self) -> None:
+        """Take the float32 master copies of 16-bit params from the params
+        as they are now. The master copy is what a step updates (the 16-bit
+        params are its rounding, written by each step), so new values
+        written into 16-bit params in place (``p[...] = new``) are
+        overwritten by the next step unless this is called first. No-op for
+        float32 and float64 params, which are their own weights."""
+        with self._lock:
+            pl = self._placement
+            for info, st in zip(self._run_info, self.state):
+                for run, bufs in zip(info["runs"], st["runs"]):
+                    if "master" in bufs:
+                        bufs["master"] = pl.master_copy(run["flat"])
+            self._tables = None       # they address the master copies: new arrays
 
     def state_nbytes(self) -> int:
         """Bytes of optimizer state allocated so far: every state buffer
@@ -1181,7 +1231,11 @@ class Optimizer:
                        if fmt.compact and name != "master"}
             made = {name: self._placement.state_buffer([r["flat"].size for r in runs], dtype, a)
                     for name, a in bufs.items() if name not in compact}
-            new_runs = [{name: views[ri] for name, (_, views) in made.items()}
+            # a master copy for the 16-bit runs only: a float32 run's weights
+            # are its params (the checkpoint's part for it is their values)
+            low = [self._placement.is_low(r["flat"].dtype) for r in runs]
+            new_runs = [{name: views[ri] for name, (_, views) in made.items()
+                         if name != "master" or low[ri]}
                         for ri in range(len(runs))]
             entry = {"step": step, "runs": new_runs,
                      "flat": {**{n: buf for n, (buf, _) in made.items() if n != "master"},

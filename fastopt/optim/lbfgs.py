@@ -33,7 +33,7 @@ import numpy as np
 from .. import _validate as V
 from ..backends import backend_for, get_backend
 from ..backends.flat_ops import ops_for
-from .base import NONNEG, Optimizer
+from .base import NONNEG, Optimizer, refuse_options
 from .line_search import Trial, strong_wolfe
 from .named import KeyTree
 from .placement import placement_for
@@ -86,6 +86,11 @@ class History:
 
     def __len__(self):
         return len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows allocated so far."""
+        return sum(int(v.nbytes) for v in (*self.S, *self.Y) if v is not None)
 
     def clear(self):
         self.rows, self.ro = [], []
@@ -164,12 +169,18 @@ class LBFGS(Optimizer):
     """
 
     steps_with_closure = True     # SAM and the training loop tell it apart by this
+    _option_hints = {name: ("L-BFGS is stepped with a closure and keeps its history in the "
+                            "params' dtype; it takes backend and its own options only")
+                     for name in ("max_grad_norm", "skip_nonfinite", "loss_scaler",
+                                  "state_dtype", "state_seed")}
     _hypers = dict(lr=NONNEG, tolerance_grad=NONNEG, tolerance_change=NONNEG)
     _state_names = ()
 
     def __init__(self, params=None, lr=1, max_iter=20, max_eval=None, tolerance_grad=1e-7,
                  tolerance_change=1e-9, history_size=100, line_search_fn=None, *,
-                 backend="auto"):
+                 backend="auto", **unknown):
+        if unknown:
+            refuse_options(type(self), unknown)
         if max_eval is None:
             max_eval = V.check_int("max_iter", max_iter, low=1) * 5 // 4
         defaults = dict(lr=lr, max_iter=max_iter, max_eval=max_eval,
@@ -370,6 +381,13 @@ class LBFGS(Optimizer):
                 break
 
     # -- checkpoints --------------------------------------------------------------------
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state allocated so far: the curvature pairs'
+        vectors, the previous gradient and the direction (``history_size + 1``
+        rows of two vectors of the params' size, each made on first use)."""
+        hist = self.state[0]["history"] if self.state else None
+        return 0 if hist is None else hist.nbytes
+
     def _state_dict(self) -> dict:
         """The base optimizer's checkpoint (type, iterations, hyperparameters
         with the params' layout) plus ``"lbfgs"``: torch's state names, the

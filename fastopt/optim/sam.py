@@ -147,6 +147,13 @@ class SAM:
     def zero_grad(self, grads) -> None:
         self.base_optimizer.zero_grad(grads)
 
+    def state_nbytes(self) -> int:
+        """The base optimizer's :meth:`~fastopt.Optimizer.state_nbytes` plus
+        SAM's own perturbation buffers (one flat ``e_w`` per group, the
+        params' size and dtype)."""
+        return self.base_optimizer.state_nbytes() + sum(int(st["e_w"].nbytes)
+                                                        for st in self.state)
+
     # -- layout: one table and one e buffer per group ------------------------------
     def _key(self):
         return tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
