@@ -109,7 +109,7 @@ def from_dict(spec) -> Schedule:
         return spec
     if not isinstance(spec, dict) or "kind" not in spec:
         raise ValueError(f"a schedule spec is a dict with a 'kind' key, got {spec!r}")
-    cls = _KINDS.get(spec["kind"])
+    cls = _KINDS.get(spec["kind"]) if isinstance(spec["kind"], str) else None
     if cls is None:
         raise ValueError(f"unknown schedule kind {spec['kind']!r}; known: {sorted(_KINDS)}")
     args = {k: v for k, v in spec.items() if k != "kind"}
@@ -396,7 +396,10 @@ def parse_schedule(text: str) -> Schedule:
     """
     text = text.strip()
     if text.startswith("{"):
-        return from_dict(json.loads(text))
+        try:
+            return from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"cannot parse schedule {text!r}: {exc}") from None
     try:
         tree = ast.parse(text, mode="eval").body
     except SyntaxError as exc:

@@ -33,7 +33,8 @@ def setups():
     step's paths: one group without a norm (the list step), clipped (the
     fused norm pass), two groups, a finish of its own (NAdam), a norm that
     overflows (the exact check and its second kernel call), an lr schedule
-    (the value it shows in its group written at the step's end)."""
+    (the value it shows in its group written at the step's end), compact
+    state just loaded (the table's cache of its buffers made again)."""
     def arrays():
         return [np.linspace(-1, 1, 12).reshape(3, 4), np.ones(5), np.full(6, 2.0)]
 
@@ -63,11 +64,21 @@ def setups():
         return p, fastopt.Adam([{"params": p[:2], "lr": sched}, {"params": [p[2]]}], lr=1e-2,
                                backend=backend)
 
+    def resumed(backend):   # compact state loaded from a checkpoint: its buffers are new
+        p = [a.astype(np.float32) for a in arrays()]
+        opt = fastopt.Adam(p, lr=1e-2, backend=backend, state_dtype="int8")
+        opt.step([g.astype(np.float32) for g in grads(5)])
+        opt.load_state_dict(opt.state_dict())
+        return p, opt
+
+    def grads32(k):
+        return [g.astype(np.float32) for g in grads(k)]
+
     def huge(k):            # finite, but their float64 squares overflow the norm's sum
         return [np.full((3, 4), 1e160), np.full(5, -1e160 * (k + 1)), np.full(6, 1e155)]
     return [("one", one, grads), ("clipped", clipped, grads), ("two", two, grads),
             ("nadam", nadam, grads), ("overflow", clipped, huge),
-            ("scheduled", scheduled, grads)]
+            ("scheduled", scheduled, grads), ("resumed-int8", resumed, grads32)]
 
 
 SETUPS = setups()
@@ -103,16 +114,22 @@ def run_reference(make, grads, backend, steps):
 def check_whole(opt, params, snaps, k):
     """After an interrupted step k: as after step k-1 or as after step k."""
     now = (snapshot_of(opt, params), counters(opt))
-    done = opt.iterations
+    done = opt.iterations - snaps[0][1][0]      # steps since make (a resumed one has some)
     assert done in (k, k + 1), (done, k)
     assert now[1] == snaps[done][1]
     assert_same_tree(now[0], snaps[done][0])
     return done
 
 
-def trace_lines(on_line):
+#: the setups whose step is traced into the backends' Python too (the
+#: tables' caches), not only the optimizer's
+TRACE_BACKENDS = {"resumed-int8"}
+BACKENDS_DIR = os.path.join(os.path.dirname(OPTIM_DIR), "backends")
+
+
+def trace_lines(on_line, dirs=(OPTIM_DIR,)):
     def trace(frame, event, arg):
-        if not frame.f_code.co_filename.startswith(OPTIM_DIR):
+        if not frame.f_code.co_filename.startswith(dirs):
             return None
 
         def line(f, ev, a):
@@ -128,12 +145,13 @@ def trace_lines(on_line):
 @pytest.mark.parametrize("which", [0, 2], ids=["first-step", "planned-step"])
 def test_an_interrupt_at_any_line_of_a_step_leaves_it_whole(backend, name, make, grads, which):
     snaps = run_reference(make, grads, backend, which + 3)
+    dirs = (OPTIM_DIR, BACKENDS_DIR) if name in TRACE_BACKENDS else (OPTIM_DIR,)
     previous = sys.gettrace()
     count = []
     params, opt = make(backend)
     for k in range(which):
         opt.step(grads(k))
-    sys.settrace(trace_lines(lambda: count.append(1)))
+    sys.settrace(trace_lines(lambda: count.append(1), dirs))
     try:
         opt.step(grads(which))
     finally:
@@ -151,7 +169,7 @@ def test_an_interrupt_at_any_line_of_a_step_leaves_it_whole(backend, name, make,
             seen.append(1)
             if len(seen) == target + 1:
                 raise KeyboardInterrupt
-        sys.settrace(trace_lines(interrupt))
+        sys.settrace(trace_lines(interrupt, dirs))
         try:
             opt.step(grads(which))
             interrupted = False
@@ -171,10 +189,13 @@ def test_an_interrupt_at_any_line_of_a_step_leaves_it_whole(backend, name, make,
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("name,make,grads", SETUPS, ids=[s[0] for s in SETUPS])
 @pytest.mark.parametrize("nth", [0, 1])
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
 def test_an_interrupt_as_a_kernel_returns_completes_the_step(monkeypatch, backend, name, make,
-                                                             grads, nth):
+                                                             grads, nth, exc):
     """The interrupt raised as the step's ``nth`` native call returns, its
-    result lost (a step with fewer calls runs to its end)."""
+    result lost (a step with fewer calls runs to its end): a Ctrl-C, or the
+    SystemExit of a signal handler calling ``sys.exit`` (it was not held:
+    the writes were done and the step not counted)."""
     snaps = run_reference(make, grads, backend, 5)
     fired = []
 
@@ -186,7 +207,7 @@ def test_an_interrupt_as_a_kernel_returns_completes_the_step(monkeypatch, backen
             if armed:
                 fired.append(1)
                 if len(fired) == nth + 1:
-                    raise KeyboardInterrupt
+                    raise exc
             return out
         return call
 
@@ -215,7 +236,7 @@ def test_an_interrupt_as_a_kernel_returns_completes_the_step(monkeypatch, backen
         try:
             opt.step(grads(k))
             assert len(fired) <= nth        # no such call: no interrupt
-        except KeyboardInterrupt:
+        except exc:
             pass
         finally:
             armed.clear()
@@ -269,3 +290,76 @@ def test_a_real_ctrl_c_during_large_steps_leaves_each_step_whole(backend):
             np.testing.assert_array_equal(x, y)
         assert_same_tree(opt_a.state_dict()["state"], opt_b.state_dict()["state"])
     assert interrupted == 20
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("state_dtype", ["float32", "int8"])
+def test_an_interrupt_at_any_line_of_a_sam_step_leaves_it_consistent(backend, state_dtype):
+    """SAM's step restores ``p - e`` (in the base step's kernels, or a pass
+    of its own under compact state) and steps the base. An interrupt at any
+    line of it leaves SAM as before the step (perturbed) or as after it
+    (stepped), or under compact state restored and not perturbed with the
+    base not stepped; never params and flag at odds (an interrupt before a
+    table's offset was set left it perturbed, flagged not; one after the
+    base step, before the flag, restored it twice). Then the run resumes as
+    if never interrupted (bit for bit from the first two)."""
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(2000).astype(np.float32)
+    g1 = [rng.standard_normal(2000).astype(np.float32)]
+    g2 = [rng.standard_normal(2000).astype(np.float32)]
+
+    def make():
+        p = [p0.copy()]
+        return p, fastopt.SAM(fastopt.AdamW(p, lr=1e-2, backend=backend,
+                                            state_dtype=state_dtype), rho=0.5)
+    ref_p, ref = make()
+    ref.perturb(g1)
+    ref.step(g2)
+    dirs = (OPTIM_DIR, BACKENDS_DIR)
+    previous = sys.gettrace()
+    count = []
+    p, opt = make()
+    opt.perturb(g1)
+    sys.settrace(trace_lines(lambda: count.append(1), dirs))
+    try:
+        opt.step(g2)
+    finally:
+        sys.settrace(previous)
+    assert len(count) > 5
+    outcomes = set()
+    for target in range(len(count)):
+        p, opt = make()
+        opt.perturb(g1)
+        perturbed = p[0].copy()
+        seen = []
+
+        def interrupt():
+            seen.append(1)
+            if len(seen) == target + 1:
+                raise KeyboardInterrupt
+        sys.settrace(trace_lines(interrupt, dirs))
+        try:
+            opt.step(g2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(previous)
+        stepped = opt.base_optimizer.iterations
+        if opt.perturbed:
+            assert stepped == 0 and p[0].tobytes() == perturbed.tobytes(), target
+            outcomes.add("perturbed")
+            opt.step(g2)
+        elif stepped == 0:
+            # compact base state: restored in a pass of its own, then the
+            # base step interrupted before its kernels (as a refused one)
+            assert state_dtype != "float32", target
+            assert p[0].tobytes() == (perturbed - opt.state[0]["e_w"]).tobytes(), target
+            outcomes.add("restored")
+            opt.perturb(g1)
+            opt.step(g2)
+            np.testing.assert_allclose(p[0], ref_p[0], rtol=0, atol=1e-6)
+            continue
+        else:
+            outcomes.add("stepped")
+        assert p[0].tobytes() == ref_p[0].tobytes(), (target, outcomes)
+    assert {"perturbed", "stepped"} <= outcomes

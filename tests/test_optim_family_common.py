@@ -95,6 +95,7 @@ def test_nonfinite_step_is_skipped(name, backend, path):
 BAD = [
     ("RMSprop", dict(lr=-1.0), ValueError, "lr"),
     ("RMSprop", dict(alpha=-0.1), ValueError, "alpha"),
+    ("RMSprop", dict(alpha=1.5), ValueError, "alpha must be <= 1"),   # a NaN step (torch: too)
     ("RMSprop", dict(eps=-1e-8), ValueError, "eps"),
     ("RMSprop", dict(momentum=-0.9), ValueError, "momentum"),
     ("RMSprop", dict(weight_decay=float("nan")), ValueError, "weight_decay"),

@@ -171,6 +171,14 @@ def test_zero_grad_and_load_state_dict_settings():
     lists = [np.ones(3), np.ones(2)]
     opt.zero_grad(lists)
     assert not any(x.any() for x in lists)
+    # refused: a FlatArrays laid out unlike the params (it was zeroed), None,
+    # and an optimizer with no params yet (an AttributeError)
+    with pytest.raises(ValueError, match="not like the params"):
+        opt.zero_grad(fastopt.pack([np.ones(5)]))
+    with pytest.raises(TypeError, match=r"grads is None: zero_grad\(\) needs"):
+        opt.zero_grad(None)
+    with pytest.raises(RuntimeError, match="no params yet"):
+        fastopt.SGD(lr=0.1).zero_grad(lists)
     sd = opt.state_dict()
     other = fastopt.SGD(fastopt.pack([np.ones(3), np.ones(2)]), lr=0.1)
     with pytest.warns(UserWarning, match="max_grad_norm=1.0 replaces this optimizer's None"):

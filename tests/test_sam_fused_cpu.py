@@ -226,27 +226,34 @@ def test_huge_finite_float64_grads_are_stepped(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_a_refused_base_step_leaves_the_params_restored(backend):
+def test_a_refused_base_step_leaves_sam_as_it_was(backend):
     """A base step that raises before its kernels (a bad hyperparameter
-    written into the group): the params are at the unperturbed point, the
-    offset cleared, and SAM ready for a new perturb."""
+    written into the group): nothing changed, the params still perturbed
+    and flagged so, no offset pending; once the group is mended, the same
+    step goes on as if never refused (it restored the params before, and
+    the resumed run differed by the rounding of p + e - e)."""
     rng = np.random.default_rng(4)
-    params = [rng_array(rng, s, np.float64) for s in SHAPES]
-    sam = fastopt.SAM(BASES["adamw"](params, backend), rho=RHO)
-    sam.perturb(grad_at(params))
-    sam.step(grad_at(params))
-    start = [p.copy() for p in params]
-    sam.perturb(grad_at(params))
-    e = offsets_of(sam, params)
-    sam.param_groups[0]["lr"] = -1.0
-    with pytest.raises(ValueError, match="lr"):
-        sam.step(grad_at(params))
-    assert not sam.perturbed
-    assert all(t.shift is None for ts in sam.base_optimizer._tables for t in ts)
-    assert_restored(params, start, e)
-    sam.param_groups[0]["lr"] = 0.01
-    sam.perturb(grad_at(params))
-    sam.step(grad_at(params))
+
+    def run(refuse):
+        params = [rng_array(np.random.default_rng(4), s, np.float64) for s in SHAPES]
+        sam = fastopt.SAM(BASES["adamw"](params, backend), rho=RHO)
+        for k in range(2):
+            sam.perturb(grad_at(params))
+            if refuse and k == 1:
+                perturbed = [p.copy() for p in params]
+                lr = sam.param_groups[0]["lr"]
+                sam.param_groups[0]["lr"] = -1.0
+                with pytest.raises(ValueError, match="lr"):
+                    sam.step(grad_at(params))
+                assert sam.perturbed
+                assert all(t.shift is None for ts in sam.base_optimizer._tables for t in ts)
+                for p, q in zip(params, perturbed):
+                    assert p.tobytes() == q.tobytes()
+                sam.param_groups[0]["lr"] = lr
+            sam.step(grad_at(params))
+        return params
+    for a, b in zip(run(True), run(False)):
+        assert a.tobytes() == b.tobytes()
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -287,18 +294,18 @@ def test_table_offsets_are_checked_and_undone():
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_an_interrupt_before_the_restoring_step_leaves_the_params_unperturbed(backend,
-                                                                            monkeypatch):
-    """A Ctrl-C while the offsets are set (before the base step) left the
-    params at p + e with ``perturbed`` False and an offset pending."""
+def test_an_interrupt_before_the_restoring_step_leaves_sam_perturbed(backend, monkeypatch):
+    """A Ctrl-C while the offsets are set (before the base step): the
+    params still at p + e and flagged so (once it left them perturbed,
+    flagged not), no offset pending, and the step can be taken again."""
     params = [np.ones(5), np.full(3, 2.0)]
     sam = fastopt.SAM(fastopt.SGD(params, lr=0.1, backend=backend), rho=0.5)
     grads = [np.ones(5), np.ones(3)]
     for _ in range(2):                    # the second one plans the fused restore
         sam.perturb(grads)
         sam.step(grads)
-    before = [p.copy() for p in params]
     sam.perturb(grads)
+    before = [p.copy() for p in params]
     real, calls = StepTable.set_shift, []
 
     def interrupted(self, offsets):
@@ -309,7 +316,9 @@ def test_an_interrupt_before_the_restoring_step_leaves_the_params_unperturbed(ba
     with pytest.raises(KeyboardInterrupt):
         sam.step(grads)
     monkeypatch.undo()
-    assert calls and not sam.perturbed
+    assert calls and sam.perturbed
     for p, b in zip(params, before):
         np.testing.assert_array_equal(p, b)
     assert all(t.shift is None for t in sam.base_optimizer._all_tables)
+    sam.step(grads)
+    assert not sam.perturbed

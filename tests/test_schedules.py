@@ -247,3 +247,21 @@ def test_a_copy_keeps_the_lr_schedule_and_its_place(how):
     twin.param_groups[0]["lr"] = 0.25             # a number written over it still wins
     twin.step([np.ones(4)])
     assert twin.last_lr == [0.25] and twin.lr_schedule(0) is None
+
+
+def test_a_schedule_that_overflows_is_named_at_the_step():
+    """exponential with gamma > 1 overflows a float after enough steps: the
+    step names the group's lr and the step (an OverflowError from deep in
+    the schedule before), and nothing is written; plot-schedule says so in
+    one line, and a spec with a kind that is no name is a ValueError."""
+    p = [np.ones(3)]
+    opt = fastopt.SGD(p, lr=fastopt.schedules.exponential(1e-3, 1.5))
+    opt.iterations = 1751
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]: the schedule failed at "
+                                         r"step 1751"):
+        opt.step([np.ones(3)])
+    assert p[0].tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="unknown schedule kind"):
+        fastopt.schedules.parse_schedule('{"kind": ["x"]}')
+    with pytest.raises(ValueError, match="cannot parse schedule"):
+        fastopt.schedules.parse_schedule('{"kind": 1,')

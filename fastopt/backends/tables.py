@@ -177,7 +177,6 @@ class StepTable:
         if cached is None or len(cached) != len(key) or any(
                 a is not b for a, b in zip(cached, key)):
             addrs = [address(b) for b in buffers] + [0] * (3 - len(buffers))
-            self._state = (key, tuple(addrs))
             self._set_written(self._writes() + list(buffers) + list(extra))
             # compact state, as the Cython kernels take it: kind (1 bfloat16, 2
             # 8-bit), the codes' and absmax arrays' addresses, int8 (signed) codes
@@ -185,6 +184,9 @@ class StepTable:
                 1 if buffers[0].dtype == np.uint16 else 2, tuple(addrs[:len(buffers)]),
                 tuple(0 if a is None else address(a) for a in compact.absmax),
                 tuple(b.dtype == np.int8 for b in buffers))
+            # the key last: an exception (a Ctrl-C) before it leaves the cache
+            # missing, to be made again, never hit with the rest unmade
+            self._state = (key, tuple(addrs))
         elif key is not cached:
             self._state = (key, self._state[1])   # the same arrays: the newest key hits next
         return self._state[1]

@@ -50,10 +50,18 @@ def run(args):
         return 2
     steps = args.steps or max([1000] * (not any(map(settles_at, scheds)))
                               + [int(settles_at(s) * 1.1) + 1 for s in scheds])
+    # at most a few thousand points: a figure has fewer pixels, and a long
+    # run of schedule calls (--steps 100000000) would take minutes
+    xs = range(0, steps, max(1, steps // 4000))
+    try:
+        curves = [[s(t) for t in xs] for s in scheds]
+    except ArithmeticError as exc:      # e.g. exponential with gamma > 1, overflowing
+        print(f"fastopt plot-schedule: a schedule failed within {steps} steps: {exc}",
+              file=sys.stderr)
+        return 2
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = range(steps)
-    for s in scheds:
-        ax.plot(xs, [s(t) for t in xs], label=repr(s) if len(repr(s)) < 90 else s.kind)
+    for s, ys in zip(scheds, curves):
+        ax.plot(xs, ys, label=repr(s) if len(repr(s)) < 90 else s.kind)
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
     if args.log:

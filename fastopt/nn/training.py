@@ -77,6 +77,9 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
     if schedule == "warmup-cosine":
         if total_steps is None:
             raise ValueError("warmup-cosine needs total_steps")
+        if total_steps < 2:     # a warmup step and a decay step at the least
+            raise ValueError(f"warmup-cosine needs at least 2 steps, the run has {total_steps} "
+                             "(more epochs or a smaller batch, or --schedule constant)")
         w = warmup_steps if warmup_steps is not None else max(1, total_steps // 20)
         peaks = [fastopt.schedules.warmup_cosine(p, min(w, total_steps - 1), total_steps)
                  for p in peaks]

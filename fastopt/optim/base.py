@@ -45,7 +45,7 @@ from ..clip import norm_of
 from ..params import FlatArrays
 from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler
-from .interrupt import Mark, held
+from .interrupt import INTERRUPTS, Mark, held
 from .named import KeyTree
 from .param_list import ParamList
 from .placement import placement_for
@@ -492,10 +492,18 @@ class Optimizer:
         """Zero ``grads`` in place, for loops that accumulate into one set of
         gradient arrays: a FlatArrays (one fill of its buffer), a list or a
         dict of arrays shaped like the params."""
+        if not self.param_groups:
+            raise RuntimeError(f"this {type(self).__name__} has no params yet: zero_grad "
+                               "checks the grads against them; bind(params) first")
         if isinstance(grads, FlatArrays):
+            shapes = [tuple(p.shape) for p in self._params]
+            if [tuple(s) for s in grads.shapes] != shapes:
+                raise ValueError(f"grads is a FlatArrays of {len(grads.shapes)} arrays shaped "
+                                 f"{list(grads.shapes)[:4]}..., not like the params "
+                                 f"({len(shapes)} arrays shaped {shapes[:4]}...)")
             grads.data.fill(0)
             return
-        arrays = self._grads_as_list(grads)
+        arrays = self._grads_as_list(grads, "zero_grad()")
         V.check_like("grads", list(arrays), "params", self._params, writable=True,
                      allow_low_precision=True,
                      labels=self._names.labels if self._names is not None else None)
@@ -660,7 +668,7 @@ class Optimizer:
                         else:
                             step_per_array(be, t, el, bufs, scale, cs)
             except BaseException as e:
-                if isinstance(e, KeyboardInterrupt) and self._committed(mark, skip):
+                if isinstance(e, INTERRUPTS) and self._committed(mark, skip):
                     raise           # a kernel ran: the step is completed below
                 # before any kernel ran (they raise nothing): buffers this
                 # step made go, and with them any trace of it
@@ -669,7 +677,7 @@ class Optimizer:
             if skip:
                 self._forget(created)     # e.g. SGD's first momentum step stays its first
             out = self._finish_step(skip, norm, hypers)
-        except KeyboardInterrupt:
+        except INTERRUPTS:
             if not self._committed(mark, skip):
                 raise
             held(self._complete_step, mark, be, work, fused, created, hypers, norm, skip,
@@ -813,7 +821,7 @@ class Optimizer:
             if sched is not None:
                 try:
                     value = float(sched(self.iterations))
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, ArithmeticError):
                     value = group["lr"] if not callable(group["lr"]) else float("nan")
                 group["lr"] = value
                 self._lr_shown[gi] = value
@@ -928,10 +936,10 @@ class Optimizer:
             for t in ts:
                 t.grads_from_arrays([grads[i].reshape(-1) for i in t.index_global])
 
-    def _grads_as_list(self, grads):
+    def _grads_as_list(self, grads, call="step()"):
         """``grads`` as a list in param order (a dict by the params' keys)."""
         if grads is None:
-            raise TypeError("grads is None: step() needs the gradients, one array per "
+            raise TypeError(f"grads is None: {call} needs the gradients, one array per "
                             "param (a list, or a FlatArrays from params.zeros_like())")
         if isinstance(grads, np.ndarray):
             return [grads]
@@ -1310,7 +1318,7 @@ class Optimizer:
             k = self.iterations if position is None else position
             try:
                 value = lr(k)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, ArithmeticError) as exc:   # e.g. gamma > 1 overflowing
                 raise ValueError(f"{V.key(where, 'lr')}: the schedule failed at step "
                                  f"{k}: {exc}") from None
             V.check_real(f"{V.key(where, 'lr')} (schedule value at step {k})", value, low=0.0)

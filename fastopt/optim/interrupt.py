@@ -1,5 +1,7 @@
 """A Ctrl-C in the middle of a step's writes: the step is completed, then
-the KeyboardInterrupt goes on.
+the KeyboardInterrupt goes on. The same for a SystemExit (a signal handler
+that calls ``sys.exit``, as preemption handlers for SIGTERM do): both are
+:data:`INTERRUPTS`.
 
 Python raises a KeyboardInterrupt only between bytecodes, so a compiled
 kernel (one native call, which checks no signals) runs to its end; the
@@ -30,6 +32,10 @@ steps of SAM's ``perturb``, L-BFGS and the distributed optimizers.
 from __future__ import annotations
 
 import operator
+
+#: what a signal handler raises between two bytecodes of a step: Python's
+#: default SIGINT handler, and ``sys.exit`` in a handler of one's own
+INTERRUPTS = (KeyboardInterrupt, SystemExit)
 
 #: a state entry's step count (the counters a mark holds for the base counting)
 _step_of = operator.itemgetter("step")
@@ -113,11 +119,11 @@ class Mark:
 
 
 def held(complete, *args):
-    """``complete(*args)`` run to its end through any further Ctrl-C (it
+    """``complete(*args)`` run to its end through any further interrupt (it
     must be idempotent: run again from the start after each)."""
     while True:
         try:
             return complete(*args)
-        except KeyboardInterrupt:
+        except INTERRUPTS:
             continue
 

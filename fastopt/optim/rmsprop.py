@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import _validate as V
 from ..backends.scalars import rmsprop_scalars
 from .base import FLAG, NONNEG, Optimizer
 
@@ -34,12 +35,18 @@ class RMSprop(Optimizer):
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
                          **options)
 
-    # torch's checks: every real >= 0 (eps = 0 and alpha > 1 are allowed, as there)
+    # torch's checks: every real >= 0 (eps = 0 is allowed, as there), and
+    # alpha <= 1, which torch does not check (see _check_hypers)
     _hypers = dict(lr=NONNEG, alpha=NONNEG, eps=NONNEG, weight_decay=NONNEG, momentum=NONNEG,
                    centered=FLAG, maximize=FLAG)
 
     def _check_hypers(self, group, where=""):
         h = super()._check_hypers(group, where)
+        if h["alpha"] > 1:
+            raise ValueError(
+                f"{V.key(where, 'alpha')} must be <= 1, got {h['alpha']!r}: the squared "
+                "average alpha * v + (1 - alpha) * g**2 goes negative and the step is NaN "
+                "(torch accepts it)")
         if h["centered"] and self._state_format.compact:
             raise ValueError(
                 f"{where or 'RMSprop'}: centered=True with state_dtype="

@@ -48,6 +48,7 @@ from ..backends.flat_ops import ops_for, sam_scale
 from ..backends.tables import group_tables, refuse_each_other
 from ..params import FlatArrays
 from .base import Optimizer
+from .interrupt import held
 from .placement import Offsets, span
 from .state_checks import require_array, require_keys
 
@@ -317,8 +318,11 @@ class SAM:
 
         ``grads`` are checked before the params are restored. Should the
         base step itself refuse (say, a bad hyperparameter written into a
-        param group), the params stay restored to the unperturbed point and
-        the error is raised: call :meth:`perturb` again.
+        param group), or a Ctrl-C come before its kernels ran, nothing has
+        changed: the params are still perturbed and :meth:`step` may be
+        called again. (Under compact base state, restored in a pass of its
+        own first, the params are then restored to the unperturbed point:
+        call :meth:`perturb` again.)
 
         On device params the restore is fused into the base step (its
         kernels read ``p - e``; a step the base skips for non-finite
@@ -335,12 +339,28 @@ class SAM:
                 shifts = self._base_shifts()
                 if shifts is not None:
                     return self._restore_in_base_step(grads, shifts)
-                ops = ops_for(self.backend)
-                for ts, st in zip(self._tables, self.state):
-                    for t in ts:
-                        ops.sam_restore(t, st["e_w"])
+                # a pass of its own, completed through an interrupt: the
+                # params are restored and say so, or neither
+                held(self._restore_apart, set())
             self.perturbed = self._skipped = False
             return self.base_optimizer.step(grads)
+
+    def _restore_apart(self, restored):
+        """``p -= e`` array by array (``restored``: the arrays done, so that
+        a run after an interrupt does each once), then not perturbed.
+
+        Each subtraction and its note share a line: Python raises a
+        KeyboardInterrupt after a call returns or at a line, never between
+        an in-place operator and the next call (a compiled restore per
+        table, a call, could be interrupted as it returned, unnoted)."""
+        for gi, (ts, st) in enumerate(zip(self._tables, self.state)):
+            e = st["e_w"]
+            for k, t in enumerate(ts):
+                for j, w in enumerate(t.weights):
+                    if (gi, k, j) not in restored:
+                        lo = int(t.soff[j])
+                        w -= e[lo:lo + w.size]; restored.add((gi, k, j))  # noqa: E702
+        self.perturbed = self._skipped = False
 
     def _base_shifts(self):
         """``[(table, e views)]`` over the base optimizer's step tables, each
@@ -369,20 +389,49 @@ class SAM:
     def _restore_in_base_step(self, grads, shifts):
         """The base step with ``e`` as its tables' offset: the kernels that
         apply it restore and step in one pass and clear it; what is still
-        pending afterwards (a skipped step, a step refused before its
-        kernels ran) is restored here, so the params never stay perturbed."""
+        pending after a skipped step is restored here; a step that did
+        nothing leaves SAM perturbed (:meth:`_settle_shifts`)."""
         base = self.base_optimizer
         with base._lock:
+            calls = [t.outcome[0] for t, _ in shifts]
+            iterations = base.iterations
+            restored = set()
             try:
                 for t, views in shifts:
                     t.set_shift(views)
-                return base.step(grads)
-            finally:
-                # (a Ctrl-C anywhere in the try, even before base.step, comes
-                # here: the params end unperturbed and say so)
-                for t, _ in shifts:
-                    t.undo_shift()
-                self.perturbed = self._skipped = False
+                out = base.step(grads)
+                # in the try: an interrupt as it starts is handled below
+                self._settle_shifts(shifts, calls, iterations, restored)
+            except BaseException:
+                # a refused step, an interrupt anywhere above (a
+                # set_shift not yet made too): SAM as before the step or as
+                # after it, through any further interrupt
+                held(self._settle_shifts, shifts, calls, iterations, restored)
+                raise
+            return out
+
+    def _settle_shifts(self, shifts, calls, iterations, restored):
+        """After the base step. Where it did nothing (refused, or
+        interrupted before its kernels): the offsets cleared, the params
+        still perturbed, and so flagged. Else (stepped, or skipped for
+        non-finite gradients, counted either way): each table's offset
+        applied by its kernel (its call count moved, not skipped), or
+        ``w -= e`` here, once (``restored``: the weights done); then not
+        perturbed."""
+        if self.base_optimizer.iterations == iterations and all(
+                t.outcome[0] == before for (t, _), before in zip(shifts, calls)):
+            for t, _ in shifts:
+                t.clear_shift()
+            return
+        for i, ((t, views), before) in enumerate(zip(shifts, calls)):
+            if t.outcome[0] != before and not t.outcome[2]:
+                t.clear_shift()                 # applied (cleared already, but where
+                continue                        # the interrupt came first)
+            for j, (w, e) in enumerate(zip(t.weights, views)):
+                if (i, j) not in restored:      # one line (see _restore_apart)
+                    w -= e; restored.add((i, j))  # noqa: E702
+            t.clear_shift()
+        self.perturbed = self._skipped = False
 
     def _restore_and_step_on_device(self, grads):
         base = self.base_optimizer

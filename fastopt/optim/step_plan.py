@@ -40,7 +40,7 @@ import math
 from ..backends.scalars import ElementStep
 from ..backends.tables import element_maker
 from ..backends.threads import SERIAL_MAX
-from .interrupt import Mark, held
+from .interrupt import INTERRUPTS, Mark, held
 
 #: returned by :meth:`StepPlan.run` when the plan no longer holds
 STALE = object()
@@ -265,7 +265,7 @@ class StepPlan:
             if mark is not None:
                 return opt._finish_step(False, None, [g.hypers])
             return None
-        except KeyboardInterrupt:
+        except INTERRUPTS:
             # counted with the writes, or nothing written: as it is
             if mark is not None and self.list_outcome[0] != calls:
                 held(mark.recount, opt, False, None, [g.hypers])
@@ -306,7 +306,7 @@ class StepPlan:
                 norm, skip = opt._fused_call(be, t, el, g.buffers, self.max_norm, 1.0,
                                              self.norm_mode, cs)
                 return opt._finish_step(skip, norm, [g.hypers])
-            except KeyboardInterrupt:
+            except INTERRUPTS:
                 if mark is None:
                     mark = Mark.taken([t], [calls], [steps], iterations, skipped)
                 if not mark.any_called():
@@ -338,7 +338,7 @@ class StepPlan:
             for t, el, bufs, scale, cs in work:
                 opt._table_update(be, t, el, bufs, scale, cs)
             return opt._finish_step(False, None, [g.hypers for g in plans])
-        except KeyboardInterrupt:
+        except INTERRUPTS:
             if not mark.any_called():
                 raise
             held(opt._complete_step, mark, be, work, False, (), [g.hypers for g in plans],
@@ -377,7 +377,7 @@ class StepPlan:
             if mark is not None:
                 return opt._finish_step(False, None, [g.hypers for g in plans])
             return None
-        except KeyboardInterrupt:
+        except INTERRUPTS:
             # counted with the writes, or nothing written: as it is
             if mark is not None and self.list_outcome[0] != calls:
                 held(mark.recount, opt, False, None, [g.hypers for g in plans])
