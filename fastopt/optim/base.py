@@ -1180,8 +1180,10 @@ class Optimizer:
         iterations = V.check_int("checkpoint iterations", sd["iterations"], low=0)
         skipped = V.check_int("checkpoint skipped_steps", sd["skipped_steps"], low=0)
         apply_options = self._prepare_options(sd["options"])
-        if not isinstance(sd["param_groups"], list) or \
-                len(sd["param_groups"]) != len(self.param_groups):
+        if not isinstance(sd["param_groups"], list):
+            raise TypeError("checkpoint: 'param_groups' must be a list, got "
+                            f"{type(sd['param_groups']).__name__}")
+        if len(sd["param_groups"]) != len(self.param_groups):
             raise ValueError(f"checkpoint has {len(sd['param_groups'])} param groups, this "
                              f"optimizer has {len(self.param_groups)}")
         if not isinstance(sd["state"], list) or len(sd["state"]) != len(self.param_groups):
