@@ -140,44 +140,53 @@ def trace_lines(on_line, dirs=(OPTIM_DIR,)):
     return trace
 
 
+def count_lines(call, dirs):
+    """The line events of ``call()`` in files under ``dirs``."""
+    previous, count = sys.gettrace(), []
+    sys.settrace(trace_lines(lambda: count.append(1), dirs))
+    try:
+        call()
+    finally:
+        sys.settrace(previous)
+    return len(count)
+
+
+def interrupted_at(target, call, dirs):
+    """``call()`` with a KeyboardInterrupt raised at its line event number
+    ``target``: whether one came out."""
+    previous, seen = sys.gettrace(), []
+
+    def interrupt():
+        seen.append(1)
+        if len(seen) == target + 1:
+            raise KeyboardInterrupt
+    sys.settrace(trace_lines(interrupt, dirs))
+    try:
+        call()
+        return False
+    except KeyboardInterrupt:
+        return True
+    finally:
+        sys.settrace(previous)
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("name,make,grads", SETUPS, ids=[s[0] for s in SETUPS])
 @pytest.mark.parametrize("which", [0, 2], ids=["first-step", "planned-step"])
 def test_an_interrupt_at_any_line_of_a_step_leaves_it_whole(backend, name, make, grads, which):
     snaps = run_reference(make, grads, backend, which + 3)
     dirs = (OPTIM_DIR, BACKENDS_DIR) if name in TRACE_BACKENDS else (OPTIM_DIR,)
-    previous = sys.gettrace()
-    count = []
     params, opt = make(backend)
     for k in range(which):
         opt.step(grads(k))
-    sys.settrace(trace_lines(lambda: count.append(1), dirs))
-    try:
-        opt.step(grads(which))
-    finally:
-        sys.settrace(previous)
-    nlines = len(count)
+    nlines = count_lines(lambda: opt.step(grads(which)), dirs)
     assert nlines > 5
     outcomes = set()
     for target in range(nlines):
         params, opt = make(backend)
         for k in range(which):
             opt.step(grads(k))
-        seen = []
-
-        def interrupt():
-            seen.append(1)
-            if len(seen) == target + 1:
-                raise KeyboardInterrupt
-        sys.settrace(trace_lines(interrupt, dirs))
-        try:
-            opt.step(grads(which))
-            interrupted = False
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            sys.settrace(previous)
-        assert interrupted, target
+        assert interrupted_at(target, lambda: opt.step(grads(which)), dirs), target
         done = check_whole(opt, params, snaps, which)
         outcomes.add(done)
         for k in range(done, which + 3):       # and it goes on as if never interrupted
@@ -316,34 +325,16 @@ def test_an_interrupt_at_any_line_of_a_sam_step_leaves_it_consistent(backend, st
     ref.perturb(g1)
     ref.step(g2)
     dirs = (OPTIM_DIR, BACKENDS_DIR)
-    previous = sys.gettrace()
-    count = []
     p, opt = make()
     opt.perturb(g1)
-    sys.settrace(trace_lines(lambda: count.append(1), dirs))
-    try:
-        opt.step(g2)
-    finally:
-        sys.settrace(previous)
-    assert len(count) > 5
+    nlines = count_lines(lambda: opt.step(g2), dirs)
+    assert nlines > 5
     outcomes = set()
-    for target in range(len(count)):
+    for target in range(nlines):
         p, opt = make()
         opt.perturb(g1)
         perturbed = p[0].copy()
-        seen = []
-
-        def interrupt():
-            seen.append(1)
-            if len(seen) == target + 1:
-                raise KeyboardInterrupt
-        sys.settrace(trace_lines(interrupt, dirs))
-        try:
-            opt.step(g2)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(previous)
+        interrupted_at(target, lambda: opt.step(g2), dirs)
         stepped = opt.base_optimizer.iterations
         if opt.perturbed:
             assert stepped == 0 and p[0].tobytes() == perturbed.tobytes(), target
