@@ -68,8 +68,16 @@ def as_array_list(name, arrays) -> list:
                         f"got {type(arrays).__name__}")
     for i, a in enumerate(arrays):
         if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name}[{i}] must be an ndarray, got {type(a).__name__}")
+            raise TypeError(f"{name}[{i}] must be an ndarray, got {_what(a)}")
     return list(arrays)
+
+
+def _what(a) -> str:
+    """How an array that is not one is named in an error."""
+    if isinstance(a, np.generic):       # (x * s).sum(): a 0-d param's gradient, unwrapped
+        return (f"a NumPy scalar ({type(a).__name__}); np.asarray(g) is the 0-d array a "
+                "0-d param's gradient is")
+    return type(a).__name__
 
 
 #: 16-bit storage accepted where the caller keeps a float32 master copy
@@ -98,7 +106,7 @@ def check_like(name, arrays, ref_name, refs, *, writable, allow_low_precision=Fa
     for i, (a, r) in enumerate(zip(arrays, refs)):
         lab = f"[{i}]" if labels is None else labels[i]
         if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name}{lab} must be an ndarray, got {type(a).__name__}")
+            raise TypeError(f"{name}{lab} must be an ndarray, got {_what(a)}")
         # 16-bit arrays only beside 16-bit references (grads of 16-bit params)
         check_float_array(f"{name}{lab}", a, writable=writable,
                           allow_low_precision=(allow_low_precision

@@ -344,6 +344,9 @@ BAD_CONSTRUCTION = [
      r"^AdamW\(\) got .* 'foo': it takes lr, betas, .*state_seed$"),
     ("torch-adam-decoupled", "Adam", dict(decoupled_weight_decay=True), TypeError,
      r"^Adam\(\) got .*'decoupled_weight_decay': fastopt.AdamW is Adam with decoupled"),
+    ("by-name-dtype", "Adam",
+     dict(params={"enc": {"W": np.ones(2, np.float32), "b": np.ones(2, np.int64)}}), TypeError,
+     r"^param_groups\[0\]\['params'\]\['enc'\]\['b'\] must be float32"),   # was [1]
     ("lbfgs-state-dtype", "LBFGS", dict(state_dtype="int8"), TypeError,
      r"^LBFGS\(\) got .*'state_dtype': L-BFGS is stepped with a closure"),
 ]

@@ -520,9 +520,10 @@ class Optimizer:
             raise ValueError(f"param group {gi} has unknown keys {sorted(unknown)}")
         group = self._validated(group, where=f"param_groups[{gi}]")
         where = f"param_groups[{gi}]['params']"
-        given = spec["params"]
+        given, labels = spec["params"], None
         if isinstance(given, dict):
             tree, given = KeyTree.of(given, where)
+            labels = tree.labels        # errors name an array by its keys
             if gi and names is None:
                 raise ValueError(f"{where} is a dict but the groups before it are "
                                  "not: give every group's params by name, or none")
@@ -530,7 +531,7 @@ class Optimizer:
         elif names is not None:
             raise ValueError(f"{where} is not a dict but the groups before it are: "
                              "give every group's params by name, or none")
-        arrays, packed = self._placement.group_arrays(where, given)
+        arrays, packed = self._placement.group_arrays(where, given, labels)
         if not arrays:
             raise ValueError(f"param group {gi} has no parameters")
         group["params"] = ParamList(arrays)

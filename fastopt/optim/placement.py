@@ -71,12 +71,14 @@ class HostPlacement:
     device = False
 
     @staticmethod
-    def group_arrays(where, given):
+    def group_arrays(where, given, labels=None):
         """``(checked arrays, packed buffer or None)`` of one group's params
-        (runs of views are found by address on the host: :meth:`runs`)."""
+        (runs of views are found by address on the host: :meth:`runs`);
+        ``labels``: how errors name each array after ``where`` (by index)."""
         arrays = V.as_array_list(where, given)
         for i, a in enumerate(arrays):
-            V.check_float_array(f"{where}[{i}]", a, writable=True, allow_low_precision=True)
+            V.check_float_array(f"{where}{labels[i] if labels else f'[{i}]'}", a,
+                                writable=True, allow_low_precision=True)
         return arrays, None
 
     @staticmethod
@@ -140,7 +142,7 @@ class DevicePlacement:
     def __init__(self, backend):
         self.backend = backend
 
-    def group_arrays(self, where, given):
+    def group_arrays(self, where, given, labels=None):
         be = self.backend
         if isinstance(given, be.DeviceFlatArrays):
             return list(given), given.data
@@ -149,7 +151,8 @@ class DevicePlacement:
         if not isinstance(given, (list, tuple)):
             raise TypeError(f"{where} must be a device array or a list of them, got "
                             f"{type(given).__name__}")
-        return [be.check_array(f"{where}[{i}]", a) for i, a in enumerate(given)], None
+        return [be.check_array(f"{where}{labels[i] if labels else f'[{i}]'}", a)
+                for i, a in enumerate(given)], None
 
     def check_params(self, named):
         self.backend.check_devices(named)
