@@ -329,3 +329,21 @@ def test_a_scalar_param_and_a_scalar_extra_keep_their_shape(tmp_path, backend):
     for o in (opt, opt2):
         o.step([np.ones((2, 2)), np.array(1.0)])
     np.testing.assert_array_equal(into[1], params[1])
+
+
+def test_optimizer_state_saved_by_name_loads_into_one_made_from_a_list():
+    """As fastopt.load reads params saved by name into a list (in the saved
+    order), an optimizer made from a list takes the state of one made from
+    a dict of the same arrays (it was refused, the names called a
+    mismatch); a different layout is still named."""
+    named = {"W": np.ones(3), "b": np.ones(2)}
+    opt = fastopt.SGD(named, lr=0.1, momentum=0.9)
+    opt.step({"W": np.full(3, 2.0), "b": np.ones(2)})
+    listed = [np.ones(3), np.ones(2)]
+    twin = fastopt.SGD(listed, lr=0.1, momentum=0.9)
+    twin.load_state_dict(opt.state_dict())
+    assert_same_tree(twin.state_dict()["state"], opt.state_dict()["state"])
+    swapped = fastopt.SGD([np.ones(2), np.ones(3)], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"params \[W: float64\[3\], b: float64\[2\]\] .* do not "
+                                         r"match this optimizer's \[float64\[2\], float64\[3\]\]"):
+        swapped.load_state_dict(opt.state_dict())

@@ -1200,9 +1200,14 @@ class Optimizer:
             if not isinstance(hyp["params"], list) or not all(
                     isinstance(d, dict) for d in hyp["params"]):
                 raise ValueError(f"{where}['params'] must be a list of dicts")
-            if not any("name" in d for d in hyp["params"]):    # saved without names
-                layout = [{k: v for k, v in d.items() if k != "name"} for d in layout]
-            if hyp["params"] != layout:
+            # by name where both sides name them; else by position (as
+            # fastopt.load reads params saved by name into a list: in the
+            # saved order)
+            saved = hyp["params"]
+            if not (any("name" in d for d in saved) and any("name" in d for d in layout)):
+                saved, layout = ([{k: v for k, v in d.items() if k != "name"} for d in side]
+                                 for side in (saved, layout))
+            if saved != layout:
                 raise ValueError(f"{where}: params {_brief(hyp['params'])} do not match this "
                                  f"optimizer's {_brief(layout)}")
             group = {k: v for k, v in hyp.items() if k != "params"}
