@@ -325,16 +325,19 @@ def test_an_interrupt_at_any_line_of_a_sam_step_leaves_it_consistent(backend, st
     ref.perturb(g1)
     ref.step(g2)
     dirs = (OPTIM_DIR, BACKENDS_DIR)
-    p, opt = make()
-    opt.perturb(g1)
-    nlines = count_lines(lambda: opt.step(g2), dirs)
+    nlines = []
+    for _ in range(2):       # the second count: the first pays for the process's first use
+        p, opt = make()
+        opt.perturb(g1)
+        nlines.append(count_lines(lambda: opt.step(g2), dirs))
+    nlines = nlines[-1]
     assert nlines > 5
     outcomes = set()
     for target in range(nlines):
         p, opt = make()
         opt.perturb(g1)
         perturbed = p[0].copy()
-        interrupted_at(target, lambda: opt.step(g2), dirs)
+        assert interrupted_at(target, lambda: opt.step(g2), dirs), target
         stepped = opt.base_optimizer.iterations
         if opt.perturbed:
             assert stepped == 0 and p[0].tobytes() == perturbed.tobytes(), target

@@ -279,3 +279,19 @@ def test_values_written_into_16_bit_params_take_effect_after_sync_master(backend
         assert np.array_equal(p[1], np.full(3, 6.5, np.float32))   # its own weights either way
         o.step(grads())
         assert np.array_equal(p[0].astype(np.float32), np.full(40, 4.0 if sync else -1.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sync_master_with_packed_params_and_the_same_grads_buffer(backend):
+    """Packed 16-bit params stepped with one FlatArrays of grads, reused: the
+    tables sync_master drops were bound to it, and the rebuilt ones were not
+    (the compiled kernels read gradient address 0: a segfault)."""
+    P = fastopt.pack([np.ones(10, BF16), np.ones(5, BF16)])
+    G = P.zeros_like()
+    G.data[:] = 1
+    opt = fastopt.SGD(P, lr=0.5, backend=backend)
+    opt.step(G)
+    P.data[:] = 5
+    opt.sync_master()
+    opt.step(G)
+    assert np.array_equal(P.data.astype(np.float32), np.full(15, 4.5, np.float32))

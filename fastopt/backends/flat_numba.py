@@ -198,11 +198,13 @@ def _task_update(t, waddr, gaddr, soff, pk, plo, phi, tasks, e, like, c, adaptiv
 
 
 def _sam_table(mode, waddr, gaddr, soff, pk, plo, phi, tasks, e, like, value, adaptive,
-               partial):
+               partial, outcome):
     """SAM's pass(es) over one table in one call: ``_NORM`` the sum of
     squares; ``_FUSED`` that, then (when finite) the perturbation with
     scale ``rho / norm`` (``value`` is rho); ``_PERTURB`` with scale
-    ``value``; ``_RESTORE``. Returns the sum of squares (0 without a norm pass)."""
+    ``value``; ``_RESTORE``, counted in ``outcome[0]`` as its last act (so
+    that a caller interrupted as it returns knows it ran). Returns the sum
+    of squares (0 without a norm pass)."""
     ntasks = tasks.size - 1
     total = 0.0
     if mode == _NORM or mode == _FUSED:
@@ -217,6 +219,8 @@ def _sam_table(mode, waddr, gaddr, soff, pk, plo, phi, tasks, e, like, value, ad
     for t in prange(ntasks):
         _task_update(t, waddr, gaddr, soff, pk, plo, phi, tasks, e, like, c, adaptive,
                      mode == _RESTORE)
+    if mode == _RESTORE:
+        outcome[0] += 1.0
     return total
 
 
@@ -233,7 +237,7 @@ def _sam(mode, table, e, value, adaptive) -> float:
     run = _sam_parallel if _parallel(table.nelem, table.ntasks) else _sam_serial
     return float(run(mode, table.waddr, table.gaddr, table.soff, table.pk, table.plo,
                      table.phi, table.tasks, e, like, float(value), bool(adaptive),
-                     table.partial))
+                     table.partial, table.outcome_array))
 
 
 def sam_sumsq(table, adaptive) -> float:
@@ -249,4 +253,5 @@ def sam_fused(table, e, rho, adaptive) -> float:
 
 
 def sam_restore(table, e) -> None:
+    """``p_k -= e_k``, counted in ``table.outcome[0]`` in the same call."""
     _sam(_RESTORE, table, e, 0.0, False)

@@ -163,7 +163,10 @@ def sam_scale(rho, total) -> float:
 
 
 def sam_restore(table, e) -> None:
-    """``p_k -= e_k``: back to the point the perturbation started from."""
+    """``p_k -= e_k``: back to the point the perturbation started from;
+    counted in ``table.outcome[0]`` (as the compiled restore counts itself,
+    there in the same native call)."""
     for k, p in enumerate(table.weights):
         lo = int(table.soff[k])
         p -= e[lo:lo + p.size]
+    table.outcome_array[0] += 1.0

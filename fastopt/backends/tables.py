@@ -198,7 +198,8 @@ class StepTable:
         tuple: the same tuple again is not checked again). The
         backend's ``step`` clears it once a step has applied it; a step that
         skips (non-finite gradients) leaves it set and writes nothing, so
-        the caller sees it still pending (:meth:`undo_shift`)."""
+        the caller sees it still pending (SAM's ``_settle_shifts`` restores
+        it then)."""
         if offsets is not self._shift_checked:     # the same tuple again: checked already
             if self.outs is not None:
                 raise ValueError("an offset reads the weights as they are stored: not with "

@@ -52,7 +52,8 @@ def run(args):
                               + [int(settles_at(s) * 1.1) + 1 for s in scheds])
     # at most a few thousand points: a figure has fewer pixels, and a long
     # run of schedule calls (--steps 100000000) would take minutes
-    xs = range(0, steps, max(1, steps // 4000))
+    stride = -(-steps // 4000)
+    xs = [*range(0, steps, stride), *([steps - 1] if (steps - 1) % stride else [])]
     try:
         curves = [[s(t) for t in xs] for s in scheds]
     except ArithmeticError as exc:      # e.g. exponential with gamma > 1, overflowing

@@ -97,7 +97,7 @@ def add_arguments(parser):
     parser.add_argument("--ensemble-lrs", type=_floats, default=None,
                         help="comma-separated lrs: train one model per lr in one batched run")
     parser.add_argument("--schedule", default="constant", choices=["constant", "warmup-cosine"])
-    parser.add_argument("--warmup-steps", type=non_negative_int, default=None,
+    parser.add_argument("--warmup-steps", type=positive_int, default=None,
                         help="warmup-cosine warmup, fewer than all steps (default: 5%% of "
                              "them; only with --schedule warmup-cosine)")
     parser.add_argument("--weight-decay", type=float, default=None,

@@ -859,9 +859,12 @@ class Optimizer:
         single = compiled and len(all_tables) == 1
         # stored together, with no call in between: a Ctrl-C (raised at a
         # call) cannot leave some of them from another build
-        # (_written_bufs None: the state buffers' ranges are given at the next full step)
-        self._tables, self._all_tables, self._compiled, self._single, self._written_bufs = (
-            tables, all_tables, compiled, single, None)
+        # (_written_bufs None: the state buffers' ranges are given at the next
+        # full step; _bound None: new tables hold no grads' addresses, so the
+        # FlatArrays the old ones were bound to is bound again, whatever
+        # dropped them: a load, sync_master, a refused read-only param)
+        (self._tables, self._all_tables, self._compiled, self._single, self._written_bufs,
+         self._bound) = (tables, all_tables, compiled, single, None, None)
         return tables
 
     def _group_tables(self, gi):
@@ -1135,6 +1138,8 @@ class Optimizer:
         overwritten by the next step unless this is called first. No-op for
         float32 and float64 params, which are their own weights."""
         with self._lock:
+            if not self.param_groups:
+                return          # no params yet, no master copies
             pl = self._placement
             for info, st in zip(self._run_info, self.state):
                 for run, bufs in zip(info["runs"], st["runs"]):

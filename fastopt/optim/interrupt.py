@@ -118,6 +118,16 @@ class Mark:
                 group["lr"] = lr
 
 
+def finished(work, *args):
+    """``work(*args)`` (idempotent) run to its end; an interrupt that came
+    during it is raised once it is done, not lost."""
+    try:
+        return work(*args)
+    except INTERRUPTS:
+        held(work, *args)
+        raise
+
+
 def held(complete, *args):
     """``complete(*args)`` run to its end through any further interrupt (it
     must be idempotent: run again from the start after each)."""

@@ -48,7 +48,7 @@ from ..backends.flat_ops import ops_for, sam_scale
 from ..backends.tables import group_tables, refuse_each_other
 from ..params import FlatArrays
 from .base import Optimizer
-from .interrupt import held
+from .interrupt import finished, held
 from .placement import Offsets, span
 from .state_checks import require_array, require_keys
 
@@ -318,11 +318,13 @@ class SAM:
 
         ``grads`` are checked before the params are restored. Should the
         base step itself refuse (say, a bad hyperparameter written into a
-        param group), or a Ctrl-C come before its kernels ran, nothing has
-        changed: the params are still perturbed and :meth:`step` may be
-        called again. (Under compact base state, restored in a pass of its
-        own first, the params are then restored to the unperturbed point:
-        call :meth:`perturb` again.)
+        param group), or a Ctrl-C come before its kernels ran, then on the
+        Cython and Numba backends with float state, where the restore is
+        fused into the base step, nothing has changed: the params are still
+        perturbed and :meth:`step` may be called again. Elsewhere (compact
+        base state, the NumPy backend, device params) the params are
+        restored first, and stay restored to the unperturbed point: call
+        :meth:`perturb` again.
 
         On device params the restore is fused into the base step (its
         kernels read ``p - e``; a step the base skips for non-finite
@@ -341,25 +343,21 @@ class SAM:
                     return self._restore_in_base_step(grads, shifts)
                 # a pass of its own, completed through an interrupt: the
                 # params are restored and say so, or neither
-                held(self._restore_apart, set())
+                calls = [[t.outcome[0] for t in ts] for ts in self._tables]
+                finished(self._restore_apart, calls)
             self.perturbed = self._skipped = False
             return self.base_optimizer.step(grads)
 
-    def _restore_apart(self, restored):
-        """``p -= e`` array by array (``restored``: the arrays done, so that
-        a run after an interrupt does each once), then not perturbed.
-
-        Each subtraction and its note share a line: Python raises a
-        KeyboardInterrupt after a call returns or at a line, never between
-        an in-place operator and the next call (a compiled restore per
-        table, a call, could be interrupted as it returned, unnoted)."""
-        for gi, (ts, st) in enumerate(zip(self._tables, self.state)):
-            e = st["e_w"]
-            for k, t in enumerate(ts):
-                for j, w in enumerate(t.weights):
-                    if (gi, k, j) not in restored:
-                        lo = int(t.soff[j])
-                        w -= e[lo:lo + w.size]; restored.add((gi, k, j))  # noqa: E702
+    def _restore_apart(self, calls):
+        """``p -= e`` table by table, then not perturbed. Each restore counts
+        itself in its table's ``outcome`` in the same native call, so a run
+        after an interrupt (``calls``: the counts before the first) restores
+        each table once."""
+        ops = ops_for(self.backend)
+        for ts, st, before in zip(self._tables, self.state, calls):
+            for t, count in zip(ts, before):
+                if t.outcome[0] == count:
+                    ops.sam_restore(t, st["e_w"])
         self.perturbed = self._skipped = False
 
     def _base_shifts(self):
