@@ -58,6 +58,22 @@ def test_bytes_per_element_count_the_optimizers_state(kind):
     assert bench.step_bytes(kind, 10, "float32") == (3 + 2 * buffers) * 40
 
 
+def test_compact_state_rows_count_each_implementations_own_bytes():
+    """In a ``<state> state`` row fastopt and the roofline move the compact
+    state's bytes, torch and NumPy keep float32 state (28 B per element):
+    their GB/s were computed from the compact count, 20/28 or 16/28 of what
+    they moved."""
+    from fastopt.bench import ratios
+    rows = {r.case.split()[1]: r for r in cases.state_rows(sizes=(1 << 16,))}
+    n = 1 << 16
+    for state, own in (("float32", 28), ("bfloat16", 20), ("int8", 16)):
+        row = rows[state]
+        for impl in ("cython", "numba", "roofline"):
+            assert int(ratios.impl_bytes(row, impl) / n) == own, (state, impl)
+        for impl in ("torch-fused", "numpy"):
+            assert ratios.impl_bytes(row, impl) == 28 * n, (state, impl)
+
+
 def test_lamb_bytes_are_its_two_passes():
     """LAMB needs each array's norms before it can write the weights: pass
     one reads p, g, m, v and writes m, v; pass two reads p, m, v and writes p

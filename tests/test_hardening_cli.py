@@ -131,7 +131,7 @@ def test_train_ctrl_c_writes_finished_epochs(tmp_path):
 
 def test_bench_ctrl_c_writes_finished_cases(tmp_path):
     """SIGINT while the second case is being measured: bench.json holds the
-    first, one line on stderr, exit 130. (Timings reduced to NumPy, one
+    first, its table is printed, one line on stderr, exit 130. (Timings reduced to NumPy, one
     round, and the second case held open, so the signal lands inside it.)"""
     out = tmp_path / "out"
     child = _child(f"""
@@ -159,6 +159,8 @@ def test_bench_ctrl_c_writes_finished_cases(tmp_path):
     assert report["interrupted"] is True
     assert {(r["elements"], r["impl"]) for r in report["results"] if r["seconds"]} == \
         {(1 << 10, "numpy")}
+    # the finished case's table on stdout, as a full run prints it (nothing before)
+    assert "1024" in stdout and "numpy" in stdout and "%roof" in stdout
 
 
 @pytest.mark.parametrize("argv,message", [

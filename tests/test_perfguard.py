@@ -115,6 +115,9 @@ def test_unmeasurable_ratio_fails(monkeypatch):
      '"floors": {"numba": {"speed": 2}}}]}', "unknown metric 'speed'"),
     ('{"cases": [{"case": "a", "kind": "sgd", "shape": [4], '
      '"floors": {"numba": {"numpy": -1}}}]}', "positive number"),
+    # a misspelt implementation was measured as "n/a": a performance regression
+    ('{"cases": [{"case": "list rmsprop 1000 x 1k", "floors": {"cyton": {"numpy": 3}}}]}',
+     "unknown implementation 'cyton'; floors are for numba, cython, numpy"),
 ])
 def test_bad_floors_file(tmp_path, content, match):
     path = tmp_path / "floors.json"

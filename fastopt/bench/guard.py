@@ -104,6 +104,9 @@ def load_floors(path=None):
             _check_spelled(path, i, c, named.get(c["case"]))
         kind = case_row(c).kind
         for impl, metrics in c["floors"].items():
+            if impl not in MEASURED:      # a typo was measured as "n/a": a regression
+                raise ValueError(f"{path}: cases[{i}] ({c['case']}): unknown implementation "
+                                 f"{impl!r}; floors are for {', '.join(MEASURED)}")
             for metric, floor in metrics.items():
                 if metric not in METRICS:
                     raise ValueError(f"{path}: cases[{i}] ({c['case']}) {impl}: unknown "
@@ -115,6 +118,10 @@ def load_floors(path=None):
                     raise ValueError(f"{path}: cases[{i}] ({c['case']}) {impl}: torch has no "
                                      f"{cases.KIND[kind].optimizer}; floor its numpy metric")
     return spec
+
+
+#: the implementations a floor may be set for (what _measure times)
+MEASURED = (*cases.CPU_BACKENDS, "numpy")
 
 
 def _check_spelled(path, i, c, named):
@@ -154,7 +161,7 @@ def case_row(c):
 
 def _measure(c, rounds):
     row = case_row(c)
-    impls = [i for i in c["floors"] if i in cases.CPU_BACKENDS or i == "numpy"]
+    impls = [i for i in c["floors"] if i in MEASURED]
     needed = {"roofline", "numpy"} | (set(cases.TORCH_PATHS) if any(
         "torch" in m for m in c["floors"].values()) else set())
     results = ratios.compare(row, impls=(*impls, *sorted(needed - set(impls))),

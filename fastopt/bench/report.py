@@ -51,6 +51,13 @@ def format_table(report) -> str:
     kinds = [k for k in KIND if any(r.get("kind") == k for r in report["results"])]
     lines.append("bytes per element and step (what GB/s and the roofline count): " + ", ".join(
         f"{k} {step_bytes(k, 1, 'float32')}" for k in kinds) + " (float32; +4 with clipping)")
+    states = sorted({r["case"].split()[1] for r in report["results"]
+                     if " state 1 x " in r["case"]} - {"float32"})     # cases.state_rows
+    if states:
+        lines.append("'<state> state' rows: fastopt and the roofline move the compact state's "
+                     "bytes (" + ", ".join(f"{s} {step_bytes('adamw', 1, 'float32', state=s):.0f}"
+                                          for s in states)
+                     + " per element), torch and NumPy float32 state's (28)")
     for be, c in report.get("cold_start", {}).items():
         cold, warm = c["cold"]["to_first_step"], c["warm"]["to_first_step"]
         lines.append(f"cold start ({be}): first AdamW step done {cold:.2f} s after start "
@@ -173,7 +180,9 @@ def plot(report, path):
 
 def _save_figure(fig, plt, report, path):
     m = report["machine"]
-    fig.suptitle(f"fastopt {m.get('fastopt', '')} on {m['cpus']} CPUs "
+    fig.suptitle(("INTERRUPTED (the cases that finished only): " if report.get("interrupted")
+                  else "")
+                 + f"fastopt {m.get('fastopt', '')} on {m['cpus']} CPUs "
                  f"({m['processor'] or m['platform']}); torch {m['torch']}; "
                  f"GPU: {m['gpu']}", fontsize=9)
     fig.tight_layout()

@@ -87,6 +87,7 @@ def run(args):
                   file=sys.stderr)
             return EXIT_INTERRUPTED
         paths = report.write(measured, args.out)
+        print(report.format_table(measured))      # what finished, as a full run shows it
         print(f"fastopt bench: interrupted; {_cases(measured)} of {len(rows)} cases finished, "
               f"results of those in {', '.join(paths)}", file=sys.stderr)
         return EXIT_INTERRUPTED
