@@ -57,7 +57,8 @@ def format_table(report) -> str:
         lines.append("'<state> state' rows: fastopt and the roofline move the compact state's "
                      "bytes (" + ", ".join(f"{s} {step_bytes('adamw', 1, 'float32', state=s):.0f}"
                                           for s in states)
-                     + " per element), torch and NumPy float32 state's (28)")
+                     + " per element), torch and NumPy float32 state's (28, their GB/s); "
+                     "%roof is against the roofline of the compact bytes for all")
     for be, c in report.get("cold_start", {}).items():
         cold, warm = c["cold"]["to_first_step"], c["warm"]["to_first_step"]
         lines.append(f"cold start ({be}): first AdamW step done {cold:.2f} s after start "
