@@ -272,7 +272,7 @@ def test_compact_state_keeps_two_passes(monkeypatch, backend):
     assert_restored(params, start, e)
 
 
-def test_table_offsets_are_checked_and_undone():
+def test_table_offsets_are_checked_and_cleared():
     w = [np.arange(4.0), np.arange(3.0)]
     t = StepTable(w, None, w, [0, 1], [0, 4])
     for bad in ([np.ones(4), np.ones(3)],                      # not a tuple
@@ -285,12 +285,9 @@ def test_table_offsets_are_checked_and_undone():
     e = (np.full(4, 0.5), np.full(3, 2.0))
     t.set_shift(e)
     assert t.header[-1] == t.addrs["eaddr"] and t.eaddr[1] == e[1].ctypes.data
-    t.undo_shift()
-    np.testing.assert_array_equal(w[0], np.arange(4.0) - 0.5)
-    np.testing.assert_array_equal(w[1], np.arange(3.0) - 2.0)
+    t.clear_shift()                                 # the offset goes; the weights stay
+    np.testing.assert_array_equal(w[0], np.arange(4.0))
     assert t.shift is None and t.header[-1] == 0
-    t.undo_shift()                                              # nothing pending: no-op
-    np.testing.assert_array_equal(w[1], np.arange(3.0) - 2.0)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

@@ -219,15 +219,6 @@ class StepTable:
         self.header[-1] = 0
         self.shift = None
 
-    def undo_shift(self) -> None:
-        """Apply a still-pending offset on its own (``w -= e``) and clear it:
-        for a step that did not apply it (skipped, or refused before its
-        kernels ran)."""
-        if self.shift is not None:
-            for w, e in zip(self.weights, self.shift):
-                w -= e
-            self.clear_shift()
-
     def _set_written(self, arrays):
         """Everything the step writes, as sorted byte ranges grads must miss:
         ``arrays`` (this table's) and what :meth:`also_written` gave. Where

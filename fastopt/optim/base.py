@@ -496,11 +496,13 @@ class Optimizer:
             raise RuntimeError(f"this {type(self).__name__} has no params yet: zero_grad "
                                "checks the grads against them; bind(params) first")
         if isinstance(grads, FlatArrays):
-            shapes = [tuple(p.shape) for p in self._params]
-            if [tuple(s) for s in grads.shapes] != shapes:
-                raise ValueError(f"grads is a FlatArrays of {len(grads.shapes)} arrays shaped "
-                                 f"{list(grads.shapes)[:4]}..., not like the params "
-                                 f"({len(shapes)} arrays shaped {shapes[:4]}...)")
+            # count and size: O(1), and zeroing does not depend on the layout
+            # (a check of every shape cost more than the fill on 1000 arrays)
+            if len(grads.shapes) != len(self._params) or \
+                    grads.data.size != self._elem_offsets[-1]:
+                raise ValueError(f"grads is a FlatArrays of {len(grads.shapes)} arrays, "
+                                 f"{grads.data.size} elements: not like the params "
+                                 f"({len(self._params)} arrays, {self._elem_offsets[-1]})")
             grads.data.fill(0)
             return
         arrays = self._grads_as_list(grads, "zero_grad()")
