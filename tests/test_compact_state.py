@@ -442,7 +442,9 @@ def test_the_benchmarks_measure_each_state_dtype_against_its_own_bytes():
     assert per_element == {"float32": 28, "bfloat16": 20, "int8": 16.0625}
     res = bench.compare(cases.Row("tiny", "adamw", [(5000,)], state="int8"),
                         impls=(FAST_BACKENDS[0], "roofline", "numpy"), rounds=1)
-    assert all(r.seconds > 0 and r.bytes_per_step == int(5000 * 16.0625) for r in res)
+    # fastopt and the roofline move the int8 state's bytes; NumPy keeps float32 state
+    assert [r.bytes_per_step for r in res] == [int(5000 * 16.0625)] * 2 + [28 * 5000]
+    assert all(r.seconds > 0 for r in res)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         from benchmarks import bench_optimizers
