@@ -100,10 +100,13 @@ def test_search_order(tmp_path, tiny, monkeypatch):
     assert find_mnist() == (root / "mnist").resolve()
     other = _write(tmp_path / "explicit", images[:3], labels[:3])
     assert load_mnist(other)[0].shape == (3, 28, 28)   # explicit path beats the env var
+    # a FASTOPT_DATA that holds no MNIST is an error, even where the
+    # repository's default folder has the files
+    monkeypatch.setattr(mnist_mod, "_repo_default", lambda: root / "mnist")
     monkeypatch.setenv("FASTOPT_DATA", str(tmp_path / "nowhere"))
-    monkeypatch.setattr(mnist_mod, "_repo_default", lambda: tmp_path / "no-default")
     with pytest.raises(FileNotFoundError, match="never downloads") as err:
         load_mnist()
+    assert "repository default" not in str(err.value)
     # the three ways to point at the data, by the names a user types
     for way in ("--data-dir DIR", "path=DIR", "FASTOPT_DATA"):
         assert way in str(err.value)

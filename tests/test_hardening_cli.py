@@ -198,6 +198,71 @@ def test_usage_errors_name_the_option(capsys, argv, message):
         main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and "Traceback" not in err
+    # one line, as the README says (argparse printed its usage block first)
+    assert len(err.strip().splitlines()) == 1 and "--help" in err, err
+
+
+def test_version(capsys):
+    import fastopt
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"fastopt {fastopt.__version__}"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_out_where_nothing_can_be_made_fails_before_training(tmp_path, monkeypatch, capsys):
+    """/proc lets its owner "write" by its permission bits (root: always),
+    yet nothing can be made in it: the check used os.access, so a run
+    trained for minutes and then died with a traceback, its results lost."""
+    monkeypatch.setattr(training, "fit", _must_not_run)
+    data = _fake_mnist(tmp_path / "mnist", n=8100)
+    rc = main(["train", "--data-dir", str(data), "--quiet", "--out", "/proc/fastopt-out"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "/proc/fastopt-out" in err, err
+    # a folder that can be made is checked by making it, and nothing is left
+    from fastopt.cli.common import output_dir_problem
+    assert output_dir_problem(str(tmp_path / "a" / "b"), ("metrics.json",)) is None
+    assert not (tmp_path / "a").exists()
+    assert output_dir_problem(str(tmp_path)) is None and not any(
+        p.name.startswith(".fastopt-probe") for p in tmp_path.iterdir())
+
+
+def test_results_that_cannot_be_written_are_one_line(tmp_path, monkeypatch, capsys):
+    """A write that fails after training (the folder taken away meanwhile)
+    says so in one line, after the accuracies, instead of a traceback."""
+    data = _fake_mnist(tmp_path / "mnist", n=8100)
+    out = tmp_path / "out"
+    import fastopt.cli.common as common
+
+    def refuse(path, data):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(common, "write_atomically", refuse)
+    rc = main(["train", "--data-dir", str(data), "--hidden", "8", "--epochs", "1",
+               "--quiet", "--no-plot", "--threads", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.splitlines()[-1] == (
+        f"fastopt train: could not write the results in --out {out}: Permission denied"), err
+
+
+def test_train_lr_with_ensemble_lrs_is_refused(tmp_path, capsys):
+    data = _fake_mnist(tmp_path / "mnist", n=8100)
+    rc = main(["train", "--data-dir", str(data), "--quiet", "--out", str(tmp_path / "o"),
+               "--lr", "0.1", "--ensemble-lrs", "1e-2,1e-3"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--lr and --ensemble-lrs" in err, err
+
+
+def test_a_run_without_curves_removes_an_older_one(tmp_path):
+    """An older run's curves.png beside this run's metrics.json read as
+    this run's."""
+    data = _fake_mnist(tmp_path / "mnist", n=8100)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "curves.png").write_bytes(b"old")
+    rc = main(["train", "--data-dir", str(data), "--hidden", "8", "--epochs", "1", "--quiet",
+               "--no-plot", "--threads", "1", "--out", str(out)])
+    assert rc == 0 and (out / "metrics.json").is_file() and not (out / "curves.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]   # no temporary left
 
 
 @pytest.mark.parametrize("content,message", [

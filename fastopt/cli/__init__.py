@@ -29,8 +29,18 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is one line on stderr (argparse prints the whole
+    usage block first), naming --help for the rest."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fastopt", description="fastopt: fused optimizer steps for NumPy code")
+    from .. import __version__
+    parser = _Parser(prog="fastopt", description="fastopt: fused optimizer steps for NumPy code")
+    parser.add_argument("--version", action="version", version=f"fastopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)

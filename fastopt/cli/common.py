@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import tempfile
 
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a Ctrl-C'd job
 
@@ -33,7 +35,7 @@ def image_path(path):
     so that what is printed is the file written); ``problem`` (a phrase to
     follow ``-o PATH:``) when the extension names no format matplotlib
     writes or the file cannot be made, else None. Checked before the work
-    that draws it; creates nothing."""
+    that draws it, by making a file beside it (removed at once)."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     root, ext = os.path.splitext(path)
@@ -49,32 +51,76 @@ def image_path(path):
         return path, "is a directory"
     if not os.path.isdir(parent):
         return path, f"its directory {parent} does not exist"
-    if not os.access(parent, os.W_OK | os.X_OK) or (
-            os.path.exists(full) and not os.access(full, os.W_OK)):
+    if os.path.exists(full) and not os.access(full, os.W_OK):
         return path, "is not writable"
-    return path, None
+    problem = _probe_write(parent)
+    return path, (None if problem is None else f"cannot be written: {problem}")
 
 
 def output_dir_problem(path, files=()):
     """Why ``path`` cannot be used as an output directory holding ``files``
     (a phrase to follow ``--out PATH:``), or None. Checked before a long job
     starts, so that it does not run for minutes and then fail on writing its
-    results. Creates nothing."""
+    results. Checked by doing it: the directory (and missing parents) made
+    and a file written in it, then removed again, so that nothing is left
+    (permission bits say yes to root, and on /proc or /sys, where the
+    write then fails)."""
     full = os.path.abspath(path)
-    if os.path.lexists(full):
-        if not os.path.isdir(full):
-            return "exists and is not a directory"
-        if not os.access(full, os.W_OK | os.X_OK):
-            return "is not writable"
-        for name in files:
-            if os.path.isdir(os.path.join(full, name)):
-                return f"{name} in it is a directory"
-        return None
-    parent = os.path.dirname(full)
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"cannot be created: {parent} is not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be created: {parent} is not writable"
+    if os.path.lexists(full) and not os.path.isdir(full):
+        return "exists and is not a directory"
+    for name in files:
+        if os.path.isdir(os.path.join(full, name)):
+            return f"{name} in it is a directory"
+    missing = []
+    folder = full
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"cannot be created: {folder} is not a directory"
+    made = []
+    try:
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except OSError as exc:
+                return f"cannot be created: {_reason(exc)}"
+            made.append(d)
+        problem = _probe_write(full)
+        return None if problem is None else f"is not writable: {problem}"
+    finally:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
+def _probe_write(folder):
+    """Why a file cannot be written in ``folder`` (an existing directory),
+    or None: one is made and removed."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fastopt-probe-")
+    except OSError as exc:
+        return _reason(exc)
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.remove(probe)
     return None
+
+
+def _reason(exc):
+    return exc.strerror or str(exc)
+
+
+def write_atomically(path, data: bytes):
+    """``data`` in ``path``, written beside it and renamed over it: an
+    interrupted write leaves the old file or none, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

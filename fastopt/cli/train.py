@@ -28,7 +28,7 @@ mpiexec, Ctrl-C aborts the job as before.
 
 from __future__ import annotations
 
-from .common import non_negative_int, positive_int
+from .common import EXIT_INTERRUPTED, non_negative_int, positive_int
 
 HELP = "train an MLP (or a batched lr sweep) on MNIST: progress, held-out accuracy, curves"
 
@@ -85,9 +85,11 @@ def add_arguments(parser):
     parser.add_argument("--hidden", type=_hidden, default=(256, 256),
                         help="hidden widths, e.g. 256,256 (default)")
     parser.add_argument("--activation", default="relu",
-                        choices=["relu", "leaky_relu", "tanh", "sigmoid", "gelu"])
+                        choices=["relu", "leaky_relu", "tanh", "sigmoid", "gelu"],
+                        help="hidden layers' activation (default relu)")
     from ..nn.training import OPTIMIZERS   # numpy and fastopt only: no Numba, no torch
-    parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
+    parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
+                        help="(default adamw)")
     parser.add_argument("--lr", type=float, default=None,
                         help="(peak) learning rate (default 1e-3; lbfgs: 1, its first trial "
                              "step)")
@@ -95,8 +97,10 @@ def add_arguments(parser):
                         help="wrap the optimizer in SAM with radius RHO (e.g. 0.05): each "
                              "step computes the gradients twice")
     parser.add_argument("--ensemble-lrs", type=_floats, default=None,
-                        help="comma-separated lrs: train one model per lr in one batched run")
-    parser.add_argument("--schedule", default="constant", choices=["constant", "warmup-cosine"])
+                        help="comma-separated lrs: train one model per lr in one batched run "
+                             "(instead of --lr; each model from its own initial weights)")
+    parser.add_argument("--schedule", default="constant", choices=["constant", "warmup-cosine"],
+                        help="lr schedule (default constant)")
     parser.add_argument("--warmup-steps", type=positive_int, default=None,
                         help="warmup-cosine warmup, fewer than all steps (default: 5%% of "
                              "them; only with --schedule warmup-cosine)")
@@ -109,12 +113,13 @@ def add_arguments(parser):
                         choices=["float32", "bfloat16", "int8"],
                         help="optimizer state: float32, or compact (bfloat16: 2 bytes a "
                         "value, int8: about 1), both stochastically rounded")
-    parser.add_argument("--epochs", type=positive_int, default=15)
+    parser.add_argument("--epochs", type=positive_int, default=15, help="(default 15)")
     parser.add_argument("--batch-size", type=positive_int, default=128,
                         help="at most the training samples (8000; default 128)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
-                        help="init, split and shuffle seed")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+                        help="init, split and shuffle seed (default 0)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                        help="(default float32)")
     parser.add_argument("--backend", default="auto", choices=["auto", "cython", "numba", "numpy"],
                         help="CPU nn backend (with --device cpu)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -306,6 +311,10 @@ def _run(args, comm):
     if problem:
         print(f"fastopt train: --device cuda: {problem}", file=sys.stderr)
         return 2
+    if args.ensemble_lrs is not None and args.lr is not None:
+        print("fastopt train: --lr and --ensemble-lrs: give one (--ensemble-lrs sets each "
+              "model's lr)", file=sys.stderr)
+        return 2
     if args.lr is None:
         args.lr = 1.0 if args.optimizer == "lbfgs" else 1e-3
     sizes = (Xtr.shape[1], *args.hidden, 10)
@@ -404,8 +413,12 @@ def _run(args, comm):
             print(f"held-out accuracy {lab}: {100 * a:.2f}%{reach}")
         if comm is not None and comm.Get_rank() != 0:
             return 0
-        for path in _write_results(args, history, labels, sizes, model.backend):
+        paths, problem = _save_results(args, history, labels, sizes, model.backend)
+        for path in paths:
             print(f"wrote {path}")
+        if problem is not None:
+            print(f"fastopt train: {problem}", file=sys.stderr)
+            return EXIT_INTERRUPTED if "interrupted" in problem else 1
     return 0
 
 
@@ -472,24 +485,47 @@ def _finish_interrupted(args, history, labels, sizes, backend):
     """After Ctrl-C: the finished epochs' metrics and curves, one line, 130."""
     import sys
 
-    from .common import EXIT_INTERRUPTED
     done = len(history["epochs"])
+    problem = None
     if done:
-        paths = _write_results(args, history, labels, sizes, backend, interrupted=True)
-        what = f"results of those in {', '.join(map(str, paths))}"
+        paths, problem = _save_results(args, history, labels, sizes, backend, interrupted=True)
+        what = (f"results of those in {', '.join(map(str, paths))}" if paths
+                else "nothing written")
     else:
         what = "nothing written"
+    if problem is not None:
+        what += f" ({problem})"
     print(f"fastopt train: interrupted; {done} of {args.epochs} epochs finished, {what}",
           file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED
 
 
-def _write_results(args, history, labels, sizes, backend, interrupted=False):
+def _save_results(args, history, labels, sizes, backend, interrupted=False):
+    """:func:`_write_results`, its failure as a phrase: ``(paths written,
+    problem or None)``. A second Ctrl-C while writing (the first one only
+    asks training to stop) leaves each file whole or not written."""
+    written = []
+    try:
+        _write_results(args, history, labels, sizes, backend, interrupted, written)
+    except OSError as exc:
+        return written, f"could not write the results in --out {args.out}: {exc.strerror or exc}"
+    except KeyboardInterrupt:
+        return written, "interrupted while writing the results"
+    return written, None
+
+
+def _write_results(args, history, labels, sizes, backend, interrupted, written):
     """metrics.json and (unless --no-plot, or without matplotlib) curves.png
-    in --out; returns the paths written."""
+    in --out, each written beside its place and renamed into it; the paths
+    written are appended to ``written``. A curves.png of an earlier run is
+    removed when this run draws none, so that it is not read as this run's."""
     import json
+    import os
     import sys
+    import tempfile
     from pathlib import Path
+
+    from .common import write_atomically
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -498,13 +534,23 @@ def _write_results(args, history, labels, sizes, backend, interrupted=False):
                           for k_, v in vars(args).items() if k_ != "func"},
                "sizes": list(sizes), "backend": backend, "labels": labels,
                "final_val_acc": final, "interrupted": interrupted, **history}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    written = [out / "metrics.json"]
+    write_atomically(out / "metrics.json", json.dumps(metrics, indent=1).encode())
+    written.append(out / "metrics.json")
+    curves = out / "curves.png"
+    drawn = False
     if not args.no_plot:
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=".curves.", suffix=".png")
+        os.close(fd)
         try:
-            _plot(history, labels, out / "curves.png")
-            written.append(out / "curves.png")
+            _plot(history, labels, tmp)
+            os.replace(tmp, curves)
+            drawn = True
+            written.append(curves)
         except ImportError:
             print("matplotlib is not installed: no curves.png (pip install matplotlib)",
                   file=sys.stderr)
-    return written
+        finally:
+            if not drawn and os.path.exists(tmp):
+                os.remove(tmp)
+    if not drawn and curves.is_file():
+        curves.unlink()

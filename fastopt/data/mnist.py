@@ -5,8 +5,9 @@ Where the files are looked for, first match wins:
 1. an explicit ``path`` (a directory holding the IDX files),
 2. the ``FASTOPT_DATA`` environment variable: a directory holding the files,
    or a data root with an ``mnist/`` subdirectory,
-3. in a development checkout only: the data folder kept beside the
-   repository (``../shared/data/mnist`` relative to the repository root),
+3. only when ``FASTOPT_DATA`` is not set (a wrong setting is an error,
+   not a fallback), and in a development checkout only: the data folder
+   kept beside the repository (``../shared/data/mnist`` relative to the repository root),
    where the project's own tests and benchmarks find the 10k test set. An
    installed package has no such folder: use 1 or 2.
 
@@ -97,9 +98,10 @@ def find_mnist(path=None, split="t10k") -> Path:
         candidates.append(("path", Path(path)))
     else:
         env = os.environ.get("FASTOPT_DATA")
-        if env:
+        if env:     # the user's setting, and no other: a wrong one is an error
             candidates += [("FASTOPT_DATA", Path(env)), ("FASTOPT_DATA", Path(env) / "mnist")]
-        candidates.append(("repository default", _repo_default()))
+        else:
+            candidates.append(("repository default", _repo_default()))
     for how, d in candidates:
         if d.is_dir() and _has_split(d, split):
             return d.resolve()

@@ -107,9 +107,9 @@ def _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm, st
     if sam is not None or name == "lbfgs":
         what = "--optimizer lbfgs" if name == "lbfgs" else "--sam"
         if lrs is not None:
+            why = "one line search" if name == "lbfgs" else "one gradient norm for the ascent"
             raise ValueError(f"{what} trains one model: its step couples every parameter "
-                             "(one gradient norm, one line search), so not an --ensemble-lrs "
-                             "sweep")
+                             f"({why}), so not an --ensemble-lrs sweep")
         if parallel is not None:
             raise ValueError(f"{what} runs in one process, not under mpiexec")
     if name == "lbfgs":
