@@ -22,7 +22,11 @@ def key(where: str, name: str) -> str:
 
 def check_real(name, value, *, low=None, high=None, low_open=False,
                high_open=False) -> float:
-    """``value`` as a finite float inside the given bounds."""
+    """``value`` as a finite float inside the given bounds (a 0-d array of
+    a real dtype counts as its number: what ``np.load`` gives for a scalar
+    saved in a config)."""
+    if type(value) is np.ndarray and value.ndim == 0 and value.dtype.kind in "fiu":
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)

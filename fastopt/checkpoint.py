@@ -145,6 +145,23 @@ def _named_params(params):
     return names, _param_list(arrays)
 
 
+def _stored_paths(names):
+    """The key paths of params given by name as a checkpoint stores them:
+    each key a string (an int or tuple key by ``str()``, as the optimizer's
+    state_dict names them; the file's structure is JSON, whose keys are
+    strings). Two keys that would be stored alike are refused."""
+    paths = [tuple(k if isinstance(k, str) else str(k) for k in p) for p in names.paths]
+    if len(set(paths)) < len(paths):
+        seen = {}
+        for path, label in zip(paths, names.labels):
+            if path in seen:
+                raise ValueError(f"params{seen[path]} and params{label} have the same "
+                                 "name in a checkpoint (keys are stored as strings): "
+                                 "rename one")
+            seen[path] = label
+    return paths
+
+
 def _nest(paths, values):
     """The nested dict with ``values`` at the key ``paths``."""
     out = {}
@@ -183,7 +200,7 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
             # files); params given by name are kept by name
             names, arrays = _named_params(params)
             host = [_host_copy(a) for a in arrays]
-            tree["params"] = host if names is None else _nest(names.paths, host)
+            tree["params"] = host if names is None else _nest(_stored_paths(names), host)
         if optimizer is not None:
             tree["optimizer"] = optimizer.state_dict()
     if extra is not None:
@@ -356,16 +373,20 @@ def _prepare_params(given, tree):
             saved = saved_arrays
         else:
             by_path = dict(zip(saved_names.paths, saved_arrays))
-            for path, label in zip(names.paths, names.labels):
+            try:
+                paths = _stored_paths(names)
+            except ValueError as exc:
+                raise CheckpointError(str(exc)) from None
+            for path, label in zip(paths, names.labels):
                 if path not in by_path:
                     raise CheckpointError(f"the checkpoint has no params{label}")
-            given = set(names.paths)
+            given = set(paths)
             extra = [label for path, label in zip(saved_names.paths, saved_names.labels)
                      if path not in given]
             if extra:
                 raise CheckpointError(f"the checkpoint has params{extra[0]}, which is not "
                                       "in the params given")
-            saved = [by_path[p] for p in names.paths]
+            saved = [by_path[p] for p in paths]
     elif names is not None:
         raise CheckpointError("the checkpoint holds its params as a list, not by name: "
                               "load them as a list, in the order they were saved")

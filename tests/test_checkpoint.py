@@ -309,6 +309,45 @@ def test_params_given_by_name_are_saved_and_loaded_by_name(tmp_path):
         fastopt.load(tmp_path / "list.npz", params=model(0.0))
 
 
+
+@pytest.mark.parametrize("keys", [(0, 1), (("layer", 0, "W"), ("layer", 0, "b")), ("a", 7)])
+def test_params_keyed_by_ints_or_tuples_are_saved_by_name(tmp_path, keys):
+    """The optimizer takes any dict keys, but fastopt.save refused a params
+    dict with int or tuple keys ("checkpoint keys must be strings"): they are
+    stored as str(key), as the state_dict names them, and resume exactly."""
+    def grads():
+        return {keys[0]: np.ones(3), keys[1]: np.ones(2)}
+    params = {keys[0]: np.ones(3), keys[1]: np.zeros(2)}
+    opt = fastopt.Adam(params, lr=0.1)
+    opt.step(grads())
+    fastopt.save(tmp_path / "k.npz", params=params, optimizer=opt)
+    assert list(fastopt.checkpoint.read(tmp_path / "k.npz")["params"]) == [str(k) if not
+                                                                           isinstance(k, str)
+                                                                           else k for k in keys]
+    fresh = {keys[0]: np.zeros(3), keys[1]: np.zeros(2)}
+    opt2 = fastopt.Adam(fresh, lr=0.1)
+    fastopt.load(tmp_path / "k.npz", params=fresh, optimizer=opt2)
+    opt.step(grads())
+    opt2.step(grads())
+    for k in keys:
+        np.testing.assert_array_equal(fresh[k], params[k])
+
+
+def test_keys_stored_alike_and_reordered_names_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"params\[0\] and params\['0'\] have the same name"):
+        fastopt.save(tmp_path / "c.npz", params={0: np.ones(1), "0": np.ones(1)})
+    assert not (tmp_path / "c.npz").exists()
+    params = {"W": np.ones((3, 4)), "b": np.ones(4)}
+    opt = fastopt.Adam(params, lr=0.1)
+    opt.step({"W": np.ones((3, 4)), "b": np.ones(4)})
+    fastopt.save(tmp_path / "o.npz", params=params, optimizer=opt)
+    other = {"b": np.zeros(4), "W": np.zeros((3, 4))}
+    opt2 = fastopt.Adam(other, lr=0.1)
+    with pytest.raises(fastopt.CheckpointError, match=r"same params by name, in another "
+                                                      r"order \(the checkpoint's: W, b\)"):
+        fastopt.load(tmp_path / "o.npz", params=other, optimizer=opt2)
+    assert not other["W"].any() and not other["b"].any()
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_scalar_param_and_a_scalar_extra_keep_their_shape(tmp_path, backend):
     """A 0-d param (a learnable temperature) and a 0-d array in ``extra``

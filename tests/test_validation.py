@@ -381,6 +381,31 @@ def test_valid_edge_hyperparameters_are_accepted():
     np.testing.assert_array_equal(p, np.ones(3))
 
 
+
+def test_zero_d_arrays_count_as_their_numbers():
+    """A scalar read back with np.load is a 0-d array: it was refused as
+    lr ("must be a real number, got ndarray"), in betas, max_grad_norm and
+    schedules; set in a group between steps it is stored as its number, so
+    that the next steps stay on the fast path."""
+    p, q = np.ones(3), np.ones(3)
+    cfg = {k: np.array(v) for k, v in dict(lr=0.1, b1=0.9, b2=0.99, eps=1e-8, mgn=1.0).items()}
+    a = fastopt.AdamW([p], lr=cfg["lr"], betas=(cfg["b1"], cfg["b2"]), eps=cfg["eps"],
+                      max_grad_norm=cfg["mgn"])
+    b = fastopt.AdamW([q], lr=0.1, betas=(0.9, 0.99), eps=1e-8, max_grad_norm=1.0)
+    for opt, x in ((a, p), (b, q)):
+        opt.step([np.ones(3)])
+        opt.param_groups[0]["lr"] = np.array(0.05) if opt is a else 0.05
+        opt.step([np.ones(3)])
+        opt.step([np.ones(3)])
+    np.testing.assert_array_equal(p, q)
+    assert type(a.param_groups[0]["lr"]) is float and a._plan is not None
+    assert fastopt.schedules.cosine_decay(np.array(0.1), 10)(5) == \
+        fastopt.schedules.cosine_decay(0.1, 10)(5)
+    with pytest.raises(TypeError, match=r"lr must be a real number, got ndarray"):
+        fastopt.AdamW([p], lr=np.array([0.1]))
+    with pytest.raises(TypeError, match=r"lr must be a real number"):
+        fastopt.AdamW([p], lr=np.array(True))
+
 # -- functional API --------------------------------------------------------------
 
 def functional_state(dtype=np.float64, n=(5, 3)):

@@ -125,6 +125,16 @@ def refuse_options(cls, unknown):
     raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {name!r}: {hint}")
 
 
+
+def _store_numbers(group, checked):
+    """Put the checked numbers back into ``group`` where the user set 0-d
+    arrays (``g["lr"] = np.load(cfg)["lr"]``), as the constructor stores
+    them: an array there would keep every later step off the fast path."""
+    for k, v in group.items():
+        if k != "params" and (type(v) is np.ndarray or (
+                type(v) in (tuple, list) and any(type(x) is np.ndarray for x in v))):
+            group[k] = checked[k]
+
 class Optimizer:
     """Base class. Subclasses declare their hyperparameters (``_hypers``) and
     their math (``_element_step``); where the arrays live is the placement's
@@ -756,6 +766,8 @@ class Optimizer:
         wheres = self._wheres
         hypers = [self._resolve(self._with_schedule(gi, g), wheres[gi])
                   for gi, g in enumerate(self.param_groups)]
+        for g, h in zip(self.param_groups, hypers):
+            _store_numbers(g, h)
         max_norm = self.max_grad_norm   # public attributes: re-checked like the groups
         if max_norm is not None:
             max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True)
@@ -1215,6 +1227,16 @@ class Optimizer:
                 saved, layout = ([{k: v for k, v in d.items() if k != "name"} for d in side]
                                  for side in (saved, layout))
             if saved != layout:
+                by_name = sorted(saved, key=lambda d: d.get("name", "")) == sorted(
+                    layout, key=lambda d: d.get("name", ""))
+                if by_name and any("name" in d for d in saved):
+                    # the state is one buffer over the group, in the params'
+                    # order: the same names in another order cannot take it
+                    raise ValueError(
+                        f"{where}: the same params by name, in another order (the "
+                        f"checkpoint's: {', '.join(d['name'] for d in saved)}); the "
+                        "optimizer's state follows the params' order: build the params "
+                        "dict in the checkpoint's order to load it")
                 raise ValueError(f"{where}: params {_brief(hyp['params'])} do not match this "
                                  f"optimizer's {_brief(layout)}")
             group = {k: v for k, v in hyp.items() if k != "params"}
