@@ -289,6 +289,58 @@ def test_a_param_replaced_in_its_groups_list_is_refused_by_name(backend, planned
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["dict", "nested", "list"])
+def test_a_param_rebound_in_the_users_own_dict_or_list_is_refused(backend, layout):
+    """``params["W"] = params["W"] * 2`` (or ``params.update(np.load(...))``)
+    in the dict the optimizer was made from: the optimizer went on stepping
+    the old array without a word, and the new one was never trained. Refused
+    at the next step, naming the key, with nothing written; keys added are
+    ignored, and the same array put back steps again."""
+    w, b, s = np.ones(3), np.ones(2), np.ones(1)          # s: one element, compared by identity
+    if layout == "dict":
+        params, key, label = {"W": w, "b": b, "s": s}, ("b",), r"params\['b'\]"
+    elif layout == "nested":
+        params, key, label = {"l1": {"W": w}, "l2": {"b": b, "s": s}}, ("l2", "b"), \
+            r"params\['l2'\]\['b'\]"
+    else:
+        params, key, label = [w, b, s], (1,), r"params\[1\]"
+
+    def grads():
+        g = [np.ones(3), np.ones(2), np.ones(1)]
+        if layout == "dict":
+            return dict(zip("Wbs", g))
+        return {"l1": {"W": g[0]}, "l2": {"b": g[1], "s": g[2]}} if layout == "nested" else g
+
+    def put(value, k=key):
+        d = params
+        for part in k[:-1]:
+            d = d[part]
+        d[k[-1]] = value
+
+    opt = fastopt.Adam(params, lr=0.1, backend=backend)
+    for _ in range(2):
+        opt.step(grads())
+    before = optimizer_snapshot(opt, [w, b, s])
+    for replacement in (b * 2, b.copy()):       # another array, even one of equal values
+        put(replacement)
+        with pytest.raises(ValueError, match=label + " was replaced in the"):
+            opt.step(grads())
+        assert_same_tree(optimizer_snapshot(opt, [w, b, s]), before)
+    put(b)
+    put(s.copy(), key[:-1] + (("s",) if layout != "list" else (2,)))
+    with pytest.raises(ValueError, match="was replaced in the"):
+        opt.step(grads())
+    put(s, key[:-1] + (("s",) if layout != "list" else (2,)))
+    if layout == "dict":
+        params["extra"] = np.zeros(5)               # not the optimizer's: ignored
+    opt.step(grads())
+    assert opt.state[0]["step"] == 3
+    if layout == "dict":
+        del params["b"]
+        with pytest.raises(ValueError, match=r"params\['b'\] was removed from the dict"):
+            opt.step(grads())
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_checkpoint_after_a_refused_append_says_why(backend):
     """A state_dict (or fastopt.save) taken after params were appended to a
     group raised IndexError (params by name) or wrote a checkpoint that

@@ -50,6 +50,7 @@ from .named import KeyTree
 from .param_list import ParamList
 from .placement import placement_for
 from .state_format import StateFormat
+from .given import GivenParams
 from .step_plan import STALE, StepPlan
 
 
@@ -224,6 +225,7 @@ class Optimizer:
         self._params = all_params
         self._names = names
         self._given = params
+        self._watch = GivenParams.of(params, all_params, names)
         self._layout = tuple((a.shape, a.dtype) for a in self._params)
         # A FlatArrays of grads is matched to params in param order. If the
         # groups list a packed buffer's views out of memory order, the grads'
@@ -400,6 +402,9 @@ class Optimizer:
         # One optimizer stepped from two threads: the steps run one after the
         # other (each sees the other's whole update), as if called in turn.
         with self._lock:
+            watch = self._watch           # the user's list or dict: not rebound (given.py)
+            if watch is not None and not watch.holds(self._params, self._names):
+                watch.refuse(self._params, self._names)
             plan = self._plan       # the last step's plan: the fast path (step_plan.py)
             if plan is not None and (params is None or params is self._given):
                 kind = type(grads)
@@ -590,7 +595,7 @@ class Optimizer:
             self._group_lists.append(group["params"])
             self._group_sizes.append(len(group["params"]))
             self._tables, self._bound, self._cached = None, None, (None, None)
-            self._given = None
+            self._given = self._watch = None
             self._show_lr()
 
     def _bind_or_check(self, params):
@@ -1414,6 +1419,7 @@ class Optimizer:
         return checked
 
     _plan = None      # the last step's plan (step_plan.py); none before the first step
+    _watch = None     # the user's list or dict of params, checked each step (given.py)
 
     # -- subclass hooks ---------------------------------------------------------
     #: hyperparameter name -> kind (NONNEG, POSITIVE, REAL, BETAS, FLAG), in the
