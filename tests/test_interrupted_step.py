@@ -302,6 +302,51 @@ def test_a_real_ctrl_c_during_large_steps_leaves_each_step_whole(backend):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_an_interrupt_at_any_line_of_a_sam_perturb_leaves_it_consistent(backend, groups):
+    """An interrupt in SAM's perturb as its kernel returned left the params
+    at p + e with ``perturbed`` False: a checkpoint then held the perturbed
+    weights, and perturbing again moved them twice. Now perturb is whole or
+    not done: perturbed with the params at p + e, or not with the params as
+    they were (two groups: the tables after the first written too); then
+    the run goes on bit for bit."""
+    rng = np.random.default_rng(1)
+    p0 = [rng.standard_normal(n).astype(np.float32) for n in (1500, 700)]
+    g1 = [rng.standard_normal(x.size).astype(np.float32) for x in p0]
+    g2 = [rng.standard_normal(x.size).astype(np.float32) for x in p0]
+
+    def make():
+        p = [x.copy() for x in p0]
+        spec = p if groups == 1 else [{"params": [p[0]]}, {"params": [p[1]], "lr": 1e-3}]
+        return p, fastopt.SAM(fastopt.SGD(spec, lr=1e-2, momentum=0.9, backend=backend),
+                              rho=0.5, adaptive=groups == 2)
+    ref_p, ref = make()
+    ref.perturb(g1)
+    at_e = [x.copy() for x in ref_p]
+    ref.step(g2)
+    dirs = (OPTIM_DIR, BACKENDS_DIR)
+    counts = []
+    for _ in range(2):       # the second count: the first pays for the process's first use
+        p, opt = make()
+        counts.append(count_lines(lambda: opt.perturb(g1), dirs))
+    assert counts[-1] > 5
+    outcomes = set()
+    for target in range(counts[-1]):
+        p, opt = make()
+        assert interrupted_at(target, lambda: opt.perturb(g1), dirs), target
+        if opt.perturbed:
+            assert all(a.tobytes() == b.tobytes() for a, b in zip(p, at_e)), target
+            assert opt.grad_norm == ref.grad_norm, target
+            outcomes.add("perturbed")
+        else:
+            assert all(a.tobytes() == b.tobytes() for a, b in zip(p, p0)), target
+            outcomes.add("not")
+            opt.perturb(g1)
+        opt.step(g2)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(p, ref_p)), target
+    assert outcomes == {"perturbed", "not"}
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("state_dtype", ["float32", "int8"])
 def test_an_interrupt_at_any_line_of_a_sam_step_leaves_it_consistent(backend, state_dtype):
     """SAM's step restores ``p - e`` (in the base step's kernels, or a pass

@@ -202,9 +202,11 @@ def _sam_table(mode, waddr, gaddr, soff, pk, plo, phi, tasks, e, like, value, ad
     """SAM's pass(es) over one table in one call: ``_NORM`` the sum of
     squares; ``_FUSED`` that, then (when finite) the perturbation with
     scale ``rho / norm`` (``value`` is rho); ``_PERTURB`` with scale
-    ``value``; ``_RESTORE``, counted in ``outcome[0]`` as its last act (so
-    that a caller interrupted as it returns knows it ran). Returns the sum
-    of squares (0 without a norm pass)."""
+    ``value``; ``_RESTORE``. Each pass that writes is counted in
+    ``outcome[0]`` as its last act (so that a caller interrupted as it
+    returns knows it ran), ``_FUSED`` with its sum of squares in
+    ``outcome[1]`` (its return value is lost then). Returns the sum of
+    squares (0 without a norm pass)."""
     ntasks = tasks.size - 1
     total = 0.0
     if mode == _NORM or mode == _FUSED:
@@ -219,8 +221,8 @@ def _sam_table(mode, waddr, gaddr, soff, pk, plo, phi, tasks, e, like, value, ad
     for t in prange(ntasks):
         _task_update(t, waddr, gaddr, soff, pk, plo, phi, tasks, e, like, c, adaptive,
                      mode == _RESTORE)
-    if mode == _RESTORE:
-        outcome[0] += 1.0
+    outcome[1] = total
+    outcome[0] += 1.0
     return total
 
 
@@ -245,10 +247,13 @@ def sam_sumsq(table, adaptive) -> float:
 
 
 def sam_perturb(table, e, scale, adaptive) -> None:
+    """``e_k = scale g_k`` and ``p_k += e_k``, counted in ``table.outcome[0]``."""
     _sam(_PERTURB, table, e, scale, adaptive)
 
 
 def sam_fused(table, e, rho, adaptive) -> float:
+    """The norm pass, then (finite) the perturbation, counted in
+    ``table.outcome[0]`` with the sum of squares in ``table.outcome[1]``."""
     return _sam(_FUSED, table, e, rho, adaptive)
 
 

@@ -136,24 +136,29 @@ def sam_sumsq(table, adaptive) -> float:
     return total
 
 
-def sam_perturb(table, e, scale, adaptive) -> None:
+def sam_perturb(table, e, scale, adaptive, total=0.0) -> None:
     r"""``e_k = c g_k`` (``adaptive``: :math:`c\,p_k^2 g_k`) and ``p_k += e_k``,
-    with ``c = scale`` cast to the dtype."""
+    with ``c = scale`` cast to the dtype; counted in ``table.outcome[0]``
+    (``total`` in ``table.outcome[1]``), as the compiled passes count
+    themselves."""
     for k, (p, g) in enumerate(zip(table.weights, table.grads)):
         lo = int(table.soff[k])
         ek = e[lo:lo + p.size]
         c = p.dtype.type(scale)
         ek[...] = (p * p * g if adaptive else g) * c
         p += ek
+    table.outcome_array[1] = total
+    table.outcome_array[0] += 1.0
 
 
 def sam_fused(table, e, rho, adaptive) -> float:
     """The norm pass and, when it is finite, the perturbation with scale
     :func:`sam_scale`: what one compiled call does for a one-group SAM.
-    Returns the sum of squares (non-finite: nothing was written)."""
+    Returns the sum of squares (non-finite: nothing was written), also in
+    ``table.outcome[1]`` when it wrote."""
     total = sam_sumsq(table, adaptive)
     if math.isfinite(total):
-        sam_perturb(table, e, sam_scale(rho, total), adaptive)
+        sam_perturb(table, e, sam_scale(rho, total), adaptive, total)
     return total
 
 

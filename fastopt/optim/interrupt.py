@@ -24,9 +24,11 @@ completes is held the same way (:func:`held`): the completion is
 idempotent and takes at most one step's time.
 
 Covered: the compiled host backends (Cython, Numba) through
-``Optimizer.step``. Not covered (README, "All or nothing"): the NumPy
-reference backend (it writes array by array), device steps, and the
-steps of SAM's ``perturb``, L-BFGS and the distributed optimizers.
+``Optimizer.step``, and SAM's ``step`` and ``perturb`` there (each of
+SAM's passes counts itself in its table's outcome too). Not covered
+(README, "All or nothing"): the NumPy reference backend (it writes array
+by array), device steps, and the steps of L-BFGS and the distributed
+optimizers.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from ..backends.flat_ops import ops_for, sam_scale
 from ..backends.tables import group_tables, refuse_each_other
 from ..params import FlatArrays
 from .base import Optimizer
-from .interrupt import finished, held
+from .interrupt import INTERRUPTS, finished, held
 from .placement import Offsets, span
 from .state_checks import require_array, require_keys
 
@@ -269,31 +269,67 @@ class SAM:
                                    "perturbed; compute the gradients there and call "
                                    "step(grads) first")
             self._current_tables()
-            total = (self._perturb_device if self._on_device else self._perturb_host)(grads)
-            self.grad_norm = math.sqrt(total)
-            self._skipped = not math.isfinite(total)
-            if self._skipped:
-                self.skipped_perturbs += 1
-                warnings.warn("SAM.perturb: the gradients hold NaN or inf; the params were "
-                              "not perturbed, and the next step(grads) is the base "
-                              "optimizer's plain step", RuntimeWarning, stacklevel=2)
-            else:
-                self.perturbed = True
-            return self.grad_norm
+            if self._on_device:
+                return self._perturbed(self._perturb_device(grads))
+            done = {}
+            try:
+                return self._perturbed(self._perturb_host(grads, done))
+            except INTERRUPTS:
+                # a Ctrl-C as a kernel returned: the perturbation completed
+                # and perturbed set, or nothing written and nothing set
+                held(self._settle_perturb, done)
+                raise
 
-    def _perturb_host(self, grads) -> float:
-        """The host's passes; the sum of squares (non-finite: nothing written)."""
+    def _perturbed(self, total):
+        """The flags after a perturbation pass of sum of squares ``total``;
+        the norm."""
+        self.grad_norm = math.sqrt(total)
+        self._skipped = not math.isfinite(total)
+        if self._skipped:
+            self.skipped_perturbs += 1
+            warnings.warn("SAM.perturb: the gradients hold NaN or inf; the params were "
+                          "not perturbed, and the next step(grads) is the base "
+                          "optimizer's plain step", RuntimeWarning, stacklevel=3)
+        else:
+            self.perturbed = True
+        return self.grad_norm
+
+    def _perturb_host(self, grads, done) -> float:
+        """The host's passes; the sum of squares (non-finite: nothing written).
+        ``done``: what an interrupted call completes from (the tables with
+        their e and call counts before the first write, then the scale)."""
         self._bind(grads)
         ops = ops_for(self.backend)
-        if len(self._all) == 1:          # the norm pass and the update in one call
-            return ops.sam_fused(self._all[0], self.state[0]["e_w"], self.rho, self.adaptive)
-        total = sum(ops.sam_sumsq(t, self.adaptive) for t in self._all)
+        pairs = [(t, st["e_w"]) for ts, st in zip(self._tables, self.state) for t in ts]
+        done.update(ops=ops, pairs=pairs, calls=[t.outcome[0] for t, _ in pairs])
+        if len(pairs) == 1:          # the norm pass and the update in one call
+            return ops.sam_fused(pairs[0][0], pairs[0][1], self.rho, self.adaptive)
+        total = sum(ops.sam_sumsq(t, self.adaptive) for t, _ in pairs)
         if math.isfinite(total):
-            scale = sam_scale(self.rho, total)
-            for ts, st in zip(self._tables, self.state):
-                for t in ts:
-                    ops.sam_perturb(t, st["e_w"], scale, self.adaptive)
+            done["total"], done["scale"] = total, sam_scale(self.rho, total)
+            for t, e in pairs:
+                ops.sam_perturb(t, e, done["scale"], self.adaptive)
         return total
+
+    def _settle_perturb(self, done):
+        """After an interrupt in :meth:`perturb`'s host passes: once one table
+        was perturbed, the others perturbed too and the flags set as an
+        uninterrupted call sets them; nothing when none was (each pass counts
+        itself in its table's outcome). Idempotent (:func:`held`)."""
+        pairs = done.get("pairs")
+        if pairs is None:
+            return                           # interrupted before the first kernel
+        wrote = [t.outcome[0] != c for (t, _), c in zip(pairs, done["calls"])]
+        if not any(wrote):
+            return
+        if len(pairs) == 1:
+            total = pairs[0][0].outcome[1]   # the fused call's sum of squares
+        else:
+            total = done["total"]
+            for (t, e), w in zip(pairs, wrote):
+                if not w:
+                    done["ops"].sam_perturb(t, e, done["scale"], self.adaptive)
+        self.grad_norm, self._skipped, self.perturbed = math.sqrt(total), False, True
 
     def _perturb_device(self, grads) -> float:
         """The device's kernels: the norm pass, the scale (and whether to
