@@ -25,15 +25,28 @@ def _flat_grads(grads, *, writable):
         _check(f"grads[{i}]", g, writable)
     if writable:  # an array listed twice (or overlapping views) would be scaled twice
         V.check_disjoint([(f"grads[{i}]", g) for i, g in enumerate(arrays)])
-    return [_float(g.reshape(-1)) for g in arrays]
+    return [_float(_contiguous(g).reshape(-1)) for g in arrays]
+
+
+def _contiguous(g):
+    """A gradient that is a strided view (``(X.T @ d).T``, ``A[:, ::2]``) as a
+    C-ordered copy, to be read; :func:`clip_by_global_norm` scales the view
+    itself in place."""
+    return g if g.flags.c_contiguous else np.ascontiguousarray(g)
 
 
 def _check(name, a, writable):
+    """Read (``not writable``): dtype, 16-bit allowed. To scale in place:
+    float32 or float64, and writable. A strided view is read through a
+    C-ordered copy and scaled where it is, so its layout is not checked."""
     if writable and a.dtype.name in V.LOW_PRECISION_NAMES:
         raise TypeError(f"{name} is {a.dtype}: clip_by_global_norm scales float32 and float64 "
                         "gradients in place; clip 16-bit ones inside the step with the "
                         "optimizer's max_grad_norm=")
-    V.check_float_array(name, a, writable=writable, allow_low_precision=not writable)
+    V.check_float_array(name, a if a.flags.c_contiguous else np.empty(0, a.dtype),
+                        writable=False, allow_low_precision=not writable)
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only; clip_by_global_norm scales it in place")
 
 
 def _float(a):
@@ -106,6 +119,11 @@ def clip_by_global_norm(grads, max_norm, *, backend="auto") -> float:
     norm = norm_of(be, flats)
     coef = clip_coefficient(norm, max_norm)
     if coef != 1.0:
-        for g in flats:
-            be.scale(g, coef)
+        views = [] if isinstance(grads, FlatArrays) else V.as_array_list("grads", grads)
+        for k, g in enumerate(flats):
+            if views and not views[k].flags.c_contiguous:
+                v = views[k]            # a strided view: in place, as the kernel scales
+                v *= v.dtype.type(coef)
+            else:
+                be.scale(g, coef)
     return norm

@@ -560,6 +560,23 @@ def test_clip_rejects_readonly_and_aliased_grads():
         fastopt.clip_by_global_norm(flat, 1.0)
 
 
+def test_clip_scales_strided_views_in_place():
+    """``(dh.T @ X).T`` and slices were refused ("must be C-contiguous")
+    by global_norm and clip_by_global_norm, which need no contiguity:
+    clipped where they are, as contiguous copies of them are."""
+    rng = np.random.default_rng(0)
+    views = [rng.standard_normal((6, 8)).T, rng.standard_normal((6, 8))[:, ::2],
+             np.asfortranarray(rng.standard_normal((3, 5)))]
+    copies = [np.ascontiguousarray(v) for v in views]
+    assert fastopt.global_norm(views) == fastopt.global_norm(copies)
+    n1 = fastopt.clip_by_global_norm(views, 1.0)
+    n2 = fastopt.clip_by_global_norm(copies, 1.0)
+    assert n1 == n2 > 1.0
+    for v, c in zip(views, copies):
+        np.testing.assert_array_equal(v, c)
+    with pytest.raises(ValueError, match=r"grads\[0\] is read-only"):
+        fastopt.clip_by_global_norm([_ro(np.ones((3, 4))).T], 1.0)
+
 def test_global_norm_checks_but_accepts_readonly():
     ro = _ro(np.full(4, 2.0))
     assert fastopt.global_norm([ro]) == 4.0
@@ -567,8 +584,9 @@ def test_global_norm_checks_but_accepts_readonly():
     assert fastopt.global_norm([ro, ro]) == pytest.approx(math.sqrt(32.0), rel=1e-15)
     with pytest.raises(TypeError, match=r"grads\[0\] must be float32 or float64"):
         fastopt.global_norm([np.ones(3, np.int64)])
-    with pytest.raises(ValueError, match=r"grads\[1\] must be C-contiguous"):
-        fastopt.global_norm([ro, np.ones((3, 4)).T])
+    # a strided view (a transposed matmul's result, a slice) is read as it is
+    assert fastopt.global_norm([ro, np.ones((3, 4)).T, np.ones((4, 6))[:, ::2]]) == \
+        pytest.approx(math.sqrt(16 + 12 + 12), rel=1e-15)
     with pytest.raises(TypeError, match=r"grads must be"):
         fastopt.global_norm(1.0)
     with pytest.raises(ValueError, match=r"backend must be"):
