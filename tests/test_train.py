@@ -39,6 +39,8 @@ def test_train_single_model_writes_metrics_and_plot(tmp_path, monkeypatch, capsy
     assert rc == 0
     captured = capsys.readouterr()
     assert "samples/s" in captured.err and "loss" in captured.err     # progress bar
+    # not a terminal: one line an epoch, no carriage returns in a log file
+    assert "\r" not in captured.err and captured.err.count("samples/s") == 2
     assert "held-out accuracy lr=0.003:" in captured.out
     m = json.loads((out / "metrics.json").read_text())
     assert len(m["epochs"]) == 2 and m["sizes"] == [784, 32, 10]

@@ -145,17 +145,22 @@ def add_arguments(parser):
 
 
 class _Progress:
-    """A one-line progress bar on stderr: epoch, batches, loss, throughput."""
+    """A one-line progress bar on stderr: epoch, batches, loss, throughput.
+    Redrawn in place on a terminal; elsewhere (a log file, a pipe) one line
+    per epoch, at its end."""
 
     def __init__(self, epochs, n_train, batch_size, stream, enabled=True):
         self.epochs, self.n_train, self.stream, self.enabled = epochs, n_train, stream, enabled
         self.batch_size = batch_size
         self.last = 0.0
+        isatty = getattr(stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
 
     def batch(self, epoch, i, n_batches, losses, seconds):
         import time
         now = time.perf_counter()
-        if not self.enabled or (now - self.last < 0.1 and i + 1 < n_batches):
+        last = i + 1 == n_batches
+        if not self.enabled or (not last and (now - self.last < 0.1 or not self.tty)):
             return
         self.last = now
         width = 24
@@ -164,12 +169,13 @@ class _Progress:
         rate = seen / seconds if seconds > 0 else 0.0
         loss = min(float(l) for l in losses) if len(losses) > 1 else float(losses[0])
         tag = "best loss" if len(losses) > 1 else "loss"
-        self.stream.write(f"\repoch {epoch:>3}/{self.epochs} [{'#' * done}{'.' * (width - done)}]"
-                          f" {i + 1:>4}/{n_batches} {tag} {loss:.4f}  {rate:,.0f} samples/s ")
+        line = (f"epoch {epoch:>3}/{self.epochs} [{'#' * done}{'.' * (width - done)}]"
+                f" {i + 1:>4}/{n_batches} {tag} {loss:.4f}  {rate:,.0f} samples/s ")
+        self.stream.write("\r" + line if self.tty else line.rstrip() + "\n")
         self.stream.flush()
 
     def end_line(self):
-        if self.enabled:
+        if self.enabled and self.tty:
             self.stream.write("\n")
             self.stream.flush()
 
