@@ -232,11 +232,11 @@ def test_results_that_cannot_be_written_are_one_line(tmp_path, monkeypatch, caps
     says so in one line, after the accuracies, instead of a traceback."""
     data = _fake_mnist(tmp_path / "mnist", n=8100)
     out = tmp_path / "out"
-    import fastopt.cli.common as common
+    import fastopt._files as files
 
     def refuse(path, data):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(common, "write_atomically", refuse)
+    monkeypatch.setattr(files, "write_atomically", refuse)
     rc = main(["train", "--data-dir", str(data), "--hidden", "8", "--epochs", "1",
                "--quiet", "--no-plot", "--threads", "1", "--out", str(out)])
     err = capsys.readouterr().err.strip()
@@ -298,3 +298,20 @@ def test_plot_schedule_names_the_file_it_writes(tmp_path, capsys):
     assert main(["plot-schedule", "constant(1e-3)", "-o", str(tmp_path / "lr")]) == 0
     assert (tmp_path / "lr.png").exists()
     assert f"wrote {tmp_path / 'lr.png'} " in capsys.readouterr().out
+
+
+def test_bench_ctrl_c_while_writing_says_what_was_written(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C while the chart was drawn (after the table was printed)
+    ended in "fastopt bench: interrupted", with bench.json written and no
+    word of it."""
+    from fastopt.bench import report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, "plot", interrupted)
+    out = tmp_path / "b"
+    rc = main(["bench", "--quick", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and err[-1] == ("fastopt bench: interrupted while writing the results; "
+                                     f"wrote {out / 'bench.json'}"), err
+    assert json.loads((out / "bench.json").read_text())["results"]

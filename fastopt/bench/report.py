@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from .._files import write_atomically
+
 from .cases import CPU_BACKENDS, KIND, SWEEP_CASE, TORCH_PATHS, step_bytes
 
 
@@ -82,19 +84,24 @@ def format_table(report) -> str:
 
 
 def save(report, path):
-    """The report as JSON."""
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    """The report as JSON, written beside ``path`` and renamed into it (an
+    interrupted save leaves the previous file or none)."""
+    write_atomically(path, json.dumps(report, indent=1).encode())
 
 
-def write(report, out):
+def write(report, out, written=None):
     """bench.json and (with matplotlib) bench.png in the folder ``out``;
-    the paths written."""
+    the paths written, also appended to ``written`` as each is done (what
+    an interrupted call had written)."""
+    written = [] if written is None else written
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "bench.json")
     save(report, path)
+    written.append(path)
     chart = os.path.join(out, "bench.png")
-    return [path, chart] if plot(report, chart) else [path]
+    if plot(report, chart):
+        written.append(chart)
+    return written
 
 
 IMPL_STYLE = {   # colour, marker: fastopt solid, baselines dashed

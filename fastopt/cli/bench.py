@@ -104,10 +104,17 @@ def run(args):
             return EXIT_INTERRUPTED
         print()
         print(report.format_in_loop(measured["in_loop"]))
-    paths = report.write(measured, args.out)
-    print(f"results: {paths[0]}")
-    if len(paths) > 1:
-        print(f"chart:   {paths[1]}")
+    written = []
+    try:
+        report.write(measured, args.out, written)
+    except KeyboardInterrupt:
+        print("fastopt bench: interrupted while writing the results; "
+              + (f"wrote {', '.join(written)}" if written else "nothing written"),
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"results: {written[0]}")
+    if len(written) > 1:
+        print(f"chart:   {written[1]}")
     else:
         print("chart:   skipped (matplotlib not installed: pip install matplotlib)")
     return 0

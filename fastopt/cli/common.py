@@ -7,6 +7,7 @@ import contextlib
 import os
 import tempfile
 
+
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a Ctrl-C'd job
 
 
@@ -109,18 +110,3 @@ def _probe_write(folder):
 
 def _reason(exc):
     return exc.strerror or str(exc)
-
-
-def write_atomically(path, data: bytes):
-    """``data`` in ``path``, written beside it and renamed over it: an
-    interrupted write leaves the old file or none, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise

@@ -528,10 +528,9 @@ def _write_results(args, history, labels, sizes, backend, interrupted, written):
     import json
     import os
     import sys
-    import tempfile
     from pathlib import Path
 
-    from .common import write_atomically
+    from .._files import sibling_temp, write_atomically
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -545,8 +544,7 @@ def _write_results(args, history, labels, sizes, backend, interrupted, written):
     curves = out / "curves.png"
     drawn = False
     if not args.no_plot:
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".curves.", suffix=".png")
-        os.close(fd)
+        tmp = sibling_temp(curves, ".png")
         try:
             _plot(history, labels, tmp)
             os.replace(tmp, curves)
