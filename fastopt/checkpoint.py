@@ -42,6 +42,7 @@ import zlib
 import numpy as np
 
 from .backends import is_device_array
+from .optim.interrupt import INTERRUPTS, held
 from .params import FlatArrays
 
 __all__ = ["save", "load", "CheckpointError"]
@@ -208,7 +209,7 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     arrays = {}
     meta = _encode(tree, arrays)
     arrays[_META] = np.array(json.dumps(meta))
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))    # a ~ in it, as a shell would
 
     def write():
         _check_target(path)
@@ -314,7 +315,7 @@ def _fsync_dir(folder):
 def read(path) -> dict:
     """The checkpoint's contents, ``{"format", "params"?, "optimizer"?, "extra"?}``,
     without loading it into anything."""
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -356,8 +357,16 @@ def load(path, *, params=None, optimizer=None) -> dict:
             raise
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path} does not match: {exc}") from None
-        for fn in apply:
-            fn()
+        def load_all():
+            for fn in apply:
+                fn()
+        try:
+            load_all()
+        except INTERRUPTS:
+            # a Ctrl-C while the arrays are copied: all of it loaded (each part
+            # may run again), then the interrupt goes on, as a step does
+            held(load_all)
+            raise
     return tree
 
 

@@ -67,6 +67,8 @@ def _by_name(grads):
     """Grads given by name (a dict, nested dicts too) as their arrays in key
     order, as an optimizer reads them; anything else as given."""
     if isinstance(grads, dict):
+        if not grads:
+            return []         # as an empty list: norm 0
         from .optim.named import KeyTree      # (fastopt.optim imports this module)
         return KeyTree.of(grads, "grads")[1]
     return grads

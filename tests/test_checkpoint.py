@@ -386,3 +386,48 @@ def test_optimizer_state_saved_by_name_loads_into_one_made_from_a_list():
     with pytest.raises(ValueError, match=r"params \[W: float64\[3\], b: float64\[2\]\] .* do not "
                                          r"match this optimizer's \[float64\[2\], float64\[3\]\]"):
         swapped.load_state_dict(opt.state_dict())
+
+
+def test_a_ctrl_c_while_loading_loads_all_of_it(tmp_path, monkeypatch):
+    """A Ctrl-C as the params were copied in left them half loaded and the
+    optimizer not loaded at all: the load now completes, then the
+    interrupt goes on. A ``~`` in the path is the home folder."""
+    params = [np.full(3, 2.0), np.full(2, 3.0)]
+    opt = fastopt.Adam(params, lr=0.1)
+    opt.step([np.ones(3), np.ones(2)])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fastopt.save("~/ck.npz", params=params, optimizer=opt)
+    assert (tmp_path / "ck.npz").is_file()
+    fresh = [np.zeros(3), np.zeros(2)]
+    opt2 = fastopt.Adam(fresh, lr=0.1)
+    real = fastopt.checkpoint._prepare_params
+    calls = []
+
+    def interrupted_once(given, tree):
+        apply = real(given, tree)
+
+        def run():
+            apply()
+            calls.append(1)
+            if len(calls) == 1:
+                raise KeyboardInterrupt      # as the copy returns
+        return run
+    monkeypatch.setattr(fastopt.checkpoint, "_prepare_params", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        fastopt.load("~/ck.npz", params=fresh, optimizer=opt2)
+    for a, b in zip(fresh, params):
+        np.testing.assert_array_equal(a, b)
+    assert opt2.state[0]["step"] == 1
+    opt.step([np.ones(3), np.ones(2)])
+    opt2.step([np.ones(3), np.ones(2)])
+    for a, b in zip(fresh, params):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_params_from_a_generator_or_dict_values():
+    """torch users pass model.parameters(), a generator: it was refused."""
+    ps = [np.ones(3), np.ones(2)]
+    for given in ((p for p in ps), dict(a=ps[0], b=ps[1]).values()):
+        opt = fastopt.Adam(given, lr=0.1)
+        assert [a is b for a, b in zip(opt.param_groups[0]["params"], ps)] == [True, True]
+    assert fastopt.global_norm({}) == fastopt.global_norm([]) == 0.0

@@ -28,6 +28,7 @@ The math lives in the backends; this class owns everything around it:
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import operator
 import threading
@@ -262,6 +263,8 @@ class Optimizer:
     # -- construction helpers ---------------------------------------------
     @staticmethod
     def _group_specs(params):
+        if isinstance(params, (collections.abc.Iterator, collections.abc.ValuesView)):
+            params = list(params)     # a generator (torch's model.parameters()), dict.values()
         if isinstance(params, np.ndarray) or _is_device_array(params):
             return [{"params": [params]}]
         if isinstance(params, dict):           # arrays by name (one group)
@@ -278,8 +281,9 @@ class Optimizer:
             if not params:
                 raise ValueError("params is empty: nothing to optimize")
             return [{"params": params}]
-        raise TypeError("params must be an ndarray, a list of ndarrays, a dict of name -> "
-                        f"ndarray or a list of param-group dicts, got {type(params).__name__}")
+        raise TypeError("params must be an ndarray, a list (or any iterable) of ndarrays, a "
+                        "dict of name -> ndarray or a list of param-group dicts, got "
+                        f"{type(params).__name__}")
 
     def _check_one_dtype(self, gi, arrays):
         """A group keeps its state in one buffer per name, so its params
