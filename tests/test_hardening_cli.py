@@ -315,3 +315,16 @@ def test_bench_ctrl_c_while_writing_says_what_was_written(tmp_path, monkeypatch,
     assert rc == 130 and err[-1] == ("fastopt bench: interrupted while writing the results; "
                                      f"wrote {out / 'bench.json'}"), err
     assert json.loads((out / "bench.json").read_text())["results"]
+
+
+def test_train_says_when_other_processes_took_the_cpus(tmp_path, monkeypatch, capsys):
+    """Under another process's load the default threads ran epochs 8x
+    slower and train said nothing (bench warns)."""
+    from fastopt.bench import timing
+    monkeypatch.setattr(timing, "load_since",
+                        lambda snap: {"other_processes": {"other_cpu_fraction": 0.4}})
+    data = _fake_mnist(tmp_path / "mnist", n=8100)
+    rc = main(["train", "--data-dir", str(data), "--hidden", "8", "--epochs", "1", "--quiet",
+               "--no-plot", "--threads", "1", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    assert "note: other processes used 40% of the CPUs during training" in capsys.readouterr().err

@@ -396,6 +396,8 @@ def _run(args, comm):
             raise _Stopped
 
     interrupted = False
+    from fastopt.bench.timing import load_since, load_snapshot
+    load = load_snapshot()
     with stop:   # also while writing: a first Ctrl-C then no longer tears metrics.json
         try:
             history = fit(model, opt, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
@@ -417,6 +419,13 @@ def _run(args, comm):
             reach = (f", reached {100 * args.target:.0f}% after {t:.1f} s of training"
                      if t is not None else f", never reached {100 * args.target:.0f}%")
             print(f"held-out accuracy {lab}: {100 * a:.2f}%{reach}")
+        shared = load_since(load)["other_processes"].get("other_cpu_fraction", 0.0)
+        if shared >= 0.1 and comm is None:
+            # a thread the host took away holds up each threaded step (bench says so too)
+            print(f"note: other processes used {100 * shared:.0f}% of the CPUs during "
+                  "training; threaded steps wait for a thread that is not running, so "
+                  "the times above may be several times the machine's own (--threads 1 "
+                  "is less hurt)", file=sys.stderr)
         if comm is not None and comm.Get_rank() != 0:
             return 0
         paths, problem = _save_results(args, history, labels, sizes, model.backend)
