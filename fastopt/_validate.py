@@ -7,6 +7,7 @@ parameters and optimizer state exactly as they were.
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import numbers
 
@@ -18,6 +19,16 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def key(where: str, name: str) -> str:
     """``lr`` for the constructor's arguments, ``param_groups[1]['lr']`` in a group."""
     return f"{where}['{name}']" if where else name
+
+
+def listed(params):
+    """A one-pass iterable of params (a generator such as torch's
+    ``model.parameters()``, ``dict.values()``) as a list; anything else as
+    given. Made once, where params enter, so that each later look (the
+    backend's choice, the groups, the checks) sees the same arrays."""
+    if isinstance(params, (collections.abc.Iterator, collections.abc.ValuesView)):
+        return list(params)
+    return params
 
 
 def check_real(name, value, *, low=None, high=None, low_open=False,

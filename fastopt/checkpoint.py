@@ -136,6 +136,8 @@ def _param_list(params):
 def _named_params(params):
     """``(KeyTree, arrays in its order)`` for params given by name (a dict,
     dicts of layers allowed), ``(None, arrays)`` otherwise."""
+    from . import _validate as V
+    params = V.listed(params)
     if not isinstance(params, dict):
         return None, _param_list(params)
     from .optim.named import KeyTree
@@ -152,15 +154,27 @@ def _stored_paths(names):
     state_dict names them; the file's structure is JSON, whose keys are
     strings). Two keys that would be stored alike are refused."""
     paths = [tuple(k if isinstance(k, str) else str(k) for k in p) for p in names.paths]
-    if len(set(paths)) < len(paths):
-        seen = {}
-        for path, label in zip(paths, names.labels):
-            if path in seen:
-                raise ValueError(f"params{seen[path]} and params{label} have the same "
-                                 "name in a checkpoint (keys are stored as strings): "
-                                 "rename one")
-            seen[path] = label
+    # a key stored like another (0 and "0"), or like a layer's key above
+    # another array ({1: W, "1": {"x": b}}): one would hide the other
+    seen = {}
+    for path, label in zip(paths, names.labels):
+        for k in range(1, len(path) + 1):
+            other = seen.get(path[:k])
+            if other is not None and (k == len(path) or other[1]):
+                _same_name(other[0], label)
+        for k in range(1, len(path)):
+            other = seen.setdefault(path[:k], (label, False))
+            if other[1]:
+                _same_name(other[0], label)
+        if path in seen:
+            _same_name(seen[path][0], label)
+        seen[path] = (label, True)
     return paths
+
+
+def _same_name(first, second):
+    raise ValueError(f"params{first} and params{second} have the same name in a checkpoint "
+                     "(keys are stored as strings): rename one")
 
 
 def _nest(paths, values):
@@ -357,15 +371,18 @@ def load(path, *, params=None, optimizer=None) -> dict:
             raise
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path} does not match: {exc}") from None
-        def load_all():
-            for fn in apply:
-                fn()
+        done = [0]
+
+        def load_rest():
+            while done[0] < len(apply):
+                apply[done[0]]()        # idempotent: run again if interrupted in it
+                done[0] += 1
         try:
-            load_all()
+            load_rest()
         except INTERRUPTS:
-            # a Ctrl-C while the arrays are copied: all of it loaded (each part
-            # may run again), then the interrupt goes on, as a step does
-            held(load_all)
+            # a Ctrl-C while the arrays are copied: all of it loaded (from the
+            # part it reached), then the interrupt goes on, as a step does
+            held(load_rest)
             raise
     return tree
 

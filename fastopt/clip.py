@@ -24,8 +24,30 @@ def _flat_grads(grads, *, writable):
     for i, g in enumerate(arrays):
         _check(f"grads[{i}]", g, writable)
     if writable:  # an array listed twice (or overlapping views) would be scaled twice
-        V.check_disjoint([(f"grads[{i}]", g) for i, g in enumerate(arrays)])
+        if all(g.flags.c_contiguous for g in arrays):
+            V.check_disjoint([(f"grads[{i}]", g) for i, g in enumerate(arrays)])
+        else:
+            _check_views_disjoint(arrays)
     return [_float(_contiguous(g).reshape(-1)) for g in arrays]
+
+
+def _check_views_disjoint(arrays):
+    """No two of ``arrays`` share memory, some of them strided views. Two
+    views' byte extents can overlap without a shared element (two columns
+    of one matrix), so an overlap of extents is confirmed with
+    ``np.shares_memory``."""
+    byte_bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None) or \
+        np.byte_bounds      # NumPy < 2
+    spans = sorted((*byte_bounds(a), i) for i, a in enumerate(arrays) if a.size)
+    active = []
+    for lo, hi, i in spans:
+        active = [s for s in active if s[1] > lo]
+        for _, _, j in active:
+            if np.shares_memory(arrays[i], arrays[j]):
+                first, second = sorted((i, j))
+                raise ValueError(f"grads[{second}] overlaps grads[{first}] in memory; arrays "
+                                 "clip_by_global_norm scales must not alias each other")
+        active.append((lo, hi, i))
 
 
 def _contiguous(g):

@@ -484,3 +484,16 @@ def test_fastopt_cuda_is_an_attribute_or_absent_never_an_import_error():
     """hasattr / getattr with a default only expect AttributeError."""
     present = hasattr(fastopt, "cuda")
     assert getattr(fastopt, "cuda", None) is not None or not present
+
+
+def test_lbfgs_refuses_a_param_rebound_in_the_users_dict():
+    """L-BFGS has a step of its own: a replaced entry trained silently."""
+    params = {"W": np.ones(3), "b": np.ones(2)}
+    opt = fastopt.LBFGS(params, lr=0.1)
+
+    def closure():
+        return float(params["W"].sum()), {"W": np.ones(3), "b": np.ones(2)}
+    opt.step(closure)
+    params["W"] = params["W"] + 1
+    with pytest.raises(ValueError, match=r"params\['W'\] was replaced in the dict"):
+        opt.step(closure)

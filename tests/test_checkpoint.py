@@ -336,6 +336,10 @@ def test_params_keyed_by_ints_or_tuples_are_saved_by_name(tmp_path, keys):
 def test_keys_stored_alike_and_reordered_names_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"params\[0\] and params\['0'\] have the same name"):
         fastopt.save(tmp_path / "c.npz", params={0: np.ones(1), "0": np.ones(1)})
+    # a key stored like a layer's key over another array: one hid the other
+    for clash in ({"1": {"x": np.ones(3)}, 1: np.ones(2)}, {1: np.ones(2), "1": {"x": np.ones(3)}}):
+        with pytest.raises(ValueError, match="have the same name in a checkpoint"):
+            fastopt.save(tmp_path / "c.npz", params=clash)
     assert not (tmp_path / "c.npz").exists()
     params = {"W": np.ones((3, 4)), "b": np.ones(4)}
     opt = fastopt.Adam(params, lr=0.1)
@@ -424,10 +428,17 @@ def test_a_ctrl_c_while_loading_loads_all_of_it(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-def test_params_from_a_generator_or_dict_values():
+def test_params_from_a_generator_or_dict_values(tmp_path):
     """torch users pass model.parameters(), a generator: it was refused."""
     ps = [np.ones(3), np.ones(2)]
     for given in ((p for p in ps), dict(a=ps[0], b=ps[1]).values()):
         opt = fastopt.Adam(given, lr=0.1)
         assert [a is b for a, b in zip(opt.param_groups[0]["params"], ps)] == [True, True]
+    lbfgs = fastopt.LBFGS(p for p in ps)          # it looked at the generator twice
+    assert len(lbfgs.param_groups[0]["params"]) == 2
+    opt = fastopt.Adam([np.ones(1)], lr=0.1)
+    opt.add_param_group({"params": (p for p in ps)})
+    assert len(opt.param_groups[1]["params"]) == 2
+    fastopt.save(tmp_path / "g.npz", params=(p for p in ps))
+    fastopt.load(tmp_path / "g.npz", params=(p for p in ps))
     assert fastopt.global_norm({}) == fastopt.global_norm([]) == 0.0

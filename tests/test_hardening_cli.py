@@ -219,10 +219,11 @@ def test_out_where_nothing_can_be_made_fails_before_training(tmp_path, monkeypat
     rc = main(["train", "--data-dir", str(data), "--quiet", "--out", "/proc/fastopt-out"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "/proc/fastopt-out" in err, err
-    # a folder that can be made is checked by making it, and nothing is left
+    # a folder that can be made is checked by making it (the results will
+    # need it), with no probe file left in it
     from fastopt.cli.common import output_dir_problem
     assert output_dir_problem(str(tmp_path / "a" / "b"), ("metrics.json",)) is None
-    assert not (tmp_path / "a").exists()
+    assert (tmp_path / "a" / "b").is_dir() and not any((tmp_path / "a" / "b").iterdir())
     assert output_dir_problem(str(tmp_path)) is None and not any(
         p.name.startswith(".fastopt-probe") for p in tmp_path.iterdir())
 

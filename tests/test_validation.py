@@ -576,6 +576,15 @@ def test_clip_scales_strided_views_in_place():
         np.testing.assert_array_equal(v, c)
     with pytest.raises(ValueError, match=r"grads\[0\] is read-only"):
         fastopt.clip_by_global_norm([_ro(np.ones((3, 4))).T], 1.0)
+    # views that share elements are scaled once each: refused; views of one
+    # matrix that share none (its columns) are fine
+    A = np.ones((4, 4))
+    for overlapping in ([A[:, ::2], A[3]], [A[2:][::-1], A[3]]):
+        with pytest.raises(ValueError, match=r"grads\[1\] overlaps grads\[0\]"):
+            fastopt.clip_by_global_norm(overlapping, 0.1)
+        np.testing.assert_array_equal(A, np.ones((4, 4)))
+    fastopt.clip_by_global_norm([A[:, 0], A[:, 1], A[:, 2:]], 0.1)
+    np.testing.assert_allclose(A, np.full((4, 4), 0.1 / (4 + 1e-6)), rtol=1e-12)
 
 def test_global_norm_checks_but_accepts_readonly():
     ro = _ro(np.full(4, 2.0))

@@ -74,8 +74,8 @@ def format_table(report) -> str:
     load = report.get("load")
     if load:
         other = load["other_processes"]
-        lines.append(f"load average {load['loadavg_before'][0]:.2f} before, "
-                     f"{load['loadavg_after'][0]:.2f} after; {other['note']}")
+        lines.append(f"load average {_loads(load['loadavg_before'], 1)} before, "
+                     f"{_loads(load['loadavg_after'], 1)} after; {other['note']}")
         if other.get("other_cpu_fraction", 0) >= 0.02:
             lines.append("WARNING: another process used the CPUs during this run; threaded "
                          "steps (fastopt's and torch's) wait for descheduled threads, so "
@@ -257,11 +257,15 @@ def format_in_loop(report) -> str:
                  + "".join(f", {k}={v}" for k, v in te.items()
                            if k != "OPENBLAS_NUM_THREADS"))
     lb, la = env["loadavg_before"], env["loadavg_after"]
-    lines.append(f"load average {lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f} before, "
-                 f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f} after ({env['cpus']} CPUs); "
+    lines.append(f"load average {_loads(lb)} before, {_loads(la)} after ({env['cpus']} CPUs); "
                  f"{env['other_processes']['note']}")
     lines.append(f"run took {report['wall_s']:.1f} s")
     for k, v in report["notes"].items():
         if k not in report["results"]:
             lines.append(f"note ({k}): {v}")
     return "\n".join(lines)
+
+
+def _loads(averages, n=3):
+    """The first ``n`` load averages, or "n/a" where the OS gives none."""
+    return "n/a" if averages is None else " ".join(f"{x:.2f}" for x in averages[:n])

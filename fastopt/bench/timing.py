@@ -61,16 +61,24 @@ def _cpu_ticks():
     return user + nice + system + irq + softirq, steal, sum(int(x) for x in s[11:15])
 
 
+def _loadavg():
+    """``os.getloadavg()``, or None where there is none (Windows)."""
+    try:
+        return os.getloadavg()
+    except (AttributeError, OSError):
+        return None
+
+
 def load_snapshot():
     """Where the machine's load stands now, for :func:`load_since`."""
-    return time.perf_counter(), os.getloadavg(), _cpu_ticks()
+    return time.perf_counter(), _loadavg(), _cpu_ticks()
 
 
 def load_since(snapshot) -> dict:
     """Load averages and other processes' CPU use since ``snapshot``: a
     benchmark on a machine something else was using says so."""
     t0, load0, ticks0 = snapshot
-    return {"loadavg_before": load0, "loadavg_after": os.getloadavg(),
+    return {"loadavg_before": load0, "loadavg_after": _loadavg(),
             "other_processes": _other_cpu(ticks0, _cpu_ticks(), time.perf_counter() - t0)}
 
 

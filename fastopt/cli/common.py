@@ -62,37 +62,27 @@ def output_dir_problem(path, files=()):
     """Why ``path`` cannot be used as an output directory holding ``files``
     (a phrase to follow ``--out PATH:``), or None. Checked before a long job
     starts, so that it does not run for minutes and then fail on writing its
-    results. Checked by doing it: the directory (and missing parents) made
-    and a file written in it, then removed again, so that nothing is left
-    (permission bits say yes to root, and on /proc or /sys, where the
-    write then fails)."""
+    results. Checked by doing it: the directory is made (with its missing
+    parents, as the results will need it; runs started together may make
+    it at once) and a file written in it and removed (permission bits say
+    yes to root, and on /proc or /sys, where the write then fails)."""
     full = os.path.abspath(path)
     if os.path.lexists(full) and not os.path.isdir(full):
         return "exists and is not a directory"
     for name in files:
         if os.path.isdir(os.path.join(full, name)):
             return f"{name} in it is a directory"
-    missing = []
     folder = full
     while not os.path.lexists(folder):
-        missing.append(folder)
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         return f"cannot be created: {folder} is not a directory"
-    made = []
     try:
-        for d in reversed(missing):
-            try:
-                os.mkdir(d)
-            except OSError as exc:
-                return f"cannot be created: {_reason(exc)}"
-            made.append(d)
-        problem = _probe_write(full)
-        return None if problem is None else f"is not writable: {problem}"
-    finally:
-        for d in reversed(made):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
+        os.makedirs(full, exist_ok=True)
+    except OSError as exc:
+        return f"cannot be created: {_reason(exc)}"
+    problem = _probe_write(full)
+    return None if problem is None else f"is not writable: {problem}"
 
 
 def _probe_write(folder):

@@ -567,3 +567,4 @@ def _write_results(args, history, labels, sizes, backend, interrupted, written):
                 os.remove(tmp)
     if not drawn and curves.is_file():
         curves.unlink()
+        print(f"removed {curves}: an earlier run's (this run draws none)", file=sys.stderr)

@@ -28,7 +28,6 @@ The math lives in the backends; this class owns everything around it:
 
 from __future__ import annotations
 
-import collections.abc
 import math
 import operator
 import threading
@@ -165,6 +164,7 @@ class Optimizer:
         if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
             raise TypeError("loss_scaler must be a fastopt.LossScaler or None, got "
                             f"{type(loss_scaler).__name__}")
+        params = V.listed(params)        # a generator: one list for every look below
         self._state_format = StateFormat.of(type(self), state_dtype, state_seed, backend)
         self._backend_name = backend
         self._backend = None if params is None else get_backend(backend_for(backend, params))
@@ -211,6 +211,7 @@ class Optimizer:
                                "make another optimizer for other params")
         if params is None:
             raise TypeError("params is None: pass the arrays to optimize")
+        params = V.listed(params)
         backend = get_backend(backend_for(self._backend_name, params))
         self._backend = backend
         # host or device arrays: their checks, runs, buffers and step
@@ -263,8 +264,7 @@ class Optimizer:
     # -- construction helpers ---------------------------------------------
     @staticmethod
     def _group_specs(params):
-        if isinstance(params, (collections.abc.Iterator, collections.abc.ValuesView)):
-            params = list(params)     # a generator (torch's model.parameters()), dict.values()
+        params = V.listed(params)
         if isinstance(params, np.ndarray) or _is_device_array(params):
             return [{"params": [params]}]
         if isinstance(params, dict):           # arrays by name (one group)
@@ -578,6 +578,7 @@ class Optimizer:
         with self._lock:
             if not isinstance(param_group, dict) or "params" not in param_group:
                 raise TypeError("param_group must be a dict with a 'params' key")
+            param_group = {**param_group, "params": V.listed(param_group["params"])}
             # (the groups' arrays are read again below: one replaced since
             # would pass for one given, and be stepped with another's state)
             self._check_groups_unchanged()

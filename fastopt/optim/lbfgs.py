@@ -199,6 +199,7 @@ class LBFGS(Optimizer):
 
     # -- params: one group of float32/float64 host arrays --------------------------
     def bind(self, params) -> None:
+        params = V.listed(params)
         specs = self._group_specs(params)
         if len(specs) != 1:
             raise ValueError(f"LBFGS takes one param group (torch's rule: its state is one "
@@ -298,6 +299,9 @@ class LBFGS(Optimizer):
             if not self.param_groups:
                 raise RuntimeError("this LBFGS has no params yet: call bind(params) first")
             self._check_groups_unchanged()
+            watch = self._watch           # the user's list or dict: not rebound (given.py)
+            if watch is not None and not watch.holds(self._params, self._names):
+                watch.refuse(self._params, self._names)
             h = self._resolve(self._with_schedule(0, self.param_groups[0]), "param_groups[0]")
             ops = ops_for(self.backend)
             st = self.state[0]

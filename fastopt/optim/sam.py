@@ -272,6 +272,11 @@ class SAM:
             if self._on_device:
                 return self._perturbed(self._perturb_device(grads))
             done = {}
+            if self.backend == "numpy":
+                # array by array in Python, its count after the writes: an
+                # interrupt between them could not be told from one before
+                # (not held: README, "All or nothing")
+                return self._perturbed(self._perturb_host(grads, done))
             try:
                 return self._perturbed(self._perturb_host(grads, done))
             except INTERRUPTS:
