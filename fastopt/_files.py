@@ -16,7 +16,14 @@ def sibling_temp(path, suffix=""):
 
 def write_atomically(path, data: bytes):
     """``data`` in ``path``, written beside it and renamed over it: an
-    interrupted write leaves the old file or none, never half of one."""
+    interrupted write leaves the old file or none, never half of one. A
+    symlink's target is written (as open() would); a device or a pipe
+    there is refused (the rename would replace it)."""
+    if os.path.islink(path):
+        path = os.path.realpath(path)
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise IsADirectoryError(21, "Is a directory", path) if os.path.isdir(path) else \
+            FileExistsError(17, "exists and is not a regular file", path)
     tmp = sibling_temp(path)
     try:
         # 0o666 less the umask, as open() makes files (mkstemp's are 0o600)

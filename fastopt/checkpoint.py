@@ -226,9 +226,12 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     path = os.path.expanduser(os.fspath(path))    # a ~ in it, as a shell would
 
     def write():
-        _check_target(path)
-        _remove_stale_temps(path)
-        _write_atomically(path, arrays)
+        # a symlink (latest.npz -> ckpt_100.npz): its target is written, as a
+        # plain open() would; the rename would have replaced the link itself
+        target = os.path.realpath(path) if os.path.islink(path) else path
+        _check_target(target, path)
+        _remove_stale_temps(target)
+        _write_atomically(target, arrays)
 
     # A distributed optimizer (fastopt.distributed) has every rank gather the
     # state above and rank 0 alone write, and tells every rank how that went.
@@ -242,18 +245,24 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
 _TMP = ".tmp-"
 
 
-def _check_target(path):
-    """A clear error naming the user's path, instead of the OS error about
-    the hidden temporary file that the write would otherwise hit."""
+def _check_target(path, given=None):
+    """A clear error naming the user's path (``given``, where ``path`` is
+    the target of its symlink), instead of the OS error about the hidden
+    temporary file that the write would otherwise hit."""
     folder = os.path.dirname(os.path.abspath(path))
+    label = path if given is None or given == path else f"{given} (-> {path})"
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise NotADirectoryError(f"cannot save checkpoint {path!r}: {folder!r} is not a "
+        raise NotADirectoryError(f"cannot save checkpoint {label!r}: {folder!r} is not a "
                                  "directory")
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot save checkpoint {path!r}: directory {folder!r} "
+        raise FileNotFoundError(f"cannot save checkpoint {label!r}: directory {folder!r} "
                                 "does not exist")
     if os.path.isdir(path):
-        raise IsADirectoryError(f"cannot save checkpoint {path!r}: it is a directory")
+        raise IsADirectoryError(f"cannot save checkpoint {label!r}: it is a directory")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        # a device (/dev/null) or a pipe: the rename would replace it by a file
+        raise ValueError(f"cannot save checkpoint {label!r}: it exists and is not a regular "
+                         "file (a device or a pipe); save to a file")
 
 
 def _pid_alive(pid):

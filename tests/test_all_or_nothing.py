@@ -497,3 +497,41 @@ def test_lbfgs_refuses_a_param_rebound_in_the_users_dict():
     params["W"] = params["W"] + 1
     with pytest.raises(ValueError, match=r"params\['W'\] was replaced in the dict"):
         opt.step(closure)
+
+
+def test_the_watch_follows_params_given_at_step_and_stays_after_add_param_group():
+    """Three ways the check went quiet: a dict given by step(params=...)
+    (the step skips its comparison once it is the one given), any dict
+    after add_param_group, and SAM's perturb. A view of the whole array
+    (``a[:]``, a reshape) is the optimizer's memory: fine."""
+    g = {"W": np.ones(3)}
+    p = {"W": np.zeros(3)}
+    opt = fastopt.SGD(lr=0.1)
+    opt.step(g, params=p)
+    q = dict(p)
+    opt.step(g, params=q)
+    q["W"] = q["W"] - 0.0
+    with pytest.raises(ValueError, match=r"params\['W'\] was replaced"):
+        opt.step(g, params=q)
+
+    p = {"W": np.zeros(3)}
+    opt = fastopt.SGD(p, lr=0.1)
+    opt.add_param_group({"params": {"H": np.zeros(2)}})
+    opt.step({"W": np.ones(3), "H": np.ones(2)})
+    p["W"] = p["W"][:]                    # a view of all of it: trained as before
+    opt.step({"W": np.ones(3), "H": np.ones(2)})
+    np.testing.assert_allclose(p["W"], np.full(3, -0.2))
+    p["W"] = p["W"] - 0.0
+    with pytest.raises(ValueError, match=r"params\['W'\] was replaced"):
+        opt.step({"W": np.ones(3), "H": np.ones(2)})
+
+    p = {"W": np.zeros(3)}
+    sam = fastopt.SAM(fastopt.SGD(p, lr=0.1), rho=0.1)
+    sam.perturb(g)
+    sam.step(g)
+    old = p["W"]
+    p["W"] = p["W"] * 1.0
+    before = old.copy()
+    with pytest.raises(ValueError, match=r"params\['W'\] was replaced"):
+        sam.perturb(g)
+    assert not sam.perturbed and np.array_equal(old, before)

@@ -442,3 +442,21 @@ def test_params_from_a_generator_or_dict_values(tmp_path):
     fastopt.save(tmp_path / "g.npz", params=(p for p in ps))
     fastopt.load(tmp_path / "g.npz", params=(p for p in ps))
     assert fastopt.global_norm({}) == fastopt.global_norm([]) == 0.0
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs symlinks and named pipes")
+def test_save_writes_through_a_symlink_and_refuses_a_device(tmp_path):
+    """The rename that makes a save atomic replaced a symlink itself
+    (latest.npz -> ckpt_100.npz became a file, its target never updated),
+    and a device or pipe at the path (/dev/null, as root) by a file."""
+    p = [np.zeros(2)]
+    fastopt.save(tmp_path / "ckpt_100.npz", params=p)
+    os.symlink("ckpt_100.npz", tmp_path / "latest.npz")
+    p[0][...] = 5.0
+    fastopt.save(tmp_path / "latest.npz", params=p)
+    assert os.path.islink(tmp_path / "latest.npz")
+    np.testing.assert_array_equal(fastopt.checkpoint.read(tmp_path / "ckpt_100.npz")["params"][0],
+                                  [5.0, 5.0])
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="exists and is not a regular file"):
+        fastopt.save(tmp_path / "pipe", params=p)
+    assert not os.path.isfile(tmp_path / "pipe")

@@ -329,3 +329,24 @@ def test_train_says_when_other_processes_took_the_cpus(tmp_path, monkeypatch, ca
                "--no-plot", "--threads", "1", "--out", str(tmp_path / "o")])
     assert rc == 0
     assert "note: other processes used 40% of the CPUs during training" in capsys.readouterr().err
+
+
+def test_out_paths_expand_the_home_folder_and_a_refused_run_leaves_no_folder(
+        tmp_path, monkeypatch, capsys):
+    """``--out=~/runs/a`` (no shell expands ~ after "=") made a folder named
+    "~" in the working directory; a run refused after its --out was made
+    left that folder behind, empty; ``-o DIR`` wrote DIR.png beside it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    data = _fake_mnist(tmp_path / "mnist", n=8100)
+    rc = main(["train", "--data-dir", str(data), "--hidden", "8", "--epochs", "1", "--quiet",
+               "--no-plot", "--threads", "1", "--out=~/runs/a"])
+    assert rc == 0 and (tmp_path / "home" / "runs" / "a" / "metrics.json").is_file()
+    assert not (tmp_path / "~").exists()
+    rc = main(["train", "--data-dir", str(data), "--quiet", "--lr", "-1",
+               "--out", str(tmp_path / "new" / "run")])
+    assert rc == 2 and "--lr -1.0: must be a finite number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "pics").mkdir()
+    assert main(["plot-schedule", "constant(1e-3)", "-o", str(tmp_path / "pics")]) == 2
+    assert "is a directory" in capsys.readouterr().err and not (tmp_path / "pics.png").exists()

@@ -9,6 +9,8 @@ printed, and the exit code is 130.
 import sys
 import time
 
+from .common import user_path
+
 HELP = "benchmark the optimizer step against NumPy, PyTorch and the memory roofline"
 
 
@@ -24,7 +26,7 @@ def add_arguments(parser):
                             "torch's fastest path): comma-separated kinds of "
                             "fastopt.bench.cases.KIND (adamw, sgd, rmsprop, lion, ...), "
                             "'family' (all but adamw and sgd) or 'all'")
-    parser.add_argument("--out", default="bench-results",
+    parser.add_argument("--out", default="bench-results", type=user_path,
                         help="folder for bench.json and bench.png (default: %(default)s)")
     parser.add_argument("--no-cold-start", action="store_true",
                         help="skip the new-process compile/cache timing")

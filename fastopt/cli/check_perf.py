@@ -3,7 +3,7 @@ committed floor (the CI regression guard; see fastopt/bench/guard.py)."""
 
 import sys
 
-from .common import positive_int
+from .common import positive_int, user_path
 
 HELP = "check same-run speed ratios against the floors shipped with fastopt"
 
@@ -11,7 +11,7 @@ HELP = "check same-run speed ratios against the floors shipped with fastopt"
 def add_arguments(parser):
     # default None: the guard reads the floors shipped inside the package
     # (importlib.resources), so the command works from any directory
-    parser.add_argument("--floors", default=None,
+    parser.add_argument("--floors", default=None, type=user_path,
                         help="floors file (default: the one shipped with fastopt, "
                              "fastopt/bench/floors.json)")
     parser.add_argument("--attempts", type=positive_int, default=None,

@@ -26,6 +26,12 @@ def int_at_least(low):
     return parse
 
 
+
+def user_path(text):
+    """argparse type for a path: ``~`` expanded, as a shell does for a
+    separate word but not after ``--out=`` (a folder named ``~`` was made)."""
+    return os.path.expanduser(text)
+
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
@@ -39,6 +45,8 @@ def image_path(path):
     that draws it, by making a file beside it (removed at once)."""
     from matplotlib.backend_bases import FigureCanvasBase
 
+    if os.path.isdir(path):     # not "<dir>.png" beside it
+        return path, "is a directory"
     root, ext = os.path.splitext(path)
     if not ext:
         path += ".png"
@@ -77,12 +85,32 @@ def output_dir_problem(path, files=()):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         return f"cannot be created: {folder} is not a directory"
+    _made.clear()
+    missing = []
+    d = full
+    while not os.path.lexists(d):
+        missing.append(d)
+        d = os.path.dirname(d)
     try:
         os.makedirs(full, exist_ok=True)
     except OSError as exc:
         return f"cannot be created: {_reason(exc)}"
+    _made.extend(reversed(missing))
     problem = _probe_write(full)
     return None if problem is None else f"is not writable: {problem}"
+
+
+#: folders output_dir_problem made (parents first): removed again, when
+#: still empty, by remove_unused_output_dirs
+_made = []
+
+
+def remove_unused_output_dirs():
+    """A run that stops on a bad argument after its --out was checked (and
+    made) takes the folders back that it made and left empty."""
+    while _made:
+        with contextlib.suppress(OSError):      # not empty (another run's), or gone
+            os.rmdir(_made.pop())
 
 
 def _probe_write(folder):

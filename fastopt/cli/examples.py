@@ -9,6 +9,8 @@ each prints the facts it claims. ``fastopt examples list`` names them.
 
 from __future__ import annotations
 
+from .common import user_path
+
 HELP = ("run an optimization lesson (backprop, gd-paths, lr-sweep, adam, schedules, saddle, "
         "optimizer-zoo, sam) to a PNG")
 
@@ -18,12 +20,12 @@ def add_arguments(parser):
 
     parser.add_argument("name", choices=[*EXAMPLES, "list"], metavar="NAME",
                         help=f"one of {', '.join(EXAMPLES)}, or 'list'")
-    parser.add_argument("-o", "--output", default=None,
+    parser.add_argument("-o", "--output", default=None, type=user_path,
                         help="image file (default NAME.png in the current directory)")
     parser.add_argument("--small", action="store_true",
                         help="the seconds-long configuration the tests use")
     parser.add_argument("--no-plot", action="store_true", help="print the facts only")
-    parser.add_argument("--data-dir", default=None,
+    parser.add_argument("--data-dir", default=None, type=user_path,
                         help="lr-sweep: directory with the MNIST t10k IDX files (default: "
                              "$FASTOPT_DATA; in a development checkout, its data folder)")
 

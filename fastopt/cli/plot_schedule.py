@@ -12,7 +12,7 @@ schedules and literal values only), never evaluated.
 
 from __future__ import annotations
 
-from .common import image_path, positive_int
+from .common import image_path, positive_int, user_path
 
 HELP = "draw lr schedules (fastopt.schedules) over steps to a PNG/SVG/PDF"
 
@@ -23,7 +23,8 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="steps to draw (default: 1000, or 10%% past where the longest "
                              "schedule settles)")
-    parser.add_argument("-o", "--output", default="lr.png", help="image file (default lr.png)")
+    parser.add_argument("-o", "--output", default="lr.png", type=user_path,
+                        help="image file (default lr.png)")
     parser.add_argument("--log", action="store_true", help="logarithmic lr axis")
 
 

@@ -28,7 +28,7 @@ mpiexec, Ctrl-C aborts the job as before.
 
 from __future__ import annotations
 
-from .common import EXIT_INTERRUPTED, non_negative_int, positive_int
+from .common import EXIT_INTERRUPTED, non_negative_int, positive_int, user_path
 
 HELP = "train an MLP (or a batched lr sweep) on MNIST: progress, held-out accuracy, curves"
 
@@ -79,7 +79,7 @@ def _hidden(text):
 
 def add_arguments(parser):
     parser.add_argument("--data", default="mnist", choices=["mnist"], help="dataset (mnist)")
-    parser.add_argument("--data-dir", default=None,
+    parser.add_argument("--data-dir", default=None, type=user_path,
                         help="directory with the MNIST IDX files (default: $FASTOPT_DATA; "
                              "in a development checkout, its data folder)")
     parser.add_argument("--hidden", type=_hidden, default=(256, 256),
@@ -132,7 +132,8 @@ def add_arguments(parser):
     parser.add_argument("--target", type=_fraction, default=0.94,
                         help="report the training time to reach this held-out accuracy, a "
                              "fraction (default 0.94)")
-    parser.add_argument("--out", default="train-results", help="output directory")
+    parser.add_argument("--out", default="train-results", type=user_path,
+                        help="output directory")
     parser.add_argument("--no-plot", action="store_true", help="skip curves.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--shard-state", action="store_true",
@@ -239,7 +240,11 @@ def run(args):
             print(f"fastopt train: {'--shard-state' if args.shard_state else '--overlap'} "
                   "needs several ranks (mpiexec -n N)", file=sys.stderr)
             return 2
-        return _run(args, None)
+        rc = _run(args, None)
+        if rc == 2:           # a bad argument: no empty --out left behind
+            from .common import remove_unused_output_dirs
+            remove_unused_output_dirs()
+        return rc
     import os
     import traceback
 
@@ -316,6 +321,9 @@ def _run(args, comm):
     problem = _device_problem(args, comm)
     if problem:
         print(f"fastopt train: --device cuda: {problem}", file=sys.stderr)
+        return 2
+    if args.lr is not None and not 0.0 <= args.lr < float("inf"):
+        print(f"fastopt train: --lr {args.lr}: must be a finite number >= 0", file=sys.stderr)
         return 2
     if args.ensemble_lrs is not None and args.lr is not None:
         print("fastopt train: --lr and --ensemble-lrs: give one (--ensemble-lrs sets each "

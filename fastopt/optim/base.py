@@ -600,7 +600,7 @@ class Optimizer:
             self._group_lists.append(group["params"])
             self._group_sizes.append(len(group["params"]))
             self._tables, self._bound, self._cached = None, None, (None, None)
-            self._given = self._watch = None
+            self._given = None      # (the watch goes on over the arrays it was given)
             self._show_lr()
 
     def _bind_or_check(self, params):
@@ -621,6 +621,8 @@ class Optimizer:
                              "updates: it steps its params in place, so pass the same "
                              "arrays every step (or make a new optimizer)")
         self._given = params
+        # later steps with this object skip the comparison above: watch it
+        self._watch = GivenParams.of(params, self._params, self._names)
 
     # -- the host step: one compiled call per group (and gradient dtype) --------
     def _host_step(self, grads):

@@ -36,11 +36,12 @@ class GivenParams:
     """The plain list or dict of arrays an optimizer was made from (:meth:`of`):
     :meth:`holds` before each step, :meth:`refuse` when it does not."""
 
-    __slots__ = ("given", "small", "pick", "shape")
+    __slots__ = ("given", "small", "pick", "shape", "n")
 
     def __init__(self, given, params, shape):
         self.given = given
         self.shape = shape          # "list", "flat", "layers" or "deep": how it is listed
+        self.n = len(params)        # the optimizer's first n arrays (add_param_group adds more)
         # where == could say "equal" for another array: by identity there
         self.small = tuple(i for i, a in enumerate(params) if a.size <= 1)
         self.pick = operator.itemgetter(*self.small) if len(self.small) > 1 else None
@@ -69,6 +70,8 @@ class GivenParams:
         """Whether the list or dict still holds ``params`` (the optimizer's
         arrays, in order). The fixed cost of every step: kept to a few
         C-level operations."""
+        if len(params) != self.n:
+            params = params[:self.n]
         try:
             values = _listed(self.given, self.shape)
             same = len(values) == len(params) and values == params
@@ -94,19 +97,29 @@ class GivenParams:
         """``(label, removed?)`` of the first entry that is not the
         optimizer's array any more, or None."""
         given = self.given
+        params = params[:self.n]
         if type(given) is not list:
             for path, label, a in zip(names.paths, names.labels, params):
                 d = given
                 for k in path:
                     d = d.get(k, _REMOVED) if isinstance(d, dict) else _REMOVED
-                if d is not a:
+                if d is not a and not _same_memory(d, a):
                     return label, d is _REMOVED
             return None
         for i, a in enumerate(params):
             b = given[i] if i < len(given) else _REMOVED
-            if b is not a:
+            if b is not a and not _same_memory(b, a):
                 return f"[{i}]", b is _REMOVED
         return None
+
+
+def _same_memory(b, a):
+    """``b`` a view of all of ``a``'s memory in its order (``a.reshape(...)``,
+    ``a[:]``): what the optimizer writes, the user's entry shows."""
+    return (type(b) is type(a) and getattr(b, "dtype", None) == getattr(a, "dtype", None)
+            and getattr(b, "nbytes", -1) == getattr(a, "nbytes", -2)
+            and b.flags.c_contiguous and a.flags.c_contiguous
+            and b.__array_interface__["data"][0] == a.__array_interface__["data"][0])
 
 
 def _listed(given, shape):
@@ -144,6 +157,6 @@ def _refuse(label, removed, container):
             "for the params you keep")
     raise ValueError(
         f"params{label} was replaced in the {container} this optimizer was made from: the "
-        "optimizer steps the arrays it was given (still the old one), so the new array "
-        f"would not be trained. Copy new values into the old array in place "
-        f"(params{label}[...] = new), or make a new optimizer")
+        "optimizer steps the arrays it was given, so the new array would not be trained. "
+        "Put the optimizer's array back (it is in opt.param_groups) and copy new values "
+        f"into it in place (old[...] = new; params{label} = old), or make a new optimizer")
