@@ -51,6 +51,8 @@ def check_real(name, value, *, low=None, high=None, low_open=False,
 
 
 def check_bool(name, value) -> bool:
+    if type(value) is np.ndarray and value.ndim == 0 and value.dtype.kind == "b":
+        value = value.item()          # np.load of a saved flag
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
@@ -66,7 +68,9 @@ def check_betas(betas, name="betas") -> tuple:
 
 
 def check_int(name, value, *, low) -> int:
-    """An integer (Python or NumPy, not bool) >= ``low``."""
+    """An integer (Python or NumPy, or a 0-d integer array; not bool) >= ``low``."""
+    if type(value) is np.ndarray and value.ndim == 0 and value.dtype.kind in "iu":
+        value = value.item()          # np.load of a saved count
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low:
@@ -143,7 +147,8 @@ def _bounds(a):
     return start, start + a.nbytes
 
 
-def check_disjoint(written, read=(), *, bounds=_bounds, memory="memory") -> None:
+def check_disjoint(written, read=(), *, bounds=_bounds, memory="memory",
+                   writer="the step") -> None:
     """No written array overlaps any other array, written or read.
 
     ``written`` and ``read`` are lists of ``(label, array)``; ``bounds(a)``
@@ -166,8 +171,8 @@ def check_disjoint(written, read=(), *, bounds=_bounds, memory="memory") -> None
         lo, hi, is_written, label = span
         for prev in (far_written, far_any if is_written else None):
             if prev is not None and lo < prev[1]:
-                raise ValueError(f"{label} overlaps {prev[3]} in {memory}; arrays the "
-                                 "step writes must not alias any other argument")
+                raise ValueError(f"{label} overlaps {prev[3]} in {memory}; arrays "
+                                 f"{writer} writes must not alias any other argument")
         if far_any is None or hi > far_any[1]:
             far_any = span
         if is_written and (far_written is None or hi > far_written[1]):

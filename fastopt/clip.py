@@ -25,7 +25,8 @@ def _flat_grads(grads, *, writable):
         _check(f"grads[{i}]", g, writable)
     if writable:  # an array listed twice (or overlapping views) would be scaled twice
         if all(g.flags.c_contiguous for g in arrays):
-            V.check_disjoint([(f"grads[{i}]", g) for i, g in enumerate(arrays)])
+            V.check_disjoint([(f"grads[{i}]", g) for i, g in enumerate(arrays)],
+                             writer="clip_by_global_norm")
         else:
             _check_views_disjoint(arrays)
     return [_float(_contiguous(g).reshape(-1)) for g in arrays]

@@ -20,7 +20,7 @@ LEVELS = [
     {"nn"},
     {"distributed"},
     {"examples", "bench"},
-    {"cli"},
+    {"cli", "__main__"},      # python -m fastopt: the command line
 ]
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
 

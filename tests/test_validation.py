@@ -401,6 +401,13 @@ def test_zero_d_arrays_count_as_their_numbers():
     assert type(a.param_groups[0]["lr"]) is float and a._plan is not None
     assert fastopt.schedules.cosine_decay(np.array(0.1), 10)(5) == \
         fastopt.schedules.cosine_decay(0.1, 10)(5)
+    # counts and flags saved with np.savez come back 0-d too
+    sgd = fastopt.SGD([np.ones(3)], lr=np.array(0.1), momentum=np.array(0.9),
+                      nesterov=np.array(True))
+    sgd.step([np.ones(3)])
+    assert sgd.param_groups[0]["nesterov"] is True
+    assert fastopt.schedules.warmup_cosine(1e-3, np.array(10), np.array(100))(np.array(5)) == \
+        fastopt.schedules.warmup_cosine(1e-3, 10, 100)(5)
     with pytest.raises(TypeError, match=r"lr must be a real number, got ndarray"):
         fastopt.AdamW([p], lr=np.array([0.1]))
     with pytest.raises(TypeError, match=r"lr must be a real number"):

@@ -1,0 +1,7 @@
+"""``python -m fastopt``: the ``fastopt`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
