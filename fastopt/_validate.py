@@ -31,13 +31,20 @@ def listed(params):
     return params
 
 
+def _number_of(value, kinds):
+    """A 0-d array of one of the dtype ``kinds`` as its Python number (what
+    ``np.load`` gives for a scalar saved in a config); anything else as is."""
+    if type(value) is np.ndarray and value.ndim == 0 and value.dtype.kind in kinds:
+        return value.item()
+    return value
+
+
 def check_real(name, value, *, low=None, high=None, low_open=False,
                high_open=False) -> float:
     """``value`` as a finite float inside the given bounds (a 0-d array of
     a real dtype counts as its number: what ``np.load`` gives for a scalar
     saved in a config)."""
-    if type(value) is np.ndarray and value.ndim == 0 and value.dtype.kind in "fiu":
-        value = value.item()
+    value = _number_of(value, "fiu")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -51,8 +58,7 @@ def check_real(name, value, *, low=None, high=None, low_open=False,
 
 
 def check_bool(name, value) -> bool:
-    if type(value) is np.ndarray and value.ndim == 0 and value.dtype.kind == "b":
-        value = value.item()          # np.load of a saved flag
+    value = _number_of(value, "b")          # np.load of a saved flag
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
@@ -69,8 +75,7 @@ def check_betas(betas, name="betas") -> tuple:
 
 def check_int(name, value, *, low) -> int:
     """An integer (Python or NumPy, or a 0-d integer array; not bool) >= ``low``."""
-    if type(value) is np.ndarray and value.ndim == 0 and value.dtype.kind in "iu":
-        value = value.item()          # np.load of a saved count
+    value = _number_of(value, "iu")         # np.load of a saved count
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low:

@@ -80,17 +80,14 @@ def output_dir_problem(path, files=()):
     for name in files:
         if os.path.isdir(os.path.join(full, name)):
             return f"{name} in it is a directory"
+    missing = []            # the folders to make, deepest first
     folder = full
     while not os.path.lexists(folder):
+        missing.append(folder)
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         return f"cannot be created: {folder} is not a directory"
     _made.clear()
-    missing = []
-    d = full
-    while not os.path.lexists(d):
-        missing.append(d)
-        d = os.path.dirname(d)
     try:
         os.makedirs(full, exist_ok=True)
     except OSError as exc:

@@ -406,7 +406,8 @@ class Optimizer:
         # One optimizer stepped from two threads: the steps run one after the
         # other (each sees the other's whole update), as if called in turn.
         with self._lock:
-            watch = self._watch           # the user's list or dict: not rebound (given.py)
+            # _check_given(), inline: every step's fixed cost
+            watch = self._watch
             if watch is not None and not watch.holds(self._params, self._names):
                 watch.refuse(self._params, self._names)
             plan = self._plan       # the last step's plan: the fast path (step_plan.py)
@@ -476,6 +477,13 @@ class Optimizer:
                 if runs and all(name in r for r in runs):
                     for r, view in zip(runs, self._placement.run_views(buf, sizes)):
                         r[name] = view
+
+    def _check_given(self):
+        """The list or dict the params came in still holds them (given.py):
+        else ValueError naming the entry, before anything is written."""
+        watch = self._watch
+        if watch is not None and not watch.holds(self._params, self._names):
+            watch.refuse(self._params, self._names)
 
     def _check_groups_unchanged(self):
         """Params added to, removed from or replaced in a group's list after

@@ -299,9 +299,7 @@ class LBFGS(Optimizer):
             if not self.param_groups:
                 raise RuntimeError("this LBFGS has no params yet: call bind(params) first")
             self._check_groups_unchanged()
-            watch = self._watch           # the user's list or dict: not rebound (given.py)
-            if watch is not None and not watch.holds(self._params, self._names):
-                watch.refuse(self._params, self._names)
+            self._check_given()
             h = self._resolve(self._with_schedule(0, self.param_groups[0]), "param_groups[0]")
             ops = ops_for(self.backend)
             st = self.state[0]

@@ -268,10 +268,7 @@ class SAM:
                 raise RuntimeError("SAM.perturb called twice: the params are already "
                                    "perturbed; compute the gradients there and call "
                                    "step(grads) first")
-            base = self.base_optimizer
-            watch = base._watch           # the user's list or dict: not rebound (given.py)
-            if watch is not None and not watch.holds(base._params, base._names):
-                watch.refuse(base._params, base._names)
+            self.base_optimizer._check_given()
             self._current_tables()
             if self._on_device:
                 return self._perturbed(self._perturb_device(grads))
