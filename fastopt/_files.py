@@ -14,16 +14,24 @@ def sibling_temp(path, suffix=""):
     return os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp{suffix}")
 
 
+def target_of(path):
+    """Where a file written "to ``path``" goes: a symlink's target (as
+    open() would write it; a rename would replace the link itself). A
+    directory, a device or a pipe there is refused with the OSError naming
+    ``path`` (a rename would replace it by a file: /dev/null, as root)."""
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    if os.path.isdir(target):
+        raise IsADirectoryError(21, "Is a directory", path)
+    if os.path.lexists(target) and not os.path.isfile(target):
+        raise FileExistsError(17, "exists and is not a regular file", path)
+    return target
+
+
 def write_atomically(path, data: bytes):
-    """``data`` in ``path``, written beside it and renamed over it: an
-    interrupted write leaves the old file or none, never half of one. A
-    symlink's target is written (as open() would); a device or a pipe
-    there is refused (the rename would replace it)."""
-    if os.path.islink(path):
-        path = os.path.realpath(path)
-    if os.path.lexists(path) and not os.path.isfile(path):
-        raise IsADirectoryError(21, "Is a directory", path) if os.path.isdir(path) else \
-            FileExistsError(17, "exists and is not a regular file", path)
+    """``data`` in ``path`` (:func:`target_of`), written beside it and
+    renamed over it: an interrupted write leaves the old file or none,
+    never half of one."""
+    path = target_of(path)
     tmp = sibling_temp(path)
     try:
         # 0o666 less the umask, as open() makes files (mkstemp's are 0o600)

@@ -535,3 +535,29 @@ def test_the_watch_follows_params_given_at_step_and_stays_after_add_param_group(
     with pytest.raises(ValueError, match=r"params\['W'\] was replaced"):
         sam.perturb(g)
     assert not sam.perturbed and np.array_equal(old, before)
+
+
+def test_the_watch_compares_objects_not_values_once_a_change_is_accepted():
+    """A view accepted as the same memory was compared element by element
+    at every step (a (N, 1) view of a bias: an N x N array); a dict passed
+    anew to step(params=...) was checked against the one before it."""
+    p = {"b": np.zeros(50)}
+    opt = fastopt.SGD(p, lr=0.1)
+    g = {"b": np.ones(50)}
+    opt.step(g)
+    view = p["b"].reshape(50, 1)
+    p["b"] = view
+    opt.step(g)
+    assert opt._watch.ref[0] is view          # known now: later steps compare identity
+    p["extra"] = 1                            # a key added: listed and known too
+    opt.step(g)
+    assert len(opt._watch.ref) == 2
+    np.testing.assert_allclose(view[:, 0], np.full(50, -0.3))     # three steps, one array
+
+    W = np.zeros(3)
+    opt = fastopt.SGD(lr=0.1)
+    for _ in range(3):
+        params = {"W": W}                     # a fresh dict of the same array each step
+        opt.step({"W": np.ones(3)}, params=params)
+        params["W"] = params["W"] * 0         # scratch use of a dict it is done with
+    np.testing.assert_allclose(W, np.full(3, -0.3))

@@ -350,3 +350,30 @@ def test_out_paths_expand_the_home_folder_and_a_refused_run_leaves_no_folder(
     (tmp_path / "pics").mkdir()
     assert main(["plot-schedule", "constant(1e-3)", "-o", str(tmp_path / "pics")]) == 2
     assert "is a directory" in capsys.readouterr().err and not (tmp_path / "pics.png").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs symlinks and named pipes")
+def test_results_write_through_a_symlink_and_refuse_a_pipe(tmp_path):
+    from fastopt._files import write_atomically
+    (tmp_path / "real.json").write_text("old")
+    os.symlink("real.json", tmp_path / "link.json")
+    write_atomically(tmp_path / "link.json", b"new")
+    assert os.path.islink(tmp_path / "link.json") and (tmp_path / "real.json").read_text() == "new"
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(FileExistsError):
+        write_atomically(tmp_path / "pipe", b"x")
+    assert not os.path.isfile(tmp_path / "pipe")
+
+
+def test_a_refused_out_takes_back_only_the_folders_it_made(tmp_path, monkeypatch, capsys):
+    """The folders made for an earlier --out were removed by a later
+    refusal, and the parents made before a folder failed were left."""
+    from fastopt.cli.common import output_dir_problem
+    monkeypatch.chdir(tmp_path)
+    assert output_dir_problem("mine") is None
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "--quiet", "--out", "afile"]) == 2
+    assert (tmp_path / "mine").is_dir()
+    assert main(["train", "--quiet", "--out", "newparent/" + "x" * 300]) == 2
+    assert "cannot be created" in capsys.readouterr().err
+    assert not (tmp_path / "newparent").exists()

@@ -73,6 +73,8 @@ def run(args):
     # before minutes of measuring, not after them
     problem = output_dir_problem(args.out, ("bench.json", "bench.png"))
     if problem:
+        from .common import remove_unused_output_dirs
+        remove_unused_output_dirs()     # parents made before the folder failed
         print(f"fastopt bench: --out {args.out}: {problem}", file=sys.stderr)
         return 2
     rows = cases.plan(args.full, optimizers=args.optimizers, quick=args.quick)

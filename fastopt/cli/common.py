@@ -74,6 +74,7 @@ def output_dir_problem(path, files=()):
     parents, as the results will need it; runs started together may make
     it at once) and a file written in it and removed (permission bits say
     yes to root, and on /proc or /sys, where the write then fails)."""
+    _made.clear()
     full = os.path.abspath(path)
     if os.path.lexists(full) and not os.path.isdir(full):
         return "exists and is not a directory"
@@ -87,10 +88,10 @@ def output_dir_problem(path, files=()):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         return f"cannot be created: {folder} is not a directory"
-    _made.clear()
     try:
         os.makedirs(full, exist_ok=True)
-    except OSError as exc:
+    except OSError as exc:       # the parents it made before it failed are ours too
+        _made.extend(d for d in reversed(missing) if os.path.isdir(d))
         return f"cannot be created: {_reason(exc)}"
     _made.extend(reversed(missing))
     problem = _probe_write(full)

@@ -547,7 +547,7 @@ def _write_results(args, history, labels, sizes, backend, interrupted, written):
     import sys
     from pathlib import Path
 
-    from .._files import sibling_temp, write_atomically
+    from .._files import sibling_temp, target_of, write_atomically
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -561,10 +561,11 @@ def _write_results(args, history, labels, sizes, backend, interrupted, written):
     curves = out / "curves.png"
     drawn = False
     if not args.no_plot:
-        tmp = sibling_temp(curves, ".png")
+        target = target_of(curves)
+        tmp = sibling_temp(target, ".png")
         try:
             _plot(history, labels, tmp)
-            os.replace(tmp, curves)
+            os.replace(tmp, target)
             drawn = True
             written.append(curves)
         except ImportError:

@@ -406,9 +406,11 @@ class Optimizer:
         # One optimizer stepped from two threads: the steps run one after the
         # other (each sees the other's whole update), as if called in turn.
         with self._lock:
-            # _check_given(), inline: every step's fixed cost
+            # _check_given(), inline: every step's fixed cost (params given
+            # anew are compared by identity below, and watched from then on)
             watch = self._watch
-            if watch is not None and not watch.holds(self._params, self._names):
+            if watch is not None and (params is None or params is self._given) and \
+                    not watch.holds(self._params, self._names):
                 watch.refuse(self._params, self._names)
             plan = self._plan       # the last step's plan: the fast path (step_plan.py)
             if plan is not None and (params is None or params is self._given):

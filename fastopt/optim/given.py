@@ -36,14 +36,22 @@ class GivenParams:
     """The plain list or dict of arrays an optimizer was made from (:meth:`of`):
     :meth:`holds` before each step, :meth:`refuse` when it does not."""
 
-    __slots__ = ("given", "small", "pick", "shape", "n")
+    __slots__ = ("given", "shape", "n", "ref", "small", "pick")
 
     def __init__(self, given, params, shape):
         self.given = given
         self.shape = shape          # "list", "flat", "layers" or "deep": how it is listed
         self.n = len(params)        # the optimizer's first n arrays (add_param_group adds more)
+        self._remember(params)
+
+    def _remember(self, values):
+        """Compare the next steps' listing with ``values`` (a copy): the
+        optimizer's arrays, or what the list or dict was last found to hold
+        with them (keys added, views of them), so that a step compares
+        objects by identity, not arrays by value."""
+        self.ref = list(values)
         # where == could say "equal" for another array: by identity there
-        self.small = tuple(i for i, a in enumerate(params) if a.size <= 1)
+        self.small = tuple(i for i, a in enumerate(self.ref) if getattr(a, "size", 2) <= 1)
         self.pick = operator.itemgetter(*self.small) if len(self.small) > 1 else None
 
     @classmethod
@@ -69,26 +77,30 @@ class GivenParams:
     def holds(self, params, names) -> bool:
         """Whether the list or dict still holds ``params`` (the optimizer's
         arrays, in order). The fixed cost of every step: kept to a few
-        C-level operations."""
-        if len(params) != self.n:
-            params = params[:self.n]
+        C-level operations while nothing changed."""
+        ref = self.ref
         try:
             values = _listed(self.given, self.shape)
-            same = len(values) == len(params) and values == params
+            same = values == ref       # identity first: the same objects, no values read
         except Exception:        # a value's truth value: another object in an array's place
             same = False
-        if not same:
-            return self._find(params, names) is None    # keys added, or reordered
-        small = self.small
-        if not small:
-            return True
-        if self.pick is None:
-            return values[small[0]] is params[small[0]]
-        return all(map(operator.is_, self.pick(values), self.pick(params)))
+        if same:
+            small = self.small
+            if not small:
+                return True
+            if self.pick is None:
+                if values[small[0]] is ref[small[0]]:
+                    return True
+            elif all(map(operator.is_, self.pick(values), self.pick(ref))):
+                return True
+        if self._find(params[:self.n], names) is not None:
+            return False
+        self._remember(values)           # keys added, reordered, a view: fine, and now known
+        return True
 
     def refuse(self, params, names):
         """Raise the ValueError naming the first entry that changed."""
-        found = self._find(params, names)
+        found = self._find(params[:self.n], names)
         if found is not None:
             label, removed = found
             _refuse(label, removed, "list" if type(self.given) is list else "dict")
@@ -97,7 +109,6 @@ class GivenParams:
         """``(label, removed?)`` of the first entry that is not the
         optimizer's array any more, or None."""
         given = self.given
-        params = params[:self.n]
         if type(given) is not list:
             for path, label, a in zip(names.paths, names.labels, params):
                 d = given
