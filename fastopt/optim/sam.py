@@ -273,17 +273,16 @@ class SAM:
             if self._on_device:
                 return self._perturbed(self._perturb_device(grads))
             done = {}
-            if self.backend == "numpy":
-                # array by array in Python, its count after the writes: an
-                # interrupt between them could not be told from one before
-                # (not held: README, "All or nothing")
-                return self._perturbed(self._perturb_host(grads, done))
             try:
                 return self._perturbed(self._perturb_host(grads, done))
             except INTERRUPTS:
                 # a Ctrl-C as a kernel returned: the perturbation completed
-                # and perturbed set, or nothing written and nothing set
-                held(self._settle_perturb, done)
+                # and perturbed set, or nothing written and nothing set. Not
+                # on the NumPy backend (README, "All or nothing"): it writes
+                # array by array and counts after, so an interrupt between
+                # the two could not be told from one before the writes
+                if self.backend != "numpy":
+                    held(self._settle_perturb, done)
                 raise
 
     def _perturbed(self, total):
