@@ -14,12 +14,17 @@ def sibling_temp(path, suffix=""):
     return os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp{suffix}")
 
 
+def link_target(path):
+    """``path``, or the file its symlink points to (where open() writes)."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
 def target_of(path):
     """Where a file written "to ``path``" goes: a symlink's target (as
     open() would write it; a rename would replace the link itself). A
     directory, a device or a pipe there is refused with the OSError naming
     ``path`` (a rename would replace it by a file: /dev/null, as root)."""
-    target = os.path.realpath(path) if os.path.islink(path) else path
+    target = link_target(path)
     if os.path.isdir(target):
         raise IsADirectoryError(21, "Is a directory", path)
     if os.path.lexists(target) and not os.path.isfile(target):

@@ -41,6 +41,7 @@ import zlib
 
 import numpy as np
 
+from ._files import link_target
 from .backends import is_device_array
 from .optim.interrupt import INTERRUPTS, held
 from .params import FlatArrays
@@ -228,7 +229,7 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     def write():
         # a symlink (latest.npz -> ckpt_100.npz): its target is written, as a
         # plain open() would; the rename would have replaced the link itself
-        target = os.path.realpath(path) if os.path.islink(path) else path
+        target = link_target(path)
         _check_target(target, path)
         _remove_stale_temps(target)
         _write_atomically(target, arrays)

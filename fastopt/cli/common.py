@@ -7,7 +7,6 @@ import contextlib
 import os
 import tempfile
 
-
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a Ctrl-C'd job
 
 
@@ -26,11 +25,11 @@ def int_at_least(low):
     return parse
 
 
-
 def user_path(text):
     """argparse type for a path: ``~`` expanded, as a shell does for a
     separate word but not after ``--out=`` (a folder named ``~`` was made)."""
     return os.path.expanduser(text)
+
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)

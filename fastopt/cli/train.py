@@ -436,12 +436,12 @@ def _run(args, comm):
                   "is less hurt)", file=sys.stderr)
         if comm is not None and comm.Get_rank() != 0:
             return 0
-        paths, problem = _save_results(args, history, labels, sizes, model.backend)
+        paths, problem, rc = _save_results(args, history, labels, sizes, model.backend)
         for path in paths:
             print(f"wrote {path}")
         if problem is not None:
             print(f"fastopt train: {problem}", file=sys.stderr)
-            return EXIT_INTERRUPTED if "interrupted" in problem else 1
+            return rc
     return 0
 
 
@@ -511,7 +511,8 @@ def _finish_interrupted(args, history, labels, sizes, backend):
     done = len(history["epochs"])
     problem = None
     if done:
-        paths, problem = _save_results(args, history, labels, sizes, backend, interrupted=True)
+        paths, problem, _ = _save_results(args, history, labels, sizes, backend,
+                                          interrupted=True)
         what = (f"results of those in {', '.join(map(str, paths))}" if paths
                 else "nothing written")
     else:
@@ -525,16 +526,17 @@ def _finish_interrupted(args, history, labels, sizes, backend):
 
 def _save_results(args, history, labels, sizes, backend, interrupted=False):
     """:func:`_write_results`, its failure as a phrase: ``(paths written,
-    problem or None)``. A second Ctrl-C while writing (the first one only
-    asks training to stop) leaves each file whole or not written."""
+    problem or None, exit code)``. A second Ctrl-C while writing (the first
+    one only asks training to stop) leaves each file whole or not written."""
     written = []
     try:
         _write_results(args, history, labels, sizes, backend, interrupted, written)
     except OSError as exc:
-        return written, f"could not write the results in --out {args.out}: {exc.strerror or exc}"
+        return (written, f"could not write the results in --out {args.out}: "
+                f"{exc.strerror or exc}", 1)
     except KeyboardInterrupt:
-        return written, "interrupted while writing the results"
-    return written, None
+        return written, "interrupted while writing the results", EXIT_INTERRUPTED
+    return written, None, 0
 
 
 def _write_results(args, history, labels, sizes, backend, interrupted, written):
