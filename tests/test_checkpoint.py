@@ -333,7 +333,7 @@ def test_params_keyed_by_ints_or_tuples_are_saved_by_name(tmp_path, keys):
         np.testing.assert_array_equal(fresh[k], params[k])
 
 
-def test_keys_stored_alike_and_reordered_names_are_refused(tmp_path):
+def test_keys_stored_alike_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"params\[0\] and params\['0'\] have the same name"):
         fastopt.save(tmp_path / "c.npz", params={0: np.ones(1), "0": np.ones(1)})
     # a key stored like a layer's key over another array: one hid the other
@@ -341,15 +341,95 @@ def test_keys_stored_alike_and_reordered_names_are_refused(tmp_path):
         with pytest.raises(ValueError, match="have the same name in a checkpoint"):
             fastopt.save(tmp_path / "c.npz", params=clash)
     assert not (tmp_path / "c.npz").exists()
+
+
+def _state_by_name(opt, names):
+    """Each param's part of every state buffer, as float values, by name
+    (compact codes decoded)."""
+    out = {}
+    first = 0
+    for group, st in zip(opt.param_groups, opt.state_dict()["state"]):
+        sizes = [a.size for a in group["params"]]
+        flat = st["buffers"]
+        values = dict(opt._state_format.decoded(flat, sizes)) if opt._state_format.compact \
+            else {}
+        if "master" in flat or not opt._state_format.compact:
+            values.update({k: v for k, v in flat.items() if k not in values
+                           and not k.endswith("_absmax")})
+        ends = np.cumsum([0] + sizes)
+        for i in range(len(sizes)):
+            out[names[first + i]] = {k: v[ends[i]:ends[i + 1]] for k, v in values.items()}
+        first += len(sizes)
+    return out
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimizer_state_loads_into_the_same_names_in_another_order(tmp_path, backend,
+                                                                    state_dtype):
+    """A params dict built anew in another order (from a config, a sorted
+    listing) takes its checkpoint: each param gets its own moments, and the
+    run goes on as it would have, bit for bit with float state."""
+    r = np.random.default_rng(0)
+    shapes = {"W1": (300, 7), "b1": (7,), "W2": (7, 3), "b2": (3,), "g": ()}
+    make = {k: r.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+    def groups(params):     # no decay on biases and gains, as people write it
+        return [{"params": {k: v for k, v in params.items() if k.startswith("W")},
+                 "weight_decay": 0.1},
+                {"params": {k: v for k, v in params.items() if not k.startswith("W")},
+                 "weight_decay": 0.0}]
+
+    params = {k: v.copy() for k, v in make.items()}
+    opt = fastopt.AdamW(groups(params), lr=1e-2, amsgrad=True, state_dtype=state_dtype,
+                        backend=backend)
+    grads = [{k: r.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+             for _ in range(4)]
+    for g in grads[:3]:
+        opt.step(g)
+    fastopt.save(tmp_path / "o.npz", params=params, optimizer=opt)
+    order = ["b2", "g", "W2", "b1", "W1"]
+    other = {k: np.zeros(shapes[k], np.float32) for k in order}
+    opt2 = fastopt.AdamW(groups(other), lr=1e-2, amsgrad=True, state_dtype=state_dtype,
+                         backend=backend)
+    fastopt.load(tmp_path / "o.npz", params=other, optimizer=opt2)
+    names = [k for grp in groups(params) for k in grp["params"]]
+    names2 = [k for grp in groups(other) for k in grp["params"]]
+    before, after = _state_by_name(opt, names), _state_by_name(opt2, names2)
+    for k in shapes:
+        assert before[k].keys() == after[k].keys()
+        for buf in before[k]:
+            np.testing.assert_array_equal(after[k][buf], before[k][buf], err_msg=f"{k} {buf}")
+    opt.step(grads[3])
+    opt2.step(grads[3])
+    for k in shapes:
+        if state_dtype == "float32":
+            np.testing.assert_array_equal(other[k], params[k], err_msg=k)
+        else:       # the rounding draws follow each element's place in the buffer
+            np.testing.assert_allclose(other[k], params[k], rtol=1e-5, atol=1e-6)
+
+
+def test_the_same_names_moved_between_groups_or_reshaped_are_refused(tmp_path):
     params = {"W": np.ones((3, 4)), "b": np.ones(4)}
-    opt = fastopt.Adam(params, lr=0.1)
+    opt = fastopt.Adam([{"params": {"W": params["W"]}}, {"params": {"b": params["b"]}}],
+                       lr=0.1)
     opt.step({"W": np.ones((3, 4)), "b": np.ones(4)})
     fastopt.save(tmp_path / "o.npz", params=params, optimizer=opt)
     other = {"b": np.zeros(4), "W": np.zeros((3, 4))}
-    opt2 = fastopt.Adam(other, lr=0.1)
-    with pytest.raises(fastopt.CheckpointError, match=r"same params by name, in another "
-                                                      r"order \(the checkpoint's: W, b\)"):
+    opt2 = fastopt.Adam([{"params": other}], lr=0.1)
+    with pytest.raises(fastopt.CheckpointError, match="param groups"):
         fastopt.load(tmp_path / "o.npz", params=other, optimizer=opt2)
+    opt3 = fastopt.Adam([{"params": {"b": other["b"]}}, {"params": {"W": other["W"]}}],
+                        lr=0.1)
+    with pytest.raises(fastopt.CheckpointError, match=r"\[W: float64\[3, 4\]\].*do not "
+                                                      r"match this optimizer's \[b: "):
+        fastopt.load(tmp_path / "o.npz", params=other, optimizer=opt3)
+    # one group, the names in another order, one of them another shape
+    fastopt.save(tmp_path / "one.npz", params=params,
+                 optimizer=fastopt.Adam(params, lr=0.1))
+    reshaped = {"b": np.zeros(4), "W": np.zeros((4, 3))}
+    with pytest.raises(fastopt.CheckpointError, match=r"W: float64\[4, 3\]"):
+        fastopt.load(tmp_path / "one.npz", optimizer=fastopt.Adam(reshaped, lr=0.1))
     assert not other["W"].any() and not other["b"].any()
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -460,3 +540,56 @@ def test_save_writes_through_a_symlink_and_refuses_a_device(tmp_path):
     with pytest.raises(ValueError, match="exists and is not a regular file"):
         fastopt.save(tmp_path / "pipe", params=p)
     assert not os.path.isfile(tmp_path / "pipe")
+
+
+def _quadratic(params, scale):
+    """loss and grads (a dict like ``params``) of sum(scale_k * (p_k - 1)**2)"""
+    loss = sum(float((scale[k] * (p - 1) ** 2).sum()) for k, p in params.items())
+    return loss, {k: 2 * scale[k] * (p - 1) for k, p in params.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lbfgs_and_sam_vectors_load_into_the_same_names_in_another_order(tmp_path, backend):
+    """L-BFGS's history and SAM's perturbation are vectors over the params
+    in order, beside the state buffers: moved with them, so the resumed run
+    follows the uninterrupted one (to the order of the dot products' sums)."""
+    r = np.random.default_rng(3)
+    shapes = {"W": (40, 3), "b": (3,), "c": (7,)}
+    scale = {k: r.uniform(0.5, 5, s) for k, s in shapes.items()}
+    start = {k: r.standard_normal(s) for k, s in shapes.items()}
+    order = ["c", "W", "b"]
+
+    def fresh(keys):
+        return {k: start[k].copy() for k in keys}
+
+    # L-BFGS: save after 2 steps with a history, go on 2 more
+    params = fresh(shapes)
+    opt = fastopt.LBFGS(params, max_iter=2, history_size=3, backend=backend)
+    for _ in range(2):
+        opt.step(lambda: _quadratic(params, scale))
+    fastopt.save(tmp_path / "l.npz", params=params, optimizer=opt)
+    other = fresh(order)
+    opt2 = fastopt.LBFGS(other, max_iter=2, history_size=3, backend=backend)
+    fastopt.load(tmp_path / "l.npz", params=other, optimizer=opt2)
+    for _ in range(2):
+        opt.step(lambda: _quadratic(params, scale))
+        opt2.step(lambda: _quadratic(other, scale))
+    for k in shapes:
+        np.testing.assert_allclose(other[k], params[k], rtol=1e-12, atol=1e-14, err_msg=k)
+
+    # SAM: save between perturb and step (e held), then the step
+    params = fresh(shapes)
+    sam = fastopt.SAM(fastopt.SGD(params, lr=0.05, momentum=0.9, backend=backend), rho=0.5)
+    for _ in range(2):
+        sam.perturb(_quadratic(params, scale)[1])
+        sam.step(_quadratic(params, scale)[1])
+    sam.perturb(_quadratic(params, scale)[1])
+    fastopt.save(tmp_path / "s.npz", params=params, optimizer=sam)
+    other = fresh(order)
+    sam2 = fastopt.SAM(fastopt.SGD(other, lr=0.05, momentum=0.9, backend=backend), rho=0.5)
+    fastopt.load(tmp_path / "s.npz", params=other, optimizer=sam2)
+    assert sam2.perturbed
+    sam.step(_quadratic(params, scale)[1])
+    sam2.step(_quadratic(other, scale)[1])
+    for k in shapes:            # back to p from p + e, then the same SGD step
+        np.testing.assert_allclose(other[k], params[k], rtol=1e-12, atol=1e-14, err_msg=k)

@@ -49,7 +49,7 @@ from .interrupt import INTERRUPTS, Mark, held
 from .named import KeyTree
 from .param_list import ParamList
 from .placement import placement_for
-from .state_format import StateFormat
+from .state_format import StateFormat, element_parts, moved_parts
 from .given import GivenParams
 from .step_plan import STALE, StepPlan
 
@@ -103,6 +103,22 @@ def _brief(layout):
     text = ", ".join(f"{d.get('name', '') and d['name'] + ': '}{d.get('dtype')}{d.get('shape')}"
                      for d in layout[:4])
     return f"[{text}{', ...' if len(layout) > 4 else ''}] ({len(layout)} arrays)"
+
+
+def _order_by_name(saved, layout):
+    """Where each param of ``layout`` stands in ``saved`` (two groups'
+    checkpoint records, ``[{"name", "shape", "dtype"}]``), when both name
+    every param, once each, and hold the same names with the same shapes
+    and dtypes; else None."""
+    names = [d.get("name") for d in saved]
+    if (len(saved) != len(layout) or not all(isinstance(n, str) for n in names)
+            or len(set(names)) != len(names)):
+        return None
+    at = {n: i for i, n in enumerate(names)}
+    order = [at.get(d.get("name")) for d in layout]
+    if None in order or any(saved[j] != d for j, d in zip(order, layout)):
+        return None
+    return order
 
 
 def refuse_options(cls, unknown):
@@ -1237,30 +1253,7 @@ class Optimizer:
             unknown = set(hyp) - set(self.defaults) - {"params"}
             if unknown:
                 raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
-            layout = self._layout_of(gi)
-            if not isinstance(hyp["params"], list) or not all(
-                    isinstance(d, dict) for d in hyp["params"]):
-                raise ValueError(f"{where}['params'] must be a list of dicts")
-            # by name where both sides name them; else by position (as
-            # fastopt.load reads params saved by name into a list: in the
-            # saved order)
-            saved = hyp["params"]
-            if not (any("name" in d for d in saved) and any("name" in d for d in layout)):
-                saved, layout = ([{k: v for k, v in d.items() if k != "name"} for d in side]
-                                 for side in (saved, layout))
-            if saved != layout:
-                by_name = sorted(saved, key=lambda d: d.get("name", "")) == sorted(
-                    layout, key=lambda d: d.get("name", ""))
-                if by_name and any("name" in d for d in saved):
-                    # the state is one buffer over the group, in the params'
-                    # order: the same names in another order cannot take it
-                    raise ValueError(
-                        f"{where}: the same params by name, in another order (the "
-                        f"checkpoint's: {', '.join(d['name'] for d in saved)}); the "
-                        "optimizer's state follows the params' order: build the params "
-                        "dict in the checkpoint's order to load it")
-                raise ValueError(f"{where}: params {_brief(hyp['params'])} do not match this "
-                                 f"optimizer's {_brief(layout)}")
+            order = self._saved_order(gi, hyp["params"])
             group = {k: v for k, v in hyp.items() if k != "params"}
             if isinstance(group["lr"], dict):
                 need(group["lr"], ("schedule",), f"{where}['lr']")
@@ -1292,6 +1285,8 @@ class Optimizer:
                            else type(a).__name__)
                     raise ValueError(f"checkpoint state[{gi}]['{name}'] is {got}, expected "
                                      f"{want}[{size}]")
+            if order is not None:
+                bufs = {name: fmt.reordered(name, a, order) for name, a in bufs.items()}
             # one buffer per name over the group (a copy, where the params
             # live), its runs' views of it; compact codes: a copy, no views
             compact = {name: state_copy(a) for name, a in bufs.items()
@@ -1322,6 +1317,42 @@ class Optimizer:
             apply_options()
             self._show_lr()
         return apply
+
+    def _saved_order(self, gi, saved):
+        """Where group ``gi``'s params stand in a checkpoint's record of the
+        group (``saved``: its ``param_groups[gi]['params']``): None when in
+        the same order, else ``(order, sizes there)``, ``order[i]`` the
+        position there of the param now at ``i``. By name where both sides
+        name them (the same names in another order: a model's dict built
+        anew); else by position (as fastopt.load reads params saved by name
+        into a list: in the saved order). ValueError when they differ."""
+        layout = self._layout_of(gi)
+        where = f"checkpoint param_groups[{gi}]"
+        if not isinstance(saved, list) or not all(isinstance(d, dict) for d in saved):
+            raise ValueError(f"{where}['params'] must be a list of dicts")
+        mine, theirs = layout, saved
+        if not (any("name" in d for d in saved) and any("name" in d for d in layout)):
+            mine, theirs = ([{k: v for k, v in d.items() if k != "name"} for d in side]
+                            for side in (layout, saved))
+        if mine == theirs:
+            return None
+        order = _order_by_name(theirs, mine)
+        if order is None:
+            raise ValueError(f"{where}: params {_brief(saved)} do not match this "
+                             f"optimizer's {_brief(layout)}")
+        return order, [int(np.prod(d["shape"])) for d in saved]
+
+    def _in_param_order(self, gi, saved, a):
+        """``a``, a checkpoint's array over group ``gi``'s elements (along
+        its last axis; ``saved``: the checkpoint's record of the group's
+        params), in this optimizer's param order. For the vectors a
+        subclass keeps beside the state buffers (L-BFGS's history, SAM's
+        perturbation); checked by the base's load first."""
+        saved_order = self._saved_order(gi, saved)
+        if saved_order is None or a is None:
+            return a
+        order, sizes = saved_order
+        return moved_parts(a, element_parts(sizes), order)
 
     def _prepare_options(self, options):
         if not isinstance(options, dict):

@@ -450,6 +450,9 @@ class LBFGS(Optimizer):
         if k > m:
             raise ValueError(f"checkpoint: lbfgs holds {k} pairs, more than its history_size "
                              f"{m}")
+        # the same names in another order: each vector's parts moved to this one
+        s, y, prev, d = (self._in_param_order(0, sd["param_groups"][0]["params"], a)
+                         for a in (s, y, prev, d))
         hist = History.of(m, n, dtype, s, y, ro, prev, d, ops_for(self.backend))
 
         def apply():

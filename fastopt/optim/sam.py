@@ -539,6 +539,9 @@ class SAM:
         elif e_w is not None:
             raise ValueError("checkpoint: e_w must be None when not perturbed")
         apply_base = self.base_optimizer._prepare_load(sd["base"])
+        if perturbed:        # the same names in another order: e's parts moved to this one
+            e_w = [self.base_optimizer._in_param_order(gi, g["params"], a)
+                   for gi, (g, a) in enumerate(zip(sd["base"]["param_groups"], e_w))]
 
         def apply():
             apply_base()

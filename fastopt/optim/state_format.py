@@ -37,6 +37,19 @@ FLOAT = "float32"
 ABSMAX = ".absmax"
 
 
+def moved_parts(buf, parts, order):
+    """``buf``'s parts (``(start, length)`` along its last axis) in the
+    order ``order``: part ``order[i]`` first at ``i``."""
+    return np.concatenate([buf[..., parts[j][0]:parts[j][0] + parts[j][1]] for j in order],
+                          axis=-1)
+
+
+def element_parts(sizes) -> list:
+    """``(start, length)`` of arrays of ``sizes`` laid end to end."""
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    return [(int(s), int(k)) for s, k in zip(starts, sizes)]
+
+
 class StateFormat:
     """An optimizer's ``state_dtype`` and ``state_seed``, checked (see the module doc)."""
 
@@ -88,6 +101,22 @@ class StateFormat:
         if self.name == "int8":
             return C.block_offsets(sizes)
         return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+    def pieces(self, name, sizes) -> list:
+        """``(start, length)`` of each array's part of a group's buffer
+        ``name`` (a float buffer or the master copy: its elements; 8-bit
+        codes: its whole blocks; an absmax array: one entry per block)."""
+        if self.name == "int8" and name != "master":
+            unit = 1 if name.endswith(ABSMAX) else C.BLOCK
+            return element_parts([C.nblocks(n) * unit for n in sizes])
+        return element_parts(sizes)
+
+    def reordered(self, name, buf, saved_order):
+        """Buffer ``name`` of a group saved with its arrays in another order
+        (``saved_order``: ``(order, sizes there)``, see
+        ``Optimizer._saved_order``), its parts moved to this order."""
+        order, sizes = saved_order
+        return moved_parts(buf, self.pieces(name, sizes), order)
 
     def new_buffers(self, name, sizes) -> dict:
         """Compact state buffer ``name`` for a group of arrays of ``sizes``,
