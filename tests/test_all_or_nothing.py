@@ -289,6 +289,43 @@ def test_a_param_replaced_in_its_groups_list_is_refused_by_name(backend, planned
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("planned", [False, True])
+def test_a_group_appended_to_or_removed_from_param_groups_is_refused(backend, planned):
+    """``opt.param_groups.append(group)`` (torch's habit, for add_param_group)
+    gave an IndexError inside the step; ``del opt.param_groups[k]`` left the
+    step demanding the removed group's grads and ignoring them. Both refused
+    at the next step (and by state_dict), naming the group, with nothing
+    written; the group put back steps again."""
+    params = [np.ones(3), np.ones(4), np.ones(2)]
+    opt = fastopt.SGD([{"params": [p]} for p in params], lr=0.1, momentum=0.9,
+                      backend=backend)
+    grads = [np.ones(3), np.ones(4), np.ones(2)]
+    if planned:
+        opt.step(grads)
+        opt.step(grads)
+    before = optimizer_snapshot(opt, params)
+    extra = np.ones(5)
+    opt.param_groups.append({"params": [extra], "lr": 0.1})
+    for call in (lambda: opt.step(grads + [np.ones(5)]), lambda: opt.step(grads),
+                 opt.state_dict):
+        with pytest.raises(ValueError, match=r"param_groups\[3\] was put in param_groups "
+                                             r"after .*\(3 groups then, 4 now\).*"
+                                             r"add_param_group"):
+            call()
+    opt.param_groups.pop()
+    middle = opt.param_groups.pop(1)
+    for call in (lambda: opt.step([grads[0], grads[2]]), lambda: opt.step(grads)):
+        with pytest.raises(ValueError, match=r"param_groups\[1\] was removed from "
+                                             r"param_groups .*\(3 groups then, 2 now\)"):
+            call()
+    assert_same_tree(optimizer_snapshot(opt, params), before)
+    assert not (extra != 1).any()
+    opt.param_groups.insert(1, middle)
+    opt.step(grads)
+    assert opt.state[1]["step"] == (3 if planned else 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["dict", "nested", "list"])
 def test_a_param_rebound_in_the_users_own_dict_or_list_is_refused(backend, layout):
     """``params["W"] = params["W"] * 2`` (or ``params.update(np.load(...))``)

@@ -409,6 +409,18 @@ def test_optimizer_state_loads_into_the_same_names_in_another_order(tmp_path, ba
             np.testing.assert_allclose(other[k], params[k], rtol=1e-5, atol=1e-6)
 
 
+def test_renamed_params_are_refused_saying_which_name_differs():
+    opt = fastopt.Adam({"W1": np.ones(3), "b1": np.ones(2)}, lr=0.1)
+    opt.step({"W1": np.ones(3), "b1": np.ones(2)})
+    sd = opt.state_dict()
+    for params, said in (({"fc1.weight": np.ones(3), "fc1.bias": np.ones(2)},
+                          "'W1' is in the checkpoint, not here"),
+                         ({"W1": np.ones(3), "b1": np.ones(2), "c": np.ones(1)},
+                          "'c' is here, not in the checkpoint")):
+        with pytest.raises(ValueError, match=f"names differ: {said}"):
+            fastopt.Adam(params, lr=0.1).load_state_dict(sd)
+
+
 def test_the_same_names_moved_between_groups_or_reshaped_are_refused(tmp_path):
     params = {"W": np.ones((3, 4)), "b": np.ones(4)}
     opt = fastopt.Adam([{"params": {"W": params["W"]}}, {"params": {"b": params["b"]}}],

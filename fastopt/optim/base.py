@@ -105,6 +105,25 @@ def _brief(layout):
     return f"[{text}{', ...' if len(layout) > 4 else ''}] ({len(layout)} arrays)"
 
 
+def _count(n, noun):
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _names_differ(saved, layout) -> str:
+    """Where two records of a group name their params differently, the first
+    name on one side only (a renamed model), said in brackets; else ''."""
+    ours, theirs = [d.get("name") for d in layout], [d.get("name") for d in saved]
+    if None in ours:
+        return ""
+    for name in theirs:
+        if name not in ours:
+            return f" (names differ: {name!r} is in the checkpoint, not here)"
+    for name in ours:
+        if name not in theirs:
+            return f" (names differ: {name!r} is here, not in the checkpoint)"
+    return ""
+
+
 def _order_by_name(saved, layout):
     """Where each param of ``layout`` stands in ``saved`` (two groups'
     checkpoint records, ``[{"name", "shape", "dtype"}]``), when both name
@@ -508,6 +527,9 @@ class Optimizer:
         construction would be silently ignored by the step (it went on
         updating the old arrays) and break its checkpoint: refused, naming
         what changed and add_param_group."""
+        groups, lists = self.param_groups, self._group_lists
+        if len(groups) != len(lists):
+            self._refuse_group_count(groups, lists)
         first = 0
         for gi, (group, lst, n) in enumerate(zip(self.param_groups, self._group_lists,
                                                  self._group_sizes)):
@@ -532,6 +554,46 @@ class Optimizer:
                     "state: copy new values into them in place (p[...] = new), add new "
                     "arrays with add_param_group(), or make a new optimizer")
             first += n
+        self._check_arrays_as_given()
+
+    def _check_arrays_as_given(self):
+        """A param's dtype or size changed in place (``a.dtype = ...``,
+        ``a.resize(..., refcheck=False)``) or its strides (``a.strides = ...``):
+        the steps address its memory as it was given, and the state is
+        sized for it. Refused, naming it (the full step's check; a host
+        array's attributes, about 0.2 us each)."""
+        for k, (a, (shape, dtype)) in enumerate(zip(self._params, self._layout)):
+            if isinstance(a, np.ndarray) and (
+                    a.dtype != dtype or a.size != math.prod(shape)
+                    or not a.flags.c_contiguous):
+                label = (f"params{self._names.labels[k]}" if self._names is not None
+                         else f"params[{k}]")
+                now = "a strided view" if a.flags.c_contiguous is False else \
+                    f"{a.dtype}{list(a.shape)}"
+                raise ValueError(
+                    f"{label} was given as {np.dtype(dtype)}{list(shape)} and is now "
+                    f"{now}: its dtype, size or strides were changed in place, while the "
+                    "optimizer steps its memory as it was given; make a new optimizer for "
+                    "the array as it is now")
+
+    def _refuse_group_count(self, groups, lists):
+        """A group appended to or removed from ``param_groups`` itself: the
+        step would go on over the groups it holds state for. Refused,
+        naming the group."""
+        now = [g.get("params") if isinstance(g, dict) else None for g in groups]
+        k = next((k for k, lst in enumerate(lists) if k >= len(now) or now[k] is not lst),
+                 len(lists))
+        counts = f"({_count(len(lists), 'group')} then, {len(groups)} now)"
+        if len(groups) > len(lists):
+            raise ValueError(
+                f"param_groups[{k}] was put in param_groups after the optimizer was made "
+                f"{counts}; the optimizer has no state for it: remove it and pass it to "
+                "add_param_group(), which checks it and adds it")
+        raise ValueError(
+            f"param_groups[{k}] was removed from param_groups after the optimizer was made "
+            f"{counts}; the optimizer still holds its state and steps it: put it back, and "
+            "set its 'lr' to 0 to stop training it, or make a new optimizer over the "
+            "params you keep")
 
     def zero_grad(self, grads) -> None:
         """Zero ``grads`` in place, for loops that accumulate into one set of
@@ -1339,7 +1401,7 @@ class Optimizer:
         order = _order_by_name(theirs, mine)
         if order is None:
             raise ValueError(f"{where}: params {_brief(saved)} do not match this "
-                             f"optimizer's {_brief(layout)}")
+                             f"optimizer's {_brief(layout)}{_names_differ(theirs, mine)}")
         return order, [int(np.prod(d["shape"])) for d in saved]
 
     def _in_param_order(self, gi, saved, a):

@@ -18,9 +18,16 @@ class KeyTree:
     (``layer1.W``), what checkpoints record.
     """
 
-    def __init__(self, tree: dict):
+    def __init__(self, tree: dict, paths=None):
         self.tree = tree            # key -> subtree dict, or None for an array
-        self.paths = list(_leaf_paths(tree, ()))
+        walked = list(_leaf_paths(tree, ()))
+        # param order: the tree's own, or (groups' trees merged, a layer's
+        # arrays in two groups) each group's in turn
+        self.paths = walked if paths is None else list(paths)
+        at = {p: i for i, p in enumerate(walked)}
+        # where the tree's walk meets the array at each place, when not in order
+        self._walk_order = (None if self.paths == walked
+                            else [at[p] for p in self.paths])
         self.labels = ["".join(f"[{k!r}]" for k in p) for p in self.paths]
         self.names = [".".join(map(str, p)) for p in self.paths]
         self.flat = all(len(p) == 1 for p in self.paths)
@@ -34,12 +41,9 @@ class KeyTree:
         return cls(_shape_of(params, where, arrays)), arrays
 
     def merge(self, other: "KeyTree", where: str) -> "KeyTree":
-        """One tree over two param groups' dicts (their top keys must differ)."""
-        both = set(self.tree) & set(other.tree)
-        if both:
-            raise ValueError(f"{where}: key {sorted(map(repr, both))[0]} is in two param "
-                             "groups; names must be unique across groups")
-        return KeyTree({**self.tree, **other.tree})
+        """One tree over two param groups' dicts, in param order (a layer's
+        arrays may sit in both, each array's key path in one only)."""
+        return KeyTree(_merged(self.tree, other.tree, where, ()), self.paths + other.paths)
 
     def read(self, grads, name: str = "grads") -> list:
         """``grads`` (a dict shaped like the params) as a list in param order."""
@@ -50,7 +54,25 @@ class KeyTree:
                 pass                      # say which key, below
         out = []
         _read(grads, self.tree, name, out)
+        if self._walk_order is not None:
+            out = [out[i] for i in self._walk_order]
         return out
+
+
+def _merged(a, b, where, prefix):
+    """Trees ``a`` and ``b`` as one (new dicts): subtrees under one key merged,
+    an array's key path in both refused."""
+    out = dict(a)
+    for k, sub in b.items():
+        if k not in out:
+            out[k] = sub
+        elif out[k] is None or sub is None:
+            label = "".join(f"[{x!r}]" for x in prefix + (k,))
+            raise ValueError(f"{where}: params{label} is in two param groups; each "
+                             "array's name must be in one group only")
+        else:
+            out[k] = _merged(out[k], sub, where, prefix + (k,))
+    return out
 
 
 def _shape_of(d, where, arrays):
