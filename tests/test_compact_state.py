@@ -230,6 +230,14 @@ def test_state_bytes_are_2x_and_about_4x_smaller_than_float32():
 
 # -- refusals: clear errors, nothing kept -------------------------------------------------
 
+def test_numpy_dtypes_name_the_state_dtype():
+    import ml_dtypes
+    for given, name in ((np.int8, "int8"), (np.dtype(np.float32), "float32"),
+                        (ml_dtypes.bfloat16, "bfloat16")):
+        opt = fastopt.AdamW([np.zeros(5, np.float32)], state_dtype=given)
+        assert opt.state_dict()["options"]["state_dtype"] == name
+
+
 def test_refusals():
     x32 = [np.zeros(5, np.float32)]
     with pytest.raises(ValueError, match="state_dtype must be one of"):
@@ -238,8 +246,12 @@ def test_refusals():
         fastopt.AdamW(x32, state_dtype="int8", state_seed=-1)
     with pytest.raises(ValueError, match="LAMB has no compact state.*two-phase"):
         fastopt.LAMB(x32, state_dtype="bfloat16")
-    with pytest.raises(TypeError, match=r"params\[0\] is float64"):
+    with pytest.raises(TypeError, match=r"params\[0\] is float64.*the default "
+                                        r"state_dtype='float32' keeps float64 params' state "
+                                        r"in float64"):
         fastopt.AdamW([np.zeros(5)], state_dtype="bfloat16")
+    with pytest.raises(ValueError, match="state_dtype must be one of .*got 'float64'"):
+        fastopt.AdamW(x32, state_dtype=np.float64)
     with pytest.raises(ValueError, match="centered=True with state_dtype='int8'"):
         fastopt.RMSprop(x32, centered=True, state_dtype="int8")
     opt = fastopt.AdamW(x32, state_dtype="int8")

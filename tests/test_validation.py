@@ -607,3 +607,60 @@ def test_global_norm_checks_but_accepts_readonly():
         fastopt.global_norm(1.0)
     with pytest.raises(ValueError, match=r"backend must be"):
         fastopt.global_norm([ro], backend="nope")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_arrays_are_refused_and_other_subclasses_step(backend, tmp_path):
+    """A masked param or gradient: the NumPy backend's arithmetic honoured
+    the mask and the compiled kernels stepped the data under it, so the
+    backends disagreed without a word. Refused on every backend, also once
+    the step's fast path runs; a memmap (another subclass) still steps."""
+    masked = np.ma.array(np.ones(3), mask=[0, 1, 0])
+    with pytest.raises(TypeError, match=r"\['params'\]\[0\] is a masked array"):
+        fastopt.SGD([masked], lr=0.5, backend=backend)
+    p = np.ones(3)
+    opt = fastopt.SGD([p], lr=0.5, backend=backend)
+    for _ in range(3):
+        opt.step([np.ones(3)])
+    with pytest.raises(TypeError, match=r"grads\[0\] is a masked array.*g.filled\(0\)"):
+        opt.step([np.ma.array(np.ones(3), mask=[0, 1, 0])])
+    np.testing.assert_array_equal(p, -0.5)
+    with pytest.raises(TypeError, match="masked array"):
+        fastopt.clip_by_global_norm([np.ma.array(np.ones(3))], 1.0)
+    g = np.lib.format.open_memmap(tmp_path / "g.npy", mode="w+", dtype=np.float64, shape=(3,))
+    g[...] = 1.0
+    opt.step([g])
+    opt.step([g])
+    np.testing.assert_array_equal(p, -1.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_param_whose_dtype_or_size_changed_in_place_is_refused(backend):
+    """``a.dtype = np.float32`` or ``a.resize(n, refcheck=False)`` after the
+    optimizer was made: the compiled step went on addressing the memory as
+    given, with the state sized for it (garbage in the param, or writes to
+    freed memory). Refused at the next step, naming the param; an in-place
+    reshape (same memory) still steps."""
+    a = np.ones(6)
+    opt = fastopt.SGD([a], lr=0.5, backend=backend)
+    opt.step([np.ones(6)])
+    opt.step([np.ones(6)])
+    a.dtype = np.float32
+    with pytest.raises(ValueError, match=r"params\[0\] was given as float64\[6\] and is now "
+                                         r"float32\[12\]"):
+        opt.step([np.ones(12, np.float32)])
+    a.dtype = np.float64
+    np.testing.assert_array_equal(a, 0.0)
+    b = np.ones(6)
+    opt = fastopt.Adam({"b": b}, lr=0.5, backend=backend)
+    opt.step({"b": np.ones(6)})
+    b.resize(10, refcheck=False)
+    with pytest.raises(ValueError, match=r"params\['b'\] was given as float64\[6\] and is "
+                                         r"now float64\[10\]"):
+        opt.step({"b": np.ones(10)})
+    c = np.ones((3, 2))
+    opt = fastopt.SGD([c], lr=0.5, backend=backend)
+    opt.step([np.ones((3, 2))])
+    c.shape = (2, 3)
+    opt.step([np.ones((2, 3))])
+    np.testing.assert_array_equal(c, 0.0)

@@ -105,13 +105,16 @@ class StepTable:
 
     ``weights[k]``: 1-D compute-dtype array the step updates; ``outs[k]``:
     the 16-bit param written back (None unless mixed precision);
-    ``params[k]``: the user's array (what a gradient must match);
+    ``params[k]``: a view of the user's array as it was given (what a
+    gradient must match: a view keeps the dtype and shape it was made
+    with, so an array's dtype changed in place later does not pass);
     ``index[k]``: its position among the group's params; ``offsets[k]``: its
     element offset in the group's state buffers.
     """
 
     def __init__(self, weights, outs, params, index, offsets):
-        self.weights, self.outs, self.params = list(weights), outs, list(params)
+        self.weights, self.outs = list(weights), outs
+        self.params = [p.view() if isinstance(p, np.ndarray) else p for p in params]
         self.index = list(index)
         self.sizes = [int(w.size) for w in weights]
         self.nelem = sum(self.sizes)

@@ -50,6 +50,15 @@ def element_parts(sizes) -> list:
     return [(int(s), int(k)) for s, k in zip(starts, sizes)]
 
 
+def _dtype_name(dtype):
+    """A NumPy dtype-like's name (``np.float32`` -> ``"float32"``), else the
+    value as it was (refused by the caller, showing it)."""
+    try:
+        return np.dtype(dtype).name if dtype is not None else dtype
+    except TypeError:
+        return dtype
+
+
 class StateFormat:
     """An optimizer's ``state_dtype`` and ``state_seed``, checked (see the module doc)."""
 
@@ -63,6 +72,8 @@ class StateFormat:
     @classmethod
     def of(cls, opt_cls, state_dtype, state_seed, backend="auto") -> "StateFormat":
         """The format ``opt_cls`` keeps its state in, or a clear refusal."""
+        if not isinstance(state_dtype, str):
+            state_dtype = _dtype_name(state_dtype)    # np.float32, np.int8, ml_dtypes' bfloat16
         if not isinstance(state_dtype, str) or state_dtype not in C.STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {', '.join(map(repr, C.STATE_DTYPES))}, "
                              f"got {state_dtype!r}")
@@ -92,7 +103,8 @@ class StateFormat:
             if np.dtype(a.dtype) == np.float64:
                 raise TypeError(f"{label} is float64: compact state (state_dtype={self.name!r}) "
                                 "holds float32 values at best, so it is for float32 and 16-bit "
-                                "params; use state_dtype='float32' for float64 params")
+                                "params; the default state_dtype='float32' keeps float64 "
+                                "params' state in float64")
 
     # -- layout ---------------------------------------------------------------------
     def offsets(self, sizes) -> np.ndarray:

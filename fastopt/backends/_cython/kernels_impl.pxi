@@ -1328,8 +1328,8 @@ cdef Py_ssize_t _gather(grads, list params, tuple at, i64 out, i64 written,
         return 0
     for k in range(n):
         item = seq[k] if at is None else seq[<Py_ssize_t>at[k]]
-        if not cnp.PyArray_Check(item):
-            return k
+        if not cnp.PyArray_CheckExact(item):
+            return k        # a subclass (a masked array: refused) goes to the full checks
         g = <cnp.ndarray>item
         p = <cnp.ndarray>params[k]
         if (cnp.PyArray_DESCR(g) != cnp.PyArray_DESCR(p)
