@@ -117,7 +117,7 @@ def check_float_array(name, a, *, writable, allow_low_precision=False) -> None:
                         "entries filled (g.filled(0))")
     if a.dtype not in FLOAT_DTYPES and not (
             allow_low_precision and a.dtype.name in LOW_PRECISION_NAMES):
-        also = (" (or float16/bfloat16, stepped through a float32 master copy)"
+        also = (" (or float16/bfloat16)"
                 if allow_low_precision else "")
         raise TypeError(f"{name} must be float32 or float64{also}, got {a.dtype}")
     if not a.flags.c_contiguous:
