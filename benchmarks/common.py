@@ -8,10 +8,29 @@ NotImplementedError: that is how a missing torch, backend or GPU shows up
 ("n/a" in the tables) instead of failing the run.
 """
 
+import os
 import tracemalloc
 
 import fastopt
 from fastopt.bench import cases, ratios, steps
+
+
+def _check_measured_checkout():
+    """``asv run --python=same`` imports the fastopt installed in this
+    environment (asv drops PYTHONPATH). Where that is another checkout's
+    editable install, its code would be measured and filed under this
+    checkout's commit: refused, saying how to measure this one."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    imported = os.path.dirname(os.path.dirname(os.path.abspath(fastopt.__file__)))
+    if imported != here and os.path.isfile(os.path.join(imported, "pyproject.toml")):
+        raise ImportError(
+            f"these benchmarks are {here}'s, but fastopt is imported from the checkout "
+            f"{imported} (its editable install): the numbers would be that code's, filed "
+            f"under this checkout's commit. Measure this checkout with ASV_PYTHONPATH={here} "
+            "(after python setup.py build_ext --inplace there), or pip install -e . in it")
+
+
+_check_measured_checkout()
 
 # Implementations timed by the ``time_*`` benchmarks: fastopt's fast
 # backends, then the baselines. "numpy" is the straightforward NumPy step a
@@ -45,7 +64,10 @@ def require_backend(name):
 
 def temporary_bytes(fn):
     """Peak bytes allocated by one call of ``fn`` beyond what it started with
-    (NumPy reports its buffers to tracemalloc): 0 for an in-place kernel."""
+    (NumPy reports its buffers to tracemalloc): for fastopt's in-place step,
+    only the Python objects of the call (hundreds of bytes to about 2 kB,
+    whatever the size of the params); a NumPy step's temporaries are whole
+    arrays."""
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]

@@ -320,3 +320,24 @@ def test_ratio_tracks_read_their_case_and_skip_what_torch_lacks(monkeypatch):
     if common.SkipNotImplemented is not NotImplementedError:     # asv_runner is here
         from asv_runner.benchmarks.mark import SkipNotImplemented
         assert common.SkipNotImplemented is SkipNotImplemented
+
+
+def test_the_suite_refuses_to_measure_another_checkout(tmp_path):
+    """``asv run --python=same`` in a second checkout imported the first
+    one's editable install (asv drops PYTHONPATH) and filed its numbers
+    under the second one's commit. The suite's shared module refuses,
+    naming both and ASV_PYTHONPATH."""
+    other = tmp_path / "checkout"
+    shutil.copytree(os.path.join(ROOT, "benchmarks"), other / "benchmarks")
+    (other / "pyproject.toml").write_text("")
+    out = subprocess.run([sys.executable, "-c", "import common"], cwd=other / "benchmarks",
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             [str(other / "benchmarks"), ROOT])})
+    assert out.returncode != 0
+    assert (f"these benchmarks are {other}'s, but fastopt is imported from the checkout "
+            f"{ROOT}") in out.stderr and f"ASV_PYTHONPATH={other}" in out.stderr
+    same = subprocess.run([sys.executable, "-c", "import common"],
+                          cwd=os.path.join(ROOT, "benchmarks"), capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert same.returncode == 0, same.stderr

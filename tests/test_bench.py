@@ -227,6 +227,7 @@ def test_cli_optimizers_runs_only_their_rows(monkeypatch, tmp_path, capsys):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert {r["case"] for r in data["results"]} == {"list lion 2 x 1k", "list nadam 2 x 1k"}
     assert "in_loop" not in data and not data["cold_start"]
+    assert data["interrupted"] is False        # always there, as in train's metrics.json
     assert "list nadam 2 x 1k" in capsys.readouterr().out
 
 

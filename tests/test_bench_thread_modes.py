@@ -87,3 +87,15 @@ def test_a_process_that_times_out_is_a_note():
     out = thread_modes.thread_modes_matrix(variants=thread_modes.VARIANTS[:1], timeout=0.01,
                                            **SMALL)
     assert "took over" in out[thread_modes.VARIANTS[0][0]]["note"]
+
+
+def test_help_prints_and_measures_nothing(monkeypatch, capsys):
+    """``python -m fastopt.bench.thread_modes --help`` started the 2-minute
+    matrix; an unknown option is refused the same way."""
+    monkeypatch.setattr(thread_modes, "thread_modes_matrix",
+                        lambda: pytest.fail("the matrix ran"))
+    for argv, code in ((["--help"], 0), (["--rounds", "3"], 2)):
+        with pytest.raises(SystemExit) as exc:
+            thread_modes.main(argv)
+        assert exc.value.code == code
+    assert "usage: python -m fastopt.bench.thread_modes" in capsys.readouterr().out

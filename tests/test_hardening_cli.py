@@ -228,6 +228,25 @@ def test_out_where_nothing_can_be_made_fails_before_training(tmp_path, monkeypat
         p.name.startswith(".fastopt-probe") for p in tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("command", ["bench", "train"])
+def test_an_empty_out_is_refused_before_any_work(tmp_path, monkeypatch, capsys, command):
+    """``--out ""``: bench measured the whole matrix and then died with a
+    FileNotFoundError traceback; train wrote into the current folder. Both
+    refuse it first, in one line."""
+    from fastopt.bench import matrix
+    monkeypatch.setattr(training, "fit", _must_not_run)
+    monkeypatch.setattr(matrix, "run", _must_not_run)
+    monkeypatch.chdir(tmp_path)
+    argv = ([command, "--out", "", "--quick"] if command == "bench" else
+            [command, "--data-dir", str(_fake_mnist(tmp_path / "mnist", n=8100)), "--quiet",
+             "--out", ""])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fastopt {command}: --out '': is empty (--out . is the current directory)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["mnist"] if command == "train"
+                                                          else [])
+
+
 def test_results_that_cannot_be_written_are_one_line(tmp_path, monkeypatch, capsys):
     """A write that fails after training (the folder taken away meanwhile)
     says so in one line, after the accuracies, instead of a traceback."""

@@ -11,6 +11,7 @@ says what regressed and where the floors live.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -66,6 +67,32 @@ def test_planted_slowdown_is_caught(monkeypatch, backend):
     assert "fastopt/bench/floors.json" in text
 
 
+@pytest.mark.perf
+@pytest.mark.skipif("cython" not in fastopt.available_backends(), reason="needs Cython")
+def test_planted_fixed_cost_is_caught(monkeypatch):
+    """0.3 ms added to every step (a lock, a sync, a Python loop over the
+    arrays on the way in): the 16M and 1000 x 1k floors let it through, the
+    small plain-list cases' floors do not."""
+    module = get_backend("cython")
+    make = module.list_step
+
+    def with_a_fixed_cost(*args, **kwargs):
+        run = make(*args, **kwargs)
+
+        def slowed(*a, **kw):
+            start = time.perf_counter()
+            while time.perf_counter() - start < 3e-4:
+                pass
+            return run(*a, **kw)
+        return slowed
+    monkeypatch.setattr(module, "list_step", with_a_fixed_cost)
+    small = [dict(c, floors={"cython": c["floors"]["cython"]})
+             for c in perfguard.load_floors(FLOORS)["cases"]
+             if c["case"] in ("list adamw 1 x 1", "list adamw 10 x 1k")]
+    checks = perfguard.run_checks(_spec(small, attempts=1))
+    assert len(checks) == 2 and not any(ch.ok for ch in checks), perfguard.report(checks)
+
+
 def test_noise_passes_after_a_remeasure(monkeypatch):
     """Low once, fine the second time: passes, with both ratios recorded."""
     values = iter([0.3, 0.9])
@@ -115,6 +142,28 @@ def test_unmeasurable_ratio_fails(monkeypatch):
      '"floors": {"numba": {"speed": 2}}}]}', "unknown metric 'speed'"),
     ('{"cases": [{"case": "a", "kind": "sgd", "shape": [4], '
      '"floors": {"numba": {"numpy": -1}}}]}', "positive number"),
+    # malformed files: one clear line each, never a traceback (exit 1 reads as a regression)
+    ("[1, 2]", "must hold a JSON object with a 'cases' list, got list"),
+    ('{"cases": ["adamw 1000 x 1k"]}', "cases\\[0\\] must be an object"),
+    ('{"cases": [{"case": [1], "floors": {}}]}', "case must be a name"),
+    ('{"cases": [{"case": "adamw 1000 x 1k", "floors": [1, 2]}]}',
+     "'floors' must map implementations"),
+    ('{"cases": [{"case": "x", "kind": "adamw", "shape": [4], "tensors": 0, '
+     '"floors": {"numba": {"numpy": 1}}}]}', "tensors must be an int >= 1, got 0"),
+    ('{"cases": [{"case": "x", "kind": "adamw", "shape": "abc", '
+     '"floors": {"numba": {"numpy": 1}}}]}', "shape must be a list of positive ints"),
+    # files that would check nothing, or not what they meant to: refused
+    ('{"cases": [{"case": "adamw 1000 x 1k", "floors": {}}]}', "'floors' must map"),
+    ('{"cases": [{"case": "adamw 1000 x 1k", "floors": {"cython": {}}}]}',
+     "cython: floors must map metrics"),
+    ('{"cases": [{"case": "adamw 1000 x 1k", "floors": {"cython": {"numpy": true}}}]}',
+     "positive number, got True"),
+    ('{"cases": [{"case": "adamw 1000 x 1k", "floors": {"cython": {"numpy": NaN}}}]}',
+     "positive number, got nan"),
+    ('{"attempt": 9, "cases": [{"case": "adamw 1000 x 1k", "floors": {"cython": {"numpy": 1}}}]}',
+     "unknown key 'attempt' \\(did you mean 'attempts'\\?\\)"),
+    ('{"cases": [{"case": "adamw 1000 x 1k", "floor": {}, "floors": {"cython": {"numpy": 1}}}]}',
+     "cases\\[0\\]: unknown key 'floor' \\(did you mean 'floors'\\?\\)"),
     # a misspelt implementation was measured as "n/a": a performance regression
     ('{"cases": [{"case": "list rmsprop 1000 x 1k", "floors": {"cyton": {"numpy": 3}}}]}',
      "unknown implementation 'cyton'; floors are for numba, cython, numpy"),

@@ -194,8 +194,9 @@ class ThreadChoice:
         serial, threaded = self.times
         if not serial and not threaded:
             return "serial (small, or one thread)"
+        # (a tail below 0, steps a little quicker than typical of late, is shown as 0)
         parts = [f"{name} {_us(None if typical is None else typical * 1e6)} + tail "
-                 f"{_us(self.tail(mode) * 1e6)}"
+                 f"{_us(max(self.tail(mode), 0.0) * 1e6)}"
                  for mode, (name, typical) in enumerate(zip(("serial", "threaded"),
                                                             self.typical))]
         now = self.kept if self.kept is not None else self.mode     # not a retry's mode

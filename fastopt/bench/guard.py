@@ -21,7 +21,9 @@ explains why.
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -82,9 +84,13 @@ def load_floors(path=None):
         raise FileNotFoundError(f"floors file {path!r} not found ({hint})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"floors file {path!r} is not valid JSON: {e}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"floors file {path!r} must hold a JSON object with a 'cases' list, "
+                         f"got {type(spec).__name__}")
+    _refuse_unknown(f"floors file {path!r}", spec, _TOP_KEYS)
     for key, low in (("attempts", 1), ("rounds", 1), ("pause_s", 0)):
         value = spec.get(key, low)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+        if not _is_number(value) or value < low:
             raise ValueError(f"floors file {path!r}: {key} must be a number >= {low}, "
                              f"got {value!r}")
     entries = spec.get("cases")
@@ -92,6 +98,13 @@ def load_floors(path=None):
         raise ValueError(f"floors file {path!r} needs a non-empty 'cases' list")
     named = cases.workloads()
     for i, c in enumerate(entries):
+        if not isinstance(c, dict):
+            raise ValueError(f"{path}: cases[{i}] must be an object with 'case' and 'floors', "
+                             f"got {c!r}")
+        _refuse_unknown(f"{path}: cases[{i}]", c, _CASE_KEYS)
+        if not isinstance(c.get("case", ""), str):
+            raise ValueError(f"{path}: cases[{i}] case must be a name (a string), got "
+                             f"{c['case']!r}")
         missing = {"case", "floors"} - set(c)
         spelled = {"kind", "shape"} & set(c)
         if spelled or c.get("case") not in named:
@@ -103,16 +116,24 @@ def load_floors(path=None):
         if spelled:
             _check_spelled(path, i, c, named.get(c["case"]))
         kind = case_row(c).kind
+        where = f"{path}: cases[{i}] ({c['case']})"
+        if not isinstance(c["floors"], dict) or not c["floors"]:
+            # an entry that checks nothing would pass whatever happened
+            raise ValueError(f"{where}: 'floors' must map implementations to their floors, "
+                             f"got {c['floors']!r}")
         for impl, metrics in c["floors"].items():
             if impl not in MEASURED:      # a typo was measured as "n/a": a regression
-                raise ValueError(f"{path}: cases[{i}] ({c['case']}): unknown implementation "
+                raise ValueError(f"{where}: unknown implementation "
                                  f"{impl!r}; floors are for {', '.join(MEASURED)}")
+            if not isinstance(metrics, dict) or not metrics:
+                raise ValueError(f"{where} {impl}: floors must map metrics ({', '.join(METRICS)}) "
+                                 f"to numbers, got {metrics!r}")
             for metric, floor in metrics.items():
                 if metric not in METRICS:
-                    raise ValueError(f"{path}: cases[{i}] ({c['case']}) {impl}: unknown "
+                    raise ValueError(f"{where} {impl}: unknown "
                                      f"metric {metric!r}; use one of {sorted(METRICS)}")
-                if not isinstance(floor, (int, float)) or floor <= 0:
-                    raise ValueError(f"{path}: cases[{i}] ({c['case']}) {impl} {metric}: "
+                if not _is_number(floor) or floor <= 0:
+                    raise ValueError(f"{where} {impl} {metric}: "
                                      f"floor must be a positive number, got {floor!r}")
                 if metric == "torch" and not cases.KIND[kind].in_torch:
                     raise ValueError(f"{path}: cases[{i}] ({c['case']}) {impl}: torch has no "
@@ -123,6 +144,28 @@ def load_floors(path=None):
 #: the implementations a floor may be set for (what _measure times)
 MEASURED = (*cases.CPU_BACKENDS, "numpy")
 
+# what a floors file and each of its cases may hold ("about" and "measured":
+# words and the ratios the floors were set against, for the reader)
+_TOP_KEYS = ("about", "attempts", "pause_s", "rounds", "cases")
+_CASE_KEYS = ("case", "floors", "measured", "kind", "shape", "tensors", "dtype", "clip",
+              "layout")
+
+
+def _is_number(value) -> bool:
+    """A finite JSON number (not true/false, not NaN)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value))
+
+
+def _refuse_unknown(where, d, known):
+    """A misspelt key would be ignored, and the check it meant not made."""
+    for key in d:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where}: unknown key {key!r}{hint}; it may hold "
+                             f"{', '.join(known)}")
+
 
 def _check_spelled(path, i, c, named):
     """A case spelled out (kind, shape, ...) is valid, and where its name is
@@ -132,6 +175,18 @@ def _check_spelled(path, i, c, named):
         raise ValueError(f"{path}: cases[{i}] kind {c['kind']!r} not in {cases.KINDS}")
     if c.get("layout", "packed") not in cases.LAYOUTS:
         raise ValueError(f"{path}: cases[{i}] layout {c['layout']!r} not in {cases.LAYOUTS}")
+    shape, tensors = c["shape"], c.get("tensors", 1)
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise ValueError(f"{path}: cases[{i}] shape must be a list of positive ints, "
+                         f"got {shape!r}")
+    if isinstance(tensors, bool) or not isinstance(tensors, int) or tensors < 1:
+        raise ValueError(f"{path}: cases[{i}] tensors must be an int >= 1, got {tensors!r}")
+    if c.get("dtype", "float32") not in ("float32", "float64"):
+        raise ValueError(f"{path}: cases[{i}] dtype must be 'float32' or 'float64', got "
+                         f"{c['dtype']!r}")
+    if not isinstance(c.get("clip", False), bool):
+        raise ValueError(f"{path}: cases[{i}] clip must be true or false, got {c['clip']!r}")
     row = case_row(c)
     if named is not None and row != named:
         diff = [f"{k} {_show(row, k)} (fastopt.bench.cases: {_show(named, k)})"

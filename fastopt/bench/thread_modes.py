@@ -200,7 +200,16 @@ def format_matrix(matrix) -> str:
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
+    """``python -m fastopt.bench.thread_modes``: the matrix as a table
+    (about 2 minutes; no options but ``--help``)."""
+    import argparse
+    argparse.ArgumentParser(
+        prog="python -m fastopt.bench.thread_modes",
+        description="The serial/threaded choice against both fixed modes (hot, after a "
+                    "pause, in a NumPy training loop) under four thread environments, each "
+                    "in its own process; about 2 minutes. FASTOPT_THREAD_POOL=openmp runs "
+                    "it on the OpenMP pool.").parse_args(argv)
     print(format_matrix(thread_modes_matrix()))
     return 0
 

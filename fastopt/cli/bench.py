@@ -75,7 +75,7 @@ def run(args):
     if problem:
         from .common import remove_unused_output_dirs
         remove_unused_output_dirs()     # parents made before the folder failed
-        print(f"fastopt bench: --out {args.out}: {problem}", file=sys.stderr)
+        print(f"fastopt bench: --out {args.out or repr('')}: {problem}", file=sys.stderr)
         return 2
     rows = cases.plan(args.full, optimizers=args.optimizers, quick=args.quick)
     progress = ProgressBar()
@@ -108,6 +108,7 @@ def run(args):
             return EXIT_INTERRUPTED
         print()
         print(report.format_in_loop(measured["in_loop"]))
+    measured["interrupted"] = False      # the key is always there, as in train's metrics
     written = []
     try:
         report.write(measured, args.out, written)

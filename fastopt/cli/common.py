@@ -74,6 +74,8 @@ def output_dir_problem(path, files=()):
     it at once) and a file written in it and removed (permission bits say
     yes to root, and on /proc or /sys, where the write then fails)."""
     _made.clear()
+    if not os.fspath(path):
+        return "is empty (--out . is the current directory)"
     full = os.path.abspath(path)
     if os.path.lexists(full) and not os.path.isdir(full):
         return "exists and is not a directory"

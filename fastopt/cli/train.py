@@ -296,7 +296,7 @@ def _run(args, comm):
         agree(comm, problem and ValueError(f"--out {args.out}: {problem}"),
               what="checking --out")
     if problem:
-        print(f"fastopt train: --out {args.out}: {problem}", file=sys.stderr)
+        print(f"fastopt train: --out {args.out or repr('')}: {problem}", file=sys.stderr)
         return 2
     try:
         Xtr, ytr, Xte, yte = mnist_split(args.data_dir, dtype=np.dtype(args.dtype))
