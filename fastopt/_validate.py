@@ -112,9 +112,9 @@ def check_float_array(name, a, *, writable, allow_low_precision=False) -> None:
     if isinstance(a, np.ma.MaskedArray):
         # the NumPy backend's arithmetic would honour the mask, the compiled
         # kernels read the data under it: refused, so that no backend differs
-        raise TypeError(f"{name} is a masked array, whose mask a step cannot honour; pass "
-                        "its data (np.ma.getdata(a)), or a gradient with its masked "
-                        "entries filled (g.filled(0))")
+        raise TypeError(f"{name} is a masked array: fastopt's kernels would read the data "
+                        "under its mask; pass its data (np.ma.getdata(a)), or a gradient "
+                        "with its masked entries filled (g.filled(0))")
     if a.dtype not in FLOAT_DTYPES and not (
             allow_low_precision and a.dtype.name in LOW_PRECISION_NAMES):
         also = (" (or float16/bfloat16)"

@@ -323,6 +323,17 @@ def test_a_group_appended_to_or_removed_from_param_groups_is_refused(backend, pl
     opt.param_groups.insert(1, middle)
     opt.step(grads)
     assert opt.state[1]["step"] == (3 if planned else 1)
+    # SAM's perturb too (it raised an IndexError, or perturbed what was left)
+    sam = fastopt.SAM(opt, rho=0.1)
+    opt.param_groups.append({"params": [extra], "lr": 0.1})
+    before = [p.copy() for p in params]
+    with pytest.raises(ValueError, match=r"param_groups\[3\] was put in param_groups"):
+        sam.perturb(grads)
+    opt.param_groups.pop()
+    opt.param_groups.pop(0)
+    with pytest.raises(ValueError, match=r"param_groups\[0\] was removed"):
+        sam.perturb(grads)
+    assert not sam.perturbed and all(np.array_equal(p, b) for p, b in zip(params, before))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

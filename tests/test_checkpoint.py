@@ -414,9 +414,9 @@ def test_renamed_params_are_refused_saying_which_name_differs():
     opt.step({"W1": np.ones(3), "b1": np.ones(2)})
     sd = opt.state_dict()
     for params, said in (({"fc1.weight": np.ones(3), "fc1.bias": np.ones(2)},
-                          "'W1' is in the checkpoint, not here"),
+                          "'W1' is in the checkpoint's group, not in this one"),
                          ({"W1": np.ones(3), "b1": np.ones(2), "c": np.ones(1)},
-                          "'c' is here, not in the checkpoint")):
+                          "'c' is in this group, not in the checkpoint's")):
         with pytest.raises(ValueError, match=f"names differ: {said}"):
             fastopt.Adam(params, lr=0.1).load_state_dict(sd)
 

@@ -200,3 +200,26 @@ def test_sharded_step_refuses_an_unknown_group_key_on_every_rank_and_recovers():
     del opt.param_groups[0]["weight_decy"]
     opt.step(grads)
     assert not np.array_equal(params.data, before)
+
+
+def test_a_checkpoint_of_params_by_name_loads_into_a_sharded_optimizer():
+    """A single-process optimizer made from a dict records its params'
+    names; a sharded one (views of one buffer, unnamed) refused that
+    checkpoint although the layouts were the same. Loaded by position (one
+    rank); compact state_dtype given as a NumPy dtype is float state."""
+    pytest.importorskip("mpi4py")
+    import fastopt
+    from fastopt.distributed import ShardedOptimizer
+    from mpi4py import MPI
+    named = {"W": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}
+    single = fastopt.AdamW(named, lr=0.1)
+    for _ in range(2):
+        single.step({"W": np.full((4, 3), 0.5, np.float32), "b": np.ones(3, np.float32)})
+    sd = single.state_dict()
+    assert sd["param_groups"][0]["params"][0]["name"] == "W"
+    params = fastopt.pack([np.ones((4, 3), np.float32), np.ones(3, np.float32)])
+    opt = ShardedOptimizer(fastopt.AdamW, list(params), comm=MPI.COMM_SELF, lr=0.1,
+                           state_dtype=np.float32)
+    opt.load_state_dict(sd)
+    np.testing.assert_array_equal(opt.state_dict()["state"][0]["buffers"]["exp_avg"],
+                                  sd["state"][0]["buffers"]["exp_avg"])

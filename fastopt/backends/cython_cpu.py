@@ -131,7 +131,7 @@ def gather(table, grads) -> bool:
     """Point ``table`` at ``grads`` (a list of arrays), each checked in C;
     False when one does not pass (the caller's full checks say why)."""
     return _k.gather(grads, table.params, table.addrs["gaddr"], table.written_addr,
-                     table.written.size // 2) == -1
+                     table.written.size // 2, table.addrs["given"]) == -1
 
 
 def list_step(tables, buffers, nparams):
@@ -146,11 +146,12 @@ def list_step(tables, buffers, nparams):
     tables' state; False when a grad does not pass or an offset is set,
     with nothing written. ``opt``: the optimizer whose counters the same
     call then advances (see ``ListStep``)."""
-    rows = np.zeros((len(tables), 7), np.int64)
+    rows = np.zeros((len(tables), 8), np.int64)
     keep = []
     for k, (t, bufs) in enumerate(zip(tables, buffers)):
         st = t.state_addresses(bufs)          # may re-derive the written ranges
-        rows[k] = (t.addrs["gaddr"], t.written_addr, t.written.size // 2, t.header_addr) + st
+        rows[k] = ((t.addrs["gaddr"], t.written_addr, t.written.size // 2, t.header_addr) + st
+                   + (t.addrs["given"],))
         keep.append((t, bufs, t.written))
     at = [None] if len(tables) == 1 else [tuple(t.index_global) for t in tables]
     return _k.ListStep([t.params for t in tables], at, rows, nparams, keep).run

@@ -748,14 +748,18 @@ def _sumsq_tasks(gaddr, pk, plo, phi, tasks, like_g, partial, parallel):
 
 
 @_jit
-def _gather(ids, ndarray_type, descrs, itemsizes, ndims, dims, dim_start, gaddr, written):
+def _gather(ids, ndarray_type, descrs, itemsizes, ndims, dims, dim_start, gaddr, written,
+            pids, pdata):
     """Read each gradient's data address from its PyArrayObject (``ids``:
     the objects' addresses), checking it as ``_validate.check_like`` would:
     exactly an ndarray, the param's dtype object, C-contiguous, the param's
     shape; and that its bytes overlap none of the sorted, disjoint
-    ``written`` ranges. Returns -1, or the index of the first gradient that
-    does not pass (the caller's full checks then say why; nothing is written
-    through these addresses here).
+    ``written`` ranges. Each param (``pids``) must still be as the table
+    has it: its data at ``pdata[k]``, its dtype, shape and contiguity (one
+    changed in place goes to the full checks, which refuse it). Returns -1,
+    or the index of the first gradient that does not pass (the caller's
+    full checks then say why; nothing is written through these addresses
+    here).
 
     NumPy's array struct (the same layout since NumPy 1.7, and in 2.x):
     ob_refcnt, ob_type, data, nd (int), dimensions, strides, base, descr,
@@ -763,6 +767,14 @@ def _gather(ids, ndarray_type, descrs, itemsizes, ndims, dims, dim_start, gaddr,
     """
     nw = written.size // 2
     for k in range(ids.size):
+        p = pids[k]
+        if (_load_i64(p + 16) != pdata[k] or _load_i64(p + 56) != descrs[k]
+                or not (_load_i32(p + 64) & 1) or _load_i32(p + 24) != ndims[k]):
+            return k
+        pdims = _load_i64(p + 32)
+        for d in range(ndims[k]):
+            if _load_i64(pdims + 8 * d) != dims[dim_start[k] + d]:
+                return k
         a = ids[k]
         if _load_i64(a + 8) != ndarray_type:          # ob_type: exactly ndarray
             return k
@@ -863,7 +875,9 @@ def _table_info(table):
             itemsizes=np.asarray([p.itemsize for p in table.params], np.int64),
             ndims=np.asarray([p.ndim for p in table.params], np.int64),
             dims=np.asarray(dims, np.int64), dim_start=starts.astype(np.int64),
-            ids=np.zeros(len(table.params), np.int64))
+            ids=np.zeros(len(table.params), np.int64),
+            pids=np.asarray([id(p) for p in table.params], np.int64),
+            pdata=np.ascontiguousarray(table.given[:, 0]))
     return info
 
 
@@ -912,7 +926,8 @@ def gather(table, grads) -> bool:
         return False
     ids[:] = np.fromiter(map(id, grads), np.int64, ids.size)
     return _gather(ids, _NDARRAY, info["descrs"], info["itemsizes"], info["ndims"],
-                   info["dims"], info["dim_start"], table.gaddr, table.written) == -1
+                   info["dims"], info["dim_start"], table.gaddr, table.written,
+                   info["pids"], info["pdata"]) == -1
 
 
 def sumsq_table(table) -> float:

@@ -105,16 +105,20 @@ class StepTable:
 
     ``weights[k]``: 1-D compute-dtype array the step updates; ``outs[k]``:
     the 16-bit param written back (None unless mixed precision);
-    ``params[k]``: a view of the user's array as it was given (what a
-    gradient must match: a view keeps the dtype and shape it was made
-    with, so an array's dtype changed in place later does not pass);
+    ``params[k]``: the user's array (what a gradient must match);
+    ``given[k]``: its data address, bytes and dtype object when the table
+    was made (host arrays), which the compiled gradient readers check the
+    array still has (an array whose dtype, size or memory changed in place
+    goes to the full checks, which refuse it);
     ``index[k]``: its position among the group's params; ``offsets[k]``: its
     element offset in the group's state buffers.
     """
 
     def __init__(self, weights, outs, params, index, offsets):
-        self.weights, self.outs = list(weights), outs
-        self.params = [p.view() if isinstance(p, np.ndarray) else p for p in params]
+        self.weights, self.outs, self.params = list(weights), outs, list(params)
+        self.given = np.asarray([(address(p), p.nbytes, id(p.dtype))
+                                 if isinstance(p, np.ndarray) else (0, -1, 0)
+                                 for p in params], _I64).reshape(-1, 3)
         self.index = list(index)
         self.sizes = [int(w.size) for w in weights]
         self.nelem = sum(self.sizes)
@@ -154,7 +158,8 @@ class StepTable:
                           gaddr=a(self.gaddr), soff=a(self.soff), pk=a(self.pk),
                           plo=a(self.plo), phi=a(self.phi), tasks=a(self.tasks),
                           partial=a(self.partial), pfirst=a(self.pfirst),
-                          psum=a(self.psum), factor=a(self.factor), eaddr=a(self.eaddr))
+                          psum=a(self.psum), factor=a(self.factor), eaddr=a(self.eaddr),
+                          given=a(self.given))
         # the same, in the order of the Cython kernels' H_* positions; the
         # last (H_SHIFT) is the offset column's address while one is set
         self.header = np.asarray(list(self.addrs.values())[:8]

@@ -35,6 +35,7 @@ import numpy as np
 from .. import _validate as V
 from ..backends.lowp import is_low_precision
 from ..optim.base import Optimizer, _all_finite, _brief
+from ..optim.state_format import state_dtype_name
 from ..params import FlatArrays, _address, _root, memory_runs
 from ..schedules import from_dict
 from ._comm import DistributedError, agree, mpi, mpi_dtype, world
@@ -491,7 +492,7 @@ class ShardedOptimizer(_Distributed):
             # its trust ratio needs each tensor's whole norm; a shard holds parts of tensors
             raise NotImplementedError("ShardedOptimizer does not shard LAMB (its per-tensor "
                                       "trust ratio needs whole tensors); use DataParallel")
-        if options.get("state_dtype", "float32") != "float32":
+        if state_dtype_name(options.get("state_dtype", "float32")) != "float32":
             # its checkpoints gather float state buffers element by element
             raise NotImplementedError("ShardedOptimizer does not shard compact state "
                                       "(state_dtype) yet; use DataParallel")
@@ -700,7 +701,12 @@ class ShardedOptimizer(_Distributed):
             raise ValueError(f"checkpoint has {len(sd['param_groups'])} param groups, this "
                              f"optimizer has {G}")
         for gi, (hyp, g) in enumerate(zip(sd["param_groups"], self._global_arrays)):
-            if not isinstance(hyp, dict) or hyp.get("params") != _layout(g):
+            # by position (a sharded optimizer's params are views of one
+            # buffer, unnamed): a checkpoint's names, if any, are not compared
+            saved = hyp.get("params") if isinstance(hyp, dict) else None
+            if isinstance(saved, list) and all(isinstance(d, dict) for d in saved):
+                saved = [{k: v for k, v in d.items() if k != "name"} for d in saved]
+            if saved != _layout(g):
                 got = hyp.get("params") if isinstance(hyp, dict) else None
                 raise ValueError(f"checkpoint param_groups[{gi}]: params "
                                  f"{_brief(got or [])} do not match this optimizer's "

@@ -20,6 +20,7 @@ import numpy as np
 
 import fastopt
 
+from ..optim.state_format import state_dtype_name
 from .ensemble import Ensemble
 
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "rmsprop": "RMSprop",
@@ -67,6 +68,7 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+    state_dtype = state_dtype_name(state_dtype)     # np.float32 is "float32"
     if momentum is not None and name != "sgd":
         raise ValueError(f"momentum is an SGD setting; {name} does not take it")
     if schedule not in SCHEDULES:

@@ -49,7 +49,7 @@ from .interrupt import INTERRUPTS, Mark, held
 from .named import KeyTree
 from .param_list import ParamList
 from .placement import placement_for
-from .state_format import StateFormat, element_parts, moved_parts
+from .state_format import StateFormat
 from .given import GivenParams
 from .step_plan import STALE, StepPlan
 
@@ -117,10 +117,10 @@ def _names_differ(saved, layout) -> str:
         return ""
     for name in theirs:
         if name not in ours:
-            return f" (names differ: {name!r} is in the checkpoint, not here)"
+            return f" (names differ: {name!r} is in the checkpoint's group, not in this one)"
     for name in ours:
         if name not in theirs:
-            return f" (names differ: {name!r} is here, not in the checkpoint)"
+            return f" (names differ: {name!r} is in this group, not in the checkpoint's)"
     return ""
 
 
@@ -365,6 +365,7 @@ class Optimizer:
         if not isinstance(grads, (list, tuple)):
             grads = V.as_array_list("grads", grads)
         labels = self._names.labels if self._names is not None else None
+        self._check_arrays_as_given()
         V.check_like("grads", list(grads), "params", self._params, writable=False,
                      allow_low_precision=True, labels=labels)
         labels = labels or [f"[{i}]" for i in range(len(grads))]
@@ -396,6 +397,7 @@ class Optimizer:
                 "grads is a FlatArrays, but the param groups list views of one buffer "
                 "out of memory order, so its layout is ambiguous; pass grads as a list "
                 "in param-group order, or pack each group separately")
+        self._check_arrays_as_given()
         layout = tuple((s, grads.dtype) for s in grads.shapes)
         if layout != self._layout:
             if len(grads) != len(self._params):
@@ -534,7 +536,7 @@ class Optimizer:
         for gi, (group, lst, n) in enumerate(zip(self.param_groups, self._group_lists,
                                                  self._group_sizes)):
             params = group["params"]
-            what, counts = None, f" ({n} arrays then, {len(params)} now)"
+            what, counts = None, f" ({_count(n, 'array')} then, {len(params)} now)"
             if params is not lst:
                 what = " was replaced by another list"
             elif len(params) != n:
@@ -554,14 +556,17 @@ class Optimizer:
                     "state: copy new values into them in place (p[...] = new), add new "
                     "arrays with add_param_group(), or make a new optimizer")
             first += n
-        self._check_arrays_as_given()
 
     def _check_arrays_as_given(self):
         """A param's dtype or size changed in place (``a.dtype = ...``,
         ``a.resize(..., refcheck=False)``) or its strides (``a.strides = ...``):
         the steps address its memory as it was given, and the state is
-        sized for it. Refused, naming it (the full step's check; a host
-        array's attributes, about 0.2 us each)."""
+        sized for it. Refused, naming it. Run where the full checks run
+        (the compiled gradient readers check each param's address, size and
+        dtype at C speed and send a changed one here) and before tables
+        are built: a host array's attributes, about 0.2 us each."""
+        if self._placement.device:
+            return
         for k, (a, (shape, dtype)) in enumerate(zip(self._params, self._layout)):
             if isinstance(a, np.ndarray) and (
                     a.dtype != dtype or a.size != math.prod(shape)
@@ -965,6 +970,7 @@ class Optimizer:
 
     def _host_tables(self):
         """Build the groups' tables (again after a load: new master copies)."""
+        self._check_arrays_as_given()      # tables record each param as it is
         tables = [self._group_tables(gi) for gi in range(len(self.param_groups))]
         all_tables = [t for ts in tables for t in ts]
         if len(all_tables) > 1:     # a grad must miss every table's params
@@ -1413,8 +1419,7 @@ class Optimizer:
         saved_order = self._saved_order(gi, saved)
         if saved_order is None or a is None:
             return a
-        order, sizes = saved_order
-        return moved_parts(a, element_parts(sizes), order)
+        return self._state_format.reordered("master", a, saved_order)   # by element
 
     def _prepare_options(self, options):
         if not isinstance(options, dict):

@@ -269,6 +269,8 @@ class SAM:
                                    "perturbed; compute the gradients there and call "
                                    "step(grads) first")
             self.base_optimizer._check_given()
+            # (a group appended to or removed from param_groups: refused, as by step)
+            self.base_optimizer._check_groups_unchanged()
             self._current_tables()
             if self._on_device:
                 return self._perturbed(self._perturb_device(grads))

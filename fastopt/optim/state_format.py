@@ -50,13 +50,16 @@ def element_parts(sizes) -> list:
     return [(int(s), int(k)) for s, k in zip(starts, sizes)]
 
 
-def _dtype_name(dtype):
-    """A NumPy dtype-like's name (``np.float32`` -> ``"float32"``), else the
-    value as it was (refused by the caller, showing it)."""
+def state_dtype_name(state_dtype):
+    """``state_dtype`` as its name: a NumPy dtype-like's (``np.float32`` ->
+    ``"float32"``), a string as it is; anything else as it was (refused by
+    :meth:`StateFormat.of`, showing it)."""
+    if isinstance(state_dtype, str) or state_dtype is None:
+        return state_dtype
     try:
-        return np.dtype(dtype).name if dtype is not None else dtype
+        return np.dtype(state_dtype).name
     except TypeError:
-        return dtype
+        return state_dtype
 
 
 class StateFormat:
@@ -72,8 +75,7 @@ class StateFormat:
     @classmethod
     def of(cls, opt_cls, state_dtype, state_seed, backend="auto") -> "StateFormat":
         """The format ``opt_cls`` keeps its state in, or a clear refusal."""
-        if not isinstance(state_dtype, str):
-            state_dtype = _dtype_name(state_dtype)    # np.float32, np.int8, ml_dtypes' bfloat16
+        state_dtype = state_dtype_name(state_dtype)    # np.float32, np.int8, ml_dtypes' bfloat16
         if not isinstance(state_dtype, str) or state_dtype not in C.STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {', '.join(map(repr, C.STATE_DTYPES))}, "
                              f"got {state_dtype!r}")
@@ -112,7 +114,7 @@ class StateFormat:
         padded to a multiple of the block, see compact.block_offsets)."""
         if self.name == "int8":
             return C.block_offsets(sizes)
-        return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        return np.asarray([start for start, _ in element_parts(sizes)], np.int64)
 
     def pieces(self, name, sizes) -> list:
         """``(start, length)`` of each array's part of a group's buffer

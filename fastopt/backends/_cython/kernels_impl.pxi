@@ -1293,7 +1293,7 @@ cdef inline storage* _off(storage* a, Py_ssize_t i) noexcept nogil:
 
 # -- gradients as users hold them: a list of separate arrays ---------------------
 
-def gather(grads, list params, i64 out, i64 written, Py_ssize_t nwritten):
+def gather(grads, list params, i64 out, i64 written, Py_ssize_t nwritten, i64 given):
     """Write the data address of each of ``grads`` (a list or tuple of arrays,
     new every step) to the int64 array at ``out``, checking each against
     ``params[k]`` as ``fastopt._validate.check_like`` would (an ndarray of
@@ -1304,17 +1304,23 @@ def gather(grads, list params, i64 out, i64 written, Py_ssize_t nwritten):
     Returns -1 when all pass, else the index of the first grad that does
     not: the caller then runs the full Python checks for the message.
     Nothing is written through these addresses here."""
-    return _gather(grads, params, None, out, written, nwritten)
+    return _gather(grads, params, None, out, written, nwritten, given)
+
+
+# a subclass whose arithmetic the kernels cannot honour (its mask)
+_MaskedArray = np.ma.MaskedArray
 
 
 cdef Py_ssize_t _gather(grads, list params, tuple at, i64 out, i64 written,
-                        Py_ssize_t nwritten):
+                        Py_ssize_t nwritten, i64 given):
     # ``at``: None (grads[k] goes with params[k]), or each param's position
     # in ``grads`` (a table's share of a longer list, whose length the
-    # caller checked)
+    # caller checked); ``given``: each param's data address, bytes and
+    # dtype object when the table was made (StepTable.given)
     cdef Py_ssize_t k, n = len(params), a, b, mid
     cdef i64* dst = <i64*><size_t>out
     cdef const i64* w = <const i64*><size_t>written
+    cdef const i64* gv = <const i64*><size_t>given
     cdef cnp.ndarray g, p
     cdef i64 lo, hi
     cdef object seq
@@ -1328,10 +1334,18 @@ cdef Py_ssize_t _gather(grads, list params, tuple at, i64 out, i64 written,
         return 0
     for k in range(n):
         item = seq[k] if at is None else seq[<Py_ssize_t>at[k]]
-        if not cnp.PyArray_CheckExact(item):
-            return k        # a subclass (a masked array: refused) goes to the full checks
+        if not cnp.PyArray_CheckExact(item) and (
+                not cnp.PyArray_Check(item) or isinstance(item, _MaskedArray)):
+            return k        # a masked array goes to the full checks, which refuse it
         g = <cnp.ndarray>item
         p = <cnp.ndarray>params[k]
+        # the param still as the table has it: its memory, size and dtype (one
+        # changed in place since goes to the full checks, which refuse it)
+        if (<i64><size_t>cnp.PyArray_DATA(p) != gv[3 * k]
+                or <i64>cnp.PyArray_NBYTES(p) != gv[3 * k + 1]
+                or <i64><size_t>cnp.PyArray_DESCR(p) != gv[3 * k + 2]
+                or not cnp.PyArray_IS_C_CONTIGUOUS(p)):
+            return k
         if (cnp.PyArray_DESCR(g) != cnp.PyArray_DESCR(p)
                 and not cnp.PyArray_EquivTypes(g.dtype, p.dtype)):
             return k
@@ -1359,7 +1373,7 @@ cdef Py_ssize_t _gather(grads, list params, tuple at, i64 out, i64 written,
 
 cdef enum:
     # ListStep's int64 row per table
-    L_GADDR, L_WRITTEN, L_NWRITTEN, L_HEADER, L_ST0, L_ST1, L_ST2, L_COLUMNS
+    L_GADDR, L_WRITTEN, L_NWRITTEN, L_HEADER, L_ST0, L_ST1, L_ST2, L_GIVEN, L_COLUMNS
 
 
 cdef class ListStep:
@@ -1439,7 +1453,7 @@ cdef class ListStep:
             if (<const i64*><size_t>row[L_HEADER])[H_SHIFT]:
                 return False
             if _gather(grads, <list>self.params[k], <tuple>self.at[k], row[L_GADDR],
-                       row[L_WRITTEN], row[L_NWRITTEN]) != -1:
+                       row[L_WRITTEN], row[L_NWRITTEN], row[L_GIVEN]) != -1:
                 return False
         with nogil:
             for k in range(self.ntables):
