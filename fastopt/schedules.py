@@ -75,7 +75,12 @@ class Schedule:
             _KINDS[cls.kind] = cls
 
     def __call__(self, step) -> float:
-        return float(self.value(_step(step)))
+        step = _step(step)
+        try:
+            return float(self.value(step))
+        except OverflowError:      # a growing schedule (gamma > 1) past float's range
+            raise ValueError(f"{self!r} at step {step}: the lr grows past the largest "
+                             "float") from None
 
     def value(self, step: int) -> float:
         raise NotImplementedError
@@ -369,14 +374,18 @@ class one_cycle(Schedule):
         raise AssertionError("unreachable")
 
 
-# -- schedules written as text (the CLI's --lr-schedule, fastopt plot-schedule) --------
+# -- schedules written as text (fastopt plot-schedule, parse_schedule) -------------------
 
 def _literal(node):
     if isinstance(node, ast.Call):
         return _parse_call(node)
     if isinstance(node, (ast.List, ast.Tuple)):
         return [_literal(e) for e in node.elts]
-    return ast.literal_eval(node)
+    try:
+        return ast.literal_eval(node)
+    except ValueError:          # "malformed node or string": arithmetic, a name
+        raise ValueError(f"{ast.unparse(node)!r} is not a literal: arguments are numbers, "
+                         "strings, lists or schedule calls (write 1000, not 10**3)") from None
 
 
 def _parse_call(node):
@@ -423,6 +432,6 @@ def settles_at(schedule: Schedule) -> int:
             return a[key] + a.get("transition_begin", 0)
     if "boundaries" in a:
         return a["boundaries"][-1] + (settles_at(a["schedules"][-1]) or a["boundaries"][-1])
-    if "milestones" in a:
+    if a.get("milestones"):      # (none: a constant)
         return a["milestones"][-1] * 2
     return 0

@@ -136,3 +136,19 @@ def test_fixed_split():
         [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     other = mnist_split(REAL, seed=1)
     assert not np.array_equal(other[1], ytr)
+
+
+def test_split_arguments_are_checked_first(tmp_path, tiny):
+    """``n_train=8000.5`` failed on a slice, ``n_train=True`` passed as 1,
+    and ``dtype=np.int32`` gave float64 without a word."""
+    images, labels = tiny
+    d = _write(tmp_path / "m", images, labels)
+    for bad, err, match in ((8000.5, TypeError, "n_train must be an int"),
+                            (True, TypeError, "n_train must be an int"),
+                            (0, ValueError, "n_train must be >= 1")):
+        with pytest.raises(err, match=match):
+            mnist_split(d, n_train=bad)
+    with pytest.raises(TypeError, match="dtype must be float32 or float64, got int32"):
+        mnist_split(d, n_train=6, dtype=np.int32)
+    X, _, _, _ = mnist_split(d, n_train=6, dtype=np.float64)
+    assert X.dtype == np.float64 and X.max() <= 1

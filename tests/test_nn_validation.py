@@ -133,3 +133,30 @@ def test_huge_finite_inputs_are_not_mistaken_for_nan(dtype, contiguous):
     X[1, 2] = np.nan
     with pytest.raises(ValueError, match="X contains 1 NaN or infinite"):
         net.loss_and_grad(X, np.array([0, 1, 2, 0]))
+
+
+def test_model_index_seed_alpha_and_accuracy_are_checked():
+    """``ens.model(3)`` of 3 models failed on a broadcast, ``model(-1)`` too;
+    ``MLP(seed=None)`` / ``seed=-1`` failed inside int() or NumPy; a NaN
+    leaky_relu slope trained to NaN; accuracy of an MSE model crashed (MLP)
+    or returned a [K, B] array (Ensemble)."""
+    ens = Ensemble(3, (6, 4, 3), seed=[1, 2, 3])
+    np.testing.assert_array_equal(ens.model(-1).params.data, MLP((6, 4, 3), seed=3).params.data)
+    with pytest.raises(IndexError, match=r"model 3 of an ensemble of 3 models \(0..2\)"):
+        ens.model(3)
+    with pytest.raises(TypeError, match="model index must be an int"):
+        ens.model(1.5)
+    np.testing.assert_array_equal(MLP((6, 4, 3), seed=None).params.data,
+                                  MLP((6, 4, 3), seed=0).params.data)
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        MLP((6, 4, 3), seed=-1)
+    with pytest.raises(TypeError, match="seed must be an int >= 0 or a sequence"):
+        MLP((6, 4, 3), seed=1.5)
+    with pytest.raises(ValueError, match="alpha must be finite, got nan"):
+        MLP((6, 5, 3), "leaky_relu", alpha=float("nan"))
+    X = np.ones((3, 6), np.float32)
+    for model in (MLP((6, 4, 2), "tanh", "mse"), Ensemble(2, (6, 4, 2), "tanh", "mse")):
+        with pytest.raises(ValueError, match="accuracy counts correct labels.*use evaluate"):
+            model.accuracy(X, np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError, match=r"labels y must have shape \(3,\)"):
+        MLP((6, 4, 3)).accuracy(X, np.array([0, 1]))

@@ -265,3 +265,28 @@ def test_a_schedule_that_overflows_is_named_at_the_step():
         fastopt.schedules.parse_schedule('{"kind": ["x"]}')
     with pytest.raises(ValueError, match="cannot parse schedule"):
         fastopt.schedules.parse_schedule('{"kind": 1,')
+
+
+def test_growing_schedules_empty_milestones_and_arithmetic_say_what_is_wrong():
+    """An exponential with gamma > 1 overflowed with a bare errno message;
+    empty milestones (a constant) crashed plot-schedule's range; arithmetic
+    in a schedule's text said "malformed node or string"."""
+    with pytest.raises(ValueError, match=r"exponential\(init_value=0.001, gamma=1.5\) at step "
+                                         r"10000: the lr grows past the largest float"):
+        S.exponential(1e-3, 1.5)(10000)
+    flat = S.step_decay(1e-3, 0.5, milestones=[])
+    assert flat(0) == flat(10 ** 6) == 1e-3 and S.settles_at(flat) == 0
+    with pytest.raises(ValueError, match=r"'10 \*\* 3' is not a literal.*write 1000"):
+        S.parse_schedule("cosine_decay(1e-3, 10**3)")
+
+
+def test_plot_schedule_of_an_overflowing_or_constant_schedule(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from fastopt.cli import main
+    out = tmp_path / "s.png"
+    assert main(["plot-schedule", "step_decay(1e-3, 0.5, milestones=[])", "-o", str(out)]) == 0
+    assert out.is_file()
+    assert main(["plot-schedule", "exponential(1e-3, 1.5)", "--steps", "3000",
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "at step 1751: the lr grows past" in err

@@ -57,7 +57,7 @@ def run(args):
     xs = [*range(0, steps, stride), *([steps - 1] if (steps - 1) % stride else [])]
     try:
         curves = [[s(t) for t in xs] for s in scheds]
-    except ArithmeticError as exc:      # e.g. exponential with gamma > 1, overflowing
+    except (ArithmeticError, ValueError) as exc:    # exponential with gamma > 1, overflowing
         print(f"fastopt plot-schedule: a schedule failed within {steps} steps: {exc}",
               file=sys.stderr)
         return 2

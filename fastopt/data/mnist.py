@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import _validate as V
+
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -147,12 +149,15 @@ def mnist_split(path=None, n_train=8000, seed=0, dtype=np.float32):
     to 784 features scaled to [0, 1] in ``dtype``, labels int64. The default
     (8000 / 2000, seed 0) is the split this project's experiments use.
     """
+    n_train = V.check_int("n_train", n_train, low=1)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):       # pixels / 255 are fractions
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
     images, labels = load_mnist(path, "t10k")
     n = images.shape[0]
     if not 0 < n_train < n:
         raise ValueError(f"n_train must be in [1, {n - 1}], got {n_train}")
     order = np.random.default_rng(seed).permutation(n)
-    dtype = np.dtype(dtype)
     X = images.reshape(n, -1).astype(dtype) / dtype.type(255)
     y = labels.astype(np.int64)
     tr, te = order[:n_train], order[n_train:]

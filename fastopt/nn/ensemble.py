@@ -29,6 +29,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .. import _validate as V
 from ..backends import is_device_array, kernel_threads
 from ..params import FlatArrays, flat_zeros
 from ..schedules import Schedule
@@ -39,10 +40,17 @@ from .layers import LayerPasses
 
 
 def _seeds(seed, k):
-    if seed is None or isinstance(seed, numbers.Integral):
-        base = 0 if seed is None else int(seed)
+    if seed is None or isinstance(seed, numbers.Integral) or (
+            isinstance(seed, np.ndarray) and seed.ndim == 0):
+        base = 0 if seed is None else V.check_int("seed", seed, low=0)
         return [base + i for i in range(k)]
-    seeds = [int(s) for s in seed]
+    try:
+        seeds = [V.check_int(f"seed[{i}]", s, low=0) for i, s in enumerate(seed)]
+    except TypeError as exc:
+        if not hasattr(seed, "__iter__"):
+            raise TypeError(f"seed must be an int >= 0 or a sequence of them, got "
+                            f"{type(seed).__name__}") from None
+        raise exc from None
     if len(seeds) != k:
         raise ValueError(f"seed has {len(seeds)} entries but the ensemble has {k} models")
     return seeds
@@ -129,7 +137,7 @@ class Ensemble(BatchChecks, LayerPasses):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
         self.loss = loss
-        self.alpha = float(alpha)
+        self.alpha = V.check_real("alpha", alpha)      # leaky_relu's slope
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
@@ -175,7 +183,10 @@ class Ensemble(BatchChecks, LayerPasses):
         #: after another with BLAS's own threads: on the 2-core test machine
         #: that was faster (K=16 784-64-10, batch 128: 3.4 ms against 4.9 ms
         #: split over 2 threads; the small matmuls share the memory system
-        #: better inside one BLAS call). Results are identical either way.
+        #: better inside one BLAS call). Results agree to rounding, not bit for
+        #: bit: a BLAS matmul on one thread blocks its sums differently from one
+        #: on several (float32 gradients measured within 1e-8); each setting
+        #: gives the same bits run after run.
         self.threads = 1
         self.sparse_input = "auto"
 
@@ -373,9 +384,16 @@ class Ensemble(BatchChecks, LayerPasses):
         return out.argmax(axis=2) if self.loss == "cross_entropy" else out
 
     def accuracy(self, X, y, batch_size=1024):
-        """Fraction of correct labels per model, ``[K]``."""
+        """Fraction of correct labels per model, ``[K]`` (cross-entropy
+        models: an MSE model's outputs are not labels; its
+        :meth:`evaluate` gives the loss)."""
+        if self.loss != "cross_entropy":
+            raise ValueError(f"accuracy counts correct labels, for cross_entropy models; "
+                             f"this one's loss is {self.loss}: use evaluate() for its loss")
+        X_checked, shared = self._check_x(X)
+        y = _host(self._check_targets(y, X_checked, shared))
         pred = Ensemble.predict(self, X, batch_size)
-        return (pred == _host(y)).mean(axis=-1)
+        return (pred == y).mean(axis=-1)
 
     def evaluate(self, X, y, batch_size=1024):
         """Mean loss and accuracy per model on a held-out set: two ``[K]`` arrays
@@ -402,8 +420,14 @@ class Ensemble(BatchChecks, LayerPasses):
         return loss / B, acc
 
     def model(self, i):
-        """A standalone copy of model ``i`` as an :class:`MLP`."""
+        """A standalone copy of model ``i`` as an :class:`MLP` (``-1``: the
+        last)."""
         from .mlp import MLP
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"model index must be an int, got {type(i).__name__}")
+        if not -self.k <= i < self.k:
+            raise IndexError(f"model {i} of an ensemble of {self.k} models (0..{self.k - 1})")
+        i = int(i) % self.k
         m = MLP(self.sizes, self.activation, self.loss, init=self.init, dtype=self.dtype,
                 backend=self.backend, alpha=self.alpha)
         n = self.n_per_model

@@ -21,7 +21,7 @@ class MLP(Ensemble):
 
     def __init__(self, sizes, activation="relu", loss="cross_entropy", *, init="auto",
                  seed=0, dtype=np.float32, backend="auto", alpha=0.01):
-        super().__init__(1, sizes, activation, loss, init=init, seed=[int(seed)],
+        super().__init__(1, sizes, activation, loss, init=init, seed=seed,
                          dtype=dtype, backend=backend, alpha=alpha)
 
     @property
