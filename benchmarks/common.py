@@ -20,12 +20,12 @@ def _check_measured_checkout():
     environment (asv drops PYTHONPATH). Where that is another checkout's
     editable install, its code would be measured and filed under this
     checkout's commit: refused, saying how to measure this one."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    imported = os.path.dirname(os.path.dirname(os.path.abspath(fastopt.__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    imported = os.path.dirname(os.path.dirname(os.path.realpath(fastopt.__file__)))
     if imported != here and os.path.isfile(os.path.join(imported, "pyproject.toml")):
         raise ImportError(
             f"these benchmarks are {here}'s, but fastopt is imported from the checkout "
-            f"{imported} (its editable install): the numbers would be that code's, filed "
+            f"{imported} (an editable install or PYTHONPATH): the numbers would be that code's, filed "
             f"under this checkout's commit. Measure this checkout with ASV_PYTHONPATH={here} "
             "(after python setup.py build_ext --inplace there), or pip install -e . in it")
 

@@ -385,7 +385,8 @@ def _literal(node):
         return ast.literal_eval(node)
     except ValueError:          # "malformed node or string": arithmetic, a name
         raise ValueError(f"{ast.unparse(node)!r} is not a literal: arguments are numbers, "
-                         "strings, lists or schedule calls (write 1000, not 10**3)") from None
+                         "strings, lists or schedule calls, not expressions or names "
+                         "(write 1000, not 10**3)") from None
 
 
 def _parse_call(node):

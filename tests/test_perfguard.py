@@ -124,7 +124,10 @@ def test_unmeasurable_ratio_fails(monkeypatch):
 
 @pytest.mark.parametrize("content, match", [
     ("{", "not valid JSON"),
-    ('{"attempts": 0, "cases": []}', "attempts must be a number >= 1"),
+    ('{"attempts": 0, "cases": []}', "attempts must be an int >= 1"),
+    ('{"attempts": 1.5, "cases": []}', "attempts must be an int >= 1, got 1.5"),
+    ('{"rounds": 2.5, "cases": []}', "rounds must be an int >= 1, got 2.5"),
+    ('{"pause_s": -1, "cases": []}', "pause_s must be a number >= 0"),
     ('{"cases": []}', "non-empty 'cases'"),
     ('{"cases": [{"case": "a", "kind": "adamw", "floors": {}}]}', "lacks \\['shape'\\]"),
     ('{"cases": [{"case": "a", "kind": "adam", "shape": [4], "floors": {}}]}', "kind 'adam'"),

@@ -682,3 +682,52 @@ def test_a_param_whose_dtype_or_size_changed_in_place_is_refused(backend):
     opt.step([np.ones((2, 3))])
     assert (d < after_three).all()
     np.testing.assert_array_equal(a, before)        # nothing written by the refused steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_a_param_changed_in_place_is_refused_with_flat_grads_and_by_state_dict(backend,
+                                                                            scheduled):
+    """The same FlatArrays of grads step after step reads no gradient
+    array, so no reader saw the param: a param retyped in place was
+    stepped (float32 writes read as float64), and state_dict wrote a
+    checkpoint no optimizer could load. Refused by the planned step, the
+    full step (a schedule runs it every time), state_dict, L-BFGS and SAM."""
+    W, b = np.ones(8, np.float32), np.ones(4, np.float32)
+    lr = fastopt.schedules.cosine_decay(0.1, 100) if scheduled else 0.1
+    opt = fastopt.Adam([W, b], lr=lr, backend=backend)
+    g = fastopt.flat_zeros([(8,), (4,)], np.float32)
+    g.data[:] = 1
+    for _ in range(3):
+        opt.step(g)
+    W.dtype = np.float64
+    before = W.copy()
+    with pytest.raises(ValueError, match=r"params\[0\] was given as float32\[8\] and is now "
+                                         r"float64\[4\]"):
+        opt.step(g)
+    with pytest.raises(ValueError, match=r"params\[0\] was given as float32\[8\]"):
+        opt.state_dict()
+    np.testing.assert_array_equal(W, before)
+    W.dtype = np.float32
+    opt.step(g)                                   # as given again: steps
+
+    X = np.ones(8, np.float32)
+    lb = fastopt.LBFGS([X], max_iter=2, backend=backend)
+    flat = fastopt.flat_zeros([(8,)], np.float32)
+
+    def closure():
+        flat.data[:] = 2 * (X.view(np.float32) - 3)
+        return float(((X.view(np.float32) - 3) ** 2).sum()), flat
+    lb.step(closure)
+    X.dtype = np.float64
+    with pytest.raises(ValueError, match=r"params\[0\] was given as float32\[8\]"):
+        lb.step(closure)
+    X.dtype = np.float32
+
+    # SAM: the param retyped before the first perturb built its tables
+    P = [np.ones(4, np.float32), np.ones(4, np.float32)]
+    sam = fastopt.SAM(fastopt.SGD(P, lr=0.1, backend=backend), rho=0.1)
+    P[0].dtype = np.float64
+    with pytest.raises(ValueError, match=r"params\[0\] was given as float32\[4\]"):
+        sam.perturb([np.ones(2), np.ones(4, np.float32)])
+    assert not sam.perturbed

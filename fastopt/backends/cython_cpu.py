@@ -134,6 +134,11 @@ def gather(table, grads) -> bool:
                      table.written.size // 2, table.addrs["given"]) == -1
 
 
+def params_as_given(table) -> bool:
+    """Whether ``table``'s params are still as it recorded them (checked in C)."""
+    return _k.params_as_given(table.params, table.addrs["given"]) == -1
+
+
 def list_step(tables, buffers, nparams):
     """``run(grads, els, values, threaded=False, opt=None, last_lr=None) ->
     bool``: the whole step of ``tables`` (small tables, one or more groups'

@@ -748,18 +748,19 @@ def _sumsq_tasks(gaddr, pk, plo, phi, tasks, like_g, partial, parallel):
 
 
 @_jit
-def _gather(ids, ndarray_type, descrs, itemsizes, ndims, dims, dim_start, gaddr, written,
-            pids, pdata):
+def _gather(ids, ndarray_type, pids, given, itemsizes, gaddr, written):
     """Read each gradient's data address from its PyArrayObject (``ids``:
     the objects' addresses), checking it as ``_validate.check_like`` would:
     exactly an ndarray, the param's dtype object, C-contiguous, the param's
     shape; and that its bytes overlap none of the sorted, disjoint
-    ``written`` ranges. Each param (``pids``) must still be as the table
-    has it: its data at ``pdata[k]``, its dtype, shape and contiguity (one
-    changed in place goes to the full checks, which refuse it). Returns -1,
-    or the index of the first gradient that does not pass (the caller's
-    full checks then say why; nothing is written through these addresses
-    here).
+    ``written`` ranges. Each param (``pids``) must still be as its table
+    recorded it (``given``: data address, bytes, dtype object; see
+    ``StepTable.given``) and C-contiguous: one whose dtype, size or memory
+    changed in place goes to the full checks, which refuse it (a reshape in
+    place keeps all three: its grads are read in its new shape). Returns
+    -1, or the index of the first gradient that does not pass (the
+    caller's full checks then say why; nothing is written through these
+    addresses here).
 
     NumPy's array struct (the same layout since NumPy 1.7, and in 2.x):
     ob_refcnt, ob_type, data, nd (int), dimensions, strides, base, descr,
@@ -768,30 +769,29 @@ def _gather(ids, ndarray_type, descrs, itemsizes, ndims, dims, dim_start, gaddr,
     nw = written.size // 2
     for k in range(ids.size):
         p = pids[k]
-        if (_load_i64(p + 16) != pdata[k] or _load_i64(p + 56) != descrs[k]
-                or not (_load_i32(p + 64) & 1) or _load_i32(p + 24) != ndims[k]):
+        if (_load_i64(p + 16) != given[k, 0] or _load_i64(p + 56) != given[k, 2]
+                or not (_load_i32(p + 64) & 1)):
             return k
-        pdims = _load_i64(p + 32)
-        for d in range(ndims[k]):
-            if _load_i64(pdims + 8 * d) != dims[dim_start[k] + d]:
-                return k
         a = ids[k]
         if _load_i64(a + 8) != ndarray_type:          # ob_type: exactly ndarray
             return k
-        if _load_i64(a + 56) != descrs[k]:            # descr: the param's dtype
+        if _load_i64(a + 56) != given[k, 2]:          # descr: the param's dtype
             return k
         if not (_load_i32(a + 64) & 1):               # NPY_ARRAY_C_CONTIGUOUS
             return k
         nd = _load_i32(a + 24)
-        if nd != ndims[k]:
+        if nd != _load_i32(p + 24):                   # the param's shape, as it is now
             return k
         dp = _load_i64(a + 32)
+        pdims = _load_i64(p + 32)
         size = 1
         for d in range(nd):
             dk = _load_i64(dp + 8 * d)
-            if dk != dims[dim_start[k] + d]:
+            if dk != _load_i64(pdims + 8 * d):
                 return k
             size *= dk
+        if size * itemsizes[k] != given[k, 1]:        # and the bytes it was given with
+            return k
         lo = _load_i64(a + 16)
         hi = lo + size * itemsizes[k]
         if hi > lo and nw:
@@ -865,19 +865,14 @@ def _table_info(table):
     info = table.__dict__.get("_numba")
     if info is None:
         store = bits(np.empty(0, table.grad_dtype))
-        dims = [d for p in table.params for d in p.shape]
-        starts = np.cumsum([0] + [p.ndim for p in table.params])[:-1]
         info = table._numba = dict(
             like_w=np.empty(0, table.dtype),
             like_g=store, like_o=None if table.oaddr is None else store,
             dtype=table.dtype.type,
-            descrs=np.asarray([id(p.dtype) for p in table.params], np.int64),
-            itemsizes=np.asarray([p.itemsize for p in table.params], np.int64),
-            ndims=np.asarray([p.ndim for p in table.params], np.int64),
-            dims=np.asarray(dims, np.int64), dim_start=starts.astype(np.int64),
+            # a group's params share the grad dtype (the table's): its itemsize
+            itemsizes=np.full(len(table.params), table.grad_dtype.itemsize, np.int64),
             ids=np.zeros(len(table.params), np.int64),
-            pids=np.asarray([id(p) for p in table.params], np.int64),
-            pdata=np.ascontiguousarray(table.given[:, 0]))
+            pids=np.asarray([id(p) for p in table.params], np.int64))
     return info
 
 
@@ -925,9 +920,33 @@ def gather(table, grads) -> bool:
     if type(grads) not in (list, tuple) or len(grads) != ids.size:
         return False
     ids[:] = np.fromiter(map(id, grads), np.int64, ids.size)
-    return _gather(ids, _NDARRAY, info["descrs"], info["itemsizes"], info["ndims"],
-                   info["dims"], info["dim_start"], table.gaddr, table.written,
-                   info["pids"], info["pdata"]) == -1
+    return _gather(ids, _NDARRAY, info["pids"], table.given, info["itemsizes"], table.gaddr,
+                   table.written) == -1
+
+
+@_jit
+def _params_as_given(pids, given, itemsizes):
+    """-1, or the first param (``pids``: the objects' addresses) no longer
+    at the data address, with the bytes and dtype object, its table
+    recorded (``given``), or no longer C-contiguous."""
+    for k in range(pids.size):
+        p = pids[k]
+        if (_load_i64(p + 16) != given[k, 0] or _load_i64(p + 56) != given[k, 2]
+                or not (_load_i32(p + 64) & 1)):
+            return k
+        dp = _load_i64(p + 32)
+        size = 1
+        for d in range(_load_i32(p + 24)):
+            size *= _load_i64(dp + 8 * d)
+        if size * itemsizes[k] != given[k, 1]:
+            return k
+    return -1
+
+
+def params_as_given(table) -> bool:
+    """Whether ``table``'s params are still as it recorded them."""
+    info = _table_info(table)
+    return _params_as_given(info["pids"], table.given, info["itemsizes"]) == -1
 
 
 def sumsq_table(table) -> float:

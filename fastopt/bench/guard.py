@@ -88,10 +88,11 @@ def load_floors(path=None):
         raise ValueError(f"floors file {path!r} must hold a JSON object with a 'cases' list, "
                          f"got {type(spec).__name__}")
     _refuse_unknown(f"floors file {path!r}", spec, _TOP_KEYS)
-    for key, low in (("attempts", 1), ("rounds", 1), ("pause_s", 0)):
+    for key, low, kind in (("attempts", 1, int), ("rounds", 1, int), ("pause_s", 0, float)):
         value = spec.get(key, low)
-        if not _is_number(value) or value < low:
-            raise ValueError(f"floors file {path!r}: {key} must be a number >= {low}, "
+        if not _is_number(value) or value < low or (kind is int and not isinstance(value, int)):
+            raise ValueError(f"floors file {path!r}: {key} must be "
+                             f"{'an int' if kind is int else 'a number'} >= {low}, "
                              f"got {value!r}")
     entries = spec.get("cases")
     if not isinstance(entries, list) or not entries:

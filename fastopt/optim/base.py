@@ -365,7 +365,6 @@ class Optimizer:
         if not isinstance(grads, (list, tuple)):
             grads = V.as_array_list("grads", grads)
         labels = self._names.labels if self._names is not None else None
-        self._check_arrays_as_given()
         V.check_like("grads", list(grads), "params", self._params, writable=False,
                      allow_low_precision=True, labels=labels)
         labels = labels or [f"[{i}]" for i in range(len(grads))]
@@ -397,7 +396,6 @@ class Optimizer:
                 "grads is a FlatArrays, but the param groups list views of one buffer "
                 "out of memory order, so its layout is ambiguous; pass grads as a list "
                 "in param-group order, or pack each group separately")
-        self._check_arrays_as_given()
         layout = tuple((s, grads.dtype) for s in grads.shapes)
         if layout != self._layout:
             if len(grads) != len(self._params):
@@ -556,16 +554,22 @@ class Optimizer:
                     "state: copy new values into them in place (p[...] = new), add new "
                     "arrays with add_param_group(), or make a new optimizer")
             first += n
+        self._check_arrays_as_given()
 
     def _check_arrays_as_given(self):
         """A param's dtype or size changed in place (``a.dtype = ...``,
         ``a.resize(..., refcheck=False)``) or its strides (``a.strides = ...``):
         the steps address its memory as it was given, and the state is
-        sized for it. Refused, naming it. Run where the full checks run
-        (the compiled gradient readers check each param's address, size and
-        dtype at C speed and send a changed one here) and before tables
-        are built: a host array's attributes, about 0.2 us each."""
+        sized for it. Refused, naming it. Part of every full step's checks
+        (and state_dict's, L-BFGS's, SAM's): each table's params checked in
+        compiled code where the backend can (a call per table), else each
+        host array's attributes read here, about 0.2 us each. The compiled
+        gradient readers of the planned steps check the same per param."""
         if self._placement.device:
+            return
+        check = getattr(self._backend, "params_as_given", None)
+        if check is not None and self._tables is not None and all(
+                check(t) for t in self._all_tables):
             return
         for k, (a, (shape, dtype)) in enumerate(zip(self._params, self._layout)):
             if isinstance(a, np.ndarray) and (
@@ -970,7 +974,6 @@ class Optimizer:
 
     def _host_tables(self):
         """Build the groups' tables (again after a load: new master copies)."""
-        self._check_arrays_as_given()      # tables record each param as it is
         tables = [self._group_tables(gi) for gi in range(len(self.param_groups))]
         all_tables = [t for ts in tables for t in ts]
         if len(all_tables) > 1:     # a grad must miss every table's params

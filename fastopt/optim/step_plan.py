@@ -291,6 +291,8 @@ class StepPlan:
                 t.grads = None
                 if not be.gather(t, grads):
                     return STALE      # the full checks say why (or take it)
+            elif not be.params_as_given(t):
+                return STALE          # a param changed in place: the full checks refuse it
             cs = g.compact_args()
             if self.plain_finish:     # what a Mark holds, read inline (a Mark costs ~1 us)
                 mark, calls, steps = None, t.outcome[0], g.state["step"]
@@ -323,6 +325,8 @@ class StepPlan:
                     t.grads = None
                     if not be.gather(t, [grads[i] for i in index]):
                         return STALE
+        elif not all(be.params_as_given(t) for g in plans for t in g.tables):
+            return STALE                        # (the gather checks the params, else here)
         elements = []
         for g in plans:
             el = g.element()

@@ -1307,6 +1307,24 @@ def gather(grads, list params, i64 out, i64 written, Py_ssize_t nwritten, i64 gi
     return _gather(grads, params, None, out, written, nwritten, given)
 
 
+def params_as_given(list params, i64 given):
+    """-1 when every param still has the data address, bytes and dtype
+    object its table recorded (``given``, StepTable.given) and is
+    C-contiguous; else the index of the first that does not (changed in
+    place: the caller's check says how)."""
+    cdef const i64* gv = <const i64*><size_t>given
+    cdef Py_ssize_t k
+    cdef cnp.ndarray p
+    for k in range(len(params)):
+        p = <cnp.ndarray?>params[k]
+        if (<i64><size_t>cnp.PyArray_DATA(p) != gv[3 * k]
+                or <i64>cnp.PyArray_NBYTES(p) != gv[3 * k + 1]
+                or <i64><size_t>cnp.PyArray_DESCR(p) != gv[3 * k + 2]
+                or not cnp.PyArray_IS_C_CONTIGUOUS(p)):
+            return k
+    return -1
+
+
 # a subclass whose arithmetic the kernels cannot honour (its mask)
 _MaskedArray = np.ma.MaskedArray
 
