@@ -51,12 +51,15 @@ def world():
     in their next collective forever (what ``python -m mpi4py`` does too).
     """
     comm = mpi().COMM_WORLD
-    if comm.Get_size() > 1 and not getattr(sys.excepthook, "_fastopt_abort", False):
-        _install_abort_hook(comm)
+    if comm.Get_size() > 1:
+        install_abort_hook(comm)
     return comm
 
 
-def _install_abort_hook(comm):
+def install_abort_hook(comm):
+    """The ``sys.excepthook`` of :func:`world` for ``comm`` (once per process)."""
+    if getattr(sys.excepthook, "_fastopt_abort", False):
+        return
     previous = sys.excepthook
 
     def hook(kind, value, tb):

@@ -38,7 +38,7 @@ from ..optim.base import Optimizer, _all_finite, _brief
 from ..optim.state_format import state_dtype_name
 from ..params import FlatArrays, _address, _root, memory_runs
 from ..schedules import from_dict
-from ._comm import DistributedError, agree, mpi, mpi_dtype, world
+from ._comm import DistributedError, agree, install_abort_hook, mpi, mpi_dtype, world
 
 __all__ = ["DataParallel", "ShardedOptimizer"]
 
@@ -113,6 +113,10 @@ class _Distributed:
 
     def _init_comm(self, comm):
         self.comm = world() if comm is None else comm
+        if comm is not None and comm.Get_size() > 1:
+            # a rank dying of an uncaught exception would leave the others
+            # blocked in their next collective: abort them (as world() does)
+            install_abort_hook(comm)
         self.rank = self.comm.Get_rank()
         self.world_size = self.comm.Get_size()
         self.bytes_per_step = 0     # gradient + parameter bytes this rank sends per step
@@ -165,9 +169,16 @@ class _Distributed:
     del _forward
 
     def state_nbytes(self) -> int:
-        """Bytes of optimizer state (moments, momentum) held on this rank."""
+        """Bytes of optimizer state (moments, momentum) held on this rank;
+        not the float32 master copies of 16-bit params (weights), as for a
+        single-process optimizer."""
         return sum(a.nbytes for st in self._inner.state for run in st["runs"]
-                   for a in run.values())
+                   for name, a in run.items() if name != "master")
+
+    def sync_master(self) -> None:
+        """The wrapped optimizer's :meth:`~fastopt.optim.base.Optimizer.sync_master`:
+        after writing new values into 16-bit params in place (on every rank)."""
+        self._inner.sync_master()
 
     def load_state_dict(self, state_dict) -> None:
         self._prepare_load(state_dict)()
@@ -229,6 +240,10 @@ class DataParallel(_Distributed):
         self._plan = None       # (min_elems, buckets) for overlapped reductions
         if broadcast:
             self._broadcast(optimizer._params)
+            # 16-bit params step from float32 master copies made from each
+            # rank's own values: taken again from rank 0's (else each rank's
+            # first step brought its own weights back)
+            optimizer.sync_master()
 
     @property
     def optimizer(self):
@@ -478,6 +493,7 @@ class ShardedOptimizer(_Distributed):
         self._setup_agree(sig, error, "ShardedOptimizer setup")
         if broadcast:
             self.comm.Bcast(_wire(self._buffer), root=0)
+            self._inner.sync_master()     # the 16-bit params' master copies: rank 0's too
 
     # -- setup ----------------------------------------------------------------
     def _build(self, cls, params, options):

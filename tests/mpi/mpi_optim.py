@@ -351,7 +351,10 @@ def test_mixed_precision_matches_single_process(mode, low):
     import ml_dtypes
 
     dtype = np.dtype(ml_dtypes.bfloat16 if low == "bfloat16" else np.float16)
-    ref_p, p = make_params(dtype), make_params(dtype)
+    # each rank starts from its own values: the broadcast makes them rank
+    # 0's, master copies included (they were each rank's own, and the first
+    # step brought them back)
+    ref_p, p = make_params(dtype), make_params(dtype, seed=RANK)
     ref = fastopt.AdamW(ref_p, lr=1e-2, max_grad_norm=0.5)
     opt = (dist.DataParallel(fastopt.AdamW(p, lr=1e-2, max_grad_norm=0.5)) if mode == "dp"
            else dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2, max_grad_norm=0.5))
@@ -371,6 +374,8 @@ def test_mixed_precision_matches_single_process(mode, low):
     ref_master = ref.state_dict()["state"][0]["buffers"]["master"]
     master = opt.state_dict()["state"][0]["buffers"]["master"]
     np.testing.assert_allclose(master, ref_master, rtol=2e-5, atol=2e-6)
+    if mode == "dp":
+        assert opt.state_nbytes() == ref.state_nbytes()    # moments, not master copies
     same = np.mean(p.data.astype(np.float32) == ref_p.data.astype(np.float32))
     assert same > 0.99     # the 16-bit params are the rounded masters
     # a sharded checkpoint (with its master copy) loads in one process
