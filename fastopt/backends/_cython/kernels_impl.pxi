@@ -1340,7 +1340,7 @@ cdef Py_ssize_t _gather(grads, list params, tuple at, i64 out, i64 written,
     cdef const i64* w = <const i64*><size_t>written
     cdef const i64* gv = <const i64*><size_t>given
     cdef cnp.ndarray g, p
-    cdef i64 lo, hi
+    cdef i64 lo, hi, nb
     cdef object seq
     if type(grads) is list:
         seq = grads
@@ -1357,10 +1357,10 @@ cdef Py_ssize_t _gather(grads, list params, tuple at, i64 out, i64 written,
             return k        # a masked array goes to the full checks, which refuse it
         g = <cnp.ndarray>item
         p = <cnp.ndarray>params[k]
-        # the param still as the table has it: its memory, size and dtype (one
-        # changed in place since goes to the full checks, which refuse it)
+        # the param still as the table has it: its memory and dtype, and (below,
+        # from the grad of its shape) its bytes; one changed in place since
+        # goes to the full checks, which refuse it
         if (<i64><size_t>cnp.PyArray_DATA(p) != gv[3 * k]
-                or <i64>cnp.PyArray_NBYTES(p) != gv[3 * k + 1]
                 or <i64><size_t>cnp.PyArray_DESCR(p) != gv[3 * k + 2]
                 or not cnp.PyArray_IS_C_CONTIGUOUS(p)):
             return k
@@ -1372,8 +1372,11 @@ cdef Py_ssize_t _gather(grads, list params, tuple at, i64 out, i64 written,
         if not cnp.PyArray_CompareLists(cnp.PyArray_DIMS(g), cnp.PyArray_DIMS(p),
                                         cnp.PyArray_NDIM(g)):
             return k
+        nb = cnp.PyArray_NBYTES(g)          # the param's bytes too: same shape and dtype
+        if nb != gv[3 * k + 1]:
+            return k
         lo = <i64><size_t>cnp.PyArray_DATA(g)
-        hi = lo + cnp.PyArray_NBYTES(g)
+        hi = lo + nb
         if hi > lo and nwritten:
             # the first written range ending after lo; overlap if it starts before hi
             a, b = 0, nwritten
