@@ -748,6 +748,15 @@ def _sumsq_tasks(gaddr, pk, plo, phi, tasks, like_g, partial, parallel):
 
 
 @_jit
+def _at_given(p, given, k):
+    """The param at address ``p`` still at the data address and with the
+    dtype object its table recorded (``given[k]``), and C-contiguous; its
+    bytes are the caller's to compare."""
+    return (_load_i64(p + 16) == given[k, 0] and _load_i64(p + 56) == given[k, 2]
+            and (_load_i32(p + 64) & 1) != 0)
+
+
+@_jit
 def _gather(ids, ndarray_type, pids, given, itemsizes, gaddr, written):
     """Read each gradient's data address from its PyArrayObject (``ids``:
     the objects' addresses), checking it as ``_validate.check_like`` would:
@@ -769,8 +778,7 @@ def _gather(ids, ndarray_type, pids, given, itemsizes, gaddr, written):
     nw = written.size // 2
     for k in range(ids.size):
         p = pids[k]
-        if (_load_i64(p + 16) != given[k, 0] or _load_i64(p + 56) != given[k, 2]
-                or not (_load_i32(p + 64) & 1)):
+        if not _at_given(p, given, k):
             return k
         a = ids[k]
         if _load_i64(a + 8) != ndarray_type:          # ob_type: exactly ndarray
@@ -931,8 +939,7 @@ def _params_as_given(pids, given, itemsizes):
     recorded (``given``), or no longer C-contiguous."""
     for k in range(pids.size):
         p = pids[k]
-        if (_load_i64(p + 16) != given[k, 0] or _load_i64(p + 56) != given[k, 2]
-                or not (_load_i32(p + 64) & 1)):
+        if not _at_given(p, given, k):
             return k
         dp = _load_i64(p + 32)
         size = 1

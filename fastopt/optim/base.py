@@ -583,8 +583,8 @@ class Optimizer:
                     or not a.flags.c_contiguous):
                 label = (f"params{self._names.labels[k]}" if self._names is not None
                          else f"params[{k}]")
-                now = "a strided view" if a.flags.c_contiguous is False else \
-                    f"{a.dtype}{list(a.shape)}"
+                now = ("a strided view" if not a.flags.c_contiguous
+                       else f"{a.dtype}{list(a.shape)}")
                 raise ValueError(
                     f"{label} was given as {np.dtype(dtype)}{list(shape)} and is now "
                     f"{now}: its dtype, size or strides were changed in place, while the "

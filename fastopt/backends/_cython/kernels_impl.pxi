@@ -1317,12 +1317,18 @@ def params_as_given(list params, i64 given):
     cdef cnp.ndarray p
     for k in range(len(params)):
         p = <cnp.ndarray?>params[k]
-        if (<i64><size_t>cnp.PyArray_DATA(p) != gv[3 * k]
-                or <i64>cnp.PyArray_NBYTES(p) != gv[3 * k + 1]
-                or <i64><size_t>cnp.PyArray_DESCR(p) != gv[3 * k + 2]
-                or not cnp.PyArray_IS_C_CONTIGUOUS(p)):
+        if not _at_given(p, gv + 3 * k) or <i64>cnp.PyArray_NBYTES(p) != gv[3 * k + 1]:
             return k
     return -1
+
+
+cdef inline bint _at_given(cnp.ndarray p, const i64* given) noexcept:
+    # ``p`` still at the data address and with the dtype object its table
+    # recorded (``given``: StepTable.given's row), and C-contiguous; its
+    # bytes are the caller's to compare
+    return (<i64><size_t>cnp.PyArray_DATA(p) == given[0]
+            and <i64><size_t>cnp.PyArray_DESCR(p) == given[2]
+            and cnp.PyArray_IS_C_CONTIGUOUS(p))
 
 
 # a subclass whose arithmetic the kernels cannot honour (its mask)
@@ -1360,9 +1366,7 @@ cdef Py_ssize_t _gather(grads, list params, tuple at, i64 out, i64 written,
         # the param still as the table has it: its memory and dtype, and (below,
         # from the grad of its shape) its bytes; one changed in place since
         # goes to the full checks, which refuse it
-        if (<i64><size_t>cnp.PyArray_DATA(p) != gv[3 * k]
-                or <i64><size_t>cnp.PyArray_DESCR(p) != gv[3 * k + 2]
-                or not cnp.PyArray_IS_C_CONTIGUOUS(p)):
+        if not _at_given(p, gv + 3 * k):
             return k
         if (cnp.PyArray_DESCR(g) != cnp.PyArray_DESCR(p)
                 and not cnp.PyArray_EquivTypes(g.dtype, p.dtype)):
