@@ -44,13 +44,10 @@ def _seeds(seed, k):
             isinstance(seed, np.ndarray) and seed.ndim == 0):
         base = 0 if seed is None else V.check_int("seed", seed, low=0)
         return [base + i for i in range(k)]
-    try:
-        seeds = [V.check_int(f"seed[{i}]", s, low=0) for i, s in enumerate(seed)]
-    except TypeError as exc:
-        if not hasattr(seed, "__iter__"):
-            raise TypeError(f"seed must be an int >= 0 or a sequence of them, got "
-                            f"{type(seed).__name__}") from None
-        raise exc from None
+    if not hasattr(seed, "__iter__"):
+        raise TypeError(f"seed must be an int >= 0 or a sequence of them, got "
+                        f"{type(seed).__name__}")
+    seeds = [V.check_int(f"seed[{i}]", s, low=0) for i, s in enumerate(seed)]
     if len(seeds) != k:
         raise ValueError(f"seed has {len(seeds)} entries but the ensemble has {k} models")
     return seeds
@@ -374,7 +371,9 @@ class Ensemble(BatchChecks, LayerPasses):
 
     def predict(self, X, batch_size=1024):
         """Predicted classes ``[K, B]`` (cross-entropy) or outputs (MSE)."""
-        X, shared = self._check_x(X)
+        return self._predict_checked(*self._check_x(X), batch_size)
+
+    def _predict_checked(self, X, shared, batch_size):
         B = tuple(X.shape)[-2]
         outs = []
         for s in range(0, B, batch_size):
@@ -390,10 +389,9 @@ class Ensemble(BatchChecks, LayerPasses):
         if self.loss != "cross_entropy":
             raise ValueError(f"accuracy counts correct labels, for cross_entropy models; "
                              f"this one's loss is {self.loss}: use evaluate() for its loss")
-        X_checked, shared = self._check_x(X)
-        y = _host(self._check_targets(y, X_checked, shared))
-        pred = Ensemble.predict(self, X, batch_size)
-        return (pred == y).mean(axis=-1)
+        X, shared = self._check_x(X)          # once, for the labels and the outputs
+        y = _host(self._check_targets(y, X, shared))
+        return (Ensemble._predict_checked(self, X, shared, batch_size) == y).mean(axis=-1)
 
     def evaluate(self, X, y, batch_size=1024):
         """Mean loss and accuracy per model on a held-out set: two ``[K]`` arrays
