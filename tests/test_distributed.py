@@ -143,6 +143,25 @@ def test_train_mpi_flags_refused_where_they_mean_nothing(flags):
         in out.stderr
 
 
+@pytest.mark.parametrize("case", ["out", "data", "batch"])
+def test_train_usage_errors_under_mpiexec_exit_2_said_once(tmp_path, case):
+    """A bad argument under mpiexec exits 2 on every rank (not 1, a failed
+    run), and the message comes once, from rank 0."""
+    if case != "data" and not _mnist_available():
+        pytest.skip("MNIST files not found")
+    (tmp_path / "a_file").write_text("")
+    extra = {"out": ["--out", str(tmp_path / "a_file")],
+             "data": ["--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+             "batch": ["--batch-size", "10000000", "--out", str(tmp_path / "o")]}[case]
+    out = mpirun(2, [sys.executable, "-m", "fastopt.cli", "train", "--epochs", "1",
+                     "--threads", "1", *extra])
+    assert out.returncode == 2, out.stdout + out.stderr
+    said = [line for line in out.stderr.splitlines() if line.startswith("fastopt train:")]
+    assert len(said) == 1, out.stderr
+    assert {"out": "--out", "data": "missing", "batch": "--batch-size"}[case] in said[0]
+    assert "Traceback" not in out.stderr
+
+
 def test_bench_mlp_cases_train_alike():
     """``python -m fastopt.bench.distributed mlp`` under mpiexec: blocking,
     overlapped and sharded rows, each the same training run."""

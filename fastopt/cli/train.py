@@ -256,10 +256,13 @@ def run(args):
             args.threads = max(1, (os.cpu_count() or 1) // comm.Get_size())
         except ImportError:
             pass
-    saved = sys.stdout
-    if rank != 0:   # rank 0 reports; the others stay silent
+    saved = sys.stdout, sys.stderr
+    if rank != 0:
+        # rank 0 reports; the others stay silent: every rank checks the same
+        # arguments, and a problem only one rank sees reaches rank 0 through
+        # an agreement (its message names the rank)
         args.quiet = True
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     try:
         return _run(args, comm)
     except DistributedError as exc:   # every rank raised it: exit together
@@ -267,14 +270,35 @@ def run(args):
             print(f"fastopt train: {exc}", file=sys.stderr)
         return 1
     except BaseException:
+        _restore_streams(saved)       # this rank's own traceback must be seen
         traceback.print_exc()
         sys.stderr.write(f"fastopt train: rank {rank} failed; aborting every rank\n")
         sys.stderr.flush()
         comm.Abort(1)
     finally:
-        if sys.stdout is not saved:
-            sys.stdout.close()
-            sys.stdout = saved
+        _restore_streams(saved)
+
+
+def _restore_streams(saved):
+    import sys
+    if sys.stdout is not saved[0]:
+        sys.stdout.close()
+    sys.stdout, sys.stderr = saved
+
+
+def _usage_problem(comm, problem, what):
+    """``problem`` (a usage error this rank found, or None) agreed across
+    ranks under MPI: the message to print and exit 2 on, on every rank, if
+    any rank found one (a DistributedError from the agreement would mean
+    exit 1, which reads as a failed run rather than a bad argument)."""
+    if comm is None:
+        return problem
+    from fastopt.distributed import DistributedError, agree
+    try:
+        agree(comm, problem and ValueError(problem), what=what)
+    except DistributedError as exc:
+        return problem or str(exc)
+    return None
 
 
 def _run(args, comm):
@@ -285,28 +309,28 @@ def _run(args, comm):
     import fastopt
     from .common import output_dir_problem
     from fastopt.data import mnist_split
-    from fastopt.distributed import agree
     from fastopt.nn import Ensemble
     from fastopt.nn.training import fit, full_batch_problem, make_optimizer
 
     # rank 0 alone writes, so its view of --out is the one that counts
     problem = None if comm is not None and comm.Get_rank() else output_dir_problem(
         args.out, ("metrics.json", "curves.png"))
-    if comm is not None:
-        agree(comm, problem and ValueError(f"--out {args.out}: {problem}"),
-              what="checking --out")
+    problem = _usage_problem(comm, problem and f"--out {args.out or repr('')}: {problem}",
+                             "checking --out")
     if problem:
-        print(f"fastopt train: --out {args.out or repr('')}: {problem}", file=sys.stderr)
+        print(f"fastopt train: {problem}", file=sys.stderr)
         return 2
+    problem, data = None, None
     try:
-        Xtr, ytr, Xte, yte = mnist_split(args.data_dir, dtype=np.dtype(args.dtype))
+        data = mnist_split(args.data_dir, dtype=np.dtype(args.dtype))
     except (FileNotFoundError, ValueError) as exc:
-        if comm is not None:   # the other ranks must not wait for this one
-            agree(comm, exc, what="loading the data")
-        print(f"fastopt train: {exc}", file=sys.stderr)
+        problem = str(exc)
+    # every rank reads the files: the others must not wait for one that failed
+    problem = _usage_problem(comm, problem, "loading the data")
+    if problem:
+        print(f"fastopt train: {problem}", file=sys.stderr)
         return 2
-    if comm is not None:
-        agree(comm, None, what="loading the data")
+    Xtr, ytr, Xte, yte = data
     lrs = args.ensemble_lrs
     k = len(lrs) if lrs else 1
     if args.batch_size > Xtr.shape[0]:

@@ -35,6 +35,7 @@ import numpy as np
 from .. import _validate as V
 from ..backends.lowp import is_low_precision
 from ..optim.base import Optimizer, _all_finite, _brief
+from ..optim.named import KeyTree
 from ..optim.state_format import state_dtype_name
 from ..params import FlatArrays, _address, _root, memory_runs
 from ..schedules import from_dict
@@ -175,6 +176,21 @@ class _Distributed:
         return sum(a.nbytes for st in self._inner.state for run in st["runs"]
                    for name, a in run.items() if name != "master")
 
+    def zero_grad(self, grads) -> None:
+        """Zero ``grads`` (a FlatArrays shaped like the params) in place."""
+        self._grad_buffer(grads).fill(0)
+
+    def add_param_group(self, param_group) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot add a param group: every rank's layout is "
+            "checked and rank 0's params broadcast when it is made; build it over "
+            "the optimizer (or params) with every group from the start")
+
+    def bind(self, params) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot bind params later: build it over an "
+            "optimizer that has its params")
+
     def sync_master(self) -> None:
         """The wrapped optimizer's :meth:`~fastopt.optim.base.Optimizer.sync_master`:
         after writing new values into 16-bit params in place (on every rank)."""
@@ -252,6 +268,10 @@ class DataParallel(_Distributed):
     @property
     def param_groups(self):
         return self._inner.param_groups
+
+    def lr_schedule(self, group: int = 0):
+        """The wrapped optimizer's :meth:`~fastopt.optim.base.Optimizer.lr_schedule`."""
+        return self._inner.lr_schedule(group)
 
     def _grad_buffer(self, grads):
         if grads is self._cached:
@@ -513,7 +533,11 @@ class ShardedOptimizer(_Distributed):
             raise NotImplementedError("ShardedOptimizer does not shard compact state "
                                       "(state_dtype) yet; use DataParallel")
         specs = Optimizer._group_specs(params)
-        arrays = [V.as_array_list(f"param_groups[{gi}]['params']", s["params"])
+        # params by name are taken in the dict's order: checkpoints of a
+        # sharded optimizer match params by position (views of one buffer)
+        arrays = [KeyTree.of(s["params"], f"param_groups[{gi}]['params']")[1]
+                  if isinstance(s["params"], dict)
+                  else V.as_array_list(f"param_groups[{gi}]['params']", s["params"])
                   for gi, s in enumerate(specs)]
         flat = [a for g in arrays for a in g]
         if not flat:
@@ -584,6 +608,8 @@ class ShardedOptimizer(_Distributed):
             hyp = {**inner.defaults, **{k: v for k, v in spec.items() if k != "params"}}
             self.param_groups.append({**inner._validated(hyp, where=f"param_groups[{gi}]"),
                                       "params": g})
+        self._schedules, self._lr_shown = {}, {}    # as an unsharded optimizer's
+        self._show_lr()
         self._gshard = np.zeros(hi - lo, dtype)
         # 16-bit grads are reduced in float32, then rounded for the step
         self._send32 = np.empty(n, np.float32) if low else None
@@ -628,10 +654,18 @@ class ShardedOptimizer(_Distributed):
         self._cached = grads
         return grads.data
 
+    # The global groups show a scheduled lr as the number the next step
+    # uses, and keep the schedule apart, as an unsharded optimizer does (the
+    # same methods): the shard's groups get the schedule itself.
+    _with_schedule = Optimizer._with_schedule
+    _show_lr = Optimizer._show_lr
+    lr_schedule = Optimizer.lr_schedule
+
     def _sync_hypers(self):
         """Copy the (editable) global group hyperparameters into the shard's groups."""
         for li, gi in enumerate(self._gmap):
-            inner, group = self._inner.param_groups[li], self.param_groups[gi]
+            inner = self._inner.param_groups[li]
+            group = self._with_schedule(gi, self.param_groups[gi])
             for k in [k for k in inner if k != "params" and k not in group]:
                 del inner[k]              # removed by the user: gone from the shard's too
             inner.update({k: v for k, v in group.items() if k != "params"})
@@ -662,6 +696,7 @@ class ShardedOptimizer(_Distributed):
         if self._gshard32 is not self._gshard:
             np.copyto(self._gshard, self._gshard32, casting="unsafe")
         norm = self._inner.step(self._local_grads)
+        self._show_lr()
         wire, kind = _wire(self._buffer)
         self.comm.Allgatherv(MPI.IN_PLACE, [wire, self._counts, self.bounds[:-1], kind])
         nbytes = self._buffer.nbytes
@@ -757,8 +792,10 @@ class ShardedOptimizer(_Distributed):
 
         def apply():
             apply_inner()
+            self._schedules, self._lr_shown = {}, {}
             for group, hyp in zip(self.param_groups, hypers):
                 group.update(hyp)
+            self._show_lr()
         return apply
 
 

@@ -386,3 +386,63 @@ def test_mixed_precision_matches_single_process(mode, low):
     single = fastopt.AdamW(q, lr=1e-2, max_grad_norm=0.5)
     fastopt.load(path, params=q, optimizer=single)
     np.testing.assert_array_equal(single.state_dict()["state"][0]["buffers"]["master"], master)
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+def test_scheduled_lr_shows_the_number_and_keeps_the_schedule(mode):
+    """As an unsharded optimizer's: ``param_groups[0]["lr"]`` is the lr the
+    next step uses, ``lr_schedule()`` the schedule, a number written over
+    it replaces the schedule, and the steps equal one process's."""
+    sched = fastopt.schedules.step_decay(1e-2, milestones=[2], gamma=0.1)
+    ref_p, p = make_params(np.float64), make_params(np.float64)
+    ref = fastopt.AdamW(ref_p, lr=sched)
+    opt = (dist.DataParallel(fastopt.AdamW(p, lr=sched)) if mode == "dp"
+           else dist.ShardedOptimizer(fastopt.AdamW, p, lr=sched))
+    assert opt.lr_schedule(0) is sched
+    g = p.zeros_like()
+    for step in range(4):
+        assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"] == sched(step)
+        if step == 3:     # the user's number replaces the schedule
+            opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 5e-3
+        load_rank_grads(g, step, np.float64)
+        opt.step(g)
+        ref.step(mean_grads(step, np.float64))
+    assert opt.lr_schedule(0) is None and opt.param_groups[0]["lr"] == 5e-3
+    np.testing.assert_allclose(p.data, ref_p.data, **tol(np.float64))
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+def test_zero_grad_and_what_a_wrapper_refuses(mode):
+    p = make_params(np.float32)
+    opt = (dist.DataParallel(fastopt.SGD(p, lr=1e-2)) if mode == "dp"
+           else dist.ShardedOptimizer(fastopt.SGD, p, lr=1e-2))
+    g = p.zeros_like()
+    g.data[...] = 1.0
+    opt.zero_grad(g)
+    assert not g.data.any()
+    with pytest.raises(ValueError):      # not shaped like the params: untouched
+        bad = fastopt.flat_zeros([(3,)])
+        bad.data[...] = 1.0
+        opt.zero_grad(bad)
+    assert bad.data.all()
+    extra = np.zeros(4, np.float32)
+    with pytest.raises(NotImplementedError, match="every group from the start"):
+        opt.add_param_group({"params": [extra]})
+    with pytest.raises(NotImplementedError, match="cannot bind"):
+        opt.bind([extra])
+
+
+def test_sharded_takes_params_by_name():
+    """A dict of a packed buffer's views, as ``model.params`` often is: the
+    dict's order, and the same steps as a single-process optimizer."""
+    p = make_params(np.float64)
+    named = {"layer0": {"W": p[0], "b": p[1]}, "layer1": {"W": p[2], "b": p[3]}, "out": p[4]}
+    opt = dist.ShardedOptimizer(fastopt.AdamW, named, lr=1e-2)
+    ref_p = make_params(np.float64)
+    ref = fastopt.AdamW(list(ref_p), lr=1e-2)
+    g = p.zeros_like()
+    for step in range(3):
+        load_rank_grads(g, step, np.float64)
+        opt.step(g)
+        ref.step(mean_grads(step, np.float64))
+    np.testing.assert_allclose(p.data, ref_p.data, **tol(np.float64))
