@@ -143,23 +143,30 @@ def test_train_mpi_flags_refused_where_they_mean_nothing(flags):
         in out.stderr
 
 
-@pytest.mark.parametrize("case", ["out", "data", "batch"])
-def test_train_usage_errors_under_mpiexec_exit_2_said_once(tmp_path, case):
+@pytest.mark.parametrize("case", ["out", "data", "batch", "parse", "bench"])
+def test_usage_errors_under_mpiexec_exit_2_said_once(tmp_path, case):
     """A bad argument under mpiexec exits 2 on every rank (not 1, a failed
-    run), and the message comes once, from rank 0."""
-    if case != "data" and not _mnist_available():
+    run), and the message comes once, from rank 0: found by argparse, or by
+    ``fastopt train`` itself (on rank 0 alone, or on every rank)."""
+    if case not in ("data", "parse", "bench") and not _mnist_available():
         pytest.skip("MNIST files not found")
     (tmp_path / "a_file").write_text("")
-    extra = {"out": ["--out", str(tmp_path / "a_file")],
-             "data": ["--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
-             "batch": ["--batch-size", "10000000", "--out", str(tmp_path / "o")]}[case]
-    out = mpirun(2, [sys.executable, "-m", "fastopt.cli", "train", "--epochs", "1",
-                     "--threads", "1", *extra])
+    train = [sys.executable, "-m", "fastopt.cli", "train", "--threads", "1"]
+    cmd = {"out": [*train, "--out", str(tmp_path / "a_file")],
+           "data": [*train, "--data-dir", str(tmp_path / "missing"),
+                    "--out", str(tmp_path / "o")],
+           "batch": [*train, "--batch-size", "10000000", "--out", str(tmp_path / "o")],
+           "parse": [*train, "--epochs", "0"],
+           "bench": [sys.executable, "-m", "fastopt.bench.distributed", "mlp",
+                     "--epochs", "0"]}[case]
+    out = mpirun(2, cmd)
     assert out.returncode == 2, out.stdout + out.stderr
-    said = [line for line in out.stderr.splitlines() if line.startswith("fastopt train:")]
+    said = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(said) == 1, out.stderr
-    assert {"out": "--out", "data": "missing", "batch": "--batch-size"}[case] in said[0]
-    assert "Traceback" not in out.stderr
+    assert said[0].startswith("python -m fastopt.bench.distributed: error:" if case == "bench"
+                              else "fastopt train:")
+    assert {"out": "--out", "data": "missing", "batch": "--batch-size", "parse": "--epochs",
+            "bench": "--epochs"}[case] in said[0]
 
 
 def test_bench_mlp_cases_train_alike():
@@ -180,12 +187,16 @@ def test_bench_mlp_cases_train_alike():
     assert losses[2] == pytest.approx(losses[0], rel=1e-5)
 
 
-def test_launched_size_reads_the_launcher_environment(monkeypatch):
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
+def test_launched_size_and_rank_read_the_launcher_environment(monkeypatch):
+    from fastopt.distributed._comm import launched_rank
+
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS",
+                "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
         monkeypatch.delenv(var, raising=False)
-    assert launched_size() == 1
+    assert launched_size() == 1 and launched_rank() == 0
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
-    assert launched_size() == 4
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    assert launched_size() == 4 and launched_rank() == 3
 
 
 def test_sharded_nadam_is_refused_rather_than_resumed_wrong():

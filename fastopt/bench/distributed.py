@@ -27,13 +27,14 @@ prints one JSON line per case. Kernel threads: ``--threads`` per rank
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 import numpy as np
 
+from ..cli import Parser
+from ..cli.common import positive_int
 from .cases import DISTRIBUTED_STEP_ELEMENTS, MNIST
 
 
@@ -156,14 +157,14 @@ def bench_mlp(comm, epochs, bucket_elems=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastopt.bench.distributed")
+    parser = Parser(prog="python -m fastopt.bench.distributed")
     parser.add_argument("what", choices=["step", "mlp"])
-    parser.add_argument("--size", type=int, default=DISTRIBUTED_STEP_ELEMENTS)
-    parser.add_argument("--repeat", type=int, default=15)
-    parser.add_argument("--epochs", type=int, default=5,
+    parser.add_argument("--size", type=positive_int, default=DISTRIBUTED_STEP_ELEMENTS)
+    parser.add_argument("--repeat", type=positive_int, default=15)
+    parser.add_argument("--epochs", type=positive_int, default=5,
                         help="mlp: rounds, one epoch of every case per round")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--bucket-elems", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--bucket-elems", type=positive_int, default=None,
                         help="mlp: smallest overlapped bucket (default: the library's)")
     args = parser.parse_args(argv)
 

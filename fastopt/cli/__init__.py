@@ -29,17 +29,20 @@ COMMANDS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """A bad argument is one line on stderr (argparse prints the whole
-    usage block first), naming --help for the rest."""
+    usage block first), naming --help for the rest; under ``mpiexec -n N``
+    said once, by rank 0 (every rank parses the same arguments)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        from ..distributed._comm import launched_rank
+        self.exit(2, None if launched_rank() else
+                  f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv=None):
     from .. import __version__
-    parser = _Parser(prog="fastopt", description="fastopt: fused optimizer steps for NumPy code")
+    parser = Parser(prog="fastopt", description="fastopt: fused optimizer steps for NumPy code")
     parser.add_argument("--version", action="version", version=f"fastopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():

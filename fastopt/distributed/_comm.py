@@ -14,6 +14,7 @@ import numpy as np
 
 # Set by the launchers: MPICH/Intel MPI (hydra: PMI_SIZE), Open MPI, PMIx.
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
 class DistributedError(RuntimeError):
@@ -30,6 +31,16 @@ def launched_size() -> int:
         if value and value.isdigit():
             return int(value)
     return 1
+
+
+def launched_rank() -> int:
+    """This process's rank as announced by an MPI launcher, without
+    initialising MPI; 0 when not launched by one."""
+    for var in _RANK_VARS:
+        value = os.environ.get(var)
+        if value and value.isdigit():
+            return int(value)
+    return 0
 
 
 def mpi():
