@@ -83,17 +83,37 @@ def check_int(name, value, *, low) -> int:
     return int(value)
 
 
-def as_array_list(name, arrays) -> list:
-    """A list of ndarrays from one array or a sequence of them."""
+def as_array_list(name, arrays, labels=None, *, by_name=False) -> list:
+    """A list of ndarrays from one array or a sequence of them; ``labels[i]``
+    names item ``i`` in errors (``[i]`` by default, ``['W']`` for params
+    held by name), and ``by_name`` says a dict by the params' names would
+    do too."""
     if isinstance(arrays, np.ndarray):
         return [arrays]
     if not isinstance(arrays, (list, tuple)):
-        raise TypeError(f"{name} must be an ndarray or a list of ndarrays, "
-                        f"got {type(arrays).__name__}")
+        also = " (or a dict of them by the params' names)" if by_name else ""
+        raise TypeError(f"{name} must be an ndarray or a list of ndarrays{also}, "
+                        f"got {type(arrays).__name__}{_not_arrays_hint(arrays)}")
     for i, a in enumerate(arrays):
         if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name}[{i}] must be an ndarray, got {_what(a)}")
+            lab = f"[{i}]" if labels is None else labels[i]
+            nested = ("; a dict's values are arrays, or dicts of them (name each array: "
+                      "{'0': a0, '1': a1} for a list)"
+                      if labels is not None and isinstance(a, (list, tuple)) else "")
+            raise TypeError(f"{name}{lab} must be an ndarray, got {_what(a)}{nested}")
     return list(arrays)
+
+
+def _not_arrays_hint(given) -> str:
+    """Why a step's argument may be a callable or a number (torch habits)."""
+    if callable(given):
+        return ": a closure is for LBFGS.step; the other optimizers take the gradients"
+    if isinstance(given, np.generic):
+        return ("; np.asarray(g) if it is a 0-d param's gradient (the step takes the "
+                "gradients, not the loss)")
+    if isinstance(given, numbers.Number):
+        return ": the step takes the gradients, one array per param (not the loss)"
+    return ""
 
 
 def _what(a) -> str:
@@ -115,6 +135,10 @@ def check_float_array(name, a, *, writable, allow_low_precision=False) -> None:
         raise TypeError(f"{name} is a masked array: fastopt's kernels would read the data "
                         "under its mask; pass its data (np.ma.getdata(a)), or a gradient "
                         "with its masked entries filled (g.filled(0))")
+    if a.dtype.kind == "f" and not a.dtype.isnative:
+        raise TypeError(f"{name} is {a.dtype.name} in non-native byte order ({a.dtype.str}); "
+                        "the kernels read native floats: convert it first "
+                        f"(a.astype(np.{a.dtype.name}))")
     if a.dtype not in FLOAT_DTYPES and not (
             allow_low_precision and a.dtype.name in LOW_PRECISION_NAMES):
         also = (" (or float16/bfloat16)"

@@ -731,3 +731,57 @@ def test_a_param_changed_in_place_is_refused_with_flat_grads_and_by_state_dict(b
     with pytest.raises(ValueError, match=r"params\[0\] was given as float32\[4\]"):
         sam.perturb([np.ones(2), np.ones(4, np.float32)])
     assert not sam.perturbed
+
+
+def test_a_value_in_params_by_name_that_is_no_array_is_named_by_its_keys():
+    with pytest.raises(TypeError, match=r"\['params'\]\['scale'\] must be an ndarray, got float"):
+        fastopt.Adam({"W": np.ones((2, 2)), "scale": 1.0})
+    # a list inside the dict: named by its key, with what a dict may hold
+    with pytest.raises(TypeError, match=r"\['params'\]\['layer1'\]\['b'\] must be an ndarray, "
+                                        r"got list; a dict's values are arrays, or dicts"):
+        fastopt.Adam({"layer1": {"W": np.ones((2, 2)), "b": [np.zeros(2)]}})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_native_byte_order_is_said_as_such(backend):
+    """A big-endian float64 (FITS, network order) was refused as 'must be
+    float32 or float64, got >f8', which it is."""
+    with pytest.raises(TypeError, match=r"\['W'\] is float32 in non-native byte order \(>f4\)"):
+        fastopt.SGD({"W": np.zeros(3, ">f4")}, lr=0.1, backend=backend)
+    p = np.zeros(3)
+    opt = fastopt.SGD([p], lr=0.1, backend=backend)
+    opt.step([np.ones(3)])
+    with pytest.raises(TypeError, match=r"grads\[0\] is float64 in non-native byte order.*"
+                                        r"astype\(np.float64\)"):
+        opt.step([np.ones(3, ">f8")])
+    np.testing.assert_array_equal(p, -0.1)
+
+
+def test_a_closure_or_a_loss_given_to_step_is_said_to_be_one():
+    opt = fastopt.Adam({"W": np.zeros((2, 2))})
+    with pytest.raises(TypeError, match=r"or a dict of them by the params' names\), got "
+                                        r"function: a closure is for LBFGS.step"):
+        opt.step(lambda: 0.5)
+    with pytest.raises(TypeError, match=r"got float: the step takes the gradients.*not the loss"):
+        opt.step(0.5)
+    with pytest.raises(TypeError, match=r"got float64; np.asarray\(g\) if it is a 0-d"):
+        fastopt.SGD([np.zeros(())], lr=0.1).step(np.float64(1.0))
+
+
+def test_load_state_dict_raises_checkpoint_error_as_load_does():
+    """Code that catches fastopt.CheckpointError around a resume missed the
+    plain ValueError load_state_dict raised for the same mismatch."""
+    a = {"W": np.zeros(3)}
+    src = fastopt.Adam(a)
+    src.step({"W": np.ones(3)})
+    b = {"W": np.zeros(4)}
+    dst = fastopt.Adam(b)
+    dst.step({"W": np.ones(4)})
+    before = dst.state_dict()
+    for sd in (src.state_dict(), {"x": 1}, None, fastopt.SGD(b).state_dict()):
+        with pytest.raises(fastopt.CheckpointError):
+            dst.load_state_dict(sd)
+    assert_same_tree(dst.state_dict(), before)
+    sam = fastopt.SAM(fastopt.SGD(b, lr=0.1))
+    with pytest.raises(fastopt.CheckpointError, match="SAM state_dict is missing keys"):
+        sam.load_state_dict({"x": 1})

@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import _validate as V
 from ..backends.lowp import is_low_precision
-from ..optim.base import Optimizer, _all_finite, _brief
+from ..optim.base import Optimizer, _all_finite, _brief, prepared_load
 from ..optim.named import KeyTree
 from ..optim.state_format import state_dtype_name
 from ..params import FlatArrays, _address, _root, memory_runs
@@ -197,7 +197,9 @@ class _Distributed:
         self._inner.sync_master()
 
     def load_state_dict(self, state_dict) -> None:
-        self._prepare_load(state_dict)()
+        """As an optimizer's: a mismatch raises :class:`fastopt.CheckpointError`
+        and changes nothing."""
+        prepared_load(self, state_dict)()
 
     def _coordinate_save(self, write):
         """fastopt.save calls this: rank 0 writes, and every rank learns

@@ -99,10 +99,22 @@ def _is_device_array(a) -> bool:
         hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray")
 
 
+def prepared_load(optimizer, state_dict):
+    """``optimizer._prepare_load(state_dict)``, a mismatch raised as
+    :class:`fastopt.CheckpointError`, the error :func:`fastopt.load` gives."""
+    from ..checkpoint import CheckpointError
+    try:
+        return optimizer._prepare_load(state_dict)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
 def _brief(layout):
     text = ", ".join(f"{d.get('name', '') and d['name'] + ': '}{d.get('dtype')}{d.get('shape')}"
                      for d in layout[:4])
-    return f"[{text}{', ...' if len(layout) > 4 else ''}] ({len(layout)} arrays)"
+    return f"[{text}{', ...' if len(layout) > 4 else ''}] ({_count(len(layout), 'array')})"
 
 
 def _count(n, noun):
@@ -362,9 +374,9 @@ class Optimizer:
         """The full checks of a list of gradients (each array's dtype, shape,
         contiguity, and no overlap with anything the step writes), naming
         the array by index or key; the checked list."""
-        if not isinstance(grads, (list, tuple)):
-            grads = V.as_array_list("grads", grads)
         labels = self._names.labels if self._names is not None else None
+        if not isinstance(grads, (list, tuple)):
+            grads = V.as_array_list("grads", grads, by_name=labels is not None)
         self._check_arrays_as_given()          # (a compiled reader refused, or none)
         V.check_like("grads", list(grads), "params", self._params, writable=False,
                      allow_low_precision=True, labels=labels)
@@ -1293,10 +1305,11 @@ class Optimizer:
     def load_state_dict(self, state_dict) -> None:
         """Restore :meth:`state_dict` output. Everything is checked first: a
         checkpoint that does not match (another optimizer type, other shapes
-        or dtypes, missing or unknown keys) raises ValueError/TypeError and
-        leaves this optimizer exactly as it was."""
+        or dtypes, missing or unknown keys) raises
+        :class:`fastopt.CheckpointError` (a ValueError), as :func:`fastopt.load`
+        does, and leaves this optimizer exactly as it was."""
         with self._lock:
-            self._prepare_load(state_dict)()
+            prepared_load(self, state_dict)()
 
     def _prepare_load(self, sd):
         """Check ``sd`` against this optimizer; return a function that applies it

@@ -75,7 +75,7 @@ class HostPlacement:
         """``(checked arrays, packed buffer or None)`` of one group's params
         (runs of views are found by address on the host: :meth:`runs`);
         ``labels``: how errors name each array after ``where`` (by index)."""
-        arrays = V.as_array_list(where, given)
+        arrays = V.as_array_list(where, given, labels)
         for i, a in enumerate(arrays):
             V.check_float_array(f"{where}{labels[i] if labels else f'[{i}]'}", a,
                                 writable=True, allow_low_precision=True)

@@ -47,7 +47,7 @@ from ..backends import get_backend
 from ..backends.flat_ops import ops_for, sam_scale
 from ..backends.tables import group_tables, refuse_each_other
 from ..params import FlatArrays
-from .base import Optimizer
+from .base import Optimizer, prepared_load
 from .interrupt import INTERRUPTS, finished, held
 from .placement import Offsets, span
 from .state_checks import require_array, require_keys
@@ -236,7 +236,7 @@ class SAM:
                 len(grads) == len(self._offsets) - 1 and all(
                     gather(t, [grads[i] for i in t.index_global]) for t in self._all):
             return      # checked in compiled code: dtype, shape, contiguity, no overlap
-        grads = V.as_array_list("grads", grads)
+        grads = V.as_array_list("grads", grads, by_name=base._names is not None)
         base.check_grads(grads)              # raises, naming the array
         V.check_disjoint(self._e_named(), [(f"grads[{i}]", g) for i, g in enumerate(grads)])
         for t in self._all:
@@ -513,7 +513,7 @@ class SAM:
         """Restore :meth:`state_dict` output, checked in full first (the
         base's part included): on a mismatch nothing changes."""
         with self._lock, self.base_optimizer._lock:
-            self._prepare_load(state_dict)()
+            prepared_load(self, state_dict)()
 
     def _prepare_load(self, sd):
         """Check ``sd``; return a function that applies it (what
