@@ -145,7 +145,11 @@ def check_float_array(name, a, *, writable, allow_low_precision=False) -> None:
                 if allow_low_precision else "")
         raise TypeError(f"{name} must be float32 or float64{also}, got {a.dtype}")
     if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
+        what = "Fortran-ordered" if a.flags.f_contiguous else "not contiguous"
+        # written in place (a param): a contiguous copy must take its place
+        fix = ("it is written in place, so make a C-ordered copy (np.ascontiguousarray) "
+               "and use that array from then on" if writable else "use np.ascontiguousarray")
+        raise ValueError(f"{name} must be C-contiguous (row-major), and is {what}: {fix}")
     if writable and not a.flags.writeable:
         raise ValueError(f"{name} is read-only; the step updates it in place")
 

@@ -207,16 +207,30 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     the next save removes the temporary file a killed one left behind.
     """
     tree = {"format": FORMAT}
+    # A distributed optimizer (fastopt.distributed): its state_dict is a
+    # collective, so a rank that failed a check before it tells the others,
+    # who would wait there forever, and every rank raises
+    agree_checked = getattr(optimizer, "_agree_save_checked", None)
     # Under the optimizer's lock, as its step: params and state from one
     # step when a thread checkpoints while the training loop steps (the
     # params copied, as state_dict copies the state; written after)
     with getattr(optimizer, "_lock", None) or contextlib.nullcontext():
-        if params is not None:
-            # device params: one copy to the host each (checkpoints are host
-            # files); params given by name are kept by name
-            names, arrays = _named_params(params)
-            host = [_host_copy(a) for a in arrays]
-            tree["params"] = host if names is None else _nest(_stored_paths(names), host)
+        error = None
+        try:
+            if params is not None:
+                # device params: one copy to the host each (checkpoints are
+                # host files); params given by name are kept by name
+                names, arrays = _named_params(params)
+                host = [_host_copy(a) for a in arrays]
+                tree["params"] = host if names is None else _nest(_stored_paths(names), host)
+            if extra is not None and agree_checked is not None:
+                _encode(extra, {}, "root['extra']")    # its checks, before the collective
+        except Exception as exc:    # noqa: BLE001 - raised below, or on every rank
+            if agree_checked is None:
+                raise
+            error = exc
+        if agree_checked is not None:
+            agree_checked(error)
         if optimizer is not None:
             tree["optimizer"] = optimizer.state_dict()
     if extra is not None:

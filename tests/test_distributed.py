@@ -169,6 +169,34 @@ def test_usage_errors_under_mpiexec_exit_2_said_once(tmp_path, case):
             "bench": "--epochs"}[case] in said[0]
 
 
+def test_train_ctrl_c_under_mpiexec_writes_what_finished_and_exits_130(tmp_path):
+    """Ctrl-C under mpiexec ended the job as a crash: a traceback per rank,
+    'rank 1 failed', exit 1 and nothing written after minutes of epochs."""
+    import signal
+
+    if not _mnist_available():
+        pytest.skip("MNIST files not found")
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "fastopt.cli", "train",
+                             "--epochs", "500", "--hidden", "16", "--threads", "1", "--quiet",
+                             "--out", str(tmp_path)], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:          # an epoch finished: then Ctrl-C
+            if line.startswith("epoch   2:"):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "failed" not in err, err[-3000:]
+    assert "Ctrl-C ends every rank at once" in err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["interrupted"] is True and len(metrics["epochs"]) >= 2
+
+
 def test_bench_mlp_cases_train_alike():
     """``python -m fastopt.bench.distributed mlp`` under mpiexec: blocking,
     overlapped and sharded rows, each the same training run."""

@@ -135,6 +135,99 @@ def test_a_copys_checkpoint_holds_the_state_its_steps_wrote(backend, how):
         np.testing.assert_array_equal(theirs["buffers"][name], mine["buffers"][name])
 
 
+@pytest.mark.parametrize("backend", ["numpy", *COMPILED])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("layout", ["two arrays", "views of one buffer"])
+def test_a_copys_sync_master_reads_its_own_16bit_params(backend, how, layout):
+    """sync_master on a copy read each run's flat view as it was copied (an
+    array of its own), so weights written into the copy's 16-bit params
+    were overwritten by its next step; and views of one buffer, copied,
+    no longer lie end to end (two runs where there was one)."""
+    if layout == "two arrays":
+        p = [np.full(3, 0.5, np.float16), np.full(4, 0.5, np.float16)]
+    else:
+        buf = np.full(7, 0.5, np.float16)
+        p = [buf[:3], buf[3:]]
+    g = [np.full(3, 0.1, np.float16), np.full(4, 0.1, np.float16)]
+    opt = fastopt.Adam(p, lr=1e-3, backend=backend)
+    opt.step(g)
+    ref_p = [np.full(3, 0.5, np.float16), np.full(4, 0.5, np.float16)]
+    ref = fastopt.Adam(ref_p, lr=1e-3, backend=backend)     # the same, not copied
+    ref.step(g)
+    p, opt = copy.deepcopy((p, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((p, opt)))
+    for o, arrays in ((opt, p), (ref, ref_p)):
+        for a in arrays:
+            a[...] = 0
+        o.sync_master()
+        o.step(g)
+    np.testing.assert_allclose(ref_p[0], -0.001, rtol=1e-2)
+    for a, b in zip(p, ref_p):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(opt.state_dict()["state"][0]["buffers"]["master"],
+                                  ref.state_dict()["state"][0]["buffers"]["master"])
+
+
+def test_a_refused_step_leaves_no_tables_over_a_retyped_param():
+    """NumPy backend: a step refused for a param retyped in place had just
+    made its tables (views in the wrong dtype) and kept them: once the
+    dtype was put back, the next step zeroed the param and its moments."""
+    p = [np.ones(3), np.ones(3)]
+    opt = fastopt.Adam(p, lr=1e-2, backend="numpy")
+    g = [np.full(3, 0.5), np.full(3, 0.5)]
+    opt.step(g)
+    p[0].flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        opt.step(g)                 # (drops the tables)
+    p[0].flags.writeable = True
+    p[1].dtype = np.int64
+    with pytest.raises(ValueError, match="was given as float64"):
+        opt.step(g)
+    p[1].dtype = np.float64
+    opt.step(g)
+    np.testing.assert_allclose(p[0], 0.98)
+    np.testing.assert_allclose(p[1], 0.98)
+
+
+@pytest.mark.parametrize("wait_s", [5.0, 0.05])
+def test_a_fork_during_another_threads_step(wait_s):
+    """A child forked while another thread was inside a step inherited the
+    step lock held by a thread it does not have: its first step or
+    state_dict on that optimizer waited forever. The fork now waits for
+    the step (the child gets it whole); past forks.WAIT_S it goes on, and
+    the child gets a new lock and a warning."""
+    code = textwrap.dedent(f"""
+        import os, sys, threading, time, warnings, numpy as np
+        import fastopt
+        from fastopt.optim import forks
+        forks.WAIT_S = {wait_s}
+        x = np.array([3.0])
+        opt = fastopt.LBFGS([x], max_iter=1)
+        inside = threading.Event()
+
+        def closure():
+            inside.set()
+            time.sleep(0.5)           # the step holds its lock meanwhile
+            return float(x[0] ** 2), [2 * x]
+        t = threading.Thread(target=opt.step, args=(closure,))
+        t.start()
+        inside.wait()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pid = os.fork()
+            if pid == 0:
+                signal_ok = opt.state_dict()["lbfgs"]["func_evals"]   # no hang
+                whole = opt.iterations == 1
+                warned = any("forked while another thread" in str(w.message) for w in caught)
+                os._exit(0 if whole != warned else 3)
+        _, status = os.waitpid(pid, 0)
+        t.join()
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_params_appended_after_construction_are_refused():
     p = [np.ones(3)]
     opt = fastopt.SGD(p, lr=0.1)

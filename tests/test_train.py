@@ -131,6 +131,8 @@ def test_train_lbfgs_full_batch(tmp_path):
     (["--optimizer", "lbfgs", "--batch-size", "8000", "--max-grad-norm", "1"],
      "no --max-grad-norm"),
     (["--sam", "0.05", "--ensemble-lrs", "1e-2,1e-3"], "not an --ensemble-lrs sweep"),
+    # (named by its flags, not as the optimizer's params[0] refusal)
+    (["--dtype", "float64", "--state-dtype", "int8"], "--dtype float64 params keep float64"),
 ])
 def test_train_refuses_what_sam_and_lbfgs_cannot_do(tmp_path, capsys, argv, message):
     data = _fake_mnist(tmp_path / "mnist", n=10000)
@@ -193,3 +195,17 @@ def test_momentum_is_refused_for_an_optimizer_without_one():
         make_optimizer(model, "adam", 1e-3, momentum=0.9)
     assert make_optimizer(model, "sgd", 0.1).param_groups[0]["momentum"] == 0.9
     assert make_optimizer(model, "sgd", 0.1, momentum=0.5).param_groups[0]["momentum"] == 0.5
+
+
+@pytest.mark.parametrize("name", ["lamb", "nadam"])
+def test_make_optimizer_refuses_sharding_what_does_not_shard_by_its_flags(name):
+    """``--shard-state --optimizer lamb`` exited 1 with the sharded
+    optimizer's API message, repeated once per rank."""
+    import types
+
+    from fastopt.nn import Ensemble
+    from fastopt.nn.training import make_optimizer
+    model = Ensemble(1, (4, 3, 2), "relu", seed=0)
+    with pytest.raises(ValueError, match=rf"--optimizer {name} with --shard-state: .*leave out "
+                                         r"--shard-state"):
+        make_optimizer(model, name, 1e-3, parallel=types.SimpleNamespace(shard_state=True))

@@ -23,7 +23,8 @@ throughput, the held-out accuracy per epoch, and writes ``metrics.json`` and
 directory). Ctrl-C stops training after the current step, writes the
 metrics and curves of the epochs that finished (``"interrupted": true``),
 prints one line and exits 130; a second Ctrl-C stops at once. Under
-mpiexec, Ctrl-C aborts the job as before.
+mpiexec, Ctrl-C ends every rank at once (each is at its own step): rank 0
+writes the finished epochs first, and the exit code is 130.
 """
 
 from __future__ import annotations
@@ -226,14 +227,18 @@ def _world():
 def run(args):
     import sys
 
+    from fastopt.distributed._comm import launched_rank
+    said = launched_rank() == 0      # under mpiexec rank 0 alone says what is wrong
     try:
         comm = _world()
     except ImportError as exc:
-        print(f"fastopt train: launched under an MPI launcher but {exc}", file=sys.stderr)
+        if said:
+            print(f"fastopt train: launched under an MPI launcher but {exc}", file=sys.stderr)
         return 2
     if args.overlap and args.shard_state:
-        print("fastopt train: --overlap is for replicated state; sharded state reduces "
-              "after the backward pass", file=sys.stderr)
+        if said:
+            print("fastopt train: --overlap is for replicated state; sharded state reduces "
+                  "after the backward pass", file=sys.stderr)
         return 2
     if comm is None:
         if args.shard_state or args.overlap:
@@ -246,6 +251,7 @@ def run(args):
             remove_unused_output_dirs()
         return rc
     import os
+    import time
     import traceback
 
     from fastopt.distributed import DistributedError
@@ -269,6 +275,19 @@ def run(args):
         if rank == 0:
             print(f"fastopt train: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # mpiexec passes Ctrl-C to every rank, each at its own step: no step
+        # to stop at together, so the job ends. Rank 0 has written what
+        # finished and ends it; the others wait for that, and end it
+        # themselves only if rank 0 is stuck (in a collective they left)
+        _restore_streams(saved)
+        if rank == 0:
+            sys.stderr.write("fastopt train: under mpiexec Ctrl-C ends every rank at once\n")
+            sys.stderr.flush()
+            time.sleep(0.25)        # for mpiexec to pass the lines on (see _comm.py)
+        else:
+            time.sleep(5.0)
+        comm.Abort(EXIT_INTERRUPTED)
     except BaseException:
         _restore_streams(saved)       # this rank's own traceback must be seen
         traceback.print_exc()
@@ -437,6 +456,10 @@ def _run(args, comm):
                           on_batch=on_batch, on_epoch=on_epoch, parallel=parallel)
         except (_Stopped, KeyboardInterrupt):
             if comm is not None:
+                if comm.Get_rank() == 0:     # what finished, as one process writes it
+                    bar.end_line()
+                    _finish_interrupted(args, _history_so_far(records, args.target, k),
+                                        labels, sizes, model.backend)
                 raise
             interrupted = True
             history = _history_so_far(records, args.target, k)

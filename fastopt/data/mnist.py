@@ -107,7 +107,7 @@ def find_mnist(path=None, split="t10k") -> Path:
     for how, d in candidates:
         if d.is_dir() and _has_split(d, split):
             return d.resolve()
-        tried.append(f"{d} ({how})")
+        tried.append(f"{d} ({how}{'' if d.is_dir() else ': no such folder'})")
     raise FileNotFoundError(
         f"MNIST {split} files ({_FILES['images'].format(split=split)}[.gz] and labels) not "
         f"found; looked in: {'; '.join(tried)}. Point fastopt at the directory holding "

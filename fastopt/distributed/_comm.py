@@ -6,6 +6,7 @@ Nothing here imports mpi4py until a communicator is asked for, so
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -105,22 +106,53 @@ def _describe(exc) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def agree(comm, error=None, what="the step"):
+def agree(comm, error=None, what="the step", settings=None):
     """Every rank calls this at the same point; if any rank passes an
     ``error`` (an exception it hit locally), every rank raises
     :class:`DistributedError` naming the failing ranks and their messages.
 
-    One 4-byte Allreduce when nobody failed; an allgather of the messages
-    (small strings) only when someone did. Call it before any collective
-    that a failing rank would otherwise never reach.
+    ``settings`` (a dict of what must be equal on every rank: the step's
+    hyperparameters and options), when given, is compared too: a rank that
+    edited one alone would otherwise step with it, or (an option that adds
+    a collective, such as clipping's norm) wait forever for ranks that do
+    not. Every rank then raises, naming the first setting that differs.
+
+    One 24-byte Allreduce (a flag and a hash of ``settings``) when all is
+    well; an allgather of the messages (small strings) only when not. Call
+    it before any collective that a failing rank would otherwise never reach.
     """
     MPI = mpi()
-    flag = np.array([0 if error is None else 1], dtype=np.int32)
-    comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
-    if not flag[0]:
+    h = _hash(settings)
+    buf = np.array([0 if error is None else 1, h, -h], dtype=np.int64)
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)     # the flag, max and -min of h
+    if not buf[0] and buf[1] == -buf[2]:
         return
     messages = comm.allgather(None if error is None else _describe(error))
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if not failed:
+        everyone = comm.allgather(settings)
+        raise DistributedError(f"{what}: {_first_difference(everyone)}; every rank must make "
+                               "the same edits (e.g. after a broadcast of the value), and "
+                               "every rank raises this")
     text = "; ".join(f"rank {r}: {m}" for r, m in failed)
     raise DistributedError(f"{what} failed on {len(failed)} of {comm.Get_size()} ranks "
                            f"({text}); every rank raises this") from error
+
+
+def _hash(settings) -> int:
+    """A 62-bit hash of ``settings``' repr, the same in every process (0: none)."""
+    if settings is None:
+        return 0
+    digest = hashlib.blake2b(repr(settings).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def _first_difference(everyone) -> str:
+    """Which setting differs between rank 0 and the first rank that differs."""
+    ref = everyone[0]
+    for r, other in enumerate(everyone[1:], 1):
+        for key in sorted(set(ref) | set(other), key=str):
+            if repr(ref.get(key)) != repr(other.get(key)):
+                return (f"{key} is {other.get(key)!r} on rank {r} but {ref.get(key)!r} "
+                        "on rank 0")
+    return "the settings differ across ranks"

@@ -29,22 +29,41 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+import numbers
 
 import numpy as np
 
 from .. import _validate as V
 from ..backends.lowp import is_low_precision
-from ..optim.base import Optimizer, _all_finite, _brief, prepared_load
+from ..optim.base import (Optimizer, _all_finite, _brief, _names_differ, _order_by_name,
+                          prepared_load)
 from ..optim.named import KeyTree
 from ..optim.state_format import state_dtype_name
 from ..params import FlatArrays, _address, _root, memory_runs
-from ..schedules import from_dict
+from ..optim.loss_scale import LossScaler
+from ..schedules import Schedule, from_dict
 from ._comm import DistributedError, agree, install_abort_hook, mpi, mpi_dtype, world
 
 __all__ = ["DataParallel", "ShardedOptimizer"]
 
 #: Smallest overlapped bucket when ``bucket_elems`` is not given (256 KiB of float32).
 OVERLAP_BUCKET_ELEMS = 1 << 16
+
+
+def _setting(value):
+    """``value`` as compared across ranks: numbers as floats (0.1 and
+    np.float64(0.1) agree), a schedule or loss scaler by its state."""
+    if isinstance(value, (bool, np.bool_)) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_setting(v) for v in value)
+    if isinstance(value, (Schedule, LossScaler)):
+        return value.to_dict() if isinstance(value, Schedule) else value.state_dict()
+    if callable(value):
+        return f"a callable {getattr(value, '__qualname__', type(value).__name__)}"
+    return repr(value)
 
 
 def _layout(arrays):
@@ -200,6 +219,24 @@ class _Distributed:
         """As an optimizer's: a mismatch raises :class:`fastopt.CheckpointError`
         and changes nothing."""
         prepared_load(self, state_dict)()
+
+    def _settings(self) -> dict:
+        """What every rank's step must agree on (passed to :func:`agree`):
+        each group's hyperparameters and the step's options."""
+        inner = self._inner
+        out = {"max_grad_norm": _setting(inner.max_grad_norm),
+               "skip_nonfinite": _setting(inner.skip_nonfinite),
+               "loss_scaler": _setting(inner.loss_scaler)}
+        for gi, group in enumerate(self.param_groups):
+            for key, value in group.items():
+                if key != "params":
+                    out[f"param_groups[{gi}][{key!r}]"] = _setting(value)
+        return out
+
+    def _agree_save_checked(self, error):
+        """fastopt.save calls this before the state_dict collective: every
+        rank raises if any rank's params or extra failed their checks."""
+        agree(self.comm, error, what="checking the checkpoint's params and extra")
 
     def _coordinate_save(self, write):
         """fastopt.save calls this: rank 0 writes, and every rank learns
@@ -410,17 +447,18 @@ class DataParallel(_Distributed):
                                      f"was given weight={rnd.weight!r}")
                 for gi, g in enumerate(self._inner.param_groups):
                     self._inner._resolve(g, where=f"param_groups[{gi}]")
+                settings = self._settings()
             except Exception as exc:   # noqa: BLE001 - shared with every rank
                 error = exc
         if error is not None:
-            rnd.error = error         # the rest goes out as zeros
+            rnd.error, settings = error, None     # the rest goes out as zeros
         try:
             while rnd.posted < len(rnd.buckets):
                 self._post(rnd)
             self._MPI.Request.Waitall(rnd.requests)
         finally:
             self._round = None
-        agree(self.comm, error)
+        agree(self.comm, error, settings=settings)
         return rnd.data, rnd.buf, rnd.weight
 
     def step(self, grads, weight=None, *, error=None):
@@ -436,16 +474,17 @@ class DataParallel(_Distributed):
         if self._round is not None:
             data, buf, w = self._finish_round(grads, weight, error)
             return self._apply(grads, data, buf, w)
-        w = None
+        w, settings = None, None
         if error is None:
             try:
                 data = self._grad_buffer(grads)
                 w = _check_weight(weight)
                 for gi, g in enumerate(self._inner.param_groups):
                     self._inner._resolve(g, where=f"param_groups[{gi}]")
+                settings = self._settings()
             except Exception as exc:   # noqa: BLE001 - shared with every rank
                 error = exc
-        agree(self.comm, error)
+        agree(self.comm, error, settings=settings)
         MPI = mpi()
         buf = self._reduction_buffer(data)
         if buf is not data:
@@ -535,12 +574,18 @@ class ShardedOptimizer(_Distributed):
             raise NotImplementedError("ShardedOptimizer does not shard compact state "
                                       "(state_dtype) yet; use DataParallel")
         specs = Optimizer._group_specs(params)
-        # params by name are taken in the dict's order: checkpoints of a
-        # sharded optimizer match params by position (views of one buffer)
-        arrays = [KeyTree.of(s["params"], f"param_groups[{gi}]['params']")[1]
-                  if isinstance(s["params"], dict)
-                  else V.as_array_list(f"param_groups[{gi}]['params']", s["params"])
-                  for gi, s in enumerate(specs)]
+        # params by name are taken in the dict's order, and their names go
+        # into checkpoints (which then load by name, as a plain optimizer's)
+        arrays, self._names = [], []
+        for gi, s in enumerate(specs):
+            where = f"param_groups[{gi}]['params']"
+            if isinstance(s["params"], dict):
+                tree, group = KeyTree.of(s["params"], where)
+                arrays.append(group)
+                self._names.append(tree.names)
+            else:
+                arrays.append(V.as_array_list(where, s["params"]))
+                self._names.append(None)
         flat = [a for g in arrays for a in g]
         if not flat:
             raise ValueError("params is empty: nothing to optimize")
@@ -612,6 +657,7 @@ class ShardedOptimizer(_Distributed):
                                       "params": g})
         self._schedules, self._lr_shown = {}, {}    # as an unsharded optimizer's
         self._show_lr()
+        self._last_lr = None
         self._gshard = np.zeros(hi - lo, dtype)
         # 16-bit grads are reduced in float32, then rounded for the step
         self._send32 = np.empty(n, np.float32) if low else None
@@ -663,6 +709,21 @@ class ShardedOptimizer(_Distributed):
     _show_lr = Optimizer._show_lr
     lr_schedule = Optimizer.lr_schedule
 
+    @property
+    def last_lr(self):
+        """The lr each param group's last step used: every group, also one
+        with no piece on this rank (the shard's optimizer knows only those)."""
+        return self._last_lr
+
+    def _lr_now(self, gi):
+        """Group ``gi``'s lr for the coming step (its schedule's value)."""
+        lr = self._with_schedule(gi, self.param_groups[gi])["lr"]
+        if not callable(lr):
+            return lr
+        k = self._inner.iterations
+        return V.check_real(f"param_groups[{gi}]['lr'] (schedule value at step {k})", lr(k),
+                            low=0.0)
+
     def _sync_hypers(self):
         """Copy the (editable) global group hyperparameters into the shard's groups."""
         for li, gi in enumerate(self._gmap):
@@ -678,15 +739,17 @@ class ShardedOptimizer(_Distributed):
         """Reduce-scatter ``grads``, step this rank's shard, all-gather the
         params. ``weight`` and ``error`` as in :meth:`DataParallel.step`.
         Returns the pre-clip global norm (when computed), equal on every rank."""
-        w = None
+        w, settings = None, None
         if error is None:
             try:
                 data = self._grad_buffer(grads)
                 w = _check_weight(weight)
                 self._sync_hypers()
+                lrs = [self._lr_now(gi) for gi in range(len(self.param_groups))]
+                settings = self._settings()
             except Exception as exc:   # noqa: BLE001 - shared with every rank
                 error = exc
-        agree(self.comm, error)
+        agree(self.comm, error, settings=settings)
         MPI = mpi()
         send = _reduce_buffer(data, self._send32)
         if w is not None:
@@ -698,6 +761,7 @@ class ShardedOptimizer(_Distributed):
         if self._gshard32 is not self._gshard:
             np.copyto(self._gshard, self._gshard32, casting="unsafe")
         norm = self._inner.step(self._local_grads)
+        self._last_lr = lrs
         self._show_lr()
         wire, kind = _wire(self._buffer)
         self.comm.Allgatherv(MPI.IN_PLACE, [wire, self._counts, self.bounds[:-1], kind])
@@ -736,12 +800,40 @@ class ShardedOptimizer(_Distributed):
             full[name] = out
         groups, state = [], []
         for gi, (g, offs) in enumerate(zip(self._global_arrays, self._group_offsets)):
-            groups.append({**merged[gi]["hyp"], "params": _layout(g)})
+            groups.append({**merged[gi]["hyp"], "params": self._layout_of(gi)})
             bufs = {name: np.concatenate([full[name][o:o + a.size] for o, a in zip(offs, g)])
                     for name in merged[gi]["names"]}
             state.append({"step": merged[gi]["step"], "buffers": bufs})
         return {**{k: local[k] for k in ("type", "iterations", "skipped_steps", "options")},
                 "param_groups": groups, "state": state}
+
+    def _layout_of(self, gi) -> list:
+        """Group ``gi``'s params as a checkpoint records them (names too,
+        when they were given by name)."""
+        layout = _layout(self._global_arrays[gi])
+        if self._names[gi] is not None:
+            layout = [{**d, "name": n} for d, n in zip(layout, self._names[gi])]
+        return layout
+
+    def _saved_order(self, gi, saved):
+        """None when a checkpoint's record of group ``gi``'s params is ours
+        in the same order, else where each of ours stands there: by name
+        when both sides name them, else by position (names, if only one
+        side has them, are not compared). ValueError when they differ."""
+        if not isinstance(saved, list) or not all(isinstance(d, dict) for d in saved):
+            raise ValueError(f"checkpoint param_groups[{gi}]['params'] must be a list of dicts")
+        mine, theirs = self._layout_of(gi), saved
+        if not (all("name" in d for d in mine) and all("name" in d for d in theirs)):
+            mine, theirs = ([{k: v for k, v in d.items() if k != "name"} for d in side]
+                            for side in (mine, theirs))
+        if mine == theirs:
+            return None
+        order = _order_by_name(theirs, mine)
+        if order is None:
+            raise ValueError(f"checkpoint param_groups[{gi}]: params {_brief(saved)} do not "
+                             f"match this optimizer's {_brief(self._layout_of(gi))}"
+                             f"{_names_differ(theirs, mine)}")
+        return order
 
     def _prepare_load(self, sd):
         """Check an unsharded state_dict against the whole model, keep this
@@ -753,17 +845,10 @@ class ShardedOptimizer(_Distributed):
         if len(sd["param_groups"]) != G or len(sd["state"]) != G:
             raise ValueError(f"checkpoint has {len(sd['param_groups'])} param groups, this "
                              f"optimizer has {G}")
+        in_order = []      # each group's saved buffers in this optimizer's param order
         for gi, (hyp, g) in enumerate(zip(sd["param_groups"], self._global_arrays)):
-            # by position (a sharded optimizer's params are views of one
-            # buffer, unnamed): a checkpoint's names, if any, are not compared
             saved = hyp.get("params") if isinstance(hyp, dict) else None
-            if isinstance(saved, list) and all(isinstance(d, dict) for d in saved):
-                saved = [{k: v for k, v in d.items() if k != "name"} for d in saved]
-            if saved != _layout(g):
-                got = hyp.get("params") if isinstance(hyp, dict) else None
-                raise ValueError(f"checkpoint param_groups[{gi}]: params "
-                                 f"{_brief(got or [])} do not match this optimizer's "
-                                 f"{_brief(_layout(g))}")
+            order = self._saved_order(gi, saved)
             st = sd["state"][gi]
             bufs = st.get("buffers") if isinstance(st, dict) else None
             if not isinstance(bufs, dict):
@@ -773,15 +858,19 @@ class ShardedOptimizer(_Distributed):
                 if not isinstance(a, np.ndarray) or a.shape != (total,):
                     raise ValueError(f"checkpoint state[{gi}]['{name}'] is not a "
                                      f"[{total}] array")
+            if order is not None:
+                starts = np.cumsum([0] + [int(np.prod(d["shape"])) for d in saved])
+                bufs = {name: np.concatenate([a[starts[j]:starts[j + 1]] for j in order])
+                        for name, a in bufs.items()}
+            in_order.append(bufs)
         local_groups, local_state = [], []
         for li, gi in enumerate(self._gmap):
             ps = self._pieces[li]
             local_groups.append({**sd["param_groups"][gi],
                                  "params": _layout(self._inner.param_groups[li]["params"])})
-            st = sd["state"][gi]
-            local_state.append({**st, "buffers": {
+            local_state.append({**sd["state"][gi], "buffers": {
                 name: np.concatenate([a[gp:gp + e - s] for s, e, _, gp in ps])
-                for name, a in st["buffers"].items()}})
+                for name, a in in_order[gi].items()}})
         apply_inner = self._inner._prepare_load(
             {**sd, "param_groups": local_groups, "state": local_state})
         hypers = []

@@ -85,7 +85,8 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
         w = warmup_steps if warmup_steps is not None else max(1, total_steps // 20)
         peaks = [fastopt.schedules.warmup_cosine(p, min(w, total_steps - 1), total_steps)
                  for p in peaks]
-    _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm, state_dtype)
+    _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm, state_dtype,
+                       model.params.dtype)
     if name == "lbfgs":
         return fastopt.LBFGS(model.params, lr=peaks[0], line_search_fn="strong_wolfe",
                              backend=backend)
@@ -104,8 +105,14 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
     return opt if sam is None else fastopt.SAM(opt, rho=sam)
 
 
-def _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm, state_dtype):
-    """Refuse what SAM and L-BFGS cannot do here, naming the option."""
+def _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm, state_dtype,
+                       dtype):
+    """Refuse what SAM, L-BFGS, sharding and compact state cannot do here,
+    naming the option."""
+    if state_dtype != "float32" and dtype == np.float64:
+        raise ValueError(f"--state-dtype {state_dtype} is compact state for float32 (or "
+                         "16-bit) params; --dtype float64 params keep float64 state: "
+                         "use --dtype float32, or leave out --state-dtype")
     if sam is not None or name == "lbfgs":
         what = "--optimizer lbfgs" if name == "lbfgs" else "--sam"
         if lrs is not None:
@@ -122,6 +129,11 @@ def _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm, st
                             ("--max-grad-norm", max_grad_norm), ("--state-dtype", compact)):
             if value is not None:
                 raise ValueError(f"--optimizer lbfgs takes no {flag}")
+    if name in ("lamb", "nadam") and getattr(parallel, "shard_state", False):
+        why = ("its per-tensor trust ratio needs whole tensors, and a shard holds parts of "
+               "them" if name == "lamb" else "its per-group momentum product is not sharded yet")
+        raise ValueError(f"--optimizer {name} with --shard-state: {why}; leave out "
+                         "--shard-state (replicated state)")
     if state_dtype != "float32" and getattr(parallel, "shard_state", False):
         raise ValueError(f"--state-dtype {state_dtype} keeps compact optimizer state, which "
                          "--shard-state does not shard yet; drop one of them")

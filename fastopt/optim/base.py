@@ -50,6 +50,7 @@ from .named import KeyTree
 from .param_list import ParamList
 from .placement import placement_for
 from .state_format import StateFormat
+from . import forks
 from .given import GivenParams
 from .step_plan import STALE, StepPlan
 
@@ -233,6 +234,7 @@ class Optimizer:
         self._group_lists, self._group_sizes = [], []
         self._schedules, self._lr_shown = {}, {}    # group -> lr schedule, shown value
         self._lock = threading.RLock()
+        forks.register(self)    # a fork waits for a step in progress (forks.py)
         #: Extension point: ``grad_stats(backend, grads, check) -> (norm, all
         #: finite?)`` over the step's 1-D gradient arrays, replacing the
         #: optimizer's own norm pass (then not fused into the update). A
@@ -512,8 +514,28 @@ class Optimizer:
             self._backend = get_backend(self._backend)
         if self.param_groups:
             self._placement = placement_for(self._backend)
+            if not self._placement.device:
+                self._runs_over_own_params()
             self._rebuild_run_views()
         self._lock = threading.RLock()
+        forks.register(self)
+
+    def _runs_over_own_params(self):
+        """A copy's runs made again over its own params: each run's flat
+        view had become an array of its own (so sync_master read stale
+        values), and views of one buffer may no longer lie end to end. The
+        16-bit runs' master copies are cut again to the new runs."""
+        self._build_runs()
+        for gi, st in enumerate(self.state):
+            sizes = [r["flat"].size for r in self._run_info[gi]["runs"]]
+            old = st["runs"]
+            # the state buffers' views of each run: made by _rebuild_run_views
+            runs = [dict.fromkeys(set(old[0]) - {"master"}) if old else {} for _ in sizes]
+            if old and "master" in old[0]:        # a group's runs are all 16-bit or none
+                whole = np.concatenate([bufs["master"] for bufs in old])
+                for bufs, part in zip(runs, np.split(whole, np.cumsum(sizes)[:-1])):
+                    bufs["master"] = part
+            st["runs"] = runs
 
     def _rebuild_run_views(self):
         """A copy (deepcopy, pickle) holds each state buffer and its runs'
@@ -745,8 +767,14 @@ class Optimizer:
         # whole step): this full path leaves a plan that runs the next step
         # in its place while nothing has changed (step() tries it first).
         self._plan = None
+        fresh = self._tables is None
         tables = self._tables or self._host_tables()
-        self._bind_grads(tables, grads)          # checks every gradient first
+        try:
+            self._bind_grads(tables, grads)      # checks every gradient first
+        except BaseException:
+            if fresh:      # made over params this step refused (one retyped in place)
+                self._tables = None
+            raise
         hypers, max_norm, check, inv_scale = self._step_options()
         be = self._backend
         # Everything the step needs is allocated before the first write, so

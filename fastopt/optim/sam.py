@@ -47,6 +47,7 @@ from ..backends import get_backend
 from ..backends.flat_ops import ops_for, sam_scale
 from ..backends.tables import group_tables, refuse_each_other
 from ..params import FlatArrays
+from . import forks
 from .base import Optimizer, prepared_load
 from .interrupt import INTERRUPTS, finished, held
 from .placement import Offsets, span
@@ -118,6 +119,7 @@ class SAM:
         self.grad_norm = None        # the last perturb's norm (||g||, or || |p| g ||)
         self._skipped = False        # the last perturb was skipped: step is a plain step
         self._lock = threading.RLock()
+        forks.register(self)
         self._layout_key = None
         self._build()
 
@@ -573,6 +575,7 @@ class SAM:
         saved = state.pop("_saved_e")
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        forks.register(self)
         self._build()
         for gi, e in enumerate(saved):
             self._e_load(gi, e)

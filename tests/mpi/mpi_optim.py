@@ -446,3 +446,120 @@ def test_sharded_takes_params_by_name():
         opt.step(g)
         ref.step(mean_grads(step, np.float64))
     np.testing.assert_allclose(p.data, ref_p.data, **tol(np.float64))
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+@pytest.mark.parametrize("edit", ["lr", "max_grad_norm", "skip_nonfinite", "loss_scaler"])
+def test_a_setting_edited_on_one_rank_raises_everywhere(mode, edit):
+    """Sharded clipping on one rank only waited forever in the norm's
+    Allreduce; an lr edited on one rank stepped the replicas apart. Now
+    every rank raises naming the setting, nothing steps, and the same edit
+    on every rank goes on."""
+    p = make_params(np.float32)
+    opt = (dist.DataParallel(fastopt.AdamW(p, lr=1e-2)) if mode == "dp"
+           else dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2))
+    g = p.zeros_like()
+    load_rank_grads(g, 0, np.float32)
+    opt.step(g)
+    value = {"lr": 3e-3, "max_grad_norm": 0.1, "skip_nonfinite": True,
+             "loss_scaler": fastopt.LossScaler()}[edit]
+
+    def apply():
+        if edit == "lr":
+            opt.param_groups[0]["lr"] = value
+        else:
+            setattr(opt, edit, value)
+    if RANK == N - 1:
+        apply()
+    before = p.data.copy()
+    load_rank_grads(g, 1, np.float32)
+    with pytest.raises(dist.DistributedError, match=rf"{edit}.* on rank {N - 1} but .* on "
+                                                    r"rank 0; every rank must make the same"):
+        opt.step(g)
+    np.testing.assert_array_equal(p.data, before)
+    assert opt.iterations == 1
+    if RANK != N - 1:
+        apply()
+    opt.step(g)
+    assert opt.iterations == 2
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+def test_a_save_refused_on_one_rank_raises_everywhere(mode):
+    """A bad ``extra`` on one rank raised there before the state_dict's
+    collective, and the others waited in it forever."""
+    d = shared_dir()
+    p = make_params(np.float32)
+    opt = (dist.DataParallel(fastopt.AdamW(p, lr=1e-2)) if mode == "dp"
+           else dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2))
+    path = os.path.join(d, f"bad-extra-{mode}.npz")
+    extra = {"bad": np.array([object()])} if RANK == N - 1 else {}
+    with pytest.raises(dist.DistributedError, match=rf"rank {N - 1}: TypeError: cannot store "
+                                                    r"an array of Python objects"):
+        fastopt.save(path, params=p, optimizer=opt, extra=extra)
+    assert not os.path.exists(path)
+    fastopt.save(path, params=p, optimizer=opt, extra={"ok": 1})     # all well again
+    assert fastopt.load(path)["extra"] == {"ok": 1}
+
+
+def test_sharded_last_lr_lists_every_group():
+    p = make_params(np.float64)
+    groups = [{"params": [p[1], p[3]], "lr": 0.1},
+              {"params": [p[0], p[2], p[4]], "lr": fastopt.schedules.step_decay(0.5, 0.1, milestones=[1])}]
+    opt = dist.ShardedOptimizer(fastopt.SGD, groups)
+    g = p.zeros_like()
+    for step, want in enumerate(([0.1, 0.5], [0.1, 0.05])):
+        load_rank_grads(g, step, np.float64)
+        opt.step(g)
+        assert opt.last_lr == pytest.approx(want)
+
+
+def test_sharded_checkpoints_by_name_load_by_name():
+    """Params by name in another order: the moments follow the names both
+    ways (sharded to one process, one process to sharded); they loaded by
+    position, so two arrays of one shape swapped their moments silently."""
+    d = shared_dir()
+    names = ["W1", "b1", "W2", "b2", "W3"]
+
+    def named(p, order):
+        return {names[k]: p[k] for k in order}
+    SHAPES2 = [(37, 5), (11,), (64, 3), (11,), (64, 3)]   # b1/b2, W2/W3: one shape each
+    rng = np.random.default_rng(0)
+    init = [rng.standard_normal(s) for s in SHAPES2]
+
+    def grads_at(step):
+        return [np.random.default_rng(50 + step).standard_normal(s) for s in SHAPES2]
+    # one process, dict in one order; a sharded optimizer, the other order
+    single_p = [a.copy() for a in init]
+    single = fastopt.AdamW(named(single_p, range(5)), lr=1e-2)
+    p = fastopt.pack([a.copy() for a in init])
+    sharded = dist.ShardedOptimizer(fastopt.AdamW, named(p, [4, 2, 3, 0, 1]), lr=1e-2)
+    g = p.zeros_like()
+    for step in range(2):
+        single.step(dict(zip(names, grads_at(step))))
+        for view, a in zip(g, grads_at(step)):
+            view[...] = a
+        sharded.step(g)
+    path = os.path.join(d, "named-single.npz")
+    if RANK == 0:
+        fastopt.save(path, params=named(single_p, range(5)), optimizer=single)
+    COMM.Barrier()
+    q = fastopt.pack([a.copy() for a in init])
+    resumed = dist.ShardedOptimizer(fastopt.AdamW, named(q, [4, 2, 3, 0, 1]), lr=1e-2)
+    fastopt.load(path, params=named(q, [4, 2, 3, 0, 1]), optimizer=resumed)
+    # and the sharded one's checkpoint into one process in the first order
+    path2 = os.path.join(d, "named-sharded.npz")
+    fastopt.save(path2, params=named(p, [4, 2, 3, 0, 1]), optimizer=sharded)
+    back_p = [np.zeros(s) for s in SHAPES2]
+    back = fastopt.AdamW(named(back_p, range(5)), lr=1e-2)
+    fastopt.load(path2, params=named(back_p, range(5)), optimizer=back)
+    for step in range(2, 4):
+        gs = grads_at(step)
+        single.step(dict(zip(names, gs)))
+        back.step(dict(zip(names, gs)))
+        for view, a in zip(g, gs):
+            view[...] = a
+        resumed.step(g)
+    for k in range(5):
+        np.testing.assert_allclose(q[k], single_p[k], **tol(np.float64))
+        np.testing.assert_allclose(back_p[k], single_p[k], **tol(np.float64))
