@@ -56,6 +56,17 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match what it is loaded into."""
 
 
+class _CheckpointTypeError(CheckpointError, TypeError):
+    """A CheckpointError for a value of the wrong type: still a TypeError,
+    which load_state_dict raised for it before it raised CheckpointError."""
+
+
+def as_checkpoint_error(exc, prefix=""):
+    """``exc`` (a TypeError or ValueError from the checks) as a CheckpointError."""
+    cls = _CheckpointTypeError if isinstance(exc, TypeError) else CheckpointError
+    return cls(f"{prefix}{exc}")
+
+
 def _extension_dtype(name):
     """NumPy dtypes stored by their bits (``kind == "V"``), found by name."""
     if name == "bfloat16":
@@ -394,7 +405,7 @@ def load(path, *, params=None, optimizer=None) -> dict:
         except CheckpointError:
             raise
         except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path} does not match: {exc}") from None
+            raise as_checkpoint_error(exc, f"{path} does not match: ") from None
         done = [0]
 
         def load_rest():

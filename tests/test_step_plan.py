@@ -571,3 +571,64 @@ def test_compact_state_is_planned_and_equal_full_steps(backend, fmt, where):
         assert mine["buffers"].keys() == theirs["buffers"].keys()
         for name in mine["buffers"]:
             np.testing.assert_array_equal(mine["buffers"][name], theirs["buffers"][name])
+
+
+def _scheduled_edits(opt, k):
+    """A schedule's life in a loop: given, replaced by a number the user
+    writes, a new schedule, and the step count moved by hand."""
+    g = opt.param_groups[0]
+    if k == 4:
+        g["lr"] = 3e-3                                         # drops the schedule
+    elif k == 6:
+        g["lr"] = fastopt.schedules.step_decay(1e-2, 0.5, step_size=2)
+    elif k == 9:
+        opt.iterations = 2                                     # the schedule's position
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_scheduled_steps_are_planned_and_equal_full_steps(name, backend):
+    """A schedule gave every step the full path (about 5x a planned small
+    step's time); the plan now steps with the lr the last step showed."""
+    init, grads = _problem(steps=12)
+
+    def make(p):
+        opt = OPTIMIZERS[name](p, backend)
+        opt.param_groups[0]["lr"] = fastopt.schedules.warmup_cosine(1e-2, 3, 20)
+        return opt
+    fast, opt = _run(make, init, grads, planned=True, between=_scheduled_edits)
+    full, ref = _run(make, init, grads, planned=False, between=_scheduled_edits)
+    assert opt._plan is not None
+    _same(fast, full)
+    assert (opt.iterations, opt.last_lr, opt.param_groups[0]["lr"]) == (
+        ref.iterations, ref.last_lr, ref.param_groups[0]["lr"])
+    assert opt.lr_schedule(0) is not None and ref.lr_schedule(0) is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_planned_scheduled_step_skips_the_full_path(backend, monkeypatch):
+    params = [np.zeros(4, np.float32)]
+    opt = fastopt.AdamW(params, lr=fastopt.schedules.cosine_decay(1e-2, 50), backend=backend)
+    opt.step([np.ones(4, np.float32)])
+    calls = []
+    full = type(opt)._host_step
+    monkeypatch.setattr(type(opt), "_host_step", lambda self, g: calls.append(1) or full(self, g))
+    for _ in range(3):
+        opt.step([np.ones(4, np.float32)])
+    assert calls == []
+    assert opt.last_lr == [fastopt.schedules.cosine_decay(1e-2, 50)(3)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_schedule_failing_under_the_plan_raises_as_in_a_full_step(backend):
+    """The value shown after a failed evaluation is the old lr: the plan must
+    not step with it, the full step names the failure and writes nothing."""
+    params = [np.ones(4)]
+    opt = fastopt.SGD(params, lr=fastopt.schedules.exponential(1e-3, 1e200), backend=backend)
+    opt.step([np.ones(4)])                   # step 0: 1e-3
+    opt.step([np.ones(4)])                   # step 1: 1e197
+    before = params[0].copy()
+    with pytest.raises(ValueError, match=r"the schedule failed at step 2"):
+        opt.step([np.ones(4)])               # past float range
+    np.testing.assert_array_equal(params[0], before)
+    assert opt.iterations == 2

@@ -139,12 +139,18 @@ def agree(comm, error=None, what="the step", settings=None):
                            f"({text}); every rank raises this") from error
 
 
+_last_hash = (None, 0)     # (settings dict, its hash): a step's settings rarely change
+
+
 def _hash(settings) -> int:
     """A 62-bit hash of ``settings``' repr, the same in every process (0: none)."""
+    global _last_hash
     if settings is None:
         return 0
-    digest = hashlib.blake2b(repr(settings).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
+    if settings is not _last_hash[0]:
+        digest = hashlib.blake2b(repr(settings).encode(), digest_size=8).digest()
+        _last_hash = (settings, int.from_bytes(digest, "little") >> 2)
+    return _last_hash[1]
 
 
 def _first_difference(everyone) -> str:

@@ -103,13 +103,13 @@ def _is_device_array(a) -> bool:
 def prepared_load(optimizer, state_dict):
     """``optimizer._prepare_load(state_dict)``, a mismatch raised as
     :class:`fastopt.CheckpointError`, the error :func:`fastopt.load` gives."""
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, as_checkpoint_error
     try:
         return optimizer._prepare_load(state_dict)
     except CheckpointError:
         raise
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(str(exc)) from exc
+        raise as_checkpoint_error(exc) from exc
 
 
 def _brief(layout):
@@ -233,6 +233,7 @@ class Optimizer:
         self._given = None      # the params object bind() took (step(params=) checks it)
         self._group_lists, self._group_sizes = [], []
         self._schedules, self._lr_shown = {}, {}    # group -> lr schedule, shown value
+        self._lr_shown_at = None    # the step the shown values are for (_show_lr)
         self._lock = threading.RLock()
         forks.register(self)    # a fork waits for a step in progress (forks.py)
         #: Extension point: ``grad_stats(backend, grads, check) -> (norm, all
@@ -984,7 +985,11 @@ class Optimizer:
         return dict(group, lr=lr)
 
     def _show_lr(self):
-        """Write each scheduled group's next lr into ``group["lr"]``."""
+        """Write each scheduled group's next lr into ``group["lr"]``, and the
+        step it is for into ``_lr_shown_at`` (the step plan steps with the
+        values shown for that step; None when a schedule failed, so the
+        full step evaluates it again and names the failure)."""
+        at = self.iterations
         for gi, group in enumerate(self.param_groups):
             self._with_schedule(gi, group)             # take up a newly assigned one
             sched = self._schedules.get(gi)
@@ -993,8 +998,10 @@ class Optimizer:
                     value = float(sched(self.iterations))
                 except (TypeError, ValueError, ArithmeticError):
                     value = group["lr"] if not callable(group["lr"]) else float("nan")
+                    at = None
                 group["lr"] = value
                 self._lr_shown[gi] = value
+        self._lr_shown_at = at
 
     def _fused_call(self, be, t, el, bufs, max_norm, inv_scale, norm_mode, compact):
         """Norm, skip decision and update of the only table in one call (``el``
@@ -1334,8 +1341,9 @@ class Optimizer:
         """Restore :meth:`state_dict` output. Everything is checked first: a
         checkpoint that does not match (another optimizer type, other shapes
         or dtypes, missing or unknown keys) raises
-        :class:`fastopt.CheckpointError` (a ValueError), as :func:`fastopt.load`
-        does, and leaves this optimizer exactly as it was."""
+        :class:`fastopt.CheckpointError` (a ValueError; for a value of the wrong
+        type, one that is a TypeError too), as :func:`fastopt.load` does, and
+        leaves this optimizer exactly as it was."""
         with self._lock:
             prepared_load(self, state_dict)()
 

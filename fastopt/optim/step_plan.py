@@ -8,12 +8,13 @@ none of that changes, so a full step (``Optimizer._host_step``) leaves a
 kernel order, the table, and everything those were derived from. The next
 step compares those sources by identity (a few pointer compares) and, when
 all still hold, calls the kernels straight away; anything else (a changed
-hyperparameter or option, a schedule, a new state buffer, grads the compiled
-reader refuses) falls back to the full step, which checks it all, raises
-where it must, and leaves a new plan.
+hyperparameter or option, a new schedule object, a new state buffer, grads
+the compiled reader refuses) falls back to the full step, which checks it
+all, raises where it must, and leaves a new plan.
 
 Planned: compiled tables, float or compact state (its rounding keys made
-for each step), a number for each group's lr, no
+for each step), a number for each group's lr (a scheduled group's is the
+one the last step showed for this step), no
 loss scaler and no ``grad_stats`` hook; either one table (the norm pass, the
 skip decision and the update in one native call, with or without clipping
 and the non-finite skip) or several groups or tables without a norm to
@@ -65,7 +66,7 @@ class GroupPlan:
         self.keys = tuple(k for k in group if k != "params" and k != "lr")
         # a copy of a list value sees in-place edits (tuple == compares it by value)
         self.values = tuple(v[:] if type(v) is list else v for v in map(group.get, self.keys))
-        self.lr, self.hypers = group["lr"], hypers
+        self.lr, self.hypers = hypers["lr"], hypers
         self.state, self.names, self.nstate = state, names, len(names)
         flat = state["flat"]
         self.buffers = tuple(flat[n] for n in names)  # a tuple: a table caches its addresses
@@ -160,16 +161,21 @@ class StepPlan:
         and ``check`` as ``_step_options`` gave them), or None where the fast
         path does not apply."""
         norm_mode = 2 if check else (1 if max_norm is not None else 0)
-        if (opt.grad_stats is not None or opt.loss_scaler is not None or opt._schedules
+        if (opt.grad_stats is not None or opt.loss_scaler is not None
                 or (norm_mode and not opt._single)):
             return None
         groups = []
         for gi, (group, h, st, (kind, ns), ts) in enumerate(zip(opt.param_groups, hypers,
                                                                 opt.state, steps, opt._tables)):
-            if (type(group["lr"]) is not float or group["lr"] != h["lr"]
+            # a scheduled group shows the next step's lr already (_show_lr)
+            if (type(group["lr"]) is not float
+                    or (group["lr"] != h["lr"] and gi not in opt._schedules)
                     or any(n not in st["flat"] for n in ns)):
                 return None
-            groups.append(GroupPlan(opt, gi, group, h, st, ns, ts, kind))
+            g = GroupPlan(opt, gi, group, h, st, ns, ts, kind)
+            if g.lr is not group["lr"] and not g.take_lr(group["lr"]):
+                return None
+            groups.append(g)
         plan = cls()
         plan.tables, plan.groups, plan.single = opt._tables, groups, opt._single
         plan.max_norm_given, plan.skip_given = opt.max_grad_norm, opt.skip_nonfinite
@@ -202,8 +208,9 @@ class StepPlan:
             # interrupted as it returned wrote (fastopt.optim.interrupt)
             plan.list_outcome = plan.list_tables[0].outcome
         # the counters need no call where the optimizer keeps nothing of its
-        # own at the end of a step (NAdam does: its momentum product)
-        plan.plain_finish = opt._plain_finish()
+        # own at the end of a step (NAdam does: its momentum product), and no
+        # schedule shows the next lr (_finish_step does)
+        plan.plain_finish = opt._plain_finish() and not opt._schedules
         return plan
 
     def run(self, opt, grads, bound=False):
@@ -220,7 +227,11 @@ class StepPlan:
         if (opt._tables is not self.tables or len(groups) != len(plans)
                 or opt.max_grad_norm is not self.max_norm_given
                 or opt.skip_nonfinite is not self.skip_given
-                or opt.loss_scaler is not None or opt._schedules or opt.grad_stats is not None):
+                or opt.loss_scaler is not None or opt.grad_stats is not None
+                # scheduled: the shown lr is this step's (else the full step
+                # evaluates the schedule, and names its failure)
+                or (opt._schedules and (opt._lr_shown_at != opt.iterations
+                                        or self.plain_finish))):
             return STALE
         if self.list_step is None or bound:
             return self._run_tables(opt, grads, bound)
