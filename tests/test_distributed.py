@@ -216,7 +216,7 @@ def test_bench_mlp_cases_train_alike():
 
 
 def test_launched_size_and_rank_read_the_launcher_environment(monkeypatch):
-    from fastopt.distributed._comm import launched_rank
+    from fastopt._launcher import launched_rank
 
     for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS",
                 "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):

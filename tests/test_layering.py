@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "fastopt"
 # lowest first; a module may import its own level and those below
 LEVELS = [
     {"_validate", "_registry", "_openmp", "_plotting", "_memory", "_numba_cache", "_files",
-     "schedules", "params", "data"},
+     "_launcher", "_arguments", "schedules", "params", "data"},
     {"backends", "cuda"},
     {"clip", "functional", "checkpoint", "optim"},
     {"fastopt"},                    # the public API (fastopt/__init__.py re-exports)

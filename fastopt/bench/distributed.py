@@ -33,8 +33,7 @@ import time
 
 import numpy as np
 
-from ..cli import Parser
-from ..cli.common import positive_int
+from .._arguments import Parser, positive_int
 from .cases import DISTRIBUTED_STEP_ELEMENTS, MNIST
 
 

@@ -12,10 +12,10 @@ and ``bench`` first write what finished).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from . import bench, check_perf, examples, info, plot_schedule, train
+from .._arguments import Parser
 from .common import EXIT_INTERRUPTED, output_dir_problem, positive_int  # noqa: F401 (API)
 
 #: command name -> the module implementing it
@@ -27,17 +27,6 @@ COMMANDS = {
     "plot-schedule": plot_schedule,
     "train": train,
 }
-
-
-class Parser(argparse.ArgumentParser):
-    """A bad argument is one line on stderr (argparse prints the whole
-    usage block first), naming --help for the rest; under ``mpiexec -n N``
-    said once, by rank 0 (every rank parses the same arguments)."""
-
-    def error(self, message):
-        from ..distributed._comm import launched_rank
-        self.exit(2, None if launched_rank() else
-                  f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv=None):

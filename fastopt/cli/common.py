@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import tempfile
 
+from .._arguments import int_at_least, non_negative_int, positive_int  # noqa: F401 (shared)
+
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a Ctrl-C'd job
-
-
-def int_at_least(low):
-    """argparse type: an integer >= ``low`` (a clear usage error instead of
-    a traceback from deep inside the run)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
 
 
 def user_path(text):
     """argparse type for a path: ``~`` expanded, as a shell does for a
     separate word but not after ``--out=`` (a folder named ``~`` was made)."""
     return os.path.expanduser(text)
-
-
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
 
 
 def image_path(path):

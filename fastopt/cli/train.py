@@ -227,7 +227,7 @@ def _world():
 def run(args):
     import sys
 
-    from fastopt.distributed._comm import launched_rank
+    from fastopt._launcher import launched_rank
     said = launched_rank() == 0      # under mpiexec rank 0 alone says what is wrong
     try:
         comm = _world()

@@ -7,41 +7,18 @@ Nothing here imports mpi4py until a communicator is asked for, so
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import time
 
 import numpy as np
 
-# Set by the launchers: MPICH/Intel MPI (hydra: PMI_SIZE), Open MPI, PMIx.
-_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
-_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+from .._launcher import launched_rank, launched_size  # noqa: F401 (here since before)
 
 
 class DistributedError(RuntimeError):
     """Raised on every rank when any rank failed a step (or a setup check):
     the message names the failing ranks and their errors. No rank was left
     waiting in a collective, and no rank applied the step."""
-
-
-def launched_size() -> int:
-    """World size announced by an MPI launcher (``mpiexec -n N``) in the
-    environment, without initialising MPI; 1 when not launched by one."""
-    for var in _SIZE_VARS:
-        value = os.environ.get(var)
-        if value and value.isdigit():
-            return int(value)
-    return 1
-
-
-def launched_rank() -> int:
-    """This process's rank as announced by an MPI launcher, without
-    initialising MPI; 0 when not launched by one."""
-    for var in _RANK_VARS:
-        value = os.environ.get(var)
-        if value and value.isdigit():
-            return int(value)
-    return 0
 
 
 def mpi():

@@ -53,7 +53,9 @@ OVERLAP_BUCKET_ELEMS = 1 << 16
 def _setting(value):
     """``value`` as compared across ranks: numbers as floats (0.1 and
     np.float64(0.1) agree), a schedule or loss scaler by its state."""
-    if isinstance(value, (bool, np.bool_)) or value is None or isinstance(value, str):
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if value is None or isinstance(value, str):
         return value
     if isinstance(value, numbers.Real):
         return float(value)
@@ -64,6 +66,14 @@ def _setting(value):
     if callable(value):
         return f"a callable {getattr(value, '__qualname__', type(value).__name__)}"
     return repr(value)
+
+
+def _frozen(d):
+    """``d``'s items as a tuple in key order, lists (nested too) as tuples:
+    a snapshot that an in-place edit of a value no longer equals."""
+    def freeze(v):
+        return tuple(map(freeze, v)) if isinstance(v, list) else v
+    return tuple((k, freeze(d[k])) for k in sorted(d, key=str))
 
 
 def _layout(arrays):
@@ -226,9 +236,11 @@ class _Distributed:
         while they are unchanged (agree hashes it once), found by a cheap
         comparison of the raw values: the dict and its hash took 12 us."""
         inner, scaler = self._inner, self._inner.loss_scaler
+        # lists as tuples: a list edited in place must not compare equal to itself
         raw = (inner.max_grad_norm, inner.skip_nonfinite, scaler,
-               None if scaler is None else tuple(vars(scaler).values()),
-               [[(k, v) for k, v in g.items() if k != "params"] for g in self.param_groups])
+               None if scaler is None else _frozen(vars(scaler)),
+               tuple(_frozen({k: v for k, v in g.items() if k != "params"})
+                     for g in self.param_groups))
         cached = getattr(self, "_settings_cache", None)
         try:
             if cached is not None and cached[0] == raw:
@@ -245,9 +257,8 @@ class _Distributed:
                "skip_nonfinite": _setting(inner.skip_nonfinite),
                "loss_scaler": _setting(inner.loss_scaler)}
         for gi, group in enumerate(self.param_groups):
-            for key, value in group.items():
-                if key != "params":
-                    out[f"param_groups[{gi}][{key!r}]"] = _setting(value)
+            for key in sorted(k for k in group if k != "params"):   # any insertion order
+                out[f"param_groups[{gi}][{key!r}]"] = _setting(group[key])
         return out
 
     def _agree_save_checked(self, error):

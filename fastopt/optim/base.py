@@ -525,8 +525,10 @@ class Optimizer:
         """A copy's runs made again over its own params: each run's flat
         view had become an array of its own (so sync_master read stale
         values), and views of one buffer may no longer lie end to end. The
-        16-bit runs' master copies are cut again to the new runs."""
+        16-bit runs' master copies are cut again to the new runs. New state
+        entries: a shallow copy (copy.copy) shares the original's."""
         self._build_runs()
+        self.state = [dict(st) for st in self.state]
         for gi, st in enumerate(self.state):
             sizes = [r["flat"].size for r in self._run_info[gi]["runs"]]
             old = st["runs"]
@@ -676,7 +678,11 @@ class Optimizer:
         group = {**self.defaults, **{k: v for k, v in spec.items() if k != "params"}}
         unknown = set(group) - set(self.defaults)
         if unknown:
-            raise ValueError(f"param group {gi} has unknown keys {sorted(unknown)}")
+            whole = sorted(unknown & {"state_dtype", "state_seed", "max_grad_norm",
+                                      "skip_nonfinite", "loss_scaler", "backend"})
+            raise ValueError(f"param group {gi} has unknown keys {sorted(unknown)}"
+                             + (f" ({', '.join(whole)}: set once for the whole optimizer, "
+                                "as its keyword arguments)" if whole else ""))
         group = self._validated(group, where=f"param_groups[{gi}]")
         where = f"param_groups[{gi}]['params']"
         given, labels = spec["params"], None

@@ -436,7 +436,8 @@ def test_sharded_takes_params_by_name():
     """A dict of a packed buffer's views, as ``model.params`` often is: the
     dict's order, and the same steps as a single-process optimizer."""
     p = make_params(np.float64)
-    named = {"layer0": {"W": p[0], "b": p[1]}, "layer1": {"W": p[2], "b": p[3]}, "out": p[4]}
+    # not in the buffer's order: the dict's order is the params' order
+    named = {"out": p[4], "layer1": {"b": p[3], "W": p[2]}, "layer0": {"W": p[0], "b": p[1]}}
     opt = dist.ShardedOptimizer(fastopt.AdamW, named, lr=1e-2)
     ref_p = make_params(np.float64)
     ref = fastopt.AdamW(list(ref_p), lr=1e-2)
@@ -449,7 +450,8 @@ def test_sharded_takes_params_by_name():
 
 
 @pytest.mark.parametrize("mode", ["dp", "shard"])
-@pytest.mark.parametrize("edit", ["lr", "max_grad_norm", "skip_nonfinite", "loss_scaler"])
+@pytest.mark.parametrize("edit", ["lr", "betas", "max_grad_norm", "skip_nonfinite",
+                                  "loss_scaler"])
 def test_a_setting_edited_on_one_rank_raises_everywhere(mode, edit):
     """Sharded clipping on one rank only waited forever in the norm's
     Allreduce; an lr edited on one rank stepped the replicas apart. Now
@@ -461,12 +463,17 @@ def test_a_setting_edited_on_one_rank_raises_everywhere(mode, edit):
     g = p.zeros_like()
     load_rank_grads(g, 0, np.float32)
     opt.step(g)
+    opt.param_groups[0]["betas"] = [0.9, 0.999]     # a list: edited in place below
+    load_rank_grads(g, 0, np.float32)
+    opt.step(g)
     value = {"lr": 3e-3, "max_grad_norm": 0.1, "skip_nonfinite": True,
-             "loss_scaler": fastopt.LossScaler()}[edit]
+             "loss_scaler": fastopt.LossScaler(), "betas": 0.5}[edit]
 
     def apply():
         if edit == "lr":
             opt.param_groups[0]["lr"] = value
+        elif edit == "betas":       # in place: the settings' snapshot must see it
+            opt.param_groups[0]["betas"][0] = value
         else:
             setattr(opt, edit, value)
     if RANK == N - 1:
@@ -477,9 +484,28 @@ def test_a_setting_edited_on_one_rank_raises_everywhere(mode, edit):
                                                     r"rank 0; every rank must make the same"):
         opt.step(g)
     np.testing.assert_array_equal(p.data, before)
-    assert opt.iterations == 1
+    assert opt.iterations == 2
     if RANK != N - 1:
         apply()
+    opt.step(g)
+    assert opt.iterations == 3
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+def test_equal_settings_written_differently_agree(mode):
+    """np.False_ and False, or a key put back in another order, are the same
+    settings: no rank raises."""
+    p = make_params(np.float32)
+    opt = (dist.DataParallel(fastopt.AdamW(p, lr=1e-2)) if mode == "dp"
+           else dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2))
+    g = p.zeros_like()
+    load_rank_grads(g, 0, np.float32)
+    opt.step(g)
+    if RANK == N - 1:
+        group = opt.param_groups[0]
+        group["amsgrad"] = np.False_
+        group["eps"] = group.pop("eps")          # the same value, last in the dict
+        group["lr"] = np.float64(group["lr"])
     opt.step(g)
     assert opt.iterations == 2
 
@@ -524,6 +550,7 @@ def test_sharded_checkpoints_by_name_load_by_name():
     def named(p, order):
         return {names[k]: p[k] for k in order}
     SHAPES2 = [(37, 5), (11,), (64, 3), (11,), (64, 3)]   # b1/b2, W2/W3: one shape each
+    ORDER = [0, 3, 4, 1, 2]   # b1 and b2, W2 and W3 trade places: by position, silently
     rng = np.random.default_rng(0)
     init = [rng.standard_normal(s) for s in SHAPES2]
 
@@ -533,7 +560,7 @@ def test_sharded_checkpoints_by_name_load_by_name():
     single_p = [a.copy() for a in init]
     single = fastopt.AdamW(named(single_p, range(5)), lr=1e-2)
     p = fastopt.pack([a.copy() for a in init])
-    sharded = dist.ShardedOptimizer(fastopt.AdamW, named(p, [4, 2, 3, 0, 1]), lr=1e-2)
+    sharded = dist.ShardedOptimizer(fastopt.AdamW, named(p, ORDER), lr=1e-2)
     g = p.zeros_like()
     for step in range(2):
         single.step(dict(zip(names, grads_at(step))))
@@ -545,11 +572,11 @@ def test_sharded_checkpoints_by_name_load_by_name():
         fastopt.save(path, params=named(single_p, range(5)), optimizer=single)
     COMM.Barrier()
     q = fastopt.pack([a.copy() for a in init])
-    resumed = dist.ShardedOptimizer(fastopt.AdamW, named(q, [4, 2, 3, 0, 1]), lr=1e-2)
-    fastopt.load(path, params=named(q, [4, 2, 3, 0, 1]), optimizer=resumed)
+    resumed = dist.ShardedOptimizer(fastopt.AdamW, named(q, ORDER), lr=1e-2)
+    fastopt.load(path, params=named(q, ORDER), optimizer=resumed)
     # and the sharded one's checkpoint into one process in the first order
     path2 = os.path.join(d, "named-sharded.npz")
-    fastopt.save(path2, params=named(p, [4, 2, 3, 0, 1]), optimizer=sharded)
+    fastopt.save(path2, params=named(p, ORDER), optimizer=sharded)
     back_p = [np.zeros(s) for s in SHAPES2]
     back = fastopt.AdamW(named(back_p, range(5)), lr=1e-2)
     fastopt.load(path2, params=named(back_p, range(5)), optimizer=back)
