@@ -72,8 +72,8 @@ SIZES = (300, 70000, 5)     # crosses blocks, a chunk and SERIAL_MAX; a short la
 
 def with_non_finite(grads):
     """The last step's gradients with NaN, +-inf and a value whose square
-    overflows, each in a block of its own (non-finite blocks: absmax NaN or
-    inf, codes 0 or the top code, as NumPy's codecs leave them)."""
+    overflows, each in a block of its own (a NaN block: absmax NaN, codes 0
+    or the top code, as NumPy's codecs leave them; +-inf: their own codes)."""
     last = [g.copy() for g in grads[-1]]
     for i, v in zip((3, 300, 600, 1000), (np.nan, np.inf, -np.inf, 2.0 ** 100)):
         last[1][i] = v
@@ -93,6 +93,10 @@ def test_the_exact_step_reaches_every_part_of_both_grids(reference):
     absmax = state["exp_avg_sq.absmax"]
     assert np.isfinite(absmax).sum() >= absmax.size - 4     # (non-finite: 4 blocks)
     m, v = state["exp_avg"].astype(np.int64), state["exp_avg_sq"].astype(np.int64)
+    if absmax.size - np.isfinite(absmax).sum():       # the non-finite step: inf's own codes
+        assert set(m[np.abs(m) > C.SIGNED_GRID[1]]) == {-C.SIGNED_INF, C.SIGNED_INF}
+        assert set(v[v > C.UNSIGNED_GRID[1]]) == {C.UNSIGNED_INF}
+        m, v = m[np.abs(m) != C.SIGNED_INF], v[v != C.UNSIGNED_INF]
     assert m.min() == -C.SIGNED_GRID[1] and m.max() == C.SIGNED_GRID[1]
     assert v.max() == C.UNSIGNED_GRID[1]
     # the linear codes below the lowest binade, and a positive v kept off 0

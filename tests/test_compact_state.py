@@ -487,3 +487,58 @@ def test_sharded_optimizer_refuses_compact_state():
     from fastopt.distributed import DistributedError, ShardedOptimizer
     with pytest.raises(DistributedError, match="does not shard compact state"):
         ShardedOptimizer(fastopt.AdamW, [np.ones(4, np.float32)], state_dtype="int8")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [fastopt.Adam, fastopt.RMSprop, fastopt.Adagrad])
+def test_a_gradient_whose_square_overflows_keeps_its_8bit_block(backend, cls):
+    """A finite gradient of 1e30 squares to inf in the second moment: the
+    block's absmax became inf, every code of the block decoded as NaN
+    (0 * inf), and the 255 neighbours' params went NaN for good. Inf now has
+    a code of its own: the element stops stepping, as with float32 state
+    (whose moment is inf there), and its neighbours step (less far than with
+    float32 state: their first moments are 1e30 times below the block's
+    largest, under the 8-bit grid's floor, README "What 8 bits keep")."""
+    def run(fmt):
+        p = [np.ones(256, np.float32)]
+        opt = cls(p, lr=1e-3, state_dtype=fmt, backend=backend)
+        g = np.full(256, 0.5, np.float32)
+        g[0] = 1e30
+        opt.step([g])
+        for _ in range(3):
+            opt.step([np.full(256, 0.5, np.float32)])
+        return p[0], opt
+    with np.errstate(over="ignore"):     # the square's overflow, in the NumPy backend
+        p8, opt = run("int8")
+        p32, _ = run("float32")
+    assert np.isfinite(p8).all()
+    assert p8[0] == p32[0] == 1.0                  # never stepped again
+    assert (p8[1:] < 1.0).all() and (p8[1:] >= p32[1:]).all()
+    sd = opt.state_dict()["state"][0]["buffers"]
+    assert all(np.isfinite(a).all() for k, a in sd.items() if k.endswith(".absmax"))
+
+
+def test_the_code_of_inf_is_the_same_in_every_codec():
+    """compact.py (the spec), the Numba twins (CPU and CUDA) and, through a
+    step, the C twins: +-inf have codes of their own, decoded as +-inf
+    whatever the block's scale (also 0: a block of inf and zeros)."""
+    from fastopt.backends import compact_jit as CJ
+
+    x = np.zeros(512, np.float32)
+    x[:200] = np.linspace(-1, 1, 200, dtype=np.float32)
+    x[[3, 300]], x[[7, 301]] = np.inf, -np.inf
+    for signed in (True, False):
+        v = x if signed else np.abs(x)
+        absmax = C.q8_absmax(v)
+        assert absmax[1] == 0 and np.isfinite(absmax).all()
+        enc = C.q8_encode_signed if signed else C.q8_encode_unsigned
+        dec = C.q8_decode_signed if signed else C.q8_decode_unsigned
+        codes = enc(v, absmax, 11, np.arange(v.size))
+        twin = [CJ.q8_encode_one(v[i], absmax[i // 256], signed, 11, i) for i in range(v.size)]
+        np.testing.assert_array_equal(codes.astype(np.int64), twin)
+        back = dec(codes, absmax)
+        np.testing.assert_array_equal(back[[3, 300, 7, 301]],
+                                      [np.inf, np.inf, -np.inf if signed else np.inf,
+                                       -np.inf if signed else np.inf])
+        np.testing.assert_array_equal(
+            back, [CJ.q8_decode_one(c, absmax[i // 256], signed) for i, c in enumerate(codes)])

@@ -44,7 +44,10 @@ never a table search:
 * unsigned (second moments, never negative): 5 exponent bits and 3 mantissa
   bits, 31 binades down to ``2**-30``, and a positive value never becomes 0:
   below the smallest code it is stored as the smallest code, so ``sqrt(v)``
-  cannot collapse to 0 and blow up a step.
+  cannot collapse to 0 and blow up a step;
+* +-inf: a code of its own past the grid's top (:data:`SIGNED_INF`,
+  :data:`UNSIGNED_INF`), left out of the block's absmax and decoded as +-inf
+  whatever the scale, as float state holds it.
 
 The 8-bit codes are rounded stochastically too, with the same random bits
 (16 of them, below the kept ones): rounded to nearest, a grid step of 6-12%
@@ -133,6 +136,15 @@ def _grid(exp_bits):
 
 SIGNED_GRID, UNSIGNED_GRID = _grid(_SIGNED_EXP_BITS), _grid(_UNSIGNED_EXP_BITS)
 
+# The code magnitude of an infinite value, above the grid's top (120 / 248):
+# a gradient past about 1.8e19 squares to inf in a second moment. Float
+# state holds that element as inf (it stops stepping); an 8-bit block had no
+# code for it, its absmax became inf, and every value of the block decoded
+# as NaN (0 * inf). An infinite value is kept as this code, outside the
+# block's absmax, and decodes as inf whatever the scale; NaN still makes the
+# block NaN, as float state would have it NaN.
+SIGNED_INF, UNSIGNED_INF = 127, 255
+
 
 _DROPPED = 23 - _MANT_BITS        # float mantissa bits below the kept ones
 
@@ -175,6 +187,7 @@ def q8_absmax(x, block=BLOCK):
     n = x.size
     pad = (-n) % block
     a = np.abs(np.concatenate([x.ravel(), np.zeros(pad, np.float32)]))
+    a[np.isinf(a)] = 0            # kept as their own code (SIGNED_INF / UNSIGNED_INF)
     return a.reshape(-1, block).max(axis=1)
 
 
@@ -194,13 +207,17 @@ def q8_encode_signed(x, absmax, key, index, block=BLOCK):
     stochastically with the bits of (``key``, ``index``)."""
     mag = _encode_magnitude(_relative(x, absmax, block), _SIGNED_EXP_BITS, False,
                             random_bits(key, index))
+    mag = np.where(np.isinf(x), SIGNED_INF, mag)
     return np.where(np.signbit(x) & (mag > 0), -mag, mag).astype(np.int8)
 
 
 def q8_decode_signed(code, absmax, block=BLOCK):
     scale = _per_element(absmax, code.size, block)
-    mag = _decode_magnitude(np.abs(code.astype(np.int64)), _SIGNED_EXP_BITS)
-    return (np.where(code < 0, -mag, mag) * scale).astype(np.float32)
+    code = code.astype(np.int64)
+    mag = _decode_magnitude(np.abs(code), _SIGNED_EXP_BITS)
+    value = (np.where(code < 0, -mag, mag) * scale).astype(np.float32)
+    return np.where(np.abs(code) == SIGNED_INF, np.where(code < 0, -np.inf, np.inf),
+                    value).astype(np.float32)
 
 
 def q8_encode_unsigned(x, absmax, key, index, block=BLOCK):
@@ -208,13 +225,15 @@ def q8_encode_unsigned(x, absmax, key, index, block=BLOCK):
     rounded stochastically with the bits of (``key``, ``index``); a positive
     value never gets code 0. The magnitude is encoded (a ``-0.0`` is 0, as
     :func:`q8_absmax` sees it)."""
-    return _encode_magnitude(_relative(x, absmax, block), _UNSIGNED_EXP_BITS, True,
-                             random_bits(key, index)).astype(np.uint8)
+    mag = _encode_magnitude(_relative(x, absmax, block), _UNSIGNED_EXP_BITS, True,
+                            random_bits(key, index))
+    return np.where(np.isinf(x), UNSIGNED_INF, mag).astype(np.uint8)
 
 
 def q8_decode_unsigned(code, absmax, block=BLOCK):
     scale = _per_element(absmax, code.size, block)
-    return (_decode_magnitude(code, _UNSIGNED_EXP_BITS) * scale).astype(np.float32)
+    value = (_decode_magnitude(code, _UNSIGNED_EXP_BITS) * scale).astype(np.float32)
+    return np.where(code == UNSIGNED_INF, np.float32(np.inf), value).astype(np.float32)
 
 
 # -- compact state buffers: formats, layout, and one span's decode / encode -----------

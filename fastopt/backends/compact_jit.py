@@ -103,6 +103,9 @@ _SIGNED = (_SIGNED_LOW, SIGNED_TOP, np.float32(2.0 ** (_SIGNED_LOW - 127)),
 _UNSIGNED = (_UNSIGNED_LOW, UNSIGNED_TOP, np.float32(2.0 ** (_UNSIGNED_LOW - 127)),
              np.float32(2.0 ** (150 - _UNSIGNED_LOW)))
 
+_INF_BITS = np.uint32(0x7F800000)
+_F32_INF = np.float32(np.inf)
+
 # The forms below are the C twins' (_cython/compact_impl.pxi): selects of
 # values computed on both sides, so that the block loops vectorise.
 
@@ -120,7 +123,9 @@ def q8_decode_one(code, scale, signed):
     mag = -c if c < 0 else c
     f = f32_from_bits(np.uint32((mag << 20) + ((low - 1) << 23)))
     v = f if mag >= 8 else f * np.float32(2) - edge
-    return (-v if c < 0 else v) * scale
+    # the code of inf (compact.SIGNED_INF): inf whatever the scale
+    v = v * scale if mag != (C.SIGNED_INF if signed else C.UNSIGNED_INF) else _F32_INF
+    return -v if c < 0 else v
 
 
 @register_jitable
@@ -130,6 +135,9 @@ def q8_encode_one(x, scale, signed, key, index):
     the scalar twin of :func:`q8_encode_signed` / :func:`q8_encode_unsigned`.
     (Each integer step cast back to uint32: Numba widens it to 64 bits, and
     a block loop on 64-bit lanes takes twice the vector operations.)"""
+    if f32_bits(abs(x)) == _INF_BITS:     # its own code (compact.SIGNED_INF)
+        mag = np.int64(C.SIGNED_INF if signed else C.UNSIGNED_INF)
+        return -mag if signed and x < 0 else mag
     if not scale > np.float32(0):
         return 0
     low, top, edge, sub_scale = _SIGNED if signed else _UNSIGNED
@@ -151,10 +159,12 @@ def q8_encode_one(x, scale, signed, key, index):
 
 @register_jitable
 def absmax_bits_one(x):
-    """The bits of ``|x|`` (uint32): for non-negative floats the integer
-    order is the float order, with NaN above inf, so a block's absmax is an
-    integer max (NaN when the block holds one, as ``np.max``)."""
-    return np.uint32(f32_bits(x) & np.uint32(0x7FFFFFFF))
+    """The bits of ``|x|`` (uint32), 0 for inf (which has a code of its own,
+    compact.SIGNED_INF): for non-negative floats the integer order is the
+    float order, with NaN above inf, so a block's absmax is an integer max
+    (NaN when the block holds one, as ``np.max``)."""
+    b = np.uint32(f32_bits(x) & np.uint32(0x7FFFFFFF))
+    return np.uint32(0) if b == _INF_BITS else b
 
 
 # -- a block of one state buffer ------------------------------------------------------------

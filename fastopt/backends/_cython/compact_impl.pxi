@@ -30,11 +30,17 @@ cdef extern from *:
         uint32_t is_signed;     /* int8 codes with a sign (else uint8, never 0 for x > 0) */
         float edge;             /* 2**(low_field - 127): linear steps below it */
         float sub_scale;        /* 2**(150 - low_field): x in 2**-20 steps of its grid's ulp */
+        uint32_t inf_mag;       /* the code magnitude of inf (compact.SIGNED_INF): 127 / 255 */
     } fo_q8_map;
     static inline fo_q8_map fo_q8_map_of(int is_signed) {
-        fo_q8_map s = {113u, 120u, 1u, 0x1p-14f, 0x1p37f};
-        fo_q8_map u = {97u, 248u, 0u, 0x1p-30f, 0x1p53f};
+        fo_q8_map s = {113u, 120u, 1u, 0x1p-14f, 0x1p37f, 127u};
+        fo_q8_map u = {97u, 248u, 0u, 0x1p-30f, 0x1p53f, 255u};
         return is_signed ? s : u;
+    }
+    /* |x|'s bits for a block's absmax: 0 for inf, which has a code of its own */
+    static inline uint32_t fo_absmax_bits(float x) {
+        uint32_t b = fo_bits_from_f32(x) & 0x7FFFFFFFu;
+        return b == 0x7F800000u ? 0u : b;
     }
     /* The value of a code (c: an int8 code sign-extended, or a uint8 one) in
        a block of absmax scale. A magnitude of 8 or more is a float whose
@@ -44,7 +50,10 @@ cdef extern from *:
         uint32_t mag = (uint32_t)(c < 0 ? -c : c);
         float f = fo_f32_from_bits((mag << 20) + ((q.low_field - 1u) << 23));
         uint32_t v = fo_sel(mag >= 8u, fo_bits_from_f32(f), fo_bits_from_f32(f * 2.0f - q.edge));
-        return fo_f32_from_bits(v | ((uint32_t)c & 0x80000000u)) * scale;
+        uint32_t sign = (uint32_t)c & 0x80000000u;
+        float value = fo_f32_from_bits(v | sign) * scale;
+        /* the code of inf: inf whatever the scale */
+        return mag == q.inf_mag ? fo_f32_from_bits(0x7F800000u | sign) : value;
     }
     /* The rounding hash split for a block: index base + i (base a multiple
        of 256, i < 256) xor key is ((base ^ key) & ~0xFF) + ((i ^ key) & 0xFF),
@@ -85,6 +94,14 @@ cdef extern from *:
             code = code > nonzero ? code : nonzero;
         }
         code = code < q.top ? code : q.top;
+        code = (xb & 0x7FFFFFFFu) == 0x7F800000u ? q.inf_mag : code;   /* inf: its own */
+        return q.is_signed ? (code ^ sign) - sign : code;
+    }
+    /* The code of x in a block whose absmax is 0 or NaN: 0, or inf's own */
+    static inline uint32_t fo_q8_code_of_unscaled(float x, fo_q8_map q) {
+        uint32_t xb = fo_bits_from_f32(x);
+        uint32_t sign = (uint32_t)((int32_t)xb >> 31);
+        uint32_t code = (xb & 0x7FFFFFFFu) == 0x7F800000u ? q.inf_mag : 0u;
         return q.is_signed ? (code ^ sign) - sign : code;
     }
     """
@@ -96,6 +113,8 @@ cdef extern from *:
     unsigned int fo_sr_block(unsigned int key, unsigned int base) noexcept nogil
     unsigned int fo_sr_rnd20(unsigned int h) noexcept nogil
     unsigned int fo_q8_code_of(float x, float scale, fo_q8_map q, unsigned int rnd) noexcept nogil
+    unsigned int fo_q8_code_of_unscaled(float x, fo_q8_map q) noexcept nogil
+    unsigned int fo_absmax_bits(float x) noexcept nogil
 
 
 cdef struct Compact:
@@ -175,8 +194,8 @@ cdef inline void _encode_q8(const float* x, unsigned char* codes, Py_ssize_t m, 
     cdef Py_ssize_t i
     cdef unsigned int h = fo_sr_block(key, at)
     if not scale > 0:          # all zero (or a NaN block): code 0, as compact.py
-        for i in range(m):
-            codes[i] = 0
+        for i in range(m):     # (inf's own code kept)
+            codes[i] = fo_q8_code_of_unscaled(x[i], fo_q8_map_of(is_signed))
     elif is_signed:
         for i in range(m):
             codes[i] = fo_q8_code_of(x[i], scale, fo_q8_map_of(1), fo_sr_rnd20(h + rows[i]))
@@ -206,15 +225,15 @@ cdef inline void _span_absmax(Op* op, float* p, const storage* g, storage* out, 
         p[i] = pi
         _store(out, i, pi)
         x0[i] = a
-        u = fo_abs_bits(a)
+        u = fo_absmax_bits(a)
         t0 = u if u > t0 else t0
         if ns > 1:
             x1[i] = b
-            u = fo_abs_bits(b)
+            u = fo_absmax_bits(b)
             t1 = u if u > t1 else t1
         if ns > 2:
             x2[i] = d
-            u = fo_abs_bits(d)
+            u = fo_absmax_bits(d)
             t2 = u if u > t2 else t2
     top[0] = t0
     top[1] = t1
