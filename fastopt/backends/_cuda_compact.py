@@ -145,9 +145,9 @@ def _compact_kernel(w, g, c0, c1, c2, m0, m1, m2, keys, bp, bs, bn, off, out, fc
                 x1[k] = b
                 x2[k] = d
                 if not bf16:
-                    h0 = max(h0, CJ.absmax_bits_one(a))
-                    h1 = max(h1, CJ.absmax_bits_one(b))
-                    h2 = max(h2, CJ.absmax_bits_one(d))
+                    h0 = max(h0, CJ.without_inf(CJ.absmax_bits_one(a)))
+                    h1 = max(h1, CJ.without_inf(CJ.absmax_bits_one(b)))
+                    h2 = max(h2, CJ.without_inf(CJ.absmax_bits_one(d)))
         s0 = s1 = s2 = np.float32(0)
         if not bf16:
             s0, s1, s2 = _block_absmax(tops, t, h0, h1, h2)

@@ -159,11 +159,18 @@ def q8_encode_one(x, scale, signed, key, index):
 
 @register_jitable
 def absmax_bits_one(x):
-    """The bits of ``|x|`` (uint32), 0 for inf (which has a code of its own,
-    compact.SIGNED_INF): for non-negative floats the integer order is the
-    float order, with NaN above inf, so a block's absmax is an integer max
-    (NaN when the block holds one, as ``np.max``)."""
-    b = np.uint32(f32_bits(x) & np.uint32(0x7FFFFFFF))
+    """The bits of ``|x|`` (uint32): for non-negative floats the integer
+    order is the float order, with NaN above inf, so a block's absmax is an
+    integer max (NaN when the block holds one, as ``np.max``). Inf has a
+    code of its own (compact.SIGNED_INF) and is no block's absmax:
+    :func:`without_inf` (in a second pass on the CPU, where the max was inf:
+    a select in the max's loop keeps it from vectorising)."""
+    return np.uint32(f32_bits(x) & np.uint32(0x7FFFFFFF))
+
+
+@register_jitable
+def without_inf(b):
+    """``absmax_bits_one``'s bits, 0 for inf."""
     return np.uint32(0) if b == _INF_BITS else b
 
 
@@ -202,6 +209,10 @@ def encode_block(codes, absmax, key, o, m, x, bf16, signed):
     top = np.uint32(0)
     for i in range(m):
         top = np.uint32(max(top, absmax_bits_one(x[i])))
+    if top == _INF_BITS:               # (rare) inf: its own code, not the scale
+        top = np.uint32(0)
+        for i in range(m):
+            top = np.uint32(max(top, without_inf(absmax_bits_one(x[i]))))
     scale = f32_from_bits(top)
     absmax[o // BLOCK] = scale
     for i in range(m):
