@@ -35,8 +35,7 @@ import numpy as np
 
 from .. import _validate as V
 from ..backends.lowp import is_low_precision
-from ..optim.base import (Optimizer, _all_finite, _brief, _names_differ, _order_by_name,
-                          prepared_load)
+from ..optim.base import Optimizer, _all_finite, _brief, order_in_checkpoint, prepared_load
 from ..optim.named import KeyTree
 from ..optim.state_format import state_dtype_name
 from ..params import FlatArrays, _address, _root, memory_runs
@@ -843,26 +842,6 @@ class ShardedOptimizer(_Distributed):
             layout = [{**d, "name": n} for d, n in zip(layout, self._names[gi])]
         return layout
 
-    def _saved_order(self, gi, saved):
-        """None when a checkpoint's record of group ``gi``'s params is ours
-        in the same order, else where each of ours stands there: by name
-        when both sides name them, else by position (names, if only one
-        side has them, are not compared). ValueError when they differ."""
-        if not isinstance(saved, list) or not all(isinstance(d, dict) for d in saved):
-            raise ValueError(f"checkpoint param_groups[{gi}]['params'] must be a list of dicts")
-        mine, theirs = self._layout_of(gi), saved
-        if not (all("name" in d for d in mine) and all("name" in d for d in theirs)):
-            mine, theirs = ([{k: v for k, v in d.items() if k != "name"} for d in side]
-                            for side in (mine, theirs))
-        if mine == theirs:
-            return None
-        order = _order_by_name(theirs, mine)
-        if order is None:
-            raise ValueError(f"checkpoint param_groups[{gi}]: params {_brief(saved)} do not "
-                             f"match this optimizer's {_brief(self._layout_of(gi))}"
-                             f"{_names_differ(theirs, mine)}")
-        return order
-
     def _prepare_load(self, sd):
         """Check an unsharded state_dict against the whole model, keep this
         rank's slice; no communication (every rank reads the same file)."""
@@ -876,7 +855,8 @@ class ShardedOptimizer(_Distributed):
         in_order = []      # each group's saved buffers in this optimizer's param order
         for gi, (hyp, g) in enumerate(zip(sd["param_groups"], self._global_arrays)):
             saved = hyp.get("params") if isinstance(hyp, dict) else None
-            order = self._saved_order(gi, saved)
+            order = order_in_checkpoint(f"checkpoint param_groups[{gi}]", saved,
+                                        self._layout_of(gi))
             st = sd["state"][gi]
             bufs = st.get("buffers") if isinstance(st, dict) else None
             if not isinstance(bufs, dict):

@@ -153,6 +153,26 @@ def _order_by_name(saved, layout):
     return order
 
 
+def order_in_checkpoint(where, saved, layout):
+    """Where each param of ``layout`` (a group's params as a checkpoint
+    records them) stands in ``saved`` (a checkpoint's record of the group):
+    None in the same order; by name where both sides name them, else by
+    position. ValueError, naming ``where``, when they differ."""
+    if not isinstance(saved, list) or not all(isinstance(d, dict) for d in saved):
+        raise ValueError(f"{where}['params'] must be a list of dicts")
+    mine, theirs = layout, saved
+    if not (any("name" in d for d in saved) and any("name" in d for d in layout)):
+        mine, theirs = ([{k: v for k, v in d.items() if k != "name"} for d in side]
+                        for side in (layout, saved))
+    if mine == theirs:
+        return None
+    order = _order_by_name(theirs, mine)
+    if order is None:
+        raise ValueError(f"{where}: params {_brief(saved)} do not match this "
+                         f"optimizer's {_brief(layout)}{_names_differ(theirs, mine)}")
+    return order
+
+
 def refuse_options(cls, unknown):
     """A TypeError naming ``cls`` (not the base's ``__init__``) and the first
     keyword argument of ``unknown``, with the class's hint for it or the
@@ -1459,21 +1479,9 @@ class Optimizer:
         name them (the same names in another order: a model's dict built
         anew); else by position (as fastopt.load reads params saved by name
         into a list: in the saved order). ValueError when they differ."""
-        layout = self._layout_of(gi)
-        where = f"checkpoint param_groups[{gi}]"
-        if not isinstance(saved, list) or not all(isinstance(d, dict) for d in saved):
-            raise ValueError(f"{where}['params'] must be a list of dicts")
-        mine, theirs = layout, saved
-        if not (any("name" in d for d in saved) and any("name" in d for d in layout)):
-            mine, theirs = ([{k: v for k, v in d.items() if k != "name"} for d in side]
-                            for side in (layout, saved))
-        if mine == theirs:
-            return None
-        order = _order_by_name(theirs, mine)
-        if order is None:
-            raise ValueError(f"{where}: params {_brief(saved)} do not match this "
-                             f"optimizer's {_brief(layout)}{_names_differ(theirs, mine)}")
-        return order, [int(np.prod(d["shape"])) for d in saved]
+        order = order_in_checkpoint(f"checkpoint param_groups[{gi}]", saved,
+                                    self._layout_of(gi))
+        return None if order is None else (order, [int(np.prod(d["shape"])) for d in saved])
 
     def _in_param_order(self, gi, saved, a):
         """``a``, a checkpoint's array over group ``gi``'s elements (along

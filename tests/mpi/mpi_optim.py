@@ -69,6 +69,13 @@ OPTIMIZERS = {
 }
 
 
+def wrapped(mode, cls, params, **hyp):
+    """``cls`` over ``params`` replicated (``"dp"``) or sharded (``"shard"``)."""
+    if mode == "dp":
+        return dist.DataParallel(cls(params, **hyp))
+    return dist.ShardedOptimizer(cls, params, **hyp)
+
+
 def run_both(mode, name, dtype, clip, steps=4, weights=None, groups=None):
     cls, hyp = OPTIMIZERS[name]
     hyp = dict(hyp, max_grad_norm=clip)
@@ -185,8 +192,7 @@ def test_nonfinite_on_one_rank_skips_everywhere(mode):
 @pytest.mark.parametrize("mode", ["dp", "shard"])
 def test_error_on_one_rank_raises_everywhere(mode):
     p = make_params(np.float32)
-    opt = (dist.DataParallel(fastopt.AdamW(p, lr=1e-2)) if mode == "dp"
-           else dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2))
+    opt = wrapped(mode, fastopt.AdamW, p, lr=1e-2)
     before = p.data.copy()
     good = p.zeros_like()
     bad = fastopt.flat_zeros([(3,)], np.float32) if RANK == N - 1 else good
@@ -458,8 +464,7 @@ def test_a_setting_edited_on_one_rank_raises_everywhere(mode, edit):
     every rank raises naming the setting, nothing steps, and the same edit
     on every rank goes on."""
     p = make_params(np.float32)
-    opt = (dist.DataParallel(fastopt.AdamW(p, lr=1e-2)) if mode == "dp"
-           else dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2))
+    opt = wrapped(mode, fastopt.AdamW, p, lr=1e-2)
     g = p.zeros_like()
     load_rank_grads(g, 0, np.float32)
     opt.step(g)
@@ -496,8 +501,7 @@ def test_equal_settings_written_differently_agree(mode):
     """np.False_ and False, or a key put back in another order, are the same
     settings: no rank raises."""
     p = make_params(np.float32)
-    opt = (dist.DataParallel(fastopt.AdamW(p, lr=1e-2)) if mode == "dp"
-           else dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2))
+    opt = wrapped(mode, fastopt.AdamW, p, lr=1e-2)
     g = p.zeros_like()
     load_rank_grads(g, 0, np.float32)
     opt.step(g)
@@ -516,8 +520,7 @@ def test_a_save_refused_on_one_rank_raises_everywhere(mode):
     collective, and the others waited in it forever."""
     d = shared_dir()
     p = make_params(np.float32)
-    opt = (dist.DataParallel(fastopt.AdamW(p, lr=1e-2)) if mode == "dp"
-           else dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2))
+    opt = wrapped(mode, fastopt.AdamW, p, lr=1e-2)
     path = os.path.join(d, f"bad-extra-{mode}.npz")
     extra = {"bad": np.array([object()])} if RANK == N - 1 else {}
     with pytest.raises(dist.DistributedError, match=rf"rank {N - 1}: TypeError: cannot store "
