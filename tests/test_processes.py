@@ -167,6 +167,37 @@ def test_a_copys_sync_master_reads_its_own_16bit_params(backend, how, layout):
                                   ref.state_dict()["state"][0]["buffers"]["master"])
 
 
+@pytest.mark.parametrize("backend", ["numpy", *COMPILED])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("given", ["FlatArrays", "groups of FlatArrays"])
+@pytest.mark.parametrize("order", ["params first", "optimizer first"])
+def test_packed_params_copied_with_their_optimizer_are_the_ones_it_steps(
+        backend, how, given, order):
+    """A FlatArrays' copy makes its views anew from its copied buffer; the
+    copied optimizer stepped copies of the old views instead, so the
+    copied params never changed (and the copy's FlatArrays grads read
+    gradients cached at the copy)."""
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(5).astype(np.float32)]
+    params = fastopt.pack(arrays)
+    grads = params.zeros_like()
+    spec = params if given == "FlatArrays" else [{"params": params, "lr": 0.1}]
+    opt = fastopt.AdamW(spec, lr=0.1, backend=backend)
+    grads.data[...] = 1.0
+    opt.step(grads)
+    before = params.data.copy()
+    both = (params, grads, opt) if order == "params first" else (opt, params, grads)
+    both = copy.deepcopy(both) if how == "deepcopy" else pickle.loads(pickle.dumps(both))
+    twin, (p2, g2) = (both[2], both[:2]) if order == "params first" else (both[0], both[1:])
+    g2.data[...] = -1.0                          # the copy's grads, written in place
+    twin.step(g2)
+    np.testing.assert_array_equal(params.data, before)     # the original is untouched
+    assert np.all(p2.data > before)                        # stepped against -1 gradients
+    assert all(a is b for a, b in zip(twin.param_groups[0]["params"], p2))
+    opt.step([-np.ones_like(a) for a in params])           # the original, the same step
+    np.testing.assert_array_equal(p2.data, params.data)
+
+
 def test_a_refused_step_leaves_no_tables_over_a_retyped_param():
     """NumPy backend: a step refused for a param retyped in place had just
     made its tables (views in the wrong dtype) and kept them: once the

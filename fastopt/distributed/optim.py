@@ -35,7 +35,8 @@ import numpy as np
 
 from .. import _validate as V
 from ..backends.lowp import is_low_precision
-from ..optim.base import Optimizer, _all_finite, _brief, order_in_checkpoint, prepared_load
+from ..optim.base import (Optimizer, _all_finite, _brief, order_in_checkpoint, prepared_load,
+                          schedule_value)
 from ..optim.named import KeyTree
 from ..optim.state_format import state_dtype_name
 from ..params import FlatArrays, _address, _root, memory_runs
@@ -747,9 +748,7 @@ class ShardedOptimizer(_Distributed):
         lr = self._with_schedule(gi, self.param_groups[gi])["lr"]
         if not callable(lr):
             return lr
-        k = self._inner.iterations
-        return V.check_real(f"param_groups[{gi}]['lr'] (schedule value at step {k})", lr(k),
-                            low=0.0)
+        return schedule_value(lr, self._inner.iterations, f"param_groups[{gi}]['lr']")
 
     def _sync_hypers(self):
         """Copy the (editable) global group hyperparameters into the shard's groups."""

@@ -118,6 +118,16 @@ def _brief(layout):
     return f"[{text}{', ...' if len(layout) > 4 else ''}] ({_count(len(layout), 'array')})"
 
 
+def schedule_value(schedule, k, name) -> float:
+    """``schedule(k)``, checked: a non-negative real lr, or a ValueError
+    naming ``name`` and the step."""
+    try:
+        value = schedule(k)
+    except (TypeError, ValueError, ArithmeticError) as exc:   # e.g. gamma > 1 overflowing
+        raise ValueError(f"{name}: the schedule failed at step {k}: {exc}") from None
+    return V.check_real(f"{name} (schedule value at step {k})", value, low=0.0)
+
+
 def _count(n, noun):
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -512,7 +522,7 @@ class Optimizer:
         state.pop("_lock", None)
         state.pop("_all_tables", None)     # made again with _tables
         state.update(_tables=None, _bound=None, _bound_list=None, _placement=None, _plan=None,
-                     _written_bufs=None)
+                     _written_bufs=None, _cached=(None, None))    # (grads' views, not a copy's)
         # A scheduled group's lr is the very float the schedule last wrote
         # (_with_schedule tells the user's own number by identity); pickle
         # makes two floats of one, so which groups still show it goes along
@@ -521,6 +531,7 @@ class Optimizer:
                                and self.param_groups[gi]["lr"] is v]
         if state.get("_backend") is not None:      # a module: kept by name
             state["_backend"] = state["_backend"].name
+        state["_view_links"] = self._views_of_given_flat()
         return state
 
     def __setstate__(self, state):
@@ -531,6 +542,8 @@ class Optimizer:
                 group["params"] = self._group_lists[gi] = ParamList(group["params"])
         for gi in linked:
             self._lr_shown[gi] = self.param_groups[gi]["lr"]
+        self._relink_views(state.get("_view_links", ()))
+        self.__dict__.pop("_view_links", None)
         if isinstance(self._backend, str):
             self._backend = get_backend(self._backend)
         if self.param_groups:
@@ -540,6 +553,38 @@ class Optimizer:
             self._rebuild_run_views()
         self._lock = threading.RLock()
         forks.register(self)
+
+    def _views_of_given_flat(self):
+        """``(param index, FlatArrays, view index)`` for each param that is a
+        view of a host FlatArrays it was given as (the whole params, or a
+        group's). A copy (pickle, deepcopy) of a FlatArrays makes its views
+        anew from its copied buffer, and copies the optimizer's references
+        to the old views as arrays of their own: the copy's optimizer must
+        step the copied FlatArrays' views (:meth:`_relink_views`), or the
+        copied params would never change."""
+        given = self._given
+        if isinstance(given, FlatArrays):
+            flats = [given]
+        elif isinstance(given, (list, tuple)):
+            flats = [g["params"] for g in given
+                     if isinstance(g, dict) and isinstance(g.get("params"), FlatArrays)]
+        else:
+            return []
+        where = {id(a): pi for pi, a in enumerate(self.__dict__.get("_params", ()))}
+        return [(where[id(view)], flat, vi) for flat in flats for vi, view in enumerate(flat)
+                if id(view) in where]
+
+    def _relink_views(self, links):
+        """A copy's params made the copied FlatArrays' views again, in every
+        list that holds them (see :meth:`_views_of_given_flat`)."""
+        if not links:
+            return
+        group_of = [(gi, j) for gi, g in enumerate(self.param_groups)
+                    for j in range(len(g["params"]))]
+        for pi, flat, vi in links:
+            gi, j = group_of[pi]
+            self._params[pi] = flat[vi]
+            list.__setitem__(self.param_groups[gi]["params"], j, flat[vi])   # not an edit
 
     def _runs_over_own_params(self):
         """A copy's runs made again over its own params: each run's flat
@@ -1546,13 +1591,7 @@ class Optimizer:
             self._refuse_missing(group, where)
         if callable(lr):
             k = self.iterations if position is None else position
-            try:
-                value = lr(k)
-            except (TypeError, ValueError, ArithmeticError) as exc:   # e.g. gamma > 1 overflowing
-                raise ValueError(f"{V.key(where, 'lr')}: the schedule failed at step "
-                                 f"{k}: {exc}") from None
-            V.check_real(f"{V.key(where, 'lr')} (schedule value at step {k})", value, low=0.0)
-            group = dict(group, lr=value)
+            group = dict(group, lr=schedule_value(lr, k, V.key(where, "lr")))
         return self._checked_hypers(group, where)
 
     def _checked_hypers(self, group, where):
