@@ -131,6 +131,26 @@ def test_train_command_under_mpiexec(tmp_path, mode):
     assert two["val_acc"] == one["val_acc"]
 
 
+def test_train_resumes_under_mpiexec_from_a_checkpoint_every_rank_wrote(tmp_path):
+    """--checkpoint under mpiexec (sharded state: a collective, rank 0
+    writes) and --resume on two ranks end as the run never stopped."""
+    if not _mnist_available():
+        pytest.skip("MNIST files not found")
+    args = [sys.executable, "-m", "fastopt.cli", "train", "--hidden", "16", "--no-plot",
+            "--quiet", "--threads", "1", "--batch-size", "500", "--shard-state"]
+    runs = [("straight", ["--epochs", "2", "--checkpoint"]),
+            ("resumed", ["--epochs", "1", "--checkpoint"]),
+            ("resumed", ["--epochs", "2", "--resume"])]
+    for out, extra in runs:
+        done = mpirun(2, [*args, *extra, "--out", str(tmp_path / out)])
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming after epoch 1" in done.stdout
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text())["epochs"]
+            for d in ("straight", "resumed"))
+    assert [(r["train_loss"], r["val_loss"]) for r in a] == \
+        [(r["train_loss"], r["val_loss"]) for r in b]
+
+
 @pytest.mark.parametrize("flags", [["--overlap"], ["--shard-state"],
                                    ["--overlap", "--shard-state"]])
 def test_train_mpi_flags_refused_where_they_mean_nothing(flags):
@@ -258,6 +278,31 @@ def test_sharded_step_refuses_an_unknown_group_key_on_every_rank_and_recovers():
     del opt.param_groups[0]["weight_decy"]
     opt.step(grads)
     assert not np.array_equal(params.data, before)
+
+
+def test_a_sharded_schedule_that_fails_is_named_with_its_step():
+    """A schedule raising inside the sharded step is said as the single-process
+    optimizer says it (the group, the step), every rank raising; nothing moves."""
+    pytest.importorskip("mpi4py")
+    import fastopt
+    from fastopt.distributed import DistributedError, ShardedOptimizer
+    from mpi4py import MPI
+    params = fastopt.pack([np.ones(4, np.float32)])
+
+    def sched(k):
+        if k >= 1:
+            raise ArithmeticError("too far")
+        return 0.1
+
+    opt = ShardedOptimizer(fastopt.AdamW, list(params), comm=MPI.COMM_SELF, lr=sched)
+    grads = params.zeros_like()
+    grads.data[:] = 1
+    opt.step(grads)
+    before = params.data.copy()
+    with pytest.raises(DistributedError,
+                       match=r"param_groups\[0\]\['lr'\]: the schedule failed at step 1: too far"):
+        opt.step(grads)
+    np.testing.assert_array_equal(params.data, before)
 
 
 def test_a_checkpoint_of_params_by_name_loads_into_a_sharded_optimizer():

@@ -209,3 +209,84 @@ def test_make_optimizer_refuses_sharding_what_does_not_shard_by_its_flags(name):
     with pytest.raises(ValueError, match=rf"--optimizer {name} with --shard-state: .*leave out "
                                          r"--shard-state"):
         make_optimizer(model, name, 1e-3, parallel=types.SimpleNamespace(shard_state=True))
+
+
+def _train(out, data, *extra):
+    return main(["train", "--data-dir", str(data), "--hidden", "16", "--batch-size", "500",
+                 "--quiet", "--no-plot", "--threads", "1", "--out", str(out), *extra])
+
+
+def _same_training(a, b):
+    """Two runs' metrics (losses and accuracies per epoch) and final
+    checkpoints (params and optimizer state) are the same bit for bit."""
+    import fastopt
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    keys = ("epoch", "train_loss", "val_loss", "val_acc")
+    assert [[r[k] for k in keys] for r in ma["epochs"]] == \
+        [[r[k] for k in keys] for r in mb["epochs"]]
+    ca, cb = (fastopt.checkpoint.read(d / "checkpoint.npz") for d in (a, b))
+    np.testing.assert_array_equal(ca["params"][0], cb["params"][0])
+    sa, sb = ca["optimizer"]["state"][0], cb["optimizer"]["state"][0]
+    assert sa["step"] == sb["step"]
+    for name in sa["buffers"]:
+        np.testing.assert_array_equal(sa["buffers"][name], sb["buffers"][name])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_train_resumes_after_ctrl_c_bit_for_bit(tmp_path, monkeypatch, capsys, optimizer):
+    """--checkpoint writes the models and the optimizer after each epoch; a
+    run stopped in its third epoch and --resume'd ends exactly as one never
+    stopped (the schedule's position, the batches' order, the moments)."""
+    from fastopt.nn import Ensemble
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    run = ["--optimizer", optimizer, "--lr", "0.01", "--schedule", "warmup-cosine",
+           "--epochs", "4", "--checkpoint"]
+    assert _train(tmp_path / "straight", data, *run) == 0
+    plain, calls = Ensemble.train_step, [0]
+
+    def stopped_in_epoch_3(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 2 * 16 + 2:      # 8000 training samples: 16 batches an epoch
+            raise KeyboardInterrupt
+        return plain(self, *a, **k)
+    monkeypatch.setattr(Ensemble, "train_step", stopped_in_epoch_3)
+    capsys.readouterr()
+    assert _train(tmp_path / "stopped", data, *run) == 130
+    err = capsys.readouterr().err
+    assert "2 of 4 epochs finished" in err and "--resume goes on from epoch 3" in err
+    monkeypatch.setattr(Ensemble, "train_step", plain)
+    assert _train(tmp_path / "stopped", data, *run, "--resume") == 0
+    assert "resuming after epoch 2" in capsys.readouterr().out
+    _same_training(tmp_path / "straight", tmp_path / "stopped")
+
+
+def test_train_resume_grows_epochs_with_a_constant_schedule(tmp_path):
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    assert _train(tmp_path / "three", data, "--epochs", "3", "--checkpoint") == 0
+    assert _train(tmp_path / "grown", data, "--epochs", "1", "--checkpoint") == 0
+    assert _train(tmp_path / "grown", data, "--epochs", "3", "--resume") == 0
+    _same_training(tmp_path / "three", tmp_path / "grown")
+
+
+def test_train_resume_refuses_what_is_not_this_run(tmp_path, capsys):
+    """Exit 2 and one line naming the reason; the checkpoint is left as it was."""
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    assert _train(tmp_path / "none", data, "--resume") == 2
+    assert "--resume: no " in capsys.readouterr().err
+    assert _train(out, data, "--epochs", "2", "--schedule", "warmup-cosine",
+                  "--checkpoint") == 0
+    before = (out / "checkpoint.npz").read_bytes()
+    for extra, message in [
+            (["--epochs", "2", "--lr", "0.5"], "a run with --lr 0.001, not 0.5"),
+            (["--epochs", "2", "--hidden", "8"], "a run with --hidden 16, not 8"),
+            (["--epochs", "3"], "its --schedule warmup-cosine spans them all; give --epochs 2"),
+            (["--epochs", "2"], "has finished 2 epochs of --epochs 2: nothing left to train")]:
+        capsys.readouterr()
+        rc = _train(out, data, "--schedule", "warmup-cosine", *extra, "--resume")
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, err
+    assert (out / "checkpoint.npz").read_bytes() == before
+    (out / "checkpoint.npz").write_bytes(before[:100])
+    assert _train(out, data, "--schedule", "warmup-cosine", "--epochs", "2", "--resume") == 2
+    assert "is not a readable fastopt checkpoint" in capsys.readouterr().err

@@ -25,11 +25,17 @@ metrics and curves of the epochs that finished (``"interrupted": true``),
 prints one line and exits 130; a second Ctrl-C stops at once. Under
 mpiexec, Ctrl-C ends every rank at once (each is at its own step): rank 0
 writes the finished epochs first, and the exit code is 130.
+
+``--checkpoint`` writes ``checkpoint.npz`` to ``--out`` after each epoch
+(the models, the optimizer state, the finished epochs' records);
+``--resume`` goes on from it after its last epoch, with the same batches
+and schedule as a run never stopped: the same result bit for bit.
 """
 
 from __future__ import annotations
 
 from .common import EXIT_INTERRUPTED, non_negative_int, positive_int, user_path
+from .train_checkpoint import CHECKPOINT, checkpoint_path, load_into, resume_from, save_epoch
 
 HELP = "train an MLP (or a batched lr sweep) on MNIST: progress, held-out accuracy, curves"
 
@@ -135,6 +141,13 @@ def add_arguments(parser):
                              "fraction (default 0.94)")
     parser.add_argument("--out", default="train-results", type=user_path,
                         help="output directory")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="after each epoch, write the models and the optimizer state "
+                             "to OUT/checkpoint.npz (for --resume)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on from OUT/checkpoint.npz after its last epoch, bit for "
+                             "bit as if never stopped (the same options; --epochs may grow "
+                             "with --schedule constant); keeps writing it")
     parser.add_argument("--no-plot", action="store_true", help="skip curves.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--shard-state", action="store_true",
@@ -331,9 +344,10 @@ def _run(args, comm):
     from fastopt.nn import Ensemble
     from fastopt.nn.training import fit, full_batch_problem, make_optimizer
 
+    args.checkpoint = args.checkpoint or args.resume
     # rank 0 alone writes, so its view of --out is the one that counts
     problem = None if comm is not None and comm.Get_rank() else output_dir_problem(
-        args.out, ("metrics.json", "curves.png"))
+        args.out, ("metrics.json", "curves.png") + ((CHECKPOINT,) if args.checkpoint else ()))
     problem = _usage_problem(comm, problem and f"--out {args.out or repr('')}: {problem}",
                              "checking --out")
     if problem:
@@ -391,6 +405,14 @@ def _run(args, comm):
               + ("only with --schedule warmup-cosine" if args.schedule != "warmup-cosine"
                  else f"the run has {steps} steps in all"), file=sys.stderr)
         return 2
+    finished = []
+    if args.resume:
+        # every rank reads the file: all of them resume, or none
+        problem, finished = resume_from(args)
+        problem = _usage_problem(comm, problem, "reading the checkpoint")
+        if problem:
+            print(f"fastopt train: {problem}", file=sys.stderr)
+            return 2
     parallel = None
     if comm is not None:
         from fastopt.distributed.training import DataParallelTraining
@@ -407,6 +429,11 @@ def _run(args, comm):
     except (TypeError, ValueError) as exc:
         print(f"fastopt train: {exc}", file=sys.stderr)
         return 2
+    if args.resume:
+        problem = _usage_problem(comm, load_into(args, model, opt), "loading the checkpoint")
+        if problem:
+            print(f"fastopt train: {problem}", file=sys.stderr)
+            return 2
     labels = [f"lr={v:g}" for v in (lrs or [args.lr])]
     mode = ("sharded optimizer state" if args.shard_state else "replicated optimizer state"
             + (", allreduce overlapped with backward" if args.overlap else ""))
@@ -416,12 +443,15 @@ def _run(args, comm):
           f"{', '.join(labels)}, schedule {args.schedule}, "
           f"{args.epochs} epochs x {steps // args.epochs} steps, batch {args.batch_size}, "
           f"backend {model.backend}, {Xtr.shape[0]} train / {Xte.shape[0]} held-out"
-          + ("" if comm is None else f", {comm.Get_size()} MPI ranks ({mode})"))
+          + ("" if comm is None else f", {comm.Get_size()} MPI ranks ({mode})")
+          + (f"; resuming after epoch {len(finished)}" if args.resume else ""))
     bar = _Progress(args.epochs, Xtr.shape[0], args.batch_size, sys.stderr, not args.quiet)
-    records = []   # finished epochs, kept here too: fit returns nothing when interrupted
+    records = list(finished)   # finished epochs, kept here too: fit returns nothing when interrupted
 
     def on_epoch(epoch, rec):
         records.append(rec)
+        if args.checkpoint:
+            _write_checkpoint(args, model, opt, records, comm)
         bar.end_line()
         accs = "  ".join(f"{lab} {100 * a:.2f}%" for lab, a in zip(labels, rec["val_acc"]))
         print(f"epoch {epoch:>3}: held-out accuracy {accs}  ({rec['seconds']:.1f} s, "
@@ -453,7 +483,8 @@ def _run(args, comm):
         try:
             history = fit(model, opt, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
                           seed=args.seed, X_val=Xte, y_val=yte, target=args.target,
-                          on_batch=on_batch, on_epoch=on_epoch, parallel=parallel)
+                          on_batch=on_batch, on_epoch=on_epoch, parallel=parallel,
+                          finished=finished)
         except (_Stopped, KeyboardInterrupt):
             if comm is not None:
                 if comm.Get_rank() == 0:     # what finished, as one process writes it
@@ -490,6 +521,23 @@ def _run(args, comm):
             print(f"fastopt train: {problem}", file=sys.stderr)
             return rc
     return 0
+
+
+def _write_checkpoint(args, model, opt, records, comm):
+    """--checkpoint after an epoch; a failed write is said and training goes
+    on (the previous epoch's file is left whole). Under MPI rank 0 writes
+    and every rank learns how that went: all go on."""
+    import sys
+    failures = (OSError,)
+    if comm is not None:
+        from fastopt.distributed import DistributedError
+        failures += (DistributedError,)
+    try:
+        save_epoch(args, model, opt, records)
+    except failures as exc:
+        print(f"fastopt train: could not write {checkpoint_path(args)} after epoch "
+              f"{len(records)}: {getattr(exc, 'strerror', None) or exc}; training goes on",
+              file=sys.stderr)
 
 
 def _device_problem(args, comm):
@@ -566,6 +614,8 @@ def _finish_interrupted(args, history, labels, sizes, backend):
         what = "nothing written"
     if problem is not None:
         what += f" ({problem})"
+    if args.checkpoint and done:
+        what += f"; --resume goes on from epoch {done + 1}"
     print(f"fastopt train: interrupted; {done} of {args.epochs} epochs finished, {what}",
           file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED

@@ -140,7 +140,7 @@ def _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm, st
 
 
 def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y_val=None,
-        target=None, on_batch=None, on_epoch=None, parallel=None):
+        target=None, on_batch=None, on_epoch=None, parallel=None, finished=()):
     """Train for ``epochs``; every model sees the same shuffled batches.
 
     Returns a history dict: per epoch the mean training loss per model,
@@ -154,6 +154,12 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
     then makes each step, combines the epoch's losses and the held-out
     metrics, and whose optimizer ``opt`` must be (``make_optimizer(...,
     parallel=)``).
+
+    ``finished``: the records of epochs an earlier run finished (its
+    history's ``"epochs"``), when ``model`` and ``opt`` were loaded from its
+    checkpoint after the last of them: training goes on from the next
+    epoch with the batches the uninterrupted run would have drawn, so the
+    result is the same bit for bit.
     """
     if parallel is None:
         step = _step_function(model, opt, X.shape[0], batch_size)
@@ -170,7 +176,7 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
     return _run_epochs(model, opt, X, y, epochs=epochs, batch_size=batch_size, seed=seed,
                        target=target, on_batch=on_batch, on_epoch=on_epoch, step=step,
                        end_epoch=end_epoch, validate=None if X_val is None else validate,
-                       **extra)
+                       finished=list(finished), **extra)
 
 
 def _step_function(model, opt, n_train, batch_size):
@@ -202,11 +208,12 @@ def _step_function(model, opt, n_train, batch_size):
 
 
 def _run_epochs(model, opt, X, y, *, epochs, batch_size, seed, target, on_batch, on_epoch,
-                step, validate, end_epoch=None, **history_extra):
+                step, validate, end_epoch=None, finished=(), **history_extra):
     """The epoch loop both ``fit`` paths share: seeded shuffles, batches
     gathered into reused buffers, ``step(gather, idx) -> (losses, samples)``
     per batch, ``end_epoch(totals)`` to combine the loss sums (over ranks),
-    ``validate() -> (loss, acc)`` per epoch, and the history records."""
+    ``validate() -> (loss, acc)`` per epoch, and the history records, after
+    the ``finished`` ones of an earlier run."""
     n = X.shape[0]
     if n == 0:
         raise ValueError("empty training set")
@@ -219,7 +226,13 @@ def _run_epochs(model, opt, X, y, *, epochs, batch_size, seed, target, on_batch,
     history = {"epochs": [], "time_to_target": [None] * model.k, "target": target,
                **history_extra}
     elapsed = 0.0
-    for epoch in range(1, epochs + 1):
+    for rec in finished:
+        rng.permutation(n)           # that epoch's shuffle: the next one follows it
+        elapsed = rec["seconds"]
+        if "val_acc" in rec:
+            _record_validation(history, rec, rec["val_loss"], rec["val_acc"], target, elapsed)
+        history["epochs"].append(rec)
+    for epoch in range(len(finished) + 1, epochs + 1):
         order = rng.permutation(n)
         total = np.zeros(model.k)
         t0 = time.perf_counter()

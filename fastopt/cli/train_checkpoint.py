@@ -1,0 +1,102 @@
+"""``fastopt train --checkpoint`` / ``--resume``: the run's checkpoint file.
+
+After each epoch ``--checkpoint`` writes ``OUT/checkpoint.npz``
+(:func:`fastopt.save`, atomically: an interrupted write leaves the previous
+epoch's file): the models' params, the optimizer's state (its step count,
+so a schedule goes on where it was), the finished epochs' records, and the
+options that define the run. ``--resume`` loads it and trains on from the
+next epoch with the batches the uninterrupted run would have drawn: the
+result is the same bit for bit (one process; under mpiexec, with the same
+number of ranks).
+"""
+
+from __future__ import annotations
+
+import os
+
+CHECKPOINT = "checkpoint.npz"
+_KEY = "fastopt_train"      # the checkpoint's extra entry
+
+# What defines the run: a resumed one must have the same (--epochs apart,
+# which may grow when the schedule does not depend on it). How it runs may
+# change: --backend, --threads, --target, --quiet, --no-plot, the number of
+# MPI ranks, --shard-state, --overlap (the checkpoint holds the whole state).
+RUN_KEYS = ("data", "hidden", "activation", "optimizer", "lr", "sam", "ensemble_lrs",
+            "schedule", "warmup_steps", "weight_decay", "momentum", "max_grad_norm",
+            "state_dtype", "batch_size", "seed", "dtype", "device")
+
+
+def checkpoint_path(args) -> str:
+    return os.path.join(os.fspath(args.out), CHECKPOINT)
+
+
+def _option(key) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def run_config(args) -> dict:
+    """The options that define the run (JSON-able), with --epochs."""
+    config = {k: getattr(args, k) for k in RUN_KEYS}
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    config["epochs"] = args.epochs
+    return config
+
+
+def resume_from(args):
+    """``(problem, finished epoch records)``: the checkpoint's records when
+    it is this run's, else a phrase saying why it cannot be resumed."""
+    from fastopt.checkpoint import CheckpointError, read
+
+    path = checkpoint_path(args)
+    try:
+        tree = read(path)
+    except FileNotFoundError:
+        return (f"--resume: no {path} (a run writes it with --checkpoint; leave "
+                "--resume out to start afresh)"), None
+    except CheckpointError as exc:
+        return f"--resume: {exc}", None
+    saved = tree.get("extra", {}).get(_KEY) if isinstance(tree.get("extra"), dict) else None
+    if not isinstance(saved, dict) or "config" not in saved or "epochs" not in saved:
+        return f"--resume: {path} was not written by fastopt train --checkpoint", None
+    config, now = saved["config"], run_config(args)
+    for key in RUN_KEYS:
+        if config.get(key) != now[key]:
+            return (f"--resume: {path} is a run with {_option(key)} {_shown(config.get(key))}, "
+                    f"not {_shown(now[key])}: give the same options (or another --out "
+                    "to start afresh)"), None
+    finished = saved["epochs"]
+    if config["epochs"] != args.epochs and args.schedule != "constant":
+        return (f"--resume: {path} is a run of --epochs {config['epochs']} and its "
+                f"--schedule {args.schedule} spans them all; give --epochs "
+                f"{config['epochs']}"), None
+    if len(finished) >= args.epochs:
+        return (f"--resume: {path} has finished {len(finished)} epochs of "
+                f"--epochs {args.epochs}: nothing left to train"
+                + (" (a larger --epochs trains on)" if args.schedule == "constant" else "")), None
+    return None, finished
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "(not given)"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def save_epoch(args, model, opt, records) -> None:
+    """Write the checkpoint after an epoch (every rank calls it under MPI:
+    the optimizer's state is gathered, rank 0 writes)."""
+    import fastopt
+    fastopt.save(checkpoint_path(args), params=model.params, optimizer=opt,
+                 extra={_KEY: {"config": run_config(args), "epochs": records}})
+
+
+def load_into(args, model, opt) -> str | None:
+    """Load the checkpoint into ``model`` and ``opt``; a phrase if it does not fit."""
+    import fastopt
+    try:
+        fastopt.load(checkpoint_path(args), params=model.params, optimizer=opt)
+    except fastopt.CheckpointError as exc:
+        return f"--resume: {exc}"
+    return None
