@@ -75,7 +75,8 @@ class Schedule:
             _KINDS[cls.kind] = cls
 
     def __call__(self, step) -> float:
-        step = _step(step)
+        if type(step) is not int or step < 0:      # (an optimizer's own count is)
+            step = _step(step)
         try:
             return float(self.value(step))
         except OverflowError:      # a growing schedule (gamma > 1) past float's range

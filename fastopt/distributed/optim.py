@@ -734,6 +734,7 @@ class ShardedOptimizer(_Distributed):
     # uses, and keep the schedule apart, as an unsharded optimizer does (the
     # same methods): the shard's groups get the schedule itself.
     _with_schedule = Optimizer._with_schedule
+    _take_schedule = Optimizer._take_schedule
     _show_lr = Optimizer._show_lr
     lr_schedule = Optimizer.lr_schedule
 

@@ -56,6 +56,16 @@ class Adam(Optimizer):
         return el, adam_stepper(float(h["lr"]), float(h["betas"][0]), float(h["betas"][1]),
                                 state, el.values[2:])
 
+    def _plan_lr(self, fixed, h, state):
+        if type(self)._element_step is not Adam._element_step:
+            return None
+        # lr sits in the bias terms and AdamW's decay only (adam_scalars' own
+        # expressions, so the values are those a full rebuild would make)
+        lr, rest = float(h["lr"]), fixed.values[2:]
+        if self._decoupled:
+            rest = rest[:-1] + (1.0 - lr * float(h["weight_decay"]),)
+        return adam_stepper(lr, float(h["betas"][0]), float(h["betas"][1]), state, rest)
+
 
 class AdamW(Adam):
     r"""AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay,

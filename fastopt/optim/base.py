@@ -1040,20 +1040,23 @@ class Optimizer:
         here, and ``group["lr"]`` reads as the value the next step will use,
         as after a torch scheduler's step. A number the user writes over that
         value replaces the schedule."""
+        sched = self._take_schedule(gi, group)
+        return group if sched is None else dict(group, lr=sched)
+
+    def _take_schedule(self, gi, group):
+        """Group ``gi``'s schedule (None when its lr is a number), taking up
+        one assigned to ``group["lr"]`` and dropping one a number replaced."""
         lr = group.get("lr", _MISSING)
         if lr is _MISSING:
-            return group                  # deleted: _resolve names it
+            return None                   # deleted: _resolve names it
         if callable(lr):
             self._schedules[gi] = lr
-        else:
-            sched = self._schedules.get(gi)
-            if sched is None:
-                return group
-            if lr is not self._lr_shown.get(gi):      # the user wrote a number
-                del self._schedules[gi]
-                return group
-            lr = sched
-        return dict(group, lr=lr)
+            return lr
+        sched = self._schedules.get(gi)
+        if sched is not None and lr is not self._lr_shown.get(gi):   # the user wrote a number
+            del self._schedules[gi]
+            return None
+        return sched
 
     def _show_lr(self):
         """Write each scheduled group's next lr into ``group["lr"]``, and the
@@ -1062,8 +1065,7 @@ class Optimizer:
         full step evaluates it again and names the failure)."""
         at = self.iterations
         for gi, group in enumerate(self.param_groups):
-            self._with_schedule(gi, group)             # take up a newly assigned one
-            sched = self._schedules.get(gi)
+            sched = self._take_schedule(gi, group)     # a newly assigned one too
             if sched is not None:
                 try:
                     value = float(sched(self.iterations))
@@ -1234,6 +1236,12 @@ class Optimizer:
             s, now = self._element_step(hypers, state)
             return make(s, nstate) if now == names else None
         return None, at
+
+    def _plan_lr(self, fixed, hypers, state):
+        """``at()`` of :meth:`_plan_element` for ``hypers`` that differ from
+        the plan's only in lr, keeping its ``fixed`` element step; None
+        (this default) to make both again. A scheduled lr is new every step."""
+        return None
 
     def _group_state(self, gi, hypers, created):
         """``(step scalars, state buffer names in kernel order)`` of group

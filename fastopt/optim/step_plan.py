@@ -55,7 +55,7 @@ class GroupPlan:
 
     __slots__ = ("group", "params", "glen", "keys", "values", "snapshot", "lr",
                  "hypers", "state", "names", "buffers", "nstate", "tables", "grad_index",
-                 "make", "fixed", "at", "opt", "index", "compact")
+                 "make", "fixed", "at", "opt", "index", "compact", "lists")
 
     def __init__(self, opt, index, group, hypers, state, names, tables, kind):
         self.opt, self.index = opt, index
@@ -76,12 +76,19 @@ class GroupPlan:
         self.fixed, self.at = opt._plan_element(hypers, state, names, self.make)
         self._snap()
 
-    def _snap(self):
+    def _snap(self, values=None):
         # The group's values as this plan took them, in the dict's order: one
         # tuple compare checks them all (the same objects compare by identity;
-        # the params list is kept itself, other lists as copies).
-        self.snapshot = tuple(v[:] if type(v) is list and v is not self.params else v
-                              for v in self.group.values())
+        # the params list is kept itself, other lists as copies). ``values``:
+        # tuple(group.values()) just compared with the plan's own, kept as
+        # the snapshot when no value is a list (a scheduled lr's every step)
+        if values is not None and not self.lists:
+            self.snapshot = values
+            return
+        snapshot = tuple(v[:] if type(v) is list and v is not self.params else v
+                         for v in self.group.values())
+        self.lists = any(a is not b for a, b in zip(snapshot, self.group.values()))
+        self.snapshot = snapshot
 
     def holds(self, group, state) -> bool:
         """Whether this group's part of the plan still holds (a new plain lr
@@ -90,7 +97,8 @@ class GroupPlan:
                 or group["params"] is not self.params or self.params.edited):
             return False
         try:
-            if tuple(group.values()) == self.snapshot:
+            values = tuple(group.values())
+            if values == self.snapshot:
                 return True
             # something changed: a new lr (taken up) or anything else (stale)
             if len(group) != self.glen or tuple(map(group.get, self.keys)) != self.values:
@@ -100,7 +108,7 @@ class GroupPlan:
         lr = group["lr"]
         if lr is not self.lr and not self.take_lr(lr):
             return False
-        self._snap()
+        self._snap(values)
         return True
 
     def next_element(self, group, state):
@@ -142,7 +150,10 @@ class GroupPlan:
         if type(lr) is not float or not 0.0 <= lr < math.inf:
             return False
         hypers = dict(self.hypers, lr=lr)
-        fixed, at = self.opt._plan_element(hypers, self.state, self.names, self.make)
+        fixed = self.fixed
+        at = None if fixed is None else self.opt._plan_lr(fixed, hypers, self.state)
+        if at is None:
+            fixed, at = self.opt._plan_element(hypers, self.state, self.names, self.make)
         # stored together, lr last: a Ctrl-C before leaves the old lr, taken
         # up again at the next step (lr first kept the old element step for good)
         self.hypers, self.fixed, self.at, self.lr = hypers, fixed, at, lr
