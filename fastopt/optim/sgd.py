@@ -52,3 +52,9 @@ class SGD(Optimizer):
     # step, from whether the buffer exists): the step plan may reuse them
     # (Optimizer._plan_element)
     _step_free_element_step = _element_step
+
+    def _plan_lr(self, fixed, h, state):
+        if type(self)._element_step is not SGD._element_step:
+            return None
+        values = (float(h["lr"]),) + fixed.values[1:]     # sgd_element's: lr first
+        return lambda: values
