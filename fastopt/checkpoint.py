@@ -218,6 +218,12 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     the next save removes the temporary file a killed one left behind.
     """
     tree = {"format": FORMAT}
+    if optimizer is not None and not callable(getattr(optimizer, "state_dict", None)):
+        raise TypeError(
+            f"optimizer must be one optimizer (with a state_dict()), got "
+            f"{type(optimizer).__name__}; for several (one per layer) save their "
+            "state_dict()s in extra, e.g. extra={'optimizers': [o.state_dict() for o in "
+            "opts]}, and give each back to its load_state_dict")
     # A distributed optimizer (fastopt.distributed): its state_dict is a
     # collective, so a rank that failed a check before it tells the others,
     # who would wait there forever, and every rank raises
@@ -257,7 +263,12 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
         target = link_target(path)
         _check_target(target, path)
         _remove_stale_temps(target)
-        _write_atomically(target, arrays)
+        try:
+            _write_atomically(target, arrays)
+        except OSError as exc:        # named by the user's path, not the hidden temporary
+            if exc.errno is None or not str(exc.filename or "").startswith(target + _TMP):
+                raise
+            raise OSError(exc.errno, f"cannot save checkpoint: {exc.strerror}", path) from None
 
     # A distributed optimizer (fastopt.distributed) has every rank gather the
     # state above and rank 0 alone write, and tells every rank how that went.

@@ -12,7 +12,7 @@ from .backends.scalars import clip_coefficient
 from .params import FlatArrays
 
 
-def _flat_grads(grads, *, writable):
+def _flat_grads(grads, *, writable, labels=None):
     """1-D arrays to reduce over: one for a FlatArrays, one per array
     otherwise. Read only (``not writable``): 16-bit gradients too, as float32
     copies (as an optimizer's step reads them); scaled in place: float32 and
@@ -21,12 +21,12 @@ def _flat_grads(grads, *, writable):
         _check("grads", grads.data, writable)
         return [_float(grads.data)]
     arrays = V.as_array_list("grads", grads)
-    for i, g in enumerate(arrays):
-        _check(f"grads[{i}]", g, writable)
+    names = _names(arrays, labels)
+    for name, g in zip(names, arrays):
+        _check(name, g, writable)
     if writable:  # an array listed twice (or overlapping views) would be scaled twice
         if all(g.flags.c_contiguous for g in arrays):
-            V.check_disjoint([(f"grads[{i}]", g) for i, g in enumerate(arrays)],
-                             writer="clip_by_global_norm")
+            V.check_disjoint(list(zip(names, arrays)), writer="clip_by_global_norm")
         else:
             _check_views_disjoint(arrays)
     return [_float(_contiguous(g).reshape(-1)) for g in arrays]
@@ -76,25 +76,32 @@ def _float(a):
     return a if a.dtype in V.FLOAT_DTYPES else a.astype(np.float32)
 
 
-def _device_flats(be, grads, dtypes=None):
+def _names(arrays, labels):
+    """How errors name each gradient: by its keys when given by name."""
+    return labels if labels is not None else [f"grads[{i}]" for i in range(len(arrays))]
+
+
+def _device_flats(be, grads, dtypes=None, labels=None):
     arrays = [grads] if not isinstance(grads, (list, tuple)) else list(grads)
     dtypes = dtypes or be.STORAGE_DTYPES
-    flats = [be.flat(be.check_array(f"grads[{i}]", g, dtypes=dtypes))
-             for i, g in enumerate(arrays)]
-    named = [(f"grads[{i}]", g) for i, g in enumerate(flats)]
+    names = _names(arrays, labels)
+    flats = [be.flat(be.check_array(name, g, dtypes=dtypes)) for name, g in zip(names, arrays)]
+    named = list(zip(names, flats))
     be.check_devices(named)
     return flats, named
 
 
 def _by_name(grads):
-    """Grads given by name (a dict, nested dicts too) as their arrays in key
-    order, as an optimizer reads them; anything else as given."""
+    """``(grads, labels)``: grads given by name (a dict, nested dicts too) as
+    their arrays in key order, as an optimizer reads them, and how errors
+    name them (``grads['W']``); anything else as given, labels None."""
     if isinstance(grads, dict):
         if not grads:
-            return []         # as an empty list: norm 0
+            return [], None         # as an empty list: norm 0
         from .optim.named import KeyTree      # (fastopt.optim imports this module)
-        return KeyTree.of(grads, "grads")[1]
-    return grads
+        tree, arrays = KeyTree.of(grads, "grads")
+        return arrays, [f"grads{lab}" for lab in tree.labels]
+    return grads, None
 
 
 def norm_of(backend, flats) -> float:
@@ -111,11 +118,11 @@ def global_norm(grads, *, backend="auto") -> float:
     dicts too) or a FlatArrays; float32, float64, or float16/bfloat16
     (read as float32).
     """
-    grads = _by_name(grads)
+    grads, labels = _by_name(grads)
     be = get_backend(backend_for(backend, grads))
     if getattr(be, "device", False):   # device arrays: the two-stage GPU reduction
-        return be.norm_control(_device_flats(be, grads)[0]).norm()
-    return norm_of(be, _flat_grads(grads, writable=False))
+        return be.norm_control(_device_flats(be, grads, labels=labels)[0]).norm()
+    return norm_of(be, _flat_grads(grads, writable=False, labels=labels))
 
 
 def clip_by_global_norm(grads, max_norm, *, backend="auto") -> float:
@@ -129,18 +136,18 @@ def clip_by_global_norm(grads, max_norm, *, backend="auto") -> float:
     :func:`global_norm`.
     """
     max_norm = V.check_real("max_norm", max_norm, low=0.0, low_open=True)
-    grads = _by_name(grads)
+    grads, labels = _by_name(grads)
     be = get_backend(backend_for(backend, grads))
     if getattr(be, "device", False):
         # coefficient decided and applied on the device; the norm comes back
         # as a DeviceNorm (float(norm) fetches it), so nothing waits here
-        flats, named = _device_flats(be, grads, be.FLOAT_DTYPES)   # scaled in place
+        flats, named = _device_flats(be, grads, be.FLOAT_DTYPES, labels)   # scaled in place
         be.check_disjoint(named)
         ctrl = be.norm_control(flats, max_norm=max_norm)
         for g in flats:
             be.scale(g, 1.0, ctrl=ctrl)
         return be.DeviceNorm(ctrl)
-    flats = _flat_grads(grads, writable=True)
+    flats = _flat_grads(grads, writable=True, labels=labels)
     norm = norm_of(be, flats)
     coef = clip_coefficient(norm, max_norm)
     if coef != 1.0:

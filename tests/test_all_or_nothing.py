@@ -512,7 +512,7 @@ def test_an_interrupt_while_the_plan_takes_a_new_lr_keeps_the_new_lr(backend, mo
     for _ in range(2):
         opt.step([np.ones(3)])
     opt.param_groups[0]["lr"] = 0.5
-    real = type(opt)._plan_element
+    real = type(opt)._plan_lr          # (SGD's plan takes a new lr there)
     calls = []
 
     def interrupted(self, *args):
@@ -520,7 +520,7 @@ def test_an_interrupt_while_the_plan_takes_a_new_lr_keeps_the_new_lr(backend, mo
         if len(calls) == 1:
             raise KeyboardInterrupt
         return real(self, *args)
-    monkeypatch.setattr(type(opt), "_plan_element", interrupted)
+    monkeypatch.setattr(type(opt), "_plan_lr", interrupted)
     with pytest.raises(KeyboardInterrupt):
         opt.step([np.ones(3)])
     np.testing.assert_array_equal(params[0], np.full(3, 0.8))      # nothing written

@@ -605,3 +605,94 @@ def test_lbfgs_and_sam_vectors_load_into_the_same_names_in_another_order(tmp_pat
     sam2.step(_quadratic(other, scale)[1])
     for k in shapes:            # back to p from p + e, then the same SGD step
         np.testing.assert_allclose(other[k], params[k], rtol=1e-12, atol=1e-14, err_msg=k)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lr", "1e-4", r"param_groups\[0\]\['lr'\] must be a real number"),
+    ("lr", -1.0, r"param_groups\[0\]\['lr'\]"),
+    ("betas", (0.9, 2.0), r"param_groups\[0\]\['betas'\]"),
+    ("eps", None, r"param_groups\[0\]\['eps'\]")])
+def test_a_value_a_step_refuses_is_refused_by_save_too(tmp_path, key, value, message):
+    """An lr read from a YAML file as a string, set in a group, was saved
+    (after the step refused it), and that checkpoint could never be loaded."""
+    p = [np.ones(3)]
+    opt = fastopt.Adam(p, lr=0.1)
+    opt.step([np.ones(3)])
+    opt.param_groups[0][key] = value
+    path = tmp_path / "c.npz"
+    with pytest.raises((TypeError, ValueError), match=message):
+        fastopt.save(path, params=p, optimizer=opt)
+    assert not path.exists()
+    with pytest.raises((TypeError, ValueError), match=message):
+        opt.state_dict()
+
+
+def test_a_scheduled_group_is_saved_with_its_schedule_and_values_checked(tmp_path):
+    p = [np.ones(3)]
+    opt = fastopt.Adam(p, lr=S.warmup_cosine(0.1, 2, 10))
+    opt.step([np.ones(3)])
+    fastopt.save(tmp_path / "c.npz", params=p, optimizer=opt)
+    assert fastopt.load(tmp_path / "c.npz")["optimizer"]["param_groups"][0]["lr"] == \
+        {"schedule": S.warmup_cosine(0.1, 2, 10).to_dict()}
+
+
+def test_save_names_what_it_takes_for_several_optimizers(tmp_path):
+    p = [np.ones(3)]
+    opt = fastopt.Adam(p, lr=0.1)
+    with pytest.raises(TypeError, match=r"optimizer must be one optimizer .* got list; for "
+                                        r"several \(one per layer\) save their state_dict"):
+        fastopt.save(tmp_path / "c.npz", params=p, optimizer=[opt])
+
+
+def test_a_save_the_os_refuses_names_the_users_path(tmp_path, monkeypatch):
+    """An OS error while writing named the hidden temporary file."""
+    p = [np.ones(3)]
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if ".tmp-" in str(path):
+            raise OSError(30, "Read-only file system", path)
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OSError, match=r"cannot save checkpoint: Read-only file system: "
+                                      r"'[^']*c\.npz'$") as info:
+        fastopt.save(tmp_path / "c.npz", params=p)
+    assert info.value.errno == 30 and ".tmp-" not in str(info.value)
+
+
+def test_a_load_lets_the_replaced_state_go(tmp_path):
+    """The step plan kept the old state buffers alive after a load, until
+    the next step: twice the optimizer state in memory meanwhile."""
+    import gc
+    import weakref
+    p = [np.zeros(1000, np.float32)]
+    opt = fastopt.AdamW(p, lr=1e-3)
+    for _ in range(2):
+        opt.step([np.ones(1000, np.float32)])
+    fastopt.save(tmp_path / "c.npz", params=p, optimizer=opt)
+    old = weakref.ref(opt.state[0]["flat"]["exp_avg"])
+    fastopt.load(tmp_path / "c.npz", params=p, optimizer=opt)
+    gc.collect()
+    assert old() is None
+    opt.step([np.ones(1000, np.float32)])
+    assert opt.state[0]["step"] == 3
+
+
+def test_state_dtype_is_read_only():
+    opt = fastopt.AdamW([np.ones(3, np.float32)], state_dtype="bfloat16")
+    assert opt.state_dtype == "bfloat16"
+    with pytest.raises(AttributeError, match=r"state_dtype is chosen when the optimizer is "
+                                             r"made \(this one keeps its state as 'bfloat16'\)"):
+        opt.state_dtype = "int8"
+
+
+def test_a_loads_warning_names_the_callers_line(tmp_path):
+    """Through fastopt.load the warning named a line inside fastopt."""
+    p = [np.ones(3)]
+    saved = fastopt.Adam(p, lr=0.1, max_grad_norm=1.0)
+    fastopt.save(tmp_path / "c.npz", params=p, optimizer=saved)
+    for load in (lambda o: fastopt.load(tmp_path / "c.npz", optimizer=o),
+                 lambda o: o.load_state_dict(saved.state_dict())):
+        with pytest.warns(UserWarning, match="max_grad_norm=1.0 replaces") as caught:
+            load(fastopt.Adam([np.ones(3)], lr=0.1))
+        assert caught[0].filename == __file__

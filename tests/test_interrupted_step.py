@@ -402,3 +402,87 @@ def test_an_interrupt_at_any_line_of_a_sam_step_leaves_it_consistent(backend, st
             outcomes.add("stepped")
         assert p[0].tobytes() == ref_p[0].tobytes(), (target, outcomes)
     assert {"perturbed", "stepped"} <= outcomes
+
+
+# -- loading a checkpoint, adding a group, binding params: whole or not at all --
+
+def _every_line(setup, call):
+    """``(state made by setup(), whether call(state) was interrupted)`` for an
+    interrupt at each line event of ``call`` in fastopt/optim."""
+    n = count_lines(lambda: call(setup()), (OPTIM_DIR,))
+    assert n > 5
+    for target in range(n):
+        state = setup()
+        yield state, interrupted_at(target, lambda: call(state), (OPTIM_DIR,))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_an_interrupt_at_any_line_of_load_state_dict_loads_all_of_it(backend):
+    """A Ctrl-C inside load_state_dict's writes left the checkpoint's buffers
+    with the old step count and the schedule object in place of its value:
+    the next step used another lr, silently. It loads whole, then raises."""
+    sched = fastopt.schedules.warmup_cosine(0.01, 3, 20)
+
+    def make():
+        p = [np.ones(5), np.full(3, 2.0)]
+        return p, fastopt.Adam(p, lr=sched, backend=backend)
+    p, saved = make()
+    for k in range(5):
+        saved.step([np.full(5, 0.1 * k), np.full(3, -0.2)])
+    sd = saved.state_dict()
+    ref_p, ref = make()
+    ref.load_state_dict(sd)
+
+    def setup():
+        q, opt = make()
+        opt.step([np.full(5, 0.3), np.full(3, 0.3)])
+        return opt
+    before = setup()
+    outcomes = set()
+    for opt, _ in _every_line(setup, lambda opt: opt.load_state_dict(sd)):
+        loaded = opt.iterations == 5        # else untouched: the checks were interrupted
+        outcomes.add(loaded)
+        assert opt.param_groups[0]["lr"] == sched(opt.iterations)
+        assert_same_tree(opt.state_dict(), (ref if loaded else before).state_dict())
+    assert outcomes == {False, True}
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_an_interrupt_at_any_line_of_add_param_group_adds_it_or_not(backend):
+    """A Ctrl-C inside add_param_group left the optimizer refusing every
+    step (and the group being added again): now it is added whole, or not."""
+    def setup():
+        p = [np.ones(4)]
+        opt = fastopt.Adam(p, lr=0.1, backend=backend)
+        opt.step([np.ones(4)])
+        return opt, np.ones(3)
+    outcomes = set()
+    for (opt, extra), _ in _every_line(setup, lambda s: s[0].add_param_group(
+            {"params": [s[1]], "lr": fastopt.schedules.cosine_decay(0.1, 5)})):
+        outcomes.add(len(opt.param_groups))
+        if len(opt.param_groups) == 1:
+            opt.add_param_group({"params": [extra], "lr": 0.1})
+        opt.step([np.ones(4), np.ones(3)])
+        assert opt.state_dict()["state"][1]["step"] == 1
+        assert not np.array_equal(extra, np.ones(3))
+    assert outcomes == {1, 2}
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_an_interrupt_at_any_line_of_bind_binds_or_not(backend):
+    """A Ctrl-C inside bind (an optimizer made before its params) left no
+    _params or a group it then refused: now bound whole, schedule and all."""
+    sched = fastopt.schedules.warmup_cosine(0.01, 3, 20)
+    ref_p = [np.ones(5)]
+    ref = fastopt.AdamW(ref_p, lr=sched, backend=backend)
+    ref.step([np.full(5, 0.5)])
+
+    def setup():
+        return fastopt.AdamW(lr=sched, backend=backend), [np.ones(5)]
+    outcomes = set()
+    for (opt, p), _ in _every_line(setup, lambda s: s[0].bind(s[1])):
+        outcomes.add(bool(opt.param_groups))
+        opt.step([np.full(5, 0.5)], params=p)
+        assert opt.lr_schedule(0) is sched
+        np.testing.assert_array_equal(p[0], ref_p[0])
+    assert outcomes == {False, True}

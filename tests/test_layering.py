@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "fastopt"
 
 # lowest first; a module may import its own level and those below
 LEVELS = [
-    {"_validate", "_registry", "_openmp", "_plotting", "_memory", "_numba_cache", "_files",
+    {"_validate", "_warn", "_registry", "_openmp", "_plotting", "_memory", "_numba_cache", "_files",
      "_launcher", "_arguments", "schedules", "params", "data"},
     {"backends", "cuda"},
     {"clip", "functional", "checkpoint", "optim"},

@@ -160,5 +160,17 @@ def test_global_norm_reads_16_bit_gradients(backend):
              "b": rng.standard_normal((7, 5)).astype(ml_dtypes.bfloat16)}
     want = reference_norm([g.astype(np.float32) for g in grads.values()])
     assert fastopt.global_norm(grads, backend=backend) == pytest.approx(want, rel=1e-12)
-    with pytest.raises(TypeError, match=r"grads\[0\] is float16: .*max_grad_norm="):
+    with pytest.raises(TypeError, match=r"grads\['a'\] is float16: .*max_grad_norm="):
         fastopt.clip_by_global_norm(grads, 1.0, backend=backend)
+
+
+def test_grads_by_name_are_named_by_their_keys():
+    """As an optimizer names them (they were named by position)."""
+    bad = {"W": np.ones(3), "b": {"x": np.ones(2, np.int64)}}
+    with pytest.raises(TypeError, match=r"grads\['b'\]\['x'\] must be float32"):
+        fastopt.global_norm(bad)
+    with pytest.raises(TypeError, match=r"grads\['b'\]\['x'\] must be float32"):
+        fastopt.clip_by_global_norm(bad, 1.0)
+    w = np.ones(4)
+    with pytest.raises(ValueError, match=r"grads\['a'\].*grads\['b'\]|grads\['b'\].*grads\['a'\]"):
+        fastopt.clip_by_global_norm({"a": w, "b": w}, 1.0)

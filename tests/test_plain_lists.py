@@ -239,3 +239,16 @@ def test_step_none_says_what_it_needs(backend):
         opt.step(None)
     np.testing.assert_array_equal(p[0], 1.0)
     assert opt.iterations == 0
+
+
+def test_params_by_name_passed_again_in_another_key_order_are_the_same_params():
+    """step(params=) with the dict built again in another key order was
+    refused as 'not the arrays this optimizer updates'."""
+    P = {"W": np.ones((2, 3)), "b": np.zeros(3)}
+    G = {"W": np.ones((2, 3)), "b": np.ones(3)}
+    opt = fastopt.Adam(lr=0.1)
+    opt.step(G, params=P)
+    opt.step(G, params={"b": P["b"], "W": P["W"]})
+    assert opt.state[0]["step"] == 2
+    with pytest.raises(ValueError, match="params are not the arrays"):
+        opt.step(G, params={"b": P["b"], "W": np.ones((2, 3))})

@@ -198,6 +198,33 @@ def test_packed_params_copied_with_their_optimizer_are_the_ones_it_steps(
     np.testing.assert_array_equal(p2.data, params.data)
 
 
+@pytest.mark.parametrize("backend", ["numpy", *COMPILED])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("order", ["16-bit first", "float32 first"])
+def test_a_copy_of_a_group_mixing_float32_and_16bit_params_steps_as_the_original(
+        backend, how, order):
+    """A group may hold float32 params and 16-bit ones (with their float32
+    master copies): a copy raised KeyError 'master', or (the other order)
+    lost the master and failed at its first step."""
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    arrays = {"W": np.linspace(-1, 1, 6).astype(bf16), "ln": np.linspace(0, 1, 3, dtype=np.float32)}
+    if order == "float32 first":
+        arrays = {"ln": arrays["ln"], "W": arrays["W"]}
+    grads = {k: np.full(a.shape, 0.25, a.dtype) for k, a in arrays.items()}
+    opt = fastopt.AdamW(arrays, lr=1e-2, backend=backend)
+    opt.step(grads)
+    both = (arrays, opt)
+    twin_arrays, twin = (copy.deepcopy(both) if how == "deepcopy"
+                         else pickle.loads(pickle.dumps(both)))
+    for o in (opt, twin):
+        o.step(grads)
+    for k in arrays:
+        np.testing.assert_array_equal(twin_arrays[k], arrays[k])
+    mine, theirs = opt.state_dict()["state"][0], twin.state_dict()["state"][0]
+    for name in mine["buffers"]:
+        np.testing.assert_array_equal(theirs["buffers"][name], mine["buffers"][name])
+
+
 def test_a_refused_step_leaves_no_tables_over_a_retyped_param():
     """NumPy backend: a step refused for a param retyped in place had just
     made its tables (views in the wrong dtype) and kept them: once the

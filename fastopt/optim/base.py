@@ -31,11 +31,11 @@ from __future__ import annotations
 import math
 import operator
 import threading
-import warnings
 
 import numpy as np
 
 from .. import _validate as V
+from .._warn import warn_user
 from .._memory import state_copy
 from ..backends import backend_for, get_backend
 from ..backends.scalars import clip_coefficient
@@ -45,7 +45,7 @@ from ..clip import norm_of
 from ..params import FlatArrays
 from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler
-from .interrupt import INTERRUPTS, Mark, held
+from .interrupt import INTERRUPTS, Mark, finished, held
 from .named import KeyTree
 from .param_list import ParamList
 from .placement import placement_for
@@ -301,7 +301,18 @@ class Optimizer:
             group, names, packed[gi] = self._checked_group(gi, spec, names)
             groups.append(group)
         all_params = self._checked_params(groups, names)
-        # -- everything checked: keep it --
+        # the schedules given, put back if a Ctrl-C runs keep() again (its
+        # _show_lr has written their values over them)
+        schedules = {gi: g["lr"] for gi, g in enumerate(groups) if callable(g["lr"])}
+
+        def keep():     # -- everything checked: keep it (whole through a Ctrl-C) --
+            for gi, sched in schedules.items():
+                groups[gi]["lr"] = sched
+            self._keep_bound(params, groups, names, packed, all_params)
+        finished(keep)
+
+    def _keep_bound(self, params, groups, names, packed, all_params):
+        """:meth:`bind`'s checked params and groups kept."""
         self.param_groups = groups
         self._packed = packed      # group -> the one buffer its params were given as (device)
         self._params = all_params
@@ -590,19 +601,30 @@ class Optimizer:
         """A copy's runs made again over its own params: each run's flat
         view had become an array of its own (so sync_master read stale
         values), and views of one buffer may no longer lie end to end. The
-        16-bit runs' master copies are cut again to the new runs. New state
-        entries: a shallow copy (copy.copy) shares the original's."""
+        16-bit params' master copies are cut again to the new runs (a run
+        is one buffer, of one dtype; a group may mix float32 and 16-bit
+        runs). New state entries: a shallow copy (copy.copy) shares the
+        original's."""
+        old_info = self._run_info
         self._build_runs()
         self.state = [dict(st) for st in self.state]
         for gi, st in enumerate(self.state):
-            sizes = [r["flat"].size for r in self._run_info[gi]["runs"]]
             old = st["runs"]
+            masters = {}            # param index -> its part of its old run's master
+            for run, bufs in zip(old_info[gi]["runs"], old):
+                if "master" in bufs:
+                    cuts = run["local"]
+                    for j, k in enumerate(range(run["start"], run["stop"])):
+                        masters[k] = bufs["master"][cuts[j]:cuts[j + 1]]
             # the state buffers' views of each run: made by _rebuild_run_views
-            runs = [dict.fromkeys(set(old[0]) - {"master"}) if old else {} for _ in sizes]
-            if old and "master" in old[0]:        # a group's runs are all 16-bit or none
-                whole = np.concatenate([bufs["master"] for bufs in old])
-                for bufs, part in zip(runs, np.split(whole, np.cumsum(sizes)[:-1])):
-                    bufs["master"] = part
+            names = set().union(*old) - {"master"} if old else set()
+            runs = []
+            for run in self._run_info[gi]["runs"]:
+                bufs = dict.fromkeys(names)
+                if run["start"] in masters:
+                    bufs["master"] = np.concatenate(
+                        [masters[k] for k in range(run["start"], run["stop"])])
+                runs.append(bufs)
             st["runs"] = runs
 
     def _rebuild_run_views(self):
@@ -796,34 +818,51 @@ class Optimizer:
                 return
             gi = len(self.param_groups)
             group, names, packed = self._checked_group(gi, param_group, self._names)
-            groups = self.param_groups + [group]
-            self._params = self._checked_params(groups, names)
-            # -- checked: keep it --
-            self.param_groups.append(group)
-            self._packed[gi] = packed
-            self._names = names
-            self._layout = tuple((a.shape, a.dtype) for a in self._params)
-            self._memory_ordered = self._placement.memory_ordered(self._params)
-            self._build_runs()          # the earlier groups' runs come out as before
-            self.state.append(self._fresh_state(gi))
-            self._group_lists.append(group["params"])
-            self._group_sizes.append(len(group["params"]))
-            self._tables, self._bound, self._cached = None, None, (None, None)
-            self._given = None      # (the watch goes on over the arrays it was given)
-            self._show_lr()
+            all_params = self._checked_params(self.param_groups + [group], names)
+
+            def keep():     # -- checked: keep it (whole through a Ctrl-C: run again) --
+                self._params = all_params
+                if len(self.param_groups) == gi:
+                    self.param_groups.append(group)
+                self._packed[gi] = packed
+                self._names = names
+                self._layout = tuple((a.shape, a.dtype) for a in self._params)
+                self._memory_ordered = self._placement.memory_ordered(self._params)
+                self._build_runs()          # the earlier groups' runs come out as before
+                if len(self.state) == gi:
+                    self.state.append(self._fresh_state(gi))
+                if len(self._group_lists) == gi:
+                    self._group_lists.append(group["params"])
+                    self._group_sizes.append(len(group["params"]))
+                self._tables, self._bound, self._cached = None, None, (None, None)
+                self._given = None      # (the watch goes on over the arrays it was given)
+                self._show_lr()
+            finished(keep)
+
+    def _by_name(self, params):
+        """``params``, a dict of the names the optimizer was made with, read
+        in its param order (a dict built again in another key order is the
+        same params); else None."""
+        if self._names is None or not isinstance(params, dict):
+            return None
+        try:
+            return self._names.read(params, "params")
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def _bind_or_check(self, params):
         """``step(params=...)``: bind the first time, then insist on the same arrays."""
         if not self.param_groups:
             self.bind(params)
             return
-        specs = self._group_specs(params)
-        arrays = []
-        for spec in specs:
-            given = spec["params"]
-            if isinstance(given, dict):
-                given = KeyTree.of(given, "params")[1]
-            arrays += [given] if isinstance(given, np.ndarray) else list(given)
+        arrays = self._by_name(params)
+        if arrays is None:
+            arrays = []
+            for spec in self._group_specs(params):
+                given = spec["params"]
+                if isinstance(given, dict):
+                    given = KeyTree.of(given, "params")[1]
+                arrays += [given] if isinstance(given, np.ndarray) else list(given)
         if len(arrays) != len(self._params) or any(
                 a is not b for a, b in zip(arrays, self._params)):
             raise ValueError(f"params are not the arrays this {type(self).__name__} "
@@ -1337,7 +1376,17 @@ class Optimizer:
             self._check_groups_unchanged()
             for gi, group in enumerate(self.param_groups):
                 self._check_group_keys(group, f"param_groups[{gi}]")
+                self._check_group_values(gi, group)
             return self._state_dict()
+
+    def _check_group_values(self, gi, group):
+        """A value a step would refuse (an lr read from a config file as a
+        string, a beta of 2), refused, named: its checkpoint could not be
+        loaded. A schedule is saved as its spec, not its value."""
+        group = self._with_schedule(gi, group)
+        if callable(group.get("lr")):
+            group = dict(group, lr=0.0)
+        self._checked_hypers(group, f"param_groups[{gi}]")
 
     def _state_dict(self) -> dict:
         """:meth:`state_dict`'s contents (a subclass adds its own entries
@@ -1401,7 +1450,28 @@ class Optimizer:
                 for run, bufs in zip(info["runs"], st["runs"]):
                     if "master" in bufs:
                         bufs["master"] = pl.master_copy(run["flat"])
-            self._tables = None       # they address the master copies: new arrays
+            self._drop_tables()       # they address the master copies: new arrays
+
+    @property
+    def state_dtype(self) -> str:
+        """The optimizer state's format, ``"float32"``, ``"bfloat16"`` or
+        ``"int8"``: chosen when the optimizer is made."""
+        return self._state_format.name
+
+    @state_dtype.setter
+    def state_dtype(self, value):
+        # (it did nothing: an attribute no step read)
+        raise AttributeError(
+            f"state_dtype is chosen when the optimizer is made (this one keeps its state "
+            f"as {self._state_format.name!r}); make a new one with state_dtype={value!r}. "
+            "A checkpoint's state is not converted between formats")
+
+    def _drop_tables(self):
+        """Tables and plan made again at the next step: what they hold (the
+        master copies, the state buffers) was replaced, and must not be
+        kept alive until then (a load would hold twice the state)."""
+        self._tables = self._plan = self._bound = None
+        self._all_tables = ()
 
     def state_nbytes(self) -> int:
         """Bytes of optimizer state allocated so far: every state buffer
@@ -1424,7 +1494,12 @@ class Optimizer:
         type, one that is a TypeError too), as :func:`fastopt.load` does, and
         leaves this optimizer exactly as it was."""
         with self._lock:
-            prepared_load(self, state_dict)()
+            apply = prepared_load(self, state_dict)
+            try:
+                apply()         # (called here: its warnings name the caller's line)
+            except INTERRUPTS:  # a Ctrl-C: all of it loaded, then raised
+                held(apply)
+                raise
 
     def _prepare_load(self, sd):
         """Check ``sd`` against this optimizer; return a function that applies it
@@ -1516,8 +1591,7 @@ class Optimizer:
                 group.update(hyp)
             self.state = new_state
             self._schedules, self._lr_shown = {}, {}
-            self._tables = None       # the master copies (weights) are new arrays
-            self._bound = None
+            self._drop_tables()       # the master copies (weights) are new arrays
             self.iterations = iterations
             self.skipped_steps = skipped
             apply_options()
@@ -1578,8 +1652,8 @@ class Optimizer:
                                      ("skip_nonfinite", skip, self.skip_nonfinite),
                                      ("state_seed", seed, fmt.seed)):
                 if now != saved:
-                    warnings.warn(f"load_state_dict: the checkpoint's {name}={saved!r} "
-                                  f"replaces this optimizer's {now!r}", stacklevel=4)
+                    warn_user(f"load_state_dict: the checkpoint's {name}={saved!r} "
+                              f"replaces this optimizer's {now!r}")
             self.max_grad_norm, self.skip_nonfinite, fmt.seed = mgn, skip, seed
             if scaler is None:
                 self.loss_scaler = None

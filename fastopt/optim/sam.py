@@ -42,6 +42,7 @@ import warnings
 import numpy as np
 
 from .. import _validate as V
+from .._warn import warn_user
 from .._memory import state_zeros
 from ..backends import get_backend
 from ..backends.flat_ops import ops_for, sam_scale
@@ -552,8 +553,8 @@ class SAM:
             for name, saved, mine in (("rho", rho, self.rho), ("adaptive", adaptive,
                                                                  self.adaptive)):
                 if saved != mine:
-                    warnings.warn(f"load_state_dict: the checkpoint's SAM {name}={saved!r} "
-                                  f"replaces this SAM's {mine!r}", stacklevel=4)
+                    warn_user(f"load_state_dict: the checkpoint's SAM {name}={saved!r} "
+                              f"replaces this SAM's {mine!r}")
             self.rho, self.adaptive = rho, adaptive
             self.perturbed, self._skipped, self.skipped_perturbs = perturbed, skipped, count
             if perturbed:
