@@ -451,20 +451,28 @@ def test_an_interrupt_at_any_line_of_load_state_dict_loads_all_of_it(backend):
 def test_an_interrupt_at_any_line_of_add_param_group_adds_it_or_not(backend):
     """A Ctrl-C inside add_param_group left the optimizer refusing every
     step (and the group being added again): now it is added whole, or not."""
+    first, added = fastopt.schedules.warmup_cosine(0.1, 2, 9), fastopt.schedules.cosine_decay(0.1, 5)
+
     def setup():
         p = [np.ones(4)]
-        opt = fastopt.Adam(p, lr=0.1, backend=backend)
+        opt = fastopt.Adam(p, lr=first, backend=backend)
         opt.step([np.ones(4)])
         return opt, np.ones(3)
     outcomes = set()
     for (opt, extra), _ in _every_line(setup, lambda s: s[0].add_param_group(
-            {"params": [s[1]], "lr": fastopt.schedules.cosine_decay(0.1, 5)})):
+            {"params": [s[1]], "lr": added})):
         outcomes.add(len(opt.param_groups))
         if len(opt.param_groups) == 1:
-            opt.add_param_group({"params": [extra], "lr": 0.1})
+            opt.add_param_group({"params": [extra], "lr": added})
+        # both schedules kept (a run of the adding again took a shown value
+        # for the user's number), and the group's bookkeeping whole
+        assert (opt.lr_schedule(0), opt.lr_schedule(1)) == (first, added)
         opt.step([np.ones(4), np.ones(3)])
         assert opt.state_dict()["state"][1]["step"] == 1
         assert not np.array_equal(extra, np.ones(3))
+        opt.param_groups[1]["params"].append(np.ones(2))
+        with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]"):
+            opt.step([np.ones(4), np.ones(3)])
     assert outcomes == {1, 2}
 
 

@@ -248,7 +248,16 @@ def test_params_by_name_passed_again_in_another_key_order_are_the_same_params():
     G = {"W": np.ones((2, 3)), "b": np.ones(3)}
     opt = fastopt.Adam(lr=0.1)
     opt.step(G, params=P)
-    opt.step(G, params={"b": P["b"], "W": P["W"]})
+    again = {"b": P["b"], "W": P["W"]}
+    opt.step(G, params=again)
     assert opt.state[0]["step"] == 2
+    # grads as a list would follow the new order: b's gradient onto W
+    with pytest.raises(ValueError, match="in another key order than it was given, and grads "
+                                         "is a list"):
+        opt.step([G["b"], G["W"]], params=again)
+    opt.step(G, params=again)
+    assert opt.state[0]["step"] == 3
+    with pytest.raises(ValueError, match="in another key order"):
+        opt.step([G["b"], G["W"]], params=again)      # every time, not only the first
     with pytest.raises(ValueError, match="params are not the arrays"):
         opt.step(G, params={"b": P["b"], "W": np.ones((2, 3))})

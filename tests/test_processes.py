@@ -225,6 +225,46 @@ def test_a_copy_of_a_group_mixing_float32_and_16bit_params_steps_as_the_original
         np.testing.assert_array_equal(theirs["buffers"][name], mine["buffers"][name])
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_packed_groups_added_later_are_stepped_by_the_copy(how):
+    """The FlatArrays a group was given as, added by add_param_group, is
+    followed by a copy too (the links were read from the params first given)."""
+    p = fastopt.pack([np.ones(3, np.float32)])
+    q = fastopt.pack([np.ones(2, np.float32), np.ones(4, np.float32)])
+    opt = fastopt.AdamW(p, lr=0.1)
+    opt.add_param_group({"params": q})
+    both = (p, q, opt)
+    p2, q2, twin = copy.deepcopy(both) if how == "deepcopy" else pickle.loads(pickle.dumps(both))
+    twin.step([np.ones(3, np.float32), np.ones(2, np.float32), np.ones(4, np.float32)])
+    assert np.all(p2.data < 1) and np.all(q2.data < 1)
+    assert np.all(p.data == 1) and np.all(q.data == 1)
+
+
+def test_a_load_lets_the_replaced_state_of_several_groups_go():
+    """With several tables the step also remembers the state buffers it
+    wrote (to refuse grads that overlap them): a load forgets them too."""
+    import gc
+    import weakref
+    p = [np.zeros(100, np.float32), np.zeros(50, np.float32)]
+    opt = fastopt.AdamW([{"params": [p[0]]}, {"params": [p[1]], "lr": 0.1}], lr=1e-3)
+    for _ in range(3):
+        opt.step([np.ones(100, np.float32), np.ones(50, np.float32)])
+    sd = opt.state_dict()
+    old = [weakref.ref(st["flat"]["exp_avg"]) for st in opt.state]
+    opt.load_state_dict(sd)
+    gc.collect()
+    assert [r() for r in old] == [None, None]
+
+
+def test_add_param_group_to_an_optimizer_made_without_params():
+    """It raised AttributeError (the check of the groups before it needed params)."""
+    opt = fastopt.AdamW(lr=0.1)
+    p = [np.ones(3)]
+    opt.add_param_group({"params": p, "lr": 0.5})
+    opt.step([np.ones(3)])
+    assert opt.param_groups[0]["lr"] == 0.5 and np.all(p[0] < 1)
+
+
 def test_a_refused_step_leaves_no_tables_over_a_retyped_param():
     """NumPy backend: a step refused for a param retyped in place had just
     made its tables (views in the wrong dtype) and kept them: once the

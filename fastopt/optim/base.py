@@ -128,6 +128,13 @@ def schedule_value(schedule, k, name) -> float:
     return V.check_real(f"{name} (schedule value at step {k})", value, low=0.0)
 
 
+def _flat_of(gi, spec) -> dict:
+    """``{gi: FlatArrays}`` when group ``gi``'s params were given as a host
+    FlatArrays (its views are made anew by a copy: _relink_views)."""
+    given = spec.get("params")
+    return {gi: given} if isinstance(given, FlatArrays) else {}
+
+
 def _count(n, noun):
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -262,6 +269,7 @@ class Optimizer:
         self._names = None      # a KeyTree when the params were given by name
         self._given = None      # the params object bind() took (step(params=) checks it)
         self._group_lists, self._group_sizes = [], []
+        self._flat_given = {}   # group -> the host FlatArrays its params were given as
         self._schedules, self._lr_shown = {}, {}    # group -> lr schedule, shown value
         self._lr_shown_at = None    # the step the shown values are for (_show_lr)
         self._lock = threading.RLock()
@@ -301,13 +309,16 @@ class Optimizer:
             group, names, packed[gi] = self._checked_group(gi, spec, names)
             groups.append(group)
         all_params = self._checked_params(groups, names)
-        # the schedules given, put back if a Ctrl-C runs keep() again (its
-        # _show_lr has written their values over them)
-        schedules = {gi: g["lr"] for gi, g in enumerate(groups) if callable(g["lr"])}
+        flats = {}
+        for gi, spec in enumerate(self._group_specs(params)):
+            flats.update(_flat_of(gi, spec))
+        # the lrs given, put back if a Ctrl-C runs keep() again (its _show_lr
+        # has written the schedules' values over them)
+        shown = ({}, {}, [g["lr"] for g in groups])
 
         def keep():     # -- everything checked: keep it (whole through a Ctrl-C) --
-            for gi, sched in schedules.items():
-                groups[gi]["lr"] = sched
+            self._lr_restore(shown, groups)
+            self._flat_given = flats
             self._keep_bound(params, groups, names, packed, all_params)
         finished(keep)
 
@@ -333,7 +344,6 @@ class Optimizer:
         self._bound = None      # host: the FlatArrays of grads the tables point at
         self._group_lists = [g["params"] for g in self.param_groups]
         self._group_sizes = [len(g["params"]) for g in self.param_groups]
-        self._schedules, self._lr_shown = {}, {}
         self._show_lr()
 
     @property
@@ -518,7 +528,7 @@ class Optimizer:
                 if out is not STALE:
                     return out
             if params is not None and params is not self._given:
-                self._bind_or_check(params)
+                self._bind_or_check(params, grads)
             if not self.param_groups:
                 raise RuntimeError(f"this {type(self).__name__} has no params yet: pass "
                                    "step(grads, params=...) or call bind(params) first")
@@ -573,17 +583,9 @@ class Optimizer:
         to the old views as arrays of their own: the copy's optimizer must
         step the copied FlatArrays' views (:meth:`_relink_views`), or the
         copied params would never change."""
-        given = self._given
-        if isinstance(given, FlatArrays):
-            flats = [given]
-        elif isinstance(given, (list, tuple)):
-            flats = [g["params"] for g in given
-                     if isinstance(g, dict) and isinstance(g.get("params"), FlatArrays)]
-        else:
-            return []
         where = {id(a): pi for pi, a in enumerate(self.__dict__.get("_params", ()))}
-        return [(where[id(view)], flat, vi) for flat in flats for vi, view in enumerate(flat)
-                if id(view) in where]
+        return [(where[id(view)], flat, vi) for flat in self._flat_given.values()
+                for vi, view in enumerate(flat) if id(view) in where]
 
     def _relink_views(self, links):
         """A copy's params made the copied FlatArrays' views again, in every
@@ -810,21 +812,28 @@ class Optimizer:
             if not isinstance(param_group, dict) or "params" not in param_group:
                 raise TypeError("param_group must be a dict with a 'params' key")
             param_group = {**param_group, "params": V.listed(param_group["params"])}
+            if not self.param_groups:           # made without params: the first group
+                self.bind([param_group])
+                return
             # (the groups' arrays are read again below: one replaced since
             # would pass for one given, and be stepped with another's state)
             self._check_groups_unchanged()
-            if not self.param_groups:
-                self.bind([param_group])
-                return
             gi = len(self.param_groups)
             group, names, packed = self._checked_group(gi, param_group, self._names)
             all_params = self._checked_params(self.param_groups + [group], names)
+            groups = self.param_groups[:] + [group]
+            # each run of keep() starts from the lrs as they were (_show_lr
+            # writes a schedule's value over it, which would read as the
+            # user's own number the second time)
+            shown = self._lr_snapshot(groups)
 
             def keep():     # -- checked: keep it (whole through a Ctrl-C: run again) --
+                self._lr_restore(shown, groups)
                 self._params = all_params
                 if len(self.param_groups) == gi:
                     self.param_groups.append(group)
                 self._packed[gi] = packed
+                self._flat_given = {**self._flat_given, **_flat_of(gi, param_group)}
                 self._names = names
                 self._layout = tuple((a.shape, a.dtype) for a in self._params)
                 self._memory_ordered = self._placement.memory_ordered(self._params)
@@ -833,11 +842,25 @@ class Optimizer:
                     self.state.append(self._fresh_state(gi))
                 if len(self._group_lists) == gi:
                     self._group_lists.append(group["params"])
+                if len(self._group_sizes) == gi:
                     self._group_sizes.append(len(group["params"]))
                 self._tables, self._bound, self._cached = None, None, (None, None)
                 self._given = None      # (the watch goes on over the arrays it was given)
                 self._show_lr()
             finished(keep)
+
+    def _lr_snapshot(self, groups):
+        """The schedules, the values shown and ``groups``' lrs, for :meth:`_lr_restore`."""
+        return dict(self._schedules), dict(self._lr_shown), [g["lr"] for g in groups]
+
+    def _lr_restore(self, snapshot, groups):
+        schedules, shown, lrs = snapshot
+        self._schedules.clear()
+        self._schedules.update(schedules)
+        self._lr_shown.clear()
+        self._lr_shown.update(shown)
+        for group, lr in zip(groups, lrs):
+            group["lr"] = lr
 
     def _by_name(self, params):
         """``params``, a dict of the names the optimizer was made with, read
@@ -850,27 +873,39 @@ class Optimizer:
         except (KeyError, TypeError, ValueError):
             return None
 
-    def _bind_or_check(self, params):
+    def _bind_or_check(self, params, grads):
         """``step(params=...)``: bind the first time, then insist on the same arrays."""
         if not self.param_groups:
             self.bind(params)
             return
-        arrays = self._by_name(params)
-        if arrays is None:
-            arrays = []
-            for spec in self._group_specs(params):
-                given = spec["params"]
-                if isinstance(given, dict):
-                    given = KeyTree.of(given, "params")[1]
-                arrays += [given] if isinstance(given, np.ndarray) else list(given)
-        if len(arrays) != len(self._params) or any(
-                a is not b for a, b in zip(arrays, self._params)):
-            raise ValueError(f"params are not the arrays this {type(self).__name__} "
-                             "updates: it steps its params in place, so pass the same "
-                             "arrays every step (or make a new optimizer)")
-        self._given = params
-        # later steps with this object skip the comparison above: watch it
-        self._watch = GivenParams.of(params, self._params, self._names)
+        arrays = []
+        for spec in self._group_specs(params):
+            given = spec["params"]
+            if isinstance(given, dict):
+                given = KeyTree.of(given, "params")[1]
+            arrays += [given] if isinstance(given, np.ndarray) else list(given)
+        if self._same_params(arrays):
+            self._given = params
+            # later steps with this object skip the comparison above: watch it
+            self._watch = GivenParams.of(params, self._params, self._names)
+            return
+        if self._same_params(self._by_name(params)):
+            # a dict of the same arrays built again in another key order:
+            # grads by name are read by name (checked so at each step: not
+            # kept as the params given); a list would follow the new order
+            if isinstance(grads, dict):
+                return
+            raise ValueError(
+                f"params hold this {type(self).__name__}'s arrays by name, in another key "
+                "order than it was given, and grads is a list (in which order?): pass the "
+                "grads by name too (a dict), or the params in their first order")
+        raise ValueError(f"params are not the arrays this {type(self).__name__} "
+                         "updates: it steps its params in place, so pass the same "
+                         "arrays every step (or make a new optimizer)")
+
+    def _same_params(self, arrays) -> bool:
+        return arrays is not None and len(arrays) == len(self._params) and all(
+            a is b for a, b in zip(arrays, self._params))
 
     # -- the host step: one compiled call per group (and gradient dtype) --------
     def _host_step(self, grads):
@@ -1470,7 +1505,7 @@ class Optimizer:
         """Tables and plan made again at the next step: what they hold (the
         master copies, the state buffers) was replaced, and must not be
         kept alive until then (a load would hold twice the state)."""
-        self._tables = self._plan = self._bound = None
+        self._tables = self._plan = self._bound = self._written_bufs = None
         self._all_tables = ()
 
     def state_nbytes(self) -> int:
@@ -1494,12 +1529,7 @@ class Optimizer:
         type, one that is a TypeError too), as :func:`fastopt.load` does, and
         leaves this optimizer exactly as it was."""
         with self._lock:
-            apply = prepared_load(self, state_dict)
-            try:
-                apply()         # (called here: its warnings name the caller's line)
-            except INTERRUPTS:  # a Ctrl-C: all of it loaded, then raised
-                held(apply)
-                raise
+            finished(prepared_load(self, state_dict))   # a Ctrl-C: all of it, then raised
 
     def _prepare_load(self, sd):
         """Check ``sd`` against this optimizer; return a function that applies it

@@ -64,8 +64,7 @@ class Mark:
         # scheduled lrs: the values shown in the groups and which ones they
         # are (_finish_step writes the next ones; half written, a number
         # unlike the one shown reads as the user's own and drops the schedule)
-        self.shown = None if not opt._schedules else (
-            dict(opt._schedules), dict(opt._lr_shown), [g["lr"] for g in opt.param_groups])
+        self.shown = None if not opt._schedules else opt._lr_snapshot(opt.param_groups)
 
     @classmethod
     def taken(cls, tables, calls, steps, iterations, skipped):
@@ -111,13 +110,7 @@ class Mark:
         if self.scaler is not None:
             vars(opt.loss_scaler).update(self.scaler)
         if self.shown is not None:
-            schedules, shown, lrs = self.shown
-            opt._schedules.clear()
-            opt._schedules.update(schedules)
-            opt._lr_shown.clear()
-            opt._lr_shown.update(shown)
-            for group, lr in zip(opt.param_groups, lrs):
-                group["lr"] = lr
+            opt._lr_restore(self.shown, opt.param_groups)
 
 
 def finished(work, *args):
