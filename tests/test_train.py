@@ -290,3 +290,45 @@ def test_train_resume_refuses_what_is_not_this_run(tmp_path, capsys):
     (out / "checkpoint.npz").write_bytes(before[:100])
     assert _train(out, data, "--schedule", "warmup-cosine", "--epochs", "2", "--resume") == 2
     assert "is not a readable fastopt checkpoint" in capsys.readouterr().err
+
+
+def test_train_with_checkpoint_will_not_start_over_an_unfinished_run(tmp_path, capsys):
+    """Run again without --resume (up-arrow, Enter): its first epoch wrote
+    over the stopped run's checkpoint. Refused, exit 2, the file as it was."""
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    assert _train(out, data, "--epochs", "1", "--checkpoint") == 0
+    before = (out / "checkpoint.npz").read_bytes()
+    capsys.readouterr()
+    assert _train(out, data, "--epochs", "3", "--checkpoint") == 2
+    err = capsys.readouterr().err
+    assert "exists (a run stopped after epoch 1 of --epochs 1): pass --resume" in err, err
+    assert (out / "checkpoint.npz").read_bytes() == before
+    assert _train(out, data, "--epochs", "3", "--resume") == 0
+
+
+def test_train_resume_takes_a_default_given_explicitly_as_the_same_run(tmp_path):
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    assert _train(out, data, "--epochs", "1", "--checkpoint", "--optimizer", "sgd",
+                  "--schedule", "warmup-cosine") == 0
+    assert _train(out, data, "--epochs", "1", "--resume", "--optimizer", "sgd",
+                  "--schedule", "warmup-cosine", "--momentum", "0.9", "--weight-decay", "0",
+                  "--warmup-steps", "1") == 2      # (nothing left: but the options agreed)
+
+
+def test_fit_refuses_records_of_epochs_the_optimizer_is_not_at_the_end_of():
+    """A checkpoint saved inside an epoch (in an except KeyboardInterrupt:)
+    and its finished records: fit replayed that epoch from its start."""
+    import fastopt
+    from fastopt.nn import Ensemble
+    from fastopt.nn.training import fit
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 6)).astype(np.float32), rng.integers(0, 3, 40)
+    model = Ensemble(1, (6, 8, 3), seed=0)
+    opt = fastopt.AdamW(model.param_groups(lr=1e-2))
+    history = fit(model, opt, X, y, epochs=1, batch_size=10)
+    model.train_step(opt, X[:10], y[:10])           # one step into epoch 2
+    with pytest.raises(ValueError, match="finished lists 1 epochs of 4 steps, but the "
+                                         "optimizer has taken 5 steps"):
+        fit(model, opt, X, y, epochs=3, batch_size=10, finished=history["epochs"])

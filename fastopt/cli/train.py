@@ -35,7 +35,8 @@ and schedule as a run never stopped: the same result bit for bit.
 from __future__ import annotations
 
 from .common import EXIT_INTERRUPTED, non_negative_int, positive_int, user_path
-from .train_checkpoint import CHECKPOINT, checkpoint_path, load_into, resume_from, save_epoch
+from .train_checkpoint import (CHECKPOINT, checkpoint_path, existing_problem, load_into,
+                               resume_from, save_epoch)
 
 HELP = "train an MLP (or a batched lr sweep) on MNIST: progress, held-out accuracy, curves"
 
@@ -115,7 +116,9 @@ def add_arguments(parser):
                         help="default: the optimizer's (AdamW 1e-2, others 0)")
     parser.add_argument("--momentum", type=float, default=None,
                         help="SGD momentum (default 0.9; only with --optimizer sgd)")
-    parser.add_argument("--max-grad-norm", type=float, default=None)
+    parser.add_argument("--max-grad-norm", type=float, default=None,
+                        help="clip the gradients' global norm to this in each step "
+                             "(default: no clipping)")
     parser.add_argument("--state-dtype", default="float32",
                         choices=["float32", "bfloat16", "int8"],
                         help="optimizer state: float32, or compact (bfloat16: 2 bytes a "
@@ -124,11 +127,13 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=positive_int, default=128,
                         help="at most the training samples (8000; default 128)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
-                        help="init, split and shuffle seed (default 0)")
+                        help="seed of the initial weights and of the batches' shuffle "
+                             "(default 0; the 8k/2k train/held-out split is fixed)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                         help="(default float32)")
     parser.add_argument("--backend", default="auto", choices=["auto", "cython", "numba", "numpy"],
-                        help="CPU nn backend (with --device cpu)")
+                        help="CPU nn backend (with --device cpu; default auto: the "
+                             "fastest one installed)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: weights, gradients, optimizer state and batches on the GPU "
                              "(needs numba-cuda and a GPU); default cpu")
@@ -140,7 +145,7 @@ def add_arguments(parser):
                         help="report the training time to reach this held-out accuracy, a "
                              "fraction (default 0.94)")
     parser.add_argument("--out", default="train-results", type=user_path,
-                        help="output directory")
+                        help="output directory (default train-results)")
     parser.add_argument("--checkpoint", action="store_true",
                         help="after each epoch, write the models and the optimizer state "
                              "to OUT/checkpoint.npz (for --resume)")
@@ -348,6 +353,8 @@ def _run(args, comm):
     # rank 0 alone writes, so its view of --out is the one that counts
     problem = None if comm is not None and comm.Get_rank() else output_dir_problem(
         args.out, ("metrics.json", "curves.png") + ((CHECKPOINT,) if args.checkpoint else ()))
+    if not problem and args.checkpoint and not args.resume:
+        problem = existing_problem(args)     # its progress would be written over
     problem = _usage_problem(comm, problem and f"--out {args.out or repr('')}: {problem}",
                              "checking --out")
     if problem:
@@ -408,7 +415,7 @@ def _run(args, comm):
     finished = []
     if args.resume:
         # every rank reads the file: all of them resume, or none
-        problem, finished = resume_from(args)
+        problem, finished = resume_from(args, steps)
         problem = _usage_problem(comm, problem, "reading the checkpoint")
         if problem:
             print(f"fastopt train: {problem}", file=sys.stderr)
@@ -447,11 +454,12 @@ def _run(args, comm):
           + (f"; resuming after epoch {len(finished)}" if args.resume else ""))
     bar = _Progress(args.epochs, Xtr.shape[0], args.batch_size, sys.stderr, not args.quiet)
     records = list(finished)   # finished epochs, kept here too: fit returns nothing when interrupted
+    args.checkpointed = len(finished)      # epochs the checkpoint holds (said on Ctrl-C)
 
     def on_epoch(epoch, rec):
         records.append(rec)
-        if args.checkpoint:
-            _write_checkpoint(args, model, opt, records, comm)
+        if args.checkpoint and _write_checkpoint(args, steps, model, opt, records, comm):
+            args.checkpointed = len(records)
         bar.end_line()
         accs = "  ".join(f"{lab} {100 * a:.2f}%" for lab, a in zip(labels, rec["val_acc"]))
         print(f"epoch {epoch:>3}: held-out accuracy {accs}  ({rec['seconds']:.1f} s, "
@@ -523,7 +531,7 @@ def _run(args, comm):
     return 0
 
 
-def _write_checkpoint(args, model, opt, records, comm):
+def _write_checkpoint(args, steps, model, opt, records, comm) -> bool:
     """--checkpoint after an epoch; a failed write is said and training goes
     on (the previous epoch's file is left whole). Under MPI rank 0 writes
     and every rank learns how that went: all go on."""
@@ -533,11 +541,13 @@ def _write_checkpoint(args, model, opt, records, comm):
         from fastopt.distributed import DistributedError
         failures += (DistributedError,)
     try:
-        save_epoch(args, model, opt, records)
+        save_epoch(args, steps, model, opt, records)
     except failures as exc:
         print(f"fastopt train: could not write {checkpoint_path(args)} after epoch "
               f"{len(records)}: {getattr(exc, 'strerror', None) or exc}; training goes on",
               file=sys.stderr)
+        return False
+    return True
 
 
 def _device_problem(args, comm):
@@ -614,8 +624,8 @@ def _finish_interrupted(args, history, labels, sizes, backend):
         what = "nothing written"
     if problem is not None:
         what += f" ({problem})"
-    if args.checkpoint and done:
-        what += f"; --resume goes on from epoch {done + 1}"
+    if args.checkpoint and getattr(args, "checkpointed", 0):
+        what += f"; --resume goes on from epoch {args.checkpointed + 1}"
     print(f"fastopt train: interrupted; {done} of {args.epochs} epochs finished, {what}",
           file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED

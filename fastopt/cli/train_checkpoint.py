@@ -19,8 +19,9 @@ _KEY = "fastopt_train"      # the checkpoint's extra entry
 
 # What defines the run: a resumed one must have the same (--epochs apart,
 # which may grow when the schedule does not depend on it). How it runs may
-# change: --backend, --threads, --target, --quiet, --no-plot, the number of
-# MPI ranks, --shard-state, --overlap (the checkpoint holds the whole state).
+# change: --target, --quiet, --no-plot, and (the results then agree to
+# rounding, not bit for bit) --backend, --threads, the number of MPI ranks,
+# --shard-state, --overlap (the checkpoint holds the whole state).
 RUN_KEYS = ("data", "hidden", "activation", "optimizer", "lr", "sam", "ensemble_lrs",
             "schedule", "warmup_steps", "weight_decay", "momentum", "max_grad_norm",
             "state_dtype", "batch_size", "seed", "dtype", "device")
@@ -34,15 +35,21 @@ def _option(key) -> str:
     return "--" + key.replace("_", "-")
 
 
-def run_config(args) -> dict:
-    """The options that define the run (JSON-able), with --epochs."""
+def run_config(args, steps) -> dict:
+    """The options that define the run (JSON-able), with --epochs; a default
+    as the value it stands for (``--weight-decay 0.01`` given or not is one
+    run). ``steps``: the run's steps in all (warmup-cosine's warmup)."""
+    from fastopt.nn.training import resolved_options
     config = {k: getattr(args, k) for k in RUN_KEYS}
+    config.update(resolved_options(args.optimizer, args.schedule, steps,
+                                   weight_decay=args.weight_decay, momentum=args.momentum,
+                                   warmup_steps=args.warmup_steps))
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
     config["epochs"] = args.epochs
     return config
 
 
-def resume_from(args):
+def resume_from(args, steps):
     """``(problem, finished epoch records)``: the checkpoint's records when
     it is this run's, else a phrase saying why it cannot be resumed."""
     from fastopt.checkpoint import CheckpointError, read
@@ -58,17 +65,17 @@ def resume_from(args):
     saved = tree.get("extra", {}).get(_KEY) if isinstance(tree.get("extra"), dict) else None
     if not isinstance(saved, dict) or "config" not in saved or "epochs" not in saved:
         return f"--resume: {path} was not written by fastopt train --checkpoint", None
-    config, now = saved["config"], run_config(args)
+    config, now = saved["config"], run_config(args, steps)
+    finished = saved["epochs"]
+    if config["epochs"] != args.epochs and config["schedule"] != "constant":
+        return (f"--resume: {path} is a run of --epochs {config['epochs']} and its "
+                f"--schedule {config['schedule']} spans them all; give --epochs "
+                f"{config['epochs']}"), None
     for key in RUN_KEYS:
         if config.get(key) != now[key]:
             return (f"--resume: {path} is a run with {_option(key)} {_shown(config.get(key))}, "
                     f"not {_shown(now[key])}: give the same options (or another --out "
                     "to start afresh)"), None
-    finished = saved["epochs"]
-    if config["epochs"] != args.epochs and args.schedule != "constant":
-        return (f"--resume: {path} is a run of --epochs {config['epochs']} and its "
-                f"--schedule {args.schedule} spans them all; give --epochs "
-                f"{config['epochs']}"), None
     if len(finished) >= args.epochs:
         return (f"--resume: {path} has finished {len(finished)} epochs of "
                 f"--epochs {args.epochs}: nothing left to train"
@@ -84,12 +91,30 @@ def _shown(value) -> str:
     return str(value)
 
 
-def save_epoch(args, model, opt, records) -> None:
+def save_epoch(args, steps, model, opt, records) -> None:
     """Write the checkpoint after an epoch (every rank calls it under MPI:
     the optimizer's state is gathered, rank 0 writes)."""
     import fastopt
     fastopt.save(checkpoint_path(args), params=model.params, optimizer=opt,
-                 extra={_KEY: {"config": run_config(args), "epochs": records}})
+                 extra={_KEY: {"config": run_config(args, steps), "epochs": records}})
+
+
+def existing_problem(args):
+    """Why this run (--checkpoint without --resume) must not start: a
+    checkpoint in --out that it would overwrite after its first epoch."""
+    from fastopt.checkpoint import CheckpointError, read
+
+    path = checkpoint_path(args)
+    if not os.path.lexists(path):
+        return None
+    try:
+        saved = read(path).get("extra", {}).get(_KEY, {})
+        done = f" (a run stopped after epoch {len(saved['epochs'])} of --epochs " \
+               f"{saved['config']['epochs']})"
+    except (CheckpointError, OSError, AttributeError, KeyError, TypeError):
+        done = ""
+    return (f"{path} exists{done}: pass --resume to go on from it, or delete it (or give "
+            "another --out) to start afresh")
 
 
 def load_into(args, model, opt) -> str | None:

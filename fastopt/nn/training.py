@@ -39,6 +39,25 @@ def full_batch_problem(opt_name, batch_size, n_train):
     return None
 
 
+def resolved_options(name, schedule="constant", total_steps=None, *, weight_decay=None,
+                     momentum=None, warmup_steps=None) -> dict:
+    """The values :func:`make_optimizer` trains with where these are None
+    (its defaults): the optimizer class's weight decay, SGD's momentum 0.9,
+    warmup-cosine's warmup of 5% of ``total_steps``; None where the
+    optimizer or schedule has no such setting."""
+    import inspect
+    cls = getattr(fastopt, OPTIMIZERS.get(name, ""), None)
+    if weight_decay is None and cls is not None:
+        default = inspect.signature(cls).parameters.get("weight_decay")
+        weight_decay = None if default is None else default.default
+    if momentum is None and name == "sgd":
+        momentum = 0.9
+    if schedule == "warmup-cosine" and total_steps is not None and total_steps >= 2:
+        w = warmup_steps if warmup_steps is not None else max(1, total_steps // 20)
+        warmup_steps = min(w, total_steps - 1)
+    return {"weight_decay": weight_decay, "momentum": momentum, "warmup_steps": warmup_steps}
+
+
 def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule="constant",
                    total_steps=None, warmup_steps=None, weight_decay=None, momentum=None,
                    max_grad_norm=None, backend="auto", parallel=None, sam=None,
@@ -82,8 +101,8 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
         if total_steps < 2:     # a warmup step and a decay step at the least
             raise ValueError(f"warmup-cosine needs at least 2 steps, the run has {total_steps} "
                              "(more epochs or a smaller batch, or --schedule constant)")
-        w = warmup_steps if warmup_steps is not None else max(1, total_steps // 20)
-        peaks = [fastopt.schedules.warmup_cosine(p, min(w, total_steps - 1), total_steps)
+        w = resolved_options(name, schedule, total_steps, warmup_steps=warmup_steps)
+        peaks = [fastopt.schedules.warmup_cosine(p, w["warmup_steps"], total_steps)
                  for p in peaks]
     _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm, state_dtype,
                        model.params.dtype)
@@ -94,7 +113,7 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
     cls = getattr(fastopt, OPTIMIZERS[name])
     kw = dict(backend=backend, max_grad_norm=max_grad_norm)
     if name == "sgd":
-        kw["momentum"] = 0.9 if momentum is None else momentum
+        kw["momentum"] = resolved_options(name, momentum=momentum)["momentum"]
     if weight_decay is not None:
         kw["weight_decay"] = weight_decay
     if state_dtype != "float32":
@@ -225,6 +244,13 @@ def _run_epochs(model, opt, X, y, *, epochs, batch_size, seed, target, on_batch,
     gather = _BatchGatherer(X, y, model.dtype)
     history = {"epochs": [], "time_to_target": [None] * model.k, "target": target,
                **history_extra}
+    done = getattr(opt, "iterations", None)
+    if finished and done is not None and done != len(finished) * n_batches:
+        # (a checkpoint saved inside an epoch would replay that epoch from its start)
+        raise ValueError(
+            f"finished lists {len(finished)} epochs of {n_batches} steps, but the optimizer "
+            f"has taken {done} steps: load the model and the optimizer saved at the end of "
+            f"epoch {len(finished)} (e.g. in on_epoch)")
     elapsed = 0.0
     for rec in finished:
         rng.permutation(n)           # that epoch's shuffle: the next one follows it
