@@ -109,6 +109,9 @@ def pack(arrays, dtype=None) -> FlatArrays:
     Use the returned views in place of the originals (the originals are not
     touched). ``dtype`` defaults to the arrays' common dtype.
     """
+    if isinstance(arrays, dict):          # (its keys were packed, as strings)
+        raise TypeError("pack() takes a list of arrays, not a dict: views = "
+                        "fastopt.pack(list(d.values())), then d = dict(zip(d, views))")
     arrays = [np.asarray(a) for a in arrays]
     if not arrays:
         raise ValueError("pack() needs at least one array")

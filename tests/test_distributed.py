@@ -305,6 +305,21 @@ def test_a_sharded_schedule_that_fails_is_named_with_its_step():
     np.testing.assert_array_equal(params.data, before)
 
 
+def test_data_parallel_says_how_to_pack_groups_out_of_memory_order():
+    """The README's pack([w1, b1, w2, b2]) with weights and biases as two
+    groups: the message said to pass grads as a list, which DataParallel
+    refuses. It says how to pack them now, when it is made."""
+    pytest.importorskip("mpi4py")
+    import fastopt
+    from fastopt.distributed import DataParallel, DistributedError
+    from mpi4py import MPI
+    w1, b1, w2, b2 = fastopt.pack([np.ones((3, 2)), np.ones(2), np.ones((2, 2)), np.ones(2)])
+    opt = fastopt.AdamW([{"params": [w1, w2]}, {"params": [b1, b2], "weight_decay": 0.0}])
+    with pytest.raises(DistributedError, match=r"pack them in the groups' order, "
+                                               r"pack\(\[w1, w2, b1, b2\]\)"):
+        DataParallel(opt, comm=MPI.COMM_SELF)
+
+
 def test_a_checkpoint_of_params_by_name_loads_into_a_sharded_optimizer():
     """A single-process optimizer made from a dict records its params'
     names; a sharded one (views of one buffer, unnamed) refused that

@@ -340,3 +340,8 @@ def test_groups_out_of_memory_order_reject_flat_grads_but_accept_lists(backend):
     np.testing.assert_array_equal(P.data, before)
     opt.step([G[0], G[2], G[1]])        # param order: P[0], P[2], P[1]
     np.testing.assert_allclose(P.data, before - 0.5 * G.data)
+
+
+def test_pack_refuses_a_dict_it_would_have_packed_the_keys_of():
+    with pytest.raises(TypeError, match=r"pack\(\) takes a list of arrays, not a dict"):
+        fastopt.pack({"W": np.ones(3), "b": np.ones(2)})

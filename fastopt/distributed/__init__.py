@@ -27,8 +27,9 @@ train ...``)::
   gradients, the fused step on the shard, ``Allgatherv`` of the params.
 
 Buffers travel through mpi4py's buffer interface (no pickling); only setup
-checks and error messages are pickled. Every step starts with a 4-byte
-Allreduce of an error flag, so a rank that fails (bad input, an exception in
+checks and error messages are pickled. Every step starts with a 56-byte
+Allreduce of an error flag and hashes of its settings, call and step count
+(:func:`fastopt.distributed._comm.agree`), so a rank that fails (bad input, an exception in
 its backward pass) makes every rank raise :class:`DistributedError` instead
 of leaving the others blocked in a collective. Host arrays: float32 and
 float64, and float16/bfloat16 (mixed precision: gradients reduced in float32,

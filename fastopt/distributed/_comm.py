@@ -83,7 +83,7 @@ def _describe(exc) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def agree(comm, error=None, what="the step", settings=None):
+def agree(comm, error=None, what="the step", settings=None, position=None):
     """Every rank calls this at the same point; if any rank passes an
     ``error`` (an exception it hit locally), every rank raises
     :class:`DistributedError` naming the failing ranks and their messages.
@@ -93,27 +93,60 @@ def agree(comm, error=None, what="the step", settings=None):
     edited one alone would otherwise step with it, or (an option that adds
     a collective, such as clipping's norm) wait forever for ranks that do
     not. Every rank then raises, naming the first setting that differs.
+    So are ``what`` (a rank in another collective call, e.g. saving while
+    the others step, raises with them instead of hanging or pairing
+    with their call) and ``position`` (the step count: a checkpoint loaded
+    on some ranks only).
 
-    One 24-byte Allreduce (a flag and a hash of ``settings``) when all is
-    well; an allgather of the messages (small strings) only when not. Call
-    it before any collective that a failing rank would otherwise never reach.
+    One 56-byte Allreduce (a flag, and the max and -min of the hashes of
+    ``settings`` and ``what`` and of ``position``) when all is well; two
+    allgathers (small strings and dicts) only when not. Call it before any
+    collective that a failing rank would otherwise never reach.
     """
     MPI = mpi()
-    h = _hash(settings)
-    buf = np.array([0 if error is None else 1, h, -h], dtype=np.int64)
-    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)     # the flag, max and -min of h
-    if not buf[0] and buf[1] == -buf[2]:
+    h, c = _hash(settings), _code(what)
+    k = -1 if position is None else int(position)
+    buf = np.array([0 if error is None else 1, h, -h, c, -c, k, -k], dtype=np.int64)
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)     # the flag, max and -min of the rest
+    if not buf[0] and buf[1] == -buf[2] and buf[3] == -buf[4] and buf[5] == -buf[6]:
         return
     messages = comm.allgather(None if error is None else _describe(error))
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     if not failed:
-        everyone = comm.allgather(settings)
-        raise DistributedError(f"{what}: {_first_difference(everyone)}; every rank must make "
-                               "the same edits (e.g. after a broadcast of the value), and "
-                               "every rank raises this")
+        raise DistributedError(_difference(comm.allgather((what, position, settings))))
     text = "; ".join(f"rank {r}: {m}" for r, m in failed)
     raise DistributedError(f"{what} failed on {len(failed)} of {comm.Get_size()} ranks "
                            f"({text}); every rank raises this") from error
+
+
+def _difference(everyone) -> str:
+    """What differs between the ranks' ``(what, position, settings)``."""
+    what, position, _ = everyone[0]
+    for r, (w, k, _) in enumerate(everyone):
+        if w != what:
+            return (f"rank 0 is in {what} but rank {r} in {w}: every rank must make the same "
+                    "calls in the same order (state_dict, fastopt.save and load, the step: "
+                    "each is a collective), and every rank raises this")
+    for r, (_, k, _) in enumerate(everyone):
+        if k != position:
+            return (f"{what}: rank {r} is at step {k} but rank 0 at step {position} (a "
+                    "checkpoint loaded on some ranks only? load it on every rank), and every "
+                    "rank raises this")
+    return (f"{what}: {_first_difference([s or {} for _, _, s in everyone])}; every rank must "
+            "make the same edits (e.g. after a broadcast of the value), and every rank "
+            "raises this")
+
+
+_codes = {}
+
+
+def _code(what) -> int:
+    """A 62-bit hash of ``what``, the same in every process."""
+    code = _codes.get(what)
+    if code is None:
+        digest = hashlib.blake2b(what.encode(), digest_size=8).digest()
+        code = _codes[what] = int.from_bytes(digest, "little") >> 2
+    return code
 
 
 _last_hash = (None, 0)     # (settings dict, its hash): a step's settings rarely change

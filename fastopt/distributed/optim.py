@@ -87,7 +87,9 @@ def _check_weight(weight):
 
 
 def _scale(a, factor):
-    if factor != 1.0:
+    if factor == 0.0:
+        a.fill(0)      # a rank with no samples: its 0/0 mean gradient is NaN, and NaN * 0 too
+    elif factor != 1.0:
         np.multiply(a, a.dtype.type(factor), out=a)
 
 
@@ -237,7 +239,8 @@ class _Distributed:
         comparison of the raw values: the dict and its hash took 12 us."""
         inner, scaler = self._inner, self._inner.loss_scaler
         # lists as tuples: a list edited in place must not compare equal to itself
-        raw = (inner.max_grad_norm, inner.skip_nonfinite, scaler,
+        fmt = inner._state_format
+        raw = (inner.max_grad_norm, inner.skip_nonfinite, scaler, fmt.name, fmt.seed,
                None if scaler is None else _frozen(vars(scaler)),
                tuple(_frozen({k: v for k, v in g.items() if k != "params"})
                      for g in self.param_groups))
@@ -251,11 +254,27 @@ class _Distributed:
         self._settings_cache = (raw, out)
         return out
 
+    def _weighted(self, settings, weight):
+        """``settings`` with whether this rank gave a ``weight``: one rank
+        taking the default 1/N while another gives its share would sum the
+        gradients with weights that do not add up (the same dict while
+        ``settings`` is: hashed once)."""
+        if weight is None or settings is None:
+            return settings
+        cached = getattr(self, "_weighted_cache", None)
+        if cached is None or cached[0] is not settings:
+            cached = self._weighted_cache = (
+                settings, {**settings, "weight": "given (this rank's share of the batch)"})
+        return cached[1]
+
     def _described_settings(self) -> dict:
         inner = self._inner
         out = {"max_grad_norm": _setting(inner.max_grad_norm),
                "skip_nonfinite": _setting(inner.skip_nonfinite),
-               "loss_scaler": _setting(inner.loss_scaler)}
+               "loss_scaler": _setting(inner.loss_scaler),
+               # (a seed per rank, the usual habit, rounds each replica differently)
+               "state_dtype": inner._state_format.name,
+               "state_seed": inner._state_format.seed}
         for gi, group in enumerate(self.param_groups):
             for key in sorted(k for k in group if k != "params"):   # any insertion order
                 out[f"param_groups[{gi}][{key!r}]"] = _setting(group[key])
@@ -304,6 +323,12 @@ class DataParallel(_Distributed):
             if not isinstance(optimizer, Optimizer) or optimizer._device:
                 raise TypeError("DataParallel wraps a fastopt optimizer over host arrays, got "
                                 f"{type(optimizer).__name__}")
+            if not optimizer._memory_ordered:
+                raise ValueError(
+                    "DataParallel averages the grads as one FlatArrays laid out like the "
+                    "params, but the param groups list views of one buffer out of memory "
+                    "order (e.g. weights and biases of pack([w1, b1, w2, b2]) as two "
+                    "groups): pack them in the groups' order, pack([w1, w2, b1, b2])")
             for p in optimizer._params:
                 if not is_low_precision(p.dtype):
                     mpi_dtype(p.dtype)
@@ -486,7 +511,8 @@ class DataParallel(_Distributed):
             self._MPI.Request.Waitall(rnd.requests)
         finally:
             self._round = None
-        agree(self.comm, error, settings=settings)
+        agree(self.comm, error, settings=self._weighted(settings, rnd.weight),
+              position=self._inner.iterations)
         return rnd.data, rnd.buf, rnd.weight
 
     def step(self, grads, weight=None, *, error=None):
@@ -512,7 +538,8 @@ class DataParallel(_Distributed):
                 settings = self._settings()
             except Exception as exc:   # noqa: BLE001 - shared with every rank
                 error = exc
-        agree(self.comm, error, settings=settings)
+        agree(self.comm, error, settings=self._weighted(settings, w),
+              position=self._inner.iterations)
         MPI = mpi()
         buf = self._reduction_buffer(data)
         if buf is not data:
@@ -776,7 +803,8 @@ class ShardedOptimizer(_Distributed):
                 settings = self._settings()
             except Exception as exc:   # noqa: BLE001 - shared with every rank
                 error = exc
-        agree(self.comm, error, settings=settings)
+        agree(self.comm, error, settings=self._weighted(settings, w),
+              position=self._inner.iterations)
         MPI = mpi()
         send = _reduce_buffer(data, self._send32)
         if w is not None:
@@ -800,6 +828,7 @@ class ShardedOptimizer(_Distributed):
     def state_dict(self) -> dict:
         """The unsharded optimizer's state_dict, assembled from every shard
         (a collective: every rank calls it, and every rank gets it)."""
+        agree(self.comm, None, what="state_dict")     # (a rank elsewhere raises, no hang)
         local = self._inner.state_dict()
         info = {gi: {"hyp": {k: v for k, v in local["param_groups"][li].items()
                              if k != "params"},

@@ -593,3 +593,93 @@ def test_sharded_checkpoints_by_name_load_by_name():
     for k in range(5):
         np.testing.assert_allclose(q[k], single_p[k], **tol(np.float64))
         np.testing.assert_allclose(back_p[k], single_p[k], **tol(np.float64))
+
+
+# -- a trial's findings: what one rank does alone ------------------------------
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+def test_a_weight_given_on_some_ranks_only_raises_everywhere(mode):
+    """One rank passing its share while another took the default 1/N summed
+    the gradients with weights that do not add up: replicas apart."""
+    p = make_params(np.float32)
+    opt = wrapped(mode, fastopt.SGD, p, lr=0.1)
+    g = p.zeros_like()
+    load_rank_grads(g, 0, np.float32)
+    before = p.data.copy()
+    with pytest.raises(dist.DistributedError, match=r"weight is .*given.* on rank|weight is "
+                                                    r"None on rank"):
+        opt.step(g, weight=0.3 if RANK == 0 else None)
+    np.testing.assert_array_equal(p.data, before)
+    load_rank_grads(g, 0, np.float32)
+    opt.step(g, weight=1.0 / N)                    # given everywhere: fine
+    assert not np.array_equal(p.data, before)
+
+
+@pytest.mark.parametrize("option", ["state_seed", "state_dtype"])
+def test_a_state_option_set_on_one_rank_raises_everywhere(option):
+    p = make_params(np.float32)
+    value = ({"state_seed": 1234 + RANK} if option == "state_seed"
+             else {"state_dtype": "bfloat16" if RANK else "float32"})
+    opt = dist.DataParallel(fastopt.AdamW(p, lr=1e-2, **value))
+    g = p.zeros_like()
+    load_rank_grads(g, 0, np.float32)
+    with pytest.raises(dist.DistributedError, match=rf"{option} is .* on rank 1 but .* on rank 0"):
+        opt.step(g)
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+def test_a_rank_with_no_samples_and_weight_0_adds_nothing(mode):
+    """Its mean gradient over no samples is 0/0 = NaN, and NaN * 0 is NaN:
+    every rank's params went NaN. A weight of 0 sends zeros."""
+    p = make_params(np.float32)
+    opt = wrapped(mode, fastopt.SGD, p, lr=0.1)
+    g = p.zeros_like()
+    load_rank_grads(g, 0, np.float32)
+    if RANK == N - 1:
+        g.data[:] = np.nan
+    weights = [1.0 / (N - 1)] * (N - 1) + [0.0]
+    opt.step(g, weight=weights[RANK])
+    assert np.isfinite(p.data).all()
+    expect = make_params(np.float32)
+    parts = [rank_grads(0, r, np.float32) for r in range(N - 1)]
+    for k, view in enumerate(expect):
+        view -= np.float32(0.1) * sum(pr[k] * np.float32(1.0 / (N - 1)) for pr in parts)
+    np.testing.assert_allclose(p.data, expect.data, **tol(np.float32))
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+def test_a_checkpoint_loaded_on_some_ranks_only_raises_everywhere(mode):
+    """The replicas went on at different steps (and sharded ones off the
+    run), silently: the step counts are agreed with each step."""
+    p = make_params(np.float32)
+    opt = wrapped(mode, fastopt.AdamW, p, lr=1e-2)
+    g = p.zeros_like()
+    load_rank_grads(g, 0, np.float32)
+    opt.step(g)
+    sd = opt.state_dict()
+    for _ in range(2):
+        load_rank_grads(g, 0, np.float32)
+        opt.step(g)
+    if mode == "dp" and RANK == 0:
+        opt.load_state_dict(sd)         # (sharded: a collective, loaded by every rank)
+    elif mode == "shard" and RANK == 0:
+        opt._inner.iterations = 1       # what a load on one rank would leave
+    with pytest.raises(dist.DistributedError, match=r"rank \d is at step \d but rank 0 at step "
+                                                    r"\d \(a checkpoint loaded on some ranks"):
+        opt.step(g)
+
+
+def test_a_collective_called_on_one_rank_only_raises_instead_of_hanging():
+    """state_dict (sharded: it gathers the shards) or fastopt.save on rank 0
+    while the others step: a hang, or an internal TypeError. Now each
+    raises, naming both calls."""
+    p = make_params(np.float32)
+    opt = dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2)
+    g = p.zeros_like()
+    load_rank_grads(g, 0, np.float32)
+    with pytest.raises(dist.DistributedError, match=r"rank 0 is in state_dict but rank \d in "
+                                                    r"the step"):
+        if RANK == 0:
+            opt.state_dict()
+        else:
+            opt.step(g)
