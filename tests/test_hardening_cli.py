@@ -81,15 +81,15 @@ def _child(code, cwd):
                             preexec_fn=_default_sigint)
 
 
-def _interrupt_when(child, stream, marker, timeout=60):
-    """Send SIGINT once ``marker`` shows up in the child's ``stream``;
+def _interrupt_when(child, stream, marker, timeout=60, sig=signal.SIGINT):
+    """Send ``sig`` once ``marker`` shows up in the child's ``stream``;
     returns (returncode, stdout, stderr)."""
     seen = []
     try:
         for line in getattr(child, stream):
             seen.append(line)
             if marker in line:
-                child.send_signal(signal.SIGINT)
+                child.send_signal(sig)
                 break
         out, err = child.communicate(timeout=timeout)
     finally:
@@ -103,9 +103,12 @@ def _interrupt_when(child, stream, marker, timeout=60):
     return child.returncode, out, err
 
 
-def test_train_ctrl_c_writes_finished_epochs(tmp_path):
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted"),
+                                           (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_train_ctrl_c_writes_finished_epochs(tmp_path, sig, code, said):
     """SIGINT after the first epoch of a long run: metrics and curves of the
-    finished epochs, one line on stderr, exit 130."""
+    finished epochs, one line on stderr, exit 130. SIGTERM (a scheduler's
+    stop, a kill) ended it with nothing written: the same, exit 143."""
     data = _fake_mnist(tmp_path / "mnist", n=8200)
     out = tmp_path / "out"
     child = _child(f"""
@@ -115,11 +118,11 @@ def test_train_ctrl_c_writes_finished_epochs(tmp_path):
                        "--backend", "numpy", "--epochs", "100000", "--batch-size", "2000",
                        "--quiet", "--out", {str(out)!r}]))
     """, tmp_path)
-    rc, stdout, stderr = _interrupt_when(child, "stdout", "epoch   1:")
-    assert rc == 130, stderr
+    rc, stdout, stderr = _interrupt_when(child, "stdout", "epoch   1:", sig=sig)
+    assert rc == code, stderr
     assert "Traceback" not in stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "interrupted" in lines[0] and "of 100000 epochs" in lines[0]
+    assert len(lines) == 1 and said in lines[0] and "of 100000 epochs" in lines[0]
     m = json.loads((out / "metrics.json").read_text())
     assert m["interrupted"] is True
     assert 1 <= len(m["epochs"]) < 100000

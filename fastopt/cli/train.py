@@ -22,7 +22,8 @@ throughput, the held-out accuracy per epoch, and writes ``metrics.json`` and
 ``--out`` is checked before anything starts (exit 2 if it cannot be a
 directory). Ctrl-C stops training after the current step, writes the
 metrics and curves of the epochs that finished (``"interrupted": true``),
-prints one line and exits 130; a second Ctrl-C stops at once. Under
+prints one line and exits 130; a second Ctrl-C stops at once. SIGTERM (a
+batch scheduler's stop) is taken the same way, exit 143. Under
 mpiexec, Ctrl-C ends every rank at once (each is at its own step): rank 0
 writes the finished epochs first, and the exit code is 130.
 
@@ -507,7 +508,8 @@ def _run(args, comm):
                 limits.restore_original_limits()
         if interrupted:
             bar.end_line()
-            return _finish_interrupted(args, history, labels, sizes, model.backend)
+            return _finish_interrupted(args, history, labels, sizes, model.backend,
+                                       stop.exit_code)
         final = history["epochs"][-1]["val_acc"]
         for lab, a, t in zip(labels, final, history["time_to_target"]):
             reach = (f", reached {100 * args.target:.0f}% after {t:.1f} s of training"
@@ -572,31 +574,39 @@ class _Stopped(Exception):
 class _StopOnCtrlC:
     """While active, a first Ctrl-C (SIGINT) only sets ``requested``; the
     training loop checks it after each step, so no step or epoch record is
-    torn. A second Ctrl-C raises KeyboardInterrupt at once, as usual. Only
-    the default handler is replaced (not one an embedding program set, nor
+    torn. A second Ctrl-C raises KeyboardInterrupt at once, as usual.
+    SIGTERM (a batch scheduler's or ``kill``'s stop, which a KILL follows
+    after a grace period) is taken the same way: the finished epochs are
+    written, and the exit code says which signal (``exit_code``). Only
+    default handlers are replaced (not one an embedding program set, nor
     SIG_IGN under nohup), and only in the main thread, where Python allows it."""
 
     def __init__(self, enabled=True):
-        self.enabled, self.requested, self._old = enabled, False, None
+        self.enabled, self.requested, self._old = enabled, False, {}
+        self.exit_code = EXIT_INTERRUPTED
 
     def __enter__(self):
         import signal
         import threading
-        if (self.enabled and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._old = signal.signal(signal.SIGINT, self._handle)
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return self
+        for signum, default in ((signal.SIGINT, signal.default_int_handler),
+                                (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(signum) is default:
+                self._old[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.exit_code = 128 + signum           # 130 for SIGINT, 143 for SIGTERM
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            import signal
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
+        import signal
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
+        self._old = {}
         return False
 
 
@@ -609,8 +619,9 @@ def _history_so_far(records, target, k):
     return {"epochs": records, "time_to_target": reached, "target": target}
 
 
-def _finish_interrupted(args, history, labels, sizes, backend):
-    """After Ctrl-C: the finished epochs' metrics and curves, one line, 130."""
+def _finish_interrupted(args, history, labels, sizes, backend, code=EXIT_INTERRUPTED):
+    """After Ctrl-C (or SIGTERM: ``code`` 143): the finished epochs' metrics
+    and curves, one line, ``code``."""
     import sys
 
     done = len(history["epochs"])
@@ -626,9 +637,10 @@ def _finish_interrupted(args, history, labels, sizes, backend):
         what += f" ({problem})"
     if args.checkpoint and getattr(args, "checkpointed", 0):
         what += f"; --resume goes on from epoch {args.checkpointed + 1}"
-    print(f"fastopt train: interrupted; {done} of {args.epochs} epochs finished, {what}",
+    how = "interrupted" if code == EXIT_INTERRUPTED else "terminated (SIGTERM)"
+    print(f"fastopt train: {how}; {done} of {args.epochs} epochs finished, {what}",
           file=sys.stderr, flush=True)
-    return EXIT_INTERRUPTED
+    return code
 
 
 def _save_results(args, history, labels, sizes, backend, interrupted=False):
