@@ -93,15 +93,30 @@ def _device_flats(be, grads, dtypes=None, labels=None):
 
 def _by_name(grads):
     """``(grads, labels)``: grads given by name (a dict, nested dicts too) as
-    their arrays in key order, as an optimizer reads them, and how errors
-    name them (``grads['W']``); anything else as given, labels None."""
+    their arrays in key order, as an optimizer reads them, or as lists of
+    lists (one per optimizer), and how errors name them (``grads['W']``,
+    ``grads[1][0]``); anything else as given, labels None."""
     if isinstance(grads, dict):
         if not grads:
             return [], None         # as an empty list: norm 0
         from .optim.named import KeyTree      # (fastopt.optim imports this module)
         tree, arrays = KeyTree.of(grads, "grads")
         return arrays, [f"grads{lab}" for lab in tree.labels]
+    if type(grads) in (list, tuple) and any(type(g) in (list, tuple) for g in grads):
+        # one optimizer per layer: each one's grads, clipped together
+        arrays, labels = [], []
+        _nested(grads, "grads", arrays, labels)
+        return arrays, labels
     return grads, None
+
+
+def _nested(grads, label, arrays, labels):
+    for i, g in enumerate(grads):
+        if type(g) in (list, tuple):
+            _nested(g, f"{label}[{i}]", arrays, labels)
+        else:
+            arrays.append(g)
+            labels.append(f"{label}[{i}]")
 
 
 def norm_of(backend, flats) -> float:
@@ -115,8 +130,9 @@ def global_norm(grads, *, backend="auto") -> float:
     The sum runs over fixed chunks in a fixed order, so the result does not
     depend on the thread count. A NaN or inf anywhere gives NaN or inf.
     ``grads``: an array, a list of them, a dict of them by name (nested
-    dicts too) or a FlatArrays; float32, float64, or float16/bfloat16
-    (read as float32).
+    dicts too), a list of such lists (one per optimizer: their global norm
+    together) or a FlatArrays; float32, float64, or float16/bfloat16 (read
+    as float32).
     """
     grads, labels = _by_name(grads)
     be = get_backend(backend_for(backend, grads))

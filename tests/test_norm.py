@@ -174,3 +174,18 @@ def test_grads_by_name_are_named_by_their_keys():
     w = np.ones(4)
     with pytest.raises(ValueError, match=r"grads\['a'\].*grads\['b'\]|grads\['b'\].*grads\['a'\]"):
         fastopt.clip_by_global_norm({"a": w, "b": w}, 1.0)
+
+
+def test_grads_of_several_optimizers_are_clipped_together():
+    """One optimizer per layer: clip_by_global_norm([[gW1, gb1], [gW2, gb2]])
+    was refused (grads[0] must be an ndarray); their one global norm now."""
+    layers = [[np.full(3, 2.0), np.full(2, 1.0)], (np.full(4, 1.0),)]
+    flat = [g.copy() for layer in layers for g in layer]
+    assert fastopt.global_norm(layers) == fastopt.global_norm(flat) == math.sqrt(18.0)
+    norm = fastopt.clip_by_global_norm(layers, 1.0)
+    fastopt.clip_by_global_norm(flat, 1.0)
+    assert norm == math.sqrt(18.0)
+    for a, b in zip([g for layer in layers for g in layer], flat):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match=r"grads\[1\]\[0\] must be float32"):
+        fastopt.global_norm([[np.ones(3)], [np.ones(2, np.int64)]])

@@ -519,6 +519,8 @@ class Optimizer:
                 kind = type(grads)
                 if kind is list:
                     out = plan.run(self, grads)
+                elif kind is tuple:          # `return dW, db`: as a list (it took the full path)
+                    out = plan.run(self, list(grads))
                 elif kind is dict and self._names is not None:
                     out = plan.run(self, self._names.read(grads))
                 elif grads is self._bound and grads is not None:   # the FlatArrays bound last step
