@@ -19,6 +19,7 @@ buffer's back: an optimizer that has checked it once can trust it afterwards.
 
 from __future__ import annotations
 
+import collections.abc
 import math
 
 import numpy as np
@@ -109,7 +110,7 @@ def pack(arrays, dtype=None) -> FlatArrays:
     Use the returned views in place of the originals (the originals are not
     touched). ``dtype`` defaults to the arrays' common dtype.
     """
-    if isinstance(arrays, dict):          # (its keys were packed, as strings)
+    if isinstance(arrays, collections.abc.Mapping):     # (its keys were packed, as strings)
         raise TypeError("pack() takes a list of arrays, not a dict: views = "
                         "fastopt.pack(list(d.values())), then d = dict(zip(d, views))")
     arrays = [np.asarray(a) for a in arrays]

@@ -318,6 +318,8 @@ def test_data_parallel_says_how_to_pack_groups_out_of_memory_order():
     with pytest.raises(DistributedError, match=r"pack them in the groups' order, "
                                                r"pack\(\[w1, w2, b1, b2\]\)"):
         DataParallel(opt, comm=MPI.COMM_SELF)
+    with pytest.raises(DistributedError, match="wraps an optimizer that has its params"):
+        DataParallel(fastopt.AdamW(lr=1e-3), comm=MPI.COMM_SELF)
 
 
 def test_a_checkpoint_of_params_by_name_loads_into_a_sharded_optimizer():

@@ -343,5 +343,8 @@ def test_groups_out_of_memory_order_reject_flat_grads_but_accept_lists(backend):
 
 
 def test_pack_refuses_a_dict_it_would_have_packed_the_keys_of():
-    with pytest.raises(TypeError, match=r"pack\(\) takes a list of arrays, not a dict"):
-        fastopt.pack({"W": np.ones(3), "b": np.ones(2)})
+    import types
+    for mapping in ({"W": np.ones(3), "b": np.ones(2)},
+                    types.MappingProxyType({"W": np.ones(3)})):
+        with pytest.raises(TypeError, match=r"pack\(\) takes a list of arrays, not a dict"):
+            fastopt.pack(mapping)

@@ -255,6 +255,9 @@ def test_train_resumes_after_ctrl_c_bit_for_bit(tmp_path, monkeypatch, capsys, o
     err = capsys.readouterr().err
     assert "2 of 4 epochs finished" in err and "--resume goes on from epoch 3" in err
     monkeypatch.setattr(Ensemble, "train_step", plain)
+    assert _train(tmp_path / "stopped", data, *run) == 2       # again, without --resume
+    assert ("exists (a run stopped after epoch 2 of --epochs 4): pass --resume"
+            in capsys.readouterr().err)
     assert _train(tmp_path / "stopped", data, *run, "--resume") == 0
     assert "resuming after epoch 2" in capsys.readouterr().out
     _same_training(tmp_path / "straight", tmp_path / "stopped")
@@ -272,8 +275,10 @@ def test_train_resume_refuses_what_is_not_this_run(tmp_path, capsys):
     """Exit 2 and one line naming the reason; the checkpoint is left as it was."""
     data = _fake_mnist(tmp_path / "mnist", n=10000)
     out = tmp_path / "out"
-    assert _train(tmp_path / "none", data, "--resume") == 2
+    # nothing to go on from: the run starts (a requeued job's one command line)
+    assert _train(tmp_path / "none", data, "--resume", "--epochs", "1") == 0
     assert "--resume: no " in capsys.readouterr().err
+    assert (tmp_path / "none" / "checkpoint.npz").is_file()
     assert _train(out, data, "--epochs", "2", "--schedule", "warmup-cosine",
                   "--checkpoint") == 0
     before = (out / "checkpoint.npz").read_bytes()
@@ -302,7 +307,7 @@ def test_train_with_checkpoint_will_not_start_over_an_unfinished_run(tmp_path, c
     capsys.readouterr()
     assert _train(out, data, "--epochs", "3", "--checkpoint") == 2
     err = capsys.readouterr().err
-    assert "exists (a run stopped after epoch 1 of --epochs 1): pass --resume" in err, err
+    assert "exists (a finished run of --epochs 1): delete it" in err, err
     assert (out / "checkpoint.npz").read_bytes() == before
     assert _train(out, data, "--epochs", "3", "--resume") == 0
 

@@ -153,7 +153,8 @@ def add_arguments(parser):
     parser.add_argument("--resume", action="store_true",
                         help="go on from OUT/checkpoint.npz after its last epoch, bit for "
                              "bit as if never stopped (the same options; --epochs may grow "
-                             "with --schedule constant); keeps writing it")
+                             "with --schedule constant), or start the run where there is "
+                             "none yet; keeps writing it")
     parser.add_argument("--no-plot", action="store_true", help="skip curves.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--shard-state", action="store_true",
@@ -354,7 +355,8 @@ def _run(args, comm):
     # rank 0 alone writes, so its view of --out is the one that counts
     problem = None if comm is not None and comm.Get_rank() else output_dir_problem(
         args.out, ("metrics.json", "curves.png") + ((CHECKPOINT,) if args.checkpoint else ()))
-    if not problem and args.checkpoint and not args.resume:
+    if (not problem and args.checkpoint and not args.resume
+            and (comm is None or comm.Get_rank() == 0)):
         problem = existing_problem(args)     # its progress would be written over
     problem = _usage_problem(comm, problem and f"--out {args.out or repr('')}: {problem}",
                              "checking --out")
@@ -421,6 +423,10 @@ def _run(args, comm):
         if problem:
             print(f"fastopt train: {problem}", file=sys.stderr)
             return 2
+        if not finished:
+            print(f"fastopt train: --resume: no {checkpoint_path(args)} yet; starting the run "
+                  "(it writes one after each epoch)", file=sys.stderr)
+            args.resume = False
     parallel = None
     if comm is not None:
         from fastopt.distributed.training import DataParallelTraining

@@ -39,14 +39,19 @@ def run_config(args, steps) -> dict:
     """The options that define the run (JSON-able), with --epochs; a default
     as the value it stands for (``--weight-decay 0.01`` given or not is one
     run). ``steps``: the run's steps in all (warmup-cosine's warmup)."""
-    from fastopt.nn.training import resolved_options
     config = {k: getattr(args, k) for k in RUN_KEYS}
-    config.update(resolved_options(args.optimizer, args.schedule, steps,
-                                   weight_decay=args.weight_decay, momentum=args.momentum,
-                                   warmup_steps=args.warmup_steps))
+    config.update(_resolved(config, steps))
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
     config["epochs"] = args.epochs
     return config
+
+
+def _resolved(config, steps) -> dict:
+    from fastopt.nn.training import resolved_options
+    return resolved_options(config.get("optimizer"), config.get("schedule"), steps,
+                            weight_decay=config.get("weight_decay"),
+                            momentum=config.get("momentum"),
+                            warmup_steps=config.get("warmup_steps"))
 
 
 def resume_from(args, steps):
@@ -58,14 +63,17 @@ def resume_from(args, steps):
     try:
         tree = read(path)
     except FileNotFoundError:
-        return (f"--resume: no {path} (a run writes it with --checkpoint; leave "
-                "--resume out to start afresh)"), None
+        # nothing to go on from: the run starts (a requeued batch job's one
+        # command line, the first time as after a stop), and says so
+        return None, []
     except CheckpointError as exc:
         return f"--resume: {exc}", None
     saved = tree.get("extra", {}).get(_KEY) if isinstance(tree.get("extra"), dict) else None
     if not isinstance(saved, dict) or "config" not in saved or "epochs" not in saved:
         return f"--resume: {path} was not written by fastopt train --checkpoint", None
-    config, now = saved["config"], run_config(args, steps)
+    config, now = dict(saved["config"]), run_config(args, steps)
+    # defaults as the values they stand for, in a file that kept them unset too
+    config.update(_resolved(config, config.get("epochs", args.epochs) * (steps // args.epochs)))
     finished = saved["epochs"]
     if config["epochs"] != args.epochs and config["schedule"] != "constant":
         return (f"--resume: {path} is a run of --epochs {config['epochs']} and its "
@@ -109,10 +117,14 @@ def existing_problem(args):
         return None
     try:
         saved = read(path).get("extra", {}).get(_KEY, {})
-        done = f" (a run stopped after epoch {len(saved['epochs'])} of --epochs " \
-               f"{saved['config']['epochs']})"
+        n, of = len(saved["epochs"]), saved["config"]["epochs"]
     except (CheckpointError, OSError, AttributeError, KeyError, TypeError):
-        done = ""
+        n = of = None
+    if n is not None and n >= of:
+        return (f"{path} exists (a finished run of --epochs {of}): delete it, or give "
+                "another --out, to start afresh (or --resume with a larger --epochs to "
+                "train it on, with --schedule constant)")
+    done = "" if n is None else f" (a run stopped after epoch {n} of --epochs {of})"
     return (f"{path} exists{done}: pass --resume to go on from it, or delete it (or give "
             "another --out) to start afresh")
 

@@ -95,8 +95,9 @@ def agree(comm, error=None, what="the step", settings=None, position=None):
     not. Every rank then raises, naming the first setting that differs.
     So are ``what`` (a rank in another collective call, e.g. saving while
     the others step, raises with them instead of hanging or pairing
-    with their call) and ``position`` (the step count: a checkpoint loaded
-    on some ranks only).
+    with their call: so ``what`` names the call, the same on every rank,
+    never a per-rank label) and ``position`` (the step count: a checkpoint
+    loaded on some ranks only).
 
     One 56-byte Allreduce (a flag, and the max and -min of the hashes of
     ``settings`` and ``what`` and of ``position``) when all is well; two
@@ -133,8 +134,8 @@ def _difference(everyone) -> str:
                     "checkpoint loaded on some ranks only? load it on every rank), and every "
                     "rank raises this")
     return (f"{what}: {_first_difference([s or {} for _, _, s in everyone])}; every rank must "
-            "make the same edits (e.g. after a broadcast of the value), and every rank "
-            "raises this")
+            "have the same settings, made and edited alike (e.g. after a broadcast of the "
+            "value), and every rank raises this")
 
 
 _codes = {}
@@ -144,7 +145,7 @@ def _code(what) -> int:
     """A 62-bit hash of ``what``, the same in every process."""
     code = _codes.get(what)
     if code is None:
-        digest = hashlib.blake2b(what.encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(str(what).encode(), digest_size=8).digest()
         code = _codes[what] = int.from_bytes(digest, "little") >> 2
     return code
 

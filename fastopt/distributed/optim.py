@@ -240,7 +240,8 @@ class _Distributed:
         inner, scaler = self._inner, self._inner.loss_scaler
         # lists as tuples: a list edited in place must not compare equal to itself
         fmt = inner._state_format
-        raw = (inner.max_grad_norm, inner.skip_nonfinite, scaler, fmt.name, fmt.seed,
+        raw = (inner.max_grad_norm, inner.skip_nonfinite, scaler, fmt.name,
+               fmt.seed if fmt.compact else None,
                None if scaler is None else _frozen(vars(scaler)),
                tuple(_frozen({k: v for k, v in g.items() if k != "params"})
                      for g in self.param_groups))
@@ -272,9 +273,11 @@ class _Distributed:
         out = {"max_grad_norm": _setting(inner.max_grad_norm),
                "skip_nonfinite": _setting(inner.skip_nonfinite),
                "loss_scaler": _setting(inner.loss_scaler),
-               # (a seed per rank, the usual habit, rounds each replica differently)
-               "state_dtype": inner._state_format.name,
-               "state_seed": inner._state_format.seed}
+               "state_dtype": inner._state_format.name}
+        if inner._state_format.compact:
+            # (a seed per rank, the usual habit, rounds each replica differently;
+            # float32 state draws no rounding bits)
+            out["state_seed"] = inner._state_format.seed
         for gi, group in enumerate(self.param_groups):
             for key in sorted(k for k in group if k != "params"):   # any insertion order
                 out[f"param_groups[{gi}][{key!r}]"] = _setting(group[key])
@@ -323,6 +326,9 @@ class DataParallel(_Distributed):
             if not isinstance(optimizer, Optimizer) or optimizer._device:
                 raise TypeError("DataParallel wraps a fastopt optimizer over host arrays, got "
                                 f"{type(optimizer).__name__}")
+            if not optimizer.param_groups:
+                raise TypeError("DataParallel wraps an optimizer that has its params: make "
+                                "it with them (or bind(params) first)")
             if not optimizer._memory_ordered:
                 raise ValueError(
                     "DataParallel averages the grads as one FlatArrays laid out like the "

@@ -486,7 +486,7 @@ def test_a_setting_edited_on_one_rank_raises_everywhere(mode, edit):
     before = p.data.copy()
     load_rank_grads(g, 1, np.float32)
     with pytest.raises(dist.DistributedError, match=rf"{edit}.* on rank {N - 1} but .* on "
-                                                    r"rank 0; every rank must make the same"):
+                                                    r"rank 0; every rank must have the same"):
         opt.step(g)
     np.testing.assert_array_equal(p.data, before)
     assert opt.iterations == 2
@@ -618,13 +618,23 @@ def test_a_weight_given_on_some_ranks_only_raises_everywhere(mode):
 @pytest.mark.parametrize("option", ["state_seed", "state_dtype"])
 def test_a_state_option_set_on_one_rank_raises_everywhere(option):
     p = make_params(np.float32)
-    value = ({"state_seed": 1234 + RANK} if option == "state_seed"
+    value = ({"state_seed": 1234 + RANK, "state_dtype": "bfloat16"} if option == "state_seed"
              else {"state_dtype": "bfloat16" if RANK else "float32"})
     opt = dist.DataParallel(fastopt.AdamW(p, lr=1e-2, **value))
     g = p.zeros_like()
     load_rank_grads(g, 0, np.float32)
     with pytest.raises(dist.DistributedError, match=rf"{option} is .* on rank 1 but .* on rank 0"):
         opt.step(g)
+
+
+def test_a_seed_per_rank_is_fine_with_float32_state():
+    """float32 state draws no rounding bits: a seed per rank changes nothing."""
+    p = make_params(np.float32)
+    opt = dist.DataParallel(fastopt.AdamW(p, lr=1e-2, state_seed=RANK))
+    g = p.zeros_like()
+    load_rank_grads(g, 0, np.float32)
+    opt.step(g)
+    assert opt.iterations == 1
 
 
 @pytest.mark.parametrize("mode", ["dp", "shard"])
