@@ -43,7 +43,7 @@ import numpy as np
 
 from ._files import link_target
 from .backends import is_device_array
-from .optim.interrupt import INTERRUPTS, held
+from .optim.interrupt import finished
 from .params import FlatArrays
 
 __all__ = ["save", "load", "CheckpointError"]
@@ -423,13 +423,9 @@ def load(path, *, params=None, optimizer=None) -> dict:
             while done[0] < len(apply):
                 apply[done[0]]()        # idempotent: run again if interrupted in it
                 done[0] += 1
-        try:
-            load_rest()
-        except INTERRUPTS:
-            # a Ctrl-C while the arrays are copied: all of it loaded (from the
-            # part it reached), then the interrupt goes on, as a step does
-            held(load_rest)
-            raise
+        # a Ctrl-C while the arrays are copied: all of it loaded (from the
+        # part it reached), then the interrupt goes on, as a step does
+        finished(load_rest)
     return tree
 
 

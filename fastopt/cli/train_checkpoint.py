@@ -57,20 +57,17 @@ def _resolved(config, steps) -> dict:
 def resume_from(args, steps):
     """``(problem, finished epoch records)``: the checkpoint's records when
     it is this run's, else a phrase saying why it cannot be resumed."""
-    from fastopt.checkpoint import CheckpointError, read
+    from fastopt.checkpoint import CheckpointError
 
     path = checkpoint_path(args)
     try:
-        tree = read(path)
+        saved = _saved_run(path)
     except FileNotFoundError:
         # nothing to go on from: the run starts (a requeued batch job's one
         # command line, the first time as after a stop), and says so
         return None, []
     except CheckpointError as exc:
         return f"--resume: {exc}", None
-    saved = tree.get("extra", {}).get(_KEY) if isinstance(tree.get("extra"), dict) else None
-    if not isinstance(saved, dict) or "config" not in saved or "epochs" not in saved:
-        return f"--resume: {path} was not written by fastopt train --checkpoint", None
     config, now = dict(saved["config"]), run_config(args, steps)
     # defaults as the values they stand for, in a file that kept them unset too
     config.update(_resolved(config, config.get("epochs", args.epochs) * (steps // args.epochs)))
@@ -89,6 +86,17 @@ def resume_from(args, steps):
                 f"--epochs {args.epochs}: nothing left to train"
                 + (" (a larger --epochs trains on)" if args.schedule == "constant" else "")), None
     return None, finished
+
+
+def _saved_run(path) -> dict:
+    """The run's entry of the checkpoint at ``path`` (``{"config", "epochs"}``);
+    CheckpointError for a file fastopt train did not write, FileNotFoundError."""
+    from fastopt.checkpoint import CheckpointError, read
+    tree = read(path)
+    saved = tree.get("extra", {}).get(_KEY) if isinstance(tree.get("extra"), dict) else None
+    if not isinstance(saved, dict) or "config" not in saved or "epochs" not in saved:
+        raise CheckpointError(f"{path} was not written by fastopt train --checkpoint")
+    return saved
 
 
 def _shown(value) -> str:
@@ -110,15 +118,15 @@ def save_epoch(args, steps, model, opt, records) -> None:
 def existing_problem(args):
     """Why this run (--checkpoint without --resume) must not start: a
     checkpoint in --out that it would overwrite after its first epoch."""
-    from fastopt.checkpoint import CheckpointError, read
+    from fastopt.checkpoint import CheckpointError
 
     path = checkpoint_path(args)
     if not os.path.lexists(path):
         return None
     try:
-        saved = read(path).get("extra", {}).get(_KEY, {})
+        saved = _saved_run(path)
         n, of = len(saved["epochs"]), saved["config"]["epochs"]
-    except (CheckpointError, OSError, AttributeError, KeyError, TypeError):
+    except (CheckpointError, OSError, KeyError, TypeError):
         n = of = None
     if n is not None and n >= of:
         return (f"{path} exists (a finished run of --epochs {of}): delete it, or give "

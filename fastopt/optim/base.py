@@ -304,14 +304,12 @@ class Optimizer:
         self._backend = backend
         # host or device arrays: their checks, runs, buffers and step
         self._placement = placement_for(backend)
-        groups, names, packed = [], None, {}
+        groups, names, packed, flats = [], None, {}, {}
         for gi, spec in enumerate(self._group_specs(params)):
             group, names, packed[gi] = self._checked_group(gi, spec, names)
             groups.append(group)
-        all_params = self._checked_params(groups, names)
-        flats = {}
-        for gi, spec in enumerate(self._group_specs(params)):
             flats.update(_flat_of(gi, spec))
+        all_params = self._checked_params(groups, names)
         # the lrs given, put back if a Ctrl-C runs keep() again (its _show_lr
         # has written the schedules' values over them)
         shown = ({}, {}, [g["lr"] for g in groups])
@@ -856,6 +854,8 @@ class Optimizer:
         return dict(self._schedules), dict(self._lr_shown), [g["lr"] for g in groups]
 
     def _lr_restore(self, snapshot, groups):
+        """The schedules, shown values and ``groups``' lrs put back as
+        :meth:`_lr_snapshot` took them (work run again after a Ctrl-C)."""
         schedules, shown, lrs = snapshot
         self._schedules.clear()
         self._schedules.update(schedules)
