@@ -102,8 +102,9 @@ def _by_name(grads):
         from .optim.named import KeyTree      # (fastopt.optim imports this module)
         tree, arrays = KeyTree.of(grads, "grads")
         return arrays, [f"grads{lab}" for lab in tree.labels]
-    if type(grads) in (list, tuple) and any(type(g) in (list, tuple) for g in grads):
-        # one optimizer per layer: each one's grads, clipped together
+    if type(grads) in (list, tuple) and any(isinstance(g, (list, tuple, dict)) for g in grads):
+        # one optimizer per layer: each one's grads (a list, a dict by name, a
+        # FlatArrays' views), clipped together
         arrays, labels = [], []
         _nested(grads, "grads", arrays, labels)
         return arrays, labels
@@ -112,7 +113,11 @@ def _by_name(grads):
 
 def _nested(grads, label, arrays, labels):
     for i, g in enumerate(grads):
-        if type(g) in (list, tuple):
+        if isinstance(g, dict):
+            sub, names = _by_name(g)
+            arrays += sub
+            labels += [f"{label}[{i}]{name[len('grads'):]}" for name in names or ()]
+        elif isinstance(g, (list, tuple)):          # a FlatArrays too: its views
             _nested(g, f"{label}[{i}]", arrays, labels)
         else:
             arrays.append(g)

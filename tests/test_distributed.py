@@ -322,6 +322,20 @@ def test_data_parallel_says_how_to_pack_groups_out_of_memory_order():
         DataParallel(fastopt.AdamW(lr=1e-3), comm=MPI.COMM_SELF)
 
 
+def test_lbfgs_is_refused_by_both_wrappers_when_made():
+    """It failed at the first step ('needs a closure'): the wrappers step
+    with averaged gradients, L-BFGS with a closure."""
+    pytest.importorskip("mpi4py")
+    import fastopt
+    from fastopt.distributed import DataParallel, DistributedError, ShardedOptimizer
+    from mpi4py import MPI
+    p = fastopt.pack([np.ones(4)])
+    with pytest.raises(DistributedError, match="LBFGS steps with a closure"):
+        DataParallel(fastopt.LBFGS(p), comm=MPI.COMM_SELF)
+    with pytest.raises(DistributedError, match="LBFGS steps with a closure"):
+        ShardedOptimizer(fastopt.LBFGS, list(p), comm=MPI.COMM_SELF)
+
+
 def test_a_checkpoint_of_params_by_name_loads_into_a_sharded_optimizer():
     """A single-process optimizer made from a dict records its params'
     names; a sharded one (views of one buffer, unnamed) refused that

@@ -189,3 +189,10 @@ def test_grads_of_several_optimizers_are_clipped_together():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(TypeError, match=r"grads\[1\]\[0\] must be float32"):
         fastopt.global_norm([[np.ones(3)], [np.ones(2, np.int64)]])
+    # packed or named per-optimizer grads too
+    packed, named = fastopt.pack([np.full(3, 2.0)]), {"W": np.full(2, 1.0), "b": {"x": np.ones(4)}}
+    assert fastopt.global_norm([packed, named]) == math.sqrt(18.0)
+    fastopt.clip_by_global_norm([packed, named], 1.0)
+    assert fastopt.global_norm([packed, named]) == pytest.approx(1.0, rel=1e-6)
+    with pytest.raises(TypeError, match=r"grads\[1\]\['b'\]\['x'\] must be float32"):
+        fastopt.global_norm([packed, {"W": np.ones(2), "b": {"x": np.ones(2, np.int64)}}])

@@ -23,14 +23,15 @@ throughput, the held-out accuracy per epoch, and writes ``metrics.json`` and
 directory). Ctrl-C stops training after the current step, writes the
 metrics and curves of the epochs that finished (``"interrupted": true``),
 prints one line and exits 130; a second Ctrl-C stops at once. SIGTERM (a
-batch scheduler's stop) is taken the same way, exit 143. Under
+batch scheduler's stop) is taken the same way in one process, exit 143. Under
 mpiexec, Ctrl-C ends every rank at once (each is at its own step): rank 0
 writes the finished epochs first, and the exit code is 130.
 
 ``--checkpoint`` writes ``checkpoint.npz`` to ``--out`` after each epoch
 (the models, the optimizer state, the finished epochs' records);
 ``--resume`` goes on from it after its last epoch, with the same batches
-and schedule as a run never stopped: the same result bit for bit.
+and schedule as a run never stopped: the same result bit for bit (with the
+same backend, threads and ranks; else to rounding).
 """
 
 from __future__ import annotations
@@ -151,10 +152,11 @@ def add_arguments(parser):
                         help="after each epoch, write the models and the optimizer state "
                              "to OUT/checkpoint.npz (for --resume)")
     parser.add_argument("--resume", action="store_true",
-                        help="go on from OUT/checkpoint.npz after its last epoch, bit for "
-                             "bit as if never stopped (the same options; --epochs may grow "
-                             "with --schedule constant), or start the run where there is "
-                             "none yet; keeps writing it")
+                        help="go on from OUT/checkpoint.npz after its last epoch, as if "
+                             "never stopped (bit for bit with the same --backend, --threads "
+                             "and ranks; the same options; --epochs may grow with --schedule "
+                             "constant), or start the run where there is none yet; keeps "
+                             "writing it")
     parser.add_argument("--no-plot", action="store_true", help="skip curves.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--shard-state", action="store_true",

@@ -126,7 +126,7 @@ def _difference(everyone) -> str:
     for r, (w, k, _) in enumerate(everyone):
         if w != what:
             return (f"rank 0 is in {what} but rank {r} in {w}: every rank must make the same "
-                    "calls in the same order (state_dict, fastopt.save and load, the step: "
+                    "calls in the same order (fastopt.save, a sharded state_dict, the step: "
                     "each is a collective), and every rank raises this")
     for r, (_, k, _) in enumerate(everyone):
         if k != position:

@@ -80,6 +80,16 @@ def _layout(arrays):
     return [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in arrays]
 
 
+def _refuse_closure_steps(cls):
+    """L-BFGS: its step evaluates the loss through a closure (a line
+    search), not the averaged gradients a wrapper hands it (it failed at
+    the first step: 'needs a closure')."""
+    if getattr(cls, "steps_with_closure", False):
+        raise TypeError(f"{cls.__name__} steps with a closure (its line search evaluates "
+                        "the loss), not with the averaged gradients this wrapper gives its "
+                        "step: run it in one process")
+
+
 def _check_weight(weight):
     if weight is None:
         return None
@@ -326,6 +336,7 @@ class DataParallel(_Distributed):
             if not isinstance(optimizer, Optimizer) or optimizer._device:
                 raise TypeError("DataParallel wraps a fastopt optimizer over host arrays, got "
                                 f"{type(optimizer).__name__}")
+            _refuse_closure_steps(type(optimizer))
             if not optimizer.param_groups:
                 raise TypeError("DataParallel wraps an optimizer that has its params: make "
                                 "it with them (or bind(params) first)")
@@ -621,6 +632,7 @@ class ShardedOptimizer(_Distributed):
     def _build(self, cls, params, options):
         if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
             raise TypeError(f"optimizer_cls must be a fastopt optimizer class, got {cls!r}")
+        _refuse_closure_steps(cls)
         if cls.__name__ == "NAdam":
             # its running momentum product is per-group state outside the
             # buffers this class merges across ranks: a resume would lose it
