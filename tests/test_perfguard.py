@@ -112,7 +112,7 @@ def test_persistent_drop_fails_after_every_attempt(monkeypatch):
     assert not check.ok and len(calls) == 3 and check.measured == [1.5, 1.5, 1.5]
     text = perfguard.report([check])
     assert "speedup vs straightforward NumPy is below its floor 4.00" in text
-    assert "(1.50, 1.50, 1.50)" in text and "numba 2.000 ms" in text
+    assert "(1.50, 1.50, 1.50)" in text and "numba 2000.0 us" in text
 
 
 def test_unmeasurable_ratio_fails(monkeypatch):
@@ -229,3 +229,17 @@ def test_check_perf_command_exit_code(monkeypatch, tmp_path, capsys, ratio, code
     out = capsys.readouterr()
     assert ("REGRESSION" in out.out) == bool(code)
     assert "measuring tiny (attempt 1)" in out.err
+
+
+def test_a_torch_floor_without_torch_is_a_configuration_error(tmp_path, monkeypatch):
+    """It was measured as n/a on every attempt and reported as a performance
+    regression (exit 1): a CI would read a missing dependency as a slowdown."""
+    import importlib.util
+    path = tmp_path / "floors.json"
+    path.write_text(json.dumps({"cases": [{"case": "list adamw 1 x 1",
+                                           "floors": {"numba": {"torch": 1}}}]}))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(ValueError, match="a torch floor, but torch is not installed"):
+        perfguard.load_floors(str(path))

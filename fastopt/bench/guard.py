@@ -22,6 +22,7 @@ explains why.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import math
 import time
@@ -139,6 +140,10 @@ def load_floors(path=None):
                 if metric == "torch" and not cases.KIND[kind].in_torch:
                     raise ValueError(f"{path}: cases[{i}] ({c['case']}) {impl}: torch has no "
                                      f"{cases.KIND[kind].optimizer}; floor its numpy metric")
+                if metric == "torch" and importlib.util.find_spec("torch") is None:
+                    # (it was measured as n/a: reported as a performance regression)
+                    raise ValueError(f"{where} {impl}: a torch floor, but torch is not "
+                                     "installed here (pip install torch, or drop the floor)")
     return spec
 
 
@@ -267,7 +272,7 @@ def report(checks, floors_path=None) -> str:
     failed = [ch for ch in checks if not ch.ok]
     for ch in failed:
         tried = ", ".join("n/a" if v is None else f"{v:.2f}" for v in ch.measured)
-        times = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in ch.times.items() if v)
+        times = ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in ch.times.items() if v)
         lines += ["",
                   f"PERFORMANCE REGRESSION in '{ch.case}': {ch.impl} "
                   f"{METRICS[ch.metric]} is below its floor {ch.floor:.2f} on every "
@@ -278,6 +283,7 @@ def report(checks, floors_path=None) -> str:
                   f"The floors live in {floors_path}. Ratios are same-run, so machine "
                   "noise alone rarely explains this; profile the kernel (Numba: "
                   "inspect_asm / inspect_llvm for float64 promotion or lost "
-                  "vectorisation). If the slowdown is intended, lower the floor in the "
-                  "same commit and say why."]
+                  "vectorisation; Cython: perf annotate of the extension, gcc's "
+                  "-fopt-info-vec-missed). If the slowdown is intended, lower the floor in "
+                  "the same commit and say why."]
     return "\n".join(lines)
