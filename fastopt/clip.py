@@ -97,11 +97,7 @@ def _by_name(grads):
     lists (one per optimizer), and how errors name them (``grads['W']``,
     ``grads[1][0]``); anything else as given, labels None."""
     if isinstance(grads, dict):
-        if not grads:
-            return [], None         # as an empty list: norm 0
-        from .optim.named import KeyTree      # (fastopt.optim imports this module)
-        tree, arrays = KeyTree.of(grads, "grads")
-        return arrays, [f"grads{lab}" for lab in tree.labels]
+        return _dict_arrays(grads, "grads") if grads else ([], None)   # {}: norm 0
     if type(grads) in (list, tuple) and any(isinstance(g, (list, tuple, dict)) for g in grads):
         # one optimizer per layer: each one's grads (a list, a dict by name, a
         # FlatArrays' views), clipped together
@@ -111,12 +107,20 @@ def _by_name(grads):
     return grads, None
 
 
+def _dict_arrays(grads, label):
+    """A dict by name's arrays in key order, labelled ``label['W']``."""
+    from .optim.named import KeyTree      # (fastopt.optim imports this module)
+    tree, arrays = KeyTree.of(grads, label)
+    return arrays, [f"{label}{lab}" for lab in tree.labels]
+
+
 def _nested(grads, label, arrays, labels):
     for i, g in enumerate(grads):
         if isinstance(g, dict):
-            sub, names = _by_name(g)
-            arrays += sub
-            labels += [f"{label}[{i}]{name[len('grads'):]}" for name in names or ()]
+            if g:
+                sub, names = _dict_arrays(g, f"{label}[{i}]")
+                arrays += sub
+                labels += names
         elif isinstance(g, (list, tuple)):          # a FlatArrays too: its views
             _nested(g, f"{label}[{i}]", arrays, labels)
         else:

@@ -45,6 +45,7 @@ def format_table(report) -> str:
             f"{f(best, '.2f'):>8}  {note}")
     lines.append("")
     lines.append("%roof = streaming kernel moving the same bytes / this time; "
+                 "vs numpy = the naive NumPy step's time / this time; "
                  "vs torch = torch.optim.<opt>(fused=True) time / this time; "
                  "vs best = torch's fastest path in the same case (fused, foreach or "
                  "for-loop) / this time; 'list' cases: separate arrays and new gradient "
