@@ -357,3 +357,20 @@ def test_a_checkpoint_of_params_by_name_loads_into_a_sharded_optimizer():
     opt.load_state_dict(sd)
     np.testing.assert_array_equal(opt.state_dict()["state"][0]["buffers"]["exp_avg"],
                                   sd["state"][0]["buffers"]["exp_avg"])
+
+
+def test_settings_of_two_wrappers_stepping_in_turn_are_hashed_once_each(monkeypatch):
+    # each step hashes its settings for the agreement; two models' wrappers
+    # stepping in turn keep their dicts, and neither is hashed again
+    import hashlib
+    from fastopt.distributed import _comm
+    calls = []
+    real = hashlib.blake2b
+    monkeypatch.setattr(_comm.hashlib, "blake2b",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    a, b = {"lr": 0.1}, {"lr": 0.2}
+    first = [_comm._hash(a), _comm._hash(b)]
+    for _ in range(5):
+        assert [_comm._hash(a), _comm._hash(b)] == first
+    assert len(calls) == 2 and first[0] != first[1]
+    assert _comm._hash({"lr": 0.1}) == first[0]       # the same values, another dict

@@ -150,18 +150,28 @@ def _code(what) -> int:
     return code
 
 
-_last_hash = (None, 0)     # (settings dict, its hash): a step's settings rarely change
+# (settings dict, its hash), the latest first: a wrapper's settings rarely
+# change, and it keeps the same dict while they do; a few, so that two
+# wrappers stepping in turn (two models) do not rehash every step. The dicts
+# are held, so an id is never another dict's.
+_recent_hashes = []
+_RECENT = 4
 
 
 def _hash(settings) -> int:
     """A 62-bit hash of ``settings``' repr, the same in every process (0: none)."""
-    global _last_hash
     if settings is None:
         return 0
-    if settings is not _last_hash[0]:
-        digest = hashlib.blake2b(repr(settings).encode(), digest_size=8).digest()
-        _last_hash = (settings, int.from_bytes(digest, "little") >> 2)
-    return _last_hash[1]
+    for i, (known, h) in enumerate(_recent_hashes):
+        if known is settings:
+            if i:
+                _recent_hashes.insert(0, _recent_hashes.pop(i))
+            return h
+    digest = hashlib.blake2b(repr(settings).encode(), digest_size=8).digest()
+    h = int.from_bytes(digest, "little") >> 2
+    _recent_hashes.insert(0, (settings, h))
+    del _recent_hashes[_RECENT:]
+    return h
 
 
 def _first_difference(everyone) -> str:
