@@ -112,8 +112,9 @@ def _wire(a):
 
 def _reduce_buffer(a, scratch):
     """The buffer to reduce in place of ``a``: ``a`` itself, or for 16-bit
-    floats (MPI has no 16-bit float sum) a float32 copy in ``scratch``."""
-    if not is_low_precision(a.dtype):
+    floats (MPI has no 16-bit float sum) a float32 copy in ``scratch``
+    (which exists for 16-bit buffers only: None otherwise)."""
+    if scratch is None:
         return a
     np.copyto(scratch, a, casting="unsafe")
     return scratch
@@ -744,6 +745,7 @@ class ShardedOptimizer(_Distributed):
             ((o, a) for offs, g in zip(offsets, arrays) for o, a in zip(offs, g)),
             key=lambda t: t[0]))
         self._cached = None
+        self._wire = _wire(self._buffer)       # the all-gather's [buffer, MPI type]
 
     def _grad_stats(self, backend, flats, check):
         """Global norm and finite flag of the reduced gradient: per-rank
@@ -836,7 +838,7 @@ class ShardedOptimizer(_Distributed):
         norm = self._inner.step(self._local_grads)
         self._last_lr = lrs
         self._show_lr()
-        wire, kind = _wire(self._buffer)
+        wire, kind = self._wire
         self.comm.Allgatherv(MPI.IN_PLACE, [wire, self._counts, self.bounds[:-1], kind])
         nbytes = self._buffer.nbytes
         self.bytes_per_step = int(2 * (self.world_size - 1) * nbytes // self.world_size)

@@ -15,7 +15,7 @@ all, raises where it must, and leaves a new plan.
 Planned: compiled tables, float or compact state (its rounding keys made
 for each step), a number for each group's lr (a scheduled group's is the
 one the last step showed for this step), no
-loss scaler and no ``grad_stats`` hook; either one table (the norm pass, the
+loss scaler and no ``grad_stats`` hook for a norm to compute; either one table (the norm pass, the
 skip decision and the update in one native call, with or without clipping
 and the non-finite skip) or several groups or tables without a norm to
 compute. Grads are a list (a dict by name is read into one), or the
@@ -172,7 +172,9 @@ class StepPlan:
         and ``check`` as ``_step_options`` gave them), or None where the fast
         path does not apply."""
         norm_mode = 2 if check else (1 if max_norm is not None else 0)
-        if (opt.grad_stats is not None or opt.loss_scaler is not None
+        # (a grad_stats hook computes the norm: without one to compute, the
+        # hook is never called, and a sharded optimizer's shard steps fast)
+        if ((opt.grad_stats is not None and norm_mode) or opt.loss_scaler is not None
                 or (norm_mode and not opt._single)):
             return None
         groups = []
@@ -238,7 +240,8 @@ class StepPlan:
         if (opt._tables is not self.tables or len(groups) != len(plans)
                 or opt.max_grad_norm is not self.max_norm_given
                 or opt.skip_nonfinite is not self.skip_given
-                or opt.loss_scaler is not None or opt.grad_stats is not None
+                or opt.loss_scaler is not None
+                or (opt.grad_stats is not None and self.norm_mode)
                 # scheduled: the shown lr is this step's (else the full step
                 # evaluates the schedule, and names its failure)
                 or (opt._schedules and (opt._lr_shown_at != opt.iterations
