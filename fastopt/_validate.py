@@ -151,7 +151,7 @@ def check_float_array(name, a, *, writable, allow_low_precision=False) -> None:
                "and use that array from then on" if writable else "use np.ascontiguousarray")
         raise ValueError(f"{name} must be C-contiguous (row-major), and is {what}: {fix}")
     if writable and not a.flags.writeable:
-        raise ValueError(f"{name} is read-only; the step updates it in place")
+        raise ValueError(f"{name} is read-only, and is written in place")
 
 
 def check_like(name, arrays, ref_name, refs, *, writable, allow_low_precision=False,

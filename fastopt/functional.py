@@ -75,7 +75,10 @@ def _columns(be, named, optional):
 
 
 def _check_step(step):
-    return V.check_int("step (the 1-based step count)", step, low=1)
+    step = V.check_int("step (the 1-based step count)", step, low=1)
+    if step >= 2 ** 63:     # (the bias corrections take it as a float64)
+        raise ValueError(f"step (the 1-based step count) must be below 2**63, got {step}")
+    return step
 
 
 def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step,

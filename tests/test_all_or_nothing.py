@@ -617,3 +617,32 @@ def test_the_watch_compares_objects_not_values_once_a_change_is_accepted():
         opt.step({"W": np.ones(3)}, params=params)
         params["W"] = params["W"] * 0         # scratch use of a dict it is done with
     np.testing.assert_allclose(W, np.full(3, -0.3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflow_runs_as_ieee_says_with_warnings_made_errors(backend):
+    # NumPy's overflow warnings, made errors (-W error, pytest's
+    # filterwarnings), stopped the numpy backend's step after its first
+    # array, and a LossScaler reaching float32's top after the writes: each
+    # step is whole, with the values the compiled kernels give
+    import warnings
+
+    def run():
+        p = [np.ones(2, np.float32), np.ones(2, np.float32)]
+        opt = fastopt.Adam(p, lr=0.1, backend=backend)
+        opt.step([np.array([3e38, 1.0], np.float32), np.array([1.0, 3e38], np.float32)])
+        scaler = fastopt.LossScaler(init_scale=2.0 ** 127, growth_interval=1)
+        q = [np.ones(2, np.float32)]
+        sgd = fastopt.SGD(q, lr=1.0, loss_scaler=scaler, backend=backend)
+        sgd.step([np.array([2.0 ** 126, 0.0], np.float32)])
+        return p, opt.iterations, q, sgd.iterations, scaler.scale, scaler.growth_tracker
+
+    quiet = run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strict = run()
+    assert quiet[1] == quiet[3] == 1 and quiet[4] == 2.0 ** 127 and quiet[5] == 0
+    np.testing.assert_array_equal(quiet[2][0], [0.5, 1.0])
+    for a, b in zip(quiet[0] + quiet[2], strict[0] + strict[2]):
+        np.testing.assert_array_equal(a, b)
+    assert quiet[1:2] + quiet[3:] == strict[1:2] + strict[3:]

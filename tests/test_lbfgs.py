@@ -165,6 +165,25 @@ def test_logistic_regression_matches_torch(backend, dtype, layout, line_search):
     assert_matches_torch(mine, torch_run(x0, dtype, problem, 6, **kw), dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_coarse_tolerance_change_is_the_outer_loops_only_as_in_torch(backend):
+    # torch's line search keeps its own interval tolerance (1e-9) whatever
+    # tolerance_change is; passing the user's on made the search stop
+    # sooner (18 closure calls against torch's 19, params 9e-4 apart)
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((16, 16))
+    a = 1e4 * (a @ a.T / 16 + np.eye(16))
+    b = rng.standard_normal(16)
+
+    def problem(x):
+        return float(0.5 * x @ a @ x + b @ x + 0.25 * np.sum(x ** 4)), a @ x + b + x ** 3
+
+    x0 = 3 * rng.standard_normal(16)
+    kw = dict(lr=10.0, tolerance_change=1e-2, line_search_fn="strong_wolfe")
+    mine = fastopt_run(x0, np.float64, problem, [(4, 4)], "list", backend, 2, **kw)
+    assert_matches_torch(mine, torch_run(x0, np.float64, problem, 2, **kw), np.float64)
+
+
 def test_converges_and_stops_on_the_gradient_tolerance():
     """Run to convergence: the gradient test ends a step after one closure
     call, and the step returns the loss at the params it started from."""

@@ -261,3 +261,9 @@ def test_params_by_name_passed_again_in_another_key_order_are_the_same_params():
         opt.step([G["b"], G["W"]], params=again)      # every time, not only the first
     with pytest.raises(ValueError, match="params are not the arrays"):
         opt.step(G, params={"b": P["b"], "W": np.ones((2, 3))})
+
+
+def test_a_group_mixing_16_bit_and_float64_names_the_dtypes_given():
+    with pytest.raises(ValueError, match=r"mixes float16 and float64 params \(computed in "
+                                         r"float32 and float64\)"):
+        fastopt.Adam([np.ones(3, np.float16), np.ones(3)], lr=0.1)

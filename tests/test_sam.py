@@ -394,3 +394,18 @@ def test_no_warning_in_a_plain_run():
         warnings.simplefilter("error")
         for _ in range(2):
             sam_step(sam, side)
+
+
+def test_a_maximizing_base_is_refused_and_nothing_moves():
+    # e ascends the loss; for a maximizer that is the best nearby point, so
+    # SAM took maximize=True silently the wrong way
+    with pytest.raises(ValueError, match="maximize=True"):
+        fastopt.SAM(fastopt.SGD([np.ones(2)], lr=0.1, maximize=True))
+    p = [np.ones(2), np.ones(3)]
+    sam = fastopt.SAM(fastopt.SGD([{"params": [p[0]]}, {"params": [p[1]]}], lr=0.1))
+    sam.param_groups[1]["maximize"] = True
+    with pytest.raises(ValueError, match=r"param_groups\[1\] has maximize=True"):
+        sam.perturb([np.ones(2), np.ones(3)])
+    assert not sam.perturbed
+    np.testing.assert_array_equal(p[0], 1.0)
+    np.testing.assert_array_equal(p[1], 1.0)

@@ -18,6 +18,8 @@ reproduce them bit for bit.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .scalars import AdamScalars, SGDScalars
@@ -26,16 +28,27 @@ name = "numpy"
 threaded = False
 
 
+def _ieee(f):
+    """``f`` with NaN and inf as IEEE arithmetic makes them and no NumPy
+    warning, as the compiled kernels do: a warning made an error (``-W
+    error``, pytest's ``filterwarnings``) would stop a step half written."""
+    @functools.wraps(f)
+    def quiet(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return f(*args, **kwargs)
+    return quiet
+
+
 def _wide(g, t):
     return g if g.dtype == t else g.astype(t)
 
 
 def _write_back(p, out):
     if out is not None:
-        with np.errstate(over="ignore", invalid="ignore"):
-            out[...] = p.astype(out.dtype)
+        out[...] = p.astype(out.dtype)
 
 
+@_ieee
 def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None) -> None:
     r"""One Adam/AdamW step.
 
@@ -65,6 +78,7 @@ def adam_update(p, g, m, v, vmax, s: AdamScalars, out=None) -> None:
     _write_back(p, out)
 
 
+@_ieee
 def sgd_update(p, g, buf, s: SGDScalars, out=None) -> None:
     r"""One SGD step with torch's momentum buffer.
 
@@ -89,28 +103,32 @@ def sgd_update(p, g, buf, s: SGDScalars, out=None) -> None:
     _write_back(p, out)
 
 
+@_ieee
 def widen(src, dst) -> None:
     """16-bit ``src`` -> float32 ``dst`` (NumPy's / ml_dtypes' cast)."""
     dst[...] = src.astype(np.float32)
 
 
+@_ieee
 def narrow(src, dst) -> None:
     """float32 ``src`` -> 16-bit ``dst``, round to nearest even."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        dst[...] = src.astype(dst.dtype)
+    dst[...] = src.astype(dst.dtype)
 
 
+@_ieee
 def sumsq(x) -> float:
     """Sum of squares, accumulated in float64."""
     x64 = x.astype(np.float64, copy=False)
     return float(np.dot(x64, x64))
 
 
+@_ieee
 def scale(x, c: float) -> None:
     """``x *= c`` in the array's dtype."""
     x *= x.dtype.type(c)
 
 
+@_ieee
 def rmsprop_update(p, g, square_avg, grad_avg, buf, s, out=None) -> None:
     r"""One torch.optim.RMSprop step (``s`` an RMSpropScalars); ``grad_avg``
     is None unless centered, ``buf`` None unless momentum > 0.
@@ -142,6 +160,7 @@ def rmsprop_update(p, g, square_avg, grad_avg, buf, s, out=None) -> None:
     _write_back(p, out)
 
 
+@_ieee
 def adagrad_update(p, g, acc, s, out=None) -> None:
     r"""One torch.optim.Adagrad step (``s`` an AdagradScalars).
 
@@ -163,6 +182,7 @@ def adagrad_update(p, g, acc, s, out=None) -> None:
     _write_back(p, out)
 
 
+@_ieee
 def lion_update(p, g, m, s, out=None) -> None:
     r"""One Lion step (Chen et al. 2023, Algorithm 2; ``s`` a LionScalars).
 
@@ -181,6 +201,7 @@ def lion_update(p, g, m, s, out=None) -> None:
     _write_back(p, out)
 
 
+@_ieee
 def adamax_update(p, g, exp_avg, exp_inf, s, out=None) -> None:
     r"""One torch.optim.Adamax step (``s`` an AdamaxScalars).
 
@@ -215,6 +236,7 @@ def _adam_moments(p, g, exp_avg, exp_avg_sq, s, l2=0.0):
     return grad
 
 
+@_ieee
 def nadam_update(p, g, exp_avg, exp_avg_sq, s, out=None) -> None:
     r"""One torch.optim.NAdam step (``s`` a NAdamScalars).
 
@@ -235,6 +257,7 @@ def nadam_update(p, g, exp_avg, exp_avg_sq, s, out=None) -> None:
     _write_back(p, out)
 
 
+@_ieee
 def radam_update(p, g, exp_avg, exp_avg_sq, s, out=None) -> None:
     r"""One torch.optim.RAdam step (``s`` a RAdamScalars).
 
@@ -256,6 +279,7 @@ def radam_update(p, g, exp_avg, exp_avg_sq, s, out=None) -> None:
     _write_back(p, out)
 
 
+@_ieee
 def lamb_update(p, g, exp_avg, exp_avg_sq, s, out=None) -> None:
     r"""One LAMB step of one tensor (You et al. 2020, Algorithm 2; ``s`` a
     LAMBScalars).

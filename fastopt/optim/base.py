@@ -389,7 +389,11 @@ class Optimizer:
         share one compute dtype (float32 and its 16-bit forms, or float64)."""
         dtypes = {str(np.dtype(self._placement.compute_dtype(a.dtype))) for a in arrays}
         if len(dtypes) > 1:
-            raise ValueError(f"param group {gi} mixes {' and '.join(sorted(dtypes))} params; "
+            given = sorted({str(a.dtype) for a in arrays})    # float16, not its float32
+            computed = ("" if set(given) == dtypes
+                        else f" (computed in {' and '.join(sorted(dtypes))})")
+            raise ValueError(f"param group {gi} mixes {', '.join(given[:-1])} and {given[-1]} "
+                             f"params{computed}; "
                              "a group's state is one buffer per name, so put arrays of "
                              "each dtype in a param group of their own")
 

@@ -358,8 +358,10 @@ class LBFGS(Optimizer):
                         self._set_params(ops, x0)
                     return Trial(t, f, gt, ops.dot(gt, d))
 
+                # the search's own interval tolerance stays at its default,
+                # as torch's LBFGS calls it: tolerance_change is the outer
+                # loop's (passing it on changed the trials taken)
                 best, used = strong_wolfe(trial, t, Trial(0.0, loss, g, gtd), d_max,
-                                          tolerance_change=tol_change,
                                           max_ls=max_eval - evals)
                 st["t"] = t = best.t
                 self._add(ops, t, d)

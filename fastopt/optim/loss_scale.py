@@ -45,7 +45,10 @@ from .. import _validate as V
 
 
 def _f32(x) -> float:
-    return float(np.float32(x))
+    # past float32's range: inf, quietly (the growth check reads it); NumPy's
+    # overflow warning, made an error, would stop a step after its writes
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
 
 
 MIN_SCALE = 2.0 ** -24

@@ -55,6 +55,16 @@ from .placement import Offsets, span
 from .state_checks import require_array, require_keys
 
 
+def _refuse_maximize(groups):
+    """SAM's ``e`` ascends the loss: for a maximizing base it would move
+    the params to the best nearby point, not the worst, silently."""
+    for gi, group in enumerate(groups):
+        if group.get("maximize"):
+            raise ValueError(f"SAM: param_groups[{gi}] has maximize=True; SAM's perturbation "
+                             "is the worst nearby point of a minimization, so minimize the "
+                             "negated objective instead")
+
+
 class SAM:
     r"""Sharpness-Aware Minimization (SAM/ASAM) around ``base_optimizer``.
 
@@ -90,6 +100,13 @@ class SAM:
     * State: ``state[gi]["e_w"]``, the group's perturbation as one flat
       buffer (the optimizers' layout), kept in :meth:`state_dict` with
       whether the params are perturbed, nested with the base's state.
+    * A base optimizer maximizing (``maximize=True`` in a group) is
+      refused, at construction and by :meth:`perturb`: ``e`` ascends the
+      loss, the worst nearby point of a minimization only. Negate the
+      objective instead.
+    * ASAM's ``e`` is the formula above, with no offset added to ``|p|``
+      (Kwon et al.'s code scales by ``|p| + 0.01``): params at exactly 0,
+      such as zero-initialised biases, are not perturbed.
     * Device params (a base optimizer on the ``cuda`` backend): the same
       semantics, ``e`` on the device (laid out as the base's state
       buffers), and :meth:`step` restores and steps in one pass (see the
@@ -112,6 +129,7 @@ class SAM:
                     raise TypeError(f"SAM: param_groups[{gi}]['params'][{i}] is {p.dtype}; "
                                     "SAM perturbs the params in place and takes float32 or "
                                     "float64 params only (no mixed precision)")
+        _refuse_maximize(base_optimizer.param_groups)
         self.base_optimizer = base_optimizer
         self.rho = V.check_real("rho", rho, low=0.0)
         self.adaptive = V.check_bool("adaptive", adaptive)
@@ -274,6 +292,7 @@ class SAM:
             self.base_optimizer._check_given()
             # (a group appended to or removed from param_groups: refused, as by step)
             self.base_optimizer._check_groups_unchanged()
+            _refuse_maximize(self.param_groups)
             self._current_tables()
             if self._on_device:
                 return self._perturbed(self._perturb_device(grads))
