@@ -130,7 +130,27 @@ def _nested(grads, label, arrays, labels):
 
 def norm_of(backend, flats) -> float:
     """Global L2 norm of 1-D arrays with an already chosen backend module."""
-    return math.sqrt(sum(backend.sumsq(g) for g in flats))
+    flats = list(flats)
+    return settled_norm(math.sqrt(sum(backend.sumsq(g) for g in flats)), flats)
+
+
+def settled_norm(norm, flats) -> float:
+    """``norm``, the float64 sum of squares' root over ``flats``, or where it
+    came out inf while every value is finite (float64 values past ~1e154
+    square to inf), the norm recomputed with each value first divided by
+    the largest magnitude, as LAPACK's ``dnrm2`` avoids the overflow: inf
+    then only where the norm itself is past float64's range. NumPy's and
+    torch's norms are inf there, and a clip by them zeroes the gradients.
+    A rare path, in NumPy (pairwise sums: the same result at any thread
+    count)."""
+    if norm != math.inf:
+        return norm
+    flats = [f for f in flats if f.size]
+    if not all(bool(np.isfinite(f).all()) for f in flats):
+        return norm
+    top = max(float(np.max(np.abs(f))) for f in flats)
+    return top * math.sqrt(math.fsum(
+        float(np.sum(np.square(f.astype(np.float64) / top))) for f in flats))
 
 
 def global_norm(grads, *, backend="auto") -> float:

@@ -3,6 +3,8 @@ grad norm and lr are visible after every step."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from conftest import BACKENDS, LARGE, assert_same_tree, optimizer_snapshot, rng_array
@@ -60,13 +62,52 @@ def test_skip_matches_a_run_without_the_bad_step(backend):
     assert a.tobytes() == b.tobytes() and oa.skipped_steps == 2
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered")
-def test_finite_float64_sum_overflow_is_not_skipped():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_float64_sum_overflow_is_not_skipped(backend):
     p = np.zeros(4)
-    opt = fastopt.SGD(p, lr=1e-300, skip_nonfinite=True, backend="numpy")
+    opt = fastopt.SGD(p, lr=1e-300, skip_nonfinite=True, backend=backend)
     g = np.full(4, 1e200)       # finite, but the float64 sum of squares overflows
-    assert opt.step(g) == np.inf
+    assert opt.step(g) == 2e200           # the norm, computed with scaling
     assert opt.skipped_steps == 0 and (p == -1e-100).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("layout", ["one table", "two groups"])
+def test_an_overflowing_float64_norm_clips_by_the_true_norm(backend, skip, layout):
+    # squares past float64's range made the norm inf, and the clip then
+    # scaled finite gradients to zero (as torch's clip_grad_norm_ does); the
+    # norm is now computed again with scaling, and the step clips by it
+    def make(dtype):
+        p = [np.ones(3, dtype), np.ones(4, dtype)]
+        groups = [{"params": [p[0]]}, {"params": [p[1]]}] if layout == "two groups" else p
+        return p, fastopt.SGD(groups, lr=0.5, max_grad_norm=2.0, skip_nonfinite=skip,
+                              backend=backend)
+
+    huge = [np.array([3e200, 0.0, -4e200]), np.array([0.0, 12e200, 0.0, 0.0])]
+    p, opt = make(np.float64)
+    for _ in range(3):                              # full step, then the planned one
+        assert opt.step([g.copy() for g in huge]) == pytest.approx(13e200, rel=1e-15)
+    assert opt.skipped_steps == 0 and opt.iterations == 3
+    for a, g in zip(p, huge):                       # 3 steps of lr 0.5 along g * 2 / 13e200
+        np.testing.assert_allclose(a, 1.0 - 3 * 0.5 * g * (2.0 / 13e200), rtol=1e-14)
+    assert fastopt.global_norm(huge, backend=backend) == pytest.approx(13e200, rel=1e-15)
+    clipped = [g.copy() for g in huge]
+    fastopt.clip_by_global_norm(clipped, 2.0, backend=backend)
+    np.testing.assert_allclose(np.concatenate(clipped),
+                               np.concatenate(huge) * (2.0 / 13e200), rtol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_gradient_clipped_without_a_skip_still_poisons_the_step(backend):
+    # (a float64 clipped step is called as a skipping one, and stepped by
+    # Python when the kernel skips: a NaN must still reach the params, as in torch)
+    p = [np.zeros(3), np.zeros(2)]
+    opt = fastopt.SGD(p, lr=0.1, max_grad_norm=1.0, backend=backend)
+    for _ in range(2):
+        norm = opt.step([np.array([1.0, np.nan, 1.0]), np.ones(2)])
+    assert math.isnan(norm) and opt.skipped_steps == 0 and opt.iterations == 2
+    assert np.isnan(p[0]).all() and np.isnan(p[1]).all()
 
 
 def test_without_skip_nonfinite_nan_propagates_as_before():

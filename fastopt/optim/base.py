@@ -41,7 +41,7 @@ from ..backends import backend_for, get_backend
 from ..backends.scalars import clip_coefficient
 from ..backends.tables import element_of, group_tables, refuse_each_other, step_per_array
 from ..backends.threads import SERIAL_MAX
-from ..clip import norm_of
+from ..clip import norm_of, settled_norm
 from ..params import FlatArrays
 from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler
@@ -1021,14 +1021,15 @@ class Optimizer:
         if fused:       # one table, its norm pass in its kernel: that call ran
             t, el, bufs, _, cs = work[0]
             if t.outcome[0] - mark.calls[0] > 1:
-                # the exact re-step of _exact_skip ran too: norm inf, not skipped
-                norm, skip = math.inf, False
+                # _settle_skip's step ran too: not skipped, by the norm that
+                # set its clip (read again: the outcome is that step's)
+                norm, skip = self._table_stats(be, [t], True, False)[0] * norm_args[1], False
             elif not norm_args[2]:
                 norm, skip = None, False
             else:
                 norm, skip = t.outcome[1], bool(t.outcome[2])
-                if skip and norm == math.inf and t.compute == 64:
-                    skip = self._exact_skip(be, t, el, bufs, norm, *norm_args[:2], cs)
+                if skip and t.compute == 64:
+                    norm, skip = self._settle_skip(be, t, el, bufs, norm, *norm_args, cs)
         else:
             for k, (t, el, bufs, scale, cs) in enumerate(work):
                 if not mark.called(k):
@@ -1158,25 +1159,35 @@ class Optimizer:
 
     def _fused_call(self, be, t, el, bufs, max_norm, inv_scale, norm_mode, compact):
         """Norm, skip decision and update of the only table in one call (``el``
-        the kernels' element step); returns ``(unscaled norm, skipped)``."""
+        the kernels' element step); returns ``(unscaled norm, skipped)``.
+
+        A float64 table's clipped step is called as a skipping one: a norm
+        that overflowed with every gradient finite (values past ~1e154)
+        would clip them to zero, so the kernel writes nothing then and
+        :meth:`_settle_skip` steps by the norm computed again with scaling."""
+        mode = 2 if norm_mode == 1 and t.compute == 64 else norm_mode
         norm, skip = self._table_update(be, t, el, bufs, 1.0, compact, max_norm or 0.0,
-                                        inv_scale, norm_mode)
+                                        inv_scale, mode)
         if not norm_mode:
             return None, False
-        if skip and norm == math.inf and t.compute == 64:
-            skip = self._exact_skip(be, t, el, bufs, norm, max_norm, inv_scale, compact)
+        if skip and t.compute == 64:
+            return self._settle_skip(be, t, el, bufs, norm, max_norm, inv_scale, norm_mode,
+                                     compact)
         return norm, skip
 
-    def _exact_skip(self, be, t, el, bufs, norm, max_norm, inv_scale, compact) -> bool:
-        """Whether a float64 step whose norm came out inf skips: float64
-        squares above ~1e154 overflow the sum while every gradient is
-        finite, and only an exact check may skip then (else the step is
-        made here, clipped by the inf norm)."""
-        if all(bool(np.isfinite(g).all()) for g in self._grad_views(t)):
+    def _settle_skip(self, be, t, el, bufs, norm, max_norm, inv_scale, norm_mode, compact):
+        """``(norm, skipped)`` of a float64 table whose kernel skipped a
+        non-finite norm, nothing written: every gradient finite (squares
+        past float64's range), or a clipped step that does not skip
+        (``norm_mode`` 1: clipped by the NaN or inf, as the kernel would
+        have), is stepped here; else the step is skipped."""
+        if norm == math.inf:          # (the kernel's norm is unscaled: times inv_scale)
+            norm = settled_norm(norm, self._grad_views(t)) * inv_scale
+        if norm_mode == 1 or _all_finite(norm, self._grad_views(t)):
             coef = inv_scale * (1.0 if max_norm is None else clip_coefficient(norm, max_norm))
             be.step(t, el, bufs, el.grad_scale * coef, compact=compact)
-            return False
-        return True
+            return norm, False
+        return norm, True
 
     def _host_tables(self):
         """Build the groups' tables (again after a load: new master copies)."""
@@ -1368,7 +1379,8 @@ class Optimizer:
             return self.grad_stats(be, [g for t in tables for g in self._grad_views(t)],
                                    check)
         if compiled:
-            norm = math.sqrt(sum(be.sumsq_table(t) for t in tables))
+            norm = settled_norm(math.sqrt(sum(be.sumsq_table(t) for t in tables)),
+                                (g for t in tables for g in self._grad_views(t)))
         else:
             norm = norm_of(be, (g for t in tables for g in self._grad_views(t)))
         return norm, (not check) or _all_finite(   # views only if the norm is inf

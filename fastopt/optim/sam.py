@@ -316,7 +316,8 @@ class SAM:
         self._skipped = not math.isfinite(total)
         if self._skipped:
             self.skipped_perturbs += 1
-            warnings.warn("SAM.perturb: the gradients hold NaN or inf; the params were "
+            warnings.warn("SAM.perturb: the gradients' norm is not finite (they hold NaN "
+                          "or inf, or float64 values past about 1e154); the params were "
                           "not perturbed, and the next step(grads) is the base "
                           "optimizer's plain step", RuntimeWarning, stacklevel=3)
         else:
