@@ -178,7 +178,11 @@ def check_same_layout(name, a, ref_name, ref) -> None:
         raise ValueError(f"{name} has shape {tuple(a.shape)} but {ref_name} "
                          f"has shape {tuple(ref.shape)}")
     if a.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {a.dtype} but {ref_name} has dtype {ref.dtype}")
+        why = (" (float64 inputs give float64 gradients: cast the inputs, or each "
+               "gradient)" if name.startswith("grads") else "")
+        raise TypeError(f"{name} has dtype {a.dtype} but {ref_name} has dtype {ref.dtype}: "
+                        f"arrays are read in place, never converted, so make it "
+                        f"{ref.dtype}{why}")
 
 
 def _bounds(a):

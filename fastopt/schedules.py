@@ -46,12 +46,12 @@ from ._validate import check_int as _int
 from ._validate import check_real as _real
 
 __all__ = ["Schedule", "constant", "linear", "warmup", "cosine_decay", "warmup_cosine",
-           "step_decay", "exponential", "one_cycle", "join", "from_dict", "parse_schedule",
-           "settles_at"]
+           "step_decay", "exponential", "one_cycle", "join", "from_step", "from_dict",
+           "parse_schedule", "settles_at"]
 
 #: the names a schedule string may call (``parse_schedule``)
 CONSTRUCTORS = ("constant", "linear", "warmup", "cosine_decay", "warmup_cosine", "step_decay",
-                "exponential", "one_cycle", "join")
+                "exponential", "one_cycle", "join", "from_step")
 
 _KINDS: dict = {}
 
@@ -233,6 +233,21 @@ class join(Schedule):
         scheds, bounds = self._args["schedules"], self._args["boundaries"]
         i = bisect.bisect_right(bounds, step)
         return scheds[i].value(step - (bounds[i - 1] if i else 0))
+
+
+def from_step(schedule, start) -> Schedule:
+    """``schedule`` counting its own steps from zero at step ``start``, its
+    first value before that.
+
+    An optimizer reads every schedule at its own step count
+    (``opt.iterations``), one assigned mid-run too: ``cosine_decay(1e-3,
+    50)`` assigned at step 100 would be past its end, at its floor. Assign
+    ``from_step(schedule, opt.iterations)`` to start it from its beginning
+    there (torch's schedulers count from their creation). A :func:`join`, so
+    it serialises as one."""
+    schedule = from_dict(schedule)
+    start = _int("start", start, low=0)
+    return schedule if start == 0 else join([constant(schedule(0)), schedule], [start])
 
 
 class warmup_cosine(Schedule):

@@ -290,3 +290,25 @@ def test_plot_schedule_of_an_overflowing_or_constant_schedule(tmp_path, capsys):
                  "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "at step 1751: the lr grows past" in err
+
+
+def test_a_schedule_assigned_mid_run_starts_from_its_beginning_with_from_step():
+    # read at the optimizer's count, cosine_decay(1e-3, 50) assigned at step
+    # 100 sat at its floor (0) for good; from_step starts it there
+    p = [np.ones(3)]
+    opt = fastopt.SGD(p, lr=0.1)
+    for _ in range(100):
+        opt.step([np.zeros(3)])
+    cos = fastopt.schedules.cosine_decay(1e-3, 50)
+    opt.param_groups[0]["lr"] = fastopt.schedules.from_step(cos, opt.iterations)
+    used = []
+    for _ in range(60):
+        opt.step([np.zeros(3)])
+        used += opt.last_lr
+    assert used == [cos(k) for k in range(60)] and used[0] == 1e-3
+    sched = opt.lr_schedule(0)
+    assert fastopt.schedules.from_dict(sched.to_dict()) == sched
+    assert fastopt.schedules.parse_schedule("from_step(cosine_decay(1e-3, 50), 100)") == sched
+    assert fastopt.schedules.from_step(cos, 0) is cos
+    with pytest.raises(ValueError, match="start"):
+        fastopt.schedules.from_step(cos, -1)
