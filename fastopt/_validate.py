@@ -179,7 +179,7 @@ def check_same_layout(name, a, ref_name, ref) -> None:
                          f"has shape {tuple(ref.shape)}")
     if a.dtype != ref.dtype:
         why = (" (float64 inputs give float64 gradients: cast the inputs, or each "
-               "gradient)" if name.startswith("grads") else "")
+               "gradient)" if name.startswith("grads") and a.dtype == np.float64 else "")
         raise TypeError(f"{name} has dtype {a.dtype} but {ref_name} has dtype {ref.dtype}: "
                         f"arrays are read in place, never converted, so make it "
                         f"{ref.dtype}{why}")

@@ -146,6 +146,8 @@ def settled_norm(norm, flats) -> float:
     if norm != math.inf:
         return norm
     flats = [f for f in flats if f.size]
+    if all(f.dtype != np.float64 for f in flats):
+        return norm         # narrower values cannot overflow a float64 sum: not finite
     if not all(bool(np.isfinite(f).all()) for f in flats):
         return norm
     top = max(float(np.max(np.abs(f))) for f in flats)

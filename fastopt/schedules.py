@@ -245,6 +245,10 @@ def from_step(schedule, start) -> Schedule:
     ``from_step(schedule, opt.iterations)`` to start it from its beginning
     there (torch's schedulers count from their creation). A :func:`join`, so
     it serialises as one."""
+    if not isinstance(schedule, (Schedule, dict)):
+        raise TypeError(f"from_step takes a fastopt schedule (or its to_dict()), got "
+                        f"{type(schedule).__name__}; shift a function yourself: "
+                        "lambda step: f(max(step - start, 0))")
     schedule = from_dict(schedule)
     start = _int("start", start, low=0)
     return schedule if start == 0 else join([constant(schedule(0)), schedule], [start])

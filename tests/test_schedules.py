@@ -312,3 +312,5 @@ def test_a_schedule_assigned_mid_run_starts_from_its_beginning_with_from_step():
     assert fastopt.schedules.from_step(cos, 0) is cos
     with pytest.raises(ValueError, match="start"):
         fastopt.schedules.from_step(cos, -1)
+    with pytest.raises(TypeError, match="takes a fastopt schedule"):
+        fastopt.schedules.from_step(lambda step: 1e-3, 5)

@@ -749,13 +749,28 @@ class ShardedOptimizer(_Distributed):
 
     def _grad_stats(self, backend, flats, check):
         """Global norm and finite flag of the reduced gradient: per-rank
-        float64 partial sums of squares and non-finite flags, one Allreduce."""
+        float64 partial sums of squares and non-finite flags, one Allreduce.
+        Where the sum overflowed with every gradient finite (float64 values
+        past ~1e154), two more, every rank alike (they all see the same
+        sums): the largest magnitude, then the sum of squares scaled by it,
+        as :func:`fastopt.clip.settled_norm` does in one process."""
+        flats = list(flats)
         local = float(sum(backend.sumsq(f) for f in flats))
-        bad = 1.0 if check and not _all_finite(math.sqrt(local), flats) else 0.0
+        # (the flag whenever the sum is not finite: only finite gradients rescale)
+        bad = 0.0 if math.isfinite(local) or _all_finite(math.sqrt(local), flats) else 1.0
         buf = np.array([local, bad])
         MPI = mpi()
         self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        return math.sqrt(buf[0]), buf[1] == 0.0
+        total, finite = buf[0], buf[1] == 0.0
+        if total != math.inf or not finite:
+            return math.sqrt(total), finite
+        flats = [f for f in flats if f.size]
+        top = np.array([max((float(np.max(np.abs(f))) for f in flats), default=0.0)])
+        self.comm.Allreduce(MPI.IN_PLACE, top, op=MPI.MAX)
+        part = np.array([math.fsum(float(np.sum(np.square(f.astype(np.float64) / top[0])))
+                                   for f in flats)])
+        self.comm.Allreduce(MPI.IN_PLACE, part, op=MPI.SUM)
+        return float(top[0]) * math.sqrt(part[0]), True
 
     # -- the step -------------------------------------------------------------
     @property

@@ -703,3 +703,22 @@ def test_a_shard_without_a_norm_takes_the_planned_step(clip):
     ref_p, p, opt = run_both("shard", "adamw", np.float32, clip, steps=4)
     np.testing.assert_allclose(p.data, ref_p.data, **tol(np.float32))
     assert (opt._inner._plan is not None) == (clip is None)
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+def test_an_overflowing_float64_norm_clips_by_the_true_norm_on_every_rank(mode):
+    # finite gradients past ~1e154 overflow the sum of squares; the sharded
+    # norm (its own collective) came out inf and clipped them to zero
+    cls, hyp = fastopt.SGD, dict(lr=0.1, max_grad_norm=1.0)
+    ref_p, p = make_params(np.float64), make_params(np.float64)
+    ref, opt = cls(ref_p, **hyp), wrapped(mode, cls, p, **hyp)
+    g = p.zeros_like()
+    for step in range(3):
+        for view, a in zip(g, rank_grads(step, RANK, np.float64, scale=1e200)):
+            view[...] = a
+        norm = opt.step(g)
+        mean = [np.sum([rank_grads(step, r, np.float64, scale=1e200)[k] for r in range(N)],
+                       axis=0) / N for k in range(len(SHAPES))]
+        assert norm == pytest.approx(ref.step(mean), rel=1e-12) and norm > 1e200
+    np.testing.assert_allclose(p.data, ref_p.data, **tol(np.float64))
+    assert not np.array_equal(p.data, make_params(np.float64).data)
