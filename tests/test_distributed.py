@@ -315,7 +315,7 @@ def test_data_parallel_says_how_to_pack_groups_out_of_memory_order():
     from mpi4py import MPI
     w1, b1, w2, b2 = fastopt.pack([np.ones((3, 2)), np.ones(2), np.ones((2, 2)), np.ones(2)])
     opt = fastopt.AdamW([{"params": [w1, w2]}, {"params": [b1, b2], "weight_decay": 0.0}])
-    with pytest.raises(DistributedError, match=r"pack them in the groups' order, "
+    with pytest.raises(DistributedError, match=r"pack them in the optimizer's order, "
                                                r"pack\(\[w1, w2, b1, b2\]\)"):
         DataParallel(opt, comm=MPI.COMM_SELF)
     with pytest.raises(DistributedError, match="wraps an optimizer that has its params"):

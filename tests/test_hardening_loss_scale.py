@@ -77,3 +77,69 @@ def test_skip_count_survives_a_checkpoint(tmp_path):
     fastopt.load(tmp_path / "c.npz", params=w2, optimizer=opt2)
     assert opt2.loss_scaler is mine              # the user's object, updated in place
     assert (mine.scale, mine.min_scale, mine.consecutive_skips) == (1.0, 1.0, 20)
+
+
+def test_one_scaler_for_two_optimizers_is_refused():
+    # each step updates the scale: the second optimizer unscaled its
+    # gradients by a scale the first had just changed (a step twice too large
+    # after a backoff), and the scale grew twice as fast
+    scaler = fastopt.LossScaler()
+    first = fastopt.SGD([np.ones(3, np.float32)], lr=0.1, loss_scaler=scaler)
+    with pytest.raises(ValueError, match="also the loss_scaler of another SGD.*param group"):
+        fastopt.SGD([np.ones(3, np.float32)], lr=0.1, loss_scaler=scaler)
+    w = np.ones(3, np.float32)
+    second = fastopt.SGD([w], lr=0.1)
+    second.loss_scaler = scaler                    # assigned: refused at the step
+    with pytest.raises(ValueError, match="also the loss_scaler"):
+        second.step([np.ones(3, np.float32)])
+    assert (w == 1).all() and second.iterations == 0
+    first.loss_scaler = None                       # the first gives it up: fine
+    second.step([np.full(3, 65536.0, np.float32)])
+    np.testing.assert_allclose(w, 0.9)
+
+
+def test_a_scaler_held_only_by_a_collected_optimizer_is_free():
+    # a notebook cell run again: the old optimizer lingers in a reference
+    # cycle until the collector runs, and is no second user
+    scaler = fastopt.LossScaler()
+    old = fastopt.SGD([np.ones(3, np.float32)], lr=0.1, loss_scaler=scaler)
+    old.step([np.ones(3, np.float32)])
+    old.cycle = old
+    del old
+    new = fastopt.SGD([np.ones(3, np.float32)], lr=0.1, loss_scaler=scaler)
+    new.step([np.ones(3, np.float32)])
+    assert new.iterations == 1
+
+
+def test_a_loss_scaler_attribute_that_is_not_one_is_named():
+    w = np.ones(3, np.float32)
+    opt = fastopt.SGD([w], lr=0.1)
+    opt.loss_scaler = 1024.0
+    with pytest.raises(TypeError, match="loss_scaler must be a fastopt.LossScaler"):
+        opt.step([np.ones(3, np.float32)])
+    assert (w == 1).all() and opt.iterations == 0
+
+
+@pytest.mark.parametrize("saved,given", [(True, False), (False, True), (True, True)])
+def test_a_checkpoint_that_changes_the_loss_scaler_says_so(saved, given):
+    # the checkpoint's scaler wins (a resume steps as the saved run did), but
+    # dropping or installing one changes what the loop must multiply the
+    # loss by: it was done silently
+    def make(with_scaler, interval=2000):
+        scaler = fastopt.LossScaler(init_scale=1024.0, growth_interval=interval) \
+            if with_scaler else None
+        return fastopt.SGD([np.ones(3, np.float32)], lr=0.1, loss_scaler=scaler)
+
+    src = make(saved, interval=7)
+    src.step([np.ones(3, np.float32)])
+    dst = make(given)
+    with pytest.warns(UserWarning) as seen:
+        dst.load_state_dict(src.state_dict())
+    text = " ".join(str(w.message) for w in seen)
+    if saved and given:
+        assert "growth_interval=7 (was 2000)" in text
+        assert dst.loss_scaler.growth_interval == 7
+    elif saved:
+        assert "installed as opt.loss_scaler" in text and dst.loss_scaler is not None
+    else:
+        assert "no loss_scaler" in text and dst.loss_scaler is None

@@ -251,7 +251,7 @@ class _Distributed:
         inner, scaler = self._inner, self._inner.loss_scaler
         # lists as tuples: a list edited in place must not compare equal to itself
         fmt = inner._state_format
-        raw = (inner.max_grad_norm, inner.skip_nonfinite, scaler, fmt.name,
+        raw = (inner.backend, inner.max_grad_norm, inner.skip_nonfinite, scaler, fmt.name,
                fmt.seed if fmt.compact else None,
                None if scaler is None else _frozen(vars(scaler)),
                tuple(_frozen({k: v for k, v in g.items() if k != "params"})
@@ -281,7 +281,11 @@ class _Distributed:
 
     def _described_settings(self) -> dict:
         inner = self._inner
-        out = {"max_grad_norm": _setting(inner.max_grad_norm),
+        # the backend too: each rounds its own way (FMA, summation order), and
+        # ranks with different ones (backend="auto" on nodes without the same
+        # builds) would step their replicas apart at the last bits
+        out = {"backend": inner.backend,
+               "max_grad_norm": _setting(inner.max_grad_norm),
                "skip_nonfinite": _setting(inner.skip_nonfinite),
                "loss_scaler": _setting(inner.loss_scaler),
                "state_dtype": inner._state_format.name}
@@ -344,9 +348,11 @@ class DataParallel(_Distributed):
             if not optimizer._memory_ordered:
                 raise ValueError(
                     "DataParallel averages the grads as one FlatArrays laid out like the "
-                    "params, but the param groups list views of one buffer out of memory "
-                    "order (e.g. weights and biases of pack([w1, b1, w2, b2]) as two "
-                    "groups): pack them in the groups' order, pack([w1, w2, b1, b2])")
+                    "params, but the optimizer lists views of one buffer out of memory "
+                    "order (its param groups' order, or a dict's key order: e.g. weights "
+                    "and biases of pack([w1, b1, w2, b2]) as two groups): pack them in the "
+                    "optimizer's order, pack([w1, w2, b1, b2]), or use ShardedOptimizer, "
+                    "which takes any order")
             for p in optimizer._params:
                 if not is_low_precision(p.dtype):
                     mpi_dtype(p.dtype)
@@ -387,8 +393,11 @@ class DataParallel(_Distributed):
         if grads is self._cached:
             return grads.data
         if not isinstance(grads, FlatArrays):
-            raise TypeError("grads must be a FlatArrays (e.g. params.zeros_like()): the "
-                            f"average is one Allreduce over its buffer, got {type(grads).__name__}")
+            raise TypeError("grads must be a FlatArrays laid out like the params (the "
+                            "average is one Allreduce over its buffer): params.zeros_like() "
+                            "for packed params, fastopt.flat_zeros([p.shape for p in "
+                            "params], dtype) for separate arrays (their grads' views are "
+                            f"what the backward pass fills); got {type(grads).__name__}")
         self._inner.check_grads(grads)   # the optimizer's own checks, cached by identity
         self._cached = grads
         return grads.data

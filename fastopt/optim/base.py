@@ -44,7 +44,7 @@ from ..backends.threads import SERIAL_MAX
 from ..clip import norm_of, settled_norm
 from ..params import FlatArrays
 from ..schedules import Schedule, from_dict
-from .loss_scale import LossScaler
+from .loss_scale import LossScaler, claim as claim_scaler
 from .interrupt import INTERRUPTS, Mark, finished, held
 from .named import KeyTree
 from .param_list import ParamList
@@ -246,9 +246,8 @@ class Optimizer:
                  **unknown):
         if unknown:
             refuse_options(type(self), unknown)
-        if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
-            raise TypeError("loss_scaler must be a fastopt.LossScaler or None, got "
-                            f"{type(loss_scaler).__name__}")
+        if loss_scaler is not None:
+            claim_scaler(loss_scaler, self)     # a LossScaler, and this optimizer's alone
         params = V.listed(params)        # a generator: one list for every look below
         self._state_format = StateFormat.of(type(self), state_dtype, state_seed, backend)
         self._backend_name = backend
@@ -1080,6 +1079,8 @@ class Optimizer:
         if max_norm is not None:
             max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True)
         scaler = self.loss_scaler
+        if scaler is not None:          # (a public attribute: checked, as the groups)
+            claim_scaler(scaler, self)
         check = V.check_bool("skip_nonfinite", self.skip_nonfinite) or scaler is not None
         inv_scale = 1.0 if scaler is None else 1.0 / scaler.scale
         return hypers, max_norm, check, inv_scale
@@ -1703,12 +1704,26 @@ class Optimizer:
                     warn_user(f"load_state_dict: the checkpoint's {name}={saved!r} "
                               f"replaces this optimizer's {now!r}")
             self.max_grad_norm, self.skip_nonfinite, fmt.seed = mgn, skip, seed
+            now = self.loss_scaler
             if scaler is None:
+                if now is not None:
+                    warn_user("load_state_dict: the checkpoint has no loss_scaler, and this "
+                              "optimizer's is dropped: the steps no longer unscale, so stop "
+                              "scaling the loss")
                 self.loss_scaler = None
-            elif self.loss_scaler is None:
+            elif now is None:
+                warn_user(f"load_state_dict: the checkpoint's {scaler!r} is installed as "
+                          "opt.loss_scaler: the steps unscale by its scale, so multiply the "
+                          "loss by opt.loss_scaler.scale")
                 self.loss_scaler = scaler
             else:   # keep the user's object: they read .scale from it
-                self.loss_scaler.__dict__.update(scaler.__dict__)
+                settings = ("growth_factor", "backoff_factor", "growth_interval", "min_scale")
+                changed = [f"{k}={getattr(scaler, k)!r} (was {getattr(now, k)!r})"
+                           for k in settings if getattr(scaler, k) != getattr(now, k)]
+                if changed:
+                    warn_user("load_state_dict: the checkpoint's loss scaler settings "
+                              f"replace this optimizer's: {', '.join(changed)}")
+                now.__dict__.update(scaler.__dict__)
         return apply
 
     # -- hyperparameters --------------------------------------------------------

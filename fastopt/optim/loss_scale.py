@@ -37,7 +37,9 @@ row, so a training loop can notice that every step is being skipped.
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import numpy as np
 
@@ -52,6 +54,37 @@ def _f32(x) -> float:
 
 
 MIN_SCALE = 2.0 ** -24
+
+# each scaler's optimizer: the one whose steps update its scale
+_users = weakref.WeakKeyDictionary()
+
+
+def claim(scaler, optimizer) -> None:
+    """Refuse ``scaler`` for ``optimizer`` if another live optimizer steps
+    with it. Each step updates the scale, so a second optimizer would
+    unscale its gradients by a scale they were not made with (its step twice
+    too large after the first one backed off), and the scale would grow
+    twice as fast. (One whose only references are a cycle is collected
+    first: a notebook cell run again is no second user.)"""
+    if not isinstance(scaler, LossScaler):
+        raise TypeError("loss_scaler must be a fastopt.LossScaler or None, got "
+                        f"{type(scaler).__name__}")
+    ref = _users.get(scaler)
+    other = None if ref is None else ref()
+    if other is optimizer:
+        return
+    if other is not None and getattr(other, "loss_scaler", None) is scaler:
+        other = None
+        gc.collect()
+        other = ref()
+        if other is not None and getattr(other, "loss_scaler", None) is scaler:
+            raise ValueError(
+                f"this LossScaler is also the loss_scaler of another {type(other).__name__}; "
+                "each step updates its scale, so the other optimizer's gradients would be "
+                "unscaled by a scale they were not made with: for one optimizer per "
+                "layer with one scaled loss, make one optimizer with a param group per "
+                "layer (each its own hyperparameters) and give it the scaler")
+    _users[scaler] = weakref.ref(optimizer)
 
 
 class LossScaler:

@@ -722,3 +722,18 @@ def test_an_overflowing_float64_norm_clips_by_the_true_norm_on_every_rank(mode):
         assert norm == pytest.approx(ref.step(mean), rel=1e-12) and norm > 1e200
     np.testing.assert_allclose(p.data, ref_p.data, **tol(np.float64))
     assert not np.array_equal(p.data, make_params(np.float64).data)
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+def test_a_backend_per_rank_raises_everywhere(mode):
+    # each backend rounds its own way: ranks on different ones (auto on
+    # nodes without the same builds) stepped their replicas apart silently
+    backends = [b for b in fastopt.available_backends() if b != "cuda"]
+    p = make_params(np.float32)
+    opt = wrapped(mode, fastopt.AdamW, p, lr=1e-2, backend=backends[RANK % len(backends)])
+    g = p.zeros_like()
+    load_rank_grads(g, 0, np.float32)
+    before = p.data.copy()
+    with pytest.raises(dist.DistributedError, match=r"backend is .* on rank 1 but .* on rank 0"):
+        opt.step(g)
+    np.testing.assert_array_equal(p.data, before)
