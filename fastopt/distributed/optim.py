@@ -829,7 +829,12 @@ class ShardedOptimizer(_Distributed):
             group = self._with_schedule(gi, self.param_groups[gi])
             for k in [k for k in inner if k != "params" and k not in group]:
                 del inner[k]              # removed by the user: gone from the shard's too
-            inner.update({k: v for k, v in group.items() if k != "params"})
+            values = {k: v for k, v in group.items() if k != "params"}
+            if callable(values.get("lr")) and self._inner._schedules.get(li) is values["lr"]:
+                # the shard's group shows this schedule's next number already:
+                # written again, the schedule kept its steps off the planned path
+                del values["lr"]
+            inner.update(values)
         for li, g in enumerate(self._inner.param_groups):
             self._inner._resolve(g, where=f"param_groups[{self._gmap[li]}]")
 

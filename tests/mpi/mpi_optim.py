@@ -737,3 +737,25 @@ def test_a_backend_per_rank_raises_everywhere(mode):
     with pytest.raises(dist.DistributedError, match=r"backend is .* on rank 1 but .* on rank 0"):
         opt.step(g)
     np.testing.assert_array_equal(p.data, before)
+
+
+def test_a_sharded_schedule_steps_on_the_planned_path_and_takes_a_new_one():
+    # the wrapper wrote the schedule into the shard's group every step, which
+    # kept each step on the full path; a newly assigned schedule still counts
+    first = fastopt.schedules.warmup_cosine(1e-2, 2, 20)
+    second = fastopt.schedules.exponential(3e-3, 0.5)
+    ref_p, p = make_params(np.float64), make_params(np.float64)
+    ref = fastopt.AdamW(ref_p, lr=first)
+    opt = dist.ShardedOptimizer(fastopt.AdamW, p, lr=first)
+    g = p.zeros_like()
+    planned = []
+    for step in range(6):
+        if step == 4:
+            opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = second
+        load_rank_grads(g, step, np.float64)
+        opt.step(g)
+        ref.step(mean_grads(step, np.float64))
+        planned.append(opt._inner._plan is not None)
+        assert opt.last_lr == ref.last_lr
+    assert planned[1:4] == [True] * 3 and opt.lr_schedule(0) is second
+    np.testing.assert_allclose(p.data, ref_p.data, **tol(np.float64))
