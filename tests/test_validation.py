@@ -685,6 +685,28 @@ def test_a_param_whose_dtype_or_size_changed_in_place_is_refused(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["int32", "float16", "resize"])
+def test_a_param_changed_in_place_before_the_first_step_is_refused(backend, how):
+    # the tables, built at the first step, recorded the params as they were
+    # then: a retyped param counted a step with nothing updated (cython), or
+    # raised an internal error; a resized one was trained at its new size
+    a = np.ones(8, np.float32)
+    opt = fastopt.SGD([a], lr=0.1, backend=backend)
+    if how == "int32":
+        a.dtype = np.int32
+        g = np.ones(8, np.int32)
+    elif how == "float16":
+        a.dtype = np.float16
+        g = np.ones(16, np.float16)
+    else:
+        a.resize(4, refcheck=False)
+        g = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match=r"params\[0\] was given as float32\[8\] and is now"):
+        opt.step([g])
+    assert opt.iterations == 0 and opt.state[0]["step"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheduled", [False, True])
 def test_a_param_changed_in_place_is_refused_with_flat_grads_and_by_state_dict(backend,
                                                                             scheduled):

@@ -706,6 +706,14 @@ class Optimizer:
         if check is not None and self._tables is not None and all(
                 check(t) for t in self._all_tables):
             return
+        self._check_arrays_as_constructed()
+
+    def _check_arrays_as_constructed(self):
+        """:meth:`_check_arrays_as_given`'s attribute reads, against the
+        layout recorded when the params were given: also before the tables
+        exist (they record the params as they are when built, so a change
+        before the first step went unseen: a step counted with nothing
+        updated, or an internal error)."""
         for k, (a, (shape, dtype)) in enumerate(zip(self._params, self._layout)):
             if isinstance(a, np.ndarray) and (
                     a.dtype != dtype or a.size != math.prod(shape)
@@ -1192,6 +1200,7 @@ class Optimizer:
 
     def _host_tables(self):
         """Build the groups' tables (again after a load: new master copies)."""
+        self._check_arrays_as_constructed()
         tables = [self._group_tables(gi) for gi in range(len(self.param_groups))]
         all_tables = [t for ts in tables for t in ts]
         if len(all_tables) > 1:     # a grad must miss every table's params
