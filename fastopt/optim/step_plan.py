@@ -14,9 +14,9 @@ all, raises where it must, and leaves a new plan.
 
 Planned: compiled tables, float or compact state (its rounding keys made
 for each step), a number for each group's lr (a scheduled group's is the
-one the last step showed for this step), no
-loss scaler and no ``grad_stats`` hook for a norm to compute; either one table (the norm pass, the
-skip decision and the update in one native call, with or without clipping
+one the last step showed for this step), no loss scaler and no
+``grad_stats`` hook for a norm to compute; either one table (the norm pass,
+the skip decision and the update in one native call, with or without clipping
 and the non-finite skip) or several groups or tables without a norm to
 compute. Grads are a list (a dict by name is read into one), or the
 FlatArrays the tables were bound to last step. Where there is no norm and
