@@ -302,3 +302,17 @@ def test_cli_quick_with_core_install_only(tmp_path):
     assert "3/3" in out.stderr          # the progress bar reached the end
     data = json.loads((tmp_path / "bench.json").read_text())
     assert {r["impl"] for r in data["results"]} >= {"numba", "numpy", "roofline"}
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_torch_foreach_nesterov_stays_finite_on_the_same_grads(clip):
+    # foreach SGD with nesterov adds the momentum into the grads in place:
+    # fed the same grads (as the benchmarks feed them) it reached inf within
+    # a few hundred steps, and the timed rows ran on inf
+    ps = [np.ones(64, np.float32), np.ones(3, np.float32)]
+    gs = [np.full(64, 0.5, np.float32), np.full(3, -0.5, np.float32)]
+    step, note = baselines.torch_optimizer_step(cases.KIND["sgd"], ps, gs, clip, "foreach")
+    assert note == ""
+    for _ in range(500):
+        step()
+    assert all(np.isfinite(p).all() for p in ps)

@@ -243,3 +243,40 @@ def test_a_torch_floor_without_torch_is_a_configuration_error(tmp_path, monkeypa
                         lambda name, *a: None if name == "torch" else real(name, *a))
     with pytest.raises(ValueError, match="a torch floor, but torch is not installed"):
         perfguard.load_floors(str(path))
+
+
+def test_a_floor_for_a_backend_not_built_is_a_configuration_error(tmp_path, monkeypatch,
+                                                                    capsys):
+    """Without the Cython build every cython floor was measured as n/a four
+    times and reported as a performance regression (exit 1), with advice to
+    profile the kernel: a CI would read a build problem as a slowdown."""
+    from fastopt.bench import guard
+    from fastopt.cli import main
+    path = tmp_path / "floors.json"
+    path.write_text(json.dumps({"cases": [{"case": "list adamw 1 x 1",
+                                           "floors": {"cython": {"numpy": 1}}}]}))
+    monkeypatch.setattr(guard, "available_backends", lambda: ["numba", "numpy"])
+    monkeypatch.setattr(guard, "backend_info",
+                        lambda: {"cython": {"available": False, "reason": "not built"}})
+    with pytest.raises(ValueError, match=r"a floor for the cython backend, which is not "
+                                         r"available here \(not built\)"):
+        perfguard.load_floors(str(path))
+    assert main(["check-perf", "--floors", str(path)]) == 2
+
+
+def test_a_measurement_that_fails_exits_3_not_as_a_regression(tmp_path, monkeypatch, capsys):
+    # a case too large for memory raised out of the measurement and exited
+    # 1, the code of a performance regression
+    from fastopt.cli import main
+    path = tmp_path / "floors.json"
+    path.write_text(json.dumps({"cases": [
+        {"case": "tiny", "kind": "sgd", "shape": [64], "floors": {"numba": {"numpy": 1.0}}}]}))
+
+    def fail(c, rounds):
+        raise MemoryError("Unable to allocate 3.64 TiB")
+    monkeypatch.setattr(perfguard, "_measure", fail)
+    assert main(["check-perf", "--floors", str(path)]) == 3
+    assert "measuring failed: MemoryError" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["check-perf", "--help"])
+    assert "1 a ratio below its floor" in capsys.readouterr().out

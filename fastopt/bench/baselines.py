@@ -187,13 +187,40 @@ def torch_optimizer_step(spec, ps, gs, clip, variant):
         topt = cls(tps, **spec.hypers, **flag)
     except (RuntimeError, TypeError, ValueError) as e:   # variant not in this torch
         return None, f"torch {torch.__version__}: {e}"
+    opt_step = topt.step
+    if variant == "foreach" and spec.hypers.get("nesterov"):
+        opt_step = _fresh_grads_now_and_then(torch, topt, tps, opt_step)
     if not clip:
-        return topt.step, ""
+        return opt_step, ""
 
     def step():
         torch.nn.utils.clip_grad_norm_(tps, 1.0, foreach=variant != "forloop")
-        topt.step()
+        opt_step()
     return step, ""
+
+
+def _fresh_grads_now_and_then(torch, topt, tps, opt_step, every=64):
+    """torch's foreach SGD with nesterov adds the momentum into the grads in
+    place; fed the same grads step after step, as a benchmark feeds them,
+    grads and momentum grow about 1.9x a step, to inf within a few hundred
+    steps (the timed step then ran on inf, and a finiteness check failed).
+    A training loop's backward pass writes fresh grads every step; here
+    every ``every`` steps the grads are restored and the momentum zeroed:
+    1/64 of a copy a step."""
+    grads = [p.grad for p in tps]
+    fresh = [g.clone() for g in grads]
+    count = [0]
+
+    def step():
+        opt_step()
+        count[0] += 1
+        if count[0] % every == 0:
+            torch._foreach_copy_(grads, fresh)
+            for p in tps:
+                buf = topt.state[p].get("momentum_buffer")
+                if buf is not None:
+                    buf.zero_()
+    return step
 
 
 # -- a NumPy user's MLP ------------------------------------------------------------------

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 
+from ..backends import available_backends, backend_info
 from . import cases, ratios
 
 METRICS = {
@@ -130,6 +131,12 @@ def load_floors(path=None):
             if not isinstance(metrics, dict) or not metrics:
                 raise ValueError(f"{where} {impl}: floors must map metrics ({', '.join(METRICS)}) "
                                  f"to numbers, got {metrics!r}")
+            if impl in cases.CPU_BACKENDS and impl not in available_backends():
+                # (it was measured as n/a: a regression, with profiling advice)
+                reason = backend_info().get(impl, {}).get("reason", "")
+                raise ValueError(f"{where}: a floor for the {impl} backend, which is not "
+                                 f"available here{f' ({reason})' if reason else ''}: build or "
+                                 "install it, or drop the floor")
             for metric, floor in metrics.items():
                 if metric not in METRICS:
                     raise ValueError(f"{where} {impl}: unknown "
