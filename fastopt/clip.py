@@ -151,8 +151,13 @@ def settled_norm(norm, flats) -> float:
     if not all(bool(np.isfinite(f).all()) for f in flats):
         return norm
     top = max(float(np.max(np.abs(f))) for f in flats)
-    return top * math.sqrt(math.fsum(
-        float(np.sum(np.square(f.astype(np.float64) / top))) for f in flats))
+    return top * math.sqrt(scaled_sumsq(flats, top))
+
+
+def scaled_sumsq(flats, top) -> float:
+    """The sum of squares of ``flats`` divided by ``top`` (their largest
+    magnitude, or all ranks' together): no square overflows."""
+    return math.fsum(float(np.sum(np.square(f.astype(np.float64) / top))) for f in flats)
 
 
 def global_norm(grads, *, backend="auto") -> float:

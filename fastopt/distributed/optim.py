@@ -37,6 +37,7 @@ from .. import _validate as V
 from ..backends.lowp import is_low_precision
 from ..optim.base import (Optimizer, _all_finite, _brief, order_in_checkpoint, prepared_load,
                           schedule_value)
+from ..clip import scaled_sumsq
 from ..optim.named import KeyTree
 from ..optim.state_format import state_dtype_name
 from ..params import FlatArrays, _address, _root, memory_runs
@@ -776,8 +777,7 @@ class ShardedOptimizer(_Distributed):
         flats = [f for f in flats if f.size]
         top = np.array([max((float(np.max(np.abs(f))) for f in flats), default=0.0)])
         self.comm.Allreduce(MPI.IN_PLACE, top, op=MPI.MAX)
-        part = np.array([math.fsum(float(np.sum(np.square(f.astype(np.float64) / top[0])))
-                                   for f in flats)])
+        part = np.array([scaled_sumsq(flats, top[0])])
         self.comm.Allreduce(MPI.IN_PLACE, part, op=MPI.SUM)
         return float(top[0]) * math.sqrt(part[0]), True
 
