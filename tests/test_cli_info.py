@@ -26,3 +26,17 @@ def test_info_prints_the_state_table(capsys):
     row = re.search(r"Adam, AdamW\s+([\d.]+) / ([\d.]+) / ([\d.]+)", out)
     assert row and [float(x) for x in row.groups()] == [8.0, 4.0, 2.03]
     assert re.search(r"LAMB\s+8\.00 / - / -", out)
+
+
+def test_info_json_holds_what_the_text_says(capsys):
+    import json
+
+    import fastopt
+    assert main(["info", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["fastopt"] == fastopt.__version__
+    assert facts["auto_backend"] in facts["backends"]
+    assert facts["backends"]["numpy"]["available"] is True
+    assert facts["threads"]["fastopt_threads"] == fastopt.get_num_threads()
+    assert facts["state_bytes_per_element"]["Adam, AdamW"]["bfloat16"] == 4.0
+    assert facts["state_bytes_per_element"]["LAMB"]["int8"] is None

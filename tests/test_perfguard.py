@@ -129,7 +129,20 @@ def test_unmeasurable_ratio_fails(monkeypatch):
     ('{"rounds": 2.5, "cases": []}', "rounds must be an int >= 1, got 2.5"),
     ('{"pause_s": -1, "cases": []}', "pause_s must be a number >= 0"),
     ('{"cases": []}', "non-empty 'cases'"),
-    ('{"cases": [{"case": "a", "kind": "adamw", "floors": {}}]}', "lacks \\['shape'\\]"),
+    ('{"cases": [{"case": "a", "kind": "adamw", "floors": {}}]}',
+     "\\(a\\) gives kind without shape: a case of your own spells both"),
+    # half of a workload spelled out: meant the workload, or a case of one's own?
+    ('{"cases": [{"case": "adamw 1000 x 1k", "kind": "adamw", "floors": {}}]}',
+     "gives kind without shape: drop kind to measure the workload of that name"),
+    ('{"cases": [{"case": "adamw 1000 x 1k", "shape": [4], "floors": {}}]}',
+     "gives shape without kind: drop shape to measure"),
+    ('{"cases": [{"case": "a", "kind": "adamw"}]}', "lacks \\['floors', 'shape'\\]"),
+    # checks that measure nothing, or twice under one name
+    ('{"cases": [{"case": "adamw 1000 x 1k", "floors": {"numpy": {"numpy": 1}}}]}',
+     "a numpy floor for numpy itself measures nothing"),
+    ('{"cases": [{"case": "adamw 1000 x 1k", "floors": {"numba": {"numpy": 1}}}, '
+     '{"case": "adamw 1000 x 1k", "floors": {"cython": {"numpy": 1}}}]}',
+     "cases\\[1\\] and cases\\[0\\] are both 'adamw 1000 x 1k'"),
     ('{"cases": [{"case": "a", "kind": "adam", "shape": [4], "floors": {}}]}', "kind 'adam'"),
     ('{"cases": [{"case": "a", "floors": {}}]}',
      "lacks \\['kind', 'shape'\\] \\(nor does its case name a workload"),
@@ -196,6 +209,52 @@ def test_a_case_named_by_its_workload(monkeypatch, tmp_path):
     row = cases.workloads()["list rmsprop centered 1000 x 1k"]
     assert seen["row"] == row and (row.kind, row.layout) == ("rmsprop-centered", "list")
     assert set(seen["impls"]) == {"numba", "numpy", "roofline", *cases.TORCH_PATHS}
+
+
+def test_a_floors_path_that_is_no_json_file_is_named(tmp_path):
+    # UnicodeDecodeError's message names no file; a directory raised
+    # IsADirectoryError past the ValueError the command reports
+    bad = tmp_path / "floors.json"
+    bad.write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match=f"floors file '{bad}' is not UTF-8 text"):
+        perfguard.load_floors(str(bad))
+    with pytest.raises(ValueError, match=f"floors file '{tmp_path}' is a directory"):
+        perfguard.load_floors(str(tmp_path))
+
+
+@pytest.mark.parametrize("ratio, code", [(2.0, 0), (0.5, 1)])
+def test_check_perf_json_result(monkeypatch, tmp_path, capsys, ratio, code):
+    """--json writes what a CI job reads: each check's floor, ratios and
+    times, the exit status, the machine."""
+    from fastopt.cli import main
+    path, out = tmp_path / "floors.json", tmp_path / "result.json"
+    path.write_text(json.dumps({"attempts": 2, "pause_s": 0, "cases": [
+        {"case": "tiny", "kind": "sgd", "shape": [64], "floors": {"numba": {"numpy": 1.0}}}]}))
+    monkeypatch.setattr(perfguard, "_measure", lambda c, rounds: (
+        {"numba": {"numpy": ratio}}, {"numba": 1e-3, "numpy": 2e-3}))
+    assert main(["check-perf", "--floors", str(path), "--json", str(out)]) == code
+    result = json.loads(out.read_text())
+    assert (result["exit_status"], result["ok"], result["error"]) == (code, not code, None)
+    (check,) = result["checks"]
+    assert check["case"] == "tiny" and check["impl"] == "numba" and check["floor"] == 1.0
+    assert check["measured"] == [ratio] * (1 if ratio > 1 else 2)
+    assert check["ok"] == (not code) and check["seconds_per_step"]["numpy"] == 2e-3
+    assert result["machine"]["fastopt"] == fastopt.__version__
+
+
+def test_check_perf_json_says_why_nothing_was_measured(monkeypatch, tmp_path, capsys):
+    from fastopt.cli import main
+    path, out = tmp_path / "floors.json", tmp_path / "result.json"
+    path.write_text('{"cases": []}')
+    assert main(["check-perf", "--floors", str(path), "--json", str(out)]) == 2
+    result = json.loads(out.read_text())
+    assert result["exit_status"] == 2 and "non-empty 'cases'" in result["error"]
+    # an unwritable --json is refused before measuring, not after
+    monkeypatch.setattr(perfguard, "run_checks", lambda *a, **k: pytest.fail("measured"))
+    assert main(["check-perf", "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path}: is a directory" in capsys.readouterr().err
+    assert main(["check-perf", "--json", str(tmp_path / "no" / "r.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_committed_cases_are_the_tables_workloads():

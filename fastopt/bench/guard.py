@@ -78,8 +78,13 @@ def load_floors(path=None):
             path = DEFAULT_FLOORS
             spec = json.loads(shipped_floors().read_text())
         else:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 spec = json.load(f)
+    except UnicodeDecodeError as e:     # its message names no file
+        raise ValueError(f"floors file {path!r} is not UTF-8 text: {e}") from None
+    except IsADirectoryError:
+        raise ValueError(f"floors file {path!r} is a directory; pass the floors "
+                         "JSON file inside it") from None
     except FileNotFoundError:
         hint = ("the install lacks its package data; reinstall fastopt"
                 if path == DEFAULT_FLOORS else "pass an existing file to --floors")
@@ -100,6 +105,7 @@ def load_floors(path=None):
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"floors file {path!r} needs a non-empty 'cases' list")
     named = cases.workloads()
+    seen = {}
     for i, c in enumerate(entries):
         if not isinstance(c, dict):
             raise ValueError(f"{path}: cases[{i}] must be an object with 'case' and 'floors', "
@@ -112,10 +118,20 @@ def load_floors(path=None):
         spelled = {"kind", "shape"} & set(c)
         if spelled or c.get("case") not in named:
             missing |= {"kind", "shape"} - spelled
-        if missing:
+        if missing and (missing - {"kind", "shape"} or not spelled):
             hint = ("" if spelled else
                     " (nor does its case name a workload in fastopt.bench.cases)")
             raise ValueError(f"{path}: cases[{i}] lacks {sorted(missing)}{hint}")
+        if missing:          # one of kind and shape: meant the workload, or a new case?
+            hint = (f"drop {sorted(spelled)[0]} to measure the workload of that name in "
+                    "fastopt.bench.cases, or spell both for a case of your own"
+                    if c["case"] in named else "a case of your own spells both")
+            raise ValueError(f"{path}: cases[{i}] ({c['case']}) gives {sorted(spelled)[0]} "
+                             f"without {sorted(missing)[0]}: {hint}")
+        if c["case"] in seen:     # two rows of one name in the report: which is which?
+            raise ValueError(f"{path}: cases[{i}] and cases[{seen[c['case']]}] are both "
+                             f"{c['case']!r}; give each case its floors once")
+        seen[c["case"]] = i
         if spelled:
             _check_spelled(path, i, c, named.get(c["case"]))
         kind = case_row(c).kind
@@ -144,6 +160,10 @@ def load_floors(path=None):
                 if not _is_number(floor) or floor <= 0:
                     raise ValueError(f"{where} {impl} {metric}: "
                                      f"floor must be a positive number, got {floor!r}")
+                if impl == metric:      # NumPy over itself: 1.0 whatever happened
+                    raise ValueError(f"{where} {impl}: a {metric} floor for {impl} itself "
+                                     "measures nothing; floor fastopt's backends "
+                                     f"({', '.join(cases.CPU_BACKENDS)}) against {metric}")
                 if metric == "torch" and not cases.KIND[kind].in_torch:
                     raise ValueError(f"{path}: cases[{i}] ({c['case']}) {impl}: torch has no "
                                      f"{cases.KIND[kind].optimizer}; floor its numpy metric")
@@ -266,6 +286,19 @@ def run_checks(spec, attempts=None, rounds=None, progress=None):
                 break
         checks += mine
     return checks
+
+
+def as_json(checks, floors_path, exit_status, error=None) -> dict:
+    """The result of a check-perf run for a CI job to read: every check,
+    the machine, and the exit status (0 ok, 1 regression, 2 setup, 3
+    measuring failed) with ``error`` saying why where it is 2 or 3."""
+    from . import machine
+    return {"floors": floors_path or DEFAULT_FLOORS, "exit_status": exit_status,
+            "ok": exit_status == 0, "error": error, "machine": machine.describe(),
+            "checks": [{"case": ch.case, "impl": ch.impl, "metric": ch.metric,
+                        "metric_means": METRICS[ch.metric], "floor": ch.floor,
+                        "measured": ch.measured, "best": ch.best, "ok": ch.ok,
+                        "seconds_per_step": ch.times} for ch in checks]}
 
 
 def report(checks, floors_path=None) -> str:

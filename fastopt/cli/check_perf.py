@@ -3,11 +3,11 @@ committed floor (the CI regression guard; see fastopt/bench/guard.py)."""
 
 import sys
 
-from .common import positive_int, user_path
+from .common import output_file_problem, positive_int, user_path
 
 HELP = "check same-run speed ratios against the floors shipped with fastopt"
 
-
+EXIT_OK, EXIT_REGRESSION, EXIT_SETUP, EXIT_MEASURING = 0, 1, 2, 3
 EXIT_STATUS = ("exit status: 0 every ratio at or above its floor; 1 a ratio below its "
                "floor on every attempt (a performance regression); 2 a bad floors file "
                "or a setup it cannot measure (nothing measured); 3 the measurement "
@@ -24,23 +24,49 @@ def add_arguments(parser):
     parser.add_argument("--attempts", type=positive_int, default=None,
                         help="measurements before a ratio below its floor fails "
                              "(default: the file's, else 3)")
+    parser.add_argument("--json", metavar="PATH", default=None, type=user_path,
+                        help="also write the result as JSON to PATH: every check's "
+                             "floor, measured ratios and times, the machine, and the "
+                             "exit status with its reason (written whatever the outcome)")
 
 
 def run(args):
     from ..bench import guard as perfguard
 
+    if args.json is not None:      # before minutes of measuring, not after them
+        problem = output_file_problem(args.json)
+        if problem:
+            print(f"fastopt check-perf: --json {args.json}: {problem}", file=sys.stderr)
+            return EXIT_SETUP
     try:
         spec = perfguard.load_floors(args.floors)
     except (OSError, ValueError) as exc:      # the message names the file and the entry
-        print(f"fastopt check-perf: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, EXIT_SETUP, str(exc))
     try:
         checks = perfguard.run_checks(
             spec, attempts=args.attempts,
             progress=lambda msg: print(f"measuring {msg}", file=sys.stderr, flush=True))
     except Exception as exc:    # noqa: BLE001 - a failure to measure is no regression (1)
-        print(f"fastopt check-perf: measuring failed: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
-        return 3
+        return _fail(args, EXIT_MEASURING,
+                     f"measuring failed: {type(exc).__name__}: {exc}")
     print(perfguard.report(checks, args.floors))
-    return 0 if all(ch.ok for ch in checks) else 1
+    status = EXIT_OK if all(ch.ok for ch in checks) else EXIT_REGRESSION
+    _write_json(args, perfguard.as_json(checks, args.floors, status))
+    return status
+
+
+def _fail(args, status, message):
+    print(f"fastopt check-perf: {message}", file=sys.stderr)
+    from ..bench import guard as perfguard
+    _write_json(args, perfguard.as_json([], args.floors, status, error=message))
+    return status
+
+
+def _write_json(args, result):
+    if args.json is None:
+        return
+    import json
+
+    from .._files import write_atomically
+    write_atomically(args.json, (json.dumps(result, indent=1) + "\n").encode())
+    print(f"result: {args.json}", file=sys.stderr)

@@ -35,16 +35,23 @@ def image_path(path):
     if ext and ext[1:].lower() not in formats:
         return path, (f"{ext} is not an image format matplotlib writes "
                       f"(one of {', '.join('.' + f for f in sorted(formats))})")
+    return path, output_file_problem(path)
+
+
+def output_file_problem(path):
+    """Why a file cannot be written at ``path`` (a phrase to follow the
+    option and the path), or None; checked before the work whose result it
+    will hold, by making a file beside it (removed at once)."""
     full = os.path.abspath(path)
     parent = os.path.dirname(full)
     if os.path.isdir(full):
-        return path, "is a directory"
+        return "is a directory"
     if not os.path.isdir(parent):
-        return path, f"its directory {parent} does not exist"
+        return f"its directory {parent} does not exist"
     if os.path.exists(full) and not os.access(full, os.W_OK):
-        return path, "is not writable"
+        return "is not writable"
     problem = _probe_write(parent)
-    return path, (None if problem is None else f"cannot be written: {problem}")
+    return None if problem is None else f"cannot be written: {problem}"
 
 
 def output_dir_problem(path, files=()):

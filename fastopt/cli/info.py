@@ -5,24 +5,46 @@ HELP = "list the backends, their threading and SIMD builds, and the thread pools
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("--json", action="store_true",
+                        help="print the same facts as one JSON object (for scripts and "
+                             "bug reports)")
 
 
-def run(args):
+def collect():
+    """What ``fastopt info`` reports, as a dict (``--json`` prints it)."""
     import numpy as np
 
     import fastopt
     from fastopt.backends import auto_backend, thread_pools
+    from fastopt.backends.compact import STATE_DTYPES
     from fastopt.backends.threads import SERIAL_MAX
-
-    print(f"fastopt {fastopt.__version__}")
-    for name, info in fastopt.backend_info().items():
-        print(f"  {name:<7} {info}")
-    print(f"backend='auto' picks {auto_backend()!r} for host arrays (packed, lists, dicts)")
     from fastopt.nn._cuda_blas import describe
-    print(f"nn matmul on CUDA: {describe()}")
+
     np.dot(np.ones((64, 64)), np.ones((64, 64)))      # load BLAS's pool so it is listed
-    pools = thread_pools()
+    backends = fastopt.backend_info()
+    return {"fastopt": fastopt.__version__, "backends": backends,
+            "auto_backend": auto_backend(), "nn_cuda_matmul": describe(),
+            "threads": thread_pools(), "serial_max_elements": SERIAL_MAX,
+            "cython_thread_team": backends.get("cython", {}).get("thread_team"),
+            "state_bytes_per_element": {
+                label: dict(zip(STATE_DTYPES, (state_bytes(name, kwargs, d)
+                                               for d in STATE_DTYPES)))
+                for label, name, kwargs in _STATE_ROWS}}
+
+
+def run(args):
+    facts = collect()
+    if args.json:
+        import json
+        print(json.dumps(facts, indent=1, default=str))
+        return 0
+    print(f"fastopt {facts['fastopt']}")
+    for name, info in facts["backends"].items():
+        print(f"  {name:<7} {info}")
+    print(f"backend='auto' picks {facts['auto_backend']!r} for host arrays (packed, lists, "
+          "dicts)")
+    print(f"nn matmul on CUDA: {facts['nn_cuda_matmul']}")
+    pools = facts["threads"]
     print(f"threads: fastopt {pools['fastopt_threads']}, Numba threading layer "
           f"{pools.get('numba_threading_layer', 'not loaded')}")
     if isinstance(pools["pools"], str):
@@ -30,16 +52,16 @@ def run(args):
     else:
         for p in pools["pools"]:
             print("  " + ", ".join(f"{k}={v}" for k, v in p.items()))
-    print(f"serial or threaded: each step table above {SERIAL_MAX} elements times its own "
-          "steps both ways and keeps the mode whose steps cost less on average, rare slow "
-          "ones included (fastopt.backends.threads)")
-    team = fastopt.backend_info().get("cython", {}).get("thread_team")
+    print(f"serial or threaded: each step table above {facts['serial_max_elements']} "
+          "elements times its own steps both ways and keeps the mode whose steps cost less "
+          "on average, rare slow ones included (fastopt.backends.threads)")
+    team = facts["cython_thread_team"]
     if team:
         print(f"cython's threaded steps: {team['kind']} team"
               + (" (tasks claimed by whichever thread runs; the step never waits for a "
                  f"sleeping worker; workers wait {team['spin_us']} us awake, then sleep)"
                  if team["kind"] == "fastopt" else " (static schedule, closing barrier)"))
-    print_state_bytes()
+    print_state_bytes(facts["state_bytes_per_element"])
     return 0
 
 
@@ -69,11 +91,11 @@ def state_bytes(opt_name, kwargs, state_dtype, n=1 << 16):
     return opt.state_nbytes() / n
 
 
-def print_state_bytes():
+def print_state_bytes(table):
     from fastopt.backends.compact import STATE_DTYPES
 
     print("optimizer state, bytes per float32 param element (opt.state_nbytes() after a "
           f"step), state_dtype {' / '.join(STATE_DTYPES)}:")
-    for label, name, kwargs in _STATE_ROWS:
-        cells = [state_bytes(name, kwargs, d) for d in STATE_DTYPES]
-        print(f"  {label:<20} " + " / ".join("-" if c is None else f"{c:.2f}" for c in cells))
+    for label, cells in table.items():
+        print(f"  {label:<20} " + " / ".join("-" if cells[d] is None else f"{cells[d]:.2f}"
+                                             for d in STATE_DTYPES))
