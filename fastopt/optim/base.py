@@ -1518,7 +1518,9 @@ class Optimizer:
     @property
     def state_dtype(self) -> str:
         """The optimizer state's format, ``"float32"``, ``"bfloat16"`` or
-        ``"int8"``: chosen when the optimizer is made."""
+        ``"int8"``: chosen when the optimizer is made. ``"float32"`` is full
+        state, each value in its param's own float dtype (float64 params
+        keep float64 state; 16-bit params float32)."""
         return self._state_format.name
 
     @state_dtype.setter
