@@ -135,6 +135,13 @@ def check_float_array(name, a, *, writable, allow_low_precision=False) -> None:
         raise TypeError(f"{name} is a masked array: fastopt's kernels would read the data "
                         "under its mask; pass its data (np.ma.getdata(a)), or a gradient "
                         "with its masked entries filled (g.filled(0))")
+    if isinstance(a, np.matrix):
+        # its * is a matrix product: the NumPy backend's g * g raised halfway
+        # through a step, the compiled ones' dispatch refused it
+        raise TypeError(f"{name} is an np.matrix, whose * is a matrix product; pass "
+                        "np.asarray(m), an ndarray view of the same memory"
+                        + (" (and keep using that view: it is what gets updated "
+                           "in place, as the matrix's memory)" if writable else ""))
     if a.dtype.kind == "f" and not a.dtype.isnative:
         raise TypeError(f"{name} is {a.dtype.name} in non-native byte order ({a.dtype.str}); "
                         "the kernels read native floats: convert it first "

@@ -372,16 +372,27 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+_ZIP_MAGIC = b"PK\x03\x04"       # an .npz is a zip archive; so is every checkpoint
+
+
 def read(path) -> dict:
     """The checkpoint's contents, ``{"format", "params"?, "optimizer"?, "extra"?}``,
     without loading it into anything."""
     path = os.path.expanduser(os.fspath(path))
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != _ZIP_MAGIC:
+            # np.load read anything else as a pickle, and its refusal advised
+            # allow_pickle=True: unpickling a file that is no checkpoint
+            raise CheckpointError(f"{path} is not a fastopt checkpoint: " + (
+                "the file is empty" if not head else
+                f"not an .npz archive (it starts with {head!r})"))
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         meta = json.loads(str(arrays.pop(_META)[()]))
         tree = _decode(meta, arrays)
-    except FileNotFoundError:
+    except (FileNotFoundError, CheckpointError):
         raise
     except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile,
             zlib.error, UnicodeDecodeError) as exc:
@@ -409,6 +420,8 @@ def load(path, *, params=None, optimizer=None) -> dict:
             apply = []
             if params is not None:
                 apply.append(_prepare_params(params, tree))
+                if optimizer is not None:
+                    _refuse_other_arrays(params, optimizer)
             if optimizer is not None:
                 if "optimizer" not in tree:
                     raise CheckpointError(f"{path} holds no optimizer state")
@@ -427,6 +440,28 @@ def load(path, *, params=None, optimizer=None) -> dict:
         # part it reached), then the interrupt goes on, as a step does
         finished(load_rest)
     return tree
+
+
+def _refuse_other_arrays(params, optimizer):
+    """An optimizer made before the model was made again (a notebook cell
+    run again) trains its old arrays: loaded beside the new params, the run
+    went on training arrays nobody reads, the params never changing."""
+    mine = [a for a in getattr(optimizer, "_params", None) or ()
+            if isinstance(a, np.ndarray)]
+    if not mine:
+        return              # device arrays, wrappers: not checked here
+    spans = []
+    for a in _named_params(params)[1]:
+        if isinstance(a, np.ndarray) and a.size:
+            lo = a.__array_interface__["data"][0]
+            spans.append((lo, lo + a.nbytes))
+    if not spans or any(lo <= a.__array_interface__["data"][0] < hi
+                        for a in mine if a.size for lo, hi in spans):
+        return
+    raise CheckpointError(
+        f"the optimizer ({type(optimizer).__name__}) updates none of the params given: it "
+        "was made over other arrays (the model made again after it?), and would go on "
+        "training those; make the optimizer over these params, then load")
 
 
 def _prepare_params(given, tree):

@@ -146,8 +146,9 @@ def test_model_index_seed_alpha_and_accuracy_are_checked():
         ens.model(3)
     with pytest.raises(TypeError, match="model index must be an int"):
         ens.model(1.5)
-    np.testing.assert_array_equal(MLP((6, 4, 3), seed=None).params.data,
-                                  MLP((6, 4, 3), seed=0).params.data)
+    # None: fresh entropy, as numpy's default_rng(None) (it was seed 0)
+    assert not np.array_equal(MLP((6, 4, 3), seed=None).params.data,
+                              MLP((6, 4, 3), seed=None).params.data)
     with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
         MLP((6, 4, 3), seed=-1)
     with pytest.raises(TypeError, match="seed must be an int >= 0 or a sequence"):
@@ -160,3 +161,19 @@ def test_model_index_seed_alpha_and_accuracy_are_checked():
             model.accuracy(X, np.zeros((3, 2), np.float32))
     with pytest.raises(ValueError, match=r"labels y must have shape \(3,\)"):
         MLP((6, 4, 3)).accuracy(X, np.array([0, 1]))
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 1.5])
+def test_evaluation_batch_size_is_checked(batch_size):
+    """``evaluate(batch_size=-1)`` looped over nothing and returned a loss and
+    accuracy of 0; 0 raised from range(), -1 from np.concatenate."""
+    net = MLP((6, 4, 3), seed=0)
+    X, y = np.ones((5, 6), np.float32), np.array([0, 1, 2, 0, 1])
+    err = TypeError if isinstance(batch_size, float) else ValueError
+    for call in (lambda: net.evaluate(X, y, batch_size=batch_size),
+                 lambda: net.predict(X, batch_size=batch_size),
+                 lambda: net.accuracy(X, y, batch_size=batch_size)):
+        with pytest.raises(err, match="batch_size"):
+            call()
+    loss, acc = net.evaluate(X, y, batch_size=2)
+    assert loss > 0 and np.isclose(acc, net.accuracy(X, y))

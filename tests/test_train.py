@@ -263,12 +263,36 @@ def test_train_resumes_after_ctrl_c_bit_for_bit(tmp_path, monkeypatch, capsys, o
     _same_training(tmp_path / "straight", tmp_path / "stopped")
 
 
-def test_train_resume_grows_epochs_with_a_constant_schedule(tmp_path):
+def test_train_resume_grows_epochs_with_a_constant_schedule(tmp_path, capsys):
     data = _fake_mnist(tmp_path / "mnist", n=10000)
     assert _train(tmp_path / "three", data, "--epochs", "3", "--checkpoint") == 0
     assert _train(tmp_path / "grown", data, "--epochs", "1", "--checkpoint") == 0
     assert _train(tmp_path / "grown", data, "--epochs", "3", "--resume") == 0
     _same_training(tmp_path / "three", tmp_path / "grown")
+    capsys.readouterr()
+    assert _train(tmp_path / "grown", data, "--epochs", "2", "--resume") == 2
+    assert "has finished 3 epochs, more than --epochs 2" in capsys.readouterr().err
+
+
+def test_train_ctrl_c_while_the_checkpoint_is_renamed(tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C landing after the epoch's checkpoint was renamed into
+    place, before the run had counted it: the message said to resume from
+    that epoch, which the file had finished."""
+    import fastopt.cli.train_checkpoint as tc
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    real, calls = tc.save_epoch, [0]
+
+    def save_then_interrupted(*a, **k):
+        real(*a, **k)
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(tc, "save_epoch", save_then_interrupted)
+    import fastopt.cli.train as train_cli
+    monkeypatch.setattr(train_cli, "save_epoch", save_then_interrupted)
+    assert _train(tmp_path / "out", data, "--epochs", "4", "--checkpoint") == 130
+    err = capsys.readouterr().err
+    assert "--resume goes on from epoch 3" in err, err
 
 
 def test_train_resume_refuses_what_is_not_this_run(tmp_path, capsys):
@@ -285,12 +309,15 @@ def test_train_resume_refuses_what_is_not_this_run(tmp_path, capsys):
     for extra, message in [
             (["--epochs", "2", "--lr", "0.5"], "a run with --lr 0.001, not 0.5"),
             (["--epochs", "2", "--hidden", "8"], "a run with --hidden 16, not 8"),
-            (["--epochs", "3"], "its --schedule warmup-cosine spans them all; give --epochs 2"),
-            (["--epochs", "2"], "has finished 2 epochs of --epochs 2: nothing left to train")]:
+            (["--epochs", "3"], "its --schedule warmup-cosine spans them all; give --epochs 2")]:
         capsys.readouterr()
         rc = _train(out, data, "--schedule", "warmup-cosine", *extra, "--resume")
         err = capsys.readouterr().err
         assert rc == 2 and message in err, err
+    # a finished run requeued: nothing to do, no usage error (it exited 2)
+    assert _train(out, data, "--schedule", "warmup-cosine", "--epochs", "2", "--resume") == 0
+    assert ("has finished 2 epochs of --epochs 2: nothing left to train"
+            in capsys.readouterr().err)
     assert (out / "checkpoint.npz").read_bytes() == before
     (out / "checkpoint.npz").write_bytes(before[:100])
     assert _train(out, data, "--schedule", "warmup-cosine", "--epochs", "2", "--resume") == 2
@@ -312,14 +339,16 @@ def test_train_with_checkpoint_will_not_start_over_an_unfinished_run(tmp_path, c
     assert _train(out, data, "--epochs", "3", "--resume") == 0
 
 
-def test_train_resume_takes_a_default_given_explicitly_as_the_same_run(tmp_path):
+def test_train_resume_takes_a_default_given_explicitly_as_the_same_run(tmp_path, capsys):
     data = _fake_mnist(tmp_path / "mnist", n=10000)
     out = tmp_path / "out"
     assert _train(out, data, "--epochs", "1", "--checkpoint", "--optimizer", "sgd",
                   "--schedule", "warmup-cosine") == 0
+    capsys.readouterr()
     assert _train(out, data, "--epochs", "1", "--resume", "--optimizer", "sgd",
                   "--schedule", "warmup-cosine", "--momentum", "0.9", "--weight-decay", "0",
-                  "--warmup-steps", "1") == 2      # (nothing left: but the options agreed)
+                  "--warmup-steps", "1") == 0
+    assert "nothing left to train" in capsys.readouterr().err    # the options agreed
 
 
 def test_fit_refuses_records_of_epochs_the_optimizer_is_not_at_the_end_of():

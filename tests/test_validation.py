@@ -807,3 +807,11 @@ def test_load_state_dict_raises_checkpoint_error_as_load_does():
     sam = fastopt.SAM(fastopt.SGD(b, lr=0.1))
     with pytest.raises(fastopt.CheckpointError, match="SAM state_dict is missing keys"):
         sam.load_state_dict({"x": 1})
+
+
+def test_overlapping_params_in_two_groups_are_named_by_group():
+    # "params[2] overlaps params[1]": an index across groups that the user never wrote
+    b = np.zeros(10)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] overlaps "
+                                         r"param_groups\[0\]\['params'\]\[1\]"):
+        fastopt.AdamW([{"params": [np.zeros(3), b[:6]]}, {"params": [b[4:]]}])

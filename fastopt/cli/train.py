@@ -37,8 +37,9 @@ same backend, threads and ranks; else to rounding).
 from __future__ import annotations
 
 from .common import EXIT_INTERRUPTED, non_negative_int, positive_int, user_path
-from .train_checkpoint import (CHECKPOINT, checkpoint_path, existing_problem, load_into,
-                               resume_from, save_epoch)
+from .train_checkpoint import (CHECKPOINT, checkpoint_path, checkpointed_epochs,
+                               existing_problem, finished_note, load_into, resume_from,
+                               save_epoch)
 
 HELP = "train an MLP (or a batched lr sweep) on MNIST: progress, held-out accuracy, curves"
 
@@ -429,6 +430,9 @@ def _run(args, comm):
             print(f"fastopt train: --resume: no {checkpoint_path(args)} yet; starting the run "
                   "(it writes one after each epoch)", file=sys.stderr)
             args.resume = False
+        elif len(finished) == args.epochs:
+            print(f"fastopt train: {finished_note(args, finished)}", file=sys.stderr)
+            return 0
     parallel = None
     if comm is not None:
         from fastopt.distributed.training import DataParallelTraining
@@ -643,8 +647,9 @@ def _finish_interrupted(args, history, labels, sizes, backend, code=EXIT_INTERRU
         what = "nothing written"
     if problem is not None:
         what += f" ({problem})"
-    if args.checkpoint and getattr(args, "checkpointed", 0):
-        what += f"; --resume goes on from epoch {args.checkpointed + 1}"
+    held = checkpointed_epochs(args) if args.checkpoint else 0
+    if held:
+        what += f"; --resume goes on from epoch {held + 1}"
     how = "interrupted" if code == EXIT_INTERRUPTED else "terminated (SIGTERM)"
     print(f"fastopt train: {how}; {done} of {args.epochs} epochs finished, {what}",
           file=sys.stderr, flush=True)

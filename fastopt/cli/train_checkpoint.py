@@ -81,11 +81,19 @@ def resume_from(args, steps):
             return (f"--resume: {path} is a run with {_option(key)} {_shown(config.get(key))}, "
                     f"not {_shown(now[key])}: give the same options (or another --out "
                     "to start afresh)"), None
-    if len(finished) >= args.epochs:
-        return (f"--resume: {path} has finished {len(finished)} epochs of "
-                f"--epochs {args.epochs}: nothing left to train"
-                + (" (a larger --epochs trains on)" if args.schedule == "constant" else "")), None
+    if len(finished) > args.epochs:
+        return (f"--resume: {path} has finished {len(finished)} epochs, more than "
+                f"--epochs {args.epochs}"), None
+    # all of them: the caller says there is nothing left to train, and exits 0
+    # (a requeued batch job that had finished is no usage error)
     return None, finished
+
+
+def finished_note(args, finished) -> str:
+    """What --resume says of a run that has trained all its epochs."""
+    return (f"--resume: {checkpoint_path(args)} has finished {len(finished)} epochs of "
+            f"--epochs {args.epochs}: nothing left to train"
+            + (" (a larger --epochs trains on)" if args.schedule == "constant" else ""))
 
 
 def _saved_run(path) -> dict:
@@ -97,6 +105,18 @@ def _saved_run(path) -> dict:
     if not isinstance(saved, dict) or "config" not in saved or "epochs" not in saved:
         raise CheckpointError(f"{path} was not written by fastopt train --checkpoint")
     return saved
+
+
+def checkpointed_epochs(args) -> int:
+    """Epochs the checkpoint in --out holds, read back from it: a second
+    Ctrl-C can land between its rename and the count kept in
+    ``args.checkpointed`` (the message then said to resume from an epoch the
+    file had finished); that count where the file cannot be read."""
+    from fastopt.checkpoint import CheckpointError
+    try:
+        return len(_saved_run(checkpoint_path(args))["epochs"])
+    except (CheckpointError, OSError, ValueError, TypeError):
+        return getattr(args, "checkpointed", 0)
 
 
 def _shown(value) -> str:

@@ -39,10 +39,19 @@ from .inputs import BatchChecks
 from .layers import LayerPasses
 
 
+def _batch_size(batch_size):
+    """The evaluation chunk, an int >= 1 (-1 made an empty loop: evaluate()
+    returned a loss and accuracy of 0)."""
+    return V.check_int("batch_size", batch_size, low=1)
+
+
 def _seeds(seed, k):
     if seed is None or isinstance(seed, numbers.Integral) or (
             isinstance(seed, np.ndarray) and seed.ndim == 0):
-        base = 0 if seed is None else V.check_int("seed", seed, low=0)
+        # None: fresh OS entropy, as np.random.default_rng(None) (it meant 0,
+        # so "no seed" gave every run the same weights)
+        base = (int(np.random.SeedSequence().generate_state(1)[0]) if seed is None
+                else V.check_int("seed", seed, low=0))
         return [base + i for i in range(k)]
     if not hasattr(seed, "__iter__"):
         raise TypeError(f"seed must be an int >= 0 or a sequence of them, got "
@@ -100,9 +109,10 @@ class Ensemble(BatchChecks, LayerPasses):
         He (normal, std sqrt(2/fan_in)) or Xavier/Glorot (uniform,
         +-sqrt(6/(fan_in + fan_out))); "auto" picks He for the ReLU family
         and gelu, Xavier for tanh/sigmoid. Biases start at zero.
-    seed : int or sequence of k ints
+    seed : int, sequence of k ints, or None
         Model i is initialised from ``np.random.default_rng(seed + i)`` (or
         ``seed[i]``), so ``MLP(sizes, seed=seed + i)`` is the same model.
+        None: a base seed drawn from the OS, different in every run.
     dtype : float32 or float64
     backend : "auto", "cython", "numba", "numpy" or "cuda"
         Kernels for the fused passes (the reference "numpy" is the spec).
@@ -374,6 +384,7 @@ class Ensemble(BatchChecks, LayerPasses):
         return self._predict_checked(*self._check_x(X), batch_size)
 
     def _predict_checked(self, X, shared, batch_size):
+        batch_size = _batch_size(batch_size)
         B = tuple(X.shape)[-2]
         outs = []
         for s in range(0, B, batch_size):
@@ -396,6 +407,7 @@ class Ensemble(BatchChecks, LayerPasses):
     def evaluate(self, X, y, batch_size=1024):
         """Mean loss and accuracy per model on a held-out set: two ``[K]`` arrays
         (accuracy is NaN for MSE). Chunked forward passes, no gradients."""
+        batch_size = _batch_size(batch_size)
         X, shared = self._check_x(X)
         y = _host(self._check_targets(y, X, shared))
         B = tuple(X.shape)[-2]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import operator
 import threading
+import weakref
 
 import numpy as np
 
@@ -294,6 +295,8 @@ class Optimizer:
         checked before anything is kept.
         """
         if self.param_groups:
+            if self._rebinds_same(params):
+                return          # a notebook cell run again: nothing to do
             raise RuntimeError(f"this {type(self).__name__} already has its params; "
                                "make another optimizer for other params")
         if params is None:
@@ -782,7 +785,11 @@ class Optimizer:
                                       "skip_nonfinite", "loss_scaler", "backend"})
             raise ValueError(f"param group {gi} has unknown keys {sorted(unknown)}"
                              + (f" ({', '.join(whole)}: set once for the whole optimizer, "
-                                "as its keyword arguments)" if whole else ""))
+                                "as its keyword arguments)" if whole else
+                                f"; this {type(self).__name__} has {sorted(self.defaults)} "
+                                "(torch keeps other keys, such as a group's name; fastopt "
+                                "refuses them, so that a misspelt hyperparameter is not "
+                                "kept unused: keep labels beside the optimizer)"))
         group = self._validated(group, where=f"param_groups[{gi}]")
         where = f"param_groups[{gi}]['params']"
         given, labels = spec["params"], None
@@ -806,8 +813,13 @@ class Optimizer:
         """Every group's arrays, checked together (no two overlap; one dtype
         per group); the flat list of them."""
         all_params = [a for g in groups for a in g["params"]]
-        labels = ([f"params{lab}" for lab in names.labels] if names is not None
-                  else [f"params[{i}]" for i in range(len(all_params))])
+        if names is not None:
+            labels = [f"params{lab}" for lab in names.labels]
+        elif len(groups) == 1:
+            labels = [f"params[{i}]" for i in range(len(all_params))]
+        else:       # a flat index across groups named no group the user wrote
+            labels = [f"param_groups[{gi}]['params'][{i}]"
+                      for gi, g in enumerate(groups) for i in range(len(g["params"]))]
         self._placement.check_params(list(zip(labels, all_params)))
         self._state_format.check_params(self._placement.device, zip(labels, all_params))
         for gi, group in enumerate(groups):
@@ -915,6 +927,24 @@ class Optimizer:
         raise ValueError(f"params are not the arrays this {type(self).__name__} "
                          "updates: it steps its params in place, so pass the same "
                          "arrays every step (or make a new optimizer)")
+
+    def _rebinds_same(self, params) -> bool:
+        """``params`` are the arrays this optimizer has, in its order (or by
+        its names), with no group settings that could differ from its own."""
+        try:
+            specs = list(self._group_specs(params))
+        except (TypeError, ValueError):
+            return False
+        if len(specs) != len(self.param_groups) or any(set(spec) - {"params"}
+                                                       for spec in specs):
+            return False
+        arrays = []
+        for spec in specs:
+            given = spec["params"]
+            if isinstance(given, dict):
+                given = KeyTree.of(given, "params")[1]
+            arrays += [given] if isinstance(given, np.ndarray) else list(given)
+        return self._same_params(arrays) or self._same_params(self._by_name(params))
 
     def _same_params(self, arrays) -> bool:
         return arrays is not None and len(arrays) == len(self._params) and all(
@@ -1333,8 +1363,10 @@ class Optimizer:
                 values = el.values
                 return el, lambda: values
 
+        element_step = weakref.WeakMethod(self._element_step)     # (the plan is ours: no cycle)
+
         def at():
-            s, now = self._element_step(hypers, state)
+            s, now = element_step()(hypers, state)
             return make(s, nstate) if now == names else None
         return None, at
 
@@ -1434,8 +1466,10 @@ class Optimizer:
         thread while a training loop steps holds one step, not parts of two.
         """
         with self._lock:
+            self._refuse_unbound("state_dict")
             # what a step would refuse, refused here too: a checkpoint of it
             # could not be loaded (the layout and the state would disagree)
+            V.check_int("iterations", self.iterations, low=0)   # (assignable: load checks it)
             self._check_groups_unchanged()
             for gi, group in enumerate(self.param_groups):
                 self._check_group_keys(group, f"param_groups[{gi}]")
@@ -1561,9 +1595,25 @@ class Optimizer:
         with self._lock:
             finished(prepared_load(self, state_dict))   # a Ctrl-C: all of it, then raised
 
+    def _refuse_unbound(self, what):
+        """A checkpoint holds the state of the params: none yet, nothing to hold
+        (it raised an AttributeError from inside, or counted 0 param groups)."""
+        if not self.param_groups:
+            raise RuntimeError(f"this {type(self).__name__} has no params yet: {what} needs "
+                               "them; call bind(params) (or step(grads, params=...)) first")
+
+    def __copy__(self):
+        # a shallow copy shared the params and state buffers but kept its own
+        # step counts: both then stepped the moments, each bias-correcting
+        # for its own count (silently wrong updates, torn checkpoints)
+        raise TypeError(f"copy.copy(opt) of this {type(self).__name__} would share its params "
+                        "and state but not its step count; use copy.deepcopy(opt) for an "
+                        "independent optimizer over copies of its params")
+
     def _prepare_load(self, sd):
         """Check ``sd`` against this optimizer; return a function that applies it
         (and cannot fail), so callers can check several things before writing."""
+        self._refuse_unbound("loading a checkpoint")
         def need(d, keys, where):
             if not isinstance(d, dict):
                 raise TypeError(f"checkpoint: {where} must be a dict, got {type(d).__name__}")

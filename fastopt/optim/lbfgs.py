@@ -199,6 +199,8 @@ class LBFGS(Optimizer):
 
     # -- params: one group of float32/float64 host arrays --------------------------
     def bind(self, params) -> None:
+        if self.param_groups and self._rebinds_same(params):
+            return           # (not the history's reset below)
         params = V.listed(params)
         specs = self._group_specs(params)
         if len(specs) != 1:

@@ -81,9 +81,11 @@ def claim(scaler, optimizer) -> None:
             raise ValueError(
                 f"this LossScaler is also the loss_scaler of another {type(other).__name__}; "
                 "each step updates its scale, so the other optimizer's gradients would be "
-                "unscaled by a scale they were not made with: for one optimizer per "
-                "layer with one scaled loss, make one optimizer with a param group per "
-                "layer (each its own hyperparameters) and give it the scaler")
+                "unscaled by a scale they were not made with. Replacing that optimizer "
+                "(a notebook cell run again)? `del` it first, or give this one a new "
+                "LossScaler(). For one optimizer per layer with one scaled loss, make one "
+                "optimizer with a param group per layer (each its own hyperparameters) "
+                "and give it the scaler")
     _users[scaler] = weakref.ref(optimizer)
 
 

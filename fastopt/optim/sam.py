@@ -582,6 +582,12 @@ class SAM:
                     self._e_load(gi, a)
         return apply
 
+    def __copy__(self):
+        # shared base optimizer, separate perturbation: one copy's perturb
+        # then went unrestored by the other's step
+        raise TypeError("copy.copy of a SAM would share its base optimizer but not its "
+                        "perturbation; use copy.deepcopy(sam) for an independent copy")
+
     def __getstate__(self):
         # tables hold raw addresses of this object's arrays: a copy rebuilds
         # its own, and its e buffers, from host copies of e

@@ -37,6 +37,7 @@ not change.
 from __future__ import annotations
 
 import math
+import weakref
 
 from ..backends.scalars import ElementStep
 from ..backends.tables import element_maker
@@ -58,7 +59,9 @@ class GroupPlan:
                  "make", "fixed", "at", "opt", "index", "compact", "lists")
 
     def __init__(self, opt, index, group, hypers, state, names, tables, kind):
-        self.opt, self.index = opt, index
+        # weakly: the optimizer holds its plans, and a cycle kept a re-run
+        # notebook cell's optimizer (and its state) until the cyclic collector ran
+        self.opt, self.index = weakref.ref(opt), index
         # compact state: the step's rounding keys are the step's own (made per step)
         self.compact = opt._state_format if opt._state_format.compact else None
         self.group, self.params = group, group["params"]
@@ -151,9 +154,9 @@ class GroupPlan:
             return False
         hypers = dict(self.hypers, lr=lr)
         fixed = self.fixed
-        at = None if fixed is None else self.opt._plan_lr(fixed, hypers, self.state)
+        at = None if fixed is None else self.opt()._plan_lr(fixed, hypers, self.state)
         if at is None:
-            fixed, at = self.opt._plan_element(hypers, self.state, self.names, self.make)
+            fixed, at = self.opt()._plan_element(hypers, self.state, self.names, self.make)
         # stored together, lr last: a Ctrl-C before leaves the old lr, taken
         # up again at the next step (lr first kept the old element step for good)
         self.hypers, self.fixed, self.at, self.lr = hypers, fixed, at, lr

@@ -1331,8 +1331,8 @@ cdef inline bint _at_given(cnp.ndarray p, const i64* given) noexcept:
             and cnp.PyArray_IS_C_CONTIGUOUS(p))
 
 
-# a subclass whose arithmetic the kernels cannot honour (its mask)
-_MaskedArray = np.ma.MaskedArray
+# subclasses the full checks refuse (a masked array's mask, np.matrix's *)
+_REFUSED_SUBCLASSES = (np.ma.MaskedArray, np.matrix)
 
 
 cdef Py_ssize_t _gather(grads, list params, tuple at, i64 out, i64 written,
@@ -1359,8 +1359,8 @@ cdef Py_ssize_t _gather(grads, list params, tuple at, i64 out, i64 written,
     for k in range(n):
         item = seq[k] if at is None else seq[<Py_ssize_t>at[k]]
         if not cnp.PyArray_CheckExact(item) and (
-                not cnp.PyArray_Check(item) or isinstance(item, _MaskedArray)):
-            return k        # a masked array goes to the full checks, which refuse it
+                not cnp.PyArray_Check(item) or isinstance(item, _REFUSED_SUBCLASSES)):
+            return k        # to the full checks, which refuse it
         g = <cnp.ndarray>item
         p = <cnp.ndarray>params[k]
         # the param still as the table has it: its memory and dtype, and (below,
