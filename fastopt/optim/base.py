@@ -136,6 +136,17 @@ def _flat_of(gi, spec) -> dict:
     return {gi: given} if isinstance(given, FlatArrays) else {}
 
 
+def _spec_arrays(specs) -> list:
+    """The arrays of param-group specs, in order (a dict's by its keys)."""
+    arrays = []
+    for spec in specs:
+        given = spec["params"]
+        if isinstance(given, dict):
+            given = KeyTree.of(given, "params")[1]
+        arrays += [given] if isinstance(given, np.ndarray) else list(given)
+    return arrays
+
+
 def _count(n, noun):
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -903,13 +914,7 @@ class Optimizer:
         if not self.param_groups:
             self.bind(params)
             return
-        arrays = []
-        for spec in self._group_specs(params):
-            given = spec["params"]
-            if isinstance(given, dict):
-                given = KeyTree.of(given, "params")[1]
-            arrays += [given] if isinstance(given, np.ndarray) else list(given)
-        if self._same_params(arrays):
+        if self._same_params(_spec_arrays(self._group_specs(params))):
             self._given = params
             # later steps with this object skip the comparison above: watch it
             self._watch = GivenParams.of(params, self._params, self._names)
@@ -938,13 +943,8 @@ class Optimizer:
         if len(specs) != len(self.param_groups) or any(set(spec) - {"params"}
                                                        for spec in specs):
             return False
-        arrays = []
-        for spec in specs:
-            given = spec["params"]
-            if isinstance(given, dict):
-                given = KeyTree.of(given, "params")[1]
-            arrays += [given] if isinstance(given, np.ndarray) else list(given)
-        return self._same_params(arrays) or self._same_params(self._by_name(params))
+        return (self._same_params(_spec_arrays(specs))
+                or self._same_params(self._by_name(params)))
 
     def _same_params(self, arrays) -> bool:
         return arrays is not None and len(arrays) == len(self._params) and all(
