@@ -42,6 +42,7 @@ import bisect
 import json
 import math
 
+from ._validate import check_bool as _bool
 from ._validate import check_int as _int
 from ._validate import check_real as _real
 
@@ -80,8 +81,9 @@ class Schedule:
         try:
             return float(self.value(step))
         except OverflowError:      # a growing schedule (gamma > 1) past float's range
-            raise ValueError(f"{self!r} at step {step}: the lr grows past the largest "
-                             "float") from None
+            what = ("the step is past the largest float" if step > _FLOAT_MAX
+                    else "the lr grows past the largest float")
+            raise ValueError(f"{self!r} at step {step}: {what}") from None
 
     def value(self, step: int) -> float:
         raise NotImplementedError
@@ -94,7 +96,8 @@ class Schedule:
         return isinstance(other, Schedule) and self.to_dict() == other.to_dict()
 
     def __hash__(self):
-        return hash(repr(self))
+        # equal schedules hash alike: -0.0 == 0.0 (their reprs differ)
+        return hash(_frozen(self.to_dict()))
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self._args.items())
@@ -281,6 +284,30 @@ class warmup_cosine(Schedule):
         return self._joined.value(step)
 
 
+def _frozen(spec):
+    """A to_dict() spec as nested tuples, hashable."""
+    if isinstance(spec, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in spec.items()))
+    if isinstance(spec, list):
+        return tuple(map(_frozen, spec))
+    return spec
+
+
+_FLOAT_MAX = 1.7976931348623157e308
+
+
+def _times_power(a, gamma, k):
+    """``a * gamma**k``, as torch's closed forms compute it; where
+    ``gamma**k`` alone overflows but the product need not (a = 0, a tiny a),
+    through logarithms."""
+    try:
+        return a * gamma ** k
+    except OverflowError:
+        if a == 0.0:
+            return 0.0
+        return math.exp(math.log(a) + k * math.log(gamma))    # OverflowError: it does
+
+
 class step_decay(Schedule):
     r"""Multiply by ``gamma`` at each milestone.
 
@@ -315,7 +342,7 @@ class step_decay(Schedule):
             k = step // a["step_size"]
         else:
             k = bisect.bisect_right(a["milestones"], step)
-        return a["init_value"] * a["gamma"] ** k
+        return _times_power(a["init_value"], a["gamma"], k)
 
 
 class exponential(Schedule):
@@ -328,7 +355,7 @@ class exponential(Schedule):
                       "gamma": _real("gamma", gamma, low=0.0)}
 
     def value(self, step):
-        return self._args["init_value"] * self._args["gamma"] ** step
+        return _times_power(self._args["init_value"], self._args["gamma"], step)
 
 
 def _anneal(start, end, pct, how):
@@ -356,8 +383,7 @@ class one_cycle(Schedule):
                  div_factor=25.0, final_div_factor=1e4, three_phase=False):
         if anneal not in ("cos", "linear"):
             raise ValueError(f"anneal must be 'cos' or 'linear', got {anneal!r}")
-        if not isinstance(three_phase, bool):
-            raise TypeError(f"three_phase must be a bool, got {type(three_phase).__name__}")
+        three_phase = _bool("three_phase", three_phase)     # np.bool_ too
         self._args = {"max_value": _real("max_value", max_value, low=0.0),
                       "total_steps": _int("total_steps", total_steps, low=2),
                       "pct_start": _real("pct_start", pct_start, low=0.0, low_open=True,

@@ -256,9 +256,9 @@ def test_a_schedule_that_overflows_is_named_at_the_step():
     one line, and a spec with a kind that is no name is a ValueError."""
     p = [np.ones(3)]
     opt = fastopt.SGD(p, lr=fastopt.schedules.exponential(1e-3, 1.5))
-    opt.iterations = 1751
+    opt.iterations = 1768       # 1e-3 * 1.5**1768 > 1.8e308
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]: the schedule failed at "
-                                         r"step 1751"):
+                                         r"step 1768"):
         opt.step([np.ones(3)])
     assert p[0].tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="unknown schedule kind"):
@@ -289,7 +289,7 @@ def test_plot_schedule_of_an_overflowing_or_constant_schedule(tmp_path, capsys):
     assert main(["plot-schedule", "exponential(1e-3, 1.5)", "--steps", "3000",
                  "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "at step 1751: the lr grows past" in err
+    assert len(err.splitlines()) == 1 and "at step 1768: the lr grows past" in err
 
 
 def test_a_schedule_assigned_mid_run_starts_from_its_beginning_with_from_step():
@@ -314,3 +314,94 @@ def test_a_schedule_assigned_mid_run_starts_from_its_beginning_with_from_step():
         fastopt.schedules.from_step(cos, -1)
     with pytest.raises(TypeError, match="takes a fastopt schedule"):
         fastopt.schedules.from_step(lambda step: 1e-3, 5)
+
+
+def test_a_schedule_failing_ahead_of_its_step_leaves_the_step_taken():
+    """Each step shows the next step's lr in param_groups; an IndexError
+    there (a list of lrs run out) came out of the step that had just been
+    taken, and a loop that retried took it twice. The step that needs the
+    value raises, naming it, before writing."""
+    lrs = [0.1, 0.2, 0.3]
+    p = [np.zeros(2)]
+    opt = fastopt.SGD(p, lr=lambda k: lrs[k])
+    for k in range(3):
+        opt.step([np.ones(2)])
+    np.testing.assert_allclose(p[0], [-0.6, -0.6])
+    assert opt.iterations == 3 and opt.last_lr == [0.3]
+    with pytest.raises(ValueError, match=r"failed at step 3: IndexError: list index out"):
+        opt.step([np.ones(2)])
+    np.testing.assert_allclose(p[0], [-0.6, -0.6])
+    assert opt.iterations == 3
+
+
+def test_a_checkpoint_at_a_schedules_end_loads(tmp_path):
+    """A schedule that raises past its last step (as torch's OneCycleLR), or
+    an lr range test that overflows: the run's last checkpoint was refused
+    by load ("does not match"), its schedule then not replaceable."""
+    class Strict(S.Schedule):
+        kind = "strict_test_schedule"
+
+        def __init__(self, n):
+            self._args = {"n": n}
+
+        def value(self, step):
+            if step >= self._args["n"]:
+                raise ValueError(f"past its {self._args['n']} steps")
+            return 0.1
+    p = [np.zeros(2)]
+    opt = fastopt.SGD(p, lr=Strict(3))
+    for _ in range(3):
+        opt.step([np.ones(2)])
+    fastopt.save(tmp_path / "c.npz", params=p, optimizer=opt)
+    q = [np.ones(2)]
+    again = fastopt.SGD(q, lr=Strict(3))
+    fastopt.load(tmp_path / "c.npz", params=q, optimizer=again)
+    np.testing.assert_array_equal(q[0], p[0])
+    with pytest.raises(ValueError, match="failed at step 3: ValueError: past its 3 steps"):
+        again.step([np.ones(2)])
+    again.param_groups[0]["lr"] = 0.01                   # replaced, the run goes on
+    again.step([np.ones(2)])
+    np.testing.assert_allclose(q[0], p[0] - 0.01)
+    fresh = fastopt.SGD([np.zeros(2)], lr=Strict(3))      # at step 0 it is still refused
+    sd = fresh.state_dict()
+    sd["param_groups"][0]["lr"] = {"schedule": {"kind": "strict_test_schedule", "n": 0}}
+    with pytest.raises(ValueError, match="failed at step 0"):
+        fresh.load_state_dict(sd)
+
+
+def test_closed_forms_overflow_only_where_the_lr_does():
+    # gamma ** step overflowed first: "grows past the largest float" for an lr of 0
+    assert S.exponential(0.0, 2.0)(2000) == 0.0
+    assert S.step_decay(0.0, 2.0, step_size=1)(2000) == 0.0
+    assert S.exponential(1e-300, 1e10)(31) == pytest.approx(1e10, rel=1e-12)
+    assert S.exponential(0.5, 0.9)(7) == 0.5 * 0.9 ** 7         # torch's bits where it fits
+    with pytest.raises(ValueError, match="grows past the largest float"):
+        S.exponential(1.0, 2.0)(2000)
+
+
+def test_small_schedule_edges():
+    assert len({S.constant(-0.0), S.constant(0.0)}) == 1       # equal, so one hash
+    assert S.one_cycle(1.0, 100, three_phase=np.bool_(True)).to_dict()["three_phase"] is True
+    with pytest.raises(TypeError, match="weight_decay is a linear: only lr takes a schedule"):
+        fastopt.AdamW([np.zeros(3)], weight_decay=S.linear(0.1, 0.0, 10))
+    unbound = fastopt.SGD(lr=S.linear(0.1, 0.0, 10))
+    with pytest.raises(RuntimeError, match=r"no params yet.*opt.defaults\['lr'\]"):
+        unbound.lr_schedule(0)
+    unbound.bind([np.zeros(3)])
+    assert unbound.lr_schedule(-1) == S.linear(0.1, 0.0, 10)
+    with pytest.raises(IndexError, match="param group 1 of 1"):
+        unbound.lr_schedule(1)
+
+
+def test_plot_schedule_draws_each_break(tmp_path):
+    """It drew every ceil(steps/4000)-th step: a one-step spike at 5000 of
+    11000 steps was missing, step decay's drops late."""
+    from fastopt.cli.plot_schedule import _breaks
+    spike = S.join([S.constant(1e-3), S.constant(0.1), S.constant(1e-3)], [5000, 5001])
+    found = set()
+    _breaks(spike.to_dict(), 0, 11000, found)
+    assert {4999, 5000, 5001} <= found
+    found = set()
+    _breaks(S.join([S.constant(1.0), S.step_decay(1.0, 0.5, step_size=7)], [10]).to_dict(),
+            0, 100, found)
+    assert {16, 17, 23, 24} <= found and 9 in found

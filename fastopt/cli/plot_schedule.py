@@ -54,7 +54,13 @@ def run(args):
     # at most a few thousand points: a figure has fewer pixels, and a long
     # run of schedule calls (--steps 100000000) would take minutes
     stride = -(-steps // 4000)
-    xs = [*range(0, steps, stride), *([steps - 1] if (steps - 1) % stride else [])]
+    # and each schedule's own breaks (a join's boundaries, step decay's
+    # drops), on both sides: a one-step spike or a drop between two samples
+    # was drawn missing, or late
+    breaks = set()
+    for s in scheds:
+        _breaks(s.to_dict(), 0, steps, breaks)
+    xs = sorted({*range(0, steps, stride), steps - 1, *(b for b in breaks if 0 <= b < steps)})
     try:
         curves = [[s(t) for t in xs] for s in scheds]
     except (ArithmeticError, ValueError) as exc:    # exponential with gamma > 1, overflowing
@@ -63,7 +69,8 @@ def run(args):
         return 2
     fig, ax = plt.subplots(figsize=(7, 4))
     for s, ys in zip(scheds, curves):
-        ax.plot(xs, ys, label=repr(s) if len(repr(s)) < 90 else s.kind)
+        ax.plot(xs, ys, label=repr(s) if len(repr(s)) < 90 else s.kind,
+                marker="o" if len(xs) == 1 else None)      # one step: a point, not nothing
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
     if args.log:
@@ -75,3 +82,27 @@ def run(args):
     plt.close(fig)
     print(f"wrote {output} ({len(scheds)} schedule(s), {steps} steps)")
     return 0
+
+
+#: breaks gathered per schedule at most (step decay's drops every few steps)
+_MAX_BREAKS = 8000
+
+
+def _breaks(spec, offset, steps, out):
+    """The steps where the schedule of ``spec`` (its to_dict()) jumps, and
+    the steps before them, shifted by ``offset``, into ``out``."""
+    kind = spec.get("kind")
+    if kind == "join":
+        bounds = spec["boundaries"]
+        for b in bounds:
+            out.update((offset + b - 1, offset + b))
+        for sub, start in zip(spec["schedules"], [0, *bounds]):
+            if offset + start < steps:
+                _breaks(sub, offset + start, steps, out)
+    elif kind == "step_decay":
+        drops = (spec["milestones"] if "milestones" in spec else
+                 range(spec["step_size"], max(steps - offset, 0), spec["step_size"]))
+        for m in list(drops)[:_MAX_BREAKS]:
+            out.update((offset + m - 1, offset + m))
+    elif kind == "warmup_cosine":
+        out.add(offset + spec["warmup_steps"])

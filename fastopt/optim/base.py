@@ -119,14 +119,23 @@ def _brief(layout):
     return f"[{text}{', ...' if len(layout) > 4 else ''}] ({_count(len(layout), 'array')})"
 
 
+class ScheduleFailed(ValueError):
+    """A schedule raised, or gave no lr a step can take, at a step."""
+
+
 def schedule_value(schedule, k, name) -> float:
-    """``schedule(k)``, checked: a non-negative real lr, or a ValueError
-    naming ``name`` and the step."""
+    """``schedule(k)``, checked: a non-negative real lr, or a
+    :class:`ScheduleFailed` naming ``name`` and the step."""
     try:
         value = schedule(k)
-    except (TypeError, ValueError, ArithmeticError) as exc:   # e.g. gamma > 1 overflowing
-        raise ValueError(f"{name}: the schedule failed at step {k}: {exc}") from None
-    return V.check_real(f"{name} (schedule value at step {k})", value, low=0.0)
+    except Exception as exc:    # noqa: BLE001 - a user's callable: gamma > 1 overflowing,
+        # a list of lrs run out (IndexError): raised before anything is written
+        raise ScheduleFailed(f"{name}: the schedule failed at step {k}: "
+                             f"{type(exc).__name__}: {exc}") from None
+    try:
+        return V.check_real(f"{name} (schedule value at step {k})", value, low=0.0)
+    except (TypeError, ValueError) as exc:
+        raise ScheduleFailed(str(exc)) from None
 
 
 def _flat_of(gi, spec) -> dict:
@@ -1150,6 +1159,12 @@ class Optimizer:
         """The lr schedule driving param group ``group``, or None when its
         lr is a plain number (``param_groups[group]["lr"]`` shows the value
         the next step uses either way)."""
+        if not self.param_groups:
+            raise RuntimeError(f"this {type(self).__name__} has no params yet, so no param "
+                               "groups: the lr the groups will take is opt.defaults['lr']")
+        if not -len(self.param_groups) <= group < len(self.param_groups):
+            raise IndexError(f"param group {group} of {len(self.param_groups)}")
+        group %= len(self.param_groups)         # -1: the last, as param_groups[-1]
         self._with_schedule(group, self.param_groups[group])   # one assigned since
         return self._schedules.get(group)
 
@@ -1189,7 +1204,9 @@ class Optimizer:
             if sched is not None:
                 try:
                     value = float(sched(self.iterations))
-                except (TypeError, ValueError, ArithmeticError):
+                except Exception:   # noqa: BLE001 - the next step's, shown ahead: that
+                    # step raises it (an IndexError raised here came out of a step
+                    # that had been taken, and a retry took it twice)
                     value = group["lr"] if not callable(group["lr"]) else float("nan")
                     at = None
                 group["lr"] = value
@@ -1649,7 +1666,16 @@ class Optimizer:
             if isinstance(group["lr"], dict):
                 need(group["lr"], ("schedule",), f"{where}['lr']")
                 group["lr"] = from_dict(group["lr"]["schedule"])
-            group = self._validated(group, where=where, position=iterations)
+            try:
+                group = self._validated(group, where=where, position=iterations)
+            except ScheduleFailed:
+                if not iterations:
+                    raise
+                # a schedule that ends (as torch's OneCycleLR), an lr range test
+                # that overflowed: the run's next step fails, and so will this
+                # one's, naming it; the checkpoint matches (checked at the last step
+                # taken) and loads, so that its schedule can be replaced
+                group = self._validated(group, where=where, position=iterations - 1)
             need(st, ("step", "buffers"), f"state[{gi}]")
             step = V.check_int(f"checkpoint state[{gi}]['step']", st["step"], low=0)
             runs = self._run_info[gi]["runs"]
@@ -1865,6 +1891,10 @@ class Optimizer:
         checked = dict(group)
         for name, kind in self._hypers.items():
             key, value = V.key(where, name), group[name]
+            if callable(value) and name != "lr":     # it said "must be a real number, got linear"
+                raise TypeError(f"{key} is a {type(value).__name__}: only lr takes a "
+                                "schedule; set other hyperparameters between steps "
+                                f"(opt.param_groups[i][{name!r}] = value)")
             if kind == BETAS:
                 checked[name] = V.check_betas(value, key)
             elif kind == FLAG:
