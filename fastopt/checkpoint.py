@@ -446,22 +446,23 @@ def _refuse_other_arrays(params, optimizer):
     """An optimizer made before the model was made again (a notebook cell
     run again) trains its old arrays: loaded beside the new params, the run
     went on training arrays nobody reads, the params never changing."""
-    mine = [a for a in getattr(optimizer, "_params", None) or ()
-            if isinstance(a, np.ndarray)]
+    inner = getattr(optimizer, "base_optimizer", optimizer)     # SAM steps its base's
+    mine = [_span(a) for a in getattr(inner, "_params", None) or ()
+            if isinstance(a, np.ndarray) and a.size]
     if not mine:
-        return              # device arrays, wrappers: not checked here
-    spans = []
-    for a in _named_params(params)[1]:
-        if isinstance(a, np.ndarray) and a.size:
-            lo = a.__array_interface__["data"][0]
-            spans.append((lo, lo + a.nbytes))
-    if not spans or any(lo <= a.__array_interface__["data"][0] < hi
-                        for a in mine if a.size for lo, hi in spans):
+        return   # device arrays, the distributed wrappers (a shard is its own buffer)
+    given = [_span(a) for a in _named_params(params)[1] if isinstance(a, np.ndarray) and a.size]
+    if not given or any(lo < g_hi and g_lo < hi for lo, hi in mine for g_lo, g_hi in given):
         return
     raise CheckpointError(
         f"the optimizer ({type(optimizer).__name__}) updates none of the params given: it "
         "was made over other arrays (the model made again after it?), and would go on "
         "training those; make the optimizer over these params, then load")
+
+
+def _span(a):
+    lo = a.__array_interface__["data"][0]
+    return lo, lo + a.nbytes
 
 
 def _prepare_params(given, tree):

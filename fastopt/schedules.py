@@ -294,18 +294,27 @@ def _frozen(spec):
 
 
 _FLOAT_MAX = 1.7976931348623157e308
+_LOG_FLOAT_MAX = math.log(_FLOAT_MAX)
 
 
 def _times_power(a, gamma, k):
     """``a * gamma**k``, as torch's closed forms compute it; where
     ``gamma**k`` alone overflows but the product need not (a = 0, a tiny a),
-    through logarithms."""
+    through logarithms. OverflowError where the lr itself passes the
+    largest float (the product was inf, or the logarithm's exp rounded back
+    under it)."""
     try:
-        return a * gamma ** k
+        value = a * gamma ** k
     except OverflowError:
         if a == 0.0:
             return 0.0
-        return math.exp(math.log(a) + k * math.log(gamma))    # OverflowError: it does
+        log = math.log(a) + k * math.log(gamma)
+        if log >= _LOG_FLOAT_MAX:
+            raise OverflowError("the lr passes the largest float") from None
+        return math.exp(log)
+    if value == math.inf:
+        raise OverflowError("the lr passes the largest float")
+    return value
 
 
 class step_decay(Schedule):

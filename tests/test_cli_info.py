@@ -40,3 +40,8 @@ def test_info_json_holds_what_the_text_says(capsys):
     assert facts["threads"]["fastopt_threads"] == fastopt.get_num_threads()
     assert facts["state_bytes_per_element"]["Adam, AdamW"]["bfloat16"] == 4.0
     assert facts["state_bytes_per_element"]["LAMB"]["int8"] is None
+    assert main(["info"]) == 0           # the text says the same facts
+    text = capsys.readouterr().out
+    assert text.startswith(f"fastopt {facts['fastopt']}\n")
+    assert f"backend='auto' picks {facts['auto_backend']!r}" in text
+    assert f"threads: fastopt {facts['threads']['fastopt_threads']}," in text

@@ -41,14 +41,20 @@ def test_a_shallow_copy_is_refused_a_deep_one_steps_alone():
     assert twin.iterations == 2 and opt.iterations == 1
 
 
-def test_an_optimizer_without_params_says_to_bind_them():
+def test_an_optimizer_without_params_says_to_bind_them(tmp_path):
     """state_dict and fastopt.save raised AttributeError from inside;
-    load_state_dict counted 0 param groups."""
+    load_state_dict counted 0 param groups. A load stays a CheckpointError
+    (a ValueError), as every load that cannot match: a resume loop catches it."""
     opt = fastopt.Adam(lr=1e-3)
-    for call in (opt.state_dict,
-                 lambda: fastopt.save("never.npz", optimizer=opt),
-                 lambda: opt.load_state_dict(fastopt.Adam(_params()).state_dict())):
+    for call in (opt.state_dict, lambda: fastopt.save(tmp_path / "never.npz", optimizer=opt)):
         with pytest.raises(RuntimeError, match=r"has no params yet: .*bind\(params\)"):
+            call()
+    assert not (tmp_path / "never.npz").exists()
+    params = _params()
+    fastopt.save(tmp_path / "c.npz", params=params, optimizer=fastopt.Adam(params))
+    for call in (lambda: opt.load_state_dict(fastopt.Adam(_params()).state_dict()),
+                 lambda: fastopt.load(tmp_path / "c.npz", optimizer=opt)):
+        with pytest.raises(fastopt.CheckpointError, match=r"has no params yet.*bind\(params\)"):
             call()
 
 
@@ -90,6 +96,8 @@ def test_binding_the_same_arrays_again_is_a_no_op(make):
         opt.bind(_params())                     # other arrays
     with pytest.raises(RuntimeError, match="already has its params"):
         opt.bind([{"params": params, "lr": 0.5}])     # settings a no-op would drop
+    with pytest.raises(RuntimeError, match="already has its params"):
+        opt.bind(a for a in _params().values())   # a generator, read once
 
 
 def test_loading_into_a_model_made_again_under_a_trained_optimizer(tmp_path):
@@ -104,6 +112,25 @@ def test_loading_into_a_model_made_again_under_a_trained_optimizer(tmp_path):
         fastopt.load(tmp_path / "c.npz", params=params, optimizer=opt)
     np.testing.assert_array_equal(params["W"], np.ones((3, 4)))      # nothing loaded
     fastopt.load(tmp_path / "c.npz", params=opt.param_groups[0]["params"], optimizer=opt)
+    # SAM steps its base's arrays: checked too
+    sam = fastopt.SAM(fastopt.SGD(_params(), lr=0.1))
+    sam.perturb(_grads())
+    sam.step(_grads())
+    fastopt.save(tmp_path / "s.npz", params=_params(), optimizer=sam)
+    with pytest.raises(fastopt.CheckpointError, match=r"\(SAM\) updates none of the params"):
+        fastopt.load(tmp_path / "s.npz", params=_params(), optimizer=sam)
+
+
+def test_loading_views_of_the_optimizers_buffer(tmp_path):
+    """Params that are views of the optimizer's one buffer, starting past its
+    first element, overlap what it updates: loaded (the start of each was
+    compared, not the spans)."""
+    buf = np.ones(20)
+    opt = fastopt.SGD(buf, lr=0.1)
+    opt.step(np.ones(20))
+    view = {"b": buf[12:]}
+    fastopt.save(tmp_path / "c.npz", params=view, optimizer=opt)
+    fastopt.load(tmp_path / "c.npz", params=view, optimizer=opt)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -171,3 +198,29 @@ def test_an_np_matrix_is_refused_before_anything_is_written(backend, name):
     assert (P[0] == 1).all()
     with pytest.raises(TypeError, match="is an np.matrix"):
         fastopt.global_norm([np.matrix([[3.0, 4.0]])])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sam_with_a_schedule_that_ends_leaves_the_params_perturbed(backend):
+    """On the NumPy backend SAM restores the params before the base step: a
+    schedule failing there left them restored and the perturbation dropped
+    (a retry: "called without perturb"); now named before the restore."""
+    def lr(k):
+        if k >= 2:
+            raise ValueError("past the end")
+        return 0.1
+    p = [np.zeros(2)]
+    sam = fastopt.SAM(fastopt.SGD(p, lr=lr, backend=backend), rho=0.05)
+    g = [np.ones(2)]
+    for _ in range(2):
+        sam.perturb(g)
+        sam.step(g)
+    sam.perturb(g)
+    perturbed = p[0].copy()
+    with pytest.raises(ValueError, match="failed at step 2: ValueError: past the end"):
+        sam.step(g)
+    np.testing.assert_array_equal(p[0], perturbed)
+    assert sam.perturbed
+    sam.base_optimizer.param_groups[0]["lr"] = 0.25     # replaced: the run goes on
+    sam.step(g)
+    assert sam.base_optimizer.last_lr == [0.25]

@@ -328,8 +328,9 @@ def test_a_schedule_failing_ahead_of_its_step_leaves_the_step_taken():
         opt.step([np.ones(2)])
     np.testing.assert_allclose(p[0], [-0.6, -0.6])
     assert opt.iterations == 3 and opt.last_lr == [0.3]
-    with pytest.raises(ValueError, match=r"failed at step 3: IndexError: list index out"):
+    with pytest.raises(ValueError, match=r"failed at step 3: IndexError: list index out") as err:
         opt.step([np.ones(2)])
+    assert isinstance(err.value.__cause__, IndexError)      # its traceback kept
     np.testing.assert_allclose(p[0], [-0.6, -0.6])
     assert opt.iterations == 3
 
@@ -375,8 +376,11 @@ def test_closed_forms_overflow_only_where_the_lr_does():
     assert S.step_decay(0.0, 2.0, step_size=1)(2000) == 0.0
     assert S.exponential(1e-300, 1e10)(31) == pytest.approx(1e10, rel=1e-12)
     assert S.exponential(0.5, 0.9)(7) == 0.5 * 0.9 ** 7         # torch's bits where it fits
-    with pytest.raises(ValueError, match="grows past the largest float"):
-        S.exponential(1.0, 2.0)(2000)
+    for s, k in ((S.exponential(1.0, 2.0), 2000), (S.exponential(10.0, 2.0), 1023),
+                 (S.step_decay(10.0, 2.0, step_size=1), 1023), (S.exponential(1.0, 2.0), 1024),
+                 (S.exponential(1e-300, 1e300), 10 ** 306)):
+        with pytest.raises(ValueError, match="grows past the largest float"):
+            s(k)           # never inf, nor a float rounded back under the largest
 
 
 def test_small_schedule_edges():
@@ -405,3 +409,18 @@ def test_plot_schedule_draws_each_break(tmp_path):
     _breaks(S.join([S.constant(1.0), S.step_decay(1.0, 0.5, step_size=7)], [10]).to_dict(),
             0, 100, found)
     assert {16, 17, 23, 24} <= found and 9 in found
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from fastopt.cli import main
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+
+    def plot(self, xs, ys, *a, **k):
+        drawn.append(max(ys))
+        return real(self, xs, ys, *a, **k)
+    import unittest.mock
+    with unittest.mock.patch.object(matplotlib.axes.Axes, "plot", plot):
+        assert main(["plot-schedule", "join([constant(0.001), constant(0.1), constant(0.001)], "
+                     "[5000, 5001])", "-o", str(tmp_path / "s.png")]) == 0
+    assert drawn == [0.1]

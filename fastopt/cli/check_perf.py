@@ -51,7 +51,8 @@ def run(args):
                      f"measuring failed: {type(exc).__name__}: {exc}")
     print(perfguard.report(checks, args.floors))
     status = EXIT_OK if all(ch.ok for ch in checks) else EXIT_REGRESSION
-    _write_json(args, perfguard.as_json(checks, args.floors, status))
+    if not _write_json(args, perfguard.as_json(checks, args.floors, status)):
+        return EXIT_SETUP      # (a traceback exited 1: a regression's code)
     return status
 
 
@@ -62,11 +63,18 @@ def _fail(args, status, message):
     return status
 
 
-def _write_json(args, result):
+def _write_json(args, result) -> bool:
+    """--json's file written (True), or why not said (False)."""
     if args.json is None:
-        return
+        return True
     import json
 
     from .._files import write_atomically
-    write_atomically(args.json, (json.dumps(result, indent=1) + "\n").encode())
+    try:
+        write_atomically(args.json, (json.dumps(result, indent=1) + "\n").encode())
+    except OSError as exc:
+        print(f"fastopt check-perf: --json {args.json}: not written: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return False
     print(f"result: {args.json}", file=sys.stderr)
+    return True

@@ -102,7 +102,7 @@ def _breaks(spec, offset, steps, out):
     elif kind == "step_decay":
         drops = (spec["milestones"] if "milestones" in spec else
                  range(spec["step_size"], max(steps - offset, 0), spec["step_size"]))
-        for m in list(drops)[:_MAX_BREAKS]:
+        for m in drops[:_MAX_BREAKS]:       # (a range slices lazily)
             out.update((offset + m - 1, offset + m))
     elif kind == "warmup_cosine":
         out.add(offset + spec["warmup_steps"])

@@ -431,8 +431,10 @@ def _run(args, comm):
                   "(it writes one after each epoch)", file=sys.stderr)
             args.resume = False
         elif len(finished) == args.epochs:
+            # no epoch left: the run goes through (no step is taken) and writes
+            # its results from the checkpoint's records again, in case the
+            # first run was stopped after its last checkpoint, before them
             print(f"fastopt train: {finished_note(args, finished)}", file=sys.stderr)
-            return 0
     parallel = None
     if comm is not None:
         from fastopt.distributed.training import DataParallelTraining

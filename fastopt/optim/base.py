@@ -131,7 +131,7 @@ def schedule_value(schedule, k, name) -> float:
     except Exception as exc:    # noqa: BLE001 - a user's callable: gamma > 1 overflowing,
         # a list of lrs run out (IndexError): raised before anything is written
         raise ScheduleFailed(f"{name}: the schedule failed at step {k}: "
-                             f"{type(exc).__name__}: {exc}") from None
+                             f"{type(exc).__name__}: {exc}") from exc     # its traceback
     try:
         return V.check_real(f"{name} (schedule value at step {k})", value, low=0.0)
     except (TypeError, ValueError) as exc:
@@ -631,8 +631,7 @@ class Optimizer:
         values), and views of one buffer may no longer lie end to end. The
         16-bit params' master copies are cut again to the new runs (a run
         is one buffer, of one dtype; a group may mix float32 and 16-bit
-        runs). New state entries: a shallow copy (copy.copy) shares the
-        original's."""
+        runs). New state entries, the copy's own."""
         old_info = self._run_info
         self._build_runs()
         self.state = [dict(st) for st in self.state]
@@ -1193,6 +1192,16 @@ class Optimizer:
             return None
         return sched
 
+    def _check_schedules(self):
+        """Each scheduled group's lr for the next step evaluated, a
+        :class:`ScheduleFailed` naming one that fails: for a wrapper that
+        writes before it calls :meth:`step` (SAM's restore on the NumPy
+        backend)."""
+        for gi, group in enumerate(self.param_groups):
+            sched = self._take_schedule(gi, group)
+            if sched is not None:
+                schedule_value(sched, self.iterations, f"param_groups[{gi}]['lr']")
+
     def _show_lr(self):
         """Write each scheduled group's next lr into ``group["lr"]``, and the
         step it is for into ``_lr_shown_at`` (the step plan steps with the
@@ -1380,10 +1389,12 @@ class Optimizer:
                 values = el.values
                 return el, lambda: values
 
-        element_step = weakref.WeakMethod(self._element_step)     # (the plan is ours: no cycle)
+        # the plan is ours: through a weak reference, no cycle (a WeakMethod
+        # cost 0.5 us a step, made anew each step with a schedule: 2 us)
+        me, element_step = weakref.ref(self), type(self)._element_step
 
         def at():
-            s, now = element_step()(hypers, state)
+            s, now = element_step(me(), hypers, state)
             return make(s, nstate) if now == names else None
         return None, at
 
@@ -1630,7 +1641,11 @@ class Optimizer:
     def _prepare_load(self, sd):
         """Check ``sd`` against this optimizer; return a function that applies it
         (and cannot fail), so callers can check several things before writing."""
-        self._refuse_unbound("loading a checkpoint")
+        if not self.param_groups:      # a CheckpointError, as any load that cannot match
+            from ..checkpoint import CheckpointError
+            raise CheckpointError(f"this {type(self).__name__} has no params yet, so no "
+                                  "state to load into: call bind(params) (or make it with its "
+                                  "params) first")
         def need(d, keys, where):
             if not isinstance(d, dict):
                 raise TypeError(f"checkpoint: {where} must be a dict, got {type(d).__name__}")

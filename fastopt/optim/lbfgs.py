@@ -199,9 +199,9 @@ class LBFGS(Optimizer):
 
     # -- params: one group of float32/float64 host arrays --------------------------
     def bind(self, params) -> None:
+        params = V.listed(params)        # (a generator: read once)
         if self.param_groups and self._rebinds_same(params):
             return           # (not the history's reset below)
-        params = V.listed(params)
         specs = self._group_specs(params)
         if len(specs) != 1:
             raise ValueError(f"LBFGS takes one param group (torch's rule: its state is one "

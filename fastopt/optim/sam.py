@@ -410,6 +410,9 @@ class SAM:
                 # a pass of its own, completed through an interrupt: the
                 # params are restored and say so, or neither
                 calls = [[t.outcome[0] for t in ts] for ts in self._tables]
+                # a schedule that fails refuses the base step: named before
+                # the params are restored, so a retry finds them perturbed
+                self.base_optimizer._check_schedules()
                 finished(self._restore_apart, calls)
             self.perturbed = self._skipped = False
             return self.base_optimizer.step(grads)
