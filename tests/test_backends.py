@@ -395,3 +395,20 @@ def test_chunk_constants_match_the_kernels():
         mod = get_backend("numba")
         assert (mod.CHUNK, mod.SERIAL_MAX) == (CHUNK, SERIAL_MAX)
     assert SERIAL_MAX < LARGE and LARGE % CHUNK
+
+
+def test_a_cython_build_that_predates_an_optimizer_does_not_load():
+    """Its dispatch ran an op it did not know as SGD: a new optimizer (or a
+    checkout updated without a rebuild) trained silently wrong."""
+    pytest.importorskip("fastopt.backends.cython_cpu")
+    import types
+
+    from fastopt.backends import cython_cpu, scalars
+    built = cython_cpu._k
+    assert set(built.KNOWN_OPS) == {v for k, v in vars(scalars).items() if k.startswith("OP_")}
+    stale = types.SimpleNamespace(__file__="kernels_v4.so",
+                                  KNOWN_OPS=tuple(o for o in built.KNOWN_OPS
+                                                  if o != scalars.OP_LAMB))
+    with pytest.raises(ImportError, match=r"kernels_v4.so\) predate OP_LAMB of "
+                                          r"fastopt.backends.scalars: rebuild"):
+        cython_cpu._refuse_a_stale_build(stale)

@@ -255,7 +255,7 @@ def test_refusals():
     with pytest.raises(ValueError, match="centered=True with state_dtype='int8'"):
         fastopt.RMSprop(x32, centered=True, state_dtype="int8")
     opt = fastopt.AdamW(x32, state_dtype="int8")
-    with pytest.raises(TypeError, match=r"params\[1\] is float64"):
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\] is float64"):
         opt.add_param_group({"params": [np.zeros(3)]})
     assert len(opt.param_groups) == 1 and len(opt.state) == 1
 

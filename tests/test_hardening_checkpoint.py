@@ -158,3 +158,23 @@ def test_killed_save_in_a_fresh_process_is_cleaned(tmp_path):
     assert fastopt.load(path)["extra"] == {"i": 0}
     fastopt.save(path, params=[np.arange(3.0)], extra={"i": 2})
     assert _temps(tmp_path) == []
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cython"])
+def test_a_flag_written_as_an_int_is_not_saved_into_an_unloadable_file(tmp_path, backend):
+    """``group["amsgrad"] = 0`` equals False: the checked values' cache took
+    it as unchanged, fastopt.save wrote it, fastopt.load refused the file."""
+    import fastopt
+    p = [np.ones(4)]
+    opt = fastopt.Adam(p, lr=1e-2, backend=backend)
+    opt.step([np.ones(4)])
+    opt.param_groups[0]["amsgrad"] = 0
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['amsgrad'\] must be a bool, "
+                                        r"got int"):
+        fastopt.save(tmp_path / "c.npz", params=p, optimizer=opt)
+    assert not (tmp_path / "c.npz").exists()
+    opt.param_groups[0]["amsgrad"] = False
+    fastopt.save(tmp_path / "c.npz", params=p, optimizer=opt)
+    q = [np.zeros(4)]
+    fastopt.load(tmp_path / "c.npz", params=q, optimizer=fastopt.Adam(q))
+    np.testing.assert_array_equal(q[0], p[0])

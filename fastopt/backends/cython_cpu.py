@@ -55,6 +55,23 @@ def _import_kernels():
 with short_spin():         # the extension links libgomp: see fastopt._openmp
     _k, simd = _import_kernels()
 
+
+def _refuse_a_stale_build(kernels):
+    """An extension built before an optimizer was added (a checkout updated,
+    or a new op's Python side written, without a rebuild) stepped it as
+    SGD, with no error: such a build does not load (backend "auto" then
+    picks another, and ``fastopt info`` says why)."""
+    from . import scalars
+    missing = sorted(k for k, v in vars(scalars).items()
+                     if k.startswith("OP_") and v not in getattr(kernels, "KNOWN_OPS", ()))
+    if missing:
+        raise ImportError(f"the compiled Cython kernels ({kernels.__file__}) predate "
+                          f"{', '.join(missing)} of fastopt.backends.scalars: rebuild them "
+                          "(python setup.py build_ext --inplace, or pip install -e . again)")
+
+
+_refuse_a_stale_build(_k)
+
 name = "cython"
 threaded = _k.OPENMP
 compiled_tables = True     # steps a whole param group in one call (tables.py)

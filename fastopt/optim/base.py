@@ -88,7 +88,9 @@ def _unchanged(group, snapshot) -> bool:
         w = group.get(k, _MISSING)
         if w is not v:
             try:
-                if w != v:
+                # by type too: 0 == False, and a flag given as 0 was taken as
+                # checked, then saved, and the checkpoint refused by load
+                if type(w) is not type(v) or w != v:
                     return False
             except (TypeError, ValueError):   # e.g. an array put in a group
                 return False

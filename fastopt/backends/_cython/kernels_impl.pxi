@@ -1052,8 +1052,16 @@ cdef void _dispatch(const StepJob* j, Py_ssize_t t0, Py_ssize_t t1) noexcept nog
         _dispatch_types(radam, j, t0, t1)
     elif j.op == OP_LAMB:
         _dispatch_types(lamb, j, t0, t1)
-    else:
+    elif j.op == OP_SGD:
         _dispatch_types(sgd, j, t0, t1)
+    # (another op is refused before it gets here: KNOWN_OPS)
+
+
+#: the ops ``_dispatch`` steps, one per line there: fastopt.backends.cython_cpu
+#: refuses to load an extension built before an op of fastopt.backends.scalars
+#: (it ran such an optimizer's steps as SGD's, silently)
+KNOWN_OPS = (OP_ADAM, OP_SGD, OP_RMSPROP, OP_ADAGRAD, OP_LION, OP_ADAMAX, OP_NADAM, OP_RADAM,
+             OP_LAMB)
 
 
 cdef inline void _dispatch_types(Op* op, const StepJob* j, Py_ssize_t t0,

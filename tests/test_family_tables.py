@@ -1,0 +1,83 @@
+"""Every optimizer in every hand-kept table that gives it coverage.
+
+A new optimizer reaches its tests, benchmarks, `fastopt train` and `fastopt
+info` through lists kept by hand (docs/adding-an-optimizer.md, the
+checklist). Missing one gave no error, only no coverage: this test names
+the list it is missing from. The test modules' tables are read from their
+source (importing the CUDA ones would start the simulator)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+import fastopt
+from fastopt.optim.base import Optimizer
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = sorted(n for n, c in vars(fastopt).items()
+                 if inspect.isclass(c) and issubclass(c, Optimizer) and c is not Optimizer)
+#: stepped with gradients, one element function each (L-BFGS takes a closure)
+ELEMENTWISE = [n for n in CLASSES if n != "LBFGS"]
+COMPACT = [n for n in ELEMENTWISE if getattr(fastopt, n)._nonnegative_state is not None]
+
+
+def _names_in(path, target):
+    """The identifiers and strings in the value assigned to ``target`` at the
+    top of ``path``, lower-cased."""
+    tree = ast.parse((ROOT / path).read_text())
+    for node in tree.body:
+        names = [t.id for t in getattr(node, "targets", [getattr(node, "target", None)])
+                 if isinstance(t, ast.Name)]
+        if target in names and node.value is not None:
+            found = set()
+            for sub in ast.walk(node.value):
+                if isinstance(sub, ast.Name):
+                    found.add(sub.id.lower())
+                elif isinstance(sub, ast.Attribute):
+                    found.add(sub.attr.lower())
+                elif isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                    found.update(part.lower() for part in sub.value.split("-"))
+            return found
+    raise AssertionError(f"{path} has no top-level {target} =")
+
+
+# (file, table, the optimizers it must name, what it gives them)
+TABLES = [
+    ("tests/family_helpers.py", "FAMILY",
+     [n for n in ELEMENTWISE if n not in ("Adam", "AdamW", "SGD")],
+     "clipping, the skip, validation, checkpoints, one call per group"),
+    ("tests/test_step_plan.py", "OPTIMIZERS", ELEMENTWISE, "planned = full step, bit for bit"),
+    ("tests/test_compact_state.py", "FAMILY", COMPACT, "compact state on every backend"),
+    ("tests/cuda_sim/test_cuda_compact.py", "FAMILY",
+     [n for n in COMPACT if n not in ("Adam", "AdamW")],       # (their own test there)
+     "compact state on the device"),
+    ("tests/test_cuda_family.py", "SETTINGS", [n for n in ELEMENTWISE if n != "Adam"],
+     "device steps under the simulator"),
+    ("tests/test_cuda_gpu_check.py", "FAMILY",
+     [n for n in ELEMENTWISE if n not in ("Adam", "AdamW")], "the GPU check's family rows"),
+    ("benchmarks/gpu_check.py", "FAMILY", [n for n in ELEMENTWISE if n not in ("Adam", "AdamW")],
+     "the one-call GPU check and timings"),
+    ("fastopt/nn/training.py", "OPTIMIZERS", CLASSES, "fastopt train --optimizer"),
+    ("fastopt/cli/info.py", "_STATE_ROWS", ELEMENTWISE, "fastopt info's state table"),
+]
+
+
+@pytest.mark.parametrize("path, table, required, gives", TABLES,
+                         ids=[f"{p}:{t}" for p, t, *_ in TABLES])
+def test_every_optimizer_is_in_the_table(path, table, required, gives):
+    assert "AdamW" in ELEMENTWISE and "Lion" in COMPACT and "LAMB" not in COMPACT
+    found = _names_in(path, table)
+    missing = [n for n in required if n.lower() not in found]
+    assert not missing, (f"{path}'s {table} lacks {missing} ({gives}); see "
+                         "docs/adding-an-optimizer.md, the checklist")
+
+
+def test_every_optimizer_has_benchmark_cases():
+    from fastopt.bench import cases
+    have = {k.optimizer for k in cases.KIND.values()}
+    missing = [n for n in ELEMENTWISE if n != "Adam" and n not in have]
+    assert not missing, f"fastopt/bench/cases.py's KIND lacks {missing}"
