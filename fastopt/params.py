@@ -21,10 +21,21 @@ from __future__ import annotations
 
 import collections.abc
 import math
+import numbers
 
 import numpy as np
 
 __all__ = ["FlatArrays", "pack", "flat_zeros", "memory_runs", "in_memory_order"]
+
+
+def _dim(d, i):
+    """A shape's dimension: an int >= 0 (-1 made views that overlapped, and
+    2.7 was cut to 2)."""
+    if isinstance(d, (bool, np.bool_)) or not isinstance(d, (numbers.Integral, np.integer)):
+        raise TypeError(f"shapes[{i}] must hold ints, got {d!r}")
+    if d < 0:
+        raise ValueError(f"shapes[{i}] has a negative dimension, {d}")
+    return int(d)
 
 
 class PackedViews(tuple):
@@ -40,7 +51,7 @@ class PackedViews(tuple):
 
     def __new__(cls, data, shapes):
         data = cls._check_buffer(data)
-        shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        shapes = tuple(tuple(_dim(d, i) for d in s) for i, s in enumerate(shapes))
         offsets = [0]
         for s in shapes:
             offsets.append(offsets[-1] + math.prod(s))
@@ -98,7 +109,7 @@ class FlatArrays(PackedViews):
 
 def flat_zeros(shapes, dtype=np.float32) -> FlatArrays:
     """Zero-filled arrays of the given shapes sharing one buffer."""
-    shapes = [tuple(s) if np.iterable(s) else (int(s),) for s in shapes]
+    shapes = [tuple(s) if np.iterable(s) else (s,) for s in shapes]
     dtype = np.dtype(dtype)
     size = sum(math.prod(s) for s in shapes)
     return FlatArrays(np.zeros(size, dtype=dtype), shapes)

@@ -165,3 +165,55 @@ def test_functional_adam_first_step_is_lr_sized():
     g = np.array([3.0, -0.5, 1e-3, -7.0])
     F.adam(p, g, np.zeros(4), np.zeros(4), step=1, lr=0.1, eps=1e-12)
     np.testing.assert_allclose(p, -0.1 * np.sign(g), rtol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_sgd_first_step_ignores_what_the_buffer_held(backend):
+    # buf = 0 * buf + g: an np.empty_like buffer's NaN made the params NaN
+    p, g = np.ones(3), np.ones(3)
+    buf = np.full(3, np.nan)
+    F.sgd(p, g, buf, lr=0.1, momentum=0.9, first_step=True, backend=backend)
+    np.testing.assert_array_equal(buf, [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(p, [0.9, 0.9, 0.9])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_flatarrays_checked_as_their_buffers(backend):
+    """Each view of each argument was checked on every call (2000 tensors:
+    250x the class step); a read-only buffer, whose views still say
+    writable, was written (state first, then the params raised)."""
+    shapes = [(2, 3), (4,), (1,)]
+    P = fastopt.flat_zeros(shapes, np.float64)
+    G, M, V = P.zeros_like(), P.zeros_like(), P.zeros_like()
+    G.data[:] = 1.0
+    P.data.flags.writeable = False
+    with pytest.raises(ValueError, match=r"params.data is read-only"):
+        F.adam(P, G, M, V, step=1, lr=0.1, backend=backend)
+    assert not M.data.any() and not V.data.any()
+    P.data.flags.writeable = True
+    other = fastopt.flat_zeros([(2, 3), (3,), (2,)], np.float64)
+    with pytest.raises(ValueError, match=r"exp_avgs\[1\] has shape \(3,\) but params\[1\] "
+                                         r"has \(4,\)"):
+        F.adam(P, G, other, V, step=1, lr=0.1, backend=backend)
+    with pytest.raises(TypeError, match="exp_avg_sqs is float32 but params is float64"):
+        F.adam(P, G, M, fastopt.flat_zeros(shapes, np.float32), step=1, lr=0.1,
+               backend=backend)
+    assert not P.data.any() and not M.data.any()
+    F.adam(P, G, M, V, step=1, lr=0.1, backend=backend)
+    np.testing.assert_allclose(P.data, -0.1)
+
+
+def test_flat_arrays_refuse_negative_and_fractional_dimensions():
+    # -1 made views that overlapped (a write to one showed in another)
+    with pytest.raises(ValueError, match=r"shapes\[1\] has a negative dimension, -1"):
+        fastopt.flat_zeros([(3,), (-1,), (2,)])
+    with pytest.raises(TypeError, match=r"shapes\[0\] must hold ints, got 2.7"):
+        fastopt.FlatArrays(np.zeros(2), [(2.7,)])
+    assert fastopt.flat_zeros([3, (np.int64(2), 2)]).shapes == ((3,), (2, 2))
+
+
+def test_a_class_optimizer_refuses_a_read_only_packed_buffer():
+    P = fastopt.flat_zeros([(3,), (2,)])
+    P.data.flags.writeable = False
+    with pytest.raises(ValueError, match=r"FlatArrays whose buffer \(.data\) is read-only"):
+        fastopt.AdamW(P)

@@ -333,6 +333,10 @@ class Optimizer:
             group, names, packed[gi] = self._checked_group(gi, spec, names)
             groups.append(group)
             flats.update(_flat_of(gi, spec))
+        for gi, flat in flats.items():     # its views say writable: the buffer is what counts
+            if not flat.data.flags.writeable:
+                raise ValueError(f"param_groups[{gi}]['params'] is a FlatArrays whose buffer "
+                                 "(.data) is read-only, and its params are written in place")
         all_params = self._checked_params(groups, names)
         # the lrs given, put back if a Ctrl-C runs keep() again (its _show_lr
         # has written the schedules' values over them)
