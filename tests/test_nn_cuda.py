@@ -427,7 +427,7 @@ def test_cuda_backend_without_a_gpu_refuses_in_one_line():
 @not_simulated
 def test_info_names_what_runs_the_products(monkeypatch, capsys):
     from fastopt.cli import info
-    info.run(types.SimpleNamespace())
+    info.run(types.SimpleNamespace(json=False))
     lines = [ln for ln in capsys.readouterr().out.splitlines()
              if ln.startswith("nn matmul on CUDA: ")]
     assert len(lines) == 1

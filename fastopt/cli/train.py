@@ -309,7 +309,10 @@ def run(args):
             sys.stderr.flush()
             time.sleep(0.25)        # for mpiexec to pass the lines on (see _comm.py)
         else:
-            time.sleep(5.0)
+            # rank 0 writes metrics.json and curves.png first: 5 s was too
+            # short on a loaded machine (matplotlib's import alone), and this
+            # rank's abort cut the writing short
+            time.sleep(15.0)
         comm.Abort(EXIT_INTERRUPTED)
     except BaseException:
         _restore_streams(saved)       # this rank's own traceback must be seen
