@@ -27,7 +27,8 @@ def add_arguments(parser):
     parser.add_argument("--json", metavar="PATH", default=None, type=user_path,
                         help="also write the result as JSON to PATH: every check's "
                              "floor, measured ratios and times, the machine, and the "
-                             "exit status with its reason (written whatever the outcome)")
+                             "exit status with its reason (written whatever the checks' "
+                             "outcome)")
 
 
 def run(args):

@@ -84,8 +84,9 @@ def resume_from(args, steps):
     if len(finished) > args.epochs:
         return (f"--resume: {path} has finished {len(finished)} epochs, more than "
                 f"--epochs {args.epochs}"), None
-    # all of them: the caller says there is nothing left to train, and exits 0
-    # (a requeued batch job that had finished is no usage error)
+    # all of them: the caller says there is nothing left to train and goes
+    # through, writing the results again (a requeued batch job that had
+    # finished is no usage error)
     return None, finished
 
 
