@@ -412,3 +412,20 @@ def test_a_cython_build_that_predates_an_optimizer_does_not_load():
     with pytest.raises(ImportError, match=r"kernels_v4.so\) predate OP_LAMB of "
                                           r"fastopt.backends.scalars: rebuild"):
         cython_cpu._refuse_a_stale_build(stale)
+
+
+def test_the_simd_builds_are_found_with_an_older_numpy(monkeypatch):
+    """NumPy before 2.4 lists neither X86_V3/V4 nor BMI, BMI2, LZCNT, MOVBE:
+    the AVX2 and AVX-512 builds were never loaded there. /proc/cpuinfo
+    answers for those four; a feature NumPy checked and found absent stays
+    absent."""
+    pytest.importorskip("fastopt.backends.cython_cpu")
+    from fastopt.backends import cython_cpu as c
+    v3 = ("AVX", "AVX2", "FMA3", "F16C", "BMI", "BMI2", "LZCNT", "MOVBE")
+    old = {"AVX": True, "AVX2": True, "FMA3": True, "F16C": True, "AVX512F": False}
+    monkeypatch.setattr(c, "_numpy_cpu_features", lambda: old)
+    monkeypatch.setattr(c, "_cpuinfo_flags", lambda: frozenset({"bmi1", "bmi2", "abm", "movbe"}))
+    assert c._cpu_has(*v3) and not c._cpu_has("X86_V3")
+    assert not c._cpu_has(*v3, "AVX512F")               # NumPy's own no
+    monkeypatch.setattr(c, "_cpuinfo_flags", lambda: frozenset({"bmi1", "abm", "movbe"}))
+    assert not c._cpu_has(*v3)                           # no BMI2

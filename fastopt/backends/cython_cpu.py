@@ -23,12 +23,38 @@ from .scalars import AdamScalars, SGDScalars, adam_element, sgd_element
 from .tables import check_unshifted
 
 
-def _cpu_has(*features) -> bool:
+def _numpy_cpu_features() -> dict:
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as cpu
     except ImportError:  # NumPy < 2
         from numpy.core._multiarray_umath import __cpu_features__ as cpu
-    return all(cpu.get(f, False) for f in features)
+    return cpu
+
+
+#: features that NumPy before 2.4 does not list, as Linux's /proc/cpuinfo
+#: names them (without them the AVX2 and AVX-512 builds were never loaded
+#: there, silently: NumPy 1.26 to 2.3 said BMI, BMI2, LZCNT, MOVBE missing)
+_CPUINFO_FLAGS = {"BMI": "bmi1", "BMI2": "bmi2", "LZCNT": "abm", "MOVBE": "movbe"}
+
+
+def _cpuinfo_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _cpu_has(*features) -> bool:
+    cpu = _numpy_cpu_features()
+    missing = [f for f in features if not cpu.get(f, False)]
+    if any(f in cpu or f not in _CPUINFO_FLAGS for f in missing):
+        return False        # (one NumPy checked and found absent, or no other source)
+    flags = _cpuinfo_flags() if missing else frozenset()
+    return all(_CPUINFO_FLAGS[f] in flags for f in missing)
 
 
 # X86_V3/X86_V4 are NumPy's own checks for the whole feature sets (newer

@@ -42,7 +42,7 @@ def run(args):
     plt = agg_pyplot()
     if plt is None:
         print("fastopt plot-schedule needs matplotlib: pip install matplotlib "
-              "(or the bench extra: pip install 'fastopt[bench]')", file=sys.stderr)
+              "(or the train extra: pip install 'fastopt[train]')", file=sys.stderr)
         return 1
 
     output, problem = image_path(args.output)
