@@ -55,7 +55,7 @@ def _check_flat(name, a, ref_name, ref):
             raise ValueError(f"{name} has {len(a)} arrays but {ref_name} has {len(ref)}")
         i = next(i for i, (s, r) in enumerate(zip(a.shapes, ref.shapes)) if s != r)
         raise ValueError(f"{name}[{i}] has shape {a.shapes[i]} but {ref_name}[{i}] has "
-                         f"{ref.shapes[i]}")
+                         f"shape {ref.shapes[i]}")
     if a.dtype != ref.dtype:
         raise TypeError(f"{name} is {a.dtype} but {ref_name} is {ref.dtype}")
 

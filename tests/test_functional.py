@@ -193,7 +193,7 @@ def test_functional_flatarrays_checked_as_their_buffers(backend):
     P.data.flags.writeable = True
     other = fastopt.flat_zeros([(2, 3), (3,), (2,)], np.float64)
     with pytest.raises(ValueError, match=r"exp_avgs\[1\] has shape \(3,\) but params\[1\] "
-                                         r"has \(4,\)"):
+                                         r"has shape \(4,\)"):
         F.adam(P, G, other, V, step=1, lr=0.1, backend=backend)
     with pytest.raises(TypeError, match="exp_avg_sqs is float32 but params is float64"):
         F.adam(P, G, M, fastopt.flat_zeros(shapes, np.float32), step=1, lr=0.1,
