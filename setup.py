@@ -1,6 +1,8 @@
 """Build the Cython kernels, with OpenMP when the compiler has it.
 
-Flags: ``-O3 -fno-math-errno``. Without ``-fno-math-errno`` gcc will not
+Flags: ``-O3 -fno-math-errno -g0``. ``-g0`` (last, over Python's own ``-g``)
+leaves out the debug info, which nothing reads at run time: a kernel
+module is about 2.3 MB without it, 14 MB with it. Without ``-fno-math-errno`` gcc will not
 vectorise ``sqrtf`` (it must keep errno for negative input); unlike
 ``-ffast-math`` it keeps NaN/inf semantics. No ``-march=native``: the wheel
 must run on any x86-64 that imports it, so a second build of the same
@@ -17,7 +19,7 @@ import tempfile
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-BASE_FLAGS = ["-O3", "-fno-math-errno"]
+BASE_FLAGS = ["-O3", "-fno-math-errno", "-g0"]
 OPENMP_FLAG = "-fopenmp"
 
 

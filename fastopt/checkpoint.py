@@ -375,9 +375,10 @@ def _fsync_dir(folder):
 _ZIP_MAGIC = b"PK\x03\x04"       # an .npz is a zip archive; so is every checkpoint
 
 
-def read(path) -> dict:
-    """The checkpoint's contents, ``{"format", "params"?, "optimizer"?, "extra"?}``,
-    without loading it into anything."""
+def _parsed(path, parse):
+    """``parse(npz)`` on the checkpoint at ``path``, every way the file can
+    fail to be one raised as :class:`CheckpointError` naming it; the
+    contents' format checked."""
     path = os.path.expanduser(os.fspath(path))
     try:
         with open(path, "rb") as f:
@@ -389,9 +390,7 @@ def read(path) -> dict:
                 "the file is empty" if not head else
                 f"not an .npz archive (it starts with {head!r})"))
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        meta = json.loads(str(arrays.pop(_META)[()]))
-        tree = _decode(meta, arrays)
+            tree = parse(npz)
     except (FileNotFoundError, CheckpointError):
         raise
     except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile,
@@ -403,6 +402,24 @@ def read(path) -> dict:
                               f"{tree.get('format') if isinstance(tree, dict) else None!r}, "
                               f"expected {FORMAT!r})")
     return tree
+
+
+def _meta_of(npz) -> dict:
+    return json.loads(str(npz[_META][()]))
+
+
+def read(path) -> dict:
+    """The checkpoint's contents, ``{"format", "params"?, "optimizer"?, "extra"?}``,
+    without loading it into anything."""
+    return _parsed(path, lambda npz: _decode(
+        _meta_of(npz), {k: npz[k] for k in npz.files if k != _META}))
+
+
+def read_meta(path) -> dict:
+    """The checkpoint's contents as :func:`read` gives them, but with each
+    array left as its JSON reference (``{"__array__": name, ...}``) and no
+    array read: cheap, for a look at ``extra`` while time is short."""
+    return _parsed(path, _meta_of)
 
 
 def load(path, *, params=None, optimizer=None) -> dict:

@@ -257,6 +257,30 @@ def test_truncated_or_garbage_file(tmp_path, cut):
         fastopt.load(bad, params=p, optimizer=o)
 
 
+@pytest.mark.parametrize("cut", [0.5, 10])
+def test_read_meta_reads_extra_without_the_arrays_and_names_a_bad_file(tmp_path, cut):
+    """What `fastopt train` reads while a SIGTERM's grace period passes: the
+    JSON part, arrays as references; a bad file refused as read refuses it."""
+    from fastopt.checkpoint import read, read_meta
+    p = make_params()
+    o = make_opt("adamw", p, "numpy")
+    run(o, p, 0, 2)
+    path = tmp_path / "ck.npz"
+    fastopt.save(path, params=p, optimizer=o, extra={"run": {"epochs": [1, 2]}})
+    meta, tree = read_meta(path), read(path)
+    assert meta["extra"] == tree["extra"] == {"run": {"epochs": [1, 2]}}
+    assert meta["format"] == tree["format"]
+    assert meta["optimizer"]["iterations"] == tree["optimizer"]["iterations"] == 2
+    ref = meta["params"][0]
+    assert set(ref) >= {"__array__", "dtype"}
+    assert isinstance(tree["params"][0], np.ndarray)
+    bad = tmp_path / "bad.npz"
+    data = path.read_bytes()
+    bad.write_bytes(data[:int(len(data) * cut)] if cut < 1 else b"not a zip file" * cut)
+    with pytest.raises(fastopt.CheckpointError, match="not a (readable )?fastopt checkpoint"):
+        read_meta(bad)
+
+
 def test_wrong_dtype_params(tmp_path):
     p = make_params()
     o = make_opt("adam", p, "numpy")

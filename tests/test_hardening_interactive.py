@@ -224,3 +224,32 @@ def test_sam_with_a_schedule_that_ends_leaves_the_params_perturbed(backend):
     sam.base_optimizer.param_groups[0]["lr"] = 0.25     # replaced: the run goes on
     sam.step(g)
     assert sam.base_optimizer.last_lr == [0.25]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [{"lr": "0.1"}, {"betas": (0.9, 2.0)}, {"eps": -1.0}])
+def test_sam_refuses_a_bad_base_hyperparameter_with_the_params_still_perturbed(backend, bad):
+    """A value read from a config as a string, a beta past 1, written into
+    the base's group between perturb and step: on the NumPy backend the
+    params were restored first, then the base step raised, and the retry
+    said "called without perturb". The base's hyperparameters are checked
+    before the restore on every backend."""
+    p = [np.linspace(-1.0, 1.0, 5)]
+    sam = fastopt.SAM(fastopt.AdamW(p, lr=0.01, backend=backend), rho=0.05)
+    g = [np.ones(5)]
+    sam.perturb(g)
+    perturbed = p[0].copy()
+    group = sam.base_optimizer.param_groups[0]
+    good = {k: group[k] for k in bad}
+    group.update(bad)
+    with pytest.raises((TypeError, ValueError), match=r"param_groups\[0\]"):
+        sam.step(g)
+    np.testing.assert_array_equal(p[0], perturbed)
+    assert sam.perturbed and sam.base_optimizer.iterations == 0
+    group.update(good)
+    sam.step(g)                                   # the retry steps from the restored point
+    ref = [np.linspace(-1.0, 1.0, 5)]
+    ref_sam = fastopt.SAM(fastopt.AdamW(ref, lr=0.01, backend=backend), rho=0.05)
+    ref_sam.perturb(g)
+    ref_sam.step(g)
+    np.testing.assert_allclose(p[0], ref[0], rtol=0, atol=1e-15)

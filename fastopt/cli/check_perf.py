@@ -42,14 +42,14 @@ def run(args):
     try:
         spec = perfguard.load_floors(args.floors)
     except (OSError, ValueError) as exc:      # the message names the file and the entry
-        return _fail(args, EXIT_SETUP, str(exc))
+        return _fail(args, EXIT_SETUP, str(exc), perfguard.as_json)
     try:
         checks = perfguard.run_checks(
             spec, attempts=args.attempts,
             progress=lambda msg: print(f"measuring {msg}", file=sys.stderr, flush=True))
     except Exception as exc:    # noqa: BLE001 - a failure to measure is no regression (1)
         return _fail(args, EXIT_MEASURING,
-                     f"measuring failed: {type(exc).__name__}: {exc}")
+                     f"measuring failed: {type(exc).__name__}: {exc}", perfguard.as_json)
     print(perfguard.report(checks, args.floors))
     status = EXIT_OK if all(ch.ok for ch in checks) else EXIT_REGRESSION
     if not _write_json(args, perfguard.as_json(checks, args.floors, status)):
@@ -57,10 +57,9 @@ def run(args):
     return status
 
 
-def _fail(args, status, message):
+def _fail(args, status, message, as_json):
     print(f"fastopt check-perf: {message}", file=sys.stderr)
-    from ..bench import guard as perfguard
-    _write_json(args, perfguard.as_json([], args.floors, status, error=message))
+    _write_json(args, as_json([], args.floors, status, error=message))
     return status
 
 

@@ -113,16 +113,11 @@ def checkpointed_epochs(args) -> int:
     Ctrl-C can land between its rename and the count kept in
     ``args.checkpointed`` (the message then said to resume from an epoch the
     file had finished); that count where the file cannot be read."""
-    import json
-
-    import numpy as np
-
-    from fastopt.checkpoint import _META
+    from fastopt.checkpoint import read_meta
     try:
         # the metadata alone (the run's records are JSON there), not the arrays:
         # this runs while a SIGTERM's grace period passes
-        with np.load(checkpoint_path(args), allow_pickle=False) as npz:
-            meta = json.loads(str(npz[_META][()]))
+        meta = read_meta(checkpoint_path(args))
         return len(meta["extra"][_KEY]["epochs"])
     except (Exception, KeyboardInterrupt):     # noqa: BLE001 - a third Ctrl-C too
         return getattr(args, "checkpointed", 0)

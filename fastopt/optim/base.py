@@ -561,9 +561,7 @@ class Optimizer:
                     return out
             if params is not None and params is not self._given:
                 self._bind_or_check(params, grads)
-            if not self.param_groups:
-                raise RuntimeError(f"this {type(self).__name__} has no params yet: pass "
-                                   "step(grads, params=...) or call bind(params) first")
+            self._refuse_unbound("pass step(grads, params=...) or call bind(params) first")
             # (the params as given: checked with the grads, _bind_grads)
             self._check_groups_unchanged(arrays=False)
             return self._placement.step(self, grads)
@@ -779,9 +777,7 @@ class Optimizer:
         """Zero ``grads`` in place, for loops that accumulate into one set of
         gradient arrays: a FlatArrays (one fill of its buffer), a list or a
         dict of arrays shaped like the params."""
-        if not self.param_groups:
-            raise RuntimeError(f"this {type(self).__name__} has no params yet: zero_grad "
-                               "checks the grads against them; bind(params) first")
+        self._refuse_unbound("zero_grad checks the grads against them; bind(params) first")
         if isinstance(grads, FlatArrays):
             # count and size: O(1), and zeroing does not depend on the layout
             # (a check of every shape cost more than the fill on 1000 arrays)
@@ -1118,15 +1114,23 @@ class Optimizer:
         return out
 
     def _step_options(self):
+        """:meth:`_next_step_options`, the groups' values then written back
+        as the numbers the step uses."""
+        options = self._next_step_options()
+        for g, h in zip(self.param_groups, options[0]):
+            _store_numbers(g, h)
+        return options
+
+    def _next_step_options(self):
         """``(hypers per group, max_norm, check, inv_scale)`` of the next
-        step, every one checked: the groups' hyperparameters (a schedule's
-        lr evaluated), the clipping norm, whether a non-finite gradient
-        skips the step, and one over the loss scale."""
+        step, every one checked, nothing written: the groups' hyperparameters
+        (a schedule's lr evaluated), the clipping norm, whether a non-finite
+        gradient skips the step, and one over the loss scale. A wrapper that
+        writes before it calls :meth:`step` (SAM's separate restore) calls
+        this first: what the step would refuse is refused before that write."""
         wheres = self._wheres
         hypers = [self._resolve(self._with_schedule(gi, g), wheres[gi])
                   for gi, g in enumerate(self.param_groups)]
-        for g, h in zip(self.param_groups, hypers):
-            _store_numbers(g, h)
         max_norm = self.max_grad_norm   # public attributes: re-checked like the groups
         if max_norm is not None:
             max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True)
@@ -1164,9 +1168,7 @@ class Optimizer:
         """The lr schedule driving param group ``group``, or None when its
         lr is a plain number (``param_groups[group]["lr"]`` shows the value
         the next step uses either way)."""
-        if not self.param_groups:
-            raise RuntimeError(f"this {type(self).__name__} has no params yet, so no param "
-                               "groups: the lr the groups will take is opt.defaults['lr']")
+        self._refuse_unbound("so no param groups; the lr they will take is opt.defaults['lr']")
         if not -len(self.param_groups) <= group < len(self.param_groups):
             raise IndexError(f"param group {group} of {len(self.param_groups)}")
         group %= len(self.param_groups)         # -1: the last, as param_groups[-1]
@@ -1197,16 +1199,6 @@ class Optimizer:
             del self._schedules[gi]
             return None
         return sched
-
-    def _check_schedules(self):
-        """Each scheduled group's lr for the next step evaluated, a
-        :class:`ScheduleFailed` naming one that fails: for a wrapper that
-        writes before it calls :meth:`step` (SAM's restore on the NumPy
-        backend)."""
-        for gi, group in enumerate(self.param_groups):
-            sched = self._take_schedule(gi, group)
-            if sched is not None:
-                schedule_value(sched, self.iterations, f"param_groups[{gi}]['lr']")
 
     def _show_lr(self):
         """Write each scheduled group's next lr into ``group["lr"]``, and the
@@ -1500,7 +1492,8 @@ class Optimizer:
         thread while a training loop steps holds one step, not parts of two.
         """
         with self._lock:
-            self._refuse_unbound("state_dict")
+            self._refuse_unbound("state_dict needs them; call bind(params) "
+                                 "(or step(grads, params=...)) first")
             # what a step would refuse, refused here too: a checkpoint of it
             # could not be loaded (the layout and the state would disagree)
             V.check_int("iterations", self.iterations, low=0)   # (assignable: load checks it)
@@ -1629,12 +1622,12 @@ class Optimizer:
         with self._lock:
             finished(prepared_load(self, state_dict))   # a Ctrl-C: all of it, then raised
 
-    def _refuse_unbound(self, what):
-        """A checkpoint holds the state of the params: none yet, nothing to hold
-        (it raised an AttributeError from inside, or counted 0 param groups)."""
+    def _refuse_unbound(self, remedy, error=RuntimeError):
+        """Before a bind there is nothing to step, check or hold (a state_dict
+        raised an AttributeError from inside, or counted 0 param groups):
+        ``error`` saying so, with ``remedy``."""
         if not self.param_groups:
-            raise RuntimeError(f"this {type(self).__name__} has no params yet: {what} needs "
-                               "them; call bind(params) (or step(grads, params=...)) first")
+            raise error(f"this {type(self).__name__} has no params yet: {remedy}")
 
     def __copy__(self):
         # a shallow copy shared the params and state buffers but kept its own
@@ -1647,11 +1640,9 @@ class Optimizer:
     def _prepare_load(self, sd):
         """Check ``sd`` against this optimizer; return a function that applies it
         (and cannot fail), so callers can check several things before writing."""
-        if not self.param_groups:      # a CheckpointError, as any load that cannot match
-            from ..checkpoint import CheckpointError
-            raise CheckpointError(f"this {type(self).__name__} has no params yet, so no "
-                                  "state to load into: call bind(params) (or make it with its "
-                                  "params) first")
+        from ..checkpoint import CheckpointError    # as any load that cannot match
+        self._refuse_unbound("no state to load into; call bind(params) (or make it with "
+                             "its params) first", CheckpointError)
         def need(d, keys, where):
             if not isinstance(d, dict):
                 raise TypeError(f"checkpoint: {where} must be a dict, got {type(d).__name__}")

@@ -298,8 +298,7 @@ class LBFGS(Optimizer):
             raise TypeError("LBFGS.step needs a closure: closure() -> (loss, grads) at the "
                             "current params")
         with self._lock:
-            if not self.param_groups:
-                raise RuntimeError("this LBFGS has no params yet: call bind(params) first")
+            self._refuse_unbound("call bind(params) first")
             self._check_groups_unchanged()
             self._check_given()
             h = self._resolve(self._with_schedule(0, self.param_groups[0]), "param_groups[0]")

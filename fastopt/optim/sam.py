@@ -382,14 +382,15 @@ class SAM:
         step with ``grads``, the gradients computed at the perturbed point.
         Returns what the base step returns.
 
-        ``grads`` are checked before the params are restored. Should the
-        base step itself refuse (say, a bad hyperparameter written into a
-        param group), or a Ctrl-C come before its kernels ran, then on the
-        Cython and Numba backends with float state, where the restore is
-        fused into the base step, nothing has changed: the params are still
-        perturbed and :meth:`step` may be called again. Elsewhere (compact
-        base state, the NumPy backend, device params) the params are
-        restored first, and stay restored to the unperturbed point: call
+        ``grads`` and the base optimizer's hyperparameters (a bad value
+        written into a param group, a schedule that fails) are checked
+        before the params are restored: on such a refusal the params are
+        still perturbed and :meth:`step` may be called again. Should a
+        Ctrl-C come before the base step's kernels ran, then on the Cython
+        and Numba backends with float state, where the restore is fused into
+        the base step, nothing has changed either. Elsewhere (compact base
+        state, the NumPy backend, device params) the params are restored
+        first, and stay restored to the unperturbed point: call
         :meth:`perturb` again.
 
         On device params the restore is fused into the base step (its
@@ -410,9 +411,10 @@ class SAM:
                 # a pass of its own, completed through an interrupt: the
                 # params are restored and say so, or neither
                 calls = [[t.outcome[0] for t in ts] for ts in self._tables]
-                # a schedule that fails refuses the base step: named before
-                # the params are restored, so a retry finds them perturbed
-                self.base_optimizer._check_schedules()
+                # what the base step would refuse (a bad hyperparameter, a
+                # schedule that fails), refused before the params are
+                # restored: a retry finds them perturbed
+                self.base_optimizer._next_step_options()
                 finished(self._restore_apart, calls)
             self.perturbed = self._skipped = False
             return self.base_optimizer.step(grads)
