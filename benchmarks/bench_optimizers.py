@@ -43,7 +43,9 @@ class StepMemory:
 
     def peakmem_step(self, impl):
         # Whole-process peak RSS (asv's definition): params and state are the
-        # same for every impl, so the differences are the step's temporaries.
+        # same for every impl, but so is not what each imported (torch,
+        # Numba's LLVM): the differences are mostly that, not the step's.
+        # track_temporary_bytes below counts the step's own allocations.
         self.step()
 
     def track_temporary_bytes(self, impl):

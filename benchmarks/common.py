@@ -27,7 +27,8 @@ def _check_measured_checkout():
             f"these benchmarks are {here}'s, but fastopt is imported from the checkout "
             f"{imported} (an editable install or PYTHONPATH): the numbers would be that code's, filed "
             f"under this checkout's commit. Measure this checkout with ASV_PYTHONPATH={here} "
-            "(after python setup.py build_ext --inplace there), or pip install -e . in it")
+            "(after pip install 'Cython>=3.1' and python setup.py build_ext --inplace there), "
+            "or pip install -e . in it")
 
 
 _check_measured_checkout()

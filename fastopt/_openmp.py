@@ -130,6 +130,16 @@ _in_forked_child = False
 _at_fork_hooks = []      # backends' "one thread from now on" setters
 
 
+def env_threads():
+    """``OMP_NUM_THREADS``'s first value where it is a positive int (``"4"``,
+    ``"4,2"``), else None: the Cython team's default, read here rather than
+    from the OpenMP runtime, whose count Numba's threading layer resets when
+    it starts (the team then took 2 threads with ``OMP_NUM_THREADS=1``
+    where anything had loaded Numba first)."""
+    text = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
 def in_forked_child() -> bool:
     """Whether this process is a fork of one that may have run OpenMP."""
     return _in_forked_child

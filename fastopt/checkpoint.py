@@ -56,14 +56,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match what it is loaded into."""
 
 
-class _CheckpointTypeError(CheckpointError, TypeError):
+class CheckpointTypeError(CheckpointError, TypeError):
     """A CheckpointError for a value of the wrong type: still a TypeError,
-    which load_state_dict raised for it before it raised CheckpointError."""
+    which load_state_dict raised for it before it raised CheckpointError.
+    (Public by name: a traceback shows it, and pickle finds it by it.)"""
 
 
 def as_checkpoint_error(exc, prefix=""):
     """``exc`` (a TypeError or ValueError from the checks) as a CheckpointError."""
-    cls = _CheckpointTypeError if isinstance(exc, TypeError) else CheckpointError
+    cls = CheckpointTypeError if isinstance(exc, TypeError) else CheckpointError
     return cls(f"{prefix}{exc}")
 
 
@@ -379,6 +380,8 @@ def _parsed(path, parse):
     """``parse(npz)`` on the checkpoint at ``path``, every way the file can
     fail to be one raised as :class:`CheckpointError` naming it; the
     contents' format checked."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"a checkpoint's path is a str or os.PathLike, got {type(path).__name__}")
     path = os.path.expanduser(os.fspath(path))
     try:
         with open(path, "rb") as f:
@@ -390,6 +393,13 @@ def _parsed(path, parse):
                 "the file is empty" if not head else
                 f"not an .npz archive (it starts with {head!r})"))
         with np.load(path, allow_pickle=False) as npz:
+            if _META not in npz.files:
+                # weights saved with np.savez: "is it truncated?" misled
+                raise CheckpointError(
+                    f"{path} is an .npz archive but not a fastopt checkpoint (no {_META} "
+                    f"entry; it holds {_listing(npz.files)}): fastopt.save writes checkpoints; "
+                    "for arrays saved with np.savez, np.load the file and copy each one into "
+                    "yours (w[...] = saved['w'])")
             tree = parse(npz)
     except (FileNotFoundError, CheckpointError):
         raise
@@ -402,6 +412,11 @@ def _parsed(path, parse):
                               f"{tree.get('format') if isinstance(tree, dict) else None!r}, "
                               f"expected {FORMAT!r})")
     return tree
+
+
+def _listing(names, most=6) -> str:
+    shown = ", ".join(map(repr, names[:most]))
+    return f"{shown}, ... ({len(names)} arrays)" if len(names) > most else shown or "nothing"
 
 
 def _meta_of(npz) -> dict:

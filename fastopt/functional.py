@@ -16,6 +16,8 @@ anything is written.
 
 from __future__ import annotations
 
+import numbers
+
 from . import _validate as V
 from .backends import backend_for, get_backend
 from .backends.scalars import adam_scalars, sgd_scalars
@@ -85,6 +87,17 @@ def _flatten_device(be, named, optional=()):
     return [[be.flat(x) for x in lists[k]] if k in lists else [None] * n for k in named]
 
 
+def _refuse_numbers(**state):
+    """A number where state arrays go: ``adam(p, g, m, v, 1e-3, step=1)``
+    took the lr for max_exp_avg_sqs, ``sgd(p, g, 0.9, lr=0.1)`` the momentum
+    for buffers, then ignored (momentum 0)."""
+    for k, a in state.items():
+        if isinstance(a, numbers.Number):
+            raise TypeError(f"{k} must be arrays like params, got {type(a).__name__} {a!r}: "
+                            "the hyperparameters (lr, momentum, betas, ...) and step are "
+                            "keyword-only, e.g. lr=1e-3")
+
+
 def _columns(be, named, optional):
     if getattr(be, "device", False):
         return _flatten_device(be, named, optional)
@@ -106,6 +119,8 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step,
     ``max_exp_avg_sqs`` turns amsgrad on; ``decoupled=True`` gives AdamW;
     ``grad_scale`` multiplies the gradient (e.g. a clip coefficient).
     """
+    _refuse_numbers(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                    max_exp_avg_sqs=max_exp_avg_sqs)
     beta1, beta2 = V.check_betas(betas)
     s = adam_scalars(
         lr=V.check_real("lr", lr, low=0.0), beta1=beta1, beta2=beta2,
@@ -140,6 +155,7 @@ def sgd(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.0
     first call (torch's ``buf = g``: whatever the buffers held, an
     ``np.empty_like`` one's NaN included, is zeroed first).
     """
+    _refuse_numbers(momentum_buffers=momentum_buffers)
     momentum = V.check_real("momentum", momentum, low=0.0)
     dampening = V.check_real("dampening", dampening)
     nesterov = V.check_bool("nesterov", nesterov)

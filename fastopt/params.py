@@ -103,12 +103,19 @@ class FlatArrays(PackedViews):
         return (FlatArrays, (self.data, self.shapes))
 
     def __repr__(self):
-        return (f"FlatArrays({len(self)} arrays, {self.data.size} elements, "
+        return (f"FlatArrays({len(self)} array{'' if len(self) == 1 else 's'}, "
+                f"{self.data.size} elements, "
                 f"dtype={self.dtype})")
 
 
 def flat_zeros(shapes, dtype=np.float32) -> FlatArrays:
-    """Zero-filled arrays of the given shapes sharing one buffer."""
+    """Zero-filled arrays of the given shapes sharing one buffer: ``shapes``
+    is a list with one shape per array (a bare int is a 1-D shape)."""
+    if isinstance(shapes, tuple) and shapes and not any(map(np.iterable, shapes)):
+        # flat_zeros((3, 2)) made two arrays, of 3 and 2 elements
+        raise TypeError(f"shapes is one shape per array: {shapes!r} reads as a single shape; "
+                        f"pass [{shapes!r}] for one array of that shape, or "
+                        f"{[(d,) for d in shapes]!r} for {len(shapes)} 1-D arrays")
     shapes = [tuple(s) if np.iterable(s) else (s,) for s in shapes]
     dtype = np.dtype(dtype)
     size = sum(math.prod(s) for s in shapes)
@@ -119,7 +126,8 @@ def pack(arrays, dtype=None) -> FlatArrays:
     """Copy ``arrays`` into one contiguous buffer and return views into it.
 
     Use the returned views in place of the originals (the originals are not
-    touched). ``dtype`` defaults to the arrays' common dtype.
+    touched: keep using the views). ``dtype`` defaults to the arrays' common
+    dtype (float32 with float64: float64), which must be a float one.
     """
     if isinstance(arrays, collections.abc.Mapping):     # (its keys were packed, as strings)
         raise TypeError("pack() takes a list of arrays, not a dict: views = "
@@ -129,6 +137,13 @@ def pack(arrays, dtype=None) -> FlatArrays:
         raise ValueError("pack() needs at least one array")
     if dtype is None:
         dtype = np.result_type(*arrays)
+        if dtype.kind != "f":
+            # (an int array, an np.arange(3) param, was refused only by the
+            # optimizer made from the pack, far from here)
+            k = next(i for i, a in enumerate(arrays) if a.dtype.kind != "f")
+            raise TypeError(f"pack() makes params, gradients or state for fastopt's steps, which "
+                            f"are floats: arrays[{k}] is {arrays[k].dtype}; convert it, or pass "
+                            "dtype=np.float32 (or np.float64) to pack them as that")
     out = flat_zeros([a.shape for a in arrays], dtype)
     for view, a in zip(out, arrays):
         view[...] = a

@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import ast
 import bisect
+import inspect
 import json
 import math
+import numbers
 
 from ._validate import check_bool as _bool
 from ._validate import check_int as _int
@@ -223,6 +225,12 @@ class join(Schedule):
     def __init__(self, schedules, boundaries):
         if not isinstance(schedules, (list, tuple)) or not schedules:
             raise ValueError("schedules must be a non-empty list of schedules")
+        for i, sched in enumerate(schedules):
+            if isinstance(sched, numbers.Real) and not isinstance(sched, bool):
+                # join([0.1, 0.01], [10]): "a schedule spec is a dict ..." said
+                # nothing of where, nor of constant()
+                raise TypeError(f"schedules[{i}] is the number {sched!r}, not a schedule: "
+                                f"constant({sched!r}) holds one value")
         scheds = [from_dict(s) for s in schedules]
         if not isinstance(boundaries, (list, tuple)) or len(boundaries) != len(scheds) - 1:
             raise ValueError(f"boundaries must be a list of len(schedules) - 1 = "
@@ -450,7 +458,12 @@ def _parse_call(node):
                          f"{list(CONSTRUCTORS)}")
     args = [_literal(a) for a in node.args]
     kwargs = {k.arg: _literal(k.value) for k in node.keywords}
-    return globals()[node.func.id](*args, **kwargs)
+    make = globals()[node.func.id]
+    try:        # (Python's own message named warmup_cosine.__init__())
+        inspect.signature(make).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{node.func.id}{inspect.signature(make)}: {exc}") from None
+    return make(*args, **kwargs)
 
 
 def parse_schedule(text: str) -> Schedule:

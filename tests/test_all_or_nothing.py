@@ -195,6 +195,44 @@ def test_the_reference_backend_refuses_a_param_made_read_only_later():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grads_as", ["dict", "list", "flat"])
+def test_a_param_frozen_read_only_later_is_refused_on_every_backend(backend, grads_as):
+    """``W.flags.writeable = False`` to freeze a layer: the compiled steps
+    (the planned one too) went on writing it, trained as before. Refused by
+    name before anything is written; a checkpoint of the frozen model is
+    still taken; writable again, the run goes on."""
+    if grads_as == "flat":
+        flat = fastopt.flat_zeros([(2, 3), (3,)], np.float64)
+        flat.data[:] = 1.0
+        params = {"W": flat[0], "b": flat[1]}
+
+        def grads():
+            g = flat.zeros_like()
+            g.data[:] = 1.0
+            return g
+    else:
+        params = {"W": np.ones((2, 3)), "b": np.ones(3)}
+
+        def grads():
+            g = {"W": np.ones((2, 3)), "b": np.ones(3)}
+            return g if grads_as == "dict" else list(g.values())
+    opt = fastopt.AdamW(params, lr=0.1, backend=backend)
+    for _ in range(3):          # the planned step's path too
+        opt.step(grads())
+    before = optimizer_snapshot(opt, list(params.values()))
+    params["W"].flags.writeable = False
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"params\['W'\] is read-only .* lr 0"):
+            opt.step(grads())
+        assert_same_tree(optimizer_snapshot(opt, list(params.values())), before)
+    sd = opt.state_dict()               # saving a frozen model is no write
+    assert sd["iterations"] == 3
+    params["W"].flags.writeable = True
+    opt.step(grads())
+    assert opt.iterations == 4 and (params["W"] < before["params"][0]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_key_added_to_a_group_later_is_refused_like_at_construction(backend):
     """A misspelt hyperparameter written into a group after construction is
     refused at the next step (it would be ignored), naming it, with nothing
@@ -387,6 +425,28 @@ def test_a_param_rebound_in_the_users_own_dict_or_list_is_refused(backend, layou
         del params["b"]
         with pytest.raises(ValueError, match=r"params\['b'\] was removed from the dict"):
             opt.step(grads())
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_array_appended_to_the_params_list_is_refused_unless_added(backend):
+    """``params.append(W3)`` to grow the model: the new array was never
+    trained, without a word (a grads list of 2 stepped the first two).
+    Refused by name; added with add_param_group as well, the run goes on."""
+    params = [np.ones(3), np.ones(2)]
+    opt = fastopt.SGD(params, lr=0.1, backend=backend)
+    opt.step([np.ones(3), np.ones(2)])
+    before = optimizer_snapshot(opt, params)
+    params.append(np.ones(4))
+    for grads in ([np.ones(3), np.ones(2)], [np.ones(3), np.ones(2), np.ones(4)]):
+        with pytest.raises(ValueError, match=r"params\[2\] was appended to the list .*"
+                                             r"add_param_group"):
+            opt.step(grads)
+        assert_same_tree(optimizer_snapshot(opt, params[:2]), before)
+    np.testing.assert_array_equal(params[2], 1.0)
+    opt.add_param_group({"params": [params[2]]})
+    opt.step([np.ones(3), np.ones(2), np.ones(4)])
+    np.testing.assert_allclose(params[2], 0.9)
+    np.testing.assert_allclose(params[0], 0.8)
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_checkpoint_after_a_refused_append_says_why(backend):

@@ -149,7 +149,7 @@ def test_public_names():
     assert issubclass(fastopt.Adam, fastopt.Optimizer)
     assert issubclass(fastopt.SGD, fastopt.Optimizer)
     opt = fastopt.AdamW(fastopt.pack([np.ones((2, 2), np.float32)]), backend="numpy")
-    assert repr(opt) == "AdamW(1 arrays, 4 elements, 1 group(s), backend='numpy')"
+    assert repr(opt) == "AdamW(1 array, 4 elements, 1 group, backend='numpy')"
     assert opt.defaults["weight_decay"] == 1e-2   # torch's AdamW default
     assert fastopt.Adam([np.ones(1)]).defaults["weight_decay"] == 0.0
 

@@ -257,6 +257,21 @@ def test_truncated_or_garbage_file(tmp_path, cut):
         fastopt.load(bad, params=p, optimizer=o)
 
 
+def test_weights_saved_with_np_savez_are_named_as_such(tmp_path):
+    """A plain np.savez file was 'not a readable fastopt checkpoint (KeyError:
+    ...); is it truncated?'; it is named, with its arrays and what to do."""
+    path = tmp_path / "weights.npz"
+    np.savez(path, W=np.ones(3), b=np.zeros(2))
+    p = [np.ones(3)]
+    with pytest.raises(fastopt.CheckpointError, match=r"an .npz archive but not a fastopt "
+                                                      r"checkpoint \(no __meta__ entry; it "
+                                                      r"holds 'W', 'b'\).*np.load the file"):
+        fastopt.load(path, params=p)
+    np.testing.assert_array_equal(p[0], 1.0)
+    with pytest.raises(TypeError, match="a checkpoint's path is a str or os.PathLike, got int"):
+        fastopt.load(3)
+
+
 @pytest.mark.parametrize("cut", [0.5, 10])
 def test_read_meta_reads_extra_without_the_arrays_and_names_a_bad_file(tmp_path, cut):
     """What `fastopt train` reads while a SIGTERM's grace period passes: the

@@ -55,6 +55,23 @@ def test_train_threads_must_be_positive(value, capsys):
     assert "--threads" in err and ">= 1" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["train", "--epocs", "3"], "fastopt train: error: unrecognized arguments: --epocs 3; "
+                                "did you mean --epochs? (see fastopt train --help)"),
+    (["info", "--jsn=x"], "fastopt info: error: unrecognized arguments: --jsn=x; did you "
+                          "mean --json? (see fastopt info --help)"),
+    (["info", "extra"], "fastopt info: error: unrecognized arguments: extra (see fastopt "
+                        "info --help)"),
+])
+def test_an_unknown_flag_is_said_by_its_subcommand_with_the_flag_meant(argv, said, capsys):
+    """The top-level parser said it, pointing to `fastopt --help`, which
+    lists no subcommand's flags."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == said
+
+
 def test_bench_out_that_is_a_file_fails_before_measuring(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(matrix, "run", _must_not_run)
     monkeypatch.setattr(ratios, "compare", _must_not_run)

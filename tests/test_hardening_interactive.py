@@ -253,3 +253,64 @@ def test_sam_refuses_a_bad_base_hyperparameter_with_the_params_still_perturbed(b
     ref_sam.perturb(g)
     ref_sam.step(g)
     np.testing.assert_allclose(p[0], ref[0], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", sorted(
+    n for n, c in vars(fastopt).items() if isinstance(c, type)
+    and issubclass(c, fastopt.optim.base.Optimizer) and c is not fastopt.optim.base.Optimizer))
+def test_a_hyperparameter_set_as_an_attribute_is_refused_not_ignored(name):
+    """``opt.lr = 0.01`` (a hand-written optimizer's or Keras' habit) set an
+    attribute no step read: the lr never changed. Setting or reading one of
+    the optimizer's hyperparameters as an attribute names the param groups;
+    a pickled copy, unpickled where no instance was made yet, too."""
+    p = [np.ones(3)]
+    opt = getattr(fastopt, name)(p, lr=0.1)
+    for attr in ("lr", "learning_rate"):
+        with pytest.raises(AttributeError, match=r"param_groups\[i\]\['lr'\] = value"):
+            setattr(opt, attr, 0.5)
+        with pytest.raises(AttributeError, match=r"param_groups\[i\]\['lr'\] is the value"):
+            getattr(opt, attr)
+    assert opt.param_groups[0]["lr"] == 0.1 and not hasattr(opt, "lr")
+    some_other = next(k for k in opt.defaults if k != "lr")
+    with pytest.raises(AttributeError, match=f"keeps '{some_other}' in its param groups"):
+        setattr(opt, some_other, opt.defaults[some_other])
+    opt.notes = "anything else"         # the user's own attributes stay theirs
+    assert opt.notes == "anything else"
+    code = ("import pickle, sys; import fastopt; opt = pickle.loads(sys.stdin.buffer.read())\n"
+            "try:\n    opt.lr = 0.5\nexcept AttributeError as e:\n    print('refused', e)\n")
+    import pickle
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(opt),
+                         capture_output=True, timeout=120, check=True).stdout.decode()
+    assert out.startswith(f"refused {name} keeps 'lr'")
+
+
+def test_torch_habits_get_told_what_fastopt_takes():
+    """Four habits from torch or hand-written code that raised messages
+    about something else (or nothing): a path given to load_state_dict, a
+    torch state_dict, step(grads, closure), and hyperparameters passed
+    positionally to the functional steps (sgd's 0.9 became the buffers,
+    then ignored: no momentum)."""
+    p = [np.ones(2)]
+    opt = fastopt.Adam(p, lr=0.1)
+    opt.step([np.ones(2)])
+    before = opt.state_dict()
+    with pytest.raises(fastopt.CheckpointError, match=r"got a path \('ck.npz'\): "
+                                                      r"fastopt.load\(path"):
+        opt.load_state_dict("ck.npz")
+    with pytest.raises(fastopt.CheckpointError, match="torch.optim's state_dict layout"):
+        opt.load_state_dict({"state": {0: {}}, "param_groups": [{"params": [0]}]})
+    assert opt.iterations == 1 and opt.state_dict()["iterations"] == before["iterations"]
+    free = fastopt.Adam(lr=0.1)
+    with pytest.raises(TypeError, match="second argument is params .* not a closure"):
+        free.step([np.ones(2)], lambda: 0.0)
+    F = fastopt.functional
+    m, v = [np.zeros(2)], [np.zeros(2)]
+    with pytest.raises(TypeError, match=r"max_exp_avg_sqs must be arrays like params, got "
+                                        r"float 0.001: .* keyword-only"):
+        F.adam(p, [np.ones(2)], m, v, 1e-3, step=1)
+    with pytest.raises(TypeError, match="momentum_buffers must be arrays like params, got "
+                                        "float 0.9"):
+        F.sgd(p, [np.ones(2)], 0.9, lr=0.1)
+    np.testing.assert_array_equal(m[0], 0.0)

@@ -60,6 +60,22 @@ def test_pack_dtype_promotion_and_override():
     assert fastopt.pack([[1.0, 2.0], 3.0]).shapes == ((2,), ())
     with pytest.raises(ValueError, match="at least one array"):
         fastopt.pack([])
+    # an int array (np.arange(3)) made an int64 pack, refused only by the
+    # optimizer made from it; a float dtype asked for converts it
+    with pytest.raises(TypeError, match=r"arrays\[0\] is int64; convert it, or pass dtype="):
+        fastopt.pack([np.arange(3), np.arange(2)])
+    assert fastopt.pack([np.arange(3)], dtype=np.float32).dtype == np.float32
+
+
+def test_flat_zeros_refuses_one_shape_given_as_the_list_of_shapes():
+    """flat_zeros((3, 2)) made two 1-D arrays, of 3 and 2 elements, for a
+    user who meant one (3, 2) array; a list of ints stays a list of sizes."""
+    with pytest.raises(TypeError, match=r"pass \[\(3, 2\)\] for one array of that shape, "
+                                        r"or \[\(3,\), \(2,\)\] for 2 1-D arrays"):
+        fastopt.flat_zeros((3, 2))
+    assert fastopt.flat_zeros([(3, 2)]).shapes == ((3, 2),)
+    assert fastopt.flat_zeros([3, 2]).shapes == ((3,), (2,))
+    assert repr(fastopt.flat_zeros([(3, 2)])).startswith("FlatArrays(1 array, 6 elements")
 
 
 def test_flat_zeros_and_zeros_like():

@@ -406,3 +406,27 @@ def test_a_scheduled_lr_reads_as_the_number_the_next_step_uses():
     group["lr"] = S.constant(0.25)                      # a schedule takes over
     opt.step([np.ones(3)])
     assert opt.last_lr == [0.25] and group["lr"] == 0.25
+
+
+@pytest.mark.skipif("cython" not in fastopt.available_backends(), reason="needs the Cython build")
+def test_omp_num_threads_holds_whatever_loaded_numba_first():
+    """OMP_NUM_THREADS=1 (what joblib's workers and many job scripts set):
+    the Cython team kept to it only where nothing had started Numba's
+    threading layer before it loaded (which resets OpenMP's count), and
+    fastopt.get_num_threads() reported Numba's 2 while the step ran on 1."""
+    code = textwrap.dedent("""
+        import os, numba, numpy as np
+        @numba.njit(parallel=True)
+        def f(x):
+            for i in numba.prange(x.size):
+                x[i] += 1.0
+        f(np.zeros(1000))                 # Numba's OpenMP layer started first
+        import fastopt
+        from fastopt.backends import get_backend
+        print(fastopt.get_num_threads(), get_backend("cython").get_num_threads())
+    """)
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1", NUMBA_THREADING_LAYER="omp")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "1"]

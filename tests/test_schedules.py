@@ -424,3 +424,17 @@ def test_plot_schedule_draws_each_break(tmp_path):
         assert main(["plot-schedule", "join([constant(0.001), constant(0.1), constant(0.001)], "
                      "[5000, 5001])", "-o", str(tmp_path / "s.png")]) == 0
     assert drawn == [0.1]
+
+
+def test_join_of_numbers_and_a_call_missing_an_argument_say_what_to_write():
+    """join([0.1, 0.01], [10]) said "a schedule spec is a dict with a 'kind'
+    key"; "warmup_cosine(1e-3, 10)" on the command line said
+    "warmup_cosine.__init__() missing 1 required positional argument"."""
+    from fastopt import schedules as S
+    with pytest.raises(TypeError, match=r"schedules\[1\] is the number 0.01, not a schedule: "
+                                        r"constant\(0.01\)"):
+        S.join([S.constant(0.1), 0.01], [10])
+    with pytest.raises(ValueError, match=r"warmup_cosine\(peak_value, warmup_steps, "
+                                         r"total_steps, .*\): missing a required argument: "
+                                         r"'total_steps'"):
+        S.parse_schedule("warmup_cosine(1e-3, 10)")

@@ -158,7 +158,10 @@ def kernel_threads(n: int):
 
 
 def get_num_threads() -> int:
-    """The threads a threaded CPU step uses (:func:`set_num_threads`; by
-    default the CPUs this process may run on)."""
-    mod = _load("numba") or _load("cython")
+    """The threads a threaded CPU step of ``backend="auto"`` uses
+    (:func:`set_num_threads`; by default ``OMP_NUM_THREADS`` where it is
+    set, else the CPUs this process may run on)."""
+    # the auto backend's (Numba's said 2 while the Cython step ran on 1), and
+    # without loading Numba where Cython is there
+    mod = _load("cython") or _load("numba")
     return mod.get_num_threads() if mod is not None else 1

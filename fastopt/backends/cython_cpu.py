@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from .._openmp import in_forked_child, on_fork_serial, short_spin
+from .._openmp import env_threads, in_forked_child, on_fork_serial, short_spin
 from .compact import check_compact
 from .lowp import bits
 from .scalars import AdamScalars, SGDScalars, adam_element, sgd_element
@@ -249,3 +249,5 @@ def set_num_threads(n: int) -> None:
 on_fork_serial(_k.set_num_threads)
 if in_forked_child():      # first imported after a fork
     _k.set_num_threads(1)
+elif env_threads():
+    _k.set_num_threads(env_threads())

@@ -750,10 +750,11 @@ def _sumsq_tasks(gaddr, pk, plo, phi, tasks, like_g, partial, parallel):
 @_jit
 def _at_given(p, given, k):
     """The param at address ``p`` still at the data address and with the
-    dtype object its table recorded (``given[k]``), and C-contiguous; its
-    bytes are the caller's to compare."""
+    dtype object its table recorded (``given[k]``), C-contiguous and
+    writable (flags NPY_ARRAY_C_CONTIGUOUS 0x1, NPY_ARRAY_WRITEABLE 0x400);
+    its bytes are the caller's to compare."""
     return (_load_i64(p + 16) == given[k, 0] and _load_i64(p + 56) == given[k, 2]
-            and (_load_i32(p + 64) & 1) != 0)
+            and (_load_i32(p + 64) & 0x401) == 0x401)
 
 
 @_jit
@@ -936,7 +937,7 @@ def gather(table, grads) -> bool:
 def _params_as_given(pids, given, itemsizes):
     """-1, or the first param (``pids``: the objects' addresses) no longer
     at the data address, with the bytes and dtype object, its table
-    recorded (``given``), or no longer C-contiguous."""
+    recorded (``given``), or no longer C-contiguous and writable."""
     for k in range(pids.size):
         p = pids[k]
         if not _at_given(p, given, k):

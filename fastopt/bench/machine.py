@@ -8,6 +8,7 @@ name here.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -58,13 +59,34 @@ def thread_pools():
             for i in threadpool_info()]
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."):
+    platform.processor() is empty on Linux, and ratios mean little without
+    knowing the host (the shipped floors name theirs)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _version(module) -> str:
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def describe():
     """The ``machine`` entry of a ``fastopt bench`` report: platform, CPUs,
     library versions, the GPU, thread counts and fastopt's backends."""
     torch = torch_or_none()
-    return {"platform": platform.platform(), "processor": platform.processor(),
+    return {"platform": platform.platform(), "processor": cpu_model(),
             "cpus": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__,
+            "numpy": np.__version__, "numba": _version("numba"),
             "torch": torch.__version__ if torch else "not installed",
             "gpu": gpu_name() or "no GPU",
             "fastopt": fastopt.__version__,

@@ -34,11 +34,16 @@ def main(argv=None):
     parser = Parser(prog="fastopt", description="fastopt: fused optimizer steps for NumPy code")
     parser.add_argument("--version", action="version", version=f"fastopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = {}
     for name, module in COMMANDS.items():
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        p = commands[name] = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # said by the subcommand, with its --help and the flag meant: the
+        # top-level parser named `fastopt --help`, which lists no flags
+        _refuse_unknown(commands[args.command], unknown)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -47,3 +52,12 @@ def main(argv=None):
         print(f"fastopt {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
+
+
+def _refuse_unknown(parser, unknown):
+    import difflib
+    flags = [o for action in parser._actions for o in action.option_strings]
+    first = next((u.split("=", 1)[0] for u in unknown if u.startswith("-")), None)
+    close = difflib.get_close_matches(first, flags, n=1) if first else []
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}"
+                 + (f"; did you mean {close[0]}?" if close else ""))

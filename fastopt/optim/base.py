@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import threading
 import weakref
 
@@ -244,6 +245,51 @@ def _store_numbers(group, checked):
                 type(v) in (tuple, list) and any(type(x) is np.ndarray for x in v))):
             group[k] = checked[k]
 
+class _InGroups:
+    """A hyperparameter's name on the optimizer itself (``opt.lr = 0.5``, as
+    hand-written NumPy optimizers and Keras keep it) set an attribute no
+    step read: the lr never changed. Reading or setting it says where the
+    value lives. Installed on each optimizer class for its own
+    hyperparameters (:func:`_guard_group_keys`); ``learning_rate`` too."""
+
+    __slots__ = ("name", "key")
+
+    def __init__(self, name, key):
+        self.name, self.key = name, key
+
+    def _refuse(self, owner, setting=True):
+        k = self.key
+        where = f"{owner.__name__} keeps {k!r} in its param groups, not as an attribute"
+        if not setting:
+            return AttributeError(f"{where}: opt.param_groups[i][{k!r}] is the value the "
+                                  "next step uses")
+        return AttributeError(
+            f"{where} (opt.{self.name} would be ignored by every step): set "
+            f"opt.param_groups[i][{k!r}] = value, or for g in opt.param_groups: "
+            f"g[{k!r}] = value; opt.defaults[{k!r}] is for groups added later")
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        raise self._refuse(type(obj), setting=False)
+
+    def __set__(self, obj, value):
+        raise self._refuse(type(obj))
+
+    def __delete__(self, obj):
+        raise self._refuse(type(obj))
+
+
+def _guard_group_keys(cls, keys):
+    """:class:`_InGroups` for each of ``keys`` (and ``learning_rate`` for
+    lr) that ``cls`` has no attribute of: once per class, at its first
+    instance (the keys are its defaults')."""
+    names = [(k, k) for k in keys] + ([("learning_rate", "lr")] if "lr" in keys else [])
+    for name, key in names:
+        if not hasattr(cls, name):
+            setattr(cls, name, _InGroups(name, key))
+
+
 class Optimizer:
     """Base class. Subclasses declare their hyperparameters (``_hypers``) and
     their math (``_element_step``); where the arrays live is the placement's
@@ -281,6 +327,7 @@ class Optimizer:
         self.skipped_steps = 0  # steps skipped for a non-finite gradient
         self.skip_nonfinite = V.check_bool("skip_nonfinite", skip_nonfinite)
         self.defaults = self._validated(dict(defaults))
+        _guard_group_keys(type(self), self.defaults)
         self.max_grad_norm = (None if max_grad_norm is None else
                               V.check_real("max_grad_norm", max_grad_norm, low=0.0,
                                            low_open=True))
@@ -588,6 +635,7 @@ class Optimizer:
     def __setstate__(self, state):
         linked = state.pop("_lr_linked", ())
         self.__dict__.update(state)
+        _guard_group_keys(type(self), self.defaults)   # (a new process: no instance yet)
         for gi, group in enumerate(self.param_groups):    # pickled before ParamList
             if type(group["params"]) is list and self._group_lists[gi] is group["params"]:
                 group["params"] = self._group_lists[gi] = ParamList(group["params"])
@@ -679,13 +727,13 @@ class Optimizer:
         if watch is not None and not watch.holds(self._params, self._names):
             watch.refuse(self._params, self._names)
 
-    def _check_groups_unchanged(self, arrays=True):
+    def _check_groups_unchanged(self, arrays=True, writes=True):
         """Params added to, removed from or replaced in a group's list after
         construction would be silently ignored by the step (it went on
         updating the old arrays) and break its checkpoint: refused, naming
         what changed and add_param_group. ``arrays``: and each param still
         as given (:meth:`_check_arrays_as_given`; a step's gradient reading
-        checks that itself)."""
+        checks that itself), and writable where the caller ``writes`` them."""
         groups, lists = self.param_groups, self._group_lists
         if len(groups) != len(lists):
             self._refuse_group_count(groups, lists)
@@ -714,13 +762,15 @@ class Optimizer:
                     "arrays with add_param_group(), or make a new optimizer")
             first += n
         if arrays:
-            self._check_arrays_as_given()
+            self._check_arrays_as_given(writes)
 
-    def _check_arrays_as_given(self):
+    def _check_arrays_as_given(self, writes=True):
         """A param's dtype or size changed in place (``a.dtype = ...``,
         ``a.resize(..., refcheck=False)``) or its strides (``a.strides = ...``):
         the steps address its memory as it was given, and the state is
-        sized for it. Refused, naming it. Part of every full step's
+        sized for it. Refused, naming it; so is a param made read-only
+        since (``a.flags.writeable = False``, to freeze it) where the caller
+        ``writes`` the params. Part of every full step's
         gradient reading (the compiled readers check it per param as they
         read a list, FlatArrays grads here) and of state_dict's, L-BFGS's
         and SAM's checks: each table's params checked in compiled code
@@ -730,29 +780,38 @@ class Optimizer:
             return
         check = getattr(self._backend, "params_as_given", None)
         if check is not None and self._tables is not None and all(
-                check(t) for t in self._all_tables):
+                check(t) for t in self._all_tables):     # (writable too)
             return
-        self._check_arrays_as_constructed()
+        self._check_arrays_as_constructed(writes)
 
-    def _check_arrays_as_constructed(self):
+    def _check_arrays_as_constructed(self, writes=False):
         """:meth:`_check_arrays_as_given`'s attribute reads, against the
         layout recorded when the params were given: also before the tables
         exist (they record the params as they are when built, so a change
         before the first step went unseen: a step counted with nothing
         updated, or an internal error)."""
+        def label(k):
+            return f"params{self._names.labels[k] if self._names is not None else f'[{k}]'}"
+
         for k, (a, (shape, dtype)) in enumerate(zip(self._params, self._layout)):
-            if isinstance(a, np.ndarray) and (
-                    a.dtype != dtype or a.size != math.prod(shape)
-                    or not a.flags.c_contiguous):
-                label = (f"params{self._names.labels[k]}" if self._names is not None
-                         else f"params[{k}]")
+            if not isinstance(a, np.ndarray):
+                continue
+            if a.dtype != dtype or a.size != math.prod(shape) or not a.flags.c_contiguous:
                 now = ("a strided view" if not a.flags.c_contiguous
                        else f"{a.dtype}{list(a.shape)}")
                 raise ValueError(
-                    f"{label} was given as {np.dtype(dtype)}{list(shape)} and is now "
+                    f"{label(k)} was given as {np.dtype(dtype)}{list(shape)} and is now "
                     f"{now}: its dtype, size or strides were changed in place, while the "
                     "optimizer steps its memory as it was given; make a new optimizer for "
                     "the array as it is now")
+            if writes and not a.flags.writeable:
+                # the compiled steps wrote it all the same: a param "frozen"
+                # this way went on being trained
+                raise ValueError(
+                    f"{label(k)} is read-only now (frozen with a.flags.writeable = False, "
+                    "or a joblib worker's read-only memory map of it), and the step writes "
+                    "it; to freeze a param, give it a group of its own with lr 0 "
+                    "(opt.param_groups[i]['lr'] = 0.0), or make the optimizer without it")
 
     def _refuse_group_count(self, groups, lists):
         """A group appended to or removed from ``param_groups`` itself: the
@@ -861,7 +920,7 @@ class Optimizer:
                 return
             # (the groups' arrays are read again below: one replaced since
             # would pass for one given, and be stepped with another's state)
-            self._check_groups_unchanged()
+            self._check_groups_unchanged(writes=False)
             gi = len(self.param_groups)
             group, names, packed = self._checked_group(gi, param_group, self._names)
             all_params = self._checked_params(self.param_groups + [group], names)
@@ -921,6 +980,10 @@ class Optimizer:
 
     def _bind_or_check(self, params, grads):
         """``step(params=...)``: bind the first time, then insist on the same arrays."""
+        if callable(params):            # opt.step(grads, closure): torch's habit
+            raise TypeError(f"{type(self).__name__}.step's second argument is params (for an "
+                            "optimizer made without them), not a closure: compute the "
+                            "gradients, then step(grads); fastopt.LBFGS.step takes a closure")
         if not self.param_groups:
             self.bind(params)
             return
@@ -1006,10 +1069,9 @@ class Optimizer:
                     # comes: refused here first, so that nothing is written
                     # (the tables go too: their views of it were made read-only
                     # with it, and are made again once it is writable)
-                    for i, p in enumerate(self._params):
-                        if not p.flags.writeable:
-                            self._tables = None
-                            raise ValueError(f"params[{i}] is read-only: the step writes it")
+                    if not all(p.flags.writeable for p in self._params):
+                        self._tables = None
+                        self._check_arrays_as_constructed(writes=True)
                 if norm_mode and not fused:
                     norm, finite = self._table_stats(be, self._all_tables, compiled, check)
                     skip = check and not finite
@@ -1497,7 +1559,7 @@ class Optimizer:
             # what a step would refuse, refused here too: a checkpoint of it
             # could not be loaded (the layout and the state would disagree)
             V.check_int("iterations", self.iterations, low=0)   # (assignable: load checks it)
-            self._check_groups_unchanged()
+            self._check_groups_unchanged(writes=False)      # (frozen params save as any)
             for gi, group in enumerate(self.param_groups):
                 self._check_group_keys(group, f"param_groups[{gi}]")
                 self._check_group_values(gi, group)
@@ -1650,6 +1712,14 @@ class Optimizer:
             if missing:
                 raise ValueError(f"checkpoint: {where} is missing keys {missing}")
 
+        if isinstance(sd, (str, bytes, os.PathLike)):
+            raise TypeError(f"checkpoint: the state_dict must be a dict, got a path ({sd!r}): "
+                            "fastopt.load(path, params=params, optimizer=opt) reads a "
+                            "checkpoint file")
+        if isinstance(sd, dict) and sd.keys() == {"state", "param_groups"}:
+            raise ValueError("checkpoint: this is torch.optim's state_dict layout ('state' "
+                             "by param and 'param_groups' only); fastopt reads its own "
+                             "(opt.state_dict() of a fastopt optimizer, or fastopt.save)")
         need(sd, ("type", "iterations", "skipped_steps", "options", "param_groups", "state"),
              "the state_dict")
         if sd["type"] != type(self).__name__:
@@ -1937,5 +2007,6 @@ class Optimizer:
         if not self.param_groups:
             return f"{type(self).__name__}(no params yet, backend={self.backend!r})"
         n = sum(a.size for a in self._params)
-        return (f"{type(self).__name__}({len(self._params)} arrays, {n} elements, "
-                f"{len(self.param_groups)} group(s), backend={self.backend!r})")
+        return (f"{type(self).__name__}({_count(len(self._params), 'array')}, "
+                f"{_count(n, 'element')}, {_count(len(self.param_groups), 'group')}, "
+                f"backend={self.backend!r})")

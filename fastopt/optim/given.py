@@ -8,7 +8,10 @@ without a word, while the optimizer goes on updating the old array. So the
 plain list or dict of arrays the params came in is checked before each
 step, and an entry replaced or removed there is refused, naming it. Keys
 added to a dict are allowed (then each step walks the dict by the
-optimizer's keys: about 0.1 us a key). A dict nested deeper than a dict
+optimizer's keys: about 0.1 us a key): each of several per-layer
+optimizers may be given the whole model's dict. An array appended to a
+list is refused unless the optimizer has it (``add_param_group``): it
+would never be trained. A dict nested deeper than a dict
 of layers of arrays is watched up to :data:`DEEP_MAX` arrays.
 
 The check is one list comparison in C: ``==`` between lists tries identity
@@ -93,34 +96,43 @@ class GivenParams:
                     return True
             elif all(map(operator.is_, self.pick(values), self.pick(ref))):
                 return True
-        if self._find(params[:self.n], names) is not None:
+        if self._find(params, names) is not None:
             return False
         self._remember(values)           # keys added, reordered, a view: fine, and now known
         return True
 
     def refuse(self, params, names):
         """Raise the ValueError naming the first entry that changed."""
-        found = self._find(params[:self.n], names)
+        found = self._find(params, names)
         if found is not None:
-            label, removed = found
-            _refuse(label, removed, "list" if type(self.given) is list else "dict")
+            label, how = found
+            _refuse(label, how, "list" if type(self.given) is list else "dict")
 
     def _find(self, params, names):
-        """``(label, removed?)`` of the first entry that is not the
-        optimizer's array any more, or None."""
+        """``(label, how)`` of the first entry that is not the optimizer's
+        array any more (``how``: "removed" or "replaced"), or that was
+        appended to a list and is not the optimizer's ("appended"); or None.
+        ``params``: all the optimizer's arrays, the first ``n`` from
+        ``given``."""
         given = self.given
         if type(given) is not list:
-            for path, label, a in zip(names.paths, names.labels, params):
+            for path, label, a in zip(names.paths, names.labels, params[:self.n]):
                 d = given
                 for k in path:
                     d = d.get(k, _REMOVED) if isinstance(d, dict) else _REMOVED
                 if d is not a and not _same_memory(d, a):
-                    return label, d is _REMOVED
+                    return label, "removed" if d is _REMOVED else "replaced"
             return None
-        for i, a in enumerate(params):
+        for i, a in enumerate(params[:self.n]):
             b = given[i] if i < len(given) else _REMOVED
             if b is not a and not _same_memory(b, a):
-                return f"[{i}]", b is _REMOVED
+                return f"[{i}]", "removed" if b is _REMOVED else "replaced"
+        if len(given) > self.n:        # (add_param_group's arrays may follow: fine)
+            added = params[self.n:]
+            for i in range(self.n, len(given)):
+                b = given[i]
+                if not any(b is a or _same_memory(b, a) for a in added):
+                    return f"[{i}]", "appended"
         return None
 
 
@@ -160,8 +172,15 @@ def _leaves(d, out=None):
 _REMOVED = object()
 
 
-def _refuse(label, removed, container):
-    if removed:
+def _refuse(label, how, container):
+    if how == "appended":
+        raise ValueError(
+            f"params{label} was appended to the list this optimizer was made from, and the "
+            "optimizer does not step it: add it with "
+            f"opt.add_param_group({{'params': [params{label}]}}) (its gradient then follows "
+            "the others in step's list), or keep arrays that are not trained in a list of "
+            "their own")
+    if how == "removed":
         raise ValueError(
             f"params{label} was removed from the {container} this optimizer was made from; "
             "the optimizer still steps that array: put it back, or make a new optimizer "
