@@ -240,6 +240,11 @@ def test_check_perf_json_result(monkeypatch, tmp_path, capsys, ratio, code):
     assert check["measured"] == [ratio] * (1 if ratio > 1 else 2)
     assert check["ok"] == (not code) and check["seconds_per_step"]["numpy"] == 2e-3
     assert result["machine"]["fastopt"] == fastopt.__version__
+    assert result["machine"]["numba"] and "processor" in result["machine"]
+    # the machine's load while measuring, as fastopt bench reports it: a CI
+    # job reading a failure needs to know the machine was busy
+    assert set(result["load"]) >= {"loadavg_before", "loadavg_after", "other_processes"}
+    assert "note" in result["load"]["other_processes"]
 
 
 def test_check_perf_json_says_why_nothing_was_measured(monkeypatch, tmp_path, capsys):
@@ -249,6 +254,7 @@ def test_check_perf_json_says_why_nothing_was_measured(monkeypatch, tmp_path, ca
     assert main(["check-perf", "--floors", str(path), "--json", str(out)]) == 2
     result = json.loads(out.read_text())
     assert result["exit_status"] == 2 and "non-empty 'cases'" in result["error"]
+    assert result["load"] is None
     # an unwritable --json is refused before measuring, not after
     monkeypatch.setattr(perfguard, "run_checks", lambda *a, **k: pytest.fail("measured"))
     assert main(["check-perf", "--json", str(tmp_path)]) == 2

@@ -288,13 +288,15 @@ def run_checks(spec, attempts=None, rounds=None, progress=None):
     return checks
 
 
-def as_json(checks, floors_path, exit_status, error=None) -> dict:
+def as_json(checks, floors_path, exit_status, error=None, load=None) -> dict:
     """The result of a check-perf run for a CI job to read: every check,
-    the machine, and the exit status (0 ok, 1 regression, 2 setup, 3
-    measuring failed) with ``error`` saying why where it is 2 or 3."""
+    the machine, its load while measuring (``fastopt bench``'s ``load``; None
+    where nothing was measured), and the exit status (0 ok, 1 regression,
+    2 setup, 3 measuring failed) with ``error`` saying why where it is 2 or 3."""
     from . import machine
     return {"floors": floors_path or DEFAULT_FLOORS, "exit_status": exit_status,
             "ok": exit_status == 0, "error": error, "machine": machine.describe(),
+            "load": load,
             "checks": [{"case": ch.case, "impl": ch.impl, "metric": ch.metric,
                         "metric_means": METRICS[ch.metric], "floor": ch.floor,
                         "measured": ch.measured, "best": ch.best, "ok": ch.ok,
