@@ -219,6 +219,10 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     the next save removes the temporary file a killed one left behind.
     """
     tree = {"format": FORMAT}
+    if params is None and optimizer is None and extra is None:
+        # (it wrote a file that every load then refused as holding nothing)
+        raise TypeError("save needs something to write: params=, optimizer= and/or extra= "
+                        "(keywords), e.g. fastopt.save(path, params=params, optimizer=opt)")
     if optimizer is not None and not callable(getattr(optimizer, "state_dict", None)):
         raise TypeError(
             f"optimizer must be one optimizer (with a state_dict()), got "

@@ -270,6 +270,9 @@ def test_weights_saved_with_np_savez_are_named_as_such(tmp_path):
     np.testing.assert_array_equal(p[0], 1.0)
     with pytest.raises(TypeError, match="a checkpoint's path is a str or os.PathLike, got int"):
         fastopt.load(3)
+    with pytest.raises(TypeError, match="save needs something to write: params=, optimizer="):
+        fastopt.save(tmp_path / "empty.npz")
+    assert not (tmp_path / "empty.npz").exists()
 
 
 @pytest.mark.parametrize("cut", [0.5, 10])

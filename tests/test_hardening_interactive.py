@@ -314,3 +314,7 @@ def test_torch_habits_get_told_what_fastopt_takes():
                                         "float 0.9"):
         F.sgd(p, [np.ones(2)], 0.9, lr=0.1)
     np.testing.assert_array_equal(m[0], 0.0)
+    # a bare array among group dicts was named as a bad array inside group 0
+    with pytest.raises(TypeError, match=r"params\[0\] is a param-group dict but params\[1\] "
+                                        r"is not one \(ndarray\).*\{'params': \[w\]\}"):
+        fastopt.AdamW([{"params": [np.ones(2)]}, np.ones(3)])

@@ -454,6 +454,12 @@ class Optimizer:
         if isinstance(params, (list, tuple)):
             if not params:
                 raise ValueError("params is empty: nothing to optimize")
+            groups = [i for i, p in enumerate(params) if isinstance(p, dict) and "params" in p]
+            if groups:      # read as arrays, the first dict was named as a bad array
+                k = next(i for i, p in enumerate(params) if not isinstance(p, dict))
+                raise TypeError(f"params[{groups[0]}] is a param-group dict but params[{k}] is "
+                                f"not one ({type(params[k]).__name__}): in a list of groups "
+                                "every item is a group, e.g. {'params': [w]} for one array")
             return [{"params": params}]
         raise TypeError("params must be an ndarray, a list (or any iterable) of ndarrays, a "
                         "dict of name -> ndarray or a list of param-group dicts, got "
