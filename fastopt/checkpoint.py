@@ -59,7 +59,7 @@ class CheckpointError(ValueError):
 class CheckpointTypeError(CheckpointError, TypeError):
     """A CheckpointError for a value of the wrong type: still a TypeError,
     which load_state_dict raised for it before it raised CheckpointError.
-    (Public by name: a traceback shows it, and pickle finds it by it.)"""
+    (Named without an underscore: a traceback shows its name.)"""
 
 
 def as_checkpoint_error(exc, prefix=""):

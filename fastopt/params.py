@@ -111,7 +111,7 @@ class FlatArrays(PackedViews):
 def flat_zeros(shapes, dtype=np.float32) -> FlatArrays:
     """Zero-filled arrays of the given shapes sharing one buffer: ``shapes``
     is a list with one shape per array (a bare int is a 1-D shape)."""
-    if isinstance(shapes, tuple) and shapes and not any(map(np.iterable, shapes)):
+    if isinstance(shapes, tuple) and len(shapes) > 1 and not any(map(np.iterable, shapes)):
         # flat_zeros((3, 2)) made two arrays, of 3 and 2 elements
         raise TypeError(f"shapes is one shape per array: {shapes!r} reads as a single shape; "
                         f"pass [{shapes!r}] for one array of that shape, or "
@@ -137,10 +137,11 @@ def pack(arrays, dtype=None) -> FlatArrays:
         raise ValueError("pack() needs at least one array")
     if dtype is None:
         dtype = np.result_type(*arrays)
-        if dtype.kind != "f":
+        if dtype.kind != "f" and dtype.name != "bfloat16":     # (ml_dtypes': kind "V")
             # (an int array, an np.arange(3) param, was refused only by the
             # optimizer made from the pack, far from here)
-            k = next(i for i, a in enumerate(arrays) if a.dtype.kind != "f")
+            k = next(i for i, a in enumerate(arrays)
+                     if a.dtype.kind != "f" and a.dtype.name != "bfloat16")
             raise TypeError(f"pack() makes params, gradients or state for fastopt's steps, which "
                             f"are floats: arrays[{k}] is {arrays[k].dtype}; convert it, or pass "
                             "dtype=np.float32 (or np.float64) to pack them as that")

@@ -62,6 +62,8 @@ def test_train_threads_must_be_positive(value, capsys):
                           "mean --json? (see fastopt info --help)"),
     (["info", "extra"], "fastopt info: error: unrecognized arguments: extra (see fastopt "
                         "info --help)"),
+    (["--json", "info"], "fastopt info: error: unrecognized arguments: --json; --json is the "
+                         "subcommand's: put it after info (see fastopt info --help)"),
 ])
 def test_an_unknown_flag_is_said_by_its_subcommand_with_the_flag_meant(argv, said, capsys):
     """The top-level parser said it, pointing to `fastopt --help`, which

@@ -276,6 +276,23 @@ def test_a_hyperparameter_set_as_an_attribute_is_refused_not_ignored(name):
         setattr(opt, some_other, opt.defaults[some_other])
     opt.notes = "anything else"         # the user's own attributes stay theirs
     assert opt.notes == "anything else"
+    if name == "SGD":       # the wrappers, and subclasses from their first instance on
+        sam = fastopt.SAM(opt)
+        with pytest.raises(AttributeError, match="SAM keeps 'lr' in its param groups"):
+            sam.lr = 0.5
+
+        class Mine(fastopt.SGD):
+            def __init__(self, params, lr, note=""):
+                self.note = note            # a name of its own: fine
+                super().__init__(params, lr=lr)
+        assert Mine([np.ones(2)], 0.1, "x").note == "x"
+
+        class KeepsLr(fastopt.SGD):
+            def __init__(self, params, lr):
+                self.lr = lr                # would never reach a step
+                super().__init__(params, lr=lr)
+        with pytest.raises(AttributeError, match="KeepsLr keeps 'lr' in its param groups"):
+            KeepsLr([np.ones(2)], 0.1)
     code = ("import pickle, sys; import fastopt; opt = pickle.loads(sys.stdin.buffer.read())\n"
             "try:\n    opt.lr = 0.5\nexcept AttributeError as e:\n    print('refused', e)\n")
     import pickle
@@ -318,3 +335,25 @@ def test_torch_habits_get_told_what_fastopt_takes():
     with pytest.raises(TypeError, match=r"params\[0\] is a param-group dict but params\[1\] "
                                         r"is not one \(ndarray\).*\{'params': \[w\]\}"):
         fastopt.AdamW([{"params": [np.ones(2)]}, np.ones(3)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sam_refuses_a_param_frozen_between_perturb_and_step_with_it_still_perturbed(backend):
+    """The NumPy backend's separate restore wrote the frozen param back,
+    then the base refused it: the perturbation was gone, and a retry said
+    "called without perturb"."""
+    P = fastopt.flat_zeros([(3,), (2,)], np.float64)
+    P.data[:] = 1.0
+    sam = fastopt.SAM(fastopt.SGD(P, lr=0.1, backend=backend), rho=0.05)
+    G = P.zeros_like()
+    G.data[:] = 1.0
+    sam.perturb(G)
+    perturbed = P.data.copy()
+    P[0].flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\[0\] is read-only now"):
+        sam.step(G)
+    np.testing.assert_array_equal(P.data, perturbed)
+    assert sam.perturbed
+    P[0].flags.writeable = True
+    sam.step(G)
+    np.testing.assert_allclose(P.data, 0.9)

@@ -157,6 +157,10 @@ def test_lion_sign_matches_the_reference_on_every_kind_of_value(backend, dtype):
     infinities and NaN as the NumPy reference has them, over enough
     elements to run the vector loop, random signs included. (To the ulp:
     the AVX2 and AVX-512 builds fuse multiply-adds, NumPy does not.)"""
+    _check_lion_signs(backend, dtype)
+
+
+def _check_lion_signs(backend, dtype):
     tiny = np.finfo(dtype).smallest_subnormal
     special = np.array([0.0, -0.0, tiny, -tiny, np.inf, -np.inf, np.nan, 1.0, -1.0,
                         np.finfo(dtype).max, -np.finfo(dtype).max], dtype)
@@ -165,15 +169,57 @@ def test_lion_sign_matches_the_reference_on_every_kind_of_value(backend, dtype):
     out = {}
     for be in ("numpy", backend):
         p = np.linspace(-1.0, 1.0, g.size).astype(dtype)
+        p[:special.size] = -0.0       # -0 - (+-0): the sign of a zero step shows
         with np.errstate(all="ignore"):
             opt = fastopt.Lion([p], lr=1e-2, weight_decay=0.1, backend=be)
             opt.step([g.copy()])
-            opt.step([g[::-1].copy()])
         out[be] = (p, opt.state[0]["flat"]["exp_avg"])
     eps = np.finfo(dtype).eps
     for got, want in zip(out[backend], out["numpy"]):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
         np.testing.assert_allclose(got, want, rtol=8 * eps, atol=8 * eps)   # (values ~1)
+
+
+#: CPU features hidden from the Cython backend's choice, per SIMD build
+_HIDE = {"baseline": ["X86_V4", "X86_V3", "AVX2", "AVX512F"],
+         "x86-64-v3": ["X86_V4", "AVX512F"], "x86-64-v4": []}
+
+
+@pytest.mark.skipif("cython" not in fastopt.available_backends(), reason="needs the Cython build")
+@pytest.mark.parametrize("simd", list(_HIDE))
+def test_lion_sign_on_each_cython_simd_build(simd):
+    """Each build of the kernels the CPU can run, not only the one it
+    picks: the sign's bit select was written for the portable and AVX2
+    builds, which the CI host (AVX-512) never loads."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+    code = textwrap.dedent(f"""
+        import sys, numpy as np
+        try:
+            from numpy._core._multiarray_umath import __cpu_features__ as cpu
+        except ImportError:
+            from numpy.core._multiarray_umath import __cpu_features__ as cpu
+        for k in {_HIDE[simd]!r}:
+            cpu[k] = False
+        from fastopt.backends import cython_cpu
+        if cython_cpu.simd != {simd!r}:
+            print("SKIP", cython_cpu.simd)
+            sys.exit(0)
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_optim_family import _check_lion_signs
+        for dtype in (np.float32, np.float64):
+            _check_lion_signs("cython", dtype)
+        print("OK")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(f"this CPU cannot run the {simd} build ({out.stdout.strip()})")
+    assert out.stdout.strip() == "OK"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -65,6 +65,9 @@ def test_pack_dtype_promotion_and_override():
     with pytest.raises(TypeError, match=r"arrays\[0\] is int64; convert it, or pass dtype="):
         fastopt.pack([np.arange(3), np.arange(2)])
     assert fastopt.pack([np.arange(3)], dtype=np.float32).dtype == np.float32
+    ml_dtypes = pytest.importorskip("ml_dtypes")       # 16-bit params pack as they are
+    assert fastopt.pack([np.ones(3, ml_dtypes.bfloat16)]).dtype.name == "bfloat16"
+    assert fastopt.pack([np.ones(3, np.float16)]).dtype == np.float16
 
 
 def test_flat_zeros_refuses_one_shape_given_as_the_list_of_shapes():
@@ -74,6 +77,7 @@ def test_flat_zeros_refuses_one_shape_given_as_the_list_of_shapes():
                                         r"or \[\(3,\), \(2,\)\] for 2 1-D arrays"):
         fastopt.flat_zeros((3, 2))
     assert fastopt.flat_zeros([(3, 2)]).shapes == ((3, 2),)
+    assert fastopt.flat_zeros((3,)).shapes == ((3,),)      # either reading: one (3,) array
     assert fastopt.flat_zeros([3, 2]).shapes == ((3,), (2,))
     assert repr(fastopt.flat_zeros([(3, 2)])).startswith("FlatArrays(1 array, 6 elements")
 

@@ -428,5 +428,7 @@ def test_omp_num_threads_holds_whatever_loaded_numba_first():
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1", NUMBA_THREADING_LAYER="omp")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env=env)
+    if out.returncode and "threading layer" in out.stderr:
+        pytest.skip("Numba's OpenMP threading layer is not available here")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["1", "1"]

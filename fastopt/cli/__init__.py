@@ -53,11 +53,13 @@ def main(argv=None):
         return EXIT_INTERRUPTED
 
 
-
 def _refuse_unknown(parser, unknown):
     import difflib
     flags = [o for action in parser._actions for o in action.option_strings]
     first = next((u.split("=", 1)[0] for u in unknown if u.startswith("-")), None)
-    close = difflib.get_close_matches(first, flags, n=1) if first else []
-    parser.error(f"unrecognized arguments: {' '.join(unknown)}"
-                 + (f"; did you mean {close[0]}?" if close else ""))
+    if first in flags:      # `fastopt --json info`: the subcommand's own flag, before it
+        hint = f"; {first} is the subcommand's: put it after {parser.prog.split()[-1]}"
+    else:
+        close = difflib.get_close_matches(first, flags, n=1) if first else []
+        hint = f"; did you mean {close[0]}?" if close else ""
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")

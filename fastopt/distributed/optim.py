@@ -35,8 +35,8 @@ import numpy as np
 
 from .. import _validate as V
 from ..backends.lowp import is_low_precision
-from ..optim.base import (Optimizer, _all_finite, _brief, order_in_checkpoint, prepared_load,
-                          schedule_value)
+from ..optim.base import (Optimizer, _InGroups, _all_finite, _brief, order_in_checkpoint,
+                          prepared_load, schedule_value)
 from ..clip import scaled_sumsq
 from ..optim.named import KeyTree
 from ..optim.state_format import state_dtype_name
@@ -154,6 +154,10 @@ class _Round:
 class _Distributed:
     """What both wrappers share: the communicator, agreement on errors,
     checkpoints written by rank 0, and the optimizer's public attributes."""
+
+    # opt.lr = 0.5 set an attribute no step read: refused, naming the groups
+    lr = _InGroups("lr", "lr")
+    learning_rate = _InGroups("learning_rate", "lr")
 
     def _init_comm(self, comm):
         self.comm = world() if comm is None else comm
@@ -808,6 +812,7 @@ class ShardedOptimizer(_Distributed):
     _take_schedule = Optimizer._take_schedule
     _show_lr = Optimizer._show_lr
     lr_schedule = Optimizer.lr_schedule
+    _refuse_unbound = Optimizer._refuse_unbound      # (lr_schedule's)
 
     @property
     def last_lr(self):

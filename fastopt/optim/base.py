@@ -28,6 +28,7 @@ The math lives in the backends; this class owns everything around it:
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 import os
@@ -250,40 +251,53 @@ class _InGroups:
     hand-written NumPy optimizers and Keras keep it) set an attribute no
     step read: the lr never changed. Reading or setting it says where the
     value lives. Installed on each optimizer class for its own
-    hyperparameters (:func:`_guard_group_keys`); ``learning_rate`` too."""
+    hyperparameters at its creation (:func:`_guard_group_keys`);
+    ``learning_rate`` too."""
 
     __slots__ = ("name", "key")
 
     def __init__(self, name, key):
         self.name, self.key = name, key
 
-    def _refuse(self, owner, setting=True):
+    def _refuse(self, obj, setting=True):
         k = self.key
-        where = f"{owner.__name__} keeps {k!r} in its param groups, not as an attribute"
+        where = f"{type(obj).__name__} keeps {k!r} in its param groups, not as an attribute"
         if not setting:
             return AttributeError(f"{where}: opt.param_groups[i][{k!r}] is the value the "
                                   "next step uses")
+        later = (f"; opt.defaults[{k!r}] is for groups added later"
+                 if "defaults" in vars(obj) else "")         # (not the wrappers')
         return AttributeError(
             f"{where} (opt.{self.name} would be ignored by every step): set "
             f"opt.param_groups[i][{k!r}] = value, or for g in opt.param_groups: "
-            f"g[{k!r}] = value; opt.defaults[{k!r}] is for groups added later")
+            f"g[{k!r}] = value{later}")
 
     def __get__(self, obj, owner=None):
         if obj is None:
             return self
-        raise self._refuse(type(obj), setting=False)
+        raise self._refuse(obj, setting=False)
 
     def __set__(self, obj, value):
-        raise self._refuse(type(obj))
+        raise self._refuse(obj)
 
     def __delete__(self, obj):
-        raise self._refuse(type(obj))
+        raise self._refuse(obj)
 
 
-def _guard_group_keys(cls, keys):
-    """:class:`_InGroups` for each of ``keys`` (and ``learning_rate`` for
-    lr) that ``cls`` has no attribute of: once per class, at its first
-    instance (the keys are its defaults')."""
+#: a constructor's parameters that are not group hyperparameters
+_NOT_HYPERS = frozenset({"self", "params", "backend", "max_grad_norm"})
+
+
+def _guard_group_keys(cls):
+    """:class:`_InGroups` for each hyperparameter of ``cls`` (its
+    constructor's keyword parameters, as its defaults are built from them)
+    and ``learning_rate`` for lr, where ``cls`` has no attribute of that
+    name: at class creation, so that it holds from the first instance on
+    (installed at the first instance, a subclass keeping ``self.lr`` worked
+    or failed by which instance came first)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    keys = [p.name for p in params if p.name not in _NOT_HYPERS
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     names = [(k, k) for k in keys] + ([("learning_rate", "lr")] if "lr" in keys else [])
     for name, key in names:
         if not hasattr(cls, name):
@@ -310,6 +324,11 @@ class Optimizer:
     #: a hint for a keyword argument this optimizer does not take (name -> text)
     _option_hints: dict = {}
 
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.__module__.startswith("fastopt."):     # its own optimizers' hyperparameters
+            _guard_group_keys(cls)
+
     def __init__(self, params, defaults: dict, *, backend="auto", max_grad_norm=None,
                  skip_nonfinite=False, loss_scaler=None, state_dtype="float32", state_seed=0,
                  **unknown):
@@ -327,7 +346,6 @@ class Optimizer:
         self.skipped_steps = 0  # steps skipped for a non-finite gradient
         self.skip_nonfinite = V.check_bool("skip_nonfinite", skip_nonfinite)
         self.defaults = self._validated(dict(defaults))
-        _guard_group_keys(type(self), self.defaults)
         self.max_grad_norm = (None if max_grad_norm is None else
                               V.check_real("max_grad_norm", max_grad_norm, low=0.0,
                                            low_open=True))
@@ -514,7 +532,7 @@ class Optimizer:
         labels = self._names.labels if self._names is not None else None
         if not isinstance(grads, (list, tuple)):
             grads = V.as_array_list("grads", grads, by_name=labels is not None)
-        self._check_arrays_as_given()          # (a compiled reader refused, or none)
+        self._check_arrays_as_given(writes=True)   # (a compiled reader refused, or none)
         V.check_like("grads", list(grads), "params", self._params, writable=False,
                      allow_low_precision=True, labels=labels)
         labels = labels or [f"[{i}]" for i in range(len(grads))]
@@ -641,7 +659,6 @@ class Optimizer:
     def __setstate__(self, state):
         linked = state.pop("_lr_linked", ())
         self.__dict__.update(state)
-        _guard_group_keys(type(self), self.defaults)   # (a new process: no instance yet)
         for gi, group in enumerate(self.param_groups):    # pickled before ParamList
             if type(group["params"]) is list and self._group_lists[gi] is group["params"]:
                 group["params"] = self._group_lists[gi] = ParamList(group["params"])
@@ -770,7 +787,7 @@ class Optimizer:
         if arrays:
             self._check_arrays_as_given(writes)
 
-    def _check_arrays_as_given(self, writes=True):
+    def _check_arrays_as_given(self, writes):
         """A param's dtype or size changed in place (``a.dtype = ...``,
         ``a.resize(..., refcheck=False)``) or its strides (``a.strides = ...``):
         the steps address its memory as it was given, and the state is
@@ -790,7 +807,7 @@ class Optimizer:
             return
         self._check_arrays_as_constructed(writes)
 
-    def _check_arrays_as_constructed(self, writes=False):
+    def _check_arrays_as_constructed(self, writes):
         """:meth:`_check_arrays_as_given`'s attribute reads, against the
         layout recorded when the params were given: also before the tables
         exist (they record the params as they are when built, so a change
@@ -1236,7 +1253,8 @@ class Optimizer:
         """The lr schedule driving param group ``group``, or None when its
         lr is a plain number (``param_groups[group]["lr"]`` shows the value
         the next step uses either way)."""
-        self._refuse_unbound("so no param groups; the lr they will take is opt.defaults['lr']")
+        self._refuse_unbound("there are no param groups yet; the lr they will take is "
+                             "opt.defaults['lr']")
         if not -len(self.param_groups) <= group < len(self.param_groups):
             raise IndexError(f"param group {group} of {len(self.param_groups)}")
         group %= len(self.param_groups)         # -1: the last, as param_groups[-1]
@@ -1322,7 +1340,7 @@ class Optimizer:
 
     def _host_tables(self):
         """Build the groups' tables (again after a load: new master copies)."""
-        self._check_arrays_as_constructed()
+        self._check_arrays_as_constructed(writes=False)     # (the step's reading checks that)
         tables = [self._group_tables(gi) for gi in range(len(self.param_groups))]
         all_tables = [t for ts in tables for t in ts]
         if len(all_tables) > 1:     # a grad must miss every table's params
@@ -1375,7 +1393,7 @@ class Optimizer:
         once, then cached by identity), a dict keyed like the params, or a
         list of arrays (new every step: read at C speed where the backend can)."""
         if isinstance(grads, FlatArrays):
-            self._check_arrays_as_given()      # no gradient reader looks at the params
+            self._check_arrays_as_given(writes=True)   # no gradient reader looks at the params
             if grads is not self._bound:
                 self._flat_segments(grads)     # layout, dtype and aliasing checks
                 off = self._elem_offsets

@@ -128,10 +128,9 @@ class GivenParams:
             if b is not a and not _same_memory(b, a):
                 return f"[{i}]", "removed" if b is _REMOVED else "replaced"
         if len(given) > self.n:        # (add_param_group's arrays may follow: fine)
-            added = params[self.n:]
             for i in range(self.n, len(given)):
                 b = given[i]
-                if not any(b is a or _same_memory(b, a) for a in added):
+                if not any(b is a or _same_memory(b, a) for a in params):
                     return f"[{i}]", "appended"
         return None
 

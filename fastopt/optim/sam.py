@@ -49,7 +49,7 @@ from ..backends.flat_ops import ops_for, sam_scale
 from ..backends.tables import group_tables, refuse_each_other
 from ..params import FlatArrays
 from . import forks
-from .base import Optimizer, prepared_load
+from .base import Optimizer, _InGroups, prepared_load
 from .interrupt import INTERRUPTS, finished, held
 from .placement import Offsets, span
 from .state_checks import require_array, require_keys
@@ -112,6 +112,11 @@ class SAM:
       buffers), and :meth:`step` restores and steps in one pass (see the
       module's docstring); :meth:`perturb` waits for its norm.
     """
+
+    # sam.lr = 0.5 set an attribute no step read (the base steps with its
+    # groups' lr): refused, naming the groups, as on the optimizers
+    lr = _InGroups("lr", "lr")
+    learning_rate = _InGroups("learning_rate", "lr")
 
     def __init__(self, base_optimizer, rho=0.05, adaptive=False):
         if isinstance(base_optimizer, SAM):
@@ -412,9 +417,10 @@ class SAM:
                 # params are restored and say so, or neither
                 calls = [[t.outcome[0] for t in ts] for ts in self._tables]
                 # what the base step would refuse (a bad hyperparameter, a
-                # schedule that fails), refused before the params are
-                # restored: a retry finds them perturbed
+                # schedule that fails, a param made read-only), refused before
+                # the params are restored: a retry finds them perturbed
                 self.base_optimizer._next_step_options()
+                self.base_optimizer._check_arrays_as_given(writes=True)   # (frozen since?)
                 finished(self._restore_apart, calls)
             self.perturbed = self._skipped = False
             return self.base_optimizer.step(grads)
