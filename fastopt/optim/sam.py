@@ -513,6 +513,7 @@ class SAM:
         with base._lock:
             base._check_groups_unchanged()
             segments, flats = self._device_segments(grads)   # refused: still perturbed
+            base._next_step_options()      # a bad hyperparameter too, as on the host
             offsets = Offsets(self._e_runs)
             self.perturbed = self._skipped = False
             try:

@@ -137,9 +137,9 @@ def test_a_skipped_base_step_still_restores_the_params():
 
 
 def test_refusals_write_nothing_or_restore():
-    """Wrong grads at step: refused with the params still perturbed (call
-    step again). A base step that refuses after the grads' checks (a bad
-    lr in its param group): the params are restored, as on the host."""
+    """Wrong grads at step, or a bad lr written into the base's param group:
+    refused with the params still perturbed (fix it, call step again), as
+    on the host."""
     pair = Pair("SGD", dict(lr=0.1, momentum=0.9), False, False, np.float64)
     rng = np.random.default_rng(4)
     g1, g2 = _grads(rng, np.float64, 2)
@@ -156,8 +156,13 @@ def test_refusals_write_nothing_or_restore():
         pair.sam.step(pair.device_grads(g2))
     with pytest.raises(ValueError, match="lr"):
         pair.ref.step(g2)
-    assert not pair.sam.perturbed
-    pair.same("restored")
+    assert pair.sam.perturbed and pair.ref.perturbed
+    pair.same("still perturbed")
+    for sam in (pair.sam, pair.ref):
+        sam.param_groups[0]["lr"] = 0.1
+    pair.sam.step(pair.device_grads(g2))
+    pair.ref.step(g2)
+    pair.same("stepped after the retry")
 
 
 def test_checkpoint_while_perturbed_moves_between_device_and_host():
