@@ -166,6 +166,9 @@ cdef extern from *:
     static inline uint32_t fo_sel(int c, uint32_t a, uint32_t b) {
         uint32_t m = 0u - (uint32_t)c; return (a & m) | (b & ~m);
     }
+    static inline uint64_t fo_sel64(int c, uint64_t a, uint64_t b) {
+        uint64_t m = 0ull - (uint64_t)c; return (a & m) | (b & ~m);
+    }
     static inline double fo_f64_from_bits(uint64_t u) { double f; memcpy(&f, &u, 8); return f; }
     static inline uint64_t fo_bits_from_f64(double f) { uint64_t u; memcpy(&u, &f, 8); return u; }
     /* lr * sign(u), sign(+-0) = +-0 and a NaN staying NaN (lr * u there),
@@ -179,9 +182,8 @@ cdef extern from *:
     }
     static inline double fo_sign_step_f64(double u, double lr) {
         uint64_t b = fo_bits_from_f64(u), a = b & 0x7FFFFFFFFFFFFFFFull;
-        uint64_t m = 0ull - (uint64_t)(a - 1u >= 0x7FF0000000000000ull);
-        return fo_f64_from_bits((fo_bits_from_f64(u * lr) & m)
-                                | ((fo_bits_from_f64(lr) | (b & 0x8000000000000000ull)) & ~m));
+        return fo_f64_from_bits(fo_sel64(a - 1u >= 0x7FF0000000000000ull, fo_bits_from_f64(u * lr),
+                                         fo_bits_from_f64(lr) | (b & 0x8000000000000000ull)));
     }
     static inline float fo_bf16_to_f32(uint16_t h) { return fo_f32_from_bits((uint32_t)h << 16); }
     static inline uint16_t fo_f32_to_bf16(float x) {
