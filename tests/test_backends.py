@@ -11,6 +11,8 @@ result (see ``adam_magnitudes``): float64 to 1e-12, float32 to 1e-5.
 from __future__ import annotations
 
 import math
+import platform
+import sys
 
 import numpy as np
 import pytest
@@ -429,3 +431,12 @@ def test_the_simd_builds_are_found_with_an_older_numpy(monkeypatch):
     assert not c._cpu_has(*v3, "AVX512F")               # NumPy's own no
     monkeypatch.setattr(c, "_cpuinfo_flags", lambda: frozenset({"bmi1", "abm", "movbe"}))
     assert not c._cpu_has(*v3)                           # no BMI2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.machine() != "x86_64",
+                    reason="reads Linux's /proc/cpuinfo of an x86-64 CPU")
+def test_cpuinfo_fields_as_the_loader_and_the_bench_report_read_them():
+    from fastopt._cpuinfo import cpuinfo_field
+    assert "sse2" in cpuinfo_field("flags").split()      # every x86-64 CPU has it
+    assert cpuinfo_field("model name")                   # (the report's CPU model)
+    assert cpuinfo_field("no such field") is None

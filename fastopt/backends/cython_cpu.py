@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from .._cpuinfo import cpuinfo_field
 from .._openmp import env_threads, in_forked_child, on_fork_serial, short_spin
 from .compact import check_compact
 from .lowp import bits
@@ -38,14 +39,7 @@ _CPUINFO_FLAGS = {"BMI": "bmi1", "BMI2": "bmi2", "LZCNT": "abm", "MOVBE": "movbe
 
 
 def _cpuinfo_flags() -> frozenset:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset((cpuinfo_field("flags") or "").split())
 
 
 def _cpu_has(*features) -> bool:
@@ -65,15 +59,37 @@ _V4 = ("X86_V4",) if _cpu_has("X86_V4") else (
     *_V3, "AVX512F", "AVX512CD", "AVX512BW", "AVX512DQ", "AVX512VL")
 
 
+#: the SIMD builds, fastest first: (module, name, the CPU features it needs)
+_BUILDS = (("kernels_v4", "x86-64-v4", _V4), ("kernels_v3", "x86-64-v3", _V3),
+           ("kernels", "baseline", ()))
+#: caps the build loaded (``FASTOPT_CYTHON_SIMD=x86-64-v3`` on an AVX-512 CPU
+#: loads the AVX2 one): to reproduce or measure another host's build here,
+#: as the CI guard's per-build floors do (fastopt/bench/floors.json)
+SIMD_CAP_VAR = "FASTOPT_CYTHON_SIMD"
+
+
+def _simd_cap() -> int:
+    """Index into :data:`_BUILDS` of the fastest build allowed."""
+    cap = os.environ.get(SIMD_CAP_VAR, "").strip()
+    names = [b[1] for b in _BUILDS]
+    if not cap:
+        return 0
+    if cap not in names:
+        raise ImportError(f"{SIMD_CAP_VAR}={cap!r}: use one of {', '.join(names)} (the "
+                          "fastest Cython build to load), or unset it")
+    return names.index(cap)
+
+
 def _import_kernels():
-    """The fastest build this CPU can run: ``(module, name)``."""
-    for name, needs in (("kernels_v4", _V4), ("kernels_v3", _V3)):
+    """The fastest build this CPU can run (and :data:`SIMD_CAP_VAR` allows):
+    ``(module, name)``."""
+    for name, simd, needs in _BUILDS[_simd_cap():-1]:
         if _cpu_has(*needs):
             try:
                 mod = __import__(f"{__package__}._cython.{name}", fromlist=["step"])
             except ImportError:      # a build without this variant (not x86-64)
                 continue
-            return mod, {"kernels_v4": "x86-64-v4", "kernels_v3": "x86-64-v3"}[name]
+            return mod, simd
     from ._cython import kernels
     return kernels, "baseline"
 

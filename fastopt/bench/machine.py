@@ -17,6 +17,7 @@ import subprocess
 import numpy as np
 
 import fastopt
+from fastopt._cpuinfo import cpuinfo_field
 
 
 def torch_or_none():
@@ -63,14 +64,7 @@ def cpu_model() -> str:
     """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."):
     platform.processor() is empty on Linux, and ratios mean little without
     knowing the host (the shipped floors name theirs)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return cpuinfo_field("model name") or platform.processor()
 
 
 def _version(module) -> str:
