@@ -16,6 +16,28 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+#: the default of a ``grads`` argument: torch's bare ``opt.step()`` and
+#: ``opt.zero_grad()`` get :func:`refuse_no_grads`' message, not Python's
+NOT_GIVEN = object()
+
+_NO_GRADS_HINTS = {
+    "step": "compute them, then opt.step(grads) (fastopt.LBFGS.step takes a closure)",
+    "zero_grad": "zero_grad(grads) zeroes the arrays you accumulate gradients into; with "
+                 "new gradient arrays every step there is nothing to zero",
+}
+
+
+def refuse_no_grads(owner, method):
+    """The TypeError of ``owner.method()`` called without the gradients."""
+    raise TypeError(f"{owner}.{method}() needs the gradients: fastopt keeps no .grad on "
+                    f"the params; {_NO_GRADS_HINTS[method]}")
+
+
+def count(n, noun) -> str:
+    """``"1 array"``, ``"2 arrays"``: a count in a message."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def key(where: str, name: str) -> str:
     """``lr`` for the constructor's arguments, ``param_groups[1]['lr']`` in a group."""
     return f"{where}['{name}']" if where else name
@@ -167,7 +189,8 @@ def check_like(name, arrays, ref_name, refs, *, writable, allow_low_precision=Fa
     ``labels[i]`` names item ``i`` (``[i]`` by default, ``['W']`` for params
     held by name)."""
     if len(arrays) != len(refs):
-        raise ValueError(f"{name} has {len(arrays)} arrays but {ref_name} has {len(refs)}")
+        raise ValueError(f"{name} has {count(len(arrays), 'array')} but {ref_name} has "
+                         f"{len(refs)}")
     for i, (a, r) in enumerate(zip(arrays, refs)):
         lab = f"[{i}]" if labels is None else labels[i]
         if not isinstance(a, np.ndarray):

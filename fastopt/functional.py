@@ -54,7 +54,7 @@ def _check_flat(name, a, ref_name, ref):
     V.check_float_array(f"{name}.data", a.data, writable=name != "grads")
     if a.shapes != ref.shapes:
         if len(a) != len(ref):
-            raise ValueError(f"{name} has {len(a)} arrays but {ref_name} has {len(ref)}")
+            raise ValueError(f"{name} has {V.count(len(a), 'array')} but {ref_name} has {len(ref)}")
         i = next(i for i, (s, r) in enumerate(zip(a.shapes, ref.shapes)) if s != r)
         raise ValueError(f"{name}[{i}] has shape {a.shapes[i]} but {ref_name}[{i}] has "
                          f"shape {ref.shapes[i]}")
@@ -75,7 +75,7 @@ def _flatten_device(be, named, optional=()):
     ref = lists[first]
     for k, arrays in lists.items():
         if len(arrays) != len(ref):
-            raise ValueError(f"{k} has {len(arrays)} arrays but {first} has {len(ref)}")
+            raise ValueError(f"{k} has {V.count(len(arrays), 'array')} but {first} has {len(ref)}")
         for i, (x, r) in enumerate(zip(arrays, ref)):
             V.check_same_layout(f"{k}[{i}]", x, f"{first}[{i}]", r)
     written = [(f"{k}[{i}]", x) for k, xs in lists.items() if k != "grads"

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -152,10 +153,23 @@ def test_file_format_has_no_pickle(tmp_path):
     assert back["extra"]["note"] == "x" and back["extra"]["w"].tolist() == [0, 1, 2]
 
 
-def test_plain_callable_lr_cannot_be_saved():
-    o = fastopt.SGD(np.zeros(3), lr=lambda t: 0.1, backend="numpy")
+def test_plain_callable_lr_cannot_be_saved_and_says_so_when_given():
+    """A checkpoint hours into a run was the first to hear of it (and a
+    torch LambdaLR's factor, given as lr, ran as the lr itself)."""
+    with pytest.warns(UserWarning, match=r"param_groups\[0\]\['lr'\] is a plain callable: "
+                                         r"each step's lr is what it returns \(absolute.*"
+                                         "cannot save it"):
+        o = fastopt.SGD(np.zeros(3), lr=lambda t: 0.1, backend="numpy")
     with pytest.raises(TypeError, match="plain callable"):
         o.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # once per callable, not every step
+        o.step([np.ones(3)])
+        o.param_groups[0]["lr"] = fastopt.schedules.constant(0.1)
+        o.step([np.ones(3)])
+    with pytest.warns(UserWarning, match="plain callable"):
+        o.param_groups[0]["lr"] = lambda t: 0.2      # assigned: said at the next step
+        o.step([np.ones(3)])
 
 
 # -- mismatches: a clear error, and nothing changes -------------------------------

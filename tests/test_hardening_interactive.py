@@ -303,6 +303,25 @@ def test_a_hyperparameter_set_as_an_attribute_is_refused_not_ignored(name):
     assert out.startswith(f"refused {name} keeps 'lr'")
 
 
+def test_a_bare_step_or_zero_grad_is_told_to_pass_the_gradients():
+    """torch's first lines, opt.step() and opt.zero_grad(), raised Python's
+    'missing 1 required positional argument'."""
+    p = [np.ones(2)]
+    opt = fastopt.AdamW(p, lr=0.1)
+    with pytest.raises(TypeError, match=r"AdamW.step\(\) needs the gradients: fastopt keeps "
+                                        r"no .grad .* opt.step\(grads\)"):
+        opt.step()
+    with pytest.raises(TypeError, match=r"AdamW.zero_grad\(\) needs the gradients.* nothing "
+                                        "to zero"):
+        opt.zero_grad()
+    sam = fastopt.SAM(fastopt.SGD(p, lr=0.1))
+    with pytest.raises(TypeError, match=r"SAM.step\(\) needs the gradients"):
+        sam.step()
+    with pytest.raises(TypeError, match=r"SAM.zero_grad\(\) needs the gradients"):
+        sam.zero_grad()
+    assert opt.iterations == 0 and (p[0] == 1).all()
+
+
 def test_torch_habits_get_told_what_fastopt_takes():
     """Four habits from torch or hand-written code that raised messages
     about something else (or nothing): a path given to load_state_dict, a

@@ -461,7 +461,7 @@ FUNCTIONAL_BAD = [
     ("grads-shape", lambda p, g, m, v, x: dict(grads=[g[0], np.zeros(4)]), ValueError,
      r"grads\[1\] has shape \(4,\) but params\[1\] has shape \(3,\)"),
     ("exp_avgs-count", lambda p, g, m, v, x: dict(exp_avgs=m[:1]), ValueError,
-     r"exp_avgs has 1 arrays but params has 2"),
+     r"exp_avgs has 1 array but params has 2"),
     ("exp_avg_sqs-dtype", lambda p, g, m, v, x: dict(exp_avg_sqs=[v[0], v[1].astype(np.float32)]),
      TypeError, r"exp_avg_sqs\[1\] has dtype float32"),
     ("max-readonly", lambda p, g, m, v, x: dict(max_exp_avg_sqs=[x[0], _ro(x[1])]), ValueError,

@@ -933,7 +933,8 @@ class ShardedOptimizer(_Distributed):
             raise ValueError("checkpoint: not an optimizer state_dict")
         G = len(self._global_arrays)
         if len(sd["param_groups"]) != G or len(sd["state"]) != G:
-            raise ValueError(f"checkpoint has {len(sd['param_groups'])} param groups, this "
+            raise ValueError("checkpoint has "
+                             f"{V.count(len(sd['param_groups']), 'param group')}, this "
                              f"optimizer has {G}")
         in_order = []      # each group's saved buffers in this optimizer's param order
         for gi, (hyp, g) in enumerate(zip(sd["param_groups"], self._global_arrays)):

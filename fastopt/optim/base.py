@@ -75,6 +75,7 @@ def _all_finite(norm, flats) -> bool:
 
 
 _MISSING = object()
+_NOT_GIVEN = V.NOT_GIVEN        # (a global: read on every step)
 _lr_of = operator.itemgetter("lr")
 
 # kinds of hyperparameter (Optimizer._hypers)
@@ -120,7 +121,7 @@ def prepared_load(optimizer, state_dict):
 def _brief(layout):
     text = ", ".join(f"{d.get('name', '') and d['name'] + ': '}{d.get('dtype')}{d.get('shape')}"
                      for d in layout[:4])
-    return f"[{text}{', ...' if len(layout) > 4 else ''}] ({_count(len(layout), 'array')})"
+    return f"[{text}{', ...' if len(layout) > 4 else ''}] ({V.count(len(layout), 'array')})"
 
 
 class ScheduleFailed(ValueError):
@@ -158,10 +159,6 @@ def _spec_arrays(specs) -> list:
             given = KeyTree.of(given, "params")[1]
         arrays += [given] if isinstance(given, np.ndarray) else list(given)
     return arrays
-
-
-def _count(n, noun):
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _names_differ(saved, layout) -> str:
@@ -245,6 +242,7 @@ def _store_numbers(group, checked):
         if k != "params" and (type(v) is np.ndarray or (
                 type(v) in (tuple, list) and any(type(x) is np.ndarray for x in v))):
             group[k] = checked[k]
+
 
 class _InGroups:
     """A hyperparameter's name on the optimizer itself (``opt.lr = 0.5``, as
@@ -567,7 +565,7 @@ class Optimizer:
         layout = tuple((s, grads.dtype) for s in grads.shapes)
         if layout != self._layout:
             if len(grads) != len(self._params):
-                raise ValueError(f"grads has {len(grads)} arrays but params has "
+                raise ValueError(f"grads has {V.count(len(grads), 'array')} but params has "
                                  f"{len(self._params)}")
             V.check_like("grads", list(grads), "params", self._params, writable=False,
                          allow_low_precision=True)
@@ -585,7 +583,7 @@ class Optimizer:
                 for info in self._run_info]
 
     # -- the step ---------------------------------------------------------------
-    def step(self, grads, params=None):
+    def step(self, grads=V.NOT_GIVEN, params=None):
         """Update every parameter in place from ``grads``.
 
         ``grads`` is a list of arrays matching the params one to one (new
@@ -606,6 +604,8 @@ class Optimizer:
         schedules still advance (``self.iterations``), as in a torch loop
         that calls ``scheduler.step()`` every iteration.
         """
+        if grads is _NOT_GIVEN:
+            V.refuse_no_grads(type(self).__name__, "step")
         # One optimizer stepped from two threads: the steps run one after the
         # other (each sees the other's whole update), as if called in turn.
         with self._lock:
@@ -764,7 +764,7 @@ class Optimizer:
         for gi, (group, lst, n) in enumerate(zip(self.param_groups, self._group_lists,
                                                  self._group_sizes)):
             params = group["params"]
-            what, counts = None, f" ({_count(n, 'array')} then, {len(params)} now)"
+            what, counts = None, f" ({V.count(n, 'array')} then, {len(params)} now)"
             if params is not lst:
                 what = " was replaced by another list"
             elif len(params) != n:
@@ -812,7 +812,8 @@ class Optimizer:
         layout recorded when the params were given: also before the tables
         exist (they record the params as they are when built, so a change
         before the first step went unseen: a step counted with nothing
-        updated, or an internal error)."""
+        updated, or an internal error). ``writes``: refuse read-only params
+        too (False for state_dict, which only reads them)."""
         def label(k):
             return f"params{self._names.labels[k] if self._names is not None else f'[{k}]'}"
 
@@ -843,7 +844,7 @@ class Optimizer:
         now = [g.get("params") if isinstance(g, dict) else None for g in groups]
         k = next((k for k, lst in enumerate(lists) if k >= len(now) or now[k] is not lst),
                  len(lists))
-        counts = f"({_count(len(lists), 'group')} then, {len(groups)} now)"
+        counts = f"({V.count(len(lists), 'group')} then, {len(groups)} now)"
         if len(groups) > len(lists):
             raise ValueError(
                 f"param_groups[{k}] was put in param_groups after the optimizer was made "
@@ -855,10 +856,12 @@ class Optimizer:
             "set its 'lr' to 0 to stop training it, or make a new optimizer over the "
             "params you keep")
 
-    def zero_grad(self, grads) -> None:
+    def zero_grad(self, grads=V.NOT_GIVEN) -> None:
         """Zero ``grads`` in place, for loops that accumulate into one set of
         gradient arrays: a FlatArrays (one fill of its buffer), a list or a
         dict of arrays shaped like the params."""
+        if grads is _NOT_GIVEN:
+            V.refuse_no_grads(type(self).__name__, "zero_grad")
         self._refuse_unbound("zero_grad checks the grads against them; bind(params) first")
         if isinstance(grads, FlatArrays):
             # count and size: O(1), and zeroing does not depend on the layout
@@ -1278,6 +1281,11 @@ class Optimizer:
         if lr is _MISSING:
             return None                   # deleted: _resolve names it
         if callable(lr):
+            if self._schedules.get(gi) is not lr and not isinstance(lr, Schedule):
+                warn_user(f"param_groups[{gi}]['lr'] is a plain callable: each step's lr is "
+                          "what it returns (absolute, not a factor of a base lr as with "
+                          "torch's LambdaLR), and state_dict/fastopt.save cannot save it; a "
+                          "fastopt.schedules schedule can be saved")
             self._schedules[gi] = lr
             return lr
         sched = self._schedules.get(gi)
@@ -1756,7 +1764,8 @@ class Optimizer:
             raise TypeError("checkpoint: 'param_groups' must be a list, got "
                             f"{type(sd['param_groups']).__name__}")
         if len(sd["param_groups"]) != len(self.param_groups):
-            raise ValueError(f"checkpoint has {len(sd['param_groups'])} param groups, this "
+            raise ValueError("checkpoint has "
+                             f"{V.count(len(sd['param_groups']), 'param group')}, this "
                              f"optimizer has {len(self.param_groups)}")
         if not isinstance(sd["state"], list) or len(sd["state"]) != len(self.param_groups):
             raise ValueError("checkpoint: 'state' must list one entry per param group")
@@ -2031,6 +2040,6 @@ class Optimizer:
         if not self.param_groups:
             return f"{type(self).__name__}(no params yet, backend={self.backend!r})"
         n = sum(a.size for a in self._params)
-        return (f"{type(self).__name__}({_count(len(self._params), 'array')}, "
-                f"{_count(n, 'element')}, {_count(len(self.param_groups), 'group')}, "
+        return (f"{type(self).__name__}({V.count(len(self._params), 'array')}, "
+                f"{V.count(n, 'element')}, {V.count(len(self.param_groups), 'group')}, "
                 f"backend={self.backend!r})")

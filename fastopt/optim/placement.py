@@ -259,7 +259,8 @@ class DevicePlacement:
             raise TypeError("grads must be a device array or a list of them, got "
                             f"{type(grads).__name__}")
         if len(grads) != len(params):
-            raise ValueError(f"grads has {len(grads)} arrays but params has {len(params)}")
+            raise ValueError(f"grads has {V.count(len(grads), 'array')} but params has "
+                             f"{len(params)}")
         flats = []
         for i, (g, p) in enumerate(zip(grads, params)):
             g = be.check_array(f"grads[{i}]", g)

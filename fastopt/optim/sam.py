@@ -171,7 +171,9 @@ class SAM:
     def lr_schedule(self, group: int = 0):
         return self.base_optimizer.lr_schedule(group)
 
-    def zero_grad(self, grads) -> None:
+    def zero_grad(self, grads=V.NOT_GIVEN) -> None:
+        if grads is V.NOT_GIVEN:
+            V.refuse_no_grads(type(self).__name__, "zero_grad")
         self.base_optimizer.zero_grad(grads)
 
     def state_nbytes(self) -> int:
@@ -382,7 +384,7 @@ class SAM:
             ops.sam_perturb(p, g, span(self._e_runs[gi][ri], lo, hi), ctrl, self.adaptive)
         return ops.sam_result(ctrl)
 
-    def step(self, grads):
+    def step(self, grads=V.NOT_GIVEN):
         """Undo the perturbation (``p -= e``) and apply the base optimizer's
         step with ``grads``, the gradients computed at the perturbed point.
         Returns what the base step returns.
@@ -401,6 +403,8 @@ class SAM:
         On device params the restore is fused into the base step (its
         kernels read ``p - e``; a step the base skips for non-finite
         gradients still restores)."""
+        if grads is V.NOT_GIVEN:
+            V.refuse_no_grads(type(self).__name__, "step")
         with self._lock:
             if not self.perturbed and not self._skipped:
                 raise RuntimeError("SAM.step called without perturb: call "
