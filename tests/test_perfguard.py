@@ -180,6 +180,12 @@ def test_unmeasurable_ratio_fails(monkeypatch):
      "unknown key 'attempt' \\(did you mean 'attempts'\\?\\)"),
     ('{"cases": [{"case": "adamw 1000 x 1k", "floor": {}, "floors": {"cython": {"numpy": 1}}}]}',
      "cases\\[0\\]: unknown key 'floor' \\(did you mean 'floors'\\?\\)"),
+    # a SIMD build: of the Cython kernels only, spelled as the loader names them
+    ('{"cases": [{"case": "adamw 1000 x 1k", "simd": "avx2", "floors": {"cython": {"numpy": 1}}}]}',
+     "simd must be one of x86-64-v4, x86-64-v3, baseline, got 'avx2'"),
+    ('{"cases": [{"case": "adamw 1000 x 1k", "simd": "baseline", '
+     '"floors": {"cython": {"numpy": 1}, "numba": {"numpy": 1}}}]}',
+     "simd picks the Cython build; floor only cython there .* not numba"),
     # a misspelt implementation was measured as "n/a": a performance regression
     ('{"cases": [{"case": "list rmsprop 1000 x 1k", "floors": {"cyton": {"numpy": 3}}}]}',
      "unknown implementation 'cyton'; floors are for numba, cython, numpy"),
@@ -189,6 +195,30 @@ def test_bad_floors_file(tmp_path, content, match):
     path.write_text(content)
     with pytest.raises(ValueError, match=match):
         perfguard.load_floors(str(path))
+
+
+@pytest.mark.skipif("cython" not in fastopt.available_backends(), reason="needs the Cython build")
+def test_a_simd_case_measures_that_build_in_a_child_process(tmp_path):
+    """A case with "simd" runs under FASTOPT_CYTHON_SIMD in a child process:
+    an AVX-512 CI host guards the portable build (and the AVX2 one) too.
+    Beside it, the same workload without a build: two entries, two rows."""
+    path = tmp_path / "floors.json"
+    path.write_text(json.dumps({"rounds": 1, "attempts": 1, "cases": [
+        {"case": "list adamw 10 x 1k", "simd": "baseline", "floors": {"cython": {"numpy": 1e-3}}},
+        {"case": "list adamw 10 x 1k", "floors": {"cython": {"numpy": 1e-3}}}]}))
+    checks = perfguard.run_checks(perfguard.load_floors(str(path)))
+    assert [ch.case for ch in checks] == ["list adamw 10 x 1k [baseline]", "list adamw 10 x 1k"]
+    assert all(ch.ok and not ch.skipped and ch.best > 1e-3 for ch in checks), \
+        perfguard.report(checks)
+    assert "list adamw 10 x 1k [baseline] cython" in perfguard.report(checks)
+
+
+def test_a_simd_build_the_cpu_cannot_run_is_skipped_not_failed(monkeypatch):
+    monkeypatch.setattr(perfguard, "_measure_on_build", lambda c, rounds: None)
+    case = {"case": "adamw 1000 x 1k", "simd": "x86-64-v4", "floors": {"cython": {"numpy": 1}}}
+    checks = perfguard.run_checks(_spec([case]))
+    assert checks[0].ok and "cannot run the x86-64-v4 build" in checks[0].skipped
+    assert "skipped: this CPU cannot run the x86-64-v4 build" in perfguard.report(checks)
 
 
 def test_a_case_named_by_its_workload(monkeypatch, tmp_path):

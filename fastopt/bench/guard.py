@@ -59,6 +59,7 @@ class Check:
     floor: float
     measured: list = field(default_factory=list)   # one ratio per attempt
     times: dict = field(default_factory=dict)      # last attempt: impl -> seconds
+    skipped: str = ""      # why nothing was measured (a SIMD build this CPU cannot run)
 
     @property
     def best(self):
@@ -67,7 +68,7 @@ class Check:
 
     @property
     def ok(self):
-        return self.best is not None and self.best >= self.floor
+        return bool(self.skipped) or (self.best is not None and self.best >= self.floor)
 
 
 def load_floors(path=None):
@@ -128,10 +129,11 @@ def load_floors(path=None):
                     if c["case"] in named else "a case of your own spells both")
             raise ValueError(f"{path}: cases[{i}] ({c['case']}) gives {sorted(spelled)[0]} "
                              f"without {sorted(missing)[0]}: {hint}")
-        if c["case"] in seen:     # two rows of one name in the report: which is which?
-            raise ValueError(f"{path}: cases[{i}] and cases[{seen[c['case']]}] are both "
-                             f"{c['case']!r}; give each case its floors once")
-        seen[c["case"]] = i
+        _check_simd(path, i, c)
+        if label(c) in seen:     # two rows of one name in the report: which is which?
+            raise ValueError(f"{path}: cases[{i}] and cases[{seen[label(c)]}] are both "
+                             f"{label(c)!r}; give each case its floors once")
+        seen[label(c)] = i
         if spelled:
             _check_spelled(path, i, c, named.get(c["case"]))
         kind = case_row(c).kind
@@ -177,11 +179,36 @@ def load_floors(path=None):
 #: the implementations a floor may be set for (what _measure times)
 MEASURED = (*cases.CPU_BACKENDS, "numpy")
 
+#: the Cython kernels' SIMD builds (fastopt.backends.cython_cpu), fastest
+#: first: a case's "simd" measures that build (cython floors only) in a
+#: child process started with FASTOPT_CYTHON_SIMD, so that a CI host with
+#: AVX-512 also guards the AVX2 build every other x86 CPU loads (Lion's step
+#: and the 8-bit state codecs each ran scalar there, unseen, for weeks)
+SIMD_BUILDS = ("x86-64-v4", "x86-64-v3", "baseline")
+
+
+def label(c) -> str:
+    """A floors entry's name in reports: its case, and the build it caps."""
+    return f"{c['case']} [{c['simd']}]" if "simd" in c else c["case"]
+
+
+def _check_simd(path, i, c):
+    if "simd" not in c:
+        return
+    where = f"{path}: cases[{i}] ({c['case']})"
+    if c["simd"] not in SIMD_BUILDS:
+        raise ValueError(f"{where}: simd must be one of {', '.join(SIMD_BUILDS)}, got "
+                         f"{c['simd']!r}")
+    others = sorted(set(c.get("floors") or {}) - {"cython"})
+    if others:
+        raise ValueError(f"{where}: simd picks the Cython build; floor only cython there "
+                         f"(Numba compiles for this CPU), not {', '.join(others)}")
+
 # what a floors file and each of its cases may hold ("about" and "measured":
 # words and the ratios the floors were set against, for the reader)
 _TOP_KEYS = ("about", "attempts", "pause_s", "rounds", "cases")
 _CASE_KEYS = ("case", "floors", "measured", "kind", "shape", "tensors", "dtype", "clip",
-              "layout")
+              "layout", "simd")
 
 
 def _is_number(value) -> bool:
@@ -248,6 +275,10 @@ def case_row(c):
 
 
 def _measure(c, rounds):
+    """``(ratios by impl, seconds by impl)`` of one floors entry, or None
+    where its SIMD build is not one this CPU runs."""
+    if "simd" in c:
+        return _measure_on_build(c, rounds)
     row = case_row(c)
     impls = [i for i in c["floors"] if i in MEASURED]
     needed = {"roofline", "numpy"} | (set(cases.TORCH_PATHS) if any(
@@ -255,6 +286,32 @@ def _measure(c, rounds):
     results = ratios.compare(row, impls=(*impls, *sorted(needed - set(impls))),
                              rounds=rounds)
     return ratios.speedups(results), {r.impl: r.seconds for r in results}
+
+
+_CHILD = """
+import json, sys
+from fastopt.backends import cython_cpu
+from fastopt.bench import guard
+c = json.loads(sys.argv[1])
+if cython_cpu.simd != c.pop("simd"):      # the CPU lacks it: the next one down was loaded
+    print(json.dumps(None))
+else:
+    print(json.dumps(guard._measure(c, int(sys.argv[2]))))
+"""
+
+
+def _measure_on_build(c, rounds):
+    import os
+    import subprocess
+    import sys
+    from ..backends.cython_cpu import SIMD_CAP_VAR
+    env = dict(os.environ, **{SIMD_CAP_VAR: c["simd"]})
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(c), str(rounds)],
+                         env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode:
+        raise RuntimeError(f"measuring {label(c)} in a child process failed:\n"
+                           f"{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_checks(spec, attempts=None, rounds=None, progress=None):
@@ -269,15 +326,20 @@ def run_checks(spec, attempts=None, rounds=None, progress=None):
     pause = spec.get("pause_s", 2.0)
     checks = []
     for c in spec["cases"]:
-        mine = [Check(c["case"], impl, metric, float(floor))
+        mine = [Check(label(c), impl, metric, float(floor))
                 for impl, metrics in c["floors"].items()
                 for metric, floor in metrics.items()]
         for attempt in range(attempts):
             if attempt:
                 time.sleep(pause * attempt)
             if progress:
-                progress(f"{c['case']} (attempt {attempt + 1})")
-            ratios, times = _measure(c, rounds)
+                progress(f"{label(c)} (attempt {attempt + 1})")
+            measured = _measure(c, rounds)
+            if measured is None:
+                for ch in mine:
+                    ch.skipped = f"this CPU cannot run the {c['simd']} build"
+                break
+            ratios, times = measured
             for ch in mine:
                 if not ch.ok:
                     ch.measured.append(ratios.get(ch.impl, {}).get(_RATIO[ch.metric]))
@@ -300,6 +362,7 @@ def as_json(checks, floors_path, exit_status, error=None, load=None) -> dict:
             "checks": [{"case": ch.case, "impl": ch.impl, "metric": ch.metric,
                         "metric_means": METRICS[ch.metric], "floor": ch.floor,
                         "measured": ch.measured, "best": ch.best, "ok": ch.ok,
+                        "skipped": ch.skipped or None,
                         "seconds_per_step": ch.times} for ch in checks]}
 
 
@@ -309,8 +372,9 @@ def report(checks, floors_path=None) -> str:
     lines = [f"{'case':<{width}} {'impl':<7} {'metric':<9} {'floor':>7} {'best':>7}  result"]
     for ch in checks:
         best = "-" if ch.best is None else f"{ch.best:.2f}"
+        result = f"skipped: {ch.skipped}" if ch.skipped else "ok" if ch.ok else "REGRESSION"
         lines.append(f"{ch.case:<{width}} {ch.impl:<7} {ch.metric:<9} {ch.floor:>7.2f} "
-                     f"{best:>7}  {'ok' if ch.ok else 'REGRESSION'}")
+                     f"{best:>7}  {result}")
     failed = [ch for ch in checks if not ch.ok]
     for ch in failed:
         tried = ", ".join("n/a" if v is None else f"{v:.2f}" for v in ch.measured)
