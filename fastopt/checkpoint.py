@@ -146,11 +146,20 @@ def _param_list(params):
     return V.as_array_list("params", params)
 
 
+def _is_group_list(params) -> bool:
+    return (isinstance(params, (list, tuple)) and len(params) > 0
+            and all(isinstance(g, dict) and "params" in g for g in params))
+
+
 def _named_params(params):
     """``(KeyTree, arrays in its order)`` for params given by name (a dict,
-    dicts of layers allowed), ``(None, arrays)`` otherwise."""
+    dicts of layers allowed), ``(None, arrays)`` otherwise. A list of
+    param-group dicts, as the optimizer took it, is its groups' arrays in
+    order, as a list (the order of the optimizer's own params)."""
     from . import _validate as V
     params = V.listed(params)
+    if _is_group_list(params):
+        params = [a for g in params for a in _named_params(g["params"])[1]]
     if not isinstance(params, dict):
         return None, _param_list(params)
     from .optim.named import KeyTree

@@ -153,6 +153,37 @@ def test_file_format_has_no_pickle(tmp_path):
     assert back["extra"]["note"] == "x" and back["extra"]["w"].tolist() == [0, 1, 2]
 
 
+def test_params_given_as_the_optimizers_param_groups(tmp_path):
+    """The list of group dicts the optimizer took was refused by save and
+    load ("params[0] must be an ndarray, got dict"): its arrays, in group
+    order, as a list."""
+    W, b = np.ones((3, 2), np.float32), np.ones(2, np.float32)
+    groups = [{"params": [W]}, {"params": [b], "weight_decay": 0.0}]
+    opt = fastopt.AdamW(groups, lr=0.1, state_dtype="int8")
+    opt.step([np.ones_like(W), np.ones_like(b)])
+    fastopt.save(tmp_path / "c.npz", params=groups, optimizer=opt)
+    want = snapshot([W, b]), snapshot(opt.state_dict())
+    opt.step([np.ones_like(W), np.ones_like(b)])
+    ck = fastopt.load(tmp_path / "c.npz", params=groups, optimizer=opt)
+    assert_same_tree((snapshot([W, b]), snapshot(opt.state_dict())), want)
+    assert isinstance(ck["params"], list) and len(ck["params"]) == 2
+    fastopt.load(tmp_path / "c.npz", params=[W, b])        # the same as a plain list
+
+
+def test_a_negative_8bit_absmax_is_refused_as_corrupt():
+    """It loaded, and the next step made the params NaN."""
+    p = [np.ones(300, np.float32)]
+    opt = fastopt.AdamW(p, lr=1e-3, state_dtype="int8")
+    opt.step([np.ones(300, np.float32)])
+    sd = opt.state_dict()
+    before = snapshot(sd)
+    sd["state"][0]["buffers"]["exp_avg_sq.absmax"][1] = -1.0
+    with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg_sq.absmax'\] has negative "
+                                         r"values \(blocks \[1\]...\).* corrupt"):
+        opt.load_state_dict(sd)
+    assert_same_tree(snapshot(opt.state_dict()), before)
+
+
 def test_plain_callable_lr_cannot_be_saved_and_says_so_when_given():
     """A checkpoint hours into a run was the first to hear of it (and a
     torch LambdaLR's factor, given as lr, ran as the lr itself)."""

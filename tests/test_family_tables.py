@@ -112,3 +112,12 @@ def test_every_optimizer_has_benchmark_cases():
     have = {k.optimizer for k in cases.KIND.values()}
     missing = [n for n in ELEMENTWISE if n != "Adam" and n not in have]
     assert not missing, f"fastopt/bench/cases.py's KIND lacks {missing}"
+
+
+def test_each_optimizers_help_names_the_keyword_options():
+    """help(fastopt.AdamW) showed ``**options`` and nowhere said what they
+    are (state_dtype, max_grad_norm, ...): each docstring ends with them."""
+    lacking = [n for n in ELEMENTWISE if "state_dtype" not in
+               (getattr(fastopt, n).__doc__ or "")]
+    assert not lacking, f"{lacking}: their docstrings lack the keyword options"
+

@@ -52,7 +52,7 @@ from .interrupt import INTERRUPTS, Mark, finished, held
 from .named import KeyTree
 from .param_list import ParamList
 from .placement import placement_for
-from .state_format import StateFormat
+from .state_format import ABSMAX, StateFormat
 from . import forks
 from .given import GivenParams
 from .step_plan import STALE, StepPlan
@@ -302,18 +302,30 @@ def _guard_group_keys(cls):
             setattr(cls, name, _InGroups(name, key))
 
 
+#: the keyword options of every optimizer stepped with gradients, appended
+#: to each fastopt optimizer's docstring (its signature shows ``**options``)
+OPTIONS_DOC = """
+    Keyword options (every optimizer stepped with gradients): ``backend``
+    (``"auto"``, ``"cython"``, ``"numba"``, ``"numpy"``, ``"cuda"``),
+    ``max_grad_norm`` (global-norm clipping inside the step),
+    ``skip_nonfinite`` (skip a step whose gradients hold NaN/inf; counted in
+    ``skipped_steps``), ``loss_scaler`` (a :class:`fastopt.LossScaler` for
+    float16 params), ``state_dtype`` (``"float32"``: state in the params'
+    dtype; compact state ``"bfloat16"`` or ``"int8"``, 2x / about 4x smaller,
+    for float32 and 16-bit params, not LAMB's or centered RMSprop's: see
+    :mod:`fastopt.optim.state_format`) and ``state_seed`` (the seed of
+    compact state's stochastic rounding).
+"""
+
+
 class Optimizer:
     """Base class. Subclasses declare their hyperparameters (``_hypers``) and
     their math (``_element_step``); where the arrays live is the placement's
     (host or device, chosen at bind), so every optimizer runs on both.
 
     Keyword options every optimizer stepped with gradients takes (L-BFGS,
-    stepped with a closure, takes ``backend`` only): ``backend``, ``max_grad_norm``
-    (global-norm clipping inside the step), ``skip_nonfinite`` (skip a step
-    whose gradients hold NaN/inf; counted in ``skipped_steps``),
-    ``state_dtype`` (``"float32"``, or compact state: ``"bfloat16"`` or
-    ``"int8"``, see :mod:`fastopt.optim.state_format`) and ``state_seed``
-    (the seed of compact state's stochastic rounding).
+    stepped with a closure, takes ``backend`` only): see :data:`OPTIONS_DOC`,
+    which each optimizer's own docstring ends with (``help(fastopt.AdamW)``).
 
     After each step: ``grad_norm`` (pre-clip global norm, when computed),
     ``last_lr`` (per group), ``iterations`` (step calls, applied or skipped).
@@ -326,6 +338,8 @@ class Optimizer:
         super().__init_subclass__(**kw)
         if cls.__module__.startswith("fastopt."):     # its own optimizers' hyperparameters
             _guard_group_keys(cls)
+            if cls.__doc__ and "options" in inspect.signature(cls.__init__).parameters:
+                cls.__doc__ = cls.__doc__.rstrip() + "\n" + OPTIONS_DOC
 
     def __init__(self, params, defaults: dict, *, backend="auto", max_grad_norm=None,
                  skip_nonfinite=False, loss_scaler=None, state_dtype="float32", state_seed=0,
@@ -1817,6 +1831,13 @@ class Optimizer:
                            else type(a).__name__)
                     raise ValueError(f"checkpoint state[{gi}]['{name}'] is {got}, expected "
                                      f"{want}[{size}]")
+                if name.endswith(ABSMAX) and (a < 0).any():
+                    # a block's scale is its largest |value|: a negative one
+                    # (a corrupt or hand-edited file) decodes the block with
+                    # the wrong sign, and v < 0 turns the params NaN
+                    raise ValueError(f"checkpoint state[{gi}]['{name}'] has negative values "
+                                     f"(blocks {np.flatnonzero(a < 0)[:3].tolist()}...): a block's "
+                                     "absmax is never negative; the file is corrupt")
             if order is not None:
                 bufs = {name: fmt.reordered(name, a, order) for name, a in bufs.items()}
             # one buffer per name over the group (a copy, where the params
