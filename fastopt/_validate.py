@@ -16,9 +16,14 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+class _Required:
+    def __repr__(self):         # as help() and inspect.signature show the default
+        return "<required>"
+
+
 #: the default of a ``grads`` argument: torch's bare ``opt.step()`` and
 #: ``opt.zero_grad()`` get :func:`refuse_no_grads`' message, not Python's
-NOT_GIVEN = object()
+NOT_GIVEN = _Required()
 
 _NO_GRADS_HINTS = {
     "step": "compute them, then opt.step(grads) (fastopt.LBFGS.step takes a closure)",

@@ -201,6 +201,10 @@ def test_plain_callable_lr_cannot_be_saved_and_says_so_when_given():
     with pytest.warns(UserWarning, match="plain callable"):
         o.param_groups[0]["lr"] = lambda t: 0.2      # assigned: said at the next step
         o.step([np.ones(3)])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        fastopt.SGD([{"params": [np.zeros(2)]}, {"params": [np.zeros(2)]}], lr=lambda t: 0.1)
+    assert len(said) == 1               # one callable, one warning (not one per group)
 
 
 # -- mismatches: a clear error, and nothing changes -------------------------------

@@ -322,6 +322,22 @@ def test_data_parallel_says_how_to_pack_groups_out_of_memory_order():
         DataParallel(fastopt.AdamW(lr=1e-3), comm=MPI.COMM_SELF)
 
 
+def test_a_bare_step_or_zero_grad_of_a_wrapper_says_to_pass_the_gradients():
+    pytest.importorskip("mpi4py")
+    import fastopt
+    from fastopt.distributed import DataParallel, ShardedOptimizer
+    from mpi4py import MPI
+    params = fastopt.pack([np.ones(3), np.ones(2)])
+    for opt in (DataParallel(fastopt.AdamW(params), comm=MPI.COMM_SELF),
+                ShardedOptimizer(fastopt.AdamW, params, comm=MPI.COMM_SELF)):
+        name = type(opt).__name__
+        with pytest.raises(TypeError, match=rf"{name}.step\(\) needs the gradients"):
+            opt.step()
+        with pytest.raises(TypeError, match=rf"{name}.zero_grad\(\) needs the gradients"):
+            opt.zero_grad()
+    np.testing.assert_array_equal(params.data, 1.0)
+
+
 def test_lbfgs_is_refused_by_both_wrappers_when_made():
     """It failed at the first step ('needs a closure'): the wrappers step
     with averaged gradients, L-BFGS with a closure."""

@@ -94,7 +94,8 @@ def test_every_compact_state_and_the_avx2_build_have_floors_in_the_ci_guard():
     """The 8-bit state step ran scalar on every non-AVX-512 CPU (0.10x torch
     fused at 16M) with every check passing: no compact-state case had a
     floor, and the CI host loads the AVX-512 build. Each compact state's 16M
-    case is floored for both backends, and on the x86-64-v3 build too."""
+    case is floored for both backends, and it and each optimizer's 16M case
+    on the x86-64-v3 build too."""
     import json
 
     from fastopt.bench import cases
@@ -102,7 +103,9 @@ def test_every_compact_state_and_the_avx2_build_have_floors_in_the_ci_guard():
     floored = {(c["case"], c.get("simd")): c["floors"] for c in floors["cases"]}
     rows = [r.case for r in cases.state_rows(sizes=(1 << 24,)) if r.state != "float32"]
     missing = [r for r in rows if set(floored.get((r, None), {})) != {"numba", "cython"}]
-    missing += [f"{r} [x86-64-v3]" for r in (*rows, "lion 1 x 16M", "adamw 1 x 16M")
+    family = [cases.family_rows(k)[0].case for k in cases.FAMILY]
+    family += ["adamw 1 x 16M", "sgd nesterov 1 x 16M"]
+    missing += [f"{r} [x86-64-v3]" for r in (*rows, *family)
                 if set(floored.get((r, "x86-64-v3"), {})) != {"cython"}]
     assert not missing, f"fastopt/bench/floors.json lacks floors for {missing}"
 

@@ -1,5 +1,5 @@
 """The import direction of the package: no module imports one of a higher
-level (docs/design.md has the map). A new module goes into LEVELS."""
+level (CONTRIBUTING.md has the map). A new module goes into LEVELS."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "fastopt"
 # lowest first; a module may import its own level and those below
 LEVELS = [
     {"_validate", "_warn", "_registry", "_openmp", "_plotting", "_memory", "_numba_cache", "_files",
-     "_launcher", "_arguments", "schedules", "params", "data"},
+     "_cpuinfo", "_launcher", "_arguments", "schedules", "params", "data"},
     {"backends", "cuda"},
     {"clip", "functional", "checkpoint", "optim"},
     {"fastopt"},                    # the public API (fastopt/__init__.py re-exports)

@@ -11,6 +11,7 @@ says what regressed and where the floors live.
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 
 import pytest
@@ -36,7 +37,7 @@ def test_committed_floors_hold():
 
 def _adamw_16m_case(backend):
     case = next(c for c in perfguard.load_floors(FLOORS)["cases"]
-                if c["case"] == "adamw 1 x 16M")
+                if c["case"] == "adamw 1 x 16M" and "simd" not in c)
     return dict(case, floors={backend: case["floors"][backend]})
 
 
@@ -186,6 +187,8 @@ def test_unmeasurable_ratio_fails(monkeypatch):
     ('{"cases": [{"case": "adamw 1000 x 1k", "simd": "baseline", '
      '"floors": {"cython": {"numpy": 1}, "numba": {"numpy": 1}}}]}',
      "simd picks the Cython build; floor only cython there .* not numba"),
+    ('{"cases": [{"case": "adamw 1000 x 1k", "simd": "baseline", "floors": 5}]}',
+     "'floors' must map implementations"),
     # a misspelt implementation was measured as "n/a": a performance regression
     ('{"cases": [{"case": "list rmsprop 1000 x 1k", "floors": {"cyton": {"numpy": 3}}}]}',
      "unknown implementation 'cyton'; floors are for numba, cython, numpy"),
@@ -207,10 +210,50 @@ def test_a_simd_case_measures_that_build_in_a_child_process(tmp_path):
         {"case": "list adamw 10 x 1k", "simd": "baseline", "floors": {"cython": {"numpy": 1e-3}}},
         {"case": "list adamw 10 x 1k", "floors": {"cython": {"numpy": 1e-3}}}]}))
     checks = perfguard.run_checks(perfguard.load_floors(str(path)))
-    assert [ch.case for ch in checks] == ["list adamw 10 x 1k [baseline]", "list adamw 10 x 1k"]
+    assert [ch.label for ch in checks] == ["list adamw 10 x 1k [baseline]", "list adamw 10 x 1k"]
     assert all(ch.ok and not ch.skipped and ch.best > 1e-3 for ch in checks), \
         perfguard.report(checks)
     assert "list adamw 10 x 1k [baseline] cython" in perfguard.report(checks)
+    got = perfguard.as_json(checks, str(path), 0)["checks"]
+    assert [(c["case"], c["simd"]) for c in got] == [("list adamw 10 x 1k", "baseline"),
+                                                    ("list adamw 10 x 1k", None)]
+
+
+@pytest.mark.skipif("cython" not in fastopt.available_backends(), reason="needs the Cython build")
+def test_a_simd_build_the_cpu_runs_but_that_is_missing_fails(monkeypatch, tmp_path):
+    """A build the CPU runs but the install lacks loaded the next one down,
+    and passed as "this CPU cannot run it": the gap the per-build floors
+    are there to close. The child is told the build does not import."""
+    from fastopt.backends import cython_cpu
+    simd = cython_cpu.simd if cython_cpu.simd != "baseline" else None
+    if simd is None:
+        pytest.skip("this CPU runs only the portable build")
+    hook = tmp_path / "sitecustomize.py"      # the child's kernels_v3/_v4 fail to import
+    hook.write_text(textwrap.dedent("""
+        import sys
+        class _Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.startswith("fastopt.backends._cython.kernels_v"):
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, _Block())
+    """))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    case = {"case": "list adamw 10 x 1k", "simd": simd, "floors": {"cython": {"numpy": 1e-3}}}
+    with pytest.raises(RuntimeError, match=f"this CPU runs the {simd} build, but the Cython "
+                                           "kernels loaded baseline"):
+        perfguard._measure_on_build(case, 1)
+
+
+def test_a_simd_build_this_cpu_lacks_is_skipped_by_the_child(monkeypatch):
+    """The real child's answer where the CPU cannot run the build (AVX-512
+    on this host, or a CPU said to lack AVX2)."""
+    pytest.importorskip("fastopt.backends.cython_cpu")
+    from fastopt.backends import cython_cpu
+    simd = next((s for s in ("x86-64-v4", "x86-64-v3") if not cython_cpu.cpu_runs(s)), None)
+    if simd is None:
+        pytest.skip("this CPU runs every build")
+    case = {"case": "list adamw 10 x 1k", "simd": simd, "floors": {"cython": {"numpy": 1e-3}}}
+    assert perfguard._measure_on_build(case, 1) is None
 
 
 def test_a_simd_build_the_cpu_cannot_run_is_skipped_not_failed(monkeypatch):
@@ -218,6 +261,7 @@ def test_a_simd_build_the_cpu_cannot_run_is_skipped_not_failed(monkeypatch):
     case = {"case": "adamw 1000 x 1k", "simd": "x86-64-v4", "floors": {"cython": {"numpy": 1}}}
     checks = perfguard.run_checks(_spec([case]))
     assert checks[0].ok and "cannot run the x86-64-v4 build" in checks[0].skipped
+    assert "adamw 1000 x 1k [x86-64-v4] cython" in perfguard.report(checks)
     assert "skipped: this CPU cannot run the x86-64-v4 build" in perfguard.report(checks)
 
 

@@ -62,6 +62,25 @@ def test_train_ensemble_sweep(tmp_path, monkeypatch, capsys):
     assert len(accs) == 3 and accs[0] > accs[2]   # 1e-5 barely moves in one epoch
 
 
+def test_a_diverged_model_is_said_and_its_metrics_are_strict_json(tmp_path, capsys):
+    """lr=1e8: the run printed its NaN model's 10% as a result (one class's
+    share) and wrote NaN/Infinity tokens into metrics.json, which
+    JSON.parse refuses and jq read as 1.8e308."""
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    rc = main(["train", "--data-dir", str(data), "--hidden", "16", "--epochs", "1",
+               "--ensemble-lrs", "1e8,1e-3", "--optimizer", "sgd", "--quiet", "--threads", "1",
+               "--no-plot", "--out", str(out)])
+    assert rc == 0
+    said = capsys.readouterr().out
+    assert "lr=1e+08: " in said and "DIVERGED (training loss nan by epoch 1)" in said
+    assert "lr=0.001: " in said and said.count("DIVERGED") == 1
+    text = (out / "metrics.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    m = json.loads(text)
+    assert m["diverged"] == ["lr=1e+08"] and m["epochs"][0]["train_loss"][0] is None
+
+
 def test_train_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--hidden", "256,,x"])

@@ -113,6 +113,8 @@ def backend_info() -> dict:
             info[name] = {"available": True, "threaded": bool(mod.threaded)}
             if hasattr(mod, "simd"):
                 info[name]["simd"] = mod.simd
+            if getattr(mod, "simd_cap", None):
+                info[name]["simd_cap"] = f"FASTOPT_CYTHON_SIMD={mod.simd_cap}"
             if hasattr(mod, "get_num_threads"):
                 info[name]["num_threads"] = mod.get_num_threads()
             if mod.threaded:

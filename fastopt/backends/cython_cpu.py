@@ -16,8 +16,9 @@ import warnings
 
 import numpy as np
 
-from .._cpuinfo import cpuinfo_field
+from .._cpuinfo import SIMD_BUILDS, SIMD_CAP_VAR, cpuinfo_field
 from .._openmp import env_threads, in_forked_child, on_fork_serial, short_spin
+from .._warn import warn_user
 from .compact import check_compact
 from .lowp import bits
 from .scalars import AdamScalars, SGDScalars, adam_element, sgd_element
@@ -60,30 +61,32 @@ _V4 = ("X86_V4",) if _cpu_has("X86_V4") else (
 
 
 #: the SIMD builds, fastest first: (module, name, the CPU features it needs)
-_BUILDS = (("kernels_v4", "x86-64-v4", _V4), ("kernels_v3", "x86-64-v3", _V3),
-           ("kernels", "baseline", ()))
-#: caps the build loaded (``FASTOPT_CYTHON_SIMD=x86-64-v3`` on an AVX-512 CPU
-#: loads the AVX2 one): to reproduce or measure another host's build here,
-#: as the CI guard's per-build floors do (fastopt/bench/floors.json)
-SIMD_CAP_VAR = "FASTOPT_CYTHON_SIMD"
+_BUILDS = tuple(zip(("kernels_v4", "kernels_v3", "kernels"), SIMD_BUILDS, (_V4, _V3, ())))
+
+
+def cpu_runs(simd) -> bool:
+    """Whether this CPU has the features build ``simd`` needs."""
+    return _cpu_has(*dict((b[1], b[2]) for b in _BUILDS)[simd])
 
 
 def _simd_cap() -> int:
-    """Index into :data:`_BUILDS` of the fastest build allowed."""
+    """Index into :data:`_BUILDS` of the fastest build allowed: a misspelt
+    cap is named in a warning and ignored (refused, backend "auto" went on
+    with Numba, unsaid, at several times the fixed cost per step)."""
     cap = os.environ.get(SIMD_CAP_VAR, "").strip()
-    names = [b[1] for b in _BUILDS]
     if not cap:
         return 0
-    if cap not in names:
-        raise ImportError(f"{SIMD_CAP_VAR}={cap!r}: use one of {', '.join(names)} (the "
-                          "fastest Cython build to load), or unset it")
-    return names.index(cap)
+    if cap not in SIMD_BUILDS:
+        warn_user(f"{SIMD_CAP_VAR}={cap!r} ignored: use one of {', '.join(SIMD_BUILDS)} "
+                  "(the fastest Cython build to load), or unset it", RuntimeWarning)
+        return 0
+    return SIMD_BUILDS.index(cap)
 
 
-def _import_kernels():
-    """The fastest build this CPU can run (and :data:`SIMD_CAP_VAR` allows):
+def _import_kernels(cap):
+    """The fastest build this CPU can run, from ``_BUILDS[cap]`` down:
     ``(module, name)``."""
-    for name, simd, needs in _BUILDS[_simd_cap():-1]:
+    for name, simd, needs in _BUILDS[cap:-1]:
         if _cpu_has(*needs):
             try:
                 mod = __import__(f"{__package__}._cython.{name}", fromlist=["step"])
@@ -95,7 +98,10 @@ def _import_kernels():
 
 
 with short_spin():         # the extension links libgomp: see fastopt._openmp
-    _k, simd = _import_kernels()
+    _cap = _simd_cap()
+    _k, simd = _import_kernels(_cap)
+#: the FASTOPT_CYTHON_SIMD cap in force (None: the fastest build the CPU runs)
+simd_cap = SIMD_BUILDS[_cap] if _cap else None
 
 
 def _refuse_a_stale_build(kernels):

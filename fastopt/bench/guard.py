@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 
+from .._cpuinfo import SIMD_BUILDS, SIMD_CAP_VAR
 from ..backends import available_backends, backend_info
 from . import cases, ratios
 
@@ -59,7 +60,13 @@ class Check:
     floor: float
     measured: list = field(default_factory=list)   # one ratio per attempt
     times: dict = field(default_factory=dict)      # last attempt: impl -> seconds
+    simd: str | None = None     # the Cython build measured (None: the one loaded here)
     skipped: str = ""      # why nothing was measured (a SIMD build this CPU cannot run)
+
+    @property
+    def label(self):
+        """The case's name in reports, with the build it measured."""
+        return f"{self.case} [{self.simd}]" if self.simd else self.case
 
     @property
     def best(self):
@@ -129,7 +136,6 @@ def load_floors(path=None):
                     if c["case"] in named else "a case of your own spells both")
             raise ValueError(f"{path}: cases[{i}] ({c['case']}) gives {sorted(spelled)[0]} "
                              f"without {sorted(missing)[0]}: {hint}")
-        _check_simd(path, i, c)
         if label(c) in seen:     # two rows of one name in the report: which is which?
             raise ValueError(f"{path}: cases[{i}] and cases[{seen[label(c)]}] are both "
                              f"{label(c)!r}; give each case its floors once")
@@ -142,6 +148,7 @@ def load_floors(path=None):
             # an entry that checks nothing would pass whatever happened
             raise ValueError(f"{where}: 'floors' must map implementations to their floors, "
                              f"got {c['floors']!r}")
+        _check_simd(where, c)
         for impl, metrics in c["floors"].items():
             if impl not in MEASURED:      # a typo was measured as "n/a": a regression
                 raise ValueError(f"{where}: unknown implementation "
@@ -179,23 +186,19 @@ def load_floors(path=None):
 #: the implementations a floor may be set for (what _measure times)
 MEASURED = (*cases.CPU_BACKENDS, "numpy")
 
-#: the Cython kernels' SIMD builds (fastopt.backends.cython_cpu), fastest
-#: first: a case's "simd" measures that build (cython floors only) in a
-#: child process started with FASTOPT_CYTHON_SIMD, so that a CI host with
-#: AVX-512 also guards the AVX2 build every other x86 CPU loads (Lion's step
-#: and the 8-bit state codecs each ran scalar there, unseen, for weeks)
-SIMD_BUILDS = ("x86-64-v4", "x86-64-v3", "baseline")
-
+# A case's "simd" measures that build of the Cython kernels (cython floors
+# only) in a child process started with FASTOPT_CYTHON_SIMD, so that a CI
+# host with AVX-512 also guards the AVX2 build every other x86 CPU loads
+# (Lion's step and the 8-bit state codecs each ran scalar there, unseen).
 
 def label(c) -> str:
-    """A floors entry's name in reports: its case, and the build it caps."""
+    """A floors entry's name in reports: its case, and the build it measures."""
     return f"{c['case']} [{c['simd']}]" if "simd" in c else c["case"]
 
 
-def _check_simd(path, i, c):
+def _check_simd(where, c):
     if "simd" not in c:
         return
-    where = f"{path}: cases[{i}] ({c['case']})"
     if c["simd"] not in SIMD_BUILDS:
         raise ValueError(f"{where}: simd must be one of {', '.join(SIMD_BUILDS)}, got "
                          f"{c['simd']!r}")
@@ -288,30 +291,54 @@ def _measure(c, rounds):
     return ratios.speedups(results), {r.impl: r.seconds for r in results}
 
 
+# (this fastopt's folder first on sys.path: with -c the working directory
+# comes first, and a checkout there is another fastopt, perhaps unbuilt)
 _CHILD = """
 import json, sys
+sys.path.insert(0, sys.argv[3])
+import fastopt
 from fastopt.backends import cython_cpu
 from fastopt.bench import guard
 c = json.loads(sys.argv[1])
-if cython_cpu.simd != c.pop("simd"):      # the CPU lacks it: the next one down was loaded
-    print(json.dumps(None))
-else:
-    print(json.dumps(guard._measure(c, int(sys.argv[2]))))
+simd = c.pop("simd")
+if cython_cpu.simd == simd:
+    result = {"measured": guard._measure(c, int(sys.argv[2]))}
+else:   # the next build down was loaded: the CPU lacks this one's features, or it is missing
+    result = {"loaded": cython_cpu.simd, "cpu_runs": cython_cpu.cpu_runs(simd)}
+print(_MARK, json.dumps(dict(result, fastopt=fastopt.__file__)))
 """
+_MARK = "fastopt-guard-result"
 
 
 def _measure_on_build(c, rounds):
+    """:func:`_measure` of a case's ``simd`` build, in a child process; None
+    where this CPU cannot run that build. A build the CPU runs that did not
+    load (missing from the install, or failing to import) is an error."""
     import os
     import subprocess
     import sys
-    from ..backends.cython_cpu import SIMD_CAP_VAR
+    import fastopt
+    root = os.path.dirname(os.path.dirname(fastopt.__file__))
     env = dict(os.environ, **{SIMD_CAP_VAR: c["simd"]})
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(c), str(rounds)],
-                         env=env, capture_output=True, text=True, timeout=900)
-    if out.returncode:
-        raise RuntimeError(f"measuring {label(c)} in a child process failed:\n"
-                           f"{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run([sys.executable, "-c", f"_MARK = {_MARK!r}\n" + _CHILD, json.dumps(c),
+                          str(rounds), root], env=env, capture_output=True, text=True,
+                         timeout=900)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(_MARK + " ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"measuring {label(c)} in a child process failed (exit "
+                           f"{out.returncode}):\n{out.stdout[-1000:]}{out.stderr[-2000:]}")
+    result = json.loads(lines[-1][len(_MARK) + 1:])
+    if result["fastopt"] != fastopt.__file__:
+        raise RuntimeError(f"measuring {label(c)}: the child process imported "
+                           f"{result['fastopt']}, not {fastopt.__file__}")
+    if "measured" in result:
+        return result["measured"]
+    if result["cpu_runs"]:
+        raise RuntimeError(f"this CPU runs the {c['simd']} build, but the Cython kernels "
+                           f"loaded {result['loaded']} under {SIMD_CAP_VAR}={c['simd']}: "
+                           "that build is missing from this install or failed to import "
+                           "(fastopt info says which)")
+    return None
 
 
 def run_checks(spec, attempts=None, rounds=None, progress=None):
@@ -326,7 +353,7 @@ def run_checks(spec, attempts=None, rounds=None, progress=None):
     pause = spec.get("pause_s", 2.0)
     checks = []
     for c in spec["cases"]:
-        mine = [Check(label(c), impl, metric, float(floor))
+        mine = [Check(c["case"], impl, metric, float(floor), simd=c.get("simd"))
                 for impl, metrics in c["floors"].items()
                 for metric, floor in metrics.items()]
         for attempt in range(attempts):
@@ -359,7 +386,7 @@ def as_json(checks, floors_path, exit_status, error=None, load=None) -> dict:
     return {"floors": floors_path or DEFAULT_FLOORS, "exit_status": exit_status,
             "ok": exit_status == 0, "error": error, "machine": machine.describe(),
             "load": load,
-            "checks": [{"case": ch.case, "impl": ch.impl, "metric": ch.metric,
+            "checks": [{"case": ch.case, "simd": ch.simd, "impl": ch.impl, "metric": ch.metric,
                         "metric_means": METRICS[ch.metric], "floor": ch.floor,
                         "measured": ch.measured, "best": ch.best, "ok": ch.ok,
                         "skipped": ch.skipped or None,
@@ -368,19 +395,19 @@ def as_json(checks, floors_path, exit_status, error=None, load=None) -> dict:
 
 def report(checks, floors_path=None) -> str:
     floors_path = floors_path or DEFAULT_FLOORS
-    width = max([24] + [len(ch.case) for ch in checks])
+    width = max([24] + [len(ch.label) for ch in checks])
     lines = [f"{'case':<{width}} {'impl':<7} {'metric':<9} {'floor':>7} {'best':>7}  result"]
     for ch in checks:
         best = "-" if ch.best is None else f"{ch.best:.2f}"
         result = f"skipped: {ch.skipped}" if ch.skipped else "ok" if ch.ok else "REGRESSION"
-        lines.append(f"{ch.case:<{width}} {ch.impl:<7} {ch.metric:<9} {ch.floor:>7.2f} "
+        lines.append(f"{ch.label:<{width}} {ch.impl:<7} {ch.metric:<9} {ch.floor:>7.2f} "
                      f"{best:>7}  {result}")
     failed = [ch for ch in checks if not ch.ok]
     for ch in failed:
         tried = ", ".join("n/a" if v is None else f"{v:.2f}" for v in ch.measured)
         times = ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in ch.times.items() if v)
         lines += ["",
-                  f"PERFORMANCE REGRESSION in '{ch.case}': {ch.impl} "
+                  f"PERFORMANCE REGRESSION in '{ch.label}': {ch.impl} "
                   f"{METRICS[ch.metric]} is below its floor {ch.floor:.2f} on every "
                   f"attempt ({tried}).",
                   f"  last attempt, time per step: {times}"]

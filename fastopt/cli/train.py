@@ -36,6 +36,8 @@ same backend, threads and ranks; else to rounding).
 
 from __future__ import annotations
 
+import math
+
 from .common import EXIT_INTERRUPTED, non_negative_int, positive_int, user_path
 from .train_checkpoint import (CHECKPOINT, checkpoint_path, checkpointed_epochs,
                                existing_problem, finished_note, load_into, resume_from,
@@ -480,9 +482,11 @@ def _run(args, comm):
             args.checkpointed = len(records)
         bar.end_line()
         accs = "  ".join(f"{lab} {100 * a:.2f}%" for lab, a in zip(labels, rec["val_acc"]))
-        print(f"epoch {epoch:>3}: held-out accuracy {accs}  ({rec['seconds']:.1f} s, "
-              f"{rec['samples_per_s']:,.0f} samples/s{' per model' if k == 1 else ' x ' + str(k)})",
-              flush=True)
+        # (running totals: the time since training began and the mean rate
+        # over it, as metrics.json has them; read as per epoch they misled)
+        print(f"epoch {epoch:>3}: held-out accuracy {accs}  ({rec['seconds']:.1f} s so far, "
+              f"{rec['samples_per_s']:,.0f} samples/s{' per model' if k == 1 else ' x ' + str(k)}"
+              " on average)", flush=True)
 
     limits = None
     if args.threads is not None:
@@ -528,17 +532,22 @@ def _run(args, comm):
             return _finish_interrupted(args, history, labels, sizes, model.backend,
                                        stop.exit_code)
         final = history["epochs"][-1]["val_acc"]
-        for lab, a, t in zip(labels, final, history["time_to_target"]):
+        lost = _diverged(history)
+        for k, (lab, a, t) in enumerate(zip(labels, final, history["time_to_target"])):
             reach = (f", reached {100 * args.target:.0f}% after {t:.1f} s of training"
                      if t is not None else f", never reached {100 * args.target:.0f}%")
+            if k in lost:     # NaN weights: the accuracy is one class's share
+                reach = (f": DIVERGED (training loss {lost[k]} by epoch {lost[k].epoch}); "
+                         "that accuracy is not a result, try a smaller --lr")
             print(f"held-out accuracy {lab}: {100 * a:.2f}%{reach}")
         shared = load_since(load)["other_processes"].get("other_cpu_fraction", 0.0)
         if shared >= 0.1 and comm is None:
             # a thread the host took away holds up each threaded step (bench says so too)
             print(f"note: other processes used {100 * shared:.0f}% of the CPUs during "
                   "training; threaded steps wait for a thread that is not running, so "
-                  "the times above may be several times the machine's own (--threads 1 "
-                  "is less hurt)", file=sys.stderr)
+                  "the times above may be several times the machine's own"
+                  + ("" if args.threads == 1 else " (--threads 1 is less hurt)"),
+                  file=sys.stderr)
         if comm is not None and comm.Get_rank() != 0:
             return 0
         paths, problem, rc = _save_results(args, history, labels, sizes, model.backend)
@@ -661,6 +670,34 @@ def _finish_interrupted(args, history, labels, sizes, backend, code=EXIT_INTERRU
     return code
 
 
+class _Loss(str):
+    """A non-finite training loss as printed, with the epoch it appeared in."""
+    epoch: int
+
+
+def _diverged(history) -> dict:
+    """``{model index: its first non-finite training loss}``."""
+    lost = {}
+    for r in history["epochs"]:
+        for k, v in enumerate(r["train_loss"]):
+            if k not in lost and not math.isfinite(v):
+                lost[k] = _Loss(str(v))
+                lost[k].epoch = r["epoch"]
+    return lost
+
+
+def _finite_json(obj):
+    """``obj`` with NaN and infinities as None: strict JSON (Python's NaN and
+    Infinity tokens broke JSON.parse and were read as 1.8e308 by jq)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
+
+
 def _save_results(args, history, labels, sizes, backend, interrupted=False):
     """:func:`_write_results`, its failure as a phrase: ``(paths written,
     problem or None, exit code)``. A second Ctrl-C while writing (the first
@@ -694,8 +731,10 @@ def _write_results(args, history, labels, sizes, backend, interrupted, written):
     metrics = {"config": {k_: (list(v) if isinstance(v, tuple) else v)
                           for k_, v in vars(args).items() if k_ != "func"},
                "sizes": list(sizes), "backend": backend, "labels": labels,
-               "final_val_acc": final, "interrupted": interrupted, **history}
-    write_atomically(out / "metrics.json", json.dumps(metrics, indent=1).encode())
+               "final_val_acc": final, "interrupted": interrupted,
+               "diverged": [labels[k] for k in sorted(_diverged(history))], **history}
+    write_atomically(out / "metrics.json",
+                     json.dumps(_finite_json(metrics), indent=1, allow_nan=False).encode())
     written.append(out / "metrics.json")
     curves = out / "curves.png"
     drawn = False

@@ -223,8 +223,10 @@ class _Distributed:
         return sum(a.nbytes for st in self._inner.state for run in st["runs"]
                    for name, a in run.items() if name != "master")
 
-    def zero_grad(self, grads) -> None:
+    def zero_grad(self, grads=V.NOT_GIVEN) -> None:
         """Zero ``grads`` (a FlatArrays shaped like the params) in place."""
+        if grads is V.NOT_GIVEN:
+            V.refuse_no_grads(type(self).__name__, "zero_grad")
         self._grad_buffer(grads).fill(0)
 
     def add_param_group(self, param_group) -> None:
@@ -547,7 +549,7 @@ class DataParallel(_Distributed):
               position=self._inner.iterations)
         return rnd.data, rnd.buf, rnd.weight
 
-    def step(self, grads, weight=None, *, error=None):
+    def step(self, grads=V.NOT_GIVEN, weight=None, *, error=None):
         """Average ``grads`` over ranks in place, then step.
 
         ``weight``: this rank's share of the global batch (its samples / all
@@ -557,6 +559,8 @@ class DataParallel(_Distributed):
         every rank then raises :class:`DistributedError` instead of stepping.
         After :meth:`backward_hook`, this finishes that overlapped reduction.
         """
+        if grads is V.NOT_GIVEN:
+            V.refuse_no_grads(type(self).__name__, "step")
         if self._round is not None:
             data, buf, w = self._finish_round(grads, weight, error)
             return self._apply(grads, data, buf, w)
@@ -843,10 +847,12 @@ class ShardedOptimizer(_Distributed):
         for li, g in enumerate(self._inner.param_groups):
             self._inner._resolve(g, where=f"param_groups[{self._gmap[li]}]")
 
-    def step(self, grads, weight=None, *, error=None):
+    def step(self, grads=V.NOT_GIVEN, weight=None, *, error=None):
         """Reduce-scatter ``grads``, step this rank's shard, all-gather the
         params. ``weight`` and ``error`` as in :meth:`DataParallel.step`.
         Returns the pre-clip global norm (when computed), equal on every rank."""
+        if grads is V.NOT_GIVEN:
+            V.refuse_no_grads(type(self).__name__, "step")
         w, settings = None, None
         if error is None:
             try:

@@ -124,6 +124,21 @@ def _brief(layout):
     return f"[{text}{', ...' if len(layout) > 4 else ''}] ({V.count(len(layout), 'array')})"
 
 
+#: plain callables given as lr and warned about (once each: one given to
+#: three groups, or to ShardedOptimizer and its inner optimizer, warned 2-3x)
+_WARNED_CALLABLES = weakref.WeakSet()
+
+
+def _first_warning_for(fn) -> bool:
+    try:
+        if fn in _WARNED_CALLABLES:
+            return False
+        _WARNED_CALLABLES.add(fn)
+    except TypeError:           # not weakly referable: warned each time it is given
+        pass
+    return True
+
+
 class ScheduleFailed(ValueError):
     """A schedule raised, or gave no lr a step can take, at a step."""
 
@@ -1295,7 +1310,8 @@ class Optimizer:
         if lr is _MISSING:
             return None                   # deleted: _resolve names it
         if callable(lr):
-            if self._schedules.get(gi) is not lr and not isinstance(lr, Schedule):
+            if self._schedules.get(gi) is not lr and not isinstance(lr, Schedule) and \
+                    _first_warning_for(lr):
                 warn_user(f"param_groups[{gi}]['lr'] is a plain callable: each step's lr is "
                           "what it returns (absolute, not a factor of a base lr as with "
                           "torch's LambdaLR), and state_dict/fastopt.save cannot save it; a "
