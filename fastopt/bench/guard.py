@@ -66,7 +66,7 @@ class Check:
     @property
     def label(self):
         """The case's name in reports, with the build it measured."""
-        return f"{self.case} [{self.simd}]" if self.simd else self.case
+        return _label(self.case, self.simd)
 
     @property
     def best(self):
@@ -191,9 +191,13 @@ MEASURED = (*cases.CPU_BACKENDS, "numpy")
 # host with AVX-512 also guards the AVX2 build every other x86 CPU loads
 # (Lion's step and the 8-bit state codecs each ran scalar there, unseen).
 
+def _label(case, simd) -> str:
+    return f"{case} [{simd}]" if simd else case
+
+
 def label(c) -> str:
     """A floors entry's name in reports: its case, and the build it measures."""
-    return f"{c['case']} [{c['simd']}]" if "simd" in c else c["case"]
+    return _label(c["case"], c.get("simd"))
 
 
 def _check_simd(where, c):
@@ -305,7 +309,7 @@ if cython_cpu.simd == simd:
     result = {"measured": guard._measure(c, int(sys.argv[2]))}
 else:   # the next build down was loaded: the CPU lacks this one's features, or it is missing
     result = {"loaded": cython_cpu.simd, "cpu_runs": cython_cpu.cpu_runs(simd)}
-print(_MARK, json.dumps(dict(result, fastopt=fastopt.__file__)))
+print(sys.argv[4], json.dumps(dict(result, fastopt=fastopt.__file__)))
 """
 _MARK = "fastopt-guard-result"
 
@@ -320,9 +324,8 @@ def _measure_on_build(c, rounds):
     import fastopt
     root = os.path.dirname(os.path.dirname(fastopt.__file__))
     env = dict(os.environ, **{SIMD_CAP_VAR: c["simd"]})
-    out = subprocess.run([sys.executable, "-c", f"_MARK = {_MARK!r}\n" + _CHILD, json.dumps(c),
-                          str(rounds), root], env=env, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(c), str(rounds), root, _MARK],
+                         env=env, capture_output=True, text=True, timeout=900)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith(_MARK + " ")]
     if out.returncode or not lines:
         raise RuntimeError(f"measuring {label(c)} in a child process failed (exit "

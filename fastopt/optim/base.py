@@ -1847,13 +1847,14 @@ class Optimizer:
                            else type(a).__name__)
                     raise ValueError(f"checkpoint state[{gi}]['{name}'] is {got}, expected "
                                      f"{want}[{size}]")
-                if name.endswith(ABSMAX) and (a < 0).any():
-                    # a block's scale is its largest |value|: a negative one
-                    # (a corrupt or hand-edited file) decodes the block with
-                    # the wrong sign, and v < 0 turns the params NaN
+                # a block's scale is its largest |value|: a negative one (a
+                # corrupt or hand-edited file) decodes the block with the
+                # wrong sign, and v < 0 turns the params NaN
+                negative = np.flatnonzero(a < 0) if name.endswith(ABSMAX) else ()
+                if len(negative):
                     raise ValueError(f"checkpoint state[{gi}]['{name}'] has negative values "
-                                     f"(blocks {np.flatnonzero(a < 0)[:3].tolist()}...): a block's "
-                                     "absmax is never negative; the file is corrupt")
+                                     f"(blocks {negative[:3].tolist()}...): a block's absmax "
+                                     "is never negative; the file is corrupt")
             if order is not None:
                 bufs = {name: fmt.reordered(name, a, order) for name, a in bufs.items()}
             # one buffer per name over the group (a copy, where the params
