@@ -81,6 +81,18 @@ def test_a_diverged_model_is_said_and_its_metrics_are_strict_json(tmp_path, caps
     assert m["diverged"] == ["lr=1e+08"] and m["epochs"][0]["train_loss"][0] is None
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--max-grad-norm", "0"], "--max-grad-norm 0.0: must be > 0.0"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0: must be >= 0.0"),
+    (["--optimizer", "sgd", "--momentum", "-1"], "--momentum -1.0: must be >= 0.0")])
+def test_a_bad_optimizer_value_is_named_by_its_flag(tmp_path, capsys, argv, said):
+    """They were named as Python parameters (max_grad_norm must be > 0.0)."""
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    rc = main(["train", "--data-dir", str(data), "--epochs", "1", "--quiet", "--no-plot",
+               "--out", str(tmp_path / "out"), *argv])
+    assert rc == 2 and f"fastopt train: {said}" in capsys.readouterr().err
+
+
 def test_train_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--hidden", "256,,x"])

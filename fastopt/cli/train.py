@@ -454,7 +454,7 @@ def _run(args, comm):
                              max_grad_norm=args.max_grad_norm, parallel=parallel,
                              sam=args.sam, state_dtype=args.state_dtype)
     except (TypeError, ValueError) as exc:
-        print(f"fastopt train: {exc}", file=sys.stderr)
+        print(f"fastopt train: {_as_flag(str(exc), args)}", file=sys.stderr)
         return 2
     if args.resume:
         problem = _usage_problem(comm, load_into(args, model, opt), "loading the checkpoint")
@@ -668,6 +668,17 @@ def _finish_interrupted(args, history, labels, sizes, backend, code=EXIT_INTERRU
     print(f"fastopt train: {how}; {done} of {args.epochs} epochs finished, {what}",
           file=sys.stderr, flush=True)
     return code
+
+
+def _as_flag(message, args):
+    """An optimizer's message about one of its arguments, named by the flag
+    that gave it ("--max-grad-norm 0.0: must be > 0.0", as --lr's), not by
+    the Python parameter."""
+    for name in ("max_grad_norm", "weight_decay", "momentum"):
+        if message.startswith(name + " "):
+            flag = "--" + name.replace("_", "-")
+            return f"{flag} {getattr(args, name)}: {message[len(name) + 1:]}"
+    return message
 
 
 class _Loss(str):
