@@ -177,3 +177,4 @@ def test_evaluation_batch_size_is_checked(batch_size):
             call()
     loss, acc = net.evaluate(X, y, batch_size=2)
     assert loss > 0 and np.isclose(acc, net.accuracy(X, y))
+    assert type(loss) is float and type(acc) is float     # (one-element arrays before)

@@ -60,3 +60,9 @@ class MLP(Ensemble):
 
     def accuracy(self, X, y, batch_size=1024):
         return float(super().accuracy(X, y, batch_size)[0])
+
+    def evaluate(self, X, y, batch_size=1024):
+        """Mean loss and accuracy on a held-out set, as floats (accuracy NaN
+        for MSE), as :meth:`accuracy` and :meth:`train_step` return theirs."""
+        loss, acc = super().evaluate(X, y, batch_size)
+        return float(loss[0]), float(acc[0])
