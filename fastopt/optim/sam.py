@@ -409,7 +409,10 @@ class SAM:
             if not self.perturbed and not self._skipped:
                 raise RuntimeError("SAM.step called without perturb: call "
                                    "sam.perturb(grads) at the current params, compute the "
-                                   "gradients at the perturbed point, then sam.step(grads)")
+                                   "gradients at the perturbed point, then sam.step(grads) "
+                                   "(a fastopt.nn model: net.loss_and_grad(X, y); "
+                                   "sam.perturb(net.grads); net.train_step(sam, X, y), or "
+                                   "fastopt.nn.fit, which does that)")
             if self.perturbed and self._on_device:
                 return self._restore_and_step_on_device(grads)
             if self.perturbed:
