@@ -412,7 +412,7 @@ class SAM:
                                    "gradients at the perturbed point, then sam.step(grads) "
                                    "(a fastopt.nn model: net.loss_and_grad(X, y); "
                                    "sam.perturb(net.grads); net.train_step(sam, X, y), or "
-                                   "fastopt.nn.fit, which does that)")
+                                   "fastopt.nn.training.fit, which does that)")
             if self.perturbed and self._on_device:
                 return self._restore_and_step_on_device(grads)
             if self.perturbed:
