@@ -79,6 +79,9 @@ def test_a_diverged_model_is_said_and_its_metrics_are_strict_json(tmp_path, caps
     assert "NaN" not in text and "Infinity" not in text
     m = json.loads(text)
     assert m["diverged"] == ["lr=1e+08"] and m["epochs"][0]["train_loss"][0] is None
+    # the resolved hyperparameters, defaults included (config had momentum null)
+    assert "(momentum 0.9, weight decay 0)" in said and m["config"]["momentum"] is None
+    assert m["hyperparameters"]["momentum"] == 0.9 and m["hyperparameters"]["nesterov"] is False
 
 
 @pytest.mark.parametrize("argv, said", [
@@ -91,6 +94,18 @@ def test_a_bad_optimizer_value_is_named_by_its_flag(tmp_path, capsys, argv, said
     rc = main(["train", "--data-dir", str(data), "--epochs", "1", "--quiet", "--no-plot",
                "--out", str(tmp_path / "out"), *argv])
     assert rc == 2 and f"fastopt train: {said}" in capsys.readouterr().err
+
+
+def test_a_run_beside_another_runs_checkpoint_says_so(tmp_path, capsys):
+    """Without --checkpoint it wrote its metrics.json beside the other run's
+    checkpoint, unsaid: one folder, two runs."""
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.npz").write_bytes(b"")
+    rc = main(["train", "--data-dir", str(data), "--hidden", "8", "--epochs", "1", "--quiet",
+               "--no-plot", "--out", str(out)])
+    assert rc == 0 and "is another run's checkpoint" in capsys.readouterr().err
 
 
 def test_train_bad_arguments(tmp_path, capsys):

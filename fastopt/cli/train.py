@@ -104,8 +104,8 @@ def add_arguments(parser):
     parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
                         help="(default adamw)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="(peak) learning rate (default 1e-3; lbfgs: 1, its first trial "
-                             "step)")
+                        help="(peak) learning rate (default 1e-3, the Adam family's; SGD "
+                             "usually wants 0.01-0.1; lbfgs: 1, its first trial step)")
     parser.add_argument("--sam", type=_rho, default=None, metavar="RHO",
                         help="wrap the optimizer in SAM with radius RHO (e.g. 0.05): each "
                              "step computes the gradients twice")
@@ -349,6 +349,7 @@ def _usage_problem(comm, problem, what):
 
 
 def _run(args, comm):
+    import os
     import sys
 
     import numpy as np
@@ -371,6 +372,12 @@ def _run(args, comm):
     if problem:
         print(f"fastopt train: {problem}", file=sys.stderr)
         return 2
+    if not args.checkpoint and os.path.lexists(checkpoint_path(args)) and (
+            comm is None or comm.Get_rank() == 0):
+        # this run's metrics.json would sit beside another run's checkpoint
+        print(f"fastopt train: note: {checkpoint_path(args)} is another run's checkpoint; "
+              "this run (no --checkpoint) writes its results beside it, and a later "
+              "--resume would go on from that run and rewrite them", file=sys.stderr)
     problem, data = None, None
     try:
         data = mnist_split(args.data_dir, dtype=np.dtype(args.dtype))
@@ -462,12 +469,13 @@ def _run(args, comm):
             print(f"fastopt train: {problem}", file=sys.stderr)
             return 2
     labels = [f"lr={v:g}" for v in (lrs or [args.lr])]
+    args.hyperparameters = _resolved_hypers(opt, args)
     mode = ("sharded optimizer state" if args.shard_state else "replicated optimizer state"
             + (", allreduce overlapped with backward" if args.overlap else ""))
     print(f"fastopt train: {k} model(s) {'-'.join(map(str, sizes))} {args.activation}, "
           f"{args.optimizer}{'' if args.sam is None else f' + SAM rho={args.sam:g}'}"
           f"{'' if args.state_dtype == 'float32' else f' ({args.state_dtype} state)'} "
-          f"{', '.join(labels)}, schedule {args.schedule}, "
+          f"{', '.join(labels)}{_shown_hypers(args.hyperparameters)}, schedule {args.schedule}, "
           f"{args.epochs} epochs x {steps // args.epochs} steps, batch {args.batch_size}, "
           f"backend {model.backend}, {Xtr.shape[0]} train / {Xte.shape[0]} held-out"
           + ("" if comm is None else f", {comm.Get_size()} MPI ranks ({mode})")
@@ -670,6 +678,29 @@ def _finish_interrupted(args, history, labels, sizes, backend, code=EXIT_INTERRU
     return code
 
 
+def _resolved_hypers(opt, args) -> dict:
+    """The first param group's hyperparameters as the optimizer resolved
+    them (the defaults a flag left out included; lr is per model) and the
+    clipping norm: metrics.json had only the flags given (momentum null for
+    a run at 0.9)."""
+    inner = getattr(opt, "base_optimizer", opt)
+    groups = getattr(inner, "param_groups", None) or [{}]
+    hypers = {k: (list(v) if isinstance(v, tuple) else v) for k, v in groups[0].items()
+              if k not in ("params", "lr") and isinstance(v, (int, float, bool, tuple, str))}
+    hypers["max_grad_norm"] = getattr(inner, "max_grad_norm", args.max_grad_norm)
+    return hypers
+
+
+def _shown_hypers(hypers) -> str:
+    """The header's few that decide a run: weight decay, SGD's momentum, clipping."""
+    shown = [f"{label} {hypers[k]:g}" for k, label in (("momentum", "momentum"),
+                                                     ("weight_decay", "weight decay"),
+                                                     ("max_grad_norm", "clip"))
+             if isinstance(hypers.get(k), (int, float)) and not isinstance(hypers[k], bool)
+             and (hypers[k] or k == "weight_decay")]
+    return f" ({', '.join(shown)})" if shown else ""
+
+
 def _as_flag(message, args):
     """An optimizer's message about one of its arguments, named by the flag
     that gave it ("--max-grad-norm 0.0: must be > 0.0", as --lr's), not by
@@ -740,8 +771,9 @@ def _write_results(args, history, labels, sizes, backend, interrupted, written):
     out.mkdir(parents=True, exist_ok=True)
     final = history["epochs"][-1]["val_acc"]
     metrics = {"config": {k_: (list(v) if isinstance(v, tuple) else v)
-                          for k_, v in vars(args).items() if k_ != "func"},
+                          for k_, v in vars(args).items() if k_ not in ("func", "hyperparameters")},
                "sizes": list(sizes), "backend": backend, "labels": labels,
+               "hyperparameters": getattr(args, "hyperparameters", None),
                "final_val_acc": final, "interrupted": interrupted,
                "diverged": [labels[k] for k in sorted(_diverged(history))], **history}
     write_atomically(out / "metrics.json",
