@@ -722,7 +722,7 @@ def _diverged(history) -> dict:
     lost = {}
     for r in history["epochs"]:
         for k, v in enumerate(r["train_loss"]):
-            if k not in lost and not math.isfinite(v):
+            if k not in lost and (v is None or not math.isfinite(v)):   # (None: JSON's)
                 lost[k] = _Loss(str(v))
                 lost[k].epoch = r["epoch"]
     return lost
