@@ -519,10 +519,13 @@ def _run(args, comm):
     load = load_snapshot()
     with stop:   # also while writing: a first Ctrl-C then no longer tears metrics.json
         try:
-            history = fit(model, opt, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
-                          seed=args.seed, X_val=Xte, y_val=yte, target=args.target,
-                          on_batch=on_batch, on_epoch=on_epoch, parallel=parallel,
-                          finished=finished)
+            # a diverging model's overflow is said once, as DIVERGED, after
+            # training (NumPy's warnings named a line inside fastopt.nn)
+            with np.errstate(over="ignore", invalid="ignore"):
+                history = fit(model, opt, Xtr, ytr, epochs=args.epochs,
+                              batch_size=args.batch_size, seed=args.seed, X_val=Xte, y_val=yte,
+                              target=args.target, on_batch=on_batch, on_epoch=on_epoch,
+                              parallel=parallel, finished=finished)
         except (_Stopped, KeyboardInterrupt):
             if comm is not None:
                 if comm.Get_rank() == 0:     # what finished, as one process writes it
