@@ -40,8 +40,8 @@ import math
 
 from .common import EXIT_INTERRUPTED, non_negative_int, positive_int, user_path
 from .train_checkpoint import (CHECKPOINT, checkpoint_path, checkpointed_epochs,
-                               existing_problem, finished_note, load_into, resume_from,
-                               save_epoch)
+                               existing_problem, finished_note, flag_of, load_into,
+                               resume_from, save_epoch)
 
 HELP = "train an MLP (or a batched lr sweep) on MNIST: progress, held-out accuracy, curves"
 
@@ -548,7 +548,7 @@ def _run(args, comm):
             reach = (f", reached {100 * args.target:.0f}% after {t:.1f} s of training"
                      if t is not None else f", never reached {100 * args.target:.0f}%")
             if k in lost:     # NaN weights: the accuracy is one class's share
-                reach = (f": DIVERGED (training loss {lost[k]} by epoch {lost[k].epoch}); "
+                reach = (f": DIVERGED (training loss {lost[k][0]} by epoch {lost[k][1]}); "
                          "that accuracy is not a result, try a smaller --lr")
             print(f"held-out accuracy {lab}: {100 * a:.2f}%{reach}")
         shared = load_since(load)["other_processes"].get("other_cpu_fraction", 0.0)
@@ -710,24 +710,17 @@ def _as_flag(message, args):
     the Python parameter."""
     for name in ("max_grad_norm", "weight_decay", "momentum"):
         if message.startswith(name + " "):
-            flag = "--" + name.replace("_", "-")
-            return f"{flag} {getattr(args, name)}: {message[len(name) + 1:]}"
+            return f"{flag_of(name)} {getattr(args, name)}: {message[len(name) + 1:]}"
     return message
 
 
-class _Loss(str):
-    """A non-finite training loss as printed, with the epoch it appeared in."""
-    epoch: int
-
-
 def _diverged(history) -> dict:
-    """``{model index: its first non-finite training loss}``."""
+    """``{model index: (its first non-finite training loss as text, the epoch)}``."""
     lost = {}
     for r in history["epochs"]:
         for k, v in enumerate(r["train_loss"]):
             if k not in lost and (v is None or not math.isfinite(v)):   # (None: JSON's)
-                lost[k] = _Loss(str(v))
-                lost[k].epoch = r["epoch"]
+                lost[k] = (str(v), r["epoch"])
     return lost
 
 

@@ -31,7 +31,8 @@ def checkpoint_path(args) -> str:
     return os.path.join(os.fspath(args.out), CHECKPOINT)
 
 
-def _option(key) -> str:
+def flag_of(key) -> str:
+    """The command-line flag of an argument's name: ``max_grad_norm`` -> ``--max-grad-norm``."""
     return "--" + key.replace("_", "-")
 
 
@@ -78,7 +79,7 @@ def resume_from(args, steps):
                 f"{config['epochs']}"), None
     for key in RUN_KEYS:
         if config.get(key) != now[key]:
-            return (f"--resume: {path} is a run with {_option(key)} {_shown(config.get(key))}, "
+            return (f"--resume: {path} is a run with {flag_of(key)} {_shown(config.get(key))}, "
                     f"not {_shown(now[key])}: give the same options (or another --out "
                     "to start afresh)"), None
     if len(finished) > args.epochs:
