@@ -131,6 +131,33 @@ def as_array_list(name, arrays, labels=None, *, by_name=False) -> list:
     return list(arrays)
 
 
+def readable(arrays):
+    """Gradients as the kernels read them, as torch's step takes them: a
+    strided or Fortran-ordered array (``(dY.T @ X).T``) through a C-ordered
+    copy, a NumPy scalar (``(x * s).sum()``, a 0-d param's gradient) as its
+    0-d array. ``arrays`` (one array, a list or a tuple) itself when
+    nothing needed that; anything else is left to the checks, as are
+    subclasses (a masked array's copy would drop its mask)."""
+    if type(arrays) is np.ndarray:
+        return arrays if arrays.flags.c_contiguous else np.ascontiguousarray(arrays)
+    if not isinstance(arrays, (list, tuple)):
+        return arrays
+    out = None
+    for i, a in enumerate(arrays):
+        if type(a) is np.ndarray:
+            if a.flags.c_contiguous:
+                continue
+            a = np.ascontiguousarray(a)
+        elif isinstance(a, np.generic):
+            a = np.asarray(a)
+        else:
+            continue
+        if out is None:
+            out = list(arrays)
+        out[i] = a
+    return arrays if out is None else out
+
+
 def _not_arrays_hint(given) -> str:
     """Why a step's argument may be a callable or a number (torch habits)."""
     if callable(given):

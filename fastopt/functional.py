@@ -33,7 +33,9 @@ def _flatten(named, optional=()):
             _check_flat(k, a, first, present[first])
         lists = {k: [a.data] for k, a in present.items()}
     else:
-        lists = {k: V.as_array_list(k, a) for k, a in present.items()}
+        # grads are only read: strided ones through C-ordered copies
+        lists = {k: V.as_array_list(k, V.readable(a) if k == "grads" else a)
+                 for k, a in present.items()}
         first = next(iter(lists))
         for k, arrays in lists.items():
             V.check_like(k, arrays, first, lists[first], writable=k != "grads")

@@ -550,7 +550,7 @@ class Optimizer:
             if grads is not self._cached[0]:
                 self._cached = (grads, self._flat_segments(grads))
             return
-        self._check_grad_list(self._grads_as_list(grads))
+        self._check_grad_list(V.readable(self._grads_as_list(grads)))
 
     def _check_grad_list(self, grads) -> list:
         """The full checks of a list of gradients (each array's dtype, shape,
@@ -646,17 +646,24 @@ class Optimizer:
                 watch.refuse(self._params, self._names)
             plan = self._plan       # the last step's plan: the fast path (step_plan.py)
             if plan is not None and (params is None or params is self._given):
-                kind = type(grads)
+                kind, given = type(grads), None
                 if kind is list:
-                    out = plan.run(self, grads)
+                    out = plan.run(self, given := grads)
                 elif kind is tuple:          # `return dW, db`: as a list (it took the full path)
-                    out = plan.run(self, list(grads))
+                    out = plan.run(self, given := list(grads))
                 elif kind is dict and self._names is not None:
-                    out = plan.run(self, self._names.read(grads))
+                    out = plan.run(self, given := self._names.read(grads))
                 elif grads is self._bound and grads is not None:   # the FlatArrays bound last step
                     out = plan.run(self, grads, bound=True)
                 else:
                     out = STALE
+                if out is STALE and given is not None:
+                    # a strided or Fortran-ordered gradient, which the compiled
+                    # reader refuses: its C-ordered copy takes the fast path
+                    # (the full path would make the plan again every step)
+                    readable = V.readable(given)
+                    if readable is not given:
+                        out = plan.run(self, readable)
                 if out is not STALE:
                     return out
             if params is not None and params is not self._given:
@@ -1447,7 +1454,9 @@ class Optimizer:
             self._bound_list = grads
             if self._backend.gather(t, grads):
                 return
-        grads = self._grads_as_list(grads)
+        # (a strided or Fortran-ordered gradient: read through a C-ordered
+        # copy, which the compiled reader then takes)
+        grads = V.readable(self._grads_as_list(grads))
         self._bound_list = grads
         gather = getattr(self._backend, "gather", None)
         if gather is not None:
