@@ -124,6 +124,17 @@ def test_set_num_threads_validates(bad, error, message, restore_threads):
     assert fastopt.get_num_threads() == before
 
 
+def test_more_threads_than_numbas_pool_says_it_is_one_setting(restore_threads):
+    """A Cython user asking for more threads than Numba's pool read only of
+    Numba: the message says the setting is shared, and nothing changes."""
+    import numba
+    before = fastopt.get_num_threads()
+    with pytest.raises(ValueError, match=r"thread pool has \d+ \(NUMBA_NUM_THREADS.*one "
+                                         r"setting for the Numba and the Cython steps"):
+        fastopt.set_num_threads(numba.config.NUMBA_NUM_THREADS + 1)
+    assert fastopt.get_num_threads() == before
+
+
 def test_set_num_threads_accepts_numpy_ints(restore_threads):
     fastopt.set_num_threads(np.int64(1))
     assert fastopt.get_num_threads() == 1

@@ -108,6 +108,17 @@ def test_a_run_beside_another_runs_checkpoint_says_so(tmp_path, capsys):
     assert rc == 0 and "is another run's checkpoint" in capsys.readouterr().err
 
 
+def test_train_without_hidden_layers_says_so(tmp_path, capsys):
+    """--hidden '' trains softmax regression; its header named an activation
+    (relu) that no layer had."""
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    rc = main(["train", "--data-dir", str(data), "--hidden", "", "--epochs", "1",
+               "--no-plot", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "model(s) 784-10 (no hidden layer: softmax regression)," in out
+    assert "relu" not in out.splitlines()[0]
+
+
 def test_train_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--hidden", "256,,x"])

@@ -996,9 +996,13 @@ def set_num_threads(n: int) -> None:
     import numba
     most = numba.config.NUMBA_NUM_THREADS
     if n > most:     # Numba's own message names neither the limit's source nor a way out
+        # (one setting for the Numba and the Cython steps: said, as a Cython
+        # user reading "Numba" would not know why it applies)
         raise ValueError(f"{n} threads asked for, but Numba's thread pool has {most} "
                          "(NUMBA_NUM_THREADS, by default the number of CPUs; set it before "
-                         "the first import for more)")
+                         "the first import for more). The thread count is one setting for "
+                         "the Numba and the Cython steps; more threads than cores seldom "
+                         "make a step faster")
     if not in_forked_child():       # a forked child steps serially (fastopt._openmp)
         numba.set_num_threads(n)
 

@@ -96,7 +96,8 @@ def add_arguments(parser):
                         help="directory with the MNIST IDX files (default: $FASTOPT_DATA; "
                              "in a development checkout, its data folder)")
     parser.add_argument("--hidden", type=_hidden, default=(256, 256),
-                        help="hidden widths, e.g. 256,256 (default)")
+                        help="hidden widths, e.g. 256,256 (default); '' for none "
+                             "(softmax regression)")
     parser.add_argument("--activation", default="relu",
                         choices=["relu", "leaky_relu", "tanh", "sigmoid", "gelu"],
                         help="hidden layers' activation (default relu)")
@@ -472,7 +473,9 @@ def _run(args, comm):
     args.hyperparameters = _resolved_hypers(opt, args)
     mode = ("sharded optimizer state" if args.shard_state else "replicated optimizer state"
             + (", allreduce overlapped with backward" if args.overlap else ""))
-    print(f"fastopt train: {k} model(s) {'-'.join(map(str, sizes))} {args.activation}, "
+    # no hidden layer: no activation either (softmax regression)
+    kind = args.activation if args.hidden else "(no hidden layer: softmax regression)"
+    print(f"fastopt train: {k} model(s) {'-'.join(map(str, sizes))} {kind}, "
           f"{args.optimizer}{'' if args.sam is None else f' + SAM rho={args.sam:g}'}"
           f"{'' if args.state_dtype == 'float32' else f' ({args.state_dtype} state)'} "
           f"{', '.join(labels)}{_shown_hypers(args.hyperparameters)}, schedule {args.schedule}, "
