@@ -342,6 +342,22 @@ def test_plot_schedule_names_the_file_it_writes(tmp_path, capsys):
     assert f"wrote {tmp_path / 'lr.png'} " in capsys.readouterr().out
 
 
+def test_plot_schedule_legend_tells_two_long_schedules_of_one_kind_apart(tmp_path,
+                                                                          monkeypatch):
+    """one_cycle's repr is past the legend's length, and two of them (two
+    peak lrs) were both labelled "one_cycle"."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    labels = []
+    monkeypatch.setattr(plt.Axes, "legend", lambda ax, *a, **k: labels.extend(
+        ax.get_legend_handles_labels()[1]))
+    long_one = "one_cycle(max_value=1e-3, total_steps=1000, pct_start=0.3, " + " " * 40 + ")"
+    assert main(["plot-schedule", "one_cycle(1e-3, 1000)", "one_cycle(3e-3, 1000)",
+                 long_one, long_one, "constant(1e-3)", "-o", str(tmp_path / "lr.png")]) == 0
+    assert labels[:2] == ["one_cycle(1e-3, 1000)", "one_cycle(3e-3, 1000)"]
+    assert labels[2:4] == ["one_cycle (schedule 3)", "one_cycle (schedule 4)"]
+    assert labels[4] == "constant(value=0.001)"
+
+
 def test_bench_ctrl_c_while_writing_says_what_was_written(tmp_path, monkeypatch, capsys):
     """A Ctrl-C while the chart was drawn (after the table was printed)
     ended in "fastopt bench: interrupted", with bench.json written and no

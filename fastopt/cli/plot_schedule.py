@@ -68,8 +68,8 @@ def run(args):
               file=sys.stderr)
         return 2
     fig, ax = plt.subplots(figsize=(7, 4))
-    for s, ys in zip(scheds, curves):
-        ax.plot(xs, ys, label=repr(s) if len(repr(s)) < 90 else s.kind,
+    for i, (s, ys) in enumerate(zip(scheds, curves)):
+        ax.plot(xs, ys, label=_label(s, args.schedules[i], i),
                 marker="o" if len(xs) == 1 else None)      # one step: a point, not nothing
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
@@ -82,6 +82,16 @@ def run(args):
     plt.close(fig)
     print(f"wrote {output} ({len(scheds)} schedule(s), {steps} steps)")
     return 0
+
+
+def _label(schedule, given, i):
+    """A legend entry: the schedule's repr, or the text given for it, where
+    short; else its kind and place on the command line (two long schedules
+    of one kind were both labelled with just the kind)."""
+    for text in (repr(schedule), given.strip()):
+        if len(text) < 90:
+            return text
+    return f"{schedule.kind} (schedule {i + 1})"
 
 
 #: breaks gathered per schedule at most (step decay's drops every few steps)
