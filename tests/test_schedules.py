@@ -236,7 +236,9 @@ def test_a_copy_keeps_the_lr_schedule_and_its_place(how):
     opt = fastopt.SGD([np.ones(4)], lr=sched)
     for _ in range(3):
         opt.step([np.ones(4)])
-    twin = pickle.loads(pickle.dumps(opt)) if how == "pickle" else copy.deepcopy(opt)
+    params = opt.param_groups[0]["params"]
+    _, twin = (pickle.loads(pickle.dumps((params, opt))) if how == "pickle"
+               else copy.deepcopy((params, opt)))
     assert twin.lr_schedule(0) is not None
     for _ in range(3):
         opt.step([np.ones(4)])

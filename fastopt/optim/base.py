@@ -50,6 +50,7 @@ from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler, claim as claim_scaler
 from .interrupt import INTERRUPTS, Mark, finished, held
 from .named import KeyTree
+from .orphans import warn_if_orphaned
 from .param_list import ParamList
 from .placement import placement_for
 from .state_format import ABSMAX, StateFormat
@@ -412,7 +413,8 @@ class Optimizer:
             if self._rebinds_same(params):
                 return          # a notebook cell run again: nothing to do
             raise RuntimeError(f"this {type(self).__name__} already has its params; "
-                               "make another optimizer for other params")
+                               "make another optimizer for other params"
+                               + self._copy_hint())
         if params is None:
             raise TypeError("params is None: pass the arrays to optimize")
         params = V.listed(params)
@@ -669,6 +671,9 @@ class Optimizer:
             if params is not None and params is not self._given:
                 self._bind_or_check(params, grads)
             self._refuse_unbound("pass step(grads, params=...) or call bind(params) first")
+            if self._unchecked_copy:      # a copy's first step: are its params anyone's?
+                self._unchecked_copy = False
+                warn_if_orphaned(self)
             # (the params as given: checked with the grads, _bind_grads)
             self._check_groups_unchanged(arrays=False)
             return self._placement.step(self, grads)
@@ -695,6 +700,7 @@ class Optimizer:
     def __setstate__(self, state):
         linked = state.pop("_lr_linked", ())
         self.__dict__.update(state)
+        self._copied = self._unchecked_copy = True
         for gi, group in enumerate(self.param_groups):    # pickled before ParamList
             if type(group["params"]) is list and self._group_lists[gi] is group["params"]:
                 group["params"] = self._group_lists[gi] = ParamList(group["params"])
@@ -1066,7 +1072,21 @@ class Optimizer:
                 "grads by name too (a dict), or the params in their first order")
         raise ValueError(f"params are not the arrays this {type(self).__name__} "
                          "updates: it steps its params in place, so pass the same "
-                         "arrays every step (or make a new optimizer)")
+                         "arrays every step (or make a new optimizer)" + self._copy_hint())
+
+    #: set on a copy (pickle, deepcopy): its params are copies too
+    _copied = False
+    #: a copy whose first step has not yet checked who holds its params (orphans.py)
+    _unchecked_copy = False
+
+    def _copy_hint(self) -> str:
+        """For a copy, how to train other arrays with its state."""
+        if not self._copied:
+            return ""
+        name = type(self).__name__
+        return (f". This {name} was unpickled or copied, and updates the copies of the "
+                "params made with it: to go on with other arrays, make a new "
+                f"{name} over them and load_state_dict(this one's state_dict())")
 
     def _rebinds_same(self, params) -> bool:
         """``params`` are the arrays this optimizer has, in its order (or by

@@ -1,0 +1,123 @@
+"""An optimizer pickled or deep-copied without its params (fastopt/optim/orphans.py).
+
+Pickled on its own beside weights saved with ``np.savez``, the optimizer's
+steps went to its own copies of the params, and the user's arrays never
+moved, without a word. Its first step now warns when nothing outside it
+holds its params, and never when the user holds them (a variable, a
+container, an attribute, a view), whatever the layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+
+import fastopt
+
+LAYOUTS = ["array", "list", "dict of layers", "param groups", "FlatArrays"]
+WARNING = "unpickled or copied without the arrays it updates"
+
+
+def _make(layout):
+    """(params as given, grads for them)"""
+    if layout == "array":
+        return np.ones(3), np.ones(3)
+    if layout == "list":
+        return [np.ones(3), np.zeros(2)], [np.ones(3), np.ones(2)]
+    if layout == "dict of layers":
+        return ({"l1": {"W": np.ones((2, 3)), "b": np.zeros(3)}},
+                {"l1": {"W": np.ones((2, 3)), "b": np.ones(3)}})
+    if layout == "param groups":
+        # (a betas tuple shared with the caller's code: not a sign of the params held)
+        return ([{"params": [np.ones(3)], "betas": (0.8, 0.9)}, {"params": [np.zeros(2)]}],
+                [np.ones(3), np.ones(2)])
+    flat = fastopt.pack([np.ones(3), np.zeros(2)])
+    grads = flat.zeros_like()
+    grads.data[:] = 1.0
+    return flat, grads
+
+
+def _copy(obj, how):
+    return copy.deepcopy(obj) if how == "deepcopy" else pickle.loads(pickle.dumps(obj))
+
+
+def _first_step_warns(opt, grads) -> bool:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(grads)
+    return any(WARNING in str(w.message) for w in caught)
+
+
+def _array_of(params):
+    """One of the arrays the params hold."""
+    while not isinstance(params, np.ndarray):
+        params = (params["params"] if isinstance(params, dict) and "params" in params
+                  else next(iter(params.values())) if isinstance(params, dict) else params[0])
+    return params
+
+
+class _Model:
+    pass
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_copy_alone_warns_at_its_first_step_only(layout, how):
+    params, grads = _make(layout)
+    opt = fastopt.Adam(params, lr=0.1)
+    opt.step(grads)
+    assert not _first_step_warns(opt, grads)        # (not a copy: never checked)
+    twin = _copy(opt, how)
+    before = np.array(_array_of(twin._given), copy=True)
+    assert _first_step_warns(twin, grads)
+    assert not np.array_equal(_array_of(twin._given), before)   # it stepped as usual
+    assert not _first_step_warns(twin, grads)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("held", ["variable", "attribute", "view of one array"])
+def test_a_copy_whose_params_the_user_holds_does_not_warn(layout, how, held):
+    params, grads = _make(layout)
+    opt = fastopt.Adam(params, lr=0.1)
+    opt.step(grads)
+    mine, twin = _copy((params, opt), how)
+    keep = None
+    if held == "attribute":
+        keep = _Model()
+        keep.params, mine = mine, None
+    elif held == "view of one array":
+        keep, mine = _array_of(mine)[:1], None
+    assert not _first_step_warns(twin, grads)
+    assert keep is not None or mine is not None
+
+
+def test_the_warning_names_the_ways_out_and_the_refusals_say_them_too():
+    p = {"W": np.ones(3)}
+    opt = fastopt.Adam(p, lr=0.1)
+    opt.step({"W": np.ones(3)})
+    saved = pickle.dumps(opt)
+    twin = pickle.loads(saved)
+    with pytest.warns(UserWarning, match=r"Pickle the params with it .*load_state_dict"):
+        twin.step({"W": np.ones(3)})
+    mine = {"W": np.ones(3)}
+    with pytest.raises(ValueError, match=r"not the arrays this Adam updates.*was unpickled "
+                                         r"or copied.*make a new Adam over them and "
+                                         r"load_state_dict"):
+        twin.step({"W": np.ones(3)}, params=mine)
+    with pytest.raises(RuntimeError, match=r"already has its params.*was unpickled or copied"):
+        twin.bind(mine)
+    # the way out it names: a new optimizer over the user's arrays
+    fresh = fastopt.Adam(mine, lr=0.1)
+    fresh.load_state_dict(twin.state_dict())
+    fresh.step({"W": np.ones(3)})
+    assert fresh.state_dict()["state"][0]["step"] == twin.state_dict()["state"][0]["step"] + 1
+    assert not np.array_equal(mine["W"], np.ones(3))
+    # an optimizer never copied says nothing of copies
+    with pytest.raises(RuntimeError) as info:
+        opt.bind(mine)
+    assert "copied" not in str(info.value)
