@@ -173,8 +173,8 @@ def _not_arrays_hint(given) -> str:
 def _what(a) -> str:
     """How an array that is not one is named in an error."""
     if isinstance(a, np.generic):       # (x * s).sum(): a 0-d param's gradient, unwrapped
-        return (f"a NumPy scalar ({type(a).__name__}); np.asarray(g) is the 0-d array a "
-                "0-d param's gradient is")
+        return (f"a NumPy scalar ({type(a).__name__}), not a 0-d array: np.asarray(g) "
+                "makes one")
     return type(a).__name__
 
 

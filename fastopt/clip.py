@@ -20,7 +20,18 @@ def _flat_grads(grads, *, writable, labels=None):
     if isinstance(grads, FlatArrays):
         _check("grads", grads.data, writable)
         return [_float(grads.data)]
-    arrays = V.as_array_list("grads", grads)
+    if not writable:        # read: a strided view or a NumPy scalar as the step reads it
+        grads = V.readable(grads)
+    elif isinstance(grads, (list, tuple)):
+        for i, g in enumerate(grads):
+            if isinstance(g, np.generic):
+                name = _names(grads, labels)[i]
+                raise TypeError(f"{name} is a NumPy scalar ({type(g).__name__}), which "
+                                "cannot be scaled in place: make the gradient a 0-d array "
+                                "(np.asarray(g)) and keep that array")
+    # (by name where given by name: grads['l1']['W'])
+    arrays = (V.as_array_list("grads", grads) if labels is None
+              else V.as_array_list("", grads, labels))
     names = _names(arrays, labels)
     for name, g in zip(names, arrays):
         _check(name, g, writable)

@@ -644,6 +644,20 @@ def test_clip_rejects_readonly_and_aliased_grads():
         fastopt.clip_by_global_norm(flat, 1.0)
 
 
+def test_norm_and_clip_name_grads_by_key_and_read_numpy_scalars():
+    """A 0-d param's gradient as a NumPy scalar: the step takes it, and so
+    does global_norm; clip_by_global_norm cannot scale it in place and
+    says so, naming it by its key (it said grads[1], by position)."""
+    grads = {"l1": {"W": np.full(3, 2.0)}, "temp": np.float64(4.0)}
+    assert fastopt.global_norm(grads) == pytest.approx(math.sqrt(12.0 + 16.0), rel=1e-15)
+    with pytest.raises(TypeError, match=r"grads\['temp'\] is a NumPy scalar \(float64\), "
+                                        r"which cannot be scaled in place.*np.asarray"):
+        fastopt.clip_by_global_norm(grads, 1.0)
+    np.testing.assert_array_equal(grads["l1"]["W"], 2.0)        # nothing scaled
+    with pytest.raises(TypeError, match=r"grads\['l1'\]\['W'\] must be an ndarray, got list"):
+        fastopt.clip_by_global_norm({"l1": {"W": [1.0]}, "b": np.ones(2)}, 1.0)
+
+
 def test_clip_scales_strided_views_in_place():
     """``(dh.T @ X).T`` and slices were refused ("must be C-contiguous")
     by global_norm and clip_by_global_norm, which need no contiguity:
