@@ -365,6 +365,19 @@ def test_zero_grad_and_load_state_dict_settings():
     lists = [np.ones(3), np.ones(2)]
     opt.zero_grad(lists)
     assert not any(x.any() for x in lists)
+    # strided buffers (as the step reads them) are zeroed where they are; a
+    # read-only one is refused before anything is zeroed
+    wide = np.ones((3, 2))
+    strided = [wide[:, 0], np.ones(4)[::2]]
+    opt.zero_grad(strided)
+    np.testing.assert_array_equal(wide, [[0, 1], [0, 1], [0, 1]])
+    assert not strided[1].any()
+    frozen = np.ones((3, 2))[:, 0]
+    frozen.flags.writeable = False
+    keep = np.ones(2)
+    with pytest.raises(ValueError, match=r"grads\[0\] is read-only"):
+        opt.zero_grad([frozen, keep])
+    assert keep.all()
     # refused: a FlatArrays laid out unlike the params (it was zeroed), None,
     # and an optimizer with no params yet (an AttributeError)
     with pytest.raises(ValueError, match="not like the params"):

@@ -130,6 +130,17 @@ def _brief(layout):
 _WARNED_CALLABLES = weakref.WeakSet()
 
 
+def _stand_in(a):
+    """``a`` for the checks of an array written in place wherever it lies:
+    a non-contiguous plain ndarray as an empty C-ordered one of its shape,
+    dtype and writability."""
+    if type(a) is not np.ndarray or a.flags.c_contiguous:
+        return a
+    out = np.empty(a.shape, a.dtype)
+    out.flags.writeable = a.flags.writeable
+    return out
+
+
 def _first_warning_for(fn) -> bool:
     try:
         if fn in _WARNED_CALLABLES:
@@ -916,7 +927,11 @@ class Optimizer:
             grads.data.fill(0)
             return
         arrays = self._grads_as_list(grads, "zero_grad()")
-        V.check_like("grads", list(arrays), "params", self._params, writable=True,
+        # a strided or Fortran-ordered buffer is zeroed where it is, as the
+        # step reads it: checked as a C-ordered stand-in of its shape, dtype
+        # and writability
+        V.check_like("grads", [_stand_in(g) for g in arrays] if type(arrays) in (list, tuple)
+                     else arrays, "params", self._params, writable=True,
                      allow_low_precision=True,
                      labels=self._names.labels if self._names is not None else None)
         for g in arrays:
