@@ -96,6 +96,18 @@ def test_a_copy_whose_params_the_user_holds_does_not_warn(layout, how, held):
     assert keep is not None or mine is not None
 
 
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_copy_whose_param_list_the_user_reads_does_not_warn(how):
+    """Holding the copy's own list of arrays (its param_groups) is holding them."""
+    params, grads = _make("list")
+    opt = fastopt.Adam(params, lr=0.1)
+    opt.step(grads)
+    twin = _copy(opt, how)
+    arrays = twin.param_groups[0]["params"]
+    assert not _first_step_warns(twin, grads)
+    assert arrays[0] is twin.param_groups[0]["params"][0]
+
+
 def test_the_warning_names_the_ways_out_and_the_refusals_say_them_too():
     p = {"W": np.ones(3)}
     opt = fastopt.Adam(p, lr=0.1)

@@ -11,8 +11,8 @@ import pytest
 import fastopt
 from fastopt.backends import get_backend
 
-from conftest import (BACKENDS, assert_bit_identical, count_native_steps, optimizer_snapshot,
-                      rng_array)
+from conftest import (BACKENDS, assert_bit_identical, assert_same_tree, count_native_steps,
+                      optimizer_snapshot, rng_array)
 
 SHAPES = {"layer1": {"W": (6, 5), "b": (5,)}, "layer2": {"W": (5, 3), "b": (3,)}}
 
@@ -284,3 +284,40 @@ def test_one_optimizer_per_layer_takes_the_whole_models_grads(backend):
         second.step({**g["layer2"], "x": np.ones(1)})
     for a, b in zip(leaves(params), leaves(twin)):
         assert_bit_identical(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_array_replaced_in_a_groups_dict_or_list_is_refused_by_name(backend):
+    """Weight decay on weights only is param groups over the model's own
+    dicts; an array replaced there (``model["layer2"]["W"] = new``) went on
+    unnoticed, the step updating the old one, where the same replacement in
+    a plain dict of params was refused."""
+    params = model(np.float64)
+    opt = fastopt.AdamW([{"params": {"layer1": params["layer1"], "layer2": {
+        "W": params["layer2"]["W"]}}},
+        {"params": {"layer2": {"b": params["layer2"]["b"]}}, "weight_decay": 0.0}],
+        lr=0.1, backend=backend)
+    opt.step(grads_like(params, 0))
+    before = optimizer_snapshot(opt, leaves(params))
+    old = params["layer1"]["W"]
+    params["layer1"]["W"] = old * 1.0
+    with pytest.raises(ValueError, match=r"group 0's params\['layer1'\]\['W'\] was replaced "
+                                         r"in the dict this optimizer was made from"):
+        opt.step(grads_like(params, 1))
+    params["layer1"]["W"] = old
+    assert_same_tree(optimizer_snapshot(opt, leaves(params)), before)    # nothing written
+    opt.step(grads_like(params, 1))           # put back: steps again
+    # groups over plain lists: the same, by position
+    w, b = np.ones(3), np.zeros(2)
+    weights = [w]
+    opt2 = fastopt.SGD([{"params": weights}, {"params": [b], "weight_decay": 0.0}], lr=0.1,
+                       backend=backend)
+    opt2.step([np.ones(3), np.ones(2)])
+    weights[0] = np.ones(3)
+    with pytest.raises(ValueError, match=r"group 0's params\[0\] was replaced in the list"):
+        opt2.step([np.ones(3), np.ones(2)])
+    np.testing.assert_array_equal(w, 0.9)     # nothing written
+    # a group given as one array, or packed: not watched, and no error
+    flat = fastopt.pack([np.ones(3)])
+    fastopt.SGD([{"params": np.ones(2)}, {"params": flat}], lr=0.1,
+                backend=backend).step([np.ones(2), np.ones(3)])

@@ -237,15 +237,15 @@ def test_a_copy_keeps_the_lr_schedule_and_its_place(how):
     for _ in range(3):
         opt.step([np.ones(4)])
     params = opt.param_groups[0]["params"]
-    _, twin = (pickle.loads(pickle.dumps((params, opt))) if how == "pickle"
-               else copy.deepcopy((params, opt)))
+    mine, twin = (pickle.loads(pickle.dumps((params, opt))) if how == "pickle"
+                  else copy.deepcopy((params, opt)))
     assert twin.lr_schedule(0) is not None
     for _ in range(3):
         opt.step([np.ones(4)])
         twin.step([np.ones(4)])
         assert twin.last_lr == opt.last_lr
-    np.testing.assert_array_equal(twin.param_groups[0]["params"][0],
-                                  opt.param_groups[0]["params"][0])
+    np.testing.assert_array_equal(mine[0], opt.param_groups[0]["params"][0])
+    assert mine[0] is twin.param_groups[0]["params"][0]
     twin.param_groups[0]["lr"] = 0.25             # a number written over it still wins
     twin.step([np.ones(4)])
     assert twin.last_lr == [0.25] and twin.lr_schedule(0) is None

@@ -39,10 +39,11 @@ class GivenParams:
     """The plain list or dict of arrays an optimizer was made from (:meth:`of`):
     :meth:`holds` before each step, :meth:`refuse` when it does not."""
 
-    __slots__ = ("given", "shape", "n", "ref", "small", "pick")
+    __slots__ = ("given", "shape", "n", "ref", "small", "pick", "where")
 
-    def __init__(self, given, params, shape):
+    def __init__(self, given, params, shape, where="params"):
         self.given = given
+        self.where = where          # how errors name it: params, or a group's params
         self.shape = shape          # "list", "flat", "layers" or "deep": how it is listed
         self.n = len(params)        # the optimizer's first n arrays (add_param_group adds more)
         self._remember(params)
@@ -58,10 +59,15 @@ class GivenParams:
         self.pick = operator.itemgetter(*self.small) if len(self.small) > 1 else None
 
     @classmethod
-    def of(cls, given, params, names):
+    def of(cls, given, params, names, where="params"):
         """A watch over ``given`` when it is a list or dict (``names`` its
         KeyTree) of the very objects ``params`` (device arrays of other
-        libraries are stepped through wrappers: not watched), else None."""
+        libraries are stepped through wrappers: not watched), a list of
+        param-group dicts over such lists or dicts (:class:`GroupsWatch`),
+        else None."""
+        if type(given) is list and given and all(
+                type(g) is dict and "params" in g for g in given):
+            return GroupsWatch.of(given, params)
         if isinstance(given, dict) and names is not None:
             shape = "flat" if names.flat else "layers" if all(
                 sub is not None and all(v is None for v in sub.values())
@@ -75,7 +81,7 @@ class GivenParams:
         leaves = _listed(given, shape)
         if len(leaves) != len(params) or any(a is not b for a, b in zip(leaves, params)):
             return None
-        return cls(given, params, shape)
+        return cls(given, params, shape, where)
 
     def holds(self, params, names) -> bool:
         """Whether the list or dict still holds ``params`` (the optimizer's
@@ -106,7 +112,7 @@ class GivenParams:
         found = self._find(params, names)
         if found is not None:
             label, how = found
-            _refuse(label, how, "list" if type(self.given) is list else "dict")
+            _refuse(self.where + label, how, "list" if type(self.given) is list else "dict")
 
     def _find(self, params, names):
         """``(label, how)`` of the first entry that is not the optimizer's
@@ -133,6 +139,54 @@ class GivenParams:
                 if not any(b is a or _same_memory(b, a) for a in params):
                     return f"[{i}]", "appended"
         return None
+
+
+class GroupsWatch:
+    """Param-group dicts whose ``"params"`` are plain lists or dicts
+    (``[{"params": {"l1": model["l1"]}}, ...]``, how weight decay is put on
+    weights only): each group's list or dict watched as :class:`GivenParams`
+    watches a whole one. An array replaced in the user's model dict after
+    the optimizer was made went on unnoticed there (the step updated the old
+    one). Groups given another way (an array, a FlatArrays) are not watched."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts):
+        self.parts = parts      # (GivenParams, first array, end, KeyTree or None) per group
+
+    @classmethod
+    def of(cls, given, params):
+        from .named import KeyTree
+        parts, lo = [], 0
+        for gi, spec in enumerate(given):
+            arrays = spec["params"]
+            where = f"group {gi}'s params"
+            tree = None
+            try:
+                if isinstance(arrays, dict):
+                    tree, leaves = KeyTree.of(arrays, where)
+                elif type(arrays) is list:
+                    leaves = arrays
+                else:
+                    return None     # (an array or a FlatArrays: group sizes unknown here)
+            except (TypeError, ValueError):
+                return None
+            hi = lo + len(leaves)
+            watch = GivenParams.of(arrays, params[lo:hi], tree, where)
+            if watch is not None:
+                parts.append((watch, lo, hi, tree))
+            lo = hi
+        return cls(parts) if parts and lo == len(params) else None
+
+    def holds(self, params, names) -> bool:
+        for watch, lo, hi, tree in self.parts:
+            if not watch.holds(params[lo:hi], tree):
+                return False
+        return True
+
+    def refuse(self, params, names):
+        for watch, lo, hi, tree in self.parts:
+            watch.refuse(params[lo:hi], tree)
 
 
 def _same_memory(b, a):
@@ -174,18 +228,18 @@ _REMOVED = object()
 def _refuse(label, how, container):
     if how == "appended":
         raise ValueError(
-            f"params{label} was appended to the list this optimizer was made from, and the "
+            f"{label} was appended to the list this optimizer was made from, and the "
             "optimizer does not step it: add it with "
-            f"opt.add_param_group({{'params': [params{label}]}}) (its gradient then follows "
+            f"opt.add_param_group({{'params': [{label}]}}) (its gradient then follows "
             "the others in step's list), or keep arrays that are not trained in a list of "
             "their own")
     if how == "removed":
         raise ValueError(
-            f"params{label} was removed from the {container} this optimizer was made from; "
+            f"{label} was removed from the {container} this optimizer was made from; "
             "the optimizer still steps that array: put it back, or make a new optimizer "
             "for the params you keep")
     raise ValueError(
-        f"params{label} was replaced in the {container} this optimizer was made from: the "
+        f"{label} was replaced in the {container} this optimizer was made from: the "
         "optimizer steps the arrays it was given, so the new array would not be trained. "
         "Put the optimizer's array back (it is in opt.param_groups) and copy new values "
-        f"into it in place (old[...] = new; params{label} = old), or make a new optimizer")
+        f"into it in place (old[...] = new; {label} = old), or make a new optimizer")

@@ -47,33 +47,38 @@ def _user_side(given, params) -> dict:
     in with the lists, dicts and FlatArrays in it that lead to arrays (not
     a group's betas tuple, which may be a constant shared with anything)."""
     side = {}
-
-    def visit(obj, depth) -> bool:
-        if id(obj) in side:
-            return True
-        if isinstance(obj, np.ndarray):
-            side[id(obj)] = obj
-            if obj.base is not None:
-                visit(obj.base, depth)
-            return True
-        if depth > 64:          # (a cycle, or no user's nesting)
-            return False
-        if isinstance(obj, dict):
-            items = list(obj.values())
-        elif isinstance(obj, FlatArrays):
-            items = [*obj, obj.data, getattr(obj, "__dict__", {})]     # (.data lies there)
-        elif isinstance(obj, (list, tuple)):
-            items = list(obj)
-        else:
-            return False
-        leads = [visit(item, depth + 1) for item in items]
-        if any(leads):
-            side[id(obj)] = obj
-        return any(leads)
-
     for obj in (given, *params):
-        visit(obj, 0)
+        _visit(obj, side, 0)
     return side
+
+
+def _visit(obj, side, depth) -> bool:
+    """Whether ``obj`` leads to an array, kept in ``side`` if so. (Not a
+    closure: a recursive one stays alive in a reference cycle, with the
+    dict it fills, and that dict's references would count as the user's.)"""
+    if id(obj) in side:
+        return True
+    if isinstance(obj, np.ndarray):
+        side[id(obj)] = obj
+        if obj.base is not None:
+            _visit(obj.base, side, depth)
+        return True
+    if depth > 64:          # (a cycle, or no user's nesting)
+        return False
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, FlatArrays):
+        items = [*obj, obj.data, getattr(obj, "__dict__", {})]     # (.data lies there)
+    elif isinstance(obj, (list, tuple)):
+        items = list(obj)
+    else:
+        return False
+    leads = False
+    for item in items:
+        leads = _visit(item, side, depth + 1) or leads
+    if leads:
+        side[id(obj)] = obj
+    return leads
 
 
 def _optimizer_side(opt, user) -> dict:
@@ -92,29 +97,43 @@ def _optimizer_side(opt, user) -> dict:
     return seen
 
 
-def _references(holders, target) -> int:
-    """References to ``target`` from the objects ``holders``."""
-    n = 0
-    for obj in holders:
-        if isinstance(obj, np.ndarray):     # (not tracked by the collector: its base)
-            n += obj.base is target
-        elif isinstance(obj, _CONTAINERS) or _fastopt_object(obj):
-            n += sum(ref is target for ref in gc.get_referents(obj))
-    return n
+def _referents(obj) -> list:
+    """What ``obj`` refers to, as far as the counts here follow it."""
+    if isinstance(obj, np.ndarray):         # (not tracked by the collector: its base)
+        return [] if obj.base is None else [obj.base]
+    if isinstance(obj, _CONTAINERS) or _fastopt_object(obj):
+        return gc.get_referents(obj)
+    return []
 
 
 def held_outside(opt) -> bool:
-    """Whether anything but ``opt`` itself refers to its params or to what
-    they were given in: each one's reference count against the references
-    the optimizer's own objects (and the params' own containers) account
-    for. A count beyond them is a user's variable, container or view (local
+    """Whether anything but ``opt`` itself refers to its params, to what
+    they were given in, or to its own lists of them (``opt.param_groups``):
+    each such object's reference count against the references the
+    optimizer's own objects (and the params' own containers) account for.
+    A count beyond them is a user's variable, container or view (local
     variables are not objects the collector can list, so they are found
     this way only)."""
     user = _user_side(opt._given, opt._params)
-    holders = list(_optimizer_side(opt, user).values()) + list(user.values())
-    for key in list(user):
-        # references made here: user's value, holders' item, getrefcount's argument
-        if sys.getrefcount(user[key]) - 3 > _references(holders, user[key]):
+    holders = {**_optimizer_side(opt, user), **user}
+    user = set(user)        # (ids only from here: each dict of them adds to their counts)
+    # (ids: a list of the referents themselves would add to their counts)
+    refs = {key: [id(r) for r in _referents(obj)] for key, obj in holders.items()}
+    # the optimizer's own objects that lead to the params count too: a user
+    # holding opt.param_groups[0]["params"] holds the arrays
+    leads, grown = set(user), True
+    while grown:
+        grown = False
+        for key, out in refs.items():
+            if key not in leads and any(r in leads for r in out):
+                leads.add(key)
+                grown = True
+    for key in leads - {id(opt), id(opt.__dict__)}:
+        if key not in user and not isinstance(holders[key], _CONTAINERS):
+            continue        # (fastopt's own objects: no user holds them, its frames may)
+        known = sum(out.count(key) for out in refs.values())
+        # references made here: holders' value and getrefcount's argument
+        if sys.getrefcount(holders[key]) - 2 > known:
             return True
     return False
 
