@@ -135,6 +135,28 @@ def test_more_threads_than_numbas_pool_says_it_is_one_setting(restore_threads):
     assert fastopt.get_num_threads() == before
 
 
+def test_set_num_threads_holds_for_numba_steps_in_other_threads(restore_threads):
+    """Numba's count is per thread: a ThreadPoolExecutor's (or joblib
+    threading's) worker stepped on all the cores after set_num_threads(1),
+    where the Cython step keeps one count for the process."""
+    numba = pytest.importorskip("numba")
+    if not fastopt.backend_info()["numba"]["available"]:
+        pytest.skip("no Numba backend")
+    from concurrent.futures import ThreadPoolExecutor
+
+    def in_a_thread():
+        p = [np.ones(100_000)]
+        fastopt.Adam(p, backend="numba").step([np.ones(100_000)])    # a parallel-sized step
+        return numba.get_num_threads(), fastopt.backend_info()["numba"]["num_threads"]
+
+    fastopt.set_num_threads(1)
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(in_a_thread).result() == (1, 1)
+        if numba.config.NUMBA_NUM_THREADS > 1:      # a later change reaches the same thread
+            fastopt.set_num_threads(2)
+            assert pool.submit(in_a_thread).result() == (2, 2)
+
+
 def test_set_num_threads_accepts_numpy_ints(restore_threads):
     fastopt.set_num_threads(np.int64(1))
     assert fastopt.get_num_threads() == 1

@@ -15,6 +15,7 @@ propagate and stay visible.
 
 from __future__ import annotations
 
+import threading
 import types as types_
 
 import numpy as np
@@ -406,7 +407,7 @@ def _update(el, p, g, out, s0, s1, s2):
     t = p.dtype.type
     c, gs = _scalars(el, t), t(el.grad_scale)
     g, out = bits(g), bits(out)
-    if p.size <= SERIAL_MAX or in_forked_child():
+    if p.size <= SERIAL_MAX or _serial_only():
         _flat_chunk(c, p, g, out, s0, s1, s2, _U0, np.uint64(p.size), gs, el.flags)
     else:
         _flat_parallel(c, p, g, out, s0, s1, s2, gs, el.flags)
@@ -905,7 +906,7 @@ def step(table, el, buffers, gscale, max_norm=0.0, inv_scale=1.0, norm_mode=0,
                    for b, a, k in zip(buffers, compact.absmax, compact.keys)]
     st0, st1, st2 = (list(buffers) + [None] * 3)[:3]
     parallel = (parallel and table.nelem > SERIAL_MAX and table.ntasks > 1
-                and not in_forked_child())
+                and not _serial_only())
     run = _table_parallel if parallel else _table_serial
     norm, skip = run(_scalars(el, info["dtype"]), table.waddr,
                      None if shift is None else table.eaddr, table.oaddr, table.gaddr,
@@ -962,7 +963,7 @@ def sumsq_table(table) -> float:
     return float(_sumsq_tasks(table.gaddr, table.pk, table.plo, table.phi, table.tasks,
                               info["like_g"], table.partial,
                               table.nelem > SERIAL_MAX and table.ntasks > 1
-                              and not in_forked_child()))
+                              and not _serial_only()))
 
 
 def widen(src, dst) -> None:
@@ -979,14 +980,14 @@ def sumsq(x) -> float:
     # One chunk is summed identically by both paths, so the result is the
     # same whichever runs.
     x = bits(x)
-    if x.size <= CHUNK or in_forked_child():
+    if x.size <= CHUNK or _serial_only():
         return float(_sumsq_chunk(x, _U0, np.uint64(x.size)))
     return float(_sumsq_parallel(x))
 
 
 def scale(x, c: float) -> None:
     c = x.dtype.type(c)
-    if x.size <= SERIAL_MAX or in_forked_child():
+    if x.size <= SERIAL_MAX or _serial_only():
         _scale_chunk(x, _U0, np.uint64(x.size), c)
     else:
         _scale_parallel(x, c)
@@ -1004,9 +1005,34 @@ def set_num_threads(n: int) -> None:
                          "the Numba and the Cython steps; more threads than cores seldom "
                          "make a step faster")
     if not in_forked_child():       # a forked child steps serially (fastopt._openmp)
+        global _wanted, _generation
         numba.set_num_threads(n)
+        _wanted, _generation = n, _generation + 1
+        _synced.generation = _generation
 
 
 def get_num_threads() -> int:
     import numba
-    return 1 if in_forked_child() else numba.get_num_threads()
+    return 1 if _serial_only() else numba.get_num_threads()
+
+
+# Numba's thread count is per thread: a thread started after
+# set_num_threads(1) (a ThreadPoolExecutor's, joblib's threading backend)
+# ran its steps on Numba's default, all the cores, while the Cython step
+# keeps one count for the process. So the count set_num_threads gave is
+# applied on each thread before its first parallel kernel after a change.
+_wanted = None          # the count set_num_threads gave the process
+_generation = 0         # how many times it was given (0: never)
+_synced = threading.local()     # .generation: the one this thread has applied
+
+
+def _serial_only() -> bool:
+    """Whether kernels must run serially here (a forked child); else, this
+    thread's Numba count made the process's first, where it is behind."""
+    if in_forked_child():
+        return True
+    if _generation and getattr(_synced, "generation", 0) != _generation:
+        import numba
+        numba.set_num_threads(_wanted)
+        _synced.generation = _generation
+    return False
