@@ -212,7 +212,10 @@ def check_float_array(name, a, *, writable, allow_low_precision=False) -> None:
                "and use that array from then on" if writable else "use np.ascontiguousarray")
         raise ValueError(f"{name} must be C-contiguous (row-major), and is {what}: {fix}")
     if writable and not a.flags.writeable:
-        raise ValueError(f"{name} is read-only, and is written in place")
+        mapped = ("; it is a read-only memory map, as joblib hands a worker each array over "
+                  "1 MB: pass max_nbytes=None to joblib.Parallel, or train a copy (np.array(a))"
+                  if isinstance(a, np.memmap) else "")
+        raise ValueError(f"{name} is read-only, and is written in place{mapped}")
 
 
 def check_like(name, arrays, ref_name, refs, *, writable, allow_low_precision=False,

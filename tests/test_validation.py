@@ -906,3 +906,15 @@ def test_overlapping_params_in_two_groups_are_named_by_group():
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] overlaps "
                                          r"param_groups\[0\]\['params'\]\[1\]"):
         fastopt.AdamW([{"params": [np.zeros(3), b[:6]]}, {"params": [b[4:]]}])
+
+
+def test_a_read_only_memory_map_says_how_joblib_made_it(tmp_path):
+    """joblib hands a worker each array over 1 MB as a read-only np.memmap:
+    the refusal said only "read-only", and the way out is joblib's."""
+    np.save(tmp_path / "w.npy", np.ones(10))
+    mapped = np.load(tmp_path / "w.npy", mmap_mode="r")
+    with pytest.raises(ValueError, match=r"\['W'\] is read-only, and is written in place; it "
+                                         r"is a read-only memory map.*max_nbytes=None"):
+        fastopt.Adam({"W": mapped})
+    with pytest.raises(ValueError, match=r"is read-only, and is written in place$"):
+        fastopt.Adam({"W": _ro(np.ones(10))})
