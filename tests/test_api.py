@@ -157,6 +157,24 @@ def test_set_num_threads_holds_for_numba_steps_in_other_threads(restore_threads)
             assert pool.submit(in_a_thread).result() == (2, 2)
 
 
+def test_omp_num_threads_is_the_numba_steps_default_too():
+    """Under OMP_NUM_THREADS=1 the Cython step ran on 1 thread and the Numba
+    step on every core (Numba's pool reads only NUMBA_NUM_THREADS)."""
+    import os
+    import subprocess
+    import sys
+    info = fastopt.backend_info()
+    if not (info["numba"]["available"] and info["cython"]["available"]):
+        pytest.skip("needs both CPU backends")
+    code = ("import fastopt; i = fastopt.backend_info(); "
+            "print(i['numba']['num_threads'], i['cython']['num_threads'])")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1"]
+
+
 def test_set_num_threads_accepts_numpy_ints(restore_threads):
     fastopt.set_num_threads(np.int64(1))
     assert fastopt.get_num_threads() == 1

@@ -161,9 +161,9 @@ def kernel_threads(n: int):
 
 def get_num_threads() -> int:
     """The threads a threaded CPU step of ``backend="auto"`` uses
-    (:func:`set_num_threads`; by default, for the Cython step,
-    ``OMP_NUM_THREADS`` where it is set, else the CPUs this process may run
-    on; for Numba's, ``NUMBA_NUM_THREADS``)."""
+    (:func:`set_num_threads`; by default ``OMP_NUM_THREADS`` where it is
+    set, else the CPUs this process may run on; Numba's step at most
+    ``NUMBA_NUM_THREADS``, which, set, is its default instead)."""
     # the auto backend's (Numba's said 2 while the Cython step ran on 1), and
     # without loading Numba where Cython is there
     mod = _load("cython") or _load("numba")

@@ -15,6 +15,7 @@ propagate and stay visible.
 
 from __future__ import annotations
 
+import os
 import threading
 import types as types_
 
@@ -24,7 +25,7 @@ from numba import carray, njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from .._openmp import in_forked_child, start_numba_threads
+from .._openmp import env_threads, in_forked_child, start_numba_threads
 from . import compact_jit, elements
 from .compact import check_compact
 from .lowp import bits
@@ -1026,6 +1027,18 @@ _generation = 0         # how many times it was given (0: never)
 _synced = threading.local()     # .generation: the one this thread has applied
 
 
+def _default_from_environment():
+    """``OMP_NUM_THREADS`` as the Numba steps' default too, as it is the
+    Cython step's (Numba's pool ignores it: the two backends reported 1 and
+    2 threads under ``OMP_NUM_THREADS=1``), unless ``NUMBA_NUM_THREADS``
+    says otherwise."""
+    global _wanted, _generation
+    n = env_threads()
+    if n is not None and "NUMBA_NUM_THREADS" not in os.environ:
+        import numba
+        _wanted, _generation = min(n, numba.config.NUMBA_NUM_THREADS), 1
+
+
 def _serial_only() -> bool:
     """Whether kernels must run serially here (a forked child); else, this
     thread's Numba count made the process's first, where it is behind."""
@@ -1036,3 +1049,6 @@ def _serial_only() -> bool:
         numba.set_num_threads(_wanted)
         _synced.generation = _generation
     return False
+
+
+_default_from_environment()
