@@ -150,20 +150,22 @@ def kernel_threads(n: int):
     # only the ones already loaded: a hot-path call must not import a backend
     mods = [m for m in map(_REGISTRY.loaded, ("numba", "cython")) if m is not None]
     saved = [m.get_num_threads() for m in mods]
-    for m in mods:
-        m.set_num_threads(n)
+    # (Numba's count on this thread alone: its set_num_threads is the process's)
+    setters = [getattr(m, "set_threads_here", m.set_num_threads) for m in mods]
+    for set_n in setters:
+        set_n(n)
     try:
         yield
     finally:
-        for m, k in zip(mods, saved):
-            m.set_num_threads(k)
+        for set_n, k in zip(setters, saved):
+            set_n(k)
 
 
 def get_num_threads() -> int:
     """The threads a threaded CPU step of ``backend="auto"`` uses
-    (:func:`set_num_threads`; by default ``OMP_NUM_THREADS`` where it is
-    set, else the CPUs this process may run on; Numba's step at most
-    ``NUMBA_NUM_THREADS``, which, set, is its default instead)."""
+    (:func:`set_num_threads`; by default, for the Cython step,
+    ``OMP_NUM_THREADS`` where it is set, else the CPUs this process may run
+    on; for Numba's, ``NUMBA_NUM_THREADS``)."""
     # the auto backend's (Numba's said 2 while the Cython step ran on 1), and
     # without loading Numba where Cython is there
     mod = _load("cython") or _load("numba")

@@ -15,7 +15,6 @@ propagate and stay visible.
 
 from __future__ import annotations
 
-import os
 import threading
 import types as types_
 
@@ -25,7 +24,7 @@ from numba import carray, njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from .._openmp import env_threads, in_forked_child, start_numba_threads
+from .._openmp import in_forked_child, start_numba_threads
 from . import compact_jit, elements
 from .compact import check_compact
 from .lowp import bits
@@ -1017,26 +1016,25 @@ def get_num_threads() -> int:
     return 1 if _serial_only() else numba.get_num_threads()
 
 
+def set_threads_here(n: int) -> None:
+    """This thread's Numba count alone (``kernel_threads``' block), leaving
+    the process's setting, and other threads, as they are."""
+    import numba
+    if not in_forked_child():
+        _serial_only()                  # the process's setting first, so it does not
+        numba.set_num_threads(n)        # replace this one at the next kernel
+
+
 # Numba's thread count is per thread: a thread started after
 # set_num_threads(1) (a ThreadPoolExecutor's, joblib's threading backend)
 # ran its steps on Numba's default, all the cores, while the Cython step
 # keeps one count for the process. So the count set_num_threads gave is
-# applied on each thread before its first parallel kernel after a change.
+# applied on each thread before its first parallel kernel after a change
+# (only then: a count the user sets on a thread later, for their own Numba
+# code too, stays; without a set_num_threads call nothing is applied).
 _wanted = None          # the count set_num_threads gave the process
 _generation = 0         # how many times it was given (0: never)
 _synced = threading.local()     # .generation: the one this thread has applied
-
-
-def _default_from_environment():
-    """``OMP_NUM_THREADS`` as the Numba steps' default too, as it is the
-    Cython step's (Numba's pool ignores it: the two backends reported 1 and
-    2 threads under ``OMP_NUM_THREADS=1``), unless ``NUMBA_NUM_THREADS``
-    says otherwise."""
-    global _wanted, _generation
-    n = env_threads()
-    if n is not None and "NUMBA_NUM_THREADS" not in os.environ:
-        import numba
-        _wanted, _generation = min(n, numba.config.NUMBA_NUM_THREADS), 1
 
 
 def _serial_only() -> bool:
@@ -1049,6 +1047,3 @@ def _serial_only() -> bool:
         numba.set_num_threads(_wanted)
         _synced.generation = _generation
     return False
-
-
-_default_from_environment()
