@@ -654,3 +654,26 @@ def test_grads_as_a_tuple_take_the_planned_step(backend, monkeypatch):
         other.step([np.ones((4, 4)), np.ones(3)])
     for a, b in zip(params, ref):
         np.testing.assert_array_equal(a, b)
+
+
+def test_strided_grads_pick_the_thread_mode_once_a_step(monkeypatch):
+    """The compiled reader refuses a Fortran-ordered gradient after the
+    serial/threaded choice picked; the step then runs again over a C-ordered
+    copy, and picked a second time (retry runs ended early, no verdict)."""
+    from fastopt.backends.threads import ThreadChoice
+    calls = {"pick": 0, "record": 0}
+    for name in calls:
+        real = getattr(ThreadChoice, name)
+
+        def counted(self, *a, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(self, *a)
+        monkeypatch.setattr(ThreadChoice, name, counted)
+    p = [np.ones((400, 500), np.float32)]
+    opt = fastopt.Adam(p, lr=1e-3, backend="cython")
+    g = np.asfortranarray(np.ones((400, 500), np.float32))
+    opt.step([np.ascontiguousarray(g)])         # the plan, from a full step
+    before = dict(calls)
+    for _ in range(20):
+        opt.step([g])
+    assert calls["pick"] - before["pick"] == calls["record"] - before["record"] == 20

@@ -141,6 +141,17 @@ class ThreadChoice:
         self.last = time.perf_counter()
         return mode
 
+    def again(self, nelem, threads) -> bool:
+        """:meth:`pick` for a step tried again after its compiled reader
+        refused the gradients (strided ones, then read through copies)
+        before anything ran: the same mode, timed from now, and counted
+        once (a second pick ended retry runs early and left them without a
+        verdict)."""
+        if self.mode is None:
+            return self.pick(nelem, threads)
+        self.last = time.perf_counter()
+        return self.mode
+
     def record(self):
         """Close the step :meth:`pick` opened (no-op for the always-serial case)."""
         mode = self.mode
@@ -215,6 +226,8 @@ class FixedChoice:
 
     def pick(self, nelem, threads) -> bool:
         return self.threaded and nelem > SERIAL_MAX and threads >= 2
+
+    again = pick
 
     def record(self):
         pass

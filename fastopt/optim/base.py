@@ -676,7 +676,7 @@ class Optimizer:
                     # (the full path would make the plan again every step)
                     readable = V.readable(given)
                     if readable is not given:
-                        out = plan.run(self, readable)
+                        out = plan.run(self, readable, again=True)
                 if out is not STALE:
                     return out
             if params is not None and params is not self._given:

@@ -229,11 +229,13 @@ class StepPlan:
         plan.plain_finish = opt._plain_finish() and not opt._schedules
         return plan
 
-    def run(self, opt, grads, bound=False):
+    def run(self, opt, grads, bound=False, again=False):
         """Step ``grads`` (a list) if nothing the plan was made from changed:
         the step's return value, or :data:`STALE` (nothing was written).
         ``bound``: ``grads`` is the FlatArrays the tables read already (a
         full step checked and bound it), so there is nothing to read.
+        ``again``: the same step tried again with ``grads`` read through
+        copies, the first refused (its thread choice stays the one made).
 
         What only the optimizer's own code replaces is checked through what
         replacing it always replaces too: a new param group, a checkpoint
@@ -283,8 +285,9 @@ class StepPlan:
                 # reject (_check_grad_list), so the full step raises before it
                 # picks again (tests/test_step_plan.py checks both)
                 choice = t.threads
+                pick = choice.again if again else choice.pick
                 if not self.list_step(grads, (step[0],), (step[1],),
-                                      choice.pick(t.nelem, self.num_threads()), counted,
+                                      pick(t.nelem, self.num_threads()), counted,
                                       [g.lr]):
                     return STALE
                 choice.record()
