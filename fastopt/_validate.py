@@ -255,6 +255,29 @@ def _bounds(a):
     return start, start + a.nbytes
 
 
+def byte_bounds(a):
+    """``(first, past-the-end)`` byte addresses of any host array, strided
+    views (negative strides too) included."""
+    bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None) or \
+        np.byte_bounds      # NumPy < 2
+    return bounds(a)
+
+
+def check_views_disjoint(written, read) -> None:
+    """:func:`check_disjoint` for ``read`` arrays that may be strided views
+    (a gradient read through a copy: ``W.T`` given as ``W``'s own gradient
+    is refused as ``W`` would be): byte extents first, and where two meet,
+    whether they share an element (two columns of one matrix do not)."""
+    try:
+        check_disjoint(written, read, bounds=byte_bounds)
+    except ValueError:
+        for rlabel, r in read:
+            for wlabel, w in written:
+                if np.shares_memory(r, w):
+                    raise ValueError(f"{rlabel} overlaps {wlabel} in memory; arrays the "
+                                     "step writes must not alias any other argument") from None
+
+
 def check_disjoint(written, read=(), *, bounds=_bounds, memory="memory",
                    writer="the step") -> None:
     """No written array overlaps any other array, written or read.

@@ -40,7 +40,8 @@ def _flat_grads(grads, *, writable, labels=None):
             V.check_disjoint(list(zip(names, arrays)), writer="clip_by_global_norm")
         else:
             _check_views_disjoint(arrays)
-    return [_float(_contiguous(g).reshape(-1)) for g in arrays]
+    # (a strided view is read through a C-ordered copy, and scaled where it is)
+    return [_float(V.readable(g).reshape(-1)) for g in arrays]
 
 
 def _check_views_disjoint(arrays):
@@ -48,9 +49,7 @@ def _check_views_disjoint(arrays):
     views' byte extents can overlap without a shared element (two columns
     of one matrix), so an overlap of extents is confirmed with
     ``np.shares_memory``."""
-    byte_bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None) or \
-        np.byte_bounds      # NumPy < 2
-    spans = sorted((*byte_bounds(a), i) for i, a in enumerate(arrays) if a.size)
+    spans = sorted((*V.byte_bounds(a), i) for i, a in enumerate(arrays) if a.size)
     active = []
     for lo, hi, i in spans:
         active = [s for s in active if s[1] > lo]
@@ -60,13 +59,6 @@ def _check_views_disjoint(arrays):
                 raise ValueError(f"grads[{second}] overlaps grads[{first}] in memory; arrays "
                                  "clip_by_global_norm scales must not alias each other")
         active.append((lo, hi, i))
-
-
-def _contiguous(g):
-    """A gradient that is a strided view (``(X.T @ d).T``, ``A[:, ::2]``) as a
-    C-ordered copy, to be read; :func:`clip_by_global_norm` scales the view
-    itself in place."""
-    return g if g.flags.c_contiguous else np.ascontiguousarray(g)
 
 
 def _check(name, a, writable):

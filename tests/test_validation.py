@@ -112,6 +112,10 @@ BAD_GRADS = [
      r"grads\[0\] overlaps params\[2\]|params\[2\] overlaps grads\[0\]"),
     ("overlapping-view", lambda p, g: _replace(g, 1, _overlapping_view(p)), ValueError,
      r"overlaps"),
+    # read through a copy, but a param's own view given as its gradient is the
+    # same mistake as the param itself
+    ("strided-view-of-a-param", lambda p, g: _replace(g, 0, p[0][::-1]), ValueError,
+     r"grads\[0\] overlaps params\[0\]"),
     ("flat-wrong-shapes", lambda p, g: fastopt.flat_zeros([(3, 4), (3,), (4, 3)], np.float32),
      ValueError, r"grads\[0\] has shape \(3, 4\)"),
     ("flat-wrong-count", lambda p, g: fastopt.flat_zeros(SHAPES[:2], np.float32),
@@ -547,6 +551,8 @@ FUNCTIONAL_BAD = [
     ("m-is-v", lambda p, g, m, v, x: dict(exp_avgs=v), ValueError, r"overlaps"),
     ("grads-alias-m", lambda p, g, m, v, x: dict(grads=[m[0].copy(), m[1]]), ValueError,
      r"overlaps"),
+    ("grads-strided-view-of-m", lambda p, g, m, v, x: dict(grads=[g[0], m[1][::-1]]),
+     ValueError, r"grads\[1\] overlaps exp_avgs\[1\]"),
     ("params-noncontiguous", lambda p, g, m, v, x: dict(params=[np.zeros(10)[::2], p[1]]),
      ValueError, r"params\[0\] must be C-contiguous"),
     ("lr<0", lambda p, g, m, v, x: dict(lr=-1.0), ValueError, r"^lr must be >= 0"),

@@ -563,7 +563,33 @@ class Optimizer:
             if grads is not self._cached[0]:
                 self._cached = (grads, self._flat_segments(grads))
             return
-        self._check_grad_list(V.readable(self._grads_as_list(grads)))
+        self._check_grad_list(self._readable_grads(self._grads_as_list(grads)))
+
+    def _readable_grads(self, grads):
+        """``V.readable(grads)``, each gradient it copied checked as itself
+        against what the step writes: a strided view of a param given as a
+        gradient (``W.T``) is refused as ``W`` is, though its copy would
+        be safe to read (the same mistake)."""
+        readable = V.readable(grads)
+        if readable is grads:
+            return grads
+        copied = [i for i, (g, r) in enumerate(zip(grads, readable))
+                  if g is not r and isinstance(g, np.ndarray)]
+        if copied:
+            labels = (self._names.labels if self._names is not None
+                      else [f"[{i}]" for i in range(len(self._params))])
+            V.check_views_disjoint(self._written_arrays(labels),
+                                   [(f"grads{labels[i]}", grads[i]) for i in copied
+                                    if i < len(labels)])
+        return readable
+
+    def _written_arrays(self, labels) -> list:
+        """``(label, array)`` of everything a step writes: the params and
+        every state buffer."""
+        written = [(f"params{lab}", a) for lab, a in zip(labels, self._params)]
+        return written + [(f"optimizer state {n!r} of group {gi}", b)
+                          for gi, st in enumerate(self.state)
+                          for n, b in st.get("flat", {}).items()]
 
     def _check_grad_list(self, grads) -> list:
         """The full checks of a list of gradients (each array's dtype, shape,
@@ -576,10 +602,8 @@ class Optimizer:
         V.check_like("grads", list(grads), "params", self._params, writable=False,
                      allow_low_precision=True, labels=labels)
         labels = labels or [f"[{i}]" for i in range(len(grads))]
-        written = [(f"params{lab}", a) for lab, a in zip(labels, self._params)]
-        written += [(f"optimizer state {n!r} of group {gi}", b)
-                    for gi, st in enumerate(self.state) for n, b in st.get("flat", {}).items()]
-        V.check_disjoint(written, [(f"grads{lab}", g) for lab, g in zip(labels, grads)])
+        V.check_disjoint(self._written_arrays(labels),
+                         [(f"grads{lab}", g) for lab, g in zip(labels, grads)])
         return grads
 
     def _per_array_segments(self, param_flat, grad_flats):
@@ -674,7 +698,7 @@ class Optimizer:
                     # a strided or Fortran-ordered gradient, which the compiled
                     # reader refuses: its C-ordered copy takes the fast path
                     # (the full path would make the plan again every step)
-                    readable = V.readable(given)
+                    readable = self._readable_grads(given)
                     if readable is not given:
                         out = plan.run(self, readable, again=True)
                 if out is not STALE:
@@ -1491,7 +1515,7 @@ class Optimizer:
                 return
         # (a strided or Fortran-ordered gradient: read through a C-ordered
         # copy, which the compiled reader then takes)
-        grads = V.readable(self._grads_as_list(grads))
+        grads = self._readable_grads(self._grads_as_list(grads))
         self._bound_list = grads
         gather = getattr(self._backend, "gather", None)
         if gather is not None:

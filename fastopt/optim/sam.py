@@ -259,7 +259,7 @@ class SAM:
                 t.grads_from_flat(grads.data, [self._offsets[i] for i in t.index_global])
             return
         # a dict by the params' keys -> a list; strided grads -> C-ordered copies
-        grads = V.readable(base._grads_as_list(grads))
+        grads = base._readable_grads(base._grads_as_list(grads))
         gather = getattr(get_backend(self.backend), "gather", None)
         if gather is not None and type(grads) in (list, tuple) and \
                 len(grads) == len(self._offsets) - 1 and all(
