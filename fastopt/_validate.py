@@ -137,7 +137,9 @@ def readable(arrays):
     copy, a NumPy scalar (``(x * s).sum()``, a 0-d param's gradient) as its
     0-d array. ``arrays`` (one array, a list or a tuple) itself when
     nothing needed that; anything else is left to the checks, as are
-    subclasses (a masked array's copy would drop its mask)."""
+    subclasses (a masked array's copy would drop its mask) and a bare
+    NumPy scalar given alone (as the whole of a step's argument, it may be
+    the loss: the checks say so)."""
     if type(arrays) is np.ndarray:
         return arrays if arrays.flags.c_contiguous else np.ascontiguousarray(arrays)
     if not isinstance(arrays, (list, tuple)):

@@ -133,3 +133,31 @@ def test_the_warning_names_the_ways_out_and_the_refusals_say_them_too():
     with pytest.raises(RuntimeError) as info:
         opt.bind(mine)
     assert "copied" not in str(info.value)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_sam_and_lbfgs_copies_are_checked_too(how):
+    p = [np.ones(3)]
+    sam = fastopt.SAM(fastopt.SGD(p, lr=0.1), rho=0.05)
+    sam.perturb([np.ones(3)])
+    sam.step([np.ones(3)])
+    with pytest.warns(UserWarning, match=r"this SAM was " + WARNING):
+        _copy(sam, how).perturb([np.ones(3)])
+    mine, twin = _copy((p, sam), how)
+    assert not _first_warns(lambda: twin.perturb([np.ones(3)]))
+    lbfgs = fastopt.LBFGS([np.ones(3)])
+    copied = _copy(lbfgs, how)
+
+    def closure():
+        x = copied.param_groups[0]["params"][0]
+        return float((x ** 2).sum()), [2 * x]
+    with pytest.warns(UserWarning, match=r"this LBFGS was " + WARNING):
+        copied.step(closure)
+    assert mine[0] is twin.base_optimizer.param_groups[0]["params"][0]
+
+
+def _first_warns(call) -> bool:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return any(WARNING in str(w.message) for w in caught)

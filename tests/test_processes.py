@@ -378,6 +378,10 @@ def test_zero_grad_and_load_state_dict_settings():
     with pytest.raises(ValueError, match=r"grads\[0\] is read-only"):
         opt.zero_grad([frozen, keep])
     assert keep.all()
+    with pytest.raises(TypeError, match=r"grads\[1\] is a NumPy scalar \(float64\), which "
+                                        r"cannot be zeroed in place"):
+        fastopt.SGD([np.ones(3), np.ones(())], lr=0.1).zero_grad([keep[:1].repeat(3),
+                                                                 np.float64(1.0)])
     # refused: a FlatArrays laid out unlike the params (it was zeroed), None,
     # and an optimizer with no params yet (an AttributeError)
     with pytest.raises(ValueError, match="not like the params"):

@@ -706,9 +706,7 @@ class Optimizer:
             if params is not None and params is not self._given:
                 self._bind_or_check(params, grads)
             self._refuse_unbound("pass step(grads, params=...) or call bind(params) first")
-            if self._unchecked_copy:      # a copy's first step: are its params anyone's?
-                self._unchecked_copy = False
-                warn_if_orphaned(self)
+            self._check_copy()
             # (the params as given: checked with the grads, _bind_grads)
             self._check_groups_unchanged(arrays=False)
             return self._placement.step(self, grads)
@@ -951,13 +949,18 @@ class Optimizer:
             grads.data.fill(0)
             return
         arrays = self._grads_as_list(grads, "zero_grad()")
+        labels = self._names.labels if self._names is not None else None
+        for i, g in enumerate(arrays if type(arrays) in (list, tuple) else ()):
+            if isinstance(g, np.generic):
+                raise TypeError(f"grads{labels[i] if labels else f'[{i}]'} is a NumPy scalar "
+                                f"({type(g).__name__}), which cannot be zeroed in place: "
+                                "accumulate into a 0-d array (np.zeros(()))")
         # a strided or Fortran-ordered buffer is zeroed where it is, as the
         # step reads it: checked as a C-ordered stand-in of its shape, dtype
         # and writability
         V.check_like("grads", [_stand_in(g) for g in arrays] if type(arrays) in (list, tuple)
                      else arrays, "params", self._params, writable=True,
-                     allow_low_precision=True,
-                     labels=self._names.labels if self._names is not None else None)
+                     allow_low_precision=True, labels=labels)
         for g in arrays:
             g.fill(0)
 
@@ -1117,6 +1120,13 @@ class Optimizer:
     _copied = False
     #: a copy whose first step has not yet checked who holds its params (orphans.py)
     _unchecked_copy = False
+
+    def _check_copy(self, owner=None):
+        """A copy's first step: warn if its params are no one's (orphans.py;
+        ``owner``: the wrapper stepping this optimizer, SAM)."""
+        if self._unchecked_copy:
+            self._unchecked_copy = False
+            warn_if_orphaned(self, owner)
 
     def _copy_hint(self) -> str:
         """For a copy, how to train other arrays with its state."""

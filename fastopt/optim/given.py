@@ -160,7 +160,7 @@ class GroupsWatch:
         parts, lo = [], 0
         for gi, spec in enumerate(given):
             arrays = spec["params"]
-            where = f"group {gi}'s params"
+            where = f"groups[{gi}]['params']"      # (the list of groups given)
             tree = None
             try:
                 if isinstance(arrays, dict):

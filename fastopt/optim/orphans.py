@@ -81,10 +81,13 @@ def _visit(obj, side, depth) -> bool:
     return leads
 
 
-def _optimizer_side(opt, user) -> dict:
-    """``id -> object`` of what the optimizer's attributes hold, not
-    entering ``user``."""
+def _optimizer_side(opt, user, owner=None) -> dict:
+    """``id -> object`` of what the optimizer's attributes hold (and those
+    of the wrapper ``owner`` holding it: SAM), not entering ``user``."""
     seen, todo = {id(opt): opt, id(opt.__dict__): opt.__dict__}, list(opt.__dict__.values())
+    if owner is not None:
+        seen.update({id(owner): owner, id(owner.__dict__): owner.__dict__})
+        todo += list(owner.__dict__.values())
     while todo:
         obj = todo.pop()
         if id(obj) in seen or id(obj) in user:
@@ -106,7 +109,7 @@ def _referents(obj) -> list:
     return []
 
 
-def held_outside(opt) -> bool:
+def held_outside(opt, owner=None) -> bool:
     """Whether anything but ``opt`` itself refers to its params, to what
     they were given in, or to its own lists of them (``opt.param_groups``):
     each such object's reference count against the references the
@@ -115,7 +118,7 @@ def held_outside(opt) -> bool:
     variables are not objects the collector can list, so they are found
     this way only)."""
     user = _user_side(opt._given, opt._params)
-    holders = {**_optimizer_side(opt, user), **user}
+    holders = {**_optimizer_side(opt, user, owner), **user}
     user = set(user)        # (ids only from here: each dict of them adds to their counts)
     # (ids: a list of the referents themselves would add to their counts)
     refs = {key: [id(r) for r in _referents(obj)] for key, obj in holders.items()}
@@ -128,7 +131,9 @@ def held_outside(opt) -> bool:
             if key not in leads and any(r in leads for r in out):
                 leads.add(key)
                 grown = True
-    for key in leads - {id(opt), id(opt.__dict__)}:
+    itself = {id(opt), id(opt.__dict__)} | (
+        set() if owner is None else {id(owner), id(owner.__dict__)})
+    for key in leads - itself:
         if key not in user and not isinstance(holders[key], _CONTAINERS):
             continue        # (fastopt's own objects: no user holds them, its frames may)
         known = sum(out.count(key) for out in refs.values())
@@ -138,16 +143,17 @@ def held_outside(opt) -> bool:
     return False
 
 
-def warn_if_orphaned(opt) -> None:
-    """The first step of a copy: warn when nothing outside it holds its params."""
+def warn_if_orphaned(opt, owner=None) -> None:
+    """The first step of a copy: warn when nothing outside it (and the
+    wrapper ``owner`` holding it) holds its params."""
     try:
         if opt._given is None or opt._placement is None or opt._placement.device:
             return
-        alone = not held_outside(opt)
+        alone = not held_outside(opt, owner)
     except Exception:       # noqa: BLE001 - a heuristic: never a step's failure
         return
     if alone:
-        name = type(opt).__name__
+        name = type(opt if owner is None else owner).__name__
         warn_user(
             f"this {name} was unpickled or copied without the arrays it updates: its "
             "params are copies that nothing outside it holds, so its steps change none "
