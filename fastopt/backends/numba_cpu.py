@@ -994,6 +994,7 @@ def scale(x, c: float) -> None:
 
 
 def set_num_threads(n: int) -> None:
+    global _wanted, _generation
     import numba
     most = numba.config.NUMBA_NUM_THREADS
     if n > most:     # Numba's own message names neither the limit's source nor a way out
@@ -1005,7 +1006,6 @@ def set_num_threads(n: int) -> None:
                          "the Numba and the Cython steps; more threads than cores seldom "
                          "make a step faster")
     if not in_forked_child():       # a forked child steps serially (fastopt._openmp)
-        global _wanted, _generation
         numba.set_num_threads(n)
         _wanted, _generation = n, _generation + 1
         _synced.generation = _generation

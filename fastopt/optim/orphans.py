@@ -119,8 +119,9 @@ def held_outside(opt, owner=None) -> bool:
     this way only)."""
     user = _user_side(opt._given, opt._params)
     holders = {**_optimizer_side(opt, user, owner), **user}
-    user = set(user)        # (ids only from here: each dict of them adds to their counts)
-    # (ids: a list of the referents themselves would add to their counts)
+    # ids only from here: a dict or list of the objects themselves would add
+    # to the counts being compared
+    user = set(user)
     refs = {key: [id(r) for r in _referents(obj)] for key, obj in holders.items()}
     # the optimizer's own objects that lead to the params count too: a user
     # holding opt.param_groups[0]["params"] holds the arrays
