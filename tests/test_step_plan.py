@@ -656,7 +656,8 @@ def test_grads_as_a_tuple_take_the_planned_step(backend, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-def test_strided_grads_pick_the_thread_mode_once_a_step(monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_strided_grads_pick_the_thread_mode_once_a_step(monkeypatch, threads, restore_threads):
     """The compiled reader refuses a Fortran-ordered gradient after the
     serial/threaded choice picked; the step then runs again over a C-ordered
     copy, and picked a second time (retry runs ended early, no verdict)."""
@@ -669,6 +670,7 @@ def test_strided_grads_pick_the_thread_mode_once_a_step(monkeypatch):
             calls[_name] += 1
             return _real(self, *a)
         monkeypatch.setattr(ThreadChoice, name, counted)
+    fastopt.set_num_threads(threads)      # (one thread: untimed, serial each step)
     p = [np.ones((400, 500), np.float32)]
     opt = fastopt.Adam(p, lr=1e-3, backend="cython")
     g = np.asfortranarray(np.ones((400, 500), np.float32))

@@ -147,8 +147,8 @@ class ThreadChoice:
         before anything ran: the same mode, timed from now, and counted
         once (a second pick ended retry runs early and left them without a
         verdict)."""
-        if self.mode is None:
-            return self.pick(nelem, threads)
+        if self.mode is None:       # untimed (serial always), or no pick yet
+            return False if nelem <= SERIAL_MAX or threads < 2 else self.pick(nelem, threads)
         self.last = time.perf_counter()
         return self.mode
 
