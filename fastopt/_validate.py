@@ -268,16 +268,15 @@ def byte_bounds(a):
 def check_views_disjoint(written, read) -> None:
     """:func:`check_disjoint` for ``read`` arrays that may be strided views
     (a gradient read through a copy: ``W.T`` given as ``W``'s own gradient
-    is refused as ``W`` would be): byte extents first, and where two meet,
-    whether they share an element (two columns of one matrix do not)."""
-    try:
-        check_disjoint(written, read, bounds=byte_bounds)
-    except ValueError:
-        for rlabel, r in read:
-            for wlabel, w in written:
-                if np.shares_memory(r, w):
-                    raise ValueError(f"{rlabel} overlaps {wlabel} in memory; arrays the "
-                                     "step writes must not alias any other argument") from None
+    is refused as ``W`` would be): each pair by NumPy's extent test in C
+    (about 0.7 us; a sweep over addresses costs ~4 us an array, read from
+    ``__array_interface__``), and where extents meet, whether the two share
+    an element (two columns of one matrix do not)."""
+    for rlabel, r in read:
+        for wlabel, w in written:
+            if np.may_share_memory(r, w) and np.shares_memory(r, w):
+                raise ValueError(f"{rlabel} overlaps {wlabel} in memory; arrays the "
+                                 "step writes must not alias any other argument")
 
 
 def check_disjoint(written, read=(), *, bounds=_bounds, memory="memory",
