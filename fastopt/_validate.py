@@ -160,6 +160,13 @@ def readable(arrays):
     return arrays if out is None else out
 
 
+def copied(given, readable) -> list:
+    """Indices of the arrays in ``given`` that :func:`readable` replaced by
+    copies (the originals still to be checked for aliasing as themselves)."""
+    return [i for i, (g, r) in enumerate(zip(given, readable))
+            if g is not r and isinstance(g, np.ndarray)]
+
+
 def _not_arrays_hint(given) -> str:
     """Why a step's argument may be a callable or a number (torch habits)."""
     if callable(given):

@@ -41,8 +41,7 @@ def _flatten(named, optional=()):
             V.check_like(k, arrays, first, lists[first], writable=k != "grads")
         given = present["grads"]
         given = given if isinstance(given, (list, tuple)) else [given]
-        copied = [(f"grads[{i}]", g) for i, (g, c) in enumerate(zip(given, lists["grads"]))
-                  if g is not c and isinstance(g, np.ndarray)]
+        copied = [(f"grads[{i}]", given[i]) for i in V.copied(given, lists["grads"])]
         if copied:          # each as itself: W.T given as W's own gradient is refused
             V.check_views_disjoint([(f"{k}[{i}]", x) for k, xs in lists.items()
                                     if k != "grads" for i, x in enumerate(xs)], copied)

@@ -573,8 +573,7 @@ class Optimizer:
         readable = V.readable(grads)
         if readable is grads:
             return grads
-        copied = [i for i, (g, r) in enumerate(zip(grads, readable))
-                  if g is not r and isinstance(g, np.ndarray)]
+        copied = V.copied(grads, readable)
         if copied:
             labels = (self._names.labels if self._names is not None
                       else [f"[{i}]" for i in range(len(self._params))])
