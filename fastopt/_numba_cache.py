@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 
+from ._held import hold_numba_compiles
+
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 #: the packages whose .py files the stamp covers (kernels and what they inline)
 KERNEL_DIRS = tuple(os.path.join(_PACKAGE, d) for d in ("backends", "nn"))
@@ -95,7 +97,10 @@ def _stamped_locator(caching):
 def install(caching=None) -> None:
     """Put the widened stamp first in ``caching``'s locator list (Numba's
     ``numba.core.caching`` by default; numba-cuda has its own module). Once
-    per module; a no-op where that module has no such list."""
+    per module; a no-op where that module has no such list. Also holds a
+    Ctrl-C until a compile or cache load of a fastopt kernel ends
+    (:mod:`fastopt._held`)."""
+    hold_numba_compiles()
     if caching is None:
         from numba.core import caching
     classes = getattr(getattr(caching, "CacheImpl", None), "_locator_classes", None)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 
+from ._held import interrupts_held
+
 
 class LazyModules:
     def __init__(self, modules: dict, kind: str = "backend", aliases=None, never_auto=()):
@@ -31,7 +33,8 @@ class LazyModules:
         if name in self._failed:
             return None
         try:
-            mod = importlib.import_module(self.modules[name])
+            with interrupts_held():     # Numba's own import is not re-entrant
+                mod = importlib.import_module(self.modules[name])
         except ImportError as exc:  # optional dependency missing (or no GPU)
             self._failed[name] = exc
             return None

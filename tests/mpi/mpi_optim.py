@@ -9,6 +9,7 @@ the launcher's timeout turns a hang into a failure.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -223,14 +224,19 @@ def test_setup_error_on_one_rank():
         dist.ShardedOptimizer(fastopt.AdamW, p, lr=-1.0 if RANK == N - 1 else 1e-3)
 
 
+@pytest.fixture
 def shared_dir():
-    path = tempfile.mkdtemp(prefix="fastopt-mpi-") if RANK == 0 else None
-    return COMM.bcast(path, root=0)
+    """A directory every rank sees, removed once all ranks are done with it."""
+    path = COMM.bcast(tempfile.mkdtemp(prefix="fastopt-mpi-") if RANK == 0 else None, root=0)
+    yield path
+    COMM.Barrier()
+    if RANK == 0:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_sharded_checkpoint_loads_in_one_process_and_back(clip):
-    d = shared_dir()
+def test_sharded_checkpoint_loads_in_one_process_and_back(clip, shared_dir):
+    d = shared_dir
     sched = fastopt.schedules.warmup_cosine(1e-2, 2, 10)
     p = make_params(np.float32)
     opt = dist.ShardedOptimizer(fastopt.AdamW, p, lr=sched, max_grad_norm=clip)
@@ -272,8 +278,8 @@ def test_sharded_checkpoint_loads_in_one_process_and_back(clip):
                                       single.state_dict()["state"][0]["buffers"][k])
 
 
-def test_mismatched_checkpoint_changes_nothing():
-    d = shared_dir()
+def test_mismatched_checkpoint_changes_nothing(shared_dir):
+    d = shared_dir
     p = make_params(np.float32)
     opt = dist.ShardedOptimizer(fastopt.AdamW, p, lr=1e-2)
     path = os.path.join(d, "other.npz")
@@ -327,8 +333,8 @@ def test_fit_bad_input_on_one_rank_raises_everywhere():
     np.testing.assert_array_equal(net.params.data, before)
 
 
-def test_replicated_checkpoint_resumes_sharded():
-    d = shared_dir()
+def test_replicated_checkpoint_resumes_sharded(shared_dir):
+    d = shared_dir
     p = make_params(np.float64)
     dp = dist.DataParallel(fastopt.SGD(p, lr=1e-2, momentum=0.9))
     g = p.zeros_like()
@@ -353,7 +359,7 @@ def test_replicated_checkpoint_resumes_sharded():
 
 @pytest.mark.parametrize("mode", ["dp", "shard"])
 @pytest.mark.parametrize("low", ["float16", "bfloat16"])
-def test_mixed_precision_matches_single_process(mode, low):
+def test_mixed_precision_matches_single_process(mode, low, shared_dir):
     import ml_dtypes
 
     dtype = np.dtype(ml_dtypes.bfloat16 if low == "bfloat16" else np.float16)
@@ -385,7 +391,7 @@ def test_mixed_precision_matches_single_process(mode, low):
     same = np.mean(p.data.astype(np.float32) == ref_p.data.astype(np.float32))
     assert same > 0.99     # the 16-bit params are the rounded masters
     # a sharded checkpoint (with its master copy) loads in one process
-    d = shared_dir()
+    d = shared_dir
     path = os.path.join(d, "lowp.npz")
     fastopt.save(path, params=p, optimizer=opt)
     q = make_params(dtype, seed=3)
@@ -515,10 +521,10 @@ def test_equal_settings_written_differently_agree(mode):
 
 
 @pytest.mark.parametrize("mode", ["dp", "shard"])
-def test_a_save_refused_on_one_rank_raises_everywhere(mode):
+def test_a_save_refused_on_one_rank_raises_everywhere(mode, shared_dir):
     """A bad ``extra`` on one rank raised there before the state_dict's
     collective, and the others waited in it forever."""
-    d = shared_dir()
+    d = shared_dir
     p = make_params(np.float32)
     opt = wrapped(mode, fastopt.AdamW, p, lr=1e-2)
     path = os.path.join(d, f"bad-extra-{mode}.npz")
@@ -543,11 +549,11 @@ def test_sharded_last_lr_lists_every_group():
         assert opt.last_lr == pytest.approx(want)
 
 
-def test_sharded_checkpoints_by_name_load_by_name():
+def test_sharded_checkpoints_by_name_load_by_name(shared_dir):
     """Params by name in another order: the moments follow the names both
     ways (sharded to one process, one process to sharded); they loaded by
     position, so two arrays of one shape swapped their moments silently."""
-    d = shared_dir()
+    d = shared_dir
     names = ["W1", "b1", "W2", "b2", "W3"]
 
     def named(p, order):
