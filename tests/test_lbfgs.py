@@ -425,3 +425,22 @@ def test_a_copy_or_a_pickle_after_a_step_goes_on_as_the_original(backend):
         q = c.param_groups[0]["params"]
         run(c, q)
         np.testing.assert_array_equal(q[0], p[0])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_nan_or_inf_loss_at_a_trial_step_shrinks_the_step(bad):
+    """An explicit integration that blows up at one trial step of the line
+    search: the step shrinks, as for any loss too high. (torch, and fastopt
+    before, raised an IndexError for NaN there and took a NaN step for inf,
+    every param NaN.)"""
+    p = np.ones(3)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        return (bad if calls[0] == 2 else 0.5 * p @ p), p.copy()
+
+    opt = fastopt.LBFGS(p, max_iter=10, line_search_fn="strong_wolfe")
+    assert opt.step(closure) == 1.5
+    assert np.all(np.isfinite(p)) and np.abs(p).max() < 1e-12
+    assert calls[0] > 2

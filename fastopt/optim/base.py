@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import traceback
 import operator
 import os
 import threading
@@ -50,7 +51,7 @@ from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler, claim as claim_scaler
 from .interrupt import INTERRUPTS, Mark, finished, held
 from .named import KeyTree
-from .orphans import warn_if_orphaned
+from .orphans import CHECK_EVERY, replaced_hint, warn_if_unheld
 from .param_list import ParamList
 from .placement import placement_for
 from .state_format import ABSMAX, StateFormat
@@ -531,10 +532,18 @@ class Optimizer:
             given = sorted({str(a.dtype) for a in arrays})    # float16, not its float32
             computed = ("" if set(given) == dtypes
                         else f" (computed in {' and '.join(sorted(dtypes))})")
+            # which arrays: those of the dtype fewer of them have (a float64
+            # weight among float32 ones, made without .astype)
+            kinds = [str(np.dtype(self._placement.compute_dtype(a.dtype))) for a in arrays]
+            odd = min(dtypes, key=lambda d: (kinds.count(d), d != "float64"))
+            where = [k for k, d in enumerate(kinds) if d == odd]
+            more = f" (and {len(where) - 1} more)" if len(where) > 1 else ""
             raise ValueError(f"param group {gi} mixes {', '.join(given[:-1])} and {given[-1]} "
-                             f"params{computed}; "
-                             "a group's state is one buffer per name, so put arrays of "
-                             "each dtype in a param group of their own")
+                             f"params{computed}: its params[{where[0]}]{more} is "
+                             f"{arrays[where[0]].dtype}; "
+                             "a group's state is one buffer per name, so make them one dtype "
+                             "(.astype), or put arrays of each dtype in a param group of "
+                             "their own")
 
     def _build_runs(self):
         """Split each group into runs and precompute per-tensor views."""
@@ -674,6 +683,8 @@ class Optimizer:
         # One optimizer stepped from two threads: the steps run one after the
         # other (each sees the other's whole update), as if called in turn.
         with self._lock:
+            if self.iterations >= self._held_check_at:
+                self._check_held()
             # _check_given(), inline: every step's fixed cost (params given
             # anew are compared by identity below, and watched from then on)
             watch = self._watch
@@ -687,6 +698,8 @@ class Optimizer:
                     out = plan.run(self, given := grads)
                 elif kind is tuple:          # `return dW, db`: as a list (it took the full path)
                     out = plan.run(self, given := list(grads))
+                elif kind is np.ndarray:     # one array's gradient: as a list of one
+                    out = plan.run(self, given := [grads])
                 elif kind is dict and self._names is not None:
                     out = plan.run(self, given := self._names.read(grads))
                 elif grads is self._bound and grads is not None:   # the FlatArrays bound last step
@@ -705,10 +718,27 @@ class Optimizer:
             if params is not None and params is not self._given:
                 self._bind_or_check(params, grads)
             self._refuse_unbound("pass step(grads, params=...) or call bind(params) first")
-            self._check_copy()
             # (the params as given: checked with the grads, _bind_grads)
             self._check_groups_unchanged(arrays=False)
-            return self._placement.step(self, grads)
+            try:
+                return self._placement.step(self, grads)
+            except (TypeError, ValueError) as exc:
+                del plan        # (the plan the full step dropped: it holds the groups)
+                self._name_replaced(exc)
+                raise
+
+    def _name_replaced(self, exc) -> None:
+        """A refused step's message, for a gradient made for the array the
+        user's code put in a param's place (a new dtype or shape): which
+        param nothing outside holds any more (orphans.py). The failed
+        calls' frames let go of what they held first: their references
+        would count as someone's."""
+        if not self._held or len(exc.args) != 1 or not isinstance(exc.args[0], str):
+            return
+        traceback.clear_frames(exc.__traceback__.tb_next)
+        hint = replaced_hint(self)
+        if hint:
+            exc.args = (exc.args[0] + hint,)
 
     def __getstate__(self):
         # Tables hold raw addresses of this optimizer's arrays: a copy (deepcopy,
@@ -732,7 +762,9 @@ class Optimizer:
     def __setstate__(self, state):
         linked = state.pop("_lr_linked", ())
         self.__dict__.update(state)
-        self._copied = self._unchecked_copy = True
+        self._copied = True
+        self._held_check_at = self.iterations     # its first step checks
+        self._held = None
         for gi, group in enumerate(self.param_groups):    # pickled before ParamList
             if type(group["params"]) is list and self._group_lists[gi] is group["params"]:
                 group["params"] = self._group_lists[gi] = ParamList(group["params"])
@@ -1117,15 +1149,22 @@ class Optimizer:
 
     #: set on a copy (pickle, deepcopy): its params are copies too
     _copied = False
-    #: a copy whose first step has not yet checked who holds its params (orphans.py)
-    _unchecked_copy = False
+    #: the step count at which the next step checks who holds its params
+    #: (orphans.py: a copy's first step, then 1, 2, 4, ..., every CHECK_EVERY)
+    _held_check_at = 0
+    #: the indices of the params something outside held at the last check
+    #: (None: not checked yet, or a copy)
+    _held = None
 
-    def _check_copy(self, owner=None):
-        """A copy's first step: warn if its params are no one's (orphans.py;
-        ``owner``: the wrapper stepping this optimizer, SAM)."""
-        if self._unchecked_copy:
-            self._unchecked_copy = False
-            warn_if_orphaned(self, owner)
+    def _check_held(self, owner=None):
+        """Warn (once) if some params are no one's (orphans.py; ``owner``:
+        the wrapper stepping this optimizer, SAM)."""
+        it = self.iterations
+        if it < self._held_check_at:
+            return
+        self._held_check_at = it + max(1, min(it, CHECK_EVERY))
+        if warn_if_unheld(self, owner):
+            self._held_check_at = math.inf
 
     def _copy_hint(self) -> str:
         """For a copy, how to train other arrays with its state."""

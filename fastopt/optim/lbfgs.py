@@ -301,7 +301,7 @@ class LBFGS(Optimizer):
             self._refuse_unbound("call bind(params) first")
             self._check_groups_unchanged()
             self._check_given()
-            self._check_copy()
+            self._check_held()
             h = self._resolve(self._with_schedule(0, self.param_groups[0]), "param_groups[0]")
             ops = ops_for(self.backend)
             st = self.state[0]

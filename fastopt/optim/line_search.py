@@ -48,7 +48,17 @@ def cubic_minimizer(a: Trial, b: Trial, low=None, high=None) -> float:
     d2 = math.sqrt(disc)
     near, far = (a, b) if a.t <= b.t else (b, a)    # the formula from the right-hand point
     t = far.t - (far.t - near.t) * ((far.gtd + d2 - d1) / (far.gtd - near.gtd + 2 * d2))
+    if not math.isfinite(t):   # an infinite loss or slope at an end (torch: a NaN step)
+        return (low + high) / 2.0
     return min(max(t, low), high)
+
+
+def _lower_end(bracket) -> int:
+    """Which end of the bracket has the lower loss (a NaN loss is the
+    higher: torch's comparison made it the lower, and the search ended
+    there or raised an IndexError)."""
+    a, b = bracket[0].f, bracket[-1].f
+    return 0 if a <= b or math.isnan(b) else 1
 
 
 def strong_wolfe(evaluate, t, start: Trial, d_max, *, c1=1e-4, c2=0.9,
@@ -64,7 +74,8 @@ def strong_wolfe(evaluate, t, start: Trial, d_max, *, c1=1e-4, c2=0.9,
     f0, gtd0 = start.f, start.gtd
 
     def sufficient_decrease(trial):
-        return not trial.f > f0 + c1 * trial.t * gtd0
+        # (a NaN loss is no decrease: the step shrinks, as for an infinite one)
+        return trial.f <= f0 + c1 * trial.t * gtd0
 
     def curvature(trial):
         return abs(trial.gtd) <= -c2 * gtd0
@@ -91,7 +102,7 @@ def strong_wolfe(evaluate, t, start: Trial, d_max, *, c1=1e-4, c2=0.9,
     if bracket is None:        # out of evaluations: the best of the start and the last
         bracket = [start._replace(t=0), new]
     # -- zoom (Alg. 3.6) -------------------------------------------------------------------
-    low = 0 if bracket[0].f <= bracket[-1].f else 1
+    low = _lower_end(bracket)
     insufficient = False
     while not done and it < max_ls:
         a, b = bracket
@@ -114,7 +125,7 @@ def strong_wolfe(evaluate, t, start: Trial, d_max, *, c1=1e-4, c2=0.9,
         high = 1 - low
         if not sufficient_decrease(new) or new.f >= bracket[low].f:
             bracket[high] = new
-            low = 0 if bracket[0].f <= bracket[1].f else 1
+            low = _lower_end(bracket)
         else:
             if curvature(new):
                 done = True

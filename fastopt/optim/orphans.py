@@ -1,4 +1,6 @@
-"""An optimizer unpickled or deep-copied without the arrays it updates.
+"""An optimizer stepping arrays nothing else holds: unpickled or
+deep-copied without them, or left with the old array after the user's code
+replaced one (``layer.W = rng.normal(...)``).
 
 A copy of an optimizer (``pickle``, ``copy.deepcopy``) carries copies of
 its params, which is right when the params travel in the same pickle
@@ -10,13 +12,25 @@ the same). So the first step of a copy counts the references to its
 params (and to the object they were given in) and warns when the
 optimizer's own objects account for all of them.
 
+The same happens when a user's code replaces an array it built the
+optimizer over (a notebook re-running ``layer.W = ...``): where the params
+were given in a list made for the call (``Adam([L.W, L.b])``) nothing can
+watch the user's own attributes, and the optimizer went on stepping the
+old array, the new one never trained. So the step checks, at its first
+step, then at step counts 1, 2, 4, 8, ... and every ``CHECK_EVERY`` steps
+after that, whether anything outside it still holds each param, and
+warns (once) naming the first that something held at the last check and
+nothing holds now.
+
 What counts as the optimizer: everything reachable from its attributes
 through lists, tuples, dicts, views and fastopt's own objects, except the
 params object it was given (the user's dict or list, when they hold it)
 and what lies in it. A reference count beyond what those hold is the
 user's: a variable (local variables are no objects the garbage collector
-could list, hence counts), a container or a view. Once per copy, at its
-first step (a few ms); any failure of the check itself skips the warning.
+could list, hence counts), a container or a view. About 0.3-1 ms for a
+small optimizer, a few ms for a large one, at about 20 steps of the first
+million plus one in ``CHECK_EVERY`` after that; any failure of the check
+itself skips the warning.
 """
 
 from __future__ import annotations
@@ -24,11 +38,16 @@ from __future__ import annotations
 import gc
 import sys
 import types
+from collections import Counter
 
 import numpy as np
 
 from .._warn import warn_user
 from ..params import FlatArrays
+
+#: steps between two checks once the doubling reaches it (a check costs
+#: about as much as 10-50 small steps)
+CHECK_EVERY = 1 << 14
 
 #: containers followed from the optimizer's attributes to find what it holds
 _CONTAINERS = (list, tuple, dict, set, frozenset)
@@ -109,52 +128,105 @@ def _referents(obj) -> list:
     return []
 
 
-def held_outside(opt, owner=None) -> bool:
-    """Whether anything but ``opt`` itself refers to its params, to what
-    they were given in, or to its own lists of them (``opt.param_groups``):
-    each such object's reference count against the references the
-    optimizer's own objects (and the params' own containers) account for.
-    A count beyond them is a user's variable, container or view (local
-    variables are not objects the collector can list, so they are found
-    this way only)."""
-    user = _user_side(opt._given, opt._params)
+def _shown_ids(opt) -> set:
+    """The ids of ``opt.param_groups``, its groups and their params lists
+    (a function of its own: a local variable holding them would count)."""
+    groups = getattr(opt, "param_groups", None) or []
+    return {id(groups)} | {id(g) for g in groups} | {
+        id(g.get("params")) for g in groups if isinstance(g, dict)}
+
+
+def unheld(opt, owner=None) -> list:
+    """The indices of ``opt``'s params that nothing outside it (and the
+    wrapper ``owner`` holding it: SAM) refers to, directly or through what
+    leads to them (what they were given in, ``opt.param_groups``, the
+    buffer they are views of). Each object's reference count is compared
+    with the references the optimizer's own objects and the params' own
+    containers account for: a count beyond them is a user's variable,
+    container or view (local variables are not objects the collector can
+    list, so they are found this way only)."""
+    params = opt._params
+    user = _user_side(opt._given, params)
     holders = {**_optimizer_side(opt, user, owner), **user}
     # ids only from here: a dict or list of the objects themselves would add
     # to the counts being compared
     user = set(user)
     refs = {key: [id(r) for r in _referents(obj)] for key, obj in holders.items()}
-    # the optimizer's own objects that lead to the params count too: a user
-    # holding opt.param_groups[0]["params"] holds the arrays
-    leads, grown = set(user), True
-    while grown:
-        grown = False
-        for key, out in refs.items():
-            if key not in leads and any(r in leads for r in out):
-                leads.add(key)
-                grown = True
+    known = Counter(r for out in refs.values() for r in out)
     itself = {id(opt), id(opt.__dict__)} | (
         set() if owner is None else {id(owner), id(owner.__dict__)})
-    for key in leads - itself:
-        if key not in user and not isinstance(holders[key], _CONTAINERS):
-            continue        # (fastopt's own objects: no user holds them, its frames may)
-        known = sum(out.count(key) for out in refs.values())
-        # references made here: holders' value and getrefcount's argument
-        if sys.getrefcount(holders[key]) - 2 > known:
-            return True
-    return False
+    # held from outside: the user's side, or what the optimizer shows of
+    # them (opt.param_groups, its groups and their params lists). Its other
+    # objects are no user's, and may be held where the walk does not look
+    # (a bound method, a compiled object), so they are not counted. The
+    # references made here are holders' value and getrefcount's argument
+    shown = _shown_ids(opt)
+    todo = [key for key in holders
+            if key not in itself and (key in user or key in shown)
+            and sys.getrefcount(holders[key]) - 2 > known[key]]
+    reached = set()
+    while todo:
+        key = todo.pop()
+        if key not in reached:
+            reached.add(key)
+            todo.extend(r for r in refs.get(key, ()) if r in holders)
+    out = []
+    for i, a in enumerate(params):
+        held = False
+        while a is not None and not held:      # the array, or a buffer it is a view of
+            held = id(a) in reached
+            a = a.base if isinstance(a, np.ndarray) else None
+        if not held:
+            out.append(i)
+    return out
 
 
-def warn_if_orphaned(opt, owner=None) -> None:
-    """The first step of a copy: warn when nothing outside it (and the
-    wrapper ``owner`` holding it) holds its params."""
+def held_outside(opt, owner=None) -> bool:
+    """Whether anything outside ``opt`` holds any of its params."""
+    return len(unheld(opt, owner)) < len(opt._params)
+
+
+def _label(opt, i) -> str:
+    names = getattr(opt, "_names", None)
+    return f"params{names.labels[i] if names is not None else f'[{i}]'}"
+
+
+def replaced_hint(opt) -> str:
+    """For a refused step's message: the params something outside held at
+    the last check and nothing holds now (a gradient made for the array
+    that replaced one), or ""."""
+    try:
+        alone = [i for i in unheld(opt) if i in (opt._held or ())]
+    except Exception:       # noqa: BLE001 - a hint only
+        return ""
+    if not alone:
+        return ""
+    return (f". Note: nothing outside this {type(opt).__name__} holds "
+            f"{_label(opt, alone[0])} any more: if your code replaced it with a new array "
+            "(layer.W = ...), make the optimizer again over the new arrays")
+
+
+def warn_if_unheld(opt, owner=None) -> bool:
+    """Warn when nothing outside ``opt`` (and the wrapper ``owner``
+    holding it) holds some of its params any more (a copy: from its first
+    step); whether it warned. ``opt._held`` keeps which params something
+    outside held at the last check: an optimizer made over arrays no one
+    kept (``Adam([np.ones(3)])``, read back through its param_groups) is
+    left alone."""
     try:
         if opt._given is None or opt._placement is None or opt._placement.device:
-            return
-        alone = not held_outside(opt, owner)
+            return False
+        alone = unheld(opt, owner)
     except Exception:       # noqa: BLE001 - a heuristic: never a step's failure
-        return
-    if alone:
-        name = type(opt if owner is None else owner).__name__
+        return False
+    before, count = opt._held, len(opt._params)
+    opt._held = set(range(count)).difference(alone)
+    copy_alone = opt._copied and before is None and len(alone) == count
+    alone = [i for i in alone if i in (before or ())]
+    if not (alone or copy_alone):
+        return False
+    name = type(opt if owner is None else owner).__name__
+    if copy_alone:
         warn_user(
             f"this {name} was unpickled or copied without the arrays it updates: its "
             "params are copies that nothing outside it holds, so its steps change none "
@@ -162,3 +234,14 @@ def warn_if_orphaned(opt, owner=None) -> None:
             "(pickle.dump((params, opt))), "
             f"or make a new {name} over your arrays and load_state_dict(old.state_dict()); "
             "fastopt.save/fastopt.load keep both")
+    else:
+        a = opt._params[alone[0]]
+        more = f" (and {len(alone) - 1} more)" if len(alone) > 1 else ""
+        warn_user(
+            f"{_label(opt, alone[0])}{more} of this {name}, a {a.dtype}{list(a.shape)} "
+            "array, is held by nothing outside it: your code replaced it with a new "
+            "array (layer.W = ...?), so this optimizer steps an array that nothing "
+            "reads and the new one is not trained. Make the optimizer again over the "
+            f"new arrays (its state: new = {name}(...); new.load_state_dict(old.state_dict())), "
+            "or write new values into the old array (layer.W[...] = ...)")
+    return True

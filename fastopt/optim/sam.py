@@ -300,7 +300,7 @@ class SAM:
             self.base_optimizer._check_given()
             # (a group appended to or removed from param_groups: refused, as by step)
             self.base_optimizer._check_groups_unchanged()
-            self.base_optimizer._check_copy(self)
+            self.base_optimizer._check_held(self)
             _refuse_maximize(self.param_groups)
             self._current_tables()
             if self._on_device:

@@ -1,0 +1,177 @@
+"""A param the user's code replaced after the optimizer was made over it
+(``layer.W = rng.normal(...)`` in a notebook cell run again): the optimizer
+went on stepping the old array, which nothing reads, and the new one never
+trained, without a word (fastopt/optim/orphans.py). The step now checks,
+at step counts 0, 1, 2, 4, 8, ..., and warns naming the param; a refused
+step (a gradient of the new array's dtype or shape) says which param was
+replaced; ``fastopt.save`` refuses an optimizer over other arrays than the
+params it writes, as ``fastopt.load`` does. Arrays the user never kept, or
+holds through something else (the vector they are views of, a dict, a
+list), are no one's replacement: no warning."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt.checkpoint import CheckpointError
+from fastopt.optim.orphans import CHECK_EVERY
+
+from conftest import BACKENDS
+
+WARNING = "is held by nothing outside it"
+
+
+class Layer:
+    def __init__(self, rng, n):
+        self.W = rng.standard_normal((n, n)).astype(np.float32)
+        self.b = np.zeros(n, np.float32)
+
+
+def _steps(opt, layer, n):
+    """``n`` steps; the warnings they gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(n):
+            opt.step([layer.W * 0.1, layer.b + 0.1])
+    return [str(w.message) for w in caught if WARNING in str(w.message)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_replaced_attribute_is_named_within_the_steps_it_has_run(backend):
+    rng = np.random.default_rng(0)
+    layers = [Layer(rng, 8) for _ in range(3)]
+    opts = [fastopt.Adam([L.W, L.b], lr=1e-2, backend=backend) for L in layers]
+    for L, opt in zip(layers, opts):
+        assert _steps(opt, L, 20) == []
+    layers[1].W = rng.standard_normal((8, 8)).astype(np.float32)   # "start afresh"
+    new = layers[1].W.copy()
+    # checked as step count 32 starts: the 13th step after the replacement
+    assert _steps(opts[1], layers[1], 12) == []
+    caught = _steps(opts[1], layers[1], 1)
+    assert len(caught) == 1
+    assert caught[0].startswith("params[0] of this Adam, a float32[8, 8] array")
+    assert "layer.W[...] = " in caught[0] and "Make the optimizer again" in caught[0]
+    np.testing.assert_array_equal(layers[1].W, new)    # (what it warns about)
+    assert _steps(opts[1], layers[1], 64) == []        # once
+    for L, opt in zip([layers[0], layers[2]], [opts[0], opts[2]]):
+        assert _steps(opt, L, 20) == []
+
+
+def test_one_optimizer_over_every_layer_names_the_one_replaced():
+    rng = np.random.default_rng(1)
+    layers = [Layer(rng, 4) for _ in range(3)]
+    opt = fastopt.Adam([a for L in layers for a in (L.W, L.b)])
+
+    def step(n):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(n):
+                opt.step([g for L in layers for g in (L.W * 0.1, L.b + 0.1)])
+        return [str(w.message) for w in caught if WARNING in str(w.message)]
+
+    assert step(5) == []
+    layers[2].b = np.ones(4, np.float32)
+    assert step(3) == []
+    caught = step(1)            # checked as step count 8 starts
+    assert len(caught) == 1 and caught[0].startswith("params[5] of this Adam")
+
+
+def test_arrays_held_otherwise_or_never_kept_give_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        theta = np.zeros(10)                    # views of a vector the user holds
+        opt = fastopt.SGD([theta[:5], theta[5:]], lr=0.1)
+        for _ in range(40):
+            opt.step([np.ones(5), np.ones(5)])
+        np.testing.assert_allclose(theta, -4.0)
+        model = {"W": np.ones((2, 2)), "b": np.zeros(2)}     # a dict, held
+        opt = fastopt.Adam(model)
+        for _ in range(40):
+            opt.step({"W": np.ones((2, 2)), "b": np.ones(2)})
+        toy = fastopt.SGD([np.ones(3)], lr=0.1)     # never kept: read back from the groups
+        for _ in range(40):
+            toy.step([np.ones(3)])
+        np.testing.assert_allclose(toy.param_groups[0]["params"][0], -3.0)
+
+
+def test_the_checks_thin_out_to_one_in_check_every(monkeypatch):
+    from fastopt.optim import base
+    seen = []
+    monkeypatch.setattr(base, "warn_if_unheld",
+                        lambda opt, owner=None: seen.append(opt.iterations) or False)
+    opt = fastopt.SGD([np.ones(3)], lr=0.1)
+    for _ in range(40):
+        opt.step([np.ones(3)])
+    assert seen == [0, 1, 2, 4, 8, 16, 32]
+    del seen[:]
+    opt.iterations = 3 * CHECK_EVERY - 1
+    for _ in range(CHECK_EVERY + 2):
+        opt.step([np.ones(3)])
+    assert seen == [3 * CHECK_EVERY - 1, 4 * CHECK_EVERY - 1]
+
+
+def test_a_refused_step_says_which_param_was_replaced():
+    rng = np.random.default_rng(2)
+    L = Layer(rng, 6)
+    opt = fastopt.Adam([L.W, L.b])
+    _steps(opt, L, 3)
+    L.W = rng.standard_normal((6, 6))           # float64: .astype forgotten
+    with pytest.raises(TypeError, match=r"has dtype float64.*nothing outside this Adam holds "
+                                        r"params\[0\] any more"):
+        opt.step([L.W * 0.1, L.b + 0.1])
+    L.W = rng.standard_normal((7, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"has shape \(7, 6\).*holds params\[0\] any more"):
+        opt.step([L.W * 0.1, L.b + 0.1])
+    # a plain refusal of an optimizer whose params are held says nothing more
+    M = Layer(rng, 6)
+    held = fastopt.Adam([M.W, M.b])
+    _steps(held, M, 3)
+    with pytest.raises(ValueError) as refused:
+        held.step([np.ones((7, 6), np.float32), M.b])
+    assert "any more" not in str(refused.value)
+
+
+def test_save_refuses_an_optimizer_over_other_arrays(tmp_path):
+    model = {"W": np.ones((3, 3), np.float32)}
+    opt = fastopt.Adam(model)
+    opt.step({"W": np.ones((3, 3), np.float32)})
+    remade = {"W": np.zeros((3, 3), np.float32)}    # the model made again, the optimizer not
+    path = tmp_path / "ck.npz"
+    with pytest.raises(CheckpointError, match=r"updates none of the params given.*then save"):
+        fastopt.save(path, params=remade, optimizer=opt)
+    assert not path.exists()
+    fastopt.save(path, params=model, optimizer=opt)
+    assert path.exists()
+
+
+def test_a_mixed_dtype_group_names_the_odd_array():
+    with pytest.raises(ValueError, match=r"its params\[1\] is float64.*\.astype"):
+        fastopt.Adam([np.ones(3, np.float32), np.ones(2), np.ones(4, np.float32)])
+
+
+def test_an_interrupt_during_the_check_leaves_the_optimizer_as_it_was(monkeypatch):
+    from fastopt.optim import orphans
+    L = Layer(np.random.default_rng(3), 4)
+    opt = fastopt.Adam([L.W, L.b])
+    _steps(opt, L, 4)                   # step count 4: the next one checks
+    before = [L.W.copy(), L.b.copy()], opt.state_dict()
+
+    def interrupted(opt, owner=None):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(orphans, "unheld", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step([L.W * 0.1, L.b + 0.1])
+    monkeypatch.undo()
+    np.testing.assert_array_equal(L.W, before[0][0])
+    np.testing.assert_array_equal(L.b, before[0][1])
+    after = opt.state_dict()
+    assert after["iterations"] == before[1]["iterations"] == 4
+    for a, b in zip(after["state"], before[1]["state"]):
+        for k in a["buffers"]:
+            np.testing.assert_array_equal(a["buffers"][k], b["buffers"][k])
+    _steps(opt, L, 1)                   # and it goes on
+    assert opt.iterations == 5
