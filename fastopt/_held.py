@@ -14,7 +14,8 @@ registries) and while Numba holds its compiler lock for one of fastopt's
 kernels (:func:`hold_numba_compiles`), a Ctrl-C is kept and raised as soon
 as that ends. Only with Python's default SIGINT handler in place, on the
 main thread (the one that gets signals): a handler of the user's own, and
-the user's own Numba compiles, are left alone.
+the user's own Numba compiles, are left alone. A second Ctrl-C during a
+hold of more than ``PATIENCE_S`` (a long cold compile) is raised at once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ import contextlib
 import signal
 import sys
 import threading
+import time
+
+
+#: a hold older than this gives way to a second Ctrl-C (a long cold
+#: compile, not a cache load: that is the user's call to make)
+PATIENCE_S = 5.0
 
 
 class _SigintHold:
@@ -33,8 +40,11 @@ class _SigintHold:
     def __init__(self):
         self.depth = 0
         self.pending = False
+        self.since = 0.0
 
     def _note(self, signum, frame):
+        if self.pending and time.monotonic() - self.since > PATIENCE_S:
+            raise KeyboardInterrupt     # pressed again during a long hold
         self.pending = True
 
     def enter(self) -> bool:
@@ -46,6 +56,7 @@ class _SigintHold:
             if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
                 return False
             signal.signal(signal.SIGINT, self._note)
+            self.since = time.monotonic()
         self.depth += 1
         return True
 
@@ -53,9 +64,14 @@ class _SigintHold:
         """End one :meth:`enter` that returned True."""
         self.depth -= 1
         if self.depth == 0:
+            pending, self.pending = self.pending, False
+            if signal.getsignal(signal.SIGINT) != self._note:
+                # a handler set during the hold stays, and gets the Ctrl-C
+                if pending:
+                    signal.raise_signal(signal.SIGINT)
+                return
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            if self.pending:
-                self.pending = False
+            if pending:
                 raise KeyboardInterrupt
 
 

@@ -248,8 +248,6 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     with getattr(optimizer, "_lock", None) or contextlib.nullcontext():
         error = None
         try:
-            if params is not None and optimizer is not None:
-                _refuse_other_arrays(params, optimizer, "save")     # as load does
             if params is not None:
                 # device params: one copy to the host each (checkpoints are
                 # host files); params given by name are kept by name
@@ -489,7 +487,7 @@ def load(path, *, params=None, optimizer=None) -> dict:
     return tree
 
 
-def _refuse_other_arrays(params, optimizer, then="load"):
+def _refuse_other_arrays(params, optimizer):
     """An optimizer made before the model was made again (a notebook cell
     run again) trains its old arrays: loaded beside the new params, the run
     went on training arrays nobody reads, the params never changing."""
@@ -504,7 +502,7 @@ def _refuse_other_arrays(params, optimizer, then="load"):
     raise CheckpointError(
         f"the optimizer ({type(optimizer).__name__}) updates none of the params given: it "
         "was made over other arrays (the model made again after it?), and would go on "
-        f"training those; make the optimizer over these params, then {then}")
+        "training those; make the optimizer over these params, then load")
 
 
 def _span(a):

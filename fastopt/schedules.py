@@ -44,6 +44,8 @@ import json
 import math
 import numbers
 
+import numpy as np
+
 from ._validate import check_bool as _bool
 from ._validate import check_int as _int
 from ._validate import check_real as _real
@@ -77,8 +79,13 @@ class Schedule:
         if cls.kind:
             _KINDS[cls.kind] = cls
 
-    def __call__(self, step) -> float:
+    def __call__(self, step):
+        """The lr at ``step`` (an int >= 0), or at each step of an integer
+        array or a range (``sched(np.arange(1000))``, to plot it): a
+        float64 array of the same shape."""
         if type(step) is not int or step < 0:      # (an optimizer's own count is)
+            if isinstance(step, range) or (isinstance(step, np.ndarray) and step.ndim):
+                return self._at_each(step)     # (a 0-d array: one step, as np.load gives it)
             step = _step(step)
         try:
             return float(self.value(step))
@@ -89,6 +96,13 @@ class Schedule:
 
     def value(self, step: int) -> float:
         raise NotImplementedError
+
+    def _at_each(self, steps) -> np.ndarray:
+        steps = np.asarray(steps)
+        if steps.dtype.kind not in "iu":
+            raise TypeError(f"steps must be integers, got an array of {steps.dtype}")
+        flat = [self(int(k)) for k in steps.ravel()]
+        return np.array(flat, dtype=np.float64).reshape(steps.shape)
 
     def to_dict(self) -> dict:
         """``{"kind": ..., **arguments}``: JSON-safe; :func:`from_dict` inverts it."""

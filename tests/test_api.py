@@ -207,7 +207,12 @@ def test_public_names():
     assert issubclass(fastopt.Adam, fastopt.Optimizer)
     assert issubclass(fastopt.SGD, fastopt.Optimizer)
     opt = fastopt.AdamW(fastopt.pack([np.ones((2, 2), np.float32)]), backend="numpy")
-    assert repr(opt) == "AdamW(1 array, 4 elements, 1 group, backend='numpy')"
+    assert repr(opt) == ("AdamW(1 array, 4 elements, 1 group, lr=0.001, iterations=0, "
+                         "backend='numpy')")
+    two = fastopt.SGD([{"params": [np.ones(2)], "lr": 0.5}, {"params": [np.ones(3)]}], lr=0.1)
+    two.step([np.ones(2), np.ones(3)])
+    assert repr(two) == ("SGD(2 arrays, 5 elements, 2 groups, lr=[0.5, 0.1], iterations=1, "
+                         f"backend={two.backend!r})")
     assert opt.defaults["weight_decay"] == 1e-2   # torch's AdamW default
     assert fastopt.Adam([np.ones(1)]).defaults["weight_decay"] == 0.0
 

@@ -112,3 +112,39 @@ def test_ctrl_c_pressed_again_and_again_during_the_first_numba_step():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "then stepped" in out.stdout
     assert int(out.stdout.split()[1]) > 0      # the interrupts did come
+
+
+def test_a_second_ctrl_c_during_a_long_hold_is_raised_at_once(monkeypatch):
+    from fastopt import _held
+    monkeypatch.setattr(_held, "PATIENCE_S", 0.0)
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+            reached.append("after the first")
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+            reached.append("after the second")
+    assert reached == ["after the first"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_handler_set_during_the_hold_stays_and_gets_the_ctrl_c():
+    seen = []
+
+    def mine(signum, frame):
+        seen.append(signum)
+
+    try:
+        with interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.signal(signal.SIGINT, mine)
+        for _ in range(1000):
+            pass
+        assert seen == [signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

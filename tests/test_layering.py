@@ -12,8 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "fastopt"
 
 # lowest first; a module may import its own level and those below
 LEVELS = [
-    {"_validate", "_warn", "_registry", "_openmp", "_plotting", "_memory", "_numba_cache", "_files",
-     "_cpuinfo", "_launcher", "_arguments", "schedules", "params", "data"},
+    {"_validate", "_warn", "_held", "_registry", "_openmp", "_plotting", "_memory",
+     "_numba_cache", "_files", "_cpuinfo", "_launcher", "_arguments", "schedules", "params", "data"},
     {"backends", "cuda"},
     {"clip", "functional", "checkpoint", "optim"},
     {"fastopt"},                    # the public API (fastopt/__init__.py re-exports)

@@ -444,3 +444,22 @@ def test_a_nan_or_inf_loss_at_a_trial_step_shrinks_the_step(bad):
     assert opt.step(closure) == 1.5
     assert np.all(np.isfinite(p)) and np.abs(p).max() < 1e-12
     assert calls[0] > 2
+
+
+def test_an_exactly_linear_stretch_clamps_the_step_as_torch():
+    """A zero denominator in the cubic step: torch divides tensors (an
+    infinite step, clamped to the bracket's bound); Python floats raised
+    ZeroDivisionError."""
+    x = np.ones(3)
+    opt = fastopt.LBFGS(x, line_search_fn="strong_wolfe", max_iter=5)
+    loss = opt.step(lambda: (x.sum(), np.ones_like(x)))
+    t = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    ref = torch.optim.LBFGS([t], line_search_fn="strong_wolfe", max_iter=5)
+
+    def closure():
+        ref.zero_grad()
+        out = t.sum()
+        out.backward()
+        return out
+    assert loss == ref.step(closure).item()
+    np.testing.assert_array_equal(x, t.detach().numpy())

@@ -440,3 +440,17 @@ def test_join_of_numbers_and_a_call_missing_an_argument_say_what_to_write():
                                          r"total_steps, .*\): missing a required argument: "
                                          r"'total_steps'"):
         S.parse_schedule("warmup_cosine(1e-3, 10)")
+
+
+def test_a_schedule_takes_an_array_of_steps_to_plot():
+    s = fastopt.schedules.warmup_cosine(0.1, 10, 100)
+    steps = np.arange(120).reshape(4, 30)
+    values = s(steps)
+    assert values.dtype == np.float64 and values.shape == (4, 30)
+    assert values.ravel().tolist() == [s(k) for k in range(120)]
+    assert s(range(5)).tolist() == [s(k) for k in range(5)]
+    assert type(s(np.array(7))) is float          # a 0-d array: one step, as before
+    with pytest.raises(TypeError, match="steps must be integers"):
+        s(np.linspace(0, 1, 3))
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        s(np.array([3, -1]))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import traceback
 import operator
 import os
@@ -729,11 +730,13 @@ class Optimizer:
 
     def _name_replaced(self, exc) -> None:
         """A refused step's message, for a gradient made for the array the
-        user's code put in a param's place (a new dtype or shape): which
-        param nothing outside holds any more (orphans.py). The failed
-        calls' frames let go of what they held first: their references
-        would count as someone's."""
-        if not self._held or len(exc.args) != 1 or not isinstance(exc.args[0], str):
+        user's code put in a param's place (a new dtype or shape: "grads[0]
+        has shape ... but params[0] ..."): which param nothing outside
+        holds any more (orphans.py). The failed calls' frames let go of
+        what they held first (their references would count as someone's),
+        so their locals are gone from the traceback of that refusal only."""
+        if not self._held or len(exc.args) != 1 or not isinstance(exc.args[0], str) \
+                or " but params" not in exc.args[0]:
             return
         traceback.clear_frames(exc.__traceback__.tb_next)
         hint = replaced_hint(self)
@@ -2194,6 +2197,11 @@ class Optimizer:
         if not self.param_groups:
             return f"{type(self).__name__}(no params yet, backend={self.backend!r})"
         n = sum(a.size for a in self._params)
+        # the lr each group shows (a schedule's value at this step) and the
+        # step count: what a notebook's printout is read for
+        lrs = [g.get("lr") for g in self.param_groups]
+        shown = [f"{v:g}" if isinstance(v, numbers.Real) else type(v).__name__ for v in lrs]
+        lr = shown[0] if len(set(shown)) == 1 else f"[{', '.join(shown)}]"
         return (f"{type(self).__name__}({V.count(len(self._params), 'array')}, "
                 f"{V.count(n, 'element')}, {V.count(len(self.param_groups), 'group')}, "
-                f"backend={self.backend!r})")
+                f"lr={lr}, iterations={self.iterations}, backend={self.backend!r})")

@@ -47,8 +47,12 @@ def cubic_minimizer(a: Trial, b: Trial, low=None, high=None) -> float:
         return (low + high) / 2.0
     d2 = math.sqrt(disc)
     near, far = (a, b) if a.t <= b.t else (b, a)    # the formula from the right-hand point
-    t = far.t - (far.t - near.t) * ((far.gtd + d2 - d1) / (far.gtd - near.gtd + 2 * d2))
-    if not math.isfinite(t):   # an infinite loss or slope at an end (torch: a NaN step)
+    # divided as torch divides tensors: an exactly linear stretch (a zero
+    # denominator) gives an infinite step, which the bounds then clamp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(np.float64(far.gtd + d2 - d1) / np.float64(far.gtd - near.gtd + 2 * d2))
+    t = far.t - (far.t - near.t) * ratio
+    if math.isnan(t):      # an infinite loss or slope at an end (torch: a NaN step)
         return (low + high) / 2.0
     return min(max(t, low), high)
 

@@ -174,7 +174,10 @@ def unheld(opt, owner=None) -> list:
     for i, a in enumerate(params):
         held = False
         while a is not None and not held:      # the array, or a buffer it is a view of
-            held = id(a) in reached
+            # memory owned by something else than an array (a bytearray, an
+            # mmap, shared memory, a torch tensor): a new view of it may be
+            # what the user holds, which no count here sees; not judged
+            held = id(a) in reached or not isinstance(a, np.ndarray)
             a = a.base if isinstance(a, np.ndarray) else None
         if not held:
             out.append(i)
