@@ -106,8 +106,9 @@ def test_arrays_held_otherwise_or_never_kept_give_no_warning():
 def test_the_checks_thin_out_to_one_in_check_every(monkeypatch):
     from fastopt.optim import base
     seen = []
-    monkeypatch.setattr(base, "warn_if_unheld",
-                        lambda opt, owner=None: seen.append(opt.iterations) or False)
+    count = base.reference_counts
+    monkeypatch.setattr(base, "reference_counts",
+                        lambda params: seen.append(opt.iterations) or count(params))
     opt = fastopt.SGD([np.ones(3)], lr=0.1)
     for _ in range(40):
         opt.step([np.ones(3)])
@@ -117,6 +118,21 @@ def test_the_checks_thin_out_to_one_in_check_every(monkeypatch):
     for _ in range(CHECK_EVERY + 2):
         opt.step([np.ones(3)])
     assert seen == [3 * CHECK_EVERY - 1, 4 * CHECK_EVERY - 1]
+
+
+def test_only_a_fallen_reference_count_runs_the_whole_check(monkeypatch):
+    from fastopt.optim import orphans
+    whole = []
+    unheld = orphans.unheld
+    monkeypatch.setattr(orphans, "unheld", lambda opt, owner=None: whole.append(
+        opt.iterations) or unheld(opt, owner))
+    L = Layer(np.random.default_rng(4), 4)
+    opt = fastopt.Adam([L.W, L.b])
+    assert _steps(opt, L, 40) == []
+    assert whole == [0]                 # the first step's, then counts only
+    L.W = np.zeros((4, 4), np.float32)
+    assert len(_steps(opt, L, 40)) == 1
+    assert whole == [0, 64]
 
 
 def test_a_refused_step_says_which_param_was_replaced():
@@ -155,6 +171,7 @@ def test_an_interrupt_during_the_check_leaves_the_optimizer_as_it_was(monkeypatc
     def interrupted(opt, owner=None):
         raise KeyboardInterrupt
     monkeypatch.setattr(orphans, "unheld", interrupted)
+    opt._held_counts = None             # (as if a count had fallen: the whole check)
     with pytest.raises(KeyboardInterrupt):
         opt.step([L.W * 0.1, L.b + 0.1])
     monkeypatch.undo()
