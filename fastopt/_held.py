@@ -44,6 +44,7 @@ class _SigintHold:
 
     def _note(self, signum, frame):
         if self.pending and time.monotonic() - self.since > PATIENCE_S:
+            self.pending = False        # (raised now, not again as the hold ends)
             raise KeyboardInterrupt     # pressed again during a long hold
         self.pending = True
 

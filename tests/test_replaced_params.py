@@ -184,3 +184,18 @@ def test_an_interrupt_during_the_check_leaves_the_optimizer_as_it_was(monkeypatc
             np.testing.assert_array_equal(a["buffers"][k], b["buffers"][k])
     _steps(opt, L, 1)                   # and it goes on
     assert opt.iterations == 5
+
+
+def test_an_optimizer_bound_at_its_first_step_is_checked_from_then_on():
+    L = Layer(np.random.default_rng(5), 4)
+    opt = fastopt.Adam(lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            opt.step([L.W * 0.1, L.b + 0.1], params=[L.W, L.b])
+    L.b = np.zeros(4, np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step([L.W * 0.1, L.b + 0.1])        # step count 3: no check
+        opt.step([L.W * 0.1, L.b + 0.1])        # 4: checked
+    assert [str(w.message)[:30] for w in caught] == ["params[1] of this Adam, a floa"]

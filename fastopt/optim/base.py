@@ -31,10 +31,10 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import traceback
 import operator
 import os
 import threading
+import traceback
 import weakref
 
 import numpy as np
@@ -1166,14 +1166,15 @@ class Optimizer:
         """Warn (once) if some params are no one's (orphans.py; ``owner``:
         the wrapper stepping this optimizer, SAM)."""
         it = self.iterations
-        if it < self._held_check_at:
+        params = getattr(self, "_params", None)
+        if it < self._held_check_at or params is None:    # (not bound yet: after it)
             return
         self._held_check_at = it + max(1, min(it, CHECK_EVERY))
         # the whole check (about 1 ms, 6 for 100 arrays) only where a
         # param's reference count fell since the last one: a replaced
         # param's always does (its holder let go), and counting costs
         # about 50 ns a param
-        counts = reference_counts(self._params)
+        counts = reference_counts(params)
         before, self._held_counts = self._held_counts, counts
         if before is not None and len(before) == len(counts) and \
                 all(map(operator.ge, counts, before)):

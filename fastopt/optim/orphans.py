@@ -192,11 +192,6 @@ def unheld(opt, owner=None) -> list:
     return out
 
 
-def held_outside(opt, owner=None) -> bool:
-    """Whether anything outside ``opt`` holds any of its params."""
-    return len(unheld(opt, owner)) < len(opt._params)
-
-
 def _label(opt, i) -> str:
     names = getattr(opt, "_names", None)
     return f"params{names.labels[i] if names is not None else f'[{i}]'}"
