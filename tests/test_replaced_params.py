@@ -107,9 +107,9 @@ def test_the_checks_thin_out_to_one_in_check_every(monkeypatch):
     from fastopt.optim import base
     seen = []
     count = base.reference_counts
-    monkeypatch.setattr(base, "reference_counts",
-                        lambda params: seen.append(opt.iterations) or count(params))
     opt = fastopt.SGD([np.ones(3)], lr=0.1)
+    monkeypatch.setattr(base, "reference_counts",
+                        lambda o: seen.append(o.iterations) or count(o))
     for _ in range(40):
         opt.step([np.ones(3)])
     assert seen == [0, 1, 2, 4, 8, 16, 32]
@@ -199,3 +199,69 @@ def test_an_optimizer_bound_at_its_first_step_is_checked_from_then_on():
         opt.step([L.W * 0.1, L.b + 0.1])        # step count 3: no check
         opt.step([L.W * 0.1, L.b + 0.1])        # 4: checked
     assert [str(w.message)[:30] for w in caught] == ["params[1] of this Adam, a floa"]
+
+
+def _warned_in(steps) -> list:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        steps()
+    return [str(w.message) for w in caught if WARNING in str(w.message)]
+
+
+def test_a_whole_dict_vector_or_packed_buffer_replaced_is_named():
+    rng = np.random.default_rng(6)
+    p = {"W": rng.standard_normal((5, 3)), "b": np.zeros(3)}
+    by_name = fastopt.Adam(p)
+    theta = rng.standard_normal(18)
+    views = fastopt.Adam([theta[:15].reshape(5, 3), theta[15:]])
+    packed = fastopt.pack([rng.standard_normal((5, 3)), np.zeros(3)])
+    flat = fastopt.Adam(packed)
+
+    def steps(n):
+        for _ in range(n):
+            by_name.step({k: np.ones(v.shape) for k, v in p.items()})
+            views.step([np.ones((5, 3)), np.ones(3)])
+            flat.step([np.ones(a.shape) for a in packed])
+    assert _warned_in(lambda: steps(20)) == []
+    p = {k: v.copy() for k, v in p.items()}          # p = dict(np.load(...)), say
+    theta = theta.copy()
+    packed = fastopt.pack([a.copy() for a in packed])
+    caught = _warned_in(lambda: steps(20))
+    assert [m[:32] for m in caught] == ["params['W'] (and 1 more) of this",
+                                        "params[0] (and 1 more) of this A",
+                                        "params[0] (and 1 more) of this A"]
+
+
+def test_an_array_replaced_before_the_first_step_is_named():
+    rng = np.random.default_rng(7)
+    L = Layer(rng, 4)
+    opt = fastopt.Adam([L.W, L.b])
+    L.W = rng.standard_normal((4, 4)).astype(np.float32)     # weights loaded by assignment
+    caught = _steps(opt, L, 1)
+    assert len(caught) == 1 and caught[0].startswith("params[0] of this Adam")
+
+
+def test_the_users_own_attributes_on_the_optimizer_hold_the_params():
+    """An attribute the user hangs on the optimizer (or a subclass's
+    ``self.model``) is the user's reference, not the optimizer's."""
+    rng = np.random.default_rng(8)
+
+    class MyAdam(fastopt.Adam):
+        def __init__(self, model, **kw):
+            super().__init__([model["W"], model["b"]], **kw)
+            self.model = model
+    model = {"W": rng.standard_normal((5, 3)), "b": np.zeros(3)}
+    opt = MyAdam(model)
+    keep = model["W"]
+    listed = [rng.standard_normal(3)]
+    other = fastopt.SGD(list(listed), lr=0.1)
+    other.callbacks = [("log", listed)]
+    kept = listed[0]
+
+    def steps(n):
+        for _ in range(n):
+            opt.step([np.ones((5, 3)), np.ones(3)])
+            other.step([np.ones(3)])
+    assert _warned_in(lambda: steps(5)) == []
+    del keep, kept          # a reference let go: the whole check runs
+    assert _warned_in(lambda: steps(60)) == []

@@ -410,6 +410,11 @@ class Optimizer:
         self.grad_stats = None
         if params is not None:
             self.bind(params)
+            if type(params) in (list, tuple) and all(type(a) is np.ndarray for a in params):
+                # the counts a step compares: an array the user's code
+                # replaces before the first step (weights loaded by
+                # assignment, L.W = he_init(...)) lets go of one (orphans.py)
+                self._held_counts = reference_counts(self)
 
     def bind(self, params) -> None:
         """Attach the params this optimizer updates, once: for clients that
@@ -1174,12 +1179,13 @@ class Optimizer:
         # param's reference count fell since the last one: a replaced
         # param's always does (its holder let go), and counting costs
         # about 50 ns a param
-        counts = reference_counts(params)
+        counts = reference_counts(self)
         before, self._held_counts = self._held_counts, counts
-        if before is not None and len(before) == len(counts) and \
-                all(map(operator.ge, counts, before)):
+        same = before is not None and len(before) == len(counts)
+        if same and all(map(operator.ge, counts, before)):
             return
-        if warn_if_unheld(self, owner):
+        fallen = {i for i in range(len(params)) if counts[i] < before[i]} if same else ()
+        if warn_if_unheld(self, owner, fallen):
             self._held_check_at = math.inf
 
     def _copy_hint(self) -> str:

@@ -102,13 +102,24 @@ def _visit(obj, side, depth) -> bool:
     return leads
 
 
+#: the public attributes fastopt's optimizers set (the private ones start
+#: with "_"); any other is the user's own (``opt.model = model``), whose
+#: references to the params are the user's
+_OWN_PUBLIC = frozenset({"param_groups", "state", "defaults", "loss_scaler", "last_lr",
+                         "grad_stats", "grad_norm", "base_optimizer"})
+
+
+def _own_values(obj) -> list:
+    return [v for k, v in obj.__dict__.items() if k.startswith("_") or k in _OWN_PUBLIC]
+
+
 def _optimizer_side(opt, user, owner=None) -> dict:
-    """``id -> object`` of what the optimizer's attributes hold (and those
-    of the wrapper ``owner`` holding it: SAM), not entering ``user``."""
-    seen, todo = {id(opt): opt, id(opt.__dict__): opt.__dict__}, list(opt.__dict__.values())
+    """``id -> object`` of what the optimizer's own attributes hold (and
+    those of the wrapper ``owner`` holding it: SAM), not entering ``user``."""
+    seen, todo = {id(opt): opt, id(opt.__dict__): opt.__dict__}, _own_values(opt)
     if owner is not None:
         seen.update({id(owner): owner, id(owner.__dict__): owner.__dict__})
-        todo += list(owner.__dict__.values())
+        todo += _own_values(owner)
     while todo:
         obj = todo.pop()
         if id(obj) in seen or id(obj) in user:
@@ -130,10 +141,19 @@ def _referents(obj) -> list:
     return []
 
 
-def reference_counts(params) -> list:
-    """Each param's reference count (as this call sees it: compared only
-    with the counts of another call of it)."""
-    return list(map(sys.getrefcount, params))
+def reference_counts(opt) -> list:
+    """The reference counts of ``opt``'s params, then of what they were
+    given in and of the buffers they are views of (a whole dict, vector or
+    FlatArrays replaced lets go of those, not of the params), as this call
+    sees them: compared only with the counts of another call of it."""
+    params = opt._params
+    held = [*params, opt._given]
+    for a in params:
+        a = a.base if isinstance(a, np.ndarray) else None
+        while a is not None:
+            held.append(a)
+            a = a.base if isinstance(a, np.ndarray) else None
+    return list(map(sys.getrefcount, held))
 
 
 def _shown_ids(opt) -> set:
@@ -212,13 +232,15 @@ def replaced_hint(opt) -> str:
             "(layer.W = ...), make the optimizer again over the new arrays")
 
 
-def warn_if_unheld(opt, owner=None) -> bool:
+def warn_if_unheld(opt, owner=None, fallen=()) -> bool:
     """Warn when nothing outside ``opt`` (and the wrapper ``owner``
     holding it) holds some of its params any more (a copy: from its first
     step); whether it warned. ``opt._held`` keeps which params something
     outside held at the last check: an optimizer made over arrays no one
     kept (``Adam([np.ones(3)])``, read back through its param_groups) is
-    left alone."""
+    left alone. Before the first check, ``fallen`` (the params whose own
+    reference count fell since the optimizer was made over a list of
+    them) stands for it: the arrays replaced before the first step."""
     try:
         if opt._given is None or opt._placement is None or opt._placement.device:
             return False
@@ -228,7 +250,7 @@ def warn_if_unheld(opt, owner=None) -> bool:
     before, count = opt._held, len(opt._params)
     opt._held = set(range(count)).difference(alone)
     copy_alone = opt._copied and before is None and len(alone) == count
-    alone = [i for i in alone if i in (before or ())]
+    alone = [i for i in alone if i in (fallen if before is None else before)]
     if not (alone or copy_alone):
         return False
     name = type(opt if owner is None else owner).__name__
@@ -245,9 +267,10 @@ def warn_if_unheld(opt, owner=None) -> bool:
         more = f" (and {len(alone) - 1} more)" if len(alone) > 1 else ""
         warn_user(
             f"{_label(opt, alone[0])}{more} of this {name}, a {a.dtype}{list(a.shape)} "
-            "array, is held by nothing outside it: your code replaced it with a new "
-            "array (layer.W = ...?), so this optimizer steps an array that nothing "
-            "reads and the new one is not trained. Make the optimizer again over the "
+            "array, is held by nothing outside it: your code replaced it, or the dict, "
+            "list or vector holding it, with a new one (layer.W = ..., params = "
+            "load(...)?), so this optimizer steps an array that nothing reads and the "
+            "new one is not trained. Make the optimizer again over the "
             f"new arrays (its state: new = {name}(...); new.load_state_dict(old.state_dict())), "
             "or write new values into the old array (layer.W[...] = ...)")
     return True
