@@ -265,3 +265,15 @@ def test_the_users_own_attributes_on_the_optimizer_hold_the_params():
     assert _warned_in(lambda: steps(5)) == []
     del keep, kept          # a reference let go: the whole check runs
     assert _warned_in(lambda: steps(60)) == []
+
+
+def test_step_with_other_params_names_the_one_replaced():
+    W, b = np.ones((3, 3)), np.zeros(3)
+    opt = fastopt.Adam(lr=0.1)
+    opt.step([W * 0, b * 0], params=[W, b])
+    with pytest.raises(ValueError, match=r"params\[0\] is a new array: replaced"):
+        opt.step([W * 0, b * 0], params=[np.ones((3, 3)), b])
+    with pytest.raises(ValueError, match=r"params\[0\] is a new array: the same memory"):
+        opt.step([W * 0, b * 0], params=[W[:], b])
+    with pytest.raises(ValueError, match=r"\(1 array given, 2 updated\)"):
+        opt.step([W * 0, b * 0], params=[W])

@@ -1152,8 +1152,26 @@ class Optimizer:
                 "order than it was given, and grads is a list (in which order?): pass the "
                 "grads by name too (a dict), or the params in their first order")
         raise ValueError(f"params are not the arrays this {type(self).__name__} "
-                         "updates: it steps its params in place, so pass the same "
-                         "arrays every step (or make a new optimizer)" + self._copy_hint())
+                         f"updates{self._first_other(params)}: it steps its params in place, "
+                         "so pass the same arrays every step (or make a new optimizer)"
+                         + self._copy_hint())
+
+    def _first_other(self, params) -> str:
+        """Which of ``params`` is another array than this optimizer's (for
+        the refusal), or "" where that cannot be told."""
+        try:
+            arrays = _spec_arrays(self._group_specs(params))
+        except (TypeError, ValueError):
+            return ""
+        if arrays is None or len(arrays) != len(self._params):
+            n = 0 if arrays is None else len(arrays)
+            return f" ({V.count(n, 'array')} given, {len(self._params)} updated)" if n else ""
+        for k, (a, b) in enumerate(zip(arrays, self._params)):
+            if a is not b:
+                label = self._names.labels[k] if self._names is not None else f"[{k}]"
+                how = "the same memory, a new view" if np.may_share_memory(a, b) else "replaced"
+                return f" (params{label} is a new array: {how})"
+        return ""
 
     #: set on a copy (pickle, deepcopy): its params are copies too
     _copied = False
