@@ -33,7 +33,7 @@ class LazyModules:
         if name in self._failed:
             return None
         try:
-            with interrupts_held():     # Numba's own import is not re-entrant
+            with interrupts_held():     # (cut short, Numba stays broken: fastopt._held)
                 mod = importlib.import_module(self.modules[name])
         except ImportError as exc:  # optional dependency missing (or no GPU)
             self._failed[name] = exc
