@@ -52,7 +52,8 @@ from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler, claim as claim_scaler
 from .interrupt import INTERRUPTS, Mark, finished, held
 from .named import KeyTree
-from .orphans import CHECK_EVERY, reference_counts, replaced_hint, warn_if_unheld
+from .orphans import (CHECK_EVERY, FIRST_CHECK, reference_counts, replaced_hint,
+                      warn_if_unheld)
 from .param_list import ParamList
 from .placement import placement_for
 from .state_format import ABSMAX, StateFormat
@@ -410,11 +411,6 @@ class Optimizer:
         self.grad_stats = None
         if params is not None:
             self.bind(params)
-            if type(params) in (list, tuple) and all(type(a) is np.ndarray for a in params):
-                # the counts a step compares: an array the user's code
-                # replaces before the first step (weights loaded by
-                # assignment, L.W = he_init(...)) lets go of one (orphans.py)
-                self._held_counts = reference_counts(self)
 
     def bind(self, params) -> None:
         """Attach the params this optimizer updates, once: for clients that
@@ -1176,8 +1172,9 @@ class Optimizer:
     #: set on a copy (pickle, deepcopy): its params are copies too
     _copied = False
     #: the step count at which the next step checks who holds its params
-    #: (orphans.py: a copy's first step, then 1, 2, 4, ..., every CHECK_EVERY)
-    _held_check_at = 0
+    #: (orphans.py: FIRST_CHECK or a copy's first step, then doubling, then
+    #: every CHECK_EVERY)
+    _held_check_at = FIRST_CHECK
     #: the indices of the params something outside held at the last check
     #: (None: not checked yet, or a copy)
     _held = None
@@ -1202,8 +1199,7 @@ class Optimizer:
         same = before is not None and len(before) == len(counts)
         if same and all(map(operator.ge, counts, before)):
             return
-        fallen = {i for i in range(len(params)) if counts[i] < before[i]} if same else ()
-        if warn_if_unheld(self, owner, fallen):
+        if warn_if_unheld(self, owner):
             self._held_check_at = math.inf
 
     def _copy_hint(self) -> str:

@@ -16,9 +16,9 @@ The same happens when a user's code replaces an array it built the
 optimizer over (a notebook re-running ``layer.W = ...``): where the params
 were given in a list made for the call (``Adam([L.W, L.b])``) nothing can
 watch the user's own attributes, and the optimizer went on stepping the
-old array, the new one never trained. So the step checks, at its first
-step, then at step counts 1, 2, 4, 8, ... and every ``CHECK_EVERY`` steps
-after that, whether anything outside it still holds each param, and
+old array, the new one never trained. So the step checks, at step counts
+``FIRST_CHECK``, 32, 64, ... and every ``CHECK_EVERY`` steps after that,
+whether anything outside it still holds each param, and
 warns (once) naming the first that something held at the last check and
 nothing holds now. Such a check first counts each param's references
 (about 50 ns a param) and goes on only where a count fell since the last
@@ -30,7 +30,7 @@ params object it was given (the user's dict or list, when they hold it)
 and what lies in it. A reference count beyond what those hold is the
 user's: a variable (local variables are no objects the garbage collector
 could list, hence counts), a container or a view. About 1 ms for a small
-optimizer, 2 ms for 24 arrays, 6 ms for 100, at its first step and where
+optimizer, 2 ms for 24 arrays, 6 ms for 100, at the first check and where
 a count fell; any failure of the check itself skips the warning.
 """
 
@@ -46,6 +46,11 @@ import numpy as np
 from .._warn import warn_user
 from ..params import FlatArrays
 
+#: the step count of the first check (a copy's: its first step). Before
+#: it, code that made the optimizer may still hold the params in local
+#: variables it is about to drop (a benchmark's setup, warm-up steps
+#: included): what holds them from the 16th step on is what holds them
+FIRST_CHECK = 16
 #: steps between two checks once the doubling reaches it (a check counts
 #: the params' references, about 50 ns each, and checks in full only where
 #: a count fell)
@@ -232,15 +237,13 @@ def replaced_hint(opt) -> str:
             "(layer.W = ...), make the optimizer again over the new arrays")
 
 
-def warn_if_unheld(opt, owner=None, fallen=()) -> bool:
+def warn_if_unheld(opt, owner=None) -> bool:
     """Warn when nothing outside ``opt`` (and the wrapper ``owner``
     holding it) holds some of its params any more (a copy: from its first
     step); whether it warned. ``opt._held`` keeps which params something
     outside held at the last check: an optimizer made over arrays no one
     kept (``Adam([np.ones(3)])``, read back through its param_groups) is
-    left alone. Before the first check, ``fallen`` (the params whose own
-    reference count fell since the optimizer was made over a list of
-    them) stands for it: the arrays replaced before the first step."""
+    left alone."""
     try:
         if opt._given is None or opt._placement is None or opt._placement.device:
             return False
@@ -250,7 +253,7 @@ def warn_if_unheld(opt, owner=None, fallen=()) -> bool:
     before, count = opt._held, len(opt._params)
     opt._held = set(range(count)).difference(alone)
     copy_alone = opt._copied and before is None and len(alone) == count
-    alone = [i for i in alone if i in (fallen if before is None else before)]
+    alone = [i for i in alone if i in (before or ())]
     if not (alone or copy_alone):
         return False
     name = type(opt if owner is None else owner).__name__
