@@ -1191,9 +1191,9 @@ class Optimizer:
             return
         self._held_check_at = it + max(1, min(it, CHECK_EVERY))
         # the whole check (about 1 ms, 6 for 100 arrays) only where a
-        # param's reference count fell since the last one: a replaced
-        # param's always does (its holder let go), and counting costs
-        # about 50 ns a param
+        # reference count (a param's, its buffer's, or that of what it was
+        # given in) fell since the last one: a replacement always lets go
+        # of one, and counting costs about 50 ns each
         counts = reference_counts(self)
         before, self._held_counts = self._held_counts, counts
         same = before is not None and len(before) == len(counts)
