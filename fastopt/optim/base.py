@@ -924,9 +924,7 @@ class Optimizer:
         before the first step went unseen: a step counted with nothing
         updated, or an internal error). ``writes``: refuse read-only params
         too (False for state_dict, which only reads them)."""
-        def label(k):
-            return f"params{self._names.labels[k] if self._names is not None else f'[{k}]'}"
-
+        label = self._param_label
         for k, (a, (shape, dtype)) in enumerate(zip(self._params, self._layout)):
             if not isinstance(a, np.ndarray):
                 continue
@@ -1152,6 +1150,11 @@ class Optimizer:
                          "so pass the same arrays every step (or make a new optimizer)"
                          + self._copy_hint())
 
+    def _param_label(self, k) -> str:
+        """How messages name param ``k``: ``params[3]``, or ``params['l1']['W']``
+        for params given by name."""
+        return f"params{self._names.labels[k] if self._names is not None else f'[{k}]'}"
+
     def _first_other(self, params) -> str:
         """Which of ``params`` is another array than this optimizer's (for
         the refusal), or "" where that cannot be told."""
@@ -1164,9 +1167,8 @@ class Optimizer:
             return f" ({V.count(n, 'array')} given, {len(self._params)} updated)" if n else ""
         for k, (a, b) in enumerate(zip(arrays, self._params)):
             if a is not b:
-                label = self._names.labels[k] if self._names is not None else f"[{k}]"
                 how = "the same memory, a new view" if np.may_share_memory(a, b) else "replaced"
-                return f" (params{label} is a new array: {how})"
+                return f" ({self._param_label(k)} is a new array: {how})"
         return ""
 
     #: set on a copy (pickle, deepcopy): its params are copies too

@@ -154,11 +154,18 @@ def reference_counts(opt) -> list:
     params = opt._params
     held = [*params, opt._given]
     for a in params:
-        a = a.base if isinstance(a, np.ndarray) else None
-        while a is not None:
-            held.append(a)
-            a = a.base if isinstance(a, np.ndarray) else None
+        held += _owners(a)[1:]
     return list(map(sys.getrefcount, held))
+
+
+def _owners(a) -> list:
+    """``a``, then the object its memory is a view of, and so on up to the
+    owner (an array, or a bytearray, mmap, ... under ``np.frombuffer``)."""
+    chain = [a]
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+        chain.append(a)
+    return chain
 
 
 def _shown_ids(opt) -> set:
@@ -205,21 +212,13 @@ def unheld(opt, owner=None) -> list:
             todo.extend(r for r in refs.get(key, ()) if r in holders)
     out = []
     for i, a in enumerate(params):
-        held = False
-        while a is not None and not held:      # the array, or a buffer it is a view of
-            # memory owned by something else than an array (a bytearray, an
-            # mmap, shared memory, a torch tensor): a new view of it may be
-            # what the user holds, which no count here sees; not judged
-            held = id(a) in reached or not isinstance(a, np.ndarray)
-            a = a.base if isinstance(a, np.ndarray) else None
-        if not held:
+        # the array, or a buffer it is a view of, held; memory owned by
+        # something else than an array (a bytearray, an mmap, shared memory,
+        # a torch tensor): a new view of it may be what the user holds,
+        # which no count here sees, so not judged
+        if not any(id(b) in reached or not isinstance(b, np.ndarray) for b in _owners(a)):
             out.append(i)
     return out
-
-
-def _label(opt, i) -> str:
-    names = getattr(opt, "_names", None)
-    return f"params{names.labels[i] if names is not None else f'[{i}]'}"
 
 
 def replaced_hint(opt) -> str:
@@ -233,7 +232,7 @@ def replaced_hint(opt) -> str:
     if not alone:
         return ""
     return (f". Note: nothing outside this {type(opt).__name__} holds "
-            f"{_label(opt, alone[0])} any more: if your code replaced it with a new array "
+            f"{opt._param_label(alone[0])} any more: if your code replaced it with a new array "
             "(layer.W = ...), make the optimizer again over the new arrays")
 
 
@@ -269,7 +268,7 @@ def warn_if_unheld(opt, owner=None) -> bool:
         a = opt._params[alone[0]]
         more = f" (and {len(alone) - 1} more)" if len(alone) > 1 else ""
         warn_user(
-            f"{_label(opt, alone[0])}{more} of this {name}, a {a.dtype}{list(a.shape)} "
+            f"{opt._param_label(alone[0])}{more} of this {name}, a {a.dtype}{list(a.shape)} "
             "array, is held by nothing outside it: your code replaced it, or the dict, "
             "list or vector holding it, with a new one (layer.W = ..., params = "
             "load(...)?), so this optimizer steps an array that nothing reads and the "
