@@ -67,10 +67,10 @@ def _number_of(value, kinds):
 
 
 def check_real(name, value, *, low=None, high=None, low_open=False,
-               high_open=False) -> float:
+               high_open=False, why="") -> float:
     """``value`` as a finite float inside the given bounds (a 0-d array of
     a real dtype counts as its number: what ``np.load`` gives for a scalar
-    saved in a config)."""
+    saved in a config); ``why`` follows an out-of-bounds message."""
     value = _number_of(value, "fiu")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -78,10 +78,15 @@ def check_real(name, value, *, low=None, high=None, low_open=False,
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}"
+                         + (f": {why}" if why else ""))
     if high is not None and (value > high or (high_open and value == high)):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
     return value
+
+
+#: why eps must be > 0 (torch takes 0), for every step that divides by it
+EPS_WHY = "an element whose gradient and state are 0 would step to 0/0 = NaN (torch takes it)"
 
 
 def check_bool(name, value) -> bool:

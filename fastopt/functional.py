@@ -132,7 +132,7 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step,
     beta1, beta2 = V.check_betas(betas)
     s = adam_scalars(
         lr=V.check_real("lr", lr, low=0.0), beta1=beta1, beta2=beta2,
-        eps=V.check_real("eps", eps, low=0.0, low_open=True),
+        eps=V.check_real("eps", eps, low=0.0, low_open=True, why=V.EPS_WHY),
         weight_decay=V.check_real("weight_decay", weight_decay, low=0.0),
         decoupled=V.check_bool("decoupled", decoupled), step=_check_step(step),
         grad_scale=V.check_real("grad_scale", grad_scale),

@@ -33,6 +33,7 @@ ADAGRAD_CONFIGS = [
     dict(lr=1e-1, lr_decay=0.01),
     dict(lr=5e-2, initial_accumulator_value=0.3, weight_decay=0.05),
     dict(lr=5e-2, lr_decay=0.05, initial_accumulator_value=1.0, maximize=True, eps=1e-6),
+    dict(lr=5e-2, initial_accumulator_value=0.5, eps=0.0),   # a sum from > 0: eps=0 is safe
 ]
 TORCH_CONFIGS = ([("RMSprop", kw) for kw in RMSPROP_CONFIGS]
                  + [("Adagrad", kw) for kw in ADAGRAD_CONFIGS])

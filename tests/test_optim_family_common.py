@@ -128,6 +128,12 @@ BAD = [
     ("RAdam", dict(lr=-1e-3), ValueError, "lr"),
     ("LAMB", dict(lr=-1e-3), ValueError, "lr"),
     ("LAMB", dict(eps=0.0), ValueError, "eps"),
+    # eps divides every one of these: 0 would step a zero gradient on zero state to 0/0
+    ("Adamax", dict(eps=0.0), ValueError, r"^eps must be > 0.*0/0 = NaN"),
+    ("NAdam", dict(eps=0.0), ValueError, r"^eps must be > 0.*0/0 = NaN"),
+    ("RAdam", dict(eps=0.0), ValueError, r"^eps must be > 0.*0/0 = NaN"),
+    ("RMSprop", dict(eps=0.0), ValueError, r"^eps must be > 0.*0/0 = NaN"),
+    ("Adagrad", dict(eps=0.0), ValueError, r"^eps must be > 0 when initial_accumulator_value"),
     ("LAMB", dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
     ("LAMB", dict(weight_decay=float("nan")), ValueError, "weight_decay"),
     ("LAMB", dict(bias_correction="no"), TypeError, "bias_correction"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import _validate as V
 from ..backends.scalars import adagrad_scalars
 from .base import FLAG, NONNEG, Optimizer
 
@@ -37,9 +38,17 @@ class Adagrad(Optimizer):
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
                          **options)
 
-    # torch's checks: every real >= 0
+    # torch's checks: every real >= 0; and eps > 0 where the sum starts at 0
+    # (see _check_hypers)
     _hypers = dict(lr=NONNEG, lr_decay=NONNEG, weight_decay=NONNEG,
                    initial_accumulator_value=NONNEG, eps=NONNEG, maximize=FLAG)
+
+    def _check_hypers(self, group, where=""):
+        h = super()._check_hypers(group, where)
+        if h["eps"] == 0 and h["initial_accumulator_value"] == 0:
+            raise ValueError(f"{V.key(where, 'eps')} must be > 0 when "
+                             f"initial_accumulator_value is 0, got 0.0: {V.EPS_WHY}")
+        return h
 
     def _required_state(self, hypers, step):
         return {"sum"} if step else set()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..backends.scalars import adamax_scalars
-from .base import BETAS, FLAG, NONNEG, Optimizer
+from .base import BETAS, FLAG, NONNEG, Optimizer, POSITIVE
 
 
 class Adamax(Optimizer):
@@ -31,7 +31,7 @@ class Adamax(Optimizer):
                          **options)
 
     # torch's checks: lr, eps, weight_decay >= 0, 0 <= beta < 1
-    _hypers = dict(lr=NONNEG, betas=BETAS, eps=NONNEG, weight_decay=NONNEG, maximize=FLAG)
+    _hypers = dict(lr=NONNEG, betas=BETAS, eps=POSITIVE, weight_decay=NONNEG, maximize=FLAG)
 
     def _required_state(self, hypers, step):
         return {"exp_avg", "exp_inf"} if step else set()

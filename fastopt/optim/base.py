@@ -2209,7 +2209,9 @@ class Optimizer:
             elif kind == REAL:
                 checked[name] = V.check_real(key, value)
             else:
-                checked[name] = V.check_real(key, value, low=0.0, low_open=kind == POSITIVE)
+                positive = kind == POSITIVE      # eps alone: a divisor's guard
+                checked[name] = V.check_real(key, value, low=0.0, low_open=positive,
+                                             why=V.EPS_WHY if positive else "")
         return checked
 
     @property

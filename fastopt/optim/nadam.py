@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import _validate as V
 from ..backends.scalars import nadam_scalars
-from .base import BETAS, FLAG, NONNEG, Optimizer
+from .base import BETAS, FLAG, NONNEG, Optimizer, POSITIVE
 
 
 class NAdam(Optimizer):
@@ -45,7 +45,7 @@ class NAdam(Optimizer):
                          **options)
 
     # torch's checks: lr, eps, weight_decay, momentum_decay >= 0, 0 <= beta < 1
-    _hypers = dict(lr=NONNEG, eps=NONNEG, weight_decay=NONNEG, momentum_decay=NONNEG, betas=BETAS,
+    _hypers = dict(lr=NONNEG, eps=POSITIVE, weight_decay=NONNEG, momentum_decay=NONNEG, betas=BETAS,
                    decoupled_weight_decay=FLAG, maximize=FLAG)
 
     def _required_state(self, hypers, step):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..backends.scalars import radam_scalars
-from .base import BETAS, FLAG, NONNEG, Optimizer
+from .base import BETAS, FLAG, NONNEG, Optimizer, POSITIVE
 
 
 class RAdam(Optimizer):
@@ -38,7 +38,7 @@ class RAdam(Optimizer):
                          **options)
 
     # torch's checks: lr, eps, weight_decay >= 0, 0 <= beta < 1
-    _hypers = dict(lr=NONNEG, betas=BETAS, eps=NONNEG, weight_decay=NONNEG,
+    _hypers = dict(lr=NONNEG, betas=BETAS, eps=POSITIVE, weight_decay=NONNEG,
                    decoupled_weight_decay=FLAG, maximize=FLAG)
 
     def _required_state(self, hypers, step):

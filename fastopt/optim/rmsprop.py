@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import _validate as V
 from ..backends.scalars import rmsprop_scalars
-from .base import FLAG, NONNEG, Optimizer
+from .base import FLAG, NONNEG, Optimizer, POSITIVE
 
 
 class RMSprop(Optimizer):
@@ -35,9 +35,9 @@ class RMSprop(Optimizer):
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
                          **options)
 
-    # torch's checks: every real >= 0 (eps = 0 is allowed, as there), and
+    # torch's checks: every real >= 0, but eps > 0 (V.EPS_WHY; torch takes 0), and
     # alpha <= 1, which torch does not check (see _check_hypers)
-    _hypers = dict(lr=NONNEG, alpha=NONNEG, eps=NONNEG, weight_decay=NONNEG, momentum=NONNEG,
+    _hypers = dict(lr=NONNEG, alpha=NONNEG, eps=POSITIVE, weight_decay=NONNEG, momentum=NONNEG,
                    centered=FLAG, maximize=FLAG)
 
     def _check_hypers(self, group, where=""):
