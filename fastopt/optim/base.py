@@ -55,6 +55,7 @@ from .named import KeyTree
 from .orphans import (CHECK_EVERY, FIRST_CHECK, reference_counts, replaced_hint,
                       warn_if_unheld)
 from .param_list import ParamList
+from .param_state import GroupStates, param_state
 from .placement import placement_for
 from .state_format import ABSMAX, StateFormat
 from . import forks
@@ -392,7 +393,7 @@ class Optimizer:
                               V.check_real("max_grad_norm", max_grad_norm, low=0.0,
                                            low_open=True))
         self.param_groups = []
-        self.state = []
+        self.state = GroupStates()
         self.grad_norm = None   # pre-clip global norm of the last step's grads
         self.last_lr = None     # per group, the lr the last step used
         self._names = None      # a KeyTree when the params were given by name
@@ -471,7 +472,7 @@ class Optimizer:
         # instead and gradients could silently land on the wrong params.
         self._memory_ordered = self._placement.memory_ordered(self._params)
         self._build_runs()
-        self.state = [self._fresh_state(gi) for gi in range(len(groups))]
+        self.state = GroupStates(self._fresh_state(gi) for gi in range(len(groups)))
         self._cached = (None, None)
         self._tables = None     # host: per group, the compiled step's tables
         self._plan = None       # the last step's plan (step_plan.py): the fast path
@@ -819,7 +820,7 @@ class Optimizer:
         runs). New state entries, the copy's own."""
         old_info = self._run_info
         self._build_runs()
-        self.state = [dict(st) for st in self.state]
+        self.state = GroupStates(dict(st) for st in self.state)
         for gi, st in enumerate(self.state):
             old = st["runs"]
             masters = {}            # param index -> its part of its old run's master
@@ -1811,31 +1812,47 @@ class Optimizer:
             hyp["params"] = self._layout_of(gi)
             groups.append(hyp)
             self._group_dtype(gi)
-            runs = self.state[gi]["runs"]
-            names = sorted({n for r in runs for n in r})
-            bufs = {}
-            for n in names:
-                parts = []
-                for info, r in zip(self._run_info[gi]["runs"], runs):
-                    if n in r:
-                        parts.append(self._placement.to_host(r[n]))
-                    elif n == "master":
-                        # a float32 run beside 16-bit ones is its own master
-                        # copy: its values stand in the group's buffer (load
-                        # takes views of the 16-bit runs' parts only)
-                        parts.append(self._placement.to_host(info["flat"]))
-                    else:
-                        raise RuntimeError(f"state buffer {n!r} exists for only some runs")
-                bufs[n] = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
-            if self._state_format.compact:      # the codes as they are, on the host
-                for n, b in self.state[gi]["flat"].items():
-                    h = self._placement.to_host(b)      # a device array has no copy()
-                    bufs[n] = h.copy() if h is b else h
-            state.append({"step": self.state[gi]["step"], "buffers": bufs})
+            state.append({"step": self.state[gi]["step"], "buffers": self._group_buffers(gi)})
         return {"type": type(self).__name__, "iterations": self.iterations,
                 "skipped_steps": self.skipped_steps,
                 "options": self._options_dict(),
                 "param_groups": groups, "state": state}
+
+    def _group_buffers(self, gi) -> dict:
+        """Group ``gi``'s state buffers as a checkpoint holds them: each one
+        array over the group's elements in param order (compact state: its
+        codes and absmax arrays as they are), host copies."""
+        runs = self.state[gi]["runs"]
+        bufs = {}
+        for n in sorted({n for r in runs for n in r}):
+            parts = []
+            for info, r in zip(self._run_info[gi]["runs"], runs):
+                if n in r:
+                    parts.append(self._placement.to_host(r[n]))
+                elif n == "master":
+                    # a float32 run beside 16-bit ones is its own master
+                    # copy: its values stand in the group's buffer (load
+                    # takes views of the 16-bit runs' parts only)
+                    parts.append(self._placement.to_host(info["flat"]))
+                else:
+                    raise RuntimeError(f"state buffer {n!r} exists for only some runs")
+            bufs[n] = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+        if self._state_format.compact:      # the codes as they are, on the host
+            for n, b in self.state[gi]["flat"].items():
+                h = self._placement.to_host(b)      # a device array has no copy()
+                bufs[n] = h.copy() if h is b else h
+        return bufs
+
+    def param_state(self, param) -> dict:
+        """One param's state as torch's ``opt.state[p]`` holds it: ``{"step":
+        n, "exp_avg": array shaped like param, ...}`` (its group's step count
+        and its part of each state buffer, float copies; compact state
+        decoded to float32). ``param``: one of the arrays this optimizer
+        updates, or its name where the params were given by name. Only
+        ``"step"`` before the first step. Set state with :meth:`load_state_dict`."""
+        with self._lock:
+            self._refuse_unbound("param_state needs them; call bind(params) first")
+            return param_state(self, param)
 
     def sync_master(self) -> None:
         """Take the float32 master copies of 16-bit params from the params
@@ -2032,7 +2049,7 @@ class Optimizer:
         def apply():
             for group, hyp in zip(self.param_groups, new_hypers):
                 group.update(hyp)
-            self.state = new_state
+            self.state = GroupStates(new_state)
             self._schedules, self._lr_shown = {}, {}
             self._drop_tables()       # the master copies (weights) are new arrays
             self.iterations = iterations

@@ -37,6 +37,7 @@ from .base import NONNEG, Optimizer, refuse_options
 from .line_search import Trial, strong_wolfe
 from .named import KeyTree
 from .placement import placement_for
+from .param_state import GroupStates
 from .state_checks import require_array, require_keys
 
 LINE_SEARCHES = (None, "strong_wolfe")
@@ -216,7 +217,7 @@ class LBFGS(Optimizer):
                 raise TypeError(f"params[{i}] must be float32 or float64, got {a.dtype}")
         super().bind(params)
         self._set_spans()
-        self.state = [self._new_lbfgs_state()]
+        self.state = GroupStates([self._new_lbfgs_state()])
 
     def _set_spans(self):
         """The params as one vector: each run a contiguous slice of it."""
@@ -394,6 +395,13 @@ class LBFGS(Optimizer):
         hist = self.state[0]["history"] if self.state else None
         return 0 if hist is None else hist.nbytes
 
+    def param_state(self, param) -> dict:
+        """Refused: L-BFGS keeps one state over all params (torch keeps it
+        under the first param), not one per param."""
+        raise TypeError("L-BFGS keeps one state over all its params (its history of "
+                        "(s, y) pairs over the params laid end to end), not one per "
+                        "param: read it in state_dict()['lbfgs']")
+
     def _state_dict(self) -> dict:
         """The base optimizer's checkpoint (type, iterations, hyperparameters
         with the params' layout) plus ``"lbfgs"``: torch's state names, the
@@ -464,7 +472,7 @@ class LBFGS(Optimizer):
             st = self._new_lbfgs_state()
             st.update(func_evals=evals, n_iter=n_iter, history=hist, **scalars)
             st["step"] = self.state[0]["step"]
-            self.state = [st]
+            self.state = GroupStates([st])
         return apply
 
 

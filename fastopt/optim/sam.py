@@ -51,6 +51,7 @@ from ..params import FlatArrays
 from . import forks
 from .base import Optimizer, _InGroups, prepared_load
 from .interrupt import INTERRUPTS, finished, held
+from .param_state import GroupStates
 from .placement import Offsets, span
 from .state_checks import require_array, require_keys
 
@@ -176,6 +177,11 @@ class SAM:
             V.refuse_no_grads(type(self).__name__, "zero_grad")
         self.base_optimizer.zero_grad(grads)
 
+    def param_state(self, param) -> dict:
+        """The base optimizer's :meth:`~fastopt.Optimizer.param_state` (SAM's
+        own perturbation is in ``state_dict()``)."""
+        return self.base_optimizer.param_state(param)
+
     def state_nbytes(self) -> int:
         """The base optimizer's :meth:`~fastopt.Optimizer.state_nbytes` plus
         SAM's own perturbation buffers (one flat ``e_w`` per group, the
@@ -198,7 +204,7 @@ class SAM:
         groups = self.param_groups
         sizes = [p.size for g in groups for p in g["params"]]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
-        self._tables, self.state, self._e_runs, first = [], [], [], 0
+        self._tables, self.state, self._e_runs, first = [], GroupStates(), [], 0
         base = self.base_optimizer
         for gi, group in enumerate(groups):
             params = group["params"]

@@ -1,0 +1,77 @@
+"""One param's optimizer state, as torch's ``opt.state[p]`` shows it.
+
+fastopt keeps its state per param group (``opt.state[group index]``: each
+buffer one array over the group's elements, cut into runs), so the state
+of one param is a slice of every buffer of its group. torch code reads it
+as ``opt.state[p]["exp_avg"]``; here that lookup is refused with
+directions (:class:`GroupStates`) and :func:`param_state` gives the same
+dict, as copies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class GroupStates(list):
+    """``opt.state``: one dict per param group. Indexing it with an array
+    (torch's per-param lookup) says where a param's state is instead of
+    NumPy's "only integer scalar arrays can be converted to a scalar
+    index"."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key):
+        try:
+            return list.__getitem__(self, key)
+        except TypeError:
+            if not hasattr(key, "__array__") and not hasattr(key, "__cuda_array_interface__"):
+                raise
+        raise TypeError(
+            "opt.state is fastopt's state by param group (opt.state[group index]), not "
+            "torch's dict by param: a param's state is opt.param_state(p) (its step and "
+            "each buffer shaped like p, as copies); set state with load_state_dict") from None
+
+
+def locate(opt, param) -> tuple:
+    """``(group index, index in the group)`` of ``param`` (by identity, or
+    by name where the params were given by name)."""
+    name = param if isinstance(param, str) else None
+    names = opt._names.names if opt._names is not None else None
+    k = 0
+    for gi, group in enumerate(opt.param_groups):
+        for i, a in enumerate(group["params"]):
+            if a is param or (name is not None and names is not None and names[k] == name):
+                return gi, i
+            k += 1
+    if name is not None:
+        known = "" if names is None else f" (its names: {', '.join(map(str, names[:8]))}"
+        known += ", ..." if names is not None and len(names) > 8 else ""
+        known += ")" if names is not None else ""
+        raise ValueError(f"no param named {name!r} in this {type(opt).__name__}{known}")
+    shape = getattr(param, "shape", None)
+    raise ValueError(
+        f"this {type(opt).__name__} does not update that array (shape {shape}): pass one "
+        "of the arrays it was made over (or in its param_groups), the same object, "
+        "not a copy or a new view")
+
+
+def param_state(opt, param) -> dict:
+    """``{"step": n, name: array shaped like param, ...}`` for one of
+    ``opt``'s params: its group's step count and its part of each state
+    buffer, as float copies (compact state decoded to float32). Only
+    ``"step"`` before the group's first step."""
+    gi, i = locate(opt, param)
+    group = opt.param_groups[gi]["params"]
+    sizes = [a.size for a in group]
+    bufs = opt._group_buffers(gi)
+    fmt = opt._state_format
+    if fmt.compact:      # the codes (and absmax arrays) are the group's flat buffers
+        codes = {n: bufs.pop(n) for n in opt.state[gi]["flat"]}
+        bufs.update(fmt.decoded(codes, sizes))
+    lo = sum(sizes[:i])
+    shape = group[i].shape
+    out = {"step": opt.state[gi]["step"]}
+    for n in sorted(bufs):
+        out[n] = np.array(bufs[n][lo:lo + sizes[i]]).reshape(shape)
+    return out
