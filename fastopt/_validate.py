@@ -48,12 +48,16 @@ def key(where: str, name: str) -> str:
     return f"{where}['{name}']" if where else name
 
 
+#: one-pass iterables of arrays taken as lists where arrays come in
+ONE_PASS = (collections.abc.Iterator, collections.abc.ValuesView)
+
+
 def listed(params):
     """A one-pass iterable of params (a generator such as torch's
     ``model.parameters()``, ``dict.values()``) as a list; anything else as
     given. Made once, where params enter, so that each later look (the
     backend's choice, the groups, the checks) sees the same arrays."""
-    if isinstance(params, (collections.abc.Iterator, collections.abc.ValuesView)):
+    if isinstance(params, ONE_PASS):
         return list(params)
     return params
 

@@ -480,7 +480,8 @@ def _run(args, comm):
           f"{'' if args.state_dtype == 'float32' else f' ({args.state_dtype} state)'} "
           f"{', '.join(labels)}{_shown_hypers(args.hyperparameters)}, schedule {args.schedule}, "
           f"{args.epochs} epochs x {steps // args.epochs} steps, batch {args.batch_size}, "
-          f"backend {model.backend}, {Xtr.shape[0]} train / {Xte.shape[0]} held-out"
+          f"nn backend {model.backend}, optimizer backend {opt.backend}, "
+          f"{Xtr.shape[0]} train / {Xte.shape[0]} held-out"
           + ("" if comm is None else f", {comm.Get_size()} MPI ranks ({mode})")
           + (f"; resuming after epoch {len(finished)}" if args.resume else ""))
     bar = _Progress(args.epochs, Xtr.shape[0], args.batch_size, sys.stderr, not args.quiet)

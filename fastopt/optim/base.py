@@ -36,6 +36,7 @@ import os
 import threading
 import traceback
 import weakref
+from collections import Counter
 
 import numpy as np
 
@@ -243,6 +244,22 @@ def order_in_checkpoint(where, saved, layout):
     return order
 
 
+#: torch.optim's implementation switches, which choose how torch runs the
+#: same update: here it is always one fused native call per group
+_TORCH_SWITCHES = dict.fromkeys(
+    ("fused", "foreach", "capturable", "differentiable"),
+    "torch's switch between its implementations of the same update; fastopt's step is "
+    "always one fused native call per group: drop it")
+
+
+def _name_pairs(params) -> bool:
+    """``params`` is a list of (name, array) pairs, as torch's
+    ``named_parameters()`` gives."""
+    return isinstance(params, (list, tuple)) and bool(params) and all(
+        type(p) is tuple and len(p) == 2 and isinstance(p[0], str)
+        and (isinstance(p[1], np.ndarray) or _is_device_array(p[1])) for p in params)
+
+
 def refuse_options(cls, unknown):
     """A TypeError naming ``cls`` (not the base's ``__init__``) and the first
     keyword argument of ``unknown``, with the class's hint for it or the
@@ -257,7 +274,7 @@ def refuse_options(cls, unknown):
         p.name for c in owners for p in inspect.signature(c.__init__).parameters.values()
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         and p.name not in ("self", "params", "defaults")))
-    hint = cls._option_hints.get(name)
+    hint = cls._option_hints.get(name) or _TORCH_SWITCHES.get(name)
     if hint is None:
         close = difflib.get_close_matches(name, taken, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(taken)}"
@@ -505,6 +522,13 @@ class Optimizer:
             return [{"params": [params]}]
         if isinstance(params, dict):           # arrays by name (one group)
             return [{"params": params}]
+        if _name_pairs(params):                # torch's named_parameters(): by name
+            named = dict(params)
+            if len(named) != len(params):
+                dup = next(n for n, k in Counter(n for n, _ in params).items() if k > 1)
+                raise ValueError(f"params holds (name, array) pairs, and the name {dup!r} "
+                                 "comes more than once: each array needs its own name")
+            return [{"params": named}]
         if type(params).__name__ == "DeviceFlatArrays":   # its views, one group
             return [{"params": params}]
         if isinstance(params, (list, tuple)) and params and all(
@@ -707,6 +731,8 @@ class Optimizer:
                     out = plan.run(self, given := self._names.read(grads))
                 elif grads is self._bound and grads is not None:   # the FlatArrays bound last step
                     out = plan.run(self, grads, bound=True)
+                elif isinstance(grads, V.ONE_PASS):   # a generator, g.values(): read once
+                    out = plan.run(self, given := (grads := list(grads)))
                 else:
                     out = STALE
                 if out is STALE and given is not None:
@@ -718,6 +744,7 @@ class Optimizer:
                         out = plan.run(self, readable, again=True)
                 if out is not STALE:
                     return out
+            grads = V.listed(grads)
             if params is not None and params is not self._given:
                 self._bind_or_check(params, grads)
             self._refuse_unbound("pass step(grads, params=...) or call bind(params) first")

@@ -1,0 +1,57 @@
+"""Habits a torch user brings (a user trial's findings): named_parameters()
+pairs, gradients as dict.values() or a generator, torch's implementation
+switches."""
+
+import numpy as np
+import pytest
+
+import fastopt
+
+
+def _params():
+    return {"W": np.linspace(-1, 1, 6).reshape(2, 3), "b": np.zeros(3)}
+
+
+def _grads(seed):
+    rng = np.random.default_rng(seed)
+    return {"W": rng.normal(size=(2, 3)), "b": rng.normal(size=3)}
+
+
+def _run(make_opt, feed, steps=3):
+    params = _params()
+    opt = make_opt(params)
+    for s in range(steps):
+        opt.step(feed(_grads(s)))
+    return params, opt
+
+
+def test_gradients_as_values_or_a_generator_step_as_a_list():
+    want, _ = _run(lambda p: fastopt.Adam(list(p.values()), lr=0.1), lambda g: list(g.values()))
+    for feed in (lambda g: g.values(), lambda g: (x for x in g.values()), lambda g: iter(
+            list(g.values()))):
+        got, opt = _run(lambda p: fastopt.Adam(p.values(), lr=0.1), feed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+        assert opt.iterations == 3
+
+
+def test_named_parameters_pairs_are_params_by_name():
+    want, ref = _run(lambda p: fastopt.Adam(p, lr=0.1), lambda g: g)
+    got, opt = _run(lambda p: fastopt.Adam(iter(list(p.items())), lr=0.1), lambda g: g)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    assert opt.state_dict()["param_groups"][0]["params"] == \
+        ref.state_dict()["param_groups"][0]["params"]          # names recorded
+    np.testing.assert_array_equal(opt.param_state("b")["exp_avg"], ref.param_state("b")["exp_avg"])
+
+
+def test_named_pairs_with_a_repeated_name_refused():
+    p = _params()
+    with pytest.raises(ValueError, match=r"the name 'W' comes more than once"):
+        fastopt.Adam([("W", p["W"]), ("W", p["b"])])
+
+
+@pytest.mark.parametrize("switch", ["fused", "foreach", "capturable", "differentiable"])
+def test_torch_implementation_switches_say_to_drop_them(switch):
+    with pytest.raises(TypeError, match=rf"'{switch}': torch's switch .* drop it"):
+        fastopt.AdamW([np.ones(3)], **{switch: True})
