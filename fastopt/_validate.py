@@ -222,13 +222,16 @@ def check_float_array(name, a, *, writable, allow_low_precision=False) -> None:
             allow_low_precision and a.dtype.name in LOW_PRECISION_NAMES):
         also = (" (or float16/bfloat16)"
                 if allow_low_precision else "")
-        complex_hint = ""
+        hint = ""
         if a.dtype.kind == "c":     # torch steps a complex tensor as its real view
             real = "float32" if a.dtype == np.complex64 else "float64"
-            complex_hint = (f"; for complex values, step their real view, as torch does: "
-                            f"a.view(np.{real}) (each entry's real and imaginary parts), "
-                            "the params and the gradients alike")
-        raise TypeError(f"{name} must be float32 or float64{also}, got {a.dtype}{complex_hint}")
+            hint = (f"; for complex values, step their real view, as torch does: "
+                    f"a.view(np.{real}) (each entry's real and imaginary parts), "
+                    "the params and the gradients alike")
+        elif a.dtype.name in LOW_PRECISION_NAMES:   # a 16-bit gradient of a float param
+            hint = (" here: 16-bit gradients go with 16-bit params only; cast it to its "
+                    "param's dtype")
+        raise TypeError(f"{name} must be float32 or float64{also}, got {a.dtype}{hint}")
     if not a.flags.c_contiguous:
         what = "Fortran-ordered" if a.flags.f_contiguous else "not contiguous"
         # written in place (a param): a contiguous copy must take its place

@@ -295,3 +295,56 @@ def test_sync_master_with_packed_params_and_the_same_grads_buffer(backend):
     opt.sync_master()
     opt.step(G)
     assert np.array_equal(P.data.astype(np.float32), np.full(15, 4.5, np.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sync_master_takes_full_precision_values(backend):
+    """Pretrained float32 weights for bfloat16/float16 training: the master
+    copies take them exactly (not their 16-bit rounding), the params their
+    rounding, float32 params the values; the steps after go on from them,
+    the planned step too."""
+    rng = np.random.default_rng(3)
+    w32 = {"W": rng.normal(size=(6, 5)).astype(np.float32),
+           "h": rng.normal(size=7).astype(np.float32), "c": rng.normal(size=3)}
+    params = {"W": np.zeros((6, 5), BF16), "h": np.zeros(7, np.float16),
+              "c": np.zeros(3, np.float32)}
+    opt = fastopt.SGD(params, lr=0.25, weight_decay=0.5, backend=backend)
+    zero = {k: np.zeros_like(a) for k, a in params.items()}
+    opt.step(zero)                          # a plan made over the old master copies
+    opt.sync_master(w32)
+    for k in ("W", "h"):
+        np.testing.assert_array_equal(opt.param_state(k)["master"], w32[k])
+        np.testing.assert_array_equal(params[k], w32[k].astype(params[k].dtype))
+    np.testing.assert_array_equal(params["c"], w32["c"].astype(np.float32))
+    for _ in range(2):
+        opt.step(zero)                      # p <- p - lr * wd * p, from the exact values
+    for k in ("W", "h"):
+        want = w32[k] * np.float32(1 - 0.125) * np.float32(1 - 0.125)
+        np.testing.assert_allclose(opt.param_state(k)["master"], want, rtol=2e-7)
+        np.testing.assert_array_equal(params[k], opt.param_state(k)["master"].astype(
+            params[k].dtype))
+
+
+def test_sync_master_values_refused_whole():
+    params = [np.ones(4, BF16), np.ones(2, np.float32)]
+    opt = fastopt.AdamW(params)
+    opt.step([np.ones(4, BF16), np.ones(2, np.float32)])
+    before = snapshot((params, opt.state_dict()))
+    for bad, exc, match in [([np.zeros(4)], ValueError, "values has 1 array but params has 2"),
+                            ([np.zeros(4), np.zeros(3)], ValueError,
+                             r"values\[1\] has shape \(3,\) but params\[1\]"),
+                            ([np.zeros(4), np.zeros(2, int)], TypeError,
+                             r"values\[1\] must hold floats"),
+                            ({"W": np.zeros(4)}, TypeError, "not given by name")]:
+        with pytest.raises(exc, match=match):
+            opt.sync_master(bad)
+        assert_same_tree(snapshot((params, opt.state_dict())), before)
+
+
+def test_16_bit_gradient_of_a_float32_param_says_why():
+    p = np.ones(3, np.float32)
+    opt = fastopt.Adam([p])
+    with pytest.raises(TypeError, match=r"got bfloat16 here: 16-bit gradients go with 16-bit "
+                                        r"params only; cast it to its param's dtype"):
+        opt.step([np.ones(3, BF16)])
+    assert (p == 1).all()

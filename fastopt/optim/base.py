@@ -1881,22 +1881,68 @@ class Optimizer:
             self._refuse_unbound("param_state needs them; call bind(params) first")
             return param_state(self, param)
 
-    def sync_master(self) -> None:
+    def sync_master(self, values=None) -> None:
         """Take the float32 master copies of 16-bit params from the params
         as they are now. The master copy is what a step updates (the 16-bit
         params are its rounding, written by each step), so new values
         written into 16-bit params in place (``p[...] = new``) are
         overwritten by the next step unless this is called first. No-op for
-        float32 and float64 params, which are their own weights."""
+        float32 and float64 params, which are their own weights.
+
+        ``values``: the weights themselves at full precision (pretrained
+        float32 weights), one array per param given as the grads are (a
+        list, a dict by name): each master copy takes its values exactly
+        and each 16-bit param their rounding; float32 and float64 params
+        take them as they are. Checked whole before anything is written."""
         with self._lock:
             if not self.param_groups:
+                if values is not None:
+                    self._refuse_unbound("sync_master(values) needs them; call bind(params) first")
                 return          # no params yet, no master copies
             pl = self._placement
+            if values is not None:
+                return self._set_weights(self._weight_values(values))
             for info, st in zip(self._run_info, self.state):
                 for run, bufs in zip(info["runs"], st["runs"]):
                     if "master" in bufs:
                         bufs["master"] = pl.master_copy(run["flat"])
             self._drop_tables()       # they address the master copies: new arrays
+
+    def _weight_values(self, values) -> list:
+        """``sync_master``'s ``values`` as a list in param order, each
+        checked against its param (real floats, the param's shape)."""
+        if self._device:
+            raise TypeError("sync_master(values) takes host params' values: for device "
+                            "params write the values into the params and call sync_master()")
+        vals = V.as_array_list("values", self._grads_as_list(V.listed(values), "sync_master()"),
+                               by_name=self._names is not None)
+        if len(vals) != len(self._params):
+            raise ValueError(f"values has {V.count(len(vals), 'array')} but params has "
+                             f"{len(self._params)}")
+        for k, (v, p) in enumerate(zip(vals, self._params)):
+            what = f"values{self._param_label(k)[len('params'):]}"
+            if v.dtype.kind != "f" and not self._placement.is_low(v.dtype):
+                raise TypeError(f"{what} must hold floats, got {v.dtype}")
+            if v.shape != p.shape:
+                raise ValueError(f"{what} has shape {v.shape} but {self._param_label(k)} has "
+                                 f"shape {p.shape}")
+        return vals
+
+    def _set_weights(self, vals) -> None:
+        """Params and master copies from checked full-precision ``vals``:
+        the new master copies made first, then everything written."""
+        masters = []
+        for info, st in zip(self._run_info, self.state):
+            for run, bufs in zip(info["runs"], st["runs"]):
+                if "master" in bufs:
+                    part = [np.asarray(vals[k], np.float32).ravel()
+                            for k in range(run["start"], run["stop"])]
+                    masters.append((bufs, state_copy(np.concatenate(part), np.float32)))
+        for p, v in zip(self._params, vals):
+            p[...] = np.asarray(v, np.float32) if self._placement.is_low(p.dtype) else v
+        for bufs, m in masters:
+            bufs["master"] = m
+        self._drop_tables()
 
     @property
     def state_dtype(self) -> str:
