@@ -423,3 +423,74 @@ def test_fit_refuses_records_of_epochs_the_optimizer_is_not_at_the_end_of():
     with pytest.raises(ValueError, match="finished lists 1 epochs of 4 steps, but the "
                                          "optimizer has taken 5 steps"):
         fit(model, opt, X, y, epochs=3, batch_size=10, finished=history["epochs"])
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two runs given one --out (a job submitted twice) both passed the
+    checks before either wrote, then wrote over each other's results and
+    checkpoint, both exiting 0. The first holds a lock on --out until it
+    exits (the system drops it when the process dies, SIGKILL included)."""
+    import os
+
+    from fastopt.cli.out_lock import LOCK, OutLock
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    out.mkdir()
+    first = OutLock(out)                   # the first run, as it holds --out
+    assert first.acquire() is None
+    for extra in ([], ["--checkpoint"], ["--resume"]):
+        assert _train(out, data, "--epochs", "1", *extra) == 2
+        err = capsys.readouterr().err
+        assert (f"--out {out}: another fastopt train (pid {os.getpid()}) is writing to this "
+                "--out; wait for it to end, or give this run another --out") in err, err
+    assert sorted(p.name for p in out.iterdir()) == [LOCK]      # nothing written
+    first.release()
+    assert list(out.iterdir()) == []
+    assert _train(out, data, "--epochs", "1", "--checkpoint") == 0
+    assert not (out / LOCK).exists()       # let go of at exit
+    assert (out / "checkpoint.npz").is_file()
+
+
+def test_a_lock_left_by_a_killed_run_is_no_lock(tmp_path):
+    """SIGKILL leaves the lock file, not the lock: the next run goes on."""
+    import subprocess
+    import sys
+
+    from fastopt.cli.out_lock import LOCK
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from fastopt.cli.out_lock import OutLock; "
+        f"assert OutLock({str(out)!r}).acquire() is None; print('held', flush=True); "
+        "time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert _train(out, data, "--epochs", "1") == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / LOCK).exists()
+    assert _train(out, data, "--epochs", "1") == 0
+
+
+def test_a_checkpoint_that_could_not_be_written_fails_the_run(tmp_path, monkeypatch, capsys):
+    """A full disk: each failed write is said and training goes on, but the
+    run exited 0 with its checkpoint epochs behind, so a job wrapper relying
+    on --resume could not tell. Exit 1, naming what the file holds."""
+    import fastopt.cli.train as train_cli
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    real, calls = train_cli.save_epoch, [0]
+
+    def disk_full_from_epoch_2(*a, **k):
+        calls[0] += 1
+        if calls[0] >= 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+    monkeypatch.setattr(train_cli, "save_epoch", disk_full_from_epoch_2)
+    out = tmp_path / "out"
+    assert _train(out, data, "--epochs", "3", "--checkpoint") == 1
+    err = capsys.readouterr().err
+    assert "after epoch 2: No space left on device; training goes on" in err
+    assert f"{out / 'checkpoint.npz'} holds 1 of the 3 epochs: writing it failed" in err
+    assert (out / "metrics.json").is_file()        # the results are whole

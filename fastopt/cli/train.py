@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 
 from .common import EXIT_INTERRUPTED, non_negative_int, positive_int, user_path
+from .out_lock import OutLock
 from .train_checkpoint import (CHECKPOINT, checkpoint_path, checkpointed_epochs,
                                existing_problem, finished_note, flag_of, load_into,
                                resume_from, save_epoch)
@@ -271,7 +272,10 @@ def run(args):
             print(f"fastopt train: {'--shard-state' if args.shard_state else '--overlap'} "
                   "needs several ranks (mpiexec -n N)", file=sys.stderr)
             return 2
-        rc = _run(args, None)
+        try:
+            rc = _run(args, None)
+        finally:
+            _release_out()
         if rc == 2:           # a bad argument: no empty --out left behind
             from .common import remove_unused_output_dirs
             remove_unused_output_dirs()
@@ -324,7 +328,18 @@ def run(args):
         sys.stderr.flush()
         comm.Abort(1)
     finally:
+        _release_out()
         _restore_streams(saved)
+
+
+#: the --out lock this process holds while a run goes (not on args: they
+#: are written to metrics.json)
+_OUT_LOCKS = []
+
+
+def _release_out():
+    while _OUT_LOCKS:
+        _OUT_LOCKS.pop().release()
 
 
 def _restore_streams(saved):
@@ -365,6 +380,13 @@ def _run(args, comm):
     # rank 0 alone writes, so its view of --out is the one that counts
     problem = None if comm is not None and comm.Get_rank() else output_dir_problem(
         args.out, ("metrics.json", "curves.png") + ((CHECKPOINT,) if args.checkpoint else ()))
+    if not problem and (comm is None or comm.Get_rank() == 0):
+        # before the checks below: a second run on this --out passed them
+        # while the first had not yet written (out_lock.py)
+        lock = OutLock(args.out)
+        problem = lock.acquire()
+        if problem is None:
+            _OUT_LOCKS.append(lock)
     if (not problem and args.checkpoint and not args.resume
             and (comm is None or comm.Get_rank() == 0)):
         problem = existing_problem(args)     # its progress would be written over
@@ -571,6 +593,13 @@ def _run(args, comm):
         if problem is not None:
             print(f"fastopt train: {problem}", file=sys.stderr)
             return rc
+        if args.checkpoint and args.checkpointed < len(records):
+            # the results are whole, but a job that relies on --resume must
+            # learn that its checkpoint lags (the writes' failures were said)
+            print(f"fastopt train: {checkpoint_path(args)} holds "
+                  f"{args.checkpointed} of the {len(records)} epochs: writing it failed "
+                  "after the others (see above); exit 1", file=sys.stderr)
+            return 1
     return 0
 
 
