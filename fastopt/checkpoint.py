@@ -419,7 +419,9 @@ def _parsed(path, parse):
     except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile,
             zlib.error, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not a readable fastopt checkpoint "
-                              f"({type(exc).__name__}: {exc}); is it truncated?") from None
+                              f"({type(exc).__name__}: {exc}): it is damaged or cut "
+                              "short (a copy that did not finish, a failing disk); "
+                              "resume from another copy") from None
     if not isinstance(tree, dict) or tree.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fastopt checkpoint (format "
                               f"{tree.get('format') if isinstance(tree, dict) else None!r}, "

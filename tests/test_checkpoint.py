@@ -283,6 +283,21 @@ def test_other_optimizer_type_via_file(tmp_path):
     assert_same_tree(full_snapshot(t, tp), before)   # params not written either
 
 
+def test_damaged_file_is_called_damaged(tmp_path):
+    """Bytes changed inside an entry (a failing disk): the message asked
+    "is it truncated?" of a file of the right length."""
+    p = make_params()
+    o = make_opt("adamw", p, "numpy")
+    run(o, p, 0, 2)
+    data = bytearray(_saved(tmp_path, o, p).read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4] = bytes(255 - b for b in data[mid:mid + 4])
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(fastopt.CheckpointError, match="it is damaged or cut short"):
+        fastopt.load(bad, params=p, optimizer=o)
+
+
 @pytest.mark.parametrize("cut", [0.5, 0.95, 10])
 def test_truncated_or_garbage_file(tmp_path, cut):
     p = make_params()

@@ -151,10 +151,13 @@ def test_train_ctrl_c_writes_finished_epochs(tmp_path, sig, code, said):
         assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_ctrl_c_writes_finished_cases(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_bench_ctrl_c_writes_finished_cases(tmp_path, sig, code):
     """SIGINT while the second case is being measured: bench.json holds the
     first, its table is printed, one line on stderr, exit 130. (Timings reduced to NumPy, one
-    round, and the second case held open, so the signal lands inside it.)"""
+    round, and the second case held open, so the signal lands inside it.)
+    SIGTERM, a batch scheduler's stop, ended it with nothing written: the
+    same, exit 143."""
     out = tmp_path / "out"
     child = _child(f"""
         import sys, time
@@ -172,17 +175,47 @@ def test_bench_ctrl_c_writes_finished_cases(tmp_path):
         ratios.compare = compare
         sys.exit(main(["bench", "--quick", "--out", {str(out)!r}]))
     """, tmp_path)
-    rc, stdout, stderr = _interrupt_when(child, "stderr", "1/3")
-    assert rc == 130, stderr
+    rc, stdout, stderr = _interrupt_when(child, "stderr", "1/3", sig=sig)
+    assert rc == code, stderr
     assert "Traceback" not in stderr
     last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
     assert "interrupted" in last and "1 of 3 cases" in last
     report = json.loads((out / "bench.json").read_text())
     assert report["interrupted"] is True
+    # when and with what it ran, for a dashboard's axes (and from which commit: a
+    # git checkout's hash here, None where the package is installed from a wheel)
+    run = report["run"]
+    assert run["started"].endswith("+00:00") and run["options"]["quick"] is True
+    assert run["commit"] is None or len(run["commit"].split("+")[0]) == 40
     assert {(r["elements"], r["impl"]) for r in report["results"] if r["seconds"]} == \
         {(1 << 10, "numpy")}
     # the finished case's table on stdout, as a full run prints it (nothing before)
     assert "1024" in stdout and "numpy" in stdout and "%roof" in stdout
+
+
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "Ctrl-C"),
+                                           (signal.SIGTERM, 143, "SIGTERM")])
+def test_check_perf_interrupted_still_writes_its_json(tmp_path, sig, code, said):
+    """--help promises the JSON "whatever the checks' outcome": a CI job's
+    timeout (SIGTERM) or a Ctrl-C left none."""
+    out = tmp_path / "cp.json"
+    child = _child(f"""
+        import sys, time
+        from fastopt.bench import guard
+        from fastopt.cli import main
+
+        def run_checks(spec, attempts=None, progress=None):
+            progress("a case")
+            time.sleep(60)       # measuring until the signal comes
+        guard.run_checks = run_checks
+        sys.exit(main(["check-perf", "--json", {str(out)!r}]))
+    """, tmp_path)
+    rc, stdout, stderr = _interrupt_when(child, "stderr", "measuring a case", sig=sig)
+    assert rc == code, stderr
+    assert "Traceback" not in stderr
+    result = json.loads(out.read_text())
+    assert result["exit_status"] == code and result["ok"] is False
+    assert result["error"] == f"interrupted before the checks ended ({said}): no verdict"
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -384,7 +384,8 @@ def as_json(checks, floors_path, exit_status, error=None, load=None) -> dict:
     """The result of a check-perf run for a CI job to read: every check,
     the machine, its load while measuring (``fastopt bench``'s ``load``; None
     where nothing was measured), and the exit status (0 ok, 1 regression,
-    2 setup, 3 measuring failed) with ``error`` saying why where it is 2 or 3."""
+    2 setup, 3 measuring failed, 130 / 143 interrupted by Ctrl-C / SIGTERM) with
+    ``error`` saying why where it is not 0 or 1."""
     from . import machine
     return {"floors": floors_path or DEFAULT_FLOORS, "exit_status": exit_status,
             "ok": exit_status == 0, "error": error, "machine": machine.describe(),

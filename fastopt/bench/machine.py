@@ -74,6 +74,30 @@ def _version(module) -> str:
         return "not installed"
 
 
+def run_entry(started, options) -> dict:
+    """The ``run`` entry of a report: when it started (UTC, ISO 8601), the
+    command's options, and the fastopt commit where it runs from a git
+    checkout (None elsewhere; "+dirty" with uncommitted changes): what a
+    dashboard plots runs against."""
+    return {"started": started, "options": dict(options), "fastopt": fastopt.__version__,
+            "commit": _commit()}
+
+
+def _commit():
+    import subprocess
+    here = os.path.dirname(os.path.abspath(fastopt.__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def describe():
     """The ``machine`` entry of a ``fastopt bench`` report: platform, CPUs,
     library versions, the GPU, thread counts and fastopt's backends."""

@@ -3,7 +3,8 @@
 ``--out`` is checked before anything is measured (exit 2 if it cannot be a
 directory). Ctrl-C stops at once: the cases that finished are written to
 ``bench.json`` (``"interrupted": true``) and ``bench.png``, one line is
-printed, and the exit code is 130.
+printed, and the exit code is 130. SIGTERM (a batch scheduler's stop) does
+the same with exit code 143.
 """
 
 import sys
@@ -67,8 +68,14 @@ class ProgressBar:
 
 
 def run(args):
+    from .common import TermAsCtrlC
+    with TermAsCtrlC() as term:    # SIGTERM writes what finished too, exit 143
+        return _run(args, term)
+
+
+def _run(args, term):
     from ..bench import cases, in_loop, matrix, report
-    from .common import EXIT_INTERRUPTED, output_dir_problem
+    from .common import output_dir_problem
 
     # before minutes of measuring, not after them
     problem = output_dir_problem(args.out, ("bench.json", "bench.png"))
@@ -77,24 +84,31 @@ def run(args):
         remove_unused_output_dirs()     # parents made before the folder failed
         print(f"fastopt bench: --out {args.out or repr('')}: {problem}", file=sys.stderr)
         return 2
+    import datetime
+
+    from ..bench.machine import run_entry
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = cases.plan(args.full, optimizers=args.optimizers, quick=args.quick)
     progress = ProgressBar()
     # the cold start and the training loop are AdamW's: not part of --optimizers
     measured = matrix.run(args.full, progress, rows,
                           cold=not (args.quick or args.no_cold_start or args.optimizers),
                           interruptible=True)
+    if measured is not None:     # when, with what, from which commit: a dashboard's axes
+        measured["run"] = run_entry(started, {k: v for k, v in vars(args).items()
+                                              if k not in ("func", "command")})
     if measured is None or measured.get("interrupted"):
         if progress.tty:          # end the bar's line before the message
             progress.stream.write("\n")
         if measured is None:
             print("fastopt bench: interrupted before any case finished; nothing written",
                   file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return term.exit_code
         paths = report.write(measured, args.out)
         print(report.format_table(measured))      # what finished, as a full run shows it
         print(f"fastopt bench: interrupted; {_cases(measured)} of {len(rows)} cases finished, "
               f"results of those in {', '.join(paths)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return term.exit_code
     print(report.format_table(measured))
     if not (args.quick or args.no_loop or args.optimizers):
         # the step where users call it: after the BLAS forward/backward pass
@@ -105,7 +119,7 @@ def run(args):
             paths = report.write(measured, args.out)
             print(f"fastopt bench: interrupted in the training-loop case; results of the "
                   f"matrix in {', '.join(paths)}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return term.exit_code
         print()
         print(report.format_in_loop(measured["in_loop"]))
     measured["interrupted"] = False      # the key is always there, as in train's metrics
@@ -116,7 +130,7 @@ def run(args):
         print("fastopt bench: interrupted while writing the results; "
               + (f"wrote {', '.join(written)}" if written else "nothing written"),
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return term.exit_code
     print(f"results: {written[0]}")
     if len(written) > 1:
         print(f"chart:   {written[1]}")

@@ -11,7 +11,8 @@ EXIT_OK, EXIT_REGRESSION, EXIT_SETUP, EXIT_MEASURING = 0, 1, 2, 3
 EXIT_STATUS = ("exit status: 0 every ratio at or above its floor; 1 a ratio below its "
                "floor on every attempt (a performance regression); 2 a bad floors file "
                "or a setup it cannot measure (nothing measured); 3 the measurement "
-               "itself failed (an error, not a regression)")
+               "itself failed (an error, not a regression); 130 / 143 interrupted by Ctrl-C "
+               "/ SIGTERM (no verdict; --json written)")
 
 
 def add_arguments(parser):
@@ -44,11 +45,17 @@ def run(args):
     except (OSError, ValueError) as exc:      # the message names the file and the entry
         return _fail(args, EXIT_SETUP, str(exc), perfguard.as_json)
     from ..bench import timing
+    from .common import TermAsCtrlC
     since = timing.load_snapshot()
     try:
-        checks = perfguard.run_checks(
-            spec, attempts=args.attempts,
-            progress=lambda msg: print(f"measuring {msg}", file=sys.stderr, flush=True))
+        with TermAsCtrlC() as term:     # --json is written on Ctrl-C and SIGTERM too
+            checks = perfguard.run_checks(
+                spec, attempts=args.attempts,
+                progress=lambda msg: print(f"measuring {msg}", file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        return _fail(args, term.exit_code, "interrupted before the checks ended "
+                     f"({'SIGTERM' if term.exit_code == 143 else 'Ctrl-C'}): no verdict",
+                     perfguard.as_json)
     except Exception as exc:    # noqa: BLE001 - a failure to measure is no regression (1)
         return _fail(args, EXIT_MEASURING,
                      f"measuring failed: {type(exc).__name__}: {exc}", perfguard.as_json)

@@ -11,6 +11,36 @@ from .._arguments import int_at_least, non_negative_int, positive_int  # noqa: F
 EXIT_INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a Ctrl-C'd job
 
 
+class TermAsCtrlC:
+    """While active, SIGTERM (a batch scheduler's stop, or ``timeout``'s)
+    is taken as Ctrl-C: KeyboardInterrupt, so a command writes what
+    finished as it does on Ctrl-C, and ``exit_code`` is 143 (128 +
+    SIGTERM) instead of 130. Left alone: a handler the embedding program
+    set, SIG_IGN (nohup), and threads other than the main one."""
+
+    def __init__(self):
+        self.exit_code, self._old = EXIT_INTERRUPTED, None
+
+    def __enter__(self):
+        import signal
+        import threading
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.exit_code = 128 + signum
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        import signal
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+        return False
+
+
 def user_path(text):
     """argparse type for a path: ``~`` expanded, as a shell does for a
     separate word but not after ``--out=`` (a folder named ``~`` was made)."""
