@@ -659,11 +659,35 @@ cdef inline int _flag_bits(Op* op) noexcept nogil:
         return 1
 
 
+# 16-bit params and grads are stepped a block at a time: the block's
+# gradients widened to float32 in L1, the float32 element loop over them
+# and the master copy, then the block's params rounded from the master. In
+# one loop, the 16-bit lanes made gcc run 16 elements a vector on x86-64-v3
+# (two vectors for every float value: the registers spilled), and the
+# bfloat16 AdamW step took 1.9x the float32 one in cache, 1.35x at 16M
+# (Numba's, one loop at 8 lanes: 1.2x and 1.1x). The same operations in the
+# same order: the results are bit for bit those of the single loop.
+cdef enum:
+    LOW_BLOCK = 512         # elements a block (2 KiB of widened gradients)
+
+
 cdef inline void _span(Op* op, floating* p, const storage* g, storage* out,
                        floating* s0, floating* s1, floating* s2, Py_ssize_t n,
                        const floating* c, floating gs, int flags) noexcept nogil:
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, lo = 0, m
     cdef floating gi, pi
+    cdef floating wide[LOW_BLOCK]
+    if storage is bf16_bits or storage is f16_bits:
+        while lo < n:
+            m = min(<Py_ssize_t>LOW_BLOCK, n - lo)
+            for i in range(m):
+                wide[i] = _load(g + lo, i, gs)
+            _span(op, p + lo, <const floating*>wide, <floating*>NULL, s0 + lo, s1 + lo,
+                  s2 + lo, m, c, gs, flags)
+            for i in range(m):
+                _store(out + lo, i, p[lo + i])
+            lo += m
+        return
     for i in range(n):
         gi = _load(g, i, gs) * gs
         pi = p[i]
