@@ -215,8 +215,11 @@ def unheld(opt, owner=None) -> list:
         # the array, or a buffer it is a view of, held; memory owned by
         # something else than an array (a bytearray, an mmap, shared memory,
         # a torch tensor): a new view of it may be what the user holds,
-        # which no count here sees, so not judged
-        if not any(id(b) in reached or not isinstance(b, np.ndarray) for b in _owners(a)):
+        # which no count here sees, so not judged. Except bytes: a writable
+        # array over bytes is one NumPy unpickled (pickle gives arrays past
+        # about 100 elements that base), and no other view of it can be made
+        if not any(id(b) in reached or not isinstance(b, (np.ndarray, bytes))
+                   for b in _owners(a)):
             out.append(i)
     return out
 
