@@ -143,8 +143,8 @@ def as_array_list(name, arrays, labels=None, *, by_name=False) -> list:
 def readable(arrays):
     """Gradients as the kernels read them, as torch's step takes them: a
     strided or Fortran-ordered array (``(dY.T @ X).T``) through a C-ordered
-    copy, a NumPy scalar (``(x * s).sum()``, a 0-d param's gradient) as its
-    0-d array. ``arrays`` (one array, a list or a tuple) itself when
+    copy, a NumPy scalar (``(x * s).sum()``, a 0-d param's gradient) or a
+    Python float as its 0-d array. ``arrays`` (one array, a list or a tuple) itself when
     nothing needed that; anything else is left to the checks, as are
     subclasses (a masked array's copy would drop its mask) and a bare
     NumPy scalar given alone (as the whole of a step's argument, it may be
@@ -159,8 +159,8 @@ def readable(arrays):
             if a.flags.c_contiguous:
                 continue
             a = np.ascontiguousarray(a)
-        elif isinstance(a, np.generic):
-            a = np.asarray(a)
+        elif isinstance(a, np.generic) or type(a) is float:
+            a = np.asarray(a)       # (a Python float: a hand-written 0-d gradient, float64)
         else:
             continue
         if out is None:

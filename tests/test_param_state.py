@@ -95,8 +95,10 @@ def test_torch_lookup_refused_with_directions():
     with pytest.raises(TypeError, match=r"opt\.param_state\(p\)"):
         opt.state[p]
     assert opt.state[0]["step"] == 1 and opt.state[-1] is opt.state[0]
-    with pytest.raises(TypeError, match="list indices"):      # other bad keys: list's error
-        opt.state["exp_avg"]
+    with pytest.raises(TypeError, match=r"opt\.param_state\(p\)"):     # a name too
+        opt.state["W"]
+    with pytest.raises(TypeError, match=r"not an index: opt\.param_state\(opt\.param_groups"):
+        opt.param_state(0)
     with pytest.raises(ValueError, match="does not update that array"):
         opt.param_state(p.copy())
     with pytest.raises(ValueError, match=r"no param named 'W'"):

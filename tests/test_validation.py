@@ -185,8 +185,10 @@ def test_numpy_scalar_grad_of_a_0d_param_steps_as_its_array(backend):
     twin = {k: v.copy() for k, v in params.items()}
     opt = fastopt.Adam(params, lr=0.1, backend=backend)
     ref = fastopt.Adam(twin, lr=0.1, backend=backend)
-    for t in range(3):
-        opt.step({"W": np.full((3, 2), 0.1 * t), "s": np.float64(0.3 - t)})
+    for t in range(4):
+        # a NumPy scalar, or a Python float (a hand-written formula, .item())
+        s = np.float64(0.3 - t) if t % 2 else float(0.3 - t)
+        opt.step({"W": np.full((3, 2), 0.1 * t), "s": s})
         ref.step({"W": np.full((3, 2), 0.1 * t), "s": np.array(0.3 - t)})
         assert_same_tree(optimizer_snapshot(opt, list(params.values())),
                          optimizer_snapshot(ref, list(twin.values())))

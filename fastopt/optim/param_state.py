@@ -15,9 +15,9 @@ import numpy as np
 
 class GroupStates(list):
     """``opt.state``: one dict per param group. Indexing it with an array
-    (torch's per-param lookup) says where a param's state is instead of
-    NumPy's "only integer scalar arrays can be converted to a scalar
-    index"."""
+    or a name (torch's per-param lookup) says where a param's state is
+    instead of NumPy's "only integer scalar arrays can be converted to a
+    scalar index" or list's "indices must be integers"."""
 
     __slots__ = ()
 
@@ -25,8 +25,7 @@ class GroupStates(list):
         try:
             return list.__getitem__(self, key)
         except TypeError:
-            if not hasattr(key, "__array__") and not hasattr(key, "__cuda_array_interface__"):
-                raise
+            pass        # an array, or a param's name: torch's per-param lookup
         raise TypeError(
             "opt.state is fastopt's state by param group (opt.state[group index]), not "
             "torch's dict by param: a param's state is opt.param_state(p) (its step and "
@@ -49,6 +48,10 @@ def locate(opt, param) -> tuple:
         known += ", ..." if names is not None and len(names) > 8 else ""
         known += ")" if names is not None else ""
         raise ValueError(f"no param named {name!r} in this {type(opt).__name__}{known}")
+    if isinstance(param, (int, np.integer)) and not isinstance(param, bool):
+        raise TypeError(f"param_state takes one of the arrays (or its name), not an index: "
+                        f"opt.param_state(opt.param_groups[g]['params'][{param}]) for the "
+                        "array at that place in group g")
     shape = getattr(param, "shape", None)
     raise ValueError(
         f"this {type(opt).__name__} does not update that array (shape {shape}): pass one "
