@@ -74,7 +74,8 @@ def check_real(name, value, *, low=None, high=None, low_open=False,
                high_open=False, why="") -> float:
     """``value`` as a finite float inside the given bounds (a 0-d array of
     a real dtype counts as its number: what ``np.load`` gives for a scalar
-    saved in a config); ``why`` follows an out-of-bounds message."""
+    saved in a config); ``why`` follows the message refusing the open lower
+    bound itself (eps=0: why not 0)."""
     value = _number_of(value, "fiu")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -83,7 +84,7 @@ def check_real(name, value, *, low=None, high=None, low_open=False,
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value < low or (low_open and value == low)):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}"
-                         + (f": {why}" if why else ""))
+                         + (f": {why}" if why and value == low else ""))
     if high is not None and (value > high or (high_open and value == high)):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
     return value
@@ -228,7 +229,8 @@ def check_float_array(name, a, *, writable, allow_low_precision=False) -> None:
             hint = (f"; for complex values, step their real view, as torch does: "
                     f"a.view(np.{real}) (each entry's real and imaginary parts), "
                     "the params and the gradients alike")
-        elif a.dtype.name in LOW_PRECISION_NAMES:   # a 16-bit gradient of a float param
+        elif a.dtype.name in LOW_PRECISION_NAMES and name.startswith("grads"):
+            # a 16-bit gradient of a float param
             hint = (" here: 16-bit gradients go with 16-bit params only; cast it to its "
                     "param's dtype")
         raise TypeError(f"{name} must be float32 or float64{also}, got {a.dtype}{hint}")

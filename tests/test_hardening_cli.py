@@ -193,6 +193,27 @@ def test_bench_ctrl_c_writes_finished_cases(tmp_path, sig, code):
     assert "1024" in stdout and "numpy" in stdout and "%roof" in stdout
 
 
+def test_bench_sigterm_before_measuring_exits_143(tmp_path):
+    """A SIGTERM before the first case (the imports, the run's git calls)
+    reached the generic Ctrl-C handler: exit 130 for a SIGTERM."""
+    out = tmp_path / "out"
+    child = _child(f"""
+        import sys, time
+        from fastopt.bench import machine
+        from fastopt.cli import main
+
+        def run_entry(started, options):
+            print("git", file=sys.stderr, flush=True)
+            time.sleep(60)
+        machine.run_entry = run_entry
+        sys.exit(main(["bench", "--quick", "--out", {str(out)!r}]))
+    """, tmp_path)
+    rc, stdout, stderr = _interrupt_when(child, "stderr", "git", sig=signal.SIGTERM)
+    assert rc == 143, stderr
+    assert "Traceback" not in stderr and "nothing written" in stderr
+    assert not (out / "bench.json").exists()
+
+
 @pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "Ctrl-C"),
                                            (signal.SIGTERM, 143, "SIGTERM")])
 def test_check_perf_interrupted_still_writes_its_json(tmp_path, sig, code, said):

@@ -348,3 +348,23 @@ def test_16_bit_gradient_of_a_float32_param_says_why():
                                         r"params only; cast it to its param's dtype"):
         opt.step([np.ones(3, BF16)])
     assert (p == 1).all()
+
+
+
+@pytest.mark.parametrize("n", [1, 511, 513, LARGE])
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+def test_cython_16_bit_master_is_the_float32_step_bit_for_bit(dtype, n):
+    """The Cython step over 16-bit params runs a block's gradients widened,
+    then the float32 element loop: its master copy is, bit for bit, the
+    float32 params of the same step over the gradients' float32 values."""
+    rng = np.random.default_rng(n)
+    start = rng.normal(size=n).astype(dtype)
+    low, full = start.copy(), start.astype(np.float32)
+    a = fastopt.AdamW([low], lr=1e-2, backend="cython")
+    b = fastopt.AdamW([full], lr=1e-2, backend="cython")
+    for t in range(3):
+        g = rng.normal(size=n).astype(dtype)
+        a.step([g])
+        b.step([g.astype(np.float32)])
+    assert a.param_state(low)["master"].tobytes() == full.tobytes()
+    assert low.tobytes() == full.astype(dtype).tobytes()

@@ -134,6 +134,10 @@ BAD = [
     ("RAdam", dict(eps=0.0), ValueError, r"^eps must be > 0.*0/0 = NaN"),
     ("RMSprop", dict(eps=0.0), ValueError, r"^eps must be > 0.*0/0 = NaN"),
     ("Adagrad", dict(eps=0.0), ValueError, r"^eps must be > 0 when initial_accumulator_value"),
+    # a start that float32 state rounds to 0 is no start
+    ("Adagrad", dict(eps=0.0, initial_accumulator_value=1e-46), ValueError, r"below 1\.2e-38"),
+    # below the bound: no 0/0 reason (torch refuses a negative eps too)
+    ("Adam", dict(eps=-1.0), ValueError, r"^eps must be > 0\.0, got -1\.0$"),
     ("LAMB", dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
     ("LAMB", dict(weight_decay=float("nan")), ValueError, "weight_decay"),
     ("LAMB", dict(bias_correction="no"), TypeError, "bias_correction"),

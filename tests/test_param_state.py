@@ -80,12 +80,13 @@ def test_compact_state_decoded(state_dtype):
 
 
 def test_16_bit_params_show_their_master_copy():
-    p = np.ones(4, np.float16)
-    opt = fastopt.Adam([p], lr=0.1)
-    opt.step([np.ones(4, np.float16)])
+    p, q = np.ones(4, np.float16), np.ones(3, np.float32)
+    opt = fastopt.Adam([p, q], lr=0.1)
+    opt.step([np.ones(4, np.float16), np.ones(3, np.float32)])
     st = opt.param_state(p)
     assert st["master"].dtype == np.float32
     np.testing.assert_allclose(st["master"], 0.9, rtol=1e-6)
+    assert "master" not in opt.param_state(q)        # a float32 param is its own
 
 
 def test_torch_lookup_refused_with_directions():

@@ -55,3 +55,27 @@ def test_named_pairs_with_a_repeated_name_refused():
 def test_torch_implementation_switches_say_to_drop_them(switch):
     with pytest.raises(TypeError, match=rf"'{switch}': torch's switch .* drop it"):
         fastopt.AdamW([np.ones(3)], **{switch: True})
+
+
+def test_values_of_a_dict_in_another_order_are_read_by_name():
+    """Params given by name, gradients as g.values() of a dict built in
+    another order: read by name (by position they went to the wrong params,
+    without a word, where shapes agreed), in the planned step too."""
+    one = np.ones(3)
+    params = {"W1": np.zeros(3), "W2": np.zeros(3)}
+    opt = fastopt.SGD(params, lr=1.0)
+    for k in range(1, 4):
+        opt.step({"W2": 2 * one, "W1": one}.values())
+        np.testing.assert_array_equal(params["W1"], -k * one)
+        np.testing.assert_array_equal(params["W2"], -2 * k * one)
+    # a generator is read in its order, as a list is
+    opt.step(g for g in (one, 2 * one))
+    np.testing.assert_array_equal(params["W1"], -4 * one)
+
+
+def test_sync_master_values_by_name_from_values():
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    params = {"a": np.zeros(4, bf16), "b": np.zeros(5, bf16)}
+    opt = fastopt.SGD(params, lr=0.1)
+    opt.sync_master({"b": np.full(5, 2.0, np.float32), "a": np.full(4, 1.0, np.float32)}.values())
+    assert (opt.param_state("a")["master"] == 1).all() and (params["b"] == 2).all()

@@ -84,18 +84,26 @@ def run_entry(started, options) -> dict:
 
 
 def _commit():
+    """fastopt's own commit: the package folder's parent must be the top of
+    the git checkout (a wheel installed inside a user's repository would
+    report theirs)."""
     import subprocess
     here = os.path.dirname(os.path.abspath(fastopt.__file__))
+
+    def git(*args):
+        return subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
+                              timeout=5)
     try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
+        top = git("rev-parse", "--show-toplevel", "HEAD")
+        if top.returncode != 0:
+            return None
+        root, head = top.stdout.splitlines()[:2]
+        if not os.path.samefile(root, os.path.dirname(here)):
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", here)
+    except (OSError, ValueError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    return head + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def describe():

@@ -70,7 +70,12 @@ class ProgressBar:
 def run(args):
     from .common import TermAsCtrlC
     with TermAsCtrlC() as term:    # SIGTERM writes what finished too, exit 143
-        return _run(args, term)
+        try:
+            return _run(args, term)
+        except KeyboardInterrupt:     # outside the measuring and the writing: nothing to keep
+            print("fastopt bench: interrupted before any case finished; nothing written",
+                  file=sys.stderr)
+            return term.exit_code
 
 
 def _run(args, term):
@@ -88,6 +93,9 @@ def _run(args, term):
 
     from ..bench.machine import run_entry
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    # before measuring (two git calls): a stop after it then finds nothing left to do
+    run = run_entry(started, {k: v for k, v in vars(args).items()
+                              if k not in ("func", "command")})
     rows = cases.plan(args.full, optimizers=args.optimizers, quick=args.quick)
     progress = ProgressBar()
     # the cold start and the training loop are AdamW's: not part of --optimizers
@@ -95,8 +103,7 @@ def _run(args, term):
                           cold=not (args.quick or args.no_cold_start or args.optimizers),
                           interruptible=True)
     if measured is not None:     # when, with what, from which commit: a dashboard's axes
-        measured["run"] = run_entry(started, {k: v for k, v in vars(args).items()
-                                              if k not in ("func", "command")})
+        measured["run"] = run
     if measured is None or measured.get("interrupted"):
         if progress.tty:          # end the bar's line before the message
             progress.stream.write("\n")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .. import _validate as V
 from ..backends.scalars import adagrad_scalars
 from .base import FLAG, NONNEG, Optimizer
+
+
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 class Adagrad(Optimizer):
@@ -45,9 +50,11 @@ class Adagrad(Optimizer):
 
     def _check_hypers(self, group, where=""):
         h = super()._check_hypers(group, where)
-        if h["eps"] == 0 and h["initial_accumulator_value"] == 0:
+        # (float32's smallest normal: a smaller start rounds to 0 in float32 state)
+        if h["eps"] == 0 and h["initial_accumulator_value"] < _TINY:
             raise ValueError(f"{V.key(where, 'eps')} must be > 0 when "
-                             f"initial_accumulator_value is 0, got 0.0: {V.EPS_WHY}")
+                             "initial_accumulator_value is 0 (or below 1.2e-38), got 0.0: "
+                             f"{V.EPS_WHY}")
         return h
 
     def _required_state(self, hypers, step):

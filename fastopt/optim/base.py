@@ -732,7 +732,9 @@ class Optimizer:
                 elif grads is self._bound and grads is not None:   # the FlatArrays bound last step
                     out = plan.run(self, grads, bound=True)
                 elif isinstance(grads, V.ONE_PASS):   # a generator, g.values(): read once
-                    out = plan.run(self, given := (grads := list(grads)))
+                    grads = self._one_pass(grads)
+                    given = self._names.read(grads) if type(grads) is dict else grads
+                    out = plan.run(self, given)
                 else:
                     out = STALE
                 if out is STALE and given is not None:
@@ -744,7 +746,8 @@ class Optimizer:
                         out = plan.run(self, readable, again=True)
                 if out is not STALE:
                     return out
-            grads = V.listed(grads)
+            if isinstance(grads, V.ONE_PASS):
+                grads = self._one_pass(grads)
             if params is not None and params is not self._given:
                 self._bind_or_check(params, grads)
             self._refuse_unbound("pass step(grads, params=...) or call bind(params) first")
@@ -756,6 +759,15 @@ class Optimizer:
                 del plan        # (the plan the full step dropped: it holds the groups)
                 self._name_replaced(exc)
                 raise
+
+    def _one_pass(self, arrays):
+        """A generator or ``d.values()`` of arrays, as a step reads it: a
+        list, in the order given; ``d.values()`` of params given by name:
+        its dict, read by name (the dict's own order may not be theirs)."""
+        mapping = getattr(arrays, "mapping", None)      # (a read-only view of the dict)
+        if self._names is not None and mapping is not None:
+            return dict(mapping)
+        return list(arrays)
 
     def _name_replaced(self, exc) -> None:
         """A refused step's message, for a gradient made for the array the
@@ -1893,7 +1905,8 @@ class Optimizer:
         float32 weights), one array per param given as the grads are (a
         list, a dict by name): each master copy takes its values exactly
         and each 16-bit param their rounding; float32 and float64 params
-        take them as they are. Checked whole before anything is written."""
+        take them as they are. Their shapes and dtypes are checked before
+        anything is written (their values are taken as given, NaN too)."""
         with self._lock:
             if not self.param_groups:
                 if values is not None:
@@ -1914,7 +1927,9 @@ class Optimizer:
         if self._device:
             raise TypeError("sync_master(values) takes host params' values: for device "
                             "params write the values into the params and call sync_master()")
-        vals = V.as_array_list("values", self._grads_as_list(V.listed(values), "sync_master()"),
+        if isinstance(values, V.ONE_PASS):
+            values = self._one_pass(values)
+        vals = V.as_array_list("values", self._grads_as_list(values, "sync_master()"),
                                by_name=self._names is not None)
         if len(vals) != len(self._params):
             raise ValueError(f"values has {V.count(len(vals), 'array')} but params has "
@@ -1930,7 +1945,8 @@ class Optimizer:
 
     def _set_weights(self, vals) -> None:
         """Params and master copies from checked full-precision ``vals``:
-        the new master copies made first, then everything written."""
+        everything new made first (copies: ``vals`` may be views of the
+        params themselves), then written."""
         masters = []
         for info, st in zip(self._run_info, self.state):
             for run, bufs in zip(info["runs"], st["runs"]):
@@ -1938,8 +1954,11 @@ class Optimizer:
                     part = [np.asarray(vals[k], np.float32).ravel()
                             for k in range(run["start"], run["stop"])]
                     masters.append((bufs, state_copy(np.concatenate(part), np.float32)))
-        for p, v in zip(self._params, vals):
-            p[...] = np.asarray(v, np.float32) if self._placement.is_low(p.dtype) else v
+        low = self._placement.is_low
+        new = [np.asarray(v, np.float32).astype(p.dtype) if low(p.dtype)
+               else np.array(v, dtype=p.dtype) for p, v in zip(self._params, vals)]
+        for p, v in zip(self._params, new):
+            p[...] = v
         for bufs, m in masters:
             bufs["master"] = m
         self._drop_tables()

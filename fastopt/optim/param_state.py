@@ -72,6 +72,8 @@ def param_state(opt, param) -> dict:
     if fmt.compact:      # the codes (and absmax arrays) are the group's flat buffers
         codes = {n: bufs.pop(n) for n in opt.state[gi]["flat"]}
         bufs.update(fmt.decoded(codes, sizes))
+    if not opt._placement.is_low(group[i].dtype):
+        bufs.pop("master", None)    # (a float32 param beside 16-bit ones: its own values)
     lo = sum(sizes[:i])
     shape = group[i].shape
     out = {"step": opt.state[gi]["step"]}
