@@ -79,7 +79,10 @@ def run(args):
 
 
 def _run(args, term):
+    import datetime
+
     from ..bench import cases, in_loop, matrix, report
+    from ..bench.machine import run_entry
     from .common import output_dir_problem
 
     # before minutes of measuring, not after them
@@ -89,9 +92,6 @@ def _run(args, term):
         remove_unused_output_dirs()     # parents made before the folder failed
         print(f"fastopt bench: --out {args.out or repr('')}: {problem}", file=sys.stderr)
         return 2
-    import datetime
-
-    from ..bench.machine import run_entry
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     # before measuring (two git calls): a stop after it then finds nothing left to do
     run = run_entry(started, {k: v for k, v in vars(args).items()

@@ -1912,9 +1912,9 @@ class Optimizer:
                 if values is not None:
                     self._refuse_unbound("sync_master(values) needs them; call bind(params) first")
                 return          # no params yet, no master copies
-            pl = self._placement
             if values is not None:
                 return self._set_weights(self._weight_values(values))
+            pl = self._placement
             for info, st in zip(self._run_info, self.state):
                 for run, bufs in zip(info["runs"], st["runs"]):
                     if "master" in bufs:
@@ -1957,11 +1957,14 @@ class Optimizer:
         low = self._placement.is_low
         new = [np.asarray(v, np.float32).astype(p.dtype) if low(p.dtype)
                else np.array(v, dtype=p.dtype) for p, v in zip(self._params, vals)]
-        for p, v in zip(self._params, new):
-            p[...] = v
-        for bufs, m in masters:
-            bufs["master"] = m
-        self._drop_tables()
+
+        def write():     # (idempotent: a Ctrl-C during it runs it again to its end)
+            for p, v in zip(self._params, new):
+                p[...] = v
+            for bufs, m in masters:
+                bufs["master"] = m
+            self._drop_tables()
+        finished(write)
 
     @property
     def state_dtype(self) -> str:
