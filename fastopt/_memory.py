@@ -13,9 +13,13 @@ buffers carved from one allocation; docs/performance.md). Only that distance
 rather than anything in the cache.
 
 So a large state buffer starts 64-byte aligned (whole cache lines, for the
-512-bit loads) at an offset into its allocation that turns through four
+512-bit loads) at an address whose offset in its page turns through four
 quarter pages, so two made one after the other are never a whole number of
-pages apart. Small buffers are ordinary arrays. The params' and grads'
+pages apart. (The offset is taken from the address, not into the
+allocation: glibc serves a freed size from its heap once it has raised its
+mmap threshold, at any place in a page, and an offset into the allocation
+then left two buffers a whole number of pages apart in about one case in
+64: a CI run saw it.) Small buffers are ordinary arrays. The params' and grads'
 places matter too (docs/performance.md), and those are the user's.
 """
 
@@ -27,21 +31,21 @@ import numpy as np
 
 #: buffers of at least this many bytes get a placed start
 LARGE = 1 << 22
-_LINE = 64
+_PAGE = 4096
 _turn = itertools.count()
 
 
 def state_zeros(n: int, dtype) -> np.ndarray:
     """A zero 1-D array of ``n`` elements of ``dtype``; a large one starts
-    64-byte aligned, at the next quarter page of its allocation (a view of
-    it: ``.base`` is that allocation)."""
+    at the next quarter page's offset in a page (64-byte aligned; a view
+    of its allocation: ``.base``)."""
     dtype = np.dtype(dtype)
     nbytes = int(n) * dtype.itemsize
     if nbytes < LARGE:
         return np.zeros(n, dtype)
-    lead = 1024 * (next(_turn) % 4)
-    raw = np.zeros(nbytes + lead + _LINE, np.uint8)
-    start = lead + (-raw.ctypes.data) % _LINE
+    in_page = 1024 * (next(_turn) % 4)      # where in its page it starts (64-byte aligned)
+    raw = np.zeros(nbytes + _PAGE, np.uint8)
+    start = (in_page - raw.ctypes.data) % _PAGE
     return raw[start:start + nbytes].view(dtype)
 
 

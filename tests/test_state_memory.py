@@ -19,6 +19,19 @@ def test_a_large_buffer_is_zero_aligned_and_its_own_size():
         assert not a.any()
 
 
+def test_large_buffers_turn_through_quarter_pages_wherever_the_heap_puts_them():
+    """The offset is the address's: glibc serves a freed size from its heap
+    (its mmap threshold raised) at any place in a page, and an offset into
+    the allocation left two buffers a whole number of pages apart in about
+    one case in 64 (a CI run's failure below)."""
+    for _ in range(3):
+        junk = [np.zeros(M.LARGE + 64 * k, np.uint8) for k in range(1, 9)]
+        del junk     # freed: the next ones may come from the heap, anywhere in a page
+        placed = [M.state_zeros(M.LARGE // 2 + 1, np.uint16) for _ in range(4)]
+        offsets = [a.ctypes.data % 4096 for a in placed]
+        assert sorted(offsets) == [0, 1024, 2048, 3072], offsets
+
+
 def test_back_to_back_large_buffers_are_not_a_whole_number_of_pages_apart():
     """(Plain np.zeros of one power-of-two size, made back to back, land
     exactly size + 4096 bytes apart.) Placed ones move by a quarter page."""
