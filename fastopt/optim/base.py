@@ -746,8 +746,7 @@ class Optimizer:
                         out = plan.run(self, readable, again=True)
                 if out is not STALE:
                     return out
-            if isinstance(grads, V.ONE_PASS):
-                grads = self._one_pass(grads)
+            grads = self._one_pass(grads)
             if params is not None and params is not self._given:
                 self._bind_or_check(params, grads)
             self._refuse_unbound("pass step(grads, params=...) or call bind(params) first")
@@ -763,7 +762,10 @@ class Optimizer:
     def _one_pass(self, arrays):
         """A generator or ``d.values()`` of arrays, as a step reads it: a
         list, in the order given; ``d.values()`` of params given by name:
-        its dict, read by name (the dict's own order may not be theirs)."""
+        its dict, read by name (the dict's own order may not be theirs).
+        Anything else as given."""
+        if not isinstance(arrays, V.ONE_PASS):
+            return arrays
         mapping = getattr(arrays, "mapping", None)      # (a read-only view of the dict)
         if self._names is not None and mapping is not None:
             return dict(mapping)
@@ -1927,9 +1929,8 @@ class Optimizer:
         if self._device:
             raise TypeError("sync_master(values) takes host params' values: for device "
                             "params write the values into the params and call sync_master()")
-        if isinstance(values, V.ONE_PASS):
-            values = self._one_pass(values)
-        vals = V.as_array_list("values", self._grads_as_list(values, "sync_master()"),
+        vals = V.as_array_list("values", self._grads_as_list(self._one_pass(values),
+                                                             "sync_master()"),
                                by_name=self._names is not None)
         if len(vals) != len(self._params):
             raise ValueError(f"values has {V.count(len(vals), 'array')} but params has "

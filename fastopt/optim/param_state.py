@@ -44,9 +44,8 @@ def locate(opt, param) -> tuple:
                 return gi, i
             k += 1
     if name is not None:
-        known = "" if names is None else f" (its names: {', '.join(map(str, names[:8]))}"
-        known += ", ..." if names is not None and len(names) > 8 else ""
-        known += ")" if names is not None else ""
+        known = "" if names is None else (
+            f" (its names: {', '.join(map(str, names[:8]))}{', ...' * (len(names) > 8)})")
         raise ValueError(f"no param named {name!r} in this {type(opt).__name__}{known}")
     if isinstance(param, (int, np.integer)) and not isinstance(param, bool):
         raise TypeError(f"param_state takes one of the arrays (or its name), not an index: "
