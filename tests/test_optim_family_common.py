@@ -145,6 +145,26 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("name", ["RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam"])
+def test_a_checkpoint_saved_with_eps_0_says_how_to_load_it(name):
+    """fastopt took eps=0 for these until it was refused: such a run's
+    checkpoint is refused naming the edit that loads it, and loads after it."""
+    p = np.ones(5)
+    opt = getattr(fastopt, name)([p], backend="numpy")
+    opt.step([np.ones(5)])
+    sd = opt.state_dict()
+    sd["param_groups"][0]["eps"] = 0.0      # as the earlier fastopt saved it
+    other = getattr(fastopt, name)([np.ones(5)], backend="numpy")
+    before = optimizer_snapshot(other, [])
+    with pytest.raises(fastopt.CheckpointError,
+                       match=r"0/0 = NaN.*earlier fastopt.*\['param_groups'\]\[0\]\['eps'\]"):
+        other.load_state_dict(sd)
+    assert_same_tree(optimizer_snapshot(other, []), before)
+    sd["param_groups"][0]["eps"] = 1e-8
+    other.load_state_dict(sd)
+    assert other.state_dict()["param_groups"][0]["eps"] == 1e-8
+
+
 @pytest.mark.parametrize("name,kwargs,exc,match", BAD,
                          ids=[f"{n}-{next(iter(kw))}-{i}" for i, (n, kw, _, _) in
                               enumerate(BAD)])

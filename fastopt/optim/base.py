@@ -2088,6 +2088,18 @@ class Optimizer:
                 # one's, naming it; the checkpoint matches (checked at the last step
                 # taken) and loads, so that its schedule can be replaced
                 group = self._validated(group, where=where, position=iterations - 1)
+            except ValueError as exc:
+                if group.get("eps") != 0:
+                    raise
+                # fastopt before 2026-12-07 took eps=0 where the step divides
+                # by it: such a run's checkpoint says how to go on
+                raise type(exc)(
+                    f"{exc}. A checkpoint of an earlier fastopt, which took eps=0? Set "
+                    f"its ['param_groups'][{gi}]['eps'] to a positive value (1e-8) and "
+                    "load it (a fastopt.save file's state dict is "
+                    "fastopt.load(path)['optimizer']): the steps differ by it only where "
+                    "the state is about 0"
+                ) from None
             need(st, ("step", "buffers"), f"state[{gi}]")
             step = V.check_int(f"checkpoint state[{gi}]['step']", st["step"], low=0)
             runs = self._run_info[gi]["runs"]
