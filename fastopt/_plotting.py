@@ -15,3 +15,19 @@ def agg_pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig, path, **savefig_kw):
+    """``fig.savefig(path)`` whole or not at all: drawn in memory, then
+    written beside ``path`` and renamed over it (a Ctrl-C, a full disk or
+    a reader such as a dashboard polling the file never sees half a
+    picture); the format from ``path``'s extension, PNG without one."""
+    import io
+    import os
+
+    from ._files import write_atomically
+
+    ext = os.path.splitext(path)[1][1:].lower()
+    buf = io.BytesIO()
+    fig.savefig(buf, format=savefig_kw.pop("format", None) or ext or "png", **savefig_kw)
+    write_atomically(path, buf.getvalue())

@@ -488,3 +488,35 @@ def test_a_refused_out_takes_back_only_the_folders_it_made(tmp_path, monkeypatch
     assert main(["train", "--quiet", "--out", "newparent/" + "x" * 300]) == 2
     assert "cannot be created" in capsys.readouterr().err
     assert not (tmp_path / "newparent").exists()
+
+
+def test_a_picture_is_written_whole_or_not_at_all(tmp_path):
+    """bench.png, curves.png, the schedule plot and the examples' pictures
+    go through save_figure: a drawing that fails (a Ctrl-C, a full disk)
+    leaves the earlier file as it was and nothing beside it; a dashboard
+    polling the file never reads half a PNG."""
+    pytest.importorskip("matplotlib")
+    from fastopt._plotting import agg_pyplot, save_figure
+
+    plt = agg_pyplot()
+    target = tmp_path / "bench.png"
+    target.write_bytes(b"the earlier picture")
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+
+    def interrupted(out, **kw):
+        out.write(b"\x89PNG half of it")
+        raise KeyboardInterrupt
+    drawing, fig.savefig = fig.savefig, interrupted
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(fig, target, dpi=50)
+    assert target.read_bytes() == b"the earlier picture"
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]
+    fig.savefig = drawing
+    save_figure(fig, target, dpi=50)
+    save_figure(fig, tmp_path / "lr", dpi=50)          # no extension: PNG
+    save_figure(fig, tmp_path / "lr.svg")
+    plt.close(fig)
+    assert target.read_bytes()[:8] == (tmp_path / "lr").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in (tmp_path / "lr.svg").read_bytes()[:400]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.png", "lr", "lr.svg"]

@@ -7,6 +7,7 @@ import json
 import os
 
 from .._files import write_atomically
+from .._plotting import save_figure
 
 from .cases import CPU_BACKENDS, KIND, SWEEP_CASE, TORCH_PATHS, step_bytes
 
@@ -195,8 +196,10 @@ def _save_figure(fig, plt, report, path):
                  f"({m['processor'] or m['platform']}); torch {m['torch']}; "
                  f"GPU: {m['gpu']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return True
 
 

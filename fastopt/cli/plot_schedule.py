@@ -38,7 +38,7 @@ def run(args):
     except ValueError as exc:
         print(f"fastopt plot-schedule: {exc}", file=sys.stderr)
         return 2
-    from .._plotting import agg_pyplot
+    from .._plotting import agg_pyplot, save_figure
     plt = agg_pyplot()
     if plt is None:
         print("fastopt plot-schedule needs matplotlib: pip install matplotlib "
@@ -78,8 +78,10 @@ def run(args):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, output, dpi=120)
+    finally:
+        plt.close(fig)
     print(f"wrote {output} ({len(scheds)} schedule(s), {steps} steps)")
     return 0
 

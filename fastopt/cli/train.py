@@ -210,7 +210,7 @@ class _Progress:
 
 
 def _plot(history, labels, path):
-    from .._plotting import agg_pyplot
+    from .._plotting import agg_pyplot, save_figure
     plt = agg_pyplot()
     if plt is None:
         raise ImportError("matplotlib is not installed")
@@ -238,8 +238,10 @@ def _plot(history, labels, path):
         ax2.axhline(100 * history["target"], color="grey", lw=0.8, ls=":")
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _world():
@@ -790,11 +792,10 @@ def _write_results(args, history, labels, sizes, backend, interrupted, written):
     written are appended to ``written``. A curves.png of an earlier run is
     removed when this run draws none, so that it is not read as this run's."""
     import json
-    import os
     import sys
     from pathlib import Path
 
-    from .._files import sibling_temp, target_of, write_atomically
+    from .._files import write_atomically
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -811,19 +812,13 @@ def _write_results(args, history, labels, sizes, backend, interrupted, written):
     curves = out / "curves.png"
     drawn = False
     if not args.no_plot:
-        target = target_of(curves)
-        tmp = sibling_temp(target, ".png")
         try:
-            _plot(history, labels, tmp)
-            os.replace(tmp, target)
+            _plot(history, labels, curves)
             drawn = True
             written.append(curves)
         except ImportError:
             print("matplotlib is not installed: no curves.png (pip install matplotlib)",
                   file=sys.stderr)
-        finally:
-            if not drawn and os.path.exists(tmp):
-                os.remove(tmp)
     if not drawn and curves.is_file():
         curves.unlink()
         print(f"removed {curves}: an earlier run's (this run draws none)", file=sys.stderr)

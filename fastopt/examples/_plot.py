@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._plotting import agg_pyplot
+from .._files import write_atomically
+from .._plotting import agg_pyplot, save_figure
 
 
 def pyplot():
@@ -18,24 +19,36 @@ def pyplot():
 
 
 def save(fig, path, dpi=80):
-    """Write ``fig`` to ``path`` and close it."""
-    fig.savefig(path, dpi=dpi)
-    fig.clf()
+    """Write ``fig`` to ``path`` (whole or not at all) and close it."""
     import matplotlib.pyplot as plt
-    plt.close(fig)
+
+    try:
+        save_figure(fig, path, dpi=dpi)
+    finally:
+        fig.clf()
+        plt.close(fig)
 
 
 def save_palette(fig, path, dpi=80, colors=128):
     """:func:`save`, then rewrite the PNG with a palette of ``colors`` colours: a
     busy picture (many antialiased paths) shrinks ~3x and looks the same.
     Needs Pillow (a dependency of matplotlib)."""
+    import io
+
+    import matplotlib.pyplot as plt
     from PIL import Image
 
-    save(fig, path, dpi=dpi)
-    with Image.open(path) as im:
+    drawn, small_png = io.BytesIO(), io.BytesIO()
+    try:
+        fig.savefig(drawn, format="png", dpi=dpi)
+    finally:
+        fig.clf()
+        plt.close(fig)
+    with Image.open(drawn) as im:
         small = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
                                            dither=Image.Dither.NONE)
-    small.save(path, format="PNG", optimize=True)
+    small.save(small_png, format="PNG", optimize=True)
+    write_atomically(path, small_png.getvalue())
 
 
 def contour_map(ax, f, xlim, ylim, levels, title):
