@@ -104,6 +104,21 @@ def test_torch_lookup_refused_with_directions():
         opt.param_state(p.copy())
     with pytest.raises(ValueError, match=r"no param named 'W'"):
         opt.param_state("W")
+    with pytest.raises(TypeError, match=r"takes one of the arrays, or its name .*not a list"):
+        opt.param_state([p])
+
+
+def test_a_key_path_names_a_nested_param():
+    """``("l2", "W")`` as ``"l2.W"`` (it said "does not update that array
+    (shape None)")."""
+    p = {"l1": {"W": np.ones((2, 2))}, "l2": {"W": np.ones((2, 1))}}
+    opt = fastopt.Adam(p)
+    opt.step({"l1": {"W": np.ones((2, 2))}, "l2": {"W": np.full((2, 1), 2.0)}})
+    np.testing.assert_array_equal(opt.param_state(("l2", "W"))["exp_avg"],
+                                  opt.param_state("l2.W")["exp_avg"])
+    assert opt.param_state(("l2", "W"))["exp_avg"].shape == (2, 1)
+    with pytest.raises(ValueError, match=r"no param named 'l3\.W'.*its names: l1\.W, l2\.W"):
+        opt.param_state(("l3", "W"))
 
 
 def test_lbfgs_and_sam():

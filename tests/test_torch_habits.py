@@ -45,6 +45,32 @@ def test_named_parameters_pairs_are_params_by_name():
     np.testing.assert_array_equal(opt.param_state("b")["exp_avg"], ref.param_state("b")["exp_avg"])
 
 
+def test_gradients_as_name_pairs_are_read_by_name():
+    """``[(n, p.grad) for n, p in named_parameters()]``: as a dict, in any order
+    (it said "grads['W'] must be an ndarray, got tuple")."""
+    want, _ = _run(lambda p: fastopt.Adam(p, lr=0.1), lambda g: g)
+    for make in (lambda p: fastopt.Adam(p, lr=0.1),
+                 lambda p: fastopt.Adam(list(p.items()), lr=0.1)):
+        got, _ = _run(make, lambda g: list(reversed(list(g.items()))))
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(TypeError, match=r"must be a list of arrays in param order"):
+        fastopt.Adam(list(_params().values())).step(list(_grads(0).items()))
+
+
+@pytest.mark.parametrize("loss", [0.5, np.float64(0.5), np.array(0.5)])
+def test_a_loss_and_grads_pair_is_named(loss):
+    """``opt.step(loss_and_grads(...))``: the pair was read as the grads by
+    position ("grads['W'] has shape () but params['W'] has shape (2, 3)")."""
+    params = _params()
+    opt = fastopt.Adam(params, lr=0.1)
+    for grads in (_grads(0), list(_grads(0).values())):
+        with pytest.raises(TypeError, match=r"a \(loss, grads\) pair\? step\(\) takes the "
+                                            r"gradients alone"):
+            opt.step((loss, grads))
+    np.testing.assert_array_equal(params["b"], 0.0)
+
+
 def test_named_pairs_with_a_repeated_name_refused():
     p = _params()
     with pytest.raises(ValueError, match=r"the name 'W' comes more than once"):

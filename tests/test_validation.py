@@ -199,6 +199,27 @@ def test_numpy_scalar_grad_of_a_0d_param_steps_as_its_array(backend):
         fastopt.SGD(p32, lr=0.1, backend=backend).step([np.float64(1.0)])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_python_number_for_a_0d_param_takes_its_dtype(backend, dtype):
+    """A hand-written 0-d gradient as a Python float or int (a student's
+    ``opt.step([1])``): as torch's ``torch.tensor(1.0)`` takes the default
+    float type, it takes the param's dtype (an int said "must be an
+    ndarray", a float for a float32 param "has dtype float64")."""
+    p, twin = [np.array(0.5, dtype), np.ones(2, dtype)], [np.array(0.5, dtype), np.ones(2, dtype)]
+    opt = fastopt.Adam(p, lr=0.1, backend=backend)
+    ref = fastopt.Adam(twin, lr=0.1, backend=backend)
+    for g in (1, 2.5, -3, 0.25):
+        opt.step([g, np.ones(2, dtype)])
+        ref.step([np.array(g, dtype), np.ones(2, dtype)])
+        assert_same_tree(optimizer_snapshot(opt, p), optimizer_snapshot(ref, twin))
+    assert p[0].dtype == dtype and p[0] != 0.5
+    with pytest.raises(TypeError, match=r"grads\[0\] must be an ndarray, got bool"):
+        opt.step([True, np.ones(2, dtype)])
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \(\) but params\[1\]"):
+        opt.step([1.0, 1.0])        # only a 0-d param's: not broadcast over an array
+
+
 def test_sam_and_functional_take_strided_grads():
     rng = np.random.default_rng(3)
     grads = [rng.standard_normal((4, 3)), rng.standard_normal(3)]

@@ -260,6 +260,12 @@ def _name_pairs(params) -> bool:
         and (isinstance(p[1], np.ndarray) or _is_device_array(p[1])) for p in params)
 
 
+def _is_number(value) -> bool:
+    """A Python or NumPy number, or a 0-d array (a loss, say)."""
+    return isinstance(value, (numbers.Number, np.generic)) or (
+        isinstance(value, np.ndarray) and value.ndim == 0)
+
+
 def refuse_options(cls, unknown):
     """A TypeError naming ``cls`` (not the base's ``__init__``) and the first
     keyword argument of ``unknown``, with the class's hint for it or the
@@ -606,7 +612,7 @@ class Optimizer:
         against what the step writes: a strided view of a param given as a
         gradient (``W.T``) is refused as ``W`` is, though its copy would
         be safe to read (the same mistake)."""
-        readable = V.readable(grads)
+        readable = V.readable(grads, like=self._params)
         if readable is grads:
             return grads
         copied = V.copied(grads, readable)
@@ -1677,6 +1683,18 @@ class Optimizer:
                 raise TypeError("grads must be a list of arrays in param order: it is a "
                                 "dict, but the params were not given by name")
             return self._names.read(grads)
+        if isinstance(grads, (list, tuple)) and len(grads) == 2 and isinstance(
+                grads[1], (dict, list, tuple)) and _is_number(grads[0]):
+            raise TypeError(
+                f"grads is a pair of a number and a {type(grads[1]).__name__}: a (loss, grads) "
+                f"pair? {call} takes the gradients alone (loss, g = loss_and_grads(...); "
+                "opt.step(g))")
+        if _name_pairs(grads):                      # as named_parameters() gives them
+            if self._names is None:
+                raise TypeError("grads must be a list of arrays in param order: it is a list "
+                                "of (name, array) pairs, but the params were not given by "
+                                "name (a dict, or such pairs)")
+            return self._names.read(dict(grads))
         return grads
 
     def _element_step(self, hypers, state):

@@ -34,7 +34,10 @@ class GroupStates(list):
 
 def locate(opt, param) -> tuple:
     """``(group index, index in the group)`` of ``param`` (by identity, or
-    by name where the params were given by name)."""
+    by name where the params were given by name: ``"l1.W"``, or the key
+    path ``("l1", "W")``)."""
+    if isinstance(param, tuple) and param and all(isinstance(k, str) for k in param):
+        param = ".".join(param)
     name = param if isinstance(param, str) else None
     names = opt._names.names if opt._names is not None else None
     k = 0
@@ -51,7 +54,10 @@ def locate(opt, param) -> tuple:
         raise TypeError(f"param_state takes one of the arrays (or its name), not an index: "
                         f"opt.param_state(opt.param_groups[g]['params'][{param}]) for the "
                         "array at that place in group g")
-    shape = getattr(param, "shape", None)
+    if not hasattr(param, "shape"):
+        raise TypeError(f"param_state takes one of the arrays, or its name where the params "
+                        f"were given by name, not a {type(param).__name__}")
+    shape = param.shape
     raise ValueError(
         f"this {type(opt).__name__} does not update that array (shape {shape}): pass one "
         "of the arrays it was made over (or in its param_groups), the same object, "
