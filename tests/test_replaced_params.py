@@ -2,7 +2,7 @@
 (``layer.W = rng.normal(...)`` in a notebook cell run again): the optimizer
 went on stepping the old array, which nothing reads, and the new one never
 trained, without a word (fastopt/optim/orphans.py). The step now checks,
-at step counts 16, 32, 64, ..., and warns naming the param; a refused
+at step counts 0, 1, 2, 4, ..., and warns naming the param; a refused
 step (a gradient of the new array's dtype or shape) says which param was
 replaced. Arrays the user never kept, or holds through something else
 (the vector they are views of, a dict, a list), are no one's replacement:
@@ -112,7 +112,7 @@ def test_the_checks_thin_out_to_one_in_check_every(monkeypatch):
                         lambda o: seen.append(o.iterations) or count(o))
     for _ in range(40):
         opt.step([np.ones(3)])
-    assert seen == [16, 32]
+    assert seen == [0, 1, 2, 4, 8, 16, 32]
     del seen[:]
     opt.iterations = 3 * CHECK_EVERY - 1
     for _ in range(CHECK_EVERY + 2):
@@ -129,17 +129,17 @@ def test_only_a_fallen_reference_count_runs_the_whole_check(monkeypatch):
     L = Layer(np.random.default_rng(4), 4)
     opt = fastopt.Adam([L.W, L.b])
     assert _steps(opt, L, 40) == []
-    assert whole == [16]                # the first check's, then counts only
-    L.W = np.zeros((4, 4), np.float32)
+    assert whole == [0, 1]              # the first two checks', then counts only
+    L.W = np.zeros((4, 4), np.float32)  # (the first step's plan adds references)
     assert len(_steps(opt, L, 40)) == 1
-    assert whole == [16, 64]
+    assert whole == [0, 1, 64]
 
 
 def test_a_refused_step_says_which_param_was_replaced():
     rng = np.random.default_rng(2)
     L = Layer(rng, 6)
     opt = fastopt.Adam([L.W, L.b])
-    _steps(opt, L, 17)                  # checked at step count 16
+    _steps(opt, L, 17)                  # checked at step counts 0 to 16
     L.W = rng.standard_normal((6, 6))           # float64: .astype forgotten
     with pytest.raises(TypeError, match=r"has dtype float64.*nothing outside this Adam holds "
                                         r"params\[0\] any more"):
@@ -199,21 +199,88 @@ def test_an_optimizer_bound_at_its_first_step_is_checked_from_then_on():
     assert [m[:30] for m in caught] == ["params[1] of this Adam, a floa"]
 
 
-def test_params_a_setup_function_let_go_of_after_warm_up_steps_are_no_ones():
+@pytest.mark.parametrize("warm_up", [1, 5, 40])
+def test_params_a_setup_function_let_go_of_after_warm_up_steps_are_no_ones(warm_up):
     """A benchmark's setup makes the params, the optimizer and a few warm-up
-    steps, and keeps only the step: nothing was replaced."""
+    steps, and keeps only the step: nothing was replaced (the function that
+    made the optimizer returned, its variables with it)."""
     def setup():
         params = [np.ones(8) for _ in range(3)]
         grads = [np.ones(8) for _ in range(3)]
         opt = fastopt.AdamW(params, lr=1e-3)
-        for _ in range(5):
+        for _ in range(warm_up):
             opt.step(grads)
         return lambda: opt.step(grads)
-    step = setup()
+
+    def setup_over_a_layer():
+        L = Layer(np.random.default_rng(9), 4)     # held through its attributes
+        opt = fastopt.Adam([L.W, L.b])
+        for _ in range(warm_up):
+            opt.step([L.W * 0.1, L.b + 0.1])
+        return lambda: opt.step([np.ones((4, 4), np.float32), np.ones(4, np.float32)])
+    steps = [setup(), setup_over_a_layer()]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(600):
-            step()
+            for step in steps:
+                step()
+
+
+class Agent:
+    """An RL agent: its optimizer made in __init__ over its own attributes."""
+    def __init__(self, rng):
+        self.rng = rng
+        self.reset()
+        self.opt = fastopt.Adam([self.W, self.b], lr=1e-2)
+
+    def reset(self):
+        self.W = self.rng.standard_normal((4, 4)).astype(np.float32)
+        self.b = np.zeros(4, np.float32)
+
+    def update(self):
+        self.opt.step([self.W * 0.1, self.b + 0.1])
+
+
+@pytest.mark.parametrize("at", [1, 3, 5, 10])
+def test_a_param_replaced_in_the_first_steps_is_named(at):
+    """A layer re-initialised early (an agent's reset after its first
+    episodes) was missed while the first check waited for step 16."""
+    agent = Agent(np.random.default_rng(10))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(20):
+            if i == at:
+                agent.reset()
+            agent.update()
+    said = [str(w.message) for w in caught if WARNING in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("params[0] (and 1 more) of this Adam")
+
+
+def test_one_optimizer_per_layer_over_views_of_one_vector_sees_it_replaced():
+    """Each per-layer optimizer's views refer to the vector the user packed:
+    each took the others' references for the user's, and never saw the
+    vector replaced. The optimizers over the same buffers are judged together."""
+    rng = np.random.default_rng(11)
+    theta = rng.standard_normal(20)
+    views = [theta[:10], theta[10:]]
+    opts = [fastopt.Adam([v], lr=1e-2) for v in views]
+
+    def steps(n):
+        for _ in range(n):
+            for opt in opts:
+                opt.step([np.ones(10)])
+    assert _warned_in(lambda: steps(40)) == []
+    del views                   # the vector alone held: no one's replacement
+    assert _warned_in(lambda: steps(40)) == []
+    theta = np.zeros(20)        # re-initialised: the optimizers step the old one
+    caught = _warned_in(lambda: steps(60))      # (step counts 80-139: checked at 128)
+    assert [m[:32] for m in caught] == ["params[0] of this Adam, a float6"] * 2
+    # held through views alone (not the vector): still held
+    theta = rng.standard_normal(20)
+    views = [theta[:10], theta[10:]]
+    opts = [fastopt.Adam([v], lr=1e-2) for v in views]
+    del theta
+    assert _warned_in(lambda: steps(40)) == []
 
 
 def _warned_in(steps) -> list:

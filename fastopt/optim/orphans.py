@@ -17,7 +17,7 @@ optimizer over (a notebook re-running ``layer.W = ...``): where the params
 were given in a list made for the call (``Adam([L.W, L.b])``) nothing can
 watch the user's own attributes, and the optimizer went on stepping the
 old array, the new one never trained. So the step checks, at step counts
-``FIRST_CHECK``, 32, 64, ... and every ``CHECK_EVERY`` steps after that,
+0, 1, 2, 4, ..., 256 and every ``CHECK_EVERY`` steps after that,
 whether anything outside it still holds each param, and
 warns (once) naming the first that something held at the last check and
 nothing holds now. Such a check first counts each param's references
@@ -39,18 +39,22 @@ from __future__ import annotations
 import gc
 import sys
 import types
+import weakref
 from collections import Counter
 
 import numpy as np
 
-from .._warn import warn_user
+from .._warn import _PACKAGE, warn_user
 from ..params import FlatArrays
 
-#: the step count of the first check (a copy's: its first step). Before
-#: it, code that made the optimizer may still hold the params in local
-#: variables it is about to drop (a benchmark's setup, warm-up steps
-#: included): what holds them from the 16th step on is what holds them
-FIRST_CHECK = 16
+#: the step count of the first check: the first step (a copy's too). A
+#: layer re-initialised in the first steps (an RL agent's early reset) was
+#: missed while the first check waited for step 16. What held the params
+#: then is what the later checks compare with: code that steps an
+#: optimizer in a function and then drops its own variables (a warm-up
+#: in a benchmark's setup that keeps only the step) is warned that nothing
+#: reads those arrays, which is so
+FIRST_CHECK = 0
 #: steps between two checks once the doubling reaches it (a check counts
 #: the params' references, about 50 ns each, and checks in full only where
 #: a count fell)
@@ -58,6 +62,37 @@ CHECK_EVERY = 256
 
 #: containers followed from the optimizer's attributes to find what it holds
 _CONTAINERS = (list, tuple, dict, set, frozenset)
+#: what holds no reference a check counts (a third of a small optimizer's
+#: objects: skipped, the whole check is that much shorter)
+_ATOMS = frozenset({int, float, bool, str, complex, type(None), type})
+
+#: the optimizers that have checked (held weakly). One per layer over views
+#: of a vector the user packed: each one's views refer to the vector, so
+#: each would take the others' references for the user's and never see the
+#: vector replaced; such optimizers are judged together (:func:`_peers`)
+_CHECKED = weakref.WeakSet()
+
+
+def checked(opt) -> None:
+    """``opt`` has checked who holds its params: a peer of later checks."""
+    _CHECKED.add(opt)
+
+
+def _buffer_ids(opt) -> set:
+    """The ids of the buffers ``opt``'s params are views of."""
+    return {id(b) for a in opt._params for b in _owners(a)[1:]}
+
+
+def _peers(opt) -> list:
+    """The other checked optimizers, on the host, with params that are views
+    of a buffer some of ``opt``'s params are views of."""
+    mine = _buffer_ids(opt)
+    if not mine:
+        return []
+    return [o for o in list(_CHECKED)
+            if o is not opt and getattr(o, "_params", None) and o._given is not None
+            and o._placement is not None and not o._placement.device
+            and not mine.isdisjoint(_buffer_ids(o))]
 
 
 def _fastopt_object(obj) -> bool:
@@ -127,7 +162,7 @@ def _optimizer_side(opt, user, owner=None) -> dict:
         todo += _own_values(owner)
     while todo:
         obj = todo.pop()
-        if id(obj) in seen or id(obj) in user:
+        if type(obj) in _ATOMS or id(obj) in seen or id(obj) in user:
             continue
         seen[id(obj)] = obj
         if isinstance(obj, _CONTAINERS) or _fastopt_object(obj):
@@ -186,21 +221,30 @@ def unheld(opt, owner=None) -> list:
     container or view (local variables are not objects the collector can
     list, so they are found this way only)."""
     params = opt._params
-    user = _user_side(opt._given, params)
-    holders = {**_optimizer_side(opt, user, owner), **user}
+    # with the peers over the same buffers: what their own objects hold is
+    # no user's either, and what the user holds of theirs holds the buffer
+    judged = [opt, *_peers(opt)]
+    user = {}
+    for o in judged:
+        user.update(_user_side(o._given, o._params))
+    holders = {}
+    for o in judged:
+        holders.update(_optimizer_side(o, user, owner if o is opt else None))
+    holders.update(user)
     # ids only from here: a dict or list of the objects themselves would add
     # to the counts being compared
     user = set(user)
     refs = {key: [id(r) for r in _referents(obj)] for key, obj in holders.items()}
     known = Counter(r for out in refs.values() for r in out)
-    itself = {id(opt), id(opt.__dict__)} | (
+    itself = {i for o in judged for i in (id(o), id(o.__dict__))} | (
         set() if owner is None else {id(owner), id(owner.__dict__)})
+    shown = set().union(*map(_shown_ids, judged))
+    del judged, o
     # held from outside: the user's side, or what the optimizer shows of
     # them (opt.param_groups, its groups and their params lists). Its other
     # objects are no user's, and may be held where the walk does not look
     # (a bound method, a compiled object), so they are not counted. The
     # references made here are holders' value and getrefcount's argument
-    shown = _shown_ids(opt)
     todo = [key for key in holders
             if key not in itself and (key in user or key in shown)
             and sys.getrefcount(holders[key]) - 2 > known[key]]
@@ -239,6 +283,35 @@ def replaced_hint(opt) -> str:
             "(layer.W = ...), make the optimizer again over the new arrays")
 
 
+def call_site():
+    """Where the user's code called fastopt from: the innermost frame
+    outside fastopt, as ``(its depth from the outermost frame, its code)``;
+    None at a module's top level (a script's variables last as long as it
+    does, and each notebook cell runs as a module of its own)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+    if frame is None or frame.f_code.co_name == "<module>":
+        return None
+    code, depth = frame.f_code, 0
+    while frame.f_back is not None:
+        frame, depth = frame.f_back, depth + 1
+    return depth, code
+
+
+def _running(site) -> bool:
+    """Whether the function call :func:`call_site` found is on the stack:
+    the same function at the same depth (by code: a frame cannot be held
+    weakly, and holding it would keep its variables alive)."""
+    depth, code = site
+    frames = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        frames.append(frame.f_code)
+        frame = frame.f_back
+    return depth < len(frames) and frames[len(frames) - 1 - depth] is code
+
+
 def warn_if_unheld(opt, owner=None) -> bool:
     """Warn when nothing outside ``opt`` (and the wrapper ``owner``
     holding it) holds some of its params any more (a copy: from its first
@@ -253,8 +326,17 @@ def warn_if_unheld(opt, owner=None) -> bool:
     except Exception:       # noqa: BLE001 - a heuristic: never a step's failure
         return False
     before, count = opt._held, len(opt._params)
+    first = before is None
+    site = opt._made_at
+    running, opt._made_at_running = opt._made_at_running, site is not None and _running(site)
+    if running and not opt._made_at_running:
+        # the function that made the optimizer has returned since the last
+        # check, and its variables with it: a benchmark's setup that ran
+        # warm-up steps and kept only the step let go of the params, which
+        # nobody replaced. What holds them now is what later checks compare with
+        before = ()
     opt._held = set(range(count)).difference(alone)
-    copy_alone = opt._copied and before is None and len(alone) == count
+    copy_alone = opt._copied and first and len(alone) == count
     alone = [i for i in alone if i in (before or ())]
     if not (alone or copy_alone):
         return False
