@@ -260,6 +260,17 @@ def _name_pairs(params) -> bool:
         and (isinstance(p[1], np.ndarray) or _is_device_array(p[1])) for p in params)
 
 
+def _holds_none(grads) -> bool:
+    """Whether a list, tuple or dict (of layers) of gradients has a None
+    in it (a frozen param's, as torch leaves its grad)."""
+    if isinstance(grads, (list, tuple)):
+        return any(g is None for g in grads)
+    if isinstance(grads, dict):
+        return any(g is None or (isinstance(g, dict) and _holds_none(g))
+                   for g in grads.values())
+    return False
+
+
 def _is_number(value) -> bool:
     """A Python or NumPy number, or a 0-d array (a loss, say)."""
     return isinstance(value, (numbers.Number, np.generic)) or (
@@ -1297,11 +1308,23 @@ class Optimizer:
         fresh = self._tables is None
         tables = self._tables or self._host_tables()
         try:
+            grads, frozen = self._frozen_groups(grads)
             self._bind_grads(tables, grads)      # checks every gradient first
         except BaseException:
             if fresh:      # made over params this step refused (one retyped in place)
                 self._tables = None
             raise
+        if frozen:
+            self._frozen_now = frozen     # (read by _finish_step; this step only)
+            try:
+                return self._host_step_bound(tables, frozen)
+            finally:
+                del self._frozen_now
+        return self._host_step_bound(tables, frozen)
+
+    def _host_step_bound(self, tables, frozen):
+        """The host step over the gradients bound to ``tables``, the groups
+        ``frozen`` left as they are."""
         hypers, max_norm, check, inv_scale = self._step_options()
         be = self._backend
         # Everything the step needs is allocated before the first write, so
@@ -1311,7 +1334,7 @@ class Optimizer:
         compiled = self._compiled
         # One table and the optimizer's own statistics: the norm pass, the
         # skip decision and the update are one native call.
-        fused = self._single and self.grad_stats is None
+        fused = self._single and self.grad_stats is None and not frozen
         norm, coef, skip = None, 1.0, False
         group_steps = []     # per group (type of its step scalars, buffer names): the plan
         mark = None          # taken just before the first kernel (compiled backends)
@@ -1320,6 +1343,9 @@ class Optimizer:
                 plans = []
                 fmt = self._state_format
                 for gi, h in enumerate(hypers):
+                    if gi in frozen:          # no state made, no step scalars
+                        plans.append(None)
+                        continue
                     s, names = self._group_state(gi, h, created)
                     st = self.state[gi]
                     plans.append((s, [st["flat"][n] for n in names],
@@ -1338,7 +1364,9 @@ class Optimizer:
                         self._tables = None
                         self._check_arrays_as_constructed(writes=True)
                 if norm_mode and not fused:
-                    norm, finite = self._table_stats(be, self._all_tables, compiled, check)
+                    norm, finite = self._table_stats(
+                        be, [t for gi, ts in enumerate(tables) if gi not in frozen for t in ts]
+                        if frozen else self._all_tables, compiled, check)
                     skip = check and not finite
                     norm *= inv_scale          # the norm of the unscaled gradients
                     if max_norm is not None:
@@ -1348,7 +1376,8 @@ class Optimizer:
                 # scale, compact args); none where a non-finite norm skips the step
                 work = [] if skip else [
                     (t, element_of(s, len(bufs)) if compiled else s, bufs, coef * inv_scale, cs)
-                    for (s, bufs, cs), ts in zip(plans, tables) for t in ts]
+                    for plan, ts in zip(plans, tables) if plan is not None
+                    for s, bufs, cs in (plan,) for t in ts]
                 if compiled:
                     mark = Mark(self, [w[0] for w in work])
                 if fused:
@@ -1377,7 +1406,7 @@ class Optimizer:
             held(self._complete_step, mark, be, work, fused, created, hypers, norm, skip,
                  (max_norm, inv_scale, norm_mode))
             raise
-        if compiled and not skip:
+        if compiled and not skip and not frozen:
             self._plan = StepPlan.make(self, hypers, max_norm, check, group_steps)
         return out
 
@@ -1478,6 +1507,10 @@ class Optimizer:
         """The counters after a step (host or device) ran or was skipped."""
         if skip:
             self.skipped_steps += 1
+        elif self._frozen_now:          # groups whose gradients were all None
+            for gi, st in enumerate(self.state):
+                if gi not in self._frozen_now:
+                    st["step"] += 1
         else:
             for st in self.state:
                 st["step"] += 1
@@ -1680,6 +1713,43 @@ class Optimizer:
         for ts in tables:
             for t in ts:
                 t.grads_from_arrays([grads[i].reshape(-1) for i in t.index_global])
+
+    def _frozen_groups(self, grads):
+        """``(grads, frozen)``: ``frozen`` the indices of the groups whose
+        every gradient is None (frozen layers: left as they are, state and
+        step count included, as torch skips a param whose grad is None),
+        their Nones replaced in the list returned by stand-ins that the
+        tables point at and nothing reads; ``grads`` itself and an empty
+        set when no gradient is None. A group with some gradients None and
+        some not is refused, naming the first None."""
+        if not _holds_none(grads):
+            return grads, frozenset()
+        listed = self._grads_as_list(grads)
+        if len(listed) != len(self._params):
+            return grads, frozenset()     # the checks name the count
+        frozen, k = set(), 0
+        for gi, group in enumerate(self.param_groups):
+            nones = [g is None for g in listed[k:k + len(group["params"])]]
+            if all(nones):
+                frozen.add(gi)
+            elif any(nones):
+                label = self._param_label(k + nones.index(True))
+                raise TypeError(
+                    f"grads{label[len('params'):]} is None but other params of its group "
+                    f"(param_groups[{gi}]) have gradients: a group whose gradients are all "
+                    "None is left as it is (a frozen layer, as torch skips a param whose "
+                    f"grad is None), so give frozen params a group of their own ({label} "
+                    "and the rest of its layer)")
+            k += len(group["params"])
+        # stand-ins: views of one scratch buffer per dtype, as large as the
+        # largest frozen param (never written or read: those tables do not run)
+        scratch = {}
+        for i, a in enumerate(self._params):
+            if listed[i] is None:
+                scratch[a.dtype] = max(scratch.get(a.dtype, 0), a.size)
+        scratch = {dt: np.empty(n, dt) for dt, n in scratch.items()}
+        return [scratch[a.dtype][:a.size].reshape(a.shape) if g is None else g
+                for g, a in zip(listed, self._params)], frozenset(frozen)
 
     def _grads_as_list(self, grads, call="step()"):
         """``grads`` as a list in param order (a dict by the params' keys)."""
@@ -2338,6 +2408,7 @@ class Optimizer:
         return checked
 
     _plan = None      # the last step's plan (step_plan.py); none before the first step
+    _frozen_now = frozenset()   # the groups the running step leaves (all grads None)
     _watch = None     # the user's list or dict of params, checked each step (given.py)
 
     # -- subclass hooks ---------------------------------------------------------

@@ -62,9 +62,12 @@ class NAdam(Optimizer):
         return s, ("exp_avg", "exp_avg_sq")
 
     def _finish_step(self, skip, norm, hypers):
-        for st in self.state:
+        for gi, st in enumerate(self.state):
+            # (a frozen group's pending value is an earlier try's: a step's
+            # plan makes every group's element step before it can read the
+            # gradients, and gives the step to the full path if it cannot)
             new = st.pop("mu_product_pending", None)
-            if new is not None and not skip:
+            if new is not None and not skip and gi not in self._frozen_now:
                 st["mu_product"] = new
         return super()._finish_step(skip, norm, hypers)
 

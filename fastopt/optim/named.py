@@ -112,5 +112,7 @@ def _read(g, tree, where, out):
     for k, sub in tree.items():
         if sub is None:
             out.append(g[k])
+        elif g[k] is None:          # a whole layer frozen: None for each of its arrays
+            out.extend(None for _ in _leaf_paths(sub, ()))
         else:
             _read(g[k], sub, f"{where}[{k!r}]", out)
