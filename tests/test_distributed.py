@@ -390,3 +390,34 @@ def test_settings_of_two_wrappers_stepping_in_turn_are_hashed_once_each(monkeypa
         assert [_comm._hash(a), _comm._hash(b)] == first
     assert len(calls) == 2 and first[0] != first[1]
     assert _comm._hash({"lr": 0.1}) == first[0]       # the same values, another dict
+
+
+def test_wrappers_take_sync_master_values_and_give_param_state_by_name():
+    """The distributed wrappers had neither (a single-process optimizer's
+    sync_master(values) and param_state(p)): one rank, params by name."""
+    pytest.importorskip("mpi4py")
+    import fastopt
+    from fastopt.distributed import DataParallel, ShardedOptimizer
+    from mpi4py import MPI
+    rng = np.random.default_rng(0)
+    for wrap in ("dp", "shard"):
+        buf = fastopt.pack([rng.standard_normal((3, 2)), rng.standard_normal(2)])
+        named = {"l1": {"W": buf[0], "b": buf[1]}}
+        opt = (DataParallel(fastopt.AdamW(named, lr=0.1), comm=MPI.COMM_SELF) if wrap == "dp"
+               else ShardedOptimizer(fastopt.AdamW, named, comm=MPI.COMM_SELF, lr=0.1))
+        g = buf.zeros_like()
+        g.data[:] = 1.0
+        opt.step(g)
+        state = opt.param_state(("l1", "W"))
+        assert state["step"] == 1 and state["exp_avg"].shape == (3, 2)
+        np.testing.assert_allclose(opt.param_state(buf[1])["exp_avg"], 0.1)
+        new = {"l1": {"W": np.full((3, 2), 2.0), "b": np.full(2, 3.0)}}
+        opt.sync_master(new)
+        np.testing.assert_array_equal(buf.data, [2.0] * 6 + [3.0] * 2)
+        before = buf.data.copy()
+        with pytest.raises(ValueError, match=r"values\['l1\.b'\] has shape \(3,\)|"
+                                             r"values\['l1'\]\['b'\] has shape \(3,\)"):
+            opt.sync_master({"l1": {"W": np.ones((3, 2)), "b": np.ones(3)}})
+        np.testing.assert_array_equal(buf.data, before)
+        with pytest.raises(ValueError, match="no param named 'l2.W'"):
+            opt.param_state("l2.W")

@@ -38,6 +38,7 @@ from ..backends.lowp import is_low_precision
 from ..optim.base import (Optimizer, _InGroups, _all_finite, _brief, order_in_checkpoint,
                           prepared_load, schedule_value)
 from ..clip import scaled_sumsq
+from ..optim.interrupt import finished
 from ..optim.named import KeyTree
 from ..optim.state_format import state_dtype_name
 from ..params import FlatArrays, _address, _root, memory_runs
@@ -134,6 +135,19 @@ def _plan_buckets(offsets, min_elems):
     if hi > 0:
         buckets.append((0, hi))
     return buckets
+
+
+def _dotted(tree, prefix="") -> dict:
+    """A dict of layers as ``{"l1.W": array, ...}`` (the names a
+    checkpoint records)."""
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_dotted(v, name + "."))
+        else:
+            out[name] = v
+    return out
 
 
 class _Round:
@@ -240,10 +254,18 @@ class _Distributed:
             f"{type(self).__name__} cannot bind params later: build it over an "
             "optimizer that has its params")
 
-    def sync_master(self) -> None:
+    def sync_master(self, values=None) -> None:
         """The wrapped optimizer's :meth:`~fastopt.optim.base.Optimizer.sync_master`:
-        after writing new values into 16-bit params in place (on every rank)."""
-        self._inner.sync_master()
+        after writing new values into 16-bit params in place, or with
+        ``values``, full-precision weights (pretrained float32 weights for
+        bfloat16 training), one array per param in param order (a list, a
+        FlatArrays, or a dict by name where the params were given by name):
+        the master copies take them exactly and the params their rounding.
+        Call it on every rank, with the same values (no communication)."""
+        if values is None:
+            self._inner.sync_master()
+        else:
+            self._sync_master_values(values)
 
     def load_state_dict(self, state_dict) -> None:
         """As an optimizer's: a mismatch raises :class:`fastopt.CheckpointError`
@@ -387,6 +409,14 @@ class DataParallel(_Distributed):
     @property
     def optimizer(self):
         return self._inner
+
+    def _sync_master_values(self, values):
+        self._inner.sync_master(values)      # a replica: the whole model on each rank
+
+    def param_state(self, param) -> dict:
+        """The wrapped optimizer's :meth:`~fastopt.optim.base.Optimizer.param_state`
+        (every rank holds the whole state: no communication)."""
+        return self._inner.param_state(param)
 
     @property
     def param_groups(self):
@@ -794,6 +824,90 @@ class ShardedOptimizer(_Distributed):
     def shard(self):
         """``(lo, hi)``: the slice of the parameter buffer this rank updates."""
         return self._lo, self._hi
+
+    # -- per-param views of the whole model -----------------------------------
+    def _locate(self, param) -> tuple:
+        """``(group, index in it)`` of ``param``: one of the arrays the
+        optimizer was made over, or its name (``"l1.W"``, ``("l1", "W")``)."""
+        if isinstance(param, tuple) and param and all(isinstance(k, str) for k in param):
+            param = ".".join(param)
+        for gi, (g, names) in enumerate(zip(self._global_arrays, self._names)):
+            for i, a in enumerate(g):
+                if a is param or (isinstance(param, str) and names is not None
+                                  and names[i] == param):
+                    return gi, i
+        if isinstance(param, str):
+            raise ValueError(f"no param named {param!r} in this ShardedOptimizer")
+        if not isinstance(param, np.ndarray):
+            raise TypeError("param_state takes one of the arrays, or its name where the "
+                            f"params were given by name, not a {type(param).__name__}")
+        raise ValueError(f"this ShardedOptimizer does not update that array (shape "
+                         f"{param.shape}): pass one of the arrays it was made over, the "
+                         "same object, not a copy or a new view")
+
+    def param_state(self, param) -> dict:
+        """One param's state as torch's ``opt.state[p]`` holds it (as an
+        unsharded optimizer's :meth:`~fastopt.optim.base.Optimizer.param_state`):
+        ``{"step": n, "exp_avg": array shaped like param, ...}``, copies. A
+        param's state lies on the ranks whose shards it spans, so this is a
+        collective, as :meth:`state_dict` (whose state it gathers): call it
+        on every rank with the same param; every rank gets it."""
+        gi, i = self._locate(param)
+        st = self.state_dict()["state"][gi]
+        g = self._global_arrays[gi]
+        start, a = sum(x.size for x in g[:i]), g[i]
+        out = {"step": st["step"]}
+        for name, buf in st["buffers"].items():
+            out[name] = buf[start:start + a.size].reshape(a.shape)
+        return out
+
+    def _sync_master_values(self, values):
+        """sync_master(values): the whole model's weights written on every
+        rank (the params outside this rank's shard too, which are its copies
+        of the others'), this shard's master copies exactly."""
+        arrays = [a for g in self._global_arrays for a in g]
+        labels = [f"[{n!r}]" if n is not None else f"[{k}]" for k, n in enumerate(
+            n for g, names in zip(self._global_arrays, self._names)
+            for n in (names if names is not None else [None] * len(g)))]
+        if isinstance(values, dict):
+            named = [n for names in self._names for n in (names or [])]
+            if len(named) != len(arrays):
+                raise TypeError("values must be a list of arrays in param order: it is a "
+                                "dict, but the params were not given by name")
+            flat = _dotted(values)
+            missing = [n for n in named if n not in flat]
+            if missing:
+                raise ValueError(f"values is missing {missing[0]!r}")
+            vals = [flat[n] for n in named]
+        else:
+            vals = V.as_array_list("values", list(values) if not isinstance(
+                values, (np.ndarray, list, tuple)) else values)
+        if len(vals) != len(arrays):
+            raise ValueError(f"values has {V.count(len(vals), 'array')} but params has "
+                             f"{len(arrays)}")
+        for lab, v, a in zip(labels, vals, arrays):
+            if not isinstance(v, np.ndarray):
+                raise TypeError(f"values{lab} must be an ndarray, got {type(v).__name__}")
+            if v.dtype.kind != "f" and not is_low_precision(v.dtype):
+                raise TypeError(f"values{lab} must hold floats, got {v.dtype}")
+            if v.shape != a.shape:
+                raise ValueError(f"values{lab} has shape {v.shape} but params{lab} has "
+                                 f"shape {a.shape}")
+        dtype = self._buffer.dtype
+        full = np.empty(self._n, np.float32 if is_low_precision(dtype) else dtype)
+        given = iter(vals)
+        for g, offs in zip(self._global_arrays, self._group_offsets):
+            for a, o in zip(g, offs):
+                full[o:o + a.size] = np.asarray(next(given), full.dtype).ravel()
+        rounded = full.astype(dtype)
+        lo, hi = self._lo, self._hi
+        shard = [full[s:e] for ps in self._pieces for s, e, _, _ in ps]
+
+        def write():        # (idempotent)
+            self._inner.sync_master(shard)          # this shard's params and masters
+            self._buffer[:lo] = rounded[:lo]
+            self._buffer[hi:] = rounded[hi:]
+        finished(write)
 
     def _grad_buffer(self, grads):
         if grads is self._cached:

@@ -765,3 +765,43 @@ def test_a_sharded_schedule_steps_on_the_planned_path_and_takes_a_new_one():
         assert opt.last_lr == ref.last_lr
     assert planned[1:4] == [True] * 3 and opt.lr_schedule(0) is second
     np.testing.assert_allclose(p.data, ref_p.data, **tol(np.float64))
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard"])
+@pytest.mark.parametrize("low", ["bfloat16", None])
+def test_sync_master_values_and_param_state_as_one_process(mode, low):
+    """sync_master(values) (pretrained float32 weights into 16-bit training)
+    and param_state(p) on both wrappers, as a single-process optimizer's:
+    the sharded ones write every rank's copy of the whole model, their
+    master copies for their shard, and gather a param's state across the
+    shards it spans (a collective)."""
+    import ml_dtypes
+
+    dtype = np.dtype(ml_dtypes.bfloat16) if low else np.dtype(np.float32)
+    ref_p, p = make_params(dtype), make_params(dtype)
+    ref = fastopt.AdamW(ref_p, lr=1e-2)
+    opt = (dist.DataParallel(fastopt.AdamW(p, lr=1e-2)) if mode == "dp"
+           else dist.ShardedOptimizer(fastopt.AdamW, list(p), lr=1e-2))
+    rng = np.random.default_rng(7)
+    weights = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    g = p.zeros_like()
+    for step in range(4):
+        if step == 2:
+            opt.sync_master(weights)
+            ref.sync_master(weights)
+            np.testing.assert_array_equal(p.data.astype(np.float32),
+                                          ref_p.data.astype(np.float32))
+        same = mean_grads(step, dtype.type)          # every rank's: the mean is it
+        for view, a in zip(g, same):
+            view[...] = a
+        opt.step(g)
+        ref.step(same)
+    np.testing.assert_allclose(p.data.astype(np.float32), ref_p.data.astype(np.float32),
+                               rtol=1e-2 if low else 2e-5, atol=1e-2 if low else 2e-6)
+    for k in (0, 2, 4):          # params split across shards too
+        got, want = opt.param_state(p[k]), ref.param_state(ref_p[k])
+        assert sorted(got) == sorted(want) and got["step"] == want["step"] == 4
+        for name in ("exp_avg", "exp_avg_sq"):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"values\[1\] has shape \(3,\) but params\[1\]"):
+        opt.sync_master([weights[0], np.ones(3, np.float32), *weights[2:]])
