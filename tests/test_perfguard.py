@@ -419,3 +419,28 @@ def test_a_measurement_that_fails_exits_3_not_as_a_regression(tmp_path, monkeypa
     with pytest.raises(SystemExit):
         main(["check-perf", "--help"])
     assert "1 a ratio below its floor" in capsys.readouterr().out
+
+
+def test_check_perf_case_selects_the_cases_to_measure(monkeypatch, tmp_path, capsys):
+    """--case PATTERN (a part of the name, or a glob), repeatable: a CI job
+    that guards one kernel, or reruns the one that failed."""
+    from fastopt.cli import main
+    path = tmp_path / "floors.json"
+    path.write_text(json.dumps({"attempts": 1, "pause_s": 0, "cases": [
+        {"case": name, "kind": "sgd", "shape": [64], "floors": {"numba": {"numpy": 1.0}}}
+        for name in ("sgd tiny", "adamw tiny", "adamw small")]}))
+    measured = []
+    monkeypatch.setattr(perfguard, "_measure", lambda c, rounds: (
+        measured.append(c["case"]) or ({"numba": {"numpy": 2.0}}, {"numba": 1e-3})))
+    assert main(["check-perf", "--floors", str(path), "--case", "adamw*"]) == 0
+    assert measured == ["adamw tiny", "adamw small"]
+    del measured[:]
+    assert main(["check-perf", "--floors", str(path), "--case", "small",
+                 "--case", "sgd"]) == 0
+    assert measured == ["sgd tiny", "adamw small"]
+    del measured[:]
+    capsys.readouterr()
+    assert main(["check-perf", "--floors", str(path), "--case", "lion*"]) == 2
+    assert measured == []
+    err = capsys.readouterr().err
+    assert "--case 'lion*' matches none of the floors file's cases: 'sgd tiny'" in err

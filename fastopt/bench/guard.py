@@ -344,6 +344,25 @@ def _measure_on_build(c, rounds):
     return None
 
 
+def select_cases(spec, patterns):
+    """``spec`` with only the cases whose label (``adamw 1 x 16M``,
+    ``... [x86-64-v3]``) matches one of ``patterns``: a shell-style glob
+    (``"adamw*"``) or, without ``*?[``, a part of the label. None matching
+    is a ValueError listing the labels."""
+    import fnmatch
+
+    def matches(text, pattern):
+        if any(ch in pattern for ch in "*?["):
+            return fnmatch.fnmatchcase(text, pattern)
+        return pattern in text
+    kept = [c for c in spec["cases"] if any(matches(label(c), p) for p in patterns)]
+    if not kept:
+        shown = ", ".join(repr(label(c)) for c in spec["cases"])
+        raise ValueError(f"--case {' '.join(map(repr, patterns))} matches none of the "
+                         f"floors file's cases: {shown}")
+    return {**spec, "cases": kept}
+
+
 def run_checks(spec, attempts=None, rounds=None, progress=None):
     """Measure every case; re-measure cases with a check below its floor."""
     attempts = spec.get("attempts", 3) if attempts is None else attempts

@@ -25,6 +25,10 @@ def add_arguments(parser):
     parser.add_argument("--attempts", type=positive_int, default=None,
                         help="measurements before a ratio below its floor fails "
                              "(default: the file's, else 3)")
+    parser.add_argument("--case", metavar="PATTERN", action="append", default=None,
+                        help="check only the cases whose name matches PATTERN (a part "
+                             "of it, or a glob such as 'adamw*'); repeat for more "
+                             "(default: every case in the floors file)")
     parser.add_argument("--json", metavar="PATH", default=None, type=user_path,
                         help="also write the result as JSON to PATH: every check's "
                              "floor, measured ratios and times, the machine, and the "
@@ -42,6 +46,8 @@ def run(args):
             return EXIT_SETUP
     try:
         spec = perfguard.load_floors(args.floors)
+        if args.case:
+            spec = perfguard.select_cases(spec, args.case)
     except (OSError, ValueError) as exc:      # the message names the file and the entry
         return _fail(args, EXIT_SETUP, str(exc), perfguard.as_json)
     from ..bench import timing
