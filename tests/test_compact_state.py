@@ -498,7 +498,7 @@ def test_a_gradient_whose_square_overflows_keeps_its_8bit_block(backend, cls):
     a code of its own: the element stops stepping, as with float32 state
     (whose moment is inf there), and its neighbours step (less far than with
     float32 state: their first moments are 1e30 times below the block's
-    largest, under the 8-bit grid's floor, README "What 8 bits keep")."""
+    largest, under the 8-bit grid's floor, docs/api.md, "What 8 bits keep")."""
     def run(fmt):
         p = [np.ones(256, np.float32)]
         opt = cls(p, lr=1e-3, state_dtype=fmt, backend=backend)

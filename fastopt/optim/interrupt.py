@@ -26,7 +26,7 @@ idempotent and takes at most one step's time.
 Covered: the compiled host backends (Cython, Numba) through
 ``Optimizer.step``, and SAM's ``step`` and ``perturb`` there (each of
 SAM's passes counts itself in its table's outcome too). Not covered
-(README, "All or nothing"): the NumPy reference backend (it writes array
+(docs/training.md, "All or nothing"): the NumPy reference backend (it writes array
 by array), device steps, and the steps of L-BFGS and the distributed
 optimizers.
 """

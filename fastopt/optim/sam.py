@@ -317,7 +317,7 @@ class SAM:
             except INTERRUPTS:
                 # a Ctrl-C as a kernel returned: the perturbation completed
                 # and perturbed set, or nothing written and nothing set. Not
-                # on the NumPy backend (README, "All or nothing"): it writes
+                # on the NumPy backend (docs/training.md, "All or nothing"): it writes
                 # array by array and counts after, so an interrupt between
                 # the two could not be told from one before the writes
                 if self.backend != "numpy":
