@@ -6,7 +6,7 @@ bf16 every step)."""
 import numpy as np
 
 import fastopt
-from fastopt.bench import cases, mixed_precision
+from fastopt.bench import cases, mixed_precision, timing
 
 from . import common
 
@@ -43,7 +43,7 @@ class LossScaledStep:
         scaler = fastopt.LossScaler(init_scale=1.0) if scaling == "loss_scaler" else None
         opt = fastopt.AdamW(params, lr=1e-3, backend=backend, loss_scaler=scaler)
         self.step = lambda: opt.step(grads)
-        self.step()
+        timing.warm_up(self.step)
 
     def time_step(self, size, scaling, backend):
         self.step()

@@ -6,7 +6,7 @@ import numpy as np
 
 import fastopt
 from fastopt import schedules
-from fastopt.bench import machine
+from fastopt.bench import machine, timing
 
 from . import common
 
@@ -71,7 +71,7 @@ class ScheduledAdamWStep:
             opt = fastopt.AdamW(params, backend=impl,
                                 lr=1e-3 if lr == "fixed" else _schedule("warmup_cosine"))
             self.step = lambda: opt.step(grads)
-        self.step()
+        timing.warm_up(self.step)
 
     def time_step(self, lr, impl):
         self.step()

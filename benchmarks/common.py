@@ -12,7 +12,7 @@ import os
 import tracemalloc
 
 import fastopt
-from fastopt.bench import cases, ratios, steps
+from fastopt.bench import cases, ratios, steps, timing
 
 
 def _check_measured_checkout():
@@ -54,7 +54,7 @@ def build_step(impl, kind, shapes, dtype="float32", clip=False, layout="packed",
     fn, note = steps.make_step(impl, kind, shapes, dtype, clip, layout, state)
     if fn is None:
         raise NotImplementedError(note)
-    fn()   # compile (Numba) and fault pages in outside the timing
+    timing.warm_up(fn)   # compile (Numba), fault pages in, the first steps' checks
     return fn
 
 

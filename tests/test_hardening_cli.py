@@ -520,3 +520,35 @@ def test_a_picture_is_written_whole_or_not_at_all(tmp_path):
     assert target.read_bytes()[:8] == (tmp_path / "lr").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in (tmp_path / "lr.svg").read_bytes()[:400]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.png", "lr", "lr.svg"]
+
+
+def test_a_second_bench_on_the_same_out_is_refused(tmp_path, capsys, monkeypatch):
+    """Two fastopt bench runs on one --out wrote bench.json and bench.png
+    over each other's, both exiting 0 (asv maintainer's trial)."""
+    from fastopt.cli.out_lock import OutLock
+    first = OutLock(tmp_path, "bench")
+    assert first.acquire() is None            # a first run holds the folder
+    monkeypatch.setattr(matrix, "run", lambda *a, **k: pytest.fail("measured"))
+    try:
+        assert main(["bench", "--quick", "--out", str(tmp_path)]) == 2
+    finally:
+        first.release()
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path}: another fastopt bench (pid {os.getpid()}) is writing" in err
+    assert not (tmp_path / ".fastopt-bench.lock").exists()
+    # a train run's lock is its own: bench and train may share a folder
+    train = OutLock(tmp_path)
+    assert train.acquire() is None
+    assert OutLock(tmp_path, "bench").acquire() is None
+    train.release()
+
+
+def test_bench_without_a_chart_removes_an_earlier_one(tmp_path, monkeypatch):
+    """Without matplotlib, the bench.png of an earlier run stayed beside the
+    new bench.json, read as its chart."""
+    from fastopt.bench import report
+    (tmp_path / "bench.png").write_bytes(b"an earlier run's chart")
+    monkeypatch.setattr(report, "plot", lambda rep, path: False)
+    written = report.write({"results": []}, str(tmp_path))
+    assert written == [str(tmp_path / "bench.json")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]

@@ -444,3 +444,34 @@ def test_check_perf_case_selects_the_cases_to_measure(monkeypatch, tmp_path, cap
     assert measured == []
     err = capsys.readouterr().err
     assert "--case 'lion*' matches none of the floors file's cases: 'sgd tiny'" in err
+
+
+def test_check_perf_that_measured_nothing_is_no_pass(monkeypatch, tmp_path, capsys):
+    """Every check skipped (a floors file for a build this CPU cannot run)
+    exited 0, ok: a gate that checked nothing passed. It exits 2 now; and an
+    unexpected error anywhere exits 3, so that 1 means a regression only.
+    The JSON carries its schema and the run (when, options, commit)."""
+    from fastopt.cli import main
+    path, out = tmp_path / "floors.json", tmp_path / "r.json"
+    path.write_text(json.dumps({"attempts": 1, "pause_s": 0, "cases": [
+        {"case": "tiny", "kind": "sgd", "shape": [64], "floors": {"numba": {"numpy": 1.0}}}]}))
+    monkeypatch.setattr(perfguard, "_measure", lambda c, rounds: None)   # cannot run it
+    monkeypatch.setitem(perfguard.__dict__, "_measure", lambda c, rounds: None)
+    spec = perfguard.load_floors(str(path))
+    spec["cases"][0]["simd"] = "x86-64-v4"
+    monkeypatch.setattr(perfguard, "load_floors", lambda p: spec)
+    assert main(["check-perf", "--floors", str(path), "--json", str(out)]) == 2
+    result = json.loads(out.read_text())
+    assert result["schema"] == 1 and result["exit_status"] == 2 and not result["ok"]
+    assert "every check was skipped" in result["error"]
+    assert result["run"]["started"] and result["run"]["options"]["floors"] == str(path)
+    assert "every check was skipped" in capsys.readouterr().err
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug in the report")
+    monkeypatch.setattr(perfguard, "_measure", lambda c, rounds: (
+        {"numba": {"numpy": 2.0}}, {"numba": 1e-3}))
+    monkeypatch.setattr(perfguard, "report", broken)
+    assert main(["check-perf", "--floors", str(path), "--json", str(out)]) == 3
+    result = json.loads(out.read_text())
+    assert result["exit_status"] == 3 and "RuntimeError: a bug in the report" in result["error"]

@@ -399,14 +399,21 @@ def run_checks(spec, attempts=None, rounds=None, progress=None):
     return checks
 
 
-def as_json(checks, floors_path, exit_status, error=None, load=None) -> dict:
+#: the layout of check-perf's --json (raised when a key changes meaning
+#: or goes; new keys keep it)
+JSON_SCHEMA = 1
+
+
+def as_json(checks, floors_path, exit_status, error=None, load=None, run=None) -> dict:
     """The result of a check-perf run for a CI job to read: every check,
     the machine, its load while measuring (``fastopt bench``'s ``load``; None
-    where nothing was measured), and the exit status (0 ok, 1 regression,
-    2 setup, 3 measuring failed, 130 / 143 interrupted by Ctrl-C / SIGTERM) with
-    ``error`` saying why where it is not 0 or 1."""
+    where nothing was measured), the run (``fastopt bench``'s ``run``: when,
+    the options, fastopt's commit) and the exit status (0 ok, 1 regression,
+    2 setup or nothing measured, 3 measuring failed, 130 / 143 interrupted
+    by Ctrl-C / SIGTERM) with ``error`` saying why where it is not 0 or 1."""
     from . import machine
-    return {"floors": floors_path or DEFAULT_FLOORS, "exit_status": exit_status,
+    return {"schema": JSON_SCHEMA, "run": run,
+            "floors": floors_path or DEFAULT_FLOORS, "exit_status": exit_status,
             "ok": exit_status == 0, "error": error, "machine": machine.describe(),
             "load": load,
             "checks": [{"case": ch.case, "simd": ch.simd, "impl": ch.impl, "metric": ch.metric,

@@ -65,7 +65,7 @@ def adamw_step(impl, dtype_name, w, g):
 
     def step():
         opt.step(grads)
-    step()
+    timing.warm_up(step)
     return step
 
 

@@ -85,9 +85,15 @@ def format_table(report) -> str:
     return "\n".join(lines)
 
 
+#: the layout of bench.json (docs/benchmarking.md, "bench.json"): raised
+#: when a key changes meaning or goes; new keys keep it
+SCHEMA = 1
+
+
 def save(report, path):
-    """The report as JSON, written beside ``path`` and renamed into it (an
-    interrupted save leaves the previous file or none)."""
+    """The report as JSON (its ``"schema"`` first), written beside ``path``
+    and renamed into it (an interrupted save leaves the previous file or none)."""
+    report = {"schema": SCHEMA, **{k: v for k, v in report.items() if k != "schema"}}
     write_atomically(path, json.dumps(report, indent=1).encode())
 
 
@@ -103,6 +109,10 @@ def write(report, out, written=None):
     chart = os.path.join(out, "bench.png")
     if plot(report, chart):
         written.append(chart)
+    elif os.path.isfile(chart):
+        # an earlier run's (no matplotlib now): beside this bench.json it
+        # would be read as this run's chart
+        os.remove(chart)
     return written
 
 

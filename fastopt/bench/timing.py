@@ -21,6 +21,19 @@ import time
 import numpy as np
 
 
+#: calls that take a step past its start: the first compiles (Numba),
+#: faults pages in and makes fastopt's step plan; the first two check who
+#: holds the params (fastopt/optim/orphans.py, about 1 ms each); from the
+#: third on a step is what every later one is
+WARMUP_CALLS = 3
+
+
+def warm_up(fn) -> None:
+    """``fn`` called :data:`WARMUP_CALLS` times, outside any timing."""
+    for _ in range(WARMUP_CALLS):
+        fn()
+
+
 def time_all(fns, rounds, min_block=0.02, medians=None):
     """Minimum mean seconds per call of each function (and, into the dict
     ``medians`` when given, the median over the rounds: with the minimum,
@@ -32,7 +45,7 @@ def time_all(fns, rounds, min_block=0.02, medians=None):
     """
     calls = {}
     for name, fn in fns.items():
-        fn()                                 # warm up: compile, fault pages in
+        warm_up(fn)
         t0 = time.perf_counter()
         fn()
         calls[name] = max(1, int(min_block / max(time.perf_counter() - t0, 1e-7)))

@@ -79,19 +79,33 @@ def run(args):
 
 
 def _run(args, term):
-    import datetime
-
-    from ..bench import cases, in_loop, matrix, report
-    from ..bench.machine import run_entry
     from .common import output_dir_problem
+    from .out_lock import OutLock
 
     # before minutes of measuring, not after them
     problem = output_dir_problem(args.out, ("bench.json", "bench.png"))
+    lock = None
+    if not problem:
+        lock = OutLock(args.out, "bench")
+        problem = lock.acquire()
     if problem:
         from .common import remove_unused_output_dirs
         remove_unused_output_dirs()     # parents made before the folder failed
         print(f"fastopt bench: --out {args.out or repr('')}: {problem}", file=sys.stderr)
         return 2
+    try:
+        return _measure_and_write(args, term)
+    finally:
+        lock.release()
+
+
+def _measure_and_write(args, term):
+    """bench's measuring and writing, --out checked and held."""
+    import datetime
+
+    from ..bench import cases, in_loop, matrix, report
+    from ..bench.machine import run_entry
+
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     # before measuring (two git calls): a stop after it then finds nothing left to do
     run = run_entry(started, {k: v for k, v in vars(args).items()
@@ -142,7 +156,8 @@ def _run(args, term):
     if len(written) > 1:
         print(f"chart:   {written[1]}")
     else:
-        print("chart:   skipped (matplotlib not installed: pip install matplotlib)")
+        print("chart:   none (matplotlib not installed: pip install matplotlib; an earlier "
+              "bench.png in --out was removed)")
     return 0
 
 

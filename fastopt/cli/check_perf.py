@@ -9,10 +9,11 @@ HELP = "check same-run speed ratios against the floors shipped with fastopt"
 
 EXIT_OK, EXIT_REGRESSION, EXIT_SETUP, EXIT_MEASURING = 0, 1, 2, 3
 EXIT_STATUS = ("exit status: 0 every ratio at or above its floor; 1 a ratio below its "
-               "floor on every attempt (a performance regression); 2 a bad floors file "
-               "or a setup it cannot measure (nothing measured); 3 the measurement "
-               "itself failed (an error, not a regression); 130 / 143 interrupted by Ctrl-C "
-               "/ SIGTERM (no verdict; --json written)")
+               "floor on every attempt (a performance regression, and nothing else); 2 a "
+               "bad floors file or a setup it cannot measure (nothing measured, every "
+               "check skipped included); 3 the measurement itself failed (an error, not a "
+               "regression); 130 / 143 interrupted by Ctrl-C / SIGTERM (no verdict; --json "
+               "written)")
 
 
 def add_arguments(parser):
@@ -39,6 +40,22 @@ def add_arguments(parser):
 def run(args):
     from ..bench import guard as perfguard
 
+    try:
+        return _run(args, perfguard)
+    except Exception as exc:    # noqa: BLE001 - exit 1 is a regression's, and only that
+        import traceback
+        traceback.print_exc()
+        return _fail(args, EXIT_MEASURING, f"failed: {type(exc).__name__}: {exc}",
+                     perfguard.as_json)
+
+
+def _run(args, perfguard):
+    import datetime
+
+    from ..bench.machine import run_entry
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    args.run = run_entry(started, {k: v for k, v in vars(args).items()
+                                   if k not in ("func", "command")})
     if args.json is not None:      # before minutes of measuring, not after them
         problem = output_file_problem(args.json)
         if problem:
@@ -73,14 +90,23 @@ def run(args):
               f"({load['other_processes']['note']}); a threaded step waits for descheduled "
               "threads, so a miss may be the machine's", file=sys.stderr)
     status = EXIT_OK if all(ch.ok for ch in checks) else EXIT_REGRESSION
-    if not _write_json(args, perfguard.as_json(checks, args.floors, status, load=load)):
+    error = None
+    if checks and all(ch.skipped for ch in checks):
+        # a gate that checked nothing (every entry for a build this CPU cannot
+        # run) must not read as a pass
+        status, error = EXIT_SETUP, ("every check was skipped (" + checks[0].skipped +
+                                     "): nothing measured on this machine")
+        print(f"fastopt check-perf: {error}", file=sys.stderr)
+    if not _write_json(args, perfguard.as_json(checks, args.floors, status, error=error,
+                                               load=load, run=args.run)):
         return EXIT_SETUP      # (a traceback exited 1: a regression's code)
     return status
 
 
 def _fail(args, status, message, as_json):
     print(f"fastopt check-perf: {message}", file=sys.stderr)
-    _write_json(args, as_json([], args.floors, status, error=message))
+    _write_json(args, as_json([], args.floors, status, error=message,
+                              run=getattr(args, "run", None)))
     return status
 
 

@@ -1,4 +1,4 @@
-"""One ``fastopt train`` per ``--out`` at a time.
+"""One ``fastopt train`` (or ``fastopt bench``) per ``--out`` at a time.
 
 Two runs given the same ``--out`` (a batch job submitted twice, a requeue
 while the first still runs) both passed the checks for an existing
@@ -7,7 +7,8 @@ checkpoints over each other's, both exiting 0. A run now holds an advisory
 lock on ``OUT/.fastopt-train.lock`` (``flock``: the system lets go of it
 when the process ends, SIGKILL included, so a killed run leaves no stale
 lock) from its checks to its exit, and a second run is refused with the
-first one's pid.
+first one's pid. ``fastopt bench`` holds its own (two runs on one --out
+wrote bench.json and bench.png over each other's, both exiting 0).
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from __future__ import annotations
 import contextlib
 import os
 
-LOCK = ".fastopt-train.lock"
+#: the lock file of ``fastopt <command>`` in its --out
+LOCK_OF = ".fastopt-{command}.lock"
+LOCK = LOCK_OF.format(command="train")
 
 
 class OutLock:
-    """The lock on one output folder (which exists)."""
+    """``fastopt <command>``'s lock on one output folder (which exists)."""
 
-    def __init__(self, folder):
-        self.path = os.path.join(os.fspath(folder) or ".", LOCK)
+    def __init__(self, folder, command="train"):
+        self.command = command
+        self.path = os.path.join(os.fspath(folder) or ".", LOCK_OF.format(command=command))
         self._fd = None
 
     def acquire(self) -> str | None:
@@ -41,7 +45,8 @@ class OutLock:
             except OSError:
                 holder = _read(fd)
                 os.close(fd)
-                return (f"another fastopt train{f' (pid {holder})' if holder else ''} is "
+                return (f"another fastopt {self.command}"
+                        f"{f' (pid {holder})' if holder else ''} is "
                         "writing to this --out; wait for it to end, or give this run "
                         "another --out")
             # the file may have been removed by the run that held it between
