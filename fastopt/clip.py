@@ -98,7 +98,19 @@ def _by_name(grads):
     """``(grads, labels)``: grads given by name (a dict, nested dicts too) as
     their arrays in key order, as an optimizer reads them, or as lists of
     lists (one per optimizer), and how errors name them (``grads['W']``,
-    ``grads[1][0]``); anything else as given, labels None."""
+    ``grads[1][0]``); anything else as given, labels None. A None (a frozen
+    layer's gradient, as an optimizer's step takes it) is left out, as
+    torch's ``clip_grad_norm_`` leaves out params without a grad."""
+    grads, labels = _arrays_by_name(grads)
+    if isinstance(grads, (list, tuple)) and any(g is None for g in grads):
+        labels = labels or [f"grads[{i}]" for i in range(len(grads))]
+        kept = [(g, lab) for g, lab in zip(grads, labels) if g is not None]
+        return [g for g, _ in kept], [lab for _, lab in kept]
+    return grads, labels
+
+
+def _arrays_by_name(grads):
+    """:func:`_by_name`, Nones kept."""
     if isinstance(grads, dict):
         return _dict_arrays(grads, "grads") if grads else ([], None)   # {}: norm 0
     if type(grads) in (list, tuple) and any(isinstance(g, (list, tuple, dict)) for g in grads):

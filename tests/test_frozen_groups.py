@@ -162,3 +162,24 @@ def test_a_list_of_none_for_every_param_only_counts_the_step():
     np.testing.assert_array_equal(p, moved)
     opt.step([np.ones(3)])
     assert opt.last_lr[0] == pytest.approx(1e-2 * (1 - 3 / 10))
+
+
+def test_the_clipping_functions_leave_a_frozen_layers_none_out():
+    """global_norm and clip_by_global_norm take the same gradients as the
+    step, Nones included (torch's clip_grad_norm_ skips params without a
+    grad), naming the others by their place as before."""
+    rng = np.random.default_rng(5)
+    head = rng.standard_normal(4)
+    by_name = {"backbone": None, "head": {"W": head.copy(), "b": None}}
+    listed = [None, head.copy(), None]
+    want = float(np.linalg.norm(head))
+    assert fastopt.global_norm(by_name) == fastopt.global_norm(listed) == pytest.approx(want)
+    assert fastopt.global_norm([None]) == 0.0
+    assert fastopt.clip_by_global_norm(by_name, 0.5) == pytest.approx(want)
+    assert fastopt.clip_by_global_norm(listed, 0.5) == pytest.approx(want)
+    np.testing.assert_allclose(by_name["head"]["W"], head * 0.5 / (want + 1e-6))
+    np.testing.assert_allclose(listed[1], head * 0.5 / (want + 1e-6))
+    with pytest.raises(TypeError, match=r"grads\[2\] must be an ndarray, got str"):
+        fastopt.global_norm([None, head, "x"])
+    opt = fastopt.SGD([{"params": [np.ones(3)]}, {"params": [np.ones(4)]}], max_grad_norm=1.0)
+    assert opt.step([None, head]) == pytest.approx(want)
