@@ -155,11 +155,20 @@ def _named_params(params):
     """``(KeyTree, arrays in its order)`` for params given by name (a dict,
     dicts of layers allowed), ``(None, arrays)`` otherwise. A list of
     param-group dicts, as the optimizer took it, is its groups' arrays in
-    order, as a list (the order of the optimizer's own params)."""
+    order (the order of the optimizer's own params): by name where every
+    group holds its params by name (a model's layers split between groups:
+    loaded by position, layers of one shape were swapped without a word),
+    else as a list."""
     from . import _validate as V
     params = V.listed(params)
     if _is_group_list(params):
-        params = [a for g in params for a in _named_params(g["params"])[1]]
+        parts = [_named_params(g["params"]) for g in params]
+        if all(names is not None for names, _ in parts):
+            tree = parts[0][0]
+            for gi, (names, _) in enumerate(parts[1:], 1):
+                tree = tree.merge(names, f"params[{gi}]['params']")
+            return tree, [a for _, arrays in parts for a in arrays]
+        params = [a for _, arrays in parts for a in arrays]
     if not isinstance(params, dict):
         return None, _param_list(params)
     from .optim.named import KeyTree
@@ -515,6 +524,7 @@ def _span(a):
 def _prepare_params(given, tree):
     if "params" not in tree:
         raise CheckpointError("the checkpoint holds no params")
+    from . import _validate as V
     from .optim.named import KeyTree
     names, params = _named_params(given)
     saved = tree["params"]
@@ -538,6 +548,8 @@ def _prepare_params(given, tree):
                 raise CheckpointError(f"the checkpoint has params{extra[0]}, which is not "
                                       "in the params given")
             saved = [by_path[p] for p in paths]
+    elif names is not None and _is_group_list(V.listed(given)):
+        names = None        # groups by name saved as a list (before they were by name)
     elif names is not None:
         raise CheckpointError("the checkpoint holds its params as a list, not by name: "
                               "load them as a list, in the order they were saved")

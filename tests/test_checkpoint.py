@@ -170,6 +170,40 @@ def test_params_given_as_the_optimizers_param_groups(tmp_path):
     fastopt.load(tmp_path / "c.npz", params=[W, b])        # the same as a plain list
 
 
+def test_groups_by_name_save_and_load_by_name(tmp_path):
+    """A named checkpoint loaded into a list of group dicts by name (a
+    model's layers split between groups for their lr or weight decay) was
+    loaded by position: layers of one shape swapped without a word
+    (fine-tuning trial). By name now, both ways; a list saved from such
+    groups still loads into them by position."""
+    rng = np.random.default_rng(3)
+
+    def model():
+        return {"body": {"W": rng.standard_normal((4, 4)), "b": rng.standard_normal(4)},
+                "head": {"W": rng.standard_normal((4, 4)), "b": rng.standard_normal(4)}}
+
+    def split(m):      # weights in one group, biases in another: new dicts
+        return [{"params": {k: {"W": d["W"]} for k, d in m.items()}},
+                {"params": {k: {"b": d["b"]} for k, d in m.items()}, "weight_decay": 0.0}]
+    saved = model()
+    fastopt.save(tmp_path / "named.npz", params=saved)
+    for groups_of in (split, lambda m: [{"params": {"head": m["head"]}},
+                                         {"params": {"body": m["body"]}}]):
+        into = model()
+        fastopt.load(tmp_path / "named.npz", params=groups_of(into))
+        assert_same_tree(snapshot(into), snapshot(saved))
+    fastopt.save(tmp_path / "groups.npz", params=split(saved))
+    assert set(fastopt.load(tmp_path / "groups.npz")["params"]) == {"body", "head"}
+    into = model()
+    fastopt.load(tmp_path / "groups.npz", params=into)
+    assert_same_tree(snapshot(into), snapshot(saved))
+    listed = [saved["body"]["W"], saved["head"]["W"], saved["body"]["b"], saved["head"]["b"]]
+    fastopt.save(tmp_path / "list.npz", params=listed)
+    into = model()
+    fastopt.load(tmp_path / "list.npz", params=split(into))
+    assert_same_tree(snapshot(into), snapshot(saved))
+
+
 def test_a_negative_8bit_absmax_is_refused_as_corrupt():
     """It loaded, and the next step made the params NaN."""
     p = [np.ones(300, np.float32)]
