@@ -22,9 +22,8 @@ import numpy as np
 
 
 #: calls that take a step past its start: the first compiles (Numba),
-#: faults pages in and makes fastopt's step plan; the first two check who
-#: holds the params (fastopt/optim/orphans.py, about 1 ms each); from the
-#: third on a step is what every later one is
+#: faults pages in and makes fastopt's step plan, which the second runs
+#: (its first call reads the plan's arguments), as every later one does
 WARMUP_CALLS = 3
 
 

@@ -53,8 +53,8 @@ from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler, claim as claim_scaler
 from .interrupt import INTERRUPTS, Mark, finished, held
 from .named import KeyTree
-from .orphans import (CHECK_EVERY, FIRST_CHECK, call_site, checked, reference_counts,
-                      replaced_hint, warn_if_unheld)
+from .orphans import (CHECK_EVERY, FIRST_CHECK, checked, reference_counts, replaced_hint,
+                      warn_if_unheld)
 from .param_list import ParamList
 from .param_state import GroupStates, param_state
 from .placement import placement_for
@@ -498,7 +498,6 @@ class Optimizer:
         self._params = all_params
         self._names = names
         self._given = params
-        self._made_at = call_site()
         self._watch = GivenParams.of(params, all_params, names)
         self._layout = tuple((a.shape, a.dtype) for a in self._params)
         # A FlatArrays of grads is matched to params in param order. If the
@@ -811,8 +810,7 @@ class Optimizer:
         state.pop("_lock", None)
         state.pop("_all_tables", None)     # made again with _tables
         state.update(_tables=None, _bound=None, _bound_list=None, _placement=None, _plan=None,
-                     _written_bufs=None, _cached=(None, None),    # (grads' views, not a copy's)
-                     _made_at=None, _made_at_running=False)     # (a code object: this process's)
+                     _written_bufs=None, _cached=(None, None))    # (grads' views, not a copy's)
         # A scheduled group's lr is the very float the schedule last wrote
         # (_with_schedule tells the user's own number by identity); pickle
         # makes two floats of one, so which groups still show it goes along
@@ -1244,10 +1242,6 @@ class Optimizer:
     #: the params' reference counts at the last check (None: the next one
     #: checks in full)
     _held_counts = None
-    #: where the user's code made (or bound) the optimizer (orphans.call_site),
-    #: and whether that call was running at the last whole check
-    _made_at = None
-    _made_at_running = False
 
     def _check_held(self, owner=None):
         """Warn (once) if some params are no one's (orphans.py; ``owner``:
@@ -1261,7 +1255,6 @@ class Optimizer:
         # reference count (a param's, its buffer's, or that of what it was
         # given in) fell since the last one: a replacement always lets go
         # of one, and counting costs about 50 ns each
-        checked(self)       # a peer of other optimizers' checks from now on
         counts = reference_counts(self)
         # (no plan yet: the step that makes it adds references of its own,
         # which would hide a replacement's fall from the next count)

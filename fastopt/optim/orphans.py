@@ -17,7 +17,7 @@ optimizer over (a notebook re-running ``layer.W = ...``): where the params
 were given in a list made for the call (``Adam([L.W, L.b])``) nothing can
 watch the user's own attributes, and the optimizer went on stepping the
 old array, the new one never trained. So the step checks, at step counts
-0, 1, 2, 4, ..., 256 and every ``CHECK_EVERY`` steps after that,
+``FIRST_CHECK``, 32, 64, ... and every ``CHECK_EVERY`` steps after that,
 whether anything outside it still holds each param, and
 warns (once) naming the first that something held at the last check and
 nothing holds now. Such a check first counts each param's references
@@ -44,17 +44,18 @@ from collections import Counter
 
 import numpy as np
 
-from .._warn import _PACKAGE, warn_user
+from .._warn import warn_user
 from ..params import FlatArrays
 
-#: the step count of the first check: the first step (a copy's too). A
-#: layer re-initialised in the first steps (an RL agent's early reset) was
-#: missed while the first check waited for step 16. What held the params
-#: then is what the later checks compare with: code that steps an
-#: optimizer in a function and then drops its own variables (a warm-up
-#: in a benchmark's setup that keeps only the step) is warned that nothing
-#: reads those arrays, which is so
-FIRST_CHECK = 0
+#: the step count of the first check (a copy's: its first step). Before
+#: it, code that made the optimizer may still hold the params in local
+#: variables it is about to drop (a benchmark's setup, warm-up steps
+#: included): what holds them from the 16th step on is what holds them.
+#: (Checking from the first step, with the baseline taken again when the
+#: function that made the optimizer returned, was tried and dropped: a
+#: helper that makes the optimizer returns before any step, and a
+#: replacement right after that function's return went unseen)
+FIRST_CHECK = 16
 #: steps between two checks once the doubling reaches it (a check counts
 #: the params' references, about 50 ns each, and checks in full only where
 #: a count fell)
@@ -66,16 +67,26 @@ _CONTAINERS = (list, tuple, dict, set, frozenset)
 #: objects: skipped, the whole check is that much shorter)
 _ATOMS = frozenset({int, float, bool, str, complex, type(None), type})
 
-#: the optimizers that have checked (held weakly). One per layer over views
-#: of a vector the user packed: each one's views refer to the vector, so
-#: each would take the others' references for the user's and never see the
-#: vector replaced; such optimizers are judged together (:func:`_peers`)
-_CHECKED = weakref.WeakSet()
+#: buffer id -> {optimizer id: weak reference} of the optimizers whose
+#: params are views of that buffer, registered at their checks. One per
+#: layer over views of a vector the user packed: each one's views refer to
+#: the vector, so each would take the others' references for the user's and
+#: never see the vector replaced; such optimizers are judged together
+#: (:func:`_peers`). Weak references by id: an optimizer subclass may be
+#: unhashable (its own ``__eq__``)
+_BY_BUFFER: dict = {}
+#: peers judged with an optimizer at most (each is walked as the optimizer
+#: is, about 0.3 ms): past it, none are (the vector's replacement unseen,
+#: as before peers were judged), so that a check stays a few milliseconds
+MAX_PEERS = 16
 
 
 def checked(opt) -> None:
-    """``opt`` has checked who holds its params: a peer of later checks."""
-    _CHECKED.add(opt)
+    """``opt`` has checked who holds its params: a peer of later checks of
+    optimizers over views of the same buffers."""
+    ref = weakref.ref(opt)
+    for b in _buffer_ids(opt):
+        _BY_BUFFER.setdefault(b, {})[id(opt)] = ref
 
 
 def _buffer_ids(opt) -> set:
@@ -85,14 +96,25 @@ def _buffer_ids(opt) -> set:
 
 def _peers(opt) -> list:
     """The other checked optimizers, on the host, with params that are views
-    of a buffer some of ``opt``'s params are views of."""
+    of a buffer some of ``opt``'s params are views of (none past
+    :data:`MAX_PEERS`)."""
     mine = _buffer_ids(opt)
-    if not mine:
-        return []
-    return [o for o in list(_CHECKED)
-            if o is not opt and getattr(o, "_params", None) and o._given is not None
-            and o._placement is not None and not o._placement.device
-            and not mine.isdisjoint(_buffer_ids(o))]
+    found = {}
+    for b in mine:
+        entry = _BY_BUFFER.get(b)
+        if not entry:
+            continue
+        for key, ref in list(entry.items()):
+            o = ref()
+            if o is None:
+                del entry[key]          # (gone: its entry with it)
+            elif o is not opt and key not in found:
+                found[key] = o
+    peers = [o for o in found.values()
+             if getattr(o, "_params", None) and o._given is not None
+             and o._placement is not None and not o._placement.device
+             and not mine.isdisjoint(_buffer_ids(o))]    # (an id reused since: not a peer)
+    return peers if len(peers) <= MAX_PEERS else []
 
 
 def _fastopt_object(obj) -> bool:
@@ -283,35 +305,6 @@ def replaced_hint(opt) -> str:
             "(layer.W = ...), make the optimizer again over the new arrays")
 
 
-def call_site():
-    """Where the user's code called fastopt from: the innermost frame
-    outside fastopt, as ``(its depth from the outermost frame, its code)``;
-    None at a module's top level (a script's variables last as long as it
-    does, and each notebook cell runs as a module of its own)."""
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
-        frame = frame.f_back
-    if frame is None or frame.f_code.co_name == "<module>":
-        return None
-    code, depth = frame.f_code, 0
-    while frame.f_back is not None:
-        frame, depth = frame.f_back, depth + 1
-    return depth, code
-
-
-def _running(site) -> bool:
-    """Whether the function call :func:`call_site` found is on the stack:
-    the same function at the same depth (by code: a frame cannot be held
-    weakly, and holding it would keep its variables alive)."""
-    depth, code = site
-    frames = []
-    frame = sys._getframe(1)
-    while frame is not None:
-        frames.append(frame.f_code)
-        frame = frame.f_back
-    return depth < len(frames) and frames[len(frames) - 1 - depth] is code
-
-
 def warn_if_unheld(opt, owner=None) -> bool:
     """Warn when nothing outside ``opt`` (and the wrapper ``owner``
     holding it) holds some of its params any more (a copy: from its first
@@ -322,21 +315,13 @@ def warn_if_unheld(opt, owner=None) -> bool:
     try:
         if opt._given is None or opt._placement is None or opt._placement.device:
             return False
+        checked(opt)        # a peer of the checks of optimizers over the same buffers
         alone = unheld(opt, owner)
     except Exception:       # noqa: BLE001 - a heuristic: never a step's failure
         return False
     before, count = opt._held, len(opt._params)
-    first = before is None
-    site = opt._made_at
-    running, opt._made_at_running = opt._made_at_running, site is not None and _running(site)
-    if running and not opt._made_at_running:
-        # the function that made the optimizer has returned since the last
-        # check, and its variables with it: a benchmark's setup that ran
-        # warm-up steps and kept only the step let go of the params, which
-        # nobody replaced. What holds them now is what later checks compare with
-        before = ()
     opt._held = set(range(count)).difference(alone)
-    copy_alone = opt._copied and first and len(alone) == count
+    copy_alone = opt._copied and before is None and len(alone) == count
     alone = [i for i in alone if i in (before or ())]
     if not (alone or copy_alone):
         return False
