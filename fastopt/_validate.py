@@ -146,9 +146,8 @@ def readable(arrays, like=None):
     strided or Fortran-ordered array (``(dY.T @ X).T``) through a C-ordered
     copy, a NumPy scalar (``(x * s).sum()``, a 0-d param's gradient) or a
     Python float as its 0-d array; given the params ``like`` (in the same
-    order), a Python float or int for a 0-d param is an array of its dtype
-    (float32 for a 16-bit param: the step's compute dtype), as torch makes
-    ``torch.tensor(1.0)`` its default float type. ``arrays`` (one array, a list or a tuple) itself when
+    order), a Python float or int for a 0-d param is an array of its dtype,
+    as torch makes ``torch.tensor(1.0)`` its default float type. ``arrays`` (one array, a list or a tuple) itself when
     nothing needed that; anything else is left to the checks, as are
     subclasses (a masked array's copy would drop its mask) and a bare
     NumPy scalar given alone (as the whole of a step's argument, it may be
@@ -165,7 +164,7 @@ def readable(arrays, like=None):
             a = np.ascontiguousarray(a)
         elif type(a) in (float, int) and like is not None and i < len(like) and \
                 getattr(like[i], "ndim", None) == 0:
-            a = np.asarray(a, _scalar_dtype(like[i].dtype))   # a hand-written 0-d gradient
+            a = np.asarray(a, like[i].dtype)      # a hand-written 0-d gradient
         elif isinstance(a, np.generic) or type(a) is float:
             a = np.asarray(a)       # (a Python float: float64, as NumPy makes it)
         else:
@@ -174,11 +173,6 @@ def readable(arrays, like=None):
             out = list(arrays)
         out[i] = a
     return arrays if out is None else out
-
-
-def _scalar_dtype(dtype):
-    """The dtype a Python number takes as a gradient of a ``dtype`` param."""
-    return dtype if dtype in (np.float32, np.float64) else np.dtype(np.float32)
 
 
 def copied(given, readable) -> list:

@@ -559,8 +559,12 @@ def _prepare_params(given, tree):
         raise CheckpointError(f"the checkpoint holds {len(saved)} params, got {len(params)}")
     for label, a, b in zip(labels, params, saved):
         if a.shape != b.shape or a.dtype != b.dtype:
+            hint = ("; to start 16-bit params from full-precision weights, give them to "
+                    "the optimizer: opt.sync_master(fastopt.load(path)['params'])"
+                    if a.shape == b.shape and a.dtype.name in ("bfloat16", "float16")
+                    and b.dtype.kind == "f" else "")
             raise CheckpointError(f"{label} is {a.dtype}{list(a.shape)} but the "
-                                  f"checkpoint has {b.dtype}{list(b.shape)}")
+                                  f"checkpoint has {b.dtype}{list(b.shape)}{hint}")
         if not is_device_array(a) and not a.flags.writeable:
             raise CheckpointError(f"{label} is read-only")
 

@@ -183,3 +183,25 @@ def test_the_clipping_functions_leave_a_frozen_layers_none_out():
         fastopt.global_norm([None, head, "x"])
     opt = fastopt.SGD([{"params": [np.ones(3)]}, {"params": [np.ones(4)]}], max_grad_norm=1.0)
     assert opt.step([None, head]) == pytest.approx(want)
+
+
+def test_frozen_groups_with_pairs_a_loss_scaler_and_sam():
+    """A review's cases: (name, None) pairs freeze as a dict's None does; a
+    step with every group frozen checks no gradient, so the loss scaler
+    counts no good step; SAM says why it takes no None."""
+    p = {"a": np.ones(3), "b": np.ones(2)}
+    opt = fastopt.Adam([{"params": {"a": p["a"]}}, {"params": {"b": p["b"]}}])
+    opt.step([("b", np.ones(2)), ("a", None)])
+    assert [st["step"] for st in opt.state] == [0, 1]
+    np.testing.assert_array_equal(p["a"], 1.0)
+    scaler = fastopt.LossScaler(init_scale=8.0, growth_interval=2)
+    q = np.ones(3, np.float32)
+    opt = fastopt.Adam([q], loss_scaler=scaler)
+    opt.step([np.ones(3, np.float32)])
+    before = dict(vars(scaler))
+    for _ in range(3):
+        opt.step([None])
+    assert dict(vars(scaler)) == before
+    sam = fastopt.SAM(fastopt.SGD([{"params": [np.ones(3)]}, {"params": [np.ones(2)]}], lr=0.1))
+    with pytest.raises(TypeError, match=r"grads\[0\] is None: SAM steps every param"):
+        sam.perturb([None, np.ones(2)])

@@ -368,3 +368,23 @@ def test_cython_16_bit_master_is_the_float32_step_bit_for_bit(dtype, n):
         b.step([g.astype(np.float32)])
     assert a.param_state(low)["master"].tobytes() == full.tobytes()
     assert low.tobytes() == full.astype(dtype).tobytes()
+
+
+def test_sync_master_values_missing_a_layer_names_the_values():
+    """It said "grads is missing grads['l2']" (fine-tuning trial)."""
+    p = {"l1": {"W": np.ones(3, np.float32)}, "l2": {"W": np.ones(2, np.float32)}}
+    opt = fastopt.AdamW(p)
+    with pytest.raises(ValueError, match=r"values is missing values\['l2'\]"):
+        opt.sync_master({"l1": {"W": np.zeros(3, np.float32)}})
+
+
+def test_loading_float32_weights_into_16_bit_params_says_how():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import fastopt as fo
+    import tempfile, os
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "pre.npz")
+        fo.save(path, params={"W": np.ones((2, 2), np.float32)})
+        with pytest.raises(fo.CheckpointError, match=r"is bfloat16\[2, 2\] but the checkpoint "
+                                                     r"has float32\[2, 2\]; .*sync_master"):
+            fo.load(path, params={"W": np.zeros((2, 2), ml_dtypes.bfloat16)})

@@ -163,6 +163,10 @@ def test_a_checkpoint_saved_with_eps_0_says_how_to_load_it(name):
     sd["param_groups"][0]["eps"] = 1e-8
     other.load_state_dict(sd)
     assert other.state_dict()["param_groups"][0]["eps"] == 1e-8
+    sd["param_groups"][0].update(eps=0.0, lr=-1.0)      # another refusal: no eps hint
+    with pytest.raises(fastopt.CheckpointError, match=r"\['lr'\] must be >= 0") as refused:
+        other.load_state_dict(sd)
+    assert "earlier fastopt" not in str(refused.value)
 
 
 @pytest.mark.parametrize("name,kwargs,exc,match", BAD,

@@ -200,7 +200,7 @@ def test_numpy_scalar_grad_of_a_0d_param_steps_as_its_array(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_a_python_number_for_a_0d_param_takes_its_dtype(backend, dtype):
     """A hand-written 0-d gradient as a Python float or int (a student's
     ``opt.step([1])``): as torch's ``torch.tensor(1.0)`` takes the default

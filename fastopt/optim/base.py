@@ -252,19 +252,23 @@ _TORCH_SWITCHES = dict.fromkeys(
     "always one fused native call per group: drop it")
 
 
-def _name_pairs(params) -> bool:
+def _name_pairs(params, none=False) -> bool:
     """``params`` is a list of (name, array) pairs, as torch's
-    ``named_parameters()`` gives."""
+    ``named_parameters()`` gives (``none``: an array may be None, a frozen
+    param's gradient)."""
     return isinstance(params, (list, tuple)) and bool(params) and all(
         type(p) is tuple and len(p) == 2 and isinstance(p[0], str)
-        and (isinstance(p[1], np.ndarray) or _is_device_array(p[1])) for p in params)
+        and (isinstance(p[1], np.ndarray) or _is_device_array(p[1])
+             or (none and p[1] is None)) for p in params)
 
 
 def _holds_none(grads) -> bool:
     """Whether a list, tuple or dict (of layers) of gradients has a None
-    in it (a frozen param's, as torch leaves its grad)."""
+    in it (a frozen param's, as torch leaves its grad; in (name, array)
+    pairs too)."""
     if isinstance(grads, (list, tuple)):
-        return any(g is None for g in grads)
+        return any(g is None or (type(g) is tuple and len(g) == 2 and g[1] is None)
+                   for g in grads)
     if isinstance(grads, dict):
         return any(g is None or (isinstance(g, dict) and _holds_none(g))
                    for g in grads.values())
@@ -715,6 +719,11 @@ class Optimizer:
         also ``self.grad_norm``, and the lr each group used is
         ``self.last_lr``.
 
+        A param group whose every gradient is None (a frozen layer: ``None``
+        for each of its arrays, or for a whole layer in a dict of layers) is
+        left as it is this step, its state and step count included, as
+        torch skips a param whose grad is None.
+
         With ``skip_nonfinite`` or a ``loss_scaler``, a NaN or inf anywhere
         in ``grads`` skips the step: params and state are left untouched (the
         step counts used for bias correction do not advance),
@@ -810,7 +819,8 @@ class Optimizer:
         state.pop("_lock", None)
         state.pop("_all_tables", None)     # made again with _tables
         state.update(_tables=None, _bound=None, _bound_list=None, _placement=None, _plan=None,
-                     _written_bufs=None, _cached=(None, None))    # (grads' views, not a copy's)
+                     _written_bufs=None, _cached=(None, None),    # (grads' views, not a copy's)
+                     _stand_ins=None)
         # A scheduled group's lr is the very float the schedule last wrote
         # (_with_schedule tells the user's own number by identity); pickle
         # makes two floats of one, so which groups still show it goes along
@@ -1507,7 +1517,9 @@ class Optimizer:
         else:
             for st in self.state:
                 st["step"] += 1
-        if self.loss_scaler is not None:
+        if self.loss_scaler is not None and not (
+                self._frozen_now and len(self._frozen_now) == len(self.state)):
+            # (every group frozen: no gradient was checked, no good step to count)
             self.loss_scaler.update(found_inf=skip)
         self.iterations += 1
         self.grad_norm = norm
@@ -1683,29 +1695,39 @@ class Optimizer:
             self._bound_list = grads
             if self._backend.gather(t, grads):
                 return
-        # (a strided or Fortran-ordered gradient: read through a C-ordered
-        # copy, which the compiled reader then takes)
-        grads = self._readable_grads(self._grads_as_list(grads))
-        self._bound_list = grads
+        grads = self._grads_as_list(grads)
         gather = getattr(self._backend, "gather", None)
-        if gather is not None:
-            ok = True
-            single = len(tables) == 1 and len(tables[0]) == 1
-            for ts in tables:
-                for t in ts:
-                    t.grads = None
-                    sub = grads if single else [grads[i] for i in t.index_global] \
-                        if type(grads) in (list, tuple) and \
-                        len(grads) == len(self._params) else None
-                    ok = ok and sub is not None and gather(t, sub)
-            if ok:
-                return
+        self._bound_list = grads
+        if gather is not None and self._gather_every(tables, grads, gather):
+            return      # (before readable's pass over the list: many arrays' full step)
+        # (a strided or Fortran-ordered gradient: read through a C-ordered
+        # copy, which the compiled reader then takes; a NumPy scalar or a
+        # Python number for a 0-d param: its 0-d array)
+        readable = self._readable_grads(grads)
+        self._bound_list = readable
+        if gather is not None and readable is not grads and \
+                self._gather_every(tables, readable, gather):
+            return
         # the full checks: they raise with the message, or pass for inputs
         # the compiled reader does not take (subclasses, say)
-        grads = self._check_grad_list(grads)
+        grads = self._check_grad_list(readable)
         for ts in tables:
             for t in ts:
                 t.grads_from_arrays([grads[i].reshape(-1) for i in t.index_global])
+
+    def _gather_every(self, tables, grads, gather) -> bool:
+        """Every table pointed at its share of the list ``grads`` by the
+        backend's compiled reader, which checks them (dtype, shape,
+        contiguity, no overlap with what the step writes); False where it
+        refuses one (the full checks then say why, or take it)."""
+        if type(grads) not in (list, tuple) or len(grads) != len(self._params):
+            return False
+        for ts in tables:
+            for t in ts:
+                t.grads = None
+        single = len(tables) == 1 and len(tables[0]) == 1
+        return all(gather(t, grads if single else [grads[i] for i in t.index_global])
+                   for ts in tables for t in ts)
 
     def _frozen_groups(self, grads):
         """``(grads, frozen)``: ``frozen`` the indices of the groups whose
@@ -1734,35 +1756,42 @@ class Optimizer:
                     f"grad is None), so give frozen params a group of their own ({label} "
                     "and the rest of its layer)")
             k += len(group["params"])
-        # stand-ins: views of one scratch buffer per dtype, as large as the
-        # largest frozen param (never written or read: those tables do not run)
-        scratch = {}
-        for i, a in enumerate(self._params):
-            if listed[i] is None:
-                scratch[a.dtype] = max(scratch.get(a.dtype, 0), a.size)
-        scratch = {dt: np.empty(n, dt) for dt, n in scratch.items()}
-        return [scratch[a.dtype][:a.size].reshape(a.shape) if g is None else g
-                for g, a in zip(listed, self._params)], frozenset(frozen)
+        frozen = frozenset(frozen)
+        made = self.__dict__.get("_stand_ins")
+        if made is None or made[0] != frozen or made[1] is not self._tables:
+            # stand-ins: views of one scratch buffer per dtype, as large as
+            # the largest frozen param (never written or read: those tables
+            # do not run), kept while the frozen groups and the tables last
+            scratch = {}
+            for i, a in enumerate(self._params):
+                if listed[i] is None:
+                    scratch[a.dtype] = max(scratch.get(a.dtype, 0), a.size)
+            scratch = {dt: np.empty(n, dt) for dt, n in scratch.items()}
+            made = self._stand_ins = (frozen, self._tables, [
+                scratch[a.dtype][:a.size].reshape(a.shape) if g is None else None
+                for g, a in zip(listed, self._params)])
+        return [s if g is None else g for g, s in zip(listed, made[2])], frozen
 
-    def _grads_as_list(self, grads, call="step()"):
-        """``grads`` as a list in param order (a dict by the params' keys)."""
+    def _grads_as_list(self, grads, call="step()", name="grads"):
+        """``grads`` as a list in param order (a dict by the params' keys);
+        ``name`` what messages call them."""
         if grads is None:
-            raise TypeError(f"grads is None: {call} needs the gradients, one array per "
+            raise TypeError(f"{name} is None: {call} needs the gradients, one array per "
                             "param (a list, or a FlatArrays from params.zeros_like())")
         if isinstance(grads, np.ndarray):
             return [grads]
         if isinstance(grads, dict):
             if self._names is None:
-                raise TypeError("grads must be a list of arrays in param order: it is a "
+                raise TypeError(f"{name} must be a list of arrays in param order: it is a "
                                 "dict, but the params were not given by name")
-            return self._names.read(grads)
+            return self._names.read(grads, name)
         if isinstance(grads, (list, tuple)) and len(grads) == 2 and isinstance(
                 grads[1], (dict, list, tuple)) and _is_number(grads[0]):
             raise TypeError(
                 f"grads is a pair of a number and a {type(grads[1]).__name__}: a (loss, grads) "
                 f"pair? {call} takes the gradients alone (loss, g = loss_and_grads(...); "
                 "opt.step(g))")
-        if _name_pairs(grads):                      # as named_parameters() gives them
+        if _name_pairs(grads, none=True):           # as named_parameters() gives them
             if self._names is None:
                 raise TypeError("grads must be a list of arrays in param order: it is a list "
                                 "of (name, array) pairs, but the params were not given by "
@@ -2021,7 +2050,7 @@ class Optimizer:
             raise TypeError("sync_master(values) takes host params' values: for device "
                             "params write the values into the params and call sync_master()")
         vals = V.as_array_list("values", self._grads_as_list(self._one_pass(values),
-                                                             "sync_master()"),
+                                                             "sync_master()", "values"),
                                by_name=self._names is not None)
         if len(vals) != len(self._params):
             raise ValueError(f"values has {V.count(len(vals), 'array')} but params has "
@@ -2154,7 +2183,10 @@ class Optimizer:
         if len(sd["param_groups"]) != len(self.param_groups):
             raise ValueError("checkpoint has "
                              f"{V.count(len(sd['param_groups']), 'param group')}, this "
-                             f"optimizer has {len(self.param_groups)}")
+                             f"optimizer has {len(self.param_groups)} (to start from a run "
+                             "with other groups, a pretrained model, load its params alone: "
+                             "fastopt.load(path, params=params), and keep this optimizer's "
+                             "fresh state)")
         if not isinstance(sd["state"], list) or len(sd["state"]) != len(self.param_groups):
             raise ValueError("checkpoint: 'state' must list one entry per param group")
         new_hypers, new_state = [], []
@@ -2180,7 +2212,7 @@ class Optimizer:
                 # taken) and loads, so that its schedule can be replaced
                 group = self._validated(group, where=where, position=iterations - 1)
             except ValueError as exc:
-                if group.get("eps") != 0:
+                if group.get("eps") != 0 or "['eps']" not in str(exc):
                     raise
                 # fastopt before 2026-12-07 took eps=0 where the step divides
                 # by it: such a run's checkpoint says how to go on

@@ -265,7 +265,13 @@ class SAM:
                 t.grads_from_flat(grads.data, [self._offsets[i] for i in t.index_global])
             return
         # a dict by the params' keys -> a list; strided grads -> C-ordered copies
-        grads = base._readable_grads(base._grads_as_list(grads))
+        grads = base._grads_as_list(grads)
+        if isinstance(grads, (list, tuple)) and any(g is None for g in grads):
+            raise TypeError(
+                f"grads[{[g is None for g in grads].index(True)}] is None: SAM steps every "
+                "param (its perturbation and its norm span them all), so a frozen layer "
+                "cannot be skipped here: leave its params out of the optimizer SAM wraps")
+        grads = base._readable_grads(grads)
         gather = getattr(get_backend(self.backend), "gather", None)
         if gather is not None and type(grads) in (list, tuple) and \
                 len(grads) == len(self._offsets) - 1 and all(
