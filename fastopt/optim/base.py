@@ -53,7 +53,7 @@ from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler, claim as claim_scaler
 from .interrupt import INTERRUPTS, Mark, finished, held
 from .named import KeyTree
-from .orphans import (CHECK_EVERY, FIRST_CHECK, checked, reference_counts, replaced_hint,
+from .orphans import (CHECK_EVERY, FIRST_CHECK, reference_counts, replaced_hint,
                       warn_if_unheld)
 from .param_list import ParamList
 from .param_state import GroupStates, param_state
@@ -1788,15 +1788,15 @@ class Optimizer:
         if isinstance(grads, (list, tuple)) and len(grads) == 2 and isinstance(
                 grads[1], (dict, list, tuple)) and _is_number(grads[0]):
             raise TypeError(
-                f"grads is a pair of a number and a {type(grads[1]).__name__}: a (loss, grads) "
-                f"pair? {call} takes the gradients alone (loss, g = loss_and_grads(...); "
-                "opt.step(g))")
+                f"{name} is a pair of a number and a {type(grads[1]).__name__}: a (loss, "
+                f"grads) pair? {call} takes the gradients alone (loss, g = "
+                "loss_and_grads(...); opt.step(g))")
         if _name_pairs(grads, none=True):           # as named_parameters() gives them
             if self._names is None:
-                raise TypeError("grads must be a list of arrays in param order: it is a list "
-                                "of (name, array) pairs, but the params were not given by "
-                                "name (a dict, or such pairs)")
-            return self._names.read(dict(grads))
+                raise TypeError(f"{name} must be a list of arrays in param order: it is a "
+                                "list of (name, array) pairs, but the params were not given "
+                                "by name (a dict, or such pairs)")
+            return self._names.read(dict(grads), name)
         return grads
 
     def _element_step(self, hypers, state):
