@@ -118,7 +118,8 @@ def test_state_dict_round_trip_independent_of_packing():
     sd = o.state_dict()
     loose = [np.array(a, copy=True) for a in packed]          # one run per array
     o2 = fastopt.AdamW(loose, backend="numpy")
-    o2.load_state_dict(sd)
+    with pytest.warns(UserWarning, match="replaces"):     # make_opt's settings: the checkpoint's
+        o2.load_state_dict(sd)
     for t in range(3, 6):
         g = grad_at(packed, t)
         o.step(g)
@@ -845,3 +846,25 @@ def test_a_loads_warning_names_the_callers_line(tmp_path):
         with pytest.warns(UserWarning, match="max_grad_norm=1.0 replaces") as caught:
             load(fastopt.Adam([np.ones(3)], lr=0.1))
         assert caught[0].filename == __file__
+
+
+def test_loading_other_group_values_says_which(tmp_path):
+    """A fine-tune made with its own lr and given a pretraining run's state
+    took the checkpoint's lr without a word (torch's load_state_dict does
+    the same); said now, as the options are. Equal values and scheduled
+    lrs say nothing."""
+    p = [np.ones(3)]
+    pre = fastopt.AdamW(p, lr=1e-3)
+    pre.step([np.ones(3)])
+    tune = fastopt.AdamW([np.ones(3)], lr=1e-4, weight_decay=0.0)
+    with pytest.warns(UserWarning, match=r"param_groups\[0\] lr=0\.001 replaces 0\.0001; "
+                                         r"param_groups\[0\] weight_decay=0\.01 replaces 0\.0"):
+        tune.load_state_dict(pre.state_dict())
+    assert tune.param_groups[0]["lr"] == 1e-3
+    sched = fastopt.schedules.linear(1e-3, 0.0, 10)
+    a = fastopt.AdamW([np.ones(3)], lr=sched)
+    a.step([np.ones(3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastopt.AdamW([np.ones(3)], lr=1e-3).load_state_dict(pre.state_dict())
+        fastopt.AdamW([np.ones(3)], lr=sched).load_state_dict(a.state_dict())

@@ -351,7 +351,8 @@ def test_add_param_group_steps_the_new_group_and_keeps_the_old_state():
     assert [s["step"] for s in opt.state] == [2, 1]
     twin = fastopt.SGD([{"params": [a.copy()]}, {"params": [b.copy()]}], lr=0.1,
                        momentum=0.9)
-    twin.load_state_dict(opt.state_dict())
+    with pytest.warns(UserWarning, match=r"param_groups\[1\] lr=0\.5 replaces 0\.1"):
+        twin.load_state_dict(opt.state_dict())
     assert twin.param_groups[1]["lr"] == 0.5
 
 

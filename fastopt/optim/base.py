@@ -275,6 +275,27 @@ def _holds_none(grads) -> bool:
     return False
 
 
+def _replaced_numbers(groups, loaded, schedules) -> str:
+    """What a checkpoint's group hyperparameters change of the groups'
+    own plain numbers (``"param_groups[0] lr=0.001 replaces 0.0001, ..."``),
+    or ""; a scheduled lr on either side is no plain number to compare."""
+    said = []
+    for gi, (group, hyp) in enumerate(zip(groups, loaded)):
+        for k, v in hyp.items():
+            now = group.get(k)
+            if k == "lr" and (gi in schedules or callable(v) or callable(now)):
+                continue
+            if isinstance(now, (list, tuple)):
+                now = tuple(now)
+            if isinstance(v, (list, tuple)):
+                v = tuple(v)
+            if now != v:
+                said.append(f"param_groups[{gi}] {k}={v!r} replaces {now!r}")
+    if len(said) > 4:
+        said = said[:4] + [f"and {len(said) - 4} more"]
+    return "; ".join(said)
+
+
 def _is_number(value) -> bool:
     """A Python or NumPy number, or a 0-d array (a loss, say)."""
     return isinstance(value, (numbers.Number, np.generic)) or (
@@ -2277,6 +2298,8 @@ class Optimizer:
             new_hypers.append(group)
             new_state.append(entry)
 
+        replaced = _replaced_numbers(self.param_groups, new_hypers, self._schedules)
+
         def apply():
             for group, hyp in zip(self.param_groups, new_hypers):
                 group.update(hyp)
@@ -2287,6 +2310,12 @@ class Optimizer:
             self.skipped_steps = skipped
             apply_options()
             self._show_lr()
+            if replaced:
+                # as the options above: a fine-tune made with a new lr and
+                # given a pretraining run's state took the old lr unsaid
+                warn_user(f"load_state_dict: the checkpoint's {replaced} (as torch's "
+                          "load_state_dict does; set opt.param_groups[i][...] after "
+                          "loading to keep yours)")
         return apply
 
     def _saved_order(self, gi, saved):
