@@ -35,11 +35,12 @@ import numpy as np
 
 from .. import _validate as V
 from ..backends.lowp import is_low_precision
-from ..optim.base import (Optimizer, _InGroups, _all_finite, _brief, order_in_checkpoint,
-                          prepared_load, schedule_value)
+from ..optim.base import (Optimizer, _InGroups, _all_finite, _brief, check_weight_values,
+                          order_in_checkpoint, prepared_load, schedule_value)
 from ..clip import scaled_sumsq
 from ..optim.interrupt import finished
 from ..optim.named import KeyTree
+from ..optim.param_state import as_name
 from ..optim.state_format import state_dtype_name
 from ..params import FlatArrays, _address, _root, memory_runs
 from ..optim.loss_scale import LossScaler
@@ -135,19 +136,6 @@ def _plan_buckets(offsets, min_elems):
     if hi > 0:
         buckets.append((0, hi))
     return buckets
-
-
-def _dotted(tree, prefix="") -> dict:
-    """A dict of layers as ``{"l1.W": array, ...}`` (the names a
-    checkpoint records)."""
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_dotted(v, name + "."))
-        else:
-            out[name] = v
-    return out
 
 
 class _Round:
@@ -829,8 +817,7 @@ class ShardedOptimizer(_Distributed):
     def _locate(self, param) -> tuple:
         """``(group, index in it)`` of ``param``: one of the arrays the
         optimizer was made over, or its name (``"l1.W"``, ``("l1", "W")``)."""
-        if isinstance(param, tuple) and param and all(isinstance(k, str) for k in param):
-            param = ".".join(param)
+        param = as_name(param)
         for gi, (g, names) in enumerate(zip(self._global_arrays, self._names)):
             for i, a in enumerate(g):
                 if a is param or (isinstance(param, str) and names is not None
@@ -866,15 +853,13 @@ class ShardedOptimizer(_Distributed):
         rank (the params outside this rank's shard too, which are its copies
         of the others'), this shard's master copies exactly."""
         arrays = [a for g in self._global_arrays for a in g]
-        labels = [f"[{n!r}]" if n is not None else f"[{k}]" for k, n in enumerate(
-            n for g, names in zip(self._global_arrays, self._names)
-            for n in (names if names is not None else [None] * len(g)))]
+        named = [n for names in self._names for n in (names or [])]
         if isinstance(values, dict):
-            named = [n for names in self._names for n in (names or [])]
             if len(named) != len(arrays):
                 raise TypeError("values must be a list of arrays in param order: it is a "
                                 "dict, but the params were not given by name")
-            flat = _dotted(values)
+            tree, leaves = KeyTree.of(values, "values")
+            flat = dict(zip(tree.names, leaves))
             missing = [n for n in named if n not in flat]
             if missing:
                 raise ValueError(f"values is missing {missing[0]!r}")
@@ -882,17 +867,9 @@ class ShardedOptimizer(_Distributed):
         else:
             vals = V.as_array_list("values", list(values) if not isinstance(
                 values, (np.ndarray, list, tuple)) else values)
-        if len(vals) != len(arrays):
-            raise ValueError(f"values has {V.count(len(vals), 'array')} but params has "
-                             f"{len(arrays)}")
-        for lab, v, a in zip(labels, vals, arrays):
-            if not isinstance(v, np.ndarray):
-                raise TypeError(f"values{lab} must be an ndarray, got {type(v).__name__}")
-            if v.dtype.kind != "f" and not is_low_precision(v.dtype):
-                raise TypeError(f"values{lab} must hold floats, got {v.dtype}")
-            if v.shape != a.shape:
-                raise ValueError(f"values{lab} has shape {v.shape} but params{lab} has "
-                                 f"shape {a.shape}")
+        labels = ([f"params[{n!r}]" for n in named] if len(named) == len(arrays)
+                  else [f"params[{k}]" for k in range(len(arrays))])
+        check_weight_values(vals, arrays, labels)
         dtype = self._buffer.dtype
         full = np.empty(self._n, np.float32 if is_low_precision(dtype) else dtype)
         given = iter(vals)

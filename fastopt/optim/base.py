@@ -275,6 +275,24 @@ def _holds_none(grads) -> bool:
     return False
 
 
+def check_weight_values(vals, params, labels) -> None:
+    """``sync_master(values)``'s arrays against the params (``labels[k]``:
+    how messages name param ``k``, ``params[...]``): one each, floats, the
+    param's shape."""
+    from ..backends.lowp import is_low_precision
+    if len(vals) != len(params):
+        raise ValueError(f"values has {V.count(len(vals), 'array')} but params has "
+                         f"{len(params)}")
+    for v, p, label in zip(vals, params, labels):
+        what = f"values{label[len('params'):]}"
+        if not isinstance(v, np.ndarray):
+            raise TypeError(f"{what} must be an ndarray, got {type(v).__name__}")
+        if v.dtype.kind != "f" and not is_low_precision(v.dtype):
+            raise TypeError(f"{what} must hold floats, got {v.dtype}")
+        if v.shape != p.shape:
+            raise ValueError(f"{what} has shape {v.shape} but {label} has shape {p.shape}")
+
+
 def _replaced_numbers(groups, loaded, schedules) -> str:
     """What a checkpoint's group hyperparameters change of the groups'
     own plain numbers (``"param_groups[0] lr=0.001 replaces 0.0001, ..."``),
@@ -2073,16 +2091,8 @@ class Optimizer:
         vals = V.as_array_list("values", self._grads_as_list(self._one_pass(values),
                                                              "sync_master()", "values"),
                                by_name=self._names is not None)
-        if len(vals) != len(self._params):
-            raise ValueError(f"values has {V.count(len(vals), 'array')} but params has "
-                             f"{len(self._params)}")
-        for k, (v, p) in enumerate(zip(vals, self._params)):
-            what = f"values{self._param_label(k)[len('params'):]}"
-            if v.dtype.kind != "f" and not self._placement.is_low(v.dtype):
-                raise TypeError(f"{what} must hold floats, got {v.dtype}")
-            if v.shape != p.shape:
-                raise ValueError(f"{what} has shape {v.shape} but {self._param_label(k)} has "
-                                 f"shape {p.shape}")
+        check_weight_values(vals, self._params, list(map(self._param_label,
+                                                         range(len(self._params)))))
         return vals
 
     def _set_weights(self, vals) -> None:

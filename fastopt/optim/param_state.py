@@ -32,12 +32,18 @@ class GroupStates(list):
             "each buffer shaped like p, as copies); set state with load_state_dict") from None
 
 
+def as_name(param):
+    """A key path ``("l1", "W")`` as the name ``"l1.W"``; anything else as it is."""
+    if isinstance(param, tuple) and param and all(isinstance(k, str) for k in param):
+        return ".".join(param)
+    return param
+
+
 def locate(opt, param) -> tuple:
     """``(group index, index in the group)`` of ``param`` (by identity, or
     by name where the params were given by name: ``"l1.W"``, or the key
     path ``("l1", "W")``)."""
-    if isinstance(param, tuple) and param and all(isinstance(k, str) for k in param):
-        param = ".".join(param)
+    param = as_name(param)
     name = param if isinstance(param, str) else None
     names = opt._names.names if opt._names is not None else None
     k = 0
