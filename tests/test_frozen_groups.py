@@ -205,3 +205,42 @@ def test_frozen_groups_with_pairs_a_loss_scaler_and_sam():
     sam = fastopt.SAM(fastopt.SGD([{"params": [np.ones(3)]}, {"params": [np.ones(2)]}], lr=0.1))
     with pytest.raises(TypeError, match=r"grads\[0\] is None: SAM steps every param"):
         sam.perturb([None, np.ones(2)])
+
+
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+def test_frozen_steps_are_planned_and_step_as_the_full_path(backend):
+    """A frozen step leaves a plan for the same frozen groups (a fine-tune's
+    every step: ~0.1 ms of fixed cost on the full path); each change (a
+    frozen group given gradients, another group frozen, a frozen group's
+    value changed) takes the full path, and the result is the reference's."""
+    rng = np.random.default_rng(7)
+    shapes = SHAPES + [(5,)]
+    start = [rng.standard_normal(s) for s in shapes]
+    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(12)]
+    # (which groups are frozen at each step; after step 6 group 0's weight decay changes)
+    frozen = [{0}, {0}, {0}, set(), {0, 1}, {0, 1}, {0}, {0}, {1}, {1}, set(), {0}]
+    runs = {}
+    for be in (backend, "numpy"):
+        p = [a.copy() for a in start]
+        opt = fastopt.AdamW([{"params": p[:2]}, {"params": p[2:3]}, {"params": p[3:]}],
+                            lr=1e-2, backend=be)
+        planned, plans = [], []
+        for step, (g, off) in enumerate(zip(grads, frozen)):
+            if step == 7:
+                opt.param_groups[0]["weight_decay"] = 0.5
+            given = [None if (i < 2 and 0 in off) or (i == 2 and 1 in off) else x
+                     for i, x in enumerate(g)]
+            opt.step(given)
+            plan = opt._plan
+            plans.append(plan)
+            planned.append(None if plan is None else set(plan.frozen_set))
+        runs[be] = (p, [st["step"] for st in opt.state], planned, plans)
+    p, steps, planned, plans = runs[backend]
+    for a, want in zip(p, runs["numpy"][0]):
+        np.testing.assert_allclose(a, want, rtol=1e-12, atol=1e-14)
+    assert steps == runs["numpy"][1] == [4, 8, 12]
+    # every compiled step leaves a plan for the groups it left, and a step
+    # like the last runs by it (the same plan), unless a value changed
+    assert planned == frozen
+    assert plans[1] is plans[0] and plans[2] is plans[0] and plans[5] is plans[4]
+    assert plans[7] is not plans[6] and plans[9] is plans[8]

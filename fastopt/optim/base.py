@@ -1448,8 +1448,8 @@ class Optimizer:
             held(self._complete_step, mark, be, work, fused, created, hypers, norm, skip,
                  (max_norm, inv_scale, norm_mode))
             raise
-        if compiled and not skip and not frozen:
-            self._plan = StepPlan.make(self, hypers, max_norm, check, group_steps)
+        if compiled and not skip:
+            self._plan = StepPlan.make(self, hypers, max_norm, check, group_steps, frozen)
         return out
 
     @staticmethod

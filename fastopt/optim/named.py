@@ -68,8 +68,11 @@ def _merged(a, b, where, prefix):
             out[k] = sub
         elif out[k] is None or sub is None:
             label = "".join(f"[{x!r}]" for x in prefix + (k,))
-            raise ValueError(f"{where}: params{label} is in two param groups; each "
-                             "array's name must be in one group only")
+            raise ValueError(
+                f"{where}: params{label} is a name in two param groups (gradients by "
+                "name could not tell them apart): each array's key path must be in one "
+                "group only; for groups of layers, keep each layer's key, e.g. "
+                "[{'params': {'l1': model['l1']}}, {'params': {'l2': model['l2']}}]")
         else:
             out[k] = _merged(out[k], sub, where, prefix + (k,))
     return out

@@ -19,7 +19,9 @@ one the last step showed for this step), no loss scaler and no
 the skip decision and the update in one native call, with or without clipping
 and the non-finite skip) or several groups or tables without a norm to
 compute. Grads are a list (a dict by name is read into one), or the
-FlatArrays the tables were bound to last step. Where there is no norm and
+FlatArrays the tables were bound to last step. A step with frozen groups
+(their every gradient None, no schedule on them) is planned for the same
+frozen groups: the others' tables step, each through the table step. Where there is no norm and
 either every table is small or there is one table, a backend's
 ``list_step`` (Cython) makes the whole step one native call: every table's
 grads read and checked, then each updated (one large table on the thread
@@ -169,23 +171,37 @@ class GroupPlan:
 class StepPlan:
     __slots__ = ("tables", "groups", "single", "max_norm_given", "skip_given", "max_norm",
                  "norm_mode", "small", "list_step", "list_outcome", "owner", "list_tables",
-                 "plain_finish", "timed", "num_threads")
+                 "plain_finish", "timed", "num_threads", "ngroups", "frozen", "frozen_set",
+                 "frozen_at")
 
     @classmethod
-    def make(cls, opt, hypers, max_norm, check, steps):
+    def make(cls, opt, hypers, max_norm, check, steps, frozen=frozenset()):
         """The plan of the step that just ran (its checked ``hypers`` and per
-        group ``(type of its step scalars, state buffer names)``, ``max_norm``
-        and ``check`` as ``_step_options`` gave them), or None where the fast
-        path does not apply."""
+        stepped group ``(type of its step scalars, state buffer names)``,
+        ``max_norm`` and ``check`` as ``_step_options`` gave them, the
+        ``frozen`` groups it left), or None where the fast path does not
+        apply."""
         norm_mode = 2 if check else (1 if max_norm is not None else 0)
         # (a grad_stats hook computes the norm: without one to compute, the
         # hook is never called, and a sharded optimizer's shard steps fast)
         if ((opt.grad_stats is not None and norm_mode) or opt.loss_scaler is not None
                 or (norm_mode and not opt._single)):
             return None
+        # frozen groups: each kept as its values were (a scheduled one's lr
+        # moves every step: the full step evaluates it), and a group to step
+        held_still = []
+        for gi in sorted(frozen):
+            group = opt.param_groups[gi]
+            if gi in opt._schedules or len(frozen) == len(opt.param_groups):
+                return None
+            held_still.append((gi, group, group["params"], tuple(group.values()), hypers[gi]))
+        steps = iter(steps)
         groups = []
-        for gi, (group, h, st, (kind, ns), ts) in enumerate(zip(opt.param_groups, hypers,
-                                                                opt.state, steps, opt._tables)):
+        for gi, (group, h, st, ts) in enumerate(zip(opt.param_groups, hypers, opt.state,
+                                                    opt._tables)):
+            if gi in frozen:
+                continue
+            kind, ns = next(steps)
             # a scheduled group shows the next step's lr already (_show_lr)
             if (type(group["lr"]) is not float
                     or (group["lr"] != h["lr"] and gi not in opt._schedules)
@@ -197,6 +213,12 @@ class StepPlan:
             groups.append(g)
         plan = cls()
         plan.tables, plan.groups, plan.single = opt._tables, groups, opt._single
+        plan.ngroups = len(opt.param_groups)
+        plan.frozen = tuple(held_still) if frozen else None
+        plan.frozen_set = frozen
+        # the frozen groups' params: their gradients must be None to step by the plan
+        plan.frozen_at = tuple(i for ts in (opt._tables[gi] for gi in frozen)
+                               for t in ts for i in t.index_global)
         plan.max_norm_given, plan.skip_given = opt.max_grad_norm, opt.skip_nonfinite
         plan.max_norm, plan.norm_mode = max_norm, norm_mode
         # a table this small always runs serially (_fused_call); without a
@@ -206,8 +228,9 @@ class StepPlan:
         # native call, where the backend has one (each table's grads read and
         # checked before any is written)
         # (compact state goes through the table step, which takes its keys)
+        # (frozen groups: the table step, which reads only the stepped groups' grads)
         bind = (getattr(opt._backend, "list_step", None) if not norm_mode
-                and not opt._state_format.compact
+                and not opt._state_format.compact and not frozen
                 and (opt._single or all(t.nelem <= SERIAL_MAX for t in opt._all_tables))
                 else None)
         # one large table: serial or threaded as its timings say (_table_update)
@@ -229,7 +252,7 @@ class StepPlan:
         # the counters need no call where the optimizer keeps nothing of its
         # own at the end of a step (NAdam does: its momentum product), and no
         # schedule shows the next lr (_finish_step does)
-        plan.plain_finish = opt._plain_finish() and not opt._schedules
+        plan.plain_finish = opt._plain_finish() and not opt._schedules and not frozen
         return plan
 
     def run(self, opt, grads, bound=False, again=False):
@@ -245,7 +268,7 @@ class StepPlan:
         load or new state buffers come with new tables or a new state entry
         (a step that makes buffers is a full step, which drops the plan)."""
         groups, plans = opt.param_groups, self.groups
-        if (opt._tables is not self.tables or len(groups) != len(plans)
+        if (opt._tables is not self.tables or len(groups) != self.ngroups
                 or opt.max_grad_norm is not self.max_norm_given
                 or opt.skip_nonfinite is not self.skip_given
                 or opt.loss_scaler is not None
@@ -255,6 +278,8 @@ class StepPlan:
                 or (opt._schedules and (opt._lr_shown_at != opt.iterations
                                         or self.plain_finish))):
             return STALE
+        if self.frozen is not None:
+            return self._run_frozen(opt, grads, groups)
         if self.list_step is None or bound:
             return self._run_tables(opt, grads, bound)
         if not self.single:
@@ -305,11 +330,38 @@ class StepPlan:
                 held(mark.recount, opt, False, None, [g.hypers])
             raise
 
-    def _run_tables(self, opt, grads, bound):
-        """:meth:`run` through the backend's table step (after its own checks)."""
-        groups, plans = opt.param_groups, self.groups
-        for g, group, state in zip(plans, groups, opt.state):
-            if not g.holds(group, state):
+    def _run_frozen(self, opt, grads, groups):
+        """:meth:`run` with the plan's frozen groups left as they are: their
+        gradients all None (any other gradient None, or a frozen one given,
+        is the full step's to sort out), their values as the plan took them."""
+        if type(grads) is not list or len(grads) != len(opt._params):
+            return STALE
+        for i in self.frozen_at:
+            if grads[i] is not None:
+                return STALE
+        hypers = [None] * self.ngroups
+        try:
+            for gi, group, params, values, h in self.frozen:
+                if (groups[gi] is not group or group["params"] is not params
+                        or params.edited or tuple(group.values()) != values):
+                    return STALE
+                hypers[gi] = h
+        except Exception:      # a value that does not compare as one: the full checks
+            return STALE
+        # (read by _finish_step, also when an interrupt's completion counts the step)
+        opt._frozen_now = self.frozen_set
+        try:
+            return self._run_tables(opt, grads, False, hypers)
+        finally:
+            del opt._frozen_now
+
+    def _run_tables(self, opt, grads, bound, hypers=None):
+        """:meth:`run` through the backend's table step (after its own checks).
+        ``hypers``: every group's, each stepped group's as its GroupPlan
+        (frozen groups: the plan's own)."""
+        groups, plans, state = opt.param_groups, self.groups, opt.state
+        for g in plans:
+            if not g.holds(groups[g.index], _group_state(state, g.index)):
                 return STALE
         be = opt._backend
         if not bound:
@@ -361,6 +413,11 @@ class StepPlan:
                         return STALE
         elif not all(be.params_as_given(t) for g in plans for t in g.tables):
             return STALE                        # (the gather checks the params, else here)
+        if hypers is None:
+            hypers = [g.hypers for g in plans]
+        else:
+            for g in plans:          # (after holds(): a new plain lr taken up)
+                hypers[g.index] = g.hypers
         elements = []
         for g in plans:
             el = g.element()
@@ -375,11 +432,11 @@ class StepPlan:
         try:
             for t, el, bufs, scale, cs in work:
                 opt._table_update(be, t, el, bufs, scale, cs)
-            return opt._finish_step(False, None, [g.hypers for g in plans])
+            return opt._finish_step(False, None, hypers)
         except INTERRUPTS:
             if not mark.any_called():
                 raise
-            held(opt._complete_step, mark, be, work, False, (), [g.hypers for g in plans],
+            held(opt._complete_step, mark, be, work, False, (), hypers,
                  None, False, None)
             raise
 
