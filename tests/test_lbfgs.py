@@ -199,6 +199,50 @@ def test_converges_and_stops_on_the_gradient_tolerance():
     assert opt.step(side.closure(problem, calls)) == pytest.approx(problem(before)[0])
     assert len(calls) == 1
     np.testing.assert_array_equal(side.flat(), before)
+    assert opt.stop_reason == "tolerance_grad"
+
+
+def test_stop_reason_says_which_test_or_limit_ended_the_step():
+    """A scientist's question after each step (scipy's result says it):
+    converged, or stopped by a limit and worth another step."""
+    x = rosenbrock_start(2)
+    opt = fastopt.LBFGS([x], line_search_fn="strong_wolfe", max_iter=3, max_eval=100)
+    assert opt.stop_reason is None
+    closure = lambda: (rosenbrock(x)[0], [rosenbrock(x)[1]])    # noqa: E731
+    opt.step(closure)
+    assert opt.stop_reason == "max_iter"
+    opt.param_groups[0].update(max_iter=100, max_eval=4)
+    opt.step(closure)
+    assert opt.stop_reason == "max_eval"
+    opt.param_groups[0].update(max_eval=1000, tolerance_grad=0.0)
+    while opt.stop_reason != "tolerance_change":
+        opt.step(closure)
+    assert rosenbrock(x)[0] < 1e-8
+
+
+def test_a_non_finite_loss_at_the_start_is_warned_about():
+    x = np.ones(3)
+    opt = fastopt.LBFGS([x], line_search_fn="strong_wolfe")
+    with pytest.warns(RuntimeWarning, match="the loss at the params is nan"):
+        assert np.isnan(opt.step(lambda: (np.nan, [np.ones(3)])))
+    np.testing.assert_array_equal(x, 1.0)
+
+
+def test_gradients_as_step_takes_them_elsewhere():
+    """A Python number for a 0-d param, grads.values() of params by name:
+    what the README says every step takes (a user trial found LBFGS raising
+    AttributeError and TypeError)."""
+    x = np.array(2.0)
+    opt = fastopt.LBFGS([x])
+    opt.step(lambda: ((float(x) - 1) ** 2, [2 * (float(x) - 1)]))
+    assert x == pytest.approx(1.0)
+    p = {"a": np.ones(2), "b": np.array(3.0)}
+    opt = fastopt.LBFGS(p, line_search_fn="strong_wolfe")
+    opt.step(lambda: (float(p["a"] @ p["a"] + p["b"] ** 2),
+                      {"b": 2 * float(p["b"]), "a": 2 * p["a"]}.values()))
+    assert opt.stop_reason == "tolerance_grad"
+    for a in p.values():
+        np.testing.assert_allclose(a, 0.0, atol=1e-9)
 
 
 # -- the two-loop recursion and the ring ----------------------------------------------------
@@ -349,6 +393,11 @@ def test_bad_arguments_are_refused():
         fastopt.LBFGS([{"params": [np.zeros(2)]}, {"params": [np.zeros(2)], "lr": 0.1}])
     with pytest.raises(TypeError, match="float32 or float64"):
         fastopt.LBFGS([np.zeros(3, np.float16)])
+    # its one group: no advice to make another
+    with pytest.raises(ValueError, match=r"one dtype \(\.astype\): LBFGS takes one param "
+                                         r"group \(torch's rule") as mixed:
+        fastopt.LBFGS([np.zeros(2), np.zeros(2, np.float32)])
+    assert "group of their own" not in str(mixed.value)
     # backend="cuda" with host arrays: refused as for any optimizer (its
     # device steps are tests/cuda_sim/test_cuda_lbfgs.py's)
     with pytest.raises(Exception) as lbfgs_error:

@@ -629,8 +629,9 @@ class Optimizer:
                              f"params{computed}: its params[{where[0]}]{more} is "
                              f"{arrays[where[0]].dtype}; "
                              "a group's state is one buffer per name, so make them one dtype "
-                             "(.astype), or put arrays of each dtype in a param group of "
-                             "their own")
+                             + ("(.astype)" + self._one_group if self._one_group else
+                                "(.astype), or put arrays of each dtype in a param group of "
+                                "their own"))
 
     def _build_runs(self):
         """Split each group into runs and precompute per-tensor views."""
@@ -655,11 +656,19 @@ class Optimizer:
         """Check ``grads`` against the params as :meth:`step` does, writing
         nothing: for wrappers (fastopt.distributed) that reduce gradients
         before stepping. A FlatArrays is checked once, then cached by identity."""
+        self._checked_grads(grads)
+
+    def _checked_grads(self, grads):
+        """:meth:`check_grads`, returning what it checked: a FlatArrays as
+        given, anything else as the list of arrays read (a Python number
+        for a 0-d param as an array of its dtype, a strided one copied)."""
         if isinstance(grads, FlatArrays):
             if grads is not self._cached[0]:
                 self._cached = (grads, self._flat_segments(grads))
-            return
-        self._check_grad_list(self._readable_grads(self._grads_as_list(grads)))
+            return grads
+        listed = self._readable_grads(self._grads_as_list(grads))
+        self._check_grad_list(listed)
+        return listed
 
     def _readable_grads(self, grads):
         """``V.readable(grads)``, each gradient it copied checked as itself
@@ -2472,6 +2481,9 @@ class Optimizer:
         return checked
 
     _plan = None      # the last step's plan (step_plan.py); none before the first step
+    #: why the optimizer takes one param group only (L-BFGS), said where a
+    #: message would suggest another group; empty where it takes several
+    _one_group = ""
     _frozen_now = frozenset()   # the groups the running step leaves (all grads None)
     _watch = None     # the user's list or dict of params, checked each step (given.py)
 

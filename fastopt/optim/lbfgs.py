@@ -27,6 +27,8 @@ about 5 more).
 from __future__ import annotations
 
 import importlib
+import math
+import warnings
 
 import numpy as np
 
@@ -170,6 +172,9 @@ class LBFGS(Optimizer):
     """
 
     steps_with_closure = True     # SAM and the training loop tell it apart by this
+    stop_reason = None   # why the last step stopped (see step()); None before the first
+    _one_group = (": LBFGS takes one param group (torch's rule: its state is one vector "
+                  "over every param)")
     _option_hints = {name: ("L-BFGS is stepped with a closure and keeps its history in the "
                             "params' dtype; it takes backend and its own options only")
                      for name in ("max_grad_norm", "skip_nonfinite", "loss_scaler",
@@ -205,8 +210,7 @@ class LBFGS(Optimizer):
             return           # (not the history's reset below)
         specs = self._group_specs(params)
         if len(specs) != 1:
-            raise ValueError(f"LBFGS takes one param group (torch's rule: its state is one "
-                             f"vector over every param), got {len(specs)}")
+            raise ValueError(f"{self._one_group[2:]}, got {len(specs)}")
         given = specs[0]["params"]
         if isinstance(given, dict):
             given = KeyTree.of(given, "params")[1]
@@ -278,7 +282,8 @@ class LBFGS(Optimizer):
             raise TypeError("LBFGS: the loss closure() returned must be one real number, "
                             f"got {type(loss).__name__}") from None
         # shapes, dtypes, no overlap with the params; gathered into one vector
-        return loss, self._placement.gather(self, grads)
+        # (a generator or grads.values(), as step() takes them, read once)
+        return loss, self._placement.gather(self, self._one_pass(grads))
 
     # -- the step -------------------------------------------------------------------
     def _history(self, st, m, ops):
@@ -294,7 +299,10 @@ class LBFGS(Optimizer):
 
     def step(self, closure):
         """One L-BFGS step (up to ``max_iter`` iterations); returns the loss
-        of the first closure call (at the params as they were)."""
+        of the first closure call (at the params as they were). Why it
+        stopped is ``self.stop_reason``: ``"tolerance_grad"`` or
+        ``"tolerance_change"`` (converged by that test), ``"max_iter"`` or
+        ``"max_eval"`` (a limit: call ``step`` again to go on)."""
         if not callable(closure):
             raise TypeError("LBFGS.step needs a closure: closure() -> (loss, grads) at the "
                             "current params")
@@ -310,18 +318,26 @@ class LBFGS(Optimizer):
             loss, g = self._evaluate(closure)
             first_loss = loss
             st["func_evals"] += 1
+            self.stop_reason = None
+            if not math.isfinite(loss):
+                # (torch goes on as ever; a fit started at a NaN said nothing)
+                warnings.warn(f"LBFGS: the loss at the params is {loss}: the step cannot "
+                              "make progress from there (check the closure, or start "
+                              "from other params)", RuntimeWarning, stacklevel=2)
             try:
-                self._iterate(closure, h, ops, st, hist, loss, g)
+                self.stop_reason = self._iterate(closure, h, ops, st, hist, loss, g)
             finally:
                 self._finish_step(False, None, [h])
             return first_loss
 
-    def _iterate(self, closure, h, ops, st, hist, loss, g):
+    def _iterate(self, closure, h, ops, st, hist, loss, g) -> str:
+        """The step's iterations from ``loss`` and ``g`` at the params; the
+        name of the test or limit that stopped them."""
         lr, max_iter, max_eval = h["lr"], h["max_iter"], h["max_eval"]
         tol_change = h["tolerance_change"]
         g_sum, g_max = ops.abs_sum_max(g)
         if g_max <= h["tolerance_grad"]:
-            return
+            return "tolerance_grad"
         evals, n_iter = 1, 0
         while n_iter < max_iter:
             n_iter += 1
@@ -348,7 +364,7 @@ class LBFGS(Optimizer):
             st["t"] = t
             gtd = ops.dot(g, d)
             if gtd > -tol_change:
-                break
+                return "tolerance_change"     # (no descent left along d)
             d_max = ops.abs_sum_max(d)[1]
             if h["line_search_fn"] is not None:
                 x0 = self._params_copy(ops)
@@ -380,12 +396,15 @@ class LBFGS(Optimizer):
             evals += used
             st["func_evals"] += used
             # -- stopping tests ---------------------------------------------------------------
-            if n_iter == max_iter or evals >= max_eval:
-                break
+            if n_iter == max_iter:
+                return "max_iter"
+            if evals >= max_eval:
+                return "max_eval"
             if g_max <= h["tolerance_grad"]:
-                break
+                return "tolerance_grad"
             if d_max * abs(t) <= tol_change or abs(loss - prev_loss) < tol_change:
-                break
+                return "tolerance_change"
+        return "max_iter"
 
     # -- checkpoints --------------------------------------------------------------------
     def state_nbytes(self) -> int:

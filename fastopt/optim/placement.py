@@ -122,10 +122,10 @@ class HostPlacement:
     @staticmethod
     def gather(opt, grads):
         """``grads`` checked, as one new 1-D array in param order."""
-        opt.check_grads(grads)       # shapes, dtypes, no overlap with the params
+        grads = opt._checked_grads(grads)     # shapes, dtypes, no overlap with the params
         if isinstance(grads, FlatArrays):
             return grads.data.copy()
-        return np.concatenate([g.reshape(-1) for g in opt._grads_as_list(grads)])
+        return np.concatenate([g.reshape(-1) for g in grads])
 
 
 class DevicePlacement:
