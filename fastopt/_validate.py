@@ -253,22 +253,24 @@ def check_float_array(name, a, *, writable, allow_low_precision=False) -> None:
 
 
 def check_like(name, arrays, ref_name, refs, *, writable, allow_low_precision=False,
-               labels=None) -> None:
+               labels=None, ref_labels=None) -> None:
     """``arrays`` match ``refs`` one to one in length, shape and dtype;
     ``labels[i]`` names item ``i`` (``[i]`` by default, ``['W']`` for params
-    held by name)."""
+    held by name), ``ref_labels[i]`` its reference where that is named
+    otherwise (a list of gradients for params held by name)."""
     if len(arrays) != len(refs):
         raise ValueError(f"{name} has {count(len(arrays), 'array')} but {ref_name} has "
                          f"{len(refs)}")
     for i, (a, r) in enumerate(zip(arrays, refs)):
         lab = f"[{i}]" if labels is None else labels[i]
+        ref_lab = lab if ref_labels is None else ref_labels[i]
         if not isinstance(a, np.ndarray):
             raise TypeError(f"{name}{lab} must be an ndarray, got {_what(a)}")
         # 16-bit arrays only beside 16-bit references (grads of 16-bit params)
         check_float_array(f"{name}{lab}", a, writable=writable,
                           allow_low_precision=(allow_low_precision
                                                and r.dtype.name in LOW_PRECISION_NAMES))
-        check_same_layout(f"{name}{lab}", a, f"{ref_name}{lab}", r)
+        check_same_layout(f"{name}{lab}", a, f"{ref_name}{ref_lab}", r)
 
 
 def check_same_layout(name, a, ref_name, ref) -> None:

@@ -286,6 +286,10 @@ class warmup_cosine(Schedule):
     total_steps - W, final_value, alpha)], [W])`` with ``W = warmup_steps``.
     The common recipe: ``alpha=0.1`` decays to 10% of the peak at
     ``total_steps`` (counted from step 0, warmup included), then holds.
+    ``warmup_steps=0``: the cosine decay alone. optax's
+    ``warmup_cosine_decay_schedule(init_value, peak_value, warmup_steps,
+    decay_steps, end_value)`` is ``warmup_cosine(peak_value, warmup_steps,
+    decay_steps, init_value=init_value, final_value=end_value)``.
     """
 
     kind = "warmup_cosine"
@@ -293,14 +297,19 @@ class warmup_cosine(Schedule):
     def __init__(self, peak_value, warmup_steps, total_steps, init_value=0.0,
                  final_value=None, alpha=0.1):
         peak = _real("peak_value", peak_value, low=0.0)
-        w = _int("warmup_steps", warmup_steps, low=1)
+        if peak == 0.0:
+            # (optax's order, init_value first, put a 0.0 init here)
+            raise ValueError("peak_value is 0: the lr would never rise above 0 (the arguments "
+                             "are peak_value, warmup_steps, total_steps; optax's "
+                             "warmup_cosine_decay_schedule takes init_value first)")
+        w = _int("warmup_steps", warmup_steps, low=0)
         total = _int("total_steps", total_steps, low=w + 1)
         self._args = {"peak_value": peak, "warmup_steps": w, "total_steps": total,
                       "init_value": _real("init_value", init_value, low=0.0),
                       "final_value": _floor(peak, final_value, alpha)}
-        self._joined = join([linear(self._args["init_value"], peak, w),
-                             cosine_decay(peak, total - w,
-                                          final_value=self._args["final_value"])], [w])
+        decay = cosine_decay(peak, total - w, final_value=self._args["final_value"])
+        self._joined = (decay if w == 0 else
+                        join([linear(self._args["init_value"], peak, w), decay], [w]))
 
     def value(self, step):
         return self._joined.value(step)

@@ -323,3 +323,19 @@ def test_an_array_replaced_in_a_groups_dict_or_list_is_refused_by_name(backend):
     flat = fastopt.pack([np.ones(3)])
     fastopt.SGD([{"params": np.ones(2)}, {"params": flat}], lr=0.1,
                 backend=backend).step([np.ones(2), np.ones(3)])
+
+
+def test_a_list_of_gradients_for_params_by_name_is_named_by_index_and_order():
+    """A list is read in the params' own order (an optax port's
+    jax.tree_util.tree_leaves sorts the keys): a mismatch names the list's
+    index beside the param's key, and says the order read."""
+    p = {"z": {"w": np.zeros((3, 4))}, "a": {"w": np.zeros(4)}}
+    opt = fastopt.Adam(p)
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape \(4,\) but params\['z'\]\['w'\] "
+                                         r"has shape \(3, 4\); a list of gradients is read in "
+                                         r"the params' own order \(z\.w, a\.w\): give a dict"):
+        opt.step([np.zeros(4), np.zeros((3, 4))])
+    with pytest.raises(ValueError, match=r"^grads\['z'\]\['w'\] has shape \(4,\) but "
+                                         r"params\['z'\]\['w'\] has shape \(3, 4\)$"):
+        opt.step({"z": {"w": np.zeros(4)}, "a": {"w": np.zeros(4)}})
+    assert opt.iterations == 0

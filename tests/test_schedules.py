@@ -454,3 +454,23 @@ def test_a_schedule_takes_an_array_of_steps_to_plot():
         s(np.linspace(0, 1, 3))
     with pytest.raises(ValueError, match="step must be >= 0"):
         s(np.array([3, -1]))
+
+
+def test_warmup_cosine_as_optax_defines_it_and_its_argument_order_refused():
+    """optax's warmup_cosine_decay_schedule(init, peak, warmup, decay_steps,
+    end): decay_steps counts the warmup, warmup 0 is the cosine alone. Its
+    argument order (init_value first) put a 0.0 peak here without a word."""
+    def optax_like(t, init, peak, warmup, decay_steps, end):   # its definition, by hand
+        if warmup and t < warmup:
+            return init + (peak - init) * t / warmup
+        frac = min(t - warmup, decay_steps - warmup) / (decay_steps - warmup)
+        return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * frac))
+    for warmup in (0, 7):
+        s = S.warmup_cosine(3e-3, warmup, 50, init_value=1e-4, final_value=1e-5)
+        for t in range(60):
+            assert s.value(t) == pytest.approx(optax_like(t, 1e-4, 3e-3, warmup, 50, 1e-5),
+                                               rel=1e-12, abs=1e-18)
+    assert S.warmup_cosine(1.0, 0, 10).value(0) == 1.0
+    with pytest.raises(ValueError, match="peak_value is 0.*optax's "
+                                         "warmup_cosine_decay_schedule takes init_value first"):
+        S.warmup_cosine(0.0, 3, 100, 1000)

@@ -667,7 +667,7 @@ class Optimizer:
                 self._cached = (grads, self._flat_segments(grads))
             return grads
         listed = self._readable_grads(self._grads_as_list(grads))
-        self._check_grad_list(listed)
+        self._check_grad_list(listed, by_position=type(grads) in (list, tuple))
         return listed
 
     def _readable_grads(self, grads):
@@ -695,19 +695,31 @@ class Optimizer:
                           for gi, st in enumerate(self.state)
                           for n, b in st.get("flat", {}).items()]
 
-    def _check_grad_list(self, grads) -> list:
+    def _check_grad_list(self, grads, by_position=False) -> list:
         """The full checks of a list of gradients (each array's dtype, shape,
         contiguity, and no overlap with anything the step writes), naming
-        the array by index or key; the checked list."""
+        the array by index or key (``by_position``: the user gave a list,
+        so a gradient is named by its index beside its param's key); the
+        checked list."""
         labels = self._names.labels if self._names is not None else None
         if not isinstance(grads, (list, tuple)):
             grads = V.as_array_list("grads", grads, by_name=labels is not None)
         self._check_arrays_as_given(writes=True)   # (a compiled reader refused, or none)
-        V.check_like("grads", list(grads), "params", self._params, writable=False,
-                     allow_low_precision=True, labels=labels)
-        labels = labels or [f"[{i}]" for i in range(len(grads))]
-        V.check_disjoint(self._written_arrays(labels),
-                         [(f"grads{lab}", g) for lab, g in zip(labels, grads)])
+        at = [f"[{i}]" for i in range(len(grads))]
+        given = at if by_position or labels is None else labels
+        try:
+            V.check_like("grads", list(grads), "params", self._params, writable=False,
+                         allow_low_precision=True, labels=given, ref_labels=labels)
+        except ValueError as exc:
+            if by_position and labels is not None and " has shape " in str(exc):
+                # (jax.tree_util.tree_leaves sorts a dict's keys: another order)
+                names = self._names.names
+                shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+                exc.args = (f"{exc.args[0]}; a list of gradients is read in the params' "
+                            f"own order ({shown}): give a dict by name instead",)
+            raise
+        V.check_disjoint(self._written_arrays(labels or at),
+                         [(f"grads{lab}", g) for lab, g in zip(given, grads)])
         return grads
 
     def _per_array_segments(self, param_flat, grad_flats):
@@ -1743,6 +1755,7 @@ class Optimizer:
             self._bound_list = grads
             if self._backend.gather(t, grads):
                 return
+        given_as_list = type(grads) in (list, tuple)
         grads = self._grads_as_list(grads)
         gather = getattr(self._backend, "gather", None)
         self._bound_list = grads
@@ -1758,7 +1771,7 @@ class Optimizer:
             return
         # the full checks: they raise with the message, or pass for inputs
         # the compiled reader does not take (subclasses, say)
-        grads = self._check_grad_list(readable)
+        grads = self._check_grad_list(readable, by_position=given_as_list)
         for ts in tables:
             for t in ts:
                 t.grads_from_arrays([grads[i].reshape(-1) for i in t.index_global])
