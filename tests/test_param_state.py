@@ -134,3 +134,19 @@ def test_lbfgs_and_sam():
     assert st["step"] == 1 and st["momentum_buffer"].shape == (3,)
     with pytest.raises(TypeError, match="param_state"):
         sam.state[q]
+
+
+def test_a_dotted_name_two_params_share_is_refused_and_key_paths_are_exact():
+    """{"a.b": x, "a": {"b": y}}: "a.b" names both (an optax port's trial
+    found the flat key's state returned silently); a key path names one,
+    integer keys included."""
+    p = {"a.b": np.zeros(2), "a": {"b": np.zeros(3)}, "l": {0: np.zeros(4)}}
+    opt = fastopt.Adam(p, lr=0.1)
+    opt.step({"a.b": np.ones(2), "a": {"b": -np.ones(3)}, "l": {0: np.ones(4)}})
+    assert opt.param_state(("a", "b"))["exp_avg"].shape == (3,)
+    assert opt.param_state(("a.b",))["exp_avg"].shape == (2,)
+    assert opt.param_state(("l", 0))["exp_avg"].shape == (4,)
+    assert opt.param_state("l.0")["exp_avg"].shape == (4,)
+    with pytest.raises(ValueError, match=r"'a\.b' names 2 params \(params\['a\.b'\], "
+                                         r"params\['a'\]\['b'\]\): give the key path"):
+        opt.param_state("a.b")

@@ -43,13 +43,14 @@ def locate(opt, param) -> tuple:
     """``(group index, index in the group)`` of ``param`` (by identity, or
     by name where the params were given by name: ``"l1.W"``, or the key
     path ``("l1", "W")``)."""
+    names = opt._names.names if opt._names is not None else None
+    want = _named(opt._names, param) if names is not None else None
     param = as_name(param)
     name = param if isinstance(param, str) else None
-    names = opt._names.names if opt._names is not None else None
     k = 0
     for gi, group in enumerate(opt.param_groups):
         for i, a in enumerate(group["params"]):
-            if a is param or (name is not None and names is not None and names[k] == name):
+            if a is param or k == want:
                 return gi, i
             k += 1
     if name is not None:
@@ -68,6 +69,26 @@ def locate(opt, param) -> tuple:
         f"this {type(opt).__name__} does not update that array (shape {shape}): pass one "
         "of the arrays it was made over (or in its param_groups), the same object, "
         "not a copy or a new view")
+
+
+def _named(tree, param):
+    """The index of the param ``param`` names in ``tree`` (a KeyTree): by
+    its key path (a tuple, exactly), or by its dotted name, which must be
+    one param's only (``{"a.b": x, "a": {"b": y}}`` names two); None for
+    anything else, or a name no param has."""
+    if isinstance(param, tuple):
+        path = [k for k, p in enumerate(tree.paths) if tuple(p) == param]
+        if path:
+            return path[0]
+        param = as_name(param)
+    if not isinstance(param, str):
+        return None
+    found = [k for k, n in enumerate(tree.names) if n == param]
+    if len(found) > 1:
+        raise ValueError(f"{param!r} names {len(found)} params ("
+                         f"{', '.join('params' + tree.labels[k] for k in found)}): give "
+                         "the key path as a tuple instead")
+    return found[0] if found else None
 
 
 def param_state(opt, param) -> dict:
