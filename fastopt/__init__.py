@@ -25,6 +25,7 @@ from .optim import (SGD, Adagrad, Adam, Adamax, AdamW, Lion, LossScaler, NAdam, 
 from .optim import LAMB
 from .optim import SAM
 from .optim import LBFGS
+from .optim import group_params
 from .params import FlatArrays, flat_zeros, pack
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
 __all__ += ["LAMB"]
 __all__ += ["SAM"]
 __all__ += ["LBFGS"]
+__all__ += ["group_params"]
 
 
 def __getattr__(name):

@@ -4,6 +4,7 @@ from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
 from .base import Optimizer
+from .grouping import group_params
 from .lamb import LAMB
 from .lbfgs import LBFGS
 from .loss_scale import LossScaler
@@ -19,3 +20,4 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Lion", "A
 __all__ += ["LAMB"]
 __all__ += ["SAM"]
 __all__ += ["LBFGS"]
+__all__ += ["group_params"]

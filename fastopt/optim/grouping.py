@@ -1,0 +1,91 @@
+"""Param groups by a rule over the params' names: ``group_params``.
+
+The recipe every fine-tune and every optax port writes by hand (no weight
+decay on biases and norms, a smaller lr for the backbone) split a dict of
+layers into group dicts by key path; written by hand, each group held new
+dicts, so a layer's array replaced in the user's own dict went unseen
+until the holder check's next pass (fastopt/optim/orphans.py). Here a
+layer whose arrays all go to one group is that group's by the user's own
+dict, which the optimizer then watches as it watches params given whole.
+"""
+
+from __future__ import annotations
+
+__all__ = ["group_params"]
+
+
+def group_params(params, rule):
+    """Param-group dicts for an optimizer from ``params`` by ``rule``.
+
+    ``params``: a dict of name -> array (nested dicts of layers) or a list
+    of arrays. ``rule(name, array)`` returns the group options of that
+    array (a dict such as ``{"weight_decay": 0.0}``; ``{}`` or None for the
+    optimizer's defaults); ``name`` is the dotted key path (``"l1.W"``), or
+    the index as a string in a list. Arrays whose options are equal share a
+    group, the groups in the order their first array comes::
+
+        groups = fastopt.group_params(
+            params, lambda name, a: {"weight_decay": 0.0} if a.ndim == 1 else None)
+        opt = fastopt.AdamW(groups, lr=1e-3, weight_decay=1e-2)
+        opt.step(grads)       # grads: a dict like params, as without groups
+
+    Groups of a dict hold the params by key path (the gradients still come
+    as one dict like ``params``); a layer whose arrays all share a group is
+    held as the user's own dict.
+    """
+    options = []          # each group's options, in order
+    if isinstance(params, dict):
+        trees = _split(params, (), rule, options)
+        return [dict(opts, params=trees.get(k, {})) for k, opts in enumerate(options)]
+    if isinstance(params, (list, tuple)):
+        lists = {}
+        for i, a in enumerate(params):
+            lists.setdefault(_group_of(rule, str(i), a, options), []).append(a)
+        return [dict(opts, params=lists[k]) for k, opts in enumerate(options)]
+    raise TypeError("group_params takes a dict of name -> array (nested dicts of layers) "
+                    f"or a list of arrays, got {type(params).__name__}")
+
+
+def _group_of(rule, name, a, options) -> int:
+    """The index of ``rule(name, a)``'s options among ``options`` (added
+    there when new)."""
+    opts = rule(name, a)
+    if opts is None:
+        opts = {}
+    if not isinstance(opts, dict):
+        raise TypeError(f"group_params: rule({name!r}, ...) must return a dict of group "
+                        f"options (or None), got {type(opts).__name__}")
+    if "params" in opts:
+        raise ValueError(f"group_params: rule({name!r}, ...) returned 'params': it gives "
+                         "a group's options only")
+    for k, known in enumerate(options):
+        if _same(known, opts):
+            return k
+    options.append(dict(opts))
+    return len(options) - 1
+
+
+def _same(a, b) -> bool:
+    # (values compared one by one: a schedule or a tuple of betas)
+    if a.keys() != b.keys():
+        return False
+    try:
+        return all(bool(a[k] == b[k]) for k in a)
+    except Exception:       # an array as a value: the optimizer's checks name it
+        return all(a[k] is b[k] for k in a)
+
+
+def _split(d, path, rule, options) -> dict:
+    """``{group index: subtree of d}``: each group's part of ``d``, ``d``
+    itself where all of it goes to one group."""
+    parts = {}
+    for key, v in d.items():
+        if isinstance(v, dict):
+            sub = _split(v, path + (key,), rule, options)
+        else:
+            sub = {_group_of(rule, ".".join(map(str, path + (key,))), v, options): v}
+        for k, part in sub.items():
+            parts.setdefault(k, {})[key] = part
+    if len(parts) == 1:
+        return {next(iter(parts)): d}    # the user's own dict: watched by the optimizer
+    return parts
