@@ -297,19 +297,27 @@ class warmup_cosine(Schedule):
     def __init__(self, peak_value, warmup_steps, total_steps, init_value=0.0,
                  final_value=None, alpha=0.1):
         peak = _real("peak_value", peak_value, low=0.0)
-        if peak == 0.0:
-            # (optax's order, init_value first, put a 0.0 init here)
-            raise ValueError("peak_value is 0: the lr would never rise above 0 (the arguments "
-                             "are peak_value, warmup_steps, total_steps; optax's "
-                             "warmup_cosine_decay_schedule takes init_value first)")
-        w = _int("warmup_steps", warmup_steps, low=0)
+        init = _real("init_value", init_value, low=0.0)
+        # optax's order (init_value first) put its 0.0 init in peak_value
+        optax = ("the arguments are peak_value, warmup_steps, total_steps; optax's "
+                 "warmup_cosine_decay_schedule takes init_value first")
+        try:
+            w = _int("warmup_steps", warmup_steps, low=0)
+        except TypeError as exc:
+            if peak == 0.0:
+                exc.args = (f"{exc.args[0]} ({optax})",)
+            raise
+        if peak == 0.0 and init > 0.0:
+            raise ValueError(f"peak_value is 0 below init_value {init:g}: the warmup would "
+                             f"fall to an lr of 0 and stay there ({optax})")
+        if w == 0 and init != 0.0:
+            raise ValueError(f"init_value {init:g} with warmup_steps=0: there is no warmup "
+                             "for it to start (the first step's lr is the peak)")
         total = _int("total_steps", total_steps, low=w + 1)
         self._args = {"peak_value": peak, "warmup_steps": w, "total_steps": total,
-                      "init_value": _real("init_value", init_value, low=0.0),
-                      "final_value": _floor(peak, final_value, alpha)}
+                      "init_value": init, "final_value": _floor(peak, final_value, alpha)}
         decay = cosine_decay(peak, total - w, final_value=self._args["final_value"])
-        self._joined = (decay if w == 0 else
-                        join([linear(self._args["init_value"], peak, w), decay], [w]))
+        self._joined = decay if w == 0 else join([linear(init, peak, w), decay], [w])
 
     def value(self, step):
         return self._joined.value(step)

@@ -244,3 +244,25 @@ def test_frozen_steps_are_planned_and_step_as_the_full_path(backend):
     assert planned == frozen
     assert plans[1] is plans[0] and plans[2] is plans[0] and plans[5] is plans[4]
     assert plans[7] is not plans[6] and plans[9] is plans[8]
+
+
+def test_a_frozen_groups_list_value_edited_in_place_takes_the_full_path():
+    """The frozen plan compares copies of a group's list values (review:
+    the list itself compared equal to itself, edited or not)."""
+    p = [np.ones(3), np.ones(2)]
+    opt = fastopt.Adam([{"params": [p[0]]}, {"params": [p[1]]}])
+    opt.step([np.ones(3), np.ones(2)])
+    opt.param_groups[0]["betas"] = [0.9, 0.999]      # a list, as a user may write it
+    opt.step([None, np.ones(2)])
+    opt.step([None, np.ones(2)])
+    opt.param_groups[0]["betas"][0] = 2.0
+    with pytest.raises(ValueError, match=r"\['betas'\]\[0\] must be < 1.0"):
+        opt.step([None, np.ones(2)])
+
+
+def test_a_dict_with_a_frozen_layer_names_a_bad_gradient_by_key():
+    W = {"l1": {"w": np.ones(3), "b": np.ones(2)}, "l2": {"w": np.ones(4)}}
+    opt = fastopt.Adam([{"params": {"l1": W["l1"]}}, {"params": {"l2": W["l2"]}}])
+    with pytest.raises(ValueError, match=r"^grads\['l2'\]\['w'\] has shape \(5,\) but "
+                                         r"params\['l2'\]\['w'\] has shape \(4,\)$"):
+        opt.step({"l1": None, "l2": {"w": np.ones(5)}})

@@ -512,3 +512,22 @@ def test_an_exactly_linear_stretch_clamps_the_step_as_torch():
         return out
     assert loss == ref.step(closure).item()
     np.testing.assert_array_equal(x, t.detach().numpy())
+
+
+def test_a_step_that_converges_on_its_last_iteration_says_it_converged():
+    """(review) the limits were tested first: a step that reached the
+    minimum on its max_iter-th iteration said "max_iter"."""
+    x = np.array([3.0, 1.0])
+    opt = fastopt.LBFGS([x], max_iter=2, max_eval=100, line_search_fn="strong_wolfe")
+    opt.step(lambda: (0.5 * float(x @ x), [x.copy()]))
+    np.testing.assert_allclose(x, 0.0, atol=1e-12)
+    assert opt.stop_reason == "tolerance_grad"
+    # without a line search the last iteration's point is not evaluated: a limit
+    y = np.array([3.0, 1.0])
+    plain = fastopt.LBFGS([y], max_iter=2, max_eval=100)
+    plain.step(lambda: (0.5 * float(y @ y), [y.copy()]))
+    assert plain.stop_reason == "max_iter"
+    # a closure that raises leaves no reason from an earlier step
+    with pytest.raises(RuntimeError):
+        opt.step(lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert opt.stop_reason is None

@@ -465,12 +465,19 @@ def test_warmup_cosine_as_optax_defines_it_and_its_argument_order_refused():
             return init + (peak - init) * t / warmup
         frac = min(t - warmup, decay_steps - warmup) / (decay_steps - warmup)
         return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * frac))
-    for warmup in (0, 7):
-        s = S.warmup_cosine(3e-3, warmup, 50, init_value=1e-4, final_value=1e-5)
+    for warmup, init in ((0, 0.0), (7, 1e-4)):
+        s = S.warmup_cosine(3e-3, warmup, 50, init_value=init, final_value=1e-5)
         for t in range(60):
-            assert s.value(t) == pytest.approx(optax_like(t, 1e-4, 3e-3, warmup, 50, 1e-5),
+            assert s.value(t) == pytest.approx(optax_like(t, init, 3e-3, warmup, 50, 1e-5),
                                                rel=1e-12, abs=1e-18)
+        assert S.from_dict(s.to_dict()).to_dict() == s.to_dict()
     assert S.warmup_cosine(1.0, 0, 10).value(0) == 1.0
-    with pytest.raises(ValueError, match="peak_value is 0.*optax's "
+    with pytest.raises(ValueError, match="peak_value is 0 below init_value 1000.*optax's "
                                          "warmup_cosine_decay_schedule takes init_value first"):
         S.warmup_cosine(0.0, 3, 100, 1000)
+    with pytest.raises(TypeError, match="warmup_steps must be an int.*optax's"):
+        S.warmup_cosine(0.0, 1e-3, 100, 1000)
+    with pytest.raises(ValueError, match="init_value 0.1 with warmup_steps=0"):
+        S.warmup_cosine(1.0, 0, 10, init_value=0.1)
+    # an lr of 0 throughout (a control run) is still a schedule
+    assert S.from_dict(S.warmup_cosine(0.0, 3, 100).to_dict()).value(50) == 0.0

@@ -116,7 +116,7 @@ def add_arguments(parser):
                              "(instead of --lr; each model from its own initial weights)")
     parser.add_argument("--schedule", default="constant", choices=["constant", "warmup-cosine"],
                         help="lr schedule (default constant)")
-    parser.add_argument("--warmup-steps", type=positive_int, default=None,
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=None,
                         help="warmup-cosine warmup, fewer than all steps (default: 5%% of "
                              "them; only with --schedule warmup-cosine)")
     parser.add_argument("--weight-decay", type=float, default=None,

@@ -52,7 +52,8 @@ def resolved_options(name, schedule="constant", total_steps=None, *, weight_deca
         weight_decay = None if default is None else default.default
     if momentum is None and name == "sgd":
         momentum = 0.9
-    if schedule == "warmup-cosine" and total_steps is not None and total_steps >= 2:
+    if schedule == "warmup-cosine" and total_steps is not None and (
+            total_steps >= 2 or warmup_steps == 0):
         w = warmup_steps if warmup_steps is not None else max(1, total_steps // 20)
         warmup_steps = min(w, total_steps - 1)
     return {"weight_decay": weight_decay, "momentum": momentum, "warmup_steps": warmup_steps}
@@ -98,9 +99,11 @@ def make_optimizer(model: Ensemble, name="adamw", lr=1e-3, *, lrs=None, schedule
     if schedule == "warmup-cosine":
         if total_steps is None:
             raise ValueError("warmup-cosine needs total_steps")
-        if total_steps < 2:     # a warmup step and a decay step at the least
-            raise ValueError(f"warmup-cosine needs at least 2 steps, the run has {total_steps} "
-                             "(more epochs or a smaller batch, or --schedule constant)")
+        least = 1 if warmup_steps == 0 else 2    # a warmup step (unless none) and a decay step
+        if total_steps < least:
+            raise ValueError(f"warmup-cosine needs at least {least} steps, the run has "
+                             f"{total_steps} (more epochs or a smaller batch, or --schedule "
+                             "constant)")
         w = resolved_options(name, schedule, total_steps, warmup_steps=warmup_steps)
         peaks = [fastopt.schedules.warmup_cosine(p, w["warmup_steps"], total_steps)
                  for p in peaks]

@@ -1371,8 +1371,11 @@ class Optimizer:
         fresh = self._tables is None
         tables = self._tables or self._host_tables()
         try:
+            # (a dict with a frozen layer becomes a list here: its refusals
+            # still name its arrays by key)
+            by_position = type(grads) in (list, tuple)
             grads, frozen = self._frozen_groups(grads)
-            self._bind_grads(tables, grads)      # checks every gradient first
+            self._bind_grads(tables, grads, by_position)   # checks every gradient first
         except BaseException:
             if fresh:      # made over params this step refused (one retyped in place)
                 self._tables = None
@@ -1733,7 +1736,7 @@ class Optimizer:
             table.grads = [self._bound_list[i].reshape(-1) for i in table.index_global]
         return table.grads
 
-    def _bind_grads(self, tables, grads):
+    def _bind_grads(self, tables, grads, by_position=None):
         """Point every table at this step's gradients, checked in full before
         anything is written: a FlatArrays with the params' layout (checked
         once, then cached by identity), a dict keyed like the params, or a
@@ -1755,7 +1758,8 @@ class Optimizer:
             self._bound_list = grads
             if self._backend.gather(t, grads):
                 return
-        given_as_list = type(grads) in (list, tuple)
+        if by_position is None:        # (whether the user gave a list: refusals say)
+            by_position = type(grads) in (list, tuple)
         grads = self._grads_as_list(grads)
         gather = getattr(self._backend, "gather", None)
         self._bound_list = grads
@@ -1771,7 +1775,7 @@ class Optimizer:
             return
         # the full checks: they raise with the message, or pass for inputs
         # the compiled reader does not take (subclasses, say)
-        grads = self._check_grad_list(readable, by_position=given_as_list)
+        grads = self._check_grad_list(readable, by_position=by_position)
         for ts in tables:
             for t in ts:
                 t.grads_from_arrays([grads[i].reshape(-1) for i in t.index_global])

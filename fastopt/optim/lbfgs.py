@@ -307,6 +307,7 @@ class LBFGS(Optimizer):
             raise TypeError("LBFGS.step needs a closure: closure() -> (loss, grads) at the "
                             "current params")
         with self._lock:
+            self.stop_reason = None
             self._refuse_unbound("call bind(params) first")
             self._check_groups_unchanged()
             self._check_given()
@@ -318,7 +319,6 @@ class LBFGS(Optimizer):
             loss, g = self._evaluate(closure)
             first_loss = loss
             st["func_evals"] += 1
-            self.stop_reason = None
             if not math.isfinite(loss):
                 # (torch goes on as ever; a fit started at a NaN said nothing)
                 warnings.warn(f"LBFGS: the loss at the params is {loss}: the step cannot "
@@ -395,15 +395,16 @@ class LBFGS(Optimizer):
                     used = 1
             evals += used
             st["func_evals"] += used
-            # -- stopping tests ---------------------------------------------------------------
+            # -- stopping tests: a converged step says so, limits or not (where
+            # the new point was evaluated: else its loss and g are the last point's)
+            if used and g_max <= h["tolerance_grad"]:
+                return "tolerance_grad"
+            if used and (d_max * abs(t) <= tol_change or abs(loss - prev_loss) < tol_change):
+                return "tolerance_change"
             if n_iter == max_iter:
                 return "max_iter"
             if evals >= max_eval:
                 return "max_eval"
-            if g_max <= h["tolerance_grad"]:
-                return "tolerance_grad"
-            if d_max * abs(t) <= tol_change or abs(loss - prev_loss) < tol_change:
-                return "tolerance_change"
         return "max_iter"
 
     # -- checkpoints --------------------------------------------------------------------

@@ -194,7 +194,12 @@ class StepPlan:
             group = opt.param_groups[gi]
             if gi in opt._schedules or len(frozen) == len(opt.param_groups):
                 return None
-            held_still.append((gi, group, group["params"], tuple(group.values()), hypers[gi]))
+            # (a list value copied, as GroupPlan._snap does: one edited in place
+            # compares unequal to its copy)
+            params = group["params"]
+            values = tuple(v[:] if type(v) is list and v is not params else v
+                           for v in group.values())
+            held_still.append((gi, group, params, values, hypers[gi]))
         steps = iter(steps)
         groups = []
         for gi, (group, h, st, ts) in enumerate(zip(opt.param_groups, hypers, opt.state,
