@@ -220,3 +220,41 @@ def test_optimizer_threads_during_train_step(monkeypatch, restore_threads):
         ens.train_step(opt, X, y)
         assert seen == [want], (k, threads)
         assert fastopt.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_clipping_per_model_trains_each_as_alone(backend):
+    """A teacher's trial: with the optimizer's max_grad_norm (one norm over
+    every model's gradients) a diverging lr in a sweep shrank the other
+    models' steps. train_step(max_grad_norm=) clips each model by its own
+    norm: each model trains as the same MLP alone with max_grad_norm."""
+    rng = np.random.default_rng(3)
+    batches = _batches(rng, 6, own=False)
+    ens = Ensemble(K, SIZES, "tanh", dtype=np.float64, seed=5, backend=backend)
+    lrs = [30.0, 1e-1, 1e-2]            # the first far too large
+    opt = fastopt.SGD(ens.param_groups(lr=lrs), momentum=0.9)
+    for X, y in batches:
+        ens.train_step(opt, X, y, max_grad_norm=0.5)
+    for k in range(1, K):
+        net = MLP(SIZES, "tanh", dtype=np.float64, seed=5 + k, backend=backend)
+        o = fastopt.SGD(net.param_groups(), lr=lrs[k], momentum=0.9, max_grad_norm=0.5)
+        for X, y in batches:
+            net.train_step(o, X, y)
+        np.testing.assert_allclose(ens.model(k).params.data, net.params.data, rtol=1e-9,
+                                   atol=1e-12)
+
+
+def test_clip_grads_returns_each_models_norm_and_scales_as_clip_by_global_norm():
+    ens = Ensemble(2, SIZES, dtype=np.float32, seed=1)
+    rng = np.random.default_rng(0)
+    ens.grads.data[:] = rng.standard_normal(ens.grads.data.size).astype(np.float32)
+    n = ens.grads.data.size // 2
+    ens.grads.data[n:] *= 1e-3                          # the second model: under the norm
+    want = [g.copy() for g in ens.grads]
+    norms = [fastopt.clip_by_global_norm(want[i * 6:(i + 1) * 6], 1.0) for i in range(2)]
+    got = ens.clip_grads(1.0)
+    np.testing.assert_allclose(got, norms, rtol=1e-6)
+    for a, b in zip(ens.grads, want):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    with pytest.raises(ValueError, match="max_norm"):
+        ens.clip_grads(0.0)

@@ -195,6 +195,24 @@ def test_ensemble_per_model_lrs_and_batches_match_numpy(cuda_nn):
 
 
 @needs_device
+def test_ensemble_clipped_per_model_matches_numpy(cuda_nn):
+    """train_step(max_grad_norm=): each model clipped by its own norm, on
+    the device one clip per model."""
+    K = 2
+    X, y = data(K, seed=2)
+    ref = Ensemble(K, SIZES, "tanh", seed=4, backend="numpy")
+    net = Ensemble(K, SIZES, "tanh", seed=4, backend="cuda")
+    o_ref = fastopt.SGD(ref.param_groups(lr=[3.0, 1e-2]))
+    o_dev = fastopt.SGD(net.param_groups(lr=[3.0, 1e-2]))
+    for _ in range(2):
+        ref.train_step(o_ref, X, y, max_grad_norm=0.1)
+        net.train_step(o_dev, dev(X), y, max_grad_norm=0.1)
+    assert rel_err(host(net.params.data), ref.params.data) < 1e-5
+    norms = net.clip_grads(1e-3)
+    assert norms.shape == (K,) and rel_err(norms, ref.clip_grads(1e-3)) < 1e-5
+
+
+@needs_device
 def test_shared_device_batch_mse_in_float64(cuda_nn):
     """A batch all models share is read with a stride of 0 between models;
     float64 kernels against the float64 reference, to rounding."""

@@ -62,6 +62,23 @@ def test_train_ensemble_sweep(tmp_path, monkeypatch, capsys):
     assert len(accs) == 3 and accs[0] > accs[2]   # 1e-5 barely moves in one epoch
 
 
+def test_an_lr_sweep_with_clipping_trains_each_model_as_alone(tmp_path, capsys):
+    """A teacher's trial: with one clipping norm over the sweep, the lr=0.1
+    model's accuracy moved with its neighbour's lr (89.40% beside 0.1,
+    89.85% beside 10). Each model is now clipped by its own norm."""
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    accs = []
+    for lrs in ("0.5,0.1", "50,0.1"):
+        out = tmp_path / lrs
+        assert _train(out, data, "--epochs", "1", "--optimizer", "sgd", "--ensemble-lrs",
+                      lrs, "--max-grad-norm", "0.5") == 0
+        m = json.loads((out / "metrics.json").read_text())
+        accs.append([r["val_loss"][1] for r in m["epochs"]])
+        assert m["hyperparameters"]["max_grad_norm"] == 0.5
+        assert m["hyperparameters"]["clip"] == "per model"
+    assert accs[0] == accs[1]
+
+
 def test_a_diverged_model_is_said_and_its_metrics_are_strict_json(tmp_path, capsys):
     """lr=1e8: the run printed its NaN model's 10% as a result (one class's
     share) and wrote NaN/Infinity tokens into metrics.json, which

@@ -125,7 +125,8 @@ def add_arguments(parser):
                         help="SGD momentum (default 0.9; only with --optimizer sgd)")
     parser.add_argument("--max-grad-norm", type=float, default=None,
                         help="clip the gradients' global norm to this in each step "
-                             "(default: no clipping)")
+                             "(with --ensemble-lrs: each model's own norm; default: no "
+                             "clipping)")
     parser.add_argument("--state-dtype", default="float32",
                         choices=["float32", "bfloat16", "int8"],
                         help="optimizer state: float32, or compact (bfloat16: 2 bytes a "
@@ -477,13 +478,22 @@ def _run(args, comm):
         from fastopt.distributed.training import DataParallelTraining
         parallel = DataParallelTraining(comm, shard_state=args.shard_state,
                                         overlap=args.overlap)
+    # an lr sweep's models are each clipped by their own norm (the optimizer's
+    # one norm over all of them let a diverging lr shrink the others' steps)
+    per_model = args.max_grad_norm if k > 1 else None
+    if per_model is not None and comm is not None:
+        print("fastopt train: --ensemble-lrs with --max-grad-norm clips each model by its "
+              "own norm, in one process: not under mpiexec (train each lr on its own, or "
+              "leave out --max-grad-norm)", file=sys.stderr)
+        return 2
     try:
         model = Ensemble(k, sizes, args.activation, seed=args.seed, dtype=args.dtype,
                          backend="cuda" if args.device == "cuda" else args.backend)
         opt = make_optimizer(model, args.optimizer, args.lr, lrs=lrs, schedule=args.schedule,
                              total_steps=steps, warmup_steps=args.warmup_steps,
                              weight_decay=args.weight_decay, momentum=args.momentum,
-                             max_grad_norm=args.max_grad_norm, parallel=parallel,
+                             max_grad_norm=None if per_model is not None else
+                             args.max_grad_norm, parallel=parallel,
                              sam=args.sam, state_dtype=args.state_dtype)
     except (TypeError, ValueError) as exc:
         print(f"fastopt train: {_as_flag(str(exc), args)}", file=sys.stderr)
@@ -553,7 +563,7 @@ def _run(args, comm):
                 history = fit(model, opt, Xtr, ytr, epochs=args.epochs,
                               batch_size=args.batch_size, seed=args.seed, X_val=Xte, y_val=yte,
                               target=args.target, on_batch=on_batch, on_epoch=on_epoch,
-                              parallel=parallel, finished=finished)
+                              parallel=parallel, finished=finished, clip_per_model=per_model)
         except (_Stopped, KeyboardInterrupt):
             if comm is not None:
                 if comm.Get_rank() == 0:     # what finished, as one process writes it
@@ -725,7 +735,9 @@ def _resolved_hypers(opt, args) -> dict:
     groups = getattr(inner, "param_groups", None) or [{}]
     hypers = {k: (list(v) if isinstance(v, tuple) else v) for k, v in groups[0].items()
               if k not in ("params", "lr") and isinstance(v, (int, float, bool, tuple, str))}
-    hypers["max_grad_norm"] = getattr(inner, "max_grad_norm", args.max_grad_norm)
+    hypers["max_grad_norm"] = getattr(inner, "max_grad_norm", None) or args.max_grad_norm
+    if getattr(inner, "max_grad_norm", None) is None and args.max_grad_norm is not None:
+        hypers["clip"] = "per model"      # (an lr sweep: Ensemble.clip_grads)
     return hypers
 
 

@@ -169,12 +169,14 @@ class DeviceNet:
         self._ws = OrderedDict()
 
     # -- layout ------------------------------------------------------------------------
-    def model_params(self, i) -> "C.DeviceFlatArrays":
-        """Model ``i``'s tensors: views of its contiguous run of ``params``."""
+    def model_params(self, i, flat=None) -> "C.DeviceFlatArrays":
+        """Model ``i``'s tensors: views of its contiguous run of ``params``
+        (or of ``flat``, laid out as they are: the grads)."""
+        flat = self.params if flat is None else flat
         n = self.n_per_model
-        per = len(self.params) // self.k
-        return C.DeviceFlatArrays(self.params.data[i * n:(i + 1) * n],
-                                  self.params.shapes[i * per:(i + 1) * per])
+        per = len(flat) // self.k
+        return C.DeviceFlatArrays(flat.data[i * n:(i + 1) * n],
+                                  flat.shapes[i * per:(i + 1) * per])
 
     def owns(self, arrays) -> bool:
         """Whether every array lies inside this model's params buffer."""

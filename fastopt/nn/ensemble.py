@@ -340,8 +340,13 @@ class Ensemble(BatchChecks, LayerPasses):
                              "fastopt.AdamW(model.param_groups(...))")
         self._opt_checked = opt
 
-    def train_step(self, opt, X, y, *, sync=True):
+    def train_step(self, opt, X, y, *, sync=True, max_grad_norm=None):
         """``loss_and_grad`` then ``opt.step(self.grads)``; returns the losses.
+
+        ``max_grad_norm``: each model's gradients clipped by their own norm
+        first (:meth:`clip_grads`), so that the models of a sweep train as
+        each would alone (an optimizer's ``max_grad_norm`` is one norm over
+        all its params: every model's, coupling them).
 
         On the device (backend "cuda") the optimizer's step is launched
         before the losses are read back, so the host waits once per step;
@@ -351,11 +356,35 @@ class Ensemble(BatchChecks, LayerPasses):
         self._check_optimizer(opt)
         if self._device:
             losses = self._device_loss_and_grad(X, y)
+            if max_grad_norm is not None:
+                self.clip_grads(max_grad_norm)
             opt.step(self.grads)
             return losses.copy_to_host().astype(np.float64) if sync else losses
         losses = self.loss_and_grad(X, y)
+        if max_grad_norm is not None:
+            self.clip_grads(max_grad_norm)
         self._step(opt)
         return losses
+
+    def clip_grads(self, max_norm):
+        """Scale each model's gradients in ``self.grads`` so that its own
+        global norm is at most ``max_norm``, as
+        :func:`fastopt.clip_by_global_norm` does for one model (torch's
+        ``min(1, max_norm / (norm + 1e-6))``); returns the K norms before
+        clipping (float64). On the device: one clip per model, the norms
+        read back."""
+        max_norm = V.check_real("max_norm", max_norm, low=0.0, low_open=True)
+        if self._device:
+            from ..clip import clip_by_global_norm
+            return np.array([float(clip_by_global_norm(self._net.model_params(i, self.grads),
+                                                       max_norm))
+                             for i in range(self.k)])
+        per_model = self.grads.data.reshape(self.k, -1)   # (each model's run is contiguous)
+        norms = np.sqrt(np.einsum("ij,ij->i", per_model, per_model, dtype=np.float64))
+        coef = np.minimum(1.0, max_norm / (norms + 1e-6))
+        if (coef < 1.0).any():
+            per_model *= coef.astype(per_model.dtype)[:, None]
+        return norms
 
     def _step(self, opt):
         if self._model_threads() > 1:

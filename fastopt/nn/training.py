@@ -162,7 +162,8 @@ def _check_combination(name, lrs, parallel, sam, weight_decay, max_grad_norm, st
 
 
 def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y_val=None,
-        target=None, on_batch=None, on_epoch=None, parallel=None, finished=()):
+        target=None, on_batch=None, on_epoch=None, parallel=None, finished=(),
+        clip_per_model=None):
     """Train for ``epochs``; every model sees the same shuffled batches.
 
     Returns a history dict: per epoch the mean training loss per model,
@@ -182,9 +183,16 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
     checkpoint after the last of them: training goes on from the next
     epoch with the batches the uninterrupted run would have drawn, so the
     result is the same bit for bit.
+
+    ``clip_per_model``: clip each model's gradients by its own norm to this
+    before each step (:meth:`Ensemble.clip_grads`; a sweep's models then
+    train as each would alone), in one process.
     """
+    if clip_per_model is not None and parallel is not None:
+        raise ValueError("clip_per_model runs in one process (under MPI the averaged "
+                         "gradients would need it); clip with the optimizer's max_grad_norm")
     if parallel is None:
-        step = _step_function(model, opt, X.shape[0], batch_size)
+        step = _step_function(model, opt, X.shape[0], batch_size, clip_per_model)
 
         def validate():
             return Ensemble.evaluate(model, X_val, y_val)
@@ -201,10 +209,14 @@ def fit(model: Ensemble, opt, X, y, *, epochs, batch_size, seed=0, X_val=None, y
                        finished=list(finished), **extra)
 
 
-def _step_function(model, opt, n_train, batch_size):
+def _step_function(model, opt, n_train, batch_size, clip_per_model=None):
     """``step(gather, idx) -> (losses, samples)`` for ``opt``: one gradient
     and step per batch; SAM's two gradients (at p, then at p + e); or an
     L-BFGS step whose closure evaluates the whole batch."""
+    if clip_per_model is not None and (isinstance(opt, fastopt.SAM)
+                                       or getattr(opt, "steps_with_closure", False)):
+        raise ValueError("clip_per_model is for optimizers stepped with gradients")
+
     if isinstance(opt, fastopt.SAM):
         def sam_step(gather, idx):
             X_b, y_b = gather(idx)
@@ -225,7 +237,7 @@ def _step_function(model, opt, n_train, batch_size):
         return closure_step
 
     def step(gather, idx):
-        return model.train_step(opt, *gather(idx)), idx.size
+        return model.train_step(opt, *gather(idx), max_grad_norm=clip_per_model), idx.size
     return step
 
 
