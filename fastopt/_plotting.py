@@ -1,20 +1,41 @@
 """matplotlib for fastopt's pictures (bench chart, schedules, training
-curves, examples): files only, on the Agg backend, and imported only when a
-picture is drawn, so the core install works without it."""
+curves, examples): files only, drawn by the Agg renderer on figures pyplot
+never sees, and imported only when a picture is drawn, so the core install
+works without it."""
 
 from __future__ import annotations
 
 
+class FilesOnly:
+    """pyplot's ``subplots`` and ``close``, all fastopt's pictures use, on
+    plain :class:`matplotlib.figure.Figure` objects with an Agg canvas:
+    nothing global changes (``matplotlib.use("Agg")`` switched a notebook
+    that ran an example to files only: its own plots no longer showed), and
+    pyplot keeps no reference (nothing to close)."""
+
+    @staticmethod
+    def subplots(nrows=1, ncols=1, *, figsize=None, **kw):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots(nrows, ncols, **kw)
+
+    @staticmethod
+    def close(fig) -> None:
+        """(pyplot's close: these figures are not pyplot's; freed with their last reference)"""
+
+
 def agg_pyplot():
-    """``matplotlib.pyplot`` on the Agg backend, or None if matplotlib is
-    not installed (callers say what to install)."""
+    """:class:`FilesOnly` (pyplot's ``subplots`` and ``close`` for figures
+    written to files), or None if matplotlib is not installed (callers say
+    what to install)."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    return FilesOnly
 
 
 def save_figure(fig, path, **savefig_kw):

@@ -157,3 +157,18 @@ def test_example_scripts_run(script, monkeypatch, capsys):
         runpy.run_path(str(script), run_name="__main__")
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_drawing_an_example_leaves_a_notebooks_matplotlib_as_it_was(tmp_path):
+    """A teacher's trial: an example switched matplotlib to Agg for the whole
+    session (matplotlib.use), so a notebook's own plots stopped showing."""
+    code = ("import matplotlib; matplotlib.use('pdf'); import matplotlib.pyplot as plt\n"
+            "from fastopt.examples import run_example\n"
+            f"run_example('schedules', output={str(tmp_path / 's.png')!r})\n"
+            "print(matplotlib.get_backend(), plt.get_fignums())\n")
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "pdf []"
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

@@ -511,3 +511,17 @@ def test_a_checkpoint_that_could_not_be_written_fails_the_run(tmp_path, monkeypa
     assert "after epoch 2: No space left on device; training goes on" in err
     assert f"{out / 'checkpoint.npz'} holds 1 of the 3 epochs: writing it failed" in err
     assert (out / "metrics.json").is_file()        # the results are whole
+
+
+def test_a_blown_up_but_finite_loss_is_called_diverged(tmp_path, capsys):
+    """A teacher's trial: lr=100 SGD ended at a training loss of 9e24 and
+    was printed as an ordinary 10.5% result, "diverged": [] in metrics."""
+    data = _fake_mnist(tmp_path / "mnist", n=10000)
+    out = tmp_path / "out"
+    assert _train(out, data, "--epochs", "1", "--optimizer", "sgd", "--momentum", "0",
+                  "--ensemble-lrs", "100,1e-3") == 0
+    said = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    loss = m["epochs"][0]["train_loss"][0]
+    assert loss is None or loss > 10 * np.log(10)
+    assert m["diverged"] == ["lr=100"] and said.count("DIVERGED") == 1

@@ -215,6 +215,7 @@ def _plot(history, labels, path):
     plt = agg_pyplot()
     if plt is None:
         raise ImportError("matplotlib is not installed")
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history["epochs"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -222,9 +223,9 @@ def _plot(history, labels, path):
         c = f"C{k % 10}"
         # markers: a run of one epoch has one point a curve, no line
         ax1.plot(epochs, [r["train_loss"][k] for r in history["epochs"]], ".-", color=c,
-                 label=f"{label} train")
+                 label=f"{label} train (mean over the epoch)")
         ax1.plot(epochs, [r["val_loss"][k] for r in history["epochs"]], ".--", color=c,
-                 label=f"{label} held-out")
+                 label=f"{label} held-out (at its end)")
         ax2.plot(epochs, [100 * r["val_acc"][k] for r in history["epochs"]], ".-", color=c,
                  label=label)
     ax1.set_xlabel("epoch")
@@ -238,6 +239,8 @@ def _plot(history, labels, path):
     if history.get("target"):
         ax2.axhline(100 * history["target"], color="grey", lw=0.8, ls=":")
     ax2.legend(fontsize=7)
+    for ax in (ax1, ax2):            # epochs are whole numbers (ticks at 1.2, 1.4... read oddly)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     try:
         save_figure(fig, path, dpi=110)
@@ -513,7 +516,8 @@ def _run(args, comm):
           f"{args.optimizer}{'' if args.sam is None else f' + SAM rho={args.sam:g}'}"
           f"{'' if args.state_dtype == 'float32' else f' ({args.state_dtype} state)'} "
           f"{', '.join(labels)}{_shown_hypers(args.hyperparameters)}, schedule {args.schedule}, "
-          f"{args.epochs} epochs x {steps // args.epochs} steps, batch {args.batch_size}, "
+          f"{args.epochs} epoch{'s' * (args.epochs != 1)} x {steps // args.epochs} steps, "
+          f"batch {args.batch_size}, "
           f"nn backend {model.backend}, optimizer backend {opt.backend}, "
           f"{Xtr.shape[0]} train / {Xte.shape[0]} held-out"
           + ("" if comm is None else f", {comm.Get_size()} MPI ranks ({mode})")
@@ -581,7 +585,7 @@ def _run(args, comm):
             return _finish_interrupted(args, history, labels, sizes, model.backend,
                                        stop.exit_code)
         final = history["epochs"][-1]["val_acc"]
-        lost = _diverged(history)
+        lost = _diverged(history, sizes[-1])
         for k, (lab, a, t) in enumerate(zip(labels, final, history["time_to_target"])):
             reach = (f", reached {100 * args.target:.0f}% after {t:.1f} s of training"
                      if t is not None else f", never reached {100 * args.target:.0f}%")
@@ -761,13 +765,17 @@ def _as_flag(message, args):
     return message
 
 
-def _diverged(history) -> dict:
-    """``{model index: (its first non-finite training loss as text, the epoch)}``."""
+def _diverged(history, n_classes) -> dict:
+    """``{model index: (its first blown-up training loss as text, the epoch)}``:
+    non-finite, or past ten times a uniform guess's cross-entropy (log of
+    the class count: a model at 9e24 was shown as an ordinary 10% result)."""
+    limit = 10 * math.log(max(n_classes, 2))
     lost = {}
     for r in history["epochs"]:
         for k, v in enumerate(r["train_loss"]):
-            if k not in lost and (v is None or not math.isfinite(v)):   # (None: JSON's)
-                lost[k] = (str(v), r["epoch"])
+            if k not in lost and (v is None or not math.isfinite(v) or v > limit):
+                lost[k] = (str(v) if v is None or not math.isfinite(v) else f"{v:.3g}",
+                           r["epoch"])    # (None: JSON's non-finite)
     return lost
 
 
@@ -817,7 +825,8 @@ def _write_results(args, history, labels, sizes, backend, interrupted, written):
                "sizes": list(sizes), "backend": backend, "labels": labels,
                "hyperparameters": getattr(args, "hyperparameters", None),
                "final_val_acc": final, "interrupted": interrupted,
-               "diverged": [labels[k] for k in sorted(_diverged(history))], **history}
+               "diverged": [labels[k] for k in sorted(_diverged(history, sizes[-1]))],
+               **history}
     write_atomically(out / "metrics.json",
                      json.dumps(_finite_json(metrics), indent=1, allow_nan=False).encode())
     written.append(out / "metrics.json")

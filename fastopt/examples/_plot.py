@@ -1,4 +1,5 @@
-"""matplotlib for the examples: the Agg backend, and a clear error without it."""
+"""matplotlib for the examples: files only (nothing global changed), and a clear
+error without it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from .._plotting import agg_pyplot, save_figure
 
 
 def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend (files only, no display)."""
+    """pyplot's ``subplots`` and ``close`` for pictures written to files
+    (:class:`fastopt._plotting.FilesOnly`)."""
     plt = agg_pyplot()
     if plt is None:
         raise ImportError("the examples draw with matplotlib, which is not installed: "
@@ -19,14 +21,11 @@ def pyplot():
 
 
 def save(fig, path, dpi=80):
-    """Write ``fig`` to ``path`` (whole or not at all) and close it."""
-    import matplotlib.pyplot as plt
-
+    """Write ``fig`` to ``path`` (whole or not at all) and clear it."""
     try:
         save_figure(fig, path, dpi=dpi)
     finally:
         fig.clf()
-        plt.close(fig)
 
 
 def save_palette(fig, path, dpi=80, colors=128):
@@ -35,7 +34,6 @@ def save_palette(fig, path, dpi=80, colors=128):
     Needs Pillow (a dependency of matplotlib)."""
     import io
 
-    import matplotlib.pyplot as plt
     from PIL import Image
 
     drawn, small_png = io.BytesIO(), io.BytesIO()
@@ -43,7 +41,6 @@ def save_palette(fig, path, dpi=80, colors=128):
         fig.savefig(drawn, format="png", dpi=dpi)
     finally:
         fig.clf()
-        plt.close(fig)
     with Image.open(drawn) as im:
         small = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
                                            dither=Image.Dither.NONE)
