@@ -103,7 +103,8 @@ def run(output=None, small=False, verbose=True, data_dir=None, lrs=LRS) -> dict:
         "  lr       peak train loss  held-out loss  accuracy  verdict",
         *(f"  {lr:<8g} {peak[i]:>15.3f}  {final[i]:>13.3f}  {100 * acc[i]:>7.1f}%  {v[i]}"
           for i, lr in enumerate(lrs)),
-        f"  fails (training loss above {BLOWUP:g} x {initial:.3f}, or non-finite): "
+        f"  fails (training loss above {BLOWUP:g} x {initial:.3f} at some step, even if "
+        "it partly recovered after, or non-finite): "
         f"{', '.join(f'lr={lr:g}' for lr in facts['fails']) or 'none'}",
         f"  crawls (improvement < {CRAWL:g} x the best one's): "
         f"{', '.join(f'lr={lr:g}' for lr in facts['crawls']) or 'none'}",
