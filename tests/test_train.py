@@ -9,6 +9,7 @@ import struct
 import numpy as np
 import pytest
 
+import fastopt
 from fastopt.cli import main
 
 
@@ -293,7 +294,6 @@ def _train(out, data, *extra):
 def _same_training(a, b):
     """Two runs' metrics (losses and accuracies per epoch) and final
     checkpoints (params and optimizer state) are the same bit for bit."""
-    import fastopt
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
     keys = ("epoch", "train_loss", "val_loss", "val_acc")
     assert [[r[k] for k in keys] for r in ma["epochs"]] == \
@@ -428,7 +428,6 @@ def test_train_resume_takes_a_default_given_explicitly_as_the_same_run(tmp_path,
 def test_fit_refuses_records_of_epochs_the_optimizer_is_not_at_the_end_of():
     """A checkpoint saved inside an epoch (in an except KeyboardInterrupt:)
     and its finished records: fit replayed that epoch from its start."""
-    import fastopt
     from fastopt.nn import Ensemble
     from fastopt.nn.training import fit
     rng = np.random.default_rng(0)
@@ -525,3 +524,23 @@ def test_a_blown_up_but_finite_loss_is_called_diverged(tmp_path, capsys):
     loss = m["epochs"][0]["train_loss"][0]
     assert loss is None or loss > 10 * np.log(10)
     assert m["diverged"] == ["lr=100"] and said.count("DIVERGED") == 1
+
+
+def test_diverged_judges_the_last_epoch_for_a_finite_blow_up():
+    """(review) a model that blew up in epoch 1 and then reached 100% was
+    called DIVERGED; non-finite stays DIVERGED wherever it came."""
+    from fastopt.cli.train import _diverged
+    history = {"epochs": [{"epoch": 1, "train_loss": [73.2, 1.0, float("nan"), 9e24]},
+                          {"epoch": 2, "train_loss": [1e-5, 30.0, 2.0, 9e24]}]}
+    assert _diverged(history, 10) == {1: ("30", 2), 2: ("nan", 1), 3: ("9e+24", 2)}
+
+
+def test_fit_trains_an_mlp():
+    """(review) fit passed train_step a keyword MLP did not take."""
+    from fastopt.nn import MLP
+    from fastopt.nn.training import fit
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((256, 20)), rng.integers(0, 3, 256)
+    net = MLP((20, 16, 3), seed=0)
+    history = fit(net, fastopt.SGD(net.param_groups(), lr=0.1), X, y, epochs=1, batch_size=64)
+    assert len(history["epochs"]) == 1

@@ -240,7 +240,10 @@ def _plot(history, labels, path):
         ax2.axhline(100 * history["target"], color="grey", lw=0.8, ls=":")
     ax2.legend(fontsize=7)
     for ax in (ax1, ax2):            # epochs are whole numbers (ticks at 1.2, 1.4... read oddly)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)        # (MaxNLocator gives 0.96, 0.98... around one epoch)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     try:
         save_figure(fig, path, dpi=110)
@@ -506,6 +509,14 @@ def _run(args, comm):
         if problem:
             print(f"fastopt train: {problem}", file=sys.stderr)
             return 2
+        if per_model is not None and getattr(opt, "max_grad_norm", None) is not None:
+            # a sweep checkpointed before each model was clipped by its own
+            # norm: its optimizer clips the whole sweep; clipping per model
+            # on top would be neither run
+            per_model = None
+            print("fastopt train: --resume: this checkpoint's sweep clips all its models "
+                  "with one norm (it was made before each model was clipped by its own); "
+                  "the run goes on that way", file=sys.stderr)
     labels = [f"lr={v:g}" for v in (lrs or [args.lr])]
     args.hyperparameters = _resolved_hypers(opt, args)
     mode = ("sharded optimizer state" if args.shard_state else "replicated optimizer state"
@@ -752,6 +763,8 @@ def _shown_hypers(hypers) -> str:
                                                      ("max_grad_norm", "clip"))
              if isinstance(hypers.get(k), (int, float)) and not isinstance(hypers[k], bool)
              and (hypers[k] or k == "weight_decay")]
+    if hypers.get("clip") == "per model":
+        shown[-1] += " per model"
     return f" ({', '.join(shown)})" if shown else ""
 
 
@@ -766,16 +779,21 @@ def _as_flag(message, args):
 
 
 def _diverged(history, n_classes) -> dict:
-    """``{model index: (its first blown-up training loss as text, the epoch)}``:
-    non-finite, or past ten times a uniform guess's cross-entropy (log of
-    the class count: a model at 9e24 was shown as an ordinary 10% result)."""
-    limit = 10 * math.log(max(n_classes, 2))
+    """``{model index: (its blown-up training loss as text, the epoch)}``:
+    non-finite in any epoch, or in the last past ten times a uniform
+    guess's cross-entropy (log of the class count: a model at 9e24 was
+    shown as an ordinary 10% result; one that blew up early and recovered
+    is a result)."""
     lost = {}
     for r in history["epochs"]:
         for k, v in enumerate(r["train_loss"]):
-            if k not in lost and (v is None or not math.isfinite(v) or v > limit):
-                lost[k] = (str(v) if v is None or not math.isfinite(v) else f"{v:.3g}",
-                           r["epoch"])    # (None: JSON's non-finite)
+            if k not in lost and (v is None or not math.isfinite(v)):   # (None: JSON's)
+                lost[k] = (str(v), r["epoch"])
+    limit = 10 * math.log(max(n_classes, 2))
+    last = history["epochs"][-1] if history["epochs"] else {"train_loss": []}
+    for k, v in enumerate(last["train_loss"]):
+        if k not in lost and v > limit:
+            lost[k] = (f"{v:.3g}", last["epoch"])
     return lost
 
 

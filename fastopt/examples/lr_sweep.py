@@ -98,7 +98,7 @@ def run(output=None, small=False, verbose=True, data_dir=None, lrs=LRS) -> dict:
              "crawls": [lr for lr, s in zip(lrs, v) if s == "crawls"]}
     say(verbose,
         f"Adam, {k} x MLP 784-{hidden}-10 (same init) in one Ensemble run: {n_train} MNIST "
-        f"images, {epochs} epoch(s), {len(curves)} steps of batch {batch}; held-out loss "
+        f"images, {epochs} epoch{'s' * (epochs != 1)}, {len(curves)} steps of batch {batch}; held-out loss "
         f"before training {initial:.3f}",
         "  lr       peak train loss  held-out loss  accuracy  verdict",
         *(f"  {lr:<8g} {peak[i]:>15.3f}  {final[i]:>13.3f}  {100 * acc[i]:>7.1f}%  {v[i]}"

@@ -373,18 +373,14 @@ class Ensemble(BatchChecks, LayerPasses):
         ``min(1, max_norm / (norm + 1e-6))``); returns the K norms before
         clipping (float64). On the device: one clip per model, the norms
         read back."""
+        from ..clip import clip_by_global_norm
+
         max_norm = V.check_real("max_norm", max_norm, low=0.0, low_open=True)
         if self._device:
-            from ..clip import clip_by_global_norm
-            return np.array([float(clip_by_global_norm(self._net.model_params(i, self.grads),
-                                                       max_norm))
-                             for i in range(self.k)])
-        per_model = self.grads.data.reshape(self.k, -1)   # (each model's run is contiguous)
-        norms = np.sqrt(np.einsum("ij,ij->i", per_model, per_model, dtype=np.float64))
-        coef = np.minimum(1.0, max_norm / (norms + 1e-6))
-        if (coef < 1.0).any():
-            per_model *= coef.astype(per_model.dtype)[:, None]
-        return norms
+            models = [self._net.model_params(i, self.grads) for i in range(self.k)]
+        else:       # each model's run of the flat buffer, contiguous (the compiled norm
+            models = [[m] for m in self.grads.data.reshape(self.k, -1)]   # and scale)
+        return np.array([float(clip_by_global_norm(m, max_norm)) for m in models])
 
     def _step(self, opt):
         if self._model_threads() > 1:

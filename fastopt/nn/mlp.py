@@ -45,11 +45,11 @@ class MLP(Ensemble):
         (``on_grads_ready``: see :meth:`Ensemble.loss_and_grad`)."""
         return float(super().loss_and_grad(X, y, on_grads_ready=on_grads_ready)[0])
 
-    def train_step(self, opt, X, y, *, sync=True):
+    def train_step(self, opt, X, y, *, sync=True, max_grad_norm=None):
         """``loss_and_grad`` then ``opt.step(self.grads)``; returns the loss
         (a float; with ``sync=False`` on backend "cuda", a one-element device
-        array: see :meth:`Ensemble.train_step`)."""
-        loss = super().train_step(opt, X, y, sync=sync)
+        array: see :meth:`Ensemble.train_step`, also for ``max_grad_norm``)."""
+        loss = super().train_step(opt, X, y, sync=sync, max_grad_norm=max_grad_norm)
         return loss if isinstance(loss, float) or not sync else float(loss[0])
 
     def forward(self, X):
