@@ -179,8 +179,9 @@ class _Progress:
     Redrawn in place on a terminal; elsewhere (a log file, a pipe) one line
     per epoch, at its end."""
 
-    def __init__(self, epochs, n_train, batch_size, stream, enabled=True):
+    def __init__(self, epochs, n_train, batch_size, stream, enabled=True, whose=""):
         self.epochs, self.n_train, self.stream, self.enabled = epochs, n_train, stream, enabled
+        self.whose = whose      # under MPI: the loss shown is rank 0's part of the batch
         self.batch_size = batch_size
         self.last = 0.0
         isatty = getattr(stream, "isatty", None)
@@ -198,7 +199,7 @@ class _Progress:
         seen = (epoch - 1) * self.n_train + min((i + 1) * self.batch_size, self.n_train)
         rate = seen / seconds if seconds > 0 else 0.0
         loss = min(float(l) for l in losses) if len(losses) > 1 else float(losses[0])
-        tag = "best loss" if len(losses) > 1 else "loss"
+        tag = ("best loss" if len(losses) > 1 else "loss") + self.whose
         line = (f"epoch {epoch:>3}/{self.epochs} [{'#' * done}{'.' * (width - done)}]"
                 f" {i + 1:>4}/{n_batches} {tag} {loss:.4f}  {rate:,.0f} samples/s ")
         self.stream.write("\r" + line if self.tty else line.rstrip() + "\n")
@@ -533,7 +534,8 @@ def _run(args, comm):
           f"{Xtr.shape[0]} train / {Xte.shape[0]} held-out"
           + ("" if comm is None else f", {comm.Get_size()} MPI ranks ({mode})")
           + (f"; resuming after epoch {len(finished)}" if args.resume else ""))
-    bar = _Progress(args.epochs, Xtr.shape[0], args.batch_size, sys.stderr, not args.quiet)
+    bar = _Progress(args.epochs, Xtr.shape[0], args.batch_size, sys.stderr, not args.quiet,
+                    "" if comm is None else " (rank 0's part)")
     records = list(finished)   # finished epochs, kept here too: fit returns nothing when interrupted
     args.checkpointed = len(finished)      # epochs the checkpoint holds (said on Ctrl-C)
 
