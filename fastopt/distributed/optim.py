@@ -93,14 +93,6 @@ def _refuse_closure_steps(cls):
                         "step: run it in one process")
 
 
-def _raise_shared(error) -> None:
-    """``step(error=exc)`` with a :class:`DistributedError`: every rank
-    raised it already (a failed collective), so the others will not meet
-    this one in the step's agreement; waiting there hung the job (an MPI
-    user's trial: ``except Exception as exc: opt.step(g, error=exc)``)."""
-    if isinstance(error, DistributedError):
-        raise error
-
 def _check_weight(weight):
     if weight is None:
         return None
@@ -582,13 +574,9 @@ class DataParallel(_Distributed):
         samples); the ranks' gradients, each the mean over its own samples,
         are then summed with these weights. Default: 1/world_size each.
         ``error``: an exception this rank hit while computing its gradients;
-        every rank then raises :class:`DistributedError` instead of stepping
-        (a :class:`DistributedError` itself, from a collective every rank
-        already failed, is raised again at once: the other ranks are not
-        coming to this step). After :meth:`backward_hook`, this finishes that
-        overlapped reduction.
+        every rank then raises :class:`DistributedError` instead of stepping.
+        After :meth:`backward_hook`, this finishes that overlapped reduction.
         """
-        _raise_shared(error)
         if grads is V.NOT_GIVEN:
             V.refuse_no_grads(type(self).__name__, "step")
         if self._round is not None:
@@ -954,7 +942,6 @@ class ShardedOptimizer(_Distributed):
         """Reduce-scatter ``grads``, step this rank's shard, all-gather the
         params. ``weight`` and ``error`` as in :meth:`DataParallel.step`.
         Returns the pre-clip global norm (when computed), equal on every rank."""
-        _raise_shared(error)
         if grads is V.NOT_GIVEN:
             V.refuse_no_grads(type(self).__name__, "step")
         w, settings = None, None
