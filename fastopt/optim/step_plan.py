@@ -21,11 +21,12 @@ and the non-finite skip) or several groups or tables without a norm to
 compute. Grads are a list (a dict by name is read into one), or the
 FlatArrays the tables were bound to last step. A step with frozen groups
 (their every gradient None, no schedule on them) is planned for the same
-frozen groups: the others' tables step, each through the table step. Where there is no norm and
-either every table is small or there is one table, a backend's
-``list_step`` (Cython) makes the whole step one native call: every table's
-grads read and checked, then each updated (one large table on the thread
-team when its :class:`~fastopt.backends.threads.ThreadChoice` picks it).
+frozen groups: the others' tables step, each through the table step.
+Where there is no norm and either every table is small or there is one
+table, a backend's ``list_step`` (Cython) makes the whole step one native
+call: every table's grads read and checked, then each updated (one large
+table on the thread team when its
+:class:`~fastopt.backends.threads.ThreadChoice` picks it).
 Inside a training loop the step's Python runs cold, after the
 forward/backward pass: there each call saved is worth about twice its hot
 time. The plan runs the same code the full step runs for the per-step
