@@ -535,7 +535,7 @@ def _run(args, comm):
           + ("" if comm is None else f", {comm.Get_size()} MPI ranks ({mode})")
           + (f"; resuming after epoch {len(finished)}" if args.resume else ""))
     bar = _Progress(args.epochs, Xtr.shape[0], args.batch_size, sys.stderr, not args.quiet,
-                    "" if comm is None else " (rank 0's part)")
+                    "" if comm is None else " (on rank 0's slice)")
     records = list(finished)   # finished epochs, kept here too: fit returns nothing when interrupted
     args.checkpointed = len(finished)      # epochs the checkpoint holds (said on Ctrl-C)
 
