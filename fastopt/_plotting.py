@@ -7,11 +7,12 @@ from __future__ import annotations
 
 
 class FilesOnly:
-    """pyplot's ``subplots`` and ``close``, all fastopt's pictures use, on
-    plain :class:`matplotlib.figure.Figure` objects with an Agg canvas:
-    nothing global changes (``matplotlib.use("Agg")`` switched a notebook
-    that ran an example to files only: its own plots no longer showed), and
-    pyplot keeps no reference (nothing to close)."""
+    """pyplot's ``subplots``, all fastopt's pictures use, on plain
+    :class:`matplotlib.figure.Figure` objects with an Agg canvas: nothing
+    global changes (``matplotlib.use("Agg")`` switched a notebook that ran
+    an example to files only: its own plots no longer showed), and pyplot
+    keeps no reference (nothing to close: a figure goes with its last
+    reference)."""
 
     @staticmethod
     def subplots(nrows=1, ncols=1, *, figsize=None, **kw):
@@ -22,14 +23,10 @@ class FilesOnly:
         FigureCanvasAgg(fig)
         return fig, fig.subplots(nrows, ncols, **kw)
 
-    @staticmethod
-    def close(fig) -> None:
-        """(pyplot's close: these figures are not pyplot's; freed with their last reference)"""
-
 
 def agg_pyplot():
-    """:class:`FilesOnly` (pyplot's ``subplots`` and ``close`` for figures
-    written to files), or None if matplotlib is not installed (callers say
+    """:class:`FilesOnly` (pyplot's ``subplots`` for figures written to
+    files), or None if matplotlib is not installed (callers say
     what to install)."""
     try:
         import matplotlib  # noqa: F401

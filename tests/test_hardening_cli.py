@@ -516,7 +516,6 @@ def test_a_picture_is_written_whole_or_not_at_all(tmp_path):
     save_figure(fig, target, dpi=50)
     save_figure(fig, tmp_path / "lr", dpi=50)          # no extension: PNG
     save_figure(fig, tmp_path / "lr.svg")
-    plt.close(fig)
     assert target.read_bytes()[:8] == (tmp_path / "lr").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in (tmp_path / "lr.svg").read_bytes()[:400]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.png", "lr", "lr.svg"]

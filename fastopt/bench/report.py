@@ -167,7 +167,7 @@ def plot(report, path):
         n_cases = len({r["case"] for r in report["results"]})
         fig, ax_cases = plt.subplots(figsize=(9, 1.5 + 0.35 * n_cases))
         _plot_cases(ax_cases, report)
-        return _save_figure(fig, plt, report, path)
+        return _save_figure(fig, report, path)
     fig, (ax_bw, ax_t, ax_cases) = plt.subplots(1, 3, figsize=(18, 4.8),
                                                 gridspec_kw={"width_ratios": [1, 1, 1.2]})
     _plot_cases(ax_cases, report)
@@ -195,10 +195,10 @@ def plot(report, path):
     ax_t.set_ylabel("time per step (us)")
     ax_t.set_title("AdamW step latency")
     ax_t.legend(fontsize=8)
-    return _save_figure(fig, plt, report, path)
+    return _save_figure(fig, report, path)
 
 
-def _save_figure(fig, plt, report, path):
+def _save_figure(fig, report, path):
     m = report["machine"]
     fig.suptitle(("INTERRUPTED (the cases that finished only): " if report.get("interrupted")
                   else "")
@@ -206,10 +206,7 @@ def _save_figure(fig, plt, report, path):
                  f"({m['processor'] or m['platform']}); torch {m['torch']}; "
                  f"GPU: {m['gpu']}", fontsize=9)
     fig.tight_layout()
-    try:
-        save_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return True
 
 

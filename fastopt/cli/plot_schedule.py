@@ -78,10 +78,7 @@ def run(args):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    try:
-        save_figure(fig, output, dpi=120)
-    finally:
-        plt.close(fig)
+    save_figure(fig, output, dpi=120)
     print(f"wrote {output} ({len(scheds)} schedule(s), {steps} steps)")
     return 0
 

@@ -246,10 +246,7 @@ def _plot(history, labels, path):
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    try:
-        save_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _world():

@@ -10,7 +10,7 @@ from .._plotting import agg_pyplot, save_figure
 
 
 def pyplot():
-    """pyplot's ``subplots`` and ``close`` for pictures written to files
+    """pyplot's ``subplots`` for pictures written to files
     (:class:`fastopt._plotting.FilesOnly`)."""
     plt = agg_pyplot()
     if plt is None:

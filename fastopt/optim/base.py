@@ -629,7 +629,7 @@ class Optimizer:
                              f"params{computed}: its params[{where[0]}]{more} is "
                              f"{arrays[where[0]].dtype}; "
                              "a group's state is one buffer per name, so make them one dtype "
-                             + ("(.astype)" + self._one_group if self._one_group else
+                             + ("(.astype): " + self._one_group if self._one_group else
                                 "(.astype), or put arrays of each dtype in a param group of "
                                 "their own"))
 

@@ -173,7 +173,7 @@ class LBFGS(Optimizer):
 
     steps_with_closure = True     # SAM and the training loop tell it apart by this
     stop_reason = None   # why the last step stopped (see step()); None before the first
-    _one_group = (": LBFGS takes one param group (torch's rule: its state is one vector "
+    _one_group = ("LBFGS takes one param group (torch's rule: its state is one vector "
                   "over every param)")
     _option_hints = {name: ("L-BFGS is stepped with a closure and keeps its history in the "
                             "params' dtype; it takes backend and its own options only")
@@ -210,7 +210,7 @@ class LBFGS(Optimizer):
             return           # (not the history's reset below)
         specs = self._group_specs(params)
         if len(specs) != 1:
-            raise ValueError(f"{self._one_group[2:]}, got {len(specs)}")
+            raise ValueError(f"{self._one_group}, got {len(specs)}")
         given = specs[0]["params"]
         if isinstance(given, dict):
             given = KeyTree.of(given, "params")[1]
