@@ -421,3 +421,22 @@ def test_wrappers_take_sync_master_values_and_give_param_state_by_name():
         np.testing.assert_array_equal(buf.data, before)
         with pytest.raises(ValueError, match="no param named 'l2.W'"):
             opt.param_state("l2.W")
+
+
+def test_a_ranks_share_splits_each_cpu_among_the_ranks_that_may_use_it():
+    from fastopt.distributed.cores import fair_share
+    # unbound ranks on 8 cores
+    assert fair_share(range(8), [range(8)] * 2) == 4
+    assert fair_share(range(8), [range(8)] * 3) == 2
+    assert fair_share(range(2), [range(2)] * 3) == 1     # oversubscribed: never 0
+    # mpiexec -bind-to core: each rank keeps its own cores
+    assert fair_share([0, 1], [[0, 1], [2, 3]]) == 2
+    # two ranks bound to cores 0-3 and one unbound on 0-7
+    assert fair_share(range(8), [range(4), range(4), range(8)]) == 5
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "all", "1"])
+def test_a_wrappers_threads_must_be_auto_none_or_a_count(bad):
+    from fastopt.distributed.training import DataParallelTraining
+    with pytest.raises(ValueError, match="threads must be 'auto', None or an int >= 1"):
+        DataParallelTraining(object(), threads=bad)

@@ -69,7 +69,9 @@ def bench_step(comm, size, repeat):
     rows.append({"case": "AdamW step, whole buffer on each rank (no communication)",
                  "ranks": N, "elements": size, "s": t,
                  "state_bytes_per_rank": sum(a.nbytes for a in plain.state[0]["runs"][0].values())})
-    dp = dist.DataParallel(fastopt.AdamW(params, lr=1e-4, max_grad_norm=1.0), comm=comm)
+    # (threads=None: --threads per rank, set by main)
+    dp = dist.DataParallel(fastopt.AdamW(params, lr=1e-4, max_grad_norm=1.0), comm=comm,
+                           threads=None)
     t = _median_time(lambda: dp.step(grads), comm, repeat)
     t_ar = _median_time(lambda: comm.Allreduce(MPI.IN_PLACE, grads.data, op=MPI.SUM), comm,
                         repeat)
@@ -78,7 +80,7 @@ def bench_step(comm, size, repeat):
                  "bytes_sent_per_rank": dp.bytes_per_step,
                  "state_bytes_per_rank": dp.state_nbytes()})
     zero = dist.ShardedOptimizer(fastopt.AdamW, params, lr=1e-4, max_grad_norm=1.0,
-                                 comm=comm)
+                                 comm=comm, threads=None)
     t = _median_time(lambda: zero.step(grads), comm, repeat)
     shard = np.empty(zero._hi - zero._lo, np.float32)
     counts, displs = zero._counts, zero.bounds[:-1]
@@ -118,7 +120,9 @@ def bench_mlp(comm, epochs, bucket_elems=None):
     for name, shard, overlap in cases:
         net = MLP((X.shape[1], *MNIST.hidden, 10), seed=0)
         # 1 process: the plain optimizer and loop
-        par = (DataParallelTraining(comm, shard_state=shard, overlap=overlap) if N > 1
+        # (threads: --threads per rank, set by main)
+        par = (DataParallelTraining(comm, shard_state=shard, overlap=overlap, threads=None)
+               if N > 1
                else None)
         opt = make_optimizer(net, "adamw", MNIST.lr, parallel=par)
         if overlap:

@@ -480,8 +480,10 @@ def _run(args, comm):
     parallel = None
     if comm is not None:
         from fastopt.distributed.training import DataParallelTraining
+        # --threads (by default each rank's share, set above) sizes the pools here
         parallel = DataParallelTraining(comm, shard_state=args.shard_state,
-                                        overlap=args.overlap)
+                                        overlap=args.overlap,
+                                        threads="auto" if args.threads is None else None)
     # an lr sweep's models are each clipped by their own norm (the optimizer's
     # one norm over all of them let a diverging lr shrink the others' steps)
     per_model = args.max_grad_norm if k > 1 else None

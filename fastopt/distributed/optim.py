@@ -46,6 +46,7 @@ from ..params import FlatArrays, _address, _root, memory_runs
 from ..optim.loss_scale import LossScaler
 from ..schedules import Schedule, from_dict
 from ._comm import DistributedError, agree, install_abort_hook, mpi, mpi_dtype, world
+from .cores import share_cores
 
 __all__ = ["DataParallel", "ShardedOptimizer"]
 
@@ -161,7 +162,7 @@ class _Distributed:
     lr = _InGroups("lr", "lr")
     learning_rate = _InGroups("learning_rate", "lr")
 
-    def _init_comm(self, comm):
+    def _init_comm(self, comm, threads):
         self.comm = world() if comm is None else comm
         if comm is not None and comm.Get_size() > 1:
             # a rank dying of an uncaught exception would leave the others
@@ -170,6 +171,9 @@ class _Distributed:
         self.rank = self.comm.Get_rank()
         self.world_size = self.comm.Get_size()
         self.bytes_per_step = 0     # gradient + parameter bytes this rank sends per step
+        # N ranks on one machine each sized their BLAS pool and kernel
+        # threads for all of it: 10-20x slower training (cores.py)
+        self.threads_per_rank = share_cores(self.comm, threads)
 
     def _setup_agree(self, signature, error, what):
         """One allgather at setup: every rank's layout signature or error."""
@@ -349,10 +353,17 @@ class DataParallel(_Distributed):
     construction the parameter layouts of all ranks are compared (a
     mismatch raises :class:`DistributedError` on every rank) and rank 0's
     parameters are broadcast (``broadcast=False`` skips it).
+
+    ``threads``: this rank's BLAS and kernel threads, set for the process
+    when the wrapper is made (:func:`fastopt.distributed.cores.share_cores`):
+    ``"auto"`` lowers each pool to the rank's share of its machine's cores
+    where it has more; an int sets both; None leaves them. The count set is
+    ``threads_per_rank`` (None when nothing changed).
     """
 
-    def __init__(self, optimizer, *, comm=None, bucket_elems=None, broadcast=True):
-        self._init_comm(comm)
+    def __init__(self, optimizer, *, comm=None, bucket_elems=None, broadcast=True,
+                 threads="auto"):
+        self._init_comm(comm, threads)
         error = None
         try:
             if not isinstance(optimizer, Optimizer) or optimizer._device:
@@ -650,10 +661,12 @@ class ShardedOptimizer(_Distributed):
     ``state_dict()`` (a collective: call it on every rank) returns the same
     format as the unsharded optimizer, so checkpoints move freely between
     sharded, replicated and single-process runs and across world sizes.
+    ``threads``: as :class:`DataParallel`'s.
     """
 
-    def __init__(self, optimizer_cls, params, *, comm=None, broadcast=True, **options):
-        self._init_comm(comm)
+    def __init__(self, optimizer_cls, params, *, comm=None, broadcast=True, threads="auto",
+                 **options):
+        self._init_comm(comm, threads)
         error, sig = None, None
         try:
             self._build(optimizer_cls, params, options)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .cores import check_threads
 from .optim import DataParallel, ShardedOptimizer
 
 
@@ -39,19 +40,24 @@ def _slice(n, rank, size):
 class DataParallelTraining:
     """The ``parallel`` plug-in of :mod:`fastopt.nn.training` for the ranks of
     ``comm``: replicated optimizer state (``DataParallel``) or, with
-    ``shard_state``, state sharded across ranks (``ShardedOptimizer``)."""
+    ``shard_state``, state sharded across ranks (``ShardedOptimizer``).
+    ``threads``: each rank's BLAS and kernel threads, set when the optimizer
+    is made (as the wrappers' ``threads``: by default each rank's share of
+    its machine's cores)."""
 
-    def __init__(self, comm, *, shard_state=False, overlap=False):
+    def __init__(self, comm, *, shard_state=False, overlap=False, threads="auto"):
         # overlap with sharded state: the sharded optimizer has no backward
         # hook, so its step reduces after the backward pass as without overlap
         self.comm, self.shard_state, self.overlap = comm, shard_state, overlap
+        self.threads = check_threads(threads)   # the wrappers' (each rank's share of the cores)
         self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
 
     def optimizer(self, cls, groups, options):
         """The optimizer ``cls(groups, **options)``, made data-parallel."""
         if self.shard_state:
-            return ShardedOptimizer(cls, groups, comm=self.comm, **options)
-        return DataParallel(cls(groups, **options), comm=self.comm)
+            return ShardedOptimizer(cls, groups, comm=self.comm, threads=self.threads,
+                                    **options)
+        return DataParallel(cls(groups, **options), comm=self.comm, threads=self.threads)
 
     def step_function(self, model, opt):
         """``step(gather, idx) -> (losses, samples)``: this rank's slice of

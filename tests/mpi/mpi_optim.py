@@ -805,3 +805,59 @@ def test_sync_master_values_and_param_state_as_one_process(mode, low):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match=r"values\[1\] has shape \(3,\) but params\[1\]"):
         opt.sync_master([weights[0], np.ones(3, np.float32), *weights[2:]])
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+    return max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+
+
+@pytest.fixture
+def thread_pools():
+    """The pools' sizes before the test, and both put back after it."""
+    from threadpoolctl import threadpool_limits
+    before = _blas_threads(), fastopt.get_num_threads()
+    yield before
+    threadpool_limits(before[0], user_api="blas")
+    fastopt.set_num_threads(before[1])
+
+
+@pytest.mark.parametrize("mode", ["dp", "shard", "fit"])
+def test_each_rank_takes_its_share_of_the_cores(mode, thread_pools):
+    """N ranks on one machine each sized both pools for all of it (fit()
+    measured 10-20x slower on 2 cores): a wrapper lowers them to the rank's
+    share, leaves a pool already under it, and takes threads= as given."""
+    from threadpoolctl import threadpool_limits
+
+    from fastopt.distributed.cores import _cpus, fair_share
+    from fastopt.distributed.training import DataParallelTraining
+    from fastopt.nn import MLP
+    from fastopt.nn.training import make_optimizer
+
+    share = fair_share(_cpus(), COMM.allgather(_cpus()))    # every rank on this machine
+    most = max(1, len(_cpus()))
+
+    def make(threads):
+        if mode == "fit":
+            par = DataParallelTraining(COMM, threads=threads)
+            return make_optimizer(MLP((6, 4, 3), seed=0), "adamw", 1e-2, parallel=par)
+        return (dist.DataParallel(fastopt.AdamW(make_params(np.float32), lr=1e-2),
+                                  threads=threads) if mode == "dp" else
+                dist.ShardedOptimizer(fastopt.AdamW, make_params(np.float32), lr=1e-2,
+                                      threads=threads))
+
+    threadpool_limits(most, user_api="blas")
+    fastopt.set_num_threads(most)
+    opt = make("auto")
+    assert (_blas_threads(), fastopt.get_num_threads()) == (share, share)
+    assert opt.threads_per_rank == (share if most > share else None)
+    # one thread each, set by the user: stays
+    threadpool_limits(1, user_api="blas")
+    fastopt.set_num_threads(1)
+    assert make("auto").threads_per_rank is None
+    assert (_blas_threads(), fastopt.get_num_threads()) == (1, 1)
+    # None leaves the pools as they are; an int sets both
+    threadpool_limits(most, user_api="blas")
+    assert make(None).threads_per_rank is None and _blas_threads() == most
+    assert make(1).threads_per_rank == 1
+    assert (_blas_threads(), fastopt.get_num_threads()) == (1, 1)
