@@ -134,10 +134,7 @@ def as_array_list(name, arrays, labels=None, *, by_name=False) -> list:
     for i, a in enumerate(arrays):
         if not isinstance(a, np.ndarray):
             lab = f"[{i}]" if labels is None else labels[i]
-            nested = ("; a dict's values are arrays, or dicts of them (name each array: "
-                      "{'0': a0, '1': a1} for a list)"
-                      if labels is not None and isinstance(a, (list, tuple)) else "")
-            raise TypeError(f"{name}{lab} must be an ndarray, got {_what(a)}{nested}")
+            raise TypeError(f"{name}{lab} must be an ndarray, got {_what(a)}")
     return list(arrays)
 
 

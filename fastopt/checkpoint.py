@@ -153,7 +153,7 @@ def _is_group_list(params) -> bool:
 
 def _named_params(params):
     """``(KeyTree, arrays in its order)`` for params given by name (a dict,
-    dicts of layers allowed), ``(None, arrays)`` otherwise. A list of
+    dicts of layers allowed, or a list of layers), ``(None, arrays)`` otherwise. A list of
     param-group dicts, as the optimizer took it, is its groups' arrays in
     order (the order of the optimizer's own params): by name where every
     group holds its params by name (a model's layers split between groups:
@@ -169,9 +169,9 @@ def _named_params(params):
                 tree = tree.merge(names, f"params[{gi}]['params']")
             return tree, [a for _, arrays in parts for a in arrays]
         params = [a for _, arrays in parts for a in arrays]
-    if not isinstance(params, dict):
+    from .optim.named import KeyTree, is_tree
+    if not is_tree(params):
         return None, _param_list(params)
-    from .optim.named import KeyTree
     names, arrays = KeyTree.of(params, "params")
     for label, a in zip(names.labels, arrays):
         if not isinstance(a, np.ndarray) and not is_device_array(a):

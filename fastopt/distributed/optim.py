@@ -39,7 +39,7 @@ from ..optim.base import (Optimizer, _InGroups, _all_finite, _brief, check_weigh
                           order_in_checkpoint, prepared_load, schedule_value)
 from ..clip import scaled_sumsq
 from ..optim.interrupt import finished
-from ..optim.named import KeyTree
+from ..optim.named import KeyTree, is_tree
 from ..optim.param_state import as_name
 from ..optim.state_format import state_dtype_name
 from ..params import FlatArrays, _address, _root, memory_runs
@@ -702,7 +702,7 @@ class ShardedOptimizer(_Distributed):
         arrays, self._names = [], []
         for gi, s in enumerate(specs):
             where = f"param_groups[{gi}]['params']"
-            if isinstance(s["params"], dict):
+            if is_tree(s["params"]):
                 tree, group = KeyTree.of(s["params"], where)
                 arrays.append(group)
                 self._names.append(tree.names)
@@ -867,7 +867,7 @@ class ShardedOptimizer(_Distributed):
         of the others'), this shard's master copies exactly."""
         arrays = [a for g in self._global_arrays for a in g]
         named = [n for names in self._names for n in (names or [])]
-        if isinstance(values, dict):
+        if is_tree(values):
             if len(named) != len(arrays):
                 raise TypeError("values must be a list of arrays in param order: it is a "
                                 "dict, but the params were not given by name")

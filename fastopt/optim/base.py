@@ -52,7 +52,7 @@ from ..params import FlatArrays
 from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler, claim as claim_scaler
 from .interrupt import INTERRUPTS, Mark, finished, held
-from .named import KeyTree
+from .named import KeyTree, is_tree
 from .orphans import (CHECK_EVERY, FIRST_CHECK, reference_counts, replaced_hint,
                       warn_if_unheld)
 from .param_list import ParamList
@@ -187,7 +187,7 @@ def _spec_arrays(specs) -> list:
     arrays = []
     for spec in specs:
         given = spec["params"]
-        if isinstance(given, dict):
+        if is_tree(given):
             given = KeyTree.of(given, "params")[1]
         arrays += [given] if isinstance(given, np.ndarray) else list(given)
     return arrays
@@ -268,9 +268,9 @@ def _holds_none(grads) -> bool:
     pairs too)."""
     if isinstance(grads, (list, tuple)):
         return any(g is None or (type(g) is tuple and len(g) == 2 and g[1] is None)
-                   for g in grads)
+                   or (isinstance(g, (dict, list)) and _holds_none(g)) for g in grads)
     if isinstance(grads, dict):
-        return any(g is None or (isinstance(g, dict) and _holds_none(g))
+        return any(g is None or (isinstance(g, (dict, list, tuple)) and _holds_none(g))
                    for g in grads.values())
     return False
 
@@ -474,6 +474,7 @@ class Optimizer:
         self.grad_norm = None   # pre-clip global norm of the last step's grads
         self.last_lr = None     # per group, the lr the last step used
         self._names = None      # a KeyTree when the params were given by name
+        self._seq_root = False  # ... as a list of layers (gradients as such a list too)
         self._given = None      # the params object bind() took (step(params=) checks it)
         self._group_lists, self._group_sizes = [], []
         self._flat_given = {}   # group -> the host FlatArrays its params were given as
@@ -498,8 +499,9 @@ class Optimizer:
         ``params``: an array; a list of arrays; a list of param-group dicts
         (``{"params": ..., "lr": ...}``); or a dict of name -> array, nested
         dicts of layers too (``{"layer1": {"W": w, "b": b}}``), whose
-        gradients then come as a dict with the same keys. Everything is
-        checked before anything is kept.
+        gradients then come as a dict with the same keys; or a list of
+        layer dicts (``[{"W": w, "b": b}, ...]``), whose gradients come as
+        such a list. Everything is checked before anything is kept.
         """
         if self.param_groups:
             if self._rebinds_same(params):
@@ -540,6 +542,7 @@ class Optimizer:
         self._packed = packed      # group -> the one buffer its params were given as (device)
         self._params = all_params
         self._names = names
+        self._seq_root = names is not None and names.seq_root
         self._given = params
         self._watch = GivenParams.of(params, all_params, names)
         self._layout = tuple((a.shape, a.dtype) for a in self._params)
@@ -580,7 +583,7 @@ class Optimizer:
         params = V.listed(params)
         if isinstance(params, np.ndarray) or _is_device_array(params):
             return [{"params": [params]}]
-        if isinstance(params, dict):           # arrays by name (one group)
+        if is_tree(params):        # arrays by name (one group): a dict, a list of layers
             return [{"params": params}]
         if _name_pairs(params):                # torch's named_parameters(): by name
             named = dict(params)
@@ -667,7 +670,7 @@ class Optimizer:
                 self._cached = (grads, self._flat_segments(grads))
             return grads
         listed = self._readable_grads(self._grads_as_list(grads))
-        self._check_grad_list(listed, by_position=type(grads) in (list, tuple))
+        self._check_grad_list(listed, by_position=self._by_position(grads))
         return listed
 
     def _readable_grads(self, grads):
@@ -807,13 +810,14 @@ class Optimizer:
             plan = self._plan       # the last step's plan: the fast path (step_plan.py)
             if plan is not None and (params is None or params is self._given):
                 kind, given = type(grads), None
-                if kind is list:
+                if kind is list and not self._seq_root:
                     out = plan.run(self, given := grads)
-                elif kind is tuple:          # `return dW, db`: as a list (it took the full path)
+                elif kind is tuple and not self._seq_root:   # `return dW, db`: as a list
                     out = plan.run(self, given := list(grads))
                 elif kind is np.ndarray:     # one array's gradient: as a list of one
                     out = plan.run(self, given := [grads])
-                elif kind is dict and self._names is not None:
+                elif (kind is dict and self._names is not None
+                      or self._seq_root and (kind is list or kind is tuple)):
                     out = plan.run(self, given := self._names.read(grads))
                 elif grads is self._bound and grads is not None:   # the FlatArrays bound last step
                     out = plan.run(self, grads, bound=True)
@@ -1145,7 +1149,7 @@ class Optimizer:
         group = self._validated(group, where=f"param_groups[{gi}]")
         where = f"param_groups[{gi}]['params']"
         given, labels = spec["params"], None
-        if isinstance(given, dict):
+        if is_tree(given):
             tree, given = KeyTree.of(given, where)
             labels = tree.labels        # errors name an array by its keys
             if gi and names is None:
@@ -1210,6 +1214,7 @@ class Optimizer:
                 self._packed[gi] = packed
                 self._flat_given = {**self._flat_given, **_flat_of(gi, param_group)}
                 self._names = names
+                self._seq_root = names is not None and names.seq_root
                 self._layout = tuple((a.shape, a.dtype) for a in self._params)
                 self._memory_ordered = self._placement.memory_ordered(self._params)
                 self._build_runs()          # the earlier groups' runs come out as before
@@ -1243,7 +1248,7 @@ class Optimizer:
         """``params``, a dict of the names the optimizer was made with, read
         in its param order (a dict built again in another key order is the
         same params); else None."""
-        if self._names is None or not isinstance(params, dict):
+        if self._names is None or not is_tree(params):
             return None
         try:
             return self._names.read(params, "params")
@@ -1268,7 +1273,7 @@ class Optimizer:
             # a dict of the same arrays built again in another key order:
             # grads by name are read by name (checked so at each step: not
             # kept as the params given); a list would follow the new order
-            if isinstance(grads, dict):
+            if isinstance(grads, dict) or self._names.seq_root:
                 return
             raise ValueError(
                 f"params hold this {type(self).__name__}'s arrays by name, in another key "
@@ -1373,7 +1378,7 @@ class Optimizer:
         try:
             # (a dict with a frozen layer becomes a list here: its refusals
             # still name its arrays by key)
-            by_position = type(grads) in (list, tuple)
+            by_position = self._by_position(grads)
             grads, frozen = self._frozen_groups(grads)
             self._bind_grads(tables, grads, by_position)   # checks every gradient first
         except BaseException:
@@ -1752,14 +1757,14 @@ class Optimizer:
                 self._bound = grads
             return
         self._bound = None
-        if self._single and type(grads) is list:      # the common case, kept short
+        if self._single and type(grads) is list and not self._seq_root:   # the common case
             t = self._all_tables[0]
             t.grads = None
             self._bound_list = grads
             if self._backend.gather(t, grads):
                 return
         if by_position is None:        # (whether the user gave a list: refusals say)
-            by_position = type(grads) in (list, tuple)
+            by_position = self._by_position(grads)
         grads = self._grads_as_list(grads)
         gather = getattr(self._backend, "gather", None)
         self._bound_list = grads
@@ -1819,7 +1824,10 @@ class Optimizer:
                     f"(param_groups[{gi}]) have gradients: a group whose gradients are all "
                     "None is left as it is (a frozen layer, as torch skips a param whose "
                     f"grad is None), so give frozen params a group of their own ({label} "
-                    "and the rest of its layer)")
+                    "and the rest of its layer)" + (
+                        "; a list of layers is one group: hold the layers in a dict "
+                        "({'0': layer0, ...}) to split them into groups"
+                        if self._seq_root else ""))
             k += len(group["params"])
         frozen = frozenset(frozen)
         made = self.__dict__.get("_stand_ins")
@@ -1837,6 +1845,11 @@ class Optimizer:
                 for g, a in zip(listed, self._params)])
         return [s if g is None else g for g, s in zip(listed, made[2])], frozen
 
+    def _by_position(self, grads) -> bool:
+        """Whether ``grads`` are a list read by position (refusals then name
+        a gradient by its index), not a list of layers read by name."""
+        return type(grads) in (list, tuple) and not self._seq_root
+
     def _grads_as_list(self, grads, call="step()", name="grads"):
         """``grads`` as a list in param order (a dict by the params' keys);
         ``name`` what messages call them."""
@@ -1850,6 +1863,9 @@ class Optimizer:
                 raise TypeError(f"{name} must be a list of arrays in param order: it is a "
                                 "dict, but the params were not given by name")
             return self._names.read(grads, name)
+        if self._names is not None and self._names.seq_root and isinstance(grads,
+                                                                           (list, tuple)):
+            return self._names.read(grads, name)     # a list of layers, as the params
         if isinstance(grads, (list, tuple)) and len(grads) == 2 and isinstance(
                 grads[1], (dict, list, tuple)) and _is_number(grads[0]):
             raise TypeError(

@@ -44,7 +44,7 @@ class GivenParams:
     def __init__(self, given, params, shape, where="params"):
         self.given = given
         self.where = where          # how errors name it: params, or a group's params
-        self.shape = shape          # "list", "flat", "layers" or "deep": how it is listed
+        self.shape = shape   # "list", "flat", "layers", "layer list" or "deep": how it is listed
         self.n = len(params)        # the optimizer's first n arrays (add_param_group adds more)
         self._remember(params)
 
@@ -68,10 +68,12 @@ class GivenParams:
         if type(given) is list and given and all(
                 type(g) is dict and "params" in g for g in given):
             return GroupsWatch.of(given, params)
-        if isinstance(given, dict) and names is not None:
-            shape = "flat" if names.flat else "layers" if all(
-                sub is not None and all(v is None for v in sub.values())
-                for sub in names.tree.values()) else "deep"
+        if names is not None and (isinstance(given, dict) or names.seq_root):
+            layers = all(sub is not None and type(sub) is dict
+                         and all(v is None for v in sub.values())
+                         for sub in names.tree.values())
+            shape = ("flat" if names.flat else "deep" if not layers
+                     else "layer list" if names.seq_root else "layers")
             if shape == "deep" and len(params) > DEEP_MAX:
                 return None         # walked in Python each step: too slow to watch
         elif type(given) is list:
@@ -121,11 +123,13 @@ class GivenParams:
         ``params``: all the optimizer's arrays, the first ``n`` from
         ``given``."""
         given = self.given
-        if type(given) is not list:
+        if self.shape != "list":
             for path, label, a in zip(names.paths, names.labels, params[:self.n]):
                 d = given
                 for k in path:
-                    d = d.get(k, _REMOVED) if isinstance(d, dict) else _REMOVED
+                    d = (d.get(k, _REMOVED) if isinstance(d, dict) else
+                         d[k] if type(d) in (list, tuple) and type(k) is int and k < len(d)
+                         else _REMOVED)
                 if d is not a and not _same_memory(d, a):
                     return label, "removed" if d is _REMOVED else "replaced"
             return None
@@ -205,22 +209,24 @@ def _same_memory(b, a):
 
 def _listed(given, shape):
     """The list or dict's arrays in order, listed in C where its shape
-    allows: a list as it is, a dict's values, a dict of layers' values
-    chained (raises when a layer is no longer a dict)."""
+    allows: a list as it is, a dict's values, a dict's or list's layers'
+    values chained (raises when a layer is no longer a dict)."""
     if shape == "list":
         return given
     if shape == "flat":
         return list(given.values())
     if shape == "layers":
         return list(itertools.chain.from_iterable(map(dict.values, given.values())))
+    if shape == "layer list":
+        return list(itertools.chain.from_iterable(map(dict.values, given)))
     return _leaves(given)
 
 
 def _leaves(d, out=None):
-    """A dict's arrays in order, nested dicts walked."""
+    """A dict's (or list's) arrays in order, nested dicts and lists walked."""
     out = [] if out is None else out
-    for v in d.values():
-        if isinstance(v, dict):
+    for v in (d.values() if isinstance(d, dict) else d):
+        if isinstance(v, dict) or type(v) in (list, tuple):
             _leaves(v, out)
         else:
             out.append(v)

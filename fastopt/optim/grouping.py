@@ -11,6 +11,8 @@ dict, which the optimizer then watches as it watches params given whole.
 
 from __future__ import annotations
 
+from .named import is_node, is_tree
+
 __all__ = ["group_params"]
 
 
@@ -31,10 +33,11 @@ def group_params(params, rule):
 
     Groups of a dict hold the params by key path (the gradients still come
     as one dict like ``params``); a layer whose arrays all share a group is
-    held as the user's own dict.
+    held as the user's own dict. A list inside the params (or a list of
+    layers) goes whole to one group; one split between groups is refused.
     """
     options = []          # each group's options, in order
-    if isinstance(params, dict):
+    if is_tree(params):
         trees = _split(params, (), rule, options)
         return [dict(opts, params=trees.get(k, {})) for k, opts in enumerate(options)]
     if isinstance(params, (list, tuple)):
@@ -77,10 +80,10 @@ def _same(a, b) -> bool:
 
 def _split(d, path, rule, options) -> dict:
     """``{group index: subtree of d}``: each group's part of ``d``, ``d``
-    itself where all of it goes to one group."""
+    itself where all of it goes to one group (a list: only so)."""
     parts = {}
-    for key, v in d.items():
-        if isinstance(v, dict):
+    for key, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+        if is_node(v):
             sub = _split(v, path + (key,), rule, options)
         else:
             sub = {_group_of(rule, ".".join(map(str, path + (key,))), v, options): v}
@@ -88,4 +91,13 @@ def _split(d, path, rule, options) -> dict:
             parts.setdefault(k, {})[key] = part
     if len(parts) == 1:
         return {next(iter(parts)): d}    # the user's own dict: watched by the optimizer
+    if not isinstance(d, dict):
+        # a part of a list would number its items anew: gradients given as
+        # a list like the params could not be read by it
+        label = "params" + "".join(f"[{k!r}]" for k in path)
+        raise ValueError(
+            f"group_params: the arrays of the list {label} go to different groups, and "
+            "groups split dicts by key, not lists: hold the layers in a dict "
+            "({'0': layer0, '1': layer1, ...}, gradients likewise), or give the "
+            "groups by hand")
     return parts

@@ -37,7 +37,7 @@ from ..backends import backend_for, get_backend
 from ..backends.flat_ops import ops_for
 from .base import NONNEG, Optimizer, refuse_options
 from .line_search import Trial, strong_wolfe
-from .named import KeyTree
+from .named import KeyTree, is_tree
 from .placement import placement_for
 from .param_state import GroupStates
 from .state_checks import require_array, require_keys
@@ -212,7 +212,7 @@ class LBFGS(Optimizer):
         if len(specs) != 1:
             raise ValueError(f"{self._one_group}, got {len(specs)}")
         given = specs[0]["params"]
-        if isinstance(given, dict):
+        if is_tree(given):
             given = KeyTree.of(given, "params")[1]
         # the vectors have the params' dtype: float32 or float64, no 16-bit storage
         placement = placement_for(get_backend(backend_for(self._backend_name, params)))

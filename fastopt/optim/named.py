@@ -1,17 +1,48 @@
-"""Params held by name: a dict of arrays, or dicts of layers.
+"""Params held by name: a dict of arrays, or dicts of layers, or a list of layers.
 
-NumPy training code often keeps a model as ``{"W1": ..., "b1": ...}`` or
-``{"layer1": {"W": ..., "b": ...}, ...}`` and its backprop returns
-gradients in a dict of the same shape. The optimizer steps the arrays in
-the dict's order (its insertion order); a :class:`KeyTree` remembers that
-order so a gradient dict is read back in it, checked key by key.
+NumPy training code often keeps a model as ``{"W1": ..., "b1": ...}``,
+``{"layer1": {"W": ..., "b": ...}, ...}`` or ``[{"W": ..., "b": ...}, ...]``
+(a list of layer dicts; lists inside dicts too, as JAX's pytrees) and its
+backprop returns gradients in the same shape. The optimizer steps the
+arrays in the tree's order (dicts' insertion order, lists' order); a
+:class:`KeyTree` remembers that order so gradients are read back in it,
+checked key by key. A list's key is its index: ``layers[1]['W']`` is
+named ``1.W``.
 """
 
 from __future__ import annotations
 
+import numbers
+
+
+def is_tree(params) -> bool:
+    """Whether ``params`` are given by name: a dict, or a list or tuple
+    holding a dict or a list (a list of layer dicts) and no param-group
+    dict; a list of arrays is a plain list, by position."""
+    if isinstance(params, dict):
+        return True
+    return (type(params) in (list, tuple) and any(map(is_node, params))
+            and not any(isinstance(p, dict) and "params" in p for p in params))
+
+
+def is_node(v) -> bool:
+    """A dict or list holding a param's place, not a value mistaken for an
+    array: a dict of numbers alone is a param group without its 'params'
+    (``[{"lr": 0.1}]``), a list of numbers alone an array's values (``[1.0,
+    2.0]``), and a list with a string in it a (name, array) pair: each is
+    refused as itself, not walked."""
+    if isinstance(v, dict):
+        return not all(isinstance(x, (numbers.Number, str)) for x in v.values())
+    return type(v) in (list, tuple) and not any(isinstance(x, str) for x in v) and not all(
+        isinstance(x, numbers.Number) for x in v)
+
+
+class Seq(dict):
+    """A list's (or tuple's) place in a KeyTree: its indexes as keys."""
+
 
 class KeyTree:
-    """The nested keys of a params dict, leaves in order.
+    """The nested keys of a params dict (or list of layers), leaves in order.
 
     ``paths[i]`` is the key path of array ``i``; ``labels[i]`` its printable
     suffix (``['layer1']['W']``); ``names[i]`` its dotted name
@@ -19,7 +50,8 @@ class KeyTree:
     """
 
     def __init__(self, tree: dict, paths=None):
-        self.tree = tree            # key -> subtree dict, or None for an array
+        self.tree = tree            # key -> subtree dict (a Seq for a list), or None for an array
+        self.seq_root = isinstance(tree, Seq)   # a list of layers: gradients in a list too
         walked = list(_leaf_paths(tree, ()))
         # param order: the tree's own, or (groups' trees merged, a layer's
         # arrays in two groups) each group's in turn
@@ -35,8 +67,8 @@ class KeyTree:
 
     @classmethod
     def of(cls, params: dict, where: str):
-        """The tree of ``params`` and its arrays in order; anything but a
-        dict or an array at a leaf is refused, naming its key."""
+        """The tree of ``params`` and its arrays in order; an empty dict or
+        list is refused, naming its key."""
         arrays = []
         return cls(_shape_of(params, where, arrays)), arrays
 
@@ -46,7 +78,7 @@ class KeyTree:
         return KeyTree(_merged(self.tree, other.tree, where, ()), self.paths + other.paths)
 
     def read(self, grads, name: str = "grads") -> list:
-        """``grads`` (a dict shaped like the params) as a list in param order."""
+        """``grads`` (a dict or list shaped like the params) as a list in param order."""
         if self.flat and type(grads) is dict and len(grads) == len(self._keys):
             try:
                 return list(map(grads.__getitem__, self._keys))
@@ -62,7 +94,13 @@ class KeyTree:
 def _merged(a, b, where, prefix):
     """Trees ``a`` and ``b`` as one (new dicts): subtrees under one key merged,
     an array's key path in both refused."""
-    out = dict(a)
+    if not prefix and Seq in (type(a), type(b)):
+        raise ValueError(
+            f"{where}: param groups over lists of layers: each group's list counts from "
+            "0, so gradients by place could not tell the groups' layers apart; hold the "
+            "layers in a dict ({'0': layer0, '1': layer1, ...}) and give each group its "
+            "layers by key")
+    out = type(a)(a)
     for k, sub in b.items():
         if k not in out:
             out[k] = sub
@@ -79,17 +117,21 @@ def _merged(a, b, where, prefix):
 
 
 def _shape_of(d, where, arrays):
-    if not isinstance(d, dict):
+    if type(d) in (list, tuple):
+        items, tree = enumerate(d), Seq()
+    elif isinstance(d, dict):
+        items, tree = d.items(), {}
+    else:
         raise TypeError(f"{where} must be a dict, got {type(d).__name__}")
-    if not d:
-        raise ValueError(f"{where} is an empty dict: nothing to optimize")
-    tree = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
+    for k, v in items:
+        if is_node(v):
             tree[k] = _shape_of(v, f"{where}[{k!r}]", arrays)
         else:
             tree[k] = None
             arrays.append(v)
+    if not tree:
+        raise ValueError(f"{where} is an empty {'list' if type(tree) is Seq else 'dict'}: "
+                         "nothing to optimize")
     return tree
 
 
@@ -102,16 +144,23 @@ def _leaf_paths(tree, prefix):
 
 
 def _read(g, tree, where, out):
-    if not isinstance(g, dict):
+    if type(tree) is Seq:
+        if type(g) not in (list, tuple) or len(g) != len(tree):
+            raise TypeError(f"{where} must be a list of {len(tree)}, as the params (each item "
+                            "shaped like its param's), got "
+                            + (f"one of {len(g)}" if type(g) in (list, tuple)
+                               else type(g).__name__))
+    elif not isinstance(g, dict):
         raise TypeError(f"{where} must be a dict with the params' keys, got "
                         f"{type(g).__name__}")
-    # keys beside the params' are other arrays' gradients (one optimizer per
-    # layer handed the whole model's dict, frozen layers): not read, as a
-    # torch optimizer never sees the grads of params it does not hold
-    missing = [k for k in tree if k not in g]
-    if missing:
-        raise ValueError(f"{where} is missing {where}[{missing[0]!r}]; gradients must have "
-                         "the params' keys")
+    else:
+        # keys beside the params' are other arrays' gradients (one optimizer per
+        # layer handed the whole model's dict, frozen layers): not read, as a
+        # torch optimizer never sees the grads of params it does not hold
+        missing = [k for k in tree if k not in g]
+        if missing:
+            raise ValueError(f"{where} is missing {where}[{missing[0]!r}]; gradients must "
+                             "have the params' keys")
     for k, sub in tree.items():
         if sub is None:
             out.append(g[k])

@@ -231,7 +231,7 @@ class DevicePlacement:
                 opt._cached = (grads, self._flat_grad_segments(opt, grads))
             segments = opt._cached[1]
             return segments, [seg[2] for segs in segments for seg in segs]
-        if isinstance(grads, dict):
+        if isinstance(grads, dict) or opt._seq_root:     # by name, or a list of layers
             grads = opt._grads_as_list(grads)
         flats = self._grad_list(opt, grads)
         segments = opt._per_array_segments(

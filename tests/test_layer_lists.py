@@ -1,0 +1,162 @@
+"""Params held as a list of layer dicts (``[{"W": ..., "b": ...}, ...]``)
+or with lists inside dicts (JAX-style pytrees): stepped by name as a dict
+of layers is, gradients in the same shape, refusals naming the array by
+its place, a replaced array seen, checkpoints by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt.backends import get_backend
+
+from conftest import BACKENDS, assert_bit_identical, count_native_steps, rng_array
+
+SHAPES = [{"W": (6, 5), "b": (5,)}, {"W": (5, 3), "b": (3,)}]
+
+
+def layers(dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{k: rng_array(rng, s, dtype) for k, s in d.items()} for d in SHAPES]
+
+
+def grads_like(params, seed):
+    """New gradient arrays in the params' shape, as a backward pass makes them."""
+    rng = np.random.default_rng(seed)
+    return [{k: rng_array(rng, a.shape, a.dtype) for k, a in d.items()} for d in params]
+
+
+def leaves(tree):
+    return [a for d in tree for a in d.values()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_a_list_of_layers_steps_as_the_plain_list_in_one_call(monkeypatch, backend, clip):
+    named = layers()
+    plain = [a.copy() for a in leaves(named)]
+    opts = [fastopt.AdamW(p, lr=1e-2, backend=backend, max_grad_norm=clip)
+            for p in (named, plain)]
+    module = get_backend(backend)
+    calls = (count_native_steps(monkeypatch, module)
+             if getattr(module, "compiled_tables", False) else None)
+    for t in range(4):
+        g = grads_like(named, seed=t)
+        as_tuple = tuple(g) if t == 3 else g      # `return [...]` or `return (...)`
+        assert opts[0].step(as_tuple) == opts[1].step(leaves(g))
+    if calls is not None:
+        assert calls == [sum(a.size for a in plain)] * 8
+    for a, b in zip(leaves(named), plain):
+        assert_bit_identical(a, b)
+    names = [d["name"] for d in opts[0].state_dict()["param_groups"][0]["params"]]
+    assert names == ["0.W", "0.b", "1.W", "1.b"]
+    assert opts[0].param_state("1.W")["exp_avg"].shape == (5, 3)
+    assert opts[0].param_state((1, "b"))["exp_avg"].shape == (3,)
+
+
+def test_lists_inside_dicts_step_as_the_plain_list():
+    rng = np.random.default_rng(1)
+    tree = {"blocks": [rng.standard_normal(4), (rng.standard_normal((2, 3)),)],
+            "head": {"W": rng.standard_normal((3, 2))}}
+    flat = [tree["blocks"][0].copy(), tree["blocks"][1][0].copy(), tree["head"]["W"].copy()]
+    a, b = fastopt.Adam(tree, lr=0.1), fastopt.Adam(flat, lr=0.1)
+    g = {"blocks": [np.ones(4), [np.full((2, 3), 2.0)]], "head": {"W": np.ones((3, 2))}}
+    a.step(g)
+    b.step([np.ones(4), np.full((2, 3), 2.0), np.ones((3, 2))])
+    for x, y in zip([tree["blocks"][0], tree["blocks"][1][0], tree["head"]["W"]], flat):
+        assert_bit_identical(x, y)
+    with pytest.raises(TypeError, match=r"grads\['blocks'\] must be a list of 2, as the "
+                                        r"params .* got one of 1"):
+        a.step({"blocks": [np.ones(4)], "head": {"W": np.ones((3, 2))}})
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda g: g[1].update(W=np.ones((3, 5))),
+     r"grads\[1\]\['W'\] has shape \(3, 5\) but params\[1\]\['W'\] has shape \(5, 3\)"),
+    (lambda g: g[1].pop("b"), r"grads\[1\] is missing grads\[1\]\['b'\]"),
+    (lambda g: g.pop(), r"grads must be a list of 2, as the params .* got one of 1"),
+    (lambda g: g.__setitem__(0, np.ones(5)), r"grads\[0\] must be a dict"),
+])
+def test_bad_gradients_are_refused_by_their_place_with_nothing_written(bad, match):
+    params = layers()
+    opt = fastopt.AdamW(params, lr=1e-2)
+    opt.step(grads_like(params, 0))
+    before = [a.copy() for a in leaves(params)]
+    g = grads_like(params, 1)
+    bad(g)
+    with pytest.raises((TypeError, ValueError), match=match):
+        opt.step(g)
+    for a, b in zip(leaves(params), before):
+        assert_bit_identical(a, b)
+    # a flat list of the arrays is not the params' shape either
+    with pytest.raises(TypeError, match="must be a list of 2"):
+        opt.step(leaves(grads_like(params, 2)))
+
+
+def test_an_array_or_layer_replaced_in_the_list_is_refused_by_name():
+    params = layers()
+    opt = fastopt.SGD(params, lr=0.1)
+    opt.step(grads_like(params, 0))
+    kept = params[1]["W"]
+    params[1]["W"] = kept * 1.0          # a NumPy habit: rebinding
+    with pytest.raises(ValueError, match=r"params\[1\]\['W'\] was replaced in the list"):
+        opt.step(grads_like(params, 1))
+    params[1]["W"] = kept
+    opt.step(grads_like(params, 1))
+    params[0] = dict(params[0])          # the same arrays in a new layer dict: fine
+    opt.step(grads_like(params, 2))
+    params[0] = {"W": np.zeros((6, 5)), "b": params[0]["b"]}
+    with pytest.raises(ValueError, match=r"params\[0\]\['W'\] was replaced"):
+        opt.step(grads_like(params, 3))
+
+
+def test_a_checkpoint_of_a_list_of_layers_resumes_bit_for_bit(tmp_path):
+    params, twin = layers(), layers()
+    opt, ref = fastopt.Adam(params, lr=1e-2), fastopt.Adam(twin, lr=1e-2)
+    for t in range(2):
+        opt.step(grads_like(params, t))
+        ref.step(grads_like(twin, t))
+    fastopt.save(tmp_path / "ck.npz", params=params, optimizer=opt)
+    back = layers(seed=5)
+    again = fastopt.Adam(back, lr=1e-2)
+    fastopt.load(tmp_path / "ck.npz", params=back, optimizer=again)
+    for t in range(2, 4):
+        again.step(grads_like(back, t))
+        ref.step(grads_like(twin, t))
+    for a, b in zip(leaves(back), leaves(twin)):
+        assert_bit_identical(a, b)
+
+
+def test_groups_split_dicts_but_keep_each_list_whole():
+    params = {"enc": [np.ones(3), np.ones((2, 2))], "head": {"W": np.ones((2, 2)),
+                                                            "b": np.ones(2)}}
+    groups = fastopt.group_params(params, lambda n, a: {"weight_decay": 0.0}
+                                  if n.endswith("b") else None)
+    assert groups[0]["params"]["enc"] is params["enc"]
+    assert list(groups[1]["params"]["head"]) == ["b"]
+    with pytest.raises(ValueError, match=r"the arrays of the list params\['enc'\] go to "
+                                         "different groups"):
+        fastopt.group_params(params, lambda n, a: {"weight_decay": 0.0}
+                             if a.ndim == 1 else None)
+    with pytest.raises(ValueError, match="the arrays of the list params go to different"):
+        fastopt.group_params(layers(), lambda n, a: {"lr": 0.1} if a.ndim == 1 else None)
+
+
+def test_a_list_of_layers_is_one_group_and_says_how_to_split_it():
+    params = layers()
+    with pytest.raises(ValueError, match="param groups over lists of layers: each group's "
+                                         "list counts from 0"):
+        fastopt.AdamW([{"params": [params[0]]}, {"params": [params[1]]}])
+    opt = fastopt.AdamW(params, lr=1e-2)
+    g = grads_like(params, 0)
+    g[0] = {"W": None, "b": None}       # a frozen layer
+    with pytest.raises(TypeError, match=r"a list of layers is one group: hold the layers "
+                                        r"in a dict"):
+        opt.step(g)
+    # the same layers by key: one group each, the frozen one left as it is
+    split = fastopt.AdamW([{"params": {"0": params[0]}}, {"params": {"1": params[1]}}],
+                          lr=1e-2)
+    before = params[0]["W"].copy()
+    split.step({"0": None, "1": grads_like(params, 1)[1]})
+    assert_bit_identical(params[0]["W"], before)
