@@ -59,6 +59,8 @@ def test_train_ensemble_sweep(tmp_path, monkeypatch, capsys):
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["labels"] == ["lr=0.01", "lr=0.001", "lr=1e-05"]
+    # the sweep's lrs, not the default lr that no model used
+    assert m["config"]["lr"] is None and m["config"]["ensemble_lrs"] == [1e-2, 1e-3, 1e-5]
     accs = m["final_val_acc"]
     assert len(accs) == 3 and accs[0] > accs[2]   # 1e-5 barely moves in one epoch
 

@@ -839,8 +839,11 @@ def _write_results(args, history, labels, sizes, backend, interrupted, written):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     final = history["epochs"][-1]["val_acc"]
-    metrics = {"config": {k_: (list(v) if isinstance(v, tuple) else v)
-                          for k_, v in vars(args).items() if k_ not in ("func", "hyperparameters")},
+    config = {k_: (list(v) if isinstance(v, tuple) else v)
+              for k_, v in vars(args).items() if k_ not in ("func", "hyperparameters")}
+    if args.ensemble_lrs is not None:
+        config["lr"] = None      # (the default lr the sweep never used: each model's is its own)
+    metrics = {"config": config,
                "sizes": list(sizes), "backend": backend, "labels": labels,
                "hyperparameters": getattr(args, "hyperparameters", None),
                "final_val_acc": final, "interrupted": interrupted,
