@@ -132,6 +132,16 @@ def pack(arrays, dtype=None) -> FlatArrays:
     if isinstance(arrays, collections.abc.Mapping):     # (its keys were packed, as strings)
         raise TypeError("pack() takes a list of arrays, not a dict: views = "
                         "fastopt.pack(list(d.values())), then d = dict(zip(d, views))")
+    arrays = list(arrays)
+    layer = next((i for i, a in enumerate(arrays) if isinstance(a, collections.abc.Mapping)
+                  or type(a) in (list, tuple) and not all(
+                      isinstance(x, numbers.Number) for x in a)), None)
+    if layer is not None:       # (np.asarray made it an object array, refused as such)
+        raise TypeError(
+            f"pack() takes a list of arrays, and arrays[{layer}] is a "
+            f"{type(arrays[layer]).__name__}: an optimizer takes a list of layer dicts as it "
+            "is (one native call per step all the same); to pack them anyway, pack the "
+            "arrays and put the views back in their places")
     arrays = [np.asarray(a) for a in arrays]
     if not arrays:
         raise ValueError("pack() needs at least one array")

@@ -160,3 +160,10 @@ def test_a_list_of_layers_is_one_group_and_says_how_to_split_it():
     before = params[0]["W"].copy()
     split.step({"0": None, "1": grads_like(params, 1)[1]})
     assert_bit_identical(params[0]["W"], before)
+
+
+def test_pack_of_a_list_of_layers_says_the_optimizer_takes_it_as_it_is():
+    with pytest.raises(TypeError, match=r"arrays\[0\] is a dict: an optimizer takes a list "
+                                        "of layer dicts as it is"):
+        fastopt.pack(layers())
+    assert len(fastopt.pack([[1.0, 2.0], np.ones(3)])) == 2     # numbers: an array's values
