@@ -256,8 +256,16 @@ def check_like(name, arrays, ref_name, refs, *, writable, allow_low_precision=Fa
     held by name), ``ref_labels[i]`` its reference where that is named
     otherwise (a list of gradients for params held by name)."""
     if len(arrays) != len(refs):
+        # (a layer's dict where the params were given as lists of arrays)
+        nested = next((i for i, a in enumerate(arrays)
+                       if isinstance(a, (dict, list, tuple))), None)
+        hint = "" if nested is None else (
+            f"; {name}[{nested}] is a {type(arrays[nested]).__name__}: {ref_name} given as "
+            f"lists of arrays take {name} as one flat list in the param groups' order "
+            "(groups made by fastopt.group_params over a model's layers take them "
+            "shaped like the model)")
         raise ValueError(f"{name} has {count(len(arrays), 'array')} but {ref_name} has "
-                         f"{len(refs)}")
+                         f"{len(refs)}{hint}")
     for i, (a, r) in enumerate(zip(arrays, refs)):
         lab = f"[{i}]" if labels is None else labels[i]
         ref_lab = lab if ref_labels is None else ref_labels[i]

@@ -128,38 +128,79 @@ def test_a_checkpoint_of_a_list_of_layers_resumes_bit_for_bit(tmp_path):
         assert_bit_identical(a, b)
 
 
-def test_groups_split_dicts_but_keep_each_list_whole():
-    params = {"enc": [np.ones(3), np.ones((2, 2))], "head": {"W": np.ones((2, 2)),
-                                                            "b": np.ones(2)}}
-    groups = fastopt.group_params(params, lambda n, a: {"weight_decay": 0.0}
-                                  if n.endswith("b") else None)
-    assert groups[0]["params"]["enc"] is params["enc"]
-    assert list(groups[1]["params"]["head"]) == ["b"]
-    with pytest.raises(ValueError, match=r"the arrays of the list params\['enc'\] go to "
-                                         "different groups"):
-        fastopt.group_params(params, lambda n, a: {"weight_decay": 0.0}
-                             if a.ndim == 1 else None)
-    with pytest.raises(ValueError, match="the arrays of the list params go to different"):
-        fastopt.group_params(layers(), lambda n, a: {"lr": 0.1} if a.ndim == 1 else None)
-
-
-def test_a_list_of_layers_is_one_group_and_says_how_to_split_it():
-    params = layers()
-    with pytest.raises(ValueError, match="param groups over lists of layers: each group's "
-                                         "list counts from 0"):
-        fastopt.AdamW([{"params": [params[0]]}, {"params": [params[1]]}])
-    opt = fastopt.AdamW(params, lr=1e-2)
-    g = grads_like(params, 0)
-    g[0] = {"W": None, "b": None}       # a frozen layer
-    with pytest.raises(TypeError, match=r"a list of layers is one group: hold the layers "
-                                        r"in a dict"):
+def test_group_params_splits_a_list_of_layers_keeping_each_layers_place():
+    """optax's mask over a list of layers: no weight decay on the biases,
+    the gradients still one list like the params, the same steps as the
+    groups written by hand over flat lists."""
+    params, twin = layers(), layers()
+    groups = fastopt.group_params(params, lambda name, a: {"weight_decay": 0.0}
+                                  if a.ndim == 1 else None)
+    opt = fastopt.AdamW(groups, lr=1e-2, weight_decay=0.5)
+    ref = fastopt.AdamW([{"params": [twin[0]["W"], twin[1]["W"]]},
+                         {"params": [twin[0]["b"], twin[1]["b"]], "weight_decay": 0.0}],
+                        lr=1e-2, weight_decay=0.5)
+    for t in range(3):
+        g = grads_like(params, t)
         opt.step(g)
-    # the same layers by key: one group each, the frozen one left as it is
-    split = fastopt.AdamW([{"params": {"0": params[0]}}, {"params": {"1": params[1]}}],
-                          lr=1e-2)
-    before = params[0]["W"].copy()
-    split.step({"0": None, "1": grads_like(params, 1)[1]})
-    assert_bit_identical(params[0]["W"], before)
+        ref.step([g[0]["W"], g[1]["W"], g[0]["b"], g[1]["b"]])
+    for a, b in zip(leaves(params), leaves(twin)):
+        assert_bit_identical(a, b)
+    assert [d["name"] for gr in opt.state_dict()["param_groups"] for d in gr["params"]] == [
+        "0.W", "1.W", "0.b", "1.b"]
+    # hand-made groups over flat lists take a flat list, and say so to a list of layers
+    with pytest.raises(ValueError, match=r"grads\[0\] is a dict: params given as lists of "
+                                         "arrays take grads as one flat list"):
+        ref.step(grads_like(twin, 9))
+    # a list inside a dict splits the same way
+    tree = {"enc": [np.ones(3), np.ones((2, 2))], "head": {"W": np.ones((2, 2))}}
+    groups = fastopt.group_params(tree, lambda n, a: {"lr": 0.5} if a.ndim == 1 else None)
+    assert [list(g["params"]) for g in groups] == [["enc"], ["enc", "head"]]
+    fastopt.SGD(groups, lr=0.1).step({"enc": [np.ones(3), np.ones((2, 2))],
+                                      "head": {"W": np.ones((2, 2))}})
+    assert_bit_identical(tree["enc"][0], np.full(3, 0.5))
+    assert_bit_identical(tree["head"]["W"], np.full((2, 2), 0.9))
+
+
+def test_a_frozen_layer_of_a_list_is_left_as_it_is_in_a_group_of_its_own():
+    params = layers()
+    groups = fastopt.group_params(params, lambda n, a: {"lr": 0.1} if n.startswith("0.")
+                                  else None)
+    opt = fastopt.AdamW(groups, lr=1e-2)
+    opt.step(grads_like(params, 0))
+    before = [a.copy() for a in params[0].values()]
+    g = grads_like(params, 1)
+    g[0] = None                         # the whole layer frozen
+    for _ in range(2):                  # (the second, planned)
+        opt.step(g)
+    for a, b in zip(params[0].values(), before):
+        assert_bit_identical(a, b)
+    assert opt.param_state("1.W")["step"] == 3 and opt.param_state("0.W")["step"] == 1
+    # a layer replaced in the user's list is still seen through the groups' parts
+    params[1]["W"] = np.zeros((5, 3))
+    with pytest.raises(ValueError, match=r"groups\[1\]\['params'\]\[1\]\['W'\] was "
+                                         "replaced in the list"):
+        opt.step(grads_like(params, 2))
+
+
+def test_watched_in_a_group_dict_and_an_appended_layer_is_refused():
+    params = layers()
+    opt = fastopt.Adam([{"params": params, "lr": 0.1}])
+    opt.step(grads_like(params, 0))
+    params[1]["W"] = np.zeros((5, 3))
+    with pytest.raises(ValueError, match=r"groups\[0\]\['params'\]\[1\]\['W'\] was "
+                                         "replaced in the list"):
+        opt.step(grads_like(params, 1))
+    params = layers()
+    opt = fastopt.Adam(params)
+    opt.step(grads_like(params, 0))
+    params.append({"W": np.ones((3, 2))})
+    with pytest.raises(ValueError, match=r"params\[2\] was appended to the list of layers"):
+        opt.step(grads_like(params[:2], 1))
+    params.pop()
+    opt.step(grads_like(params, 1))
+    # (loss, grads): the pair is named, not read as two layers
+    with pytest.raises(TypeError, match=r"a \(loss, grads\) pair\?"):
+        opt.step((0.5, grads_like(params, 1)))
 
 
 def test_pack_of_a_list_of_layers_says_the_optimizer_takes_it_as_it_is():

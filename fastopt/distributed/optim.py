@@ -46,7 +46,7 @@ from ..params import FlatArrays, _address, _root, memory_runs
 from ..optim.loss_scale import LossScaler
 from ..schedules import Schedule, from_dict
 from ._comm import DistributedError, agree, install_abort_hook, mpi, mpi_dtype, world
-from .cores import share_cores
+from .cores import check_threads, share_cores
 
 __all__ = ["DataParallel", "ShardedOptimizer"]
 
@@ -171,9 +171,14 @@ class _Distributed:
         self.rank = self.comm.Get_rank()
         self.world_size = self.comm.Get_size()
         self.bytes_per_step = 0     # gradient + parameter bytes this rank sends per step
-        # N ranks on one machine each sized their BLAS pool and kernel
-        # threads for all of it: 10-20x slower training (cores.py)
-        self.threads_per_rank = share_cores(self.comm, threads)
+        self._threads = check_threads(threads)      # (applied once set up: _share_cores)
+
+    def _share_cores(self):
+        """Each rank's share of its machine's cores (``threads``), once every
+        rank agreed on the setup: N ranks on one machine each sized their
+        BLAS pool and kernel threads for all of it, 7-24x slower training
+        (cores.py)."""
+        self.threads_per_rank = share_cores(self.comm, self._threads)
 
     def _setup_agree(self, signature, error, what):
         """One allgather at setup: every rank's layout signature or error."""
@@ -391,6 +396,7 @@ class DataParallel(_Distributed):
         except Exception as exc:   # noqa: BLE001 - shared with every rank
             error, sig = exc, None
         self._setup_agree(sig, error, "DataParallel setup")
+        self._share_cores()
         self._inner = optimizer
         self.bucket_elems = bucket_elems
         self._cached = None
@@ -674,6 +680,7 @@ class ShardedOptimizer(_Distributed):
         except Exception as exc:   # noqa: BLE001 - shared with every rank
             error = exc
         self._setup_agree(sig, error, "ShardedOptimizer setup")
+        self._share_cores()
         if broadcast:
             self.comm.Bcast(_wire(self._buffer), root=0)
             self._inner.sync_master()     # the 16-bit params' master copies: rank 0's too
@@ -699,11 +706,14 @@ class ShardedOptimizer(_Distributed):
         specs = Optimizer._group_specs(params)
         # params by name are taken in the dict's order, and their names go
         # into checkpoints (which then load by name, as a plain optimizer's)
-        arrays, self._names = [], []
+        arrays, self._names, merged = [], [], None
         for gi, s in enumerate(specs):
             where = f"param_groups[{gi}]['params']"
             if is_tree(s["params"]):
                 tree, group = KeyTree.of(s["params"], where)
+                # one name per array across the groups, as a plain optimizer
+                # checks (two groups' lists of layers would both count from 0)
+                merged = tree if merged is None else merged.merge(tree, where)
                 arrays.append(group)
                 self._names.append(tree.names)
             else:

@@ -262,6 +262,11 @@ def _name_pairs(params, none=False) -> bool:
              or (none and p[1] is None)) for p in params)
 
 
+class InParamOrder(list):
+    """Gradients of a list of layers already read into param order (a frozen
+    step's, stand-ins in place of its Nones): not read as layers again."""
+
+
 def _holds_none(grads) -> bool:
     """Whether a list, tuple or dict (of layers) of gradients has a None
     in it (a frozen param's, as torch leaves its grad; in (name, array)
@@ -818,7 +823,12 @@ class Optimizer:
                     out = plan.run(self, given := [grads])
                 elif (kind is dict and self._names is not None
                       or self._seq_root and (kind is list or kind is tuple)):
-                    out = plan.run(self, given := self._names.read(grads))
+                    try:
+                        given = self._names.read(grads)
+                    except (TypeError, ValueError):
+                        out = STALE         # (the full path names what is wrong)
+                    else:
+                        out = plan.run(self, given)
                 elif grads is self._bound and grads is not None:   # the FlatArrays bound last step
                     out = plan.run(self, grads, bound=True)
                 elif isinstance(grads, V.ONE_PASS):   # a generator, g.values(): read once
@@ -1843,7 +1853,8 @@ class Optimizer:
             made = self._stand_ins = (frozen, self._tables, [
                 scratch[a.dtype][:a.size].reshape(a.shape) if g is None else None
                 for g, a in zip(listed, self._params)])
-        return [s if g is None else g for g, s in zip(listed, made[2])], frozen
+        out = [s if g is None else g for g, s in zip(listed, made[2])]
+        return (InParamOrder(out) if self._seq_root else out), frozen
 
     def _by_position(self, grads) -> bool:
         """Whether ``grads`` are a list read by position (refusals then name
@@ -1863,15 +1874,14 @@ class Optimizer:
                 raise TypeError(f"{name} must be a list of arrays in param order: it is a "
                                 "dict, but the params were not given by name")
             return self._names.read(grads, name)
-        if self._names is not None and self._names.seq_root and isinstance(grads,
-                                                                           (list, tuple)):
-            return self._names.read(grads, name)     # a list of layers, as the params
         if isinstance(grads, (list, tuple)) and len(grads) == 2 and isinstance(
                 grads[1], (dict, list, tuple)) and _is_number(grads[0]):
             raise TypeError(
                 f"{name} is a pair of a number and a {type(grads[1]).__name__}: a (loss, "
                 f"grads) pair? {call} takes the gradients alone (loss, g = "
                 "loss_and_grads(...); opt.step(g))")
+        if self._seq_root and type(grads) in (list, tuple):
+            return self._names.read(grads, name)     # a list of layers, as the params
         if _name_pairs(grads, none=True):           # as named_parameters() gives them
             if self._names is None:
                 raise TypeError(f"{name} must be a list of arrays in param order: it is a "

@@ -73,7 +73,7 @@ class GivenParams:
                          and all(v is None for v in sub.values())
                          for sub in names.tree.values())
             shape = ("flat" if names.flat else "deep" if not layers
-                     else "layer list" if names.seq_root else "layers")
+                     else "layer list" if type(given) in (list, tuple) else "layers")
             if shape == "deep" and len(params) > DEEP_MAX:
                 return None         # walked in Python each step: too slow to watch
         elif type(given) is list:
@@ -114,7 +114,8 @@ class GivenParams:
         found = self._find(params, names)
         if found is not None:
             label, how = found
-            _refuse(self.where + label, how, "list" if type(self.given) is list else "dict")
+            listed = type(self.given) in (list, tuple) or type(self.given).__name__ == "ListPart"
+            _refuse(self.where + label, how, "list" if listed else "dict")
 
     def _find(self, params, names):
         """``(label, how)`` of the first entry that is not the optimizer's
@@ -132,6 +133,9 @@ class GivenParams:
                          else _REMOVED)
                 if d is not a and not _same_memory(d, a):
                     return label, "removed" if d is _REMOVED else "replaced"
+            if type(given) in (list, tuple) and len(given) > len(names.tree):
+                # a layer appended to a list of layers: never trained
+                return f"[{len(names.tree)}]", "appended layer"
             return None
         for i, a in enumerate(params[:self.n]):
             b = given[i] if i < len(given) else _REMOVED
@@ -160,14 +164,14 @@ class GroupsWatch:
 
     @classmethod
     def of(cls, given, params):
-        from .named import KeyTree
+        from .named import KeyTree, is_tree
         parts, lo = [], 0
         for gi, spec in enumerate(given):
             arrays = spec["params"]
             where = f"groups[{gi}]['params']"      # (the list of groups given)
             tree = None
             try:
-                if isinstance(arrays, dict):
+                if is_tree(arrays):       # a dict, a list of layers
                     tree, leaves = KeyTree.of(arrays, where)
                 elif type(arrays) is list:
                     leaves = arrays
@@ -244,6 +248,11 @@ def _refuse(label, how, container):
             f"opt.add_param_group({{'params': [{label}]}}) (its gradient then follows "
             "the others in step's list), or keep arrays that are not trained in a list of "
             "their own")
+    if how == "appended layer":
+        raise ValueError(
+            f"{label} was appended to the list of layers this optimizer was made from, "
+            "and the optimizer does not step it: make the optimizer again over the whole "
+            "list, or give the new layer an optimizer of its own")
     if how == "removed":
         raise ValueError(
             f"{label} was removed from the {container} this optimizer was made from; "

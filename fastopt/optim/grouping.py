@@ -11,7 +11,7 @@ dict, which the optimizer then watches as it watches params given whole.
 
 from __future__ import annotations
 
-from .named import is_node, is_tree
+from .named import ListPart, is_node, is_tree
 
 __all__ = ["group_params"]
 
@@ -33,8 +33,9 @@ def group_params(params, rule):
 
     Groups of a dict hold the params by key path (the gradients still come
     as one dict like ``params``); a layer whose arrays all share a group is
-    held as the user's own dict. A list inside the params (or a list of
-    layers) goes whole to one group; one split between groups is refused.
+    held as the user's own dict. A list of layers (or a list inside the
+    params) is split the same way, each group's part keeping the layers'
+    indexes, and the gradients come as one list like ``params``.
     """
     options = []          # each group's options, in order
     if is_tree(params):
@@ -80,7 +81,7 @@ def _same(a, b) -> bool:
 
 def _split(d, path, rule, options) -> dict:
     """``{group index: subtree of d}``: each group's part of ``d``, ``d``
-    itself where all of it goes to one group (a list: only so)."""
+    itself where all of it goes to one group (a list's parts: ListPart)."""
     parts = {}
     for key, v in (d.items() if isinstance(d, dict) else enumerate(d)):
         if is_node(v):
@@ -92,12 +93,8 @@ def _split(d, path, rule, options) -> dict:
     if len(parts) == 1:
         return {next(iter(parts)): d}    # the user's own dict: watched by the optimizer
     if not isinstance(d, dict):
-        # a part of a list would number its items anew: gradients given as
-        # a list like the params could not be read by it
-        label = "params" + "".join(f"[{k!r}]" for k in path)
-        raise ValueError(
-            f"group_params: the arrays of the list {label} go to different groups, and "
-            "groups split dicts by key, not lists: hold the layers in a dict "
-            "({'0': layer0, '1': layer1, ...}, gradients likewise), or give the "
-            "groups by hand")
+        # a list's part keeps each item's index in the whole list (a new list
+        # would count from 0): the parts merge back into the list's shape, so
+        # its gradients still come as one list like the params
+        return {k: ListPart(part) for k, part in parts.items()}
     return parts

@@ -38,7 +38,18 @@ def is_node(v) -> bool:
 
 
 class Seq(dict):
-    """A list's (or tuple's) place in a KeyTree: its indexes as keys."""
+    """A list's (or tuple's) place in a KeyTree: its indexes as keys.
+    ``part``: a :class:`ListPart`'s (its keys the indexes in the whole
+    list), which may merge with the other parts of that list."""
+
+    part = False
+
+
+class ListPart(dict):
+    """A param group's part of a list of layers, made by ``group_params``:
+    the layers (or their parts) by their indexes in the whole list, so the
+    groups' parts merge into that list's shape and its gradients, a list
+    like the params, are read by place."""
 
 
 class KeyTree:
@@ -94,13 +105,17 @@ class KeyTree:
 def _merged(a, b, where, prefix):
     """Trees ``a`` and ``b`` as one (new dicts): subtrees under one key merged,
     an array's key path in both refused."""
-    if not prefix and Seq in (type(a), type(b)):
+    if Seq in (type(a), type(b)) and not (getattr(a, "part", False)
+                                          and getattr(b, "part", False)):
+        label = "".join(f"[{x!r}]" for x in prefix)
         raise ValueError(
-            f"{where}: param groups over lists of layers: each group's list counts from "
-            "0, so gradients by place could not tell the groups' layers apart; hold the "
-            "layers in a dict ({'0': layer0, '1': layer1, ...}) and give each group its "
-            "layers by key")
+            f"{where}: params{label} is a list in two param groups: each group's list "
+            "counts from 0, so gradients by place could not tell the groups' items "
+            "apart; make the groups with fastopt.group_params(params, rule), which keeps "
+            "each layer's place, or hold the layers in a dict by key")
     out = type(a)(a)
+    if type(a) is Seq:
+        out.part = True
     for k, sub in b.items():
         if k not in out:
             out[k] = sub
@@ -119,6 +134,9 @@ def _merged(a, b, where, prefix):
 def _shape_of(d, where, arrays):
     if type(d) in (list, tuple):
         items, tree = enumerate(d), Seq()
+    elif type(d) is ListPart:
+        items, tree = d.items(), Seq()
+        tree.part = True
     elif isinstance(d, dict):
         items, tree = d.items(), {}
     else:

@@ -861,3 +861,31 @@ def test_each_rank_takes_its_share_of_the_cores(mode, thread_pools):
     assert make(None).threads_per_rank is None and _blas_threads() == most
     assert make(1).threads_per_rank == 1
     assert (_blas_threads(), fastopt.get_num_threads()) == (1, 1)
+
+
+def test_threads_beyond_the_kernel_pool_change_nothing_and_env_sizes_are_kept(
+        thread_pools, monkeypatch):
+    from threadpoolctl import threadpool_limits
+
+    from fastopt.distributed.cores import _cpus, fair_share
+    share = fair_share(_cpus(), COMM.allgather(_cpus()))
+    most = max(1, len(_cpus()))
+    threadpool_limits(most, user_api="blas")
+    fastopt.set_num_threads(most)
+    with pytest.raises(ValueError):        # (Numba's pool is smaller: on every rank)
+        dist.DataParallel(fastopt.AdamW(make_params(np.float32), lr=1e-2), threads=10_000)
+    assert (_blas_threads(), fastopt.get_num_threads()) == (most, most)
+    # a pool sized by its environment variable is the user's choice: "auto" keeps it
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", str(most))
+    dist.DataParallel(fastopt.AdamW(make_params(np.float32), lr=1e-2))
+    assert (_blas_threads(), fastopt.get_num_threads()) == (most, share)
+
+
+def test_sharded_groups_of_lists_of_layers_are_refused_everywhere():
+    """Two groups' lists both count from 0: their names would collide and
+    sync_master(values) wrote layer 0's values into group 1."""
+    buf = make_params(np.float32)
+    groups = [{"params": [{"W": buf[0], "b": buf[1]}]},
+              {"params": [{"W": buf[2], "b": buf[3], "c": buf[4]}], "lr": 0.01}]
+    with pytest.raises(dist.DistributedError, match="is a list in two param groups"):
+        dist.ShardedOptimizer(fastopt.Adam, groups, lr=0.1)
