@@ -181,7 +181,10 @@ class _Distributed:
         self.threads_per_rank = share_cores(self.comm, self._threads)
 
     def _setup_agree(self, signature, error, what):
-        """One allgather at setup: every rank's layout signature or error."""
+        """One allgather at setup: every rank's layout signature or error,
+        and its ``threads`` (sized in a collective after it)."""
+        if error is None and getattr(self, "_threads", "auto") != "auto":
+            signature = {**signature, "threads": self._threads}
         items = self.comm.allgather(
             ("error", f"{type(error).__name__}: {error}") if error is not None
             else ("ok", signature))
@@ -191,6 +194,12 @@ class _Distributed:
             raise DistributedError(f"{what} failed on {len(failed)} of {self.world_size} "
                                    f"ranks ({text})") from error
         ref = items[0][1]
+        threads = [sig.get("threads", "auto") for _, sig in items]
+        if len(set(threads)) > 1:
+            r = next(r for r, t in enumerate(threads) if t != threads[0])
+            raise DistributedError(
+                f"{what}: threads={threads[r]!r} on rank {r} but {threads[0]!r} on rank 0: "
+                "give every rank the same threads")
         bad = [r for r, (_, sig) in enumerate(items) if sig["hash"] != ref["hash"]]
         if bad:
             r = bad[0]
@@ -362,8 +371,9 @@ class DataParallel(_Distributed):
     ``threads``: this rank's BLAS and kernel threads, set for the process
     when the wrapper is made (:func:`fastopt.distributed.cores.share_cores`):
     ``"auto"`` lowers each pool to the rank's share of its machine's cores
-    where it has more; an int sets both; None leaves them. The count set is
-    ``threads_per_rank`` (None when nothing changed).
+    where it has more; an int sets both; None leaves them. Every rank gives
+    the same (compared at setup). ``threads_per_rank``: the rank's share, or
+    the int; None with None (or one rank alone).
     """
 
     def __init__(self, optimizer, *, comm=None, bucket_elems=None, broadcast=True,

@@ -850,11 +850,11 @@ def test_each_rank_takes_its_share_of_the_cores(mode, thread_pools):
     fastopt.set_num_threads(most)
     opt = make("auto")
     assert (_blas_threads(), fastopt.get_num_threads()) == (share, share)
-    assert opt.threads_per_rank == (share if most > share else None)
+    assert opt.threads_per_rank == share
     # one thread each, set by the user: stays
     threadpool_limits(1, user_api="blas")
     fastopt.set_num_threads(1)
-    assert make("auto").threads_per_rank is None
+    assert make("auto").threads_per_rank == share
     assert (_blas_threads(), fastopt.get_num_threads()) == (1, 1)
     # None leaves the pools as they are; an int sets both
     threadpool_limits(most, user_api="blas")
@@ -863,7 +863,7 @@ def test_each_rank_takes_its_share_of_the_cores(mode, thread_pools):
     assert (_blas_threads(), fastopt.get_num_threads()) == (1, 1)
 
 
-def test_threads_beyond_the_kernel_pool_change_nothing_and_env_sizes_are_kept(
+def test_threads_beyond_the_kernel_pool_change_nothing_and_every_rank_gives_the_same(
         thread_pools, monkeypatch):
     from threadpoolctl import threadpool_limits
 
@@ -875,10 +875,15 @@ def test_threads_beyond_the_kernel_pool_change_nothing_and_env_sizes_are_kept(
     with pytest.raises(ValueError):        # (Numba's pool is smaller: on every rank)
         dist.DataParallel(fastopt.AdamW(make_params(np.float32), lr=1e-2), threads=10_000)
     assert (_blas_threads(), fastopt.get_num_threads()) == (most, most)
-    # a pool sized by its environment variable is the user's choice: "auto" keeps it
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", str(most))
+    # OMP_NUM_THREADS as clusters export it (the core count) is no choice to keep
+    monkeypatch.setenv("OMP_NUM_THREADS", str(most))
     dist.DataParallel(fastopt.AdamW(make_params(np.float32), lr=1e-2))
-    assert (_blas_threads(), fastopt.get_num_threads()) == (most, share)
+    assert (_blas_threads(), fastopt.get_num_threads()) == (share, share)
+    # threads given differently on one rank: refused on every rank, not a hang
+    with pytest.raises(dist.DistributedError, match=r"threads=1 on rank 1 but 'auto' on "
+                                                     "rank 0: give every rank the same"):
+        dist.DataParallel(fastopt.AdamW(make_params(np.float32), lr=1e-2),
+                          threads=1 if RANK == 1 else "auto")
 
 
 def test_sharded_groups_of_lists_of_layers_are_refused_everywhere():
