@@ -270,7 +270,14 @@ def check_like(name, arrays, ref_name, refs, *, writable, allow_low_precision=Fa
         lab = f"[{i}]" if labels is None else labels[i]
         ref_lab = lab if ref_labels is None else ref_labels[i]
         if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name}{lab} must be an ndarray, got {_what(a)}")
+            # (one optimizer per layer handed the whole model's list of layers)
+            shown = [f"{ref_name}{x}" for x in (ref_labels or labels or
+                                               [f"[{k}]" for k in range(len(refs))])]
+            whose = "" if not isinstance(a, (dict, list, tuple)) else (
+                f" (a whole model's gradients, one item per layer? these {ref_name} are "
+                f"{', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}: pass their "
+                f"gradients alone, e.g. its layer's dict)")
+            raise TypeError(f"{name}{lab} must be an ndarray, got {_what(a)}{whose}")
         # 16-bit arrays only beside 16-bit references (grads of 16-bit params)
         check_float_array(f"{name}{lab}", a, writable=writable,
                           allow_low_precision=(allow_low_precision

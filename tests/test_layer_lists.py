@@ -208,3 +208,15 @@ def test_pack_of_a_list_of_layers_says_the_optimizer_takes_it_as_it_is():
                                         "of layer dicts as it is"):
         fastopt.pack(layers())
     assert len(fastopt.pack([[1.0, 2.0], np.ones(3)])) == 2     # numbers: an array's values
+
+
+def test_one_optimizer_per_layer_handed_the_whole_list_says_to_pass_its_layer():
+    params = layers()
+    opts = [fastopt.Adam(layer, lr=1e-2) for layer in params]
+    g = grads_like(params, 0)
+    with pytest.raises(TypeError, match=r"grads\[0\] must be an ndarray, got dict \(a whole "
+                                        r"model's gradients, one item per layer\? these params "
+                                        r"are params\['W'\], params\['b'\]"):
+        opts[0].step(g)
+    for opt, layer_grads in zip(opts, g):
+        opt.step(layer_grads)
