@@ -175,10 +175,9 @@ def test_a_frozen_layer_of_a_list_is_left_as_it_is_in_a_group_of_its_own():
     for a, b in zip(params[0].values(), before):
         assert_bit_identical(a, b)
     assert opt.param_state("1.W")["step"] == 3 and opt.param_state("0.W")["step"] == 1
-    # a layer replaced in the user's list is still seen through the groups' parts
+    # an array replaced in the user's list is seen: the optimizer watches it
     params[1]["W"] = np.zeros((5, 3))
-    with pytest.raises(ValueError, match=r"groups\[1\]\['params'\]\[1\]\['W'\] was "
-                                         "replaced in the list"):
+    with pytest.raises(ValueError, match=r"params\[1\]\['W'\] was replaced in the list"):
         opt.step(grads_like(params, 2))
 
 
@@ -220,3 +219,48 @@ def test_one_optimizer_per_layer_handed_the_whole_list_says_to_pass_its_layer():
         opts[0].step(g)
     for opt, layer_grads in zip(opts, g):
         opt.step(layer_grads)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda p: p[1].__setitem__("b", np.zeros(3)), r"params\[1\]\['b'\] was replaced in the list"),
+    (lambda p: p.__setitem__(0, {"W": np.zeros((6, 5)), "b": np.zeros(5)}),
+     r"params\[0\]\['W'\] was replaced in the list"),
+    (lambda p: p.append({"W": np.zeros((3, 2))}), r"params\[2\] was appended to the list of "
+                                                   "layers"),
+])
+def test_layers_split_between_groups_are_watched_in_the_users_own_list(change, match):
+    """Weights and biases in two groups hold new dicts per layer: the user's
+    list itself is watched (an array replaced there went unseen)."""
+    params = layers()
+    groups = fastopt.group_params(params, lambda n, a: {"weight_decay": 0.0}
+                                  if a.ndim == 1 else None)
+    opt = fastopt.AdamW(groups, lr=1e-2)
+    opt.step(grads_like(params, 0))
+    kept = [a.copy() for a in opt.param_groups[0]["params"]]
+    change(params)
+    with pytest.raises(ValueError, match=match):
+        opt.step(grads_like(params[:2], 1))
+    for a, b in zip(opt.param_groups[0]["params"], kept):
+        assert_bit_identical(a, b)
+
+
+def test_a_model_whose_first_item_is_a_number_array_is_no_loss_pair():
+    params = [np.array(0.5), {"W": np.ones((2, 2))}]
+    opt = fastopt.SGD(params, lr=0.1)
+    for _ in range(2):
+        opt.step([np.array(1.0), {"W": np.ones((2, 2))}])
+    assert float(params[0]) == pytest.approx(0.3)
+    with pytest.raises(TypeError, match=r"a \(loss, grads\) pair\?"):
+        opt.step((0.5, [np.array(1.0), {"W": np.ones((2, 2))}]))
+
+
+def test_an_optimizer_over_some_groups_of_a_list_reads_the_whole_lists_gradients():
+    params = layers()
+    groups = fastopt.group_params(params, lambda n, a: {"lr": 0.5} if n.startswith("1.")
+                                  else None)
+    opt = fastopt.SGD(groups[1:], lr=0.1)       # layer 1 alone; layer 0 trained elsewhere
+    before = params[0]["W"].copy()
+    opt.step(grads_like(params, 0))
+    assert_bit_identical(params[0]["W"], before)
+    with pytest.raises(TypeError, match=r"grads must be a list of 2 or more, as the params"):
+        opt.step(grads_like(params, 0)[:1])

@@ -148,7 +148,7 @@ def add_arguments(parser):
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="threads for BLAS (threadpoolctl) and for fastopt's kernels "
                              "and ensemble models; default: each library's own (under "
-                             "mpiexec: cores / ranks)")
+                             "mpiexec: each rank's share of its machine's cores)")
     parser.add_argument("--target", type=_fraction, default=0.94,
                         help="report the training time to reach this held-out accuracy, a "
                              "fraction (default 0.94)")
@@ -293,17 +293,19 @@ def run(args):
 
     from fastopt.distributed import DistributedError
     rank = comm.Get_rank()
+    from fastopt.distributed.cores import node_share
+    share = node_share(comm)   # (a collective: the cores of each machine over its ranks)
     if args.threads is None:   # share the cores: N ranks x BLAS threads each would oversubscribe
         try:
             import threadpoolctl  # noqa: F401
-            args.threads = max(1, (os.cpu_count() or 1) // comm.Get_size())
+            args.threads = share
         except ImportError:
             pass
-    elif rank == 0 and args.threads * comm.Get_size() > (os.cpu_count() or 1):
+    elif rank == 0 and args.threads > share:
         # (a trial's --threads 2 over 2 ranks on 2 cores: 3.4x slower, unsaid)
-        print(f"fastopt train: --threads {args.threads} in each of {comm.Get_size()} ranks "
-              f"is more threads than the {os.cpu_count()} cores: BLAS threads spin and wait "
-              "for each other (leave out --threads for cores / ranks)", file=sys.stderr)
+        print(f"fastopt train: --threads {args.threads} is more than each rank's share of "
+              f"this machine's cores ({share}): BLAS threads spin and wait for each other "
+              "(leave out --threads for that share)", file=sys.stderr)
     saved = sys.stdout, sys.stderr
     if rank != 0:
         # rank 0 reports; the others stay silent: every rank checks the same

@@ -78,14 +78,19 @@ def share_cores(comm, threads="auto"):
         return _apply(threads, only_above=False)
     if comm.Get_size() == 1:
         return None
+    return _apply(node_share(comm), only_above=True)
+
+
+def node_share(comm) -> int:
+    """This rank's fair share of the CPUs it may run on, split with the
+    ranks of ``comm`` on its machine (a collective)."""
     from ._comm import mpi
     node = comm.Split_type(mpi().COMM_TYPE_SHARED)
     try:
         mine = _cpus()
-        share = fair_share(mine, node.allgather(mine))
+        return fair_share(mine, node.allgather(mine))
     finally:
         node.Free()
-    return _apply(share, only_above=True)
 
 
 def _apply(n, *, only_above):

@@ -1837,7 +1837,7 @@ class Optimizer:
                     "and the rest of its layer)" + (
                         "; a list of layers is one group: hold the layers in a dict "
                         "({'0': layer0, ...}) to split them into groups"
-                        if self._seq_root else ""))
+                        if self._seq_root and not self._names.tree.part else ""))
             k += len(group["params"])
         frozen = frozenset(frozen)
         made = self.__dict__.get("_stand_ins")
@@ -1874,14 +1874,19 @@ class Optimizer:
                 raise TypeError(f"{name} must be a list of arrays in param order: it is a "
                                 "dict, but the params were not given by name")
             return self._names.read(grads, name)
-        if isinstance(grads, (list, tuple)) and len(grads) == 2 and isinstance(
-                grads[1], (dict, list, tuple)) and _is_number(grads[0]):
+        pair = (isinstance(grads, (list, tuple)) and len(grads) == 2 and isinstance(
+                grads[1], (dict, list, tuple)) and _is_number(grads[0]))
+        if self._seq_root and type(grads) in (list, tuple):
+            try:
+                return self._names.read(grads, name)     # a list of layers, as the params
+            except (TypeError, ValueError):
+                if not pair:        # (a model whose first item is a 0-d array: read as such)
+                    raise
+        if pair:
             raise TypeError(
                 f"{name} is a pair of a number and a {type(grads[1]).__name__}: a (loss, "
                 f"grads) pair? {call} takes the gradients alone (loss, g = "
                 "loss_and_grads(...); opt.step(g))")
-        if self._seq_root and type(grads) in (list, tuple):
-            return self._names.read(grads, name)     # a list of layers, as the params
         if _name_pairs(grads, none=True):           # as named_parameters() gives them
             if self._names is None:
                 raise TypeError(f"{name} must be a list of arrays in param order: it is a "

@@ -65,6 +65,15 @@ class GivenParams:
         libraries are stepped through wrappers: not watched), a list of
         param-group dicts over such lists or dicts (:class:`GroupsWatch`),
         else None."""
+        if type(given).__name__ == "Groups" and names is not None:
+            # group_params' groups: the user's own dict or list they were
+            # made from, in the walk's order (the optimizer's is the groups')
+            order = names._walk_order
+            walked = ([params[i] for i in sorted(range(len(params)), key=order.__getitem__)]
+                      if order else params)
+            # (ref in the walk's order; _find pairs the paths and params in
+            # the optimizer's, as it is handed them)
+            return cls.of(given.source, walked, names)
         if type(given) is list and given and all(
                 type(g) is dict and "params" in g for g in given):
             return GroupsWatch.of(given, params)

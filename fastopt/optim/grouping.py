@@ -4,9 +4,12 @@ The recipe every fine-tune and every optax port writes by hand (no weight
 decay on biases and norms, a smaller lr for the backbone) split a dict of
 layers into group dicts by key path; written by hand, each group held new
 dicts, so a layer's array replaced in the user's own dict went unseen
-until the holder check's next pass (fastopt/optim/orphans.py). Here a
-layer whose arrays all go to one group is that group's by the user's own
-dict, which the optimizer then watches as it watches params given whole.
+(the groups' dicts still held the old one, so the holder check of
+fastopt/optim/orphans.py did not warn either: a trial's early stopping
+that restored the best weights as ``layer["W"] = best.copy()`` trained
+nothing after, without a word).
+Here the groups remember the params they were made from (:class:`Groups`),
+and the optimizer watches those as it watches params given whole.
 """
 
 from __future__ import annotations
@@ -35,12 +38,16 @@ def group_params(params, rule):
     as one dict like ``params``); a layer whose arrays all share a group is
     held as the user's own dict. A list of layers (or a list inside the
     params) is split the same way, each group's part keeping the layers'
-    indexes, and the gradients come as one list like ``params``.
+    indexes, and the gradients come as one list like ``params``. The
+    optimizer made from the groups watches ``params`` itself: an array
+    replaced there (or a layer appended to a list) is refused at the next
+    step, naming it, as without groups.
     """
     options = []          # each group's options, in order
     if is_tree(params):
         trees = _split(params, (), rule, options)
-        return [dict(opts, params=trees.get(k, {})) for k, opts in enumerate(options)]
+        return Groups([dict(opts, params=trees.get(k, {})) for k, opts in enumerate(options)],
+                      params)
     if isinstance(params, (list, tuple)):
         lists = {}
         for i, a in enumerate(params):
@@ -48,6 +55,17 @@ def group_params(params, rule):
         return [dict(opts, params=lists[k]) for k, opts in enumerate(options)]
     raise TypeError("group_params takes a dict of name -> array (nested dicts of layers) "
                     f"or a list of arrays, got {type(params).__name__}")
+
+
+class Groups(list):
+    """group_params' param-group dicts, and the params they were made from
+    (``source``): the optimizer watches that dict or list itself, so an
+    array replaced in a layer whose arrays two groups share (whose groups
+    hold new dicts) is seen, as a layer appended to a list."""
+
+    def __init__(self, groups, source):
+        super().__init__(groups)
+        self.source = source
 
 
 def _group_of(rule, name, a, options) -> int:

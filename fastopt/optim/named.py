@@ -163,9 +163,13 @@ def _leaf_paths(tree, prefix):
 
 def _read(g, tree, where, out):
     if type(tree) is Seq:
-        if type(g) not in (list, tuple) or len(g) != len(tree):
-            raise TypeError(f"{where} must be a list of {len(tree)}, as the params (each item "
-                            "shaped like its param's), got "
+        # (group_params' parts: the indexes of the whole list, some maybe in
+        # no group of this optimizer's)
+        n = max(tree) + 1 if tree.part else len(tree)
+        if type(g) not in (list, tuple) or len(g) != n and not (tree.part and len(g) > n):
+            raise TypeError(f"{where} must be a list of {n}"
+                            + (" or more" if tree.part else "")
+                            + ", as the params (each item shaped like its param's), got "
                             + (f"one of {len(g)}" if type(g) in (list, tuple)
                                else type(g).__name__))
     elif not isinstance(g, dict):
