@@ -264,3 +264,16 @@ def test_an_optimizer_over_some_groups_of_a_list_reads_the_whole_lists_gradients
     assert_bit_identical(params[0]["W"], before)
     with pytest.raises(TypeError, match=r"grads must be a list of 2 or more, as the params"):
         opt.step(grads_like(params, 0)[:1])
+
+
+def test_a_list_of_layers_given_whole_is_one_group_and_says_how_to_split_it():
+    params = layers()
+    with pytest.raises(ValueError, match=r"params is a list in two param groups: each "
+                                         "group's list counts from 0.*group_params"):
+        fastopt.AdamW([{"params": [params[0]]}, {"params": [params[1]]}])
+    opt = fastopt.AdamW(params, lr=1e-2)
+    g = grads_like(params, 0)
+    g[0] = {"W": None, "b": None}       # a frozen layer
+    with pytest.raises(TypeError, match=r"a list of layers given whole is one group: split "
+                                        r"it with fastopt.group_params"):
+        opt.step(g)

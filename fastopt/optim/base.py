@@ -1835,8 +1835,9 @@ class Optimizer:
                     "None is left as it is (a frozen layer, as torch skips a param whose "
                     f"grad is None), so give frozen params a group of their own ({label} "
                     "and the rest of its layer)" + (
-                        "; a list of layers is one group: hold the layers in a dict "
-                        "({'0': layer0, ...}) to split them into groups"
+                        "; a list of layers given whole is one group: split it with "
+                        "fastopt.group_params(params, rule), the frozen layer's rule "
+                        "giving it options of its own"
                         if self._seq_root and not self._names.tree.part else ""))
             k += len(group["params"])
         frozen = frozenset(frozen)
