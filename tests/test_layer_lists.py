@@ -277,3 +277,10 @@ def test_a_list_of_layers_given_whole_is_one_group_and_says_how_to_split_it():
     with pytest.raises(TypeError, match=r"a list of layers given whole is one group: split "
                                         r"it with fastopt.group_params"):
         opt.step(g)
+
+
+def test_a_list_group_beside_a_dict_group_is_refused_as_such():
+    params = layers()
+    with pytest.raises(ValueError, match=r"params is a list in one param group and a dict "
+                                         "in another"):
+        fastopt.AdamW([{"params": [params[0]]}, {"params": {"x": params[1]["W"]}}])

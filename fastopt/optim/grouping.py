@@ -22,8 +22,8 @@ __all__ = ["group_params"]
 def group_params(params, rule):
     """Param-group dicts for an optimizer from ``params`` by ``rule``.
 
-    ``params``: a dict of name -> array (nested dicts of layers) or a list
-    of arrays. ``rule(name, array)`` returns the group options of that
+    ``params``: a dict of name -> array (nested dicts of layers), a list
+    of layer dicts (lists inside dicts too), or a list of arrays. ``rule(name, array)`` returns the group options of that
     array (a dict such as ``{"weight_decay": 0.0}``; ``{}`` or None for the
     optimizer's defaults); ``name`` is the dotted key path (``"l1.W"``), or
     the index as a string in a list. Arrays whose options are equal share a
@@ -32,7 +32,7 @@ def group_params(params, rule):
         groups = fastopt.group_params(
             params, lambda name, a: {"weight_decay": 0.0} if a.ndim == 1 else None)
         opt = fastopt.AdamW(groups, lr=1e-3, weight_decay=1e-2)
-        opt.step(grads)       # grads: a dict like params, as without groups
+        opt.step(grads)       # grads: shaped like params, as without groups
 
     Groups of a dict hold the params by key path (the gradients still come
     as one dict like ``params``); a layer whose arrays all share a group is
@@ -40,8 +40,9 @@ def group_params(params, rule):
     params) is split the same way, each group's part keeping the layers'
     indexes, and the gradients come as one list like ``params``. The
     optimizer made from the groups watches ``params`` itself: an array
-    replaced there (or a layer appended to a list) is refused at the next
-    step, naming it, as without groups.
+    replaced there (or a layer appended to a list of layers) is refused at
+    the next step, naming it, as without groups (not over a plain list of
+    arrays: its groups are new lists).
     """
     options = []          # each group's options, in order
     if is_tree(params):
@@ -53,8 +54,8 @@ def group_params(params, rule):
         for i, a in enumerate(params):
             lists.setdefault(_group_of(rule, str(i), a, options), []).append(a)
         return [dict(opts, params=lists[k]) for k, opts in enumerate(options)]
-    raise TypeError("group_params takes a dict of name -> array (nested dicts of layers) "
-                    f"or a list of arrays, got {type(params).__name__}")
+    raise TypeError("group_params takes a dict of name -> array (nested dicts of layers), "
+                    f"a list of layer dicts or a list of arrays, got {type(params).__name__}")
 
 
 class Groups(list):

@@ -108,6 +108,11 @@ def _merged(a, b, where, prefix):
     if Seq in (type(a), type(b)) and not (getattr(a, "part", False)
                                           and getattr(b, "part", False)):
         label = "".join(f"[{x!r}]" for x in prefix)
+        if type(a) is not type(b):
+            raise ValueError(
+                f"{where}: params{label} is a list in one param group and a dict in "
+                "another: give every group's params the same way (fastopt.group_params "
+                "makes such groups from one dict or list)")
         raise ValueError(
             f"{where}: params{label} is a list in two param groups: each group's list "
             "counts from 0, so gradients by place could not tell the groups' items "
