@@ -202,9 +202,14 @@ def test_usage_errors_under_mpiexec_exit_2_said_once(tmp_path, case):
             "bench": "--epochs"}[case] in said[0]
 
 
-def test_train_ctrl_c_under_mpiexec_writes_what_finished_and_exits_130(tmp_path):
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])   # SIGINT, SIGTERM
+def test_train_ctrl_c_under_mpiexec_writes_what_finished_and_exits_130(tmp_path, signum, code):
     """Ctrl-C under mpiexec ended the job as a crash: a traceback per rank,
-    'rank 1 failed', exit 1 and nothing written after minutes of epochs."""
+    'rank 1 failed', exit 1 and nothing written after minutes of epochs.
+    Then each rank stopped where the signal found it, and one that found
+    rank 0 waiting in a collective left it there (nothing written, abort
+    after 15 s: a flaky failure here). The ranks now agree after each step
+    and stop after the same one."""
     import signal
 
     if not _mnist_available():
@@ -218,14 +223,15 @@ def test_train_ctrl_c_under_mpiexec_writes_what_finished_and_exits_130(tmp_path)
         for line in proc.stdout:          # an epoch finished: then Ctrl-C
             if line.startswith("epoch   2:"):
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and "failed" not in err, err[-3000:]
-    assert "Ctrl-C ends every rank at once" in err
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err and "failed" not in err and "Abort" not in err, err[-3000:]
+    assert err.count("fastopt train: interrupted;" if signum == 2 else
+                     "fastopt train: terminated (SIGTERM);") == 1, err[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["interrupted"] is True and len(metrics["epochs"]) >= 2
 

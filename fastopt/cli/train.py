@@ -23,9 +23,11 @@ throughput, the held-out accuracy per epoch, and writes ``metrics.json`` and
 directory). Ctrl-C stops training after the current step, writes the
 metrics and curves of the epochs that finished (``"interrupted": true``),
 prints one line and exits 130; a second Ctrl-C stops at once. SIGTERM (a
-batch scheduler's stop) is taken the same way in one process, exit 143. Under
-mpiexec, Ctrl-C ends every rank at once (each is at its own step): rank 0
-writes the finished epochs first, and the exit code is 130.
+batch scheduler's stop) is taken the same way, exit 143. Under mpiexec
+(which passes the signal to every rank) the ranks agree after each step
+whether any was asked to stop, so all stop after the same step: rank 0
+writes the finished epochs, and every rank exits 130 (a second Ctrl-C
+ends the job at once).
 
 ``--checkpoint`` writes ``checkpoint.npz`` to ``--out`` after each epoch
 (the models, the optimizer state, the finished epochs' records);
@@ -566,13 +568,16 @@ def _run(args, comm):
                   file=sys.stderr)
             return 2
         limits = threadpool_limits(args.threads, user_api="blas")
-    # Under MPI every rank would stop at a different step and the others would
-    # wait in a collective: Ctrl-C keeps its old meaning there (abort the job).
-    stop = _StopOnCtrlC(enabled=comm is None)
+    stop = _StopOnCtrlC()
+    # Under MPI each rank gets the signal at its own point, maybe while the
+    # others wait in a collective for it: raised there, a rank left them
+    # blocked (its abort came 15 s later, with nothing written). So the
+    # ranks agree after each step (one 4-byte allreduce) and stop together.
+    agreed = None if comm is None else _AgreedStop(comm, stop)
 
     def on_batch(*a):
         bar.batch(*a)
-        if stop.requested:
+        if stop.requested if agreed is None else agreed():
             raise _Stopped
 
     interrupted = False
@@ -587,13 +592,16 @@ def _run(args, comm):
                               batch_size=args.batch_size, seed=args.seed, X_val=Xte, y_val=yte,
                               target=args.target, on_batch=on_batch, on_epoch=on_epoch,
                               parallel=parallel, finished=finished, clip_per_model=per_model)
-        except (_Stopped, KeyboardInterrupt):
+        except (_Stopped, KeyboardInterrupt) as exc:
             if comm is not None:
+                code = stop.exit_code if isinstance(exc, _Stopped) else EXIT_INTERRUPTED
                 if comm.Get_rank() == 0:     # what finished, as one process writes it
                     bar.end_line()
                     _finish_interrupted(args, _history_so_far(records, args.target, k),
-                                        labels, sizes, model.backend)
-                raise
+                                        labels, sizes, model.backend, code)
+                if isinstance(exc, _Stopped):
+                    return code               # every rank, after the same step
+                raise                         # a second Ctrl-C: the job ends (abort)
             interrupted = True
             history = _history_so_far(records, args.target, k)
         finally:
@@ -674,6 +682,27 @@ def _device_problem(args, comm):
 
 class _Stopped(Exception):
     """Raised from the batch hook at the first step boundary after a Ctrl-C."""
+
+
+class _AgreedStop:
+    """``agreed()``: whether any rank of ``comm`` was asked to stop (its
+    ``_StopOnCtrlC``), the same answer on every rank: a collective, called
+    after each step by all of them."""
+
+    def __init__(self, comm, stop):
+        import numpy as np
+
+        from fastopt.distributed._comm import mpi
+        self.comm, self.stop, self._max = comm, stop, mpi().MAX
+        self._mine, self._any = np.zeros(1, np.int32), np.zeros(1, np.int32)
+
+    def __call__(self) -> bool:
+        # the signal's number: SIGTERM's (15) over SIGINT's (2) where both came
+        self._mine[0] = self.stop.exit_code - 128 if self.stop.requested else 0
+        self.comm.Allreduce(self._mine, self._any, op=self._max)
+        if self._any[0]:
+            self.stop.exit_code = 128 + int(self._any[0])
+        return bool(self._any[0])
 
 
 class _StopOnCtrlC:
