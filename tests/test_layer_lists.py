@@ -193,7 +193,7 @@ def test_watched_in_a_group_dict_and_an_appended_layer_is_refused():
     opt = fastopt.Adam(params)
     opt.step(grads_like(params, 0))
     params.append({"W": np.ones((3, 2))})
-    with pytest.raises(ValueError, match=r"params\[2\] was appended to the list of layers"):
+    with pytest.raises(ValueError, match=r"params\[2\] was appended to a list in the params"):
         opt.step(grads_like(params[:2], 1))
     params.pop()
     opt.step(grads_like(params, 1))
@@ -225,8 +225,8 @@ def test_one_optimizer_per_layer_handed_the_whole_list_says_to_pass_its_layer():
     (lambda p: p[1].__setitem__("b", np.zeros(3)), r"params\[1\]\['b'\] was replaced in the list"),
     (lambda p: p.__setitem__(0, {"W": np.zeros((6, 5)), "b": np.zeros(5)}),
      r"params\[0\]\['W'\] was replaced in the list"),
-    (lambda p: p.append({"W": np.zeros((3, 2))}), r"params\[2\] was appended to the list of "
-                                                   "layers"),
+    (lambda p: p.append({"W": np.zeros((3, 2))}), r"params\[2\] was appended to a list in "
+                                                   "the params"),
 ])
 def test_layers_split_between_groups_are_watched_in_the_users_own_list(change, match):
     """Weights and biases in two groups hold new dicts per layer: the user's
@@ -284,3 +284,29 @@ def test_a_list_group_beside_a_dict_group_is_refused_as_such():
     with pytest.raises(ValueError, match=r"params is a list in one param group and a dict "
                                          "in another"):
         fastopt.AdamW([{"params": [params[0]]}, {"params": {"x": params[1]["W"]}}])
+
+
+def test_an_array_appended_to_a_list_inside_a_dict_is_refused():
+    tree = {"blocks": [np.ones(3), np.ones(2)], "head": {"W": np.ones((2, 2))}}
+    g = {"blocks": [np.ones(3), np.ones(2)], "head": {"W": np.ones((2, 2))}}
+    opt = fastopt.Adam(tree, lr=0.1)
+    opt.step(g)
+    tree["blocks"].append(np.ones(4))
+    with pytest.raises(ValueError, match=r"params\['blocks'\]\[2\] was appended to a list"):
+        opt.step(g)
+
+
+def test_an_array_added_beside_a_dicts_layers_is_ignored_as_keys_added_are():
+    """It made the watch's listing of layers raise, and the step then failed
+    with an UnboundLocalError of the watch's own."""
+    params = {"l1": {"W": np.ones(2)}, "l2": {"W": np.ones(3)}}
+    g = {"l1": {"W": np.ones(2)}, "l2": {"W": np.ones(3)}}
+    opt = fastopt.SGD(params, lr=0.1)
+    opt.step(g)
+    params["scale"] = np.ones(1)         # not trained: as any key added
+    opt.step(g)
+    opt.step(g)
+    np.testing.assert_allclose(params["l1"]["W"], 0.7, rtol=1e-12)   # three steps, none lost
+    params["l2"]["W"] = np.zeros(3)
+    with pytest.raises(ValueError, match=r"params\['l2'\]\['W'\] was replaced in the dict"):
+        opt.step(g)

@@ -99,11 +99,12 @@ class GivenParams:
         arrays, in order). The fixed cost of every step: kept to a few
         C-level operations while nothing changed."""
         ref = self.ref
+        values = None
         try:
             values = _listed(self.given, self.shape)
             same = values == ref       # identity first: the same objects, no values read
         except Exception:        # a value's truth value: another object in an array's place
-            same = False
+            same = False         # (or a layer's place holds no dict: not listed)
         if same:
             small = self.small
             if not small:
@@ -115,6 +116,11 @@ class GivenParams:
                 return True
         if self._find(params, names) is not None:
             return False
+        if values is None:
+            # an array added beside a dict's layers (d["extra"] = a): not
+            # listed layer by layer any more (it raised here), walked from now on
+            self.shape = "deep"
+            values = _listed(self.given, self.shape)
         self._remember(values)           # keys added, reordered, a view: fine, and now known
         return True
 
@@ -142,10 +148,9 @@ class GivenParams:
                          else _REMOVED)
                 if d is not a and not _same_memory(d, a):
                     return label, "removed" if d is _REMOVED else "replaced"
-            if type(given) in (list, tuple) and len(given) > len(names.tree):
-                # a layer appended to a list of layers: never trained
-                return f"[{len(names.tree)}]", "appended layer"
-            return None
+            # a layer appended to a list of layers (or to a list inside a
+            # dict): never trained
+            return _appended(given, names.tree, "")
         for i, a in enumerate(params[:self.n]):
             b = given[i] if i < len(given) else _REMOVED
             if b is not a and not _same_memory(b, a):
@@ -211,6 +216,24 @@ class GroupsWatch:
             watch.refuse(params[lo:hi], tree)
 
 
+def _appended(given, tree, label):
+    """``(label, "appended layer")`` for the first list of ``given`` longer
+    than its place in ``tree`` (a KeyTree's, from a list), else None."""
+    from .named import Seq
+    if type(tree) is Seq and type(given) in (list, tuple) and len(given) > len(tree):
+        return f"{label}[{len(tree)}]", "appended layer"
+    for k, sub in tree.items():
+        if sub is not None:
+            try:
+                inner = given[k]
+            except (KeyError, IndexError, TypeError):
+                continue             # (removed: _find names it first)
+            found = _appended(inner, sub, f"{label}[{k!r}]")
+            if found is not None:
+                return found
+    return None
+
+
 def _same_memory(b, a):
     """``b`` a view of all of ``a``'s memory in its order (``a.reshape(...)``,
     ``a[:]``): what the optimizer writes, the user's entry shows."""
@@ -259,9 +282,9 @@ def _refuse(label, how, container):
             "their own")
     if how == "appended layer":
         raise ValueError(
-            f"{label} was appended to the list of layers this optimizer was made from, "
+            f"{label} was appended to a list in the params this optimizer was made from, "
             "and the optimizer does not step it: make the optimizer again over the whole "
-            "list, or give the new layer an optimizer of its own")
+            "list, or give what you appended an optimizer of its own")
     if how == "removed":
         raise ValueError(
             f"{label} was removed from the {container} this optimizer was made from; "
