@@ -193,7 +193,7 @@ def test_watched_in_a_group_dict_and_an_appended_layer_is_refused():
     opt = fastopt.Adam(params)
     opt.step(grads_like(params, 0))
     params.append({"W": np.ones((3, 2))})
-    with pytest.raises(ValueError, match=r"params\[2\] was appended to a list in the params"):
+    with pytest.raises(ValueError, match=r"params\[2\] was added to a list in the params"):
         opt.step(grads_like(params[:2], 1))
     params.pop()
     opt.step(grads_like(params, 1))
@@ -225,7 +225,7 @@ def test_one_optimizer_per_layer_handed_the_whole_list_says_to_pass_its_layer():
     (lambda p: p[1].__setitem__("b", np.zeros(3)), r"params\[1\]\['b'\] was replaced in the list"),
     (lambda p: p.__setitem__(0, {"W": np.zeros((6, 5)), "b": np.zeros(5)}),
      r"params\[0\]\['W'\] was replaced in the list"),
-    (lambda p: p.append({"W": np.zeros((3, 2))}), r"params\[2\] was appended to a list in "
+    (lambda p: p.append({"W": np.zeros((3, 2))}), r"params\[2\] was added to a list in "
                                                    "the params"),
 ])
 def test_layers_split_between_groups_are_watched_in_the_users_own_list(change, match):
@@ -292,8 +292,12 @@ def test_an_array_appended_to_a_list_inside_a_dict_is_refused():
     opt = fastopt.Adam(tree, lr=0.1)
     opt.step(g)
     tree["blocks"].append(np.ones(4))
-    with pytest.raises(ValueError, match=r"params\['blocks'\]\[2\] was appended to a list"):
+    with pytest.raises(ValueError, match=r"params\['blocks'\]\[2\] was added to a list"):
         opt.step(g)
+    # one the optimizer steps (add_param_group) is fine there
+    tree["blocks"][2] = extra = np.ones(4)
+    opt.add_param_group({"params": {"extra": extra}})
+    opt.step({**g, "extra": np.ones(4)})
 
 
 def test_an_array_added_beside_a_dicts_layers_is_ignored_as_keys_added_are():
@@ -310,3 +314,16 @@ def test_an_array_added_beside_a_dicts_layers_is_ignored_as_keys_added_are():
     params["l2"]["W"] = np.zeros(3)
     with pytest.raises(ValueError, match=r"params\['l2'\]\['W'\] was replaced in the dict"):
         opt.step(g)
+
+
+def test_an_array_added_beside_many_layers_stops_the_watch_not_the_steps():
+    from fastopt.optim.given import DEEP_MAX
+    params = {f"l{i}": {"W": np.ones(2), "b": np.ones(1)} for i in range(DEEP_MAX)}
+    g = {k: {"W": np.ones(2), "b": np.ones(1)} for k in params}
+    opt = fastopt.SGD(params, lr=0.5)
+    opt.step(g)
+    params["scale"] = np.ones(1)
+    for _ in range(2):
+        opt.step(g)
+    assert opt._watch.shape == "list"        # (no longer walked each step)
+    np.testing.assert_allclose(params["l0"]["W"], -0.5)

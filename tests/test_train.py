@@ -546,3 +546,17 @@ def test_fit_trains_an_mlp():
     net = MLP((20, 16, 3), seed=0)
     history = fit(net, fastopt.SGD(net.param_groups(), lr=0.1), X, y, epochs=1, batch_size=64)
     assert len(history["epochs"]) == 1
+
+
+def test_a_second_sigterm_is_the_same_request_and_a_second_ctrl_c_stops_at_once():
+    """A scheduler signals every process and mpiexec forwards the signal
+    too: a second SIGTERM took the abort path of a second Ctrl-C."""
+    import signal
+
+    from fastopt.cli.train import _StopOnCtrlC
+    stop = _StopOnCtrlC()
+    stop._handle(signal.SIGTERM, None)
+    stop._handle(signal.SIGTERM, None)
+    assert stop.requested and stop.exit_code == 143
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)

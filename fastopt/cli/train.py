@@ -595,10 +595,14 @@ def _run(args, comm):
         except (_Stopped, KeyboardInterrupt) as exc:
             if comm is not None:
                 code = stop.exit_code if isinstance(exc, _Stopped) else EXIT_INTERRUPTED
-                if comm.Get_rank() == 0:     # what finished, as one process writes it
-                    bar.end_line()
-                    _finish_interrupted(args, _history_so_far(records, args.target, k),
-                                        labels, sizes, model.backend, code)
+                try:
+                    if comm.Get_rank() == 0:     # what finished, as one process writes it
+                        bar.end_line()
+                        _finish_interrupted(args, _history_so_far(records, args.target, k),
+                                            labels, sizes, model.backend, code)
+                finally:
+                    if isinstance(exc, _Stopped):
+                        _written(comm)
                 if isinstance(exc, _Stopped):
                     return code               # every rank, after the same step
                 raise                         # a second Ctrl-C: the job ends (abort)
@@ -629,8 +633,13 @@ def _run(args, comm):
                   + ("" if args.threads == 1 else " (--threads 1 is less hurt)"),
                   file=sys.stderr)
         if comm is not None and comm.Get_rank() != 0:
+            _written(comm)
             return 0
-        paths, problem, rc = _save_results(args, history, labels, sizes, model.backend)
+        try:
+            paths, problem, rc = _save_results(args, history, labels, sizes, model.backend)
+        finally:
+            if comm is not None:
+                _written(comm)
         for path in paths:
             print(f"wrote {path}")
         if problem is not None:
@@ -684,6 +693,13 @@ class _Stopped(Exception):
     """Raised from the batch hook at the first step boundary after a Ctrl-C."""
 
 
+def _written(comm):
+    """Every rank waits here, its signal handlers still set, until rank 0
+    has written the results: a rank that returned first took a SIGTERM by
+    the default action, and mpiexec then ended rank 0 mid-write."""
+    comm.Barrier()
+
+
 class _AgreedStop:
     """``agreed()``: whether any rank of ``comm`` was asked to stop (its
     ``_StopOnCtrlC``), the same answer on every rank: a collective, called
@@ -731,7 +747,10 @@ class _StopOnCtrlC:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        import signal
+        # a second Ctrl-C stops at once; a second SIGTERM (a scheduler's to
+        # every process, and mpiexec's forward of it) is the same request
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
         self.exit_code = 128 + signum           # 130 for SIGINT, 143 for SIGTERM

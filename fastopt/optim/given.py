@@ -118,9 +118,14 @@ class GivenParams:
             return False
         if values is None:
             # an array added beside a dict's layers (d["extra"] = a): not
-            # listed layer by layer any more (it raised here), walked from now on
-            self.shape = "deep"
-            values = _listed(self.given, self.shape)
+            # listed layer by layer any more (it raised here). Walked whole
+            # from now on up to DEEP_MAX arrays; past that no longer
+            # watched (a private list of the arrays, which always holds)
+            if len(self.ref) <= DEEP_MAX:
+                self.shape = "deep"
+                values = _listed(self.given, self.shape)
+            else:
+                self.given, self.shape, values = list(self.ref), "list", self.ref
         self._remember(values)           # keys added, reordered, a view: fine, and now known
         return True
 
@@ -149,8 +154,8 @@ class GivenParams:
                 if d is not a and not _same_memory(d, a):
                     return label, "removed" if d is _REMOVED else "replaced"
             # a layer appended to a list of layers (or to a list inside a
-            # dict): never trained
-            return _appended(given, names.tree, "")
+            # dict): never trained (unless the optimizer has it: add_param_group)
+            return _appended(given, names.tree, "", params)
         for i, a in enumerate(params[:self.n]):
             b = given[i] if i < len(given) else _REMOVED
             if b is not a and not _same_memory(b, a):
@@ -216,19 +221,24 @@ class GroupsWatch:
             watch.refuse(params[lo:hi], tree)
 
 
-def _appended(given, tree, label):
-    """``(label, "appended layer")`` for the first list of ``given`` longer
-    than its place in ``tree`` (a KeyTree's, from a list), else None."""
+def _appended(given, tree, label, params):
+    """``(label, "appended layer")`` for the first item of a list in
+    ``given`` past its place in ``tree`` (a KeyTree's, from a list) that is
+    not one of the optimizer's ``params`` (an array of add_param_group's),
+    else None."""
     from .named import Seq
-    if type(tree) is Seq and type(given) in (list, tuple) and len(given) > len(tree):
-        return f"{label}[{len(tree)}]", "appended layer"
+    if type(tree) is Seq and type(given) in (list, tuple):
+        for i in range(len(tree), len(given)):
+            b = given[i]
+            if not any(b is a or _same_memory(b, a) for a in params):
+                return f"{label}[{i}]", "appended layer"
     for k, sub in tree.items():
         if sub is not None:
             try:
                 inner = given[k]
             except (KeyError, IndexError, TypeError):
                 continue             # (removed: _find names it first)
-            found = _appended(inner, sub, f"{label}[{k!r}]")
+            found = _appended(inner, sub, f"{label}[{k!r}]", params)
             if found is not None:
                 return found
     return None
@@ -282,9 +292,10 @@ def _refuse(label, how, container):
             "their own")
     if how == "appended layer":
         raise ValueError(
-            f"{label} was appended to a list in the params this optimizer was made from, "
+            f"{label} was added to a list in the params this optimizer was made from, "
             "and the optimizer does not step it: make the optimizer again over the whole "
-            "list, or give what you appended an optimizer of its own")
+            "list (or add it with opt.add_param_group), or keep arrays that another "
+            "optimizer trains out of that list")
     if how == "removed":
         raise ValueError(
             f"{label} was removed from the {container} this optimizer was made from; "
