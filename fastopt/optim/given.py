@@ -29,6 +29,9 @@ from __future__ import annotations
 import itertools
 import operator
 
+from .grouping import Groups
+from .named import KeyTree, ListPart, Seq, is_tree
+
 
 #: a dict nested deeper than layers of arrays is walked in Python at each
 #: step (about 0.15 us an array): watched up to this many arrays
@@ -65,7 +68,7 @@ class GivenParams:
         libraries are stepped through wrappers: not watched), a list of
         param-group dicts over such lists or dicts (:class:`GroupsWatch`),
         else None."""
-        if type(given).__name__ == "Groups" and names is not None:
+        if type(given) is Groups and names is not None:
             # group_params' groups: the user's own dict or list they were
             # made from, in the walk's order (the optimizer's is the groups')
             order = names._walk_order
@@ -134,7 +137,7 @@ class GivenParams:
         found = self._find(params, names)
         if found is not None:
             label, how = found
-            listed = type(self.given) in (list, tuple) or type(self.given).__name__ == "ListPart"
+            listed = type(self.given) in (list, tuple, ListPart)
             _refuse(self.where + label, how, "list" if listed else "dict")
 
     def _find(self, params, names):
@@ -183,7 +186,6 @@ class GroupsWatch:
 
     @classmethod
     def of(cls, given, params):
-        from .named import KeyTree, is_tree
         parts, lo = [], 0
         for gi, spec in enumerate(given):
             arrays = spec["params"]
@@ -226,7 +228,6 @@ def _appended(given, tree, label, params):
     ``given`` past its place in ``tree`` (a KeyTree's, from a list) that is
     not one of the optimizer's ``params`` (an array of add_param_group's),
     else None."""
-    from .named import Seq
     if type(tree) is Seq and type(given) in (list, tuple):
         for i in range(len(tree), len(given)):
             b = given[i]
