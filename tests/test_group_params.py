@@ -57,9 +57,10 @@ def test_names_lists_and_equal_options():
     a = [np.zeros(2), np.zeros(3), np.zeros(4)]
     groups = fastopt.group_params(a, rule)
     assert seen == ["0", "1", "2"]
-    assert [(g["lr"], [x.size for x in g["params"]]) for g in groups] == [(0.1, [2, 4]),
-                                                                           (0.2, [3])]
-    assert all(x is y for x, y in zip(groups[0]["params"], (a[0], a[2])))
+    # a list's parts keep each array's index in it (the gradients come as one list)
+    assert [(g["lr"], {i: x.size for i, x in g["params"].items()}) for g in groups] == [
+        (0.1, {0: 2, 2: 4}), (0.2, {1: 3})]
+    assert all(groups[0]["params"][i] is a[i] for i in (0, 2))
     seen.clear()
     fastopt.group_params({"l1": {"W": np.zeros(1)}, "l2": {0: np.zeros(1)}}, rule)
     assert seen == ["l1.W", "l2.0"]
@@ -77,3 +78,75 @@ def test_bad_rules_and_params_are_refused():
         fastopt.group_params(p, lambda n, a: {"params": []})
     with pytest.raises(TypeError, match="a dict of name -> array"):
         fastopt.group_params(np.zeros(2), lambda n, a: None)
+
+
+def _vectors(rng, n=4):
+    return [rng.standard_normal(3) for _ in range(n)]
+
+
+def test_a_split_plain_list_reads_the_gradients_in_the_lists_own_order():
+    # as new lists, the groups [p0, p2], [p1, p3] read the user's [g0, g1,
+    # g2, g3] in the groups' order: p2 was stepped with g1 (same shapes, no
+    # error) while the docstring promised gradients shaped like the params
+    rng = np.random.default_rng(3)
+    mine = _vectors(rng)
+    hand = [p.copy() for p in mine]
+    start = [p.copy() for p in mine]
+    rule = lambda n, a: {"lr": 0.0} if n in ("1", "3") else None   # noqa: E731
+    opt = fastopt.SGD(fastopt.group_params(mine, rule), lr=0.5)
+    ref = fastopt.SGD([{"params": [hand[0], hand[2]]},
+                       {"params": [hand[1], hand[3]], "lr": 0.0}], lr=0.5)
+    for _ in range(3):
+        g = [np.full(3, float(i + 1)) for i in range(4)]
+        opt.step(g)                       # the params' order
+        ref.step([g[0], g[2], g[1], g[3]])  # hand-made groups: the groups' order
+        opt.step(tuple(g))                # `return g0, g1, ...`
+        ref.step([g[0], g[2], g[1], g[3]])
+    assert_same_tree(mine, hand)
+    # p2 moved by its own gradient (3 each step, 6 steps of lr 0.5), p1 not at all
+    assert np.allclose(mine[2], start[2] - 9.0) and np.array_equal(mine[1], start[1])
+    # a list of the wrong length names what it needs
+    with pytest.raises(TypeError, match="must be a list of 4"):
+        opt.step(g[:3])
+
+
+@pytest.mark.parametrize("how", ["flat dict", "split list", "one-group list"])
+def test_an_array_replaced_where_group_params_split_it_is_refused(how):
+    rng = np.random.default_rng(4)
+    if how == "flat dict":      # its groups interleave the dict's keys: once unwatched
+        p = {"W1": rng.standard_normal((2, 2)), "b1": rng.standard_normal(2),
+             "W2": rng.standard_normal((2, 2)), "b2": rng.standard_normal(2)}
+        key, label = "W2", r"params\['W2'\] was replaced in the dict"
+        g = {k: np.ones_like(v) for k, v in p.items()}
+    else:
+        p = _vectors(rng)
+        key, label = 2, r"params\[2\] was replaced in the list"
+        g = [np.ones(3)] * 4
+    rule = ((lambda n, a: None) if how == "one-group list"
+            else lambda n, a: {"weight_decay": 0.0} if a.ndim == 1 else None)
+    opt = fastopt.AdamW(fastopt.group_params(p, rule), lr=1e-2)
+    opt.step(g)
+    old = p[key]
+    p[key] = np.zeros_like(old)
+    with pytest.raises(ValueError, match=label):
+        opt.step(g)
+    p[key] = old                      # put back: steps again
+    opt.step(g)
+    if how != "flat dict":
+        p.append(np.zeros(3))
+        with pytest.raises(ValueError, match=r"params\[4\] was (added|appended)"):
+            opt.step(g)
+
+
+def test_name_array_pairs_are_split_by_name():
+    rng = np.random.default_rng(5)
+    pairs = [("enc.w", rng.standard_normal((2, 2))), ("enc.b", rng.standard_normal(2))]
+    seen = []
+    groups = fastopt.group_params(pairs, lambda n, a: seen.append((n, a.ndim)) or (
+        {"weight_decay": 0.0} if a.ndim == 1 else None))
+    assert seen == [("enc.w", 2), ("enc.b", 1)]
+    assert groups[1]["params"] == {"enc.b": pairs[1][1]}
+    opt = fastopt.AdamW(groups, lr=1e-2)
+    opt.step([("enc.w", np.ones((2, 2))), ("enc.b", np.ones(2))])
+    with pytest.raises(ValueError, match="comes more than once"):
+        fastopt.group_params(pairs + pairs[:1], lambda n, a: None)

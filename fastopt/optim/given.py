@@ -68,15 +68,22 @@ class GivenParams:
         libraries are stepped through wrappers: not watched), a list of
         param-group dicts over such lists or dicts (:class:`GroupsWatch`),
         else None."""
-        if type(given) is Groups and names is not None:
+        if type(given) is Groups:
             # group_params' groups: the user's own dict or list they were
-            # made from, in the walk's order (the optimizer's is the groups')
-            order = names._walk_order
-            walked = ([params[i] for i in sorted(range(len(params)), key=order.__getitem__)]
-                      if order else params)
-            # (ref in the walk's order; _find pairs the paths and params in
-            # the optimizer's, as it is handed them)
-            return cls.of(given.source, walked, names)
+            # made from, listed in its own order (the optimizer's is the
+            # groups': a flat dict or a list split by the rule interleaves
+            # them, and such a split went unwatched); _find still pairs the
+            # optimizer's key paths with its params, as it is handed them
+            source = given.source
+            try:
+                tree, leaves = (KeyTree.of(source, where) if is_tree(source)
+                                else (None, source))
+            except (TypeError, ValueError):
+                return None
+            if len(leaves) != len(params) or {id(a) for a in leaves} != {
+                    id(a) for a in params}:
+                return None
+            return cls.of(source, list(leaves), tree)
         if type(given) is list and given and all(
                 type(g) is dict and "params" in g for g in given):
             return GroupsWatch.of(given, params)
@@ -84,8 +91,10 @@ class GivenParams:
             layers = all(sub is not None and type(sub) is dict
                          and all(v is None for v in sub.values())
                          for sub in names.tree.values())
-            shape = ("flat" if names.flat else "deep" if not layers
-                     else "layer list" if type(given) in (list, tuple) else "layers")
+            listed = type(given) in (list, tuple)
+            shape = ("list" if names.flat and type(given) is list else
+                     "flat" if names.flat and not listed else "deep" if not layers
+                     else "layer list" if listed else "layers")
             if shape == "deep" and len(params) > DEEP_MAX:
                 return None         # walked in Python each step: too slow to watch
         elif type(given) is list:
@@ -147,7 +156,9 @@ class GivenParams:
         ``params``: all the optimizer's arrays, the first ``n`` from
         ``given``."""
         given = self.given
-        if self.shape != "list":
+        # by key path, a list too where group_params split it (the
+        # optimizer's order is the groups'); else by place
+        if self.shape != "list" or names is not None and names.flat and names.seq_root:
             for path, label, a in zip(names.paths, names.labels, params[:self.n]):
                 d = given
                 for k in path:

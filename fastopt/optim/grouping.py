@@ -23,8 +23,9 @@ def group_params(params, rule):
     """Param-group dicts for an optimizer from ``params`` by ``rule``.
 
     ``params``: a dict of name -> array (nested dicts of layers), a list
-    of layer dicts (lists inside dicts too), or a list of arrays. ``rule(name, array)`` returns the group options of that
-    array (a dict such as ``{"weight_decay": 0.0}``; ``{}`` or None for the
+    of layer dicts (lists inside dicts too), a list of arrays, or (name,
+    array) pairs (read as a dict). ``rule(name, array)`` returns the group
+    options of that array (a dict such as ``{"weight_decay": 0.0}``; ``{}`` or None for the
     optimizer's defaults); ``name`` is the dotted key path (``"l1.W"``), or
     the index as a string in a list. Arrays whose options are equal share a
     group, the groups in the order their first array comes::
@@ -36,24 +37,32 @@ def group_params(params, rule):
 
     Groups of a dict hold the params by key path (the gradients still come
     as one dict like ``params``); a layer whose arrays all share a group is
-    held as the user's own dict. A list of layers (or a list inside the
-    params) is split the same way, each group's part keeping the layers'
-    indexes, and the gradients come as one list like ``params``. The
+    held as the user's own dict. A list of arrays or of layers (or a list
+    inside the params) is split the same way, each group's part keeping the
+    items' indexes, and the gradients come as one list like ``params``. The
     optimizer made from the groups watches ``params`` itself: an array
-    replaced there (or a layer appended to a list of layers) is refused at
-    the next step, naming it, as without groups (not over a plain list of
-    arrays: its groups are new lists).
+    replaced there (or an item appended to a list) is refused at the next
+    step, naming it, as without groups.
     """
     options = []          # each group's options, in order
-    if is_tree(params):
+    if isinstance(params, (list, tuple)) and params and all(
+            type(p) is tuple and len(p) == 2 and isinstance(p[0], str) for p in params):
+        # named_parameters()' (name, array) pairs: by name, as the optimizer
+        # takes them (the rule was handed each pair as its array)
+        named = dict(params)
+        if len(named) != len(params):
+            raise ValueError("group_params: params holds (name, array) pairs with a name "
+                             "that comes more than once: each array needs its own name")
+        params = named
+    if is_tree(params) or type(params) in (list, tuple):
+        # (a plain list too: each group's part keeps the arrays' indexes,
+        # so the gradients still come as one list in the params' order; as
+        # new lists, a list split [w1, w2], [b1, b2] read the user's [gw1,
+        # gb1, gw2, gb2] in the groups' order, each array stepped with
+        # another's gradient where the shapes agreed)
         trees = _split(params, (), rule, options)
         return Groups([dict(opts, params=trees.get(k, {})) for k, opts in enumerate(options)],
                       params)
-    if isinstance(params, (list, tuple)):
-        lists = {}
-        for i, a in enumerate(params):
-            lists.setdefault(_group_of(rule, str(i), a, options), []).append(a)
-        return [dict(opts, params=lists[k]) for k, opts in enumerate(options)]
     raise TypeError("group_params takes a dict of name -> array (nested dicts of layers), "
                     f"a list of layer dicts or a list of arrays, got {type(params).__name__}")
 
