@@ -129,13 +129,24 @@ def as_array_list(name, arrays, labels=None, *, by_name=False) -> list:
         return [arrays]
     if not isinstance(arrays, (list, tuple)):
         also = " (or a dict of them by the params' names)" if by_name else ""
+        hint = ("; a dict's arrays in a list: list(d.values()), the other lists in the "
+                "same order" if isinstance(arrays, dict) and not by_name
+                else _not_arrays_hint(arrays))
         raise TypeError(f"{name} must be an ndarray or a list of ndarrays{also}, "
-                        f"got {type(arrays).__name__}{_not_arrays_hint(arrays)}")
+                        f"got {type(arrays).__name__}{hint}")
     for i, a in enumerate(arrays):
         if not isinstance(a, np.ndarray):
             lab = f"[{i}]" if labels is None else labels[i]
-            raise TypeError(f"{name}{lab} must be an ndarray, got {_what(a)}")
+            raise TypeError(f"{name}{lab} must be an ndarray, got "
+                            + (_number_param(a) if "params" in name and isinstance(
+                                a, numbers.Number) else _what(a)))
     return list(arrays)
+
+
+def _number_param(a) -> str:
+    """Why a number cannot be a param (a temperature kept as ``0.5``)."""
+    return (f"a {type(a).__name__}: a param is updated in place, which a number cannot be; "
+            f"hold it as a 0-d array (np.array({a!r})) and read it from there")
 
 
 def readable(arrays, like=None):
@@ -188,7 +199,17 @@ def _not_arrays_hint(given) -> str:
                 "gradients, not the loss)")
     if isinstance(given, numbers.Number):
         return ": the step takes the gradients, one array per param (not the loss)"
-    return ""
+    return object_hint(given)
+
+
+def object_hint(given) -> str:
+    """How to pass an object holding arrays as attributes (a dataclass, a
+    model class)."""
+    if isinstance(given, type) or not any(
+            isinstance(v, np.ndarray) for v in getattr(given, "__dict__", {}).values()):
+        return ""
+    return ("; its arrays by name are vars(obj), the same arrays (stepped in place; "
+            "dataclasses.asdict would copy them, and the copies would be trained)")
 
 
 def _what(a) -> str:
@@ -229,7 +250,8 @@ def check_float_array(name, a, *, writable, allow_low_precision=False) -> None:
         if a.dtype.kind == "c":     # torch steps a complex tensor as its real view
             real = "float32" if a.dtype == np.complex64 else "float64"
             hint = (f"; for complex values, step their real view, as torch does: "
-                    f"a.view(np.{real}) (each entry's real and imaginary parts), "
+                    f"a.view(np.{real}) (each entry's real and imaginary parts; "
+                    f"a.reshape(1).view(np.{real}) for a 0-d one), "
                     "the params and the gradients alike")
         elif a.dtype.name in LOW_PRECISION_NAMES and name.startswith("grads"):
             # a 16-bit gradient of a float param
@@ -322,7 +344,17 @@ def check_views_disjoint(written, read) -> None:
         for wlabel, w in written:
             if np.may_share_memory(r, w) and np.shares_memory(r, w):
                 raise ValueError(f"{rlabel} overlaps {wlabel} in memory; arrays the "
-                                 "step writes must not alias any other argument")
+                                 "step writes must not alias any other argument"
+                                 + _alias_hint(rlabel, wlabel))
+
+
+def _alias_hint(a, b) -> str:
+    """What to do where a gradient is its param (or a view of it): the
+    gradient of 0.5 * ||w||**2 is w itself."""
+    if {a.split("[")[0], b.split("[")[0]} == {"grads", "params"}:
+        return (" (a gradient that is its param itself, as the gradient of "
+                "0.5 * ||w||**2 is w: pass a copy, w.copy())")
+    return ""
 
 
 def check_disjoint(written, read=(), *, bounds=_bounds, memory="memory",
@@ -350,7 +382,8 @@ def check_disjoint(written, read=(), *, bounds=_bounds, memory="memory",
         for prev in (far_written, far_any if is_written else None):
             if prev is not None and lo < prev[1]:
                 raise ValueError(f"{label} overlaps {prev[3]} in {memory}; arrays "
-                                 f"{writer} writes must not alias any other argument")
+                                 f"{writer} writes must not alias any other argument"
+                                 + _alias_hint(label, prev[3]))
         if far_any is None or hi > far_any[1]:
             far_any = span
         if is_written and (far_written is None or hi > far_written[1]):

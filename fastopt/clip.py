@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -24,9 +25,11 @@ def _flat_grads(grads, *, writable, labels=None):
         grads = V.readable(grads)
     elif isinstance(grads, (list, tuple)):
         for i, g in enumerate(grads):
-            if isinstance(g, np.generic):
+            if isinstance(g, (np.generic, numbers.Number)):    # (global_norm reads them)
                 name = _names(grads, labels)[i]
-                raise TypeError(f"{name} is a NumPy scalar ({type(g).__name__}), which "
+                what = ("a NumPy scalar" if isinstance(g, np.generic)
+                        else "a Python number")
+                raise TypeError(f"{name} is {what} ({type(g).__name__}), which "
                                 "cannot be scaled in place: make the gradient a 0-d array "
                                 "(np.asarray(g)) and keep that array")
     # (by name where given by name: grads['l1']['W'])

@@ -876,7 +876,7 @@ def test_a_param_changed_in_place_is_refused_with_flat_grads_and_by_state_dict(b
 
 
 def test_a_value_in_params_by_name_that_is_no_array_is_named_by_its_keys():
-    with pytest.raises(TypeError, match=r"\['params'\]\['scale'\] must be an ndarray, got float"):
+    with pytest.raises(TypeError, match=r"\['params'\]\['scale'\] must be an ndarray, got a float"):
         fastopt.Adam({"W": np.ones((2, 2)), "scale": 1.0})
     # numbers where an array was meant, in a list inside the dict: named by its key
     # (a list of arrays there is walked, as JAX's pytrees: test_layer_lists.py)
@@ -948,3 +948,34 @@ def test_a_read_only_memory_map_says_how_joblib_made_it(tmp_path):
         fastopt.Adam({"W": mapped})
     with pytest.raises(ValueError, match=r"is read-only, and is written in place$"):
         fastopt.Adam({"W": _ro(np.ones(10))})
+
+
+def test_refusals_of_a_scientists_structures_say_what_to_do_instead():
+    import dataclasses
+
+    from fastopt import functional as F
+
+    @dataclasses.dataclass
+    class Phys:
+        k: np.ndarray
+        T: np.ndarray
+    with pytest.raises(TypeError, match=r"\['T'\] must be an ndarray, got a float: .*"
+                                        r"np\.array\(0\.5\)"):
+        fastopt.Adam({"w": np.ones(2), "T": 0.5})
+    with pytest.raises(TypeError, match=r"got Phys; its arrays by name are vars\(obj\)"):
+        fastopt.Adam(Phys(np.ones(3), np.array(1.0)))
+    w = np.ones(3)
+    opt = fastopt.SGD({"w": w}, lr=0.1)
+    with pytest.raises(ValueError, match=r"overlaps params\['w'\].*pass a copy, w\.copy\(\)"):
+        opt.step({"w": w})
+    assert np.array_equal(w, np.ones(3))
+    with pytest.raises(ValueError, match=r"grads\['bb'\] is no param's: a misspelt key"):
+        opt.step({"bb": np.ones(3)})
+    with pytest.raises(TypeError, match=r"grads\['T'\] is a Python number \(float\), which "
+                                        "cannot be scaled in place"):
+        fastopt.clip_by_global_norm({"a": np.array([3.0]), "T": 4.0}, 1.0)
+    with pytest.raises(TypeError, match=r"got dict; a dict's arrays in a list: "
+                                        r"list\(d\.values\(\)\)"):
+        F.sgd({"w": w}, {"w": np.ones(3)}, lr=0.1)
+    with pytest.raises(TypeError, match=r"a\.reshape\(1\)\.view\(np\.float64\) for a 0-d"):
+        fastopt.Adam([np.array(1j)])

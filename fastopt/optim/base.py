@@ -52,7 +52,7 @@ from ..params import FlatArrays
 from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler, claim as claim_scaler
 from .interrupt import INTERRUPTS, Mark, finished, held
-from .named import KeyTree, is_tree
+from .named import KeyTree, Seq, is_record, is_tree
 from .orphans import (CHECK_EVERY, FIRST_CHECK, reference_counts, replaced_hint,
                       warn_if_unheld)
 from .param_list import ParamList
@@ -273,7 +273,8 @@ def _holds_none(grads) -> bool:
     pairs too)."""
     if isinstance(grads, (list, tuple)):
         return any(g is None or (type(g) is tuple and len(g) == 2 and g[1] is None)
-                   or (isinstance(g, (dict, list)) and _holds_none(g)) for g in grads)
+                   or ((isinstance(g, (dict, list)) or is_record(g)) and _holds_none(g))
+                   for g in grads)
     if isinstance(grads, dict):
         return any(g is None or (isinstance(g, (dict, list, tuple)) and _holds_none(g))
                    for g in grads.values())
@@ -617,7 +618,7 @@ class Optimizer:
             return [{"params": params}]
         raise TypeError("params must be an ndarray, a list (or any iterable) of ndarrays, a "
                         "dict of name -> ndarray or a list of param-group dicts, got "
-                        f"{type(params).__name__}")
+                        f"{type(params).__name__}{V.object_hint(params)}")
 
     def _check_one_dtype(self, gi, arrays):
         """A group keeps its state in one buffer per name, so its params
@@ -822,7 +823,7 @@ class Optimizer:
                 elif kind is np.ndarray:     # one array's gradient: as a list of one
                     out = plan.run(self, given := [grads])
                 elif (kind is dict and self._names is not None
-                      or self._seq_root and (kind is list or kind is tuple)):
+                      or self._seq_root and (kind is list or isinstance(grads, tuple))):
                     try:
                         given = self._names.read(grads)
                     except (TypeError, ValueError):
@@ -1838,7 +1839,8 @@ class Optimizer:
                         "; a list of layers given whole is one group: split it with "
                         "fastopt.group_params(params, rule), the frozen layer's rule "
                         "giving it options of its own"
-                        if self._seq_root and not self._names.tree.part else ""))
+                        if self._seq_root and type(self._names.tree) is Seq
+                        and not self._names.tree.part else ""))
             k += len(group["params"])
         frozen = frozenset(frozen)
         made = self.__dict__.get("_stand_ins")
@@ -1877,7 +1879,7 @@ class Optimizer:
             return self._names.read(grads, name)
         pair = (isinstance(grads, (list, tuple)) and len(grads) == 2 and isinstance(
                 grads[1], (dict, list, tuple)) and _is_number(grads[0]))
-        if self._seq_root and type(grads) in (list, tuple):
+        if self._seq_root and (type(grads) is list or isinstance(grads, tuple)):
             try:
                 return self._names.read(grads, name)     # a list of layers, as the params
             except (TypeError, ValueError):

@@ -30,7 +30,7 @@ import itertools
 import operator
 
 from .grouping import Groups
-from .named import KeyTree, ListPart, Seq, is_tree
+from .named import KeyTree, ListPart, Seq, is_record, is_tree
 
 
 #: a dict nested deeper than layers of arrays is walked in Python at each
@@ -87,6 +87,8 @@ class GivenParams:
         if type(given) is list and given and all(
                 type(g) is dict and "params" in g for g in given):
             return GroupsWatch.of(given, params)
+        if is_record(given):
+            return None             # a namedtuple holds its arrays for good
         if names is not None and (isinstance(given, dict) or names.seq_root):
             layers = all(sub is not None and type(sub) is dict
                          and all(v is None for v in sub.values())
@@ -163,6 +165,7 @@ class GivenParams:
                 d = given
                 for k in path:
                     d = (d.get(k, _REMOVED) if isinstance(d, dict) else
+                         getattr(d, k, _REMOVED) if is_record(d) and type(k) is str else
                          d[k] if type(d) in (list, tuple) and type(k) is int and k < len(d)
                          else _REMOVED)
                 if d is not a and not _same_memory(d, a):
@@ -284,7 +287,7 @@ def _leaves(d, out=None):
     """A dict's (or list's) arrays in order, nested dicts and lists walked."""
     out = [] if out is None else out
     for v in (d.values() if isinstance(d, dict) else d):
-        if isinstance(v, dict) or type(v) in (list, tuple):
+        if isinstance(v, dict) or type(v) in (list, tuple) or is_record(v):
             _leaves(v, out)
         else:
             out.append(v)

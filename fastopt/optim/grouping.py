@@ -14,7 +14,7 @@ and the optimizer watches those as it watches params given whole.
 
 from __future__ import annotations
 
-from .named import ListPart, is_node, is_tree
+from .named import Fields, ListPart, is_node, is_record, is_tree
 
 __all__ = ["group_params"]
 
@@ -111,7 +111,8 @@ def _split(d, path, rule, options) -> dict:
     """``{group index: subtree of d}``: each group's part of ``d``, ``d``
     itself where all of it goes to one group (a list's parts: ListPart)."""
     parts = {}
-    for key, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+    for key, v in (d.items() if isinstance(d, dict) else d._asdict().items() if is_record(d)
+                   else enumerate(d)):
         if is_node(v):
             sub = _split(v, path + (key,), rule, options)
         else:
@@ -120,6 +121,8 @@ def _split(d, path, rule, options) -> dict:
             parts.setdefault(k, {})[key] = part
     if len(parts) == 1:
         return {next(iter(parts)): d}    # the user's own dict: watched by the optimizer
+    if is_record(d):       # a namedtuple's part: its fields by name, read as its own
+        return {k: Fields(part) for k, part in parts.items()}
     if not isinstance(d, dict):
         # a list's part keeps each item's index in the whole list (a new list
         # would count from 0): the parts merge back into the list's shape, so

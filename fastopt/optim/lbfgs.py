@@ -35,7 +35,7 @@ import numpy as np
 from .. import _validate as V
 from ..backends import backend_for, get_backend
 from ..backends.flat_ops import ops_for
-from .base import NONNEG, Optimizer, refuse_options
+from .base import NONNEG, Optimizer, _holds_none, refuse_options
 from .line_search import Trial, strong_wolfe
 from .named import KeyTree, is_tree
 from .placement import placement_for
@@ -281,9 +281,14 @@ class LBFGS(Optimizer):
         except (TypeError, ValueError):
             raise TypeError("LBFGS: the loss closure() returned must be one real number, "
                             f"got {type(loss).__name__}") from None
+        grads = self._one_pass(grads)
+        if _holds_none(grads):      # (the other optimizers: a frozen layer's)
+            raise TypeError("LBFGS: closure() returned a None gradient: L-BFGS steps every "
+                            "param (one search direction over all of them), so it has no "
+                            "frozen params; leave those out of its params")
         # shapes, dtypes, no overlap with the params; gathered into one vector
         # (a generator or grads.values(), as step() takes them, read once)
-        return loss, self._placement.gather(self, self._one_pass(grads))
+        return loss, self._placement.gather(self, grads)
 
     # -- the step -------------------------------------------------------------------
     def _history(self, st, m, ops):

@@ -15,11 +15,17 @@ from __future__ import annotations
 import numbers
 
 
+def is_record(v) -> bool:
+    """A namedtuple (``Layer(W=..., b=...)``, a JAX habit): a node whose
+    arrays are named by its fields."""
+    return isinstance(v, tuple) and type(v) is not tuple and hasattr(type(v), "_fields")
+
+
 def is_tree(params) -> bool:
-    """Whether ``params`` are given by name: a dict, or a list or tuple
-    holding a dict or a list (a list of layer dicts) and no param-group
-    dict; a list of arrays is a plain list, by position."""
-    if isinstance(params, dict):
+    """Whether ``params`` are given by name: a dict or a namedtuple, or a
+    list or tuple holding a dict or a list (a list of layer dicts) and no
+    param-group dict; a list of arrays is a plain list, by position."""
+    if isinstance(params, dict) or is_record(params):
         return True
     return (type(params) in (list, tuple) and any(map(is_node, params))
             and not any(isinstance(p, dict) and "params" in p for p in params))
@@ -33,6 +39,8 @@ def is_node(v) -> bool:
     refused as itself, not walked."""
     if isinstance(v, dict):
         return not all(isinstance(x, (numbers.Number, str)) for x in v.values())
+    if is_record(v):
+        return not all(isinstance(x, numbers.Number) for x in v)
     return type(v) in (list, tuple) and not any(isinstance(x, str) for x in v) and not all(
         isinstance(x, numbers.Number) for x in v)
 
@@ -43,6 +51,12 @@ class Seq(dict):
     list), which may merge with the other parts of that list."""
 
     part = False
+
+
+class Fields(dict):
+    """A namedtuple's place in a KeyTree: its fields as keys. Its gradients
+    come as a namedtuple with those fields (read by name), a dict by them,
+    or a plain tuple or list in the fields' order."""
 
 
 class ListPart(dict):
@@ -62,7 +76,8 @@ class KeyTree:
 
     def __init__(self, tree: dict, paths=None):
         self.tree = tree            # key -> subtree dict (a Seq for a list), or None for an array
-        self.seq_root = isinstance(tree, Seq)   # a list of layers: gradients in a list too
+        # a list of layers (or a namedtuple): gradients in a list (or tuple) too
+        self.seq_root = isinstance(tree, (Seq, Fields))
         walked = list(_leaf_paths(tree, ()))
         # param order: the tree's own, or (groups' trees merged, a layer's
         # arrays in two groups) each group's in turn
@@ -137,7 +152,11 @@ def _merged(a, b, where, prefix):
 
 
 def _shape_of(d, where, arrays):
-    if type(d) in (list, tuple):
+    if is_record(d):
+        items, tree = zip(d._fields, d), Fields()
+    elif type(d) is Fields:          # (group_params' part of a namedtuple)
+        items, tree = d.items(), Fields()
+    elif type(d) in (list, tuple):
         items, tree = enumerate(d), Seq()
     elif type(d) is ListPart:
         items, tree = d.items(), Seq()
@@ -177,17 +196,32 @@ def _read(g, tree, where, out):
                             + ", as the params (each item shaped like its param's), got "
                             + (f"one of {len(g)}" if type(g) in (list, tuple)
                                else type(g).__name__))
+    elif type(tree) is Fields and not isinstance(g, dict):
+        if is_record(g) and set(g._fields) >= set(tree):
+            g = g._asdict()                  # by field name, whatever its order
+        elif type(g) in (list, tuple) and len(g) == len(tree):
+            g = dict(zip(tree, g))           # by position, in the fields' order
+        else:
+            raise TypeError(f"{where} must be a namedtuple with the params' fields ("
+                            f"{', '.join(tree)}), a dict by them or a tuple of "
+                            f"{len(tree)}, got " + (
+                                f"one of {len(g)}" if type(g) in (list, tuple) else
+                                f"{type(g).__name__} with fields {', '.join(g._fields)}"
+                                if is_record(g) else type(g).__name__))
     elif not isinstance(g, dict):
         raise TypeError(f"{where} must be a dict with the params' keys, got "
                         f"{type(g).__name__}")
-    else:
+    if isinstance(g, dict) and type(tree) is not Seq:
         # keys beside the params' are other arrays' gradients (one optimizer per
         # layer handed the whole model's dict, frozen layers): not read, as a
         # torch optimizer never sees the grads of params it does not hold
         missing = [k for k in tree if k not in g]
         if missing:
+            extra = [k for k in g if k not in tree]
             raise ValueError(f"{where} is missing {where}[{missing[0]!r}]; gradients must "
-                             "have the params' keys")
+                             "have the params' keys" + (
+                                 f" ({where}[{extra[0]!r}] is no param's: a misspelt key?)"
+                                 if len(missing) == 1 and len(extra) == 1 else ""))
     for k, sub in tree.items():
         if sub is None:
             out.append(g[k])
