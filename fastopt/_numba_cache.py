@@ -11,7 +11,11 @@ of the packages that hold kernel code (``fastopt/backends`` and
 ``fastopt/nn``): an edit to any of them recompiles each fastopt kernel
 once. Where the cache lives is Numba's choice as before
 (``NUMBA_CACHE_DIR``, beside the sources, or the user-wide directory): the
-stamp wraps whichever locator Numba would have used.
+stamp wraps whichever locator Numba would have used. Where none of them
+can write (a read-only install and a read-only HOME, as in a container run
+as another user, with no ``NUMBA_CACHE_DIR``), the cache goes to this
+user's own directory under the temporary directory instead of Numba's
+"no locator available" error at import.
 
 Each module with ``cache=True`` kernels calls :func:`install` before it
 defines them (a locator is picked when a kernel is decorated). Set
@@ -20,7 +24,11 @@ defines them (a locator is picked when a kernel is decorated). Set
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import stat
+import tempfile
 
 from ._held import hold_numba_compiles
 
@@ -89,9 +97,79 @@ def _stamped_locator(caching):
                     inner = other.from_function(py_func, py_file)
                     if inner is not None:
                         return cls(inner)
-            return None
+            # nowhere Numba would write (a read-only install and HOME, as
+            # in a container run as another user): Numba raised "no
+            # locator available" at import, and every entry point died
+            inner = fallback.from_function(py_func, py_file) if fallback else None
+            return None if inner is None else cls(inner)
 
+    fallback = _temp_locator(caching)
     return FastoptSourcesLocator
+
+
+def temp_cache_root() -> str:
+    """The cache directory of last resort: this user's own under the
+    temporary directory."""
+    uid = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    return os.path.join(tempfile.gettempdir(), f"fastopt-numba-cache-{uid}")
+
+
+_root = None
+
+
+def _cache_root():
+    """:func:`temp_cache_root` where it is private; else a directory of
+    this process's own (``mkdtemp``: private, removed at exit, so the
+    kernels compile anew in each process); None where the temporary
+    directory cannot be written either."""
+    global _root
+    if _root is None or not os.path.isdir(_root):
+        _root = temp_cache_root()
+        if not _private_dir(_root):
+            try:
+                _root = tempfile.mkdtemp(prefix="fastopt-numba-cache-")
+            except OSError:
+                _root = None
+                return None
+            atexit.register(shutil.rmtree, _root, ignore_errors=True)
+    return _root
+
+
+def _private_dir(path) -> bool:
+    """``path`` made (or found) as a directory only this user can write:
+    cached machine code is loaded and run, so a directory in a shared
+    /tmp that another user could write to is not used."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    owner = os.getuid() if hasattr(os, "getuid") else st.st_uid
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == owner and not st.st_mode & 0o022
+
+
+def _temp_locator(caching):
+    """A locator under :func:`temp_cache_root`, for where no other one can
+    write; None where ``caching`` has no user-directory locator to build on."""
+    base = (getattr(caching, "UserProvidedCacheLocator", None)      # (numba-cuda: private)
+            or getattr(caching, "_UserProvidedCacheLocator", None))
+    if base is None or not hasattr(base, "get_suitable_cache_subpath"):
+        return None
+
+    class FastoptTempCacheLocator(base):
+        def __init__(self, py_func, py_file):
+            self._py_file = py_file
+            self._lineno = py_func.__code__.co_firstlineno
+            self._cache_path = os.path.join(_cache_root(),
+                                            self.get_suitable_cache_subpath(py_file))
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if _cache_root() is None:
+                return None
+            return super(base, cls).from_function(py_func, py_file)
+
+    return FastoptTempCacheLocator
 
 
 def install(caching=None) -> None:

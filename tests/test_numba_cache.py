@@ -66,3 +66,35 @@ def test_the_cuda_kernels_get_the_stamp_too():
     assert caching.CacheImpl._locator_classes[0].__name__ == "FastoptSourcesLocator"
     assert sum(c.__name__ == "FastoptSourcesLocator"
                for c in caching.CacheImpl._locator_classes) == 1
+
+
+def test_with_nowhere_numba_would_write_the_cache_goes_to_a_private_temp_dir(
+        tmp_path, monkeypatch):
+    # a read-only install and HOME (a container run as another user): every
+    # Numba locator refuses, and Numba raised "no locator available" at import
+    from numba.core import caching
+    monkeypatch.setattr(NC.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(NC, "_root", None)
+    for name in ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator",
+                 "IPythonCacheLocator", "ZipCacheLocator"):
+        monkeypatch.setattr(getattr(caching, name), "from_function",
+                            classmethod(lambda cls, f, file: None))
+    NC.install()
+
+    def kernel(x):
+        return x + 1
+    kernel.__module__ = "fastopt.backends.numba_cpu"
+    py_file = os.path.join(os.path.dirname(NC.__file__), "backends", "numba_cpu.py")
+    stamped = next(c for c in caching.CacheImpl._locator_classes
+                   if c.__name__ == "FastoptSourcesLocator")
+    loc = stamped.from_function(kernel, py_file)
+    assert loc is not None and loc.get_cache_path().startswith(NC.temp_cache_root())
+    assert NC.temp_cache_root().startswith(str(tmp_path))
+    assert os.stat(NC.temp_cache_root()).st_mode & 0o777 == 0o700
+    # another user's (or a world-writable) directory there is not used: one
+    # of this process's own instead
+    os.chmod(NC.temp_cache_root(), 0o777)
+    monkeypatch.setattr(NC, "_root", None)
+    own = stamped.from_function(kernel, py_file).get_cache_path()
+    assert not own.startswith(NC.temp_cache_root()) and own.startswith(str(tmp_path))
+    assert os.stat(NC._cache_root()).st_mode & 0o777 == 0o700
