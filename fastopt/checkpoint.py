@@ -27,15 +27,19 @@ to ``<path>.tmp-<pid>-<random>`` next to ``path``, flushed and fsynced,
 renamed over ``path`` and the directory fsynced, so the previous checkpoint
 stays readable until the new one is complete, even if the process is killed
 (SIGKILL, power loss). A temporary file left by a killed save is removed by
-the next save of the same ``path`` once its process is gone.
+the next save of the same ``path`` once its process is gone (one from
+another machine or container sharing the folder: once an hour old).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
+import socket
+import time
 import zipfile
 import zlib
 
@@ -289,7 +293,9 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
         try:
             _write_atomically(target, arrays)
         except OSError as exc:        # named by the user's path, not the hidden temporary
-            if exc.errno is None or not str(exc.filename or "").startswith(target + _TMP):
+            # (a full disk while writing: an error naming no file at all)
+            if exc.errno is None or exc.filename is not None and not str(
+                    exc.filename).startswith(target + _TMP):
                 raise
             raise OSError(exc.errno, f"cannot save checkpoint: {exc.strerror}", path) from None
 
@@ -337,10 +343,35 @@ def _pid_alive(pid):
     return True
 
 
+#: a temporary file of a save on another machine (or in another PID
+#: namespace: a container) is removed once it is this old, untouched: its
+#: process id means nothing here, and a save in flight writes to it
+FOREIGN_AGE_S = 3600.0
+
+_origin = None
+
+
+def _origin_tag() -> str:
+    """8 hex digits naming this machine and PID namespace, in temporary
+    files' names: a process id is only checked where it was given."""
+    global _origin
+    if _origin is None:
+        try:
+            ns = os.readlink("/proc/self/ns/pid")
+        except OSError:
+            ns = ""
+        _origin = hashlib.blake2s((socket.gethostname() + "\0" + ns).encode(),
+                                  digest_size=4).hexdigest()
+    return _origin
+
+
 def _remove_stale_temps(path):
-    """Remove ``<path>.tmp-<pid>...`` files whose process is gone (a save
-    killed by SIGKILL cannot clean up after itself). Files of live processes
-    on this machine (another save in flight) are left alone."""
+    """Remove ``<path>.tmp-<pid>-<origin>-...`` files whose process is gone
+    (a save killed by SIGKILL cannot clean up after itself). Files of live
+    processes (another save in flight) are left alone; so are other
+    machines' and containers' (a shared folder: their process ids are not
+    this one's to check; a save here deleted another machine's file while
+    it was being written) until an hour untouched."""
     folder, name = os.path.split(os.path.abspath(path))
     prefix = name + _TMP
     try:
@@ -348,11 +379,21 @@ def _remove_stale_temps(path):
     except OSError:
         return
     for entry in entries:
-        pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) else ""
-        if not pid.isdigit() or int(pid) <= 0 or _pid_alive(int(pid)):
+        fields = entry[len(prefix):].split("-") if entry.startswith(prefix) else [""]
+        pid = fields[0]
+        if not pid.isdigit() or int(pid) <= 0:
+            continue
+        full = os.path.join(folder, entry)
+        if len(fields) >= 3 and fields[1] != _origin_tag():     # (older names: no origin)
+            try:
+                if time.time() - os.stat(full).st_mtime < FOREIGN_AGE_S:
+                    continue
+            except OSError:
+                continue
+        elif _pid_alive(int(pid)):
             continue
         try:
-            os.remove(os.path.join(folder, entry))
+            os.remove(full)
         except OSError:   # already gone, or not ours to remove: not worth failing a save
             pass
 
@@ -362,7 +403,7 @@ def _write_atomically(path, arrays):
     ``path`` holds either the old checkpoint or the whole new one."""
     # pid (for stale-file cleanup) plus a random part, so that two threads
     # saving the same path never write into one temporary file
-    tmp = f"{path}{_TMP}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = f"{path}{_TMP}{os.getpid()}-{_origin_tag()}-{secrets.token_hex(4)}"
     # O_EXCL: never write into a file someone else created; 0o666 & umask:
     # the same permissions as the plain open() this replaced
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

@@ -851,8 +851,9 @@ def test_a_loads_warning_names_the_callers_line(tmp_path):
 def test_loading_other_group_values_says_which(tmp_path):
     """A fine-tune made with its own lr and given a pretraining run's state
     took the checkpoint's lr without a word (torch's load_state_dict does
-    the same); said now, as the options are. Equal values and scheduled
-    lrs say nothing."""
+    the same); said now, as the options are. Equal values and an equal
+    schedule say nothing; a schedule on either side that differs is said
+    (a resume given a new lr lost it unsaid where a schedule was involved)."""
     p = [np.ones(3)]
     pre = fastopt.AdamW(p, lr=1e-3)
     pre.step([np.ones(3)])
@@ -868,3 +869,14 @@ def test_loading_other_group_values_says_which(tmp_path):
         warnings.simplefilter("error")
         fastopt.AdamW([np.ones(3)], lr=1e-3).load_state_dict(pre.state_dict())
         fastopt.AdamW([np.ones(3)], lr=sched).load_state_dict(a.state_dict())
+    with pytest.warns(UserWarning, match=r"param_groups\[0\] lr schedule linear\(.*\) "
+                                         r"replaces 0\.0007"):
+        fastopt.AdamW([np.ones(3)], lr=7e-4).load_state_dict(a.state_dict())
+    with pytest.warns(UserWarning, match=r"param_groups\[0\] lr 0\.001 replaces schedule "
+                                         r"linear\("):
+        fastopt.AdamW([np.ones(3)], lr=sched, weight_decay=0.01).load_state_dict(
+            pre.state_dict())
+    with pytest.warns(UserWarning, match=r"lr schedule linear\(init_value=0\.001.*replaces "
+                                         r"schedule linear\(init_value=0\.002"):
+        fastopt.AdamW([np.ones(3)], lr=fastopt.schedules.linear(2e-3, 0.0, 10)
+                      ).load_state_dict(a.state_dict())

@@ -178,3 +178,40 @@ def test_a_flag_written_as_an_int_is_not_saved_into_an_unloadable_file(tmp_path,
     q = [np.zeros(4)]
     fastopt.load(tmp_path / "c.npz", params=q, optimizer=fastopt.Adam(q, lr=1e-2))
     np.testing.assert_array_equal(q[0], p[0])
+
+
+def test_another_machines_temporary_file_in_flight_is_kept(tmp_path):
+    """A shared folder (NFS, or a container with its own process ids): a
+    save here removed another machine's temporary file while it was being
+    written, its process id dead here, and that save then failed."""
+    from fastopt import checkpoint
+    path = tmp_path / "c.npz"
+    dead = _dead_pid()
+    foreign = tmp_path / f"c.npz.tmp-{dead}-0000beef-abcd1234"
+    foreign.write_bytes(b"being written elsewhere")
+    old = tmp_path / f"c.npz.tmp-{dead}-0000beef-00000000"   # an hour untouched: gone
+    old.write_bytes(b"left by a crash elsewhere")
+    hour_ago = time.time() - checkpoint.FOREIGN_AGE_S - 5
+    os.utime(old, (hour_ago, hour_ago))
+    ours = tmp_path / f"c.npz.tmp-{dead}-{checkpoint._origin_tag()}-00000000"
+    ours.write_bytes(b"left by a crash here")
+    fastopt.save(path, params=[np.ones(3)])
+    assert _temps(tmp_path) == [foreign.name]
+
+
+def test_a_full_disk_while_writing_names_the_users_path(tmp_path, monkeypatch):
+    """np.savez's write fails with ENOSPC and no file name: it was raised
+    bare, where a read-only folder's error named the checkpoint."""
+    import errno
+
+    def full(f, **arrays):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    fastopt.save(tmp_path / "c.npz", params=[np.zeros(3)])
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(OSError, match=r"cannot save checkpoint: No space left on device: "
+                                      r"'[^']*c\.npz'$") as info:
+        fastopt.save(tmp_path / "c.npz", params=[np.ones(3)])
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert _temps(tmp_path) == []
+    assert np.array_equal(fastopt.load(tmp_path / "c.npz")["params"][0], np.zeros(3))

@@ -551,3 +551,25 @@ def test_bench_without_a_chart_removes_an_earlier_one(tmp_path, monkeypatch):
     written = report.write({"results": []}, str(tmp_path))
     assert written == [str(tmp_path / "bench.json")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
+
+
+def test_an_earlier_runs_results_that_could_not_be_replaced_are_removed(tmp_path, monkeypatch,
+                                                                        capsys):
+    """A full disk at the end of a run left the previous run's metrics.json
+    in place: a job parsing it without the exit code took it for this one's."""
+    data = _fake_mnist(tmp_path / "mnist", n=8100)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"final_val_acc": 0.99}')
+    import fastopt._files as files
+
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(files, "write_atomically", full)
+    rc = main(["train", "--data-dir", str(data), "--hidden", "8", "--epochs", "1",
+               "--quiet", "--no-plot", "--threads", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.splitlines()[-1] == (
+        f"fastopt train: could not write the results in --out {out}: No space left on device "
+        "(removed an earlier run's metrics.json)"), err
+    assert not (out / "metrics.json").exists()

@@ -874,10 +874,28 @@ def _save_results(args, history, labels, sizes, backend, interrupted=False):
         _write_results(args, history, labels, sizes, backend, interrupted, written)
     except OSError as exc:
         return (written, f"could not write the results in --out {args.out}: "
-                f"{exc.strerror or exc}", 1)
+                f"{exc.strerror or exc}{_earlier_results_removed(args.out, written)}", 1)
     except KeyboardInterrupt:
         return written, "interrupted while writing the results", EXIT_INTERRUPTED
     return written, None, 0
+
+
+def _earlier_results_removed(out, written) -> str:
+    """An earlier run's metrics.json and curves.png in ``out`` that this run
+    could not replace, removed (a job parsing metrics.json without the exit
+    code read the old run's as this one's), and what became of them."""
+    from pathlib import Path
+    said = []
+    for name in ("metrics.json", "curves.png"):
+        old = Path(out) / name
+        if old in written or not old.is_file():
+            continue
+        try:
+            old.unlink()
+            said.append(f"removed an earlier run's {name}")
+        except OSError:
+            said.append(f"an earlier run's {name} is still there")
+    return f" ({'; '.join(said)})" if said else ""
 
 
 def _write_results(args, history, labels, sizes, backend, interrupted, written):

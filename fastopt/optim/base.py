@@ -302,12 +302,17 @@ def check_weight_values(vals, params, labels) -> None:
 def _replaced_numbers(groups, loaded, schedules) -> str:
     """What a checkpoint's group hyperparameters change of the groups'
     own plain numbers (``"param_groups[0] lr=0.001 replaces 0.0001, ..."``),
-    or ""; a scheduled lr on either side is no plain number to compare."""
+    or ""; a scheduled lr on either side is compared as a schedule (a
+    resume with a new lr lost it without a word wherever a schedule was
+    on either side)."""
     said = []
     for gi, (group, hyp) in enumerate(zip(groups, loaded)):
         for k, v in hyp.items():
             now = group.get(k)
             if k == "lr" and (gi in schedules or callable(v) or callable(now)):
+                now = schedules.get(gi, now)
+                if not (callable(v) and callable(now) and v == now):
+                    said.append(f"param_groups[{gi}] lr {_lr_said(v)} replaces {_lr_said(now)}")
                 continue
             if isinstance(now, (list, tuple)):
                 now = tuple(now)
@@ -318,6 +323,11 @@ def _replaced_numbers(groups, loaded, schedules) -> str:
     if len(said) > 4:
         said = said[:4] + [f"and {len(said) - 4} more"]
     return "; ".join(said)
+
+
+def _lr_said(lr) -> str:
+    return (f"schedule {lr!r}" if isinstance(lr, Schedule) else "schedule" if callable(lr)
+            else f"{lr!r}")
 
 
 def _is_number(value) -> bool:
