@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import fastopt
+from conftest import count_native_steps
 
 BACKENDS = ["cython", "numba"]
 SHAPES = [(5, 3), (4,), (2, 2, 2)]
@@ -426,7 +427,10 @@ def test_param_groups_are_planned_and_equal_full_steps(backend, big):
     fast, opt = run(True)
     full, _ = run(False)
     _same(fast, full)
-    assert opt._plan is None               # clipping over two groups is not planned
+    # clipping over two groups: planned where the backend's list step computes
+    # the norm (Cython, small tables), else the full step
+    listed = backend == "cython" and not big
+    assert (opt._plan is not None) == listed
     fast2, opt2 = run(True)
     opt2.max_grad_norm = None
     opt2.step([x.copy() for x in grads[0]])
@@ -705,3 +709,73 @@ def test_strided_grads_pick_the_thread_mode_once_a_step(monkeypatch, threads, re
     for _ in range(20):
         opt.step([g])
     assert calls["pick"] - before["pick"] == calls["record"] - before["record"] == 20
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_small_groups_clipped_step_in_one_native_call(monkeypatch, skip):
+    """Many small groups with max_grad_norm (one per agent, an RL habit):
+    the global norm and every group's clipped update in one native call,
+    bit for bit the full step's (one norm call per table, then one update
+    each: 12 us a group); a non-finite norm goes to the full step, which
+    skips (skip_nonfinite) or steps with NaN as torch does."""
+    from fastopt.backends import cython_cpu
+    shapes = [(8, 16), (16,), (16, 2), (2,)]
+    rng = np.random.default_rng(4)
+    init = [rng.standard_normal(s) for _ in range(5) for s in shapes]
+    grads = [[rng.standard_normal(a.shape) * (3.0 if k % 2 else 0.01) for a in init]
+             for k in range(8)]
+    grads[5][7][0] = np.nan               # one bad batch
+
+    def make(p):
+        return fastopt.Adam([{"params": p[i:i + 4], "lr": 1e-2 * (1 + i)}
+                             for i in range(0, len(p), 4)],
+                            max_grad_norm=1.0, skip_nonfinite=skip, backend="cython")
+    fast, opt = _run(make, init, grads, planned=True)
+    full, ref = _run(make, init, grads, planned=False)
+    _same(fast, full)
+    assert opt.grad_norm == ref.grad_norm and opt.skipped_steps == ref.skipped_steps
+    assert [st["step"] for st in opt.state] == [st["step"] for st in ref.state]
+    assert opt._plan is not None and len(opt._plan.list_tables) == 5
+    calls = count_native_steps(monkeypatch, cython_cpu)
+    for opt_ in (opt, ref):          # a full step each: the plan bound anew, counted
+        opt_._plan = None
+        opt_.step([x.copy() for x in grads[0]])
+    calls.clear()
+    monkeypatch.setattr(cython_cpu, "sumsq_table", lambda *a: pytest.fail("a norm call"))
+    norm = opt.step([x.copy() for x in grads[1]])
+    assert calls == [t.nelem for t in opt._plan.list_tables]      # one call, 5 tables
+    monkeypatch.undo()
+    ref._plan = None
+    assert norm == ref.step([x.copy() for x in grads[1]]) == opt.grad_norm > 1.0
+    _same(fast, full)
+
+
+@pytest.mark.parametrize("cls", [fastopt.Adam, fastopt.NAdam])   # counted natively / by a Mark
+def test_a_ctrl_c_as_the_clipped_list_step_returns_counts_it_once(cls):
+    rng = np.random.default_rng(6)
+    init = [rng.standard_normal(s) for s in [(4, 3), (3,), (5,)]]
+    grads = [[rng.standard_normal(a.shape) * 5 for a in init] for _ in range(4)]
+
+    def make(p):
+        return cls([{"params": p[:2]}, {"params": p[2:], "lr": 0.05}], lr=1e-2,
+                   max_grad_norm=1.0, backend="cython")
+    a, b = [x.copy() for x in init], [x.copy() for x in init]
+    hit, ref = make(a), make(b)
+    for g in grads[:2]:
+        hit.step([x.copy() for x in g])
+        ref.step([x.copy() for x in g])
+    real = hit._plan.list_step
+
+    def interrupted(*args):
+        real(*args)
+        raise KeyboardInterrupt       # as Python raises a Ctrl-C when the call returns
+    hit._plan.list_step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        hit.step([x.copy() for x in grads[2]])
+    hit._plan.list_step = real
+    ref.step([x.copy() for x in grads[2]])
+    assert hit.iterations == ref.iterations == 3 and hit.grad_norm == ref.grad_norm
+    assert [s["step"] for s in hit.state] == [s["step"] for s in ref.state] == [3, 3]
+    hit.step([x.copy() for x in grads[3]])
+    ref.step([x.copy() for x in grads[3]])
+    _same(a, b)

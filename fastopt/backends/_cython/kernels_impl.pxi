@@ -20,7 +20,7 @@ import numpy as np
 
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport sqrt, sqrtf
+from libc.math cimport INFINITY, sqrt, sqrtf
 
 cdef extern from *:
     """
@@ -1477,6 +1477,7 @@ cdef class ListStep:
     cdef Py_ssize_t ntables, total
     cdef cnp.ndarray rows, scal, ints
     cdef object keep
+    cdef public double last_norm    # the last run's global norm (``norm_mode``), else 0
 
     def __init__(self, list params, list at, rows, Py_ssize_t total, keep):
         if (len(at) != len(params) or rows.dtype != np.int64 or rows.ndim != 2
@@ -1491,7 +1492,7 @@ cdef class ListStep:
         self.ints = np.zeros((self.ntables, 3), np.int32)    # op, flags, the scalars' count
 
     def run(self, grads, tuple els, tuple values, bint threaded=False, opt=None,
-            last_lr=None):
+            last_lr=None, double max_norm=-1.0, int norm_mode=0):
         """Step ``grads`` with table k's element step ``els[k]`` (an
         ``ElementStep``: op, values, flags, grad_scale first) and
         ``values[k]`` in place of its own: True, or False when a grad does
@@ -1505,7 +1506,18 @@ cdef class ListStep:
         None, ``last_lr`` the list given), in this same call: no Python
         runs between the writes and the counting, so a Ctrl-C (raised as
         the call returns) finds both done or neither
-        (fastopt.optim.interrupt)."""
+        (fastopt.optim.interrupt).
+
+        ``norm_mode`` (1 or 2): the global norm of every table's gradients
+        first, each table's sum of squares as ``sumsq_table`` makes it,
+        added in table order, its root (as the full step of several groups
+        computes it, in one call instead of one per table and one per
+        update); clipped to ``max_norm`` (>= 0; < 0: no clipping) by
+        torch's coefficient, which scales each table's gradients. A norm
+        that is not finite writes nothing and returns False: the full step
+        settles it (an overflow recomputed, or the step skipped). With a
+        norm, a step that ran returns the norm (a float, 0.0 included; also
+        ``last_norm`` and the counted ``grad_norm``), a refused one False."""
         cdef const i64* r = <const i64*>cnp.PyArray_DATA(self.rows)
         cdef double* sc = <double*>cnp.PyArray_DATA(self.scal)
         cdef int* ints = <int*>cnp.PyArray_DATA(self.ints)
@@ -1517,6 +1529,8 @@ cdef class ListStep:
         cdef Py_ssize_t k
         cdef tuple e
         cdef dict counted
+        cdef SumsqJob sj
+        cdef double total = 0, norm = 0, coef = 1
         if len(els) != self.ntables or len(values) != self.ntables:
             raise ValueError("one element step and one values tuple per table")
         if self.ntables > 1 and (type(grads) is not list or len(grads) != self.total):
@@ -1535,6 +1549,26 @@ cdef class ListStep:
             if _gather(grads, <list>self.params[k], <tuple>self.at[k], row[L_GADDR],
                        row[L_WRITTEN], row[L_NWRITTEN], row[L_GIVEN]) != -1:
                 return False
+        if norm_mode:
+            with nogil:
+                for k in range(self.ntables):
+                    h = <const i64*><size_t>(r + k * L_COLUMNS)[L_HEADER]
+                    _load_table(&tb, h)
+                    sj.tb = &tb
+                    sj.compute = <int>h[H_COMPUTE]
+                    sj.store = <int>h[H_STORE]
+                    sj.part = <double*><size_t>h[H_PARTIAL]
+                    fo_pool_run(_sumsq_task, &sj, tb.ntasks,
+                                1 if _serial(h[H_NELEM]) else _num_threads)
+                    total += _combine(sj.part, tb.ntasks)
+                norm = sqrt(total)
+            if not (norm < INFINITY):       # NaN or inf: the full step's to settle
+                return False
+            if max_norm >= 0:       # clip_coefficient (fastopt.backends.scalars)
+                coef = max_norm / (norm + 1e-6)
+                if not (coef < 1.0 or coef != coef):
+                    coef = 1.0
+        self.last_norm = norm
         with nogil:
             for k in range(self.ntables):
                 row = r + k * L_COLUMNS
@@ -1542,8 +1576,8 @@ cdef class ListStep:
                 _load_table(&tb, h)
                 _job_of(&job, &tb, h, ints[3 * k], row[L_ST0], row[L_ST1], row[L_ST2],
                         sc + 17 * k, ints[3 * k + 2], ints[3 * k + 1])
-                _run(&job, sc[17 * k + 16], 0.0, 1.0, 0, _step_serial(threaded, &tb, h),
-                     &skipped)
+                _run(&job, sc[17 * k + 16] * coef, 0.0, 1.0, 0,
+                     _step_serial(threaded, &tb, h), &skipped)
                 _note_outcome(h, 0.0, 0)
         if opt is not None:
             # through the dicts, typed (the optimizer's counters are plain
@@ -1553,9 +1587,9 @@ cdef class ListStep:
                 counted["step"] = counted["step"] + 1
             counted = <dict?>opt.__dict__
             counted["iterations"] = counted["iterations"] + 1
-            counted["grad_norm"] = None
+            counted["grad_norm"] = norm if norm_mode else None
             counted["last_lr"] = last_lr
-        return True
+        return norm if norm_mode else True
 
 
 cdef double _sumsq_chunk(const storage* x, Py_ssize_t start,
