@@ -711,6 +711,7 @@ def test_strided_grads_pick_the_thread_mode_once_a_step(monkeypatch, threads, re
     assert calls["pick"] - before["pick"] == calls["record"] - before["record"] == 20
 
 
+@pytest.mark.filterwarnings("ignore:the gradients' global norm was nan:RuntimeWarning")
 @pytest.mark.parametrize("skip", [False, True])
 def test_small_groups_clipped_step_in_one_native_call(monkeypatch, skip):
     """Many small groups with max_grad_norm (one per agent, an RL habit):

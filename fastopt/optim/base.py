@@ -1612,6 +1612,15 @@ class Optimizer:
             self.loss_scaler.update(found_inf=skip)
         self.iterations += 1
         self.grad_norm = norm
+        if type(norm) is float and not norm < math.inf and not skip and \
+                not self._warned_nonfinite:
+            # once: torch's step writes them as silently, and every param
+            # was NaN from then on without a word (an RL trial's bad batch)
+            self._warned_nonfinite = True
+            warn_user(f"the gradients' global norm was {norm}: they held NaN or inf, and "
+                      "this step wrote them into the params (as torch's does); "
+                      "skip_nonfinite=True skips such steps, leaving params and state as "
+                      "they were (said once per optimizer)", RuntimeWarning)
         self.last_lr = list(map(_lr_of, hypers))
         if self._schedules:
             self._show_lr()
@@ -2547,6 +2556,7 @@ class Optimizer:
     _one_group = ""
     _frozen_now = frozenset()   # the groups the running step leaves (all grads None)
     _watch = None     # the user's list or dict of params, checked each step (given.py)
+    _warned_nonfinite = False     # a step wrote non-finite gradients (said once)
 
     # -- subclass hooks ---------------------------------------------------------
     #: hyperparameter name -> kind (NONNEG, POSITIVE, REAL, BETAS, FLAG), in the
