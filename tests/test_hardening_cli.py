@@ -326,18 +326,25 @@ def test_an_empty_out_is_refused_before_any_work(tmp_path, monkeypatch, capsys, 
 def test_results_that_cannot_be_written_are_one_line(tmp_path, monkeypatch, capsys):
     """A write that fails after training (the folder taken away meanwhile)
     says so in one line, after the accuracies, instead of a traceback."""
-    data = _fake_mnist(tmp_path / "mnist", n=8100)
     out = tmp_path / "out"
+    rc, err = _train_writing_fails(tmp_path, monkeypatch, capsys, out,
+                                   PermissionError(13, "Permission denied"))
+    assert rc == 1 and err.splitlines()[-1] == (
+        f"fastopt train: could not write the results in --out {out}: Permission denied"), err
+
+
+def _train_writing_fails(tmp_path, monkeypatch, capsys, out, error):
+    """A one-epoch ``fastopt train`` into ``out`` whose results' writes
+    raise ``error``: its exit code and stderr."""
+    data = _fake_mnist(tmp_path / "mnist", n=8100)
     import fastopt._files as files
 
     def refuse(path, data):
-        raise PermissionError(13, "Permission denied")
+        raise error
     monkeypatch.setattr(files, "write_atomically", refuse)
     rc = main(["train", "--data-dir", str(data), "--hidden", "8", "--epochs", "1",
                "--quiet", "--no-plot", "--threads", "1", "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    assert rc == 1 and err.splitlines()[-1] == (
-        f"fastopt train: could not write the results in --out {out}: Permission denied"), err
+    return rc, capsys.readouterr().err.strip()
 
 
 def test_train_lr_with_ensemble_lrs_is_refused(tmp_path, capsys):
@@ -557,18 +564,11 @@ def test_an_earlier_runs_results_that_could_not_be_replaced_are_removed(tmp_path
                                                                         capsys):
     """A full disk at the end of a run left the previous run's metrics.json
     in place: a job parsing it without the exit code took it for this one's."""
-    data = _fake_mnist(tmp_path / "mnist", n=8100)
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.json").write_text('{"final_val_acc": 0.99}')
-    import fastopt._files as files
-
-    def full(path, data):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(files, "write_atomically", full)
-    rc = main(["train", "--data-dir", str(data), "--hidden", "8", "--epochs", "1",
-               "--quiet", "--no-plot", "--threads", "1", "--out", str(out)])
-    err = capsys.readouterr().err.strip()
+    rc, err = _train_writing_fails(tmp_path, monkeypatch, capsys, out,
+                                   OSError(28, "No space left on device"))
     assert rc == 1 and err.splitlines()[-1] == (
         f"fastopt train: could not write the results in --out {out}: No space left on device "
         "(removed an earlier run's metrics.json)"), err
