@@ -25,6 +25,7 @@ defines them (a locator is picked when a kernel is decorated). Set
 from __future__ import annotations
 
 import atexit
+import getpass
 import os
 import shutil
 import stat
@@ -110,7 +111,13 @@ def _stamped_locator(caching):
 def temp_cache_root() -> str:
     """The cache directory of last resort: this user's own under the
     temporary directory."""
-    uid = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    if hasattr(os, "getuid"):
+        uid = os.getuid()
+    else:                   # (Windows: the user's own temporary directory anyway)
+        try:
+            uid = getpass.getuser()
+        except Exception:       # noqa: BLE001 - no name to be had: one folder
+            uid = "user"
     return os.path.join(tempfile.gettempdir(), f"fastopt-numba-cache-{uid}")
 
 
@@ -131,8 +138,15 @@ def _cache_root():
             except OSError:
                 _root = None
                 return None
-            atexit.register(shutil.rmtree, _root, ignore_errors=True)
+            atexit.register(_remove_own, _root, os.getpid())
     return _root
+
+
+def _remove_own(path, pid) -> None:
+    """Remove this process's own cache directory at exit (not a forked
+    child's exit: the directory is its parent's)."""
+    if os.getpid() == pid:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _private_dir(path) -> bool:

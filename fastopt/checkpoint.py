@@ -23,7 +23,8 @@ left exactly as they were.
 
 Saving is crash-safe: everything is checked (object arrays, unsupported
 types, the target directory) before a byte is written; the file is written
-to ``<path>.tmp-<pid>-<random>`` next to ``path``, flushed and fsynced,
+to ``<path>.tmp-<pid>-<origin>-<random>`` next to ``path`` (``origin``:
+this machine and PID namespace), flushed and fsynced,
 renamed over ``path`` and the directory fsynced, so the previous checkpoint
 stays readable until the new one is complete, even if the process is killed
 (SIGKILL, power loss). A temporary file left by a killed save is removed by
@@ -356,13 +357,21 @@ def _origin_tag() -> str:
     files' names: a process id is only checked where it was given."""
     global _origin
     if _origin is None:
-        try:
-            ns = os.readlink("/proc/self/ns/pid")
-        except OSError:
-            ns = ""
-        _origin = hashlib.blake2s((socket.gethostname() + "\0" + ns).encode(),
-                                  digest_size=4).hexdigest()
+        parts = [socket.gethostname()]
+        # (the first PID namespace has the same inode on many hosts: their
+        # machine ids tell them apart where the host names do not)
+        for read in (lambda: os.readlink("/proc/self/ns/pid"), _machine_id):
+            try:
+                parts.append(read())
+            except OSError:
+                parts.append("")
+        _origin = hashlib.blake2s("\0".join(parts).encode(), digest_size=4).hexdigest()
     return _origin
+
+
+def _machine_id() -> str:
+    with open("/etc/machine-id") as f:
+        return f.read().strip()
 
 
 def _remove_stale_temps(path):
@@ -566,7 +575,7 @@ def _prepare_params(given, tree):
     if "params" not in tree:
         raise CheckpointError("the checkpoint holds no params")
     from . import _validate as V
-    from .optim.named import KeyTree
+    from .optim.named import KeyTree, is_record
     names, params = _named_params(given)
     saved = tree["params"]
     if isinstance(saved, dict):         # saved by name: matched by name
@@ -591,6 +600,8 @@ def _prepare_params(given, tree):
             saved = [by_path[p] for p in paths]
     elif names is not None and _is_group_list(V.listed(given)):
         names = None        # groups by name saved as a list (before they were by name)
+    elif names is not None and is_record(given):
+        names = None        # a namedtuple saved as a list (before its fields named it)
     elif names is not None:
         raise CheckpointError("the checkpoint holds its params as a list, not by name: "
                               "load them as a list, in the order they were saved")

@@ -149,7 +149,18 @@ def _nested(grads, label, arrays, labels):
 def norm_of(backend, flats) -> float:
     """Global L2 norm of 1-D arrays with an already chosen backend module."""
     flats = list(flats)
-    return settled_norm(math.sqrt(sum(backend.sumsq(g) for g in flats)), flats)
+    return settled_norm(math.sqrt(ordered_sum(backend.sumsq(g) for g in flats)), flats)
+
+
+def ordered_sum(values) -> float:
+    """The floats ``values`` added one after the other, as the native steps
+    add their tables' and chunks' sums: Python 3.12's ``sum()`` compensates
+    float sums (Neumaier), so a norm summed by it differed in the last bits
+    from the same norm taken inside a step, and from Python 3.11's."""
+    total = 0.0
+    for v in values:
+        total += v
+    return total
 
 
 def settled_norm(norm, flats) -> float:

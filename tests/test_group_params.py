@@ -150,3 +150,37 @@ def test_name_array_pairs_are_split_by_name():
     opt.step([("enc.w", np.ones((2, 2))), ("enc.b", np.ones(2))])
     with pytest.raises(ValueError, match="comes more than once"):
         fastopt.group_params(pairs + pairs[:1], lambda n, a: None)
+
+
+def test_a_split_lists_gradients_are_exactly_the_lists_length():
+    # a longer list was taken, its extra gradient never read
+    p = _vectors(np.random.default_rng(6))
+    rule = lambda n, a: {"lr": 0.5} if n in ("1", "3") else None   # noqa: E731
+    opt = fastopt.SGD(fastopt.group_params(p, rule), lr=1.0)
+    with pytest.raises(TypeError, match="must be a list of 4, as the params"):
+        opt.step([np.ones(3)] * 5)
+    # one group of them alone still takes the whole list's gradients
+    part = fastopt.SGD(fastopt.group_params(p, rule)[:1], lr=1.0)
+    before = [a.copy() for a in p]
+    part.step([np.full(3, float(i)) for i in range(4)])
+    assert np.array_equal(p[2], before[2] - 2.0) and np.array_equal(p[1], before[1])
+
+
+@pytest.mark.parametrize("how", ["add_param_group", "a group beside them"])
+def test_a_plain_group_after_a_split_list_follows_the_lists_items(how):
+    # refused as "not a dict" before, though the refusal of an appended
+    # array advised add_param_group
+    p = _vectors(np.random.default_rng(7))
+    rule = lambda n, a: {"lr": 0.5} if n in ("1", "3") else None   # noqa: E731
+    extra = np.zeros(2)
+    if how == "add_param_group":
+        opt = fastopt.SGD(fastopt.group_params(p, rule), lr=1.0)
+        opt.add_param_group({"params": [extra], "lr": 0.1})
+    else:
+        opt = fastopt.SGD(fastopt.group_params(p, rule) + [{"params": [extra], "lr": 0.1}],
+                          lr=1.0)
+    before = [a.copy() for a in p]
+    opt.step([np.full(3, float(i)) for i in range(4)] + [np.ones(2)])
+    assert np.array_equal(p[3], before[3] - 1.5) and np.array_equal(extra, [-0.1, -0.1])
+    names = [d["name"] for g in opt.state_dict()["param_groups"] for d in g["params"]]
+    assert names == ["0", "2", "1", "3", "4"]

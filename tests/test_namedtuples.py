@@ -121,3 +121,26 @@ def test_lbfgs_over_a_namedtuple():
     assert np.allclose(p.a, 1.0) and np.allclose(p.b, 3.0)
     with pytest.raises(TypeError, match="None gradient.*no frozen params"):
         opt.step(lambda: (1.0, P(p.a * 0, None)))
+
+
+def test_a_split_namedtuple_reads_a_plain_tuple_in_its_own_fields_order():
+    # the groups' parts merge in the groups' order (W1, W2, b1, b2): a plain
+    # tuple was read in that order, b1 stepped with W2's gradient
+    L4 = namedtuple("L4", "W1 b1 W2 b2")
+    p = L4(*[np.zeros(2) for _ in range(4)])
+    groups = fastopt.group_params(p, lambda n, a: {"weight_decay": 0.0} if n[0] == "b"
+                                  else None)
+    opt = fastopt.SGD(groups, lr=1.0)
+    opt.step(tuple(np.full(2, float(i)) for i in (1, 2, 3, 4)))
+    assert [float(a[0]) for a in p] == [-1.0, -2.0, -3.0, -4.0]
+    with pytest.raises(TypeError, match=r"fields \(W1, b1, W2, b2\).*tuple of 4"):
+        opt.step((np.ones(2),) * 3)
+
+
+def test_a_namedtuple_saved_as_a_list_loads_by_position(tmp_path):
+    # before namedtuples were named by field, their checkpoints held a list
+    saved = [np.arange(4.0).reshape(2, 2), np.ones(2)]
+    fastopt.save(tmp_path / "c.npz", params=saved)
+    target = Layer(np.zeros((2, 2)), np.zeros(2))
+    fastopt.load(tmp_path / "c.npz", params=target)
+    assert np.array_equal(target.W, saved[0]) and np.array_equal(target.b, saved[1])

@@ -205,17 +205,18 @@ def params_as_given(table) -> bool:
 
 
 def list_step(tables, buffers, nparams):
-    """``run(grads, els, values, threaded=False, opt=None, last_lr=None) ->
-    bool``: the whole step of ``tables`` (small tables, one or more groups'
-    worth, or one table of any size, threaded when ``threaded`` says so)
-    without a norm in one
-    native call: every table's grads checked and read from the list of
-    ``nparams`` arrays first, then each table updated with its element step
-    ``els[k]`` and ``values[k]`` in place of that one's values. For float
-    state ``buffers[k]`` (a tuple per table), valid while they are the
-    tables' state; False when a grad does not pass or an offset is set,
-    with nothing written. ``opt``: the optimizer whose counters the same
-    call then advances (see ``ListStep``)."""
+    """``run(grads, els, values, threaded=False, opt=None, last_lr=None,
+    max_norm=-1.0, norm_mode=0)``: the whole step of ``tables`` (small
+    tables, one or more groups' worth, or one table of any size, threaded
+    when ``threaded`` says so) in one native call: every table's grads
+    checked and read from the list of ``nparams`` arrays first, then (with
+    ``norm_mode``, several small tables) their global norm and clip, then
+    each table updated with its element step ``els[k]`` and ``values[k]``
+    in place of that one's values. For float state ``buffers[k]`` (a tuple
+    per table), valid while they are the tables' state. Returns True (with
+    a norm: the norm), or False when a grad does not pass, an offset is set
+    or the norm is not finite, with nothing written. ``opt``: the optimizer
+    whose counters the same call then advances (see ``ListStep``)."""
     rows = np.zeros((len(tables), 8), np.int64)
     keep = []
     for k, (t, bufs) in enumerate(zip(tables, buffers)):

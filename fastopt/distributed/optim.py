@@ -37,7 +37,7 @@ from .. import _validate as V
 from ..backends.lowp import is_low_precision
 from ..optim.base import (Optimizer, _InGroups, _all_finite, _brief, check_weight_values,
                           order_in_checkpoint, prepared_load, schedule_value)
-from ..clip import scaled_sumsq
+from ..clip import ordered_sum, scaled_sumsq
 from ..optim.interrupt import finished
 from ..optim.named import KeyTree, is_tree
 from ..optim.param_state import as_name
@@ -824,7 +824,7 @@ class ShardedOptimizer(_Distributed):
         sums): the largest magnitude, then the sum of squares scaled by it,
         as :func:`fastopt.clip.settled_norm` does in one process."""
         flats = list(flats)
-        local = float(sum(backend.sumsq(f) for f in flats))
+        local = float(ordered_sum(backend.sumsq(f) for f in flats))
         # (the flag whenever the sum is not finite: only finite gradients rescale)
         bad = 0.0 if math.isfinite(local) or _all_finite(math.sqrt(local), flats) else 1.0
         buf = np.array([local, bad])

@@ -47,12 +47,12 @@ from ..backends import backend_for, get_backend
 from ..backends.scalars import clip_coefficient
 from ..backends.tables import element_of, group_tables, refuse_each_other, step_per_array
 from ..backends.threads import SERIAL_MAX
-from ..clip import norm_of, settled_norm
+from ..clip import norm_of, ordered_sum, settled_norm
 from ..params import FlatArrays
 from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler, claim as claim_scaler
 from .interrupt import INTERRUPTS, Mark, finished, held
-from .named import KeyTree, Seq, is_record, is_tree
+from .named import KeyTree, ListPart, Seq, is_record, is_tree
 from .orphans import (CHECK_EVERY, FIRST_CHECK, reference_counts, replaced_hint,
                       warn_if_unheld)
 from .param_list import ParamList
@@ -1170,6 +1170,15 @@ class Optimizer:
         group = self._validated(group, where=f"param_groups[{gi}]")
         where = f"param_groups[{gi}]['params']"
         given, labels = spec["params"], None
+        if (names is not None and type(names.tree) is Seq and names.tree.part
+                and type(given) in (list, tuple) and not is_tree(given)):
+            # a plain list of arrays after group_params' parts of a list
+            # (add_param_group, or a group written beside them): its arrays
+            # follow the list's items, their gradients after theirs in
+            # step's list (as a plain list's added group's follow)
+            start = names.tree.size or max(names.tree) + 1
+            given = ListPart(zip(range(start, start + len(given)), given))
+            given.size = start + len(given)
         if is_tree(given):
             tree, given = KeyTree.of(given, where)
             labels = tree.labels        # errors name an array by its keys
@@ -1612,7 +1621,7 @@ class Optimizer:
             self.loss_scaler.update(found_inf=skip)
         self.iterations += 1
         self.grad_norm = norm
-        if type(norm) is float and not norm < math.inf and not skip and \
+        if isinstance(norm, float) and not norm < math.inf and not skip and \
                 not self._warned_nonfinite:
             # once: torch's step writes them as silently, and every param
             # was NaN from then on without a word (an RL trial's bad batch)
@@ -2005,7 +2014,7 @@ class Optimizer:
             return self.grad_stats(be, [g for t in tables for g in self._grad_views(t)],
                                    check)
         if compiled:
-            norm = settled_norm(math.sqrt(sum(be.sumsq_table(t) for t in tables)),
+            norm = settled_norm(math.sqrt(ordered_sum(be.sumsq_table(t) for t in tables)),
                                 (g for t in tables for g in self._grad_views(t)))
         else:
             norm = norm_of(be, (g for t in tables for g in self._grad_views(t)))

@@ -122,10 +122,17 @@ def _split(d, path, rule, options) -> dict:
     if len(parts) == 1:
         return {next(iter(parts)): d}    # the user's own dict: watched by the optimizer
     if is_record(d):       # a namedtuple's part: its fields by name, read as its own
-        return {k: Fields(part) for k, part in parts.items()}
+        return {k: _part(Fields(part), fields=d._fields) for k, part in parts.items()}
     if not isinstance(d, dict):
         # a list's part keeps each item's index in the whole list (a new list
         # would count from 0): the parts merge back into the list's shape, so
         # its gradients still come as one list like the params
-        return {k: ListPart(part) for k, part in parts.items()}
+        return {k: _part(ListPart(part), size=len(d)) for k, part in parts.items()}
     return parts
+
+
+def _part(part, **recorded):
+    """``part`` with what it records of the whole it was split from."""
+    for k, v in recorded.items():
+        setattr(part, k, v)
+    return part

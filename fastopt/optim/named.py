@@ -48,22 +48,31 @@ def is_node(v) -> bool:
 class Seq(dict):
     """A list's (or tuple's) place in a KeyTree: its indexes as keys.
     ``part``: a :class:`ListPart`'s (its keys the indexes in the whole
-    list), which may merge with the other parts of that list."""
+    list), which may merge with the other parts of that list; ``size``:
+    then the whole list's length, where group_params recorded it."""
 
     part = False
+    size = None
 
 
 class Fields(dict):
     """A namedtuple's place in a KeyTree: its fields as keys. Its gradients
     come as a namedtuple with those fields (read by name), a dict by them,
-    or a plain tuple or list in the fields' order."""
+    or a plain tuple or list in the fields' order. ``fields``: all the
+    namedtuple's fields in its order (a group's part holds some of them,
+    and parts merge in the groups' order: a plain tuple is read by this)."""
+
+    fields = None
 
 
 class ListPart(dict):
     """A param group's part of a list of layers, made by ``group_params``:
     the layers (or their parts) by their indexes in the whole list, so the
     groups' parts merge into that list's shape and its gradients, a list
-    like the params, are read by place."""
+    like the params, are read by place. ``size``: the whole list's length
+    (its gradients' length, whatever part of it this optimizer steps)."""
+
+    size = None
 
 
 class KeyTree:
@@ -136,6 +145,10 @@ def _merged(a, b, where, prefix):
     out = type(a)(a)
     if type(a) is Seq:
         out.part = True
+        sizes = [x.size for x in (a, b) if getattr(x, "size", None) is not None]
+        out.size = max(sizes) if sizes else None
+    elif type(a) is Fields:
+        out.fields = a.fields or b.fields
     for k, sub in b.items():
         if k not in out:
             out[k] = sub
@@ -154,13 +167,15 @@ def _merged(a, b, where, prefix):
 def _shape_of(d, where, arrays):
     if is_record(d):
         items, tree = zip(d._fields, d), Fields()
+        tree.fields = d._fields
     elif type(d) is Fields:          # (group_params' part of a namedtuple)
         items, tree = d.items(), Fields()
+        tree.fields = d.fields
     elif type(d) in (list, tuple):
         items, tree = enumerate(d), Seq()
     elif type(d) is ListPart:
         items, tree = d.items(), Seq()
-        tree.part = True
+        tree.part, tree.size = True, d.size
     elif isinstance(d, dict):
         items, tree = d.items(), {}
     else:
@@ -189,22 +204,26 @@ def _read(g, tree, where, out):
     if type(tree) is Seq:
         # (group_params' parts: the indexes of the whole list, some maybe in
         # no group of this optimizer's)
-        n = max(tree) + 1 if tree.part else len(tree)
-        if type(g) not in (list, tuple) or len(g) != n and not (tree.part and len(g) > n):
+        # (the whole list's length where group_params recorded it: a longer
+        # list of gradients was taken, its extra items never read)
+        loose = tree.part and tree.size is None
+        n = tree.size or (max(tree) + 1 if tree.part else len(tree))
+        if type(g) not in (list, tuple) or len(g) != n and not (loose and len(g) > n):
             raise TypeError(f"{where} must be a list of {n}"
-                            + (" or more" if tree.part else "")
+                            + (" or more" if loose else "")
                             + ", as the params (each item shaped like its param's), got "
                             + (f"one of {len(g)}" if type(g) in (list, tuple)
                                else type(g).__name__))
     elif type(tree) is Fields and not isinstance(g, dict):
+        fields = tree.fields or tuple(tree)
         if is_record(g) and set(g._fields) >= set(tree):
             g = g._asdict()                  # by field name, whatever its order
-        elif type(g) in (list, tuple) and len(g) == len(tree):
-            g = dict(zip(tree, g))           # by position, in the fields' order
+        elif type(g) in (list, tuple) and len(g) == len(fields):
+            g = dict(zip(fields, g))         # by position, in the namedtuple's order
         else:
             raise TypeError(f"{where} must be a namedtuple with the params' fields ("
-                            f"{', '.join(tree)}), a dict by them or a tuple of "
-                            f"{len(tree)}, got " + (
+                            f"{', '.join(fields)}), a dict by them or a tuple of "
+                            f"{len(fields)}, got " + (
                                 f"one of {len(g)}" if type(g) in (list, tuple) else
                                 f"{type(g).__name__} with fields {', '.join(g._fields)}"
                                 if is_record(g) else type(g).__name__))

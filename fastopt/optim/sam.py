@@ -47,6 +47,7 @@ from .._memory import state_zeros
 from ..backends import get_backend
 from ..backends.flat_ops import ops_for, sam_scale
 from ..backends.tables import group_tables, refuse_each_other
+from ..clip import ordered_sum
 from ..params import FlatArrays
 from . import forks
 from .base import Optimizer, _InGroups, prepared_load
@@ -355,7 +356,7 @@ class SAM:
         done.update(ops=ops, pairs=pairs, calls=[t.outcome[0] for t, _ in pairs])
         if len(pairs) == 1:          # the norm pass and the update in one call
             return ops.sam_fused(pairs[0][0], pairs[0][1], self.rho, self.adaptive)
-        total = sum(ops.sam_sumsq(t, self.adaptive) for t, _ in pairs)
+        total = ordered_sum(ops.sam_sumsq(t, self.adaptive) for t, _ in pairs)
         if math.isfinite(total):
             done["total"], done["scale"] = total, sam_scale(self.rho, total)
             for t, e in pairs:
