@@ -184,3 +184,16 @@ def test_a_plain_group_after_a_split_list_follows_the_lists_items(how):
     assert np.array_equal(p[3], before[3] - 1.5) and np.array_equal(extra, [-0.1, -0.1])
     names = [d["name"] for g in opt.state_dict()["param_groups"] for d in g["params"]]
     assert names == ["0", "2", "1", "3", "4"]
+
+
+def test_the_split_list_itself_may_be_given_to_step():
+    # step(grads, params=the_list): refused as "a new array", compared in
+    # the groups' order
+    p = _vectors(np.random.default_rng(8))
+    rule = lambda n, a: {"lr": 0.5} if n in ("1", "3") else None   # noqa: E731
+    opt = fastopt.SGD(fastopt.group_params(p, rule), lr=1.0)
+    before = [a.copy() for a in p]
+    opt.step([np.full(3, float(i)) for i in range(4)], params=p)
+    assert np.array_equal(p[3], before[3] - 1.5) and np.array_equal(p[2], before[2] - 2.0)
+    with pytest.raises(ValueError, match="not the arrays this SGD updates"):
+        opt.step([np.ones(3)] * 4, params=[a.copy() for a in p])

@@ -1277,8 +1277,9 @@ class Optimizer:
     def _by_name(self, params):
         """``params``, a dict of the names the optimizer was made with, read
         in its param order (a dict built again in another key order is the
-        same params); else None."""
-        if self._names is None or not is_tree(params):
+        same params; the list group_params split, read by place); else None."""
+        if self._names is None or not (is_tree(params) or self._names.seq_root and type(
+                params) in (list, tuple)):
             return None
         try:
             return self._names.read(params, "params")
