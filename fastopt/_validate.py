@@ -146,7 +146,9 @@ def as_array_list(name, arrays, labels=None, *, by_name=False) -> list:
 def _number_param(a) -> str:
     """Why a number cannot be a param (a temperature kept as ``0.5``)."""
     return (f"a {type(a).__name__}: a param is updated in place, which a number cannot be; "
-            f"hold it as a 0-d array (np.array({a!r})) and read it from there")
+            f"to train it, hold it as a 0-d array (np.array({a!r})) and read it from there; "
+            "a setting that is not trained (vars(obj) holds those too) stays out of params: "
+            "give the arrays to train alone")
 
 
 def readable(arrays, like=None):
@@ -209,7 +211,9 @@ def object_hint(given) -> str:
             isinstance(v, np.ndarray) for v in getattr(given, "__dict__", {}).values()):
         return ""
     return ("; its arrays by name are vars(obj), the same arrays (stepped in place; "
-            "dataclasses.asdict would copy them, and the copies would be trained)")
+            "dataclasses.asdict would copy them, and the copies would be trained), or "
+            "{k: v for k, v in vars(obj).items() if isinstance(v, np.ndarray)} where it "
+            "holds settings too")
 
 
 def _what(a) -> str:

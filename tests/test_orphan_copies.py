@@ -168,3 +168,57 @@ def _first_warns(call) -> bool:
         warnings.simplefilter("always")
         call()
     return any(WARNING in str(w.message) for w in caught)
+
+
+def _layers(rng):
+    return [{"W": rng.standard_normal((6, 4)), "b": np.zeros(4)},
+            {"W": rng.standard_normal((4, 2)), "b": np.zeros(2)}]
+
+
+def _layer_grads(layers):
+    return [{k: np.full_like(v, 1e-2) for k, v in d.items()} for d in layers]
+
+
+def _no_decay_on_vectors(name, a):
+    return {"weight_decay": 0.0} if a.ndim == 1 else None
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_group_params_optimizer_with_its_params_does_not_warn(how):
+    # the groups' dicts are new: the user's list they were made from is
+    # what holds the arrays, and it was not counted (every copy warned)
+    params = _layers(np.random.default_rng(0))
+    opt = fastopt.AdamW(fastopt.group_params(params, _no_decay_on_vectors), lr=1e-2)
+    for _ in range(20):
+        opt.step(_layer_grads(params))
+    p2, opt2 = (copy.deepcopy((params, opt)) if how == "deepcopy"
+                else pickle.loads(pickle.dumps((params, opt))))
+    before = p2[0]["W"].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(40):
+            opt2.step(_layer_grads(p2))
+    assert not np.array_equal(p2[0]["W"], before)
+
+
+def test_groups_held_only_while_the_optimizer_was_made_do_not_warn_later():
+    # an estimator's fit(): the groups in a local variable through the first
+    # steps, the model on self; a second fit warned "replaced"
+    class Est:
+        def fit(self):
+            if not hasattr(self, "layers_"):
+                self.layers_ = _layers(np.random.default_rng(1))
+                groups = fastopt.group_params(self.layers_, _no_decay_on_vectors)
+                self.opt_ = fastopt.AdamW(groups, lr=1e-2)
+            for _ in range(40):
+                self.opt_.step(_layer_grads(self.layers_))
+    est = Est()
+    est.fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est.fit()
+    # the model itself rebound (not the arrays in it): said, as without groups
+    est.layers_ = _layers(np.random.default_rng(2))
+    with pytest.warns(UserWarning, match="held by nothing outside it"):
+        for _ in range(70):
+            est.opt_.step(_layer_grads(est.layers_))

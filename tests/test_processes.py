@@ -415,7 +415,8 @@ def test_a_scheduled_lr_reads_as_the_number_the_next_step_uses():
     sd = opt.state_dict()
     assert sd["param_groups"][0]["lr"] == {"schedule": sched.to_dict()}
     twin = fastopt.SGD([np.ones(3)], lr=0.3)
-    twin.load_state_dict(sd)
+    with pytest.warns(UserWarning, match=r"lr schedule linear\(.*\) replaces 0\.3"):
+        twin.load_state_dict(sd)
     assert twin.param_groups[0]["lr"] == sched(1)
     twin.step([np.ones(3)])
     assert twin.last_lr == [sched(1)]

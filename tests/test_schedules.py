@@ -125,6 +125,7 @@ def test_bad_arguments(bad, err):
         bad()
 
 
+@pytest.mark.filterwarnings("ignore:param_groups.*is at 0:RuntimeWarning")   # (past its end on purpose)
 def test_optimizer_uses_schedule_per_group_and_matches_torch():
     rng = np.random.default_rng(0)
     w0 = rng.standard_normal(6)
@@ -294,6 +295,7 @@ def test_plot_schedule_of_an_overflowing_or_constant_schedule(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "at step 1768: the lr grows past" in err
 
 
+@pytest.mark.filterwarnings("ignore:param_groups.*is at 0:RuntimeWarning")   # (past its end on purpose)
 def test_a_schedule_assigned_mid_run_starts_from_its_beginning_with_from_step():
     # read at the optimizer's count, cosine_decay(1e-3, 50) assigned at step
     # 100 sat at its floor (0) for good; from_step starts it there
@@ -481,3 +483,27 @@ def test_warmup_cosine_as_optax_defines_it_and_its_argument_order_refused():
         S.warmup_cosine(1.0, 0, 10, init_value=0.1)
     # an lr of 0 throughout (a control run) is still a schedule
     assert S.from_dict(S.warmup_cosine(0.0, 3, 100).to_dict()).value(50) == 0.0
+
+
+def test_steps_past_a_schedules_end_at_lr_0_are_said_once():
+    # a warm start (or partial_fit) after a finished cosine run stepped at
+    # lr 0 without a word, the weights never moving
+    import warnings
+    p = [np.ones(2)]
+    opt = fastopt.Adam(p, lr=fastopt.schedules.cosine_decay(1e-2, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(10):             # the run the schedule was made for
+            opt.step([np.ones(2)])
+    with pytest.warns(RuntimeWarning, match=r"lr schedule cosine_decay\(.*\) is at 0 "
+                                            r"\(step 10, past its end\?\)") as said:
+        for _ in range(3):
+            opt.step([np.ones(2)])
+    assert len(said) == 1
+    # a warmup from 0 is no end
+    q = [np.ones(2)]
+    warm = fastopt.Adam(q, lr=fastopt.schedules.warmup_cosine(1e-2, 3, 10, init_value=0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(10):
+            warm.step([np.ones(2)])

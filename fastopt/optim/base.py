@@ -1633,8 +1633,28 @@ class Optimizer:
                       "they were (said once per optimizer)", RuntimeWarning)
         self.last_lr = list(map(_lr_of, hypers))
         if self._schedules:
+            if not skip:
+                self._note_ended_schedules()
             self._show_lr()
         return norm
+
+    def _note_ended_schedules(self):
+        """Say once when a step ran at a scheduled lr of 0 after the schedule
+        had been above it: a schedule past its end (cosine_decay's floor of
+        0), which a warm start or partial_fit after a finished run kept
+        stepping, the weights never moving, without a word."""
+        positive = self.__dict__.setdefault("_scheduled_positive", set())
+        for gi, lr in enumerate(self.last_lr):
+            if gi not in self._schedules:
+                continue
+            if lr > 0.0:
+                positive.add(gi)
+            elif lr == 0.0 and gi in positive and not self._warned_ended:
+                self._warned_ended = True
+                warn_user(f"param_groups[{gi}]'s lr schedule {self._schedules[gi]!r} is at 0 "
+                          f"(step {self.iterations - 1}, past its end?): steps at lr 0 leave "
+                          "the params as they are; give the group a new schedule (or lr) to "
+                          "train on (said once per optimizer)", RuntimeWarning)
 
     # -- schedules: kept apart, group["lr"] shows the number --------------------
     def lr_schedule(self, group: int = 0):
@@ -2567,6 +2587,7 @@ class Optimizer:
     _frozen_now = frozenset()   # the groups the running step leaves (all grads None)
     _watch = None     # the user's list or dict of params, checked each step (given.py)
     _warned_nonfinite = False     # a step wrote non-finite gradients (said once)
+    _warned_ended = False         # a step ran at a schedule's lr of 0 (said once)
 
     # -- subclass hooks ---------------------------------------------------------
     #: hyperparameter name -> kind (NONNEG, POSITIVE, REAL, BETAS, FLAG), in the

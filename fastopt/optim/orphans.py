@@ -46,6 +46,7 @@ import numpy as np
 
 from .._warn import warn_user
 from ..params import FlatArrays
+from .grouping import Groups
 
 #: the step count of the first check (a copy's: its first step). Before
 #: it, code that made the optimizer may still hold the params in local
@@ -131,7 +132,12 @@ def _user_side(given, params) -> dict:
     in with the lists, dicts and FlatArrays in it that lead to arrays (not
     a group's betas tuple, which may be a constant shared with anything)."""
     side = {}
-    for obj in (given, *params):
+    # (group_params' groups: the user's dict or list they were made from
+    # too, which the user holds where the groups' own dicts are new: once
+    # the groups' local variable was gone, the params were "held by nothing
+    # outside", and a copy of such an optimizer "copied without its arrays")
+    source = given.source if isinstance(given, Groups) else None
+    for obj in (given, source, *params):
         _visit(obj, side, 0)
     return side
 
@@ -155,6 +161,8 @@ def _visit(obj, side, depth) -> bool:
         items = [*obj, obj.data, getattr(obj, "__dict__", {})]     # (.data lies there)
     elif isinstance(obj, (list, tuple)):
         items = list(obj)
+        if isinstance(obj, Groups):     # its source, through its __dict__: the
+            items.append(obj.__dict__)  # reference the groups hold is counted
     else:
         return False
     leads = False
@@ -210,7 +218,10 @@ def reference_counts(opt) -> list:
     FlatArrays replaced lets go of those, not of the params), as this call
     sees them: compared only with the counts of another call of it."""
     params = opt._params
-    held = [*params, opt._given]
+    given = opt._given
+    held = [*params, given]
+    if isinstance(given, Groups):     # (and the dict or list they were made from)
+        held.append(given.source)
     for a in params:
         held += _owners(a)[1:]
     return list(map(sys.getrefcount, held))
