@@ -1633,7 +1633,7 @@ class Optimizer:
                       "they were (said once per optimizer)", RuntimeWarning)
         self.last_lr = list(map(_lr_of, hypers))
         if self._schedules:
-            if not skip:
+            if not skip and not self._warned_ended:
                 self._note_ended_schedules()
             self._show_lr()
         return norm
@@ -1649,12 +1649,13 @@ class Optimizer:
                 continue
             if lr > 0.0:
                 positive.add(gi)
-            elif lr == 0.0 and gi in positive and not self._warned_ended:
+            elif lr == 0.0 and gi in positive:
                 self._warned_ended = True
                 warn_user(f"param_groups[{gi}]'s lr schedule {self._schedules[gi]!r} is at 0 "
                           f"(step {self.iterations - 1}, past its end?): steps at lr 0 leave "
                           "the params as they are; give the group a new schedule (or lr) to "
                           "train on (said once per optimizer)", RuntimeWarning)
+                return
 
     # -- schedules: kept apart, group["lr"] shows the number --------------------
     def lr_schedule(self, group: int = 0):
