@@ -500,7 +500,14 @@ def test_steps_past_a_schedules_end_at_lr_0_are_said_once():
         for _ in range(3):
             opt.step([np.ones(2)])
     assert len(said) == 1
-    # a warmup from 0 is no end
+    # a warmup from 0 is no end, nor a 0 written over a schedule (it ends it)
+    r = [np.ones(2)]
+    stopped = fastopt.SGD(r, lr=fastopt.schedules.cosine_decay(1e-2, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stopped.step([np.ones(2)])
+        stopped.param_groups[0]["lr"] = 0.0
+        stopped.step([np.ones(2)])
     q = [np.ones(2)]
     warm = fastopt.Adam(q, lr=fastopt.schedules.warmup_cosine(1e-2, 3, 10, init_value=0.0))
     with warnings.catch_warnings():

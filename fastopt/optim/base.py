@@ -1644,8 +1644,10 @@ class Optimizer:
         0), which a warm start or partial_fit after a finished run kept
         stepping, the weights never moving, without a word."""
         positive = self.__dict__.setdefault("_scheduled_positive", set())
+        groups, shown = self.param_groups, self._lr_shown
         for gi, lr in enumerate(self.last_lr):
-            if gi not in self._schedules:
+            # (a number the user wrote over the schedule, dropping it: its own)
+            if gi not in self._schedules or groups[gi].get("lr") is not shown.get(gi):
                 continue
             if lr > 0.0:
                 positive.add(gi)
