@@ -21,7 +21,8 @@ and the non-finite skip) or several groups or tables, without a norm to
 compute or (every table small, the backend's list step: Cython) with one:
 the list step then sums each table's squares as the full step does, in the
 same call as the updates (32 groups of 4,866 elements clipped: 596 us a step
-through the full step's 64 calls, one per table's norm and one per update). Grads are a list (a dict by name is read into one), or the
+through the full step's 64 calls, one per table's norm and one per update).
+Grads are a list (a dict by name is read into one), or the
 FlatArrays the tables were bound to last step. A step with frozen groups
 (their every gradient None, no schedule on them) is planned for the same
 frozen groups: the others' tables step, each through the table step.
