@@ -59,6 +59,31 @@ def test_a_replaced_attribute_is_named_within_the_steps_it_has_run(backend):
         assert _steps(opt, L, 20) == []
 
 
+@pytest.mark.parametrize("replaced_at", [1, 12])
+def test_an_attribute_replaced_before_the_first_check_is_named_there(replaced_at):
+    """An estimator's ``partial_fit`` re-initialising ``self.coef_`` a few
+    steps in, ``self.intercept_`` kept: the first check (step 16) finds one
+    param no one holds beside one held, and names it."""
+    L = Layer(np.random.default_rng(3), 4)
+    opt = fastopt.Adam([L.W, L.b], lr=1e-2)
+    assert _steps(opt, L, replaced_at) == []
+    L.W = np.zeros((4, 4), np.float32)
+    assert _steps(opt, L, 16 - replaced_at) == []       # step counts up to 15
+    caught = _steps(opt, L, 1)                          # as step count 16 starts
+    assert len(caught) == 1 and caught[0].startswith("params[0] of this Adam, a float32[4, 4]")
+    assert _steps(opt, L, 40) == []                     # once
+
+
+def test_params_all_replaced_before_the_first_check_are_not_told_from_never_kept():
+    """Every param no one's at the first check: an optimizer over arrays no
+    one keeps looks the same, and is left alone."""
+    L = Layer(np.random.default_rng(4), 4)
+    opt = fastopt.Adam([L.W, L.b], lr=1e-2)
+    _steps(opt, L, 3)
+    L.W, L.b = np.zeros((4, 4), np.float32), np.zeros(4, np.float32)
+    assert _steps(opt, L, 40) == []
+
+
 def test_one_optimizer_over_every_layer_names_the_one_replaced():
     rng = np.random.default_rng(1)
     layers = [Layer(rng, 4) for _ in range(3)]

@@ -20,7 +20,8 @@ old array, the new one never trained. So the step checks, at step counts
 ``FIRST_CHECK``, 32, 64, ... and every ``CHECK_EVERY`` steps after that,
 whether anything outside it still holds each param, and
 warns (once) naming the first that something held at the last check and
-nothing holds now. Such a check first counts each param's references
+nothing holds now (at the first check: one nothing holds while something
+holds others, replaced before it). Such a check first counts each param's references
 (about 50 ns a param) and goes on only where a count fell since the last
 check: a replaced param's always does, its holder having let go.
 
@@ -334,6 +335,14 @@ def warn_if_unheld(opt, owner=None) -> bool:
     before, count = opt._held, len(opt._params)
     opt._held = set(range(count)).difference(alone)
     copy_alone = opt._copied and before is None and len(alone) == count
+    if before is None and not copy_alone and 0 < len(alone) < count:
+        # the first check, some params held outside and some not: the
+        # others were replaced before it (``self.coef_ = np.zeros(...)`` a
+        # few steps in, beside ``self.intercept_`` kept). An optimizer over
+        # arrays no one keeps has none held; one over some of them (read
+        # back through param_groups each step, never kept) is rare enough
+        # to be told
+        before = set(alone)
     alone = [i for i in alone if i in (before or ())]
     if not (alone or copy_alone):
         return False
