@@ -1477,7 +1477,6 @@ cdef class ListStep:
     cdef Py_ssize_t ntables, total
     cdef cnp.ndarray rows, scal, ints
     cdef object keep
-    cdef public double last_norm    # the last run's global norm (``norm_mode``), else 0
 
     def __init__(self, list params, list at, rows, Py_ssize_t total, keep):
         if (len(at) != len(params) or rows.dtype != np.int64 or rows.ndim != 2
@@ -1517,7 +1516,7 @@ cdef class ListStep:
         that is not finite writes nothing and returns False: the full step
         settles it (an overflow recomputed, or the step skipped). With a
         norm, a step that ran returns the norm (a float, 0.0 included; also
-        ``last_norm`` and the counted ``grad_norm``), a refused one False."""
+        the counted ``grad_norm``), a refused one False."""
         cdef const i64* r = <const i64*>cnp.PyArray_DATA(self.rows)
         cdef double* sc = <double*>cnp.PyArray_DATA(self.scal)
         cdef int* ints = <int*>cnp.PyArray_DATA(self.ints)
@@ -1568,7 +1567,6 @@ cdef class ListStep:
                 coef = max_norm / (norm + 1e-6)
                 if not (coef < 1.0 or coef != coef):
                     coef = 1.0
-        self.last_norm = norm
         with nogil:
             for k in range(self.ntables):
                 row = r + k * L_COLUMNS
