@@ -979,3 +979,20 @@ def test_refusals_of_a_scientists_structures_say_what_to_do_instead():
         F.sgd({"w": w}, {"w": np.ones(3)}, lr=0.1)
     with pytest.raises(TypeError, match=r"a\.reshape\(1\)\.view\(np\.float64\) for a 0-d"):
         fastopt.Adam([np.array(1j)])
+
+
+def test_disjointness_is_settled_by_owners_only_where_they_differ():
+    """Arrays of different owners cannot overlap (no addresses read); views
+    of one owner, or of memory no array owns, go through the address sweep."""
+    from fastopt._validate import _distinct_owners, check_disjoint
+    a, b = np.zeros(8), np.zeros(8)
+    assert _distinct_owners([("a", a.reshape(-1)), ("b", b)], [("g", np.ones(8))])
+    check_disjoint([("a", a[:4]), ("b", b)], [("g", a[4:])])      # one owner, apart: swept
+    assert not _distinct_owners([("a", a[:4])], [("g", a[4:])])
+    with pytest.raises(ValueError, match=r"g overlaps a"):
+        check_disjoint([("a", a[:5])], [("g", a[4:])])
+    buf = bytearray(64)
+    x, y = np.frombuffer(buf, np.float64), np.frombuffer(buf, np.float64)[3:]
+    assert not _distinct_owners([("x", x)], [("y", y)])
+    with pytest.raises(ValueError, match=r"overlaps x"):
+        check_disjoint([("x", x)], [("y", y)])
