@@ -320,4 +320,13 @@ def _refuse(label, how, container):
         f"{label} was replaced in the {container} this optimizer was made from: the "
         "optimizer steps the arrays it was given, so the new array would not be trained. "
         "Put the optimizer's array back (it is in opt.param_groups) and copy new values "
-        f"into it in place (old[...] = new; {label} = old), or make a new optimizer")
+        f"into it in place (old[...] = new; {_put_back(label)}), or make a new optimizer")
+
+
+def _put_back(label) -> str:
+    """``label = old``, or for a namedtuple's field (``params['l1'].W``, which
+    cannot be assigned) the ``_replace`` that puts ``old`` back."""
+    head, dot, field = label.rpartition(".")
+    if not dot or not field.isidentifier() or not head:
+        return f"{label} = old"
+    return f"{head} = {head}._replace({field}=old)"

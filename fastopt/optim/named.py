@@ -95,7 +95,7 @@ class KeyTree:
         # where the tree's walk meets the array at each place, when not in order
         self._walk_order = (None if self.paths == walked
                             else [at[p] for p in self.paths])
-        self.labels = ["".join(f"[{k!r}]" for k in p) for p in self.paths]
+        self.labels = [_label(tree, p) for p in self.paths]
         self.names = [".".join(map(str, p)) for p in self.paths]
         self.flat = all(len(p) == 1 for p in self.paths)
         self._keys = [p[0] for p in self.paths] if self.flat else None
@@ -124,6 +124,17 @@ class KeyTree:
         if self._walk_order is not None:
             out = [out[i] for i in self._walk_order]
         return out
+
+
+def _label(tree, path) -> str:
+    """How errors name the array at ``path``: ``['l1']['W']``, a
+    namedtuple's field as an attribute (``['l1'].W``), as the user's code
+    reads it."""
+    out, node = [], tree
+    for k in path:
+        out.append(f".{k}" if type(node) is Fields else f"[{k!r}]")
+        node = node.get(k) if isinstance(node, dict) else None
+    return "".join(out)
 
 
 def _merged(a, b, where, prefix):
