@@ -233,6 +233,10 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
     """Write ``params`` (arrays), ``optimizer.state_dict()`` and ``extra``
     (JSON-able data and arrays) to ``path`` as one ``.npz``.
 
+    ``optimizer`` may be several: a list or a dict (by string keys) of
+    optimizers (a GAN's two, one per layer), loaded back by :func:`load`
+    given them the same way, all or nothing.
+
     Everything is checked before anything is written: an array of Python
     objects anywhere (``extra`` or state) raises TypeError naming where it
     is, a missing directory raises FileNotFoundError naming ``path``; the
@@ -246,20 +250,15 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
         # (it wrote a file that every load then refused as holding nothing)
         raise TypeError("save needs something to write: params=, optimizer= and/or extra= "
                         "(keywords), e.g. fastopt.save(path, params=params, optimizer=opt)")
-    if optimizer is not None and not callable(getattr(optimizer, "state_dict", None)):
-        raise TypeError(
-            f"optimizer must be one optimizer (with a state_dict()), got "
-            f"{type(optimizer).__name__}; for several (one per layer) save their "
-            "state_dict()s in extra, e.g. extra={'optimizers': [o.state_dict() for o in "
-            "opts]}, and give each back to its load_state_dict")
+    several = _several(optimizer)
     # A distributed optimizer (fastopt.distributed): its state_dict is a
     # collective, so a rank that failed a check before it tells the others,
     # who would wait there forever, and every rank raises
     agree_checked = getattr(optimizer, "_agree_save_checked", None)
-    # Under the optimizer's lock, as its step: params and state from one
+    # Under the optimizers' locks, as their steps: params and state from one
     # step when a thread checkpoints while the training loop steps (the
     # params copied, as state_dict copies the state; written after)
-    with getattr(optimizer, "_lock", None) or contextlib.nullcontext():
+    with _locked(optimizer, several):
         error = None
         try:
             if params is not None:
@@ -276,7 +275,11 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
             error = exc
         if agree_checked is not None:
             agree_checked(error)
-        if optimizer is not None:
+        if several is not None:
+            states = [o.state_dict() for _, o in several]
+            tree["optimizers"] = (dict(zip((k for k, _ in several), states))
+                                  if isinstance(optimizer, dict) else states)
+        elif optimizer is not None:
             tree["optimizer"] = optimizer.state_dict()
     if extra is not None:
         tree["extra"] = extra
@@ -307,6 +310,53 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
         write()
     else:
         coordinate(write)
+
+
+def _several(optimizer):
+    """``[(key, optimizer), ...]`` where ``optimizer`` is a list, tuple or
+    dict of them (a GAN's two, an actor's and a critic's; keys: positions
+    or the dict's string keys), None for one optimizer or none. Anything
+    else is refused, naming it."""
+    if optimizer is None or callable(getattr(optimizer, "state_dict", None)):
+        return None
+    if isinstance(optimizer, dict):
+        items = list(optimizer.items())
+        for k, _ in items:
+            if not isinstance(k, str):
+                raise TypeError(f"a dict of optimizers is saved by its keys, which must be "
+                                f"strings: got {k!r}")
+        where = [f"optimizer[{k!r}]" for k, _ in items]
+    elif type(optimizer) in (list, tuple):
+        items = list(enumerate(optimizer))
+        where = [f"optimizer[{i}]" for i, _ in items]
+    else:
+        raise TypeError(f"optimizer must be an optimizer (with a state_dict()), or a list "
+                        f"or dict of them, got {type(optimizer).__name__}")
+    if not items:
+        raise ValueError("optimizer is an empty "
+                         f"{type(optimizer).__name__}: give the optimizers to save, or none")
+    for label, (_, o) in zip(where, items):
+        if not callable(getattr(o, "state_dict", None)):
+            raise TypeError(f"{label} must be an optimizer (with a state_dict()), got "
+                            f"{type(o).__name__}")
+        if getattr(o, "_coordinate_save", None) is not None:
+            # (each one's save is a collective of its own: one file from
+            # several would need them to agree in turn)
+            raise TypeError(f"{label} is a distributed optimizer ({type(o).__name__}): save "
+                            "it on its own, one file per optimizer")
+    return items
+
+
+def _locked(optimizer, several):
+    """The optimizers' locks, taken in one order (by id: two threads saving
+    the same optimizers in other orders cannot each hold one and wait)."""
+    stack = contextlib.ExitStack()
+    mine = [o for _, o in several] if several is not None else [optimizer]
+    for o in sorted(mine, key=id):
+        lock = getattr(o, "_lock", None)
+        if lock is not None:
+            stack.enter_context(lock)
+    return stack
 
 
 _TMP = ".tmp-"
@@ -498,7 +548,8 @@ def _meta_of(npz) -> dict:
 
 
 def read(path) -> dict:
-    """The checkpoint's contents, ``{"format", "params"?, "optimizer"?, "extra"?}``,
+    """The checkpoint's contents, ``{"format", "params"?, "optimizer"? (or
+    "optimizers"), "extra"?}``,
     without loading it into anything."""
     return _parsed(path, lambda npz: _decode(
         _meta_of(npz), {k: npz[k] for k in npz.files if k != _META}))
@@ -513,24 +564,37 @@ def read_meta(path) -> dict:
 
 def load(path, *, params=None, optimizer=None) -> dict:
     """Read a checkpoint and load it into ``params`` (copied in place) and
-    ``optimizer`` (``load_state_dict``); returns its contents.
+    ``optimizer`` (``load_state_dict``; a list or dict of optimizers, as
+    they were saved); returns its contents.
 
     Both are checked in full before either is written: any mismatch raises
     :class:`CheckpointError` and changes nothing.
     """
+    several = _several(optimizer)
     tree = read(path)
-    # under the optimizer's lock, as its own load_state_dict: a step in
+    # under the optimizers' locks, as their own load_state_dict: a step in
     # another thread sees the state before the load or after it
-    with getattr(optimizer, "_lock", None) or contextlib.nullcontext():
+    with _locked(optimizer, several):
         try:
             apply = []
             if params is not None:
                 apply.append(_prepare_params(params, tree))
-                if optimizer is not None:
-                    _refuse_other_arrays(params, optimizer)
-            if optimizer is not None:
+                for _, o in several or ([(None, optimizer)] if optimizer is not None else []):
+                    _refuse_other_arrays(params, o)
+            if several is not None:
+                for state, (label, o) in zip(_saved_states(path, tree, optimizer, several),
+                                             several):
+                    try:
+                        apply.append(o._prepare_load(state))
+                    except (TypeError, ValueError) as exc:
+                        raise as_checkpoint_error(
+                            exc, f"{path} does not match optimizer[{label!r}]: ") from None
+            elif optimizer is not None:
                 if "optimizer" not in tree:
-                    raise CheckpointError(f"{path} holds no optimizer state")
+                    raise CheckpointError(f"{path} holds no optimizer state" + (
+                        f" of one optimizer: it holds {len(tree['optimizers'])} optimizers' "
+                        "(give them as they were saved: a list or a dict)"
+                        if "optimizers" in tree else ""))
                 apply.append(optimizer._prepare_load(tree["optimizer"]))
         except CheckpointError:
             raise
@@ -546,6 +610,31 @@ def load(path, *, params=None, optimizer=None) -> dict:
         # part it reached), then the interrupt goes on, as a step does
         finished(load_rest)
     return tree
+
+
+def _saved_states(path, tree, optimizer, several) -> list:
+    """The saved state of each of ``several`` (the list or dict of
+    optimizers given to load): by position from a list, by key from a dict."""
+    saved = tree.get("optimizers")
+    if saved is None:
+        raise CheckpointError(f"{path} holds " + (
+            "one optimizer's state, not several: load it with optimizer=<that optimizer>"
+            if "optimizer" in tree else "no optimizer state"))
+    if isinstance(optimizer, dict):
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path} holds {len(saved)} optimizers as a list: give "
+                                  "them as a list, in the order they were saved")
+        if set(saved) != set(optimizer):
+            raise CheckpointError(f"{path} holds the optimizers {sorted(saved)}, got "
+                                  f"{sorted(optimizer)}")
+        return [saved[k] for k, _ in several]
+    if isinstance(saved, dict):
+        raise CheckpointError(f"{path} holds optimizers by name ({sorted(saved)}): give them "
+                              "as a dict by those names")
+    if len(saved) != len(several):
+        raise CheckpointError(f"{path} holds {len(saved)} optimizers' state, got "
+                              f"{len(several)} optimizers")
+    return saved
 
 
 def _refuse_other_arrays(params, optimizer):

@@ -786,12 +786,87 @@ def test_a_scheduled_group_is_saved_with_its_schedule_and_values_checked(tmp_pat
         {"schedule": S.warmup_cosine(0.1, 2, 10).to_dict()}
 
 
-def test_save_names_what_it_takes_for_several_optimizers(tmp_path):
+def _gan(seed=0):
+    """Two networks, one optimizer each, stepped in turn (a GAN's loop)."""
+    rng = np.random.default_rng(seed)
+    model = {"G": {"W": rng.standard_normal((3, 2))}, "D": {"W": rng.standard_normal((2, 3))}}
+    opts = {"G": fastopt.Adam(model["G"], lr=1e-2, betas=(0.5, 0.999)),
+            "D": fastopt.SGD(model["D"], lr=1e-2, momentum=0.9)}
+    return model, opts
+
+
+def _gan_steps(model, opts, start, n):
+    for t in range(start, start + n):
+        for k in ("D", "G"):
+            opts[k].step({"W": np.sin(model[k]["W"] + t)})
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_several_optimizers_save_and_resume_together_bit_for_bit(tmp_path, as_list):
+    model, opts = _gan()
+    _gan_steps(model, opts, 0, 10)
+    ref_model, ref_opts = _gan()
+    _gan_steps(ref_model, ref_opts, 0, 15)
+    given = [opts["G"], opts["D"]] if as_list else opts
+    fastopt.save(tmp_path / "c.npz", params=model, optimizer=given, extra={"step": 10})
+    model2, opts2 = _gan(seed=1)            # a new process: everything made again
+    given2 = [opts2["G"], opts2["D"]] if as_list else opts2
+    ckpt = fastopt.load(tmp_path / "c.npz", params=model2, optimizer=given2)
+    assert ckpt["extra"]["step"] == 10
+    _gan_steps(model2, opts2, 10, 5)
+    for k in ("G", "D"):
+        assert np.array_equal(model2[k]["W"], ref_model[k]["W"])
+
+
+def test_several_optimizers_load_all_or_nothing(tmp_path):
+    model, opts = _gan()
+    _gan_steps(model, opts, 0, 3)
+    fastopt.save(tmp_path / "c.npz", params=model, optimizer=opts)
+    model2, opts2 = _gan(seed=1)
+    _gan_steps(model2, opts2, 0, 1)
+    opts2["D"] = fastopt.Adam(model2["D"], lr=1e-2)         # not the saved kind
+    before = {k: model2[k]["W"].copy() for k in model2}
+    g_state = opts2["G"].state_dict()
+    with pytest.raises(fastopt.CheckpointError, match=r"optimizer\['D'\]"):
+        fastopt.load(tmp_path / "c.npz", params=model2, optimizer=opts2)
+    for k in model2:                            # nothing loaded: params, G's state
+        assert np.array_equal(model2[k]["W"], before[k])
+    assert opts2["G"].state_dict()["state"][0]["step"] == g_state["state"][0]["step"] == 1
+
+
+def test_several_optimizers_are_matched_as_they_were_saved(tmp_path):
+    model, opts = _gan()
+    fastopt.save(tmp_path / "d.npz", params=model, optimizer=opts)
+    fastopt.save(tmp_path / "l.npz", params=model, optimizer=[opts["G"], opts["D"]])
+    fastopt.save(tmp_path / "one.npz", params=model, optimizer=opts["G"])
+    with pytest.raises(fastopt.CheckpointError, match=r"holds optimizers by name \(\['D', 'G'\]\)"):
+        fastopt.load(tmp_path / "d.npz", optimizer=[opts["G"], opts["D"]])
+    with pytest.raises(fastopt.CheckpointError, match=r"holds the optimizers \['D', 'G'\], "
+                                                      r"got \['G'\]"):
+        fastopt.load(tmp_path / "d.npz", optimizer={"G": opts["G"]})
+    with pytest.raises(fastopt.CheckpointError, match=r"holds 2 optimizers as a list"):
+        fastopt.load(tmp_path / "l.npz", optimizer=opts)
+    with pytest.raises(fastopt.CheckpointError, match=r"holds 2 optimizers' state, got 1"):
+        fastopt.load(tmp_path / "l.npz", optimizer=[opts["G"]])
+    with pytest.raises(fastopt.CheckpointError, match=r"one optimizer's state, not several"):
+        fastopt.load(tmp_path / "one.npz", optimizer=[opts["G"]])
+    with pytest.raises(fastopt.CheckpointError, match=r"holds no optimizer state of one "
+                                                      r"optimizer: it holds 2"):
+        fastopt.load(tmp_path / "l.npz", optimizer=opts["G"])
+
+
+def test_save_refuses_what_is_no_optimizer_naming_it(tmp_path):
     p = [np.ones(3)]
     opt = fastopt.Adam(p, lr=0.1)
-    with pytest.raises(TypeError, match=r"optimizer must be one optimizer .* got list; for "
-                                        r"several \(one per layer\) save their state_dict"):
-        fastopt.save(tmp_path / "c.npz", params=p, optimizer=[opt])
+    with pytest.raises(TypeError, match=r"optimizer\[1\] must be an optimizer .*got dict"):
+        fastopt.save(tmp_path / "c.npz", params=p, optimizer=[opt, opt.state_dict()])
+    with pytest.raises(TypeError, match=r"keys, which must be strings: got 0"):
+        fastopt.save(tmp_path / "c.npz", params=p, optimizer={0: opt})
+    with pytest.raises(TypeError, match=r"or a list or dict of them, got set"):
+        fastopt.save(tmp_path / "c.npz", params=p, optimizer={opt})
+    with pytest.raises(ValueError, match=r"optimizer is an empty list"):
+        fastopt.save(tmp_path / "c.npz", params=p, optimizer=[])
+    assert not (tmp_path / "c.npz").exists()
 
 
 def test_a_save_the_os_refuses_names_the_users_path(tmp_path, monkeypatch):
