@@ -323,6 +323,26 @@ def test_a_bare_step_or_zero_grad_is_told_to_pass_the_gradients():
     assert opt.iterations == 0 and (p[0] == 1).all()
 
 
+def test_zero_grad_given_the_params_refuses_to_zero_the_weights():
+    """opt.zero_grad(params), torch's opt.zero_grad() ported, zeroed the model."""
+    params = {"W": np.ones((2, 2)), "b": np.ones(2)}
+    opt = fastopt.Adam(params, lr=0.1)
+    with pytest.raises(ValueError, match=r"grads\['W'\] is params\['W'\] .*would zero the "
+                                         r"model's weights"):
+        opt.zero_grad(params)
+    theta = np.ones(5)
+    views = fastopt.SGD([theta[:2], theta[2:]], lr=0.1)
+    with pytest.raises(ValueError, match=r"grads\[1\] is params\[1\]"):
+        views.zero_grad([np.ones(2), theta[2:]])
+    assert (params["W"] == 1).all() and (params["b"] == 1).all() and (theta == 1).all()
+    grads = {"W": np.ones((2, 2)), "b": np.ones(2)}
+    opt.zero_grad(grads)
+    assert not grads["W"].any() and not grads["b"].any()
+    flat = np.ones(5)               # gradients as views of one buffer of the user's
+    views.zero_grad([flat[:2], flat[2:]])
+    assert not flat.any()
+
+
 def test_torch_habits_get_told_what_fastopt_takes():
     """Four habits from torch or hand-written code that raised messages
     about something else (or nothing): a path given to load_state_dict, a

@@ -1148,8 +1148,32 @@ class Optimizer:
         V.check_like("grads", [_stand_in(g) for g in arrays] if type(arrays) in (list, tuple)
                      else arrays, "params", self._params, writable=True,
                      allow_low_precision=True, labels=labels)
+        self._refuse_zeroing_params(arrays, labels)
         for g in arrays:
             g.fill(0)
+
+    def _refuse_zeroing_params(self, arrays, labels):
+        """zero_grad given the params themselves (torch's ``zero_grad()``
+        ported as ``opt.zero_grad(params)``) zeroed the model's weights."""
+        def named(side, items):
+            return [(f"{side}{labels[i] if labels else f'[{i}]'}", a)
+                    for i, a in enumerate(items)]
+        grads, params = named("grads", arrays), named("params", self._params)
+        if V._distinct_owners(grads, params):
+            return
+        try:
+            V.check_disjoint(grads, params, bounds=V.byte_bounds, writer="zero_grad")
+        except ValueError as exc:
+            pair = next(((g, p) for g, a in grads for p, b in params
+                         if np.shares_memory(a, b)), None)
+            if pair is None:        # (grads overlapping each other)
+                raise
+            raise ValueError(
+                f"{pair[0]} is {pair[1]} (or shares its memory): zero_grad zeroes gradient "
+                "arrays you accumulate into, and given the params it would zero the "
+                "model's weights. torch's opt.zero_grad() zeroes each param's .grad: here, "
+                "give those gradient arrays, or nothing where each step makes new ones"
+            ) from None
 
     def _checked_group(self, gi, spec, names):
         """Group ``gi`` from its spec, checked: ``(group, names, packed)``,
