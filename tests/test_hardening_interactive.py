@@ -323,6 +323,19 @@ def test_a_bare_step_or_zero_grad_is_told_to_pass_the_gradients():
     assert opt.iterations == 0 and (p[0] == 1).all()
 
 
+def test_grads_none_and_a_zero_max_grad_norm_say_what_to_give_instead():
+    params = {"W": np.ones((2, 2)), "b": np.ones(2)}
+    opt = fastopt.Adam(params, lr=0.1)
+    with pytest.raises(TypeError, match=r"grads is None: .*\(a dict by the params' keys, "
+                                        r".*give None for each gradient"):
+        opt.step(None)
+    with pytest.raises(ValueError, match=r"max_grad_norm must be > 0.0, got 0.0: None turns "
+                                         r"clipping off"):
+        fastopt.Adam(params, max_grad_norm=0.0)
+    opt.step({"W": None, "b": None})        # what the message says: nothing moves
+    assert opt.iterations == 1 and (params["W"] == 1).all()
+
+
 def test_zero_grad_given_the_params_refuses_to_zero_the_weights():
     """opt.zero_grad(params), torch's opt.zero_grad() ported, zeroed the model."""
     params = {"W": np.ones((2, 2)), "b": np.ones(2)}

@@ -407,6 +407,8 @@ class _InGroups:
 
 
 #: a constructor's parameters that are not group hyperparameters
+#: after "max_grad_norm must be > 0.0, got 0.0": a 0 meant as "off"
+_NO_CLIP = "None turns clipping off"
 _NOT_HYPERS = frozenset({"self", "params", "backend", "max_grad_norm"})
 
 
@@ -484,7 +486,7 @@ class Optimizer:
         self.defaults = self._validated(dict(defaults))
         self.max_grad_norm = (None if max_grad_norm is None else
                               V.check_real("max_grad_norm", max_grad_norm, low=0.0,
-                                           low_open=True))
+                                           low_open=True, why=_NO_CLIP))
         self.param_groups = []
         self.state = GroupStates()
         self.grad_norm = None   # pre-clip global norm of the last step's grads
@@ -1615,7 +1617,8 @@ class Optimizer:
                   for gi, g in enumerate(self.param_groups)]
         max_norm = self.max_grad_norm   # public attributes: re-checked like the groups
         if max_norm is not None:
-            max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True)
+            max_norm = V.check_real("max_grad_norm", max_norm, low=0.0, low_open=True,
+                                    why=_NO_CLIP)
         scaler = self.loss_scaler
         if scaler is not None:          # (a public attribute: checked, as the groups)
             claim_scaler(scaler, self)
@@ -1944,8 +1947,12 @@ class Optimizer:
         """``grads`` as a list in param order (a dict by the params' keys);
         ``name`` what messages call them."""
         if grads is None:
+            held = ("a dict by the params' keys" if self._names is not None
+                    and not self._seq_root else "a list")
             raise TypeError(f"{name} is None: {call} needs the gradients, one array per "
-                            "param (a list, or a FlatArrays from params.zeros_like())")
+                            f"param ({held}, or a FlatArrays from params.zeros_like()); to "
+                            "leave all the params as they are this step, give None for "
+                            "each gradient")
         if isinstance(grads, np.ndarray):
             return [grads]
         if isinstance(grads, dict):
