@@ -585,7 +585,8 @@ def load(path, *, params=None, optimizer=None) -> dict:
                 for state, (label, o) in zip(_saved_states(path, tree, optimizer, several),
                                              several):
                     try:
-                        apply.append(o._prepare_load(state))
+                        apply.append(_naming_warnings(f"optimizer[{label!r}]",
+                                                      o._prepare_load, state))
                     except (TypeError, ValueError) as exc:
                         raise as_checkpoint_error(
                             exc, f"{path} does not match optimizer[{label!r}]: ") from None
@@ -610,6 +611,23 @@ def load(path, *, params=None, optimizer=None) -> dict:
         # part it reached), then the interrupt goes on, as a step does
         finished(load_rest)
     return tree
+
+
+def _naming_warnings(label, fn, *args):
+    """``fn(*args)``, each warning it gives said again prefixed with
+    ``label`` (two optimizers' loads both warned about "param_groups[0]");
+    a function ``fn`` returns (the load to apply) likewise."""
+    import warnings
+
+    from ._warn import warn_user
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args)
+    for w in caught:
+        warn_user(f"{label}: {w.message}", w.category)
+    if callable(out):
+        return lambda: _naming_warnings(label, out)
+    return out
 
 
 def _saved_states(path, tree, optimizer, several) -> list:

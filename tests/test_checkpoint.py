@@ -855,6 +855,28 @@ def test_several_optimizers_are_matched_as_they_were_saved(tmp_path):
         fastopt.load(tmp_path / "l.npz", optimizer=opts["G"])
 
 
+def test_several_optimizers_swapped_name_the_first_difference_and_warn_by_name(tmp_path):
+    def net(out):
+        return {f"{k}{i}": np.zeros(s) for i, (a, b) in enumerate([(2, 3), (3, 3), (3, out)])
+                for k, s in (("W", (a, b)), ("b", (b,)))}
+    G, D = net(2), net(1)
+    opts = {"G": fastopt.Adam(G, lr=1e-3), "D": fastopt.Adam(D, lr=1e-3)}
+    fastopt.save(tmp_path / "c.npz", params={"G": G, "D": D}, optimizer=opts)
+    swapped = {"G": fastopt.Adam(D), "D": fastopt.Adam(G)}
+    # (the lists shown stop at four entries, the same on both sides here)
+    with pytest.raises(fastopt.CheckpointError, match=r"optimizer\['G'\]: .*\(first "
+                       r"difference: 'W2' is float64\[3, 1\] here, float64\[3, 2\] in the "
+                       r"checkpoint\)"):
+        fastopt.load(tmp_path / "c.npz", optimizer=swapped)
+    other_lr = {"G": fastopt.Adam(G, lr=5e-3), "D": fastopt.Adam(D, lr=5e-3)}
+    with pytest.warns(UserWarning) as caught:
+        fastopt.load(tmp_path / "c.npz", optimizer=other_lr)
+    said = sorted(str(w.message)[:39] for w in caught)
+    assert said == ["optimizer['D']: load_state_dict: the ch",
+                    "optimizer['G']: load_state_dict: the ch"]
+    assert other_lr["G"].param_groups[0]["lr"] == 1e-3
+
+
 def test_save_refuses_what_is_no_optimizer_naming_it(tmp_path):
     p = [np.ones(3)]
     opt = fastopt.Adam(p, lr=0.1)

@@ -198,13 +198,29 @@ def _names_differ(saved, layout) -> str:
     name on one side only (a renamed model), said in brackets; else ''."""
     ours, theirs = [d.get("name") for d in layout], [d.get("name") for d in saved]
     if None in ours:
-        return ""
+        return _first_difference(saved, layout)
     for name in theirs:
         if name not in ours:
             return f" (names differ: {name!r} is in the checkpoint's group, not in this one)"
     for name in ours:
         if name not in theirs:
             return f" (names differ: {name!r} is in this group, not in the checkpoint's)"
+    return _first_difference(saved, layout)
+
+
+def _first_difference(saved, layout) -> str:
+    """The first param recorded otherwise on the two sides (the lists
+    above it are cut at four: two networks whose last layers differ showed
+    the same four), by name where both name it, else by place; or ''."""
+    theirs = {d.get("name"): d for d in saved}
+    for i, d in enumerate(layout):
+        name = d.get("name")
+        other = (theirs.get(name) if name is not None and len(theirs) == len(saved)
+                 else saved[i] if i < len(saved) else None)
+        if other is not None and other != d:
+            label = repr(name) if name is not None else f"the param at {i}"
+            return (f" (first difference: {label} is {d.get('dtype')}{d.get('shape')} here, "
+                    f"{other.get('dtype')}{other.get('shape')} in the checkpoint)")
     return ""
 
 
