@@ -581,11 +581,22 @@ def test_the_same_names_moved_between_groups_or_reshaped_are_refused(tmp_path):
     opt2 = fastopt.Adam([{"params": other}], lr=0.1)
     with pytest.raises(fastopt.CheckpointError, match="param groups"):
         fastopt.load(tmp_path / "o.npz", params=other, optimizer=opt2)
-    opt3 = fastopt.Adam([{"params": {"b": other["b"]}}, {"params": {"W": other["W"]}}],
-                        lr=0.1)
+    # the same groups in another order: loaded by the names each holds
+    opt3 = fastopt.Adam([{"params": {"b": other["b"]}, "lr": 0.5},
+                         {"params": {"W": other["W"]}}], lr=0.1)
+    with pytest.warns(UserWarning, match=r"param_groups\[0\] lr=0.1 replaces 0.5"):
+        fastopt.load(tmp_path / "o.npz", optimizer=opt3)
+    assert [g["lr"] for g in opt3.param_groups] == [0.1, 0.1]
+    assert opt3.param_state(other["b"])["exp_avg"][0] == pytest.approx(0.1)
+    # a name moved from one group to another: refused
+    three = {"W": np.ones((3, 4)), "b": np.ones(4), "c": np.ones(2)}
+    fastopt.save(tmp_path / "three.npz", optimizer=fastopt.Adam(
+        [{"params": {"W": three["W"]}}, {"params": {"b": three["b"], "c": three["c"]}}]))
+    moved = fastopt.Adam([{"params": {"W": three["W"], "b": three["b"]}},
+                          {"params": {"c": three["c"]}}])
     with pytest.raises(fastopt.CheckpointError, match=r"\[W: float64\[3, 4\]\].*do not "
-                                                      r"match this optimizer's \[b: "):
-        fastopt.load(tmp_path / "o.npz", params=other, optimizer=opt3)
+                                                      r"match this optimizer's \[W: "):
+        fastopt.load(tmp_path / "three.npz", optimizer=moved)
     # one group, the names in another order, one of them another shape
     fastopt.save(tmp_path / "one.npz", params=params,
                  optimizer=fastopt.Adam(params, lr=0.1))

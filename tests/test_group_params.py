@@ -197,3 +197,54 @@ def test_the_split_list_itself_may_be_given_to_step():
     assert np.array_equal(p[3], before[3] - 1.5) and np.array_equal(p[2], before[2] - 2.0)
     with pytest.raises(ValueError, match="not the arrays this SGD updates"):
         opt.step([np.ones(3)] * 4, params=[a.copy() for a in p])
+
+
+def _reordered(model):
+    """The same model built anew with each layer's keys in another order
+    (``b`` before ``w``): group_params' groups come in another order."""
+    return {k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v.copy())
+            for k, v in model.items()}
+
+
+@pytest.mark.parametrize("make", [
+    lambda g: fastopt.AdamW(g, lr=1e-2),
+    lambda g: fastopt.NAdam(g, lr=1e-2),
+    lambda g: fastopt.SAM(fastopt.SGD(g, lr=1e-2, momentum=0.9), rho=0.05)],
+    ids=["adamw", "nadam", "sam"])
+def test_a_checkpoint_loads_into_the_same_groups_in_another_order(tmp_path, make):
+    """A CNN trial rebuilt its model dict with each layer's keys in another
+    order: group_params gave the same groups in another order, and the
+    checkpoint was refused ("names differ")."""
+    def steps(model, opt, start, n):
+        for t in range(start, start + n):
+            grads = {k: ({kk: np.cos(vv + t) for kk, vv in v.items()} if isinstance(v, dict)
+                         else np.cos(v + t)) for k, v in model.items()}
+            if isinstance(opt, fastopt.SAM):
+                opt.perturb(grads)
+            opt.step(grads)
+
+    start = _model(np.random.default_rng(3))
+    ref = _reordered(_reordered(start))
+    ref_opt = make(fastopt.group_params(ref, no_decay_on_vectors))
+    steps(ref, ref_opt, 0, 6)
+    model = _reordered(_reordered(start))
+    opt = make(fastopt.group_params(model, no_decay_on_vectors))
+    steps(model, opt, 0, 3)
+    fastopt.save(tmp_path / "c.npz", params=model, optimizer=opt)
+    again = _reordered(start)
+    opt2 = make(fastopt.group_params(again, no_decay_on_vectors))
+    inner = getattr(opt2, "base_optimizer", opt2)
+
+    def names(o):
+        return [[d["name"] for d in g["params"]] for g in o.state_dict()["param_groups"]]
+    assert names(inner) == [["enc.b", "scale"], ["enc.w", "dec.w"]]     # b first: its group
+    assert names(getattr(opt, "base_optimizer", opt)) == [["enc.w", "dec.w"], ["enc.b", "scale"]]
+    fastopt.load(tmp_path / "c.npz", params=again, optimizer=opt2)
+    assert inner.param_groups[0]["weight_decay"] == 0.0
+    steps(again, opt2, 3, 3)
+    for k, v in ref.items():
+        if isinstance(v, dict):
+            for kk in v:
+                assert np.array_equal(again[k][kk], v[kk]), (k, kk)
+        else:
+            assert np.array_equal(again[k], v)

@@ -2379,6 +2379,7 @@ class Optimizer:
                              "fresh state)")
         if not isinstance(sd["state"], list) or len(sd["state"]) != len(self.param_groups):
             raise ValueError("checkpoint: 'state' must list one entry per param group")
+        sd = self._in_group_order(sd)
         new_hypers, new_state = [], []
         for gi, (hyp, st) in enumerate(zip(sd["param_groups"], sd["state"])):
             where = f"checkpoint param_groups[{gi}]"
@@ -2669,6 +2670,40 @@ class Optimizer:
     @property
     def backend(self) -> str:
         return self._backend.name if self._backend is not None else self._backend_name
+
+    def _group_order(self, sd):
+        """Where each of this optimizer's param groups stands in ``sd``'s,
+        when the groups are the same but in another order, else None.
+        ``group_params`` orders the groups by where each one's first array
+        comes: a model's dict built anew in another order (each layer's
+        ``b`` before its ``W``) gave the same groups in another order, and
+        its checkpoint did not load. Matched by the set of names each group
+        holds, where every param on both sides is named."""
+        groups = sd.get("param_groups") if isinstance(sd, dict) else None
+        if (self._names is None or not isinstance(groups, list)
+                or len(groups) != len(self.param_groups)):
+            return None
+        mine = [frozenset(d["name"] for d in self._layout_of(gi))
+                for gi in range(len(self.param_groups))]
+        try:
+            theirs = [frozenset(d["name"] for d in g["params"]) for g in groups]
+        except (TypeError, KeyError):
+            return None         # (the load's checks name what is wrong)
+        if theirs == mine or len(set(theirs)) != len(theirs):
+            return None
+        at = {names: j for j, names in enumerate(theirs)}
+        order = [at.get(names) for names in mine]
+        return None if None in order else order
+
+    def _in_group_order(self, sd):
+        """``sd`` with its param groups (and their state) in this
+        optimizer's order (:meth:`_group_order`); ``sd`` itself when they
+        are in it already or do not match."""
+        order = self._group_order(sd)
+        if order is None:
+            return sd
+        return {**sd, "param_groups": [sd["param_groups"][j] for j in order],
+                "state": [sd["state"][j] for j in order]}
 
     def _layout_of(self, gi) -> list:
         """Group ``gi``'s params as a checkpoint records them: shape, dtype,

@@ -81,6 +81,7 @@ class NAdam(Optimizer):
 
     def _prepare_load(self, sd):
         apply = super()._prepare_load(sd)      # everything else checked first
+        sd = self._in_group_order(sd)          # (as the base read it)
         products = []
         for gi, st in enumerate(sd["state"]):
             if "mu_product" in st:

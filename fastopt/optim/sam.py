@@ -587,6 +587,11 @@ class SAM:
         if self._layout_key != self._key():
             self._build()
         e_w = sd["e_w"]
+        # the base's groups in another order (its load reorders them): e's too
+        base_sd = self.base_optimizer._in_group_order(sd["base"])
+        order = self.base_optimizer._group_order(sd["base"])
+        if order is not None and isinstance(e_w, list) and len(e_w) == len(order):
+            e_w = [e_w[j] for j in order]
         if perturbed:
             if not isinstance(e_w, list) or len(e_w) != len(self.state):
                 raise ValueError(f"checkpoint: e_w must list one array per param group "
@@ -600,7 +605,7 @@ class SAM:
         apply_base = self.base_optimizer._prepare_load(sd["base"])
         if perturbed:        # the same names in another order: e's parts moved to this one
             e_w = [self.base_optimizer._in_param_order(gi, g["params"], a)
-                   for gi, (g, a) in enumerate(zip(sd["base"]["param_groups"], e_w))]
+                   for gi, (g, a) in enumerate(zip(base_sd["param_groups"], e_w))]
 
         def apply():
             apply_base()
