@@ -356,6 +356,11 @@ def check_views_disjoint(written, read) -> None:
                                  + _alias_hint(rlabel, wlabel))
 
 
+#: two written arrays over the same memory: one array given twice
+_TIED = (" (one array given twice: a weight tied between two layers, or an array and "
+         "its reshape? Give it once, and add its gradients together)")
+
+
 def _alias_hint(a, b) -> str:
     """What to do where a gradient is its param (or a view of it): the
     gradient of 0.5 * ||w||**2 is w itself."""
@@ -411,9 +416,10 @@ def check_disjoint(written, read=(), *, bounds=_bounds, memory="memory",
         lo, hi, is_written, label = span
         for prev in (far_written, far_any if is_written else None):
             if prev is not None and lo < prev[1]:
+                tied = is_written and prev[2] and (lo, hi) == prev[:2]
                 raise ValueError(f"{label} overlaps {prev[3]} in {memory}; arrays "
                                  f"{writer} writes must not alias any other argument"
-                                 + _alias_hint(label, prev[3]))
+                                 + (_alias_hint(label, prev[3]) or (_TIED if tied else "")))
         if far_any is None or hi > far_any[1]:
             far_any = span
         if is_written and (far_written is None or hi > far_written[1]):

@@ -996,3 +996,16 @@ def test_disjointness_is_settled_by_owners_only_where_they_differ():
     assert not _distinct_owners([("x", x)], [("y", y)])
     with pytest.raises(ValueError, match=r"overlaps x"):
         check_disjoint([("x", x)], [("y", y)])
+
+
+def test_a_weight_tied_between_two_layers_is_told_to_be_given_once():
+    W = np.ones((3, 3))
+    with pytest.raises(ValueError, match=r"params\['dec'\]\['W'\] overlaps params\['enc'\]"
+                                         r"\['W'\] .*one array given twice.*Give it once, and "
+                                         r"add its gradients together"):
+        fastopt.SGD({"enc": {"W": W, "b": np.zeros(3)}, "dec": {"W": W}}, lr=0.1)
+    with pytest.raises(ValueError, match=r"overlaps.*one array given twice"):
+        fastopt.SGD([W, W.reshape(-1)], lr=0.1)
+    with pytest.raises(ValueError) as info:       # two views overlapping in part: no such hint
+        fastopt.SGD([W.reshape(-1)[:5], W.reshape(-1)[3:]], lr=0.1)
+    assert "given twice" not in str(info.value)
