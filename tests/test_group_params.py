@@ -3,6 +3,8 @@ no-decay-on-biases recipe every fine-tune and optax port writes by hand)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -248,3 +250,71 @@ def test_a_checkpoint_loads_into_the_same_groups_in_another_order(tmp_path, make
                 assert np.array_equal(again[k][kk], v[kk]), (k, kk)
         else:
             assert np.array_equal(again[k], v)
+
+
+def _cnn():
+    rng = np.random.default_rng(5)
+    return {"conv": {"W": rng.standard_normal((4, 3)), "b": np.zeros(3)},
+            "bn": {"gamma": np.ones(3), "beta": np.zeros(3),
+                   "running_mean": np.zeros(3), "running_var": np.ones(3)}}
+
+
+def buffers_out(name, a):
+    """The classic recipe, buffers (a batch norm's running statistics) left out."""
+    if "running" in name:
+        return False
+    return {"weight_decay": 0.0} if a.ndim == 1 else None
+
+
+def test_arrays_the_rule_leaves_out_are_no_params(tmp_path):
+    model = _cnn()
+    groups = fastopt.group_params(model, buffers_out)
+    opt = fastopt.AdamW(groups, lr=1e-2)
+    hand = _cnn()
+    ref = fastopt.AdamW([{"params": {"conv": {"W": hand["conv"]["W"]}}},
+                         {"params": {"conv": {"b": hand["conv"]["b"]},
+                                     "bn": {"gamma": hand["bn"]["gamma"],
+                                            "beta": hand["bn"]["beta"]}},
+                          "weight_decay": 0.0}], lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in range(40):
+            g = {"conv": {"W": np.cos(model["conv"]["W"] + t), "b": np.ones(3)},
+                 "bn": {"gamma": np.ones(3) * t, "beta": -np.ones(3)}}
+            # the buffers' gradients: absent, or None
+            opt.step(g if t % 2 else {**g, "bn": {**g["bn"], "running_mean": None}})
+            ref.step(g)
+            # a batch norm's update, rebinding the buffer each step: no param's
+            model["bn"]["running_mean"] = 0.9 * model["bn"]["running_mean"] + 0.1
+    assert_same_tree(model["conv"], hand["conv"])
+    assert np.array_equal(model["bn"]["gamma"], hand["bn"]["gamma"])
+    assert np.array_equal(model["bn"]["running_var"], np.ones(3))      # never stepped
+    fastopt.save(tmp_path / "c.npz", params=model, optimizer=opt)     # the buffers saved too
+    assert "running_mean" in fastopt.load(tmp_path / "c.npz")["params"]["bn"]
+    model["conv"]["W"] = np.zeros((4, 3))         # a param replaced: still refused
+    with pytest.raises(ValueError, match=r"params\['conv'\]\['W'\] was replaced"):
+        opt.step(g)
+
+
+def test_a_list_with_an_array_left_out_reads_its_gradients_by_place():
+    params = [np.ones(3), np.zeros(2), np.ones(2)]      # the middle one a buffer
+    opt = fastopt.SGD(fastopt.group_params(params, lambda n, a: False if n == "1" else None),
+                      lr=0.5)
+    opt.step([np.ones(3), None, np.full(2, 2.0)])
+    assert params[0].tolist() == [0.5] * 3 and params[2].tolist() == [0.0, 0.0]
+    params[1] = np.ones(2)                              # replaced: no param's
+    opt.step([np.ones(3), np.ones(2), np.ones(2)])
+    with pytest.raises(TypeError, match=r"must be a list of 3"):
+        opt.step([np.ones(3), np.ones(2)])
+    params.append(np.ones(1))
+    with pytest.raises(ValueError, match=r"params\[3\] was added to a list"):
+        opt.step([np.ones(3), None, np.ones(2), None])
+
+
+def test_a_rule_leaving_out_everything_or_returning_another_value_is_refused():
+    with pytest.raises(ValueError, match=r"left out every array \(2\): nothing to train"):
+        fastopt.group_params([np.ones(2), np.ones(3)], lambda n, a: False)
+    with pytest.raises(TypeError, match=r"must return a dict of group options, None \(the "
+                                        r"defaults\) or False \(left out, not trained\), got "
+                                        r"bool"):
+        fastopt.group_params([np.ones(2)], lambda n, a: True)

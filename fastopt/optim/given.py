@@ -80,8 +80,10 @@ class GivenParams:
                                 else (None, source))
             except (TypeError, ValueError):
                 return None
-            if len(leaves) != len(params) or {id(a) for a in leaves} != {
-                    id(a) for a in params}:
+            # (with the arrays the rule left out: listed, never the optimizer's,
+            # so one replaced there is no refusal: _find walks its params)
+            if len(leaves) != len(params) + len(given.left_out) or {
+                    id(a) for a in leaves} != {id(a) for a in (*params, *given.left_out)}:
                 return None
             return cls.of(source, list(leaves), tree)
         if type(given) is list and given and all(
@@ -243,7 +245,10 @@ def _appended(given, tree, label, params):
     not one of the optimizer's ``params`` (an array of add_param_group's),
     else None."""
     if type(tree) is Seq and type(given) in (list, tuple):
-        for i in range(len(tree), len(given)):
+        # past the list's length when group_params recorded it (its parts
+        # may skip an index: an array the rule left out), else the tree's
+        size = getattr(tree, "size", None)
+        for i in range(len(tree) if size is None else size, len(given)):
             b = given[i]
             if not any(b is a or _same_memory(b, a) for a in params):
                 return f"{label}[{i}]", "appended layer"

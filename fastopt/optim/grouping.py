@@ -26,7 +26,9 @@ def group_params(params, rule):
     of layer dicts (lists inside dicts too), a list of arrays, or (name,
     array) pairs (read as a dict). ``rule(name, array)`` returns the group
     options of that array (a dict such as ``{"weight_decay": 0.0}``; ``{}`` or None for the
-    optimizer's defaults); ``name`` is the dotted key path (``"l1.W"``), or
+    optimizer's defaults; ``False`` leaves the array out: buffers such as a
+    batch norm's running statistics, kept beside the weights and never
+    trained); ``name`` is the dotted key path (``"l1.W"``), or
     the index as a string in a list. Arrays whose options are equal share a
     group, the groups in the order their first array comes::
 
@@ -42,7 +44,9 @@ def group_params(params, rule):
     items' indexes, and the gradients come as one list like ``params``. The
     optimizer made from the groups watches ``params`` itself: an array
     replaced there (or an item appended to a list) is refused at the next
-    step, naming it, as without groups.
+    step, naming it, as without groups. An array left out is no param: its
+    gradient is not read (None, or no key for it), and it may be replaced
+    (``bn["running_mean"] = ...`` each step).
     """
     options = []          # each group's options, in order
     if isinstance(params, (list, tuple)) and params and all(
@@ -60,9 +64,13 @@ def group_params(params, rule):
         # new lists, a list split [w1, w2], [b1, b2] read the user's [gw1,
         # gb1, gw2, gb2] in the groups' order, each array stepped with
         # another's gradient where the shapes agreed)
-        trees = _split(params, (), rule, options)
+        left_out = []
+        trees = _split(params, (), rule, options, left_out)
+        if not options:
+            raise ValueError(f"group_params: the rule left out every array ({len(left_out)}): "
+                             "nothing to train")
         return Groups([dict(opts, params=trees.get(k, {})) for k, opts in enumerate(options)],
-                      params)
+                      params, left_out)
     raise TypeError("group_params takes a dict of name -> array (nested dicts of layers), "
                     f"a list of layer dicts or a list of arrays, got {type(params).__name__}")
 
@@ -73,9 +81,11 @@ class Groups(list):
     array replaced in a layer whose arrays two groups share (whose groups
     hold new dicts) is seen, as a layer appended to a list."""
 
-    def __init__(self, groups, source):
+    def __init__(self, groups, source, left_out=()):
         super().__init__(groups)
         self.source = source
+        #: the arrays of ``source`` the rule left out (buffers: no params)
+        self.left_out = list(left_out)
 
 
 def _group_of(rule, name, a, options) -> int:
@@ -84,9 +94,12 @@ def _group_of(rule, name, a, options) -> int:
     opts = rule(name, a)
     if opts is None:
         opts = {}
+    if opts is False:
+        return None         # left out: not trained
     if not isinstance(opts, dict):
         raise TypeError(f"group_params: rule({name!r}, ...) must return a dict of group "
-                        f"options (or None), got {type(opts).__name__}")
+                        f"options, None (the defaults) or False (left out, not trained), got "
+                        f"{type(opts).__name__}")
     if "params" in opts:
         raise ValueError(f"group_params: rule({name!r}, ...) returned 'params': it gives "
                          "a group's options only")
@@ -107,19 +120,25 @@ def _same(a, b) -> bool:
         return all(a[k] is b[k] for k in a)
 
 
-def _split(d, path, rule, options) -> dict:
+def _split(d, path, rule, options, left_out) -> dict:
     """``{group index: subtree of d}``: each group's part of ``d``, ``d``
-    itself where all of it goes to one group (a list's parts: ListPart)."""
+    itself where all of it goes to one group (a list's parts: ListPart);
+    the arrays the rule leaves out added to ``left_out``."""
     parts = {}
-    for key, v in (d.items() if isinstance(d, dict) else d._asdict().items() if is_record(d)
-                   else enumerate(d)):
+    items = list(d.items() if isinstance(d, dict) else d._asdict().items() if is_record(d)
+                 else enumerate(d))
+    for key, v in items:
         if is_node(v):
-            sub = _split(v, path + (key,), rule, options)
+            sub = _split(v, path + (key,), rule, options, left_out)
         else:
-            sub = {_group_of(rule, ".".join(map(str, path + (key,))), v, options): v}
+            k = _group_of(rule, ".".join(map(str, path + (key,))), v, options)
+            if k is None:
+                left_out.append(v)
+                continue
+            sub = {k: v}
         for k, part in sub.items():
             parts.setdefault(k, {})[key] = part
-    if len(parts) == 1:
+    if len(parts) == 1 and all(next(iter(parts.values())).get(key) is v for key, v in items):
         return {next(iter(parts)): d}    # the user's own dict: watched by the optimizer
     if is_record(d):       # a namedtuple's part: its fields by name, read as its own
         return {k: _part(Fields(part), fields=d._fields) for k, part in parts.items()}
