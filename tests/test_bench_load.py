@@ -37,3 +37,22 @@ def test_the_spread_and_torch_s_fastest_path_are_reported():
         assert rows["numpy"]["vs_torch_best_impl"] == best[1]
         assert abs(rows["numpy"]["vs_torch_best"] - best[0] / rows["numpy"]["seconds"]) < 1e-9
     assert "spread" in bench.format_table(report)
+
+
+def test_ratios_against_a_torch_row_whose_rounds_spread_widely_are_marked():
+    """A trial's busy machine printed 523x against torch fused (its rounds
+    spread 3.9x) unmarked; a steady row's ratio stays as it is."""
+    report = bench.run(rows=[ROW], cold=False)
+    rows = {r["impl"]: r for r in report["results"]}
+    fused = rows["torch-fused"]
+    if not fused["seconds"]:
+        import pytest
+        pytest.skip("torch not installed")
+    mine = next(r for r in report["results"] if r["impl"] in ("cython", "numba", "numpy"))
+    fused["median_seconds"] = fused["seconds"]                 # steady
+    steady = bench.format_table(report)
+    assert f"{mine['vs_torch']:.2f}?" not in steady and "? = against a torch row" not in steady
+    fused["median_seconds"] = 4 * fused["seconds"]             # spread 4
+    noisy = bench.format_table(report)
+    assert f"{mine['vs_torch']:.2f}?" in noisy
+    assert "? = against a torch row whose spread is over 1.5" in noisy

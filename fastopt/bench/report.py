@@ -12,6 +12,11 @@ from .._plotting import save_figure
 from .cases import CPU_BACKENDS, KIND, SWEEP_CASE, TORCH_PATHS, step_bytes
 
 
+#: a baseline row's spread (median round / fastest) past which the ratios
+#: against it are marked as not to be quoted
+NOISY_SPREAD = 1.5
+
+
 def format_table(report) -> str:
     """The table ``fastopt bench`` prints: a line per case and
     implementation, then what the columns mean, the machine and its load."""
@@ -22,6 +27,24 @@ def format_table(report) -> str:
         if s is None:
             return "-"
         return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
+
+    def spread_of(r):
+        med = r.get("median_seconds")
+        return med / r["seconds"] if med and r.get("seconds") else None
+
+    # a baseline whose rounds spread widely was slowed by something else
+    # (torch's threads against another process on 2 cores: its fused step
+    # 9x its own time in the row above): the ratio against it is marked
+    noisy = {(r["case"], r["impl"]) for r in report["results"]
+             if r["impl"] in TORCH_PATHS and (spread_of(r) or 0) > NOISY_SPREAD}
+    marked = False
+
+    def against(value, case, impl):
+        nonlocal marked
+        if value is None or (case, impl) not in noisy:
+            return f(value, ".2f")
+        marked = True
+        return f"{value:.2f}?"
 
     width = max([26] + [len(r["case"]) for r in report["results"]])
     head = (f"{'case':<{width}} {'impl':<13} {'elements':>10} {'time':>10} {'spread':>6} "
@@ -37,14 +60,17 @@ def format_table(report) -> str:
                     f"no torch {spec.optimizer}: its baseline is numpy"
                     if spec and not spec.in_torch and r["impl"] in CPU_BACKENDS else "")
             note = "; ".join(x for x in (peer, note) if x)
-        med = r.get("median_seconds")
-        spread = med / r["seconds"] if med and r["seconds"] else None
+        spread = spread_of(r)
         lines.append(
             f"{r['case']:<{width}} {r['impl']:<13} {r['elements']:>10} {t(r['seconds']):>10} "
             f"{f(spread, '.2f'):>6} {f(r['gbps'], '.1f'):>7} {f(roof and 100 * roof, '.0f'):>6} "
-            f"{f(r['vs_numpy'], '.2f'):>9} {f(r['vs_torch'], '.2f'):>9} "
-            f"{f(best, '.2f'):>8}  {note}")
+            f"{f(r['vs_numpy'], '.2f'):>9} {against(r['vs_torch'], r['case'], 'torch-fused'):>9} "
+            f"{against(best, r['case'], r.get('vs_torch_best_impl')):>8}  {note}")
     lines.append("")
+    if marked:
+        lines.append(f"? = against a torch row whose spread is over {NOISY_SPREAD}: its rounds "
+                     "differed that much (something else used the CPUs), so the ratio is "
+                     "not to be quoted; run again on an idle machine")
     lines.append("%roof = streaming kernel moving the same bytes / this time; "
                  "vs numpy = the naive NumPy step's time / this time; "
                  "vs torch = torch.optim.<opt>(fused=True) time / this time; "
