@@ -375,13 +375,13 @@ _shared = np.ones(5, np.float32)
 
 BAD_CONSTRUCTION = [
     ("noncontiguous", "SGD", dict(params=_noncontiguous()), ValueError,
-     r"param_groups\[0\]\['params'\]\[1\] must be C-contiguous"),
+     r"params\[1\] must be C-contiguous"),
     ("fortran", "Adam", dict(params=[np.asfortranarray(np.ones((4, 3), np.float32))]),
-     ValueError, r"param_groups\[0\]\['params'\]\[0\] must be C-contiguous"),
+     ValueError, r"params\[0\] must be C-contiguous"),
     ("readonly", "Adam", dict(params=_readonly()), ValueError,
-     r"param_groups\[0\]\['params'\]\[1\] is read-only"),
+     r"params\[1\] is read-only"),
     ("int", "SGD", dict(params=[np.ones(3, np.int64)]), TypeError,
-     r"param_groups\[0\]\['params'\]\[0\] must be float32 or float64"),
+     r"params\[0\] must be float32 or float64"),
     # float16/bfloat16 params are supported since mixed precision (issue #4)
     ("longdouble", "Adam", dict(params=[np.ones(3, np.longdouble)]), TypeError,
      r"must be float32 or float64"),
@@ -392,7 +392,7 @@ BAD_CONSTRUCTION = [
      r"overlaps"),
     ("overlapping-views", "AdamW", dict(params=_overlapping()), ValueError, r"overlaps"),
     ("not-an-array", "SGD", dict(params=[np.ones(3), [1.0, 2.0]]), TypeError,
-     r"param_groups\[0\]\['params'\]\[1\] must be an ndarray"),
+     r"params\[1\] must be an ndarray"),
     ("scalar", "SGD", dict(params=3.0), TypeError, r"params must be"),
     ("empty", "Adam", dict(params=[]), ValueError, r"params is empty"),
     ("empty-group", "Adam", dict(params=[{"params": []}]), ValueError,
@@ -450,7 +450,7 @@ BAD_CONSTRUCTION = [
      r"^Adam\(\) got .*'decoupled_weight_decay': fastopt.AdamW is Adam with decoupled"),
     ("by-name-dtype", "Adam",
      dict(params={"enc": {"W": np.ones(2, np.float32), "b": np.ones(2, np.int64)}}), TypeError,
-     r"^param_groups\[0\]\['params'\]\['enc'\]\['b'\] must be float32"),   # was [1]
+     r"^params\['enc'\]\['b'\] must be float32"),   # was [1]
     ("lbfgs-state-dtype", "LBFGS", dict(state_dtype="int8"), TypeError,
      r"^LBFGS\(\) got .*'state_dtype': L-BFGS is stepped with a closure"),
 ]
@@ -736,7 +736,7 @@ def test_masked_arrays_are_refused_and_other_subclasses_step(backend, tmp_path):
     backends disagreed without a word. Refused on every backend, also once
     the step's fast path runs; a memmap (another subclass) still steps."""
     masked = np.ma.array(np.ones(3), mask=[0, 1, 0])
-    with pytest.raises(TypeError, match=r"\['params'\]\[0\] is a masked array"):
+    with pytest.raises(TypeError, match=r"^params\[0\] is a masked array"):
         fastopt.SGD([masked], lr=0.5, backend=backend)
     p = np.ones(3)
     opt = fastopt.SGD([p], lr=0.5, backend=backend)
@@ -876,11 +876,11 @@ def test_a_param_changed_in_place_is_refused_with_flat_grads_and_by_state_dict(b
 
 
 def test_a_value_in_params_by_name_that_is_no_array_is_named_by_its_keys():
-    with pytest.raises(TypeError, match=r"\['params'\]\['scale'\] must be an ndarray, got a float"):
+    with pytest.raises(TypeError, match=r"^params\[.scale.\] must be an ndarray, got a float"):
         fastopt.Adam({"W": np.ones((2, 2)), "scale": 1.0})
     # numbers where an array was meant, in a list inside the dict: named by its key
     # (a list of arrays there is walked, as JAX's pytrees: test_layer_lists.py)
-    with pytest.raises(TypeError, match=r"\['params'\]\['layer1'\]\['b'\] must be an ndarray, "
+    with pytest.raises(TypeError, match=r"^params\['layer1'\]\['b'\] must be an ndarray, "
                                         r"got list"):
         fastopt.Adam({"layer1": {"W": np.ones((2, 2)), "b": [0.0, 0.0]}})
 

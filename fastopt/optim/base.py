@@ -551,8 +551,11 @@ class Optimizer:
         # host or device arrays: their checks, runs, buffers and step
         self._placement = placement_for(backend)
         groups, names, packed, flats = [], None, {}, {}
-        for gi, spec in enumerate(self._group_specs(params)):
-            group, names, packed[gi] = self._checked_group(gi, spec, names)
+        specs = self._group_specs(params)
+        whole = len(specs) == 1 and not (isinstance(params, (list, tuple))
+                                         and params and params[0] is specs[0])
+        for gi, spec in enumerate(specs):
+            group, names, packed[gi] = self._checked_group(gi, spec, names, whole)
             groups.append(group)
             flats.update(_flat_of(gi, spec))
         for gi, flat in flats.items():     # its views say writable: the buffer is what counts
@@ -1193,10 +1196,12 @@ class Optimizer:
                 "give those gradient arrays, or nothing where each step makes new ones"
             ) from None
 
-    def _checked_group(self, gi, spec, names):
+    def _checked_group(self, gi, spec, names, whole=False):
         """Group ``gi`` from its spec, checked: ``(group, names, packed)``,
         ``names`` the KeyTree of every group so far when they are given by
-        name, ``packed`` the one buffer the params came as (device) or None."""
+        name, ``packed`` the one buffer the params came as (device) or None.
+        ``whole``: the params were given whole, not as groups (an array is
+        then named ``params[0]``, as a step names it)."""
         group = {**self.defaults, **{k: v for k, v in spec.items() if k != "params"}}
         unknown = set(group) - set(self.defaults)
         if unknown:
@@ -1231,7 +1236,10 @@ class Optimizer:
         elif names is not None:
             raise ValueError(f"{where} is not a dict but the groups before it are: "
                              "give every group's params by name, or none")
-        arrays, packed = self._placement.group_arrays(where, given, labels)
+        # (named as the steps name them: params['fc']['W'], or params[0]
+        # for a list given whole; a list in a group by its group)
+        shown = "params" if whole or labels is not None else where
+        arrays, packed = self._placement.group_arrays(shown, given, labels)
         if not arrays:
             raise ValueError(f"param group {gi} has no parameters")
         group["params"] = ParamList(arrays)
