@@ -47,6 +47,7 @@ import zlib
 import numpy as np
 
 from ._files import link_target
+from ._warn import give, held_warnings, warning_prefix
 from .backends import is_device_array
 from .optim.interrupt import finished
 from .params import FlatArrays
@@ -573,8 +574,10 @@ def load(path, *, params=None, optimizer=None) -> dict:
     several = _several(optimizer)
     tree = read(path)
     # under the optimizers' locks, as their own load_state_dict: a step in
-    # another thread sees the state before the load or after it
-    with _locked(optimizer, several):
+    # another thread sees the state before the load or after it. Their
+    # warnings (an lr replaced) held until all of it is loaded: one made an
+    # error (-W error) stopped a load of several optimizers halfway
+    with _locked(optimizer, several), held_warnings() as held:
         try:
             apply = []
             if params is not None:
@@ -584,9 +587,11 @@ def load(path, *, params=None, optimizer=None) -> dict:
             if several is not None:
                 for state, (label, o) in zip(_saved_states(path, tree, optimizer, several),
                                              several):
+                    # (two optimizers' loads both warned about "param_groups[0]")
+                    prefix = f"optimizer[{label!r}]: "
                     try:
-                        apply.append(_naming_warnings(f"optimizer[{label!r}]",
-                                                      o._prepare_load, state))
+                        with warning_prefix(prefix):
+                            apply.append(_prefixed(prefix, o._prepare_load(state)))
                     except (TypeError, ValueError) as exc:
                         raise as_checkpoint_error(
                             exc, f"{path} does not match optimizer[{label!r}]: ") from None
@@ -610,24 +615,16 @@ def load(path, *, params=None, optimizer=None) -> dict:
         # a Ctrl-C while the arrays are copied: all of it loaded (from the
         # part it reached), then the interrupt goes on, as a step does
         finished(load_rest)
+    give(held)
     return tree
 
 
-def _naming_warnings(label, fn, *args):
-    """``fn(*args)``, each warning it gives said again prefixed with
-    ``label`` (two optimizers' loads both warned about "param_groups[0]");
-    a function ``fn`` returns (the load to apply) likewise."""
-    import warnings
-
-    from ._warn import warn_user
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = fn(*args)
-    for w in caught:
-        warn_user(f"{label}: {w.message}", w.category)
-    if callable(out):
-        return lambda: _naming_warnings(label, out)
-    return out
+def _prefixed(prefix, apply):
+    """``apply`` (a prepared load), its warnings prefixed with ``prefix``."""
+    def run():
+        with warning_prefix(prefix):
+            apply()
+    return run
 
 
 def _saved_states(path, tree, optimizer, several) -> list:

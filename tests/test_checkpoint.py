@@ -888,6 +888,56 @@ def test_several_optimizers_swapped_name_the_first_difference_and_warn_by_name(t
     assert other_lr["G"].param_groups[0]["lr"] == 1e-3
 
 
+def test_warnings_as_errors_stop_a_load_of_several_only_once_all_is_loaded(tmp_path):
+    """-W error: the first optimizer's 'lr replaces' warning, raised as its
+    load was applied, stopped the load with the second one not loaded."""
+    import warnings
+    model, opts = _gan()
+    _gan_steps(model, opts, 0, 3)
+    fastopt.save(tmp_path / "c.npz", params=model, optimizer=opts)
+    model2, _ = _gan(seed=1)
+    opts2 = {"G": fastopt.Adam(model2["G"], lr=0.5, betas=(0.5, 0.999)),
+             "D": fastopt.SGD(model2["D"], lr=0.5, momentum=0.9)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=r"optimizer\['G'\]: load_state_dict: .*lr=0.01 "
+                                              r"replaces 0.5"):
+            fastopt.load(tmp_path / "c.npz", params=model2, optimizer=opts2)
+    assert [o.iterations for o in opts2.values()] == [3, 3]         # both loaded
+    assert all(np.array_equal(model2[k]["W"], model[k]["W"]) for k in model)
+
+
+def test_loads_of_several_optimizers_in_two_threads_leave_the_warnings_as_they_were(tmp_path):
+    """Held through warnings.catch_warnings (process-wide state), two such
+    loads at once left every later warning of the process swallowed."""
+    import threading
+    import warnings
+    jobs = []
+    for k in range(2):
+        models = [{"W": np.ones(1000)} for _ in range(2)]
+        opts = [fastopt.Adam(m, lr=0.1) for m in models]
+        for o in opts:
+            o.step({"W": np.ones(1000)})
+        fastopt.save(tmp_path / f"c{k}.npz", optimizer=opts)
+        jobs.append((tmp_path / f"c{k}.npz", opts))
+    before = (list(warnings.filters), warnings._showwarnmsg_impl)
+    errors = []
+
+    def loads(path, opts):
+        try:
+            for _ in range(300):
+                fastopt.load(path, optimizer=opts)
+        except Exception as exc:        # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=loads, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert (list(warnings.filters), warnings._showwarnmsg_impl) == before
+
+
 def test_save_refuses_what_is_no_optimizer_naming_it(tmp_path):
     p = [np.ones(3)]
     opt = fastopt.Adam(p, lr=0.1)
