@@ -416,7 +416,8 @@ def check_disjoint(written, read=(), *, bounds=_bounds, memory="memory",
         lo, hi, is_written, label = span
         for prev in (far_written, far_any if is_written else None):
             if prev is not None and lo < prev[1]:
-                tied = is_written and prev[2] and (lo, hi) == prev[:2]
+                tied = (is_written and prev[2] and (lo, hi) == prev[:2]
+                        and label.startswith(("params", "param_groups")))
                 raise ValueError(f"{label} overlaps {prev[3]} in {memory}; arrays "
                                  f"{writer} writes must not alias any other argument"
                                  + (_alias_hint(label, prev[3]) or (_TIED if tied else "")))

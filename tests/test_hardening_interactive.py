@@ -354,6 +354,13 @@ def test_zero_grad_given_the_params_refuses_to_zero_the_weights():
     flat = np.ones(5)               # gradients as views of one buffer of the user's
     views.zero_grad([flat[:2], flat[2:]])
     assert not flat.any()
+    columns = np.ones((4, 2))       # interleaved: extents meet, no element shared
+    opt2 = fastopt.SGD([np.zeros(4), np.zeros(4)], lr=0.1)
+    opt2.zero_grad([columns[:, 0], columns[:, 1]])
+    assert not columns.any()
+    g = np.ones(4)
+    opt2.zero_grad([g, g])          # one array twice: zeroed, as before
+    assert not g.any()
 
 
 def test_torch_habits_get_told_what_fastopt_takes():

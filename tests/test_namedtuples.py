@@ -145,3 +145,16 @@ def test_a_namedtuple_saved_as_a_list_loads_by_position(tmp_path):
     target = Layer(np.zeros((2, 2)), np.zeros(2))
     fastopt.load(tmp_path / "c.npz", params=target)
     assert np.array_equal(target.W, saved[0]) and np.array_equal(target.b, saved[1])
+
+
+def test_a_field_of_a_nested_namedtuple_replaced_is_told_how_to_put_it_back():
+    Model = namedtuple("Model", "enc head")
+    params = {"m": Model(Layer(np.zeros((2, 2)), np.zeros(2)), np.zeros(3))}
+    opt = fastopt.SGD(params, lr=0.1)
+    grads = {"m": Model(Layer(np.ones((2, 2)), np.ones(2)), np.ones(3))}
+    opt.step(grads)
+    params["m"] = params["m"]._replace(enc=params["m"].enc._replace(W=np.zeros((2, 2))))
+    with pytest.raises(ValueError, match=r"params\['m'\]\.enc\.W was replaced.*"
+                                         r"params\['m'\] = params\['m'\]\._replace\(enc=params"
+                                         r"\['m'\]\.enc\._replace\(W=old\)\)"):
+        opt.step(grads)

@@ -1009,3 +1009,10 @@ def test_a_weight_tied_between_two_layers_is_told_to_be_given_once():
     with pytest.raises(ValueError) as info:       # two views overlapping in part: no such hint
         fastopt.SGD([W.reshape(-1)[:5], W.reshape(-1)[3:]], lr=0.1)
     assert "given twice" not in str(info.value)
+
+
+def test_one_gradient_given_twice_gets_no_tied_weight_hint():
+    g = np.ones(3)
+    with pytest.raises(ValueError) as info:
+        fastopt.clip_by_global_norm([g, g], 1.0)
+    assert "overlaps" in str(info.value) and "tied" not in str(info.value)

@@ -52,7 +52,7 @@ from ..params import FlatArrays
 from ..schedules import Schedule, from_dict
 from .loss_scale import LossScaler, claim as claim_scaler
 from .interrupt import INTERRUPTS, Mark, finished, held
-from .named import KeyTree, ListPart, Seq, is_record, is_tree
+from .named import Fields, KeyTree, ListPart, Seq, is_record, is_tree
 from .orphans import (CHECK_EVERY, FIRST_CHECK, reference_counts, replaced_hint,
                       warn_if_unheld)
 from .param_list import ParamList
@@ -1183,12 +1183,15 @@ class Optimizer:
         if V._distinct_owners(grads, params):
             return
         try:
-            V.check_disjoint(grads, params, bounds=V.byte_bounds, writer="zero_grad")
-        except ValueError as exc:
+            # the params as the written side: gradients overlapping each
+            # other (columns of one accumulation matrix, one array twice)
+            # are zeroed as they are
+            V.check_disjoint(params, grads, bounds=V.byte_bounds, writer="zero_grad")
+        except ValueError:
             pair = next(((g, p) for g, a in grads for p, b in params
                          if np.shares_memory(a, b)), None)
-            if pair is None:        # (grads overlapping each other)
-                raise
+            if pair is None:        # (extents that meet, no element shared)
+                return
             raise ValueError(
                 f"{pair[0]} is {pair[1]} (or shares its memory): zero_grad zeroes gradient "
                 "arrays you accumulate into, and given the params it would zero the "
@@ -1971,8 +1974,10 @@ class Optimizer:
         """``grads`` as a list in param order (a dict by the params' keys);
         ``name`` what messages call them."""
         if grads is None:
-            held = ("a dict by the params' keys" if self._names is not None
-                    and not self._seq_root else "a list")
+            tree = self._names.tree if self._names is not None else None
+            held = ("a list" if tree is None or self._seq_root and type(tree) is not Fields
+                    else "a namedtuple like the params" if type(tree) is Fields
+                    else "a dict by the params' keys")
             raise TypeError(f"{name} is None: {call} needs the gradients, one array per "
                             f"param ({held}, or a FlatArrays from params.zeros_like()); to "
                             "leave all the params as they are this step, give None for "
@@ -2387,11 +2392,13 @@ class Optimizer:
                              "fresh state)")
         if not isinstance(sd["state"], list) or len(sd["state"]) != len(self.param_groups):
             raise ValueError("checkpoint: 'state' must list one entry per param group")
+        # (the checkpoint's groups in another order: messages name its index)
+        at = self._group_order(sd) or range(len(self.param_groups))
         sd = self._in_group_order(sd)
         new_hypers, new_state = [], []
         for gi, (hyp, st) in enumerate(zip(sd["param_groups"], sd["state"])):
-            where = f"checkpoint param_groups[{gi}]"
-            need(hyp, list(self.defaults) + ["params"], f"param_groups[{gi}]")
+            where = f"checkpoint param_groups[{at[gi]}]"
+            need(hyp, list(self.defaults) + ["params"], f"param_groups[{at[gi]}]")
             unknown = set(hyp) - set(self.defaults) - {"params"}
             if unknown:
                 raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
@@ -2417,13 +2424,13 @@ class Optimizer:
                 # by it: such a run's checkpoint says how to go on
                 raise type(exc)(
                     f"{exc}. A checkpoint of an earlier fastopt, which took eps=0? Set "
-                    f"its ['param_groups'][{gi}]['eps'] to a positive value (1e-8) and "
+                    f"its ['param_groups'][{at[gi]}]['eps'] to a positive value (1e-8) and "
                     "load it (a fastopt.save file's state dict is "
                     "fastopt.load(path)['optimizer']): the steps differ by it only where "
                     "the state is about 0"
                 ) from None
-            need(st, ("step", "buffers"), f"state[{gi}]")
-            step = V.check_int(f"checkpoint state[{gi}]['step']", st["step"], low=0)
+            need(st, ("step", "buffers"), f"state[{at[gi]}]")
+            step = V.check_int(f"checkpoint state[{at[gi]}]['step']", st["step"], low=0)
             runs = self._run_info[gi]["runs"]
             dtype = self._group_dtype(gi)
             n = sum(r["flat"].size for r in runs)
@@ -2434,10 +2441,11 @@ class Optimizer:
             fmt = self._state_format
             sizes = [a.size for a in self.param_groups[gi]["params"]]
             required = fmt.buffer_names(required - {"master"}) | (required & {"master"})
-            need(bufs, sorted(required), f"state[{gi}]")
+            need(bufs, sorted(required), f"state[{at[gi]}]")
             unknown = set(bufs) - fmt.buffer_names(self._state_names) - (required & {"master"})
             if unknown:
-                raise ValueError(f"checkpoint state[{gi}] has unknown buffers {sorted(unknown)}"
+                raise ValueError(f"checkpoint state[{at[gi]}] has unknown buffers "
+                                 f"{sorted(unknown)}"
                                  f" for {type(self).__name__} (expected some of "
                                  f"{sorted(fmt.buffer_names(self._state_names))})")
             for name, a in bufs.items():
@@ -2446,14 +2454,14 @@ class Optimizer:
                 if not isinstance(a, np.ndarray) or a.shape != (size,) or a.dtype != want:
                     got = (f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray)
                            else type(a).__name__)
-                    raise ValueError(f"checkpoint state[{gi}]['{name}'] is {got}, expected "
+                    raise ValueError(f"checkpoint state[{at[gi]}]['{name}'] is {got}, expected "
                                      f"{want}[{size}]")
                 # a block's scale is its largest |value|: a negative one (a
                 # corrupt or hand-edited file) decodes the block with the
                 # wrong sign, and v < 0 turns the params NaN
                 negative = np.flatnonzero(a < 0) if name.endswith(ABSMAX) else ()
                 if len(negative):
-                    raise ValueError(f"checkpoint state[{gi}]['{name}'] has negative values "
+                    raise ValueError(f"checkpoint state[{at[gi]}]['{name}'] has negative values "
                                      f"(blocks {negative[:3].tolist()}...): a block's absmax "
                                      "is never negative; the file is corrupt")
             if order is not None:

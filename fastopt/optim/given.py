@@ -328,10 +328,11 @@ def _refuse(label, how, container):
         f"into it in place (old[...] = new; {_put_back(label)}), or make a new optimizer")
 
 
-def _put_back(label) -> str:
+def _put_back(label, value="old") -> str:
     """``label = old``, or for a namedtuple's field (``params['l1'].W``, which
-    cannot be assigned) the ``_replace`` that puts ``old`` back."""
+    cannot be assigned) the ``_replace`` that puts ``old`` back, a field of
+    a field through both (``params['m'] = params['m']._replace(enc=...)``)."""
     head, dot, field = label.rpartition(".")
-    if not dot or not field.isidentifier() or not head:
-        return f"{label} = old"
-    return f"{head} = {head}._replace({field}=old)"
+    if not dot or not field.isidentifier() or not head or "]" in field:
+        return f"{label} = {value}"
+    return _put_back(head, f"{head}._replace({field}={value})")
