@@ -105,3 +105,47 @@ def test_sync_master_values_by_name_from_values():
     opt = fastopt.SGD(params, lr=0.1)
     opt.sync_master({"b": np.full(5, 2.0, np.float32), "a": np.full(4, 1.0, np.float32)}.values())
     assert (opt.param_state("a")["master"] == 1).all() and (params["b"] == 2).all()
+
+
+def test_torchs_state_clear_is_refused_and_reset_state_starts_groups_afresh():
+    """opt.state.clear() (the README's torch reset) emptied the state: every
+    later step, param_state and state_dict failed with an IndexError."""
+    import fastopt.schedules as S
+    w, h = np.ones(3), np.ones(2)
+    opt = fastopt.Adam([{"params": [w]}, {"params": [h], "lr": 0.5}],
+                       lr=S.warmup_cosine(0.1, 2, 100))
+    for _ in range(3):
+        opt.step([np.ones(3), np.ones(2)])
+    for change in (lambda s: s.clear(), lambda s: s.pop(), lambda s: s.__setitem__(0, {}),
+                   lambda s: s.__delitem__(0), lambda s: s.insert(0, {})):
+        with pytest.raises(TypeError, match=r"opt.reset_state\(\) starts the moments"):
+            change(opt.state)
+    assert len(opt.state) == 2
+    opt.reset_state([1])                         # the head alone
+    assert [st["step"] for st in opt.state_dict()["state"]] == [3, 0]
+    assert opt.iterations == 3 and opt.param_groups[1]["lr"] == 0.5
+    assert opt.param_state(h) == {"step": 0}
+    before = h.copy()
+    opt.step([np.ones(3), np.ones(2)])
+    np.testing.assert_allclose(before - h, 0.5)      # a fresh Adam's first step: lr
+    opt.reset_state()
+    assert [st["step"] for st in opt.state_dict()["state"]] == [0, 0] and opt.iterations == 4
+    with pytest.raises(ValueError, match=r"groups\[...\] = 2: this Adam has 2 param groups"):
+        opt.reset_state([2])
+    with pytest.raises(TypeError, match=r"reset_state\(\[1\]\)"):
+        opt.reset_state(1)
+
+
+def test_reset_state_of_lbfgs_and_sam():
+    lb = fastopt.LBFGS([np.ones(2)])
+    lb.step(lambda: (0.0, [np.ones(2)]))
+    assert lb.state_dict()["lbfgs"]["n_iter"] == 1
+    lb.reset_state()
+    assert lb.state_dict()["lbfgs"]["n_iter"] == 0 and lb.iterations == 1
+    sam = fastopt.SAM(fastopt.SGD([np.ones(2)], lr=0.1, momentum=0.9))
+    sam.perturb([np.ones(2)])
+    with pytest.raises(RuntimeError, match="SAM is perturbed"):
+        sam.reset_state()
+    sam.step([np.ones(2)])
+    sam.reset_state()
+    assert sam.base_optimizer.state_dict()["state"][0]["step"] == 0

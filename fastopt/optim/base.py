@@ -2215,6 +2215,35 @@ class Optimizer:
                 bufs[n] = h.copy() if h is b else h
         return bufs
 
+    def reset_state(self, groups=None) -> None:
+        """Start the moments and step counts afresh, as torch's
+        ``opt.state.clear()`` does (a new task, a restart): of every param
+        group, or of the groups indexed in ``groups``. The hyperparameters,
+        schedules and ``iterations`` (the schedules' count) are kept; a
+        16-bit model's float32 master weights too. All or nothing, through a
+        Ctrl-C too."""
+        with self._lock:
+            self._refuse_unbound("no state to reset")
+            n = len(self.param_groups)
+            chosen = range(n) if groups is None else groups
+            if isinstance(chosen, (int, np.integer)) or not hasattr(chosen, "__iter__"):
+                raise TypeError(f"groups must be a list of group indexes (or None: all), "
+                                f"got {type(chosen).__name__}: reset_state([{chosen}])"
+                                if isinstance(chosen, (int, np.integer)) else
+                                f"groups must be a list of group indexes (or None: all), got "
+                                f"{type(chosen).__name__}")
+            chosen = [V.check_int("groups[...] (a param group index)", gi, low=0)
+                      for gi in chosen]
+            past = [gi for gi in chosen if gi >= n]
+            if past:
+                raise ValueError(f"groups[...] = {past[0]}: this {type(self).__name__} has "
+                                 f"{V.count(n, 'param group')} (0 to {n - 1})")
+            sd = self.state_dict()
+            for gi in chosen:
+                kept = {k: v for k, v in sd["state"][gi]["buffers"].items() if k == "master"}
+                sd["state"][gi] = {"step": 0, "buffers": kept}
+            finished(self._prepare_load(sd))
+
     def param_state(self, param) -> dict:
         """One param's state as torch's ``opt.state[p]`` holds it: ``{"step":
         n, "exp_avg": array shaped like param, ...}`` (its group's step count

@@ -248,6 +248,22 @@ class LBFGS(Optimizer):
             raise ValueError("LBFGS takes one param group; it cannot add another")
         super().add_param_group(param_group)
 
+    def reset_state(self, groups=None) -> None:
+        """Start afresh: the curvature pairs, the last direction and step
+        size and the counts of iterations and function evaluations, as a new
+        L-BFGS over the same params (the lr and ``iterations`` kept). L-BFGS
+        steps one param group: ``groups`` is None or ``[0]``."""
+        with self._lock:
+            self._refuse_unbound("no state to reset")
+            if groups is not None and (not isinstance(groups, (list, tuple))
+                                       or list(groups) not in ([], [0])):
+                raise ValueError(f"L-BFGS steps one param group: reset_state() or "
+                                 f"reset_state([0]), got {groups!r}")
+            if groups is not None and not list(groups):
+                return
+            fresh = self._new_lbfgs_state()
+            self.state = GroupStates([fresh])       # (one assignment: whole or not at all)
+
     def _new_lbfgs_state(self):
         return {"step": 0, "runs": [{} for _ in self._spans], "flat": {},
                 "func_evals": 0, "n_iter": 0, "t": None, "H_diag": 1.0, "prev_loss": None,

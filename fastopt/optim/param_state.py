@@ -31,6 +31,18 @@ class GroupStates(list):
             "torch's dict by param: a param's state is opt.param_state(p) (its step and "
             "each buffer shaped like p, as copies); set state with load_state_dict") from None
 
+    def _refuse(self, *args, **kwargs):
+        # (torch's reset, opt.state.clear(), emptied it: every later step,
+        # param_state and state_dict failed with an IndexError)
+        raise TypeError(
+            "opt.state is the optimizer's own, one dict per param group, and is not "
+            "changed from outside: opt.reset_state() starts the moments and step counts "
+            "afresh as torch's opt.state.clear() does (reset_state([i]) for group i; the "
+            "lr, schedules and opt.iterations kept), and load_state_dict sets a saved state")
+
+    clear = pop = remove = insert = sort = reverse = _refuse
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+
 
 def as_name(param):
     """A key path ``("l1", "W")`` as the name ``"l1.W"``; anything else as it is."""

@@ -572,6 +572,15 @@ class SAM:
         with self._lock, self.base_optimizer._lock:
             prepared_load(self, state_dict)()
 
+    def reset_state(self, groups=None) -> None:
+        """The base optimizer's :meth:`~fastopt.optim.base.Optimizer.reset_state`;
+        refused while perturbed (``perturb`` done, its ``step`` not)."""
+        with self._lock, self.base_optimizer._lock:
+            if self.perturbed:
+                raise RuntimeError("SAM is perturbed (perturb done, its step not): step "
+                                   "first (it restores the params), then reset_state")
+            self.base_optimizer.reset_state(groups)
+
     def _prepare_load(self, sd):
         """Check ``sd``; return a function that applies it (what
         :func:`fastopt.load` calls)."""
