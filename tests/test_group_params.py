@@ -318,3 +318,27 @@ def test_a_rule_leaving_out_everything_or_returning_another_value_is_refused():
                                         r"defaults\) or False \(left out, not trained\), got "
                                         r"bool"):
         fastopt.group_params([np.ones(2)], lambda n, a: True)
+
+
+def test_an_empty_dict_in_the_params_is_a_place_for_layers_to_come(tmp_path):
+    """Continual learning starts with {"heads": {}}: the empty dict was taken
+    for an array (the rule was called with it; 'must be an ndarray, got dict')."""
+    seen = []
+
+    def rule(name, a):
+        seen.append(name)
+        return {"weight_decay": 0.0} if a.ndim == 1 else None
+    params = {"backbone": {"W": np.ones((3, 2)), "b": np.zeros(2)}, "heads": {}}
+    opt = fastopt.AdamW(fastopt.group_params(params, rule), lr=0.1)
+    assert seen == ["backbone.W", "backbone.b"]
+    grads = {"backbone": {"W": np.ones((3, 2)), "b": np.ones(2)}}
+    opt.step({**grads, "heads": {}})
+    params["heads"]["t0"] = {"W": np.ones((2, 2))}
+    opt.add_param_group({"params": {"heads": {"t0": params["heads"]["t0"]}}, "lr": 0.01})
+    opt.step({**grads, "heads": {"t0": {"W": np.ones((2, 2))}}})
+    assert params["heads"]["t0"]["W"][0, 0] == pytest.approx(1 - 0.01 * (1 + 1e-2))
+    plain = fastopt.SGD({"backbone": params["backbone"], "heads": {}, "extra": []}, lr=0.1)
+    plain.step(grads)
+    with pytest.raises(ValueError, match=r"^params\['a'\] holds no arrays, only empty dicts "
+                                         r"or lists: nothing to optimize"):
+        fastopt.Adam({"a": {"b": {}}})

@@ -1230,7 +1230,7 @@ class Optimizer:
             given = ListPart(zip(range(start, start + len(given)), given))
             given.size = start + len(given)
         if is_tree(given):
-            tree, given = KeyTree.of(given, where)
+            tree, given = KeyTree.of(given, "params" if whole else where)
             labels = tree.labels        # errors name an array by its keys
             if gi and names is None:
                 raise ValueError(f"{where} is a dict but the groups before it are "

@@ -105,8 +105,18 @@ class GivenParams:
             shape = "list"
         else:
             return None
-        leaves = _listed(given, shape)
-        if len(leaves) != len(params) or any(a is not b for a, b in zip(leaves, params)):
+        try:
+            leaves = _listed(given, shape)
+        except (TypeError, AttributeError):
+            leaves = None       # (an empty list beside the layers: walked, below)
+        if (leaves is None or len(leaves) != len(params)) and shape != "deep" \
+                and names is not None and len(params) <= DEEP_MAX:
+            # empty dicts or lists beside the arrays (a place for layers to
+            # come) are no arrays: the listing in C sees them, the walk not
+            shape = "deep"
+            leaves = _listed(given, shape)
+        if leaves is None or len(leaves) != len(params) or any(
+                a is not b for a, b in zip(leaves, params)):
             return None
         return cls(given, params, shape, where)
 

@@ -14,7 +14,7 @@ and the optimizer watches those as it watches params given whole.
 
 from __future__ import annotations
 
-from .named import Fields, ListPart, is_node, is_record, is_tree
+from .named import Fields, ListPart, _empty, is_node, is_record, is_tree
 
 __all__ = ["group_params"]
 
@@ -128,6 +128,8 @@ def _split(d, path, rule, options, left_out) -> dict:
     items = list(d.items() if isinstance(d, dict) else d._asdict().items() if is_record(d)
                  else enumerate(d))
     for key, v in items:
+        if _empty(v):
+            continue            # a place for layers to come: no arrays (named._empty)
         if is_node(v):
             sub = _split(v, path + (key,), rule, options, left_out)
         else:

@@ -191,16 +191,30 @@ def _shape_of(d, where, arrays):
         items, tree = d.items(), {}
     else:
         raise TypeError(f"{where} must be a dict, got {type(d).__name__}")
+    skipped = False
     for k, v in items:
-        if is_node(v):
+        if _empty(v):
+            # a place for layers to come (continual learning's {"heads": {}}):
+            # no arrays, so no param's; taken for an array, it was refused as
+            # "params['heads'] must be an ndarray, got dict"
+            skipped = True
+        elif is_node(v):
             tree[k] = _shape_of(v, f"{where}[{k!r}]", arrays)
         else:
             tree[k] = None
             arrays.append(v)
     if not tree:
-        raise ValueError(f"{where} is an empty {'list' if type(tree) is Seq else 'dict'}: "
+        raise ValueError(f"{where} holds no arrays, only empty dicts or lists: nothing to "
+                         "optimize" if skipped else
+                         f"{where} is an empty {'list' if type(tree) is Seq else 'dict'}: "
                          "nothing to optimize")
     return tree
+
+
+def _empty(v) -> bool:
+    """An empty dict, list or tuple inside the params: a place for arrays to
+    come, holding none."""
+    return type(v) in (dict, list, tuple) and not v
 
 
 def _leaf_paths(tree, prefix):
