@@ -149,3 +149,19 @@ def test_reset_state_of_lbfgs_and_sam():
     sam.step([np.ones(2)])
     sam.reset_state()
     assert sam.base_optimizer.state_dict()["state"][0]["step"] == 0
+
+
+def test_a_numpy_scalar_lr_is_stored_as_the_python_float_a_checkpoint_gives_back(tmp_path):
+    """A Keras-style scheduler's np.float32 lr stayed np.float32 in the
+    group, came back from a checkpoint as a float, and the resumed run's lr
+    arithmetic (lr * 0.9) differed from the uninterrupted run's."""
+    w = np.ones(3, np.float32)
+    opt = fastopt.Adam([w], lr=1e-3)
+    opt.param_groups[0]["lr"] = np.float32(9e-4)
+    opt.step([np.ones(3, np.float32)])
+    lr = opt.param_groups[0]["lr"]
+    assert type(lr) is float and lr == float(np.float32(9e-4))
+    fastopt.save(tmp_path / "c.npz", params=[w], optimizer=opt)
+    again = fastopt.Adam([w.copy()], lr=lr)
+    fastopt.load(tmp_path / "c.npz", optimizer=again)
+    assert type(again.param_groups[0]["lr"]) is float and again.param_groups[0]["lr"] == lr

@@ -376,11 +376,16 @@ def refuse_options(cls, unknown):
 
 def _store_numbers(group, checked):
     """Put the checked numbers back into ``group`` where the user set 0-d
-    arrays (``g["lr"] = np.load(cfg)["lr"]``), as the constructor stores
-    them: an array there would keep every later step off the fast path."""
+    arrays (``g["lr"] = np.load(cfg)["lr"]``) or NumPy scalars (a Keras-style
+    scheduler's ``np.float32``), as the constructor stores them: an array
+    there would keep every later step off the fast path, and a float32 lr
+    came back from a checkpoint as a Python float, the resumed run's lr
+    arithmetic no longer the uninterrupted one's."""
+    def numpy_value(x):
+        return type(x) is np.ndarray or isinstance(x, np.generic)
     for k, v in group.items():
-        if k != "params" and (type(v) is np.ndarray or (
-                type(v) in (tuple, list) and any(type(x) is np.ndarray for x in v))):
+        if k != "params" and (numpy_value(v) or (
+                type(v) in (tuple, list) and any(map(numpy_value, v)))):
             group[k] = checked[k]
 
 
