@@ -938,6 +938,19 @@ def test_loads_of_several_optimizers_in_two_threads_leave_the_warnings_as_they_w
     assert (list(warnings.filters), warnings._showwarnmsg_impl) == before
 
 
+def test_save_refuses_params_the_optimizer_does_not_update(tmp_path):
+    """A Keras-style set_weights that rebinds the weights: the save paired
+    the new weights with the old arrays' moments, and the file loaded in a
+    new process without a word (a load of the same pair was refused)."""
+    W = np.ones(3, np.float32)
+    opt = fastopt.Adam([W], lr=1e-3)
+    opt.step([np.ones(3, np.float32)])
+    with pytest.raises(ValueError, match=r"updates none of the params given.*set_weights"):
+        fastopt.save(tmp_path / "c.npz", params=[W.copy()], optimizer=opt)
+    assert not (tmp_path / "c.npz").exists()
+    fastopt.save(tmp_path / "c.npz", params={"W": W, "other": np.ones(2)}, optimizer=opt)
+
+
 def test_save_refuses_what_is_no_optimizer_naming_it(tmp_path):
     p = [np.ones(3)]
     opt = fastopt.Adam(p, lr=0.1)

@@ -24,9 +24,10 @@ def _temps(folder):
 
 def _good(tmp_path):
     path = tmp_path / "c.npz"
-    opt = fastopt.AdamW([np.ones(4, np.float32)], backend="numpy")
+    params = [np.ones(4, np.float32)]
+    opt = fastopt.AdamW(params, backend="numpy")
     opt.step([np.ones(4, np.float32)])
-    fastopt.save(path, params=[np.ones(4, np.float32)], optimizer=opt, extra={"epoch": 1})
+    fastopt.save(path, params=params, optimizer=opt, extra={"epoch": 1})
     return path, opt
 
 
@@ -38,7 +39,8 @@ def test_object_arrays_are_refused_and_the_previous_file_is_untouched(tmp_path, 
     path, opt = _good(tmp_path)
     before = path.read_bytes()
     with pytest.raises(TypeError, match=r"\['x'\]"):
-        fastopt.save(path, params=[np.zeros(4, np.float32)], optimizer=opt, extra=extra)
+        fastopt.save(path, params=list(opt.param_groups[0]["params"]), optimizer=opt,
+                     extra=extra)
     assert path.read_bytes() == before
     assert _temps(tmp_path) == []
     assert fastopt.load(path)["extra"] == {"epoch": 1}

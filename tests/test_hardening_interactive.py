@@ -114,10 +114,11 @@ def test_loading_into_a_model_made_again_under_a_trained_optimizer(tmp_path):
     np.testing.assert_array_equal(params["W"], np.ones((3, 4)))      # nothing loaded
     fastopt.load(tmp_path / "c.npz", params=opt.param_groups[0]["params"], optimizer=opt)
     # SAM steps its base's arrays: checked too
-    sam = fastopt.SAM(fastopt.SGD(_params(), lr=0.1))
+    trained = _params()
+    sam = fastopt.SAM(fastopt.SGD(trained, lr=0.1))
     sam.perturb(_grads())
     sam.step(_grads())
-    fastopt.save(tmp_path / "s.npz", params=_params(), optimizer=sam)
+    fastopt.save(tmp_path / "s.npz", params=trained, optimizer=sam)
     with pytest.raises(fastopt.CheckpointError, match=r"\(SAM\) updates none of the params"):
         fastopt.load(tmp_path / "s.npz", params=_params(), optimizer=sam)
 

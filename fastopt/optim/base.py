@@ -266,6 +266,26 @@ _TORCH_SWITCHES = dict.fromkeys(
     ("fused", "foreach", "capturable", "differentiable"),
     "torch's switch between its implementations of the same update; fastopt's step is "
     "always one fused native call per group: drop it")
+# Keras's names (tf.keras.optimizers): (what fastopt calls it, the hint),
+# said where the optimizer takes that
+_KERAS_NAMES = {
+    "learning_rate": ("lr", "Keras's name for lr: lr=... (a number, or a schedule from "
+                            "fastopt.schedules)"),
+    "global_clipnorm": ("max_grad_norm", "Keras's name for max_grad_norm (fastopt scales by "
+                                         "torch's max_norm / (norm + 1e-6))"),
+    "clipnorm": ("max_grad_norm", "Keras clips each array by its own norm; fastopt by the "
+                                  "global norm of all the gradients (max_grad_norm=), or one "
+                                  "array's: fastopt.clip_by_global_norm(g, c) on each gradient "
+                                  "before the step"),
+    "clipvalue": ("max_grad_norm", "fastopt clips by the global L2 norm only "
+                                   "(max_grad_norm=); clip values yourself before the step: "
+                                   "np.clip(g, -c, c, out=g)"),
+    "beta_1": ("betas", "Keras's name: betas=(beta_1, beta_2)"),
+    "beta_2": ("betas", "Keras's name: betas=(beta_1, beta_2)"),
+    "epsilon": ("eps", "Keras's name for eps; mind that Keras adds it to the square root of "
+                       "the uncorrected v (default 1e-7), torch and fastopt to that of the "
+                       "bias-corrected v (default 1e-8): the steps differ where v is small"),
+}
 
 
 def _name_pairs(params, none=False) -> bool:
@@ -367,6 +387,8 @@ def refuse_options(cls, unknown):
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         and p.name not in ("self", "params", "defaults")))
     hint = cls._option_hints.get(name) or _TORCH_SWITCHES.get(name)
+    if hint is None and name in _KERAS_NAMES and _KERAS_NAMES[name][0] in taken:
+        hint = _KERAS_NAMES[name][1]
     if hint is None:
         close = difflib.get_close_matches(name, taken, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(taken)}"
