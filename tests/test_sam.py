@@ -408,3 +408,11 @@ def test_a_maximizing_base_is_refused_and_nothing_moves():
     assert not sam.perturbed
     np.testing.assert_array_equal(p[0], 1.0)
     np.testing.assert_array_equal(p[1], 1.0)
+
+
+def test_a_none_gradient_by_name_is_named_by_its_keys():
+    params = {"bb": {"W": np.ones(2)}, "h0": {"W": np.ones(2)}}
+    sam = fastopt.SAM(fastopt.Adam(fastopt.group_params(
+        params, lambda n, a: {"lr": 0.1} if n.startswith("h0") else None)))
+    with pytest.raises(TypeError, match=r"^grads\['h0'\]\['W'\] is None: SAM steps every param"):
+        sam.perturb({"bb": {"W": np.ones(2)}, "h0": None})

@@ -268,10 +268,12 @@ class SAM:
         # a dict by the params' keys -> a list; strided grads -> C-ordered copies
         grads = base._grads_as_list(grads)
         if isinstance(grads, (list, tuple)) and any(g is None for g in grads):
+            i = [g is None for g in grads].index(True)
             raise TypeError(
-                f"grads[{[g is None for g in grads].index(True)}] is None: SAM steps every "
-                "param (its perturbation and its norm span them all), so a frozen layer "
-                "cannot be skipped here: leave its params out of the optimizer SAM wraps")
+                f"{base._param_label(i).replace('params', 'grads', 1)} is None: SAM steps "
+                "every param (its perturbation and its norm span them all), so a frozen "
+                "layer cannot be skipped here: make the SAM over an optimizer of the "
+                "layers it trains, or step the base optimizer alone while a layer is frozen")
         grads = base._readable_grads(grads)
         gather = getattr(get_backend(self.backend), "gather", None)
         if gather is not None and type(grads) in (list, tuple) and \
