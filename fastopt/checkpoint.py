@@ -263,8 +263,8 @@ def save(path, *, params=None, optimizer=None, extra=None) -> None:
         error = None
         try:
             if params is not None:
-                for _, o in several or ([(None, optimizer)] if optimizer is not None else []):
-                    _refuse_other_arrays(params, o, saving=True)
+                # (params the optimizer updates none of are saved: a snapshot,
+                # copies of the weights, is one; the load refuses such a pair)
                 # device params: one copy to the host each (checkpoints are
                 # host files); params given by name are kept by name
                 names, arrays = _named_params(params)
@@ -654,12 +654,10 @@ def _saved_states(path, tree, optimizer, several) -> list:
     return saved
 
 
-def _refuse_other_arrays(params, optimizer, saving=False):
+def _refuse_other_arrays(params, optimizer):
     """An optimizer made before the model was made again (a notebook cell
     run again) trains its old arrays: loaded beside the new params, the run
-    went on training arrays nobody reads, the params never changing. Saved
-    beside them (``saving``), the file paired the new weights with the old
-    arrays' moments, and loaded in a new process without a word."""
+    went on training arrays nobody reads, the params never changing."""
     inner = getattr(optimizer, "base_optimizer", optimizer)     # SAM steps its base's
     mine = [_span(a) for a in getattr(inner, "_params", None) or ()
             if isinstance(a, np.ndarray) and a.size]
@@ -668,13 +666,6 @@ def _refuse_other_arrays(params, optimizer, saving=False):
     given = [_span(a) for a in _named_params(params)[1] if isinstance(a, np.ndarray) and a.size]
     if not given or any(lo < g_hi and g_lo < hi for lo, hi in mine for g_lo, g_hi in given):
         return
-    if saving:
-        raise ValueError(
-            f"the optimizer ({type(optimizer).__name__}) updates none of the params given: it "
-            "was made over other arrays (the model's weights replaced after it, a "
-            "set_weights that rebinds them?), so the file would pair these params with "
-            "another model's optimizer state; save the arrays it trains, or make the "
-            "optimizer over these params first")
     raise CheckpointError(
         f"the optimizer ({type(optimizer).__name__}) updates none of the params given: it "
         "was made over other arrays (the model made again after it?), and would go on "

@@ -938,17 +938,17 @@ def test_loads_of_several_optimizers_in_two_threads_leave_the_warnings_as_they_w
     assert (list(warnings.filters), warnings._showwarnmsg_impl) == before
 
 
-def test_save_refuses_params_the_optimizer_does_not_update(tmp_path):
-    """A Keras-style set_weights that rebinds the weights: the save paired
-    the new weights with the old arrays' moments, and the file loaded in a
-    new process without a word (a load of the same pair was refused)."""
+def test_a_snapshot_of_the_weights_saves_beside_the_optimizer(tmp_path):
+    """Copies of the trained weights (Keras's get_weights(), a best-so-far
+    snapshot) are saved with the optimizer, and load into the arrays it
+    trains."""
     W = np.ones(3, np.float32)
-    opt = fastopt.Adam([W], lr=1e-3)
-    opt.step([np.ones(3, np.float32)])
-    with pytest.raises(ValueError, match=r"updates none of the params given.*set_weights"):
-        fastopt.save(tmp_path / "c.npz", params=[W.copy()], optimizer=opt)
-    assert not (tmp_path / "c.npz").exists()
-    fastopt.save(tmp_path / "c.npz", params={"W": W, "other": np.ones(2)}, optimizer=opt)
+    opt = fastopt.Adam({"W": W}, lr=1e-3)
+    opt.step({"W": np.ones(3, np.float32)})
+    fastopt.save(tmp_path / "c.npz", params={"W": W.copy()}, optimizer=opt)
+    opt.step({"W": np.ones(3, np.float32)})
+    saved = fastopt.load(tmp_path / "c.npz", params={"W": W}, optimizer=opt)
+    assert opt.iterations == 1 and np.array_equal(W, saved["params"]["W"])
 
 
 def test_save_refuses_what_is_no_optimizer_naming_it(tmp_path):

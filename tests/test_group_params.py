@@ -342,3 +342,15 @@ def test_an_empty_dict_in_the_params_is_a_place_for_layers_to_come(tmp_path):
     with pytest.raises(ValueError, match=r"^params\['a'\] holds no arrays, only empty dicts "
                                          r"or lists: nothing to optimize"):
         fastopt.Adam({"a": {"b": {}}})
+
+
+def test_a_layer_appended_to_a_list_that_was_empty_is_refused_unless_added():
+    params = {"body": {"W": np.ones(2)}, "heads": []}
+    opt = fastopt.Adam(params, lr=0.1)
+    opt.step({"body": {"W": np.ones(2)}})
+    params["heads"].append({"W": np.ones(3)})
+    with pytest.raises(ValueError, match=r"params\['heads'\]\[0\] was added to a list"):
+        opt.step({"body": {"W": np.ones(2)}})
+    opt.add_param_group({"params": {"heads": params["heads"]}})
+    opt.step({"body": {"W": np.ones(2)}, "heads": [{"W": np.ones(3)}]})
+    assert params["heads"][0]["W"][0] == pytest.approx(0.9)

@@ -165,3 +165,48 @@ def test_a_numpy_scalar_lr_is_stored_as_the_python_float_a_checkpoint_gives_back
     again = fastopt.Adam([w.copy()], lr=lr)
     fastopt.load(tmp_path / "c.npz", optimizer=again)
     assert type(again.param_groups[0]["lr"]) is float and again.param_groups[0]["lr"] == lr
+
+
+def test_reset_state_keeps_a_plain_callable_lr_and_16_bit_master_weights():
+    """reset_state went through state_dict, which cannot save a plain
+    callable: the reset was refused with a message about saving."""
+    import warnings
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # (a plain callable lr is warned about)
+        opt = fastopt.Adam([np.ones(3)], lr=lambda t: 0.1 * 0.9 ** t)
+    opt.step([np.ones(3)])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.09)      # the next step's
+    opt.reset_state()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.09)
+    opt.step([np.ones(3)])
+    assert opt.iterations == 2 and opt.last_lr == [pytest.approx(0.09)]
+    p = [np.full(4, 1.0, ml_dtypes.bfloat16)]
+    half = fastopt.AdamW(p, lr=1e-3)
+    for _ in range(3):
+        half.step([np.ones(4, ml_dtypes.bfloat16)])
+    master = half.param_state(p[0])["master"]
+    half.reset_state()
+    assert np.array_equal(half.param_state(p[0])["master"], master)
+    assert half.param_state(p[0]).keys() == {"step", "master"}
+
+
+def test_name_pairs_with_a_number_for_a_0d_param_and_dict_items_are_read_by_name():
+    params = [("w", np.ones(3)), ("s", np.array(2.0))]
+    opt = fastopt.SGD(params, lr=0.1)
+    opt.step([("w", np.ones(3)), ("s", 0.5)])            # the number as the 0-d param's
+    assert params[1][1] == pytest.approx(1.95)
+    opt.step({"w": np.ones(3), "s": np.array(1.0)}.items())
+    assert params[0][1].tolist() == pytest.approx([0.8] * 3)
+    model = {"w": np.ones(2)}
+    opt2 = fastopt.SGD(model.items(), lr=0.1)
+    opt2.step({"w": np.ones(2)}.items())
+    assert model["w"].tolist() == pytest.approx([0.9, 0.9])
+
+
+def test_a_label_written_into_a_group_is_told_to_be_deleted():
+    opt = fastopt.AdamW([np.ones(2)])
+    opt.param_groups[0]["name"] = "decoder"
+    with pytest.raises(ValueError, match=r"unknown keys \['name'\].*del opt.param_groups\[0\]"
+                                         r"\['name'\]"):
+        opt.step([np.ones(2)])

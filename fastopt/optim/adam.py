@@ -23,8 +23,13 @@ class Adam(Optimizer):
     """
 
     _decoupled = False
+    #: Keras's Adam adds its epsilon elsewhere: said where its name is given
+    _KERAS_EPSILON = ("Keras's name for eps; mind that Keras's Adam adds it to the square root "
+                      "of the uncorrected v (default 1e-7), torch and fastopt to that of the "
+                      "bias-corrected v (default 1e-8): the steps differ where v is small")
     _option_hints = {"decoupled_weight_decay": "fastopt.AdamW is Adam with decoupled weight "
-                                               "decay (torch's Adam(decoupled_weight_decay=True))"}
+                                               "decay (torch's Adam(decoupled_weight_decay=True))",
+                     "epsilon": _KERAS_EPSILON}
     _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _nonnegative_state = ("exp_avg_sq", "max_exp_avg_sq")
 
@@ -74,7 +79,8 @@ class AdamW(Adam):
 
     _decoupled = True
     _option_hints = {"decoupled_weight_decay": "AdamW's weight decay is always decoupled "
-                                               "(fastopt.Adam's is L2, added to the gradient)"}
+                                               "(fastopt.Adam's is L2, added to the gradient)",
+                     "epsilon": Adam._KERAS_EPSILON}
 
     def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=1e-2, amsgrad=False, maximize=False, *,

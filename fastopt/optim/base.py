@@ -282,20 +282,19 @@ _KERAS_NAMES = {
                                    "np.clip(g, -c, c, out=g)"),
     "beta_1": ("betas", "Keras's name: betas=(beta_1, beta_2)"),
     "beta_2": ("betas", "Keras's name: betas=(beta_1, beta_2)"),
-    "epsilon": ("eps", "Keras's name for eps; mind that Keras adds it to the square root of "
-                       "the uncorrected v (default 1e-7), torch and fastopt to that of the "
-                       "bias-corrected v (default 1e-8): the steps differ where v is small"),
+    "epsilon": ("eps", "Keras's name for eps (where Keras adds it differs by optimizer: "
+                       "check the formula, and the default, in the class's docstring)"),
 }
 
 
 def _name_pairs(params, none=False) -> bool:
     """``params`` is a list of (name, array) pairs, as torch's
-    ``named_parameters()`` gives (``none``: an array may be None, a frozen
-    param's gradient)."""
+    ``named_parameters()`` gives (``none``: gradients, where an array may
+    be None, a frozen param's, or a Python number, a 0-d param's)."""
     return isinstance(params, (list, tuple)) and bool(params) and all(
         type(p) is tuple and len(p) == 2 and isinstance(p[0], str)
         and (isinstance(p[1], np.ndarray) or _is_device_array(p[1])
-             or (none and p[1] is None)) for p in params)
+             or (none and (p[1] is None or _is_number(p[1])))) for p in params)
 
 
 class InParamOrder(list):
@@ -2251,25 +2250,41 @@ class Optimizer:
         Ctrl-C too."""
         with self._lock:
             self._refuse_unbound("no state to reset")
-            n = len(self.param_groups)
-            chosen = range(n) if groups is None else groups
-            if isinstance(chosen, (int, np.integer)) or not hasattr(chosen, "__iter__"):
-                raise TypeError(f"groups must be a list of group indexes (or None: all), "
-                                f"got {type(chosen).__name__}: reset_state([{chosen}])"
-                                if isinstance(chosen, (int, np.integer)) else
-                                f"groups must be a list of group indexes (or None: all), got "
-                                f"{type(chosen).__name__}")
+            chosen = set(self._group_indexes(groups))
+            # each chosen group's entry as before its first step, its runs'
+            # master weights kept (no buffers: the next step makes them);
+            # the new list in one assignment, so a Ctrl-C finds all or none
+            new = GroupStates(
+                {"step": 0, "flat": {}, "runs": [{"master": r["master"]} if "master" in r
+                                                 else {} for r in st["runs"]]}
+                if gi in chosen else st for gi, st in enumerate(self.state))
+
+            def reset():
+                self.state = new
+                self._drop_tables()       # (the plan holds the old buffers)
+            finished(reset)
+
+    def _group_indexes(self, groups) -> list:
+        """``groups`` (a list of param group indexes, or None: all) checked."""
+        n = len(self.param_groups)
+        if groups is None:
+            return list(range(n))
+        if isinstance(groups, (int, np.integer)):
+            raise TypeError(f"groups must be a list of group indexes (or None: all), got an "
+                            f"int: reset_state([{groups}])")
+        try:
             chosen = [V.check_int("groups[...] (a param group index)", gi, low=0)
-                      for gi in chosen]
-            past = [gi for gi in chosen if gi >= n]
-            if past:
-                raise ValueError(f"groups[...] = {past[0]}: this {type(self).__name__} has "
-                                 f"{V.count(n, 'param group')} (0 to {n - 1})")
-            sd = self.state_dict()
-            for gi in chosen:
-                kept = {k: v for k, v in sd["state"][gi]["buffers"].items() if k == "master"}
-                sd["state"][gi] = {"step": 0, "buffers": kept}
-            finished(self._prepare_load(sd))
+                      for gi in groups]
+        except TypeError as exc:
+            if not hasattr(groups, "__iter__"):
+                raise TypeError(f"groups must be a list of group indexes (or None: all), "
+                                f"got {type(groups).__name__}") from None
+            raise exc
+        past = [gi for gi in chosen if gi >= n]
+        if past:
+            raise ValueError(f"groups[...] = {past[0]}: this {type(self).__name__} has "
+                             f"{V.count(n, 'param group')} (0 to {n - 1})")
+        return chosen
 
     def param_state(self, param) -> dict:
         """One param's state as torch's ``opt.state[p]`` holds it: ``{"step":
@@ -2683,8 +2698,13 @@ class Optimizer:
         after construction (a misspelt name) or deleted is refused, named."""
         unknown = group.keys() - self.defaults.keys() - {"params"}
         if unknown:
+            first = sorted(unknown)[0]
             raise ValueError(f"{where or 'param group'} has unknown keys {sorted(unknown)}; "
-                             f"this {type(self).__name__} has {sorted(self.defaults)}")
+                             f"this {type(self).__name__} has {sorted(self.defaults)}: delete "
+                             f"it (del opt.{where or 'param_groups[i]'}[{first!r}]; a group "
+                             "holds params "
+                             "and hyperparameters only, so keep labels such as a name beside "
+                             "the optimizer)")
         if self.defaults.keys() - group.keys():
             self._refuse_missing(group, where)
 

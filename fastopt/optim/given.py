@@ -42,10 +42,13 @@ class GivenParams:
     """The plain list or dict of arrays an optimizer was made from (:meth:`of`):
     :meth:`holds` before each step, :meth:`refuse` when it does not."""
 
-    __slots__ = ("given", "shape", "n", "ref", "small", "pick", "where")
+    __slots__ = ("given", "shape", "n", "ref", "small", "pick", "where", "empty")
 
     def __init__(self, given, params, shape, where="params"):
         self.given = given
+        # the key paths of the empty lists in it (layers to come): one
+        # appended there is never trained, as one appended to a list of layers
+        self.empty = tuple(_empty_lists(given)) if isinstance(given, dict) else ()
         self.where = where          # how errors name it: params, or a group's params
         self.shape = shape   # "list", "flat", "layers", "layer list" or "deep": how it is listed
         self.n = len(params)        # the optimizer's first n arrays (add_param_group adds more)
@@ -184,7 +187,8 @@ class GivenParams:
                     return label, "removed" if d is _REMOVED else "replaced"
             # a layer appended to a list of layers (or to a list inside a
             # dict): never trained (unless the optimizer has it: add_param_group)
-            return _appended(given, names.tree, "", params)
+            return (_appended(given, names.tree, "", params)
+                    or _filled(given, self.empty, params))
         for i, a in enumerate(params[:self.n]):
             b = given[i] if i < len(given) else _REMOVED
             if b is not a and not _same_memory(b, a):
@@ -271,6 +275,33 @@ def _appended(given, tree, label, params):
             found = _appended(inner, sub, f"{label}[{k!r}]", params)
             if found is not None:
                 return found
+    return None
+
+
+def _empty_lists(d, path=()):
+    """The key paths of the empty lists (and tuples) in the dict ``d``."""
+    for k, v in d.items():
+        if type(v) in (list, tuple) and not v:
+            yield path + (k,)
+        elif type(v) is dict:
+            yield from _empty_lists(v, path + (k,))
+
+
+def _filled(given, empty, params):
+    """``(label, "appended layer")`` for the first item in one of the lists
+    that were ``empty`` that is not one of the optimizer's ``params`` (an
+    add_param_group's), else None."""
+    for path in empty:
+        d = given
+        for k in path:
+            d = d.get(k) if isinstance(d, dict) else None
+        if type(d) in (list, tuple):
+            for i, item in enumerate(d):
+                if not any(item is a or _same_memory(item, a) for a in params) and not (
+                        isinstance(item, dict) and item and all(
+                            any(v is a for a in params) for v in _leaves(item))):
+                    label = "".join(f"[{k!r}]" for k in path)
+                    return f"{label}[{i}]", "appended layer"
     return None
 
 

@@ -255,11 +255,7 @@ class LBFGS(Optimizer):
         steps one param group: ``groups`` is None or ``[0]``."""
         with self._lock:
             self._refuse_unbound("no state to reset")
-            if groups is not None and (not isinstance(groups, (list, tuple))
-                                       or list(groups) not in ([], [0])):
-                raise ValueError(f"L-BFGS steps one param group: reset_state() or "
-                                 f"reset_state([0]), got {groups!r}")
-            if groups is not None and not list(groups):
+            if not self._group_indexes(groups):     # ([]: none; the checks of any list)
                 return
             fresh = self._new_lbfgs_state()
             self.state = GroupStates([fresh])       # (one assignment: whole or not at all)
