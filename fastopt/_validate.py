@@ -49,7 +49,8 @@ def key(where: str, name: str) -> str:
 
 
 #: one-pass iterables of arrays taken as lists where arrays come in
-ONE_PASS = (collections.abc.Iterator, collections.abc.ValuesView)
+#: (``dict.items()``: (name, array) pairs, read by name)
+ONE_PASS = (collections.abc.Iterator, collections.abc.ValuesView, collections.abc.ItemsView)
 
 
 def listed(params):

@@ -133,6 +133,8 @@ def test_cli_writes_the_png_where_asked(tmp_path, capsys):
     assert main(["examples", "list"]) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in EXAMPLES)
+    assert main(["examples"]) == 0                  # (was exit 2: "NAME is required")
+    assert capsys.readouterr().out == listing
 
 
 def test_cli_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):

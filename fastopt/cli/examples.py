@@ -18,8 +18,10 @@ HELP = ("run an optimization lesson (backprop, gd-paths, lr-sweep, adam, schedul
 def add_arguments(parser):
     from fastopt.examples import EXAMPLES
 
-    parser.add_argument("name", choices=[*EXAMPLES, "list"], metavar="NAME",
-                        help=f"one of {', '.join(EXAMPLES)}, or 'list'")
+    parser.add_argument("name", choices=[*EXAMPLES, "list"], metavar="NAME", nargs="?",
+                        default="list",
+                        help=f"one of {', '.join(EXAMPLES)}, or 'list' (the default: "
+                             "what each one shows)")
     parser.add_argument("-o", "--output", default=None, type=user_path,
                         help="image file (default NAME.png in the current directory)")
     parser.add_argument("--small", action="store_true",
