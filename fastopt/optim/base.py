@@ -448,9 +448,9 @@ class _InGroups:
         raise self._refuse(obj)
 
 
-#: a constructor's parameters that are not group hyperparameters
 #: after "max_grad_norm must be > 0.0, got 0.0": a 0 meant as "off"
 _NO_CLIP = "None turns clipping off"
+#: a constructor's parameters that are not group hyperparameters
 _NOT_HYPERS = frozenset({"self", "params", "backend", "max_grad_norm"})
 
 
@@ -2464,8 +2464,9 @@ class Optimizer:
         if not isinstance(sd["state"], list) or len(sd["state"]) != len(self.param_groups):
             raise ValueError("checkpoint: 'state' must list one entry per param group")
         # (the checkpoint's groups in another order: messages name its index)
-        at = self._group_order(sd) or range(len(self.param_groups))
-        sd = self._in_group_order(sd)
+        order = self._group_order(sd)
+        at = order or range(len(self.param_groups))
+        sd = self._reordered(sd, order)
         new_hypers, new_state = [], []
         for gi, (hyp, st) in enumerate(zip(sd["param_groups"], sd["state"])):
             where = f"checkpoint param_groups[{at[gi]}]"
@@ -2791,7 +2792,12 @@ class Optimizer:
         """``sd`` with its param groups (and their state) in this
         optimizer's order (:meth:`_group_order`); ``sd`` itself when they
         are in it already or do not match."""
-        order = self._group_order(sd)
+        return self._reordered(sd, self._group_order(sd))
+
+    @staticmethod
+    def _reordered(sd, order):
+        """``sd`` with its groups and their state taken in ``order`` (None:
+        ``sd`` itself)."""
         if order is None:
             return sd
         return {**sd, "param_groups": [sd["param_groups"][j] for j in order],

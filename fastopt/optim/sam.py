@@ -599,8 +599,8 @@ class SAM:
             self._build()
         e_w = sd["e_w"]
         # the base's groups in another order (its load reorders them): e's too
-        base_sd = self.base_optimizer._in_group_order(sd["base"])
         order = self.base_optimizer._group_order(sd["base"])
+        base_sd = self.base_optimizer._reordered(sd["base"], order)
         if order is not None and isinstance(e_w, list) and len(e_w) == len(order):
             e_w = [e_w[j] for j in order]
         if perturbed:
