@@ -49,8 +49,11 @@ def key(where: str, name: str) -> str:
 
 
 #: one-pass iterables of arrays taken as lists where arrays come in
-#: (``dict.items()``: (name, array) pairs, read by name)
-ONE_PASS = (collections.abc.Iterator, collections.abc.ValuesView, collections.abc.ItemsView)
+ONE_PASS = (collections.abc.Iterator, collections.abc.ValuesView)
+#: and where gradients come in, ``g.items()`` too (read by name through its
+#: dict). Not params: a list made of a dict's items would be what the
+#: optimizer watches, not the dict, and a replaced array went unseen
+GRADS_ONE_PASS = (*ONE_PASS, collections.abc.ItemsView)
 
 
 def listed(params):

@@ -135,6 +135,8 @@ def test_cli_writes_the_png_where_asked(tmp_path, capsys):
     assert all(name in listing for name in EXAMPLES)
     assert main(["examples"]) == 0                  # (was exit 2: "NAME is required")
     assert capsys.readouterr().out == listing
+    assert main(["examples", "-o", str(tmp_path / "x.png")]) == 2      # not ignored
+    assert "need a NAME" in capsys.readouterr().err
 
 
 def test_cli_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):

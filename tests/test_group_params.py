@@ -354,3 +354,17 @@ def test_a_layer_appended_to_a_list_that_was_empty_is_refused_unless_added():
     opt.add_param_group({"params": {"heads": params["heads"]}})
     opt.step({"body": {"W": np.ones(2)}, "heads": [{"W": np.ones(3)}]})
     assert params["heads"][0]["W"][0] == pytest.approx(0.9)
+
+
+def test_what_is_appended_to_a_list_that_was_empty_is_judged_by_its_arrays():
+    k = np.ones(4)
+    params = {"w": np.ones(2), "layers": [], "names": []}
+    opt = fastopt.Adam(params, lr=0.1)
+    opt.add_param_group({"params": {"k9": k}})
+    params["names"].append("layer 1")                   # metadata: no layer
+    params["layers"].append([k])                        # the optimizer's own array
+    params["layers"].append({"k": k.reshape(2, 2)})     # a view of all of it
+    opt.step({"w": np.ones(2), "k9": np.ones(4)})
+    params["layers"].append({"k": k[:2]})               # part of it: not what it steps
+    with pytest.raises(ValueError, match=r"params\['layers'\]\[2\] was added to a list"):
+        opt.step({"w": np.ones(2), "k9": np.ones(4)})

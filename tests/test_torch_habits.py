@@ -199,9 +199,13 @@ def test_name_pairs_with_a_number_for_a_0d_param_and_dict_items_are_read_by_name
     opt.step({"w": np.ones(3), "s": np.array(1.0)}.items())
     assert params[0][1].tolist() == pytest.approx([0.8] * 3)
     model = {"w": np.ones(2)}
-    opt2 = fastopt.SGD(model.items(), lr=0.1)
+    opt2 = fastopt.SGD(model, lr=0.1)
     opt2.step({"w": np.ones(2)}.items())
     assert model["w"].tolist() == pytest.approx([0.9, 0.9])
+    # params as d.items() stay refused: the optimizer would watch a list made
+    # from the dict, not the dict, and a replaced array go unseen
+    with pytest.raises(TypeError, match="dict_items"):
+        fastopt.SGD(model.items(), lr=0.1)
 
 
 def test_a_label_written_into_a_group_is_told_to_be_deleted():

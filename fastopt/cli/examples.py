@@ -19,7 +19,7 @@ def add_arguments(parser):
     from fastopt.examples import EXAMPLES
 
     parser.add_argument("name", choices=[*EXAMPLES, "list"], metavar="NAME", nargs="?",
-                        default="list",
+                        default=None,
                         help=f"one of {', '.join(EXAMPLES)}, or 'list' (the default: "
                              "what each one shows)")
     parser.add_argument("-o", "--output", default=None, type=user_path,
@@ -37,6 +37,12 @@ def run(args):
 
     from fastopt import examples
 
+    if args.name is None:
+        if args.output or args.small or args.no_plot:
+            print("fastopt examples: -o, --small and --no-plot need a NAME "
+                  "(fastopt examples list names them)", file=sys.stderr)
+            return 2
+        args.name = "list"
     if args.name == "list":
         width = max(map(len, examples.EXAMPLES))
         for name in examples.EXAMPLES:

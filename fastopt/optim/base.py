@@ -889,7 +889,7 @@ class Optimizer:
                         out = plan.run(self, given)
                 elif grads is self._bound and grads is not None:   # the FlatArrays bound last step
                     out = plan.run(self, grads, bound=True)
-                elif isinstance(grads, V.ONE_PASS):   # a generator, g.values(): read once
+                elif isinstance(grads, V.GRADS_ONE_PASS):   # a generator, g.values(): read once
                     grads = self._one_pass(grads)
                     given = self._names.read(grads) if type(grads) is dict else grads
                     out = plan.run(self, given)
@@ -922,7 +922,7 @@ class Optimizer:
         list, in the order given; ``d.values()`` of params given by name:
         its dict, read by name (the dict's own order may not be theirs).
         Anything else as given."""
-        if not isinstance(arrays, V.ONE_PASS):
+        if not isinstance(arrays, V.GRADS_ONE_PASS):
             return arrays
         mapping = getattr(arrays, "mapping", None)      # (a read-only view of the dict)
         if self._names is not None and mapping is not None:

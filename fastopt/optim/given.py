@@ -297,9 +297,12 @@ def _filled(given, empty, params):
             d = d.get(k) if isinstance(d, dict) else None
         if type(d) in (list, tuple):
             for i, item in enumerate(d):
-                if not any(item is a or _same_memory(item, a) for a in params) and not (
-                        isinstance(item, dict) and item and all(
-                            any(v is a for a in params) for v in _leaves(item))):
+                leaves = (_leaves(item) if isinstance(item, dict) or type(item) in (list, tuple)
+                          else [item])
+                # (arrays only: the optimizer's own, views of them included, are
+                # fine; metadata such as names is no layer)
+                if any(hasattr(v, "shape") and hasattr(v, "dtype") and not any(
+                        v is a or _same_memory(v, a) for a in params) for v in leaves):
                     label = "".join(f"[{k!r}]" for k in path)
                     return f"{label}[{i}]", "appended layer"
     return None
