@@ -289,8 +289,9 @@ def _empty_lists(d, path=()):
 
 def _filled(given, empty, params):
     """``(label, "appended layer")`` for the first item in one of the lists
-    that were ``empty`` that is not one of the optimizer's ``params`` (an
-    add_param_group's), else None."""
+    that were ``empty`` holding an array the optimizer does not step (one
+    of its ``params``, an add_param_group's, or a view of all of one, it
+    does), else None."""
     for path in empty:
         d = given
         for k in path:
